@@ -1,0 +1,1 @@
+"""kvbench: compare KV-cache allocation strategies on the same scheduler, model and kernels."""
