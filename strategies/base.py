@@ -79,13 +79,18 @@ class Strategy(ABC):
         """Token slots in the pool."""
         return self.num_pages * self.page_size
 
+    @property
+    def label(self) -> str:
+        """Name plus the parameters that tell two variants apart (for tables and figures)."""
+        return self.name
+
     # ---- always safe (no mutation) ----------------------------------------------------------
     def never_fits(self, kv_len: int) -> str | None:
         """Why a request of `kv_len` slots can never run here (None if it can). Pure."""
         if kv_len + 1 > self.max_model_len:
-            return f"prompt + output = {kv_len + 1} tokens exceeds max_model_len {self.max_model_len}"
+            return f"max_model_len: prompt + output = {kv_len + 1} tokens exceeds max_model_len {self.max_model_len}"
         if self.pages_for(kv_len) > self.num_pages:
-            return f"needs {kv_len} KV slots, the pool holds {self.capacity}"
+            return f"pool: needs {kv_len} KV slots, the pool holds {self.capacity}"
         return None
 
     def pages_for(self, tokens: int) -> int:

@@ -264,5 +264,9 @@ class PagedStrategy(Strategy):
         if states.total != self.capacity or min(states) < 0:
             raise InvariantError(f"slot states {states} do not sum to capacity {self.capacity}")
 
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.page_size}" + ("" if self.prefix_caching else "-nocache")
+
     def summary(self) -> dict:
         return {**super().summary(), "prefix_caching": self.prefix_caching}

@@ -348,3 +348,7 @@ class RadixStrategy(Strategy):
             parts.append(node.key)
             node = node.parent
         return np.concatenate(parts[::-1]) if parts else _EMPTY
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.page_size}"

@@ -63,7 +63,7 @@ class SlabStrategy(Strategy):
     def never_fits(self, kv_len: int) -> str | None:
         reason = super().never_fits(kv_len)
         if reason is None and self.reserve_pages(kv_len) > self.num_pages:
-            return f"its {self.reservation} reservation of {self.reserve_pages(kv_len) * self.page_size} slots exceeds the pool ({self.capacity})"
+            return f"pool: its {self.reservation} reservation of {self.reserve_pages(kv_len) * self.page_size} slots exceeds the pool ({self.capacity})"
         return reason
 
     # ---- free extents -----------------------------------------------------------------------
@@ -181,6 +181,10 @@ class SlabStrategy(Strategy):
         states = self.slot_states(None)
         if states.total != self.capacity:
             raise InvariantError(f"slot states {states} do not sum to capacity {self.capacity}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.reservation}"
 
     def summary(self) -> dict:
         return {**super().summary(), "reservation": self.reservation, "placement": self.placement}

@@ -1,0 +1,71 @@
+"""Token ids for traces: seeded random ids, and ids derived from (seed, block hash id).
+
+All ids are int32 in [0, vocab_size). Every function here is deterministic in its arguments.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kvbench.traces.errors import TraceError
+
+DEFAULT_VOCAB = 32000
+
+# Streams of one seed (np.random.default_rng([seed, stream])): independent of each other, so
+# e.g. the prompt ids of the first N requests do not depend on how many outputs are drawn.
+PROMPT_STREAM, OUTPUT_STREAM, OTHER_STREAM = 0, 1, 2
+
+
+def check_vocab(vocab_size: int) -> int:
+    vocab_size = int(vocab_size)
+    if not 2 <= vocab_size <= 2**31:
+        raise TraceError(f"vocab_size must be in [2, 2**31], got {vocab_size}")
+    return vocab_size
+
+
+def stream(seed: int, which: int) -> np.random.Generator:
+    """The seeded generator of one stream of a trace."""
+    return np.random.default_rng([int(seed), which])
+
+
+def random_pieces(rng: np.random.Generator, lengths: np.ndarray, vocab_size: int) -> list[np.ndarray]:
+    """One random int32 id array per length, drawn in one call and split (views, no copies).
+
+    lengths: [N] ints >= 0  ->  N arrays of shape [lengths[i]].
+    The i-th piece depends only on the rng state and lengths[:i+1] (a prefix property: limit
+    does not change the ids of the requests it keeps).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ids = rng.integers(0, vocab_size, size=int(lengths.sum()), dtype=np.int32)  # [sum(lengths)]
+    return np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+# splitmix64 (Steele et al.): a cheap, well-mixed 64-bit bijection; vectorized over uint64.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    x = x + _GOLDEN  # uint64 arithmetic wraps modulo 2**64 on arrays
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_blocks(seed: int, keys: np.ndarray, block_size: int, vocab_size: int) -> np.ndarray:
+    """The ids of one block per key: a pure function of (seed, key, position in block).
+
+    keys: [U] non-negative ints  ->  [U, block_size] int32. Equal keys give equal rows, so equal
+    Mooncake hash_ids become equal blocks of ids; the row of a key does not depend on which
+    other keys are asked for.
+    """
+    keys = np.asarray(keys, dtype=np.uint64)
+    seed_key = _mix(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))  # [1]
+    offsets = np.arange(block_size, dtype=np.uint64) * _GOLDEN  # [block_size]
+    out = np.empty((len(keys), block_size), dtype=np.int32)
+    rows_per_chunk = max(1, (1 << 21) // block_size)  # ~2M uint64 temporaries at a time
+    for start in range(0, len(keys), rows_per_chunk):
+        row_keys = _mix(keys[start:start + rows_per_chunk] ^ seed_key)  # [r]
+        vals = _mix(row_keys[:, None] + offsets[None, :])  # [r, block_size]
+        out[start:start + rows_per_chunk] = vals % np.uint64(vocab_size)
+    return out
