@@ -85,6 +85,16 @@ class PagedStrategy(Strategy):
         self._reserved += new - seq.reserved
         seq.reserved = new
 
+    def _after_unshare(self, pid: PageId) -> None:
+        """A partly filled page shared by a fork may now have one owner left, who will write
+        into it again: its tail turns from internal to reserved. O(running), forks only."""
+        if self._ref[pid] != 1:
+            return
+        for seq in self._seqs.values():
+            if seq.pages and seq.pages[-1] == pid:
+                self._set_reserved(seq)
+                return
+
     def _prompt_hashes(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> list[int]:
         memo = self._hit_memo
         if memo is not None and memo[0] == rid and len(memo[1]) >= num_full:
@@ -155,6 +165,8 @@ class PagedStrategy(Strategy):
 
     def grow(self, rid, num_tokens) -> bool:
         seq, ps = self._seqs[rid], self.page_size
+        if seq.length + num_tokens > seq.kv_len:
+            raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
         if self.prefix_caching:
             self._register_full_pages(seq)
         new_len = seq.length + num_tokens
@@ -170,6 +182,7 @@ class PagedStrategy(Strategy):
             self._copies.append((old, new))
             seq.pages[-1] = new
             self._unref(old)
+            self._after_unshare(old)
         pos = seq.length
         while pos < new_len:
             if pos % ps == 0:
@@ -190,6 +203,8 @@ class PagedStrategy(Strategy):
         self._reserved -= seq.reserved
         for pid in reversed(seq.pages):  # the tail first: it is the least likely to be reused
             self._unref(pid)
+        if seq.length % self.page_size:
+            self._after_unshare(seq.pages[-1])
 
     def fork(self, parent, child, child_tokens, child_kv_len) -> bool:
         src = self._seqs[parent]

@@ -223,6 +223,8 @@ class RadixStrategy(Strategy):
 
     def grow(self, rid, num_tokens) -> bool:
         seq, ps = self._seqs[rid], self.page_size
+        if seq.length + num_tokens > seq.kv_len:
+            raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
         if seq.length <= seq.num_prompt:  # still in prefill: cache the computed prompt chunk
             done = seq.length // ps * ps
             if done > seq.tree_len:

@@ -1,0 +1,34 @@
+"""Every strategy yaml in configs/strategy/, plus variants of their options, built small.
+
+A new strategy is one file in strategies/ and one yaml: the shared tests pick it up from here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+STRATEGY_DIR = Path(__file__).resolve().parents[1] / "configs" / "strategy"
+STRATEGY_YAMLS = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
+
+# option variants worth covering beyond each yaml's defaults
+VARIANTS = {
+    "slab": [{}, {"reservation": "pow2", "placement": "best_fit"}, {"reservation": "oracle", "page_size": 4}],
+    "paged": [{}, {"page_size": 4}, {"page_size": 4, "prefix_caching": False}],
+    "radix": [{}, {"page_size": 4}],
+}
+
+
+def cases() -> list[tuple[str, dict]]:
+    return [(name, opts) for name in STRATEGY_YAMLS for opts in VARIANTS.get(name, [{}])]
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    name, opts = case
+    return name + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+def build(name: str, capacity_tokens: int, max_model_len: int, **opts):
+    cfg = OmegaConf.merge(OmegaConf.load(STRATEGY_DIR / f"{name}.yaml"), opts)
+    return instantiate(cfg, capacity_tokens=capacity_tokens, max_model_len=max_model_len)
