@@ -69,4 +69,11 @@ class CompareRuns(Callback):
 
 
 def main() -> None:
+    from kvbench.schema import register
+
+    register()
     _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,11 +7,13 @@ and automatic prefix caching by a chained hash of each full page's token ids.
 
 Page states: in use (ref > 0), cached (ref 0, hashed, in the LRU), free (ref 0, not hashed).
 Costs: allocate and free are O(1) (a stack of free pages); a cached page is revived or evicted
-in O(1) (an insertion-ordered dict as LRU); a prefix lookup is one dict probe per page plus a
+in O(1) (an OrderedDict as LRU: a plain dict's first item is O(deleted entries) to find); a prefix lookup is one dict probe per page plus a
 token comparison of the hit (a hash is never trusted alone).
 """
 from __future__ import annotations
 
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,12 +46,12 @@ class PagedStrategy(Strategy):
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         self.prefix_caching = prefix_caching
         n = self.num_pages
-        self._free: list[PageId] = [PageId(p) for p in range(n - 1, -1, -1)]  # pop() gives 0, 1, …
+        self._free = array("l", range(n - 1, -1, -1))  # a stack of free page ids; pop() gives 0, 1, …
         self._ref = [0] * n
         self._fill = [0] * n  # tokens written in the page
         self._hash: list[int | None] = [None] * n  # set while the page is in the hash table
         self._table: dict[int, PageId] = {}  # chained hash → page holding those ids
-        self._lru: dict[PageId, None] = {}  # cached pages (ref 0, hashed), least recent first
+        self._lru: OrderedDict[PageId, None] = OrderedDict()  # cached pages (ref 0, hashed), least recent first
         self._stored_ids: dict[PageId, np.ndarray] = {}  # ids of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
         self._token = 0  # slots of in-use pages holding tokens
@@ -219,8 +221,7 @@ class PagedStrategy(Strategy):
     def evict(self, num_slots) -> int:
         freed = 0
         while freed < num_slots and self._lru:
-            pid = next(iter(self._lru))  # least recently used
-            del self._lru[pid]
+            pid, _ = self._lru.popitem(last=False)  # least recently used
             del self._table[self._hash[pid]]
             del self._stored_ids[pid]
             self._hash[pid] = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,7 @@ class RadixStrategy(Strategy):
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, _EMPTY, None, 0)
-        self._free: list[PageId] = [PageId(p) for p in range(self.num_pages - 1, -1, -1)]
+        self._free = array("l", range(self.num_pages - 1, -1, -1))  # a stack of free page ids
         self._heap: list[tuple[int, int, _Node]] = []  # (access, tiebreak, leaf); stale entries skipped
         self._tiebreak = itertools.count()
         self._seqs: dict[RequestId, _Seq] = {}
@@ -181,9 +182,11 @@ class RadixStrategy(Strategy):
     def _take_pages(self, k: int) -> list[PageId]:
         if len(self._free) < k:
             self.evict((k - len(self._free)) * self.page_size)
-        pages = [self._free.pop() for _ in range(k)]
+        pages = self._free[len(self._free) - k:]
+        del self._free[len(self._free) - k:]
+        pages.reverse()  # the order k pops would give
         self._private_pages += k
-        return pages
+        return pages.tolist()
 
     def _extend(self, seq: _Seq, new_len: int) -> None:
         need = self.pages_for(new_len) - seq.tree_len // self.page_size - len(seq.private)
