@@ -28,8 +28,31 @@ def capacity_tokens(cfg: DictConfig, bytes_per_token: int) -> int | None:
     return None if cfg.kv_capacity_tokens is None else int(cfg.kv_capacity_tokens)
 
 
+_NOT_IDENTITY = ("redo", "progress")  # keys that do not change a run's results
+
+
+def _identity(cfg: DictConfig) -> dict:
+    keys = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in keys.items() if k not in _NOT_IDENTITY}
+
+
+def finished_before(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """The summary of an earlier run in `out_dir` made from this same config, if any."""
+    summary, saved = out_dir / "summary.json", out_dir / "config.yaml"
+    if summary.exists() and saved.exists():
+        if _identity(OmegaConf.load(saved)) == _identity(cfg):
+            return json.loads(summary.read_text())
+    return None
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Replay cfg.trace through cfg.strategy on cfg.engine; write the run's files; return the summary."""
+    """Replay cfg.trace through cfg.strategy on cfg.engine; write the run's files; return the summary.
+
+    Unless cfg.redo, a run dir that already holds the results of this same config is not run
+    again (an interrupted sweep resumes where it stopped)."""
+    if not cfg.get("redo", False) and (earlier := finished_before(cfg, out_dir)) is not None:
+        print(f"kvbench: kept the earlier results of this config in {out_dir} (redo=true runs it again)")
+        return earlier
     wall0 = time.perf_counter()
     bpt = kv_bytes_per_token(cfg.model)
     requests = instantiate(cfg.trace)
@@ -53,4 +76,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     timeline_df.to_parquet(out_dir / "timeline.parquet", index=False)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.get("logger") is not None:
+        instantiate(cfg.logger).log_run(cfg, summary, timeline_df, requests_df)
     return summary

@@ -20,11 +20,13 @@ class RunSchema:
     trace: Any = None
     engine: Any = None
     model: Any = None
+    logger: Any = None
     kv_capacity_tokens: Optional[int] = None
     kv_capacity_gb: Optional[float] = None
     max_model_len: int = 16384
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     progress: bool = True
+    redo: bool = False
 
 
 def register() -> None:
