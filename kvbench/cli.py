@@ -68,9 +68,29 @@ class CompareRuns(Callback):
             print(f"\n{len(summaries)} runs under {root}:\n{headline_table(summaries)}")
 
 
+GROUPS = ("strategy", "trace", "engine", "model", "logger", "experiment")
+
+
+def unknown_choice(args: list[str]) -> str | None:
+    """A one-line error for `group=name` overrides that name no yaml (Hydra's own is a page)."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or value.startswith(("choice(", "range(", "glob(")):
+            continue
+        folder = Path(CONFIG_DIR) / key
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        for name in filter(None, value.split(",")):
+            if name not in known:
+                return f"unknown {key} '{name}' in '{arg}' (choose from: {', '.join(known)})"
+    return None
+
+
 def main() -> None:
     from kvbench.schema import register
 
+    if (err := unknown_choice(sys.argv[1:])) is not None:
+        print(f"kvbench: error: {err}", file=sys.stderr)
+        sys.exit(2)
     register()
     _app()
 

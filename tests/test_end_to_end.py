@@ -96,3 +96,27 @@ def test_cli_sweep_prints_a_comparison_and_errors_are_one_line(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
     assert "raise kv_capacity_tokens or lower max_model_len" in bad.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["strategy=nope"], "unknown strategy 'nope' in 'strategy=nope' (choose from: paged, radix, slab)"),
+    (["-m", "trace=synthetic,nope"], "unknown trace 'nope'"),
+    (["kv_capacity_tokens=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trace=burstgpt", "trace.path=/nonexistent/burst.csv"], "trace file not found: '/nonexistent/burst.csv'"),
+])
+def test_cli_bad_input_is_reported_without_a_traceback(tmp_path, args, expect):
+    out = subprocess.run([sys.executable, "-m", "kvbench.cli", *args, f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0
+    assert expect in out.stderr and "Traceback" not in out.stderr
+
+
+def test_rerun_in_the_same_dir_keeps_finished_results_unless_redo(tmp_path):
+    first = run_with(tmp_path, "trace.num_requests=20")
+    (tmp_path / "timeline.parquet").unlink()  # proof that the second call does not run again
+    assert run_with(tmp_path, "trace.num_requests=20") == first
+    assert not (tmp_path / "timeline.parquet").exists()
+    run_with(tmp_path, "trace.num_requests=20", "redo=true")
+    assert (tmp_path / "timeline.parquet").exists()
+    changed = run_with(tmp_path, "trace.num_requests=21")
+    assert changed["num_requests"] == 21
