@@ -1,0 +1,104 @@
+"""Small helpers shared by the kernel launchers: dtype/shape checks and interpreter dispatch.
+
+Nothing here runs at import time except plain definitions.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Dtypes the attention kernels accept for q / K / V (fp32 accumulation always).
+ATTN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+BACKENDS = ("triton", "torch")
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_interpreter(device: torch.device) -> bool:
+    """True when the launch must go through Triton's interpreter (CPU tensors or TRITON_INTERPRET=1)."""
+    return device.type == "cpu" or env_interpret()
+
+
+def kernel_for(jitfn, device: torch.device):
+    """The launchable kernel for ``device``.
+
+    ``@triton.jit`` decides between compiled and interpreted code when a module is imported, and
+    Triton's own library functions (``tl.sum``, ``tl.zeros``...) are decorated when
+    ``triton.language`` is first imported. CPU tensors can only run in the interpreter, so
+    ``TRITON_INTERPRET=1`` must be in the environment before the first ``import triton`` of the
+    process (the kernel tests set it in their conftest).
+    """
+    if device.type != "cpu":
+        return jitfn
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(jitfn, InterpretedFunction):
+        raise RuntimeError(
+            "CPU tensors need Triton's interpreter, but triton was imported without TRITON_INTERPRET=1. "
+            "Set TRITON_INTERPRET=1 before anything imports triton (e.g. first line of tests/conftest.py), "
+            "or pass backend='torch'."
+        )
+    return jitfn
+
+
+def dot_in_f32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Triton's CPU interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9: garbage values), so
+    in interpreter mode bf16 operands are upcast to fp32 right before each dot (after the same
+    rounding to bf16 the GPU path applies). Compiled GPU code always dots in the input dtype.
+    """
+    return use_interpreter(device) and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (no tf32) so fp32 meets its tight tolerance; for
+    bf16/fp16 operands this is Triton's default and changes nothing."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: small, so the split-KV heuristic still splits tiny test shapes
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ---------------------------------------------------------------------------- checks
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None,
+                 last_contiguous: bool = True) -> None:
+    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        check(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        check(t.dtype in dtypes, f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None:
+        check(t.device == device, f"{name} is on {t.device}, expected {device} (all inputs on one device)")
+    if last_contiguous and t.dim() > 0 and t.shape[-1] > 1:
+        check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got strides {t.stride()}")

@@ -1,0 +1,264 @@
+"""Paged decode attention: one query token per request against its cached K/V via the page table.
+
+Grouped-query attention (each program handles the G = H_q / H_kv query heads that share one KV
+head, padded to a tensor-core tile), fp32 accumulation, any page size, a contiguous (slab) fast
+path, and split-KV (flash-decoding) for long contexts / small batches: stage 1 writes each
+split's normalised partial output and log-sum-exp, stage 2 merges them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+                      kernel_for, next_pow2, num_sms)
+
+LOG2E = 1.4426950408889634
+
+# Default launch config, tuned on H100 (see docs/kernels.md). BLOCK_N = KV tokens per iteration.
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+# Split-KV heuristic: aim for this many programs per SM, but keep >= MIN_SPLIT_TOKENS per split.
+TARGET_PROGRAMS_PER_SM = 4
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 128
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,                   # [B, H_q, D]
+    kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
+    pt_ptr,                  # [B, max_pages] int32
+    seqlen_ptr,              # [B] int32
+    o_ptr,                   # [B, H_q, D]            (not SPLIT)
+    po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32  (SPLIT: S = num_splits)
+    qk_scale,                # sm_scale * log2(e)
+    stride_qb, stride_qh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch,
+    stride_ptb,
+    stride_ob, stride_oh,
+    page_size, split_tokens, num_splits,
+    G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b64 = b.to(tl.int64)
+
+    seq_len = tl.load(seqlen_ptr + b)
+    start = split * split_tokens
+    end = tl.minimum(seq_len, start + split_tokens)
+
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = kvh * G + offs_g                                              # [BH]
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)        # [BH, BD]
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+
+    kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
+    pt_row = pt_ptr + b64 * stride_ptb
+    if CONTIGUOUS:
+        slot0 = tl.load(pt_row).to(tl.int64) * page_size
+
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
+        n_mask = offs_n < end
+        if CONTIGUOUS:
+            slot = slot0 + offs_n
+        else:
+            page = tl.load(pt_row + offs_n // page_size, mask=n_mask, other=0).to(tl.int64)
+            slot = page * page_size + offs_n % page_size                  # [BN]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+        v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale                            # [BH, BN] (log2 domain)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_lp = p.to(v.dtype)
+        if DOT_F32:
+            p_lp = p_lp.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_lp, v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if not SPLIT:
+        tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial buffers are contiguous [B, H_q, S, D] / [B, H_q, S]
+        row = (b64 * (G * tl.num_programs(1)) + heads) * num_splits + split   # [BH]
+        tl.store(po_ptr + row[:, None] * D + offs_d[None, :], out, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(plse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32
+    o_ptr,                   # [B, H_q, D]
+    stride_ob, stride_oh, num_splits,
+    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < D
+    row0 = (b * H_Q + h) * num_splits
+    lse = tl.load(plse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))          # [BS]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)                                                                # [BS]
+    parts = tl.load(po_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)                  # [BS, BD]
+    den = tl.sum(w, 0)
+    den = tl.where(den > 0, den, 1.0)
+    out = tl.sum(parts * w[:, None], 0) / den
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Split-KV count: enough programs to fill the GPU, never splits shorter than MIN_SPLIT_TOKENS."""
+    progs = batch * num_kv_heads
+    want = cdiv(TARGET_PROGRAMS_PER_SM * num_sms(device), max(progs, 1))
+    cap = max(1, max_seq_len // MIN_SPLIT_TOKENS)
+    return int(max(1, min(want, cap, MAX_SPLITS)))
+
+
+def _check(q, k_cache, v_cache, page_table, seq_lens, page_size):
+    check_tensor("q", q, ndim=3, dtypes=ATTN_DTYPES)
+    dev = q.device
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=dev)
+    check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=dev)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+    B, Hq, D = q.shape
+    S, Hkv, Dk = k_cache.shape
+    check(Dk == D, f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
+    check(tuple(v_cache.shape) == tuple(k_cache.shape),
+          f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    check(Hq % Hkv == 0, f"H_q={Hq} must be a multiple of H_kv={Hkv} (grouped-query attention)")
+    check(page_table.shape[0] == B, f"page_table must be [B={B}, max_pages], got {tuple(page_table.shape)}")
+    check(seq_lens.shape[0] == B, f"seq_lens must be [B={B}], got {tuple(seq_lens.shape)}")
+    check(isinstance(page_size, int) and page_size >= 1, f"page_size must be a positive int, got {page_size!r}")
+    check(D <= 256, f"head dim {D} > 256 is not supported")
+
+
+def _gather_kv(k_cache, v_cache, page_table_row, n, page_size, contiguous):
+    pos = torch.arange(n, device=k_cache.device)
+    if contiguous:
+        slots = page_table_row[0].long() * page_size + pos
+    else:
+        slots = page_table_row[pos // page_size].long() * page_size + pos % page_size
+    return k_cache[slots], v_cache[slots]                                  # [n, H_kv, D]
+
+
+def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
+                         contiguous=False, num_splits=None):
+    """Plain torch reference (fp32 math); num_splits is ignored."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            out[b] = 0
+            continue
+        k, v = _gather_kv(k_cache, v_cache, page_table[b], n, page_size, contiguous)
+        k = k.float().repeat_interleave(G, dim=1)                          # [n, H_q, D]
+        v = v.float().repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale           # [H_q, n]
+        p = torch.softmax(s, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
+                     contiguous=False, num_splits=None, *, max_seq_len: int | None = None,
+                     out=None, backend: str = "triton", config: dict | None = None):
+    """Decode attention over the paged KV cache.
+
+    q:          [B, H_q, D]            bf16 / fp16 / fp32
+    k_cache:    [num_slots, H_kv, D]   (``kv_pool[l, 0]``); v_cache likewise
+    page_table: [B, max_pages] int32   token i -> slot page_table[b, i // page_size] * page_size + i % page_size
+    seq_lens:   [B] int32              tokens in cache incl. the current one (already written)
+    contiguous: slab fast path, slot = page_table[b, 0] * page_size + i (no table walk)
+    num_splits: split-KV count; None picks one from the shape
+    max_seq_len: upper bound on seq_lens used to size splits (default max_pages * page_size;
+                 no device sync either way)
+    out:        optional preallocated [B, H_q, D] output (q's dtype), e.g. for CUDA graphs
+    returns o:  [B, H_q, D] in q's dtype
+    """
+    check_backend(backend)
+    _check(q, k_cache, v_cache, page_table, seq_lens, page_size)
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
+        check(tuple(out.shape) == tuple(q.shape), f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    if backend == "torch":
+        o = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale, contiguous)
+        return o if out is None else out.copy_(o)
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    dev = q.device
+    o = torch.empty_like(q) if out is None else out
+    if B == 0:
+        return o
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    cfg = dict(DECODE_CONFIG, **(config or {}))
+    BLOCK_N = cfg["BLOCK_N"]
+    max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
+    max_len = max(int(max_len), 1)
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, max_len, dev)
+    check(isinstance(num_splits, int) and num_splits >= 1, f"num_splits must be a positive int, got {num_splits!r}")
+    split_tokens = cdiv(cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = cdiv(max_len, split_tokens)        # drop splits that would always be empty
+    BLOCK_H = max(16, next_pow2(G))
+    BLOCK_D = max(16, next_pow2(D))
+    if num_splits > 1:
+        po = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
+        plse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+    else:
+        po = plse = o                                                       # unused
+    kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, o, po, plse,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        page_table.stride(0), o.stride(0), o.stride(1),
+        page_size, split_tokens, num_splits,
+        G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
+        CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        kernel_for(_decode_merge_kernel, dev)[(B, Hq)](
+            po, plse, o, o.stride(0), o.stride(1), num_splits,
+            H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(num_splits)),
+            num_warps=4,
+        )
+    return o

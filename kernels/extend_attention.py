@@ -1,0 +1,249 @@
+"""Extend attention: prefill with a cached prefix, through the page table.
+
+A variable-length batch of new tokens (flattened, ``query_start_loc`` gives the boundaries).
+New token j of request b sits at position ``prefix_len_b + j`` and attends to cache positions
+``[0, prefix_len_b + j]``; the new tokens' K/V were already written into the cache by
+``kv_write``, so every key, prefix or new, is read through the page table. Covers plain prefill
+(empty prefix) and radix / prefix-cache hits.
+
+Each program owns BLOCK_M query rows of one request and one query head. Programs are laid out
+over the flattened list of (request, query-block) pairs, decoded in-kernel from
+``query_start_loc`` (no host sync, no extra launch), longest-running blocks first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+                      kernel_for, next_pow2)
+from .decode_attention import _gather_kv
+
+# Default launch config per head dim (tuned on H100, see docs/kernels.md).
+EXTEND_CONFIG = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+}
+_DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,                   # [T, H_q, D]
+    kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
+    pt_ptr,                  # [B, max_pages]
+    qsl_ptr,                 # [B + 1]
+    seqlen_ptr,              # [B]
+    o_ptr,                   # [T, H_q, D]
+    qk_scale,                # sm_scale * log2(e)
+    stride_qt, stride_qh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch,
+    stride_ptb,
+    stride_ot, stride_oh,
+    page_size, B,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
+    pid = tl.program_id(1)               # flattened (request, query block)
+
+    # ---- decode pid -> (request b, query block) from query_start_loc
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    qs_all = tl.load(qsl_ptr + offs_b, mask=b_mask, other=0)
+    qe_all = tl.load(qsl_ptr + offs_b + 1, mask=b_mask, other=0)
+    nblk = tl.where(b_mask, (qe_all - qs_all + BLOCK_M - 1) // BLOCK_M, 0)   # [BB]
+    cum = tl.cumsum(nblk, 0)                                                 # inclusive
+    total = tl.sum(nblk, 0)
+    if pid < total:
+        b = tl.sum((cum <= pid).to(tl.int32), 0)
+        blk_before = tl.sum(tl.where(offs_b < b, nblk, 0), 0)
+        nblk_b = tl.sum(tl.where(offs_b == b, nblk, 0), 0)
+        mblk = nblk_b - 1 - (pid - blk_before)        # last (longest) blocks first
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        seq_len = tl.load(seqlen_ptr + b)
+        prefix = seq_len - q_len
+        kvh = h // G
+
+        offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)                      # [BM] new-token index
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < D
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)      # [BM, BD]
+        if DOT_F32:
+            q = q.to(tl.float32)
+        pos_m = prefix + offs_m                                               # [BM] positions
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
+        vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
+        pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+        if CONTIGUOUS:
+            slot0 = tl.load(pt_row).to(tl.int64) * page_size
+
+        # keys [0, full_end) are visible to every row of the block: no mask at all
+        first_pos = prefix + mblk * BLOCK_M
+        full_end = (first_pos // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            if CONTIGUOUS:
+                slot = slot0 + offs_n
+            else:
+                page = tl.load(pt_row + offs_n // page_size).to(tl.int64)
+                slot = page * page_size + offs_n % page_size
+            k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale                          # [BM, BN]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_lp = p.to(v.dtype)
+            if DOT_F32:
+                p_lp = p_lp.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p_lp, v, input_precision=DOT_PREC)
+            m_i = m_new
+
+        # diagonal region: causal + length mask
+        diag_end = tl.minimum(seq_len, prefix + (mblk + 1) * BLOCK_M)
+        for n0 in range(full_end, diag_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < diag_end
+            if CONTIGUOUS:
+                slot = slot0 + offs_n
+            else:
+                page = tl.load(pt_row + offs_n // page_size, mask=n_mask, other=0).to(tl.int64)
+                slot = page * page_size + offs_n % page_size
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            vis = (offs_n[None, :] <= pos_m[:, None]) & n_mask[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows past q_len see nothing
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_lp = p.to(v.dtype)
+            if DOT_F32:
+                p_lp = p_lp.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p_lp, v, input_precision=DOT_PREC)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size):
+    check_tensor("q", q, ndim=3, dtypes=ATTN_DTYPES)
+    dev = q.device
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=dev)
+    check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=dev)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+    T, Hq, D = q.shape
+    S, Hkv, Dk = k_cache.shape
+    B = seq_lens.shape[0]
+    check(Dk == D, f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
+    check(tuple(v_cache.shape) == tuple(k_cache.shape),
+          f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    check(Hq % Hkv == 0, f"H_q={Hq} must be a multiple of H_kv={Hkv} (grouped-query attention)")
+    check(query_start_loc.shape[0] == B + 1,
+          f"query_start_loc must be [B+1={B + 1}] (B from seq_lens), got {tuple(query_start_loc.shape)}")
+    check(page_table.shape[0] == B, f"page_table must be [B={B}, max_pages], got {tuple(page_table.shape)}")
+    check(isinstance(page_size, int) and page_size >= 1, f"page_size must be a positive int, got {page_size!r}")
+    check(D <= 256, f"head dim {D} > 256 is not supported")
+
+
+def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
+                         sm_scale=None, contiguous=False):
+    """Plain torch reference (fp32 math)."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    for b in range(seq_lens.shape[0]):
+        qs, qe = qsl[b], qsl[b + 1]
+        n_new, n = qe - qs, int(seq_lens[b])
+        if n_new == 0:
+            continue
+        prefix = n - n_new
+        k, v = _gather_kv(k_cache, v_cache, page_table[b], n, page_size, contiguous)
+        k = k.float().repeat_interleave(G, dim=1)                          # [n, H_q, D]
+        v = v.float().repeat_interleave(G, dim=1)
+        s = torch.einsum("mhd,nhd->hmn", q[qs:qe].float(), k) * scale      # [H_q, n_new, n]
+        pos = prefix + torch.arange(n_new, device=q.device)
+        vis = torch.arange(n, device=q.device)[None, :] <= pos[:, None]    # [n_new, n]
+        s = s.masked_fill(~vis[None], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out[qs:qe] = torch.einsum("hmn,nhd->mhd", p, v).to(q.dtype)
+    return out
+
+
+def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size, sm_scale=None,
+                     contiguous=False, *, out=None, backend: str = "triton", config: dict | None = None):
+    """Causal attention of new tokens over their request's cached prefix and themselves.
+
+    q:               [T, H_q, D]           new tokens of B requests, flattened
+    k_cache/v_cache: [num_slots, H_kv, D]  new tokens' K/V already written (kv_write)
+    page_table:      [B, max_pages] int32
+    query_start_loc: [B + 1] int32         cumulative new-token counts (starts at 0)
+    seq_lens:        [B] int32             prefix + new tokens per request
+    contiguous:      slab fast path, slot = page_table[b, 0] * page_size + i
+    out:             optional preallocated [T, H_q, D] output (q's dtype)
+    returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
+    """
+    check_backend(backend)
+    _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
+        check(tuple(out.shape) == tuple(q.shape), f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    if backend == "torch":
+        o = extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
+                                 sm_scale, contiguous)
+        return o if out is None else out.copy_(o)
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    B = seq_lens.shape[0]
+    dev = q.device
+    o = torch.empty_like(q) if out is None else out
+    if T == 0 or B == 0:
+        return o
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    cfg = dict(EXTEND_CONFIG.get(D, _DEFAULT_CONFIG), **(config or {}))
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
+    kernel_for(_extend_kernel, dev)[(Hq, max_blocks)](
+        q, k_cache, v_cache, page_table, query_start_loc, seq_lens, o,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        page_table.stride(0), o.stride(0), o.stride(1),
+        page_size, B,
+        G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
+        BLOCK_B=max(2, next_pow2(B)), CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o

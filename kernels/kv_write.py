@@ -1,0 +1,96 @@
+"""KV write: scatter the new tokens' K and V into their pool slots (slot mapping).
+
+Used for a whole prefill chunk (T = chunk tokens) and for decode (T = one token per request).
+A negative slot means "skip this token" (padding).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, cdiv
+
+# Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
+KV_WRITE_CONFIG = dict(BLOCK_T=4, num_warps=4)
+
+
+@triton.jit
+def _kv_write_kernel(
+    k_ptr, v_ptr,            # [T, H, D]
+    kc_ptr, vc_ptr,          # [num_slots, H, D]
+    slot_ptr,                # [T]
+    T,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch,
+    H: tl.constexpr, D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)                      # [BT]
+    t_mask = offs_t < T
+    slot = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)  # [BT]
+    valid = t_mask & (slot >= 0)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hd_mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)             # [BH, BD]
+    mask = valid[:, None, None] & hd_mask[None, :, :]                   # [BT, BH, BD]
+    t64 = offs_t.to(tl.int64)
+
+    src_k = k_ptr + t64[:, None, None] * stride_kt + offs_h[None, :, None] * stride_kh + offs_d[None, None, :]
+    dst_k = kc_ptr + slot[:, None, None] * stride_kcs + offs_h[None, :, None] * stride_kch + offs_d[None, None, :]
+    src_v = v_ptr + t64[:, None, None] * stride_vt + offs_h[None, :, None] * stride_vh + offs_d[None, None, :]
+    dst_v = vc_ptr + slot[:, None, None] * stride_vcs + offs_h[None, :, None] * stride_vch + offs_d[None, None, :]
+    kk = tl.load(src_k, mask=mask)
+    vv = tl.load(src_v, mask=mask)
+    tl.store(dst_k, kk, mask=mask)
+    tl.store(dst_v, vv, mask=mask)
+
+
+def _check(k, v, k_cache, v_cache, slot_mapping):
+    check_tensor("k", k, ndim=3)
+    dev = k.device
+    check_tensor("v", v, ndim=3, dtypes=(k.dtype,), device=dev)
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(k.dtype,), device=dev)
+    check_tensor("v_cache", v_cache, ndim=3, dtypes=(k.dtype,), device=dev)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+    T, H, D = k.shape
+    check(tuple(v.shape) == (T, H, D), f"v shape {tuple(v.shape)} must equal k shape {(T, H, D)}")
+    check(k_cache.shape[1:] == (H, D), f"k_cache must be [num_slots, {H}, {D}], got {tuple(k_cache.shape)}")
+    check(tuple(v_cache.shape) == tuple(k_cache.shape),
+          f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    check(slot_mapping.shape[0] == T, f"slot_mapping must be [T={T}], got {tuple(slot_mapping.shape)}")
+
+
+def kv_write_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Plain torch reference: ``k_cache[slot_mapping[t]] = k[t]`` (negative slots skipped), in place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache[slots] = k[keep]
+    v_cache[slots] = v[keep]
+
+
+def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", config: dict | None = None) -> None:
+    """Write new K/V into the cache, in place.
+
+    k, v:          [T, H_kv, D]        (any token/head strides, last dim contiguous)
+    k_cache/v_cache: [num_slots, H_kv, D]  (e.g. ``kv_pool[l, 0]`` / ``kv_pool[l, 1]``)
+    slot_mapping:  [T] int32/int64; slot < 0 skips the token.
+    """
+    check_backend(backend)
+    _check(k, v, k_cache, v_cache, slot_mapping)
+    if backend == "torch":
+        return kv_write_ref(k, v, k_cache, v_cache, slot_mapping)
+    T, H, D = k.shape
+    if T == 0:
+        return
+    cfg = dict(KV_WRITE_CONFIG, **(config or {}))
+    BT = cfg["BLOCK_T"]
+    grid = (cdiv(T, BT),)
+    kernel_for(_kv_write_kernel, k.device)[grid](
+        k, v, k_cache, v_cache, slot_mapping, T,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=H, D=D, BLOCK_T=BT, BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(D),
+        num_warps=cfg["num_warps"],
+    )
