@@ -44,7 +44,8 @@ class Scheduler:
         max_num_seqs: most running requests.
         max_num_batched_tokens: most tokens computed in one step.
         chunked_prefill: split a prompt over several steps; if False a prompt runs whole,
-            and a prompt longer than max_num_batched_tokens is rejected.
+            and a prompt longer than max_num_batched_tokens is rejected (the recompute of a
+            preempted request that outgrew the step is still chunked, or it could never run).
     """
 
     def __init__(self, strategy: Strategy, max_num_seqs: int, max_num_batched_tokens: int,
@@ -111,15 +112,15 @@ class Scheduler:
         left = seq.prefill_target - seq.computed
         if left <= 0:
             return 1  # decode
-        if self.chunked_prefill:
-            return min(left, budget)
+        if self.chunked_prefill or left > self.max_num_batched_tokens:
+            return min(left, budget)  # (a recompute longer than a step is chunked regardless)
         return left if left <= budget else 0
 
     def _admit(self, planned: list[tuple[Seq, int]], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             req = seq.request
-            if not self.chunked_prefill and seq.prefill_target > budget:
+            if not self.chunked_prefill and budget < seq.prefill_target <= self.max_num_batched_tokens:
                 break
             adm = self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget)
             if not adm.admitted:

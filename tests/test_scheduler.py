@@ -91,3 +91,15 @@ def test_fcfs_head_of_line_blocks_later_requests():
     # 1 (51 slots) does not fit beside 0 (61); 2 (11 slots) would, but must not overtake 1
     assert [s.request.id for s in sched.running] == [0]
     assert [s.request.id for s in sched.waiting] == [1, 2]
+
+
+def test_without_chunked_prefill_prompts_run_whole_and_recomputes_never_deadlock():
+    strategy = PagedStrategy(96, 512, page_size=16, prefix_caching=False)
+    sched = Scheduler(strategy, max_num_seqs=8, max_num_batched_tokens=40, chunked_prefill=False)
+    reqs = [req(0, 50, 4), req(1, 40, 30), req(2, 30, 40), req(3, 20, 50)]
+    assert sched.rejection(reqs[0]).startswith("batch_tokens: prompt of 50 tokens")
+    result = replay(reqs, sched, ENGINE, progress=False)
+    assert sorted(s.request.id for s in result.finished) == [1, 2, 3]
+    assert sched.num_preemptions > 0  # 96 slots cannot hold all three: recomputes happened
+    tl = result.recorder.timeline()
+    assert tl.prefill_tokens.max() <= 40

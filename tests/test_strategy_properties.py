@@ -30,7 +30,7 @@ def make_tokens(rng: np.random.Generator, family: int, prompt: int, output: int)
 
 
 @pytest.mark.parametrize("case", cases(), ids=case_id)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=60), seed=st.integers(0, 2**16))
 def test_random_operations_keep_invariants(case, ops, seed):
     name, opts = case
