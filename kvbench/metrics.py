@@ -17,7 +17,7 @@ STATES = SlotStates._fields  # token, reserved, internal, external, cached, free
 _STATE_KEY = {"token": "token_states", "reserved": "reserved", "internal": "internal_frag",
               "external": "external_frag", "cached": "cached", "free": "free"}
 TIMELINE_COLUMNS = ["t_s", "dt_s", "running", "waiting", "prefill_tokens", "decode_tokens",
-                    "preemptions", *STATES]
+                    "kv_read_tokens", "preemptions", *STATES]
 
 
 class Recorder:
@@ -29,9 +29,9 @@ class Recorder:
         self.rejected: list[tuple[Request, str]] = []
 
     def step(self, t: float, dt: float, running: int, waiting: int, prefill: int, decode: int,
-             preemptions: int, states: SlotStates) -> None:
+             kv_read: int, preemptions: int, states: SlotStates) -> None:
         """One step [t, t + dt), with the slot states while it ran."""
-        self._rows.append((t, dt, running, waiting, prefill, decode, preemptions, *states))
+        self._rows.append((t, dt, running, waiting, prefill, decode, kv_read, preemptions, *states))
 
     def reject(self, request: Request, reason: str) -> None:
         self.rejected.append((request, reason))

@@ -46,7 +46,8 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
         dt = engine.step(scheduler.batch(planned, engine.needs_layout))
         decode = sum(1 for s, k in planned if k == 1 and s.computed >= s.prefill_target)
         prefill = sum(k for _, k in planned) - decode
-        rec.step(now, dt, len(scheduler.running), len(scheduler.waiting), prefill, decode,
+        kv_read = sum(s.computed for s, _ in planned) + prefill + decode
+        rec.step(now, dt, len(scheduler.running), len(scheduler.waiting), prefill, decode, kv_read,
                  scheduler.num_preemptions, states)
         now += dt
         done = scheduler.complete(planned, now)
