@@ -27,6 +27,8 @@ class Request:
     source: str = ""  # "file:line" or generator name, for error messages
     meta: dict = field(default_factory=dict)
     tokens: np.ndarray = field(init=False, repr=False)  # [prompt_len + output_len] int32
+    prompt_len: int = field(init=False)
+    output_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         # One buffer for all ids; `prompt` and `output` are views of it, so an engine that
@@ -37,14 +39,8 @@ class Request:
         self.tokens = np.concatenate([self.prompt, self.output]).astype(np.int32, copy=False)
         self.prompt = self.tokens[:p]
         self.output = self.tokens[p:]
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.prompt.shape[0])
-
-    @property
-    def output_len(self) -> int:
-        return int(self.output.shape[0])
+        self.prompt_len = p
+        self.output_len = int(self.output.shape[0])
 
     @property
     def kv_len(self) -> int:

@@ -22,6 +22,7 @@ class Seq:
     """A request's progress. Positions [0, computed) hold K/V; `emitted` outputs exist."""
 
     request: Request
+    id: RequestId = RequestId(-1)  # = request.id (a plain field: read on every step)
     computed: int = 0
     emitted: int = 0
     prefill_target: int = 0  # positions to compute before decoding: prompt (+ emitted, after a preemption)
@@ -31,9 +32,8 @@ class Seq:
     last_token_s: float = 0.0
     finish_s: float | None = None
 
-    @property
-    def id(self) -> RequestId:
-        return RequestId(self.request.id)
+    def __post_init__(self) -> None:
+        self.id = RequestId(self.request.id)
 
 
 class Scheduler:

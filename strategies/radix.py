@@ -182,6 +182,9 @@ class RadixStrategy(Strategy):
     def _take_pages(self, k: int) -> list[PageId]:
         if len(self._free) < k:
             self.evict((k - len(self._free)) * self.page_size)
+        if k == 1:  # the decode path
+            self._private_pages += 1
+            return [self._free.pop()]
         pages = self._free[len(self._free) - k:]
         del self._free[len(self._free) - k:]
         pages.reverse()  # the order k pops would give

@@ -31,7 +31,7 @@ class SimEngine(Engine):
     def step(self, batch: StepBatch) -> float:
         prefill = decode = kv_read = 0
         for s in batch.seqs:
-            if s.num_new == 1 and not s.is_prefill:
+            if s.num_new == 1 and s.start >= s.request.prompt_len:
                 decode += 1
             else:
                 prefill += s.num_new
