@@ -62,6 +62,8 @@ class Strategy(ABC):
 
     #: True when each request's pages are consecutive, so kernels may skip the table walk.
     contiguous: bool = False
+    #: True when a request's computed prefix can serve a later request (admit may answer cached > 0).
+    caches_prefixes: bool = False
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int, name: str) -> None:
         if page_size < 1:

@@ -54,6 +54,8 @@ class _Seq:
 
 
 class RadixStrategy(Strategy):
+    caches_prefixes = True
+
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
                  name: str = "radix") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)

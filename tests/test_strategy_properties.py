@@ -99,6 +99,6 @@ def test_shared_prefix_is_stored_once(case):
     s.grow(0, 1)  # a's prompt is computed: caching strategies now hold it
     adm = s.admit(1, b, 51, 42, 64)
     s.check_invariants()
-    shares = getattr(s, "prefix_caching", True) and name != "slab"
+    shares = s.caches_prefixes
     assert adm.cached_tokens == (32 if shares else 0)
     assert s.slot_states(None).token == (42 + 1 + 10 if shares else 42 + 1 + 42)
