@@ -1,0 +1,315 @@
+"""GPU check of the model runner: correctness at a real shape, and decode speed vs the roofline.
+
+1. Llama-3.2-1B shape, bf16 and fp32, random weights: logits of `GPUEngine` (Triton kernels, paged
+   page_size-16 tables in shuffled page order, mixed prefill/decode batches, 8 greedy decode
+   steps) against `transformers.LlamaForCausalLM` on the same GPU and weights (one full-sequence
+   forward per request); also the same engine on the kernels' torch references, and decode
+   steps replayed through CUDA graphs against eager.
+2. Llama-3.1-8B shape, bf16, random weights: one decode step at batch 1 and at batch 64 with
+   2k context each, paged (shuffled pages) and slab (contiguous) tables, eager and CUDA graphs,
+   against the weight-read roofline
+   (weight bytes / device-to-device copy bandwidth measured here on a 2 GiB copy).
+
+    python experiments/check_model_gpu.py --out results/gpu     (needs CUDA + transformers)
+Writes check_model_gpu.json to --out (default $OUT or results/gpu).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def kernels_from_checkout() -> None:
+    """`kvbench.kernels` is `kernels/` via setuptools' package-dir; alias it when not installed."""
+    try:
+        import kvbench.kernels  # noqa: F401
+        return
+    except ImportError:
+        import kvbench
+    root = ROOT / "kernels"
+    spec = importlib.util.spec_from_file_location("kvbench.kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    sys.modules["kvbench.kernels"] = kvbench.kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kvbench.kernels)
+
+
+def model_cfg(name: str):
+    import yaml  # PyYAML (a transformers dependency); no hydra on the device
+    from kvbench.model import ModelConfig
+    return ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text()))
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 10)."""
+    n = 2 * 2**30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / float(np.median(times))
+
+
+def hf_from_ours(eng, dtype: torch.dtype | None = None):
+    """transformers.LlamaForCausalLM with the engine's weights (cast to `dtype`, default the
+    engine's), on the engine's device."""
+    import transformers
+    from kvbench.model import hf_tensor_map
+    c = eng.cfg
+    rope = {"rope_theta": c.rope_theta, "rope_type": "default"}
+    if c.rope_scaling is not None:
+        rs = c.rope_scaling
+        rope.update(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                    high_freq_factor=rs.high_freq_factor,
+                    original_max_position_embeddings=rs.original_max_position_embeddings)
+    shape = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_embeddings, max_position_embeddings=131072)
+    try:  # transformers 5
+        cfg = transformers.LlamaConfig(rope_parameters=rope, **shape)
+    except TypeError:  # transformers 4
+        theta = rope.pop("rope_theta")
+        cfg = transformers.LlamaConfig(rope_theta=theta, rope_scaling=rope, **shape)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    hf = hf.to(dtype or eng.model.embed.weight.dtype).to_empty(device=eng.device).eval()
+    rot = hf.model.rotary_emb  # its buffers are empty after to_empty: ours equal HF's (tested)
+    rot.inv_freq = eng.model.inv_freq.clone()
+    if hasattr(rot, "original_inv_freq"):
+        rot.original_inv_freq = eng.model.inv_freq.clone()
+    sd = hf.state_dict()
+    with torch.no_grad():
+        for name, src in hf_tensor_map(eng.model):
+            sd[name].copy_(src)
+        if c.tie_embeddings:
+            hf.lm_head.weight.copy_(eng.model.embed.weight)
+    return hf
+
+
+def drive(eng, reqs, tables, page_size, num_pages, chunk=512, graphs_too=False):
+    """Toy scheduler: request i joins at step i; prefill chunks of `chunk`, then decode.
+    Returns ({rid: logits [output_len, vocab] fp32}, max |eager - graph| over decode steps)."""
+    from kvbench.batch import ScheduledSeq, StepBatch
+    pos = {r.id: 0 for r in reqs}
+    got = {r.id: [] for r in reqs}
+    graph_err, step = 0.0, 0
+    while any(pos[r.id] < r.kv_len for r in reqs):
+        seqs = []
+        for i, r in enumerate(reqs):
+            s = pos[r.id]
+            if step < i or s >= r.kv_len:
+                continue
+            n = min(chunk, r.prompt_len - s) if s < r.prompt_len else 1
+            seqs.append(ScheduledSeq(r, s, n, tables[r.id][:-(-(s + n) // page_size)]))
+        batch = StepBatch(seqs, page_size, num_pages, False, [])
+        eng.step(batch)
+        logits = {k: v.float() for k, v in eng.last_logits.items()}
+        if graphs_too and all(sq.num_new == 1 for sq in seqs):
+            eng.cuda_graphs = True  # same batch again: rewrites the same K/V, replays a graph
+            eng.step(batch)
+            eng.cuda_graphs = False
+            graph_err = max(graph_err, max((eng.last_logits[k].float() - v).abs().max().item()
+                                           for k, v in logits.items()))
+        for sq in seqs:
+            pos[sq.request.id] += sq.num_new
+            if sq.emits_token:
+                got[sq.request.id].append(logits[sq.request.id])
+        step += 1
+    return {k: torch.stack(v) for k, v in got.items()}, graph_err
+
+
+def check_correctness(res: dict, dtype: str) -> None:
+    """Engine (triton, then reference attention) vs transformers at the same dtype; for bf16
+    also both against transformers in fp32 on the same (upcast) weights: the noise floor."""
+    from dataclasses import replace
+
+    from kvbench.engines.gpu_engine import GPUEngine
+    from kvbench.request import Request
+    cfg = replace(model_cfg("llama3_2_1b"), dtype=dtype)
+    lens, out_len, ps = [37, 300, 1000, 129], 9, 16
+    rng = np.random.default_rng(0)
+    rows, hf, hf32 = {}, None, None
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for attention in ("triton", "reference"):
+        eng = GPUEngine(cfg, attention=attention, sample=True, keep_logits=True, kv_cache_gb=1.0)
+        num_pages = eng.kv_capacity_tokens(None) // ps
+        eng.bind(ps, num_pages)
+        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, cfg.vocab_size, n).astype(np.int32),
+                        np.zeros(out_len, np.int32)) for i, n in enumerate(lens)]
+        order = rng.permutation(num_pages)
+        tables, at = {}, 0
+        for r in reqs:
+            n = -(-r.kv_len // ps)
+            tables[r.id] = order[at:at + n].astype(np.int32)
+            at += n
+        t0 = time.perf_counter()
+        ours, graph_err = drive(eng, reqs, tables, ps, num_pages, graphs_too=attention == "triton")
+        wall = time.perf_counter() - t0
+        if hf is None:  # both engines hold the same seeded weights
+            hf = hf_from_ours(eng)
+        if hf32 is None and dtype != "float32":
+            hf32 = hf_from_ours(eng, torch.float32)
+        row = dict(rel_err_vs_hf=0.0, top1_agree_vs_hf=1.0, wall_s=wall,
+                   graph_vs_eager_max_abs=graph_err if attention == "triton" else None)
+        with torch.no_grad():
+            for r in reqs:
+                ids = torch.from_numpy(r.token_ids()[:r.kv_len].astype(np.int64)).to(eng.device)[None]
+                ref = hf(input_ids=ids).logits[0, r.prompt_len - 1:].float()  # [out_len, vocab]
+                row["rel_err_vs_hf"] = max(row["rel_err_vs_hf"], rel(ours[r.id], ref))
+                row["top1_agree_vs_hf"] = min(row["top1_agree_vs_hf"],
+                                              (ours[r.id].argmax(-1) == ref.argmax(-1)).float().mean().item())
+                if hf32 is not None:
+                    truth = hf32(input_ids=ids).logits[0, r.prompt_len - 1:].float()
+                    row["rel_err_vs_hf_fp32"] = max(row.get("rel_err_vs_hf_fp32", 0.0), rel(ours[r.id], truth))
+                    row["hf_same_dtype_rel_err_vs_hf_fp32"] = max(
+                        row.get("hf_same_dtype_rel_err_vs_hf_fp32", 0.0), rel(ref, truth))
+        row["logits_std"] = ref.std().item()
+        row["outputs"] = [r.output.tolist() for r in reqs]
+        rows[attention] = row
+        del eng
+        torch.cuda.empty_cache()
+    rows["greedy_equal_triton_vs_reference"] = rows["triton"]["outputs"] == rows["reference"]["outputs"]
+    res[f"correctness_llama3_2_1b_{dtype}"] = dict(prompt_lens=lens, decode_steps=out_len - 1,
+                                                   page_size=ps, **rows)
+
+
+def time_decode(res: dict, bw: float) -> None:
+    from kvbench.batch import ScheduledSeq, StepBatch
+    from kvbench.engines.gpu_engine import GPUEngine
+    from kvbench.model import kv_bytes_per_token
+    from kvbench.request import Request
+    cfg = model_cfg("llama3_1_8b")
+    eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
+    cap = eng.kv_capacity_tokens(None)
+    ps = 16
+    eng.bind(ps, cap // ps)
+    wbytes, bpt = eng.model.weight_bytes(), kv_bytes_per_token(cfg)
+    res["llama3_1_8b_sizing"] = dict(weight_bytes=wbytes, activation_peak_bytes=eng.activation_peak,
+                                     kv_capacity_tokens=cap, kv_bytes_per_token=bpt)
+    order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
+    rows = []
+    for batch_size, ctx in ((1, 2048), (64, 2048)):
+        n = -(-(ctx + 1) // ps)
+        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, 32000, ctx).astype(np.int32),
+                        np.zeros(3, np.int32)) for i in range(batch_size)]
+        # decode of token `ctx` after a 2k context (its K/V is whatever the pool holds)
+        for layout in ("paged", "slab"):
+            tables = ([order[i * n:(i + 1) * n] for i in range(batch_size)] if layout == "paged"
+                      else [np.arange(i * n, (i + 1) * n, dtype=np.int32) for i in range(batch_size)])
+            batch = StepBatch([ScheduledSeq(r, ctx, 1, t) for r, t in zip(reqs, tables)], ps,
+                              cap // ps, layout == "slab", [])
+            for graphs in (False, True):
+                eng.cuda_graphs = graphs
+                for _ in range(3):
+                    eng.step(batch)
+                t = float(np.median([eng.step(batch) for _ in range(20)]))
+                kv_read = batch_size * (ctx + 1) * bpt
+                rows.append(dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs,
+                                 step_ms=t * 1e3, weight_roofline_ms=wbytes / bw * 1e3,
+                                 weight_kv_roofline_ms=(wbytes + kv_read) / bw * 1e3,
+                                 frac_of_roofline=(wbytes + kv_read) / bw / t,
+                                 tokens_per_s=batch_size / t))
+    eng.cuda_graphs = False
+    # one 2k-token prefill, for the record: FLOP-bound, 2 * params * tokens
+    r = Request(999, 0.0, np.arange(2048, dtype=np.int32), np.zeros(2, np.int32))
+    batch = StepBatch([ScheduledSeq(r, 0, 2048, order[:128])], ps, cap // ps, False, [])
+    for _ in range(2):
+        eng.step(batch)
+    t = float(np.median([eng.step(batch) for _ in range(5)]))
+    res["llama3_1_8b_prefill_2048"] = dict(step_ms=t * 1e3, tflops=2 * wbytes / 2 * 2048 / t / 1e12)
+    res["llama3_1_8b_decode"] = rows
+    res["engine_summary_8b"] = eng.summary()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "results" / "gpu")))
+    ap.add_argument("--skip-correctness", action="store_true")
+    args = ap.parse_args()
+    kernels_from_checkout()
+    import transformers
+    import triton
+    dev = torch.device("cuda")
+    res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               device=torch.cuda.get_device_name(dev), torch=torch.__version__,
+               triton=triton.__version__, transformers=transformers.__version__)
+    bw = copy_bandwidth(dev)
+    res["d2d_copy_bandwidth_bytes_per_s"] = bw
+    print(f"{res['device']}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"copy bw {bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    errors = {}
+    for name, fn in (("correctness bf16", lambda: check_correctness(res, "bfloat16")),
+                     ("correctness fp32", lambda: check_correctness(res, "float32")),
+                     ("decode timing", lambda: time_decode(res, bw))):
+        if name.startswith("correctness") and args.skip_correctness:
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # keep the other part's numbers
+            import traceback
+            traceback.print_exc()
+            errors[name] = f"{type(e).__name__}: {e}"
+        print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+        torch.cuda.empty_cache()
+    res["errors"] = errors
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "check_model_gpu.json").write_text(json.dumps(res, indent=1, default=str))
+    print("\nLlama-3.2-1B shape, paged ps16 (shuffled), prefill + 8 greedy decodes vs transformers")
+    print(f"{'dtype':<9} {'attention':<10} {'rel err':>9} {'top1':>6} {'graph-eager':>12} "
+          f"{'vs HF fp32':>10} {'HF vs HF fp32':>13}")
+    for dtype in ("bfloat16", "float32"):
+        c = res.get(f"correctness_llama3_2_1b_{dtype}")
+        for a in ("triton", "reference") if c else ():
+            r = c[a]
+            g, t, h = (r.get(k) for k in ("graph_vs_eager_max_abs", "rel_err_vs_hf_fp32",
+                                          "hf_same_dtype_rel_err_vs_hf_fp32"))
+            print(f"{dtype:<9} {a:<10} {r['rel_err_vs_hf']:>9.2e} {r['top1_agree_vs_hf']:>6.3f} "
+                  f"{'-' if g is None else f'{g:.2e}':>12} {'-' if t is None else f'{t:.2e}':>10} "
+                  f"{'-' if h is None else f'{h:.2e}':>13}")
+        if c:
+            print(f"  {dtype}: greedy outputs triton == reference: {c['greedy_equal_triton_vs_reference']}")
+    if "llama3_1_8b_decode" in res:
+        s = res["llama3_1_8b_sizing"]
+        print(f"\nLlama-3.1-8B shape, bf16: weights {s['weight_bytes'] / 2**30:.2f} GiB, activation peak "
+              f"{s['activation_peak_bytes'] / 2**30:.2f} GiB, KV capacity {s['kv_capacity_tokens']} tokens")
+        print(f"{'batch':>5} {'ctx':>5} {'layout':>6} {'graphs':>6} {'step ms':>8} {'W roof ms':>9} "
+              f"{'W+KV roof':>9} {'of roof':>7} {'tok/s':>8}")
+        for r in res["llama3_1_8b_decode"]:
+            print(f"{r['batch']:>5} {r['context']:>5} {r.get('layout', 'paged'):>6} "
+                  f"{str(r['cuda_graphs']):>6} {r['step_ms']:>8.2f} "
+                  f"{r['weight_roofline_ms']:>9.2f} {r['weight_kv_roofline_ms']:>9.2f} "
+                  f"{r['frac_of_roofline']:>7.1%} {r['tokens_per_s']:>8.0f}")
+        p = res["llama3_1_8b_prefill_2048"]
+        print(f"prefill 2048 tokens: {p['step_ms']:.1f} ms = {p['tflops']:.0f} TFLOP/s")
+    if errors:
+        print("\nERRORS:", json.dumps(errors, indent=1))
+
+
+if __name__ == "__main__":
+    main()

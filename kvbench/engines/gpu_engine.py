@@ -1,0 +1,218 @@
+"""`engine=gpu`: the model on CUDA with the Triton kernels; the KV pool takes what is left.
+
+Sizing, as vLLM does it: load the weights, run one profiling forward of `profile_tokens`
+tokens, and give the pool
+
+    kv_budget = total_gpu_mem * gpu_memory_utilization
+                - weights - activation peak (profiled) - memory outside torch (CUDA context)
+
+unless `kv_cache_gb` names the pool size. Step time = CUDA events around the whole step
+(host-side batch building included), minus the capture time of any CUDA graph made in it.
+
+CUDA graphs (`cuda_graphs=true`): decode-only steps replay a graph captured on first use of a
+(batch bucket, context bucket, contiguous) shape; padded rows write nowhere (slot -1) and
+attend to nothing (seq_len 0). The graph's decode kernel sizes its split-KV for the context
+bucket (a power of two of pages), not the exact max length.
+"""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from kvbench.engines.torch_engine import HostBatch, TorchEngine, _plain
+from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, kv_bytes_per_token
+
+GIB = 2**30
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    """Parameter bytes of the model `cfg` describes, without building it."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * cfg.attention_bias + h * cfg.attention_out_bias
+    layer = qkv + cfg.num_heads * d * h + 3 * h * i + 2 * h + bias
+    embed = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
+    return (cfg.num_layers * layer + embed + h) * DTYPES[cfg.dtype].itemsize
+
+
+def _gb(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"
+
+
+class GPUEngine(TorchEngine):
+    """TorchEngine on CUDA + Triton, with the pool sized from GPU memory.
+
+    Args (beyond TorchEngine's):
+        gpu_memory_utilization: share of total GPU memory for weights + activations + pool.
+        kv_cache_gb: explicit pool size in GiB (overrides gpu_memory_utilization for the pool).
+        profile_tokens: tokens in the profiling forward; >= the scheduler's tokens per step.
+        max_model_len: if set, the pool must hold at least this many tokens (one request).
+    """
+
+    name = "gpu"
+
+    def __init__(self, model, attention: str = "triton", seed: int = 0, sample: bool = False,
+                 device: str = "cuda", keep_logits: bool = False, cuda_graphs: bool = False,
+                 gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
+                 profile_tokens: int = 8192, max_model_len: int | None = None):
+        if not torch.cuda.is_available():
+            raise RuntimeError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
+        cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
+        dev = torch.device(device)
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+        self.total_mem = torch.cuda.get_device_properties(dev).total_memory
+        self.utilization, self.kv_cache_gb = gpu_memory_utilization, kv_cache_gb
+        self.max_model_len = max_model_len
+        limit, need = self.total_mem * gpu_memory_utilization, weight_bytes(cfg)
+        if need > limit:
+            raise RuntimeError(f"model '{cfg.name}' weights need {_gb(need)}, but "
+                               f"gpu_memory_utilization={gpu_memory_utilization} of "
+                               f"{_gb(self.total_mem)} allows {_gb(limit)}")
+        super().__init__(cfg, attention, seed, sample, dev, keep_logits)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, int, bool], SimpleNamespace] = {}
+        self._graph_pool = None
+        self.graph_capture_s = 0.0
+        self.activation_peak = self._profile(profile_tokens)
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    # ---- sizing ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _profile(self, tokens: int) -> int:
+        """Peak bytes above the weights of one forward of `tokens` tokens (min(256, T) requests)."""
+        c, ps = self.cfg, 16
+        b = max(1, min(256, tokens))
+        lens = np.full(b, tokens // b, np.int64)
+        lens[: tokens % b] += 1
+        pages = -(-lens // ps)
+        table = np.zeros((b, int(pages.max())), np.int32)
+        first = np.concatenate([[0], np.cumsum(pages)[:-1]])
+        for i in range(b):
+            table[i, :pages[i]] = first[i] + np.arange(pages[i])
+        pos = np.concatenate([np.arange(n) for n in lens])
+        slots = np.concatenate([first[i] * ps + np.arange(lens[i]) for i in range(b)])
+        qsl = np.concatenate([[0], np.cumsum(lens)])
+        h = HostBatch(np.zeros(tokens, np.int64), pos, slots, table, qsl, lens, qsl[1:] - 1, ps,
+                      True, tokens == b)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        pool = torch.zeros(c.num_layers, 2, int(pages.sum()) * ps, c.num_kv_heads, c.head_dim,
+                           dtype=DTYPES[c.dtype], device=self.device)
+        pool_bytes = pool.numel() * pool.element_size()
+        ids, positions, meta = h.to_device(self.device)
+        self.model(ids, positions, meta, pool)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base - pool_bytes
+        del pool, ids, positions, meta
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def kv_budget_bytes(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.utilization - self.model.weight_bytes() - self.activation_peak
+                   - outside_torch)
+
+    def kv_capacity_tokens(self, requested: int | None) -> int:
+        bpt, budget = kv_bytes_per_token(self.cfg), self.kv_budget_bytes()
+        sizes = (f"GPU {_gb(self.total_mem)} x utilization {self.utilization}; weights "
+                 f"{_gb(self.model.weight_bytes())}, activation peak {_gb(self.activation_peak)} "
+                 f"-> KV budget {_gb(budget)} at {bpt} B/token")
+        if requested is not None:
+            tokens, why = int(requested), f"kv_capacity_tokens={requested}"
+        elif self.kv_cache_gb is not None:
+            tokens, why = int(self.kv_cache_gb * GIB) // bpt, f"kv_cache_gb={self.kv_cache_gb}"
+        else:
+            tokens, why = max(budget, 0) // bpt, "gpu_memory_utilization"
+        if requested is not None or self.kv_cache_gb is not None:
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if tokens * bpt > free:
+                raise RuntimeError(f"{why} asks for {_gb(tokens * bpt)} of KV pool, but only "
+                                   f"{_gb(free)} of GPU memory is free ({sizes})")
+        need = self.max_model_len or 1
+        if tokens < need:
+            raise RuntimeError(f"KV pool of {tokens} tokens (from {why}) cannot hold one request "
+                               f"of {need} tokens; {sizes}")
+        return tokens
+
+    def bind(self, page_size: int, num_pages: int) -> None:
+        try:
+            super().bind(page_size, num_pages)
+        except torch.cuda.OutOfMemoryError as e:
+            need = num_pages * page_size * kv_bytes_per_token(self.cfg)
+            raise RuntimeError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
+                               f"does not fit: {_gb(torch.cuda.mem_get_info()[0])} free") from e
+
+    # ---- steps ----------------------------------------------------------------------------
+    def step(self, batch) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        capture0 = self.graph_capture_s
+        start.record()
+        self._run(batch)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 - (self.graph_capture_s - capture0)
+
+    def _forward(self, h: HostBatch) -> torch.Tensor:
+        b = len(h.seq_lens)
+        if not (self.cuda_graphs and h.decode_only and b <= GRAPH_BATCH_SIZES[-1]):
+            return super()._forward(h)
+        bs = next(x for x in GRAPH_BATCH_SIZES if x >= b)
+        pages = 1 << max(4, int(-(-int(h.seq_lens.max()) // h.page_size) - 1).bit_length())
+        key = (bs, pages, h.contiguous)
+        g = self._graphs.get(key) or self._capture(key, h.page_size)
+        g.ids[:b].copy_(torch.from_numpy(h.ids), non_blocking=True)
+        g.positions[:b].copy_(torch.from_numpy(h.positions), non_blocking=True)
+        slots = np.full(bs, -1, np.int64)
+        slots[:b] = h.slot_mapping
+        lens = np.zeros(bs, np.int64)
+        lens[:b] = h.seq_lens
+        table = np.zeros((bs, pages), np.int32)
+        table[:b, :h.page_table.shape[1]] = h.page_table
+        g.meta.slot_mapping.copy_(torch.from_numpy(slots), non_blocking=True)
+        g.meta.seq_lens.copy_(torch.from_numpy(lens), non_blocking=True)
+        g.meta.page_table.copy_(torch.from_numpy(table), non_blocking=True)
+        g.graph.replay()
+        return g.logits[torch.from_numpy(h.logits_idx).to(self.device)]  # [B_emit, vocab]
+
+    def _capture(self, key: tuple[int, int, bool], page_size: int) -> SimpleNamespace:
+        t0 = time.perf_counter()
+        bs, pages, contiguous = key
+        z = dict(device=self.device)
+        g = SimpleNamespace(ids=torch.zeros(bs, dtype=torch.int64, **z),
+                            positions=torch.zeros(bs, dtype=torch.int64, **z))
+        g.meta = AttnMetadata(
+            torch.full((bs,), -1, dtype=torch.int64, **z), torch.zeros(bs, pages, dtype=torch.int32, **z),
+            torch.arange(bs + 1, dtype=torch.int32, **z), torch.zeros(bs, dtype=torch.int32, **z),
+            torch.arange(bs, dtype=torch.int64, **z), page_size, contiguous, True, pages * page_size)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles the kernels; writes nothing (slot -1)
+            self.model(g.ids, g.positions, g.meta, self.kv_pool)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self._graph_pool):
+            g.logits = self.model(g.ids, g.positions, g.meta, self.kv_pool)  # [bs, vocab]
+        self._graphs[key] = g
+        self.graph_capture_s += time.perf_counter() - t0
+        return g
+
+    def summary(self) -> dict:
+        props = torch.cuda.get_device_properties(self.device)
+        return {**super().summary(), "device": props.name,
+                "peak_gpu_mem_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                "gpu_total_mem_bytes": int(self.total_mem),
+                "gpu_memory_utilization": self.utilization,
+                "activation_peak_bytes": self.activation_peak,
+                "cuda_graphs": self.cuda_graphs, "cuda_graph_captures": len(self._graphs),
+                "cuda_graph_capture_s": self.graph_capture_s}
+

@@ -1,0 +1,170 @@
+"""`engine=torch`: the real model, executed on each StepBatch (CPU + reference attention by default).
+
+Per step: copy-on-write page copies -> flatten the batch -> model forward -> (sample=true) greedy
+ids into the requests' outputs. Replay mode (the default) feeds the trace's own tokens and writes
+nothing, so every strategy and engine sees the same token stream.
+
+Token ids are taken modulo `vocab_size` before embedding, so a trace whose ids run past a small
+model's vocabulary (traces use [0, 32000) by default) still runs; every shipped config has
+vocab_size >= 32000, where this is the identity.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvbench.batch import StepBatch
+from kvbench.engines.base import Engine
+from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, build_model
+
+
+@dataclass(slots=True)
+class HostBatch:
+    """One step's flat batch on the host (numpy), before it becomes tensors + AttnMetadata."""
+
+    ids: np.ndarray  # [T] int64 token ids (mod vocab)
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    page_table: np.ndarray  # [B, max_pages] int32
+    query_start_loc: np.ndarray  # [B+1] int64
+    seq_lens: np.ndarray  # [B] int64
+    logits_idx: np.ndarray  # [B_emit] int64
+    page_size: int
+    contiguous: bool
+    decode_only: bool
+
+    def to_device(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        def t(x, dtype):
+            return torch.from_numpy(x).to(device=dev, dtype=dtype, non_blocking=True)
+
+        meta = AttnMetadata(
+            t(self.slot_mapping, torch.int64), t(self.page_table, torch.int32),
+            t(self.query_start_loc, torch.int32), t(self.seq_lens, torch.int32),
+            t(self.logits_idx, torch.int64), self.page_size, self.contiguous, self.decode_only,
+            int(self.seq_lens.max()))
+        return t(self.ids, torch.int64), t(self.positions, torch.int64), meta
+
+
+def _plain(x):
+    """DictConfig / nested mappings -> plain dicts (no omegaconf import needed)."""
+    return {k: _plain(x[k]) for k in x} if isinstance(x, Mapping) else x
+
+
+class TorchEngine(Engine):
+    """Runs `kvbench.model.LlamaModel` on every step.
+
+    Args:
+        model: a ModelConfig or its fields as a dict / DictConfig (configs/model/*.yaml).
+        attention: "reference" (torch references of the kernels) or "triton".
+        seed: weight init seed when the model has no checkpoint.
+        sample: False = replay the trace's tokens; True = greedy argmax, written to
+            `request.output[start + num_new - prompt_len]` (the token after the step's last one).
+        device: "cpu" or "cuda".
+        keep_logits: keep `last_logits` = {request id: logits [vocab]} of the last step.
+        cuda_graphs: decode steps through CUDA graphs; gpu engine only (True is an error here).
+    """
+
+    name = "torch"
+    needs_layout = True
+
+    def __init__(self, model, attention: str = "reference", seed: int = 0, sample: bool = False,
+                 device: str | torch.device = "cpu", keep_logits: bool = False,
+                 cuda_graphs: bool = False):
+        if cuda_graphs:
+            raise ValueError(f"engine '{self.name}': cuda_graphs=true needs engine=gpu")
+        self.cfg: ModelConfig = as_model_config(model if isinstance(model, ModelConfig)
+                                                else _plain(model))
+        self.device = torch.device(device)
+        self.sample, self.keep_logits = sample, keep_logits
+        self.model = build_model(self.cfg, self.device, attention, seed)
+        self.kv_pool: torch.Tensor | None = None  # [L, 2, num_pages * page_size, H_kv, D]
+        self.page_size = 0
+        self.last_logits: dict[int, torch.Tensor] = {}
+        self._ids: dict[int, np.ndarray] = {}  # request id -> prompt ++ output (int64, mod vocab)
+        self.steps = 0
+
+    # ---- contract -------------------------------------------------------------------------
+    def bind(self, page_size: int, num_pages: int) -> None:
+        c = self.cfg
+        self.page_size = page_size
+        self.kv_pool = torch.zeros(c.num_layers, 2, num_pages * page_size, c.num_kv_heads,
+                                   c.head_dim, dtype=DTYPES[c.dtype], device=self.device)
+
+    def step(self, batch: StepBatch) -> float:
+        t0 = time.perf_counter()
+        self._run(batch)
+        return time.perf_counter() - t0
+
+    def summary(self) -> dict:
+        pool = 0 if self.kv_pool is None else self.kv_pool.numel() * self.kv_pool.element_size()
+        return {"device": str(self.device), "model": self.cfg.name,
+                "attention_backend": self.model.ops.backend, "kv_pool_bytes": pool,
+                "weight_bytes": self.model.weight_bytes()}
+
+    # ---- the step -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, batch: StepBatch) -> None:
+        if self.kv_pool is None or batch.page_size != self.page_size:
+            raise RuntimeError(f"engine '{self.name}': step before bind(), or page_size "
+                               f"{batch.page_size} != bound {self.page_size}")
+        if batch.copies:  # copy-on-write, before anything reads or writes those pages
+            src, dst = (torch.tensor(x, dtype=torch.int64, device=self.device)
+                        for x in zip(*batch.copies))
+            self.model.ops.page_copy(self.kv_pool, src, dst, self.page_size)
+        if not batch.seqs:
+            return
+        if any(s.page_table is None for s in batch.seqs):
+            raise ValueError(f"engine '{self.name}' needs page tables (needs_layout=True), but a "
+                             f"ScheduledSeq has page_table=None")
+        logits = self._forward(self._flatten(batch))  # [B_emit, vocab]
+        self._emit(batch, logits)
+        self.steps += 1
+
+    def _forward(self, h: HostBatch) -> torch.Tensor:
+        ids, positions, meta = h.to_device(self.device)
+        return self.model(ids, positions, meta, self.kv_pool)
+
+    def _flatten(self, batch: StepBatch) -> HostBatch:
+        """StepBatch -> the flat batch as numpy arrays (one host->device copy each later)."""
+        seqs, ps = batch.seqs, batch.page_size
+        n_new = np.fromiter((s.num_new for s in seqs), np.int64, len(seqs))
+        starts = np.fromiter((s.start for s in seqs), np.int64, len(seqs))
+        qsl = np.zeros(len(seqs) + 1, np.int64)
+        np.cumsum(n_new, out=qsl[1:])
+        seq_lens = starts + n_new
+        table = np.zeros((len(seqs), max(len(s.page_table) for s in seqs)), np.int32)
+        ids, pos, slots = [], [], []
+        for b, s in enumerate(seqs):
+            table[b, :len(s.page_table)] = s.page_table  # rows padded with page 0, never read
+            p = np.arange(s.start, s.start + s.num_new, dtype=np.int64)
+            pos.append(p)
+            slots.append(s.page_table[p // ps].astype(np.int64) * ps + p % ps)
+            ids.append(self._token_ids(s.request)[s.start:s.start + s.num_new])
+        emit = [b for b, s in enumerate(seqs) if s.emits_token]
+        return HostBatch(np.concatenate(ids), np.concatenate(pos), np.concatenate(slots), table,
+                         qsl, seq_lens, qsl[1:][emit] - 1, ps, batch.contiguous,
+                         bool((n_new == 1).all()))
+
+    def _token_ids(self, req) -> np.ndarray:
+        ids = self._ids.get(req.id)
+        if ids is None:
+            ids = self._ids[req.id] = req.token_ids().astype(np.int64) % self.cfg.vocab_size
+        return ids
+
+    def _emit(self, batch: StepBatch, logits: torch.Tensor) -> None:
+        emitting = [s for s in batch.seqs if s.emits_token]
+        if self.keep_logits:
+            self.last_logits = {s.request.id: logits[i] for i, s in enumerate(emitting)}
+        if self.sample:
+            tokens = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(emitting):
+            r, end = s.request, s.start + s.num_new
+            if self.sample:  # the token at position `end` (prompt_len + k) is output[k]
+                r.output[end - r.prompt_len] = tokens[i]
+                self._token_ids(r)[end] = tokens[i]
+            if end >= r.kv_len:  # its last token: the request is done with this engine
+                self._ids.pop(r.id, None)

@@ -1,0 +1,343 @@
+"""A Llama-architecture decoder (Llama 2/3, Qwen2) over a flat, paged, variable-length batch.
+
+One forward runs a mixed step: prefill chunks and decode tokens of B requests, flattened into
+T tokens. Per layer: qkv proj -> rope -> write the new K/V into the pool through
+`slot_mapping` -> attention over each request's page table -> o proj -> SwiGLU MLP.
+
+    kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
+    token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
+
+The model never sees a strategy: only the page tables in `AttnMetadata`. Attention goes
+through `kvbench.kernels` ("triton") or their torch references ("reference", CPU).
+Weights: seeded random (`init_random`) or a local Hugging Face folder (`load_checkpoint`).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling (HF `rope_scaling: {rope_type: llama3, ...}`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a Llama-style decoder; mirrors configs/model/*.yaml field by field."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama with attention_bias)
+    attention_out_bias: bool = False  # bias on o_proj (HF Llama's attention_bias sets both)
+    dtype: str = "bfloat16"
+    checkpoint: str | None = None  # local HF folder (config.json + *.safetensors), or None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model '{self.name}': dtype '{self.dtype}' not in {sorted(DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model '{self.name}': num_heads {self.num_heads} is not a multiple "
+                             f"of num_kv_heads {self.num_kv_heads}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelConfig:
+        """From a yaml group / DictConfig / dict; unknown keys are an error naming them."""
+        d = {k: d[k] for k in d}
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"model config {d.get('name', '?')}: unknown field(s) {unknown}; "
+                             f"known: {sorted(known)}")
+        rs = d.get("rope_scaling")
+        if rs is not None and not isinstance(rs, RopeScaling):
+            rs = {k: rs[k] for k in rs}
+            rs.setdefault("rope_type", rs.pop("type", "llama3"))
+            if rs["rope_type"] != "llama3":
+                raise ValueError(f"rope_scaling type '{rs['rope_type']}' not supported (llama3 only)")
+            d["rope_scaling"] = RopeScaling(**rs)
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, path: str | Path, dtype: str | None = None) -> ModelConfig:
+        """Read a Hugging Face `config.json` (Llama or Qwen2) into a ModelConfig."""
+        path = Path(path)
+        c = json.loads((path / "config.json").read_text())
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        scaling = None
+        if rope.get("rope_type", rope.get("type", "default")) == "llama3":
+            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}
+        qwen = c.get("model_type", "llama").startswith("qwen2")
+        heads = c["num_attention_heads"]
+        return cls.from_dict(dict(
+            name=path.name, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab_size=c["vocab_size"],
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            rope_scaling=scaling, rms_norm_eps=c.get("rms_norm_eps", 1e-5),
+            tie_embeddings=c.get("tie_word_embeddings", False),
+            attention_bias=qwen or c.get("attention_bias", False),
+            attention_out_bias=not qwen and c.get("attention_bias", False),
+            dtype=dtype or {"float16": "float16", "float32": "float32"}.get(
+                c.get("torch_dtype") or c.get("dtype"), "bfloat16"),
+            checkpoint=str(path)))
+
+
+def as_model_config(cfg) -> ModelConfig:
+    return cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
+
+
+def kv_bytes_per_token(cfg) -> int:
+    """2 (K, V) x layers x kv_heads x head_dim x dtype bytes."""
+    c = as_model_config(cfg)
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * DTYPES[c.dtype].itemsize
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies, with Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor  # longer: divide by factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor  # shorter: keep
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos, sin [T, 1, D] (halves repeated, HF's rotate_half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class AttnMetadata:
+    """Where a step's tokens live in the pool; built by the engine from a StepBatch."""
+
+    slot_mapping: torch.Tensor  # [T] int64: pool slot of each new token
+    page_table: torch.Tensor  # [B, max_pages] int32, rows padded with 0
+    query_start_loc: torch.Tensor  # [B+1] int32: request b's new tokens are q[qsl[b]:qsl[b+1]]
+    seq_lens: torch.Tensor  # [B] int32: cached prefix + new tokens
+    logits_idx: torch.Tensor  # [B_emit] int64: flat index of the last token of emitting requests
+    page_size: int
+    contiguous: bool  # every page table is a consecutive run (slab): kernels' fast path
+    decode_only: bool  # every request has exactly one new token
+    max_seq_len: int  # max(seq_lens), known on the host (sizes decode's split-KV, no sync)
+
+
+def attention_ops(backend: str) -> SimpleNamespace:
+    """The four kernel launchers of `kvbench.kernels`, bound to a backend: "triton" (the kernels)
+    or "reference" (the launchers' torch path: same shape checks, then the `*_ref` functions)."""
+    if backend not in ("reference", "triton"):
+        raise ValueError(f"attention backend '{backend}' is not 'reference' or 'triton'")
+    names = ("kv_write", "decode_attention", "extend_attention", "page_copy")
+    kernel_backend = "torch" if backend == "reference" else "triton"
+    fns = {n: partial(getattr(importlib.import_module(f"kvbench.kernels.{n}"), n),
+                      backend=kernel_backend) for n in names}
+    return SimpleNamespace(**fns, backend=backend)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, dim]; normalized in fp32 as HF
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hq, hkv, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.input_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(h, (hq + 2 * hkv) * d, bias=cfg.attention_bias)  # q | k | v rows
+        self.o_proj = nn.Linear(hq * d, h, bias=cfg.attention_out_bias)
+        self.post_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate | up rows
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache, ops):
+        # x [T, hidden]; cos/sin [T, 1, D]; k_cache/v_cache [num_slots, H_kv, D]
+        c, t = self.cfg, x.shape[0]
+        qkv = self.qkv(self.input_norm(x))  # [T, (H_q + 2 H_kv) D]
+        n_qk = c.num_heads + c.num_kv_heads
+        qk = apply_rope(qkv[:, :n_qk * c.head_dim].view(t, n_qk, c.head_dim), cos, sin)  # q, k at once
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)  # [T, H_q, D], [T, H_kv, D] (strided)
+        v = qkv[:, n_qk * c.head_dim:].view(t, c.num_kv_heads, c.head_dim)  # [T, H_kv, D] (strided)
+        ops.kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
+        scale = c.head_dim ** -0.5
+        if meta.decode_only:  # T == B: one query per request
+            o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens,
+                                     meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
+                                     max_seq_len=meta.max_seq_len)
+        else:
+            o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
+                                     meta.seq_lens, meta.page_size, sm_scale=scale,
+                                     contiguous=meta.contiguous)
+        x = x + self.o_proj(o.reshape(t, c.num_heads * c.head_dim))  # o [T, H_q, D] -> [T, hidden]
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # each [T, intermediate]
+        return x + self.down(F.silu(gate) * up)  # [T, hidden]
+
+
+class LlamaModel(nn.Module):
+    """Build with `build_model`; parameters are created on the meta device, then materialized."""
+
+    def __init__(self, cfg: ModelConfig, attention: str = "reference"):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = attention_ops(attention)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
+                                                                 bias=False)
+        self.inv_freq: torch.Tensor | None = None  # [D/2] fp32, set by build_model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_pool: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] int64; kv_pool [L, 2, slots, H_kv, D] -> logits [B_emit, V]."""
+        x = self.embed(input_ids)  # [T, hidden]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2] fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, kv_pool[i, 0], kv_pool[i, 1], self.ops)
+        x = self.norm(x[meta.logits_idx])  # [B_emit, hidden]
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w)  # [B_emit, vocab]
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def build_model(cfg, device: str | torch.device = "cpu", attention: str = "reference",
+                seed: int = 0) -> LlamaModel:
+    """Allocate the model on `device` in `cfg.dtype`; load `cfg.checkpoint` or init from `seed`."""
+    cfg = as_model_config(cfg)
+    with torch.device("meta"):  # no memory, no init: the dtype cast is free here
+        model = LlamaModel(cfg, attention).to(DTYPES[cfg.dtype])
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    if cfg.checkpoint:
+        if (Path(cfg.checkpoint) / "config.json").exists():  # the yaml must describe the checkpoint
+            hf = ModelConfig.from_hf(cfg.checkpoint, dtype=cfg.dtype)
+            if diff := {f.name: (getattr(cfg, f.name), getattr(hf, f.name)) for f in fields(cfg)
+                        if f.name not in ("name", "checkpoint") and getattr(cfg, f.name) != getattr(hf, f.name)}:
+                raise ValueError(f"model '{cfg.name}' differs from {cfg.checkpoint}/config.json in "
+                                 f"(ours, checkpoint's): {diff}")
+        load_checkpoint(model, cfg.checkpoint)
+    else:
+        init_random(model, seed)
+    return model
+
+
+@torch.no_grad()
+def init_random(model: LlamaModel, seed: int) -> None:
+    """Deterministic for a (seed, device): N(0, 0.02) matrices, unit norms, zero biases."""
+    g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+
+
+def hf_tensor_map(model: LlamaModel) -> list[tuple[str, torch.Tensor]]:
+    """(HF Llama parameter name, the slice of our parameter it fills), in load order."""
+    c = model.cfg
+    q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    out = [("model.embed_tokens.weight", model.embed.weight), ("model.norm.weight", model.norm.weight)]
+    if model.lm_head is not None:
+        out.append(("lm_head.weight", model.lm_head.weight))
+    for i, l in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        a = [("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))]
+        out += [(f"{p}self_attn.{n}.weight", l.qkv.weight[s]) for n, s in a]
+        if c.attention_bias:
+            out += [(f"{p}self_attn.{n}.bias", l.qkv.bias[s]) for n, s in a]
+        out.append((f"{p}self_attn.o_proj.weight", l.o_proj.weight))
+        if c.attention_out_bias:
+            out.append((f"{p}self_attn.o_proj.bias", l.o_proj.bias))
+        out += [(f"{p}mlp.gate_proj.weight", l.gate_up.weight[:inter]),
+                (f"{p}mlp.up_proj.weight", l.gate_up.weight[inter:]),
+                (f"{p}mlp.down_proj.weight", l.down.weight),
+                (f"{p}input_layernorm.weight", l.input_norm.weight),
+                (f"{p}post_attention_layernorm.weight", l.post_norm.weight)]
+    return out
+
+
+@torch.no_grad()
+def load_checkpoint(model: LlamaModel, path: str | Path) -> None:
+    """Copy HF-named tensors from `path/*.safetensors` (sharded or not) into the model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        where = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"checkpoint {path}: no *.safetensors files")
+        where = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                where.update({k: f for k in h.keys()})
+    wanted = hf_tensor_map(model)
+    if missing := [n for n, _ in wanted if n not in where]:
+        raise KeyError(f"checkpoint {path}: missing tensor(s) {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''} ({len(missing)} missing); "
+                       f"does model '{model.cfg.name}' (tie_embeddings={model.cfg.tie_embeddings}, "
+                       f"attention_bias={model.cfg.attention_bias}) match the checkpoint?")
+    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for name, dst in wanted:
+        by_file.setdefault(where[name], []).append((name, dst))
+    for f, items in by_file.items():
+        with safe_open(f, framework="pt", device="cpu") as h:
+            for name, dst in items:
+                shape = tuple(h.get_slice(name).get_shape())
+                if shape != tuple(dst.shape):
+                    raise ValueError(f"checkpoint {f}: tensor '{name}' has shape {shape}, "
+                                     f"model '{model.cfg.name}' expects {tuple(dst.shape)}")
+                dst.copy_(h.get_tensor(name))
