@@ -60,7 +60,7 @@ class GPUEngine(TorchEngine):
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
                  profile_tokens: int = 8192, max_model_len: int | None = None):
         if not torch.cuda.is_available():
-            raise RuntimeError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
+            raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
         cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
         dev = torch.device(device)
         if dev.index is None:
@@ -71,7 +71,7 @@ class GPUEngine(TorchEngine):
         self.max_model_len = max_model_len
         limit, need = self.total_mem * gpu_memory_utilization, weight_bytes(cfg)
         if need > limit:
-            raise RuntimeError(f"model '{cfg.name}' weights need {_gb(need)}, but "
+            raise ValueError(f"model '{cfg.name}' weights need {_gb(need)}, but "
                                f"gpu_memory_utilization={gpu_memory_utilization} of "
                                f"{_gb(self.total_mem)} allows {_gb(limit)}")
         super().__init__(cfg, attention, seed, sample, dev, keep_logits)
@@ -135,11 +135,11 @@ class GPUEngine(TorchEngine):
         if requested is not None or self.kv_cache_gb is not None:
             free = torch.cuda.mem_get_info(self.device)[0]
             if tokens * bpt > free:
-                raise RuntimeError(f"{why} asks for {_gb(tokens * bpt)} of KV pool, but only "
+                raise ValueError(f"{why} asks for {_gb(tokens * bpt)} of KV pool, but only "
                                    f"{_gb(free)} of GPU memory is free ({sizes})")
         need = self.max_model_len or 1
         if tokens < need:
-            raise RuntimeError(f"KV pool of {tokens} tokens (from {why}) cannot hold one request "
+            raise ValueError(f"KV pool of {tokens} tokens (from {why}) cannot hold one request "
                                f"of {need} tokens; {sizes}")
         return tokens
 
@@ -148,7 +148,7 @@ class GPUEngine(TorchEngine):
             super().bind(page_size, num_pages)
         except torch.cuda.OutOfMemoryError as e:
             need = num_pages * page_size * kv_bytes_per_token(self.cfg)
-            raise RuntimeError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
+            raise ValueError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
                                f"does not fit: {_gb(torch.cuda.mem_get_info()[0])} free") from e
 
     # ---- steps ----------------------------------------------------------------------------
