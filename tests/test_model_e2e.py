@@ -70,3 +70,14 @@ def test_replay_mode_feeds_the_trace_tokens_unchanged():
     got, _, _ = generate(PagedStrategy(CAPACITY, MAX_LEN, page_size=4), sample=False)
     for rid in before:
         np.testing.assert_array_equal(got[rid], before[rid])
+
+
+def test_gpu_engine_warmup_batches_are_well_formed():
+    """The gpu engine's warm-up shapes run through the model (here on CPU, reference attention)."""
+    from kvbench.engines.gpu_engine import GPUEngine
+
+    engine = TorchEngine(model=TINY)
+    engine.bind(page_size=4, num_pages=70)
+    engine.warmup_s = None
+    GPUEngine._warm_up(engine, page_size=4, num_pages=70)  # batches of 1 … 33 requests
+    assert engine.warmup_s > 0

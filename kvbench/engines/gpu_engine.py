@@ -51,6 +51,9 @@ class GPUEngine(TorchEngine):
         kv_cache_gb: explicit pool size in GiB (overrides gpu_memory_utilization for the pool).
         profile_tokens: tokens in the profiling forward; >= the scheduler's tokens per step.
         max_model_len: if set, the pool must hold at least this many tokens (one request).
+        warmup: before the replay, run the mixed-batch shapes the Triton kernels specialize on
+            (batch-size buckets, page size, contiguous or not), so that no step is timed with a
+            just-in-time compile in it (each costs about a second, seen on an H200).
     """
 
     name = "gpu"
@@ -58,7 +61,7 @@ class GPUEngine(TorchEngine):
     def __init__(self, model, attention: str = "triton", seed: int = 0, sample: bool = False,
                  device: str = "cuda", keep_logits: bool = False, cuda_graphs: bool = False,
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
-                 profile_tokens: int = 8192, max_model_len: int | None = None):
+                 profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True):
         if not torch.cuda.is_available():
             raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
         cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
@@ -76,6 +79,7 @@ class GPUEngine(TorchEngine):
                                f"{_gb(self.total_mem)} allows {_gb(limit)}")
         super().__init__(cfg, attention, seed, sample, dev, keep_logits)
         self.cuda_graphs = cuda_graphs
+        self.warmup, self.warmup_s = warmup, 0.0
         self._graphs: dict[tuple[int, int, bool], SimpleNamespace] = {}
         self._graph_pool = None
         self.graph_capture_s = 0.0
@@ -151,6 +155,30 @@ class GPUEngine(TorchEngine):
             raise ValueError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
                                f"does not fit: {_gb(torch.cuda.mem_get_info()[0])} free") from e
 
+    @torch.inference_mode()
+    def _warm_up(self, page_size: int, num_pages: int) -> None:
+        """Compile the kernel variants a replay will meet: mixed batches of B requests (B around
+        every power of two up to 512, divisible by 16 and not), slab and paged layouts. Writes
+        garbage into pool pages that the replay has not used yet."""
+        t0 = time.perf_counter()
+        sizes = sorted({b for p in range(10) for b in (1 << p, (1 << p) + 1) if 2 * b <= num_pages})
+        for contiguous in (False, True):
+            for b in sizes:
+                lens = np.ones(b, np.int64)
+                lens[0] = 2  # one 2-token prefill among 1-token rows: the extend path
+                table = np.arange(2 * b, dtype=np.int32).reshape(b, 2)  # request i: pages 2i, 2i+1
+                pos = np.concatenate([np.arange(n) for n in lens])
+                rows = np.repeat(np.arange(b), lens)
+                slots = table[rows, pos // page_size].astype(np.int64) * page_size + pos % page_size
+                qsl = np.concatenate([[0], np.cumsum(lens)])
+                h = HostBatch(np.zeros(len(pos), np.int64), pos, slots, table, qsl, lens, qsl[1:] - 1,
+                              page_size, contiguous, False)
+                ids, positions, meta = h.to_device(self.device)
+                self.model(ids, positions, meta, self.kv_pool)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.warmup_s = time.perf_counter() - t0
+
     # ---- steps ----------------------------------------------------------------------------
     def step(self, batch) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -214,5 +242,5 @@ class GPUEngine(TorchEngine):
                 "gpu_memory_utilization": self.utilization,
                 "activation_peak_bytes": self.activation_peak,
                 "cuda_graphs": self.cuda_graphs, "cuda_graph_captures": len(self._graphs),
-                "cuda_graph_capture_s": self.graph_capture_s}
+                "cuda_graph_capture_s": self.graph_capture_s, "warmup_s": self.warmup_s}
 

@@ -1,0 +1,116 @@
+"""Strategies on the GPU, and how well the calibrated simulation predicts them.
+
+1. Replays one trace slice through slab(max), slab(oracle), paged and radix with engine=gpu
+   (real model, Triton kernels, CUDA-event step times), offline (all requests at t=0), and
+   paged at finite request rates too.
+2. Fits the sim's cost model to every measured step (kvbench.calibrate.fit).
+3. Replays each of those configs again with engine=sim and the fitted coefficients and reports
+   the error of throughput, mean TTFT and mean TPOT, and whether the allocator made the same
+   decisions (step by step: batch composition, admissions, preemptions, prefix hits).
+
+    python experiments/gpu_strategies.py --out DIR [--limit 400] [--model llama3_2_1b]
+
+Writes DIR/runs/<name>/{gpu,sim}/ run dirs, DIR/sim_fitted.yaml, DIR/strategies.md,
+DIR/fidelity.md and DIR/gpu_strategies.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+
+from kvbench.calibrate import COEFFICIENTS, fit
+from kvbench.run import run
+from kvbench.schema import register
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STRATEGIES = {"slab-max": ["strategy=slab"], "slab-oracle": ["strategy=slab", "strategy.reservation=oracle"],
+              "paged-16": ["strategy=paged"], "radix-1": ["strategy=radix"]}
+DECISIONS = ["running", "waiting", "prefill_tokens", "decode_tokens", "kv_read_tokens", "preemptions"]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=["progress=false", *overrides])
+
+
+def cases(limit: int, rate_limit: int, args_limit_key: str = "limit") -> dict[str, list[str]]:
+    out = {f"{name}_offline": [*ov, f"trace.{args_limit_key}={limit}", "trace.rate=inf"] for name, ov in STRATEGIES.items()}
+    for rate in (4, 8):
+        out[f"paged-16_rate{rate}"] = [*STRATEGIES["paged-16"], f"trace.{args_limit_key}={rate_limit}", f"trace.rate={rate}"]
+    return out
+
+
+def md_table(df: pd.DataFrame) -> str:
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"
+
+
+def rel_err(sim: float, gpu: float) -> float:
+    return abs(sim - gpu) / abs(gpu) if gpu else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--limit", type=int, default=300, help="requests of the offline replays")
+    ap.add_argument("--rate-limit", type=int, default=150, help="requests of the finite-rate replays")
+    ap.add_argument("--model", default="llama3_2_1b")
+    ap.add_argument("--trace", default="azure_conv")
+    ap.add_argument("--capacity", type=int, default=131072, help="kv_capacity_tokens")
+    ap.add_argument("--engine", default="gpu", help="gpu, or torch for a CPU smoke test (model=tiny)")
+    args = ap.parse_args()
+    register()
+    common = [f"trace={args.trace}", f"model={args.model}", f"kv_capacity_tokens={args.capacity}"]
+    todo = cases(args.limit, args.rate_limit, "limit" if args.trace not in ("synthetic",) else "num_requests")
+
+    gpu = {}
+    for name, ov in todo.items():
+        real = ["engine=gpu", "engine.cuda_graphs=true"] if args.engine == "gpu" else [f"engine={args.engine}"]
+        cfg = compose_cfg([*common, *ov, *real])
+        gpu[name] = run(cfg, args.out / "runs" / name / "gpu")
+        print(f"gpu  {name}: {gpu[name]['request_throughput']:.2f} req/s, wall {gpu[name]['wall_time_s']:.0f} s", flush=True)
+
+    timelines = [pd.read_parquet(args.out / "runs" / n / "gpu" / "timeline.parquet") for n in todo]
+    coef = fit(pd.concat(timelines, ignore_index=True))
+    (args.out / "sim_fitted.yaml").write_text(
+        f"# fitted by experiments/gpu_strategies.py on {gpu[next(iter(gpu))].get('device')}, model {args.model}\n"
+        "defaults:\n  - sim\n  - _self_\n" + "".join(f"{k}: {v:.6e}\n" for k, v in coef.items()))
+
+    rows, fidelity = [], []
+    for name, ov in todo.items():
+        cfg = compose_cfg([*common, *ov, "engine=sim", *(f"engine.{k}={v!r}" for k, v in coef.items())])
+        sim = run(cfg, args.out / "runs" / name / "sim")
+        g = gpu[name]
+        tg = pd.read_parquet(args.out / "runs" / name / "gpu" / "timeline.parquet")[DECISIONS]
+        ts = pd.read_parquet(args.out / "runs" / name / "sim" / "timeline.parquet")[DECISIONS]
+        same = len(tg) == len(ts) and bool((tg.to_numpy() == ts.to_numpy()).all())
+        fidelity.append({"case": name, "steps_gpu": len(tg), "steps_sim": len(ts), "same_decisions": same,
+                         "throughput_err": rel_err(sim["request_throughput"], g["request_throughput"]),
+                         "ttft_mean_err": rel_err(sim["ttft_mean_s"], g["ttft_mean_s"]),
+                         "tpot_mean_err": rel_err(sim["tpot_mean_s"], g["tpot_mean_s"])})
+        rows.append({"case": name, "label": g["label"], "finished": g["finished"], "preemptions": g["preemptions"],
+                     "req/s": g["request_throughput"], "out tok/s": g["output_throughput"],
+                     "ttft p50 s": g["ttft_p50_s"], "ttft p99 s": g["ttft_p99_s"],
+                     "tpot p50 ms": 1e3 * g["tpot_p50_s"], "tpot p99 ms": 1e3 * g["tpot_p99_s"],
+                     "peak running": g["peak_running"], "mean running": g["mean_running"],
+                     "waste": g["waste_frac"], "peak GPU GB": g.get("peak_gpu_mem_bytes", 0) / 1e9})
+    table, fid = pd.DataFrame(rows), pd.DataFrame(fidelity)
+    device = gpu[next(iter(gpu))].get("device")
+    head = f"device: {device}; model {args.model} (random bf16 weights); trace {args.trace}; kv_capacity_tokens={args.capacity}\n\n"
+    (args.out / "strategies.md").write_text(head + md_table(table))
+    (args.out / "fidelity.md").write_text(head + "fitted: " + ", ".join(f"{k}={coef[k]:.3e}" for k in COEFFICIENTS)
+                                          + "\n\n" + md_table(fid))
+    (args.out / "gpu_strategies.json").write_text(json.dumps(
+        {"device": device, "model": args.model, "trace": args.trace, "coefficients": coef,
+         "gpu": gpu, "fidelity": fidelity}, indent=2, default=str))
+    print(table.to_string(index=False))
+    print(fid.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
