@@ -21,10 +21,23 @@ COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_toke
 _INPUTS = ("prefill_tokens", "decode_tokens", "kv_read_tokens")
 
 
-def fit(timeline: pd.DataFrame) -> dict[str, float]:
-    """Non-negative least squares of dt_s on [1, prefill, decode, kv_read]."""
+def fit(timeline: pd.DataFrame, stall: float = 3.0) -> dict[str, float]:
+    """Non-negative least squares of dt_s on [1, prefill, decode, kv_read].
+
+    Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
+    a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most."""
     x = np.column_stack([np.ones(len(timeline)), *(timeline[c].to_numpy(float) for c in _INPUTS)])
     y = timeline.dt_s.to_numpy(float)
+    coef = _nnls(x, y)
+    for _ in range(2):
+        keep = y <= stall * (x @ coef)
+        if keep.all():
+            break
+        coef = _nnls(x[keep], y[keep])
+    return dict(zip(COEFFICIENTS, map(float, coef)))
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     best, best_err = np.zeros(4), float(np.sum(y**2))
     for k in range(1, 5):
         for cols in itertools.combinations(range(4), k):
@@ -36,7 +49,7 @@ def fit(timeline: pd.DataFrame) -> dict[str, float]:
             err = float(np.sum((x @ full - y) ** 2))
             if err < best_err - 1e-15 * max(best_err, 1e-30):
                 best, best_err = full, err
-    return dict(zip(COEFFICIENTS, map(float, best)))
+    return best
 
 
 def fit_error(timeline: pd.DataFrame, coef: dict[str, float]) -> float:
