@@ -1,0 +1,127 @@
+"""`kvbench-report DIR [DIR ...]`: one tidy table and a set of figures from runs and sweeps.
+
+    kvbench-report results/multirun/2026-11-26_06-11-11           # writes .../report/
+    kvbench-report results/multirun/memory_waste --out results/memory_waste
+
+Writes runs.csv (every summary key, one row per run), runs.md (the headline columns), the
+figures (PNG) and index.md, which embeds them, into DIR/report/ (or --out). Runs that failed
+or never ran are listed in index.md; the others are reported all the same.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from kvbench.report.collect import Collection, collect
+from kvbench.report import cache_figures as C
+from kvbench.report import figures as F
+from kvbench.report.page import index_md, markdown_table, summary_columns
+
+FIGURE_FILES = ["memory_breakdown.png", "slot_states.png", "vs_rate.png", "latency_cdf.png", "batch_size.png",
+                "prefix_hit_rate.png", "vs_page_size.png"]
+BOUND_BLOCK = 16  # tokens per block of the hit-rate bounds (paged's default page)
+
+
+def trace_bounds(col: Collection, block_size: int = BOUND_BLOCK) -> pd.DataFrame:
+    """For each trace with prefix hits: unbounded, Belady and LRU hit rates with a cache the
+    size of each pool its runs used (in blocks of `block_size` tokens).
+
+    The trace is rebuilt from the first run's saved config (so its file must be reachable)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kvbench.traces.belady import hit_rate_bounds
+
+    rows = []
+    t = col.table
+    for trace, g in t[t.prefix_hit_rate.fillna(0) >= F.HIT_MIN].groupby("trace"):
+        run = col.root / g.run.iloc[0]
+        cfg = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else None
+        if cfg is None or "trace" not in cfg:
+            continue
+        capacities = sorted(int(c) for c in t[t.trace == trace].kv_capacity_tokens.unique())
+        try:
+            requests = instantiate(cfg.trace)
+        except Exception as err:  # noqa: BLE001  the report goes on without this trace's bounds
+            print(f"kvbench-report: no hit-rate bounds for {trace}: {' '.join(str(err).split())[:200]}",
+                  file=sys.stderr)
+            continue
+        for hits in hit_rate_bounds(requests, block_size, [c // block_size for c in capacities]):
+            cap = None if hits.capacity_blocks is None else hits.capacity_blocks * block_size
+            rows.append({"trace": trace, "capacity_tokens": cap, **hits.row()})
+    return pd.DataFrame(rows)
+
+
+def write_report(dirs: list[Path], out: Path | None = None, title: str | None = None,
+                 run: str | None = None, bounds: bool = True,
+                 kernel_times: Path | None = None) -> tuple[Path, Collection]:
+    """Collect the runs under `dirs`, write the report into `out` (default: DIR/report)."""
+    col = collect(dirs)
+    out = Path(out) if out else Path(dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    col.table.to_csv(out / "runs.csv", index=False)
+    table_md = markdown_table(col.table[summary_columns(col.table)]) if len(col.table) else "No runs.\n"
+    (out / "runs.md").write_text(table_md)
+    bound_table = trace_bounds(col) if bounds and len(col.table) and "prefix_hit_rate" in col.table else None
+    if bound_table is not None and len(bound_table):
+        bound_table.to_csv(out / "hit_rate_bounds.csv", index=False)
+    kt = _kernel_times(kernel_times) if kernel_times else None
+    figs = [F.memory_breakdown(col, out), F.slot_states(col, out, run), F.vs_rate(col, out),
+            F.latency_cdf(col, out), F.batch_size(col, out), C.prefix_hits(col, out, bound_table),
+            C.vs_page_size(col, out, kt)] if len(col.table) else []
+    figs = [f for f in figs if f is not None]
+    for stale in set(FIGURE_FILES) - {f.file for f in figs}:  # from an earlier report into `out`
+        (out / stale).unlink(missing_ok=True)
+    if bound_table is None or not len(bound_table):
+        (out / "hit_rate_bounds.csv").unlink(missing_ok=True)
+    notes = [f"Made with `kvbench-report {' '.join(str(d) for d in dirs)}`."]
+    (out / "index.md").write_text(index_md(col, figs, title or f"kvbench report: {Path(dirs[0]).name}",
+                                           [str(d) for d in dirs], bound_table, notes))
+    return out, col
+
+
+def _kernel_times(path: Path) -> pd.DataFrame:
+    """Decode-kernel rows of a kernel timing CSV (experiments/page_size_kernel.py or
+    bench_kernels.py): page_size is a number, or NaN for the contiguous (slab) layout."""
+    df = pd.read_csv(path)
+    df = df[df.kernel == "decode"].copy()
+    df["page_size"] = pd.to_numeric(df.page_size, errors="coerce")
+    if "shape" in df and df["shape"].nunique() > 1:  # one shape only: the first
+        df = df[df["shape"] == df["shape"].iloc[0]]
+    return df
+
+
+class WriteReport(Callback):
+    """Hydra callback: write the report of a sweep when it ends (experiments use it)."""
+
+    def __init__(self, out: str | None = None, title: str | None = None, kernel_times: str | None = None) -> None:
+        self.out, self.title = out, title
+        self.kernel_times = Path(kernel_times) if kernel_times and Path(kernel_times).exists() else None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        out, col = write_report([Path(config.hydra.sweep.dir)], self.out, self.title, kernel_times=self.kernel_times)
+        missing = f", {len(col.missing)} missing (listed there)" if col.missing else ""
+        print(f"kvbench-report: {len(col.table)} runs{missing} -> {out / 'index.md'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="kvbench-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (several are merged)")
+    p.add_argument("--out", type=Path, help="where to write (default: the first DIR/report)")
+    p.add_argument("--title", help="the title of index.md")
+    p.add_argument("--run", help="the run (folder, relative to DIR) of the slot-states figure")
+    p.add_argument("--no-bounds", action="store_true", help="skip the trace's hit-rate bounds")
+    p.add_argument("--kernel-times", type=Path, help="bench_kernels CSV: decode time per page size")
+    a = p.parse_args(argv)
+    out, col = write_report(a.dirs, a.out, a.title, a.run, not a.no_bounds, a.kernel_times)
+    missing = f", {len(col.missing)} missing (listed there)" if col.missing else ""
+    print(f"kvbench-report: {len(col.table)} runs{missing} -> {out / 'index.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Find the runs under some folders and gather them into one tidy table (one row per run).
+
+A run is a folder with `summary.json` (written by `kvbench.run.run` with `config.yaml`,
+`requests.parquet` and `timeline.parquet` beside it). A sweep is a folder with Hydra's
+`multirun.yaml`: from it the basic sweeper's grid is expanded again, so a job that failed (its
+folder has `.hydra/` but no `summary.json`) or never ran (no folder) is listed as missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from kvbench.report.style import HELD, STATES, TIMELINE_STATE
+
+TIMELINE_BINS = 1500  # a timeline is averaged into at most this many time bins (time-weighted)
+REPORT_DIR = "report"
+
+
+@dataclass
+class Missing:
+    where: str  # the sweep or run folder
+    job: str  # its overrides, or the folder name
+    why: str
+
+
+@dataclass
+class Collection:
+    table: pd.DataFrame  # one row per run; column "run" is the run folder
+    timelines: dict[str, pd.DataFrame]  # run -> binned timeline (t_s, running, waiting, state fractions)
+    requests: dict[str, pd.DataFrame]  # run -> finished requests (ttft_s, tpot_s, e2e_s, ...)
+    missing: list[Missing]
+    root: Path  # the folder that run names are relative to
+    ignored: list[Missing]  # runs of an earlier grid found in a sweep folder: not reported
+
+
+def _show(path: Path) -> str:
+    """`path` relative to the current directory when it lies below it (for reports)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _skip(path: Path) -> bool:
+    return REPORT_DIR in path.parts
+
+
+def sweep_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The override lists of every job of a basic-sweeper sweep, in job order (None: not a
+    basic sweep). The same expansion as Hydra's BasicSweeper: sweeper params, then the
+    command line."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
+    sweeper = cfg.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(cfg.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return [job for batch in batches for job in batch]
+
+
+def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]]:
+    """Run folders with a summary.json under `dirs`; the jobs of a sweep that should be there
+    but aren't; and runs left in a sweep folder by an earlier, different grid (ignored)."""
+    runs: set[Path] = set()
+    missing: list[Missing] = []
+    ignored: list[Missing] = []
+    for d in dirs:
+        if not d.is_dir():
+            missing.append(Missing(_show(d), "-", "no such folder"))
+            continue
+        runs |= {p.parent for p in d.rglob("summary.json") if not _skip(p)}
+        tried = {p.parent.parent for p in d.rglob(".hydra/overrides.yaml") if not _skip(p)}
+        explained: set[Path] = set()
+        for sweep in sorted({p.parent for p in d.rglob("multirun.yaml") if not _skip(p)}):
+            jobs = sweep_jobs(sweep)
+            if jobs is None:
+                continue
+            by_overrides = {frozenset(OmegaConf.load(t / ".hydra/overrides.yaml")): t
+                            for t in tried if t.parent == sweep}
+            for num, job in enumerate(jobs):
+                t = by_overrides.pop(frozenset(job), None)
+                if t is None:
+                    missing.append(Missing(_show(sweep), " ".join(job), f"job {num} never ran (no run folder)"))
+                elif t not in runs:
+                    missing.append(Missing(_show(sweep), " ".join(job), f"job {num} failed: {t.name} has no summary.json"))
+                explained |= {t} if t is not None else set()
+            for job, t in sorted(by_overrides.items(), key=lambda kv: kv[1]):  # not in the grid
+                ignored.append(Missing(_show(sweep), " ".join(sorted(job)), f"{t.name}: not in the sweep's grid "
+                                       "(left by an earlier sweep into this folder)"))
+                runs.discard(t)
+                explained.add(t)
+        for t in sorted(tried - runs - explained):
+            missing.append(Missing(_show(t.parent), t.name, "failed: no summary.json"))
+    return sorted(runs), missing, ignored
+
+
+def _config(run: Path) -> dict:
+    path = run / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.exists() else {}
+
+
+def bin_timeline(timeline: pd.DataFrame, capacity: int, bins: int = TIMELINE_BINS) -> pd.DataFrame:
+    """Time-weighted means of running, waiting and the state fractions over equal time bins.
+
+    timeline: one row per step [t_s, t_s + dt_s). Returns t_s (bin start), running, waiting and
+    one column per state (a fraction of capacity). A bin without steps (the server idles) has
+    running = waiting = 0 and NaN states (drawn as a gap)."""
+    t, dt = timeline.t_s.to_numpy(), timeline.dt_s.to_numpy()
+    cols = {"running": timeline.running.to_numpy(), "waiting": timeline.waiting.to_numpy()}
+    cols |= {s: timeline[TIMELINE_STATE[s]].to_numpy() / capacity for s in STATES}
+    if len(t) == 0:
+        return pd.DataFrame(columns=["t_s", *cols])
+    edges = np.linspace(t[0], t[-1] + dt[-1], min(bins, len(t)) + 1)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+    weight = np.bincount(idx, weights=dt, minlength=len(edges) - 1)
+    idle = weight == 0  # no step in the bin: the server idles
+    out = {"t_s": edges[:-1]}
+    for name, v in cols.items():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.bincount(idx, weights=v * dt, minlength=len(edges) - 1) / weight
+    df = pd.DataFrame(out)
+    df.loc[idle, ["running", "waiting"]] = 0.0  # the states stay NaN there: nothing was measured
+    return df
+
+
+def _row(run: Path, rel: str, summary: dict, cfg: dict, requests: pd.DataFrame) -> dict:
+    trace_cfg = cfg.get("trace", {}) if isinstance(cfg.get("trace"), dict) else {}
+    strat_cfg = cfg.get("strategy", {}) if isinstance(cfg.get("strategy"), dict) else {}
+    arrivals = requests.arrival_s.to_numpy() if len(requests) else np.array([])
+    span = float(arrivals.max() - arrivals.min()) if len(arrivals) > 1 else 0.0
+    rate = trace_cfg.get("rate")
+    row = {"run": rel, "label": summary.get("label", summary.get("strategy")),
+           "trace_rate": float(rate) if isinstance(rate, (int, float)) else np.nan,
+           "offered_rate": (len(arrivals) - 1) / span if span > 0 else np.nan,
+           "prefix_caching": strat_cfg.get("prefix_caching"),
+           "max_model_len": cfg.get("max_model_len"), "trace_limit": trace_cfg.get("limit")}
+    for k, v in summary.items():
+        if isinstance(v, (dict, list)):
+            row[k] = json.dumps(v, sort_keys=True)
+        elif k not in row or row[k] is None:
+            row[k] = v
+    held = sum(summary.get(f"mem_{s}_frac", 0.0) for s in HELD)
+    for s in HELD:  # the vLLM paper's Figure 2 view: shares of the memory requests hold
+        row[f"held_{s}_frac"] = summary.get(f"mem_{s}_frac", 0.0) / held if held > 0 else np.nan
+    return row
+
+
+def collect(dirs: list[Path], bins: int = TIMELINE_BINS) -> Collection:
+    """Everything a report needs from the runs under `dirs` (see the module docstring)."""
+    dirs = [Path(d).resolve() for d in dirs]
+    run_dirs, missing, ignored = discover(dirs)
+    root = dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([str(d) for d in dirs]))
+    rows, timelines, requests = [], {}, {}
+    for run in run_dirs:
+        rel = str(run.relative_to(root)) if run.is_relative_to(root) else str(run)
+        rel = rel if rel != "." else run.name
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            cfg = _config(run)
+            req = pd.read_parquet(run / "requests.parquet") if (run / "requests.parquet").exists() else pd.DataFrame(
+                columns=["arrival_s", "status", "ttft_s", "tpot_s", "e2e_s"])
+        except (OSError, ValueError) as err:
+            missing.append(Missing(_show(run.parent), run.name, f"unreadable: {' '.join(str(err).split())}"))
+            continue
+        rows.append(_row(run, rel, summary, cfg, req))
+        requests[rel] = req[req.status == "finished"].reset_index(drop=True)
+        if (run / "timeline.parquet").exists():
+            tl = pd.read_parquet(run / "timeline.parquet")
+            timelines[rel] = bin_timeline(tl, int(summary["kv_capacity_tokens"]), bins)
+    table = pd.DataFrame(rows)
+    if len(table):
+        natural = lambda runs: runs.map(lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r)])  # noqa: E731
+        table = table.sort_values("run", key=natural, kind="stable").sort_values("trace", kind="stable",
+                                                                                   ignore_index=True)
+    return Collection(table, timelines, requests, missing, root, ignored)

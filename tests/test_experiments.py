@@ -1,0 +1,143 @@
+"""Experiments, launchers and trace analysis: every experiment and launcher config composes, a
+small parallel sweep runs, an interrupted sweep resumes, and the hit-rate bounds are exact."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kvbench.request import Request
+from kvbench.schema import register
+from kvbench.traces import prefix_reuse, shared_prefix
+from kvbench.traces.belady import belady_hits, block_references, hit_rate_bounds, lru_hits, unbounded_hits
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+LAUNCHERS = {"parallel": "JoblibLauncher", "slurm": "SlurmLauncher", "ray_cluster": "RayLauncher"}
+TINY = ["trace=synthetic", "trace.num_requests=30", "progress=false"]
+
+
+def kvbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvbench.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def compose_hydra(*overrides: str):
+    register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+# ---- experiments -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_job_of_every_experiment_composes_and_builds_its_strategy(name):
+    cfg = compose_hydra(f"+experiment={name}")
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params, f"experiment {name} sweeps nothing"
+    assert str(cfg.hydra.sweep.dir).startswith("results/multirun/"), "a fixed sweep dir makes re-runs resume"
+    args = [f"{k}={v}" for k, v in params.items()]
+    jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+            for job in batch]
+    assert len(jobs) <= 60, "keep experiments to a few minutes on 2 cores"
+    for job in jobs:
+        job_cfg = compose_hydra(f"+experiment={name}", *job)
+        strategy = instantiate(job_cfg.strategy, capacity_tokens=job_cfg.kv_capacity_tokens,
+                               max_model_len=job_cfg.max_model_len)
+        assert strategy.capacity > 0
+
+
+# ---- launchers -------------------------------------------------------------------------------
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_config_composes_without_running(launcher):
+    job = kvbench(f"hydra/launcher={launcher}", "strategy=radix", "--cfg", "job")
+    assert job.returncode == 0, job.stderr
+    assert "RadixStrategy" in job.stdout
+    hydra_cfg = kvbench(f"hydra/launcher={launcher}", "--cfg", "hydra")
+    assert hydra_cfg.returncode == 0, hydra_cfg.stderr
+    assert LAUNCHERS[launcher] in hydra_cfg.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
+                    reason="hydra-joblib-launcher not installed")
+def test_small_parallel_sweep_runs_every_job(tmp_path):
+    out = kvbench("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "strategy=slab,paged,radix",
+                  *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/summary.json")) == [
+        "0_slab_synthetic", "1_paged_synthetic", "2_radix_synthetic"]
+
+
+def test_interrupted_sweep_resumes_only_the_missing_runs(tmp_path):
+    args = ["-m", "strategy=slab,paged", *TINY, f"hydra.sweep.dir={tmp_path}"]
+    assert kvbench(*args).returncode == 0
+    kept = tmp_path / "0_slab_synthetic" / "summary.json"
+    before = kept.stat().st_mtime_ns
+    (tmp_path / "1_paged_synthetic" / "summary.json").unlink()  # as if killed mid-run
+    again = kvbench(*args)
+    assert again.returncode == 0, again.stderr
+    assert "kept the earlier results" in again.stdout
+    assert kept.stat().st_mtime_ns == before
+    assert (tmp_path / "1_paged_synthetic" / "summary.json").exists()
+    redo = kvbench(*args, "redo=true")
+    assert redo.returncode == 0 and kept.stat().st_mtime_ns != before
+
+
+# ---- hit-rate bounds (kvbench/traces/belady.py) ----------------------------------------------
+def req(i: int, ids: list[int]) -> Request:
+    return Request(i, float(i), np.array(ids, dtype=np.int32), np.array([0], dtype=np.int32))
+
+
+def test_belady_beats_lru_on_a_hand_made_trace():
+    # blocks of 1 token, capacity 2:  r0 = a ab   r1 = c   r2 = a ab   r3 = c
+    #   unbounded: r2 hits a, ab; r3 hits c                                    -> 3 of 6
+    #   LRU: r1 evicts ab (oldest leaf); r2 hits a only, evicts c; r3 misses   -> 1 of 6
+    #   Belady: at c, the furthest next use is c's own: it is not kept; r2 hits a, ab -> 2 of 6
+    reqs = [req(0, [1, 2]), req(1, [3]), req(2, [1, 2]), req(3, [3])]
+    refs = block_references(reqs, block_size=1)
+    assert refs.node.tolist() == [1, 2, 3, 1, 2, 3] and refs.num_blocks == 3
+    assert unbounded_hits(refs).hit_blocks == 3
+    assert lru_hits(refs, 2).hit_blocks == 1
+    assert belady_hits(refs, 2).hit_blocks == 2
+    assert belady_hits(refs, 3).hit_blocks == lru_hits(refs, 3).hit_blocks == 3
+    assert belady_hits(refs, 0).hit_blocks == lru_hits(refs, 0).hit_blocks == 0
+
+
+def test_a_block_hits_only_after_its_whole_prefix():
+    # r0 = [1 2][3 4]; r1 = [9 9][3 4]: same second block ids, different prefix -> no hit
+    # r2 = [1 2][3]: a partial last block is a block of its own -> hits [1 2] only
+    reqs = [req(0, [1, 2, 3, 4]), req(1, [9, 9, 3, 4]), req(2, [1, 2, 3])]
+    hits = unbounded_hits(block_references(reqs, block_size=2))
+    assert (hits.hit_blocks, hits.blocks, hits.hit_tokens, hits.prompt_tokens) == (1, 6, 2, 11)
+
+
+def test_bounds_are_ordered_and_the_unbounded_one_is_prefix_reuse():
+    reqs = shared_prefix(num_groups=6, questions_per_group=5, system_len=64, rate=float("inf"), seed=3)
+    reuse = prefix_reuse(reqs, block_size=16)
+    rows = hit_rate_bounds(reqs, 16, [4, 8, 16, 64, 10_000])
+    unb = rows[0]
+    assert (unb.hit_blocks, unb.hit_tokens) == (reuse.hit_blocks, reuse.hit_tokens)
+    belady, lru = rows[1::2], rows[2::2]
+    for b, lr in zip(belady, lru):
+        assert 0 <= lr.hit_blocks <= b.hit_blocks <= unb.hit_blocks
+    assert [b.hit_blocks for b in belady] == sorted(b.hit_blocks for b in belady)  # more room, more hits
+    assert belady[-1].hit_blocks == lru[-1].hit_blocks == unb.hit_blocks  # room for every block
+    assert belady[1].hit_blocks > lru[1].hit_blocks  # 8 blocks < 6 groups x 4 prompt blocks: LRU thrashes
+
+
+def test_trace_stats_script_writes_its_table_and_figure(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "trace_stats.py"), "--traces", "shared_prefix",
+                          "--capacities", "8", "64", "--out", str(tmp_path), "trace.num_groups=3",
+                          "trace.questions_per_group=4"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "hit_rate_bounds.csv").read_text().splitlines()
+    assert len(table) == 1 + 1 + 2 * 2  # header, unbounded, (belady, lru) x 2 capacities
+    assert (tmp_path / "hit_rate_vs_capacity.png").stat().st_size > 5000

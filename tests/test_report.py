@@ -1,0 +1,176 @@
+"""kvbench-report and logger=wandb: one tidy row per run, figures on disk, missing runs listed,
+and a run logged to Weights & Biases offline (or a one-line error without wandb)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from kvbench.report import write_report
+from kvbench.report.collect import bin_timeline, collect, sweep_jobs
+from kvbench.report.style import colour, label_order
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["trace=shared_prefix", "trace.num_groups=3", "trace.questions_per_group=6", "progress=false"]
+FIGURES = ["memory_breakdown.png", "slot_states.png", "latency_cdf.png", "batch_size.png", "prefix_hit_rate.png"]
+
+
+def kvbench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvbench.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A finished sweep of three strategies on a small shared-prefix trace (made once)."""
+    root = tmp_path_factory.mktemp("sweep")
+    out = kvbench("-m", "strategy=slab,paged,radix", *SMALL, f"hydra.sweep.dir={root}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return root
+
+
+def test_table_has_one_row_per_run_and_figures_are_written(sweep, tmp_path):
+    out, col = write_report([sweep], tmp_path / "report")
+    t = pd.read_csv(out / "runs.csv")
+    assert sorted(t.label) == ["paged-16", "radix-1", "slab-max"]
+    assert len(t) == 3 and t.run.is_unique and not col.missing
+    assert set(t.trace) == {"shared_prefix"}
+    # the held shares are the vLLM-paper view: token + reserved + internal + external = 1
+    held = t[[f"held_{s}_frac" for s in ("token_states", "reserved", "internal_frag", "external_frag")]].sum(axis=1)
+    assert np.allclose(held, 1.0)
+    by = t.set_index("label")
+    assert by.loc["slab-max", "waste_frac"] > 0.5 > by.loc["paged-16", "waste_frac"]
+    assert by.loc["radix-1", "prefix_hit_rate"] > 0.5 and by.loc["slab-max", "prefix_hit_rate"] == 0
+    for f in FIGURES:
+        assert (out / f).stat().st_size > 5000, f
+    index = (out / "index.md").read_text()
+    assert all(f"]({f})" in index for f in FIGURES) and "Missing runs" not in index
+    assert "| run | label | trace |" in (out / "runs.md").read_text()
+    bounds = pd.read_csv(out / "hit_rate_bounds.csv").set_index("policy").token_hit_rate
+    assert bounds["unbounded"] >= bounds["belady"] >= bounds["lru"] >= 0
+    assert by.loc["radix-1", "prefix_hit_rate"] <= bounds["unbounded"]
+
+
+def test_a_failed_and_a_missing_run_are_listed_and_the_rest_reported(sweep, tmp_path):
+    broken = tmp_path / "sweep"
+    shutil.copytree(sweep, broken)
+    (broken / "1_paged_shared_prefix" / "summary.json").unlink()  # failed: a folder, no summary
+    shutil.rmtree(broken / "2_radix_shared_prefix")  # never ran: no folder at all
+    out, col = write_report([broken])
+    assert out == broken / "report"
+    assert list(col.table.label) == ["slab-max"]
+    index = (out / "index.md").read_text()
+    assert "Missing runs (2)" in index
+    assert "job 1 failed" in index and "strategy=paged" in index
+    assert "job 2 never ran" in index and "strategy=radix" in index
+    assert (out / "memory_breakdown.png").stat().st_size > 0
+
+
+def test_sweep_jobs_expand_like_hydra(tmp_path):
+    (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"strategy": "slab,paged", "trace": "azure_conv"}},
+        "overrides": {"task": ["trace.limit=10,20", "+experiment=x"]}}}))
+    assert sweep_jobs(tmp_path) == [
+        ["strategy=slab", "trace=azure_conv", "trace.limit=10", "+experiment=x"],
+        ["strategy=slab", "trace=azure_conv", "trace.limit=20", "+experiment=x"],
+        ["strategy=paged", "trace=azure_conv", "trace.limit=10", "+experiment=x"],
+        ["strategy=paged", "trace=azure_conv", "trace.limit=20", "+experiment=x"]]
+
+
+def test_report_cli_on_a_folder_that_does_not_exist(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "from kvbench.report import main; main()", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "no such folder" in (tmp_path / "r" / "index.md").read_text()
+
+
+def test_bin_timeline_is_time_weighted():
+    # steps [0,1) running 2, [1,4) running 8 -> one bin: (2*1 + 8*3) / 4 = 6.5
+    tl = pd.DataFrame({"t_s": [0.0, 1.0], "dt_s": [1.0, 3.0], "running": [2, 8], "waiting": [0, 0],
+                       "token": [10, 30], "reserved": [0, 0], "internal": [0, 0], "external": [0, 0],
+                       "cached": [0, 0], "free": [90, 70]})
+    b = bin_timeline(tl, capacity=100, bins=1)
+    assert b.running.tolist() == [6.5]
+    assert b.token_states.tolist() == [pytest.approx((0.1 * 1 + 0.3 * 3) / 4)]
+    assert len(bin_timeline(tl, capacity=100, bins=4)) == 2  # never more bins than steps
+
+
+def test_colours_are_fixed_per_label_and_families_are_ordered():
+    assert colour("paged-16") == colour("paged-16") != colour("radix-1")
+    assert colour("paged-32") == colour("paged-32")  # unknown labels too
+    assert label_order(["radix-1", "paged-16", "slab-max", "paged-8"]) == ["slab-max", "paged-8", "paged-16", "radix-1"]
+
+
+def test_collect_reads_a_single_run_folder(sweep):
+    col = collect([sweep / "0_slab_shared_prefix"])
+    assert list(col.table.label) == ["slab-max"] and len(col.timelines) == len(col.requests) == 1
+
+
+# ---- logger=wandb ----------------------------------------------------------------------------
+class _FakeRun:
+    def __init__(self, log: dict):
+        self.log_calls, self.summary, self.finished = [], {}, False
+        log["run"] = self
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, row):
+        self.log_calls.append(row)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_logger_logs_config_summary_and_timeline(monkeypatch, sweep):
+    from kvbench.loggers import WandbLogger
+
+    seen: dict = {}
+    fake = types.SimpleNamespace(init=lambda **kw: seen.update(init=kw) or _FakeRun(seen),
+                                 Table=lambda dataframe: ("table", len(dataframe)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_dir = sweep / "1_paged_shared_prefix"
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    summary = __import__("json").loads((run_dir / "summary.json").read_text())
+    timeline = pd.read_parquet(run_dir / "timeline.parquet")
+    WandbLogger(timeline_points=50).log_run(cfg, summary, timeline, pd.read_parquet(run_dir / "requests.parquet"))
+    run = seen["run"]
+    assert seen["init"]["mode"] == "offline"  # no key: offline
+    assert seen["init"]["config"]["strategy"]["name"] == "paged"
+    assert run.summary["waste_frac"] == summary["waste_frac"] and run.finished
+    series = [r for r in run.log_calls if "t_s" in r]
+    assert 0 < len(series) <= 50 and "timeline/token_states" in series[0]
+    assert any("timeline_table" in r for r in run.log_calls)
+
+
+def test_without_wandb_the_error_is_one_line(monkeypatch):
+    from kvbench.loggers import WandbLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'kvbench\[wandb\]'"):
+        WandbLogger()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed")
+def test_wandb_offline_run_end_to_end(tmp_path):
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "kvbench.cli", "logger=wandb", f"logger.dir={tmp_path / 'wb'}",
+                          "trace.num_requests=20", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"waste_frac" in record and b"PagedStrategy" in record  # the summary and the config
+    assert list(runs[0].glob("files/media/table/timeline_table_*.table.json"))
