@@ -86,19 +86,24 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg) -> None:
+    """Raise ValueError(msg) unless cond; msg may be a zero-argument callable, so the message
+    (an f-string over shapes) is only formatted on failure: launchers sit on the decode hot path."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None,
                  last_contiguous: bool = True) -> None:
-    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
-        check(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+        check(t.dim() == ndim, lambda: f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if dtypes is not None:
-        check(t.dtype in dtypes, f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None:
-        check(t.device == device, f"{name} is on {t.device}, expected {device} (all inputs on one device)")
+        check(t.dtype in dtypes, lambda: f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None:   # a tensor to be on the same device as (cheap), or a torch.device
+        same = (t.get_device() == device.get_device() and t.device.type == device.device.type
+                if isinstance(device, torch.Tensor) else t.device == device)
+        check(same, lambda: f"{name} is on {t.device}, expected "
+                            f"{device.device if isinstance(device, torch.Tensor) else device} (all inputs on one device)")
     if last_contiguous and t.dim() > 0 and t.shape[-1] > 1:
-        check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+        check(t.stride(-1) == 1, lambda: f"{name} must be contiguous in its last dim, got strides {t.stride()}")

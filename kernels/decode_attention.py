@@ -3,7 +3,8 @@
 Grouped-query attention (each program handles the G = H_q / H_kv query heads that share one KV
 head, padded to a tensor-core tile), fp32 accumulation, any page size, a contiguous (slab) fast
 path, and split-KV (flash-decoding) for long contexts / small batches: stage 1 writes each
-split's normalised partial output and log-sum-exp, stage 2 merges them.
+split's normalised partial output and log-sum-exp, stage 2 (a small second kernel, or with
+``config={"FUSED_MERGE": 1}`` the last split program of each KV head) merges them.
 """
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, next_pow2, num_sms)
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
+                      dot_precision, kernel_for, next_pow2, num_sms)
 
 LOG2E = 1.4426950408889634
 
-# Default launch config, tuned on H100 (see docs/kernels.md). BLOCK_N = KV tokens per iteration.
-DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
-# Split-KV heuristic: aim for this many programs per SM, but keep >= MIN_SPLIT_TOKENS per split.
+# Default launch config, tuned on H200 (see docs/kernels.md). BLOCK_N = KV tokens per iteration.
+# FUSED_MERGE=1: split-KV partials are merged by the last split program (no second launch).
+DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0)
+# Split-KV heuristic: no split when B * H_kv already gives NOSPLIT_PROGRAMS_PER_SM programs per SM;
+# otherwise split up to TARGET_PROGRAMS_PER_SM, keeping >= MIN_SPLIT_TOKENS per split.
+NOSPLIT_PROGRAMS_PER_SM = 2
 TARGET_PROGRAMS_PER_SM = 4
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 128
@@ -34,6 +38,7 @@ def _decode_kernel(
     seqlen_ptr,              # [B] int32
     o_ptr,                   # [B, H_q, D]            (not SPLIT)
     po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32  (SPLIT: S = num_splits)
+    lock_ptr,                # [>= B * H_kv] int32 zeros (FUSED_MERGE ticket counters)
     qk_scale,                # sm_scale * log2(e)
     stride_qb, stride_qh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
@@ -41,7 +46,9 @@ def _decode_kernel(
     stride_ob, stride_oh,
     page_size, split_tokens, num_splits,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -71,6 +78,13 @@ def _decode_kernel(
     pt_row = pt_ptr + b64 * stride_ptb
     if CONTIGUOUS:
         slot0 = tl.load(pt_row).to(tl.int64) * page_size
+    else:
+        # The page-table walk runs one block ahead of the K/V loads (slots carried through the
+        # loop): a K/V address that depends on a load of the same iteration stops Triton's
+        # software pipeliner from keeping several K/V tiles in flight.
+        offs_nx = start + tl.arange(0, BLOCK_N)
+        page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
+        slot_nx = page_nx * page_size + offs_nx % page_size                # [BN]
 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
@@ -78,24 +92,27 @@ def _decode_kernel(
         if CONTIGUOUS:
             slot = slot0 + offs_n
         else:
-            page = tl.load(pt_row + offs_n // page_size, mask=n_mask, other=0).to(tl.int64)
-            slot = page * page_size + offs_n % page_size                  # [BN]
+            slot = slot_nx
+            offs_nx = offs_n + BLOCK_N
+            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
+            slot_nx = page_nx * page_size + offs_nx % page_size
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
         v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
         if DOT_F32:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale                            # [BH, BN] (log2 domain)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)             # [BH, BN] raw scores
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                 # running max (log2 domain)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])                       # one FMA per score
         l_i = l_i * alpha + tl.sum(p, 1)
         p_lp = p.to(v.dtype)
         if DOT_F32:
             p_lp = p_lp.to(tl.float32)
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p_lp, v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -110,6 +127,38 @@ def _decode_kernel(
         tl.store(po_ptr + row[:, None] * D + offs_d[None, :], out, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(plse_ptr + row, lse, mask=g_mask)
+        if FUSED_MERGE:
+            # The last split program of (b, kvh) to finish merges all splits of its G heads, so no
+            # second launch is needed. Ticket counter: every thread's partial stores happen-before
+            # the release of the atomic (barrier first); the winner reads partials through L2 (.cg).
+            tl.debug_barrier()
+            lock = lock_ptr + b64 * tl.num_programs(1) + kvh
+            ticket = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")          # reset for the next launch
+                rows0 = (b64 * (G * tl.num_programs(1)) + heads) * num_splits  # [BH]
+                offs_s = tl.arange(0, BLOCK_S)
+                lse_all = tl.load(plse_ptr + rows0[:, None] + offs_s[None, :],
+                                  mask=g_mask[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                                  cache_modifier=".cg")                      # [BH, BS]
+                m_all = tl.max(lse_all, 1)
+                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                den = tl.sum(tl.exp2(lse_all - m_all[:, None]), 1)
+                den = tl.where(den > 0, den, 1.0)
+                acc2 = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+                offs_c = tl.arange(0, MERGE_CHUNK)
+                for s0 in range(0, num_splits, MERGE_CHUNK):
+                    cs = s0 + offs_c
+                    cm = g_mask[:, None] & (cs < num_splits)[None, :]         # [BH, MC]
+                    lc = tl.load(plse_ptr + rows0[:, None] + cs[None, :], mask=cm, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    w = tl.exp2(lc - m_all[:, None])                           # [BH, MC]
+                    part = tl.load(po_ptr + (rows0[:, None, None] + cs[None, :, None]) * D + offs_d[None, None, :],
+                                   mask=cm[:, :, None] & d_mask[None, None, :], other=0.0,
+                                   cache_modifier=".cg")                       # [BH, MC, BD]
+                    acc2 += tl.sum(part * w[:, :, None], 1)
+                tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         (acc2 / den[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -138,31 +187,51 @@ def _decode_merge_kernel(
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
+_LOCKS: dict = {}
+_OLD_LOCKS: list = []   # never freed: a captured CUDA graph may still point at an old buffer
+
+
+def _lock_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 ticket counters for the fused split-KV merge; every launch leaves them zero.
+    Launches that share a device must not run concurrently on different streams."""
+    key = (device.type, device.index)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _OLD_LOCKS.append(buf)
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _LOCKS[key] = buf
+    return buf
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Split-KV count: enough programs to fill the GPU, never splits shorter than MIN_SPLIT_TOKENS."""
     progs = batch * num_kv_heads
-    want = cdiv(TARGET_PROGRAMS_PER_SM * num_sms(device), max(progs, 1))
+    sms = num_sms(device)
+    if progs >= NOSPLIT_PROGRAMS_PER_SM * sms:
+        return 1
+    want = cdiv(TARGET_PROGRAMS_PER_SM * sms, max(progs, 1))
     cap = max(1, max_seq_len // MIN_SPLIT_TOKENS)
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
 
 def _check(q, k_cache, v_cache, page_table, seq_lens, page_size):
     check_tensor("q", q, ndim=3, dtypes=ATTN_DTYPES)
-    dev = q.device
-    check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=dev)
-    check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=dev)
-    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+    ref = q
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=ref)
+    check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=ref)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=ref)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
     B, Hq, D = q.shape
     S, Hkv, Dk = k_cache.shape
-    check(Dk == D, f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
+    check(Dk == D, lambda: f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
     check(tuple(v_cache.shape) == tuple(k_cache.shape),
-          f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    check(Hq % Hkv == 0, f"H_q={Hq} must be a multiple of H_kv={Hkv} (grouped-query attention)")
-    check(page_table.shape[0] == B, f"page_table must be [B={B}, max_pages], got {tuple(page_table.shape)}")
-    check(seq_lens.shape[0] == B, f"seq_lens must be [B={B}], got {tuple(seq_lens.shape)}")
-    check(isinstance(page_size, int) and page_size >= 1, f"page_size must be a positive int, got {page_size!r}")
-    check(D <= 256, f"head dim {D} > 256 is not supported")
+          lambda: f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    check(Hq % Hkv == 0, lambda: f"H_q={Hq} must be a multiple of H_kv={Hkv} (grouped-query attention)")
+    check(page_table.shape[0] == B, lambda: f"page_table must be [B={B}, max_pages], got {tuple(page_table.shape)}")
+    check(seq_lens.shape[0] == B, lambda: f"seq_lens must be [B={B}], got {tuple(seq_lens.shape)}")
+    check(isinstance(page_size, int) and page_size >= 1, lambda: f"page_size must be a positive int, got {page_size!r}")
+    check(D <= 256, lambda: f"head dim {D} > 256 is not supported")
 
 
 def _gather_kv(k_cache, v_cache, page_table_row, n, page_size, contiguous):
@@ -216,7 +285,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     _check(q, k_cache, v_cache, page_table, seq_lens, page_size)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
-        check(tuple(out.shape) == tuple(q.shape), f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+        check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
     if backend == "torch":
         o = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale, contiguous)
         return o if out is None else out.copy_(o)
@@ -228,37 +297,42 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     if B == 0:
         return o
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    check(scale > 0, lambda: f"sm_scale must be > 0, got {scale}")
     cfg = dict(DECODE_CONFIG, **(config or {}))
     BLOCK_N = cfg["BLOCK_N"]
     max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
     max_len = max(int(max_len), 1)
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_len, dev)
-    check(isinstance(num_splits, int) and num_splits >= 1, f"num_splits must be a positive int, got {num_splits!r}")
+    check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
     split_tokens = cdiv(cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
     num_splits = cdiv(max_len, split_tokens)        # drop splits that would always be empty
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
+    fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1
+    BLOCK_S = max(2, next_pow2(num_splits))
     if num_splits > 1:
         po = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
         plse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
     else:
         po = plse = o                                                       # unused
+    lock = _lock_buffer(B * Hkv, dev) if fused else seq_lens               # unused unless fused
     kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, o, po, plse,
-        scale * 1.4426950408889634,
+        q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock,
+        scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         page_table.stride(0), o.stride(0), o.stride(1),
         page_size, split_tokens, num_splits,
         G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
         CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+        FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=4,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         kernel_for(_decode_merge_kernel, dev)[(B, Hq)](
             po, plse, o, o.stride(0), o.stride(1), num_splits,
-            H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(num_splits)),
+            H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S,
             num_warps=4,
         )
     return o

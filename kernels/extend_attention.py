@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, dot_in_f32, dot_precision,
                       kernel_for, next_pow2)
-from .decode_attention import _gather_kv
+from .decode_attention import LOG2E, _gather_kv
 
-# Default launch config per head dim (tuned on H100, see docs/kernels.md).
+# Default launch config per head dim (tuned on H200, see docs/kernels.md).
 EXTEND_CONFIG = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -94,57 +94,73 @@ def _extend_kernel(
         # keys [0, full_end) are visible to every row of the block: no mask at all
         first_pos = prefix + mblk * BLOCK_M
         full_end = (first_pos // BLOCK_N) * BLOCK_N
+        if not CONTIGUOUS:
+            # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps
+            # the K/V loads software-pipelined)
+            offs_nx = tl.arange(0, BLOCK_N)
+            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < full_end, other=0).to(tl.int64)
+            slot_nx = page_nx * page_size + offs_nx % page_size
         for n0 in range(0, full_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if CONTIGUOUS:
                 slot = slot0 + offs_n
             else:
-                page = tl.load(pt_row + offs_n // page_size).to(tl.int64)
-                slot = page * page_size + offs_n % page_size
+                slot = slot_nx
+                offs_nx = offs_n + BLOCK_N
+                page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < full_end, other=0).to(tl.int64)
+                slot_nx = page_nx * page_size + offs_nx % page_size
             k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
             v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
             if DOT_F32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale                          # [BM, BN]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # [BM, BN] raw scores
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)             # running max (log2 domain)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * qk_scale - m_new[:, None])                   # one FMA per score
             l_i = l_i * alpha + tl.sum(p, 1)
             p_lp = p.to(v.dtype)
             if DOT_F32:
                 p_lp = p_lp.to(tl.float32)
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_lp, v, input_precision=DOT_PREC)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
             m_i = m_new
 
         # diagonal region: causal + length mask
         diag_end = tl.minimum(seq_len, prefix + (mblk + 1) * BLOCK_M)
+        if not CONTIGUOUS:
+            offs_nx = full_end + tl.arange(0, BLOCK_N)
+            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < diag_end, other=0).to(tl.int64)
+            slot_nx = page_nx * page_size + offs_nx % page_size
         for n0 in range(full_end, diag_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < diag_end
             if CONTIGUOUS:
                 slot = slot0 + offs_n
             else:
-                page = tl.load(pt_row + offs_n // page_size, mask=n_mask, other=0).to(tl.int64)
-                slot = page * page_size + offs_n % page_size
+                slot = slot_nx
+                offs_nx = offs_n + BLOCK_N
+                page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < diag_end, other=0).to(tl.int64)
+                slot_nx = page_nx * page_size + offs_nx % page_size
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
             if DOT_F32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             vis = (offs_n[None, :] <= pos_m[:, None]) & n_mask[None, :]
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows past q_len see nothing
             alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
+            p = tl.exp2(s * qk_scale - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             p_lp = p.to(v.dtype)
             if DOT_F32:
                 p_lp = p_lp.to(tl.float32)
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_lp, v, input_precision=DOT_PREC)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
             m_i = m_new
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -155,24 +171,24 @@ def _extend_kernel(
 
 def _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size):
     check_tensor("q", q, ndim=3, dtypes=ATTN_DTYPES)
-    dev = q.device
-    check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=dev)
-    check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=dev)
-    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=dev)
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=dev)
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+    ref = q
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=ref)
+    check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=ref)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=ref)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=ref)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
     T, Hq, D = q.shape
     S, Hkv, Dk = k_cache.shape
     B = seq_lens.shape[0]
-    check(Dk == D, f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
+    check(Dk == D, lambda: f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
     check(tuple(v_cache.shape) == tuple(k_cache.shape),
-          f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    check(Hq % Hkv == 0, f"H_q={Hq} must be a multiple of H_kv={Hkv} (grouped-query attention)")
+          lambda: f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    check(Hq % Hkv == 0, lambda: f"H_q={Hq} must be a multiple of H_kv={Hkv} (grouped-query attention)")
     check(query_start_loc.shape[0] == B + 1,
-          f"query_start_loc must be [B+1={B + 1}] (B from seq_lens), got {tuple(query_start_loc.shape)}")
-    check(page_table.shape[0] == B, f"page_table must be [B={B}, max_pages], got {tuple(page_table.shape)}")
-    check(isinstance(page_size, int) and page_size >= 1, f"page_size must be a positive int, got {page_size!r}")
-    check(D <= 256, f"head dim {D} > 256 is not supported")
+          lambda: f"query_start_loc must be [B+1={B + 1}] (B from seq_lens), got {tuple(query_start_loc.shape)}")
+    check(page_table.shape[0] == B, lambda: f"page_table must be [B={B}, max_pages], got {tuple(page_table.shape)}")
+    check(isinstance(page_size, int) and page_size >= 1, lambda: f"page_size must be a positive int, got {page_size!r}")
+    check(D <= 256, lambda: f"head dim {D} > 256 is not supported")
 
 
 def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
@@ -219,7 +235,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
-        check(tuple(out.shape) == tuple(q.shape), f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+        check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
     if backend == "torch":
         o = extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
                                  sm_scale, contiguous)
@@ -232,12 +248,13 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     if T == 0 or B == 0:
         return o
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    check(scale > 0, lambda: f"sm_scale must be > 0, got {scale}")
     cfg = dict(EXTEND_CONFIG.get(D, _DEFAULT_CONFIG), **(config or {}))
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
     kernel_for(_extend_kernel, dev)[(Hq, max_blocks)](
         q, k_cache, v_cache, page_table, query_start_loc, seq_lens, o,
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         page_table.stride(0), o.stride(0), o.stride(1),

@@ -5,7 +5,6 @@ A negative slot means "skip this token" (padding).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -49,17 +48,17 @@ def _kv_write_kernel(
 
 def _check(k, v, k_cache, v_cache, slot_mapping):
     check_tensor("k", k, ndim=3)
-    dev = k.device
-    check_tensor("v", v, ndim=3, dtypes=(k.dtype,), device=dev)
-    check_tensor("k_cache", k_cache, ndim=3, dtypes=(k.dtype,), device=dev)
-    check_tensor("v_cache", v_cache, ndim=3, dtypes=(k.dtype,), device=dev)
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+    ref = k
+    check_tensor("v", v, ndim=3, dtypes=(k.dtype,), device=ref)
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(k.dtype,), device=ref)
+    check_tensor("v_cache", v_cache, ndim=3, dtypes=(k.dtype,), device=ref)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
     T, H, D = k.shape
-    check(tuple(v.shape) == (T, H, D), f"v shape {tuple(v.shape)} must equal k shape {(T, H, D)}")
-    check(k_cache.shape[1:] == (H, D), f"k_cache must be [num_slots, {H}, {D}], got {tuple(k_cache.shape)}")
+    check(tuple(v.shape) == (T, H, D), lambda: f"v shape {tuple(v.shape)} must equal k shape {(T, H, D)}")
+    check(k_cache.shape[1:] == (H, D), lambda: f"k_cache must be [num_slots, {H}, {D}], got {tuple(k_cache.shape)}")
     check(tuple(v_cache.shape) == tuple(k_cache.shape),
-          f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    check(slot_mapping.shape[0] == T, f"slot_mapping must be [T={T}], got {tuple(slot_mapping.shape)}")
+          lambda: f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    check(slot_mapping.shape[0] == T, lambda: f"slot_mapping must be [T={T}], got {tuple(slot_mapping.shape)}")
 
 
 def kv_write_ref(k, v, k_cache, v_cache, slot_mapping) -> None:

@@ -1,7 +1,6 @@
 """Page copy for copy-on-write: copy every slot of each src page onto its dst page, all layers, K and V."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -32,19 +31,19 @@ def _page_copy_kernel(
 
 def _check(kv_pool, src_pages, dst_pages, page_size):
     check_tensor("kv_pool", kv_pool, ndim=5)
-    dev = kv_pool.device
+    ref = kv_pool
     L, two, S, H, D = kv_pool.shape
-    check(two == 2, f"kv_pool must be [num_layers, 2, num_slots, H_kv, D], got {tuple(kv_pool.shape)}")
+    check(two == 2, lambda: f"kv_pool must be [num_layers, 2, num_slots, H_kv, D], got {tuple(kv_pool.shape)}")
     check(kv_pool.stride(4) == 1 and kv_pool.stride(3) == D and kv_pool.stride(2) == H * D,
-          f"kv_pool must be contiguous within each [num_slots, H_kv, D] plane, got strides {kv_pool.stride()}")
+          lambda: f"kv_pool must be contiguous within each [num_slots, H_kv, D] plane, got strides {kv_pool.stride()}")
     check(kv_pool.stride(0) == 2 * kv_pool.stride(1) or L == 1,
-          f"kv_pool planes must be evenly strided (layer stride = 2 * k/v stride), got strides {kv_pool.stride()}")
-    check(isinstance(page_size, int) and page_size >= 1, f"page_size must be a positive int, got {page_size!r}")
-    check(S % page_size == 0, f"num_slots={S} is not a multiple of page_size={page_size}")
+          lambda: f"kv_pool planes must be evenly strided (layer stride = 2 * k/v stride), got strides {kv_pool.stride()}")
+    check(isinstance(page_size, int) and page_size >= 1, lambda: f"page_size must be a positive int, got {page_size!r}")
+    check(S % page_size == 0, lambda: f"num_slots={S} is not a multiple of page_size={page_size}")
     for name, t in (("src_pages", src_pages), ("dst_pages", dst_pages)):
-        check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES, device=dev, last_contiguous=False)
+        check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
     check(src_pages.shape == dst_pages.shape,
-          f"src_pages {tuple(src_pages.shape)} and dst_pages {tuple(dst_pages.shape)} must have the same length")
+          lambda: f"src_pages {tuple(src_pages.shape)} and dst_pages {tuple(dst_pages.shape)} must have the same length")
 
 
 def page_copy_ref(kv_pool, src_pages, dst_pages, page_size) -> None:

@@ -14,7 +14,7 @@ LAYOUT_IDS = ["page1", "page16", "slab128", "slab-pages16"]
 
 
 def _run(seq_lens, page_size, contiguous, Hq, Hkv, D, dtype, num_splits=None, sm_scale=None, seed=0,
-         dev=None, q_noncontig=False):
+         dev=None, q_noncontig=False, config=None):
     dev = dev or device()
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, page_table = make_cache(seq_lens, page_size, Hkv, D, dtype, dev,
@@ -28,7 +28,7 @@ def _run(seq_lens, page_size, contiguous, Hq, Hkv, D, dtype, num_splits=None, sm
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
     out = nan_like(q.contiguous())
     o = decode_attention(q, k_cache, v_cache, page_table, sl, page_size, sm_scale=sm_scale,
-                         contiguous=contiguous, num_splits=num_splits, out=out)
+                         contiguous=contiguous, num_splits=num_splits, out=out, config=config)
     assert o.data_ptr() == out.data_ptr() and o.dtype == q.dtype and o.shape == q.shape
     ref = decode_attention_ref(q, k_cache, v_cache, page_table, sl, page_size, sm_scale=sm_scale,
                                contiguous=contiguous)
@@ -48,6 +48,15 @@ def test_decode_gqa_ragged(dtype, layout):
 def test_decode_split_kv(num_splits):
     # 40 splits > tokens of the short requests: empty splits must merge away
     _run([5, 200, 64], 16, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 40])
+def test_decode_split_kv_fused_merge(num_splits):
+    """Split-KV with the in-kernel merge (last split program merges); run twice: the ticket
+    counters must be left at zero for the next launch."""
+    for seed in (0, 1):
+        _run([5, 200, 64], 16, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=num_splits,
+             config=dict(FUSED_MERGE=1), seed=seed)
 
 
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 64), (32, 8, 128), (8, 1, 128)], ids=["mha", "gqa32-8-d128", "mqa"])
@@ -124,10 +133,12 @@ def test_decode_gpu_real_shape(layout, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("fused", [0, 1], ids=["merge-kernel", "fused-merge"])
 @pytest.mark.parametrize("num_splits", [None, 1, 64])
-def test_decode_gpu_long_context(num_splits):
-    _run([32768], 16, False, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, num_splits=num_splits,
-         dev=torch.device("cuda"))
+def test_decode_gpu_long_context(num_splits, fused):
+    for seed in (0, 1):   # twice: fused-merge counters must be reset
+        _run([32768, 5000], 16, False, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, num_splits=num_splits,
+             dev=torch.device("cuda"), config=dict(FUSED_MERGE=fused), seed=seed)
 
 
 @pytest.mark.gpu
