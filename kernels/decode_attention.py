@@ -30,7 +30,9 @@ MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 128
 
 
-@triton.jit
+# run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
+# just-in-time compile in the middle of a timed serving step
+@triton.jit(do_not_specialize=["stride_ptb", "page_size", "split_tokens", "num_splits"])
 def _decode_kernel(
     q_ptr,                   # [B, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]

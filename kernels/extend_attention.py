@@ -30,7 +30,9 @@ EXTEND_CONFIG = {
 _DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-@triton.jit
+# run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
+# just-in-time compile in the middle of a timed serving step
+@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B"])
 def _extend_kernel(
     q_ptr,                   # [T, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
@@ -260,7 +262,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         page_table.stride(0), o.stride(0), o.stride(1),
         page_size, B,
         G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
-        BLOCK_B=max(2, next_pow2(B)), CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+        BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
+        CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o

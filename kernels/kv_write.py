@@ -14,7 +14,9 @@ from ._common import INDEX_DTYPES, check, check_backend, check_tensor, kernel_fo
 KV_WRITE_CONFIG = dict(BLOCK_T=4, num_warps=4)
 
 
-@triton.jit
+# run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
+# just-in-time compile in the middle of a timed serving step
+@triton.jit(do_not_specialize=["T"])
 def _kv_write_kernel(
     k_ptr, v_ptr,            # [T, H, D]
     kc_ptr, vc_ptr,          # [num_slots, H, D]

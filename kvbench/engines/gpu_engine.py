@@ -144,7 +144,7 @@ class GPUEngine(TorchEngine):
         need = self.max_model_len or 1
         if tokens < need:
             raise ValueError(f"KV pool of {tokens} tokens (from {why}) cannot hold one request "
-                               f"of {need} tokens; {sizes}")
+                             f"of {need} tokens; {sizes}")
         return tokens
 
     def bind(self, page_size: int, num_pages: int) -> None:
@@ -153,7 +153,9 @@ class GPUEngine(TorchEngine):
         except torch.cuda.OutOfMemoryError as e:
             need = num_pages * page_size * kv_bytes_per_token(self.cfg)
             raise ValueError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
-                               f"does not fit: {_gb(torch.cuda.mem_get_info()[0])} free") from e
+                             f"does not fit: {_gb(torch.cuda.mem_get_info()[0])} free") from e
+        if self.warmup:
+            self._warm_up(page_size, num_pages)
 
     @torch.inference_mode()
     def _warm_up(self, page_size: int, num_pages: int) -> None:
