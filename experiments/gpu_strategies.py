@@ -3,15 +3,17 @@
 1. Replays one trace slice through slab(max), slab(oracle), paged and radix with engine=gpu
    (real model, Triton kernels, CUDA-event step times), offline (all requests at t=0), and
    paged at finite request rates too.
-2. Fits the sim's cost model to every measured step (kvbench.calibrate.fit).
+2. Fits the sim's cost model to the measured steps (kvbench.calibrate.fit): all runs, and per strategy.
 3. Replays each of those configs again with engine=sim and the fitted coefficients and reports
    the error of throughput, mean TTFT and mean TPOT, and whether the allocator made the same
    decisions (step by step: batch composition, admissions, preemptions, prefix hits).
 
     python experiments/gpu_strategies.py --out DIR [--limit 400] [--model llama3_2_1b]
 
-Writes DIR/runs/<name>/{gpu,sim}/ run dirs, DIR/sim_fitted.yaml, DIR/strategies.md,
-DIR/fidelity.md and DIR/gpu_strategies.json.
+Writes DIR/runs/<name>/{gpu,sim_all,sim_<strategy>}/ run dirs, DIR/sim_fitted_{all,<strategy>}.yaml
+(one cost model for every run, and one per strategy), DIR/strategies.md, DIR/fidelity.md and
+DIR/gpu_strategies.json. Run dirs that already hold a config's results are kept, so pointing
+--out at the folder a GPU run left behind redoes only the simulations (on any machine).
 """
 from __future__ import annotations
 
@@ -75,24 +77,34 @@ def main() -> None:
         gpu[name] = run(cfg, args.out / "runs" / name / "gpu")
         print(f"gpu  {name}: {gpu[name]['request_throughput']:.2f} req/s, wall {gpu[name]['wall_time_s']:.0f} s", flush=True)
 
-    timelines = [pd.read_parquet(args.out / "runs" / n / "gpu" / "timeline.parquet") for n in todo]
-    coef = fit(pd.concat(timelines, ignore_index=True))
-    (args.out / "sim_fitted.yaml").write_text(
-        f"# fitted by experiments/gpu_strategies.py on {gpu[next(iter(gpu))].get('device')}, model {args.model}\n"
-        "defaults:\n  - sim\n  - _self_\n" + "".join(f"{k}: {v:.6e}\n" for k, v in coef.items()))
+    # one cost model for every run, and one per strategy (the kernels' cost depends a little on
+    # the layout: contiguous slab, 16-token pages, 1-token pages)
+    timeline = {n: pd.read_parquet(args.out / "runs" / n / "gpu" / "timeline.parquet") for n in todo}
+    groups = {"all": list(todo)}
+    for n in todo:
+        groups.setdefault(gpu[n]["strategy"], []).append(n)
+    coefs = {g: fit(pd.concat([timeline[n] for n in names], ignore_index=True)) for g, names in groups.items()}
+    device = gpu[next(iter(gpu))].get("device")
+    for g, coef in coefs.items():
+        (args.out / f"sim_fitted_{g}.yaml").write_text(
+            f"# fitted by experiments/gpu_strategies.py on {device}, model {args.model}, runs: {', '.join(groups[g])}\n"
+            "defaults:\n  - sim\n  - _self_\n" + "".join(f"{k}: {v:.6e}\n" for k, v in coef.items()))
 
     rows, fidelity = [], []
     for name, ov in todo.items():
-        cfg = compose_cfg([*common, *ov, "engine=sim", *(f"engine.{k}={v!r}" for k, v in coef.items())])
-        sim = run(cfg, args.out / "runs" / name / "sim")
         g = gpu[name]
-        tg = pd.read_parquet(args.out / "runs" / name / "gpu" / "timeline.parquet")[DECISIONS]
-        ts = pd.read_parquet(args.out / "runs" / name / "sim" / "timeline.parquet")[DECISIONS]
-        same = len(tg) == len(ts) and bool((tg.to_numpy() == ts.to_numpy()).all())
-        fidelity.append({"case": name, "steps_gpu": len(tg), "steps_sim": len(ts), "same_decisions": same,
-                         "throughput_err": rel_err(sim["request_throughput"], g["request_throughput"]),
-                         "ttft_mean_err": rel_err(sim["ttft_mean_s"], g["ttft_mean_s"]),
-                         "tpot_mean_err": rel_err(sim["tpot_mean_s"], g["tpot_mean_s"])})
+        tg = timeline[name][DECISIONS]
+        for fit_name in ("all", g["strategy"]):
+            coef = coefs[fit_name]
+            cfg = compose_cfg([*common, *ov, "engine=sim", *(f"engine.{k}={v!r}" for k, v in coef.items())])
+            sim = run(cfg, args.out / "runs" / name / f"sim_{fit_name}")
+            ts = pd.read_parquet(args.out / "runs" / name / f"sim_{fit_name}" / "timeline.parquet")[DECISIONS]
+            same = len(tg) == len(ts) and bool((tg.to_numpy() == ts.to_numpy()).all())
+            fidelity.append({"case": name, "fit": "one for all" if fit_name == "all" else "per strategy",
+                             "steps_gpu": len(tg), "steps_sim": len(ts), "same_decisions": same,
+                             "throughput_err": rel_err(sim["request_throughput"], g["request_throughput"]),
+                             "ttft_mean_err": rel_err(sim["ttft_mean_s"], g["ttft_mean_s"]),
+                             "tpot_mean_err": rel_err(sim["tpot_mean_s"], g["tpot_mean_s"])})
         rows.append({"case": name, "label": g["label"], "finished": g["finished"], "preemptions": g["preemptions"],
                      "req/s": g["request_throughput"], "out tok/s": g["output_throughput"],
                      "ttft p50 s": g["ttft_p50_s"], "ttft p99 s": g["ttft_p99_s"],
@@ -100,13 +112,12 @@ def main() -> None:
                      "peak running": g["peak_running"], "mean running": g["mean_running"],
                      "waste": g["waste_frac"], "peak GPU GB": g.get("peak_gpu_mem_bytes", 0) / 1e9})
     table, fid = pd.DataFrame(rows), pd.DataFrame(fidelity)
-    device = gpu[next(iter(gpu))].get("device")
     head = f"device: {device}; model {args.model} (random bf16 weights); trace {args.trace}; kv_capacity_tokens={args.capacity}\n\n"
     (args.out / "strategies.md").write_text(head + md_table(table))
-    (args.out / "fidelity.md").write_text(head + "fitted: " + ", ".join(f"{k}={coef[k]:.3e}" for k in COEFFICIENTS)
-                                          + "\n\n" + md_table(fid))
+    fitted = "".join(f"- {g}: " + ", ".join(f"{k}={c[k]:.3e}" for k in COEFFICIENTS) + "\n" for g, c in coefs.items())
+    (args.out / "fidelity.md").write_text(head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid))
     (args.out / "gpu_strategies.json").write_text(json.dumps(
-        {"device": device, "model": args.model, "trace": args.trace, "coefficients": coef,
+        {"device": device, "model": args.model, "trace": args.trace, "coefficients": coefs,
          "gpu": gpu, "fidelity": fidelity}, indent=2, default=str))
     print(table.to_string(index=False))
     print(fid.to_string(index=False))
