@@ -1,6 +1,7 @@
 """The cost-model fit recovers the coefficients that produced a timeline."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -35,3 +36,19 @@ def test_calibrating_on_a_sim_run_gives_back_the_sim_config(tmp_path):
     assert list(fitted.defaults) == ["sim", "_self_"]
     for key in ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s"):
         assert fitted[key] == pytest.approx(sim[key], rel=1e-5)
+
+
+def test_gpu_strategies_experiment_runs_end_to_end_on_the_cpu(tmp_path):
+    """experiments/gpu_strategies.py with the torch engine and the tiny model: every stage runs,
+    offline replays make the same decisions in the sim, and a second call reuses the runs."""
+    script = CONFIGS.parent / "experiments" / "gpu_strategies.py"
+    args = [sys.executable, str(script), "--out", str(tmp_path), "--engine", "torch", "--model", "tiny",
+            "--limit", "4", "--rate-limit", "3", "--capacity", "40000", "--trace", "synthetic"]
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    fidelity = {(r["case"], r["fit"]): r for r in json.loads((tmp_path / "gpu_strategies.json").read_text())["fidelity"]}
+    assert len(fidelity) == 12
+    assert all(r["same_decisions"] for (case, _), r in fidelity.items() if case.endswith("offline"))
+    for name in ("all", "slab", "paged", "radix"):
+        assert OmegaConf.load(tmp_path / f"sim_fitted_{name}.yaml").defaults[0] == "sim"
+    again = subprocess.run(args, check=True, capture_output=True, text=True, timeout=600)
+    assert again.stdout.count("kept the earlier results") == 6 + 12
