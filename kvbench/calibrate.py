@@ -1,10 +1,11 @@
 """Fit the simulation's cost model to measured steps: `kvbench-calibrate RUN_DIR... --out FILE`.
 
 The sim models a step as overhead_s + prefill_token_s x prefill tokens + decode_token_s x
-decode tokens + kv_read_token_s x K/V positions read. Every run's timeline.parquet has those
-inputs and the step's duration (measured with CUDA events under engine=gpu), so the fit is a
-least-squares problem with coefficients >= 0; with four unknowns, the non-negative solution is
-found exactly by solving every subset of free coefficients and keeping the best feasible one.
+decode tokens + kv_read_token_s x K/V positions read + prefill_step_s if the step has prefill
+tokens. Every run's timeline.parquet has those inputs and the step's duration (measured with
+CUDA events under engine=gpu), so the fit is a least-squares problem with coefficients >= 0;
+with five unknowns, the non-negative solution is found exactly by solving every subset of free
+coefficients and keeping the best feasible one.
 """
 from __future__ import annotations
 
@@ -17,17 +18,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s")
-_INPUTS = ("prefill_tokens", "decode_tokens", "kv_read_tokens")
+COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s", "prefill_step_s")
+
+
+def _features(timeline: pd.DataFrame) -> np.ndarray:
+    """[steps, 5]: the inputs each coefficient multiplies, in COEFFICIENTS order."""
+    return np.column_stack([np.ones(len(timeline)), timeline.prefill_tokens.to_numpy(float),
+                            timeline.decode_tokens.to_numpy(float), timeline.kv_read_tokens.to_numpy(float),
+                            (timeline.prefill_tokens.to_numpy() > 0).astype(float)])
 
 
 def fit(timeline: pd.DataFrame, stall: float = 3.0) -> dict[str, float]:
-    """Non-negative least squares of dt_s on [1, prefill, decode, kv_read].
+    """Non-negative least squares of dt_s on [1, prefill, decode, kv_read, has prefill].
 
     Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
     a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most."""
-    x = np.column_stack([np.ones(len(timeline)), *(timeline[c].to_numpy(float) for c in _INPUTS)])
-    y = timeline.dt_s.to_numpy(float)
+    x, y = _features(timeline), timeline.dt_s.to_numpy(float)
     coef = _nnls(x, y)
     for _ in range(2):
         keep = y <= stall * (x @ coef)
@@ -38,13 +44,14 @@ def fit(timeline: pd.DataFrame, stall: float = 3.0) -> dict[str, float]:
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    best, best_err = np.zeros(4), float(np.sum(y**2))
-    for k in range(1, 5):
-        for cols in itertools.combinations(range(4), k):
+    n = x.shape[1]
+    best, best_err = np.zeros(n), float(np.sum(y**2))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
             coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
             if (coef < 0).any():
                 continue
-            full = np.zeros(4)
+            full = np.zeros(n)
             full[list(cols)] = coef
             err = float(np.sum((x @ full - y) ** 2))
             if err < best_err - 1e-15 * max(best_err, 1e-30):
@@ -54,8 +61,7 @@ def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_error(timeline: pd.DataFrame, coef: dict[str, float]) -> float:
     """Relative error of the total modelled time over the measured total."""
-    model = (coef["overhead_s"] + coef["prefill_token_s"] * timeline.prefill_tokens
-             + coef["decode_token_s"] * timeline.decode_tokens + coef["kv_read_token_s"] * timeline.kv_read_tokens)
+    model = _features(timeline) @ np.array([coef[k] for k in COEFFICIENTS])
     return float(abs(model.sum() - timeline.dt_s.sum()) / timeline.dt_s.sum())
 
 
