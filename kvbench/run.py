@@ -55,6 +55,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return earlier
     wall0 = time.perf_counter()
     bpt = kv_bytes_per_token(cfg.model)
+    logger = instantiate(cfg.logger) if cfg.get("logger") is not None else None  # fails early, not after the replay
     requests = instantiate(cfg.trace)
     engine = instantiate(cfg.engine)
     capacity = engine.kv_capacity_tokens(capacity_tokens(cfg, bpt))
@@ -76,6 +77,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     timeline_df.to_parquet(out_dir / "timeline.parquet", index=False)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if cfg.get("logger") is not None:
-        instantiate(cfg.logger).log_run(cfg, summary, timeline_df, requests_df)
+    if logger is not None:
+        logger.log_run(cfg, summary, timeline_df, requests_df)
     return summary
