@@ -174,3 +174,15 @@ def test_wandb_offline_run_end_to_end(tmp_path):
     record = next(runs[0].glob("*.wandb")).read_bytes()
     assert b"waste_frac" in record and b"PagedStrategy" in record  # the summary and the config
     assert list(runs[0].glob("files/media/table/timeline_table_*.table.json"))
+
+
+def test_timeline_bins_split_a_long_step_over_the_bins_it_spans():
+    from kvbench.report.collect import bin_timeline
+
+    # steps [0,1) and [1,3) run 2 requests, nothing runs in [3,4), four 0.5 s steps from 4 run 4
+    tl = pd.DataFrame({"t_s": [0.0, 1.0, 4.0, 4.5, 5.0, 5.5], "dt_s": [1.0, 2.0, 0.5, 0.5, 0.5, 0.5],
+                       "running": [2, 2, 4, 4, 4, 4], "waiting": [0] * 6,
+                       **{c: [6] * 6 for c in ["token", "reserved", "internal", "external", "cached", "free"]}})
+    binned = bin_timeline(tl, capacity=36, bins=6)
+    assert binned.running.tolist() == [2.0, 2.0, 2.0, 0.0, 4.0, 4.0]  # [2,3) is inside the long step
+    assert binned.token_states.isna().tolist() == [False, False, False, True, False, False]

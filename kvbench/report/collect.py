@@ -122,13 +122,20 @@ def bin_timeline(timeline: pd.DataFrame, capacity: int, bins: int = TIMELINE_BIN
     if len(t) == 0:
         return pd.DataFrame(columns=["t_s", *cols])
     edges = np.linspace(t[0], t[-1] + dt[-1], min(bins, len(t)) + 1)
-    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
-    weight = np.bincount(idx, weights=dt, minlength=len(edges) - 1)
-    idle = weight == 0  # no step in the bin: the server idles
+    # a step may span several bins: each bin gets the part of each step that falls in it
+    k = np.searchsorted(t, edges, side="right") - 1  # [bins + 1] the step that starts last before each edge
+    inside = np.clip(edges - t[np.maximum(k, 0)], 0.0, dt[np.maximum(k, 0)]) * (k >= 0)
+
+    def integral(v: np.ndarray) -> np.ndarray:  # [bins + 1] ∫ v over [t[0], edge)
+        before = np.concatenate([[0.0], np.cumsum(v * dt)])[np.maximum(k, 0)]
+        return before + v[np.maximum(k, 0)] * inside
+
+    weight = np.diff(integral(np.ones_like(dt)))
+    idle = weight <= 1e-12 * max(float(dt.sum()), 1e-30)  # no step in the bin: the server idles
     out = {"t_s": edges[:-1]}
     for name, v in cols.items():
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[name] = np.bincount(idx, weights=v * dt, minlength=len(edges) - 1) / weight
+            out[name] = np.where(idle, np.nan, np.diff(integral(v.astype(float))) / weight)
     df = pd.DataFrame(out)
     df.loc[idle, ["running", "waiting"]] = 0.0  # the states stay NaN there: nothing was measured
     return df

@@ -58,11 +58,18 @@ def _rate_col(table: pd.DataFrame) -> str:
 
 
 def representative(table: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
-    """One run per (trace, label) (or `keys` + label): the middle one by offered rate."""
+    """One run per (trace, label) (or `keys` + label): the middle one by offered rate, taken
+    among the rates every label of the group ran at when there are such rates (so that the
+    runs shown side by side ran at the same rate)."""
     picks = []
-    for _, g in table.groupby([*(keys or ["trace"]), "label"], sort=False):
-        g = g.sort_values(_rate_col(g), kind="stable")
-        picks.append(g.iloc[(len(g) - 1) // 2])
+    for _, grp in table.groupby(keys or ["trace"], sort=False):
+        rate = _rate_col(grp)
+        per_label = [set(g[rate].astype(str)) for _, g in grp.groupby("label", sort=False)]
+        shared = set.intersection(*per_label) if per_label else set()
+        for _, g in grp.groupby("label", sort=False):
+            g = g[g[rate].astype(str).isin(shared)] if shared else g
+            g = g.sort_values(rate, kind="stable")
+            picks.append(g.iloc[(len(g) - 1) // 2])
     return pd.DataFrame(picks).reset_index(drop=True)
 
 
