@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.util
 import itertools
 import os
 import pathlib
@@ -30,28 +29,11 @@ SMOKE = "--smoke" in sys.argv           # tiny shapes on CPU through the Triton 
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 
-def _import_kernels():
-    """``kvbench.kernels`` maps to ``kernels/`` via setuptools package-dir; make it importable from
-    a bare checkout (no pip install) too."""
-    try:
-        import kvbench.kernels  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import kvbench
-
-    spec = importlib.util.spec_from_file_location(
-        "kvbench.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvbench.kernels"] = mod
-    spec.loader.exec_module(mod)
-    kvbench.kernels = mod
+use_checkout()
 
 
-_import_kernels()
 
 import torch  # noqa: E402
 import triton  # noqa: E402

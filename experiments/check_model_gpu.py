@@ -16,7 +16,6 @@ Writes check_model_gpu.json to --out (default $OUT or results/gpu).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -28,20 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def kernels_from_checkout() -> None:
-    """`kvbench.kernels` is `kernels/` via setuptools' package-dir; alias it when not installed."""
-    try:
-        import kvbench.kernels  # noqa: F401
-        return
-    except ImportError:
-        import kvbench
-    root = ROOT / "kernels"
-    spec = importlib.util.spec_from_file_location("kvbench.kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    sys.modules["kvbench.kernels"] = kvbench.kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kvbench.kernels)
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 
 
 def model_cfg(name: str):
@@ -251,7 +237,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "results" / "gpu")))
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
-    kernels_from_checkout()
+    use_checkout()
     import transformers
     import triton
     dev = torch.device("cuda")

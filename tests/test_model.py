@@ -16,23 +16,6 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
-def _kernels_from_checkout() -> None:
-    """`kvbench.kernels` is `kernels/` via setuptools' package-dir; alias it when not installed."""
-    import importlib.util
-    import sys
-    try:
-        import kvbench.kernels  # noqa: F401
-        return
-    except ImportError:
-        import kvbench
-    root = Path(__file__).resolve().parents[1] / "kernels"
-    spec = importlib.util.spec_from_file_location("kvbench.kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    sys.modules["kvbench.kernels"] = kvbench.kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kvbench.kernels)
-
-
-_kernels_from_checkout()
 
 from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
 from kvbench.engines.torch_engine import TorchEngine  # noqa: E402

@@ -6,7 +6,6 @@ which ``datetime.fromisoformat`` rejects), parsed exactly here.
 """
 from __future__ import annotations
 
-import csv
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import numpy as np
 from kvbench.request import Request
 from kvbench.traces.arrivals import retime
 from kvbench.traces.build import assemble
-from kvbench.traces.errors import TraceError, row_error
-from kvbench.traces.fields import parse_int
+from kvbench.traces.errors import row_error
+from kvbench.traces.fields import csv_rows, parse_int
 from kvbench.traces.paths import resolve_trace_path
 from kvbench.traces.tokens import (DEFAULT_VOCAB, OUTPUT_STREAM, PROMPT_STREAM, check_vocab,
                                    random_pieces, stream)
@@ -48,26 +47,13 @@ def read_azure_rows(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarr
     """First ``limit`` data rows -> (times [N] s from the earliest, prompt_lens [N],
     output_lens [N], sources)."""
     times, prompt_lens, output_lens, sources = [], [], [], []
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise TraceError(f"{path.name}:1: missing column(s) {missing}; header is {header}, "
-                             f"expected {list(COLUMNS)}")
-        col = {c: header.index(c) for c in COLUMNS}
-        for row in reader:
-            if limit is not None and len(times) >= limit:
-                break
-            if not row or all(not cell.strip() for cell in row):
-                continue  # blank line
-            where = f"{path.name}:{reader.line_num}"
-            if len(row) != len(header):
-                raise TraceError(f"{where}: expected {len(header)} fields {header}, got {len(row)}: {row}")
-            times.append(parse_timestamp_ns(row[col["TIMESTAMP"]], where))
-            prompt_lens.append(parse_int(row[col["ContextTokens"]], where, "ContextTokens", 1))
-            output_lens.append(parse_int(row[col["GeneratedTokens"]], where, "GeneratedTokens", 1))
-            sources.append(where)
+    for where, row, col in csv_rows(path, COLUMNS, COLUMNS):
+        if limit is not None and len(times) >= limit:
+            break
+        times.append(parse_timestamp_ns(row[col["TIMESTAMP"]], where))
+        prompt_lens.append(parse_int(row[col["ContextTokens"]], where, "ContextTokens", 1))
+        output_lens.append(parse_int(row[col["GeneratedTokens"]], where, "GeneratedTokens", 1))
+        sources.append(where)
     times_ns = np.array(times, dtype=np.int64)  # [N] ns since epoch
     rel_s = (times_ns - times_ns.min()) / 1e9 if len(times) else np.zeros(0)  # [N] s, exact ints first
     return rel_s, np.array(prompt_lens, dtype=np.int64), np.array(output_lens, dtype=np.int64), sources

@@ -7,7 +7,6 @@ a failed request. By default failed rows are skipped (and counted in a log messa
 """
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import numpy as np
 from kvbench.request import Request
 from kvbench.traces.arrivals import retime
 from kvbench.traces.build import assemble
-from kvbench.traces.errors import TraceError
-from kvbench.traces.fields import parse_int, parse_seconds
+from kvbench.traces.fields import csv_rows, parse_int, parse_seconds
 from kvbench.traces.paths import resolve_trace_path
 from kvbench.traces.tokens import (DEFAULT_VOCAB, OUTPUT_STREAM, PROMPT_STREAM, check_vocab,
                                    random_pieces, stream)
@@ -34,38 +32,25 @@ def read_burstgpt_rows(path: Path, limit: int | None, keep_failed: bool,
     metas, skipped failed row count)."""
     times, prompt_lens, output_lens, sources, metas = [], [], [], [], []
     failed_skipped = 0
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in USED if c not in header]
-        if missing:
-            raise TraceError(f"{path.name}:1: missing column(s) {missing}; header is {header}, "
-                             f"expected {list(COLUMNS)}")
-        col = {c: header.index(c) for c in USED}
-        for row in reader:
-            if limit is not None and len(times) >= limit:
-                break
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            where = f"{path.name}:{reader.line_num}"
-            if len(row) != len(header):
-                raise TraceError(f"{where}: expected {len(header)} fields {header}, got {len(row)}: {row}")
-            if model is not None and row[col["Model"]].strip() != model:
-                continue
-            if log_type is not None and row[col["Log Type"]].strip() != log_type:
-                continue
-            t = parse_seconds(row[col["Timestamp"]], where, "Timestamp")
-            prompt_len = parse_int(row[col["Request tokens"]], where, "Request tokens", 1)
-            output_len = parse_int(row[col["Response tokens"]], where, "Response tokens", 0)
-            failed = output_len == 0
-            if failed and not keep_failed:
-                failed_skipped += 1
-                continue
-            times.append(t)
-            prompt_lens.append(prompt_len)
-            output_lens.append(max(output_len, 1))
-            sources.append(where)
-            metas.append({"model": row[col["Model"]].strip(), "failed": failed})
+    for where, row, col in csv_rows(path, USED, COLUMNS):
+        if limit is not None and len(times) >= limit:
+            break
+        if model is not None and row[col["Model"]].strip() != model:
+            continue
+        if log_type is not None and row[col["Log Type"]].strip() != log_type:
+            continue
+        t = parse_seconds(row[col["Timestamp"]], where, "Timestamp")
+        prompt_len = parse_int(row[col["Request tokens"]], where, "Request tokens", 1)
+        output_len = parse_int(row[col["Response tokens"]], where, "Response tokens", 0)
+        failed = output_len == 0
+        if failed and not keep_failed:
+            failed_skipped += 1
+            continue
+        times.append(t)
+        prompt_lens.append(prompt_len)
+        output_lens.append(max(output_len, 1))
+        sources.append(where)
+        metas.append({"model": row[col["Model"]].strip(), "failed": failed})
     return (np.array(times), np.array(prompt_lens, dtype=np.int64),
             np.array(output_lens, dtype=np.int64), sources, metas, failed_skipped)
 

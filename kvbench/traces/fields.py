@@ -1,9 +1,33 @@
 """Parsing of single fields of a trace row, with errors that name file, line and field."""
 from __future__ import annotations
 
+import csv
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
-from kvbench.traces.errors import row_error
+from kvbench.traces.errors import TraceError, row_error
+
+
+def csv_rows(path: Path, required: tuple[str, ...], expected: tuple[str, ...]) -> Iterator[tuple[str, list[str], dict[str, int]]]:
+    """(\"file:line\", fields, column index by name) of every non-blank data row of a CSV whose
+    header has the `required` columns; a missing column or a row of the wrong width is an error
+    naming the file and line (`expected` is the header to show in the message)."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise TraceError(f"{path.name}:1: missing column(s) {missing}; header is {header}, "
+                             f"expected {list(expected)}")
+        col = {c: header.index(c) for c in required}
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank line
+            where = f"{path.name}:{reader.line_num}"
+            if len(row) != len(header):
+                raise TraceError(f"{where}: expected {len(header)} fields {header}, got {len(row)}: {row}")
+            yield where, row, col
 
 
 def parse_int(text: str, where: str, field: str, minimum: int) -> int:
