@@ -359,11 +359,19 @@ def bench_decode_long(copy_gbps, args, gen):
     def fns_for(**kw):
         return [lambda i=i: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, **kw) for i in range(R)]
     if args.sweep:
-        for ns, bn, st, fu in itertools.product([16, 24, 32, 48, 64, 96, 128], [32, 64], [2, 3, 4], [0, 1]):
-            cfg = dict(BLOCK_N=bn, num_warps=4, num_stages=st, FUSED_MERGE=fu)
-            ms = bench_rot(fns_for(num_splits=ns, config=cfg), rep=100)
-            SWEEP.append(dict(device=DEVICE, kernel="decode_b1_32k_p16", config=cfg_str(cfg), splits=ns,
-                              median_ms=ms, gbps=nbytes / ms / 1e6))
+        cfgs = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0)
+                for bn, w, st in itertools.product([32, 64, 128], [4, 8], [2, 3, 4, 5])]
+        cfgs += [dict(BLOCK_N=bn, num_warps=4, num_stages=3, FUSED_MERGE=1, MERGE_CHUNK=mc)
+                 for bn, mc in itertools.product([32, 64], [4, 16])]
+        for cfg in cfgs:
+            for ns in [32, 48, 64, 66, 96, 128, 132, 264]:
+                try:
+                    ms = bench_rot(fns_for(num_splits=ns, config=cfg), rep=100)
+                except Exception as e:  # e.g. out of shared memory for this tile
+                    log(f"    sweep {cfg} splits={ns}: {type(e).__name__} {str(e)[:100]}")
+                    break
+                SWEEP.append(dict(device=DEVICE, kernel="decode_b1_32k_p16", config=cfg_str(cfg), splits=ns,
+                                  median_ms=ms, gbps=nbytes / ms / 1e6))
     rows = []
     fused_default = int(dmod.DECODE_CONFIG.get("FUSED_MERGE", 0))
     for ns, extra, tag in ((None, {}, ""), (None, dict(FUSED_MERGE=1 - fused_default),
@@ -502,7 +510,7 @@ def bench_kv_write(copy_gbps, args, gen):
     def fns_for(**kw):
         return [lambda i=i: kv_write(ks[i], vs[i], k_cache, v_cache, slots[i], **kw) for i in range(R)]
     if args.sweep:
-        for bt, w in itertools.product([1, 2, 4, 8, 16], [2, 4, 8]):
+        for bt, w in itertools.product([1, 2, 4, 8, 16], [1, 2, 4, 8]):
             cfg = dict(BLOCK_T=bt, num_warps=w)
             ms = bench_rot(fns_for(config=cfg), rep=100)
             SWEEP.append(dict(device=DEVICE, kernel="kv_write_8k", config=cfg_str(cfg), splits="", median_ms=ms,
@@ -527,6 +535,12 @@ def bench_kv_write(copy_gbps, args, gen):
                 correct=("ok" if ok else "FAIL") if impl == "triton" else "",
                 note="contiguous 64 MiB copy: size ceiling" if impl.startswith("torch-copy") else "")
     del srcs, dsts
+    # the same write into consecutive slots: what the scattered pages cost
+    seq = [torch.arange(i * T, (i + 1) * T, device=dev) for i in range(R)]
+    ms = bench_rot([lambda i=i: kv_write(ks[i], vs[i], k_cache, v_cache, seq[i]) for i in range(R)], rep=400)
+    add_row(kernel="kv_write", impl="triton (consecutive slots)", shape=shape, dtype="bf16", page_size=ps,
+            config=cfg_str(kwmod.KV_WRITE_CONFIG), median_ms=fmt(ms, 4), gbps=fmt(nbytes / ms / 1e6, 1),
+            ratio_to_copy=fmt(nbytes / ms / 1e6 / copy_gbps), note="slots in order, not scattered pages")
     # decode-style write: one token per request, B=64
     slots64 = slots[0][:: T // 64][:64].contiguous()
     k1, v1 = ks[0][:64], vs[0][:64]

@@ -184,6 +184,25 @@ def check_correctness(res: dict, dtype: str) -> None:
                                                    page_size=ps, **rows)
 
 
+def kernel_profile(eng, batch, top: int = 12) -> dict:
+    """GPU time of one eager step by kernel: where a step's time goes, launch gaps excluded."""
+    from torch.profiler import ProfilerActivity, profile
+    eng.step(batch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.step(batch)
+        torch.cuda.synchronize()
+    by = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name[:60]
+            us, n = by.get(name, (0.0, 0))
+            by[name] = (us + e.device_time_total, n + 1)
+    rows = sorted(by.items(), key=lambda kv: -kv[1][0])
+    return dict(kernels=sum(n for _, (_, n) in rows), kernel_us=sum(us for _, (us, _) in rows),
+                top=[dict(name=k, us=round(us, 1), count=n) for k, (us, n) in rows[:top]])
+
+
 def time_decode(res: dict, bw: float) -> None:
     from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines.gpu_engine import GPUEngine
@@ -215,11 +234,27 @@ def time_decode(res: dict, bw: float) -> None:
                     eng.step(batch)
                 t = float(np.median([eng.step(batch) for _ in range(20)]))
                 kv_read = batch_size * (ctx + 1) * bpt
-                rows.append(dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs,
-                                 step_ms=t * 1e3, weight_roofline_ms=wbytes / bw * 1e3,
-                                 weight_kv_roofline_ms=(wbytes + kv_read) / bw * 1e3,
-                                 frac_of_roofline=(wbytes + kv_read) / bw / t,
-                                 tokens_per_s=batch_size / t))
+                row = dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs,
+                           step_ms=t * 1e3, weight_roofline_ms=wbytes / bw * 1e3,
+                           weight_kv_roofline_ms=(wbytes + kv_read) / bw * 1e3,
+                           frac_of_roofline=(wbytes + kv_read) / bw / t,
+                           tokens_per_s=batch_size / t)
+                if graphs:  # the forward alone: the graph replay, without the host's batch building
+                    g = next(reversed(eng._graphs.values()))  # captured by this batch
+                    times = []
+                    for _ in range(20):
+                        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s0.record()
+                        g.graph.replay()
+                        s1.record()
+                        s1.synchronize()
+                        times.append(s0.elapsed_time(s1) / 1e3)
+                    row["gpu_ms"] = float(np.median(times)) * 1e3
+                    row["gpu_frac_of_roofline"] = (wbytes + kv_read) / bw / (row["gpu_ms"] / 1e3)
+                rows.append(row)
+            if layout == "paged":
+                eng.cuda_graphs = False
+                res[f"llama3_1_8b_profile_b{batch_size}"] = kernel_profile(eng, batch)
     eng.cuda_graphs = False
     # one 2k-token prefill, for the record: FLOP-bound, 2 * params * tokens
     r = Request(999, 0.0, np.arange(2048, dtype=np.int32), np.zeros(2, np.int32))
@@ -285,12 +320,19 @@ def main() -> None:
         print(f"\nLlama-3.1-8B shape, bf16: weights {s['weight_bytes'] / 2**30:.2f} GiB, activation peak "
               f"{s['activation_peak_bytes'] / 2**30:.2f} GiB, KV capacity {s['kv_capacity_tokens']} tokens")
         print(f"{'batch':>5} {'ctx':>5} {'layout':>6} {'graphs':>6} {'step ms':>8} {'W roof ms':>9} "
-              f"{'W+KV roof':>9} {'of roof':>7} {'tok/s':>8}")
+              f"{'W+KV roof':>9} {'of roof':>7} {'tok/s':>8} {'GPU ms':>7} {'of roof':>7}")
         for r in res["llama3_1_8b_decode"]:
             print(f"{r['batch']:>5} {r['context']:>5} {r.get('layout', 'paged'):>6} "
                   f"{str(r['cuda_graphs']):>6} {r['step_ms']:>8.2f} "
                   f"{r['weight_roofline_ms']:>9.2f} {r['weight_kv_roofline_ms']:>9.2f} "
-                  f"{r['frac_of_roofline']:>7.1%} {r['tokens_per_s']:>8.0f}")
+                  f"{r['frac_of_roofline']:>7.1%} {r['tokens_per_s']:>8.0f} "
+                  f"{r.get('gpu_ms', float('nan')):>7.2f} {r.get('gpu_frac_of_roofline', float('nan')):>7.1%}")
+        for b in (1, 64):
+            pr = res.get(f"llama3_1_8b_profile_b{b}")
+            if pr:
+                print(f"batch {b} eager step: {pr['kernels']} kernels, {pr['kernel_us'] / 1e3:.2f} ms of GPU time")
+                for r in pr["top"]:
+                    print(f"  {r['us']:>9.1f} us {r['count']:>5}x  {r['name']}")
         p = res["llama3_1_8b_prefill_2048"]
         print(f"prefill 2048 tokens: {p['step_ms']:.1f} ms = {p['tflops']:.0f} TFLOP/s")
     if errors:

@@ -328,7 +328,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         page_size, split_tokens, num_splits,
         G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
         CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
-        FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=4,
+        FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1 and not fused:

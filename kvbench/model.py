@@ -1,8 +1,10 @@
 """A Llama-architecture decoder (Llama 2/3, Qwen2) over a flat, paged, variable-length batch.
 
 One forward runs a mixed step: prefill chunks and decode tokens of B requests, flattened into
-T tokens. Per layer: qkv proj -> rope -> write the new K/V into the pool through
-`slot_mapping` -> attention over each request's page table -> o proj -> SwiGLU MLP.
+T tokens. Per layer: (residual add +) RMSNorm -> qkv proj -> rope + write the new K/V into the
+pool through `slot_mapping` -> attention over each request's page table -> o proj -> (residual
+add +) RMSNorm -> gate|up proj -> SiLU * up -> down proj. Elementwise steps are fused kernels
+(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches.
 
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
     token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
@@ -140,12 +142,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos, sin [T, 1, D] (halves repeated, HF's rotate_half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 @dataclass
 class AttnMetadata:
     """Where a step's tokens live in the pool; built by the engine from a StepBatch."""
@@ -162,11 +158,12 @@ class AttnMetadata:
 
 
 def attention_ops(backend: str) -> SimpleNamespace:
-    """The four kernel launchers of `kvbench.kernels`, bound to a backend: "triton" (the kernels)
-    or "reference" (the launchers' torch path: same shape checks, then the `*_ref` functions)."""
+    """The kernel launchers of `kvbench.kernels`, bound to a backend: "triton" (the kernels) or
+    "reference" (the launchers' torch path: same shape checks, then the `*_ref` functions)."""
     if backend not in ("reference", "triton"):
         raise ValueError(f"attention backend '{backend}' is not 'reference' or 'triton'")
-    names = ("kv_write", "decode_attention", "extend_attention", "page_copy")
+    names = ("rms_norm", "rope_kv_write", "silu_mul", "kv_write", "decode_attention",
+             "extend_attention", "page_copy")
     kernel_backend = "torch" if backend == "reference" else "triton"
     fns = {n: partial(getattr(importlib.import_module(f"kvbench.kernels.{n}"), n),
                       backend=kernel_backend) for n in names}
@@ -174,13 +171,12 @@ def attention_ops(backend: str) -> SimpleNamespace:
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the norm itself (fused with the residual add) is `ops.rms_norm`."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, dim]; normalized in fp32 as HF
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -195,15 +191,19 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate | up rows
         self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
 
-    def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache, ops):
-        # x [T, hidden]; cos/sin [T, 1, D]; k_cache/v_cache [num_slots, H_kv, D]
+    def forward(self, x, residual, cos, sin, meta: AttnMetadata, k_cache, v_cache, ops):
+        """x [T, hidden]: the previous layer's MLP output, or the embeddings (residual None);
+        residual [T, hidden]: the stream before x is added (updated in place).
+        cos/sin [T, D]; k_cache/v_cache [num_slots, H_kv, D]. Returns (MLP output, residual)."""
         c, t = self.cfg, x.shape[0]
-        qkv = self.qkv(self.input_norm(x))  # [T, (H_q + 2 H_kv) D]
-        n_qk = c.num_heads + c.num_kv_heads
-        qk = apply_rope(qkv[:, :n_qk * c.head_dim].view(t, n_qk, c.head_dim), cos, sin)  # q, k at once
-        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)  # [T, H_q, D], [T, H_kv, D] (strided)
-        v = qkv[:, n_qk * c.head_dim:].view(t, c.num_kv_heads, c.head_dim)  # [T, H_kv, D] (strided)
-        ops.kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, self.input_norm.weight, c.rms_norm_eps)
+        else:  # residual += x; h = norm(residual)
+            h = ops.rms_norm(x, self.input_norm.weight, c.rms_norm_eps, residual)
+        qkv = self.qkv(h)  # [T, (H_q + 2 H_kv) D]
+        # rotates q, k in place; writes k, v into their slots; q/k/v are strided views of qkv
+        q, k, v = ops.rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                    c.num_heads, c.num_kv_heads)
         scale = c.head_dim ** -0.5
         if meta.decode_only:  # T == B: one query per request
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens,
@@ -213,9 +213,9 @@ class DecoderLayer(nn.Module):
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
                                      contiguous=meta.contiguous)
-        x = x + self.o_proj(o.reshape(t, c.num_heads * c.head_dim))  # o [T, H_q, D] -> [T, hidden]
-        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # each [T, intermediate]
-        return x + self.down(F.silu(gate) * up)  # [T, hidden]
+        a = self.o_proj(o.reshape(t, c.num_heads * c.head_dim))  # o [T, H_q, D] -> [T, hidden]
+        h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
+        return self.down(ops.silu_mul(self.gate_up(h))), residual  # gate_up [T, 2 intermediate]
 
 
 class LlamaModel(nn.Module):
@@ -235,13 +235,14 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 kv_pool: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] int64; kv_pool [L, 2, slots, H_kv, D] -> logits [B_emit, V]."""
-        x = self.embed(input_ids)  # [T, hidden]
+        x, residual = self.embed(input_ids), None  # [T, hidden]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2] fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D], HF's layout (halves repeated)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, kv_pool[i, 0], kv_pool[i, 1], self.ops)
-        x = self.norm(x[meta.logits_idx])  # [B_emit, hidden]
+            x, residual = layer(x, residual, cos, sin, meta, kv_pool[i, 0], kv_pool[i, 1], self.ops)
+        idx = meta.logits_idx  # only emitting tokens: the last add and norm on B_emit rows
+        x = self.ops.rms_norm(x[idx], self.norm.weight, self.cfg.rms_norm_eps, residual[idx])
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, w)  # [B_emit, vocab]
 

@@ -1,0 +1,46 @@
+"""SwiGLU's activation: out = silu(gate) * up over a fused [T, 2I] gate|up projection, one launch.
+
+Rounding follows ``F.silu(gate) * up`` in the activation dtype: silu in fp32, rounded, then the
+product rounded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for
+
+BLOCK = 1024
+
+
+@triton.jit(do_not_specialize=["stride_x", "stride_o"])
+def _silu_mul_kernel(x_ptr, o_ptr, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(o_ptr + row * stride_o + offs, (s * u).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul_ref(x):
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
+    """x: [T, 2I] (gate | up), last dim contiguous -> [T, I] in x's dtype."""
+    check_backend(backend)
+    check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
+    check(x.shape[1] % 2 == 0, lambda: f"x must be [T, 2I] (gate | up), got {tuple(x.shape)}")
+    if backend == "torch":
+        return silu_mul_ref(x)
+    T, I = x.shape[0], x.shape[1] // 2
+    out = torch.empty((T, I), dtype=x.dtype, device=x.device)
+    if T:
+        kernel_for(_silu_mul_kernel, x.device)[(T, cdiv(I, BLOCK))](
+            x, out, x.stride(0), out.stride(0), I=I, BLOCK=BLOCK, num_warps=num_warps)
+    return out
