@@ -442,13 +442,26 @@ def bench_extend(copy_gbps, args, gen):
             ref_fn = sd_fns["masked/expanded"]
         ref = ref_fn()[0].transpose(0, 1) if ref_fn else None
 
+        # the model's layout: q, k, v are strided views of one fused projection output, and the
+        # new tokens' K/V (already in the cache) are also read from there ("ragged")
+        pos = torch.arange(L, device=dev)
+        new_slots = (pt[0, pos // ps].long() * ps + pos % ps)[prefix:]
+        qkv = torch.cat([q.reshape(n_new, -1), k_cache[new_slots].reshape(n_new, -1),
+                         v_cache[new_slots].reshape(n_new, -1)], dim=1)
+        qf, kn, vn = qkv.view(n_new, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=1)
+        pt_c = (torch.arange(L // ps, dtype=torch.int32, device=dev) + 7)[None]
+        kcc = torch.empty_like(k_cache)
+        vcc = torch.empty_like(v_cache)
+        kcc[7 * ps + pos] = k_cache[pt[0, pos // ps].long() * ps + pos % ps]
+        vcc[7 * ps + pos] = v_cache[pt[0, pos // ps].long() * ps + pos % ps]
         if args.sweep_extend:
             for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                                 (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                                 (128, 128, 4, 2), (64, 64, 4, 4)]:
+                                 (128, 128, 8, 4), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                                 (128, 128, 4, 2), (64, 64, 4, 4), (256, 64, 8, 3), (256, 128, 8, 2)]:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
                 try:
-                    fn = lambda: extend_attention(q, k_cache, v_cache, pt, qsl, sl, ps, config=cfg)
+                    fn = lambda: extend_attention(qf, k_cache, v_cache, pt, qsl, sl, ps, config=cfg,
+                                                  k_new=kn, v_new=vn)
                     o = fn()
                     ok, _ = compare(o, ref) if ref is not None else (True, "")
                     ms = bench(fn, rep=100)
@@ -457,27 +470,24 @@ def bench_extend(copy_gbps, args, gen):
                     continue
                 SWEEP.append(dict(device=DEVICE, kernel=f"{name}_{n_new}_{prefix}", config=cfg_str(cfg), splits="",
                                   median_ms=ms, tflops=flops / ms / 1e9, correct=ok))
-        for contiguous in (False, True):
-            if contiguous:
-                pt_c = (torch.arange(L // ps, dtype=torch.int32, device=dev) + 7)[None]
-                kcc = torch.empty_like(k_cache)
-                vcc = torch.empty_like(v_cache)
-                pos = torch.arange(L, device=dev)
-                kcc[7 * ps + pos] = k_cache[pt[0, pos // ps].long() * ps + pos % ps]
-                vcc[7 * ps + pos] = v_cache[pt[0, pos // ps].long() * ps + pos % ps]
-                fn = lambda: extend_attention(q, kcc, vcc, pt_c, qsl, sl, ps, contiguous=True)
-            else:
-                fn = lambda: extend_attention(q, k_cache, v_cache, pt, qsl, sl, ps)
+        variants = [  # (impl, fn, config used)
+            ("triton", lambda: extend_attention(q, k_cache, v_cache, pt, qsl, sl, ps), emod.extend_config(D)),
+            ("triton-slab", lambda: extend_attention(q, kcc, vcc, pt_c, qsl, sl, ps, contiguous=True),
+             emod.extend_config(D)),
+            ("triton-ragged", lambda: extend_attention(qf, k_cache, v_cache, pt, qsl, sl, ps, k_new=kn, v_new=vn),
+             emod.extend_config(D, ragged=True)),
+            ("triton-ragged-slab", lambda: extend_attention(qf, kcc, vcc, pt_c, qsl, sl, ps, contiguous=True,
+                                                            k_new=kn, v_new=vn), emod.extend_config(D, ragged=True)),
+        ]
+        for impl, fn, cfg in variants:
             o = fn()
             ok, msg = compare(o, ref) if ref is not None else (True, "no reference")
             ms = bench_rot([fn])
             tf = flops / ms / 1e9
-            add_row(kernel=name, impl="triton" + ("-slab" if contiguous else ""), shape=shape, dtype="bf16",
-                    page_size=ps, config=cfg_str(emod.EXTEND_CONFIG.get(D)), median_ms=fmt(ms, 4), tflops=fmt(tf, 1),
+            add_row(kernel=name, impl=impl, shape=shape, dtype="bf16",
+                    page_size=ps, config=cfg_str(cfg), median_ms=fmt(ms, 4), tflops=fmt(tf, 1),
                     correct="ok (vs sdpa)" if ok else "FAIL", note=msg if not ok else "")
-            if contiguous:
-                del kcc, vcc
-        tri_rows = ROWS[-2:]
+        tri_rows = ROWS[-len(variants):]
         sd = {}
         for sname, fn in sd_fns.items():
             ms = bench_rot([fn])
@@ -488,7 +498,7 @@ def bench_extend(copy_gbps, args, gen):
             best = min(sd.values())
             for r in tri_rows:
                 r["vs_sdpa"] = fmt(best / float(r["median_ms"]))
-        del k_cache, v_cache, kc, vc, sd_fns
+        del k_cache, v_cache, kc, vc, sd_fns, kcc, vcc, qkv
         _empty_cache()
 
 

@@ -1,10 +1,17 @@
-"""Extend attention: prefill with a cached prefix, through the page table.
+"""Extend attention: prefill with a cached prefix, read through the page table.
 
 A variable-length batch of new tokens (flattened, ``query_start_loc`` gives the boundaries).
-New token j of request b sits at position ``prefix_len_b + j`` and attends to cache positions
-``[0, prefix_len_b + j]``; the new tokens' K/V were already written into the cache by
-``kv_write``, so every key, prefix or new, is read through the page table. Covers plain prefill
-(empty prefix) and radix / prefix-cache hits.
+New token j of request b sits at position ``prefix_b + j`` (``prefix_b = seq_len_b - q_len_b``)
+and attends to positions ``[0, prefix_b + j]``. Covers plain prefill (empty prefix) and radix /
+prefix-cache hits. Keys come from one of two sources:
+
+- paged (default): the new tokens' K/V were already written into the cache by ``kv_write``, so
+  every key, prefix or new, is read through the page table (or the slab, ``contiguous=True``).
+- ragged (``k_new``/``v_new`` given, [T, H_kv, D] in q's row order, e.g. views into the fused
+  qkv projection output): only the prefix ``[0, prefix_b)`` is read through the page table; the
+  new keys are read straight from ``k_new``/``v_new`` row ``query_start_loc[b] + j`` by plain
+  affine offsets, which the loads' software pipelining likes better. Same result: by contract
+  k_new/v_new hold what kv_write put into the cache.
 
 Each program owns BLOCK_M query rows of one request and one query head. Programs are laid out
 over the flattened list of (request, query-block) pairs, decoded in-kernel from
@@ -22,20 +29,125 @@ from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_ten
                       kernel_for, next_pow2)
 from .decode_attention import LOG2E, _gather_kv
 
-# Default launch config per head dim (tuned on H200, see docs/kernels.md).
+# Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
+# BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
+# given: an A/B knob for benchmark sweeps). The ragged path needs BLOCK_M % BLOCK_N == 0.
 EXTEND_CONFIG = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
 }
+# ragged path (H200, bf16, 32/8 heads): d=128 128x128 tiles: extend 4k over 4k +4% (400 vs 383
+# TFLOP/s), prefill 8k the same (460); d=64 as the paged path
+EXTEND_RAGGED_CONFIG = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+}
 _DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
+def extend_config(head_dim: int, ragged: bool = False, config: dict | None = None) -> dict:
+    """The launch config a call uses: the per-head-dim default of its path, updated by ``config``."""
+    table = EXTEND_RAGGED_CONFIG if ragged else EXTEND_CONFIG
+    return dict(table.get(head_dim, _DEFAULT_CONFIG), **(config or {}))
+
+
+@triton.jit
+def _attend(q, k, v, m_i, l_i, acc, qk_scale, vis,
+            MASKED: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key block of the online softmax (log2 domain): returns the updated (m_i, l_i, acc).
+    q [BM, BD], k/v [BN, BD]; vis [BM, BN] (or broadcastable) marks visible keys when MASKED."""
+    if DOT_F32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)                 # [BM, BN] raw scores
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                     # running max
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)              # rows that see nothing yet
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s * qk_scale - m_use[:, None])                           # one FMA per score
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p_lp = p.to(v.dtype)                                                 # P rounded to the V dtype
+    if DOT_F32:
+        p_lp = p_lp.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo, hi,
+                kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size, offs_d, d_mask,
+                BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, MASKED: tl.constexpr,
+                DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Keys at positions [lo, hi) through the page table (or slab: slot0 + position).
+    MASKED: key < hi and causal (key <= pos_m); else every row sees every key."""
+    if not CONTIGUOUS:
+        # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps the
+        # K/V loads software-pipelined)
+        offs_nx = lo + tl.arange(0, BLOCK_N)
+        page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < hi, other=0).to(tl.int64)
+        slot_nx = page_nx * page_size + offs_nx % page_size
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if CONTIGUOUS:
+            slot = slot0 + offs_n
+        else:
+            slot = slot_nx
+            offs_nx = offs_n + BLOCK_N
+            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < hi, other=0).to(tl.int64)
+            slot_nx = page_nx * page_size + offs_nx % page_size
+        if MASKED:
+            n_mask = offs_n < hi
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            vis = (offs_n[None, :] <= pos_m[:, None]) & n_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+            vis = None
+        k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, vis, MASKED, DOT_F32, DOT_PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, lo, hi,
+              kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """New keys j in [lo, hi) of this request, read from k_new/v_new rows by affine offsets.
+    MASKED: j < hi and causal (j <= offs_m); else every row sees every key."""
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = kn_base + offs_n[:, None].to(tl.int64) * stride_knt + offs_d[None, :]
+    v_ptrs = vn_base + offs_n[:, None].to(tl.int64) * stride_vnt + offs_d[None, :]
+    for _ in range(lo, hi, BLOCK_N):
+        if MASKED:
+            n_mask = offs_n < hi
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+            vis = None
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, vis, MASKED, DOT_F32, DOT_PREC)
+        offs_n += BLOCK_N
+        k_ptrs += BLOCK_N * stride_knt
+        v_ptrs += BLOCK_N * stride_vnt
+    return m_i, l_i, acc
+
+
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
-# just-in-time compile in the middle of a timed serving step
-@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B"])
+# just-in-time compile in the middle of a timed serving step. The k_new/v_new token strides are
+# passed divided by NEW_ALIGN (a constexpr power of two, 16 for any usual layout), so the
+# compiler still knows the rows are 16-element aligned and vectorizes their loads.
+@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B", "stride_knt_a", "stride_vnt_a"])
 def _extend_kernel(
     q_ptr,                   # [T, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
+    kn_ptr, vn_ptr,          # [T, H_kv, D] new tokens' K/V (RAGGED; else unused)
     pt_ptr,                  # [B, max_pages]
     qsl_ptr,                 # [B + 1]
     seqlen_ptr,              # [B]
@@ -43,12 +155,14 @@ def _extend_kernel(
     qk_scale,                # sm_scale * log2(e)
     stride_qt, stride_qh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
+    stride_knt_a, stride_knh, stride_vnt_a, stride_vnh,   # token strides / NEW_ALIGN
     stride_ptb,
     stride_ot, stride_oh,
     page_size, B,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    CONTIGUOUS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
@@ -90,80 +204,44 @@ def _extend_kernel(
         kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
         vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
         pt_row = pt_ptr + b.to(tl.int64) * stride_ptb
+        slot0 = 0
         if CONTIGUOUS:
             slot0 = tl.load(pt_row).to(tl.int64) * page_size
 
-        # keys [0, full_end) are visible to every row of the block: no mask at all
-        first_pos = prefix + mblk * BLOCK_M
-        full_end = (first_pos // BLOCK_N) * BLOCK_N
-        if not CONTIGUOUS:
-            # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps
-            # the K/V loads software-pipelined)
-            offs_nx = tl.arange(0, BLOCK_N)
-            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < full_end, other=0).to(tl.int64)
-            slot_nx = page_nx * page_size + offs_nx % page_size
-        for n0 in range(0, full_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            if CONTIGUOUS:
-                slot = slot0 + offs_n
-            else:
-                slot = slot_nx
-                offs_nx = offs_n + BLOCK_N
-                page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < full_end, other=0).to(tl.int64)
-                slot_nx = page_nx * page_size + offs_nx % page_size
-            k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # [BM, BN] raw scores
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)             # running max (log2 domain)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s * qk_scale - m_new[:, None])                   # one FMA per score
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p_lp = p.to(v.dtype)
-            if DOT_F32:
-                p_lp = p_lp.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
-            m_i = m_new
-
-        # diagonal region: causal + length mask
-        diag_end = tl.minimum(seq_len, prefix + (mblk + 1) * BLOCK_M)
-        if not CONTIGUOUS:
-            offs_nx = full_end + tl.arange(0, BLOCK_N)
-            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < diag_end, other=0).to(tl.int64)
-            slot_nx = page_nx * page_size + offs_nx % page_size
-        for n0 in range(full_end, diag_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < diag_end
-            if CONTIGUOUS:
-                slot = slot0 + offs_n
-            else:
-                slot = slot_nx
-                offs_nx = offs_n + BLOCK_N
-                page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < diag_end, other=0).to(tl.int64)
-                slot_nx = page_nx * page_size + offs_nx % page_size
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            vis = (offs_n[None, :] <= pos_m[:, None]) & n_mask[None, :]
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows past q_len see nothing
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s * qk_scale - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p_lp = p.to(v.dtype)
-            if DOT_F32:
-                p_lp = p_lp.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
-            m_i = m_new
+        if RAGGED:
+            # 1. prefix [0, prefix) through the page table: full blocks unmasked, then the tail
+            #    (masked by key < prefix; the causal part of its mask holds for every row)
+            pre_full = (prefix // BLOCK_N) * BLOCK_N
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, 0, pre_full,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, pre_full, prefix,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+            # 2. new keys before this block's first row: visible to every row, no mask
+            stride_knt = stride_knt_a * NEW_ALIGN
+            stride_vnt = stride_vnt_a * NEW_ALIGN
+            kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
+            vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
+            m0 = mblk * BLOCK_M
+            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, 0, m0,
+                                      kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+                                      BLOCK_N, False, DOT_F32, DOT_PREC)
+            # 3. the diagonal: BLOCK_M / BLOCK_N blocks with the causal + length mask
+            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, m0, tl.minimum(q_len, m0 + BLOCK_M),
+                                      kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+                                      BLOCK_N, True, DOT_F32, DOT_PREC)
+        else:
+            # positions [0, full_end) are visible to every row of the block: no mask at all
+            full_end = ((prefix + mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, 0, full_end,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+            # diagonal region: causal + length mask
+            diag_end = tl.minimum(seq_len, prefix + (mblk + 1) * BLOCK_M)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, full_end, diag_end,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -220,21 +298,43 @@ def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_l
     return out
 
 
+def _check_new(q, k_cache, k_new, v_new):
+    check((k_new is None) == (v_new is None), "k_new and v_new must be given together (or neither)")
+    if k_new is None:
+        return
+    T, Hkv, D = q.shape[0], k_cache.shape[1], q.shape[2]
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        check_tensor(name, t, ndim=3, dtypes=(q.dtype,), device=q)
+        check(tuple(t.shape) == (T, Hkv, D),
+              lambda: f"{name} must be [T={T}, H_kv={Hkv}, D={D}] (q's tokens, the cache's heads), "
+                      f"got {tuple(t.shape)}")
+
+
 def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size, sm_scale=None,
-                     contiguous=False, *, out=None, backend: str = "triton", config: dict | None = None):
+                     contiguous=False, *, k_new=None, v_new=None, out=None, backend: str = "triton",
+                     config: dict | None = None):
     """Causal attention of new tokens over their request's cached prefix and themselves.
 
     q:               [T, H_q, D]           new tokens of B requests, flattened
-    k_cache/v_cache: [num_slots, H_kv, D]  new tokens' K/V already written (kv_write)
+    k_cache/v_cache: [num_slots, H_kv, D]  the prefix's K/V (and, without k_new/v_new, the new
+                                           tokens' K/V, already written by kv_write)
     page_table:      [B, max_pages] int32
     query_start_loc: [B + 1] int32         cumulative new-token counts (starts at 0)
     seq_lens:        [B] int32             prefix + new tokens per request
     contiguous:      slab fast path, slot = page_table[b, 0] * page_size + i
+    k_new/v_new:     optional [T, H_kv, D] new tokens' K/V in q's row order (any token/head
+                     stride, last dim contiguous; e.g. views into a fused qkv output): the
+                     "ragged" path reads the new keys from here and only the prefix through the
+                     page table. They must equal what kv_write stored in the cache: the torch
+                     backend (the reference) ignores them and reads everything from the cache.
     out:             optional preallocated [T, H_q, D] output (q's dtype)
+    config:          launch overrides (BLOCK_M, BLOCK_N, num_warps, num_stages; RAGGED=0 forces
+                     the paged path although k_new/v_new are given)
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
     """
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
+    _check_new(q, k_cache, k_new, v_new)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
@@ -251,19 +351,32 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         return o
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     check(scale > 0, lambda: f"sm_scale must be > 0, got {scale}")
-    cfg = dict(EXTEND_CONFIG.get(D, _DEFAULT_CONFIG), **(config or {}))
+    ragged = k_new is not None and bool((config or {}).get("RAGGED", 1))
+    cfg = extend_config(D, ragged, config)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if ragged:
+        check(BM % BN == 0, lambda: f"the ragged path (k_new/v_new) needs BLOCK_M % BLOCK_N == 0, got "
+                                    f"BLOCK_M={BM}, BLOCK_N={BN}")
+        # largest power of two <= 16 dividing both token strides: the kernel gets stride / align
+        # (not specialized) times align (constexpr), so row alignment survives for vector loads
+        align = math.gcd(k_new.stride(0), v_new.stride(0), 16)
+        kn, vn = k_new, v_new
+        kn_strides = (k_new.stride(0) // align, k_new.stride(1), v_new.stride(0) // align, v_new.stride(1))
+    else:
+        align, kn, vn, kn_strides = 1, k_cache, v_cache, (0, 0, 0, 0)          # unused
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
     kernel_for(_extend_kernel, dev)[(Hq, max_blocks)](
-        q, k_cache, v_cache, page_table, query_start_loc, seq_lens, o,
+        q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        *kn_strides,
         page_table.stride(0), o.stride(0), o.stride(1),
         page_size, B,
         G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
         BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
-        CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+        CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
+        DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o

@@ -16,7 +16,7 @@ import triton.language as tl
 from ._common import ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2
 
 
-@triton.jit(do_not_specialize=["stride_x", "stride_r", "stride_o"])
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, o_ptr,          # [T, N] rows; r (residual) read and written when ADD
     stride_x, stride_r, stride_o,

@@ -30,7 +30,7 @@ def _rotate(x_ptrs, c, s, HALF: tl.constexpr, mask):
     return o1, o2
 
 
-@triton.jit(do_not_specialize=["stride_t", "stride_c", "stride_s", "stride_kcs", "stride_vcs"])
+@triton.jit
 def _rope_kv_write_kernel(
     qkv_ptr,                 # [T, (H_q + 2 H_kv) * D]
     cos_ptr, sin_ptr,        # [T, >= D/2]

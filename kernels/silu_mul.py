@@ -15,7 +15,7 @@ from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kern
 BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["stride_x", "stride_o"])
+@triton.jit
 def _silu_mul_kernel(x_ptr, o_ptr, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

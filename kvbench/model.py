@@ -210,9 +210,10 @@ class DecoderLayer(nn.Module):
                                      meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
                                      max_seq_len=meta.max_seq_len)
         else:
+            # the prefix through the page table, the new tokens' K/V straight from qkv
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
-                                     contiguous=meta.contiguous)
+                                     contiguous=meta.contiguous, k_new=k, v_new=v)
         a = self.o_proj(o.reshape(t, c.num_heads * c.head_dim))  # o [T, H_q, D] -> [T, hidden]
         h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
         return self.down(ops.silu_mul(self.gate_up(h))), residual  # gate_up [T, 2 intermediate]

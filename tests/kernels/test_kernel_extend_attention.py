@@ -9,6 +9,7 @@ from kvbench.kernels.tolerances import assert_close
 from kv_testlib import DTYPES_CPU, device, make_cache, nan_like, randn
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)   # many blocks on tiny shapes
+SMALL_RAGGED = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)   # 2 key blocks per diagonal
 LAYOUTS = [(1, False), (16, False), (128, True)]
 LAYOUT_IDS = ["page1", "page16", "slab128"]
 
@@ -72,6 +73,109 @@ def test_extend_input_errors():
         extend_attention(q, kc, kc, pt, qsl, sl, 0)
 
 
+
+# ------------------------------------------------------------------ ragged path (k_new / v_new)
+def _slots(page_table_row, pos, page_size, contiguous):
+    if contiguous:
+        return page_table_row[0].long() * page_size + pos
+    return page_table_row[pos // page_size].long() * page_size + pos % page_size
+
+
+def _run_ragged(new_lens, prefix_lens, page_size, contiguous, Hq, Hkv, D, dtype, config=SMALL_RAGGED, seed=0,
+                dev=None, fused=True):
+    """k_new/v_new hold the new tokens' K/V (as views into a fused qkv tensor when ``fused``); the
+    reference reads them from the cache, the kernel must not: their cache slots are poisoned
+    (NaN) before the kernel runs."""
+    dev = dev or device()
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [a + b for a, b in zip(new_lens, prefix_lens)]
+    k_cache, v_cache, page_table = make_cache(seq_lens, page_size, Hkv, D, dtype, dev,
+                                              contiguous=contiguous, gen=gen)
+    T = sum(new_lens)
+    qsl = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    # the new tokens' slots, in q's row order
+    new_slots = torch.cat([_slots(page_table[b], torch.arange(p, p + n, device=dev), page_size, contiguous)
+                           for b, (n, p) in enumerate(zip(new_lens, prefix_lens))])
+    if fused:   # [T, (Hq + 2 Hkv) * D], as a qkv projection writes it
+        qkv = randn(T, (Hq + 2 * Hkv) * D, dtype=dtype, device=dev, gen=gen)
+        q = qkv[:, : Hq * D].view(T, Hq, D)
+        k_new = qkv[:, Hq * D: (Hq + Hkv) * D].view(T, Hkv, D)
+        v_new = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+        k_new.copy_(k_cache[new_slots])
+        v_new.copy_(v_cache[new_slots])
+    else:
+        q = randn(T, Hq, D, dtype=dtype, device=dev, gen=gen)
+        k_new, v_new = k_cache[new_slots], v_cache[new_slots]
+    ref = extend_attention_ref(q, k_cache, v_cache, page_table, qsl, sl, page_size, contiguous=contiguous)
+    k_cache[new_slots] = float("nan")
+    v_cache[new_slots] = float("nan")
+    out = nan_like(q)
+    o = extend_attention(q, k_cache, v_cache, page_table, qsl, sl, page_size, contiguous=contiguous,
+                         k_new=k_new, v_new=v_new, out=out, config=config)
+    assert o.data_ptr() == out.data_ptr()
+    assert_close(o[:T], ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_extend_ragged_new_kv(dtype, layout):
+    page_size, contiguous = layout
+    # empty prefix; prefixes off the BLOCK_N (16) and page grid, one a whole block; a 1-token
+    # extend; new lens off the BLOCK_M (32) grid and one spanning several query blocks
+    _run_ragged([70, 1, 20, 9, 33], [0, 50, 33, 16, 5], page_size, contiguous, Hq=4, Hkv=2, D=64, dtype=dtype)
+
+
+def test_extend_ragged_contiguous_new_kv_and_zero_new_tokens():
+    # plain (unfused) k_new/v_new; a request with no new tokens sits between two others
+    _run_ragged([5, 0, 40], [3, 40, 17], 16, False, Hq=4, Hkv=1, D=32, dtype=torch.float16, fused=False)
+
+
+def test_extend_ragged_default_config_mha():
+    # default config (BLOCK_M=64, BLOCK_N=32 for D=48: padded head dim), H_q == H_kv
+    _run_ragged([100, 3], [0, 77], 16, False, Hq=2, Hkv=2, D=48, dtype=torch.bfloat16, config=None)
+
+
+def test_extend_ragged_paged_override_matches():
+    # config RAGGED=0 ignores k_new/v_new and reads the cache (here: intact, so the same result)
+    dev = device()
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, pt = make_cache([30], 16, 1, 32, torch.float32, dev, gen=gen)
+    q = randn(30, 2, 32, dtype=torch.float32, device=dev, gen=gen)
+    qsl = torch.tensor([0, 30], dtype=torch.int32, device=dev)
+    sl = torch.tensor([30], dtype=torch.int32, device=dev)
+    slots = _slots(pt[0], torch.arange(30, device=dev), 16, False)
+    kw = dict(k_new=k_cache[slots], v_new=v_cache[slots])
+    a = extend_attention(q, k_cache, v_cache, pt, qsl, sl, 16, config=dict(SMALL_RAGGED, RAGGED=0), **kw)
+    b = extend_attention(q, k_cache, v_cache, pt, qsl, sl, 16, config=SMALL_RAGGED, **kw)
+    assert_close(a, extend_attention_ref(q, k_cache, v_cache, pt, qsl, sl, 16))
+    assert_close(b, a)
+
+
+def test_extend_ragged_input_errors():
+    dev = device()
+    q = torch.zeros(10, 4, 64, dtype=torch.float16, device=dev)
+    kc = torch.zeros(64, 2, 64, dtype=torch.float16, device=dev)
+    pt = torch.zeros(2, 4, dtype=torch.int32, device=dev)
+    sl = torch.full((2,), 5, dtype=torch.int32, device=dev)
+    qsl = torch.tensor([0, 5, 10], dtype=torch.int32, device=dev)
+    kn = torch.zeros(10, 2, 64, dtype=torch.float16, device=dev)
+    with pytest.raises(ValueError, match="k_new and v_new must be given together"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn)
+    with pytest.raises(ValueError, match="k_new and v_new must be given together"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, v_new=kn)
+    with pytest.raises(ValueError, match=r"k_new must be \[T=10, H_kv=2, D=64\]"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn[:9], v_new=kn)
+    with pytest.raises(ValueError, match=r"v_new must be \[T=10, H_kv=2, D=64\]"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn, v_new=torch.zeros(10, 4, 64, dtype=q.dtype, device=dev))
+    with pytest.raises(ValueError, match="v_new dtype"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn, v_new=kn.float())
+    with pytest.raises(ValueError, match="k_new must be contiguous in its last dim"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn.transpose(0, 2).contiguous().transpose(0, 2),
+                         v_new=kn)
+    with pytest.raises(ValueError, match="BLOCK_M % BLOCK_N == 0"):
+        extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn, v_new=kn, config=dict(BLOCK_M=48, BLOCK_N=32))
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -97,3 +201,19 @@ def test_extend_gpu_prefix_hit(layout):
 def test_extend_gpu_d64_ragged():
     _run([513, 64, 1000], [0, 17, 129], 16, False, Hq=16, Hkv=4, D=64, dtype=torch.bfloat16,
          dev=torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@gpu
+def test_extend_gpu_ragged_prefill_4k():
+    _run_ragged([4096], [0], 16, False, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, config=None,
+                dev=torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("layout", [(1, False), (16, False), (4096, True)], ids=["page1", "page16", "slab"])
+def test_extend_gpu_ragged_prefix_hit(layout):
+    page_size, contiguous = layout
+    _run_ragged([2048, 300, 1, 0, 77], [2048, 1000, 3000, 5, 0], page_size, contiguous, Hq=32, Hkv=8, D=128,
+                dtype=torch.bfloat16, config=None, dev=torch.device("cuda"))
