@@ -298,9 +298,9 @@ def main() -> None:
             errors[name] = f"{type(e).__name__}: {e}"
         print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
         torch.cuda.empty_cache()
-    res["errors"] = errors
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "check_model_gpu.json").write_text(json.dumps(res, indent=1, default=str))
+        res["errors"] = errors
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # after each part: survives a timeout
+        (Path(args.out) / "check_model_gpu.json").write_text(json.dumps(res, indent=1, default=str))
     print("\nLlama-3.2-1B shape, paged ps16 (shuffled), prefill + 8 greedy decodes vs transformers")
     print(f"{'dtype':<9} {'attention':<10} {'rel err':>9} {'top1':>6} {'graph-eager':>12} "
           f"{'vs HF fp32':>10} {'HF vs HF fp32':>13}")
