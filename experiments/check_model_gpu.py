@@ -203,6 +203,33 @@ def kernel_profile(eng, batch, top: int = 12) -> dict:
                 top=[dict(name=k, us=round(us, 1), count=n) for k, (us, n) in rows[:top]])
 
 
+def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, linear="triton-gemv") -> dict:
+    """Median engine step time (host batch building included) and, with CUDA graphs, the graph
+    replay alone; both against the (weights + K/V read) / copy-bandwidth roofline."""
+    eng.cuda_graphs = graphs
+    for _ in range(3):
+        eng.step(batch)
+    t = float(np.median([eng.step(batch) for _ in range(20)]))
+    kv_read = batch_size * (ctx + 1) * bpt
+    row = dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs, linear=linear,
+               step_ms=t * 1e3, weight_roofline_ms=wbytes / bw * 1e3,
+               weight_kv_roofline_ms=(wbytes + kv_read) / bw * 1e3,
+               frac_of_roofline=(wbytes + kv_read) / bw / t, tokens_per_s=batch_size / t)
+    if graphs:  # the forward alone: the graph replay, without the host's batch building
+        g = next(reversed(eng._graphs.values()))  # captured by this batch
+        times = []
+        for _ in range(20):
+            s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s0.record()
+            g.graph.replay()
+            s1.record()
+            s1.synchronize()
+            times.append(s0.elapsed_time(s1) / 1e3)
+        row["gpu_ms"] = float(np.median(times)) * 1e3
+        row["gpu_frac_of_roofline"] = (wbytes + kv_read) / bw / (row["gpu_ms"] / 1e3)
+    return row
+
+
 def time_decode(res: dict, bw: float) -> None:
     from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines.gpu_engine import GPUEngine
@@ -229,29 +256,15 @@ def time_decode(res: dict, bw: float) -> None:
             batch = StepBatch([ScheduledSeq(r, ctx, 1, t) for r, t in zip(reqs, tables)], ps,
                               cap // ps, layout == "slab", [])
             for graphs in (False, True):
-                eng.cuda_graphs = graphs
-                for _ in range(3):
-                    eng.step(batch)
-                t = float(np.median([eng.step(batch) for _ in range(20)]))
-                kv_read = batch_size * (ctx + 1) * bpt
-                row = dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs,
-                           step_ms=t * 1e3, weight_roofline_ms=wbytes / bw * 1e3,
-                           weight_kv_roofline_ms=(wbytes + kv_read) / bw * 1e3,
-                           frac_of_roofline=(wbytes + kv_read) / bw / t,
-                           tokens_per_s=batch_size / t)
-                if graphs:  # the forward alone: the graph replay, without the host's batch building
-                    g = next(reversed(eng._graphs.values()))  # captured by this batch
-                    times = []
-                    for _ in range(20):
-                        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s0.record()
-                        g.graph.replay()
-                        s1.record()
-                        s1.synchronize()
-                        times.append(s0.elapsed_time(s1) / 1e3)
-                    row["gpu_ms"] = float(np.median(times)) * 1e3
-                    row["gpu_frac_of_roofline"] = (wbytes + kv_read) / bw / (row["gpu_ms"] / 1e3)
-                rows.append(row)
+                rows.append(time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw))
+            if batch_size == 1 and layout == "paged":  # A/B: cuBLAS for the projections instead
+                from kvbench.kernels import linear as linmod
+                saved, linmod.MAX_M = linmod.MAX_M, 0
+                eng._graphs.clear()
+                rows.append(time_step(eng, batch, True, batch_size, ctx, layout, wbytes, bpt, bw,
+                                      linear="cublas"))
+                linmod.MAX_M = saved
+                eng._graphs.clear()
             if layout == "paged":
                 eng.cuda_graphs = False
                 res[f"llama3_1_8b_profile_b{batch_size}"] = kernel_profile(eng, batch)
@@ -271,6 +284,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "results" / "gpu")))
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--correctness-dtypes", default="bfloat16,float32",
+                    help="comma list of the dtypes checked against transformers")
     args = ap.parse_args()
     use_checkout()
     import transformers
@@ -287,7 +302,8 @@ def main() -> None:
     for name, fn in (("correctness bf16", lambda: check_correctness(res, "bfloat16")),
                      ("correctness fp32", lambda: check_correctness(res, "float32")),
                      ("decode timing", lambda: time_decode(res, bw))):
-        if name.startswith("correctness") and args.skip_correctness:
+        if name.startswith("correctness") and (args.skip_correctness or name.split()[1] not in
+                                               ("bf16" if d == "bfloat16" else "fp32" for d in args.correctness_dtypes.split(","))):
             continue
         t0 = time.perf_counter()
         try:
@@ -319,11 +335,11 @@ def main() -> None:
         s = res["llama3_1_8b_sizing"]
         print(f"\nLlama-3.1-8B shape, bf16: weights {s['weight_bytes'] / 2**30:.2f} GiB, activation peak "
               f"{s['activation_peak_bytes'] / 2**30:.2f} GiB, KV capacity {s['kv_capacity_tokens']} tokens")
-        print(f"{'batch':>5} {'ctx':>5} {'layout':>6} {'graphs':>6} {'step ms':>8} {'W roof ms':>9} "
+        print(f"{'batch':>5} {'ctx':>5} {'layout':>6} {'graphs':>6} {'linear':>11} {'step ms':>8} {'W roof ms':>9} "
               f"{'W+KV roof':>9} {'of roof':>7} {'tok/s':>8} {'GPU ms':>7} {'of roof':>7}")
         for r in res["llama3_1_8b_decode"]:
             print(f"{r['batch']:>5} {r['context']:>5} {r.get('layout', 'paged'):>6} "
-                  f"{str(r['cuda_graphs']):>6} {r['step_ms']:>8.2f} "
+                  f"{str(r['cuda_graphs']):>6} {r.get('linear', ''):>11} {r['step_ms']:>8.2f} "
                   f"{r['weight_roofline_ms']:>9.2f} {r['weight_kv_roofline_ms']:>9.2f} "
                   f"{r['frac_of_roofline']:>7.1%} {r['tokens_per_s']:>8.0f} "
                   f"{r.get('gpu_ms', float('nan')):>7.2f} {r.get('gpu_frac_of_roofline', float('nan')):>7.1%}")

@@ -231,12 +231,15 @@ def model_rows(record: dict) -> dict[str, str]:
                                                    _f(pre.get("tflops"), ".0f") and f"{pre['tflops']:.0f} TFLOP/s")
     for d in m.get("llama3_1_8b_decode") or []:
         label = (f"8B: decode step, batch {d.get('batch')}, context {d.get('context')}, "
-                 f"{d.get('layout', 'paged')}, {'CUDA graphs' if d.get('cuda_graphs') else 'eager'}")
-        frac = d.get("frac_of_roofline")
+                 f"{d.get('layout', 'paged')}, {'CUDA graphs' if d.get('cuda_graphs') else 'eager'}"
+                 + (", projections on cuBLAS" if d.get("linear") == "cublas" else ""))
+        frac, gfrac = d.get("frac_of_roofline"), d.get("gpu_frac_of_roofline")
         rows[label] = _join(_f(d.get("step_ms"), ".2f") and f"{d['step_ms']:.2f} ms",
                             _f(frac * 100 if isinstance(frac, (int, float)) else None, ".0f")
                             and f"{frac * 100:.0f} % of roofline",
-                            _f(d.get("tokens_per_s"), ".0f") and f"{d['tokens_per_s']:.0f} tok/s")
+                            _f(d.get("tokens_per_s"), ".0f") and f"{d['tokens_per_s']:.0f} tok/s",
+                            _f(d.get("gpu_ms"), ".2f") and isinstance(gfrac, (int, float))
+                            and f"graph replay alone {d['gpu_ms']:.2f} ms = {gfrac * 100:.0f} %")
     for key in sorted(k for k in m if k.startswith("correctness_")):
         for impl in ("triton", "reference"):
             c = (m[key] or {}).get(impl) or {}

@@ -4,7 +4,8 @@ One forward runs a mixed step: prefill chunks and decode tokens of B requests, f
 T tokens. Per layer: (residual add +) RMSNorm -> qkv proj -> rope + write the new K/V into the
 pool through `slot_mapping` -> attention over each request's page table -> o proj -> (residual
 add +) RMSNorm -> gate|up proj -> SiLU * up -> down proj. Elementwise steps are fused kernels
-(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches.
+(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches; the
+projections of batches of up to 16 tokens use the `linear` kernel, larger ones cuBLAS.
 
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
     token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
@@ -162,7 +163,7 @@ def attention_ops(backend: str) -> SimpleNamespace:
     "reference" (the launchers' torch path: same shape checks, then the `*_ref` functions)."""
     if backend not in ("reference", "triton"):
         raise ValueError(f"attention backend '{backend}' is not 'reference' or 'triton'")
-    names = ("rms_norm", "rope_kv_write", "silu_mul", "kv_write", "decode_attention",
+    names = ("linear", "rms_norm", "rope_kv_write", "silu_mul", "kv_write", "decode_attention",
              "extend_attention", "page_copy")
     kernel_backend = "torch" if backend == "reference" else "triton"
     fns = {n: partial(getattr(importlib.import_module(f"kvbench.kernels.{n}"), n),
@@ -200,7 +201,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, ops.rms_norm(x, self.input_norm.weight, c.rms_norm_eps)
         else:  # residual += x; h = norm(residual)
             h = ops.rms_norm(x, self.input_norm.weight, c.rms_norm_eps, residual)
-        qkv = self.qkv(h)  # [T, (H_q + 2 H_kv) D]
+        qkv = ops.linear(h, self.qkv.weight, self.qkv.bias)  # [T, (H_q + 2 H_kv) D]
         # rotates q, k in place; writes k, v into their slots; q/k/v are strided views of qkv
         q, k, v = ops.rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                     c.num_heads, c.num_kv_heads)
@@ -214,9 +215,10 @@ class DecoderLayer(nn.Module):
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
                                      contiguous=meta.contiguous, k_new=k, v_new=v)
-        a = self.o_proj(o.reshape(t, c.num_heads * c.head_dim))  # o [T, H_q, D] -> [T, hidden]
+        a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
-        return self.down(ops.silu_mul(self.gate_up(h))), residual  # gate_up [T, 2 intermediate]
+        gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
+        return ops.linear(ops.silu_mul(gate_up), self.down.weight), residual
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,88 @@
+"""Linear layer for decode-sized batches: y = x @ W^T (+ b) for x of at most 16 rows.
+
+A decode step of a small batch reads every weight once and does almost no arithmetic, so its
+matmuls should stream W at the copy bandwidth. Measured on an H200 (docs/model.md), cuBLAS
+picks split-K kernels for the 4096-wide projections of Llama-3.1-8B at batch 1 that reach ~3.1
+TB/s (plus a separate reduction kernel); this kernel gives each program BLOCK_N output columns
+over the whole K, pads x to 16 rows for one tensor-core dot per K tile, and is autotuned per
+(N, K) on the GPU. Larger batches (and the lm_head) use ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+                      kernel_for, use_interpreter)
+
+MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
+INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,          # x [M, K], W [N, K], b [N], y [M, N]
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)                          # [BM, BK]
+        if DOT_F32:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)                             # [BM, BN]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 4),
+                                 (32, 512, 4, 3), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3),
+                                 (16, 1024, 8, 2), (16, 128, 2, 8)]]
+# GPU: benchmark the configs on the first call of each (N, K) (the engine's warm-up makes that
+# call before any timed step or CUDA-graph capture) and keep the fastest
+_gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
+
+
+def linear(x, weight, bias=None, *, backend: str = "triton"):
+    """y = x @ weight.T + bias. x [M, K], weight [N, K] (rows contiguous), bias [N] or None.
+    The kernel runs for M <= MAX_M with backend="triton"; otherwise (and for backend="torch")
+    this is ``F.linear``."""
+    check_backend(backend)
+    if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
+        return F.linear(x, weight, bias)
+    check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x)
+    M, K = x.shape
+    N = weight.shape[0]
+    check(weight.shape[1] == K, lambda: f"weight is {tuple(weight.shape)}, x rows have K={K}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x)
+        check(bias.shape[0] == N, lambda: f"bias is [{bias.shape[0]}], expected [{N}]")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    args = (x, weight, bias if bias is not None else weight, y, M, N, K,
+            x.stride(0), weight.stride(0), y.stride(0))
+    meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
+                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M)
+    if use_interpreter(x.device):
+        kernel_for(_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
+            *args, **meta, **INTERPRET_CONFIG)
+    else:
+        _gemv_tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+    return y
