@@ -206,7 +206,10 @@ def kernel_rows(record: dict) -> dict[str, str]:
         if r.get("kernel") == "copy":
             continue  # tabled as the copy bandwidth
         page = r.get("page_size")
-        label = " · ".join(str(x) for x in (r.get("kernel"), r.get("impl"),
+        impl = r.get("impl")
+        if "variant" in str(impl):  # several rows of one impl that differ only in launch config
+            impl = f"{impl} {r.get('config')}"
+        label = " · ".join(str(x) for x in (r.get("kernel"), impl,
                                             f"p={page}" if page not in (None, "") else None,
                                             r.get("shape")) if x not in (None, ""))
         ratio = r.get("ratio_to_copy")
