@@ -19,7 +19,8 @@ from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, che
 
 LOG2E = 1.4426950408889634
 
-# Default launch config, tuned on H200 (see docs/kernels.md). BLOCK_N = KV tokens per iteration.
+# Default launch config, tuned on H200 (see docs/kernels.md). BLOCK_N = KV tokens per iteration;
+# MERGE_CHUNK (default 4) = splits merged per step by the fused merge.
 # FUSED_MERGE=1: split-KV partials are merged by the last split program (no second launch).
 DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0)
 # Split-KV heuristic: no split when B * H_kv already gives NOSPLIT_PROGRAMS_PER_SM programs per SM;
