@@ -6,7 +6,10 @@
 2. Fits the sim's cost model to the measured steps (kvbench.calibrate.fit): all runs, and per strategy.
 3. Replays each of those configs again with engine=sim and the fitted coefficients and reports
    the error of throughput, mean TTFT and mean TPOT, and whether the allocator made the same
-   decisions (step by step: batch composition, admissions, preemptions, prefix hits).
+   decisions (step by step: batch composition, admissions, preemptions, prefix hits); the
+   cost model's error per step on the GPU's own batches; and whether the decisions come back
+   exactly when the GPU run's step times are replayed (engine=recorded): then the clock is the
+   only thing a simulation can get wrong.
 
     python experiments/gpu_strategies.py --out DIR [--limit 400] [--model llama3_2_1b]
 
@@ -21,10 +24,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from kvbench.calibrate import COEFFICIENTS, fit
+from kvbench.calibrate import COEFFICIENTS, features, fit
 from kvbench.run import run
 from kvbench.schema import register
 
@@ -94,14 +98,27 @@ def main() -> None:
     for name, ov in todo.items():
         g = gpu[name]
         tg = timeline[name][DECISIONS]
+        # the GPU run's own step times, replayed: its decisions must come back exactly (the
+        # clock is the only input the engines differ in); a divergence raises, naming the step
+        timeline_path = (args.out / "runs" / name / "gpu" / "timeline.parquet").resolve()
+        cfg = compose_cfg([*common, *ov, "engine=recorded", f"engine.timeline={timeline_path}"])
+        run(cfg, args.out / "runs" / name / "recorded")
+        tr = pd.read_parquet(args.out / "runs" / name / "recorded" / "timeline.parquet")[DECISIONS]
+        same_recorded = len(tg) == len(tr) and bool((tg.to_numpy() == tr.to_numpy()).all())
         for fit_name in ("all", g["strategy"]):
             coef = coefs[fit_name]
             cfg = compose_cfg([*common, *ov, "engine=sim", *(f"engine.{k}={v!r}" for k, v in coef.items())])
             sim = run(cfg, args.out / "runs" / name / f"sim_{fit_name}")
             ts = pd.read_parquet(args.out / "runs" / name / f"sim_{fit_name}" / "timeline.parquet")[DECISIONS]
             same = len(tg) == len(ts) and bool((tg.to_numpy() == ts.to_numpy()).all())
+            # per-step error of the cost model on the GPU's own steps (same batches)
+            pred = features(timeline[name]) @ [coef[k] for k in COEFFICIENTS]
+            step_err = abs(pred - timeline[name].dt_s.to_numpy()) / timeline[name].dt_s.to_numpy()
             fidelity.append({"case": name, "fit": "one for all" if fit_name == "all" else "per strategy",
                              "steps_gpu": len(tg), "steps_sim": len(ts), "same_decisions": same,
+                             "same_decisions_on_gpu_clock": same_recorded,
+                             "step_err_p50": float(np.median(step_err)),
+                             "step_err_p90": float(np.quantile(step_err, 0.9)),
                              "throughput_err": rel_err(sim["request_throughput"], g["request_throughput"]),
                              "ttft_mean_err": rel_err(sim["ttft_mean_s"], g["ttft_mean_s"]),
                              "tpot_mean_err": rel_err(sim["tpot_mean_s"], g["tpot_mean_s"])})

@@ -21,7 +21,7 @@ import pandas as pd
 COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s", "prefill_step_s")
 
 
-def _features(timeline: pd.DataFrame) -> np.ndarray:
+def features(timeline: pd.DataFrame) -> np.ndarray:
     """[steps, 5]: the inputs each coefficient multiplies, in COEFFICIENTS order."""
     return np.column_stack([np.ones(len(timeline)), timeline.prefill_tokens.to_numpy(float),
                             timeline.decode_tokens.to_numpy(float), timeline.kv_read_tokens.to_numpy(float),
@@ -33,7 +33,7 @@ def fit(timeline: pd.DataFrame, stall: float = 3.0) -> dict[str, float]:
 
     Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
     a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most."""
-    x, y = _features(timeline), timeline.dt_s.to_numpy(float)
+    x, y = features(timeline), timeline.dt_s.to_numpy(float)
     coef = _nnls(x, y)
     for _ in range(2):
         keep = y <= stall * (x @ coef)
@@ -61,7 +61,7 @@ def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_error(timeline: pd.DataFrame, coef: dict[str, float]) -> float:
     """Relative error of the total modelled time over the measured total."""
-    model = _features(timeline) @ np.array([coef[k] for k in COEFFICIENTS])
+    model = features(timeline) @ np.array([coef[k] for k in COEFFICIENTS])
     return float(abs(model.sum() - timeline.dt_s.sum()) / timeline.dt_s.sum())
 
 

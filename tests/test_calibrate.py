@@ -51,7 +51,37 @@ def test_gpu_strategies_experiment_runs_end_to_end_on_the_cpu(tmp_path):
     fidelity = {(r["case"], r["fit"]): r for r in json.loads((tmp_path / "gpu_strategies.json").read_text())["fidelity"]}
     assert len(fidelity) == 12
     assert all(r["same_decisions"] for (case, _), r in fidelity.items() if case.endswith("offline"))
+    assert all(r["same_decisions_on_gpu_clock"] for r in fidelity.values())  # rates too
+    assert all(0 <= r["step_err_p50"] <= r["step_err_p90"] for r in fidelity.values())
     for name in ("all", "slab", "paged", "radix"):
         assert OmegaConf.load(tmp_path / f"sim_fitted_{name}.yaml").defaults[0] == "sim"
     again = subprocess.run(args, check=True, capture_output=True, text=True, timeout=600)
-    assert again.stdout.count("kept the earlier results") == 6 + 12
+    assert again.stdout.count("kept the earlier results") == 6 + 6 + 12  # gpu, recorded clock, sims
+
+
+DECISIONS = ["running", "waiting", "prefill_tokens", "decode_tokens", "kv_read_tokens", "preemptions"]
+
+
+def test_recorded_engine_replays_a_runs_clock_and_its_decisions(tmp_path):
+    """engine=recorded on a run's own timeline gives back that run: the clock is the only thing
+    the engines differ in. Here the recorded run is a sim at a finite rate with preemptions."""
+    common = ["trace.num_requests=120", "trace.rate=40", "strategy=paged", "kv_capacity_tokens=12000"]
+    first = run_with(tmp_path / "sim", *common)
+    assert first["preemptions"] > 0
+    again = run_with(tmp_path / "rec", *common, "engine=recorded",
+                     f"engine.timeline={tmp_path / 'sim' / 'timeline.parquet'}")
+    a, b = (pd.read_parquet(tmp_path / d / "timeline.parquet") for d in ("sim", "rec"))
+    assert a[DECISIONS].equals(b[DECISIONS]) and np.array_equal(a.t_s, b.t_s)
+    for key in ("finished", "preemptions", "ttft_mean_s", "tpot_mean_s", "request_throughput"):
+        assert again[key] == first[key], key
+    assert again["replayed_steps"] == again["recorded_steps"] == len(a)
+
+
+def test_recorded_engine_names_the_step_where_a_replay_diverges(tmp_path):
+    common = ["trace.num_requests=60", "trace.rate=40", "kv_capacity_tokens=12000"]
+    run_with(tmp_path / "sim", *common, "strategy=paged")
+    with pytest.raises(RuntimeError, match=r"step \d+: .*diverged"):
+        run_with(tmp_path / "rec", *common, "strategy=slab_oracle", "engine=recorded",
+                 f"engine.timeline={tmp_path / 'sim' / 'timeline.parquet'}")
+    with pytest.raises(Exception, match="timeline: .* is not a file"):  # (hydra wraps it)
+        run_with(tmp_path / "rec2", *common, "engine=recorded", f"engine.timeline={tmp_path / 'none.parquet'}")
