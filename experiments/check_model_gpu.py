@@ -299,12 +299,9 @@ def main() -> None:
     print(f"{res['device']}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy bw {bw / 1e12:.2f} TB/s (read+write)", flush=True)
     errors = {}
-    for name, fn in (("correctness bf16", lambda: check_correctness(res, "bfloat16")),
-                     ("correctness fp32", lambda: check_correctness(res, "float32")),
-                     ("decode timing", lambda: time_decode(res, bw))):
-        if name.startswith("correctness") and (args.skip_correctness or name.split()[1] not in
-                                               ("bf16" if d == "bfloat16" else "fp32" for d in args.correctness_dtypes.split(","))):
-            continue
+    dtypes = [] if args.skip_correctness else args.correctness_dtypes.split(",")
+    parts = [(f"correctness {d}", lambda d=d: check_correctness(res, d)) for d in dtypes]
+    for name, fn in (*parts, ("decode timing", lambda: time_decode(res, bw))):
         t0 = time.perf_counter()
         try:
             fn()
