@@ -58,13 +58,18 @@ def test_extend_request_without_new_tokens():
     _run([5, 0, 18], [3, 40, 0], 16, False, Hq=4, Hkv=2, D=64, dtype=torch.float16, config=SMALL, sm_scale=0.2)
 
 
-def test_extend_input_errors():
+def _error_case():
+    """Valid small inputs (2 requests of 5 new tokens each) for the input-error tests to break:
+    q [10, 4, 64] fp16, one [64, 2, 64] cache for K and V, page table, seq_lens, query_start_loc."""
     dev = device()
-    q = torch.zeros(10, 4, 64, dtype=torch.float16, device=dev)
-    kc = torch.zeros(64, 2, 64, dtype=torch.float16, device=dev)
-    pt = torch.zeros(2, 4, dtype=torch.int32, device=dev)
-    sl = torch.full((2,), 5, dtype=torch.int32, device=dev)
-    qsl = torch.tensor([0, 5, 10], dtype=torch.int32, device=dev)
+    return (dev, torch.zeros(10, 4, 64, dtype=torch.float16, device=dev),
+            torch.zeros(64, 2, 64, dtype=torch.float16, device=dev),
+            torch.zeros(2, 4, dtype=torch.int32, device=dev), torch.full((2,), 5, dtype=torch.int32, device=dev),
+            torch.tensor([0, 5, 10], dtype=torch.int32, device=dev))
+
+
+def test_extend_input_errors():
+    dev, q, kc, pt, sl, qsl = _error_case()
     with pytest.raises(ValueError, match="query_start_loc must be"):
         extend_attention(q, kc, kc, pt, qsl[:2], sl, 16)
     with pytest.raises(ValueError, match="v_cache dtype"):
@@ -153,12 +158,7 @@ def test_extend_ragged_paged_override_matches():
 
 
 def test_extend_ragged_input_errors():
-    dev = device()
-    q = torch.zeros(10, 4, 64, dtype=torch.float16, device=dev)
-    kc = torch.zeros(64, 2, 64, dtype=torch.float16, device=dev)
-    pt = torch.zeros(2, 4, dtype=torch.int32, device=dev)
-    sl = torch.full((2,), 5, dtype=torch.int32, device=dev)
-    qsl = torch.tensor([0, 5, 10], dtype=torch.int32, device=dev)
+    dev, q, kc, pt, sl, qsl = _error_case()
     kn = torch.zeros(10, 2, 64, dtype=torch.float16, device=dev)
     with pytest.raises(ValueError, match="k_new and v_new must be given together"):
         extend_attention(q, kc, kc, pt, qsl, sl, 16, k_new=kn)
