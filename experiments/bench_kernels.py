@@ -15,6 +15,7 @@ L2 between repetitions, so every input is read cold).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import itertools
@@ -39,6 +40,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from kvbench.kernels import _common  # noqa: E402
 from kvbench.kernels import decode_attention as dmod  # noqa: E402
 from kvbench.kernels import extend_attention as emod  # noqa: E402
 from kvbench.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
@@ -74,10 +76,11 @@ def bench(fn, rep=200):
 # Issue 3 shapes; --smoke shrinks them so the script itself can be checked on a CPU.
 SZ = dict(copy_gib=2.0, dec_B=64, dec_L=4096, long_L=32768, pre_T=8192, ext_new=4096, ext_prefix=4096,
           kvw_T=8192, kvw_S=64 * 4096, pc_L=32, pc_P=4096, pc_n=1024, Hq=32, Hkv=8, D=128,
-          rot_dec=3, rot_long=6, rot_kvw=8)
+          rot_dec=3, rot_long=6, rot_kvw=8, lin_H=4096, lin_I=14336, lin_rot_bytes=256 << 20)
 if SMOKE:
     SZ.update(copy_gib=0.01, dec_B=4, dec_L=256, long_L=1024, pre_T=256, ext_new=128, ext_prefix=128,
-              kvw_T=256, kvw_S=4096, pc_L=2, pc_P=64, pc_n=8, Hq=8, Hkv=2, D=64, rot_dec=2, rot_long=2, rot_kvw=2)
+              kvw_T=256, kvw_S=4096, pc_L=2, pc_P=64, pc_n=8, Hq=8, Hkv=2, D=64, rot_dec=2, rot_long=2, rot_kvw=2,
+              lin_H=128, lin_I=256, lin_rot_bytes=1 << 16)
 
 
 def add_row(**kw):
@@ -163,6 +166,17 @@ def sdpa_variants(q, k, v, causal):
                 log(f"    sdpa {name}/{gqa_mode}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 del kk, vv
     return out
+
+
+@contextlib.contextmanager
+def no_pdl(on: bool = True):
+    """Launch without programmatic dependent launch (the A/B rows); graphs capture the setting."""
+    was = _common.set_pdl(not on) if on else None
+    try:
+        yield
+    finally:
+        if on:
+            _common.set_pdl(was)
 
 
 # --------------------------------------------------------------------------------- decode
@@ -374,11 +388,13 @@ def bench_decode_long(copy_gbps, args, gen):
                                   median_ms=ms, gbps=nbytes / ms / 1e6))
     rows = []
     fused_default = int(dmod.DECODE_CONFIG.get("FUSED_MERGE", 0))
-    for ns, extra, tag in ((None, {}, ""), (None, dict(FUSED_MERGE=1 - fused_default),
-                                              "-fusedmerge" if not fused_default else "-mergekernel"),
+    for ns, extra, tag in ((None, {}, ""), (None, {}, " (no PDL)"),
+                           (None, dict(FUSED_MERGE=1 - fused_default),
+                            "-fusedmerge" if not fused_default else "-mergekernel"),
                            (1, {}, "-nosplit")):
         ok, msg = compare(decode_attention(qs[0], kcs[0], vcs[0], pt, sl, ps, num_splits=ns, config=extra), ref)
-        ms = bench_rot(fns_for(num_splits=ns, config=extra))
+        with no_pdl(tag == " (no PDL)"):
+            ms = bench_rot(fns_for(num_splits=ns, config=extra))
         gbps = nbytes / ms / 1e6
         splits = dmod.choose_num_splits(B, Hkv, L, dev) if ns is None else ns
         rows.append(add_row(kernel="decode", impl="triton" + tag, shape=shape, dtype="bf16", page_size=ps,
@@ -545,6 +561,11 @@ def bench_kv_write(copy_gbps, args, gen):
                 correct=("ok" if ok else "FAIL") if impl == "triton" else "",
                 note="contiguous 64 MiB copy: size ceiling" if impl.startswith("torch-copy") else "")
     del srcs, dsts
+    with no_pdl():
+        ms = bench_rot(fns_for(), rep=400)
+    add_row(kernel="kv_write", impl="triton (no PDL)", shape=shape, dtype="bf16", page_size=ps,
+            config=cfg_str(kwmod.KV_WRITE_CONFIG), median_ms=fmt(ms, 4), gbps=fmt(nbytes / ms / 1e6, 1),
+            ratio_to_copy=fmt(nbytes / ms / 1e6 / copy_gbps), note="without programmatic dependent launch")
     best = dict(BLOCK_T=1, num_warps=1)  # the sweep's best on an H200, beside the default
     ms = bench_rot(fns_for(config=best), rep=400)
     add_row(kernel="kv_write", impl="triton (config variant)", shape=shape, dtype="bf16", page_size=ps,
@@ -575,6 +596,40 @@ def bench_kv_write(copy_gbps, args, gen):
             note=f"host time per call {host_us:.1f} us (Python launcher + Triton dispatch)")
     del k_cache, v_cache
     _empty_cache()
+
+
+def bench_linear(copy_gbps, args, gen):
+    """Decode-size projections (M=1) of Llama-3.1-8B: weight bytes read per second, `linear`
+    (with and without PDL) against cuBLAS (F.linear), each shape rotated over enough weight
+    copies to exceed L2."""
+    import torch.nn.functional as F
+
+    from kvbench.kernels import linear as lin
+    from kvbench.kernels.silu_mul import silu_mul
+    dev, dt, M = DEV, torch.bfloat16, 1
+    H, I = SZ["lin_H"], SZ["lin_I"]
+    for name, N, K, swiglu in (("qkv", 6144 * H // 4096, H, False), ("o", H, H, False),
+                               ("gate_up", 2 * I, H, False), ("down (SiLU fused)", H, I, True)):
+        R = max(2, -(-SZ["lin_rot_bytes"] // (N * K * 2)))
+        ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(R)]
+        xs = [torch.randn(M, 2 * K if swiglu else K, device=dev, dtype=dt) for _ in range(R)]
+        nbytes = N * K * 2
+        ref = F.linear(silu_mul(xs[0]) if swiglu else xs[0], ws[0])
+        ok, msg = compare(lin.linear(xs[0], ws[0], swiglu=swiglu), ref.float())
+        shape = f"M={M} N={N} K={K}"
+        impls = [("triton", lambda i: lin.linear(xs[i], ws[i], swiglu=swiglu), False),
+                 ("triton (no PDL)", lambda i: lin.linear(xs[i], ws[i], swiglu=swiglu), True),
+                 ("cublas (F.linear" + (" after silu_mul)" if swiglu else ")"),
+                  lambda i: F.linear(silu_mul(xs[i]) if swiglu else xs[i], ws[i]), False)]
+        for impl, f, off in impls:
+            with no_pdl(off):
+                ms = bench_rot([lambda i=i, f=f: f(i) for i in range(R)], rep=200)
+            gbps = nbytes / ms / 1e6
+            add_row(kernel=f"linear {name}", impl=impl, shape=shape, dtype="bf16", median_ms=fmt(ms, 4),
+                    gbps=fmt(gbps, 1), ratio_to_copy=fmt(gbps / copy_gbps),
+                    correct=("ok" if ok else "FAIL") if impl == "triton" else "", note=msg if not ok else "")
+        del ws, xs
+        _empty_cache()
 
 
 def bench_page_copy(copy_gbps, args, gen):
@@ -664,7 +719,7 @@ def main():
     ap.add_argument("--sweep-extend", action="store_true", help="also sweep extend/prefill configs (slow)")
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--sweep-limit", type=int, default=1000, help=argparse.SUPPRESS)
-    ap.add_argument("--only", default="", help="comma list of: decode,long,extend,kvwrite,pagecopy")
+    ap.add_argument("--only", default="", help="comma list of: decode,long,extend,kvwrite,linear,pagecopy")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args()
     if SMOKE:
@@ -678,8 +733,8 @@ def main():
     ms, COPY_GBPS, nb = copy_bandwidth(SZ["copy_gib"])
     add_row(kernel="copy", impl="torch-copy_", shape=f"{nb / 2 ** 31:.2f} GiB buffer ({nb / 2 ** 30:.2f} GiB read+written)",
             dtype="bf16", median_ms=fmt(ms, 4), gbps=fmt(COPY_GBPS, 1), ratio_to_copy="1.000")
-    only = set(args.only.split(",")) if args.only else {"decode", "long", "extend", "kvwrite", "pagecopy"}
-    steps = [("kvwrite", bench_kv_write), ("decode", bench_decode), ("long", bench_decode_long),
+    only = set(args.only.split(",")) if args.only else {"decode", "long", "extend", "kvwrite", "linear", "pagecopy"}
+    steps = [("kvwrite", bench_kv_write), ("linear", bench_linear), ("decode", bench_decode), ("long", bench_decode_long),
              ("extend", bench_extend), ("pagecopy", bench_page_copy)]
     for name, fn in steps:
         if name not in only:

@@ -7,8 +7,10 @@
    steps replayed through CUDA graphs against eager.
 2. Llama-3.1-8B shape, bf16, random weights: one decode step at batch 1 and at batch 64 with
    2k context each, paged (shuffled pages) and slab (contiguous) tables, eager and CUDA graphs,
-   against the weight-read roofline
-   (weight bytes / device-to-device copy bandwidth measured here on a 2 GiB copy).
+   against the roofline: (weight bytes the step reads, i.e. all but the input embedding table, +
+   K/V bytes read) / device-to-device copy bandwidth measured here on a 2 GiB copy. The paged
+   graph steps are A/B'd in the same run against: no programmatic dependent launch, no weight
+   prefetch, and (batch 1) cuBLAS for the projections.
 
     python experiments/check_model_gpu.py --out results/gpu     (needs CUDA + transformers)
 Writes check_model_gpu.json to --out (default $OUT or results/gpu).
@@ -16,6 +18,7 @@ Writes check_model_gpu.json to --out (default $OUT or results/gpu).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -203,15 +206,15 @@ def kernel_profile(eng, batch, top: int = 12) -> dict:
                 top=[dict(name=k, us=round(us, 1), count=n) for k, (us, n) in rows[:top]])
 
 
-def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, linear="triton-gemv") -> dict:
+def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, variant=None) -> dict:
     """Median engine step time (host batch building included) and, with CUDA graphs, the graph
-    replay alone; both against the (weights + K/V read) / copy-bandwidth roofline."""
+    replay alone; both against the (weights read + K/V read) / copy-bandwidth roofline."""
     eng.cuda_graphs = graphs
     for _ in range(3):
         eng.step(batch)
     t = float(np.median([eng.step(batch) for _ in range(20)]))
     kv_read = batch_size * (ctx + 1) * bpt
-    row = dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs, linear=linear,
+    row = dict(batch=batch_size, context=ctx, layout=layout, cuda_graphs=graphs, variant=variant,
                step_ms=t * 1e3, weight_roofline_ms=wbytes / bw * 1e3,
                weight_kv_roofline_ms=(wbytes + kv_read) / bw * 1e3,
                frac_of_roofline=(wbytes + kv_read) / bw / t, tokens_per_s=batch_size / t)
@@ -230,6 +233,25 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, line
     return row
 
 
+AB_VARIANTS = ("no PDL", "PDL without weight prefetch", "cublas")
+
+
+@contextlib.contextmanager
+def ab_variant(name: str):
+    """Run the engine with one change against the default (kernels with programmatic dependent
+    launch, weight prefetch in `linear`, `linear` for batches <= 16)."""
+    from kvbench.kernels import _common
+    from kvbench.kernels import linear as linmod
+    saved = _common.set_pdl(name != "no PDL"), linmod.PREFETCH_K, linmod.MAX_M
+    linmod.PREFETCH_K = 0 if name == "PDL without weight prefetch" else saved[1]
+    linmod.MAX_M = 0 if name == "cublas" else saved[2]
+    try:
+        yield
+    finally:
+        _common.set_pdl(saved[0])
+        linmod.PREFETCH_K, linmod.MAX_M = saved[1:]
+
+
 def time_decode(res: dict, bw: float) -> None:
     from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines.gpu_engine import GPUEngine
@@ -240,8 +262,10 @@ def time_decode(res: dict, bw: float) -> None:
     cap = eng.kv_capacity_tokens(None)
     ps = 16
     eng.bind(ps, cap // ps)
-    wbytes, bpt = eng.model.weight_bytes(), kv_bytes_per_token(cfg)
-    res["llama3_1_8b_sizing"] = dict(weight_bytes=wbytes, activation_peak_bytes=eng.activation_peak,
+    # the roofline counts the weights a step reads: not the input embedding table (one row a token)
+    wbytes, bpt = eng.model.step_weight_bytes(), kv_bytes_per_token(cfg)
+    res["llama3_1_8b_sizing"] = dict(weight_bytes=eng.model.weight_bytes(), step_weight_bytes=wbytes,
+                                     activation_peak_bytes=eng.activation_peak,
                                      kv_capacity_tokens=cap, kv_bytes_per_token=bpt)
     order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
     rows = []
@@ -257,13 +281,13 @@ def time_decode(res: dict, bw: float) -> None:
                               cap // ps, layout == "slab", [])
             for graphs in (False, True):
                 rows.append(time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw))
-            if batch_size == 1 and layout == "paged":  # A/B: cuBLAS for the projections instead
-                from kvbench.kernels import linear as linmod
-                saved, linmod.MAX_M = linmod.MAX_M, 0
-                eng._graphs.clear()
-                rows.append(time_step(eng, batch, True, batch_size, ctx, layout, wbytes, bpt, bw,
-                                      linear="cublas"))
-                linmod.MAX_M = saved
+            for variant in AB_VARIANTS if layout == "paged" else ():   # A/B, same run, graphs
+                if batch_size > 1 and variant == "cublas":
+                    continue                         # batch 64 uses cuBLAS anyway
+                with ab_variant(variant):
+                    eng._graphs.clear()
+                    rows.append(time_step(eng, batch, True, batch_size, ctx, layout, wbytes, bpt, bw,
+                                          variant=variant))
                 eng._graphs.clear()
             if layout == "paged":
                 eng.cuda_graphs = False
@@ -332,11 +356,11 @@ def main() -> None:
         s = res["llama3_1_8b_sizing"]
         print(f"\nLlama-3.1-8B shape, bf16: weights {s['weight_bytes'] / 2**30:.2f} GiB, activation peak "
               f"{s['activation_peak_bytes'] / 2**30:.2f} GiB, KV capacity {s['kv_capacity_tokens']} tokens")
-        print(f"{'batch':>5} {'ctx':>5} {'layout':>6} {'graphs':>6} {'linear':>11} {'step ms':>8} {'W roof ms':>9} "
+        print(f"{'batch':>5} {'ctx':>5} {'layout':>6} {'graphs':>6} {'variant':>27} {'step ms':>8} {'W roof ms':>9} "
               f"{'W+KV roof':>9} {'of roof':>7} {'tok/s':>8} {'GPU ms':>7} {'of roof':>7}")
         for r in res["llama3_1_8b_decode"]:
             print(f"{r['batch']:>5} {r['context']:>5} {r.get('layout', 'paged'):>6} "
-                  f"{str(r['cuda_graphs']):>6} {r.get('linear', ''):>11} {r['step_ms']:>8.2f} "
+                  f"{str(r['cuda_graphs']):>6} {r.get('variant') or '':>27} {r['step_ms']:>8.2f} "
                   f"{r['weight_roofline_ms']:>9.2f} {r['weight_kv_roofline_ms']:>9.2f} "
                   f"{r['frac_of_roofline']:>7.1%} {r['tokens_per_s']:>8.0f} "
                   f"{r.get('gpu_ms', float('nan')):>7.2f} {r.get('gpu_frac_of_roofline', float('nan')):>7.1%}")

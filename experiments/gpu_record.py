@@ -235,7 +235,8 @@ def model_rows(record: dict) -> dict[str, str]:
     for d in m.get("llama3_1_8b_decode") or []:
         label = (f"8B: decode step, batch {d.get('batch')}, context {d.get('context')}, "
                  f"{d.get('layout', 'paged')}, {'CUDA graphs' if d.get('cuda_graphs') else 'eager'}"
-                 + (", projections on cuBLAS" if d.get("linear") == "cublas" else ""))
+                 + (", projections on cuBLAS" if "cublas" in (d.get("linear"), d.get("variant")) else "")
+                 + (f", {d['variant']}" if d.get("variant") not in (None, "cublas") else ""))
         frac, gfrac = d.get("frac_of_roofline"), d.get("gpu_frac_of_roofline")
         rows[label] = _join(_f(d.get("step_ms"), ".2f") and f"{d['step_ms']:.2f} ms",
                             _f(frac * 100 if isinstance(frac, (int, float)) else None, ".0f")

@@ -8,6 +8,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 # Dtypes the attention kernels accept for q / K / V (fp32 accumulation always).
 ATTN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -78,6 +80,57 @@ def num_sms(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ---------------------------------------------------------------------------- programmatic dependent launch
+# Hopper+ can start a kernel while the one before it in the stream drains (CUDA "programmatic
+# dependent launch"): its programs get scheduled, run their prologue (the linear kernel prefetches
+# its weights into L2 there), then block in `gdc_wait` until the previous kernel has finished and
+# its writes are visible. A whole decode step of ~300 small kernels loses less to launch gaps and
+# tails. Off with KVBENCH_PDL=0 or `set_pdl(False)` (for A/B runs); never in the interpreter.
+_pdl_on = os.environ.get("KVBENCH_PDL", "1").lower() not in ("0", "false", "off", "no")
+
+
+def set_pdl(on: bool) -> bool:
+    """Switch programmatic dependent launch for later launches (captured CUDA graphs keep theirs);
+    returns the previous setting."""
+    global _pdl_on
+    was, _pdl_on = _pdl_on, bool(on)
+    return was
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch keywords: ``PDL`` (the kernel's constexpr switch) and Triton's ``launch_pdl``."""
+    on = _pdl_on and device.type == "cuda" and not env_interpret() and _cuda_capability(
+        device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return dict(PDL=on, launch_pdl=on)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream be scheduled now (it still waits for this one's writes)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Block until the previous kernel has finished and its writes are visible. Every load of data
+    another kernel writes, and every store, must come after this."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_begin(PDL: tl.constexpr):
+    """The usual prologue: release the next kernel, then wait for the previous one."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, next_pow2, num_sms)
+                      dot_precision, kernel_for, next_pow2, num_sms, pdl_args, pdl_begin)
 
 LOG2E = 1.4426950408889634
 
@@ -51,8 +51,9 @@ def _decode_kernel(
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -169,8 +170,9 @@ def _decode_merge_kernel(
     po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32
     o_ptr,                   # [B, H_q, D]
     stride_ob, stride_oh, num_splits,
-    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -330,12 +332,12 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
         CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
         FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(dev),
     )
     if num_splits > 1 and not fused:
         kernel_for(_decode_merge_kernel, dev)[(B, Hq)](
             po, plse, o, o.stride(0), o.stride(1), num_splits,
             H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S,
-            num_warps=4,
+            num_warps=4, **pdl_args(dev),
         )
     return o

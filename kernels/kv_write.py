@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, cdiv
+from ._common import INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin
 
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)
@@ -26,8 +26,9 @@ def _kv_write_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
     H: tl.constexpr, D: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)                      # [BT]
     t_mask = offs_t < T
@@ -43,8 +44,10 @@ def _kv_write_kernel(
     dst_k = kc_ptr + slot[:, None, None] * stride_kcs + offs_h[None, :, None] * stride_kch + offs_d[None, None, :]
     src_v = v_ptr + t64[:, None, None] * stride_vt + offs_h[None, :, None] * stride_vh + offs_d[None, None, :]
     dst_v = vc_ptr + slot[:, None, None] * stride_vcs + offs_h[None, :, None] * stride_vch + offs_d[None, None, :]
-    kk = tl.load(src_k, mask=mask)
-    vv = tl.load(src_v, mask=mask)
+    # the loads do not wait for the slot load: their mask leaves out `slot >= 0`
+    ld_mask = t_mask[:, None, None] & hd_mask[None, :, :]
+    kk = tl.load(src_k, mask=ld_mask)
+    vv = tl.load(src_v, mask=ld_mask)
     tl.store(dst_k, kk, mask=mask)
     tl.store(dst_v, vv, mask=mask)
 
@@ -94,5 +97,5 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=H, D=D, BLOCK_T=BT, BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(D),
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], **pdl_args(k.device),
     )

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2
+from ._common import ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin
 
 
 @triton.jit
@@ -21,8 +21,9 @@ def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, o_ptr,          # [T, N] rows; r (residual) read and written when ADD
     stride_x, stride_r, stride_o,
     eps,
-    N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr,
+    N: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -72,5 +73,6 @@ def rms_norm(x, weight, eps: float, residual=None, *, backend: str = "triton", n
     r = residual if residual is not None else x
     kernel_for(_rms_norm_kernel, x.device)[(T,)](
         x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), float(eps),
-        N=N, BLOCK=next_pow2(N), ADD=residual is not None, num_warps=num_warps)
+        N=N, BLOCK=next_pow2(N), ADD=residual is not None, num_warps=num_warps,
+        **pdl_args(x.device))
     return out

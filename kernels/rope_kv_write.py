@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2,
+                      pdl_args, pdl_begin)
 from .kv_write import kv_write_ref
 
 
@@ -39,8 +40,9 @@ def _rope_kv_write_kernel(
     stride_t, stride_c, stride_s,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
     H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     d_mask = offs < HALF
@@ -122,5 +124,5 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             H_Q=num_heads, H_KV=num_kv_heads, D=D, HALF=D // 2,
             BLOCK_HQ=next_pow2(num_heads), BLOCK_HKV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(D // 2),
-            num_warps=num_warps)
+            num_warps=num_warps, **pdl_args(qkv.device))
     return split_qkv(qkv, num_heads, num_kv_heads)

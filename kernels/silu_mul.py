@@ -10,20 +10,28 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for
+from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, pdl_args, pdl_begin
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr):
+def silu_times(g, u, dtype: tl.constexpr):
+    """silu(g) * u from fp32 g, u with HF's rounding: silu rounded to dtype, then the product."""
+    s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (s * u).to(dtype)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, o_ptr, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(o_ptr + row * stride_o + offs, (s * u).to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + row * stride_o + offs, silu_times(g, u, o_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul_ref(x):
@@ -42,5 +50,6 @@ def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
     out = torch.empty((T, I), dtype=x.dtype, device=x.device)
     if T:
         kernel_for(_silu_mul_kernel, x.device)[(T, cdiv(I, BLOCK))](
-            x, out, x.stride(0), out.stride(0), I=I, BLOCK=BLOCK, num_warps=num_warps)
+            x, out, x.stride(0), out.stride(0), I=I, BLOCK=BLOCK, num_warps=num_warps,
+            **pdl_args(x.device))
     return out
