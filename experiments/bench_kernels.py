@@ -169,14 +169,17 @@ def sdpa_variants(q, k, v, causal):
 
 
 @contextlib.contextmanager
-def no_pdl(on: bool = True):
-    """Launch without programmatic dependent launch (the A/B rows); graphs capture the setting."""
-    was = _common.set_pdl(not on) if on else None
+def pdl_mode(mode: str | None):
+    """Launch in another programmatic-dependent-launch mode (the A/B rows); None: the default."""
+    was = _common.set_pdl(mode) if mode else None
     try:
         yield
     finally:
-        if on:
+        if mode:
             _common.set_pdl(was)
+
+
+PDL_AB = ((None, ""), ("off", " (no PDL)"), ("early", " (PDL early)"))   # default: "late"
 
 
 # --------------------------------------------------------------------------------- decode
@@ -388,12 +391,12 @@ def bench_decode_long(copy_gbps, args, gen):
                                   median_ms=ms, gbps=nbytes / ms / 1e6))
     rows = []
     fused_default = int(dmod.DECODE_CONFIG.get("FUSED_MERGE", 0))
-    for ns, extra, tag in ((None, {}, ""), (None, {}, " (no PDL)"),
+    for ns, extra, tag in ((None, {}, ""), (None, {}, " (no PDL)"), (None, {}, " (PDL early)"),
                            (None, dict(FUSED_MERGE=1 - fused_default),
                             "-fusedmerge" if not fused_default else "-mergekernel"),
                            (1, {}, "-nosplit")):
         ok, msg = compare(decode_attention(qs[0], kcs[0], vcs[0], pt, sl, ps, num_splits=ns, config=extra), ref)
-        with no_pdl(tag == " (no PDL)"):
+        with pdl_mode(dict((t, m) for m, t in PDL_AB).get(tag)):
             ms = bench_rot(fns_for(num_splits=ns, config=extra))
         gbps = nbytes / ms / 1e6
         splits = dmod.choose_num_splits(B, Hkv, L, dev) if ns is None else ns
@@ -561,11 +564,12 @@ def bench_kv_write(copy_gbps, args, gen):
                 correct=("ok" if ok else "FAIL") if impl == "triton" else "",
                 note="contiguous 64 MiB copy: size ceiling" if impl.startswith("torch-copy") else "")
     del srcs, dsts
-    with no_pdl():
-        ms = bench_rot(fns_for(), rep=400)
-    add_row(kernel="kv_write", impl="triton (no PDL)", shape=shape, dtype="bf16", page_size=ps,
-            config=cfg_str(kwmod.KV_WRITE_CONFIG), median_ms=fmt(ms, 4), gbps=fmt(nbytes / ms / 1e6, 1),
-            ratio_to_copy=fmt(nbytes / ms / 1e6 / copy_gbps), note="without programmatic dependent launch")
+    for mode, tag in PDL_AB[1:]:
+        with pdl_mode(mode):
+            ms = bench_rot(fns_for(), rep=400)
+        add_row(kernel="kv_write", impl="triton" + tag, shape=shape, dtype="bf16", page_size=ps,
+                config=cfg_str(kwmod.KV_WRITE_CONFIG), median_ms=fmt(ms, 4), gbps=fmt(nbytes / ms / 1e6, 1),
+                ratio_to_copy=fmt(nbytes / ms / 1e6 / copy_gbps))
     best = dict(BLOCK_T=1, num_warps=1)  # the sweep's best on an H200, beside the default
     ms = bench_rot(fns_for(config=best), rep=400)
     add_row(kernel="kv_write", impl="triton (config variant)", shape=shape, dtype="bf16", page_size=ps,
@@ -599,32 +603,27 @@ def bench_kv_write(copy_gbps, args, gen):
 
 
 def bench_linear(copy_gbps, args, gen):
-    """Decode-size projections (M=1) of Llama-3.1-8B: weight bytes read per second, `linear`
-    (with and without PDL) against cuBLAS (F.linear), each shape rotated over enough weight
-    copies to exceed L2."""
+    """Decode-size projections (M=1) of Llama-3.1-8B: weight bytes read per second, `linear` in
+    each PDL mode against cuBLAS (F.linear), each shape rotated over enough weight copies to
+    exceed L2 (back-to-back calls of one shape: PDL's weight prefetch overlaps the previous call)."""
     import torch.nn.functional as F
 
     from kvbench.kernels import linear as lin
-    from kvbench.kernels.silu_mul import silu_mul
     dev, dt, M = DEV, torch.bfloat16, 1
     H, I = SZ["lin_H"], SZ["lin_I"]
-    for name, N, K, swiglu in (("qkv", 6144 * H // 4096, H, False), ("o", H, H, False),
-                               ("gate_up", 2 * I, H, False), ("down (SiLU fused)", H, I, True)):
+    for name, N, K in (("qkv", H * 3 // 2, H), ("o", H, H), ("gate_up", 2 * I, H), ("down", H, I)):
         R = max(2, -(-SZ["lin_rot_bytes"] // (N * K * 2)))
         ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(R)]
-        xs = [torch.randn(M, 2 * K if swiglu else K, device=dev, dtype=dt) for _ in range(R)]
+        xs = [torch.randn(M, K, device=dev, dtype=dt) for _ in range(R)]
         nbytes = N * K * 2
-        ref = F.linear(silu_mul(xs[0]) if swiglu else xs[0], ws[0])
-        ok, msg = compare(lin.linear(xs[0], ws[0], swiglu=swiglu), ref.float())
+        ok, msg = compare(lin.linear(xs[0], ws[0]), F.linear(xs[0].float(), ws[0].float()))
         shape = f"M={M} N={N} K={K}"
-        impls = [("triton", lambda i: lin.linear(xs[i], ws[i], swiglu=swiglu), False),
-                 ("triton (no PDL)", lambda i: lin.linear(xs[i], ws[i], swiglu=swiglu), True),
-                 ("cublas (F.linear" + (" after silu_mul)" if swiglu else ")"),
-                  lambda i: F.linear(silu_mul(xs[i]) if swiglu else xs[i], ws[i]), False)]
-        for impl, f, off in impls:
-            with no_pdl(off):
+        for (mode, tag), f in [*((m, lambda i: lin.linear(xs[i], ws[i])) for m in PDL_AB),
+                               ((None, "cublas (F.linear)"), lambda i: F.linear(xs[i], ws[i]))]:
+            with pdl_mode(mode):
                 ms = bench_rot([lambda i=i, f=f: f(i) for i in range(R)], rep=200)
             gbps = nbytes / ms / 1e6
+            impl = tag if tag.startswith("cublas") else "triton" + tag
             add_row(kernel=f"linear {name}", impl=impl, shape=shape, dtype="bf16", median_ms=fmt(ms, 4),
                     gbps=fmt(gbps, 1), ratio_to_copy=fmt(gbps / copy_gbps),
                     correct=("ok" if ok else "FAIL") if impl == "triton" else "", note=msg if not ok else "")

@@ -233,23 +233,26 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
     return row
 
 
-AB_VARIANTS = ("no PDL", "PDL without weight prefetch", "cublas")
+AB_VARIANTS = ("no PDL", "PDL early", "PDL without weight prefetch", "cublas")
 
 
 @contextlib.contextmanager
 def ab_variant(name: str):
     """Run the engine with one change against the default (kernels with programmatic dependent
-    launch, weight prefetch in `linear`, `linear` for batches <= 16)."""
+    launch, mode "late"; weight prefetch in `linear`; `linear` for batches <= 16)."""
     from kvbench.kernels import _common
     from kvbench.kernels import linear as linmod
-    saved = _common.set_pdl(name != "no PDL"), linmod.PREFETCH_K, linmod.MAX_M
-    linmod.PREFETCH_K = 0 if name == "PDL without weight prefetch" else saved[1]
-    linmod.MAX_M = 0 if name == "cublas" else saved[2]
+    mode = {"no PDL": "off", "PDL early": "early"}.get(name)
+    was = _common.set_pdl(mode) if mode else None
+    saved = linmod.PREFETCH_K, linmod.MAX_M
+    linmod.PREFETCH_K = 0 if name == "PDL without weight prefetch" else saved[0]
+    linmod.MAX_M = 0 if name == "cublas" else saved[1]
     try:
         yield
     finally:
-        _common.set_pdl(saved[0])
-        linmod.PREFETCH_K, linmod.MAX_M = saved[1:]
+        if mode:
+            _common.set_pdl(was)
+        linmod.PREFETCH_K, linmod.MAX_M = saved
 
 
 def time_decode(res: dict, bw: float) -> None:
@@ -285,10 +288,10 @@ def time_decode(res: dict, bw: float) -> None:
                 if batch_size > 1 and variant == "cublas":
                     continue                         # batch 64 uses cuBLAS anyway
                 with ab_variant(variant):
-                    eng._graphs.clear()
+                    eng.drop_graphs()
                     rows.append(time_step(eng, batch, True, batch_size, ctx, layout, wbytes, bpt, bw,
                                           variant=variant))
-                eng._graphs.clear()
+                eng.drop_graphs()
             if layout == "paged":
                 eng.cuda_graphs = False
                 res[f"llama3_1_8b_profile_b{batch_size}"] = kernel_profile(eng, batch)

@@ -86,24 +86,28 @@ def _cuda_sms(index: int) -> int:
 # Hopper+ can start a kernel while the one before it in the stream drains (CUDA "programmatic
 # dependent launch"): its programs get scheduled, run their prologue (the linear kernel prefetches
 # its weights into L2 there), then block in `gdc_wait` until the previous kernel has finished and
-# its writes are visible. A whole decode step of ~300 small kernels loses less to launch gaps and
-# tails. Off with KVBENCH_PDL=0 or `set_pdl(False)` (for A/B runs); never in the interpreter.
-_pdl_on = os.environ.get("KVBENCH_PDL", "1").lower() not in ("0", "false", "off", "no")
+# its writes are visible. Modes: "off"; "early" (each kernel releases the next one as it starts);
+# "late" (after its main loop). KVBENCH_PDL or `set_pdl` choose; never in the interpreter.
+PDL_MODES = {"off": 0, "early": 1, "late": 2}
+_pdl_mode = os.environ.get("KVBENCH_PDL", "late").lower()
+if _pdl_mode not in PDL_MODES:
+    raise ValueError(f"KVBENCH_PDL={_pdl_mode!r}: expected one of {sorted(PDL_MODES)}")
 
 
-def set_pdl(on: bool) -> bool:
-    """Switch programmatic dependent launch for later launches (captured CUDA graphs keep theirs);
-    returns the previous setting."""
-    global _pdl_on
-    was, _pdl_on = _pdl_on, bool(on)
+def set_pdl(mode: str) -> str:
+    """Set the PDL mode for later launches (captured CUDA graphs keep theirs); returns the old one."""
+    global _pdl_mode
+    if mode not in PDL_MODES:
+        raise ValueError(f"PDL mode {mode!r}: expected one of {sorted(PDL_MODES)}")
+    was, _pdl_mode = _pdl_mode, mode
     return was
 
 
 def pdl_args(device: torch.device) -> dict:
-    """Launch keywords: ``PDL`` (the kernel's constexpr switch) and Triton's ``launch_pdl``."""
-    on = _pdl_on and device.type == "cuda" and not env_interpret() and _cuda_capability(
-        device.index if device.index is not None else torch.cuda.current_device()) >= 9
-    return dict(PDL=on, launch_pdl=on)
+    """Launch keywords: ``PDL`` (the kernels' constexpr mode) and Triton's ``launch_pdl``."""
+    mode = PDL_MODES[_pdl_mode] if device.type == "cuda" and not env_interpret() and _cuda_capability(
+        device.index if device.index is not None else torch.cuda.current_device()) >= 9 else 0
+    return dict(PDL=mode, launch_pdl=mode > 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,9 +116,9 @@ def _cuda_capability(index: int) -> int:
 
 
 @triton.jit
-def pdl_launch_dependents(PDL: tl.constexpr):
-    """Let the next kernel in the stream be scheduled now (it still waits for this one's writes)."""
-    if PDL:
+def pdl_early(PDL: tl.constexpr):
+    """Mode "early": let the next kernel be scheduled now (it still waits for our writes)."""
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -122,15 +126,22 @@ def pdl_launch_dependents(PDL: tl.constexpr):
 def pdl_wait(PDL: tl.constexpr):
     """Block until the previous kernel has finished and its writes are visible. Every load of data
     another kernel writes, and every store, must come after this."""
-    if PDL:
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
 def pdl_begin(PDL: tl.constexpr):
-    """The usual prologue: release the next kernel, then wait for the previous one."""
-    pdl_launch_dependents(PDL)
+    """A kernel's prologue: `pdl_early`, then `pdl_wait`."""
+    pdl_early(PDL)
     pdl_wait(PDL)
+
+
+@triton.jit
+def pdl_late(PDL: tl.constexpr):
+    """Mode "late", after the kernel's main work: let the next kernel be scheduled."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 # ---------------------------------------------------------------------------- checks

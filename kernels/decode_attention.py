@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, next_pow2, num_sms, pdl_args, pdl_begin)
+                      dot_precision, kernel_for, next_pow2, num_sms, pdl_args, pdl_begin,
+                      pdl_late)
 
 LOG2E = 1.4426950408889634
 
@@ -119,6 +120,7 @@ def _decode_kernel(
         acc = tl.dot(p_lp, v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
+    pdl_late(PDL)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -186,6 +188,7 @@ def _decode_merge_kernel(
     w = tl.exp2(lse - m)                                                                # [BS]
     parts = tl.load(po_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)                  # [BS, BD]
+    pdl_late(PDL)
     den = tl.sum(w, 0)
     den = tl.where(den > 0, den, 1.0)
     out = tl.sum(parts * w[:, None], 0) / den

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin
+from ._common import INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin, pdl_late
 
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)
@@ -48,6 +48,7 @@ def _kv_write_kernel(
     ld_mask = t_mask[:, None, None] & hd_mask[None, :, :]
     kk = tl.load(src_k, mask=ld_mask)
     vv = tl.load(src_v, mask=ld_mask)
+    pdl_late(PDL)
     tl.store(dst_k, kk, mask=mask)
     tl.store(dst_v, vv, mask=mask)
 

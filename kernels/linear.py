@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, pdl_args, pdl_launch_dependents, pdl_wait, use_interpreter)
-from .silu_mul import silu_mul, silu_mul_ref, silu_times
+                      kernel_for, pdl_args, pdl_early, pdl_late, pdl_wait, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 # Under programmatic dependent launch, the first PREFETCH_K weights of each row are prefetched
@@ -34,10 +33,10 @@ def _prefetch_l2(ptrs):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,          # x [M, K] (SILU: [M, 2K] gate | up), W [N, K], b [N], y [M, N]
+    x_ptr, w_ptr, b_ptr, y_ptr,          # x [M, K], W [N, K], b [N], y [M, N]
     M, N, K,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -46,8 +45,8 @@ def _gemv_kernel(
     n_mask = offs_n < N
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    pdl_launch_dependents(PDL)
-    if PDL:
+    pdl_early(PDL)
+    if PDL > 0:
         if PREFETCH_K > 0:
             # the weights are no other kernel's output: start streaming the first PREFETCH_K of
             # this program's rows while the previous kernel finishes (one prefetch per L2 line)
@@ -60,17 +59,12 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
-        xk_mask = m_mask[:, None] & k_mask[None, :]
-        if SILU:   # x = silu(gate) * up, formed on the fly (SwiGLU's down projection)
-            g = tl.load(x_rows + offs_k[None, :], mask=xk_mask, other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + offs_k[None, :], mask=xk_mask, other=0.0).to(tl.float32)
-            x = silu_times(g, u, w.dtype)                                                        # [BM, BK]
-        else:
-            x = tl.load(x_rows + offs_k[None, :], mask=xk_mask, other=0.0)                       # [BM, BK]
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
         if DOT_F32:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)                             # [BM, BN]
+    pdl_late(PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -83,34 +77,28 @@ _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=
                                  (16, 1024, 8, 2), (16, 128, 2, 8)]]
 # GPU: benchmark the configs on the first call of each (N, K) (the engine's warm-up makes that
 # call before any timed step or CUDA-graph capture) and keep the fastest
-_gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_BIAS", "SILU"])(_gemv_kernel)
+_gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
 
 
-def linear(x, weight, bias=None, *, swiglu: bool = False, backend: str = "triton"):
+def linear(x, weight, bias=None, *, backend: str = "triton"):
     """y = x @ weight.T + bias. x [M, K], weight [N, K] (rows contiguous), bias [N] or None.
-    ``swiglu=True``: x is the [M, 2K] gate | up projection and the input is silu(gate) * up
-    (formed while loading, no separate launch).
-    The kernel runs for 1 <= M <= MAX_M with backend="triton"; otherwise (and for backend="torch")
-    this is ``F.linear`` (after `silu_mul` when ``swiglu``)."""
+    The kernel runs for M <= MAX_M with backend="triton"; otherwise (and for backend="torch")
+    this is ``F.linear``."""
     check_backend(backend)
     if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
-        if swiglu:
-            x = silu_mul_ref(x) if backend == "torch" else silu_mul(x)
         return F.linear(x, weight, bias)
     check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x)
-    M, K = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1]
+    M, K = x.shape
     N = weight.shape[0]
-    check(not swiglu or x.shape[1] % 2 == 0, lambda: f"swiglu: x must be [M, 2K] (gate | up), got {tuple(x.shape)}")
-    check(weight.shape[1] == K, lambda: f"weight is {tuple(weight.shape)}, x rows have K={K}"
-                                        + (" (after silu(gate) * up)" if swiglu else ""))
+    check(weight.shape[1] == K, lambda: f"weight is {tuple(weight.shape)}, x rows have K={K}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x)
         check(bias.shape[0] == N, lambda: f"bias is [{bias.shape[0]}], expected [{N}]")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, M, N, K,
             x.stride(0), weight.stride(0), y.stride(0))
-    meta = dict(HAS_BIAS=bias is not None, SILU=swiglu, DOT_F32=dot_in_f32(x.dtype, x.device),
+    meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
                 DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, PREFETCH_K=PREFETCH_K,
                 LINE=128 // weight.element_size(), **pdl_args(x.device))
     if use_interpreter(x.device):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin
+from ._common import ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin, pdl_late
 
 
 @triton.jit
@@ -32,6 +32,7 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
         x = x.to(r_ptr.dtype.element_ty)
         tl.store(r_ptr + row * stride_r + offs, x, mask=mask)
+    pdl_late(PDL)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
     h = (xf * inv).to(o_ptr.dtype.element_ty).to(tl.float32)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2,
-                      pdl_args, pdl_begin)
+                      pdl_args, pdl_begin, pdl_late)
 from .kv_write import kv_write_ref
 
 
@@ -55,6 +55,7 @@ def _rope_kv_write_kernel(
     k_mask = (hk[:, None] < H_KV) & d_mask[None, :]
     k1, k2 = _rotate(row + (H_Q + hk[:, None]) * D + offs[None, :], c, s, HALF, k_mask)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    pdl_late(PDL)
     if slot >= 0:
         kdst = kc_ptr + slot * stride_kcs + hk[:, None] * stride_kch + offs[None, :]
         tl.store(kdst, k1, mask=k_mask)

@@ -10,16 +10,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, pdl_args, pdl_begin
+from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, pdl_args, pdl_begin, pdl_late
 
 BLOCK = 1024
-
-
-@triton.jit
-def silu_times(g, u, dtype: tl.constexpr):
-    """silu(g) * u from fp32 g, u with HF's rounding: silu rounded to dtype, then the product."""
-    s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-    return (s * u).to(dtype)
 
 
 @triton.jit
@@ -31,7 +24,9 @@ def _silu_mul_kernel(x_ptr, o_ptr, stride_x, stride_o, I: tl.constexpr, BLOCK: t
     mask = offs < I
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(o_ptr + row * stride_o + offs, silu_times(g, u, o_ptr.dtype.element_ty), mask=mask)
+    pdl_late(PDL)
+    s = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(o_ptr + row * stride_o + offs, (s * u).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul_ref(x):

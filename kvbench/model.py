@@ -4,9 +4,8 @@ One forward runs a mixed step: prefill chunks and decode tokens of B requests, f
 T tokens. Per layer: (residual add +) RMSNorm -> qkv proj -> rope + write the new K/V into the
 pool through `slot_mapping` -> attention over each request's page table -> o proj -> (residual
 add +) RMSNorm -> gate|up proj -> SiLU * up -> down proj. Elementwise steps are fused kernels
-(`rms_norm`, `rope_kv_write`; SiLU * up is formed inside the down projection), so a decode layer
-is about eight launches; the projections of batches of up to 16 tokens use the `linear` kernel,
-larger ones cuBLAS (after `silu_mul`). On Hopper the kernels use programmatic dependent launch.
+(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches; the
+projections of batches of up to 16 tokens use the `linear` kernel, larger ones cuBLAS.
 
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
     token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
@@ -219,7 +218,7 @@ class DecoderLayer(nn.Module):
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
-        return ops.linear(gate_up, self.down.weight, swiglu=True), residual  # silu(gate) * up -> down
+        return ops.linear(ops.silu_mul(gate_up), self.down.weight), residual
 
 
 class LlamaModel(nn.Module):

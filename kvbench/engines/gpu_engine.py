@@ -236,6 +236,12 @@ class GPUEngine(TorchEngine):
         self.graph_capture_s += time.perf_counter() - t0
         return g
 
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs (e.g. after a kernel setting changed); later steps capture
+        anew, into a new memory pool."""
+        self._graphs.clear()
+        self._graph_pool = None
+
     def summary(self) -> dict:
         props = torch.cuda.get_device_properties(self.device)
         return {**super().summary(), "device": props.name,
