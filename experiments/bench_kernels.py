@@ -605,7 +605,7 @@ def bench_kv_write(copy_gbps, args, gen):
 def bench_linear(copy_gbps, args, gen):
     """Decode-size projections (M=1) of Llama-3.1-8B: weight bytes read per second, `linear` in
     each PDL mode against cuBLAS (F.linear), each shape rotated over enough weight copies to
-    exceed L2 (back-to-back calls of one shape: PDL's weight prefetch overlaps the previous call)."""
+    exceed L2."""
     import torch.nn.functional as F
 
     from kvbench.kernels import linear as lin

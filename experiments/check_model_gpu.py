@@ -9,8 +9,8 @@
    2k context each, paged (shuffled pages) and slab (contiguous) tables, eager and CUDA graphs,
    against the roofline: (weight bytes the step reads, i.e. all but the input embedding table, +
    K/V bytes read) / device-to-device copy bandwidth measured here on a 2 GiB copy. The paged
-   graph steps are A/B'd in the same run against: no programmatic dependent launch, no weight
-   prefetch, and (batch 1) cuBLAS for the projections.
+   graph steps are A/B'd in the same run against: other programmatic-dependent-launch modes and
+   (batch 1) cuBLAS for the projections and other split-KV settings.
 
     python experiments/check_model_gpu.py --out results/gpu     (needs CUDA + transformers)
 Writes check_model_gpu.json to --out (default $OUT or results/gpu).
@@ -233,26 +233,33 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
     return row
 
 
-AB_VARIANTS = ("no PDL", "PDL early", "PDL without weight prefetch", "cublas")
+AB_VARIANTS = ("no PDL", "PDL early", "cublas", "decode splits >= 128 tokens", "decode splits >= 256 tokens",
+               "decode fused merge")
 
 
 @contextlib.contextmanager
 def ab_variant(name: str):
     """Run the engine with one change against the default (kernels with programmatic dependent
-    launch, mode "late"; weight prefetch in `linear`; `linear` for batches <= 16)."""
+    launch in mode "late"; `linear` for batches <= 16; split-KV decode with splits of >= 64
+    tokens and a merge kernel)."""
     from kvbench.kernels import _common
+    from kvbench.kernels import decode_attention as dmod
     from kvbench.kernels import linear as linmod
     mode = {"no PDL": "off", "PDL early": "early"}.get(name)
     was = _common.set_pdl(mode) if mode else None
-    saved = linmod.PREFETCH_K, linmod.MAX_M
-    linmod.PREFETCH_K = 0 if name == "PDL without weight prefetch" else saved[0]
-    linmod.MAX_M = 0 if name == "cublas" else saved[1]
+    saved = linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG
+    if name == "cublas":
+        linmod.MAX_M = 0
+    if name.startswith("decode splits"):
+        dmod.MIN_SPLIT_TOKENS = int(name.split()[3])
+    if name == "decode fused merge":
+        dmod.DECODE_CONFIG = dict(saved[2], FUSED_MERGE=1)
     try:
         yield
     finally:
         if mode:
             _common.set_pdl(was)
-        linmod.PREFETCH_K, linmod.MAX_M = saved
+        linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG = saved
 
 
 def time_decode(res: dict, bw: float) -> None:
@@ -285,8 +292,8 @@ def time_decode(res: dict, bw: float) -> None:
             for graphs in (False, True):
                 rows.append(time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw))
             for variant in AB_VARIANTS if layout == "paged" else ():   # A/B, same run, graphs
-                if batch_size > 1 and variant == "cublas":
-                    continue                         # batch 64 uses cuBLAS anyway
+                if batch_size > 1 and variant not in ("no PDL", "PDL early"):
+                    continue                         # batch 64: cuBLAS anyway, no split-KV
                 with ab_variant(variant):
                     eng.drop_graphs()
                     rows.append(time_step(eng, batch, True, batch_size, ctx, layout, wbytes, bpt, bw,

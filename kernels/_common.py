@@ -84,10 +84,12 @@ def _cuda_sms(index: int) -> int:
 
 # ---------------------------------------------------------------------------- programmatic dependent launch
 # Hopper+ can start a kernel while the one before it in the stream drains (CUDA "programmatic
-# dependent launch"): its programs get scheduled, run their prologue (the linear kernel prefetches
-# its weights into L2 there), then block in `gdc_wait` until the previous kernel has finished and
-# its writes are visible. Modes: "off"; "early" (each kernel releases the next one as it starts);
-# "late" (after its main loop). KVBENCH_PDL or `set_pdl` choose; never in the interpreter.
+# dependent launch"): its programs get scheduled and block in `gdc_wait` until the previous kernel
+# has finished and its writes are visible, so launch latency overlaps the previous kernel's tail.
+# Modes: "off"; "early" (each kernel releases the next one as it starts); "late" (after its main
+# loop). KVBENCH_PDL or `set_pdl` choose; never in the interpreter. Measured on an H200
+# (docs/kernels.md): "late" is the fastest for a decode step, "early" the slowest (waiting
+# programs of the next kernel take slots the current one's programs need).
 PDL_MODES = {"off": 0, "early": 1, "late": 2}
 _pdl_mode = os.environ.get("KVBENCH_PDL", "late").lower()
 if _pdl_mode not in PDL_MODES:

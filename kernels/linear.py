@@ -15,20 +15,10 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, pdl_args, pdl_early, pdl_late, pdl_wait, use_interpreter)
+                      kernel_for, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
-# Under programmatic dependent launch, the first PREFETCH_K weights of each row are prefetched
-# into L2 before waiting for the previous kernel (0: no prefetch)
-PREFETCH_K = 1024
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask for the lines at ``ptrs`` to be pulled into L2, without waiting for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -37,7 +27,7 @@ def _gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,14 +35,7 @@ def _gemv_kernel(
     n_mask = offs_n < N
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    pdl_early(PDL)
-    if PDL > 0:
-        if PREFETCH_K > 0:
-            # the weights are no other kernel's output: start streaming the first PREFETCH_K of
-            # this program's rows while the previous kernel finishes (one prefetch per L2 line)
-            offs_l = tl.arange(0, PREFETCH_K // LINE) * LINE
-            _prefetch_l2(tl.where(n_mask[:, None] & (offs_l[None, :] < K), w_rows + offs_l[None, :], w_ptr))
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     for k0 in range(0, K, BLOCK_K):
@@ -99,8 +82,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     args = (x, weight, bias if bias is not None else weight, y, M, N, K,
             x.stride(0), weight.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
-                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, PREFETCH_K=PREFETCH_K,
-                LINE=128 // weight.element_size(), **pdl_args(x.device))
+                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
     if use_interpreter(x.device):
         kernel_for(_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
             *args, **meta, **INTERPRET_CONFIG)
