@@ -223,6 +223,19 @@ def kernel_rows(record: dict) -> dict[str, str]:
     return rows
 
 
+def roofline_fractions(m: dict, d: dict) -> tuple:
+    """(engine step, graph replay) as fractions of the roofline (weight bytes a step reads + K/V
+    bytes read) / copy bandwidth, recomputed from the measured times when the sizing gives the
+    bytes a step reads (records made before `step_weight_bytes` existed counted the whole input
+    embedding table, which a step does not read); otherwise the fractions the record holds."""
+    sz, bw = m.get("llama3_1_8b_sizing") or {}, m.get("d2d_copy_bandwidth_bytes_per_s")
+    w, bpt = sz.get("step_weight_bytes"), sz.get("kv_bytes_per_token")
+    if not all(isinstance(v, (int, float)) for v in (w, bpt, bw, d.get("batch"), d.get("context"))):
+        return d.get("frac_of_roofline"), d.get("gpu_frac_of_roofline")
+    roof_ms = (w + d["batch"] * (d["context"] + 1) * bpt) / bw * 1e3
+    return tuple(roof_ms / d[k] if isinstance(d.get(k), (int, float)) else None for k in ("step_ms", "gpu_ms"))
+
+
 def model_rows(record: dict) -> dict[str, str]:
     m, rows = record.get("model") or {}, {}
     sizing = m.get("llama3_1_8b_sizing") or {}
@@ -233,11 +246,11 @@ def model_rows(record: dict) -> dict[str, str]:
         rows["8B: prefill of 2048 tokens"] = _join(_f(pre.get("step_ms"), ".1f") and f"{pre['step_ms']:.1f} ms",
                                                    _f(pre.get("tflops"), ".0f") and f"{pre['tflops']:.0f} TFLOP/s")
     for d in m.get("llama3_1_8b_decode") or []:
+        frac, gfrac = roofline_fractions(m, d)
         label = (f"8B: decode step, batch {d.get('batch')}, context {d.get('context')}, "
                  f"{d.get('layout', 'paged')}, {'CUDA graphs' if d.get('cuda_graphs') else 'eager'}"
                  + (", projections on cuBLAS" if "cublas" in (d.get("linear"), d.get("variant")) else "")
                  + (f", {d['variant']}" if d.get("variant") not in (None, "cublas") else ""))
-        frac, gfrac = d.get("frac_of_roofline"), d.get("gpu_frac_of_roofline")
         rows[label] = _join(_f(d.get("step_ms"), ".2f") and f"{d['step_ms']:.2f} ms",
                             _f(frac * 100 if isinstance(frac, (int, float)) else None, ".0f")
                             and f"{frac * 100:.0f} % of roofline",

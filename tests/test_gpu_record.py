@@ -102,3 +102,12 @@ def test_empty_record_folder_gives_a_placeholder(tmp_path):
     readme.write_text(README)
     assert gpu_record.main(["table", "--readme", str(readme), "--records", str(tmp_path)]) == 0
     assert "No GPU records yet" in readme.read_text()
+
+
+def test_roofline_fraction_is_recomputed_from_the_bytes_a_step_reads():
+    row = {"batch": 2, "context": 999, "step_ms": 5.0, "gpu_ms": 4.0, "frac_of_roofline": 0.9}
+    model = {"d2d_copy_bandwidth_bytes_per_s": 1e12, "llama3_1_8b_sizing": {"weight_bytes": 4.5e9}}
+    assert gpu_record.roofline_fractions(model, row) == (0.9, None)  # old record: its own fractions
+    model["llama3_1_8b_sizing"].update(step_weight_bytes=3.5e9, kv_bytes_per_token=125_000)
+    # (3.5e9 weights + 2 * 1000 tokens * 125 kB) / 1 TB/s = 3.75 ms
+    assert gpu_record.roofline_fractions(model, row) == pytest.approx((0.75, 0.9375))

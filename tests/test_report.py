@@ -186,3 +186,11 @@ def test_timeline_bins_split_a_long_step_over_the_bins_it_spans():
     binned = bin_timeline(tl, capacity=36, bins=6)
     assert binned.running.tolist() == [2.0, 2.0, 2.0, 0.0, 4.0, 4.0]  # [2,3) is inside the long step
     assert binned.token_states.isna().tolist() == [False, False, False, True, False, False]
+
+
+def test_panel_titles_name_how_the_trace_was_replayed():
+    from kvbench.report.figures import _where
+    row = lambda rate, offered: types.SimpleNamespace(trace="azure_conv", trace_rate=rate, offered_rate=offered)  # noqa: E731
+    assert _where(row(4.0, 3.9)) == "azure_conv at 4 req/s"
+    assert _where(row(np.inf, np.nan)) == "azure_conv, all at t=0"
+    assert _where(row(np.nan, 2.5)) == "azure_conv at its own arrival times (2.5 req/s)"

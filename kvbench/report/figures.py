@@ -114,6 +114,15 @@ def _save(fig, out: Path, file: str) -> None:
         im.convert("RGB").quantize(colors=256).save(out / file, optimize=True)
 
 
+def _where(r) -> str:
+    """A trace and how it was replayed: rescaled to a rate, all at t=0, or at its own timestamps."""
+    if np.isfinite(r.trace_rate):
+        return f"{r.trace} at {r.trace_rate:g} req/s"
+    if r.trace_rate == np.inf:
+        return f"{r.trace}, all at t=0"
+    return f"{r.trace} at its own arrival times ({r.offered_rate:.3g} req/s)"
+
+
 def memory_breakdown(col: Collection, out: Path) -> Figure | None:
     """Stacked bars of the six slot states, as shares of capacity and of the memory requests
     hold; one row of panels per trace."""
@@ -127,9 +136,7 @@ def memory_breakdown(col: Collection, out: Path) -> Figure | None:
         note = " (the runs at the highest request rate of each trace)"
     t = _ordered(t)
     by_rate = t[rate].nunique() > 1
-    t = t.assign(where_=[f"{r.trace} at " + (f"{r.trace_rate:g} req/s" if np.isfinite(r.trace_rate) else
-                                             f"its own arrival times ({r.offered_rate:.3g} req/s)")
-                         if by_rate else r.trace for r in t.itertuples()])
+    t = t.assign(where_=[_where(r) if by_rate else r.trace for r in t.itertuples()])
     names = run_names(t.drop(columns=["trace", "trace_rate"] if by_rate else ["trace"])).tolist()
     t = t.assign(name_=names)
     groups = list(t.groupby("where_", sort=False))
