@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from kvbench.calibrate import COEFFICIENTS, features, fit
+from kvbench.calibrate import COEFFICIENTS, fit, predict
 from kvbench.run import run
 from kvbench.schema import register
 
@@ -112,7 +112,7 @@ def main() -> None:
             ts = pd.read_parquet(args.out / "runs" / name / f"sim_{fit_name}" / "timeline.parquet")[DECISIONS]
             same = len(tg) == len(ts) and bool((tg.to_numpy() == ts.to_numpy()).all())
             # per-step error of the cost model on the GPU's own steps (same batches)
-            pred = features(timeline[name]) @ [coef[k] for k in COEFFICIENTS]
+            pred = predict(timeline[name], coef)
             step_err = abs(pred - timeline[name].dt_s.to_numpy()) / timeline[name].dt_s.to_numpy()
             fidelity.append({"case": name, "fit": "one for all" if fit_name == "all" else "per strategy",
                              "steps_gpu": len(tg), "steps_sim": len(ts), "same_decisions": same,

@@ -10,24 +10,45 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from kvbench.calibrate import fit
+from kvbench.calibrate import COEFFICIENTS, fit, predict
+from kvbench.engines.sim import SimEngine, step_time
 from test_end_to_end import CONFIGS, run_with
 
 
+def _timeline(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"prefill_tokens": rng.integers(0, 4000, n) * (rng.random(n) < 0.5),  # half decode-only
+                         "decode_tokens": rng.integers(0, 64, n), "kv_read_tokens": rng.integers(0, 200000, n)})
+
+
 def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
-    rng = np.random.default_rng(0)
-    n = 400
-    tl = pd.DataFrame({"prefill_tokens": rng.integers(0, 4000, n) * (rng.random(n) < 0.5),  # half decode-only
-                       "decode_tokens": rng.integers(0, 64, n),
-                       "kv_read_tokens": rng.integers(0, 200000, n)})
-    tl["dt_s"] = (0.004 + 2e-5 * tl.prefill_tokens + 0.0 * tl.decode_tokens + 5e-8 * tl.kv_read_tokens
-                  + 0.006 * (tl.prefill_tokens > 0))
-    coef = fit(tl)
-    assert coef["overhead_s"] == pytest.approx(0.004, rel=1e-9)
-    assert coef["prefill_token_s"] == pytest.approx(2e-5, rel=1e-9)
-    assert coef["kv_read_token_s"] == pytest.approx(5e-8, rel=1e-9)
-    assert coef["prefill_step_s"] == pytest.approx(0.006, rel=1e-9)
-    assert coef["decode_token_s"] == pytest.approx(0.0, abs=1e-12)
+    tl = _timeline(400)
+    coef = dict(overhead_s=0.004, prefill_token_s=2e-5, decode_token_s=0.0, kv_read_token_s=5e-8,
+                prefill_step_s=0.006, eager_floor_s=0.0, eager_decode_token_s=3e-5, eager_kv_read_token_s=5e-8)
+    tl["dt_s"] = predict(tl, coef)
+    got = fit(tl)
+    assert list(got) == list(COEFFICIENTS)
+    for key, value in coef.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_fit_finds_the_floor_of_eager_steps():
+    """Steps with prefill that take max(floor, GPU work): small ones sit on the floor (the host's
+    launches), large ones grow with their tokens; the fit tells which is which."""
+    tl = _timeline(600, seed=1)
+    coef = dict(overhead_s=0.0015, prefill_token_s=4e-6, decode_token_s=2.5e-5, kv_read_token_s=1e-8,
+                prefill_step_s=0.002, eager_floor_s=0.006, eager_decode_token_s=3.5e-5, eager_kv_read_token_s=2e-8)
+    tl["dt_s"] = predict(tl, coef)
+    on_floor = (tl.prefill_tokens > 0) & np.isclose(tl.dt_s, 0.0015 + 0.002 + 0.006, rtol=0, atol=1e-12)
+    assert 0 < on_floor.sum() < (tl.prefill_tokens > 0).sum()
+    got = fit(tl)
+    for key, value in coef.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    # the sim engine steps by the same formula
+    engine = SimEngine(**coef)
+    assert float(step_time(engine.coefficients, 3000, 10, 50000)) == pytest.approx(
+        0.0015 + 0.002 + max(0.006, 3000 * 4e-6 + 10 * 3.5e-5 + 50000 * 2e-8))
+    assert float(step_time(engine.coefficients, 0, 10, 50000)) == pytest.approx(0.0015 + 10 * 2.5e-5 + 50000 * 1e-8)
 
 
 def test_calibrating_on_a_sim_run_gives_back_the_sim_config(tmp_path):
@@ -37,8 +58,12 @@ def test_calibrating_on_a_sim_run_gives_back_the_sim_config(tmp_path):
                    check=True, capture_output=True)
     fitted, sim = OmegaConf.load(out), OmegaConf.load(CONFIGS / "engine" / "sim.yaml")
     assert list(fitted.defaults) == ["sim", "_self_"]
-    for key in ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s", "prefill_step_s"):
-        assert fitted[key] == pytest.approx(sim[key], rel=1e-5, abs=1e-12)
+    for key in ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s", "prefill_step_s",
+                "eager_floor_s"):
+        assert fitted[key] == pytest.approx(sim[key], rel=1e-5, abs=1e-12), key
+    assert sim.eager_decode_token_s is None and sim.eager_kv_read_token_s is None  # null: same as decode-only
+    assert fitted.eager_decode_token_s == pytest.approx(sim.decode_token_s, rel=1e-5)
+    assert fitted.eager_kv_read_token_s == pytest.approx(sim.kv_read_token_s, rel=1e-5)
 
 
 def test_gpu_strategies_experiment_runs_end_to_end_on_the_cpu(tmp_path):

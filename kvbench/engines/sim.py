@@ -1,14 +1,32 @@
 """`engine=sim`: the real scheduler and allocator, a modelled step time (no model runs)."""
 from __future__ import annotations
 
+import numpy as np
+
 from kvbench.batch import StepBatch
 from kvbench.engines.base import Engine
 
 
+def step_time(c: dict, prefill, decode, kv_read):
+    """The modelled step time of configs/engine/sim.yaml for P prefill tokens, D decode tokens and
+    K K/V positions read (scalars or numpy arrays; `c` holds the coefficients, eager_* may be None).
+
+    decode-only step:  overhead_s + D decode_token_s + K kv_read_token_s    (a CUDA-graph replay)
+    step with prefill: overhead_s + prefill_step_s
+                       + max(eager_floor_s, P prefill_token_s + D eager_decode_token_s
+                                            + K eager_kv_read_token_s)  (eager: the host's launches
+                       or the GPU's work, whichever takes longer)
+    """
+    eager_decode = c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"]
+    eager_kv = c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"]
+    graph = c["overhead_s"] + decode * c["decode_token_s"] + kv_read * c["kv_read_token_s"]
+    eager = c["overhead_s"] + c["prefill_step_s"] + np.maximum(
+        c.get("eager_floor_s") or 0.0, prefill * c["prefill_token_s"] + decode * eager_decode + kv_read * eager_kv)
+    return np.where(np.asarray(prefill) > 0, eager, graph)
+
+
 class SimEngine(Engine):
-    """Step time = overhead + prefill tokens x prefill_token_s + decode tokens x decode_token_s
-    + KV tokens read x kv_read_token_s, + prefill_step_s if the step has any prefill token (all
-    in seconds; see configs/engine/sim.yaml).
+    """Step time from `step_time` (all coefficients in seconds; see configs/engine/sim.yaml).
 
     A prefill chunk of n tokens after a prefix of p reads p + n K/V positions (the last query's
     context); a decode token at position p reads p + 1.
@@ -17,18 +35,20 @@ class SimEngine(Engine):
     name = "sim"
 
     def __init__(self, overhead_s: float, prefill_token_s: float, decode_token_s: float,
-                 kv_read_token_s: float, prefill_step_s: float = 0.0, device: str = "modelled") -> None:
-        coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
-                        "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
-                        "prefill_step_s": prefill_step_s}
-        for key, value in coefficients.items():
+                 kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,
+                 eager_decode_token_s: float | None = None, eager_kv_read_token_s: float | None = None,
+                 device: str = "modelled") -> None:
+        self.coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
+                             "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
+                             "prefill_step_s": prefill_step_s, "eager_floor_s": eager_floor_s,
+                             "eager_decode_token_s": eager_decode_token_s,
+                             "eager_kv_read_token_s": eager_kv_read_token_s}
+        for key, value in self.coefficients.items():
+            if value is None and key.startswith("eager_") and key != "eager_floor_s":
+                continue
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"engine.{key} must be a number >= 0, got {value!r}")
-        self.overhead_s = float(overhead_s)
-        self.prefill_token_s = float(prefill_token_s)
-        self.decode_token_s = float(decode_token_s)
-        self.kv_read_token_s = float(kv_read_token_s)
-        self.prefill_step_s = float(prefill_step_s)
+        self.coefficients = {k: (None if v is None else float(v)) for k, v in self.coefficients.items()}
         self.device = device
 
     def step(self, batch: StepBatch) -> float:
@@ -39,8 +59,7 @@ class SimEngine(Engine):
             else:
                 prefill += s.num_new
             kv_read += s.start + s.num_new
-        return (self.overhead_s + prefill * self.prefill_token_s + decode * self.decode_token_s
-                + kv_read * self.kv_read_token_s + (self.prefill_step_s if prefill else 0.0))
+        return float(step_time(self.coefficients, prefill, decode, kv_read))
 
     def summary(self) -> dict:
         return {"device": self.device}
