@@ -199,29 +199,37 @@ class GPUEngine(TorchEngine):
         pages = 1 << max(4, int(-(-int(h.seq_lens.max()) // h.page_size) - 1).bit_length())
         key = (bs, pages, h.contiguous)
         g = self._graphs.get(key) or self._capture(key, h.page_size)
-        g.ids[:b].copy_(torch.from_numpy(h.ids), non_blocking=True)
-        g.positions[:b].copy_(torch.from_numpy(h.positions), non_blocking=True)
-        slots = np.full(bs, -1, np.int64)
-        slots[:b] = h.slot_mapping
-        lens = np.zeros(bs, np.int64)
-        lens[:b] = h.seq_lens
-        table = np.zeros((bs, pages), np.int32)
-        table[:b, :h.page_table.shape[1]] = h.page_table
-        g.meta.slot_mapping.copy_(torch.from_numpy(slots), non_blocking=True)
-        g.meta.seq_lens.copy_(torch.from_numpy(lens), non_blocking=True)
-        g.meta.page_table.copy_(torch.from_numpy(table), non_blocking=True)
+        # the step's inputs: written into the graph's pinned staging buffer, then one copy
+        g.h64[0, :b], g.h64[1, :b], g.h64[2, :b] = h.ids, h.positions, h.slot_mapping
+        g.h64[2, b:] = -1                                      # padded rows write nowhere
+        g.h32_lens[:b], g.h32_lens[b:] = h.seq_lens, 0         # ... and attend to nothing
+        g.h32_table[:b, :h.page_table.shape[1]] = h.page_table
+        g.h32_table[:b, h.page_table.shape[1]:] = 0
+        # (the buffer is rewritten only after `step` has synchronized: the copy is done by then)
+        g.dev.copy_(g.host, non_blocking=True)
         g.graph.replay()
+        if np.array_equal(h.logits_idx, np.arange(b)):        # decode: every row emits, in order
+            return g.logits[:b].clone() if self.keep_logits else g.logits[:b]
         return g.logits[torch.from_numpy(h.logits_idx).to(self.device)]  # [B_emit, vocab]
 
     def _capture(self, key: tuple[int, int, bool], page_size: int) -> SimpleNamespace:
         t0 = time.perf_counter()
         bs, pages, contiguous = key
         z = dict(device=self.device)
-        g = SimpleNamespace(ids=torch.zeros(bs, dtype=torch.int64, **z),
-                            positions=torch.zeros(bs, dtype=torch.int64, **z))
+        # inputs: one pinned host buffer and its device copy; the graph reads views of the latter
+        # (int64 ids, positions, slots; int32 seq_lens and page table)
+        n64, n32 = 3 * bs, bs + bs * pages
+        g = SimpleNamespace(host=torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8, pin_memory=True))
+        view = g.host.numpy()
+        g.h64 = view[:8 * n64].view(np.int64).reshape(3, bs)
+        g.h32_lens = view[8 * n64:].view(np.int32)[:bs]
+        g.h32_table = view[8 * n64:].view(np.int32)[bs:].reshape(bs, pages)
+        g.h64[2] = -1
+        g.dev = g.host.to(self.device)
+        d64, d32 = g.dev[:8 * n64].view(torch.int64).view(3, bs), g.dev[8 * n64:].view(torch.int32)
+        g.ids, g.positions = d64[0], d64[1]
         g.meta = AttnMetadata(
-            torch.full((bs,), -1, dtype=torch.int64, **z), torch.zeros(bs, pages, dtype=torch.int32, **z),
-            torch.arange(bs + 1, dtype=torch.int32, **z), torch.zeros(bs, dtype=torch.int32, **z),
+            d64[2], d32[bs:].view(bs, pages), torch.arange(bs + 1, dtype=torch.int32, **z), d32[:bs],
             torch.arange(bs, dtype=torch.int64, **z), page_size, contiguous, True, pages * page_size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
