@@ -10,6 +10,8 @@
    cost model's error per step on the GPU's own batches; and whether the decisions come back
    exactly when the GPU run's step times are replayed (engine=recorded): then the clock is the
    only thing a simulation can get wrong.
+4. Runs every config on the GPU a second time and reports how far the GPU reproduces itself
+   (decisions, throughput, mean TTFT and TPOT): the floor under any simulation's error.
 
     python experiments/gpu_strategies.py --out DIR [--limit 400] [--model llama3_2_1b]
 
@@ -69,17 +71,28 @@ def main() -> None:
     ap.add_argument("--trace", default="azure_conv")
     ap.add_argument("--capacity", type=int, default=131072, help="kv_capacity_tokens")
     ap.add_argument("--engine", default="gpu", help="gpu, or torch for a CPU smoke test (model=tiny)")
+    ap.add_argument("--no-repeat", action="store_true", help="skip the second GPU run of each config")
     args = ap.parse_args()
     register()
     common = [f"trace={args.trace}", f"model={args.model}", f"kv_capacity_tokens={args.capacity}"]
     todo = cases(args.limit, args.rate_limit, "limit" if args.trace not in ("synthetic",) else "num_requests")
 
-    gpu = {}
+    gpu, repeat = {}, []
+    real = ["engine=gpu", "engine.cuda_graphs=true"] if args.engine == "gpu" else [f"engine={args.engine}"]
     for name, ov in todo.items():
-        real = ["engine=gpu", "engine.cuda_graphs=true"] if args.engine == "gpu" else [f"engine={args.engine}"]
         cfg = compose_cfg([*common, *ov, *real])
         gpu[name] = run(cfg, args.out / "runs" / name / "gpu")
         print(f"gpu  {name}: {gpu[name]['request_throughput']:.2f} req/s, wall {gpu[name]['wall_time_s']:.0f} s", flush=True)
+    for name, ov in todo.items() if not args.no_repeat else ():   # the same config again: run-to-run noise
+        again = run(compose_cfg([*common, *ov, *real]), args.out / "runs" / name / "gpu_repeat")
+        ta, tb = (pd.read_parquet(args.out / "runs" / name / d / "timeline.parquet")[DECISIONS]
+                  for d in ("gpu", "gpu_repeat"))
+        g = gpu[name]
+        repeat.append({"case": name, "steps": len(ta), "steps_repeat": len(tb),
+                       "same_decisions": len(ta) == len(tb) and bool((ta.to_numpy() == tb.to_numpy()).all()),
+                       "throughput_diff": rel_err(again["request_throughput"], g["request_throughput"]),
+                       "ttft_mean_diff": rel_err(again["ttft_mean_s"], g["ttft_mean_s"]),
+                       "tpot_mean_diff": rel_err(again["tpot_mean_s"], g["tpot_mean_s"])})
 
     # one cost model for every run, and one per strategy (the kernels' cost depends a little on
     # the layout: contiguous slab, 16-token pages, 1-token pages)
@@ -132,12 +145,16 @@ def main() -> None:
     head = f"device: {device}; model {args.model} (random bf16 weights); trace {args.trace}; kv_capacity_tokens={args.capacity}\n\n"
     (args.out / "strategies.md").write_text(head + md_table(table))
     fitted = "".join(f"- {g}: " + ", ".join(f"{k}={c[k]:.3e}" for k in COEFFICIENTS) + "\n" for g, c in coefs.items())
-    (args.out / "fidelity.md").write_text(head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid))
+    again = ("\nthe GPU against itself (each config run twice; differences of the second run from the "
+             "first):\n\n" + md_table(pd.DataFrame(repeat))) if repeat else ""
+    (args.out / "fidelity.md").write_text(head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid) + again)
     (args.out / "gpu_strategies.json").write_text(json.dumps(
         {"device": device, "model": args.model, "trace": args.trace, "coefficients": coefs,
-         "gpu": gpu, "fidelity": fidelity}, indent=2, default=str))
+         "gpu": gpu, "fidelity": fidelity, "gpu_repeat": repeat}, indent=2, default=str))
     print(table.to_string(index=False))
     print(fid.to_string(index=False))
+    if repeat:
+        print(pd.DataFrame(repeat).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ def test_gpu_strategies_experiment_runs_end_to_end_on_the_cpu(tmp_path):
     for name in ("all", "slab", "paged", "radix"):
         assert OmegaConf.load(tmp_path / f"sim_fitted_{name}.yaml").defaults[0] == "sim"
     again = subprocess.run(args, check=True, capture_output=True, text=True, timeout=600)
-    assert again.stdout.count("kept the earlier results") == 6 + 6 + 12  # gpu, recorded clock, sims
+    repeat = json.loads((tmp_path / "gpu_strategies.json").read_text())["gpu_repeat"]
+    assert [r["case"] for r in repeat] == [c for c, f in fidelity if f == "one for all"]
+    assert all(r["same_decisions"] for r in repeat if r["case"].endswith("offline"))
+    assert again.stdout.count("kept the earlier results") == 6 + 6 + 6 + 12  # gpu, repeat, recorded, sims
 
 
 DECISIONS = ["running", "waiting", "prefill_tokens", "decode_tokens", "kv_read_tokens", "preemptions"]
