@@ -1,6 +1,6 @@
 """Small helpers shared by the kernel launchers: dtype/shape checks and interpreter dispatch.
 
-Nothing here runs at import time except plain definitions.
+Nothing here runs at import time except plain definitions and reading KVBENCH_PDL.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def pdl_args(device: torch.device) -> dict:
     """Launch keywords: ``PDL`` (the kernels' constexpr mode) and Triton's ``launch_pdl``."""
     mode = PDL_MODES[_pdl_mode] if device.type == "cuda" and not env_interpret() and _cuda_capability(
         device.index if device.index is not None else torch.cuda.current_device()) >= 9 else 0
-    return dict(PDL=mode, launch_pdl=mode > 0)
+    return dict(PDL=mode, launch_pdl=True) if mode else dict(PDL=0)  # (older Triton: no launch_pdl)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin, pdl_late
+from ._common import (INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args,
+                      pdl_begin, pdl_late)
 
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin, pdl_late
+from ._common import (ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args, pdl_begin,
+                      pdl_late)
 
 
 @triton.jit

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, pdl_args, pdl_begin, pdl_late
+from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, pdl_args, pdl_begin,
+                      pdl_late)
 
 BLOCK = 1024
 
