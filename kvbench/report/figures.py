@@ -247,10 +247,15 @@ def vs_rate(col: Collection, out: Path) -> Figure | None:
                   "diagonal and its TTFT climbs.")
 
 
+def _representatives_with(col: Collection, data: dict) -> pd.DataFrame:
+    """The representative run of each strategy and trace, among the runs with rows in `data`."""
+    reps = representative(_ordered(col.table)) if len(col.table) else col.table
+    return reps[[bool(r in data and len(data[r])) for r in reps.run]] if len(reps) else reps
+
+
 def latency_cdf(col: Collection, out: Path) -> Figure | None:
     """CDFs of TTFT, TPOT and E2E latency, one line per run (one run per strategy and trace)."""
-    reps = representative(_ordered(col.table)) if len(col.table) else col.table
-    reps = reps[[bool(r in col.requests and len(col.requests[r])) for r in reps.run]] if len(reps) else reps
+    reps = _representatives_with(col, col.requests)
     if not len(reps):
         return None
     traces = sorted(reps.trace.unique())
@@ -281,8 +286,7 @@ def latency_cdf(col: Collection, out: Path) -> Figure | None:
 
 def batch_size(col: Collection, out: Path) -> Figure | None:
     """Running requests over time, one line per strategy (the representative run of each)."""
-    reps = representative(_ordered(col.table)) if len(col.table) else col.table
-    reps = reps[[bool(r in col.timelines and len(col.timelines[r])) for r in reps.run]] if len(reps) else reps
+    reps = _representatives_with(col, col.timelines)
     if not len(reps):
         return None
     traces = sorted(reps.trace.unique())
