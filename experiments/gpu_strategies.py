@@ -145,9 +145,9 @@ def main() -> None:
     head = f"device: {device}; model {args.model} (random bf16 weights); trace {args.trace}; kv_capacity_tokens={args.capacity}\n\n"
     (args.out / "strategies.md").write_text(head + md_table(table))
     fitted = "".join(f"- {g}: " + ", ".join(f"{k}={c[k]:.3e}" for k in COEFFICIENTS) + "\n" for g, c in coefs.items())
-    again = ("\nthe GPU against itself (each config run twice; differences of the second run from the "
-             "first):\n\n" + md_table(pd.DataFrame(repeat))) if repeat else ""
-    (args.out / "fidelity.md").write_text(head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid) + again)
+    repeat_md = ("\nthe GPU against itself (each config run twice; differences of the second run from the "
+                 "first):\n\n" + md_table(pd.DataFrame(repeat))) if repeat else ""
+    (args.out / "fidelity.md").write_text(head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid) + repeat_md)
     (args.out / "gpu_strategies.json").write_text(json.dumps(
         {"device": device, "model": args.model, "trace": args.trace, "coefficients": coefs,
          "gpu": gpu, "fidelity": fidelity, "gpu_repeat": repeat}, indent=2, default=str))
