@@ -14,17 +14,24 @@ LAYOUTS = [(1, False), (16, False), (128, True)]
 LAYOUT_IDS = ["page1", "page16", "slab128"]
 
 
-def _run(new_lens, prefix_lens, page_size, contiguous, Hq, Hkv, D, dtype, config=None, seed=0, dev=None,
-         sm_scale=None):
-    dev = dev or device()
+def _batch(new_lens, prefix_lens, page_size, contiguous, Hkv, D, dtype, dev, seed):
+    """A paged (or slab) cache holding each request's prefix + new tokens, and the batch's
+    query_start_loc and seq_lens. Returns (gen, k_cache, v_cache, page_table, qsl, seq_lens)."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [a + b for a, b in zip(new_lens, prefix_lens)]
     k_cache, v_cache, page_table = make_cache(seq_lens, page_size, Hkv, D, dtype, dev,
                                               contiguous=contiguous, gen=gen)
+    qsl = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    return gen, k_cache, v_cache, page_table, qsl, torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+
+
+def _run(new_lens, prefix_lens, page_size, contiguous, Hq, Hkv, D, dtype, config=None, seed=0, dev=None,
+         sm_scale=None):
+    dev = dev or device()
+    gen, k_cache, v_cache, page_table, qsl, sl = _batch(new_lens, prefix_lens, page_size, contiguous, Hkv, D,
+                                                        dtype, dev, seed)
     T = sum(new_lens)
     q = randn(T, Hq, D, dtype=dtype, device=dev, gen=gen)
-    qsl = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
     out = nan_like(q)
     o = extend_attention(q, k_cache, v_cache, page_table, qsl, sl, page_size, sm_scale=sm_scale,
                          contiguous=contiguous, out=out, config=config)
@@ -92,13 +99,9 @@ def _run_ragged(new_lens, prefix_lens, page_size, contiguous, Hq, Hkv, D, dtype,
     reference reads them from the cache, the kernel must not: their cache slots are poisoned
     (NaN) before the kernel runs."""
     dev = dev or device()
-    gen = torch.Generator().manual_seed(seed)
-    seq_lens = [a + b for a, b in zip(new_lens, prefix_lens)]
-    k_cache, v_cache, page_table = make_cache(seq_lens, page_size, Hkv, D, dtype, dev,
-                                              contiguous=contiguous, gen=gen)
+    gen, k_cache, v_cache, page_table, qsl, sl = _batch(new_lens, prefix_lens, page_size, contiguous, Hkv, D,
+                                                        dtype, dev, seed)
     T = sum(new_lens)
-    qsl = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
     # the new tokens' slots, in q's row order
     new_slots = torch.cat([_slots(page_table[b], torch.arange(p, p + n, device=dev), page_size, contiguous)
                            for b, (n, p) in enumerate(zip(new_lens, prefix_lens))])

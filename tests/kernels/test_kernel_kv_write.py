@@ -18,6 +18,17 @@ def _kv_case(T, S, H, D, dtype, dev, gen, idx_dtype=torch.int64, skip=()):
     return k, v, slots.to(idx_dtype).to(dev)
 
 
+def _write_and_compare(k, v, slots, S, gen):
+    """kv_write into a pool of random old contents, against kv_write_ref on a copy: exact."""
+    H, D = k.shape[1:]
+    kc = randn(S, H, D, dtype=k.dtype, device=k.device, gen=gen)        # poison: random old contents
+    vc = randn(S, H, D, dtype=k.dtype, device=k.device, gen=gen)
+    kr, vr = kc.clone(), vc.clone()
+    kv_write(k, v, kc, vc, slots)
+    kv_write_ref(k, v, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T", [1, 5, 37])
 def test_kv_write(dtype, T):
@@ -25,12 +36,7 @@ def test_kv_write(dtype, T):
     gen = torch.Generator().manual_seed(T)
     S, H, D = 96, 2, 64
     k, v, slots = _kv_case(T, S, H, D, dtype, dev, gen, idx_dtype=torch.int32 if T % 2 else torch.int64)
-    kc = randn(S, H, D, dtype=dtype, device=dev, gen=gen)                # poison: random old contents
-    vc = randn(S, H, D, dtype=dtype, device=dev, gen=gen)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    kv_write(k, v, kc, vc, slots)
-    kv_write_ref(k, v, kc_ref, vc_ref, slots)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    _write_and_compare(k, v, slots, S, gen)
 
 
 def test_kv_write_into_pool_views_noncontiguous_src_and_skips():
@@ -53,12 +59,7 @@ def test_kv_write_odd_head_count_and_dim():
     dev = device()
     gen = torch.Generator().manual_seed(8)
     k, v, slots = _kv_case(9, 40, 3, 80, torch.float16, dev, gen)
-    kc = randn(40, 3, 80, dtype=torch.float16, device=dev, gen=gen)
-    vc = randn(40, 3, 80, dtype=torch.float16, device=dev, gen=gen)
-    kr, vr = kc.clone(), vc.clone()
-    kv_write(k, v, kc, vc, slots)
-    kv_write_ref(k, v, kr, vr, slots)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    _write_and_compare(k, v, slots, 40, gen)
 
 
 def test_kv_write_errors():
@@ -115,12 +116,7 @@ def test_kv_write_gpu_chunk_8k():
     gen = torch.Generator().manual_seed(9)
     S = 65536
     k, v, slots = _kv_case(8192, S, 8, 128, torch.bfloat16, dev, gen)
-    kc = randn(S, 8, 128, dtype=torch.bfloat16, device=dev, gen=gen)
-    vc = randn(S, 8, 128, dtype=torch.bfloat16, device=dev, gen=gen)
-    kr, vr = kc.clone(), vc.clone()
-    kv_write(k, v, kc, vc, slots)
-    kv_write_ref(k, v, kr, vr, slots)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    _write_and_compare(k, v, slots, S, gen)
 
 
 @pytest.mark.gpu
