@@ -36,8 +36,9 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
                 rec.reject(req, reason)
                 bar.update(1)
         if not scheduler.has_work():
-            now = requests[nxt].arrival_s  # idle: jump to the next arrival
-            continue
+            if nxt < n:
+                now = requests[nxt].arrival_s  # idle: jump to the next arrival
+            continue  # (or nothing left at all: the loop ends)
         planned = scheduler.schedule()
         if not planned:
             raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with {len(scheduler.waiting)} "

@@ -103,3 +103,13 @@ def test_without_chunked_prefill_prompts_run_whole_and_recomputes_never_deadlock
     assert sched.num_preemptions > 0  # 96 slots cannot hold all three: recomputes happened
     tl = result.recorder.timeline()
     assert tl.prefill_tokens.max() <= 40
+
+
+@pytest.mark.parametrize("lengths", [[(30, 5), (600, 10)], [(600, 10)], [(600, 10), (700, 3)]],
+                         ids=["last-rejected", "only-rejected", "all-rejected"])
+def test_a_rejected_last_arrival_while_nothing_runs_ends_the_replay(lengths):
+    # the last arrival is rejected when nothing runs: the loop must end, not look for a next one
+    reqs = [req(i, p, o, arrival=float(i)) for i, (p, o) in enumerate(lengths)]
+    result = replay(reqs, Scheduler(PagedStrategy(1024, 512), 4, 128), ENGINE, progress=False)
+    table = result.recorder.requests(result.finished)
+    assert table.status.tolist() == ["finished" if p + o <= 512 else "rejected" for p, o in lengths]
