@@ -1,12 +1,11 @@
 """The unit of work every trace produces and every engine replays."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 
 
-@dataclass(slots=True, eq=False)
 class Request:
     """One request of a trace.
 
@@ -17,30 +16,68 @@ class Request:
     strategy sees the same tokens; its length is the request's output length.
     The request's KV footprint when finished is `len(prompt) + len(output) - 1` slots: the last
     output token is produced but never fed back, so it never gets K/V.
+
+    Ids are normally given (``Request(id, arrival_s, prompt, output)``). A request that the
+    scheduler will reject for its length (longer than the run's max_model_len) is made with
+    :meth:`unbuilt`: its lengths are known, its ids are made by ``build()`` only if something
+    reads them, so a 10^7-token row costs nothing until then. Rejection reads only
+    ``prompt_len``, ``output_len`` and ``kv_len``.
     """
 
-    id: int
-    arrival_s: float
-    prompt: np.ndarray  # [prompt_len] int32 token ids
-    output: np.ndarray  # [output_len] int32 token ids, output_len >= 1
-    session: int | None = None  # multi-turn conversation id, if any
-    source: str = ""  # "file:line" or generator name, for error messages
-    meta: dict = field(default_factory=dict)
-    tokens: np.ndarray = field(init=False, repr=False)  # [prompt_len + output_len] int32
-    prompt_len: int = field(init=False)
-    output_len: int = field(init=False)
+    __slots__ = ("id", "arrival_s", "session", "source", "meta", "prompt_len", "output_len",
+                 "_tokens", "_build")
 
-    def __post_init__(self) -> None:
+    def __init__(self, id: int, arrival_s: float, prompt: np.ndarray, output: np.ndarray,
+                 session: int | None = None, source: str = "", meta: dict | None = None) -> None:
+        self._set(id, arrival_s, int(prompt.shape[0]), int(output.shape[0]), session, source, meta)
         # One buffer for all ids; `prompt` and `output` are views of it, so an engine that
         # samples (writes into `output`) is seen by every reader of `tokens`.
-        p = int(self.prompt.shape[0])
-        if p < 1 or self.output.shape[0] < 1:
-            raise ValueError(f"request {self.id} ({self.source}): needs >= 1 prompt and >= 1 output token")
-        self.tokens = np.concatenate([self.prompt, self.output]).astype(np.int32, copy=False)
-        self.prompt = self.tokens[:p]
-        self.output = self.tokens[p:]
-        self.prompt_len = p
-        self.output_len = int(self.output.shape[0])
+        self._tokens = np.concatenate([prompt, output]).astype(np.int32, copy=False)
+        self._build = None
+
+    @classmethod
+    def unbuilt(cls, id: int, arrival_s: float, prompt_len: int, output_len: int,
+                build: Callable[[], np.ndarray], session: int | None = None, source: str = "",
+                meta: dict | None = None) -> Request:
+        """A request whose ids ``build() -> [prompt_len + output_len] int32`` makes on first read."""
+        self = cls.__new__(cls)
+        self._set(id, arrival_s, int(prompt_len), int(output_len), session, source, meta)
+        self._tokens = None
+        self._build = build
+        return self
+
+    def _set(self, id, arrival_s, prompt_len, output_len, session, source, meta) -> None:
+        if prompt_len < 1 or output_len < 1:
+            raise ValueError(f"request {id} ({source}): needs >= 1 prompt and >= 1 output token")
+        self.id, self.arrival_s, self.session, self.source = id, arrival_s, session, source
+        self.meta = {} if meta is None else meta
+        self.prompt_len, self.output_len = prompt_len, output_len
+
+    @property
+    def built(self) -> bool:
+        """Whether the ids exist yet (reading tokens/prompt/output builds them)."""
+        return self._tokens is not None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """[prompt_len + output_len] int32: prompt ++ output. Builds the ids on the first read."""
+        if self._tokens is None:
+            ids = np.asarray(self._build(), dtype=np.int32)
+            if ids.shape != (self.prompt_len + self.output_len,):
+                raise ValueError(f"request {self.id} ({self.source}): built {ids.shape} ids, "
+                                 f"expected {self.prompt_len + self.output_len}")
+            self._tokens, self._build = ids, None
+        return self._tokens
+
+    @property
+    def prompt(self) -> np.ndarray:
+        """[prompt_len] int32, a view of `tokens`."""
+        return self.tokens[:self.prompt_len]
+
+    @property
+    def output(self) -> np.ndarray:
+        """[output_len] int32, a view of `tokens` (an engine that samples writes here)."""
+        return self.tokens[self.prompt_len:]
 
     @property
     def kv_len(self) -> int:
@@ -50,3 +87,7 @@ class Request:
     def token_ids(self) -> np.ndarray:
         """prompt ++ output: the ids of every token the request will ever hold (no copy)."""
         return self.tokens
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.id}, arrival_s={self.arrival_s}, prompt_len={self.prompt_len}, "
+                f"output_len={self.output_len}, session={self.session}, source={self.source!r})")

@@ -11,58 +11,54 @@ of all ids, not two.
 """
 from __future__ import annotations
 
-import json
-import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from kvbench.request import Request
-from kvbench.traces.arrivals import retime
+from kvbench.traces.arrivals import parse_rate, retime
 from kvbench.traces.build import assemble
+from kvbench.traces.common import MAX_ARRIVAL_S, check_limit, check_max_model_len, over_long
 from kvbench.traces.errors import TraceError, row_error
-from kvbench.traces.fields import json_int, json_number
+from kvbench.traces.fields import at, json_int, json_number, jsonl_objects
 from kvbench.traces.paths import resolve_trace_path
 from kvbench.traces.tokens import (DEFAULT_VOCAB, OUTPUT_STREAM, check_vocab, hashed_blocks,
-                                   random_pieces, stream)
+                                   late_random_ids, random_pieces, stream)
 
 BLOCK = 512  # tokens per hash id, fixed by the trace format
+MAX_HASH_ID = 2**63 - 1  # ids are kept as int64
 
 
 def _hash_ids(obj: dict, where: str, input_length: int) -> list[int]:
-    ids = obj.get("hash_ids", "<missing>")
-    ok = isinstance(ids, list) and all(type(h) is int and h >= 0 for h in ids)  # no bools/floats
-    if not ok:
-        raise row_error(where, "hash_ids", "a list of integers >= 0", ids[:8] if isinstance(ids, list) else ids)
-    want = math.ceil(input_length / BLOCK)
-    if len(ids) != want:
-        raise TraceError(f"{where}: field 'hash_ids': expected ceil(input_length/{BLOCK}) = {want} "
+    """The row's hash ids: a list of ceil(input_length / 512) integers in [0, 2**63)."""
+    ids = obj.get("hash_ids")
+    if not isinstance(ids, list):
+        raise row_error(where, "hash_ids", "a list of integers", "no such key" if ids is None else ids)
+    want = -(-input_length // BLOCK)
+    if len(ids) != want:  # checked first: bounds the work on the elements
+        raise TraceError(f"{where}: hash_ids: expected ceil(input_length/{BLOCK}) = {want} "
                          f"ids for input_length {input_length}, got {len(ids)}")
+    for h in ids:
+        if type(h) is not int or not 0 <= h <= MAX_HASH_ID:  # no bools, no floats
+            raise row_error(where, "hash_ids", "integers in [0, 2**63 - 1]", h)
     return ids
 
 
 def read_mooncake_rows(path: Path, limit: int | None):
     """First ``limit`` rows -> (times [N] s, input_lens [N], output_lens [N], hash_ids, sources)."""
     times, input_lens, output_lens, hash_ids, sources = [], [], [], [], []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if limit is not None and len(times) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path.name}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            times.append(json_number(obj, where, "timestamp") / 1000.0)  # ms -> s
-            input_lens.append(json_int(obj, where, "input_length", 1))
-            output_lens.append(json_int(obj, where, "output_length", 1))
-            hash_ids.append(_hash_ids(obj, where, input_lens[-1]))
-            sources.append(where)
-    return (np.array(times), np.array(input_lens, dtype=np.int64),
+    rows = jsonl_objects(path) if limit != 0 else iter(())
+    for line, obj in rows:
+        where = at(path, line)
+        times.append(json_number(obj, where, "timestamp", MAX_ARRIVAL_S * 1000) / 1000.0)  # ms -> s
+        input_lens.append(json_int(obj, where, "input_length", 1))
+        output_lens.append(json_int(obj, where, "output_length", 1))
+        hash_ids.append(_hash_ids(obj, where, input_lens[-1]))
+        sources.append(f"{path.name}:{line}")
+        if limit is not None and len(times) >= limit:
+            break
+    return (np.array(times, dtype=np.float64), np.array(input_lens, dtype=np.int64),
             np.array(output_lens, dtype=np.int64), hash_ids, sources)
 
 
@@ -83,24 +79,39 @@ class _BlockPrompts:
         return blocks.reshape(-1)[:self.lengths[i]]  # [input_length]
 
 
+def _late_ids(seed: int, row: int, hash_ids: tuple[int, ...], input_length: int, output_length: int,
+              vocab_size: int) -> np.ndarray:
+    """[input_length + output_length] ids of an unbuilt request: the same blocks as if built."""
+    prompt = hashed_blocks(seed, np.array(hash_ids, dtype=np.int64), BLOCK, vocab_size).reshape(-1)
+    return np.concatenate([prompt[:input_length], late_random_ids(seed, row, output_length, vocab_size)])
+
+
 def mooncake(
     path: str,
     rate: float | str | None = None,  # null: the trace's timestamps; number: rescale; inf: all at 0
     limit: int | None = None,  # the first N rows of the file; null = all
     seed: int = 0,
     vocab_size: int = DEFAULT_VOCAB,
+    max_model_len: int | None = None,  # longer requests are left unbuilt (the scheduler rejects them)
     name: str = "mooncake",
 ) -> list[Request]:
     """Load a Mooncake JSONL trace. meta = {"hash_ids": [...]}; source = "file.jsonl:line"."""
-    vocab_size = check_vocab(vocab_size)
+    vocab_size, limit = check_vocab(vocab_size), check_limit(limit)
+    max_model_len = check_max_model_len(max_model_len)
+    parse_rate(rate)
     file = resolve_trace_path(path)
     times, input_lens, output_lens, hash_ids, sources = read_mooncake_rows(file, limit)
-    flat = np.fromiter((h for ids in hash_ids for h in ids), dtype=np.int64,
-                       count=sum(len(ids) for ids in hash_ids))  # [total blocks]
+    skip = over_long(input_lens, output_lens, max_model_len)  # [N] bool: left unbuilt
+    counts = [0 if s else len(ids) for s, ids in zip(skip.tolist(), hash_ids)]
+    flat = np.fromiter((h for s, ids in zip(skip.tolist(), hash_ids) if not s for h in ids),
+                       dtype=np.int64, count=sum(counts))  # [total blocks]
     keys, rows = np.unique(flat, return_inverse=True)  # keys: [U] distinct ids; rows: [total]
     table = hashed_blocks(seed, keys, BLOCK, vocab_size)  # [U, 512] int32
-    bounds = np.cumsum([0] + [len(ids) for ids in hash_ids])
+    bounds = np.cumsum([0] + counts)
     prompts = _BlockPrompts(table, rows, bounds, input_lens)
-    outputs = random_pieces(stream(seed, OUTPUT_STREAM), output_lens, vocab_size)
+    outputs = random_pieces(stream(seed, OUTPUT_STREAM), np.where(skip, 0, output_lens), vocab_size)
+    late = {i: (int(input_lens[i]), int(output_lens[i]),
+                partial(_late_ids, seed, i, tuple(hash_ids[i]), int(input_lens[i]), int(output_lens[i]), vocab_size))
+            for i in np.flatnonzero(skip).tolist()}
     metas = [{"hash_ids": ids} for ids in hash_ids]
-    return assemble(retime(times, rate), prompts, outputs, sources, metas=metas)
+    return assemble(retime(times, rate), prompts, outputs, sources, metas=metas, late=late)

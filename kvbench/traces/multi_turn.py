@@ -14,6 +14,7 @@ import numpy as np
 from kvbench.request import Request
 from kvbench.traces.arrivals import arrival_times
 from kvbench.traces.build import assemble
+from kvbench.traces.common import check_limit, check_max_model_len
 from kvbench.traces.errors import TraceError
 from kvbench.traces.lengths import LengthDist, LogNormal, Uniform, as_dist
 from kvbench.traces.tokens import (DEFAULT_VOCAB, OTHER_STREAM, OUTPUT_STREAM, PROMPT_STREAM,
@@ -29,12 +30,15 @@ def multi_turn(
     max_prompt_len: int | None = 16384,  # a chat ends before a turn whose prompt exceeds this
     rate: float | str = 1.0,  # chats/s; inf = every chat's first turn at t=0
     burstiness: float = 1.0,
+    limit: int | None = None,  # keep the first N in arrival order; null = all
     seed: int = 0,
     vocab_size: int = DEFAULT_VOCAB,
+    max_model_len: int | None = None,  # checked only: every request is built (lengths are bounded)
     name: str = "multi_turn",
 ) -> list[Request]:
     """session = chat index; meta = {"turn": k}; source "name:c<chat>t<turn>"."""
-    vocab_size = check_vocab(vocab_size)
+    vocab_size, limit = check_vocab(vocab_size), check_limit(limit)
+    check_max_model_len(max_model_len)
     if think_time_s < 0:
         raise TraceError(f"think_time_s must be >= 0, got {think_time_s}")
     other = stream(seed, OTHER_STREAM)
@@ -62,4 +66,5 @@ def multi_turn(
             sessions.append(chat)
             metas.append({"turn": turn})
             history = np.concatenate([prompt, output])
-    return assemble(np.asarray(times), prompts, outputs, sources, sessions=sessions, metas=metas)
+    return assemble(np.asarray(times), prompts, outputs, sources, sessions=sessions, metas=metas,
+                    limit=limit)

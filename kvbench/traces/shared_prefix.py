@@ -10,6 +10,7 @@ import numpy as np
 from kvbench.request import Request
 from kvbench.traces.arrivals import arrival_times
 from kvbench.traces.build import assemble
+from kvbench.traces.common import check_limit, check_max_model_len
 from kvbench.traces.lengths import Fixed, LengthDist, LogNormal, as_dist
 from kvbench.traces.tokens import (DEFAULT_VOCAB, OTHER_STREAM, OUTPUT_STREAM, PROMPT_STREAM,
                                    check_vocab, random_pieces, stream)
@@ -23,12 +24,15 @@ def shared_prefix(
     output_len: LengthDist | int = LogNormal(mean=128, sigma=0.8, min=4, max=1024),
     rate: float | str = 16.0,  # req/s; inf = all at t=0
     burstiness: float = 1.0,
+    limit: int | None = None,  # keep the first N in arrival order; null = all
     seed: int = 0,
     vocab_size: int = DEFAULT_VOCAB,
+    max_model_len: int | None = None,  # checked only: every request is built (lengths are bounded)
     name: str = "shared_prefix",
 ) -> list[Request]:
     """meta = {"group": g, "question": q, "system_len": len(system prompt of g)}."""
-    vocab_size = check_vocab(vocab_size)
+    vocab_size, limit = check_vocab(vocab_size), check_limit(limit)
+    check_max_model_len(max_model_len)
     n = num_groups * questions_per_group
     other = stream(seed, OTHER_STREAM)
     prompt_rng = stream(seed, PROMPT_STREAM)
@@ -48,4 +52,4 @@ def shared_prefix(
         outs.append(outputs[j])
         sources.append(f"{name}:g{g}q{q}")
         metas.append({"group": g, "question": q, "system_len": int(system_lens[g])})
-    return assemble(times, prompts, outs, sources, metas=metas)
+    return assemble(times, prompts, outs, sources, metas=metas, limit=limit)

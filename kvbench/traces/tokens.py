@@ -13,6 +13,9 @@ DEFAULT_VOCAB = 32000
 # Streams of one seed (np.random.default_rng([seed, stream])): independent of each other, so
 # e.g. the prompt ids of the first N requests do not depend on how many outputs are drawn.
 PROMPT_STREAM, OUTPUT_STREAM, OTHER_STREAM = 0, 1, 2
+# Requests left unbuilt (longer than max_model_len) draw from a stream of their own, keyed by
+# their row, so building one later does not depend on anything else.
+LATE_STREAM = 3
 
 
 def check_vocab(vocab_size: int) -> int:
@@ -37,6 +40,13 @@ def random_pieces(rng: np.random.Generator, lengths: np.ndarray, vocab_size: int
     lengths = np.asarray(lengths, dtype=np.int64)
     ids = rng.integers(0, vocab_size, size=int(lengths.sum()), dtype=np.int32)  # [sum(lengths)]
     return np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def late_random_ids(seed: int, row: int, length: int, vocab_size: int) -> np.ndarray:
+    """[length] int32 random ids of an unbuilt request (see :class:`kvbench.request.Request`):
+    a pure function of (seed, row), built only when something reads the request's ids."""
+    return np.random.default_rng([int(seed), LATE_STREAM, int(row)]).integers(
+        0, vocab_size, size=length, dtype=np.int32)
 
 
 # splitmix64 (Steele et al.): a cheap, well-mixed 64-bit bijection; vectorized over uint64.
