@@ -208,6 +208,13 @@ class RadixStrategy(Strategy):
         """Pages obtainable now: free plus evictable."""
         return len(self._free) + self._evictable // self.page_size
 
+    def _insert_gain(self, seq: _Seq, n: int) -> int:
+        """How much `_room()` grows if `_insert(seq, n)` runs now. Pure. Each of our pages whose
+        ids the tree already holds is freed (+1), and an unlocked tree page we then lock leaves
+        the evictable set (-1)."""
+        _, _, matched, evictable = self._match(seq.tokens[:n])  # our locked path counts 0
+        return (matched - seq.tree_len - evictable) // self.page_size
+
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
         seq = self._seqs[rid]
@@ -233,13 +240,12 @@ class RadixStrategy(Strategy):
         seq, ps = self._seqs[rid], self.page_size
         if seq.length + num_tokens > seq.kv_len:
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
-        if seq.length <= seq.num_prompt:  # still in prefill: cache the computed prompt chunk
-            done = seq.length // ps * ps
-            if done > seq.tree_len:
-                self._insert(seq, done)
+        done = seq.length // ps * ps if seq.length <= seq.num_prompt else 0  # prefill: cache the computed chunk
         need = self.pages_for(seq.length + num_tokens) - seq.tree_len // ps - len(seq.private)
-        if need > self._room():
-            return False
+        if need > self._room() and (done <= seq.tree_len or need > self._room() + self._insert_gain(seq, done)):
+            return False  # checked before inserting: a grow that answers no changes nothing
+        if done > seq.tree_len:
+            self._insert(seq, done)
         self._extend(seq, seq.length + num_tokens)
         return True
 
