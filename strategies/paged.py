@@ -181,13 +181,13 @@ class PagedStrategy(Strategy):
         seq, ps = self._seqs[rid], self.page_size
         if seq.length + num_tokens > seq.kv_len:
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
-        if self.prefix_caching and seq.length >= seq.hash_at:
-            self._register_full_pages(seq)
         new_len = seq.length + num_tokens
         cow = seq.length % ps != 0 and self._ref[seq.pages[-1]] > 1
         need = self.pages_for(new_len) - len(seq.pages) + (1 if cow else 0)
         if need > self._available():
-            return False
+            return False  # before registering pages: a grow that answers no changes nothing
+        if self.prefix_caching and seq.length >= seq.hash_at:
+            self._register_full_pages(seq)
         if cow:  # the last page is shared and partly filled: copy it before writing into it
             old = seq.pages[-1]
             new = self._take_page()
