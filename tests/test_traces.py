@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from kvbench.request import Request
+from kvbench.schema import register
 from kvbench.traces import (Fixed, LogNormal, TraceError, Uniform, azure, burstgpt, mooncake,
                             multi_turn, prefix_reuse, shared_prefix, synthetic, traces_dir)
 from kvbench.traces.arrivals import retime
+from kvbench.traces.common import COMMON_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE_CONFIGS = sorted((REPO / "configs" / "trace").glob("*.yaml"))
@@ -304,12 +306,10 @@ def test_prefix_reuse_exact_counts():
 def test_every_trace_config_instantiates(yaml, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(overrides=[f"+trace={yaml.stem}"]).trace
-        assert isinstance(cfg.name, str) and "seed" in cfg and "rate" in cfg
-        overrides = [f"+trace={yaml.stem}"]
+        assert set(COMMON_KEYS) <= set(cfg.keys()), f"{yaml.name} lacks {set(COMMON_KEYS) - set(cfg.keys())}"
+        overrides = [f"+trace={yaml.stem}", "trace.limit=50", "+max_model_len=4096"]
         is_file_trace = "path" in cfg.keys()  # `in cfg` is False for a ??? value
         if is_file_trace:
-            assert "limit" in cfg
-            overrides.append("trace.limit=50")
             if OmegaConf.is_missing(cfg, "path"):
                 with pytest.raises(MissingMandatoryValue):
                     instantiate(cfg)
@@ -317,7 +317,48 @@ def test_every_trace_config_instantiates(yaml, tmp_path):
                 overrides.append(f"trace.path={tmp_path / 't.csv'}")
             elif not (traces_dir() / cfg.path).is_file():
                 pytest.skip(f"{cfg.path} not in {traces_dir()}")
-        reqs = instantiate(compose(overrides=overrides).trace)
-    assert isinstance(reqs, list) and len(reqs) > 0
-    assert not is_file_trace or len(reqs) <= 50
-    check_trace(reqs)
+        trace = compose(overrides=overrides).trace
+        assert trace.max_model_len == 4096  # the run's, by interpolation
+        reqs = instantiate(trace)
+    assert isinstance(reqs, list) and 0 < len(reqs) <= 50
+    assert all(r.built == (r.prompt_len + r.output_len <= 4096) for r in reqs if is_file_trace)
+    check_trace(reqs)  # reads every id: builds the unbuilt ones
+
+
+def test_common_keys_override_on_the_default_trace():
+    """A sweep composes the primary config (the default trace) with the common overrides first:
+    `kvbench -m trace=azure_conv,azure_code trace.limit=1000` needs `limit` on every trace."""
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"trace.{k}={v}" for k, v in
+                                                       (("limit", 7), ("rate", 3.0), ("seed", 2))])
+    assert (cfg.trace.limit, cfg.trace.rate, cfg.trace.seed) == (7, 3.0, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda limit: synthetic(num_requests=40, rate=5.0, limit=limit),
+    lambda limit: shared_prefix(num_groups=3, questions_per_group=5, limit=limit),
+    lambda limit: multi_turn(num_chats=6, turns=Fixed(3), limit=limit),
+], ids=["synthetic", "shared_prefix", "multi_turn"])
+def test_generators_limit_keeps_the_first_n_in_arrival_order(make):
+    full, head = make(None), make(9)
+    assert len(full) > 9 and summary(head) == summary(full[:9])
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(head, full))
+    assert make(0) == []
+    with pytest.raises(TraceError, match="limit"):
+        make(1.5)
+
+
+def summary(reqs: list[Request]) -> list[tuple]:
+    return [(r.id, r.arrival_s, r.prompt_len, r.output_len, r.source, r.session) for r in reqs]
+
+
+def test_synthetic_over_long_requests_are_unbuilt_and_others_unchanged():
+    def make(max_model_len):
+        return synthetic(num_requests=30, prompt_len=Uniform(10, 200), output_len=Fixed(5), seed=1,
+                         max_model_len=max_model_len)
+    full, lazy = make(None), make(150)
+    assert summary(full) == summary(lazy)
+    assert [r.built for r in lazy] == [r.prompt_len + r.output_len <= 150 for r in full]
+    assert 0 < sum(not r.built for r in lazy) < 30
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(make(10_000), full))

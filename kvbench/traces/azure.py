@@ -76,17 +76,18 @@ def read_azure_rows(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarr
 
 
 def _relative_ns(path: Path, times_ns: list[int], lines: list[int]) -> np.ndarray:
-    """[N] int64 ns after the earliest time; a row 2**32 s or more after it is an error."""
+    """[N] int64 ns after the earliest time. A trace spanning 2**32 s or more is an error at the
+    extreme row farther from the median time (the outlier)."""
     if not times_ns:
         return np.zeros(0, dtype=np.int64)
-    first = min(range(len(times_ns)), key=times_ns.__getitem__)
-    rel = [t - times_ns[first] for t in times_ns]  # exact Python ints
-    for r, line in zip(rel, lines):
-        if r >= _MAX_SPAN_NS:
-            raise TraceError(f"{at(path, line)}: TIMESTAMP: {r / 1e9:.4g} s after the earliest row "
-                             f"(line {lines[first]}); arrivals must lie within 2**32 s (136 years) "
-                             f"of the trace's start")
-    return np.array(rel, dtype=np.int64)
+    order = sorted(range(len(times_ns)), key=times_ns.__getitem__)
+    lo, hi = times_ns[order[0]], times_ns[order[-1]]
+    if hi - lo >= _MAX_SPAN_NS:
+        median = times_ns[order[len(order) // 2]]
+        bad, other = (order[0], order[-1]) if median - lo > hi - median else (order[-1], order[0])
+        raise TraceError(f"{at(path, lines[bad])}: TIMESTAMP: {(hi - lo) / 1e9:.4g} s from line "
+                         f"{lines[other]}; a trace must span less than 2**32 s (136 years)")
+    return np.array([t - lo for t in times_ns], dtype=np.int64)  # exact Python ints first
 
 
 def azure(
