@@ -1,13 +1,23 @@
-"""`kvbench`: the Hydra app. A thin shell around kvbench.run.run that turns errors into one line."""
+"""`kvbench`: the Hydra app. A thin shell around kvbench.run.run that turns errors into one line.
+
+Exit codes: 0 done; 2 bad input (one line on stderr: a config value, a trace, an unwritable run
+dir, a Hydra override or plugin); 130 interrupted (Ctrl-C); 1 a bug (a traceback). In a sweep
+(-m) a job that fails is recorded (its run dir's error.txt, the report's missing runs) and the
+sweep goes on; it exits 2 at the end if any job failed on bad input, 1 if any failed otherwise.
+Each run dir keeps run.log: what ran, what came out, or why it failed.
+"""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -17,6 +27,7 @@ HEADLINE = [("finished", "{:d}"), ("rejected", "{:d}"), ("preemptions", "{:d}"),
             ("ttft_p50_s", "{:.3f}"), ("tpot_p50_s", "{:.4f}"), ("mem_token_states_frac", "{:.3f}"),
             ("waste_frac", "{:.3f}"), ("prefix_hit_rate", "{:.3f}"), ("peak_running", "{:d}"),
             ("wall_time_s", "{:.1f}")]
+log = logging.getLogger("kvbench")
 
 
 def headline_table(summaries: list[dict]) -> str:
@@ -39,36 +50,105 @@ def _one_line(err: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def hydra_one_line(err: BaseException) -> str:
+    """One line from Hydra's and OmegaConf's multi-line messages: the first line, the cause's
+    first line and key, the other lines; the options a missing config had; no search path."""
+    if isinstance(err, RuntimeError) and (m := re.search(r"Unknown plugin class : '(hydra_plugins\.(\w+)[\w.]*)'", str(err))):
+        return f"the Hydra plugin {m.group(2)} is not installed (pip install {m.group(2).replace('_', '-')})"
+    if isinstance(err, OSError) and err.filename is not None and not isinstance(err, HydraException):
+        return f"cannot write {err.filename}: {err.strerror}"
+    if getattr(err, "override", None) is not None and getattr(err, "message", None):  # OverrideParseException
+        return f"cannot parse the override '{err.override}': {err.message}"
+    text = str(err).split("Config search path:")[0]
+    text, _, options = text.partition("Available options")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "reference_type", "object_type"))] or [type(err).__name__]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        key = re.search(r"full_key: (\S+)", str(cause))
+        lines.insert(1, f"{first}" + (f" (key {key.group(1)})" if key else ""))
+    msg = lines[0].rstrip(".:") + (": " + " ".join(lines[1:2]) if len(lines) > 1 else "")
+    msg += "".join(f". {ln}" for ln in lines[2:])
+    names = re.findall(r"^\t(\S+)$", options, re.M)
+    return msg + (f" (choose from: {', '.join(names)})" if names else "")
+
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from kvbench.run import OutputError
+    from kvbench.traces import TraceError
+
+    return (TraceError, ValueError, FileNotFoundError, KeyError, InstantiationException,
+            OmegaConfBaseException, OutputError)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
-    from kvbench.run import run  # imported late: keeps `kvbench --help` fast
-    from kvbench.traces import TraceError
+    """One job. A single run exits 2 on bad input; in a sweep a failed job is recorded in its
+    run dir (error.txt, run.log) and on stderr, and the sweep goes on."""
+    from kvbench.run import record_failure, run  # imported late: keeps `kvbench --help` fast
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode is not None and hc.mode.name == "MULTIRUN"
+    job = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): " if sweep else ""
+    log.info("kvbench %s", " ".join(hc.overrides.task))
     try:
         summary = run(cfg, out_dir)
-    except (TraceError, ValueError, FileNotFoundError, KeyError, InstantiationException,
-            OmegaConfBaseException) as err:
-        print(f"kvbench: error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
-    print(headline_table([summary]))
-    print(f"results: {out_dir}")
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        record_failure(out_dir, "kvbench: interrupted (Ctrl-C) before the run finished")
+        raise
+    except _input_errors() as err:
+        line = f"kvbench: error: {_one_line(err)}"
+        log.error(line)
+        record_failure(out_dir, line)
+        print(f"kvbench: error: {job}{_one_line(err)}", file=sys.stderr)
+        if not sweep:
+            sys.exit(2)
+        return
+    except Exception as err:  # a bug: the traceback goes to error.txt and run.log
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        log.exception("kvbench: unexpected error: %s", what)
+        record_failure(out_dir, f"kvbench: unexpected error: {what}", err)
+        if not sweep:
+            raise
+        print(f"kvbench: unexpected error: {job}{what} (traceback in {out_dir / 'error.txt'})", file=sys.stderr)
+        return
+    table = headline_table([summary])
+    log.info("results in %s\n%s", out_dir, table)
+    if not sweep:
+        print(table)
+        print(f"results: {out_dir}")
 
 
 class CompareRuns(Callback):
-    """After a sweep, print the headline metrics of every run side by side."""
+    """After a sweep, print the headline metrics of every run side by side, and name the jobs
+    that failed (main() then exits non-zero)."""
+
+    exit_code = 0  # set at the end of a sweep with failed jobs; read by main()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from kvbench.report.collect import discover
+
         root = Path(config.hydra.sweep.dir)
-        summaries = [json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))]
+        runs, missing, _ = discover([root])
+        summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
         if summaries:
             print(f"\n{len(summaries)} runs under {root}:\n{headline_table(summaries)}")
+        if missing:
+            bad_input = all((m.error or "").startswith("kvbench: error:") for m in missing)
+            CompareRuns.exit_code = 2 if bad_input else 1
+            print(f"kvbench: error: {len(missing)} of {len(missing) + len(runs)} runs failed "
+                  f"(why: error.txt in each run dir): {'; '.join(f'{m.job}: {m.why}' for m in missing)}",
+                  file=sys.stderr)
 
 
 GROUPS = ("strategy", "trace", "engine", "model", "logger", "experiment")
+_NO_RUN = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
 
 
 def unknown_choice(args: list[str]) -> str | None:
@@ -85,14 +165,42 @@ def unknown_choice(args: list[str]) -> str | None:
     return None
 
 
+def experiment_without_sweep(args: list[str]) -> str | None:
+    """An experiment is a sweep: without -m it would silently be one default run."""
+    if any(a in ("-m", "--multirun") or a.startswith(_NO_RUN) for a in args):
+        return None
+    for arg in args:
+        if arg.lstrip("+").startswith("experiment="):
+            return f"'{arg}' is a sweep: run it with -m (kvbench -m {' '.join(args)})"
+    return None
+
+
 def main() -> None:
     from kvbench.schema import register
 
-    if (err := unknown_choice(sys.argv[1:])) is not None:
+    args = sys.argv[1:]
+    args = [a for a in args if a in ("-m", "--multirun")][:1] + [a for a in args if a not in ("-m", "--multirun")]
+    if (err := unknown_choice(args) or experiment_without_sweep(args)) is not None:
         print(f"kvbench: error: {err}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = args  # -m first: Hydra's parser takes no option after an override
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing pages
     register()
-    _app()
+    try:
+        _app()
+    except KeyboardInterrupt:
+        print("kvbench: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (HydraException, OmegaConfBaseException, RuntimeError, ValueError, OSError) as err:
+        if full_error or (isinstance(err, RuntimeError) and "Unknown plugin class" not in str(err)):
+            raise
+        print(f"kvbench: error: {hydra_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    from kvbench import cli  # the module Hydra's callback lives in (this file may run as __main__)
+
+    if cli.CompareRuns.exit_code:
+        sys.exit(cli.CompareRuns.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,26 @@
-"""One experiment: build trace, engine, strategy and scheduler from a config; replay; write results."""
+"""One experiment: build trace, engine, strategy and scheduler from a config; replay; write results.
+
+A run dir is written so that no reader ever trusts a half-written run:
+- the config is validated (kvbench.schema) and the dir's writability checked before the replay;
+- the dir is locked (`.lock`, fcntl) while a run reads or writes it: a second writer waits;
+- every file is written to a temporary name and renamed into place (os.replace), summary.json
+  last: it is the completion marker, and carries the hash of the config it was made from;
+- a run is finished when its summary.json matches the config and its tables are readable;
+  anything else is run again (its old marker is removed before a new file is written);
+- a run that fails leaves error.txt (why) and no summary.json.
+"""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
+import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -11,15 +28,21 @@ from omegaconf import DictConfig, OmegaConf
 from kvbench.metrics import summarize
 from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
+from kvbench.schema import DTYPE_BYTES, ConfigError, check_pool, validate
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}
+MARKER, ERROR, LOCK = "summary.json", "error.txt", ".lock"
+TABLES = ("requests.parquet", "timeline.parquet")
+
+
+class OutputError(OSError):
+    """The run dir cannot be written (read-only, full, not a directory)."""
 
 
 def kv_bytes_per_token(model: DictConfig) -> int:
     """2 (K, V) x layers x kv_heads x head_dim x dtype bytes."""
-    if str(model.dtype) not in _DTYPE_BYTES:
-        raise ValueError(f"model.dtype {model.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
-    return 2 * int(model.num_layers) * int(model.num_kv_heads) * int(model.head_dim) * _DTYPE_BYTES[str(model.dtype)]
+    if str(model.dtype) not in DTYPE_BYTES:
+        raise ConfigError(f"model.dtype={model.dtype!r}: must be one of {', '.join(DTYPE_BYTES)}")
+    return 2 * int(model.num_layers) * int(model.num_kv_heads) * int(model.head_dim) * DTYPE_BYTES[str(model.dtype)]
 
 
 def capacity_tokens(cfg: DictConfig, bytes_per_token: int) -> int | None:
@@ -31,34 +54,133 @@ def capacity_tokens(cfg: DictConfig, bytes_per_token: int) -> int | None:
 _NOT_IDENTITY = ("redo", "progress")  # keys that do not change a run's results
 
 
-def _identity(cfg: DictConfig) -> dict:
-    keys = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in keys.items() if k not in _NOT_IDENTITY}
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config, less the keys that do not change results."""
+    keys = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def finished_before(cfg: DictConfig, out_dir: Path) -> dict | None:
-    """The summary of an earlier run in `out_dir` made from this same config, if any."""
-    summary, saved = out_dir / "summary.json", out_dir / "config.yaml"
-    if summary.exists() and saved.exists():
-        if _identity(OmegaConf.load(saved)) == _identity(cfg):
-            return json.loads(summary.read_text())
-    return None
+    """The summary of a finished run of this same config in `out_dir`, if any: its marker parses,
+    names this config's hash, and its tables are readable parquet files."""
+    import pyarrow.parquet as pq
+
+    try:
+        summary = json.loads((out_dir / MARKER).read_text())
+        if not isinstance(summary, dict) or summary.get("config_hash") != config_hash(cfg):
+            return None
+        for table in TABLES:
+            pq.read_metadata(out_dir / table)
+    except (OSError, ValueError):  # missing, empty, torn (pyarrow's errors are OSError/ValueError)
+        return None
+    return summary
 
 
+# ---- the run dir ----------------------------------------------------------------------------------
+def _output_error(path: Path, err: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {err.strerror or err}")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename tmp to `path`: `path` is the old file or the whole new one, never a
+    part. On any error (or Ctrl-C) the temporary file is removed; OSError -> OutputError."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _output_error(path, err) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _text(text: str) -> Callable[[Path], None]:
+    return lambda p: p.write_text(text)
+
+
+@contextmanager
+def locked(out_dir: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold `out_dir`/.lock (created with the dir) while the block runs; yields whether it is held
+    (False only when wait=False and another process holds it). Proves the dir writable first."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise _output_error(out_dir, err) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            print(f"kvbench: {out_dir} is being written by another kvbench process; waiting for it",
+                  file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        probe = out_dir / f".probe{os.getpid()}"
+        try:  # writable now, not after the replay
+            probe.write_bytes(b"")
+        except OSError as err:
+            raise _output_error(out_dir, err) from err
+        finally:
+            probe.unlink(missing_ok=True)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _clear(out_dir: Path) -> None:
+    """Before a run writes: drop its old marker (first), old error and stale temporary files."""
+    for name in (MARKER, ERROR):
+        (out_dir / name).unlink(missing_ok=True)
+    for tmp in out_dir.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def record_failure(out_dir: Path, line: str, err: BaseException | None = None) -> None:
+    """Write error.txt (`line`, then the traceback of `err` if given) into `out_dir`, unless the dir
+    cannot be written or another process holds it. Never raises."""
+    text = line + "\n" + ("".join(traceback.format_exception(err)) if err is not None else "")
+    try:
+        with locked(out_dir, wait=False) as held:
+            if held:
+                (out_dir / MARKER).unlink(missing_ok=True)
+                write_atomic(out_dir / ERROR, _text(text))
+    except OSError:
+        pass
+
+
+# ---- the run ------------------------------------------------------------------------------------
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Replay cfg.trace through cfg.strategy on cfg.engine; write the run's files; return the summary.
 
-    Unless cfg.redo, a run dir that already holds the results of this same config is not run
-    again (an interrupted sweep resumes where it stopped)."""
-    if not cfg.get("redo", False) and (earlier := finished_before(cfg, out_dir)) is not None:
-        print(f"kvbench: kept the earlier results of this config in {out_dir} (redo=true runs it again)")
-        return earlier
+    Raises ConfigError (a value out of range, an empty trace) before anything is written, and
+    OutputError when out_dir cannot be written. Unless cfg.redo, a run dir that already holds the
+    finished results of this same config is not run again (an interrupted sweep resumes)."""
+    validate(cfg)
+    out_dir = Path(out_dir)
+    with locked(out_dir):
+        if not cfg.get("redo", False) and (earlier := finished_before(cfg, out_dir)) is not None:
+            (out_dir / ERROR).unlink(missing_ok=True)
+            print(f"kvbench: kept the earlier results of this config in {out_dir} (redo=true runs it again)")
+            return earlier
+        _clear(out_dir)
+        return _replay_and_write(cfg, out_dir)
+
+
+def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
     bpt = kv_bytes_per_token(cfg.model)
     logger = instantiate(cfg.logger) if cfg.get("logger") is not None else None  # fails early, not after the replay
     requests = instantiate(cfg.trace)
+    if not len(requests):
+        raise ConfigError(f"trace '{cfg.trace.get('name', 'trace')}' has no requests: nothing to replay "
+                          "(check trace.limit, trace.path and the trace's filters)")
     engine = instantiate(cfg.engine)
     capacity = engine.kv_capacity_tokens(capacity_tokens(cfg, bpt))
+    check_pool(capacity, int(cfg.strategy.get("page_size", 1)))
     strategy = instantiate(cfg.strategy, capacity_tokens=capacity, max_model_len=cfg.max_model_len)
     engine.bind(strategy.page_size, strategy.num_pages)
     scheduler = Scheduler(strategy, **cfg.scheduler)
@@ -71,12 +193,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                **summarize(requests_df, timeline_df, strategy.capacity, result.itl),
                "kv_bytes_per_token": bpt, "kv_capacity_bytes": strategy.capacity * bpt,
                "model": cfg.model.get("name"), **strategy.summary(), **engine.summary(),
-               "wall_time_s": time.perf_counter() - wall0}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    requests_df.to_parquet(out_dir / "requests.parquet", index=False)
-    timeline_df.to_parquet(out_dir / "timeline.parquet", index=False)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg)}
+    write_atomic(out_dir / "requests.parquet", lambda p: requests_df.to_parquet(p, index=False))
+    write_atomic(out_dir / "timeline.parquet", lambda p: timeline_df.to_parquet(p, index=False))
+    write_atomic(out_dir / "config.yaml", _text(OmegaConf.to_yaml(cfg, resolve=True)))
+    write_atomic(out_dir / MARKER, _text(json.dumps(summary, indent=2) + "\n"))  # last: the marker
     if logger is not None:
         logger.log_run(cfg, summary, timeline_df, requests_df)
     return summary

@@ -113,10 +113,11 @@ def test_cli_bad_input_is_reported_without_a_traceback(tmp_path, args, expect):
 
 def test_rerun_in_the_same_dir_keeps_finished_results_unless_redo(tmp_path):
     first = run_with(tmp_path, "trace.num_requests=20")
-    (tmp_path / "timeline.parquet").unlink()  # proof that the second call does not run again
+    marker = tmp_path / "summary.json"
+    written = marker.stat().st_mtime_ns
     assert run_with(tmp_path, "trace.num_requests=20") == first
-    assert not (tmp_path / "timeline.parquet").exists()
+    assert marker.stat().st_mtime_ns == written  # kept, not run again
     run_with(tmp_path, "trace.num_requests=20", "redo=true")
-    assert (tmp_path / "timeline.parquet").exists()
+    assert marker.stat().st_mtime_ns != written
     changed = run_with(tmp_path, "trace.num_requests=21")
     assert changed["num_requests"] == 21

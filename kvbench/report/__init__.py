@@ -10,7 +10,9 @@ or never ran are listed in index.md; the others are reported all the same.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -60,10 +62,26 @@ def trace_bounds(col: Collection, block_size: int = BOUND_BLOCK) -> pd.DataFrame
 def write_report(dirs: list[Path], out: Path | None = None, title: str | None = None,
                  run: str | None = None, bounds: bool = True,
                  kernel_times: Path | None = None) -> tuple[Path, Collection]:
-    """Collect the runs under `dirs`, write the report into `out` (default: DIR/report)."""
+    """Collect the runs under `dirs`, write the report into `out` (default: DIR/report).
+
+    Every file is made in a temporary folder inside `out` and renamed into place when all are
+    made, index.md last: an error or Ctrl-C leaves the earlier report as it was. A figure that
+    cannot be drawn is named in index.md and on stderr; the rest of the report is written."""
     col = collect(dirs)
     out = Path(out) if out else Path(dirs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
+        made = _write_files(col, Path(tmp), dirs, title, run, bounds, kernel_times)
+        for stale in (set(FIGURE_FILES) | {"hit_rate_bounds.csv"}) - set(made):  # from an earlier report
+            (out / stale).unlink(missing_ok=True)
+        for name in sorted(made, key=lambda n: n == "index.md"):  # index.md last
+            os.replace(Path(tmp) / name, out / name)
+    return out, col
+
+
+def _write_files(col: Collection, out: Path, dirs: list[Path], title: str | None, run: str | None,
+                 bounds: bool, kernel_times: Path | None) -> list[str]:
+    """Write the report's files into `out`; return their names."""
     col.table.to_csv(out / "runs.csv", index=False)
     table_md = markdown_table(col.table[summary_columns(col.table)]) if len(col.table) else "No runs.\n"
     (out / "runs.md").write_text(table_md)
@@ -71,18 +89,22 @@ def write_report(dirs: list[Path], out: Path | None = None, title: str | None = 
     if bound_table is not None and len(bound_table):
         bound_table.to_csv(out / "hit_rate_bounds.csv", index=False)
     kt = _kernel_times(kernel_times) if kernel_times else None
-    figs = [F.memory_breakdown(col, out), F.slot_states(col, out, run), F.vs_rate(col, out),
-            F.latency_cdf(col, out), F.batch_size(col, out), C.prefix_hits(col, out, bound_table),
-            C.vs_page_size(col, out, kt)] if len(col.table) else []
-    figs = [f for f in figs if f is not None]
-    for stale in set(FIGURE_FILES) - {f.file for f in figs}:  # from an earlier report into `out`
-        (out / stale).unlink(missing_ok=True)
-    if bound_table is None or not len(bound_table):
-        (out / "hit_rate_bounds.csv").unlink(missing_ok=True)
     notes = [f"Made with `kvbench-report {' '.join(str(d) for d in dirs)}`."]
+    figs = []
+    drawers = [(F.memory_breakdown, ()), (F.slot_states, (run,)), (F.vs_rate, ()), (F.latency_cdf, ()),
+               (F.batch_size, ()), (C.prefix_hits, (bound_table,)), (C.vs_page_size, (kt,))]
+    for draw, args in drawers if len(col.table) else []:
+        try:
+            figs.append(draw(col, out, *args))
+        except Exception as err:  # noqa: BLE001  one broken figure does not take the report with it
+            F.plt.close("all")
+            why = f"figure {draw.__name__} not drawn: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            print(f"kvbench-report: warning: {why}", file=sys.stderr)
+            notes.insert(0, f"Warning: {why}.")
+    figs = [f for f in figs if f is not None]
     (out / "index.md").write_text(index_md(col, figs, title or f"kvbench report: {Path(dirs[0]).name}",
                                            [str(d) for d in dirs], bound_table, notes))
-    return out, col
+    return sorted(p.name for p in out.iterdir())
 
 
 def _kernel_times(path: Path) -> pd.DataFrame:
@@ -118,7 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-bounds", action="store_true", help="skip the trace's hit-rate bounds")
     p.add_argument("--kernel-times", type=Path, help="bench_kernels CSV: decode time per page size")
     a = p.parse_args(argv)
-    out, col = write_report(a.dirs, a.out, a.title, a.run, not a.no_bounds, a.kernel_times)
+    if not any(d.is_dir() for d in a.dirs):
+        print(f"kvbench-report: error: no such folder: {', '.join(str(d) for d in a.dirs)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        out, col = write_report(a.dirs, a.out, a.title, a.run, not a.no_bounds, a.kernel_times)
+    except KeyboardInterrupt:
+        print("kvbench-report: interrupted; the earlier report (if any) is unchanged", file=sys.stderr)
+        sys.exit(130)
+    except OSError as err:
+        print(f"kvbench-report: error: cannot write {err.filename or a.out}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
     missing = f", {len(col.missing)} missing (listed there)" if col.missing else ""
     print(f"kvbench-report: {len(col.table)} runs{missing} -> {out / 'index.md'}")
 

@@ -3,7 +3,8 @@
 A run is a folder with `summary.json` (written by `kvbench.run.run` with `config.yaml`,
 `requests.parquet` and `timeline.parquet` beside it). A sweep is a folder with Hydra's
 `multirun.yaml`: from it the basic sweeper's grid is expanded again, so a job that failed (its
-folder has `.hydra/` but no `summary.json`) or never ran (no folder) is listed as missing.
+folder has `.hydra/` but no `summary.json`; its `error.txt` says why) or never ran (no folder) is
+listed as missing.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Missing:
     where: str  # the sweep or run folder
     job: str  # its overrides, or the folder name
     why: str
+    error: str | None = None  # the first line of the run dir's error.txt, when it failed and said why
 
 
 @dataclass
@@ -69,6 +71,22 @@ def sweep_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [job for batch in batches for job in batch]
 
 
+def error_line(run: Path) -> str | None:
+    """The first line of a run dir's error.txt (why it failed), if it has one."""
+    try:
+        return (run / "error.txt").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def failure(run: Path) -> str:
+    """Why a run dir has no summary.json: its error.txt's first line, or that it has none."""
+    first = error_line(run)
+    if first is None:
+        return f"{run.name} has no summary.json and no error.txt (killed, or still running)"
+    return f"{run.name}: {first.removeprefix('kvbench: ')}"
+
+
 def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]]:
     """Run folders with a summary.json under `dirs`; the jobs of a sweep that should be there
     but aren't; and runs left in a sweep folder by an earlier, different grid (ignored)."""
@@ -93,7 +111,7 @@ def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]
                 if t is None:
                     missing.append(Missing(_show(sweep), " ".join(job), f"job {num} never ran (no run folder)"))
                 elif t not in runs:
-                    missing.append(Missing(_show(sweep), " ".join(job), f"job {num} failed: {t.name} has no summary.json"))
+                    missing.append(Missing(_show(sweep), " ".join(job), f"job {num} failed: {failure(t)}", error_line(t)))
                 explained |= {t} if t is not None else set()
             for job, t in sorted(by_overrides.items(), key=lambda kv: kv[1]):  # not in the grid
                 ignored.append(Missing(_show(sweep), " ".join(sorted(job)), f"{t.name}: not in the sweep's grid "
@@ -101,7 +119,7 @@ def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]
                 runs.discard(t)
                 explained.add(t)
         for t in sorted(tried - runs - explained):
-            missing.append(Missing(_show(t.parent), t.name, "failed: no summary.json"))
+            missing.append(Missing(_show(t.parent), t.name, f"failed: {failure(t)}", error_line(t)))
     return sorted(runs), missing, ignored
 
 

@@ -99,6 +99,8 @@ def _coarse(tl: pd.DataFrame, bins: int = PLOT_BINS) -> pd.DataFrame:
 def _plain_log_ticks(axis) -> None:
     """Ticks at 1, 2, 5 x 10^k (at 10^k over wide ranges) labelled as plain numbers; call after plotting."""
     lo, hi = sorted(axis.get_data_interval())
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > 0):  # nothing positive drawn: matplotlib's own ticks
+        return
     wide = lo <= 0 or np.log10(hi / lo) > 2.5
     axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
     axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -207,6 +209,7 @@ def slot_states(col: Collection, out: Path, run: str | None = None) -> Figure | 
 def vs_rate(col: Collection, out: Path) -> Figure | None:
     """Throughput, TTFT and TPOT (p50 solid, p99 dashed) against the request rate, per strategy."""
     t = col.table
+    t = t[t.finished > 0] if "finished" in t else t  # a run that finished nothing has no latency or throughput
     if not len(t):
         return None
     rate = _rate_col(t)
