@@ -146,6 +146,71 @@ def pdl_late(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+# ---------------------------------------------------------------------------- cheap launches
+# `kernel[grid](...)` costs 40-80 us of host time a call (Triton 3.6, H200 host; a torch elementwise
+# op costs 10 there): it binds and specializes every argument, builds a cache key, checks the
+# kernel's globals and calls the launch hooks, and the launchers' own checks cost as much again.
+# A launcher that knows which of its inputs decide the compiled code (dtypes, the shapes and
+# strides it specializes on, constexprs, pointer alignment) keys a `Plan` on exactly those: the
+# first call with a key checks everything and compiles through Triton, later calls launch
+# straight through Triton's C launcher (experiments/launch_overhead.py measures both).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+class Plan:
+    """One compiled kernel and the launch arguments its key fixed; `plan(g0, g1, g2, *front)`
+    launches it on the current stream with `front` (the per-call arguments) before them."""
+
+    __slots__ = ("_launch", "_head", "_device", "_tail")
+
+    def __init__(self, launch, head: tuple, device: int, tail: tuple) -> None:
+        self._launch, self._head, self._device, self._tail = launch, head, device, tail
+
+    def __call__(self, g0: int, g1: int, g2: int, *front) -> None:
+        self._launch(g0, g1, g2, _raw_stream(self._device), *self._head, *front, *self._tail)
+
+
+def _no_hooks(hook) -> bool:
+    return hook is None or not getattr(hook, "calls", True)
+
+
+def make_plan(kernel, jitfn, args: tuple, kwargs: dict, front: int, device: torch.device) -> Plan | None:
+    """The direct launch of `kernel` (what `jitfn[grid](*args, **kwargs)` returned) with every
+    kernel argument after the first `front` fixed to this call's. None where that does not apply:
+    the interpreter, launch hooks (e.g. a profiler), kernels that need scratch memory, or a Triton
+    whose compiled kernels do not expose this launcher."""
+    run = getattr(kernel, "run", None)
+    launch = getattr(run, "launch", None)
+    if device.type != "cuda" or launch is None or _raw_stream is None or getattr(run, "global_scratch_size", 1) or \
+            getattr(run, "profile_scratch_size", 1) or getattr(kernel, "function", None) is None:
+        return None
+    from triton import knobs
+    if not (_no_hooks(knobs.runtime.launch_enter_hook) and _no_hooks(knobs.runtime.launch_exit_hook)):
+        return None
+    names = getattr(jitfn, "arg_names", None)
+    if names is None or any(n not in kwargs for n in names[len(args):]):
+        return None
+    values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
+    head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
+            None, None, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return Plan(launch, head, index, values[front:])
+
+
+def aligned(*tensors) -> bool:
+    """Every data pointer 16-byte aligned (what Triton specializes pointers on). A plan is only
+    made for aligned inputs, so one key never stands for two specializations."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return not bits & 15
+
+
+def pdl_mode_now() -> str:
+    """The PDL mode later launches use (part of every plan's key)."""
+    return _pdl_mode
+
+
 # ---------------------------------------------------------------------------- checks
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, next_pow2, num_sms, pdl_args, pdl_begin,
-                      pdl_late)
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32,
+                      dot_precision, kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late,
+                      pdl_mode_now)
 
 LOG2E = 1.4426950408889634
 
@@ -289,6 +289,39 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     out:        optional preallocated [B, H_q, D] output (q's dtype), e.g. for CUDA graphs
     returns o:  [B, H_q, D] in q's dtype
     """
+    key, ok = None, False
+    if config is None and backend == "triton" and q.is_cuda:
+        ok = aligned(q, k_cache, v_cache, page_table, seq_lens) and (out is None or aligned(out))
+        # everything the checks and the compiled code depend on but the page-table width and the
+        # context length (they only size the split-KV, which keys the plan within the entry)
+        key = (q.shape, q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape,
+               v_cache.stride(), v_cache.dtype, page_table.dtype, page_table.dim(), page_table.shape[0],
+               page_table.shape[-1] <= 1 or page_table.stride(-1) == 1, seq_lens.dtype, seq_lens.shape,
+               None if out is None else (out.shape, out.stride(), out.dtype, out.device), q.device,
+               k_cache.device, v_cache.device, page_table.device, seq_lens.device, page_size.__class__, page_size,
+               sm_scale, bool(contiguous), ok, pdl_mode_now(), id(DECODE_CONFIG), MIN_SPLIT_TOKENS,
+               NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+        entry = _PLANS.get(key)
+        if entry is not None:
+            B = q.shape[0]
+            o = torch.empty_like(q) if out is None else out
+            if B == 0:
+                return o
+            max_len = max(int(max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size), 1)
+            if num_splits is None:
+                num_splits = choose_num_splits(B, k_cache.shape[1], max_len, q.device)
+            check(isinstance(num_splits, int) and num_splits >= 1,
+                  lambda: f"num_splits must be a positive int, got {num_splits!r}")
+            split_tokens = cdiv(cdiv(max_len, num_splits), DECODE_CONFIG["BLOCK_N"]) * DECODE_CONFIG["BLOCK_N"]
+            num_splits = cdiv(max_len, split_tokens)
+            hit = entry.get(num_splits)
+            if hit is not None:
+                run, merge, po, plse, lock, head, o_strides = hit
+                run(B, k_cache.shape[1], num_splits, q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock,
+                    *head, page_table.stride(0), *o_strides, page_size, split_tokens, num_splits)
+                if merge is not None:
+                    merge(B, q.shape[1], 1, po, plse, o, *o_strides, num_splits)
+                return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, seq_lens, page_size)
     if out is not None:
@@ -325,22 +358,28 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     else:
         po = plse = o                                                       # unused
     lock = _lock_buffer(B * Hkv, dev) if fused else seq_lens               # unused unless fused
-    kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        page_table.stride(0), o.stride(0), o.stride(1),
-        page_size, split_tokens, num_splits,
-        G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
-        CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
-        FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(dev),
-    )
+    head = (scale * LOG2E, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
+    args = (q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock, *head,
+            page_table.stride(0), o.stride(0), o.stride(1), page_size, split_tokens, num_splits)
+    kwargs = dict(G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
+                  CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+                  FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(dev))
+    kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
+    merge = None
     if num_splits > 1 and not fused:
-        kernel_for(_decode_merge_kernel, dev)[(B, Hq)](
-            po, plse, o, o.stride(0), o.stride(1), num_splits,
-            H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S,
-            num_warps=4, **pdl_args(dev),
-        )
+        margs = (po, plse, o, o.stride(0), o.stride(1), num_splits)
+        mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, num_warps=4, **pdl_args(dev))
+        mkernel = kernel_for(_decode_merge_kernel, dev)[(B, Hq)](*margs, **mkwargs)
+        merge = make_plan(mkernel, _decode_merge_kernel, margs, mkwargs, len(margs), dev)
+    if ok:
+        run = make_plan(kernel, _decode_kernel, args, kwargs, len(args), dev)
+        if run is not None and (merge is not None or num_splits == 1 or fused):
+            # the plan keeps this call's split buffers (a later call of the same key and split
+            # count reuses them: launches on one stream run in order)
+            _PLANS.setdefault(key, {})[num_splits] = (run, merge, po, plse, lock, head, (o.stride(0), o.stride(1)))
     return o
+
+
+_PLANS: dict = {}  # key -> {num_splits: (plan, merge plan, split buffers, lock, fixed args)} (_common.Plan)

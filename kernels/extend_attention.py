@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, next_pow2)
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, check, check_backend, check_tensor, dot_in_f32,
+                      dot_precision, kernel_for, make_plan, next_pow2)
 from .decode_attention import LOG2E, _gather_kv
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
@@ -332,6 +332,34 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                      the paged path although k_new/v_new are given)
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
     """
+    key, ok = None, False
+    if config is None and backend == "triton" and q.is_cuda:
+        T, B = q.shape[0], seq_lens.shape[0]
+        new = k_new is not None and v_new is not None
+        ok = aligned(q, k_cache, v_cache, page_table, query_start_loc, seq_lens) and \
+            (not new or aligned(k_new, v_new)) and (out is None or aligned(out))
+        # everything the checks and the compiled code depend on but the token and request counts
+        key = (q.shape[1:], q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape,
+               v_cache.stride(), v_cache.dtype, page_table.dtype, page_table.dim(), page_table.shape[0] == B,
+               page_table.shape[-1] <= 1 or page_table.stride(-1) == 1, query_start_loc.dtype,
+               query_start_loc.dim(), query_start_loc.shape[0] == B + 1,
+               query_start_loc.shape[-1] <= 1 or query_start_loc.stride(-1) == 1, seq_lens.dtype, seq_lens.dim(),
+               (k_new is None, v_new is None) if not new else
+               (k_new.shape[1:], v_new.shape[1:], k_new.shape[0] == T, v_new.shape[0] == T, k_new.stride(),
+                v_new.stride(), k_new.dtype, v_new.dtype, k_new.device, v_new.device),
+               None if out is None else (out.shape == q.shape, out.stride(), out.dtype, out.device), q.device,
+               k_cache.device, v_cache.device, page_table.device, query_start_loc.device, seq_lens.device,
+               page_size.__class__, page_size, sm_scale, bool(contiguous), ok, max(64, next_pow2(B)),
+               id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG))
+        hit = _PLANS.get(key)
+        if hit is not None:
+            run, head, o_strides, BM = hit
+            o = torch.empty_like(q) if out is None else out
+            if T and B:
+                kn, vn = (k_new, v_new) if new else (k_cache, v_cache)
+                run(q.shape[1], T // BM + B, 1, q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens,
+                    o, *head, page_table.stride(0), *o_strides, page_size, B)
+            return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
     _check_new(q, k_cache, k_new, v_new)
@@ -365,18 +393,21 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     else:
         align, kn, vn, kn_strides = 1, k_cache, v_cache, (0, 0, 0, 0)          # unused
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
-    kernel_for(_extend_kernel, dev)[(Hq, max_blocks)](
-        q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        *kn_strides,
-        page_table.stride(0), o.stride(0), o.stride(1),
-        page_size, B,
-        G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
-        BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
-        CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
-        DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    head = (scale * LOG2E, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *kn_strides)
+    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, *head,
+            page_table.stride(0), o.stride(0), o.stride(1), page_size, B)
+    kwargs = dict(G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
+                  BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
+                  CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
+                  DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks)](*args, **kwargs)
+    if ok:
+        run = make_plan(kernel, _extend_kernel, args, kwargs, len(args), dev)
+        if run is not None:
+            _PLANS[key] = (run, head, (o.stride(0), o.stride(1)), BM)
     return o
+
+
+_PLANS: dict = {}  # key -> (plan, fixed arguments, output strides, BLOCK_M) (_common.Plan)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, next_pow2, pdl_args,
-                      pdl_begin, pdl_late)
+from ._common import (INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, kernel_for, make_plan,
+                      next_pow2, pdl_args, pdl_begin, pdl_late, pdl_mode_now)
 
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)
@@ -84,6 +84,21 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
     k_cache/v_cache: [num_slots, H_kv, D]  (e.g. ``kv_pool[l, 0]`` / ``kv_pool[l, 1]``)
     slot_mapping:  [T] int32/int64; slot < 0 skips the token.
     """
+    key, ok = None, False
+    if config is None and backend == "triton" and k.is_cuda:
+        ok = aligned(k, v, k_cache, v_cache, slot_mapping)
+        # everything the checks and the compiled code depend on, except the token count T
+        key = (k.dtype, v.dtype, k_cache.dtype, v_cache.dtype, slot_mapping.dtype, k.shape[1:], v.shape == k.shape,
+               slot_mapping.dim(), slot_mapping.shape[0] == k.shape[0], k_cache.shape, v_cache.shape,
+               k.stride(), v.stride(), k_cache.stride(), v_cache.stride(), k.device, v.device, k_cache.device,
+               v_cache.device, slot_mapping.device, ok, pdl_mode_now(),
+               KV_WRITE_CONFIG["BLOCK_T"], KV_WRITE_CONFIG["num_warps"])
+        hit = _PLANS.get(key)
+        if hit is not None:
+            T = k.shape[0]
+            if T:
+                hit(cdiv(T, KV_WRITE_CONFIG["BLOCK_T"]), 1, 1, k, v, k_cache, v_cache, slot_mapping, T)
+            return
     check_backend(backend)
     _check(k, v, k_cache, v_cache, slot_mapping)
     if backend == "torch":
@@ -93,11 +108,16 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
         return
     cfg = dict(KV_WRITE_CONFIG, **(config or {}))
     BT = cfg["BLOCK_T"]
-    grid = (cdiv(T, BT),)
-    kernel_for(_kv_write_kernel, k.device)[grid](
-        k, v, k_cache, v_cache, slot_mapping, T,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        H=H, D=D, BLOCK_T=BT, BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(D),
-        num_warps=cfg["num_warps"], **pdl_args(k.device),
-    )
+    args = (k, v, k_cache, v_cache, slot_mapping, T,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
+    kwargs = dict(H=H, D=D, BLOCK_T=BT, BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(D),
+                  num_warps=cfg["num_warps"], **pdl_args(k.device))
+    kernel = kernel_for(_kv_write_kernel, k.device)[(cdiv(T, BT),)](*args, **kwargs)
+    if ok:
+        plan = make_plan(kernel, _kv_write_kernel, args, kwargs, 6, k.device)
+        if plan is not None:
+            _PLANS[key] = plan
+
+
+_PLANS: dict = {}  # launch plans by key (see _common.Plan)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, pdl_args, pdl_begin, pdl_late, use_interpreter)
+from ._common import (ATTN_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+                      kernel_for, make_plan, pdl_args, pdl_begin, pdl_late, pdl_mode_now, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
@@ -67,6 +67,19 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     """y = x @ weight.T + bias. x [M, K], weight [N, K] (rows contiguous), bias [N] or None.
     The kernel runs for M <= MAX_M with backend="triton"; otherwise (and for backend="torch")
     this is ``F.linear``."""
+    key, ok = None, False
+    if backend == "triton" and x.is_cuda:
+        ok = aligned(x, weight) and (bias is None or aligned(bias))
+        # everything the checks and the compiled code (autotuned per N, K) depend on
+        key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device), ok,
+               pdl_mode_now(), MAX_M)
+        hit = _PLANS.get(key)
+        if hit is not None:
+            plan, grid = hit
+            y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+            plan(grid, 1, 1, x, weight, weight if bias is None else bias, y)
+            return y
     check_backend(backend)
     if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
         return F.linear(x, weight, bias)
@@ -87,5 +100,14 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         kernel_for(_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
             *args, **meta, **INTERPRET_CONFIG)
     else:
-        _gemv_tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        kernel = _gemv_tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        best = getattr(_gemv_tuned, "best_config", None)
+        if ok and best is not None:
+            kwargs = dict(meta, **best.all_kwargs())
+            plan = make_plan(kernel, _gemv_kernel, args, kwargs, 4, x.device)
+            if plan is not None:
+                _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]))
     return y
+
+
+_PLANS: dict = {}  # key -> (plan, grid) (see _common.Plan)

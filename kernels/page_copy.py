@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, cdiv
+from ._common import INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, kernel_for, make_plan
 
 PAGE_COPY_CONFIG = dict(BLOCK=4096, num_warps=4)
 
@@ -60,6 +60,18 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
     kv_pool:   [num_layers, 2, num_slots, H_kv, D]
     src_pages, dst_pages: [P] int32/int64 page ids (dst pages must be distinct and not in src).
     """
+    key, ok = None, False
+    if config is None and backend == "triton" and kv_pool.is_cuda:
+        ok = aligned(kv_pool, src_pages, dst_pages)
+        key = (kv_pool.shape, kv_pool.stride(), kv_pool.dtype, kv_pool.device, src_pages.dtype, src_pages.dim(),
+               src_pages.device, dst_pages.dtype, dst_pages.dim(), dst_pages.device, src_pages.shape == dst_pages.shape,
+               page_size.__class__, page_size, ok, id(PAGE_COPY_CONFIG))
+        hit = _PLANS.get(key)
+        if hit is not None:
+            plan, g1, g2 = hit
+            if src_pages.shape[0]:
+                plan(src_pages.shape[0], g1, g2, kv_pool, src_pages, dst_pages)
+            return
     check_backend(backend)
     _check(kv_pool, src_pages, dst_pages, page_size)
     if backend == "torch":
@@ -72,7 +84,13 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
     page_elems = page_size * H * D
     BLOCK = min(cfg["BLOCK"], triton.next_power_of_2(page_elems))
     grid = (P, L * 2, cdiv(page_elems, BLOCK))
-    kernel_for(_page_copy_kernel, kv_pool.device)[grid](
-        kv_pool, src_pages, dst_pages, kv_pool.stride(1), page_elems,
-        BLOCK=BLOCK, num_warps=cfg["num_warps"],
-    )
+    args = (kv_pool, src_pages, dst_pages, kv_pool.stride(1), page_elems)
+    kwargs = dict(BLOCK=BLOCK, num_warps=cfg["num_warps"])
+    kernel = kernel_for(_page_copy_kernel, kv_pool.device)[grid](*args, **kwargs)
+    if ok:
+        plan = make_plan(kernel, _page_copy_kernel, args, kwargs, 3, kv_pool.device)
+        if plan is not None:
+            _PLANS[key] = (plan, grid[1], grid[2])
+
+
+_PLANS: dict = {}  # key -> (plan, grid y, grid z) (see _common.Plan)

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, next_pow2,
-                      pdl_args, pdl_begin, pdl_late)
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, check, check_backend, check_tensor, kernel_for,
+                      make_plan, next_pow2, pdl_args, pdl_begin, pdl_late, pdl_mode_now)
 from .kv_write import kv_write_ref
 
 
@@ -97,6 +97,24 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
     k_cache/v_cache: [num_slots, H_kv, D]
     slot_mapping:    [T] int32/int64, slot < 0 skips the token's write (it is still rotated)
     """
+    key, ok = None, False
+    if backend == "triton" and qkv.is_cuda:
+        T = qkv.shape[0]
+        ok = aligned(qkv, cos, sin, k_cache, v_cache, slot_mapping)
+        # everything the checks and the compiled code depend on but the token count
+        key = (qkv.dtype, qkv.dim(), qkv.shape[1:], qkv.stride(), cos.dtype, cos.dim(), cos.shape[0] == T,
+               cos.shape[1:], cos.stride(), sin.dtype, sin.dim(), sin.shape[0] == T, sin.shape[1:], sin.stride(),
+               k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape, v_cache.stride(), v_cache.dtype,
+               slot_mapping.dtype, slot_mapping.dim(), slot_mapping.shape[0] == T, qkv.device, cos.device,
+               sin.device, k_cache.device, v_cache.device, slot_mapping.device, num_heads.__class__, num_heads,
+               num_kv_heads.__class__, num_kv_heads, num_warps, ok, pdl_mode_now())
+        hit = _PLANS.get(key)
+        if hit is not None:
+            plan, D = hit
+            if T:
+                plan(T, 1, 1, qkv, cos, sin, k_cache, v_cache, slot_mapping)
+            v = qkv.view(T, num_heads + 2 * num_kv_heads, D)
+            return v[:, :num_heads], v[:, num_heads:num_heads + num_kv_heads], v[:, num_heads + num_kv_heads:]
     check_backend(backend)
     check_tensor("qkv", qkv, ndim=2, dtypes=ATTN_DTYPES)
     check(isinstance(num_heads, int) and isinstance(num_kv_heads, int) and num_heads > 0 and num_kv_heads > 0
@@ -119,11 +137,18 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
     if backend == "torch":
         return rope_kv_write_ref(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
     if T:
-        kernel_for(_rope_kv_write_kernel, qkv.device)[(T,)](
-            qkv, cos, sin, k_cache, v_cache, slot_mapping,
-            qkv.stride(0), cos.stride(0), sin.stride(0),
-            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            H_Q=num_heads, H_KV=num_kv_heads, D=D, HALF=D // 2,
-            BLOCK_HQ=next_pow2(num_heads), BLOCK_HKV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(D // 2),
-            num_warps=num_warps, **pdl_args(qkv.device))
+        args = (qkv, cos, sin, k_cache, v_cache, slot_mapping,
+                qkv.stride(0), cos.stride(0), sin.stride(0),
+                k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
+        kwargs = dict(H_Q=num_heads, H_KV=num_kv_heads, D=D, HALF=D // 2, BLOCK_HQ=next_pow2(num_heads),
+                      BLOCK_HKV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(D // 2), num_warps=num_warps,
+                      **pdl_args(qkv.device))
+        kernel = kernel_for(_rope_kv_write_kernel, qkv.device)[(T,)](*args, **kwargs)
+        if ok:
+            plan = make_plan(kernel, _rope_kv_write_kernel, args, kwargs, 6, qkv.device)
+            if plan is not None:
+                _PLANS[key] = (plan, D)
     return split_qkv(qkv, num_heads, num_kv_heads)
+
+
+_PLANS: dict = {}  # key -> (plan, head dim) (see _common.Plan)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, pdl_args, pdl_begin,
-                      pdl_late)
+from ._common import (ATTN_DTYPES, aligned, cdiv, check, check_backend, check_tensor, kernel_for, make_plan,
+                      pdl_args, pdl_begin, pdl_late, pdl_mode_now)
 
 BLOCK = 1024
 
@@ -37,6 +37,17 @@ def silu_mul_ref(x):
 
 def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
     """x: [T, 2I] (gate | up), last dim contiguous -> [T, I] in x's dtype."""
+    key, ok = None, False
+    if backend == "triton" and x.is_cuda:
+        ok = aligned(x)
+        key = (x.dtype, x.dim(), x.shape[1:], x.stride(), x.device, num_warps, ok, pdl_mode_now())
+        hit = _PLANS.get(key)
+        if hit is not None:
+            T, I = x.shape[0], x.shape[1] // 2
+            out = torch.empty((T, I), dtype=x.dtype, device=x.device)
+            if T:
+                hit(T, cdiv(I, BLOCK), 1, x, out)
+            return out
     check_backend(backend)
     check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
     check(x.shape[1] % 2 == 0, lambda: f"x must be [T, 2I] (gate | up), got {tuple(x.shape)}")
@@ -45,7 +56,14 @@ def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
     T, I = x.shape[0], x.shape[1] // 2
     out = torch.empty((T, I), dtype=x.dtype, device=x.device)
     if T:
-        kernel_for(_silu_mul_kernel, x.device)[(T, cdiv(I, BLOCK))](
-            x, out, x.stride(0), out.stride(0), I=I, BLOCK=BLOCK, num_warps=num_warps,
-            **pdl_args(x.device))
+        args = (x, out, x.stride(0), out.stride(0))
+        kwargs = dict(I=I, BLOCK=BLOCK, num_warps=num_warps, **pdl_args(x.device))
+        kernel = kernel_for(_silu_mul_kernel, x.device)[(T, cdiv(I, BLOCK))](*args, **kwargs)
+        if ok:
+            plan = make_plan(kernel, _silu_mul_kernel, args, kwargs, 2, x.device)
+            if plan is not None:
+                _PLANS[key] = plan
     return out
+
+
+_PLANS: dict = {}  # launch plans by key (see _common.Plan)
