@@ -58,8 +58,10 @@ def csv_rows(path: Path, required: tuple[str, ...], expected: tuple[str, ...]) -
     header: list[str] = []
 
     def field_at(before: str) -> str:
+        if not header:
+            return "header"
         k = before.count(",")  # the column the bad byte is in (quotes aside: a hint)
-        return header[k] if k < len(header) else f"column {k + 1}"
+        return header[k] if k < len(header) and header[k] else f"column {k + 1}"
 
     lines = text_lines(path, field_at)
     reader = csv.reader((text for _, text in lines), strict=True)
