@@ -1,7 +1,7 @@
 """What the scheduler hands an engine each step: which tokens to run, and where their K/V live."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -10,33 +10,36 @@ from kvbench.request import Request
 
 @dataclass(slots=True)
 class ScheduledSeq:
-    """One request's share of a step.
+    """One request's share of a step: the per-request event every metric derives from.
 
     The step feeds tokens `token_ids[start : start + num_new]` (a prefill chunk, or one decode
-    token when `start >= prompt_len`). Before the step, positions `[0, start)` hold computed
-    K/V (some of them served from a prefix cache); after it, `[0, start + num_new)` do.
+    token). Before the step, positions `[0, start)` hold computed K/V (some of them served from
+    a prefix cache); after it, `[0, start + num_new)` do, and when `emits` the step produces the
+    request's output token number `start + num_new - prompt_len`.
+
+    `is_decode`: one new token of a request that has computed everything it had to recompute
+    (its prompt, plus its outputs after a preemption). The last 1-token chunk of a recompute is
+    not a decode (it recomputes K/V of a token that exists), although it emits. The scheduler
+    sets both flags; a batch built by hand (no preemptions) gets them from the prompt length.
     """
 
     request: Request
     start: int
     num_new: int
     page_table: np.ndarray | None  # [ceil((start + num_new) / page_size)] int32; None if not asked for
-    emits: bool | None = None  # set by the scheduler; None: derived from the prompt length
+    emits: bool | None = None
+    is_decode: bool | None = None
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.num_new > 1 or self.start < self.request.prompt_len
+    def __post_init__(self) -> None:
+        if self.emits is None:
+            self.emits = self.start + self.num_new >= self.request.prompt_len
+        if self.is_decode is None:
+            self.is_decode = self.num_new == 1 and self.start >= self.request.prompt_len
 
     @property
     def emits_token(self) -> bool:
-        """True when this step produces a new output token (the last prefill chunk, or a decode).
-
-        After a preemption the request recomputes prompt + generated tokens as one prefill, and
-        only its last chunk emits; the scheduler says so through `emits`.
-        """
-        if self.emits is not None:
-            return self.emits
-        return self.start + self.num_new >= self.request.prompt_len
+        """True when this step produces a new output token (the last prefill chunk, or a decode)."""
+        return self.emits
 
 
 @dataclass(slots=True)
@@ -47,6 +50,11 @@ class StepBatch:
     slot `page_table[i // page_size] * page_size + i % page_size`. `contiguous` is True when
     every request's pages are consecutive (slab), so kernels may take their contiguous path.
     `copies` lists (src_page, dst_page) copy-on-write copies the engine must do before the step.
+
+    The step's token counts (the cost model's inputs, the timeline's columns) are counted here
+    once, from the seqs' `is_decode` flags: `decode_tokens` decode tokens, `prefill_tokens` the
+    rest, `kv_read_tokens` K/V positions attention reads (a chunk of n after a prefix of p reads
+    p + n, the last query's context).
     """
 
     seqs: list[ScheduledSeq]
@@ -54,7 +62,22 @@ class StepBatch:
     num_pages: int
     contiguous: bool
     copies: list[tuple[int, int]]
+    num_tokens: int = field(init=False)
+    decode_tokens: int = field(init=False)
+    prefill_tokens: int = field(init=False)
+    kv_read_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        tokens = decode = kv_read = 0
+        for s in self.seqs:
+            tokens += s.num_new
+            kv_read += s.start + s.num_new
+            if s.is_decode:
+                decode += 1
+        self.num_tokens, self.decode_tokens = tokens, decode
+        self.prefill_tokens, self.kv_read_tokens = tokens - decode, kv_read
 
     @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.seqs)
+    def decode_only(self) -> bool:
+        """Every request decodes one token (a CUDA-graph step on the gpu engine)."""
+        return self.decode_tokens == len(self.seqs) > 0

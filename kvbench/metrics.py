@@ -4,13 +4,15 @@ Definitions are in docs/metrics.md; the key names are DESIGN.md's and stay stabl
 """
 from __future__ import annotations
 
+from array import array
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from kvbench.events import DecodeRun, StepEvent
 from kvbench.request import Request
-from kvbench.scheduler import Seq
 from kvbench.strategies.base import SlotStates
 
 STATES = SlotStates._fields  # token, reserved, internal, external, cached, free
@@ -18,36 +20,141 @@ _STATE_KEY = {"token": "token_states", "reserved": "reserved", "internal": "inte
               "external": "external_frag", "cached": "cached", "free": "free"}
 TIMELINE_COLUMNS = ["t_s", "dt_s", "running", "waiting", "prefill_tokens", "decode_tokens",
                     "kv_read_tokens", "preemptions", *STATES]
+_INT_COLUMNS = len(TIMELINE_COLUMNS) - 2
+
+
+@dataclass(slots=True, eq=False)
+class _Times:
+    """What the events said of one admitted request."""
+
+    request: Request
+    cached_tokens: int  # prompt positions served from cache at its first admission
+    preemptions: int = 0
+    first_token_s: float = np.nan
+    last_token_s: float = 0.0
+    finish_s: float = np.nan
 
 
 class Recorder:
-    """Collects what happened, step by step; turns it into tables at the end."""
+    """Consumes the scheduler's events, step by step; turns them into tables at the end.
+
+    Storage per step: one timeline row in two flat arrays (2 float64 + 12 int32 = 64 bytes);
+    per request: one `_Times`; inter-token latencies as runs of equal gaps (value, count),
+    in the order the tokens were produced (a decode step's requests share one gap).
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._rows: list[tuple] = []
+        self._floats = array("d")  # t_s, dt_s of every step
+        self._ints = array("i")  # the other timeline columns of every step
+        self._times: dict[int, _Times] = {}
+        self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
+        self._gap, self._gap_count = 0.0, 0  # the open run
         self.rejected: list[tuple[Request, str]] = []
 
-    def step(self, t: float, dt: float, running: int, waiting: int, prefill: int, decode: int,
-             kv_read: int, preemptions: int, states: SlotStates) -> None:
-        """One step [t, t + dt), with the slot states while it ran."""
-        self._rows.append((t, dt, running, waiting, prefill, decode, kv_read, preemptions, *states))
+    # ---- events -----------------------------------------------------------------------------
+    def step(self, ev: StepEvent, t: float, dt: float) -> None:
+        """One step [t, t + dt): its timeline row, and the output tokens it produced at t + dt."""
+        b = ev.batch
+        self._floats.extend((t, dt))
+        self._ints.extend((ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
+                           ev.preemptions, *ev.states))
+        times = self._times
+        for req, cached in ev.admitted:
+            times[req.id] = _Times(req, cached)
+        for rid in ev.preempted:
+            times[rid].preemptions += 1
+        end = t + dt
+        gap, count = self._gap, self._gap_count
+        for s in b.seqs:
+            if not s.emits:
+                continue
+            r = s.request
+            tm = times[r.id]
+            pos = s.start + s.num_new  # output token number pos - prompt_len is out
+            if pos == r.prompt_len:
+                tm.first_token_s = end
+            else:
+                g = end - tm.last_token_s
+                if g == gap:
+                    count += 1
+                else:
+                    if count:
+                        self._gaps.append(gap)
+                        self._gap_counts.append(count)
+                    gap, count = g, 1
+            tm.last_token_s = end
+            if pos == r.kv_len:
+                tm.finish_s = end
+        self._gap, self._gap_count = gap, count
+
+    def decode_run(self, run: DecodeRun) -> None:
+        """k quiet decode steps at once: the same rows and token times as k calls of `step`."""
+        k, d = len(run.t), len(run.seqs)
+        self._floats.frombytes(np.column_stack((run.t, run.dt)).tobytes())
+        rows = np.empty((k, _INT_COLUMNS), np.int32)
+        rows[:, :6] = (run.running, run.waiting, 0, d, run.kv_read0, run.preemptions)
+        rows[:, 4] += np.arange(k, dtype=np.int32) * d
+        rows[:, 6:] = run.states0
+        moved = np.arange(1, k + 1, dtype=np.int32) * d
+        rows[:, 6 + STATES.index("token")] += moved
+        rows[:, 6 + STATES.index("reserved")] -= moved
+        self._ints.frombytes(rows.tobytes())
+        gap, count, last = self._gap, self._gap_count, run.t[0]
+        for t, dt in zip(run.t, run.dt):
+            end = t + dt
+            g = end - last
+            if g == gap:
+                count += d
+            else:
+                if count:
+                    self._gaps.append(gap)
+                    self._gap_counts.append(count)
+                gap, count = g, d
+            last = end
+        self._gap, self._gap_count = gap, count
+        times = self._times
+        for r in run.seqs:
+            times[r.id].last_token_s = last
 
     def reject(self, request: Request, reason: str) -> None:
         self.rejected.append((request, reason))
 
     # ---- tables -----------------------------------------------------------------------------
-    def timeline(self) -> pd.DataFrame:
-        return pd.DataFrame.from_records(self._rows, columns=TIMELINE_COLUMNS)
+    @property
+    def num_steps(self) -> int:
+        return len(self._floats) // 2
 
-    def requests(self, finished: list[Seq]) -> pd.DataFrame:
+    def last_states(self) -> SlotStates | None:
+        """The slot states of the last step recorded."""
+        if not self._floats:
+            return None
+        return SlotStates(*self._ints[len(self._ints) - len(STATES):])
+
+    def itl(self) -> np.ndarray:
+        """Every gap between two consecutive output tokens of a request [s], in token order."""
+        gaps, counts = np.frombuffer(self._gaps), np.frombuffer(self._gap_counts, np.int64)
+        if self._gap_count:
+            gaps, counts = np.append(gaps, self._gap), np.append(counts, self._gap_count)
+        return np.repeat(gaps, counts)
+
+    def timeline(self) -> pd.DataFrame:
+        f = np.frombuffer(self._floats).reshape(-1, 2)
+        i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS).astype(np.int64)
+        cols = {"t_s": f[:, 0].copy(), "dt_s": f[:, 1].copy()}
+        cols.update(zip(TIMELINE_COLUMNS[2:], i.T))
+        return pd.DataFrame(cols, columns=TIMELINE_COLUMNS)
+
+    def requests(self, finished: object = None) -> pd.DataFrame:
+        """One row per request: finished ones from the events, then the rejected ones.
+        (`finished` is not read: every number comes from the events.)"""
         rows = []
-        for s in finished:
-            r = s.request
-            ttft = s.first_token_s - r.arrival_s
-            e2e = s.finish_s - r.arrival_s
+        for tm in self._times.values():
+            r = tm.request
+            ttft = tm.first_token_s - r.arrival_s
+            e2e = tm.finish_s - r.arrival_s
             rows.append((r.id, r.arrival_s, r.prompt_len, r.output_len, "finished", "",
-                         s.cached_tokens, s.preemptions, s.first_token_s, s.finish_s, ttft, e2e,
+                         tm.cached_tokens, tm.preemptions, tm.first_token_s, tm.finish_s, ttft, e2e,
                          (e2e - ttft) / (r.output_len - 1) if r.output_len > 1 else np.nan))
         for r, reason in self.rejected:
             rows.append((r.id, r.arrival_s, r.prompt_len, r.output_len, "rejected", reason,

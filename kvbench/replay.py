@@ -1,4 +1,13 @@
-"""The event loop: arrivals → scheduler → engine → clock. Every request ends finished or rejected."""
+"""The event loop: arrivals → scheduler → engine → clock → recorder. Every request ends finished
+or rejected.
+
+Fast-forward (engines with a cost model, `engine.fast_forward`): after a steady step (every
+running request decoded one token; nobody came, left or was preempted) the next steps repeat it
+until a request would take a new page or finish, or a request arrives. Those quiet steps skip
+planning and batching: the strategy still gets every `grow` call, in order; the clock advances
+step by step by the cost model; the recorder gets the same rows and token times. Results are
+identical to stepping (tests/test_fast_forward.py).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvbench.engines.base import Engine
+from kvbench.events import DecodeRun, StepEvent
 from kvbench.metrics import Recorder
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
@@ -16,7 +26,10 @@ from kvbench.scheduler import Scheduler, Seq
 class Replay:
     finished: list[Seq]
     recorder: Recorder
-    itl: np.ndarray
+
+    @property
+    def itl(self) -> np.ndarray:
+        return self.recorder.itl()
 
 
 def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progress: bool = True) -> Replay:
@@ -25,10 +38,12 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
     finished: list[Seq] = []
     bar = tqdm(total=len(requests), unit="req", delay=2.0, disable=not progress, leave=False)
     now, nxt, n = 0.0, 0, len(requests)
+    steady: StepEvent | None = None  # the last step, if it was steady (fast-forward may follow)
     while nxt < n or scheduler.has_work():
         while nxt < n and requests[nxt].arrival_s <= now:  # arrivals up to now
             req = requests[nxt]
             nxt += 1
+            steady = None
             reason = scheduler.rejection(req)
             if reason is None:
                 scheduler.add(Seq(req))
@@ -39,20 +54,51 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
             if nxt < n:
                 now = requests[nxt].arrival_s  # idle: jump to the next arrival
             continue  # (or nothing left at all: the loop ends)
+        if steady is not None and engine.fast_forward:
+            k = scheduler.quiet_steps()
+            if k:
+                until = requests[nxt].arrival_s if nxt < n else float("inf")
+                now = fast_forward(scheduler, engine, rec, steady, k, now, until)
+                steady = None
+                continue
         planned = scheduler.schedule()
         if not planned:
             raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with {len(scheduler.waiting)} "
                                f"waiting and {len(scheduler.running)} running")
-        states = scheduler.strategy.slot_states(scheduler.waiting_kv_len())
-        dt = engine.step(scheduler.batch(planned, engine.needs_layout))
-        decode = sum(1 for s, k in planned if k == 1 and s.computed >= s.prefill_target)
-        prefill = sum(k for _, k in planned) - decode
-        kv_read = sum(s.computed for s, _ in planned) + prefill + decode
-        rec.step(now, dt, len(scheduler.running), len(scheduler.waiting), prefill, decode, kv_read,
-                 scheduler.num_preemptions, states)
+        ev = scheduler.event(planned, engine.needs_layout)
+        dt = engine.step(ev.batch)
+        rec.step(ev, now, dt)
         now += dt
-        done = scheduler.complete(planned, now)
-        finished.extend(done)
-        bar.update(len(done))
+        done = scheduler.complete(planned)
+        steady = ev if ev.steady and not done else None
+        if done:
+            finished.extend(done)
+            bar.update(len(done))
     bar.close()
-    return Replay(finished, rec, np.frombuffer(scheduler.itl, dtype=np.float64))
+    return Replay(finished, rec)
+
+
+def fast_forward(scheduler: Scheduler, engine: Engine, rec: Recorder, steady: StepEvent, k: int,
+                 now: float, until: float) -> float:
+    """Up to k quiet steps after the `steady` one, stopping before a step that would start at
+    or after `until` (an arrival); returns the clock after them. Mutates scheduler, strategy,
+    recorder; checks the strategy's slot states against the recorder's at the end."""
+    d = steady.running
+    kv_read = steady.batch.kv_read_tokens + d  # every decode reads one position more each step
+    kv0, cost = kv_read, engine.cost
+    t, dts = [], []
+    while len(t) < k and now < until:
+        dt = cost(0, d, kv_read)
+        t.append(now)
+        dts.append(dt)
+        now += dt
+        kv_read += d
+    scheduler.decode_steps(len(t))
+    rec.decode_run(DecodeRun([s.request for s in scheduler.running], t, dts, kv0, d,
+                             steady.waiting, steady.preemptions, steady.states))
+    states = scheduler.strategy.slot_states(scheduler.waiting_kv_len())
+    if states != rec.last_states():
+        raise RuntimeError(f"fast-forward: strategy '{scheduler.strategy.label}' reports {states} after "
+                           f"{len(t)} quiet decode steps of {d} requests, but {rec.last_states()} was "
+                           f"expected (each decode token moves one slot from reserved to token)")
+    return now

@@ -4,15 +4,16 @@ Each step: every running request, oldest first, gets room for its next prefill c
 next decode token; when the strategy has no room, the most recently admitted request is
 preempted (its memory released, its progress kept as tokens to recompute) and goes back to the
 front of the queue. Then waiting requests are admitted in arrival order while the strategy can
-hold them and the step's limits allow. The scheduler never knows which strategy it drives.
+hold them and the step's limits allow. The scheduler never knows which strategy it drives, and
+knows no clock: what it did goes out as events (kvbench/events.py).
 """
 from __future__ import annotations
 
-from array import array
 from collections import deque
 from dataclasses import dataclass
 
 from kvbench.batch import ScheduledSeq, StepBatch
+from kvbench.events import StepEvent
 from kvbench.request import Request
 from kvbench.strategies.base import RequestId, Strategy
 
@@ -28,9 +29,7 @@ class Seq:
     prefill_target: int = 0  # positions to compute before decoding: prompt (+ emitted, after a preemption)
     cached_tokens: int | None = None  # prompt positions served from cache at its first admission
     preemptions: int = 0
-    first_token_s: float | None = None
-    last_token_s: float = 0.0
-    finish_s: float | None = None
+    room_end: int = 0  # positions it may hold without the strategy taking a page (0: ask again)
 
     def __post_init__(self) -> None:
         self.id = RequestId(self.request.id)
@@ -60,7 +59,8 @@ class Scheduler:
         self.running: list[Seq] = []  # in admission order
         self.num_preemptions = 0
         self.recomputed_hits = 0  # positions served from cache when a preempted request came back
-        self.itl = array("d")  # every gap between two consecutive output tokens [s]
+        self._admitted: list[tuple[Request, int]] = []  # this step's (request, cached positions)
+        self._preempted: list[int] = []  # this step's preempted request ids
 
     # ---- intake -----------------------------------------------------------------------------
     def rejection(self, request: Request) -> str | None:
@@ -86,6 +86,7 @@ class Scheduler:
         """Plan the next step: (request, positions to compute). Mutates the strategy."""
         budget = self.max_num_batched_tokens
         planned: list[tuple[Seq, int]] = []
+        self._admitted, self._preempted = [], []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -128,6 +129,7 @@ class Scheduler:
             self.waiting.popleft()
             if seq.cached_tokens is None:
                 seq.cached_tokens = adm.cached_tokens
+                self._admitted.append((req, adm.cached_tokens))
             else:
                 self.recomputed_hits += adm.cached_tokens
             seq.computed = adm.cached_tokens
@@ -139,7 +141,9 @@ class Scheduler:
     def _preempt(self, seq: Seq) -> None:
         self.strategy.release(seq.id)
         seq.preemptions += 1
+        seq.room_end = 0
         self.num_preemptions += 1
+        self._preempted.append(seq.id)
         seq.prefill_target = seq.request.prompt_len + seq.emitted  # recompute what it had
         seq.computed = 0
         self.waiting.appendleft(seq)
@@ -147,27 +151,29 @@ class Scheduler:
     def batch(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepBatch:
         """The engine's view of a planned step. Pure, except that pending page copies are handed over."""
         st = self.strategy
-        seqs = [ScheduledSeq(s.request, s.computed, n,
-                             st.page_table(s.id) if with_layout else None,
-                             emits=s.computed + n >= s.prefill_target)
-                for s, n in planned]
+        seqs = []
+        for s, n in planned:
+            target = s.prefill_target
+            seqs.append(ScheduledSeq(s.request, s.computed, n, st.page_table(s.id) if with_layout else None,
+                                     s.computed + n >= target, s.computed >= target))
         return StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies())
 
-    def complete(self, planned: list[tuple[Seq, int]], now: float) -> list[Seq]:
-        """The step ran and ended at `now`: advance every request; release the finished ones."""
+    def event(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepEvent:
+        """The planned step as an event: its batch, the queue lengths and the slot states it
+        runs with, who was admitted (first admissions only) and who preempted. Pure, as `batch`."""
+        return StepEvent(self.batch(planned, with_layout), len(self.running), len(self.waiting),
+                         self.num_preemptions, self.strategy.slot_states(self.waiting_kv_len()),
+                         self._admitted, self._preempted)
+
+    def complete(self, planned: list[tuple[Seq, int]]) -> list[Seq]:
+        """The step ran: advance every request; release the finished ones (returned)."""
         done = []
         for seq, n in planned:
             seq.computed += n
             if seq.computed < seq.prefill_target:
                 continue  # a prefill chunk that emits nothing yet
             seq.emitted += 1
-            if seq.first_token_s is None:
-                seq.first_token_s = now
-            else:
-                self.itl.append(now - seq.last_token_s)
-            seq.last_token_s = now
             if seq.emitted == seq.request.output_len:
-                seq.finish_s = now
                 done.append(seq)
         if done:
             finished = set(map(id, done))
@@ -175,3 +181,33 @@ class Scheduler:
             for seq in done:
                 self.strategy.release(seq.id)
         return done
+
+    # ---- fast-forward -------------------------------------------------------------------------
+    def quiet_steps(self) -> int:
+        """How many next steps repeat a steady step exactly (call it right after one: see
+        `StepEvent.steady`): every running request decodes one token, none finishes, none needs
+        a new page, so nobody can be preempted and the waiting head (refused in the steady step)
+        stays refused. Asks the strategy for `room` once per page a request fills. Pure."""
+        if len(self.running) > self.max_num_batched_tokens:
+            return 0
+        k = 1 << 62
+        for s in self.running:
+            if s.computed >= s.room_end:
+                s.room_end = s.computed + self.strategy.room(s.id, s.computed)
+            k = min(k, s.room_end - s.computed, s.request.output_len - s.emitted - 1)
+            if k <= 0:
+                return 0
+        return k
+
+    def decode_steps(self, k: int) -> None:
+        """Run the bookkeeping of k quiet steps (at most `quiet_steps()`): the strategy gets
+        exactly the `grow` calls k planned steps would make, in the same order. Mutates."""
+        grow, running = self.strategy.grow, self.running
+        for _ in range(k):
+            for s in running:
+                if not grow(s.id, 1):
+                    raise RuntimeError(f"request {s.id}: grow failed inside its room; the strategy's "
+                                       f"`room` promised more than it holds")
+        for s in running:
+            s.computed += k
+            s.emitted += k

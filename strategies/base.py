@@ -103,6 +103,12 @@ class Strategy(ABC):
     def page_table(self, rid: RequestId) -> np.ndarray:
         """The request's pages in token order, int32 (the layout kernels read). Pure."""
 
+    def room(self, rid: RequestId, length: int) -> int:
+        """How many positions request `rid`, now holding `length`, can still grow by without
+        taking a page (such a `grow` cannot fail; the simulation fast-forwards decode steps
+        inside it). Pure. Default: the rest of its last page."""
+        return len(self.page_table(rid)) * self.page_size - length
+
     @abstractmethod
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
         """The state of every slot now. Pure.

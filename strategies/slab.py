@@ -106,6 +106,10 @@ class SlabStrategy(Strategy):
         ext = self._ext[rid]
         return np.arange(ext.start, ext.start + self.pages_for(ext.length), dtype=np.int32)
 
+    def room(self, rid: RequestId, length: int) -> int:
+        ext = self._ext[rid]
+        return ext.kv_len - length  # the reservation holds the final length
+
     def _place(self, rid: RequestId, kv_len: int, length: int) -> _Extent | None:
         pages = self.reserve_pages(kv_len)
         start = self._alloc(pages)

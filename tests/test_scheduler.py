@@ -29,7 +29,7 @@ def test_chunked_prefill_splits_a_prompt_over_steps_and_emits_on_the_last_chunk(
         planned = sched.schedule()
         batch = sched.batch(planned, with_layout=True)
         chunks.append([(s.start, s.num_new, s.emits_token, len(s.page_table)) for s in batch.seqs])
-        sched.complete(planned, now=len(chunks))
+        sched.complete(planned)
     assert chunks == [[(0, 64, False, 4)], [(64, 64, False, 8)], [(128, 22, True, 10)],
                       [(150, 1, True, 10)], [(151, 1, True, 10)]]
 
@@ -41,9 +41,9 @@ def test_preemption_recomputes_the_newest_request_and_puts_it_first_in_line():
     a, b, c = Seq(req(0, 15, 10)), Seq(req(1, 15, 10)), Seq(req(2, 15, 10))
     for s in (a, b, c):
         sched.add(s)
-    sched.complete(sched.schedule(), 1.0)  # a, b, c admitted: 3 pages
+    sched.complete(sched.schedule())  # a, b, c admitted: 3 pages
     assert [s.request.id for s in sched.running] == [0, 1, 2]
-    sched.complete(sched.schedule(), 2.0)  # each decodes token 16 → page 1 full
+    sched.complete(sched.schedule())  # each decodes token 16 → page 1 full
     planned = sched.schedule()  # a takes page 4, b has none left → c (newest) is preempted
     assert [s.request.id for s, _ in planned] == [0, 1]
     assert [s.request.id for s in sched.waiting] == [2] and c.preemptions == 1

@@ -16,6 +16,9 @@ class Engine(ABC):
     name: str = "engine"
     #: whether `ScheduledSeq.page_table` must be filled in (the sim does not read it).
     needs_layout: bool = False
+    #: whether the replay may hand over runs of quiet decode steps at once (priced by `cost`
+    #: instead of `step`): only an engine whose step time is a model, never one that executes.
+    fast_forward: bool = False
 
     def kv_capacity_tokens(self, requested: int | None) -> int:
         """The pool size in tokens: the requested one, or what the device can hold."""
@@ -32,6 +35,10 @@ class Engine(ABC):
 
         Mutates: the KV pool (real engines), and for `sample=true` the requests' output ids.
         """
+
+    def cost(self, prefill: int, decode: int, kv_read: int) -> float:
+        """The modelled duration of a step with these token counts [s] (fast-forwarding engines)."""
+        raise NotImplementedError(f"engine '{self.name}' executes its steps: it has no cost model")
 
     def summary(self) -> dict:
         """Engine-specific keys for summary.json (e.g. device, peak_gpu_mem_bytes)."""

@@ -39,7 +39,7 @@ class RecordedEngine(Engine):
         if k >= len(self.dt):
             raise RuntimeError(f"step {k}: {self.path} records only {len(self.dt)} steps; the replay has "
                                f"diverged from the recorded run (another trace, strategy or scheduler setting?)")
-        tokens = sum(s.num_new for s in batch.seqs)
+        tokens = batch.num_tokens
         if tokens != self.tokens[k]:
             raise RuntimeError(f"step {k}: the batch has {tokens} tokens, {self.path} recorded "
                                f"{self.tokens[k]}: the replay has diverged from the recorded run")

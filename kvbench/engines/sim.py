@@ -17,9 +17,11 @@ def step_time(c: dict, prefill, decode, kv_read):
                                             + K eager_kv_read_token_s)  (eager: the host's launches
                        or the GPU's work, whichever takes longer)
     """
+    graph = c["overhead_s"] + decode * c["decode_token_s"] + kv_read * c["kv_read_token_s"]
+    if isinstance(prefill, int) and prefill == 0:
+        return graph  # one decode-only step (the sim's hot path): plain float arithmetic, same result
     eager_decode = c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"]
     eager_kv = c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"]
-    graph = c["overhead_s"] + decode * c["decode_token_s"] + kv_read * c["kv_read_token_s"]
     eager = c["overhead_s"] + c["prefill_step_s"] + np.maximum(
         c.get("eager_floor_s") or 0.0, prefill * c["prefill_token_s"] + decode * eager_decode + kv_read * eager_kv)
     return np.where(np.asarray(prefill) > 0, eager, graph)
@@ -37,7 +39,7 @@ class SimEngine(Engine):
     def __init__(self, overhead_s: float, prefill_token_s: float, decode_token_s: float,
                  kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,
                  eager_decode_token_s: float | None = None, eager_kv_read_token_s: float | None = None,
-                 device: str = "modelled") -> None:
+                 device: str = "modelled", fast_forward: bool = True) -> None:
         self.coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
                              "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
                              "prefill_step_s": prefill_step_s, "eager_floor_s": eager_floor_s,
@@ -49,16 +51,15 @@ class SimEngine(Engine):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"engine.{key} must be a number >= 0, got {value!r}")
         self.coefficients = {k: (None if v is None else float(v)) for k, v in self.coefficients.items()}
+        if not isinstance(fast_forward, bool):
+            raise ValueError(f"engine.fast_forward must be true or false, got {fast_forward!r}")
         self.device = device
+        self.fast_forward = fast_forward
 
     def step(self, batch: StepBatch) -> float:
-        prefill = decode = kv_read = 0
-        for s in batch.seqs:
-            if s.num_new == 1 and s.start >= s.request.prompt_len:
-                decode += 1
-            else:
-                prefill += s.num_new
-            kv_read += s.start + s.num_new
+        return self.cost(batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens)
+
+    def cost(self, prefill: int, decode: int, kv_read: int) -> float:
         return float(step_time(self.coefficients, prefill, decode, kv_read))
 
     def summary(self) -> dict:

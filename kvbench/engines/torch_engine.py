@@ -148,7 +148,7 @@ class TorchEngine(Engine):
         emit = [b for b, s in enumerate(seqs) if s.emits_token]
         return HostBatch(np.concatenate(ids), pos, slots, table,
                          qsl, seq_lens, qsl[1:][emit] - 1, ps, batch.contiguous,
-                         bool((n_new == 1).all()))
+                         batch.decode_only)
 
     def _token_ids(self, req) -> np.ndarray:
         ids = self._ids.get(req.id)

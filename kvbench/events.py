@@ -1,0 +1,59 @@
+"""The scheduler's event stream: one event per step, one per request in it (`ScheduledSeq`).
+
+Metrics, the timeline and the simulated step cost derive from these events only; nothing that
+consumes them imports the scheduler.
+
+    scheduler ──StepEvent──► engine.step(event.batch) → dt ──► Recorder.step(event, t, dt)
+                             (sim: step_time of the batch's counts)   (timeline row, TTFT, ITL, E2E)
+
+A run of k identical decode-only steps in which nothing happens may arrive as one
+`DecodeRun` instead (the sim's fast-forward): the same k steps, rows and token times, exactly.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from kvbench.batch import StepBatch
+from kvbench.request import Request
+from kvbench.strategies.base import SlotStates
+
+
+class StepEvent(NamedTuple):
+    """One planned step, before it runs.
+
+    `batch.seqs` are the per-request events (start, num_new, emits, is_decode); `states` are
+    the pool's slot states with room made for the step (the memory it runs with).
+    """
+
+    batch: StepBatch
+    running: int  # requests running in the step (including those admitted for it)
+    waiting: int  # requests left waiting
+    preemptions: int  # preemptions so far in the run (cumulative)
+    states: SlotStates
+    admitted: list[tuple[Request, int]]  # first admissions in this step: (request, prompt positions from cache)
+    preempted: list[int]  # request ids preempted while planning this step
+
+    @property
+    def steady(self) -> bool:
+        """Every running request decoded one token; nobody came, left or was preempted."""
+        return (self.batch.decode_tokens == len(self.batch.seqs) == self.running
+                and not self.admitted and not self.preempted)
+
+
+class DecodeRun(NamedTuple):
+    """k consecutive decode-only steps of the same `seqs` (all running, in order), in which
+    nothing arrives, finishes or is preempted and no request takes a new page.
+
+    Step j (0-based) starts at `t[j]`, lasts `dt[j]`, reads `kv_read0 + j * len(seqs)` K/V
+    positions and runs with `states0` plus `(j + 1) * len(seqs)` tokens moved from reserved to
+    token (the step before the run ran with `states0`).
+    """
+
+    seqs: list[Request]  # [D] the requests, in the order they run
+    t: list[float]  # [k] step start times
+    dt: list[float]  # [k] step durations
+    kv_read0: int
+    running: int
+    waiting: int
+    preemptions: int
+    states0: SlotStates
