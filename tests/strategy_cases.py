@@ -20,6 +20,27 @@ VARIANTS = {
 }
 
 
+# page sizes each kind of strategy (the yaml's `name:`) is checked at by the content model
+PAGE_SIZES = {"slab": (1, 3), "paged": (1, 2, 3, 16), "radix": (1, 2, 3, 16)}
+
+
+def yaml_name(stem: str) -> str:
+    """The `name:` a yaml gives its strategy (several yamls share one, e.g. slab_pow2 → slab)."""
+    return str(OmegaConf.load(STRATEGY_DIR / f"{stem}.yaml").name)
+
+
+def page_size_cases() -> list[tuple[str, dict]]:
+    """Every yaml at every page size its kind allows, plus the option variants of `VARIANTS`
+    that are not page sizes."""
+    out = []
+    for stem in STRATEGY_YAMLS:
+        name = yaml_name(stem)
+        default = int(OmegaConf.load(STRATEGY_DIR / f"{stem}.yaml").get("page_size", 1))
+        out += [(stem, {"page_size": ps}) for ps in PAGE_SIZES.get(name, (default,))]
+        out += [(stem, v) for v in VARIANTS.get(stem, []) if v and "page_size" not in v]
+    return out
+
+
 def cases() -> list[tuple[str, dict]]:
     return [(name, opts) for name in STRATEGY_YAMLS for opts in VARIANTS.get(name, [{}])]
 
