@@ -195,7 +195,7 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException, RuntimeError, ValueError, OSError) as err:
         if full_error or (isinstance(err, RuntimeError) and "Unknown plugin class" not in str(err)):
             raise
-        print(f"kvbench: error: {hydra_one_line(err)}", file=sys.stderr)
+        print(f"kvbench: error: {' '.join(hydra_one_line(err).split())}", file=sys.stderr)
         sys.exit(2)
     from kvbench import cli  # the module Hydra's callback lives in (this file may run as __main__)
 
