@@ -7,9 +7,9 @@ from functools import partial
 import numpy as np
 
 from kvbench.request import Request
-from kvbench.traces.common import over_long
+from kvbench.traces.common import longer_than
 from kvbench.traces.errors import TraceError
-from kvbench.traces.tokens import OUTPUT_STREAM, PROMPT_STREAM, late_random_ids, random_pieces, stream
+from kvbench.traces.tokens import OUTPUT_STREAM, PROMPT_STREAM, late_ids, random_pieces, stream
 
 #: request index -> (prompt_len, output_len, build() -> [prompt_len + output_len] int32 ids)
 Late = Mapping[int, tuple[int, int, Callable[[], np.ndarray]]]
@@ -66,17 +66,19 @@ def random_id_requests(
 ) -> list[Request]:
     """Requests whose prompt and output ids are seeded random draws (no shared prefixes).
 
-    Requests longer than max_model_len (which the scheduler rejects) are left unbuilt and draw
-    nothing from the shared streams: the i-th built request's ids depend on the seed and the
-    lengths of the built requests before it, so with no over-long request the ids are the same
-    as with max_model_len=None.
+    A request whose prompt or output alone is longer than max_model_len (the scheduler rejects
+    it) is left unbuilt; that side draws nothing from its shared stream (it is drawn from the
+    request's own stream if ever read). So the ids of every request are those of
+    max_model_len=None unless an earlier prompt (for prompts) or output (for outputs) exceeds it.
     """
     prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
     output_lens = np.asarray(output_lens, dtype=np.int64)
-    skip = over_long(prompt_lens, output_lens, max_model_len)  # [N] bool
-    prompts = random_pieces(stream(seed, PROMPT_STREAM), np.where(skip, 0, prompt_lens), vocab_size)
-    outputs = random_pieces(stream(seed, OUTPUT_STREAM), np.where(skip, 0, output_lens), vocab_size)
-    late = {i: (int(prompt_lens[i]), int(output_lens[i]),
-                partial(late_random_ids, seed, i, int(prompt_lens[i] + output_lens[i]), vocab_size))
-            for i in np.flatnonzero(skip).tolist()}
+    long_p, long_o = longer_than(prompt_lens, max_model_len), longer_than(output_lens, max_model_len)  # [N]
+    prompts = random_pieces(stream(seed, PROMPT_STREAM), np.where(long_p, 0, prompt_lens), vocab_size)
+    outputs = random_pieces(stream(seed, OUTPUT_STREAM), np.where(long_o, 0, output_lens), vocab_size)
+    late = {}
+    for i in np.flatnonzero(long_p | long_o).tolist():  # a side that was drawn is kept (a copy)
+        late[i] = (int(prompt_lens[i]), int(output_lens[i]), partial(
+            late_ids, seed, i, vocab_size, int(prompt_lens[i]), int(output_lens[i]),
+            None if long_p[i] else prompts[i].copy(), None if long_o[i] else outputs[i].copy()))
     return assemble(arrivals, prompts, outputs, sources, metas=metas, late=late, limit=limit)

@@ -6,9 +6,9 @@
                   in arrival order); null = all; an integer >= 0 (0 gives an empty trace)
     seed          seeds every random id and length
     vocab_size    ids are drawn from [0, vocab_size)
-    max_model_len the run's limit on prompt + output (``${max_model_len}``): a request longer
-                  than it will be rejected by the scheduler, so its ids are not built (null:
-                  build every request's ids)
+    max_model_len the run's limit on prompt + output (``${max_model_len}``): a request whose
+                  prompt or output alone is longer will be rejected by the scheduler, so its
+                  ids are not built (null: build every request's ids)
 
 Sanity limits (any row over them is malformed, whatever the run's max_model_len):
 
@@ -45,10 +45,14 @@ def check_max_model_len(max_model_len: object) -> int | None:
     return int(max_model_len)
 
 
-def over_long(prompt_lens: np.ndarray, output_lens: np.ndarray, max_model_len: int | None) -> np.ndarray:
-    """[N] bool: the requests the scheduler rejects for length (prompt + output > max_model_len),
-    whose ids need not be built."""
-    lengths = np.asarray(prompt_lens, dtype=np.int64) + np.asarray(output_lens, dtype=np.int64)
+def longer_than(lengths: np.ndarray, max_model_len: int | None) -> np.ndarray:
+    """[N] bool: which prompts (or outputs) are alone longer than max_model_len.
+
+    A request with such a side is left unbuilt: the scheduler rejects it (prompt + output >
+    max_model_len), so its ids are made only if something reads them. A request whose sides
+    each fit but whose sum does not is built (at most 2 x max_model_len ids), so the ids of a
+    trace do not depend on max_model_len unless a single prompt or output exceeds it."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     if max_model_len is None:
         return np.zeros(len(lengths), dtype=bool)
     return lengths > max_model_len

@@ -19,12 +19,12 @@ import numpy as np
 from kvbench.request import Request
 from kvbench.traces.arrivals import parse_rate, retime
 from kvbench.traces.build import assemble
-from kvbench.traces.common import MAX_ARRIVAL_S, check_limit, check_max_model_len, over_long
+from kvbench.traces.common import MAX_ARRIVAL_S, check_limit, check_max_model_len, longer_than
 from kvbench.traces.errors import TraceError, row_error
 from kvbench.traces.fields import at, json_int, json_number, jsonl_objects
 from kvbench.traces.paths import resolve_trace_path
 from kvbench.traces.tokens import (DEFAULT_VOCAB, OUTPUT_STREAM, check_vocab, hashed_blocks,
-                                   late_random_ids, random_pieces, stream)
+                                   late_ids, random_pieces, stream)
 
 BLOCK = 512  # tokens per hash id, fixed by the trace format
 MAX_HASH_ID = 2**63 - 1  # ids are kept as int64
@@ -79,11 +79,17 @@ class _BlockPrompts:
         return blocks.reshape(-1)[:self.lengths[i]]  # [input_length]
 
 
+def _block_prompt(seed: int, hash_ids: tuple[int, ...], input_length: int, vocab_size: int) -> np.ndarray:
+    """[input_length] ids of one prompt from its blocks: the same as the table would give."""
+    blocks = hashed_blocks(seed, np.array(hash_ids, dtype=np.int64), BLOCK, vocab_size)  # [n, 512]
+    return blocks.reshape(-1)[:input_length]
+
+
 def _late_ids(seed: int, row: int, hash_ids: tuple[int, ...], input_length: int, output_length: int,
-              vocab_size: int) -> np.ndarray:
-    """[input_length + output_length] ids of an unbuilt request: the same blocks as if built."""
-    prompt = hashed_blocks(seed, np.array(hash_ids, dtype=np.int64), BLOCK, vocab_size).reshape(-1)
-    return np.concatenate([prompt[:input_length], late_random_ids(seed, row, output_length, vocab_size)])
+              vocab_size: int, output: np.ndarray | None) -> np.ndarray:
+    """[input_length + output_length] ids of an unbuilt request: its blocks ++ its output."""
+    prompt = _block_prompt(seed, hash_ids, input_length, vocab_size)
+    return late_ids(seed, row, vocab_size, input_length, output_length, prompt, output)
 
 
 def mooncake(
@@ -101,17 +107,18 @@ def mooncake(
     parse_rate(rate)
     file = resolve_trace_path(path)
     times, input_lens, output_lens, hash_ids, sources = read_mooncake_rows(file, limit)
-    skip = over_long(input_lens, output_lens, max_model_len)  # [N] bool: left unbuilt
-    counts = [0 if s else len(ids) for s, ids in zip(skip.tolist(), hash_ids)]
-    flat = np.fromiter((h for s, ids in zip(skip.tolist(), hash_ids) if not s for h in ids),
+    long_p, long_o = longer_than(input_lens, max_model_len), longer_than(output_lens, max_model_len)  # [N]
+    counts = [0 if skip else len(ids) for skip, ids in zip(long_p.tolist(), hash_ids)]
+    flat = np.fromiter((h for skip, ids in zip(long_p.tolist(), hash_ids) if not skip for h in ids),
                        dtype=np.int64, count=sum(counts))  # [total blocks]
     keys, rows = np.unique(flat, return_inverse=True)  # keys: [U] distinct ids; rows: [total]
     table = hashed_blocks(seed, keys, BLOCK, vocab_size)  # [U, 512] int32
     bounds = np.cumsum([0] + counts)
     prompts = _BlockPrompts(table, rows, bounds, input_lens)
-    outputs = random_pieces(stream(seed, OUTPUT_STREAM), np.where(skip, 0, output_lens), vocab_size)
+    outputs = random_pieces(stream(seed, OUTPUT_STREAM), np.where(long_o, 0, output_lens), vocab_size)
     late = {i: (int(input_lens[i]), int(output_lens[i]),
-                partial(_late_ids, seed, i, tuple(hash_ids[i]), int(input_lens[i]), int(output_lens[i]), vocab_size))
-            for i in np.flatnonzero(skip).tolist()}
+                partial(_late_ids, seed, i, tuple(hash_ids[i]), int(input_lens[i]), int(output_lens[i]),
+                        vocab_size, None if long_o[i] else outputs[i].copy()))
+            for i in np.flatnonzero(long_p | long_o).tolist()}
     metas = [{"hash_ids": ids} for ids in hash_ids]
     return assemble(retime(times, rate), prompts, outputs, sources, metas=metas, late=late)

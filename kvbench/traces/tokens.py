@@ -42,11 +42,17 @@ def random_pieces(rng: np.random.Generator, lengths: np.ndarray, vocab_size: int
     return np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
-def late_random_ids(seed: int, row: int, length: int, vocab_size: int) -> np.ndarray:
-    """[length] int32 random ids of an unbuilt request (see :class:`kvbench.request.Request`):
-    a pure function of (seed, row), built only when something reads the request's ids."""
-    return np.random.default_rng([int(seed), LATE_STREAM, int(row)]).integers(
-        0, vocab_size, size=length, dtype=np.int32)
+def late_ids(seed: int, row: int, vocab_size: int, prompt_len: int, output_len: int,
+             prompt: np.ndarray | None = None, output: np.ndarray | None = None) -> np.ndarray:
+    """[prompt_len + output_len] int32 ids of an unbuilt request (:class:`kvbench.request.Request`):
+    a side given is used as is, a side not given is drawn from the request's own stream
+    (seed, LATE_STREAM, row), so it is a pure function of its arguments."""
+    rng = np.random.default_rng([int(seed), LATE_STREAM, int(row)])
+    if prompt is None:
+        prompt = rng.integers(0, vocab_size, size=prompt_len, dtype=np.int32)
+    if output is None:
+        output = rng.integers(0, vocab_size, size=output_len, dtype=np.int32)
+    return np.concatenate([prompt, output]).astype(np.int32, copy=False)
 
 
 # splitmix64 (Steele et al.): a cheap, well-mixed 64-bit bijection; vectorized over uint64.
