@@ -102,7 +102,7 @@ def test_belady_beats_lru_on_a_hand_made_trace():
     #   LRU: r1 evicts ab (oldest leaf); r2 hits a only, evicts c; r3 misses   -> 1 of 6
     #   Belady: at c, the furthest next use is c's own: it is not kept; r2 hits a, ab -> 2 of 6
     reqs = [req(0, [1, 2]), req(1, [3]), req(2, [1, 2]), req(3, [3])]
-    refs = block_references(reqs, block_size=1)
+    refs = block_references(reqs, block_size=1, last_token_computed=False)  # every prompt token may hit
     assert refs.node.tolist() == [1, 2, 3, 1, 2, 3] and refs.num_blocks == 3
     assert unbounded_hits(refs).hit_blocks == 3
     assert lru_hits(refs, 2).hit_blocks == 1
@@ -115,7 +115,7 @@ def test_a_block_hits_only_after_its_whole_prefix():
     # r0 = [1 2][3 4]; r1 = [9 9][3 4]: same second block ids, different prefix -> no hit
     # r2 = [1 2][3]: a partial last block is a block of its own -> hits [1 2] only
     reqs = [req(0, [1, 2, 3, 4]), req(1, [9, 9, 3, 4]), req(2, [1, 2, 3])]
-    hits = unbounded_hits(block_references(reqs, block_size=2))
+    hits = unbounded_hits(block_references(reqs, block_size=2, last_token_computed=False))
     assert (hits.hit_blocks, hits.blocks, hits.hit_tokens, hits.prompt_tokens) == (1, 6, 2, 11)
 
 

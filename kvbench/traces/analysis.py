@@ -8,6 +8,11 @@ had (the same ids, at the same position after the same prefix) are hits. Blocks 
 stored in a dict keyed by the block's bytes, so a hit is an exact token match, never a hash
 collision. The last block of a prompt may be partial; it is a block of its own (its key is its
 shorter id run), so it hits only an earlier prompt that had the very same partial run there.
+
+This is reuse *among prompts*, a property of the trace. It is not a bound on what a server
+serves from cache: a server also keeps the K/V of outputs (a multi-turn chat's next prompt
+repeats them) and always computes a prompt's last token. The bound is
+`kvbench.traces.belady.unbounded_hits`.
 """
 from __future__ import annotations
 

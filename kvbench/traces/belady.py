@@ -2,20 +2,30 @@
 
 Each strategy's measured hit rate means little alone; these bounds say what was possible.
 
-The model (exact definitions; `analysis.prefix_reuse` is the unbounded case):
+The model (exact definitions; with one-token outputs the unbounded case is `analysis.prefix_reuse`):
 - Blocks. A prompt is cut into blocks of `block_size` tokens (the last may be partial). A block
   is a node of a trie over blocks: it is the same block only after the same whole prefix, so
   the ids of a cached block are its prefix's ids, exactly (no hashes).
-- Order. Requests are served one at a time in arrival order; the block references form one
-  sequence: request 0's blocks in prompt order, then request 1's, ... (position = index there).
+- What a request leaves in the cache: the K/V of every position it computed, i.e. its prompt
+  and all but its last output token (`Request.kv_len` positions). Its prompt's blocks (the
+  partial last one included), then the *whole* blocks of its K/V past its prompt's whole blocks
+  (output, or prompt tail + output): a multi-turn chat's next prompt repeats this output, and
+  both paged (vLLM) and radix (SGLang) serve it from cache. Partial blocks of output are never
+  kept (neither server shares a partly filled page).
+- Order. Requests are served one at a time in arrival order (FCFS: a request's first admission
+  comes after that of every earlier arrival, before that of every later one); the block
+  references form one sequence: request 0's prompt blocks, then its output blocks, then request
+  1's, ... (position = index there). Prompt references are *counted* (their hits are the hit
+  rate); output references only bring a block in (their hit would be the request's own work).
 - Cache. At most C blocks are kept. A request's own blocks need not stay (a policy may decline
   to keep a block: "bypass"), so C is the memory set aside for reuse, not for running requests.
-- Hits (the prefix property). A block reference hits when the block *and every block before it
-  in the prompt* are cached when the request arrives; the hit rate is hit references /
-  references (or hit tokens / prompt tokens).
+- Hits (the prefix property). A counted reference hits when the block *and every block before
+  it in the prompt* are cached when the request arrives; the hit rate is hit references /
+  prompt blocks (or hit tokens / prompt tokens).
 - Belady (MIN with bypass). On a miss with a full cache, of the cached blocks and the new one,
-  drop the one whose next reference is furthest away (never again = infinitely far; ties go to
-  the deepest block). A block's next reference is always preceded, in the same request, by
+  drop the one whose next *counted* reference is furthest away (never again, or an output
+  reference first, which brings it back for free = infinitely far; ties go to the deepest
+  block). A block's next counted reference is always preceded, in the same prompt, by counted
   references to all its ancestors, so an ancestor is always needed sooner than its
   descendants: the dropped block is a leaf, the cache stays prefix-closed, and every cached
   block referenced is a prefix hit. MIN maximises hits even without the prefix rule, which
@@ -23,6 +33,13 @@ The model (exact definitions; `analysis.prefix_reuse` is the unbounded case):
 - LRU (what SGLang's radix cache does, without concurrency). All blocks of a request are
   touched at its arrival and kept; over capacity, the least recently used leaf goes first
   (ties: the deepest). A chain longer than the whole cache keeps only its first C blocks.
+
+What bounds what: no server that caches whole pages of `block_size` tokens (paged, or radix
+with that page size) and admits in arrival order can serve more prompt tokens from cache than
+`unbounded_hits` at that block size; a smaller page can (bound it with a smaller block).
+The Belady line is the best a cache of C blocks can do serving requests one at a time; a
+server that overlaps requests is not bound by it exactly (a later request may find output
+pages of an earlier one that is still running), only in practice.
 
 Costs: O(R log R) for R block references (a heap with lazy deletion; R is 3.8 M for Mooncake
 at 16-token blocks, a few seconds).
@@ -42,9 +59,12 @@ class BlockRefs(NamedTuple):
     """Every block reference of a trace, in serving order."""
 
     node: np.ndarray  # [R] int64 trie node of the reference (1..num_blocks)
-    depth: np.ndarray  # [R] int64 block index within its prompt (0 = first block)
-    tokens: np.ndarray  # [R] int64 tokens in the block (block_size, or less for a last block)
+    depth: np.ndarray  # [R] int64 block index within its request (0 = first block)
+    tokens: np.ndarray  # [R] int64 tokens in the block (block_size, or less for a prompt's last block)
+    counted: np.ndarray  # [R] bool a prompt block (its hit counts); False: a block of output K/V
     starts: np.ndarray  # [N + 1] request i's references are [starts[i], starts[i+1])
+    prompt_tokens: int  # all prompt tokens of the trace
+    prompt_blocks: int  # ceil(prompt_len / block_size) summed over requests
     block_size: int
 
     @property
@@ -58,7 +78,7 @@ class CacheHits(NamedTuple):
     capacity_blocks: int | None  # None = unbounded
     block_size: int
     hit_blocks: int
-    blocks: int
+    blocks: int  # prompt blocks, ceil(prompt_len / block_size) per request
     hit_tokens: int
     prompt_tokens: int
 
@@ -74,47 +94,90 @@ class CacheHits(NamedTuple):
         return {**self._asdict(), "block_hit_rate": self.block_hit_rate, "token_hit_rate": self.token_hit_rate}
 
 
-def block_references(requests: Iterable[Request], block_size: int = 16) -> BlockRefs:
-    """The block references of `requests` taken in arrival order (ties by id)."""
+def block_references(requests: Iterable[Request], block_size: int = 16, outputs: bool = True,
+                     last_token_computed: bool = True) -> BlockRefs:
+    """The block references of `requests` taken in arrival order (ties by id).
+
+    Per request: its counted prompt blocks, then the whole blocks of the K/V it holds past them
+    (`outputs`: prompt and output, all but the last output token; else the prompt only).
+    `last_token_computed`: a server computes at least the last prompt token (it needs its
+    logits), so only the whole blocks of the first `prompt_len - 1` tokens can hit, as in
+    vLLM, SGLang and the strategy contract (`Strategy.admit`). Without it every prompt block
+    counts, the partial last one too (a node of its own, hit only by the same partial run).
+    """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     trie: dict[tuple[int, bytes], int] = {}  # (parent node, block bytes) -> node; root is 0
-    node, depth, tokens, starts = [], [], [], [0]
+    node, depth, tokens, counted, starts = [], [], [], [], [0]
+    prompt_tokens = prompt_blocks = 0
+
+    def ref(parent: int, ids: np.ndarray, i: int, is_prompt: bool) -> int:
+        child = trie.setdefault((parent, ids.tobytes()), len(trie) + 1)
+        node.append(child)
+        depth.append(i)
+        tokens.append(len(ids))
+        counted.append(is_prompt)
+        return child
+
+    b = block_size
     for req in sorted(requests, key=lambda r: (r.arrival_s, r.id)):
-        prompt = req.prompt  # [prompt_len] int32
+        p = req.prompt_len
+        prompt_tokens += p
+        prompt_blocks += -(-p // b)
+        whole = (p - 1) // b if last_token_computed else p // b  # counted whole blocks
         parent = 0
-        for i, start in enumerate(range(0, len(prompt), block_size)):
-            chunk = prompt[start:start + block_size]
-            parent = trie.setdefault((parent, chunk.tobytes()), len(trie) + 1)
-            node.append(parent)
-            depth.append(i)
-            tokens.append(len(chunk))
+        for i in range(whole):
+            parent = ref(parent, req.prompt[i * b:(i + 1) * b], i, True)
+        if not last_token_computed and p % b:
+            ref(parent, req.prompt[whole * b:], whole, True)  # a leaf: nothing hangs under it
+        kv = req.tokens[:req.kv_len] if outputs else req.prompt  # [n] ids whose K/V it holds
+        for i in range(whole, len(kv) // b):
+            parent = ref(parent, kv[i * b:(i + 1) * b], i, False)
         starts.append(len(node))
     as_i64 = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
-    return BlockRefs(as_i64(node), as_i64(depth), as_i64(tokens), as_i64(starts), block_size)
+    return BlockRefs(as_i64(node), as_i64(depth), as_i64(tokens), np.asarray(counted, dtype=bool),
+                     as_i64(starts), prompt_tokens, prompt_blocks, block_size)
 
 
 def _count(refs: BlockRefs, policy: str, capacity: int | None, hit: np.ndarray) -> CacheHits:
-    return CacheHits(policy, capacity, refs.block_size, int(hit.sum()), len(hit),
-                     int(refs.tokens[hit].sum()), int(refs.tokens.sum()))
+    if (hit & ~refs.counted).any():
+        raise AssertionError("internal: an output block was counted as a prompt hit")
+    return CacheHits(policy, capacity, refs.block_size, int(hit.sum()), refs.prompt_blocks,
+                     int(refs.tokens[hit].sum()), refs.prompt_tokens)
 
 
-def unbounded_hits(refs: BlockRefs) -> CacheHits:
-    """Hits with a cache that keeps every block (equals `analysis.prefix_reuse`)."""
+def unbounded_mask(refs: BlockRefs) -> np.ndarray:
+    """[R] bool: which references hit a cache that keeps every block."""
     first = np.zeros(len(refs.node), dtype=bool)  # first reference of each node
     _, idx = np.unique(refs.node, return_index=True)
     first[idx] = True
     # a node's first reference is a miss; every later one hits (its ancestors were seen too)
-    return _count(refs, "unbounded", None, ~first)
+    return refs.counted & ~first
+
+
+def unbounded_hits(refs: BlockRefs) -> CacheHits:
+    """Hits with a cache that keeps every block (with `outputs=False`, `analysis.prefix_reuse`)."""
+    return _count(refs, "unbounded", None, unbounded_mask(refs))
+
+
+def hit_tokens_per_request(refs: BlockRefs, hit: np.ndarray | None = None) -> np.ndarray:
+    """[N] int64: prompt tokens each request (in arrival order) served from cache, given the
+    [R] bool hits of a policy (default: the unbounded cache's)."""
+    if hit is None:
+        hit = unbounded_mask(refs)
+    cum = np.concatenate([[0], np.cumsum(np.where(hit, refs.tokens, 0))])
+    return cum[refs.starts[1:]] - cum[refs.starts[:-1]]
 
 
 def next_use(refs: BlockRefs) -> np.ndarray:
-    """[R] int64: position of the next reference to the same block, or R (never again)."""
+    """[R] int64: position of the next counted reference to the same block, or R (never again,
+    or an output reference comes first: it brings the block back for free)."""
     n = len(refs.node)
     order = np.argsort(refs.node, kind="stable")  # positions grouped by node, ascending
     nxt = np.full(n, n, dtype=np.int64)
     same = refs.node[order[1:]] == refs.node[order[:-1]]
-    nxt[order[:-1][same]] = order[1:][same]
+    later = order[1:][same]
+    nxt[order[:-1][same]] = np.where(refs.counted[later], later, n)
     return nxt
 
 
@@ -123,14 +186,14 @@ def belady_hits(refs: BlockRefs, capacity_blocks: int) -> CacheHits:
     if capacity_blocks < 0:
         raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
     nxt = next_use(refs)
-    node, depth = refs.node.tolist(), refs.depth.tolist()
+    node, depth, counted = refs.node.tolist(), refs.depth.tolist(), refs.counted.tolist()
     cached: dict[int, int] = {}  # node -> its next use
     heap: list[tuple[int, int, int]] = []  # (-next use, -depth, node); stale entries skipped
     hit = np.zeros(len(node), dtype=bool)
     for r in range(len(node)):
         x, nu = node[r], int(nxt[r])
         if x in cached:  # prefix-closed cache (module docstring): the ancestors hit too
-            hit[r] = depth[r] == 0 or hit[r - 1]
+            hit[r] = counted[r] and (depth[r] == 0 or hit[r - 1])
         elif len(cached) >= capacity_blocks:
             while heap and cached.get(heap[0][2]) != -heap[0][0]:
                 heapq.heappop(heap)
@@ -146,14 +209,14 @@ def lru_hits(refs: BlockRefs, capacity_blocks: int) -> CacheHits:
     """Hits under LRU eviction of leaves with `capacity_blocks` blocks (see module docstring)."""
     if capacity_blocks < 0:
         raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
-    node, depth = refs.node.tolist(), refs.depth.tolist()
+    node, depth, counted = refs.node.tolist(), refs.depth.tolist(), refs.counted.tolist()
     cached: dict[int, int] = {}  # node -> request index of its last use
     heap: list[tuple[int, int, int]] = []  # (last use, -depth, node); stale entries skipped
     hit = np.zeros(len(node), dtype=bool)
     for i in range(len(refs.starts) - 1):
         lo, hi = int(refs.starts[i]), int(refs.starts[i + 1])
         r = lo
-        while r < hi and node[r] in cached:  # the leading run of cached blocks
+        while r < hi and counted[r] and node[r] in cached:  # the leading run of cached prompt blocks
             hit[r] = True
             r += 1
         for r in range(lo, hi):
