@@ -18,10 +18,10 @@ class Request:
     output token is produced but never fed back, so it never gets K/V.
 
     Ids are normally given (``Request(id, arrival_s, prompt, output)``). A request that the
-    scheduler will reject for its length (longer than the run's max_model_len) is made with
-    :meth:`unbuilt`: its lengths are known, its ids are made by ``build()`` only if something
-    reads them, so a 10^7-token row costs nothing until then. Rejection reads only
-    ``prompt_len``, ``output_len`` and ``kv_len``.
+    scheduler will reject for its length (a prompt or output alone longer than the run's
+    max_model_len) is made with :meth:`unbuilt`: its lengths are known, its ids are made by
+    ``build()`` only if something reads them, so a 10^7-token row costs nothing until then.
+    Rejection reads only ``prompt_len``, ``output_len`` and ``kv_len``.
     """
 
     __slots__ = ("id", "arrival_s", "session", "source", "meta", "prompt_len", "output_len",
