@@ -190,6 +190,17 @@ def test_limit_must_be_a_non_negative_integer(tmp_path, bad):
     assert check_limit(np.int64(2)) == 2 and check_limit(None) is None
 
 
+def test_a_rate_that_spreads_arrivals_past_2_32_s_is_an_error(tmp_path):
+    from kvbench.traces import synthetic
+
+    path = file_of(tmp_path, "a.csv", [AZ_HEAD, AZ_OK, az()])
+    assert [r.arrival_s for r in azure(str(path), rate=1e-9)] == [0.0, 1e9]
+    with pytest.raises(TraceError, match=r"rate=1e-10 spreads the arrivals over 1e\+10 s"):
+        azure(str(path), rate=1e-10)
+    with pytest.raises(TraceError, match=r"rate=1e-12 spreads"):
+        synthetic(num_requests=5, rate=1e-12)
+
+
 # ---- over-long rows: kept, left unbuilt, rejected for their length -------------------------------
 
 def test_rows_longer_than_max_model_len_are_unbuilt_and_rejected(tmp_path):

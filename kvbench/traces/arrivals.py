@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from kvbench.traces.common import MAX_ARRIVAL_S
 from kvbench.traces.errors import TraceError
 
 
@@ -39,7 +40,7 @@ def arrival_times(rng: np.random.Generator, n: int, rate: float | str, burstines
     if math.isinf(value) or n == 0:
         return np.zeros(n)
     gaps = rng.gamma(burstiness, 1.0 / (value * burstiness), size=n - 1)  # [n-1] seconds
-    return np.concatenate([[0.0], np.cumsum(gaps)])
+    return _in_range(np.concatenate([[0.0], np.cumsum(gaps)]), rate)
 
 
 def retime(times: np.ndarray, rate: float | str | None) -> np.ndarray:
@@ -60,4 +61,12 @@ def retime(times: np.ndarray, rate: float | str | None) -> np.ndarray:
     span = rel.max()
     if span == 0:
         return rel
-    return rel * ((len(rel) - 1) / span / value)
+    return _in_range(rel * ((len(rel) - 1) / span / value), rate)
+
+
+def _in_range(times: np.ndarray, rate: object) -> np.ndarray:
+    """times, unless the last is 2**32 s or later (float64 seconds would no longer resolve 1 us)."""
+    if len(times) and not times.max() < MAX_ARRIVAL_S:
+        raise TraceError(f"rate={rate!r} spreads the arrivals over {times.max():.3g} s; they must lie "
+                         f"within 2**32 s (136 years): raise the rate")
+    return times
