@@ -126,6 +126,16 @@ def test_malformed_header(tmp_path, case, lines, line, field):
         azure(str(path))
 
 
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = file_of(tmp_path, "a.csv", [AZ_HEAD, AZ_OK])
+
+    def denied(file, mode="r"):
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr("kvbench.traces.fields.open", denied, raising=False)  # root could read a chmod 0 file
+    with pytest.raises(TraceError, match=rf"^{re.escape(str(path))}:1: file: cannot read it \(Permission denied\)"):
+        azure(str(path))
+
+
 def test_outlier_timestamp_is_blamed_not_the_others(tmp_path):
     rows = [az(ts=f"2023-11-16 18:15:{s:02d}") for s in range(5)]
     path = file_of(tmp_path, "o.csv", [AZ_HEAD, *rows[:3], az(ts="1677-09-22 00:00:00"), *rows[3:]])

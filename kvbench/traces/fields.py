@@ -33,7 +33,11 @@ def text_lines(path: Path, field_at: Callable[[str], str]) -> Iterator[tuple[int
     """(line number, decoded line with its line end) of every line of a UTF-8 file, streamed.
 
     ``field_at(text before the bad byte)`` names the field an undecodable byte is in."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TraceError(f"{at(path, 1)}: file: cannot read it ({e.strerror})") from None
+    with f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:
                 if raw.startswith(_UTF16_BOMS):
