@@ -27,14 +27,8 @@ class ScheduledSeq:
     start: int
     num_new: int
     page_table: np.ndarray | None  # [ceil((start + num_new) / page_size)] int32; None if not asked for
-    emits: bool | None = None
-    is_decode: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.emits is None:
-            self.emits = self.start + self.num_new >= self.request.prompt_len
-        if self.is_decode is None:
-            self.is_decode = self.num_new == 1 and self.start >= self.request.prompt_len
+    emits: bool | None = None  # None: set by StepBatch from the prompt length
+    is_decode: bool | None = None  # None: set by StepBatch from the prompt length
 
     @property
     def emits_token(self) -> bool:
@@ -70,6 +64,9 @@ class StepBatch:
     def __post_init__(self) -> None:
         tokens = decode = kv_read = 0
         for s in self.seqs:
+            if s.is_decode is None or s.emits is None:  # built by hand, not by the scheduler
+                s.emits = s.start + s.num_new >= s.request.prompt_len
+                s.is_decode = s.num_new == 1 and s.start >= s.request.prompt_len
             tokens += s.num_new
             kv_read += s.start + s.num_new
             if s.is_decode:

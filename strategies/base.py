@@ -106,8 +106,9 @@ class Strategy(ABC):
     def room(self, rid: RequestId, length: int) -> int:
         """How many positions request `rid`, now holding `length`, can still grow by without
         taking a page (such a `grow` cannot fail; the simulation fast-forwards decode steps
-        inside it). Pure. Default: the rest of its last page."""
-        return len(self.page_table(rid)) * self.page_size - length
+        inside it). Pure. O(1). Default: the rest of its last page (a strategy that takes pages
+        as positions need them holds ceil(length / page_size) of them)."""
+        return -length % self.page_size
 
     @abstractmethod
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
