@@ -32,9 +32,11 @@ MAX_HASH_ID = 2**63 - 1  # ids are kept as int64
 
 def _hash_ids(obj: dict, where: str, input_length: int) -> list[int]:
     """The row's hash ids: a list of ceil(input_length / 512) integers in [0, 2**63)."""
-    ids = obj.get("hash_ids")
+    if "hash_ids" not in obj:
+        raise TraceError(f"{where}: hash_ids: expected a list of integers, got no such key")
+    ids = obj["hash_ids"]
     if not isinstance(ids, list):
-        raise row_error(where, "hash_ids", "a list of integers", "no such key" if ids is None else ids)
+        raise row_error(where, "hash_ids", "a list of integers", ids)
     want = -(-input_length // BLOCK)
     if len(ids) != want:  # checked first: bounds the work on the elements
         raise TraceError(f"{where}: hash_ids: expected ceil(input_length/{BLOCK}) = {want} "
