@@ -5,12 +5,35 @@ and automatic prefix caching by a chained hash of each full page's token ids.
     request b: [p0][p1][p7..]                              h1 = H(h0, ids[16:32])
     b's prompt hashes to h0, h1 → it shares p0, p1 (ref 2); its own tokens start in p7.
 
-Page states: in use (ref > 0), cached (ref 0, hashed, in the LRU), free (ref 0, not hashed).
-Costs: allocate and free are O(1) (a stack of free pages); a cached page is revived or evicted
-in O(1) (an OrderedDict as LRU: a plain dict's first item is O(deleted entries) to find); a prefix lookup is one dict probe per page plus a
-token comparison of the hit (a hash is never trusted alone). A prompt's page hashes are computed
-lazily, up to its first miss; a full page is hashed once, in bytes (a numpy slice compare costs
-~1.5 us, a bytes compare ~0.1 us). With prefix caching off, `grow` pays one boolean test.
+Page states: in use (ref > 0), cached (ref 0, hashed, in the LRU), free (ref 0, not hashed),
+fresh (never handed out: ids >= a high-water mark, free; the per-page lists grow as pages are
+first taken, so a pool of 1e9 slots costs nothing before it is used).
+
+Costs: allocate and free are O(1) (a stack of returned pages, then the next fresh id: pages are
+handed out 0, 1, 2, … as a full stack would); a cached page is revived or evicted in O(1) (an
+OrderedDict as LRU: a plain dict's first item is O(deleted entries) to find); a prefix lookup is
+one dict probe per page plus a token comparison of the hit (a hash is never trusted alone). A
+prompt's page hashes are computed lazily, up to its first miss; a full page is hashed once, in
+bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefix caching off,
+`grow` pays one boolean test.
+
+A request that waits for memory is matched once: the match (its hit pages, their page hashes,
+and how many of them are cached) is kept in a memo and kept exact incrementally. An eviction of
+one of its pages cuts it there (one dict probe per eviction); a page of it that turns cached
+counts there (one probe per freed hashed page); a retry only probes the page after its last hit
+(pages registered since extend it). So a retry is O(1) plus the new hits, not O(prefix).
+
+Options that differ between engines (defaults: kvbench's original behaviour):
+- `prefix_visibility`: when a computed page becomes hittable. `computed` (default): once the step
+  that computes it has run (the next `grow`/`release` of its request registers it). `scheduled`
+  (vLLM v1 caches a block's hash when it allocates it for the step): at once, in the `admit` or
+  `grow` that schedules it, so a request admitted later in the same step hits it (the engine
+  writes a step's K/V before any attention of the step reads it).
+- `dedup_touch`: a page whose ids another page already caches (a request recomputed a prefix it
+  could not hit) is not hashed and is freed at release. false (default): the cached original
+  keeps its LRU position. true: when the duplicate is freed, the original, if cached, moves to
+  most recent. vLLM keeps the duplicate as a cached block of its own, freed most recent; moving
+  the original gives the same recency to the same ids without holding the extra page.
 """
 from __future__ import annotations
 
@@ -42,32 +65,74 @@ class _Seq:
     reserved: int = 0  # this request's share of the pool's reserved slots
 
 
+@dataclass(slots=True)
+class _Match:
+    """The prefix match of one waiting request, kept exact between its retries (see the module
+    docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
+
+    rid: RequestId
+    tokens: np.ndarray
+    num_full: int  # pages it may hit
+    hashes: list[int]  # chained hashes of its first pages, computed up to the first miss
+    hits: list[PageId] = field(default_factory=list)
+    index: dict[PageId, int] = field(default_factory=dict)  # hit page → its position in hits
+    cached: int = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
+
+
+_VISIBILITY = ("computed", "scheduled")
+
+
+class _Scratch:
+    """A strategy's view with no memo: `_cached_prefix` on it matches from scratch (invariants)."""
+
+    def __init__(self, s: PagedStrategy) -> None:
+        self.page_size, self._table, self._stored_ids, self._ref = s.page_size, s._table, s._stored_ids, s._ref
+        self._hit_memo = None
+
+
 class PagedStrategy(Strategy):
-    """vLLM-style paging. `prefix_caching` turns automatic prefix caching on."""
+    """vLLM-style paging. `prefix_caching` turns automatic prefix caching on;
+    `prefix_visibility` and `dedup_touch`: see the module docstring."""
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
-                 prefix_caching: bool = True, name: str = "paged") -> None:
+                 prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
+                 dedup_touch: bool = False) -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
+        if prefix_visibility not in _VISIBILITY:
+            raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
         self.prefix_caching = self.caches_prefixes = prefix_caching
-        n = self.num_pages
-        self._free = array("l", range(n - 1, -1, -1))  # a stack of free page ids; pop() gives 0, 1, …
-        self._ref = [0] * n
-        self._fill = [0] * n  # tokens written in the page
-        self._hash: list[int | None] = [None] * n  # set while the page is in the hash table
+        self.prefix_visibility, self.dedup_touch = prefix_visibility, bool(dedup_touch)
+        self._scheduled = prefix_caching and prefix_visibility == "scheduled"
+        self._free = array("l")  # a stack of returned page ids (most recent on top)
+        self._next = 0  # pages >= _next were never handed out (fresh, free); the lists below have _next items
+        self._ref: list[int] = []
+        self._fill: list[int] = []  # tokens written in the page
+        self._hash: list[int | None] = []  # set while the page is in the hash table
         self._table: dict[int, PageId] = {}  # chained hash → page holding those ids
         self._lru: OrderedDict[PageId, None] = OrderedDict()  # cached pages (ref 0, hashed), least recent first
-        self._stored_ids: list[bytes | None] = [None] * n  # ids (as bytes) of each hashed page, to verify hits
+        self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
         self._token = 0  # slots of in-use pages holding tokens
         self._reserved = 0
-        self._hit_memo: tuple[int, list[int]] | None = None  # (rid, prompt page hashes)
+        self._hit_memo: _Match | None = None  # the waiting request's match (a memo: not state)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
-        return len(self._free) + len(self._lru)
+        return len(self._free) + (self.num_pages - self._next) + len(self._lru)
 
     def _take_page(self) -> PageId:
-        pid = self._free.pop() if self._free else self._evict_one()
+        if self._free:
+            pid = self._free.pop()
+        elif self._next < self.num_pages:  # a fresh page: the per-page lists grow by one
+            pid = PageId(self._next)
+            self._next += 1
+            self._ref.append(1)
+            self._fill.append(0)
+            self._hash.append(None)
+            self._stored_ids.append(None)
+            return pid
+        else:
+            pid = self._evict_one()
         self._ref[pid] = 1
         self._fill[pid] = 0
         return pid
@@ -79,6 +144,9 @@ class PagedStrategy(Strategy):
         self._token -= self._fill[pid]
         if self._hash[pid] is not None:
             self._lru[pid] = None  # most recently used at the end
+            memo = self._hit_memo
+            if memo is not None and pid in memo.index:
+                memo.cached += 1
         else:
             self._free.append(pid)
 
@@ -105,29 +173,48 @@ class PagedStrategy(Strategy):
         del self._table[self._hash[pid]]
         self._stored_ids[pid] = None
         self._hash[pid] = None
+        memo = self._hit_memo
+        if memo is not None and pid in memo.index:
+            self._cut(memo, memo.index[pid])
         return pid
 
-    def _cached_prefix(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> list[PageId]:
-        """Pages holding the longest cached prefix of `tokens`' first `num_full` pages. The page
-        hashes are computed up to the first miss and kept in a memo for a retry of the same rid."""
+    def _cut(self, memo: _Match, i: int) -> None:
+        """The waiting request's hit i is gone: it hits only its first i pages now."""
+        ref, index = self._ref, memo.index
+        for pid in memo.hits[i:]:
+            del index[pid]
+            if ref[pid] == 0:
+                memo.cached -= 1
+        del memo.hits[i:]
+
+    def _cached_prefix(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> _Match:
+        """The longest cached prefix of `tokens`' first `num_full` pages: the memo of this
+        request's last match, extended from its first miss (probe, then verify the ids). Mutates
+        only the memo. The page hashes are computed up to the first miss."""
         memo = self._hit_memo
-        hashes = memo[1] if memo is not None and memo[0] == rid else []
-        self._hit_memo = (rid, hashes)
-        ps, hits = self.page_size, []
-        for i in range(num_full):
+        if memo is None or memo.rid != rid or memo.tokens is not tokens:
+            memo = self._hit_memo = _Match(rid, tokens, num_full, [])
+        elif memo.num_full != num_full:
+            self._cut(memo, 0)
+            memo.num_full = num_full
+        ps, hashes, hits, table, stored = self.page_size, memo.hashes, memo.hits, self._table, self._stored_ids
+        for i in range(len(hits), num_full):
             ids = None
             if i == len(hashes):
                 ids = tokens[i * ps:(i + 1) * ps].tobytes()
                 hashes.append(page_hash(hashes[-1] if i else _ROOT_HASH, ids))
-            pid = self._table.get(hashes[i])
+            pid = table.get(hashes[i])
             if pid is None:
                 break
             if ids is None:
                 ids = tokens[i * ps:(i + 1) * ps].tobytes()
-            if self._stored_ids[pid] != ids:  # a hash is only a hint: verify the ids
+            if stored[pid] != ids:  # a hash is only a hint: verify the ids
                 break
+            memo.index[pid] = i
             hits.append(pid)
-        return hits
+            if self._ref[pid] == 0:
+                memo.cached += 1
+        return memo
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Put the request's newly completed pages into the hash table (they hold computed K/V)."""
@@ -148,6 +235,21 @@ class PagedStrategy(Strategy):
         seq.hash_at = (full + 1) * ps
         # (a page whose content another page already caches stays unhashed: freed on release)
 
+    def _unref_touching(self, seq: _Seq) -> None:
+        """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate
+        page it frees (full, hashed by the request, not in the table: another page holds its
+        ids) moves the cached original to most recent where a freed copy of its own would go.
+        The original's ids are verified. O(pages), plus one bytes compare per duplicate."""
+        ps, table, lru, stored, nh = self.page_size, self._table, self._lru, self._stored_ids, len(seq.hashes)
+        for i in range(len(seq.pages) - 1, -1, -1):
+            pid = seq.pages[i]
+            self._unref(pid)
+            if i >= nh or self._ref[pid] or self._hash[pid] is not None:
+                continue  # not full, still held by a fork, or cached itself
+            orig = table.get(seq.hashes[i])
+            if orig in lru and stored[orig] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
+                lru.move_to_end(orig)
+
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
         return np.asarray(self._seqs[rid].pages, dtype=np.int32)
@@ -155,24 +257,25 @@ class PagedStrategy(Strategy):
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps = self.page_size
         hits: list[PageId] = []
+        revived = 0  # hits now cached: admitting takes them out of the evictable set
         if self.prefix_caching:
-            hits = self._cached_prefix(rid, tokens, (num_prompt - 1) // ps)  # leave >= 1 to compute
+            memo = self._cached_prefix(rid, tokens, (num_prompt - 1) // ps)  # leave >= 1 to compute
+            hits, revived = memo.hits, memo.cached
         cached = len(hits) * ps
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - len(hits)
-        revived = sum(1 for p in hits if self._ref[p] == 0)  # these leave the evictable set
         if need > self._available() - revived:
             return Admission(False)
+        self._hit_memo = None
         for pid in hits:
             if self._ref[pid] == 0:
                 del self._lru[pid]
                 self._token += self._fill[pid]
             self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached)
-        seq.hashes = list(self._hit_memo[1][: len(hits)]) if hits else []
+        seq.hashes = memo.hashes[: len(hits)] if hits else []
         seq.hash_at = (len(hits) + 1) * ps
         self._seqs[rid] = seq
-        self._hit_memo = None
         ok = self.grow(rid, length - cached)
         assert ok, "room was checked above"
         return Admission(True, cached)
@@ -208,6 +311,8 @@ class PagedStrategy(Strategy):
             pos += n
         seq.length = new_len
         self._set_reserved(seq)
+        if self._scheduled and new_len >= seq.hash_at:  # hittable as soon as scheduled (vLLM)
+            self._register_full_pages(seq)
         return True
 
     def release(self, rid) -> None:
@@ -215,8 +320,11 @@ class PagedStrategy(Strategy):
         if self.prefix_caching and seq.length >= seq.hash_at:
             self._register_full_pages(seq)
         self._reserved -= seq.reserved
-        for pid in reversed(seq.pages):  # the tail first: it is the least likely to be reused
-            self._unref(pid)
+        if self.dedup_touch:
+            self._unref_touching(seq)
+        else:
+            for pid in reversed(seq.pages):  # the tail first: it is the least likely to be reused
+                self._unref(pid)
         if seq.length % self.page_size:
             self._after_unshare(seq.pages[-1])
 
@@ -240,14 +348,17 @@ class PagedStrategy(Strategy):
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
         ps = self.page_size
         cached = len(self._lru) * ps
-        free = len(self._free) * ps
+        free = (len(self._free) + self.num_pages - self._next) * ps
         in_use = self.capacity - cached - free
         return SlotStates(token=self._token, reserved=self._reserved,
                           internal=in_use - self._token - self._reserved, external=0,
                           cached=cached, free=free)
 
     def check_invariants(self) -> None:
-        n, ps = self.num_pages, self.page_size
+        n, ps = self._next, self.page_size  # pages >= _next are fresh: free, never handed out
+        if not (len(self._ref) == len(self._fill) == len(self._hash) == len(self._stored_ids) == n
+                <= self.num_pages):
+            raise InvariantError(f"per-page lists disagree with the high-water mark {n}")
         owners = [0] * n
         for seq in self._seqs.values():
             if len(seq.pages) != self.pages_for(seq.length):
@@ -257,8 +368,8 @@ class PagedStrategy(Strategy):
             for pid in seq.pages:
                 owners[pid] += 1
         free, lru = set(self._free), set(self._lru)
-        if len(free) != len(self._free) or free & lru:
-            raise InvariantError("a page is twice in the free list, or both free and cached")
+        if len(free) != len(self._free) or free & lru or any(p >= n for p in free | lru):
+            raise InvariantError("a page is twice in the free list, both free and cached, or fresh")
         for pid in range(n):
             if owners[pid] != self._ref[pid]:
                 raise InvariantError(f"page {pid}: ref {self._ref[pid]} but {owners[pid]} owners")
@@ -274,6 +385,15 @@ class PagedStrategy(Strategy):
         for h, pid in self._table.items():
             if self._hash[pid] != h:
                 raise InvariantError(f"hash table points at page {pid} which holds another hash")
+        memo = self._hit_memo
+        if memo is not None:  # the kept match, brought up to date as a retry would, equals a match from scratch
+            self._cached_prefix(memo.rid, memo.tokens, memo.num_full)
+            fresh = self._cached_prefix.__func__(_Scratch(self), memo.rid, memo.tokens, memo.num_full)
+            cached = sum(1 for p in memo.hits if self._ref[p] == 0)
+            if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != {
+                    p: i for i, p in enumerate(memo.hits)}:
+                raise InvariantError(f"kept match of request {memo.rid}: {len(memo.hits)} hits, {memo.cached} "
+                                     f"cached; from scratch {len(fresh.hits)} hits, {cached} cached")
         token = sum(self._fill[p] for p in range(n) if owners[p])
         reserved = 0
         for seq in self._seqs.values():
@@ -294,7 +414,11 @@ class PagedStrategy(Strategy):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.page_size}" + ("" if self.prefix_caching else "-nocache")
+        if not self.prefix_caching:
+            return f"{self.name}-{self.page_size}-nocache"
+        return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
+                + ("-touch" if self.dedup_touch else ""))
 
     def summary(self) -> dict:
-        return {**super().summary(), "prefix_caching": self.prefix_caching}
+        return {**super().summary(), "prefix_caching": self.prefix_caching,
+                "prefix_visibility": self.prefix_visibility, "dedup_touch": self.dedup_touch}

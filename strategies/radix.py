@@ -10,12 +10,30 @@ at release; a part another request inserted first is deduplicated (its private p
 tree's pages used). Only unlocked leaves are evicted, least recently used first. Nodes hold whole
 pages; page_size 1 is SGLang's default.
 
-Costs: match and insert walk one node per edge and compare ids with numpy (O(prefix length));
-lock/unlock walk to the root (O(depth)); eviction pops a heap of (last access, node) with lazy
-deletion, O(log n) per evicted leaf; a private page comes from a free-page stack in O(1).
+Costs: a match walks one node per edge and compares ids with numpy (O(prefix length)); an
+insert walks on from the request's deepest node, over the new positions only (O(new ids), so a
+prompt costs O(its length) whatever the chunk size; its path's page ids grow in a buffer that
+doubles); lock/unlock walk to the root (O(depth)) once per admission, fork and release, and an
+insert locks only the nodes it adds to the request's path; eviction pops a heap of (last access,
+node) with lazy deletion, O(log n) per evicted leaf; a private page comes from a stack of
+returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1).
+
+A request that waits for memory is matched once: its matched path (nodes and where each ends)
+is kept in a memo and kept exact incrementally. An eviction of its last node cuts it; a split of
+one of its nodes puts the new upper node into it; a retry only looks for a child after its last
+node (insertions extend it), and counts the evictable part of the path by bisection (locks are
+monotone along a path: a locked node's ancestors are locked). So a retry is O(log depth) plus the
+new part, not O(prefix).
+
+`prefix_visibility` (when computed prompt ids become hittable): `computed` (default; SGLang
+inserts a prefill chunk into the tree after the chunk has run) or `scheduled` (as vLLM v1: in
+the `admit`/`grow` that schedules the chunk, so a request admitted later in the same step hits
+it). A duplicate that a request recomputed is freed at insert and the tree's original is locked
+by the request and gets its access time at unlock: the "touch" that paged's `dedup_touch` adds.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from array import array
@@ -26,6 +44,10 @@ import numpy as np
 from kvbench.strategies.base import Admission, InvariantError, PageId, RequestId, SlotStates, Strategy
 
 _EMPTY = np.zeros(0, dtype=np.int32)
+
+
+def _unlocked(node: _Node) -> bool:
+    return node.lock == 0
 
 
 class _Node:
@@ -46,22 +68,45 @@ class _Seq:
     kv_len: int
     num_prompt: int
     node: _Node  # deepest tree node of its prefix (locked)
-    path_pages: np.ndarray  # [tree_len // page_size] pages of the tree path
+    path_pages: np.ndarray  # [tree_len // page_size] pages of the tree path (a view of path_buf)
     tree_len: int  # leading positions stored in the tree
     private: list[PageId] = field(default_factory=list)  # pages for positions >= tree_len
     length: int = 0
     reserved: int = 0
+    path_buf: np.ndarray | None = None  # owned buffer behind path_pages (None: shared, copy to grow)
+
+
+@dataclass(slots=True)
+class _Match:
+    """The matched path of one waiting request, kept exact between its retries (module docstring)."""
+
+    rid: RequestId
+    tokens: np.ndarray
+    limit: int  # ids it may match: tokens[:limit]
+    nodes: list[_Node] = field(default_factory=list)  # the path below the root, in order
+    ends: list[int] = field(default_factory=list)  # ends[i]: ids matched through nodes[i]
+    partial: bool = False  # the last node matches only in part: nothing below it can match
+    members: set[int] = field(default_factory=set)  # id() of the nodes
+
+
+_VISIBILITY = ("computed", "scheduled")
 
 
 class RadixStrategy(Strategy):
     caches_prefixes = True
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
-                 name: str = "radix") -> None:
+                 name: str = "radix", prefix_visibility: str = "computed") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
+        if prefix_visibility not in _VISIBILITY:
+            raise ValueError(f"radix prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
+        self.prefix_visibility = prefix_visibility
+        self._scheduled = prefix_visibility == "scheduled"
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, _EMPTY, None, 0)
-        self._free = array("l", range(self.num_pages - 1, -1, -1))  # a stack of free page ids
+        self._free = array("l")  # a stack of returned page ids (most recent on top)
+        self._next = 0  # pages >= _next were never handed out (fresh, free)
+        self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
         self._heap: list[tuple[int, int, _Node]] = []  # (access, tiebreak, leaf); stale entries skipped
         self._tiebreak = itertools.count()
         self._seqs: dict[RequestId, _Seq] = {}
@@ -82,12 +127,14 @@ class RadixStrategy(Strategy):
         common = int(diff[0]) if len(diff) else n
         return common - common % self.page_size
 
-    def _match(self, ids: np.ndarray) -> tuple[_Node, int, int, int]:
-        """Walk the longest cached prefix of `ids` without changing the tree. Pure.
+    def _match(self, ids: np.ndarray, node: _Node | None = None, pos: int = 0) -> tuple[_Node, int, int, int]:
+        """Walk the longest cached prefix of `ids` without changing the tree. Pure. The walk
+        starts at `node` (default the root), whose path holds ids[:pos].
 
         Returns (node, tokens matched inside node, tokens matched in all, evictable tokens on
-        the matched path)."""
-        node, pos, evictable, inside = self.root, 0, 0, 0
+        the matched path below the start)."""
+        node = self.root if node is None else node
+        evictable, inside = 0, 0
         while pos < len(ids):
             child = node.children.get(self._child_key(ids[pos:]))
             if child is None:
@@ -103,14 +150,71 @@ class RadixStrategy(Strategy):
         return node, inside, pos, evictable
 
     def _split(self, node: _Node, at: int) -> _Node:
-        """Cut `node` after `at` tokens; returns the new upper part. Accounting is unchanged."""
+        """Cut `node` after `at` tokens; returns the new upper part (the object `node` stays the
+        lower part: a path that ends at it still ends there). Accounting is unchanged."""
         ps = self.page_size
         upper = _Node(node.key[:at], node.pages[: at // ps], node.parent, node.access)
         upper.lock = node.lock
         upper.children[self._child_key(node.key[at:])] = node
         node.parent.children[self._child_key(node.key)] = upper
         node.key, node.pages, node.parent = node.key[at:], node.pages[at // ps:], upper
+        memo = self._match_memo
+        if memo is not None and id(node) in memo.members:
+            self._memo_split(memo, node, upper, at)
         return upper
+
+    # ---- the waiting request's match --------------------------------------------------------
+    def _memo_split(self, memo: _Match, lower: _Node, upper: _Node, at: int) -> None:
+        """`lower` (on the kept path) was cut after `at` ids into `upper` + `lower`."""
+        i = memo.nodes.index(lower)
+        start = memo.ends[i - 1] if i else 0
+        memo.members.add(id(upper))
+        if i == len(memo.nodes) - 1 and memo.partial and memo.ends[i] - start <= at:
+            memo.members.discard(id(lower))  # the match ends inside (or at the end of) upper
+            memo.nodes[i] = upper
+            memo.partial = memo.ends[i] - start < at
+            return
+        memo.nodes.insert(i, upper)
+        memo.ends.insert(i, start + at)
+
+    def _memo_cut(self, memo: _Match, node: _Node) -> None:
+        """`node`, a leaf on the kept path (so its last node), was evicted."""
+        i = len(memo.nodes) - 1 - memo.nodes[::-1].index(node)
+        for gone in memo.nodes[i:]:
+            memo.members.discard(id(gone))
+        del memo.nodes[i:], memo.ends[i:]
+        memo.partial = False
+
+    def _match_kept(self, rid: RequestId, tokens: np.ndarray, limit: int) -> tuple[_Node, int, int, int]:
+        """`_match(tokens[:limit])` through the memo of this request's last match, extended
+        below its last node. Mutates only the memo."""
+        memo = self._match_memo
+        if memo is None or memo.rid != rid or memo.tokens is not tokens or memo.limit != limit:
+            memo = self._match_memo = _Match(rid, tokens, limit)
+        nodes, ends = memo.nodes, memo.ends
+        if not memo.partial:
+            ids, pos = tokens[:limit], ends[-1] if ends else 0
+            node = nodes[-1] if nodes else self.root
+            while pos < limit:
+                child = node.children.get(self._child_key(ids[pos:]))
+                if child is None:
+                    break
+                m = self._common(child.key, ids[pos:])
+                if m == 0:
+                    break
+                node, pos = child, pos + m
+                nodes.append(child)
+                ends.append(pos)
+                memo.members.add(id(child))
+                if m < len(child.key):
+                    memo.partial = True
+                    break
+        if not nodes:
+            return self.root, 0, 0, 0
+        locked = bisect.bisect_left(nodes, True, key=_unlocked)  # locks are monotone along a path
+        pos = ends[-1]
+        inside = pos - (ends[-2] if len(ends) > 1 else 0)
+        return nodes[-1], inside, pos, pos - (ends[locked - 1] if locked else 0)
 
     def _settle(self, node: _Node, inside: int) -> _Node:
         """Split `node` so that a match ending `inside` it ends exactly at a node."""
@@ -150,48 +254,82 @@ class RadixStrategy(Strategy):
 
     def _insert(self, seq: _Seq, n: int) -> None:
         """Store the request's first `n` positions (computed, whole pages) in the tree, adopting its
-        private pages where the tree lacks them and freeing them where the tree has them."""
-        ps = self.page_size
-        table = np.concatenate([seq.path_pages, np.asarray(seq.private, dtype=np.int32)])
-        ids, node, pos = seq.tokens[:n], self.root, 0
+        private pages where the tree lacks them and freeing them where the tree has them.
+
+        The walk starts at the request's deepest node (its path holds ids[:tree_len]) and covers
+        only the new positions; the nodes it adds to the request's path are locked. (The
+        request's older path stays locked by it: a locked node's access time is rewritten when
+        it is unlocked, so the walk from the root that this replaces changed no decision.)"""
+        ps, own_from, private = self.page_size, seq.tree_len // self.page_size, seq.private
+        ids, node, pos = seq.tokens[:n], seq.node, seq.tree_len
         now = next(self._clock)
+        added: list[_Node] = []
         while pos < n:
             child = node.children.get(self._child_key(ids[pos:]))
             m = 0 if child is None else self._common(child.key, ids[pos:])
             if m == 0:  # new leaf with the rest: adopt our pages
-                leaf = _Node(ids[pos:].copy(), table[pos // ps: n // ps].copy(), node, now)
+                leaf = _Node(ids[pos:].copy(), np.asarray(private[pos // ps - own_from: n // ps - own_from],
+                                                          dtype=np.int32), node, now)
                 node.children[self._child_key(leaf.key)] = leaf
                 self._evictable += n - pos
+                added.append(leaf)
                 node, pos = leaf, n
                 break
             if m < len(child.key):
                 child = self._split(child, m)
             child.access = now
+            self._free.extend(private[pos // ps - own_from: (pos + m) // ps - own_from])  # the tree had these
+            added.append(child)
             node, pos = child, pos + m
-        own_from = seq.tree_len // ps  # our private pages start here in `table`
-        path = self._path_pages(node)
-        ours = table[own_from: n // ps]
-        self._free.extend(ours[path[own_from:] != ours].tolist())  # the tree had these already
         moved = n // ps - own_from
         self._private_pages -= moved
         self._private_token -= moved * ps
-        self._lock(node)
-        self._unlock(seq.node)
-        seq.node, seq.path_pages, seq.tree_len = node, path, n
-        seq.private = seq.private[moved:]
+        for nd in added:  # lock the new part of the path (the older part is ours already)
+            if nd.lock == 0:
+                self._evictable -= len(nd.key)
+                self._protected += len(nd.key)
+            nd.lock += 1
+            nd.access = now
+        self._grow_path(seq, [nd.pages for nd in added])
+        seq.node, seq.tree_len = node, n
+        del private[:moved]
+
+    def _grow_path(self, seq: _Seq, parts: list[np.ndarray]) -> None:
+        """Append page ids to `seq.path_pages`, in a buffer that doubles (amortized O(added))."""
+        k = len(seq.path_pages)
+        end = k + sum(len(p) for p in parts)
+        buf = seq.path_buf
+        if buf is None or end > len(buf):
+            buf = np.empty(max(2 * end, 16), dtype=np.int32)
+            buf[:k] = seq.path_pages
+            seq.path_buf = buf
+        for p in parts:
+            buf[k:k + len(p)] = p
+            k += len(p)
+        seq.path_pages = buf[:end]
 
     # ---- memory -----------------------------------------------------------------------------
     def _take_pages(self, k: int) -> list[PageId]:
-        if len(self._free) < k:
-            self.evict((k - len(self._free)) * self.page_size)
-        if k == 1:  # the decode path
-            self._private_pages += 1
-            return [self._free.pop()]
-        pages = self._free[len(self._free) - k:]
-        del self._free[len(self._free) - k:]
-        pages.reverse()  # the order k pops would give
+        """k pages: returned ones first (most recent first), then fresh ids in order."""
+        free = self._free
+        have = len(free) + self.num_pages - self._next
+        if have < k:
+            self.evict((k - have) * self.page_size)
         self._private_pages += k
-        return pages.tolist()
+        if k == 1:  # the decode path
+            if free:
+                return [free.pop()]
+            self._next += 1
+            return [PageId(self._next - 1)]
+        r = min(k, len(free))
+        pages = free[len(free) - r:]
+        del free[len(free) - r:]
+        pages.reverse()  # the order r pops would give
+        out = pages.tolist()
+        if r < k:
+            out.extend(range(self._next, self._next + k - r))
+            self._next += k - r
+        return out
 
     def _extend(self, seq: _Seq, new_len: int) -> None:
         need = self.pages_for(new_len) - seq.tree_len // self.page_size - len(seq.private)
@@ -205,14 +343,14 @@ class RadixStrategy(Strategy):
         seq.reserved = new_res
 
     def _room(self) -> int:
-        """Pages obtainable now: free plus evictable."""
-        return len(self._free) + self._evictable // self.page_size
+        """Pages obtainable now: free (returned and fresh) plus evictable."""
+        return len(self._free) + self.num_pages - self._next + self._evictable // self.page_size
 
     def _insert_gain(self, seq: _Seq, n: int) -> int:
         """How much `_room()` grows if `_insert(seq, n)` runs now. Pure. Each of our pages whose
         ids the tree already holds is freed (+1), and an unlocked tree page we then lock leaves
         the evictable set (-1)."""
-        _, _, matched, evictable = self._match(seq.tokens[:n])  # our locked path counts 0
+        _, _, matched, evictable = self._match(seq.tokens[:n], seq.node, seq.tree_len)  # the new part only
         return (matched - seq.tree_len - evictable) // self.page_size
 
     # ---- contract ---------------------------------------------------------------------------
@@ -223,30 +361,41 @@ class RadixStrategy(Strategy):
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps = self.page_size
         limit = (num_prompt - 1) // ps * ps  # leave at least one position to compute
-        node, inside, cached, path_evictable = self._match(tokens[:limit])
+        node, inside, cached, path_evictable = self._match_kept(rid, tokens, limit)
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - cached // ps
         if need > self._room() - path_evictable // ps:
             return Admission(False)
+        self._match_memo = None
         node = self._settle(node, inside)
         self._lock(node)
         seq = _Seq(tokens=tokens, kv_len=kv_len, num_prompt=num_prompt, node=node,
                    path_pages=self._path_pages(node), tree_len=cached, length=cached)
         self._seqs[rid] = seq
         self._extend(seq, length)
+        if self._scheduled:
+            self._insert_scheduled(seq)
         return Admission(True, cached)
+
+    def _insert_scheduled(self, seq: _Seq) -> None:
+        """prefix_visibility=scheduled: the prompt's full pages are hittable once scheduled."""
+        done = min(seq.length, seq.num_prompt) // self.page_size * self.page_size
+        if done > seq.tree_len:
+            self._insert(seq, done)
 
     def grow(self, rid, num_tokens) -> bool:
         seq, ps = self._seqs[rid], self.page_size
         if seq.length + num_tokens > seq.kv_len:
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
-        done = seq.length // ps * ps if seq.length <= seq.num_prompt else 0  # prefill: cache the computed chunk
+        done = seq.length // ps * ps if seq.length <= seq.num_prompt and not self._scheduled else 0  # prefill: cache the computed chunk
         need = self.pages_for(seq.length + num_tokens) - seq.tree_len // ps - len(seq.private)
         if need > self._room() and (done <= seq.tree_len or need > self._room() + self._insert_gain(seq, done)):
             return False  # checked before inserting: a grow that answers no changes nothing
         if done > seq.tree_len:
             self._insert(seq, done)
         self._extend(seq, seq.length + num_tokens)
+        if self._scheduled and seq.length - num_tokens < seq.num_prompt:
+            self._insert_scheduled(seq)
         return True
 
     def release(self, rid) -> None:
@@ -272,7 +421,7 @@ class RadixStrategy(Strategy):
             self._insert(src, done)
         self._lock(src.node)
         seq = _Seq(tokens=child_tokens, kv_len=child_kv_len, num_prompt=src.num_prompt,
-                   node=src.node, path_pages=src.path_pages, tree_len=done, length=done)
+                   node=src.node, path_pages=src.path_pages, tree_len=done, length=done)  # path_buf stays src's
         self._seqs[child] = seq
         if tail:  # copy-on-write of the partly filled last page, at once
             self._extend(seq, src.length)
@@ -288,6 +437,9 @@ class RadixStrategy(Strategy):
             parent = node.parent
             del parent.children[self._child_key(node.key)]
             node.parent = None
+            memo = self._match_memo
+            if memo is not None and id(node) in memo.members:
+                self._memo_cut(memo, node)
             self._free.extend(node.pages.tolist())
             self._evictable -= len(node.key)
             freed += len(node.key)
@@ -300,7 +452,7 @@ class RadixStrategy(Strategy):
         held = self._private_pages * ps
         return SlotStates(token=self._protected + self._private_token, reserved=self._reserved,
                           internal=held - self._private_token - self._reserved, external=0,
-                          cached=self._evictable, free=len(self._free) * ps)
+                          cached=self._evictable, free=(len(self._free) + self.num_pages - self._next) * ps)
 
     def check_invariants(self) -> None:
         ps, owner = self.page_size, {}
@@ -345,8 +497,14 @@ class RadixStrategy(Strategy):
             if pid in owner:
                 raise InvariantError(f"free page {pid} is owned by {owner[pid]}")
             owner[pid] = "free"
-        if len(owner) != self.num_pages:
-            raise InvariantError(f"{self.num_pages - len(owner)} pages lost")
+        if len(owner) != self._next or any(pid >= self._next for pid in owner):  # pages >= _next: fresh
+            raise InvariantError(f"{self._next - len(owner)} pages lost, or a fresh page in use")
+        memo = self._match_memo
+        if memo is not None:  # the kept match equals a match from scratch
+            kept = self._match_kept(memo.rid, memo.tokens, memo.limit)
+            fresh = self._match(memo.tokens[:memo.limit])
+            if kept[1:] != fresh[1:] or kept[0] is not fresh[0] or memo.members != set(map(id, memo.nodes)):
+                raise InvariantError(f"kept match of request {memo.rid} {kept[1:]} != from scratch {fresh[1:]}")
         private_token = sum(s.length - s.tree_len for s in self._seqs.values())
         private_pages = sum(len(s.private) for s in self._seqs.values())
         reserved = sum(min(s.kv_len, self.pages_for(s.length) * ps) - s.length for s in self._seqs.values())
@@ -367,4 +525,7 @@ class RadixStrategy(Strategy):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.page_size}"
+        return f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
+
+    def summary(self) -> dict:
+        return {**super().summary(), "prefix_visibility": self.prefix_visibility}
