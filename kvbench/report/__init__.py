@@ -37,6 +37,7 @@ def trace_bounds(col: Collection, block_size: int = BOUND_BLOCK) -> pd.DataFrame
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from kvbench.report.cache_figures import bound_block_sizes
     from kvbench.traces.belady import hit_rate_bounds
 
     rows = []
@@ -53,9 +54,10 @@ def trace_bounds(col: Collection, block_size: int = BOUND_BLOCK) -> pd.DataFrame
             print(f"kvbench-report: no hit-rate bounds for {trace}: {' '.join(str(err).split())[:200]}",
                   file=sys.stderr)
             continue
-        for hits in hit_rate_bounds(requests, block_size, [c // block_size for c in capacities]):
-            cap = None if hits.capacity_blocks is None else hits.capacity_blocks * block_size
-            rows.append({"trace": trace, "capacity_tokens": cap, **hits.row()})
+        for bs in bound_block_sizes(g, requests, block_size):  # a bound per page size of its runs
+            for hits in hit_rate_bounds(requests, bs, [c // bs for c in capacities]):
+                cap = None if hits.capacity_blocks is None else hits.capacity_blocks * bs
+                rows.append({"trace": trace, "capacity_tokens": cap, **hits.row()})
     return pd.DataFrame(rows)
 
 

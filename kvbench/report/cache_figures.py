@@ -2,6 +2,7 @@
 a page size costs (waste, hits, kernel time). Same contract as kvbench.report.figures."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,24 @@ import pandas as pd
 from kvbench.report.collect import Collection
 from kvbench.report.figures import HIT_MIN, Figure, _ordered, _save, plt, representative
 from kvbench.report.style import colour, label_order
+
+
+MAX_BOUND_REFS = 8_000_000  # block references a bound may walk (Belady and LRU: ~1 s per million)
+
+
+def bound_block_sizes(runs: pd.DataFrame, requests: list, default: int) -> list[int]:
+    """The block sizes to bound `runs` (one trace's runs with prefix hits) at: each page size
+    they ran with, where the trace is small enough at it; `default` if none is.
+
+    A run with pages of p tokens is bounded by the trace's bound at blocks of p tokens (only
+    whole pages are shared), not at a larger block; a smaller one bounds it too, more loosely."""
+    sizes = sorted({int(p) for p in runs.page_size.dropna()}) if "page_size" in runs else []
+    tokens = sum(r.kv_len for r in requests)
+    fit = [b for b in sizes if tokens // b <= MAX_BOUND_REFS]
+    for b in sorted(set(sizes) - set(fit)):
+        print(f"kvbench-report: no hit-rate bound at {b}-token blocks ({tokens // b:,} block references; "
+              f"the limit is {MAX_BOUND_REFS:,})", file=sys.stderr)
+    return fit or [default]
 
 
 def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) -> Figure | None:
@@ -22,7 +41,7 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
     groups = list(reps.groupby(keys, sort=True))
     labels = label_order(reps.label)
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 3), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 3, 0.3 * len(labels) * len(groups) + 3), 4))
     for i, lab in enumerate(labels):
         for k, (_, g) in enumerate(groups):
             v = g[g.label == lab].prefix_hit_rate
@@ -33,17 +52,33 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
             ax.text(x, v.iloc[0] * 100 + 1, f"{v.iloc[0] * 100:.1f}", ha="center", fontsize=7)
     styles = {"unbounded": ("-", "unbounded cache"), "belady": ("--", "Belady at the pool size"),
               "lru": (":", "LRU at the pool size (sequential)")}
+    ticked = False
     for k, (key, g) in enumerate(groups):
         key = key if isinstance(key, tuple) else (key,)
         if bounds is None or not len(bounds):
             break
         b = bounds[bounds.trace == key[0]]
-        cap = int(g.kv_capacity_tokens.iloc[0])
-        for policy, (style, name) in styles.items():
-            v = b[(b.policy == policy) & ((policy == "unbounded") | (b.capacity_tokens == cap))].token_hit_rate
+        if not len(b):
+            continue
+        cap, smallest = int(g.kv_capacity_tokens.iloc[0]), int(b.block_size.min())
+        for policy, (style, name) in styles.items():  # lines: at the smallest page size bounded
+            v = b[(b.policy == policy) & (b.block_size == smallest)
+                  & ((policy == "unbounded") | (b.capacity_tokens == cap))].token_hit_rate
             if len(v):
                 ax.hlines(v.iloc[0] * 100, k - 0.45, k + 0.45, colors="black", linestyles=style,
-                          label=name if k == 0 else None)
+                          label=f"{name}, {smallest}-token blocks" if k == 0 else None)
+        if b.block_size.nunique() < 2 or "page_size" not in g:
+            continue
+        for i, lab in enumerate(labels):  # ticks: each bar's own bound, at its page size
+            run = g[g.label == lab]
+            if not len(run) or pd.isna(run.page_size.iloc[0]) or int(run.page_size.iloc[0]) == smallest:
+                continue
+            v = b[(b.policy == "unbounded") & (b.block_size == int(run.page_size.iloc[0]))].token_hit_rate
+            if len(v):
+                x = k + (i - (len(labels) - 1) / 2) * width
+                ax.hlines(v.iloc[0] * 100, x - width / 2, x + width / 2, colors="black", linewidth=2,
+                          label=None if ticked else "unbounded cache at the bar's page size")
+                ticked = True
     names = [f"{key[0]}\n{int(key[1]) // 1024}k-token pool" if isinstance(key, tuple) and len(key) > 1 else
              (key[0] if isinstance(key, tuple) else key) for key, _ in groups]
     ax.set_xticks(np.arange(len(groups)), names, fontsize=8)
@@ -55,10 +90,15 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
     _save(fig, out, "prefix_hit_rate.png")
     return Figure("prefix_hit_rate.png", "Prefix hit rate",
                   "Share of prompt tokens each strategy served from its prefix cache; black lines "
-                  "are what the trace allowed: an unbounded cache, and Belady's optimal eviction and "
-                  "LRU with a cache as large as the whole pool, requests served one at a time "
-                  "(kvbench/traces/belady.py). A real server also holds its running requests in "
-                  "the pool, so it stays below the Belady line.")
+                  "are what the trace allowed: an unbounded cache (no server that shares whole pages "
+                  "of that size and admits in arrival order can do better; the cache holds every "
+                  "prompt and output token that got K/V, and a prompt's last token is always "
+                  "computed), and Belady's optimal eviction and LRU with a cache as large as the "
+                  "whole pool, requests served one at a time (kvbench/traces/belady.py), at the "
+                  "smallest page size of the runs; a short bar over a run is the unbounded cache at "
+                  "that run's own page size. A real server also holds its running requests in the "
+                  "pool, so it stays below the Belady line in practice (not by proof: a request "
+                  "may find pages of an earlier one that is still running).")
 
 
 def vs_page_size(col: Collection, out: Path, kernel_times: pd.DataFrame | None = None) -> Figure | None:
