@@ -90,8 +90,51 @@ def test_sweep_jobs_expand_like_hydra(tmp_path):
 def test_report_cli_on_a_folder_that_does_not_exist(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from kvbench.report import main; main()", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "no such folder" in (tmp_path / "r" / "index.md").read_text()
+    assert out.returncode == 2 and out.stderr == f"kvbench-report: error: no such folder: {tmp_path / 'nope'}\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_whose_runs_finished_nothing_is_reported_whole(tmp_path):
+    # every request longer than max_model_len: rejected; no throughput or latency to draw on log axes
+    out = kvbench("-m", "trace.rate=1,2,4", "max_model_len=8", "trace.num_requests=10", "progress=false",
+                  f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = subprocess.run([sys.executable, "-c", "from kvbench.report import main; main()", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert report.returncode == 0 and "warning" not in report.stderr, report.stderr
+    t = pd.read_csv(tmp_path / "report" / "runs.csv")
+    assert t.finished.tolist() == [0, 0, 0] and t.rejected.tolist() == [10, 10, 10]
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "3 run(s)" in index and "Warning" not in index and not (tmp_path / "report" / "vs_rate.png").exists()
+
+
+def test_a_figure_that_fails_is_named_and_the_rest_is_written(sweep, tmp_path, monkeypatch, capsys):
+    from kvbench.report import figures
+
+    def broken(col, out):
+        raise ValueError("Data cannot be log-scaled")
+
+    monkeypatch.setattr(figures, "latency_cdf", broken)
+    out, _ = write_report([sweep], tmp_path / "report", bounds=False)
+    index = (out / "index.md").read_text()
+    assert "Warning: figure broken not drawn: ValueError: Data cannot be log-scaled." in index
+    assert "kvbench-report: warning: figure broken not drawn" in capsys.readouterr().err
+    assert (out / "memory_breakdown.png").stat().st_size > 5000 and not (out / "latency_cdf.png").exists()
+
+
+def test_an_interrupted_report_leaves_the_earlier_one_as_it_was(sweep, tmp_path, monkeypatch):
+    import kvbench.report as report
+
+    out, _ = write_report([sweep], tmp_path / "report", bounds=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "index_md", interrupted)  # after every figure and table is made
+    with pytest.raises(KeyboardInterrupt):
+        write_report([sweep], out, title="another title", bounds=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial folder, nothing replaced
 
 
 def test_bin_timeline_is_time_weighted():
