@@ -137,6 +137,9 @@ class Strategy(ABC):
         max_new: most positions this step may compute for it.
         On success the request holds room for `cached + min(max_new, num_prompt - cached)`
         positions, may evict cached memory to get it, and its cached positions are locked.
+        A refused request is asked again (the scheduler retries the head of its queue every
+        step): a strategy may keep a memo of its work for that retry (paged and radix keep the
+        prefix match), never state, and every answer equals one computed from scratch.
         """
 
     @abstractmethod
