@@ -95,10 +95,13 @@ class Recorder:
         rows = np.empty((k, _INT_COLUMNS), np.int32)
         rows[:, :6] = (run.running, run.waiting, 0, d, run.kv_read0, run.preemptions)
         rows[:, 4] += np.arange(k, dtype=np.int32) * d
-        rows[:, 6:] = run.states0
-        moved = np.arange(1, k + 1, dtype=np.int32) * d
-        rows[:, 6 + STATES.index("token")] += moved
-        rows[:, 6 + STATES.index("reserved")] -= moved
+        if run.states is not None:
+            rows[:, 6:] = run.states
+        else:
+            rows[:, 6:] = run.states0
+            moved = np.arange(1, k + 1, dtype=np.int32) * d
+            rows[:, 6 + STATES.index("token")] += moved
+            rows[:, 6 + STATES.index("reserved")] -= moved
         self._ints.frombytes(rows.tobytes())
         gap, count, last = self._gap, self._gap_count, run.t[0]
         for t, dt in zip(run.t, run.dt):

@@ -80,25 +80,39 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
 
 def fast_forward(scheduler: Scheduler, engine: Engine, rec: Recorder, steady: StepEvent, k: int,
                  now: float, until: float) -> float:
-    """Up to k quiet steps after the `steady` one, stopping before a step that would start at
-    or after `until` (an arrival); returns the clock after them. Mutates scheduler, strategy,
-    recorder; checks the strategy's slot states against the recorder's at the end."""
-    d = steady.running
+    """Up to k quiet steps after the `steady` one (`Scheduler.quiet_steps`), stopping before a
+    step that would start at or after `until` (an arrival); returns the clock after them.
+
+    With requests waiting no step takes a page: the slot states follow from the steady step's
+    (each decode moves a slot from reserved to token), checked against the strategy's at the
+    end. With none waiting a step may take pages: it runs only while free + cached slots could
+    give every request a page, and its states are the strategy's own. Mutates scheduler,
+    strategy, recorder."""
+    st, d = scheduler.strategy, steady.running
+    paging = not scheduler.waiting
+    need = d * st.page_size  # slots that one page per request takes
     kv_read = steady.batch.kv_read_tokens + d  # every decode reads one position more each step
-    kv0, cost = kv_read, engine.cost
-    t, dts = [], []
+    kv0, cost, states = kv_read, engine.cost, steady.states
+    t, dts, rows = [], [], []
     while len(t) < k and now < until:
+        if paging and states.free + states.cached < need:
+            break
+        scheduler.grow_all()
+        if paging:
+            states = st.slot_states(None)
+            rows.append(states)
         dt = cost(0, d, kv_read)
         t.append(now)
         dts.append(dt)
         now += dt
         kv_read += d
-    scheduler.decode_steps(len(t))
-    rec.decode_run(DecodeRun([s.request for s in scheduler.running], t, dts, kv0, d,
-                             steady.waiting, steady.preemptions, steady.states))
-    states = scheduler.strategy.slot_states(scheduler.waiting_kv_len())
-    if states != rec.last_states():
-        raise RuntimeError(f"fast-forward: strategy '{scheduler.strategy.label}' reports {states} after "
-                           f"{len(t)} quiet decode steps of {d} requests, but {rec.last_states()} was "
-                           f"expected (each decode token moves one slot from reserved to token)")
+    if not t:
+        return now
+    scheduler.advance(len(t))
+    rec.decode_run(DecodeRun([s.request for s in scheduler.running], t, dts, kv0, d, steady.waiting,
+                             steady.preemptions, steady.states, rows if paging else None))
+    if not paging and (now_states := st.slot_states(scheduler.waiting_kv_len())) != rec.last_states():
+        raise RuntimeError(f"fast-forward: strategy '{st.label}' reports {now_states} after {len(t)} quiet "
+                           f"decode steps of {d} requests, but {rec.last_states()} was expected (each "
+                           f"decode token moves one slot from reserved to token)")
     return now

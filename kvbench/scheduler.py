@@ -184,30 +184,37 @@ class Scheduler:
 
     # ---- fast-forward -------------------------------------------------------------------------
     def quiet_steps(self) -> int:
-        """How many next steps repeat a steady step exactly (call it right after one: see
-        `StepEvent.steady`): every running request decodes one token, none finishes, none needs
-        a new page, so nobody can be preempted and the waiting head (refused in the steady step)
-        stays refused. Asks the strategy for `room` once per page a request fills. Pure."""
+        """How many next steps repeat a steady step (call it right after one: see
+        `StepEvent.steady`): every running request decodes one token and none finishes. With
+        requests waiting, also none takes a new page (asks the strategy's `room` once per page a
+        request fills), so none can be preempted and the waiting head, refused in the steady step,
+        stays refused. With none waiting, pages may be taken (`fast_forward` checks that they are
+        there). Pure."""
         if len(self.running) > self.max_num_batched_tokens:
             return 0
+        paging = not self.waiting
         k = 1 << 62
         for s in self.running:
-            if s.computed >= s.room_end:
-                s.room_end = s.computed + self.strategy.room(s.id, s.computed)
-            k = min(k, s.room_end - s.computed, s.request.output_len - s.emitted - 1)
+            k = min(k, s.request.output_len - s.emitted - 1)
+            if not paging:
+                if s.computed >= s.room_end:
+                    s.room_end = s.computed + self.strategy.room(s.id, s.computed)
+                k = min(k, s.room_end - s.computed)
             if k <= 0:
                 return 0
         return k
 
-    def decode_steps(self, k: int) -> None:
-        """Run the bookkeeping of k quiet steps (at most `quiet_steps()`): the strategy gets
-        exactly the `grow` calls k planned steps would make, in the same order. Mutates."""
-        grow, running = self.strategy.grow, self.running
-        for _ in range(k):
-            for s in running:
-                if not grow(s.id, 1):
-                    raise RuntimeError(f"request {s.id}: grow failed inside its room; the strategy's "
-                                       f"`room` promised more than it holds")
-        for s in running:
+    def grow_all(self) -> None:
+        """The strategy's side of one quiet step: the `grow` calls a planned step would make, in
+        the same order. Mutates the strategy."""
+        grow = self.strategy.grow
+        for s in self.running:
+            if not grow(s.id, 1):
+                raise RuntimeError(f"request {s.id}: a quiet step's grow failed (the strategy's `room`, "
+                                   f"or its free + cached slots, promised more than it holds)")
+
+    def advance(self, k: int) -> None:
+        """k quiet steps ran (after k `grow_all`): every running request decoded k tokens. Mutates."""
+        for s in self.running:
             s.computed += k
             s.emitted += k

@@ -68,7 +68,10 @@ def test_the_run_is_checked_against_the_strategys_own_counts():
 
     rng = np.random.default_rng(0)
     reqs = [Request(i, 0.0, rng.integers(0, 30000, 20, dtype=np.int32),
-                    rng.integers(0, 30000, 60, dtype=np.int32)) for i in range(3)]
+                    rng.integers(0, 30000, 60, dtype=np.int32)) for i in range(4)]
     engine = SimEngine(overhead_s=0.01, prefill_token_s=0.0, decode_token_s=0.0, kv_read_token_s=0.0)
+    # at most 3 running: the 4th waits, so quiet steps must stay inside the promised room
     with pytest.raises(RuntimeError, match="fast-forward: strategy 'paged.*reserved to token"):
-        replay(reqs, Scheduler(Overpromising(1024, 512, page_size=16), 8, 256), engine, progress=False)
+        replay(reqs, Scheduler(Overpromising(1024, 512, page_size=16), 3, 256), engine, progress=False)
+    assert replay(reqs, Scheduler(PagedStrategy(1024, 512, page_size=16), 3, 256), engine,
+                  progress=False).recorder.requests().finish_s.notna().all()
