@@ -1,7 +1,8 @@
 """Allocator operations at realistic sizes, for each strategy (pytest-benchmark; `-m bench`).
 
-One round = one operation (admit, release, fork) or one decode of DECODE tokens (grow by one
-token, amortized: page allocations and hash-table inserts included where they fall). Setup
+One round = one operation (admit, release, fork), one decode of DECODE tokens (grow by one
+token, amortized: page allocations and hash-table inserts included where they fall), or one
+prompt prefilled one token per step (per position: what caching each chunk costs). Setup
 (excluded from the time) puts the pool back into the same state before every round. Medians are
 what the comparison uses: a garbage collection inside a round makes an outlier, not a median.
 """
@@ -146,4 +147,30 @@ def test_paged_prefix_hash_lookup(benchmark, hit):
 
     adm = benchmark.pedantic(pool.s.admit, setup=setup, rounds=200, warmup_rounds=10)
     assert adm.cached_tokens == (len(prefix) if hit else 0)  # (a chance hit needs 16 equal ids)
+    pool.s.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["paged", "radix"])
+def test_prefill_in_chunks_of_one_token(benchmark, name):
+    """A 2048-token prompt computed one position per step (max_num_batched_tokens=1): admit,
+    then grows of one token, each caching the chunk before it. Per position; it stays flat
+    whatever the chunk size (radix inserts from the request's deepest node: linear in tokens)."""
+    pool, last, prompt = Pool(build_strategy(name), background=0, seed=2), [], 2048
+
+    def setup():
+        while last:
+            pool.s.release(last.pop())
+        pool.s.evict(pool.s.capacity)
+        rid, args = pool.admit(prompt, 8)
+        last.append(rid)
+        return (args[:4] + (1,),), {}
+
+    def prefill(args):
+        s, rid = pool.s, args[0]
+        assert s.admit(*args).admitted
+        for _ in range(prompt - 1):
+            s.grow(rid, 1)
+
+    benchmark.pedantic(prefill, setup=setup, rounds=5, warmup_rounds=1)
+    per_op(benchmark, prompt)
     pool.s.check_invariants()
