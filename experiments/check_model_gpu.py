@@ -99,7 +99,8 @@ def hf_from_ours(eng, dtype: torch.dtype | None = None):
 
 def drive(eng, reqs, tables, page_size, num_pages, chunk=512, graphs_too=False):
     """Toy scheduler: request i joins at step i; prefill chunks of `chunk`, then decode.
-    Returns ({rid: logits [output_len, vocab] fp32}, max |eager - graph| over decode steps)."""
+    Returns ({rid: logits [output_len, vocab] fp32}, max |eager - graph| over the steps a graph
+    replays: decode steps, and steps with prefill of up to `graph_max_tokens` tokens)."""
     from kvbench.batch import ScheduledSeq, StepBatch
     pos = {r.id: 0 for r in reqs}
     got = {r.id: [] for r in reqs}
@@ -115,7 +116,7 @@ def drive(eng, reqs, tables, page_size, num_pages, chunk=512, graphs_too=False):
         batch = StepBatch(seqs, page_size, num_pages, False, [])
         eng.step(batch)
         logits = {k: v.float() for k, v in eng.last_logits.items()}
-        if graphs_too and all(sq.num_new == 1 for sq in seqs):
+        if graphs_too and sum(sq.num_new for sq in seqs) <= eng.graph_max_tokens:  # decode or mixed
             eng.cuda_graphs = True  # same batch again: rewrites the same K/V, replays a graph
             eng.step(batch)
             eng.cuda_graphs = False

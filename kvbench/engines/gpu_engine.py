@@ -9,10 +9,15 @@ tokens, and give the pool
 unless `kv_cache_gb` names the pool size. Step time = CUDA events around the whole step
 (host-side batch building included), minus the capture time of any CUDA graph made in it.
 
-CUDA graphs (`cuda_graphs=true`): decode-only steps replay a graph captured on first use of a
-(batch bucket, context bucket, contiguous) shape; padded rows write nowhere (slot -1) and
-attend to nothing (seq_len 0). The graph's decode kernel sizes its split-KV for the context
-bucket (a power of two of pages), not the exact max length.
+CUDA graphs (`cuda_graphs=true`): every step of at most 512 requests replays a full-model graph
+captured on first use of its (token bucket, batch bucket, context bucket, contiguous,
+decode-only) shape, except steps with more than `graph_max_tokens` tokens of prefill, which are
+GPU-bound and run eagerly (measured on an H200: an 8B step with a 512-token chunk and 63 decodes
+costs 1.04x its kernels' time eagerly). Padded tokens write nowhere (slot -1), padded requests
+have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped. Decode graphs
+size their split-KV for the context bucket (a power of two of pages), not the exact max length.
+Steps with prefill are padded to a multiple of 16 tokens (32 above 256): the extend kernel takes
+its request boundaries from `query_start_loc`, so one graph serves any mix of chunks.
 """
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, kv
 
 GIB = 2**30
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def token_bucket(tokens: int) -> int:
+    """Token count a step with prefill is padded to for its graph: a multiple of 16 up to 256
+    tokens, of 32 above (at most 1/8 of padding past 256)."""
+    return -(-tokens // 16) * 16 if tokens <= 256 else -(-tokens // 32) * 32
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
@@ -61,7 +72,8 @@ class GPUEngine(TorchEngine):
     def __init__(self, model, attention: str = "triton", seed: int = 0, sample: bool = False,
                  device: str = "cuda", keep_logits: bool = False, cuda_graphs: bool = False,
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
-                 profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True):
+                 profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True,
+                 graph_max_tokens: int = 512):
         if not torch.cuda.is_available():
             raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
         cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
@@ -79,8 +91,9 @@ class GPUEngine(TorchEngine):
                                f"{_gb(self.total_mem)} allows {_gb(limit)}")
         super().__init__(cfg, attention, seed, sample, dev, keep_logits)
         self.cuda_graphs = cuda_graphs
+        self.graph_max_tokens = graph_max_tokens
         self.warmup, self.warmup_s = warmup, 0.0
-        self._graphs: dict[tuple[int, int, bool], SimpleNamespace] = {}
+        self._graphs: dict[tuple[int, int, int, bool, bool], SimpleNamespace] = {}
         self._graph_pool = None
         self.graph_capture_s = 0.0
         self.activation_peak = self._profile(profile_tokens)
@@ -192,45 +205,47 @@ class GPUEngine(TorchEngine):
         return start.elapsed_time(end) / 1e3 - (self.graph_capture_s - capture0)
 
     def _forward(self, h: HostBatch) -> torch.Tensor:
-        b = len(h.seq_lens)
-        if not (self.cuda_graphs and h.decode_only and b <= GRAPH_BATCH_SIZES[-1]):
+        b, t = len(h.seq_lens), len(h.ids)
+        if not (self.cuda_graphs and b <= GRAPH_BATCH_SIZES[-1] and (h.decode_only or t <= self.graph_max_tokens)):
             return super()._forward(h)
         bs = next(x for x in GRAPH_BATCH_SIZES if x >= b)
+        ts = bs if h.decode_only else max(token_bucket(t), bs)
         pages = 1 << max(4, int(-(-int(h.seq_lens.max()) // h.page_size) - 1).bit_length())
-        key = (bs, pages, h.contiguous)
+        key = (ts, bs, pages, h.contiguous, h.decode_only)
         g = self._graphs.get(key) or self._capture(key, h.page_size)
-        # the step's inputs: written into the graph's pinned staging buffer, then one copy
-        g.h64[0, :b], g.h64[1, :b], g.h64[2, :b] = h.ids, h.positions, h.slot_mapping
-        g.h64[2, b:] = -1                                      # padded rows write nowhere
-        g.h32_lens[:b], g.h32_lens[b:] = h.seq_lens, 0         # ... and attend to nothing
-        g.h32_table[:b, :h.page_table.shape[1]] = h.page_table
-        g.h32_table[:b, h.page_table.shape[1]:] = 0
+        # the step's inputs: written into the graph's pinned staging buffer, then one copy;
+        # padded tokens write nowhere (slot -1), padded requests have no tokens and no context
+        e = len(h.logits_idx)
+        g.h64[0, :t], g.h64[1, :t], g.h64[2, :t] = h.ids, h.positions, h.slot_mapping
+        g.h64[:2, t:], g.h64[2, t:] = 0, -1
+        g.h64_idx[:e], g.h64_idx[e:] = h.logits_idx, 0
+        g.h32_qsl[:b + 1], g.h32_qsl[b + 1:] = h.query_start_loc, t
+        g.h32_lens[:b], g.h32_lens[b:] = h.seq_lens, 0
+        g.h32_table[:b, :h.page_table.shape[1]] = h.page_table   # (entries past a request's length are never read)
         # (the buffer is rewritten only after `step` has synchronized: the copy is done by then)
         g.dev.copy_(g.host, non_blocking=True)
         g.graph.replay()
-        if np.array_equal(h.logits_idx, np.arange(b)):        # decode: every row emits, in order
-            return g.logits[:b].clone() if self.keep_logits else g.logits[:b]
-        return g.logits[torch.from_numpy(h.logits_idx).to(self.device)]  # [B_emit, vocab]
+        return g.logits[:e].clone() if self.keep_logits else g.logits[:e]  # [B_emit, vocab]
 
-    def _capture(self, key: tuple[int, int, bool], page_size: int) -> SimpleNamespace:
+    def _capture(self, key: tuple[int, int, int, bool, bool], page_size: int) -> SimpleNamespace:
         t0 = time.perf_counter()
-        bs, pages, contiguous = key
-        z = dict(device=self.device)
+        ts, bs, pages, contiguous, decode_only = key
         # inputs: one pinned host buffer and its device copy; the graph reads views of the latter
-        # (int64 ids, positions, slots; int32 seq_lens and page table)
-        n64, n32 = 3 * bs, bs + bs * pages
+        # (int64: ids, positions, slots [ts] and logits rows [bs]; int32: query_start_loc [bs+1],
+        # seq_lens [bs] and the page table [bs, pages])
+        n64, n32 = 3 * ts + bs, (bs + 1) + bs + bs * pages
         g = SimpleNamespace(host=torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8, pin_memory=True))
-        view = g.host.numpy()
-        g.h64 = view[:8 * n64].view(np.int64).reshape(3, bs)
-        g.h32_lens = view[8 * n64:].view(np.int32)[:bs]
-        g.h32_table = view[8 * n64:].view(np.int32)[bs:].reshape(bs, pages)
+        v64, v32 = g.host.numpy()[:8 * n64].view(np.int64), g.host.numpy()[8 * n64:].view(np.int32)
+        g.h64, g.h64_idx = v64[:3 * ts].reshape(3, ts), v64[3 * ts:]
+        g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:2 * bs + 1]
+        g.h32_table = v32[2 * bs + 1:].reshape(bs, pages)
         g.h64[2] = -1
         g.dev = g.host.to(self.device)
-        d64, d32 = g.dev[:8 * n64].view(torch.int64).view(3, bs), g.dev[8 * n64:].view(torch.int32)
-        g.ids, g.positions = d64[0], d64[1]
-        g.meta = AttnMetadata(
-            d64[2], d32[bs:].view(bs, pages), torch.arange(bs + 1, dtype=torch.int32, **z), d32[:bs],
-            torch.arange(bs, dtype=torch.int64, **z), page_size, contiguous, True, pages * page_size)
+        d64, d32 = g.dev[:8 * n64].view(torch.int64), g.dev[8 * n64:].view(torch.int32)
+        g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
+        g.meta = AttnMetadata(d64[2 * ts:3 * ts], d32[2 * bs + 1:].view(bs, pages), d32[:bs + 1],
+                              d32[bs + 1:2 * bs + 1], d64[3 * ts:], page_size, contiguous, decode_only,
+                              pages * page_size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles the kernels; writes nothing (slot -1)

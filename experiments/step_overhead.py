@@ -1,0 +1,126 @@
+"""Engine step time against the GPU time of the step's kernels: how far the host's launches sit
+above the GPU's work, for the steps issue 12 names.
+
+    python experiments/step_overhead.py --out DIR [--models llama3_2_1b,llama3_1_8b]
+
+Per model shape (random bf16 weights, paged pages of 16 in shuffled order) and step:
+  step_ms  median engine step (CUDA events around batch building + forward), what a replay pays
+  gpu_ms   the sum of the step's kernel durations (torch profiler), i.e. launch gaps excluded
+  ratio    step_ms / gpu_ms (the goal for prefill and mixed steps: <= 1.15)
+Steps: decode (batch 1 and 64, 2k context); one 512-token prefill chunk (over a 1k prefix)
+with 63 decodes; a 2,048-token prefill; and the shared-prefix hit (64 new tokens over a cached
+1,024-token prefix, with 15 decodes) against a decode step of the same batch. Eager unless the
+row says graphs. Writes DIR/step_overhead.json. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from checkout import REPO, use_checkout  # noqa: E402  (experiments/checkout.py)
+
+use_checkout()
+
+from check_model_gpu import model_cfg  # noqa: E402
+
+from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
+from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+from kvbench.request import Request  # noqa: E402
+
+PS = 16
+
+
+def gpu_ms(eng, batch) -> tuple[float, int]:
+    """Sum of kernel durations of one step, and the kernel count."""
+    from torch.profiler import ProfilerActivity, profile
+    eng.step(batch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.step(batch)
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by: dict[str, float] = {}
+    for e in evs:
+        by[e.name[:50]] = by.get(e.name[:50], 0.0) + e.device_time_total / 1e3
+    top = sorted(by.items(), key=lambda kv: -kv[1])[:6]
+    return sum(e.device_time_total for e in evs) / 1e3, len(evs), {k: round(v, 3) for k, v in top}
+
+
+def make_batch(order, parts, cap_pages) -> StepBatch:
+    """parts: [(computed, new tokens)] per request (new == 1: a decode after a `computed`-token
+    prompt; else a prefill chunk); request i gets its own run of shuffled pages."""
+    seqs, at = [], 0
+    for i, (done, new) in enumerate(parts):
+        total = done + new
+        n = -(-(total + 1) // PS)
+        ids = np.random.default_rng(i).integers(0, 32000, done if new == 1 else total).astype(np.int32)
+        seqs.append(ScheduledSeq(Request(i, 0.0, ids, np.zeros(3, np.int32)), done, new, order[at:at + n]))
+        at += n
+    return StepBatch(seqs, PS, cap_pages, False, [])
+
+
+def steps():
+    return {
+        "decode b1 ctx2k": [(2048, 1)],
+        "decode b64 ctx2k": [(2048, 1)] * 64,
+        "prefill 512 over 1k + 63 decodes": [(1024, 512)] + [(2048, 1)] * 63,
+        "prefill 2048": [(0, 2048)],
+        "hit: 64 new over 1k cached + 15 decodes": [(1024, 64)] + [(1100, 1)] * 15,
+        "decode b16 ctx1.1k": [(1100, 1)] * 16,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
+    ap.add_argument("--graphs", default="0,1", help="engine.cuda_graphs settings to time (0, 1 or both)")
+    ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
+    args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    out = dict(device=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, rows=[])
+    for name in args.models.split(","):
+        eng = GPUEngine(model_cfg(name), attention="triton", gpu_memory_utilization=0.5)
+        cap = eng.kv_capacity_tokens(None)
+        eng.bind(PS, cap // PS)
+        order = np.random.default_rng(1).permutation(cap // PS).astype(np.int32)
+        for graphs in [bool(int(g)) for g in args.graphs.split(",")]:
+            eng.cuda_graphs = graphs
+            for label, parts in steps().items():
+                batch = make_batch(order, parts, cap // PS)
+                for _ in range(3):
+                    eng.step(batch)
+                t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
+                g, n, top = gpu_ms(eng, batch)
+                row = dict(model=name, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
+                           kernels=n, ratio=round(t / g, 3), tokens=sum(p[1] for p in parts), top_kernels_ms=top)
+                out["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                if label in args.profile.split(","):
+                    import cProfile
+                    import io
+                    import pstats
+                    pr = cProfile.Profile()
+                    pr.enable()
+                    for _ in range(20):
+                        eng.step(batch)
+                    pr.disable()
+                    s = io.StringIO()
+                    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+                    print(s.getvalue()[:6000], flush=True)
+        del eng
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_overhead.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
