@@ -53,8 +53,9 @@ def _one_line(err: BaseException) -> str:
 def hydra_one_line(err: BaseException) -> str:
     """One line from Hydra's and OmegaConf's multi-line messages: the first line, the cause's
     first line and key, the other lines; the options a missing config had; no search path."""
-    if isinstance(err, RuntimeError) and (m := re.search(r"Unknown plugin class : '(hydra_plugins\.(\w+)[\w.]*)'", str(err))):
-        return f"the Hydra plugin {m.group(2)} is not installed (pip install {m.group(2).replace('_', '-')})"
+    plugin = re.search(r"Unknown plugin class : 'hydra_plugins\.(\w+)", str(err))
+    if isinstance(err, RuntimeError) and plugin:
+        return f"the Hydra plugin {plugin.group(1)} is not installed (pip install {plugin.group(1).replace('_', '-')})"
     if isinstance(err, OSError) and err.filename is not None and not isinstance(err, HydraException):
         return f"cannot write {err.filename}: {err.strerror}"
     if getattr(err, "override", None) is not None and getattr(err, "message", None):  # OverrideParseException
@@ -62,7 +63,8 @@ def hydra_one_line(err: BaseException) -> str:
     text = str(err).split("Config search path:")[0]
     text, _, options = text.partition("Available options")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("full_key:", "reference_type", "object_type"))] or [type(err).__name__]
+    omegaconf_trailer = ("full_key:", "reference_type", "object_type")
+    lines = [ln for ln in lines if not ln.startswith(omegaconf_trailer)] or [type(err).__name__]
     cause = err.__cause__
     if cause is not None and str(cause).strip():
         first = str(cause).strip().splitlines()[0]

@@ -39,7 +39,8 @@ def composed(*overrides: str):
 
 # ---- Hydra's own errors: one line, exit 2 ------------------------------------------------------
 HYDRA_CASES = [
-    (["kv_capacity_tokens=abc"], "Value 'abc' of type 'str' could not be converted to Integer (key kv_capacity_tokens)"),
+    (["kv_capacity_tokens=abc"],
+     "Value 'abc' of type 'str' could not be converted to Integer (key kv_capacity_tokens)"),
     (["kv_capacity_tokens=1e20"], "Value '1e+20' of type 'float' could not be converted to Integer"),
     (["strategy.reservation=oracle"], "Could not override 'strategy.reservation': Key 'reservation' is not in struct"),
     (["a=b=c"], "cannot parse the override 'a=b=c'"),

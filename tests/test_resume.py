@@ -83,7 +83,8 @@ def test_a_torn_marker_or_table_is_never_trusted(tmp_path, capsys):
     assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 12
     capsys.readouterr()
     kept = run(composed(*A), tmp_path)  # whole and matching: kept
-    assert "kept the earlier results" in capsys.readouterr().out and kept == first | {"wall_time_s": kept["wall_time_s"]}
+    assert "kept the earlier results" in capsys.readouterr().out
+    assert kept == first | {"wall_time_s": kept["wall_time_s"]}
     assert json.loads((tmp_path / "summary.json").read_text())["config_hash"] == config_hash(composed(*A))
 
 

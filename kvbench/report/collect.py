@@ -111,7 +111,8 @@ def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]
                 if t is None:
                     missing.append(Missing(_show(sweep), " ".join(job), f"job {num} never ran (no run folder)"))
                 elif t not in runs:
-                    missing.append(Missing(_show(sweep), " ".join(job), f"job {num} failed: {failure(t)}", error_line(t)))
+                    missing.append(Missing(_show(sweep), " ".join(job), f"job {num} failed: {failure(t)}",
+                                           error_line(t)))
                 explained |= {t} if t is not None else set()
             for job, t in sorted(by_overrides.items(), key=lambda kv: kv[1]):  # not in the grid
                 ignored.append(Missing(_show(sweep), " ".join(sorted(job)), f"{t.name}: not in the sweep's grid "
