@@ -15,8 +15,9 @@ STRATEGY_YAMLS = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
 # option variants worth covering beyond each yaml's defaults
 VARIANTS = {
     "slab": [{}, {"reservation": "pow2", "placement": "best_fit"}, {"reservation": "oracle", "page_size": 4}],
-    "paged": [{}, {"page_size": 4}, {"page_size": 4, "prefix_caching": False}],
-    "radix": [{}, {"page_size": 4}],
+    "paged": [{}, {"page_size": 4}, {"page_size": 4, "prefix_caching": False},
+              {"page_size": 3, "prefix_visibility": "scheduled"}, {"page_size": 3, "dedup_touch": True}],
+    "radix": [{}, {"page_size": 4}, {"prefix_visibility": "scheduled"}, {"page_size": 3, "prefix_visibility": "scheduled"}],
 }
 
 
@@ -30,14 +31,14 @@ def yaml_name(stem: str) -> str:
 
 
 def page_size_cases() -> list[tuple[str, dict]]:
-    """Every yaml at every page size its kind allows, plus the option variants of `VARIANTS`
-    that are not page sizes."""
+    """Every yaml at every page size its kind allows, plus the variants of `VARIANTS` that set
+    an option other than the page size."""
     out = []
     for stem in STRATEGY_YAMLS:
         name = yaml_name(stem)
         default = int(OmegaConf.load(STRATEGY_DIR / f"{stem}.yaml").get("page_size", 1))
         out += [(stem, {"page_size": ps}) for ps in PAGE_SIZES.get(name, (default,))]
-        out += [(stem, v) for v in VARIANTS.get(stem, []) if v and "page_size" not in v]
+        out += [(stem, v) for v in VARIANTS.get(stem, []) if set(v) - {"page_size"}]
     return out
 
 
