@@ -13,6 +13,9 @@ Deliberate differences, each stated where it shows:
 - A refused admission changes nothing in kvbench (the contract: a call that answers no does not
   mutate); SGLang's `match_prefix` splits the node a match ends in and refreshes access times
   whether or not the request is then scheduled.
+- `prefix_visibility=scheduled` (vLLM's rule, not SGLang's) inserts a prompt chunk in the call
+  that schedules it, so a second request with the same prompt hits it at once and nothing is
+  computed twice; SGLang (and kvbench's default) inserts it after the chunk ran.
 - Access times are a logical clock (lock, unlock, insert) rather than `time.monotonic()`: the
   same order, no ties broken by timer resolution.
 """
@@ -25,8 +28,8 @@ from content_model import Driver
 from kvbench.strategies.radix import RadixStrategy
 
 
-def radix(capacity: int = 64, page_size: int = 1) -> Driver:
-    return Driver(RadixStrategy(capacity_tokens=capacity, max_model_len=256, page_size=page_size))
+def radix(capacity: int = 64, page_size: int = 1, **options) -> Driver:
+    return Driver(RadixStrategy(capacity_tokens=capacity, max_model_len=256, page_size=page_size, **options))
 
 
 def ids(*xs) -> np.ndarray:
@@ -171,3 +174,16 @@ def test_a_refused_admission_neither_splits_nor_touches():
     assert admit(d, 600, ids(1, 2, 9, 9, 9, 9, 9, 9, 9)) == (False, 0)  # the driver checks no change
     assert tree(d) == {(1, 2, 3, 4): {}, (5, 6): {}}  # no split at 2
     assert d.evict(1) == 4  # [1..4] is still the least recently used
+
+
+def test_scheduled_visibility_hits_a_prompt_in_the_step_that_computes_it():
+    """kvbench's option, vLLM's rule: the duplicate of test_a_duplicate_insert_frees_its_copy is
+    never computed; the second request hits the first one's pages at admission."""
+    d = radix(prefix_visibility="scheduled")
+    p = ids(*range(1, 11))
+    assert admit(d, 700, p, decode=3) == (True, 0)
+    assert admit(d, 701, p, decode=3) == (True, 9)  # length − 1: the last id is computed
+    # its one computed position (id 10 at 9) is in the tree already, scheduled by 700: it is
+    # deduplicated at once (701 writes the same K/V into the same slot), no page of its own
+    assert d.s.page_table(701).tolist() == d.s.page_table(700).tolist()
+    assert d.s.slot_states(None).token == 10

@@ -9,12 +9,14 @@ minus one: vLLM's block 0 is a null block, kvbench has none.
 Deliberate differences, each stated where it shows:
 - kvbench makes a page hittable once the step that computes it has run (the request's next
   `grow`, or its `release`); vLLM when it schedules it. The tests run that step (`grow(rid, 1)`)
-  where vLLM's would hit at once.
+  where vLLM's would hit at once; with `prefix_visibility=scheduled` kvbench does as vLLM, and
+  vLLM's exact numbers come back (the tests marked "scheduled").
 - Free pages: kvbench hands out returned pages (most recent first), then never-used ones, then
   evicts cached pages least recently used first; vLLM's free queue has the same order
   (unhashed blocks prepended, cached blocks appended tail first), so block ids agree.
 - A page whose ids another page already caches (recomputed because it could not hit) is freed
-  at release; vLLM keeps it as a second cached block.
+  at release; vLLM keeps it as a second cached block, most recently used. With
+  `dedup_touch=true` kvbench moves the cached original to most recently used instead.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def ids(*parts) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])
 
 
-def paged(num_pages: int) -> Driver:
-    return Driver(PagedStrategy(capacity_tokens=num_pages * PS, max_model_len=8192, page_size=PS))
+def paged(num_pages: int, **options) -> Driver:
+    return Driver(PagedStrategy(capacity_tokens=num_pages * PS, max_model_len=8192, page_size=PS, **options))
 
 
 def prompt_only(d: Driver, rid: int, tokens: np.ndarray, decode: int = 2):
@@ -209,3 +211,55 @@ def test_a_recomputed_duplicate_page_is_freed_not_cached_twice():
     assert (states.cached, states.free) == (2 * PS, 6 * PS)  # one cached copy of the 2 full pages
     assert prompt_only(d, 2, np.arange(41, dtype=np.int32)) == (True, 32)
     assert table(d, 2)[:2] == [0, 1]
+
+
+def test_scheduled_visibility_hits_pages_in_the_step_that_schedules_them():
+    """vLLM test_prefill's first steps with prefix_visibility=scheduled: request 1 hits request
+    0's full pages while request 0's prompt step has not run yet; the same pages either way."""
+    d = paged(10, prefix_visibility="scheduled")
+    assert prompt_only(d, 0, ids(COMMON, [3] * 7)) == (True, 0)
+    assert prompt_only(d, 1, ids(COMMON, [3] * 5)) == (True, 48)  # no step in between
+    assert (table(d, 0), table(d, 1)) == ([0, 1, 2, 3], [0, 1, 2, 4])
+    computed = paged(10)
+    prompt_only(computed, 0, ids(COMMON, [3] * 7))
+    assert prompt_only(computed, 1, ids(COMMON, [3] * 5)) == (True, 0)  # not yet hittable
+
+
+def test_scheduled_visibility_refused_admission_with_vllms_numbers():
+    """vLLM test_prefill_not_enough_free_blocks_with_computed_blocks, block for block: with
+    scheduled visibility no step is needed, so 5 pages are left, as in vLLM."""
+    d = paged(10, prefix_visibility="scheduled")
+    prompt_only(d, 0, COMMON)
+    assert prompt_only(d, 1, ids(COMMON, COMMON)) == (True, 48)
+    part1 = table(d, 1)
+    assert part1 == [0, 1, 2, 3, 4, 5]  # vLLM [1..6]
+    d.release(1)
+    prompt_only(d, 2, np.full(32, 7, dtype=np.int32))
+    assert d.s.slot_states(None).free + d.s.slot_states(None).cached == 5 * PS  # vLLM: 5 free
+    assert [d.s._ref[p] for p in part1] == [1, 1, 1, 0, 0, 0]
+    assert prompt_only(d, 3, ids(COMMON, COMMON, COMMON)) == (False, 0)  # 5 - 3 revived < 3
+    assert [d.s._ref[p] for p in part1] == [1, 1, 1, 0, 0, 0]
+
+
+def _duplicate_then_release(**options) -> Driver:
+    """Requests 0 and 1 compute the same 40 ids at once (1's 2 full pages duplicate 0's);
+    request 2 is unrelated. Released 0, 2, 1."""
+    d = paged(8, **options)
+    p = np.arange(40, dtype=np.int32)
+    prompt_only(d, 0, p)
+    prompt_only(d, 1, p)
+    prompt_only(d, 2, np.arange(100, 132, dtype=np.int32))
+    assert (table(d, 0), table(d, 1), table(d, 2)) == ([0, 1, 2], [3, 4, 5], [6, 7])
+    d.release(0)  # cached, tail first: 1, 0
+    d.release(2)  # cached: 7, 6
+    d.release(1)  # its copies 3, 4 of pages 0, 1 are freed
+    return d
+
+
+def test_dedup_touch_gives_a_freed_duplicates_recency_to_the_cached_original():
+    """vLLM keeps request 1's copies as cached blocks freed last, so those ids are evicted last.
+    kvbench frees the copies; by default the originals keep their place (evicted first), with
+    dedup_touch they move to most recently used (evicted last, as in vLLM)."""
+    free_first = [3, 4, 5, 2]  # request 1's freed pages (3 on top), then 0's partial page 2
+    assert hand_out_order(_duplicate_then_release(), 8) == free_first + [1, 0, 7, 6]
+    assert hand_out_order(_duplicate_then_release(dedup_touch=True), 8) == free_first + [7, 6, 1, 0]
