@@ -1,8 +1,10 @@
 """Every command of README.md's bash blocks runs as written (issue 11), with a small trace.limit
 and its outputs in a temporary folder. The commands are read from the README, so the test
-follows it: a new example is tested the day it is written."""
+follows it: a new example is tested the day it is written. An experiment runs every strategy
+of its grid on the first value of each other swept key (KVBENCH_README_FULL=1: its whole grid)."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from kvbench.traces import traces_dir
 
@@ -40,10 +43,20 @@ def test_the_readme_has_the_commands_this_test_expects():
     assert "kvbench -m strategy=slab,paged,radix" in COMMANDS  # the quick start
 
 
+def one_slice(command: str) -> list[str]:
+    """For `+experiment=NAME`: overrides that pin each swept key but the strategy to its first value."""
+    m = re.search(r"\+experiment=(\w+)", command)
+    if m is None or os.environ.get("KVBENCH_README_FULL") == "1":
+        return []
+    params = OmegaConf.load(REPO / "configs" / "experiment" / f"{m.group(1)}.yaml").hydra.sweeper.params
+    return [f"{k}={str(v).split(',')[0]}" for k, v in params.items() if k != "strategy" and "," in str(v)]
+
+
 def run_command(command: str, tmp_path: Path) -> subprocess.CompletedProcess:
     words = shlex.split(command)
     if words[0] == "kvbench":
-        argv = [sys.executable, "-m", "kvbench.cli", *words[1:], *SMALL, f"hydra.run.dir={tmp_path / 'run'}",
+        argv = [sys.executable, "-m", "kvbench.cli", *words[1:], *one_slice(command), *SMALL,
+                f"hydra.run.dir={tmp_path / 'run'}",
                 f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     elif words[0] == "kvbench-report":
         sweep = tmp_path / "sweep"
