@@ -229,20 +229,30 @@ def family_tokens(rng: np.random.Generator, vocab: int, family: int, prompt: int
 def random_run(strategy, rng: np.random.Generator, num_ops: int, vocab: int = 2, families: int = 3,
                check_no_mutation: bool = True) -> Driver:
     """`num_ops` random calls (admit, grow, release, fork, evict) through a Driver, then release
-    everything. Request sizes scale with the pool and max_model_len. Returns the driver."""
+    everything. Request sizes scale with the pool and max_model_len. As the scheduler does, a
+    refused request waits and is retried under its id (the strategy may keep a memo for it), and
+    a release may be a preemption: the request waits to recompute its prompt plus its outputs.
+    Returns the driver."""
     d = Driver(strategy, check_no_mutation=check_no_mutation)
     s, next_id = strategy, 0
+    waiting: list[tuple[int, np.ndarray, int, int]] = []  # (rid, tokens, kv_len, num_prompt), head first
     longest = min(s.max_model_len, s.capacity) - 1
     for _ in range(num_ops):
         r = rng.random()
         if r < 0.3 or not d.live:
+            if waiting and rng.random() < 0.8:  # the head of the queue again
+                rid, tokens, kv_len, num_prompt = waiting[0]
+                if d.admit(rid, tokens, kv_len, num_prompt, int(rng.integers(1, num_prompt + 1))).admitted:
+                    waiting.pop(0)
+                continue
             prompt = int(rng.integers(2, max(3, longest)))
             output = int(rng.integers(1, max(2, longest - prompt + 1)))
             kv_len = prompt + output - 1
             if s.never_fits(kv_len):
                 continue
             tokens = family_tokens(rng, vocab, int(rng.integers(families)), prompt, output)
-            d.admit(next_id, tokens, kv_len, prompt, int(rng.integers(1, prompt + 1)))
+            if not d.admit(next_id, tokens, kv_len, prompt, int(rng.integers(1, prompt + 1))).admitted:
+                waiting.append((next_id, tokens, kv_len, prompt))
             next_id += 1
             continue
         rid = list(d.live)[int(rng.integers(len(d.live)))]
@@ -253,6 +263,8 @@ def random_run(strategy, rng: np.random.Generator, num_ops: int, vocab: int = 2,
                 d.grow(rid, n)
         elif r < 0.85:
             d.release(rid)
+            if rng.random() < 0.4 and lv.length < lv.kv_len:  # preempted: recompute what it had
+                waiting.insert(0, (rid, lv.tokens, lv.kv_len, max(lv.num_prompt, lv.length)))
         elif r < 0.92:
             child = lv.tokens.copy()
             child[lv.length:] = rng.integers(0, vocab, len(child) - lv.length)
