@@ -42,12 +42,10 @@ class StepEvent(NamedTuple):
 
 class DecodeRun(NamedTuple):
     """k consecutive decode-only steps of the same `seqs` (all running, in order), in which
-    nothing arrives, finishes or is preempted.
+    nothing arrives, finishes or is preempted (kvbench/quiet.py).
 
     Step j (0-based) starts at `t[j]`, lasts `dt[j]`, reads `kv_read0 + j * len(seqs)` K/V
-    positions and runs with `states[j]`; without `states` (no request took a page), with
-    `states0` plus `(j + 1) * len(seqs)` slots moved from reserved to token (the step before
-    the run ran with `states0`).
+    positions and runs with `states[j]`.
     """
 
     seqs: list[Request]  # [D] the requests, in the order they run
@@ -57,5 +55,4 @@ class DecodeRun(NamedTuple):
     running: int
     waiting: int
     preemptions: int
-    states0: SlotStates
-    states: list[SlotStates] | None = None  # [k], where steps took pages
+    states: list[SlotStates]  # [k]

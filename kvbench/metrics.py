@@ -90,21 +90,14 @@ class Recorder:
 
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`."""
-        k, d = len(run.t), len(run.seqs)
-        self._floats.frombytes(np.column_stack((run.t, run.dt)).tobytes())
-        rows = np.empty((k, _INT_COLUMNS), np.int32)
-        rows[:, :6] = (run.running, run.waiting, 0, d, run.kv_read0, run.preemptions)
-        rows[:, 4] += np.arange(k, dtype=np.int32) * d
-        if run.states is not None:
-            rows[:, 6:] = run.states
-        else:
-            rows[:, 6:] = run.states0
-            moved = np.arange(1, k + 1, dtype=np.int32) * d
-            rows[:, 6 + STATES.index("token")] += moved
-            rows[:, 6 + STATES.index("reserved")] -= moved
-        self._ints.frombytes(rows.tobytes())
+        d, kv_read, fixed = len(run.seqs), run.kv_read0, (run.running, run.waiting, 0, len(run.seqs))
+        floats, ints = self._floats, self._ints
         gap, count, last = self._gap, self._gap_count, run.t[0]
-        for t, dt in zip(run.t, run.dt):
+        for t, dt, states in zip(run.t, run.dt, run.states):
+            floats.extend((t, dt))
+            ints.extend(fixed)
+            ints.extend((kv_read, run.preemptions, *states))
+            kv_read += d
             end = t + dt
             g = end - last
             if g == gap:

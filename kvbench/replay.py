@@ -3,10 +3,10 @@ or rejected.
 
 Fast-forward (engines with a cost model, `engine.fast_forward`): after a steady step (every
 running request decoded one token; nobody came, left or was preempted) the next steps repeat it
-until a request would take a new page or finish, or a request arrives. Those quiet steps skip
-planning and batching: the strategy still gets every `grow` call, in order; the clock advances
-step by step by the cost model; the recorder gets the same rows and token times. Results are
-identical to stepping (tests/test_fast_forward.py).
+until a request would finish (or take a page while others wait: kvbench/quiet.py), or a request
+arrives. Those quiet steps skip planning and batching; the strategy ends up exactly as stepping
+leaves it; the clock advances step by step by the cost model; the recorder gets the same rows
+and token times. Results are identical to stepping (tests/test_fast_forward.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tqdm import tqdm
 from kvbench.engines.base import Engine
 from kvbench.events import DecodeRun, StepEvent
 from kvbench.metrics import Recorder
+from kvbench.quiet import QuietRun
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
 
@@ -55,12 +56,10 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
                 now = requests[nxt].arrival_s  # idle: jump to the next arrival
             continue  # (or nothing left at all: the loop ends)
         if steady is not None and engine.fast_forward:
-            k = scheduler.quiet_steps()
-            if k:
-                until = requests[nxt].arrival_s if nxt < n else float("inf")
-                now = fast_forward(scheduler, engine, rec, steady, k, now, until)
-                steady = None
-                continue
+            until = requests[nxt].arrival_s if nxt < n else float("inf")
+            now = fast_forward(QuietRun(scheduler, steady.states), engine, rec, steady, now, until)
+            steady = None
+            continue
         planned = scheduler.schedule()
         if not planned:
             raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with {len(scheduler.waiting)} "
@@ -78,41 +77,23 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
     return Replay(finished, rec)
 
 
-def fast_forward(scheduler: Scheduler, engine: Engine, rec: Recorder, steady: StepEvent, k: int,
-                 now: float, until: float) -> float:
-    """Up to k quiet steps after the `steady` one (`Scheduler.quiet_steps`), stopping before a
-    step that would start at or after `until` (an arrival); returns the clock after them.
-
-    With requests waiting no step takes a page: the slot states follow from the steady step's
-    (each decode moves a slot from reserved to token), checked against the strategy's at the
-    end. With none waiting a step may take pages: it runs only while free + cached slots could
-    give every request a page, and its states are the strategy's own. Mutates scheduler,
-    strategy, recorder."""
-    st, d = scheduler.strategy, steady.running
-    paging = not scheduler.waiting
-    need = d * st.page_size  # slots that one page per request takes
+def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: StepEvent, now: float,
+                 until: float) -> float:
+    """The quiet steps of `run` (none if it has none), stopping before a step that would start
+    at or after `until` (an arrival); returns the clock after them. Mutates (through `run`)
+    the strategy and the requests, and the recorder."""
+    d = steady.running
     kv_read = steady.batch.kv_read_tokens + d  # every decode reads one position more each step
-    kv0, cost, states = kv_read, engine.cost, steady.states
+    kv0, cost = kv_read, engine.cost
     t, dts, rows = [], [], []
-    while len(t) < k and now < until:
-        if paging and states.free + states.cached < need:
-            break
-        scheduler.grow_all()
-        if paging:
-            states = st.slot_states(None)
-            rows.append(states)
+    while now < until and (states := run.step()) is not None:
         dt = cost(0, d, kv_read)
         t.append(now)
         dts.append(dt)
+        rows.append(states)
         now += dt
         kv_read += d
-    if not t:
-        return now
-    scheduler.advance(len(t))
-    rec.decode_run(DecodeRun([s.request for s in scheduler.running], t, dts, kv0, d, steady.waiting,
-                             steady.preemptions, steady.states, rows if paging else None))
-    if not paging and (now_states := st.slot_states(scheduler.waiting_kv_len())) != rec.last_states():
-        raise RuntimeError(f"fast-forward: strategy '{st.label}' reports {now_states} after {len(t)} quiet "
-                           f"decode steps of {d} requests, but {rec.last_states()} was expected (each "
-                           f"decode token moves one slot from reserved to token)")
+    if run.end():
+        rec.decode_run(DecodeRun([s.request for s in run.seqs], t, dts, kv0, d, steady.waiting,
+                                 steady.preemptions, rows))
     return now

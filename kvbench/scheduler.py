@@ -29,7 +29,6 @@ class Seq:
     prefill_target: int = 0  # positions to compute before decoding: prompt (+ emitted, after a preemption)
     cached_tokens: int | None = None  # prompt positions served from cache at its first admission
     preemptions: int = 0
-    room_end: int = 0  # positions it may hold without the strategy taking a page (0: ask again)
 
     def __post_init__(self) -> None:
         self.id = RequestId(self.request.id)
@@ -141,7 +140,6 @@ class Scheduler:
     def _preempt(self, seq: Seq) -> None:
         self.strategy.release(seq.id)
         seq.preemptions += 1
-        seq.room_end = 0
         self.num_preemptions += 1
         self._preempted.append(seq.id)
         seq.prefill_target = seq.request.prompt_len + seq.emitted  # recompute what it had
@@ -181,40 +179,3 @@ class Scheduler:
             for seq in done:
                 self.strategy.release(seq.id)
         return done
-
-    # ---- fast-forward -------------------------------------------------------------------------
-    def quiet_steps(self) -> int:
-        """How many next steps repeat a steady step (call it right after one: see
-        `StepEvent.steady`): every running request decodes one token and none finishes. With
-        requests waiting, also none takes a new page (asks the strategy's `room` once per page a
-        request fills), so none can be preempted and the waiting head, refused in the steady step,
-        stays refused. With none waiting, pages may be taken (`fast_forward` checks that they are
-        there). Pure."""
-        if len(self.running) > self.max_num_batched_tokens:
-            return 0
-        paging = not self.waiting
-        k = 1 << 62
-        for s in self.running:
-            k = min(k, s.request.output_len - s.emitted - 1)
-            if not paging:
-                if s.computed >= s.room_end:
-                    s.room_end = s.computed + self.strategy.room(s.id, s.computed)
-                k = min(k, s.room_end - s.computed)
-            if k <= 0:
-                return 0
-        return k
-
-    def grow_all(self) -> None:
-        """The strategy's side of one quiet step: the `grow` calls a planned step would make, in
-        the same order. Mutates the strategy."""
-        grow = self.strategy.grow
-        for s in self.running:
-            if not grow(s.id, 1):
-                raise RuntimeError(f"request {s.id}: a quiet step's grow failed (the strategy's `room`, "
-                                   f"or its free + cached slots, promised more than it holds)")
-
-    def advance(self, k: int) -> None:
-        """k quiet steps ran (after k `grow_all`): every running request decoded k tokens. Mutates."""
-        for s in self.running:
-            s.computed += k
-            s.emitted += k
