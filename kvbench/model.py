@@ -156,6 +156,8 @@ class AttnMetadata:
     contiguous: bool  # every page table is a consecutive run (slab): kernels' fast path
     decode_only: bool  # every request has exactly one new token
     max_seq_len: int  # max(seq_lens), known on the host (sizes decode's split-KV, no sync)
+    num_decode: int = 0  # leading requests with one new token each: the decode kernel serves them
+    extend_start_loc: torch.Tensor | None = None  # [B - num_decode + 1] the rest's query_start_loc, from 0
 
 
 def attention_ops(backend: str) -> SimpleNamespace:
@@ -210,11 +212,20 @@ class DecoderLayer(nn.Module):
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens,
                                      meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
                                      max_seq_len=meta.max_seq_len)
-        else:
+        elif meta.num_decode == 0:
             # the prefix through the page table, the new tokens' K/V straight from qkv
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
                                      contiguous=meta.contiguous, k_new=k, v_new=v)
+        else:  # a mixed step: its one-token rows (first) by the decode kernel, the chunks by extend
+            d = meta.num_decode
+            o = torch.empty((t, c.num_heads, c.head_dim), dtype=q.dtype, device=q.device)
+            ops.decode_attention(q[:d], k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d],
+                                 meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
+                                 max_seq_len=meta.max_seq_len, out=o[:d])
+            ops.extend_attention(q[d:], k_cache, v_cache, meta.page_table[d:], meta.extend_start_loc,
+                                 meta.seq_lens[d:], meta.page_size, sm_scale=scale,
+                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:])
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]

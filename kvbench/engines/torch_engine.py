@@ -36,6 +36,7 @@ class HostBatch:
     page_size: int
     contiguous: bool
     decode_only: bool
+    num_decode: int = 0  # leading requests with one new token (a mixed step's decode-kernel rows)
 
     def to_device(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         def t(x, dtype):
@@ -45,7 +46,8 @@ class HostBatch:
             t(self.slot_mapping, torch.int64), t(self.page_table, torch.int32),
             t(self.query_start_loc, torch.int32), t(self.seq_lens, torch.int32),
             t(self.logits_idx, torch.int64), self.page_size, self.contiguous, self.decode_only,
-            int(self.seq_lens.max()))
+            int(self.seq_lens.max()), self.num_decode,
+            t(self.query_start_loc[self.num_decode:] - self.num_decode, torch.int32) if self.num_decode else None)
         return t(self.ids, torch.int64), t(self.positions, torch.int64), meta
 
 
@@ -129,8 +131,14 @@ class TorchEngine(Engine):
         return self.model(ids, positions, meta, self.kv_pool)
 
     def _flatten(self, batch: StepBatch) -> HostBatch:
-        """StepBatch -> the flat batch as numpy arrays (one host->device copy each later)."""
-        seqs, ps = batch.seqs, batch.page_size
+        """StepBatch -> the flat batch as numpy arrays (one host->device copy each later). The
+        requests with one new token come first (`num_decode` of them, for the decode kernel);
+        logits rows stay in the order of the batch's emitting requests."""
+        ps, order, num_decode = batch.page_size, list(range(len(batch.seqs))), 0
+        if not batch.decode_only:
+            order.sort(key=lambda i: batch.seqs[i].num_new != 1)  # stable: one-token rows first
+            num_decode = sum(1 for s in batch.seqs if s.num_new == 1)
+        seqs = [batch.seqs[i] for i in order]
         n_new = np.fromiter((s.num_new for s in seqs), np.int64, len(seqs))
         starts = np.fromiter((s.start for s in seqs), np.int64, len(seqs))
         qsl = np.zeros(len(seqs) + 1, np.int64)
@@ -145,10 +153,11 @@ class TorchEngine(Engine):
         pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
         slots = table[rows, pos // ps].astype(np.int64) * ps + pos % ps
         ids = [self._token_ids(s.request)[s.start:s.start + s.num_new] for s in seqs]
-        emit = [b for b, s in enumerate(seqs) if s.emits_token]
+        where = {i: b for b, i in enumerate(order)}
+        emit = [where[i] for i, s in enumerate(batch.seqs) if s.emits_token]  # the batch's order
         return HostBatch(np.concatenate(ids), pos, slots, table,
                          qsl, seq_lens, qsl[1:][emit] - 1, ps, batch.contiguous,
-                         batch.decode_only)
+                         batch.decode_only, num_decode)
 
     def _token_ids(self, req) -> np.ndarray:
         ids = self._ids.get(req.id)
