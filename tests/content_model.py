@@ -100,6 +100,7 @@ class Driver:
         self.invariants = invariants
         self.hits = 0  # prompt positions served from cache, over the run
         self.refusals = 0  # calls that answered no
+        self.copies: list[tuple[int, int]] = []  # copies applied since the last `Checked.take_copies`
 
     # ---- the model --------------------------------------------------------------------------
     def slots_of(self, rid: int, start: int, stop: int) -> np.ndarray:
@@ -112,7 +113,9 @@ class Driver:
 
     def _apply_copies(self) -> None:
         ps = self.ps
-        for src, dst in self.s.take_copies():
+        copies = self.s.take_copies()
+        self.copies += copies
+        for src, dst in copies:
             self.slots[dst * ps:(dst + 1) * ps] = self.slots[src * ps:(src + 1) * ps]
 
     def _write(self, rid: int, start: int, stop: int) -> None:
@@ -187,14 +190,15 @@ class Driver:
         self._apply_copies()
         self.check_all(f"release({rid})")
 
-    def fork(self, parent: int, child: int, child_tokens: np.ndarray) -> bool:
+    def fork(self, parent: int, child: int, child_tokens: np.ndarray, child_kv_len: int | None = None) -> bool:
         src = self.live[parent]
+        kv_len = src.kv_len if child_kv_len is None else child_kv_len
         before = fingerprint(self.s, self.live) if self.check_no_mutation else None
         what = f"fork({parent} → {child})"
-        if not self.s.fork(parent, child, child_tokens, src.kv_len):
+        if not self.s.fork(parent, child, child_tokens, kv_len):
             self._refused(before, what)
             return False
-        self.live[child] = Live(child_tokens, src.kv_len, src.num_prompt, src.length)
+        self.live[child] = Live(child_tokens, kv_len, src.num_prompt, src.length)
         self._apply_copies()
         self.check_all(what)
         return True
@@ -214,6 +218,37 @@ class Driver:
         assert end.free + end.cached == self.s.capacity, end
         self.evict(self.s.capacity)
         assert self.s.slot_states(None).free == self.s.capacity
+
+
+class Checked:
+    """A strategy whose every contract call goes through a Driver: the scheduler (or anything
+    else) drives it as the strategy itself, and each call's content is checked. Pure reads and
+    attributes pass straight through; copies reach `take_copies` after the model applied them."""
+
+    def __init__(self, strategy, check_no_mutation: bool = True, invariants: bool = True) -> None:
+        self.driver = Driver(strategy, check_no_mutation=check_no_mutation, invariants=invariants)
+
+    def __getattr__(self, name):
+        return getattr(self.driver.s, name)
+
+    def admit(self, rid, tokens, kv_len, num_prompt, max_new):
+        return self.driver.admit(rid, tokens, kv_len, num_prompt, max_new)
+
+    def grow(self, rid, num_tokens):
+        return self.driver.grow(rid, num_tokens)
+
+    def release(self, rid):
+        self.driver.release(rid)
+
+    def fork(self, parent, child, child_tokens, child_kv_len):
+        return self.driver.fork(parent, child, child_tokens, child_kv_len)
+
+    def evict(self, num_slots):
+        return self.driver.evict(num_slots)
+
+    def take_copies(self):
+        copies, self.driver.copies = self.driver.copies, []
+        return copies
 
 
 def family_tokens(rng: np.random.Generator, vocab: int, family: int, prompt: int, output: int) -> np.ndarray:

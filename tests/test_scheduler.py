@@ -11,6 +11,7 @@ from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.paged import PagedStrategy
 from kvbench.strategies.radix import RadixStrategy
 from kvbench.strategies.slab import SlabStrategy
+from content_model import Checked
 from strategy_cases import STRATEGY_YAMLS, build
 
 ENGINE = SimEngine(overhead_s=0.01, prefill_token_s=0.0, decode_token_s=0.0, kv_read_token_s=0.0)
@@ -67,15 +68,18 @@ def test_every_request_ends_finished_or_rejected_with_its_reason():
 @pytest.mark.parametrize("stem", STRATEGY_YAMLS)
 def test_memory_pressure_replay_finishes_everything_with_invariants_intact(stem):
     """Every strategy yaml on a pool too small for the load (512 slots; a slab that reserves
-    max_model_len gets 2048, or it would run one request at a time)."""
+    max_model_len gets 2048, or it would run one request at a time), every strategy call checked
+    against the content model (tests/content_model.py)."""
     strategy = build(stem, 512, 512)
     if strategy.contiguous and getattr(strategy, "reservation", None) == "max":
         strategy = build(stem, 2048, 512)
     rng = np.random.default_rng(7)
     reqs = [req(i, int(rng.integers(10, 200)), int(rng.integers(1, 120)), i * 0.005, base=i % 3)
             for i in range(120)]
-    sched = Scheduler(strategy, max_num_seqs=16, max_num_batched_tokens=256)
+    checked = Checked(strategy, invariants=False)  # every call the scheduler makes: content checked
+    sched = Scheduler(checked, max_num_seqs=16, max_num_batched_tokens=256)
     result = replay(reqs, sched, ENGINE, progress=False)
+    assert checked.driver.refusals > 0 and (checked.driver.hits > 0) == strategy.caches_prefixes
     assert len(result.finished) == 120
     assert all(s.emitted == s.request.output_len for s in result.finished)
     tl = result.recorder.timeline()
