@@ -14,8 +14,11 @@ token id whose K/V slot `i` holds (-1: never written).
     a page freed while in use: each shows up as a wrong id)
 
 The contract says a call that answers "no" (admit not admitted, grow / fork False) changes
-nothing: the driver fingerprints the strategy (page tables, slot states, and a pickle of its
-private fields, memo caches excepted) before such a call could answer no and compares after.
+nothing: before every admit, grow and fork the driver fingerprints the strategy (page tables,
+slot states, and a pickle of its private fields, memos excepted: fields named *memo*) and, when
+the call answers no, names every field that changed. `Checked` wraps a strategy so that the
+scheduler's own calls go through the driver; `random_run` is the random generator that the
+property tests and the opt-in long run share.
 """
 from __future__ import annotations
 

@@ -12,12 +12,13 @@ read only.
 Deliberate differences, each stated where it shows:
 - A refused admission changes nothing in kvbench (the contract: a call that answers no does not
   mutate); SGLang's `match_prefix` splits the node a match ends in and refreshes access times
-  whether or not the request is then scheduled.
+  whether or not the request is then scheduled. Why: the scheduler retries the head of the queue
+  every step, and those retries must not reorder eviction or reshape the tree.
 - `prefix_visibility=scheduled` (vLLM's rule, not SGLang's) inserts a prompt chunk in the call
   that schedules it, so a second request with the same prompt hits it at once and nothing is
   computed twice; SGLang (and kvbench's default) inserts it after the chunk ran.
 - Access times are a logical clock (lock, unlock, insert) rather than `time.monotonic()`: the
-  same order, no ties broken by timer resolution.
+  same order, but deterministic (no ties left to timer resolution), so runs repeat exactly.
 """
 from __future__ import annotations
 

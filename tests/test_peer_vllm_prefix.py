@@ -8,15 +8,19 @@ minus one: vLLM's block 0 is a null block, kvbench has none.
 
 Deliberate differences, each stated where it shows:
 - kvbench makes a page hittable once the step that computes it has run (the request's next
-  `grow`, or its `release`); vLLM when it schedules it. The tests run that step (`grow(rid, 1)`)
-  where vLLM's would hit at once; with `prefix_visibility=scheduled` kvbench does as vLLM, and
-  vLLM's exact numbers come back (the tests marked "scheduled").
+  `grow`, or its `release`); vLLM when it schedules it. Why: the default follows SGLang and does
+  not rely on an engine writing a step's K/V before any attention of the same step reads it. The
+  tests run that step (`grow(rid, 1)`) where vLLM's would hit at once; with
+  `prefix_visibility=scheduled` kvbench does as vLLM, and vLLM's exact numbers come back (the
+  tests named "scheduled").
 - Free pages: kvbench hands out returned pages (most recent first), then never-used ones, then
   evicts cached pages least recently used first; vLLM's free queue has the same order
   (unhashed blocks prepended, cached blocks appended tail first), so block ids agree.
 - A page whose ids another page already caches (recomputed because it could not hit) is freed
-  at release; vLLM keeps it as a second cached block, most recently used. With
-  `dedup_touch=true` kvbench moves the cached original to most recently used instead.
+  at release; vLLM keeps it as a second cached block, most recently used. Why: two pages of the
+  same ids hold memory that no hit can use (SGLang frees such a copy too). With
+  `dedup_touch=true` kvbench moves the cached original to most recently used instead, the
+  recency vLLM's copy would have.
 """
 from __future__ import annotations
 
