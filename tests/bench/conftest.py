@@ -6,10 +6,16 @@
 (docs/benchmarks.md says why 100 %). Two additions to pytest-benchmark:
 - where `results/benchmarks/<machine>/` holds no earlier run, the comparison is dropped with a
   note instead of pytest-benchmark's usage error (this run becomes the reference);
-- the end of the run prints the goals of issue 6 with the numbers just measured.
+- the end of the run prints the goals of issue 6 with the numbers just measured;
+- with $KVBENCH_GATE_CALIBRATION set to a file, the fixed workload of the CI speed gate
+  (tests/bench/gate.py) is timed before every benchmark, with both timers, and the samples go
+  to that file: spread over the whole pass, they see the load the benchmarks saw.
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +71,26 @@ def pytest_terminal_summary(terminalreporter, config):
         width = max(len(r[0]) for r in rows)
         for text, value, limit, verdict in rows:
             terminalreporter.write_line(f"{text.ljust(width)}  {value:>8}  goal {limit:<7}  {verdict}")
+
+
+_CALIBRATION: list[tuple[float, float]] = []  # (process_time, perf_counter) seconds per sample
+
+
+@pytest.fixture(autouse=True)
+def _gate_calibration():
+    """Time the gate's calibration workload before each benchmark (only for tests/bench/gate.py)."""
+    if os.environ.get("KVBENCH_GATE_CALIBRATION"):
+        from gate import calibration_workload
+
+        for _ in range(10):
+            c0, w0 = time.process_time(), time.perf_counter()
+            calibration_workload()
+            _CALIBRATION.append((time.process_time() - c0, time.perf_counter() - w0))
+    yield
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("KVBENCH_GATE_CALIBRATION")
+    if path and _CALIBRATION:
+        Path(path).write_text(json.dumps({"process_time": [c for c, _ in _CALIBRATION],
+                                          "perf_counter": [w for _, w in _CALIBRATION]}))
