@@ -178,8 +178,9 @@ class GPUEngine(TorchEngine):
     @torch.inference_mode()
     def _warm_up(self, page_size: int, num_pages: int) -> None:
         """Compile the kernel variants a replay will meet: mixed batches of B requests (B around
-        every power of two up to 512, divisible by 16 and not), slab and paged layouts. Writes
-        garbage into pool pages that the replay has not used yet."""
+        every power of two up to 512, divisible by 16 and not), and decodes over contexts of 64
+        tokens to the longest request (every split-KV count class), slab and paged layouts.
+        Writes garbage into pool pages that the replay has not used yet."""
         t0 = time.perf_counter()
         sizes = sorted({b for p in range(10) for b in (1 << p, (1 << p) + 1) if 2 * b <= num_pages})
         for contiguous in (False, True):
@@ -193,6 +194,13 @@ class GPUEngine(TorchEngine):
                 qsl = np.concatenate([[0], np.cumsum(lens)])
                 h = HostBatch(np.zeros(len(pos), np.int64), pos, slots, table, qsl, lens, qsl[1:] - 1,
                               page_size, contiguous, False, b - 1)
+                ids, positions, meta = h.to_device(self.device)
+                self.model(ids, positions, meta, self.kv_pool)
+            longest = min(getattr(self, "max_model_len", None) or 1 << 17, num_pages * page_size)
+            for n in (64 << k for k in range(12) if 64 << k <= longest):   # reads page 0, writes nothing
+                one = np.ones(1, np.int64)
+                h = HostBatch(np.zeros(1, np.int64), one * (n - 1), -one, np.zeros((1, -(-n // page_size)), np.int32),
+                              np.array([0, 1]), one * n, np.zeros(1, np.int64), page_size, contiguous, True)
                 ids, positions, meta = h.to_device(self.device)
                 self.model(ids, positions, meta, self.kv_pool)
         if self.device.type == "cuda":
