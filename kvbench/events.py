@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from kvbench.batch import StepBatch
 from kvbench.request import Request
 from kvbench.strategies.base import SlotStates
@@ -49,10 +51,10 @@ class DecodeRun(NamedTuple):
     """
 
     seqs: list[Request]  # [D] the requests, in the order they run
-    t: list[float]  # [k] step start times
-    dt: list[float]  # [k] step durations
+    t: np.ndarray  # [k] float64 step start times
+    dt: np.ndarray  # [k] float64 step durations
     kv_read0: int
     running: int
     waiting: int
     preemptions: int
-    states: list[SlotStates]  # [k]
+    states: list[tuple[int, ...]]  # [k] SlotStates fields of each step

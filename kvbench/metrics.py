@@ -90,26 +90,22 @@ class Recorder:
 
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`."""
-        d, kv_read, fixed = len(run.seqs), run.kv_read0, (run.running, run.waiting, 0, len(run.seqs))
-        floats, ints = self._floats, self._ints
-        gap, count, last = self._gap, self._gap_count, run.t[0]
-        for t, dt, states in zip(run.t, run.dt, run.states):
-            floats.extend((t, dt))
-            ints.extend(fixed)
-            ints.extend((kv_read, run.preemptions, *states))
-            kv_read += d
-            end = t + dt
-            g = end - last
-            if g == gap:
-                count += d
-            else:
-                if count:
-                    self._gaps.append(gap)
-                    self._gap_counts.append(count)
-                gap, count = g, d
-            last = end
-        self._gap, self._gap_count = gap, count
-        times = self._times
+        t, dt, k, d = np.asarray(run.t), np.asarray(run.dt), len(run.t), len(run.seqs)
+        self._floats.frombytes(np.column_stack((t, dt)).tobytes())
+        rows = np.empty((k, _INT_COLUMNS), np.int32)
+        rows[:, :6] = (run.running, run.waiting, 0, d, 0, run.preemptions)
+        rows[:, 4] = run.kv_read0 + d * np.arange(k)
+        rows[:, 6:] = run.states
+        self._ints.frombytes(rows.tobytes())
+        ends = t + dt  # every request's token j comes out at ends[j], the one before at ends[j - 1]
+        gaps = ends - np.concatenate((t[:1], ends[:-1]))  # (t[0]: the step before the run ended then)
+        if self._gap_count:
+            self._gaps.append(self._gap)
+            self._gap_counts.append(self._gap_count)
+        self._gaps.frombytes(gaps[:-1].tobytes())
+        self._gap_counts.frombytes(np.full(k - 1, d, np.int64).tobytes())
+        self._gap, self._gap_count = float(gaps[-1]), d
+        last, times = float(ends[-1]), self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
 

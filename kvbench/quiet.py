@@ -14,7 +14,8 @@ request's deferred ones. A step's slot states are the strategy's own where a pag
 (corrected by the deferred tokens), else the last step's with d more slots moved from reserved
 to token; at the end the strategy's states must equal the last step's (`end` checks).
 
-Costs: O(d) `room` calls at the start; per step O(1) plus O(requests taking a page there).
+Costs: O(d) `room` calls at the start; per step O(1) plus O(requests taking a page there),
+plus one `slot_states` where a page is taken.
 """
 from __future__ import annotations
 
@@ -49,46 +50,54 @@ class QuietRun:
                 limit = min(limit, room)
         self.limit = max(limit, 0)
 
-    def step(self) -> SlotStates | None:
-        """Run the next quiet step's grows; its slot states, or None if it cannot run quietly."""
-        j, d = self.j, len(self.seqs)
-        if j >= self.limit:
-            return None
-        takers = self.pages_at.pop(j, None)
-        st, states = self.st, self.states
-        if takers:
-            if states.free + states.cached < len(takers) * st.page_size:
-                self.pages_at[j] = takers
-                return None
+    def run(self, k: int) -> list[tuple[int, ...]]:
+        """Make the grows of up to k next quiet steps; the slot states of each step that ran
+        (fewer than k where the run ends, or where requests would need pages that are not free)."""
+        st, seqs, held, pages_at = self.st, self.seqs, self.held, self.pages_at
+        j, d, stop, deferred = self.j, len(seqs), min(self.j + k, self.limit), self.deferred
+        token, reserved, internal, external, cached, free = self.states
+        rows = []
+        while j < stop:
+            takers = pages_at.pop(j, None)
+            if takers is None:  # nobody takes a page: d slots move from reserved to token
+                token, reserved, deferred = token + d, reserved - d, deferred + d
+                rows.append((token, reserved, internal, external, cached, free))
+                j += 1
+                continue
+            if free + cached < len(takers) * st.page_size:
+                pages_at[j] = takers
+                break
             for i in sorted(takers):  # running order
-                s, held = self.seqs[i], self.held[i]
+                s, was = seqs[i], held[i]
                 pos = s.computed + j  # the position this step writes: it needs a page
-                if pos > held:
-                    self._grow(s, pos - held)  # its deferred decodes, inside its room
+                if pos > was:
+                    self._grow(s, pos - was)  # its deferred decodes, inside its room
                 self._grow(s, 1)
-                self.held[i] = pos + 1
-                self.deferred -= pos - held
-                self.pages_at.setdefault(j + 1 + st.room(s.id, pos + 1), []).append(i)
-            self.deferred += d - len(takers)
-            now = st.slot_states(self.sched.waiting_kv_len())
-            states = now._replace(token=now.token + self.deferred, reserved=now.reserved - self.deferred)
-        else:
-            self.deferred += d
-            states = states._replace(token=states.token + d, reserved=states.reserved - d)
-        self.states, self.j = states, j + 1
-        return states
+                held[i] = pos + 1
+                deferred -= pos - was
+                pages_at.setdefault(j + 1 + st.room(s.id, pos + 1), []).append(i)
+            deferred += d - len(takers)
+            token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
+            token, reserved = token + deferred, reserved - deferred
+            rows.append((token, reserved, internal, external, cached, free))
+            j += 1
+        self.states = SlotStates(token, reserved, internal, external, cached, free)
+        self.j, self.deferred = j, deferred
+        return rows
 
     def end(self) -> int:
         """Make the deferred grows, advance every request by the steps run, and check the
         strategy's slot states against the last step's. Returns the steps run."""
         k = self.j
+        if k == 0:
+            return 0
         for s, held in zip(self.seqs, self.held):
             if s.computed + k > held:
                 self._grow(s, s.computed + k - held)
             s.computed += k
             s.emitted += k
         now = self.st.slot_states(self.sched.waiting_kv_len())
-        if k and now != self.states:
+        if now != self.states:
             raise RuntimeError(f"fast-forward: strategy '{self.st.label}' reports {now} after {k} quiet "
                                f"decode steps of {len(self.seqs)} requests, but {self.states} was expected "
                                f"(a decode inside a request's `room` moves one slot from reserved to token)")

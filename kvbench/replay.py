@@ -80,20 +80,27 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
 def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: StepEvent, now: float,
                  until: float) -> float:
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
-    at or after `until` (an arrival); returns the clock after them. Mutates (through `run`)
-    the strategy and the requests, and the recorder."""
+    at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
+    reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
+    as stepping adds them). Mutates (through `run`) the strategy and the requests, and the
+    recorder."""
     d = steady.running
     kv_read = steady.batch.kv_read_tokens + d  # every decode reads one position more each step
-    kv0, cost = kv_read, engine.cost
-    t, dts, rows = [], [], []
-    while now < until and (states := run.step()) is not None:
-        dt = cost(0, d, kv_read)
-        t.append(now)
-        dts.append(dt)
-        rows.append(states)
-        now += dt
-        kv_read += d
-    if run.end():
-        rec.decode_run(DecodeRun([s.request for s in run.seqs], t, dts, kv0, d, steady.waiting,
-                                 steady.preemptions, rows))
+    while (left := run.limit - run.j) > 0:
+        k = min(left, _CHUNK)
+        kv = kv_read + d * np.arange(k, dtype=np.int64)
+        dts = engine.decode_costs(d, kv)
+        starts = np.add.accumulate(np.concatenate(([now], dts)))  # [k + 1]
+        rows = run.run(int(np.searchsorted(starts[:k], until)))  # the steps that start before `until`
+        j = len(rows)
+        if j:
+            rec.decode_run(DecodeRun([s.request for s in run.seqs], starts[:j], dts[:j], kv_read, d,
+                                     steady.waiting, steady.preemptions, rows))
+            now, kv_read = float(starts[j]), kv_read + j * d
+        if j < k:
+            break
+    run.end()
     return now
+
+
+_CHUNK = 4096  # quiet steps priced at once

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from kvbench.batch import StepBatch
 
 
@@ -36,8 +38,9 @@ class Engine(ABC):
         Mutates: the KV pool (real engines), and for `sample=true` the requests' output ids.
         """
 
-    def cost(self, prefill: int, decode: int, kv_read: int) -> float:
-        """The modelled duration of a step with these token counts [s] (fast-forwarding engines)."""
+    def decode_costs(self, decode: int, kv_read: np.ndarray) -> np.ndarray:
+        """Modelled durations [s] of decode-only steps of `decode` tokens that read `kv_read[j]`
+        K/V positions each, exactly as `step` would price them (fast-forwarding engines only)."""
         raise NotImplementedError(f"engine '{self.name}' executes its steps: it has no cost model")
 
     def summary(self) -> dict:

@@ -62,5 +62,8 @@ class SimEngine(Engine):
     def cost(self, prefill: int, decode: int, kv_read: int) -> float:
         return float(step_time(self.coefficients, prefill, decode, kv_read))
 
+    def decode_costs(self, decode: int, kv_read: np.ndarray) -> np.ndarray:
+        return step_time(self.coefficients, 0, decode, kv_read)  # elementwise: the same floats as `cost`
+
     def summary(self) -> dict:
         return {"device": self.device}
