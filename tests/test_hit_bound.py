@@ -135,6 +135,22 @@ def test_no_strategy_exceeds_the_bound_on_the_shared_traces(name, strategy):
         assert_within_bound(name, strategy, 16, capacity)
 
 
+@pytest.mark.parametrize("strategy", ["paged", "radix"])
+def test_the_reported_hit_rate_is_the_served_tokens_and_within_the_bound(tmp_path, strategy):
+    # what the figures draw: summary.json's prefix_hit_rate, through the real run path
+    from kvbench.run import run
+
+    cfg = config(strategy, GENERATORS["multi_turn"] + ["strategy.page_size=16", "kv_capacity_tokens=6144"])
+    summary = run(cfg, tmp_path / "run")
+    reqs = trace("multi_turn")
+    served = served_hits("multi_turn", strategy, 16, 6144)
+    prompts = sum(reqs[i].prompt_len for i in served)
+    assert summary["finished"] == len(served)
+    assert summary["prefix_hit_rate"] == pytest.approx(sum(served.values()) / prompts, rel=1e-12)
+    bound = hit_tokens_per_request(block_references(reqs, 16))
+    assert 0.3 < summary["prefix_hit_rate"] <= sum(bound[i] for i in served) / prompts
+
+
 def test_prefix_caching_off_hits_nothing():
     assert served_hits("multi_turn", "paged_nocache", 16, 1 << 20) == dict.fromkeys(served_hits(
         "multi_turn", "paged_nocache", 16, 1 << 20), 0)
