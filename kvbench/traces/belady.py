@@ -2,21 +2,23 @@
 
 Each strategy's measured hit rate means little alone; these bounds say what was possible.
 
-The model (exact definitions; with one-token outputs the unbounded case is `analysis.prefix_reuse`):
+The model (exact definitions; `block_references(..., outputs=False, last_token_computed=False)`
+makes the unbounded case `analysis.prefix_reuse`, reuse among prompts):
 - Blocks. A prompt is cut into blocks of `block_size` tokens (the last may be partial). A block
   is a node of a trie over blocks: it is the same block only after the same whole prefix, so
   the ids of a cached block are its prefix's ids, exactly (no hashes).
+- What a request may take from the cache: the whole blocks of its first `prompt_len - 1`
+  tokens (a server computes at least the last prompt token, for its logits: vLLM, SGLang and
+  `Strategy.admit` alike). These are its *counted* references.
 - What a request leaves in the cache: the K/V of every position it computed, i.e. its prompt
-  and all but its last output token (`Request.kv_len` positions). Its prompt's blocks (the
-  partial last one included), then the *whole* blocks of its K/V past its prompt's whole blocks
-  (output, or prompt tail + output): a multi-turn chat's next prompt repeats this output, and
-  both paged (vLLM) and radix (SGLang) serve it from cache. Partial blocks of output are never
-  kept (neither server shares a partly filled page).
+  and all but its last output token (`Request.kv_len` positions), in whole blocks: a multi-turn
+  chat's next prompt repeats this output, and both paged (vLLM) and radix (SGLang) serve it
+  from cache. Partial blocks are never kept (neither server shares a partly filled page).
 - Order. Requests are served one at a time in arrival order (FCFS: a request's first admission
   comes after that of every earlier arrival, before that of every later one); the block
   references form one sequence: request 0's prompt blocks, then its output blocks, then request
-  1's, ... (position = index there). Prompt references are *counted* (their hits are the hit
-  rate); output references only bring a block in (their hit would be the request's own work).
+  1's, ... (position = index there). Counted references' hits are the hit rate; the others
+  (output, the last prompt block) only bring a block in (a hit there is the request's own work).
 - Cache. At most C blocks are kept. A request's own blocks need not stay (a policy may decline
   to keep a block: "bypass"), so C is the memory set aside for reuse, not for running requests.
 - Hits (the prefix property). A counted reference hits when the block *and every block before
@@ -41,8 +43,9 @@ The Belady line is the best a cache of C blocks can do serving requests one at a
 server that overlaps requests is not bound by it exactly (a later request may find output
 pages of an earlier one that is still running), only in practice.
 
-Costs: O(R log R) for R block references (a heap with lazy deletion; R is 3.8 M for Mooncake
-at 16-token blocks, a few seconds).
+Costs: O(R log R) for R block references (a heap with lazy deletion). Mooncake at 16-token
+blocks: R = 3.86 M; building the references 23 s, Belady at 8192 / 65536 blocks 13 / 24 s
+(CPython 3.11 on a loaded 2-core box); the report skips block sizes past 8 M references.
 """
 from __future__ import annotations
 
