@@ -81,7 +81,7 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> di
     return out
 
 
-def figure(reports: list[dict], data: list[dict], path: Path) -> None:
+def figure(reports: list[dict], data: list[dict], path: Path, note: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,17 +90,19 @@ def figure(reports: list[dict], data: list[dict], path: Path) -> None:
     for j, (rep, runs) in enumerate(zip(reports, data)):
         ax, cdf = axes[0, j], axes[1, j]
         for name, (_, tl, req) in runs.items():
-            colour, marker = styles.get(name.split("_", 2)[-1] if "nocache" not in name else "paged_nocache",
-                                        ("C7", "."))
+            kind = next((k for k in ("paged_nocache", "radix", "paged") if name.endswith(k)), None)
+            colour, marker = styles.get(kind, ("C7", "."))
             p = tl[tl.prefill_tokens > 0]
             ax.scatter(p.prefill_tokens, p.dt_s * 1e3, s=6, alpha=0.4, color=colour, marker=marker, label=name)
             t = np.sort(req.loc[req.status == "finished", "ttft_s"].to_numpy() * 1e3)
             cdf.plot(t, np.arange(1, len(t) + 1) / len(t), color=colour, label=name)
-        ax.set(xscale="log", xlabel="prefill tokens computed in the step", ylabel="step time (ms)",
+        ax.set(xscale="log", yscale="log", xlabel="prefill tokens computed in the step", ylabel="step time (ms)",
                title=f"{rep['model']} on {rep['device']}: steps with prefill")
         cdf.set(xscale="log", xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT")
         ax.legend(fontsize=8)
         cdf.legend(fontsize=8)
+    if note:
+        fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
@@ -112,6 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("results/gpu_prefix_saving"))
+    ap.add_argument("--note", default="", help="a line over the figure (commit, date, copy bandwidth)")
     args = ap.parse_args()
     reports, data = [], []
     for sweep in args.runs:
@@ -119,7 +122,7 @@ def main() -> None:
         reports.append(model_report(runs))
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(reports, data, args.out / "prefix_saving.png")
+    figure(reports, data, args.out / "prefix_saving.png", args.note)
     text = json.dumps(reports, indent=1, default=float)
     fd, tmp = tempfile.mkstemp(dir=args.out)
     with os.fdopen(fd, "w") as f:
