@@ -137,9 +137,8 @@ class Recorder:
         cols.update(zip(TIMELINE_COLUMNS[2:], i.T))
         return pd.DataFrame(cols, columns=TIMELINE_COLUMNS)
 
-    def requests(self, finished: object = None) -> pd.DataFrame:
-        """One row per request: finished ones from the events, then the rejected ones.
-        (`finished` is not read: every number comes from the events.)"""
+    def requests(self) -> pd.DataFrame:
+        """One row per request, sorted by id: every number from the events."""
         rows = []
         for tm in self._times.values():
             r = tm.request

@@ -186,7 +186,7 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     scheduler = Scheduler(strategy, **cfg.scheduler)
     result = replay(requests, scheduler, engine, progress=cfg.progress)
 
-    requests_df = result.recorder.requests(result.finished)
+    requests_df = result.recorder.requests()
     timeline_df = result.recorder.timeline()
     summary = {"strategy": strategy.name, "label": strategy.label, "engine": engine.name,
                "trace": cfg.trace.get("name", "trace"),

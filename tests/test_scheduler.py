@@ -57,7 +57,7 @@ def test_every_request_ends_finished_or_rejected_with_its_reason():
     reqs = [req(0, 30, 5, 0.0), req(1, 600, 10, 0.1), req(2, 20, 480, 0.2), req(3, 40, 8, 0.3)]
     strategy = RadixStrategy(capacity_tokens=400, max_model_len=512)
     result = replay(reqs, Scheduler(strategy, 4, 128), ENGINE, progress=False)
-    table = result.recorder.requests(result.finished)
+    table = result.recorder.requests()
     assert table.status.tolist() == ["finished", "rejected", "rejected", "finished"]
     assert table.reason[1].startswith("max_model_len: prompt + output = 610")
     assert table.reason[2].startswith("pool: needs 499 KV slots, the pool holds 400")
@@ -119,5 +119,5 @@ def test_a_rejected_last_arrival_while_nothing_runs_ends_the_replay(lengths):
     # the last arrival is rejected when nothing runs: the loop must end, not look for a next one
     reqs = [req(i, p, o, arrival=float(i)) for i, (p, o) in enumerate(lengths)]
     result = replay(reqs, Scheduler(PagedStrategy(1024, 512), 4, 128), ENGINE, progress=False)
-    table = result.recorder.requests(result.finished)
+    table = result.recorder.requests()
     assert table.status.tolist() == ["finished" if p + o <= 512 else "rejected" for p, o in lengths]
