@@ -18,12 +18,16 @@ def step_time(c: dict, prefill, decode, kv_read):
                        or the GPU's work, whichever takes longer)
     """
     graph = c["overhead_s"] + decode * c["decode_token_s"] + kv_read * c["kv_read_token_s"]
-    if isinstance(prefill, int) and prefill == 0:
-        return graph  # one decode-only step (the sim's hot path): plain float arithmetic, same result
+    one_step = isinstance(prefill, int)  # the sim's hot path: plain floats, the same IEEE operations
+    if one_step and prefill == 0:
+        return graph
     eager_decode = c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"]
     eager_kv = c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"]
-    eager = c["overhead_s"] + c["prefill_step_s"] + np.maximum(
-        c.get("eager_floor_s") or 0.0, prefill * c["prefill_token_s"] + decode * eager_decode + kv_read * eager_kv)
+    floor = c.get("eager_floor_s") or 0.0
+    work = prefill * c["prefill_token_s"] + decode * eager_decode + kv_read * eager_kv
+    if one_step:
+        return c["overhead_s"] + c["prefill_step_s"] + max(floor, work)
+    eager = c["overhead_s"] + c["prefill_step_s"] + np.maximum(floor, work)
     return np.where(np.asarray(prefill) > 0, eager, graph)
 
 
