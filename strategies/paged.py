@@ -65,18 +65,18 @@ class _Seq:
     reserved: int = 0  # this request's share of the pool's reserved slots
 
 
-@dataclass(slots=True)
 class _Match:
     """The prefix match of one waiting request, kept exact between its retries (see the module
     docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
 
-    rid: RequestId
-    tokens: np.ndarray
-    num_full: int  # pages it may hit
-    hashes: list[int]  # chained hashes of its first pages, computed up to the first miss
-    hits: list[PageId] = field(default_factory=list)
-    index: dict[PageId, int] = field(default_factory=dict)  # hit page → its position in hits
-    cached: int = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
+    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached")
+
+    def __init__(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> None:
+        self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
+        self.hashes: list[int] = []  # chained hashes of its first pages, computed up to the first miss
+        self.hits: list[PageId] = []
+        self.index: dict[PageId, int] = {}  # hit page → its position (filled when the request is refused)
+        self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
 
 
 _VISIBILITY = ("computed", "scheduled")
@@ -104,7 +104,8 @@ class PagedStrategy(Strategy):
         self.prefix_visibility, self.dedup_touch = prefix_visibility, bool(dedup_touch)
         self._scheduled = prefix_caching and prefix_visibility == "scheduled"
         self._free = array("l")  # a stack of returned page ids (most recent on top)
-        self._next = 0  # pages >= _next were never handed out (fresh, free); the lists below have _next items
+        self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free); the
+        # per-page lists below cover the pages handed out so far and grow by half when they run out
         self._ref: list[int] = []
         self._fill: list[int] = []  # tokens written in the page
         self._hash: list[int | None] = []  # set while the page is in the hash table
@@ -118,24 +119,31 @@ class PagedStrategy(Strategy):
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
-        return len(self._free) + (self.num_pages - self._next) + len(self._lru)
+        return len(self._free) + self._fresh + len(self._lru)
 
     def _take_page(self) -> PageId:
         if self._free:
             pid = self._free.pop()
-        elif self._next < self.num_pages:  # a fresh page: the per-page lists grow by one
-            pid = PageId(self._next)
-            self._next += 1
-            self._ref.append(1)
-            self._fill.append(0)
-            self._hash.append(None)
-            self._stored_ids.append(None)
-            return pid
+        elif self._fresh:  # a page never handed out
+            pid = self.num_pages - self._fresh
+            self._fresh -= 1
+            if pid == len(self._ref):
+                self._grow_lists()
         else:
             pid = self._evict_one()
         self._ref[pid] = 1
         self._fill[pid] = 0
         return pid
+
+    def _grow_lists(self) -> None:
+        """The per-page lists grow by half (at least 1024 pages, at most to the pool): O(1) amortized
+        per page handed out, and never more than 1.5x the pages used plus 1024."""
+        n = len(self._ref)
+        k = min(max(n // 2, 1024), self.num_pages - n)
+        self._ref.extend([0] * k)
+        self._fill.extend([0] * k)
+        self._hash.extend([None] * k)
+        self._stored_ids.extend([None] * k)
 
     def _unref(self, pid: PageId) -> None:
         self._ref[pid] -= 1
@@ -182,7 +190,7 @@ class PagedStrategy(Strategy):
         """The waiting request's hit i is gone: it hits only its first i pages now."""
         ref, index = self._ref, memo.index
         for pid in memo.hits[i:]:
-            del index[pid]
+            index.pop(pid, None)
             if ref[pid] == 0:
                 memo.cached -= 1
         del memo.hits[i:]
@@ -193,11 +201,12 @@ class PagedStrategy(Strategy):
         only the memo. The page hashes are computed up to the first miss."""
         memo = self._hit_memo
         if memo is None or memo.rid != rid or memo.tokens is not tokens:
-            memo = self._hit_memo = _Match(rid, tokens, num_full, [])
+            memo = self._hit_memo = _Match(rid, tokens, num_full)
         elif memo.num_full != num_full:
             self._cut(memo, 0)
             memo.num_full = num_full
-        ps, hashes, hits, table, stored = self.page_size, memo.hashes, memo.hits, self._table, self._stored_ids
+        ps, hashes, hits, table, stored, ref = (self.page_size, memo.hashes, memo.hits, self._table,
+                                                self._stored_ids, self._ref)
         for i in range(len(hits), num_full):
             ids = None
             if i == len(hashes):
@@ -210,11 +219,17 @@ class PagedStrategy(Strategy):
                 ids = tokens[i * ps:(i + 1) * ps].tobytes()
             if stored[pid] != ids:  # a hash is only a hint: verify the ids
                 break
-            memo.index[pid] = i
             hits.append(pid)
-            if self._ref[pid] == 0:
+            if ref[pid] == 0:
                 memo.cached += 1
         return memo
+
+    @staticmethod
+    def _index(memo: _Match) -> None:
+        """The request is refused: index its hits, so that evictions and frees find them."""
+        index = memo.index
+        for i in range(len(index), len(memo.hits)):
+            index[memo.hits[i]] = i
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Put the request's newly completed pages into the hash table (they hold computed K/V)."""
@@ -265,6 +280,8 @@ class PagedStrategy(Strategy):
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - len(hits)
         if need > self._available() - revived:
+            if self.prefix_caching:
+                self._index(memo)
             return Admission(False)
         self._hit_memo = None
         for pid in hits:
@@ -348,17 +365,19 @@ class PagedStrategy(Strategy):
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
         ps = self.page_size
         cached = len(self._lru) * ps
-        free = (len(self._free) + self.num_pages - self._next) * ps
+        free = (len(self._free) + self._fresh) * ps
         in_use = self.capacity - cached - free
         return SlotStates(token=self._token, reserved=self._reserved,
                           internal=in_use - self._token - self._reserved, external=0,
                           cached=cached, free=free)
 
     def check_invariants(self) -> None:
-        n, ps = self._next, self.page_size  # pages >= _next are fresh: free, never handed out
-        if not (len(self._ref) == len(self._fill) == len(self._hash) == len(self._stored_ids) == n
-                <= self.num_pages):
-            raise InvariantError(f"per-page lists disagree with the high-water mark {n}")
+        n, ps = self.num_pages - self._fresh, self.page_size  # pages >= n are fresh: free, never handed out
+        size = len(self._ref)
+        if not (len(self._fill) == len(self._hash) == len(self._stored_ids) == size and n <= size <= self.num_pages):
+            raise InvariantError(f"per-page lists of {size} items for {n} pages handed out")
+        if any(self._ref[n:]) or any(self._fill[n:]) or any(h is not None for h in self._hash[n:]):
+            raise InvariantError("a page never handed out has a reference, a fill or a hash")
         owners = [0] * n
         for seq in self._seqs.values():
             if len(seq.pages) != self.pages_for(seq.length):
@@ -387,7 +406,7 @@ class PagedStrategy(Strategy):
                 raise InvariantError(f"hash table points at page {pid} which holds another hash")
         memo = self._hit_memo
         if memo is not None:  # the kept match, brought up to date as a retry would, equals a match from scratch
-            self._cached_prefix(memo.rid, memo.tokens, memo.num_full)
+            self._index(self._cached_prefix(memo.rid, memo.tokens, memo.num_full))
             fresh = self._cached_prefix.__func__(_Scratch(self), memo.rid, memo.tokens, memo.num_full)
             cached = sum(1 for p in memo.hits if self._ref[p] == 0)
             if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != {

@@ -105,7 +105,7 @@ class RadixStrategy(Strategy):
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, _EMPTY, None, 0)
         self._free = array("l")  # a stack of returned page ids (most recent on top)
-        self._next = 0  # pages >= _next were never handed out (fresh, free)
+        self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free)
         self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
         self._heap: list[tuple[int, int, _Node]] = []  # (access, tiebreak, leaf); stale entries skipped
         self._tiebreak = itertools.count()
@@ -185,13 +185,27 @@ class RadixStrategy(Strategy):
         del memo.nodes[i:], memo.ends[i:]
         memo.partial = False
 
-    def _match_kept(self, rid: RequestId, tokens: np.ndarray, limit: int) -> tuple[_Node, int, int, int]:
+    def _kept(self, rid: RequestId, tokens: np.ndarray, limit: int, node: _Node, inside: int) -> _Match:
+        """The memo of a match that ends `inside` ids into `node`. O(depth), once per refused request."""
+        memo = _Match(rid, tokens, limit)
+        while node is not self.root:
+            memo.nodes.append(node)
+            node = node.parent
+        memo.nodes.reverse()
+        end = 0
+        for nd in memo.nodes:
+            end += len(nd.key)
+            memo.ends.append(end)
+        if memo.nodes and inside < len(memo.nodes[-1].key):
+            memo.partial = True
+            memo.ends[-1] -= len(memo.nodes[-1].key) - inside
+        memo.members = set(map(id, memo.nodes))
+        return memo
+
+    def _match_kept(self, memo: _Match) -> tuple[_Node, int, int, int]:
         """`_match(tokens[:limit])` through the memo of this request's last match, extended
         below its last node. Mutates only the memo."""
-        memo = self._match_memo
-        if memo is None or memo.rid != rid or memo.tokens is not tokens or memo.limit != limit:
-            memo = self._match_memo = _Match(rid, tokens, limit)
-        nodes, ends = memo.nodes, memo.ends
+        nodes, ends, tokens, limit = memo.nodes, memo.ends, memo.tokens, memo.limit
         if not memo.partial:
             ids, pos = tokens[:limit], ends[-1] if ends else 0
             node = nodes[-1] if nodes else self.root
@@ -312,23 +326,27 @@ class RadixStrategy(Strategy):
     def _take_pages(self, k: int) -> list[PageId]:
         """k pages: returned ones first (most recent first), then fresh ids in order."""
         free = self._free
-        have = len(free) + self.num_pages - self._next
+        if k == 1:  # the decode path
+            if free:
+                self._private_pages += 1
+                return [free.pop()]
+            if self._fresh:
+                self._private_pages += 1
+                self._fresh -= 1
+                return [self.num_pages - self._fresh - 1]
+        have = len(free) + self._fresh
         if have < k:
             self.evict((k - have) * self.page_size)
         self._private_pages += k
-        if k == 1:  # the decode path
-            if free:
-                return [free.pop()]
-            self._next += 1
-            return [PageId(self._next - 1)]
         r = min(k, len(free))
         pages = free[len(free) - r:]
         del free[len(free) - r:]
         pages.reverse()  # the order r pops would give
         out = pages.tolist()
         if r < k:
-            out.extend(range(self._next, self._next + k - r))
-            self._next += k - r
+            first = self.num_pages - self._fresh
+            out.extend(range(first, first + k - r))
+            self._fresh -= k - r
         return out
 
     def _extend(self, seq: _Seq, new_len: int) -> None:
@@ -344,7 +362,7 @@ class RadixStrategy(Strategy):
 
     def _room(self) -> int:
         """Pages obtainable now: free (returned and fresh) plus evictable."""
-        return len(self._free) + self.num_pages - self._next + self._evictable // self.page_size
+        return len(self._free) + self._fresh + self._evictable // self.page_size
 
     def _insert_gain(self, seq: _Seq, n: int) -> int:
         """How much `_room()` grows if `_insert(seq, n)` runs now. Pure. Each of our pages whose
@@ -361,10 +379,17 @@ class RadixStrategy(Strategy):
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps = self.page_size
         limit = (num_prompt - 1) // ps * ps  # leave at least one position to compute
-        node, inside, cached, path_evictable = self._match_kept(rid, tokens, limit)
+        memo = self._match_memo
+        if memo is not None and memo.rid == rid and memo.tokens is tokens and memo.limit == limit:
+            node, inside, cached, path_evictable = self._match_kept(memo)
+        else:
+            node, inside, cached, path_evictable = self._match(tokens[:limit])
+            memo = None
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - cached // ps
         if need > self._room() - path_evictable // ps:
+            if memo is None:  # refused: keep the match for the retry
+                self._match_memo = self._kept(rid, tokens, limit, node, inside)
             return Admission(False)
         self._match_memo = None
         node = self._settle(node, inside)
@@ -452,7 +477,7 @@ class RadixStrategy(Strategy):
         held = self._private_pages * ps
         return SlotStates(token=self._protected + self._private_token, reserved=self._reserved,
                           internal=held - self._private_token - self._reserved, external=0,
-                          cached=self._evictable, free=(len(self._free) + self.num_pages - self._next) * ps)
+                          cached=self._evictable, free=(len(self._free) + self._fresh) * ps)
 
     def check_invariants(self) -> None:
         ps, owner = self.page_size, {}
@@ -497,11 +522,12 @@ class RadixStrategy(Strategy):
             if pid in owner:
                 raise InvariantError(f"free page {pid} is owned by {owner[pid]}")
             owner[pid] = "free"
-        if len(owner) != self._next or any(pid >= self._next for pid in owner):  # pages >= _next: fresh
-            raise InvariantError(f"{self._next - len(owner)} pages lost, or a fresh page in use")
+        used = self.num_pages - self._fresh  # pages >= used are fresh
+        if len(owner) != used or any(pid >= used for pid in owner):
+            raise InvariantError(f"{used - len(owner)} pages lost, or a fresh page in use")
         memo = self._match_memo
         if memo is not None:  # the kept match equals a match from scratch
-            kept = self._match_kept(memo.rid, memo.tokens, memo.limit)
+            kept = self._match_kept(memo)
             fresh = self._match(memo.tokens[:memo.limit])
             if kept[1:] != fresh[1:] or kept[0] is not fresh[0] or memo.members != set(map(id, memo.nodes)):
                 raise InvariantError(f"kept match of request {memo.rid} {kept[1:]} != from scratch {fresh[1:]}")
