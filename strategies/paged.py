@@ -6,8 +6,9 @@ and automatic prefix caching by a chained hash of each full page's token ids.
     b's prompt hashes to h0, h1 → it shares p0, p1 (ref 2); its own tokens start in p7.
 
 Page states: in use (ref > 0), cached (ref 0, hashed, in the LRU), free (ref 0, not hashed),
-fresh (never handed out: ids >= a high-water mark, free; the per-page lists grow as pages are
-first taken, so a pool of 1e9 slots costs nothing before it is used).
+fresh (never handed out: ids >= a high-water mark, free). The per-page lists cover the pages
+handed out so far and grow by half when they run out, so a pool of 1e9 slots costs nothing
+before it is used.
 
 Costs: allocate and free are O(1) (a stack of returned pages, then the next fresh id: pages are
 handed out 0, 1, 2, … as a full stack would); a cached page is revived or evicted in O(1) (an
@@ -21,7 +22,9 @@ A request that waits for memory is matched once: the match (its hit pages, their
 and how many of them are cached) is kept in a memo and kept exact incrementally. An eviction of
 one of its pages cuts it there (one dict probe per eviction); a page of it that turns cached
 counts there (one probe per freed hashed page); a retry only probes the page after its last hit
-(pages registered since extend it). So a retry is O(1) plus the new hits, not O(prefix).
+(pages registered since extend it). So a retry is O(1) plus the new hits, not O(prefix). (The
+hits are indexed for those probes only when the request is refused: an admission that succeeds
+at once pays nothing for the memo but its creation.)
 
 Options that differ between engines (defaults: kvbench's original behaviour):
 - `prefix_visibility`: when a computed page becomes hittable. `computed` (default): once the step

@@ -18,8 +18,9 @@ insert locks only the nodes it adds to the request's path; eviction pops a heap 
 node) with lazy deletion, O(log n) per evicted leaf; a private page comes from a stack of
 returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1).
 
-A request that waits for memory is matched once: its matched path (nodes and where each ends)
-is kept in a memo and kept exact incrementally. An eviction of its last node cuts it; a split of
+A request that waits for memory is matched once: when it is refused, its matched path (nodes
+and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
+kept exact incrementally. An eviction of its last node cuts it; a split of
 one of its nodes puts the new upper node into it; a retry only looks for a child after its last
 node (insertions extend it), and counts the evictable part of the path by bisection (locks are
 monotone along a path: a locked node's ancestors are locked). So a retry is O(log depth) plus the
