@@ -180,7 +180,7 @@ class RadixStrategy(Strategy):
 
     def _memo_cut(self, memo: _Match, node: _Node) -> None:
         """`node`, a leaf on the kept path (so its last node), was evicted."""
-        i = len(memo.nodes) - 1 - memo.nodes[::-1].index(node)
+        i = len(memo.nodes) - 1 if memo.nodes[-1] is node else memo.nodes.index(node)  # (a leaf: the last)
         for gone in memo.nodes[i:]:
             memo.members.discard(id(gone))
         del memo.nodes[i:], memo.ends[i:]
