@@ -19,25 +19,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-HEADLINE = [("finished", "{:d}"), ("rejected", "{:d}"), ("preemptions", "{:d}"),
-            ("request_throughput", "{:.2f}"), ("output_throughput", "{:.0f}"),
-            ("ttft_p50_s", "{:.3f}"), ("tpot_p50_s", "{:.4f}"), ("mem_token_states_frac", "{:.3f}"),
-            ("waste_frac", "{:.3f}"), ("prefix_hit_rate", "{:.3f}"), ("peak_running", "{:d}"),
-            ("wall_time_s", "{:.1f}")]
 log = logging.getLogger("kvbench")
 
 
-def headline_table(summaries: list[dict]) -> str:
-    """A short text table of the headline metrics, one column per run."""
-    rows = [("", *[f"{s['label']} · {s['trace']}" for s in summaries])]
-    for key, fmt in HEADLINE:
-        rows.append((key, *["-" if s.get(key) is None else fmt.format(s[key]) for s in summaries]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+def strategy_label(strategy) -> str:
+    """The label a strategy config will report (as its class's `label`: slab-oracle, paged-16,
+    paged-16-nocache, radix-1), for run folder names; the resolver `${kvbench_label:${strategy}}`."""
+    if strategy is None or not hasattr(strategy, "get"):
+        return str(strategy)
+    name = str(strategy.get("name", "strategy"))
+    if strategy.get("reservation") is not None:
+        return f"{name}-{strategy.get('reservation')}"
+    label = f"{name}-{strategy.get('page_size')}" if strategy.get("page_size") is not None else name
+    if strategy.get("prefix_caching") is False:
+        return f"{label}-nocache"
+    return label + ("-touch" if strategy.get("dedup_touch") else "")
+
+
+OmegaConf.register_new_resolver("kvbench_label", strategy_label, replace=True)  # also in launcher workers
 
 
 def _one_line(err: BaseException) -> str:
@@ -120,27 +122,55 @@ def _app(cfg: DictConfig) -> None:
             raise
         print(f"kvbench: unexpected error: {job}{what} (traceback in {out_dir / 'error.txt'})", file=sys.stderr)
         return
-    table = headline_table([summary])
+    from kvbench.report.console import run_block
+
+    table = run_block(summary)
     log.info("results in %s\n%s", out_dir, table)
-    if not sweep:
+    if not sweep:  # a sweep prints one table of all its runs at the end (CompareRuns)
         print(table)
         print(f"results: {out_dir}")
 
 
 class CompareRuns(Callback):
-    """After a sweep, print the headline metrics of every run side by side, and name the jobs
-    that failed (main() then exits non-zero)."""
+    """A sweep's console: a progress line after each job (runs done / total, failed, ETA) and,
+    at the end, one table with a row per run (the keys that vary across the sweep, then the
+    headline metrics); names the jobs that failed (main() then exits non-zero)."""
 
     exit_code = 0  # set at the end of a sweep with failed jobs; read by main()
 
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        """Runs where the job ran (a launcher's worker too): counts the jobs of this sweep that
+        ended from marker files in the sweep folder's .progress/, so it works across processes."""
+        import time
+
+        from kvbench.report.collect import sweep_jobs
+        from kvbench.report.console import progress_line
+
+        if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
+            return
+        try:
+            root, run = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
+            started = (root / "multirun.yaml").stat().st_mtime
+            marks = root / ".progress"
+            marks.mkdir(exist_ok=True)
+            (marks / str(config.hydra.job.num)).write_text("failed" if (run / "error.txt").exists() else "done")
+            ended = [m for m in marks.iterdir() if m.stat().st_mtime >= started]
+            failed = sum(m.read_text() == "failed" for m in ended)
+            jobs = sweep_jobs(root)
+            total = len(jobs) if jobs is not None else len(ended)
+            print(progress_line(len(ended), failed, total, time.time() - started), file=sys.stderr, flush=True)
+        except (OSError, ValueError) as err:  # a progress line is not worth failing a run for
+            log.warning("no progress line: %s", err)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from kvbench.report.collect import discover
+        from kvbench.report.console import sweep_rows, sweep_table
 
         root = Path(config.hydra.sweep.dir)
         runs, missing, _ = discover([root])
-        summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-        if summaries:
-            print(f"\n{len(summaries)} runs under {root}:\n{headline_table(summaries)}")
+        rows = sweep_rows(root)
+        if rows:
+            print(f"\n{len(runs)} runs under {root}:\n{sweep_table(rows)}")
         if missing:
             bad_input = all((m.error or "").startswith("kvbench: error:") for m in missing)
             CompareRuns.exit_code = 2 if bad_input else 1
@@ -162,7 +192,7 @@ def unknown_choice(args: list[str]) -> str | None:
         folder = Path(CONFIG_DIR) / key
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         for name in filter(None, value.split(",")):
-            if name not in known:
+            if name not in known and name != "null":
                 return f"unknown {key} '{name}' in '{arg}' (choose from: {', '.join(known)})"
     return None
 
@@ -172,16 +202,39 @@ def experiment_without_sweep(args: list[str]) -> str | None:
     if any(a in ("-m", "--multirun") or a.startswith(_NO_RUN) for a in args):
         return None
     for arg in args:
-        if arg.lstrip("+").startswith("experiment="):
+        if arg.lstrip("+").startswith("experiment=") and arg.split("=", 1)[1] not in ("null", ""):
             return f"'{arg}' is a sweep: run it with -m (kvbench -m {' '.join(args)})"
     return None
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        mine = installed("kvbench")
+    except PackageNotFoundError:
+        mine = "unknown (not installed)"
+    return f"kvbench {mine} (Hydra {hydra.__version__}, Python {sys.version.split()[0]})"
+
+
+def plain_args(args: list[str]) -> list[str]:
+    """-m first (Hydra's parser takes no option after an override); `+experiment=X` as
+    `experiment=X` (experiment is an optional default now; the `+` form of older docs still
+    works); `publish=true` as the report callback's switch (kept out of the run's config, so a
+    published run is the same run)."""
+    args = [a for a in args if a in ("-m", "--multirun")][:1] + [a for a in args if a not in ("-m", "--multirun")]
+    args = [a[1:] if a.startswith("+experiment=") else a for a in args]
+    return [f"hydra.callbacks.report.{a}" if a.split("=")[0] == "publish" else a for a in args]
 
 
 def main() -> None:
     from kvbench.schema import register
 
-    args = sys.argv[1:]
-    args = [a for a in args if a in ("-m", "--multirun")][:1] + [a for a in args if a not in ("-m", "--multirun")]
+    if any(a in ("--version", "-V") for a in sys.argv[1:]):
+        print(version())
+        return
+    args = plain_args(sys.argv[1:])
     if (err := unknown_choice(args) or experiment_without_sweep(args)) is not None:
         print(f"kvbench: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -141,9 +141,10 @@ def test_a_trace_without_requests_is_an_error_not_a_table_of_dashes(tmp_path):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_an_experiment_without_multirun_is_refused(monkeypatch, capsys):
-    out = cli_main(monkeypatch, capsys, "+experiment=page_size")
-    one_line_error(out, "'+experiment=page_size' is a sweep: run it with -m (kvbench -m +experiment=page_size)")
+@pytest.mark.parametrize("arg", ["experiment=page_size", "+experiment=page_size"])  # `+`: the older spelling
+def test_an_experiment_without_multirun_is_refused(monkeypatch, capsys, arg):
+    out = cli_main(monkeypatch, capsys, arg)
+    one_line_error(out, "'experiment=page_size' is a sweep: run it with -m (kvbench -m experiment=page_size)")
 
 
 def test_multirun_flag_after_the_overrides_still_sweeps(tmp_path):

@@ -73,7 +73,7 @@ def test_small_parallel_sweep_runs_every_job(tmp_path):
                   *TINY, f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.parent.name for p in tmp_path.glob("*/summary.json")) == [
-        "0_slab_synthetic", "1_paged_synthetic", "2_radix_synthetic"]
+        "0_slab-max_synthetic", "1_paged-16_synthetic", "2_radix-1_synthetic"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
@@ -82,23 +82,23 @@ def test_a_failed_job_in_a_parallel_sweep_is_recorded_and_the_sweep_exits_2(tmp_
     out = kvbench("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "strategy=slab,paged",
                   "max_model_len=200000", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 2, out.stderr[-2000:]
-    why = (tmp_path / "0_slab_synthetic" / "error.txt").read_text()
+    why = (tmp_path / "0_slab-max_synthetic" / "error.txt").read_text()
     assert "raise kv_capacity_tokens or lower max_model_len" in why
-    assert (tmp_path / "1_paged_synthetic" / "summary.json").exists()
+    assert (tmp_path / "1_paged-16_synthetic" / "summary.json").exists()
     assert out.stderr.strip().splitlines()[-1].startswith("kvbench: error: 1 of 2 runs failed")
 
 
 def test_interrupted_sweep_resumes_only_the_missing_runs(tmp_path):
     args = ["-m", "strategy=slab,paged", *TINY, f"hydra.sweep.dir={tmp_path}"]
     assert kvbench(*args).returncode == 0
-    kept = tmp_path / "0_slab_synthetic" / "summary.json"
+    kept = tmp_path / "0_slab-max_synthetic" / "summary.json"
     before = kept.stat().st_mtime_ns
-    (tmp_path / "1_paged_synthetic" / "summary.json").unlink()  # as if killed mid-run
+    (tmp_path / "1_paged-16_synthetic" / "summary.json").unlink()  # as if killed mid-run
     again = kvbench(*args)
     assert again.returncode == 0, again.stderr
     assert "kept the earlier results" in again.stdout
     assert kept.stat().st_mtime_ns == before
-    assert (tmp_path / "1_paged_synthetic" / "summary.json").exists()
+    assert (tmp_path / "1_paged-16_synthetic" / "summary.json").exists()
     redo = kvbench(*args, "redo=true")
     assert redo.returncode == 0 and kept.stat().st_mtime_ns != before
 

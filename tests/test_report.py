@@ -63,8 +63,8 @@ def test_table_has_one_row_per_run_and_figures_are_written(sweep, tmp_path):
 def test_a_failed_and_a_missing_run_are_listed_and_the_rest_reported(sweep, tmp_path):
     broken = tmp_path / "sweep"
     shutil.copytree(sweep, broken)
-    (broken / "1_paged_shared_prefix" / "summary.json").unlink()  # failed: a folder, no summary
-    shutil.rmtree(broken / "2_radix_shared_prefix")  # never ran: no folder at all
+    (broken / "1_paged-16_shared_prefix" / "summary.json").unlink()  # failed: a folder, no summary
+    shutil.rmtree(broken / "2_radix-1_shared_prefix")  # never ran: no folder at all
     out, col = write_report([broken])
     assert out == broken / "report"
     assert list(col.table.label) == ["slab-max"]
@@ -123,7 +123,7 @@ def test_a_figure_that_fails_is_named_and_the_rest_is_written(sweep, tmp_path, m
 
 
 def test_an_interrupted_report_leaves_the_earlier_one_as_it_was(sweep, tmp_path, monkeypatch):
-    import kvbench.report as report
+    import kvbench.report.writer as report
 
     out, _ = write_report([sweep], tmp_path / "report", bounds=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -155,7 +155,7 @@ def test_colours_are_fixed_per_label_and_families_are_ordered():
 
 
 def test_collect_reads_a_single_run_folder(sweep):
-    col = collect([sweep / "0_slab_shared_prefix"])
+    col = collect([sweep / "0_slab-max_shared_prefix"])
     assert list(col.table.label) == ["slab-max"] and len(col.timelines) == len(col.requests) == 1
 
 
@@ -184,7 +184,7 @@ def test_wandb_logger_logs_config_summary_and_timeline(monkeypatch, sweep):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    run_dir = sweep / "1_paged_shared_prefix"
+    run_dir = sweep / "1_paged-16_shared_prefix"
     cfg = OmegaConf.load(run_dir / "config.yaml")
     summary = __import__("json").loads((run_dir / "summary.json").read_text())
     timeline = pd.read_parquet(run_dir / "timeline.parquet")

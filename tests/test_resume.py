@@ -131,7 +131,7 @@ def test_two_sweeps_into_one_dir_leave_every_run_whole(tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     runs = sorted(tmp_path.glob("*_synthetic"))
-    assert [r.name for r in runs] == ["0_slab_synthetic", "1_paged_synthetic"]
+    assert [r.name for r in runs] == ["0_slab-max_synthetic", "1_paged-16_synthetic"]
     for r in runs:
         summary = json.loads((r / "summary.json").read_text())
         assert len(pd.read_parquet(r / "requests.parquet")) == summary["num_requests"] == 40
@@ -143,7 +143,7 @@ def test_one_bad_job_does_not_stop_the_sweep(tmp_path):
                           "trace.num_requests=10", "progress=false", f"hydra.sweep.dir={tmp_path}"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2, out.stderr  # every failure was bad input
-    slab, paged = tmp_path / "0_slab_synthetic", tmp_path / "1_paged_synthetic"
+    slab, paged = tmp_path / "0_slab-max_synthetic", tmp_path / "1_paged-16_synthetic"
     why = "slab(max) reserves max_model_len=200000 slots per request but the pool holds 131072"
     assert why in (slab / "error.txt").read_text() and why in (slab / "run.log").read_text()
     assert not (slab / "summary.json").exists()

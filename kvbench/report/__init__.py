@@ -2,156 +2,93 @@
 
     kvbench-report results/multirun/2026-11-26_06-11-11           # writes .../report/
     kvbench-report results/multirun/memory_waste --out results/memory_waste
+    kvbench-report BEFORE AFTER --compare                          # every headline metric, B against A
 
 Writes runs.csv (every summary key, one row per run), runs.md (the headline columns), the
-figures (PNG) and index.md, which embeds them, into DIR/report/ (or --out). Runs that failed
-or never ran are listed in index.md; the others are reported all the same.
+figures (PNG), index.md, which embeds them, and index.html (the same, self-contained: figures
+inside, tables sortable in a browser) into DIR/report/ (or --out). Runs that failed or never
+ran are listed there; the others are reported all the same. With --compare: compare.md,
+compare.csv and compare.png into AFTER/compare/ (or --out).
+
+This module imports no plotting or table library: `kvbench-report --help` stays fast; the
+work is in kvbench.report.writer and kvbench.report.compare, imported when needed.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kvbench.report.collect import Collection, collect
-from kvbench.report import cache_figures as C
-from kvbench.report import figures as F
-from kvbench.report.page import index_md, markdown_table, summary_columns
-
-FIGURE_FILES = ["memory_breakdown.png", "slot_states.png", "vs_rate.png", "latency_cdf.png", "batch_size.png",
-                "prefix_hit_rate.png", "vs_page_size.png"]
-BOUND_BLOCK = 16  # tokens per block of the hit-rate bounds (paged's default page)
-
-
-def trace_bounds(col: Collection, block_size: int = BOUND_BLOCK) -> pd.DataFrame:
-    """For each trace with prefix hits: unbounded, Belady and LRU hit rates with a cache the
-    size of each pool its runs used (in blocks of `block_size` tokens).
-
-    The trace is rebuilt from the first run's saved config (so its file must be reachable)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from kvbench.report.cache_figures import bound_block_sizes
-    from kvbench.traces.belady import hit_rate_bounds
-
-    rows = []
-    t = col.table
-    for trace, g in t[t.prefix_hit_rate.fillna(0) >= F.HIT_MIN].groupby("trace"):
-        run = col.root / g.run.iloc[0]
-        cfg = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else None
-        if cfg is None or "trace" not in cfg:
-            continue
-        capacities = sorted(int(c) for c in t[t.trace == trace].kv_capacity_tokens.unique())
-        try:
-            requests = instantiate(cfg.trace)
-        except Exception as err:  # noqa: BLE001  the report goes on without this trace's bounds
-            print(f"kvbench-report: no hit-rate bounds for {trace}: {' '.join(str(err).split())[:200]}",
-                  file=sys.stderr)
-            continue
-        for bs in bound_block_sizes(g, requests, block_size):  # a bound per page size of its runs
-            for hits in hit_rate_bounds(requests, bs, [c // bs for c in capacities]):
-                cap = None if hits.capacity_blocks is None else hits.capacity_blocks * bs
-                rows.append({"trace": trace, "capacity_tokens": cap, **hits.row()})
-    return pd.DataFrame(rows)
-
 
 def write_report(dirs: list[Path], out: Path | None = None, title: str | None = None,
-                 run: str | None = None, bounds: bool = True,
-                 kernel_times: Path | None = None) -> tuple[Path, Collection]:
-    """Collect the runs under `dirs`, write the report into `out` (default: DIR/report).
+                 run: str | None = None, bounds: bool = True, kernel_times: Path | None = None):
+    """Collect the runs under `dirs` and write the report into `out` (default DIR/report);
+    returns (out, Collection). See kvbench.report.writer.write_report."""
+    from kvbench.report.writer import write_report as write
 
-    Every file is made in a temporary folder inside `out` and renamed into place when all are
-    made, index.md last: an error or Ctrl-C leaves the earlier report as it was. A figure that
-    cannot be drawn is named in index.md and on stderr; the rest of the report is written."""
-    col = collect(dirs)
-    out = Path(out) if out else Path(dirs[0]) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
-        made = _write_files(col, Path(tmp), dirs, title, run, bounds, kernel_times)
-        for stale in (set(FIGURE_FILES) | {"hit_rate_bounds.csv"}) - set(made):  # from an earlier report
-            (out / stale).unlink(missing_ok=True)
-        for name in sorted(made, key=lambda n: n == "index.md"):  # index.md last
-            os.replace(Path(tmp) / name, out / name)
-    return out, col
-
-
-def _write_files(col: Collection, out: Path, dirs: list[Path], title: str | None, run: str | None,
-                 bounds: bool, kernel_times: Path | None) -> list[str]:
-    """Write the report's files into `out`; return their names."""
-    col.table.to_csv(out / "runs.csv", index=False)
-    table_md = markdown_table(col.table[summary_columns(col.table)]) if len(col.table) else "No runs.\n"
-    (out / "runs.md").write_text(table_md)
-    bound_table = trace_bounds(col) if bounds and len(col.table) and "prefix_hit_rate" in col.table else None
-    if bound_table is not None and len(bound_table):
-        bound_table.to_csv(out / "hit_rate_bounds.csv", index=False)
-    kt = _kernel_times(kernel_times) if kernel_times else None
-    notes = [f"Made with `kvbench-report {' '.join(str(d) for d in dirs)}`."]
-    figs = []
-    drawers = [(F.memory_breakdown, ()), (F.slot_states, (run,)), (F.vs_rate, ()), (F.latency_cdf, ()),
-               (F.batch_size, ()), (C.prefix_hits, (bound_table,)), (C.vs_page_size, (kt,))]
-    for draw, args in drawers if len(col.table) else []:
-        try:
-            figs.append(draw(col, out, *args))
-        except Exception as err:  # noqa: BLE001  one broken figure does not take the report with it
-            F.plt.close("all")
-            why = f"figure {draw.__name__} not drawn: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-            print(f"kvbench-report: warning: {why}", file=sys.stderr)
-            notes.insert(0, f"Warning: {why}.")
-    figs = [f for f in figs if f is not None]
-    (out / "index.md").write_text(index_md(col, figs, title or f"kvbench report: {Path(dirs[0]).name}",
-                                           [str(d) for d in dirs], bound_table, notes))
-    return sorted(p.name for p in out.iterdir())
-
-
-def _kernel_times(path: Path) -> pd.DataFrame:
-    """Decode-kernel rows of a kernel timing CSV (experiments/page_size_kernel.py or
-    bench_kernels.py): page_size is a number, or NaN for the contiguous (slab) layout."""
-    df = pd.read_csv(path)
-    df = df[df.kernel == "decode"].copy()
-    df["page_size"] = pd.to_numeric(df.page_size, errors="coerce")
-    if "shape" in df and df["shape"].nunique() > 1:  # one shape only: the first
-        df = df[df["shape"] == df["shape"].iloc[0]]
-    return df
+    return write(dirs, out, title, run, bounds, kernel_times)
 
 
 class WriteReport(Callback):
-    """Hydra callback: write the report of a sweep when it ends (experiments use it)."""
+    """Hydra callback: write the report of a sweep when it ends (experiments use it).
 
-    def __init__(self, out: str | None = None, title: str | None = None, kernel_times: str | None = None) -> None:
-        self.out, self.title = out, title
+    `out` is where a published report goes (results/<experiment>/, committed); it is written
+    there only when `publish` is true. Otherwise the report goes into the sweep folder's
+    report/ (not committed), so running a documented experiment leaves the checkout clean."""
+
+    def __init__(self, out: str | None = None, title: str | None = None, kernel_times: str | None = None,
+                 publish: bool = False) -> None:
+        self.out, self.title, self.publish = out, title, bool(publish)
         self.kernel_times = Path(kernel_times) if kernel_times and Path(kernel_times).exists() else None
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        out, col = write_report([Path(config.hydra.sweep.dir)], self.out, self.title, kernel_times=self.kernel_times)
+        out = self.out if self.publish else None
+        out, col = write_report([Path(config.hydra.sweep.dir)], out, self.title, kernel_times=self.kernel_times)
         missing = f", {len(col.missing)} missing (listed there)" if col.missing else ""
-        print(f"kvbench-report: {len(col.table)} runs{missing} -> {out / 'index.md'}")
+        hint = "" if self.publish or not self.out else f" (publish=true writes it to {self.out})"
+        print(f"kvbench-report: {len(col.table)} runs{missing} -> {out / 'index.md'}, {out / 'index.html'}{hint}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="kvbench-report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="kvbench-report", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (several are merged)")
-    p.add_argument("--out", type=Path, help="where to write (default: the first DIR/report)")
+    p.add_argument("--out", type=Path, help="where to write (default: the first DIR/report; with --compare AFTER/compare)")
     p.add_argument("--title", help="the title of index.md")
     p.add_argument("--run", help="the run (folder, relative to DIR) of the slot-states figure")
     p.add_argument("--no-bounds", action="store_true", help="skip the trace's hit-rate bounds")
     p.add_argument("--kernel-times", type=Path, help="bench_kernels CSV: decode time per page size")
+    p.add_argument("--compare", action="store_true",
+                   help="compare two run sets: the change of every headline metric from DIR A to DIR B")
     a = p.parse_args(argv)
-    if not any(d.is_dir() for d in a.dirs):
-        print(f"kvbench-report: error: no such folder: {', '.join(str(d) for d in a.dirs)}", file=sys.stderr)
+    if a.compare and len(a.dirs) != 2:
+        print("kvbench-report: error: --compare takes exactly two folders (A B)", file=sys.stderr)
+        sys.exit(2)
+    bad = [d for d in a.dirs if not d.is_dir()] if a.compare else ([] if any(d.is_dir() for d in a.dirs) else a.dirs)
+    if bad:
+        print(f"kvbench-report: error: no such folder: {', '.join(str(d) for d in bad)}", file=sys.stderr)
         sys.exit(2)
     try:
+        if a.compare:
+            from kvbench.report.compare import write_compare
+
+            out, text = write_compare(a.dirs[0], a.dirs[1], a.out)
+            print(text)
+            print(f"kvbench-report: -> {out / 'compare.md'}")
+            return
         out, col = write_report(a.dirs, a.out, a.title, a.run, not a.no_bounds, a.kernel_times)
     except KeyboardInterrupt:
         print("kvbench-report: interrupted; the earlier report (if any) is unchanged", file=sys.stderr)
         sys.exit(130)
     except OSError as err:
         print(f"kvbench-report: error: cannot write {err.filename or a.out}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as err:  # --compare: no runs, or nothing to match
+        print(f"kvbench-report: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     missing = f", {len(col.missing)} missing (listed there)" if col.missing else ""
     print(f"kvbench-report: {len(col.table)} runs{missing} -> {out / 'index.md'}")

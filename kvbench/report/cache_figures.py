@@ -10,7 +10,7 @@ import pandas as pd
 
 from kvbench.report.collect import Collection
 from kvbench.report.figures import HIT_MIN, Figure, _ordered, _save, plt, representative
-from kvbench.report.style import colour, label_order
+from kvbench.report.style import colour, label_order, line_style
 
 
 MAX_BOUND_REFS = 8_000_000  # block references a bound may walk (Belady and LRU: ~1 s per million)
@@ -48,8 +48,10 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
             if not len(v):
                 continue
             x = k + (i - (len(labels) - 1) / 2) * width
-            ax.bar(x, v.iloc[0] * 100, width, color=colour(lab), label=lab if k == 0 else None)
-            ax.text(x, v.iloc[0] * 100 + 1, f"{v.iloc[0] * 100:.1f}", ha="center", fontsize=7)
+            ax.bar(x, v.iloc[0] * 100, width, color=colour(lab), hatch=line_style(lab).hatch, edgecolor="white",
+                   linewidth=0.3, label=lab if k == 0 else None)
+            ax.text(x, v.iloc[0] * 100 + 1, f"{v.iloc[0] * 100:.1f}", ha="center", va="bottom", rotation=90,
+                    fontsize=6)  # upright numbers over narrow bars overlap
     styles = {"unbounded": ("-", "unbounded cache"), "belady": ("--", "Belady at the pool size"),
               "lru": (":", "LRU at the pool size (sequential)")}
     ticked = False
@@ -84,7 +86,8 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
     ax.set_xticks(np.arange(len(groups)), names, fontsize=8)
     ax.set_ylabel("prompt tokens served from cache [%]")
     ax.set_title("prefix hit rate per strategy, and what the trace allowed", fontsize=10)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 112)  # room for the labels over a 100 % bar
+    ax.set_yticks(range(0, 101, 20))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save(fig, out, "prefix_hit_rate.png")

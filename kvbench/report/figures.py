@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from kvbench.report.collect import Collection  # noqa: E402
-from kvbench.report.style import HELD, STATE_COLOURS, STATE_NAMES, STATES, colour, label_order  # noqa: E402
+from kvbench.report.style import HELD, STATE_COLOURS, STATE_NAMES, STATES, colour, label_order, line_kw  # noqa: E402
 
 DPI = 80
 HIT_MIN = 1e-3  # prefix hit rates below this are chance matches of random ids: no hit figure
@@ -107,6 +107,17 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def _latency_axis(ax) -> None:
+    """Log scale with plain 1-2-5 ticks when the data spans a decade or more; otherwise linear
+    (a log axis over a narrow range shows one tick or none)."""
+    lo, hi = sorted(ax.yaxis.get_data_interval())
+    if np.isfinite(lo) and lo > 0 and hi / lo >= 10:
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+    else:
+        ax.set_ylim(bottom=0)
+
+
 def _save(fig, out: Path, file: str) -> None:
     from PIL import Image  # matplotlib's own dependency
 
@@ -195,7 +206,8 @@ def slot_states(col: Collection, out: Path, run: str | None = None) -> Figure | 
         ax.set_xlim(tl.t_s.iloc[0], tl.t_s.iloc[-1])
         ax.set_ylim(0, 100)
         ax.set_ylabel("% of pool")
-        ax.set_title(names.get(r, r), fontsize=9, loc="left")
+        row = t[t.run == r].iloc[0]
+        ax.set_title(f"{names.get(r, r)} — {_where(row)}", fontsize=9, loc="left")  # which rate it shows
     axes[-1, 0].set_xlabel("time since the first arrival [s]")
     axes[0, 0].legend(loc="upper center", ncol=6, fontsize=7, bbox_to_anchor=(0.5, 1.55), frameon=False)
     fig.tight_layout()
@@ -221,31 +233,36 @@ def vs_rate(col: Collection, out: Path) -> Figure | None:
         g = t[t.trace == trace]
         for lab in label_order(g.label):
             d = g[g.label == lab].sort_values(rate)
-            c = colour(lab)
-            row[0].plot(d[rate], d.request_throughput, "o-", color=c, label=lab)
+            kw = line_kw(lab)
+            row[0].plot(d[rate], d.request_throughput, label=lab, **kw)
             for ax, m in ((row[1], "ttft"), (row[2], "tpot")):
-                ax.plot(d[rate], d[f"{m}_p50_s"] * 1e3, "o-", color=c, label=f"{lab} p50")
-                ax.plot(d[rate], d[f"{m}_p99_s"] * 1e3, "x--", color=c, alpha=0.7, label=f"{lab} p99")
+                ax.plot(d[rate], d[f"{m}_p50_s"] * 1e3, label=f"{lab} p50", lw=1.8, **kw)
+                ax.plot(d[rate], d[f"{m}_p99_s"] * 1e3, label=f"{lab} p99", lw=0.8, alpha=0.6,
+                        **{**kw, "marker": "x"})
         xs = np.sort(g[rate].dropna().unique())
         row[0].plot(xs, xs, ":", color="grey", label="served = offered")
         row[0].set_yscale("log", base=2)
         row[0].set_ylabel("request throughput [req/s]")
         row[1].set_ylabel("TTFT [ms]")
         row[2].set_ylabel("TPOT [ms/token]")
+        if (g.ttft_p99_s * 1e3).max() > 1e4:  # past saturation TTFT runs to minutes: seconds read better
+            for ln in row[1].get_lines():
+                ln.set_ydata(np.asarray(ln.get_ydata(), dtype=float) / 1e3)
+            row[1].relim()
+            row[1].set_ylabel("TTFT [s]")
         for ax, what in zip(row, ("throughput", "time to first token", "time per output token")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("request rate offered [req/s]")
             ax.set_title(f"{trace}: {what}", fontsize=10)
             ax.grid(alpha=0.3)
         for ax in row[1:]:
-            ax.set_yscale("log")
-            _plain_log_ticks(ax.yaxis)
+            _latency_axis(ax)
         row[0].legend(fontsize=7)
         row[2].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     _save(fig, out, "vs_rate.png")
     return Figure("vs_rate.png", "Throughput and latency against request rate",
-                  "Each strategy's served request rate, p50 (solid) and p99 (dashed) TTFT and TPOT as "
+                  "Each strategy's served request rate, p50 (thick) and p99 (thin, x markers) TTFT and TPOT as "
                   "the offered rate grows; a strategy saturates where its throughput leaves the dotted "
                   "diagonal and its TTFT climbs.")
 
@@ -270,7 +287,8 @@ def latency_cdf(col: Collection, out: Path) -> Figure | None:
             for ax, m in zip(row, ("ttft_s", "tpot_s", "e2e_s")):
                 v = np.sort(req[m].dropna().to_numpy())
                 if len(v):
-                    ax.plot(v, np.arange(1, len(v) + 1) / len(v), color=colour(r.label), label=r.label)
+                    ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=r.label, lw=1.3,
+                            **{**line_kw(r.label), "marker": None})
         rate = _slice_note(g, col.table)
         for ax, what in zip(row, ("TTFT [s]", "TPOT [s/token]", "end-to-end latency [s]")):
             ax.set_xscale("log")
@@ -297,7 +315,7 @@ def batch_size(col: Collection, out: Path) -> Figure | None:
     for ax, trace in zip(axes[:, 0], traces):
         for _, r in reps[reps.trace == trace].iterrows():
             tl = _coarse(col.timelines[r.run])
-            ax.plot(tl.t_s, tl.running, color=colour(r.label), lw=1,
+            ax.plot(tl.t_s, tl.running, lw=1, **{**line_kw(r.label), "marker": None},
                     label=f"{r.label} (mean {r.mean_running:.1f}, peak {r.peak_running})")
         ax.set_ylabel("running requests")
         ax.set_title(f"{trace}{_slice_note(reps[reps.trace == trace], col.table)}: batch size", fontsize=10)
