@@ -239,3 +239,26 @@ def test_panel_titles_name_how_the_trace_was_replayed():
     assert _where(row(4.0, 3.9)) == "azure_conv at 4 req/s"
     assert _where(row(np.inf, np.nan)) == "azure_conv, all at t=0"
     assert _where(row(np.nan, 2.5)) == "azure_conv at its own arrival times (2.5 req/s)"
+
+
+def test_compare_gives_the_change_of_every_headline_metric_from_a_to_b(sweep, tmp_path):
+    """B is the same grid at half the max_model_len: slab-max reserves half as much per request."""
+    b_dir = tmp_path / "b"
+    out = kvbench("-m", "strategy=slab,paged,radix", *SMALL, "max_model_len=8192", f"hydra.sweep.dir={b_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cmd = [sys.executable, "-c", "from kvbench.report import main; main()", str(sweep), str(b_dir), "--compare"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    diff = pd.read_csv(b_dir / "compare" / "compare.csv")
+    assert sorted(diff.run.unique()) == ["paged-16 · shared_prefix", "radix-1 · shared_prefix", "slab-max · shared_prefix"]
+    a = pd.read_csv(write_report([sweep], tmp_path / "ra", bounds=False)[0] / "runs.csv").set_index("label")
+    b = pd.read_csv(write_report([b_dir], tmp_path / "rb", bounds=False)[0] / "runs.csv").set_index("label")
+    row = diff[(diff.run == "slab-max · shared_prefix") & (diff.metric == "waste_frac")].iloc[0]
+    assert row.a == pytest.approx(a.loc["slab-max", "waste_frac"]) and row.b == pytest.approx(b.loc["slab-max", "waste_frac"])
+    assert row.change == pytest.approx(row.b - row.a) and row.change_pct == pytest.approx((row.b - row.a) / row.a * 100)
+    assert row.change < 0 and row.verdict == "better"
+    assert {"ttft_p99_s", "tpot_p50_s", "request_throughput", "prefix_hit_rate"} <= set(diff.metric)
+    assert (b_dir / "compare" / "compare.png").stat().st_size > 5000
+    assert "slab-max · shared_prefix" in done.stdout and "waste_frac" in done.stdout
+    refused = subprocess.run(cmd[:3] + [str(sweep), "--compare"], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1

@@ -24,7 +24,7 @@ METRICS = [("finished", "up"), ("rejected", "down"), ("preemptions", "down"), ("
            ("waste_frac", "down"), ("prefix_hit_rate", "up"), ("mean_running", "up"), ("peak_running", "up"),
            ("wall_time_s", "down")]
 KEYS = ["label", "trace", "trace_rate", "kv_capacity_tokens", "max_model_len", "engine", "model", "trace_limit",
-        "page_size", "num_requests"]
+        "num_requests"]  # the label holds the page size
 
 
 def _key_cols(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
