@@ -376,8 +376,9 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     if ok:
         run = make_plan(kernel, _decode_kernel, args, kwargs, len(args), dev)
         if run is not None and (merge is not None or num_splits == 1 or fused):
-            # the plan keeps this call's split buffers (a later call of the same key and split
-            # count reuses them: launches on one stream run in order)
+            # the plan keeps this call's split buffers: a later call of the same key and split
+            # count reuses them, so (as with the lock buffer) launches sharing a plan must not
+            # run concurrently on different streams
             _PLANS.setdefault(key, {})[num_splits] = (run, merge, po, plse, lock, head, (o.stride(0), o.stride(1)))
     return o
 
