@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--traces", nargs="+", default=["mooncake"], help="trace group choices (configs/trace/)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block (a page)")
     p.add_argument("--capacities", type=int, nargs="*", help="cache capacities in blocks")
-    p.add_argument("--out", type=Path, default=Path("results/trace_analysis"))
+    p.add_argument("--out", type=Path, default=Path("results/runs/trace_analysis"),
+                   help="where to write (default: not committed; --out results/trace_analysis publishes)")
     p.add_argument("--mark-tokens", type=int, nargs="*", default=[131072, 1048576],
                    help="pool sizes (tokens) to mark on the figure")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trace.limit=1000")

@@ -44,8 +44,8 @@ def test_the_readme_has_the_commands_this_test_expects():
 
 
 def one_slice(command: str) -> list[str]:
-    """For `+experiment=NAME`: overrides that pin each swept key but the strategy to its first value."""
-    m = re.search(r"\+experiment=(\w+)", command)
+    """For `experiment=NAME`: overrides that pin each swept key but the strategy to its first value."""
+    m = re.search(r"\bexperiment=(\w+)", command)
     if m is None or os.environ.get("KVBENCH_README_FULL") == "1":
         return []
     params = OmegaConf.load(REPO / "configs" / "experiment" / f"{m.group(1)}.yaml").hydra.sweeper.params
@@ -81,7 +81,10 @@ def test_readme_command_runs_as_written(command, tmp_path):
         summaries = list(tmp_path.rglob("summary.json"))
         jobs = 1 if " -m " not in f" {command} " else None
         assert summaries and (jobs is None or len(summaries) == jobs)
-        if "+experiment=" in command:  # the experiment's report, written into its results/ folder
-            assert list((tmp_path / "results").glob("*/index.md"))
+        if "experiment=" in command:  # the experiment's report: in its sweep folder; published: in results/
+            published = "publish=true" in command
+            assert list((tmp_path / "results").glob("*/index.md")) if published else \
+                (tmp_path / "sweep" / "report" / "index.html").exists()
+            assert published or not (tmp_path / "results").exists(), "an unpublished experiment wrote into results/"
     elif command.startswith("kvbench-report"):
         assert (tmp_path / "sweep" / "report" / "index.md").exists()
