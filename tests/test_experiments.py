@@ -40,7 +40,7 @@ def compose_hydra(*overrides: str):
 # ---- experiments -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_job_of_every_experiment_composes_and_builds_its_strategy(name):
-    cfg = compose_hydra(f"+experiment={name}")
+    cfg = compose_hydra(f"experiment={name}")
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert params, f"experiment {name} sweeps nothing"
     assert str(cfg.hydra.sweep.dir).startswith("results/multirun/"), "a fixed sweep dir makes re-runs resume"
@@ -49,7 +49,7 @@ def test_every_job_of_every_experiment_composes_and_builds_its_strategy(name):
             for job in batch]
     assert len(jobs) <= 60, "keep experiments to a few minutes on 2 cores"
     for job in jobs:
-        job_cfg = compose_hydra(f"+experiment={name}", *job)
+        job_cfg = compose_hydra(f"experiment={name}", *job)
         strategy = instantiate(job_cfg.strategy, capacity_tokens=job_cfg.kv_capacity_tokens,
                                max_model_len=job_cfg.max_model_len)
         assert strategy.capacity > 0
@@ -101,6 +101,19 @@ def test_interrupted_sweep_resumes_only_the_missing_runs(tmp_path):
     assert (tmp_path / "1_paged-16_synthetic" / "summary.json").exists()
     redo = kvbench(*args, "redo=true")
     assert redo.returncode == 0 and kept.stat().st_mtime_ns != before
+
+
+def test_an_experiment_reports_into_its_sweep_folder_unless_published(tmp_path):
+    """Running a documented experiment leaves results/ alone; publish=true writes it there."""
+    one = ["experiment=page_size", "strategy=paged", "strategy.page_size=16", "trace=shared_prefix",
+           "trace.num_groups=2", "trace.questions_per_group=3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    out = kvbench("-m", *one, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "sweep" / "report" / "index.html").exists() and not (tmp_path / "results").exists()
+    published = kvbench("-m", *one, "publish=true", cwd=tmp_path)
+    assert published.returncode == 0, published.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "results" / "page_size").glob("index.*")) == ["index.html", "index.md"]
+    assert "kept the earlier results" in published.stdout  # publishing does not change the run's config
 
 
 # ---- hit-rate bounds (kvbench/traces/belady.py) ----------------------------------------------
