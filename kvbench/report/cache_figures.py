@@ -50,8 +50,8 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
             x = k + (i - (len(labels) - 1) / 2) * width
             ax.bar(x, v.iloc[0] * 100, width, color=colour(lab), hatch=line_style(lab).hatch, edgecolor="white",
                    linewidth=0.3, label=lab if k == 0 else None)
-            ax.text(x, v.iloc[0] * 100 + 1, f"{v.iloc[0] * 100:.1f}", ha="center", va="bottom", rotation=90,
-                    fontsize=6)  # upright numbers over narrow bars overlap
+            ax.text(x, 2, f"{v.iloc[0] * 100:.1f}", ha="center", va="bottom", rotation=90, fontsize=6,
+                    bbox=dict(facecolor="white", alpha=0.85, lw=0, pad=0.6))  # at the foot: clear of the bound lines
     styles = {"unbounded": ("-", "unbounded cache"), "belady": ("--", "Belady at the pool size"),
               "lru": (":", "LRU at the pool size (sequential)")}
     ticked = False
@@ -86,8 +86,7 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
     ax.set_xticks(np.arange(len(groups)), names, fontsize=8)
     ax.set_ylabel("prompt tokens served from cache [%]")
     ax.set_title("prefix hit rate per strategy, and what the trace allowed", fontsize=10)
-    ax.set_ylim(0, 112)  # room for the labels over a 100 % bar
-    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylim(0, 100)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save(fig, out, "prefix_hit_rate.png")
