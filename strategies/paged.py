@@ -41,12 +41,12 @@ Options that differ between engines (defaults: kvbench's original behaviour):
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvbench.strategies.base import Admission, InvariantError, PageId, RequestId, SlotStates, Strategy
+from kvbench.strategies.eviction import EvictionPolicy, make_policy
 
 _ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
 
@@ -99,7 +99,7 @@ class PagedStrategy(Strategy):
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
-                 dedup_touch: bool = False) -> None:
+                 dedup_touch: bool = False, eviction="lru") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
@@ -113,7 +113,11 @@ class PagedStrategy(Strategy):
         self._fill: list[int] = []  # tokens written in the page
         self._hash: list[int | None] = []  # set while the page is in the hash table
         self._table: dict[int, PageId] = {}  # chained hash → page holding those ids
-        self._lru: OrderedDict[PageId, None] = OrderedDict()  # cached pages (ref 0, hashed), least recent first
+        # cached pages (ref 0, hashed), keyed by page hash, in the eviction policy's order
+        self._lru: EvictionPolicy = make_policy(eviction)
+        self._lru.bind(self.num_pages)
+        self.eviction = self._lru.name
+        self._offline = self._lru.offline  # Belady: told each admitted request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
         self._token = 0  # slots of in-use pages holding tokens
@@ -153,8 +157,9 @@ class PagedStrategy(Strategy):
         if self._ref[pid]:
             return
         self._token -= self._fill[pid]
-        if self._hash[pid] is not None:
-            self._lru[pid] = None  # most recently used at the end
+        h = self._hash[pid]
+        if h is not None:
+            self._lru.insert(h)  # LRU: most recently used at the end
             memo = self._hit_memo
             if memo is not None and pid in memo.index:
                 memo.cached += 1
@@ -179,9 +184,8 @@ class PagedStrategy(Strategy):
                 return
 
     def _evict_one(self) -> PageId:
-        """Take the least recently used cached page out of the hash table; the caller owns it."""
-        pid, _ = self._lru.popitem(last=False)
-        del self._table[self._hash[pid]]
+        """Take the eviction policy's victim out of the hash table; the caller owns the page."""
+        pid = self._table.pop(self._lru.victim())
         self._stored_ids[pid] = None
         self._hash[pid] = None
         memo = self._hit_memo
@@ -264,9 +268,9 @@ class PagedStrategy(Strategy):
             self._unref(pid)
             if i >= nh or self._ref[pid] or self._hash[pid] is not None:
                 continue  # not full, still held by a fork, or cached itself
-            orig = table.get(seq.hashes[i])
-            if orig in lru and stored[orig] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
-                lru.move_to_end(orig)
+            h = seq.hashes[i]
+            if h in lru and stored[table[h]] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
+                lru.touch(h)
 
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
@@ -289,7 +293,7 @@ class PagedStrategy(Strategy):
         self._hit_memo = None
         for pid in hits:
             if self._ref[pid] == 0:
-                del self._lru[pid]
+                self._lru.remove(self._hash[pid])
                 self._token += self._fill[pid]
             self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached)
@@ -298,6 +302,8 @@ class PagedStrategy(Strategy):
         self._seqs[rid] = seq
         ok = self.grow(rid, length - cached)
         assert ok, "room was checked above"
+        if self._offline:
+            self._lru.request(rid)
         return Admission(True, cached)
 
     def grow(self, rid, num_tokens) -> bool:
@@ -361,7 +367,7 @@ class PagedStrategy(Strategy):
     def evict(self, num_slots) -> int:
         freed = 0
         while freed < num_slots and self._lru:
-            self._free.append(self._evict_one())  # least recently used first
+            self._free.append(self._evict_one())  # the policy's victim first (LRU: least recent)
             freed += self.page_size
         return freed
 
@@ -389,7 +395,15 @@ class PagedStrategy(Strategy):
                 raise InvariantError("a request holds one page twice")
             for pid in seq.pages:
                 owners[pid] += 1
-        free, lru = set(self._free), set(self._lru)
+        if any(h not in self._table for h in self._lru):
+            raise InvariantError("the eviction policy holds a page hash the table does not")
+        free, lru = set(self._free), {self._table[h] for h in self._lru}
+        if len(lru) != len(self._lru):
+            raise InvariantError("the eviction policy holds a page twice")
+        try:
+            self._lru.check()
+        except AssertionError as e:
+            raise InvariantError(f"eviction policy {self.eviction}: {e}") from None
         if len(free) != len(self._free) or free & lru or any(p >= n for p in free | lru):
             raise InvariantError("a page is twice in the free list, both free and cached, or fresh")
         for pid in range(n):
@@ -439,8 +453,9 @@ class PagedStrategy(Strategy):
         if not self.prefix_caching:
             return f"{self.name}-{self.page_size}-nocache"
         return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
-                + ("-touch" if self.dedup_touch else ""))
+                + ("-touch" if self.dedup_touch else "") + ("" if self.eviction == "lru" else f"-{self.eviction}"))
 
     def summary(self) -> dict:
         return {**super().summary(), "prefix_caching": self.prefix_caching,
-                "prefix_visibility": self.prefix_visibility, "dedup_touch": self.dedup_touch}
+                "prefix_visibility": self.prefix_visibility, "dedup_touch": self.dedup_touch,
+                "eviction": self.eviction}

@@ -35,7 +35,6 @@ by the request and gets its access time at unlock: the "touch" that paged's `ded
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
 from array import array
 from dataclasses import dataclass, field
@@ -43,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvbench.strategies.base import Admission, InvariantError, PageId, RequestId, SlotStates, Strategy
+from kvbench.strategies.eviction import EvictionPolicy, make_policy
+from kvbench.strategies.eviction.lru import TimedLRU
 
 _EMPTY = np.zeros(0, dtype=np.int32)
 
@@ -97,7 +98,7 @@ class RadixStrategy(Strategy):
     caches_prefixes = True
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
-                 name: str = "radix", prefix_visibility: str = "computed") -> None:
+                 name: str = "radix", prefix_visibility: str = "computed", eviction="lru") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"radix prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
@@ -108,8 +109,14 @@ class RadixStrategy(Strategy):
         self._free = array("l")  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free)
         self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
-        self._heap: list[tuple[int, int, _Node]] = []  # (access, tiebreak, leaf); stale entries skipped
-        self._tiebreak = itertools.count()
+        # the unlocked leaves (the only evictable nodes, whatever the policy), in the policy's order;
+        # lru: by last access (a heap: a parent that turns into a leaf keeps its old access time)
+        policy = make_policy(eviction)
+        self._leaves: EvictionPolicy = TimedLRU() if policy.name == "lru" else policy
+        if self._leaves.offline:
+            raise ValueError(f"radix eviction {self._leaves.name!r} is not supported (its keys are page hashes: paged only)")
+        self._leaves.bind(self.num_pages)
+        self.eviction = self._leaves.name
         self._seqs: dict[RequestId, _Seq] = {}
         self._protected = 0  # tokens in locked tree nodes
         self._evictable = 0  # tokens in unlocked tree nodes
@@ -248,6 +255,7 @@ class RadixStrategy(Strategy):
             if node.lock == 0:
                 self._evictable -= len(node.key)
                 self._protected += len(node.key)
+                self._leaves.remove(node)  # (a no-op unless it was an unlocked leaf)
             node.lock += 1
             node.access = now
             node = node.parent
@@ -265,7 +273,8 @@ class RadixStrategy(Strategy):
             node = node.parent
 
     def _push(self, node: _Node) -> None:
-        heapq.heappush(self._heap, (node.access, next(self._tiebreak), node))
+        """`node` became an unlocked leaf: evictable."""
+        self._leaves.insert(node, node.access)
 
     def _insert(self, seq: _Seq, n: int) -> None:
         """Store the request's first `n` positions (computed, whole pages) in the tree, adopting its
@@ -303,6 +312,7 @@ class RadixStrategy(Strategy):
             if nd.lock == 0:
                 self._evictable -= len(nd.key)
                 self._protected += len(nd.key)
+                self._leaves.remove(nd)
             nd.lock += 1
             nd.access = now
         self._grow_path(seq, [nd.pages for nd in added])
@@ -455,11 +465,9 @@ class RadixStrategy(Strategy):
         return True
 
     def evict(self, num_slots) -> int:
-        freed = 0
-        while freed < num_slots and self._heap:
-            access, _, node = heapq.heappop(self._heap)
-            if node.parent is None or node.lock or node.children or access != node.access:
-                continue  # stale entry
+        freed, leaves = 0, self._leaves
+        while freed < num_slots and leaves:
+            node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
             parent = node.parent
             del parent.children[self._child_key(node.key)]
             node.parent = None
@@ -500,6 +508,7 @@ class RadixStrategy(Strategy):
             if seq.tree_len // ps + len(seq.private) != self.pages_for(seq.length):
                 raise InvariantError(f"request {rid}: {len(seq.private)} private pages for {seq.length} tokens")
         protected = evictable = 0
+        leaves: set[int] = set()
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
@@ -515,10 +524,18 @@ class RadixStrategy(Strategy):
                 protected += len(node.key)
             else:
                 evictable += len(node.key)
+                if not node.children:
+                    leaves.add(id(node))
             for key, ch in node.children.items():
                 if ch.parent is not node or key != self._child_key(ch.key):
                     raise InvariantError("tree links are inconsistent")
             stack.extend(node.children.values())
+        if set(map(id, self._leaves)) != leaves or len(self._leaves) != len(leaves):
+            raise InvariantError(f"eviction policy holds {len(self._leaves)} keys, the tree has {len(leaves)} unlocked leaves")
+        try:
+            self._leaves.check()
+        except AssertionError as e:
+            raise InvariantError(f"eviction policy {self.eviction}: {e}") from None
         for pid in self._free:
             if pid in owner:
                 raise InvariantError(f"free page {pid} is owned by {owner[pid]}")
@@ -552,7 +569,8 @@ class RadixStrategy(Strategy):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
+        return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
+                + ("" if self.eviction == "lru" else f"-{self.eviction}"))
 
     def summary(self) -> dict:
-        return {**super().summary(), "prefix_visibility": self.prefix_visibility}
+        return {**super().summary(), "prefix_visibility": self.prefix_visibility, "eviction": self.eviction}

@@ -1,0 +1,86 @@
+"""ARC (Megiddo & Modha, FAST 2003): two LRU lists, T1 (keys used once since they entered)
+and T2 (used again), two ghost lists B1, B2 of keys evicted from them, and a target p for T1's
+size that a ghost hit moves (a B1 hit: T1 was too small, p grows; a B2 hit: p shrinks).
+`victim` is the paper's REPLACE: T1's least recent key if |T1| > p (or T2 has no evictable
+key), else T2's; it goes to the head of its ghost list. The directory is kept as in the paper:
+|T1| + |B1| <= c and |T1| + |T2| + |B1| + |B2| <= 2c (c: `bind`'s capacity).
+
+Two differences from the paper, both from where a pool evicts: (1) room is made before the
+missing key is known (paged frees a page before the step computes what it will hold), so a
+ghost hit moves p when the key enters (`insert`), after the eviction that made room for it, and
+REPLACE's tie rule for a B2 hit (|T1| = p) is not applied; (2) a key in use (`remove`) is in no
+list (it cannot be evicted) and enters T2 when it becomes evictable again. O(1) per event.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from kvbench.strategies.eviction.base import EvictionPolicy
+
+
+class ARC(EvictionPolicy):
+    name = "arc"
+
+    def __init__(self) -> None:
+        self.c = 0
+        self.p = 0.0
+        self.t1: OrderedDict = OrderedDict()  # evictable, least recent first
+        self.t2: OrderedDict = OrderedDict()
+        self.b1: OrderedDict = OrderedDict()  # ghosts (no data), least recent first
+        self.b2: OrderedDict = OrderedDict()
+        self._hot: set = set()  # keys in use: they come back into T2
+
+    def bind(self, capacity_keys: int) -> None:
+        self.c = int(capacity_keys)
+
+    def insert(self, key, t=None) -> None:
+        if key in self._hot:
+            self._hot.discard(key)
+        elif key in self.b1:
+            self.p = min(self.c, self.p + max(len(self.b2) / len(self.b1), 1))
+            del self.b1[key]
+        elif key in self.b2:
+            self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1))
+            del self.b2[key]
+        else:
+            t1, b1, c = len(self.t1), len(self.b1), self.c
+            if t1 + b1 >= c and b1:
+                self.b1.popitem(last=False)
+            elif t1 + len(self.t2) + b1 + len(self.b2) >= 2 * c and self.b2:
+                self.b2.popitem(last=False)
+            self.t1[key] = None
+            return
+        self.t2[key] = None
+
+    def remove(self, key) -> None:
+        if self.t1.pop(key, 0) is None or self.t2.pop(key, 0) is None:
+            self._hot.add(key)
+
+    def touch(self, key) -> None:
+        if self.t1.pop(key, 0) is None:
+            self.t2[key] = None
+        elif key in self.t2:
+            self.t2.move_to_end(key)
+
+    def victim(self):
+        if self.t1 and (len(self.t1) > self.p or not self.t2):
+            key, _ = self.t1.popitem(last=False)
+            self.b1[key] = None
+        else:
+            key, _ = self.t2.popitem(last=False)
+            self.b2[key] = None
+        return key
+
+    def __len__(self) -> int:
+        return len(self.t1) + len(self.t2)
+
+    def __contains__(self, key) -> bool:
+        return key in self.t1 or key in self.t2
+
+    def __iter__(self):
+        return iter([*self.t1, *self.t2])
+
+    def check(self) -> None:
+        lists = [set(self.t1), set(self.t2), set(self.b1), set(self.b2), self._hot]
+        assert sum(map(len, lists)) == len(set().union(*lists)), "a key in two ARC lists"
+        assert 0 <= self.p <= max(self.c, 0), f"p {self.p} outside [0, {self.c}]"

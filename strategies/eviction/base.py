@@ -1,0 +1,122 @@
+"""The eviction policy contract (see the package docstring) and `make_policy`."""
+from __future__ import annotations
+
+import heapq
+import importlib
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterator
+
+#: policy name → "module:Class" (module under kvbench.strategies.eviction)
+POLICIES = {
+    "lru": "lru:LRU",
+    "fifo": "fifo:FIFO",
+    "lfu": "lfu:LFU",
+    "slru": "slru:SLRU",
+    "arc": "arc:ARC",
+    "s3fifo": "s3fifo:S3FIFO",
+    "belady": "belady:Belady",
+}
+
+
+class EvictionPolicy(ABC):
+    """Chooses the next evictable key to free. Mutating verbs: insert, remove, touch, victim."""
+
+    name = "policy"
+    #: True when the policy needs the request stream (`request(rid)` at each admit): Belady
+    offline = False
+
+    def bind(self, capacity_keys: int) -> None:
+        """The cache holds at most `capacity_keys` keys (pages). Mutates. Default: ignored."""
+
+    @abstractmethod
+    def insert(self, key: Hashable, t: int | None = None) -> None: ...
+
+    @abstractmethod
+    def remove(self, key: Hashable) -> None: ...
+
+    @abstractmethod
+    def touch(self, key: Hashable) -> None: ...
+
+    @abstractmethod
+    def victim(self) -> Hashable: ...
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __contains__(self, key: Hashable) -> bool: ...
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Hashable]: ...
+
+    def check(self) -> None:
+        """Raise AssertionError if the policy's own bookkeeping is inconsistent. Pure."""
+
+
+class HeapPolicy(EvictionPolicy):
+    """Evicts the evictable key of least `_rank(key)`; a binary heap with lazy deletion
+    (an entry is live while `_live[key]` is its rank). O(log n) per insert and victim."""
+
+    def __init__(self) -> None:
+        self._live: dict[Hashable, tuple] = {}  # evictable key → its rank in the heap
+        self._heap: list[tuple] = []
+        self._seq = itertools.count()
+
+    def _rank(self, key: Hashable, t: int | None) -> tuple:
+        raise NotImplementedError
+
+    def _push(self, key: Hashable, t: int | None = None) -> None:
+        rank = self._rank(key, t)
+        self._live[key] = rank
+        heapq.heappush(self._heap, (rank, next(self._seq), key))
+
+    def insert(self, key, t=None) -> None:
+        self._push(key, t)
+
+    def remove(self, key) -> None:
+        self._live.pop(key, None)
+
+    def touch(self, key) -> None:
+        if key in self._live:
+            self._push(key)
+
+    def victim(self):
+        heap, live = self._heap, self._live
+        while True:
+            rank, _, key = heapq.heappop(heap)
+            if live.get(key) == rank:
+                del live[key]
+                self._forget(key)
+                return key
+
+    def _forget(self, key) -> None:
+        """`key` was evicted: drop what the policy keeps about it."""
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, key) -> bool:
+        return key in self._live
+
+    def __iter__(self):
+        return iter(list(self._live))
+
+    def check(self) -> None:
+        entries = {(rank, key) for rank, _, key in self._heap}
+        assert all((rank, key) in entries for key, rank in self._live.items()), "a live key has no heap entry"
+
+
+def make_policy(spec) -> EvictionPolicy:
+    """A policy from a name ("lru"), a policy object, or a dict {"name": ..., **kwargs}. Raises
+    ValueError on an unknown name (config time)."""
+    if isinstance(spec, EvictionPolicy):
+        return spec
+    kwargs = {}
+    if isinstance(spec, dict) or hasattr(spec, "items"):
+        kwargs = dict(spec.items())
+        spec = kwargs.pop("name", None)
+    if spec not in POLICIES:
+        raise ValueError(f"eviction must be one of {', '.join(POLICIES)}, got {spec!r}")
+    module, cls = POLICIES[spec].split(":")
+    return getattr(importlib.import_module(f"kvbench.strategies.eviction.{module}"), cls)(**kwargs)

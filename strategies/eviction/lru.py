@@ -1,0 +1,47 @@
+"""LRU: evict the key least recently used (kvbench's original behaviour, bit for bit).
+
+`LRU` (paged): an OrderedDict in event order, O(1) per event; the key that became evictable or
+was touched last is most recent. Its verbs are OrderedDict's own C methods where they can be
+(`insert` is `setdefault`: a key enters once), so the hot path pays no Python call for them.
+`TimedLRU` (radix): recency by the strategy's logical time `t` (a parent that turns into a leaf
+keeps its old last-use time, so it is not most recent), a heap with lazy deletion (O(log n));
+ties by insertion order.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from kvbench.strategies.eviction.base import EvictionPolicy, HeapPolicy
+
+
+class LRU(OrderedDict, EvictionPolicy):
+    """Evictable keys, least recently used first."""
+
+    name = "lru"
+    offline = False
+    insert = OrderedDict.setdefault  # insert(key) (a key enters once; the value is unused)
+    touch = OrderedDict.move_to_end
+
+    def bind(self, capacity_keys: int) -> None:
+        pass
+
+    def remove(self, key) -> None:
+        self.pop(key, None)
+
+    def victim(self):
+        return self.popitem(last=False)[0]
+
+    def check(self) -> None:
+        pass
+
+    def __reduce__(self):  # (pickled by the content model's fingerprints: the order is the state)
+        return LRU, (), None, None, iter(self.items())
+
+
+class TimedLRU(HeapPolicy):
+    """Evictable keys, least recent `t` first (t: the strategy's clock at the key's last use)."""
+
+    name = "lru"
+
+    def _rank(self, key, t):
+        return t
