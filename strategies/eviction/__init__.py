@@ -9,7 +9,7 @@ s3fifo|belady`, or a `_target_` dict). It sees keys and access events only, neve
   policies that accept out-of-order times use it.
 - `remove(key)`: the key is used again (a prefix hit, a lock): not evictable until the next
   `insert`. Its history (counts, segment) is kept. Unknown keys: no-op.
-- `touch(key)`: the key was used while it stays evictable (paged's `dedup_touch`).
+- `touch(key)`: an evictable key was used and stays evictable (paged's `dedup_touch`).
 - `victim()`: removes and returns the evictable key to free next. The strategy frees it.
 - `len()`, `in`, iteration: the evictable keys. `check()`: the policy's own invariants.
 

@@ -29,19 +29,32 @@ class ARC(EvictionPolicy):
         self.b1: OrderedDict = OrderedDict()  # ghosts (no data), least recent first
         self.b2: OrderedDict = OrderedDict()
         self._hot: set = set()  # keys in use: they come back into T2
+        self._pending = None  # the key announced by `miss` (p already adapted for it)
 
     def bind(self, capacity_keys: int) -> None:
         self.c = int(capacity_keys)
 
+    def miss(self, key) -> None:
+        """Optional, before the eviction that makes room for `key` (a caller that knows the
+        missing key: the paper's order, used by the textbook test; the strategies cannot).
+        A ghost hit adapts p now, and REPLACE applies its B2 tie rule. Mutates."""
+        self._adapt(key)
+        self._pending = key
+
+    def _adapt(self, key) -> None:
+        if key == self._pending:
+            return
+        if key in self.b1:
+            self.p = min(self.c, self.p + max(len(self.b2) / len(self.b1), 1))
+        elif key in self.b2:
+            self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1))
+
     def insert(self, key, t=None) -> None:
         if key in self._hot:
             self._hot.discard(key)
-        elif key in self.b1:
-            self.p = min(self.c, self.p + max(len(self.b2) / len(self.b1), 1))
-            del self.b1[key]
-        elif key in self.b2:
-            self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1))
-            del self.b2[key]
+        elif key in self.b1 or key in self.b2:
+            self._adapt(key)
+            self.b1.pop(key, None) or self.b2.pop(key, None)
         else:
             t1, b1, c = len(self.t1), len(self.b1), self.c
             if t1 + b1 >= c and b1:
@@ -49,7 +62,9 @@ class ARC(EvictionPolicy):
             elif t1 + len(self.t2) + b1 + len(self.b2) >= 2 * c and self.b2:
                 self.b2.popitem(last=False)
             self.t1[key] = None
+            self._pending = None
             return
+        self._pending = None
         self.t2[key] = None
 
     def remove(self, key) -> None:
@@ -63,7 +78,8 @@ class ARC(EvictionPolicy):
             self.t2.move_to_end(key)
 
     def victim(self):
-        if self.t1 and (len(self.t1) > self.p or not self.t2):
+        t1 = len(self.t1)
+        if t1 and (t1 > self.p or not self.t2 or (t1 == self.p and self._pending in self.b2)):
             key, _ = self.t1.popitem(last=False)
             self.b1[key] = None
         else:
