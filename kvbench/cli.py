@@ -22,23 +22,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kvbench.report.console import strategy_label  # no pandas, no plotting: `kvbench --help` stays fast
+
 log = logging.getLogger("kvbench")
-
-
-def strategy_label(strategy) -> str:
-    """The label a strategy config will report (as its class's `label`: slab-oracle, paged-16,
-    paged-16-nocache, radix-1), for run folder names; the resolver `${kvbench_label:${strategy}}`."""
-    if strategy is None or not hasattr(strategy, "get"):
-        return str(strategy)
-    name = str(strategy.get("name", "strategy"))
-    if strategy.get("reservation") is not None:
-        return f"{name}-{strategy.get('reservation')}"
-    label = f"{name}-{strategy.get('page_size')}" if strategy.get("page_size") is not None else name
-    if strategy.get("prefix_caching") is False:
-        return f"{label}-nocache"
-    return label + ("-touch" if strategy.get("dedup_touch") else "")
-
-
 OmegaConf.register_new_resolver("kvbench_label", strategy_label, replace=True)  # also in launcher workers
 
 

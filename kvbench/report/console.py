@@ -33,7 +33,7 @@ def _fmt(v, fmt: str) -> str:
         return "-"
     if fmt == "ms":
         x *= 1e3
-        return f"{x:.1f}" if x >= 100 else f"{x:.2f}"
+        return f"{x:.0f}" if x >= 1000 else f"{x:.1f}" if x >= 100 else f"{x:.2f}"
     return fmt.format(x)
 
 
@@ -71,6 +71,21 @@ def run_block(s: dict) -> str:
     return "\n".join(out)
 
 
+def strategy_label(strategy) -> str:
+    """The label a strategy config will report (as its class's `label`: slab-oracle, paged-16,
+    paged-16-nocache, radix-1), for run folder names (the resolver `${kvbench_label:${strategy}}`)
+    and the rows of runs that failed before they had a summary."""
+    if strategy is None or not hasattr(strategy, "get"):
+        return str(strategy)
+    name = str(strategy.get("name", "strategy"))
+    if strategy.get("reservation") is not None:
+        return f"{name}-{strategy.get('reservation')}"
+    label = f"{name}-{strategy.get('page_size')}" if strategy.get("page_size") is not None else name
+    if strategy.get("prefix_caching") is False:
+        return f"{label}-nocache"
+    return label + ("-touch" if strategy.get("dedup_touch") else "")
+
+
 def _natural(text: str) -> list:
     return [(0, float(p), "") if _is_number(p) else (1, 0.0, p) for p in re.split(r"(-?\d+(?:\.\d+)?)", text) if p]
 
@@ -97,6 +112,16 @@ def _overrides(run: Path) -> dict[str, str]:
     return {k.lstrip("+~"): v for k, _, v in (p.partition("=") for p in pairs)}
 
 
+def _planned_label(run: Path) -> str | None:
+    """The label of the strategy a run dir's saved Hydra config asked for (None without one)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return strategy_label(OmegaConf.load(run / ".hydra" / "config.yaml").get("strategy"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def sweep_table(rows: list[tuple[Path, dict | None, str | None]]) -> str:
     """One row per run (job order): the strategy label, the keys that vary across the sweep,
     then the headline metrics (latencies in ms). `rows`: (run dir, summary or None, why it failed)."""
@@ -108,7 +133,7 @@ def sweep_table(rows: list[tuple[Path, dict | None, str | None]]) -> str:
     table = [header]
     for (run, s, why), o in zip(rows, over):
         num = str(int(_job_num(run))) if _job_num(run) != math.inf else run.name
-        label = (s or {}).get("label") or o.get("strategy", "?")
+        label = (s or {}).get("label") or _planned_label(run) or o.get("strategy", "?")
         cells = [num, str(label), *[o.get(k, "-") for k in vary]]
         if s is None:
             cells.append(f"FAILED: {why or 'no summary.json'}")
@@ -117,9 +142,11 @@ def sweep_table(rows: list[tuple[Path, dict | None, str | None]]) -> str:
         table.append(cells)
     widths = [max(len(r[i]) for r in table if i < len(r) and not (len(r) < len(header) and i == len(r) - 1))
               for i in range(len(header))]
+    numeric = {i for i in range(2, 2 + len(vary)) if all(_is_number(r[i]) or r[i] == "-" for r in table[1:])}
     lines = []
     for r in table:
-        cells = [c.rjust(w) if i == 0 or i >= 2 + len(vary) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [c.rjust(w) if i == 0 or i >= 2 + len(vary) or i in numeric else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
         if len(r) < len(header):  # a failed run: its reason runs across the metric columns
             cells = cells[:-1] + [r[-1]]
         lines.append("  ".join(cells).rstrip())
