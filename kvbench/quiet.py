@@ -25,9 +25,13 @@ from kvbench.strategies.base import SlotStates
 
 class QuietRun:
     """Up to `limit` quiet steps after a steady step that ran with `states` (see module doc).
-    Mutates the strategy (grows) and, at `end`, the running requests' progress."""
+    Mutates the strategy (grows) and, at `end`, the running requests' progress.
 
-    def __init__(self, scheduler: Scheduler, states: SlotStates) -> None:
+    `fresh` (only with nobody waiting): requests (indices in running order) whose last step was
+    not a decode; their first quiet grow is made at step 0 in running order, as a page-taking
+    one (with the strategy's own states read after it), whatever their `room`."""
+
+    def __init__(self, scheduler: Scheduler, states: SlotStates, fresh: tuple[int, ...] = ()) -> None:
         self.sched, self.st = scheduler, scheduler.strategy
         self.seqs = list(scheduler.running)
         self.states = states
@@ -43,7 +47,7 @@ class QuietRun:
             limit = min(limit, s.request.output_len - s.emitted - 1)  # none finishes
             if limit <= 0:
                 break
-            room = self.st.room(s.id, s.computed)
+            room = 0 if i in fresh else self.st.room(s.id, s.computed)
             if self.may_take_pages:
                 self.pages_at.setdefault(room, []).append(i)
             else:

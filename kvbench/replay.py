@@ -11,6 +11,7 @@ and token times. Results are identical to stepping (tests/test_fast_forward.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +22,7 @@ from kvbench.metrics import Recorder
 from kvbench.quiet import QuietRun
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
+from kvbench.strategies.base import SlotStates
 
 
 @dataclass
@@ -39,7 +41,7 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
     finished: list[Seq] = []
     bar = tqdm(total=len(requests), unit="req", delay=2.0, disable=not progress, leave=False)
     now, nxt, n = 0.0, 0, len(requests)
-    steady: StepEvent | None = None  # the last step, if it was steady (fast-forward may follow)
+    steady: Quiet | None = None  # set after a step that quiet steps may follow (fast-forward)
     while nxt < n or scheduler.has_work():
         while nxt < n and requests[nxt].arrival_s <= now:  # arrivals up to now
             req = requests[nxt]
@@ -55,9 +57,9 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
             if nxt < n:
                 now = requests[nxt].arrival_s  # idle: jump to the next arrival
             continue  # (or nothing left at all: the loop ends)
-        if steady is not None and engine.fast_forward:
+        if steady is not None:
             until = requests[nxt].arrival_s if nxt < n else float("inf")
-            now = fast_forward(QuietRun(scheduler, steady.states), engine, rec, steady, now, until)
+            now = fast_forward(QuietRun(scheduler, steady.states, steady.fresh), engine, rec, steady, now, until)
             steady = None
             continue
         planned = scheduler.schedule()
@@ -69,7 +71,9 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
         rec.step(ev, now, dt)
         now += dt
         done = scheduler.complete(planned)
-        steady = ev if ev.steady and not done else None
+        steady = None
+        if engine.fast_forward:
+            steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev, done)
         if done:
             finished.extend(done)
             bar.update(len(done))
@@ -77,17 +81,63 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
     return Replay(finished, rec)
 
 
-def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: StepEvent, now: float,
+def quiet_after(scheduler: Scheduler, ev: StepEvent, done: list[Seq]) -> Quiet | None:
+    """After a step `ev` that was not steady, whether the next steps are quiet all the same:
+    nobody waits, nobody was preempted, every running request ran in the step, emitted a token
+    and has only decodes left (its prefill, or its last chunk, finished there). Then the next
+    step decodes every running request once, as a steady step would have, and fast-forward may
+    start at once, from the slot states the strategy reports now. The requests whose step was
+    not a decode make their first quiet grow at its own step, in running order (a strategy may
+    do more than move a slot on that grow: paged registers the prompt's full pages). Pure."""
+    running = scheduler.running
+    seqs = ev.batch.seqs
+    if scheduler.waiting or ev.preempted or not running or len(seqs) - len(done) != len(running):
+        return None
+    kv_read, fresh = 0, []
+    gone = {s.id for s in done}
+    i = 0
+    for b in seqs:
+        if done and b.request.id in gone:
+            continue
+        s = running[i]
+        if s.computed < s.prefill_target or s.request is not b.request:
+            return None
+        if not b.is_decode:
+            fresh.append(i)
+        kv_read += s.computed
+        i += 1
+    return Quiet(len(running), kv_read, 0, scheduler.num_preemptions, scheduler.strategy.slot_states(None),
+                 tuple(fresh))
+
+
+class Quiet(NamedTuple):
+    """What fast-forward needs of the step before a quiet run (a steady `StepEvent` has it too)."""
+
+    running: int
+    kv_read: int  # K/V positions the step before read (as if it decoded all): the first quiet step reads `running` more
+    waiting: int
+    preemptions: int
+    states: SlotStates
+    fresh: tuple[int, ...] = ()  # requests (indices in running order) whose last step was not a decode
+
+    @staticmethod
+    def of(ev: StepEvent) -> Quiet:
+        return Quiet(ev.running, ev.batch.kv_read_tokens, ev.waiting, ev.preemptions, ev.states)
+
+
+def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, now: float,
                  until: float) -> float:
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
-    as stepping adds them). Mutates (through `run`) the strategy and the requests, and the
+    as stepping adds them); chunks of 16 steps first, 4x longer each time. Mutates (through `run`) the strategy and the requests, and the
     recorder."""
     d = steady.running
-    kv_read = steady.batch.kv_read_tokens + d  # every decode reads one position more each step
+    kv_read = steady.kv_read + d  # every decode reads one position more each step
+    size = _FIRST_CHUNK
     while (left := run.limit - run.j) > 0:
-        k = min(left, _CHUNK)
+        k = min(left, size)
+        size = min(4 * size, _CHUNK)
         kv = kv_read + d * np.arange(k, dtype=np.int64)
         dts = engine.decode_costs(d, kv)
         starts = np.add.accumulate(np.concatenate(([now], dts)))  # [k + 1]
@@ -103,4 +153,5 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: StepEvent
     return now
 
 
-_CHUNK = 4096  # quiet steps priced at once
+_CHUNK = 4096  # quiet steps priced at once, at most
+_FIRST_CHUNK = 16  # the first chunk of a run (most runs end at an arrival within a few steps); then 4x
