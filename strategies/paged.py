@@ -113,7 +113,7 @@ class PagedStrategy(Strategy):
         self._fill: list[int] = []  # tokens written in the page
         self._hash: list[int | None] = []  # set while the page is in the hash table
         self._table: dict[int, PageId] = {}  # chained hash → page holding those ids
-        # cached pages (ref 0, hashed), keyed by page hash, in the eviction policy's order
+        # cached pages (ref 0, hashed), in the eviction policy's order (content: the page hash)
         self._lru: EvictionPolicy = make_policy(eviction)
         self._lru.bind(self.num_pages)
         self.eviction = self._lru.name
@@ -159,7 +159,7 @@ class PagedStrategy(Strategy):
         self._token -= self._fill[pid]
         h = self._hash[pid]
         if h is not None:
-            self._lru.insert(h)  # LRU: most recently used at the end
+            self._lru[pid] = h  # insert (LRU: most recently used at the end)
             memo = self._hit_memo
             if memo is not None and pid in memo.index:
                 memo.cached += 1
@@ -185,7 +185,8 @@ class PagedStrategy(Strategy):
 
     def _evict_one(self) -> PageId:
         """Take the eviction policy's victim out of the hash table; the caller owns the page."""
-        pid = self._table.pop(self._lru.victim())
+        pid = self._lru.victim()
+        del self._table[self._hash[pid]]
         self._stored_ids[pid] = None
         self._hash[pid] = None
         memo = self._hit_memo
@@ -268,9 +269,9 @@ class PagedStrategy(Strategy):
             self._unref(pid)
             if i >= nh or self._ref[pid] or self._hash[pid] is not None:
                 continue  # not full, still held by a fork, or cached itself
-            h = seq.hashes[i]
-            if h in lru and stored[table[h]] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
-                lru.touch(h)
+            orig = table.get(seq.hashes[i])
+            if orig in lru and stored[orig] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
+                lru.touch(orig)
 
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
@@ -293,7 +294,7 @@ class PagedStrategy(Strategy):
         self._hit_memo = None
         for pid in hits:
             if self._ref[pid] == 0:
-                self._lru.remove(self._hash[pid])
+                del self._lru[pid]
                 self._token += self._fill[pid]
             self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached)
@@ -395,9 +396,7 @@ class PagedStrategy(Strategy):
                 raise InvariantError("a request holds one page twice")
             for pid in seq.pages:
                 owners[pid] += 1
-        if any(h not in self._table for h in self._lru):
-            raise InvariantError("the eviction policy holds a page hash the table does not")
-        free, lru = set(self._free), {self._table[h] for h in self._lru}
+        free, lru = set(self._free), set(self._lru)
         if len(lru) != len(self._lru):
             raise InvariantError("the eviction policy holds a page twice")
         try:

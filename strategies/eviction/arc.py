@@ -29,7 +29,8 @@ class ARC(EvictionPolicy):
         self.b1: OrderedDict = OrderedDict()  # ghosts (no data), least recent first
         self.b2: OrderedDict = OrderedDict()
         self._hot: set = set()  # keys in use: they come back into T2
-        self._pending = None  # the key announced by `miss` (p already adapted for it)
+        self._pending = None  # the content announced by `miss` (p already adapted for it)
+        self._content: dict = {}  # key in T1, T2 or in use → its content (ghosts are contents)
 
     def bind(self, capacity_keys: int) -> None:
         self.c = int(capacity_keys)
@@ -49,13 +50,16 @@ class ARC(EvictionPolicy):
         elif key in self.b2:
             self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1))
 
-    def insert(self, key, t=None) -> None:
+    def insert(self, key, t=None, content=None) -> None:
+        c = key if content is None else content
         if key in self._hot:
             self._hot.discard(key)
-        elif key in self.b1 or key in self.b2:
-            self._adapt(key)
-            self.b1.pop(key, None) or self.b2.pop(key, None)
+        elif c in self.b1 or c in self.b2:
+            self._adapt(c)
+            self.b1.pop(c, None) or self.b2.pop(c, None)
+            self._content[key] = c
         else:
+            self._content[key] = c
             t1, b1, c = len(self.t1), len(self.b1), self.c
             if t1 + b1 >= c and b1:
                 self.b1.popitem(last=False)
@@ -81,10 +85,10 @@ class ARC(EvictionPolicy):
         t1 = len(self.t1)
         if t1 and (t1 > self.p or not self.t2 or (t1 == self.p and self._pending in self.b2)):
             key, _ = self.t1.popitem(last=False)
-            self.b1[key] = None
+            self.b1[self._content.pop(key)] = None
         else:
             key, _ = self.t2.popitem(last=False)
-            self.b2[key] = None
+            self.b2[self._content.pop(key)] = None
         return key
 
     def __len__(self) -> int:
@@ -97,6 +101,8 @@ class ARC(EvictionPolicy):
         return iter([*self.t1, *self.t2])
 
     def check(self) -> None:
-        lists = [set(self.t1), set(self.t2), set(self.b1), set(self.b2), self._hot]
-        assert sum(map(len, lists)) == len(set().union(*lists)), "a key in two ARC lists"
+        lists = [set(self.t1), set(self.t2), self._hot]
+        assert sum(map(len, lists)) == len(set().union(*lists)) == len(self._content), "a key in two ARC lists"
+        assert not (self.b1.keys() & self.b2.keys()), "a ghost in both B1 and B2"
+        assert not ((self.b1.keys() | self.b2.keys()) & set(self._content.values())), "a cached content is a ghost"
         assert 0 <= self.p <= max(self.c, 0), f"p {self.p} outside [0, {self.c}]"

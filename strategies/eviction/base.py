@@ -30,7 +30,16 @@ class EvictionPolicy(ABC):
         """The cache holds at most `capacity_keys` keys (pages). Mutates. Default: ignored."""
 
     @abstractmethod
-    def insert(self, key: Hashable, t: int | None = None) -> None: ...
+    def insert(self, key: Hashable, t: int | None = None, content: Hashable | None = None) -> None: ...
+
+    def __setitem__(self, key: Hashable, content: Hashable | None) -> None:
+        """`policy[key] = content` is `insert(key, content=content)` (the hot path's spelling:
+        LRU's is the dict subscript, no Python frame)."""
+        self.insert(key, None, content)
+
+    def __delitem__(self, key: Hashable) -> None:
+        """`del policy[key]` removes an evictable key (as `remove`)."""
+        self.remove(key)
 
     @abstractmethod
     def remove(self, key: Hashable) -> None: ...
@@ -71,7 +80,7 @@ class HeapPolicy(EvictionPolicy):
         self._live[key] = rank
         heapq.heappush(self._heap, (rank, next(self._seq), key))
 
-    def insert(self, key, t=None) -> None:
+    def insert(self, key, t=None, content=None) -> None:
         self._push(key, t)
 
     def remove(self, key) -> None:

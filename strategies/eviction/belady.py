@@ -37,17 +37,28 @@ class Belady(HeapPolicy):
                 self._depth[key] = depth
         self.now = -1  # the last admitted request (its uses are past)
         self._tie = itertools.count()
+        self._content: dict = {}  # key (evictable or in use) → its content
+        self._holder: dict = {}  # content → the key that holds it
 
     def next_use(self, key: Hashable) -> float:
-        """The first request after `now` that can hit `key` (inf: none). Pure."""
-        uses = self._uses.get(key)
+        """The first request after `now` that can hit `key`'s content (inf: none). Pure."""
+        uses = self._uses.get(self._content.get(key, key))
         if not uses:
             return math.inf
         i = bisect.bisect_right(uses, self.now)
         return uses[i] if i < len(uses) else math.inf
 
     def _rank(self, key, t):
-        return (-self.next_use(key), -self._depth.get(key, 0), next(self._tie))
+        return (-self.next_use(key), -self._depth.get(self._content.get(key, key), 0), next(self._tie))
+
+    def insert(self, key, t=None, content=None) -> None:
+        c = key if content is None else content
+        self._content[key] = c
+        self._holder[c] = key
+        self._push(key)
+
+    def _forget(self, key) -> None:
+        self._holder.pop(self._content.pop(key), None)
 
     def request(self, rid: int) -> None:
         """Request `rid` was admitted: its uses are past. Mutates (re-ranks its evictable keys)."""
@@ -55,7 +66,8 @@ class Belady(HeapPolicy):
             return
         self.now = rid
         live = self._live
-        for key in self._future.get(rid, ()):
+        for c in self._future.get(rid, ()):
+            key = self._holder.get(c)
             if key in live:
                 self._push(key)
 

@@ -20,7 +20,7 @@ class LFU(HeapPolicy):
     def _rank(self, key, t):
         return (self._count.get(key, 0), next(self._clock))
 
-    def insert(self, key, t=None) -> None:
+    def insert(self, key, t=None, content=None) -> None:
         if key not in self._count:
             self._count[key] = 1
         self._push(key)

@@ -29,20 +29,24 @@ class S3FIFO(EvictionPolicy):
         self.g: OrderedDict = OrderedDict()  # ghosts, oldest first
         self._busy: set = set()  # keys in S or M that are in use
         self._busy_m = 0  # of them, in M
+        self._content: dict = {}  # key in S or M → its content (G holds contents)
 
     def bind(self, capacity_keys: int) -> None:
         self._s_cap = max(1, int(self.small * capacity_keys))
         self._g_cap = max(1, int(capacity_keys) - self._s_cap)
 
-    def insert(self, key, t=None) -> None:
+    def insert(self, key, t=None, content=None) -> None:
+        c = key if content is None else content
         if key in self._busy:
             self._busy.discard(key)
             self._busy_m -= key in self.m
-        elif key in self.g:
-            del self.g[key]
+        elif c in self.g:
+            del self.g[c]
             self.m[key] = 0
+            self._content[key] = c
         elif key not in self.s and key not in self.m:
             self.s[key] = 0
+            self._content[key] = c
 
     def _use(self, key) -> bool:
         for q in (self.s, self.m):
@@ -69,7 +73,7 @@ class S3FIFO(EvictionPolicy):
                     m[key] = 0
                     self._busy_m += key in busy
                     continue
-                self.g[key] = None
+                self.g[self._content.pop(key)] = None
                 if len(self.g) > self._g_cap:
                     self.g.popitem(last=False)
                 return key
@@ -77,6 +81,7 @@ class S3FIFO(EvictionPolicy):
             if count or key in busy:
                 m[key] = max(count - 1, 0)
                 continue
+            del self._content[key]
             return key
 
     def __len__(self) -> int:
@@ -92,4 +97,5 @@ class S3FIFO(EvictionPolicy):
         assert not (self.s.keys() & self.m.keys()), "a key in both S and M"
         assert self._busy <= (self.s.keys() | self.m.keys()), "a key in use is in no queue"
         assert self._busy_m == len(self._busy & self.m.keys()), "count of keys in use in M"
-        assert not (self.g.keys() & (self.s.keys() | self.m.keys())), "a cached key is a ghost"
+        assert self._content.keys() == self.s.keys() | self.m.keys(), "content of the cached keys"
+        assert not (self.g.keys() & set(self._content.values())), "a cached content is a ghost"

@@ -31,7 +31,7 @@ class SLRU(EvictionPolicy):
             old, _ = self._prot.popitem(last=False)
             self._prob[old] = None
 
-    def insert(self, key, t=None) -> None:
+    def insert(self, key, t=None, content=None) -> None:
         if key in self._hot:
             self._hot.discard(key)
             self._protect(key)
