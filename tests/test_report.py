@@ -154,6 +154,19 @@ def test_colours_are_fixed_per_label_and_families_are_ordered():
     assert label_order(["radix-1", "paged-16", "slab-max", "paged-8"]) == ["slab-max", "paged-8", "paged-16", "radix-1"]
 
 
+def test_the_six_main_strategies_differ_in_colour_and_in_line_style():
+    """Overlapping curves stay visible (a different dash pattern and marker), in greyscale too."""
+    from matplotlib.colors import to_rgb
+
+    from kvbench.report.style import line_style
+
+    main = ["slab-max", "slab-pow2", "slab-oracle", "paged-16", "paged-16-nocache", "radix-1"]
+    rgb = {lab: to_rgb(colour(lab)) for lab in main}
+    assert min(sum(abs(x - y) for x, y in zip(rgb[a], rgb[b])) for a in main for b in main if a < b) > 0.25
+    assert len({str(line_style(lab).ls) for lab in main}) == len({line_style(lab).marker for lab in main}) == 6
+    assert len({line_style(lab).hatch for lab in main}) == 6
+
+
 def test_collect_reads_a_single_run_folder(sweep):
     col = collect([sweep / "0_slab-max_shared_prefix"])
     assert list(col.table.label) == ["slab-max"] and len(col.timelines) == len(col.requests) == 1
