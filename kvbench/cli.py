@@ -214,6 +214,14 @@ def plain_args(args: list[str]) -> list[str]:
     return [f"hydra.callbacks.report.{a}" if a.split("=")[0] == "publish" else a for a in args]
 
 
+def publish_without_experiment(args: list[str]) -> str | None:
+    """publish=true is the switch of an experiment's report: alone it would name no report."""
+    if any(a.startswith("hydra.callbacks.report.publish=") for a in args) and \
+            not any(a.lstrip("+").startswith("experiment=") for a in args):
+        return "publish=true writes an experiment's report to results/<name>/: use it with experiment=NAME"
+    return None
+
+
 def main() -> None:
     from kvbench.schema import register
 
@@ -221,7 +229,7 @@ def main() -> None:
         print(version())
         return
     args = plain_args(sys.argv[1:])
-    if (err := unknown_choice(args) or experiment_without_sweep(args)) is not None:
+    if (err := unknown_choice(args) or experiment_without_sweep(args) or publish_without_experiment(args)) is not None:
         print(f"kvbench: error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.argv[1:] = args  # -m first: Hydra's parser takes no option after an override

@@ -84,6 +84,12 @@ def test_plain_args_put_multirun_first_and_accept_both_experiment_spellings():
         "-m", "experiment=page_size", "hydra.callbacks.report.publish=true"]
 
 
+def test_publish_without_an_experiment_is_one_line_and_exit_2():
+    out = kvbench("-m", "strategy=slab", "publish=true")
+    assert out.returncode == 2 and out.stderr == (
+        "kvbench: error: publish=true writes an experiment's report to results/<name>/: use it with experiment=NAME\n")
+
+
 def test_version_help_and_a_sweep_print_what_a_user_expects(tmp_path):
     version = kvbench("--version")
     assert version.returncode == 0 and version.stdout.startswith("kvbench 0.") and "Hydra 1.3" in version.stdout
