@@ -134,3 +134,28 @@ def test_shared_prefix_is_stored_once(case):
     cached = 32 // s.page_size * s.page_size if s.caches_prefixes else 0  # whole pages only
     assert adm.cached_tokens == cached
     assert s.slot_states(None).token == 42 + 1 + 42 - cached
+
+
+# every eviction policy (strategies/eviction/) in each caching strategy, at a page size that
+# makes pages small (many evictions) and at radix's default; Belady without a future (every
+# page "never used again": it still must only free cached pages, deepest first)
+EVICTION_CASES = [(name, {"page_size": ps, "eviction": ev})
+                  for ev in ("fifo", "lfu", "slru", "arc", "s3fifo", "belady")
+                  for name, ps in (("paged", 3), ("radix", 1), ("radix", 3)) if not (ev == "belady" and name == "radix")]
+
+
+@pytest.mark.parametrize("case", EVICTION_CASES, ids=case_id)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, min_size=1, max_size=50), seed=st.integers(0, 2**16))
+def test_every_eviction_policy_serves_the_right_content(case, ops, seed):
+    """The content model and check_invariants() (which checks the policy's keys are exactly the
+    cached pages / unlocked leaves, and the policy's own bookkeeping) after every call."""
+    name, opts = case
+    play(Driver(build(name, CAPACITY, MAX_LEN, **opts)), ops, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("case", EVICTION_CASES, ids=case_id)
+def test_every_eviction_policy_seeded_runs(case):
+    name, opts = case
+    for seed in range(8):
+        random_run(build(name, 96, MAX_LEN, **opts), np.random.default_rng(seed), 40)
