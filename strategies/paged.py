@@ -37,6 +37,12 @@ Options that differ between engines (defaults: kvbench's original behaviour):
   keeps its LRU position. true: when the duplicate is freed, the original, if cached, moves to
   most recent. vLLM keeps the duplicate as a cached block of its own, freed most recent; moving
   the original gives the same recency to the same ids without holding the extra page.
+- `eviction`: which cached page is freed first, a policy of strategies/eviction/ (default lru,
+  vLLM's); its keys are page ids, the page hash names their content.
+- Admission (what is cached at all; both change what a later request can hit): `cache_outputs`
+  false hashes only the pages inside the prompt the request was admitted with (after a
+  preemption, its recomputed outputs are part of that prompt); `min_cache_len` > 0 hashes
+  nothing of a request whose prompt is shorter. Its unhashed pages are freed at release.
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ class _Seq:
     hashes: list[int] = field(default_factory=list)  # chained hashes of its first full pages
     hash_at: int = 0  # length at which its next unhashed page is full: (len(hashes) + 1) * page_size
     reserved: int = 0  # this request's share of the pool's reserved slots
+    cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
 
 
 class _Match:
@@ -83,6 +90,7 @@ class _Match:
 
 
 _VISIBILITY = ("computed", "scheduled")
+_NEVER = 1 << 62  # hash_at of a request that hashes no more pages (admission options)
 
 
 class _Scratch:
@@ -99,13 +107,18 @@ class PagedStrategy(Strategy):
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
-                 dedup_touch: bool = False, eviction="lru") -> None:
+                 dedup_touch: bool = False, eviction="lru", cache_outputs: bool = True,
+                 min_cache_len: int = 0) -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
         self.prefix_caching = self.caches_prefixes = prefix_caching
         self.prefix_visibility, self.dedup_touch = prefix_visibility, bool(dedup_touch)
         self._scheduled = prefix_caching and prefix_visibility == "scheduled"
+        if int(min_cache_len) < 0:
+            raise ValueError(f"paged min_cache_len must be >= 0, got {min_cache_len}")
+        self.cache_outputs, self.min_cache_len = bool(cache_outputs), int(min_cache_len)
+        self._admission = not self.cache_outputs or self.min_cache_len > 0
         self._free = array("l")  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free); the
         # per-page lists below cover the pages handed out so far and grow by half when they run out
@@ -242,7 +255,7 @@ class PagedStrategy(Strategy):
     def _register_full_pages(self, seq: _Seq) -> None:
         """Put the request's newly completed pages into the hash table (they hold computed K/V)."""
         ps, hashes = self.page_size, seq.hashes
-        first, full = len(hashes), seq.length // ps
+        first, full = len(hashes), min(seq.length // ps, seq.cache_pages)
         data = seq.tokens[first * ps:full * ps].tobytes()  # ids are final once their K/V exist
         nb = len(data) // (full - first)
         table, page_hashes, stored = self._table, self._hash, self._stored_ids
@@ -255,7 +268,7 @@ class PagedStrategy(Strategy):
                 table[h] = pid
                 page_hashes[pid] = h
                 stored[pid] = ids
-        seq.hash_at = (full + 1) * ps
+        seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
         # (a page whose content another page already caches stays unhashed: freed on release)
 
     def _unref_touching(self, seq: _Seq) -> None:
@@ -300,6 +313,11 @@ class PagedStrategy(Strategy):
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached)
         seq.hashes = memo.hashes[: len(hits)] if hits else []
         seq.hash_at = (len(hits) + 1) * ps
+        if self._admission:  # cache only the prompt, or nothing of a short request
+            seq.cache_pages = (0 if num_prompt < self.min_cache_len
+                               else (num_prompt if not self.cache_outputs else kv_len) // ps)
+            if len(hits) >= seq.cache_pages:
+                seq.hash_at = _NEVER
         self._seqs[rid] = seq
         ok = self.grow(rid, length - cached)
         assert ok, "room was checked above"
@@ -360,7 +378,8 @@ class PagedStrategy(Strategy):
         for pid in src.pages:
             self._ref[pid] += 1
         self._seqs[child] = _Seq(tokens=child_tokens, kv_len=child_kv_len, pages=list(src.pages),
-                                 length=src.length, hashes=list(src.hashes), hash_at=src.hash_at)
+                                 length=src.length, hashes=list(src.hashes), hash_at=src.hash_at,
+                                 cache_pages=src.cache_pages)
         self._set_reserved(src)
         self._set_reserved(self._seqs[child])
         return True
@@ -436,7 +455,8 @@ class PagedStrategy(Strategy):
                 expect = min(ps, seq.length - i * ps)
                 if self._fill[pid] != expect:
                     raise InvariantError(f"page {pid} fill {self._fill[pid]}, request wrote {expect}")
-            if seq.hash_at != (len(seq.hashes) + 1) * ps or len(seq.hashes) > seq.length // ps:
+            expect_at = (len(seq.hashes) + 1) * ps if len(seq.hashes) < seq.cache_pages else _NEVER
+            if seq.hash_at != expect_at or len(seq.hashes) > seq.length // ps:
                 raise InvariantError(f"request: {len(seq.hashes)} page hashes, hash_at {seq.hash_at}")
             last_shared = seq.length % ps and self._ref[seq.pages[-1]] > 1
             reserved += 0 if last_shared else min(seq.kv_len, len(seq.pages) * ps) - seq.length
@@ -452,9 +472,11 @@ class PagedStrategy(Strategy):
         if not self.prefix_caching:
             return f"{self.name}-{self.page_size}-nocache"
         return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
-                + ("-touch" if self.dedup_touch else "") + ("" if self.eviction == "lru" else f"-{self.eviction}"))
+                + ("-touch" if self.dedup_touch else "") + ("" if self.eviction == "lru" else f"-{self.eviction}")
+                + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else ""))
 
     def summary(self) -> dict:
         return {**super().summary(), "prefix_caching": self.prefix_caching,
+                "cache_outputs": self.cache_outputs, "min_cache_len": self.min_cache_len,
                 "prefix_visibility": self.prefix_visibility, "dedup_touch": self.dedup_touch,
                 "eviction": self.eviction}

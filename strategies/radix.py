@@ -31,6 +31,12 @@ inserts a prefill chunk into the tree after the chunk has run) or `scheduled` (a
 the `admit`/`grow` that schedules the chunk, so a request admitted later in the same step hits
 it). A duplicate that a request recomputed is freed at insert and the tree's original is locked
 by the request and gets its access time at unlock: the "touch" that paged's `dedup_touch` adds.
+
+`eviction`: which unlocked leaf is freed first, a policy of strategies/eviction/ (default lru:
+by last access, SGLang's). Admission (both change what a later request can hit):
+`cache_outputs` false inserts only the prompt the request was admitted with; `min_cache_len` > 0
+inserts nothing of a request whose prompt is shorter (its pages stay private and are freed at
+release). A fork still shares its parent's computed positions through the tree.
 """
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ class _Seq:
     length: int = 0
     reserved: int = 0
     path_buf: np.ndarray | None = None  # owned buffer behind path_pages (None: shared, copy to grow)
+    cache_len: int = 1 << 62  # leading positions it may insert into the tree (admission options)
 
 
 @dataclass(slots=True)
@@ -98,12 +105,17 @@ class RadixStrategy(Strategy):
     caches_prefixes = True
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
-                 name: str = "radix", prefix_visibility: str = "computed", eviction="lru") -> None:
+                 name: str = "radix", prefix_visibility: str = "computed", eviction="lru",
+                 cache_outputs: bool = True, min_cache_len: int = 0) -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"radix prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
         self.prefix_visibility = prefix_visibility
         self._scheduled = prefix_visibility == "scheduled"
+        if int(min_cache_len) < 0:
+            raise ValueError(f"radix min_cache_len must be >= 0, got {min_cache_len}")
+        self.cache_outputs, self.min_cache_len = bool(cache_outputs), int(min_cache_len)
+        self._admission = not self.cache_outputs or self.min_cache_len > 0
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, _EMPTY, None, 0)
         self._free = array("l")  # a stack of returned page ids (most recent on top)
@@ -407,6 +419,8 @@ class RadixStrategy(Strategy):
         self._lock(node)
         seq = _Seq(tokens=tokens, kv_len=kv_len, num_prompt=num_prompt, node=node,
                    path_pages=self._path_pages(node), tree_len=cached, length=cached)
+        if self._admission:  # insert only the prompt, or nothing of a short request
+            seq.cache_len = 0 if num_prompt < self.min_cache_len else (kv_len if self.cache_outputs else num_prompt)
         self._seqs[rid] = seq
         self._extend(seq, length)
         if self._scheduled:
@@ -415,7 +429,7 @@ class RadixStrategy(Strategy):
 
     def _insert_scheduled(self, seq: _Seq) -> None:
         """prefix_visibility=scheduled: the prompt's full pages are hittable once scheduled."""
-        done = min(seq.length, seq.num_prompt) // self.page_size * self.page_size
+        done = min(seq.length, seq.num_prompt, seq.cache_len) // self.page_size * self.page_size
         if done > seq.tree_len:
             self._insert(seq, done)
 
@@ -424,6 +438,8 @@ class RadixStrategy(Strategy):
         if seq.length + num_tokens > seq.kv_len:
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
         done = seq.length // ps * ps if seq.length <= seq.num_prompt and not self._scheduled else 0  # prefill: cache the computed chunk
+        if self._admission:
+            done = min(seq.cache_len, done) // ps * ps
         need = self.pages_for(seq.length + num_tokens) - seq.tree_len // ps - len(seq.private)
         if need > self._room() and (done <= seq.tree_len or need > self._room() + self._insert_gain(seq, done)):
             return False  # checked before inserting: a grow that answers no changes nothing
@@ -436,7 +452,7 @@ class RadixStrategy(Strategy):
 
     def release(self, rid) -> None:
         seq, ps = self._seqs[rid], self.page_size
-        done = seq.length // ps * ps
+        done = min(seq.length, seq.cache_len) // ps * ps
         if done > seq.tree_len:
             self._insert(seq, done)
         del self._seqs[rid]
@@ -570,7 +586,9 @@ class RadixStrategy(Strategy):
     @property
     def label(self) -> str:
         return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
-                + ("" if self.eviction == "lru" else f"-{self.eviction}"))
+                + ("" if self.eviction == "lru" else f"-{self.eviction}")
+                + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else ""))
 
     def summary(self) -> dict:
-        return {**super().summary(), "prefix_visibility": self.prefix_visibility, "eviction": self.eviction}
+        return {**super().summary(), "prefix_visibility": self.prefix_visibility, "eviction": self.eviction,
+                "cache_outputs": self.cache_outputs, "min_cache_len": self.min_cache_len}

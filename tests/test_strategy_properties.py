@@ -142,6 +142,8 @@ def test_shared_prefix_is_stored_once(case):
 EVICTION_CASES = [(name, {"page_size": ps, "eviction": ev})
                   for ev in ("fifo", "lfu", "slru", "arc", "s3fifo", "belady")
                   for name, ps in (("paged", 3), ("radix", 1), ("radix", 3)) if not (ev == "belady" and name == "radix")]
+EVICTION_CASES += [(name, {"page_size": ps, "cache_outputs": False, "min_cache_len": 5})
+                   for name, ps in (("paged", 3), ("radix", 1), ("radix", 3))]  # cache admission options
 
 
 @pytest.mark.parametrize("case", EVICTION_CASES, ids=case_id)
