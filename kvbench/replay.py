@@ -41,6 +41,7 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
     finished: list[Seq] = []
     bar = tqdm(total=len(requests), unit="req", delay=2.0, disable=not progress, leave=False)
     now, nxt, n = 0.0, 0, len(requests)
+    forget = engine.forgets_ids  # a request's ids are dropped when it leaves (rebuilt if read)
     steady: Quiet | None = None  # set after a step that quiet steps may follow (fast-forward)
     while nxt < n or scheduler.has_work():
         while nxt < n and requests[nxt].arrival_s <= now:  # arrivals up to now
@@ -52,6 +53,8 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
                 scheduler.add(Seq(req))
             else:
                 rec.reject(req, reason)
+                if forget:
+                    req.forget()
                 bar.update(1)
         if not scheduler.has_work():
             if nxt < n:
@@ -77,6 +80,9 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
         if done:
             finished.extend(done)
             bar.update(len(done))
+            if forget:
+                for s in done:
+                    s.request.forget()
     bar.close()
     return Replay(finished, rec)
 

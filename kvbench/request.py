@@ -25,7 +25,7 @@ class Request:
     """
 
     __slots__ = ("id", "arrival_s", "session", "source", "meta", "prompt_len", "output_len",
-                 "_tokens", "_build")
+                 "_tokens", "_build", "_rebuild", "_drawn")
 
     def __init__(self, id: int, arrival_s: float, prompt: np.ndarray, output: np.ndarray,
                  session: int | None = None, source: str = "", meta: dict | None = None) -> None:
@@ -33,17 +33,23 @@ class Request:
         # One buffer for all ids; `prompt` and `output` are views of it, so an engine that
         # samples (writes into `output`) is seen by every reader of `tokens`.
         self._tokens = np.concatenate([prompt, output]).astype(np.int32, copy=False)
-        self._build = None
+        self._build = self._rebuild = None
+        self._drawn = True
 
     @classmethod
     def unbuilt(cls, id: int, arrival_s: float, prompt_len: int, output_len: int,
                 build: Callable[[], np.ndarray], session: int | None = None, source: str = "",
-                meta: dict | None = None) -> Request:
-        """A request whose ids ``build() -> [prompt_len + output_len] int32`` makes on first read."""
+                meta: dict | None = None, drawn: bool = False) -> Request:
+        """A request whose ids ``build() -> [prompt_len + output_len] int32`` makes on first read.
+
+        `drawn`: its ids are already fixed by the trace (drawn from its shared streams, kept as a
+        generator state and drawn again by `build`), so it counts as `built`; else (a row left
+        for the scheduler to reject) they are made only if read."""
         self = cls.__new__(cls)
         self._set(id, arrival_s, int(prompt_len), int(output_len), session, source, meta)
         self._tokens = None
-        self._build = build
+        self._build = self._rebuild = build
+        self._drawn = drawn
         return self
 
     def _set(self, id, arrival_s, prompt_len, output_len, session, source, meta) -> None:
@@ -55,8 +61,9 @@ class Request:
 
     @property
     def built(self) -> bool:
-        """Whether the ids exist yet (reading tokens/prompt/output builds them)."""
-        return self._tokens is not None
+        """Whether the ids exist yet, or are fixed by the trace's shared streams (`drawn`);
+        reading tokens/prompt/output builds them."""
+        return self._drawn or self._tokens is not None
 
     @property
     def tokens(self) -> np.ndarray:
@@ -68,6 +75,14 @@ class Request:
                                  f"expected {self.prompt_len + self.output_len}")
             self._tokens, self._build = ids, None
         return self._tokens
+
+    def forget(self) -> None:
+        """Drop the ids of a request made `unbuilt` (its `build` is a pure function of the trace's
+        seed): the next read builds them again, the same. A replay calls it when the request has
+        left, on engines that never write into `output`, so that a run holds the ids of the
+        requests in flight, not of the whole trace. No-op for a request given its ids."""
+        if self._rebuild is not None:
+            self._tokens, self._build = None, self._rebuild
 
     @property
     def prompt(self) -> np.ndarray:

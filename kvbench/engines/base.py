@@ -21,6 +21,9 @@ class Engine(ABC):
     #: whether the replay may hand over runs of quiet decode steps at once (priced by `cost`
     #: instead of `step`): only an engine whose step time is a model, never one that executes.
     fast_forward: bool = False
+    #: whether the replay may drop a request's ids once it has left (`Request.forget`): only an
+    #: engine that never writes into `Request.output` (no sampling).
+    forgets_ids: bool = False
 
     def kv_capacity_tokens(self, requested: int | None) -> int:
         """The pool size in tokens: the requested one, or what the device can hold."""

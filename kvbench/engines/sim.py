@@ -39,6 +39,7 @@ class SimEngine(Engine):
     """
 
     name = "sim"
+    forgets_ids = True  # no model runs: nothing writes into a request's output ids
 
     def __init__(self, overhead_s: float, prefill_token_s: float, decode_token_s: float,
                  kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,

@@ -9,9 +9,9 @@ import numpy as np
 from kvbench.request import Request
 from kvbench.traces.common import longer_than
 from kvbench.traces.errors import TraceError
-from kvbench.traces.tokens import OUTPUT_STREAM, PROMPT_STREAM, late_ids, random_pieces, stream
+from kvbench.traces.tokens import OUTPUT_STREAM, PROMPT_STREAM, RandomRows, late_ids, stream
 
-#: request index -> (prompt_len, output_len, build() -> [prompt_len + output_len] int32 ids)
+#: request index -> (prompt_len, output_len, build() -> [prompt_len + output_len] int32 ids[, drawn])
 Late = Mapping[int, tuple[int, int, Callable[[], np.ndarray]]]
 
 
@@ -43,8 +43,9 @@ def assemble(
                       session=None if sessions is None else sessions[i],
                       meta={} if metas is None else metas[i])
         if i in late:
-            prompt_len, output_len, build = late[i]
-            requests.append(Request.unbuilt(prompt_len=prompt_len, output_len=output_len, build=build, **common))
+            prompt_len, output_len, build, *drawn = late[i]
+            requests.append(Request.unbuilt(prompt_len=prompt_len, output_len=output_len, build=build,
+                                            drawn=bool(drawn and drawn[0]), **common))
             continue
         prompt = prompts[i]
         if len(outputs[i]) < 1 or len(prompt) < 1:
@@ -74,11 +75,36 @@ def random_id_requests(
     prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
     output_lens = np.asarray(output_lens, dtype=np.int64)
     long_p, long_o = longer_than(prompt_lens, max_model_len), longer_than(output_lens, max_model_len)  # [N]
-    prompts = random_pieces(stream(seed, PROMPT_STREAM), np.where(long_p, 0, prompt_lens), vocab_size)
-    outputs = random_pieces(stream(seed, OUTPUT_STREAM), np.where(long_o, 0, output_lens), vocab_size)
-    late = {}
-    for i in np.flatnonzero(long_p | long_o).tolist():  # a side that was drawn is kept (a copy)
-        late[i] = (int(prompt_lens[i]), int(output_lens[i]), partial(
-            late_ids, seed, i, vocab_size, int(prompt_lens[i]), int(output_lens[i]),
-            None if long_p[i] else prompts[i].copy(), None if long_o[i] else outputs[i].copy()))
-    return assemble(arrivals, prompts, outputs, sources, metas=metas, late=late, limit=limit)
+    prompts = RandomRows(stream(seed, PROMPT_STREAM), np.where(long_p, 0, prompt_lens), vocab_size)
+    outputs = RandomRows(stream(seed, OUTPUT_STREAM), np.where(long_o, 0, output_lens), vocab_size)
+    rows = _LazyRows(prompts, outputs, prompt_lens, output_lens, long_p, long_o, seed, vocab_size)
+    return assemble(arrivals, prompts, outputs, sources, metas=metas, late=rows, limit=limit)
+
+
+class _LazyRows:
+    """Every row of `random_id_requests` as a `Late` entry: the request is made unbuilt, and its
+    ids are drawn again from `RandomRows` when read (the ids an eager draw gives, bit for bit);
+    a row longer than max_model_len draws its long side from its own stream (`late_ids`)."""
+
+    def __init__(self, prompts, outputs, prompt_lens, output_lens, long_p, long_o, seed, vocab_size):
+        self.prompts, self.outputs = prompts, outputs
+        self.prompt_lens, self.output_lens = prompt_lens.tolist(), output_lens.tolist()
+        self.long = set(np.flatnonzero(long_p | long_o).tolist())
+        self.long_p, self.long_o, self.seed, self.vocab_size = long_p, long_o, seed, vocab_size
+
+    def __contains__(self, i: int) -> bool:
+        return True
+
+    def __getitem__(self, i: int) -> tuple[int, int, Callable[[], np.ndarray], bool]:
+        p, o = self.prompt_lens[i], self.output_lens[i]
+        if i in self.long:
+            return p, o, partial(self._late, i), False
+        return p, o, partial(self._ids, i), True  # drawn: fixed by the shared streams
+
+    def _ids(self, i: int) -> np.ndarray:
+        return np.concatenate([self.prompts[i], self.outputs[i]])
+
+    def _late(self, i: int) -> np.ndarray:
+        return late_ids(self.seed, i, self.vocab_size, self.prompt_lens[i], self.output_lens[i],
+                        None if self.long_p[i] else self.prompts[i].copy(),
+                        None if self.long_o[i] else self.outputs[i].copy())

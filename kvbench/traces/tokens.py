@@ -42,6 +42,54 @@ def random_pieces(rng: np.random.Generator, lengths: np.ndarray, vocab_size: int
     return np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+class RandomRows:
+    """The ids `random_pieces(rng, lengths, vocab_size)` would give, kept as the generator's state
+    every `block` rows instead of the ids: row i's piece is drawn again on demand (the same
+    draws: a generator drawing n then m ids gives the ids one draw of n + m gives), from a
+    small cache of the blocks drawn last. Memory: O(rows / block) states, not sum(lengths) ids.
+
+    Reading rows in order (a replay reads requests in arrival order) draws each block once.
+    Mutates only its cache.
+    """
+
+    def __init__(self, rng: np.random.Generator, lengths: np.ndarray, vocab_size: int,
+                 block: int = 512, cache: int = 8) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # [N]
+        self.ends = np.cumsum(self.lengths)  # [N]
+        self.vocab_size, self.block, self.cache_size = vocab_size, block, cache
+        self.states = []  # [ceil(N / block)] the generator's state at each block's first row
+        self._cache: dict[int, np.ndarray] = {}
+        n = len(self.lengths)
+        for b in range(0, n, block):
+            self.states.append(rng.bit_generator.state)
+            rng.integers(0, vocab_size, size=int(self._span(b // block)), dtype=np.int32)  # advance
+
+    def _start(self, b: int) -> int:
+        i = b * self.block
+        return int(self.ends[i - 1]) if i else 0
+
+    def _span(self, b: int) -> int:
+        last = min((b + 1) * self.block, len(self.lengths)) - 1
+        return int(self.ends[last]) - self._start(b)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Row i's ids, [lengths[i]] int32 (a view of its block's ids)."""
+        b = i // self.block
+        ids = self._cache.get(b)
+        if ids is None:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = self.states[b]
+            ids = rng.integers(0, self.vocab_size, size=self._span(b), dtype=np.int32)
+            if len(self._cache) >= self.cache_size:
+                del self._cache[next(iter(self._cache))]  # the oldest
+            self._cache[b] = ids
+        end = int(self.ends[i]) - self._start(b)
+        return ids[end - int(self.lengths[i]):end]
+
+
 def late_ids(seed: int, row: int, vocab_size: int, prompt_len: int, output_len: int,
              prompt: np.ndarray | None = None, output: np.ndarray | None = None) -> np.ndarray:
     """[prompt_len + output_len] int32 ids of an unbuilt request (:class:`kvbench.request.Request`):
