@@ -130,7 +130,7 @@ class PagedStrategy(Strategy):
         self._lru: EvictionPolicy = make_policy(eviction)
         self._lru.bind(self.num_pages)
         self.eviction = self._lru.name
-        self._offline = self._lru.offline  # Belady: told each admitted request
+        self._tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
         self._token = 0  # slots of in-use pages holding tokens
@@ -321,7 +321,7 @@ class PagedStrategy(Strategy):
         self._seqs[rid] = seq
         ok = self.grow(rid, length - cached)
         assert ok, "room was checked above"
-        if self._offline:
+        if self._tracks:
             self._lru.request(rid)
         return Admission(True, cached)
 
@@ -362,6 +362,8 @@ class PagedStrategy(Strategy):
 
     def release(self, rid) -> None:
         seq = self._seqs.pop(rid)
+        if self._tracks:
+            self._lru.releasing(rid)
         if self.prefix_caching and seq.length >= seq.hash_at:
             self._register_full_pages(seq)
         self._reserved -= seq.reserved

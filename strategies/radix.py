@@ -129,6 +129,7 @@ class RadixStrategy(Strategy):
             raise ValueError(f"radix eviction {self._leaves.name!r} is not supported (its keys are page hashes: paged only)")
         self._leaves.bind(self.num_pages)
         self.eviction = self._leaves.name
+        self._tracks = self._leaves.tracks_requests  # priority: told each admitted / released request
         self._seqs: dict[RequestId, _Seq] = {}
         self._protected = 0  # tokens in locked tree nodes
         self._evictable = 0  # tokens in unlocked tree nodes
@@ -425,6 +426,8 @@ class RadixStrategy(Strategy):
         self._extend(seq, length)
         if self._scheduled:
             self._insert_scheduled(seq)
+        if self._tracks:
+            self._leaves.request(rid)
         return Admission(True, cached)
 
     def _insert_scheduled(self, seq: _Seq) -> None:
@@ -452,6 +455,8 @@ class RadixStrategy(Strategy):
 
     def release(self, rid) -> None:
         seq, ps = self._seqs[rid], self.page_size
+        if self._tracks:
+            self._leaves.releasing(rid)
         done = min(seq.length, seq.cache_len) // ps * ps
         if done > seq.tree_len:
             self._insert(seq, done)

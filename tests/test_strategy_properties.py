@@ -140,7 +140,7 @@ def test_shared_prefix_is_stored_once(case):
 # makes pages small (many evictions) and at radix's default; Belady without a future (every
 # page "never used again": it still must only free cached pages, deepest first)
 EVICTION_CASES = [(name, {"page_size": ps, "eviction": ev})
-                  for ev in ("fifo", "lfu", "slru", "arc", "s3fifo", "belady")
+                  for ev in ("fifo", "lfu", "slru", "arc", "s3fifo", "priority", "belady")
                   for name, ps in (("paged", 3), ("radix", 1), ("radix", 3)) if not (ev == "belady" and name == "radix")]
 EVICTION_CASES += [(name, {"page_size": ps, "cache_outputs": False, "min_cache_len": 5})
                    for name, ps in (("paged", 3), ("radix", 1), ("radix", 3))]  # cache admission options

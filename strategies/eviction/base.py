@@ -16,6 +16,7 @@ POLICIES = {
     "arc": "arc:ARC",
     "s3fifo": "s3fifo:S3FIFO",
     "belady": "belady:Belady",
+    "priority": "priority:Priority",
 }
 
 
@@ -23,8 +24,17 @@ class EvictionPolicy(ABC):
     """Chooses the next evictable key to free. Mutating verbs: insert, remove, touch, victim."""
 
     name = "policy"
-    #: True when the policy needs the request stream (`request(rid)` at each admit): Belady
+    #: True when the policy needs the whole future at construction (Belady: paged only)
     offline = False
+    #: True when the strategy tells it each admitted request (`request(rid)`) and, where the
+    #: strategy can, the request whose keys are inserted next (`releasing(rid)`)
+    tracks_requests = False
+
+    def request(self, rid: int) -> None:
+        """Request `rid` was admitted. Mutates. Default: ignored."""
+
+    def releasing(self, rid: int) -> None:
+        """The keys inserted next are let go of by request `rid`. Mutates. Default: ignored."""
 
     def bind(self, capacity_keys: int) -> None:
         """The cache holds at most `capacity_keys` keys (pages). Mutates. Default: ignored."""

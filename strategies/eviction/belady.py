@@ -25,6 +25,7 @@ from kvbench.strategies.eviction.base import HeapPolicy
 class Belady(HeapPolicy):
     name = "belady"
     offline = True
+    tracks_requests = True
 
     def __init__(self, future: Mapping[int, Sequence[Hashable]] | None = None) -> None:
         super().__init__()
