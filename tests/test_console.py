@@ -74,7 +74,10 @@ def test_progress_line_counts_and_estimates():
     ({"name": "slab", "reservation": "oracle", "page_size": 1}, "slab-oracle"),
     ({"name": "paged", "page_size": 16, "prefix_caching": True}, "paged-16"),
     ({"name": "paged", "page_size": 16, "prefix_caching": False}, "paged-16-nocache"),
-    ({"name": "radix", "page_size": 1}, "radix-1")])
+    ({"name": "radix", "page_size": 1}, "radix-1"),
+    ({"name": "radix", "page_size": 1, "eviction": "s3fifo", "cache_outputs": False, "min_cache_len": 64},
+     "radix-1-s3fifo-noout-min64"),
+    ({"name": "paged", "page_size": 16, "prefix_caching": True, "eviction": "lru", "cache_outputs": True}, "paged-16")])
 def test_run_folders_are_named_by_the_label_the_strategy_reports(node, label):
     assert strategy_label(OmegaConf.create(node)) == label
 

@@ -83,7 +83,12 @@ def strategy_label(strategy) -> str:
     label = f"{name}-{strategy.get('page_size')}" if strategy.get("page_size") is not None else name
     if strategy.get("prefix_caching") is False:
         return f"{label}-nocache"
-    return label + ("-touch" if strategy.get("dedup_touch") else "")
+    eviction = strategy.get("eviction")
+    eviction = eviction if isinstance(eviction, str) or eviction is None else getattr(eviction, "get", dict().get)("name")
+    return (label + ("-touch" if strategy.get("dedup_touch") else "")
+            + ("" if eviction in (None, "lru") else f"-{eviction}")
+            + ("-noout" if strategy.get("cache_outputs") is False else "")
+            + (f"-min{strategy.get('min_cache_len')}" if strategy.get("min_cache_len") else ""))
 
 
 def _natural(text: str) -> list:
