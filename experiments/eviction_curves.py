@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--traces", nargs="+", default=DEFAULT_TRACES, help="trace group choices (configs/trace/)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--capacities", type=int, default=8, help="capacity points (>= 2)")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--policies", nargs="+", default=[q for q in POLICIES if q != "priority"], choices=list(POLICIES),
+                   help="default: all but priority (the traces carry no priorities: it would be LRU)")
     p.add_argument("--out", type=Path, default=Path("results/runs/eviction_curves"))
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trace.limit=1000")
     a = p.parse_args(argv)

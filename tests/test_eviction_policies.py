@@ -171,3 +171,9 @@ def test_no_policy_beats_belady(stream, capacity):
             stack.remove(k)
         stack.insert(0, k)
     assert cache_run(make_policy("lru"), stream, capacity)[0] == lru_hits
+
+
+def test_belady_without_a_future_is_refused():
+    with pytest.raises(ValueError, match="belady is offline"):
+        make_policy("belady")
+    assert make_policy({"name": "belady", "future": {0: ["k"]}}).next_use("k") == 0

@@ -52,7 +52,9 @@ def test_lru_is_the_default_and_labels_name_the_others():
     with pytest.raises(ValueError, match="eviction must be one of"):
         PagedStrategy(32, 32, eviction="random")
     with pytest.raises(ValueError, match="paged only"):
-        RadixStrategy(32, 32, eviction="belady")
+        RadixStrategy(32, 32, eviction=Belady({}))
+    with pytest.raises(ValueError, match="belady is offline"):
+        PagedStrategy(32, 32, eviction="belady")
 
 
 @pytest.mark.parametrize("eviction", [p for p in POLICIES if p != "belady"])

@@ -139,7 +139,8 @@ def test_shared_prefix_is_stored_once(case):
 # every eviction policy (strategies/eviction/) in each caching strategy, at a page size that
 # makes pages small (many evictions) and at radix's default; Belady without a future (every
 # page "never used again": it still must only free cached pages, deepest first)
-EVICTION_CASES = [(name, {"page_size": ps, "eviction": ev})
+_BELADY = {"_target_": "kvbench.strategies.eviction.belady.Belady", "future": {}}
+EVICTION_CASES = [(name, {"page_size": ps, "eviction": _BELADY if ev == "belady" else ev})
                   for ev in ("fifo", "lfu", "slru", "arc", "s3fifo", "priority", "belady")
                   for name, ps in (("paged", 3), ("radix", 1), ("radix", 3)) if not (ev == "belady" and name == "radix")]
 EVICTION_CASES += [(name, {"page_size": ps, "cache_outputs": False, "min_cache_len": 5})

@@ -137,5 +137,8 @@ def make_policy(spec) -> EvictionPolicy:
         spec = kwargs.pop("name", None)
     if spec not in POLICIES:
         raise ValueError(f"eviction must be one of {', '.join(POLICIES)}, got {spec!r}")
+    if spec == "belady" and "future" not in kwargs:
+        raise ValueError("eviction belady is offline: it needs every future request's pages "
+                         "(experiments/eviction_curves.py builds it from the trace)")
     module, cls = POLICIES[spec].split(":")
     return getattr(importlib.import_module(f"kvbench.strategies.eviction.{module}"), cls)(**kwargs)
