@@ -132,10 +132,14 @@ class Recorder:
 
     def timeline(self) -> pd.DataFrame:
         f = np.frombuffer(self._floats).reshape(-1, 2)
-        i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS).astype(np.int64)
+        i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
+        # one column at a time into one 2-D block per dtype: no int64 copy of all the rows at once
+        ints = np.empty((_INT_COLUMNS, len(i)), np.int64)
+        for c in range(_INT_COLUMNS):
+            ints[c] = i[:, c]
         cols = {"t_s": f[:, 0].copy(), "dt_s": f[:, 1].copy()}
-        cols.update(zip(TIMELINE_COLUMNS[2:], i.T))
-        return pd.DataFrame(cols, columns=TIMELINE_COLUMNS)
+        cols.update(zip(TIMELINE_COLUMNS[2:], ints))
+        return pd.DataFrame(cols, columns=TIMELINE_COLUMNS, copy=False)
 
     def requests(self) -> pd.DataFrame:
         """One row per request, sorted by id: every number from the events."""
@@ -155,12 +159,16 @@ class Recorder:
         return pd.DataFrame.from_records(rows, columns=cols).sort_values("id", ignore_index=True)
 
 
-def _stats(prefix: str, values: pd.Series) -> dict:
-    v = values.dropna().to_numpy()
+def _stats(prefix: str, values: pd.Series | np.ndarray) -> dict:
+    if isinstance(values, pd.Series):
+        v = values.dropna().to_numpy()
+    else:  # an array (the ITL gaps: the largest input): copied only if it holds a NaN
+        v = values[~np.isnan(values)] if np.isnan(values).any() else values
     if len(v) == 0:
         return {f"{prefix}_{k}_s": None for k in ("mean", "p50", "p90", "p99")}
-    return {f"{prefix}_mean_s": float(v.mean()), f"{prefix}_p50_s": float(np.percentile(v, 50)),
-            f"{prefix}_p90_s": float(np.percentile(v, 90)), f"{prefix}_p99_s": float(np.percentile(v, 99))}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])  # one partition (a copy of v), not three
+    return {f"{prefix}_mean_s": float(v.mean()), f"{prefix}_p50_s": float(p50),
+            f"{prefix}_p90_s": float(p90), f"{prefix}_p99_s": float(p99)}
 
 
 def summarize(requests: pd.DataFrame, timeline: pd.DataFrame, capacity: int, itl: np.ndarray) -> dict:
@@ -180,7 +188,7 @@ def summarize(requests: pd.DataFrame, timeline: pd.DataFrame, capacity: int, itl
         "output_throughput": per_s(fin.output_len.sum()),
         "total_token_throughput": per_s(fin.output_len.sum() + fin.prompt_len.sum()),
         **_stats("ttft", fin.ttft_s), **_stats("tpot", fin.tpot_s), **_stats("e2e", fin.e2e_s),
-        **_stats("itl", pd.Series(itl, dtype=float)),
+        **_stats("itl", np.asarray(itl, dtype=float)),
         "kv_capacity_tokens": int(capacity),
         "prefix_hit_rate": float(fin.cached_tokens.sum() / fin.prompt_len.sum()) if len(fin) else 0.0,
         "num_steps": int(len(timeline)),
