@@ -231,25 +231,21 @@ def vs_rate(col: Collection, out: Path) -> Figure | None:
     fig, axes = plt.subplots(len(traces), 3, figsize=(13, 3.6 * len(traces)), squeeze=False)
     for row, trace in zip(axes, traces):
         g = t[t.trace == trace]
+        ttft_k = 1.0 if g.ttft_p99_s.max() > 10 else 1e3  # past saturation TTFT runs to minutes: seconds
         for lab in label_order(g.label):
             d = g[g.label == lab].sort_values(rate)
             kw = line_kw(lab)
             row[0].plot(d[rate], d.request_throughput, label=lab, **kw)
-            for ax, m in ((row[1], "ttft"), (row[2], "tpot")):
-                ax.plot(d[rate], d[f"{m}_p50_s"] * 1e3, label=f"{lab} p50", lw=1.8, **kw)
-                ax.plot(d[rate], d[f"{m}_p99_s"] * 1e3, label=f"{lab} p99", lw=0.8, alpha=0.6,
+            for ax, m, k in ((row[1], "ttft", ttft_k), (row[2], "tpot", 1e3)):
+                ax.plot(d[rate], d[f"{m}_p50_s"] * k, label=f"{lab} p50", lw=1.8, **kw)
+                ax.plot(d[rate], d[f"{m}_p99_s"] * k, label=f"{lab} p99", lw=0.8, alpha=0.6,
                         **{**kw, "marker": "x"})
         xs = np.sort(g[rate].dropna().unique())
         row[0].plot(xs, xs, ":", color="grey", label="served = offered")
         row[0].set_yscale("log", base=2)
         row[0].set_ylabel("request throughput [req/s]")
-        row[1].set_ylabel("TTFT [ms]")
+        row[1].set_ylabel("TTFT [ms]" if ttft_k == 1e3 else "TTFT [s]")
         row[2].set_ylabel("TPOT [ms/token]")
-        if (g.ttft_p99_s * 1e3).max() > 1e4:  # past saturation TTFT runs to minutes: seconds read better
-            for ln in row[1].get_lines():
-                ln.set_ydata(np.asarray(ln.get_ydata(), dtype=float) / 1e3)
-            row[1].relim()
-            row[1].set_ylabel("TTFT [s]")
         for ax, what in zip(row, ("throughput", "time to first token", "time per output token")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("request rate offered [req/s]")
