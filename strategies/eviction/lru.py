@@ -9,6 +9,7 @@ ties by insertion order.
 """
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 from kvbench.strategies.eviction.base import EvictionPolicy, HeapPolicy
@@ -49,3 +50,7 @@ class TimedLRU(HeapPolicy):
 
     def _rank(self, key, t):
         return t
+
+    def insert(self, key, t=None, content=None) -> None:  # (inlined _push: radix's unlock path)
+        self._live[key] = t
+        heapq.heappush(self._heap, (t, next(self._seq), key))
