@@ -170,11 +170,35 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return _replay_and_write(cfg, out_dir)
 
 
+_TRACE_CACHE: dict[str, list] = {}  # the last trace this process loaded for an engine that forgets ids
+
+
+def load_trace(cfg: DictConfig) -> list:
+    """cfg.trace's requests. For an engine that never writes into a request's ids
+    (`Engine.forgets_ids`: the sim), the last trace is kept for the next run of the same process
+    with the same resolved trace config, trace folder and cwd (a sweep's worker replays one trace
+    under many strategies and rates: the file is parsed once); such a run changes no request."""
+    from hydra.utils import get_class
+
+    try:
+        shareable = bool(getattr(get_class(cfg.engine._target_), "forgets_ids", False))
+    except Exception:  # (instantiate below reports a bad engine)
+        shareable = False
+    if not shareable:
+        return instantiate(cfg.trace)
+    key = json.dumps([OmegaConf.to_container(cfg.trace, resolve=True), os.environ.get("KVBENCH_TRACES"),
+                      os.getcwd()], sort_keys=True, default=str)
+    if key not in _TRACE_CACHE:
+        _TRACE_CACHE.clear()
+        _TRACE_CACHE[key] = instantiate(cfg.trace)
+    return _TRACE_CACHE[key]
+
+
 def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
     bpt = kv_bytes_per_token(cfg.model)
     logger = instantiate(cfg.logger) if cfg.get("logger") is not None else None  # fails early, not after the replay
-    requests = instantiate(cfg.trace)
+    requests = load_trace(cfg)
     if not len(requests):
         raise ConfigError(f"trace '{cfg.trace.get('name', 'trace')}' has no requests: nothing to replay "
                           "(check trace.limit, trace.path and the trace's filters)")
