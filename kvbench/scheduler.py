@@ -1,16 +1,40 @@
-"""Iteration-level continuous batching (Orca / vLLM), FCFS, preemption by recompute.
+"""Iteration-level continuous batching (Orca / vLLM), preemption by recompute, and the order in
+which waiting requests are admitted (`policy`).
 
 Each step: every running request, oldest first, gets room for its next prefill chunk or its
 next decode token; when the strategy has no room, the most recently admitted request is
 preempted (its memory released, its progress kept as tokens to recompute) and goes back to the
-front of the queue. Then waiting requests are admitted in arrival order while the strategy can
-hold them and the step's limits allow. The scheduler never knows which strategy it drives, and
-knows no clock: what it did goes out as events (kvbench/events.py).
+front of the queue. Then waiting requests are admitted while the strategy can hold them and the
+step's limits allow, in the policy's order:
+
+- `fcfs`: queue order (arrival order, preempted requests in front); nobody overtakes the head
+  of the queue when it does not fit.
+- `lpm` (SGLang's longest prefix match): the longest cached prefix first (the strategy's pure
+  `cached_prefix_len`, asked of every waiting request each step), ties in queue order.
+- `dfs_weight` (SGLang's order): each waiting request hangs under the end of its cached prefix;
+  a subtree weighs as many waiting requests as it holds; a depth-first walk visits heavier
+  subtrees first (ties: the subtree with the earliest request in the queue) and lists a node's
+  own requests after its subtrees. The tree is the compressed trie of the matched prefixes, cut
+  at whole pages: on radix it is the radix tree restricted to the waiting requests' paths; on
+  paged it is the chain of page hashes (the same idea over page-hash prefixes).
+  A strategy that caches no prefix matches 0 for all: both orders are then queue order.
+
+For lpm and dfs_weight, a request that the policy picks and that does not fit ends admission for
+this step (as SGLang's PrefillAdder stops): nobody behind it in that order is tried. Starvation
+guard: a waiting request is *passed over* in a step when a request behind it in the queue is
+admitted and it is not; once passed over in `max_wait_steps` steps (scheduler steps, not seconds:
+the scheduler knows no clock), and always while it waits for a recompute after a preemption, it is
+*urgent*: urgent requests go first, in queue order, ahead of the policy's order. So no request is
+passed over in more than `max_wait_steps` steps, and max_wait_steps=0 is FCFS. The scheduler never
+knows which strategy it drives, and knows no clock: what it did goes out as events
+(kvbench/events.py).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from kvbench.batch import ScheduledSeq, StepBatch
 from kvbench.events import StepEvent
@@ -29,9 +53,13 @@ class Seq:
     prefill_target: int = 0  # positions to compute before decoding: prompt (+ emitted, after a preemption)
     cached_tokens: int | None = None  # prompt positions served from cache at its first admission
     preemptions: int = 0
+    passed: int = 0  # steps in which a request behind it in the queue was admitted and it was not
 
     def __post_init__(self) -> None:
         self.id = RequestId(self.request.id)
+
+
+POLICIES = ("fcfs", "lpm", "dfs_weight")
 
 
 class Scheduler:
@@ -44,12 +72,21 @@ class Scheduler:
         chunked_prefill: split a prompt over several steps; if False a prompt runs whole,
             and a prompt longer than max_num_batched_tokens is rejected (the recompute of a
             preempted request that outgrew the step is still chunked, or it could never run).
+        policy: admission order, one of POLICIES (module docstring); fcfs pays nothing for the others.
+        max_wait_steps: steps a waiting request may be passed over before it is admitted in
+            queue order (lpm and dfs_weight; module docstring).
     """
 
     def __init__(self, strategy: Strategy, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunked_prefill: bool = True) -> None:
+                 chunked_prefill: bool = True, policy: str = "fcfs", max_wait_steps: int = 256) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if max_wait_steps < 0:
+            raise ValueError(f"max_wait_steps must be >= 0, got {max_wait_steps}")
+        self.policy, self.max_wait_steps = policy, int(max_wait_steps)
+        self._admit = self._admit_fcfs if policy == "fcfs" else self._admit_ordered
         self.strategy = strategy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -116,7 +153,7 @@ class Scheduler:
             return min(left, budget)  # (a recompute longer than a step is chunked regardless)
         return left if left <= budget else 0
 
-    def _admit(self, planned: list[tuple[Seq, int]], budget: int) -> None:
+    def _admit_fcfs(self, planned: list[tuple[Seq, int]], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             req = seq.request
@@ -126,16 +163,85 @@ class Scheduler:
             if not adm.admitted:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            if seq.cached_tokens is None:
-                seq.cached_tokens = adm.cached_tokens
-                self._admitted.append((req, adm.cached_tokens))
+            budget = self._start(seq, adm.cached_tokens, planned, budget)
+
+    def _start(self, seq: Seq, cached: int, planned: list[tuple[Seq, int]], budget: int) -> int:
+        """An admitted request runs: plan its first chunk; returns the budget left."""
+        if seq.cached_tokens is None:
+            seq.cached_tokens = cached
+            self._admitted.append((seq.request, cached))
+        else:
+            self.recomputed_hits += cached
+        seq.computed = cached
+        n = min(budget, seq.prefill_target - seq.computed)
+        self.running.append(seq)
+        planned.append((seq, n))
+        return budget - n
+
+    def _admit_ordered(self, planned: list[tuple[Seq, int]], budget: int) -> None:
+        """lpm / dfs_weight: admit in the policy's order (urgent requests first), stop at the first
+        that does not fit; count who was passed over. O(waiting x prefix match) per step."""
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
+            return
+        waiting = list(self.waiting)
+        taken: list[int] = []
+        for i in self.order(waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            seq = waiting[i]
+            if not self.chunked_prefill and budget < seq.prefill_target <= self.max_num_batched_tokens:
+                break
+            req = seq.request
+            adm = self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget)
+            if not adm.admitted:
+                break  # the chosen request does not fit: admission ends for this step (SGLang)
+            taken.append(i)
+            budget = self._start(seq, adm.cached_tokens, planned, budget)
+        if taken:
+            last, gone = max(taken), set(taken)
+            for j in range(last):
+                if j not in gone:
+                    waiting[j].passed += 1
+            self.waiting = deque(s for j, s in enumerate(waiting) if j not in gone)
+
+    def order(self, waiting: list[Seq]) -> list[int]:
+        """Positions in `waiting` in the order the policy tries them: urgent requests (passed over
+        max_wait_steps times, or waiting for a recompute) in queue order, then the policy's order
+        of the rest. Pure (asks the strategy's pure `cached_prefix_len`)."""
+        bound = self.max_wait_steps
+        urgent = [i for i, s in enumerate(waiting) if s.passed >= bound or s.preemptions]
+        if len(urgent) == len(waiting):
+            return urgent
+        rest = [i for i, s in enumerate(waiting) if not (s.passed >= bound or s.preemptions)]
+        st = self.strategy
+        lens = {i: st.cached_prefix_len(waiting[i].request.tokens, waiting[i].prefill_target) for i in rest}
+        if self.policy == "lpm":
+            return urgent + sorted(rest, key=lambda i: -lens[i])  # stable: ties in queue order
+        out = urgent
+        self._dfs([(i, waiting[i].request.tokens, lens[i]) for i in rest], 0, out)
+        return out
+
+    def _dfs(self, group: list[tuple[int, np.ndarray, int]], depth: int, out: list[int]) -> None:
+        """SGLang's DFS-weight walk over the trie of the group's matched prefixes, which all share
+        their first `depth` ids: subtrees by the next page, heaviest first (ties: earliest in the
+        queue), each jumping to its next branch point; then the requests whose match ends here."""
+        ps = self.strategy.page_size
+        children: dict[bytes, list[tuple[int, np.ndarray, int]]] = {}
+        here = []
+        for item in group:
+            if item[2] == depth:
+                here.append(item[0])
             else:
-                self.recomputed_hits += adm.cached_tokens
-            seq.computed = adm.cached_tokens
-            n = min(budget, seq.prefill_target - seq.computed)
-            self.running.append(seq)
-            planned.append((seq, n))
-            budget -= n
+                children.setdefault(item[1][depth:depth + ps].tobytes(), []).append(item)
+        for members in sorted(children.values(), key=lambda m: (-len(m), m[0][0])):
+            end = min(m[2] for m in members)  # the next branch point: the members' common prefix
+            first = members[0][1]
+            for _, ids, _ in members[1:]:
+                diff = np.flatnonzero(ids[depth:end] != first[depth:end])
+                if len(diff):
+                    end = depth + int(diff[0]) // ps * ps
+            self._dfs(members, max(end, depth + ps), out)
+        out.extend(here)
 
     def _preempt(self, seq: Seq) -> None:
         self.strategy.release(seq.id)

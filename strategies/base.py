@@ -99,6 +99,13 @@ class Strategy(ABC):
         """Pages that `tokens` positions occupy. Pure."""
         return -(-tokens // self.page_size)
 
+    def cached_prefix_len(self, tokens: np.ndarray, num_prompt: int) -> int:
+        """Leading positions of `tokens` that `admit(..., num_prompt, ...)` would serve from
+        cache now (at most `num_prompt - 1`, whole pages), without admitting. Pure: no memo, no
+        recency, nothing changes (cache-aware scheduling asks it of every waiting request).
+        Default: 0 (a strategy that caches no prefix)."""
+        return 0
+
     @abstractmethod
     def page_table(self, rid: RequestId) -> np.ndarray:
         """The request's pages in token order, int32 (the layout kernels read). Pure."""

@@ -290,6 +290,12 @@ class PagedStrategy(Strategy):
     def page_table(self, rid: RequestId) -> np.ndarray:
         return np.asarray(self._seqs[rid].pages, dtype=np.int32)
 
+    def cached_prefix_len(self, tokens, num_prompt) -> int:
+        if not self.prefix_caching:
+            return 0
+        ps = self.page_size  # matched from scratch on a memo-less view: the real memo is untouched
+        return len(PagedStrategy._cached_prefix(_Scratch(self), RequestId(-1), tokens, (num_prompt - 1) // ps).hits) * ps
+
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps = self.page_size
         hits: list[PageId] = []

@@ -400,6 +400,9 @@ class RadixStrategy(Strategy):
         seq = self._seqs[rid]
         return np.concatenate([seq.path_pages, np.asarray(seq.private, dtype=np.int32)])
 
+    def cached_prefix_len(self, tokens, num_prompt) -> int:
+        return self._match(tokens[:(num_prompt - 1) // self.page_size * self.page_size])[2]  # a walk: pure
+
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps = self.page_size
         limit = (num_prompt - 1) // ps * ps  # leave at least one position to compute
