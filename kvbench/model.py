@@ -29,7 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from kvbench.sizes import kv_bytes_per_token  # noqa: F401  (sizes live in kvbench.sizes; re-exported)
+
+#: the torch dtypes the model computes in, by their kvbench.sizes name (bytes: sizes.DTYPE_BYTES).
+#: fp8 names size a sim run's KV pool only: the model has no fp8 weights or kernels.
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16")}
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"model '{self.name}': dtype '{self.dtype}' not in {sorted(DTYPES)}")
+            raise ValueError(f"model '{self.name}': dtype '{self.dtype}' not in {sorted(DTYPES)} "
+                             "(the dtypes the torch model runs in; fp8 sizes the sim's KV pool only)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model '{self.name}': num_heads {self.num_heads} is not a multiple "
                              f"of num_kv_heads {self.num_kv_heads}")
@@ -117,12 +122,6 @@ class ModelConfig:
 
 def as_model_config(cfg) -> ModelConfig:
     return cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
-
-
-def kv_bytes_per_token(cfg) -> int:
-    """2 (K, V) x layers x kv_heads x head_dim x dtype bytes."""
-    c = as_model_config(cfg)
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * DTYPES[c.dtype].itemsize
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from kvbench.metrics import summarize
 from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
-from kvbench.schema import DTYPE_BYTES, ConfigError, check_pool, validate
+from kvbench.schema import ConfigError, check_pool, validate
+from kvbench.sizes import PoolGeometry, kv_bytes_per_token, tokens_in_gib
 
 MARKER, ERROR, LOCK = "summary.json", "error.txt", ".lock"
 TABLES = ("requests.parquet", "timeline.parquet")
@@ -38,16 +39,10 @@ class OutputError(OSError):
     """The run dir cannot be written (read-only, full, not a directory)."""
 
 
-def kv_bytes_per_token(model: DictConfig) -> int:
-    """2 (K, V) x layers x kv_heads x head_dim x dtype bytes."""
-    if str(model.dtype) not in DTYPE_BYTES:
-        raise ConfigError(f"model.dtype={model.dtype!r}: must be one of {', '.join(DTYPE_BYTES)}")
-    return 2 * int(model.num_layers) * int(model.num_kv_heads) * int(model.head_dim) * DTYPE_BYTES[str(model.dtype)]
-
-
 def capacity_tokens(cfg: DictConfig, bytes_per_token: int) -> int | None:
+    """The pool size the config asks for, in tokens (None: the engine decides)."""
     if cfg.get("kv_capacity_gb") is not None:
-        return int(float(cfg.kv_capacity_gb) * 2**30) // bytes_per_token
+        return tokens_in_gib(cfg.kv_capacity_gb, bytes_per_token)
     return None if cfg.kv_capacity_tokens is None else int(cfg.kv_capacity_tokens)
 
 
@@ -196,7 +191,7 @@ def load_trace(cfg: DictConfig) -> list:
 
 def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
-    bpt = kv_bytes_per_token(cfg.model)
+    bpt = kv_bytes_per_token(cfg.model)  # validate() checked model.dtype
     logger = instantiate(cfg.logger) if cfg.get("logger") is not None else None  # fails early, not after the replay
     requests = load_trace(cfg)
     if not len(requests):
@@ -206,7 +201,8 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     capacity = engine.kv_capacity_tokens(capacity_tokens(cfg, bpt))
     check_pool(capacity, int(cfg.strategy.get("page_size", 1)))
     strategy = instantiate(cfg.strategy, capacity_tokens=capacity, max_model_len=cfg.max_model_len)
-    engine.bind(strategy.page_size, strategy.num_pages)
+    pool = PoolGeometry.of(cfg.model, strategy.page_size, strategy.num_pages)  # the run's sizes, frozen
+    engine.bind(pool.page_size, pool.num_pages)
     scheduler = Scheduler(strategy, **cfg.scheduler)
     result = replay(requests, scheduler, engine, progress=cfg.progress)
 
@@ -214,8 +210,8 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     timeline_df = result.recorder.timeline()
     summary = {"strategy": strategy.name, "label": strategy.label, "engine": engine.name,
                "trace": cfg.trace.get("name", "trace"),
-               **summarize(requests_df, timeline_df, strategy.capacity, result.itl),
-               "kv_bytes_per_token": bpt, "kv_capacity_bytes": strategy.capacity * bpt,
+               **summarize(requests_df, timeline_df, pool.capacity_tokens, result.itl),
+               "kv_bytes_per_token": pool.bytes_per_token, "kv_capacity_bytes": pool.capacity_bytes,
                "model": cfg.model.get("name"), **strategy.summary(), **engine.summary(),
                "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg)}
     write_atomic(out_dir / "requests.parquet", lambda p: requests_df.to_parquet(p, index=False))

@@ -81,7 +81,8 @@ RANGE_CASES = [
     (["kv_capacity_gb=inf"], "kv_capacity_gb=inf: must be a finite number > 0 or null"),
     (["kv_capacity_gb=1", "model.num_layers=0"], "model.num_layers=0: must be an integer >= 1"),
     (["model.num_kv_heads=0"], "model.num_kv_heads=0: must be an integer >= 1"),
-    (["model.dtype=int4"], "model.dtype='int4': must be one of bfloat16, float16, float32, float8, fp8"),
+    (["model.dtype=int4"], "model.dtype='int4': must be one of bfloat16, float16, float32, float8_e4m3fn, "
+                            "float8_e5m2 (aliases: float8 = float8_e4m3fn, fp8 = float8_e4m3fn)"),
     (["+scheduler.foo=1"], "scheduler.foo: not a parameter of Scheduler"),
     (["scheduler.max_num_seqs=0"], "scheduler.max_num_seqs=0: must be an integer >= 1"),
     (["engine.overhead_s=nan"], "engine.overhead_s=nan: must be a finite number >= 0"),

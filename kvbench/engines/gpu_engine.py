@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from kvbench.engines.torch_engine import HostBatch, TorchEngine, _plain
-from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, kv_bytes_per_token
+from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config
+from kvbench.sizes import GIB, dtype_bytes, kv_bytes_per_token, tokens_in_gib
 
-GIB = 2**30
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -52,7 +52,7 @@ def weight_bytes(cfg: ModelConfig) -> int:
     bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * cfg.attention_bias + h * cfg.attention_out_bias
     layer = qkv + cfg.num_heads * d * h + 3 * h * i + 2 * h + bias
     embed = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
-    return (cfg.num_layers * layer + embed + h) * DTYPES[cfg.dtype].itemsize
+    return (cfg.num_layers * layer + embed + h) * dtype_bytes(cfg.dtype)
 
 
 def _gb(x: float) -> str:
@@ -151,7 +151,7 @@ class GPUEngine(TorchEngine):
         if requested is not None:
             tokens, why = int(requested), f"kv_capacity_tokens={requested}"
         elif self.kv_cache_gb is not None:
-            tokens, why = int(self.kv_cache_gb * GIB) // bpt, f"kv_cache_gb={self.kv_cache_gb}"
+            tokens, why = tokens_in_gib(self.kv_cache_gb, bpt), f"kv_cache_gb={self.kv_cache_gb}"
         else:
             tokens, why = max(budget, 0) // bpt, "gpu_memory_utilization"
         if requested is not None or self.kv_cache_gb is not None:
