@@ -21,8 +21,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig
 
+from kvbench.sizes import DTYPE_NAMES, dtypes_text
+
 MAX_PAGES = 2**31 - 1  # page tables are int32: a pool has fewer than 2**31 pages
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}
 
 
 class ConfigError(ValueError):
@@ -101,7 +102,7 @@ RANGES |= {"rate": Range("float", 0, lo_open=True, inf=True), "burstiness": POS_
            "gpu_memory_utilization": Range("float", 0, 1, lo_open=True), "kv_cache_gb": POS_FLOAT}
 CHOICES = {("strategy", "reservation"): ("max", "pow2", "oracle"),
            ("strategy", "placement"): ("first_fit", "best_fit"),
-           ("model", "dtype"): tuple(DTYPE_BYTES),
+           ("model", "dtype"): DTYPE_NAMES,
            ("scheduler", "policy"): ("fcfs", "lpm", "dfs_weight")}  # kvbench.scheduler.POLICIES
 
 
@@ -211,8 +212,8 @@ def validate(cfg: DictConfig) -> None:
     for name, rng in MODEL.items():
         if name in model:
             check_value(f"model.{name}", model[name], rng)
-    if not isinstance(model.get("dtype"), str) or model.get("dtype") not in DTYPE_BYTES:
-        raise _bad("model.dtype", model.get("dtype"), f"one of {', '.join(DTYPE_BYTES)}")
+    if not isinstance(model.get("dtype"), str) or model.get("dtype") not in DTYPE_NAMES:
+        raise _bad("model.dtype", model.get("dtype"), dtypes_text())
     validate_node("scheduler", cfg.scheduler, Scheduler)
     for group in ("strategy", "engine", "trace", "logger"):
         node = cfg.get(group)
