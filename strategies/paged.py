@@ -11,8 +11,10 @@ handed out so far and grow by half when they run out, so a pool of 1e9 slots cos
 before it is used.
 
 Costs: allocate and free are O(1) (a stack of returned pages, then the next fresh id: pages are
-handed out 0, 1, 2, … as a full stack would); a cached page is revived or evicted in O(1) (an
-OrderedDict as LRU: a plain dict's first item is O(deleted entries) to find); a prefix lookup is
+handed out 0, 1, 2, … as a full stack would; a grow takes its k new pages in one bulk, a slice
+of the stack, a range of fresh ids and one eviction loop, in the order k single takes give); a
+cached page is revived or evicted in O(1) (an OrderedDict as LRU: a plain dict's first item is
+O(deleted entries) to find); a prefix lookup is
 one dict probe per page plus a token comparison of the hit (a hash is never trusted alone). A
 prompt's page hashes are computed lazily, up to its first miss; a full page is hashed once, in
 bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefix caching off,
@@ -53,6 +55,7 @@ import numpy as np
 
 from kvbench.strategies.base import Admission, InvariantError, PageId, RequestId, SlotStates, Strategy
 from kvbench.strategies.eviction import EvictionPolicy, make_policy
+from kvbench.strategies.eviction.lru import LRU
 
 _ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
 
@@ -155,6 +158,31 @@ class PagedStrategy(Strategy):
         self._fill[pid] = 0
         return pid
 
+    def _take_pages(self, k: int) -> list[PageId]:
+        """k pages in the order k `_take_page` calls would give them (returned pages, top of the
+        stack first, then fresh ids in order, then the eviction policy's victims in its order), in
+        bulk: one slice of the stack, one range, one eviction loop. Each gets ref 1 and fill 0."""
+        free, ref, fill = self._free, self._ref, self._fill
+        r = min(k, len(free))
+        got = []
+        if r:
+            got = free[len(free) - r:].tolist()
+            del free[len(free) - r:]
+            got.reverse()  # the order r pops would give
+        f = min(k - r, self._fresh)
+        if f:
+            first = self.num_pages - self._fresh
+            self._fresh -= f
+            while first + f > len(ref):  # the sizes one grow per page reaching the end would give
+                self._grow_lists()
+            got.extend(range(first, first + f))
+        if k > r + f:
+            got.extend(self._evict_pages(k - r - f))
+        for pid in got:
+            ref[pid] = 1
+            fill[pid] = 0
+        return got
+
     def _grow_lists(self) -> None:
         """The per-page lists grow by half (at least 1024 pages, at most to the pool): O(1) amortized
         per page handed out, and never more than 1.5x the pages used plus 1024."""
@@ -206,6 +234,21 @@ class PagedStrategy(Strategy):
         if memo is not None and pid in memo.index:
             self._cut(memo, memo.index[pid])
         return pid
+
+    def _evict_pages(self, k: int) -> list[PageId]:
+        """`_evict_one` k times, in one loop (the policy's victims, in its order)."""
+        lru, table, hashes, stored, memo = self._lru, self._table, self._hash, self._stored_ids, self._hit_memo
+        pop = lru.popitem if type(lru) is LRU else None  # LRU.victim without its Python frame
+        out = []
+        for _ in range(k):
+            pid = pop(False)[0] if pop is not None else lru.victim()
+            del table[hashes[pid]]
+            stored[pid] = None
+            hashes[pid] = None
+            if memo is not None and pid in memo.index:
+                self._cut(memo, memo.index[pid])
+            out.append(pid)
+        return out
 
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""
@@ -351,15 +394,17 @@ class PagedStrategy(Strategy):
             seq.pages[-1] = new
             self._unref(old)
             self._after_unshare(old)
-        pos = seq.length
-        while pos < new_len:
-            if pos % ps == 0:
-                seq.pages.append(self._take_page())
-            pid = seq.pages[pos // ps]
-            n = min(ps - pos % ps, new_len - pos)
-            self._fill[pid] += n
-            self._token += n
-            pos += n
+        pos, pages, fill = seq.length, seq.pages, self._fill
+        if pos % ps and new_len > pos:  # the last page has room: fill it first
+            fill[pages[-1]] += min(ps - pos % ps, new_len - pos)
+        k = -(-new_len // ps) - len(pages)
+        if k > 0:  # whole pages, then the last one as far as new_len reaches
+            got = self._take_pages(k)
+            for pid in got:
+                fill[pid] = ps
+            fill[got[-1]] = new_len - (len(pages) + k - 1) * ps
+            pages.extend(got)
+        self._token += new_len - pos
         seq.length = new_len
         self._set_reserved(seq)
         if self._scheduled and new_len >= seq.hash_at:  # hittable as soon as scheduled (vLLM)

@@ -16,7 +16,8 @@ prompt costs O(its length) whatever the chunk size; its path's page ids grow in 
 doubles); lock/unlock walk to the root (O(depth)) once per admission, fork and release, and an
 insert locks only the nodes it adds to the request's path; eviction pops a heap of (last access,
 node) with lazy deletion, O(log n) per evicted leaf; a private page comes from a stack of
-returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1).
+returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1)
+(a decode step's one page is taken inline by `grow`, with no further call).
 
 A request that waits for memory is matched once: when it is refused, its matched path (nodes
 and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
@@ -373,9 +374,20 @@ class RadixStrategy(Strategy):
             self._fresh -= k - r
         return out
 
-    def _extend(self, seq: _Seq, new_len: int) -> None:
-        need = self.pages_for(new_len) - seq.tree_len // self.page_size - len(seq.private)
-        if need > 0:
+    def _extend(self, seq: _Seq, new_len: int, need: int | None = None) -> None:
+        """Give `seq` room for `new_len` positions (`need`: the pages that takes, if known)."""
+        if need is None:
+            need = self.pages_for(new_len) - seq.tree_len // self.page_size - len(seq.private)
+        if need == 1 and (self._free or self._fresh):  # the decode path: `_take_pages(1)` inlined
+            free = self._free
+            if free:
+                pid = free.pop()
+            else:
+                self._fresh -= 1
+                pid = self.num_pages - self._fresh - 1
+            self._private_pages += 1
+            seq.private.append(pid)
+        elif need > 0:
             seq.private.extend(self._take_pages(need))
         self._private_token += new_len - seq.length
         seq.length = new_len
@@ -441,17 +453,23 @@ class RadixStrategy(Strategy):
 
     def grow(self, rid, num_tokens) -> bool:
         seq, ps = self._seqs[rid], self.page_size
-        if seq.length + num_tokens > seq.kv_len:
+        length = seq.length
+        new_len = length + num_tokens
+        if new_len > seq.kv_len:
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
-        done = seq.length // ps * ps if seq.length <= seq.num_prompt and not self._scheduled else 0  # prefill: cache the computed chunk
+        done = length // ps * ps if length <= seq.num_prompt and not self._scheduled else 0  # prefill: cache the computed chunk
         if self._admission:
             done = min(seq.cache_len, done) // ps * ps
-        need = self.pages_for(seq.length + num_tokens) - seq.tree_len // ps - len(seq.private)
-        if need > self._room() and (done <= seq.tree_len or need > self._room() + self._insert_gain(seq, done)):
-            return False  # checked before inserting: a grow that answers no changes nothing
+        need = -(-new_len // ps) - seq.tree_len // ps - len(seq.private)
+        if need > 0:
+            room = len(self._free) + self._fresh + self._evictable // ps  # _room()
+            if need > room and (done <= seq.tree_len or need > room + self._insert_gain(seq, done)):
+                return False  # checked before inserting: a grow that answers no changes nothing
         if done > seq.tree_len:
             self._insert(seq, done)
-        self._extend(seq, seq.length + num_tokens)
+            self._extend(seq, new_len)
+        else:  # nothing inserted: `need` still holds
+            self._extend(seq, new_len, need)
         if self._scheduled and seq.length - num_tokens < seq.num_prompt:
             self._insert_scheduled(seq)
         return True
