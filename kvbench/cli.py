@@ -117,6 +117,9 @@ def _app(cfg: DictConfig) -> None:
         print(f"results: {out_dir}")
 
 
+_SWEEP_SIZE: dict[tuple[str, float], int | None] = {}  # (sweep dir, multirun.yaml mtime) -> jobs; None: not basic
+
+
 class CompareRuns(Callback):
     """A sweep's console: a progress line after each job (runs done / total, failed, ETA) and,
     at the end, one table with a row per run (the keys that vary across the sweep, then the
@@ -142,8 +145,11 @@ class CompareRuns(Callback):
             (marks / str(config.hydra.job.num)).write_text("failed" if (run / "error.txt").exists() else "done")
             ended = [m for m in marks.iterdir() if m.stat().st_mtime >= started]
             failed = sum(m.read_text() == "failed" for m in ended)
-            jobs = sweep_jobs(root)
-            total = len(jobs) if jobs is not None else len(ended)
+            key = (str(root), started)
+            if key not in _SWEEP_SIZE:  # parsed once per process, not once per job
+                jobs = sweep_jobs(root)
+                _SWEEP_SIZE[key] = len(jobs) if jobs is not None else None
+            total = _SWEEP_SIZE[key] if _SWEEP_SIZE[key] is not None else len(ended)
             print(progress_line(len(ended), failed, total, time.time() - started), file=sys.stderr, flush=True)
         except (OSError, ValueError) as err:  # a progress line is not worth failing a run for
             log.warning("no progress line: %s", err)
