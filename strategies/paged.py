@@ -207,6 +207,26 @@ class PagedStrategy(Strategy):
         else:
             self._free.append(pid)
 
+    def _unref_pages(self, pids) -> None:
+        """`_unref` of each page of `pids`, in order, in one loop."""
+        ref, fill, hashes, lru, free, memo = self._ref, self._fill, self._hash, self._lru, self._free, self._hit_memo
+        index = memo.index if memo is not None else None
+        token = 0
+        for pid in pids:
+            r = ref[pid] - 1
+            ref[pid] = r
+            if r:
+                continue
+            token += fill[pid]
+            h = hashes[pid]
+            if h is not None:
+                lru[pid] = h  # insert (LRU: most recently used at the end)
+                if index is not None and pid in index:
+                    memo.cached += 1
+            else:
+                free.append(pid)
+        self._token -= token
+
     def _set_reserved(self, seq: _Seq) -> None:
         cap = len(seq.pages) * self.page_size
         last_shared = seq.length % self.page_size and self._ref[seq.pages[-1]] > 1
@@ -301,12 +321,14 @@ class PagedStrategy(Strategy):
         first, full = len(hashes), min(seq.length // ps, seq.cache_pages)
         data = seq.tokens[first * ps:full * ps].tobytes()  # ids are final once their K/V exist
         nb = len(data) // (full - first)
-        table, page_hashes, stored = self._table, self._hash, self._stored_ids
+        table, page_hashes, stored, append = self._table, self._hash, self._stored_ids, hashes.append
         h = hashes[-1] if hashes else _ROOT_HASH
-        for k, pid in enumerate(seq.pages[first:full]):
-            ids = data[k * nb:(k + 1) * nb]
+        at = 0
+        for pid in seq.pages[first:full]:
+            ids = data[at:at + nb]
+            at += nb
             h = page_hash(h, ids)
-            hashes.append(h)
+            append(h)
             if h not in table and page_hashes[pid] is None:
                 table[h] = pid
                 page_hashes[pid] = h
@@ -380,8 +402,8 @@ class PagedStrategy(Strategy):
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
         new_len = seq.length + num_tokens
         cow = seq.length % ps != 0 and self._ref[seq.pages[-1]] > 1
-        need = self.pages_for(new_len) - len(seq.pages) + (1 if cow else 0)
-        if need > self._available():
+        need = -(-new_len // ps) - len(seq.pages) + (1 if cow else 0)  # pages_for(new_len) - held
+        if need > 0 and need > len(self._free) + self._fresh + len(self._lru):  # _available()
             return False  # before registering pages: a grow that answers no changes nothing
         if self.prefix_caching and seq.length >= seq.hash_at:
             self._register_full_pages(seq)
@@ -406,7 +428,10 @@ class PagedStrategy(Strategy):
             pages.extend(got)
         self._token += new_len - pos
         seq.length = new_len
-        self._set_reserved(seq)
+        # _set_reserved(seq), inlined (the decode path)
+        res = 0 if new_len % ps and self._ref[pages[-1]] > 1 else min(seq.kv_len, len(pages) * ps) - new_len
+        self._reserved += res - seq.reserved
+        seq.reserved = res
         if self._scheduled and new_len >= seq.hash_at:  # hittable as soon as scheduled (vLLM)
             self._register_full_pages(seq)
         return True
@@ -421,8 +446,7 @@ class PagedStrategy(Strategy):
         if self.dedup_touch:
             self._unref_touching(seq)
         else:
-            for pid in reversed(seq.pages):  # the tail first: it is the least likely to be reused
-                self._unref(pid)
+            self._unref_pages(reversed(seq.pages))  # the tail first: it is the least likely to be reused
         if seq.length % self.page_size:
             self._after_unshare(seq.pages[-1])
 
