@@ -124,9 +124,39 @@ def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]
     return sorted(runs), missing, ignored
 
 
+def _yaml_loader() -> type:
+    """OmegaConf's yaml loader (its float, timestamp and duplicate-key rules) on libyaml's C
+    parser when there is one: the same dicts as OmegaConf.load + to_container, faster."""
+    import yaml
+    from omegaconf._utils import get_yaml_loader
+
+    loader = get_yaml_loader()
+    if not getattr(yaml, "__with_libyaml__", False):
+        return loader
+
+    class CLoader(yaml.cyaml.CParser, loader):
+        def __init__(self, stream) -> None:
+            yaml.cyaml.CParser.__init__(self, stream)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    return CLoader
+
+
+_LOADER: list[type] = []  # built once per process
+
+
 def _config(run: Path) -> dict:
+    """The run's config.yaml (written resolved) as a dict; {} when there is none."""
+    import yaml
+
     path = run / "config.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.exists() else {}
+    if not path.exists():
+        return {}
+    if not _LOADER:
+        _LOADER.append(_yaml_loader())
+    obj = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER[0])
+    return obj if isinstance(obj, dict) else OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
 def bin_timeline(timeline: pd.DataFrame, capacity: int, bins: int = TIMELINE_BINS) -> pd.DataFrame:
