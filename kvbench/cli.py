@@ -228,6 +228,32 @@ def publish_without_experiment(args: list[str]) -> str | None:
     return None
 
 
+def check_each_value_once() -> None:
+    """Hydra composes every job of a sweep in the parent before launching any (to fail early),
+    then again where the job runs: a grid of 100 runs is 100 serial composes (~0.1 s each)
+    before the first run starts. Here the parent composes only the jobs that bring an override
+    not composed yet (every `key=value` of the sweep at least once: 4 strategies x 25 rates is
+    28 composes, not 100), so a bad value still stops the sweep before any run; every job is
+    still composed in full where it runs. Mutates BasicSweeper.validate_batch_is_legal (once)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    whole = BasicSweeper.validate_batch_is_legal
+    if getattr(whole, "_kvbench", False):
+        return
+
+    def validate_batch_is_legal(self, batch) -> None:
+        seen: set[str] = set()
+        chosen = []
+        for job in batch:
+            if not seen.issuperset(job):
+                seen.update(job)
+                chosen.append(job)
+        whole(self, chosen)
+
+    validate_batch_is_legal._kvbench = True
+    BasicSweeper.validate_batch_is_legal = validate_batch_is_legal
+
+
 def main() -> None:
     from kvbench.schema import register
 
@@ -242,6 +268,7 @@ def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing pages
     register()
+    check_each_value_once()
     try:
         _app()
     except KeyboardInterrupt:

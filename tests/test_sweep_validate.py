@@ -1,0 +1,36 @@
+"""A sweep composes each `key=value` of its grid in the parent before any run (kvbench.cli:
+check_each_value_once): a bad value in the last job still stops the sweep before the first run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+from kvbench.cli import check_each_value_once
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_parent_composes_the_jobs_that_bring_a_new_value(monkeypatch):
+    composed: list = []
+    monkeypatch.setattr(BasicSweeper, "validate_batch_is_legal", lambda self, batch: composed.extend(batch))
+    check_each_value_once()
+    grid = [[f"strategy={s}", f"trace.rate={r}"] for s in ("slab", "paged", "radix") for r in range(1, 6)]
+    BasicSweeper.validate_batch_is_legal(object(), grid)
+    assert composed == grid[:5] + [grid[5], grid[10]]  # 5 rates with slab, then paged, radix
+    check_each_value_once()  # installed once: not wrapped twice
+    composed.clear()
+    BasicSweeper.validate_batch_is_legal(object(), grid[:2])
+    assert composed == grid[:2]
+
+
+def test_a_bad_value_in_the_last_job_stops_the_sweep_before_any_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kvbench.cli", "-m", "strategy=slab,paged", "trace.num_requests=5",
+                          "progress=false", "max_model_len=64,not_a_number", f"hydra.sweep.dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("kvbench: error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert "not_a_number" in out.stderr, out.stderr
+    assert not list(tmp_path.glob("*/summary.json")) and not list(tmp_path.glob("*/.hydra"))
