@@ -235,6 +235,9 @@ def check_each_value_once() -> None:
     not composed yet (every `key=value` of the sweep at least once: 4 strategies x 25 rates is
     28 composes, not 100), so a bad value still stops the sweep before any run; every job is
     still composed in full where it runs. Mutates BasicSweeper.validate_batch_is_legal (once)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra's plugin scan executes its plugin modules anew: patch the class it keeps
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     whole = BasicSweeper.validate_batch_is_legal

@@ -6,14 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
 from kvbench.cli import check_each_value_once
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_parent_composes_the_jobs_that_bring_a_new_value(monkeypatch):
+    # the class Hydra keeps: its plugin scan executes the module anew, so import it after the scan
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     composed: list = []
     monkeypatch.setattr(BasicSweeper, "validate_batch_is_legal", lambda self, batch: composed.extend(batch))
     check_each_value_once()
