@@ -73,7 +73,22 @@ class EvictionPolicy(ABC):
         """Raise AssertionError if the policy's own bookkeeping is inconsistent. Pure."""
 
 
-class HeapPolicy(EvictionPolicy):
+class LiveKeys:
+    """Size, membership and iteration of a policy that keeps its cached keys in `self._live`."""
+
+    _live: dict
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, key) -> bool:
+        return key in self._live
+
+    def __iter__(self):
+        return iter(list(self._live))
+
+
+class HeapPolicy(LiveKeys, EvictionPolicy):
     """Evicts the evictable key of least `_rank(key)`; a binary heap with lazy deletion
     (an entry is live while `_live[key]` is its rank). O(log n) per insert and victim."""
 
@@ -111,15 +126,6 @@ class HeapPolicy(EvictionPolicy):
 
     def _forget(self, key) -> None:
         """`key` was evicted: drop what the policy keeps about it."""
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def __contains__(self, key) -> bool:
-        return key in self._live
-
-    def __iter__(self):
-        return iter(list(self._live))
 
     def check(self) -> None:
         entries = {(rank, key) for rank, _, key in self._heap}

@@ -16,10 +16,10 @@ import heapq
 import itertools
 from collections.abc import Iterable, Mapping
 
-from kvbench.strategies.eviction.base import EvictionPolicy
+from kvbench.strategies.eviction.base import EvictionPolicy, LiveKeys
 
 
-class Priority(EvictionPolicy):
+class Priority(LiveKeys, EvictionPolicy):
     name = "priority"
     tracks_requests = True
 
@@ -76,15 +76,6 @@ class Priority(EvictionPolicy):
             if live.get(key, (0, -1))[1] == seq:
                 del live[key]
                 return key
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def __contains__(self, key) -> bool:
-        return key in self._live
-
-    def __iter__(self):
-        return iter(list(self._live))
 
     def check(self) -> None:
         entries = {(p, s, k) for p, s, k in self._by_priority}
