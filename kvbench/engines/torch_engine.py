@@ -153,8 +153,9 @@ class TorchEngine(Engine):
         pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
         slots = table[rows, pos // ps].astype(np.int64) * ps + pos % ps
         ids = [self._token_ids(s.request)[s.start:s.start + s.num_new] for s in seqs]
-        where = {i: b for b, i in enumerate(order)}
-        emit = [where[i] for i, s in enumerate(batch.seqs) if s.emits_token]  # the batch's order
+        row = np.empty(len(order), np.int64)
+        row[order] = np.arange(len(order))  # the batch's request i is row row[i]
+        emit = row[[i for i, s in enumerate(batch.seqs) if s.emits_token]]  # in the batch's order
         return HostBatch(np.concatenate(ids), pos, slots, table,
                          qsl, seq_lens, qsl[1:][emit] - 1, ps, batch.contiguous,
                          batch.decode_only, num_decode)
