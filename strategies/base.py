@@ -24,6 +24,7 @@ class Admission(NamedTuple):
 
     admitted: bool
     cached_tokens: int = 0  # leading tokens whose K/V were already in the pool (prefix hit)
+    host_tokens: int = 0  # how many of `cached_tokens` came back from the host tier (copied in)
 
 
 class SlotStates(NamedTuple):
@@ -174,6 +175,13 @@ class Strategy(ABC):
         Mutates: the list is handed over once."""
         copies, self._copies = self._copies, []
         return copies
+
+    def take_host_moves(self) -> tuple[int, int]:
+        """(d2h_tokens, h2d_tokens): token slots copied device → host (cached pages evicted into
+        the host tier) and host → device (host-tier hits loaded back) since the last call.
+        Mutates: the counts are handed over once (the scheduler adds them to the step's batch;
+        the sim charges them). Default (0, 0): a strategy without a host tier."""
+        return (0, 0)
 
     def summary(self) -> dict:
         """Strategy-specific keys for summary.json. Pure."""
