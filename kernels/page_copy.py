@@ -1,6 +1,14 @@
-"""Page copy for copy-on-write: copy every slot of each src page onto its dst page, all layers, K and V."""
+"""Whole pages of the KV pool, all layers, K and V: `page_copy` (copy-on-write, pool to pool) and
+`page_move` (pool to host memory and back: swap-out / swap-in and the host tier of issue 14).
+
+`page_move` reads or writes pinned host memory directly from the kernel (CUDA unified virtual
+addressing: a pinned tensor's pointer is valid on the device), so a scattered set of pages moves
+in one launch without a device staging buffer; experiments/host_copy_bench.py measures it against
+a staging gather plus one `copy_` and against a contiguous pinned copy of the same bytes.
+Host layout: `[P, num_layers, 2, page_size, H_kv, D]`, page i of the call contiguous."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -94,3 +102,70 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
 
 
 _PLANS: dict = {}  # key -> (plan, grid y, grid z) (see _common.Plan)
+
+
+@triton.jit
+def _page_move_kernel(
+    pool_ptr,                # [L*2 planes, num_slots * H * D] (planes strided by stride_plane)
+    pages_ptr,               # [P] pool page ids
+    host_ptr,                # [P, L*2, page_elems] contiguous (pinned host memory on a GPU)
+    stride_plane, page_elems, num_planes,
+    TO_HOST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    p = tl.program_id(0)
+    plane = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2)
+    page = tl.load(pages_ptr + p).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < page_elems
+    dev = pool_ptr + plane * stride_plane + page * page_elems + offs
+    host = host_ptr + (p.to(tl.int64) * num_planes + plane) * page_elems + offs
+    if TO_HOST:
+        tl.store(host, tl.load(dev, mask=mask), mask=mask)
+    else:
+        tl.store(dev, tl.load(host, mask=mask), mask=mask)
+
+
+def page_move_ref(kv_pool, pages, host, page_size: int, to_host: bool) -> None:
+    """Plain torch reference, in place (writes `host` when to_host, else the pool's pages)."""
+    L, _, S, H, D = kv_pool.shape
+    paged = kv_pool.view(L, 2, S // page_size, page_size, H, D)
+    idx = pages.to(device=kv_pool.device, dtype=torch.long)
+    if to_host:
+        host.copy_(paged[:, :, idx].permute(2, 0, 1, 3, 4, 5))
+    else:
+        paged[:, :, idx] = host.to(kv_pool.device).permute(1, 2, 0, 3, 4, 5)
+
+
+def page_move(kv_pool, pages, host, page_size: int, to_host: bool, *, backend: str = "triton") -> None:
+    """Copy pool pages ``pages[i]`` to ``host[i]`` (to_host) or ``host[i]`` back onto them, every
+    layer, K and V. Asynchronous on the current stream like any kernel: synchronise (or record an
+    event) before the host reads `host` or writes it again.
+
+    kv_pool: [num_layers, 2, num_slots, H_kv, D] (the pool `page_copy` takes)
+    pages:   [P] int32/int64 page ids on the pool's device (distinct when copying back)
+    host:    [P, num_layers, 2, page_size, H_kv, D] contiguous, the pool's dtype; pinned CPU memory
+             when the pool is on a GPU (the kernel reads/writes it directly), the pool's device in
+             the interpreter
+    """
+    check_backend(backend)
+    _check(kv_pool, pages, pages, page_size)
+    L, _, S, H, D = kv_pool.shape
+    P = pages.shape[0]
+    check_tensor("host", host, ndim=6, dtypes=(kv_pool.dtype,))
+    check(tuple(host.shape) == (P, L, 2, page_size, H, D) and host.is_contiguous(),
+          lambda: f"host must be a contiguous [{P}, {L}, 2, {page_size}, {H}, {D}] tensor, got {tuple(host.shape)}")
+    if kv_pool.is_cuda and backend == "triton":
+        check(host.device.type == "cpu" and host.is_pinned(),
+              lambda: "host must be pinned CPU memory (torch.empty(..., pin_memory=True)) for a GPU pool")
+    if backend == "torch":
+        return page_move_ref(kv_pool, pages, host, page_size, to_host)
+    if P == 0:
+        return
+    page_elems = page_size * H * D
+    BLOCK = min(PAGE_COPY_CONFIG["BLOCK"], triton.next_power_of_2(page_elems))
+    grid = (P, L * 2, cdiv(page_elems, BLOCK))
+    kernel_for(_page_move_kernel, kv_pool.device)[grid](
+        kv_pool, pages, host, kv_pool.stride(1), page_elems, L * 2, TO_HOST=bool(to_host), BLOCK=BLOCK,
+        num_warps=PAGE_COPY_CONFIG["num_warps"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvbench.kernels.kv_write import kv_write, kv_write_ref
-from kvbench.kernels.page_copy import page_copy, page_copy_ref
+from kvbench.kernels.page_copy import page_copy, page_copy_ref, page_move, page_move_ref
 from kv_testlib import DTYPES_CPU, device, randn
 
 
@@ -92,6 +92,46 @@ def test_page_copy(page_size, idx_dtype):
     assert torch.equal(pool, ref)
     view = pool.view(L, 2, P, page_size, H, D)
     assert torch.equal(view[:, :, 5], view[:, :, 4])
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_page_move_round_trip(page_size):
+    """Pages out to host and back into other pages: exact bytes, and only the named pages change."""
+    dev = device()
+    gen = torch.Generator().manual_seed(7 + page_size)
+    L, P, H, D = 3, 10, 2, 32
+    pool = randn(L, 2, P * page_size, H, D, dtype=torch.bfloat16, device=dev, gen=gen)
+    out = torch.tensor([6, 1, 8], dtype=torch.int32, device=dev)
+    pin = dev.type == "cuda"
+    host = torch.empty(3, L, 2, page_size, H, D, dtype=pool.dtype, pin_memory=pin)
+    host = host if pin else host.to(dev)
+    page_move(pool, out, host, page_size, to_host=True)
+    if pin:
+        torch.cuda.synchronize()
+    ref = torch.empty_like(host)
+    page_move_ref(pool, out, ref, page_size, to_host=True)
+    assert torch.equal(host, ref)
+    view = pool.view(L, 2, P, page_size, H, D)
+    assert torch.equal(host[1, 2, 1], view[2, 1, 1])              # page 1, layer 2, V: byte for byte
+    back = torch.tensor([0, 3, 9], dtype=torch.int64, device=dev)
+    before = pool.clone()
+    page_move(pool, back, host, page_size, to_host=False)
+    expect = before.clone()
+    page_move_ref(expect, back, ref, page_size, to_host=False)
+    assert torch.equal(pool, expect)
+    assert torch.equal(view[:, :, [0, 3, 9]], before.view(L, 2, P, page_size, H, D)[:, :, [6, 1, 8]])
+    untouched = [p for p in range(P) if p not in (0, 3, 9)]
+    assert torch.equal(view[:, :, untouched], before.view(L, 2, P, page_size, H, D)[:, :, untouched])
+
+
+def test_page_move_errors():
+    dev = device()
+    pool = torch.zeros(2, 2, 32, 2, 64, dtype=torch.float16, device=dev)
+    pages = torch.tensor([0, 1], device=dev)
+    with pytest.raises(ValueError, match="host must be a contiguous"):
+        page_move(pool, pages, torch.zeros(2, 2, 2, 8, 2, 64, dtype=torch.float16, device=dev), 16, True)
+    with pytest.raises(ValueError, match="host dtype"):
+        page_move(pool, pages, torch.zeros(2, 2, 2, 16, 2, 64, dtype=torch.float32, device=dev), 16, True)
 
 
 def test_page_copy_errors():
