@@ -42,6 +42,17 @@ class SlotStates(NamedTuple):
         return self.token + self.reserved + self.internal + self.external + self.cached + self.free
 
 
+class HostStates(NamedTuple):
+    """Every slot of a strategy's host tier (`host_states`): the fields sum to its capacity."""
+
+    cached: int  # holds an evicted page's K/V, hittable (whole pages)
+    free: int
+
+    @property
+    def total(self) -> int:
+        return self.cached + self.free
+
+
 class InvariantError(AssertionError):
     """A strategy's bookkeeping disagrees with a recount from first principles."""
 
@@ -175,6 +186,11 @@ class Strategy(ABC):
         Mutates: the list is handed over once."""
         copies, self._copies = self._copies, []
         return copies
+
+    def host_states(self) -> HostStates:
+        """The host tier's slots now (cached, free), apart from `slot_states` (which sums to the
+        GPU pool). Pure. Default: no host tier, (0, 0)."""
+        return HostStates(0, 0)
 
     def take_host_moves(self) -> tuple[int, int]:
         """(d2h_tokens, h2d_tokens): token slots copied device → host (cached pages evicted into

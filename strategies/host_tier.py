@@ -1,0 +1,108 @@
+"""A bounded host-memory tier behind a prefix-caching strategy's GPU pool (issue 14; SGLang's
+HiCache, vLLM's offloading connector, TensorRT-LLM's host offload).
+
+    GPU pool:  [in use][cached][free]          evict a cached page ──d2h──► host pool
+    host pool: [cached][free]                   a later prefix hit on it ──h2d──► a new GPU page
+
+`HostPool` holds only what both strategies share: `num_pages` host pages of `page_size` token
+slots (ids 0 .. num_pages-1, a stack of free ones), the host eviction policy (an injectable
+policy of strategies/eviction/; its keys are the strategy's: paged's host page ids, radix's
+host-resident leaf nodes), and the record of moves. What each host page holds (a page hash and
+its ids, a tree node) is the strategy's.
+
+Rules (the strategies' `check_invariants` verify them):
+- A cached page's content lives in exactly one tier. A page loaded back to the GPU frees its
+  host copy at once (no clean copy is kept: an evicted-again page is copied out again), and a
+  GPU page that registers content the host holds (a request recomputed it) drops the host copy.
+- Moves are whole pages. In the simulation a copy completes within the step that needs it:
+  nothing is ever "in flight" between steps, so the slot states of both pools are exact after
+  every call; the scheduler charges the step for `take_moves()`'s token counts.
+- Costs: a page move, a take and a give are O(1) plus the policy's cost; nothing is sized by the
+  host pool up front but its free stack (an `array` of ints, 8 bytes per host page).
+"""
+from __future__ import annotations
+
+from array import array
+
+from kvbench.strategies.eviction import EvictionPolicy, make_policy
+
+#: host eviction policies: online ones that need no request tracking
+HOST_POLICIES = ("lru", "fifo", "lfu", "slru", "arc", "s3fifo")
+
+
+def host_pages_for(host_tier_tokens: int, page_size: int, who: str) -> int:
+    """Host pages of a tier of `host_tier_tokens` token slots (whole pages); raises ValueError on
+    a negative size. Pure."""
+    if int(host_tier_tokens) < 0:
+        raise ValueError(f"{who} host_tier_tokens must be >= 0, got {host_tier_tokens}")
+    return int(host_tier_tokens) // page_size
+
+
+class HostPool:
+    """Host pages, their eviction policy, and the moves since the last `take_moves`.
+
+    Mutating verbs: take, give, d2h, h2d, take_moves, take_copies. Counters (never reset):
+    d2h_tokens, h2d_tokens, evicted_pages (host pages dropped by the host policy)."""
+
+    def __init__(self, num_pages: int, page_size: int, eviction: str = "lru") -> None:
+        if eviction not in HOST_POLICIES:
+            raise ValueError(f"host_tier_eviction must be one of {', '.join(HOST_POLICIES)}, got {eviction!r}")
+        self.num_pages, self.page_size = int(num_pages), int(page_size)
+        self.policy: EvictionPolicy = make_policy(eviction)
+        self.policy.bind(self.num_pages)
+        self.eviction = self.policy.name
+        self._free = array("l", range(self.num_pages - 1, -1, -1))  # page 0 on top
+        self.d2h_tokens = self.h2d_tokens = self.evicted_pages = 0
+        self._moved = [0, 0]  # (d2h, h2d) tokens since take_moves
+        self._copies: list[tuple[str, int, int]] = []  # ("d2h", gpu, host) / ("h2d", host, gpu), in order
+
+    # ---- pure --------------------------------------------------------------------------------
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def is_free(self) -> set[int]:
+        """The free host pages as a set (for invariant checks). Pure."""
+        return set(self._free)
+
+    # ---- mutating ------------------------------------------------------------------------------
+    def take(self) -> int:
+        """A free host page (the caller made room first)."""
+        return self._free.pop()
+
+    def give(self, hp: int) -> None:
+        """Host page `hp` holds nothing any more."""
+        self._free.append(hp)
+
+    def d2h(self, gpu_page: int, host_page: int) -> None:
+        """Record a copy of one GPU page into a host page (its content now lives on the host)."""
+        self._moved[0] += self.page_size
+        self.d2h_tokens += self.page_size
+        self._copies.append(("d2h", gpu_page, host_page))
+
+    def h2d(self, host_page: int, gpu_page: int) -> None:
+        """Record a copy of one host page back into a GPU page."""
+        self._moved[1] += self.page_size
+        self.h2d_tokens += self.page_size
+        self._copies.append(("h2d", host_page, gpu_page))
+
+    def take_moves(self) -> tuple[int, int]:
+        """(d2h_tokens, h2d_tokens) since the last call; the copy log is handed over too."""
+        moved, self._moved = self._moved, [0, 0]
+        self._copies = []
+        return moved[0], moved[1]
+
+    def take_copies(self) -> list[tuple[str, int, int]]:
+        """The page copies since the last call, in the order they must run ("d2h", gpu, host) /
+        ("h2d", host, gpu): the content model applies them; an engine with a real host pool would."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def check(self, owned: set[int]) -> None:
+        """Raise AssertionError unless the host pages are exactly `owned` (by the strategy's
+        content map) plus the free ones, each once, and the policy is consistent. Pure."""
+        free = set(self._free)
+        assert len(free) == len(self._free), "a host page is twice in the free list"
+        assert not (free & owned), f"host pages both free and holding content: {sorted(free & owned)[:5]}"
+        assert len(free) + len(owned) == self.num_pages, (
+            f"host pages: {len(owned)} hold content + {len(free)} free != {self.num_pages}")
+        self.policy.check()
