@@ -112,7 +112,7 @@ def test_page_move_round_trip(page_size):
     page_move_ref(pool, out, ref, page_size, to_host=True)
     assert torch.equal(host, ref)
     view = pool.view(L, 2, P, page_size, H, D)
-    assert torch.equal(host[1, 2, 1], view[2, 1, 1])              # page 1, layer 2, V: byte for byte
+    assert torch.equal(host[1, 2, 1].to(dev), view[2, 1, 1])      # page 1, layer 2, V: byte for byte
     back = torch.tensor([0, 3, 9], dtype=torch.int64, device=dev)
     before = pool.clone()
     page_move(pool, back, host, page_size, to_host=False)
