@@ -45,6 +45,18 @@ Options that differ between engines (defaults: kvbench's original behaviour):
   false hashes only the pages inside the prompt the request was admitted with (after a
   preemption, its recomputed outputs are part of that prompt); `min_cache_len` > 0 hashes
   nothing of a request whose prompt is shorter. Its unhashed pages are freed at release.
+
+Host tier (`host_tier_tokens` > 0; strategies/host_tier.py): a cached page the eviction policy
+frees moves to a bounded host pool (copied device → host) instead of being dropped; the host
+pool evicts by its own policy (`host_tier_eviction`, default lru). The host side is a second
+hash table, chained hash → host page, with the page's ids to verify a hit. A prefix match runs
+over both tables page by page up to the first page neither holds: the waiting request's memo
+keeps only its leading GPU hits (exact as above), the rest (from its first GPU miss) is matched
+again at each retry. An admission takes GPU pages for its host hits (normal allocation: it may
+evict other cached pages, which go to the host; its own host hits are pinned meanwhile), copies
+them host → device, and frees their host copies: a page's content is in one tier only (a page
+that a request registers while the host holds its hash drops the host copy). Off (0): the
+eviction paths test one attribute per evicted page, nothing else runs.
 """
 from __future__ import annotations
 
@@ -53,11 +65,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvbench.strategies.base import Admission, InvariantError, PageId, RequestId, SlotStates, Strategy
+from kvbench.strategies.base import (Admission, HostStates, InvariantError, PageId, RequestId, SlotStates,
+                                     Strategy)
 from kvbench.strategies.eviction import EvictionPolicy, make_policy
 from kvbench.strategies.eviction.lru import LRU
+from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
+_NO_TAIL: tuple = ()
 
 
 def page_hash(parent: int, ids: bytes) -> int:
@@ -101,18 +116,31 @@ class _Scratch:
 
     def __init__(self, s: PagedStrategy) -> None:
         self.page_size, self._table, self._stored_ids, self._ref = s.page_size, s._table, s._stored_ids, s._ref
+        self._host_table, self._host_ids = s._host_table, s._host_ids
         self._hit_memo = None
 
 
 class PagedStrategy(Strategy):
     """vLLM-style paging. `prefix_caching` turns automatic prefix caching on;
-    `prefix_visibility` and `dedup_touch`: see the module docstring."""
+    `prefix_visibility`, `dedup_touch`, the admission options and the host tier
+    (`host_tier_tokens`, `host_tier_eviction`): see the module docstring."""
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
                  dedup_touch: bool = False, eviction="lru", cache_outputs: bool = True,
-                 min_cache_len: int = 0) -> None:
+                 min_cache_len: int = 0, host_tier_tokens: int = 0, host_tier_eviction: str = "lru") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
+        host_pages = host_pages_for(host_tier_tokens, self.page_size, "paged")
+        if host_pages and not prefix_caching:
+            raise ValueError("paged host_tier_tokens > 0 needs prefix_caching: true (the host tier holds cached pages)")
+        # the host tier (None: off): its pages' chained hash ↔ host page, and their ids
+        self._host = HostPool(host_pages, self.page_size, host_tier_eviction) if host_pages else None
+        self.host_tier_tokens = host_pages * self.page_size
+        self.host_tier_eviction = self._host.eviction if self._host else str(host_tier_eviction)
+        self._host_table: dict[int, int] = {}  # chained hash → host page holding those ids
+        self._host_hash: dict[int, int] = {}  # host page → its chained hash
+        self._host_ids: dict[int, bytes] = {}  # host page → its ids (as bytes), to verify hits
+        self._hits_gpu = self._hits_host = 0  # prompt tokens served from each tier, every admission
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
         self.prefix_caching = self.caches_prefixes = prefix_caching
@@ -248,6 +276,8 @@ class PagedStrategy(Strategy):
         """Take the eviction policy's victim out of the hash table; the caller owns the page."""
         pid = self._lru.victim()
         del self._table[self._hash[pid]]
+        if self._host is not None:
+            self._to_host(pid, self._hash[pid], self._stored_ids[pid])
         self._stored_ids[pid] = None
         self._hash[pid] = None
         memo = self._hit_memo
@@ -259,10 +289,13 @@ class PagedStrategy(Strategy):
         """`_evict_one` k times, in one loop (the policy's victims, in its order)."""
         lru, table, hashes, stored, memo = self._lru, self._table, self._hash, self._stored_ids, self._hit_memo
         pop = lru.popitem if type(lru) is LRU else None  # LRU.victim without its Python frame
+        host = self._host
         out = []
         for _ in range(k):
             pid = pop(False)[0] if pop is not None else lru.victim()
             del table[hashes[pid]]
+            if host is not None:
+                self._to_host(pid, hashes[pid], stored[pid])
             stored[pid] = None
             hashes[pid] = None
             if memo is not None and pid in memo.index:
@@ -278,6 +311,91 @@ class PagedStrategy(Strategy):
             if ref[pid] == 0:
                 memo.cached -= 1
         del memo.hits[i:]
+
+    # ---- host tier ----------------------------------------------------------------------------
+    def _to_host(self, pid: PageId, h: int, ids: bytes) -> None:
+        """Cached page `pid` (hash h, ids) leaves the GPU: copy it into a host page, making room
+        by the host policy; dropped if every host page is pinned (an admission loading them)."""
+        host = self._host
+        if not host.free_pages():
+            if not len(host.policy):
+                return
+            self._drop_host(host.policy.victim())
+            host.evicted_pages += 1
+        hp = host.take()
+        host.d2h(pid, hp)
+        self._host_table[h] = hp
+        self._host_hash[hp] = h
+        self._host_ids[hp] = ids
+        host.policy[hp] = h  # insert (content: the page hash)
+
+    def _drop_host(self, hp: int) -> None:
+        """Host page `hp` no longer holds its content (evicted, loaded back, or superseded)."""
+        del self._host_table[self._host_hash.pop(hp)]
+        del self._host_ids[hp]
+        self._host.give(hp)
+
+    def _drop_host_copies(self, hashes) -> None:
+        """Pages with these hashes are now cached on the GPU: the host drops its copies (one tier)."""
+        host_table, policy = self._host_table, self._host.policy
+        for h in hashes:
+            hp = host_table.get(h)
+            if hp is not None:
+                policy.remove(hp)
+                self._drop_host(hp)
+
+    def _tail(self, memo: _Match, num_full: int) -> list[tuple[bool, int]]:
+        """The match after the memo's GPU hits, over both tiers page by page up to the first page
+        neither holds: (True, host page) or (False, GPU page) each. Mutates only the memo's
+        hash list (extended). Works on a `_Scratch` view too."""
+        ps, hashes, tokens, hits = self.page_size, memo.hashes, memo.tokens, memo.hits
+        table, stored, host_table, host_ids = self._table, self._stored_ids, self._host_table, self._host_ids
+        tail: list[tuple[bool, int]] = []
+        for i in range(len(hits), num_full):
+            ids = tokens[i * ps:(i + 1) * ps].tobytes()
+            if i == len(hashes):
+                hashes.append(page_hash(hashes[-1] if i else _ROOT_HASH, ids))
+            h = hashes[i]
+            pid = table.get(h)
+            if pid is not None and stored[pid] == ids:
+                tail.append((False, pid))
+                continue
+            hp = host_table.get(h)
+            if hp is None or host_ids[hp] != ids:
+                break
+            tail.append((True, hp))
+        return tail
+
+    def _load_tail(self, tail: list[tuple[bool, int]]) -> list[PageId]:
+        """Admit the tail of a match: revive its GPU hits, pin its host hits, take GPU pages for
+        them (may evict other cached pages to the host), copy host → device, free the host
+        copies and register the new pages. Returns the pages in position order. Mutates."""
+        host, ref, ps = self._host, self._ref, self.page_size
+        for on_host, key in tail:
+            if on_host:
+                host.policy.remove(key)  # pinned: never the host's victim while it loads
+            else:
+                if ref[key] == 0:
+                    del self._lru[key]
+                    self._token += self._fill[key]
+                ref[key] += 1
+        new = iter(self._take_pages(sum(1 for on_host, _ in tail if on_host)))
+        out = []
+        for on_host, key in tail:
+            if not on_host:
+                out.append(key)
+                continue
+            pid = next(new)
+            host.h2d(key, pid)
+            h, ids = self._host_hash[key], self._host_ids[key]
+            self._drop_host(key)
+            self._table[h] = pid
+            self._hash[pid] = h
+            self._stored_ids[pid] = ids
+            self._fill[pid] = ps
+            self._token += ps
+            out.append(pid)
+        return out
 
     def _cached_prefix(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> _Match:
         """The longest cached prefix of `tokens`' first `num_full` pages: the memo of this
@@ -335,6 +453,8 @@ class PagedStrategy(Strategy):
                 stored[pid] = ids
         seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
         # (a page whose content another page already caches stays unhashed: freed on release)
+        if self._host is not None:
+            self._drop_host_copies(hashes[first:full])
 
     def _unref_touching(self, seq: _Seq) -> None:
         """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate
@@ -359,18 +479,30 @@ class PagedStrategy(Strategy):
         if not self.prefix_caching:
             return 0
         ps = self.page_size  # matched from scratch on a memo-less view: the real memo is untouched
-        return len(PagedStrategy._cached_prefix(_Scratch(self), RequestId(-1), tokens, (num_prompt - 1) // ps).hits) * ps
+        view, num_full = _Scratch(self), (num_prompt - 1) // ps
+        memo = PagedStrategy._cached_prefix(view, RequestId(-1), tokens, num_full)
+        tail = PagedStrategy._tail(view, memo, num_full) if self._host is not None else _NO_TAIL
+        return (len(memo.hits) + len(tail)) * ps
 
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps = self.page_size
         hits: list[PageId] = []
         revived = 0  # hits now cached: admitting takes them out of the evictable set
+        tail = _NO_TAIL  # the match beyond the leading GPU hits, over both tiers (host tier only)
         if self.prefix_caching:
-            memo = self._cached_prefix(rid, tokens, (num_prompt - 1) // ps)  # leave >= 1 to compute
+            num_full = (num_prompt - 1) // ps  # leave >= 1 to compute
+            memo = self._cached_prefix(rid, tokens, num_full)
             hits, revived = memo.hits, memo.cached
-        cached = len(hits) * ps
+            if self._host is not None:
+                tail = self._tail(memo, num_full)
+        cached = (len(hits) + len(tail)) * ps
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - len(hits)
+        host_tokens = 0
+        if tail:
+            host_tokens = sum(1 for on_host, _ in tail if on_host) * ps
+            need -= len(tail) - host_tokens // ps  # GPU hits in the tail need no page
+            revived += sum(1 for on_host, pid in tail if not on_host and self._ref[pid] == 0)
         if need > self._available() - revived:
             if self.prefix_caching:
                 self._index(memo)
@@ -382,18 +514,25 @@ class PagedStrategy(Strategy):
                 self._token += self._fill[pid]
             self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached)
-        seq.hashes = memo.hashes[: len(hits)] if hits else []
-        seq.hash_at = (len(hits) + 1) * ps
+        if tail:
+            seq.pages += self._load_tail(tail)
+        nhit = len(seq.pages)
+        seq.hashes = memo.hashes[:nhit] if nhit else []
+        seq.hash_at = (nhit + 1) * ps
         if self._admission:  # cache only the prompt, or nothing of a short request
             seq.cache_pages = (0 if num_prompt < self.min_cache_len
                                else (num_prompt if not self.cache_outputs else kv_len) // ps)
-            if len(hits) >= seq.cache_pages:
+            if nhit >= seq.cache_pages:
                 seq.hash_at = _NEVER
         self._seqs[rid] = seq
         ok = self.grow(rid, length - cached)
         assert ok, "room was checked above"
         if self._tracks:
             self._lru.request(rid)
+        self._hits_gpu += cached - host_tokens
+        if host_tokens:
+            self._hits_host += host_tokens
+            return Admission(True, cached, host_tokens)
         return Admission(True, cached)
 
     def grow(self, rid, num_tokens) -> bool:
@@ -543,6 +682,44 @@ class PagedStrategy(Strategy):
         states = self.slot_states(None)
         if states.total != self.capacity or min(states) < 0:
             raise InvariantError(f"slot states {states} do not sum to capacity {self.capacity}")
+        self._check_host()
+
+    def _check_host(self) -> None:
+        """Host tier: its maps agree, every host page is free or holds one hash, the policy holds
+        exactly the host pages with content (none pinned between calls), and no hash is cached in
+        both tiers (a page has one owner tier)."""
+        host, hosted = self._host, self._host_hash
+        if host is None:
+            if self._host_table or hosted or self._host_ids:
+                raise InvariantError("host tier off but its tables hold pages")
+            return
+        if {hp: h for h, hp in self._host_table.items()} != hosted or hosted.keys() != self._host_ids.keys():
+            raise InvariantError("host tier: hash table, page hashes and stored ids disagree")
+        try:
+            host.check(set(hosted))
+        except AssertionError as e:
+            raise InvariantError(f"host tier: {e}") from None
+        if set(host.policy) != set(hosted) or len(host.policy) != len(hosted):
+            raise InvariantError(f"host policy holds {len(host.policy)} pages, the host tier {len(hosted)}")
+        both = self._table.keys() & self._host_table.keys()
+        if both:
+            raise InvariantError(f"{len(both)} page hashes cached in both the GPU pool and the host tier")
+        states = self.host_states()
+        if states.total != self.host_tier_tokens or states.cached != len(hosted) * self.page_size:
+            raise InvariantError(f"host states {states} != {len(hosted)} pages of {self.host_tier_tokens} slots")
+
+    def host_states(self) -> HostStates:
+        if self._host is None:
+            return HostStates(0, 0)
+        ps = self.page_size
+        return HostStates(cached=len(self._host_hash) * ps, free=self._host.free_pages() * ps)
+
+    def take_host_moves(self) -> tuple[int, int]:
+        return (0, 0) if self._host is None else self._host.take_moves()
+
+    def take_host_copies(self) -> list[tuple[str, int, int]]:
+        """The host tier's page copies since the last call (see HostPool.take_copies). Mutates."""
+        return [] if self._host is None else self._host.take_copies()
 
     @property
     def label(self) -> str:
@@ -550,10 +727,17 @@ class PagedStrategy(Strategy):
             return f"{self.name}-{self.page_size}-nocache"
         return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
                 + ("-touch" if self.dedup_touch else "") + ("" if self.eviction == "lru" else f"-{self.eviction}")
-                + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else ""))
+                + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else "")
+                + (f"-host{self.host_tier_tokens}" if self._host else "")
+                + (f"-{self.host_tier_eviction}" if self._host and self.host_tier_eviction != "lru" else ""))
 
     def summary(self) -> dict:
+        host = self._host
         return {**super().summary(), "prefix_caching": self.prefix_caching,
                 "cache_outputs": self.cache_outputs, "min_cache_len": self.min_cache_len,
                 "prefix_visibility": self.prefix_visibility, "dedup_touch": self.dedup_touch,
-                "eviction": self.eviction}
+                "eviction": self.eviction, "host_tier_tokens": self.host_tier_tokens,
+                "host_tier_eviction": self.host_tier_eviction,
+                "prefix_hit_tokens_gpu": self._hits_gpu, "prefix_hit_tokens_host": self._hits_host,
+                "host_d2h_tokens": host.d2h_tokens if host else 0, "host_h2d_tokens": host.h2d_tokens if host else 0,
+                "host_evicted_tokens": host.evicted_pages * self.page_size if host else 0}

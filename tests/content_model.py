@@ -9,6 +9,9 @@ token id whose K/V slot `i` holds (-1: never written).
     grow  → copies from take_copies() are applied first (copy-on-write), then the new positions
             are written
     fork  → copies applied; the child reads the parent's positions
+    host  → a strategy with a host tier (`take_host_copies`) has its page copies applied first, in
+            order, to a model of the host pool (`host_slots`): a page evicted to the host and hit
+            later must come back with its ids (a wrong page id or a missing copy shows up)
     after every call, every running request reads [0, length) through its page table and must
     find exactly its own ids there (a slot handed to two owners, a wrong hit, a copy forgotten,
     a page freed while in use: each shows up as a wrong id)
@@ -98,6 +101,8 @@ class Driver:
         self.s = strategy
         self.ps = strategy.page_size
         self.slots = np.full(strategy.capacity, -1, dtype=np.int64)
+        self.host_slots = np.full(getattr(strategy, "host_tier_tokens", 0), -1, dtype=np.int64)
+        self.host_hits = 0  # of `hits`, positions that came back from the host tier
         self.live: dict[int, Live] = {}
         self.check_no_mutation = check_no_mutation
         self.invariants = invariants
@@ -116,6 +121,10 @@ class Driver:
 
     def _apply_copies(self) -> None:
         ps = self.ps
+        if len(self.host_slots):  # host moves first, in order (an evicted page is copied out before reuse)
+            for kind, src, dst in self.s.take_host_copies():
+                a, b = (self.slots, self.host_slots) if kind == "d2h" else (self.host_slots, self.slots)
+                b[dst * ps:(dst + 1) * ps] = a[src * ps:(src + 1) * ps]
         copies = self.s.take_copies()
         self.copies += copies
         for src, dst in copies:
@@ -170,6 +179,10 @@ class Driver:
         self._apply_copies()
         self.expect_holds(rid, c, f"{what}: its {c} cached positions")
         self.hits += c
+        h = getattr(adm, "host_tokens", 0)
+        if not (0 <= h <= c and h % self.ps == 0):
+            raise ContentError(f"{self.s.label}: {what}: host_tokens {h} of {c} cached, or not whole pages")
+        self.host_hits += h
         self._write(rid, c, length)
         self.check_all(what)
         return adm

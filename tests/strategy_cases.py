@@ -16,7 +16,10 @@ STRATEGY_YAMLS = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
 VARIANTS = {
     "slab": [{}, {"reservation": "pow2", "placement": "best_fit"}, {"reservation": "oracle", "page_size": 4}],
     "paged": [{}, {"page_size": 4}, {"page_size": 4, "prefix_caching": False},
-              {"page_size": 3, "prefix_visibility": "scheduled"}, {"page_size": 3, "dedup_touch": True}],
+              {"page_size": 3, "prefix_visibility": "scheduled"}, {"page_size": 3, "dedup_touch": True},
+              # host tier (issue 14): 2x the property tests' pool, and a small one that evicts often
+              {"page_size": 3, "host_tier_tokens": 384}, {"page_size": 2, "host_tier_tokens": 24,
+                                                          "host_tier_eviction": "fifo"}],
     "radix": [{}, {"page_size": 4}, {"prefix_visibility": "scheduled"}, {"page_size": 3, "prefix_visibility": "scheduled"}],
 }
 
