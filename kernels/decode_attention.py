@@ -32,9 +32,20 @@ MIN_SPLIT_TOKENS = 64   # 256 left a 2k-context batch-1 decode at 72 programs: 1
 MAX_SPLITS = 128
 
 
+@triton.jit
+def key_lo(pos, window, chunk):
+    """First key position a query at `pos` sees: ``pos - window + 1`` (sliding window, HF's mask:
+    ``pos - window < k <= pos``), ``pos // chunk * chunk`` (chunked attention), the larger of the
+    two, never below 0; 0 = no bound. Works on scalars and on [BM] position vectors."""
+    pos = tl.maximum(pos, 0)
+    lo = tl.where(window > 0, pos - window + 1, 0)
+    lo = tl.maximum(lo, tl.where(chunk > 0, (pos // tl.maximum(chunk, 1)) * chunk, 0))
+    return tl.maximum(lo, 0)
+
+
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
 # just-in-time compile in the middle of a timed serving step
-@triton.jit(do_not_specialize=["stride_ptb", "page_size", "split_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["stride_ptb", "page_size", "split_tokens", "num_splits", "window", "chunk"])
 def _decode_kernel(
     q_ptr,                   # [B, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
@@ -49,6 +60,7 @@ def _decode_kernel(
     stride_ptb,
     stride_ob, stride_oh,
     page_size, split_tokens, num_splits,
+    window, chunk,           # attention bounds (0 = none): keys in [max(n - window, n-1 // chunk * chunk), n)
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -61,7 +73,8 @@ def _decode_kernel(
     b64 = b.to(tl.int64)
 
     seq_len = tl.load(seqlen_ptr + b)
-    start = split * split_tokens
+    lo = key_lo(seq_len - 1, window, chunk)                               # first visible key
+    start = lo + split * split_tokens                                     # splits cover [lo, seq_len) only
     end = tl.minimum(seq_len, start + split_tokens)
 
     offs_g = tl.arange(0, BLOCK_H)
@@ -223,6 +236,30 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
 
+def check_bounds(window, chunk) -> None:
+    """`window` and `chunk` are ints >= 0 (0 = no bound)."""
+    for name, v in (("window", window), ("chunk", chunk)):
+        check(v.__class__ is int and v >= 0,
+              lambda: f"{name} must be an int >= 0 (0 = no bound), got {v!r}")
+
+
+def key_lo_host(pos: int, window: int = 0, chunk: int = 0) -> int:
+    """`key_lo` on the host: the first key position a query at `pos` attends to."""
+    lo = pos - window + 1 if window > 0 else 0
+    if chunk > 0:
+        lo = max(lo, pos // chunk * chunk)
+    return max(lo, 0)
+
+
+def bounded_span(max_len: int, window: int = 0, chunk: int = 0) -> int:
+    """Upper bound on the keys one decode query attends to: what sizes the split-KV."""
+    if window > 0:
+        max_len = min(max_len, window)
+    if chunk > 0:
+        max_len = min(max_len, chunk)
+    return max(int(max_len), 1)
+
+
 def _check(q, k_cache, v_cache, page_table, seq_lens, page_size):
     check_tensor("q", q, ndim=3, dtypes=ATTN_DTYPES)
     ref = q
@@ -242,8 +279,9 @@ def _check(q, k_cache, v_cache, page_table, seq_lens, page_size):
     check(D <= 256, lambda: f"head dim {D} > 256 is not supported")
 
 
-def _gather_kv(k_cache, v_cache, page_table_row, n, page_size, contiguous):
-    pos = torch.arange(n, device=k_cache.device)
+def _gather_kv(k_cache, v_cache, page_table_row, n, page_size, contiguous, lo=0):
+    """K/V of positions [lo, n) (nothing outside is read)."""
+    pos = torch.arange(lo, n, device=k_cache.device)
     if contiguous:
         slots = page_table_row[0].long() * page_size + pos
     else:
@@ -252,8 +290,9 @@ def _gather_kv(k_cache, v_cache, page_table_row, n, page_size, contiguous):
 
 
 def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
-                         contiguous=False, num_splits=None):
-    """Plain torch reference (fp32 math); num_splits is ignored."""
+                         contiguous=False, num_splits=None, *, window: int = 0, chunk: int = 0):
+    """Plain torch reference (fp32 math); num_splits is ignored. Reads only the keys the query at
+    position n - 1 sees (``key_lo_host``): [n - window, n) with a window, the current chunk with chunk."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -264,8 +303,9 @@ def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, s
         if n == 0:
             out[b] = 0
             continue
-        k, v = _gather_kv(k_cache, v_cache, page_table[b], n, page_size, contiguous)
-        k = k.float().repeat_interleave(G, dim=1)                          # [n, H_q, D]
+        k, v = _gather_kv(k_cache, v_cache, page_table[b], n, page_size, contiguous,
+                          key_lo_host(n - 1, window, chunk))
+        k = k.float().repeat_interleave(G, dim=1)                          # [n - lo, H_q, D]
         v = v.float().repeat_interleave(G, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale           # [H_q, n]
         p = torch.softmax(s, dim=-1)
@@ -274,8 +314,9 @@ def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, s
 
 
 def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
-                     contiguous=False, num_splits=None, *, max_seq_len: int | None = None,
-                     out=None, backend: str = "triton", config: dict | None = None):
+                     contiguous=False, num_splits=None, *, window: int = 0, chunk: int = 0,
+                     max_seq_len: int | None = None, out=None, backend: str = "triton",
+                     config: dict | None = None):
     """Decode attention over the paged KV cache.
 
     q:          [B, H_q, D]            bf16 / fp16 / fp32
@@ -283,6 +324,11 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     page_table: [B, max_pages] int32   token i -> slot page_table[b, i // page_size] * page_size + i % page_size
     seq_lens:   [B] int32              tokens in cache incl. the current one (already written)
     contiguous: slab fast path, slot = page_table[b, 0] * page_size + i (no table walk)
+    window:     sliding window (0 = full): the query at position p = n - 1 attends to keys
+                p - window < k <= p only (HF's sliding-window mask; Gemma-3, gpt-oss)
+    chunk:      chunked attention (0 = none; Llama-4): keys p // chunk * chunk <= k <= p
+                (both given: the narrower bound). Keys outside are never read: the split-KV
+                partition covers [lo, n) only, sized by min(max_seq_len, window, chunk)
     num_splits: split-KV count; None picks one from the shape
     max_seq_len: upper bound on seq_lens used to size splits (default max_pages * page_size;
                  no device sync either way)
@@ -290,6 +336,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
+    if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
+        check_bounds(window, chunk)
     if config is None and backend == "triton" and q.is_cuda:
         ok = aligned(q, k_cache, v_cache, page_table, seq_lens) and (out is None or aligned(out))
         # everything the checks and the compiled code depend on but the page-table width and the
@@ -308,6 +356,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             if B == 0:
                 return o
             max_len = max(int(max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size), 1)
+            if window or chunk:
+                max_len = bounded_span(max_len, window, chunk)
             if num_splits is None:
                 num_splits = choose_num_splits(B, k_cache.shape[1], max_len, q.device)
             check(isinstance(num_splits, int) and num_splits >= 1,
@@ -318,7 +368,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             if hit is not None:
                 run, merge, po, plse, lock, head, o_strides = hit
                 run(B, k_cache.shape[1], num_splits, q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock,
-                    *head, page_table.stride(0), *o_strides, page_size, split_tokens, num_splits)
+                    *head, page_table.stride(0), *o_strides, page_size, split_tokens, num_splits, window, chunk)
                 if merge is not None:
                     merge(B, q.shape[1], 1, po, plse, o, *o_strides, num_splits)
                 return o
@@ -328,7 +378,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
     if backend == "torch":
-        o = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale, contiguous)
+        o = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale, contiguous,
+                                 window=window, chunk=chunk)
         return o if out is None else out.copy_(o)
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -342,7 +393,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     cfg = dict(DECODE_CONFIG, **(config or {}))
     BLOCK_N = cfg["BLOCK_N"]
     max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
-    max_len = max(int(max_len), 1)
+    max_len = bounded_span(max_len, window, chunk)     # the keys one query can see
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_len, dev)
     check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
@@ -361,7 +412,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     head = (scale * LOG2E, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
     args = (q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock, *head,
-            page_table.stride(0), o.stride(0), o.stride(1), page_size, split_tokens, num_splits)
+            page_table.stride(0), o.stride(0), o.stride(1), page_size, split_tokens, num_splits, window, chunk)
     kwargs = dict(G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),

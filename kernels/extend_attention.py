@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, check, check_backend, check_tensor, dot_in_f32,
                       dot_precision, kernel_for, make_plan, next_pow2)
-from .decode_attention import LOG2E, _gather_kv
+from .decode_attention import LOG2E, _gather_kv, check_bounds, key_lo, key_lo_host
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
 # BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
@@ -79,12 +79,13 @@ def _attend(q, k, v, m_i, l_i, acc, qk_scale, vis,
 
 
 @triton.jit
-def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo, hi,
+def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, lo, hi,
                 kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size, offs_d, d_mask,
                 BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, MASKED: tl.constexpr,
                 DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Keys at positions [lo, hi) through the page table (or slab: slot0 + position).
-    MASKED: key < hi and causal (key <= pos_m); else every row sees every key."""
+    MASKED: key < hi, causal (key <= pos_m) and in the row's bound (key >= lo_m); else every row
+    sees every key. Nothing outside [lo, hi) is loaded."""
     if not CONTIGUOUS:
         # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps the
         # K/V loads software-pipelined)
@@ -103,7 +104,7 @@ def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo, hi,
         if MASKED:
             n_mask = offs_n < hi
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            vis = (offs_n[None, :] <= pos_m[:, None]) & n_mask[None, :]
+            vis = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] >= lo_m[:, None]) & n_mask[None, :]
         else:
             kv_mask = d_mask[None, :]
             vis = None
@@ -114,11 +115,12 @@ def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo, hi,
 
 
 @triton.jit
-def _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, lo, hi,
+def _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, lo, hi,
               kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """New keys j in [lo, hi) of this request, read from k_new/v_new rows by affine offsets.
-    MASKED: j < hi and causal (j <= offs_m); else every row sees every key."""
+    MASKED: j < hi, causal (j <= offs_m) and in the row's bound (j >= jlo_m); else every row sees
+    every key."""
     offs_n = lo + tl.arange(0, BLOCK_N)
     k_ptrs = kn_base + offs_n[:, None].to(tl.int64) * stride_knt + offs_d[None, :]
     v_ptrs = vn_base + offs_n[:, None].to(tl.int64) * stride_vnt + offs_d[None, :]
@@ -126,7 +128,7 @@ def _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, lo, hi,
         if MASKED:
             n_mask = offs_n < hi
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :]
+            vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= jlo_m[:, None]) & n_mask[None, :]
         else:
             kv_mask = d_mask[None, :]
             vis = None
@@ -139,11 +141,22 @@ def _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, lo, hi,
     return m_i, l_i, acc
 
 
+@triton.jit
+def _regions(lo, lo_max, vis_end, hi, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of a query block as three runs: masked [lo, a) (some rows' bound is above
+    them: keys below lo_max, the largest row bound), unmasked [a, b) (whole BLOCK_N blocks below
+    vis_end <= hi, which every row sees) and masked [b, hi). Returns (lo, a, b)."""
+    lo = tl.minimum(lo, hi)
+    a = tl.minimum(lo + tl.cdiv(tl.maximum(lo_max - lo, 0), BLOCK_N) * BLOCK_N, hi)
+    b = a + (tl.maximum(vis_end - a, 0) // BLOCK_N) * BLOCK_N
+    return lo, a, b
+
+
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
 # just-in-time compile in the middle of a timed serving step. The k_new/v_new token strides are
 # passed divided by NEW_ALIGN (a constexpr power of two, 16 for any usual layout), so the
 # compiler still knows the rows are 16-element aligned and vectorizes their loads.
-@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B", "stride_knt_a", "stride_vnt_a"])
+@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B", "stride_knt_a", "stride_vnt_a", "window", "chunk"])
 def _extend_kernel(
     q_ptr,                   # [T, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
@@ -159,6 +172,7 @@ def _extend_kernel(
     stride_ptb,
     stride_ot, stride_oh,
     page_size, B,
+    window, chunk,           # attention bounds (0 = none), see decode_attention.key_lo
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
@@ -196,6 +210,13 @@ def _extend_kernel(
         if DOT_F32:
             q = q.to(tl.float32)
         pos_m = prefix + offs_m                                               # [BM] positions
+        m0 = mblk * BLOCK_M
+        last = tl.minimum(q_len, m0 + BLOCK_M) - 1                            # the block's last row
+        # window / chunk bounds: row m sees keys [lo_m, pos_m]; the block as a whole [lo_b, ...)
+        # (rows past q_len get larger bounds than lo_u: they are never stored)
+        lo_m = key_lo(pos_m, window, chunk)                                   # [BM]
+        lo_b = key_lo(prefix + m0, window, chunk)                             # first row's (smallest)
+        lo_u = key_lo(prefix + last, window, chunk)                           # last row's (largest)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -209,37 +230,49 @@ def _extend_kernel(
             slot0 = tl.load(pt_row).to(tl.int64) * page_size
 
         if RAGGED:
-            # 1. prefix [0, prefix) through the page table: full blocks unmasked, then the tail
-            #    (masked by key < prefix; the causal part of its mask holds for every row)
-            pre_full = (prefix // BLOCK_N) * BLOCK_N
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, 0, pre_full,
-                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, pre_full, prefix,
+            # 1. prefix [lo_b, prefix) through the page table: every prefix key is causally
+            #    visible; masked where some row's bound is above it, and in the tail (key < prefix)
+            c0, c1, c2 = _regions(lo_b, lo_u, prefix, prefix, BLOCK_N)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
                                         offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
-            # 2. new keys before this block's first row: visible to every row, no mask
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, prefix,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+            # 2. new keys j (position prefix + j) from k_new/v_new: unmasked below this block's
+            #    first row (and at or above every row's bound), masked around them and on the diagonal
             stride_knt = stride_knt_a * NEW_ALIGN
             stride_vnt = stride_vnt_a * NEW_ALIGN
             kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
             vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
-            m0 = mblk * BLOCK_M
-            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, 0, m0,
+            jlo_m = lo_m - prefix
+            j_end = last + 1
+            j0, j1, j2 = _regions(tl.maximum(lo_b - prefix, 0), tl.maximum(lo_u - prefix, 0), m0, j_end, BLOCK_N)
+            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j0, j1,
+                                      kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+                                      BLOCK_N, True, DOT_F32, DOT_PREC)
+            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j1, j2,
                                       kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
                                       BLOCK_N, False, DOT_F32, DOT_PREC)
             # 3. the diagonal: BLOCK_M / BLOCK_N blocks with the causal + length mask
-            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, m0, tl.minimum(q_len, m0 + BLOCK_M),
+            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j2, j_end,
                                       kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
                                       BLOCK_N, True, DOT_F32, DOT_PREC)
         else:
-            # positions [0, full_end) are visible to every row of the block: no mask at all
-            full_end = ((prefix + mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, 0, full_end,
+            # keys [lo_b, prefix + last]: masked below the largest row bound, then whole blocks
+            # below the first row's position (visible to every row, no mask), then the diagonal
+            diag_end = prefix + last + 1
+            r0, r1, r2 = _regions(lo_b, lo_u, prefix + m0, diag_end, BLOCK_N)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
                                         offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
-            # diagonal region: causal + length mask
-            diag_end = tl.minimum(seq_len, prefix + (mblk + 1) * BLOCK_M)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, full_end, diag_end,
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
                                         offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
 
@@ -272,8 +305,9 @@ def _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size
 
 
 def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
-                         sm_scale=None, contiguous=False):
-    """Plain torch reference (fp32 math)."""
+                         sm_scale=None, contiguous=False, *, window: int = 0, chunk: int = 0):
+    """Plain torch reference (fp32 math). With a window / chunk bound, new token at position p
+    sees keys [key_lo_host(p), p]; only keys from the first new token's bound on are read."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -286,12 +320,18 @@ def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_l
         if n_new == 0:
             continue
         prefix = n - n_new
-        k, v = _gather_kv(k_cache, v_cache, page_table[b], n, page_size, contiguous)
-        k = k.float().repeat_interleave(G, dim=1)                          # [n, H_q, D]
+        lo = key_lo_host(prefix, window, chunk)                            # the first row's bound
+        k, v = _gather_kv(k_cache, v_cache, page_table[b], n, page_size, contiguous, lo)
+        k = k.float().repeat_interleave(G, dim=1)                          # [n - lo, H_q, D]
         v = v.float().repeat_interleave(G, dim=1)
-        s = torch.einsum("mhd,nhd->hmn", q[qs:qe].float(), k) * scale      # [H_q, n_new, n]
+        s = torch.einsum("mhd,nhd->hmn", q[qs:qe].float(), k) * scale      # [H_q, n_new, n - lo]
         pos = prefix + torch.arange(n_new, device=q.device)
-        vis = torch.arange(n, device=q.device)[None, :] <= pos[:, None]    # [n_new, n]
+        keys = torch.arange(lo, n, device=q.device)[None, :]
+        vis = keys <= pos[:, None]                                         # [n_new, n - lo]
+        if window > 0:
+            vis &= keys > pos[:, None] - window
+        if chunk > 0:
+            vis &= keys >= pos[:, None] // chunk * chunk
         s = s.masked_fill(~vis[None], float("-inf"))
         p = torch.softmax(s, dim=-1)
         out[qs:qe] = torch.einsum("hmn,nhd->mhd", p, v).to(q.dtype)
@@ -311,8 +351,8 @@ def _check_new(q, k_cache, k_new, v_new):
 
 
 def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size, sm_scale=None,
-                     contiguous=False, *, k_new=None, v_new=None, out=None, backend: str = "triton",
-                     config: dict | None = None):
+                     contiguous=False, *, window: int = 0, chunk: int = 0, k_new=None, v_new=None, out=None,
+                     backend: str = "triton", config: dict | None = None):
     """Causal attention of new tokens over their request's cached prefix and themselves.
 
     q:               [T, H_q, D]           new tokens of B requests, flattened
@@ -322,6 +362,10 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     query_start_loc: [B + 1] int32         cumulative new-token counts (starts at 0)
     seq_lens:        [B] int32             prefix + new tokens per request
     contiguous:      slab fast path, slot = page_table[b, 0] * page_size + i
+    window/chunk:    attention bounds (0 = none), as decode_attention: the token at position p sees
+                     keys p - window < k <= p (sliding window) and/or p // chunk * chunk <= k <= p
+                     (chunked); a query block starts at its first row's bound, so no key below
+                     every row's bound is read
     k_new/v_new:     optional [T, H_kv, D] new tokens' K/V in q's row order (any token/head
                      stride, last dim contiguous; e.g. views into a fused qkv output): the
                      "ragged" path reads the new keys from here and only the prefix through the
@@ -333,6 +377,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
     """
     key, ok = None, False
+    if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
+        check_bounds(window, chunk)
     if config is None and backend == "triton" and q.is_cuda:
         T, B = q.shape[0], seq_lens.shape[0]
         new = k_new is not None and v_new is not None
@@ -358,7 +404,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
             if T and B:
                 kn, vn = (k_new, v_new) if new else (k_cache, v_cache)
                 run(q.shape[1], T // BM + B, 1, q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens,
-                    o, *head, page_table.stride(0), *o_strides, page_size, B)
+                    o, *head, page_table.stride(0), *o_strides, page_size, B, window, chunk)
             return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
@@ -368,7 +414,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
     if backend == "torch":
         o = extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
-                                 sm_scale, contiguous)
+                                 sm_scale, contiguous, window=window, chunk=chunk)
         return o if out is None else out.copy_(o)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -396,7 +442,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     head = (scale * LOG2E, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *kn_strides)
     args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, *head,
-            page_table.stride(0), o.stride(0), o.stride(1), page_size, B)
+            page_table.stride(0), o.stride(0), o.stride(1), page_size, B, window, chunk)
     kwargs = dict(G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
                   BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
                   CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
