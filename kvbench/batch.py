@@ -36,6 +36,29 @@ class ScheduledSeq:
         return self.emits
 
 
+@dataclass(slots=True, frozen=True)
+class SwapOut:
+    """Preemption by swap: the victim's positions [0, tokens) leave the pool for host memory.
+    `pages` [ceil(tokens / page_size)] int32 are its pages as it held them (released since: the
+    engine copies them out before anything else in the step writes into the pool)."""
+
+    rid: int
+    pages: np.ndarray
+    tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class SwapIn:
+    """A swapped request re-admitted: its host copy's positions [start, start + tokens) go back
+    into `pages` [ceil((start + tokens) / page_size)] int32, its page table now (positions below
+    `start` were served from the GPU's prefix cache). The host copy is dropped after."""
+
+    rid: int
+    pages: np.ndarray
+    start: int
+    tokens: int
+
+
 @dataclass(slots=True)
 class StepBatch:
     """A flattened variable-length batch: prefill chunks and decode tokens mixed.
@@ -44,6 +67,14 @@ class StepBatch:
     slot `page_table[i // page_size] * page_size + i % page_size`. `contiguous` is True when
     every request's pages are consecutive (slab), so kernels may take their contiguous path.
     `copies` lists (src_page, dst_page) copy-on-write copies the engine must do before the step.
+
+    Host moves (issue 14): `d2h_tokens` / `h2d_tokens` are the token slots whose K/V the step
+    moves device -> host / host -> device (preemption by swap, plus the strategy's host tier);
+    the sim charges their bytes, serialized with the step. `swap_out` / `swap_in` name the swap
+    moves' pages (for an engine that really copies; the host tier's pages are the strategy's).
+    An engine makes them in this order, all before the forward: swap-outs, copy-on-write copies,
+    swap-ins (a page released by a swap-out may be taken again in the same step; swap-outs and
+    swap-ins never share a step: the scheduler admits nobody in a step that preempts).
 
     The step's token counts (the cost model's inputs, the timeline's columns) are counted here
     once, from the seqs' `is_decode` flags: `decode_tokens` decode tokens, `prefill_tokens` the
@@ -56,6 +87,10 @@ class StepBatch:
     num_pages: int
     contiguous: bool
     copies: list[tuple[int, int]]
+    h2d_tokens: int = 0
+    d2h_tokens: int = 0
+    swap_out: list[SwapOut] = field(default_factory=list)
+    swap_in: list[SwapIn] = field(default_factory=list)
     num_tokens: int = field(init=False)
     decode_tokens: int = field(init=False)
     prefill_tokens: int = field(init=False)
@@ -73,6 +108,11 @@ class StepBatch:
                 decode += 1
         self.num_tokens, self.decode_tokens = tokens, decode
         self.prefill_tokens, self.kv_read_tokens = tokens - decode, kv_read
+
+    @property
+    def moves(self) -> bool:
+        """The step moves K/V between device and host (it is never a quiet step)."""
+        return bool(self.h2d_tokens or self.d2h_tokens)
 
     @property
     def decode_only(self) -> bool:

@@ -189,6 +189,22 @@ def load_trace(cfg: DictConfig) -> list:
     return _TRACE_CACHE[key]
 
 
+def engine_sizes(node: DictConfig, bytes_per_token: int) -> dict:
+    """The model's K/V bytes per token for an engine that prices host moves by it (the sim's
+    `kv_bytes_per_token`), unless the engine config sets it."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        params = inspect.signature(get_class(node._target_)).parameters
+    except Exception:  # (instantiate reports a bad engine)
+        return {}
+    if "kv_bytes_per_token" not in params or node.get("kv_bytes_per_token") is not None:
+        return {}
+    return {"kv_bytes_per_token": int(bytes_per_token)}
+
+
 def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
     bpt = kv_bytes_per_token(cfg.model)  # validate() checked model.dtype
@@ -197,7 +213,7 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     if not len(requests):
         raise ConfigError(f"trace '{cfg.trace.get('name', 'trace')}' has no requests: nothing to replay "
                           "(check trace.limit, trace.path and the trace's filters)")
-    engine = instantiate(cfg.engine)
+    engine = instantiate(cfg.engine, **engine_sizes(cfg.engine, bpt))
     capacity = engine.kv_capacity_tokens(capacity_tokens(cfg, bpt))
     check_pool(capacity, int(cfg.strategy.get("page_size", 1)))
     strategy = instantiate(cfg.strategy, capacity_tokens=capacity, max_model_len=cfg.max_model_len)

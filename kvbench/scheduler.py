@@ -1,5 +1,5 @@
-"""Iteration-level continuous batching (Orca / vLLM), preemption by recompute, and the order in
-which waiting requests are admitted (`policy`).
+"""Iteration-level continuous batching (Orca / vLLM), preemption by recompute or swap, and the
+order in which waiting requests are admitted (`policy`, `dedup_prefix`).
 
 Each step: every running request, oldest first, gets room for its next prefill chunk or its
 next decode token; when the strategy has no room, the most recently admitted request is
@@ -28,6 +28,29 @@ the scheduler knows no clock), and always while it waits for a recompute after a
 passed over in more than `max_wait_steps` steps, and max_wait_steps=0 is FCFS. The scheduler never
 knows which strategy it drives, and knows no clock: what it did goes out as events
 (kvbench/events.py).
+
+Preemption (`preemption`):
+- `recompute` (vLLM's default): the victim's memory is released and all it had computed is
+  computed again when it is re-admitted (less what the prefix cache still holds then).
+- `swap`: the victim's computed positions [0, computed) are copied to host memory (d2h, in the
+  step that preempts, before anything writes into its released pages) and its memory released.
+  Re-admitted, it asks the strategy for room as a recompute would (num_prompt = prompt + emitted),
+  with `max_new` raised by the swapped positions the cache does not serve (the strategy's pure
+  `cached_prefix_len`, which `admit` must then answer): positions [0, cached) are prefix hits as
+  usual, [cached, swapped) are copied back (h2d) and marked computed without being scheduled,
+  and only [swapped, prompt + emitted) (at least its last output token) is computed, within the
+  step's token budget. Host memory for swapped requests is unbounded (the summary reports its
+  peak); each copy is dropped when its request is re-admitted.
+
+In-batch prefix deduplication (`dedup_prefix`, SGLang's in-batch prefix caching): a waiting
+request that is not urgent is *deferred* for this step when a request admitted before it in this
+step, or a running request still in its prefill, shares a prefix with it of at least
+`dedup_min_prefix` positions more than the prefix cache serves it now (whole pages, at most the
+positions it could hit). It waits so that the next steps hit the other's pages. Deferred
+requests are passed over like any other (the starvation guard bounds them), and requests behind
+them may be admitted (with fcfs too: dedup makes fcfs overtake a deferred request, never one
+that does not fit). SGLang only sorts such requests last in lpm; here they wait for the step. A
+strategy that caches no prefix defers nobody. Off (the default), nothing changes.
 """
 from __future__ import annotations
 
@@ -36,10 +59,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvbench.batch import ScheduledSeq, StepBatch
+from kvbench.batch import ScheduledSeq, StepBatch, SwapIn, SwapOut
 from kvbench.events import StepEvent
 from kvbench.request import Request
-from kvbench.strategies.base import RequestId, Strategy
+from kvbench.strategies.base import Admission, RequestId, Strategy
 
 
 @dataclass(slots=True, eq=False)
@@ -54,12 +77,14 @@ class Seq:
     cached_tokens: int | None = None  # prompt positions served from cache at its first admission
     preemptions: int = 0
     passed: int = 0  # steps in which a request behind it in the queue was admitted and it was not
+    swapped: int = 0  # preemption by swap: positions [0, swapped) wait in host memory
 
     def __post_init__(self) -> None:
         self.id = RequestId(self.request.id)
 
 
 POLICIES = ("fcfs", "lpm", "dfs_weight")
+PREEMPTIONS = ("recompute", "swap")
 
 
 class Scheduler:
@@ -74,19 +99,31 @@ class Scheduler:
             preempted request that outgrew the step is still chunked, or it could never run).
         policy: admission order, one of POLICIES (module docstring); fcfs pays nothing for the others.
         max_wait_steps: steps a waiting request may be passed over before it is admitted in
-            queue order (lpm and dfs_weight; module docstring).
+            queue order (lpm and dfs_weight, and fcfs with dedup_prefix; module docstring).
+        preemption: "recompute" or "swap" (module docstring).
+        dedup_prefix: defer a waiting request that would share a long uncached prefix with one
+            admitted before it (module docstring).
+        dedup_min_prefix: positions of shared, uncached prefix that make a request wait (>= 1).
     """
 
     def __init__(self, strategy: Strategy, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunked_prefill: bool = True, policy: str = "fcfs", max_wait_steps: int = 256) -> None:
+                 chunked_prefill: bool = True, policy: str = "fcfs", max_wait_steps: int = 256,
+                 preemption: str = "recompute", dedup_prefix: bool = False, dedup_min_prefix: int = 32) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if policy not in POLICIES:
             raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if max_wait_steps < 0:
             raise ValueError(f"max_wait_steps must be >= 0, got {max_wait_steps}")
+        if preemption not in PREEMPTIONS:
+            raise ValueError(f"scheduler preemption must be one of {', '.join(PREEMPTIONS)}, got {preemption!r}")
+        if dedup_min_prefix < 1:
+            raise ValueError(f"dedup_min_prefix must be >= 1, got {dedup_min_prefix}")
         self.policy, self.max_wait_steps = policy, int(max_wait_steps)
-        self._admit = self._admit_fcfs if policy == "fcfs" else self._admit_ordered
+        self.swap = preemption == "swap"
+        self.dedup = bool(dedup_prefix) and strategy.caches_prefixes
+        self.dedup_min_prefix = int(dedup_min_prefix)
+        self._admit = self._admit_fcfs if policy == "fcfs" and not self.dedup else self._admit_ordered
         self.strategy = strategy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -97,6 +134,11 @@ class Scheduler:
         self.recomputed_hits = 0  # positions served from cache when a preempted request came back
         self._admitted: list[tuple[Request, int]] = []  # this step's (request, cached positions)
         self._preempted: list[int] = []  # this step's preempted request ids
+        self._swap_out: list[SwapOut] = []  # this step's swap-outs (preemption by swap)
+        self._swap_in: list[tuple[Seq, int, int]] = []  # this step's swap-ins: (request, start, tokens)
+        self.swap_out_tokens = self.swap_in_tokens = 0  # positions copied to / from host, in all
+        self.host_tokens = self.peak_host_tokens = 0  # positions held in host memory by swapped requests
+        self.deferred = 0  # admissions deferred by dedup_prefix (request-steps)
 
     # ---- intake -----------------------------------------------------------------------------
     def rejection(self, request: Request) -> str | None:
@@ -123,6 +165,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         planned: list[tuple[Seq, int]] = []
         self._admitted, self._preempted = [], []
+        if self._swap_out or self._swap_in:
+            self._swap_out, self._swap_in = [], []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -159,7 +203,8 @@ class Scheduler:
             req = seq.request
             if not self.chunked_prefill and budget < seq.prefill_target <= self.max_num_batched_tokens:
                 break
-            adm = self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget)
+            adm = (self._admit_swapped(seq, budget) if seq.swapped else
+                   self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget))
             if not adm.admitted:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -173,36 +218,99 @@ class Scheduler:
         else:
             self.recomputed_hits += cached
         seq.computed = cached
+        if seq.swapped:  # its host copy comes back, less what the prefix cache served
+            if seq.swapped > cached:
+                self._swap_in.append((seq, cached, seq.swapped - cached))
+                self.swap_in_tokens += seq.swapped - cached
+                seq.computed = seq.swapped
+            self.host_tokens -= seq.swapped
+            seq.swapped = 0
         n = min(budget, seq.prefill_target - seq.computed)
         self.running.append(seq)
         planned.append((seq, n))
         return budget - n
 
+    def _admit_swapped(self, seq: Seq, budget: int) -> Admission:
+        """Admit a swapped request with room for its swapped positions beyond the cached prefix
+        plus the step's chunk (module docstring). Mutates the strategy when admitted."""
+        st, req = self.strategy, seq.request
+        cached = st.cached_prefix_len(req.tokens, seq.prefill_target)
+        adm = st.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget + max(seq.swapped - cached, 0))
+        if adm.admitted and adm.cached_tokens != cached:
+            raise RuntimeError(f"strategy '{st.label}': admit served {adm.cached_tokens} cached positions of request "
+                               f"{seq.id}, cached_prefix_len said {cached} (the contract says they are equal)")
+        return adm
+
     def _admit_ordered(self, planned: list[tuple[Seq, int]], budget: int) -> None:
-        """lpm / dfs_weight: admit in the policy's order (urgent requests first), stop at the first
-        that does not fit; count who was passed over. O(waiting x prefix match) per step."""
+        """lpm / dfs_weight (and fcfs with dedup_prefix): admit in the policy's order (urgent
+        requests first), skip those deferred by dedup_prefix, stop at the first that does not fit;
+        count who was passed over. O(waiting x prefix match) per step."""
         if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
             return
         waiting = list(self.waiting)
         taken: list[int] = []
+        flying = self._in_flight() if self.dedup else None
+        bound = self.max_wait_steps
         for i in self.order(waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             seq = waiting[i]
             if not self.chunked_prefill and budget < seq.prefill_target <= self.max_num_batched_tokens:
                 break
+            if flying and seq.passed < bound and not seq.preemptions and self._defer(seq, flying):
+                self.deferred += 1
+                continue
             req = seq.request
-            adm = self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget)
+            adm = (self._admit_swapped(seq, budget) if seq.swapped else
+                   self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget))
             if not adm.admitted:
                 break  # the chosen request does not fit: admission ends for this step (SGLang)
             taken.append(i)
             budget = self._start(seq, adm.cached_tokens, planned, budget)
+            if flying is not None:
+                self._fly(flying, seq)
         if taken:
             last, gone = max(taken), set(taken)
             for j in range(last):
                 if j not in gone:
                     waiting[j].passed += 1
             self.waiting = deque(s for j, s in enumerate(waiting) if j not in gone)
+
+    # ---- in-batch prefix deduplication -------------------------------------------------------
+    def _in_flight(self) -> dict[bytes, list[np.ndarray]]:
+        """The prompts being computed: running requests still in their prefill, keyed by their
+        first dedup_min_prefix ids (a request shares a long enough prefix only with those). Pure."""
+        flying: dict[bytes, list[np.ndarray]] = {}
+        for s in self.running:
+            if s.computed < s.prefill_target:
+                self._fly(flying, s)
+        return flying
+
+    def _fly(self, flying: dict[bytes, list[np.ndarray]], seq: Seq) -> None:
+        m = self.dedup_min_prefix
+        if seq.prefill_target > m:
+            ids = seq.request.tokens[:seq.prefill_target]
+            flying.setdefault(ids[:m].tobytes(), []).append(ids)
+
+    def _defer(self, seq: Seq, flying: dict[bytes, list[np.ndarray]]) -> bool:
+        """Whether `seq` shares, with a prompt in flight, at least dedup_min_prefix whole-page
+        positions more than the cache serves it now. Pure (asks `cached_prefix_len`)."""
+        m, target = self.dedup_min_prefix, seq.prefill_target
+        if target - 1 < m:
+            return False
+        ids = seq.request.tokens
+        group = flying.get(ids[:m].tobytes())
+        if not group:
+            return False
+        hittable = ids[:target - 1]  # at most target - 1 positions come from cache
+        shared = 0
+        for other in group:
+            n = min(len(hittable), len(other))
+            diff = np.flatnonzero(hittable[:n] != other[:n])
+            shared = max(shared, int(diff[0]) if len(diff) else n)
+        ps = self.strategy.page_size
+        shared = shared // ps * ps
+        return shared >= m and shared - self.strategy.cached_prefix_len(ids, target) >= m
 
     def order(self, waiting: list[Seq]) -> list[int]:
         """Positions in `waiting` in the order the policy tries them: urgent requests (passed over
@@ -213,6 +321,8 @@ class Scheduler:
         if len(urgent) == len(waiting):
             return urgent
         rest = [i for i, s in enumerate(waiting) if not (s.passed >= bound or s.preemptions)]
+        if self.policy == "fcfs":  # (with dedup_prefix)
+            return urgent + rest
         st = self.strategy
         lens = {i: st.cached_prefix_len(waiting[i].request.tokens, waiting[i].prefill_target) for i in rest}
         if self.policy == "lpm":
@@ -244,6 +354,14 @@ class Scheduler:
         out.extend(here)
 
     def _preempt(self, seq: Seq) -> None:
+        if self.swap:  # its computed K/V go to host memory before its pages are released
+            n = seq.computed
+            pages = self.strategy.page_table(seq.id)[:self.strategy.pages_for(n)]
+            self._swap_out.append(SwapOut(seq.id, pages, n))
+            seq.swapped = n
+            self.swap_out_tokens += n
+            self.host_tokens += n
+            self.peak_host_tokens = max(self.peak_host_tokens, self.host_tokens)
         self.strategy.release(seq.id)
         seq.preemptions += 1
         self.num_preemptions += 1
@@ -253,14 +371,23 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def batch(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepBatch:
-        """The engine's view of a planned step. Pure, except that pending page copies are handed over."""
+        """The engine's view of a planned step. Pure, except that pending page copies and the
+        strategy's host moves are handed over (`take_copies`, `take_host_moves`)."""
         st = self.strategy
         seqs = []
         for s, n in planned:
             target = s.prefill_target
             seqs.append(ScheduledSeq(s.request, s.computed, n, st.page_table(s.id) if with_layout else None,
                                      s.computed + n >= target, s.computed >= target))
-        return StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies())
+        d2h, h2d = st.take_host_moves()
+        batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h)
+        if self._swap_out or self._swap_in:
+            batch.swap_out = self._swap_out
+            batch.swap_in = [SwapIn(s.id, st.page_table(s.id)[:st.pages_for(start + k)], start, k)
+                             for s, start, k in self._swap_in]
+            batch.d2h_tokens += sum(o.tokens for o in self._swap_out)
+            batch.h2d_tokens += sum(i.tokens for i in batch.swap_in)
+        return batch
 
     def event(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepEvent:
         """The planned step as an event: its batch, the queue lengths and the slot states it

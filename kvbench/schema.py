@@ -37,6 +37,9 @@ class SchedulerSchema:
     chunked_prefill: bool = True
     policy: str = "fcfs"
     max_wait_steps: int = 256
+    preemption: str = "recompute"
+    dedup_prefix: bool = False
+    dedup_min_prefix: int = 32
 
 
 @dataclass
@@ -100,10 +103,14 @@ RANGES = {name: POS_INT for name in (
     "max_num_seqs", "max_num_batched_tokens", "timeline_points", "max_model_len", "profile_tokens", "value")}
 RANGES |= {"rate": Range("float", 0, lo_open=True, inf=True), "burstiness": POS_FLOAT, "mean": POS_FLOAT,
            "gpu_memory_utilization": Range("float", 0, 1, lo_open=True), "kv_cache_gb": POS_FLOAT}
+RANGES |= {"h2d_bytes_per_s": POS_FLOAT, "d2h_bytes_per_s": POS_FLOAT,  # engine: host copy rates [B/s]
+           "kv_bytes_per_token": POS_INT,  # engine=sim: set by kvbench.run from the model
+           "dedup_min_prefix": Range("int", 1, 1 << 20)}  # scheduler: tokens of a shared uncached prefix
 CHOICES = {("strategy", "reservation"): ("max", "pow2", "oracle"),
            ("strategy", "placement"): ("first_fit", "best_fit"),
            ("model", "dtype"): DTYPE_NAMES,
-           ("scheduler", "policy"): ("fcfs", "lpm", "dfs_weight")}  # kvbench.scheduler.POLICIES
+           ("scheduler", "policy"): ("fcfs", "lpm", "dfs_weight"),  # kvbench.scheduler.POLICIES
+           ("scheduler", "preemption"): ("recompute", "swap")}  # kvbench.scheduler.PREEMPTIONS
 
 
 def _bad(key: str, value: object, allowed: str) -> ConfigError:

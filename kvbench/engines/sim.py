@@ -36,6 +36,12 @@ class SimEngine(Engine):
 
     A prefill chunk of n tokens after a prefix of p reads p + n K/V positions (the last query's
     context); a decode token at position p reads p + 1.
+
+    Host moves (preemption by swap, the host tier): a step that moves K/V between device and
+    host takes `move_time` longer, serialized with the step (the copies are not overlapped with
+    the model's work): d2h_tokens x kv_bytes_per_token / d2h_bytes_per_s + the same for h2d.
+    `kv_bytes_per_token` comes from the model (kvbench/run.py passes kvbench.sizes'
+    kv_bytes_per_token); None: a step with moves is an error (nothing to price them with).
     """
 
     name = "sim"
@@ -44,7 +50,8 @@ class SimEngine(Engine):
     def __init__(self, overhead_s: float, prefill_token_s: float, decode_token_s: float,
                  kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,
                  eager_decode_token_s: float | None = None, eager_kv_read_token_s: float | None = None,
-                 device: str = "modelled", fast_forward: bool = True) -> None:
+                 device: str = "modelled", fast_forward: bool = True, h2d_bytes_per_s: float = 50e9,
+                 d2h_bytes_per_s: float = 50e9, kv_bytes_per_token: int | None = None) -> None:
         self.coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
                              "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
                              "prefill_step_s": prefill_step_s, "eager_floor_s": eager_floor_s,
@@ -60,9 +67,28 @@ class SimEngine(Engine):
             raise ValueError(f"engine.fast_forward must be true or false, got {fast_forward!r}")
         self.device = device
         self.fast_forward = fast_forward
+        for key, rate in (("h2d_bytes_per_s", h2d_bytes_per_s), ("d2h_bytes_per_s", d2h_bytes_per_s)):
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+                raise ValueError(f"engine.{key} must be a finite number > 0, got {rate!r}")
+        if kv_bytes_per_token is not None and (isinstance(kv_bytes_per_token, bool) or
+                                               not isinstance(kv_bytes_per_token, int) or kv_bytes_per_token < 1):
+            raise ValueError(f"engine.kv_bytes_per_token must be an integer >= 1 or null, got {kv_bytes_per_token!r}")
+        self.h2d_bytes_per_s, self.d2h_bytes_per_s = float(h2d_bytes_per_s), float(d2h_bytes_per_s)
+        self.kv_bytes_per_token = kv_bytes_per_token
 
     def step(self, batch: StepBatch) -> float:
-        return self.cost(batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens)
+        dt = self.cost(batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens)
+        if batch.h2d_tokens or batch.d2h_tokens:
+            dt += self.move_time(batch.d2h_tokens, batch.h2d_tokens)
+        return dt
+
+    def move_time(self, d2h_tokens: int, h2d_tokens: int) -> float:
+        """Seconds to copy `d2h_tokens` token slots' K/V device -> host and `h2d_tokens` back."""
+        bpt = self.kv_bytes_per_token
+        if bpt is None:
+            raise RuntimeError("engine 'sim': a step moves K/V to or from host memory, but kv_bytes_per_token "
+                               "is not set (kvbench.run passes the model's; set engine.kv_bytes_per_token)")
+        return d2h_tokens * bpt / self.d2h_bytes_per_s + h2d_tokens * bpt / self.h2d_bytes_per_s
 
     def cost(self, prefill: int, decode: int, kv_read: int) -> float:
         return float(step_time(self.coefficients, prefill, decode, kv_read))
