@@ -26,6 +26,19 @@ class Admission(NamedTuple):
     cached_tokens: int = 0  # leading tokens whose K/V were already in the pool (prefix hit)
     host_tokens: int = 0  # how many of `cached_tokens` came back from the host tier (copied in)
 
+    # An (admitted, cached_tokens) pair, the shape before the host tier, still compares equal
+    # to an answer with no host tokens: `admit(...) == (True, 32)` reads "32 cached, none from
+    # host". Not on any hot path (callers read the fields).
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, tuple) and len(other) == 2 and not isinstance(other, Admission):
+            return self.host_tokens == 0 and tuple.__eq__(self[:2], other)
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
 
 class SlotStates(NamedTuple):
     """Every slot of the pool in exactly one state (DESIGN.md); the fields sum to the capacity."""
