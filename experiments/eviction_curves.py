@@ -53,10 +53,13 @@ def load_trace(choice: str, overrides: list[str]):
     return instantiate(cfg.trace)
 
 
-def replay(items: list, policy, capacity_pages: int, page_size: int, room_pages: int) -> int:
+def replay(items: list, policy, capacity_pages: int, page_size: int, room_pages: int,
+           dedup_touch: bool = False) -> int:
     """Prompt tokens served from cache when `items` (tokens, prompt_len, kv_len) are served one at
-    a time by paged with `policy` on C + room pages. Mutates nothing outside."""
-    s = PagedStrategy((capacity_pages + room_pages) * page_size, 1 << 40, page_size=page_size, eviction=policy)
+    a time by paged with `policy` on C + room pages (paged's `dedup_touch` option as given).
+    Mutates nothing outside."""
+    s = PagedStrategy((capacity_pages + room_pages) * page_size, 1 << 40, page_size=page_size, eviction=policy,
+                      dedup_touch=dedup_touch)
     hit = 0
     for rid, (toks, prompt, kv) in enumerate(items):
         adm = s.admit(rid, toks, kv, prompt, prompt)
