@@ -1,0 +1,100 @@
+"""Launch-config sweep of the decode-size linear kernel (kernels/linear.py) against cuBLAS, per
+projection shape of the 1B and 8B models: which configs read weights closest to the copy rate
+(issue 12 §3: the 8B batch-1 decode step is ~80 % of its roofline, and `_gemv_kernel` is 3.6 of
+its 4.5 GPU ms).
+
+    python experiments/gemv_sweep.py --out DIR [--m 1,16]
+
+Each config: GPU time per call from a CUDA graph of calls over weight copies that together
+exceed L2 (bench_kernels.bench_rot), as weight GB/s and as a fraction of a device copy measured
+first. Writes DIR/gemv_sweep.csv (every config) and prints the best five per shape beside the
+autotuned choice and cuBLAS. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402  (use_checkout done there)
+
+from kvbench.kernels import linear as lin  # noqa: E402
+
+SHAPES = {"8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336),
+          "1b qkv": (3072, 2048), "1b o": (2048, 2048), "1b gate_up": (16384, 2048), "1b down": (2048, 8192)}
+GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
+        for bn, bkk, w, s in itertools.product((16, 32, 64), (64, 128, 256, 512, 1024), (2, 4, 8), (2, 3, 4, 6))
+        if bn * bkk * s * 2 <= 200_000 and not (w == 8 and bn * bkk < 8192)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    ap.add_argument("--m", default="1", help="rows of x (comma list)")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    bk.DEV = dev = torch.device("cuda")
+    _, copy_gbps, _ = bk.copy_bandwidth(2.0)
+    print(f"device {torch.cuda.get_device_name()} copy {copy_gbps:.1f} GB/s; {len(GRID)} configs", flush=True)
+    rows = []
+    for name in args.shapes.split(","):
+        N, K = SHAPES[name]
+        R = max(2, -(-(512 << 20) // (N * K * 2)))
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(R)]
+        for M in map(int, args.m.split(",")):
+            xs = [torch.randn(M, K, device=dev, dtype=torch.bfloat16) for _ in range(R)]
+            ys = [torch.empty(M, N, device=dev, dtype=torch.bfloat16) for _ in range(R)]
+            ref = F.linear(xs[0].float(), ws[0].float())
+            res = []
+
+            def add(impl, ms, ok=""):
+                gbps = N * K * 2 / ms / 1e6
+                res.append((ms, impl))
+                rows.append(dict(shape=name, M=M, N=N, K=K, impl=impl, median_ms=round(ms, 5), gbps=round(gbps, 1),
+                                 ratio_to_copy=round(gbps / copy_gbps, 3), correct=ok))
+
+            add("cublas", bk.bench_rot([lambda i=i: F.linear(xs[i], ws[i]) for i in range(R)]))
+            add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]))
+            for cfg in GRID:
+                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=lin.MAX_M, PDL=0, **cfg)
+
+                def call(i, meta=meta):
+                    lin._gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+                        xs[i], ws[i], ws[i], ys[i], M, N, K, xs[i].stride(0), ws[i].stride(0), ys[i].stride(0),
+                        **meta)
+                try:
+                    call(0)
+                    ok = bool(torch.allclose(ys[0].float(), ref, atol=2e-2, rtol=2e-2))
+                    ms = bk.bench_rot([lambda i=i: call(i) for i in range(R)], rep=50)
+                except Exception as e:  # out of resources for this config
+                    print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                add(";".join(f"{k}={v}" for k, v in cfg.items()), ms, ok)
+            best = sorted(res)[:5]
+            base = dict((impl, ms) for ms, impl in res)
+            print(f"{name} M={M}: cublas {base['cublas'] * 1e3:.1f} us, autotuned {base['linear (autotuned)'] * 1e3:.1f} us "
+                  f"({N * K * 2 / base['linear (autotuned)'] / 1e6 / copy_gbps:.3f} of copy)", flush=True)
+            for ms, impl in best:
+                print(f"   {ms * 1e3:7.1f} us {N * K * 2 / ms / 1e6 / copy_gbps:.3f} of copy  {impl}", flush=True)
+            del xs, ys
+        del ws
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "gemv_sweep.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, args.out / "gemv_sweep.csv")
+
+
+if __name__ == "__main__":
+    main()
