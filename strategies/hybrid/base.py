@@ -169,8 +169,12 @@ class HybridStrategy(Strategy):
         return 0
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
+        return self.units(self.group_slot_states(waiting_kv_len))
+
+    def units(self, groups: dict[str, GroupSlotStates]) -> SlotStates:
+        """Group states (bytes) summed, in token-equivalents summing to `capacity`. Pure."""
         total = GroupSlotStates()
-        for states in self.group_slot_states(waiting_kv_len).values():
+        for states in groups.values():
             total = total + states
         b = [total.token, total.reserved, total.internal + total.out_of_window, total.external, total.cached,
              total.free]
