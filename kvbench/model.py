@@ -10,6 +10,12 @@ projections of batches of up to 16 tokens use the `linear` kernel, larger ones c
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
     token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
 
+Per-layer attention kinds (issue 16): a config's `layers:` description (kvbench.sizes) makes
+a layer full, sliding-window or chunked; each layer passes its (window, chunk) to the attention
+kernels and their references, over the one shared page table and pool. Gemma-3 / gpt-oss
+specifics beyond the bound (per-kind rope bases, q/k norms, sandwich norms, GeGLU, sinks, MoE)
+are not modelled: those yamls run as Llama-architecture layers with their attention bounds.
+
 The model never sees a strategy: only the page tables in `AttnMetadata`. Attention goes
 through `kvbench.kernels` ("triton") or their torch references ("reference", CPU).
 Weights: seeded random (`init_random`) or a local Hugging Face folder (`load_checkpoint`).
@@ -20,7 +26,7 @@ import importlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvbench.sizes import kv_bytes_per_token  # noqa: F401  (sizes live in kvbench.sizes; re-exported)
+from kvbench.sizes import kv_bytes_per_token, layer_groups  # noqa: F401  (sizes live in kvbench.sizes; re-exported)
 
 #: the torch dtypes the model computes in, by their kvbench.sizes name (bytes: sizes.DTYPE_BYTES).
 #: fp8 names size a sim run's KV pool only: the model has no fp8 weights or kernels.
@@ -67,6 +73,10 @@ class ModelConfig:
     attention_out_bias: bool = False  # bias on o_proj (HF Llama's attention_bias sets both)
     dtype: str = "bfloat16"
     checkpoint: str | None = None  # local HF folder (config.json + *.safetensors), or None
+    # per-layer attention kinds (issue 16), as the yaml's `layers:` ({pattern: [group names],
+    # groups: {name: {kind: full|sliding|chunked|state, window, chunk, ...}}}, see
+    # kvbench.sizes.layer_groups); None: every layer full attention. Plain dicts/lists (not hashed)
+    layers: Mapping | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -75,6 +85,32 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model '{self.name}': num_heads {self.num_heads} is not a multiple "
                              f"of num_kv_heads {self.num_kv_heads}")
+        if self.layers is not None:
+            layer_groups(self)  # raises ValueError naming the bad key of `layers:`
+
+    def layer_bounds(self) -> tuple[tuple[int, int], ...]:
+        """(window, chunk) of each layer's attention, 0 = no bound: full (0, 0), sliding
+        (window, 0), chunked (0, chunk). ValueError for what the model runner cannot run: state
+        (recurrent) layers, and groups whose KV heads / head dim differ from the model's (the
+        runner keeps one pool tensor of one shape for every layer)."""
+        if self.layers is None:
+            return ((0, 0),) * self.num_layers
+        pattern, groups = self.layers["pattern"], self.layers["groups"]
+        out = []
+        for i in range(self.num_layers):
+            name = str(pattern[i % len(pattern)])
+            g = groups[name]
+            kind = g["kind"]
+            if kind == "state":
+                raise ValueError(f"model '{self.name}': layer {i} (group '{name}') is a state layer: "
+                                 "the simulation sizes those, the model runner has no recurrent layers")
+            for key in ("num_kv_heads", "head_dim"):
+                if key in g and g[key] != getattr(self, key):
+                    raise ValueError(f"model '{self.name}': group '{name}' has {key}={g[key]}, the model "
+                                     f"{getattr(self, key)}: the model runner's one KV pool needs one shape")
+            out.append((int(g.get("window", 0)) if kind == "sliding" else 0,
+                        int(g.get("chunk", 0)) if kind == "chunked" else 0))
+        return tuple(out)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ModelConfig:
@@ -91,6 +127,8 @@ class ModelConfig:
             if rs["rope_type"] != "llama3":
                 raise ValueError(f"rope_scaling type '{rs['rope_type']}' not supported (llama3 only)")
             d["rope_scaling"] = RopeScaling(**rs)
+        if d.get("layers") is not None:
+            d["layers"] = _plain(d["layers"])
         return cls(**d)
 
     @classmethod
@@ -105,6 +143,7 @@ class ModelConfig:
                                             "original_max_position_embeddings")}
         qwen = c.get("model_type", "llama").startswith("qwen2")
         heads = c["num_attention_heads"]
+        layers = _hf_layers(c)
         return cls.from_dict(dict(
             name=path.name, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_heads=heads,
@@ -117,7 +156,33 @@ class ModelConfig:
             attention_out_bias=not qwen and c.get("attention_bias", False),
             dtype=dtype or {"float16": "float16", "float32": "float32"}.get(
                 c.get("torch_dtype") or c.get("dtype"), "bfloat16"),
-            checkpoint=str(path)))
+            checkpoint=str(path), layers=layers))
+
+
+def _plain(x):
+    """A yaml mapping / DictConfig / list as plain dicts, lists and scalars."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(x[k]) for k in x}
+    if isinstance(x, (list, tuple)) or (hasattr(x, "__len__") and hasattr(x, "__getitem__")
+                                        and not isinstance(x, (str, bytes))):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _hf_layers(c: dict) -> dict | None:
+    """A HF config.json's per-layer attention (`layer_types`: full_attention / sliding_attention /
+    chunked_attention, with `sliding_window` / `attention_chunk_size`) as a `layers:` description;
+    None when every layer is full attention."""
+    types = c.get("layer_types")
+    if not types or all(t == "full_attention" for t in types):
+        return None
+    kinds = {"full_attention": {"kind": "full"},
+             "sliding_attention": {"kind": "sliding", "window": int(c.get("sliding_window") or 0)},
+             "chunked_attention": {"kind": "chunked", "chunk": int(c.get("attention_chunk_size") or 0)}}
+    if unknown := sorted(set(types) - set(kinds)):
+        raise ValueError(f"config.json: layer_types {unknown} not supported ({sorted(kinds)})")
+    names = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
+    return {"pattern": [names[t] for t in types], "groups": {names[t]: kinds[t] for t in sorted(set(types))}}
 
 
 def as_model_config(cfg) -> ModelConfig:
@@ -182,9 +247,11 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int = 0, chunk: int = 0):
         super().__init__()
         self.cfg = cfg
+        # this layer's attention bound (0 = none): sliding window / chunk, passed to the kernels
+        self.window, self.chunk = window, chunk
         hq, hkv, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         self.input_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.qkv = nn.Linear(h, (hq + 2 * hkv) * d, bias=cfg.attention_bias)  # q | k | v rows
@@ -207,24 +274,25 @@ class DecoderLayer(nn.Module):
         q, k, v = ops.rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                     c.num_heads, c.num_kv_heads)
         scale = c.head_dim ** -0.5
+        bound = dict(window=self.window, chunk=self.chunk)
         if meta.decode_only:  # T == B: one query per request
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens,
                                      meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
-                                     max_seq_len=meta.max_seq_len)
+                                     max_seq_len=meta.max_seq_len, **bound)
         elif meta.num_decode == 0:
             # the prefix through the page table, the new tokens' K/V straight from qkv
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
-                                     contiguous=meta.contiguous, k_new=k, v_new=v)
+                                     contiguous=meta.contiguous, k_new=k, v_new=v, **bound)
         else:  # a mixed step: its one-token rows (first) by the decode kernel, the chunks by extend
             d = meta.num_decode
             o = torch.empty((t, c.num_heads, c.head_dim), dtype=q.dtype, device=q.device)
             ops.decode_attention(q[:d], k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d],
                                  meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
-                                 max_seq_len=meta.max_seq_len, out=o[:d])
+                                 max_seq_len=meta.max_seq_len, out=o[:d], **bound)
             ops.extend_attention(q[d:], k_cache, v_cache, meta.page_table[d:], meta.extend_start_loc,
                                  meta.seq_lens[d:], meta.page_size, sm_scale=scale,
-                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:])
+                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:], **bound)
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
@@ -239,7 +307,7 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.ops = attention_ops(attention)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w, ch) for w, ch in cfg.layer_bounds())
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
                                                                  bias=False)
@@ -280,8 +348,11 @@ def build_model(cfg, device: str | torch.device = "cpu", attention: str = "refer
     if cfg.checkpoint:
         if (Path(cfg.checkpoint) / "config.json").exists():  # the yaml must describe the checkpoint
             hf = ModelConfig.from_hf(cfg.checkpoint, dtype=cfg.dtype)
-            if diff := {f.name: (getattr(cfg, f.name), getattr(hf, f.name)) for f in fields(cfg)
-                        if f.name not in ("name", "checkpoint") and getattr(cfg, f.name) != getattr(hf, f.name)}:
+            diff = {f.name: (getattr(cfg, f.name), getattr(hf, f.name)) for f in fields(cfg)
+                    if f.name not in ("name", "checkpoint", "layers") and getattr(cfg, f.name) != getattr(hf, f.name)}
+            if cfg.layer_bounds() != hf.layer_bounds():  # group names may differ: compare (window, chunk)s
+                diff["layers (window, chunk) per layer"] = (cfg.layer_bounds(), hf.layer_bounds())
+            if diff:
                 raise ValueError(f"model '{cfg.name}' differs from {cfg.checkpoint}/config.json in "
                                  f"(ours, checkpoint's): {diff}")
         load_checkpoint(model, cfg.checkpoint)
