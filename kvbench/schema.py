@@ -21,7 +21,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig
 
-from kvbench.sizes import DTYPE_NAMES, dtypes_text
+from kvbench.sizes import DTYPE_NAMES, dtypes_text, layer_groups
 
 MAX_PAGES = 2**31 - 1  # page tables are int32: a pool has fewer than 2**31 pages
 
@@ -221,6 +221,10 @@ def validate(cfg: DictConfig) -> None:
             check_value(f"model.{name}", model[name], rng)
     if not isinstance(model.get("dtype"), str) or model.get("dtype") not in DTYPE_NAMES:
         raise _bad("model.dtype", model.get("dtype"), dtypes_text())
+    try:  # model.layers (layer groups, issue 16): kinds, windows, chunks, state bytes, pattern
+        layer_groups(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     validate_node("scheduler", cfg.scheduler, Scheduler)
     for group in ("strategy", "engine", "trace", "logger"):
         node = cfg.get(group)
