@@ -6,9 +6,15 @@ HiCache, vLLM's offloading connector, TensorRT-LLM's host offload).
 
 `HostPool` holds only what both strategies share: `num_pages` host pages of `page_size` token
 slots (ids 0 .. num_pages-1, a stack of free ones), the host eviction policy (an injectable
-policy of strategies/eviction/; its keys are the strategy's: paged's host page ids, radix's
+policy of strategies/eviction/; its keys are the strategy's: paged's page hashes, radix's
 host-resident leaf nodes), and the record of moves. What each host page holds (a page hash and
 its ids, a tree node) is the strategy's.
+
+Policy events: `insert` when content lands on the host (or a radix node turns into a host
+leaf), `victim` to drop one, `remove` when content leaves the host otherwise (loaded back by a
+hit, or superseded by a GPU copy): for the policy that is a use, as a GPU hit is, so a content
+that comes back to the host later keeps its history (LFU's count, S3-FIFO's queue). Keys are
+contents, not host page ids, for that reason (a host page id is reused for other content).
 
 Rules (the strategies' `check_invariants` verify them):
 - A cached page's content lives in exactly one tier. A page loaded back to the GPU frees its
@@ -44,11 +50,12 @@ class HostPool:
     Mutating verbs: take, give, d2h, h2d, take_moves, take_copies. Counters (never reset):
     d2h_tokens, h2d_tokens, evicted_pages (host pages dropped by the host policy)."""
 
-    def __init__(self, num_pages: int, page_size: int, eviction: str = "lru") -> None:
+    def __init__(self, num_pages: int, page_size: int, eviction: str = "lru",
+                 policy: EvictionPolicy | None = None) -> None:
         if eviction not in HOST_POLICIES:
             raise ValueError(f"host_tier_eviction must be one of {', '.join(HOST_POLICIES)}, got {eviction!r}")
         self.num_pages, self.page_size = int(num_pages), int(page_size)
-        self.policy: EvictionPolicy = make_policy(eviction)
+        self.policy: EvictionPolicy = policy if policy is not None else make_policy(eviction)  # (radix: TimedLRU)
         self.policy.bind(self.num_pages)
         self.eviction = self.policy.name
         self._free = array("l", range(self.num_pages - 1, -1, -1))  # page 0 on top

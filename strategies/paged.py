@@ -55,8 +55,9 @@ keeps only its leading GPU hits (exact as above), the rest (from its first GPU m
 again at each retry. An admission takes GPU pages for its host hits (normal allocation: it may
 evict other cached pages, which go to the host; its own host hits are pinned meanwhile), copies
 them host → device, and frees their host copies: a page's content is in one tier only (a page
-that a request registers while the host holds its hash drops the host copy). Off (0): the
-eviction paths test one attribute per evicted page, nothing else runs.
+that a request registers while the host holds its hash drops the host copy). The host policy's
+keys are page hashes (a load or a supersede is a use, so a page that returns to the host keeps
+its history). Off (0): the eviction paths test one attribute per evicted page, nothing else runs.
 """
 from __future__ import annotations
 
@@ -320,14 +321,14 @@ class PagedStrategy(Strategy):
         if not host.free_pages():
             if not len(host.policy):
                 return
-            self._drop_host(host.policy.victim())
+            self._drop_host(self._host_table[host.policy.victim()])
             host.evicted_pages += 1
         hp = host.take()
         host.d2h(pid, hp)
         self._host_table[h] = hp
         self._host_hash[hp] = h
         self._host_ids[hp] = ids
-        host.policy[hp] = h  # insert (content: the page hash)
+        host.policy[h] = h  # insert (key and content: the page hash)
 
     def _drop_host(self, hp: int) -> None:
         """Host page `hp` no longer holds its content (evicted, loaded back, or superseded)."""
@@ -341,7 +342,7 @@ class PagedStrategy(Strategy):
         for h in hashes:
             hp = host_table.get(h)
             if hp is not None:
-                policy.remove(hp)
+                policy.remove(h)
                 self._drop_host(hp)
 
     def _tail(self, memo: _Match, num_full: int) -> list[tuple[bool, int]]:
@@ -373,7 +374,7 @@ class PagedStrategy(Strategy):
         host, ref, ps = self._host, self._ref, self.page_size
         for on_host, key in tail:
             if on_host:
-                host.policy.remove(key)  # pinned: never the host's victim while it loads
+                host.policy.remove(self._host_hash[key])  # pinned: never the host's victim while it loads
             else:
                 if ref[key] == 0:
                     del self._lru[key]
@@ -699,7 +700,7 @@ class PagedStrategy(Strategy):
             host.check(set(hosted))
         except AssertionError as e:
             raise InvariantError(f"host tier: {e}") from None
-        if set(host.policy) != set(hosted) or len(host.policy) != len(hosted):
+        if set(host.policy) != set(self._host_table) or len(host.policy) != len(hosted):
             raise InvariantError(f"host policy holds {len(host.policy)} pages, the host tier {len(hosted)}")
         both = self._table.keys() & self._host_table.keys()
         if both:

@@ -38,6 +38,21 @@ by last access, SGLang's). Admission (both change what a later request can hit):
 `cache_outputs` false inserts only the prompt the request was admitted with; `min_cache_len` > 0
 inserts nothing of a request whose prompt is shorter (its pages stay private and are freed at
 release). A fork still shares its parent's computed positions through the tree.
+
+Host tier (`host_tier_tokens` > 0, `host_tier_eviction`; strategies/host_tier.py), SGLang
+HiCache's layout: an evicted leaf stays in the tree, its pages copied device → host (`pages` is
+None, its host pages in `_host_pages`). Device nodes form a subtree at the root: a host node's
+descendants are all on the host, and host nodes are never locked. The GPU policy holds the
+unlocked device nodes without device children (without any child when the tier is off); the
+host policy holds the host nodes without children, and the host drops whole nodes, leaves
+first (a node too large for the whole host pool is dropped at once, with its host subtree). A
+match walks device and host nodes alike: its host part is the path's suffix of host nodes, so
+`cached_prefix_len` and the memo count host hits with no change. An admission loads its host
+part (GPU pages by normal allocation, which may move other leaves to the host; its path is held
+out of both policies meanwhile), copies host → device and frees the host pages at once (no
+clean copy: a page's content is in one tier); an insert that meets a host node adopts the
+request's own pages for it and frees the host copy. Off: one test per split, per evict call and
+per unlocked inner node.
 """
 from __future__ import annotations
 
@@ -48,9 +63,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvbench.strategies.base import Admission, InvariantError, PageId, RequestId, SlotStates, Strategy
+from kvbench.strategies.base import (Admission, HostStates, InvariantError, PageId, RequestId, SlotStates,
+                                     Strategy)
 from kvbench.strategies.eviction import EvictionPolicy, make_policy
 from kvbench.strategies.eviction.lru import TimedLRU
+from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _EMPTY = np.zeros(0, dtype=np.int32)
 
@@ -107,8 +124,19 @@ class RadixStrategy(Strategy):
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
                  name: str = "radix", prefix_visibility: str = "computed", eviction="lru",
-                 cache_outputs: bool = True, min_cache_len: int = 0) -> None:
+                 cache_outputs: bool = True, min_cache_len: int = 0, host_tier_tokens: int = 0,
+                 host_tier_eviction: str = "lru") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
+        host_pages = host_pages_for(host_tier_tokens, self.page_size, "radix")
+        self._host = None  # off; else the host pool (its lru: by last access, as the GPU's)
+        if host_pages:
+            self._host = HostPool(host_pages, self.page_size, host_tier_eviction,
+                                  TimedLRU() if host_tier_eviction == "lru" else None)
+        self.host_tier_tokens = host_pages * self.page_size
+        self.host_tier_eviction = self._host.eviction if self._host else str(host_tier_eviction)
+        self._host_pages: dict[_Node, np.ndarray] = {}  # host-resident node → its host page ids
+        self._loading: set[_Node] = set()  # host nodes an admission is loading (held out of the host policy)
+        self._hits_gpu = self._hits_host = 0  # prompt tokens served from each tier, every admission
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"radix prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
         self.prefix_visibility = prefix_visibility
@@ -175,11 +203,18 @@ class RadixStrategy(Strategy):
         """Cut `node` after `at` tokens; returns the new upper part (the object `node` stays the
         lower part: a path that ends at it still ends there). Accounting is unchanged."""
         ps = self.page_size
-        upper = _Node(node.key[:at], node.pages[: at // ps], node.parent, node.access)
+        if node.pages is None:  # a host node: its host pages split the same way
+            hp = self._host_pages[node]
+            upper = _Node(node.key[:at], None, node.parent, node.access)
+            self._host_pages[upper], self._host_pages[node] = hp[: at // ps], hp[at // ps:]
+        else:
+            upper = _Node(node.key[:at], node.pages[: at // ps], node.parent, node.access)
         upper.lock = node.lock
         upper.children[self._child_key(node.key[at:])] = node
         node.parent.children[self._child_key(node.key)] = upper
-        node.key, node.pages, node.parent = node.key[at:], node.pages[at // ps:], upper
+        node.key, node.parent = node.key[at:], upper
+        if node.pages is not None:
+            node.pages = node.pages[at // ps:]
         memo = self._match_memo
         if memo is not None and id(node) in memo.members:
             self._memo_split(memo, node, upper, at)
@@ -282,9 +317,14 @@ class RadixStrategy(Strategy):
             if node.lock == 0:
                 self._protected -= len(node.key)
                 self._evictable += len(node.key)
-                if not node.children:
+                if not node.children or (self._host is not None and self._no_device_child(node)):
                     self._push(node)
             node = node.parent
+
+    @staticmethod
+    def _no_device_child(node: _Node) -> bool:
+        """All of `node`'s children are on the host (host tier: it is then a device leaf). Pure."""
+        return all(ch.pages is None for ch in node.children.values())
 
     def _push(self, node: _Node) -> None:
         """`node` became an unlocked leaf: evictable."""
@@ -316,7 +356,10 @@ class RadixStrategy(Strategy):
             if m < len(child.key):
                 child = self._split(child, m)
             child.access = now
-            self._free.extend(private[pos // ps - own_from: (pos + m) // ps - own_from])  # the tree had these
+            if child.pages is None:  # on the host: our pages hold the same ids, the host copy goes
+                self._adopt(child, private[pos // ps - own_from: (pos + m) // ps - own_from])
+            else:
+                self._free.extend(private[pos // ps - own_from: (pos + m) // ps - own_from])  # the tree had these
             added.append(child)
             node, pos = child, pos + m
         moved = n // ps - own_from
@@ -407,6 +450,138 @@ class RadixStrategy(Strategy):
         _, _, matched, evictable = self._match(seq.tokens[:n], seq.node, seq.tree_len)  # the new part only
         return (matched - seq.tree_len - evictable) // self.page_size
 
+    # ---- host tier ----------------------------------------------------------------------------
+    def _host_len(self, node: _Node, inside: int) -> int:
+        """Ids of a match ending `inside` ids into `node` that are on the host (the path's suffix
+        of host nodes). Pure. O(host nodes on the path)."""
+        if node is self.root or node.pages is not None:
+            return 0
+        n, node = inside, node.parent
+        while node is not self.root and node.pages is None:
+            n += len(node.key)
+            node = node.parent
+        return n
+
+    def _adopt(self, node: _Node, pages: list[PageId]) -> None:
+        """Host node `node` (its parent on the device) takes these device pages, which hold its
+        ids already (a request computed them): its host copy is freed. It is an unlocked device
+        node now (the caller locks it)."""
+        host = self._host
+        host.policy.remove(node)
+        for hp in self._host_pages.pop(node).tolist():
+            host.give(hp)
+        node.pages = np.asarray(pages, dtype=np.int32)
+        self._evictable += len(node.key)
+
+    def _load_path(self, node: _Node) -> None:
+        """Bring the host nodes at the end of the path to `node` back to the device: GPU pages by
+        normal allocation (other leaves may move to the host meanwhile; the path is held out of
+        both policies), a host → device copy per page, host pages freed. They end as unlocked
+        device nodes (the caller locks the path)."""
+        host, ps, chain = self._host, self.page_size, []
+        while node is not self.root and node.pages is None:
+            chain.append(node)
+            node = node.parent
+        chain.reverse()
+        end = node  # the device end of the path: neither evicted nor pushed while we allocate
+        if end is not self.root:
+            self._leaves.remove(end)
+            end.lock += 1  # (a hold, not a request's lock: no accounting, undone below)
+        self._loading = set(chain)
+        for nd in chain:
+            host.policy.remove(nd)
+        pages = self._take_pages(sum(len(nd.key) for nd in chain) // ps)
+        self._private_pages -= len(pages)  # (they go to the tree, not to a request)
+        self._loading = set()
+        if end is not self.root:
+            end.lock -= 1
+        at = 0
+        for nd in chain:
+            hp = self._host_pages.pop(nd).tolist()
+            got = pages[at:at + len(hp)]
+            at += len(hp)
+            for h, g in zip(hp, got):
+                host.h2d(h, g)
+                host.give(h)
+            nd.pages = np.asarray(got, dtype=np.int32)
+            self._evictable += len(nd.key)
+
+    def _host_room(self, k: int) -> bool:
+        """Make `k` host pages free by dropping host leaves in the host policy's order; False
+        (nothing dropped) when the host pool is smaller than k pages. Mutates."""
+        host = self._host
+        if k > host.num_pages:
+            return False
+        while host.free_pages() < k:
+            if not len(host.policy):
+                return False
+            victim = host.policy.victim()
+            host.evicted_pages += len(self._host_pages[victim])
+            self._remove_subtree(victim)
+        return True
+
+    def _remove_subtree(self, node: _Node) -> None:
+        """Take `node` and its (host) descendants out of the tree, freeing their host pages
+        (`node`'s device pages, if any, are the caller's). Its parent may become a host leaf."""
+        parent = node.parent
+        del parent.children[self._child_key(node.key)]
+        node.parent = None
+        memo = self._match_memo
+        if memo is not None and id(node) in memo.members:
+            self._memo_cut(memo, node)
+        host, stack = self._host, [node]
+        while stack:
+            nd = stack.pop()
+            stack.extend(nd.children.values())
+            hp = self._host_pages.pop(nd, None)
+            if hp is not None:
+                host.policy.remove(nd)
+                for h in hp.tolist():
+                    host.give(h)
+        if (parent is not self.root and parent.pages is None and not parent.children
+                and parent not in self._loading):
+            host.policy.insert(parent, parent.access)
+
+    def _evict_to_host(self, num_slots: int) -> int:
+        """`evict` with a host tier: each victim leaf's pages are copied to the host (room made
+        by the host policy) and the node stays in the tree; a node larger than the whole host
+        pool is dropped. Its parent may turn into a device leaf. Returns the slots freed."""
+        freed, leaves, host = 0, self._leaves, self._host
+        while freed < num_slots and leaves:
+            node = leaves.victim()
+            parent, pages = node.parent, node.pages.tolist()
+            self._free.extend(pages)
+            self._evictable -= len(node.key)
+            freed += len(node.key)
+            if self._host_room(len(pages)):
+                hps = [host.take() for _ in pages]
+                for g, h in zip(pages, hps):
+                    host.d2h(g, h)
+                node.pages = None
+                self._host_pages[node] = np.asarray(hps, dtype=np.int32)
+                if not node.children:
+                    host.policy.insert(node, node.access)
+            else:
+                self._remove_subtree(node)
+            if (parent is not self.root and parent.lock == 0 and parent.pages is not None
+                    and self._no_device_child(parent)):
+                self._push(parent)
+        return freed
+
+    def host_states(self) -> HostStates:
+        if self._host is None:
+            return HostStates(0, 0)
+        ps = self.page_size
+        return HostStates(cached=(self._host.num_pages - self._host.free_pages()) * ps,
+                          free=self._host.free_pages() * ps)
+
+    def take_host_moves(self) -> tuple[int, int]:
+        return (0, 0) if self._host is None else self._host.take_moves()
+
+    def take_host_copies(self) -> list[tuple[str, int, int]]:
+        """The host tier's page copies since the last call (see HostPool.take_copies). Mutates."""
+        return [] if self._host is None else self._host.take_copies()
+
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
         seq = self._seqs[rid]
@@ -424,14 +599,20 @@ class RadixStrategy(Strategy):
         else:
             node, inside, cached, path_evictable = self._match(tokens[:limit])
             memo = None
+        host_tokens = 0
+        if self._host is not None:  # the match's host part needs GPU pages and is not evictable
+            host_tokens = self._host_len(node, inside)
+            path_evictable -= host_tokens
         length = cached + min(max_new, num_prompt - cached)
-        need = self.pages_for(length) - cached // ps
+        need = self.pages_for(length) - (cached - host_tokens) // ps
         if need > self._room() - path_evictable // ps:
             if memo is None:  # refused: keep the match for the retry
                 self._match_memo = self._kept(rid, tokens, limit, node, inside)
             return Admission(False)
         self._match_memo = None
         node = self._settle(node, inside)
+        if host_tokens:
+            self._load_path(node)
         self._lock(node)
         seq = _Seq(tokens=tokens, kv_len=kv_len, num_prompt=num_prompt, node=node,
                    path_pages=self._path_pages(node), tree_len=cached, length=cached)
@@ -443,6 +624,10 @@ class RadixStrategy(Strategy):
             self._insert_scheduled(seq)
         if self._tracks:
             self._leaves.request(rid)
+        self._hits_gpu += cached - host_tokens
+        if host_tokens:
+            self._hits_host += host_tokens
+            return Admission(True, cached, host_tokens)
         return Admission(True, cached)
 
     def _insert_scheduled(self, seq: _Seq) -> None:
@@ -507,6 +692,8 @@ class RadixStrategy(Strategy):
         return True
 
     def evict(self, num_slots) -> int:
+        if self._host is not None:
+            return self._evict_to_host(num_slots)
         freed, leaves = 0, self._leaves
         while freed < num_slots and leaves:
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
@@ -551,29 +738,46 @@ class RadixStrategy(Strategy):
                 raise InvariantError(f"request {rid}: {len(seq.private)} private pages for {seq.length} tokens")
         protected = evictable = 0
         leaves: set[int] = set()
+        host_owned: set[int] = set()  # host pages held by host nodes
+        host_nodes, host_leaves = 0, set()
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
-            if len(node.key) == 0 or len(node.key) % ps or len(node.pages) * ps != len(node.key):
-                raise InvariantError(f"node of {len(node.key)} ids holds {len(node.pages)} pages")
+            pages = node.pages if node.pages is not None else self._host_pages.get(node)
+            if pages is None:
+                raise InvariantError(f"node of {len(node.key)} ids has pages on neither tier")
+            if len(node.key) == 0 or len(node.key) % ps or len(pages) * ps != len(node.key):
+                raise InvariantError(f"node of {len(node.key)} ids holds {len(pages)} pages")
             if node.lock != locks.get(id(node), 0):
                 raise InvariantError(f"node lock {node.lock}, {locks.get(id(node), 0)} requests pass")
-            for pid in node.pages.tolist():
-                if pid in owner:
-                    raise InvariantError(f"page {pid} owned by {owner[pid]} and a tree node")
-                owner[pid] = "tree"
-            if node.lock:
-                protected += len(node.key)
-            else:
-                evictable += len(node.key)
+            if node.pages is None:  # on the host: unlocked, its children on the host, each page once
+                host_nodes += 1
+                if node.lock or not self._no_device_child(node):
+                    raise InvariantError("a host node is locked, or has a child on the device")
+                for hp in pages.tolist():
+                    if hp in host_owned:
+                        raise InvariantError(f"host page {hp} held by two nodes")
+                    host_owned.add(hp)
                 if not node.children:
-                    leaves.add(id(node))
+                    host_leaves.add(id(node))
+            else:
+                for pid in node.pages.tolist():
+                    if pid in owner:
+                        raise InvariantError(f"page {pid} owned by {owner[pid]} and a tree node")
+                    owner[pid] = "tree"
+                if node.lock:
+                    protected += len(node.key)
+                else:
+                    evictable += len(node.key)
+                    if not node.children or self._no_device_child(node):
+                        leaves.add(id(node))
             for key, ch in node.children.items():
                 if ch.parent is not node or key != self._child_key(ch.key):
                     raise InvariantError("tree links are inconsistent")
             stack.extend(node.children.values())
         if set(map(id, self._leaves)) != leaves or len(self._leaves) != len(leaves):
             raise InvariantError(f"eviction policy holds {len(self._leaves)} keys, the tree has {len(leaves)} unlocked leaves")
+        self._check_host(host_nodes, host_owned, host_leaves)
         try:
             self._leaves.check()
         except AssertionError as e:
@@ -602,6 +806,27 @@ class RadixStrategy(Strategy):
         if states.total != self.capacity or min(states) < 0:
             raise InvariantError(f"slot states {states} do not sum to capacity {self.capacity}")
 
+    def _check_host(self, host_nodes: int, host_owned: set[int], host_leaves: set[int]) -> None:
+        """The host tier against the tree walk: `_host_pages` holds exactly the host nodes seen,
+        the pool's pages are those plus its free ones (each page in one tier: a host node has no
+        device pages), the host policy holds exactly the host leaves, nothing is mid-load."""
+        host = self._host
+        if host is None:
+            if host_nodes or self._host_pages:
+                raise InvariantError("host tier off but the tree holds host nodes")
+            return
+        if len(self._host_pages) != host_nodes or self._loading:
+            raise InvariantError(f"{len(self._host_pages)} host nodes recorded, {host_nodes} in the tree")
+        try:
+            host.check(host_owned)
+        except AssertionError as e:
+            raise InvariantError(f"host tier: {e}") from None
+        if set(map(id, host.policy)) != host_leaves or len(host.policy) != len(host_leaves):
+            raise InvariantError(f"host policy holds {len(host.policy)} keys, the tree has {len(host_leaves)} host leaves")
+        states = self.host_states()
+        if states.total != self.host_tier_tokens or states.cached != len(host_owned) * self.page_size:
+            raise InvariantError(f"host states {states} != {len(host_owned)} pages of {self.host_tier_tokens} slots")
+
     def _path_ids(self, node: _Node) -> np.ndarray:
         parts = []
         while node is not self.root:
@@ -613,8 +838,15 @@ class RadixStrategy(Strategy):
     def label(self) -> str:
         return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
                 + ("" if self.eviction == "lru" else f"-{self.eviction}")
-                + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else ""))
+                + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else "")
+                + (f"-host{self.host_tier_tokens}" if self._host else "")
+                + (f"-{self.host_tier_eviction}" if self._host and self.host_tier_eviction != "lru" else ""))
 
     def summary(self) -> dict:
+        host = self._host
         return {**super().summary(), "prefix_visibility": self.prefix_visibility, "eviction": self.eviction,
-                "cache_outputs": self.cache_outputs, "min_cache_len": self.min_cache_len}
+                "cache_outputs": self.cache_outputs, "min_cache_len": self.min_cache_len,
+                "host_tier_tokens": self.host_tier_tokens, "host_tier_eviction": self.host_tier_eviction,
+                "prefix_hit_tokens_gpu": self._hits_gpu, "prefix_hit_tokens_host": self._hits_host,
+                "host_d2h_tokens": host.d2h_tokens if host else 0, "host_h2d_tokens": host.h2d_tokens if host else 0,
+                "host_evicted_tokens": host.evicted_pages * self.page_size if host else 0}

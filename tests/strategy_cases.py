@@ -20,7 +20,10 @@ VARIANTS = {
               # host tier (issue 14): 2x the property tests' pool, and a small one that evicts often
               {"page_size": 3, "host_tier_tokens": 384}, {"page_size": 2, "host_tier_tokens": 24,
                                                           "host_tier_eviction": "fifo"}],
-    "radix": [{}, {"page_size": 4}, {"prefix_visibility": "scheduled"}, {"page_size": 3, "prefix_visibility": "scheduled"}],
+    "radix": [{}, {"page_size": 4}, {"prefix_visibility": "scheduled"}, {"page_size": 3, "prefix_visibility": "scheduled"},
+              # host tier (issue 14): 2x the property tests' pool, and a small one that evicts often
+              {"page_size": 1, "host_tier_tokens": 384}, {"page_size": 3, "host_tier_tokens": 24,
+                                                          "host_tier_eviction": "fifo"}],
 }
 
 
