@@ -20,6 +20,7 @@ SMALL_RAGGED = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
 
 
 def _slots(row, pos, page_size, contiguous):
+    pos = pos.to(row.device)
     return row[0].long() * page_size + pos if contiguous else row[pos // page_size].long() * page_size + pos % page_size
 
 
@@ -117,7 +118,7 @@ def test_decode_bound_errors():
 
 # ------------------------------------------------------------------------------------------ extend
 def _extend(new_lens, prefix_lens, page_size, contiguous, window, chunk, *, ragged, Hq=4, Hkv=2, D=32,
-            dtype=torch.float32, config=None, seed=0):
+            dtype=torch.float32, config=None, seed=0, prefix_splits=None, max_seq_len=None):
     dev = device()
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [a + b for a, b in zip(new_lens, prefix_lens)]
@@ -141,7 +142,7 @@ def _extend(new_lens, prefix_lens, page_size, contiguous, window, chunk, *, ragg
         vc[new_slots] = float("nan")
     out = nan_like(q)
     o = extend_attention(q, kc, vc, pt, qsl, sl, page_size, contiguous=contiguous, window=window, chunk=chunk,
-                         k_new=k_new, v_new=v_new, out=out,
+                         k_new=k_new, v_new=v_new, out=out, prefix_splits=prefix_splits, max_seq_len=max_seq_len,
                          config=config or (SMALL_RAGGED if ragged else SMALL))
     assert_close(o, ref, dtype)
     for b, (n, p) in enumerate(zip(new_lens, prefix_lens)):
@@ -171,3 +172,30 @@ def test_extend_chunk(chunk, ragged):
 def test_extend_window_and_chunk_bf16_default_config():
     _extend([70, 9], [0, 130], 16, False, 48, 64, ragged=True, dtype=torch.bfloat16, D=64,
             config=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))
+
+
+# ------------------------------------------------------------------ extend: split over the prefix (issue 12)
+@pytest.mark.parametrize("ragged", [False, True], ids=["paged", "ragged"])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_extend_prefix_splits(splits, ragged):
+    """Split-KV over the cached prefix, merged by a second kernel: exact against the reference,
+    with empty pieces (short prefixes, 7 splits), a plain prefill, a 1-token extend, a request
+    with no new tokens, and a window (keys outside it poisoned)."""
+    _extend([16, 1, 20, 0], [90, 130, 0, 9], 16, False, 0, 0, ragged=ragged, prefix_splits=splits)
+    _extend([16, 1, 20], [90, 130, 0], 16, True, 37, 0, ragged=ragged, prefix_splits=splits, seed=1)
+
+
+def test_extend_prefix_splits_chunk_bf16():
+    _extend([30, 5], [100, 64], 4, False, 0, 48, ragged=True, dtype=torch.bfloat16, prefix_splits=4)
+
+
+def test_extend_prefix_split_heuristic():
+    """One short chunk over a long prefix is split by default (the interpreter counts 4 SMs); a
+    batch whose programs fill the SMs is not; the split never makes pieces under the minimum."""
+    from kvbench.kernels.extend_attention import EXTEND_MIN_SPLIT_TOKENS, choose_prefix_splits
+    cpu = torch.device("cpu")
+    assert choose_prefix_splits(16, 1, 2, 16, 300, cpu) == 300 // EXTEND_MIN_SPLIT_TOKENS == 2
+    assert choose_prefix_splits(16, 1, 2, 16, 100, cpu) == 1          # prefix too short to split
+    assert choose_prefix_splits(64, 4, 4, 16, 4096, cpu) == 1         # 16 programs >= 2 per SM
+    assert choose_prefix_splits(16, 1, 1, 16, 4096, cpu) == 16        # 4 per SM x 4 SMs
+    _extend([16], [300], 16, False, 0, 0, ragged=True, Hq=2, Hkv=1)   # auto: 2 splits
