@@ -51,7 +51,8 @@ class SwapOut:
 class SwapIn:
     """A swapped request re-admitted: its host copy's positions [start, start + tokens) go back
     into `pages` [ceil((start + tokens) / page_size)] int32, its page table now (positions below
-    `start` were served from the GPU's prefix cache). The host copy is dropped after."""
+    `start` were served from the GPU's prefix cache; `tokens` is 0 when the cache served all of
+    it). The host copy is dropped after."""
 
     rid: int
     pages: np.ndarray

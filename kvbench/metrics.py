@@ -51,6 +51,7 @@ class Recorder:
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
         self._gap, self._gap_count = 0.0, 0  # the open run
         self.rejected: list[tuple[Request, str]] = []
+        self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
 
     # ---- events -----------------------------------------------------------------------------
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
@@ -64,6 +65,12 @@ class Recorder:
             times[req.id] = _Times(req, cached)
         for rid in ev.preempted:
             times[rid].preemptions += 1
+        if b.d2h_tokens or b.h2d_tokens:
+            m = self.moved
+            m[0] += sum(o.tokens for o in b.swap_out)
+            m[1] += sum(i.tokens for i in b.swap_in)
+            m[2] += b.d2h_tokens
+            m[3] += b.h2d_tokens
         end = t + dt
         gap, count = self._gap, self._gap_count
         for s in b.seqs:
@@ -108,6 +115,13 @@ class Recorder:
         last, times = float(ends[-1]), self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
+
+    def moves(self, bytes_per_token: int) -> dict:
+        """summary.json's host-move keys: K/V token slots swapped out / in (preemption by swap)
+        and bytes copied device -> host / host -> device (swaps plus the strategy's host tier)."""
+        out, back, d2h, h2d = self.moved
+        return {"swap_out_tokens": out, "swap_in_tokens": back, "d2h_bytes": d2h * bytes_per_token,
+                "h2d_bytes": h2d * bytes_per_token}
 
     def reject(self, request: Request, reason: str) -> None:
         self.rejected.append((request, reason))

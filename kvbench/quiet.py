@@ -14,13 +14,19 @@ request's deferred ones. A step's slot states are the strategy's own where a pag
 (corrected by the deferred tokens), else the last step's with d more slots moved from reserved
 to token; at the end the strategy's states must equal the last step's (`end` checks).
 
+Host moves: a quiet step moves nothing between device and host. Swaps happen only in steps
+that preempt or admit (never quiet); a strategy with a host tier (`host_tier_tokens` > 0, or
+any that overrides `take_host_moves` without saying so) copies a page to host when it evicts
+one, so its quiet steps take pages from free slots only: a step that would evict is stepped,
+and its batch carries (and the sim charges) the moves.
+
 Costs: O(d) `room` calls at the start; per step O(1) plus O(requests taking a page there),
 plus one `slot_states` where a page is taken.
 """
 from __future__ import annotations
 
 from kvbench.scheduler import Scheduler
-from kvbench.strategies.base import SlotStates
+from kvbench.strategies.base import SlotStates, Strategy
 
 
 class QuietRun:
@@ -36,6 +42,9 @@ class QuietRun:
         self.seqs = list(scheduler.running)
         self.states = states
         self.may_take_pages = not scheduler.waiting
+        st = self.st  # a strategy that may move pages to host when it evicts: no eviction in quiet steps
+        moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
+        self.may_evict = moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0
         self.j = 0  # steps run
         self.held = [s.computed for s in self.seqs]  # positions each holds in the strategy
         self.deferred = 0  # decoded positions not yet grown in the strategy
@@ -68,7 +77,7 @@ class QuietRun:
                 rows.append((token, reserved, internal, external, cached, free))
                 j += 1
                 continue
-            if free + cached < len(takers) * st.page_size:
+            if (free + cached if self.may_evict else free) < len(takers) * st.page_size:
                 pages_at[j] = takers
                 break
             for i in sorted(takers):  # running order

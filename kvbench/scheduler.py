@@ -218,11 +218,11 @@ class Scheduler:
         else:
             self.recomputed_hits += cached
         seq.computed = cached
-        if seq.swapped:  # its host copy comes back, less what the prefix cache served
-            if seq.swapped > cached:
-                self._swap_in.append((seq, cached, seq.swapped - cached))
-                self.swap_in_tokens += seq.swapped - cached
-                seq.computed = seq.swapped
+        if seq.swapped:  # its host copy comes back, less what the prefix cache served (then dropped)
+            back = max(seq.swapped - cached, 0)
+            self._swap_in.append((seq, cached, back))
+            self.swap_in_tokens += back
+            seq.computed = cached + back
             self.host_tokens -= seq.swapped
             seq.swapped = 0
         n = min(budget, seq.prefill_target - seq.computed)

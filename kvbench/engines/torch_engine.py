@@ -1,6 +1,7 @@
 """`engine=torch`: the real model, executed on each StepBatch (CPU + reference attention by default).
 
-Per step: copy-on-write page copies -> flatten the batch -> model forward -> (sample=true) greedy
+Per step: swap-outs (pages to host tensors) -> copy-on-write page copies -> swap-ins (host tensors
+back into the pages the request holds now) -> flatten the batch -> model forward -> (sample=true) greedy
 ids into the requests' outputs. Replay mode (the default) feeds the trace's own tokens and writes
 nothing, so every strategy and engine sees the same token stream.
 
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvbench.batch import StepBatch
+from kvbench.batch import StepBatch, SwapIn, SwapOut
 from kvbench.engines.base import Engine
+from kvbench.kernels.page_copy import page_move
 from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, build_model
 
 
@@ -87,6 +89,7 @@ class TorchEngine(Engine):
         self.page_size = 0
         self.last_logits: dict[int, torch.Tensor] = {}
         self._ids: dict[int, np.ndarray] = {}  # request id -> prompt ++ output (int64, mod vocab)
+        self._swapped: dict[int, torch.Tensor] = {}  # request id -> its pages [P, L, 2, page_size, H_kv, D] on the host
         self.steps = 0
 
     # ---- contract -------------------------------------------------------------------------
@@ -113,10 +116,14 @@ class TorchEngine(Engine):
         if self.kv_pool is None or batch.page_size != self.page_size:
             raise RuntimeError(f"engine '{self.name}': step before bind(), or page_size "
                                f"{batch.page_size} != bound {self.page_size}")
+        if batch.swap_out:  # first: a page a victim released may be written again in this step
+            self._swap_out(batch.swap_out)
         if batch.copies:  # copy-on-write, before anything reads or writes those pages
             src, dst = (torch.tensor(x, dtype=torch.int64, device=self.device)
                         for x in zip(*batch.copies))
             self.model.ops.page_copy(self.kv_pool, src, dst, self.page_size)
+        if batch.swap_in:
+            self._swap_in(batch.swap_in)
         if not batch.seqs:
             return
         if any(s.page_table is None for s in batch.seqs):
@@ -125,6 +132,44 @@ class TorchEngine(Engine):
         logits = self._forward(self._flatten(batch))  # [B_emit, vocab]
         self._emit(batch, logits)
         self.steps += 1
+
+    def _move_backend(self) -> str:
+        return "triton" if self.model.ops.backend == "triton" else "torch"
+
+    def _swap_out(self, outs: list[SwapOut]) -> None:
+        """Copy each victim's pages (all layers, K and V) to a host tensor of its own (pinned when
+        the pool is on a GPU), kept until it comes back."""
+        L, _, _, H, D = self.kv_pool.shape
+        ps = self.page_size
+        for o in outs:
+            if o.rid in self._swapped:
+                raise RuntimeError(f"engine '{self.name}': request {o.rid} swapped out twice without a swap-in")
+            host = torch.empty((len(o.pages), L, 2, ps, H, D), dtype=self.kv_pool.dtype,
+                               pin_memory=self.device.type == "cuda")
+            pages = torch.as_tensor(np.asarray(o.pages, np.int64), device=self.device)
+            page_move(self.kv_pool, pages, host, ps, to_host=True, backend=self._move_backend())
+            self._swapped[o.rid] = host
+
+    def _swap_in(self, ins: list[SwapIn]) -> None:
+        """Copy positions [start, start + tokens) of each request's host copy into the pages it
+        holds now (whole pages: `start` is a page boundary, the prefix cache serves whole pages;
+        the last page's tail past the copied positions is computed in this step), then drop it."""
+        ps = self.page_size
+        for i in ins:
+            host = self._swapped.pop(i.rid, None)
+            if host is None:
+                raise RuntimeError(f"engine '{self.name}': swap-in of request {i.rid}, which was never swapped out")
+            if i.tokens == 0:
+                continue  # the prefix cache served all of it: the host copy is dropped
+            if i.start % ps:
+                raise RuntimeError(f"engine '{self.name}': swap-in of request {i.rid} from position {i.start}, "
+                                   f"not a page boundary (page_size {ps})")
+            first, last = i.start // ps, -(-(i.start + i.tokens) // ps)
+            pages = torch.as_tensor(np.asarray(i.pages[first:last], np.int64), device=self.device)
+            src = host[first:last]
+            if self.device.type != "cuda" and self._move_backend() == "triton":
+                src = src.to(self.device)
+            page_move(self.kv_pool, pages, src, ps, to_host=False, backend=self._move_backend())
 
     def _forward(self, h: HostBatch) -> torch.Tensor:
         ids, positions, meta = h.to_device(self.device)
