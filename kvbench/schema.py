@@ -111,6 +111,8 @@ CHOICES = {("strategy", "reservation"): ("max", "pow2", "oracle"),
            ("model", "dtype"): DTYPE_NAMES,
            ("scheduler", "policy"): ("fcfs", "lpm", "dfs_weight"),  # kvbench.scheduler.POLICIES
            ("scheduler", "preemption"): ("recompute", "swap")}  # kvbench.scheduler.PREEMPTIONS
+# host tier (paged, radix): kvbench.strategies.host_tier.HOST_POLICIES; host_tier_tokens is an int >= 0
+CHOICES[("strategy", "host_tier_eviction")] = ("lru", "fifo", "lfu", "slru", "arc", "s3fifo")
 
 
 def _bad(key: str, value: object, allowed: str) -> ConfigError:

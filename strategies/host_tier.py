@@ -41,6 +41,9 @@ def host_pages_for(host_tier_tokens: int, page_size: int, who: str) -> int:
     a negative size. Pure."""
     if int(host_tier_tokens) < 0:
         raise ValueError(f"{who} host_tier_tokens must be >= 0, got {host_tier_tokens}")
+    if 0 < int(host_tier_tokens) < page_size:
+        raise ValueError(f"{who} host_tier_tokens={host_tier_tokens} is less than one page ({page_size} tokens): "
+                         f"use 0 (off) or at least {page_size}")
     return int(host_tier_tokens) // page_size
 
 
