@@ -7,13 +7,16 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from kvbench.events import DecodeRun, StepEvent
 from kvbench.request import Request
+from kvbench.runstats import runs_mean, runs_percentiles
 from kvbench.strategies.base import SlotStates
+from kvbench.timeline_file import TimelineFile
 
 STATES = SlotStates._fields  # token, reserved, internal, external, cached, free
 _STATE_KEY = {"token": "token_states", "reserved": "reserved", "internal": "internal_frag",
@@ -21,11 +24,16 @@ _STATE_KEY = {"token": "token_states", "reserved": "reserved", "internal": "inte
 TIMELINE_COLUMNS = ["t_s", "dt_s", "running", "waiting", "prefill_tokens", "decode_tokens",
                     "kv_read_tokens", "preemptions", *STATES]
 _INT_COLUMNS = len(TIMELINE_COLUMNS) - 2
+TIMELINE_DTYPES = {c: np.float64 if c in ("t_s", "dt_s") else np.int64 for c in TIMELINE_COLUMNS}
+REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "reason", "cached_tokens",
+                   "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
+_FIN_INTS = 5  # a finished request's id, prompt_len, output_len, cached_tokens, preemptions (int64)
+_FIN_FLOATS = 3  # its arrival_s, first_token_s, finish_s (float64)
 
 
 @dataclass(slots=True, eq=False)
 class _Times:
-    """What the events said of one admitted request."""
+    """What the events said of one admitted request, while it runs (then: `Recorder._finish`)."""
 
     request: Request
     cached_tokens: int  # prompt positions served from cache at its first admission
@@ -39,19 +47,24 @@ class Recorder:
     """Consumes the scheduler's events, step by step; turns them into tables at the end.
 
     Storage per step: one timeline row in two flat arrays (2 float64 + 12 int32 = 64 bytes);
-    per request: one `_Times`; inter-token latencies as runs of equal gaps (value, count),
-    in the order the tokens were produced (a decode step's requests share one gap).
+    with a `sink` (a `TimelineFile`) the rows go to disk every `chunk_rows` steps, so only one
+    chunk is held. Per request: one `_Times` while it runs; when it finishes, 64 bytes in two
+    flat arrays (`_FIN_INTS`, `_FIN_FLOATS`), the `_Times` (and its Request) dropped.
+    Inter-token latencies as runs of equal gaps (value, count), in the order the tokens were
+    produced (a decode step's requests share one gap): about one run (16 bytes) per step.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, sink: TimelineFile | None = None, chunk_rows: int = 1 << 18) -> None:
         self.capacity = capacity
-        self._floats = array("d")  # t_s, dt_s of every step
-        self._ints = array("i")  # the other timeline columns of every step
-        self._times: dict[int, _Times] = {}
+        self._floats = array("d")  # t_s, dt_s of every step (not yet in the sink)
+        self._ints = array("i")  # the other timeline columns of every step (not yet in the sink)
+        self._sink, self._flushed, self._last_ints = sink, 0, None  # rows in the sink, the last one's ints
+        self._flush_at = 2 * chunk_rows if sink is not None else 1 << 62  # len(self._floats) that flushes
+        self._times: dict[int, _Times] = {}  # requests admitted and not finished
+        self._fin_ints, self._fin_floats = array("q"), array("d")  # finished requests, in finish order
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
         self._gap, self._gap_count = 0.0, 0  # the open run
         self.rejected: list[tuple[Request, str]] = []
-        self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
 
     # ---- events -----------------------------------------------------------------------------
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
@@ -65,12 +78,6 @@ class Recorder:
             times[req.id] = _Times(req, cached)
         for rid in ev.preempted:
             times[rid].preemptions += 1
-        if b.d2h_tokens or b.h2d_tokens:
-            m = self.moved
-            m[0] += sum(o.tokens for o in b.swap_out)
-            m[1] += sum(i.tokens for i in b.swap_in)
-            m[2] += b.d2h_tokens
-            m[3] += b.h2d_tokens
         end = t + dt
         gap, count = self._gap, self._gap_count
         for s in b.seqs:
@@ -92,8 +99,17 @@ class Recorder:
                     gap, count = g, 1
             tm.last_token_s = end
             if pos == r.kv_len:
-                tm.finish_s = end
+                self._finish(tm, end)
         self._gap, self._gap_count = gap, count
+        if len(self._floats) >= self._flush_at:
+            self._flush()
+
+    def _finish(self, tm: _Times, end: float) -> None:
+        """Its last token came out at `end`: its numbers into the flat arrays, its `_Times` dropped."""
+        r = tm.request
+        self._fin_ints.extend((r.id, r.prompt_len, r.output_len, tm.cached_tokens, tm.preemptions))
+        self._fin_floats.extend((r.arrival_s, tm.first_token_s, end))
+        del self._times[r.id]
 
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`."""
@@ -115,13 +131,27 @@ class Recorder:
         last, times = float(ends[-1]), self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
+        if len(self._floats) >= self._flush_at:
+            self._flush()
 
-    def moves(self, bytes_per_token: int) -> dict:
-        """summary.json's host-move keys: K/V token slots swapped out / in (preemption by swap)
-        and bytes copied device -> host / host -> device (swaps plus the strategy's host tier)."""
-        out, back, d2h, h2d = self.moved
-        return {"swap_out_tokens": out, "swap_in_tokens": back, "d2h_bytes": d2h * bytes_per_token,
-                "h2d_bytes": h2d * bytes_per_token}
+    def _flush(self) -> None:
+        """The rows held so far into the sink (one row group), then forgotten."""
+        if not self._floats:
+            return
+        f = np.frombuffer(self._floats).reshape(-1, 2)
+        i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
+        cols = {"t_s": f[:, 0], "dt_s": f[:, 1], **{c: i[:, k] for k, c in enumerate(TIMELINE_COLUMNS[2:])}}
+        self._sink.append(cols)
+        self._flushed += len(f)
+        self._last_ints = tuple(i[-1].tolist())
+        del cols, f, i  # (the views pin the arrays' buffers)
+        self._floats, self._ints = array("d"), array("i")
+
+    def close(self) -> None:
+        """No more steps: the rows still held go to the sink, which is closed (no-op without one)."""
+        if self._sink is not None:
+            self._flush()
+            self._sink.close()
 
     def reject(self, request: Request, reason: str) -> None:
         self.rejected.append((request, reason))
@@ -129,22 +159,39 @@ class Recorder:
     # ---- tables -----------------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
-        return len(self._floats) // 2
+        return self._flushed + len(self._floats) // 2
 
     def last_states(self) -> SlotStates | None:
         """The slot states of the last step recorded."""
         if not self._floats:
-            return None
+            return None if self._last_ints is None else SlotStates(*self._last_ints[-len(STATES):])
         return SlotStates(*self._ints[len(self._ints) - len(STATES):])
 
-    def itl(self) -> np.ndarray:
-        """Every gap between two consecutive output tokens of a request [s], in token order."""
+    def itl_runs(self) -> ItlRuns:
+        """The inter-token gaps as runs: `itl()` is np.repeat(values, counts)."""
         gaps, counts = np.frombuffer(self._gaps), np.frombuffer(self._gap_counts, np.int64)
         if self._gap_count:
             gaps, counts = np.append(gaps, self._gap), np.append(counts, self._gap_count)
-        return np.repeat(gaps, counts)
+        return ItlRuns(gaps, counts)
+
+    def itl(self) -> np.ndarray:
+        """Every gap between two consecutive output tokens of a request [s], in token order
+        (one float per output token: the summary reads `itl_runs()` instead)."""
+        runs = self.itl_runs()
+        return np.repeat(runs.values, runs.counts)
+
+    def timeline_columns(self) -> TimelineFile | _Columns:
+        """The timeline as columns, for `summarize`: the sink's file (closed first), or the rows held."""
+        if self._sink is not None:
+            self.close()
+            return self._sink
+        return _Columns(self)
 
     def timeline(self) -> pd.DataFrame:
+        """The whole timeline as one frame (with a sink: read back from its file)."""
+        if self._sink is not None:
+            self.close()
+            return self._sink.frame()
         f = np.frombuffer(self._floats).reshape(-1, 2)
         i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
         # one column at a time into one 2-D block per dtype: no int64 copy of all the rows at once
@@ -156,27 +203,73 @@ class Recorder:
         return pd.DataFrame(cols, columns=TIMELINE_COLUMNS, copy=False)
 
     def requests(self) -> pd.DataFrame:
-        """One row per request, sorted by id: every number from the events."""
-        rows = []
-        for tm in self._times.values():
-            r = tm.request
-            ttft = tm.first_token_s - r.arrival_s
-            e2e = tm.finish_s - r.arrival_s
-            rows.append((r.id, r.arrival_s, r.prompt_len, r.output_len, "finished", "",
-                         tm.cached_tokens, tm.preemptions, tm.first_token_s, tm.finish_s, ttft, e2e,
-                         (e2e - ttft) / (r.output_len - 1) if r.output_len > 1 else np.nan))
-        for r, reason in self.rejected:
-            rows.append((r.id, r.arrival_s, r.prompt_len, r.output_len, "rejected", reason,
-                         0, 0, np.nan, np.nan, np.nan, np.nan, np.nan))
-        cols = ["id", "arrival_s", "prompt_len", "output_len", "status", "reason", "cached_tokens",
-                "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
-        return pd.DataFrame.from_records(rows, columns=cols).sort_values("id", ignore_index=True)
+        """One row per request, sorted by id: every number from the events (status "finished"
+        for every admitted request, as a replay ends with all of them finished)."""
+        if not self._fin_ints and not self._times and not self.rejected:
+            return pd.DataFrame.from_records([], columns=REQUEST_COLUMNS).sort_values("id", ignore_index=True)
+        i = np.frombuffer(self._fin_ints, np.int64).reshape(-1, _FIN_INTS)
+        f = np.frombuffer(self._fin_floats).reshape(-1, _FIN_FLOATS)
+        if self._times or self.rejected:  # requests still running (none after a replay), then rejected
+            ints, floats = [], []
+            for tm in self._times.values():
+                r = tm.request
+                ints.append((r.id, r.prompt_len, r.output_len, tm.cached_tokens, tm.preemptions))
+                floats.append((r.arrival_s, tm.first_token_s, tm.finish_s))
+            for r, _ in self.rejected:
+                ints.append((r.id, r.prompt_len, r.output_len, 0, 0))
+                floats.append((r.arrival_s, np.nan, np.nan))
+            i = np.concatenate((i, np.array(ints, np.int64).reshape(-1, _FIN_INTS)))
+            f = np.concatenate((f, np.array(floats, np.float64).reshape(-1, _FIN_FLOATS)))
+        n, admitted = len(i), len(i) - len(self.rejected)
+        status = np.array(["finished"] * admitted + ["rejected"] * len(self.rejected), dtype=object)
+        reason = np.array([""] * admitted + [why for _, why in self.rejected], dtype=object)
+        order = np.argsort(i[:, 0], kind="stable")  # ids are unique
+        arrival, first, finish = f[order, 0], f[order, 1], f[order, 2]
+        output_len = i[order, 2]
+        ttft, e2e = first - arrival, finish - arrival
+        tpot = np.full(n, np.nan)
+        np.divide(e2e - ttft, output_len - 1, out=tpot, where=output_len > 1)  # (rejected rows: NaN times)
+        return pd.DataFrame({"id": i[order, 0], "arrival_s": arrival, "prompt_len": i[order, 1],
+                             "output_len": output_len, "status": status[order], "reason": reason[order],
+                             "cached_tokens": i[order, 3], "preemptions": i[order, 4],
+                             "first_token_s": first, "finish_s": finish, "ttft_s": ttft, "e2e_s": e2e,
+                             "tpot_s": tpot}, columns=REQUEST_COLUMNS)
 
 
-def _stats(prefix: str, values: pd.Series | np.ndarray) -> dict:
+class ItlRuns(NamedTuple):
+    """Inter-token gaps as runs: gap values[k] repeated counts[k] times, in token order."""
+
+    values: np.ndarray  # [R] float64 s
+    counts: np.ndarray  # [R] int64
+
+
+class _Columns:
+    """The rows a Recorder holds (no sink), column by column: what `summarize` reads."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self._f = np.frombuffer(rec._floats).reshape(-1, 2)
+        self._i = np.frombuffer(rec._ints, np.int32).reshape(-1, _INT_COLUMNS)
+
+    def __len__(self) -> int:
+        return len(self._f)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        k = TIMELINE_COLUMNS.index(name)
+        return self._f[:, k].copy() if k < 2 else self._i[:, k - 2].astype(np.int64)
+
+
+def _stats(prefix: str, values: pd.Series | np.ndarray | ItlRuns) -> dict:
+    if isinstance(values, ItlRuns):  # the ITL gaps as runs (the largest input: never expanded)
+        keep = ~np.isnan(values.values) & (values.counts > 0)
+        v, c = values.values[keep], values.counts[keep]
+        if not len(v):
+            return {f"{prefix}_{k}_s": None for k in ("mean", "p50", "p90", "p99")}
+        p50, p90, p99 = runs_percentiles(v, c, [50, 90, 99])  # numpy's, bit for bit (kvbench/runstats.py)
+        return {f"{prefix}_mean_s": runs_mean(v, c), f"{prefix}_p50_s": float(p50),
+                f"{prefix}_p90_s": float(p90), f"{prefix}_p99_s": float(p99)}
     if isinstance(values, pd.Series):
         v = values.dropna().to_numpy()
-    else:  # an array (the ITL gaps: the largest input): copied only if it holds a NaN
+    else:  # an array: copied only if it holds a NaN
         v = values[~np.isnan(values)] if np.isnan(values).any() else values
     if len(v) == 0:
         return {f"{prefix}_{k}_s": None for k in ("mean", "p50", "p90", "p99")}
@@ -185,8 +278,14 @@ def _stats(prefix: str, values: pd.Series | np.ndarray) -> dict:
             f"{prefix}_p90_s": float(p90), f"{prefix}_p99_s": float(p99)}
 
 
-def summarize(requests: pd.DataFrame, timeline: pd.DataFrame, capacity: int, itl: np.ndarray) -> dict:
-    """The flat summary.json of one run (without run identity keys: strategy, engine, trace…)."""
+def summarize(requests: pd.DataFrame, timeline: pd.DataFrame | TimelineFile | _Columns, capacity: int,
+              itl: np.ndarray | ItlRuns) -> dict:
+    """The flat summary.json of one run (without run identity keys: strategy, engine, trace…).
+
+    `timeline`: a frame, or anything with len() whose [column] is a whole column as an array
+    (`Recorder.timeline_columns()`: a column at a time, from the file a streamed run wrote);
+    `itl`: the gaps, or their runs (`Recorder.itl_runs()`). The numbers are the same either way.
+    """
     fin = requests[requests.status == "finished"]
     rej = requests[requests.status == "rejected"]
     duration = float(fin.finish_s.max() - requests.arrival_s.min()) if len(fin) else 0.0
@@ -202,21 +301,23 @@ def summarize(requests: pd.DataFrame, timeline: pd.DataFrame, capacity: int, itl
         "output_throughput": per_s(fin.output_len.sum()),
         "total_token_throughput": per_s(fin.output_len.sum() + fin.prompt_len.sum()),
         **_stats("ttft", fin.ttft_s), **_stats("tpot", fin.tpot_s), **_stats("e2e", fin.e2e_s),
-        **_stats("itl", np.asarray(itl, dtype=float)),
+        **_stats("itl", itl if isinstance(itl, ItlRuns) else np.asarray(itl, dtype=float)),
         "kv_capacity_tokens": int(capacity),
         "prefix_hit_rate": float(fin.cached_tokens.sum() / fin.prompt_len.sum()) if len(fin) else 0.0,
         "num_steps": int(len(timeline)),
     }
     if len(timeline):
-        w = timeline.dt_s.to_numpy()
+        w = np.asarray(timeline["dt_s"])
         wsum = w.sum()
-        for state in STATES:
-            frac = timeline[state].to_numpy() / capacity
+        for state in STATES:  # one column at a time
+            frac = np.asarray(timeline[state]) / capacity
             out[f"mem_{_STATE_KEY[state]}_frac"] = float((frac * w).sum() / wsum)
             out[f"mem_{_STATE_KEY[state]}_peak_frac"] = float(frac.max())
+            del frac
         waste = sum(out[f"mem_{_STATE_KEY[s]}_frac"] for s in ("reserved", "internal", "external"))
         held = waste + out["mem_token_states_frac"]
         out["waste_frac"] = waste / held if held > 0 else 0.0
-        out["peak_running"] = int(timeline.running.max())
-        out["mean_running"] = float((timeline.running.to_numpy() * w).sum() / wsum)
+        running = np.asarray(timeline["running"])
+        out["peak_running"] = int(running.max())
+        out["mean_running"] = float((running * w).sum() / wsum)
     return out

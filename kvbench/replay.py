@@ -10,6 +10,7 @@ and token times. Results are identical to stepping (tests/test_fast_forward.py).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,18 +36,25 @@ class Replay:
         return self.recorder.itl()
 
 
-def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progress: bool = True) -> Replay:
-    """Replay `requests` (sorted by arrival) to the end on a simulated or measured clock."""
-    rec = Recorder(scheduler.strategy.capacity)
+def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, progress: bool = True,
+           recorder: Recorder | None = None, keep_finished: bool = True) -> Replay:
+    """Replay `requests` (sorted by arrival) to the end on a simulated or measured clock.
+
+    `requests` is read once, in order (a `LazyTrace` makes each request then); `recorder`: one
+    made by the caller (e.g. streaming its timeline to a file), else a new in-memory one, closed
+    at the end. keep_finished=False keeps no finished `Seq` (`Replay.finished` stays empty), so
+    a request is freed when it leaves (with the recorder's compact per-request rows, a replay's
+    memory is then what is in flight plus O(steps) small runs)."""
+    rec = Recorder(scheduler.strategy.capacity) if recorder is None else recorder
     finished: list[Seq] = []
     bar = tqdm(total=len(requests), unit="req", delay=2.0, disable=not progress, leave=False)
-    now, nxt, n = 0.0, 0, len(requests)
+    now, arrivals = 0.0, iter(requests)
+    head = next(arrivals, None)  # the next request to arrive (None: no more)
     forget = engine.forgets_ids  # a request's ids are dropped when it leaves (rebuilt if read)
     steady: Quiet | None = None  # set after a step that quiet steps may follow (fast-forward)
-    while nxt < n or scheduler.has_work():
-        while nxt < n and requests[nxt].arrival_s <= now:  # arrivals up to now
-            req = requests[nxt]
-            nxt += 1
+    while head is not None or scheduler.has_work():
+        while head is not None and head.arrival_s <= now:  # arrivals up to now
+            req, head = head, next(arrivals, None)
             steady = None
             reason = scheduler.rejection(req)
             if reason is None:
@@ -57,11 +65,11 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
                     req.forget()
                 bar.update(1)
         if not scheduler.has_work():
-            if nxt < n:
-                now = requests[nxt].arrival_s  # idle: jump to the next arrival
+            if head is not None:
+                now = head.arrival_s  # idle: jump to the next arrival
             continue  # (or nothing left at all: the loop ends)
         if steady is not None:
-            until = requests[nxt].arrival_s if nxt < n else float("inf")
+            until = head.arrival_s if head is not None else float("inf")
             now = fast_forward(QuietRun(scheduler, steady.states, steady.fresh), engine, rec, steady, now, until)
             steady = None
             continue
@@ -78,12 +86,14 @@ def replay(requests: list[Request], scheduler: Scheduler, engine: Engine, progre
         if engine.fast_forward:
             steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev, done)
         if done:
-            finished.extend(done)
+            if keep_finished:
+                finished.extend(done)
             bar.update(len(done))
             if forget:
                 for s in done:
                     s.request.forget()
     bar.close()
+    rec.close()
     return Replay(finished, rec)
 
 

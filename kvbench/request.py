@@ -25,7 +25,7 @@ class Request:
     """
 
     __slots__ = ("id", "arrival_s", "session", "source", "meta", "prompt_len", "output_len",
-                 "_tokens", "_build", "_rebuild", "_drawn")
+                 "_tokens", "_build", "_rebuild", "_drawn", "__weakref__")  # (a LazyTrace's weak cache)
 
     def __init__(self, id: int, arrival_s: float, prompt: np.ndarray, output: np.ndarray,
                  session: int | None = None, source: str = "", meta: dict | None = None) -> None:

@@ -25,11 +25,12 @@ from typing import Callable, Iterator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.metrics import summarize
+from kvbench.metrics import TIMELINE_DTYPES, Recorder, summarize
 from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
 from kvbench.schema import ConfigError, check_pool, validate
 from kvbench.sizes import PoolGeometry, kv_bytes_per_token, tokens_in_gib
+from kvbench.timeline_file import TimelineFile
 
 MARKER, ERROR, LOCK = "summary.json", "error.txt", ".lock"
 TABLES = ("requests.parquet", "timeline.parquet")
@@ -162,7 +163,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             print(f"kvbench: kept the earlier results of this config in {out_dir} (redo=true runs it again)")
             return earlier
         _clear(out_dir)
-        return _replay_and_write(cfg, out_dir)
+        try:
+            return _replay_and_write(cfg, out_dir)
+        finally:  # a failed run leaves no temporary file of its own (the streamed timeline's)
+            for tmp in out_dir.glob(f".*.tmp{os.getpid()}*"):
+                tmp.unlink(missing_ok=True)
 
 
 _TRACE_CACHE: dict[str, list] = {}  # the last trace this process loaded for an engine that forgets ids
@@ -220,21 +225,25 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     pool = PoolGeometry.of(cfg.model, strategy.page_size, strategy.num_pages)  # the run's sizes, frozen
     engine.bind(pool.page_size, pool.num_pages)
     scheduler = Scheduler(strategy, **cfg.scheduler)
-    result = replay(requests, scheduler, engine, progress=cfg.progress)
+    # the timeline streams to a temporary file in chunks, renamed into place below (issue 13: memory)
+    sink = TimelineFile(out_dir / f".timeline.parquet.tmp{os.getpid()}.rows", TIMELINE_DTYPES)
+    result = replay(requests, scheduler, engine, progress=cfg.progress,
+                    recorder=Recorder(strategy.capacity, sink=sink), keep_finished=False)
 
     requests_df = result.recorder.requests()
-    timeline_df = result.recorder.timeline()
     summary = {"strategy": strategy.name, "label": strategy.label, "engine": engine.name,
                "trace": cfg.trace.get("name", "trace"),
-               **summarize(requests_df, timeline_df, pool.capacity_tokens, result.itl),
-               **result.recorder.moves(pool.bytes_per_token),
+               **summarize(requests_df, result.recorder.timeline_columns(), pool.capacity_tokens,
+                           result.recorder.itl_runs()),
                "kv_bytes_per_token": pool.bytes_per_token, "kv_capacity_bytes": pool.capacity_bytes,
                "model": cfg.model.get("name"), **strategy.summary(), **engine.summary(),
                "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg)}
     write_atomic(out_dir / "requests.parquet", lambda p: requests_df.to_parquet(p, index=False))
-    write_atomic(out_dir / "timeline.parquet", lambda p: timeline_df.to_parquet(p, index=False))
+    write_atomic(out_dir / "timeline.parquet", sink.move_to)
     write_atomic(out_dir / "config.yaml", _text(OmegaConf.to_yaml(cfg, resolve=True)))
     write_atomic(out_dir / MARKER, _text(json.dumps(summary, indent=2) + "\n"))  # last: the marker
-    if logger is not None:
-        logger.log_run(cfg, summary, timeline_df, requests_df)
+    if logger is not None:  # (reads the timeline back from its file)
+        import pandas as pd
+
+        logger.log_run(cfg, summary, pd.read_parquet(out_dir / "timeline.parquet"), requests_df)
     return summary

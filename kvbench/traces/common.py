@@ -15,11 +15,17 @@ Sanity limits (any row over them is malformed, whatever the run's max_model_len)
     MAX_TOKENS     a prompt or output of more than 2**24 (16.8M) tokens (64 MiB of ids)
     MAX_ARRIVAL_S  an arrival 2**32 s (136 years) or more after the trace's start: float64
                    seconds resolve 1 us only below that, so TTFTs would round to 0
+
+`LazyTrace`: a generator's requests kept as columns and made one at a time when read.
 """
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
 import numpy as np
 
+from kvbench.request import Request
 from kvbench.traces.errors import TraceError
 
 MAX_TOKENS = 2**24
@@ -56,3 +62,49 @@ def longer_than(lengths: np.ndarray, max_model_len: int | None) -> np.ndarray:
     if max_model_len is None:
         return np.zeros(len(lengths), dtype=bool)
     return lengths > max_model_len
+
+
+class LazyTrace(Sequence):
+    """A trace of `n` requests kept as columns: request i is made by `make(i)` when it is read,
+    so a 10^7-request trace never exists as 10^7 Python objects at once (a replay reads it in
+    order and drops each request when it leaves).
+
+    Reading a row while a `Request` made for it is still referenced gives that same object (a
+    weak cache), so a caller that holds a request sees its own writes; a row read again after
+    every reference is gone is made anew, with equal fields and the same ids (`make` is a pure
+    function of the trace's config). Slices are lists. Mutates only its weak cache.
+    """
+
+    def __init__(self, n: int, make: Callable[[int], Request]) -> None:
+        self._n, self._make = int(n), make
+        self._live: weakref.WeakValueDictionary[int, Request] = weakref.WeakValueDictionary()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"request {i} of a trace of {self._n}")
+        r = self._live.get(i)
+        if r is None:
+            r = self._live[i] = self._make(i)
+        return r
+
+    def __iter__(self) -> Iterator[Request]:
+        for i in range(self._n):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, LazyTrace)):
+            return len(self) == len(other) and all(a is b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LazyTrace({self._n} requests)"
