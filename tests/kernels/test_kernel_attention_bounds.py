@@ -35,6 +35,8 @@ def _poison_outside(k_cache, v_cache, page_table, first_visible, page_size, cont
 
 def _dense(q_rows, pos_rows, k, v, window, chunk, scale, G):
     """Independent reference: every key of the request [n, H_kv, D] (finite), a dense boolean mask."""
+    dev = q_rows.device
+    q_rows, k, v = q_rows.cpu(), k.cpu(), v.cpu()   # (on a GPU run: the dense check runs on the host)
     n = k.shape[0]
     keys = torch.arange(n)[None, :]
     p = torch.tensor(pos_rows)[:, None]
@@ -46,7 +48,7 @@ def _dense(q_rows, pos_rows, k, v, window, chunk, scale, G):
     kk, vv = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
     s = torch.einsum("mhd,nhd->hmn", q_rows.float(), kk) * scale
     s = s.masked_fill(~vis[None], float("-inf"))
-    return torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vv)
+    return torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vv).to(dev)
 
 
 def test_key_lo_host_matches_the_hf_mask():
@@ -176,26 +178,29 @@ def test_extend_window_and_chunk_bf16_default_config():
 
 # ------------------------------------------------------------------ extend: split over the prefix (issue 12)
 @pytest.mark.parametrize("ragged", [False, True], ids=["paged", "ragged"])
-@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("splits", [2, 5])
 def test_extend_prefix_splits(splits, ragged):
     """Split-KV over the cached prefix, merged by a second kernel: exact against the reference,
-    with empty pieces (short prefixes, 7 splits), a plain prefill, a 1-token extend, a request
+    with empty pieces (short prefixes, 5 splits), a plain prefill, a 1-token extend, a request
     with no new tokens, and a window (keys outside it poisoned)."""
-    _extend([16, 1, 20, 0], [90, 130, 0, 9], 16, False, 0, 0, ragged=ragged, prefix_splits=splits)
-    _extend([16, 1, 20], [90, 130, 0], 16, True, 37, 0, ragged=ragged, prefix_splits=splits, seed=1)
+    _extend([16, 1, 20, 0], [70, 45, 0, 9], 16, False, 0, 0, ragged=ragged, prefix_splits=splits)
+    _extend([16, 1], [70, 45], 16, True, 37, 0, ragged=ragged, prefix_splits=splits, seed=1)
 
 
 def test_extend_prefix_splits_chunk_bf16():
-    _extend([30, 5], [100, 64], 4, False, 0, 48, ragged=True, dtype=torch.bfloat16, prefix_splits=4)
+    _extend([20, 5], [60, 40], 4, False, 0, 48, ragged=True, dtype=torch.bfloat16, prefix_splits=3)
 
 
 def test_extend_prefix_split_heuristic():
     """One short chunk over a long prefix is split by default (the interpreter counts 4 SMs); a
     batch whose programs fill the SMs is not; the split never makes pieces under the minimum."""
+    from kvbench.kernels import extend_attention as emod
     from kvbench.kernels.extend_attention import EXTEND_MIN_SPLIT_TOKENS, choose_prefix_splits
     cpu = torch.device("cpu")
     assert choose_prefix_splits(16, 1, 2, 16, 300, cpu) == 300 // EXTEND_MIN_SPLIT_TOKENS == 2
     assert choose_prefix_splits(16, 1, 2, 16, 100, cpu) == 1          # prefix too short to split
     assert choose_prefix_splits(64, 4, 4, 16, 4096, cpu) == 1         # 16 programs >= 2 per SM
     assert choose_prefix_splits(16, 1, 1, 16, 4096, cpu) == 16        # 4 per SM x 4 SMs
+    emod._SPLIT_BUFS.clear()
     _extend([16], [300], 16, False, 0, 0, ragged=True, Hq=2, Hkv=1)   # auto: 2 splits
+    assert emod._SPLIT_BUFS, "the split path did not run"
