@@ -55,10 +55,11 @@ class Case:
     trace: str  # configs/trace/<trace>.yaml
     overrides: tuple[str, ...]
     shared_trace: str | None = None  # file under the shared traces folder that it needs
+    variant: str | None = None  # appended to the name: what the overrides change (an eviction policy)
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}-{self.trace}"
+        return f"{self.strategy}-{self.trace}" + (f"-{self.variant}" if self.variant else "")
 
     @property
     def path(self) -> Path:
@@ -77,9 +78,18 @@ _AZURE_CONV = ("trace.limit=1500", "trace.rate=20")
 _AZURE_FILE = "azure-llm-inference-2023/AzureLLMInferenceTrace_conv.csv"
 #: every strategy yaml (a new one needs its baselines: the test says which command makes them)
 STRATEGIES = tuple(sorted(p.stem for p in (CONFIGS / "strategy").glob("*.yaml")))
+# eviction: every policy (Belady is offline: no yaml gives it the trace's future) in the strategies
+#   that take one, on 64 multi-turn chats in a 16k pool (the trace has 99k distinct tokens: cached
+#   turns are evicted, and the policies differ in what the next turn finds; on shared_prefix the
+#   radix policies all evict the same one-use question leaves). LRU too: the other cases run no
+#   multi-turn trace. priority gets no per-request priorities here: paged's equals paged's LRU.
+_MULTI_TURN = ("kv_capacity_tokens=16384",)
+EVICTION_POLICIES = ("lru", "fifo", "lfu", "slru", "arc", "s3fifo", "priority")
 CASES: tuple[Case, ...] = tuple(
     [Case(s, "shared_prefix", _SHARED_PREFIX) for s in STRATEGIES]
     + [Case(s, "azure_conv", _AZURE_CONV, _AZURE_FILE) for s in STRATEGIES]
+    + [Case(s, "multi_turn", (*_MULTI_TURN, f"strategy.eviction={e}"), variant=e)
+       for s in ("paged", "radix") for e in EVICTION_POLICIES]
 )
 
 
