@@ -50,8 +50,8 @@ class QuietRun:
         self.deferred = 0  # decoded positions not yet grown in the strategy
         self.pages_at: dict[int, list[int]] = {}  # step → requests (indices) taking a page in it
         limit = 1 << 62
-        if len(self.seqs) > scheduler.max_num_batched_tokens:
-            limit = 0
+        if len(self.seqs) > scheduler.max_num_batched_tokens or not getattr(self.st, "fast_forward", True):
+            limit = 0  # (fast_forward False: a strategy whose decodes may free pages, e.g. a hybrid pool)
         for i, s in enumerate(self.seqs):
             limit = min(limit, s.request.output_len - s.emitted - 1)  # none finishes
             if limit <= 0:

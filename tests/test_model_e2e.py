@@ -43,7 +43,7 @@ def generate(strategy, sample=True):
 
 @pytest.fixture(scope="module")
 def outputs():
-    return {stem: generate(build(stem, CAPACITY, MAX_LEN)) for stem in STRATEGY_YAMLS}
+    return {stem: generate(build(stem, CAPACITY, MAX_LEN, model=TINY)) for stem in STRATEGY_YAMLS}
 
 
 def test_greedy_outputs_are_identical_across_strategies(outputs):
@@ -59,7 +59,7 @@ def test_the_comparison_went_through_hits_and_preemptions(outputs):
     """Every prefix-caching strategy served hits; every strategy that grows page by page (not a
     slab, which reserves a request's whole length at admission) was preempted."""
     for name in STRATEGY_YAMLS:
-        strategy = build(name, CAPACITY, MAX_LEN)
+        strategy = build(name, CAPACITY, MAX_LEN, model=TINY)
         _, preemptions, hits = outputs[name]
         assert (hits > 0) == strategy.caches_prefixes, f"{name}: {hits} positions served from cache"
         if not strategy.contiguous:

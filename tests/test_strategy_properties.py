@@ -124,6 +124,8 @@ def test_shared_prefix_is_stored_once(case):
     """Two running requests with the same 32-token prefix: caching strategies store it once."""
     name, opts = case
     s = build(name, 512, 128, **opts)
+    if hasattr(s, "tables"):  # (its sliding layers keep windows: tests/test_hybrid_pools.py counts its bytes)
+        pytest.skip("a hybrid pool's token states are bytes of windowed groups, not 42 + 1 + 42 - cached slots")
     prefix = np.arange(100, 132, dtype=np.int32)
     a = np.concatenate([prefix, np.arange(0, 10, dtype=np.int32), np.zeros(10, np.int32)])
     b = np.concatenate([prefix, np.arange(50, 60, dtype=np.int32), np.zeros(10, np.int32)])

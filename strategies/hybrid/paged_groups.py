@@ -168,7 +168,7 @@ class GroupPaged(HybridStrategy):
         for t, spec in enumerate(self._tables):
             sp = self._spaces[spec.space]
             held = hit_pages.get(t, [])
-            skip = hits.first_needed(self.groups[spec.group], cached) // spec.page_size if held else 0
+            skip = hits.first_needed(self.groups[spec.group], cached) // spec.page_size
             for p in held:
                 if sp.ref[p] == 0:
                     del sp.lru[p]

@@ -9,7 +9,9 @@ TensorRT-LLM (BlockManager::calculateWindowSizeToShare) gives each window size a
 pool proportional to window x its cache bytes per token; full attention's window is the longest
 sequence (max_model_len). `split: window` does that (a chunked group's window is its chunk; a
 state group's weight is its bytes per request); a list of fractions (one per group, in the
-model's group order) sets it by hand. The split never moves: a group whose pool is full stops
+model's group order) sets it by hand. Either way a group's pool holds at least one request of
+max_model_len (pages counted whole, as a prefill chunk may span a window; a state group: one
+state), taken from the other groups' shares, so that any request the model serves can run alone. The split never moves: a group whose pool is full stops
 admission although the other pools have room; those free bytes are reported as external
 fragmentation while a request waits (memory stranded by the split). Bytes a pool cannot use
 (less than one page) are internal.
@@ -54,12 +56,29 @@ class SeparatePools(GroupPaged):
         total = float(sum(w))
         return [x / total for x in w]
 
-    def _layout(self):
+    def _page_bytes(self, i: int) -> int:
+        g = self.groups[i]
+        return g.bytes_per_request if g.kind == "state" else self.page_size * g.bytes_per_token
+
+    def pool_bytes_per_group(self) -> list[int]:
+        """Bytes of each group's pool: its share of the pool, but at least one request of
+        max_model_len (its pages counted whole: one prefill chunk may span a window; a state
+        group: one state), the floors taken from the other groups in proportion to their shares. Pure."""
         shares = self.weights()
+        floor = [self._page_bytes(i) * (1 if g.kind == "state" else -(-self.max_model_len // self.page_size))
+                 for i, g in enumerate(self.groups)]
+        nbytes = [int(self.pool_bytes * w) for w in shares]
+        low = [i for i in range(len(nbytes)) if nbytes[i] < floor[i]]
+        if low and sum(floor[i] for i in low) < self.pool_bytes:
+            rest = self.pool_bytes - sum(floor[i] for i in low)
+            rest_w = sum(w for i, w in enumerate(shares) if i not in low)
+            nbytes = [floor[i] if i in low else int(rest * shares[i] / rest_w) for i in range(len(nbytes))]
+        return nbytes
+
+    def _layout(self):
         tables, spaces, states, leftover = [], [], [], {POOL: self.pool_bytes}
-        for i, (g, share) in enumerate(zip(self.groups, shares)):
-            nbytes = int(self.pool_bytes * share)
-            page_bytes = g.bytes_per_request if g.kind == "state" else self.page_size * g.bytes_per_token
+        for i, (g, nbytes) in enumerate(zip(self.groups, self.pool_bytes_per_group())):
+            page_bytes = self._page_bytes(i)
             n = nbytes // page_bytes
             if g.kind == "state":
                 states.append(StateSpec(i, len(spaces), 1))
