@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, make_plan, next_pow2)
-from .decode_attention import LOG2E, _gather_kv, check_bounds, key_lo, key_lo_host
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32,
+                      dot_precision, kernel_for, make_plan, next_pow2, num_sms)
+from .decode_attention import (LOG2E, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _gather_kv, bounded_span,
+                               check_bounds, key_lo, key_lo_host)
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
 # BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
@@ -43,6 +44,10 @@ EXTEND_RAGGED_CONFIG = {
     128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
 }
 _DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+# Prefix split (split-KV over the cached prefix, `choose_prefix_splits`): pieces of at least this
+# many keys, at most this many pieces
+EXTEND_MIN_SPLIT_TOKENS = 128
+EXTEND_MAX_SPLITS = 32
 
 
 def extend_config(head_dim: int, ragged: bool = False, config: dict | None = None) -> dict:
@@ -152,11 +157,84 @@ def _regions(lo, lo_max, vis_end, hi, BLOCK_N: tl.constexpr):
     return lo, a, b
 
 
+@triton.jit
+def _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix, lo_b, lo_u, q_start, kvh,
+              kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+              kn_ptr, vn_ptr, stride_knt_a, stride_knh, stride_vnt_a, stride_vnh, offs_d, d_mask,
+              BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
+              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The keys at positions >= prefix (the new tokens', up to the block's last row): from
+    k_new/v_new (RAGGED) or through the page table."""
+    if RAGGED:
+        # new keys j (position prefix + j): unmasked below this block's first row (and at or
+        # above every row's bound), masked around them and on the diagonal
+        stride_knt = stride_knt_a * NEW_ALIGN
+        stride_vnt = stride_vnt_a * NEW_ALIGN
+        kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
+        vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
+        jlo_m = lo_m - prefix
+        j_end = last + 1
+        j0, j1, j2 = _regions(tl.maximum(lo_b - prefix, 0), tl.maximum(lo_u - prefix, 0), m0, j_end, BLOCK_N)
+        m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j0, j1,
+                                  kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+                                  BLOCK_N, True, DOT_F32, DOT_PREC)
+        m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j1, j2,
+                                  kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+                                  BLOCK_N, False, DOT_F32, DOT_PREC)
+        # the diagonal: BLOCK_M / BLOCK_N blocks with the causal + length mask
+        m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j2, j_end,
+                                  kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
+                                  BLOCK_N, True, DOT_F32, DOT_PREC)
+    else:
+        diag_end = prefix + last + 1
+        r0, r1, r2 = _regions(tl.maximum(lo_b, prefix), lo_u, prefix + m0, diag_end, BLOCK_N)
+        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1,
+                                    kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2,
+                                    kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end,
+                                    kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _extend_merge_kernel(
+    po_ptr, plse_ptr,        # [T, H_q, S, D], [T, H_q, S] fp32
+    o_ptr,                   # [T, H_q, D]
+    qsl_ptr, B,              # rows from query_start_loc[B] on are not the batch's: left unwritten
+    stride_ot, stride_oh, num_splits,
+    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    if t < tl.load(qsl_ptr + B):
+        t64 = t.to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        d_mask = offs_d < D
+        row0 = (t64 * H_Q + h) * num_splits
+        lse = tl.load(plse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))          # [BS]
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        parts = tl.load(po_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
+                        mask=s_mask[:, None] & d_mask[None, :], other=0.0)                  # [BS, BD]
+        den = tl.sum(w, 0)
+        den = tl.where(den > 0, den, 1.0)
+        out = tl.sum(parts * w[:, None], 0) / den
+        tl.store(o_ptr + t64 * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
 # just-in-time compile in the middle of a timed serving step. The k_new/v_new token strides are
 # passed divided by NEW_ALIGN (a constexpr power of two, 16 for any usual layout), so the
 # compiler still knows the rows are 16-element aligned and vectorizes their loads.
-@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B", "stride_knt_a", "stride_vnt_a", "window", "chunk"])
+@triton.jit(do_not_specialize=["stride_ptb", "page_size", "B", "stride_knt_a", "stride_vnt_a", "window", "chunk",
+                               "split_tokens", "num_splits"])
 def _extend_kernel(
     q_ptr,                   # [T, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]
@@ -164,7 +242,8 @@ def _extend_kernel(
     pt_ptr,                  # [B, max_pages]
     qsl_ptr,                 # [B + 1]
     seqlen_ptr,              # [B]
-    o_ptr,                   # [T, H_q, D]
+    o_ptr,                   # [T, H_q, D]            (not SPLIT)
+    po_ptr, plse_ptr,        # [T, H_q, S, D], [T, H_q, S] fp32 partials (SPLIT: S = num_splits)
     qk_scale,                # sm_scale * log2(e)
     stride_qt, stride_qh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
@@ -173,13 +252,15 @@ def _extend_kernel(
     stride_ot, stride_oh,
     page_size, B,
     window, chunk,           # attention bounds (0 = none), see decode_attention.key_lo
+    split_tokens, num_splits,  # SPLIT: split s takes prefix keys [lo + s * split_tokens, ...)
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
+    split = tl.program_id(2)             # SPLIT: which piece of the cached prefix (the last also takes the new keys)
 
     # ---- decode pid -> (request b, query block) from query_start_loc
     offs_b = tl.arange(0, BLOCK_B)
@@ -229,7 +310,28 @@ def _extend_kernel(
         if CONTIGUOUS:
             slot0 = tl.load(pt_row).to(tl.int64) * page_size
 
-        if RAGGED:
+        if SPLIT:
+            # split-KV over the cached prefix (short chunks over long prefixes: more programs):
+            # split s reads prefix keys [s_lo, s_hi); the last split also every key from the prefix on
+            s_lo = lo_b + split * split_tokens
+            s_hi = tl.minimum(prefix, s_lo + split_tokens)
+            c0, c1, c2 = _regions(s_lo, lo_u, s_hi, s_hi, BLOCK_N)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, s_hi,
+                                        kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+            if split == num_splits - 1:
+                m_i, l_i, acc = _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
+                                          lo_b, lo_u, q_start, kvh, kc_base, vc_base, stride_kcs, stride_vcs,
+                                          pt_row, slot0, page_size, kn_ptr, vn_ptr, stride_knt_a, stride_knh,
+                                          stride_vnt_a, stride_vnh, offs_d, d_mask, BLOCK_N, CONTIGUOUS, RAGGED,
+                                          NEW_ALIGN, DOT_F32, DOT_PREC)
+        elif RAGGED:
             # 1. prefix [lo_b, prefix) through the page table: every prefix key is causally
             #    visible; masked where some row's bound is above it, and in the tail (key < prefix)
             c0, c1, c2 = _regions(lo_b, lo_u, prefix, prefix, BLOCK_N)
@@ -242,25 +344,12 @@ def _extend_kernel(
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, prefix,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
                                         offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
-            # 2. new keys j (position prefix + j) from k_new/v_new: unmasked below this block's
-            #    first row (and at or above every row's bound), masked around them and on the diagonal
-            stride_knt = stride_knt_a * NEW_ALIGN
-            stride_vnt = stride_vnt_a * NEW_ALIGN
-            kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
-            vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
-            jlo_m = lo_m - prefix
-            j_end = last + 1
-            j0, j1, j2 = _regions(tl.maximum(lo_b - prefix, 0), tl.maximum(lo_u - prefix, 0), m0, j_end, BLOCK_N)
-            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j0, j1,
-                                      kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
-                                      BLOCK_N, True, DOT_F32, DOT_PREC)
-            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j1, j2,
-                                      kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
-                                      BLOCK_N, False, DOT_F32, DOT_PREC)
-            # 3. the diagonal: BLOCK_M / BLOCK_N blocks with the causal + length mask
-            m_i, l_i, acc = _new_keys(q, m_i, l_i, acc, qk_scale, offs_m, jlo_m, j2, j_end,
-                                      kn_base, vn_base, stride_knt, stride_vnt, offs_d, d_mask,
-                                      BLOCK_N, True, DOT_F32, DOT_PREC)
+            # 2. the new keys
+            m_i, l_i, acc = _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
+                                      lo_b, lo_u, q_start, kvh, kc_base, vc_base, stride_kcs, stride_vcs,
+                                      pt_row, slot0, page_size, kn_ptr, vn_ptr, stride_knt_a, stride_knh,
+                                      stride_vnt_a, stride_vnh, offs_d, d_mask, BLOCK_N, CONTIGUOUS, RAGGED,
+                                      NEW_ALIGN, DOT_F32, DOT_PREC)
         else:
             # keys [lo_b, prefix + last]: masked below the largest row bound, then whole blocks
             # below the first row's position (visible to every row, no mask), then the diagonal
@@ -278,8 +367,13 @@ def _extend_kernel(
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        if SPLIT:   # partials [T, H_q, S, D] / [T, H_q, S]: normalised output and log2-sum-exp
+            prow = (rows * tl.num_programs(0) + h) * num_splits + split                 # [BM]
+            tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
+            tl.store(plse_ptr + prow, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=m_mask)
+        else:
+            tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size):
@@ -352,7 +446,8 @@ def _check_new(q, k_cache, k_new, v_new):
 
 def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size, sm_scale=None,
                      contiguous=False, *, window: int = 0, chunk: int = 0, k_new=None, v_new=None, out=None,
-                     backend: str = "triton", config: dict | None = None):
+                     prefix_splits: int | None = None, max_seq_len: int | None = None, backend: str = "triton",
+                     config: dict | None = None):
     """Causal attention of new tokens over their request's cached prefix and themselves.
 
     q:               [T, H_q, D]           new tokens of B requests, flattened
@@ -372,6 +467,11 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                      page table. They must equal what kv_write stored in the cache: the torch
                      backend (the reference) ignores them and reads everything from the cache.
     out:             optional preallocated [T, H_q, D] output (q's dtype)
+    prefix_splits:   split the cached prefix's keys into this many pieces, one program each, merged
+                     by a second kernel (None: `choose_prefix_splits` from the program count and
+                     the SMs; 1: no split). Short chunks over long prefixes fill the GPU this way
+    max_seq_len:     upper bound on seq_lens, sizes the prefix split (default max_pages * page_size;
+                     no device sync either way)
     config:          launch overrides (BLOCK_M, BLOCK_N, num_warps, num_stages; RAGGED=0 forces
                      the paged path although k_new/v_new are given)
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
@@ -379,6 +479,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     key, ok = None, False
     if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
         check_bounds(window, chunk)
+    if prefix_splits is not None and not (prefix_splits.__class__ is int and prefix_splits >= 1):
+        check(False, f"prefix_splits must be a positive int or None, got {prefix_splits!r}")
     if config is None and backend == "triton" and q.is_cuda:
         T, B = q.shape[0], seq_lens.shape[0]
         new = k_new is not None and v_new is not None
@@ -396,16 +498,32 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                None if out is None else (out.shape == q.shape, out.stride(), out.dtype, out.device), q.device,
                k_cache.device, v_cache.device, page_table.device, query_start_loc.device, seq_lens.device,
                page_size.__class__, page_size, sm_scale, bool(contiguous), ok, max(64, next_pow2(B)),
-               id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG))
-        hit = _PLANS.get(key)
-        if hit is not None:
-            run, head, o_strides, BM = hit
+               id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), EXTEND_MIN_SPLIT_TOKENS, EXTEND_MAX_SPLITS,
+               NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+        entry = _PLANS.get(key)
+        if entry is not None:
+            BM, BN, plans = entry
             o = torch.empty_like(q) if out is None else out
             if T and B:
-                kn, vn = (k_new, v_new) if new else (k_cache, v_cache)
-                run(q.shape[1], T // BM + B, 1, q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens,
-                    o, *head, page_table.stride(0), *o_strides, page_size, B, window, chunk)
-            return o
+                max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
+                span = bounded_span(max_len, window, chunk) if window or chunk else max(int(max_len), 1)
+                S = prefix_splits if prefix_splits is not None else \
+                    choose_prefix_splits(T, B, q.shape[1], BM, span, q.device)
+                split_tokens = cdiv(cdiv(span, S), BN) * BN
+                S = cdiv(span, split_tokens)
+                hit = plans.get(S)
+                if hit is not None:
+                    run, merge, head, o_strides = hit
+                    kn, vn = (k_new, v_new) if new else (k_cache, v_cache)
+                    po, plse = _split_buffers(T * q.shape[1] * S, q.shape[2], q.device) if S > 1 else (o, o)
+                    run(q.shape[1], T // BM + B, S, q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens,
+                        o, po, plse, *head, page_table.stride(0), *o_strides, page_size, B, window, chunk,
+                        split_tokens, S)
+                    if merge is not None:
+                        merge(T, q.shape[1], 1, po, plse, o, query_start_loc, B, *o_strides, S)
+                    return o
+            else:
+                return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
     _check_new(q, k_cache, k_new, v_new)
@@ -438,22 +556,68 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         kn_strides = (k_new.stride(0) // align, k_new.stride(1), v_new.stride(0) // align, v_new.stride(1))
     else:
         align, kn, vn, kn_strides = 1, k_cache, v_cache, (0, 0, 0, 0)          # unused
+    max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
+    span = bounded_span(max_len, window, chunk)      # >= any query block's prefix keys
+    S = prefix_splits if prefix_splits is not None else choose_prefix_splits(T, B, Hq, BM, span, dev)
+    split_tokens = cdiv(cdiv(span, S), BN) * BN
+    S = cdiv(span, split_tokens)                     # drop splits that would always be empty
+    po, plse = _split_buffers(T * Hq * S, D, dev) if S > 1 else (o, o)   # (unused without a split)
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
     head = (scale * LOG2E, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *kn_strides)
-    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, *head,
-            page_table.stride(0), o.stride(0), o.stride(1), page_size, B, window, chunk)
+    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, po, plse, *head,
+            page_table.stride(0), o.stride(0), o.stride(1), page_size, B, window, chunk, split_tokens, S)
     kwargs = dict(G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
                   BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
                   CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
-                  DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
+                  DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype), SPLIT=S > 1,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks)](*args, **kwargs)
+    kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks, S)](*args, **kwargs)
+    merge = None
+    if S > 1:
+        margs = (po, plse, o, query_start_loc, B, o.stride(0), o.stride(1), S)
+        mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(S)), num_warps=4)
+        mkernel = kernel_for(_extend_merge_kernel, dev)[(T, Hq)](*margs, **mkwargs)
+        merge = make_plan(mkernel, _extend_merge_kernel, margs, mkwargs, len(margs), dev)
     if ok:
         run = make_plan(kernel, _extend_kernel, args, kwargs, len(args), dev)
-        if run is not None:
-            _PLANS[key] = (run, head, (o.stride(0), o.stride(1)), BM)
+        if run is not None and (S == 1 or merge is not None):
+            _PLANS.setdefault(key, (BM, BN, {}))[2][S] = (run, merge, head, (o.stride(0), o.stride(1)))
     return o
 
 
-_PLANS: dict = {}  # key -> (plan, fixed arguments, output strides, BLOCK_M) (_common.Plan)
+_PLANS: dict = {}  # key -> (BLOCK_M, BLOCK_N, {splits: (plan, merge plan, fixed arguments, output strides)})
+
+_SPLIT_BUFS: dict = {}
+_OLD_SPLIT_BUFS: list = []   # never freed: a captured CUDA graph may still point at an old buffer
+
+
+def _split_buffers(rows: int, head_dim: int, device: torch.device):
+    """fp32 scratch for the prefix-split partials: ([>= rows * head_dim] outputs, [>= rows] lse),
+    grown as needed and shared by every launch on the device (launches must not run
+    concurrently on different streams)."""
+    k = (device.type, device.index)
+    bufs = _SPLIT_BUFS.get(k)
+    if bufs is None or bufs[1].numel() < rows or bufs[0].numel() < rows * head_dim:
+        if bufs is not None:
+            _OLD_SPLIT_BUFS.append(bufs)
+        n = max(rows, 1 << 16)
+        n_o = max(rows * head_dim, 1 << 22)
+        bufs = (torch.empty(n_o, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.float32, device=device))
+        _SPLIT_BUFS[k] = bufs
+    return bufs
+
+
+def choose_prefix_splits(num_tokens: int, batch: int, num_heads: int, block_m: int, max_prefix: int,
+                         device: torch.device) -> int:
+    """Prefix split count for an extend launch (issue 12 §4): a short chunk over a long cached
+    prefix is a handful of (head, query block) programs, each walking the whole prefix; split the
+    prefix like decode's split-KV when the programs do not fill the GPU (decode's thresholds),
+    never into pieces shorter than EXTEND_MIN_SPLIT_TOKENS."""
+    blocks = max(cdiv(num_tokens, block_m), min(batch, num_tokens))   # query blocks (a lower bound)
+    progs = num_heads * blocks
+    sms = num_sms(device)
+    if progs >= NOSPLIT_PROGRAMS_PER_SM * sms:
+        return 1
+    want = cdiv(TARGET_PROGRAMS_PER_SM * sms, progs)
+    return int(max(1, min(want, max_prefix // EXTEND_MIN_SPLIT_TOKENS, EXTEND_MAX_SPLITS)))

@@ -283,7 +283,8 @@ class DecoderLayer(nn.Module):
             # the prefix through the page table, the new tokens' K/V straight from qkv
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
-                                     contiguous=meta.contiguous, k_new=k, v_new=v, **bound)
+                                     contiguous=meta.contiguous, k_new=k, v_new=v,
+                                     max_seq_len=meta.max_seq_len, **bound)
         else:  # a mixed step: its one-token rows (first) by the decode kernel, the chunks by extend
             d = meta.num_decode
             o = torch.empty((t, c.num_heads, c.head_dim), dtype=q.dtype, device=q.device)
@@ -292,7 +293,8 @@ class DecoderLayer(nn.Module):
                                  max_seq_len=meta.max_seq_len, out=o[:d], **bound)
             ops.extend_attention(q[d:], k_cache, v_cache, meta.page_table[d:], meta.extend_start_loc,
                                  meta.seq_lens[d:], meta.page_size, sm_scale=scale,
-                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:], **bound)
+                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:],
+                                 max_seq_len=meta.max_seq_len, **bound)
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
