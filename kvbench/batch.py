@@ -73,9 +73,12 @@ class StepBatch:
     moves device -> host / host -> device (preemption by swap, plus the strategy's host tier);
     the sim charges their bytes, serialized with the step. `swap_out` / `swap_in` name the swap
     moves' pages (for an engine that really copies; the host tier's pages are the strategy's).
-    An engine makes them in this order, all before the forward: swap-outs, copy-on-write copies,
-    swap-ins (a page released by a swap-out may be taken again in the same step; swap-outs and
-    swap-ins never share a step: the scheduler admits nobody in a step that preempts).
+    `host_copies` are the host tier's page copies, in order: ("d2h", gpu_page, host_page) /
+    ("h2d", host_page, gpu_page) (filled only for engines that read the layout). An engine makes
+    them all before the forward, in this order: swap-outs, host-tier copies, copy-on-write
+    copies, swap-ins (a page released by a swap-out, or evicted to the host, may be taken again
+    in the same step; swap-outs and swap-ins never share a step: the scheduler admits nobody in
+    a step that preempts).
 
     The step's token counts (the cost model's inputs, the timeline's columns) are counted here
     once, from the seqs' `is_decode` flags: `decode_tokens` decode tokens, `prefill_tokens` the
@@ -92,6 +95,7 @@ class StepBatch:
     d2h_tokens: int = 0
     swap_out: list[SwapOut] = field(default_factory=list)
     swap_in: list[SwapIn] = field(default_factory=list)
+    host_copies: list[tuple[str, int, int]] = field(default_factory=list)
     num_tokens: int = field(init=False)
     decode_tokens: int = field(init=False)
     prefill_tokens: int = field(init=False)

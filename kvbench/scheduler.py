@@ -139,6 +139,8 @@ class Scheduler:
         self.swap_out_tokens = self.swap_in_tokens = 0  # positions copied to / from host, in all
         self.host_tokens = self.peak_host_tokens = 0  # positions held in host memory by swapped requests
         self.deferred = 0  # admissions deferred by dedup_prefix (request-steps)
+        # the host tier's page copies, for engines that make them (before take_host_moves, which drops them)
+        self._take_host_copies = getattr(strategy, "take_host_copies", None)
 
     # ---- intake -----------------------------------------------------------------------------
     def rejection(self, request: Request) -> str | None:
@@ -372,15 +374,19 @@ class Scheduler:
 
     def batch(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepBatch:
         """The engine's view of a planned step. Pure, except that pending page copies and the
-        strategy's host moves are handed over (`take_copies`, `take_host_moves`)."""
+        strategy's host moves are handed over (`take_copies`, `take_host_moves`, and with the
+        layout `take_host_copies` where the strategy has it)."""
         st = self.strategy
         seqs = []
         for s, n in planned:
             target = s.prefill_target
             seqs.append(ScheduledSeq(s.request, s.computed, n, st.page_table(s.id) if with_layout else None,
                                      s.computed + n >= target, s.computed >= target))
+        host_copies = self._take_host_copies() if with_layout and self._take_host_copies else None
         d2h, h2d = st.take_host_moves()
         batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h)
+        if host_copies:
+            batch.host_copies = host_copies
         if self._swap_out or self._swap_in:
             batch.swap_out = self._swap_out
             batch.swap_in = [SwapIn(s.id, st.page_table(s.id)[:st.pages_for(start + k)], start, k)

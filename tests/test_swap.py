@@ -208,7 +208,7 @@ def test_bad_values_are_config_errors(override, message):
 
 
 # ---- the torch engine: real copies ------------------------------------------------------------------
-TINY = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"), {"tie_embeddings": False})
+TINY = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"), {"tie_embeddings": False, "vocab_size": 1024})
 
 
 def generate(strategy, preemption: str, patch=None):
@@ -224,6 +224,7 @@ def generate(strategy, preemption: str, patch=None):
     assert len(result.finished) == len(reqs)
     strategy.check_invariants()
     assert not eng._swapped  # every host copy came back (or was dropped)
+    sched.moved = result.recorder.moved  # swap-outs, swap-ins, all d2h, all h2d (token slots)
     return {r.id: r.output.copy() for r in reqs}, sched
 
 
@@ -237,10 +238,17 @@ def recomputed():
 
 
 @pytest.mark.parametrize("make", [lambda: PagedStrategy(192, 128, page_size=4),
-                                  lambda: RadixStrategy(192, 128, page_size=1)], ids=["paged", "radix"])
+                                  lambda: RadixStrategy(192, 128, page_size=1),
+                                  lambda: PagedStrategy(192, 128, page_size=4, host_tier_tokens=256)],
+                         ids=["paged", "radix", "paged-host-tier"])
 def test_swapped_requests_generate_the_tokens_recomputed_ones_do(recomputed, make):
-    got, sched = generate(make(), "swap")
+    """... and with a host tier, whose evicted pages come back through real host copies too."""
+    st = make()
+    got, sched = generate(st, "swap")
     assert sched.num_preemptions > 0 and sched.swap_in_tokens > 0
+    if getattr(st, "host_tier_tokens", 0):
+        out, back, d2h, h2d = sched.moved
+        assert h2d > back and d2h > out  # host-tier hits were loaded back, evicted pages copied out
     for rid in recomputed:
         np.testing.assert_array_equal(got[rid], recomputed[rid], err_msg=f"request {rid}")
 

@@ -90,6 +90,7 @@ class TorchEngine(Engine):
         self.last_logits: dict[int, torch.Tensor] = {}
         self._ids: dict[int, np.ndarray] = {}  # request id -> prompt ++ output (int64, mod vocab)
         self._swapped: dict[int, torch.Tensor] = {}  # request id -> its pages [P, L, 2, page_size, H_kv, D] on the host
+        self._host_tier: dict[int, torch.Tensor] = {}  # host page id -> [1, L, 2, page_size, H_kv, D]
         self.steps = 0
 
     # ---- contract -------------------------------------------------------------------------
@@ -118,6 +119,8 @@ class TorchEngine(Engine):
                                f"{batch.page_size} != bound {self.page_size}")
         if batch.swap_out:  # first: a page a victim released may be written again in this step
             self._swap_out(batch.swap_out)
+        if batch.host_copies:  # the host tier's, in order (a page evicted to host may be taken again)
+            self._host_tier_copies(batch.host_copies)
         if batch.copies:  # copy-on-write, before anything reads or writes those pages
             src, dst = (torch.tensor(x, dtype=torch.int64, device=self.device)
                         for x in zip(*batch.copies))
@@ -150,6 +153,26 @@ class TorchEngine(Engine):
             page_move(self.kv_pool, pages, host, ps, to_host=True, backend=self._move_backend())
             self._swapped[o.rid] = host
 
+    def _host_tier_copies(self, copies: list[tuple[str, int, int]]) -> None:
+        """A strategy's host tier, for real: ("d2h", gpu_page, host_page) copies a pool page into
+        the host page's tensor (made on first use, pinned on a GPU); ("h2d", host_page, gpu_page)
+        copies it back. One page_move per page, in order."""
+        L, _, _, H, D = self.kv_pool.shape
+        ps, backend = self.page_size, self._move_backend()
+        for kind, a, b in copies:
+            gpu, host_id = (a, b) if kind == "d2h" else (b, a)
+            page = torch.tensor([gpu], dtype=torch.int64, device=self.device)
+            if kind == "d2h":
+                host = self._host_tier.get(host_id)
+                if host is None:
+                    host = self._host_tier[host_id] = torch.empty(
+                        (1, L, 2, ps, H, D), dtype=self.kv_pool.dtype, pin_memory=self.device.type == "cuda")
+                page_move(self.kv_pool, page, host, ps, to_host=True, backend=backend)
+            elif kind == "h2d":
+                page_move(self.kv_pool, page, self._host_tier[host_id], ps, to_host=False, backend=backend)
+            else:
+                raise ValueError(f"engine '{self.name}': host copy kind {kind!r} is not 'd2h' or 'h2d'")
+
     def _swap_in(self, ins: list[SwapIn]) -> None:
         """Copy positions [start, start + tokens) of each request's host copy into the pages it
         holds now (whole pages: `start` is a page boundary, the prefix cache serves whole pages;
@@ -166,10 +189,7 @@ class TorchEngine(Engine):
                                    f"not a page boundary (page_size {ps})")
             first, last = i.start // ps, -(-(i.start + i.tokens) // ps)
             pages = torch.as_tensor(np.asarray(i.pages[first:last], np.int64), device=self.device)
-            src = host[first:last]
-            if self.device.type != "cuda" and self._move_backend() == "triton":
-                src = src.to(self.device)
-            page_move(self.kv_pool, pages, src, ps, to_host=False, backend=self._move_backend())
+            page_move(self.kv_pool, pages, host[first:last], ps, to_host=False, backend=self._move_backend())
 
     def _forward(self, h: HostBatch) -> torch.Tensor:
         ids, positions, meta = h.to_device(self.device)
