@@ -50,7 +50,7 @@ if SMOKE:
     SZ.update(L=256, window=40, chunk=96, batches=(1, 3), Hq=4, Hkv=2, D=32, copy_gib=0.01, cold_bytes=1 << 16,
               max_rot=2, ext_new=16, ext_prefixes=(64,), ext_batches=(1,))
 FIELDS = ["device", "commit", "kernel", "batch", "context", "window", "chunk", "splits", "rotations", "bytes",
-          "median_us", "gbps", "frac_copy", "x_window_ctx", "correct", "note"]
+          "median_us", "gbps", "frac_copy", "x_window_ctx", "x_decode", "correct", "note"]
 
 
 def commit() -> str:
@@ -227,18 +227,19 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
                 else:
                     kw["prefix_splits"] = 1
                 try:
-                    o = extend_attention(qkv[0][:, :Hq], kc, vc, tables[0], qsl, sl, ps, k_new=kn[0], v_new=vn[0], **kw)
+                    o = extend_attention(qkv[0][:, :Hq], kc, vc, tables[0], qsl, sl, ps, k_new=kn[0], v_new=vn[0],
+                                         max_seq_len=ctx, **kw)
                 except TypeError:   # a checkout without prefix splits: only "off" exists
                     kw.pop("prefix_splits")
                     if mode != "off":
                         continue
                     o = extend_attention(qkv[0][:, :Hq], kc, vc, tables[0], qsl, sl, ps, k_new=kn[0], v_new=vn[0], **kw)
                 ok, msg = compare(o, ref)
+                extra = dict(max_seq_len=ctx) if "prefix_splits" in kw else {}
                 fns = [lambda i=i: extend_attention(qkv[i][:, :Hq], kc, vc, tables[i], qsl, sl, ps, k_new=kn[i],
-                                                    v_new=vn[i], out=outs[i], **kw) for i in range(R)]
+                                                    v_new=vn[i], out=outs[i], **kw, **extra) for i in range(R)]
                 ms = bk.bench_rot(fns)
-                used = emod.choose_prefix_splits(B, Hq, n_new, prefix, dev) if hasattr(emod, "choose_prefix_splits") \
-                    and mode == "auto" else (1 if mode == "off" else mode)
+                used = splits_used(T, B, Hq, D, ctx, kw.get("prefix_splits", 1), dev)
                 out_rows.append(dict(kernel=f"extend{n_new}-prefix-split-{mode}", batch=B, context=ctx, splits=used,
                                      rotations=R, bytes=nbytes, median_us=round(ms * 1e3, 2),
                                      gbps=round(nbytes / ms / 1e6, 1), frac_copy=round(nbytes / ms / 1e6 / copy_gbps, 3),
@@ -255,8 +256,21 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
                                  median_us=round(ms * 1e3, 2), gbps=round(dbytes / ms / 1e6, 1),
                                  frac_copy=round(dbytes / ms / 1e6 / copy_gbps, 3)))
             bk.log("  " + " ".join(f"{k}={v}" for k, v in out_rows[-1].items() if v != ""))
+            for r in out_rows:   # extend time over the decode's of the same batch and context
+                if r["kernel"].startswith("extend") and r.get("batch") == B and r.get("context") == ctx:
+                    r["x_decode"] = round(r["median_us"] / out_rows[-1]["median_us"], 2)
             del kc, vc, tables, qkv, outs
             bk._empty_cache()
+
+
+def splits_used(T, B, Hq, D, max_len, prefix_splits, dev) -> int:
+    """The prefix split count the extend launcher picks (as its code: heuristic, then rounding)."""
+    if not hasattr(emod, "choose_prefix_splits"):
+        return 1
+    cfg = emod.extend_config(D, ragged=True)
+    S = prefix_splits or emod.choose_prefix_splits(T, B, Hq, cfg["BLOCK_M"], max_len, dev)
+    split_tokens = -(-(-(-max_len // S)) // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return -(-max_len // split_tokens)
 
 
 def write_csv(path: pathlib.Path, rows, device, rev, fields=None):
@@ -317,11 +331,12 @@ def main() -> int:
         rows += ext[1:]
     write_csv(args.out / "window_decode.csv", rows, device, rev)
     bk.log(f"\n{'kernel':34s} {'B':>3s} {'ctx':>6s} {'win':>5s} {'chunk':>5s} {'splits':>6s} {'MB':>8s} "
-           f"{'us':>9s} {'GB/s':>8s} {'/copy':>6s} {'x win ctx':>9s} ok")
+           f"{'us':>9s} {'GB/s':>8s} {'/copy':>6s} {'x win ctx':>9s} {'x decode':>8s} ok")
     for r in rows:
         bk.log(f"{r['kernel']:34s} {r.get('batch', ''):>3} {r.get('context', ''):>6} {r.get('window', ''):>5} "
                f"{r.get('chunk', ''):>5} {r.get('splits', ''):>6} {r.get('bytes', 0) / 1e6:8.2f} {r['median_us']:9.2f} "
-               f"{r['gbps']:8.1f} {r['frac_copy']:6.3f} {r.get('x_window_ctx', ''):>9} {r.get('correct', '')}")
+               f"{r['gbps']:8.1f} {r['frac_copy']:6.3f} {r.get('x_window_ctx', ''):>9} {r.get('x_decode', ''):>8} "
+               f"{r.get('correct', '')}")
     bk.log(f"total {time.time() - t0:.0f}s; wrote {args.out}")
     ok &= all(r.get("correct", "ok") == "ok" for r in rows)
     return 0 if ok else 1
