@@ -21,10 +21,15 @@ from kvbench.sizes import LayerGroup, PoolGeometry, kv_bytes_per_token
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # by hand from configs/model/*.yaml: 2 (K, V) x layers x kv_heads x head_dim x dtype bytes
-SHIPPED = {"llama3_1_8b": 2 * 32 * 8 * 128 * 2,   # 131072, bfloat16
-           "llama3_2_1b": 2 * 16 * 8 * 64 * 2,    # 32768, bfloat16
-           "qwen2_5_7b": 2 * 28 * 4 * 128 * 2,    # 57344, bfloat16
-           "tiny": 2 * 2 * 2 * 16 * 4}            # 512, float32
+LLAMAS = {"llama3_1_8b": 2 * 32 * 8 * 128 * 2,   # 131072, bfloat16
+          "llama3_2_1b": 2 * 16 * 8 * 64 * 2,    # 32768, bfloat16
+          "qwen2_5_7b": 2 * 28 * 4 * 128 * 2,    # 57344, bfloat16
+          "tiny": 2 * 2 * 2 * 16 * 4}            # 512, float32
+# models with layer groups (issue 16): (label, kind, layers, bytes per token, window/chunk/state bytes)
+GROUPS = {"gemma3_1b_like": [("local", "sliding", 22, 2 * 22 * 1 * 256 * 2, 512), ("global", "full", 4, 2 * 4 * 256 * 2, 0)],
+          "gpt_oss_like": [("sliding", "sliding", 12, 2 * 12 * 8 * 64 * 2, 128), ("full", "full", 12, 2 * 12 * 8 * 64 * 2, 0)],
+          "hybrid_like": [("linear", "state", 36, 0, 1114112), ("full", "full", 12, 2 * 12 * 2 * 256 * 2, 0)]}
+SHIPPED = {**LLAMAS, "gemma3_1b_like": 26624, "gpt_oss_like": 49152, "hybrid_like": 24576}
 
 
 def shipped(name: str):
@@ -49,7 +54,7 @@ def test_the_torch_model_reads_the_same_sizes():
     from kvbench import model
 
     assert model.kv_bytes_per_token is sizes.kv_bytes_per_token
-    for name, expect in SHIPPED.items():
+    for name, expect in LLAMAS.items():  # (the model runner's layer kinds: its own tests)
         cfg = model.ModelConfig.from_dict(shipped(name))
         assert model.kv_bytes_per_token(cfg) == expect, name
     for name, dtype in model.DTYPES.items():  # the model's torch dtypes agree with the byte table
@@ -104,7 +109,7 @@ def test_geometry_invariants(page_size, num_pages, layers, heads, head_dim, dtyp
 
 def test_geometry_sums_its_groups_and_is_frozen():
     full = LayerGroup("full", 2, 2, 16, "float32")  # 512 B/token
-    other = LayerGroup("sliding", 1, 1, 8, "float8_e5m2")  # 16 B/token
+    other = LayerGroup("sliding", 1, 1, 8, "float8_e5m2", window=4)  # 16 B/token
     pool = PoolGeometry(page_size=4, num_pages=3, groups=(full, other))
     assert (pool.bytes_per_token, pool.bytes_per_page, pool.capacity_tokens, pool.capacity_bytes) == (528, 2112, 12, 6336)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -140,3 +145,43 @@ def test_importing_sizes_does_not_import_torch():
     code = "import sys, kvbench.sizes; print(sorted(m for m in ('torch', 'numpy', 'hydra') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_layer_groups_of_every_shipped_model():
+    for name in LLAMAS:  # one full-attention group, as before issue 16
+        (g,) = sizes.layer_groups(shipped(name))
+        assert (g.kind, g.window, g.chunk, g.state_bytes, g.name) == ("full", 0, 0, 0, "")
+        assert not PoolGeometry.of(shipped(name), 16, 4).hybrid
+    for name, expect in GROUPS.items():
+        got = [(g.label, g.kind, g.num_layers, g.bytes_per_token, g.window or g.chunk or g.state_bytes)
+               for g in sizes.layer_groups(shipped(name))]
+        assert got == expect, name
+    hybrid = PoolGeometry.of(shipped("hybrid_like"), 16, 4)
+    assert hybrid.hybrid and hybrid.state_bytes_per_request == 36 * 1114112
+    gemma = PoolGeometry.of(shipped("gemma3_1b_like"), 16, 4)
+    assert [gemma.group_bytes_per_page(i) for i in range(2)] == [16 * 22528, 16 * 4096]
+    assert sum(gemma.group_capacity_bytes(i) for i in range(2)) == gemma.capacity_bytes == 4 * 16 * 26624
+
+
+def test_a_pattern_repeats_over_the_layers_and_groups_override_shapes():
+    model = {"num_layers": 7, "num_kv_heads": 4, "head_dim": 8, "dtype": "float16",
+             "layers": {"pattern": ["a", "b", "c"], "groups": {
+                 "a": {"kind": "chunked", "chunk": 64}, "b": {"kind": "full", "num_kv_heads": 1, "head_dim": 16},
+                 "c": {"kind": "sliding", "window": 3}, "unused": {"kind": "full"}}}}
+    a, b, c = sizes.layer_groups(model)  # layers a b c a b c a: 3 a, 2 b, 2 c; `unused` holds nothing
+    assert (a.num_layers, b.num_layers, c.num_layers) == (3, 2, 2)
+    assert (a.bytes_per_token, b.bytes_per_token, c.bytes_per_token) == (2 * 3 * 4 * 8 * 2, 2 * 2 * 16 * 2, 2 * 2 * 4 * 8 * 2)
+    assert kv_bytes_per_token(model) == 384 + 128 + 256
+
+
+@pytest.mark.parametrize("layers, match", [
+    ({"pattern": ["x"]}, "model.layers=.*must be a mapping with keys pattern"),
+    ({"pattern": [], "groups": {"x": {"kind": "full"}}}, "model.layers.pattern=\\[\\]: must be a non-empty list"),
+    ({"pattern": ["x"], "groups": {"x": {"kind": "state", "state_bytes": 8}}}, "every layer is a state layer"),
+    ({"pattern": ["x"], "groups": {"x": {"kind": "full", "window": 4}}}, "window=4 is for kind sliding only"),
+    ({"pattern": ["x"], "groups": {"x": {"kind": "sliding"}}}, "kind sliding needs window >= 1, got 0"),
+    ({"pattern": ["x"], "groups": {"x": {"kind": "full", "heads": 2}}}, "model.layers.groups.x=.*must be a mapping with kind"),
+])
+def test_a_bad_layers_description_names_the_key(layers, match):
+    with pytest.raises(ValueError, match=match):
+        sizes.layer_groups({"num_layers": 2, "num_kv_heads": 1, "head_dim": 4, "dtype": "float32", "layers": layers})
