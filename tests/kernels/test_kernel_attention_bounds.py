@@ -45,8 +45,8 @@ def _dense(q_rows, pos_rows, k, v, window, chunk, scale, G):
         vis &= keys > p - window
     if chunk:
         vis &= keys >= p // chunk * chunk
-    kk, vv = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
-    s = torch.einsum("mhd,nhd->hmn", q_rows.float(), kk) * scale
+    kk, vv = k.float().cpu().repeat_interleave(G, 1), v.float().cpu().repeat_interleave(G, 1)
+    s = torch.einsum("mhd,nhd->hmn", q_rows.float().cpu(), kk) * scale
     s = s.masked_fill(~vis[None], float("-inf"))
     return torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vv).to(dev)
 
@@ -61,8 +61,8 @@ def test_key_lo_host_matches_the_hf_mask():
 
 # ------------------------------------------------------------------------------------------ decode
 def _decode(seq_lens, page_size, contiguous, window, chunk, *, Hq=4, Hkv=2, D=32, dtype=torch.float32,
-            num_splits=None, config=None, seed=0):
-    dev = device()
+            num_splits=None, config=None, seed=0, dev=None, dense=True):
+    dev = dev or device()
     gen = torch.Generator().manual_seed(seed)
     kc, vc, pt = make_cache(seq_lens, page_size, Hkv, D, dtype, dev, contiguous=contiguous, gen=gen)
     dense_k, dense_v = kc.clone(), vc.clone()
@@ -75,7 +75,7 @@ def _decode(seq_lens, page_size, contiguous, window, chunk, *, Hq=4, Hkv=2, D=32
     ref = decode_attention_ref(q, kc, vc, pt, sl, page_size, contiguous=contiguous, window=window, chunk=chunk)
     assert torch.isfinite(ref.float()).all(), "the reference read a poisoned key"
     assert_close(o, ref, dtype)
-    for b, n in enumerate(seq_lens):   # the reference against a dense mask over all keys
+    for b, n in enumerate(seq_lens if dense else ()):   # the reference against a dense mask over all keys
         s = _slots(pt[b], torch.arange(n), page_size, contiguous)
         dense = _dense(q[b:b + 1], [n - 1], dense_k[s], dense_v[s], window, chunk, 1 / math.sqrt(D), Hq // Hkv)
         assert_close(ref[b], dense[0], dtype)
@@ -120,8 +120,8 @@ def test_decode_bound_errors():
 
 # ------------------------------------------------------------------------------------------ extend
 def _extend(new_lens, prefix_lens, page_size, contiguous, window, chunk, *, ragged, Hq=2, Hkv=1, D=32,
-            dtype=torch.float32, config=None, seed=0, prefix_splits=None, max_seq_len=None):
-    dev = device()
+            dtype=torch.float32, config="small", seed=0, prefix_splits=None, max_seq_len=None, dev=None, dense=True):
+    dev = dev or device()
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [a + b for a, b in zip(new_lens, prefix_lens)]
     kc, vc, pt = make_cache(seq_lens, page_size, Hkv, D, dtype, dev, contiguous=contiguous, gen=gen)
@@ -145,9 +145,9 @@ def _extend(new_lens, prefix_lens, page_size, contiguous, window, chunk, *, ragg
     out = nan_like(q)
     o = extend_attention(q, kc, vc, pt, qsl, sl, page_size, contiguous=contiguous, window=window, chunk=chunk,
                          k_new=k_new, v_new=v_new, out=out, prefix_splits=prefix_splits, max_seq_len=max_seq_len,
-                         config=config or (SMALL_RAGGED if ragged else SMALL))
+                         config=(SMALL_RAGGED if ragged else SMALL) if config == "small" else config)
     assert_close(o, ref, dtype)
-    for b, (n, p) in enumerate(zip(new_lens, prefix_lens)):
+    for b, (n, p) in enumerate(zip(new_lens, prefix_lens) if dense else ()):
         s = _slots(pt[b], torch.arange(n + p), page_size, contiguous)
         qs = int(qsl[b])
         dense = _dense(q[qs:qs + n], list(range(p, p + n)), dense_k[s], dense_v[s], window, chunk,
@@ -208,3 +208,27 @@ def test_extend_prefix_split_heuristic():
     emod._SPLIT_BUFS.clear()
     _extend([16], [300], 16, False, 0, 0, ragged=True, Hq=2, Hkv=1)   # auto: 2 splits
     assert emod._SPLIT_BUFS, "the split path did not run"
+
+
+# ------------------------------------------------------------------------------- GPU, real shapes
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bound", [(512, 0), (100, 0), (0, 2048)], ids=["window512", "window100", "chunk2048"])
+@pytest.mark.parametrize("num_splits", [None, 1, 16])
+def test_decode_bounds_gpu_real_shape(bound, num_splits):
+    _decode([8192, 4096, 513, 17], 16, False, *bound, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
+            num_splits=num_splits, dev=torch.device("cuda"), dense=False)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bound", [(512, 0), (0, 1024), (0, 0)], ids=["window512", "chunk1024", "full"])
+@pytest.mark.parametrize("prefix_splits", [None, 1, 8])
+@pytest.mark.parametrize("ragged", [False, True], ids=["paged", "ragged"])
+def test_extend_bounds_and_prefix_splits_gpu(bound, prefix_splits, ragged):
+    # the issue-12 shape: 64-token chunks over 1k / 4k prefixes (1B heads), and a 2k prefill
+    _extend([64, 64, 2048], [1024, 4096, 0], 16, False, *bound, ragged=ragged, Hq=32, Hkv=8, D=64,
+            dtype=torch.bfloat16, config=None, prefix_splits=prefix_splits, dev=torch.device("cuda"), dense=False)
