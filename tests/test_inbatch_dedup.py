@@ -167,3 +167,19 @@ def test_bad_values_are_config_errors():
                 validate(cfg)
     with pytest.raises(ValueError, match="dedup_min_prefix must be >= 1"):
         Scheduler(STRATEGIES["radix"](), 1, 1, dedup_prefix=True, dedup_min_prefix=0)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_without_shared_prefixes_dedup_changes_nothing(policy):
+    """Random prompts (no two share 32 ids) past saturation: the same timeline with dedup on."""
+    from kvbench.traces import synthetic
+
+    def timeline(dedup: bool):
+        reqs = synthetic(num_requests=60, rate=40.0, seed=4)
+        sched = Scheduler(STRATEGIES["paged"](2048), 16, 512, policy=policy, dedup_prefix=dedup)
+        result = replay(reqs, sched, ENGINE, progress=False)
+        assert len(result.finished) + len(result.recorder.rejected) == 60 and sched.num_preemptions > 0
+        return result.recorder.timeline(), sched.deferred
+
+    (off, _), (on, deferred) = timeline(False), timeline(True)
+    assert deferred == 0 and on.equals(off)
