@@ -264,13 +264,14 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
 
 
 def splits_used(T, B, Hq, D, max_len, prefix_splits, dev) -> int:
-    """The prefix split count the extend launcher picks (as its code: heuristic, then rounding)."""
+    """The prefix split count the extend launcher picks (as its code: heuristic, then the cap)."""
     if not hasattr(emod, "choose_prefix_splits"):
         return 1
     cfg = emod.extend_config(D, ragged=True)
     S = prefix_splits or emod.choose_prefix_splits(T, B, Hq, cfg["BLOCK_M"], max_len, dev)
-    split_tokens = -(-(-(-max_len // S)) // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    return -(-max_len // split_tokens)
+    bn = cfg["BLOCK_N"]
+    piece = -(-(emod.EXTEND_MIN_SPLIT_TOKENS if not prefix_splits else 1) // bn) * bn
+    return min(S, -(-max_len // piece))
 
 
 def write_csv(path: pathlib.Path, rows, device, rev, fields=None):

@@ -252,7 +252,7 @@ def _extend_kernel(
     stride_ot, stride_oh,
     page_size, B,
     window, chunk,           # attention bounds (0 = none), see decode_attention.key_lo
-    split_tokens, num_splits,  # SPLIT: split s takes prefix keys [lo + s * split_tokens, ...)
+    split_tokens, num_splits,  # SPLIT: the smallest piece; each request's prefix keys cut in num_splits pieces
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
@@ -312,9 +312,14 @@ def _extend_kernel(
 
         if SPLIT:
             # split-KV over the cached prefix (short chunks over long prefixes: more programs):
-            # split s reads prefix keys [s_lo, s_hi); the last split also every key from the prefix on
-            s_lo = lo_b + split * split_tokens
-            s_hi = tl.minimum(prefix, s_lo + split_tokens)
+            # this request's prefix keys [lo_b, prefix) in num_splits pieces of whole tiles, at
+            # least split_tokens each (sized by the actual prefix, not the launch's upper bound:
+            # a graph captured for a wide table still spreads a short prefix over every split);
+            # split s reads [s_lo, s_hi); the last split also every key from the prefix on
+            piece = tl.cdiv(tl.cdiv(tl.maximum(prefix - lo_b, 0), num_splits), BLOCK_N) * BLOCK_N
+            piece = tl.maximum(piece, split_tokens)
+            s_lo = lo_b + split * piece
+            s_hi = tl.minimum(prefix, s_lo + piece)
             c0, c1, c2 = _regions(s_lo, lo_u, s_hi, s_hi, BLOCK_N)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
@@ -509,8 +514,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                 span = bounded_span(max_len, window, chunk) if window or chunk else max(int(max_len), 1)
                 S = prefix_splits if prefix_splits is not None else \
                     choose_prefix_splits(T, B, q.shape[1], BM, span, q.device)
-                split_tokens = cdiv(cdiv(span, S), BN) * BN
-                S = cdiv(span, split_tokens)
+                split_tokens = cdiv(EXTEND_MIN_SPLIT_TOKENS if prefix_splits is None else 1, BN) * BN
+                S = min(S, cdiv(span, split_tokens))
                 hit = plans.get(S)
                 if hit is not None:
                     run, merge, head, o_strides = hit
@@ -559,8 +564,9 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
     span = bounded_span(max_len, window, chunk)      # >= any query block's prefix keys
     S = prefix_splits if prefix_splits is not None else choose_prefix_splits(T, B, Hq, BM, span, dev)
-    split_tokens = cdiv(cdiv(span, S), BN) * BN
-    S = cdiv(span, split_tokens)                     # drop splits that would always be empty
+    # the smallest piece (whole tiles): the heuristic's minimum, one tile when the count is given
+    split_tokens = cdiv(EXTEND_MIN_SPLIT_TOKENS if prefix_splits is None else 1, BN) * BN
+    S = min(S, cdiv(span, split_tokens))             # drop splits that would always be empty
     po, plse = _split_buffers(T * Hq * S, D, dev) if S > 1 else (o, o)   # (unused without a split)
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
     head = (scale * LOG2E, q.stride(0), q.stride(1),

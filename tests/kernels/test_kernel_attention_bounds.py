@@ -189,6 +189,9 @@ def test_extend_prefix_splits(ragged):
     with no new tokens, and a window (keys outside it poisoned) on the slab path."""
     _extend([16, 1, 20, 0], [70, 45, 0, 9], 16, False, 0, 0, ragged=ragged, prefix_splits=5)
     _extend([16], [70], 16, True, 37, 0, ragged=ragged, prefix_splits=2, seed=1)
+    # a launch bound far above the prefixes (a graph captured for a wide table): pieces follow
+    # each request's own prefix
+    _extend([16, 3], [70, 20], 16, False, 0, 0, ragged=ragged, prefix_splits=3, max_seq_len=4000, seed=2)
 
 
 def test_extend_prefix_splits_chunk_bf16():
