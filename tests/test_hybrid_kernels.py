@@ -26,7 +26,8 @@ def kv_of(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("design", ["hybrid_unified", "hybrid_separate"])
 @pytest.mark.parametrize("model, window, chunk", [("sliding", 7, 0), ("chunked", 0, 6)])
 def test_the_decode_kernel_reads_only_the_windows_pages(design, model, window, chunk):
-    s = build(design, 192, 96, model=model, page_size=2, **({"split": [0.5, 0.5]} if design == "hybrid_separate" else {}))
+    split = {"split": [0.5, 0.5]} if design == "hybrid_separate" else {}
+    s = build(design, 192, 96, model=model, page_size=2, **split)
     tokens = np.arange(100, 140, dtype=np.int32)
     assert s.admit(0, tokens, 39, 14, 14).admitted
     assert s.grow(0, 1)  # 14 computed: pages before the window leave table 0
@@ -40,7 +41,8 @@ def test_the_decode_kernel_reads_only_the_windows_pages(design, model, window, c
     k_cache = torch.full((slots, 1, D), float("nan"))
     v_cache = torch.full((slots, 1, D), float("nan"))
     pos = torch.arange(lo, n)
-    held = torch.as_tensor(table[(pos // spec.page_size).numpy()], dtype=torch.long) * spec.page_size + pos % spec.page_size
+    pages = torch.as_tensor(table[(pos // spec.page_size).numpy()], dtype=torch.long)
+    held = pages * spec.page_size + pos % spec.page_size
     k_win, v_win = kv_of(torch.as_tensor(tokens[lo:n], dtype=torch.long))
     k_cache[held], v_cache[held] = k_win, v_win  # only the window's slots hold K/V
     q = torch.randn(1, 2, D, generator=torch.Generator().manual_seed(1))

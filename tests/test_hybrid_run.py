@@ -63,13 +63,19 @@ def test_a_single_group_model_runs_a_hybrid_design_as_plain_paging(tmp_path):
         assert s[key] == p[key], key
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.layers.groups.local.window=0", "model.layers.groups.local: layer group 'local': kind sliding needs window >= 1, got 0"),
-    ("model.layers.groups.local.kind=banded", "model.layers.groups.local: layer group 'local': kind='banded' must be one of full, sliding, chunked, state"),
-    ("model.layers.pattern=[local,glob]", "model.layers.pattern: 'glob' is not a group of model.layers.groups (local, global)"),
-    ("+model.layers.groups.global.chunk=8", "model.layers.groups.global: layer group 'global': chunk=8 is for kind chunked only"),
+LOCAL = "model.layers.groups.local: layer group 'local': "
+BAD_LAYERS = [
+    ("model.layers.groups.local.window=0", LOCAL + "kind sliding needs window >= 1, got 0"),
+    ("model.layers.groups.local.kind=banded", LOCAL + "kind='banded' must be one of full, sliding, chunked, state"),
+    ("model.layers.pattern=[local,glob]", "model.layers.pattern: 'glob' is not a group of model.layers.groups "
+                                          "(local, global)"),
+    ("+model.layers.groups.global.chunk=8", "model.layers.groups.global: layer group 'global': chunk=8 is for kind "
+                                            "chunked only"),
     ("model.layers.groups.local.window=1.5", "model.layers.groups.local.window=1.5: must be an integer"),
-])
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_LAYERS)
 def test_a_bad_layers_description_is_one_config_error(override, message):
     with pytest.raises(ConfigError) as err:
         validate(composed("model=gemma3_1b_like", override))
@@ -77,9 +83,9 @@ def test_a_bad_layers_description_is_one_config_error(override, message):
 
 
 def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "kvbench.cli", "model=gemma3_1b_like", "model.layers.groups.local.window=0",
-                          f"hydra.run.dir={tmp_path}", "progress=false"], capture_output=True, text=True, timeout=120,
-                         cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "kvbench.cli", "model=gemma3_1b_like",
+                          "model.layers.groups.local.window=0", f"hydra.run.dir={tmp_path}", "progress=false"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "kvbench: error: model.layers.groups.local: layer group 'local': kind sliding needs window >= 1, got 0"]

@@ -26,8 +26,10 @@ LLAMAS = {"llama3_1_8b": 2 * 32 * 8 * 128 * 2,   # 131072, bfloat16
           "qwen2_5_7b": 2 * 28 * 4 * 128 * 2,    # 57344, bfloat16
           "tiny": 2 * 2 * 2 * 16 * 4}            # 512, float32
 # models with layer groups (issue 16): (label, kind, layers, bytes per token, window/chunk/state bytes)
-GROUPS = {"gemma3_1b_like": [("local", "sliding", 22, 2 * 22 * 1 * 256 * 2, 512), ("global", "full", 4, 2 * 4 * 256 * 2, 0)],
-          "gpt_oss_like": [("sliding", "sliding", 12, 2 * 12 * 8 * 64 * 2, 128), ("full", "full", 12, 2 * 12 * 8 * 64 * 2, 0)],
+GROUPS = {"gemma3_1b_like": [("local", "sliding", 22, 2 * 22 * 1 * 256 * 2, 512),
+                             ("global", "full", 4, 2 * 4 * 256 * 2, 0)],
+          "gpt_oss_like": [("sliding", "sliding", 12, 2 * 12 * 8 * 64 * 2, 128),
+                           ("full", "full", 12, 2 * 12 * 8 * 64 * 2, 0)],
           "hybrid_like": [("linear", "state", 36, 0, 1114112), ("full", "full", 12, 2 * 12 * 2 * 256 * 2, 0)]}
 SHIPPED = {**LLAMAS, "gemma3_1b_like": 26624, "gpt_oss_like": 49152, "hybrid_like": 24576}
 
@@ -170,7 +172,8 @@ def test_a_pattern_repeats_over_the_layers_and_groups_override_shapes():
                  "c": {"kind": "sliding", "window": 3}, "unused": {"kind": "full"}}}}
     a, b, c = sizes.layer_groups(model)  # layers a b c a b c a: 3 a, 2 b, 2 c; `unused` holds nothing
     assert (a.num_layers, b.num_layers, c.num_layers) == (3, 2, 2)
-    assert (a.bytes_per_token, b.bytes_per_token, c.bytes_per_token) == (2 * 3 * 4 * 8 * 2, 2 * 2 * 16 * 2, 2 * 2 * 4 * 8 * 2)
+    assert (a.bytes_per_token, b.bytes_per_token, c.bytes_per_token) == (2 * 3 * 4 * 8 * 2, 2 * 2 * 16 * 2,
+                                                                          2 * 2 * 4 * 8 * 2)
     assert kv_bytes_per_token(model) == 384 + 128 + 256
 
 
@@ -180,7 +183,8 @@ def test_a_pattern_repeats_over_the_layers_and_groups_override_shapes():
     ({"pattern": ["x"], "groups": {"x": {"kind": "state", "state_bytes": 8}}}, "every layer is a state layer"),
     ({"pattern": ["x"], "groups": {"x": {"kind": "full", "window": 4}}}, "window=4 is for kind sliding only"),
     ({"pattern": ["x"], "groups": {"x": {"kind": "sliding"}}}, "kind sliding needs window >= 1, got 0"),
-    ({"pattern": ["x"], "groups": {"x": {"kind": "full", "heads": 2}}}, "model.layers.groups.x=.*must be a mapping with kind"),
+    ({"pattern": ["x"], "groups": {"x": {"kind": "full", "heads": 2}}},
+     "model.layers.groups.x=.*must be a mapping with kind"),
 ])
 def test_a_bad_layers_description_names_the_key(layers, match):
     with pytest.raises(ValueError, match=match):

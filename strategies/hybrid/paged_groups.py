@@ -161,7 +161,8 @@ class GroupPaged(HybridStrategy):
         for t, spec in enumerate(self._tables):  # new pages, plus hits that leave the cached set
             sp = self._spaces[spec.space]
             revived = sum(1 for p in hit_pages.get(t, ()) if sp.ref[p] == 0)
-            need[spec.space] = need.get(spec.space, 0) + -(-length // spec.page_size) - cached // spec.page_size + revived
+            new = -(-length // spec.page_size) - cached // spec.page_size
+            need[spec.space] = need.get(spec.space, 0) + new + revived
         if any(n > self._spaces[s].available() for s, n in need.items()):
             return Admission(False)
         req = _Req(tokens, kv_len, cached, [], [], [], {ps: c[: cached // ps] for ps, c in chains.items()}, cached)

@@ -11,7 +11,8 @@ sequence (max_model_len). `split: window` does that (a chunked group's window is
 state group's weight is its bytes per request); a list of fractions (one per group, in the
 model's group order) sets it by hand. Either way a group's pool holds at least one request of
 max_model_len (pages counted whole, as a prefill chunk may span a window; a state group: one
-state), taken from the other groups' shares, so that any request the model serves can run alone. The split never moves: a group whose pool is full stops
+state), taken from the other groups' shares, so that any request the model serves can run alone.
+The split never moves: a group whose pool is full stops
 admission although the other pools have room; those free bytes are reported as external
 fragmentation while a request waits (memory stranded by the split). Bytes a pool cannot use
 (less than one page) are internal.
@@ -34,7 +35,8 @@ class SeparatePools(GroupPaged):
     hit_rule = ("every group's pool holds its needed pages at the hit point (full: all earlier; sliding: last "
                 "window-1 tokens; chunked: the current chunk); state layers: no snapshots, hit 0")
 
-    def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16, geometry: PoolGeometry | None = None,
+    def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
+                 geometry: PoolGeometry | None = None,
                  split: str | list = "window", prefix_caching: bool = True, name: str = "hybrid_separate") -> None:
         self.split = split if isinstance(split, str) else [float(x) for x in split]
         super().__init__(capacity_tokens, max_model_len, page_size, name, geometry, prefix_caching)

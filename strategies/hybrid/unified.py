@@ -45,7 +45,8 @@ class UnifiedPool(GroupPaged):
     hit_rule = ("every table holds its needed pages at the hit point (full: all earlier; sliding: last window-1 "
                 "tokens; chunked: the current chunk); state layers: no snapshots, hit 0")
 
-    def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16, geometry: PoolGeometry | None = None,
+    def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
+                 geometry: PoolGeometry | None = None,
                  prefix_caching: bool = True, name: str = "hybrid_unified") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name, geometry, prefix_caching)
 
