@@ -416,6 +416,7 @@ class HybridRadix(HybridStrategy):
         refilled), the rest becomes new nodes, cut where a window lane's pages start (the
         part before is a tombstone there: we freed it) and at the branching point."""
         ps, tokens = self.page_size, seq.tokens
+        self._advance(seq, now)  # (its locked window is a suffix of the path: the new nodes extend it)
         fn = [self._fn(lane, seq.length) for lane in range(self._lanes)]
         node, pos, moved = seq.node, seq.tree_len, 0
         while pos < done:
@@ -482,10 +483,9 @@ class HybridRadix(HybridStrategy):
             seq.pfirst[lane] = max(0, seq.pfirst[lane] - moved)
         seq.node, seq.tree_len = node, done
 
-    def _trim(self, seq: _Seq, now: int) -> None:
-        """Windows move on (its computed positions: `length`): tree nodes it no longer reads are
-        unlocked in that lane (evictable there), its own pages it no longer reads are freed."""
-        ps = self.page_size
+    def _advance(self, seq: _Seq, now: int) -> None:
+        """Unlock, in each window lane, the path nodes wholly before the window of its computed
+        positions (`length`): evictable there from now on."""
         for lane in range(1, self._lanes):
             fn = self._fn(lane, seq.length)
             w = seq.wnode[lane]
@@ -498,6 +498,14 @@ class HybridRadix(HybridStrategy):
                 self._unlock(w, lane, now)
                 w = nxt
             seq.wnode[lane] = w
+
+    def _trim(self, seq: _Seq, now: int) -> None:
+        """Windows move on (its computed positions: `length`): tree nodes it no longer reads are
+        unlocked in that lane (evictable there), its own pages it no longer reads are freed."""
+        ps = self.page_size
+        self._advance(seq, now)
+        for lane in range(1, self._lanes):
+            fn = self._fn(lane, seq.length)
             priv = seq.private[lane]
             stop = min(max(0, (fn - seq.tree_len) // ps), len(priv))
             for i in range(seq.pfirst[lane], stop):

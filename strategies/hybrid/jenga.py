@@ -123,7 +123,8 @@ class Jenga(HybridStrategy):
         n = self.num_large
         self._free_large: deque[int] = deque(range(n))
         self._split = [-1] * n  # group a large page is split for (-1: free)
-        self._aff = [-1] * n  # the request that split or adopted it (Jenga's large_block_to_seq_id)
+        self._aff = [-1] * n  # the running request that split or adopted it (Jenga's large_block_to_seq_id)
+        self._owned: dict[int, set[int]] = {}  # running request -> large pages it split or adopted
         self._nfree, self._nused, self._ncached = [0] * n, [0] * n, [0] * n
         self._lv0: dict[int, tuple] = {}  # level-0 victims (no small page in use): large -> key
         self._st = {g: bytearray(n * self._ratio[g]) for g in range(len(self.groups))}
@@ -320,6 +321,7 @@ class Jenga(HybridStrategy):
         """A free large page becomes group g's, its small pages free and `rid`'s."""
         r = self._ratio[g]
         self._split[big], self._aff[big], self._nfree[big] = g, rid, r
+        self._owned.setdefault(rid, set()).add(big)
         own = self._pref[g].setdefault(rid, {})
         for s in range(big * r, (big + 1) * r):
             self._st[g][s] = _FREE
@@ -344,6 +346,7 @@ class Jenga(HybridStrategy):
     def _adopt(self, g: int, big: int, rid: RequestId) -> None:
         """`rid` takes over a large page whose request has left: its free small pages become rid's."""
         self._aff[big] = rid
+        self._owned.setdefault(rid, set()).add(big)
         r = self._ratio[g]
         own = self._pref[g].setdefault(rid, {})
         for s in range(big * r, (big + 1) * r):
@@ -357,11 +360,11 @@ class Jenga(HybridStrategy):
         request if it runs, else to the pages of no request; a large page with every small page
         free returns to the free pool whole."""
         big = s // self._ratio[g]
-        owner = self._aff[big]
+        owner = self._aff[big]  # (-1 once its request has left)
         self._st[g][s] = _FREE
         self._nused[big] -= 1
         self._nfree[big] += 1
-        if owner in self._reqs:
+        if owner >= 0:
             self._pref[g].setdefault(owner, {})[s] = None
             self._where[g][s] = owner
         else:
@@ -381,6 +384,7 @@ class Jenga(HybridStrategy):
             else:
                 del self._pref[g][where][s]
             self._st[g][s] = _UNSPLIT
+        self._disown(big)
         self._split[big], self._aff[big], self._nfree[big] = -1, -1, 0
         self._lv0.pop(big, None)
         self._free_large.append(big)
@@ -400,8 +404,13 @@ class Jenga(HybridStrategy):
                 else:
                     del self._pref[g][where][s]
             self._st[g][s] = _UNSPLIT
+        self._disown(big)
         self._split[big], self._aff[big], self._nfree[big], self._ncached[big] = -1, -1, 0, 0
         del self._lv0[big]
+
+    def _disown(self, big: int) -> None:
+        if self._aff[big] >= 0:
+            self._owned[self._aff[big]].discard(big)
 
     def _pop_cached(self, g: int) -> int:
         """Level 1: the least recent cached small page of group g (out-of-window pages first,
@@ -485,7 +494,7 @@ class Jenga(HybridStrategy):
         now = next(self._clock)
         for g in self._attn:
             held = hit.get(g, [])
-            skip = hits.first_needed(self.groups[g], cached) // ps if held else 0
+            skip = j - len(held)  # pages before its window or chunk at the hit point (all of them at a chunk start)
             for s in held:
                 if self._st[g][s] == _CACHED:
                     self._revive(g, s)
@@ -525,7 +534,9 @@ class Jenga(HybridStrategy):
 
     def release(self, rid) -> None:
         req = self._reqs.pop(rid)
-        for g in range(len(self.groups)):  # its free small pages belong to no request now
+        for big in self._owned.pop(rid, ()):  # its large pages belong to no request now
+            self._aff[big] = -1
+        for g in range(len(self.groups)):  # nor their free small pages
             for s in self._pref[g].pop(rid, {}):
                 self._nopref[g][s] = None
                 self._where[g][s] = -1
@@ -731,6 +742,13 @@ class Jenga(HybridStrategy):
                 if not self._nused[c] and self._ncached[c]:
                     r = self._ratio[g]
                     lv0[c] = max(self._key[g][s] for s in range(c * r, (c + 1) * r) if s in self._key[g])
+        owned = {}
+        for c in range(self.num_large):
+            if self._aff[c] >= 0:
+                owned.setdefault(self._aff[c], set()).add(c)
+        if set(owned) - set(self._reqs) or any(owned.get(r, set()) != self._owned.get(r, set()) for r in
+                                                set(owned) | set(self._owned)):
+            raise InvariantError(f"large pages filed under requests {self._owned} != recount {owned}")
         if lv0 != self._lv0:
             raise InvariantError(f"level-0 victims {sorted(self._lv0)} != recount {sorted(lv0)}")
         for g in range(ngroups):
