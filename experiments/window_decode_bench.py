@@ -5,7 +5,7 @@ references on the GPU, and short extend chunks over long cached prefixes (issue 
 
     python3 experiments/window_decode_bench.py --out DIR            # decode rows (~1 min on an H200)
     python3 experiments/window_decode_bench.py --out DIR --check    # + window/chunk correctness on the GPU
-    python3 experiments/window_decode_bench.py --out DIR --extend   # + 64-token extend over 1k/4k prefixes
+    python3 experiments/window_decode_bench.py --out DIR --extend   # + 64/512-token extends over 1k/4k prefixes
     python3 experiments/window_decode_bench.py --out DIR --smoke    # tiny shapes on the CPU (checks the script)
 
 Shape: Llama-3.1-8B attention (32 q heads, 8 KV heads, head dim 128), bf16, page 16, batch 1 and
@@ -45,10 +45,11 @@ from kvbench.kernels.tolerances import compare  # noqa: E402
 
 SMOKE = bk.SMOKE
 SZ = dict(L=32768, window=512, chunk=8192, batches=(1, 32), Hq=32, Hkv=8, D=128, ps=16, copy_gib=2.0,
-          cold_bytes=256 << 20, max_rot=64, ext_new=64, ext_prefixes=(1024, 4096), ext_batches=(1, 8))
+          cold_bytes=256 << 20, max_rot=64, ext_cases=((64, 1024), (64, 4096), (512, 1024), (512, 4096)),
+          ext_batches=(1, 8))
 if SMOKE:
     SZ.update(L=256, window=40, chunk=96, batches=(1, 3), Hq=4, Hkv=2, D=32, copy_gib=0.01, cold_bytes=1 << 16,
-              max_rot=2, ext_new=16, ext_prefixes=(64,), ext_batches=(1,))
+              max_rot=2, ext_cases=((16, 64),), ext_batches=(1,))
 FIELDS = ["device", "commit", "kernel", "batch", "context", "window", "chunk", "splits", "rotations", "bytes",
           "median_us", "gbps", "frac_copy", "x_window_ctx", "x_decode", "correct", "note"]
 
@@ -192,14 +193,13 @@ def check_rows(dev, gen, out_rows) -> bool:
 
 # ---------------------------------------------------------------------------------------- --extend
 def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
-    """Issue 12 §4: a 64-token extend chunk over a 1k / 4k cached prefix, Llama-3.2-1B attention
+    """Issue 12 §4: a 64-token (and a 512-token) extend chunk per request over a 1k / 4k cached prefix, Llama-3.2-1B attention
     (32 q heads, 8 KV heads, head dim 64), the ragged path the model uses, against a decode step of
     the same batch over the same context. `splits_modes`: the extend kernel's prefix-split settings
     to time ("off" = no split, "auto" = the launcher's heuristic)."""
     Hq, Hkv, D, ps, dt = (32, 8, 64, 16, torch.bfloat16) if not SMOKE else (4, 2, 32, 16, torch.bfloat16)
-    n_new = SZ["ext_new"]
     for B in SZ["ext_batches"]:
-        for prefix in SZ["ext_prefixes"]:
+        for n_new, prefix in SZ["ext_cases"]:
             ctx = prefix + n_new
             P = -(-ctx // ps)
             num_pages = B * P * 4
@@ -257,7 +257,7 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
                                  frac_copy=round(dbytes / ms / 1e6 / copy_gbps, 3)))
             bk.log("  " + " ".join(f"{k}={v}" for k, v in out_rows[-1].items() if v != ""))
             for r in out_rows:   # extend time over the decode's of the same batch and context
-                if r["kernel"].startswith("extend") and r.get("batch") == B and r.get("context") == ctx:
+                if r["kernel"].startswith(f"extend{n_new}-") and r.get("batch") == B and r.get("context") == ctx:
                     r["x_decode"] = round(r["median_us"] / out_rows[-1]["median_us"], 2)
             del kc, vc, tables, qkv, outs
             bk._empty_cache()
