@@ -109,6 +109,7 @@ class Driver:
         self.slots = np.full(strategy.capacity, -1, dtype=np.int64)
         self.host_slots = np.full(getattr(strategy, "host_tier_tokens", 0), -1, dtype=np.int64)
         self.host_hits = 0  # of `hits`, positions that came back from the host tier
+        self.host_copies: list[tuple[str, int, int]] = []  # host-tier page copies applied, in order
         self.live: dict[int, Live] = {}
         self.check_no_mutation = check_no_mutation
         self.invariants = invariants
@@ -128,7 +129,9 @@ class Driver:
     def _apply_copies(self) -> None:
         ps = self.ps
         if len(self.host_slots):  # host moves first, in order (an evicted page is copied out before reuse)
-            for kind, src, dst in self.s.take_host_copies():
+            host_copies = self.s.take_host_copies()
+            self.host_copies += host_copies
+            for kind, src, dst in host_copies:
                 a, b = (self.slots, self.host_slots) if kind == "d2h" else (self.host_slots, self.slots)
                 b[dst * ps:(dst + 1) * ps] = a[src * ps:(src + 1) * ps]
         copies = self.s.take_copies()
