@@ -39,8 +39,10 @@ Preemption (`preemption`):
   `cached_prefix_len`, which `admit` must then answer): positions [0, cached) are prefix hits as
   usual, [cached, swapped) are copied back (h2d) and marked computed without being scheduled,
   and only [swapped, prompt + emitted) (at least its last output token) is computed, within the
-  step's token budget. Host memory for swapped requests is unbounded (the summary reports its
-  peak); each copy is dropped when its request is re-admitted.
+  step's token budget (the copy itself takes none of it: the sim charges its bytes). Host memory
+  for swapped requests is unbounded (`peak_host_tokens` is its peak); each copy is dropped when
+  its request is re-admitted. All of a victim's computed positions are copied out, also those
+  whose pages stay cached on the GPU (they may be evicted while it waits).
 
 In-batch prefix deduplication (`dedup_prefix`, SGLang's in-batch prefix caching): a waiting
 request that is not urgent is *deferred* for this step when a request admitted before it in this
