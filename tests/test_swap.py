@@ -126,12 +126,15 @@ STRATEGIES = {"paged": lambda: PagedStrategy(96, 96, page_size=4),
               "slab": lambda: SlabStrategy(96, 96)}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(stem=hs.sampled_from(sorted(STRATEGIES)), budget=hs.integers(4, 64),
-       shapes=hs.lists(hs.tuples(hs.integers(1, 40), hs.integers(1, 30), hs.integers(0, 2)), min_size=1, max_size=7))
-def test_every_request_finishes_under_swap_and_host_memory_returns_to_zero(stem, budget, shapes):
+       shapes=hs.lists(hs.tuples(hs.integers(1, 40), hs.integers(1, 30), hs.integers(0, 2)), min_size=1, max_size=7),
+       policy=hs.sampled_from(["fcfs", "lpm", "dfs_weight"]), dedup=hs.booleans(), chunked=hs.booleans())
+def test_every_request_finishes_under_swap_and_host_memory_returns_to_zero(stem, budget, shapes, policy, dedup,
+                                                                           chunked):
     """Requests of random lengths (some sharing a prefix: the third field picks one of 3 seeds
-    for their first ids) in a pool small enough to preempt: every request finishes with all its
+    for their first ids) in a pool small enough to preempt, under any admission order, with or
+    without dedup_prefix and chunked prefill: every request finishes with all its
     tokens, the invariants hold after every step, swapped requests hold no page, and what went
     to the host came back or was served from cache."""
     reqs = []
@@ -139,7 +142,8 @@ def test_every_request_finishes_under_swap_and_host_memory_returns_to_zero(stem,
         r = req(rid, p, o)
         r.tokens[:p // 2] = np.random.default_rng(group).integers(100, 30000, p // 2, dtype=np.int32)
         reqs.append(r)
-    sched = Scheduler(STRATEGIES[stem](), max_num_seqs=8, max_num_batched_tokens=budget, preemption="swap")
+    sched = Scheduler(STRATEGIES[stem](), max_num_seqs=8, max_num_batched_tokens=budget, preemption="swap",
+                      policy=policy, dedup_prefix=dedup, dedup_min_prefix=4, chunked_prefill=chunked)
     eng = engine()
     reqs = [r for r in reqs if sched.rejection(r) is None]
     batches = drive(sched, eng, reqs)
