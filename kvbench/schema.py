@@ -105,7 +105,7 @@ RANGES |= {"rate": Range("float", 0, lo_open=True, inf=True), "burstiness": POS_
            "gpu_memory_utilization": Range("float", 0, 1, lo_open=True), "kv_cache_gb": POS_FLOAT}
 RANGES |= {"h2d_bytes_per_s": POS_FLOAT, "d2h_bytes_per_s": POS_FLOAT,  # engine: host copy rates [B/s]
            "kv_bytes_per_token": POS_INT,  # engine=sim: set by kvbench.run from the model
-           "dedup_min_prefix": Range("int", 1, 1 << 20)}  # scheduler: tokens of a shared uncached prefix
+           "dedup_min_prefix": POS_INT}  # scheduler: tokens of a shared uncached prefix
 CHOICES = {("strategy", "reservation"): ("max", "pow2", "oracle"),
            ("strategy", "placement"): ("first_fit", "best_fit"),
            ("model", "dtype"): DTYPE_NAMES,
