@@ -133,8 +133,9 @@ class HybridRadix(HybridStrategy):
         used = sum(n * ps * b for n, b in zip(self._npages, bpt)) + sum(
             n * groups[g].bytes_per_request for g, n in self._nslots.items())
         self._leftover = self.pool_bytes - used
+        self._attn = sorted(self._lane_of)  # attention groups, in the model's order (one table each)
         self._tables = tuple(TableSpec(g, groups[g].num_layers, ps, self._lane_of[g], self._npages[self._lane_of[g]],
-                                       ps * bpt[self._lane_of[g]]) for g in self._lane_of)
+                                       ps * bpt[self._lane_of[g]]) for g in self._attn)
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, [_EMPTY] * self._lanes, None, 0, 0, self._lanes)
         self._free = [array("l") for _ in range(self._lanes)]  # per lane: returned pages (a stack)
@@ -214,8 +215,8 @@ class HybridRadix(HybridStrategy):
         present = [np.ones(full // ps, dtype=bool)] + [np.concatenate(
             [np.full(m // ps, node.pages[lane] is not None) for node, m in path]) for lane in range(1, self._lanes)]
         ends = {node.end: node for node, m in path if m == len(node.key)}
-        tabs = [(self.groups[g], ps) for g in self._lane_of]
-        lanes = list(self._lane_of.values())
+        tabs = [(self.groups[g], ps) for g in self._attn]
+        lanes = [self._lane_of[g] for g in self._attn]
 
         def snap(point: int) -> bool:
             node = ends.get(point)
