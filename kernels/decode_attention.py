@@ -74,8 +74,12 @@ def _decode_kernel(
 
     seq_len = tl.load(seqlen_ptr + b)
     lo = key_lo(seq_len - 1, window, chunk)                               # first visible key
-    start = lo + split * split_tokens                                     # splits cover [lo, seq_len) only
-    end = tl.minimum(seq_len, start + split_tokens)
+    # splits cover [lo, seq_len) only, in pieces sized by this request's own length (whole
+    # tiles, at least split_tokens): a launch sized for a longer bound (a CUDA graph's bucket)
+    # still spreads a shorter context over every split
+    piece = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N, split_tokens)
+    start = lo + split * piece
+    end = tl.minimum(seq_len, start + piece)
 
     offs_g = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -358,12 +362,14 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             max_len = max(int(max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size), 1)
             if window or chunk:
                 max_len = bounded_span(max_len, window, chunk)
-            if num_splits is None:
+            explicit = num_splits is not None
+            if not explicit:
                 num_splits = choose_num_splits(B, k_cache.shape[1], max_len, q.device)
             check(isinstance(num_splits, int) and num_splits >= 1,
                   lambda: f"num_splits must be a positive int, got {num_splits!r}")
-            split_tokens = cdiv(cdiv(max_len, num_splits), DECODE_CONFIG["BLOCK_N"]) * DECODE_CONFIG["BLOCK_N"]
-            num_splits = cdiv(max_len, split_tokens)
+            bn = DECODE_CONFIG["BLOCK_N"]
+            num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), bn) * bn)
+            split_tokens = bn if explicit else cdiv(MIN_SPLIT_TOKENS, bn) * bn   # the smallest piece
             hit = entry.get(num_splits)
             if hit is not None:
                 run, merge, po, plse, lock, head, o_strides = hit
@@ -394,11 +400,13 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     BLOCK_N = cfg["BLOCK_N"]
     max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
     max_len = bounded_span(max_len, window, chunk)     # the keys one query can see
-    if num_splits is None:
+    explicit = num_splits is not None
+    if not explicit:
         num_splits = choose_num_splits(B, Hkv, max_len, dev)
     check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
-    split_tokens = cdiv(cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = cdiv(max_len, split_tokens)        # drop splits that would always be empty
+    num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N)   # drop always-empty splits
+    # each request's range is cut in-kernel into num_splits pieces of whole tiles, at least this long
+    split_tokens = BLOCK_N if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
     fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1

@@ -61,7 +61,7 @@ def test_key_lo_host_matches_the_hf_mask():
 
 # ------------------------------------------------------------------------------------------ decode
 def _decode(seq_lens, page_size, contiguous, window, chunk, *, Hq=4, Hkv=2, D=32, dtype=torch.float32,
-            num_splits=None, config=None, seed=0, dev=None, dense=True):
+            num_splits=None, config=None, seed=0, dev=None, dense=True, max_seq_len=None):
     dev = dev or device()
     gen = torch.Generator().manual_seed(seed)
     kc, vc, pt = make_cache(seq_lens, page_size, Hkv, D, dtype, dev, contiguous=contiguous, gen=gen)
@@ -71,7 +71,7 @@ def _decode(seq_lens, page_size, contiguous, window, chunk, *, Hq=4, Hkv=2, D=32
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
     out = nan_like(q)
     o = decode_attention(q, kc, vc, pt, sl, page_size, contiguous=contiguous, window=window, chunk=chunk,
-                         num_splits=num_splits, out=out, config=config)
+                         num_splits=num_splits, out=out, config=config, max_seq_len=max_seq_len)
     ref = decode_attention_ref(q, kc, vc, pt, sl, page_size, contiguous=contiguous, window=window, chunk=chunk)
     assert torch.isfinite(ref.float()).all(), "the reference read a poisoned key"
     assert_close(o, ref, dtype)
@@ -94,6 +94,14 @@ def test_decode_window_split_kv_covers_only_the_window(num_splits):
     # splits partition [n - window, n): with 5 splits of a 37-token window some splits are empty
     _decode([300, 37, 5], 16, False, 37, 0, num_splits=num_splits)
     _decode([300, 37, 5], 16, False, 37, 0, num_splits=num_splits, config=dict(FUSED_MERGE=1), seed=1)
+
+
+@pytest.mark.parametrize("num_splits", [None, 6])
+def test_decode_splits_follow_each_requests_length(num_splits):
+    """A launch bound far above the contexts (a CUDA graph's bucket): each request's range is cut
+    into the launch's pieces by its own length; with and without a window."""
+    _decode([200, 37, 5], 16, False, 0, 0, num_splits=num_splits, max_seq_len=4096)
+    _decode([200, 37, 5], 16, False, 50, 0, num_splits=num_splits, max_seq_len=4096, config=dict(FUSED_MERGE=1))
 
 
 @pytest.mark.parametrize("layout", [(16, False), (16, True)], ids=["page16", "slab16"])
