@@ -205,7 +205,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             req = seq.request
-            if not self.chunked_prefill and budget < seq.prefill_target <= self.max_num_batched_tokens:
+            if not self.chunked_prefill and budget < seq.prefill_target - seq.swapped <= self.max_num_batched_tokens:
                 break
             adm = (self._admit_swapped(seq, budget) if seq.swapped else
                    self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget))
@@ -259,7 +259,7 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             seq = waiting[i]
-            if not self.chunked_prefill and budget < seq.prefill_target <= self.max_num_batched_tokens:
+            if not self.chunked_prefill and budget < seq.prefill_target - seq.swapped <= self.max_num_batched_tokens:
                 break
             if flying and seq.passed < bound and not seq.preemptions and self._defer(seq, flying):
                 self.deferred += 1
