@@ -103,7 +103,9 @@ def decode_rows(B, copy_gbps, gen, dev, out_rows):
         ms = bk.bench_rot(fns)
         us = ms * 1e3
         gbps = nbytes / ms / 1e6
-        splits = dmod.choose_num_splits(B, Hkv, bounded_span(ctx, window, chunk), dev)
+        span = bounded_span(ctx, window, chunk)          # the launcher's split count, after its rounding
+        bn = dmod.DECODE_CONFIG["BLOCK_N"]
+        splits = -(-span // (-(-(-(-span // dmod.choose_num_splits(B, Hkv, span, dev))) // bn) * bn))
         if name == "full@window_ctx":
             base_us = us
         out_rows.append(dict(kernel=f"decode-{name}", batch=B, context=ctx, window=window, chunk=chunk,
