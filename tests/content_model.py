@@ -275,6 +275,11 @@ class Checked:
         copies, self.driver.copies = self.driver.copies, []
         return copies
 
+    def take_host_copies(self):
+        """The host-tier copies the model applied since the last call (as take_copies)."""
+        copies, self.driver.host_copies = self.driver.host_copies, []
+        return copies
+
 
 def family_tokens(rng: np.random.Generator, vocab: int, family: int, prompt: int, output: int) -> np.ndarray:
     """Ids of one request: requests of one family share a 40-id start (a system prompt); the rest

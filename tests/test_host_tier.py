@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from content_model import Driver, family_tokens, fingerprint
+from content_model import Checked, Driver, family_tokens, fingerprint
 from kvbench.strategies.base import Admission, HostStates, SlotStates
 from kvbench.strategies.paged import PagedStrategy
 from kvbench.strategies.radix import RadixStrategy
@@ -253,7 +253,7 @@ def play(d: Driver, ops, rng) -> None:
 
 
 @pytest.mark.parametrize("name, opts", HOST_CASES, ids=[f"{n}-{o}" for n, o in HOST_CASES])
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=40), seed=st.integers(0, 2**16))
 def test_random_operations_keep_one_owner_tier_and_serve_the_right_content(name, opts, ops, seed):
     play(Driver(build(name, 48, 48, **opts)), ops, np.random.default_rng(seed))
@@ -292,6 +292,35 @@ def test_a_host_tier_never_loses_hits_on_a_sequential_stream(name, ps, seed, hos
     base, host0 = sequential_hits(build(name, 64, 64, page_size=ps), reqs)
     with_host, from_host = sequential_hits(build(name, 64, 64, page_size=ps, host_tier_tokens=host_pages * ps), reqs)
     assert host0 == 0 and from_host >= 0 and with_host >= base
+
+
+@pytest.mark.parametrize("name, opts", [("paged", {"page_size": 4}), ("radix", {"page_size": 1})])
+def test_scheduler_replay_under_pressure_serves_host_hits_with_the_right_content(name, opts):
+    """The real scheduler on a pool too small for the load (preemptions), every strategy call
+    checked against the content model; the host tier (2x the pool) serves hits."""
+    import inspect
+
+    from test_scheduler import req
+
+    from kvbench.engines.sim import SimEngine
+    from kvbench.replay import replay
+    from kvbench.scheduler import Scheduler
+
+    # (an engine that charges host copies needs the bytes per token: a 1 KiB token)
+    extra = {"kv_bytes_per_token": 1024} if "kv_bytes_per_token" in inspect.signature(SimEngine).parameters else {}
+    engine = SimEngine(overhead_s=0.01, prefill_token_s=0.0, decode_token_s=0.0, kv_read_token_s=0.0, **extra)
+
+    strategy = build(name, 512, 512, host_tier_tokens=1024, **opts)
+    rng = np.random.default_rng(7)
+    reqs = [req(i, int(rng.integers(10, 200)), int(rng.integers(1, 60)), i * 0.005, base=i % 3) for i in range(60)]
+    checked = Checked(strategy, check_no_mutation=False, invariants=False)  # (content: every call)
+    result = replay(reqs, Scheduler(checked, max_num_seqs=16, max_num_batched_tokens=256), engine, progress=False)
+    assert len(result.finished) == 60 and checked.driver.host_hits > 0
+    summary = strategy.summary()
+    assert summary["prefix_hit_tokens_host"] == checked.driver.host_hits
+    assert summary["prefix_hit_tokens_gpu"] + summary["prefix_hit_tokens_host"] == checked.driver.hits
+    assert summary["host_h2d_tokens"] == checked.driver.host_hits  # a host hit copies exactly its pages in
+    strategy.check_invariants()
 
 
 # ---- off, config ----------------------------------------------------------------------------
