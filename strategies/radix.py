@@ -822,7 +822,8 @@ class RadixStrategy(Strategy):
         except AssertionError as e:
             raise InvariantError(f"host tier: {e}") from None
         if set(map(id, host.policy)) != host_leaves or len(host.policy) != len(host_leaves):
-            raise InvariantError(f"host policy holds {len(host.policy)} keys, the tree has {len(host_leaves)} host leaves")
+            raise InvariantError(f"host policy holds {len(host.policy)} keys, the tree has "
+                                 f"{len(host_leaves)} host leaves")
         states = self.host_states()
         if states.total != self.host_tier_tokens or states.cached != len(host_owned) * self.page_size:
             raise InvariantError(f"host states {states} != {len(host_owned)} pages of {self.host_tier_tokens} slots")
