@@ -127,6 +127,7 @@ class Jenga(HybridStrategy):
         self._owned: dict[int, set[int]] = {}  # running request -> large pages it split or adopted
         self._nfree, self._nused, self._ncached = [0] * n, [0] * n, [0] * n
         self._lv0: dict[int, tuple] = {}  # level-0 victims (no small page in use): large -> key
+        self._lv0_heap: list[tuple] = []  # (key, large), lazy: an entry is live while _lv0[large] == key
         self._st = {g: bytearray(n * self._ratio[g]) for g in range(len(self.groups))}
         self._ref = {g: [0] * (n * self._ratio[g]) for g in range(len(self.groups))}
         self._fill = {g: [0] * (n * self._ratio[g]) for g in self._attn}
@@ -235,21 +236,29 @@ class Jenga(HybridStrategy):
             taken |= {s // self._ratio[g] for g, s in pinned}
             pin = {g: sum(1 for h, _ in pinned if h == g) for g in range(len(self.groups))}
             supply = {g: others[g] - len(self._nopref[g]) + self._ncached_of(g) - pin[g] for g in rem if rem[g]}
-            for key, c in sorted((k, c) for c, k in self._lv0.items()):
-                target = next((g for g in need if rem[g]), None)
-                if target is None:
+            first = sum(-(-r // self._ratio[g]) for g, r in rem.items())
+            start_rem, start_supply = dict(rem), dict(supply)
+            while True:  # the least recent victims first: a prefix of the order, longer if it runs out
+                order, rem, supply = self._lv0_order(first), dict(start_rem), dict(start_supply)
+                victims, gone = [], set()
+                for key, c in order:
+                    target = next((g for g in need if rem[g]), None)
+                    if target is None:
+                        break
+                    if c in taken:
+                        continue
+                    gc = self._split[c]
+                    loss = self._nfree[c] + self._ncached[c]
+                    if rem.get(gc) and supply[gc] - loss < rem[gc]:
+                        continue  # its own group would then lack pages this allocation needs
+                    if rem.get(gc):
+                        supply[gc] -= loss
+                    victims.append((c, target))
+                    gone.add(c)
+                    rem[target] = max(0, rem[target] - self._ratio[target])
+                if not any(rem.values()) or len(order) == len(self._lv0):
                     break
-                if c in taken:
-                    continue
-                gc = self._split[c]
-                loss = self._nfree[c] + self._ncached[c]
-                if rem.get(gc) and supply[gc] - loss < rem[gc]:
-                    continue  # its own group would then lack pages this allocation needs
-                if rem.get(gc):
-                    supply[gc] -= loss
-                victims.append((c, target))
-                gone.add(c)
-                rem[target] = max(0, rem[target] - self._ratio[target])
+                first *= 4
         lv1: dict[int, int] = {}
         for g in need:
             if not rem[g]:
@@ -273,6 +282,30 @@ class Jenga(HybridStrategy):
                     return None
                 lv1[g] = rem[g]
         return _Plan(takes, new, victims, lv1)
+
+    def _lv0_order(self, first: int) -> list[tuple]:
+        """The `first` least recent level-0 victims, (key, large), in eviction order (all of them
+        if fewer). Pure. (`_lv0_clean` keeps the heap's top live between calls: one victim is O(1).)"""
+        heap, lv0 = self._lv0_heap, self._lv0
+        if first == 1 and heap and lv0.get(heap[0][1]) == heap[0][0]:
+            return [heap[0]]
+        if first >= len(lv0):
+            return sorted((k, c) for c, k in lv0.items())
+        m = first
+        while True:
+            live = sorted({(k, c) for k, c in heapq.nsmallest(m, heap) if lv0.get(c) == k})
+            if len(live) >= first or m >= len(heap):
+                return live[:first]
+            m *= 4
+
+    def _lv0_clean(self) -> None:
+        """Drop stale entries from the top of the level-0 heap (rebuild it when most are stale)."""
+        heap, lv0 = self._lv0_heap, self._lv0
+        if len(heap) > 4 * len(lv0) + 64:
+            heap[:] = [(k, c) for c, k in lv0.items()]
+            heapq.heapify(heap)
+        while heap and lv0.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
 
     def _ncached_of(self, g: int) -> int:
         return len(self._key[g])
@@ -432,7 +465,10 @@ class Jenga(HybridStrategy):
             self._lv0.pop(big, None)
             return
         r, keys = self._ratio[g], self._key[g]
-        self._lv0[big] = max(keys[s] for s in range(big * r, (big + 1) * r) if s in keys)
+        key = max(keys[s] for s in range(big * r, (big + 1) * r) if s in keys)
+        if self._lv0.get(big) != key:
+            self._lv0[big] = key
+            heapq.heappush(self._lv0_heap, (key, big))
 
     def _cache(self, g: int, s: int, key: tuple) -> None:
         """Small page s of group g (in use, hashed) is no longer used: cached, evictable."""
@@ -513,6 +549,7 @@ class Jenga(HybridStrategy):
         for g in self._states:
             req.state[g] = got[g][0]
         self._extend(req, length, got)
+        self._lv0_clean()
         return Admission(True, cached)
 
     def grow(self, rid, num_tokens) -> bool:
@@ -530,6 +567,7 @@ class Jenga(HybridStrategy):
         got = self._apply(rid, need, plan) if need else {}
         self._extend(req, new_len, got)
         self._trim(req)
+        self._lv0_clean()
         return True
 
     def release(self, rid) -> None:
@@ -556,18 +594,21 @@ class Jenga(HybridStrategy):
                 self._hash[g][s] = h
                 self._stored[g][s] = req.tokens[point - self.page_size:point].tobytes()
             self._unref(g, s, (_NORMAL, now, 0))
+        self._lv0_clean()
 
     def evict(self, num_slots) -> int:
         goal, freed = num_slots * self.unit_bytes, 0
         while freed < goal and self._lv0:
-            big = min(self._lv0, key=self._lv0.__getitem__)
+            big = self._lv0_order(1)[0][1]
             self._evict_large(big)
             self._free_large.append(big)
             freed += self.large_bytes
+            self._lv0_clean()
         for g in range(len(self.groups)):
             while freed < goal and self._key[g]:
                 self._uncache(g, self._pop_cached(g))
                 freed += self._small[g]
+        self._lv0_clean()
         return -(-freed // self.unit_bytes)
 
     # ---- request pages ------------------------------------------------------------------------
