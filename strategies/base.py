@@ -209,8 +209,16 @@ class Strategy(ABC):
         """(d2h_tokens, h2d_tokens): token slots copied device → host (cached pages evicted into
         the host tier) and host → device (host-tier hits loaded back) since the last call.
         Mutates: the counts are handed over once (the scheduler adds them to the step's batch;
-        the sim charges them). Default (0, 0): a strategy without a host tier."""
+        the sim charges them). A copy completes within the step that needs it: nothing is in
+        flight between steps (strategies/host_tier.py). Default (0, 0): no host tier."""
         return (0, 0)
+
+    def take_host_copies(self) -> list[tuple[str, int, int]]:
+        """The host tier's page copies since the last call, in the order they must run:
+        ("d2h", gpu_page, host_page) / ("h2d", host_page, gpu_page) (for an engine with a real
+        host pool, and the content model). Mutates: handed over once (`take_host_moves` drops
+        them too). Default []: no host tier."""
+        return []
 
     def summary(self) -> dict:
         """Strategy-specific keys for summary.json. Pure."""
