@@ -167,9 +167,9 @@ def test_hits_and_dropped_pages_happen_in_the_random_runs():
     dropped = []
     trim = s._trim
 
-    def counting_trim(req):  # pages dropped from a table (NULL_PAGE entries that appear)
+    def counting_trim(req, drops):  # pages dropped from a table (NULL_PAGE entries that appear)
         before = sum(row.count(NULL_PAGE) for row in req.pages)
-        trim(req)
+        trim(req, drops)
         dropped.append(sum(row.count(NULL_PAGE) for row in req.pages) - before)
 
     s._trim = counting_trim

@@ -66,6 +66,7 @@ class _Req:
     hashed: list[int]  # per table: its first pages registered in the index
     chains: dict[int, list[int]] = field(default_factory=dict)  # page size -> chain hashes of full pages
     computed: int = 0  # positions computed at its last admit / grow: what its tables were trimmed to
+    hash_at: int = 0  # length at which some table's next page is full (_register has work)
 
 
 class StateSpec(NamedTuple):
@@ -101,6 +102,12 @@ class GroupPaged(HybridStrategy):
         self._held = [0] * len(self._tables)  # per table: held pages
         self._cached = [0] * len(self._tables)  # per table: cached pages
         self._reserved = [0] * len(self._tables)  # per table: reserved positions
+        # hot-path copies of each table's spec (plain lists: grow runs every step for every request)
+        self._ps = [t.page_size for t in self._tables]
+        self._space_of = [t.space for t in self._tables]
+        # hits.first_needed(group, p) per table as (kind, bound): 0 full, 1 sliding (window), 2 chunked (chunk)
+        self._bound = [({"sliding": 1, "chunked": 2}.get(self.groups[t.group].kind, 0),
+                        self.groups[t.group].window or self.groups[t.group].chunk) for t in self._tables]
 
     # ---- what a design defines ---------------------------------------------------------------
     def _layout(self) -> tuple[list[TableSpec], list[tuple[int, int]], dict[str, int], list[StateSpec]]:
@@ -191,17 +198,28 @@ class GroupPaged(HybridStrategy):
         new_len = req.length + num_tokens
         if new_len > req.kv_len:
             raise ValueError(f"request {rid} grows past its final length {req.kv_len}")
-        need: dict[int, int] = {}
-        for t, spec in enumerate(self._tables):  # pages to take, less the pages its window frees
-            sp, pages = self._spaces[spec.space], req.pages[t]
-            drop = min(hits.first_needed(self.groups[spec.group], req.length) // spec.page_size, len(pages))
-            freed = sum(1 for p in pages[req.first[t]:drop] if sp.ref[p] == 1)
-            need[spec.space] = need.get(spec.space, 0) + -(-new_len // spec.page_size) - len(pages) - freed
-        if any(n > 0 and n > self._spaces[s].available() for s, n in need.items()):
-            return False
+        length, spaces, first = req.length, self._spaces, req.first
+        need = [0] * len(spaces)
+        drops = []
+        for t, ps in enumerate(self._ps):  # pages to take, less the pages its window frees
+            pages = req.pages[t]
+            kind, bound = self._bound[t]
+            drop = 0
+            if kind:  # hits.first_needed, inline
+                lo = length - bound + 1 if kind == 1 else length // bound * bound
+                drop = min(max(lo, 0) // ps, len(pages))
+            freed = 0
+            if drop > first[t]:
+                ref = spaces[self._space_of[t]].ref
+                freed = sum(1 for p in pages[first[t]:drop] if ref[p] == 1)
+            drops.append(drop)
+            need[self._space_of[t]] += -(-new_len // ps) - len(pages) - freed
+        for sp, n in zip(spaces, need):
+            if n > 0 and n > len(sp.free) + len(sp.lru):
+                return False
         if self.prefix_caching:
             self._register(req)
-        self._trim(req)
+        self._trim(req, drops)
         self._extend(req, new_len)
         return True
 
@@ -299,25 +317,31 @@ class GroupPaged(HybridStrategy):
 
     def _extend(self, req: _Req, new_len: int) -> None:
         """Pages and fills for positions [length, new_len) in every table (room checked)."""
-        for t, spec in enumerate(self._tables):
-            sp, ps, pages = self._spaces[spec.space], spec.page_size, req.pages[t]
-            self._reserved[t] -= self._res_of(req, t)
-            pos = req.length
+        length, kv_len, spaces, reserved, tok = req.length, req.kv_len, self._spaces, self._reserved, self._tok
+        for t, ps in enumerate(self._ps):
+            sp, pages = spaces[self._space_of[t]], req.pages[t]
+            tok[t] += new_len - length
+            if new_len <= len(pages) * ps:  # (a decode inside its last page: the common case)
+                sp.fill[pages[-1]] += new_len - length
+                reserved[t] -= new_len - length
+                continue
+            before = min(kv_len, len(pages) * ps) - length  # its reserved positions (_res_of)
+            fill = sp.fill
+            pos = length
             while pos < new_len:
                 if pos // ps == len(pages):
                     pages.append(self._take(t, sp))
                 n = min(ps - pos % ps, new_len - pos)
-                sp.fill[pages[pos // ps]] += n
-                self._tok[t] += n
+                fill[pages[pos // ps]] += n
                 pos += n
-            saved, req.length = req.length, new_len
-            self._reserved[t] += self._res_of(req, t)
-            req.length = saved
-        req.computed = req.length
+            reserved[t] += min(kv_len, len(pages) * ps) - new_len - before
+        req.computed = length
         req.length = new_len
 
     def _register(self, req: _Req) -> None:
         """Hash the request's full, computed pages not hashed yet (positions < length)."""
+        if req.length < req.hash_at:
+            return
         for t, spec in enumerate(self._tables):
             ps, sp, pages = spec.page_size, self._spaces[spec.space], req.pages[t]
             full = req.length // ps
@@ -332,14 +356,15 @@ class GroupPaged(HybridStrategy):
                     sp.hash[p] = key
                     sp.stored[p] = req.tokens[i * ps:(i + 1) * ps].tobytes()
             req.hashed[t] = full
+        req.hash_at = min((h + 1) * ps for h, ps in zip(req.hashed, self._ps))
 
-    def _trim(self, req: _Req) -> None:
-        """Drop the pages its groups no longer read (entirely before first_needed(length))."""
-        for t, spec in enumerate(self._tables):
-            drop = min(hits.first_needed(self.groups[spec.group], req.length) // spec.page_size, len(req.pages[t]))
+    def _trim(self, req: _Req, drops: list[int]) -> None:
+        """Drop the pages its groups no longer read: table t's first drops[t] pages (those entirely
+        before first_needed(length), as grow computed them)."""
+        for t, drop in enumerate(drops):
             if drop <= req.first[t]:
                 continue
-            sp, pages = self._spaces[spec.space], req.pages[t]
+            sp, pages = self._spaces[self._space_of[t]], req.pages[t]
             for i in range(req.first[t], drop):
                 self._unref(t, sp, pages[i])
                 pages[i] = NULL_PAGE
@@ -350,19 +375,24 @@ class GroupPaged(HybridStrategy):
         """Per table: positions of held pages that no holder reads any more (the head of a first
         held page partly before first_needed(computed)); a shared page counts once. Pure."""
         out = [0] * len(self._tables)
-        for t, spec in enumerate(self._tables):
-            g = self.groups[spec.group]
-            if g.kind == "full":
+        for t, ps in enumerate(self._ps):
+            kind, bound = self._bound[t]
+            if not kind:
                 continue
-            ps, sp = spec.page_size, self._spaces[spec.space]
+            sp = self._spaces[self._space_of[t]]
+            fill, ref = sp.fill, sp.ref
             heads: dict[int, list[int]] = {}
             for req in self._reqs.values():
-                i = req.first[t]
-                if i >= len(req.pages[t]):
+                i, pages, c = req.first[t], req.pages[t], req.computed
+                if i >= len(pages):
                     continue
-                off = min(hits.first_needed(g, req.computed) - i * ps, sp.fill[req.pages[t][i]])
+                lo = c - bound + 1 if kind == 1 else c // bound * bound  # hits.first_needed, inline
+                off = min(lo - i * ps, fill[pages[i]])
                 if off > 0:
-                    heads.setdefault(req.pages[t][i], []).append(off)
+                    if ref[pages[i]] == 1:
+                        out[t] += off
+                    else:  # shared: out of window only if out for every holder
+                        heads.setdefault(pages[i], []).append(off)
             for p, offs in heads.items():
                 if len(offs) == sp.ref[p]:  # every holder reads only its tail
                     out[t] += min(offs)
