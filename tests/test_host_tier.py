@@ -200,13 +200,15 @@ def test_radix_retry_memo_stays_exact_when_its_path_moves_to_the_host():
 
 
 # ---- properties -----------------------------------------------------------------------------
-HOST_CASES = [("paged", {"page_size": 3, "host_tier_tokens": 96}), ("paged", {"page_size": 1, "host_tier_tokens": 20,
-                                                                               "host_tier_eviction": "s3fifo"}),
+# host tiers of 2x the pool down to a few pages, each host policy, with other options of the
+# strategies (GPU eviction policies, visibility, admission, dedup_touch) mixed in
+HOST_CASES = [("paged", {"page_size": 3, "host_tier_tokens": 96, "dedup_touch": True, "prefix_visibility": "scheduled"}),
+              ("paged", {"page_size": 1, "host_tier_tokens": 20, "host_tier_eviction": "s3fifo"}),
               ("paged", {"page_size": 2, "host_tier_tokens": 24, "host_tier_eviction": "lfu", "eviction": "arc"}),
-              ("radix", {"page_size": 1, "host_tier_tokens": 96}), ("radix", {"page_size": 2, "host_tier_tokens": 10,
-                                                                              "host_tier_eviction": "arc"}),
+              ("radix", {"page_size": 1, "host_tier_tokens": 96, "eviction": "lfu", "min_cache_len": 5}),
+              ("radix", {"page_size": 2, "host_tier_tokens": 10, "host_tier_eviction": "arc"}),
               ("radix", {"page_size": 3, "host_tier_tokens": 48, "prefix_visibility": "scheduled",
-                         "host_tier_eviction": "slru"})]
+                         "host_tier_eviction": "slru", "cache_outputs": False})]
 
 op = st.one_of(st.tuples(st.just("admit"), st.integers(0, 2), st.integers(2, 40), st.integers(1, 8),
                          st.integers(1, 40), st.booleans()),
