@@ -30,7 +30,8 @@ VARIANTS = {
 
 # page sizes each kind of strategy (the yaml's `name:`) is checked at by the content model
 PAGE_SIZES = {"slab": (1, 3), "paged": (1, 2, 3, 16), "radix": (1, 2, 3, 16),
-              "hybrid_separate": (1, 3, 4), "hybrid_unified": (1, 3, 4)}
+              "hybrid_separate": (1, 3, 4), "hybrid_unified": (1, 3, 4), "hybrid_jenga": (1, 3, 4),
+              "hybrid_radix": (1, 3, 4)}
 
 # A hybrid pool design (a constructor with `geometry=`, strategies/hybrid/) is built on a small
 # model with layer groups (option `model=`, default "sliding"): windows and chunks of a few pages
@@ -50,6 +51,10 @@ for _name in ("hybrid_separate", "hybrid_unified"):
     VARIANTS[_name] = [{}, {"model": "chunked"}, {"model": "mixed", "page_size": 2}, {"model": "state"},
                        {"prefix_caching": False}]
 VARIANTS["hybrid_separate"].append({"split": [0.5, 0.5]})
+VARIANTS["hybrid_jenga"] = [{}, {"model": "chunked"}, {"model": "mixed", "page_size": 2},
+                            {"model": "state", "page_size": 2, "state_interval": 4}]  # (strategies/hybrid/jenga.py)
+VARIANTS["hybrid_radix"] = [{}, {"model": "chunked"}, {"model": "mixed", "page_size": 2}, {"model": "state"},
+                            {"swa_full_tokens_ratio": 0.4}]  # (strategies/hybrid/hybrid_radix.py)
 
 
 def yaml_name(stem: str) -> str:
