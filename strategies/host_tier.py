@@ -24,7 +24,7 @@ Rules (the strategies' `check_invariants` verify them):
   nothing is ever "in flight" between steps, so the slot states of both pools are exact after
   every call; the scheduler charges the step for `take_moves()`'s token counts.
 - Costs: a page move, a take and a give are O(1) plus the policy's cost; nothing is sized by the
-  host pool up front but its free stack (an `array` of ints, 8 bytes per host page).
+  host pool up front (a stack of returned pages, then the next fresh id, as the GPU pool does).
 """
 from __future__ import annotations
 
@@ -61,23 +61,23 @@ class HostPool:
         self.policy: EvictionPolicy = policy if policy is not None else make_policy(eviction)  # (radix: TimedLRU)
         self.policy.bind(self.num_pages)
         self.eviction = self.policy.name
-        self._free = array("l", range(self.num_pages - 1, -1, -1))  # page 0 on top
+        self._free = array("l")  # a stack of returned host pages (most recent on top)
+        self._fresh = self.num_pages  # the last _fresh ids were never handed out (free)
         self.d2h_tokens = self.h2d_tokens = self.evicted_pages = 0
         self._moved = [0, 0]  # (d2h, h2d) tokens since take_moves
         self._copies: list[tuple[str, int, int]] = []  # ("d2h", gpu, host) / ("h2d", host, gpu), in order
 
     # ---- pure --------------------------------------------------------------------------------
     def free_pages(self) -> int:
-        return len(self._free)
-
-    def is_free(self) -> set[int]:
-        """The free host pages as a set (for invariant checks). Pure."""
-        return set(self._free)
+        return len(self._free) + self._fresh
 
     # ---- mutating ------------------------------------------------------------------------------
     def take(self) -> int:
-        """A free host page (the caller made room first)."""
-        return self._free.pop()
+        """A free host page: a returned one, else the next fresh id (the caller made room first)."""
+        if self._free:
+            return self._free.pop()
+        self._fresh -= 1
+        return self.num_pages - self._fresh - 1
 
     def give(self, hp: int) -> None:
         """Host page `hp` holds nothing any more."""
@@ -110,9 +110,10 @@ class HostPool:
     def check(self, owned: set[int]) -> None:
         """Raise AssertionError unless the host pages are exactly `owned` (by the strategy's
         content map) plus the free ones, each once, and the policy is consistent. Pure."""
-        free = set(self._free)
+        free, used = set(self._free), self.num_pages - self._fresh  # ids >= used: fresh
         assert len(free) == len(self._free), "a host page is twice in the free list"
         assert not (free & owned), f"host pages both free and holding content: {sorted(free & owned)[:5]}"
-        assert len(free) + len(owned) == self.num_pages, (
-            f"host pages: {len(owned)} hold content + {len(free)} free != {self.num_pages}")
+        assert all(0 <= hp < used for hp in free | owned), "a fresh host page is free-listed or holds content"
+        assert len(free) + len(owned) == used, (
+            f"host pages: {len(owned)} hold content + {len(free)} returned != {used} handed out")
         self.policy.check()
