@@ -30,6 +30,7 @@ from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
 from kvbench.schema import ConfigError, check_pool, validate
 from kvbench.sizes import PoolGeometry, kv_bytes_per_token, tokens_in_gib
+from kvbench.strategies.hybrid.timeline import GroupLog, group_summary, group_table
 from kvbench.timeline_file import TimelineFile
 
 MARKER, ERROR, LOCK = "summary.json", "error.txt", ".lock"
@@ -210,6 +211,23 @@ def engine_sizes(node: DictConfig, bytes_per_token: int) -> dict:
     return {"kv_bytes_per_token": int(bytes_per_token)}
 
 
+def strategy_sizes(cfg: DictConfig, capacity: int) -> dict:
+    """`geometry=` (the run's PoolGeometry) for a strategy whose constructor takes it: the hybrid
+    pool designs of issue 16 (strategies/hybrid/); nothing for the others."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        params = inspect.signature(get_class(cfg.strategy._target_)).parameters
+    except Exception:  # (instantiate reports a bad strategy)
+        return {}
+    if "geometry" not in params:
+        return {}
+    ps = int(cfg.strategy.get("page_size", params["page_size"].default if "page_size" in params else 1))
+    return {"geometry": PoolGeometry.of(cfg.model, ps, capacity // ps)}
+
+
 def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
     bpt = kv_bytes_per_token(cfg.model)  # validate() checked model.dtype
@@ -221,10 +239,19 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     engine = instantiate(cfg.engine, **engine_sizes(cfg.engine, bpt))
     capacity = engine.kv_capacity_tokens(capacity_tokens(cfg, bpt))
     check_pool(capacity, int(cfg.strategy.get("page_size", 1)))
-    strategy = instantiate(cfg.strategy, capacity_tokens=capacity, max_model_len=cfg.max_model_len)
+    sizes = strategy_sizes(cfg, capacity)  # (a dataclass through instantiate would become a config: partial)
+    strategy = (instantiate(cfg.strategy, _partial_=True)(capacity_tokens=capacity, max_model_len=cfg.max_model_len,
+                                                          **sizes) if sizes else
+                instantiate(cfg.strategy, capacity_tokens=capacity, max_model_len=cfg.max_model_len))
     pool = PoolGeometry.of(cfg.model, strategy.page_size, strategy.num_pages)  # the run's sizes, frozen
     engine.bind(pool.page_size, pool.num_pages)
-    scheduler = Scheduler(strategy, **cfg.scheduler)
+    if engine.needs_layout and len(getattr(strategy, "tables", ())) > 1:  # (docs/hybrid.md, "Left out")
+        raise ConfigError(f"strategy={strategy.name}: engine={engine.name} reads one page table per request, this "
+                          f"design keeps {len(strategy.tables)} (per layer group); run it with engine=sim")
+    if not getattr(strategy, "fast_forward", True):  # a hybrid pool: a decode may leave a window
+        engine.fast_forward = False
+    driven = GroupLog(strategy) if hasattr(strategy, "group_slot_states") else strategy  # per-group states
+    scheduler = Scheduler(driven, **cfg.scheduler)
     # the timeline streams to a temporary file in chunks, renamed into place below (issue 13: memory)
     sink = TimelineFile(out_dir / f".timeline.parquet.tmp{os.getpid()}.rows", TIMELINE_DTYPES)
     result = replay(requests, scheduler, engine, progress=cfg.progress,
@@ -240,6 +267,13 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
                "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg)}
     write_atomic(out_dir / "requests.parquet", lambda p: requests_df.to_parquet(p, index=False))
     write_atomic(out_dir / "timeline.parquet", sink.move_to)
+    if driven is not strategy:  # groups_timeline.parquet and per-group summary keys (strategies/hybrid/timeline.py)
+        import pandas as pd
+
+        steps = pd.read_parquet(out_dir / "timeline.parquet", columns=["t_s", "dt_s"])
+        groups_df = group_table(driven.rows, steps.t_s.to_numpy(), steps.dt_s.to_numpy())
+        write_atomic(out_dir / "groups_timeline.parquet", lambda p: groups_df.to_parquet(p, index=False))
+        summary.update(group_summary(groups_df, pool.capacity_bytes))
     write_atomic(out_dir / "config.yaml", _text(OmegaConf.to_yaml(cfg, resolve=True)))
     write_atomic(out_dir / MARKER, _text(json.dumps(summary, indent=2) + "\n"))  # last: the marker
     if logger is not None:  # (reads the timeline back from its file)
