@@ -96,3 +96,13 @@ def test_shipped_hybrid_shapes_compose_and_validate():
     for model in ("gemma3_1b_like", "gpt_oss_like", "hybrid_like"):
         for design in ("hybrid_unified", "hybrid_separate", "paged"):
             validate(composed(f"model={model}", f"strategy={design}"))
+
+
+def test_an_engine_that_reads_one_page_table_refuses_a_multi_table_design(tmp_path, monkeypatch):
+    from kvbench.engines.sim import SimEngine
+
+    monkeypatch.setattr(SimEngine, "needs_layout", True)  # as the torch and gpu engines
+    with pytest.raises(ConfigError, match=r"^strategy=hybrid_unified: engine=sim reads one page table per request, "
+                                          r"this design keeps 7 \(per layer group\); run it with engine=sim$"):
+        run(composed("model=gemma3_1b_like", "strategy=hybrid_unified", "trace.num_requests=2"), tmp_path)
+    assert not (tmp_path / "summary.json").exists()
