@@ -9,7 +9,7 @@ Reads each run's summary.json and config.yaml (the preemption mode is a config k
 key) under DIR (default results/multirun/preemption_host_tier) and the trace bounds that
 kvbench-report wrote (hit_rate_bounds.csv in --out, or in DIR/report). Writes into --out (default
 results/preemption_host_tier): tables.md (one table per trace), host_tier_latency.png (TTFT mean
-and p99, throughput against the host tier's size, a line per strategy and mode) and
+and p99, throughput, TPOT, bytes copied against the host tier's size, a line per strategy and mode) and
 host_tier_hits.png (prefix hit rate against the host tier's size, split by tier, against the
 unbounded cache), and prints the cost per token of each way back from a preemption.
 """
@@ -72,13 +72,16 @@ def break_even(engine: dict) -> str:
             f"per token; break-even at {bw / GB:.1f} GB/s each way")
 
 
-def unbounded(bounds: Path | None) -> dict:
-    """{(trace, block_size): unbounded-cache token hit rate} from kvbench-report's bounds."""
+def read_bounds(bounds: Path | None) -> dict:
+    """{(trace, block_size, policy): token hit rate} from kvbench-report's bounds: the unbounded
+    cache, and Belady and LRU with a cache of the GPU pool's size (one pool in this experiment)."""
     if bounds is None or not bounds.exists():
         return {}
-    b = pd.read_csv(bounds)
-    b = b[b.policy == "unbounded"]
-    return {(r.trace, int(r.block_size)): r.token_hit_rate for r in b.itertuples()}
+    return {(r.trace, int(r.block_size), r.policy): r.token_hit_rate for r in pd.read_csv(bounds).itertuples()}
+
+
+def _block(strategy_label: str) -> int:
+    return 1 if strategy_label.startswith("radix") else int(strategy_label.split("-")[-1])
 
 
 def tables(df: pd.DataFrame, bound: dict) -> str:
@@ -86,25 +89,37 @@ def tables(df: pd.DataFrame, bound: dict) -> str:
     for trace, g in df.groupby("trace"):
         g = g.drop(columns=["trace"]).copy()
         for strat in g.strategy.unique():
-            key = (trace, 1 if strat.startswith("radix") else int(strat.split("-")[-1]))
-            if key in bound:
-                out.append(f"{trace}: unbounded-cache hit rate at {key[1]}-token blocks ({strat}): {bound[key]:.4f}\n")
+            found = {p: bound[(trace, _block(strat), p)] for p in ("unbounded", "belady", "lru")
+                     if (trace, _block(strat), p) in bound}
+            if found:
+                out.append(f"{trace}, {strat}: hit rate bounds at {_block(strat)}-token blocks, one request at a "
+                           f"time: " + ", ".join(f"{p} {v:.4f}" for p, v in found.items())
+                           + " (belady, lru: a cache of the GPU pool's size)\n")
         out += [f"\n## {trace}\n", markdown_table(g), "\n"]
     return "\n".join(out)
 
 
+def _host_axis(ax, xs: list[float]) -> None:
+    """Host tier sizes as equally spaced categories (0, 1/4, 1, ... x the pool)."""
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_xlabel("host tier (x GPU pool)")
+
+
 def latency_figure(df: pd.DataFrame, out: Path) -> None:
     cols = [("ttft_mean_ms", "TTFT mean (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"), ("req_s", "requests / s"),
-            ("tpot_mean_ms", "TPOT mean (ms)")]
+            ("tpot_mean_ms", "TPOT mean (ms)"), ("moved_GB", "GB copied (d2h + h2d)")]
+    df = df.assign(moved_GB=df.d2h_GB + df.h2d_GB)
     traces = sorted(df.trace.unique())
     fig, axes = plt.subplots(len(traces), len(cols), figsize=(4 * len(cols), 3.2 * len(traces)), squeeze=False)
     for i, trace in enumerate(traces):
         for j, (col, name) in enumerate(cols):
             ax = axes[i][j]
+            xs = sorted(df.host_x.unique())
             for (strat, mode), g in df[df.trace == trace].groupby(["strategy", "preemption"]):
-                ax.plot(g.host_x, g[col], marker="o", ls="-" if mode == "recompute" else "--", label=f"{strat} {mode}")
-            ax.set_xscale("symlog", linthresh=0.25)
-            ax.set_xlabel("host tier (x GPU pool)")
+                ax.plot(g.host_x.map(xs.index), g[col], marker="o", ls="-" if mode == "recompute" else "--",
+                        label=f"{strat} {mode}")
+            _host_axis(ax, xs)
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
             ax.set_title(f"{trace}: {name}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -119,19 +134,21 @@ def hits_figure(df: pd.DataFrame, bound: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(traces), figsize=(5.5 * len(traces), 3.6), squeeze=False)
     for ax, trace in zip(axes[0], traces):
         g = df[(df.trace == trace) & (df.preemption == "recompute")]
+        xs = sorted(g.host_x.unique())
         for strat, s in g.groupby("strategy"):
-            line = ax.plot(s.host_x, s.hit_rate, marker="o", label=f"{strat}: hit rate (first admissions)")[0]
-            ax.plot(s.host_x, s.hit_rate * (1 - s.host_share), ls=":", color=line.get_color(),
+            x = s.host_x.map(xs.index)
+            line = ax.plot(x, s.hit_rate, marker="o", label=f"{strat}: hit rate (first admissions)")[0]
+            ax.plot(x, s.hit_rate * (1 - s.host_share), ls=":", color=line.get_color(),
                     label=f"{strat}: of which from the GPU (approx.)")
-            key = (trace, 1 if strat.startswith("radix") else int(strat.split("-")[-1]))
-            if key in bound:
-                ax.axhline(bound[key], color=line.get_color(), ls="--", lw=0.8, label=f"{strat}: unbounded cache")
-        ax.set_xscale("symlog", linthresh=0.25)
+            for policy, ls, name in (("unbounded", "--", "unbounded cache"), ("belady", "-.", "Belady, GPU pool only")):
+                if (trace, _block(strat), policy) in bound:
+                    ax.axhline(bound[(trace, _block(strat), policy)], color=line.get_color(), ls=ls, lw=0.8,
+                               label=f"{strat}: {name}")
+        _host_axis(ax, xs)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("host tier (x GPU pool)")
         ax.set_ylabel("prompt tokens from cache")
         ax.set_title(f"{trace} (recompute)", fontsize=9)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "host_tier_hits.png", dpi=80)
     plt.close(fig)
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     df, engine = load_runs(a.sweep)
     bounds = next((b for b in (a.out / "hit_rate_bounds.csv", a.sweep / "report" / "hit_rate_bounds.csv")
                    if b.exists()), None)
-    bound = unbounded(bounds)
+    bound = read_bounds(bounds)
     a.out.mkdir(parents=True, exist_ok=True)
     text = break_even(engine)
     (a.out / "tables.md").write_text(f"# preemption_host_tier: tables\n\nMade with `python experiments/"
