@@ -48,6 +48,12 @@ _DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 # many keys, at most this many pieces
 EXTEND_MIN_SPLIT_TOKENS = 128
 EXTEND_MAX_SPLITS = 32
+# ... and only while the unsplit launch leaves most SMs idle: fewer programs than this x SMs.
+# Measured on an H200 (window_decode_bench --extend, 8B heads, bf16, page 16): a 64-token chunk
+# over a 1k prefix, batch 1 (32 programs): 31.8 -> 19.1 us split; batch 8 (256 programs): 40.5 ->
+# 66.8 us; the 8B step with a 512-token chunk over 1k (128 programs): extend 1.5 -> 2.8 ms plus a
+# 1.6 ms merge. Decode's threshold (2 per SM) split all three.
+EXTEND_NOSPLIT_PROGRAMS_PER_SM = 0.5
 
 
 def extend_config(head_dim: int, ragged: bool = False, config: dict | None = None) -> dict:
@@ -504,7 +510,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                k_cache.device, v_cache.device, page_table.device, query_start_loc.device, seq_lens.device,
                page_size.__class__, page_size, sm_scale, bool(contiguous), ok, max(64, next_pow2(B)),
                id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), EXTEND_MIN_SPLIT_TOKENS, EXTEND_MAX_SPLITS,
-               NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+               EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         entry = _PLANS.get(key)
         if entry is not None:
             BM, BN, plans = entry
@@ -623,7 +629,7 @@ def choose_prefix_splits(num_tokens: int, batch: int, num_heads: int, block_m: i
     blocks = max(cdiv(num_tokens, block_m), min(batch, num_tokens))   # query blocks (a lower bound)
     progs = num_heads * blocks
     sms = num_sms(device)
-    if progs >= NOSPLIT_PROGRAMS_PER_SM * sms:
+    if progs >= EXTEND_NOSPLIT_PROGRAMS_PER_SM * sms:
         return 1
     want = cdiv(TARGET_PROGRAMS_PER_SM * sms, progs)
     return int(max(1, min(want, max_prefix // EXTEND_MIN_SPLIT_TOKENS, EXTEND_MAX_SPLITS)))

@@ -208,16 +208,16 @@ def test_extend_prefix_splits_chunk_bf16():
 
 def test_extend_prefix_split_heuristic():
     """One short chunk over a long prefix is split by default (the interpreter counts 4 SMs); a
-    batch whose programs fill the SMs is not; the split never makes pieces under the minimum."""
+    launch with programs for half the SMs or more is not; the split never makes pieces under the minimum."""
     from kvbench.kernels import extend_attention as emod
     from kvbench.kernels.extend_attention import EXTEND_MIN_SPLIT_TOKENS, choose_prefix_splits
     cpu = torch.device("cpu")
-    assert choose_prefix_splits(16, 1, 2, 16, 300, cpu) == 300 // EXTEND_MIN_SPLIT_TOKENS == 2
+    assert choose_prefix_splits(16, 1, 1, 16, 300, cpu) == 300 // EXTEND_MIN_SPLIT_TOKENS == 2
     assert choose_prefix_splits(16, 1, 2, 16, 100, cpu) == 1          # prefix too short to split
-    assert choose_prefix_splits(64, 4, 4, 16, 4096, cpu) == 1         # 16 programs >= 2 per SM
+    assert choose_prefix_splits(64, 4, 4, 16, 4096, cpu) == 1         # 16 programs >= 0.5 per SM: no split
     assert choose_prefix_splits(16, 1, 1, 16, 4096, cpu) == 16        # 4 per SM x 4 SMs
     emod._SPLIT_BUFS.clear()
-    _extend([16], [300], 16, False, 0, 0, ragged=True, Hq=2, Hkv=1)   # auto: 2 splits
+    _extend([16], [300], 16, False, 0, 0, ragged=True, Hq=1, Hkv=1)   # auto (1 program): 2 splits
     assert emod._SPLIT_BUFS, "the split path did not run"
 
 

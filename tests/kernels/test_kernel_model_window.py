@@ -115,6 +115,8 @@ def test_sliding_layers_match_transformers(hf, page_size, contiguous):
             assert (hf_logits(full, r) - ref).abs().max() > 1e-2, "the window changes nothing: test is vacuous"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU model through Triton's interpreter, which a GPU "
+                    "run does not load; there the bounds are checked at real shapes (test_kernel_attention_bounds)")
 def test_sliding_layers_triton_kernels(hf):
     """The same through the Triton kernels (interpreter): one request past the window."""
     r = request(0, 11, 4, 4)
