@@ -93,9 +93,9 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path):
 
 
 def test_shipped_hybrid_shapes_compose_and_validate():
-    for model in ("gemma3_1b_like", "gpt_oss_like", "hybrid_like"):
-        for design in ("hybrid_unified", "hybrid_separate", "paged"):
-            validate(composed(f"model={model}", f"strategy={design}"))
+    for model, design in (("gemma3_1b_like", "hybrid_unified"), ("gpt_oss_like", "hybrid_separate"),
+                          ("hybrid_like", "paged")):
+        validate(composed(f"model={model}", f"strategy={design}"))
 
 
 def test_an_engine_that_reads_one_page_table_refuses_a_multi_table_design(tmp_path, monkeypatch):
