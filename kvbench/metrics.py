@@ -54,7 +54,7 @@ class Recorder:
     produced (a decode step's requests share one gap): about one run (16 bytes) per step.
     """
 
-    def __init__(self, capacity: int, sink: TimelineFile | None = None, chunk_rows: int = 1 << 18) -> None:
+    def __init__(self, capacity: int, sink: TimelineFile | None = None, chunk_rows: int = 1 << 16) -> None:
         self.capacity = capacity
         self._floats = array("d")  # t_s, dt_s of every step (not yet in the sink)
         self._ints = array("i")  # the other timeline columns of every step (not yet in the sink)
@@ -65,6 +65,7 @@ class Recorder:
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
         self._gap, self._gap_count = 0.0, 0  # the open run
         self.rejected: list[tuple[Request, str]] = []
+        self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
 
     # ---- events -----------------------------------------------------------------------------
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
@@ -78,6 +79,12 @@ class Recorder:
             times[req.id] = _Times(req, cached)
         for rid in ev.preempted:
             times[rid].preemptions += 1
+        if b.d2h_tokens or b.h2d_tokens:
+            m = self.moved
+            m[0] += sum(o.tokens for o in b.swap_out)
+            m[1] += sum(i.tokens for i in b.swap_in)
+            m[2] += b.d2h_tokens
+            m[3] += b.h2d_tokens
         end = t + dt
         gap, count = self._gap, self._gap_count
         for s in b.seqs:
@@ -152,6 +159,13 @@ class Recorder:
         if self._sink is not None:
             self._flush()
             self._sink.close()
+
+    def moves(self, bytes_per_token: int) -> dict:
+        """summary.json's host-move keys: K/V token slots swapped out / in (preemption by swap)
+        and bytes copied device -> host / host -> device (swaps plus the strategy's host tier)."""
+        out, back, d2h, h2d = self.moved
+        return {"swap_out_tokens": out, "swap_in_tokens": back, "d2h_bytes": d2h * bytes_per_token,
+                "h2d_bytes": h2d * bytes_per_token}
 
     def reject(self, request: Request, reason: str) -> None:
         self.rejected.append((request, reason))
@@ -260,8 +274,10 @@ class _Columns:
 
 def _stats(prefix: str, values: pd.Series | np.ndarray | ItlRuns) -> dict:
     if isinstance(values, ItlRuns):  # the ITL gaps as runs (the largest input: never expanded)
-        keep = ~np.isnan(values.values) & (values.counts > 0)
-        v, c = values.values[keep], values.counts[keep]
+        v, c = values
+        if np.isnan(v).any() or not c.all():  # (copies only then)
+            keep = ~np.isnan(v) & (c > 0)
+            v, c = v[keep], c[keep]
         if not len(v):
             return {f"{prefix}_{k}_s": None for k in ("mean", "p50", "p90", "p99")}
         p50, p90, p99 = runs_percentiles(v, c, [50, 90, 99])  # numpy's, bit for bit (kvbench/runstats.py)

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench.loggers import NullLogger
 from kvbench.metrics import TIMELINE_DTYPES, Recorder, summarize
 from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
@@ -262,6 +263,7 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
                "trace": cfg.trace.get("name", "trace"),
                **summarize(requests_df, result.recorder.timeline_columns(), pool.capacity_tokens,
                            result.recorder.itl_runs()),
+               **result.recorder.moves(pool.bytes_per_token),
                "kv_bytes_per_token": pool.bytes_per_token, "kv_capacity_bytes": pool.capacity_bytes,
                "model": cfg.model.get("name"), **strategy.summary(), **engine.summary(),
                "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg)}
@@ -276,7 +278,7 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
         summary.update(group_summary(groups_df, pool.capacity_bytes))
     write_atomic(out_dir / "config.yaml", _text(OmegaConf.to_yaml(cfg, resolve=True)))
     write_atomic(out_dir / MARKER, _text(json.dumps(summary, indent=2) + "\n"))  # last: the marker
-    if logger is not None:  # (reads the timeline back from its file)
+    if logger is not None and not isinstance(logger, NullLogger):  # (reads the whole timeline back)
         import pandas as pd
 
         logger.log_run(cfg, summary, pd.read_parquet(out_dir / "timeline.parquet"), requests_df)

@@ -60,10 +60,9 @@ def runs_percentiles(values: np.ndarray, counts: np.ndarray, q) -> np.ndarray:
     """np.percentile(np.repeat(values, counts), q) (method 'linear'), exactly. No NaN values."""
     values = np.asarray(values, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int64)
-    keep = counts > 0
-    values, counts = values[keep], counts[keep]
-    order = np.argsort(values, kind="stable")
-    ends = np.cumsum(counts[order])  # [R] elements up to and including each sorted run
+    order = np.argsort(values, kind="stable")  # [R] (a run of count 0 adds nothing to `ends`: never picked)
+    ends = counts[order]
+    np.cumsum(ends, out=ends)  # [R] elements up to and including each sorted run
     n = int(ends[-1])
     quantiles = np.true_divide(np.asarray(q), 100)
     virtual = (n - 1) * quantiles
