@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kvbench.request import Request
+from kvbench.run import strategy_sizes
 from kvbench.schema import register
 from kvbench.traces import prefix_reuse, shared_prefix
 from kvbench.traces.belady import belady_hits, block_references, hit_rate_bounds, lru_hits, unbounded_hits
@@ -50,8 +51,9 @@ def test_every_job_of_every_experiment_composes_and_builds_its_strategy(name):
     assert len(jobs) <= 60, "keep experiments to a few minutes on 2 cores"
     for job in jobs:
         job_cfg = compose_hydra(f"experiment={name}", *job)
-        strategy = instantiate(job_cfg.strategy, capacity_tokens=job_cfg.kv_capacity_tokens,
-                               max_model_len=job_cfg.max_model_len)
+        sizes = strategy_sizes(job_cfg, job_cfg.kv_capacity_tokens)  # (geometry= for a hybrid pool design)
+        strategy = instantiate(job_cfg.strategy, _partial_=True)(capacity_tokens=job_cfg.kv_capacity_tokens,
+                                                                 max_model_len=job_cfg.max_model_len, **sizes)
         assert strategy.capacity > 0
 
 
