@@ -13,7 +13,7 @@ trace config (`paged_future`), run it into `<DIR>_belady/`, and put it in the ta
 exist adds no row. Columns: `hit` (prompt tokens from cache), `bound` (the trace's unbounded
 cache at the run's page size: what no order or policy can beat, kvbench/traces/belady.py),
 `hit/bound`, requests and output tokens per second, TTFT mean / p99 / max, TPOT mean / p99 (ms),
-preemptions. `--out FILE` writes the markdown table too; `--report DIR` writes kvbench-report's
+preemptions, and the prefill tokens computed (millions; recomputes after preemptions included). `--out FILE` writes the markdown table too; `--report DIR` writes kvbench-report's
 page of all the runs into DIR.
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ def run_belady(experiment: str, out: Path, overrides: list[str]) -> dict:
 
 
 _BOUNDS: dict[str, float] = {}
+_ORDER = {"fcfs": 0, "lpm": 1, "dfs_weight": 2}
 
 
 def unbounded_rate(run_dir: Path) -> float:
@@ -75,6 +76,7 @@ def table(dirs: list[Path]) -> pd.DataFrame:
             s = json.loads(summary.read_text())
             cfg = OmegaConf.load(run_dir / "config.yaml")
             req = pd.read_parquet(run_dir / "requests.parquet", columns=["ttft_s"])
+            prefill = pd.read_parquet(run_dir / "timeline.parquet", columns=["prefill_tokens"]).prefill_tokens.sum()
             bound = unbounded_rate(run_dir)
             rows.append({"label": s["label"], "trace": s["trace"], "order": cfg.scheduler.get("policy", "fcfs"),
                          "requests": s["num_requests"], "hit": s["prefix_hit_rate"], "bound": bound,
@@ -82,8 +84,10 @@ def table(dirs: list[Path]) -> pd.DataFrame:
                          "req/s": s["request_throughput"], "out tok/s": s["output_throughput"],
                          "TTFT mean s": s["ttft_mean_s"], "TTFT p99 s": s["ttft_p99_s"], "TTFT max s": req.ttft_s.max(),
                          "TPOT mean ms": s["tpot_mean_s"] * 1e3, "TPOT p99 ms": s["tpot_p99_s"] * 1e3,
-                         "preemptions": s["preemptions"]})
-    return pd.DataFrame(rows)
+                         "preemptions": s["preemptions"], "prefill M tok": prefill / 1e6})
+    df = pd.DataFrame(rows)
+    return df.sort_values(["trace", "label", "order"], key=lambda c: c.map(_ORDER.get) if c.name == "order" else c,
+                          ignore_index=True) if len(df) else df
 
 
 def main(argv: list[str] | None = None) -> None:
