@@ -79,15 +79,47 @@ class HostPool:
         self._fresh -= 1
         return self.num_pages - self._fresh - 1
 
+    def take_many(self, k: int) -> list[int]:
+        """k free host pages in the order k `take` calls give them, in bulk (one slice of the
+        stack, one range of fresh ids); the caller made room first."""
+        free = self._free
+        r = min(k, len(free))
+        out = free[len(free) - r:].tolist()
+        del free[len(free) - r:]
+        out.reverse()
+        if k > r:
+            first = self.num_pages - self._fresh
+            self._fresh -= k - r
+            out.extend(range(first, first + k - r))
+        return out
+
     def give(self, hp: int) -> None:
         """Host page `hp` holds nothing any more."""
         self._free.append(hp)
+
+    def give_many(self, hps) -> None:
+        """`give` of each of `hps`, in order."""
+        self._free.extend(hps)
 
     def d2h(self, gpu_page: int, host_page: int) -> None:
         """Record a copy of one GPU page into a host page (its content now lives on the host)."""
         self._moved[0] += self.page_size
         self.d2h_tokens += self.page_size
         self._copies.append(("d2h", gpu_page, host_page))
+
+    def d2h_many(self, gpu_pages: list[int], host_pages: list[int]) -> None:
+        """`d2h` of each pair, in order, in bulk."""
+        n = len(gpu_pages) * self.page_size
+        self._moved[0] += n
+        self.d2h_tokens += n
+        self._copies.extend(zip(["d2h"] * len(gpu_pages), gpu_pages, host_pages))
+
+    def h2d_many(self, host_pages: list[int], gpu_pages: list[int]) -> None:
+        """`h2d` of each pair, in order, in bulk."""
+        n = len(gpu_pages) * self.page_size
+        self._moved[1] += n
+        self.h2d_tokens += n
+        self._copies.extend(zip(["h2d"] * len(gpu_pages), host_pages, gpu_pages))
 
     def h2d(self, host_page: int, gpu_page: int) -> None:
         """Record a copy of one host page back into a GPU page."""

@@ -278,7 +278,7 @@ class PagedStrategy(Strategy):
         pid = self._lru.victim()
         del self._table[self._hash[pid]]
         if self._host is not None:
-            self._to_host(pid, self._hash[pid], self._stored_ids[pid])
+            self._to_host_many([(pid, self._hash[pid], self._stored_ids[pid])])
         self._stored_ids[pid] = None
         self._hash[pid] = None
         memo = self._hit_memo
@@ -291,17 +291,19 @@ class PagedStrategy(Strategy):
         lru, table, hashes, stored, memo = self._lru, self._table, self._hash, self._stored_ids, self._hit_memo
         pop = lru.popitem if type(lru) is LRU else None  # LRU.victim without its Python frame
         host = self._host
-        out = []
+        out, demoted = [], []
         for _ in range(k):
             pid = pop(False)[0] if pop is not None else lru.victim()
             del table[hashes[pid]]
             if host is not None:
-                self._to_host(pid, hashes[pid], stored[pid])
+                demoted.append((pid, hashes[pid], stored[pid]))
             stored[pid] = None
             hashes[pid] = None
             if memo is not None and pid in memo.index:
                 self._cut(memo, memo.index[pid])
             out.append(pid)
+        if demoted:
+            self._to_host_many(demoted)
         return out
 
     def _cut(self, memo: _Match, i: int) -> None:
@@ -314,21 +316,30 @@ class PagedStrategy(Strategy):
         del memo.hits[i:]
 
     # ---- host tier ----------------------------------------------------------------------------
-    def _to_host(self, pid: PageId, h: int, ids: bytes) -> None:
-        """Cached page `pid` (hash h, ids) leaves the GPU: copy it into a host page, making room
-        by the host policy; dropped if every host page is pinned (an admission loading them)."""
+    def _to_host_many(self, demoted: list[tuple[PageId, int, bytes]]) -> None:
+        """Cached pages (page, hash, ids) leave the GPU, in order: each is copied into a host page,
+        room made by the host policy (a full host reuses its victim's page at once); dropped if
+        every host page is pinned (an admission loading them)."""
         host = self._host
-        if not host.free_pages():
-            if not len(host.policy):
-                return
-            self._drop_host(self._host_table[host.policy.victim()])
-            host.evicted_pages += 1
-        hp = host.take()
-        host.d2h(pid, hp)
-        self._host_table[h] = hp
-        self._host_hash[hp] = h
-        self._host_ids[hp] = ids
-        host.policy[h] = h  # insert (key and content: the page hash)
+        policy, table, hashes, stored = host.policy, self._host_table, self._host_hash, self._host_ids
+        pop = policy.popitem if type(policy) is LRU else None  # LRU.victim without its Python frame
+        gpu, dst = [], []
+        for pid, h, ids in demoted:
+            if host.free_pages():
+                hp = host.take()
+            elif len(policy):
+                hp = table.pop(pop(False)[0] if pop is not None else policy.victim())
+                del hashes[hp], stored[hp]
+                host.evicted_pages += 1
+            else:
+                continue  # every host page is pinned: dropped
+            table[h] = hp
+            hashes[hp] = h
+            stored[hp] = ids
+            policy[h] = h  # insert (key and content: the page hash)
+            gpu.append(pid)
+            dst.append(hp)
+        host.d2h_many(gpu, dst)
 
     def _drop_host(self, hp: int) -> None:
         """Host page `hp` no longer holds its content (evicted, loaded back, or superseded)."""

@@ -468,8 +468,7 @@ class RadixStrategy(Strategy):
         node now (the caller locks it)."""
         host = self._host
         host.policy.remove(node)
-        for hp in self._host_pages.pop(node).tolist():
-            host.give(hp)
+        host.give_many(self._host_pages.pop(node).tolist())
         node.pages = np.asarray(pages, dtype=np.int32)
         self._evictable += len(node.key)
 
@@ -500,9 +499,8 @@ class RadixStrategy(Strategy):
             hp = self._host_pages.pop(nd).tolist()
             got = pages[at:at + len(hp)]
             at += len(hp)
-            for h, g in zip(hp, got):
-                host.h2d(h, g)
-                host.give(h)
+            host.h2d_many(hp, got)
+            host.give_many(hp)
             nd.pages = np.asarray(got, dtype=np.int32)
             self._evictable += len(nd.key)
 
@@ -536,8 +534,7 @@ class RadixStrategy(Strategy):
             hp = self._host_pages.pop(nd, None)
             if hp is not None:
                 host.policy.remove(nd)
-                for h in hp.tolist():
-                    host.give(h)
+                host.give_many(hp.tolist())
         if (parent is not self.root and parent.pages is None and not parent.children
                 and parent not in self._loading):
             host.policy.insert(parent, parent.access)
@@ -554,9 +551,8 @@ class RadixStrategy(Strategy):
             self._evictable -= len(node.key)
             freed += len(node.key)
             if self._host_room(len(pages)):
-                hps = [host.take() for _ in pages]
-                for g, h in zip(pages, hps):
-                    host.d2h(g, h)
+                hps = host.take_many(len(pages))
+                host.d2h_many(pages, hps)
                 node.pages = None
                 self._host_pages[node] = np.asarray(hps, dtype=np.int32)
                 if not node.children:
