@@ -108,64 +108,85 @@ _PLANS: dict = {}  # key -> (plan, grid y, grid z) (see _common.Plan)
 def _page_move_kernel(
     pool_ptr,                # [L*2 planes, num_slots * H * D] (planes strided by stride_plane)
     pages_ptr,               # [P] pool page ids
-    host_ptr,                # [P, L*2, page_elems] contiguous (pinned host memory on a GPU)
+    host_ptr,                # [N, L*2, page_elems] contiguous (pinned host memory on a GPU)
+    rows_ptr,                # [P] host rows (HAS_ROWS), else row p
     stride_plane, page_elems, num_planes,
     TO_HOST: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     p = tl.program_id(0)
     plane = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(2)
     page = tl.load(pages_ptr + p).to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + p).to(tl.int64)
+    else:
+        row = p.to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < page_elems
     dev = pool_ptr + plane * stride_plane + page * page_elems + offs
-    host = host_ptr + (p.to(tl.int64) * num_planes + plane) * page_elems + offs
+    host = host_ptr + (row * num_planes + plane) * page_elems + offs
     if TO_HOST:
         tl.store(host, tl.load(dev, mask=mask), mask=mask)
     else:
         tl.store(dev, tl.load(host, mask=mask), mask=mask)
 
 
-def page_move_ref(kv_pool, pages, host, page_size: int, to_host: bool) -> None:
+def page_move_ref(kv_pool, pages, host, page_size: int, to_host: bool, host_rows=None) -> None:
     """Plain torch reference, in place (writes `host` when to_host, else the pool's pages)."""
     L, _, S, H, D = kv_pool.shape
     paged = kv_pool.view(L, 2, S // page_size, page_size, H, D)
     idx = pages.to(device=kv_pool.device, dtype=torch.long)
+    rows = None if host_rows is None else host_rows.to(device=host.device, dtype=torch.long)
     if to_host:
-        host.copy_(paged[:, :, idx].permute(2, 0, 1, 3, 4, 5))
+        got = paged[:, :, idx].permute(2, 0, 1, 3, 4, 5).to(host.device)
+        if rows is None:
+            host.copy_(got)
+        else:
+            for i in range(len(rows)):  # in order: a row named twice keeps the last page
+                host[rows[i]] = got[i]
     else:
-        paged[:, :, idx] = host.to(kv_pool.device).permute(1, 2, 0, 3, 4, 5)
+        src = host if rows is None else host[rows]
+        paged[:, :, idx] = src.to(kv_pool.device).permute(1, 2, 0, 3, 4, 5)
 
 
-def page_move(kv_pool, pages, host, page_size: int, to_host: bool, *, backend: str = "triton") -> None:
-    """Copy pool pages ``pages[i]`` to ``host[i]`` (to_host) or ``host[i]`` back onto them, every
-    layer, K and V. Asynchronous on the current stream like any kernel: synchronise (or record an
-    event) before the host reads `host` or writes it again.
+def page_move(kv_pool, pages, host, page_size: int, to_host: bool, *, host_rows=None,
+              backend: str = "triton") -> None:
+    """Copy pool pages ``pages[i]`` to host row ``r_i`` (to_host) or row ``r_i`` back onto them,
+    every layer, K and V, where ``r_i = host_rows[i]`` (default ``i``). Asynchronous on the
+    current stream like any kernel: synchronise (or record an event) before the host reads `host`
+    or writes it again.
 
-    kv_pool: [num_layers, 2, num_slots, H_kv, D] (the pool `page_copy` takes)
-    pages:   [P] int32/int64 page ids on the pool's device (distinct when copying back)
-    host:    [P, num_layers, 2, page_size, H_kv, D] contiguous, the pool's dtype; pinned CPU memory
-             when the pool is on a GPU (the kernel reads/writes it directly), the pool's device in
-             the interpreter
+    kv_pool:   [num_layers, 2, num_slots, H_kv, D] (the pool `page_copy` takes)
+    pages:     [P] int32/int64 page ids on the pool's device (distinct when copying back)
+    host:      [N, num_layers, 2, page_size, H_kv, D] contiguous, the pool's dtype (N = P without
+               host_rows); pinned CPU memory when the pool is on a GPU (the kernel reads/writes it
+               directly), the pool's device in the interpreter
+    host_rows: [P] int32/int64 rows of `host` on the pool's device, distinct when copying to host
     """
     check_backend(backend)
     _check(kv_pool, pages, pages, page_size)
     L, _, S, H, D = kv_pool.shape
     P = pages.shape[0]
     check_tensor("host", host, ndim=6, dtypes=(kv_pool.dtype,))
-    check(tuple(host.shape) == (P, L, 2, page_size, H, D) and host.is_contiguous(),
-          lambda: f"host must be a contiguous [{P}, {L}, 2, {page_size}, {H}, {D}] tensor, got {tuple(host.shape)}")
+    N = P if host_rows is None else host.shape[0]
+    check(tuple(host.shape) == (N, L, 2, page_size, H, D) and host.is_contiguous(),
+          lambda: f"host must be a contiguous [{N}, {L}, 2, {page_size}, {H}, {D}] tensor, got {tuple(host.shape)}")
+    if host_rows is not None:
+        check_tensor("host_rows", host_rows, ndim=1, dtypes=INDEX_DTYPES, device=kv_pool, last_contiguous=False)
+        check(host_rows.shape == pages.shape,
+              lambda: f"host_rows {tuple(host_rows.shape)} must match pages {tuple(pages.shape)}")
     if kv_pool.is_cuda and backend == "triton":
         check(host.device.type == "cpu" and host.is_pinned(),
               lambda: "host must be pinned CPU memory (torch.empty(..., pin_memory=True)) for a GPU pool")
     if backend == "torch":
-        return page_move_ref(kv_pool, pages, host, page_size, to_host)
+        return page_move_ref(kv_pool, pages, host, page_size, to_host, host_rows)
     if P == 0:
         return
     page_elems = page_size * H * D
     BLOCK = min(PAGE_COPY_CONFIG["BLOCK"], triton.next_power_of_2(page_elems))
     grid = (P, L * 2, cdiv(page_elems, BLOCK))
     kernel_for(_page_move_kernel, kv_pool.device)[grid](
-        kv_pool, pages, host, kv_pool.stride(1), page_elems, L * 2, TO_HOST=bool(to_host), BLOCK=BLOCK,
-        num_warps=PAGE_COPY_CONFIG["num_warps"])
+        kv_pool, pages, host, pages if host_rows is None else host_rows, kv_pool.stride(1), page_elems, L * 2,
+        TO_HOST=bool(to_host), HAS_ROWS=host_rows is not None, BLOCK=BLOCK, num_warps=PAGE_COPY_CONFIG["num_warps"])

@@ -90,7 +90,7 @@ class TorchEngine(Engine):
         self.last_logits: dict[int, torch.Tensor] = {}
         self._ids: dict[int, np.ndarray] = {}  # request id -> prompt ++ output (int64, mod vocab)
         self._swapped: dict[int, torch.Tensor] = {}  # request id -> its pages [P, L, 2, page_size, H_kv, D] on the host
-        self._host_tier: dict[int, torch.Tensor] = {}  # host page id -> [1, L, 2, page_size, H_kv, D]
+        self._host_tier: torch.Tensor | None = None  # [host pages so far, L, 2, page_size, H_kv, D], row = host page id
         self.steps = 0
 
     # ---- contract -------------------------------------------------------------------------
@@ -155,23 +155,43 @@ class TorchEngine(Engine):
 
     def _host_tier_copies(self, copies: list[tuple[str, int, int]]) -> None:
         """A strategy's host tier, for real: ("d2h", gpu_page, host_page) copies a pool page into
-        the host page's tensor (made on first use, pinned on a GPU); ("h2d", host_page, gpu_page)
-        copies it back. One page_move per page, in order."""
-        L, _, _, H, D = self.kv_pool.shape
-        ps, backend = self.page_size, self._move_backend()
+        row host_page of one host buffer (pinned on a GPU, grown by doubling as host pages are
+        first used); ("h2d", host_page, gpu_page) copies it back. Consecutive copies of one kind
+        go in one page_move (a d2h run ends before a host row it already writes)."""
+        need = 1 + max(a if kind == "h2d" else b for kind, a, b in copies)
+        if self._host_tier is None or need > len(self._host_tier):
+            self._grow_host_tier(need)
+        run: list[tuple[int, int]] = []  # (gpu page, host row) of the pending run
+        kind_of_run = None
         for kind, a, b in copies:
-            gpu, host_id = (a, b) if kind == "d2h" else (b, a)
-            page = torch.tensor([gpu], dtype=torch.int64, device=self.device)
-            if kind == "d2h":
-                host = self._host_tier.get(host_id)
-                if host is None:
-                    host = self._host_tier[host_id] = torch.empty(
-                        (1, L, 2, ps, H, D), dtype=self.kv_pool.dtype, pin_memory=self.device.type == "cuda")
-                page_move(self.kv_pool, page, host, ps, to_host=True, backend=backend)
-            elif kind == "h2d":
-                page_move(self.kv_pool, page, self._host_tier[host_id], ps, to_host=False, backend=backend)
-            else:
+            if kind not in ("d2h", "h2d"):
                 raise ValueError(f"engine '{self.name}': host copy kind {kind!r} is not 'd2h' or 'h2d'")
+            gpu, row = (a, b) if kind == "d2h" else (b, a)
+            if run and (kind != kind_of_run or (kind == "d2h" and any(r == row for _, r in run))):
+                self._host_tier_run(kind_of_run, run)
+                run = []
+            kind_of_run = kind
+            run.append((gpu, row))
+        if run:
+            self._host_tier_run(kind_of_run, run)
+
+    def _host_tier_run(self, kind: str, run: list[tuple[int, int]]) -> None:
+        pages, rows = (torch.as_tensor(np.asarray(x, np.int64), device=self.device) for x in zip(*run))
+        page_move(self.kv_pool, pages, self._host_tier, self.page_size, to_host=kind == "d2h", host_rows=rows,
+                  backend=self._move_backend())
+
+    def _grow_host_tier(self, rows: int) -> None:
+        L, _, _, H, D = self.kv_pool.shape
+        old = self._host_tier
+        size = max(rows, 2 * len(old)) if old is not None else rows
+        buf = torch.empty((size, L, 2, self.page_size, H, D), dtype=self.kv_pool.dtype,
+                          pin_memory=self.device.type == "cuda",
+                          device="cpu" if self.device.type == "cuda" else self.device)
+        if old is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # copies into the old buffer are done
+            buf[:len(old)] = old
+        self._host_tier = buf
 
     def _swap_in(self, ins: list[SwapIn]) -> None:
         """Copy positions [start, start + tokens) of each request's host copy into the pages it

@@ -124,6 +124,34 @@ def test_page_move_round_trip(page_size):
     assert torch.equal(view[:, :, untouched], before.view(L, 2, P, page_size, H, D)[:, :, untouched])
 
 
+def test_page_move_host_rows():
+    """Scattered host rows (a host tier's pages): each named row gets its page, the others stay."""
+    dev = device()
+    L, P, H, D, ps = 2, 8, 2, 32, 4
+    pool = randn(L, 2, P * ps, H, D, dtype=torch.float16, device=dev, gen=torch.Generator().manual_seed(3))
+    pin = dev.type == "cuda"
+    host = torch.zeros(5, L, 2, ps, H, D, dtype=pool.dtype, pin_memory=pin)
+    host = host if pin else host.to(dev)
+    pages = torch.tensor([7, 2, 5], device=dev)
+    rows = torch.tensor([4, 0, 2], device=dev)
+    page_move(pool, pages, host, ps, True, host_rows=rows)
+    if pin:
+        torch.cuda.synchronize()
+    view = pool.view(L, 2, P, ps, H, D)
+    for page, row in ((7, 4), (2, 0), (5, 2)):
+        assert torch.equal(host[row].to(dev), view[:, :, page])
+    assert not host[1].any() and not host[3].any()
+    ref = torch.zeros_like(host)
+    page_move_ref(pool, pages, ref, ps, True, host_rows=rows)
+    assert torch.equal(ref, host)
+    back = pool.clone()
+    page_move(pool, torch.tensor([0, 1], device=dev), host, ps, False, host_rows=torch.tensor([2, 4], device=dev))
+    assert torch.equal(view[:, :, 0], back.view(L, 2, P, ps, H, D)[:, :, 5])
+    assert torch.equal(view[:, :, 1], back.view(L, 2, P, ps, H, D)[:, :, 7])
+    with pytest.raises(ValueError, match="host_rows"):
+        page_move(pool, pages, host, ps, True, host_rows=torch.tensor([0, 1], device=dev))
+
+
 def test_page_move_errors():
     dev = device()
     pool = torch.zeros(2, 2, 32, 2, 64, dtype=torch.float16, device=dev)
