@@ -14,6 +14,7 @@ from kvbench.engines.sim import SimEngine
 from kvbench.metrics import summarize
 from kvbench.replay import replay
 from kvbench.request import Request
+from kvbench.run import strategy_sizes
 from kvbench.scheduler import Scheduler
 from kvbench.schema import register
 from kvbench.strategies.paged import PagedStrategy
@@ -35,7 +36,9 @@ def run_case(strategy: str, trace: str, fast: bool):
     executed = []
     step = engine.step
     engine.step = lambda batch: executed.append(1) or step(batch)
-    st = instantiate(cfg.strategy, capacity_tokens=cfg.kv_capacity_tokens, max_model_len=cfg.max_model_len)
+    sizes = strategy_sizes(cfg, cfg.kv_capacity_tokens)  # (geometry= for a hybrid pool design)
+    st = instantiate(cfg.strategy, _partial_=True)(capacity_tokens=cfg.kv_capacity_tokens,
+                                                   max_model_len=cfg.max_model_len, **sizes)
     result = replay(instantiate(cfg.trace), Scheduler(st, **cfg.scheduler), engine, progress=False)
     st.check_invariants()
     requests, timeline = result.recorder.requests(), result.recorder.timeline()

@@ -727,7 +727,8 @@ class HybridRadix(HybridStrategy):
                     chain = []
                 for n in chain:
                     if n.pages[lane] is None or n.end <= fn:
-                        raise InvariantError(f"request {rid}: locks node ending {n.end} in lane {lane} (window from {fn})")
+                        raise InvariantError(f"request {rid}: locks node ending {n.end} in lane {lane} "
+                                             f"(window from {fn})")
                     locks.setdefault(id(n), [0] * lanes)[lane] += 1
                 rest = depth[len(chain):]
                 if rest and rest[0].end > fn and rest[0].pages[lane] is not None:
@@ -811,7 +812,8 @@ class HybridRadix(HybridStrategy):
                 for l in range(lanes)]
         ppages = [sum(len(s.private[l]) - s.pfirst[l] for s in self._seqs.values()) for l in range(lanes)]
         res = sum(s.reserved for s in self._seqs.values())
-        if (prot, evictable, ptok, ppages, res) != (self._prot, self._evictable, self._ptok, self._ppages, self._reserved):
+        counters = (self._prot, self._evictable, self._ptok, self._ppages, self._reserved)
+        if (prot, evictable, ptok, ppages, res) != counters:
             raise InvariantError(f"counters ({self._prot}, {self._evictable}, {self._ptok}, {self._ppages}, "
                                  f"{self._reserved}) != recount ({prot}, {evictable}, {ptok}, {ppages}, {res})")
         states = self.group_slot_states(None)
@@ -830,4 +832,5 @@ class HybridRadix(HybridStrategy):
     def summary(self) -> dict:
         return {**super().summary(), "swa_full_tokens_ratio": self.swa_full_tokens_ratio,
                 "state_memory_ratio": self.state_memory_ratio, "snapshots": self.snapshots,
-                "lane_pages": list(self._npages), "state_slots": {self.groups[g].label: n for g, n in self._nslots.items()}}
+                "lane_pages": list(self._npages),
+                "state_slots": {self.groups[g].label: n for g, n in self._nslots.items()}}

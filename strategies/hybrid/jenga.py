@@ -588,7 +588,8 @@ class Jenga(HybridStrategy):
                 self._unref(g, pages[i], (_NORMAL, now, -i))
         point = min(req.num_prompt - 1, req.length) // self.state_interval * self.state_interval
         for g, s in req.state.items():
-            h = self._chain_of(req.tokens, point // self.page_size, req.chain)[point // self.page_size - 1] if point else None
+            j = point // self.page_size
+            h = self._chain_of(req.tokens, j, req.chain)[j - 1] if point else None
             if self.prefix_caching and point and h not in self._index[g]:  # keep a snapshot at `point`
                 self._index[g][h] = s
                 self._hash[g][s] = h
@@ -708,7 +709,8 @@ class Jenga(HybridStrategy):
                                     free=len(self._free_large) * self.large_bytes)
         if waiting_kv_len is not None:  # free small pages stranded in other kinds' large pages
             need = self._peak(waiting_kv_len)
-            short = sum(-(-max(0, n - self._free_small(g) - len(self._key[g])) // self._ratio[g]) for g, n in need.items())
+            short = sum(-(-max(0, n - self._free_small(g) - len(self._key[g])) // self._ratio[g])
+                        for g, n in need.items())
             if short > len(self._free_large) + len(self._lv0):
                 for g, n in need.items():
                     extra = max(0, self._free_small(g) - n) * self._small[g]
@@ -777,7 +779,8 @@ class Jenga(HybridStrategy):
                             tok[h] += self._fill[h][s]
             if g >= 0:
                 if counts[_FREE:] != [self._nfree[c], self._nused[c], self._ncached[c]]:
-                    raise InvariantError(f"large page {c}: counts {counts} != {self._nfree[c], self._nused[c], self._ncached[c]}")
+                    raise InvariantError(f"large page {c}: counts {counts} != "
+                                         f"{self._nfree[c], self._nused[c], self._ncached[c]}")
                 if counts[_FREE] == self._ratio[g]:
                     raise InvariantError(f"large page {c}: every small page free but still split")
                 if not self._nused[c] and self._ncached[c]:
@@ -803,7 +806,8 @@ class Jenga(HybridStrategy):
             if len(self._index[g]) != len(self._hash[g]) or len(self._stored[g]) != len(self._hash[g]):
                 raise InvariantError(f"group {g}: index of {len(self._index[g])} for {len(self._hash[g])} hashed pages")
         if (tok, held, res) != (self._tok, self._held, self._reserved):
-            raise InvariantError(f"counters ({self._tok}, {self._held}, {self._reserved}) != recount ({tok}, {held}, {res})")
+            raise InvariantError(f"counters ({self._tok}, {self._held}, {self._reserved}) != "
+                                 f"recount ({tok}, {held}, {res})")
         states = self.group_slot_states(None)
         total = sum(s.total for s in states.values())
         if total != self.pool_bytes or min(min(s) for s in states.values()) < 0:
