@@ -182,11 +182,15 @@ class Recorder:
         return SlotStates(*self._ints[len(self._ints) - len(STATES):])
 
     def itl_runs(self) -> ItlRuns:
-        """The inter-token gaps as runs: `itl()` is np.repeat(values, counts)."""
-        gaps, counts = np.frombuffer(self._gaps), np.frombuffer(self._gap_counts, np.int64)
+        """The inter-token gaps as runs: `itl()` is np.repeat(values, counts). Views of the
+        recorder's arrays, no copy (16 bytes a step: 2.7 GB for 10^7 requests): the open run is
+        closed first (a later equal gap starts a new run; the gaps are the same). While the views
+        live the arrays cannot grow: call it when the steps are over."""
         if self._gap_count:
-            gaps, counts = np.append(gaps, self._gap), np.append(counts, self._gap_count)
-        return ItlRuns(gaps, counts)
+            self._gaps.append(self._gap)
+            self._gap_counts.append(self._gap_count)
+            self._gap, self._gap_count = 0.0, 0
+        return ItlRuns(np.frombuffer(self._gaps), np.frombuffer(self._gap_counts, np.int64))
 
     def itl(self) -> np.ndarray:
         """Every gap between two consecutive output tokens of a request [s], in token order
