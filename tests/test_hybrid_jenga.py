@@ -114,6 +114,24 @@ def test_hit_needs_the_window_pages_and_out_of_window_pages_are_evicted_first():
     s.check_invariants()
 
 
+def test_dropped_pages_refresh_ages_window_pages_with_their_prefix():
+    """dropped_pages=refresh: the sliding pages a request dropped out of its window are keyed at
+    its release like the rest of its pages (deeper first), so evicting 6 large pages takes the
+    tail of a's 40 positions, not the window pages of its head: b's 20-token hit stays."""
+    a = ids(41)
+    b = np.concatenate([a[:20], ids(10, 500)])
+    s = jenga(capacity=96, dropped_pages="refresh")
+    assert s.admit(0, a, 40, 40, 8).admitted
+    for _ in range(4):
+        assert s.grow(0, 8)
+    s.release(0)
+    assert s.evict(14) == 15
+    assert s.cached_prefix_len(b, 30) == 20 and s.cached_prefix_len(a, 40) < 38
+    s.check_invariants()
+    with pytest.raises(ValueError, match="dropped_pages"):
+        jenga(dropped_pages="never")
+
+
 def test_level_0_evicts_the_least_recent_whole_large_page():
     s = jenga(capacity=24)  # 10 large pages
     s.admit(0, ids(7), 6, 6, 6)  # local large 0, 1; global large 2
@@ -155,12 +173,14 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape,page_size", [("sliding", 1), ("sliding", 3), ("chunked", 2), ("state", 2)])
+@pytest.mark.parametrize("shape,page_size,dropped", [("sliding", 1, "oldest"), ("sliding", 3, "refresh"),
+                                                     ("chunked", 2, "oldest"), ("state", 2, "oldest")])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=50), seed=st.integers(0, 2**16))
-def test_random_operations_keep_every_group_exact(shape, page_size, ops, seed):
+def test_random_operations_keep_every_group_exact(shape, page_size, dropped, ops, seed):
     """Random admit / grow / release / evict (hypothesis): every table serves the request's own
     ids inside its window and NULL outside it, check_invariants after every call (per-group
     bytes, large-page counts, free lists, level-0 keys), nothing lost at the end."""
-    s = jenga(capacity=96, model=SHAPES[shape], page_size=page_size, state_interval=2 * page_size)
+    s = jenga(capacity=96, model=SHAPES[shape], page_size=page_size, state_interval=2 * page_size,
+              dropped_pages=dropped)
     play(HybridDriver(s), ops, np.random.default_rng(seed))

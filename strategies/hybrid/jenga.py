@@ -21,7 +21,8 @@ and return to the free pool whole. Prefix caching: a full page is registered by 
 of its ids (verified against the ids on a hit), per group; at release its pages stay cached. The
 hit rule is the hybrid one (hits.py): every group holds what it needs at the hit point. Sliding
 and chunked pages that leave the window of their request are released at the next step, cached
-but oldest (the artifact's "last access -200"), so they are evicted first. Eviction is LRU by
+but oldest (the artifact's "last access -200"), so they are evicted first (`dropped_pages:
+refresh` re-keys them at the request's release instead, aging with its prefix). Eviction is LRU by
 (last access, deeper page first) within a group (level 1); a large page none of whose small
 pages is in use is a level-0 victim keyed by its most recent small page, and level-0 victims go
 first, least recent across all groups.
@@ -77,6 +78,7 @@ class _Req:
     hashed: int  # leading full pages registered (all attention groups alike)
     chain: list[int] = field(default_factory=list)  # chained hashes of its full pages
     state: dict[int, int] = field(default_factory=dict)  # state group -> its state's small page
+    dropped: list[tuple[int, int, int, int]] = field(default_factory=list)  # (group, small, hash, index) cached at trim
 
 
 class _Plan(NamedTuple):
@@ -98,9 +100,14 @@ class Jenga(HybridStrategy):
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  geometry: PoolGeometry | None = None, prefix_caching: bool = True,
-                 state_interval: int | None = None, name: str = "hybrid_jenga") -> None:
+                 state_interval: int | None = None, dropped_pages: str = "oldest",
+                 name: str = "hybrid_jenga") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name, geometry)
         self.prefix_caching = self.caches_prefixes = bool(prefix_caching)
+        if dropped_pages not in ("oldest", "refresh"):
+            raise ValueError(f"{name}: dropped_pages={dropped_pages!r} must be oldest or refresh")
+        self.dropped_pages = dropped_pages
+        self._refresh = dropped_pages == "refresh"
         ps = self.page_size
         self.state_interval = ps if state_interval is None else int(state_interval)
         if self.state_interval < ps or self.state_interval % ps:
@@ -586,6 +593,11 @@ class Jenga(HybridStrategy):
             self._reserved[g] -= self._res_of(req, g)
             for i in range(len(pages) - 1, req.first[g] - 1, -1):  # the tail first: deeper pages older
                 self._unref(g, pages[i], (_NORMAL, now, -i))
+        for g, s, h, i in req.dropped:  # dropped_pages=refresh: they age with the rest of its prefix
+            if self._st[g][s] == _CACHED and self._hash[g].get(s) == h:
+                self._key[g][s] = (_NORMAL, now, -i)
+                heapq.heappush(self._heap[g], ((_NORMAL, now, -i), s))
+                self._lv0_update(s // self._ratio[g])
         point = min(req.num_prompt - 1, req.length) // self.state_interval * self.state_interval
         for g, s in req.state.items():
             j = point // self.page_size
@@ -661,7 +673,10 @@ class Jenga(HybridStrategy):
                 continue
             now = next(self._clock) if now is None else now
             for i in range(req.first[g], drop):
-                self._unref(g, pages[i], (_OLD, now, -i))
+                s = pages[i]
+                if self._refresh and s in self._hash[g]:
+                    req.dropped.append((g, s, self._hash[g][s], i))
+                self._unref(g, s, (_OLD, now, -i))
                 pages[i] = NULL_PAGE
             req.first[g] = drop
 
@@ -818,9 +833,11 @@ class Jenga(HybridStrategy):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.page_size}" + ("" if self.prefix_caching else "-nocache")
+        return (f"{self.name}-{self.page_size}" + ("" if self.prefix_caching else "-nocache")
+                + ("-refresh" if self._refresh else ""))
 
     def summary(self) -> dict:
         return {**super().summary(), "prefix_caching": self.prefix_caching, "large_page_bytes": self.large_bytes,
+                "dropped_pages": self.dropped_pages,
                 "num_large_pages": self.num_large, "state_interval": self.state_interval,
                 "small_pages_per_large": {self.groups[g].label: self._ratio[g] for g in range(len(self.groups))}}
