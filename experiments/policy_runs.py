@@ -13,8 +13,9 @@ trace config (`paged_future`), run it into `<DIR>_belady/`, and put it in the ta
 exist adds no row. Columns: `hit` (prompt tokens from cache), `bound` (the trace's unbounded
 cache at the run's page size: what no order or policy can beat, kvbench/traces/belady.py),
 `hit/bound`, requests and output tokens per second, TTFT mean / p99 / max, TPOT mean / p99 (ms),
-preemptions, and the prefill tokens computed (millions; recomputes after preemptions included). `--out FILE` writes the markdown table too; `--report DIR` writes kvbench-report's
-page of all the runs into DIR.
+preemptions, and the prefill tokens computed (millions; recomputes after preemptions included).
+`--out FILE` writes the markdown table too; `--report DIR` writes kvbench-report's page of all
+the runs into DIR.
 """
 from __future__ import annotations
 
