@@ -2,10 +2,52 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from kvbench.request import Request
+
+
+class KVReadGroups(NamedTuple):
+    """What a step's K/V read count needs of a model whose layers do not all read the whole
+    context (issue 16: sliding-window and chunked attention). Built once per run by `of` (from
+    the run's `kvbench.sizes.PoolGeometry`); None where every attention layer reads the whole
+    context (every Llama/Qwen yaml, and a model whose only attention is full: the count is then
+    the plain one, and a step pays nothing for this).
+
+    A request whose last query sits at context length c reads, in group g, `positions(g, c)`:
+    c (full), min(c, window) (sliding: the window includes the query), (c - 1) % chunk + 1
+    (chunked: the query's own chunk), 0 (state layers: no K/V per token). Weighted by the
+    group's share of the model's K/V bytes per token, summed over groups and the step's
+    requests, and rounded to the nearest whole position once per step, that is the step's
+    `kv_read_tokens` in positions of the whole model's K/V: `kv_read_token_s` keeps its meaning.
+    """
+
+    bytes_per_token: int  # the model's K/V bytes per token (the sum over groups)
+    full_bytes: int  # K/V bytes per token of the full-attention groups together
+    windowed: tuple[tuple[int, int, int], ...]  # (bytes per token, window, chunk) per sliding / chunked group
+
+    @classmethod
+    def of(cls, groups) -> KVReadGroups | None:
+        """From `LayerGroup`s (kvbench.sizes); None when no attention group is windowed or chunked."""
+        windowed = tuple((g.bytes_per_token, g.window, g.chunk) for g in groups
+                         if g.kind in ("sliding", "chunked") and g.bytes_per_token)
+        if not windowed:
+            return None
+        return cls(sum(g.bytes_per_token for g in groups),
+                   sum(g.bytes_per_token for g in groups if g.kind == "full"), windowed)
+
+    def read(self, contexts) -> int:
+        """K/V positions (whole-model equivalents, rounded half up) read by requests whose last
+        queries sit at context lengths `contexts` (ints >= 1)."""
+        total = self.full_bytes * sum(contexts)
+        for b, window, chunk in self.windowed:
+            if window:
+                total += b * sum(c if c < window else window for c in contexts)
+            else:
+                total += b * sum((c - 1) % chunk + 1 for c in contexts)
+        return (2 * total + self.bytes_per_token) // (2 * self.bytes_per_token)
 
 
 @dataclass(slots=True)
@@ -83,7 +125,10 @@ class StepBatch:
     The step's token counts (the cost model's inputs, the timeline's columns) are counted here
     once, from the seqs' `is_decode` flags: `decode_tokens` decode tokens, `prefill_tokens` the
     rest, `kv_read_tokens` K/V positions attention reads (a chunk of n after a prefix of p reads
-    p + n, the last query's context).
+    p + n, the last query's context, in every layer). With `kv_read_groups` (a model with
+    sliding-window or chunked layers: `KVReadGroups`) each layer group reads only what its
+    attention reads, weighted by its share of the model's K/V bytes, and the count is in
+    positions of the whole model's K/V (rounded once per step).
     """
 
     seqs: list[ScheduledSeq]
@@ -96,6 +141,7 @@ class StepBatch:
     swap_out: list[SwapOut] = field(default_factory=list)
     swap_in: list[SwapIn] = field(default_factory=list)
     host_copies: list[tuple[str, int, int]] = field(default_factory=list)
+    kv_read_groups: KVReadGroups | None = None
     num_tokens: int = field(init=False)
     decode_tokens: int = field(init=False)
     prefill_tokens: int = field(init=False)
@@ -113,6 +159,8 @@ class StepBatch:
                 decode += 1
         self.num_tokens, self.decode_tokens = tokens, decode
         self.prefill_tokens, self.kv_read_tokens = tokens - decode, kv_read
+        if self.kv_read_groups is not None:  # (a windowed model only: the plain count above otherwise)
+            self.kv_read_tokens = self.kv_read_groups.read([s.start + s.num_new for s in self.seqs])
 
     @property
     def moves(self) -> bool:

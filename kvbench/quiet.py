@@ -20,6 +20,12 @@ any that overrides `take_host_moves` without saying so) copies a page to host wh
 one, so its quiet steps take pages from free slots only: a step that would evict is stepped,
 and its batch carries (and the sim charges) the moves.
 
+Windows (issue 16): a step of a model with sliding-window or chunked layers reads, per request,
+min(context, window) positions in those layers, so quiet steps do not read d more positions each
+(the closed form `kv_read0 + j * d` of kvbench.replay / events.DecodeRun): such a model's runs
+never fast-forward (limit 0 when the scheduler has `kv_read_groups`; kvbench.run also turns the
+engine's fast_forward off), exactly as a hybrid pool's.
+
 Costs: O(d) `room` calls at the start; per step O(1) plus O(requests taking a page there),
 plus one `slot_states` where a page is taken.
 """
@@ -50,8 +56,10 @@ class QuietRun:
         self.deferred = 0  # decoded positions not yet grown in the strategy
         self.pages_at: dict[int, list[int]] = {}  # step → requests (indices) taking a page in it
         limit = 1 << 62
-        if len(self.seqs) > scheduler.max_num_batched_tokens or not getattr(self.st, "fast_forward", True):
-            limit = 0  # (fast_forward False: a strategy whose decodes may free pages, e.g. a hybrid pool)
+        if len(self.seqs) > scheduler.max_num_batched_tokens or not getattr(self.st, "fast_forward", True) \
+                or getattr(scheduler, "kv_read_groups", None) is not None:
+            limit = 0  # (fast_forward False: a strategy whose decodes may free pages, e.g. a hybrid pool;
+            # kv_read_groups: a windowed model, whose decode steps do not read d more positions each)
         for i, s in enumerate(self.seqs):
             limit = min(limit, s.request.output_len - s.emitted - 1)  # none finishes
             if limit <= 0:

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench.batch import KVReadGroups
 from kvbench.loggers import NullLogger
 from kvbench.metrics import TIMELINE_DTYPES, Recorder, summarize
 from kvbench.replay import replay
@@ -249,10 +250,11 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     if engine.needs_layout and len(getattr(strategy, "tables", ())) > 1:  # (docs/hybrid.md, "Left out")
         raise ConfigError(f"strategy={strategy.name}: engine={engine.name} reads one page table per request, this "
                           f"design keeps {len(strategy.tables)} (per layer group); run it with engine=sim")
-    if not getattr(strategy, "fast_forward", True):  # a hybrid pool: a decode may leave a window
-        engine.fast_forward = False
+    read_groups = KVReadGroups.of(pool.groups)  # None unless a layer group reads a window or chunk only
+    if not getattr(strategy, "fast_forward", True) or read_groups is not None:  # a hybrid pool: a decode
+        engine.fast_forward = False  # may leave a window; a windowed model: quiet steps' reads are not linear
     driven = GroupLog(strategy) if hasattr(strategy, "group_slot_states") else strategy  # per-group states
-    scheduler = Scheduler(driven, **cfg.scheduler)
+    scheduler = Scheduler(driven, **cfg.scheduler, kv_read_groups=read_groups)
     # the timeline streams to a temporary file in chunks, renamed into place below (issue 13: memory)
     sink = TimelineFile(out_dir / f".timeline.parquet.tmp{os.getpid()}.rows", TIMELINE_DTYPES)
     result = replay(requests, scheduler, engine, progress=cfg.progress,

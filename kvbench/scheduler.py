@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvbench.batch import ScheduledSeq, StepBatch, SwapIn, SwapOut
+from kvbench.batch import KVReadGroups, ScheduledSeq, StepBatch, SwapIn, SwapOut
 from kvbench.events import StepEvent
 from kvbench.request import Request
 from kvbench.strategies.base import Admission, RequestId, Strategy
@@ -106,11 +106,14 @@ class Scheduler:
         dedup_prefix: defer a waiting request that would share a long uncached prefix with one
             admitted before it (module docstring).
         dedup_min_prefix: positions of shared, uncached prefix that make a request wait (>= 1).
+        kv_read_groups: a model with sliding-window or chunked layers: each batch counts its K/V
+            reads per layer group (kvbench.batch.KVReadGroups; kvbench.run passes it); None: plain.
     """
 
     def __init__(self, strategy: Strategy, max_num_seqs: int, max_num_batched_tokens: int,
                  chunked_prefill: bool = True, policy: str = "fcfs", max_wait_steps: int = 256,
-                 preemption: str = "recompute", dedup_prefix: bool = False, dedup_min_prefix: int = 32) -> None:
+                 preemption: str = "recompute", dedup_prefix: bool = False, dedup_min_prefix: int = 32,
+                 kv_read_groups: KVReadGroups | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if policy not in POLICIES:
@@ -127,6 +130,7 @@ class Scheduler:
         self.dedup_min_prefix = int(dedup_min_prefix)
         self._admit = self._admit_fcfs if policy == "fcfs" and not self.dedup else self._admit_ordered
         self.strategy = strategy
+        self.kv_read_groups = kv_read_groups  # a windowed model's K/V read weights (kvbench.batch), for each batch
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
@@ -386,7 +390,8 @@ class Scheduler:
                                      s.computed + n >= target, s.computed >= target))
         host_copies = self._take_host_copies() if with_layout and self._take_host_copies else None
         d2h, h2d = st.take_host_moves()
-        batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h)
+        batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h,
+                           kv_read_groups=self.kv_read_groups)
         if host_copies:
             batch.host_copies = host_copies
         if self._swap_out or self._swap_in:

@@ -35,7 +35,12 @@ class SimEngine(Engine):
     """Step time from `step_time` (all coefficients in seconds; see configs/engine/sim.yaml).
 
     A prefill chunk of n tokens after a prefix of p reads p + n K/V positions (the last query's
-    context); a decode token at position p reads p + 1.
+    context); a decode token at position p reads p + 1. In a model with sliding-window or
+    chunked layers (issue 16) the batch counts per layer group, weighted by the group's share of
+    the model's K/V bytes per token: context in full layers, min(context, window) in sliding
+    ones, the query's own chunk in chunked ones, 0 in state layers (`StepBatch.kv_read_tokens`,
+    kvbench.batch.KVReadGroups), so `kv_read_token_s` stays the price of one position of the
+    whole model's K/V and a single-group model's count is unchanged.
 
     Host moves (preemption by swap, the host tier): a step that moves K/V between device and
     host takes `move_time` longer, serialized with the step (the copies are not overlapped with
