@@ -217,6 +217,17 @@ op = st.one_of(st.tuples(st.just("admit"), st.integers(0, 2), st.integers(2, 40)
                st.tuples(st.just("evict"), st.integers(1, 48)))
 
 
+def admit(d: Driver, rid, tokens, kv_len, num_prompt, max_new) -> bool:
+    """An admit through the driver, after the pure query that must predict its hit (host part
+    included) and change nothing."""
+    before = fingerprint(d.s, d.live)
+    predicted = d.s.cached_prefix_len(tokens, num_prompt)
+    assert fingerprint(d.s, d.live) == before, "cached_prefix_len changed the strategy"
+    adm = d.admit(rid, tokens, kv_len, num_prompt, max_new)
+    assert not adm.admitted or adm.cached_tokens == predicted, (adm, predicted)
+    return adm.admitted
+
+
 def play(d: Driver, ops, rng) -> None:
     """Ops through the driver (content and check_invariants() after each call); a refused
     request is retried under its id, a release may be a preemption."""
@@ -226,13 +237,13 @@ def play(d: Driver, ops, rng) -> None:
             _, family, prompt, output, max_new, retry = o
             if retry and waiting:
                 rid, tokens, kv_len, num_prompt = waiting[0]
-                if d.admit(rid, tokens, kv_len, num_prompt, max_new).admitted:
+                if admit(d, rid, tokens, kv_len, num_prompt, max_new):
                     waiting.pop(0)
                 continue
             kv_len = prompt + output - 1
             if not s.never_fits(kv_len):
                 tokens = family_tokens(rng, 2, family, prompt, output)
-                if not d.admit(next_id, tokens, kv_len, prompt, max_new).admitted:
+                if not admit(d, next_id, tokens, kv_len, prompt, max_new):
                     waiting.append((next_id, tokens, kv_len, prompt))
                 next_id += 1
         elif o[0] in ("grow", "release") and d.live:
