@@ -513,21 +513,20 @@ class RadixStrategy(Strategy):
         while host.free_pages() < k:
             if not len(host.policy):
                 return False
-            victim = host.policy.victim()
-            host.evicted_pages += len(self._host_pages[victim])
-            self._remove_subtree(victim)
+            host.evicted_pages += self._remove_subtree(host.policy.victim())
         return True
 
-    def _remove_subtree(self, node: _Node) -> None:
+    def _remove_subtree(self, node: _Node) -> int:
         """Take `node` and its (host) descendants out of the tree, freeing their host pages
-        (`node`'s device pages, if any, are the caller's). Its parent may become a host leaf."""
+        (`node`'s device pages, if any, are the caller's). Its parent may become a host leaf.
+        Returns the host pages freed."""
         parent = node.parent
         del parent.children[self._child_key(node.key)]
         node.parent = None
         memo = self._match_memo
         if memo is not None and id(node) in memo.members:
             self._memo_cut(memo, node)
-        host, stack = self._host, [node]
+        host, stack, freed = self._host, [node], 0
         while stack:
             nd = stack.pop()
             stack.extend(nd.children.values())
@@ -535,9 +534,11 @@ class RadixStrategy(Strategy):
             if hp is not None:
                 host.policy.remove(nd)
                 host.give_many(hp.tolist())
+                freed += len(hp)
         if (parent is not self.root and parent.pages is None and not parent.children
                 and parent not in self._loading):
             host.policy.insert(parent, parent.access)
+        return freed
 
     def _evict_to_host(self, num_slots: int) -> int:
         """`evict` with a host tier: each victim leaf's pages are copied to the host (room made
@@ -557,8 +558,8 @@ class RadixStrategy(Strategy):
                 self._host_pages[node] = np.asarray(hps, dtype=np.int32)
                 if not node.children:
                     host.policy.insert(node, node.access)
-            else:
-                self._remove_subtree(node)
+            else:  # dropped, and the host subtree below it
+                host.evicted_pages += self._remove_subtree(node)
             if (parent is not self.root and parent.lock == 0 and parent.pages is not None
                     and self._no_device_child(parent)):
                 self._push(parent)
