@@ -15,9 +15,10 @@ leaf), `victim` to drop one, `remove` when content leaves the host otherwise (lo
 hit, or superseded by a GPU copy): for the policy that is a use, as a GPU hit is, so a content
 that comes back to the host later keeps its history (LFU's count, S3-FIFO's queue). Keys are
 contents, not host page ids, for that reason (a host page id is reused for other content).
-A content dropped other than as the host's victim (rare: a radix node larger than the free host
-pool, with its host subtree) keeps its entry in the policy's history (for S3-FIFO, a key in use):
-the policy contract has no verb to forget a key.
+A content dropped other than as the host's victim (rare: demoted while every host page is
+pinned by a loading admission, or a radix node larger than the host pool and its host subtree)
+keeps its entry in the policy's history (for S3-FIFO, a key in use): the policy contract has no
+verb to forget a key.
 
 Rules (the strategies' `check_invariants` verify them):
 - A cached page's content lives in exactly one tier. A page loaded back to the GPU frees its
