@@ -505,8 +505,9 @@ class RadixStrategy(Strategy):
             self._evictable += len(nd.key)
 
     def _host_room(self, k: int) -> bool:
-        """Make `k` host pages free by dropping host leaves in the host policy's order; False
-        (nothing dropped) when the host pool is smaller than k pages. Mutates."""
+        """Make `k` host pages free by dropping host leaves in the host policy's order. False
+        when it cannot: the host pool is smaller than k pages (nothing dropped), or what is left
+        is held by a loading admission. Mutates."""
         host = self._host
         if k > host.num_pages:
             return False
