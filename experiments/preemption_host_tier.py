@@ -32,6 +32,12 @@ from kvbench.report.page import markdown_table  # noqa: E402
 GB = 1e9
 
 
+def fail(why: str) -> None:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"preemption_host_tier: error: {why}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_runs(sweep: Path) -> tuple[pd.DataFrame, dict]:
     """One row per finished run under `sweep`; and the engine config of the first run."""
     rows, engine = [], {}
@@ -48,14 +54,16 @@ def load_runs(sweep: Path) -> tuple[pd.DataFrame, dict]:
             "ttft_mean_ms": 1e3 * s["ttft_mean_s"], "ttft_p99_ms": 1e3 * s["ttft_p99_s"],
             "tpot_mean_ms": 1e3 * s["tpot_mean_s"], "tpot_p99_ms": 1e3 * s["tpot_p99_s"],
             "hit_rate": s["prefix_hit_rate"], "hit_tok_gpu": s["prefix_hit_tokens_gpu"],
-            "hit_tok_host": s["prefix_hit_tokens_host"], "host_share": s["prefix_hit_tokens_host"] / prompt if prompt else 0.0,
+            "hit_tok_host": s["prefix_hit_tokens_host"],
+            "host_share": s["prefix_hit_tokens_host"] / prompt if prompt else 0.0,
             "swap_out_tok": s["swap_out_tokens"], "swap_in_tok": s["swap_in_tokens"],
             "d2h_GB": s["d2h_bytes"] / GB, "h2d_GB": s["h2d_bytes"] / GB,
-            "copy_s": s["d2h_bytes"] / cfg["engine"]["d2h_bytes_per_s"] + s["h2d_bytes"] / cfg["engine"]["h2d_bytes_per_s"],
+            "copy_s": (s["d2h_bytes"] / cfg["engine"]["d2h_bytes_per_s"]
+                       + s["h2d_bytes"] / cfg["engine"]["h2d_bytes_per_s"]),
             "duration_s": s["duration_s"], "num_requests": s["num_requests"],
         })
     if not rows:
-        sys.exit(f"preemption_host_tier: error: no finished runs under {sweep}")
+        fail(f"no finished runs under {sweep}")
     df = pd.DataFrame(rows).sort_values(["trace", "strategy", "preemption", "host_x"], ignore_index=True)
     return df, engine
 
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/preemption_host_tier"))
     a = p.parse_args(argv)
     if not a.sweep.is_dir():
-        sys.exit(f"preemption_host_tier: error: no such folder: {a.sweep} (run kvbench -m experiment=preemption_host_tier)")
+        fail(f"no such folder: {a.sweep} (run kvbench -m experiment=preemption_host_tier)")
     df, engine = load_runs(a.sweep)
     bounds = next((b for b in (a.out / "hit_rate_bounds.csv", a.sweep / "report" / "hit_rate_bounds.csv")
                    if b.exists()), None)
