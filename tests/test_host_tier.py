@@ -181,6 +181,25 @@ def test_radix_a_node_larger_than_the_free_host_is_dropped_and_host_leaves_go_fi
     d.release_all()
 
 
+def test_radix_host_drops_the_least_recently_used_host_leaf_first():
+    s = RadixStrategy(capacity_tokens=64, max_model_len=64, page_size=4, host_tier_tokens=8)  # host: 2 pages
+    d = Driver(s)
+    x, y, z = (ids((k, k + 4)) for k in (0, 50, 70))
+    for rid, t in enumerate((x, y, z)):  # a one-page leaf each, demoted at once: x, y, then z
+        d.admit(rid, t, 4, 4, 4)
+        d.release(rid)
+        assert d.evict(4) == 4
+
+    def on_host(t):
+        return s.cached_prefix_len(np.append(t, 1).astype(np.int32), 5) == 4
+
+    assert (on_host(x), on_host(y), on_host(z)) == (False, True, True)  # x, least recently used, dropped
+    # each request reuses GPU page 0 (freed by the demotion before it); z reuses x's host page 0
+    assert d.host_copies == [("d2h", 0, 0), ("d2h", 0, 1), ("d2h", 0, 0)]
+    assert len(s.root.children) == 2 and s.summary()["host_evicted_tokens"] == 4
+    d.release_all()
+
+
 def test_radix_retry_memo_stays_exact_when_its_path_moves_to_the_host():
     s = RadixStrategy(capacity_tokens=32, max_model_len=64, page_size=4, host_tier_tokens=32)
     d = Driver(s)
