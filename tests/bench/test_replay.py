@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from kvbench.replay import replay
+from kvbench.run import strategy_sizes
 from kvbench.scheduler import Scheduler
 from kvbench.schema import register
 from kvbench.traces import traces_dir
@@ -76,7 +77,9 @@ def bench_replay(benchmark, strategy: str, slice_name: str, rounds: int):
 
     def setup():
         engine = instantiate(cfg.engine)
-        st = instantiate(cfg.strategy, capacity_tokens=cfg.kv_capacity_tokens, max_model_len=cfg.max_model_len)
+        sizes = strategy_sizes(cfg, cfg.kv_capacity_tokens)  # (geometry= for a hybrid pool design, as kvbench.run)
+        st = instantiate(cfg.strategy, _partial_=True)(capacity_tokens=cfg.kv_capacity_tokens,
+                                                       max_model_len=cfg.max_model_len, **sizes)
         gc.collect()
         return (requests, Scheduler(st, **cfg.scheduler), engine), {"progress": False}
 
