@@ -99,7 +99,7 @@ def test_cli_sweep_prints_a_comparison_and_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["strategy=nope"], "unknown strategy 'nope' in 'strategy=nope' (choose from: paged, "),
+    (["strategy=nope"], "unknown strategy 'nope' in 'strategy=nope' (choose from: hybrid_jenga, "),
     (["-m", "trace=synthetic,nope"], "unknown trace 'nope'"),
     (["kv_capacity_tokens=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     (["trace=burstgpt", "trace.path=/nonexistent/burst.csv"], "trace file not found: '/nonexistent/burst.csv'"),
