@@ -58,3 +58,4 @@ class DecodeRun(NamedTuple):
     waiting: int
     preemptions: int
     states: list[tuple[int, ...]]  # [k] SlotStates fields of each step
+    moved: tuple[int, int] = (0, 0)  # (d2h, h2d) token slots the strategy moved in the run (a host tier)

@@ -121,6 +121,9 @@ class Recorder:
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`."""
         t, dt, k, d = np.asarray(run.t), np.asarray(run.dt), len(run.t), len(run.seqs)
+        if run.moved != (0, 0):  # a host tier's evictions in the run's page-taking steps
+            self.moved[2] += run.moved[0]
+            self.moved[3] += run.moved[1]
         self._floats.frombytes(np.column_stack((t, dt)).tobytes())
         rows = np.empty((k, _INT_COLUMNS), np.int32)
         rows[:, :6] = (run.running, run.waiting, 0, d, 0, run.preemptions)

@@ -14,11 +14,11 @@ request's deferred ones. A step's slot states are the strategy's own where a pag
 (corrected by the deferred tokens), else the last step's with d more slots moved from reserved
 to token; at the end the strategy's states must equal the last step's (`end` checks).
 
-Host moves: a quiet step moves nothing between device and host. Swaps happen only in steps
-that preempt or admit (never quiet); a strategy with a host tier (`host_tier_tokens` > 0, or
-any that overrides `take_host_moves` without saying so) copies a page to host when it evicts
-one, so its quiet steps take pages from free slots only: a step that would evict is stepped,
-and its batch carries (and the sim charges) the moves.
+Host moves: swaps happen only in steps that preempt or admit (never quiet). A strategy with a
+host tier copies a page to host when it evicts one: a quiet step that takes pages asks the
+strategy for its moves (`take_host_moves`, as `Scheduler.batch` would) and, where it moved any,
+the run stops after that step and reports them (`moved`): the caller prices the step with the
+copy time, as stepping charges it, and starts the next run from there.
 
 Windows (issue 16): a step of a model with sliding-window or chunked layers reads, per request,
 min(context, window) positions in those layers, so quiet steps do not read d more positions each
@@ -48,9 +48,10 @@ class QuietRun:
         self.seqs = list(scheduler.running)
         self.states = states
         self.may_take_pages = not scheduler.waiting
-        st = self.st  # a strategy that may move pages to host when it evicts: no eviction in quiet steps
+        st = self.st  # a strategy that may move pages to host when it evicts: moves asked after each take
         moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
-        self.may_evict = moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0
+        self._moves = None if moves is Strategy.take_host_moves else st.take_host_moves
+        self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
         self.held = [s.computed for s in self.seqs]  # positions each holds in the strategy
         self.deferred = 0  # decoded positions not yet grown in the strategy
@@ -73,11 +74,13 @@ class QuietRun:
 
     def run(self, k: int) -> list[tuple[int, ...]]:
         """Make the grows of up to k next quiet steps; the slot states of each step that ran
-        (fewer than k where the run ends, or where requests would need pages that are not free)."""
+        (fewer than k where the run ends, where requests would need pages that are not free, or
+        after a step that moved pages to host: `moved` says so)."""
         st, seqs, held, pages_at = self.st, self.seqs, self.held, self.pages_at
         j, d, stop, deferred = self.j, len(seqs), min(self.j + k, self.limit), self.deferred
         token, reserved, internal, external, cached, free = self.states
         rows = []
+        self.moved = None
         while j < stop:
             takers = pages_at.pop(j, None)
             if takers is None:  # nobody takes a page: d slots move from reserved to token
@@ -85,7 +88,7 @@ class QuietRun:
                 rows.append((token, reserved, internal, external, cached, free))
                 j += 1
                 continue
-            if (free + cached if self.may_evict else free) < len(takers) * st.page_size:
+            if free + cached < len(takers) * st.page_size:
                 pages_at[j] = takers
                 break
             for i in sorted(takers):  # running order
@@ -102,6 +105,11 @@ class QuietRun:
             token, reserved = token + deferred, reserved - deferred
             rows.append((token, reserved, internal, external, cached, free))
             j += 1
+            if self._moves is not None:
+                moved = self._moves()
+                if moved != (0, 0):
+                    self.moved = moved
+                    break
         self.states = SlotStates(token, reserved, internal, external, cached, free)
         self.j, self.deferred = j, deferred
         return rows

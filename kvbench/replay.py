@@ -146,7 +146,8 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, no
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
-    as stepping adds them); chunks of 16 steps first, 4x longer each time. Mutates (through `run`) the strategy and the requests, and the
+    as stepping adds them); chunks of 16 steps first, 4x longer each time; a step that moved pages
+    to host ends its chunk, priced with the copy time (the next chunk starts after it). Mutates (through `run`) the strategy and the requests, and the
     recorder."""
     d = steady.running
     kv_read = steady.kv_read + d  # every decode reads one position more each step
@@ -159,11 +160,15 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, no
         starts = np.add.accumulate(np.concatenate(([now], dts)))  # [k + 1]
         rows = run.run(int(np.searchsorted(starts[:k], until)))  # the steps that start before `until`
         j = len(rows)
+        moved = run.moved  # the last step moved pages to host: it takes the copy time longer, as stepped
+        if moved is not None:
+            dts[j - 1] += engine.move_time(*moved)
+            starts[j] = starts[j - 1] + dts[j - 1]
         if j:
             rec.decode_run(DecodeRun([s.request for s in run.seqs], starts[:j], dts[:j], kv_read, d,
-                                     steady.waiting, steady.preemptions, rows))
+                                     steady.waiting, steady.preemptions, rows, moved or (0, 0)))
             now, kv_read = float(starts[j]), kv_read + j * d
-        if j < k:
+        if j < k and moved is None:
             break
     run.end()
     return now
