@@ -7,6 +7,7 @@ size (so a size's peak RSS is its own), into a temporary run dir.
     python tests/bench/scaling.py --sizes 10000 --strategies paged
     python tests/bench/scaling.py --sizes 10000000 --strategies slab_oracle --append
     python tests/bench/scaling.py --plot-only                  # redraw the figure from the CSV
+    python tests/bench/scaling.py --plot-only --extrapolate 10000000   # add extrapolated rows (not run)
 
 Writes results/benchmarks/scaling.csv and scaling.png (each to a temporary name, then renamed):
 strategy, requests, cpu_s (the run's CPU time: trace, replay, summary, files), us_per_request,
