@@ -67,7 +67,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kvbench.sizes import LayerGroup, PoolGeometry
-from kvbench.strategies.base import RequestId, SlotStates, Strategy
+from kvbench.strategies.base import InvariantError, RequestId, SlotStates, Strategy
 
 NULL_PAGE = -1  # a table entry for a page the request does not hold (outside its window)
 POOL = "(pool)"  # group_slot_states key of bytes that belong to no group
@@ -179,6 +179,17 @@ class HybridStrategy(Strategy):
         b = [total.token, total.reserved, total.internal + total.out_of_window, total.external, total.cached,
              total.free]
         return SlotStates(*to_units(b, self.unit_bytes, self.capacity))
+
+    def _check_state_sums(self) -> None:
+        """Raise InvariantError unless the group states sum to the pool's bytes and their units to
+        the capacity, none negative (every design's `check_invariants` ends with this). Pure."""
+        states = self.group_slot_states(None)
+        total = sum(s.total for s in states.values())
+        if total != self.pool_bytes or min(min(s) for s in states.values()) < 0:
+            raise InvariantError(f"group slot states {states} sum to {total}, pool {self.pool_bytes} bytes")
+        units = self.slot_states(None)
+        if units.total != self.capacity or min(units) < 0:
+            raise InvariantError(f"slot states {units} do not sum to capacity {self.capacity}")
 
     def fork(self, parent, child, child_tokens, child_kv_len) -> bool:
         return False

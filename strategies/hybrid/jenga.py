@@ -823,13 +823,7 @@ class Jenga(HybridStrategy):
         if (tok, held, res) != (self._tok, self._held, self._reserved):
             raise InvariantError(f"counters ({self._tok}, {self._held}, {self._reserved}) != "
                                  f"recount ({tok}, {held}, {res})")
-        states = self.group_slot_states(None)
-        total = sum(s.total for s in states.values())
-        if total != self.pool_bytes or min(min(s) for s in states.values()) < 0:
-            raise InvariantError(f"group slot states {states} sum to {total}, pool {self.pool_bytes} bytes")
-        units = self.slot_states(None)
-        if units.total != self.capacity or min(units) < 0:
-            raise InvariantError(f"slot states {units} do not sum to capacity {self.capacity}")
+        self._check_state_sums()
 
     @property
     def label(self) -> str:

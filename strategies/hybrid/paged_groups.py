@@ -481,13 +481,7 @@ class GroupPaged(HybridStrategy):
         if (tok, held, res, cached) != (self._tok, self._held, self._reserved, self._cached):
             raise InvariantError(f"counters (token {self._tok}, held {self._held}, reserved {self._reserved}, "
                                  f"cached {self._cached}) != recount ({tok}, {held}, {res}, {cached})")
-        states = self.group_slot_states(None)
-        total = sum(s.total for s in states.values())
-        if total != self.pool_bytes or min(min(s) for s in states.values()) < 0:
-            raise InvariantError(f"group slot states {states} sum to {total}, pool {self.pool_bytes} bytes")
-        units = self.slot_states(None)
-        if units.total != self.capacity or min(units) < 0:
-            raise InvariantError(f"slot states {units} do not sum to capacity {self.capacity}")
+        self._check_state_sums()
 
     def summary(self) -> dict:
         return {**super().summary(), "prefix_caching": self.prefix_caching,
