@@ -146,9 +146,10 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, no
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
-    as stepping adds them); chunks of 16 steps first, 4x longer each time; a step that moved pages
-    to host ends its chunk, priced with the copy time (the next chunk starts after it). Mutates (through `run`) the strategy and the requests, and the
-    recorder."""
+    as stepping adds them); chunks of 16 steps first, 4x longer each time. A step that moved
+    pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
+    start that much later, as stepping gives them. Mutates (through `run`) the strategy and the
+    requests, and the recorder."""
     d = steady.running
     kv_read = steady.kv_read + d  # every decode reads one position more each step
     size = _FIRST_CHUNK
@@ -158,17 +159,23 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, no
         kv = kv_read + d * np.arange(k, dtype=np.int64)
         dts = engine.decode_costs(d, kv)
         starts = np.add.accumulate(np.concatenate(([now], dts)))  # [k + 1]
-        rows = run.run(int(np.searchsorted(starts[:k], until)))  # the steps that start before `until`
-        j = len(rows)
-        moved = run.moved  # the last step moved pages to host: it takes the copy time longer, as stepped
-        if moved is not None:
-            dts[j - 1] += engine.move_time(*moved)
-            starts[j] = starts[j - 1] + dts[j - 1]
-        if j:
-            rec.decode_run(DecodeRun([s.request for s in run.seqs], starts[:j], dts[:j], kv_read, d,
-                                     steady.waiting, steady.preemptions, rows, moved or (0, 0)))
-            now, kv_read = float(starts[j]), kv_read + j * d
-        if j < k and moved is None:
+        rows, i, moved = [], 0, [0, 0]
+        while i < k:
+            rows += run.run(int(np.searchsorted(starts[:k], until)) - i)  # the steps that start before `until`
+            i = len(rows)
+            if run.moved is None:
+                break
+            # step i - 1 moved pages to host: it takes the copy time longer, as stepping charges
+            # it, and every later step of the chunk starts that much later (then `until` again)
+            dts[i - 1] += engine.move_time(*run.moved)
+            moved[0] += run.moved[0]
+            moved[1] += run.moved[1]
+            starts[i:] = np.add.accumulate(np.concatenate(([starts[i - 1] + dts[i - 1]], dts[i:])))
+        if i:
+            rec.decode_run(DecodeRun([s.request for s in run.seqs], starts[:i], dts[:i], kv_read, d,
+                                     steady.waiting, steady.preemptions, rows, (moved[0], moved[1])))
+            now, kv_read = float(starts[i]), kv_read + i * d
+        if i < k:
             break
     run.end()
     return now
