@@ -68,7 +68,8 @@ def trace(slice_name: str) -> list:
     if slice_name.startswith("mooncake") and not (traces_dir() / MOONCAKE).is_file():
         pytest.skip(f"shared trace {traces_dir() / MOONCAKE} not found (set KVBENCH_TRACES)")
     if slice_name not in _TRACES:
-        _TRACES[slice_name] = instantiate(compose_cfg("paged", SLICES[slice_name]).trace)
+        # made once, outside the timed replay (a lazy trace would build its requests in every round)
+        _TRACES[slice_name] = list(instantiate(compose_cfg("paged", SLICES[slice_name]).trace))
     return _TRACES[slice_name]
 
 
