@@ -50,7 +50,8 @@ class QuietRun:
         self.may_take_pages = not scheduler.waiting
         st = self.st  # a strategy that may move pages to host when it evicts: moves asked after each take
         moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
-        self._moves = None if moves is Strategy.take_host_moves else st.take_host_moves
+        self._moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 \
+            else st.take_host_moves
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
         self.held = [s.computed for s in self.seqs]  # positions each holds in the strategy
