@@ -517,16 +517,21 @@ class RadixStrategy(Strategy):
             host.evicted_pages += self._remove_subtree(host.policy.victim())
         return True
 
+    def _detach(self, node: _Node) -> None:
+        """Take `node` (and its subtree) out of its parent's children; a waiting request's match
+        through it is cut there."""
+        del node.parent.children[self._child_key(node.key)]
+        node.parent = None
+        memo = self._match_memo
+        if memo is not None and id(node) in memo.members:
+            self._memo_cut(memo, node)
+
     def _remove_subtree(self, node: _Node) -> int:
         """Take `node` and its (host) descendants out of the tree, freeing their host pages
         (`node`'s device pages, if any, are the caller's). Its parent may become a host leaf.
         Returns the host pages freed."""
         parent = node.parent
-        del parent.children[self._child_key(node.key)]
-        node.parent = None
-        memo = self._match_memo
-        if memo is not None and id(node) in memo.members:
-            self._memo_cut(memo, node)
+        self._detach(node)
         host, stack, freed = self._host, [node], 0
         while stack:
             nd = stack.pop()
@@ -696,11 +701,7 @@ class RadixStrategy(Strategy):
         while freed < num_slots and leaves:
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
             parent = node.parent
-            del parent.children[self._child_key(node.key)]
-            node.parent = None
-            memo = self._match_memo
-            if memo is not None and id(node) in memo.members:
-                self._memo_cut(memo, node)
+            self._detach(node)
             self._free.extend(node.pages.tolist())
             self._evictable -= len(node.key)
             freed += len(node.key)
