@@ -70,6 +70,13 @@ from kvbench.strategies.eviction.lru import TimedLRU
 from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _EMPTY = np.zeros(0, dtype=np.int32)
+def _page_array() -> array:
+    """A list of page ids as an int64 array: bulk moves to and from the free stack and numpy are
+    buffer copies, not one Python int per page."""
+    return array("q")
+
+
+_new_states = tuple.__new__  # SlotStates from one tuple of its fields in order, without its keyword __new__
 
 
 def _unlocked(node: _Node) -> bool:
@@ -96,7 +103,7 @@ class _Seq:
     node: _Node  # deepest tree node of its prefix (locked)
     path_pages: np.ndarray  # [tree_len // page_size] pages of the tree path (a view of path_buf)
     tree_len: int  # leading positions stored in the tree
-    private: list[PageId] = field(default_factory=list)  # pages for positions >= tree_len
+    private: array = field(default_factory=_page_array)  # pages for positions >= tree_len
     length: int = 0
     reserved: int = 0
     path_buf: np.ndarray | None = None  # owned buffer behind path_pages (None: shared, copy to grow)
@@ -147,7 +154,7 @@ class RadixStrategy(Strategy):
         self._admission = not self.cache_outputs or self.min_cache_len > 0
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, _EMPTY, None, 0)
-        self._free = array("l")  # a stack of returned page ids (most recent on top)
+        self._free = _page_array()  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free)
         self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
         # the unlocked leaves (the only evictable nodes, whatever the policy), in the policy's order;
@@ -391,7 +398,7 @@ class RadixStrategy(Strategy):
         seq.path_pages = buf[:end]
 
     # ---- memory -----------------------------------------------------------------------------
-    def _take_pages(self, k: int) -> list[PageId]:
+    def _take_pages(self, k: int) -> list[PageId] | array:
         """k pages: returned ones first (most recent first), then fresh ids in order."""
         free = self._free
         if k == 1:  # the decode path
@@ -410,12 +417,11 @@ class RadixStrategy(Strategy):
         pages = free[len(free) - r:]
         del free[len(free) - r:]
         pages.reverse()  # the order r pops would give
-        out = pages.tolist()
         if r < k:
             first = self.num_pages - self._fresh
-            out.extend(range(first, first + k - r))
+            pages.frombytes(np.arange(first, first + k - r, dtype=np.int64).tobytes())
             self._fresh -= k - r
-        return out
+        return pages
 
     def _extend(self, seq: _Seq, new_len: int, need: int | None = None) -> None:
         """Give `seq` room for `new_len` positions (`need`: the pages that takes, if known)."""
@@ -642,6 +648,31 @@ class RadixStrategy(Strategy):
     def grow(self, rid, num_tokens) -> bool:
         seq, ps = self._seqs[rid], self.page_size
         length = seq.length
+        if num_tokens == 1 and seq.num_prompt < length < seq.kv_len:  # a decode: nothing to insert
+            if length % ps:  # inside its last page: a reserved slot becomes a token
+                seq.length = length + 1
+                seq.reserved -= 1
+                self._reserved -= 1
+                self._private_token += 1
+                return True
+            free = self._free  # one page, from the free stack or fresh (else the general path evicts)
+            if free:
+                pid = free.pop()
+            elif self._fresh:
+                self._fresh -= 1
+                pid = self.num_pages - self._fresh - 1
+            else:
+                pid = -1
+            if pid >= 0:
+                seq.private.append(pid)
+                seq.length = length + 1
+                self._private_pages += 1
+                self._private_token += 1
+                if ps != 1:
+                    res = min(seq.kv_len, length + ps) - length - 1
+                    self._reserved += res - seq.reserved
+                    seq.reserved = res
+                return True
         new_len = length + num_tokens
         if new_len > seq.kv_len:
             raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
@@ -702,7 +733,7 @@ class RadixStrategy(Strategy):
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
             parent = node.parent
             self._detach(node)
-            self._free.extend(node.pages.tolist())
+            self._free.frombytes(node.pages.astype(np.int64).tobytes())
             self._evictable -= len(node.key)
             freed += len(node.key)
             if parent is not self.root and not parent.children and parent.lock == 0:
@@ -711,10 +742,10 @@ class RadixStrategy(Strategy):
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
         ps = self.page_size
-        held = self._private_pages * ps
-        return SlotStates(token=self._protected + self._private_token, reserved=self._reserved,
-                          internal=held - self._private_token - self._reserved, external=0,
-                          cached=self._evictable, free=(len(self._free) + self._fresh) * ps)
+        private_token, reserved = self._private_token, self._reserved
+        return _new_states(SlotStates, (self._protected + private_token, reserved,
+                                        self._private_pages * ps - private_token - reserved, 0,
+                                        self._evictable, (len(self._free) + self._fresh) * ps))
 
     def check_invariants(self) -> None:
         ps, owner = self.page_size, {}
