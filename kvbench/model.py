@@ -1,4 +1,4 @@
-"""A Llama-architecture decoder (Llama 2/3, Qwen2) over a flat, paged, variable-length batch.
+"""A Llama-style decoder (Llama 2/3, Qwen2; Gemma-3, gpt-oss) over a flat, paged, variable-length batch.
 
 One forward runs a mixed step: prefill chunks and decode tokens of B requests, flattened into
 T tokens. Per layer: (residual add +) RMSNorm -> qkv proj -> rope + write the new K/V into the
@@ -12,9 +12,14 @@ projections of batches of up to 16 tokens use the `linear` kernel, larger ones c
 
 Per-layer attention kinds (issue 16): a config's `layers:` description (kvbench.sizes) makes
 a layer full, sliding-window or chunked; each layer passes its (window, chunk) to the attention
-kernels and their references, over the one shared page table and pool. Gemma-3 / gpt-oss
-specifics beyond the bound (per-kind rope bases, q/k norms, sandwich norms, GeGLU, sinks, MoE)
-are not modelled: those yamls run as Llama-architecture layers with their attention bounds.
+kernels and their references, over the one shared page table and pool.
+
+Architectures (`ModelConfig.arch`, checked against transformers in tests/test_model_gemma.py):
+"llama"; "gemma3" (Gemma3ForCausalLM: (1 + w) RMSNorms in fp32, q/k norms, a norm after
+attention and around the MLP, GeGLU, scaled embeddings, query_pre_attn_scalar, the sliding
+layers' own rope base, optional final logit softcapping). Gemma's norms and GeGLU are torch ops
+(HF's rounding), not fused kernels. Not modelled: attention logit softcapping (Gemma-2), the
+multimodal Gemma-3 (text checkpoints only).
 
 The model never sees a strategy: only the page tables in `AttnMetadata`. Attention goes
 through `kvbench.kernels` ("triton") or their torch references ("reference", CPU).
@@ -44,13 +49,28 @@ DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float1
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 frequency scaling (HF `rope_scaling: {rope_type: llama3, ...}`)."""
+    """Rope frequency scaling (HF `rope_scaling` / `rope_parameters`): "llama3" (Llama-3.1: factor,
+    low/high_freq_factor, original_max_position_embeddings), "linear" (Gemma-3 4B+: factor) or
+    "yarn" (gpt-oss: factor, original_max_position_embeddings, beta_fast/slow, truncate,
+    attention_factor; cos/sin are scaled by the attention factor)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
     rope_type: str = "llama3"
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+
+
+#: the keys each rope_type needs (the others of RopeScaling are optional / that type's defaults)
+ROPE_TYPES = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "linear": ("factor",),
+              "yarn": ("factor", "original_max_position_embeddings")}
+#: model architectures the runner models (ModelConfig.arch)
+ARCHS = ("llama", "gemma3", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -77,11 +97,40 @@ class ModelConfig:
     # groups: {name: {kind: full|sliding|chunked|state, window, chunk, ...}}}, see
     # kvbench.sizes.layer_groups); None: every layer full attention. Plain dicts/lists (not hashed)
     layers: Mapping | None = field(default=None, hash=False)
+    # the layer's architecture (issue 16). "llama": Llama 2/3, Qwen2. "gemma3" (HF Gemma3ForCausalLM):
+    # RMSNorms x * (1 + w) in fp32, q/k norms per head, a norm after attention and around the MLP,
+    # GeGLU (gelu tanh), embeddings x sqrt(hidden_size), sliding layers on rope_local_theta.
+    # "gpt_oss" (HF GptOssForCausalLM): attention sinks, a top-k MoE of clamped-SwiGLU experts
+    arch: str = "llama"
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
+    rope_local_theta: float | None = None  # rope base of sliding layers, unscaled (None: as full layers)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (None: off)
+    num_experts: int = 0  # gpt_oss: experts per MoE layer (num_local_experts)
+    experts_per_token: int = 0  # gpt_oss: top-k (num_experts_per_tok)
+    swiglu_alpha: float = 1.702  # gpt_oss experts: glu = gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # gpt_oss experts: gate <= limit, |up| <= limit
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"model '{self.name}': dtype '{self.dtype}' not in {sorted(DTYPES)} "
                              "(the dtypes the torch model runs in; fp8 sizes the sim's KV pool only)")
+        if self.arch not in ARCHS:
+            raise ValueError(f"model '{self.name}': arch '{self.arch}' not in {list(ARCHS)}")
+        for key in ("query_pre_attn_scalar", "rope_local_theta", "final_logit_softcapping"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"model '{self.name}': {key}={v!r} must be a number > 0 or null")
+        moe = self.arch == "gpt_oss"
+        if moe and not (isinstance(self.num_experts, int) and isinstance(self.experts_per_token, int)
+                        and 1 <= self.experts_per_token <= self.num_experts):
+            raise ValueError(f"model '{self.name}': arch gpt_oss needs 1 <= experts_per_token "
+                             f"({self.experts_per_token!r}) <= num_experts ({self.num_experts!r})")
+        if not moe and (self.num_experts or self.experts_per_token):
+            raise ValueError(f"model '{self.name}': num_experts / experts_per_token are for arch gpt_oss "
+                             f"(the MoE), not '{self.arch}'")
+        if moe and not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
+            raise ValueError(f"model '{self.name}': swiglu_alpha {self.swiglu_alpha!r} and swiglu_limit "
+                             f"{self.swiglu_limit!r} must be > 0")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model '{self.name}': num_heads {self.num_heads} is not a multiple "
                              f"of num_kv_heads {self.num_kv_heads}")
@@ -124,8 +173,13 @@ class ModelConfig:
         if rs is not None and not isinstance(rs, RopeScaling):
             rs = {k: rs[k] for k in rs}
             rs.setdefault("rope_type", rs.pop("type", "llama3"))
-            if rs["rope_type"] != "llama3":
-                raise ValueError(f"rope_scaling type '{rs['rope_type']}' not supported (llama3 only)")
+            need = ROPE_TYPES.get(rs["rope_type"])
+            if need is None:
+                raise ValueError(f"rope_scaling type '{rs['rope_type']}' not supported ({sorted(ROPE_TYPES)})")
+            known = {f.name for f in fields(RopeScaling)}
+            if bad := sorted(set(rs) - known) + [f"{k} (missing)" for k in need if rs.get(k) is None]:
+                raise ValueError(f"model config {d.get('name', '?')}: rope_scaling ({rs['rope_type']}): "
+                                 f"bad key(s) {bad}; needs {list(need)}, may have {sorted(known - set(need))}")
             d["rope_scaling"] = RopeScaling(**rs)
         if d.get("layers") is not None:
             d["layers"] = _plain(d["layers"])
@@ -133,30 +187,63 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path: str | Path, dtype: str | None = None) -> ModelConfig:
-        """Read a Hugging Face `config.json` (Llama or Qwen2) into a ModelConfig."""
+        """Read a Hugging Face `config.json` (Llama, Qwen2, Gemma-3 text, gpt-oss) into a ModelConfig.
+        ValueError for what the runner does not model (named)."""
         path = Path(path)
         c = json.loads((path / "config.json").read_text())
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        mt = c.get("model_type", "llama")
+        if mt == "gemma3":
+            raise ValueError(f"{path}/config.json: model_type gemma3 is the multimodal Gemma-3; the runner "
+                             "reads text-only checkpoints (model_type gemma3_text, Gemma3ForCausalLM)")
+        arch = {"gemma3_text": "gemma3", "gpt_oss": "gpt_oss"}.get(mt, "llama")
+        n = c["num_hidden_layers"]
+        rope, extra = c.get("rope_parameters") or c.get("rope_scaling") or {}, {}
+        if arch == "gemma3":
+            bad = {k: c.get(k) for k in ("attn_logit_softcapping", "use_bidirectional_attention") if c.get(k)}
+            if c.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+                bad["hidden_activation"] = c["hidden_activation"]
+            if bad:
+                raise ValueError(f"{path}/config.json: Gemma-3 with {bad} is not modelled")
+            per = c.get("rope_parameters") if "full_attention" in (c.get("rope_parameters") or {}) else None
+            # transformers 5: rope_parameters per layer type; older: rope_theta, rope_local_base_freq, rope_scaling
+            rope = dict(per["full_attention"]) if per else dict(c.get("rope_scaling") or {})
+            rope.setdefault("rope_theta", c.get("rope_theta", 1_000_000.0))
+            local = per["sliding_attention"] if per else {"rope_theta": c.get("rope_local_base_freq", 10_000.0)}
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"{path}/config.json: scaled rope on sliding layers ({local}) is not modelled")
+            extra = dict(rope_local_theta=float(local["rope_theta"]),
+                         query_pre_attn_scalar=c.get("query_pre_attn_scalar", 256),
+                         final_logit_softcapping=c.get("final_logit_softcapping"))
+            if not c.get("layer_types"):  # older configs: every sliding_window_pattern-th layer is global
+                pat = c.get("sliding_window_pattern", 6)
+                c = dict(c, layer_types=["sliding_attention" if (i + 1) % pat else "full_attention" for i in range(n)])
+        elif arch == "gpt_oss":
+            extra = dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
+                         swiglu_alpha=c.get("swiglu_alpha", 1.702), swiglu_limit=c.get("swiglu_limit", 7.0))
+            if not c.get("layer_types"):  # HF's default: sliding, full, sliding, ...
+                c = dict(c, layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)])
+        kind = rope.get("rope_type", rope.get("type", "default"))
         scaling = None
-        if rope.get("rope_type", rope.get("type", "default")) == "llama3":
-            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")}
-        qwen = c.get("model_type", "llama").startswith("qwen2")
+        if kind != "default":
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"{path}/config.json: rope type '{kind}' not supported ({sorted(ROPE_TYPES)})")
+            scaling = {f.name: rope[f.name] for f in fields(RopeScaling) if rope.get(f.name) is not None}
+            scaling["rope_type"] = kind
+        qwen = mt.startswith("qwen2")
         heads = c["num_attention_heads"]
-        layers = _hf_layers(c)
+        bias = c.get("attention_bias", arch == "gpt_oss")
         return cls.from_dict(dict(
-            name=path.name, num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+            name=path.name, num_layers=n, hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab_size=c["vocab_size"],
-            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 150000.0 if arch == "gpt_oss" else 10000.0))),
             rope_scaling=scaling, rms_norm_eps=c.get("rms_norm_eps", 1e-5),
-            tie_embeddings=c.get("tie_word_embeddings", False),
-            attention_bias=qwen or c.get("attention_bias", False),
-            attention_out_bias=not qwen and c.get("attention_bias", False),
+            tie_embeddings=c.get("tie_word_embeddings", arch == "gemma3"),
+            attention_bias=qwen or bias, attention_out_bias=not qwen and bias,
             dtype=dtype or {"float16": "float16", "float32": "float32"}.get(
                 c.get("torch_dtype") or c.get("dtype"), "bfloat16"),
-            checkpoint=str(path), layers=layers))
+            checkpoint=str(path), layers=_hf_layers(c), arch=arch, **extra))
 
 
 def _plain(x):
@@ -189,13 +276,26 @@ def as_model_config(cfg) -> ModelConfig:
     return cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """[D/2] float32 inverse frequencies, with Llama-3 scaling when configured."""
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies of the full layers, scaled as configured; `sliding`: of
+    the sliding layers (Gemma-3's unscaled rope_local_theta where set, else the full layers')."""
+    return rope_params(cfg, sliding)[0]
+
+
+def rope_params(cfg: ModelConfig, sliding: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [D/2] fp32, attention scaling of cos/sin: YaRN's, else 1.0), as HF's
+    rope init functions compute them (default, llama3, linear, yarn)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = cfg.rope_scaling
+    local = sliding and cfg.rope_local_theta is not None
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = None if local else cfg.rope_scaling
     if s is None:
-        return inv
+        return inv, 1.0
+    if s.rope_type == "linear":
+        return inv / s.factor, 1.0
+    if s.rope_type == "yarn":
+        return _yarn(inv, s, d, theta)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor  # longer: divide by factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor  # shorter: keep
     wavelen = 2 * math.pi / inv
@@ -204,7 +304,38 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
               / (s.high_freq_factor - s.low_freq_factor))
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+    return torch.where(medium, smoothed, scaled), 1.0
+
+
+def _yarn(inv: torch.Tensor, s: RopeScaling, d: int, base: float) -> tuple[torch.Tensor, float]:
+    """YaRN (HF `_compute_yarn_parameters`, without DeepSeek's mscale keys): frequencies above the
+    beta_fast / beta_slow correction range kept, below divided by `factor`, a linear ramp between;
+    cos/sin scaled by attention_factor (default 0.1 ln(factor) + 1)."""
+    attn = s.attention_factor if s.attention_factor is not None else (
+        1.0 if s.factor <= 1 else 0.1 * math.log(s.factor) + 1.0)
+
+    def dim_of(rotations):
+        return d * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # HF: no singularity
+    keep = 1 - ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)  # inv = 1 / pos_freqs
+    return 1.0 / (s.factor * pos_freqs) * (1 - keep) + inv * keep, attn
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype):
+    """cos, sin [T, D] in `dtype` (HF's layout: halves repeated; x attention scaling in fp32)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2] fp32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 @dataclass
@@ -222,6 +353,15 @@ class AttnMetadata:
     max_seq_len: int  # max(seq_lens), known on the host (sizes decode's split-KV, no sync)
     num_decode: int = 0  # leading requests with one new token each: the decode kernel serves them
     extend_start_loc: torch.Tensor | None = None  # [B - num_decode + 1] the rest's query_start_loc, from 0
+    # hybrid pools (issue 16; kvbench.engines.torch_engine.HybridKV): one AttnMetadata per page
+    # table (its own slot_mapping and page_table, the rest equal to this one's), and the table
+    # each layer reads. None: every layer reads this one (one pool, one page table).
+    table_metas: tuple[AttnMetadata, ...] | None = None
+    layer_table: tuple[int, ...] | None = None
+
+    def for_layer(self, i: int) -> AttnMetadata:
+        """The metadata layer i reads: its page table's under a hybrid pool, else this one."""
+        return self if self.layer_table is None else self.table_metas[self.layer_table[i]]
 
 
 def attention_ops(backend: str) -> SimpleNamespace:
@@ -237,13 +377,31 @@ def attention_ops(backend: str) -> SimpleNamespace:
     return SimpleNamespace(**fns, backend=backend)
 
 
-class RMSNorm(nn.Module):
-    """Holds the weight; the norm itself (fused with the residual add) is `ops.rms_norm`."""
+#: RMSNorm rounding per architecture (RMSNorm.style)
+NORM_STYLES = {"llama": "llama", "gemma3": "gemma", "gpt_oss": "gpt_oss"}
 
-    def __init__(self, dim: int, eps: float):
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, in the rounding of an architecture's HF module:
+    "llama": weight * normed.to(dtype), by the fused kernel `ops.rms_norm`;
+    "gemma": (normed * (1 + weight)) in fp32, then rounded (Gemma3RMSNorm; torch ops);
+    "gpt_oss": (weight * normed) in fp32, then rounded (GptOssRMSNorm; torch ops)."""
+
+    def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.style = eps, style
         self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor, ops, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or with `residual`: residual += x (in place, rounded to its dtype), norm(residual)."""
+        if self.style == "llama":
+            return ops.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = residual.add_(x)
+        xf = x.float()
+        h = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        return (h * (1.0 + w) if self.style == "gemma" else w * h).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -252,13 +410,28 @@ class DecoderLayer(nn.Module):
         self.cfg = cfg
         # this layer's attention bound (0 = none): sliding window / chunk, passed to the kernels
         self.window, self.chunk = window, chunk
+        # its rope table (LlamaModel.rope_tables): sliding layers have their own base where configured
+        self.rope = "sliding" if window and cfg.rope_local_theta is not None else "full"
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5  # of the attention softmax
         hq, hkv, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        self.input_norm = RMSNorm(h, cfg.rms_norm_eps)
+        gemma = cfg.arch == "gemma3"
+        norm = partial(RMSNorm, eps=cfg.rms_norm_eps, style=NORM_STYLES[cfg.arch])
+        self.input_norm = norm(h)
         self.qkv = nn.Linear(h, (hq + 2 * hkv) * d, bias=cfg.attention_bias)  # q | k | v rows
         self.o_proj = nn.Linear(hq * d, h, bias=cfg.attention_out_bias)
-        self.post_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate | up rows
-        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        # Gemma-3: each head's q and k normed (before rope), the attention output normed before
+        # the residual add, the MLP output normed
+        self.q_norm, self.k_norm = (norm(d), norm(d)) if gemma else (None, None)
+        self.attn_out_norm = norm(h) if gemma else None
+        self.post_norm = norm(h)  # residual add + norm before the MLP (Gemma-3: pre_feedforward_layernorm)
+        self.mlp_out_norm = norm(h) if gemma else None
+        # gpt-oss: a learned logit per query head, in each softmax's denominator (no value)
+        self.sinks = nn.Parameter(torch.empty(hq)) if cfg.arch == "gpt_oss" else None
+        if cfg.arch == "gpt_oss":
+            self.moe = MoE(cfg)
+        else:
+            self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate | up rows
+            self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
 
     def forward(self, x, residual, cos, sin, meta: AttnMetadata, k_cache, v_cache, ops):
         """x [T, hidden]: the previous layer's MLP output, or the embeddings (residual None);
@@ -266,15 +439,22 @@ class DecoderLayer(nn.Module):
         cos/sin [T, D]; k_cache/v_cache [num_slots, H_kv, D]. Returns (MLP output, residual)."""
         c, t = self.cfg, x.shape[0]
         if residual is None:
-            residual, h = x, ops.rms_norm(x, self.input_norm.weight, c.rms_norm_eps)
+            residual, h = x, self.input_norm(x, ops)
         else:  # residual += x; h = norm(residual)
-            h = ops.rms_norm(x, self.input_norm.weight, c.rms_norm_eps, residual)
+            h = self.input_norm(x, ops, residual)
         qkv = ops.linear(h, self.qkv.weight, self.qkv.bias)  # [T, (H_q + 2 H_kv) D]
+        if self.q_norm is not None:  # Gemma-3: q and k normed per head before rope, in place in qkv
+            qn, kn = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            for part, norm in ((qkv[:, :qn], self.q_norm), (qkv[:, qn:qn + kn], self.k_norm)):
+                heads = part.view(t, -1, c.head_dim)  # [T, H, D] view into qkv
+                heads.copy_(norm(heads, ops))
         # rotates q, k in place; writes k, v into their slots; q/k/v are strided views of qkv
         q, k, v = ops.rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                     c.num_heads, c.num_kv_heads)
-        scale = c.head_dim ** -0.5
+        scale = self.scale
         bound = dict(window=self.window, chunk=self.chunk)
+        if self.sinks is not None:  # gpt-oss
+            bound["sinks"] = self.sinks
         if meta.decode_only:  # T == B: one query per request
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens,
                                      meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
@@ -296,9 +476,65 @@ class DecoderLayer(nn.Module):
                                  contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:],
                                  max_seq_len=meta.max_seq_len, **bound)
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
-        h = ops.rms_norm(a, self.post_norm.weight, c.rms_norm_eps, residual)  # residual += a
+        if self.attn_out_norm is not None:  # Gemma-3
+            a = self.attn_out_norm(a, ops)
+        h = self.post_norm(a, ops, residual)  # residual += a
+        return self.feed_forward(h, ops), residual
+
+    def feed_forward(self, h: torch.Tensor, ops) -> torch.Tensor:
+        """The MLP of h [T, hidden] -> [T, hidden]: SwiGLU (llama), GeGLU then its norm (gemma3),
+        the MoE (gpt_oss)."""
+        if self.cfg.arch == "gpt_oss":
+            return self.moe(h)
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
-        return ops.linear(ops.silu_mul(gate_up), self.down.weight), residual
+        if self.cfg.arch == "llama":
+            return ops.linear(ops.silu_mul(gate_up), self.down.weight)
+        gate, up = gate_up.chunk(2, dim=-1)  # Gemma-3: gelu(gate, tanh) * up (torch ops, HF's rounding)
+        return self.mlp_out_norm(ops.linear(F.gelu(gate, approximate="tanh") * up, self.down.weight), ops)
+
+
+class MoE(nn.Module):
+    """gpt-oss's feed-forward (HF GptOssMLP). The router (linear + bias) picks each token's top-k
+    experts and softmaxes their k logits. Expert e: gate_up = x @ gate_up_proj[e] + bias (gate and
+    up interleaved), gate clamped to <= limit, up to [-limit, limit], out = ((up + 1) * gate *
+    sigmoid(alpha * gate)) @ down_proj[e] + bias; a token's output is the routing-weighted sum.
+    Plain torch, one expert at a time (correctness, not speed: no grouped GEMM, no fused kernel):
+    eager, over the experts the step routes to (a host sync); while a CUDA graph is captured,
+    every expert over every token with zero weights where not routed (same values)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.top_k, self.alpha, self.limit = cfg.experts_per_token, cfg.swiglu_alpha, cfg.swiglu_limit
+        self.router = nn.Linear(h, e, bias=True)
+        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))  # HF's layout: x @ w; gate, up interleaved
+        self.gate_up_bias = nn.Parameter(torch.empty(e, 2 * i))
+        self.down_proj = nn.Parameter(torch.empty(e, i, h))
+        self.down_bias = nn.Parameter(torch.empty(e, h))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x [N, hidden] -> [N, hidden] (HF GptOssExperts, same rounding)."""
+        gate_up = x @ self.gate_up_proj[e] + self.gate_up_bias[e]  # [N, 2I]
+        gate = gate_up[..., ::2].clamp(max=self.limit)
+        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return ((up + 1) * glu) @ self.down_proj[e] + self.down_bias[e]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden] in x's dtype."""
+        logits = F.linear(x, self.router.weight, self.router.bias)  # [T, E]
+        top, idx = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
+        weights = torch.softmax(top, dim=1, dtype=top.dtype)
+        out = torch.zeros_like(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            for e in range(self.gate_up_proj.shape[0]):
+                w = (weights * (idx == e)).sum(-1, keepdim=True)  # [T, 1]: 0 where not routed
+                out += (self.expert(e, x) * w).to(x.dtype)
+            return out
+        for e in torch.unique(idx).tolist():
+            tok, k = torch.where(idx == e)
+            out.index_add_(0, tok, (self.expert(e, x[tok]) * weights[tok, k, None]).to(x.dtype))
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -310,24 +546,36 @@ class LlamaModel(nn.Module):
         self.ops = attention_ops(attention)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, w, ch) for w, ch in cfg.layer_bounds())
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, NORM_STYLES[cfg.arch])
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
                                                                  bias=False)
-        self.inv_freq: torch.Tensor | None = None  # [D/2] fp32, set by build_model
+        self.inv_freq: torch.Tensor | None = None  # [D/2] fp32 of the full layers, set by build_model
+        # {DecoderLayer.rope: (inv_freq [D/2] fp32, cos/sin scaling)}, set by build_model
+        self.rope_tables: dict[str, tuple[torch.Tensor, float]] = {}
+        # Gemma-3 scales the embeddings by sqrt(hidden_size) rounded to the model dtype (as HF does)
+        self.embed_scale = (float(torch.tensor(cfg.hidden_size ** 0.5, device="cpu").to(DTYPES[cfg.dtype]))
+                            if cfg.arch == "gemma3" else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_pool: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [T] int64; kv_pool [L, 2, slots, H_kv, D] -> logits [B_emit, V]."""
+                kv_pool) -> torch.Tensor:
+        """input_ids, positions [T] int64; kv_pool [L, 2, slots, H_kv, D], or per layer a (k_cache,
+        v_cache) pair of [slots, H_kv, D] views (hybrid pools: each layer in its table's space,
+        with `meta.for_layer(i)` its table's slots) -> logits [B_emit, V]."""
+        per_layer = not isinstance(kv_pool, torch.Tensor)
         x, residual = self.embed(input_ids), None  # [T, hidden]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2] fp32
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D], HF's layout (halves repeated)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        rope = {k: _cos_sin(positions, inv, sc, x.dtype) for k, (inv, sc) in self.rope_tables.items()}
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, meta, kv_pool[i, 0], kv_pool[i, 1], self.ops)
+            k_cache, v_cache = kv_pool[i] if per_layer else (kv_pool[i, 0], kv_pool[i, 1])
+            x, residual = layer(x, residual, *rope[layer.rope], meta.for_layer(i), k_cache, v_cache, self.ops)
         idx = meta.logits_idx  # only emitting tokens: the last add and norm on B_emit rows
-        x = self.ops.rms_norm(x[idx], self.norm.weight, self.cfg.rms_norm_eps, residual[idx])
+        x = self.norm(x[idx], self.ops, residual[idx])
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, w)  # [B_emit, vocab]
+        logits = F.linear(x, w)  # [B_emit, vocab]
+        if (cap := self.cfg.final_logit_softcapping) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -346,6 +594,9 @@ def build_model(cfg, device: str | torch.device = "cpu", attention: str = "refer
     with torch.device("meta"):  # no memory, no init: the dtype cast is free here
         model = LlamaModel(cfg, attention).to(DTYPES[cfg.dtype])
     model = model.to_empty(device=device).eval().requires_grad_(False)
+    model.rope_tables = {k: (inv.to(device), sc) for k, (inv, sc) in
+                         (("full", rope_params(cfg)), ("sliding", rope_params(cfg, sliding=True)))
+                         if any(layer.rope == k for layer in model.layers)}
     model.inv_freq = rope_inv_freq(cfg).to(device)
     if cfg.checkpoint:
         if (Path(cfg.checkpoint) / "config.json").exists():  # the yaml must describe the checkpoint
@@ -365,11 +616,12 @@ def build_model(cfg, device: str | torch.device = "cpu", attention: str = "refer
 
 @torch.no_grad()
 def init_random(model: LlamaModel, seed: int) -> None:
-    """Deterministic for a (seed, device): N(0, 0.02) matrices, unit norms, zero biases."""
+    """Deterministic for a (seed, device): N(0, 0.02) matrices (and gpt-oss sinks), unit norms
+    (Gemma's x * (1 + w): w = 0), zero biases."""
     g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
-            p.fill_(1.0)
+            p.fill_(0.0 if model.cfg.arch == "gemma3" else 1.0)
         elif name.endswith("bias"):
             p.zero_()
         else:
@@ -377,7 +629,9 @@ def init_random(model: LlamaModel, seed: int) -> None:
 
 
 def hf_tensor_map(model: LlamaModel) -> list[tuple[str, torch.Tensor]]:
-    """(HF Llama parameter name, the slice of our parameter it fills), in load order."""
+    """(HF parameter name, the slice of our parameter it fills), in load order: Llama / Qwen2,
+    Gemma3ForCausalLM, GptOssForCausalLM (its experts unquantized: bf16 / fp32 tensors, not the
+    MXFP4 `_blocks` / `_scales` of the released checkpoints)."""
     c = model.cfg
     q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
     out = [("model.embed_tokens.weight", model.embed.weight), ("model.norm.weight", model.norm.weight)]
@@ -392,11 +646,25 @@ def hf_tensor_map(model: LlamaModel) -> list[tuple[str, torch.Tensor]]:
         out.append((f"{p}self_attn.o_proj.weight", l.o_proj.weight))
         if c.attention_out_bias:
             out.append((f"{p}self_attn.o_proj.bias", l.o_proj.bias))
-        out += [(f"{p}mlp.gate_proj.weight", l.gate_up.weight[:inter]),
-                (f"{p}mlp.up_proj.weight", l.gate_up.weight[inter:]),
-                (f"{p}mlp.down_proj.weight", l.down.weight),
-                (f"{p}input_layernorm.weight", l.input_norm.weight),
-                (f"{p}post_attention_layernorm.weight", l.post_norm.weight)]
+        out.append((f"{p}input_layernorm.weight", l.input_norm.weight))
+        if c.arch == "gemma3":
+            out += [(f"{p}self_attn.q_norm.weight", l.q_norm.weight),
+                    (f"{p}self_attn.k_norm.weight", l.k_norm.weight),
+                    (f"{p}post_attention_layernorm.weight", l.attn_out_norm.weight),
+                    (f"{p}pre_feedforward_layernorm.weight", l.post_norm.weight),
+                    (f"{p}post_feedforward_layernorm.weight", l.mlp_out_norm.weight)]
+        else:
+            out.append((f"{p}post_attention_layernorm.weight", l.post_norm.weight))
+        if c.arch == "gpt_oss":
+            m, x = l.moe, f"{p}mlp.experts."
+            out += [(f"{p}self_attn.sinks", l.sinks), (f"{p}mlp.router.weight", m.router.weight),
+                    (f"{p}mlp.router.bias", m.router.bias), (f"{x}gate_up_proj", m.gate_up_proj),
+                    (f"{x}gate_up_proj_bias", m.gate_up_bias), (f"{x}down_proj", m.down_proj),
+                    (f"{x}down_proj_bias", m.down_bias)]
+        else:
+            out += [(f"{p}mlp.gate_proj.weight", l.gate_up.weight[:inter]),
+                    (f"{p}mlp.up_proj.weight", l.gate_up.weight[inter:]),
+                    (f"{p}mlp.down_proj.weight", l.down.weight)]
     return out
 
 
