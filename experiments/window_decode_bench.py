@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import pathlib
 import subprocess
 import sys
@@ -194,12 +195,22 @@ def check_rows(dev, gen, out_rows) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- --extend
-def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
+def parse_config(text: str) -> dict:
+    """'64x32w4s2' -> dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2); '' -> {} (the default)."""
+    if not text or text == "default":
+        return {}
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
+    if not m:
+        raise SystemExit(f"window_decode_bench: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2)")
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
+
+
+def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",), head_dim=64):
     """Issue 12 §4: a 64-token (and a 512-token) extend chunk per request over a 1k / 4k cached prefix, Llama-3.2-1B attention
     (32 q heads, 8 KV heads, head dim 64), the ragged path the model uses, against a decode step of
     the same batch over the same context. `splits_modes`: the extend kernel's prefix-split settings
     to time ("off" = no split, "auto" = the launcher's heuristic)."""
-    Hq, Hkv, D, ps, dt = (32, 8, 64, 16, torch.bfloat16) if not SMOKE else (4, 2, 32, 16, torch.bfloat16)
+    Hq, Hkv, D, ps, dt = (32, 8, head_dim, 16, torch.bfloat16) if not SMOKE else (4, 2, 32, 16, torch.bfloat16)
     for B in SZ["ext_batches"]:
         for n_new, prefix in SZ["ext_cases"]:
             ctx = prefix + n_new
@@ -222,8 +233,8 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
             slots = (tables[0][:, pos // ps].long() * ps + pos % ps).reshape(-1)   # rotation 0's new slots
             kc[slots], vc[slots] = kn[0], vn[0]                   # what kv_write would have stored
             ref = extend_attention_ref(qkv[0][:, :Hq], kc, vc, tables[0], qsl, sl, ps)
-            for mode in splits_modes:
-                kw = {}
+            for mode, cfg_text in ((m, c) for c in configs for m in splits_modes):
+                kw = {"config": parse_config(cfg_text)} if cfg_text != "default" else {}
                 if mode != "off":
                     kw["prefix_splits"] = None if mode == "auto" else int(mode)
                 else:
@@ -243,6 +254,7 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes):
                 ms = bk.bench_rot(fns)
                 used = splits_used(T, B, Hq, D, ctx, kw.get("prefix_splits", 1), dev)
                 out_rows.append(dict(kernel=f"extend{n_new}-prefix-split-{mode}", batch=B, context=ctx, splits=used,
+                                     config=cfg_text, head_dim=D,
                                      rotations=R, bytes=nbytes, median_us=round(ms * 1e3, 2),
                                      gbps=round(nbytes / ms / 1e6, 1), frac_copy=round(nbytes / ms / 1e6 / copy_gbps, 3),
                                      correct="ok" if ok else "FAIL", note="" if ok else msg))
@@ -296,6 +308,13 @@ def main() -> int:
     ap.add_argument("--extend", action="store_true", help="64-token extend over 1k/4k prefixes (issue 12)")
     ap.add_argument("--extend-splits", default="off,auto",
                     help="comma list of the extend prefix-split settings to time: off, auto, or a count")
+    ap.add_argument("--extend-configs", default="default",
+                    help="comma list of extend launch configs to time, BLOCK_MxBLOCK_Nw<warps>s<stages> (e.g. "
+                         "64x32w4s2) or 'default'")
+    ap.add_argument("--extend-cases", default="",
+                    help="comma list of NEWxPREFIX extend cases (default: 64x1024,64x4096,512x1024,512x4096)")
+    ap.add_argument("--extend-batches", default="", help="comma list of batch sizes for --extend (default 1,8)")
+    ap.add_argument("--extend-head-dims", default="64", help="comma list of head dims for --extend (64: 1B, 128: 8B)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the interpreter")
     args = ap.parse_args()
@@ -329,7 +348,12 @@ def main() -> int:
             write_csv(args.out / "window_decode.csv", rows, device, rev)
     if args.extend:
         ext: list[dict] = [dict(rows[0])]
-        extend_rows(copy_gbps, gen, dev, ext, args.extend_splits.split(","))
+        if args.extend_cases and not SMOKE:
+            SZ["ext_cases"] = tuple(tuple(map(int, c.split("x"))) for c in args.extend_cases.split(","))
+        if args.extend_batches and not SMOKE:
+            SZ["ext_batches"] = tuple(map(int, args.extend_batches.split(",")))
+        for d in map(int, args.extend_head_dims.split(",")):
+            extend_rows(copy_gbps, gen, dev, ext, args.extend_splits.split(","), args.extend_configs.split(","), d)
         write_csv(args.out / "extend_prefix.csv", ext, device, rev)
         rows += ext[1:]
     write_csv(args.out / "window_decode.csv", rows, device, rev)
