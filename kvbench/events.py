@@ -11,6 +11,7 @@ A run of k identical decode-only steps in which nothing happens may arrive as on
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -44,7 +45,7 @@ class StepEvent(NamedTuple):
 
 class DecodeRun(NamedTuple):
     """k consecutive decode-only steps of the same `seqs` (all running, in order), in which
-    nothing arrives, finishes or is preempted (kvbench/quiet.py).
+    nothing arrives or is preempted and nobody finishes before the last step (kvbench/quiet.py).
 
     Step j (0-based) starts at `t[j]`, lasts `dt[j]`, reads `kv_read0 + j * len(seqs)` K/V
     positions and runs with `states[j]`.
@@ -59,3 +60,4 @@ class DecodeRun(NamedTuple):
     preemptions: int
     states: list[tuple[int, ...]]  # [k] SlotStates fields of each step
     moved: tuple[int, int] = (0, 0)  # (d2h, h2d) token slots the strategy moved in the run (a host tier)
+    done: Sequence[Request] = ()  # those of `seqs` whose last token is the last step's (they leave after it)

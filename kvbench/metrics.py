@@ -141,6 +141,8 @@ class Recorder:
         last, times = float(ends[-1]), self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
+        for r in run.done:
+            self._finish(times[r.id], last)
         if len(self._floats) >= self._flush_at:
             self._flush()
 

@@ -1,24 +1,28 @@
 """Quiet steps: the strategy's side of the sim's fast-forward (kvbench/replay.py drives the clock).
 
 After a steady step (every running request decoded one token; nobody came, left or was
-preempted) the next steps repeat it until a request would finish or, with requests waiting,
-take a new page (so none can be preempted, and the waiting head, refused in the steady step,
-stays refused). With nobody waiting, steps may take pages while free + cached slots could give
-each request that needs one a page.
+preempted) the next steps repeat it until a request arrives or, with requests waiting, until a
+request finishes or would take a new page (so none can be preempted, and the waiting head,
+refused in the steady step, stays refused). With nobody waiting, steps may take pages while free
++ cached slots could give each request that needs one a page, and a request that emits its last
+token leaves after that step (released, in running order, as `Scheduler.complete` releases it):
+the run goes on with the others, as stepping would (with nobody waiting the next step admits
+nobody and decodes every running request once).
 
 What the strategy sees is exactly what stepping gives it. A decode inside a request's `room`
 (no page taken) only moves one of its slots from reserved to token; those grows are deferred
-and made as one `grow` per request, just before the request takes its next page and at the end
-of the run. The grows that take pages are made at their own step, in running order, after the
-request's deferred ones. A step's slot states are the strategy's own where a page was taken
-(corrected by the deferred tokens), else the last step's with d more slots moved from reserved
-to token; at the end the strategy's states must equal the last step's (`end` checks).
+and made as one `grow` per request, just before the request takes its next page, before it
+leaves, and at the end of the run. The grows that take pages are made at their own step, in
+running order, after the request's deferred ones. A step's slot states are the strategy's own
+where a page was taken or a request left (corrected by the deferred tokens), else the last
+step's with d more slots moved from reserved to token; at the end the strategy's states must
+equal the last step's (`end` checks).
 
 Host moves: swaps happen only in steps that preempt or admit (never quiet). A strategy with a
 host tier copies a page to host when it evicts one: a quiet step that takes pages asks the
 strategy for its moves (`take_host_moves`, as `Scheduler.batch` would) and, where it moved any,
-the run stops after that step and reports them (`moved`): the caller prices the step with the
-copy time, as stepping charges it, and starts the next run from there.
+`run` stops after that step and reports them (`moved`): the caller prices the step with the
+copy time, as stepping charges it, and goes on from there.
 
 Windows (issue 16): a step of a model with sliding-window or chunked layers reads, per request,
 min(context, window) positions in those layers, so quiet steps do not read d more positions each
@@ -27,26 +31,50 @@ never fast-forward (limit 0 when the scheduler has `kv_read_groups`; kvbench.run
 engine's fast_forward off), exactly as a hybrid pool's.
 
 Costs: O(d) `room` calls at the start; per step O(1) plus O(requests taking a page there),
-plus one `slot_states` where a page is taken.
+plus one `slot_states` where a page is taken or a request leaves.
 """
 from __future__ import annotations
 
-from kvbench.scheduler import Scheduler
+from typing import NamedTuple
+
+from kvbench.events import StepEvent
+from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.base import SlotStates, Strategy
 
 
+class Quiet(NamedTuple):
+    """What fast-forward needs of the step before a quiet run (a steady `StepEvent` has it too)."""
+
+    running: int
+    kv_read: int  # K/V positions the step before read (as if it decoded all): the first quiet step reads `running` more
+    waiting: int
+    preemptions: int
+    states: SlotStates
+    fresh: tuple[int, ...] = ()  # requests (indices in running order) whose last step was not a decode
+
+    @staticmethod
+    def of(ev: StepEvent) -> Quiet:
+        return Quiet(ev.running, ev.batch.kv_read_tokens, ev.waiting, ev.preemptions, ev.states)
+
+
 class QuietRun:
-    """Up to `limit` quiet steps after a steady step that ran with `states` (see module doc).
-    Mutates the strategy (grows) and, at `end`, the running requests' progress.
+    """Up to `limit` quiet steps after a steady step described by `steady` (see module doc).
+    Mutates the strategy (grows, and releases of the requests that finish), the scheduler's
+    `running` (they leave it) and the running requests' progress (a leaving one's when it
+    leaves, the others' at `end`).
 
-    `fresh` (only with nobody waiting): requests (indices in running order) whose last step was
-    not a decode; their first quiet grow is made at step 0 in running order, as a page-taking
-    one (with the strategy's own states read after it), whatever their `room`."""
+    `steady.fresh` (only with nobody waiting): requests (indices in running order) whose last
+    step was not a decode; their first quiet grow is made at step 0 in running order, as a
+    page-taking one (with the strategy's own states read after it), whatever their `room`."""
 
-    def __init__(self, scheduler: Scheduler, states: SlotStates, fresh: tuple[int, ...] = ()) -> None:
+    def __init__(self, scheduler: Scheduler, steady: Quiet) -> None:
         self.sched, self.st = scheduler, scheduler.strategy
-        self.seqs = list(scheduler.running)
-        self.states = states
+        self.seqs = seqs = list(scheduler.running)
+        self.live = list(range(len(seqs)))  # indices of the requests still running, in running order
+        self.requests = [s.request for s in seqs]  # the live ones' requests
+        self.states = steady.states
+        self.kv_read = steady.kv_read + len(seqs)  # K/V positions step j reads (every live request decodes)
+        self.waiting, self.preemptions = steady.waiting, steady.preemptions
         self.may_take_pages = not scheduler.waiting
         st = self.st  # a strategy that may move pages to host when it evicts: moves asked after each take
         moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
@@ -54,31 +82,43 @@ class QuietRun:
             else st.take_host_moves
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
-        self.held = [s.computed for s in self.seqs]  # positions each holds in the strategy
-        self.deferred = 0  # decoded positions not yet grown in the strategy
+        self.held = [s.computed for s in seqs]  # positions each holds in the strategy
+        self.deferred = 0  # decoded positions of live requests not yet grown in the strategy
         self.pages_at: dict[int, list[int]] = {}  # step → requests (indices) taking a page in it
+        self.fin = [s.request.output_len - s.emitted - 1 for s in seqs]  # the step in which each emits its last token
+        self.finishing: list[int] | None = None  # requests (indices) that emitted their last token in step j - 1
+        self.done: list[Seq] = []  # requests that left, in the order they left
         limit = 1 << 62
-        if len(self.seqs) > scheduler.max_num_batched_tokens or not getattr(self.st, "fast_forward", True) \
-                or getattr(scheduler, "kv_read_groups", None) is not None:
+        if len(seqs) > scheduler.max_num_batched_tokens or not getattr(st, "fast_forward", True) \
+                or getattr(scheduler, "kv_read_groups", None) is not None or not seqs:
             limit = 0  # (fast_forward False: a strategy whose decodes may free pages, e.g. a hybrid pool;
             # kv_read_groups: a windowed model, whose decode steps do not read d more positions each)
-        for i, s in enumerate(self.seqs):
-            limit = min(limit, s.request.output_len - s.emitted - 1)  # none finishes
-            if limit <= 0:
-                break
-            room = 0 if i in fresh else self.st.room(s.id, s.computed)
-            if self.may_take_pages:
-                self.pages_at.setdefault(room, []).append(i)
-            else:
-                limit = min(limit, room)
+        elif self.may_take_pages:
+            fresh, pages_at, fin = steady.fresh, self.pages_at, self.fin
+            for i, s in enumerate(seqs):
+                room = 0 if i in fresh else st.room(s.id, s.computed)
+                if room <= fin[i]:
+                    pages_at.setdefault(room, []).append(i)
+            limit = max(fin) + 1  # the run may go on until the last one leaves
+        else:
+            limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
+            for s in seqs:
+                limit = min(limit, st.room(s.id, s.computed))  # none takes a page
+                if limit <= 0:
+                    break
         self.limit = max(limit, 0)
+        self._fin_steps = sorted(set(self.fin), reverse=True)  # the steps in which requests finish, next last
+        self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
 
     def run(self, k: int) -> list[tuple[int, ...]]:
         """Make the grows of up to k next quiet steps; the slot states of each step that ran
-        (fewer than k where the run ends, where requests would need pages that are not free, or
-        after a step that moved pages to host: `moved` says so)."""
-        st, seqs, held, pages_at = self.st, self.seqs, self.held, self.pages_at
-        j, d, stop, deferred = self.j, len(seqs), min(self.j + k, self.limit), self.deferred
+        (fewer than k where the run ends, where requests would need pages that are not free,
+        after a step that moved pages to host: `moved` says so, or after a step in which
+        requests emitted their last token: `finishing` says which; `retire` or `end` lets
+        them leave)."""
+        st, seqs, held, pages_at, fin = self.st, self.seqs, self.held, self.pages_at, self.fin
+        j0 = j = self.j
+        d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
         rows = []
         self.moved = None
@@ -100,7 +140,9 @@ class QuietRun:
                 self._grow(s, 1)
                 held[i] = pos + 1
                 deferred -= pos - was
-                pages_at.setdefault(j + 1 + st.room(s.id, pos + 1), []).append(i)
+                nxt = j + 1 + st.room(s.id, pos + 1)
+                if nxt <= fin[i]:
+                    pages_at.setdefault(nxt, []).append(i)
             deferred += d - len(takers)
             token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
             token, reserved = token + deferred, reserved - deferred
@@ -112,18 +154,53 @@ class QuietRun:
                     self.moved = moved
                     break
         self.states = SlotStates(token, reserved, internal, external, cached, free)
+        self.kv_read += (j - j0) * d
         self.j, self.deferred = j, deferred
+        if j == self._next_fin + 1:
+            self.finishing = [i for i in self.live if fin[i] == j - 1]
+            self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
         return rows
 
+    def retire(self) -> None:
+        """The `finishing` requests leave (their deferred grows made, their progress advanced,
+        released in running order by the scheduler); the next step's states are the strategy's
+        own (corrected by the others' deferred tokens)."""
+        j, seqs, held = self.j, self.seqs, self.held
+        done = []
+        for i in self.finishing:
+            s = seqs[i]
+            pos = s.computed + j
+            if pos > held[i]:
+                self._grow(s, pos - held[i])
+                self.deferred -= pos - held[i]
+            held[i] = pos
+            s.computed, s.emitted = pos, s.emitted + j
+            self.kv_read -= pos + 1  # what it would have read in step j
+            done.append(s)
+        self._leave(done)
+        token, reserved, internal, external, cached, free = self.st.slot_states(self.sched.waiting_kv_len())
+        self.states = SlotStates(token + self.deferred, reserved - self.deferred, internal, external, cached, free)
+
+    def _leave(self, done: list[Seq]) -> None:
+        gone = set(self.finishing)
+        self.live = [i for i in self.live if i not in gone]
+        self.requests = [self.seqs[i].request for i in self.live]
+        self.finishing = None
+        self.sched.retire(done)
+        self.done += done
+
     def end(self) -> int:
-        """Make the deferred grows, advance every request by the steps run, and check the
-        strategy's slot states against the last step's. Returns the steps run."""
+        """Make the deferred grows, advance every request by the steps run, check the
+        strategy's slot states against the last step's, then let the `finishing` requests
+        leave. Returns the steps run."""
         k = self.j
         if k == 0:
             return 0
-        for s, held in zip(self.seqs, self.held):
-            if s.computed + k > held:
-                self._grow(s, s.computed + k - held)
+        seqs, held = self.seqs, self.held
+        for i in self.live:
+            s = seqs[i]
+            if s.computed + k > held[i]:
+                self._grow(s, s.computed + k - held[i])
             s.computed += k
             s.emitted += k
         now = self.st.slot_states(self.sched.waiting_kv_len())
@@ -131,6 +208,8 @@ class QuietRun:
             raise RuntimeError(f"fast-forward: strategy '{self.st.label}' reports {now} after {k} quiet "
                                f"decode steps of {len(self.seqs)} requests, but {self.states} was expected "
                                f"(a decode inside a request's `room` moves one slot from reserved to token)")
+        if self.finishing:
+            self._leave([seqs[i] for i in self.finishing])
         return k
 
     def _grow(self, s, n: int) -> None:

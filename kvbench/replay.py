@@ -12,18 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
-
 import numpy as np
 from tqdm import tqdm
 
 from kvbench.engines.base import Engine
 from kvbench.events import DecodeRun, StepEvent
 from kvbench.metrics import Recorder
-from kvbench.quiet import QuietRun
+from kvbench.quiet import Quiet, QuietRun
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
-from kvbench.strategies.base import SlotStates
 
 
 @dataclass
@@ -70,8 +67,17 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
             continue  # (or nothing left at all: the loop ends)
         if steady is not None:
             until = head.arrival_s if head is not None else float("inf")
-            now = fast_forward(QuietRun(scheduler, steady.states, steady.fresh), engine, rec, steady, now, until)
+            run = QuietRun(scheduler, steady)
+            now = fast_forward(run, engine, rec, now, until)
             steady = None
+            done = run.done  # requests that emitted their last token in the run (nobody waited)
+            if done:
+                if keep_finished:
+                    finished.extend(done)
+                bar.update(len(done))
+                if forget:
+                    for s in done:
+                        s.request.forget()
             continue
         planned = scheduler.schedule()
         if not planned:
@@ -126,34 +132,19 @@ def quiet_after(scheduler: Scheduler, ev: StepEvent, done: list[Seq]) -> Quiet |
                  tuple(fresh))
 
 
-class Quiet(NamedTuple):
-    """What fast-forward needs of the step before a quiet run (a steady `StepEvent` has it too)."""
-
-    running: int
-    kv_read: int  # K/V positions the step before read (as if it decoded all): the first quiet step reads `running` more
-    waiting: int
-    preemptions: int
-    states: SlotStates
-    fresh: tuple[int, ...] = ()  # requests (indices in running order) whose last step was not a decode
-
-    @staticmethod
-    def of(ev: StepEvent) -> Quiet:
-        return Quiet(ev.running, ev.batch.kv_read_tokens, ev.waiting, ev.preemptions, ev.states)
-
-
-def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, now: float,
-                 until: float) -> float:
+def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until: float) -> float:
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
     as stepping adds them); chunks of 16 steps first, 4x longer each time. A step that moved
     pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
-    start that much later, as stepping gives them. Mutates (through `run`) the strategy and the
-    requests, and the recorder."""
-    d = steady.running
-    kv_read = steady.kv_read + d  # every decode reads one position more each step
+    start that much later, as stepping gives them. After a step in which requests emitted their
+    last token they leave (`run.retire`) and the rest is priced again for the others. Mutates
+    (through `run`) the strategy, the scheduler's running requests and their progress, and the
+    recorder."""
     size = _FIRST_CHUNK
     while (left := run.limit - run.j) > 0:
+        d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
         k = min(left, size)
         size = min(4 * size, _CHUNK)
         kv = kv_read + d * np.arange(k, dtype=np.int64)
@@ -171,10 +162,16 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, steady: Quiet, no
             moved[0] += run.moved[0]
             moved[1] += run.moved[1]
             starts[i:] = np.add.accumulate(np.concatenate(([starts[i - 1] + dts[i - 1]], dts[i:])))
+            if run.finishing is not None:
+                break
         if i:
-            rec.decode_run(DecodeRun([s.request for s in run.seqs], starts[:i], dts[:i], kv_read, d,
-                                     steady.waiting, steady.preemptions, rows, (moved[0], moved[1])))
-            now, kv_read = float(starts[i]), kv_read + i * d
+            done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
+            rec.decode_run(DecodeRun(run.requests, starts[:i], dts[:i], kv_read, d, run.waiting,
+                                     run.preemptions, rows, (moved[0], moved[1]), done))
+            now = float(starts[i])
+        if run.finishing is not None and run.j < run.limit and now < until:
+            run.retire()  # they leave; the others go on (nobody waits)
+            continue
         if i < k:
             break
     run.end()

@@ -420,8 +420,12 @@ class Scheduler:
             if seq.emitted == seq.request.output_len:
                 done.append(seq)
         if done:
-            finished = set(map(id, done))
-            self.running = [s for s in self.running if id(s) not in finished]
-            for seq in done:
-                self.strategy.release(seq.id)
+            self.retire(done)
         return done
+
+    def retire(self, done: list[Seq]) -> None:
+        """Finished requests leave: out of `running`, their memory released, in `done`'s order."""
+        finished = set(map(id, done))
+        self.running = [s for s in self.running if id(s) not in finished]
+        for seq in done:
+            self.strategy.release(seq.id)
