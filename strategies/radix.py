@@ -693,6 +693,67 @@ class RadixStrategy(Strategy):
             self._insert_scheduled(seq)
         return True
 
+    def decode_steps(self, rids: list[RequestId], k: int) -> list[SlotStates]:
+        """Up to `k` decode steps of the running requests `rids` (page_size 1: each decode takes a
+        page): step by step, `grow(rid, 1)` of each in this order, exactly. A step runs only
+        where the free and cached slots could give each a page (the quiet-run rule of
+        kvbench/quiet.py); with a host tier the steps end after one that moved pages to the
+        host (the caller asks `take_host_moves`). Returns the slot states after each step run.
+        Mutates as those grows do.
+
+        Bulk: while the free stack and fresh ids can give every request its pages, a run of m
+        steps takes its m * len(rids) pages at once (the stack's top reversed, then fresh ids in
+        order: the order the one-page pops give) and hands each request its column; a step that
+        may evict is made by the per-token grows. O(m * requests) in numpy plus O(requests) in
+        Python per run, against O(m * requests) Python calls."""
+        if self.page_size != 1:
+            raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
+        seqs = [self._seqs[rid] for rid in rids]
+        d, rows, free, host = len(seqs), [], self._free, self._host
+        if not d:
+            return [self.slot_states(None)] * k
+        while len(rows) < k:
+            stack = len(free)
+            if stack + self._fresh + self._evictable < d:
+                break  # free + cached cannot give each a page: the step is not run
+            m = min(k - len(rows), (stack + self._fresh) // d)
+            if m and all(s.num_prompt < s.length for s in seqs):  # every grow a decode: no insert
+                m = min(m, min(s.kv_len - s.length for s in seqs))
+            else:
+                m = 0
+            if m:  # m whole steps from the stack and fresh ids: no eviction
+                n = m * d
+                pages = np.empty(n, dtype=np.int64)
+                r = min(n, stack)
+                if r:
+                    top = np.frombuffer(free, dtype=np.int64)
+                    pages[:r] = top[stack - 1: stack - r - 1 if stack > r else None: -1]
+                    del top  # (the view holds the stack's buffer: it cannot shrink meanwhile)
+                    del free[stack - r:]
+                if r < n:
+                    first = self.num_pages - self._fresh
+                    pages[r:] = np.arange(first, first + n - r, dtype=np.int64)
+                    self._fresh -= n - r
+                grid = pages.reshape(m, d).T.copy()  # row i: request i's pages, step by step
+                for s, col in zip(seqs, grid):
+                    s.private.frombytes(col.tobytes())
+                    s.length += m
+                self._private_pages += n
+                self._private_token += n
+                token, reserved, internal, external, cached, left = self.slot_states(None)
+                rows.extend(_new_states(SlotStates, (token - (m - 1 - j) * d, reserved, internal, external, cached,
+                                                     left + (m - 1 - j) * d)) for j in range(m))
+                continue
+            moved = host.d2h_tokens if host is not None else 0
+            for rid in rids:  # a step that may evict, or a request not yet decoding: the per-token path
+                if not self.grow(rid, 1):
+                    raise RuntimeError(f"radix decode_steps: request {rid} found no page although free + "
+                                       f"cached slots could give each of {d} requests one")
+            rows.append(self.slot_states(None))
+            if host is not None and host.d2h_tokens != moved:
+                break
+        return rows
+
     def release(self, rid) -> None:
         seq, ps = self._seqs[rid], self.page_size
         if self._tracks:

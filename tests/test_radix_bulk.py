@@ -1,0 +1,126 @@
+"""radix's bulk decode (`RadixStrategy.decode_steps`) against the per-token path it replaces:
+the same slot states after every step, the same pages in every page table, the same free
+stack, the same tree, and the same eviction order afterwards (every policy, host tier on/off)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvbench.strategies.radix import RadixStrategy
+
+
+def build(seed: int, capacity: int, **kw) -> tuple[RadixStrategy, list[int]]:
+    """A pool with cached leaves (finished requests sharing prefixes), returned pages on the
+    free stack, and running requests mid-decode, one of them just past its prefill. Made the
+    same way each call (seeded), so two calls give equal strategies."""
+    rng = np.random.default_rng(seed)
+    st = RadixStrategy(capacity_tokens=capacity, max_model_len=capacity, page_size=1, **kw)
+    prefixes = [rng.integers(0, 50, int(rng.integers(4, 20))).astype(np.int32) for _ in range(3)]
+    rid, running = 0, []
+    for turn in range(14):
+        prompt = np.concatenate([prefixes[turn % 3], rng.integers(0, 50, int(rng.integers(2, 12))).astype(np.int32)])
+        out = int(rng.integers(30, 60))
+        tokens = np.concatenate([prompt, rng.integers(0, 50, out).astype(np.int32)])
+        if not st.admit(rid, tokens, len(tokens), len(prompt), len(prompt)).admitted:
+            break
+        decoded = int(rng.integers(0, 6)) if turn >= 10 else int(rng.integers(0, out // 2))
+        for _ in range(decoded):
+            assert st.grow(rid, 1)
+        if turn < 10:
+            st.release(rid)  # cached (evictable) leaves, some of them sharing prefixes
+        else:
+            running.append(rid)
+        rid += 1
+    st.check_invariants()
+    return st, running
+
+
+def per_token(st: RadixStrategy, rids: list[int], k: int) -> list[tuple]:
+    """The per-token path: step by step, one grow(rid, 1) each in order, while free + cached
+    slots can give each a page (the quiet-run rule), until a step moves pages to the host."""
+    rows = []
+    for _ in range(k):
+        states = st.slot_states(None)
+        if states.free + states.cached < len(rids):
+            break
+        moved = st._host.d2h_tokens if st._host else 0
+        for r in rids:
+            assert st.grow(r, 1)
+        rows.append(tuple(st.slot_states(None)))
+        if st._host and st._host.d2h_tokens != moved:
+            break
+    return rows
+
+
+def tree(st: RadixStrategy) -> list[tuple]:
+    out, stack = [], [((), st.root)]
+    while stack:
+        path, node = stack.pop()
+        for key in sorted(node.children, key=repr):
+            ch = node.children[key]
+            pages = ch.pages.tolist() if ch.pages is not None else ("host", st._host_pages[ch].tolist())
+            out.append((path, ch.key.tolist(), pages, ch.lock))
+            stack.append((path + tuple(ch.key.tolist()), ch))
+    return sorted(out, key=repr)
+
+
+def same(a: RadixStrategy, b: RadixStrategy, rids: list[int]) -> None:
+    for r in rids:
+        assert a.page_table(r).tolist() == b.page_table(r).tolist(), f"request {r}: page tables differ"
+    assert a._free.tolist() == b._free.tolist() and a._fresh == b._fresh
+    assert tuple(a.slot_states(None)) == tuple(b.slot_states(None))
+    assert tree(a) == tree(b)
+    if a._host:
+        assert a._host.take_copies() == b._host.take_copies()
+
+
+# capacity 150/200: the run ends for lack of free + cached slots; 300: it evicts on the way;
+# 2000: free pages only; 300 with a host tier: evicting steps move pages to the host
+CASES = [(seed, cap, ev, host) for seed in range(3) for cap, host in ((150, 0), (200, 0), (300, 0), (2000, 0), (300, 96))
+         for ev in ("lru", "s3fifo", "arc", "slru")]
+
+
+@pytest.mark.parametrize("seed, capacity, eviction, host", CASES)
+def test_decode_steps_equal_per_token_grows(seed, capacity, eviction, host):
+    kw = {"eviction": eviction, "host_tier_tokens": host}
+    bulk, rids = build(seed, capacity, **kw)
+    ref, _ = build(seed, capacity, **kw)
+    assert rids, "the scenario keeps requests running"
+    k = min(bulk._seqs[r].kv_len - bulk._seqs[r].length for r in rids)
+    while k > 0:  # in chunks, as a quiet run asks (it stops where a host move or the free slots end it)
+        got, want = bulk.decode_steps(rids, min(k, 7)), per_token(ref, rids, min(k, 7))
+        assert [tuple(r) for r in got] == want
+        bulk.check_invariants()
+        same(bulk, ref, rids)
+        if not want:
+            break
+        k -= len(want)
+    # the eviction order afterwards: everything evictable, freed in the policy's order
+    for r in rids:
+        bulk.release(r)
+        ref.release(r)
+    bulk.evict(capacity)
+    ref.evict(capacity)
+    same(bulk, ref, [])
+    bulk.check_invariants()
+
+
+def test_decode_steps_runs_the_bulk_path_and_ends_where_free_and_cached_end():
+    st, rids = build(0, 2000)
+    before = {r: st._seqs[r].length for r in rids}
+    rows = st.decode_steps(rids, 5)
+    assert len(rows) == 5 and all(st._seqs[r].length == before[r] + 5 for r in rids)
+    assert [r.token for r in rows] == [rows[0].token + j * len(rids) for j in range(5)]
+    assert [r.free for r in rows] == [rows[0].free - j * len(rids) for j in range(5)]
+    small, rids = build(1, 150)
+    k = min(small._seqs[r].kv_len - small._seqs[r].length for r in rids)
+    rows = small.decode_steps(rids, k)
+    last = rows[-1]
+    assert last.free + last.cached < len(rids) and len(rows) == 19 < k  # stopped: no page for each
+    small.check_invariants()
+
+
+def test_decode_steps_needs_page_size_one():
+    st = RadixStrategy(capacity_tokens=64, max_model_len=64, page_size=4)
+    with pytest.raises(ValueError, match="page_size 1"):
+        st.decode_steps([], 1)
