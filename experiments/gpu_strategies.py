@@ -12,12 +12,22 @@
    only thing a simulation can get wrong.
 4. Runs every config on the GPU a second time and reports how far the GPU reproduces itself
    (decisions, throughput, mean TTFT and TPOT): the floor under any simulation's error.
+5. With --prefix-runs, also takes the GPU runs of `+experiment=gpu_prefix_saving` sweeps (other
+   traces: shared prefix, multi-turn, Mooncake): their steps join the fits (one for all, per
+   strategy, and per trace when there is more than one trace) and each is replayed in the sim
+   and on its own clock like the cases above.
 
-    python experiments/gpu_strategies.py --out DIR [--limit 400] [--model llama3_2_1b]
+Stalls: a GPU step that took over 3x what the fitted model predicts (a just-in-time compile, a
+hiccup of the host) is left out of the fits; the fidelity table counts them per run and gives
+their excess time, and at finite rates the sim's mean TTFT is also compared with the GPU's
+second run (a few stalls hold the requests queued behind them and move the mean TTFT of a
+lightly loaded run by tens of per cent, run to run).
+
+    python experiments/gpu_strategies.py --out DIR [--limit 400] [--model llama3_2_1b] [--prefix-runs SWEEP ...]
 
 Writes DIR/runs/<name>/{gpu,sim_all,sim_<strategy>}/ run dirs, DIR/sim_fitted_{all,<strategy>}.yaml
-(one cost model for every run, and one per strategy), DIR/strategies.md, DIR/fidelity.md and
-DIR/gpu_strategies.json. Run dirs that already hold a config's results are kept, so pointing
+(one cost model for every run, one per strategy, one per trace), DIR/strategies.md,
+DIR/fidelity.md and DIR/gpu_strategies.json (each written through a temporary file and a rename). Run dirs that already hold a config's results are kept, so pointing
 --out at the folder a GPU run left behind redoes only the simulations (on any machine).
 """
 from __future__ import annotations
@@ -29,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 
-from kvbench.calibrate import COEFFICIENTS, fit, predict
+from kvbench.calibrate import COEFFICIENTS, fit, graph_prefill_tokens, predict, write_text_atomic, yaml_lines
 from kvbench.run import run
 from kvbench.schema import register
 
@@ -38,6 +49,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STRATEGIES = {"slab-max": ["strategy=slab"], "slab-oracle": ["strategy=slab", "strategy.reservation=oracle"],
               "paged-16": ["strategy=paged"], "radix-1": ["strategy=radix"]}
 DECISIONS = ["running", "waiting", "prefill_tokens", "decode_tokens", "kv_read_tokens", "preemptions"]
+STALL = 3.0  # a step over this many times the fitted model's time is a stall (kvbench.calibrate.fit)
 
 
 def compose_cfg(overrides: list[str]):
@@ -62,6 +74,24 @@ def rel_err(sim: float, gpu: float) -> float:
     return abs(sim - gpu) / abs(gpu) if gpu else float("nan")
 
 
+def with_engine(base, engine_overrides: list[str], coef: dict | None = None):
+    """`base` (a composed or saved run config) with its engine replaced by the one
+    `engine_overrides` compose, coefficients `coef` set on it."""
+    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
+    engine = compose_cfg(engine_overrides).engine
+    with open_dict(engine):
+        for k, v in (coef or {}).items():
+            engine[k] = v
+    with open_dict(cfg):
+        cfg.engine = engine
+        cfg.progress = False
+    return cfg
+
+
+def same(ta: pd.DataFrame, tb: pd.DataFrame) -> bool:
+    return len(ta) == len(tb) and bool((ta[DECISIONS].to_numpy() == tb[DECISIONS].to_numpy()).all())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -72,6 +102,14 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=131072, help="kv_capacity_tokens")
     ap.add_argument("--engine", default="gpu", help="gpu, or torch for a CPU smoke test (model=tiny)")
     ap.add_argument("--no-repeat", action="store_true", help="skip the second GPU run of each config")
+    ap.add_argument("--prefix-runs", nargs="*", type=Path, default=[],
+                    help="sweep folders of +experiment=gpu_prefix_saving (GPU run dirs inside, each with "
+                         "config.yaml, summary.json, timeline.parquet): fitted and replayed too")
+    ap.add_argument("--fit-apart", nargs="*", default=["mooncake"],
+                    help="traces whose runs get only their own fit, left out of the one-for-all and per-strategy "
+                         "fits (default mooncake: its prefill chunks attend over up to 64k positions, a cost the "
+                         "timeline's step inputs do not carry, see results/gpu_strategies/README.md)")
+    ap.add_argument("--commit", default=None, help="commit of the GPU runs, for the reports (default: the summaries')")
     args = ap.parse_args()
     register()
     common = [f"trace={args.trace}", f"model={args.model}", f"kv_capacity_tokens={args.capacity}"]
@@ -89,68 +127,108 @@ def main() -> None:
                   for d in ("gpu", "gpu_repeat"))
         g = gpu[name]
         repeat.append({"case": name, "steps": len(ta), "steps_repeat": len(tb),
+                       "ttft_mean_ms": 1e3 * gpu[name]["ttft_mean_s"], "ttft_mean_ms_repeat": 1e3 * again["ttft_mean_s"],
                        "same_decisions": len(ta) == len(tb) and bool((ta.to_numpy() == tb.to_numpy()).all()),
                        "throughput_diff": rel_err(again["request_throughput"], g["request_throughput"]),
                        "ttft_mean_diff": rel_err(again["ttft_mean_s"], g["ttft_mean_s"]),
                        "tpot_mean_diff": rel_err(again["tpot_mean_s"], g["tpot_mean_s"])})
 
-    # one cost model for every run, and one per strategy (the kernels' cost depends a little on
-    # the layout: contiguous slab, 16-token pages, 1-token pages)
-    timeline = {n: pd.read_parquet(args.out / "runs" / n / "gpu" / "timeline.parquet") for n in todo}
-    groups = {"all": list(todo)}
-    for n in todo:
+    # the prefix-saving sweeps' GPU runs: other traces, replayed from their saved configs
+    gpu_dir = {n: args.out / "runs" / n / "gpu" for n in todo}
+    base_cfg = {n: compose_cfg([*common, *ov]) for n, ov in todo.items()}
+    for sweep in args.prefix_runs:
+        for d in sorted(sweep.iterdir()):
+            if not ((d / "summary.json").exists() and (d / "timeline.parquet").exists() and (d / "config.yaml").exists()):
+                continue  # (a run cut short: no summary)
+            name = f"{sweep.name}/{d.name}"
+            gpu_dir[name], base_cfg[name] = d, OmegaConf.load(d / "config.yaml")
+            gpu[name] = json.loads((d / "summary.json").read_text())
+    # one cost model for every run, one per strategy (the kernels' cost depends a little on the
+    # layout: contiguous slab, 16-token pages, 1-token pages), one per trace if there are several
+    timeline = {n: pd.read_parquet(d / "timeline.parquet") for n, d in gpu_dir.items()}
+    graph_max = {graph_prefill_tokens(d) for d in gpu_dir.values()}
+    if len(graph_max) > 1:
+        raise SystemExit(f"the GPU runs replayed different step shapes from CUDA graphs: {sorted(graph_max)}")
+    graph_max = graph_max.pop()
+    trace_of = {n: gpu[n].get("trace") or str(base_cfg[n].trace.name) for n in gpu_dir}
+    shared = [n for n in gpu_dir if trace_of[n] not in args.fit_apart]
+    groups = {"all": shared}
+    for n in shared:
         groups.setdefault(gpu[n]["strategy"], []).append(n)
-    coefs = {g: fit(pd.concat([timeline[n] for n in names], ignore_index=True)) for g, names in groups.items()}
+    if len(set(trace_of.values())) > 1:
+        for n in gpu_dir:
+            groups.setdefault(f"trace_{trace_of[n]}", []).append(n)
+    coefs = {g: fit(pd.concat([timeline[n] for n in names], ignore_index=True), stall=STALL,
+                    graph_prefill_tokens=graph_max) for g, names in groups.items()}
     device = gpu[next(iter(gpu))].get("device")
+    commit = args.commit or gpu[next(iter(gpu))].get("commit", "?")
     for g, coef in coefs.items():
-        (args.out / f"sim_fitted_{g}.yaml").write_text(
-            f"# fitted by experiments/gpu_strategies.py on {device}, model {args.model}, runs: {', '.join(groups[g])}\n"
-            "defaults:\n  - sim\n  - _self_\n" + "".join(f"{k}: {v:.6e}\n" for k, v in coef.items()))
+        write_text_atomic(args.out / f"sim_fitted_{g}.yaml",
+                          f"# fitted by experiments/gpu_strategies.py on {device}, commit {commit}, model {args.model}, "
+                          f"runs: {', '.join(groups[g])}\n"
+                          "defaults:\n  - sim\n  - _self_\n" + "".join(line + "\n" for line in yaml_lines(coef)))
 
     rows, fidelity = [], []
-    for name, ov in todo.items():
-        g = gpu[name]
-        tg = timeline[name][DECISIONS]
+    for name in gpu_dir:
+        g, tl = gpu[name], timeline[name]
+        out = args.out / "runs" / name
         # the GPU run's own step times, replayed: its decisions must come back exactly (the
         # clock is the only input the engines differ in); a divergence raises, naming the step
-        timeline_path = (args.out / "runs" / name / "gpu" / "timeline.parquet").resolve()
-        cfg = compose_cfg([*common, *ov, "engine=recorded", f"engine.timeline={timeline_path}"])
-        run(cfg, args.out / "runs" / name / "recorded")
-        tr = pd.read_parquet(args.out / "runs" / name / "recorded" / "timeline.parquet")[DECISIONS]
-        same_recorded = len(tg) == len(tr) and bool((tg.to_numpy() == tr.to_numpy()).all())
-        for fit_name in ("all", g["strategy"]):
+        timeline_path = (gpu_dir[name] / "timeline.parquet").resolve()
+        run(with_engine(base_cfg[name], ["engine=recorded", f"engine.timeline={timeline_path}"]), out / "recorded")
+        same_recorded = same(tl, pd.read_parquet(out / "recorded" / "timeline.parquet"))
+        repeat_dir = gpu_dir[name].parent / "gpu_repeat"
+        again = json.loads((repeat_dir / "summary.json").read_text()) if gpu_dir[name].name == "gpu" and (
+            repeat_dir / "summary.json").exists() else None
+        fits = ["all", *([g["strategy"]] if g["strategy"] in coefs else []),
+                *([f"trace_{trace_of[name]}"] if f"trace_{trace_of[name]}" in coefs else [])]
+        for fit_name in fits:
             coef = coefs[fit_name]
-            cfg = compose_cfg([*common, *ov, "engine=sim", *(f"engine.{k}={v!r}" for k, v in coef.items())])
-            sim = run(cfg, args.out / "runs" / name / f"sim_{fit_name}")
-            ts = pd.read_parquet(args.out / "runs" / name / f"sim_{fit_name}" / "timeline.parquet")[DECISIONS]
-            same = len(tg) == len(ts) and bool((tg.to_numpy() == ts.to_numpy()).all())
+            sim = run(with_engine(base_cfg[name], ["engine=sim"], coef), out / f"sim_{fit_name}")
+            ts = pd.read_parquet(out / f"sim_{fit_name}" / "timeline.parquet")
             # per-step error of the cost model on the GPU's own steps (same batches)
-            pred = predict(timeline[name], coef)
-            step_err = abs(pred - timeline[name].dt_s.to_numpy()) / timeline[name].dt_s.to_numpy()
-            fidelity.append({"case": name, "fit": "one for all" if fit_name == "all" else "per strategy",
-                             "steps_gpu": len(tg), "steps_sim": len(ts), "same_decisions": same,
+            pred = predict(tl, coef)
+            dt = tl.dt_s.to_numpy()
+            step_err = abs(pred - dt) / dt
+            stall = dt > STALL * pred
+            fidelity.append({"case": name, "trace": trace_of[name],
+                             "fit": {"all": "one for all", g["strategy"]: "per strategy"}.get(fit_name, "per trace")
+                             + ("" if name in groups[fit_name] else " (not fitted on it)"),
+                             "steps_gpu": len(tl), "steps_sim": len(ts), "same_decisions": same(tl, ts),
                              "same_decisions_on_gpu_clock": same_recorded,
                              "step_err_p50": float(np.median(step_err)),
                              "step_err_p90": float(np.quantile(step_err, 0.9)),
+                             "stall_steps": int(stall.sum()), "stall_excess_s": float((dt - pred)[stall].sum()),
                              "throughput_err": rel_err(sim["request_throughput"], g["request_throughput"]),
                              "ttft_mean_err": rel_err(sim["ttft_mean_s"], g["ttft_mean_s"]),
-                             "tpot_mean_err": rel_err(sim["tpot_mean_s"], g["tpot_mean_s"])})
+                             "tpot_mean_err": rel_err(sim["tpot_mean_s"], g["tpot_mean_s"]),
+                             "ttft_p50_err": rel_err(sim["ttft_p50_s"], g["ttft_p50_s"]),
+                             "ttft_mean_err_vs_repeat": rel_err(sim["ttft_mean_s"], again["ttft_mean_s"]) if again else float("nan"),
+                             "total_time_err": float(pred.sum() / dt.sum() - 1)})
         rows.append({"case": name, "label": g["label"], "finished": g["finished"], "preemptions": g["preemptions"],
                      "req/s": g["request_throughput"], "out tok/s": g["output_throughput"],
                      "ttft p50 s": g["ttft_p50_s"], "ttft p99 s": g["ttft_p99_s"],
                      "tpot p50 ms": 1e3 * g["tpot_p50_s"], "tpot p99 ms": 1e3 * g["tpot_p99_s"],
                      "peak running": g["peak_running"], "mean running": g["mean_running"],
-                     "waste": g["waste_frac"], "peak GPU GB": g.get("peak_gpu_mem_bytes", 0) / 1e9})
+                     "waste": g["waste_frac"], "hit rate": g.get("prefix_hit_rate", 0.0),
+                     "peak GPU GB": g.get("peak_gpu_mem_bytes", 0) / 1e9})
     table, fid = pd.DataFrame(rows), pd.DataFrame(fidelity)
-    head = f"device: {device}; model {args.model} (random bf16 weights); trace {args.trace}; kv_capacity_tokens={args.capacity}\n\n"
-    (args.out / "strategies.md").write_text(head + md_table(table))
+    head = (f"device: {device}; commit {commit}; model {args.model} (random bf16 weights); trace {args.trace}; "
+            f"kv_capacity_tokens={args.capacity}; prefix-saving sweeps: {', '.join(map(str, args.prefix_runs)) or 'none'}\n\n")
+    write_text_atomic(args.out / "strategies.md", head + md_table(table))
     fitted = "".join(f"- {g}: " + ", ".join(f"{k}={c[k]:.3e}" for k in COEFFICIENTS) + "\n" for g, c in coefs.items())
-    repeat_md = ("\nthe GPU against itself (each config run twice; differences of the second run from the "
-                 "first):\n\n" + md_table(pd.DataFrame(repeat))) if repeat else ""
-    (args.out / "fidelity.md").write_text(head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid) + repeat_md)
-    (args.out / "gpu_strategies.json").write_text(json.dumps(
+    repeat_md = ""
+    if repeat:  # stalls of each GPU run, counted against the one-for-all model
+        for r in repeat:
+            for key, d in (("stalls", "gpu"), ("stalls_repeat", "gpu_repeat")):
+                t = pd.read_parquet(args.out / "runs" / r["case"] / d / "timeline.parquet")
+                r[key] = int((t.dt_s.to_numpy() > STALL * predict(t, coefs["all"])).sum())
+        repeat_md = ("\nthe GPU against itself (each config run twice; differences of the second run from the "
+                     "first; stalls: steps over 3x the one-for-all model):\n\n" + md_table(pd.DataFrame(repeat)))
+    write_text_atomic(args.out / "fidelity.md", head + "fitted cost models:\n\n" + fitted + "\n" + md_table(fid) + repeat_md)
+    write_text_atomic(args.out / "gpu_strategies.json", json.dumps(
         {"device": device, "model": args.model, "trace": args.trace, "coefficients": coefs,
-         "gpu": gpu, "fidelity": fidelity, "gpu_repeat": repeat}, indent=2, default=str))
+         "gpu": gpu, "fidelity": fidelity, "gpu_repeat": repeat, "fits": groups}, indent=2, default=str))
     print(table.to_string(index=False))
     print(fid.to_string(index=False))
     if repeat:

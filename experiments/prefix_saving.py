@@ -11,7 +11,19 @@ Each RUN_DIR is a sweep folder of that experiment (one run per strategy, same mo
     tokens, against that per-token cost (ratio 1 = a hit saves exactly the compute it skips),
   - steps with a prefill of at most 64 tokens (a hit: only the question is computed) against
     decode-only steps of the same batch size (median of the per-step ratios),
-  - TTFT (mean, p50, p99) with and without caching.
+  - TTFT (mean, p50, p99) with and without caching, and against the cached tokens of each
+    request (binned: the prompt tokens its admission found in the cache),
+  - tokens skipped: prefill tokens computed without caching minus with (the timelines' sums;
+    equal to the cached tokens unless preemptions by recompute differ between the runs: a
+    recomputed prompt hits the cache of its own earlier pass), and the saving per skipped token
+    against both the median per-token prefill cost and the mean one (total cost / tokens),
+  - the check "an extend over a cached prefix costs no more per new token than a plain prefill
+    of the same length": per bin of prefill tokens, the median step time per prefill token with
+    caching against the run without; a bin fails when it is over TOLERANCE more expensive with
+    at least MIN_STEPS steps on both sides.
+
+Writes OUT/prefix_saving.{json,md,png} (each through a temporary file and a rename): one section
+per sweep (model and trace).
 """
 from __future__ import annotations
 
@@ -26,6 +38,10 @@ import pandas as pd
 
 BINS = [0, 1, 65, 257, 513, 1025, 2049, 8193]
 LABELS = ["decode only", "1-64", "65-256", "257-512", "513-1024", "1025-2048", "2049-8192"]
+CACHED_BINS = [0, 1, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 40]
+CACHED_LABELS = ["0", "1-255", "256-511", "512-1023", "1024-2047", "2048-4095", "4096-8191", "8192-16383", ">=16384"]
+TOLERANCE = 0.10  # an extend may cost this much more per token than a plain prefill before the check fails
+MIN_STEPS = 3     # steps a bin needs on both sides for the check to judge it
 
 
 def load(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -50,12 +66,50 @@ def hit_vs_decode(tl: pd.DataFrame) -> float:
     return float(np.median(ratios)) if ratios else float("nan")
 
 
-def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> dict:
+def ttft_by_cached(req: pd.DataFrame) -> dict:
+    """Finished requests binned by their cached prompt tokens: count, TTFT mean / p50, prompt and new tokens."""
+    fin = req[req.status == "finished"]
+    bins = pd.cut(fin.cached_tokens, CACHED_BINS, right=False, labels=CACHED_LABELS)
+    g = fin.groupby(bins, observed=True)
+    return {str(k): dict(requests=int(len(v)), ttft_mean_ms=float(v.ttft_s.mean() * 1e3),
+                         ttft_p50_ms=float(v.ttft_s.median() * 1e3), prompt_mean=float(v.prompt_len.mean()),
+                         new_tokens_mean=float((v.prompt_len - v.cached_tokens).mean())) for k, v in g}
+
+
+def by_prefill_bin(tl: pd.DataFrame) -> dict:
+    bins = pd.cut(tl.prefill_tokens, BINS, right=False, labels=LABELS)
+    per_token = (tl.dt_s / tl.prefill_tokens.clip(lower=1)).groupby(bins, observed=True).median()
+    g = tl.groupby(bins, observed=True)
+    return {str(k): dict(steps=int(n), median_ms=float(m) * 1e3, median_ms_per_prefill_token=float(pt) * 1e3)
+            for k, n, m, pt in zip(g.dt_s.median().index, g.size(), g.dt_s.median(), per_token)}
+
+
+def extend_vs_prefill(run_bins: dict, base_bins: dict) -> dict:
+    """Per bin of prefill tokens (decode-only excluded): the median step time per prefill token
+    with caching over that without, and whether it passes (see TOLERANCE, MIN_STEPS)."""
+    out = {}
+    for k, v in run_bins.items():
+        if k == "decode only" or k not in base_bins:
+            continue
+        b = base_bins[k]
+        ratio = v["median_ms_per_prefill_token"] / b["median_ms_per_prefill_token"]
+        judged = min(v["steps"], b["steps"]) >= MIN_STEPS
+        out[k] = dict(steps=v["steps"], steps_nocache=b["steps"], median_ms=v["median_ms"],
+                      median_ms_nocache=b["median_ms"], ratio_per_token=ratio,
+                      verdict=("pass" if ratio <= 1 + TOLERANCE else "FAIL") if judged else "too few steps")
+    return out
+
+
+def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commit: str | None = None) -> dict:
     nocache = next(v for k, v in runs.items() if k.endswith("nocache"))
     base = prefill_cost(nocache[1])
     b = float((base.cost_s / base.prefill_tokens).median())
-    out = dict(model=nocache[0].get("model"), device=nocache[0].get("device"), commit=nocache[0].get("commit"),
-               prefill_cost_per_token_us=b * 1e6, runs={})
+    b_mean = float(base.cost_s.sum() / base.prefill_tokens.sum())
+    base_computed = int(nocache[1].prefill_tokens.sum())
+    base_bins = by_prefill_bin(nocache[1])
+    out = dict(model=nocache[0].get("model"), trace=nocache[0].get("trace"), device=nocache[0].get("device"),
+               commit=commit or nocache[0].get("commit"), prefill_cost_per_token_us=b * 1e6,
+               prefill_cost_per_token_mean_us=b_mean * 1e6, runs={})
     base_prefill_s = base.cost_s.sum()
     for name, (summary, tl, req) in runs.items():
         fin = req[req.status == "finished"]
@@ -66,17 +120,21 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> di
                    ttft_p99_ms=fin.ttft_s.quantile(0.99) * 1e3, tpot_mean_ms=fin.tpot_s.mean() * 1e3,
                    request_throughput=summary.get("request_throughput"),
                    prefill_cost_s=prefill_s, hit_step_vs_decode_step=hit_vs_decode(tl),
-                   slowest_step_ms=float(tl.dt_s.max()) * 1e3)
+                   slowest_step_ms=float(tl.dt_s.max()) * 1e3, preemptions=summary.get("preemptions"),
+                   prefix_hit_tokens=int(summary.get("prefix_hit_tokens_gpu", 0) + summary.get("prefix_hit_tokens_host", 0)),
+                   prefill_tokens_computed=int(tl.prefill_tokens.sum()),
+                   tokens_skipped=base_computed - int(tl.prefill_tokens.sum()))
         if cached:
             row["saving_per_cached_token_us"] = (base_prefill_s - prefill_s) / cached * 1e6
             row["saving_vs_prefill_cost"] = row["saving_per_cached_token_us"] / (b * 1e6)
-        bins = pd.cut(tl.prefill_tokens, BINS, right=False, labels=LABELS)
-        g = tl.groupby(bins, observed=True)
-        row["step_ms_by_prefill_tokens"] = {str(k): dict(steps=int(n), median_ms=float(m) * 1e3,
-                                                         median_ms_per_prefill_token=float(pt) * 1e3)
-                                            for k, n, m, pt in zip(g.dt_s.median().index, g.size(), g.dt_s.median(),
-                                                                   (tl.dt_s / tl.prefill_tokens.clip(lower=1))
-                                                                   .groupby(bins, observed=True).median())}
+        if row["tokens_skipped"] > 0:
+            row["saving_per_skipped_token_us"] = (base_prefill_s - prefill_s) / row["tokens_skipped"] * 1e6
+            row["saving_per_skipped_vs_median_cost"] = row["saving_per_skipped_token_us"] / (b * 1e6)
+            row["saving_per_skipped_vs_mean_cost"] = row["saving_per_skipped_token_us"] / (b_mean * 1e6)
+        row["step_ms_by_prefill_tokens"] = by_prefill_bin(tl)
+        row["ttft_by_cached_tokens"] = ttft_by_cached(req)
+        if tl is not nocache[1]:
+            row["extend_vs_prefill"] = extend_vs_prefill(row["step_ms_by_prefill_tokens"], base_bins)
         out["runs"][name] = row
     return out
 
@@ -97,7 +155,7 @@ def figure(reports: list[dict], data: list[dict], path: Path, note: str) -> None
             t = np.sort(req.loc[req.status == "finished", "ttft_s"].to_numpy() * 1e3)
             cdf.plot(t, np.arange(1, len(t) + 1) / len(t), color=colour, label=name)
         ax.set(xscale="log", yscale="log", xlabel="prefill tokens computed in the step", ylabel="step time (ms)",
-               title=f"{rep['model']} on {rep['device']}: steps with prefill")
+               title=f"{rep['model']}, {rep['trace']}, {rep['device']}: steps with prefill")
         cdf.set(xscale="log", xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT")
         ax.legend(fontsize=8)
         cdf.legend(fontsize=8)
@@ -110,35 +168,92 @@ def figure(reports: list[dict], data: list[dict], path: Path, note: str) -> None
     os.replace(tmp, path)
 
 
+def _f(x, fmt=".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
+
+
+def markdown(reports: list[dict]) -> str:
+    """One section per sweep (model, trace): runs, step time by prefill tokens, the extend check,
+    TTFT against cached tokens per request, the saving per cached / skipped token."""
+    out = []
+    for rep in reports:
+        out += [f"## {rep['model']}, trace {rep['trace']} ({rep['device']}, commit {rep['commit']})", "",
+                f"Prefill cost in the run without caching: median {rep['prefill_cost_per_token_us']:.2f} us per token "
+                f"(mean: total cost / tokens, {rep['prefill_cost_per_token_mean_us']:.2f} us).", "",
+                "| run | hit rate | preemptions | prefill tokens computed | cached tokens (admissions) | tokens skipped "
+                "| TTFT mean / p50 / p99 ms | TPOT mean ms | req/s | saving per cached token (x median cost) "
+                "| saving per skipped token (x median / x mean cost) | <=64-token prefill step / decode step |",
+                "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|"]
+        for name, r in rep["runs"].items():
+            out.append(f"| {name} | {_f(r['prefix_hit_rate'], '.3f')} | {r['preemptions']} | {r['prefill_tokens_computed']:,} "
+                       f"| {r['cached_tokens']:,} | {r['tokens_skipped']:,} | {r['ttft_mean_ms']:.1f} / {r['ttft_p50_ms']:.1f} / "
+                       f"{r['ttft_p99_ms']:.1f} | {r['tpot_mean_ms']:.2f} | {_f(r['request_throughput'])} "
+                       f"| {_f(r.get('saving_per_cached_token_us'))} us (x{_f(r.get('saving_vs_prefill_cost'))}) "
+                       f"| {_f(r.get('saving_per_skipped_token_us'))} us (x{_f(r.get('saving_per_skipped_vs_median_cost'))} / "
+                       f"x{_f(r.get('saving_per_skipped_vs_mean_cost'))}) | {_f(r['hit_step_vs_decode_step'])} |")
+        out += ["", "Step time against prefill tokens computed in the step (median; ms per prefill token: median "
+                "of step time / prefill tokens):", "", "| prefill tokens | " + " | ".join(rep["runs"]) + " |",
+                "|---|" + "---|" * len(rep["runs"])]
+        for label in LABELS:
+            cells = []
+            for r in rep["runs"].values():
+                v = r["step_ms_by_prefill_tokens"].get(label)
+                cells.append("-" if v is None else f"{v['steps']} steps, {v['median_ms']:.2f} ms"
+                             + ("" if label == "decode only" else f", {v['median_ms_per_prefill_token'] * 1e3:.1f} us/token"))
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out += ["", f"Extend over a cached prefix against a plain prefill of the same length (median step time per "
+                f"prefill token with caching / without; FAIL above {1 + TOLERANCE:.2f} with at least {MIN_STEPS} steps "
+                "on both sides):", "", "| run | prefill tokens | steps (cache / no cache) | median step ms (cache / no cache) "
+                "| ratio per token | verdict |", "|---|---|---|---|---:|---|"]
+        for name, r in rep["runs"].items():
+            for k, v in r.get("extend_vs_prefill", {}).items():
+                out.append(f"| {name} | {k} | {v['steps']} / {v['steps_nocache']} | {v['median_ms']:.2f} / "
+                           f"{v['median_ms_nocache']:.2f} | {v['ratio_per_token']:.2f} | {v['verdict']} |")
+        out += ["", "TTFT against cached tokens per request (finished requests, binned by the prompt tokens their "
+                "admission found cached; new tokens = prompt - cached):", "",
+                "| run | cached tokens | requests | TTFT mean ms | TTFT p50 ms | prompt mean | new tokens mean |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for name, r in rep["runs"].items():
+            for k, v in r["ttft_by_cached_tokens"].items():
+                out.append(f"| {name} | {k} | {v['requests']} | {v['ttft_mean_ms']:.1f} | {v['ttft_p50_ms']:.1f} "
+                           f"| {v['prompt_mean']:.0f} | {v['new_tokens_mean']:.0f} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("results/gpu_prefix_saving"))
     ap.add_argument("--note", default="", help="a line over the figure (commit, date, copy bandwidth)")
+    ap.add_argument("--commit", default=None, help="commit of the runs, for the report (default: the summaries')")
     args = ap.parse_args()
     reports, data = [], []
     for sweep in args.runs:
         runs = {d.name: load(d) for d in sorted(sweep.iterdir()) if (d / "summary.json").exists()}
-        reports.append(model_report(runs))
+        if not any(k.endswith("nocache") for k in runs):
+            raise SystemExit(f"prefix_saving: error: {sweep} has no finished run without caching (*nocache)")
+        reports.append(model_report(runs, args.commit))
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(reports, data, args.out / "prefix_saving.png", args.note)
-    text = json.dumps(reports, indent=1, default=float)
-    fd, tmp = tempfile.mkstemp(dir=args.out)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, args.out / "prefix_saving.json")
+    _write_atomic(args.out / "prefix_saving.json", json.dumps(reports, indent=1, default=float) + "\n")
+    _write_atomic(args.out / "prefix_saving.md", markdown(reports))
     for rep in reports:
-        print(f"\n{rep['model']} on {rep['device']}: prefill {rep['prefill_cost_per_token_us']:.2f} us/token")
+        print(f"\n{rep['model']} / {rep['trace']} on {rep['device']}: prefill {rep['prefill_cost_per_token_us']:.2f} us/token")
         for name, r in rep["runs"].items():
             print(f"  {name:28s} hit {r['prefix_hit_rate']:.3f}  TTFT mean {r['ttft_mean_ms']:.1f} ms "
                   f"p50 {r['ttft_p50_ms']:.1f} p99 {r['ttft_p99_ms']:.1f}  TPOT {r['tpot_mean_ms']:.2f} ms  "
                   f"<=64-token prefill step / decode step {r['hit_step_vs_decode_step']:.2f}  "
                   f"saving/cached token {r.get('saving_per_cached_token_us', float('nan')):.2f} us "
                   f"(x{r.get('saving_vs_prefill_cost', float('nan')):.2f} of the prefill cost)")
-            for k, v in r["step_ms_by_prefill_tokens"].items():
-                print(f"      {k:>10s}: {v['steps']:6d} steps, median {v['median_ms']:.2f} ms, "
-                      f"{v['median_ms_per_prefill_token']:.4f} ms/prefill token")
 
 
 if __name__ == "__main__":

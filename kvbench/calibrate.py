@@ -1,30 +1,39 @@
 """Fit the simulation's cost model to measured steps: `kvbench-calibrate RUN_DIR... --out FILE`.
 
-The sim's step time (`kvbench.engines.sim.step_time`, configs/engine/sim.yaml) has one linear
-model for decode-only steps (overhead + decode tokens + K/V positions read: the gpu engine
-replays them from CUDA graphs) and one for steps with prefill (run eagerly: a fixed cost, then
-the larger of a floor, the host's ~10 launches per layer, and the GPU's work, linear in prefill
-tokens, decode tokens and K/V positions). Every run's timeline.parquet has those inputs and the
-step's duration (CUDA events under engine=gpu). The decode-only steps give overhead_s,
-decode_token_s and kv_read_token_s by non-negative least squares; the steps with prefill then
-give the rest by non-negative least squares on (time - overhead_s), alternating with the
-choice of which steps sit on the floor until that choice is stable, from several starts.
+The sim's step time (`kvbench.engines.sim.step_time`, configs/engine/sim.yaml) has three linear
+models, one per way the gpu engine runs a step (kvbench/engines/gpu_engine.py):
+  - decode-only steps (a CUDA-graph replay): overhead_s + decode tokens + K/V positions read;
+  - steps with 1..graph_prefill_tokens prefill tokens (`engine.graph_max_tokens` of a run with
+    CUDA graphs: also a graph replay): the decode-only model + graph_prefill_step_s + prefill tokens;
+  - steps with more prefill (eager): overhead_s + prefill_step_s + prefill tokens, decode
+    tokens and K/V positions, each with its own coefficient.
+Each is fitted by non-negative least squares on its own steps (the mixed and the eager ones on
+what the decode-only model leaves). The eager floor (`eager_floor_s`, the host's launches under
+small eager steps) is no longer fitted and is written as 0: once small prefills replay from
+graphs (since 4ab8a0d), eager steps carry over 512 prefill tokens and are GPU-bound; the last fit
+with the floor on the H200 timelines at aaed885 gave 0 for every strategy (results/gpu_strategies/
+h200_aaed885/). step_time still honours a floor for the older fitted configs that have one.
+Every run's timeline.parquet has the step's inputs and its duration (CUDA events under engine=gpu).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from kvbench.engines.sim import step_time
 
 COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s", "prefill_step_s",
-                "eager_floor_s", "eager_decode_token_s", "eager_kv_read_token_s")
+                "eager_floor_s", "eager_decode_token_s", "eager_kv_read_token_s",
+                "graph_prefill_tokens", "graph_prefill_step_s", "graph_prefill_token_s")
 
 
 def predict(timeline: pd.DataFrame, coef: dict[str, float]) -> np.ndarray:
@@ -33,55 +42,81 @@ def predict(timeline: pd.DataFrame, coef: dict[str, float]) -> np.ndarray:
                      timeline.kv_read_tokens.to_numpy(float))
 
 
-def fit(timeline: pd.DataFrame, stall: float = 3.0) -> dict[str, float]:
-    """The coefficients minimising the squared error of every step's time (see the module doc).
+def graph_prefill_tokens(run_dir: Path) -> int:
+    """Most prefill tokens of a step the run's engine replayed from a CUDA graph (0: none): the
+    gpu engine's `graph_max_tokens` with `cuda_graphs` on, a sim's own `graph_prefill_tokens`."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return 0
+    engine = OmegaConf.load(path).get("engine") or {}
+    if "graph_max_tokens" in engine:
+        return int(engine.graph_max_tokens) if engine.get("cuda_graphs") else 0
+    return int(engine.get("graph_prefill_tokens") or 0)
+
+
+def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 0) -> dict[str, float]:
+    """The coefficients minimising the squared error of every step's time (see the module doc);
+    steps with 1..graph_prefill_tokens prefill tokens are graph replays (0: every step with
+    prefill is eager).
 
     Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
     a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most."""
     y = timeline.dt_s.to_numpy(float)
-    coef = _fit(timeline)
+    coef = _fit(timeline, graph_prefill_tokens)
     for _ in range(2):
         keep = y <= stall * predict(timeline, coef)
         if keep.all():
             break
-        coef = _fit(timeline[keep])
+        coef = _fit(timeline[keep], graph_prefill_tokens)
     return coef
 
 
-def _fit(t: pd.DataFrame) -> dict[str, float]:
+def _fit(t: pd.DataFrame, graph_max: int) -> dict[str, float]:
     p, d, k = (t[c].to_numpy(float) for c in ("prefill_tokens", "decode_tokens", "kv_read_tokens"))
-    y, eager = t.dt_s.to_numpy(float), p > 0
-    graph = ~eager
-    if graph.any():
-        overhead, dec, kv = _nnls(np.column_stack([np.ones(graph.sum()), d[graph], k[graph]]), y[graph])
-    else:  # no decode-only step: its coefficients are not observed; fold the fixed cost into the eager one
+    y = t.dt_s.to_numpy(float)
+    decode, mixed, eager = p == 0, (p > 0) & (p <= graph_max), p > graph_max
+    if decode.any():
+        overhead, dec, kv = _nnls(np.column_stack([np.ones(decode.sum()), d[decode], k[decode]]), y[decode])
+    else:  # no decode-only step: its coefficients are not observed; fold the fixed cost into the others
         overhead = dec = kv = 0.0
     coef = dict(overhead_s=overhead, decode_token_s=dec, kv_read_token_s=kv, prefill_step_s=0.0,
-                prefill_token_s=0.0, eager_floor_s=0.0, eager_decode_token_s=dec, eager_kv_read_token_s=kv)
-    if not eager.any():
-        return {k: float(coef[k]) for k in COEFFICIENTS}
-    work = np.column_stack([p[eager], d[eager], k[eager]])           # [n, 3]: the GPU-bound terms
-    ye = y[eager] - overhead
+                prefill_token_s=0.0, eager_floor_s=0.0, eager_decode_token_s=dec, eager_kv_read_token_s=kv,
+                graph_prefill_tokens=graph_max if mixed.any() else 0, graph_prefill_step_s=0.0,
+                graph_prefill_token_s=0.0)
+    if mixed.any():  # what the decode-only model leaves: a fixed cost and one per prefill token
+        rest = y[mixed] - (overhead + d[mixed] * dec + k[mixed] * kv)
+        coef["graph_prefill_step_s"], coef["graph_prefill_token_s"] = _nnls(
+            np.column_stack([np.ones(mixed.sum()), p[mixed]]), rest)
+    if eager.any():
+        c = _fit_floor(np.column_stack([p[eager], d[eager], k[eager]]), y[eager] - overhead)
+        coef.update(prefill_step_s=c[0], prefill_token_s=c[1], eager_decode_token_s=c[2], eager_kv_read_token_s=c[3],
+                    eager_floor_s=c[4])
+    elif mixed.any():  # no eager step observed: the graph-replayed mixed steps' model, extended
+        coef.update(prefill_step_s=coef["graph_prefill_step_s"], prefill_token_s=coef["graph_prefill_token_s"])
+    return {key: int(coef[key]) if key == "graph_prefill_tokens" else float(coef[key]) for key in COEFFICIENTS}
+
+
+def _fit_floor(work: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[fixed, per prefill, per decode, per K/V position, floor] minimising the squared error of
+    fixed + max(floor, work @ per-unit costs) over the eager steps: non-negative least squares,
+    alternating with the choice of which steps sit on the floor until that choice is stable, from
+    several starts (ties: fewer steps on the floor)."""
     best = None
-    start = _nnls(np.column_stack([np.ones(len(ye)), work]), ye)
+    start = _nnls(np.column_stack([np.ones(len(y)), work]), y)
     w0 = work @ start[1:]
     for q in (-np.inf, *np.quantile(w0, np.linspace(0.05, 0.95, 10))):  # starts: steps on the floor
         floor_bound = w0 < q
         for _ in range(20):
-            x = np.column_stack([np.ones(len(ye)), np.where(floor_bound[:, None], 0.0, work),
-                                 floor_bound.astype(float)])
-            c = _nnls(x, ye)
+            x = np.column_stack([np.ones(len(y)), np.where(floor_bound[:, None], 0.0, work), floor_bound.astype(float)])
+            c = _nnls(x, y)
             new = work @ c[1:4] < c[4]
             if (new == floor_bound).all():
                 break
             floor_bound = new
-        err = float(np.sum((c[0] + np.maximum(c[4], work @ c[1:4]) - ye) ** 2))
-        if best is None or err < best[0] * (1 - 1e-9) - 1e-18 * len(ye):  # ties: fewer steps on the floor
+        err = float(np.sum((c[0] + np.maximum(c[4], work @ c[1:4]) - y) ** 2))
+        if best is None or err < best[0] * (1 - 1e-9) - 1e-18 * len(y):
             best = (err, c)
-    c = best[1]
-    coef.update(prefill_step_s=c[0], prefill_token_s=c[1], eager_decode_token_s=c[2],
-                eager_kv_read_token_s=c[3], eager_floor_s=c[4])
-    return {k: float(coef[k]) for k in COEFFICIENTS}
+    return best[1]
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -105,26 +140,53 @@ def fit_error(timeline: pd.DataFrame, coef: dict[str, float]) -> float:
     return float(abs(predict(timeline, coef).sum() - timeline.dt_s.sum()) / timeline.dt_s.sum())
 
 
+def yaml_lines(coef: dict) -> list[str]:
+    """`key: value` lines of an engine config (graph_prefill_tokens an integer)."""
+    return [f"{k}: {v}" if isinstance(v, int) else f"{k}: {v:.6e}" for k, v in coef.items()]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fail(line: str) -> None:
+    print(f"kvbench-calibrate: error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvbench-calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs (with timeline.parquet and summary.json)")
     ap.add_argument("--out", type=Path, required=True,
                     help="engine config to write, e.g. configs/engine/sim_h100_llama3_2_1b.yaml")
     args = ap.parse_args(argv)
-    frames, devices = [], set()
+    frames, devices, graph_max = [], set(), set()
     for run in args.runs:
         if not (run / "timeline.parquet").exists():
-            sys.exit(f"kvbench-calibrate: error: {run} has no timeline.parquet (is it a run dir?)")
+            _fail(f"{run} has no timeline.parquet (is it a run dir?)")
         frames.append(pd.read_parquet(run / "timeline.parquet"))
         summary = json.loads((run / "summary.json").read_text())
         devices.add(f"{summary.get('device', '?')} · {summary.get('model', '?')}")
+        graph_max.add(graph_prefill_tokens(run))
+    if len(graph_max) > 1:
+        _fail(f"the runs replayed different step shapes from CUDA graphs (graph_max_tokens "
+              f"{sorted(graph_max)}): fit them separately")
     timeline = pd.concat(frames, ignore_index=True)
-    coef = fit(timeline)
+    coef = fit(timeline, graph_prefill_tokens=graph_max.pop())
     lines = [f"# Fitted by kvbench-calibrate from {len(timeline)} steps of {len(args.runs)} runs on {', '.join(sorted(devices))}",
              f"# relative error of the total step time: {fit_error(timeline, coef):.4f}",
              "defaults:", "  - sim", "  - _self_", f"device: fitted ({', '.join(sorted(devices))})"]
-    lines += [f"{k}: {v:.6e}" for k, v in coef.items()]
-    args.out.write_text("\n".join(lines) + "\n")
+    lines += yaml_lines(coef)
+    write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v:.3e}" for k, v in coef.items()))
 
 

@@ -22,10 +22,14 @@ def _timeline(n: int, seed: int = 0) -> pd.DataFrame:
                          "decode_tokens": rng.integers(0, 64, n), "kv_read_tokens": rng.integers(0, 200000, n)})
 
 
+NO_GRAPH_PREFILL = dict(graph_prefill_tokens=0, graph_prefill_step_s=0.0, graph_prefill_token_s=0.0)
+
+
 def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
     tl = _timeline(400)
     coef = dict(overhead_s=0.004, prefill_token_s=2e-5, decode_token_s=0.0, kv_read_token_s=5e-8,
-                prefill_step_s=0.006, eager_floor_s=0.0, eager_decode_token_s=3e-5, eager_kv_read_token_s=5e-8)
+                prefill_step_s=0.006, eager_floor_s=0.0, eager_decode_token_s=3e-5, eager_kv_read_token_s=5e-8,
+                **NO_GRAPH_PREFILL)
     tl["dt_s"] = predict(tl, coef)
     got = fit(tl)
     assert list(got) == list(COEFFICIENTS)
@@ -33,12 +37,67 @@ def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
+def test_fit_recovers_three_step_models_graph_mixed_and_eager():
+    """Decode-only steps, steps with up to graph_prefill_tokens prefill tokens (graph replays:
+    the decode-only model plus their own fixed and per-token costs) and larger, eager steps (a
+    fixed cost, a floor, their own per-token costs): the fit gives back each coefficient, and
+    the threshold it was told."""
+    rng = np.random.default_rng(3)
+    n = 900
+    p = np.select([rng.random(n) < 0.4, rng.random(n) < 0.5], [0, rng.integers(1, 513, n)], rng.integers(513, 8193, n))
+    tl = pd.DataFrame({"prefill_tokens": p, "decode_tokens": rng.integers(0, 256, n),
+                       "kv_read_tokens": rng.integers(0, 300000, n)})
+    coef = dict(overhead_s=0.0011, prefill_token_s=3.4e-6, decode_token_s=2.2e-5, kv_read_token_s=1e-8,
+                prefill_step_s=0.002, eager_floor_s=0.0058, eager_decode_token_s=1.8e-5, eager_kv_read_token_s=3e-8,
+                graph_prefill_tokens=512, graph_prefill_step_s=0.0009, graph_prefill_token_s=1.9e-6)
+    tl["dt_s"] = predict(tl, coef)
+    mixed = (tl.prefill_tokens > 0) & (tl.prefill_tokens <= 512)
+    assert np.allclose(tl.dt_s[mixed], 0.0011 + 0.0009 + tl.decode_tokens[mixed] * 2.2e-5
+                       + tl.kv_read_tokens[mixed] * 1e-8 + tl.prefill_tokens[mixed] * 1.9e-6, rtol=1e-12)
+    on_floor = (tl.prefill_tokens > 512) & np.isclose(tl.dt_s, 0.0011 + 0.002 + 0.0058, rtol=0, atol=1e-12)
+    assert 0 < on_floor.sum() < (tl.prefill_tokens > 512).sum()
+    got = fit(tl, graph_prefill_tokens=512)
+    assert list(got) == list(COEFFICIENTS) and got["graph_prefill_tokens"] == 512
+    for key, value in coef.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    # told there are no graph-replayed prefills, it fits every step with prefill as eager
+    assert fit(tl[tl.prefill_tokens != 200])["graph_prefill_tokens"] == 0
+    # a stall (a just-in-time compile) is dropped from the fit
+    stalled = tl.copy()
+    stalled.loc[stalled.index[:3], "dt_s"] *= 50
+    again = fit(stalled, graph_prefill_tokens=512)
+    for key, value in coef.items():
+        assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_step_time_without_graph_prefill_keys_is_the_old_formula_bit_for_bit():
+    """configs/engine/sim.yaml has no graph_prefill_* keys: every step with prefill takes the eager
+    formula with the same IEEE operations as before they existed (results/baselines/ rely on it),
+    on the one-step path and the array path alike."""
+    c = dict(overhead_s=0.006, prefill_token_s=3e-5, decode_token_s=5e-5, kv_read_token_s=4.4e-8,
+             prefill_step_s=0.0, eager_floor_s=0.0, eager_decode_token_s=None, eager_kv_read_token_s=None)
+    for p, d, k in [(1, 3, 1000), (200, 0, 4096), (8000, 17, 123457), (0, 64, 99999)]:
+        old = (c["overhead_s"] + d * c["decode_token_s"] + k * c["kv_read_token_s"]) if p == 0 else (
+            c["overhead_s"] + c["prefill_step_s"] + max(0.0, p * c["prefill_token_s"] + d * c["decode_token_s"]
+                                                         + k * c["kv_read_token_s"]))
+        assert step_time(c, p, d, k) == old
+        assert step_time(SimEngine(**c).coefficients, p, d, k) == old  # the engine's copy, graph keys 0
+        assert float(step_time(c, np.array([float(p)]), np.array([float(d)]), np.array([float(k)]))[0]) == old
+    g = dict(c, graph_prefill_tokens=512, graph_prefill_step_s=0.001, graph_prefill_token_s=2e-6)
+    graph = 0.006 + 3 * 5e-5 + 1000 * 4.4e-8
+    assert step_time(g, 512, 3, 1000) == graph + 0.001 + 512 * 2e-6         # a graph replay
+    assert step_time(g, 513, 3, 1000) == step_time(c, 513, 3, 1000)          # eager, as before
+    arr = step_time(g, np.array([0.0, 512.0, 513.0]), np.array([3.0] * 3), np.array([1000.0] * 3))
+    assert list(arr) == [step_time(g, 0, 3, 1000), step_time(g, 512, 3, 1000), step_time(g, 513, 3, 1000)]
+
+
 def test_fit_finds_the_floor_of_eager_steps():
     """Steps with prefill that take max(floor, GPU work): small ones sit on the floor (the host's
     launches), large ones grow with their tokens; the fit tells which is which."""
     tl = _timeline(600, seed=1)
     coef = dict(overhead_s=0.0015, prefill_token_s=4e-6, decode_token_s=2.5e-5, kv_read_token_s=1e-8,
-                prefill_step_s=0.002, eager_floor_s=0.006, eager_decode_token_s=3.5e-5, eager_kv_read_token_s=2e-8)
+                prefill_step_s=0.002, eager_floor_s=0.006, eager_decode_token_s=3.5e-5, eager_kv_read_token_s=2e-8,
+                **NO_GRAPH_PREFILL)
     tl["dt_s"] = predict(tl, coef)
     on_floor = (tl.prefill_tokens > 0) & np.isclose(tl.dt_s, 0.0015 + 0.002 + 0.006, rtol=0, atol=1e-12)
     assert 0 < on_floor.sum() < (tl.prefill_tokens > 0).sum()
@@ -65,6 +124,26 @@ def test_calibrating_on_a_sim_run_gives_back_the_sim_config(tmp_path):
     assert sim.eager_decode_token_s is None and sim.eager_kv_read_token_s is None  # null: same as decode-only
     assert fitted.eager_decode_token_s == pytest.approx(sim.decode_token_s, rel=1e-5)
     assert fitted.eager_kv_read_token_s == pytest.approx(sim.kv_read_token_s, rel=1e-5)
+    assert fitted.graph_prefill_tokens == 0  # a sim run without graph-replayed prefills: none fitted
+
+
+def test_calibrating_a_run_with_graph_replayed_prefills_reads_the_threshold_from_its_config(tmp_path):
+    graph = ["++engine.graph_prefill_tokens=256", "++engine.graph_prefill_step_s=0.0009",
+             "++engine.graph_prefill_token_s=2e-6"]
+    run_with(tmp_path / "run", "trace.num_requests=80", "trace.rate=20", *graph)
+    out = tmp_path / "sim_fitted.yaml"
+    subprocess.run([sys.executable, "-m", "kvbench.calibrate", str(tmp_path / "run"), "--out", str(out)],
+                   check=True, capture_output=True)
+    fitted, sim = OmegaConf.load(out), OmegaConf.load(CONFIGS / "engine" / "sim.yaml")
+    assert fitted.graph_prefill_tokens == 256
+    assert fitted.graph_prefill_step_s == pytest.approx(0.0009, rel=1e-5)
+    assert fitted.graph_prefill_token_s == pytest.approx(2e-6, rel=1e-5)
+    for key in ("overhead_s", "decode_token_s", "kv_read_token_s", "prefill_token_s"):
+        assert fitted[key] == pytest.approx(sim[key], rel=1e-5, abs=1e-12), key
+    bad = subprocess.run([sys.executable, "-m", "kvbench.calibrate", str(tmp_path), "--out", str(tmp_path / "x.yaml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no timeline.parquet" in bad.stderr
+    assert not (tmp_path / "x.yaml").exists()
 
 
 @pytest.mark.parametrize("engine", [

@@ -9,10 +9,14 @@ from kvbench.engines.base import Engine
 
 def step_time(c: dict, prefill, decode, kv_read):
     """The modelled step time of configs/engine/sim.yaml for P prefill tokens, D decode tokens and
-    K K/V positions read (scalars or numpy arrays; `c` holds the coefficients, eager_* may be None).
+    K K/V positions read (scalars or numpy arrays; `c` holds the coefficients, eager_* may be None,
+    graph_* may be absent).
 
     decode-only step:  overhead_s + D decode_token_s + K kv_read_token_s    (a CUDA-graph replay)
-    step with prefill: overhead_s + prefill_step_s
+    step with 1..graph_prefill_tokens prefill tokens (also a graph replay; graph_prefill_tokens
+    0 or absent: no such step, every step with prefill is eager):
+                       the decode-only step's time + graph_prefill_step_s + P graph_prefill_token_s
+    step with more prefill: overhead_s + prefill_step_s
                        + max(eager_floor_s, P prefill_token_s + D eager_decode_token_s
                                             + K eager_kv_read_token_s)  (eager: the host's launches
                        or the GPU's work, whichever takes longer)
@@ -21,6 +25,9 @@ def step_time(c: dict, prefill, decode, kv_read):
     one_step = isinstance(prefill, int)  # the sim's hot path: plain floats, the same IEEE operations
     if one_step and prefill == 0:
         return graph
+    graph_max = c.get("graph_prefill_tokens") or 0
+    if one_step and prefill <= graph_max:
+        return graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
     eager_decode = c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"]
     eager_kv = c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"]
     floor = c.get("eager_floor_s") or 0.0
@@ -28,7 +35,12 @@ def step_time(c: dict, prefill, decode, kv_read):
     if one_step:
         return c["overhead_s"] + c["prefill_step_s"] + max(floor, work)
     eager = c["overhead_s"] + c["prefill_step_s"] + np.maximum(floor, work)
-    return np.where(np.asarray(prefill) > 0, eager, graph)
+    out = np.where(np.asarray(prefill) > 0, eager, graph)
+    if graph_max:
+        p = np.asarray(prefill)
+        mixed = graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
+        out = np.where((p > 0) & (p <= graph_max), mixed, out)
+    return out
 
 
 class SimEngine(Engine):
@@ -55,13 +67,16 @@ class SimEngine(Engine):
     def __init__(self, overhead_s: float, prefill_token_s: float, decode_token_s: float,
                  kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,
                  eager_decode_token_s: float | None = None, eager_kv_read_token_s: float | None = None,
+                 graph_prefill_tokens: int = 0, graph_prefill_step_s: float = 0.0, graph_prefill_token_s: float = 0.0,
                  device: str = "modelled", fast_forward: bool = True, h2d_bytes_per_s: float = 50e9,
                  d2h_bytes_per_s: float = 50e9, kv_bytes_per_token: int | None = None) -> None:
         self.coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
                              "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
                              "prefill_step_s": prefill_step_s, "eager_floor_s": eager_floor_s,
                              "eager_decode_token_s": eager_decode_token_s,
-                             "eager_kv_read_token_s": eager_kv_read_token_s}
+                             "eager_kv_read_token_s": eager_kv_read_token_s,
+                             "graph_prefill_tokens": graph_prefill_tokens, "graph_prefill_step_s": graph_prefill_step_s,
+                             "graph_prefill_token_s": graph_prefill_token_s}
         for key, value in self.coefficients.items():
             if value is None and key.startswith("eager_") and key != "eager_floor_s":
                 continue
