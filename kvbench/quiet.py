@@ -88,6 +88,7 @@ class QuietRun:
         self.fin = [s.request.output_len - s.emitted - 1 for s in seqs]  # the step in which each emits its last token
         self.finishing: list[int] | None = None  # requests (indices) that emitted their last token in step j - 1
         self.done: list[Seq] = []  # requests that left, in the order they left
+        self.blocked = False  # a step's requests needed pages that were not free: the run is over
         limit = 1 << 62
         if len(seqs) > scheduler.max_num_batched_tokens or not getattr(st, "fast_forward", True) \
                 or getattr(scheduler, "kv_read_groups", None) is not None or not seqs:
@@ -131,6 +132,7 @@ class QuietRun:
                 continue
             if free + cached < len(takers) * st.page_size:
                 pages_at[j] = takers
+                self.blocked = True
                 break
             for i in sorted(takers):  # running order
                 s, was = seqs[i], held[i]
@@ -160,6 +162,11 @@ class QuietRun:
             self.finishing = [i for i in self.live if fin[i] == j - 1]
             self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
         return rows
+
+    @property
+    def paused(self) -> bool:
+        """Whether the run may go on (it stopped only where its caller said: an arrival)."""
+        return self.j < self.limit and not self.blocked and self.finishing is None
 
     def retire(self) -> None:
         """The `finishing` requests leave (their deferred grows made, their progress advanced,

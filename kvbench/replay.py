@@ -49,35 +49,51 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     head = next(arrivals, None)  # the next request to arrive (None: no more)
     forget = engine.forgets_ids  # a request's ids are dropped when it leaves (rebuilt if read)
     steady: Quiet | None = None  # set after a step that quiet steps may follow (fast-forward)
+    run: QuietRun | None = None  # a quiet run paused at an arrival that may not end it
+
+    def leave(done: list[Seq]) -> None:  # finished requests are out of the scheduler
+        if keep_finished:
+            finished.extend(done)
+        bar.update(len(done))
+        if forget:
+            for s in done:
+                s.request.forget()
+
     while head is not None or scheduler.has_work():
         while head is not None and head.arrival_s <= now:  # arrivals up to now
             req, head = head, next(arrivals, None)
-            steady = None
             reason = scheduler.rejection(req)
-            if reason is None:
-                scheduler.add(Seq(req))
-            else:
+            if reason is not None:  # (changes nothing the next steps see)
                 rec.reject(req, reason)
                 if forget:
                     req.forget()
                 bar.update(1)
+                continue
+            if scheduler.waiting and scheduler.fifo_admission:  # behind the refused head: the next steps
+                if run is not None:  # are as quiet as they were, with one more waiting
+                    run.waiting += 1
+                elif steady is not None:
+                    steady = steady._replace(waiting=steady.waiting + 1)
+            else:
+                if run is not None:
+                    run.end()
+                    leave(run.done)
+                    run = None
+                steady = None
+            scheduler.add(Seq(req))
         if not scheduler.has_work():
             if head is not None:
                 now = head.arrival_s  # idle: jump to the next arrival
             continue  # (or nothing left at all: the loop ends)
         if steady is not None:
+            run, steady = QuietRun(scheduler, steady), None
+        if run is not None:
             until = head.arrival_s if head is not None else float("inf")
-            run = QuietRun(scheduler, steady)
             now = fast_forward(run, engine, rec, now, until)
-            steady = None
-            done = run.done  # requests that emitted their last token in the run (nobody waited)
-            if done:
-                if keep_finished:
-                    finished.extend(done)
-                bar.update(len(done))
-                if forget:
-                    for s in done:
-                        s.request.forget()
+            if not run.paused:  # (paused: it stopped at the arrival `until` only)
+                run.end()
+                leave(run.done)  # requests that emitted their last token in the run
+                run = None
             continue
         planned = scheduler.schedule()
         if not planned:
@@ -92,12 +108,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         if engine.fast_forward:
             steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev, done)
         if done:
-            if keep_finished:
-                finished.extend(done)
-            bar.update(len(done))
-            if forget:
-                for s in done:
-                    s.request.forget()
+            leave(done)
     bar.close()
     rec.close()
     return Replay(finished, rec)
@@ -139,9 +150,9 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     as stepping adds them); chunks of 16 steps first, 4x longer each time. A step that moved
     pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
     start that much later, as stepping gives them. After a step in which requests emitted their
-    last token they leave (`run.retire`) and the rest is priced again for the others. Mutates
-    (through `run`) the strategy, the scheduler's running requests and their progress, and the
-    recorder."""
+    last token they leave (`run.retire`) and the rest is priced again for the others. The caller
+    ends the run (`run.end`) unless it is `paused` at `until`. Mutates (through `run`) the
+    strategy, the scheduler's running requests and their progress, and the recorder."""
     size = _FIRST_CHUNK
     while (left := run.limit - run.j) > 0:
         d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
@@ -174,7 +185,6 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             continue
         if i < k:
             break
-    run.end()
     return now
 
 

@@ -161,6 +161,13 @@ class Scheduler:
         seq.prefill_target = seq.request.prompt_len
         self.waiting.append(seq)
 
+    @property
+    def fifo_admission(self) -> bool:
+        """Whether admission tries the waiting requests strictly from the head of the queue (fcfs
+        without dedup_prefix): a request that joins behind a waiting one changes no step until
+        the head is admitted."""
+        return self._admit == self._admit_fcfs
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
