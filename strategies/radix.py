@@ -59,6 +59,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
+from itertools import repeat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -693,66 +694,106 @@ class RadixStrategy(Strategy):
             self._insert_scheduled(seq)
         return True
 
-    def decode_steps(self, rids: list[RequestId], k: int) -> list[SlotStates]:
+    def decode_steps(self, rids: list[RequestId], k: int) -> list[tuple[int, ...]]:
         """Up to `k` decode steps of the running requests `rids` (page_size 1: each decode takes a
         page): step by step, `grow(rid, 1)` of each in this order, exactly. A step runs only
         where the free and cached slots could give each a page (the quiet-run rule of
         kvbench/quiet.py); with a host tier the steps end after one that moved pages to the
-        host (the caller asks `take_host_moves`). Returns the slot states after each step run.
-        Mutates as those grows do.
+        host (the caller asks `take_host_moves`). Returns the slot states after each step run
+        (tuples of the SlotStates fields). Mutates as those grows do.
 
         Bulk: while the free stack and fresh ids can give every request its pages, a run of m
         steps takes its m * len(rids) pages at once (the stack's top reversed, then fresh ids in
-        order: the order the one-page pops give) and hands each request its column; a step that
-        may evict is made by the per-token grows. O(m * requests) in numpy plus O(requests) in
-        Python per run, against O(m * requests) Python calls."""
+        order: the order the one-page pops give) and hands each request its column; in a step
+        that must evict, the requests before the eviction pop their pages inline and the one
+        that evicts takes the per-token path (`grow`). O(m * requests) in numpy plus
+        O(requests) in Python per run, against O(m * requests) Python calls."""
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
         seqs = [self._seqs[rid] for rid in rids]
         d, rows, free, host = len(seqs), [], self._free, self._host
         if not d:
-            return [self.slot_states(None)] * k
+            return [tuple(self.slot_states(None))] * k
+        decoding = all(s.num_prompt < s.length for s in seqs)  # (else a grow may insert: per token)
+        kv_left = min(s.kv_len - s.length for s in seqs)  # steps before one would pass its final length
         while len(rows) < k:
-            stack = len(free)
-            if stack + self._fresh + self._evictable < d:
+            avail = len(free) + self._fresh
+            if avail + self._evictable < d:
                 break  # free + cached cannot give each a page: the step is not run
-            m = min(k - len(rows), (stack + self._fresh) // d)
-            if m and all(s.num_prompt < s.length for s in seqs):  # every grow a decode: no insert
-                m = min(m, min(s.kv_len - s.length for s in seqs))
-            else:
-                m = 0
+            m = min(k - len(rows), avail // d, kv_left) if decoding else 0
             if m:  # m whole steps from the stack and fresh ids: no eviction
-                n = m * d
-                pages = np.empty(n, dtype=np.int64)
-                r = min(n, stack)
-                if r:
-                    top = np.frombuffer(free, dtype=np.int64)
-                    pages[:r] = top[stack - 1: stack - r - 1 if stack > r else None: -1]
-                    del top  # (the view holds the stack's buffer: it cannot shrink meanwhile)
-                    del free[stack - r:]
-                if r < n:
-                    first = self.num_pages - self._fresh
-                    pages[r:] = np.arange(first, first + n - r, dtype=np.int64)
-                    self._fresh -= n - r
-                grid = pages.reshape(m, d).T.copy()  # row i: request i's pages, step by step
-                for s, col in zip(seqs, grid):
-                    s.private.frombytes(col.tobytes())
-                    s.length += m
-                self._private_pages += n
-                self._private_token += n
+                self._hand_out(seqs, m)
+                kv_left -= m
                 token, reserved, internal, external, cached, left = self.slot_states(None)
-                rows.extend(_new_states(SlotStates, (token - (m - 1 - j) * d, reserved, internal, external, cached,
-                                                     left + (m - 1 - j) * d)) for j in range(m))
+                rows.extend(zip(range(token - (m - 1) * d, token + 1, d), repeat(reserved, m), repeat(internal, m),
+                                repeat(external, m), repeat(cached, m), range(left + (m - 1) * d, left - 1, -d)))
                 continue
             moved = host.d2h_tokens if host is not None else 0
-            for rid in rids:  # a step that may evict, or a request not yet decoding: the per-token path
-                if not self.grow(rid, 1):
-                    raise RuntimeError(f"radix decode_steps: request {rid} found no page although free + "
-                                       f"cached slots could give each of {d} requests one")
-            rows.append(self.slot_states(None))
+            if decoding and kv_left > 0:  # one step that evicts on the way
+                i = 0
+                while i < d:
+                    avail = len(free) + self._fresh
+                    if avail:
+                        q = min(avail, d - i)
+                        self._hand_out(seqs[i:i + q], 1)
+                        i += q
+                    else:
+                        if not self.grow(rids[i], 1):
+                            break
+                        i += 1
+                kv_left -= 1
+            else:  # a request not yet decoding, or at its final length: the per-token path
+                i = 0
+                for rid in rids:
+                    if not self.grow(rid, 1):
+                        break
+                    i += 1
+                decoding = all(s.num_prompt < s.length for s in seqs)
+                kv_left = min(s.kv_len - s.length for s in seqs)
+            if i < d:
+                raise RuntimeError(f"radix decode_steps: request {rids[i]} found no page although free + "
+                                   f"cached slots could give each of {d} requests one")
+            rows.append(tuple(self.slot_states(None)))
             if host is not None and host.d2h_tokens != moved:
                 break
         return rows
+
+    def _hand_out(self, seqs: list[_Seq], m: int) -> None:
+        """m decode steps of `seqs` (each decoding, page_size 1) whose pages the free stack and
+        fresh ids hold: step by step, each in order pops a page (the stack's top, then the next
+        fresh id), as `grow(rid, 1)` would. Mutates."""
+        d, free = len(seqs), self._free
+        n = m * d
+        if m == 1 and d <= 8:  # a few pops: inline
+            for s in seqs:
+                if free:
+                    s.private.append(free.pop())
+                else:
+                    self._fresh -= 1
+                    s.private.append(self.num_pages - self._fresh - 1)
+                s.length += 1
+        else:
+            pages, stack = np.empty(n, dtype=np.int64), len(free)
+            r = min(n, stack)
+            if r:
+                top = np.frombuffer(free, dtype=np.int64)
+                pages[:r] = top[stack - 1: stack - r - 1 if stack > r else None: -1]
+                del top  # (the view holds the stack's buffer: it cannot shrink meanwhile)
+                del free[stack - r:]
+            if r < n:
+                first = self.num_pages - self._fresh
+                pages[r:] = np.arange(first, first + n - r, dtype=np.int64)
+                self._fresh -= n - r
+            if m == 1:
+                for s, pid in zip(seqs, pages.tolist()):
+                    s.private.append(pid)
+                    s.length += 1
+            else:
+                for s, col in zip(seqs, pages.reshape(m, d).T.copy()):  # row i: request i's pages, step by step
+                    s.private.frombytes(col.tobytes())
+                    s.length += m
+        self._private_pages += n
+        self._private_token += n
 
     def release(self, rid) -> None:
         seq, ps = self._seqs[rid], self.page_size

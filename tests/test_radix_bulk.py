@@ -6,18 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvbench.strategies.base import SlotStates
 from kvbench.strategies.radix import RadixStrategy
 
 
-def build(seed: int, capacity: int, **kw) -> tuple[RadixStrategy, list[int]]:
+def build(seed: int, capacity: int, running: int = 4, **kw) -> tuple[RadixStrategy, list[int]]:
     """A pool with cached leaves (finished requests sharing prefixes), returned pages on the
-    free stack, and running requests mid-decode, one of them just past its prefill. Made the
+    free stack, and `running` requests mid-decode, some just past their prefill. Made the
     same way each call (seeded), so two calls give equal strategies."""
     rng = np.random.default_rng(seed)
     st = RadixStrategy(capacity_tokens=capacity, max_model_len=capacity, page_size=1, **kw)
     prefixes = [rng.integers(0, 50, int(rng.integers(4, 20))).astype(np.int32) for _ in range(3)]
-    rid, running = 0, []
-    for turn in range(14):
+    rid, live = 0, []
+    for turn in range(10 + running):
         prompt = np.concatenate([prefixes[turn % 3], rng.integers(0, 50, int(rng.integers(2, 12))).astype(np.int32)])
         out = int(rng.integers(30, 60))
         tokens = np.concatenate([prompt, rng.integers(0, 50, out).astype(np.int32)])
@@ -29,10 +30,10 @@ def build(seed: int, capacity: int, **kw) -> tuple[RadixStrategy, list[int]]:
         if turn < 10:
             st.release(rid)  # cached (evictable) leaves, some of them sharing prefixes
         else:
-            running.append(rid)
+            live.append(rid)
         rid += 1
     st.check_invariants()
-    return st, running
+    return st, live
 
 
 def per_token(st: RadixStrategy, rids: list[int], k: int) -> list[tuple]:
@@ -76,13 +77,15 @@ def same(a: RadixStrategy, b: RadixStrategy, rids: list[int]) -> None:
 
 # capacity 150/200: the run ends for lack of free + cached slots; 300: it evicts on the way;
 # 2000: free pages only; 300 with a host tier: evicting steps move pages to the host
-CASES = [(seed, cap, ev, host) for seed in range(3) for cap, host in ((150, 0), (200, 0), (300, 0), (2000, 0), (300, 96))
+# running 12: more requests than the inline pops take (numpy for one step too)
+CASES = [(seed, cap, ev, host, 4) for seed in range(3) for cap, host in ((150, 0), (200, 0), (300, 0), (2000, 0), (300, 96))
          for ev in ("lru", "s3fifo", "arc", "slru")]
+CASES += [(seed, cap, "lru", host, 12) for seed in range(3) for cap, host in ((400, 0), (500, 0), (4000, 0), (500, 96))]
 
 
-@pytest.mark.parametrize("seed, capacity, eviction, host", CASES)
-def test_decode_steps_equal_per_token_grows(seed, capacity, eviction, host):
-    kw = {"eviction": eviction, "host_tier_tokens": host}
+@pytest.mark.parametrize("seed, capacity, eviction, host, running", CASES)
+def test_decode_steps_equal_per_token_grows(seed, capacity, eviction, host, running):
+    kw = {"eviction": eviction, "host_tier_tokens": host, "running": running}
     bulk, rids = build(seed, capacity, **kw)
     ref, _ = build(seed, capacity, **kw)
     assert rids, "the scenario keeps requests running"
@@ -108,13 +111,13 @@ def test_decode_steps_equal_per_token_grows(seed, capacity, eviction, host):
 def test_decode_steps_runs_the_bulk_path_and_ends_where_free_and_cached_end():
     st, rids = build(0, 2000)
     before = {r: st._seqs[r].length for r in rids}
-    rows = st.decode_steps(rids, 5)
+    rows = [SlotStates(*r) for r in st.decode_steps(rids, 5)]
     assert len(rows) == 5 and all(st._seqs[r].length == before[r] + 5 for r in rids)
     assert [r.token for r in rows] == [rows[0].token + j * len(rids) for j in range(5)]
     assert [r.free for r in rows] == [rows[0].free - j * len(rids) for j in range(5)]
     small, rids = build(1, 150)
     k = min(small._seqs[r].kv_len - small._seqs[r].length for r in rids)
-    rows = small.decode_steps(rids, k)
+    rows = [SlotStates(*r) for r in small.decode_steps(rids, k)]
     last = rows[-1]
     assert last.free + last.cached < len(rids) and len(rows) == 19 < k  # stopped: no page for each
     small.check_invariants()
