@@ -16,6 +16,10 @@
    traces: shared prefix, multi-turn, Mooncake): their steps join the fits (one for all, per
    strategy, and per trace when there is more than one trace) and each is replayed in the sim
    and on its own clock like the cases above.
+6. With --attention-check, replays each GPU run on its own clock once more, counting every
+   step's prefill query-key pairs (not in the timeline), and fits its eager steps with and
+   without them (DIR/attention_check.md): the evidence for the term the step model lacks on
+   long prompts (Mooncake).
 
 Stalls: a GPU step that took over 3x what the fitted model predicts (a just-in-time compile, a
 hiccup of the host) is left out of the fits; the fidelity table counts them per run and gives
@@ -41,7 +45,8 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from kvbench.calibrate import COEFFICIENTS, fit, graph_prefill_tokens, predict, write_text_atomic, yaml_lines
+from kvbench.calibrate import COEFFICIENTS, _nnls, fit, graph_prefill_tokens, predict, write_text_atomic, yaml_lines
+from kvbench.engines.recorded import RecordedEngine
 from kvbench.run import run
 from kvbench.schema import register
 
@@ -88,6 +93,45 @@ def with_engine(base, engine_overrides: list[str], coef: dict | None = None):
     return cfg
 
 
+class PairCountingRecorded(RecordedEngine):
+    """engine=recorded that also counts each step's prefill query-key pairs: the sum over its
+    prefill chunks of n x (p + (n+1)/2) for a chunk of n tokens after p computed ones (what the
+    extend kernel's attention does; the timeline does not carry it)."""
+
+    pairs: list[float] = []
+
+    def step(self, batch) -> float:
+        PairCountingRecorded.pairs.append(float(sum(s.num_new * (s.start + (s.num_new + 1) / 2)
+                                                    for s in batch.seqs if not s.is_decode)))
+        return super().step(batch)
+
+
+def attention_check(base, gpu_run: Path, out: Path, graph_max: int) -> dict:
+    """The GPU run's eager steps fitted (non-negative least squares, 1, P, D, K) with and without
+    the prefill query-key pairs A as a fifth input: the coefficient of A and the per-step errors."""
+    PairCountingRecorded.pairs = []
+    timeline = (gpu_run / "timeline.parquet").resolve()
+    cfg = with_engine(base, ["engine=recorded", f"engine.timeline={timeline}"])
+    with open_dict(cfg):
+        cfg.engine._target_ = f"{__name__}.PairCountingRecorded"
+        cfg.redo = True  # (the counts come from running it)
+    run(cfg, out)
+    t = pd.read_parquet(timeline)
+    t["pairs"] = PairCountingRecorded.pairs[:len(t)]
+    e = t[t.prefill_tokens > graph_max]
+    y, row = e.dt_s.to_numpy(float), {"eager_steps": len(e)}
+    for label, cols in (("without", ["prefill_tokens", "decode_tokens", "kv_read_tokens"]),
+                        ("with", ["prefill_tokens", "decode_tokens", "kv_read_tokens", "pairs"])):
+        if len(e) < len(cols) + 1:
+            return row
+        x = np.column_stack([np.ones(len(e)), e[cols].to_numpy(float)])
+        c = _nnls(x, y)
+        err = abs(x @ c - y) / y
+        row |= {f"step_err_p50_{label}_A": float(np.median(err)), f"step_err_p90_{label}_A": float(np.quantile(err, 0.9))}
+    row["s_per_pair"] = float(c[-1])
+    return row
+
+
 def same(ta: pd.DataFrame, tb: pd.DataFrame) -> bool:
     return len(ta) == len(tb) and bool((ta[DECISIONS].to_numpy() == tb[DECISIONS].to_numpy()).all())
 
@@ -109,6 +153,9 @@ def main() -> None:
                     help="traces whose runs get only their own fit, left out of the one-for-all and per-strategy "
                          "fits (default mooncake: its prefill chunks attend over up to 64k positions, a cost the "
                          "timeline's step inputs do not carry, see results/gpu_strategies/README.md)")
+    ap.add_argument("--attention-check", action="store_true",
+                    help="also replay each GPU run on its own clock counting prefill query-key pairs, and fit its eager "
+                         "steps with and without them (DIR/attention_check.md)")
     ap.add_argument("--commit", default=None, help="commit of the GPU runs, for the reports (default: the summaries')")
     args = ap.parse_args()
     register()
@@ -229,6 +276,15 @@ def main() -> None:
     write_text_atomic(args.out / "gpu_strategies.json", json.dumps(
         {"device": device, "model": args.model, "trace": args.trace, "coefficients": coefs,
          "gpu": gpu, "fidelity": fidelity, "gpu_repeat": repeat, "fits": groups}, indent=2, default=str))
+    if args.attention_check:
+        att = pd.DataFrame([{"case": n, **attention_check(base_cfg[n], gpu_dir[n], args.out / "runs" / n / "recorded_pairs",
+                                                           graph_max)} for n in gpu_dir])
+        write_text_atomic(args.out / "attention_check.md", head + (
+            "Each GPU run's eager steps (over graph_prefill_tokens prefill tokens) fitted by non-negative least squares "
+            "on 1, prefill tokens P, decode tokens D, K/V positions read K, without and with the step's prefill "
+            "query-key pairs A (sum over chunks of n x (p + (n+1)/2), counted by a replay on the run's own clock); "
+            "s_per_pair: the coefficient of A.\n\n") + md_table(att))
+        print(att.to_string(index=False))
     print(table.to_string(index=False))
     print(fid.to_string(index=False))
     if repeat:

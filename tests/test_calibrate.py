@@ -204,3 +204,22 @@ def test_recorded_engine_names_the_step_where_a_replay_diverges(tmp_path):
                  f"engine.timeline={tmp_path / 'sim' / 'timeline.parquet'}")
     with pytest.raises(Exception, match="timeline: .* is not a file"):  # (hydra wraps it)
         run_with(tmp_path / "rec2", *common, "engine=recorded", f"engine.timeline={tmp_path / 'none.parquet'}")
+
+
+def test_attention_check_counts_every_prefill_query_key_pair(tmp_path):
+    """experiments/gpu_strategies.py --attention-check replays a run on its own clock counting each
+    step's prefill query-key pairs: without prefix hits or preemptions, a prompt of L tokens
+    contributes L (L + 1) / 2 pairs however the scheduler chunks it."""
+    import importlib.util
+    path = CONFIGS.parent / "experiments" / "gpu_strategies.py"
+    spec = importlib.util.spec_from_file_location("gpu_strategies", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_strategies"] = mod
+    spec.loader.exec_module(mod)
+    overrides = ["strategy=paged_nocache", "trace.num_requests=12", "scheduler.max_num_batched_tokens=300"]
+    summary = run_with(tmp_path / "run", *overrides)
+    assert summary["preemptions"] == 0 and summary["prefix_hit_rate"] == 0
+    row = mod.attention_check(mod.compose_cfg(overrides), tmp_path / "run", tmp_path / "rec", 0)
+    req = pd.read_parquet(tmp_path / "run" / "requests.parquet")
+    assert sum(mod.PairCountingRecorded.pairs) == float((req.prompt_len * (req.prompt_len + 1) // 2).sum())
+    assert row["eager_steps"] == int((pd.read_parquet(tmp_path / "run" / "timeline.parquet").prefill_tokens > 0).sum())
