@@ -705,9 +705,10 @@ class RadixStrategy(Strategy):
         Bulk: while the free stack and fresh ids can give every request its pages, a run of m
         steps takes its m * len(rids) pages at once (the stack's top reversed, then fresh ids in
         order: the order the one-page pops give) and hands each request its column; in a step
-        that must evict, the requests before the eviction pop their pages inline and the one
-        that evicts takes the per-token path (`grow`). O(m * requests) in numpy plus
-        O(requests) in Python per run, against O(m * requests) Python calls."""
+        that must evict (or where a request is not decoding yet), the others pop their pages
+        inline and only the one that evicts (or inserts) takes the per-token path (`grow`).
+        O(m * requests) in numpy plus O(requests) in Python per run, against O(m * requests)
+        Python calls."""
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
         seqs = [self._seqs[rid] for rid in rids]
@@ -729,30 +730,21 @@ class RadixStrategy(Strategy):
                                 repeat(external, m), repeat(cached, m), range(left + (m - 1) * d, left - 1, -d)))
                 continue
             moved = host.d2h_tokens if host is not None else 0
-            if decoding and kv_left > 0:  # one step that evicts on the way
-                i = 0
-                while i < d:
-                    avail = len(free) + self._fresh
-                    if avail:
-                        q = min(avail, d - i)
-                        self._hand_out(seqs[i:i + q], 1)
-                        i += q
-                    else:
-                        if not self.grow(rids[i], 1):
-                            break
-                        i += 1
-                kv_left -= 1
-            else:  # a request not yet decoding, or at its final length: the per-token path
-                i = 0
-                for rid in rids:
-                    if not self.grow(rid, 1):
-                        break
+            i = 0  # one step: runs of decoding requests pop their pages inline (while the stack and fresh
+            while i < d:  # ids last); one that must evict, or is not decoding, takes the per-token path
+                j, end = i, i + len(free) + self._fresh
+                while j < d and j < end and seqs[j].num_prompt < seqs[j].length < seqs[j].kv_len:
+                    j += 1
+                if j > i:
+                    self._hand_out(seqs[i:j], 1)
+                    i = j
+                elif self.grow(rids[i], 1):
                     i += 1
-                decoding = all(s.num_prompt < s.length for s in seqs)
-                kv_left = min(s.kv_len - s.length for s in seqs)
-            if i < d:
-                raise RuntimeError(f"radix decode_steps: request {rids[i]} found no page although free + "
-                                   f"cached slots could give each of {d} requests one")
+                else:
+                    raise RuntimeError(f"radix decode_steps: request {rids[i]} found no page although free + "
+                                       f"cached slots could give each of {d} requests one")
+            decoding = all(s.num_prompt < s.length for s in seqs)
+            kv_left = min(s.kv_len - s.length for s in seqs)
             rows.append(tuple(self.slot_states(None)))
             if host is not None and host.d2h_tokens != moved:
                 break
