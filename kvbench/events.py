@@ -52,11 +52,11 @@ class DecodeRun(NamedTuple):
     """
 
     seqs: list[Request]  # [D] the requests, in the order they run
-    t: np.ndarray  # [k] float64 step start times
-    dt: np.ndarray  # [k] float64 step durations
+    t: Sequence[float]  # [k] step start times (a list or a float64 array)
+    dt: Sequence[float]  # [k] step durations
     kv_read0: int
     running: int
-    waiting: int
+    waiting: int | Sequence[int]  # requests waiting in every step, or in each ([k]: some joined a refused head's queue)
     preemptions: int
     states: list[tuple[int, ...]]  # [k] SlotStates fields of each step
     moved: tuple[int, int] = (0, 0)  # (d2h, h2d) token slots the strategy moved in the run (a host tier)

@@ -29,6 +29,7 @@ REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "rea
                    "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
 _FIN_INTS = 5  # a finished request's id, prompt_len, output_len, cached_tokens, preemptions (int64)
 _FIN_FLOATS = 3  # its arrival_s, first_token_s, finish_s (float64)
+_SHORT_RUN = 12  # a DecodeRun of at most this many steps is recorded in plain Python (cheaper than numpy's calls)
 
 
 @dataclass(slots=True, eq=False)
@@ -119,26 +120,57 @@ class Recorder:
         del self._times[r.id]
 
     def decode_run(self, run: DecodeRun) -> None:
-        """k quiet decode steps at once: the same rows and token times as k calls of `step`."""
-        t, dt, k, d = np.asarray(run.t), np.asarray(run.dt), len(run.t), len(run.seqs)
+        """k quiet decode steps at once: the same rows and token times as k calls of `step`.
+        Short runs (most end at an arrival within a few steps) in plain Python, long ones in
+        numpy: the same floats (one IEEE add or subtract each) and the same rows either way."""
+        k, d = len(run.t), len(run.seqs)
         if run.moved != (0, 0):  # a host tier's evictions in the run's page-taking steps
             self.moved[2] += run.moved[0]
             self.moved[3] += run.moved[1]
-        self._floats.frombytes(np.column_stack((t, dt)).tobytes())
-        rows = np.empty((k, _INT_COLUMNS), np.int32)
-        rows[:, :6] = (run.running, run.waiting, 0, d, 0, run.preemptions)
-        rows[:, 4] = run.kv_read0 + d * np.arange(k)
-        rows[:, 6:] = run.states
-        self._ints.frombytes(rows.tobytes())
-        ends = t + dt  # every request's token j comes out at ends[j], the one before at ends[j - 1]
-        gaps = ends - np.concatenate((t[:1], ends[:-1]))  # (t[0]: the step before the run ended then)
         if self._gap_count:
             self._gaps.append(self._gap)
             self._gap_counts.append(self._gap_count)
-        self._gaps.frombytes(gaps[:-1].tobytes())
-        self._gap_counts.frombytes(np.full(k - 1, d, np.int64).tobytes())
-        self._gap, self._gap_count = float(gaps[-1]), d
-        last, times = float(ends[-1]), self._times
+        if k <= _SHORT_RUN:
+            t, dt = run.t, run.dt
+            if isinstance(t, np.ndarray):
+                t, dt = t.tolist(), dt.tolist()
+            floats, ends = self._floats, [a + b for a, b in zip(t, dt)]
+            for a, b in zip(t, dt):
+                floats.append(a)
+                floats.append(b)
+            row, flat, kv, waiting = [run.running, run.waiting, 0, d, 0, run.preemptions], [], run.kv_read0, run.waiting
+            for j, states in enumerate(run.states):
+                if not isinstance(waiting, int):
+                    row[1] = waiting[j]
+                row[4] = kv
+                kv += d
+                flat += row
+                flat += states
+            self._ints.extend(flat)
+            # every request's token j comes out at ends[j], the one before at ends[j - 1] (t[0] for j = 0)
+            gaps = [ends[0] - t[0], *[b - a for a, b in zip(ends, ends[1:])]]
+            self._gaps.extend(gaps[:-1])
+            self._gap_counts.extend([d] * (k - 1))
+            self._gap, self._gap_count = gaps[-1], d
+            last = ends[-1]
+        else:
+            t, dt = np.asarray(run.t), np.asarray(run.dt)
+            f = np.empty((k, 2))
+            f[:, 0], f[:, 1] = t, dt
+            self._floats.frombytes(f.tobytes())
+            rows = np.empty((k, _INT_COLUMNS), np.int32)
+            rows[:, :6] = (run.running, 0, 0, d, 0, run.preemptions)
+            rows[:, 1] = run.waiting
+            rows[:, 4] = run.kv_read0 + d * np.arange(k)
+            rows[:, 6:] = run.states
+            self._ints.frombytes(rows.tobytes())
+            ends = t + dt  # every request's token j comes out at ends[j], the one before at ends[j - 1]
+            gaps = ends - np.concatenate((t[:1], ends[:-1]))  # (t[0]: the step before the run ended then)
+            self._gaps.frombytes(gaps[:-1].tobytes())
+            self._gap_counts.frombytes(np.full(k - 1, d, np.int64).tobytes())
+            self._gap, self._gap_count = float(gaps[-1]), d
+            last = float(ends[-1])
+        times = self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
         for r in run.done:

@@ -10,8 +10,10 @@ and token times. Results are identical to stepping (tests/test_fast_forward.py).
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 import numpy as np
 from tqdm import tqdm
 
@@ -76,7 +78,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
                     steady = steady._replace(waiting=steady.waiting + 1)
             else:
                 if run is not None:
-                    run.end()
+                    end_run(run, rec)
                     leave(run.done)
                     run = None
                 steady = None
@@ -91,7 +93,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
             until = head.arrival_s if head is not None else float("inf")
             now = fast_forward(run, engine, rec, now, until)
             if not run.paused:  # (paused: it stopped at the arrival `until` only)
-                run.end()
+                end_run(run, rec)
                 leave(run.done)  # requests that emitted their last token in the run
                 run = None
             continue
@@ -151,42 +153,89 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
     start that much later, as stepping gives them. After a step in which requests emitted their
     last token they leave (`run.retire`) and the rest is priced again for the others. The caller
-    ends the run (`run.end`) unless it is `paused` at `until`. Mutates (through `run`) the
-    strategy, the scheduler's running requests and their progress, and the recorder."""
-    size = _FIRST_CHUNK
-    while (left := run.limit - run.j) > 0:
-        d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
-        k = min(left, size)
-        size = min(4 * size, _CHUNK)
-        kv = kv_read + d * np.arange(k, dtype=np.int64)
-        dts = engine.decode_costs(d, kv)
-        starts = np.add.accumulate(np.concatenate(([now], dts)))  # [k + 1]
-        rows, i, moved = [], 0, [0, 0]
-        while i < k:
-            rows += run.run(int(np.searchsorted(starts[:k], until)) - i)  # the steps that start before `until`
-            i = len(rows)
-            if run.moved is None:
+    ends the run (`end_run`) unless it is `paused` at `until`: then the chunk in progress is kept
+    (`run.chunk`: an arrival behind a refused head changes neither the steps nor their prices,
+    only the waiting count of the rows) and recorded when it is done. Mutates (through `run`)
+    the strategy, the scheduler's running requests and their progress, and the recorder."""
+    c = run.chunk
+    while True:
+        if c is None:
+            if run.limit <= run.j:
                 break
-            # step i - 1 moved pages to host: it takes the copy time longer, as stepping charges
-            # it, and every later step of the chunk starts that much later (then `until` again)
-            dts[i - 1] += engine.move_time(*run.moved)
-            moved[0] += run.moved[0]
-            moved[1] += run.moved[1]
-            starts[i:] = np.add.accumulate(np.concatenate(([starts[i - 1] + dts[i - 1]], dts[i:])))
-            if run.finishing is not None:
+            d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
+            k = min(run.limit - run.j, run.chunk_size)
+            run.chunk_size = min(4 * run.chunk_size, _CHUNK)
+            dts = engine.decode_costs(d, kv_read + d * np.arange(k, dtype=np.int64)).tolist()
+            c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
+        starts, k, over = c.starts, len(c.dts), False
+        while c.i < k:
+            i0 = c.i
+            want = bisect_left(starts, until, i0, k)  # the steps that start before `until`
+            if want == i0:
                 break
-        if i:
-            done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-            rec.decode_run(DecodeRun(run.requests, starts[:i], dts[:i], kv_read, d, run.waiting,
-                                     run.preemptions, rows, (moved[0], moved[1]), done))
-            now = float(starts[i])
+            got = run.run(want - i0)
+            c.rows += got
+            c.waiting += [run.waiting] * len(got)
+            c.i = i = i0 + len(got)
+            if run.moved is not None:
+                # step i - 1 moved pages to host: it takes the copy time longer, as stepping charges
+                # it, and every later step of the chunk starts that much later (then `until` again)
+                dts = c.dts
+                dts[i - 1] += engine.move_time(*run.moved)
+                c.moved[0] += run.moved[0]
+                c.moved[1] += run.moved[1]
+                t = starts[i - 1] + dts[i - 1]
+                for x in range(i, k):
+                    starts[x] = t
+                    t += dts[x]
+                starts[k] = t
+                if run.finishing is None:
+                    continue
+            if run.finishing is not None or i < want:  # some leave, or the next step's pages are not free
+                over = True
+                break
+        now = starts[c.i]
+        if not over and c.i < k:
+            break  # paused at `until`, the chunk kept
+        _record(run, c, rec)
+        c = run.chunk = None
         if run.finishing is not None and run.j < run.limit and now < until:
             run.retire()  # they leave; the others go on (nobody waits)
             continue
-        if i < k:
+        if over:
             break
+    run.chunk = c
     return now
 
 
+def end_run(run: QuietRun, rec: Recorder) -> None:
+    """Record the chunk in progress, then end the run (`QuietRun.end`)."""
+    if run.chunk is not None:
+        _record(run, run.chunk, rec)
+        run.chunk = None
+    run.end()
+
+
+class _Chunk:
+    """Up to k quiet steps of one `QuietRun` priced at once (the same live requests), those run
+    so far (`i`) not yet recorded."""
+
+    __slots__ = ("starts", "dts", "kv_read", "d", "i", "rows", "waiting", "moved")
+
+    def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
+        self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
+        self.i, self.rows, self.waiting, self.moved = 0, [], [], [0, 0]
+
+
+def _record(run: QuietRun, c: _Chunk, rec: Recorder) -> None:
+    """The chunk's steps run so far, as one `DecodeRun` (its requests that finished in the last one leave)."""
+    i = c.i
+    if not i:
+        return
+    done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
+    w = c.waiting
+    rec.decode_run(DecodeRun(run.requests, c.starts[:i], c.dts[:i], c.kv_read, c.d, w[0] if w[0] == w[-1] else w,
+                             run.preemptions, c.rows, (c.moved[0], c.moved[1]), done))
+
+
 _CHUNK = 4096  # quiet steps priced at once, at most
-_FIRST_CHUNK = 16  # the first chunk of a run (most runs end at an arrival within a few steps); then 4x
