@@ -347,16 +347,17 @@ class RadixStrategy(Strategy):
         request's older path stays locked by it: a locked node's access time is rewritten when
         it is unlocked, so the walk from the root that this replaces changed no decision.)"""
         ps, own_from, private = self.page_size, seq.tree_len // self.page_size, seq.private
-        ids, node, pos = seq.tokens[:n], seq.node, seq.tree_len
+        ids, node, pos = seq.tokens, seq.node, seq.tree_len
         now = next(self._clock)
         added: list[_Node] = []
         while pos < n:
-            child = node.children.get(self._child_key(ids[pos:]))
-            m = 0 if child is None else self._common(child.key, ids[pos:])
+            key = int(ids[pos]) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:n])
+            child = node.children.get(key)
+            m = 0 if child is None else self._common(child.key, ids[pos:n])
             if m == 0:  # new leaf with the rest: adopt our pages
-                leaf = _Node(ids[pos:].copy(), np.asarray(private[pos // ps - own_from: n // ps - own_from],
-                                                          dtype=np.int32), node, now)
-                node.children[self._child_key(leaf.key)] = leaf
+                leaf = _Node(ids[pos:n].copy(), np.asarray(private[pos // ps - own_from: n // ps - own_from],
+                                                           dtype=np.int32), node, now)
+                node.children[key] = leaf
                 self._evictable += n - pos
                 added.append(leaf)
                 node, pos = leaf, n
@@ -387,7 +388,7 @@ class RadixStrategy(Strategy):
     def _grow_path(self, seq: _Seq, parts: list[np.ndarray]) -> None:
         """Append page ids to `seq.path_pages`, in a buffer that doubles (amortized O(added))."""
         k = len(seq.path_pages)
-        end = k + sum(len(p) for p in parts)
+        end = k + (len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts))
         buf = seq.path_buf
         if buf is None or end > len(buf):
             buf = np.empty(max(2 * end, 16), dtype=np.int32)
