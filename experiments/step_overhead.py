@@ -8,8 +8,9 @@ Per model shape (random bf16 weights, paged pages of 16 in shuffled order) and s
   gpu_ms   the sum of the step's kernel durations (torch profiler), i.e. launch gaps excluded
   ratio    step_ms / gpu_ms (the goal for prefill and mixed steps: <= 1.15)
 Steps: decode (batch 1 and 64, 2k context); one 512-token prefill chunk (over a 1k prefix)
-with 63 decodes; a 2,048-token prefill; and the shared-prefix hit (64 new tokens over a cached
-1,024-token prefix, with 15 decodes) against a decode step of the same batch. Eager unless the
+with 63 decodes; a 2,048-token prefill; the shared-prefix hit (64 new tokens over a cached
+1,024-token prefix, with 15 decodes) against a decode step of the same batch; and extends of 64,
+512 and 1,024 new tokens over cached 1k / 4k prefixes against plain prefills of as many tokens. Eager unless the
 row says graphs. Writes DIR/step_overhead.json. Needs CUDA.
 """
 from __future__ import annotations
@@ -74,6 +75,14 @@ def steps():
         "prefill 2048": [(0, 2048)],
         "hit: 64 new over 1k cached + 15 decodes": [(1024, 64)] + [(1100, 1)] * 15,
         "decode b16 ctx1.1k": [(1100, 1)] * 16,
+        # extend over a cached prefix against a plain prefill of as many new tokens (issue 12 §4)
+        "prefill 64": [(0, 64)],
+        "extend 64 over 1k": [(1024, 64)],
+        "prefill 512": [(0, 512)],
+        "extend 512 over 1k": [(1024, 512)],
+        "extend 512 over 4k": [(4096, 512)],
+        "prefill 1024": [(0, 1024)],
+        "extend 1024 over 4k": [(4096, 1024)],
     }
 
 
@@ -82,6 +91,7 @@ def main() -> None:
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
     ap.add_argument("--graphs", default="0,1", help="engine.cuda_graphs settings to time (0, 1 or both)")
+    ap.add_argument("--steps", default="", help="only these steps (comma-separated labels; default all)")
     ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -95,6 +105,8 @@ def main() -> None:
         for graphs in [bool(int(g)) for g in args.graphs.split(",")]:
             eng.cuda_graphs = graphs
             for label, parts in steps().items():
+                if args.steps and label not in args.steps.split(","):
+                    continue
                 batch = make_batch(order, parts, cap // PS)
                 for _ in range(3):
                     eng.step(batch)

@@ -281,7 +281,8 @@ def splits_used(T, B, Hq, D, max_len, prefix_splits, dev) -> int:
     """The prefix split count the extend launcher picks (as its code: heuristic, then the cap)."""
     if not hasattr(emod, "choose_prefix_splits"):
         return 1
-    cfg = emod.extend_config(D, ragged=True)
+    short = getattr(emod, "EXTEND_SHORT_TOKENS", 0)
+    cfg = emod.extend_config(D, ragged=True, **({"short": T <= short * B} if short else {}))
     S = prefix_splits or emod.choose_prefix_splits(T, B, Hq, cfg["BLOCK_M"], max_len, dev)
     bn = cfg["BLOCK_N"]
     piece = -(-(emod.EXTEND_MIN_SPLIT_TOKENS if not prefix_splits else 1) // bn) * bn
