@@ -22,10 +22,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kvbench import compose_cache
 from kvbench.report.console import strategy_label  # no pandas, no plotting: `kvbench --help` stays fast
 
 log = logging.getLogger("kvbench")
 OmegaConf.register_new_resolver("kvbench_label", strategy_label, replace=True)  # also in launcher workers
+compose_cache.install()  # a sweep's jobs share one compose memo per process (here and in launcher workers)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,0 +1,105 @@
+"""A sweep's jobs composed from one memo per process (issue 13 §5: a 100-run sweep's start-up).
+
+Hydra composes every job of a sweep from scratch (`ConfigLoaderImpl.load_sweep_config`: parse the
+overrides, build the defaults list, load and merge every yaml of it, then apply the job's
+`key=value` overrides), in the parent (to check the grid) and again in the worker that runs it:
+~0.2-0.4 s of CPU a job, more than a small run's replay. Jobs of one grid differ mostly in values
+(`trace.rate=4`), not in the config groups they pick (`strategy=paged`), and the defaults list and
+the merged yaml depend on the group choices only. So, inside `load_sweep_config` only, this keeps
+per process:
+- the defaults list, keyed by the config name, the search path and the overrides that pick or
+  add config groups (Hydra's own rule: `repo.group_exists(key)` and a value that is not a dict);
+  the job's value overrides are handed on as its `config_overrides`, in its order;
+- the config merged from that defaults list (a deep copy is handed out each time: Hydra then sets
+  its flags and applies the value overrides to the copy, as it does to a fresh compose);
+- the parsed form of each override string (Hydra's parser makes immutable Override records).
+Everything else (value overrides, `hydra.overrides`, `hydra.runtime`, the job's dirs) is done by
+Hydra as before, so a job's config is the one a fresh compose makes (tests/test_sweep_validate.py
+compares them). A compose that fails is not kept: the next job fails the same way. Other callers of
+Hydra's loader (`compose()`, a single run) are untouched. `install()` mutates ConfigLoaderImpl
+and config_loader_impl.create_defaults_list, once per process.
+"""
+from __future__ import annotations
+
+import contextvars
+import copy
+from typing import Any
+
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("kvbench_sweep_compose", default=False)
+_DEFAULTS: dict[tuple, Any] = {}  # key -> DefaultsList of the group choices
+_MERGED: dict[int, tuple[Any, Any]] = {}  # id(defaults) -> (defaults, merged config: never handed out itself)
+_PARSED: dict[str, Any] = {}  # override string -> Override
+_MAX = 256  # memo entries of each kind (a sweep picks few group combinations)
+
+
+def _source_key(repo: Any) -> tuple:
+    return tuple((s.provider, s.path) for s in repo.get_sources())
+
+
+def install() -> None:
+    """Route Hydra's per-job compose through the memos above (idempotent)."""
+    from hydra._internal import config_loader_impl as cli_mod
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.defaults_list import DefaultsList
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if getattr(ConfigLoaderImpl.load_sweep_config, "_kvbench", False):
+        return
+    whole_sweep_config = ConfigLoaderImpl.load_sweep_config
+    whole_defaults = cli_mod.create_defaults_list
+    whole_merge = ConfigLoaderImpl._compose_config_from_defaults_list
+    whole_parse = OverridesParser.parse_overrides
+
+    def load_sweep_config(self, master_config, sweep_overrides):
+        token = _ACTIVE.set(True)
+        try:
+            return whole_sweep_config(self, master_config, sweep_overrides)
+        finally:
+            _ACTIVE.reset(token)
+
+    def parse_overrides(self, overrides):
+        if not _ACTIVE.get() or self.config_loader is not None:  # (a loader: glob() sweeps read it)
+            return whole_parse(self, overrides)
+        todo = [o for o in overrides if o not in _PARSED]
+        if todo:
+            if len(_PARSED) > 4 * _MAX:
+                _PARSED.clear()
+            _PARSED.update(zip(todo, whole_parse(self, todo)))  # one parse per string, errors as before
+        return [_PARSED[o] for o in overrides]
+
+    def create_defaults_list(repo, config_name, overrides_list, prepend_hydra, skip_missing):
+        if not _ACTIVE.get():
+            return whole_defaults(repo, config_name, overrides_list, prepend_hydra, skip_missing)
+        values, groups = [], []
+        for o in overrides_list:  # Hydra's split (defaults_list.Overrides.__init__)
+            if o.is_sweep_override():
+                groups.append(o)
+            elif isinstance(o.value(), dict) or not repo.group_exists(o.key_or_group):
+                values.append(o)
+            else:
+                groups.append(o)
+        key = (config_name, prepend_hydra, skip_missing, _source_key(repo), tuple(o.input_line for o in groups))
+        if key not in _DEFAULTS:
+            if len(_DEFAULTS) >= _MAX:
+                _DEFAULTS.clear()
+            _DEFAULTS[key] = whole_defaults(repo, config_name, groups, prepend_hydra, skip_missing)
+        kept = _DEFAULTS[key]
+        return DefaultsList(defaults=kept.defaults, config_overrides=values, defaults_tree=kept.defaults_tree,
+                            overrides=kept.overrides)
+
+    def compose_config_from_defaults_list(self, defaults, repo):
+        if not _ACTIVE.get():
+            return whole_merge(self, defaults, repo)
+        kept = _MERGED.get(id(defaults))
+        if kept is None or kept[0] is not defaults:
+            if len(_MERGED) >= _MAX:
+                _MERGED.clear()
+            kept = _MERGED[id(defaults)] = (defaults, whole_merge(self, defaults, repo))
+        return copy.deepcopy(kept[1])
+
+    for fn in (load_sweep_config, parse_overrides, create_defaults_list, compose_config_from_defaults_list):
+        fn._kvbench = True
+    ConfigLoaderImpl.load_sweep_config = load_sweep_config
+    ConfigLoaderImpl._compose_config_from_defaults_list = compose_config_from_defaults_list
+    OverridesParser.parse_overrides = parse_overrides
+    cli_mod.create_defaults_list = create_defaults_list
