@@ -48,7 +48,7 @@ class DecodeRun(NamedTuple):
     nothing arrives or is preempted and nobody finishes before the last step (kvbench/quiet.py).
 
     Step j (0-based) starts at `t[j]`, lasts `dt[j]`, reads `kv_read0 + j * len(seqs)` K/V
-    positions and runs with `states[j]`.
+    positions and runs with slot states `[column[j] for column in states]`.
     """
 
     seqs: list[Request]  # [D] the requests, in the order they run
@@ -58,6 +58,6 @@ class DecodeRun(NamedTuple):
     running: int
     waiting: int | Sequence[int]  # requests waiting in every step, or in each ([k]: some joined a refused head's queue)
     preemptions: int
-    states: list[tuple[int, ...]]  # [k] SlotStates fields of each step
+    states: list[list[int]]  # [6][k] the SlotStates fields (columns) of each step
     moved: tuple[int, int] = (0, 0)  # (d2h, h2d) token slots the strategy moved in the run (a host tier)
     done: Sequence[Request] = ()  # those of `seqs` whose last token is the last step's (they leave after it)

@@ -35,6 +35,7 @@ plus one `slot_states` where a page is taken or a request leaves.
 """
 from __future__ import annotations
 
+from heapq import heappop, heappush
 from typing import NamedTuple
 
 from kvbench.events import StepEvent
@@ -110,32 +111,43 @@ class QuietRun:
                 if limit <= 0:
                     break
         self.limit = max(limit, 0)
+        self._takes = sorted(self.pages_at)  # the keys of pages_at, a heap
         self._fin_steps = sorted(set(self.fin), reverse=True)  # the steps in which requests finish, next last
         self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
 
-    def run(self, k: int) -> list[tuple[int, ...]]:
-        """Make the grows of up to k next quiet steps; the slot states of each step that ran
-        (fewer than k where the run ends, where requests would need pages that are not free,
-        after a step that moved pages to host: `moved` says so, or after a step in which
-        requests emitted their last token: `finishing` says which; `retire` or `end` lets
-        them leave)."""
-        st, seqs, held, pages_at, fin = self.st, self.seqs, self.held, self.pages_at, self.fin
+    def run(self, k: int, cols: list[list[int]]) -> int:
+        """Make the grows of up to k next quiet steps; the slot states of each step that ran are
+        appended to `cols` (6 lists: token, reserved, internal, external, cached, free); returns
+        how many ran (fewer than k where the run ends, where requests would need pages that are
+        not free, after a step that moved pages to host: `moved` says so, or after a step in
+        which requests emitted their last token: `finishing` says which; `retire` or `end`
+        lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
+        st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
-        rows = []
+        c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         self.moved = None
         while j < stop:
-            takers = pages_at.pop(j, None)
-            if takers is None:  # nobody takes a page: d slots move from reserved to token
-                token, reserved, deferred = token + d, reserved - d, deferred + d
-                rows.append((token, reserved, internal, external, cached, free))
-                j += 1
+            nxt = takes[0] if takes else stop
+            if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
+                m = min(nxt, stop) - j
+                c_token.extend(range(token + d, token + d * m + 1, d))
+                c_reserved.extend(range(reserved - d, reserved - d * m - 1, -d))
+                same = [internal] * m
+                c_internal += same
+                c_external += [external] * m if external != internal else same
+                c_cached += [cached] * m
+                c_free += [free] * m
+                token, reserved, deferred = token + d * m, reserved - d * m, deferred + d * m
+                j += m
                 continue
+            takers = pages_at[j]
             if free + cached < len(takers) * st.page_size:
-                pages_at[j] = takers
                 self.blocked = True
                 break
+            heappop(takes)
+            del pages_at[j]
             for i in sorted(takers):  # running order
                 s, was = seqs[i], held[i]
                 pos = s.computed + j  # the position this step writes: it needs a page
@@ -146,11 +158,20 @@ class QuietRun:
                 deferred -= pos - was
                 nxt = j + 1 + st.room(s.id, pos + 1)
                 if nxt <= fin[i]:
-                    pages_at.setdefault(nxt, []).append(i)
+                    if nxt in pages_at:
+                        pages_at[nxt].append(i)
+                    else:
+                        pages_at[nxt] = [i]
+                        heappush(takes, nxt)
             deferred += d - len(takers)
             token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
             token, reserved = token + deferred, reserved - deferred
-            rows.append((token, reserved, internal, external, cached, free))
+            c_token.append(token)
+            c_reserved.append(reserved)
+            c_internal.append(internal)
+            c_external.append(external)
+            c_cached.append(cached)
+            c_free.append(free)
             j += 1
             if self._moves is not None:
                 moved = self._moves()
@@ -163,7 +184,7 @@ class QuietRun:
         if j == self._next_fin + 1:
             self.finishing = [i for i in self.live if fin[i] == j - 1]
             self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
-        return rows
+        return j - j0
 
     @property
     def paused(self) -> bool:

@@ -173,10 +173,9 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             want = bisect_left(starts, until, i0, k)  # the steps that start before `until`
             if want == i0:
                 break
-            got = run.run(want - i0)
-            c.rows += got
-            c.waiting += [run.waiting] * len(got)
-            c.i = i = i0 + len(got)
+            got = run.run(want - i0, c.cols)
+            c.waiting += [run.waiting] * got
+            c.i = i = i0 + got
             if run.moved is not None:
                 # step i - 1 moved pages to host: it takes the copy time longer, as stepping charges
                 # it, and every later step of the chunk starts that much later (then `until` again)
@@ -220,11 +219,11 @@ class _Chunk:
     """Up to k quiet steps of one `QuietRun` priced at once (the same live requests), those run
     so far (`i`) not yet recorded."""
 
-    __slots__ = ("starts", "dts", "kv_read", "d", "i", "rows", "waiting", "moved")
+    __slots__ = ("starts", "dts", "kv_read", "d", "i", "cols", "waiting", "moved")
 
     def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
         self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
-        self.i, self.rows, self.waiting, self.moved = 0, [], [], [0, 0]
+        self.i, self.cols, self.waiting, self.moved = 0, [[], [], [], [], [], []], [], [0, 0]  # cols: slot states
 
 
 def _record(run: QuietRun, c: _Chunk, rec: Recorder) -> None:
@@ -235,7 +234,7 @@ def _record(run: QuietRun, c: _Chunk, rec: Recorder) -> None:
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
     w = c.waiting
     rec.decode_run(DecodeRun(run.requests, c.starts[:i], c.dts[:i], c.kv_read, c.d, w[0] if w[0] == w[-1] else w,
-                             run.preemptions, c.rows, (c.moved[0], c.moved[1]), done))
+                             run.preemptions, c.cols, (c.moved[0], c.moved[1]), done))
 
 
 _CHUNK = 4096  # quiet steps priced at once, at most
