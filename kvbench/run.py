@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -246,10 +247,14 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
                                                           **sizes) if sizes else
                 instantiate(cfg.strategy, capacity_tokens=capacity, max_model_len=cfg.max_model_len))
     pool = PoolGeometry.of(cfg.model, strategy.page_size, strategy.num_pages)  # the run's sizes, frozen
-    engine.bind(pool.page_size, pool.num_pages)
-    if engine.needs_layout and len(getattr(strategy, "tables", ())) > 1:  # (docs/hybrid.md, "Left out")
+    hybrid = engine.needs_layout and getattr(strategy, "tables", None) is not None  # a hybrid pool design
+    if hybrid and "strategy" in inspect.signature(engine.bind).parameters:  # the torch/gpu engines read its tables
+        engine.bind(pool.page_size, pool.num_pages, strategy=strategy)
+    elif hybrid and len(strategy.tables) > 1:
         raise ConfigError(f"strategy={strategy.name}: engine={engine.name} reads one page table per request, this "
                           f"design keeps {len(strategy.tables)} (per layer group); run it with engine=sim")
+    else:
+        engine.bind(pool.page_size, pool.num_pages)
     read_groups = KVReadGroups.of(pool.groups)  # None unless a layer group reads a window or chunk only
     if not getattr(strategy, "fast_forward", True) or read_groups is not None:  # a hybrid pool: a decode
         engine.fast_forward = False  # may leave a window; a windowed model: quiet steps' reads are not linear

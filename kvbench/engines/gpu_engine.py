@@ -19,6 +19,13 @@ size their split-KV for the context bucket (a power of two of pages), not the ex
 Steps with prefill are padded to a multiple of 16 tokens (32 above 256): the extend kernel takes
 its request boundaries from `query_start_loc`, so one graph serves any mix of chunks.
 
+Hybrid pool designs (issue 16; `bind(..., strategy=)`, torch_engine.HybridKV): the pool is the
+design's own memory, at most its `pool_bytes` (= kv_capacity_tokens x bytes per token, the
+budget sized above: the engine never allocates more than the uniform pool would; bytes a design's
+pages cannot use stay unallocated), each layer reading its table's slots. A graph then has one
+slot-mapping row and one page-table block per table in its staging buffer (static, like the
+rest), and every table's AttnMetadata views them; eager steps share the torch engine's path.
+
 A mixed step's one-token rows go first (`HostBatch.num_decode`) and through the decode kernel;
 only the prefill chunks go through extend, whose 128-query tiles would otherwise be spent on one
 query each (measured, H200, 8B: a 512-token chunk beside 63 decodes took 42.3 ms, 28.8 of them
@@ -32,7 +39,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from kvbench.engines.torch_engine import HostBatch, TorchEngine, _plain
+from kvbench.engines.torch_engine import HostBatch, TorchEngine, _plain, with_tables
 from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config
 from kvbench.sizes import GIB, dtype_bytes, kv_bytes_per_token, tokens_in_gib
 
@@ -165,9 +172,9 @@ class GPUEngine(TorchEngine):
                              f"of {need} tokens; {sizes}")
         return tokens
 
-    def bind(self, page_size: int, num_pages: int) -> None:
+    def bind(self, page_size: int, num_pages: int, strategy=None) -> None:
         try:
-            super().bind(page_size, num_pages)
+            super().bind(page_size, num_pages, strategy)
         except torch.cuda.OutOfMemoryError as e:
             need = num_pages * page_size * kv_bytes_per_token(self.cfg)
             raise ValueError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
@@ -180,9 +187,12 @@ class GPUEngine(TorchEngine):
         """Compile the kernel variants a replay will meet: mixed batches of B requests (B around
         every power of two up to 512, divisible by 16 and not), and decodes over contexts of 64
         tokens to the longest request (every split-KV count class), slab and paged layouts.
-        Writes garbage into pool pages that the replay has not used yet."""
+        Writes garbage into pool pages that the replay has not used yet (a hybrid design: the same
+        page ids in every table, so within its smallest space)."""
         t0 = time.perf_counter()
-        sizes = sorted({b for p in range(10) for b in (1 << p, (1 << p) + 1) if 2 * b <= num_pages})
+        hybrid = getattr(self, "hybrid", None)
+        pages = num_pages if hybrid is None else hybrid.min_pages
+        sizes = sorted({b for p in range(10) for b in (1 << p, (1 << p) + 1) if 2 * b <= pages})
         for contiguous in (False, True):
             for b in sizes:
                 lens = np.ones(b, np.int64)
@@ -194,15 +204,15 @@ class GPUEngine(TorchEngine):
                 qsl = np.concatenate([[0], np.cumsum(lens)])
                 h = HostBatch(np.zeros(len(pos), np.int64), pos, slots, table, qsl, lens, qsl[1:] - 1,
                               page_size, contiguous, False, b - 1)
-                ids, positions, meta = h.to_device(self.device)
-                self.model(ids, positions, meta, self.kv_pool)
+                ids, positions, meta = self._as_layout(h).to_device(self.device)
+                self.model(ids, positions, meta, self._kv())
             longest = min(getattr(self, "max_model_len", None) or 1 << 17, num_pages * page_size)
             for n in (64 << k for k in range(12) if 64 << k <= longest):   # reads page 0, writes nothing
                 one = np.ones(1, np.int64)
                 h = HostBatch(np.zeros(1, np.int64), one * (n - 1), -one, np.zeros((1, -(-n // page_size)), np.int32),
                               np.array([0, 1]), one * n, np.zeros(1, np.int64), page_size, contiguous, True)
-                ids, positions, meta = h.to_device(self.device)
-                self.model(ids, positions, meta, self.kv_pool)
+                ids, positions, meta = self._as_layout(h).to_device(self.device)
+                self.model(ids, positions, meta, self._kv())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.warmup_s = time.perf_counter() - t0
@@ -236,11 +246,12 @@ class GPUEngine(TorchEngine):
         g = self._graphs.get(key) or self._capture(key, h.page_size)
         # the step's inputs: written into the graph's pinned staging buffer, then one copy;
         # padded tokens write nowhere (slot -1), padded requests attend to nothing (seq_len 0)
+        # (a hybrid design: one slot row and one page-table block per table; uniform: one)
         shift, e, tp = dp - nd, len(h.logits_idx), t - nd
-        for r, col in enumerate((h.ids, h.positions, h.slot_mapping)):
+        for r, col in enumerate((h.ids, h.positions, *h.slot_mapping.reshape(-1, t))):
             g.h64[r, :nd], g.h64[r, dp:dp + tp] = col[:nd], col[nd:]
         g.h64[:2, nd:dp], g.h64[:2, dp + tp:] = 0, 0
-        g.h64[2, nd:dp], g.h64[2, dp + tp:] = -1, -1
+        g.h64[2:, nd:dp], g.h64[2:, dp + tp:] = -1, -1
         g.h64_idx[:e] = h.logits_idx + np.where(h.logits_idx >= nd, shift, 0)
         g.h64_idx[e:] = 0
         qsl = g.h32_qsl
@@ -249,8 +260,9 @@ class GPUEngine(TorchEngine):
         qsl[dp + b - nd + 1:] = dp + tp
         g.h32_lens[:nd], g.h32_lens[nd:dp] = h.seq_lens[:nd], 0
         g.h32_lens[dp:dp + b - nd], g.h32_lens[dp + b - nd:] = h.seq_lens[nd:], 0
-        w = h.page_table.shape[1]
-        g.h32_table[:nd, :w], g.h32_table[dp:dp + b - nd, :w] = h.page_table[:nd], h.page_table[nd:]
+        w = h.page_table.shape[-1]
+        tables = h.page_table.reshape(-1, b, w)  # [num_tables, B, w]
+        g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
         # (entries past a request's length are never read; the buffer is rewritten only after
         # `step` has synchronized, so the copy is done by then)
         g.dev.copy_(g.host, non_blocking=True)
@@ -260,37 +272,49 @@ class GPUEngine(TorchEngine):
     def _capture(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
         t0 = time.perf_counter()
         ts, bs, pages, contiguous, decode_only, dp = key
+        hybrid = self.hybrid
+        nt = 1 if hybrid is None else len(hybrid.tables)  # page tables (a hybrid design: one per TableSpec)
         # inputs: one pinned host buffer and its device copy; the graph reads views of the latter
-        # (int64: ids, positions, slots [ts] and logits rows [bs]; int32: query_start_loc [bs+1],
-        # seq_lens [bs], the page table [bs, pages] and the prefill part's start locations [bs-dp+1])
-        n64, n32 = 3 * ts + bs, (bs + 1) + bs + bs * pages
+        # (int64: ids, positions, nt slot rows [ts] and logits rows [bs]; int32: query_start_loc
+        # [bs+1], seq_lens [bs], nt page tables [bs, pages] and the prefill part's start locations)
+        n64, n32 = (2 + nt) * ts + bs, (bs + 1) + bs + nt * bs * pages
         g = SimpleNamespace(host=torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8, pin_memory=True))
         v64, v32 = g.host.numpy()[:8 * n64].view(np.int64), g.host.numpy()[8 * n64:].view(np.int32)
-        g.h64, g.h64_idx = v64[:3 * ts].reshape(3, ts), v64[3 * ts:]
+        g.h64, g.h64_idx = v64[:(2 + nt) * ts].reshape(2 + nt, ts), v64[(2 + nt) * ts:]
         g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:2 * bs + 1]
-        g.h32_table = v32[2 * bs + 1:].reshape(bs, pages)
-        g.h64[2] = -1
+        g.h32_table = v32[2 * bs + 1:].reshape(nt, bs, pages)
+        g.h64[2:] = -1
         g.dev = g.host.to(self.device)
         d64, d32 = g.dev[:8 * n64].view(torch.int64), g.dev[8 * n64:].view(torch.int32)
         g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
+        slots = d64[2 * ts:(2 + nt) * ts].view(nt, ts)
+        tables = d32[2 * bs + 1:].view(nt, bs, pages)
         qsl = d32[:bs + 1]
         split = 0 < dp and not decode_only
-        g.meta = AttnMetadata(d64[2 * ts:3 * ts], d32[2 * bs + 1:].view(bs, pages), qsl,
-                              d32[bs + 1:2 * bs + 1], d64[3 * ts:], page_size, contiguous, decode_only,
+        g.meta = AttnMetadata(slots[0], tables[0], qsl,
+                              d32[bs + 1:2 * bs + 1], d64[(2 + nt) * ts:], page_size, contiguous, decode_only,
                               pages * page_size, dp if split else 0, None)
+        if hybrid is not None:
+            with_tables(g.meta, slots, tables, hybrid.layer_table)
+
+        def start_locs():  # the prefill part's query_start_loc, recomputed from the input (every table's meta)
+            g.meta.extend_start_loc = qsl[dp:] - dp
+            for m in g.meta.table_metas or ():
+                m.extend_start_loc = g.meta.extend_start_loc
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles the kernels; writes nothing (slot -1)
             if split:
-                g.meta.extend_start_loc = qsl[dp:] - dp
-            self.model(g.ids, g.positions, g.meta, self.kv_pool)
+                start_locs()
+            self.model(g.ids, g.positions, g.meta, self._kv())
         torch.cuda.current_stream().wait_stream(side)
         self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self._graph_pool):
-            if split:  # the prefill part's query_start_loc, recomputed from the input at each replay
-                g.meta.extend_start_loc = qsl[dp:] - dp
-            g.logits = self.model(g.ids, g.positions, g.meta, self.kv_pool)  # [bs, vocab]
+            if split:  # recomputed from the input at each replay
+                start_locs()
+            g.logits = self.model(g.ids, g.positions, g.meta, self._kv())  # [bs, vocab]
         self._graphs[key] = g
         self.graph_capture_s += time.perf_counter() - t0
         return g

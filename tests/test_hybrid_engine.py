@@ -1,0 +1,227 @@
+"""The model runner through the hybrid pool designs (issue 16): a Gemma-like tiny model (sliding
+window 32 and full layers, page 16) runs a trace with shared prefixes and prompts longer than the
+window through paged (one uniform pool, one table) and each of the four designs (their own K/V
+memory, one page table per TableSpec, torch_engine.HybridKV), with greedy sampling: the tokens are
+identical and each request's last logits equal paged's within the fp32 tolerance. A NULL_PAGE
+(a page before a window that the design no longer holds) is never read: every page no table of
+the step references is NaN while the step runs, and the logits stay finite; a design that drops
+pages the model still reads is caught by the engine's host check and by the NaN."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kvbench.batch import KVReadGroups
+from kvbench.engines.torch_engine import NULL_PAGE, HybridKV, TorchEngine
+from kvbench.kernels.tolerances import tolerance
+from kvbench.replay import replay
+from kvbench.scheduler import Scheduler
+from kvbench.sizes import layer_groups
+from kvbench.traces import Fixed, shared_prefix
+from strategy_cases import build
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = {"pattern": ["local", "local", "global"],  # 7 layers: 5 sliding (0 1 3 4 6), 2 full (2 5)
+          "groups": {"local": {"kind": "sliding", "window": 32}, "global": {"kind": "full"}}}
+# untied embeddings: a tied random model just repeats its input token
+MODEL = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"), {
+    "tie_embeddings": False, "num_layers": 7, "vocab_size": 512, "layers": LAYERS}))
+DESIGNS = ("hybrid_separate", "hybrid_unified", "hybrid_jenga", "hybrid_radix")
+CAPACITY, MAX_LEN = 1024, 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared by several processes: torch's thread pool spinning costs ~40x here."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
+def trace(n_groups=2, per_group=3, system=48, question=12, output=16):
+    # prompts of 60 > window 32; 3 running at most: later requests hit the shared 48 tokens
+    return shared_prefix(num_groups=n_groups, questions_per_group=per_group, system_len=Fixed(system),
+                         question_len=Fixed(question), output_len=Fixed(output), rate=float("inf"), seed=3,
+                         vocab_size=MODEL["vocab_size"])
+
+
+class Recording(TorchEngine):
+    """Keeps each request's logits of its last emitted token; with `poison`, every page of a
+    hybrid design's memory that no table of the step references is NaN while the step runs
+    (restored after, so cached pages keep their K/V), and every step's logits must be finite."""
+
+    def __init__(self, *a, poison: bool = False, **kw):
+        super().__init__(*a, sample=True, **kw)
+        self.final: dict[int, torch.Tensor] = {}
+        self.poison, self.poisoned_steps, self._batch = poison, 0, None
+
+    def _flatten(self, batch):
+        self._batch = batch
+        return super()._flatten(batch)
+
+    def _forward(self, h):
+        if not (self.poison and self.hybrid is not None):
+            return super()._forward(h)
+        kv, st = self.hybrid, self.strategy
+        held = {s: set() for s in kv.spaces}  # pages the step's tables reference, per space
+        for t, spec in enumerate(kv.tables):
+            for s in self._batch.seqs:
+                row = st.table(s.request.id, t)
+                held[spec.space].update(int(p) for p in row[row != NULL_PAGE])
+        saved = [b.clone() for b in kv.buffers]
+        for b in kv.buffers:
+            b.fill_(float("nan"))
+        for s, pages in held.items():  # (aliased spaces: a page's own bytes only)
+            idx = torch.tensor(sorted(pages), dtype=torch.int64)
+            kv.page_view(s)[idx] = kv.page_view(s, saved)[idx]
+        logits = super()._forward(h)
+        assert torch.isfinite(logits).all(), "a step read a page no table of it references"
+        written = [b.clone() for b in kv.buffers]
+        for b, old in zip(kv.buffers, saved):
+            b.copy_(old)
+        for s, pages in held.items():
+            idx = torch.tensor(sorted(pages), dtype=torch.int64)
+            kv.page_view(s)[idx] = kv.page_view(s, written)[idx]
+        self.poisoned_steps += 1
+        return logits
+
+    def _emit(self, batch, logits):
+        super()._emit(batch, logits)
+        for i, s in enumerate(x for x in batch.seqs if x.emits_token):
+            self.final[s.request.id] = logits[i].detach().clone()
+
+
+def generate(name: str, reqs=None, model=MODEL, strategy_model=None, page_size=16, **engine_kw):
+    """Replay `reqs` (default: trace()) through strategy `name` on the torch engine, bound as
+    kvbench.run binds it; returns (outputs, engine, strategy, scheduler)."""
+    reqs = trace() if reqs is None else reqs
+    st = build(name, CAPACITY, MAX_LEN, model=strategy_model or model, page_size=page_size)
+    eng = Recording(model=model, **engine_kw)
+    eng.bind(st.page_size, st.num_pages, strategy=st if hasattr(st, "tables") else None)
+    sched = Scheduler(st, max_num_seqs=3, max_num_batched_tokens=64,
+                      kv_read_groups=KVReadGroups.of(layer_groups(model)))
+    result = replay(reqs, sched, eng, progress=False)
+    assert len(result.finished) == len(reqs)
+    st.check_invariants()
+    return {r.id: r.output.copy() for r in reqs}, eng, st, sched
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {name: generate(name) for name in ("paged", *DESIGNS)}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_greedy_tokens_and_last_logits_equal_paged(runs, design):
+    ref, ref_eng, _, ref_sched = runs["paged"]
+    got, eng, st, sched = runs[design]
+    for rid in ref:
+        np.testing.assert_array_equal(got[rid], ref[rid], err_msg=f"{design}, request {rid}")
+        tol = tolerance(torch.float32)
+        torch.testing.assert_close(eng.final[rid], ref_eng.final[rid], atol=tol.atol, rtol=tol.rtol)
+    # the comparison went through windows (NULL entries, proven unread) and prefix hits
+    assert eng.hybrid is not None and eng.hybrid.null_entries > 0
+    assert ref_eng.hybrid is None and eng.kv_pool is None
+    assert sum(r.output_len for r in trace()) == sum(len(o) for o in got.values())
+
+
+def test_each_layer_reads_its_table_in_the_designs_memory(runs):
+    """Layers dealt to tables in runs (unified: 5 sliding layers in tables of 2, 2, 1 and the 2
+    full layers in one), and K/V memory equal to what the design lays out, within its pool."""
+    expect = {"hybrid_unified": (0, 0, 3, 1, 1, 3, 2), "hybrid_separate": (0, 0, 1, 0, 0, 1, 0),
+              "hybrid_jenga": (0, 0, 1, 0, 0, 1, 0), "hybrid_radix": (0, 0, 1, 0, 0, 1, 0)}
+    for design, layer_table in expect.items():
+        _, eng, st, _ = runs[design]
+        kv = eng.hybrid
+        assert kv.layer_table == layer_table, design
+        spaces = {t.space: t.space_pages * t.page_bytes for t in st.tables}
+        if design == "hybrid_jenga":  # every group's small pages tile the same large pages
+            assert kv.aliased and kv.nbytes == st.num_large * st.large_bytes == max(spaces.values())
+            k = kv.layers[0][0]  # layer 0's K: 5 layer slots per small page of the sliding group
+            assert k.shape == (st.tables[0].space_pages * 16, 2, 16) and k.stride(0) == 5 * 2 * 2 * 16
+        else:
+            assert not kv.aliased and kv.nbytes == sum(spaces.values())
+            assert all(k.is_contiguous() and v.is_contiguous() for k, v in kv.layers)
+        assert kv.nbytes <= st.pool_bytes == CAPACITY * 7 * 2 * 2 * 16 * 4
+        assert eng.summary()["kv_pool_bytes"] == kv.nbytes
+    unified = runs["hybrid_unified"][1].hybrid  # pages of 2 layer slots; the 1-layer table uses slot 0
+    assert unified.width == {0: 2} and unified.layer_slot == [0, 1, 0, 0, 1, 1, 0]
+    assert runs["paged"][1].kv_pool.shape == (7, 2, CAPACITY, 2, 16)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_no_step_reads_a_page_its_tables_do_not_reference(runs, design):
+    """Pages none of the step's tables reference (freed, cached, never used, and NULL entries'
+    stand-in page 0) are NaN during each step: the logits stay finite and the tokens equal paged's."""
+    got, eng, _, _ = generate(design, poison=True)
+    assert eng.poisoned_steps > 10
+    for rid, out in runs["paged"][0].items():
+        np.testing.assert_array_equal(got[rid], out)
+
+
+def test_a_design_that_drops_pages_the_model_reads_is_caught():
+    """The design thinks the window is 16, the model reads 32: the engine's host check names the
+    NULL entry the step would read; with the check fooled, the NaN pages reach the logits."""
+    narrow = {**MODEL, "layers": {**LAYERS, "groups": {**LAYERS["groups"], "local": {"kind": "sliding", "window": 16}}}}
+    with pytest.raises(RuntimeError, match=r"has NULL_PAGE at page \d+, which the step reads"):
+        generate("hybrid_unified", strategy_model=narrow)
+    fooled = HybridKV.__init__
+
+    def init(self, *a, **kw):
+        fooled(self, *a, **kw)
+        self.bounds = [(16, 0) if b[0] else b for b in self.bounds]  # the check now uses the design's window
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(HybridKV, "__init__", init)
+    try:
+        with pytest.raises(AssertionError, match="a step read a page no table of it references"):
+            generate("hybrid_unified", strategy_model=narrow, poison=True)
+    finally:
+        mp.undo()
+
+
+def test_triton_kernels_read_the_hybrid_tables_too():
+    """Triton's interpreter, Jenga's strided (aliased) layer views: 2 layers (window 8, full),
+    page 4, 2 requests of 20 tokens sharing 16."""
+    small = {**MODEL, "num_layers": 2, "layers": {**LAYERS, "pattern": ["local", "global"], "groups": {
+        **LAYERS["groups"], "local": {"kind": "sliding", "window": 8}}}}
+    reqs = lambda: trace(n_groups=1, per_group=2, system=16, question=4, output=2)  # noqa: E731
+    ref, ref_eng, _, _ = generate("paged", reqs(), model=small, page_size=4)
+    got, eng, _, _ = generate("hybrid_jenga", reqs(), model=small, page_size=4, attention="triton")
+    assert eng.hybrid.aliased and eng.hybrid.null_entries > 0 and eng.model.ops.backend == "triton"
+    for rid in ref:
+        np.testing.assert_array_equal(got[rid], ref[rid])
+        torch.testing.assert_close(eng.final[rid], ref_eng.final[rid], atol=1e-3, rtol=1e-3)
+
+
+def test_a_hybrid_batch_with_page_copies_is_refused(runs):
+    from kvbench.batch import StepBatch
+
+    eng = runs["hybrid_unified"][1]
+    with pytest.raises(RuntimeError, match="has no swap, host tier or copy-on-write"):
+        eng.step(StepBatch([], 16, 64, False, [(1, 2)]))
+
+
+def test_experiment_smoke(tmp_path):
+    """experiments/hybrid_gpu.py on the CPU: every design against paged, tokens identical."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import hybrid_gpu
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    hybrid_gpu.main(["--out", str(tmp_path), "--engine", "torch", "--model", "tiny_hybrid", "--limit", "6"])
+    import json
+
+    res = json.loads((tmp_path / "hybrid_gpu.json").read_text())
+    rows = {r["design"]: r for r in res["designs"]}
+    assert set(rows) == {"paged", *DESIGNS}
+    for r in rows.values():
+        assert r["finished"] == 6 and r["identical_to_paged"] == 6, r
+        assert r["kv_pool_bytes"] > 0 and r["output_throughput"] > 0
+    assert (tmp_path / "hybrid_gpu.md").read_text().count("| hybrid_") == 4
