@@ -73,12 +73,13 @@ from kvbench.strategies.eviction.lru import LRU
 from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
+_new_tuple = tuple.__new__
 _NO_TAIL: tuple = ()
 
 
 def page_hash(parent: int, ids: bytes) -> int:
     """Chained hash of one full page (`ids`: its token ids as bytes): depends on every token
-    before it, not only its own."""
+    before it, not only its own. (Inlined in `_register_full_pages`: change both.)"""
     return hash((parent, ids))
 
 
@@ -92,6 +93,8 @@ class _Seq:
     hash_at: int = 0  # length at which its next unhashed page is full: (len(hashes) + 1) * page_size
     reserved: int = 0  # this request's share of the pool's reserved slots
     cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
+    data: bytes | None = None  # `tokens` as bytes, made at its first page registration (a page's ids
+    # are a slice of it: ~10x cheaper than a numpy slice's tobytes)
 
 
 class _Match:
@@ -165,6 +168,7 @@ class PagedStrategy(Strategy):
         self._tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
+        self._capacity = self.capacity  # (the property, read once: slot_states is on the hot path)
         self._token = 0  # slots of in-use pages holding tokens
         self._reserved = 0
         self._hit_memo: _Match | None = None  # the waiting request's match (a memo: not state)
@@ -187,18 +191,35 @@ class PagedStrategy(Strategy):
         self._fill[pid] = 0
         return pid
 
-    def _take_pages(self, k: int) -> list[PageId]:
+    def _take_pages(self, k: int, fill_to: int = 0) -> list[PageId]:
         """k pages in the order k `_take_page` calls would give them (returned pages, top of the
         stack first, then fresh ids in order, then the eviction policy's victims in its order), in
-        bulk: one slice of the stack, one range, one eviction loop. Each gets ref 1 and fill 0."""
+        bulk: one slice of the stack, one range, one eviction loop. Each gets ref 1 and fill
+        `fill_to` (the caller sets the last one's where it is not full)."""
         free, ref, fill = self._free, self._ref, self._fill
-        r = min(k, len(free))
+        if k == 1:  # the decode path: one page, no lists built
+            if free:
+                pid = free.pop()
+            elif self._fresh:
+                pid = self.num_pages - self._fresh
+                self._fresh -= 1
+                if pid == len(ref):
+                    self._grow_lists()
+            else:
+                pid = self._evict_pages(1)[0]
+            ref[pid] = 1
+            fill[pid] = fill_to
+            return [pid]
+        n = len(free)
+        r = k if k < n else n
         got = []
         if r:
-            got = free[len(free) - r:].tolist()
-            del free[len(free) - r:]
+            got = free[n - r:].tolist()
+            del free[n - r:]
             got.reverse()  # the order r pops would give
-        f = min(k - r, self._fresh)
+        f = k - r
+        if f > self._fresh:
+            f = self._fresh
         if f:
             first = self.num_pages - self._fresh
             self._fresh -= f
@@ -209,7 +230,7 @@ class PagedStrategy(Strategy):
             got.extend(self._evict_pages(k - r - f))
         for pid in got:
             ref[pid] = 1
-            fill[pid] = 0
+            fill[pid] = fill_to
         return got
 
     def _grow_lists(self) -> None:
@@ -287,10 +308,24 @@ class PagedStrategy(Strategy):
         return pid
 
     def _evict_pages(self, k: int) -> list[PageId]:
-        """`_evict_one` k times, in one loop (the policy's victims, in its order)."""
+        """`_evict_one` k times, in one loop (the policy's victims, in its order). With LRU, no
+        host tier and no waiting match (the common case), the victims are popped first and then
+        dropped from the hash table: the same pages and end state, as nothing in between reads
+        the LRU."""
         lru, table, hashes, stored, memo = self._lru, self._table, self._hash, self._stored_ids, self._hit_memo
         pop = lru.popitem if type(lru) is LRU else None  # LRU.victim without its Python frame
         host = self._host
+        if pop is not None and host is None and memo is None:
+            if k == 1:
+                pid = pop(False)[0]
+                del table[hashes[pid]]
+                stored[pid] = hashes[pid] = None
+                return [pid]
+            out = [pop(False)[0] for _ in range(k)]
+            for pid in out:
+                del table[hashes[pid]]
+                stored[pid] = hashes[pid] = None
+            return out
         out, demoted = [], []
         for _ in range(k):
             pid = pop(False)[0] if pop is not None else lru.victim()
@@ -446,23 +481,36 @@ class PagedStrategy(Strategy):
             index[memo.hits[i]] = i
 
     def _register_full_pages(self, seq: _Seq) -> None:
-        """Put the request's newly completed pages into the hash table (they hold computed K/V)."""
+        """Put the request's newly completed pages into the hash table (they hold computed K/V).
+        (`page_hash` inlined: `hash((parent, ids))`.)"""
         ps, hashes = self.page_size, seq.hashes
-        first, full = len(hashes), min(seq.length // ps, seq.cache_pages)
-        data = seq.tokens[first * ps:full * ps].tobytes()  # ids are final once their K/V exist
-        nb = len(data) // (full - first)
+        first, full = len(hashes), seq.length // ps
+        if full > seq.cache_pages:
+            full = seq.cache_pages
         table, page_hashes, stored, append = self._table, self._hash, self._stored_ids, hashes.append
-        h = hashes[-1] if hashes else _ROOT_HASH
-        at = 0
-        for pid in seq.pages[first:full]:
-            ids = data[at:at + nb]
-            at += nb
-            h = page_hash(h, ids)
+        h = hashes[-1] if first else _ROOT_HASH
+        data = seq.data  # ids are final once their K/V exist
+        if data is None:
+            data = seq.data = seq.tokens.tobytes()
+        nb = ps * seq.tokens.itemsize
+        if full == first + 1:  # the decode path: one page
+            ids = data[first * nb:full * nb]
+            h = hash((h, ids))
             append(h)
+            pid = seq.pages[first]
             if h not in table and page_hashes[pid] is None:
                 table[h] = pid
                 page_hashes[pid] = h
                 stored[pid] = ids
+        else:
+            for pid, at in zip(seq.pages[first:full], range(first * nb, full * nb, nb)):
+                ids = data[at:at + nb]
+                h = hash((h, ids))
+                append(h)
+                if h not in table and page_hashes[pid] is None:
+                    table[h] = pid
+                    page_hashes[pid] = h
+                    stored[pid] = ids
         seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
         # (a page whose content another page already caches stays unhashed: freed on release)
         if self._host is not None:
@@ -531,7 +579,9 @@ class PagedStrategy(Strategy):
         nhit = len(seq.pages)
         seq.hashes = memo.hashes[:nhit] if nhit else []
         seq.hash_at = (nhit + 1) * ps
-        if self._admission:  # cache only the prompt, or nothing of a short request
+        if not self.prefix_caching:  # hashes nothing: grow's registration test is one compare
+            seq.cache_pages, seq.hash_at = 0, _NEVER
+        elif self._admission:  # cache only the prompt, or nothing of a short request
             seq.cache_pages = (0 if num_prompt < self.min_cache_len
                                else (num_prompt if not self.cache_outputs else kv_len) // ps)
             if nhit >= seq.cache_pages:
@@ -548,39 +598,60 @@ class PagedStrategy(Strategy):
         return Admission(True, cached)
 
     def grow(self, rid, num_tokens) -> bool:
-        seq, ps = self._seqs[rid], self.page_size
-        if seq.length + num_tokens > seq.kv_len:
-            raise ValueError(f"request {rid} grows past its final length {seq.kv_len}")
-        new_len = seq.length + num_tokens
-        cow = seq.length % ps != 0 and self._ref[seq.pages[-1]] > 1
-        need = -(-new_len // ps) - len(seq.pages) + (1 if cow else 0)  # pages_for(new_len) - held
+        seq = self._seqs[rid]
+        pos = seq.length
+        new_len = pos + num_tokens
+        kv_len = seq.kv_len
+        if new_len > kv_len:
+            raise ValueError(f"request {rid} grows past its final length {kv_len}")
+        ps, pages, ref = self.page_size, seq.pages, self._ref
+        rem = pos % ps
+        if rem and rem + num_tokens <= ps and ref[pages[-1]] == 1:
+            # the decode path: the tokens fit the request's own last page (no page taken, none
+            # copied, room never short); the general path below gives the same, step by step
+            if pos >= seq.hash_at:  # (never without prefix caching)
+                self._register_full_pages(seq)
+            self._fill[pages[-1]] += num_tokens
+            self._token += num_tokens
+            seq.length = new_len
+            # _set_reserved: its last page is its own and partly filled before and after, so
+            # min(kv_len, held slots) - length drops by num_tokens
+            seq.reserved -= num_tokens
+            self._reserved -= num_tokens
+            if new_len >= seq.hash_at and self._scheduled:
+                self._register_full_pages(seq)
+            return True
+        cow = rem != 0 and ref[pages[-1]] > 1
+        k = -(-new_len // ps) - len(pages)  # pages_for(new_len) - held
+        need = k + 1 if cow else k
         if need > 0 and need > len(self._free) + self._fresh + len(self._lru):  # _available()
             return False  # before registering pages: a grow that answers no changes nothing
-        if self.prefix_caching and seq.length >= seq.hash_at:
+        if pos >= seq.hash_at:  # (never without prefix caching)
             self._register_full_pages(seq)
+        fill = self._fill
         if cow:  # the last page is shared and partly filled: copy it before writing into it
-            old = seq.pages[-1]
-            new = self._take_page()
-            self._fill[new] = self._fill[old]
-            self._token += self._fill[new]
+            old = pages[-1]
+            new = self._take_pages(1, fill[old])[0]
+            self._token += fill[new]
             self._copies.append((old, new))
-            seq.pages[-1] = new
+            pages[-1] = new
             self._unref(old)
             self._after_unshare(old)
-        pos, pages, fill = seq.length, seq.pages, self._fill
-        if pos % ps and new_len > pos:  # the last page has room: fill it first
-            fill[pages[-1]] += min(ps - pos % ps, new_len - pos)
-        k = -(-new_len // ps) - len(pages)
+        if rem and new_len > pos:  # the last page has room: fill it first
+            more = ps - rem
+            fill[pages[-1]] += more if more < num_tokens else num_tokens
         if k > 0:  # whole pages, then the last one as far as new_len reaches
-            got = self._take_pages(k)
-            for pid in got:
-                fill[pid] = ps
+            got = self._take_pages(k, ps)
             fill[got[-1]] = new_len - (len(pages) + k - 1) * ps
             pages.extend(got)
-        self._token += new_len - pos
+        self._token += num_tokens
         seq.length = new_len
-        # _set_reserved(seq), inlined (the decode path)
-        res = 0 if new_len % ps and self._ref[pages[-1]] > 1 else min(seq.kv_len, len(pages) * ps) - new_len
+        # _set_reserved(seq), inlined
+        if new_len % ps and ref[pages[-1]] > 1:
+            res = 0
+        else:
+            cap = len(pages) * ps
+            res = (cap if cap < kv_len else kv_len) - new_len
         self._reserved += res - seq.reserved
         seq.reserved = res
         if self._scheduled and new_len >= seq.hash_at:  # hittable as soon as scheduled (vLLM)
@@ -620,13 +691,12 @@ class PagedStrategy(Strategy):
         return freed
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
-        ps = self.page_size
+        ps, token, reserved = self.page_size, self._token, self._reserved
         cached = len(self._lru) * ps
         free = (len(self._free) + self._fresh) * ps
-        in_use = self.capacity - cached - free
-        return SlotStates(token=self._token, reserved=self._reserved,
-                          internal=in_use - self._token - self._reserved, external=0,
-                          cached=cached, free=free)
+        # SlotStates(token, reserved, internal, external, cached, free) without its Python __new__
+        return _new_tuple(SlotStates, (token, reserved, self._capacity - cached - free - token - reserved, 0,
+                                       cached, free))
 
     def check_invariants(self) -> None:
         n, ps = self.num_pages - self._fresh, self.page_size  # pages >= n are fresh: free, never handed out
@@ -687,7 +757,10 @@ class PagedStrategy(Strategy):
             if seq.hash_at != expect_at or len(seq.hashes) > seq.length // ps:
                 raise InvariantError(f"request: {len(seq.hashes)} page hashes, hash_at {seq.hash_at}")
             last_shared = seq.length % ps and self._ref[seq.pages[-1]] > 1
-            reserved += 0 if last_shared else min(seq.kv_len, len(seq.pages) * ps) - seq.length
+            expect = 0 if last_shared else min(seq.kv_len, len(seq.pages) * ps) - seq.length
+            if seq.reserved != expect:  # (grow's decode path relies on each request's share being exact)
+                raise InvariantError(f"request reserves {seq.reserved} slots, recount {expect}")
+            reserved += expect
         if (token, reserved) != (self._token, self._reserved):
             raise InvariantError(f"counters (token {self._token}, reserved {self._reserved}) != "
                                  f"recount ({token}, {reserved})")
