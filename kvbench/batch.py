@@ -153,8 +153,9 @@ class StepBatch:
             if s.is_decode is None or s.emits is None:  # built by hand, not by the scheduler
                 s.emits = s.start + s.num_new >= s.request.prompt_len
                 s.is_decode = s.num_new == 1 and s.start >= s.request.prompt_len
-            tokens += s.num_new
-            kv_read += s.start + s.num_new
+            n = s.num_new
+            tokens += n
+            kv_read += s.start + n
             if s.is_decode:
                 decode += 1
         self.num_tokens, self.decode_tokens = tokens, decode

@@ -91,7 +91,7 @@ class QuietRun:
         self.done: list[Seq] = []  # requests that left, in the order they left
         self.blocked = False  # a step's requests needed pages that were not free: the run is over
         self.chunk = None  # the caller's steps priced and not yet recorded (kvbench.replay)
-        self.chunk_size = 16  # steps the caller prices next (most runs end at an arrival within a few steps)
+        self.chunk_size = 32  # steps the caller prices next (most runs end at an arrival within a few dozen)
         limit = 1 << 62
         if len(seqs) > scheduler.max_num_batched_tokens or not getattr(st, "fast_forward", True) \
                 or getattr(scheduler, "kv_read_groups", None) is not None or not seqs:

@@ -149,7 +149,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
-    as stepping adds them); chunks of 16 steps first, 4x longer each time. A step that moved
+    as stepping adds them); chunks of 32 steps first, 4x longer each time. A step that moved
     pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
     start that much later, as stepping gives them. After a step in which requests emitted their
     last token they leave (`run.retire`) and the rest is priced again for the others. The caller
@@ -165,7 +165,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
             k = min(run.limit - run.j, run.chunk_size)
             run.chunk_size = min(4 * run.chunk_size, _CHUNK)
-            dts = engine.decode_costs(d, kv_read + d * np.arange(k, dtype=np.int64)).tolist()
+            dts = engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist()
             c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
         starts, k, over = c.starts, len(c.dts), False
         while c.i < k:

@@ -183,15 +183,16 @@ class Scheduler:
         if self._swap_out or self._swap_in:
             self._swap_out, self._swap_in = [], []
         preempted = False
+        running, grow = self.running, self.strategy.grow  # (the same list all along: pop and append)
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = self._tokens_for(seq, budget)
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = 1 if seq.computed >= seq.prefill_target else self._tokens_for(seq, budget)  # (1: a decode)
             if n == 0:
                 i += 1
                 continue
-            while not self.strategy.grow(seq.id, n):
-                victim = self.running.pop()
+            while not grow(seq.id, n):
+                victim = running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -390,11 +391,12 @@ class Scheduler:
         strategy's host moves are handed over (`take_copies`, `take_host_moves`, and with the
         layout `take_host_copies` where the strategy has it)."""
         st = self.strategy
-        seqs = []
-        for s, n in planned:
-            target = s.prefill_target
-            seqs.append(ScheduledSeq(s.request, s.computed, n, st.page_table(s.id) if with_layout else None,
-                                     s.computed + n >= target, s.computed >= target))
+        if with_layout:
+            seqs = [ScheduledSeq(s.request, s.computed, n, st.page_table(s.id), s.computed + n >= s.prefill_target,
+                                 s.computed >= s.prefill_target) for s, n in planned]
+        else:
+            seqs = [ScheduledSeq(s.request, s.computed, n, None, s.computed + n >= s.prefill_target,
+                                 s.computed >= s.prefill_target) for s, n in planned]
         host_copies = self._take_host_copies() if with_layout and self._take_host_copies else None
         d2h, h2d = st.take_host_moves()
         batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h,
