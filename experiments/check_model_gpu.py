@@ -11,8 +11,17 @@
    K/V bytes read) / device-to-device copy bandwidth measured here on a 2 GiB copy. The paged
    graph steps are A/B'd in the same run against: other programmatic-dependent-launch modes and
    (batch 1) cuBLAS for the projections and other split-KV settings.
+3. Gemma-3 (gemma3_1b_like: the whole 1B shape) and gpt-oss (gpt_oss_like's layer shapes, 4 layers
+   of 8 experts, top-4) against transformers' Gemma3ForCausalLM / GptOssForCausalLM, bf16 and
+   fp32, as in 1. but with HF's random init copied into our engine (norms, sinks and biases
+   re-drawn so they matter); prompts past the sliding window. Verdict per row: fp32 rel err
+   <= 1e-4; bf16 no further from HF fp32 than HF bf16 is (x 1.5 + 1e-3). Skipped, with the
+   reason printed, where this transformers lacks the architecture.
 
     python experiments/check_model_gpu.py --out results/gpu     (needs CUDA + transformers)
+    python experiments/check_model_gpu.py --only gemma3,gpt_oss   (just 3., about a minute)
+    python experiments/check_model_gpu.py --only gemma3 --cpu-smoke   (3. on CPU at toy shapes)
+Parts (--only, comma list; default all): llama (1.), timing (2.), gemma3, gpt_oss (3.).
 Writes check_model_gpu.json to --out (default $OUT or results/gpu).
 """
 from __future__ import annotations
@@ -188,6 +197,154 @@ def check_correctness(res: dict, dtype: str) -> None:
                                                    page_size=ps, **rows)
 
 
+# Gemma-3 / gpt-oss: (base yaml, overrides at GPU scale, HF class, prompt lengths (past the window))
+ARCH_CHECKS = {
+    "gemma3": ("gemma3_1b_like", {}, "Gemma3ForCausalLM", [37, 700, 1000, 129]),
+    "gpt_oss": ("gpt_oss_like", dict(num_layers=4, num_experts=8), "GptOssForCausalLM", [37, 300, 1000, 129]),
+}
+# --cpu-smoke: toy shapes through the torch engine (checks this script, not the GPU)
+SMOKE = dict(num_layers=4, hidden_size=64, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+             vocab_size=512)
+
+
+def hf_twin_config(cfg):
+    """The transformers config of our Gemma-3 / gpt-oss ModelConfig (legacy rope keys: transformers
+    4.5x and 5.x both take them)."""
+    import transformers
+    types = ["sliding_attention" if w else "full_attention" for w, _ in cfg.layer_bounds()]
+    window = max(w for w, _ in cfg.layer_bounds())
+    shape = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                 num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                 num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                 tie_word_embeddings=cfg.tie_embeddings, sliding_window=window, layer_types=types,
+                 rope_theta=cfg.rope_theta, initializer_range=0.02,
+                 max_position_embeddings=131072 if cfg.arch == "gpt_oss" else 32768)
+    rs = cfg.rope_scaling
+    if rs is not None:
+        keep = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+                "low_freq_factor", "high_freq_factor", "attention_factor")
+        shape["rope_scaling"] = {"rope_type": rs.rope_type, **{k: getattr(rs, k) for k in keep
+                                                               if getattr(rs, k) is not None}}
+    if cfg.arch == "gemma3":
+        return transformers.Gemma3TextConfig(
+            query_pre_attn_scalar=cfg.query_pre_attn_scalar, rope_local_base_freq=cfg.rope_local_theta,
+            final_logit_softcapping=cfg.final_logit_softcapping, attention_bias=cfg.attention_bias, **shape)
+    return transformers.GptOssConfig(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                                     swiglu_limit=cfg.swiglu_limit, attention_bias=cfg.attention_bias, **shape)
+
+
+@torch.no_grad()
+def hf_twin(cfg, device, hf_class: str, seed: int = 0):
+    """transformers' model of `cfg` in fp32 on `device`, HF's random init with norms, sinks and
+    biases re-drawn (HF starts them at 0 / 1: they would check nothing)."""
+    import transformers
+    hcfg = hf_twin_config(cfg)
+    hcfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = getattr(transformers, hf_class)(hcfg).float().eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    for n, p in hf.named_parameters():
+        if n.endswith("norm.weight"):
+            p.normal_(1.0 if cfg.arch == "gpt_oss" else 0.0, 0.2, generator=g)
+        elif n.endswith("sinks"):
+            p.normal_(0.0, 1.0, generator=g)
+        elif n.endswith("bias"):
+            p.normal_(0.0, 0.02, generator=g)
+    return hf
+
+
+def check_arch(res: dict, arch: str, dtype: str, smoke: bool = False) -> None:
+    """Our engine (triton, then reference attention) with the weights of transformers' twin
+    against it, at `dtype`; bf16 also against the twin in fp32 (the noise floor)."""
+    import copy
+    from dataclasses import replace
+
+    import transformers
+
+    from kvbench.model import DTYPES, hf_tensor_map
+    from kvbench.request import Request
+    base, overrides, hf_class, lens = ARCH_CHECKS[arch]
+    key = f"correctness_{arch}_{dtype}"
+    if not hasattr(transformers, hf_class):
+        why = f"transformers {transformers.__version__} has no {hf_class}"
+        print(f"[{arch} {dtype}] skipped: {why}", flush=True)
+        res[key] = dict(skipped=why)
+        return
+    cfg = replace(model_cfg(base), dtype=dtype, **overrides)
+    if smoke:
+        groups = {k: dict(v, window=min(v.get("window", 0), 8)) if v["kind"] == "sliding" else v
+                  for k, v in cfg.layers["groups"].items()}
+        cfg = replace(cfg, **SMOKE, layers=dict(cfg.layers, groups=groups))
+        lens = [11, 5]
+    device = torch.device("cpu" if smoke else "cuda")
+    hf32 = hf_twin(cfg, device, hf_class)
+    hf = hf32 if dtype == "float32" else copy.deepcopy(hf32).to(DTYPES[dtype])
+    sd = hf.state_dict()
+    out_len, ps = 9, 16
+    rows = {}
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for attention in ("triton", "reference"):
+        if smoke:
+            from kvbench.engines.torch_engine import TorchEngine
+            if attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+                continue
+            eng = TorchEngine(cfg, attention=attention, sample=True, keep_logits=True)
+            num_pages = 64
+        else:
+            from kvbench.engines.gpu_engine import GPUEngine
+            eng = GPUEngine(cfg, attention=attention, sample=True, keep_logits=True, kv_cache_gb=1.0,
+                            profile_tokens=2048)
+            num_pages = eng.kv_capacity_tokens(None) // ps
+        with torch.no_grad():
+            for name, dst in hf_tensor_map(eng.model):
+                dst.copy_(sd[name])
+        eng.bind(ps, num_pages)
+        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, cfg.vocab_size, n).astype(np.int32),
+                        np.zeros(out_len, np.int32)) for i, n in enumerate(lens)]
+        order = np.random.default_rng(0).permutation(num_pages)
+        tables, at = {}, 0
+        for r in reqs:
+            n = -(-r.kv_len // ps)
+            tables[r.id] = order[at:at + n].astype(np.int32)
+            at += n
+        t0 = time.perf_counter()
+        ours, graph_err = drive(eng, reqs, tables, ps, num_pages, graphs_too=attention == "triton" and not smoke)
+        row = dict(rel_err_vs_hf=0.0, top1_agree_vs_hf=1.0, wall_s=time.perf_counter() - t0,
+                   graph_vs_eager_max_abs=graph_err if attention == "triton" and not smoke else None)
+        with torch.no_grad():
+            for r in reqs:
+                ids = torch.from_numpy(r.token_ids()[:r.kv_len].astype(np.int64)).to(device)[None]
+                ref = hf(input_ids=ids).logits[0, r.prompt_len - 1:].float()
+                row["rel_err_vs_hf"] = max(row["rel_err_vs_hf"], rel(ours[r.id], ref))
+                row["top1_agree_vs_hf"] = min(row["top1_agree_vs_hf"],
+                                              (ours[r.id].argmax(-1) == ref.argmax(-1)).float().mean().item())
+                if dtype != "float32":
+                    truth = hf32(input_ids=ids).logits[0, r.prompt_len - 1:].float()
+                    row["rel_err_vs_hf_fp32"] = max(row.get("rel_err_vs_hf_fp32", 0.0), rel(ours[r.id], truth))
+                    row["hf_same_dtype_rel_err_vs_hf_fp32"] = max(
+                        row.get("hf_same_dtype_rel_err_vs_hf_fp32", 0.0), rel(ref, truth))
+        row["logits_std"] = ref.std().item()
+        row["ok"] = (row["rel_err_vs_hf"] <= 1e-4 if dtype == "float32" else
+                     row["rel_err_vs_hf_fp32"] <= 1.5 * row["hf_same_dtype_rel_err_vs_hf_fp32"] + 1e-3)
+        row["outputs"] = [r.output.tolist() for r in reqs]
+        rows[attention] = row
+        print(f"[{arch} {dtype} {attention}] rel err vs HF {row['rel_err_vs_hf']:.2e}, top1 "
+              f"{row['top1_agree_vs_hf']:.3f}, vs HF fp32 {row.get('rel_err_vs_hf_fp32', float('nan')):.2e} "
+              f"(HF {dtype} vs HF fp32 {row.get('hf_same_dtype_rel_err_vs_hf_fp32', float('nan')):.2e}), "
+              f"graph-eager {graph_err if row['graph_vs_eager_max_abs'] is not None else '-'}: "
+              f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
+        del eng
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if len(rows) == 2:
+        rows["greedy_equal_triton_vs_reference"] = rows["triton"]["outputs"] == rows["reference"]["outputs"]
+    res[key] = dict(model=base, overrides=overrides, prompt_lens=lens, decode_steps=out_len - 1, page_size=ps, **rows)
+
+
 def kernel_profile(eng, batch, top: int = 12) -> dict:
     """GPU time of one eager step by kernel: where a step's time goes, launch gaps excluded."""
     from torch.profiler import ProfilerActivity, profile
@@ -321,22 +478,39 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--correctness-dtypes", default="bfloat16,float32",
                     help="comma list of the dtypes checked against transformers")
+    ap.add_argument("--only", default="llama,timing,gemma3,gpt_oss",
+                    help="comma list of parts: llama, timing, gemma3, gpt_oss")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="gemma3 / gpt_oss parts only, on CPU at toy shapes (checks the script)")
     args = ap.parse_args()
+    only = args.only.split(",")
+    if bad := sorted(set(only) - {"llama", "timing", *ARCH_CHECKS}):
+        print(f"check_model_gpu: --only {bad}: parts are llama, timing, {', '.join(ARCH_CHECKS)}", file=sys.stderr)
+        sys.exit(2)
     use_checkout()
     import transformers
     import triton
+    dtypes = [] if args.skip_correctness else args.correctness_dtypes.split(",")
+    if args.cpu_smoke:
+        res = {}
+        for arch in (a for a in ARCH_CHECKS if a in only):
+            for d in dtypes:
+                check_arch(res, arch, d, smoke=True)
+        return
     dev = torch.device("cuda")
     res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                device=torch.cuda.get_device_name(dev), torch=torch.__version__,
                triton=triton.__version__, transformers=transformers.__version__)
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev) if "timing" in only else None
     res["d2d_copy_bandwidth_bytes_per_s"] = bw
-    print(f"{res['device']}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"copy bw {bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    print(f"{res['device']}  torch {torch.__version__}  triton {triton.__version__}  transformers "
+          f"{transformers.__version__}" + (f"  copy bw {bw / 1e12:.2f} TB/s (read+write)" if bw else ""), flush=True)
     errors = {}
-    dtypes = [] if args.skip_correctness else args.correctness_dtypes.split(",")
-    parts = [(f"correctness {d}", lambda d=d: check_correctness(res, d)) for d in dtypes]
-    for name, fn in (*parts, ("decode timing", lambda: time_decode(res, bw))):
+    parts = [(f"correctness {d}", lambda d=d: check_correctness(res, d)) for d in dtypes if "llama" in only]
+    parts += [(f"{a} {d}", lambda a=a, d=d: check_arch(res, a, d)) for a in ARCH_CHECKS if a in only for d in dtypes]
+    if "timing" in only:
+        parts.append(("decode timing", lambda: time_decode(res, bw)))
+    for name, fn in parts:
         t0 = time.perf_counter()
         try:
             fn()
@@ -383,6 +557,19 @@ def main() -> None:
                     print(f"  {r['us']:>9.1f} us {r['count']:>5}x  {r['name']}")
         p = res["llama3_1_8b_prefill_2048"]
         print(f"prefill 2048 tokens: {p['step_ms']:.1f} ms = {p['tflops']:.0f} TFLOP/s")
+    arch_rows = [(k, a, v[a]) for k, v in res.items() if k.startswith(("correctness_gemma3", "correctness_gpt_oss"))
+                 for a in ("triton", "reference") if a in v]
+    if arch_rows:
+        print("\nGemma-3 / gpt-oss vs transformers (paged ps16 shuffled, prefill + 8 greedy decodes)")
+        print(f"{'check':<30} {'attention':<10} {'rel err':>9} {'top1':>6} {'vs HF fp32':>10} {'HF vs HF fp32':>13}  verdict")
+        for k, a, r in arch_rows:
+            t, h = r.get("rel_err_vs_hf_fp32"), r.get("hf_same_dtype_rel_err_vs_hf_fp32")
+            print(f"{k[12:]:<30} {a:<10} {r['rel_err_vs_hf']:>9.2e} {r['top1_agree_vs_hf']:>6.3f} "
+                  f"{'-' if t is None else f'{t:.2e}':>10} {'-' if h is None else f'{h:.2e}':>13}  "
+                  f"{'ok' if r['ok'] else 'FAIL'}")
+    for k, v in res.items():
+        if k.startswith("correctness_") and "skipped" in v:
+            print(f"{k[12:]}: skipped ({v['skipped']})")
     if errors:
         print("\nERRORS:", json.dumps(errors, indent=1))
 

@@ -43,6 +43,20 @@ def key_lo(pos, window, chunk):
     return tl.maximum(lo, 0)
 
 
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _add_sink(m_i, l_i, acc, sink_ptr, heads, h_mask):
+    """Attention sinks (gpt-oss): each head's learned logit joins the softmax's denominator
+    (with no value). m_i [BH] (log2 domain, scaled scores), l_i [BH], acc [BH, BD] of the online
+    softmax; returns them with the sink folded in (a row that saw no key gets l = 1, acc = 0)."""
+    sk = tl.load(sink_ptr + heads, mask=h_mask, other=0.0).to(tl.float32) * LOG2E_C   # [BH] log2 domain
+    m_f = tl.maximum(m_i, sk)
+    alpha = tl.exp2(m_i - m_f)
+    return m_f, l_i * alpha + tl.exp2(sk - m_f), acc * alpha[:, None]
+
+
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
 # just-in-time compile in the middle of a timed serving step
 @triton.jit(do_not_specialize=["stride_ptb", "page_size", "split_tokens", "num_splits", "window", "chunk"])
@@ -54,6 +68,7 @@ def _decode_kernel(
     o_ptr,                   # [B, H_q, D]            (not SPLIT)
     po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32  (SPLIT: S = num_splits)
     lock_ptr,                # [>= B * H_kv] int32 zeros (FUSED_MERGE ticket counters)
+    sink_ptr,                # [H_q] attention sinks (HAS_SINK; else unused)
     qk_scale,                # sm_scale * log2(e)
     stride_qb, stride_qh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
@@ -65,6 +80,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
+    HAS_SINK: tl.constexpr = False,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -138,6 +154,8 @@ def _decode_kernel(
         m_i = m_new
 
     pdl_late(PDL)
+    if HAS_SINK and not SPLIT:  # the sink: one more logit in the denominator (split: in the merge)
+        m_i, l_i, acc = _add_sink(m_i, l_i, acc, sink_ptr, heads, g_mask)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -165,8 +183,13 @@ def _decode_kernel(
                                   mask=g_mask[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
                                   cache_modifier=".cg")                      # [BH, BS]
                 m_all = tl.max(lse_all, 1)
+                if HAS_SINK:
+                    sk = tl.load(sink_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * LOG2E_C
+                    m_all = tl.maximum(m_all, sk)
                 m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
                 den = tl.sum(tl.exp2(lse_all - m_all[:, None]), 1)
+                if HAS_SINK:
+                    den += tl.exp2(sk - m_all)
                 den = tl.where(den > 0, den, 1.0)
                 acc2 = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
                 offs_c = tl.arange(0, MERGE_CHUNK)
@@ -188,8 +211,10 @@ def _decode_kernel(
 def _decode_merge_kernel(
     po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32
     o_ptr,                   # [B, H_q, D]
+    sink_ptr,                # [H_q] attention sinks (HAS_SINK; else unused)
     stride_ob, stride_oh, num_splits,
     H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    HAS_SINK: tl.constexpr = False,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -201,12 +226,17 @@ def _decode_merge_kernel(
     row0 = (b * H_Q + h) * num_splits
     lse = tl.load(plse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))          # [BS]
     m = tl.max(lse, 0)
+    if HAS_SINK:
+        sk = tl.load(sink_ptr + h).to(tl.float32) * LOG2E_C
+        m = tl.maximum(m, sk)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)                                                                # [BS]
     parts = tl.load(po_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)                  # [BS, BD]
     pdl_late(PDL)
     den = tl.sum(w, 0)
+    if HAS_SINK:
+        den += tl.exp2(sk - m)
     den = tl.where(den > 0, den, 1.0)
     out = tl.sum(parts * w[:, None], 0) / den
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
@@ -293,10 +323,28 @@ def _gather_kv(k_cache, v_cache, page_table_row, n, page_size, contiguous, lo=0)
     return k_cache[slots], v_cache[slots]                                  # [n, H_kv, D]
 
 
+def softmax_with_sinks(s: torch.Tensor, sinks=None) -> torch.Tensor:
+    """softmax over the last dim of fp32 scores s [H, ..., n]; with sinks [H], each head's sink
+    joins as one more logit and its probability is dropped (rows then sum to < 1)."""
+    if sinks is None:
+        return torch.softmax(s, dim=-1)
+    sk = sinks.float().reshape(-1, *([1] * (s.dim() - 1))).expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([s, sk], dim=-1), dim=-1)[..., :-1]
+
+
+def check_sinks(sinks, q) -> None:
+    """sinks: None or a [H_q] float tensor on q's device, contiguous."""
+    if sinks is None:
+        return
+    check_tensor("sinks", sinks, ndim=1, dtypes=ATTN_DTYPES, device=q)
+    check(sinks.shape[0] == q.shape[1], lambda: f"sinks must be [H_q={q.shape[1]}], got {tuple(sinks.shape)}")
+
+
 def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
-                         contiguous=False, num_splits=None, *, window: int = 0, chunk: int = 0):
+                         contiguous=False, num_splits=None, *, window: int = 0, chunk: int = 0, sinks=None):
     """Plain torch reference (fp32 math); num_splits is ignored. Reads only the keys the query at
-    position n - 1 sees (``key_lo_host``): [n - window, n) with a window, the current chunk with chunk."""
+    position n - 1 sees (``key_lo_host``): [n - window, n) with a window, the current chunk with chunk.
+    sinks [H_q]: one more logit per head in the softmax (HF gpt-oss's eager attention), no value."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -312,7 +360,7 @@ def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, s
         k = k.float().repeat_interleave(G, dim=1)                          # [n - lo, H_q, D]
         v = v.float().repeat_interleave(G, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale           # [H_q, n]
-        p = torch.softmax(s, dim=-1)
+        p = softmax_with_sinks(s, sinks)
         out[b] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
     return out
 
@@ -320,7 +368,7 @@ def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, s
 def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
                      contiguous=False, num_splits=None, *, window: int = 0, chunk: int = 0,
                      max_seq_len: int | None = None, out=None, backend: str = "triton",
-                     config: dict | None = None):
+                     config: dict | None = None, sinks=None):
     """Decode attention over the paged KV cache.
 
     q:          [B, H_q, D]            bf16 / fp16 / fp32
@@ -337,13 +385,17 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     max_seq_len: upper bound on seq_lens used to size splits (default max_pages * page_size;
                  no device sync either way)
     out:        optional preallocated [B, H_q, D] output (q's dtype), e.g. for CUDA graphs
+    sinks:      optional [H_q] attention sinks (gpt-oss): per head, a logit added to the softmax's
+                denominator only (in the scaled-score domain, not multiplied by sm_scale).
+                None: the kernel is compiled without them (HAS_SINK=False)
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
     if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
         check_bounds(window, chunk)
     if config is None and backend == "triton" and q.is_cuda:
-        ok = aligned(q, k_cache, v_cache, page_table, seq_lens) and (out is None or aligned(out))
+        ok = aligned(q, k_cache, v_cache, page_table, seq_lens) and (out is None or aligned(out)) and \
+            (sinks is None or aligned(sinks))
         # everything the checks and the compiled code depend on but the page-table width and the
         # context length (they only size the split-KV, which keys the plan within the entry)
         key = (q.shape, q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape,
@@ -352,7 +404,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                None if out is None else (out.shape, out.stride(), out.dtype, out.device), q.device,
                k_cache.device, v_cache.device, page_table.device, seq_lens.device, page_size.__class__, page_size,
                sm_scale, bool(contiguous), ok, pdl_mode_now(), id(DECODE_CONFIG), MIN_SPLIT_TOKENS,
-               NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+               NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM,
+               None if sinks is None else (sinks.shape, sinks.dtype, sinks.device))
         entry = _PLANS.get(key)
         if entry is not None:
             B = q.shape[0]
@@ -373,19 +426,21 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             hit = entry.get(num_splits)
             if hit is not None:
                 run, merge, po, plse, lock, head, o_strides = hit
+                sk = seq_lens if sinks is None else sinks
                 run(B, k_cache.shape[1], num_splits, q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock,
-                    *head, page_table.stride(0), *o_strides, page_size, split_tokens, num_splits, window, chunk)
+                    sk, *head, page_table.stride(0), *o_strides, page_size, split_tokens, num_splits, window, chunk)
                 if merge is not None:
-                    merge(B, q.shape[1], 1, po, plse, o, *o_strides, num_splits)
+                    merge(B, q.shape[1], 1, po, plse, o, sk, *o_strides, num_splits)
                 return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, seq_lens, page_size)
+    check_sinks(sinks, q)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
     if backend == "torch":
         o = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale, contiguous,
-                                 window=window, chunk=chunk)
+                                 window=window, chunk=chunk, sinks=sinks)
         return o if out is None else out.copy_(o)
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -419,17 +474,20 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     lock = _lock_buffer(B * Hkv, dev) if fused else seq_lens               # unused unless fused
     head = (scale * LOG2E, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
-    args = (q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock, *head,
+    sk = seq_lens if sinks is None else sinks                               # unused without sinks
+    args = (q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock, sk, *head,
             page_table.stride(0), o.stride(0), o.stride(1), page_size, split_tokens, num_splits, window, chunk)
     kwargs = dict(G=G, BLOCK_H=BLOCK_H, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SPLIT=num_splits > 1,
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(dev))
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_SINK=sinks is not None,
+                  **pdl_args(dev))
     kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
     merge = None
     if num_splits > 1 and not fused:
-        margs = (po, plse, o, o.stride(0), o.stride(1), num_splits)
-        mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, num_warps=4, **pdl_args(dev))
+        margs = (po, plse, o, sk, o.stride(0), o.stride(1), num_splits)
+        mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, num_warps=4, HAS_SINK=sinks is not None,
+                       **pdl_args(dev))
         mkernel = kernel_for(_decode_merge_kernel, dev)[(B, Hq)](*margs, **mkwargs)
         merge = make_plan(mkernel, _decode_merge_kernel, margs, mkwargs, len(margs), dev)
     if ok:

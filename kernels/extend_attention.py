@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32,
                       dot_precision, kernel_for, make_plan, next_pow2, num_sms)
-from .decode_attention import (LOG2E, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _gather_kv, bounded_span,
-                               check_bounds, key_lo, key_lo_host)
+from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _add_sink, _gather_kv,
+                               bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
 # BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
@@ -56,9 +56,21 @@ EXTEND_MAX_SPLITS = 32
 EXTEND_NOSPLIT_PROGRAMS_PER_SM = 0.5
 
 
-def extend_config(head_dim: int, ragged: bool = False, config: dict | None = None) -> dict:
-    """The launch config a call uses: the per-head-dim default of its path, updated by ``config``."""
-    table = EXTEND_RAGGED_CONFIG if ragged else EXTEND_CONFIG
+# Short chunks on the ragged path (at most EXTEND_SHORT_TOKENS new tokens per request on average:
+# a prefix hit computing only the question, a multi-turn follow-up): smaller query tiles. H200, bf16,
+# 32/8 heads, a 64-token chunk over a 1k prefix, auto split (results/kernels/extend_config_sweep_h200.csv):
+# d=128 42.8 -> 24.3 us at batch 1, 81.4 -> 48.5 us at batch 8; d=64 20.1 -> 17.5 and 40.7 -> 34.6 us.
+EXTEND_SHORT_TOKENS = 128
+EXTEND_SHORT_CONFIG = {
+    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+}
+
+
+def extend_config(head_dim: int, ragged: bool = False, config: dict | None = None, short: bool = False) -> dict:
+    """The launch config a call uses: the per-head-dim default of its path (`short`: the ragged
+    path's short-chunk table), updated by ``config``."""
+    table = EXTEND_SHORT_CONFIG if short and ragged else EXTEND_RAGGED_CONFIG if ragged else EXTEND_CONFIG
     return dict(table.get(head_dim, _DEFAULT_CONFIG), **(config or {}))
 
 
@@ -211,8 +223,10 @@ def _extend_merge_kernel(
     po_ptr, plse_ptr,        # [T, H_q, S, D], [T, H_q, S] fp32
     o_ptr,                   # [T, H_q, D]
     qsl_ptr, B,              # rows from query_start_loc[B] on are not the batch's: left unwritten
+    sink_ptr,                # [H_q] attention sinks (HAS_SINK; else unused)
     stride_ot, stride_oh, num_splits,
     H_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_SINK: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -225,11 +239,16 @@ def _extend_merge_kernel(
         row0 = (t64 * H_Q + h) * num_splits
         lse = tl.load(plse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))          # [BS]
         m = tl.max(lse, 0)
+        if HAS_SINK:
+            sk = tl.load(sink_ptr + h).to(tl.float32) * LOG2E_C
+            m = tl.maximum(m, sk)
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.exp2(lse - m)
         parts = tl.load(po_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
                         mask=s_mask[:, None] & d_mask[None, :], other=0.0)                  # [BS, BD]
         den = tl.sum(w, 0)
+        if HAS_SINK:
+            den += tl.exp2(sk - m)
         den = tl.where(den > 0, den, 1.0)
         out = tl.sum(parts * w[:, None], 0) / den
         tl.store(o_ptr + t64 * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
@@ -250,6 +269,7 @@ def _extend_kernel(
     seqlen_ptr,              # [B]
     o_ptr,                   # [T, H_q, D]            (not SPLIT)
     po_ptr, plse_ptr,        # [T, H_q, S, D], [T, H_q, S] fp32 partials (SPLIT: S = num_splits)
+    sink_ptr,                # [H_q] attention sinks (HAS_SINK; else unused)
     qk_scale,                # sm_scale * log2(e)
     stride_qt, stride_qh,
     stride_kcs, stride_kch, stride_vcs, stride_vch,
@@ -262,7 +282,7 @@ def _extend_kernel(
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, HAS_SINK: tl.constexpr = False,
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
@@ -376,6 +396,8 @@ def _extend_kernel(
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
                                         offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
 
+        if HAS_SINK and not SPLIT:  # the sink: one more logit in the denominator (split: in the merge)
+            m_i, l_i, acc = _add_sink(m_i, l_i, acc, sink_ptr, tl.zeros([BLOCK_M], tl.int32) + h, m_mask)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         if SPLIT:   # partials [T, H_q, S, D] / [T, H_q, S]: normalised output and log2-sum-exp
@@ -410,9 +432,10 @@ def _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size
 
 
 def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
-                         sm_scale=None, contiguous=False, *, window: int = 0, chunk: int = 0):
+                         sm_scale=None, contiguous=False, *, window: int = 0, chunk: int = 0, sinks=None):
     """Plain torch reference (fp32 math). With a window / chunk bound, new token at position p
-    sees keys [key_lo_host(p), p]; only keys from the first new token's bound on are read."""
+    sees keys [key_lo_host(p), p]; only keys from the first new token's bound on are read.
+    sinks [H_q]: one more logit per head in each softmax, no value (decode_attention_ref)."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -438,7 +461,7 @@ def extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_l
         if chunk > 0:
             vis &= keys >= pos[:, None] // chunk * chunk
         s = s.masked_fill(~vis[None], float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        p = softmax_with_sinks(s, sinks)
         out[qs:qe] = torch.einsum("hmn,nhd->mhd", p, v).to(q.dtype)
     return out
 
@@ -458,7 +481,7 @@ def _check_new(q, k_cache, k_new, v_new):
 def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size, sm_scale=None,
                      contiguous=False, *, window: int = 0, chunk: int = 0, k_new=None, v_new=None, out=None,
                      prefix_splits: int | None = None, max_seq_len: int | None = None, backend: str = "triton",
-                     config: dict | None = None):
+                     config: dict | None = None, sinks=None):
     """Causal attention of new tokens over their request's cached prefix and themselves.
 
     q:               [T, H_q, D]           new tokens of B requests, flattened
@@ -485,6 +508,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                      no device sync either way)
     config:          launch overrides (BLOCK_M, BLOCK_N, num_warps, num_stages; RAGGED=0 forces
                      the paged path although k_new/v_new are given)
+    sinks:           optional [H_q] attention sinks (gpt-oss), as decode_attention's; None: the
+                     kernel is compiled without them
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
     """
     key, ok = None, False
@@ -496,7 +521,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         T, B = q.shape[0], seq_lens.shape[0]
         new = k_new is not None and v_new is not None
         ok = aligned(q, k_cache, v_cache, page_table, query_start_loc, seq_lens) and \
-            (not new or aligned(k_new, v_new)) and (out is None or aligned(out))
+            (not new or aligned(k_new, v_new)) and (out is None or aligned(out)) and (sinks is None or aligned(sinks))
         # everything the checks and the compiled code depend on but the token and request counts
         key = (q.shape[1:], q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape,
                v_cache.stride(), v_cache.dtype, page_table.dtype, page_table.dim(), page_table.shape[0] == B,
@@ -510,7 +535,9 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                k_cache.device, v_cache.device, page_table.device, query_start_loc.device, seq_lens.device,
                page_size.__class__, page_size, sm_scale, bool(contiguous), ok, max(64, next_pow2(B)),
                id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), EXTEND_MIN_SPLIT_TOKENS, EXTEND_MAX_SPLITS,
-               EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+               id(EXTEND_SHORT_CONFIG), T <= EXTEND_SHORT_TOKENS * B,
+               EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM,
+               None if sinks is None else (sinks.shape, sinks.dtype, sinks.device))
         entry = _PLANS.get(key)
         if entry is not None:
             BM, BN, plans = entry
@@ -527,23 +554,25 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                     run, merge, head, o_strides = hit
                     kn, vn = (k_new, v_new) if new else (k_cache, v_cache)
                     po, plse = _split_buffers(T * q.shape[1] * S, q.shape[2], q.device) if S > 1 else (o, o)
+                    sk = seq_lens if sinks is None else sinks
                     run(q.shape[1], T // BM + B, S, q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens,
-                        o, po, plse, *head, page_table.stride(0), *o_strides, page_size, B, window, chunk,
+                        o, po, plse, sk, *head, page_table.stride(0), *o_strides, page_size, B, window, chunk,
                         split_tokens, S)
                     if merge is not None:
-                        merge(T, q.shape[1], 1, po, plse, o, query_start_loc, B, *o_strides, S)
+                        merge(T, q.shape[1], 1, po, plse, o, query_start_loc, B, sk, *o_strides, S)
                     return o
             else:
                 return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
     _check_new(q, k_cache, k_new, v_new)
+    check_sinks(sinks, q)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check(tuple(out.shape) == tuple(q.shape), lambda: f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
     if backend == "torch":
         o = extend_attention_ref(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size,
-                                 sm_scale, contiguous, window=window, chunk=chunk)
+                                 sm_scale, contiguous, window=window, chunk=chunk, sinks=sinks)
         return o if out is None else out.copy_(o)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -555,7 +584,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     check(scale > 0, lambda: f"sm_scale must be > 0, got {scale}")
     ragged = k_new is not None and bool((config or {}).get("RAGGED", 1))
-    cfg = extend_config(D, ragged, config)
+    cfg = extend_config(D, ragged, config, short=T <= EXTEND_SHORT_TOKENS * B)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if ragged:
         check(BM % BN == 0, lambda: f"the ragged path (k_new/v_new) needs BLOCK_M % BLOCK_N == 0, got "
@@ -577,18 +606,20 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
     head = (scale * LOG2E, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *kn_strides)
-    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, po, plse, *head,
+    sk = seq_lens if sinks is None else sinks                               # unused without sinks
+    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, po, plse, sk, *head,
             page_table.stride(0), o.stride(0), o.stride(1), page_size, B, window, chunk, split_tokens, S)
     kwargs = dict(G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
                   BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
                   CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
                   DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype), SPLIT=S > 1,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  HAS_SINK=sinks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks, S)](*args, **kwargs)
     merge = None
     if S > 1:
-        margs = (po, plse, o, query_start_loc, B, o.stride(0), o.stride(1), S)
-        mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(S)), num_warps=4)
+        margs = (po, plse, o, query_start_loc, B, sk, o.stride(0), o.stride(1), S)
+        mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(S)),
+                       HAS_SINK=sinks is not None, num_warps=4)
         mkernel = kernel_for(_extend_merge_kernel, dev)[(T, Hq)](*margs, **mkwargs)
         merge = make_plan(mkernel, _extend_merge_kernel, margs, mkwargs, len(margs), dev)
     if ok:

@@ -14,12 +14,15 @@ Per-layer attention kinds (issue 16): a config's `layers:` description (kvbench.
 a layer full, sliding-window or chunked; each layer passes its (window, chunk) to the attention
 kernels and their references, over the one shared page table and pool.
 
-Architectures (`ModelConfig.arch`, checked against transformers in tests/test_model_gemma.py):
-"llama"; "gemma3" (Gemma3ForCausalLM: (1 + w) RMSNorms in fp32, q/k norms, a norm after
-attention and around the MLP, GeGLU, scaled embeddings, query_pre_attn_scalar, the sliding
-layers' own rope base, optional final logit softcapping). Gemma's norms and GeGLU are torch ops
-(HF's rounding), not fused kernels. Not modelled: attention logit softcapping (Gemma-2), the
-multimodal Gemma-3 (text checkpoints only).
+Architectures (`ModelConfig.arch`, logits checked against transformers in
+tests/test_model_gemma.py and tests/test_model_gptoss.py): "llama"; "gemma3" (Gemma3ForCausalLM:
+(1 + w) RMSNorms in fp32, q/k norms, a norm after attention and around the MLP, GeGLU, scaled
+embeddings, query_pre_attn_scalar, the sliding layers' own rope base, optional final logit
+softcapping); "gpt_oss" (GptOssForCausalLM: attention sinks in the attention kernels, q/k/v/o
+biases, YaRN rope, a top-k MoE of clamped-SwiGLU experts). Gemma's norms and GeGLU, gpt-oss's
+norms and MoE are torch ops in HF's rounding, not fused kernels; the MoE loops over experts
+(correctness, not speed). Not modelled: attention logit softcapping (Gemma-2), the multimodal
+Gemma-3 (text checkpoints only), gpt-oss's MXFP4 expert tensors (load unquantized ones).
 
 The model never sees a strategy: only the page tables in `AttnMetadata`. Attention goes
 through `kvbench.kernels` ("triton") or their torch references ("reference", CPU).
@@ -520,13 +523,16 @@ class MoE(nn.Module):
         glu = gate * torch.sigmoid(gate * self.alpha)
         return ((up + 1) * glu) @ self.down_proj[e] + self.down_bias[e]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden] in x's dtype."""
+    def forward(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden] in x's dtype. dense: every expert on every token (None:
+        while a CUDA graph is being captured)."""
         logits = F.linear(x, self.router.weight, self.router.bias)  # [T, E]
         top, idx = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
         weights = torch.softmax(top, dim=1, dtype=top.dtype)
         out = torch.zeros_like(x)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if dense is None:
+            dense = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if dense:
             for e in range(self.gate_up_proj.shape[0]):
                 w = (weights * (idx == e)).sum(-1, keepdim=True)  # [T, 1]: 0 where not routed
                 out += (self.expert(e, x) * w).to(x.dtype)
