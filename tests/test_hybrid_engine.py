@@ -97,12 +97,12 @@ class Recording(TorchEngine):
             self.final[s.request.id] = logits[i].detach().clone()
 
 
-def generate(name: str, reqs=None, model=MODEL, strategy_model=None, page_size=16, **engine_kw):
-    """Replay `reqs` (default: trace()) through strategy `name` on the torch engine, bound as
-    kvbench.run binds it; returns (outputs, engine, strategy, scheduler)."""
+def generate(name: str, reqs=None, model=MODEL, strategy_model=None, page_size=16, engine_cls=None, **engine_kw):
+    """Replay `reqs` (default: trace()) through strategy `name` on the torch engine (or
+    `engine_cls`), bound as kvbench.run binds it; returns (outputs, engine, strategy, scheduler)."""
     reqs = trace() if reqs is None else reqs
     st = build(name, CAPACITY, MAX_LEN, model=strategy_model or model, page_size=page_size)
-    eng = Recording(model=model, **engine_kw)
+    eng = (engine_cls or Recording)(model=model, **engine_kw)
     eng.bind(st.page_size, st.num_pages, strategy=st if hasattr(st, "tables") else None)
     sched = Scheduler(st, max_num_seqs=3, max_num_batched_tokens=64,
                       kv_read_groups=KVReadGroups.of(layer_groups(model)))
@@ -198,6 +198,28 @@ def test_triton_kernels_read_the_hybrid_tables_too():
     for rid in ref:
         np.testing.assert_array_equal(got[rid], ref[rid])
         torch.testing.assert_close(eng.final[rid], ref_eng.final[rid], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_gpu_engine_generates_paged_tokens_in_every_design(graphs):
+    """On CUDA (Triton kernels, static per-table graph buffers): every design's tokens equal
+    paged's on the same engine, with unreferenced pages NaN during every step."""
+    from kvbench.engines.gpu_engine import GPUEngine
+
+    class GPURecording(Recording, GPUEngine):
+        pass
+
+    kw = dict(engine_cls=GPURecording, kv_cache_gb=0.01, warmup=False, profile_tokens=64, cuda_graphs=graphs)
+    ref, ref_eng, _, _ = generate("paged", **kw)
+    assert graphs == bool(ref_eng._graphs)
+    for design in DESIGNS:
+        got, eng, _, _ = generate(design, poison=True, **kw)
+        assert eng.poisoned_steps > 10 and graphs == bool(eng._graphs), design
+        for rid in ref:
+            np.testing.assert_array_equal(got[rid], ref[rid], err_msg=f"{design}, request {rid}")
+            torch.testing.assert_close(eng.final[rid].cpu(), ref_eng.final[rid].cpu(), atol=1e-3, rtol=1e-3)
 
 
 def test_a_hybrid_batch_with_page_copies_is_refused(runs):

@@ -7,7 +7,9 @@ tokens, and give the pool
                 - weights - activation peak (profiled) - memory outside torch (CUDA context)
 
 unless `kv_cache_gb` names the pool size. Step time = CUDA events around the whole step
-(host-side batch building included), minus the capture time of any CUDA graph made in it.
+(host-side batch building included), minus the capture time of any CUDA graph made in it and
+the time a hybrid design's `strategy.table()` calls take (a one-table strategy's page tables are
+read by the scheduler, outside the step; `table_read_s` in the summary).
 
 CUDA graphs (`cuda_graphs=true`): every step of at most 512 requests replays a full-model graph
 captured on first use of its (token bucket, batch bucket, context bucket, contiguous,
@@ -220,12 +222,13 @@ class GPUEngine(TorchEngine):
     # ---- steps ----------------------------------------------------------------------------
     def step(self, batch) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        capture0 = self.graph_capture_s
+        capture0, read0 = self.graph_capture_s, self._table_read_s()
         start.record()
         self._run(batch)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3 - (self.graph_capture_s - capture0)
+        # (less a hybrid design's strategy.table() calls: torch_engine.TorchEngine.step says why)
+        return start.elapsed_time(end) / 1e3 - (self.graph_capture_s - capture0) - (self._table_read_s() - read0)
 
     def _forward(self, h: HostBatch) -> torch.Tensor:
         b, t = len(h.seq_lens), len(h.ids)

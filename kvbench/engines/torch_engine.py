@@ -217,6 +217,7 @@ class HybridKV:
             self.layers.append((v[:, w, 0], v[:, w, 1]) if self.aliased else (v[w, 0], v[w, 1]))
         self.min_pages = min(self.space_pages.values())
         self.null_entries = 0  # NULL_PAGE entries met in the steps' tables (each proven unread)
+        self.read_s = 0.0  # host time inside strategy.table() calls
 
     def page_view(self, s: int, buffers: list[torch.Tensor] | None = None) -> torch.Tensor:
         """[space_pages, W, 2, page_size, H, D]: page p of space s is view[p] (a view of `buffers`,
@@ -245,10 +246,13 @@ class HybridKV:
         need = -(-seq_lens // ps)
         out = np.zeros((nt, b, int(need.max())), np.int32)
         cols = np.arange(out.shape[2])
+        clock = time.perf_counter
         for t in range(nt):
             rows = out[t]
             for i, s in enumerate(seqs):
+                t0 = clock()
                 row = strategy.table(s.request.id, t)
+                self.read_s += clock() - t0
                 if len(row) < need[i]:
                     raise RuntimeError(f"strategy {strategy.name}: table {t} of request {s.request.id} has "
                                        f"{len(row)} pages, the step reads {need[i]}")
@@ -308,7 +312,7 @@ class TorchEngine(Engine):
         self.kv_pool: torch.Tensor | None = None  # [L, 2, num_pages * page_size, H_kv, D]
         self.hybrid: HybridKV | None = None  # a hybrid pool design's K/V (then kv_pool is None)
         self.strategy = None  # the hybrid design whose tables the steps read (bind)
-        self.table_build_s = 0.0  # host time spent reading and checking a hybrid design's tables
+        self.table_build_s = 0.0  # host time spent reading, checking and padding a hybrid design's tables
         self.page_size = 0
         self.last_logits: dict[int, torch.Tensor] = {}
         self._ids: dict[int, np.ndarray] = {}  # request id -> prompt ++ output (int64, mod vocab)
@@ -337,16 +341,23 @@ class TorchEngine(Engine):
         return self.kv_pool if self.hybrid is None else self.hybrid.layers
 
     def step(self, batch: StepBatch) -> float:
-        t0 = time.perf_counter()
+        """Wall time of the step, less the time spent asking a hybrid design for its tables
+        (`HybridKV.read_s`: for a one-table strategy the scheduler reads `page_table` while it
+        builds the batch, outside the step, so that reading is not step time here either)."""
+        t0, read0 = time.perf_counter(), self._table_read_s()
         self._run(batch)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0 - (self._table_read_s() - read0)
+
+    def _table_read_s(self) -> float:
+        return 0.0 if self.hybrid is None else self.hybrid.read_s
 
     def summary(self) -> dict:
         pool = 0 if self.kv_pool is None else self.kv_pool.numel() * self.kv_pool.element_size()
         extra = {}
         if self.hybrid is not None:
             pool = self.hybrid.nbytes
-            extra = {**self.hybrid.describe(), "table_build_s": self.table_build_s}
+            extra = {**self.hybrid.describe(), "table_build_s": self.table_build_s,
+                     "table_read_s": self.hybrid.read_s}
         return {"device": str(self.device), "model": self.cfg.name,
                 "attention_backend": self.model.ops.backend, "kv_pool_bytes": pool,
                 "weight_bytes": self.model.weight_bytes(), **extra}
