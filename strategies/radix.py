@@ -59,7 +59,6 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
-from itertools import repeat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -695,13 +694,14 @@ class RadixStrategy(Strategy):
             self._insert_scheduled(seq)
         return True
 
-    def decode_steps(self, rids: list[RequestId], k: int) -> list[tuple[int, ...]]:
+    def decode_steps(self, rids: list[RequestId], k: int, cols: list[list[int]]) -> int:
         """Up to `k` decode steps of the running requests `rids` (page_size 1: each decode takes a
         page): step by step, `grow(rid, 1)` of each in this order, exactly. A step runs only
         where the free and cached slots could give each a page (the quiet-run rule of
         kvbench/quiet.py); with a host tier the steps end after one that moved pages to the
-        host (the caller asks `take_host_moves`). Returns the slot states after each step run
-        (tuples of the SlotStates fields). Mutates as those grows do.
+        host (the caller asks `take_host_moves`). The slot states after each step run are
+        appended to `cols` (6 lists: token, reserved, internal, external, cached, free, as
+        QuietRun.run keeps them); returns how many steps ran. Mutates as those grows do.
 
         Bulk: while the free stack and fresh ids can give every request its pages, a run of m
         steps takes its m * len(rids) pages at once (the stack's top reversed, then fresh ids in
@@ -713,22 +713,30 @@ class RadixStrategy(Strategy):
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
         seqs = [self._seqs[rid] for rid in rids]
-        d, rows, free, host = len(seqs), [], self._free, self._host
+        d, done, free, host = len(seqs), 0, self._free, self._host
         if not d:
-            return [tuple(self.slot_states(None))] * k
+            for col, v in zip(cols, self.slot_states(None)):
+                col += [v] * k
+            return k
         decoding = all(s.num_prompt < s.length for s in seqs)  # (else a grow may insert: per token)
         kv_left = min(s.kv_len - s.length for s in seqs)  # steps before one would pass its final length
-        while len(rows) < k:
+        while done < k:
             avail = len(free) + self._fresh
             if avail + self._evictable < d:
                 break  # free + cached cannot give each a page: the step is not run
-            m = min(k - len(rows), avail // d, kv_left) if decoding else 0
+            m = min(k - done, avail // d, kv_left) if decoding else 0
             if m:  # m whole steps from the stack and fresh ids: no eviction
                 self._hand_out(seqs, m)
                 kv_left -= m
                 token, reserved, internal, external, cached, left = self.slot_states(None)
-                rows.extend(zip(range(token - (m - 1) * d, token + 1, d), repeat(reserved, m), repeat(internal, m),
-                                repeat(external, m), repeat(cached, m), range(left + (m - 1) * d, left - 1, -d)))
+                c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
+                c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens, d fewer free
+                c_free.extend(range(left + (m - 1) * d, left - 1, -d))
+                c_reserved += [reserved] * m
+                c_internal += [internal] * m
+                c_external += [external] * m
+                c_cached += [cached] * m
+                done += m
                 continue
             moved = host.d2h_tokens if host is not None else 0
             i = 0  # one step: runs of decoding requests pop their pages inline (while the stack and fresh
@@ -746,10 +754,12 @@ class RadixStrategy(Strategy):
                                        f"cached slots could give each of {d} requests one")
             decoding = all(s.num_prompt < s.length for s in seqs)
             kv_left = min(s.kv_len - s.length for s in seqs)
-            rows.append(tuple(self.slot_states(None)))
+            for col, v in zip(cols, self.slot_states(None)):
+                col.append(v)
+            done += 1
             if host is not None and host.d2h_tokens != moved:
                 break
-        return rows
+        return done
 
     def _hand_out(self, seqs: list[_Seq], m: int) -> None:
         """m decode steps of `seqs` (each decoding, page_size 1) whose pages the free stack and

@@ -53,6 +53,14 @@ def per_token(st: RadixStrategy, rids: list[int], k: int) -> list[tuple]:
     return rows
 
 
+def bulk_rows(st: RadixStrategy, rids: list[int], k: int) -> list[tuple]:
+    """`decode_steps` as rows: its 6 columns (appended to lists that already hold a row) zipped."""
+    cols = [[-1] for _ in range(6)]
+    n = st.decode_steps(rids, k, cols)
+    assert all(len(c) == n + 1 and c[0] == -1 for c in cols)
+    return list(zip(*(c[1:] for c in cols)))
+
+
 def tree(st: RadixStrategy) -> list[tuple]:
     out, stack = [], [((), st.root)]
     while stack:
@@ -91,8 +99,8 @@ def test_decode_steps_equal_per_token_grows(seed, capacity, eviction, host, runn
     assert rids, "the scenario keeps requests running"
     k = min(bulk._seqs[r].kv_len - bulk._seqs[r].length for r in rids)
     while k > 0:  # in chunks, as a quiet run asks (it stops where a host move or the free slots end it)
-        got, want = bulk.decode_steps(rids, min(k, 7)), per_token(ref, rids, min(k, 7))
-        assert [tuple(r) for r in got] == want
+        got, want = bulk_rows(bulk, rids, min(k, 7)), per_token(ref, rids, min(k, 7))
+        assert got == want
         bulk.check_invariants()
         same(bulk, ref, rids)
         if not want:
@@ -111,19 +119,26 @@ def test_decode_steps_equal_per_token_grows(seed, capacity, eviction, host, runn
 def test_decode_steps_runs_the_bulk_path_and_ends_where_free_and_cached_end():
     st, rids = build(0, 2000)
     before = {r: st._seqs[r].length for r in rids}
-    rows = [SlotStates(*r) for r in st.decode_steps(rids, 5)]
+    rows = [SlotStates(*r) for r in bulk_rows(st, rids, 5)]
     assert len(rows) == 5 and all(st._seqs[r].length == before[r] + 5 for r in rids)
     assert [r.token for r in rows] == [rows[0].token + j * len(rids) for j in range(5)]
     assert [r.free for r in rows] == [rows[0].free - j * len(rids) for j in range(5)]
     small, rids = build(1, 150)
     k = min(small._seqs[r].kv_len - small._seqs[r].length for r in rids)
-    rows = [SlotStates(*r) for r in small.decode_steps(rids, k)]
+    rows = [SlotStates(*r) for r in bulk_rows(small, rids, k)]
     last = rows[-1]
     assert last.free + last.cached < len(rids) and len(rows) == 19 < k  # stopped: no page for each
     small.check_invariants()
 
 
+def test_decode_steps_of_no_request_repeat_the_states():
+    st, _ = build(0, 400)
+    cols = [[] for _ in range(6)]
+    assert st.decode_steps([], 3, cols) == 3
+    assert list(zip(*cols)) == [tuple(st.slot_states(None))] * 3
+
+
 def test_decode_steps_needs_page_size_one():
     st = RadixStrategy(capacity_tokens=64, max_model_len=64, page_size=4)
     with pytest.raises(ValueError, match="page_size 1"):
-        st.decode_steps([], 1)
+        st.decode_steps([], 1, [[] for _ in range(6)])
