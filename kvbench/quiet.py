@@ -123,6 +123,7 @@ class QuietRun:
         which requests emitted their last token: `finishing` says which; `retire` or `end`
         lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
+        grow, room, waiting_kv_len = st.grow, st.room, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
@@ -148,15 +149,18 @@ class QuietRun:
                 break
             heappop(takes)
             del pages_at[j]
-            for i in sorted(takers):  # running order
+            if len(takers) > 1:
+                takers.sort()  # running order
+            for i in takers:
                 s, was = seqs[i], held[i]
-                pos = s.computed + j  # the position this step writes: it needs a page
-                if pos > was:
-                    self._grow(s, pos - was)  # its deferred decodes, inside its room
-                self._grow(s, 1)
+                rid, pos = s.id, s.computed + j  # the position this step writes: it needs a page
+                if pos > was and not grow(rid, pos - was):  # its deferred decodes, inside its room
+                    self._failed(s, pos - was)
+                if not grow(rid, 1):
+                    self._failed(s, 1)
                 held[i] = pos + 1
                 deferred -= pos - was
-                nxt = j + 1 + st.room(s.id, pos + 1)
+                nxt = j + 1 + room(rid, pos + 1)
                 if nxt <= fin[i]:
                     if nxt in pages_at:
                         pages_at[nxt].append(i)
@@ -164,7 +168,7 @@ class QuietRun:
                         pages_at[nxt] = [i]
                         heappush(takes, nxt)
             deferred += d - len(takers)
-            token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
+            token, reserved, internal, external, cached, free = st.slot_states(waiting_kv_len)
             token, reserved = token + deferred, reserved - deferred
             c_token.append(token)
             c_reserved.append(reserved)
@@ -185,6 +189,12 @@ class QuietRun:
             self.finishing = [i for i in self.live if fin[i] == j - 1]
             self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
         return j - j0
+
+    @property
+    def left(self) -> int:
+        """Steps the live requests may still run together: up to the end of the run, or to (and
+        with) the next step in which some emit their last token."""
+        return min(self.limit, self._next_fin + 1) - self.j
 
     @property
     def paused(self) -> bool:
@@ -244,5 +254,9 @@ class QuietRun:
 
     def _grow(self, s, n: int) -> None:
         if not self.st.grow(s.id, n):
-            raise RuntimeError(f"fast-forward: request {s.id}: grow({n}) failed in a quiet step (the "
-                               f"strategy's `room`, or its free + cached slots, promised more than it holds)")
+            self._failed(s, n)
+
+    @staticmethod
+    def _failed(s, n: int) -> None:
+        raise RuntimeError(f"fast-forward: request {s.id}: grow({n}) failed in a quiet step (the "
+                           f"strategy's `room`, or its free + cached slots, promised more than it holds)")

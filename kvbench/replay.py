@@ -160,10 +160,11 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     c = run.chunk
     while True:
         if c is None:
-            if run.limit <= run.j:
+            left = run.left
+            if left <= 0:
                 break
             d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
-            k = min(run.limit - run.j, run.chunk_size)
+            k = min(left, run.chunk_size)
             run.chunk_size = min(4 * run.chunk_size, _CHUNK)
             dts = engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist()
             c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
