@@ -58,6 +58,9 @@ class Recording(TorchEngine):
 
     def __init__(self, *a, poison: bool = False, **kw):
         super().__init__(*a, sample=True, **kw)
+        self._recording(poison)
+
+    def _recording(self, poison: bool) -> None:
         self.final: dict[int, torch.Tensor] = {}
         self.poison, self.poisoned_steps, self._batch = poison, 0, None
 
@@ -155,7 +158,7 @@ def test_each_layer_reads_its_table_in_the_designs_memory(runs):
     assert runs["paged"][1].kv_pool.shape == (7, 2, CAPACITY, 2, 16)
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", ["hybrid_unified", "hybrid_jenga"])
 def test_no_step_reads_a_page_its_tables_do_not_reference(runs, design):
     """Pages none of the step's tables reference (freed, cached, never used, and NULL entries'
     stand-in page 0) are NaN during each step: the logits stay finite and the tokens equal paged's."""
@@ -163,6 +166,46 @@ def test_no_step_reads_a_page_its_tables_do_not_reference(runs, design):
     assert eng.poisoned_steps > 10
     for rid, out in runs["paged"][0].items():
         np.testing.assert_array_equal(got[rid], out)
+
+
+def _graph_stand_in():
+    """The gpu engine's CUDA-graph path on the CPU: its buckets, static staging buffers (one slot
+    row and page-table block per table), padding and per-table metadata views, with the graph
+    replaced by an eager run of the same body over the same static inputs (no CUDA here)."""
+    from types import SimpleNamespace
+
+    from kvbench.engines.gpu_engine import GPUEngine
+
+    class StandIn(Recording, GPUEngine):
+        def __init__(self, model, poison: bool = False, **kw):
+            TorchEngine.__init__(self, model, sample=True, **kw)
+            self._recording(poison)
+            self.cuda_graphs, self.graph_max_tokens, self.warmup = True, 512, False
+            self._graphs, self._graph_pool, self.graph_capture_s = {}, None, 0.0
+
+        step = TorchEngine.step
+
+        def _capture(self, key, page_size):
+            g = self._graph_inputs(key, page_size)
+            g.graph = SimpleNamespace(replay=lambda: self._graph_body(g))
+            self._graphs[key] = g
+            return g
+
+    return StandIn
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_the_graph_path_generates_paged_tokens_in_every_design(runs, design):
+    """Every step through the graph path's static buffers (decode-only, mixed and prefill
+    shapes), unreferenced pages NaN: paged's tokens and last logits."""
+    got, eng, _, _ = generate(design, poison=True, engine_cls=_graph_stand_in())
+    shapes = {(k[4], k[5] > 0) for k in eng._graphs}  # (decode only, split into decode + extend rows)
+    assert shapes == {(True, True), (False, True), (False, False)}, shapes  # decode, mixed, prefill
+    ref, ref_eng = runs["paged"][0], runs["paged"][1]
+    tol = tolerance(torch.float32)
+    for rid in ref:
+        np.testing.assert_array_equal(got[rid], ref[rid], err_msg=f"{design}, request {rid}")
+        torch.testing.assert_close(eng.final[rid], ref_eng.final[rid], atol=tol.atol, rtol=tol.rtol)
 
 
 def test_a_design_that_drops_pages_the_model_reads_is_caught():
@@ -188,10 +231,10 @@ def test_a_design_that_drops_pages_the_model_reads_is_caught():
 
 def test_triton_kernels_read_the_hybrid_tables_too():
     """Triton's interpreter, Jenga's strided (aliased) layer views: 2 layers (window 8, full),
-    page 4, 2 requests of 20 tokens sharing 16."""
+    page 4, one request of 20 tokens and 2 outputs."""
     small = {**MODEL, "num_layers": 2, "layers": {**LAYERS, "pattern": ["local", "global"], "groups": {
         **LAYERS["groups"], "local": {"kind": "sliding", "window": 8}}}}
-    reqs = lambda: trace(n_groups=1, per_group=2, system=16, question=4, output=2)  # noqa: E731
+    reqs = lambda: trace(n_groups=1, per_group=1, system=16, question=4, output=2)  # noqa: E731
     ref, ref_eng, _, _ = generate("paged", reqs(), model=small, page_size=4)
     got, eng, _, _ = generate("hybrid_jenga", reqs(), model=small, page_size=4, attention="triton")
     assert eng.hybrid.aliased and eng.hybrid.null_entries > 0 and eng.model.ops.backend == "triton"

@@ -274,6 +274,25 @@ class GPUEngine(TorchEngine):
 
     def _capture(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
         t0 = time.perf_counter()
+        g = self._graph_inputs(key, page_size)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles the kernels; writes nothing (slot -1)
+            self._graph_body(g)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self._graph_pool):
+            self._graph_body(g)
+        self._graphs[key] = g
+        self.graph_capture_s += time.perf_counter() - t0
+        return g
+
+    def _graph_inputs(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
+        """The static inputs of a graph of shape `key`: one (pinned on CUDA) host staging buffer,
+        its device copy, and the AttnMetadata (per page table too, for a hybrid design) viewing
+        that copy; `_forward` fills the staging buffer at each replay. No CUDA call but the copy
+        (the CPU tests run this with an eager stand-in for the graph)."""
         ts, bs, pages, contiguous, decode_only, dp = key
         hybrid = self.hybrid
         nt = 1 if hybrid is None else len(hybrid.tables)  # page tables (a hybrid design: one per TableSpec)
@@ -281,7 +300,8 @@ class GPUEngine(TorchEngine):
         # (int64: ids, positions, nt slot rows [ts] and logits rows [bs]; int32: query_start_loc
         # [bs+1], seq_lens [bs], nt page tables [bs, pages] and the prefill part's start locations)
         n64, n32 = (2 + nt) * ts + bs, (bs + 1) + bs + nt * bs * pages
-        g = SimpleNamespace(host=torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8, pin_memory=True))
+        g = SimpleNamespace(host=torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8,
+                                             pin_memory=self.device.type == "cuda"))
         v64, v32 = g.host.numpy()[:8 * n64].view(np.int64), g.host.numpy()[8 * n64:].view(np.int32)
         g.h64, g.h64_idx = v64[:(2 + nt) * ts].reshape(2 + nt, ts), v64[(2 + nt) * ts:]
         g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:2 * bs + 1]
@@ -292,35 +312,23 @@ class GPUEngine(TorchEngine):
         g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
         slots = d64[2 * ts:(2 + nt) * ts].view(nt, ts)
         tables = d32[2 * bs + 1:].view(nt, bs, pages)
-        qsl = d32[:bs + 1]
-        split = 0 < dp and not decode_only
-        g.meta = AttnMetadata(slots[0], tables[0], qsl,
+        g.qsl, g.dp = d32[:bs + 1], dp
+        g.split = 0 < dp and not decode_only
+        g.meta = AttnMetadata(slots[0], tables[0], g.qsl,
                               d32[bs + 1:2 * bs + 1], d64[(2 + nt) * ts:], page_size, contiguous, decode_only,
-                              pages * page_size, dp if split else 0, None)
+                              pages * page_size, dp if g.split else 0, None)
         if hybrid is not None:
             with_tables(g.meta, slots, tables, hybrid.layer_table)
+        return g
 
-        def start_locs():  # the prefill part's query_start_loc, recomputed from the input (every table's meta)
-            g.meta.extend_start_loc = qsl[dp:] - dp
+    def _graph_body(self, g: SimpleNamespace) -> None:
+        """What a graph runs: (a split step) the prefill part's query_start_loc, recomputed from
+        the input at each replay, into every table's metadata; the model, into g.logits [bs, vocab]."""
+        if g.split:
+            g.meta.extend_start_loc = g.qsl[g.dp:] - g.dp
             for m in g.meta.table_metas or ():
                 m.extend_start_loc = g.meta.extend_start_loc
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles the kernels; writes nothing (slot -1)
-            if split:
-                start_locs()
-            self.model(g.ids, g.positions, g.meta, self._kv())
-        torch.cuda.current_stream().wait_stream(side)
-        self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._graph_pool):
-            if split:  # recomputed from the input at each replay
-                start_locs()
-            g.logits = self.model(g.ids, g.positions, g.meta, self._kv())  # [bs, vocab]
-        self._graphs[key] = g
-        self.graph_capture_s += time.perf_counter() - t0
-        return g
+        g.logits = self.model(g.ids, g.positions, g.meta, self._kv())
 
     def drop_graphs(self) -> None:
         """Forget the captured graphs (e.g. after a kernel setting changed); later steps capture
