@@ -94,9 +94,10 @@ class HybridKV:
 
     Layers -> tables: the model's layers of geometry group g (in model order) are dealt to g's
     tables (in `tables` order) in consecutive runs of `TableSpec.layers` layers: hybrid_unified's
-    Gemma-like split of the 22 sliding layers into tables of 4, 4, 4, 4, 4, 2 serves layers
-    {0-4, 6}, {7-10}, ... in that order. (vLLM deals layers[i::num_tables] instead, so that
-    pipeline stages get equal shares; on one GPU the assignment changes no number.) All layers of
+    Gemma-like split of the 22 sliding layers (all but 5, 11, 17, 23) into tables of 4, 4, 4, 4,
+    4, 2 gives them layers {0-3}, {4, 6-8}, {9, 10, 12, 13}, {14-16, 18}, {19-22}, {24, 25}, and
+    the full table {5, 11, 17, 23}. (vLLM deals layers[i::num_tables] instead, so that pipeline
+    stages get equal shares; on one GPU the assignment changes no number.) All layers of
     a table share one (window, chunk) bound, and every table one page size (the model runner's
     layers share one K/V shape).
 
