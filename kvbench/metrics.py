@@ -30,7 +30,7 @@ REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "rea
                    "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
 _FIN_INTS = 5  # a finished request's id, prompt_len, output_len, cached_tokens, preemptions (int64)
 _FIN_FLOATS = 3  # its arrival_s, first_token_s, finish_s (float64)
-_SHORT_RUN = 16  # a DecodeRun of at most this many steps is recorded in plain Python (cheaper than numpy's calls)
+_SHORT_RUN = 32  # a DecodeRun of at most this many steps is recorded in plain Python (cheaper than numpy's calls)
 
 
 @dataclass(slots=True, eq=False)
@@ -156,19 +156,18 @@ class Recorder:
             self._gap, self._gap_count = self._gaps.pop(), self._gap_counts.pop()  # the last gap's run stays open
             last = ends[-1]
         else:
-            t, dt = np.asarray(run.t), np.asarray(run.dt)
-            f = np.empty((k, 2))
-            f[:, 0], f[:, 1] = t, dt
-            self._floats.frombytes(f.tobytes())
+            f = np.array((run.t, run.dt), np.float64)  # [2, k]: t, dt
+            self._floats.frombytes(f.T.tobytes())  # (row by row: t, dt interleaved)
             rows = np.empty((k, _INT_COLUMNS), np.int32)
             rows[:, :6] = (run.running, 0, 0, d, 0, run.preemptions)
             rows[:, 1] = run.waiting
-            rows[:, 4] = run.kv_read0 + d * np.arange(k)
-            for c, column in enumerate(run.states, 6):
-                rows[:, c] = column
+            rows[:, 4] = np.arange(run.kv_read0, run.kv_read0 + d * k, d)
+            rows[:, 6:] = np.array(run.states, np.int64).T
             self._ints.frombytes(rows.tobytes())
-            ends = t + dt  # every request's token j comes out at ends[j], the one before at ends[j - 1]
-            gaps = ends - np.concatenate((t[:1], ends[:-1]))  # (t[0]: the step before the run ended then)
+            t, ends = f[0], f[0] + f[1]  # every request's token j comes out at ends[j], the one before at ends[j - 1]
+            gaps = np.empty(k)
+            gaps[0] = ends[0] - t[0]  # (t[0]: the step before the run ended then)
+            np.subtract(ends[1:], ends[:-1], out=gaps[1:])
             self._gaps.frombytes(gaps[:-1].tobytes())
             self._gap_counts.frombytes(np.full(k - 1, d, np.int64).tobytes())
             self._gap, self._gap_count = float(gaps[-1]), d
