@@ -8,6 +8,7 @@ the step references is NaN while the step runs, and the logits stay finite; a de
 pages the model still reads is caught by the engine's host check and by the NaN."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def one_thread():
     torch.set_num_threads(was)
 
 
-def trace(n_groups=2, per_group=3, system=48, question=12, output=16):
+def trace(n_groups=2, per_group=3, system=48, question=12, output=10):
     # prompts of 60 > window 32; 3 running at most: later requests hit the shared 48 tokens
     return shared_prefix(num_groups=n_groups, questions_per_group=per_group, system_len=Fixed(system),
                          question_len=Fixed(question), output_len=Fixed(output), rate=float("inf"), seed=3,
@@ -80,8 +81,9 @@ class Recording(TorchEngine):
         saved = [b.clone() for b in kv.buffers]
         for b in kv.buffers:
             b.fill_(float("nan"))
+        dev = kv.buffers[0].device
         for s, pages in held.items():  # (aliased spaces: a page's own bytes only)
-            idx = torch.tensor(sorted(pages), dtype=torch.int64)
+            idx = torch.tensor(sorted(pages), dtype=torch.int64, device=dev)
             kv.page_view(s)[idx] = kv.page_view(s, saved)[idx]
         logits = super()._forward(h)
         assert torch.isfinite(logits).all(), "a step read a page no table of it references"
@@ -89,7 +91,7 @@ class Recording(TorchEngine):
         for b, old in zip(kv.buffers, saved):
             b.copy_(old)
         for s, pages in held.items():
-            idx = torch.tensor(sorted(pages), dtype=torch.int64)
+            idx = torch.tensor(sorted(pages), dtype=torch.int64, device=dev)
             kv.page_view(s)[idx] = kv.page_view(s, written)[idx]
         self.poisoned_steps += 1
         return logits
@@ -229,6 +231,9 @@ def test_a_design_that_drops_pages_the_model_reads_is_caught():
         mp.undo()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 before triton is imported "
+                           "(on a GPU: test_gpu_engine_generates_paged_tokens_in_every_design)")
 def test_triton_kernels_read_the_hybrid_tables_too():
     """Triton's interpreter, Jenga's strided (aliased) layer views: 2 layers (window 8, full),
     page 4, one request of 20 tokens and 2 outputs."""
