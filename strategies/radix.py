@@ -76,6 +76,24 @@ def _page_array() -> array:
     return array("q")
 
 
+_HOST_IDS = np.dtype(f"i{array('l').itemsize}")  # the host pool's free stack is an array("l")
+
+
+def _host_ids(pages: np.ndarray) -> array:
+    """Host page ids as the host pool's array("l") (its `give_many` extends its stack by a buffer
+    copy; iterating it gives Python ints, as a list would)."""
+    out = array("l")
+    out.frombytes(pages.astype(_HOST_IDS).tobytes())
+    return out
+
+
+def _gpu_ids(pages: np.ndarray) -> array:
+    """GPU page ids as a free-stack array("q") (iterating it gives Python ints, as a list would)."""
+    out = _page_array()
+    out.frombytes(pages.astype(np.int64).tobytes())
+    return out
+
+
 _new_states = tuple.__new__  # SlotStates from one tuple of its fields in order, without its keyword __new__
 
 
@@ -475,7 +493,7 @@ class RadixStrategy(Strategy):
         node now (the caller locks it)."""
         host = self._host
         host.policy.remove(node)
-        host.give_many(self._host_pages.pop(node).tolist())
+        host.give_many(_host_ids(self._host_pages.pop(node)))
         node.pages = np.asarray(pages, dtype=np.int32)
         self._evictable += len(node.key)
 
@@ -546,7 +564,7 @@ class RadixStrategy(Strategy):
             hp = self._host_pages.pop(nd, None)
             if hp is not None:
                 host.policy.remove(nd)
-                host.give_many(hp.tolist())
+                host.give_many(_host_ids(hp))
                 freed += len(hp)
         if (parent is not self.root and parent.pages is None and not parent.children
                 and parent not in self._loading):
@@ -560,7 +578,7 @@ class RadixStrategy(Strategy):
         freed, leaves, host = 0, self._leaves, self._host
         while freed < num_slots and leaves:
             node = leaves.victim()
-            parent, pages = node.parent, node.pages.tolist()
+            parent, pages = node.parent, _gpu_ids(node.pages)
             self._free.extend(pages)
             self._evictable -= len(node.key)
             freed += len(node.key)
