@@ -77,3 +77,15 @@ def test_a_bad_job_fails_as_a_fresh_compose_does_every_time(job):
             compose()
         errors.append((type(err.value), str(err.value)))
     assert errors[0] == errors[1] == errors[2]
+
+
+def test_a_job_that_adds_a_search_path_changes_no_other_job(tmp_path):
+    loader, master = _loader_and_master()
+    (tmp_path / "strategy").mkdir()
+    (tmp_path / "strategy" / "paged_extra.yaml").write_text("defaults:\n  - paged\n  - _self_\npage_size: 32\n")
+    extra = [f"hydra.searchpath=[file://{tmp_path}]", "strategy=paged_extra"]
+    for job in (extra, ["strategy=paged"], extra):
+        assert _view(loader.load_sweep_config(master, job)) == _view(_fresh(loader, master, job)), job
+    assert loader.load_sweep_config(master, extra).strategy.page_size == 32
+    with pytest.raises(ConfigCompositionException):  # the search path stayed with the job that set it
+        loader.load_sweep_config(master, ["strategy=paged_extra"])
