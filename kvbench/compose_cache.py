@@ -3,10 +3,10 @@
 Hydra composes every job of a sweep from scratch (`ConfigLoaderImpl.load_sweep_config`: parse the
 overrides, build the defaults list, load and merge every yaml of it, then apply the job's
 `key=value` overrides), in the parent (to check the grid) and again in the worker that runs it:
-~0.1 s of CPU a job, more than a 100-request run's replay (0.03 s). Jobs of one grid differ mostly in values
-(`trace.rate=4`), not in the config groups they pick (`strategy=paged`), and the defaults list and
-the merged yaml depend on the group choices only. So, inside `load_sweep_config` only, this keeps
-per process:
+~0.1 s of CPU a job, more than a 100-request run's replay (0.03 s). Jobs of one grid differ
+mostly in values (`trace.rate=4`), not in the config groups they pick (`strategy=paged`), and the
+defaults list and the merged yaml depend on the group choices only. So, inside
+`load_sweep_config` only, this keeps per process:
 - the defaults list, keyed by the config name, the search path and the overrides that pick or
   add config groups (Hydra's own rule: `repo.group_exists(key)` and a value that is not a dict);
   the job's value overrides are handed on as its `config_overrides`, in its order;
@@ -17,10 +17,11 @@ per process:
   ConfigStore, for every compose; a compose that changes the search path gets its own copy).
 The yaml files are thus read once per process for a sweep's jobs (as the ConfigStore already was).
 Everything else (value overrides, `hydra.overrides`, `hydra.runtime`, the job's dirs) is done by
-Hydra as before, so a job's config is the one a fresh compose makes (tests/test_sweep_validate.py
-compares them; 0.10 -> 0.04 s a job). A compose that fails is not kept: the next job fails the same way. Other callers of
-Hydra's loader (`compose()`, a single run) are untouched. `install()` mutates ConfigLoaderImpl
-and config_loader_impl.create_defaults_list, once per process.
+Hydra as before, so a job's config is the one a fresh compose makes (tests/test_compose_cache.py
+compares them; 0.10 -> 0.04 s a job). A compose that fails is not kept: the next job fails the
+same way. Other callers of Hydra's loader (`compose()`, a single run) are untouched. `install()`
+mutates ConfigLoaderImpl, OverridesParser.parse_overrides and
+config_loader_impl.create_defaults_list, once per process.
 """
 from __future__ import annotations
 
