@@ -15,7 +15,9 @@ spent reading the design's page tables. Writes DIR/hybrid_gpu.json and DIR/hybri
 a temporary name, then renamed) and the run dirs DIR/runs/<design>/.
 
 Models: gemma3_1b_like (26 layers: 22 sliding window 512, 4 full; the 1B-class shape),
-gpt_oss_like (24 layers alternating window 128 and full), and tiny_hybrid (a 7-layer tiny model,
+gpt_oss_like (24 layers alternating window 128 and full; its 32-expert MoE runs every expert
+inside a CUDA graph, so a decode step reads ~38 GB of weights: use a smaller --limit, e.g. 100),
+and tiny_hybrid (a 7-layer tiny model,
 window 32, for a CPU smoke test: `--engine torch --model tiny_hybrid --limit 6`). Random weights.
 On the GPU, bf16 kernels may break a near-tie of random logits differently in differently
 composed batches: `--dtype float32` makes the token comparison exact up to fp32 rounding.
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hydra.errors import InstantiationException
 
 import kvbench.run as kvrun
 from kvbench.run import run, write_atomic
@@ -207,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         try:
             s, outputs = replay_design(args, design)
-        except ConfigError as err:
-            print(f"hybrid_gpu: error: {design}: {err}", file=sys.stderr)
+        except (ConfigError, InstantiationException, ValueError) as err:  # bad input, e.g. no GPU: one line
+            root = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+            print(f"hybrid_gpu: error: {design}: {' '.join(str(root).split())}", file=sys.stderr)
             sys.exit(2)
         ref = outputs if ref is None else ref
         same, frac = compare(outputs, ref)
