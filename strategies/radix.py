@@ -17,7 +17,11 @@ doubles); lock/unlock walk to the root (O(depth)) once per admission, fork and r
 insert locks only the nodes it adds to the request's path; eviction pops a heap of (last access,
 node) with lazy deletion, O(log n) per evicted leaf; a private page comes from a stack of
 returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1)
-(a decode step's one page is taken inline by `grow`, with no further call).
+(a decode's page is taken inline by `grow`, with no further call). Page ids move in bulk: the
+stack and each request's private pages are int64 arrays, so an eviction, an insert or a prefill
+chunk moves its pages by buffer copies, not one Python int each. `decode_steps` makes whole quiet
+decode steps at page_size 1 (each decode takes a page) in bulk: a run of steps hands every request
+its column of pages in one numpy take, the same pages, in the same order, as the per-token grows.
 
 A request that waits for memory is matched once: when it is refused, its matched path (nodes
 and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
@@ -70,6 +74,8 @@ from kvbench.strategies.eviction.lru import TimedLRU
 from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _EMPTY = np.zeros(0, dtype=np.int32)
+
+
 def _page_array() -> array:
     """A list of page ids as an int64 array: bulk moves to and from the free stack and numpy are
     buffer copies, not one Python int per page."""

@@ -86,7 +86,8 @@ def same(a: RadixStrategy, b: RadixStrategy, rids: list[int]) -> None:
 # capacity 150/200: the run ends for lack of free + cached slots; 300: it evicts on the way;
 # 2000: free pages only; 300 with a host tier: evicting steps move pages to the host
 # running 12: more requests than the inline pops take (numpy for one step too)
-CASES = [(seed, cap, ev, host, 4) for seed in range(3) for cap, host in ((150, 0), (200, 0), (300, 0), (2000, 0), (300, 96))
+CASES = [(seed, cap, ev, host, 4) for seed in range(3)
+         for cap, host in ((150, 0), (200, 0), (300, 0), (2000, 0), (300, 96))
          for ev in ("lru", "s3fifo", "arc", "slru")]
 CASES += [(seed, cap, "lru", host, 12) for seed in range(3) for cap, host in ((400, 0), (500, 0), (4000, 0), (500, 96))]
 
