@@ -4,8 +4,11 @@ window through paged (one uniform pool, one table) and each of the four designs 
 memory, one page table per TableSpec, torch_engine.HybridKV), with greedy sampling: the tokens are
 identical and each request's last logits equal paged's within the fp32 tolerance. A NULL_PAGE
 (a page before a window that the design no longer holds) is never read: every page no table of
-the step references is NaN while the step runs, and the logits stay finite; a design that drops
-pages the model still reads is caught by the engine's host check and by the NaN."""
+the step references is NaN while the step runs (also under preemptions, and through the gpu
+engine's graph path with an eager stand-in for the graph), and the logits stay finite; a design
+that drops pages the model still reads is caught by the engine's host check and by the NaN.
+On a GPU, test_gpu_engine_generates_paged_tokens_in_every_design runs eager and graphed steps.
+~16 s of CPU time (one thread: torch's pool spinning on a shared 2-core box costs ~40x)."""
 from __future__ import annotations
 
 import os
@@ -102,14 +105,15 @@ class Recording(TorchEngine):
             self.final[s.request.id] = logits[i].detach().clone()
 
 
-def generate(name: str, reqs=None, model=MODEL, strategy_model=None, page_size=16, engine_cls=None, **engine_kw):
+def generate(name: str, reqs=None, model=MODEL, strategy_model=None, page_size=16, engine_cls=None, max_num_seqs=3,
+             capacity=CAPACITY, **engine_kw):
     """Replay `reqs` (default: trace()) through strategy `name` on the torch engine (or
     `engine_cls`), bound as kvbench.run binds it; returns (outputs, engine, strategy, scheduler)."""
     reqs = trace() if reqs is None else reqs
-    st = build(name, CAPACITY, MAX_LEN, model=strategy_model or model, page_size=page_size)
+    st = build(name, capacity, MAX_LEN, model=strategy_model or model, page_size=page_size)
     eng = (engine_cls or Recording)(model=model, **engine_kw)
     eng.bind(st.page_size, st.num_pages, strategy=st if hasattr(st, "tables") else None)
-    sched = Scheduler(st, max_num_seqs=3, max_num_batched_tokens=64,
+    sched = Scheduler(st, max_num_seqs=max_num_seqs, max_num_batched_tokens=64,
                       kv_read_groups=KVReadGroups.of(layer_groups(model)))
     result = replay(reqs, sched, eng, progress=False)
     assert len(result.finished) == len(reqs)
@@ -160,12 +164,14 @@ def test_each_layer_reads_its_table_in_the_designs_memory(runs):
     assert runs["paged"][1].kv_pool.shape == (7, 2, CAPACITY, 2, 16)
 
 
-@pytest.mark.parametrize("design", ["hybrid_unified", "hybrid_jenga"])
+@pytest.mark.parametrize("design", DESIGNS)
 def test_no_step_reads_a_page_its_tables_do_not_reference(runs, design):
-    """Pages none of the step's tables reference (freed, cached, never used, and NULL entries'
-    stand-in page 0) are NaN during each step: the logits stay finite and the tokens equal paged's."""
-    got, eng, _, _ = generate(design, poison=True)
-    assert eng.poisoned_steps > 10
+    """Under memory pressure (a pool of 256 token-equivalents, 6 requests at once: preemptions by
+    recompute, pages freed and taken again), pages none of the step's tables reference (freed,
+    cached, never used, and NULL entries' stand-in page 0) are NaN during each step: the logits
+    stay finite and the tokens equal paged's."""
+    got, eng, _, sched = generate(design, poison=True, capacity=256, max_num_seqs=6)
+    assert eng.poisoned_steps > 10 and sched.num_preemptions > 0
     for rid, out in runs["paged"][0].items():
         np.testing.assert_array_equal(got[rid], out)
 
