@@ -244,32 +244,33 @@ class HybridKV:
         query of the step reads them (RuntimeError naming the request otherwise). Mutates only
         the `null_entries` count."""
         ps, nt, b = self.page_size, len(self.tables), len(seqs)
-        need = -(-seq_lens // ps)
+        need = -(-seq_lens // ps)  # [B] pages of [0, seq_len)
+        t0 = time.perf_counter()
+        raw = [strategy.table(s.request.id, t) for t in range(nt) for s in seqs]  # table-major
+        self.read_s += time.perf_counter() - t0
+        lens = np.fromiter(map(len, raw), np.int64, nt * b).reshape(nt, b)
+        if (short := lens < need).any():
+            t, i = (int(x[0]) for x in np.nonzero(short))
+            raise RuntimeError(f"strategy {strategy.name}: table {t} of request {seqs[i].request.id} has "
+                               f"{lens[t, i]} pages, the step reads {need[i]}")
+        cut = need.tolist() * nt
+        flat = np.concatenate([r if len(r) == n else r[:n] for r, n in zip(raw, cut)])
         out = np.zeros((nt, b, int(need.max())), np.int32)
-        cols = np.arange(out.shape[2])
-        clock = time.perf_counter
-        for t in range(nt):
-            rows = out[t]
-            for i, s in enumerate(seqs):
-                t0 = clock()
-                row = strategy.table(s.request.id, t)
-                self.read_s += clock() - t0
-                if len(row) < need[i]:
-                    raise RuntimeError(f"strategy {strategy.name}: table {t} of request {s.request.id} has "
-                                       f"{len(row)} pages, the step reads {need[i]}")
-                rows[i, :need[i]] = row[:need[i]]
-            lo = _key_lo(starts, *self.bounds[t]) // ps  # the first page any query of the step reads
-            null = rows == NULL_PAGE
-            if null.any():
-                self.null_entries += int(null.sum())
-                read = null & (cols[None, :] >= lo[:, None])
-                if read.any():
-                    i = int(np.nonzero(read.any(axis=1))[0][0])
-                    raise RuntimeError(f"strategy {strategy.name}: table {t} of request {seqs[i].request.id} has "
-                                       f"NULL_PAGE at page {int(np.nonzero(read[i])[0][0])}, which the step reads "
-                                       f"(positions {int(starts[i])}..{int(seq_lens[i]) - 1}, bound "
-                                       f"{self.bounds[t]}: pages from {int(lo[i])})")
-                rows[null] = 0  # harmless: before the first page a query of this step reads
+        rows = np.repeat(np.arange(b), need)  # (request, page) of each entry of one table
+        cols = np.arange(int(need.sum())) - np.repeat(np.cumsum(need) - need, need)
+        out[:, rows, cols] = flat.reshape(nt, -1)
+        null = out == NULL_PAGE
+        if null.any():
+            self.null_entries += int(null.sum())
+            # the first page any query of the step reads, per table and request
+            lo = np.stack([_key_lo(starts, *bound) // ps for bound in self.bounds])  # [nt, B]
+            read = null & (np.arange(out.shape[2])[None, None, :] >= lo[:, :, None])
+            if read.any():
+                t, i, page = (int(x[0]) for x in np.nonzero(read))
+                raise RuntimeError(f"strategy {strategy.name}: table {t} of request {seqs[i].request.id} has "
+                                   f"NULL_PAGE at page {page}, which the step reads (positions {int(starts[i])}.."
+                                   f"{int(seq_lens[i]) - 1}, bound {self.bounds[t]}: pages from {int(lo[t, i])})")
+            out[null] = 0  # harmless: before the first page a query of this step reads
         return out
 
     def describe(self) -> dict:
