@@ -297,7 +297,7 @@ def check_arch(res: dict, arch: str, dtype: str, smoke: bool = False) -> None:
         else:
             from kvbench.engines.gpu_engine import GPUEngine
             eng = GPUEngine(cfg, attention=attention, sample=True, keep_logits=True, kv_cache_gb=1.0,
-                            profile_tokens=2048)
+                            profile_tokens=2048, warmup=False)   # nothing here is timed
             num_pages = eng.kv_capacity_tokens(None) // ps
         with torch.no_grad():
             for name, dst in hf_tensor_map(eng.model):

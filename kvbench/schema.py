@@ -96,6 +96,11 @@ MODEL = {"num_layers": POS_INT, "hidden_size": POS_INT, "intermediate_size": POS
          "num_kv_heads": POS_INT, "head_dim": POS_INT, "vocab_size": POS_INT, "rope_theta": POS_FLOAT,
          "rms_norm_eps": POS_FLOAT, "tie_embeddings": Range("bool"), "attention_bias": Range("bool"),
          "attention_out_bias": Range("bool"), "name": Range("str", null=True), "checkpoint": Range("str", null=True)}
+# the model runner's architecture keys (kvbench.model.ModelConfig; ARCHS there)
+MODEL |= {k: Range("float", 0, lo_open=True, null=True) for k in ("query_pre_attn_scalar", "rope_local_theta",
+                                                                  "final_logit_softcapping")}
+MODEL |= {"num_experts": NONNEG_INT, "experts_per_token": NONNEG_INT, "swiglu_alpha": POS_FLOAT, "swiglu_limit": POS_FLOAT}
+MODEL_ARCHS = ("llama", "gemma3", "gpt_oss")
 # ranges of `_target_` parameters by key name (types come from the signature); unnamed ints are
 # >= 0, unnamed floats finite and >= 0
 RANGES = {name: POS_INT for name in (
@@ -223,6 +228,8 @@ def validate(cfg: DictConfig) -> None:
             check_value(f"model.{name}", model[name], rng)
     if not isinstance(model.get("dtype"), str) or model.get("dtype") not in DTYPE_NAMES:
         raise _bad("model.dtype", model.get("dtype"), dtypes_text())
+    if model.get("arch", "llama") not in MODEL_ARCHS:
+        raise _bad("model.arch", model.get("arch"), f"one of {', '.join(MODEL_ARCHS)}")
     try:  # model.layers (layer groups, issue 16): kinds, windows, chunks, state bytes, pattern
         layer_groups(model)
     except ValueError as err:
