@@ -3,10 +3,13 @@ or rejected.
 
 Fast-forward (engines with a cost model, `engine.fast_forward`): after a steady step (every
 running request decoded one token; nobody came, left or was preempted) the next steps repeat it
-until a request would finish (or take a page while others wait: kvbench/quiet.py), or a request
-arrives. Those quiet steps skip planning and batching; the strategy ends up exactly as stepping
-leaves it; the clock advances step by step by the cost model; the recorder gets the same rows
-and token times. Results are identical to stepping (tests/test_fast_forward.py).
+(kvbench/quiet.py) until a request arrives that may change the next step, or, with requests
+waiting, until a request finishes or would take a page. With nobody waiting, a request that
+finishes leaves after its last step and the others go on; a request that joins a queue whose
+head was refused (fcfs admission) or that is rejected changes no step, so the run goes on. Those
+quiet steps skip planning and batching; the strategy ends up exactly as stepping leaves it; the
+clock advances step by step by the cost model; the recorder gets the same rows and token times.
+Results are identical to stepping (tests/test_fast_forward.py).
 """
 from __future__ import annotations
 
