@@ -133,6 +133,16 @@ class QuietRun:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
                 m = min(nxt, stop) - j
+                if m == 1:  # (between two page-taking steps: the common case of a page per ~page_size / d steps)
+                    token, reserved, deferred = token + d, reserved - d, deferred + d
+                    c_token.append(token)
+                    c_reserved.append(reserved)
+                    c_internal.append(internal)
+                    c_external.append(external)
+                    c_cached.append(cached)
+                    c_free.append(free)
+                    j += 1
+                    continue
                 c_token.extend(range(token + d, token + d * m + 1, d))
                 c_reserved.extend(range(reserved - d, reserved - d * m - 1, -d))
                 same = [internal] * m
@@ -236,11 +246,12 @@ class QuietRun:
         k = self.j
         if k == 0:
             return 0
-        seqs, held = self.seqs, self.held
+        seqs, held, grow = self.seqs, self.held, self.st.grow
         for i in self.live:
             s = seqs[i]
-            if s.computed + k > held[i]:
-                self._grow(s, s.computed + k - held[i])
+            n = s.computed + k - held[i]
+            if n > 0 and not grow(s.id, n):
+                self._failed(s, n)
             s.computed += k
             s.emitted += k
         now = self.st.slot_states(self.sched.waiting_kv_len())
