@@ -763,11 +763,15 @@ class RadixStrategy(Strategy):
                 done += m
                 continue
             moved = host.d2h_tokens if host is not None else 0
+            every = decoding and kv_left > 0  # (else some grow may insert, or pass its final length)
             i = 0  # one step: runs of decoding requests pop their pages inline (while the stack and fresh
             while i < d:  # ids last); one that must evict, or is not decoding, takes the per-token path
-                j, end = i, i + len(free) + self._fresh
-                while j < d and j < end and seqs[j].num_prompt < seqs[j].length < seqs[j].kv_len:
-                    j += 1
+                j, end = i, min(d, i + len(free) + self._fresh)
+                if every:
+                    j = end
+                else:
+                    while j < end and seqs[j].num_prompt < seqs[j].length < seqs[j].kv_len:
+                        j += 1
                 if j > i:
                     self._hand_out(seqs[i:j], 1)
                     i = j
@@ -776,8 +780,11 @@ class RadixStrategy(Strategy):
                 else:
                     raise RuntimeError(f"radix decode_steps: request {rids[i]} found no page although free + "
                                        f"cached slots could give each of {d} requests one")
-            decoding = all(s.num_prompt < s.length for s in seqs)
-            kv_left = min(s.kv_len - s.length for s in seqs)
+            if every:
+                kv_left -= 1
+            else:
+                decoding = all(s.num_prompt < s.length for s in seqs)
+                kv_left = min(s.kv_len - s.length for s in seqs)
             for col, v in zip(cols, self.slot_states(None)):
                 col.append(v)
             done += 1
@@ -816,8 +823,9 @@ class RadixStrategy(Strategy):
                     s.private.append(pid)
                     s.length += 1
             else:
-                for s, col in zip(seqs, pages.reshape(m, d).T.copy()):  # row i: request i's pages, step by step
-                    s.private.frombytes(col.tobytes())
+                # row i: request i's pages, step by step (as bytes: frombytes reads a row's buffer)
+                for s, col in zip(seqs, pages.reshape(m, d).T.copy().view(np.uint8)):
+                    s.private.frombytes(col)
                     s.length += m
         self._private_pages += n
         self._private_token += n
