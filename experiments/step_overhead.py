@@ -16,6 +16,7 @@ row says graphs. Writes DIR/step_overhead.json. Needs CUDA.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import subprocess
@@ -36,6 +37,7 @@ from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
 from kvbench.request import Request  # noqa: E402
 
 PS = 16
+_RIDS = itertools.count()
 
 
 def gpu_ms(eng, batch) -> tuple[float, int]:
@@ -62,7 +64,8 @@ def make_batch(order, parts, cap_pages) -> StepBatch:
         total = done + new
         n = -(-(total + 1) // PS)
         ids = np.random.default_rng(i).integers(0, 32000, done if new == 1 else total).astype(np.int32)
-        seqs.append(ScheduledSeq(Request(i, 0.0, ids, np.zeros(3, np.int32)), done, new, order[at:at + n]))
+        # a fresh request id per batch: the engine keeps each request id's token ids
+        seqs.append(ScheduledSeq(Request(next(_RIDS), 0.0, ids, np.zeros(3, np.int32)), done, new, order[at:at + n]))
         at += n
     return StepBatch(seqs, PS, cap_pages, False, [])
 
