@@ -1,0 +1,65 @@
+"""Which steps a quiet run goes through (kvbench/quiet.py, kvbench/replay.py): finishes with
+nobody waiting, and arrivals behind a refused head of an fcfs queue, are fast-forwarded, not
+stepped; the tables stay those of stepping."""
+from __future__ import annotations
+
+import numpy as np
+
+from kvbench.engines.sim import SimEngine
+from kvbench.replay import replay
+from kvbench.request import Request
+from kvbench.scheduler import Scheduler
+from kvbench.strategies.paged import PagedStrategy
+from kvbench.strategies.slab import SlabStrategy
+
+
+def _requests(specs):
+    """(arrival_s, prompt_len, output_len) → requests with distinct ids (no shared prefix)."""
+    rng = np.random.default_rng(0)
+    return [Request(i, t, rng.integers(0, 30000, p, dtype=np.int32), rng.integers(0, 30000, o, dtype=np.int32))
+            for i, (t, p, o) in enumerate(specs)]
+
+
+def _replay(make_strategy, specs, fast: bool, **scheduler):
+    engine = SimEngine(overhead_s=0.01, prefill_token_s=1e-4, decode_token_s=1e-4, kv_read_token_s=1e-6,
+                       fast_forward=fast)
+    stepped = []
+    step = engine.step
+    engine.step = lambda batch: stepped.append(len(batch.seqs)) or step(batch)
+    st = make_strategy()
+    result = replay(_requests(specs), Scheduler(st, **scheduler), engine, progress=False)
+    st.check_invariants()
+    return result.recorder.timeline(), result.recorder.requests(), result.itl, stepped
+
+
+def test_finishes_with_nobody_waiting_are_fast_forwarded():
+    # three requests admitted together; they finish at different steps and nobody waits
+    specs = [(0.0, 20, 5), (0.0, 20, 9), (0.0, 20, 30)]
+
+    def paged():
+        return PagedStrategy(1024, 512, page_size=16)
+
+    t0, r0, itl0, stepped0 = _replay(paged, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    t1, r1, itl1, stepped1 = _replay(paged, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
+    assert len(stepped0) == 30 and stepped0[:6] == [3, 3, 3, 3, 3, 2]  # request 0 left after step 5
+    assert stepped1 == [3]  # only the step that admits all three: the finishes are inside the run
+    assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    assert list(r1.finish_s) == list(t0.t_s[[4, 8, 29]] + t0.dt_s[[4, 8, 29]])
+
+
+def test_arrivals_behind_a_refused_head_are_fast_forwarded():
+    # the pool holds one max_model_len slab (and 36 slots more): request 0 runs, 1 waits (refused),
+    # 2 and 3 join the queue
+    specs = [(0.0, 10, 40), (0.0, 10, 5), (0.05, 10, 5), (0.1, 10, 5)]
+
+    def slab():
+        return SlabStrategy(100, 64, reservation="max")
+
+    t0, r0, itl0, stepped0 = _replay(slab, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    t1, r1, itl1, stepped1 = _replay(slab, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
+    assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    assert list(t0.waiting[:15]) == [1] * 5 + [2] * 5 + [3] * 5  # (steps of ~10 ms: 2 joins at 0.05 s, 3 at 0.1 s)
+    # request 0: its admission and the steady step after it, then one run through both arrivals
+    # to its last step; then each of 1, 2, 3 likewise (the last one with nobody waiting)
+    assert stepped1 == [1, 1, 1, 1, 1, 1, 1]
+    assert len(stepped0) == 40 + 3 * 5
