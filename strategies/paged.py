@@ -165,6 +165,7 @@ class PagedStrategy(Strategy):
         self._lru: EvictionPolicy = make_policy(eviction)
         self._lru.bind(self.num_pages)
         self.eviction = self._lru.name
+        self._plain_lru = type(self._lru) is LRU and self._host is None  # evictions: no policy or host frames
         self._tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
@@ -205,6 +206,11 @@ class PagedStrategy(Strategy):
                 self._fresh -= 1
                 if pid == len(ref):
                     self._grow_lists()
+            elif self._plain_lru and self._hit_memo is None:  # _evict_pages(1), inlined
+                pid = self._lru.popitem(False)[0]
+                hashes = self._hash
+                del self._table[hashes[pid]]
+                self._stored_ids[pid] = hashes[pid] = None
             else:
                 pid = self._evict_pages(1)[0]
             ref[pid] = 1
@@ -226,8 +232,22 @@ class PagedStrategy(Strategy):
             while first + f > len(ref):  # the sizes one grow per page reaching the end would give
                 self._grow_lists()
             got.extend(range(first, first + f))
-        if k > r + f:
-            got.extend(self._evict_pages(k - r - f))
+        e = k - r - f
+        if e and self._plain_lru and self._hit_memo is None:  # _evict_pages(e) and the takes, in one loop
+            for pid in got:
+                ref[pid] = 1
+                fill[pid] = fill_to
+            pop, table, hashes, stored, append = self._lru.popitem, self._table, self._hash, self._stored_ids, got.append
+            for _ in range(e):
+                pid = pop(False)[0]
+                del table[hashes[pid]]
+                stored[pid] = hashes[pid] = None
+                ref[pid] = 1
+                fill[pid] = fill_to
+                append(pid)
+            return got
+        if e:
+            got.extend(self._evict_pages(e))
         for pid in got:
             ref[pid] = 1
             fill[pid] = fill_to
@@ -308,24 +328,11 @@ class PagedStrategy(Strategy):
         return pid
 
     def _evict_pages(self, k: int) -> list[PageId]:
-        """`_evict_one` k times, in one loop (the policy's victims, in its order). With LRU, no
-        host tier and no waiting match (the common case), the victims are popped first and then
-        dropped from the hash table: the same pages and end state, as nothing in between reads
-        the LRU."""
+        """`_evict_one` k times, in one loop (the policy's victims, in its order). (`_take_pages`
+        inlines it for LRU with no host tier and no waiting match.)"""
         lru, table, hashes, stored, memo = self._lru, self._table, self._hash, self._stored_ids, self._hit_memo
         pop = lru.popitem if type(lru) is LRU else None  # LRU.victim without its Python frame
         host = self._host
-        if pop is not None and host is None and memo is None:
-            if k == 1:
-                pid = pop(False)[0]
-                del table[hashes[pid]]
-                stored[pid] = hashes[pid] = None
-                return [pid]
-            out = [pop(False)[0] for _ in range(k)]
-            for pid in out:
-                del table[hashes[pid]]
-                stored[pid] = hashes[pid] = None
-            return out
         out, demoted = [], []
         for _ in range(k):
             pid = pop(False)[0] if pop is not None else lru.victim()
@@ -502,7 +509,7 @@ class PagedStrategy(Strategy):
                 table[h] = pid
                 page_hashes[pid] = h
                 stored[pid] = ids
-        else:
+        else:  # a chunk's pages (one loop: comprehensions for the ids and hashes cost more)
             for pid, at in zip(seq.pages[first:full], range(first * nb, full * nb, nb)):
                 ids = data[at:at + nb]
                 h = hash((h, ids))
