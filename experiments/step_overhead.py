@@ -62,7 +62,7 @@ def make_batch(order, parts, cap_pages) -> StepBatch:
     seqs, at = [], 0
     for i, (done, new) in enumerate(parts):
         total = done + new
-        n = -(-(total + 1) // PS)
+        n = -(-total // PS)
         ids = np.random.default_rng(i).integers(0, 32000, done if new == 1 else total).astype(np.int32)
         # a fresh request id per batch: the engine keeps each request id's token ids
         seqs.append(ScheduledSeq(Request(next(_RIDS), 0.0, ids, np.zeros(3, np.int32)), done, new, order[at:at + n]))

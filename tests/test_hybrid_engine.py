@@ -301,3 +301,24 @@ def test_experiment_smoke(tmp_path):
         assert r["finished"] == 6 and r["identical_to_paged"] == 6, r
         assert r["kv_pool_bytes"] > 0 and r["output_throughput"] > 0
     assert (tmp_path / "hybrid_gpu.md").read_text().count("| hybrid_") == 4
+
+
+def test_the_graph_path_takes_page_tables_longer_than_its_bucket():
+    """A request's page table may hold pages past its length (here one more page at a power-of-two
+    boundary: 256 tokens = 16 pages, the smallest page bucket, and a 17-page table); the graph path
+    reads only the bucket's pages and computes what the eager path computes."""
+    from kvbench.batch import ScheduledSeq, StepBatch
+    from kvbench.request import Request
+
+    model = {**MODEL, "layers": None}
+    ids = np.random.default_rng(3).integers(0, 512, 256).astype(np.int32)
+    logits = {}
+    for name, cls in (("eager", TorchEngine), ("graph path", _graph_stand_in())):
+        eng = cls(model) if name == "graph path" else TorchEngine(model, sample=True)
+        eng.keep_logits = True
+        eng.bind(16, 64)
+        table = np.arange(17, dtype=np.int32)[::-1].copy()           # 17 pages for 256 tokens
+        eng.step(StepBatch([ScheduledSeq(Request(0, 0.0, ids, np.zeros(2, np.int32)), 0, 256, table)],
+                           16, 64, False, []))
+        logits[name] = eng.last_logits[0].float()
+    torch.testing.assert_close(logits["graph path"], logits["eager"], atol=1e-4, rtol=1e-4)

@@ -263,8 +263,8 @@ class GPUEngine(TorchEngine):
         qsl[dp + b - nd + 1:] = dp + tp
         g.h32_lens[:nd], g.h32_lens[nd:dp] = h.seq_lens[:nd], 0
         g.h32_lens[dp:dp + b - nd], g.h32_lens[dp + b - nd:] = h.seq_lens[nd:], 0
-        w = h.page_table.shape[-1]
-        tables = h.page_table.reshape(-1, b, w)  # [num_tables, B, w]
+        w = min(h.page_table.shape[-1], pages)  # (pages past the longest request's length are never read)
+        tables = h.page_table.reshape(-1, b, h.page_table.shape[-1])[..., :w]  # [num_tables, B, w]
         g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
         # (entries past a request's length are never read; the buffer is rewritten only after
         # `step` has synchronized, so the copy is done by then)
