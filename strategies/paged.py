@@ -63,6 +63,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 
@@ -237,14 +238,15 @@ class PagedStrategy(Strategy):
             for pid in got:
                 ref[pid] = 1
                 fill[pid] = fill_to
-            pop, table, hashes, stored, append = self._lru.popitem, self._table, self._hash, self._stored_ids, got.append
-            for _ in range(e):
-                pid = pop(False)[0]
+            lru, table, hashes, stored = self._lru, self._table, self._hash, self._stored_ids
+            victims = list(islice(lru, e))  # the first e keys: the pages e popitem(last=False) give
+            for pid in victims:
+                del lru[pid]
                 del table[hashes[pid]]
                 stored[pid] = hashes[pid] = None
                 ref[pid] = 1
                 fill[pid] = fill_to
-                append(pid)
+            got += victims
             return got
         if e:
             got.extend(self._evict_pages(e))
@@ -494,7 +496,7 @@ class PagedStrategy(Strategy):
         first, full = len(hashes), seq.length // ps
         if full > seq.cache_pages:
             full = seq.cache_pages
-        table, page_hashes, stored, append = self._table, self._hash, self._stored_ids, hashes.append
+        table, page_hashes, stored = self._table, self._hash, self._stored_ids  # (hashes.append: 3.11 specializes it)
         h = hashes[-1] if first else _ROOT_HASH
         data = seq.data  # ids are final once their K/V exist
         if data is None:
@@ -503,7 +505,7 @@ class PagedStrategy(Strategy):
         if full == first + 1:  # the decode path: one page
             ids = data[first * nb:full * nb]
             h = hash((h, ids))
-            append(h)
+            hashes.append(h)
             pid = seq.pages[first]
             if h not in table and page_hashes[pid] is None:
                 table[h] = pid
@@ -513,7 +515,7 @@ class PagedStrategy(Strategy):
             for pid, at in zip(seq.pages[first:full], range(first * nb, full * nb, nb)):
                 ids = data[at:at + nb]
                 h = hash((h, ids))
-                append(h)
+                hashes.append(h)
                 if h not in table and page_hashes[pid] is None:
                     table[h] = pid
                     page_hashes[pid] = h

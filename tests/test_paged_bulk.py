@@ -1,0 +1,76 @@
+"""paged's bulk page takes (issue 13) give exactly what one take per page gives.
+
+`PagedStrategy._take_pages(k)` takes k pages in one go (a slice of the free stack, a range of
+fresh ids, and, for LRU without a host tier or a waiting match, one loop that pops, unhashes and
+takes the LRU's first pages). `_take_page()` is the one-page reference (free stack, then fresh,
+then `_evict_one`, the policy's victim). On two copies of the same pool both must give the same
+page ids in the same order and leave the same free stack, LRU order, hash table, per-page lists
+and waiting match (its hits cut at the first evicted one).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from kvbench.strategies.paged import PagedStrategy
+
+PS = 16
+PAGES = 34  # 30 handed out by the 6 requests: 4 fresh, 6 free, 24 cached
+
+
+def _pool(policy: str, seed: int, waiting: bool) -> PagedStrategy:
+    """A pool with returned (free) pages, fresh ids and cached pages (in a scrambled LRU order),
+    and, if `waiting`, a refused request whose match holds cached pages."""
+    rng = np.random.default_rng(seed)
+    s = PagedStrategy(PAGES * PS, 1 << 20, page_size=PS, eviction=policy)
+    prompts = [rng.integers(0, 1000, 4 * PS + 1, dtype=np.int32) for _ in range(6)]
+    for rid, p in enumerate(prompts):  # 6 requests of 5 pages, each 4 full pages hashed at release
+        assert s.admit(rid, p, len(p), len(p), len(p)).admitted
+    for rid in rng.permutation(6):  # cached in a scrambled order; 6 partial last pages go to the free stack
+        s.release(int(rid))
+    s.admit(10, prompts[2], len(prompts[2]), len(prompts[2]), len(prompts[2]))  # a hit: revived
+    s.release(10)
+    if waiting:  # a request that hits prompt 4's pages but needs more than the pool holds
+        big = np.concatenate([prompts[4][:4 * PS], rng.integers(0, 1000, PAGES * PS, dtype=np.int32)])
+        assert not s.admit(20, big, len(big), len(big), len(big)).admitted
+        assert len(s._hit_memo.hits) == 4
+    s.check_invariants()
+    return s
+
+
+def _state(s: PagedStrategy):
+    memo = s._hit_memo
+    return (list(s._free), s._fresh, list(s._lru), dict(s._table), list(s._ref), list(s._fill), list(s._hash),
+            list(s._stored_ids), None if memo is None else (list(memo.hits), memo.cached, dict(memo.index)))
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "slru", "arc", "s3fifo"])
+@pytest.mark.parametrize("waiting", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 7, 10, 11, 12, 20, 34])
+def test_bulk_take_equals_single_takes(policy, waiting, k):
+    base = _pool(policy, seed=k, waiting=waiting)
+    free, fresh, cached = len(base._free), base._fresh, len(base._lru)
+    assert free and fresh and cached  # every source of pages is in play
+    bulk, single = copy.deepcopy(base), copy.deepcopy(base)
+    got = bulk._take_pages(k, PS)
+    want = [single._take_page() for _ in range(k)]
+    for pid in want:
+        single._fill[pid] = PS
+    assert got == want
+    assert _state(bulk) == _state(single)
+    evicted = max(0, k - free - fresh)
+    assert len(bulk._lru) == cached - evicted and bulk._fresh == max(0, fresh - max(0, k - free))
+    if waiting and evicted:  # the LRU's victims reached prompt 4's pages or not: the match agrees either way
+        assert bulk._hit_memo.hits == [p for p in base._hit_memo.hits if p not in got][:len(bulk._hit_memo.hits)]
+
+
+def test_bulk_eviction_takes_the_lru_front_in_order():
+    s = _pool("lru", seed=3, waiting=False)
+    order = list(s._lru)
+    n = len(s._free) + s._fresh
+    got = s._take_pages(n + 5)
+    assert got[n:] == order[:5]  # least recently used first
+    assert list(s._lru) == order[5:]
+    assert all(s._hash[p] is None and s._stored_ids[p] is None and s._ref[p] == 1 for p in got)
