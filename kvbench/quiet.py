@@ -92,6 +92,9 @@ class QuietRun:
         self.blocked = False  # a step's requests needed pages that were not free: the run is over
         self.chunk = None  # the caller's steps priced and not yet recorded (kvbench.replay)
         self.chunk_size = 32  # steps the caller prices next (most runs end at an arrival within a few dozen)
+        # the strategy's `room`, or None where it is the contract's default (the rest of the last
+        # page: computed here, without a call per page-taking request and step)
+        self._room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
         limit = 1 << 62
         if len(seqs) > scheduler.max_num_batched_tokens or not getattr(st, "fast_forward", True) \
                 or getattr(scheduler, "kv_read_groups", None) is not None or not seqs:
@@ -123,7 +126,8 @@ class QuietRun:
         which requests emitted their last token: `finishing` says which; `retire` or `end`
         lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
-        grow, room, waiting_kv_len = st.grow, st.room, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
+        grow, room, waiting_kv_len = st.grow, self._room, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
+        ps = st.page_size
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
@@ -170,7 +174,7 @@ class QuietRun:
                     self._failed(s, 1)
                 held[i] = pos + 1
                 deferred -= pos - was
-                nxt = j + 1 + room(rid, pos + 1)
+                nxt = j + 1 + (room(rid, pos + 1) if room is not None else -(pos + 1) % ps)
                 if nxt <= fin[i]:
                     if nxt in pages_at:
                         pages_at[nxt].append(i)
