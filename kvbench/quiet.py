@@ -133,6 +133,9 @@ class QuietRun:
         token, reserved, internal, external, cached, free = self.states
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         self.moved = None
+        # a strategy whose every decode takes a page (radix, page_size 1) makes such steps in bulk
+        # (its class's method: a wrapper that forwards other names, e.g. a checker, grows per token)
+        bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
         while j < stop:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
@@ -163,6 +166,23 @@ class QuietRun:
                 break
             heappop(takes)
             del pages_at[j]
+            if bulk is not None and deferred == 0 and len(takers) == d:  # every live request takes a page
+                order = sorted(takers)  # running order
+                n = bulk([seqs[i].id for i in order], stop - j, cols)  # >= 1 step (free + cached suffice)
+                j += n
+                for i in order:
+                    held[i] += n
+                nxt = [i for i in order if j <= fin[i]]
+                if nxt:
+                    pages_at[j] = nxt
+                    heappush(takes, j)
+                token, reserved, internal, external, cached, free = (c[-1] for c in cols)
+                if self._moves is not None:
+                    moved = self._moves()
+                    if moved != (0, 0):
+                        self.moved = moved
+                        break
+                continue
             if len(takers) > 1:
                 takers.sort()  # running order
             for i in takers:
