@@ -172,7 +172,10 @@ def test_ctrl_c_exits_130_quietly_and_leaves_no_partial_output(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "kvbench.cli", "trace.num_requests=200000", "trace.rate=2000",
                              "progress=false", f"hydra.run.dir={run_dir}"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a shell's background job (e.g. `.ci/run &`) ignores SIGINT, and a child
+                            # inherits that: Python would then never raise KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (run_dir / "run.log").exists() or "kvbench" not in (run_dir / "run.log").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
