@@ -13,7 +13,6 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,10 +20,11 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma3ForCausalLM"):
     pytest.skip(f"transformers {transformers.__version__} has no Gemma3ForCausalLM", allow_module_level=True)
 
-from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
 from kvbench.engines.torch_engine import TorchEngine  # noqa: E402
 from kvbench.model import ModelConfig, kv_bytes_per_token, rope_params  # noqa: E402
 from kvbench.request import Request  # noqa: E402
+import model_drive  # noqa: E402  (tests/model_drive.py)
+from model_drive import drive, hf_logits  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB, WINDOW = 512, 8
@@ -56,41 +56,7 @@ def saved(hf, path: Path) -> ModelConfig:
 
 
 def request(rid, prompt_len, output_len, seed) -> Request:
-    rng = np.random.default_rng(seed)
-    return Request(id=rid, arrival_s=0.0, prompt=rng.integers(0, VOCAB, prompt_len).astype(np.int32),
-                   output=rng.integers(0, VOCAB, output_len).astype(np.int32))
-
-
-def hf_logits(hf, req) -> torch.Tensor:
-    ids = torch.from_numpy(req.token_ids()[:req.kv_len].astype(np.int64))[None]
-    with torch.no_grad():
-        return hf(input_ids=ids).logits[0][req.prompt_len - 1:]
-
-
-def drive(eng, reqs, page_size=4, chunk=5, seed=0):
-    """Request i joins at step i; prefill in chunks of `chunk` (mixed with the others' decodes),
-    then one decode a step; shuffled pages. Returns {id: [output_len, vocab]}."""
-    need = [-(-r.kv_len // page_size) for r in reqs]
-    num_pages = sum(need) + 3
-    order, tables, at = np.random.default_rng(seed).permutation(num_pages), {}, 0
-    for r, n in zip(reqs, need):
-        tables[r.id], at = order[at:at + n], at + n
-    eng.bind(page_size, num_pages)
-    pos, got, step = {r.id: 0 for r in reqs}, {r.id: [] for r in reqs}, 0
-    while any(pos[r.id] < r.kv_len for r in reqs):
-        seqs = []
-        for i, r in enumerate(reqs):
-            s = pos[r.id]
-            if step >= i and s < r.kv_len:
-                n = min(chunk, r.prompt_len - s) if s < r.prompt_len else 1
-                seqs.append(ScheduledSeq(r, s, n, np.asarray(tables[r.id][:-(-(s + n) // page_size)], np.int32)))
-        eng.step(StepBatch(seqs, page_size, num_pages, False, []))
-        for sq in seqs:
-            pos[sq.request.id] += sq.num_new
-            if sq.emits_token:
-                got[sq.request.id].append(eng.last_logits[sq.request.id].clone())
-        step += 1
-    return {rid: torch.stack(v) for rid, v in got.items()}
+    return model_drive.request(rid, prompt_len, output_len, seed, VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,16 @@ chunked prefill and decode through the paged pool with each layer's window passe
 attention kernels (torch references; one short run through the Triton kernels in the interpreter)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
 from kvbench.engines.torch_engine import TorchEngine  # noqa: E402
 from kvbench.model import ModelConfig, hf_tensor_map  # noqa: E402
 from kvbench.request import Request  # noqa: E402
+import model_drive  # noqa: E402  (tests/model_drive.py)
+from model_drive import drive, hf_logits  # noqa: E402
 
 VOCAB, WINDOW = 256, 6   # window smaller than the prompts and not a multiple of the page size
 
@@ -54,45 +54,7 @@ def engine_like(hf, window, attention="reference") -> TorchEngine:
 
 
 def request(rid, prompt_len, output_len, seed) -> Request:
-    rng = np.random.default_rng(seed)
-    return Request(id=rid, arrival_s=0.0, prompt=rng.integers(0, VOCAB, prompt_len).astype(np.int32),
-                   output=rng.integers(0, VOCAB, output_len).astype(np.int32))
-
-
-def hf_logits(hf, req):
-    ids = torch.from_numpy(req.token_ids()[:req.kv_len].astype(np.int64))[None]
-    with torch.no_grad():
-        return hf(input_ids=ids).logits[0][req.prompt_len - 1:]
-
-
-def drive(eng, reqs, page_size, contiguous, chunk=5, seed=0):
-    """Requests join one step apart; prefill in chunks of `chunk` (mixed steps), then decode;
-    pages a shuffled (paged) or consecutive (slab) run. Returns {id: [output_len, vocab]}."""
-    need = [-(-r.kv_len // page_size) for r in reqs]
-    num_pages = sum(need) + 3
-    order = np.arange(num_pages) if contiguous else np.random.default_rng(seed).permutation(num_pages)
-    tables, at = {}, 1
-    for r, n in zip(reqs, need):
-        tables[r.id], at = order[at:at + n], at + n + (1 if contiguous else 0)
-    eng.bind(page_size, num_pages)
-    pos = {r.id: 0 for r in reqs}
-    got = {r.id: [] for r in reqs}
-    step = 0
-    while any(pos[r.id] < r.kv_len for r in reqs):
-        seqs = []
-        for i, r in enumerate(reqs):
-            s = pos[r.id]
-            if step < i or s >= r.kv_len:
-                continue
-            n = min(chunk, r.prompt_len - s) if s < r.prompt_len else 1
-            seqs.append(ScheduledSeq(r, s, n, np.asarray(tables[r.id][:-(-(s + n) // page_size)], np.int32)))
-        eng.step(StepBatch(seqs, page_size, num_pages, contiguous, []))
-        for sq in seqs:
-            pos[sq.request.id] += sq.num_new
-            if sq.emits_token:
-                got[sq.request.id].append(eng.last_logits[sq.request.id].clone())
-        step += 1
-    return {rid: torch.stack(v) for rid, v in got.items()}
+    return model_drive.request(rid, prompt_len, output_len, seed, VOCAB)
 
 
 @pytest.fixture(scope="module")
