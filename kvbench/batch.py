@@ -49,6 +49,20 @@ class KVReadGroups(NamedTuple):
                 total += b * sum((c - 1) % chunk + 1 for c in contexts)
         return (2 * total + self.bytes_per_token) // (2 * self.bytes_per_token)
 
+    def pairs(self, chunks) -> int:
+        """Causal query-key pairs (whole-model equivalents, rounded half up) of prefill chunks
+        `chunks` = (p, n): queries at positions p..p+n-1, each over what its group's attention
+        reads at context q + 1 (`read`'s rule), weighted as `read` weights, in O(1) per chunk."""
+        full = sum(n * p + n * (n + 1) // 2 for p, n in chunks)
+        total = self.full_bytes * full
+        for b, window, chunk in self.windowed:
+            if window:  # sum over contexts c in (p, p + n] of min(c, window)
+                f = lambda m: m * (m + 1) // 2 if m <= window else window * (window + 1) // 2 + (m - window) * window  # noqa: E731
+            else:  # sum over contexts c in (p, p + n] of (c - 1) % chunk + 1
+                f = lambda m: (m // chunk) * chunk * (chunk + 1) // 2 + (m % chunk) * (m % chunk + 1) // 2  # noqa: E731
+            total += b * sum(f(p + n) - f(p) for p, n in chunks)
+        return (2 * total + self.bytes_per_token) // (2 * self.bytes_per_token)
+
 
 @dataclass(slots=True)
 class ScheduledSeq:
@@ -128,7 +142,10 @@ class StepBatch:
     p + n, the last query's context, in every layer). With `kv_read_groups` (a model with
     sliding-window or chunked layers: `KVReadGroups`) each layer group reads only what its
     attention reads, weighted by its share of the model's K/V bytes, and the count is in
-    positions of the whole model's K/V (rounded once per step).
+    positions of the whole model's K/V (rounded once per step). `prefill_pairs`: the causal
+    query-key pairs the step's prefill rows (every row that is not a decode) compute, a chunk of
+    n after a prefix of p: n p + n (n + 1) / 2 (with `kv_read_groups`: `KVReadGroups.pairs`);
+    0 in a decode-only step.
     """
 
     seqs: list[ScheduledSeq]
@@ -146,9 +163,10 @@ class StepBatch:
     decode_tokens: int = field(init=False)
     prefill_tokens: int = field(init=False)
     kv_read_tokens: int = field(init=False)
+    prefill_pairs: int = field(init=False)
 
     def __post_init__(self) -> None:
-        tokens = decode = kv_read = 0
+        tokens = decode = kv_read = pairs = 0
         for s in self.seqs:
             if s.is_decode is None or s.emits is None:  # built by hand, not by the scheduler
                 s.emits = s.start + s.num_new >= s.request.prompt_len
@@ -158,10 +176,15 @@ class StepBatch:
             kv_read += s.start + n
             if s.is_decode:
                 decode += 1
+            else:
+                pairs += n * s.start + n * (n + 1) // 2
         self.num_tokens, self.decode_tokens = tokens, decode
-        self.prefill_tokens, self.kv_read_tokens = tokens - decode, kv_read
+        self.prefill_tokens, self.kv_read_tokens, self.prefill_pairs = tokens - decode, kv_read, pairs
         if self.kv_read_groups is not None:  # (a windowed model only: the plain count above otherwise)
             self.kv_read_tokens = self.kv_read_groups.read([s.start + s.num_new for s in self.seqs])
+            if pairs:
+                self.prefill_pairs = self.kv_read_groups.pairs([(s.start, s.num_new) for s in self.seqs
+                                                                if not s.is_decode])
 
     @property
     def moves(self) -> bool:

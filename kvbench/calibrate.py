@@ -14,6 +14,10 @@ graphs (since 4ab8a0d), eager steps carry over 512 prefill tokens and are GPU-bo
 with the floor on the H200 timelines at aaed885 gave 0 for every strategy (results/gpu_strategies/
 h200_aaed885/). step_time still honours a floor for the older fitted configs that have one.
 Every run's timeline.parquet has the step's inputs and its duration (CUDA events under engine=gpu).
+Timelines with a prefill_pairs column (recorded since issue 12: each step's prefill query-key
+pairs) also fit the prefill chunks' attention over their cached prefix: prefill_pair_s in the
+eager model's work, graph_prefill_pair_s in the graph-replayed prefill model (older timelines: no
+such keys, the fit of before).
 """
 from __future__ import annotations
 
@@ -34,12 +38,14 @@ from kvbench.engines.sim import step_time
 COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_token_s", "prefill_step_s",
                 "eager_floor_s", "eager_decode_token_s", "eager_kv_read_token_s",
                 "graph_prefill_tokens", "graph_prefill_step_s", "graph_prefill_token_s")
+PAIR_COEFFICIENTS = ("prefill_pair_s", "graph_prefill_pair_s")  # fitted when the timeline has prefill_pairs
 
 
 def predict(timeline: pd.DataFrame, coef: dict[str, float]) -> np.ndarray:
-    """The modelled time of each step of a timeline."""
+    """The modelled time of each step of a timeline (its prefill_pairs column, if any, priced)."""
+    pairs = timeline.prefill_pairs.to_numpy(float) if "prefill_pairs" in timeline else 0
     return step_time(coef, timeline.prefill_tokens.to_numpy(float), timeline.decode_tokens.to_numpy(float),
-                     timeline.kv_read_tokens.to_numpy(float))
+                     timeline.kv_read_tokens.to_numpy(float), pairs)
 
 
 def graph_prefill_tokens(run_dir: Path) -> int:
@@ -57,7 +63,9 @@ def graph_prefill_tokens(run_dir: Path) -> int:
 def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 0) -> dict[str, float]:
     """The coefficients minimising the squared error of every step's time (see the module doc);
     steps with 1..graph_prefill_tokens prefill tokens are graph replays (0: every step with
-    prefill is eager).
+    prefill is eager). A timeline with a `prefill_pairs` column (the step's prefill query-key
+    pairs, kvbench.batch.StepBatch) also gets `prefill_pair_s` (eager steps) and
+    `graph_prefill_pair_s` (graph-replayed steps with prefill); without it, the keys of before.
 
     Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
     a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most."""
@@ -73,6 +81,8 @@ def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 
 
 def _fit(t: pd.DataFrame, graph_max: int) -> dict[str, float]:
     p, d, k = (t[c].to_numpy(float) for c in ("prefill_tokens", "decode_tokens", "kv_read_tokens"))
+    has_pairs = "prefill_pairs" in t
+    a = t.prefill_pairs.to_numpy(float) if has_pairs else None
     y = t.dt_s.to_numpy(float)
     decode, mixed, eager = p == 0, (p > 0) & (p <= graph_max), p > graph_max
     if decode.any():
@@ -82,23 +92,32 @@ def _fit(t: pd.DataFrame, graph_max: int) -> dict[str, float]:
     coef = dict(overhead_s=overhead, decode_token_s=dec, kv_read_token_s=kv, prefill_step_s=0.0,
                 prefill_token_s=0.0, eager_floor_s=0.0, eager_decode_token_s=dec, eager_kv_read_token_s=kv,
                 graph_prefill_tokens=graph_max if mixed.any() else 0, graph_prefill_step_s=0.0,
-                graph_prefill_token_s=0.0)
-    if mixed.any():  # what the decode-only model leaves: a fixed cost and one per prefill token
+                graph_prefill_token_s=0.0, prefill_pair_s=0.0, graph_prefill_pair_s=0.0)
+    if mixed.any():  # what the decode-only model leaves: a fixed cost and one per prefill token (and pair)
         rest = y[mixed] - (overhead + d[mixed] * dec + k[mixed] * kv)
-        coef["graph_prefill_step_s"], coef["graph_prefill_token_s"] = _nnls(
-            np.column_stack([np.ones(mixed.sum()), p[mixed]]), rest)
+        cols = [np.ones(mixed.sum()), p[mixed]] + ([a[mixed]] if has_pairs else [])
+        c = _nnls(np.column_stack(cols), rest)
+        coef["graph_prefill_step_s"], coef["graph_prefill_token_s"] = c[0], c[1]
+        if has_pairs:
+            coef["graph_prefill_pair_s"] = c[2]
     if eager.any():
-        c = _fit_floor(np.column_stack([p[eager], d[eager], k[eager]]), y[eager] - overhead)
+        cols = [p[eager], d[eager], k[eager]] + ([a[eager]] if has_pairs else [])
+        c = _fit_floor(np.column_stack(cols), y[eager] - overhead)
         coef.update(prefill_step_s=c[0], prefill_token_s=c[1], eager_decode_token_s=c[2], eager_kv_read_token_s=c[3],
-                    eager_floor_s=c[4])
+                    eager_floor_s=c[-1])
+        if has_pairs:
+            coef["prefill_pair_s"] = c[4]
     elif mixed.any():  # no eager step observed: the graph-replayed mixed steps' model, extended
-        coef.update(prefill_step_s=coef["graph_prefill_step_s"], prefill_token_s=coef["graph_prefill_token_s"])
-    return {key: int(coef[key]) if key == "graph_prefill_tokens" else float(coef[key]) for key in COEFFICIENTS}
+        coef.update(prefill_step_s=coef["graph_prefill_step_s"], prefill_token_s=coef["graph_prefill_token_s"],
+                    prefill_pair_s=coef["graph_prefill_pair_s"])
+    keys = COEFFICIENTS + (PAIR_COEFFICIENTS if has_pairs else ())
+    return {key: int(coef[key]) if key == "graph_prefill_tokens" else float(coef[key]) for key in keys}
 
 
 def _fit_floor(work: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """[fixed, per prefill, per decode, per K/V position, floor] minimising the squared error of
-    fixed + max(floor, work @ per-unit costs) over the eager steps: non-negative least squares,
+    """[fixed, per unit of each `work` column (prefill, decode, K/V position[, prefill pair]), floor]
+    minimising the squared error of fixed + max(floor, work @ per-unit costs) over the eager
+    steps: non-negative least squares,
     alternating with the choice of which steps sit on the floor until that choice is stable, from
     several starts (ties: fewer steps on the floor)."""
     best = None
@@ -109,11 +128,11 @@ def _fit_floor(work: np.ndarray, y: np.ndarray) -> np.ndarray:
         for _ in range(20):
             x = np.column_stack([np.ones(len(y)), np.where(floor_bound[:, None], 0.0, work), floor_bound.astype(float)])
             c = _nnls(x, y)
-            new = work @ c[1:4] < c[4]
+            new = work @ c[1:-1] < c[-1]
             if (new == floor_bound).all():
                 break
             floor_bound = new
-        err = float(np.sum((c[0] + np.maximum(c[4], work @ c[1:4]) - y) ** 2))
+        err = float(np.sum((c[0] + np.maximum(c[-1], work @ c[1:-1]) - y) ** 2))
         if best is None or err < best[0] * (1 - 1e-9) - 1e-18 * len(y):
             best = (err, c)
     return best[1]
@@ -177,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = json.loads((run / "summary.json").read_text())
         devices.add(f"{summary.get('device', '?')} · {summary.get('model', '?')}")
         graph_max.add(graph_prefill_tokens(run))
+    if len({"prefill_pairs" in f for f in frames}) > 1:
+        _fail("some runs' timelines have a prefill_pairs column and some do not: fit them separately")
     if len(graph_max) > 1:
         _fail(f"the runs replayed different step shapes from CUDA graphs (graph_max_tokens "
               f"{sorted(graph_max)}): fit them separately")

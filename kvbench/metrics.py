@@ -23,8 +23,9 @@ STATES = SlotStates._fields  # token, reserved, internal, external, cached, free
 _STATE_KEY = {"token": "token_states", "reserved": "reserved", "internal": "internal_frag",
               "external": "external_frag", "cached": "cached", "free": "free"}
 TIMELINE_COLUMNS = ["t_s", "dt_s", "running", "waiting", "prefill_tokens", "decode_tokens",
-                    "kv_read_tokens", "preemptions", *STATES]
-_INT_COLUMNS = len(TIMELINE_COLUMNS) - 2
+                    "kv_read_tokens", "preemptions", *STATES, "prefill_pairs"]
+_INT_COLUMNS = len(TIMELINE_COLUMNS) - 3  # the int32 ones: running .. the states (prefill_pairs apart, int64)
+_INT_NAMES = TIMELINE_COLUMNS[2:-1]
 TIMELINE_DTYPES = {c: np.float64 if c in ("t_s", "dt_s") else np.int64 for c in TIMELINE_COLUMNS}
 REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "reason", "cached_tokens",
                    "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
@@ -48,7 +49,8 @@ class _Times:
 class Recorder:
     """Consumes the scheduler's events, step by step; turns them into tables at the end.
 
-    Storage per step: one timeline row in two flat arrays (2 float64 + 12 int32 = 64 bytes);
+    Storage per step: one timeline row in three flat arrays (2 float64 + 12 int32 + the step's
+    prefill query-key pairs in one int64 = 72 bytes; they overflow int32 in long prefills);
     with a `sink` (a `TimelineFile`) the rows go to disk every `chunk_rows` steps, so only one
     chunk is held. Per request: one `_Times` while it runs; when it finishes, 64 bytes in two
     flat arrays (`_FIN_INTS`, `_FIN_FLOATS`), the `_Times` (and its Request) dropped.
@@ -60,6 +62,7 @@ class Recorder:
         self.capacity = capacity
         self._floats = array("d")  # t_s, dt_s of every step (not yet in the sink)
         self._ints = array("i")  # the other timeline columns of every step (not yet in the sink)
+        self._pairs = array("q")  # prefill_pairs of every step (not yet in the sink)
         self._sink, self._flushed, self._last_ints = sink, 0, None  # rows in the sink, the last one's ints
         self._flush_at = 2 * chunk_rows if sink is not None else 1 << 62  # len(self._floats) that flushes
         self._times: dict[int, _Times] = {}  # requests admitted and not finished
@@ -76,6 +79,7 @@ class Recorder:
         self._floats.extend((t, dt))
         self._ints.extend((ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
                            ev.preemptions, *ev.states))
+        self._pairs.append(b.prefill_pairs)
         times = self._times
         for req, cached in ev.admitted:
             times[req.id] = _Times(req, cached)
@@ -125,6 +129,7 @@ class Recorder:
         Short runs (most end at an arrival within a few steps) in plain Python, long ones in
         numpy: the same floats (one IEEE add or subtract each) and the same rows either way."""
         k, d = len(run.t), len(run.seqs)
+        self._pairs.frombytes(bytes(8 * k))  # quiet decode steps: no prefill pairs
         if run.moved != (0, 0):  # a host tier's evictions in the run's page-taking steps
             self.moved[2] += run.moved[0]
             self.moved[3] += run.moved[1]
@@ -186,12 +191,13 @@ class Recorder:
             return
         f = np.frombuffer(self._floats).reshape(-1, 2)
         i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
-        cols = {"t_s": f[:, 0], "dt_s": f[:, 1], **{c: i[:, k] for k, c in enumerate(TIMELINE_COLUMNS[2:])}}
+        cols = {"t_s": f[:, 0], "dt_s": f[:, 1], **{c: i[:, k] for k, c in enumerate(_INT_NAMES)},
+                "prefill_pairs": np.frombuffer(self._pairs, np.int64)}
         self._sink.append(cols)
         self._flushed += len(f)
         self._last_ints = tuple(i[-1].tolist())
         del cols, f, i  # (the views pin the arrays' buffers)
-        self._floats, self._ints = array("d"), array("i")
+        self._floats, self._ints, self._pairs = array("d"), array("i"), array("q")
 
     def close(self) -> None:
         """No more steps: the rows still held go to the sink, which is closed (no-op without one)."""
@@ -256,7 +262,8 @@ class Recorder:
         for c in range(_INT_COLUMNS):
             ints[c] = i[:, c]
         cols = {"t_s": f[:, 0].copy(), "dt_s": f[:, 1].copy()}
-        cols.update(zip(TIMELINE_COLUMNS[2:], ints))
+        cols.update(zip(_INT_NAMES, ints))
+        cols["prefill_pairs"] = np.frombuffer(self._pairs, np.int64).copy()
         return pd.DataFrame(cols, columns=TIMELINE_COLUMNS, copy=False)
 
     def requests(self) -> pd.DataFrame:
@@ -306,11 +313,14 @@ class _Columns:
     def __init__(self, rec: Recorder) -> None:
         self._f = np.frombuffer(rec._floats).reshape(-1, 2)
         self._i = np.frombuffer(rec._ints, np.int32).reshape(-1, _INT_COLUMNS)
+        self._p = np.frombuffer(rec._pairs, np.int64)
 
     def __len__(self) -> int:
         return len(self._f)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name == "prefill_pairs":
+            return self._p.copy()
         k = TIMELINE_COLUMNS.index(name)
         return self._f[:, k].copy() if k < 2 else self._i[:, k - 2].astype(np.int64)
 

@@ -223,3 +223,71 @@ def test_attention_check_counts_every_prefill_query_key_pair(tmp_path):
     req = pd.read_parquet(tmp_path / "run" / "requests.parquet")
     assert sum(mod.PairCountingRecorded.pairs) == float((req.prompt_len * (req.prompt_len + 1) // 2).sum())
     assert row["eager_steps"] == int((pd.read_parquet(tmp_path / "run" / "timeline.parquet").prefill_tokens > 0).sum())
+
+
+def test_fit_recovers_a_known_prefill_pair_cost_in_the_graph_and_eager_prefill_models():
+    """A timeline with a prefill_pairs column (the prefill chunks' query-key pairs): the fit gives
+    back prefill_pair_s (eager steps, inside the floor's max) and graph_prefill_pair_s (graph-
+    replayed prefills) with every other coefficient; the same timeline without the column gets
+    no pair keys."""
+    rng = np.random.default_rng(5)
+    n = 900
+    p = np.select([rng.random(n) < 0.4, rng.random(n) < 0.5], [0, rng.integers(1, 513, n)], rng.integers(513, 8193, n))
+    prefix = rng.integers(0, 60000, n)  # one chunk per step after a cached prefix: n p + n (n + 1) / 2 pairs
+    tl = pd.DataFrame({"prefill_tokens": p, "decode_tokens": rng.integers(0, 256, n),
+                       "kv_read_tokens": rng.integers(0, 300000, n),
+                       "prefill_pairs": p * prefix + p * (p + 1) // 2})
+    coef = dict(overhead_s=0.0011, prefill_token_s=3.4e-6, decode_token_s=2.2e-5, kv_read_token_s=1e-8,
+                prefill_step_s=0.002, eager_floor_s=0.0, eager_decode_token_s=1.8e-5, eager_kv_read_token_s=3e-8,
+                graph_prefill_tokens=512, graph_prefill_step_s=0.0009, graph_prefill_token_s=1.9e-6,
+                prefill_pair_s=4e-10, graph_prefill_pair_s=7e-10)
+    tl["dt_s"] = predict(tl, coef)
+    eager = tl.prefill_tokens > 512
+    assert np.allclose(tl.dt_s[eager], 0.0011 + 0.002 + tl.prefill_tokens[eager] * 3.4e-6 + tl.decode_tokens[eager]
+                       * 1.8e-5 + tl.kv_read_tokens[eager] * 3e-8 + tl.prefill_pairs[eager] * 4e-10, rtol=1e-12)
+    got = fit(tl, graph_prefill_tokens=512)
+    assert list(got) == [*COEFFICIENTS, "prefill_pair_s", "graph_prefill_pair_s"]
+    for key, value in coef.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-13), key
+    assert list(fit(tl.drop(columns="prefill_pairs"), graph_prefill_tokens=512)) == list(COEFFICIENTS)
+
+
+def test_prefill_pair_cost_absent_or_zero_is_the_old_step_time_bit_for_bit_and_priced_when_set():
+    c = dict(overhead_s=0.006, prefill_token_s=3e-5, decode_token_s=5e-5, kv_read_token_s=4.4e-8,
+             prefill_step_s=0.001, eager_floor_s=0.0, eager_decode_token_s=None, eager_kv_read_token_s=None,
+             graph_prefill_tokens=512, graph_prefill_step_s=0.001, graph_prefill_token_s=2e-6)
+    zero = dict(c, prefill_pair_s=0.0, graph_prefill_pair_s=0.0)
+    for p, d, k, a in [(1, 3, 1000, 10**6), (513, 0, 4096, 7 * 10**8), (8192, 17, 123457, 5 * 10**9), (0, 64, 99999, 0)]:
+        assert step_time(zero, p, d, k, a) == step_time(c, p, d, k) == step_time(SimEngine(**c).coefficients, p, d, k, a)
+    priced = dict(c, prefill_pair_s=4e-10, graph_prefill_pair_s=7e-10)
+    assert step_time(priced, 8192, 0, 70000, 5 * 10**8) == step_time(c, 8192, 0, 70000) + 5 * 10**8 * 4e-10
+    assert step_time(priced, 300, 2, 7000, 10**6) == pytest.approx(step_time(c, 300, 2, 7000) + 10**6 * 7e-10, rel=1e-15)
+    assert step_time(priced, 0, 2, 7000, 0) == step_time(c, 0, 2, 7000)
+    arr = step_time(priced, np.array([0.0, 300.0, 8192.0]), np.array([2.0] * 3), np.array([7000.0] * 3),
+                    np.array([0.0, 1e6, 5e8]))
+    assert list(arr) == [step_time(priced, 0, 2, 7000), step_time(priced, 300, 2, 7000, 10**6),
+                         step_time(priced, 8192, 2, 7000, 5 * 10**8)]
+
+
+def test_a_steps_prefill_pairs_count_every_causal_query_key_pair_of_its_prefill_chunks():
+    """n new tokens at positions p..p+n-1 attend to 0..own position: n p + n (n + 1) / 2 pairs;
+    decode rows add none; a sliding-window / chunked group counts what its attention reads,
+    weighted by its K/V bytes like kv_read_tokens (checked against a brute-force count)."""
+    from kvbench.batch import KVReadGroups, ScheduledSeq, StepBatch
+    from kvbench.request import Request
+
+    def req(prompt, out=4):
+        return Request(prompt, 0.0, np.arange(prompt, dtype=np.int32), np.arange(out, dtype=np.int32))
+
+    seqs = [ScheduledSeq(req(100), 40, 60, None), ScheduledSeq(req(30), 0, 30, None),
+            ScheduledSeq(req(20), 21, 1, None)]  # a chunk after 40 cached, a whole prompt, a decode
+    b = StepBatch(seqs, 16, 64, False, [])
+    brute = sum(q + 1 for q in range(40, 100)) + sum(q + 1 for q in range(30))
+    assert b.prefill_pairs == brute == 60 * 40 + 60 * 61 // 2 + 30 * 31 // 2
+    assert StepBatch([ScheduledSeq(req(20), 21, 1, None)], 16, 64, False, []).prefill_pairs == 0
+    groups = KVReadGroups(bytes_per_token=700, full_bytes=100, windowed=((200, 32, 0), (400, 0, 16)))
+    full = [q + 1 for q in range(40, 100)] + [q + 1 for q in range(30)]
+    exact = sum(100 * c + 200 * min(c, 32) + 400 * ((c - 1) % 16 + 1) for c in full)
+    got = StepBatch([ScheduledSeq(req(100), 40, 60, None), ScheduledSeq(req(30), 0, 30, None),
+                     ScheduledSeq(req(20), 21, 1, None)], 16, 64, False, [], kv_read_groups=groups).prefill_pairs
+    assert got == (2 * exact + 700) // (2 * 700)

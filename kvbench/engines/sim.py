@@ -7,10 +7,10 @@ from kvbench.batch import StepBatch
 from kvbench.engines.base import Engine
 
 
-def step_time(c: dict, prefill, decode, kv_read):
+def step_time(c: dict, prefill, decode, kv_read, pairs=0):
     """The modelled step time of configs/engine/sim.yaml for P prefill tokens, D decode tokens and
     K K/V positions read (scalars or numpy arrays; `c` holds the coefficients, eager_* may be None,
-    graph_* may be absent).
+    graph_* may be absent), and A the step's prefill query-key pairs (`StepBatch.prefill_pairs`).
 
     decode-only step:  overhead_s + D decode_token_s + K kv_read_token_s    (a CUDA-graph replay)
     step with 1..graph_prefill_tokens prefill tokens (also a graph replay; graph_prefill_tokens
@@ -20,18 +20,26 @@ def step_time(c: dict, prefill, decode, kv_read):
                        + max(eager_floor_s, P prefill_token_s + D eager_decode_token_s
                                             + K eager_kv_read_token_s)  (eager: the host's launches
                        or the GPU's work, whichever takes longer)
+    The prefill chunks' attention over their own cached prefix: + A prefill_pair_s in the eager
+    work (inside the max), + A graph_prefill_pair_s in a graph-replayed step with prefill. Either
+    key absent or 0: no such term, the same floating-point operations as without it (bit for bit).
     """
     graph = c["overhead_s"] + decode * c["decode_token_s"] + kv_read * c["kv_read_token_s"]
     one_step = isinstance(prefill, int)  # the sim's hot path: plain floats, the same IEEE operations
     if one_step and prefill == 0:
         return graph
     graph_max = c.get("graph_prefill_tokens") or 0
+    graph_pair = c.get("graph_prefill_pair_s") or 0.0
     if one_step and prefill <= graph_max:
+        if graph_pair:
+            return graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"] + pairs * graph_pair
         return graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
     eager_decode = c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"]
     eager_kv = c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"]
     floor = c.get("eager_floor_s") or 0.0
     work = prefill * c["prefill_token_s"] + decode * eager_decode + kv_read * eager_kv
+    if c.get("prefill_pair_s"):
+        work = work + pairs * c["prefill_pair_s"]
     if one_step:
         return c["overhead_s"] + c["prefill_step_s"] + max(floor, work)
     eager = c["overhead_s"] + c["prefill_step_s"] + np.maximum(floor, work)
@@ -39,6 +47,8 @@ def step_time(c: dict, prefill, decode, kv_read):
     if graph_max:
         p = np.asarray(prefill)
         mixed = graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
+        if graph_pair:
+            mixed = mixed + pairs * graph_pair
         out = np.where((p > 0) & (p <= graph_max), mixed, out)
     return out
 
@@ -68,7 +78,7 @@ class SimEngine(Engine):
                  kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,
                  eager_decode_token_s: float | None = None, eager_kv_read_token_s: float | None = None,
                  graph_prefill_tokens: int = 0, graph_prefill_step_s: float = 0.0, graph_prefill_token_s: float = 0.0,
-                 device: str = "modelled", fast_forward: bool = True, h2d_bytes_per_s: float = 50e9,
+                 prefill_pair_s: float = 0.0, graph_prefill_pair_s: float = 0.0, device: str = "modelled", fast_forward: bool = True, h2d_bytes_per_s: float = 50e9,
                  d2h_bytes_per_s: float = 50e9, kv_bytes_per_token: int | None = None) -> None:
         self.coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
                              "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
@@ -76,7 +86,8 @@ class SimEngine(Engine):
                              "eager_decode_token_s": eager_decode_token_s,
                              "eager_kv_read_token_s": eager_kv_read_token_s,
                              "graph_prefill_tokens": graph_prefill_tokens, "graph_prefill_step_s": graph_prefill_step_s,
-                             "graph_prefill_token_s": graph_prefill_token_s}
+                             "graph_prefill_token_s": graph_prefill_token_s, "prefill_pair_s": prefill_pair_s,
+                             "graph_prefill_pair_s": graph_prefill_pair_s}
         for key, value in self.coefficients.items():
             if value is None and key.startswith("eager_") and key != "eager_floor_s":
                 continue
@@ -97,7 +108,7 @@ class SimEngine(Engine):
         self.kv_bytes_per_token = kv_bytes_per_token
 
     def step(self, batch: StepBatch) -> float:
-        dt = self.cost(batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens)
+        dt = self.cost(batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens, batch.prefill_pairs)
         if batch.h2d_tokens or batch.d2h_tokens:
             dt += self.move_time(batch.d2h_tokens, batch.h2d_tokens)
         return dt
@@ -110,8 +121,8 @@ class SimEngine(Engine):
                                "is not set (kvbench.run passes the model's; set engine.kv_bytes_per_token)")
         return d2h_tokens * bpt / self.d2h_bytes_per_s + h2d_tokens * bpt / self.h2d_bytes_per_s
 
-    def cost(self, prefill: int, decode: int, kv_read: int) -> float:
-        return float(step_time(self.coefficients, prefill, decode, kv_read))
+    def cost(self, prefill: int, decode: int, kv_read: int, pairs: int = 0) -> float:
+        return float(step_time(self.coefficients, prefill, decode, kv_read, pairs))
 
     def decode_costs(self, decode: int, kv_read: np.ndarray) -> np.ndarray:
         return step_time(self.coefficients, 0, decode, kv_read)  # elementwise: the same floats as `cost`
