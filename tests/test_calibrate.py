@@ -125,6 +125,10 @@ def test_calibrating_on_a_sim_run_gives_back_the_sim_config(tmp_path):
     assert fitted.eager_decode_token_s == pytest.approx(sim.decode_token_s, rel=1e-5)
     assert fitted.eager_kv_read_token_s == pytest.approx(sim.kv_read_token_s, rel=1e-5)
     assert fitted.graph_prefill_tokens == 0  # a sim run without graph-replayed prefills: none fitted
+    tl = pd.read_parquet(tmp_path / "run" / "timeline.parquet")  # prefill pairs recorded, 0 in decode-only steps
+    assert tl.prefill_pairs.dtype == np.int64 and ((tl.prefill_pairs > 0) == (tl.prefill_tokens > 0)).all()
+    assert (tl.prefill_pairs >= tl.prefill_tokens).all()  # each query pairs with itself at least
+    assert fitted.prefill_pair_s == pytest.approx(0.0, abs=1e-15)  # sim.yaml prices no pairs
 
 
 def test_calibrating_a_run_with_graph_replayed_prefills_reads_the_threshold_from_its_config(tmp_path):

@@ -63,6 +63,9 @@ class SimEngine(Engine):
     ones, the query's own chunk in chunked ones, 0 in state layers (`StepBatch.kv_read_tokens`,
     kvbench.batch.KVReadGroups), so `kv_read_token_s` stays the price of one position of the
     whole model's K/V and a single-group model's count is unchanged.
+    Prefill attention (issue 12): `prefill_pair_s` / `graph_prefill_pair_s` price each of the
+    step's prefill query-key pairs (`StepBatch.prefill_pairs`, weighted the same way); 0 (the
+    default): no such term.
 
     Host moves (preemption by swap, the host tier): a step that moves K/V between device and
     host takes `move_time` longer, serialized with the step (the copies are not overlapped with
