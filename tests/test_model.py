@@ -21,6 +21,7 @@ from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
 from kvbench.engines.torch_engine import TorchEngine  # noqa: E402
 from kvbench.model import ModelConfig, hf_tensor_map, kv_bytes_per_token, rope_inv_freq  # noqa: E402
 from kvbench.request import Request  # noqa: E402
+from model_drive import run_steps as drive  # noqa: E402  (tests/model_drive.py)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 512
@@ -76,35 +77,6 @@ def hf_logits(hf, req: Request) -> torch.Tensor:
     with torch.no_grad():
         out = hf(input_ids=ids).logits[0]  # [kv_len, vocab]
     return out[req.prompt_len - 1:]
-
-
-def drive(eng, reqs, tables, page_size, num_pages, contiguous, chunk=8, stagger=3,
-          starts=None, copies=None):
-    """A toy scheduler: request i joins at step i*stagger; prefill in chunks of `chunk`, then
-    decode one token per step. Returns {request id: [output_len, vocab] logits}."""
-    if eng.kv_pool is None:
-        eng.bind(page_size, num_pages)
-    pos = {r.id: (starts or {}).get(r.id, 0) for r in reqs}
-    got: dict[int, list[torch.Tensor]] = {r.id: [] for r in reqs}
-    step = 0
-    while any(pos[r.id] < r.kv_len for r in reqs):
-        seqs = []
-        for i, r in enumerate(reqs):
-            s = pos[r.id]
-            if step < i * stagger or s >= r.kv_len:
-                continue
-            n = min(chunk, r.prompt_len - s) if s < r.prompt_len else 1
-            need = -(-(s + n) // page_size)
-            seqs.append(ScheduledSeq(r, s, n, np.asarray(tables[r.id][:need], np.int32)))
-        if seqs:
-            eng.step(StepBatch(seqs, page_size, num_pages, contiguous,
-                               (copies or {}).get(step, [])))
-            for sq in seqs:
-                pos[sq.request.id] += sq.num_new
-                if sq.emits_token:
-                    got[sq.request.id].append(eng.last_logits[sq.request.id].clone())
-        step += 1
-    return {rid: torch.stack(v) for rid, v in got.items()}
 
 
 def layout(kind, reqs, seed=0):
