@@ -25,6 +25,9 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("gpu_dir", type=Path)
 ap.add_argument("--out", type=Path, required=True)
 args = ap.parse_args()
+if not (args.gpu_dir / "gs" / "runs").is_dir():
+    print(f"refit_with_pairs: error: {args.gpu_dir} has no gs/runs (a gpu_strategies --out folder)", file=sys.stderr)
+    sys.exit(2)
 register()
 R = args.gpu_dir
 dirs = {f"gs/{c}": R / "gs" / "runs" / c / "gpu" for c in sorted(p.name for p in (R / "gs" / "runs").iterdir())}

@@ -97,6 +97,10 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="only these steps (comma-separated labels; default all)")
     ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
     args = ap.parse_args()
+    unknown = set(filter(None, args.steps.split(","))) - set(steps())
+    if unknown:
+        print(f"step_overhead: error: unknown --steps {sorted(unknown)}; known: {list(steps())}", file=sys.stderr)
+        sys.exit(2)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     out = dict(device=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, rows=[])

@@ -201,7 +201,8 @@ def parse_config(text: str) -> dict:
         return {}
     m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
     if not m:
-        raise SystemExit(f"window_decode_bench: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2)")
+        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2)", file=sys.stderr)
+        sys.exit(2)
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
 
@@ -319,6 +320,8 @@ def main() -> int:
     ap.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the interpreter")
     args = ap.parse_args()
+    for text in args.extend_configs.split(","):  # bad input: one line and exit 2, before any work
+        parse_config(text)
     if SMOKE:
         dev, device = torch.device("cpu"), "cpu-smoke"
     else:
