@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -277,12 +278,13 @@ def check_bounds(window, chunk) -> None:
               lambda: f"{name} must be an int >= 0 (0 = no bound), got {v!r}")
 
 
-def key_lo_host(pos: int, window: int = 0, chunk: int = 0) -> int:
-    """`key_lo` on the host: the first key position a query at `pos` attends to."""
-    lo = pos - window + 1 if window > 0 else 0
+def key_lo_host(pos, window: int = 0, chunk: int = 0):
+    """`key_lo` on the host: the first key position a query at `pos` attends to (an int, or
+    elementwise over an int numpy array of positions)."""
+    lo = pos - window + 1 if window > 0 else pos * 0
     if chunk > 0:
-        lo = max(lo, pos // chunk * chunk)
-    return max(lo, 0)
+        lo = np.maximum(lo, pos // chunk * chunk)
+    return np.maximum(lo, 0)
 
 
 def bounded_span(max_len: int, window: int = 0, chunk: int = 0) -> int:

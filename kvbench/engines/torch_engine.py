@@ -28,6 +28,7 @@ import torch
 
 from kvbench.batch import StepBatch, SwapIn, SwapOut
 from kvbench.engines.base import Engine
+from kvbench.kernels.decode_attention import key_lo_host
 from kvbench.kernels.page_copy import page_move
 from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, build_model
 from kvbench.sizes import dtype_bytes
@@ -77,14 +78,6 @@ def with_tables(meta: AttnMetadata, slots, tables, layer_table: tuple[int, ...])
                              for k in range(len(slots)))
     meta.layer_table = tuple(layer_table)
     return meta
-
-
-def _key_lo(pos: np.ndarray, window: int, chunk: int) -> np.ndarray:
-    """kernels' key_lo_host, vectorized: the first key position a query at `pos` attends to."""
-    lo = pos - window + 1 if window > 0 else np.zeros_like(pos)
-    if chunk > 0:
-        lo = np.maximum(lo, pos // chunk * chunk)
-    return np.maximum(lo, 0)
 
 
 class HybridKV:
@@ -263,7 +256,7 @@ class HybridKV:
         if null.any():
             self.null_entries += int(null.sum())
             # the first page any query of the step reads, per table and request
-            lo = np.stack([_key_lo(starts, *bound) // ps for bound in self.bounds])  # [nt, B]
+            lo = np.stack([key_lo_host(starts, *bound) // ps for bound in self.bounds])  # [nt, B]
             read = null & (np.arange(out.shape[2])[None, None, :] >= lo[:, :, None])
             if read.any():
                 t, i, page = (int(x[0]) for x in np.nonzero(read))
