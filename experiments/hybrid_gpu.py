@@ -6,6 +6,7 @@ greedy sampling on the chosen engine, at equal pool bytes (kv_capacity_tokens x 
 
     python experiments/hybrid_gpu.py --out DIR [--model gemma3_1b_like] [--engine gpu|torch] [--limit N]
         [--trace shared_prefix|multi_turn] [--rate R] [--capacity TOKENS] [--dtype float32] [--eager]
+        [KEY=VALUE ...]   (more Hydra overrides, e.g. model.num_experts=8)
 
 Per design: requests whose greedy output equals paged's (and the share of output tokens before
 the first difference), finished, throughput (req/s, output tok/s), TTFT mean/p50/p99, TPOT
@@ -31,7 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
 
 import kvbench.run as kvrun
 from kvbench.run import run, write_atomic
@@ -88,6 +90,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="model.dtype override")
     ap.add_argument("--eager", action="store_true", help="gpu engine without CUDA graphs")
     ap.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated subset (paged always runs)")
+    ap.add_argument("set", nargs="*", metavar="KEY=VALUE",
+                    help="more Hydra overrides for every design, e.g. model.num_experts=8 (the MoE's size does "
+                         "not change the KV shapes the designs pool)")
     args = ap.parse_args(argv)
     if args.limit < 1:
         ap.error(f"--limit {args.limit}: must be >= 1")
@@ -112,6 +117,7 @@ def overrides(args: argparse.Namespace, design: str) -> list[str]:
           *m[args.trace], f"kv_capacity_tokens={args.capacity or m['capacity']}", f"max_model_len={m['max_model_len']}"]
     if args.dtype:
         ov.append(f"model.dtype={args.dtype}")
+    ov += args.set
     if args.engine == "gpu":
         ov.append(f"engine.cuda_graphs={str(not args.eager).lower()}")
     return ov
@@ -166,7 +172,8 @@ def markdown(res: dict) -> str:
         rows.append([f"{cell[k]:.3g}" if isinstance(cell[k], float) else str(cell[k]) for _, k in MD_COLUMNS])
     head = [c for c, _ in MD_COLUMNS]
     lines = [f"# Hybrid pool designs on engine={res['engine']} ({res['device']})", "",
-             f"model {res['model']}, trace {res['trace']} (limit {res['limit']}, rate {res['rate']}), pool "
+             f"model {res['model']}{' ' + ' '.join(res['overrides']) if res.get('overrides') else ''}"
+             f"{', ' + res['dtype'] if res.get('dtype') else ''}, trace {res['trace']} (limit {res['limit']}, rate {res['rate']}), pool "
              f"{res['kv_capacity_tokens']} token-equivalents, commit {res['commit']}, {res['date']}; paged is the "
              "single-pool reference (every layer keeps every token) measured in the same process.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -191,7 +198,12 @@ def _free_device() -> None:
 
 
 def _commit() -> str:
+    """git's short HEAD, or $KVBENCH_COMMIT where the tree is a copy without git (the GPU machine)."""
+    import os
     import subprocess
+
+    if os.environ.get("KVBENCH_COMMIT"):
+        return os.environ["KVBENCH_COMMIT"]
 
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         try:
             s, outputs = replay_design(args, design)
-        except (ConfigError, InstantiationException, ValueError) as err:  # bad input, e.g. no GPU: one line
+        except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as err:  # bad input, e.g. no GPU: one line
             root = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
             print(f"hybrid_gpu: error: {design}: {' '.join(str(root).split())}", file=sys.stderr)
             sys.exit(2)
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             _free_device()
     res = {"model": args.model, "engine": args.engine, "device": device, "trace": args.trace, "limit": args.limit,
            "rate": args.rate, "kv_capacity_tokens": args.capacity or MODELS[args.model]["capacity"],
-           "dtype": args.dtype, "cuda_graphs": args.engine == "gpu" and not args.eager, "commit": _commit(),
+           "dtype": args.dtype, "overrides": args.set, "cuda_graphs": args.engine == "gpu" and not args.eager, "commit": _commit(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "designs": out}
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "hybrid_gpu.json", lambda p: p.write_text(json.dumps(res, indent=2, default=str) + "\n"))
