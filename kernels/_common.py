@@ -66,12 +66,9 @@ def dot_in_f32(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get fp32-accurate products so fp32 meets its tight tolerance: "tf32x3" (three
-    tensor-core tf32 products over each operand's high and low parts, Triton's 3xTF32). Not
-    "ieee": on the GPU that lowers a [64, 256] x [256, 32] tile to half a million unrolled FMAs,
-    and ptxas ran for minutes on one kernel (H200, 141a4b6: the fp32 model runs never got past
-    their first step). For bf16/fp16 operands this is Triton's default and changes nothing."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    """fp32 inputs get exact fp32 products (no tf32) so fp32 meets its tight tolerance; for
+    bf16/fp16 operands this is Triton's default and changes nothing."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def num_sms(device: torch.device) -> int:
