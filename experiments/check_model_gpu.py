@@ -254,7 +254,8 @@ def hf_twin(cfg, device, hf_class: str, seed: int = 0):
     return hf
 
 
-def check_arch(res: dict, arch: str, dtype: str, smoke: bool = False) -> None:
+def check_arch(res: dict, arch: str, dtype: str, smoke: bool = False,
+               attentions: tuple[str, ...] = ("triton", "reference")) -> None:
     """Our engine (triton, then reference attention) with the weights of transformers' twin
     against it, at `dtype`; bf16 also against the twin in fp32 (the noise floor)."""
     import copy
@@ -287,7 +288,7 @@ def check_arch(res: dict, arch: str, dtype: str, smoke: bool = False) -> None:
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    for attention in ("triton", "reference"):
+    for attention in attentions:
         if smoke:
             from kvbench.engines.torch_engine import TorchEngine
             if attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -480,12 +481,19 @@ def main() -> None:
                     help="comma list of the dtypes checked against transformers")
     ap.add_argument("--only", default="llama,timing,gemma3,gpt_oss",
                     help="comma list of parts: llama, timing, gemma3, gpt_oss")
+    ap.add_argument("--attentions", default="triton,reference",
+                    help="gemma3 / gpt_oss parts: attention backends to check (fp32 Triton kernels take minutes "
+                         "to compile on the GPU: ieee dots; reference is the torch attention over the same pages)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="gemma3 / gpt_oss parts only, on CPU at toy shapes (checks the script)")
     args = ap.parse_args()
     only = args.only.split(",")
     if bad := sorted(set(only) - {"llama", "timing", *ARCH_CHECKS}):
         print(f"check_model_gpu: --only {bad}: parts are llama, timing, {', '.join(ARCH_CHECKS)}", file=sys.stderr)
+        sys.exit(2)
+    attentions = tuple(a for a in args.attentions.split(",") if a)
+    if not attentions or set(attentions) - {"triton", "reference"}:
+        print(f"check_model_gpu: --attentions {args.attentions!r}: a comma list of triton, reference", file=sys.stderr)
         sys.exit(2)
     use_checkout()
     import transformers
@@ -495,7 +503,7 @@ def main() -> None:
         res = {}
         for arch in (a for a in ARCH_CHECKS if a in only):
             for d in dtypes:
-                check_arch(res, arch, d, smoke=True)
+                check_arch(res, arch, d, smoke=True, attentions=attentions)
         return
     dev = torch.device("cuda")
     res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -507,7 +515,7 @@ def main() -> None:
           f"{transformers.__version__}" + (f"  copy bw {bw / 1e12:.2f} TB/s (read+write)" if bw else ""), flush=True)
     errors = {}
     parts = [(f"correctness {d}", lambda d=d: check_correctness(res, d)) for d in dtypes if "llama" in only]
-    parts += [(f"{a} {d}", lambda a=a, d=d: check_arch(res, a, d)) for a in ARCH_CHECKS if a in only for d in dtypes]
+    parts += [(f"{a} {d}", lambda a=a, d=d: check_arch(res, a, d, attentions=attentions)) for a in ARCH_CHECKS if a in only for d in dtypes]
     if "timing" in only:
         parts.append(("decode timing", lambda: time_decode(res, bw)))
     for name, fn in parts:

@@ -82,3 +82,48 @@ def test_gpu_engine_warmup_batches_are_well_formed():
     engine.warmup_s = None
     GPUEngine._warm_up(engine, page_size=4, num_pages=70)  # batches of 1 … 33 requests
     assert engine.warmup_s > 0
+
+
+def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypatch):
+    """Each Triton kernel variant (kernel and compile-time arguments) that a prefix-caching replay
+    launches was launched by the gpu engine's warm-up first, so no just-in-time compile lands in a
+    timed step (before prefill and extend chunks were warmed up, a paged run's first six steps on
+    an H200 spent 14 s compiling). Here on CPU, tiny model: the launches are recorded, not run."""
+    import importlib
+
+    from kvbench.engines.gpu_engine import GPUEngine
+
+    seen: set = set()
+
+    def recording():
+        def kernel_for(jitfn, device):
+            name = getattr(jitfn, "__name__", None) or repr(jitfn)
+
+            class Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):   # recorded, not run (the interpreter is slow)
+                        seen.add((name, tuple(sorted(kwargs.items()))))
+                    return launch
+            return Grid()
+        return kernel_for
+
+    for mod in ("decode_attention", "extend_attention", "kv_write", "rope_kv_write", "rms_norm", "silu_mul",
+                "linear", "page_copy"):
+        m = importlib.import_module(f"kvbench.kernels.{mod}")
+        monkeypatch.setattr(m, "kernel_for", recording())
+    strategy = PagedStrategy(2048, 512, page_size=4)
+    # head_dim 64: a head size with its own launch configs (the short-extend one among them)
+    engine = TorchEngine(model=OmegaConf.merge(TINY, {"head_dim": 64}), attention="triton")
+    engine.bind(strategy.page_size, strategy.num_pages)
+    GPUEngine._warm_up(engine, strategy.page_size, strategy.num_pages)
+    warmed, seen = seen, set()
+    sched = Scheduler(strategy, max_num_seqs=8, max_num_batched_tokens=512)
+    # prompts of 300 tokens (chunks past the short-extend config), 250 of them shared (extends
+    # over a cached prefix), all at t = 0
+    reqs = shared_prefix(num_groups=2, questions_per_group=3, system_len=Fixed(250), question_len=Fixed(50),
+                         output_len=Fixed(4), rate=float("inf"), seed=3, vocab_size=TINY.vocab_size)
+    result = replay(reqs, sched, engine, progress=False)
+    assert len(result.finished) == len(reqs) and sum(s.cached_tokens for s in result.finished) > 0
+    kernels = {name for name, _ in seen}
+    assert {"_extend_kernel", "_decode_kernel"} <= kernels, kernels
+    assert seen <= warmed, f"compiled first inside the replay: {sorted(seen - warmed)}"

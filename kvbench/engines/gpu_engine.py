@@ -187,10 +187,15 @@ class GPUEngine(TorchEngine):
     @torch.inference_mode()
     def _warm_up(self, page_size: int, num_pages: int) -> None:
         """Compile the kernel variants a replay will meet: mixed batches of B requests (B around
-        every power of two up to 512, divisible by 16 and not), and decodes over contexts of 64
-        tokens to the longest request (every split-KV count class), slab and paged layouts.
+        every power of two up to 512, divisible by 16 and not), decodes over contexts of 64
+        tokens to the longest request (every split-KV count class), and prefill / extend chunks
+        (both launch configs, every prefix-split class, many requests at once), slab and paged
+        layouts. Without the last, a replay's first prefill steps compiled inside timed steps
+        (H200, 141a4b6: 14 s over the first six steps of a paged run).
         Writes garbage into pool pages that the replay has not used yet (a hybrid design: the same
         page ids in every table, so within its smallest space)."""
+        from kvbench.kernels.extend_attention import EXTEND_SHORT_TOKENS
+
         t0 = time.perf_counter()
         hybrid = getattr(self, "hybrid", None)
         pages = num_pages if hybrid is None else hybrid.min_pages
@@ -215,6 +220,24 @@ class GPUEngine(TorchEngine):
                               np.array([0, 1]), one * n, np.zeros(1, np.int64), page_size, contiguous, True)
                 ids, positions, meta = self._as_layout(h).to_device(self.device)
                 self.model(ids, positions, meta, self._kv())
+            # prefill and extend: chunks of a few and of more than EXTEND_SHORT_TOKENS new tokens
+            # (the two launch configs), over no prefix and over cached prefixes of 256 … 8k tokens
+            # (every prefix-split class, so every merge width), and many short extends at once
+            # (the request-count buckets); reads page 0, writes nothing
+            for n_new, b, prefixes in ((2, 1, (0, *(256 << k for k in range(6)))),
+                                       (EXTEND_SHORT_TOKENS + 1, 1, (0, *(256 << k for k in range(6)))),
+                                       *((2, (64 << k) + 1, (0,)) for k in range(3))):
+                for prefix in prefixes:
+                    if prefix + n_new > longest:
+                        continue
+                    lens = np.full(b, n_new, np.int64)
+                    qsl = np.concatenate([[0], np.cumsum(lens)])
+                    h = HostBatch(np.zeros(b * n_new, np.int64), np.tile(np.arange(prefix, prefix + n_new), b),
+                                  -np.ones(b * n_new, np.int64),
+                                  np.zeros((b, -(-(prefix + n_new) // page_size)), np.int32), qsl,
+                                  lens + prefix, qsl[1:] - 1, page_size, contiguous, False)
+                    ids, positions, meta = self._as_layout(h).to_device(self.device)
+                    self.model(ids, positions, meta, self._kv())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.warmup_s = time.perf_counter() - t0
