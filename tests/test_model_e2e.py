@@ -91,6 +91,8 @@ def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypa
     an H200 spent 14 s compiling). Here on CPU, tiny model: the launches are recorded, not run."""
     import importlib
 
+    import torch
+
     from kvbench.engines.gpu_engine import GPUEngine
 
     seen: set = set()
@@ -98,11 +100,18 @@ def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypa
     def recording():
         def kernel_for(jitfn, device):
             name = getattr(jitfn, "__name__", None) or repr(jitfn)
+            dns = set((getattr(jitfn, "kwargs", None) or {}).get("do_not_specialize") or ())
 
             class Grid:
                 def __getitem__(self, grid):
                     def launch(*args, **kwargs):   # recorded, not run (the interpreter is slow)
-                        seen.add((name, tuple(sorted(kwargs.items()))))
+                        # what Triton specializes a compiled kernel on: the constexprs, each
+                        # tensor's dtype and 16-byte alignment, each int's == 1 and % 16 == 0
+                        spec = tuple((str(a.dtype), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                                     "int" if n in dns and isinstance(a, int) else
+                                     (a == 1, a % 16 == 0) if isinstance(a, int) and not isinstance(a, bool) else
+                                     type(a).__name__ for n, a in zip(jitfn.arg_names, args))
+                        seen.add((name, tuple(sorted(kwargs.items())), spec))
                     return launch
             return Grid()
         return kernel_for
@@ -111,9 +120,11 @@ def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypa
                 "linear", "page_copy"):
         m = importlib.import_module(f"kvbench.kernels.{mod}")
         monkeypatch.setattr(m, "kernel_for", recording())
+        if hasattr(m, "num_sms"):   # the H200's 132 SMs: its split-KV and prefix-split choices
+            monkeypatch.setattr(m, "num_sms", lambda device: 132)
     strategy = PagedStrategy(2048, 512, page_size=4)
-    # head_dim 64: a head size with its own launch configs (the short-extend one among them)
-    engine = TorchEngine(model=OmegaConf.merge(TINY, {"head_dim": 64}), attention="triton")
+    # the Llama-3.2-1B attention shape (32 x 64 query heads, 8 KV heads): launch configs of its own
+    engine = TorchEngine(model=OmegaConf.merge(TINY, {"head_dim": 64, "num_heads": 32, "num_kv_heads": 8}), attention="triton")
     engine.bind(strategy.page_size, strategy.num_pages)
     GPUEngine._warm_up(engine, strategy.page_size, strategy.num_pages)
     warmed, seen = seen, set()
@@ -124,6 +135,6 @@ def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypa
                          output_len=Fixed(4), rate=float("inf"), seed=3, vocab_size=TINY.vocab_size)
     result = replay(reqs, sched, engine, progress=False)
     assert len(result.finished) == len(reqs) and sum(s.cached_tokens for s in result.finished) > 0
-    kernels = {name for name, _ in seen}
+    kernels = {name for name, *_ in seen}
     assert {"_extend_kernel", "_decode_kernel"} <= kernels, kernels
     assert seen <= warmed, f"compiled first inside the replay: {sorted(seen - warmed)}"
