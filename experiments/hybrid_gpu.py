@@ -12,16 +12,21 @@ Per design: requests whose greedy output equals paged's (and the share of output
 the first difference), finished, throughput (req/s, output tok/s), TTFT mean/p50/p99, TPOT
 mean/p50/p99, preemptions, peak and mean running, prefix hit rate, the K/V memory the engine
 allocated (`kv_pool_bytes`) against the pool it accounts (`kv_capacity_bytes`), and the host time
-spent reading the design's page tables. Writes DIR/hybrid_gpu.json and DIR/hybrid_gpu.md (each to
-a temporary name, then renamed) and the run dirs DIR/runs/<design>/.
+spent reading the design's page tables; per request whose output differs from paged's, where it
+first differs. Writes DIR/hybrid_gpu.json and DIR/hybrid_gpu.md after each design (each to a
+temporary name, then renamed: a time limit keeps the designs that ran) and the run dirs
+DIR/runs/<design>/.
 
 Models: gemma3_1b_like (26 layers: 22 sliding window 512, 4 full; the 1B-class shape),
 gpt_oss_like (24 layers alternating window 128 and full; its 32-expert MoE runs every expert
 inside a CUDA graph, so a decode step reads ~38 GB of weights: use a smaller --limit, e.g. 100),
-and tiny_hybrid (a 7-layer tiny model,
-window 32, for a CPU smoke test: `--engine torch --model tiny_hybrid --limit 6`). Random weights.
+and for the CPU, toy sizes: tiny_hybrid (a 7-layer Llama with layer groups, window 32),
+tiny_gemma3_1b and tiny_gpt_oss (the two architectures, window 32), e.g.
+`--engine torch --model tiny_gpt_oss --limit 6 --dtype float32`. Random weights.
 On the GPU, bf16 kernels may break a near-tie of random logits differently in differently
-composed batches: `--dtype float32` makes the token comparison exact up to fp32 rounding.
+composed batches; `--dtype float32` narrows that to fp32 rounding. The fp32 Triton kernels take
+minutes to compile on the GPU (ieee dots), so fp32 runs there use the torch attention over the
+same pages: `--dtype float32 --eager engine.attention=reference`.
 """
 from __future__ import annotations
 
@@ -51,6 +56,18 @@ MODELS = {
                            shared_prefix=["trace.output_len.max=512"], multi_turn=["trace.output_len.max=512"]),
     "gpt_oss_like": dict(overrides=["model=gpt_oss_like"], capacity=16384, max_model_len=4096,
                          shared_prefix=["trace.output_len.max=512"], multi_turn=["trace.output_len.max=512"]),
+    # the two architectures at toy sizes, for the CPU (their own layer patterns: gemma 6 local +
+    # 1 global, gpt-oss 2 + 2; windows cut to 32)
+    **{f"tiny_{arch}": dict(overrides=[f"model={arch}_like", "model.hidden_size=64",
+                                       "model.intermediate_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+                                       "model.head_dim=16", "model.vocab_size=512", *extra],
+                            capacity=2048, max_model_len=512,
+                            shared_prefix=["trace.num_groups=2", "trace.system_len.value=100", *_SMALL_TRACE],
+                            multi_turn=["trace.num_chats=3", "trace.user_len.mean=24", "trace.user_len.max=48",
+                                        "trace.think_time_s=0.01", "trace.max_prompt_len=200", *_SMALL_TRACE[3:]])
+       for arch, extra in (("gemma3_1b", ["model.num_layers=7", "model.layers.groups.local.window=32"]),
+                           ("gpt_oss", ["model.num_layers=4", "model.num_experts=8",
+                                        "model.layers.groups.sliding.window=32"]))},
     "tiny_hybrid": dict(overrides=["model=tiny", "model.num_layers=7", "model.tie_embeddings=false",
                                    "model.vocab_size=512",
                                    "+model.layers={pattern:[local,local,global],groups:{local:{kind:sliding,window:32},"
@@ -64,7 +81,8 @@ KEYS = ("finished", "rejected", "request_throughput", "output_throughput", "ttft
         "tpot_mean_s", "tpot_p50_s", "tpot_p99_s", "preemptions", "peak_running", "mean_running", "prefix_hit_rate",
         "duration_s", "kv_pool_bytes", "kv_capacity_bytes", "table_build_s", "table_read_s", "kv_tables", "kv_layout",
         "num_steps", "wall_time_s", "cuda_graph_captures", "warmup_s")
-MD_COLUMNS = (("design", "design"), ("identical", "identical_to_paged"), ("tok match", "tokens_matching_frac"),
+MD_COLUMNS = (("design", "design"), ("finished", "finished"), ("rejected", "rejected"),
+              ("identical", "identical_to_paged"), ("tok match", "tokens_matching_frac"),
               ("req/s", "request_throughput"), ("out tok/s", "output_throughput"), ("TTFT mean s", "ttft_mean_s"),
               ("TTFT p50 s", "ttft_p50_s"), ("TTFT p99 s", "ttft_p99_s"), ("TPOT mean ms", "tpot_mean_ms"),
               ("TPOT p99 ms", "tpot_p99_ms"), ("preempt", "preemptions"), ("peak run", "peak_running"),
@@ -148,9 +166,11 @@ def replay_design(args: argparse.Namespace, design: str) -> tuple[dict, dict[int
     return summary, {r.id: np.asarray(r.output).copy() for r in seen[0]}
 
 
-def compare(got: dict[int, np.ndarray], ref: dict[int, np.ndarray]) -> tuple[int, float]:
-    """(requests whose outputs are identical, share of output tokens before each request's first difference)."""
-    same, match, total = 0, 0, 0
+def compare(got: dict[int, np.ndarray], ref: dict[int, np.ndarray]) -> tuple[int, float, list[list[int]]]:
+    """(requests whose outputs are identical, share of output tokens before each request's first
+    difference, [request id, index of its first differing token, output length] per request whose
+    output differs)."""
+    same, match, total, differ = 0, 0, 0, []
     for rid, r in ref.items():
         g = got.get(rid)
         total += len(r)
@@ -159,17 +179,21 @@ def compare(got: dict[int, np.ndarray], ref: dict[int, np.ndarray]) -> tuple[int
         diff = np.nonzero(g != r)[0]
         same += not len(diff)
         match += len(r) if not len(diff) else int(diff[0])
-    return same, (match / total if total else 1.0)
+        if len(diff):
+            differ.append([int(rid), int(diff[0]), len(r)])
+    return same, (match / total if total else 1.0), differ
 
 
 def markdown(res: dict) -> str:
     rows = []
     for r in res["designs"]:
-        cell = dict(r, tpot_mean_ms=1e3 * r["tpot_mean_s"], tpot_p99_ms=1e3 * r["tpot_p99_s"],
+        ms = {f"tpot_{k}_ms": None if r[f"tpot_{k}_s"] is None else 1e3 * r[f"tpot_{k}_s"] for k in ("mean", "p99")}
+        cell = dict(r, **ms,
                     tables_pct=100 * r["table_build_s"] / r["duration_s"] if r["duration_s"] else 0.0,
                     kv_mib=f"{r['kv_pool_bytes'] / 2**20:.1f} / {r['kv_capacity_bytes'] / 2**20:.1f}",
                     identical_to_paged=f"{r['identical_to_paged']}/{r['num_requests']}")
-        rows.append([f"{cell[k]:.3g}" if isinstance(cell[k], float) else str(cell[k]) for _, k in MD_COLUMNS])
+        rows.append([f"{cell[k]:.3g}" if isinstance(cell[k], float) else "-" if cell[k] is None else str(cell[k])
+                     for _, k in MD_COLUMNS])
     head = [c for c, _ in MD_COLUMNS]
     lines = [f"# Hybrid pool designs on engine={res['engine']} ({res['device']})", "",
              f"model {res['model']}{' ' + ' '.join(res['overrides']) if res.get('overrides') else ''}"
@@ -227,24 +251,24 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"hybrid_gpu: error: {design}: {' '.join(str(root).split())}", file=sys.stderr)
             sys.exit(2)
         ref = outputs if ref is None else ref
-        same, frac = compare(outputs, ref)
+        same, frac, differ = compare(outputs, ref)
         row = {"design": design, "num_requests": len(ref), "identical_to_paged": same, "tokens_matching_frac": frac,
-               **{k: s.get(k) for k in KEYS}}
+               "differing_requests": differ, **{k: s.get(k) for k in KEYS}}
         row["table_build_s"] = row["table_build_s"] or 0.0
         row["table_read_s"] = row["table_read_s"] or 0.0
         device = s.get("device", device)
         out.append(row)
         print(f"hybrid_gpu: {design}: {same}/{len(ref)} identical, {s['output_throughput']:.1f} tok/s, "
               f"{s['preemptions']} preemptions, {time.perf_counter() - t0:.1f} s", flush=True)
+        res = {"model": args.model, "engine": args.engine, "device": device, "trace": args.trace, "limit": args.limit,
+               "rate": args.rate, "kv_capacity_tokens": args.capacity or MODELS[args.model]["capacity"],
+               "dtype": args.dtype, "overrides": args.set, "cuda_graphs": args.engine == "gpu" and not args.eager,
+               "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "designs": out}
+        args.out.mkdir(parents=True, exist_ok=True)   # after each design: a time limit keeps what ran
+        write_atomic(args.out / "hybrid_gpu.json", lambda p: p.write_text(json.dumps(res, indent=2, default=str) + "\n"))
+        write_atomic(args.out / "hybrid_gpu.md", lambda p: p.write_text(markdown(res)))
         if args.engine == "gpu":
             _free_device()
-    res = {"model": args.model, "engine": args.engine, "device": device, "trace": args.trace, "limit": args.limit,
-           "rate": args.rate, "kv_capacity_tokens": args.capacity or MODELS[args.model]["capacity"],
-           "dtype": args.dtype, "overrides": args.set, "cuda_graphs": args.engine == "gpu" and not args.eager, "commit": _commit(),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "designs": out}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "hybrid_gpu.json", lambda p: p.write_text(json.dumps(res, indent=2, default=str) + "\n"))
-    write_atomic(args.out / "hybrid_gpu.md", lambda p: p.write_text(markdown(res)))
     return res
 
 

@@ -284,14 +284,17 @@ def test_a_hybrid_batch_with_page_copies_is_refused(runs):
         eng.step(StepBatch([], 16, 64, False, [(1, 2)]))
 
 
-def test_experiment_smoke(tmp_path):
-    """experiments/hybrid_gpu.py on the CPU: every design against paged, tokens identical."""
+@pytest.mark.parametrize("model", ["tiny_hybrid", "tiny_gemma3_1b", "tiny_gpt_oss"])
+def test_experiment_smoke(tmp_path, model):
+    """experiments/hybrid_gpu.py on the CPU: every design against paged, tokens identical (fp32),
+    on a Llama with layer groups and on the Gemma-3 and gpt-oss architectures (sinks, MoE)."""
     sys.path.insert(0, str(REPO / "experiments"))
     try:
         import hybrid_gpu
     finally:
         sys.path.remove(str(REPO / "experiments"))
-    hybrid_gpu.main(["--out", str(tmp_path), "--engine", "torch", "--model", "tiny_hybrid", "--limit", "6"])
+    hybrid_gpu.main(["--out", str(tmp_path), "--engine", "torch", "--model", model, "--limit", "6",
+                     "--dtype", "float32"])
     import json
 
     res = json.loads((tmp_path / "hybrid_gpu.json").read_text())
