@@ -259,6 +259,28 @@ def check_each_value_once() -> None:
     BasicSweeper.validate_batch_is_legal = validate_batch_is_legal
 
 
+def register_launcher() -> None:
+    """Register the repository's launcher plugin (hydra_plugins/kvbench_launcher: `hydra/launcher=
+    parallel`) with Hydra. Hydra finds plugins by scanning the installed `hydra_plugins` package,
+    which this one is not part of (it sits next to configs/, like them read from the checkout);
+    it is imported under its plugin name, as Hydra requires. Idempotent; mutates Hydra's Plugins."""
+    import importlib.util
+
+    from hydra.core.plugins import Plugins
+
+    name = "hydra_plugins.kvbench_launcher"
+    if name not in sys.modules:
+        import hydra_plugins  # noqa: F401  (the namespace package, for the submodule below)
+
+        folder = Path(CONFIG_DIR).parent / "hydra_plugins" / "kvbench_launcher"
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    Plugins.instance().register(sys.modules[name].WarmJoblibLauncher)
+
+
 def main() -> None:
     from kvbench.schema import register
 
@@ -274,6 +296,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing pages
     register()
     check_each_value_once()
+    register_launcher()
     try:
         _app()
     except KeyboardInterrupt:

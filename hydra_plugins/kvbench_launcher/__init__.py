@@ -1,0 +1,214 @@
+"""`hydra/launcher=parallel`: a sweep's jobs in n_jobs warm worker processes (issue 13 §5).
+
+Hydra's joblib launcher pickles the whole Hydra state (config store, plugins, the sweep's config
+and loader) for every job, and each loky worker imports kvbench, numpy, pandas and pyarrow
+before its first job: on a 100-run sweep of small runs that was ~2.5x the CPU of the runs
+themselves. Here the sweep's process imports what the jobs need once (`preload`), then forks
+n_jobs workers: each starts with every module, the config store and the compose memo of the
+parent (kvbench/compose_cache.py), and is handed one job at a time over a pipe (its number and
+overrides; it replies with the job's status), the next job as soon as it is free. A job runs
+exactly as under Hydra's own launchers (`load_sweep_config`, then `run_job`: the run dir, its
+.hydra/ files, run.log, the callbacks), so its files are the same.
+
+A worker that dies mid-job (a crash, a kill, out of memory) fails that job only: its run dir
+gets error.txt (kvbench.run.record_failure; the report lists it, the sweep exits 1), a fresh
+worker is forked and the sweep goes on. Ctrl-C stops the workers and the sweep.
+
+The joblib keys of `parallel.yaml` are accepted: `backend: loky` (or `fork_workers: false`)
+runs Hydra's joblib launcher as before (needs hydra-joblib-launcher); with the fork workers only
+`n_jobs` is used (joblib's meaning: -1 one per CPU, -2 all but one). Linux/macOS only (fork).
+Not found by Hydra's plugin scan (it lives in the repository, not site-packages):
+kvbench.cli registers it (`register()`).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import pickle
+import sys
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def worker_count(n_jobs: Any, cpus: int | None = None) -> int:
+    """joblib's n_jobs (an int: k > 0 workers, -1 one per CPU, -2 all but one...) as a count;
+    ValueError (one line) for 0, a non-integer or too negative a value."""
+    cpus = cpus or os.cpu_count() or 1
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+        raise ValueError(f"hydra.launcher.n_jobs={n_jobs!r}: use a whole number of workers > 0 "
+                         f"(or -1 for one per CPU, -2 for all but one)")
+    count = n_jobs if n_jobs > 0 else cpus + 1 + n_jobs
+    if count < 1:
+        raise ValueError(f"hydra.launcher.n_jobs={n_jobs}: this machine has {cpus} CPUs, so at least "
+                         f"{-cpus} (or a positive count)")
+    return count
+
+
+class WarmJoblibLauncher(Launcher):
+    """Hydra's JoblibLauncher's config (`n_jobs` and joblib's other keys), run in forked warm
+    workers. `fork_workers` false or a `backend` other than null/loky: Hydra's joblib launcher."""
+
+    def __init__(self, fork_workers: bool = True, preload: Sequence[str] = (), **joblib: Any) -> None:
+        self.fork_workers, self.preload = bool(fork_workers), list(preload or ())
+        self.joblib = joblib
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if not self.fork_workers or self.joblib.get("backend") not in (None, "loky") or not hasattr(os, "fork"):
+            from hydra_plugins.hydra_joblib_launcher import _core  # Hydra's joblib launcher, as before
+
+            return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
+        workers = min(worker_count(self.joblib.get("n_jobs", -1)), len(job_overrides))
+        for name in self.preload:  # once here, inherited by every worker
+            importlib.import_module(name)
+        setup_globals()
+        assert self.config is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info(f"Launching {len(job_overrides)} jobs in {workers} warm worker processes, "
+                 f"sweep output dir : {sweep_dir}")
+        for idx, overrides in enumerate(job_overrides):
+            log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return _Pool(self, workers).run([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)])
+
+    # ---- one job (in a worker) ------------------------------------------------------------------
+    def job_config(self, idx: int, overrides: list[str]) -> DictConfig:
+        """The job's config as Hydra's launchers make it (job id and number set); sets HydraConfig."""
+        assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(cfg):
+            cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
+            cfg.hydra.job.num = idx
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    def execute(self, idx: int, overrides: list[str]) -> JobReturn:
+        assert self.hydra_context is not None and self.task_function is not None
+        ret = run_job(hydra_context=self.hydra_context, config=self.job_config(idx, overrides),
+                      task_function=self.task_function, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir")
+        return JobReturn(overrides=ret.overrides, working_dir=ret.working_dir, task_name=ret.task_name,
+                         status=ret.status, _return_value=ret._return_value)  # (configs stay in the worker)
+
+    def job_dir(self, idx: int, overrides: list[str]) -> Path:
+        """The job's run dir, composed here (the sweep's process: HydraConfig is put back)."""
+        before = HydraConfig.instance().cfg
+        try:
+            cfg = self.job_config(idx, overrides)
+            return Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+        finally:
+            HydraConfig.instance().cfg = before
+
+
+def _serve(conn: Any, launcher: WarmJoblibLauncher) -> None:
+    """A worker's loop: run each (idx, overrides) it is sent, reply (idx, JobReturn); None ends it."""
+    while (job := conn.recv()) is not None:
+        idx, overrides = job
+        try:
+            ret = launcher.execute(idx, overrides)
+        except Exception as err:  # (a compose error, an error outside the task: the sweep stops, as before)
+            ret = JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=err)
+        try:
+            reply = pickle.dumps((idx, ret))
+        except Exception:  # an unpicklable return value or exception
+            ret._return_value = RuntimeError(repr(ret._return_value))
+            reply = pickle.dumps((idx, ret))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        conn.send_bytes(reply)
+
+
+class _Pool:
+    """n forked workers, one job each at a time; a dead worker's job is recorded failed and the
+    worker replaced. Mutates the sweep's run dirs only through the jobs (and error.txt)."""
+
+    def __init__(self, launcher: WarmJoblibLauncher, workers: int) -> None:
+        self.launcher, self.size = launcher, workers
+        self.ctx = multiprocessing.get_context("fork")
+        self.busy: dict[Any, tuple[Any, tuple[int, list[str]] | None]] = {}  # conn -> (process, job)
+        self.started: list[Any] = []
+
+    def _start(self) -> Any:
+        here, there = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_serve, args=(there, self.launcher), daemon=True)
+        proc.start()
+        self.started.append(proc)
+        there.close()
+        self.busy[here] = (proc, None)
+        return here
+
+    def run(self, jobs: list[tuple[int, list[str]]]) -> list[JobReturn]:
+        todo, results = list(reversed(jobs)), {}
+        try:
+            for _ in range(self.size):
+                self._start()
+            while len(results) < len(jobs):
+                for conn, (proc, job) in list(self.busy.items()):
+                    if job is None and todo:  # an idle worker: the next job
+                        self.busy[conn] = (proc, todo.pop())
+                        conn.send(self.busy[conn][1])
+                    elif job is None:  # nothing left for it
+                        conn.send(None)
+                        del self.busy[conn]
+                ready = wait([*self.busy, *(p.sentinel for p, _ in self.busy.values())])
+                for conn, (proc, job) in list(self.busy.items()):
+                    if conn in ready or proc.sentinel in ready:
+                        self._collect(conn, proc, job, results, bool(todo))
+        finally:
+            for conn, (proc, _) in self.busy.items():  # (only on an error or Ctrl-C: idle ones were sent None)
+                if proc.is_alive():
+                    proc.terminate()
+                conn.close()
+            for proc in self.started:
+                proc.join()
+        return [results[idx] for idx, _ in jobs]
+
+    def _collect(self, conn: Any, proc: Any, job: Any, results: dict, more: bool) -> None:
+        try:
+            idx, ret = pickle.loads(conn.recv_bytes())
+            results[idx] = ret
+            self.busy[conn] = (proc, None)
+            return
+        except (EOFError, OSError):  # the worker died: mid-job, or between jobs
+            pass
+        proc.join()
+        del self.busy[conn]
+        conn.close()
+        if job is not None:
+            results[job[0]] = self._died(job, proc.exitcode)
+        if more or job is not None:
+            self._start()
+
+    def _died(self, job: tuple[int, list[str]], exitcode: int | None) -> JobReturn:
+        idx, overrides = job
+        how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+        line = f"kvbench: unexpected error: the worker process running this job died ({how})"
+        try:
+            out_dir = self.launcher.job_dir(idx, overrides)
+            from kvbench.run import record_failure
+
+            record_failure(out_dir, line)
+        except Exception as err:  # (the line on stderr still says which job)
+            out_dir = f"? ({err})"
+        print(f"{line}: job {idx} ({' '.join(overrides)}), run dir {out_dir}; the sweep goes on",
+              file=sys.stderr, flush=True)
+        return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
