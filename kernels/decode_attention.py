@@ -208,7 +208,7 @@ def _decode_kernel(
                          (acc2 / den[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     po_ptr, plse_ptr,        # [B, H_q, S, D], [B, H_q, S] fp32
     o_ptr,                   # [B, H_q, D]

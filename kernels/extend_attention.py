@@ -218,7 +218,7 @@ def _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "num_splits"], do_not_specialize_on_alignment=["qsl_ptr", "sink_ptr"])
 def _extend_merge_kernel(
     po_ptr, plse_ptr,        # [T, H_q, S, D], [T, H_q, S] fp32
     o_ptr,                   # [T, H_q, D]
@@ -258,8 +258,14 @@ def _extend_merge_kernel(
 # just-in-time compile in the middle of a timed serving step. The k_new/v_new token strides are
 # passed divided by NEW_ALIGN (a constexpr power of two, 16 for any usual layout), so the
 # compiler still knows the rows are 16-element aligned and vectorizes their loads.
+# Not specialized on: the ints that vary per step, and the alignment of the per-request arrays
+# (page table, query_start_loc, seq_lens, and seq_lens passed as sink_ptr without sinks): a mixed
+# step passes them sliced after its decode rows, at any 4-byte offset, and each alignment would
+# be one more compiled variant, compiled inside a timed step (H200: a paged replay's first mixed
+# steps took 3.8-4.7 s; tests/test_model_e2e.py checks the warm-up covers every variant).
 @triton.jit(do_not_specialize=["stride_ptb", "page_size", "B", "stride_knt_a", "stride_vnt_a", "window", "chunk",
-                               "split_tokens", "num_splits"])
+                               "split_tokens", "num_splits"],
+            do_not_specialize_on_alignment=["pt_ptr", "qsl_ptr", "seqlen_ptr", "sink_ptr"])
 def _extend_kernel(
     q_ptr,                   # [T, H_q, D]
     kc_ptr, vc_ptr,          # [num_slots, H_kv, D]

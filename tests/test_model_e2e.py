@@ -13,7 +13,7 @@ from kvbench.engines.torch_engine import TorchEngine
 from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
 from kvbench.strategies.paged import PagedStrategy
-from kvbench.traces import Fixed, shared_prefix
+from kvbench.traces import Fixed, LogNormal, shared_prefix
 from strategy_cases import STRATEGY_YAMLS, build
 
 # untied embeddings: a tied random model just repeats its input token, which would prove little
@@ -100,14 +100,16 @@ def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypa
     def recording():
         def kernel_for(jitfn, device):
             name = getattr(jitfn, "__name__", None) or repr(jitfn)
-            dns = set((getattr(jitfn, "kwargs", None) or {}).get("do_not_specialize") or ())
+            opts = getattr(jitfn, "kwargs", None) or {}
+            dns, dnsa = set(opts.get("do_not_specialize") or ()), set(opts.get("do_not_specialize_on_alignment") or ())
 
             class Grid:
                 def __getitem__(self, grid):
                     def launch(*args, **kwargs):   # recorded, not run (the interpreter is slow)
                         # what Triton specializes a compiled kernel on: the constexprs, each
                         # tensor's dtype and 16-byte alignment, each int's == 1 and % 16 == 0
-                        spec = tuple((str(a.dtype), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                        # (but not what the kernel's do_not_specialize[_on_alignment] lists)
+                        spec = tuple((str(a.dtype), n in dnsa or a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
                                      "int" if n in dns and isinstance(a, int) else
                                      (a == 1, a % 16 == 0) if isinstance(a, int) and not isinstance(a, bool) else
                                      type(a).__name__ for n, a in zip(jitfn.arg_names, args))
@@ -122,17 +124,19 @@ def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypa
         monkeypatch.setattr(m, "kernel_for", recording())
         if hasattr(m, "num_sms"):   # the H200's 132 SMs: its split-KV and prefix-split choices
             monkeypatch.setattr(m, "num_sms", lambda device: 132)
-    strategy = PagedStrategy(2048, 512, page_size=4)
+    strategy = PagedStrategy(4096, 512, page_size=16)
     # the Llama-3.2-1B attention shape (32 x 64 query heads, 8 KV heads): launch configs of its own
     engine = TorchEngine(model=OmegaConf.merge(TINY, {"head_dim": 64, "num_heads": 32, "num_kv_heads": 8}), attention="triton")
     engine.bind(strategy.page_size, strategy.num_pages)
     GPUEngine._warm_up(engine, strategy.page_size, strategy.num_pages)
     warmed, seen = seen, set()
-    sched = Scheduler(strategy, max_num_seqs=8, max_num_batched_tokens=512)
+    sched = Scheduler(strategy, max_num_seqs=6, max_num_batched_tokens=512)
     # prompts of 300 tokens (chunks past the short-extend config), 250 of them shared (extends
-    # over a cached prefix), all at t = 0
-    reqs = shared_prefix(num_groups=2, questions_per_group=3, system_len=Fixed(250), question_len=Fixed(50),
-                         output_len=Fixed(4), rate=float("inf"), seed=3, vocab_size=TINY.vocab_size)
+    # over a cached prefix), all at t = 0, outputs of 2-40 tokens: mixed steps of 1, 3, 4 and 5
+    # decode rows beside prefill chunks (a sliced page table at any alignment)
+    reqs = shared_prefix(num_groups=3, questions_per_group=4, system_len=Fixed(250), question_len=Fixed(50),
+                         output_len=LogNormal(mean=12, sigma=0.6, min=2, max=40), rate=float("inf"), seed=3,
+                         vocab_size=TINY.vocab_size)
     result = replay(reqs, sched, engine, progress=False)
     assert len(result.finished) == len(reqs) and sum(s.cached_tokens for s in result.finished) > 0
     kernels = {name for name, *_ in seen}
