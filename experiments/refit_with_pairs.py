@@ -2,68 +2,163 @@
 each on its own clock (engine=recorded: the timeline then records prefill_pairs), fit once on all
 steps, replay the sim with that model, and compare throughput, mean TTFT and mean TPOT with the GPU.
 
-    python experiments/refit_with_pairs.py GPU_DIR --out DIR
+    python experiments/refit_with_pairs.py GPU_DIR --out DIR [--sweep NAME=DIR ...] [--fit-apart NAME ...]
 
 GPU_DIR holds `gs/runs/<case>/gpu` (experiments/gpu_strategies.py) and the prefix-saving sweeps
-`ps_mt/<run>`, `ps_mc/<run>` (`kvbench -m experiment=gpu_prefix_saving ...`). Writes
-DIR/coef.json and DIR/fidelity.csv (the recorded and sim run dirs under DIR/runs)."""
+`ps_mt/<run>`, `ps_mc/<run>` (`kvbench -m experiment=gpu_prefix_saving ...`); --sweep adds more
+sweep folders of GPU run dirs (their cases are NAME/<run>; a timeline that already has the
+prefill_pairs column is used as it is). Runs whose case starts with a --fit-apart prefix are
+replayed but left out of the fits (e.g. a sweep measured on a kernel build since reverted).
+
+Fits (kvbench.calibrate.fit, stalls dropped: steps over STALL x the model):
+  - one_run_weighted: one model, each run counting equally (`fit(..., runs=)`: a step's squared
+    error weighted by its run's n / T**2), the model of configs/engine/sim_h200_llama3_2_1b_all.yaml;
+  - one_unweighted: one model, every step weighing the same (Mooncake's long steps dominate);
+  - per_trace: one model per trace, unweighted (the comparison of before).
+Each run is replayed in the sim with each fit; with the one_run_weighted fit also with the GPU
+run's stalls injected (`StallInjectedSim`: the excess of each GPU step over STALL x the model is
+added to the sim step that starts at or after the GPU step's start), since a stall at the start
+of a finite-rate run queues every request behind it and no step model can predict it.
+
+Writes DIR/coef_<fit>.json, DIR/fidelity_one_model.csv (one row per run and fit) and
+DIR/fidelity_one_model.md (the run dirs under DIR/runs)."""
 import argparse
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_strategies import STALL, register, rel_err, same, with_engine  # noqa: E402
+from gpu_strategies import STALL, md_table, register, rel_err, same, with_engine  # noqa: E402
 
-from kvbench.calibrate import fit, graph_prefill_tokens  # noqa: E402
+from kvbench.calibrate import fit, graph_prefill_tokens, predict, write_text_atomic  # noqa: E402
+from kvbench.engines.sim import SimEngine  # noqa: E402
 from kvbench.run import run  # noqa: E402
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("gpu_dir", type=Path)
-ap.add_argument("--out", type=Path, required=True)
-args = ap.parse_args()
-if not (args.gpu_dir / "gs" / "runs").is_dir():
-    print(f"refit_with_pairs: error: {args.gpu_dir} has no gs/runs (a gpu_strategies --out folder)", file=sys.stderr)
-    sys.exit(2)
-register()
-R = args.gpu_dir
-dirs = {f"gs/{c}": R / "gs" / "runs" / c / "gpu" for c in sorted(p.name for p in (R / "gs" / "runs").iterdir())}
-for sweep in ("ps_mt", "ps_mc"):  # run dirs that finished (a summary.json)
-    dirs |= {f"{sweep}/{d.name}": d for d in sorted((R / sweep).glob("*/summary.json")) for d in [d.parent]}
-out = args.out / "runs"
-tls, base, gpu, rep = {}, {}, {}, {}
-for k, d in dirs.items():
-    base[k] = OmegaConf.load(d / "config.yaml")
-    gpu[k] = json.loads((d / "summary.json").read_text())
-    r = d.parent / "gpu_repeat" / "summary.json"
-    rep[k] = json.loads(r.read_text()) if d.name == "gpu" and r.exists() else None
-    o = out / k.replace("/", "_") / "recorded"
-    if not (o / "timeline.parquet").exists():
-        run(with_engine(base[k], ["engine=recorded", f"engine.timeline={(d / 'timeline.parquet').resolve()}"]), o)
-    t = pd.read_parquet(o / "timeline.parquet")
-    tls[k] = t
-    print(k, len(t), int(t.prefill_pairs.max()), flush=True)
-gm = {graph_prefill_tokens(d) for d in dirs.values()}.pop()
-coef = fit(pd.concat(tls.values(), ignore_index=True), stall=STALL, graph_prefill_tokens=gm)
-print("coef", json.dumps(coef), flush=True)
-args.out.mkdir(parents=True, exist_ok=True)
-(args.out / "coef.json").write_text(json.dumps(coef, indent=1))
-rows = []
-for k in dirs:
-    s = run(with_engine(base[k], ["engine=sim"], coef), out / k.replace("/", "_") / "sim")
-    ts = pd.read_parquet(out / k.replace("/", "_") / "sim" / "timeline.parquet")
-    g = gpu[k]
-    row = dict(case=k, same_decisions=same(tls[k], ts),
-               throughput_err=rel_err(s["request_throughput"], g["request_throughput"]),
-               ttft_mean_err=rel_err(s["ttft_mean_s"], g["ttft_mean_s"]),
-               tpot_mean_err=rel_err(s["tpot_mean_s"], g["tpot_mean_s"]))
-    if rep[k]:
-        row["gpu_repeat_ttft_mean_diff"] = rel_err(rep[k]["ttft_mean_s"], g["ttft_mean_s"])
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-df = pd.DataFrame(rows)
-df.to_csv(args.out / "fidelity.csv", index=False)
-print(df.to_string(index=False))
+
+class StallInjectedSim(SimEngine):
+    """engine=sim that adds each of `stalls` [(GPU step start s, excess s)] to the first step
+    that starts at or after it. The sim's clock is tracked here: a step starts at the end of the
+    one before, or at the latest arrival among its requests when the engine sat idle (run with
+    fast_forward off: every step passes through `step`)."""
+
+    stalls: list[tuple[float, float]] = []
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self._end, self._todo = 0.0, sorted(StallInjectedSim.stalls)
+
+    def step(self, batch) -> float:
+        start = max([self._end] + [s.request.arrival_s for s in batch.seqs])
+        dt = super().step(batch)
+        while self._todo and self._todo[0][0] <= start + 1e-9:
+            dt += self._todo.pop(0)[1]
+        self._end = start + dt
+        return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("gpu_dir", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sweep", nargs="*", default=[], help="NAME=DIR: more gpu_prefix_saving sweep folders")
+    ap.add_argument("--fit-apart", nargs="*", default=[], help="case prefixes replayed but not fitted")
+    args = ap.parse_args()
+    if not (args.gpu_dir / "gs" / "runs").is_dir():
+        print(f"refit_with_pairs: error: {args.gpu_dir} has no gs/runs (a gpu_strategies --out folder)", file=sys.stderr)
+        sys.exit(2)
+    sweeps = {"ps_mt": args.gpu_dir / "ps_mt", "ps_mc": args.gpu_dir / "ps_mc"}
+    for item in args.sweep:
+        name, _, path = item.partition("=")
+        if not (name and path and Path(path).is_dir()):
+            print(f"refit_with_pairs: error: --sweep {item!r} is not NAME=DIR of an existing folder", file=sys.stderr)
+            sys.exit(2)
+        sweeps[name] = Path(path)
+    register()
+    R = args.gpu_dir
+    dirs = {f"gs/{c}": R / "gs" / "runs" / c / "gpu" for c in sorted(p.name for p in (R / "gs" / "runs").iterdir())}
+    for sweep, folder in sweeps.items():  # run dirs that finished (a summary.json)
+        dirs |= {f"{sweep}/{d.name}": d for d in sorted(folder.glob("*/summary.json")) for d in [d.parent]}
+    out = args.out / "runs"
+    tls, base, gpu, rep, trace = {}, {}, {}, {}, {}
+    for k, d in dirs.items():
+        base[k] = OmegaConf.load(d / "config.yaml")
+        gpu[k] = json.loads((d / "summary.json").read_text())
+        trace[k] = gpu[k].get("trace") or str(base[k].trace.name)
+        r = d.parent / "gpu_repeat" / "summary.json"
+        rep[k] = json.loads(r.read_text()) if d.name == "gpu" and r.exists() else None
+        t = pd.read_parquet(d / "timeline.parquet")
+        if "prefill_pairs" not in t:  # older timelines: a replay on the run's own clock counts them
+            o = out / k.replace("/", "_") / "recorded"
+            if not (o / "timeline.parquet").exists():
+                run(with_engine(base[k], ["engine=recorded", f"engine.timeline={(d / 'timeline.parquet').resolve()}"]), o)
+            t = pd.read_parquet(o / "timeline.parquet")
+        tls[k] = t
+    fitted = [k for k in dirs if not any(k.startswith(p) for p in args.fit_apart)]
+    gm = {graph_prefill_tokens(d) for d in dirs.values()}
+    if len(gm) > 1:
+        raise SystemExit(f"refit_with_pairs: the runs replayed different step shapes from CUDA graphs: {sorted(gm)}")
+    gm = gm.pop()
+    steps = pd.concat([tls[k] for k in fitted], ignore_index=True)
+    labels = np.concatenate([[k] * len(tls[k]) for k in fitted])
+    coefs = {"one_run_weighted": fit(steps, stall=STALL, graph_prefill_tokens=gm, runs=labels),
+             "one_unweighted": fit(steps, stall=STALL, graph_prefill_tokens=gm)}
+    for tr in sorted({trace[k] for k in fitted}):
+        names = [k for k in fitted if trace[k] == tr]
+        coefs[f"trace_{tr}"] = fit(pd.concat([tls[k] for k in names], ignore_index=True), stall=STALL,
+                                   graph_prefill_tokens=gm)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, coef in coefs.items():
+        write_text_atomic(args.out / f"coef_{name}.json", json.dumps(coef, indent=1) + "\n")
+    rows = []
+    chosen = coefs["one_run_weighted"]
+    for k in dirs:
+        g, t = gpu[k], tls[k]
+        dt = t.dt_s.to_numpy(float)
+        pred = predict(t, chosen)
+        stall = dt > STALL * pred
+        spread = {}
+        if rep[k]:
+            spread = {f"gpu_repeat_{m}_diff": rel_err(rep[k][key], g[key]) for m, key in (
+                ("throughput", "request_throughput"), ("ttft_mean", "ttft_mean_s"), ("tpot_mean", "tpot_mean_s"))}
+        runs = [("one_run_weighted", chosen, False), ("one_unweighted", coefs["one_unweighted"], False)]
+        if f"trace_{trace[k]}" in coefs:
+            runs.append(("per_trace", coefs[f"trace_{trace[k]}"], False))
+        if stall.any():
+            runs.append(("one_run_weighted+stalls", chosen, True))
+        for fit_name, coef, inject in runs:
+            o = out / k.replace("/", "_") / f"sim_{fit_name.replace('+', '_')}"
+            cfg = with_engine(base[k], ["engine=sim"], coef)
+            if inject:
+                StallInjectedSim.stalls = list(zip(t.t_s.to_numpy(float)[stall], (dt - pred)[stall]))
+                with open_dict(cfg):
+                    cfg.engine._target_ = f"{__name__}.StallInjectedSim"
+                    cfg.engine.fast_forward = False
+                    cfg.redo = True
+            s = run(cfg, o)
+            ts = pd.read_parquet(o / "timeline.parquet")
+            p = predict(t, coef)
+            rows.append(dict(case=k, trace=trace[k], fit=fit_name, fitted_on_it=k in fitted,
+                             same_decisions=same(t, ts), stall_steps=int(stall.sum()),
+                             stall_excess_s=float((dt - pred)[stall].sum()),
+                             step_err_p50=float(np.median(abs(p - dt) / dt)),
+                             total_time_err=float(p[~stall].sum() / dt[~stall].sum() - 1),
+                             throughput_err=rel_err(s["request_throughput"], g["request_throughput"]),
+                             ttft_mean_err=rel_err(s["ttft_mean_s"], g["ttft_mean_s"]),
+                             tpot_mean_err=rel_err(s["tpot_mean_s"], g["tpot_mean_s"]), **spread))
+            print(json.dumps(rows[-1]), flush=True)
+    df = pd.DataFrame(rows)
+    write_text_atomic(args.out / "fidelity_one_model.csv", df.to_csv(index=False))
+    head = (f"Sim against GPU (H200), each run and fit; fitted on {len(fitted)} runs ({len(steps)} steps), "
+            f"not fitted: {', '.join(k for k in dirs if k not in fitted) or 'none'}. Errors relative; "
+            "stalls: GPU steps over STALL x the one_run_weighted model; +stalls: the sim with those steps' "
+            "excess injected at the same start time.\n\n")
+    write_text_atomic(args.out / "fidelity_one_model.md", head + md_table(df))
+    print(df.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

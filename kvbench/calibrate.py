@@ -18,6 +18,9 @@ Timelines with a prefill_pairs column (recorded since issue 12: each step's pref
 pairs) also fit the prefill chunks' attention over their cached prefix: prefill_pair_s in the
 eager model's work, graph_prefill_pair_s in the graph-replayed prefill model (older timelines: no
 such keys, the fit of before).
+`--weights run` (fit(..., runs=)): each run counts equally, a step's squared error weighted by its
+run's steps / total time squared, so one run of long steps (Mooncake) does not decide a model fitted
+on many runs (configs/engine/sim_h200_llama3_2_1b_all.yaml; default: every step weighs the same).
 """
 from __future__ import annotations
 
@@ -60,33 +63,54 @@ def graph_prefill_tokens(run_dir: Path) -> int:
     return int(engine.get("graph_prefill_tokens") or 0)
 
 
-def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 0) -> dict[str, float]:
+def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 0,
+        runs: np.ndarray | None = None) -> dict[str, float]:
     """The coefficients minimising the squared error of every step's time (see the module doc);
     steps with 1..graph_prefill_tokens prefill tokens are graph replays (0: every step with
     prefill is eager). A timeline with a `prefill_pairs` column (the step's prefill query-key
     pairs, kvbench.batch.StepBatch) also gets `prefill_pair_s` (eager steps) and
     `graph_prefill_pair_s` (graph-replayed steps with prefill); without it, the keys of before.
 
+    `runs` (one label per step, the run it came from; None: every step weighs the same): each
+    run counts equally, whatever its length and its steps' size: a step's squared error is
+    weighted by `run_weights` (its run's steps and total time), so the fit minimises the sum
+    over runs of the mean squared error of a step relative to the run's mean step time.
+
     Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
-    a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most."""
+    a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most
+    (with `runs`, the weights are recomputed on the steps kept)."""
     y = timeline.dt_s.to_numpy(float)
-    coef = _fit(timeline, graph_prefill_tokens)
+    labels = None if runs is None else np.asarray(runs)
+    keep = np.ones(len(y), bool)
+    coef = _fit(timeline, graph_prefill_tokens, None if labels is None else run_weights(labels, y))
     for _ in range(2):
         keep = y <= stall * predict(timeline, coef)
         if keep.all():
             break
-        coef = _fit(timeline[keep], graph_prefill_tokens)
+        w = None if labels is None else run_weights(labels[keep], y[keep])
+        coef = _fit(timeline[keep], graph_prefill_tokens, w)
     return coef
 
 
-def _fit(t: pd.DataFrame, graph_max: int) -> dict[str, float]:
+def run_weights(runs: np.ndarray, dt: np.ndarray) -> np.ndarray:
+    """Per-step weights under which each run counts equally: n_r / T_r**2 for a step of run r
+    (n_r steps taking T_r seconds in all), i.e. (error / the run's mean step time)**2 / n_r."""
+    runs, dt = np.asarray(runs), np.asarray(dt, float)
+    _, inverse, counts = np.unique(runs, return_inverse=True, return_counts=True)
+    totals = np.bincount(inverse, weights=dt)
+    return (counts / totals**2)[inverse]
+
+
+def _fit(t: pd.DataFrame, graph_max: int, w: np.ndarray | None = None) -> dict[str, float]:
+    """One pass of `fit` on the steps of `t`; `w`: a weight per step (None: all 1)."""
     p, d, k = (t[c].to_numpy(float) for c in ("prefill_tokens", "decode_tokens", "kv_read_tokens"))
     has_pairs = "prefill_pairs" in t
     a = t.prefill_pairs.to_numpy(float) if has_pairs else None
     y = t.dt_s.to_numpy(float)
     decode, mixed, eager = p == 0, (p > 0) & (p <= graph_max), p > graph_max
     if decode.any():
-        overhead, dec, kv = _nnls(np.column_stack([np.ones(decode.sum()), d[decode], k[decode]]), y[decode])
+        overhead, dec, kv = _nnls(np.column_stack([np.ones(decode.sum()), d[decode], k[decode]]), y[decode],
+                                  None if w is None else w[decode])
     else:  # no decode-only step: its coefficients are not observed; fold the fixed cost into the others
         overhead = dec = kv = 0.0
     coef = dict(overhead_s=overhead, decode_token_s=dec, kv_read_token_s=kv, prefill_step_s=0.0,
@@ -96,13 +120,13 @@ def _fit(t: pd.DataFrame, graph_max: int) -> dict[str, float]:
     if mixed.any():  # what the decode-only model leaves: a fixed cost and one per prefill token (and pair)
         rest = y[mixed] - (overhead + d[mixed] * dec + k[mixed] * kv)
         cols = [np.ones(mixed.sum()), p[mixed]] + ([a[mixed]] if has_pairs else [])
-        c = _nnls(np.column_stack(cols), rest)
+        c = _nnls(np.column_stack(cols), rest, None if w is None else w[mixed])
         coef["graph_prefill_step_s"], coef["graph_prefill_token_s"] = c[0], c[1]
         if has_pairs:
             coef["graph_prefill_pair_s"] = c[2]
     if eager.any():
         cols = [p[eager], d[eager], k[eager]] + ([a[eager]] if has_pairs else [])
-        c = _fit_floor(np.column_stack(cols), y[eager] - overhead)
+        c = _fit_floor(np.column_stack(cols), y[eager] - overhead, None if w is None else w[eager])
         coef.update(prefill_step_s=c[0], prefill_token_s=c[1], eager_decode_token_s=c[2], eager_kv_read_token_s=c[3],
                     eager_floor_s=c[-1])
         if has_pairs:
@@ -114,31 +138,37 @@ def _fit(t: pd.DataFrame, graph_max: int) -> dict[str, float]:
     return {key: int(coef[key]) if key == "graph_prefill_tokens" else float(coef[key]) for key in keys}
 
 
-def _fit_floor(work: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _fit_floor(work: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     """[fixed, per unit of each `work` column (prefill, decode, K/V position[, prefill pair]), floor]
-    minimising the squared error of fixed + max(floor, work @ per-unit costs) over the eager
+    minimising the (`w`-weighted) squared error of fixed + max(floor, work @ per-unit costs) over the eager
     steps: non-negative least squares,
     alternating with the choice of which steps sit on the floor until that choice is stable, from
     several starts (ties: fewer steps on the floor)."""
     best = None
-    start = _nnls(np.column_stack([np.ones(len(y)), work]), y)
+    ww = np.ones(len(y)) if w is None else w
+    start = _nnls(np.column_stack([np.ones(len(y)), work]), y, w)
     w0 = work @ start[1:]
     for q in (-np.inf, *np.quantile(w0, np.linspace(0.05, 0.95, 10))):  # starts: steps on the floor
         floor_bound = w0 < q
         for _ in range(20):
             x = np.column_stack([np.ones(len(y)), np.where(floor_bound[:, None], 0.0, work), floor_bound.astype(float)])
-            c = _nnls(x, y)
+            c = _nnls(x, y, w)
             new = work @ c[1:-1] < c[-1]
             if (new == floor_bound).all():
                 break
             floor_bound = new
-        err = float(np.sum((c[0] + np.maximum(c[-1], work @ c[1:-1]) - y) ** 2))
+        err = float(np.sum(ww * (c[0] + np.maximum(c[-1], work @ c[1:-1]) - y) ** 2))
         if best is None or err < best[0] * (1 - 1e-9) - 1e-18 * len(y):
             best = (err, c)
     return best[1]
 
 
-def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Non-negative least squares by trying every subset of columns; `w`: a weight per row of
+    the squared error (None: all 1)."""
+    if w is not None:
+        sw = np.sqrt(np.asarray(w, float))
+        x, y = x * sw[:, None], y * sw
     n = x.shape[1]
     best, best_err = np.zeros(n), float(np.sum(y**2))
     for k in range(1, n + 1):
@@ -187,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs (with timeline.parquet and summary.json)")
     ap.add_argument("--out", type=Path, required=True,
                     help="engine config to write, e.g. configs/engine/sim_h100_llama3_2_1b.yaml")
+    ap.add_argument("--weights", choices=("step", "run"), default="step",
+                    help="step: every step weighs the same (default); run: each run counts equally "
+                         "(a step's squared error weighted by its run's steps / total time squared)")
     args = ap.parse_args(argv)
     frames, devices, graph_max = [], set(), set()
     for run in args.runs:
@@ -202,8 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"the runs replayed different step shapes from CUDA graphs (graph_max_tokens "
               f"{sorted(graph_max)}): fit them separately")
     timeline = pd.concat(frames, ignore_index=True)
-    coef = fit(timeline, graph_prefill_tokens=graph_max.pop())
-    lines = [f"# Fitted by kvbench-calibrate from {len(timeline)} steps of {len(args.runs)} runs on {', '.join(sorted(devices))}",
+    runs = np.concatenate([np.full(len(f), i) for i, f in enumerate(frames)]) if args.weights == "run" else None
+    coef = fit(timeline, graph_prefill_tokens=graph_max.pop(), runs=runs)
+    lines = [f"# Fitted by kvbench-calibrate from {len(timeline)} steps of {len(args.runs)} runs on {', '.join(sorted(devices))}"
+             + (" (each run counting equally: --weights run)" if runs is not None else ""),
              f"# relative error of the total step time: {fit_error(timeline, coef):.4f}",
              "defaults:", "  - sim", "  - _self_", f"device: fitted ({', '.join(sorted(devices))})"]
     lines += yaml_lines(coef)

@@ -295,3 +295,55 @@ def test_a_steps_prefill_pairs_count_every_causal_query_key_pair_of_its_prefill_
     got = StepBatch([ScheduledSeq(req(100), 40, 60, None), ScheduledSeq(req(30), 0, 30, None),
                      ScheduledSeq(req(20), 21, 1, None)], 16, 64, False, [], kv_read_groups=groups).prefill_pairs
     assert got == (2 * exact + 700) // (2 * 700)
+
+
+def _decode_run(n: int, lo: int, hi: int, fixed: float, per_token: float, seed: int) -> pd.DataFrame:
+    """`n` decode-only steps of lo..hi-1 decode tokens taking fixed + per_token x tokens seconds."""
+    d = np.random.default_rng(seed).integers(lo, hi, n)
+    return pd.DataFrame({"prefill_tokens": 0, "decode_tokens": d, "kv_read_tokens": 0, "dt_s": fixed + per_token * d})
+
+
+def _total_errors(runs: list[pd.DataFrame], coef: dict) -> np.ndarray:
+    return np.array([predict(r, coef).sum() / r.dt_s.sum() - 1 for r in runs])
+
+
+def test_a_fit_weighted_by_run_counts_each_run_equally_not_its_long_steps():
+    """Two runs no single line fits: a short one of 1k small steps (1 ms + 0.1 ms per token) and
+    a long one of 300 flat 30 ms steps. Unweighted, the long run's large errors decide the line and
+    the short run's total comes out 64 % high; weighted by run (n / T**2 per step), the short run's
+    total is within 2 %, the worst run's error falls by half or more, and the fit no longer depends
+    on how many steps a run has (the long run's steps repeated 3x: the same coefficients)."""
+    short, long_ = _decode_run(1000, 1, 17, 1e-3, 1e-4, 0), _decode_run(300, 50, 251, 0.03, 0.0, 1)
+    steps = pd.concat([short, long_], ignore_index=True)
+    runs = np.r_[np.zeros(len(short)), np.ones(len(long_))]
+    plain, weighted = fit(steps), fit(steps, runs=runs)
+    assert list(weighted) == list(plain) == list(COEFFICIENTS)
+    err_plain, err_weighted = _total_errors([short, long_], plain), _total_errors([short, long_], weighted)
+    assert err_plain[0] > 0.5 and abs(err_weighted[0]) < 0.02
+    assert np.abs(err_weighted).max() < 0.5 * np.abs(err_plain).max()
+    assert (err_weighted**2).sum() < 0.2 * (err_plain**2).sum()
+    longer = pd.concat([short, long_, long_, long_], ignore_index=True)
+    runs3 = np.r_[np.zeros(len(short)), np.ones(3 * len(long_))]
+    again = fit(longer, runs=runs3)
+    for key in ("overhead_s", "decode_token_s"):
+        assert again[key] == pytest.approx(weighted[key], rel=1e-9), key
+    assert fit(longer)["decode_token_s"] != pytest.approx(plain["decode_token_s"], rel=1e-3)  # unweighted: it moves
+
+
+def test_run_weights_recover_a_model_that_fits_every_run_and_the_cli_option(tmp_path):
+    """Runs that one model fits exactly: the weighted fit gives it back as the unweighted one does;
+    `kvbench-calibrate --weights run` writes it and says so; the default is the unweighted fit."""
+    a, b = _decode_run(800, 1, 17, 1e-3, 1e-4, 2), _decode_run(50, 50, 251, 1e-3, 1e-4, 3)
+    for i, r in enumerate((a, b)):
+        (tmp_path / f"r{i}").mkdir()
+        r.to_parquet(tmp_path / f"r{i}" / "timeline.parquet")
+        (tmp_path / f"r{i}" / "summary.json").write_text(json.dumps({"device": "test", "model": "m"}))
+    got = fit(pd.concat([a, b], ignore_index=True), runs=np.r_[np.zeros(len(a)), np.ones(len(b))])
+    assert got["overhead_s"] == pytest.approx(1e-3, rel=1e-9) and got["decode_token_s"] == pytest.approx(1e-4, rel=1e-9)
+    for weights in ("run", "step"):
+        out = tmp_path / f"{weights}.yaml"
+        subprocess.run([sys.executable, "-m", "kvbench.calibrate", str(tmp_path / "r0"), str(tmp_path / "r1"),
+                        "--out", str(out), "--weights", weights], check=True, capture_output=True)
+        text = out.read_text()
+        assert ("--weights run" in text) == (weights == "run")
+        assert OmegaConf.load(out).decode_token_s == pytest.approx(1e-4, rel=1e-6)
