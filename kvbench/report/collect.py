@@ -212,28 +212,48 @@ def _row(run: Path, rel: str, summary: dict, cfg: dict, requests: pd.DataFrame) 
     return row
 
 
+def _read_run(run: Path, rel: str, bins: int) -> tuple:
+    """One run's ("ok", row, finished requests, binned timeline or None), or ("unreadable", why)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        cfg = _config(run)
+        req = pd.read_parquet(run / "requests.parquet") if (run / "requests.parquet").exists() else pd.DataFrame(
+            columns=["arrival_s", "status", "ttft_s", "tpot_s", "e2e_s"])
+    except (OSError, ValueError) as err:
+        return ("unreadable", " ".join(str(err).split()))
+    row = _row(run, rel, summary, cfg, req)
+    finished = req[req.status == "finished"].reset_index(drop=True)
+    timeline = None
+    if (run / "timeline.parquet").exists():
+        timeline = bin_timeline(pd.read_parquet(run / "timeline.parquet"), int(summary["kv_capacity_tokens"]), bins)
+    return ("ok", row, finished, timeline)
+
+
 def collect(dirs: list[Path], bins: int = TIMELINE_BINS) -> Collection:
-    """Everything a report needs from the runs under `dirs` (see the module docstring)."""
+    """Everything a report needs from the runs under `dirs` (see the module docstring). The runs'
+    files are read in forked processes (kvbench/report/forked.py), one per CPU."""
+    from functools import partial
+
+    from kvbench.report.forked import fork_map, processes
+
     dirs = [Path(d).resolve() for d in dirs]
     run_dirs, missing, ignored = discover(dirs)
     root = dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([str(d) for d in dirs]))
     rows, timelines, requests = [], {}, {}
+    rels = []
     for run in run_dirs:
         rel = str(run.relative_to(root)) if run.is_relative_to(root) else str(run)
-        rel = rel if rel != "." else run.name
-        try:
-            summary = json.loads((run / "summary.json").read_text())
-            cfg = _config(run)
-            req = pd.read_parquet(run / "requests.parquet") if (run / "requests.parquet").exists() else pd.DataFrame(
-                columns=["arrival_s", "status", "ttft_s", "tpot_s", "e2e_s"])
-        except (OSError, ValueError) as err:
-            missing.append(Missing(_show(run.parent), run.name, f"unreadable: {' '.join(str(err).split())}"))
+        rels.append(rel if rel != "." else run.name)
+    pieces = [partial(_read_run, run, rel, bins) for run, rel in zip(run_dirs, rels)]
+    for run, rel, got in zip(run_dirs, rels, fork_map(pieces, chunk=-(-len(pieces) // (4 * processes())))):
+        if got[0] == "unreadable":
+            missing.append(Missing(_show(run.parent), run.name, f"unreadable: {got[1]}"))
             continue
-        rows.append(_row(run, rel, summary, cfg, req))
-        requests[rel] = req[req.status == "finished"].reset_index(drop=True)
-        if (run / "timeline.parquet").exists():
-            tl = pd.read_parquet(run / "timeline.parquet")
-            timelines[rel] = bin_timeline(tl, int(summary["kv_capacity_tokens"]), bins)
+        _, row, finished, timeline = got
+        rows.append(row)
+        requests[rel] = finished
+        if timeline is not None:
+            timelines[rel] = timeline
     table = pd.DataFrame(rows)
     if len(table):
         natural = lambda runs: runs.map(lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r)])  # noqa: E731

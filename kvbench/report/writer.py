@@ -8,11 +8,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from functools import partial
+
 import pandas as pd
 
 from kvbench.report import cache_figures as C
 from kvbench.report import figures as F
 from kvbench.report.collect import Collection, collect
+from kvbench.report.forked import fork_map
 from kvbench.report.html import index_html
 from kvbench.report.page import index_md, markdown_table, summary_columns
 
@@ -87,12 +90,10 @@ def _write_files(col: Collection, out: Path, dirs: list[Path], title: str | None
     figs = []
     drawers = [(F.memory_breakdown, ()), (F.slot_states, (run,)), (F.vs_rate, ()), (F.latency_cdf, ()),
                (F.batch_size, ()), (C.prefix_hits, (bound_table,)), (C.vs_page_size, (kt,))]
-    for draw, args in drawers if len(col.table) else []:
-        try:
-            figs.append(draw(col, out, *args))
-        except Exception as err:  # noqa: BLE001  one broken figure does not take the report with it
-            F.plt.close("all")
-            why = f"figure {draw.__name__} not drawn: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    drawn = fork_map([partial(_draw, draw, col, out, args) for draw, args in drawers] if len(col.table) else [])
+    for fig, why in drawn:  # (in the drawers' order, whichever process drew them)
+        figs.append(fig)
+        if why is not None:
             print(f"kvbench-report: warning: {why}", file=sys.stderr)
             notes.insert(0, f"Warning: {why}.")
     figs = [f for f in figs if f is not None]
@@ -100,6 +101,16 @@ def _write_files(col: Collection, out: Path, dirs: list[Path], title: str | None
     (out / "index.html").write_text(index_html(col, figs, title, [str(d) for d in dirs], bound_table, notes, out))
     (out / "index.md").write_text(index_md(col, figs, title, [str(d) for d in dirs], bound_table, notes))
     return sorted(p.name for p in out.iterdir())
+
+
+def _draw(draw, col: Collection, out: Path, args: tuple) -> tuple:
+    """(the Figure or None, None) or (None, why it was not drawn): one broken figure does not
+    take the report with it."""
+    try:
+        return draw(col, out, *args), None
+    except Exception as err:  # noqa: BLE001
+        F.plt.close("all")
+        return None, f"figure {draw.__name__} not drawn: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
 def _kernel_times(path: Path) -> pd.DataFrame:
