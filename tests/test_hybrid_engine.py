@@ -325,3 +325,18 @@ def test_the_graph_path_takes_page_tables_longer_than_its_bucket():
                            16, 64, False, []))
         logits[name] = eng.last_logits[0].float()
     torch.testing.assert_close(logits["graph path"], logits["eager"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("design", ["hybrid_separate", "hybrid_jenga"])
+def test_gpu_engine_warmup_stays_inside_the_designs_memory(design):
+    """The gpu engine's warm-up batches on a hybrid design's memory (here on CPU, reference
+    attention: a read past a space's last slot raises). Its longest context and prefix are
+    bounded by the design's smallest page space, and it runs the paged layout only."""
+    from kvbench.engines.gpu_engine import GPUEngine
+
+    st = build(design, CAPACITY, MAX_LEN, model=MODEL, page_size=16)
+    eng = TorchEngine(model=MODEL)
+    eng.bind(st.page_size, st.num_pages, strategy=st)
+    eng.warmup_s = None
+    GPUEngine._warm_up(eng, st.page_size, st.num_pages)
+    assert eng.warmup_s > 0

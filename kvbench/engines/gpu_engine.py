@@ -200,7 +200,7 @@ class GPUEngine(TorchEngine):
         hybrid = getattr(self, "hybrid", None)
         pages = num_pages if hybrid is None else hybrid.min_pages
         sizes = sorted({b for p in range(10) for b in (1 << p, (1 << p) + 1) if 2 * b <= pages})
-        for contiguous in (False, True):
+        for contiguous in (False,) if hybrid is not None else (False, True):  # (hybrid designs page)
             for b in sizes:
                 lens = np.ones(b, np.int64)
                 lens[-1] = 2  # one 2-token prefill after 1-token rows: the decode and extend paths
@@ -213,7 +213,7 @@ class GPUEngine(TorchEngine):
                               page_size, contiguous, False, b - 1)
                 ids, positions, meta = self._as_layout(h).to_device(self.device)
                 self.model(ids, positions, meta, self._kv())
-            longest = min(getattr(self, "max_model_len", None) or 1 << 17, num_pages * page_size)
+            longest = min(getattr(self, "max_model_len", None) or 1 << 17, pages * page_size)
             for n in (64 << k for k in range(12) if 64 << k <= longest):   # reads page 0, writes nothing
                 one = np.ones(1, np.int64)
                 h = HostBatch(np.zeros(1, np.int64), one * (n - 1), -one, np.zeros((1, -(-n // page_size)), np.int32),
