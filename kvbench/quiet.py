@@ -66,9 +66,14 @@ class QuietRun:
 
     `steady.fresh` (only with nobody waiting): requests (indices in running order) whose last
     step was not a decode; their first quiet grow is made at step 0 in running order, as a
-    page-taking one (with the strategy's own states read after it), whatever their `room`."""
+    page-taking one (with the strategy's own states read after it), whatever their `room`.
 
-    def __init__(self, scheduler: Scheduler, steady: Quiet) -> None:
+    `grown`: step 0 is a step the scheduler planned (`Scheduler.schedule`: its grows made, the
+    queue's head refused) and found steady (`Scheduler.steady_plan`): then `steady.states` are
+    step 0's own (the strategy's, read after planning), `steady.kv_read` what the step before
+    would read, and the run's steps from 1 on are quiet as after a steady step."""
+
+    def __init__(self, scheduler: Scheduler, steady: Quiet, grown: bool = False) -> None:
         self.sched, self.st = scheduler, scheduler.strategy
         self.seqs = seqs = list(scheduler.running)
         self.live = list(range(len(seqs)))  # indices of the requests still running, in running order
@@ -83,7 +88,9 @@ class QuietRun:
             else st.take_host_moves
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
-        self.held = [s.computed for s in seqs]  # positions each holds in the strategy
+        self.grown = grown  # step 0's grows are made, its states are `states` (it is recorded first)
+        g = 1 if grown else 0  # (the positions step 0 took)
+        self.held = [s.computed + g for s in seqs]  # positions each holds in the strategy
         self.deferred = 0  # decoded positions of live requests not yet grown in the strategy
         self.pages_at: dict[int, list[int]] = {}  # step → requests (indices) taking a page in it
         self.fin = [s.request.output_len - s.emitted - 1 for s in seqs]  # the step in which each emits its last token
@@ -102,15 +109,18 @@ class QuietRun:
             # kv_read_groups: a windowed model, whose decode steps do not read d more positions each)
         elif self.may_take_pages:
             fresh, pages_at, fin = steady.fresh, self.pages_at, self.fin
-            for i, s in enumerate(seqs):
-                room = 0 if i in fresh else st.room(s.id, s.computed)
+            for i, s in enumerate(seqs):  # the step in which it takes its next page
+                room = g + st.room(s.id, s.computed + g) if g or i not in fresh else 0
                 if room <= fin[i]:
-                    pages_at.setdefault(room, []).append(i)
+                    if room in pages_at:
+                        pages_at[room].append(i)
+                    else:
+                        pages_at[room] = [i]
             limit = max(fin) + 1  # the run may go on until the last one leaves
         else:
             limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
             for s in seqs:
-                limit = min(limit, st.room(s.id, s.computed))  # none takes a page
+                limit = min(limit, g + st.room(s.id, s.computed + g))  # none takes a page (after step 0)
                 if limit <= 0:
                     break
         self.limit = max(limit, 0)
@@ -136,6 +146,15 @@ class QuietRun:
         # a strategy whose every decode takes a page (radix, page_size 1) makes such steps in bulk
         # (its class's method: a wrapper that forwards other names, e.g. a checker, grows per token)
         bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
+        if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
+            self.grown = False
+            c_token.append(token)
+            c_reserved.append(reserved)
+            c_internal.append(internal)
+            c_external.append(external)
+            c_cached.append(cached)
+            c_free.append(free)
+            j += 1
         while j < stop:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
@@ -269,6 +288,8 @@ class QuietRun:
         leave. Returns the steps run."""
         k = self.j
         if k == 0:
+            if self.grown:
+                raise RuntimeError("fast-forward: a run whose step 0 was planned ended before it (its grows are made)")
             return 0
         seqs, held, grow = self.seqs, self.held, self.st.grow
         for i in self.live:

@@ -26,6 +26,7 @@ from kvbench.metrics import Recorder
 from kvbench.quiet import Quiet, QuietRun
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
+from kvbench.strategies.base import Strategy
 
 
 @dataclass
@@ -55,6 +56,10 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     forget = engine.forgets_ids  # a request's ids are dropped when it leaves (rebuilt if read)
     steady: Quiet | None = None  # set after a step that quiet steps may follow (fast-forward)
     run: QuietRun | None = None  # a quiet run paused at an arrival that may not end it
+    # a planned step that is steady starts a quiet run as its step 0 (not stepped) where every
+    # running request's last token came out at `now` (`fresh`) and quiet steps may follow it
+    plan_runs = engine.fast_forward and not engine.needs_layout and quiet_plans(scheduler)
+    fresh = True
 
     def leave(done: list[Seq]) -> None:  # finished requests are out of the scheduler
         if keep_finished:
@@ -96,6 +101,8 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
             until = head.arrival_s if head is not None else float("inf")
             now = fast_forward(run, engine, rec, now, until)
             if not run.paused:  # (paused: it stopped at the arrival `until` only)
+                if run.j:
+                    fresh = True  # every live request emitted at the run's last step
                 end_run(run, rec)
                 leave(run.done)  # requests that emitted their last token in the run
                 run = None
@@ -104,11 +111,20 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         if not planned:
             raise RuntimeError(f"scheduler made no progress at t={now:.3f}s with {len(scheduler.waiting)} "
                                f"waiting and {len(scheduler.running)} running")
+        if plan_runs and fresh:
+            held = scheduler.steady_plan(planned)
+            if held is not None:  # the step is a steady one: step 0 of a quiet run (its grows are made)
+                st = scheduler.strategy
+                st.take_copies()  # (handed over as `Scheduler.batch` would)
+                run = QuietRun(scheduler, Quiet(len(planned), held, len(scheduler.waiting), scheduler.num_preemptions,
+                                                st.slot_states(scheduler.waiting_kv_len())), grown=True)
+                continue
         ev = scheduler.event(planned, engine.needs_layout)
         dt = engine.step(ev.batch)
         rec.step(ev, now, dt)
         now += dt
         done = scheduler.complete(planned)
+        fresh = scheduler.emitted_all
         steady = None
         if engine.fast_forward:
             steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev, done)
@@ -117,6 +133,17 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     bar.close()
     rec.close()
     return Replay(finished, rec)
+
+
+def quiet_plans(scheduler: Scheduler) -> bool:
+    """Whether a steady planned step may start a quiet run (`QuietRun(grown=True)`): quiet steps
+    may follow steps of this scheduler and strategy (a plain model, a strategy whose decodes
+    keep its pages) and the strategy moves no pages to host (a step's host moves would be
+    priced in it). Pure."""
+    st = scheduler.strategy
+    moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
+    return (getattr(st, "fast_forward", True) and getattr(scheduler, "kv_read_groups", None) is None
+            and (moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0))
 
 
 def quiet_after(scheduler: Scheduler, ev: StepEvent, done: list[Seq]) -> Quiet | None:
@@ -161,6 +188,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     only the waiting count of the rows) and recorded when it is done. Mutates (through `run`)
     the strategy, the scheduler's running requests and their progress, and the recorder."""
     c = run.chunk
+    prices = getattr(engine, "decode_cost_list", None)  # (the same floats as decode_costs, as a list)
     while True:
         if c is None:
             left = run.left
@@ -169,7 +197,8 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
             k = min(left, run.chunk_size)
             run.chunk_size = min(4 * run.chunk_size, _CHUNK)
-            dts = engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist()
+            dts = (prices(d, kv_read, k) if prices is not None else
+                   engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist())
             c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
         starts, k, over = c.starts, len(c.dts), False
         while c.i < k:

@@ -130,6 +130,10 @@ class Scheduler:
         self.dedup_min_prefix = int(dedup_min_prefix)
         self._admit = self._admit_fcfs if policy == "fcfs" and not self.dedup else self._admit_ordered
         self.strategy = strategy
+        # a strategy whose class declares `reads_tokens` false (slab; paged without prefix caching)
+        # never reads admit's ids: it gets None, so a lazily built request's ids are never made
+        # (a wrapper class without the attribute, e.g. a checker, gets them)
+        self._ids = not hasattr(type(strategy), "reads_tokens") or bool(strategy.reads_tokens)
         self.kv_read_groups = kv_read_groups  # a windowed model's K/V read weights (kvbench.batch), for each batch
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -145,6 +149,7 @@ class Scheduler:
         self.swap_out_tokens = self.swap_in_tokens = 0  # positions copied to / from host, in all
         self.host_tokens = self.peak_host_tokens = 0  # positions held in host memory by swapped requests
         self.deferred = 0  # admissions deferred by dedup_prefix (request-steps)
+        self.emitted_all = True  # every running request emitted a token in the last step (`complete`)
         # the host tier's page copies, for engines that make them (before take_host_moves, which drops them)
         self._take_host_copies = getattr(strategy, "take_host_copies", None)
 
@@ -220,7 +225,8 @@ class Scheduler:
             if not self.chunked_prefill and budget < seq.prefill_target - seq.swapped <= self.max_num_batched_tokens:
                 break
             adm = (self._admit_swapped(seq, budget) if seq.swapped else
-                   self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget))
+                   self.strategy.admit(seq.id, req.tokens if self._ids else None, req.kv_len, seq.prefill_target,
+                                       budget))
             if not adm.admitted:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -251,7 +257,7 @@ class Scheduler:
         plus the step's chunk (module docstring). Mutates the strategy when admitted."""
         st, req = self.strategy, seq.request
         cached = st.cached_prefix_len(req.tokens, seq.prefill_target)
-        adm = st.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget + max(seq.swapped - cached, 0))
+        adm = st.admit(seq.id, req.tokens if self._ids else None, req.kv_len, seq.prefill_target, budget + max(seq.swapped - cached, 0))
         if adm.admitted and adm.cached_tokens != cached:
             raise RuntimeError(f"strategy '{st.label}': admit served {adm.cached_tokens} cached positions of request "
                                f"{seq.id}, cached_prefix_len said {cached} (the contract says they are equal)")
@@ -278,7 +284,8 @@ class Scheduler:
                 continue
             req = seq.request
             adm = (self._admit_swapped(seq, budget) if seq.swapped else
-                   self.strategy.admit(seq.id, req.tokens, req.kv_len, seq.prefill_target, budget))
+                   self.strategy.admit(seq.id, req.tokens if self._ids else None, req.kv_len, seq.prefill_target,
+                                       budget))
             if not adm.admitted:
                 break  # the chosen request does not fit: admission ends for this step (SGLang)
             taken.append(i)
@@ -418,18 +425,36 @@ class Scheduler:
                          self.num_preemptions, self.strategy.slot_states(self.waiting_kv_len()),
                          self._admitted, self._preempted)
 
+    def steady_plan(self, planned: list[tuple[Seq, int]]) -> int | None:
+        """Whether the planned step is steady (every running request decodes one token, nobody
+        was admitted or preempted: `StepEvent.steady`); if so, the K/V positions its requests
+        hold before it (the step reads that plus one per request), else None. Pure."""
+        if len(planned) != len(self.running) or self._preempted or self._admitted:
+            return None
+        held = 0
+        for seq, _ in planned:
+            c = seq.computed
+            if c < seq.prefill_target:  # (a chunk of a prefill or of a recompute, also a re-admitted one)
+                return None
+            held += c
+        return held
+
     def complete(self, planned: list[tuple[Seq, int]]) -> list[Seq]:
-        """The step ran: advance every request; release the finished ones (returned)."""
+        """The step ran: advance every request; release the finished ones (returned).
+        `emitted_all`: whether every request still running emitted a token in the step."""
         done = []
+        emitted = 0
         for seq, n in planned:
             seq.computed += n
             if seq.computed < seq.prefill_target:
                 continue  # a prefill chunk that emits nothing yet
             seq.emitted += 1
+            emitted += 1
             if seq.emitted == seq.request.output_len:
                 done.append(seq)
         if done:
             self.retire(done)
+        self.emitted_all = emitted - len(done) == len(self.running)
         return done
 
     def retire(self, done: list[Seq]) -> None:

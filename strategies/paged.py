@@ -130,6 +130,8 @@ class PagedStrategy(Strategy):
     `prefix_visibility`, `dedup_touch`, the admission options and the host tier
     (`host_tier_tokens`, `host_tier_eviction`): see the module docstring."""
 
+    reads_tokens = True  # admit reads the ids only to hash pages: without prefix caching, not (see __init__)
+
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
                  dedup_touch: bool = False, eviction="lru", cache_outputs: bool = True,
@@ -148,7 +150,7 @@ class PagedStrategy(Strategy):
         self._hits_gpu = self._hits_host = 0  # prompt tokens served from each tier, every admission
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
-        self.prefix_caching = self.caches_prefixes = prefix_caching
+        self.prefix_caching = self.caches_prefixes = self.reads_tokens = prefix_caching
         self.prefix_visibility, self.dedup_touch = prefix_visibility, bool(dedup_touch)
         self._scheduled = prefix_caching and prefix_visibility == "scheduled"
         if int(min_cache_len) < 0:

@@ -59,7 +59,7 @@ def test_arrivals_behind_a_refused_head_are_fast_forwarded():
     t1, r1, itl1, stepped1 = _replay(slab, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
     assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
     assert list(t0.waiting[:15]) == [1] * 5 + [2] * 5 + [3] * 5  # (steps of ~10 ms: 2 joins at 0.05 s, 3 at 0.1 s)
-    # request 0: its admission and the steady step after it, then one run through both arrivals
-    # to its last step; then each of 1, 2, 3 likewise (the last one with nobody waiting)
-    assert stepped1 == [1, 1, 1, 1, 1, 1, 1]
+    # request 0: its admission, then one run through both arrivals to its last step (the steady
+    # step after the admission, planned, is the run's step 0); then each of 1, 2, 3 likewise
+    assert stepped1 == [1, 1, 1, 1]
     assert len(stepped0) == 40 + 3 * 5

@@ -130,5 +130,19 @@ class SimEngine(Engine):
     def decode_costs(self, decode: int, kv_read: np.ndarray) -> np.ndarray:
         return step_time(self.coefficients, 0, decode, kv_read)  # elementwise: the same floats as `cost`
 
+    def decode_cost_list(self, decode: int, kv_read0: int, k: int) -> list[float]:
+        """`decode_costs(decode, [kv_read0, kv_read0 + decode, ...])` of k steps, as a list: the
+        same floats (step_time's decode-only sum, (overhead + D decode) + K kv_read, one IEEE
+        operation each; an int K converts to float exactly below 2^53, as numpy's cast), in plain
+        Python for a few steps (numpy's fixed costs dominate them), else through numpy."""
+        if k > _LIST_STEPS:
+            return self.decode_costs(decode, np.arange(kv_read0, kv_read0 + decode * k, decode, dtype=np.int64)).tolist()
+        c = self.coefficients
+        base, per = c["overhead_s"] + decode * c["decode_token_s"], c["kv_read_token_s"]
+        return [base + x * per for x in range(kv_read0, kv_read0 + decode * k, decode)]
+
     def summary(self) -> dict:
         return {"device": self.device}
+
+
+_LIST_STEPS = 64  # decode_cost_list: at most this many steps in plain Python
