@@ -22,6 +22,7 @@ kvbench.cli registers it (`register()`).
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import multiprocessing
@@ -33,12 +34,44 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import (JobReturn, JobRuntime, JobStatus, _flush_loggers, _save_config, configure_log,
+                              env_override, filter_overrides, setup_globals)
+from hydra import version
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
+
+
+def _point_hydra_config(cfg: DictConfig) -> None:
+    """HydraConfig.set_config without its copy: the hydra node made read-only, HydraConfig.get()
+    the job config's own hydra node (the copy's parent is that config: same interpolations)."""
+    OmegaConf.set_readonly(cfg.hydra, True)
+    HydraConfig.instance().cfg = cfg
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    """deepcopy(cfg) less its hydra node (what run_job hands the task), without copying that
+    node: it is left out of cfg's children for the copy's span (cfg is the same afterwards)."""
+    content = cfg.__dict__["_content"]
+    whole = dict(content)
+    content.clear()
+    content.update((k, v) for k, v in whole.items() if k != "hydra")
+    try:
+        return copy.deepcopy(cfg)
+    finally:
+        content.clear()
+        content.update(whole)
+
+
+def _yaml(container: Any) -> str:
+    """OmegaConf.to_yaml's dump of a container it made (to_container, enum_to_str)."""
+    import yaml
+    from omegaconf._utils import get_omega_conf_dumper
+
+    return yaml.dump(container, default_flow_style=False, allow_unicode=True, sort_keys=False,
+                     Dumper=get_omega_conf_dumper())
 
 
 def worker_count(n_jobs: Any, cpus: int | None = None) -> int:
@@ -92,22 +125,64 @@ class WarmJoblibLauncher(Launcher):
 
     # ---- one job (in a worker) ------------------------------------------------------------------
     def job_config(self, idx: int, overrides: list[str]) -> DictConfig:
-        """The job's config as Hydra's launchers make it (job id and number set); sets HydraConfig."""
+        """The job's config as Hydra's launchers make it (job id and number set); HydraConfig is
+        pointed at it."""
         assert self.hydra_context is not None and self.config is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(cfg):
             cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
             cfg.hydra.job.num = idx
-        HydraConfig.instance().set_config(cfg)
+        _point_hydra_config(cfg)
         return cfg
 
     def execute(self, idx: int, overrides: list[str]) -> JobReturn:
+        """Run one job: Hydra 1.3's run_job (hydra/core/utils.py), step for step, with one copy
+        of the job's config where it makes four (HydraConfig.set_config's masked copy, twice, a
+        deep copy of the whole config for the task, another of the hydra node for hydra.yaml):
+        ~15 ms of a job's ~120 ms. Same run dir, same .hydra/ files, same callbacks."""
         assert self.hydra_context is not None and self.task_function is not None
-        ret = run_job(hydra_context=self.hydra_context, config=self.job_config(idx, overrides),
-                      task_function=self.task_function, job_dir_key="hydra.sweep.dir",
-                      job_subdir_key="hydra.sweep.subdir")
-        return JobReturn(overrides=ret.overrides, working_dir=ret.working_dir, task_name=ret.task_name,
-                         status=ret.status, _return_value=ret._return_value)  # (configs stay in the worker)
+        callbacks = self.hydra_context.callbacks
+        old_cwd, before = os.getcwd(), HydraConfig.instance().cfg
+        config = self.job_config(idx, overrides)
+        output_dir = os.path.join(str(OmegaConf.select(config, "hydra.sweep.dir")),
+                                  str(OmegaConf.select(config, "hydra.sweep.subdir")))
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = os.path.abspath(output_dir)
+        chdir = None
+        try:
+            task_cfg = _without_hydra(config)
+            ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task))
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            chdir = config.hydra.job.chdir
+            if chdir is None:
+                chdir = not version.base_at_least("1.2")
+            ret.working_dir = output_dir if chdir else os.getcwd()
+            if chdir:
+                os.chdir(output_dir)
+            configure_log(config.hydra.job_logging, config.hydra.verbose)
+            if config.hydra.output_subdir is not None:
+                hydra_output = Path(config.hydra.runtime.output_dir) / Path(config.hydra.output_subdir)
+                _save_config(task_cfg, "config.yaml", hydra_output)
+                hydra_output.mkdir(parents=True, exist_ok=True)  # (the hydra node as Hydra's copy of it dumps)
+                (hydra_output / "hydra.yaml").write_text(_yaml({"hydra": OmegaConf.to_container(
+                    config.hydra, resolve=False, enum_to_str=True)}), encoding="utf-8")
+                _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
+            with env_override(config.hydra.job.env_set):
+                callbacks.on_job_start(config=config, task_function=self.task_function)
+                try:
+                    ret.return_value = self.task_function(task_cfg)
+                    ret.status = JobStatus.COMPLETED
+                except Exception as err:
+                    ret.return_value = err
+                    ret.status = JobStatus.FAILED
+            ret.task_name = JobRuntime.instance().get("name")
+            _flush_loggers()
+            callbacks.on_job_end(config=config, job_return=ret)
+            return ret  # (its configs stay here: only the status and return value go back)
+        finally:
+            HydraConfig.instance().cfg = before
+            if chdir:
+                os.chdir(old_cwd)
 
     def job_dir(self, idx: int, overrides: list[str]) -> Path:
         """The job's run dir, composed here (the sweep's process: HydraConfig is put back)."""
@@ -124,7 +199,9 @@ def _serve(conn: Any, launcher: WarmJoblibLauncher) -> None:
     while (job := conn.recv()) is not None:
         idx, overrides = job
         try:
-            ret = launcher.execute(idx, overrides)
+            done = launcher.execute(idx, overrides)
+            ret = JobReturn(overrides=done.overrides, working_dir=done.working_dir, task_name=done.task_name,
+                            status=done.status, _return_value=done._return_value)
         except Exception as err:  # (a compose error, an error outside the task: the sweep stops, as before)
             ret = JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=err)
         try:
