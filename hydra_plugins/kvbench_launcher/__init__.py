@@ -79,7 +79,7 @@ def worker_count(n_jobs: Any, cpus: int | None = None) -> int:
     ValueError (one line) for 0, a non-integer or too negative a value."""
     cpus = cpus or os.cpu_count() or 1
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
-        raise ValueError(f"hydra.launcher.n_jobs={n_jobs!r}: use a whole number of workers > 0 "
+        raise ValueError(f"hydra.launcher.n_jobs={n_jobs}: use a whole number of workers > 0 "
                          f"(or -1 for one per CPU, -2 for all but one)")
     count = n_jobs if n_jobs > 0 else cpus + 1 + n_jobs
     if count < 1:

@@ -1,0 +1,62 @@
+"""hydra/launcher=parallel (hydra_plugins/kvbench_launcher): warm forked workers. A worker killed
+mid-job fails that job only (error.txt, exit 1) and the sweep goes on in a fresh worker; bad
+n_jobs gets one line and exit 2; joblib's n_jobs rule. ~10 s on 2 cores."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvbench.cli import register_launcher
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["trace=synthetic", "trace.num_requests=20", "progress=false"]
+KILLER = """import os, signal
+
+def trace(**kwargs):  # a trace whose loading kills the process that runs the job
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def kvbench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvbench.cli", "-m", "hydra/launcher=parallel", *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def test_a_killed_worker_fails_its_job_only_and_the_sweep_goes_on(tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = kvbench("hydra.launcher.n_jobs=1", "strategy=slab", *TINY,
+                  "trace._target_=killer.trace,kvbench.traces.synthetic", "trace.rate=4,8",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env)
+    assert out.returncode == 1, out.stderr[-3000:]  # (a crash is not bad input)
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 4, runs
+    done = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json"))
+    failed = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/error.txt"))
+    assert [r.split("_")[0] for r in done] == ["2", "3"] and [r.split("_")[0] for r in failed] == ["0", "1"]
+    why = (tmp_path / "sweep" / failed[0] / "error.txt").read_text()
+    assert why.startswith("kvbench: unexpected error: the worker process running this job died (signal 9)")
+    assert "2 of 4 runs failed" in out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("n_jobs", ["0", "abc", "-99"])
+def test_bad_n_jobs_gets_one_line_and_exit_2(tmp_path, n_jobs):
+    out = kvbench(f"hydra.launcher.n_jobs={n_jobs}", "strategy=slab,paged", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kvbench: error: hydra.launcher.n_jobs={n_jobs}"), lines
+    assert not list(tmp_path.glob("*/summary.json"))
+
+
+def test_worker_count_follows_joblib():
+    register_launcher()
+    from hydra_plugins.kvbench_launcher import worker_count
+
+    assert [worker_count(n, cpus=4) for n in (1, 3, -1, -2, -4)] == [1, 3, 4, 3, 1]
+    for bad in (0, -5, 1.5, "2", True):
+        with pytest.raises(ValueError):
+            worker_count(bad, cpus=4)
