@@ -31,7 +31,7 @@ import pickle
 import sys
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (JobReturn, JobRuntime, JobStatus, _flush_loggers, _save_config, configure_log,
@@ -92,8 +92,10 @@ class WarmJoblibLauncher(Launcher):
     """Hydra's JoblibLauncher's config (`n_jobs` and joblib's other keys), run in forked warm
     workers. `fork_workers` false or a `backend` other than null/loky: Hydra's joblib launcher."""
 
-    def __init__(self, fork_workers: bool = True, preload: Sequence[str] = (), **joblib: Any) -> None:
+    def __init__(self, fork_workers: bool = True, preload: Sequence[str] = (), parent_imports: Sequence[str] = (),
+                 **joblib: Any) -> None:
         self.fork_workers, self.preload = bool(fork_workers), list(preload or ())
+        self.parent_imports = list(parent_imports or ())
         self.joblib = joblib
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
@@ -121,7 +123,8 @@ class WarmJoblibLauncher(Launcher):
             log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
         sys.stdout.flush()
         sys.stderr.flush()
-        return _Pool(self, workers).run([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)])
+        return _Pool(self, workers).run([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)],
+                                        then=lambda: [importlib.import_module(name) for name in self.parent_imports])
 
     # ---- one job (in a worker) ------------------------------------------------------------------
     def job_config(self, idx: int, overrides: list[str]) -> DictConfig:
@@ -233,7 +236,8 @@ class _Pool:
         self.busy[here] = (proc, None)
         return here
 
-    def run(self, jobs: list[tuple[int, list[str]]]) -> list[JobReturn]:
+    def run(self, jobs: list[tuple[int, list[str]]], then: Callable[[], Any] = lambda: None) -> list[JobReturn]:
+        """Run `jobs` (idx, overrides) in the workers; `then()` runs here once each has its first."""
         todo, results = list(reversed(jobs)), {}
         try:
             for _ in range(self.size):
@@ -246,6 +250,8 @@ class _Pool:
                     elif job is None:  # nothing left for it
                         conn.send(None)
                         del self.busy[conn]
+                if then is not None:  # (here, not in a thread: a worker forked later must not inherit a held lock)
+                    then, _ = None, then()
                 ready = wait([*self.busy, *(p.sentinel for p, _ in self.busy.values())])
                 for conn, (proc, job) in list(self.busy.items()):
                     if conn in ready or proc.sentinel in ready:
