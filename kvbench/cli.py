@@ -162,7 +162,7 @@ class CompareRuns(Callback):
 
         root = Path(config.hydra.sweep.dir)
         runs, missing, _ = discover([root])
-        rows = sweep_rows(root)
+        rows = sweep_rows(root, runs)
         if rows:
             print(f"\n{len(runs)} runs under {root}:\n{sweep_table(rows)}")
         if missing:

@@ -257,9 +257,14 @@ class _Pool:
                     if conn in ready or proc.sentinel in ready:
                         self._collect(conn, proc, job, results, bool(todo))
         finally:
-            for conn, (proc, _) in self.busy.items():  # (only on an error or Ctrl-C: idle ones were sent None)
-                if proc.is_alive():
-                    proc.terminate()
+            for conn, (proc, job) in self.busy.items():
+                try:
+                    if job is not None:  # (an error here or Ctrl-C: its job is abandoned)
+                        raise OSError
+                    conn.send(None)  # idle: it ends by itself
+                except OSError:
+                    if proc.is_alive():
+                        proc.terminate()
                 conn.close()
             for proc in self.started:
                 proc.join()

@@ -104,8 +104,7 @@ def discover(dirs: list[Path]) -> tuple[list[Path], list[Missing], list[Missing]
             jobs = sweep_jobs(sweep)
             if jobs is None:
                 continue
-            by_overrides = {frozenset(OmegaConf.load(t / ".hydra/overrides.yaml")): t
-                            for t in tried if t.parent == sweep}
+            by_overrides = {frozenset(_overrides(t)): t for t in tried if t.parent == sweep}
             for num, job in enumerate(jobs):
                 t = by_overrides.pop(frozenset(job), None)
                 if t is None:
@@ -144,6 +143,16 @@ def _yaml_loader() -> type:
 
 
 _LOADER: list[type] = []  # built once per process
+
+
+def _overrides(run: Path) -> list[str]:
+    """A run's .hydra/overrides.yaml: its job's overrides (OmegaConf.load's strings, on libyaml)."""
+    import yaml
+
+    if not _LOADER:
+        _LOADER.append(_yaml_loader())
+    got = yaml.load((run / ".hydra/overrides.yaml").read_text(encoding="utf-8"), Loader=_LOADER[0])
+    return [str(o) for o in got] if isinstance(got, list) else list(OmegaConf.load(run / ".hydra/overrides.yaml"))
 
 
 def _config(run: Path) -> dict:

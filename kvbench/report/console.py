@@ -158,12 +158,14 @@ def sweep_table(rows: list[tuple[Path, dict | None, str | None]]) -> str:
     return "\n".join(lines)
 
 
-def sweep_rows(root: Path) -> list[tuple[Path, dict | None, str | None]]:
+def sweep_rows(root: Path, runs: list[Path] | None = None) -> list[tuple[Path, dict | None, str | None]]:
     """The runs of a sweep folder's grid, finished or failed (why), for sweep_table. Folders
-    left by an earlier grid are left out; jobs that never ran have no folder and no row."""
+    left by an earlier grid are left out; jobs that never ran have no folder and no row.
+    `runs`: discover([root])'s finished runs, when the caller has them."""
     from kvbench.report.collect import discover, error_line, sweep_jobs
 
-    runs, _, _ = discover([root])
+    if runs is None:
+        runs, _, _ = discover([root])
     rows: list[tuple[Path, dict | None, str | None]] = [(r, json.loads((r / "summary.json").read_text()), None)
                                                         for r in runs]
     jobs = sweep_jobs(root) if (root / "multirun.yaml").exists() else None
