@@ -76,9 +76,9 @@ class Recorder:
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
         """One step [t, t + dt): its timeline row, and the output tokens it produced at t + dt."""
         b = ev.batch
-        self._floats.extend((t, dt))
-        self._ints.extend((ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
-                           ev.preemptions, *ev.states))
+        self._floats.fromlist([t, dt])  # (fromlist: a list converts in C, 2-4x faster than extend or array())
+        self._ints.fromlist([ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
+                             ev.preemptions, *ev.states])
         self._pairs.append(b.prefill_pairs)
         times = self._times
         for req, cached in ev.admitted:
@@ -142,7 +142,7 @@ class Recorder:
                 t, dt = t.tolist(), dt.tolist()
             floats = [0.0] * (2 * k)  # interleaved t, dt
             floats[0::2], floats[1::2] = t, dt
-            self._floats += array("d", floats)
+            self._floats.fromlist(floats)
             n, waiting = _INT_COLUMNS, run.waiting
             flat = [0] * (n * k)  # the rows, column by column (column 2, prefill tokens, stays 0)
             flat[0::n] = [run.running] * k
@@ -152,12 +152,12 @@ class Recorder:
             flat[5::n] = [run.preemptions] * k
             for c, column in enumerate(run.states, 6):
                 flat[c::n] = column
-            self._ints += array("i", flat)  # (array's constructor converts faster than extend)
+            self._ints.fromlist(flat)
             # every request's token j comes out at ends[j], the one before at ends[j - 1] (t[0] for j = 0)
             ends = list(map(add, t, dt))
             self._gaps.append(ends[0] - t[0])
-            self._gaps.extend(map(sub, ends[1:], ends))
-            self._gap_counts.extend([d] * k)
+            self._gaps.fromlist(list(map(sub, ends[1:], ends)))
+            self._gap_counts.fromlist([d] * k)
             self._gap, self._gap_count = self._gaps.pop(), self._gap_counts.pop()  # the last gap's run stays open
             last = ends[-1]
         else:

@@ -82,10 +82,9 @@ class QuietRun:
         self.kv_read = steady.kv_read + len(seqs)  # K/V positions step j reads (every live request decodes)
         self.waiting, self.preemptions = steady.waiting, steady.preemptions
         self.may_take_pages = not scheduler.waiting
-        st = self.st  # a strategy that may move pages to host when it evicts: moves asked after each take
-        moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
-        self._moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 \
-            else st.take_host_moves
+        st = self.st
+        # (host moves asked after each take, `room`, bulk decode steps: the strategy's, looked up once)
+        self._moves, self._room, self._bulk = scheduler.quiet_calls or _calls(scheduler)
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
         self.grown = grown  # step 0's grows are made, its states are `states` (it is recorded first)
@@ -99,18 +98,18 @@ class QuietRun:
         self.blocked = False  # a step's requests needed pages that were not free: the run is over
         self.chunk = None  # the caller's steps priced and not yet recorded (kvbench.replay)
         self.chunk_size = 32  # steps the caller prices next (most runs end at an arrival within a few dozen)
-        # the strategy's `room`, or None where it is the contract's default (the rest of the last
-        # page: computed here, without a call per page-taking request and step)
-        self._room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
         limit = 1 << 62
         if len(seqs) > scheduler.max_num_batched_tokens or not getattr(st, "fast_forward", True) \
                 or getattr(scheduler, "kv_read_groups", None) is not None or not seqs:
             limit = 0  # (fast_forward False: a strategy whose decodes may free pages, e.g. a hybrid pool;
             # kv_read_groups: a windowed model, whose decode steps do not read d more positions each)
         elif self.may_take_pages:
-            fresh, pages_at, fin = steady.fresh, self.pages_at, self.fin
+            fresh, pages_at, fin, room_of, ps = steady.fresh, self.pages_at, self.fin, self._room, st.page_size
             for i, s in enumerate(seqs):  # the step in which it takes its next page
-                room = g + st.room(s.id, s.computed + g) if g or i not in fresh else 0
+                if g or i not in fresh:
+                    room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
+                else:
+                    room = 0
                 if room <= fin[i]:
                     if room in pages_at:
                         pages_at[room].append(i)
@@ -119,10 +118,13 @@ class QuietRun:
             limit = max(fin) + 1  # the run may go on until the last one leaves
         else:
             limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
-            for s in seqs:
-                limit = min(limit, g + st.room(s.id, s.computed + g))  # none takes a page (after step 0)
-                if limit <= 0:
-                    break
+            room_of, ps = self._room, st.page_size
+            for s in seqs:  # none takes a page (after step 0)
+                room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
+                if room < limit:
+                    limit = room
+                    if limit <= 0:
+                        break
         self.limit = max(limit, 0)
         self._takes = sorted(self.pages_at)  # the keys of pages_at, a heap
         self._fin_steps = sorted(set(self.fin), reverse=True)  # the steps in which requests finish, next last
@@ -136,16 +138,14 @@ class QuietRun:
         which requests emitted their last token: `finishing` says which; `retire` or `end`
         lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
-        grow, room, waiting_kv_len = st.grow, self._room, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
+        grow, room = st.grow, self._room
         ps = st.page_size
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         self.moved = None
-        # a strategy whose every decode takes a page (radix, page_size 1) makes such steps in bulk
-        # (its class's method: a wrapper that forwards other names, e.g. a checker, grows per token)
-        bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
+        bulk = self._bulk
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
             self.grown = False
             c_token.append(token)
@@ -221,7 +221,7 @@ class QuietRun:
                         pages_at[nxt] = [i]
                         heappush(takes, nxt)
             deferred += d - len(takers)
-            token, reserved, internal, external, cached, free = st.slot_states(waiting_kv_len)
+            token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
             token, reserved = token + deferred, reserved - deferred
             c_token.append(token)
             c_reserved.append(reserved)
@@ -316,3 +316,21 @@ class QuietRun:
     def _failed(s, n: int) -> None:
         raise RuntimeError(f"fast-forward: request {s.id}: grow({n}) failed in a quiet step (the "
                            f"strategy's `room`, or its free + cached slots, promised more than it holds)")
+
+
+def _calls(scheduler: Scheduler) -> tuple:
+    """The strategy's calls a quiet run makes, looked up once per scheduler (`quiet_calls`):
+    - `take_host_moves` of a strategy that may move pages to host when it evicts (asked after
+      each take), else None;
+    - its `room`, or None where it is the contract's default (the rest of the last page: computed
+      by the run, without a call per page-taking request and step);
+    - `decode_steps` of a strategy whose every decode takes a page (radix, page_size 1: such
+      steps in bulk; its class's method: a wrapper that forwards other names, e.g. a checker,
+      grows per token), else None."""
+    st = scheduler.strategy
+    moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
+    moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 else st.take_host_moves
+    room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
+    bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
+    scheduler.quiet_calls = calls = (moves, room, bulk)
+    return calls

@@ -150,6 +150,7 @@ class Scheduler:
         self.host_tokens = self.peak_host_tokens = 0  # positions held in host memory by swapped requests
         self.deferred = 0  # admissions deferred by dedup_prefix (request-steps)
         self.emitted_all = True  # every running request emitted a token in the last step (`complete`)
+        self.quiet_calls: tuple | None = None  # the strategy's calls a quiet run makes (kvbench/quiet.py)
         # the host tier's page copies, for engines that make them (before take_host_moves, which drops them)
         self._take_host_copies = getattr(strategy, "take_host_copies", None)
 

@@ -151,6 +151,7 @@ class PagedStrategy(Strategy):
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
         self.prefix_caching = self.caches_prefixes = self.reads_tokens = prefix_caching
+        self._solo = not prefix_caching  # no page is shared or hashed (until a fork shares some)
         self.prefix_visibility, self.dedup_touch = prefix_visibility, bool(dedup_touch)
         self._scheduled = prefix_caching and prefix_visibility == "scheduled"
         if int(min_cache_len) < 0:
@@ -676,7 +677,13 @@ class PagedStrategy(Strategy):
         if self.prefix_caching and seq.length >= seq.hash_at:
             self._register_full_pages(seq)
         self._reserved -= seq.reserved
-        if self.dedup_touch:
+        if self._solo:  # every page is the request's own, never hashed: all free, in _unref_pages' order
+            pages, ref = seq.pages, self._ref
+            for pid in pages:
+                ref[pid] = 0
+            self._token -= sum(map(self._fill.__getitem__, pages))
+            self._free.fromlist(pages[::-1])
+        elif self.dedup_touch:
             self._unref_touching(seq)
         else:
             self._unref_pages(reversed(seq.pages))  # the tail first: it is the least likely to be reused
@@ -685,6 +692,7 @@ class PagedStrategy(Strategy):
 
     def fork(self, parent, child, child_tokens, child_kv_len) -> bool:
         src = self._seqs[parent]
+        self._solo = False  # pages are shared from now on: releases go page by page
         for pid in src.pages:
             self._ref[pid] += 1
         self._seqs[child] = _Seq(tokens=child_tokens, kv_len=child_kv_len, pages=list(src.pages),

@@ -22,6 +22,8 @@ import numpy as np
 
 from kvbench.strategies.base import Admission, InvariantError, RequestId, SlotStates, Strategy
 
+_new_tuple = tuple.__new__
+
 
 @dataclass(slots=True)
 class _Extent:
@@ -46,6 +48,7 @@ class SlabStrategy(Strategy):
         if reservation == "max" and self.pages_for(max_model_len) > self.num_pages:
             raise ValueError(f"slab(max) reserves max_model_len={max_model_len} slots per request "
                              f"but the pool holds {self.capacity}: raise kv_capacity_tokens or lower max_model_len")
+        self._max_pages = self.pages_for(max_model_len)  # reservation max: every request's
         self._starts: list[int] = [0]  # free extents, sorted by start page
         self._sizes: list[int] = [self.num_pages]
         self._ext: dict[RequestId, _Extent] = {}
@@ -54,7 +57,7 @@ class SlabStrategy(Strategy):
     def reserve_pages(self, kv_len: int) -> int:
         """Pages a request of final length `kv_len` reserves. Pure."""
         if self.reservation == "max":
-            slots = self.max_model_len
+            return self._max_pages
         elif self.reservation == "pow2":
             slots = min(max(1 << (kv_len - 1).bit_length(), 1), max(self.max_model_len, kv_len))
         else:
@@ -154,13 +157,14 @@ class SlabStrategy(Strategy):
         return 0  # slabs cache nothing
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
-        free = sum(self._sizes) * self.page_size
+        sizes, ps = self._sizes, self.page_size
+        free = sum(sizes) * ps
         external = 0
         if waiting_kv_len is not None:
             need = self.reserve_pages(waiting_kv_len)
-            external = sum(s for s in self._sizes if s < need) * self.page_size
-        return SlotStates(token=self._token, reserved=self._reserved, internal=self._internal,
-                          external=external, cached=0, free=free - external)
+            external = sum([s for s in sizes if s < need]) * ps
+        # (token, reserved, internal, external, cached, free), built without SlotStates' Python __new__
+        return _new_tuple(SlotStates, (self._token, self._reserved, self._internal, external, 0, free - external))
 
     def check_invariants(self) -> None:
         spans = [(s, n, "free") for s, n in zip(self._starts, self._sizes)]
