@@ -60,3 +60,27 @@ def test_worker_count_follows_joblib():
     for bad in (0, -5, 1.5, "2", True):
         with pytest.raises(ValueError):
             worker_count(bad, cpus=4)
+
+
+def test_hydra_yaml_from_pieces_is_the_whole_dump_byte_for_byte():
+    """hydra.yaml put together from per-key dumps (kept across jobs) equals Hydra's own dump,
+    for every experiment's hydra node, fresh and from the kept pieces (in another order of jobs)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kvbench.schema import register
+
+    register_launcher()
+    from hydra_plugins import kvbench_launcher as L
+
+    register()
+    names = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+    nodes = []
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        for name in names:
+            cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+            nodes.append(OmegaConf.to_container(cfg.hydra, resolve=False, enum_to_str=True))
+    L._PIECES.clear()
+    for node in nodes + nodes[::-1]:
+        assert L.hydra_yaml(node) == OmegaConf.to_yaml(OmegaConf.create({"hydra": node}))
+    assert L._PIECES_CHECKED == [True] and len(L._PIECES) > len(nodes[0])
