@@ -10,8 +10,9 @@ defaults list and the merged yaml depend on the group choices only. So, inside
 - the defaults list, keyed by the config name, the search path and the overrides that pick or
   add config groups (Hydra's own rule: `repo.group_exists(key)` and a value that is not a dict);
   the job's value overrides are handed on as its `config_overrides`, in its order;
-- the config merged from that defaults list (a deep copy is handed out each time: Hydra then sets
-  its flags and applies the value overrides to the copy, as it does to a fresh compose);
+- the config merged from that defaults list, pickled (a copy, unpickled, is handed out each time:
+  Hydra then sets its flags and applies the value overrides to the copy, as it does to a fresh
+  compose; unpickling is ~6x faster than the deep copy it replaces);
 - the parsed form of each override string (Hydra's parser makes immutable Override records);
 - one copy of the config repository's sources per search path (Hydra deep-copies them, with the
   ConfigStore, for every compose; a compose that changes the search path gets its own copy).
@@ -27,11 +28,12 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import pickle
 from typing import Any
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("kvbench_sweep_compose", default=False)
 _DEFAULTS: dict[tuple, Any] = {}  # key -> DefaultsList of the group choices
-_MERGED: dict[int, tuple[Any, Any]] = {}  # id(defaults) -> (defaults, merged config: never handed out itself)
+_MERGED: dict[int, tuple[Any, Any]] = {}  # id(defaults) -> (defaults, merged config pickled: never handed out itself)
 _PARSED: dict[str, Any] = {}  # override string -> Override
 _SOURCES: dict[tuple, Any] = {}  # search path -> the repository (sources) a job's caching repository reads
 _PLAIN: set[tuple] = set()  # (search path, config name) whose primary config sets no hydra.searchpath
@@ -102,8 +104,13 @@ def install() -> None:
         if kept is None or kept[0] is not defaults:
             if len(_MERGED) >= _MAX:
                 _MERGED.clear()
-            kept = _MERGED[id(defaults)] = (defaults, whole_merge(self, defaults, repo))
-        return copy.deepcopy(kept[1])
+            merged = whole_merge(self, defaults, repo)
+            try:  # a copy is unpickled from this (~1 ms; a deep copy of Hydra's config takes ~5-7)
+                merged = pickle.dumps(merged, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # (a value pickle cannot take: deep copies then)
+                pass
+            kept = _MERGED[id(defaults)] = (defaults, merged)
+        return pickle.loads(kept[1]) if isinstance(kept[1], bytes) else copy.deepcopy(kept[1])
 
     class SharedSourcesRepository(CachingConfigRepository):
         """Hydra's per-compose caching repository over a kept copy of the sources; the copy is
