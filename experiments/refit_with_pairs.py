@@ -10,12 +10,15 @@ sweep folders of GPU run dirs (their cases are NAME/<run>; a timeline that alrea
 prefill_pairs column is used as it is). Runs whose case starts with a --fit-apart prefix are
 replayed but left out of the fits (e.g. a sweep measured on a kernel build since reverted).
 
-Fits (kvbench.calibrate.fit, stalls dropped: steps over STALL x the model):
+Fits (kvbench.calibrate, stalls dropped: steps over STALL x the model):
+  - one_metrics: one model fitted to each run's mean TTFT, mean TPOT and (runs at t=0) duration
+    (`fit_metrics`: relative squared errors on the run's own decisions, first order, plus 0.3**2 x
+    the run-weighted step error), the model of configs/engine/sim_h200_llama3_2_1b_all.yaml;
   - one_run_weighted: one model, each run counting equally (`fit(..., runs=)`: a step's squared
-    error weighted by its run's n / T**2), the model of configs/engine/sim_h200_llama3_2_1b_all.yaml;
+    error weighted by its run's n / T**2);
   - one_unweighted: one model, every step weighing the same (Mooncake's long steps dominate);
   - per_trace: one model per trace, unweighted (the comparison of before).
-Each run is replayed in the sim with each fit; with the one_run_weighted fit also with the GPU
+Each run is replayed in the sim with each fit; with the one_metrics fit also with the GPU
 run's stalls injected (`StallInjectedSim`: the excess of each GPU step over STALL x the model is
 added to the sim step that starts at or after the GPU step's start), since a stall at the start
 of a finite-rate run queues every request behind it and no step model can predict it.
@@ -34,7 +37,7 @@ from omegaconf import OmegaConf, open_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_strategies import STALL, md_table, register, rel_err, same, with_engine  # noqa: E402
 
-from kvbench.calibrate import fit, graph_prefill_tokens, predict, write_text_atomic  # noqa: E402
+from kvbench.calibrate import fit, fit_metrics, graph_prefill_tokens, held_by_stalls, predict, write_text_atomic  # noqa: E402
 from kvbench.engines.sim import SimEngine  # noqa: E402
 from kvbench.run import run  # noqa: E402
 
@@ -83,13 +86,14 @@ def main() -> None:
     for sweep, folder in sweeps.items():  # run dirs that finished (a summary.json)
         dirs |= {f"{sweep}/{d.name}": d for d in sorted(folder.glob("*/summary.json")) for d in [d.parent]}
     out = args.out / "runs"
-    tls, base, gpu, rep, trace = {}, {}, {}, {}, {}
+    tls, base, gpu, rep, trace, reqs = {}, {}, {}, {}, {}, {}
     for k, d in dirs.items():
         base[k] = OmegaConf.load(d / "config.yaml")
         gpu[k] = json.loads((d / "summary.json").read_text())
         trace[k] = gpu[k].get("trace") or str(base[k].trace.name)
         r = d.parent / "gpu_repeat" / "summary.json"
         rep[k] = json.loads(r.read_text()) if d.name == "gpu" and r.exists() else None
+        reqs[k] = pd.read_parquet(d / "requests.parquet")
         t = pd.read_parquet(d / "timeline.parquet")
         if "prefill_pairs" not in t:  # older timelines: a replay on the run's own clock counts them
             o = out / k.replace("/", "_") / "recorded"
@@ -104,7 +108,9 @@ def main() -> None:
     gm = gm.pop()
     steps = pd.concat([tls[k] for k in fitted], ignore_index=True)
     labels = np.concatenate([[k] * len(tls[k]) for k in fitted])
-    coefs = {"one_run_weighted": fit(steps, stall=STALL, graph_prefill_tokens=gm, runs=labels),
+    coefs = {"one_metrics": fit_metrics([tls[k] for k in fitted], [reqs[k] for k in fitted], stall=STALL,
+                                        graph_prefill_tokens=gm),
+             "one_run_weighted": fit(steps, stall=STALL, graph_prefill_tokens=gm, runs=labels),
              "one_unweighted": fit(steps, stall=STALL, graph_prefill_tokens=gm)}
     for tr in sorted({trace[k] for k in fitted}):
         names = [k for k in fitted if trace[k] == tr]
@@ -114,7 +120,7 @@ def main() -> None:
     for name, coef in coefs.items():
         write_text_atomic(args.out / f"coef_{name}.json", json.dumps(coef, indent=1) + "\n")
     rows = []
-    chosen = coefs["one_run_weighted"]
+    chosen = coefs["one_metrics"]
     for k in dirs:
         g, t = gpu[k], tls[k]
         dt = t.dt_s.to_numpy(float)
@@ -124,11 +130,12 @@ def main() -> None:
         if rep[k]:
             spread = {f"gpu_repeat_{m}_diff": rel_err(rep[k][key], g[key]) for m, key in (
                 ("throughput", "request_throughput"), ("ttft_mean", "ttft_mean_s"), ("tpot_mean", "tpot_mean_s"))}
-        runs = [("one_run_weighted", chosen, False), ("one_unweighted", coefs["one_unweighted"], False)]
+        runs = [("one_metrics", chosen, False), ("one_run_weighted", coefs["one_run_weighted"], False),
+                ("one_unweighted", coefs["one_unweighted"], False)]
         if f"trace_{trace[k]}" in coefs:
             runs.append(("per_trace", coefs[f"trace_{trace[k]}"], False))
         if stall.any():
-            runs.append(("one_run_weighted+stalls", chosen, True))
+            runs.append(("one_metrics+stalls", chosen, True))
         for fit_name, coef, inject in runs:
             o = out / k.replace("/", "_") / f"sim_{fit_name.replace('+', '_')}"
             cfg = with_engine(base[k], ["engine=sim"], coef)
@@ -141,6 +148,15 @@ def main() -> None:
             s = run(cfg, o)
             ts = pd.read_parquet(o / "timeline.parquet")
             p = predict(t, coef)
+            unheld = {}
+            if stall.any() and reqs[k].arrival_s.max() > 0:  # the requests no stall held, both sides (same ids);
+                # (at t=0 a stall holds every request: no such subset)
+                rg = reqs[k][reqs[k].status == "finished"]
+                rg = rg[~held_by_stalls(t, rg, stall)]
+                rs = pd.read_parquet(o / "requests.parquet").set_index("id").loc[rg.id]
+                unheld = dict(unheld_requests=len(rg),
+                              ttft_mean_err_unheld=rel_err(rs.ttft_s.mean(), rg.ttft_s.mean()),
+                              tpot_mean_err_unheld=rel_err(rs.tpot_s.mean(), rg.tpot_s.mean()))
             rows.append(dict(case=k, trace=trace[k], fit=fit_name, fitted_on_it=k in fitted,
                              same_decisions=same(t, ts), stall_steps=int(stall.sum()),
                              stall_excess_s=float((dt - pred)[stall].sum()),
@@ -148,14 +164,15 @@ def main() -> None:
                              total_time_err=float(p[~stall].sum() / dt[~stall].sum() - 1),
                              throughput_err=rel_err(s["request_throughput"], g["request_throughput"]),
                              ttft_mean_err=rel_err(s["ttft_mean_s"], g["ttft_mean_s"]),
-                             tpot_mean_err=rel_err(s["tpot_mean_s"], g["tpot_mean_s"]), **spread))
+                             tpot_mean_err=rel_err(s["tpot_mean_s"], g["tpot_mean_s"]), **unheld, **spread))
             print(json.dumps(rows[-1]), flush=True)
     df = pd.DataFrame(rows)
     write_text_atomic(args.out / "fidelity_one_model.csv", df.to_csv(index=False))
     head = (f"Sim against GPU (H200), each run and fit; fitted on {len(fitted)} runs ({len(steps)} steps), "
             f"not fitted: {', '.join(k for k in dirs if k not in fitted) or 'none'}. Errors relative; "
-            "stalls: GPU steps over STALL x the one_run_weighted model; +stalls: the sim with those steps' "
-            "excess injected at the same start time.\n\n")
+            "stalls: GPU steps over STALL x the one_metrics model; +stalls: the sim with those steps' "
+            "excess injected at the same start time; *_unheld: over the requests no stall held "
+            "(kvbench.calibrate.held_by_stalls).\n\n")
     write_text_atomic(args.out / "fidelity_one_model.md", head + md_table(df))
     print(df.to_string(index=False))
 

@@ -20,7 +20,10 @@ eager model's work, graph_prefill_pair_s in the graph-replayed prefill model (ol
 such keys, the fit of before).
 `--weights run` (fit(..., runs=)): each run counts equally, a step's squared error weighted by its
 run's steps / total time squared, so one run of long steps (Mooncake) does not decide a model fitted
-on many runs (configs/engine/sim_h200_llama3_2_1b_all.yaml; default: every step weighs the same).
+on many runs. `--weights metrics` (fit_metrics): one model fitted to what the simulation is judged
+by, each run's mean TTFT, mean TPOT and duration (relative squared errors, on the run's own
+decisions to first order), with the run-weighted step error as a smaller second term
+(configs/engine/sim_h200_llama3_2_1b_all.yaml). Default: every step weighs the same.
 """
 from __future__ import annotations
 
@@ -184,6 +187,114 @@ def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarr
     return best
 
 
+# the columns of the joint step model fit_metrics solves for (in step_time's terms; the eager
+# work terms apply to eager steps above the floor, eager_floor_s to those on it)
+JOINT = ("overhead_s", "decode_token_s", "kv_read_token_s", "graph_prefill_step_s", "graph_prefill_token_s",
+         "prefill_step_s", "prefill_token_s", "eager_decode_token_s", "eager_kv_read_token_s", "eager_floor_s")
+JOINT_PAIRS = ("graph_prefill_pair_s", "prefill_pair_s")
+
+
+def _design(t: pd.DataFrame, coef: dict, pairs: bool) -> np.ndarray:
+    """Each step's row of the joint linear model (columns JOINT [+ JOINT_PAIRS]): step_time(coef)
+    equals this @ coef's values; which eager steps sit on the floor is taken from `coef`."""
+    p, d, k = (t[c].to_numpy(float) for c in ("prefill_tokens", "decode_tokens", "kv_read_tokens"))
+    a = t.prefill_pairs.to_numpy(float) if pairs else np.zeros(len(t))
+    gm = int(coef.get("graph_prefill_tokens") or 0)
+    mixed, eager = (p > 0) & (p <= gm), p > gm
+    work = (p * coef["prefill_token_s"] + d * coef["eager_decode_token_s"] + k * coef["eager_kv_read_token_s"]
+            + a * (coef.get("prefill_pair_s") or 0.0))
+    floor = eager & (work < coef["eager_floor_s"])
+    above, graph = eager & ~floor, ~eager
+    cols = [np.ones(len(t)), d * graph, k * graph, mixed * 1.0, p * mixed, eager * 1.0, p * above, d * above,
+            k * above, floor * 1.0]
+    return np.column_stack(cols + ([a * mixed, a * above] if pairs else []))
+
+
+def held_by_stalls(timeline: pd.DataFrame, requests: pd.DataFrame, stalls: np.ndarray) -> np.ndarray:
+    """Which of `requests` were in the system while a stall step (`stalls`, a mask over the
+    timeline's steps) or the backlog it left held the engine: from the stall's start to the end
+    of the first later step with nobody waiting (the stall step alone without a `waiting` column)."""
+    start, end = timeline.t_s.to_numpy(float), (timeline.t_s + timeline.dt_s).to_numpy(float)
+    calm = (timeline.waiting.to_numpy() == 0) if "waiting" in timeline else np.ones(len(start), bool)
+    held = np.zeros(len(requests), bool)
+    arrival, finish = requests.arrival_s.to_numpy(float), requests.finish_s.to_numpy(float)
+    for i in np.flatnonzero(stalls):
+        after = np.flatnonzero(calm[i:])
+        until = end[i + after[0]] if len(after) else end[-1]
+        held |= (arrival < until) & (finish > start[i])
+    return held
+
+
+def metric_weights(timeline: pd.DataFrame, requests: pd.DataFrame,
+                   stalls: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, float]]:
+    """{metric: (v, value)}: the run's measured mean TTFT, mean TPOT and, when every request
+    arrived at t=0, duration (1 / request throughput), each with the per-step weights v by which
+    it moves with the steps' times on the run's own decisions (to first order: extra time in a
+    step delays every later step of the requests in the system across it): value + v @ extra.
+    `requests` is the run's requests.parquet; its first-token and finish times are ends of the
+    timeline's steps. `stalls` (a mask over the steps): those steps weigh 0 (the measured values
+    keep them: what is fitted is the run with its stalls given, as StallInjectedSim replays it)."""
+    end = (timeline.t_s + timeline.dt_s).to_numpy(float)
+    n = len(end)
+    fin = requests[requests.status == "finished"]
+    arrive = np.searchsorted(end, fin.arrival_s.to_numpy(float) + 1e-12, side="right")  # first step ending after
+    first = np.minimum(np.searchsorted(end, fin.first_token_s.to_numpy(float) - 1e-7), n - 1)
+    last = np.minimum(np.searchsorted(end, fin.finish_s.to_numpy(float) - 1e-7), n - 1)
+    out = fin.output_len.to_numpy()
+
+    def spans(lo, hi, weight):  # sum over requests of weight on steps lo..hi
+        v = np.zeros(n + 1)
+        np.add.at(v, lo, weight)
+        np.add.at(v, hi + 1, -weight)
+        return np.cumsum(v)[:n]
+
+    many = out > 1
+    w = {"ttft": (spans(arrive, first, np.full(len(fin), 1.0 / max(len(fin), 1))), float(fin.ttft_s.mean())),
+         "tpot": (spans(first[many] + 1, last[many], 1.0 / (out[many] - 1) / max(many.sum(), 1)),
+                  float(fin.tpot_s[many].mean()))}
+    if len(fin) and float(requests.arrival_s.max()) == 0.0:
+        w["duration"] = ((np.arange(n) <= last.max()).astype(float), float(fin.finish_s.max() - requests.arrival_s.min()))
+    if stalls is not None:
+        w = {k: (np.where(stalls, 0.0, v), value) for k, (v, value) in w.items()}
+    return w
+
+
+def fit_metrics(timelines: list[pd.DataFrame], requests: list[pd.DataFrame], stall: float = 3.0,
+                graph_prefill_tokens: int = 0, step_weight: float = 0.3, rounds: int = 3) -> dict[str, float]:
+    """One model for several runs fitted to what a simulation is judged by: the coefficients
+    (non-negative) minimising, over runs, the squared relative error of each run's mean TTFT,
+    mean TPOT and (runs with every request at t=0) duration, each predicted to first order on
+    the run's own decisions (`metric_weights`), plus step_weight**2 x the run-weighted squared
+    error of every step (`fit(..., runs=)`, which also gives the start). Stalls (steps over
+    `stall` x the model) weigh nothing in either: the metrics fitted are the run's with its
+    stalls given (a simulation cannot predict them; `held_by_stalls` names the requests they
+    held); which eager steps sit on the floor, and which steps are stalls, come from the model of
+    the round before (`rounds` rounds)."""
+    pairs = all("prefill_pairs" in t for t in timelines)
+    runs = np.concatenate([np.full(len(t), i) for i, t in enumerate(timelines)])
+    coef = fit(pd.concat(timelines, ignore_index=True), stall, graph_prefill_tokens, runs=runs)
+    names = JOINT + (JOINT_PAIRS if pairs else ())
+    for _ in range(rounds):
+        rows, target, xs, ys, labels = [], [], [], [], []
+        for i, (t, req) in enumerate(zip(timelines, requests)):
+            dt = t.dt_s.to_numpy(float)
+            x = _design(t, coef, pairs)
+            keep = dt <= stall * predict(t, coef)
+            xs.append(x[keep]), ys.append(dt[keep]), labels.append(np.full(keep.sum(), i))
+            for v, value in metric_weights(t, req, ~keep).values():  # relative error: v @ (model - measured) / value
+                if value > 0:
+                    rows.append(v @ x / value)
+                    target.append(v @ dt / value)
+        x, y = np.vstack(xs), np.concatenate(ys)
+        sw = np.sqrt(run_weights(np.concatenate(labels), y))
+        q, r = np.linalg.qr(x * sw[:, None])  # the step term, compressed to len(names) rows
+        c = _nnls(np.vstack([np.array(rows).reshape(-1, len(names)), step_weight * r]),
+                  np.concatenate([target, step_weight * (q.T @ (y * sw))]))
+        seen = np.abs(x).sum(axis=0) > 0  # a column no step has (no eager step, say): its value of before
+        coef = {**coef, **{k: float(v) for k, v, ok in zip(names, c, seen) if ok}}
+    return coef
+
+
 def fit_error(timeline: pd.DataFrame, coef: dict[str, float]) -> float:
     """Relative error of the total modelled time over the measured total."""
     return float(abs(predict(timeline, coef).sum() - timeline.dt_s.sum()) / timeline.dt_s.sum())
@@ -217,14 +328,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs (with timeline.parquet and summary.json)")
     ap.add_argument("--out", type=Path, required=True,
                     help="engine config to write, e.g. configs/engine/sim_h100_llama3_2_1b.yaml")
-    ap.add_argument("--weights", choices=("step", "run"), default="step",
+    ap.add_argument("--weights", choices=("step", "run", "metrics"), default="step",
                     help="step: every step weighs the same (default); run: each run counts equally "
-                         "(a step's squared error weighted by its run's steps / total time squared)")
+                         "(a step's squared error weighted by its run's steps / total time squared); metrics: "
+                         "fit each run's mean TTFT, mean TPOT and (all requests at t=0) duration (fit_metrics; "
+                         "needs each run's requests.parquet)")
+    ap.add_argument("--step-weight", type=float, default=0.3,
+                    help="with --weights metrics: weight of the run-weighted per-step error beside the metrics' "
+                         "(> 0, default 0.3)")
     args = ap.parse_args(argv)
-    frames, devices, graph_max = [], set(), set()
+    if not 0 < args.step_weight < float("inf"):
+        _fail(f"--step-weight must be a number > 0, got {args.step_weight}")
+    frames, requests, devices, graph_max = [], [], set(), set()
     for run in args.runs:
         if not (run / "timeline.parquet").exists():
             _fail(f"{run} has no timeline.parquet (is it a run dir?)")
+        if args.weights == "metrics":
+            if not (run / "requests.parquet").exists():
+                _fail(f"{run} has no requests.parquet (--weights metrics fits each run's request metrics)")
+            requests.append(pd.read_parquet(run / "requests.parquet"))
         frames.append(pd.read_parquet(run / "timeline.parquet"))
         summary = json.loads((run / "summary.json").read_text())
         devices.add(f"{summary.get('device', '?')} · {summary.get('model', '?')}")
@@ -236,9 +358,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{sorted(graph_max)}): fit them separately")
     timeline = pd.concat(frames, ignore_index=True)
     runs = np.concatenate([np.full(len(f), i) for i, f in enumerate(frames)]) if args.weights == "run" else None
-    coef = fit(timeline, graph_prefill_tokens=graph_max.pop(), runs=runs)
+    if args.weights == "metrics":
+        coef = fit_metrics(frames, requests, graph_prefill_tokens=graph_max.pop(), step_weight=args.step_weight)
+    else:
+        coef = fit(timeline, graph_prefill_tokens=graph_max.pop(), runs=runs)
+    how = {"step": "", "run": " (each run counting equally: --weights run)",
+           "metrics": f" (to each run's mean TTFT, mean TPOT, duration: --weights metrics --step-weight {args.step_weight})"}
     lines = [f"# Fitted by kvbench-calibrate from {len(timeline)} steps of {len(args.runs)} runs on {', '.join(sorted(devices))}"
-             + (" (each run counting equally: --weights run)" if runs is not None else ""),
+             + how[args.weights],
              f"# relative error of the total step time: {fit_error(timeline, coef):.4f}",
              "defaults:", "  - sim", "  - _self_", f"device: fitted ({', '.join(sorted(devices))})"]
     lines += yaml_lines(coef)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from kvbench.calibrate import COEFFICIENTS, fit, predict
+from kvbench.calibrate import COEFFICIENTS, fit, fit_metrics, held_by_stalls, metric_weights, predict
 from kvbench.engines.sim import SimEngine, step_time
 from test_end_to_end import CONFIGS, run_with
 
@@ -336,14 +336,91 @@ def test_run_weights_recover_a_model_that_fits_every_run_and_the_cli_option(tmp_
     a, b = _decode_run(800, 1, 17, 1e-3, 1e-4, 2), _decode_run(50, 50, 251, 1e-3, 1e-4, 3)
     for i, r in enumerate((a, b)):
         (tmp_path / f"r{i}").mkdir()
-        r.to_parquet(tmp_path / f"r{i}" / "timeline.parquet")
+        _clocked(r).to_parquet(tmp_path / f"r{i}" / "timeline.parquet")
         (tmp_path / f"r{i}" / "summary.json").write_text(json.dumps({"device": "test", "model": "m"}))
     got = fit(pd.concat([a, b], ignore_index=True), runs=np.r_[np.zeros(len(a)), np.ones(len(b))])
     assert got["overhead_s"] == pytest.approx(1e-3, rel=1e-9) and got["decode_token_s"] == pytest.approx(1e-4, rel=1e-9)
-    for weights in ("run", "step"):
+    cli = [sys.executable, "-m", "kvbench.calibrate", str(tmp_path / "r0"), str(tmp_path / "r1"), "--weights"]
+    bad = subprocess.run(cli + ["metrics", "--out", str(tmp_path / "x.yaml")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no requests.parquet" in bad.stderr
+    assert not (tmp_path / "x.yaml").exists()
+    for i, r in enumerate((a, b)):
+        _requests(_clocked(r), [(0, len(r) - 1), (5, 30)]).to_parquet(tmp_path / f"r{i}" / "requests.parquet")
+    for weights in ("run", "step", "metrics"):
         out = tmp_path / f"{weights}.yaml"
-        subprocess.run([sys.executable, "-m", "kvbench.calibrate", str(tmp_path / "r0"), str(tmp_path / "r1"),
-                        "--out", str(out), "--weights", weights], check=True, capture_output=True)
+        subprocess.run(cli + [weights, "--out", str(out)], check=True, capture_output=True)
         text = out.read_text()
-        assert ("--weights run" in text) == (weights == "run")
+        assert ("--weights run" in text) == (weights == "run") and ("--weights metrics" in text) == (weights == "metrics")
         assert OmegaConf.load(out).decode_token_s == pytest.approx(1e-4, rel=1e-6)
+
+
+def _requests(steps: pd.DataFrame, spans: list[tuple[int, int]], arrival: list[float] | None = None) -> pd.DataFrame:
+    """requests.parquet rows of requests that got their first token at the end of step f and their
+    last at the end of step l (one token a step), for each (f, l) of `spans`; arrivals 0 by default."""
+    end = (steps.t_s + steps.dt_s).to_numpy()
+    f, last = np.array([a for a, _ in spans]), np.array([b for _, b in spans])
+    arr = np.zeros(len(spans)) if arrival is None else np.asarray(arrival, float)
+    out = last - f + 1
+    return pd.DataFrame({"arrival_s": arr, "status": "finished", "output_len": out, "first_token_s": end[f],
+                         "finish_s": end[last], "ttft_s": end[f] - arr,
+                         "tpot_s": np.where(out > 1, (end[last] - end[f]) / np.maximum(out - 1, 1), np.nan)})
+
+
+def _clocked(steps: pd.DataFrame) -> pd.DataFrame:
+    return steps.assign(t_s=np.r_[0.0, np.cumsum(steps.dt_s.to_numpy())[:-1]])
+
+
+def _metrics(steps: pd.DataFrame, spans, arrival=None) -> np.ndarray:
+    r = _requests(_clocked(steps), spans, arrival)
+    return np.array([r.ttft_s.mean(), r.tpot_s.mean(), r.finish_s.max() - r.arrival_s.min()])
+
+
+def test_metric_weights_move_each_metric_as_the_steps_times_do():
+    """At t=0 the metrics are linear in the step times: mean TTFT, mean TPOT and duration after
+    changing every step's time equal the measured ones + v @ change, exactly."""
+    steps = _clocked(_decode_run(60, 1, 9, 1e-3, 1e-4, 4))
+    spans = [(0, 59), (3, 20), (10, 10), (25, 41)]
+    w = metric_weights(steps, _requests(steps, spans))
+    extra = np.random.default_rng(5).random(60) * 1e-3
+    want = _metrics(steps.assign(dt_s=steps.dt_s + extra), spans)
+    for i, key in enumerate(("ttft", "tpot", "duration")):
+        v, value = w[key]
+        assert value + v @ extra == pytest.approx(want[i], rel=1e-12), key
+    late = metric_weights(steps, _requests(steps, spans, arrival=[0.0, 0.0, 0.001, 0.002]))
+    assert "duration" not in late  # requests after t=0: throughput is the arrivals', not fitted
+
+
+def test_requests_a_stall_held_and_the_stall_weighs_nothing_in_the_fitted_metrics():
+    """A stall in step 30 with requests waiting until step 33: the requests in the system from its
+    start to the end of step 33 are held (the one that finished at step 20 and the one that
+    arrived as step 34 began are not); the stall step weighs 0 in every fitted metric, the other
+    steps as without the mask."""
+    steps = _clocked(_decode_run(60, 1, 9, 1e-3, 1e-4, 4))
+    steps["waiting"] = np.where((steps.index >= 30) & (steps.index < 33), 2, 0)
+    spans = [(0, 20), (25, 40), (31, 35), (34, 59)]
+    arrival = [0.0, 0.0, steps.t_s[29], steps.t_s[34]]
+    req = _requests(steps, spans, arrival)
+    stalls = np.arange(60) == 30
+    assert held_by_stalls(steps, req, stalls).tolist() == [False, True, True, False]
+    w, plain = metric_weights(steps, req, stalls), metric_weights(steps, req)
+    for key in ("ttft", "tpot"):
+        assert w[key][1] == plain[key][1] and w[key][0][30] == 0 and plain[key][0][30] > 0
+        assert (np.delete(w[key][0], 30) == np.delete(plain[key][0], 30)).all()
+
+
+def test_fitting_the_metrics_gets_every_runs_metrics_where_an_unweighted_fit_does_not():
+    """The two runs no single line fits step by step (1k short steps; 300 flat 30 ms ones): fitted to
+    each run's mean TTFT, mean TPOT and duration, one model gets all six within 2 %; the unweighted
+    step fit is 60 % off on the short run. (stall=10: the long run's flat steps are no stalls.)"""
+    short, long_ = _decode_run(1000, 1, 17, 1e-3, 1e-4, 0), _decode_run(300, 50, 251, 0.03, 0.0, 1)
+    spans = {id(short): [(0, 999), (100, 600), (500, 999)], id(long_): [(0, 299), (20, 150), (200, 299)]}
+    runs = [_clocked(short), _clocked(long_)]
+    got = fit_metrics(runs, [_requests(r, spans[id(s)]) for r, s in zip(runs, (short, long_))], stall=10.0)
+    plain = fit(pd.concat([short, long_], ignore_index=True))
+    for steps in (short, long_):
+        measured = _metrics(steps, spans[id(steps)])
+        model = _metrics(steps.assign(dt_s=predict(steps, got)), spans[id(steps)])
+        assert np.abs(model / measured - 1).max() < 0.02
+    unweighted = _metrics(short.assign(dt_s=predict(short, plain)), spans[id(short)])
+    assert (unweighted / _metrics(short, spans[id(short)]) - 1).min() > 0.5
+    assert list(got) == list(COEFFICIENTS) and min(got.values()) >= 0
