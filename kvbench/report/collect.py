@@ -234,8 +234,17 @@ def _read_run(run: Path, rel: str, bins: int) -> tuple:
     finished = req[req.status == "finished"].reset_index(drop=True)
     timeline = None
     if (run / "timeline.parquet").exists():
-        timeline = bin_timeline(pd.read_parquet(run / "timeline.parquet"), int(summary["kv_capacity_tokens"]), bins)
+        timeline = bin_timeline(_binned_columns(run / "timeline.parquet"), int(summary["kv_capacity_tokens"]), bins)
     return ("ok", row, finished, timeline)
+
+
+def _binned_columns(path: Path) -> pd.DataFrame:
+    """The timeline columns bin_timeline reads (a third of the file's: ~3x faster to read); the
+    whole file if one of them is missing (bin_timeline then says which)."""
+    try:
+        return pd.read_parquet(path, columns=["t_s", "dt_s", "running", "waiting", *(TIMELINE_STATE[s] for s in STATES)])
+    except (KeyError, ValueError):
+        return pd.read_parquet(path)
 
 
 def collect(dirs: list[Path], bins: int = TIMELINE_BINS) -> Collection:
