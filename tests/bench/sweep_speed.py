@@ -67,6 +67,7 @@ def same_files(a: Path, b: Path) -> list[str]:
 
     def norm(path: Path, root: Path) -> bytes:
         data = path.read_bytes().replace(str(root).encode(), b"<sweep>")
+        data = re.sub(rb"/[^\s'\"]*kvbench-sweep-speed-[^/\s'\"]+", b"<tmp>", data)  # (where it ran)
         if path.name == "summary.json":
             obj = json.loads(data)
             obj.pop("wall_time_s", None)
