@@ -59,7 +59,7 @@ def same_files(a: Path, b: Path) -> list[str]:
     """The files of two sweep folders that differ (or are in one only), timings aside: summary.json
     but its wall_time_s; run.log but its time stamps and wall time line; runs.csv but its
     wall_time_s column; .hydra/hydra.yaml and multirun.yaml but the launcher's block, the sweep
-    folder and the overrides that name them."""
+    folder and the overrides that name them, and the checkout's config folder."""
     import csv
     import io
     import json
@@ -83,6 +83,7 @@ def same_files(a: Path, b: Path) -> list[str]:
             return repr(rows).encode()
         if path.name in ("hydra.yaml", "multirun.yaml"):
             text = re.sub(r"\n  launcher:\n(    .*\n)+", "\n", data.decode())
+            text = re.sub(r"path: \S*/configs\n", "path: <tree>/configs\n", text)  # (the checkout's config folder)
             return re.sub(r".*hydra\.(launcher|sweep\.dir)\b.*\n", "", text).encode()
         return data
 
