@@ -63,12 +63,38 @@ class StallInjectedSim(SimEngine):
         return dt
 
 
+def summary_table(df: pd.DataFrame) -> str:
+    """One row per run: throughput / mean TTFT / mean TPOT errors (per cent) of each fit, the
+    GPU's own second run where there is one, and the stalls."""
+    pct = lambda r: " / ".join(f"{100 * r[m]:.1f}" for m in ("throughput_err", "ttft_mean_err", "tpot_mean_err"))  # noqa: E731
+    out = []
+    for case, g in df.groupby("case", sort=False):
+        by = {r.fit: r for r in g.itertuples()}
+        first = g.iloc[0]
+        row = {"case": case, "fitted": bool(first.fitted_on_it), "stalls": int(first.stall_steps)}
+        for fit_name in ("one_metrics", "one_run_weighted", "one_unweighted", "per_trace", "one_metrics+stalls"):
+            row[fit_name] = pct(by[fit_name]._asdict()) if fit_name in by else ""
+        if "ttft_mean_err_unheld" in g and not np.isnan(by["one_metrics"].ttft_mean_err_unheld):
+            r = by["one_metrics"]
+            row["one_metrics, requests no stall held"] = f"{100 * r.ttft_mean_err_unheld:.1f} / {100 * r.tpot_mean_err_unheld:.1f}"
+        if "gpu_repeat_throughput_diff" in g and not np.isnan(first.gpu_repeat_throughput_diff):
+            row["GPU run 2 vs run 1"] = " / ".join(f"{100 * first[f'gpu_repeat_{m}_diff']:.1f}"
+                                                  for m in ("throughput", "ttft_mean", "tpot_mean"))
+        out.append(row)
+    table = pd.DataFrame(out).fillna("")
+    return ("Per run, |relative error| in per cent, throughput / mean TTFT / mean TPOT (TTFT / TPOT where "
+            "named):\n\n" + md_table(table))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("gpu_dir", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sweep", nargs="*", default=[], help="NAME=DIR: more gpu_prefix_saving sweep folders")
     ap.add_argument("--fit-apart", nargs="*", default=[], help="case prefixes replayed but not fitted")
+    ap.add_argument("--leave-one-out", action="store_true",
+                    help="also fit one_metrics without each fitted run in turn and replay that run with it "
+                         "(DIR/leave_one_out.csv: the one model's error on a run it was not fitted on)")
     args = ap.parse_args()
     if not (args.gpu_dir / "gs" / "runs").is_dir():
         print(f"refit_with_pairs: error: {args.gpu_dir} has no gs/runs (a gpu_strategies --out folder)", file=sys.stderr)
@@ -166,6 +192,18 @@ def main() -> None:
                              ttft_mean_err=rel_err(s["ttft_mean_s"], g["ttft_mean_s"]),
                              tpot_mean_err=rel_err(s["tpot_mean_s"], g["tpot_mean_s"]), **unheld, **spread))
             print(json.dumps(rows[-1]), flush=True)
+    if args.leave_one_out:
+        loo = []
+        for k in fitted:
+            rest = [n for n in fitted if n != k]
+            coef = fit_metrics([tls[n] for n in rest], [reqs[n] for n in rest], stall=STALL, graph_prefill_tokens=gm)
+            s = run(with_engine(base[k], ["engine=sim"], coef), out / k.replace("/", "_") / "sim_leave_one_out")
+            g = gpu[k]
+            loo.append(dict(case=k, throughput_err=rel_err(s["request_throughput"], g["request_throughput"]),
+                            ttft_mean_err=rel_err(s["ttft_mean_s"], g["ttft_mean_s"]),
+                            tpot_mean_err=rel_err(s["tpot_mean_s"], g["tpot_mean_s"])))
+            print("leave-one-out", json.dumps(loo[-1]), flush=True)
+        write_text_atomic(args.out / "leave_one_out.csv", pd.DataFrame(loo).to_csv(index=False))
     df = pd.DataFrame(rows)
     write_text_atomic(args.out / "fidelity_one_model.csv", df.to_csv(index=False))
     head = (f"Sim against GPU (H200), each run and fit; fitted on {len(fitted)} runs ({len(steps)} steps), "
@@ -173,7 +211,7 @@ def main() -> None:
             "stalls: GPU steps over STALL x the one_metrics model; +stalls: the sim with those steps' "
             "excess injected at the same start time; *_unheld: over the requests no stall held "
             "(kvbench.calibrate.held_by_stalls).\n\n")
-    write_text_atomic(args.out / "fidelity_one_model.md", head + md_table(df))
+    write_text_atomic(args.out / "fidelity_one_model.md", head + summary_table(df) + "\nEvery row:\n\n" + md_table(df))
     print(df.to_string(index=False))
 
 
