@@ -8,11 +8,9 @@ models, one per way the gpu engine runs a step (kvbench/engines/gpu_engine.py):
   - steps with more prefill (eager): overhead_s + prefill_step_s + prefill tokens, decode
     tokens and K/V positions, each with its own coefficient.
 Each is fitted by non-negative least squares on its own steps (the mixed and the eager ones on
-what the decode-only model leaves). The eager floor (`eager_floor_s`, the host's launches under
-small eager steps) is no longer fitted and is written as 0: once small prefills replay from
-graphs (since 4ab8a0d), eager steps carry over 512 prefill tokens and are GPU-bound; the last fit
-with the floor on the H200 timelines at aaed885 gave 0 for every strategy (results/gpu_strategies/
-h200_aaed885/). step_time still honours a floor for the older fitted configs that have one.
+what the decode-only model leaves). The eager steps' floor (`eager_floor_s`) is fitted with
+them (`_fit_floor`): on the H200 timelines at aaed885 it is 5.8-6.4 ms, eager steps of 513 to
+2,048 prefill tokens all taking ~8 ms (results/gpu_strategies/h200_aaed885/).
 Every run's timeline.parquet has the step's inputs and its duration (CUDA events under engine=gpu).
 Timelines with a prefill_pairs column (recorded since issue 12: each step's prefill query-key
 pairs) also fit the prefill chunks' attention over their cached prefix: prefill_pair_s in the
