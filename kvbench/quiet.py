@@ -85,6 +85,9 @@ class QuietRun:
         st = self.st
         # (host moves asked after each take, `room`, bulk decode steps: the strategy's, looked up once)
         self._moves, self._room, self._bulk = scheduler.quiet_calls or _calls(scheduler)
+        # grow(a) then grow(b) leaves the strategy as grow(a + b) does (slab; paged without prefix
+        # caching or forks): a taker's deferred grows and its page-taking one are one call
+        self._merge = getattr(st, "grows_merge", False)
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
         self.grown = grown  # step 0's grows are made, its states are `states` (it is recorded first)
@@ -138,7 +141,7 @@ class QuietRun:
         which requests emitted their last token: `finishing` says which; `retire` or `end`
         lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
-        grow, room = st.grow, self._room
+        grow, room, merge = st.grow, self._room, self._merge
         ps = st.page_size
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
@@ -207,10 +210,14 @@ class QuietRun:
             for i in takers:
                 s, was = seqs[i], held[i]
                 rid, pos = s.id, s.computed + j  # the position this step writes: it needs a page
-                if pos > was and not grow(rid, pos - was):  # its deferred decodes, inside its room
-                    self._failed(s, pos - was)
-                if not grow(rid, 1):
-                    self._failed(s, 1)
+                if merge:  # its deferred decodes and this step's position in one grow
+                    if not grow(rid, pos + 1 - was):
+                        self._failed(s, pos + 1 - was)
+                else:
+                    if pos > was and not grow(rid, pos - was):  # its deferred decodes, inside its room
+                        self._failed(s, pos - was)
+                    if not grow(rid, 1):
+                        self._failed(s, 1)
                 held[i] = pos + 1
                 deferred -= pos - was
                 nxt = j + 1 + (room(rid, pos + 1) if room is not None else -(pos + 1) % ps)

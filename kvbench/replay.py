@@ -179,7 +179,8 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
-    as stepping adds them); chunks of 32 steps first, 4x longer each time. A step that moved
+    as stepping adds them); chunks of 32 steps first, 4x longer each time, a chunk that is done
+    growing by the next while the same requests run (recorded once, as one DecodeRun). A step that moved
     pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
     start that much later, as stepping gives them. After a step in which requests emitted their
     last token they leave (`run.retire`) and the rest is priced again for the others. The caller
@@ -227,8 +228,20 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
                 over = True
                 break
         now = starts[c.i]
-        if not over and c.i < k:
-            break  # paused at `until`, the chunk kept
+        if not over:
+            if c.i < k:
+                break  # paused at `until`, the chunk kept
+            left = run.left
+            if left > 0:  # the chunk is done and the run goes on with the same requests: it grows
+                d, kv_read = c.d, run.kv_read  # (one DecodeRun for the run up to its next leave)
+                k = min(left, run.chunk_size)
+                run.chunk_size = min(4 * run.chunk_size, _CHUNK)
+                dts = (prices(d, kv_read, k) if prices is not None else
+                       engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist())
+                c.dts += dts
+                starts.pop()  # (the end of the last step: the first start of the sum that follows)
+                starts += accumulate(dts, initial=now)
+                continue
         _record(run, c, rec)
         c = run.chunk = None
         if run.finishing is not None and run.j < run.limit and now < until:

@@ -690,6 +690,12 @@ class PagedStrategy(Strategy):
         if seq.length % self.page_size:
             self._after_unshare(seq.pages[-1])
 
+    @property
+    def grows_merge(self) -> bool:
+        """Whether grow(a) then grow(b) leaves the pool as grow(a + b) does: without prefix
+        caching (no page registered at a grow) and before any fork (no shared page to copy). Pure."""
+        return self._solo
+
     def fork(self, parent, child, child_tokens, child_kv_len) -> bool:
         src = self._seqs[parent]
         self._solo = False  # pages are shared from now on: releases go page by page
