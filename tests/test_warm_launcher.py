@@ -84,3 +84,25 @@ def test_hydra_yaml_from_pieces_is_the_whole_dump_byte_for_byte():
     for node in nodes + nodes[::-1]:
         assert L.hydra_yaml(node) == OmegaConf.to_yaml(OmegaConf.create({"hydra": node}))
     assert L._PIECES_CHECKED == [True] and len(L._PIECES) > len(nodes[0])
+
+
+def test_ctrl_c_stops_the_sweep_and_each_running_job_records_it(tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "kvbench.cli", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+           "strategy=slab,paged,radix", "trace=synthetic", "trace.num_requests=20000", "progress=false",
+           f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("*/.hydra/config.yaml"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # both workers are in a job
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the sweep's process and its workers
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "kvbench: interrupted" and "Traceback" not in err
+    why = sorted((d / "error.txt").read_text().splitlines()[0] for d in tmp_path.glob("*_synthetic"))
+    assert why == ["kvbench: interrupted (Ctrl-C) before the run finished"] * 2, why
+    assert not list(tmp_path.glob("*/summary.json"))

@@ -258,6 +258,13 @@ class WarmJoblibLauncher(Launcher):
 def _serve(conn: Any, launcher: WarmJoblibLauncher) -> None:
     """A worker's loop: run each (idx, overrides) it is sent, reply (idx, JobReturn); None ends it."""
     _memo_scalar_analysis()
+    try:
+        _jobs(conn, launcher)
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C (the job recorded it) or the sweep's process is gone
+        pass
+
+
+def _jobs(conn: Any, launcher: WarmJoblibLauncher) -> None:
     while (job := conn.recv()) is not None:
         idx, overrides = job
         try:
@@ -287,6 +294,8 @@ class _Pool:
         self.started: list[Any] = []
 
     def _start(self) -> Any:
+        sys.stdout.flush()  # (a forked child flushes what it inherits: nothing is printed twice)
+        sys.stderr.flush()
         here, there = self.ctx.Pipe()
         proc = self.ctx.Process(target=_serve, args=(there, self.launcher), daemon=True)
         proc.start()
@@ -315,6 +324,11 @@ class _Pool:
                 for conn, (proc, job) in list(self.busy.items()):
                     if conn in ready or proc.sentinel in ready:
                         self._collect(conn, proc, job, results, bool(todo))
+        except KeyboardInterrupt:  # a Ctrl-C reaches the workers too: each records it in its run dir
+            for proc, job in self.busy.values():
+                if job is not None:
+                    proc.join(timeout=5)
+            raise
         finally:
             for conn, (proc, job) in self.busy.items():
                 try:

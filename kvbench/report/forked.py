@@ -34,7 +34,10 @@ def fork_map(pieces: Sequence[Callable[[], Any]], chunk: int = 1) -> list[Any]:
     if n <= 1 or not hasattr(os, "fork"):
         return [piece() for piece in pieces]
     import multiprocessing
+    import sys
 
+    sys.stdout.flush()  # (a forked child flushes what it inherits: nothing is printed twice)
+    sys.stderr.flush()
     _PIECES[:] = pieces
     try:
         with multiprocessing.get_context("fork").Pool(n) as pool:
