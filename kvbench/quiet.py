@@ -42,6 +42,8 @@ from kvbench.events import StepEvent
 from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.base import SlotStates, Strategy
 
+_new_tuple = tuple.__new__
+
 
 class Quiet(NamedTuple):
     """What fast-forward needs of the step before a quiet run (a steady `StepEvent` has it too)."""
@@ -141,8 +143,8 @@ class QuietRun:
         which requests emitted their last token: `finishing` says which; `retire` or `end`
         lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
-        grow, room, merge = st.grow, self._room, self._merge
-        ps = st.page_size
+        grow, room, merge, moves = st.grow, self._room, self._merge, self._moves
+        ps, wkv = st.page_size, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
@@ -183,7 +185,7 @@ class QuietRun:
                 j += m
                 continue
             takers = pages_at[j]
-            if free + cached < len(takers) * st.page_size:
+            if free + cached < len(takers) * ps:
                 self.blocked = True
                 break
             heappop(takes)
@@ -199,8 +201,8 @@ class QuietRun:
                     pages_at[j] = nxt
                     heappush(takes, j)
                 token, reserved, internal, external, cached, free = (c[-1] for c in cols)
-                if self._moves is not None:
-                    moved = self._moves()
+                if moves is not None:
+                    moved = moves()
                     if moved != (0, 0):
                         self.moved = moved
                         break
@@ -228,7 +230,7 @@ class QuietRun:
                         pages_at[nxt] = [i]
                         heappush(takes, nxt)
             deferred += d - len(takers)
-            token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
+            token, reserved, internal, external, cached, free = st.slot_states(wkv)
             token, reserved = token + deferred, reserved - deferred
             c_token.append(token)
             c_reserved.append(reserved)
@@ -237,12 +239,12 @@ class QuietRun:
             c_cached.append(cached)
             c_free.append(free)
             j += 1
-            if self._moves is not None:
-                moved = self._moves()
+            if moves is not None:
+                moved = moves()
                 if moved != (0, 0):
                     self.moved = moved
                     break
-        self.states = SlotStates(token, reserved, internal, external, cached, free)
+        self.states = _new_tuple(SlotStates, (token, reserved, internal, external, cached, free))  # (no Python __new__)
         self.kv_read += (j - j0) * d
         self.j, self.deferred = j, deferred
         if j == self._next_fin + 1:
@@ -279,7 +281,8 @@ class QuietRun:
             done.append(s)
         self._leave(done)
         token, reserved, internal, external, cached, free = self.st.slot_states(self.sched.waiting_kv_len())
-        self.states = SlotStates(token + self.deferred, reserved - self.deferred, internal, external, cached, free)
+        self.states = _new_tuple(SlotStates, (token + self.deferred, reserved - self.deferred, internal, external,
+                                              cached, free))
 
     def _leave(self, done: list[Seq]) -> None:
         gone = set(self.finishing)

@@ -633,6 +633,25 @@ class PagedStrategy(Strategy):
             if new_len >= seq.hash_at and self._scheduled:
                 self._register_full_pages(seq)
             return True
+        if self._solo:  # no page shared or hashed: the path below without its copy and registration checks
+            k = -(-new_len // ps) - len(pages)
+            if k > 0 and k > len(self._free) + self._fresh + len(self._lru):  # _available()
+                return False
+            fill = self._fill
+            if rem and new_len > pos:
+                more = ps - rem
+                fill[pages[-1]] += more if more < num_tokens else num_tokens
+            if k > 0:
+                got = self._take_pages(k, ps)
+                fill[got[-1]] = new_len - (len(pages) + k - 1) * ps
+                pages.extend(got)
+            self._token += num_tokens
+            seq.length = new_len
+            cap = len(pages) * ps
+            res = (cap if cap < kv_len else kv_len) - new_len
+            self._reserved += res - seq.reserved
+            seq.reserved = res
+            return True
         cow = rem != 0 and ref[pages[-1]] > 1
         k = -(-new_len // ps) - len(pages)  # pages_for(new_len) - held
         need = k + 1 if cow else k
