@@ -258,7 +258,8 @@ class Scheduler:
         plus the step's chunk (module docstring). Mutates the strategy when admitted."""
         st, req = self.strategy, seq.request
         cached = st.cached_prefix_len(req.tokens, seq.prefill_target)
-        adm = st.admit(seq.id, req.tokens if self._ids else None, req.kv_len, seq.prefill_target, budget + max(seq.swapped - cached, 0))
+        adm = st.admit(seq.id, req.tokens if self._ids else None, req.kv_len, seq.prefill_target,
+                       budget + max(seq.swapped - cached, 0))
         if adm.admitted and adm.cached_tokens != cached:
             raise RuntimeError(f"strategy '{st.label}': admit served {adm.cached_tokens} cached positions of request "
                                f"{seq.id}, cached_prefix_len said {cached} (the contract says they are equal)")

@@ -136,7 +136,8 @@ class SimEngine(Engine):
         operation each; an int K converts to float exactly below 2^53, as numpy's cast), in plain
         Python for a few steps (numpy's fixed costs dominate them), else through numpy."""
         if k > _LIST_STEPS:
-            return self.decode_costs(decode, np.arange(kv_read0, kv_read0 + decode * k, decode, dtype=np.int64)).tolist()
+            kv_read = np.arange(kv_read0, kv_read0 + decode * k, decode, dtype=np.int64)
+            return self.decode_costs(decode, kv_read).tolist()
         c = self.coefficients
         base, per = c["overhead_s"] + decode * c["decode_token_s"], c["kv_read_token_s"]
         return [base + x * per for x in range(kv_read0, kv_read0 + decode * k, decode)]
