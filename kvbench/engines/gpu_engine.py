@@ -191,7 +191,7 @@ class GPUEngine(TorchEngine):
         tokens to the longest request (every split-KV count class), and prefill / extend chunks
         (both launch configs, every prefix-split class, many requests at once), slab and paged
         layouts. Without the last, a replay's first prefill steps compiled inside timed steps
-        (H200, 141a4b6: 14 s over the first six steps of a paged run).
+        (H200, f30b769: 14 s over the first six steps of a paged run).
         Writes garbage into pool pages that the replay has not used yet (a hybrid design: the same
         page ids in every table, so within its smallest space)."""
         from kvbench.kernels.extend_attention import EXTEND_SHORT_TOKENS
