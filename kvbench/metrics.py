@@ -69,7 +69,7 @@ class Recorder:
         self._fin_ints, self._fin_floats = array("q"), array("d")  # finished requests, in finish order
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
         self._gap, self._gap_count = 0.0, 0  # the open run
-        self._gap_fill: list[tuple[int, int, int]] = []  # quiet runs' gaps to compute: (at in _gaps, row held, k)
+        self._gap_fill: list[tuple[int, int, int]] = []  # quiet runs' gaps to compute: (index in _gaps, first row held, k)
         self.rejected: list[tuple[Request, str]] = []
         self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
 
@@ -135,9 +135,8 @@ class Recorder:
 
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`.
-        Each column takes the run's k values in one call (a constant one as a repeated array, no
-        per-value conversion); of its token gaps the last now, the others later (`_fill_gaps`,
-        numpy on the rows held: the same IEEE adds and subtracts as `step`'s)."""
+        Each column takes the run's k values in one call (a constant one as [v] * k); the token
+        times in plain Python (one IEEE add or subtract each, as `step` does them)."""
         k, d = len(run.t), len(run.seqs)
         ts, dts, running, waiting, prefill, decode, kv_read, preempt, *states, pairs = self._cols
         t, dt = run.t, run.dt
@@ -220,8 +219,7 @@ class Recorder:
         cols = self._cols
         if not cols[0]:
             return
-        self._sink.append({name: np.frombuffer(c, _TYPECODE_DTYPE[c.typecode])
-                           for name, c in zip(TIMELINE_COLUMNS, cols)})
+        self._sink.append({name: np.frombuffer(c, _TYPECODE_DTYPE[c.typecode]) for name, c in zip(TIMELINE_COLUMNS, cols)})
         self._flushed += len(cols[0])
         self._last_states = tuple(c[-1] for c in cols[8:14])
         self._cols = _new_columns()
