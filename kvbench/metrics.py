@@ -7,6 +7,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from operator import add, sub
 from typing import NamedTuple
 
 import numpy as np
@@ -31,8 +32,7 @@ REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "rea
                    "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
 _FIN_INTS = 5  # a finished request's id, prompt_len, output_len, cached_tokens, preemptions (int64)
 _FIN_FLOATS = 3  # its arrival_s, first_token_s, finish_s (float64)
-_SHORT_RUN = 32  # a DecodeRun of at most this many steps has its kv_read in plain Python (cheaper than numpy's calls)
-_GAP_FILL = 4096  # quiet runs whose token gaps are computed at once (`Recorder._fill_gaps`), at most
+_SHORT_RUN = 32  # a DecodeRun of at most this many steps is recorded in plain Python (cheaper than numpy's calls)
 
 
 @dataclass(slots=True, eq=False)
@@ -69,7 +69,6 @@ class Recorder:
         self._fin_ints, self._fin_floats = array("q"), array("d")  # finished requests, in finish order
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
         self._gap, self._gap_count = 0.0, 0  # the open run
-        self._gap_fill: list[tuple[int, int, int]] = []  # quiet runs' gaps to compute: (index in _gaps, first row held, k)
         self.rejected: list[tuple[Request, str]] = []
         self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
 
@@ -144,25 +143,20 @@ class Recorder:
             t, dt = t.tolist(), dt.tolist()
         ts.fromlist(t)
         dts.fromlist(dt)
-        zeros, each_d = bytes(4 * k), array("i", (d,)) * k  # (repeated arrays: no per-value conversion)
-        running += each_d if run.running == d else array("i", (run.running,)) * k
+        running += array("i", (run.running,)) * k  # (a repeated array: no per-value conversion)
         w = run.waiting
-        if not isinstance(w, int):
-            waiting.fromlist(w)
-        elif w:
+        if isinstance(w, int):
             waiting += array("i", (w,)) * k
         else:
-            waiting.frombytes(zeros)
+            waiting.fromlist(w)
+        zeros = bytes(4 * k)
         prefill.frombytes(zeros)  # quiet decode steps: no prefill tokens, no prefill pairs
-        decode += each_d
+        decode += array("i", (d,)) * k
         if k <= _SHORT_RUN:
             kv_read.extend(range(run.kv_read0, run.kv_read0 + d * k, d))
         else:
             kv_read.frombytes(np.arange(run.kv_read0, run.kv_read0 + d * k, d, dtype=np.int32).tobytes())
-        if run.preemptions:
-            preempt += array("i", (run.preemptions,)) * k
-        else:
-            preempt.frombytes(zeros)
+        preempt += array("i", (run.preemptions,)) * k
         for column, values in zip(states, run.states):
             column.fromlist(values)
         pairs.frombytes(zeros + zeros)
@@ -173,20 +167,21 @@ class Recorder:
         if self._gap_count:
             gaps.append(self._gap)
             self._gap_counts.append(self._gap_count)
-        # every request's token j comes out at ends[j] = t[j] + dt[j], the one before at ends[j - 1]
-        # (t[0] for j = 0): the last gap now (the open run, which a later step may lengthen), the
-        # k - 1 before it reserved and computed later from the rows held, all at once (`_fill_gaps`)
-        last = t[-1] + dt[-1]
-        if k > 1:
-            self._gap_fill.append((len(gaps), len(ts) - k, k))
-            gaps.frombytes(bytes(8 * (k - 1)))
-            self._gap_counts += array("q", (d,)) * (k - 1)
-            self._gap = last - (t[-2] + dt[-2])
-            if len(self._gap_fill) >= _GAP_FILL:
-                self._fill_gaps()
-        else:
-            self._gap = last - t[0]
-        self._gap_count = d
+        # every request's token j comes out at ends[j], the one before at ends[j - 1] (t[0] for j = 0)
+        if k <= _SHORT_RUN:
+            ends = list(map(add, t, dt))
+            last = ends[-1]
+            gaps.append(ends[0] - t[0])
+            gaps.fromlist(list(map(sub, ends[1:], ends)))
+        else:  # numpy on the run's rows just recorded (views dropped before the columns grow again)
+            n = len(ts) - k
+            tv, ends = np.frombuffer(ts)[n:], np.frombuffer(ts)[n:] + np.frombuffer(dts)[n:]
+            last = float(ends[-1])
+            gaps.append(float(ends[0] - tv[0]))
+            gaps.frombytes(np.subtract(ends[1:], ends[:-1]).tobytes())
+            del tv, ends
+        self._gap_counts += array("q", (d,)) * (k - 1)
+        self._gap, self._gap_count = gaps.pop(), d  # the last gap's run stays open
         times = self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
@@ -195,27 +190,8 @@ class Recorder:
         if len(ts) >= self._flush_at:
             self._flush()
 
-    def _fill_gaps(self) -> None:
-        """The quiet runs' reserved token gaps, from the rows held (before they are flushed):
-        gap j of a run is ends[j] - ends[j - 1], or ends[0] - t[0]; ends = t + dt, the same IEEE
-        adds and subtracts as `step`'s."""
-        fill = self._gap_fill
-        if not fill:
-            return
-        at, row0, ks = np.array(fill, np.int64).T
-        m = ks - 1  # gaps reserved per run
-        run = np.repeat(np.arange(len(m)), m)
-        j = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)  # a gap's number in its run
-        r = row0[run] + j  # its step's row
-        t, dt, gaps = np.frombuffer(self._cols[0]), np.frombuffer(self._cols[1]), np.frombuffer(self._gaps)
-        prev = np.maximum(r - 1, 0)
-        gaps[at[run] + j] = (t[r] + dt[r]) - np.where(j == 0, t[r], t[prev] + dt[prev])
-        del t, dt, gaps  # (the views pin the arrays' buffers)
-        self._gap_fill = []
-
     def _flush(self) -> None:
         """The rows held so far into the sink (one row group), then forgotten."""
-        self._fill_gaps()
         cols = self._cols
         if not cols[0]:
             return
@@ -257,7 +233,6 @@ class Recorder:
         recorder's arrays, no copy (16 bytes a step: 2.7 GB for 10^7 requests): the open run is
         closed first (a later equal gap starts a new run; the gaps are the same). While the views
         live the arrays cannot grow: call it when the steps are over."""
-        self._fill_gaps()
         if self._gap_count:
             self._gaps.append(self._gap)
             self._gap_counts.append(self._gap_count)
