@@ -25,8 +25,7 @@ _STATE_KEY = {"token": "token_states", "reserved": "reserved", "internal": "inte
 TIMELINE_COLUMNS = ["t_s", "dt_s", "running", "waiting", "prefill_tokens", "decode_tokens",
                     "kv_read_tokens", "preemptions", *STATES, "prefill_pairs"]
 _INT_COLUMNS = len(TIMELINE_COLUMNS) - 3  # the int32 ones: running .. the states (prefill_pairs apart, int64)
-_TYPECODES = "dd" + "i" * _INT_COLUMNS + "q"  # the recorder's array per column: float64, int32, int64
-_TYPECODE_DTYPE = {"d": np.float64, "i": np.int32, "q": np.int64}
+_INT_NAMES = TIMELINE_COLUMNS[2:-1]
 TIMELINE_DTYPES = {c: np.float64 if c in ("t_s", "dt_s") else np.int64 for c in TIMELINE_COLUMNS}
 REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "reason", "cached_tokens",
                    "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
@@ -50,9 +49,8 @@ class _Times:
 class Recorder:
     """Consumes the scheduler's events, step by step; turns them into tables at the end.
 
-    Storage per step: one timeline row, a value in each column's flat array (2 float64 + 12 int32
-    + the step's prefill query-key pairs in one int64 = 72 bytes; they overflow int32 in long
-    prefills), so a quiet run's k rows are a call per column (`decode_run`);
+    Storage per step: one timeline row in three flat arrays (2 float64 + 12 int32 + the step's
+    prefill query-key pairs in one int64 = 72 bytes; they overflow int32 in long prefills);
     with a `sink` (a `TimelineFile`) the rows go to disk every `chunk_rows` steps, so only one
     chunk is held. Per request: one `_Times` while it runs; when it finishes, 64 bytes in two
     flat arrays (`_FIN_INTS`, `_FIN_FLOATS`), the `_Times` (and its Request) dropped.
@@ -62,9 +60,11 @@ class Recorder:
 
     def __init__(self, capacity: int, sink: TimelineFile | None = None, chunk_rows: int = 1 << 16) -> None:
         self.capacity = capacity
-        self._cols = _new_columns()  # the timeline rows not yet in the sink, a flat array per column
-        self._sink, self._flushed, self._last_states = sink, 0, None  # rows in the sink, the last one's states
-        self._flush_at = chunk_rows if sink is not None else 1 << 62  # rows held that flush
+        self._floats = array("d")  # t_s, dt_s of every step (not yet in the sink)
+        self._ints = array("i")  # the other timeline columns of every step (not yet in the sink)
+        self._pairs = array("q")  # prefill_pairs of every step (not yet in the sink)
+        self._sink, self._flushed, self._last_ints = sink, 0, None  # rows in the sink, the last one's ints
+        self._flush_at = 2 * chunk_rows if sink is not None else 1 << 62  # len(self._floats) that flushes
         self._times: dict[int, _Times] = {}  # requests admitted and not finished
         self._fin_ints, self._fin_floats = array("q"), array("d")  # finished requests, in finish order
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
@@ -76,18 +76,10 @@ class Recorder:
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
         """One step [t, t + dt): its timeline row, and the output tokens it produced at t + dt."""
         b = ev.batch
-        ts, dts, running, waiting, prefill, decode, kv_read, preempt, *states, pairs = self._cols
-        ts.append(t)
-        dts.append(dt)
-        running.append(ev.running)
-        waiting.append(ev.waiting)
-        prefill.append(b.prefill_tokens)
-        decode.append(b.decode_tokens)
-        kv_read.append(b.kv_read_tokens)
-        preempt.append(ev.preemptions)
-        for column, v in zip(states, ev.states):
-            column.append(v)
-        pairs.append(b.prefill_pairs)
+        self._floats.fromlist([t, dt])  # (fromlist: a list converts in C, 2-4x faster than extend or array())
+        self._ints.fromlist([ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
+                             ev.preemptions, *ev.states])
+        self._pairs.append(b.prefill_pairs)
         times = self._times
         for req, cached in ev.admitted:
             times[req.id] = _Times(req, cached)
@@ -122,7 +114,7 @@ class Recorder:
             if pos == r.kv_len:
                 self._finish(tm, end)
         self._gap, self._gap_count = gap, count
-        if len(ts) >= self._flush_at:
+        if len(self._floats) >= self._flush_at:
             self._flush()
 
     def _finish(self, tm: _Times, end: float) -> None:
@@ -134,71 +126,78 @@ class Recorder:
 
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`.
-        Each column takes the run's k values in one call (a constant one as [v] * k); the token
-        times in plain Python (one IEEE add or subtract each, as `step` does them)."""
+        Short runs (most end at an arrival within a few steps) in plain Python, long ones in
+        numpy: the same floats (one IEEE add or subtract each) and the same rows either way."""
         k, d = len(run.t), len(run.seqs)
-        ts, dts, running, waiting, prefill, decode, kv_read, preempt, *states, pairs = self._cols
-        t, dt = run.t, run.dt
-        if isinstance(t, np.ndarray):
-            t, dt = t.tolist(), dt.tolist()
-        ts.fromlist(t)
-        dts.fromlist(dt)
-        running += array("i", (run.running,)) * k  # (a repeated array: no per-value conversion)
-        w = run.waiting
-        if isinstance(w, int):
-            waiting += array("i", (w,)) * k
-        else:
-            waiting.fromlist(w)
-        zeros = bytes(4 * k)
-        prefill.frombytes(zeros)  # quiet decode steps: no prefill tokens, no prefill pairs
-        decode += array("i", (d,)) * k
-        if k <= _SHORT_RUN:
-            kv_read.extend(range(run.kv_read0, run.kv_read0 + d * k, d))
-        else:
-            kv_read.frombytes(np.arange(run.kv_read0, run.kv_read0 + d * k, d, dtype=np.int32).tobytes())
-        preempt += array("i", (run.preemptions,)) * k
-        for column, values in zip(states, run.states):
-            column.fromlist(values)
-        pairs.frombytes(zeros + zeros)
+        self._pairs.frombytes(bytes(8 * k))  # quiet decode steps: no prefill pairs
         if run.moved != (0, 0):  # a host tier's evictions in the run's page-taking steps
             self.moved[2] += run.moved[0]
             self.moved[3] += run.moved[1]
-        gaps = self._gaps
         if self._gap_count:
-            gaps.append(self._gap)
+            self._gaps.append(self._gap)
             self._gap_counts.append(self._gap_count)
-        # every request's token j comes out at ends[j], the one before at ends[j - 1] (t[0] for j = 0)
         if k <= _SHORT_RUN:
+            t, dt = run.t, run.dt
+            if isinstance(t, np.ndarray):
+                t, dt = t.tolist(), dt.tolist()
+            floats = [0.0] * (2 * k)  # interleaved t, dt
+            floats[0::2], floats[1::2] = t, dt
+            self._floats.fromlist(floats)
+            n, waiting = _INT_COLUMNS, run.waiting
+            flat = [0] * (n * k)  # the rows, column by column (column 2, prefill tokens, stays 0)
+            flat[0::n] = [run.running] * k
+            flat[1::n] = [waiting] * k if isinstance(waiting, int) else waiting
+            flat[3::n] = [d] * k
+            flat[4::n] = range(run.kv_read0, run.kv_read0 + d * k, d)
+            flat[5::n] = [run.preemptions] * k
+            for c, column in enumerate(run.states, 6):
+                flat[c::n] = column
+            self._ints.fromlist(flat)
+            # every request's token j comes out at ends[j], the one before at ends[j - 1] (t[0] for j = 0)
             ends = list(map(add, t, dt))
+            self._gaps.append(ends[0] - t[0])
+            self._gaps.fromlist(list(map(sub, ends[1:], ends)))
+            self._gap_counts.fromlist([d] * k)
+            self._gap, self._gap_count = self._gaps.pop(), self._gap_counts.pop()  # the last gap's run stays open
             last = ends[-1]
-            gaps.append(ends[0] - t[0])
-            gaps.fromlist(list(map(sub, ends[1:], ends)))
-        else:  # numpy on the run's rows just recorded (views dropped before the columns grow again)
-            n = len(ts) - k
-            tv, ends = np.frombuffer(ts)[n:], np.frombuffer(ts)[n:] + np.frombuffer(dts)[n:]
+        else:
+            f = np.array((run.t, run.dt), np.float64)  # [2, k]: t, dt
+            self._floats.frombytes(f.T.tobytes())  # (row by row: t, dt interleaved)
+            rows = np.empty((k, _INT_COLUMNS), np.int32)
+            rows[:, :6] = (run.running, 0, 0, d, 0, run.preemptions)
+            rows[:, 1] = run.waiting
+            rows[:, 4] = np.arange(run.kv_read0, run.kv_read0 + d * k, d)
+            rows[:, 6:] = np.array(run.states, np.int64).T
+            self._ints.frombytes(rows.tobytes())
+            t, ends = f[0], f[0] + f[1]  # every request's token j comes out at ends[j], the one before at ends[j - 1]
+            gaps = np.empty(k)
+            gaps[0] = ends[0] - t[0]  # (t[0]: the step before the run ended then)
+            np.subtract(ends[1:], ends[:-1], out=gaps[1:])
+            self._gaps.frombytes(gaps[:-1].tobytes())
+            self._gap_counts.frombytes(np.full(k - 1, d, np.int64).tobytes())
+            self._gap, self._gap_count = float(gaps[-1]), d
             last = float(ends[-1])
-            gaps.append(float(ends[0] - tv[0]))
-            gaps.frombytes(np.subtract(ends[1:], ends[:-1]).tobytes())
-            del tv, ends
-        self._gap_counts += array("q", (d,)) * (k - 1)
-        self._gap, self._gap_count = gaps.pop(), d  # the last gap's run stays open
         times = self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
         for r in run.done:
             self._finish(times[r.id], last)
-        if len(ts) >= self._flush_at:
+        if len(self._floats) >= self._flush_at:
             self._flush()
 
     def _flush(self) -> None:
         """The rows held so far into the sink (one row group), then forgotten."""
-        cols = self._cols
-        if not cols[0]:
+        if not self._floats:
             return
-        self._sink.append({name: np.frombuffer(c, _TYPECODE_DTYPE[c.typecode]) for name, c in zip(TIMELINE_COLUMNS, cols)})
-        self._flushed += len(cols[0])
-        self._last_states = tuple(c[-1] for c in cols[8:14])
-        self._cols = _new_columns()
+        f = np.frombuffer(self._floats).reshape(-1, 2)
+        i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
+        cols = {"t_s": f[:, 0], "dt_s": f[:, 1], **{c: i[:, k] for k, c in enumerate(_INT_NAMES)},
+                "prefill_pairs": np.frombuffer(self._pairs, np.int64)}
+        self._sink.append(cols)
+        self._flushed += len(f)
+        self._last_ints = tuple(i[-1].tolist())
+        del cols, f, i  # (the views pin the arrays' buffers)
+        self._floats, self._ints, self._pairs = array("d"), array("i"), array("q")
 
     def close(self) -> None:
         """No more steps: the rows still held go to the sink, which is closed (no-op without one)."""
@@ -219,14 +218,13 @@ class Recorder:
     # ---- tables -----------------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
-        return self._flushed + len(self._cols[0])
+        return self._flushed + len(self._floats) // 2
 
     def last_states(self) -> SlotStates | None:
         """The slot states of the last step recorded."""
-        cols = self._cols
-        if not cols[0]:
-            return None if self._last_states is None else SlotStates(*self._last_states)
-        return SlotStates(*(c[-1] for c in cols[8:14]))
+        if not self._floats:
+            return None if self._last_ints is None else SlotStates(*self._last_ints[-len(STATES):])
+        return SlotStates(*self._ints[len(self._ints) - len(STATES):])
 
     def itl_runs(self) -> ItlRuns:
         """The inter-token gaps as runs: `itl()` is np.repeat(values, counts). Views of the
@@ -257,14 +255,15 @@ class Recorder:
         if self._sink is not None:
             self.close()
             return self._sink.frame()
-        held = self._cols
+        f = np.frombuffer(self._floats).reshape(-1, 2)
+        i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
         # one column at a time into one 2-D block per dtype: no int64 copy of all the rows at once
-        ints = np.empty((_INT_COLUMNS, len(held[0])), np.int64)
+        ints = np.empty((_INT_COLUMNS, len(i)), np.int64)
         for c in range(_INT_COLUMNS):
-            ints[c] = np.frombuffer(held[2 + c], np.int32)
-        cols = {"t_s": np.frombuffer(held[0]).copy(), "dt_s": np.frombuffer(held[1]).copy()}
-        cols.update(zip(TIMELINE_COLUMNS[2:-1], ints))
-        cols["prefill_pairs"] = np.frombuffer(held[-1], np.int64).copy()
+            ints[c] = i[:, c]
+        cols = {"t_s": f[:, 0].copy(), "dt_s": f[:, 1].copy()}
+        cols.update(zip(_INT_NAMES, ints))
+        cols["prefill_pairs"] = np.frombuffer(self._pairs, np.int64).copy()
         return pd.DataFrame(cols, columns=TIMELINE_COLUMNS, copy=False)
 
     def requests(self) -> pd.DataFrame:
@@ -301,11 +300,6 @@ class Recorder:
                              "tpot_s": tpot}, columns=REQUEST_COLUMNS)
 
 
-def _new_columns() -> tuple[array, ...]:
-    """An empty flat array per timeline column, in `TIMELINE_COLUMNS` order (`_TYPECODES`)."""
-    return tuple(array(code) for code in _TYPECODES)
-
-
 class ItlRuns(NamedTuple):
     """Inter-token gaps as runs: gap values[k] repeated counts[k] times, in token order."""
 
@@ -317,14 +311,18 @@ class _Columns:
     """The rows a Recorder holds (no sink), column by column: what `summarize` reads."""
 
     def __init__(self, rec: Recorder) -> None:
-        self._cols = dict(zip(TIMELINE_COLUMNS, rec._cols))
+        self._f = np.frombuffer(rec._floats).reshape(-1, 2)
+        self._i = np.frombuffer(rec._ints, np.int32).reshape(-1, _INT_COLUMNS)
+        self._p = np.frombuffer(rec._pairs, np.int64)
 
     def __len__(self) -> int:
-        return len(self._cols["t_s"])
+        return len(self._f)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        c = self._cols[name]
-        return np.frombuffer(c, _TYPECODE_DTYPE[c.typecode]).astype(TIMELINE_DTYPES[name])
+        if name == "prefill_pairs":
+            return self._p.copy()
+        k = TIMELINE_COLUMNS.index(name)
+        return self._f[:, k].copy() if k < 2 else self._i[:, k - 2].astype(np.int64)
 
 
 def _stats(prefix: str, values: pd.Series | np.ndarray | ItlRuns) -> dict:
