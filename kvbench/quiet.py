@@ -112,7 +112,7 @@ class QuietRun:
             fresh, pages_at, fin, room_of, ps = steady.fresh, self.pages_at, self.fin, self._room, st.page_size
             for i, s in enumerate(seqs):  # the step in which it takes its next page
                 if g or i not in fresh:
-                    room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
+                    room = g + _room_at(room_of, ps, s.id, s.computed + g)
                 else:
                     room = 0
                 if room <= fin[i]:
@@ -125,7 +125,7 @@ class QuietRun:
             limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
             room_of, ps = self._room, st.page_size
             for s in seqs:  # none takes a page (after step 0)
-                room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
+                room = g + _room_at(room_of, ps, s.id, s.computed + g)
                 if room < limit:
                     limit = room
                     if limit <= 0:
@@ -326,6 +326,13 @@ class QuietRun:
     def _failed(s, n: int) -> None:
         raise RuntimeError(f"fast-forward: request {s.id}: grow({n}) failed in a quiet step (the "
                            f"strategy's `room`, or its free + cached slots, promised more than it holds)")
+
+
+def _room_at(room_of, ps: int, rid, pos: int) -> int:
+    """Steps before request `rid`, holding `pos` positions, takes a page: the strategy's `room`
+    (`room_of`), or the contract's default where that is None (the rest of its last page).
+    (QuietRun.run inlines the same expression in its per-page loop.)"""
+    return room_of(rid, pos) if room_of is not None else -pos % ps
 
 
 def _calls(scheduler: Scheduler) -> tuple:
