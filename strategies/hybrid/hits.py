@@ -22,6 +22,7 @@ only hit 0 tokens on a model with state layers).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from math import gcd
 
 from kvbench.sizes import LayerGroup
 
@@ -55,6 +56,28 @@ def pages_needed(group: LayerGroup, point: int, page_size: int) -> range:
     if hi <= lo:
         return range(0)
     return range(lo // page_size, -(-hi // page_size))
+
+
+def peak_pages(group: LayerGroup, kv_len: int, page_size: int, step_tokens: int | None) -> int:
+    """Most pages of `page_size` tokens that one request of `kv_len` positions holds at once in a
+    table of `group` (full, sliding or chunked), when no single admit or grow gives it more than
+    `step_tokens` positions (the scheduler's max_num_batched_tokens; None: no bound, a window is
+    counted whole) and the table keeps only the pages from first_needed(length) on. Pure.
+
+        a step from `length` to `length + C` (C <= step_tokens) holds the pages of positions
+        [first_needed(length), length + C): with back = window - 1 (sliding) or chunk - 1
+        (chunked), at most back + C positions, whose first lies `r` positions into its page:
+        r <= page_size - 1 for a window (it starts anywhere), r <= page_size - gcd(chunk,
+        page_size) for a chunk (it starts at a multiple of the chunk), so
+            pages <= ceil((r_max + back + C) / page_size)
+        (the maximum once the request is long enough), never more than ceil(kv_len / page_size).
+    """
+    whole = -(-kv_len // page_size)
+    if step_tokens is None or group.kind not in ("sliding", "chunked"):
+        return whole
+    span = group.window if group.kind == "sliding" else group.chunk
+    r_max = page_size - (1 if group.kind == "sliding" else gcd(span, page_size))
+    return min(whole, -(-(r_max + span - 1 + step_tokens) // page_size))
 
 
 def longest_hit(tables: Sequence[tuple[LayerGroup, int]], present: Callable[[int, int], bool], max_point: int,

@@ -80,6 +80,10 @@ class StateSpec(NamedTuple):
 class GroupPaged(HybridStrategy):
     """Paged tables over spaces. A design defines `_layout()` (and may define `_external`)."""
 
+    # most positions one admit or grow gives a request (the scheduler's max_num_batched_tokens),
+    # if the design knows it: bounds a sliding/chunked table's peak (hits.peak_pages); None: whole
+    _step_tokens: int | None = None
+
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int, name: str, geometry,
                  prefix_caching: bool = True) -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name, geometry)
@@ -139,16 +143,20 @@ class GroupPaged(HybridStrategy):
         need = self._peak_pages(kv_len)
         for s, n in need.items():
             if n > self._spaces[s].num_pages:
-                return (f"pool: needs {kv_len} KV slots ({n} pages of space {s}, windows counted whole), "
+                how = ("windows counted whole" if self._step_tokens is None else
+                       f"windows plus a step of {self._step_tokens} tokens")
+                return (f"pool: needs {kv_len} KV slots ({n} pages of space {s}, {how}), "
                         f"the pool holds {self._spaces[s].num_pages}")
         return None
 
     def _peak_pages(self, kv_len: int) -> dict[int, int]:
-        """Pages per space a request of kv_len holds at most, alone (a window counted whole: one
-        prefill chunk may span it). Pure."""
+        """Pages per space a request of kv_len holds at most, alone: hits.peak_pages per table
+        (with `_step_tokens` None, the default, a window is counted whole, as one prefill chunk
+        may span it; a design that knows the scheduler's largest step sets it). Pure."""
         need: dict[int, int] = {}
         for t in self._tables:
-            need[t.space] = need.get(t.space, 0) + -(-kv_len // t.page_size)
+            need[t.space] = need.get(t.space, 0) + hits.peak_pages(self.groups[t.group], kv_len, t.page_size,
+                                                                   self._step_tokens)
         for st in self._states:
             need[st.space] = need.get(st.space, 0) + st.pages
         return need
