@@ -20,9 +20,17 @@ The yaml files are thus read once per process for a sweep's jobs (as the ConfigS
 Everything else (value overrides, `hydra.overrides`, `hydra.runtime`, the job's dirs) is done by
 Hydra as before, so a job's config is the one a fresh compose makes (tests/test_compose_cache.py
 compares them; 0.10 -> 0.04 s a job). A compose that fails is not kept: the next job fails the
-same way. Other callers of Hydra's loader (`compose()`, a single run) are untouched. `install()`
-mutates ConfigLoaderImpl, OverridesParser.parse_overrides and
-config_loader_impl.create_defaults_list, once per process.
+same way. Other callers of Hydra's loader (`compose()`, a single run) are untouched.
+
+Also, for every caller: OmegaConf's parse of an interpolation string (`${oc.select:model.vocab_size,
+32000}`, the sweep's subdir) is kept per string. OmegaConf parses the string again with its ANTLR
+grammar (~0.3 ms) every time the value is read, resolved, copied or dumped, ~12 times a job; the
+tree is only read by its visitor afterwards, so one tree serves every read (a string that does not
+parse raises as before and is not kept).
+
+`install()` mutates ConfigLoaderImpl, OverridesParser.parse_overrides,
+config_loader_impl.create_defaults_list and the `parse` that omegaconf.base and omegaconf._utils
+call, once per process.
 """
 from __future__ import annotations
 
@@ -38,6 +46,33 @@ _PARSED: dict[str, Any] = {}  # override string -> Override
 _SOURCES: dict[tuple, Any] = {}  # search path -> the repository (sources) a job's caching repository reads
 _PLAIN: set[tuple] = set()  # (search path, config name) whose primary config sets no hydra.searchpath
 _MAX = 256  # memo entries of each kind (a sweep picks few group combinations)
+_TREES: dict[tuple[str, str, str], Any] = {}  # (interpolation string, rule, lexer mode) -> its parse tree
+_MAX_TREES = 4096
+
+
+def _memo_grammar_parse() -> None:
+    """OmegaConf's grammar_parser.parse kept per (string, rule, mode) wherever OmegaConf calls it."""
+    import omegaconf._utils
+    import omegaconf.base
+    from omegaconf import grammar_parser
+
+    whole = grammar_parser.parse
+    if getattr(omegaconf.base.parse, "_kvbench", False):
+        return
+
+    def parse(value: str, parser_rule: str = "configValue", lexer_mode: str = "DEFAULT_MODE"):
+        key = (value, parser_rule, lexer_mode)
+        tree = _TREES.get(key)
+        if tree is None:
+            tree = whole(value, parser_rule, lexer_mode)  # (an error is raised, not kept)
+            if len(_TREES) >= _MAX_TREES:
+                _TREES.clear()
+            _TREES[key] = tree
+        return tree
+
+    parse._kvbench = True
+    omegaconf.base.parse = parse
+    omegaconf._utils.parse = parse
 
 
 def _source_key(repo: Any) -> tuple:
@@ -53,6 +88,7 @@ def install() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
+    _memo_grammar_parse()
     if getattr(ConfigLoaderImpl.load_sweep_config, "_kvbench", False):
         return
     whole_sweep_config = ConfigLoaderImpl.load_sweep_config

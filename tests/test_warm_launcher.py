@@ -62,12 +62,15 @@ def test_worker_count_follows_joblib():
             worker_count(bad, cpus=4)
 
 
-def test_hydra_yaml_from_pieces_is_the_whole_dump_byte_for_byte():
-    """hydra.yaml put together from per-key dumps (kept across jobs) equals Hydra's own dump,
-    for every experiment's hydra node, fresh and from the kept pieces (in another order of jobs)."""
+def test_yaml_from_pieces_is_the_whole_dump_byte_for_byte():
+    """hydra.yaml, .hydra/config.yaml and config.yaml put together from per-key dumps (kept across
+    jobs, kvbench/yaml_dump.py) equal OmegaConf's own dumps, for every experiment's config, fresh
+    and from the kept pieces (in another order of jobs)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
+    from kvbench import yaml_dump
+    from kvbench.run import config_yaml
     from kvbench.schema import register
 
     register_launcher()
@@ -75,15 +78,21 @@ def test_hydra_yaml_from_pieces_is_the_whole_dump_byte_for_byte():
 
     register()
     names = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
-    nodes = []
+    cfgs = []
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         for name in names:
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
-            nodes.append(OmegaConf.to_container(cfg.hydra, resolve=False, enum_to_str=True))
-    L._PIECES.clear()
-    for node in nodes + nodes[::-1]:
-        assert L.hydra_yaml(node) == OmegaConf.to_yaml(OmegaConf.create({"hydra": node}))
-    assert L._PIECES_CHECKED == [True] and len(L._PIECES) > len(nodes[0])
+            hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False, enum_to_str=True)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            cfgs.append((hydra_node, cfg))
+    yaml_dump._PIECES.clear()
+    yaml_dump._CHECKED.clear()
+    for hydra_node, cfg in cfgs + cfgs[::-1]:
+        assert L.hydra_yaml(hydra_node) == OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_node}))
+        assert L.task_yaml(cfg) == OmegaConf.to_yaml(cfg)
+        assert config_yaml(cfg, OmegaConf.to_container(cfg, resolve=True)) == OmegaConf.to_yaml(cfg, resolve=True)
+    assert yaml_dump._CHECKED == {"hydra": True, None: True} and len(yaml_dump._PIECES) > len(cfgs[0][0])
 
 
 def test_ctrl_c_stops_the_sweep_and_each_running_job_records_it(tmp_path):

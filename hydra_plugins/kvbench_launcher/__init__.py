@@ -41,6 +41,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from kvbench.yaml_dump import memo_scalar_analysis, to_yaml
+
 log = logging.getLogger(__name__)
 
 
@@ -65,71 +67,17 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
         content.update(whole)
 
 
-def _yaml(container: Any) -> str:
-    """OmegaConf.to_yaml's dump of a container it made (to_container, enum_to_str)."""
-    import yaml
-    from omegaconf._utils import get_omega_conf_dumper
-
-    return yaml.dump(container, default_flow_style=False, allow_unicode=True, sort_keys=False,
-                     Dumper=get_omega_conf_dumper())
-
-
-_PIECES: dict[tuple[str, str], str] = {}  # (hydra key, repr of its value) -> its lines in hydra.yaml
-_PIECES_CHECKED: list[bool] = []  # [whether pieces matched a whole dump] once per process
-
-
 def hydra_yaml(node: dict) -> str:
-    """_yaml({"hydra": node}) (what Hydra writes to .hydra/hydra.yaml), put together from one
-    dump per top-level key, each made as {"hydra": {key: value}} (same nesting, so the same
-    columns and line wrapping) and kept by the value's repr: a sweep's jobs differ in a few keys
-    (job, runtime, overrides), so most of the ~180 lines are dumped once per worker. A piece that
-    ends its document ('...') or uses an anchor, or a process whose first try differs from the
-    whole dump, gets the whole dump."""
-    whole = _PIECES_CHECKED and not _PIECES_CHECKED[0]
-    if not node or whole:
-        return _yaml({"hydra": node})
-    parts = ["hydra:\n"]
-    for key, value in node.items():
-        memo = (key, repr(value))
-        piece = _PIECES.get(memo)
-        if piece is None:
-            text = _yaml({"hydra": {key: value}})
-            if not text.startswith("hydra:\n") or text.endswith("...\n") or "&id" in text:
-                return _yaml({"hydra": node})
-            if len(_PIECES) >= 4096:
-                _PIECES.clear()
-            piece = _PIECES[memo] = text[len("hydra:\n"):]
-        parts.append(piece)
-    text = "".join(parts)
-    if not _PIECES_CHECKED:  # the first time: the whole dump too, compared
-        _PIECES_CHECKED.append(text == _yaml({"hydra": node}))
-        if not _PIECES_CHECKED[0]:
-            return _yaml({"hydra": node})
-    return text
+    """What Hydra writes to .hydra/hydra.yaml (OmegaConf.to_yaml of {"hydra": node}), from one
+    dump per key of the hydra node kept across jobs (kvbench/yaml_dump.py): a sweep's jobs differ
+    in a few keys (job, runtime, overrides), so most of the ~180 lines are dumped once per worker."""
+    return to_yaml(node, under="hydra")
 
 
-def _memo_scalar_analysis() -> None:
-    """PyYAML's Emitter.analyze_scalar (a function of the scalar and allow_unicode only) kept per
-    string in this process: a job dumps four yaml files of mostly the same strings. Mutates
-    yaml.emitter.Emitter, once."""
-    from yaml.emitter import Emitter
-
-    whole = Emitter.analyze_scalar
-    if getattr(whole, "_kvbench", False):
-        return
-    memo: dict[tuple[str, bool], Any] = {}
-
-    def analyze_scalar(self, scalar):
-        key = (scalar, bool(self.allow_unicode))
-        got = memo.get(key)
-        if got is None:
-            if len(memo) >= 65536:
-                memo.clear()
-            got = memo[key] = whole(self, scalar)
-        return got
-
-    analyze_scalar._kvbench = True
-    Emitter.analyze_scalar = analyze_scalar
+def task_yaml(task_cfg: DictConfig) -> str:
+    """What Hydra writes to .hydra/config.yaml (OmegaConf.to_yaml(task_cfg): unresolved), from
+    kept per-key dumps as hydra_yaml."""
+    return to_yaml(OmegaConf.to_container(task_cfg, resolve=False, enum_to_str=True))
 
 
 def worker_count(n_jobs: Any, cpus: int | None = None) -> int:
@@ -223,9 +171,9 @@ class WarmJoblibLauncher(Launcher):
             configure_log(config.hydra.job_logging, config.hydra.verbose)
             if config.hydra.output_subdir is not None:
                 hydra_output = Path(config.hydra.runtime.output_dir) / Path(config.hydra.output_subdir)
-                _save_config(task_cfg, "config.yaml", hydra_output)
-                hydra_output.mkdir(parents=True, exist_ok=True)  # (the hydra node as Hydra's copy of it dumps)
-                (hydra_output / "hydra.yaml").write_text(hydra_yaml(OmegaConf.to_container(
+                hydra_output.mkdir(parents=True, exist_ok=True)  # (as Hydra's _save_config writes them)
+                (hydra_output / "config.yaml").write_text(task_yaml(task_cfg), encoding="utf-8")
+                (hydra_output / "hydra.yaml").write_text(hydra_yaml(OmegaConf.to_container(  # (as Hydra's copy dumps)
                     config.hydra, resolve=False, enum_to_str=True)), encoding="utf-8")
                 _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
             with env_override(config.hydra.job.env_set):
@@ -257,7 +205,7 @@ class WarmJoblibLauncher(Launcher):
 
 def _serve(conn: Any, launcher: WarmJoblibLauncher) -> None:
     """A worker's loop: run each (idx, overrides) it is sent, reply (idx, JobReturn); None ends it."""
-    _memo_scalar_analysis()
+    memo_scalar_analysis()
     try:
         _jobs(conn, launcher)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C (the job recorded it) or the sweep's process is gone

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -32,11 +34,35 @@ class Missing:
     error: str | None = None  # the first line of the run dir's error.txt, when it failed and said why
 
 
+class RunFiles(Mapping):
+    """run -> a frame read from the run's folder the first time it is asked for, then kept. The
+    figures draw the requests and timelines of a few runs (one per strategy and trace), so a
+    sweep's report reads those files for them only, not for all its runs (issue 13 §5: 100 runs'
+    parquet files were ~40 % of a sweep's report). Keys: the runs that have such a file."""
+
+    def __init__(self, read: Callable[[Path], pd.DataFrame], paths: dict[str, Path]) -> None:
+        self._read, self._paths, self._got = read, dict(paths), {}
+
+    def __getitem__(self, run: str) -> pd.DataFrame:
+        if run not in self._got:
+            self._got[run] = self._read(self._paths[run])
+        return self._got[run]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, run: object) -> bool:
+        return run in self._paths
+
+
 @dataclass
 class Collection:
     table: pd.DataFrame  # one row per run; column "run" is the run folder
-    timelines: dict[str, pd.DataFrame]  # run -> binned timeline (t_s, running, waiting, state fractions)
-    requests: dict[str, pd.DataFrame]  # run -> finished requests (ttft_s, tpot_s, e2e_s, ...)
+    timelines: Mapping[str, pd.DataFrame]  # run -> binned timeline (t_s, running, waiting, state fractions); read when asked
+    requests: Mapping[str, pd.DataFrame]  # run -> finished requests (ttft_s, tpot_s, e2e_s, ...); read when asked
     missing: list[Missing]
     root: Path  # the folder that run names are relative to
     ignored: list[Missing]  # runs of an earlier grid found in a sweep folder: not reported
@@ -199,10 +225,9 @@ def bin_timeline(timeline: pd.DataFrame, capacity: int, bins: int = TIMELINE_BIN
     return df
 
 
-def _row(run: Path, rel: str, summary: dict, cfg: dict, requests: pd.DataFrame) -> dict:
+def _row(run: Path, rel: str, summary: dict, cfg: dict, arrivals: np.ndarray) -> dict:
     trace_cfg = cfg.get("trace", {}) if isinstance(cfg.get("trace"), dict) else {}
     strat_cfg = cfg.get("strategy", {}) if isinstance(cfg.get("strategy"), dict) else {}
-    arrivals = requests.arrival_s.to_numpy() if len(requests) else np.array([])
     span = float(arrivals.max() - arrivals.min()) if len(arrivals) > 1 else 0.0
     rate = trace_cfg.get("rate")
     row = {"run": rel, "label": summary.get("label", summary.get("strategy")),
@@ -221,21 +246,32 @@ def _row(run: Path, rel: str, summary: dict, cfg: dict, requests: pd.DataFrame) 
     return row
 
 
-def _read_run(run: Path, rel: str, bins: int) -> tuple:
-    """One run's ("ok", row, finished requests, binned timeline or None), or ("unreadable", why)."""
+def _read_run(run: Path, rel: str) -> tuple:
+    """One run's ("ok", row, whether it has a timeline), or ("unreadable", why). Of its requests
+    only the arrival times are read (the row's offered rate); figures read the rest when drawn."""
+    import pyarrow.parquet as pq
+
     try:
         summary = json.loads((run / "summary.json").read_text())
         cfg = _config(run)
-        req = pd.read_parquet(run / "requests.parquet") if (run / "requests.parquet").exists() else pd.DataFrame(
-            columns=["arrival_s", "status", "ttft_s", "tpot_s", "e2e_s"])
-    except (OSError, ValueError) as err:
+        arrivals = (pq.read_table(run / "requests.parquet", columns=["arrival_s"]).column(0).to_numpy()
+                    if (run / "requests.parquet").exists() else np.array([]))
+    except (OSError, ValueError, KeyError) as err:
         return ("unreadable", " ".join(str(err).split()))
-    row = _row(run, rel, summary, cfg, req)
-    finished = req[req.status == "finished"].reset_index(drop=True)
-    timeline = None
-    if (run / "timeline.parquet").exists():
-        timeline = bin_timeline(_binned_columns(run / "timeline.parquet"), int(summary["kv_capacity_tokens"]), bins)
-    return ("ok", row, finished, timeline)
+    return ("ok", _row(run, rel, summary, cfg, arrivals), (run / "timeline.parquet").exists())
+
+
+def finished_requests(run: Path) -> pd.DataFrame:
+    """A run's finished requests (requests.parquet's rows with status 'finished'), renumbered."""
+    req = pd.read_parquet(run / "requests.parquet") if (run / "requests.parquet").exists() else pd.DataFrame(
+        columns=["arrival_s", "status", "ttft_s", "tpot_s", "e2e_s"])
+    return req[req.status == "finished"].reset_index(drop=True)
+
+
+def binned_timeline(run: Path, bins: int = TIMELINE_BINS) -> pd.DataFrame:
+    """A run's timeline.parquet binned (bin_timeline) by its summary's capacity."""
+    capacity = int(json.loads((run / "summary.json").read_text())["kv_capacity_tokens"])
+    return bin_timeline(_binned_columns(run / "timeline.parquet"), capacity, bins)
 
 
 def _binned_columns(path: Path) -> pd.DataFrame:
@@ -249,7 +285,8 @@ def _binned_columns(path: Path) -> pd.DataFrame:
 
 def collect(dirs: list[Path], bins: int = TIMELINE_BINS) -> Collection:
     """Everything a report needs from the runs under `dirs` (see the module docstring). The runs'
-    files are read in forked processes (kvbench/report/forked.py), one per CPU."""
+    summaries and configs are read in forked processes (kvbench/report/forked.py), one per CPU;
+    their requests and binned timelines when a figure first asks for them (RunFiles)."""
     from functools import partial
 
     from kvbench.report.forked import fork_map, processes
@@ -262,19 +299,20 @@ def collect(dirs: list[Path], bins: int = TIMELINE_BINS) -> Collection:
     for run in run_dirs:
         rel = str(run.relative_to(root)) if run.is_relative_to(root) else str(run)
         rels.append(rel if rel != "." else run.name)
-    pieces = [partial(_read_run, run, rel, bins) for run, rel in zip(run_dirs, rels)]
+    pieces = [partial(_read_run, run, rel) for run, rel in zip(run_dirs, rels)]
     for run, rel, got in zip(run_dirs, rels, fork_map(pieces, chunk=-(-len(pieces) // (4 * processes())))):
         if got[0] == "unreadable":
             missing.append(Missing(_show(run.parent), run.name, f"unreadable: {got[1]}"))
             continue
-        _, row, finished, timeline = got
+        _, row, has_timeline = got
         rows.append(row)
-        requests[rel] = finished
-        if timeline is not None:
-            timelines[rel] = timeline
+        requests[rel] = run
+        if has_timeline:
+            timelines[rel] = run
     table = pd.DataFrame(rows)
     if len(table):
         natural = lambda runs: runs.map(lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r)])  # noqa: E731
         table = table.sort_values("run", key=natural, kind="stable").sort_values("trace", kind="stable",
                                                                                    ignore_index=True)
-    return Collection(table, timelines, requests, missing, root, ignored)
+    return Collection(table, RunFiles(partial(binned_timeline, bins=bins), timelines),
+                      RunFiles(finished_requests, requests), missing, root, ignored)

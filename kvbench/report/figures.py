@@ -119,11 +119,18 @@ def _latency_axis(ax) -> None:
 
 
 def _save(fig, out: Path, file: str) -> None:
+    """The figure as a 256-colour PNG (a third of the bytes, no visible change). Matplotlib's
+    RGBA image goes to PIL through memory, uncompressed: the same pixels as through a
+    compressed file (the PNG written is the same), without zlib's work on a file read once."""
+    from io import BytesIO
+
     from PIL import Image  # matplotlib's own dependency
 
-    fig.savefig(out / file, dpi=DPI, bbox_inches="tight")
+    rgba = BytesIO()
+    fig.savefig(rgba, format="png", dpi=DPI, bbox_inches="tight", pil_kwargs={"compress_level": 0})
     plt.close(fig)
-    with Image.open(out / file) as im:  # 256 colours: a third of the bytes, no visible change
+    rgba.seek(0)
+    with Image.open(rgba) as im:
         im.convert("RGB").quantize(colors=256).save(out / file, optimize=True)
 
 
