@@ -84,6 +84,8 @@ def page_hash(parent: int, ids: bytes) -> int:
     return hash((parent, ids))
 
 
+_PAGE_HASH = page_hash  # (the module's own: `_cached_prefix` inlines it unless a test patched it)
+
 @dataclass(slots=True)
 class _Seq:
     tokens: np.ndarray  # all ids the request will hold
@@ -102,7 +104,7 @@ class _Match:
     """The prefix match of one waiting request, kept exact between its retries (see the module
     docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
 
-    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached")
+    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached", "data")
 
     def __init__(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> None:
         self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
@@ -110,6 +112,7 @@ class _Match:
         self.hits: list[PageId] = []
         self.index: dict[PageId, int] = {}  # hit page → its position (filled when the request is refused)
         self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
+        self.data: bytes | None = None  # `tokens` as bytes, made once the match is a few pages long
 
 
 _VISIBILITY = ("computed", "scheduled")
@@ -468,21 +471,26 @@ class PagedStrategy(Strategy):
             memo.num_full = num_full
         ps, hashes, hits, table, stored, ref = (self.page_size, memo.hashes, memo.hits, self._table,
                                                 self._stored_ids, self._ref)
+        data, nb = memo.data, ps * tokens.itemsize  # (ids from `data` once the match is a few pages long)
+        inline = page_hash is _PAGE_HASH  # (tests patch `page_hash`: then it is called per page)
         for i in range(len(hits), num_full):
             ids = None
             if i == len(hashes):
-                ids = tokens[i * ps:(i + 1) * ps].tobytes()
-                hashes.append(page_hash(hashes[-1] if i else _ROOT_HASH, ids))
+                ids = tokens[i * ps:(i + 1) * ps].tobytes() if data is None else data[i * nb:(i + 1) * nb]
+                parent = hashes[-1] if i else _ROOT_HASH
+                hashes.append(hash((parent, ids)) if inline else page_hash(parent, ids))
             pid = table.get(hashes[i])
             if pid is None:
                 break
             if ids is None:
-                ids = tokens[i * ps:(i + 1) * ps].tobytes()
+                ids = tokens[i * ps:(i + 1) * ps].tobytes() if data is None else data[i * nb:(i + 1) * nb]
             if stored[pid] != ids:  # a hash is only a hint: verify the ids
                 break
             hits.append(pid)
             if ref[pid] == 0:
                 memo.cached += 1
+            if data is None and len(hits) >= 4:  # a long match: slices of one bytes copy (~10x cheaper
+                data = memo.data = tokens.tobytes()  # than a numpy slice's tobytes each)
         return memo
 
     @staticmethod
@@ -585,7 +593,8 @@ class PagedStrategy(Strategy):
                 del self._lru[pid]
                 self._token += self._fill[pid]
             self._ref[pid] += 1
-        seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached)
+        seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached,
+                   data=memo.data if self.prefix_caching else None)
         if tail:
             seq.pages += self._load_tail(tail)
         nhit = len(seq.pages)
@@ -631,6 +640,40 @@ class PagedStrategy(Strategy):
             seq.reserved -= num_tokens
             self._reserved -= num_tokens
             if new_len >= seq.hash_at and self._scheduled:
+                self._register_full_pages(seq)
+            return True
+        if num_tokens == 1 and not rem and pages:
+            # a decode that starts a new page (every held page is full: none copied): the general
+            # path below for one page, with `_take_pages(1)` inline
+            free, fill = self._free, self._fill
+            if not free and not self._fresh and not self._lru:  # _available() == 0
+                return False
+            if pos >= seq.hash_at:  # (never without prefix caching)
+                self._register_full_pages(seq)
+            if free:
+                pid = free.pop()
+            elif self._fresh:  # a page never handed out
+                pid = self.num_pages - self._fresh
+                self._fresh -= 1
+                if pid == len(ref):
+                    self._grow_lists()
+            elif self._plain_lru and self._hit_memo is None:  # _evict_pages(1), inlined
+                pid = self._lru.popitem(False)[0]
+                hashes = self._hash
+                del self._table[hashes[pid]]
+                self._stored_ids[pid] = hashes[pid] = None
+            else:
+                pid = self._evict_pages(1)[0]
+            ref[pid] = 1
+            fill[pid] = 1
+            pages.append(pid)
+            self._token += 1
+            seq.length = new_len
+            cap = len(pages) * ps  # (_set_reserved: its new last page is its own)
+            res = (cap if cap < kv_len else kv_len) - new_len
+            self._reserved += res - seq.reserved
+            seq.reserved = res
+            if self._scheduled and new_len >= seq.hash_at:  # hittable as soon as scheduled (vLLM)
                 self._register_full_pages(seq)
             return True
         if self._solo:  # no page shared or hashed: the path below without its copy and registration checks
