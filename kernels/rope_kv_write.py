@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, check, check_backend, check_tensor, kernel_for,
-                      make_plan, next_pow2, pdl_args, pdl_begin, pdl_late, pdl_mode_now)
+from . import _common
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, make_plan, next_pow2,
+                      pdl_args, pdl_begin, pdl_late)
 from .kv_write import kv_write_ref
 
 
@@ -98,23 +99,34 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
     slot_mapping:    [T] int32/int64, slot < 0 skips the token's write (it is still rotated)
     """
     key, ok = None, False
-    if backend == "triton" and qkv.is_cuda:
-        T = qkv.shape[0]
-        ok = aligned(qkv, cos, sin, k_cache, v_cache, slot_mapping)
-        # everything the checks and the compiled code depend on but the token count
-        key = (qkv.dtype, qkv.dim(), qkv.shape[1:], qkv.stride(), cos.dtype, cos.dim(), cos.shape[0] == T,
-               cos.shape[1:], cos.stride(), sin.dtype, sin.dim(), sin.shape[0] == T, sin.shape[1:], sin.stride(),
-               k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape, v_cache.stride(), v_cache.dtype,
-               slot_mapping.dtype, slot_mapping.dim(), slot_mapping.shape[0] == T, qkv.device, cos.device,
-               sin.device, k_cache.device, v_cache.device, slot_mapping.device, num_heads.__class__, num_heads,
-               num_kv_heads.__class__, num_kv_heads, num_warps, ok, pdl_mode_now())
-        hit = _PLANS.get(key)
+    if backend == "triton" and qkv.is_cuda and qkv.ndim == 2:
+        # the hit path: a key of everything the checks and the compiled code depend on but the token
+        # count; data pointers go to the C launcher as ints (no data_ptr call, no pointer check there)
+        T, W = qkv.shape
+        pq, pc, ps = qkv.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        pk, pv, pslot = k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr()
+        ok = not (pq | pc | ps | pk | pv | pslot) & 15   # all 16-byte aligned (Triton specializes on it)
+        try:   # (a shape index a wrong-rank tensor lacks: no key, the checks below say what is wrong)
+            key = (qkv.dtype, W, qkv.stride(), qkv.device, cos.dtype, cos.shape[1], cos.stride(), cos.device,
+                   sin.dtype, sin.shape[1], sin.stride(), sin.device, T == cos.shape[0] == sin.shape[0] ==
+                   slot_mapping.shape[0], k_cache.dtype, k_cache.shape, k_cache.stride(), k_cache.device,
+                   v_cache.dtype, v_cache.shape, v_cache.stride(), v_cache.device, slot_mapping.dtype,
+                   slot_mapping.stride(), slot_mapping.device, num_heads.__class__, num_heads,
+                   num_kv_heads.__class__, num_kv_heads, num_warps, _common._pdl_mode)
+        except IndexError:
+            ok = False
+        hit = _PLANS.get(key) if ok else None
         if hit is not None:
-            plan, D = hit
+            plan, shapes_q, shapes_kv, strides, strides_1, k_at, v_at = hit
             if T:
-                plan(T, 1, 1, qkv, cos, sin, k_cache, v_cache, slot_mapping)
-            v = qkv.view(T, num_heads + 2 * num_kv_heads, D)
-            return v[:, :num_heads], v[:, num_heads:num_heads + num_kv_heads], v[:, num_heads + num_kv_heads:]
+                plan(T, 1, 1, pq, pc, ps, pk, pv, pslot)
+            # views q [T, H_q, D], k, v [T, H_kv, D] of qkv, one call each: exactly split_qkv's
+            # (whose view gives a single row the contiguous stride)
+            at = qkv.storage_offset()
+            if T <= 1:
+                strides = strides_1
+            return (qkv.as_strided((T, *shapes_q), strides, at), qkv.as_strided((T, *shapes_kv), strides, at + k_at),
+                    qkv.as_strided((T, *shapes_kv), strides, at + v_at))
     check_backend(backend)
     check_tensor("qkv", qkv, ndim=2, dtypes=ATTN_DTYPES)
     check(isinstance(num_heads, int) and isinstance(num_kv_heads, int) and num_heads > 0 and num_kv_heads > 0
@@ -132,7 +144,7 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
     check_tensor("v_cache", v_cache, ndim=3, dtypes=(qkv.dtype,), device=qkv)
     check(tuple(v_cache.shape) == tuple(k_cache.shape),
           lambda: f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=qkv, last_contiguous=False)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=qkv)   # read unstrided
     check(slot_mapping.shape[0] == T, lambda: f"slot_mapping must be [T={T}], got {tuple(slot_mapping.shape)}")
     if backend == "torch":
         return rope_kv_write_ref(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
@@ -147,8 +159,11 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
         if ok:
             plan = make_plan(kernel, _rope_kv_write_kernel, args, kwargs, 6, qkv.device)
             if plan is not None:
-                _PLANS[key] = (plan, D)
+                _PLANS[key] = (plan, (num_heads, D), (num_kv_heads, D), (qkv.stride(0), D, 1), (W, D, 1),
+                               num_heads * D, (num_heads + num_kv_heads) * D)
     return split_qkv(qkv, num_heads, num_kv_heads)
 
 
-_PLANS: dict = {}  # key -> (plan, head dim) (see _common.Plan)
+# key -> (plan, q's and k's/v's [heads, D], the views' strides (more than one row, one row), k's and
+# v's offsets in a row)
+_PLANS: dict = {}

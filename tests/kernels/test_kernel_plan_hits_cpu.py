@@ -1,0 +1,208 @@
+"""The launchers' plan hit paths (kernels/_common.Plan), run on the CPU: GPU launch plans are
+replaced by plans that replay the kernel through Triton's interpreter with exactly the arguments
+the hit path passes (data pointers as ints, mapped back to their tensors), and CPU tensors report
+``is_cuda``. A hit must compute bit for bit what the checked first call computes for the same
+input, follow the per-call sizes, return what the miss path returns, and never accept input the
+checks refuse. (tests/kernels/test_kernel_launch_plans.py runs the real plans on a GPU.)"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from kvbench.kernels import (_common, decode_attention as dmod, extend_attention as emod, kv_write as kmod,
+                             page_copy as pmod, rms_norm as rmod, rope_kv_write as ropemod, silu_mul as smod)
+
+MODS = (dmod, emod, kmod, pmod, rmod, ropemod, smod)
+BF = torch.bfloat16
+
+
+class _Replay:
+    """A plan whose launch runs `jitfn` in the interpreter on the hit path's arguments."""
+
+    def __init__(self, jitfn, values: tuple, front: int, registry: dict, hits: list):
+        self.jitfn, self.tail, self.registry, self.hits = jitfn, values[front:], registry, hits
+        self.pointers = {i for i, v in enumerate(values) if isinstance(v, torch.Tensor)}
+
+    def __call__(self, g0, g1, g2, *front):
+        args = [self.registry[a] if i in self.pointers and a.__class__ is int else a
+                for i, a in enumerate(front + self.tail)]
+        self.hits.append(self.jitfn)
+        _common.kernel_for(self.jitfn, torch.device("cpu"))[(g0, g1, g2)](*args)
+
+
+@contextlib.contextmanager
+def replay_plans():
+    """Launch plans on the CPU; yields the list of replayed launches (one jitfn per launch)."""
+    registry, hits = {}, []
+    real_ptr = torch.Tensor.data_ptr
+
+    def data_ptr(self):   # remember which tensor a pointer came from, to replay with it
+        p = real_ptr(self)
+        registry[p] = self
+        return p
+
+    def make_plan(kernel, jitfn, args, kwargs, front, device):
+        names = jitfn.arg_names
+        values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                v.data_ptr()
+        return _Replay(jitfn, values, front, registry, hits)
+
+    saved = [(m, m.make_plan, m._PLANS) for m in MODS]
+    assert "data_ptr" not in vars(torch.Tensor) and "is_cuda" not in vars(torch.Tensor)   # (both TensorBase's)
+    torch.Tensor.data_ptr, torch.Tensor.is_cuda = data_ptr, property(lambda self: True)
+    for m in MODS:
+        m.make_plan, m._PLANS = make_plan, {}
+    try:
+        yield hits
+    finally:
+        del torch.Tensor.data_ptr, torch.Tensor.is_cuda
+        for m, mp, plans in saved:
+            m.make_plan, m._PLANS = mp, plans
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _miss_then_hit(call, make_inputs, sizes):
+    """For each size: the result of a call that misses (no plans), then of a hit after a plan was
+    made at another size; both must be equal. make_inputs(size) -> fresh inputs (same per size)."""
+    for size in sizes:
+        other = sizes[0] if size != sizes[0] else sizes[-1]
+        with replay_plans() as hits:
+            fresh = call(*make_inputs(size))
+            assert not hits
+        with replay_plans() as hits:
+            call(*make_inputs(other))                # makes the plan
+            assert not hits
+            again = call(*make_inputs(size))         # a hit
+            assert hits, "the second call did not take the plan"
+        for a, b in zip(fresh, again):
+            assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("row_stride", [96, 128])
+def test_rms_norm_hit(residual, row_stride):
+    def inputs(T):
+        g = _gen(T)
+        x = torch.randn(T, row_stride, dtype=BF, generator=g)[:, :96]
+        r = torch.randn(T, 96, dtype=BF, generator=g) if residual else None
+        return x, torch.randn(96, dtype=BF, generator=g), r
+
+    def call(x, w, r):
+        out = rmod.rms_norm(x, w, 1e-5, r)
+        return (out,) if r is None else (out, r)
+    _miss_then_hit(call, inputs, [3, 1, 5])
+
+
+def test_rope_kv_write_hit_returns_split_views():
+    Hq, Hkv, D = 4, 2, 16
+
+    def inputs(T):
+        g = _gen(T)
+        qkv = torch.randn(T, 40, (Hq + 2 * Hkv) * D, dtype=BF, generator=g)[:, 3]   # strided rows
+        cos, sin = torch.randn(T, D, dtype=BF, generator=g), torch.randn(T, D, dtype=BF, generator=g)
+        kc, vc = torch.zeros(32, Hkv, D, dtype=BF), torch.zeros(32, Hkv, D, dtype=BF)
+        slots = torch.randperm(32, generator=g)[:T].to(torch.int32)
+        slots[0] = -1                                                                  # skipped
+        return qkv, cos, sin, kc, vc, slots
+
+    def call(qkv, cos, sin, kc, vc, slots):
+        q, k, v = ropemod.rope_kv_write(qkv, cos, sin, kc, vc, slots, Hq, Hkv)
+        for view, ref in zip((q, k, v), ropemod.split_qkv(qkv, Hq, Hkv)):
+            assert (view.shape, view.stride(), view.storage_offset(), view.data_ptr()) == \
+                (ref.shape, ref.stride(), ref.storage_offset(), ref.data_ptr())
+        return q, k, v, qkv, kc, vc
+    _miss_then_hit(call, inputs, [3, 1, 6])
+
+
+@pytest.mark.parametrize("kw", [dict(num_splits=1), dict(num_splits=3), dict(max_seq_len=200),
+                                dict(num_splits=2, window=40), dict(num_splits=2, sinks=True)])
+def test_decode_hit(kw):
+    Hq, Hkv, D, ps = 4, 2, 32, 16
+
+    def inputs(B):
+        g = _gen(B)
+        kc, vc = torch.randn(256, Hkv, D, dtype=BF, generator=g), torch.randn(256, Hkv, D, dtype=BF, generator=g)
+        q = torch.randn(B, Hq, D, dtype=BF, generator=g)
+        pt = torch.randperm(16, generator=g)[:B * 4].view(B, 4).to(torch.int32)
+        sl = torch.randint(1, 64, (B,), generator=g, dtype=torch.int32)
+        return q, kc, vc, pt, sl
+
+    def call(q, kc, vc, pt, sl):
+        extra = dict(kw, sinks=torch.linspace(-1, 1, Hq, dtype=BF)) if kw.get("sinks") else kw
+        out = torch.full_like(q, 7.0)
+        return (dmod.decode_attention(q, kc, vc, pt, sl, ps, **extra),
+                dmod.decode_attention(q, kc, vc, pt, sl, ps, out=out, **extra), out)
+    _miss_then_hit(call, inputs, [2, 3])
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 2])
+def test_extend_hit(ragged, splits):
+    Hq, Hkv, D, ps = 2, 1, 32, 16
+
+    def inputs(lens):
+        g = _gen(len(lens))
+        new = [max(1, n // 3) for n in lens]
+        kc, vc = torch.randn(512, Hkv, D, dtype=BF, generator=g), torch.randn(512, Hkv, D, dtype=BF, generator=g)
+        T = sum(new)
+        q = torch.randn(T, Hq, D, dtype=BF, generator=g)
+        pt = torch.arange(len(lens) * 8, dtype=torch.int32).view(len(lens), 8)
+        qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+        sl = torch.tensor(lens, dtype=torch.int32)
+        return q, kc, vc, pt, qsl, sl
+
+    def call(q, kc, vc, pt, qsl, sl):
+        kw = dict(prefix_splits=splits, max_seq_len=128)
+        if ragged:   # the new tokens' K/V as the cache holds them
+            slots = torch.cat([pt[b, 0] * ps + torch.arange(int(sl[b]) - int(qsl[b + 1] - qsl[b]), int(sl[b]))
+                               for b in range(sl.shape[0])])
+            kw.update(k_new=kc[slots], v_new=vc[slots])
+        return (emod.extend_attention(q, kc, vc, pt, qsl, sl, ps, **kw),)
+    _miss_then_hit(call, inputs, [[40, 20], [100, 7, 33]])
+
+
+def test_small_launchers_hit():
+    def inputs(T):
+        g = _gen(T)
+        x = torch.randn(T, 64, dtype=BF, generator=g)
+        k, v = torch.randn(T, 2, 16, dtype=BF, generator=g), torch.randn(T, 2, 16, dtype=BF, generator=g)
+        kc, vc = torch.zeros(64, 2, 16, dtype=BF), torch.zeros(64, 2, 16, dtype=BF)
+        pool = torch.randn(1, 2, 64, 2, 16, dtype=BF, generator=g)
+        return x, k, v, kc, vc, torch.randperm(64, generator=g)[:T].to(torch.int32), pool
+
+    def call(x, k, v, kc, vc, slots, pool):
+        kmod.kv_write(k, v, kc, vc, slots)
+        pmod.page_copy(pool, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([2, 3], dtype=torch.int32), 16)
+        return smod.silu_mul(x), kc, vc, pool
+    _miss_then_hit(call, inputs, [3, 1, 4])
+
+
+def test_wrong_input_refused_after_a_plan_exists():
+    x, w = torch.randn(4, 64, dtype=BF), torch.randn(64, dtype=BF)
+    qkv, cs = torch.randn(4, 4 * 16, dtype=BF), torch.randn(4, 16, dtype=BF)
+    kc = torch.zeros(32, 1, 16, dtype=BF)
+    slots = torch.arange(4, dtype=torch.int32)
+    with replay_plans() as hits:
+        for _ in range(2):
+            rmod.rms_norm(x, w, 1e-5)
+            ropemod.rope_kv_write(qkv, cs, cs, kc, kc.clone(), slots, 2, 1)
+        assert len(hits) == 2
+        with pytest.raises(ValueError, match="weight"):
+            rmod.rms_norm(x, torch.randn(128, dtype=BF)[::2], 1e-5)                # strided weight
+        with pytest.raises(ValueError, match="x must have 2 dims"):
+            rmod.rms_norm(x[0], w, 1e-5)
+        with pytest.raises(ValueError, match="slot_mapping"):
+            ropemod.rope_kv_write(qkv, cs, cs, kc, kc.clone(), torch.arange(8, dtype=torch.int32)[::2], 2, 1)
+        with pytest.raises(ValueError, match="cos"):
+            ropemod.rope_kv_write(qkv, cs[:3], cs, kc, kc.clone(), slots, 2, 1)
+        with pytest.raises(ValueError, match="cos"):
+            ropemod.rope_kv_write(qkv, cs[0], cs, kc, kc.clone(), slots, 2, 1)
+        with pytest.raises(ValueError, match="qkv width"):
+            ropemod.rope_kv_write(qkv, cs, cs, kc, kc.clone(), slots, 2.0, 1)
