@@ -1,0 +1,43 @@
+"""experiments/prefix_saving.py's extend-against-prefill check: which steps count as over a prefix."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("prefix_saving", REPO / "experiments" / "prefix_saving.py")
+prefix_saving = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prefix_saving)
+
+
+def _pairs(chunks):  # (prefix, new) per chunk, as kvbench.batch.StepBatch counts them
+    return sum(n * p + n * (n + 1) // 2 for p, n in chunks)
+
+
+def _step(chunks, dt):
+    return dict(prefill_tokens=sum(n for _, n in chunks), prefill_pairs=_pairs(chunks), dt_s=dt, running=len(chunks))
+
+
+def test_only_chunks_over_a_prefix_are_compared_with_plain_prefills_of_the_same_size():
+    # with caching: 3 cold prompts (plain, slow: first-run effects) and 3 extends over 1k cached
+    cached = pd.DataFrame([_step([(0, 600)], 0.030)] * 3 + [_step([(1024, 600)], 0.0105)] * 3)
+    # without caching: plain prefills of 600, and one step of two plain chunks (still plain)
+    nocache = pd.DataFrame([_step([(0, 600)], 0.010)] * 3 + [_step([(0, 300), (0, 300)], 0.010)])
+    assert prefix_saving.over_prefix(cached).tolist() == [False] * 3 + [True] * 3
+    assert not prefix_saving.over_prefix(nocache).any()
+    base = prefix_saving.by_prefill_bin(nocache[~prefix_saving.over_prefix(nocache)])
+    got = prefix_saving.extend_vs_prefill(prefix_saving.by_prefill_bin(cached[prefix_saving.over_prefix(cached)]), base)
+    assert list(got) == ["513-1024"]
+    v = got["513-1024"]
+    assert (v["steps"], v["steps_nocache"]) == (3, 4)
+    assert abs(v["ratio_per_token"] - 1.05) < 1e-9 and v["verdict"] == "pass"  # 10.5 ms against 10 ms
+    # every prefill step of the cached run (the old check) would have judged the cold prompts too
+    old = prefix_saving.extend_vs_prefill(prefix_saving.by_prefill_bin(cached), base)["513-1024"]
+    assert old["steps"] == 6 and old["ratio_per_token"] > 2
+
+
+def test_a_timeline_without_prefill_pairs_counts_every_prefill_step():
+    tl = pd.DataFrame(dict(prefill_tokens=[0, 5, 600]))
+    assert prefix_saving.over_prefix(tl).tolist() == [False, True, True]
