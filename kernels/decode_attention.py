@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late,
-                      pdl_mode_now)
+from . import _common
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+                      kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late)
 
 LOG2E = 1.4426950408889634
 
@@ -302,7 +302,7 @@ def _check(q, k_cache, v_cache, page_table, seq_lens, page_size):
     check_tensor("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), device=ref)
     check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=ref)
     check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=ref)
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=ref)   # read unstrided
     B, Hq, D = q.shape
     S, Hkv, Dk = k_cache.shape
     check(Dk == D, lambda: f"k_cache head dim {Dk} != q head dim {D} (k_cache must be [num_slots, H_kv, D])")
@@ -396,43 +396,51 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
         check_bounds(window, chunk)
     if config is None and backend == "triton" and q.is_cuda:
-        ok = aligned(q, k_cache, v_cache, page_table, seq_lens) and (out is None or aligned(out)) and \
-            (sinks is None or aligned(sinks))
-        # everything the checks and the compiled code depend on but the page-table width and the
-        # context length (they only size the split-KV, which keys the plan within the entry)
-        key = (q.shape, q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape,
-               v_cache.stride(), v_cache.dtype, page_table.dtype, page_table.dim(), page_table.shape[0],
-               page_table.shape[-1] <= 1 or page_table.stride(-1) == 1, seq_lens.dtype, seq_lens.shape,
-               None if out is None else (out.shape, out.stride(), out.dtype, out.device), q.device,
-               k_cache.device, v_cache.device, page_table.device, seq_lens.device, page_size.__class__, page_size,
-               sm_scale, bool(contiguous), ok, pdl_mode_now(), id(DECODE_CONFIG), MIN_SPLIT_TOKENS,
-               NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM,
-               None if sinks is None else (sinks.shape, sinks.dtype, sinks.device))
-        entry = _PLANS.get(key)
+        # the hit path: a key of everything the checks and the compiled code depend on but the
+        # page-table width and the context length (they only size the split-KV: the entry's
+        # `calls` resolve them); data pointers go to the C launcher as ints (no data_ptr call and
+        # pointer check there)
+        pq, pk, pv, ppt, psl = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_table.data_ptr(), \
+            seq_lens.data_ptr()
+        if out is None:
+            pout, out_key = 0, None
+        else:
+            pout, out_key = out.data_ptr(), (out.shape, out.stride(), out.dtype, out.device)
+        if sinks is None:
+            psk, sink_key = psl, None
+        else:
+            psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.device)
+        pts = page_table.stride()
+        try:   # (a stride a wrong-rank tensor lacks: no key, the checks below say what is wrong)
+            ok = not (pq | pk | pv | ppt | psl | pout | psk) & 15 and pts[-1] == 1   # (a width-1 table may
+            # have any stride: it takes the checked path, correctly, every call)
+            key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+                   k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, page_table.dtype,
+                   len(pts), page_table.shape[0], page_table.device, seq_lens.dtype, seq_lens.shape, seq_lens.stride(),
+                   seq_lens.device, out_key, sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
+                   _common._pdl_mode, id(DECODE_CONFIG), MIN_SPLIT_TOKENS, NOSPLIT_PROGRAMS_PER_SM,
+                   TARGET_PROGRAMS_PER_SM)
+        except IndexError:
+            ok = False
+        entry = _PLANS.get(key) if ok else None
         if entry is not None:
             B = q.shape[0]
             o = torch.empty_like(q) if out is None else out
             if B == 0:
                 return o
-            max_len = max(int(max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size), 1)
-            if window or chunk:
-                max_len = bounded_span(max_len, window, chunk)
-            explicit = num_splits is not None
-            if not explicit:
-                num_splits = choose_num_splits(B, k_cache.shape[1], max_len, q.device)
-            check(isinstance(num_splits, int) and num_splits >= 1,
-                  lambda: f"num_splits must be a positive int, got {num_splits!r}")
-            bn = DECODE_CONFIG["BLOCK_N"]
-            num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), bn) * bn)
-            split_tokens = bn if explicit else cdiv(MIN_SPLIT_TOKENS, bn) * bn   # the smallest piece
-            hit = entry.get(num_splits)
+            call = (max_seq_len, page_table.shape[1] if max_seq_len is None else 0, num_splits, num_splits.__class__,
+                    window, chunk)
+            hit = entry[0].get(call) or _resolve_splits(entry, call, B, k_cache.shape[1], page_size, q.device)
             if hit is not None:
-                run, merge, po, plse, lock, head, o_strides = hit
-                sk = seq_lens if sinks is None else sinks
-                run(B, k_cache.shape[1], num_splits, q, k_cache, v_cache, page_table, seq_lens, o, po, plse, lock,
-                    sk, *head, page_table.stride(0), *o_strides, page_size, split_tokens, num_splits, window, chunk)
+                run, merge, ppo, pplse, plock, head, o_strides, S, split_tokens, Hkv, Hq = hit
+                if out is None:
+                    pout = o.data_ptr()
+                if ppo is None:          # one split: the partial buffers are unused, the output stands in
+                    ppo = pplse = pout
+                run(B, Hkv, S, pq, pk, pv, ppt, psl, pout, ppo, pplse, psl if plock is None else plock, psk, *head,
+                    pts[0], *o_strides, page_size, split_tokens, S, window, chunk)
                 if merge is not None:
-                    merge(B, q.shape[1], 1, po, plse, o, sk, *o_strides, num_splits)
+                    merge(B, Hq, 1, ppo, pplse, pout, psk, *o_strides, S)
                 return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, seq_lens, page_size)
@@ -498,8 +506,41 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             # the plan keeps this call's split buffers: a later call of the same key and split
             # count reuses them, so (as with the lock buffer) launches sharing a plan must not
             # run concurrently on different streams
-            _PLANS.setdefault(key, {})[num_splits] = (run, merge, po, plse, lock, head, (o.stride(0), o.stride(1)))
+            split = num_splits > 1
+            _PLANS.setdefault(key, ({}, {}))[1][num_splits] = (
+                run, merge, po.data_ptr() if split else None, plse.data_ptr() if split else None,
+                lock.data_ptr() if fused else None, head, (o.stride(0), o.stride(1)), Hkv, Hq,
+                (po, plse, lock) if split else None)   # (the buffers, kept alive)
     return o
 
 
-_PLANS: dict = {}  # key -> {num_splits: (plan, merge plan, split buffers, lock, fixed args)} (_common.Plan)
+def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device):
+    """The launch of a plan entry for a call's (max_seq_len, page-table width, num_splits, window,
+    chunk): its split count and smallest split (as the checked path computes them) with the plan
+    made for that count, remembered in the entry; None when no plan has that count yet."""
+    max_seq_len, width, num_splits, _, window, chunk = call
+    max_len = max(int(max_seq_len if max_seq_len is not None else width * page_size), 1)
+    if window or chunk:
+        max_len = bounded_span(max_len, window, chunk)
+    explicit = num_splits is not None
+    if not explicit:
+        num_splits = choose_num_splits(B, Hkv, max_len, device)
+    check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
+    bn = DECODE_CONFIG["BLOCK_N"]
+    S = cdiv(max_len, cdiv(cdiv(max_len, num_splits), bn) * bn)
+    plan = entry[1].get(S)
+    if plan is None:
+        return None
+    run, merge, ppo, pplse, plock, head, o_strides, hkv, hq, _ = plan
+    hit = (run, merge, ppo, pplse, plock, head, o_strides, S,
+           bn if explicit else cdiv(MIN_SPLIT_TOKENS, bn) * bn, hkv, hq)
+    calls = entry[0]
+    if len(calls) >= 4096:   # (every context length of a long eager run: forget them now and then)
+        calls.clear()
+    calls[call] = hit
+    return hit
+
+
+# key -> ({call: resolved launch (_resolve_splits)}, {num_splits: (plan, merge plan, split-buffer and lock
+# pointers, fixed args, output strides, H_kv, H_q, the buffers)}) (see _common.Plan)
+_PLANS: dict = {}
