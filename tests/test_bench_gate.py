@@ -88,3 +88,53 @@ def test_the_stored_reference_covers_the_ci_pass():
     names = set(doc["benchmarks"])
     assert any("test_replay_synthetic" in n for n in names) and any("test_allocators" in n for n in names)
     assert all(v["ratio"] > 0 and v["timer"] in ("process_time", "perf_counter") for v in doc["benchmarks"].values())
+
+
+def test_a_replay_is_divided_round_by_round_by_the_calibration_around_it():
+    # one warm-up round: blocks before it, before each timed round, and after the last
+    assert gate.round_ratios([2.0, 4.0], [9.0, 1.0, 1.0, 3.0]) == [2.0, 2.0]
+    with pytest.raises(ValueError, match="need one more than the rounds"):
+        gate.round_ratios([2.0, 4.0], [1.0, 1.0])
+    rounds = [1.0, 1.2, 1.7, 1.1, 1.4]
+    # the load moved with the rounds: each round's two blocks average to a thousandth of it
+    blocks = [5e-3, 1e-3, 1e-3, 1.4e-3, 2.0e-3, 0.2e-3, 2.6e-3]
+
+    def replay(scale: float) -> dict:
+        b = bench(REPLAY, min(rounds) * scale, "process_time")
+        b["stats"]["data"] = [t * scale for t in rounds]
+        b["extra_info"] = {"gate_blocks": blocks}
+        return {**run(0.150, 12e-6, calib_cpu=1e-4), "benchmarks": [b, bench(ADMIT, 12e-6, "perf_counter")]}
+
+    ref = gate.normalized(replay(1.0))
+    assert ref[REPLAY]["by"] == "rounds" and ref[ADMIT]["by"] == "fastest"
+    assert ref[REPLAY]["ratio"] == pytest.approx(1000.0)  # every round 1000 calibrations, so the median
+    assert ref[REPLAY]["ratio"] != pytest.approx(min(rounds) / 1e-4)  # not the fastest round / fastest sample
+    assert gate.compare(gate.normalized(replay(1.9)), ref)[0] == []
+    failures, _ = gate.compare(gate.normalized(replay(2.5)), ref)
+    assert len(failures) == 1 and failures[0].startswith(f"{REPLAY}: 2.50x its reference")
+    # a reference measured the other way is not compared: listed, with the update command
+    failures, notes = gate.compare(gate.normalized(replay(2.5)), REFERENCE)
+    assert failures == [] and any(n.startswith("measured another way") and n.endswith(REPLAY) for n in notes)
+
+
+def test_the_gate_plugin_brackets_every_round_of_a_process_time_benchmark(tmp_path):
+    (tmp_path / "test_b.py").write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.mark.benchmark(timer=time.process_time)\n"
+        "def test_cpu(benchmark):\n"
+        "    seen = []\n"
+        "    benchmark.pedantic(lambda: sum(range(10000)), setup=lambda: seen.append(1), rounds=3, warmup_rounds=1)\n"
+        "    assert len(seen) == 4\n\n"
+        "@pytest.mark.benchmark(timer=time.perf_counter)\n"
+        "def test_wall(benchmark):\n"
+        "    benchmark.pedantic(lambda: None, rounds=3)\n")
+    out = tmp_path / "run.json"
+    env = {**gate.os.environ, gate.ENV: str(tmp_path / "calib.json"), "PYTHONPATH": str(Path(gate.__file__).parent)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gate", "-p", "no:cacheprovider", "-c", "/dev/null",
+                           f"--benchmark-json={out}", str(tmp_path / "test_b.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    benches = {b["name"]: b for b in json.loads(out.read_text())["benchmarks"]}
+    blocks = benches["test_cpu"]["extra_info"]["gate_blocks"]
+    assert len(blocks) == 5 and min(blocks) > 0 and len(benches["test_cpu"]["stats"]["data"]) == 3
+    assert "gate_blocks" not in benches["test_wall"]["extra_info"]  # microsecond rounds: the fastest-sample way
