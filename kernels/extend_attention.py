@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32,
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
                       dot_precision, kernel_for, make_plan, next_pow2, num_sms)
 from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _add_sink, _gather_kv,
                                bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
@@ -422,7 +422,7 @@ def _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size
     check_tensor("v_cache", v_cache, ndim=3, dtypes=(q.dtype,), device=ref)
     check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=ref)
     check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=ref)
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=ref)   # read unstrided
     T, Hq, D = q.shape
     S, Hkv, Dk = k_cache.shape
     B = seq_lens.shape[0]
@@ -524,50 +524,61 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     if prefix_splits is not None and not (prefix_splits.__class__ is int and prefix_splits >= 1):
         check(False, f"prefix_splits must be a positive int or None, got {prefix_splits!r}")
     if config is None and backend == "triton" and q.is_cuda:
-        T, B = q.shape[0], seq_lens.shape[0]
+        # the hit path: a key of everything the checks and the compiled code depend on but the token
+        # and request counts (the entry's `calls` resolve them); data pointers go to the C launcher
+        # as ints (no data_ptr call and pointer check there); only the pointers the kernels
+        # specialize on need 16-byte alignment
+        qs, kcs = q.shape, k_cache.shape
+        pq, pk, pv, ppt, pqsl, psl = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_table.data_ptr(), \
+            query_start_loc.data_ptr(), seq_lens.data_ptr()
         new = k_new is not None and v_new is not None
-        ok = aligned(q, k_cache, v_cache, page_table, query_start_loc, seq_lens) and \
-            (not new or aligned(k_new, v_new)) and (out is None or aligned(out)) and (sinks is None or aligned(sinks))
-        # everything the checks and the compiled code depend on but the token and request counts
-        key = (q.shape[1:], q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.shape,
-               v_cache.stride(), v_cache.dtype, page_table.dtype, page_table.dim(), page_table.shape[0] == B,
-               page_table.shape[-1] <= 1 or page_table.stride(-1) == 1, query_start_loc.dtype,
-               query_start_loc.dim(), query_start_loc.shape[0] == B + 1,
-               query_start_loc.shape[-1] <= 1 or query_start_loc.stride(-1) == 1, seq_lens.dtype, seq_lens.dim(),
-               (k_new is None, v_new is None) if not new else
-               (k_new.shape[1:], v_new.shape[1:], k_new.shape[0] == T, v_new.shape[0] == T, k_new.stride(),
-                v_new.stride(), k_new.dtype, v_new.dtype, k_new.device, v_new.device),
-               None if out is None else (out.shape == q.shape, out.stride(), out.dtype, out.device), q.device,
-               k_cache.device, v_cache.device, page_table.device, query_start_loc.device, seq_lens.device,
-               page_size.__class__, page_size, sm_scale, bool(contiguous), ok, max(64, next_pow2(B)),
-               id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), EXTEND_MIN_SPLIT_TOKENS, EXTEND_MAX_SPLITS,
-               id(EXTEND_SHORT_CONFIG), T <= EXTEND_SHORT_TOKENS * B,
-               EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM,
-               None if sinks is None else (sinks.shape, sinks.dtype, sinks.device))
-        entry = _PLANS.get(key)
+        if new:
+            pkn, pvn = k_new.data_ptr(), v_new.data_ptr()
+            new_key = (k_new.stride(), v_new.stride(), k_new.dtype, v_new.dtype, k_new.device, v_new.device)
+        else:
+            pkn, pvn, new_key = pk, pv, (k_new is None, v_new is None)
+        if out is None:
+            pout, out_key = 0, None
+        else:
+            pout, out_key = out.data_ptr(), (out.shape == qs, out.stride(), out.dtype, out.device)
+        if sinks is None:
+            psk, sink_key = psl, None
+        else:
+            psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.device)
+        pts, qsls, sls = page_table.stride(), query_start_loc.stride(), seq_lens.stride()
+        try:   # (a size or stride a wrong-rank tensor lacks: no key, the checks below say what is wrong)
+            T, B = qs[0], seq_lens.shape[0]
+            ok = not (pq | pk | pv | pkn | pvn | pout) & 15 and pts[-1] == 1 and qsls[-1] == 1 and sls[-1] == 1
+            # (a one-element array may have any stride: it takes the checked path, correctly)
+            key = (qs[1:], q.stride(), q.dtype, q.device, kcs, k_cache.stride(), k_cache.dtype, k_cache.device,
+                   v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, page_table.dtype, len(pts),
+                   page_table.shape[0] == B, page_table.device, query_start_loc.dtype, len(qsls),
+                   query_start_loc.shape[0] == B + 1, query_start_loc.device, seq_lens.dtype, len(sls),
+                   seq_lens.device, new_key, new and k_new.shape == (T, kcs[1], qs[2]) == v_new.shape, out_key,
+                   sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
+                   64 if B <= 64 else next_pow2(B), T <= EXTEND_SHORT_TOKENS * B,
+                   id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), EXTEND_MIN_SPLIT_TOKENS,
+                   EXTEND_MAX_SPLITS, EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+        except IndexError:
+            ok = False
+        entry = _PLANS.get(key) if ok else None
         if entry is not None:
-            BM, BN, plans = entry
             o = torch.empty_like(q) if out is None else out
-            if T and B:
-                max_len = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
-                span = bounded_span(max_len, window, chunk) if window or chunk else max(int(max_len), 1)
-                S = prefix_splits if prefix_splits is not None else \
-                    choose_prefix_splits(T, B, q.shape[1], BM, span, q.device)
-                split_tokens = cdiv(EXTEND_MIN_SPLIT_TOKENS if prefix_splits is None else 1, BN) * BN
-                S = min(S, cdiv(span, split_tokens))
-                hit = plans.get(S)
-                if hit is not None:
-                    run, merge, head, o_strides = hit
-                    kn, vn = (k_new, v_new) if new else (k_cache, v_cache)
-                    po, plse = _split_buffers(T * q.shape[1] * S, q.shape[2], q.device) if S > 1 else (o, o)
-                    sk = seq_lens if sinks is None else sinks
-                    run(q.shape[1], T // BM + B, S, q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens,
-                        o, po, plse, sk, *head, page_table.stride(0), *o_strides, page_size, B, window, chunk,
-                        split_tokens, S)
-                    if merge is not None:
-                        merge(T, q.shape[1], 1, po, plse, o, query_start_loc, B, sk, *o_strides, S)
-                    return o
-            else:
+            if not (T and B):
+                return o
+            call = (T, B, max_seq_len, page_table.shape[1] if max_seq_len is None else 0, prefix_splits,
+                    window, chunk)
+            hit = entry[3].get(call) or _resolve_splits(entry, call, qs[1], qs[2], page_size, q.device)
+            if hit is not None:
+                run, merge, head, o_strides, S, split_tokens, ppo, pplse, blocks = hit
+                if out is None:
+                    pout = o.data_ptr()
+                if ppo is None:          # one split: the partial buffers are unused, the output stands in
+                    ppo = pplse = pout
+                run(qs[1], blocks, S, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk, *head, pts[0],
+                    *o_strides, page_size, B, window, chunk, split_tokens, S)
+                if merge is not None:
+                    merge(T, qs[1], 1, ppo, pplse, pout, pqsl, B, psk, *o_strides, S)
                 return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
@@ -631,11 +642,39 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     if ok:
         run = make_plan(kernel, _extend_kernel, args, kwargs, len(args), dev)
         if run is not None and (S == 1 or merge is not None):
-            _PLANS.setdefault(key, (BM, BN, {}))[2][S] = (run, merge, head, (o.stride(0), o.stride(1)))
+            _PLANS.setdefault(key, (BM, BN, {}, {}))[2][S] = (run, merge, head, (o.stride(0), o.stride(1)))
     return o
 
 
-_PLANS: dict = {}  # key -> (BLOCK_M, BLOCK_N, {splits: (plan, merge plan, fixed arguments, output strides)})
+def _resolve_splits(entry, call: tuple, Hq: int, D: int, page_size: int, device):
+    """The launch of a plan entry for a call's (tokens, requests, max_seq_len, page-table width,
+    prefix_splits, window, chunk): its split count, smallest split, split buffers and grid (as the
+    checked path computes them) with the plan made for that count, remembered in the entry; None
+    when no plan has that count yet."""
+    BM, BN, plans, calls = entry
+    T, B, max_seq_len, width, prefix_splits, window, chunk = call
+    max_len = max_seq_len if max_seq_len is not None else width * page_size
+    span = bounded_span(max_len, window, chunk)
+    S = prefix_splits if prefix_splits is not None else choose_prefix_splits(T, B, Hq, BM, span, device)
+    split_tokens = cdiv(EXTEND_MIN_SPLIT_TOKENS if prefix_splits is None else 1, BN) * BN
+    S = min(S, cdiv(span, split_tokens))
+    plan = plans.get(S)
+    if plan is None:
+        return None
+    run, merge, head, o_strides = plan
+    # (the buffers stay allocated when they grow: a remembered pointer stays valid)
+    po, plse = _split_buffers(T * Hq * S, D, device) if S > 1 else (None, None)
+    hit = (run, merge, head, o_strides, S, split_tokens, None if po is None else po.data_ptr(),
+           None if plse is None else plse.data_ptr(), T // BM + B)
+    if len(calls) >= 4096:   # (every batch shape of a long eager run: forget them now and then)
+        calls.clear()
+    calls[call] = hit
+    return hit
+
+
+# key -> (BLOCK_M, BLOCK_N, {splits: (plan, merge plan, fixed arguments, output strides)},
+#         {call: resolved launch (_resolve_splits)})
+_PLANS: dict = {}
 
 _SPLIT_BUFS: dict = {}
 _OLD_SPLIT_BUFS: list = []   # never freed: a captured CUDA graph may still point at an old buffer

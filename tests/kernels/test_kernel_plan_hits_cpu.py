@@ -69,8 +69,10 @@ def _gen(seed):
 
 
 def _miss_then_hit(call, make_inputs, sizes):
-    """For each size: the result of a call that misses (no plans), then of a hit after a plan was
-    made at another size; both must be equal. make_inputs(size) -> fresh inputs (same per size)."""
+    """For each size: the result of a call that misses (no plans) must equal, bit for bit, the
+    results of two calls at that size after one at another size made a plan; the last of them
+    must take a plan. (A split-KV count that differs from the other size's needs its own plan:
+    then the first of the two makes it.) make_inputs(size) -> fresh inputs, the same per size."""
     for size in sizes:
         other = sizes[0] if size != sizes[0] else sizes[-1]
         with replay_plans() as hits:
@@ -79,10 +81,13 @@ def _miss_then_hit(call, make_inputs, sizes):
         with replay_plans() as hits:
             call(*make_inputs(other))                # makes the plan
             assert not hits
+            first = call(*make_inputs(size))         # a hit, or a plan for another split count
+            n = len(hits)
             again = call(*make_inputs(size))         # a hit
-            assert hits, "the second call did not take the plan"
-        for a, b in zip(fresh, again):
-            assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+            assert len(hits) > n, "the call did not take the plan"
+        for out in (first, again):
+            for a, b in zip(fresh, out):
+                assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -121,31 +126,34 @@ def test_rope_kv_write_hit_returns_split_views():
     _miss_then_hit(call, inputs, [3, 1, 6])
 
 
-@pytest.mark.parametrize("kw", [dict(num_splits=1), dict(num_splits=3), dict(max_seq_len=200),
-                                dict(num_splits=2, window=40), dict(num_splits=2, sinks=True)])
+@pytest.mark.parametrize("kw", [dict(num_splits=1), dict(num_splits=3, out=True), dict(max_seq_len=130),
+                                dict(num_splits=2, window=40, sinks=True)])
 def test_decode_hit(kw):
     Hq, Hkv, D, ps = 4, 2, 32, 16
 
-    def inputs(B):
-        g = _gen(B)
-        kc, vc = torch.randn(256, Hkv, D, dtype=BF, generator=g), torch.randn(256, Hkv, D, dtype=BF, generator=g)
+    def inputs(width):   # the batch is in the key; the page-table width and the lengths are not
+        g, B = _gen(width), 3
+        kc, vc = torch.randn(512, Hkv, D, dtype=BF, generator=g), torch.randn(512, Hkv, D, dtype=BF, generator=g)
         q = torch.randn(B, Hq, D, dtype=BF, generator=g)
-        pt = torch.randperm(16, generator=g)[:B * 4].view(B, 4).to(torch.int32)
-        sl = torch.randint(1, 64, (B,), generator=g, dtype=torch.int32)
+        pt = torch.randperm(32, generator=g)[:B * width].view(B, width).to(torch.int32)
+        sl = torch.randint(1, width * ps, (B,), generator=g, dtype=torch.int32)
         return q, kc, vc, pt, sl
 
     def call(q, kc, vc, pt, sl):
-        extra = dict(kw, sinks=torch.linspace(-1, 1, Hq, dtype=BF)) if kw.get("sinks") else kw
-        out = torch.full_like(q, 7.0)
-        return (dmod.decode_attention(q, kc, vc, pt, sl, ps, **extra),
-                dmod.decode_attention(q, kc, vc, pt, sl, ps, out=out, **extra), out)
-    _miss_then_hit(call, inputs, [2, 3])
+        extra = dict(kw)
+        if extra.pop("sinks", False):
+            extra["sinks"] = torch.linspace(-1, 1, Hq, dtype=BF)
+        if extra.pop("out", False):
+            extra["out"] = torch.full_like(q, 7.0)
+        o = dmod.decode_attention(q, kc, vc, pt, sl, ps, **extra)
+        assert "out" not in extra or o is extra["out"]
+        return (o,)
+    _miss_then_hit(call, inputs, [4, 2])
 
 
-@pytest.mark.parametrize("ragged", [False, True])
-@pytest.mark.parametrize("splits", [None, 1, 2])
+@pytest.mark.parametrize("ragged, splits", [(False, None), (True, 2), (False, 2)])
 def test_extend_hit(ragged, splits):
-    Hq, Hkv, D, ps = 2, 1, 32, 16
+    Hq, Hkv, D, ps = 1, 1, 32, 16
 
     def inputs(lens):
         g = _gen(len(lens))
@@ -159,13 +167,13 @@ def test_extend_hit(ragged, splits):
         return q, kc, vc, pt, qsl, sl
 
     def call(q, kc, vc, pt, qsl, sl):
-        kw = dict(prefix_splits=splits, max_seq_len=128)
+        kw = dict(prefix_splits=splits, max_seq_len=64)
         if ragged:   # the new tokens' K/V as the cache holds them
             slots = torch.cat([pt[b, 0] * ps + torch.arange(int(sl[b]) - int(qsl[b + 1] - qsl[b]), int(sl[b]))
                                for b in range(sl.shape[0])])
             kw.update(k_new=kc[slots], v_new=vc[slots])
         return (emod.extend_attention(q, kc, vc, pt, qsl, sl, ps, **kw),)
-    _miss_then_hit(call, inputs, [[40, 20], [100, 7, 33]])
+    _miss_then_hit(call, inputs, [[24, 10], [50, 5, 20]])
 
 
 def test_small_launchers_hit():
@@ -206,3 +214,26 @@ def test_wrong_input_refused_after_a_plan_exists():
             ropemod.rope_kv_write(qkv, cs[0], cs, kc, kc.clone(), slots, 2, 1)
         with pytest.raises(ValueError, match="qkv width"):
             ropemod.rope_kv_write(qkv, cs, cs, kc, kc.clone(), slots, 2.0, 1)
+        k = torch.randn(4, 1, 16, dtype=BF)
+        for _ in range(2):
+            kmod.kv_write(k, k, kc, kc.clone(), slots)
+        with pytest.raises(ValueError, match="slot_mapping"):                      # read unstrided
+            kmod.kv_write(k, k, kc, kc.clone(), torch.arange(8, dtype=torch.int32)[::2])
+        with pytest.raises(ValueError, match="v shape"):
+            kmod.kv_write(k, k[:3], kc, kc.clone(), slots)
+        pool = torch.zeros(1, 2, 32, 1, 16, dtype=BF)
+        src, dst = torch.tensor([0], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)   # (aligned)
+        for _ in range(2):
+            pmod.page_copy(pool, src, dst, 16)
+        with pytest.raises(ValueError, match="src_pages"):
+            pmod.page_copy(pool, slots.as_strided((2,), (2,)), slots[2:4], 16)    # read unstrided
+        q, pt, sl = torch.randn(2, 2, 16, dtype=BF), torch.zeros(2, 2, dtype=torch.int32), torch.tensor([3, 4])
+        for _ in range(2):
+            dmod.decode_attention(q, kc, kc, pt, sl, 16, num_splits=1)
+        with pytest.raises(ValueError, match="seq_lens"):                          # read unstrided
+            dmod.decode_attention(q, kc, kc, pt, torch.tensor([3, 0, 4])[::2], 16, num_splits=1)
+        with pytest.raises(ValueError, match="num_splits"):
+            dmod.decode_attention(q, kc, kc, pt, sl, 16, num_splits=1.0)
+        with pytest.raises(ValueError, match="page_size"):
+            dmod.decode_attention(q, kc, kc, pt, sl, 16.0, num_splits=1)
+        assert len(hits) == 5                                 # (the second calls: 2 above, kv_write, page_copy, decode)
