@@ -8,8 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INDEX_DTYPES, aligned, cdiv, check, check_backend, check_tensor, kernel_for, make_plan,
-                      next_pow2, pdl_args, pdl_begin, pdl_late, pdl_mode_now)
+from . import _common
+from ._common import (INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, make_plan,
+                      next_pow2, pdl_args, pdl_begin, pdl_late)
 
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)
@@ -60,7 +61,7 @@ def _check(k, v, k_cache, v_cache, slot_mapping):
     check_tensor("v", v, ndim=3, dtypes=(k.dtype,), device=ref)
     check_tensor("k_cache", k_cache, ndim=3, dtypes=(k.dtype,), device=ref)
     check_tensor("v_cache", v_cache, ndim=3, dtypes=(k.dtype,), device=ref)
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=ref, last_contiguous=False)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=ref)   # read unstrided
     T, H, D = k.shape
     check(tuple(v.shape) == (T, H, D), lambda: f"v shape {tuple(v.shape)} must equal k shape {(T, H, D)}")
     check(k_cache.shape[1:] == (H, D), lambda: f"k_cache must be [num_slots, {H}, {D}], got {tuple(k_cache.shape)}")
@@ -86,18 +87,22 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
     """
     key, ok = None, False
     if config is None and backend == "triton" and k.is_cuda:
-        ok = aligned(k, v, k_cache, v_cache, slot_mapping)
-        # everything the checks and the compiled code depend on, except the token count T
-        key = (k.dtype, v.dtype, k_cache.dtype, v_cache.dtype, slot_mapping.dtype, k.shape[1:], v.shape == k.shape,
-               slot_mapping.dim(), slot_mapping.shape[0] == k.shape[0], k_cache.shape, v_cache.shape,
-               k.stride(), v.stride(), k_cache.stride(), v_cache.stride(), k.device, v.device, k_cache.device,
-               v_cache.device, slot_mapping.device, ok, pdl_mode_now(),
-               KV_WRITE_CONFIG["BLOCK_T"], KV_WRITE_CONFIG["num_warps"])
-        hit = _PLANS.get(key)
+        # the hit path: a key of everything the checks and the compiled code depend on but the
+        # token count; data pointers go to the C launcher as ints (no data_ptr call and pointer
+        # check there)
+        ks = k.shape
+        pk, pv, pkc, pvc, pslot = k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), \
+            slot_mapping.data_ptr()
+        ok = not (pk | pv | pkc | pvc | pslot) & 15          # all 16-byte aligned (Triton specializes on it)
+        key = (k.dtype, v.dtype, k_cache.dtype, v_cache.dtype, slot_mapping.dtype, ks[1:], v.shape == ks,
+               slot_mapping.shape == ks[:1], k_cache.shape, v_cache.shape, k.stride(), v.stride(), k_cache.stride(),
+               v_cache.stride(), slot_mapping.stride(), k.device, v.device, k_cache.device, v_cache.device,
+               slot_mapping.device, _common._pdl_mode, KV_WRITE_CONFIG["BLOCK_T"], KV_WRITE_CONFIG["num_warps"])
+        hit = _PLANS.get(key) if ok else None
         if hit is not None:
-            T = k.shape[0]
+            T = ks[0]
             if T:
-                hit(cdiv(T, KV_WRITE_CONFIG["BLOCK_T"]), 1, 1, k, v, k_cache, v_cache, slot_mapping, T)
+                hit(cdiv(T, KV_WRITE_CONFIG["BLOCK_T"]), 1, 1, pk, pv, pkc, pvc, pslot, T)
             return
     check_backend(backend)
     _check(k, v, k_cache, v_cache, slot_mapping)

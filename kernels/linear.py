@@ -14,8 +14,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (ATTN_DTYPES, aligned, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, make_plan, pdl_args, pdl_begin, pdl_late, pdl_mode_now, use_interpreter)
+from . import _common
+from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision, kernel_for,
+                      make_plan, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
@@ -69,16 +70,22 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     this is ``F.linear``."""
     key, ok = None, False
     if backend == "triton" and x.is_cuda:
-        ok = aligned(x, weight) and (bias is None or aligned(bias))
+        # the hit path (data pointers go to the C launcher as ints: no data_ptr call and pointer
+        # check there)
+        px, pw = x.data_ptr(), weight.data_ptr()
+        if bias is None:
+            pb, bias_key = pw, None
+        else:
+            pb, bias_key = bias.data_ptr(), (bias.shape, bias.stride(), bias.dtype, bias.device)
+        ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
         # everything the checks and the compiled code (autotuned per N, K) depend on
         key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device), ok,
-               pdl_mode_now(), MAX_M)
-        hit = _PLANS.get(key)
+               bias_key, _common._pdl_mode, MAX_M)
+        hit = _PLANS.get(key) if ok else None
         if hit is not None:
-            plan, grid = hit
-            y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-            plan(grid, 1, 1, x, weight, weight if bias is None else bias, y)
+            plan, grid, shape = hit
+            y = x.new_empty(shape)
+            plan(grid, 1, 1, px, pw, pb, y.data_ptr())
             return y
     check_backend(backend)
     if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
@@ -106,8 +113,8 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
             kwargs = dict(meta, **best.all_kwargs())
             plan = make_plan(kernel, _gemv_kernel, args, kwargs, 4, x.device)
             if plan is not None:
-                _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]))
+                _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]), (M, N))
     return y
 
 
-_PLANS: dict = {}  # key -> (plan, grid) (see _common.Plan)
+_PLANS: dict = {}  # key -> (plan, grid, output shape) (see _common.Plan)
