@@ -90,11 +90,12 @@ def test_the_stored_reference_covers_the_ci_pass():
     assert all(v["ratio"] > 0 and v["timer"] in ("process_time", "perf_counter") for v in doc["benchmarks"].values())
 
 
-def test_a_replay_is_divided_round_by_round_by_the_calibration_around_it():
-    # one warm-up round: blocks before it, before each timed round, and after the last
-    assert gate.round_ratios([2.0, 4.0], [9.0, 1.0, 1.0, 3.0]) == [2.0, 2.0]
+def test_a_replay_is_divided_by_the_calibration_around_its_rounds():
+    # one warm-up round: blocks before it, before each timed round, and after the last; each round
+    # weighs the mean of its two blocks: (2 + 4) / (1 + 2)
+    assert gate.round_ratio([2.0, 4.0], [9.0, 1.0, 1.0, 3.0]) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="need one more than the rounds"):
-        gate.round_ratios([2.0, 4.0], [1.0, 1.0])
+        gate.round_ratio([2.0, 4.0], [1.0, 1.0])
     rounds = [1.0, 1.2, 1.7, 1.1, 1.4]
     # the load moved with the rounds: each round's two blocks average to a thousandth of it
     blocks = [5e-3, 1e-3, 1e-3, 1.4e-3, 2.0e-3, 0.2e-3, 2.6e-3]
@@ -107,7 +108,7 @@ def test_a_replay_is_divided_round_by_round_by_the_calibration_around_it():
 
     ref = gate.normalized(replay(1.0))
     assert ref[REPLAY]["by"] == "rounds" and ref[ADMIT]["by"] == "fastest"
-    assert ref[REPLAY]["ratio"] == pytest.approx(1000.0)  # every round 1000 calibrations, so the median
+    assert ref[REPLAY]["ratio"] == pytest.approx(1000.0)  # every round took 1000 calibrations around it
     assert ref[REPLAY]["ratio"] != pytest.approx(min(rounds) / 1e-4)  # not the fastest round / fastest sample
     assert gate.compare(gate.normalized(replay(1.9)), ref)[0] == []
     failures, _ = gate.compare(gate.normalized(replay(2.5)), ref)
