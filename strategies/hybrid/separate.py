@@ -20,8 +20,8 @@ re-admission gives a request all its swapped positions at once) a window is coun
 prefill chunk may span it. Where the pool cannot hold every group's floor, the floors that do not
 grow with max_model_len (state groups, and sliding / chunked ones with a step bound) are granted
 first, in group order while they fit; the others share the rest by their weights (their pools
-then reject the requests they can never hold). The split never moves: a group whose pool is full stops
-admission although the other pools have room; those free bytes are reported as external
+then reject the requests they can never hold). The split never moves: a group whose pool is
+full stops admission although the other pools have room; those free bytes are reported as external
 fragmentation while a request waits (memory stranded by the split). Bytes a pool cannot use
 (less than one page) are internal.
 
