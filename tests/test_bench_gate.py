@@ -131,9 +131,9 @@ def test_the_gate_plugin_brackets_every_round_of_a_process_time_benchmark(tmp_pa
         "    benchmark.pedantic(lambda: None, rounds=3)\n")
     out = tmp_path / "run.json"
     env = {**gate.os.environ, gate.ENV: str(tmp_path / "calib.json"), "PYTHONPATH": str(Path(gate.__file__).parent)}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gate", "-p", "no:cacheprovider", "-c", "/dev/null",
-                           f"--benchmark-json={out}", str(tmp_path / "test_b.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "gate", "-p", "no:cacheprovider", "-c", "/dev/null",
+           f"--benchmark-json={out}", str(tmp_path / "test_b.py")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     benches = {b["name"]: b for b in json.loads(out.read_text())["benchmarks"]}
     blocks = benches["test_cpu"]["extra_info"]["gate_blocks"]

@@ -189,9 +189,10 @@ def composed(*overrides: str):
                                             "kv_capacity_tokens=16384", "max_model_len=32768", *overrides])
 
 
-@pytest.mark.parametrize("overrides,pages", [(["scheduler.max_num_batched_tokens=512"], 41),
-                                             ([], 521),  # the default step, 8192: ceil((15 + 127 + 8192) / 16)
-                                             (["scheduler.max_num_batched_tokens=512", "scheduler.preemption=swap"], 7)])
+@pytest.mark.parametrize("overrides,pages", [
+    (["scheduler.max_num_batched_tokens=512"], 41),
+    ([], 521),  # the default step, 8192: ceil((15 + 127 + 8192) / 16)
+    (["scheduler.max_num_batched_tokens=512", "scheduler.preemption=swap"], 7)])  # swap: windows whole
 def test_the_yaml_reads_the_schedulers_step_and_preemption(overrides, pages):
     cfg = composed(*overrides)
     validate(cfg)
