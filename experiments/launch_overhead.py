@@ -1,20 +1,23 @@
 """Host time per call of every kernel launcher at tiny shapes, where the GPU's work is negligible,
 against a torch elementwise op timed in the same process (the yardstick of issue 12: <= 15 us).
 
-    python experiments/launch_overhead.py --out DIR [--profile] [--cpu] [--kernels DIR]
+    python experiments/launch_overhead.py --out DIR [--profile] [--cpu] [--kernels DIR] [--compare DIR]
 
-Each row: median (and minimum) over 7 rounds of (wall time of N back-to-back calls) / N, the GPU
+Each row: median (and minimum) over --rounds (7) rounds of (wall time of N back-to-back calls) / N, the GPU
 synchronised only before and after a round, so the figure is what the host pays to issue one
 call. With --profile, a cProfile of each launcher's calls: its top functions by own time, in us
 per launcher call. Writes DIR/launch_overhead.csv and .json; needs CUDA, except with --cpu.
 
 --cpu (no GPU needed): the launchers' host-side Python alone, on CPU tensors. CPU tensors report
 ``is_cuda`` (a Python property: a few tens of ns more than the real attribute), each launcher's
-first call runs the kernel in Triton's interpreter and makes a plan whose launch is a no-op
-Python function, so later calls time the hit path (key, checks, outputs, views) without Triton's C
-launcher. For before/after comparisons of launcher code, not a GPU figure.
+first call runs the kernel in Triton's interpreter and makes a plan whose launch does nothing,
+so later calls time the hit path (key, outputs, views) without Triton's C launcher (whose
+per-tensor ``data_ptr()`` call and pointer check a hit path that passes ints avoids: not counted).
+For before/after comparisons of launcher code, not a GPU figure.
 --kernels DIR: import ``kvbench.kernels`` from DIR (e.g. an exported older kernels/ folder) to
 time another version of the launchers with this script.
+--compare DIR: time the launchers of DIR (``git archive OLD kernels | tar -x -C /tmp/old`` gives
+/tmp/old/kernels) too, each round in turn with this checkout's: a before/after in one process.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 if "--cpu" in sys.argv:   # CPU tensors run only in Triton's interpreter, chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
@@ -56,14 +60,24 @@ use_checkout()
 if "--kernels" in sys.argv:
     use_kernels(pathlib.Path(sys.argv[sys.argv.index("--kernels") + 1]).resolve())
 
-from kvbench.kernels.decode_attention import decode_attention  # noqa: E402
-from kvbench.kernels.extend_attention import extend_attention  # noqa: E402
-from kvbench.kernels.kv_write import kv_write  # noqa: E402
-from kvbench.kernels.linear import linear  # noqa: E402
-from kvbench.kernels.page_copy import page_copy  # noqa: E402
-from kvbench.kernels.rms_norm import rms_norm  # noqa: E402
-from kvbench.kernels.rope_kv_write import rope_kv_write  # noqa: E402
-from kvbench.kernels.silu_mul import silu_mul  # noqa: E402
+
+
+def launchers(package: str = "kvbench.kernels") -> SimpleNamespace:
+    """The launcher functions of a kernels package (this checkout's, or one `load_kernels` made)."""
+    names = ("decode_attention", "extend_attention", "kv_write", "linear", "page_copy", "rms_norm",
+             "rope_kv_write", "silu_mul")
+    return SimpleNamespace(**{n: getattr(importlib.import_module(f"{package}.{n}"), n) for n in names})
+
+
+def load_kernels(folder: pathlib.Path, package: str = "kvbench_base_kernels") -> str:
+    """Import the kernels/ folder `folder` (e.g. `git archive` of an older commit) as `package`
+    next to this checkout's, for --compare; returns the package name."""
+    spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+    return package
 
 
 def _sync() -> None:
@@ -71,23 +85,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def host_us(fn, n: int = 2000, rounds: int = 7) -> tuple[float, float]:
-    """(median, minimum) over `rounds` of the host time per call of `fn`, in us."""
-    for _ in range(20):
-        fn()
-    _sync()
-    per = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
+def host_us(fns, n: int = 2000, rounds: int = 7) -> list[tuple[float, float]]:
+    """(median, minimum) over `rounds` of the host time per call of each of `fns`, in us; the
+    functions take turns round by round, so a change of machine load hits them alike."""
+    for fn in fns:
+        for _ in range(20):
             fn()
-        per.append((time.perf_counter() - t) / n * 1e6)
-        _sync()
-    return statistics.median(per), min(per)
+    _sync()
+    per = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, times in zip(fns, per):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t) / n * 1e6)
+            _sync()
+    return [(statistics.median(times), min(times)) for times in per]
 
 
-def cases(dev):
-    """(name, zero-argument call) at tiny shapes: a 2-request batch, 1 KV head group, D=64."""
+def cases(dev, k: SimpleNamespace):
+    """(name, zero-argument call) of the launchers in `k` at tiny shapes: a 2-request batch, 1 KV
+    head group, D=64."""
     bf = torch.bfloat16
     Hq, Hkv, D, ps = 4, 1, 64, 16
     q = torch.randn(2, Hq, D, device=dev, dtype=bf)
@@ -112,17 +130,17 @@ def cases(dev):
     small = torch.randn(256, device=dev)
     return [
         ("torch add_ (yardstick)", lambda: small.add_(1.0)),
-        ("decode_attention 1 split", lambda: decode_attention(q, kc, vc, pt, sl, ps, num_splits=1, out=out)),
-        ("decode_attention 4 splits", lambda: decode_attention(q, kc, vc, pt, sl, ps, num_splits=4, out=out)),
-        ("decode_attention auto", lambda: decode_attention(q, kc, vc, pt, sl, ps, max_seq_len=64)),
-        ("extend_attention", lambda: extend_attention(qe, kc, vc, pt, qsl, sl, ps)),
-        ("kv_write", lambda: kv_write(kn, kn, kc, vc, slots)),
-        ("rope_kv_write", lambda: rope_kv_write(qkv, cos, sin, kc, vc, slots, Hq, Hkv)),
-        ("rms_norm", lambda: rms_norm(x, w, 1e-5)),
-        ("rms_norm + residual", lambda: rms_norm(x, w, 1e-5, residual=x)),
-        ("silu_mul", lambda: silu_mul(x)),
-        ("linear (gemv)", lambda: linear(x, wl)),
-        ("page_copy", lambda: page_copy(pool, src, dst, ps)),
+        ("decode_attention 1 split", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=1, out=out)),
+        ("decode_attention 4 splits", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=4, out=out)),
+        ("decode_attention auto", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, max_seq_len=64)),
+        ("extend_attention", lambda: k.extend_attention(qe, kc, vc, pt, qsl, sl, ps)),
+        ("kv_write", lambda: k.kv_write(kn, kn, kc, vc, slots)),
+        ("rope_kv_write", lambda: k.rope_kv_write(qkv, cos, sin, kc, vc, slots, Hq, Hkv)),
+        ("rms_norm", lambda: k.rms_norm(x, w, 1e-5)),
+        ("rms_norm + residual", lambda: k.rms_norm(x, w, 1e-5, residual=x)),
+        ("silu_mul", lambda: k.silu_mul(x)),
+        ("linear (gemv)", lambda: k.linear(x, wl)),
+        ("page_copy", lambda: k.page_copy(pool, src, dst, ps)),
     ]
 
 
@@ -134,11 +152,17 @@ def _first_call_s(fn) -> float:
     return time.perf_counter() - t
 
 
+def _launch_stand_in(*args) -> None:
+    """--cpu's launch: nothing. (Triton's C launcher calls ``data_ptr()`` and cuPointerGetAttribute
+    for each tensor it gets, which a hit path that passes pointers as ints saves: not counted here.)"""
+
+
 @contextlib.contextmanager
-def stub_launches():
+def stub_launches(packages: tuple[str, ...]):
     """CPU stand-in for the GPU launch plans (--cpu): tensors report ``is_cuda``, every launcher
-    module's `make_plan` returns a `Plan` whose launch is a no-op, so a launcher's second call of a
-    key runs its whole hit path but Triton's C launcher. Undone on exit."""
+    module of `packages` (names ending in ".") makes plans with `_launch_stand_in` as their launch,
+    so a launcher's second call of a key runs its whole hit path but Triton's C launcher. Undone
+    on exit."""
     from kvbench.kernels import _common
 
     def fake_plan(kernel, jitfn, args, kwargs, front, device):
@@ -146,14 +170,16 @@ def stub_launches():
         if any(n not in kwargs for n in names[len(args):]):
             return None
         values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
-        return _common.Plan(lambda *a: None, (None,) * 9, 0, values[front:])
+        return _common.Plan(_launch_stand_in, (None,) * 9, 0, values[front:])
 
     mods = [sys.modules[m] for m in list(sys.modules)
-            if m.startswith("kvbench.kernels.") and hasattr(sys.modules[m], "make_plan")]
-    saved = [(m, m.make_plan) for m in mods] + [(_common, _common.make_plan)]
-    was_cuda, was_stream = torch.Tensor.is_cuda, _common._raw_stream
+            if m.startswith(packages) and hasattr(sys.modules[m], "make_plan")]
+    commons = [sys.modules[f"{p}_common"] for p in packages]
+    saved = [(m, m.make_plan) for m in mods]
+    streams = [c._raw_stream for c in commons]
     torch.Tensor.is_cuda = property(lambda self: True)
-    _common._raw_stream = lambda index: 0
+    for c in commons:
+        c._raw_stream = lambda index: 0
     for m, _ in saved:
         m.make_plan = fake_plan
     try:
@@ -161,7 +187,9 @@ def stub_launches():
     finally:
         for m, f in saved:
             m.make_plan = f
-        torch.Tensor.is_cuda, _common._raw_stream = was_cuda, was_stream
+        for c, st in zip(commons, streams):
+            c._raw_stream = st
+        del torch.Tensor.is_cuda
 
 
 def profile(fn, n: int = 2000, top: int = 12) -> list[dict]:
@@ -195,32 +223,44 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="time the launchers' Python on CPU tensors, launches stubbed")
     ap.add_argument("--kernels", type=pathlib.Path, help="import kvbench.kernels from this folder")
+    ap.add_argument("--compare", type=pathlib.Path,
+                    help="also time the launchers of this kernels/ folder (e.g. an older commit's), round by round "
+                         "in turn with this checkout's")
     ap.add_argument("--calls", type=int, default=2000, help="calls per round")
+    ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         print("launch_overhead: no CUDA device (use --cpu to time the launchers' Python alone)", file=sys.stderr)
+        sys.exit(2)
+    if args.compare is not None and not (args.compare / "__init__.py").is_file():
+        print(f"launch_overhead: --compare {args.compare}: no kernels package there (__init__.py)", file=sys.stderr)
         sys.exit(2)
     dev = torch.device("cpu" if args.cpu else "cuda")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     machine = "CPU (launches stubbed)" if args.cpu else torch.cuda.get_device_name()
-    kernels_dir = str(args.kernels) if args.kernels else "kernels/"
+    versions = [(str(args.kernels) if args.kernels else "kernels/", "kvbench.kernels")]
+    if args.compare is not None:
+        versions.append((str(args.compare), load_kernels(args.compare.resolve())))
     rows = []
     profiles = {}
-    with stub_launches() if args.cpu else contextlib.nullcontext():
-        for name, fn in cases(dev):
-            if args.cpu and "yardstick" not in name and _first_call_s(fn) > 0.01:
+    by_version = [cases(dev, launchers(p)) for _, p in versions]
+    with stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
+        for group in zip(*by_version):
+            name = group[0][0]
+            fns = [fn for _, fn in group]
+            if args.cpu and "yardstick" not in name and max(_first_call_s(fn) for fn in fns) > 0.01:
                 print(f"{name:28s} skipped: no plan on the CPU (interpreted every call)", flush=True)
                 continue
-            med, low = host_us(fn, n=args.calls)
-            rows.append(dict(device=machine, commit=commit, kernels=kernels_dir, launcher=name,
-                             host_us=round(med, 2), host_us_min=round(low, 2)))
-            print(f"{name:28s} {med:8.2f} us  (min {low:.2f})", flush=True)
+            for (folder, _), (med, low) in zip(versions, host_us(fns, n=args.calls, rounds=args.rounds)):
+                rows.append(dict(device=machine, commit=commit, kernels=folder, launcher=name,
+                                 host_us=round(med, 2), host_us_min=round(low, 2)))
+                print(f"{name:28s} {med:8.2f} us  (min {low:6.2f})  {folder}", flush=True)
             if args.profile and "yardstick" not in name:
-                profiles[name] = profile(fn, n=args.calls)
-    base = rows[0]["host_us"]
+                profiles[name] = profile(fns[0], n=args.calls)
+    base = {r["kernels"]: r["host_us"] for r in rows if "yardstick" in r["launcher"]}
     for r in rows:
-        r["x_torch_op"] = round(r["host_us"] / base, 2)
+        r["x_torch_op"] = round(r["host_us"] / base[r["kernels"]], 2)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "launch_overhead.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))

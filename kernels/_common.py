@@ -154,12 +154,19 @@ def pdl_late(PDL: tl.constexpr):
 # strides it specializes on, constexprs, pointer alignment) keys a `Plan` on exactly those: the
 # first call with a key checks everything and compiles through Triton, later calls launch
 # straight through Triton's C launcher (experiments/launch_overhead.py measures both).
+# The hit path of a launcher, in the order it pays: one `data_ptr()` per tensor, whose int both
+# checks alignment (`not (p0 | p1 | ...) & 15` over the pointers Triton specializes on; plans are
+# made for aligned calls only, so the flag is no part of the key) and goes to the C launcher (an
+# int skips the launcher's own data_ptr call and its cuPointerGetAttribute check); the key; a
+# dict lookup; outputs by `empty_like` / `new_empty`; the launch. What a key leaves out (sizes
+# that vary per call) is resolved per call, or cached per call shape in the plan's entry.
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 class Plan:
     """One compiled kernel and the launch arguments its key fixed; `plan(g0, g1, g2, *front)`
-    launches it on the current stream with `front` (the per-call arguments) before them."""
+    launches it on the current stream with `front` (the per-call arguments) before them. A
+    pointer argument in `front` may be a tensor or its ``data_ptr()`` (an int: cheaper)."""
 
     __slots__ = ("_launch", "_head", "_device", "_tail")
 
