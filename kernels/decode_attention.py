@@ -410,11 +410,11 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             psk, sink_key = psl, None
         else:
             psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.device)
-        pts = page_table.stride()
+        pts, qs = page_table.stride(), q.shape
         try:   # (a stride a wrong-rank tensor lacks: no key, the checks below say what is wrong)
             ok = not (pq | pk | pv | ppt | psl | pout | psk) & 15 and pts[-1] == 1   # (a width-1 table may
             # have any stride: it takes the checked path, correctly, every call)
-            key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+            key = (qs, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
                    k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, page_table.dtype,
                    len(pts), page_table.shape[0], page_table.device, seq_lens.dtype, seq_lens.shape, seq_lens.stride(),
                    seq_lens.device, out_key, sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
@@ -424,7 +424,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             ok = False
         entry = _PLANS.get(key) if ok else None
         if entry is not None:
-            B = q.shape[0]
+            B = qs[0]
             o = torch.empty_like(q) if out is None else out
             if B == 0:
                 return o
@@ -525,7 +525,8 @@ def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device
     explicit = num_splits is not None
     if not explicit:
         num_splits = choose_num_splits(B, Hkv, max_len, device)
-    check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
+    check(isinstance(num_splits, int) and num_splits >= 1,
+          lambda: f"num_splits must be a positive int, got {num_splits!r}")
     bn = DECODE_CONFIG["BLOCK_N"]
     S = cdiv(max_len, cdiv(cdiv(max_len, num_splits), bn) * bn)
     plan = entry[1].get(S)

@@ -70,7 +70,7 @@ def rms_norm(x, weight, eps: float, residual=None, *, backend: str = "triton", n
             pr, rkey = px, None
         else:
             pr = residual.data_ptr()
-            rkey = (residual.shape == x.shape, residual.stride(), residual.dtype, residual.device)
+            rkey = (residual.shape == (T, N), residual.stride(), residual.dtype, residual.device)
         ok = not (px | pw | pr) & 15            # every pointer 16-byte aligned (Triton specializes on it)
         key = (x.dtype, N, x.stride(), x.device, weight.dtype, weight.shape, weight.stride(), weight.device, rkey,
                eps, num_warps, _common._pdl_mode)
