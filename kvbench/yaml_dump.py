@@ -4,21 +4,29 @@ emitter, of mostly the same lines as the job before).
 
 `to_yaml(container)` is `yaml.dump(container, default_flow_style=False, allow_unicode=True,
 sort_keys=False, Dumper=OmegaConf's dumper)`, what OmegaConf.to_yaml writes for the container it
-makes (`to_container(cfg, resolve=..., enum_to_str=True)`). Each top-level key (or, with
-`under="hydra"`, each key of the one top-level mapping) is dumped alone, in the same nesting, so
-with the same columns and line wrapping, and kept by the repr of its value: the jobs of a sweep
-differ in a few keys (trace.rate, hydra.job, hydra.runtime), so most pieces are dumped once per
-process. A piece that ends its document ('...') or uses an anchor (an object met twice) falls back
-to the whole dump; the first text a process makes of each kind is compared with the whole dump,
-and a difference turns the pieces off for that kind in this process.
+makes (`to_container(cfg, resolve=..., enum_to_str=True)`). A block mapping's text is its keys'
+entries one after the other, each at its own indent, so each entry is dumped alone in the same
+nesting (so with the same columns and line wrapping) and kept by its path and the repr of its
+value: the jobs of a sweep differ in a few values (trace.rate, hydra.job.num,
+hydra.runtime.output_dir), so most entries are dumped once per process. A mapping that is not
+kept is split into its own entries (to a depth of MAX_DEPTH), behind its key's line. An entry
+whose dump ends its document ('...') or uses an anchor (an object met twice) falls back to the
+whole dump; the first text a process makes of each kind is compared with the whole dump, and a
+difference turns the pieces off for that kind in this process.
 """
 from __future__ import annotations
 
 from typing import Any
 
-_PIECES: dict[tuple[Any, str, str], str] = {}  # (under, key, repr of its value) -> its lines
+MAX_DEPTH = 3  # a mapping this deep is dumped whole (hydra.runtime.choices: depth 3)
+_PIECES: dict[tuple[tuple, str], str] = {}  # (path of keys, repr of the value) -> its entry's lines
+_HEADS: dict[tuple, str] = {}  # path -> the line of its key above a block mapping
 _CHECKED: dict[Any, bool] = {}  # under -> whether the pieces matched a whole dump (once per process)
-_MAX_PIECES = 4096
+_MAX_PIECES = 8192
+
+
+class _Whole(Exception):
+    """A piece that cannot stand alone: dump the whole container instead."""
 
 
 def whole_yaml(container: Any) -> str:
@@ -30,25 +38,53 @@ def whole_yaml(container: Any) -> str:
                      Dumper=get_omega_conf_dumper())
 
 
+def _nested(path: tuple, value: Any) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _alone(path: tuple, value: Any) -> str:
+    """The lines of the entry path[-1]: value dumped in its nesting, the keys above it left out."""
+    text = whole_yaml(_nested(path, value))
+    if text.endswith("...\n") or "&id" in text:
+        raise _Whole
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[len(path) - 1:])
+
+
+def _entry(path: tuple, value: Any) -> str:
+    memo = (path, repr(value))
+    piece = _PIECES.get(memo)
+    if piece is None:
+        if isinstance(value, dict) and value and len(path) < MAX_DEPTH and all(isinstance(k, str) for k in value):
+            if path not in _HEADS:  # the key's own line, as above any block mapping
+                head = _alone(path, {"x": 0}).splitlines(keepends=True)[0]
+                if not head.endswith(":\n") or head.lstrip().startswith("?"):
+                    raise _Whole
+                _HEADS[path] = head
+            piece = _HEADS[path] + "".join(_entry((*path, k), v) for k, v in value.items())
+        else:
+            piece = _alone(path, value)
+        if len(_PIECES) >= _MAX_PIECES:
+            _PIECES.clear()
+        _PIECES[memo] = piece
+    return piece
+
+
 def to_yaml(container: dict, under: str | None = None) -> str:
     """whole_yaml(container) (with `under`: whole_yaml({under: container})) from kept pieces."""
     whole = (lambda: whole_yaml(container)) if under is None else (lambda: whole_yaml({under: container}))
-    if not isinstance(container, dict) or not container or _CHECKED.get(under) is False:
+    if not isinstance(container, dict) or not container or _CHECKED.get(under) is False \
+            or not all(isinstance(k, str) for k in container):
         return whole()
-    head = "" if under is None else f"{under}:\n"
-    parts = [head]
-    for key, value in container.items():
-        memo = (under, key, repr(value))
-        piece = _PIECES.get(memo)
-        if piece is None:
-            text = whole_yaml({key: value} if under is None else {under: {key: value}})
-            if not text.startswith(head) or text.endswith("...\n") or "&id" in text:
-                return whole()
-            if len(_PIECES) >= _MAX_PIECES:
-                _PIECES.clear()
-            piece = _PIECES[memo] = text[len(head):]
-        parts.append(piece)
-    text = "".join(parts)
+    try:
+        if under is None:
+            text = "".join(_entry((k,), v) for k, v in container.items())
+        else:
+            text = f"{under}:\n" + "".join(_entry((under, k), v) for k, v in container.items())
+    except _Whole:
+        return whole()
     if under not in _CHECKED:  # the first time: the whole dump too, compared
         _CHECKED[under] = text == whole()
         if not _CHECKED[under]:

@@ -55,13 +55,17 @@ def _point_hydra_config(cfg: DictConfig) -> None:
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
     """deepcopy(cfg) less its hydra node (what run_job hands the task), without copying that
-    node: it is left out of cfg's children for the copy's span (cfg is the same afterwards)."""
+    node: it is left out of cfg's children for the copy's span (cfg is the same afterwards). The
+    copy is pickled and unpickled (~1 ms; the deep copy takes ~3), a deep copy if it cannot be."""
     content = cfg.__dict__["_content"]
     whole = dict(content)
     content.clear()
     content.update((k, v) for k, v in whole.items() if k != "hydra")
     try:
-        return copy.deepcopy(cfg)
+        try:
+            return pickle.loads(pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:  # (a value pickle cannot take)
+            return copy.deepcopy(cfg)
     finally:
         content.clear()
         content.update(whole)
