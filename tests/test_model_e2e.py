@@ -80,8 +80,13 @@ def test_gpu_engine_warmup_batches_are_well_formed():
     engine = TorchEngine(model=TINY)
     engine.bind(page_size=4, num_pages=70)
     engine.warmup_s = None
+    engine.profile_tokens = 1000  # the long eager prefill: capped at the pool's 280 slots
+    seen = []
+    forward = engine.model.forward
+    engine.model.forward = lambda ids, *a, **k: seen.append(len(ids)) or forward(ids, *a, **k)
     GPUEngine._warm_up(engine, page_size=4, num_pages=70)  # batches of 1 … 33 requests
     assert engine.warmup_s > 0
+    assert seen[-1] == 280 and seen.count(280) == 1
 
 
 def test_gpu_engine_warmup_launches_every_kernel_variant_a_replay_meets(monkeypatch):
