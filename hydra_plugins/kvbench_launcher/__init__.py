@@ -23,6 +23,7 @@ kvbench.cli registers it (`register()`).
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import logging
 import multiprocessing
@@ -44,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from kvbench.yaml_dump import memo_scalar_analysis, to_yaml
 
 log = logging.getLogger(__name__)
+GC_THRESHOLD = 20000  # a worker's first-generation collection threshold (Python's default: 700)
 
 
 def _point_hydra_config(cfg: DictConfig) -> None:
@@ -208,7 +210,12 @@ class WarmJoblibLauncher(Launcher):
 
 
 def _serve(conn: Any, launcher: WarmJoblibLauncher) -> None:
-    """A worker's loop: run each (idx, overrides) it is sent, reply (idx, JobReturn); None ends it."""
+    """A worker's loop: run each (idx, overrides) it is sent, reply (idx, JobReturn); None ends it.
+    The objects it starts with (the parent's modules, config store, compose memo: ~10^5) are
+    frozen out of the cyclic garbage collector, which then scans only what the jobs make, and
+    less often (a job makes ~10^5 short-lived objects): ~7 % of a worker's time was collections."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     memo_scalar_analysis()
     try:
         _jobs(conn, launcher)
