@@ -189,6 +189,7 @@ def validate_node(key: str, node: DictConfig, target: object = None) -> None:
     except (TypeError, ValueError):
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keys = set(node.keys())  # (get() of an absent key in a struct config raises and catches: ~0.2 ms)
     for name in node:
         name = str(name)
         if name.startswith("_"):
@@ -204,7 +205,7 @@ def validate_node(key: str, node: DictConfig, target: object = None) -> None:
         if choices is not None and node[name] not in choices:
             raise _bad(f"{key}.{name}", node[name], f"one of {', '.join(choices)}")
         _check_param(f"{key}.{name}", name, node[name], params[name])
-    lo, hi = node.get("min"), node.get("max")  # length distributions
+    lo, hi = (node.get(k) if k in keys else None for k in ("min", "max"))  # length distributions
     if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
         raise ConfigError(f"{key}: min={lo} > max={hi}: min must be <= max")
 
@@ -223,8 +224,9 @@ def validate(cfg: DictConfig) -> None:
     model = cfg.get("model")
     if not isinstance(model, DictConfig):
         raise ConfigError(f"model={model!r}: must be a model config (model=llama3_1_8b, ...)")
+    present = set(model.keys())  # (`in` a struct config raises and catches a KeyError for an absent key: ~0.2 ms)
     for name, rng in MODEL.items():
-        if name in model:
+        if name in present and name in model:
             check_value(f"model.{name}", model[name], rng)
     if not isinstance(model.get("dtype"), str) or model.get("dtype") not in DTYPE_NAMES:
         raise _bad("model.dtype", model.get("dtype"), dtypes_text())

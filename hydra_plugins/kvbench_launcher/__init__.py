@@ -135,6 +135,7 @@ class WarmJoblibLauncher(Launcher):
             log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
         sys.stdout.flush()
         sys.stderr.flush()
+        gc.freeze()  # what the workers inherit stays out of the parent's collections too
         return _Pool(self, workers).run([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)],
                                         then=lambda: [importlib.import_module(name) for name in self.parent_imports])
 
