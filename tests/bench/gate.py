@@ -186,8 +186,10 @@ def compare(now: dict[str, dict], reference: dict[str, dict], limit: float = LIM
                          f"{ref.get('by', 'fastest')}; run `{UPDATE}`): {name}")
             continue
         slower = now[name]["ratio"] / ref["ratio"]
-        line = (f"{name}: {slower:.2f}x its reference ({ref['min_s'] * 1e3:.3g} ms -> "
-                f"{now[name]['min_s'] * 1e3:.3g} ms per round, each divided by the calibration of its run)")
+        how = ("rounds divided by the calibration around them" if ref.get("by") == "rounds" else
+               "each divided by the calibration of its run")
+        line = (f"{name}: {slower:.2f}x its reference (fastest round {ref['min_s'] * 1e3:.3g} ms -> "
+                f"{now[name]['min_s'] * 1e3:.3g} ms, {how})")
         (failures if slower > limit else notes).append(line)
     notes += [f"no reference yet (run `{UPDATE}`): {name}" for name in sorted(set(now) - set(reference))]
     return failures, notes
