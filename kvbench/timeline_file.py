@@ -31,6 +31,7 @@ class TimelineFile:
         self.schema = pa.Schema.from_pandas(empty, preserve_index=False)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, self.schema, compression="snappy")
         self.rows, self._moved = 0, False
+        self._reader: pq.ParquetFile | None = None  # the closed file, opened once for every column read
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """One row group: `columns` holds every column, equal lengths (cast to the file's dtypes)."""
@@ -50,7 +51,9 @@ class TimelineFile:
     def __getitem__(self, name: str) -> np.ndarray:
         """The whole column `name` [rows], read one row group at a time into one array."""
         self.close()
-        f = pq.ParquetFile(self.path)
+        if self._reader is None:
+            self._reader = pq.ParquetFile(self.path)
+        f = self._reader
         out, pos = np.empty(self.rows, self.dtypes[name]), 0
         for g in range(f.num_row_groups):
             part = f.read_row_group(g, columns=[name]).column(0).to_numpy()
@@ -66,11 +69,13 @@ class TimelineFile:
     def move_to(self, path: Path) -> None:
         """Rename the closed file to `path` (run.py's write_atomic then renames that into place)."""
         self.close()
+        self._reader = None
         os.replace(self.path, path)
         self.path, self._moved = Path(path), True
 
     def discard(self) -> None:
         """Remove the file, unless it was moved away (then it is no longer this object's)."""
+        self._reader = None
         if self._moved:
             return
         if self._writer is not None:
