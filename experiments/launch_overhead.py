@@ -236,8 +236,8 @@ def main() -> None:
         print(f"launch_overhead: --compare {args.compare}: no kernels package there (__init__.py)", file=sys.stderr)
         sys.exit(2)
     dev = torch.device("cpu" if args.cpu else "cuda")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(  # (a GPU machine's copy may lack git)
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
     machine = "CPU (launches stubbed)" if args.cpu else torch.cuda.get_device_name()
     versions = [(str(args.kernels) if args.kernels else "kernels/", "kvbench.kernels")]
     if args.compare is not None:
