@@ -44,6 +44,7 @@ _DEFAULTS: dict[tuple, Any] = {}  # key -> DefaultsList of the group choices
 _MERGED: dict[int, tuple[Any, Any]] = {}  # id(defaults) -> (defaults, merged config pickled: never handed out itself)
 _PARSED: dict[str, Any] = {}  # override string -> Override
 _SOURCES: dict[tuple, Any] = {}  # search path -> the repository (sources) a job's caching repository reads
+_TEMPLATES: dict[tuple, tuple[Any, bytes | None]] = {}  # (id(defaults), name, cwd, sources) -> (defaults, the job-independent compose pickled)
 _PLAIN: set[tuple] = set()  # (search path, config name) whose primary config sets no hydra.searchpath
 _MAX = 256  # memo entries of each kind (a sweep picks few group combinations)
 _TREES: dict[tuple[str, str, str], Any] = {}  # (interpolation string, rule, lexer mode) -> its parse tree
@@ -75,13 +76,26 @@ def _memo_grammar_parse() -> None:
     omegaconf._utils.parse = parse
 
 
+def _job_state(key: str) -> bool:
+    """Whether a value override sets what Hydra fills in after the overrides (hydra.runtime, hydra.job)."""
+    return key in ("hydra", "hydra.job", "hydra.runtime") or key.startswith(("hydra.runtime.", "hydra.job."))
+
+
 def _source_key(repo: Any) -> tuple:
     return tuple((s.provider, s.path) for s in repo.get_sources())
 
 
 def install() -> None:
     """Route Hydra's per-job compose through the memos above (idempotent)."""
+    import os
+
+    from hydra import __version__ as hydra_version
     from hydra._internal import config_loader_impl as cli_mod
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.conf import ConfigSourceInfo
+    from hydra.core.utils import JobRuntime
+    from hydra.types import RunMode
+    from omegaconf import open_dict
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.config_repository import CachingConfigRepository
     from hydra._internal.defaults_list import DefaultsList
@@ -180,9 +194,78 @@ def install() -> None:
                 _PLAIN.add((key, config_name))
         return parsed, repo
 
+    whole_impl = ConfigLoaderImpl._load_configuration_impl
+
+    def load_configuration_impl(self, config_name, overrides, run_mode, from_shell=True,
+                                validate_sweep_overrides=True):
+        """Hydra 1.3's _load_configuration_impl step for step, with the steps that the job's value
+        overrides do not change (flags, hydra.runtime.choices/version/cwd/config_sources,
+        hydra.job.name/config_name: ~40 % of a kept compose) done once per group choice and
+        kept in a pickled template; a value override of hydra.runtime or hydra.job, or
+        hydra.job.env_copy set: Hydra's own order."""
+        if not _ACTIVE.get() or not hydra_version.startswith("1.3."):
+            return whole_impl(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+        self.ensure_main_config_source_available()
+        parsed_overrides, caching_repo = self._parse_overrides_and_create_caching_repo(config_name, overrides)
+        if validate_sweep_overrides:
+            self.validate_sweep_overrides_legal(overrides=parsed_overrides, run_mode=run_mode, from_shell=from_shell)
+        defaults_list = cli_mod.create_defaults_list(repo=caching_repo, config_name=config_name,
+                                                     overrides_list=parsed_overrides, prepend_hydra=True,
+                                                     skip_missing=run_mode == RunMode.MULTIRUN)
+        config_overrides = defaults_list.config_overrides
+        if any(_job_state(o.key_or_group) for o in config_overrides):
+            return whole_impl(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+        key = (id(defaults_list.defaults), config_name, os.getcwd(), _source_key(caching_repo))
+        kept = _TEMPLATES.get(key)
+        if kept is None or kept[0] is not defaults_list.defaults:
+            if len(_TEMPLATES) >= _MAX:
+                _TEMPLATES.clear()
+            kept = _TEMPLATES[key] = (defaults_list.defaults, _template(self, config_name, defaults_list, caching_repo))
+        if kept[1] is None:
+            return whole_impl(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+        cfg = pickle.loads(kept[1])
+        ConfigLoaderImpl._apply_overrides_to_config(config_overrides, cfg)
+        app_overrides = []
+        for override in parsed_overrides:
+            if override.is_hydra_override():
+                cfg.hydra.overrides.hydra.append(override.input_line)
+            else:
+                cfg.hydra.overrides.task.append(override.input_line)
+                app_overrides.append(override)
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=app_overrides, kv_sep=cfg.hydra.job.config.override_dirname.kv_sep,
+            item_sep=cfg.hydra.job.config.override_dirname.item_sep,
+            exclude_keys=cfg.hydra.job.config.override_dirname.exclude_keys)
+        return cfg
+
+    def _template(self, config_name, defaults_list, caching_repo) -> bytes | None:
+        """The job-independent part of a compose, pickled (None: env_copy set, or not picklable)."""
+        from hydra import version
+
+        cfg = self._compose_config_from_defaults_list(defaults=defaults_list.defaults, repo=caching_repo)
+        OmegaConf.set_struct(cfg, True)
+        OmegaConf.set_readonly(cfg.hydra, False)
+        if len(cfg.hydra.job.env_copy):  # (os.environ read per job)
+            return None
+        with open_dict(cfg.hydra):
+            cfg.hydra.runtime.choices.update(defaults_list.overrides.known_choices)
+        cfg.hydra.runtime.version = hydra_version
+        cfg.hydra.runtime.version_base = version.getbase()
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.runtime.config_sources = [ConfigSourceInfo(path=x.path, schema=x.scheme(), provider=x.provider)
+                                            for x in caching_repo.get_sources()]
+        if "name" not in cfg.hydra.job:
+            cfg.hydra.job.name = JobRuntime().get("name")
+        cfg.hydra.job.config_name = config_name
+        try:
+            return pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return None
+
     for fn in (load_sweep_config, parse_overrides, create_defaults_list, compose_config_from_defaults_list,
-               parse_overrides_and_create_caching_repo):
+               parse_overrides_and_create_caching_repo, load_configuration_impl):
         fn._kvbench = True
+    ConfigLoaderImpl._load_configuration_impl = load_configuration_impl
     ConfigLoaderImpl._parse_overrides_and_create_caching_repo = parse_overrides_and_create_caching_repo
     ConfigLoaderImpl.load_sweep_config = load_sweep_config
     ConfigLoaderImpl._compose_config_from_defaults_list = compose_config_from_defaults_list

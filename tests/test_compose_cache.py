@@ -49,11 +49,12 @@ def test_memo_jobs_equal_fresh_composes_and_are_reused(monkeypatch):
     grid = [[f"strategy={s}", "trace=azure_conv", f"trace.rate={r}", "max_model_len=8192", "trace.limit=50"]
             for s in ("slab", "paged", "radix") for r in (1, 2.5, 16)]
     grid += [["strategy=paged", "trace=shared_prefix", "model=tiny", "kv_capacity_tokens=4096", "strategy.page_size=8"],
-             ["strategy=radix", "scheduler.policy=lpm"]]
+             ["strategy=radix", "scheduler.policy=lpm"],
+             ["strategy=slab", "trace=azure_conv", "hydra.job.chdir=true", "trace.rate=2"]]  # (hydra.job set: Hydra's own order)
     for job in grid:
         memo = loader.load_sweep_config(master, job)
         assert _view(memo) == _view(_fresh(loader, master, job)), job
-        assert list(memo.hydra.overrides.task) == job and memo.hydra.runtime.choices.strategy == job[0].split("=")[1]
+        assert list(memo.hydra.overrides.task) == [o for o in job if not o.startswith("hydra.")] and memo.hydra.runtime.choices.strategy == job[0].split("=")[1]
     assert len(made) == 5  # one defaults list per group choice (slab, paged, radix; paged+shared_prefix+tiny; radix)
 
 
