@@ -86,6 +86,7 @@ def page_hash(parent: int, ids: bytes) -> int:
 
 _PAGE_HASH = page_hash  # (the module's own: `_cached_prefix` inlines it unless a test patched it)
 
+
 @dataclass(slots=True)
 class _Seq:
     tokens: np.ndarray  # all ids the request will hold
