@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import pickle
+import weakref
 from typing import Any
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("kvbench_sweep_compose", default=False)
@@ -45,6 +46,7 @@ _MERGED: dict[int, tuple[Any, Any]] = {}  # id(defaults) -> (defaults, merged co
 _PARSED: dict[str, Any] = {}  # override string -> Override
 _SOURCES: dict[tuple, Any] = {}  # search path -> the repository (sources) a job's caching repository reads
 _TEMPLATES: dict[tuple, tuple[Any, bytes | None]] = {}  # (id(defaults), name, cwd, sources) -> (defaults, the job-independent compose pickled)
+_LOADED: "weakref.WeakKeyDictionary[Any, dict[str, bytes]]" = weakref.WeakKeyDictionary()  # repository -> file -> ConfigResult pickled
 _PLAIN: set[tuple] = set()  # (search path, config name) whose primary config sets no hydra.searchpath
 _MAX = 256  # memo entries of each kind (a sweep picks few group combinations)
 _TREES: dict[tuple[str, str, str], Any] = {}  # (interpolation string, rule, lexer mode) -> its parse tree
@@ -74,6 +76,22 @@ def _memo_grammar_parse() -> None:
     parse._kvbench = True
     omegaconf.base.parse = parse
     omegaconf._utils.parse = parse
+
+
+def _load_kept(repo: Any, config_path: str) -> Any:
+    """repo.load_config(config_path=config_path), read and parsed once per repository and process
+    (a sweep's first composes of each group choice read the same ~15 yaml files); a copy, unpickled,
+    each time after the first. Errors are raised, not kept."""
+    kept = _LOADED.setdefault(repo, {})
+    blob = kept.get(config_path)
+    if blob is None:
+        loaded = repo.load_config(config_path=config_path)
+        try:
+            kept[config_path] = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # (not picklable: read every time)
+            kept[config_path] = b""
+        return loaded
+    return pickle.loads(blob) if blob else repo.load_config(config_path=config_path)
 
 
 def _job_state(key: str) -> bool:
@@ -168,6 +186,14 @@ def install() -> None:
 
         def __init__(self, shared) -> None:  # (not CachingConfigRepository's: no deep copy)
             self.delegate, self.cache = shared, {}
+
+        def load_config(self, config_path):
+            """CachingConfigRepository's, over a per-process memo of each file's ConfigResult
+            (pickled: the compose pops and replaces parts of what it loads)."""
+            cache_key = f"config_path={config_path}"
+            if cache_key not in self.cache:
+                self.cache[cache_key] = _load_kept(self.delegate, config_path)
+            return self.cache[cache_key]
 
         def initialize_sources(self, config_search_path) -> None:
             self.delegate = copy.deepcopy(self.delegate)
