@@ -12,6 +12,7 @@ of the dir removes a stale one (its name matches run.py's `.*.tmp*`).
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -21,14 +22,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+@functools.lru_cache(maxsize=8)
+def _schema(dtypes: tuple[tuple[str, np.dtype], ...]) -> pa.Schema:
+    """The parquet schema (with pandas metadata) of a frame of these columns; kept (immutable)."""
+    empty = pd.DataFrame({k: np.empty(0, v) for k, v in dtypes})
+    return pa.Schema.from_pandas(empty, preserve_index=False)
+
+
 class TimelineFile:
     """Rows appended in column chunks; read back by column once closed. Mutates its file only."""
 
     def __init__(self, path: Path, dtypes: dict[str, np.dtype]) -> None:
         self.path = Path(path)
         self.dtypes = {k: np.dtype(v) for k, v in dtypes.items()}
-        empty = pd.DataFrame({k: np.empty(0, v) for k, v in self.dtypes.items()})
-        self.schema = pa.Schema.from_pandas(empty, preserve_index=False)
+        self.schema = _schema(tuple(self.dtypes.items()))
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, self.schema, compression="snappy")
         self.rows, self._moved = 0, False
         self._reader: pq.ParquetFile | None = None  # the closed file, opened once for every column read

@@ -87,12 +87,18 @@ def sweep_jobs(sweep_dir: Path) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
-    sweeper = cfg.hydra.sweeper
+    import yaml
+
+    if not _LOADER:
+        _LOADER.append(_yaml_loader())
+    cfg = yaml.load((sweep_dir / "multirun.yaml").read_text(encoding="utf-8"), Loader=_LOADER[0])  # (OmegaConf.load's)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("hydra"), dict):
+        cfg = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml"), resolve=False)
+    sweeper = cfg["hydra"].get("sweeper") or {}
     if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(cfg.hydra.overrides.task)
+    params = sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in cfg["hydra"]["overrides"]["task"]]
     batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
     return [job for batch in batches for job in batch]
 
