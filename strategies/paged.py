@@ -80,7 +80,8 @@ _NO_TAIL: tuple = ()
 
 def page_hash(parent: int, ids: bytes) -> int:
     """Chained hash of one full page (`ids`: its token ids as bytes): depends on every token
-    before it, not only its own. (Inlined in `_register_full_pages`: change both.)"""
+    before it, not only its own. (Inlined in `_register_full_pages`, `_cached_prefix` and
+    grow's page-start path: change all.)"""
     return hash((parent, ids))
 
 
@@ -650,7 +651,22 @@ class PagedStrategy(Strategy):
             if not free and not self._fresh and not self._lru:  # _available() == 0
                 return False
             if pos >= seq.hash_at:  # (never without prefix caching)
-                self._register_full_pages(seq)
+                hashes, data = seq.hashes, seq.data
+                first = len(hashes)
+                if pos // ps == first + 1 and first < seq.cache_pages and data is not None and self._host is None:
+                    # `_register_full_pages` of the one page it filled, inline (its decode path)
+                    nb = ps * seq.tokens.itemsize
+                    ids = data[first * nb:(first + 1) * nb]
+                    h = hash((hashes[-1] if first else _ROOT_HASH, ids))
+                    hashes.append(h)
+                    full_pid = pages[first]
+                    if h not in self._table and self._hash[full_pid] is None:
+                        self._table[h] = full_pid
+                        self._hash[full_pid] = h
+                        self._stored_ids[full_pid] = ids
+                    seq.hash_at = pos + ps if first + 1 < seq.cache_pages else _NEVER
+                else:
+                    self._register_full_pages(seq)
             if free:
                 pid = free.pop()
             elif self._fresh:  # a page never handed out
