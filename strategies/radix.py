@@ -803,7 +803,7 @@ class RadixStrategy(Strategy):
         fresh id), as `grow(rid, 1)` would. Mutates."""
         d, free = len(seqs), self._free
         n = m * d
-        if m == 1 and d <= 8:  # a few pops: inline
+        if m == 1 and d <= 24:  # a few pops: inline (numpy costs more below ~30)
             for s in seqs:
                 if free:
                     s.private.append(free.pop())
