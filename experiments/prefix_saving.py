@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -242,6 +243,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fail(msg: str) -> None:
+    print(f"prefix_saving: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -251,9 +257,11 @@ def main() -> None:
     args = ap.parse_args()
     reports, data = [], []
     for sweep in args.runs:
+        if not sweep.is_dir():
+            _fail(f"{sweep} is not a sweep folder")
         runs = {d.name: load(d) for d in sorted(sweep.iterdir()) if (d / "summary.json").exists()}
         if not any(k.endswith("nocache") for k in runs):
-            raise SystemExit(f"prefix_saving: error: {sweep} has no finished run without caching (*nocache)")
+            _fail(f"{sweep} has no finished run without caching (*nocache)")
         reports.append(model_report(runs, args.commit))
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
