@@ -667,6 +667,7 @@ class PagedStrategy(Strategy):
                     seq.hash_at = pos + ps if first + 1 < seq.cache_pages else _NEVER
                 else:
                     self._register_full_pages(seq)
+            # _take_pages(1, 1), inlined: the decode path's page start (-3.8 % replay instructions)
             if free:
                 pid = free.pop()
             elif self._fresh:  # a page never handed out
