@@ -270,7 +270,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 _TRACE_CACHE: dict[str, list] = {}  # the last trace this process loaded for an engine that forgets ids
 
 
-def load_trace(cfg: DictConfig) -> list:
+def load_trace(cfg: DictConfig, plain: dict | None = None) -> list:
     """cfg.trace's requests. For an engine that never writes into a request's ids
     (`Engine.forgets_ids`: the sim), the last trace is kept for the next run of the same process
     with the same resolved trace config, trace folder and cwd (a sweep's worker replays one trace
@@ -281,7 +281,8 @@ def load_trace(cfg: DictConfig) -> list:
         shareable = bool(getattr(get_class(cfg.engine._target_), "forgets_ids", False))
     except Exception:  # (instantiate below reports a bad engine)
         shareable = False
-    plain = OmegaConf.to_container(cfg.trace, resolve=True)
+    if plain is None:  # (the resolved trace node, when the caller has it)
+        plain = OmegaConf.to_container(cfg.trace, resolve=True)
     if not shareable:
         return build(cfg.trace, plain)
     key = json.dumps([plain, os.environ.get("KVBENCH_TRACES"), os.getcwd()], sort_keys=True, default=str)
@@ -329,7 +330,7 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)  # read once: the builds, the hash, config.yaml
     bpt = kv_bytes_per_token(cfg.model)  # validate() checked model.dtype
     logger = build(cfg.logger, plain.get("logger")) if cfg.get("logger") is not None else None  # fails early
-    requests = load_trace(cfg)
+    requests = load_trace(cfg, plain.get("trace"))
     if not len(requests):
         raise ConfigError(f"trace '{cfg.trace.get('name', 'trace')}' has no requests: nothing to replay "
                           "(check trace.limit, trace.path and the trace's filters)")

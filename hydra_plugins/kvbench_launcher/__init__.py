@@ -218,10 +218,21 @@ def _serve(conn: Any, launcher: WarmJoblibLauncher) -> None:
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     memo_scalar_analysis()
+    profile_to = os.environ.get("KVBENCH_PROFILE_WORKERS")  # a folder: each worker's cProfile stats
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         _jobs(conn, launcher)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C (the job recorded it) or the sweep's process is gone
         pass
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_to, f"worker{os.getpid()}.prof"))
 
 
 def _jobs(conn: Any, launcher: WarmJoblibLauncher) -> None:

@@ -52,9 +52,32 @@ def parse_timestamp_ns(text: str, where: str, field: str = "TIMESTAMP") -> tuple
     return whole_s * 10**9 + int((m[3] or "0").ljust(9, "0")), m[4] is not None
 
 
+_ROWS: dict[tuple, tuple] = {}  # (file, inode, size, mtime, ctime, limit) -> the rows parsed: the last few
+_MAX_ROWS = 4
+
+
 def read_azure_rows(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """First ``limit`` data rows -> (times [N] s from the earliest, prompt_lens [N],
-    output_lens [N], sources)."""
+    output_lens [N], sources). Fresh copies every call: the rows parsed are kept per process
+    for the same file (path, inode, size, mtime, ctime) and limit, so a sweep's runs at other
+    rates parse the file once (issue 13 §5); a file that fails to parse is not kept."""
+    try:
+        st = path.stat()
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, limit)
+    except OSError:
+        key = None
+    kept = _ROWS.get(key) if key is not None else None
+    if kept is None:
+        kept = _parse_azure_rows(path, limit)
+        if key is not None:
+            if len(_ROWS) >= _MAX_ROWS:
+                _ROWS.clear()
+            _ROWS[key] = kept
+    times, prompt_lens, output_lens, sources = kept
+    return times.copy(), prompt_lens.copy(), output_lens.copy(), list(sources)
+
+
+def _parse_azure_rows(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     times, zoned, prompt_lens, output_lens, lines = [], [], [], [], []
     rows = csv_rows(path, COLUMNS, COLUMNS) if limit != 0 else iter(())
     for line, row, col in rows:
