@@ -53,9 +53,85 @@ def _alone(path: tuple, value: Any) -> str:
     return "".join(lines[len(path) - 1:])
 
 
+_LAYOUT: dict[tuple, tuple[str, str] | None] = {}  # path -> (its key's text, a list item's) or None: no fast path
+_PLAIN: dict[str, bool] = {}  # string -> whether it is dumped plain, on one line, as it is
+_DUMPER: list = []
+
+
+def _plain(value: Any) -> str | None:
+    """The scalar's text when the dumper writes it plain as it is, on one line whatever the width:
+    an int >= 0 (its str), or a nonempty printable ASCII string without spaces that OmegaConf
+    does not quote (no bool, int or float look-alike), that resolves to a string and that PyYAML's
+    own analysis allows plain in a block; else None."""
+    if type(value) is int:
+        return str(value) if value >= 0 else None
+    if type(value) is not str:
+        return None
+    got = _PLAIN.get(value)
+    if got is None:
+        got = False
+        if value and value.isascii() and value.isprintable() and " " not in value:
+            import io
+
+            import yaml
+            from omegaconf._utils import get_omega_conf_dumper, is_float, is_int, yaml_is_bool
+
+            if not _DUMPER:
+                _DUMPER.append(get_omega_conf_dumper()(io.StringIO(), default_flow_style=False, allow_unicode=True,
+                                                       sort_keys=False))
+            dumper = _DUMPER[0]
+            if not (yaml_is_bool(value) or is_int(value) or is_float(value)) and \
+                    dumper.resolve(yaml.ScalarNode, value, (True, False)) == yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
+                analysis = dumper.analyze_scalar(value)
+                got = not analysis.empty and not analysis.multiline and analysis.allow_block_plain
+        if len(_PLAIN) >= 65536:
+            _PLAIN.clear()
+        _PLAIN[value] = got
+    return value if got else None
+
+
+def _fast(path: tuple, value: Any) -> str | None:
+    """The entry of a plain scalar, or of a nonempty list of them, from its path's layout (its
+    key's text, a list item's indent), learnt from the first such value dumped there and checked
+    against that dump: a sweep's jobs differ in such values (hydra.job.num, hydra.job.id,
+    hydra.job.override_dirname, hydra.runtime.output_dir, hydra.overrides.task, trace.rate),
+    each a new value. None: no fast path (the caller dumps it)."""
+    if isinstance(value, list):
+        texts = [_plain(v) for v in value]
+        if not texts or None in texts:
+            return None
+    else:
+        texts = _plain(value)
+        if texts is None:
+            return None
+    kind = path + (isinstance(value, list),)
+    layout = _LAYOUT.get(kind, False)
+    if layout is False:  # learn it from this value's dump
+        layout = None
+        text = _alone(path, value)
+        if isinstance(value, list):
+            lines = text.splitlines(keepends=True)
+            if len(lines) == len(texts) + 1 and lines[0].endswith(":\n") and "- " in lines[1]:
+                layout = (lines[0], lines[1][:lines[1].index("- ") + 2])
+        elif text.endswith(f" {texts}\n") and "\n" not in text[:-1]:
+            layout = (text[:-len(texts) - 1], "")
+        if layout is not None and _laid_out(layout, texts) != text:
+            layout = None
+        _LAYOUT[kind] = layout
+    return None if layout is None else _laid_out(layout, texts)
+
+
+def _laid_out(layout: tuple[str, str], texts: str | list[str]) -> str:
+    if isinstance(texts, list):
+        return layout[0] + "".join(f"{layout[1]}{t}\n" for t in texts)
+    return f"{layout[0]}{texts}\n"
+
+
 def _entry(path: tuple, value: Any) -> str:
     memo = (path, repr(value))
     piece = _PIECES.get(memo)
+    if piece is None and (piece := _fast(path, value)) is not None:
+        return piece
     if piece is None:
         if isinstance(value, dict) and value and len(path) < MAX_DEPTH and all(isinstance(k, str) for k in value):
             if path not in _HEADS:  # the key's own line, as above any block mapping
@@ -89,6 +165,21 @@ def to_yaml(container: dict, under: str | None = None) -> str:
         _CHECKED[under] = text == whole()
         if not _CHECKED[under]:
             return whole()
+    return text
+
+
+def list_yaml(items: list) -> str:
+    """whole_yaml(items) of a top-level list (Hydra's overrides.yaml): a nonempty list of plain
+    scalars (`_plain`) is its '- item' lines; the first such text a process makes is compared
+    with the whole dump (a difference turns this off in the process)."""
+    texts = [_plain(v) for v in items] if isinstance(items, list) else [None]
+    if not texts or None in texts or _CHECKED.get("[]") is False:
+        return whole_yaml(items)
+    text = "".join(f"- {t}\n" for t in texts)
+    if "[]" not in _CHECKED:
+        _CHECKED["[]"] = text == whole_yaml(items)
+        if not _CHECKED["[]"]:
+            return whole_yaml(items)
     return text
 
 

@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import (JobReturn, JobRuntime, JobStatus, _flush_loggers, _save_config, configure_log,
+from hydra.core.utils import (JobReturn, JobRuntime, JobStatus, _flush_loggers, configure_log,
                               env_override, filter_overrides, setup_globals)
 from hydra import version
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from kvbench.yaml_dump import memo_scalar_analysis, to_yaml
+from kvbench.yaml_dump import list_yaml, memo_scalar_analysis, to_yaml
 
 log = logging.getLogger(__name__)
 GC_THRESHOLD = 20000  # a worker's first-generation collection threshold (Python's default: 700)
@@ -182,7 +182,7 @@ class WarmJoblibLauncher(Launcher):
                 (hydra_output / "config.yaml").write_text(task_yaml(task_cfg), encoding="utf-8")
                 (hydra_output / "hydra.yaml").write_text(hydra_yaml(OmegaConf.to_container(  # (as Hydra's copy dumps)
                     config.hydra, resolve=False, enum_to_str=True)), encoding="utf-8")
-                _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
+                (hydra_output / "overrides.yaml").write_text(list_yaml(ret.overrides), encoding="utf-8")  # (_save_config's)
             with env_override(config.hydra.job.env_set):
                 callbacks.on_job_start(config=config, task_function=self.task_function)
                 try:
