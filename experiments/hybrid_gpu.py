@@ -153,8 +153,8 @@ def replay_design(args: argparse.Namespace, design: str) -> tuple[dict, dict[int
     seen: list = []
     load = kvrun.load_trace
 
-    def capture(cfg):  # the requests the run replays (their outputs hold the sampled ids)
-        reqs = load(cfg)
+    def capture(cfg, *rest):  # the requests the run replays (their outputs hold the sampled ids)
+        reqs = load(cfg, *rest)
         seen.append(reqs)
         return reqs
 
