@@ -646,9 +646,8 @@ class PagedStrategy(Strategy):
             return True
         if num_tokens == 1 and not rem and pages:
             # a decode that starts a new page (every held page is full: none copied): the general
-            # path below for one page, with `_take_pages(1)` inline
-            free, fill = self._free, self._fill
-            if not free and not self._fresh and not self._lru:  # _available() == 0
+            # path below for one page
+            if not self._free and not self._fresh and not self._lru:  # _available() == 0
                 return False
             if pos >= seq.hash_at:  # (never without prefix caching)
                 hashes, data = seq.hashes, seq.data
@@ -667,24 +666,7 @@ class PagedStrategy(Strategy):
                     seq.hash_at = pos + ps if first + 1 < seq.cache_pages else _NEVER
                 else:
                     self._register_full_pages(seq)
-            # _take_pages(1, 1), inlined: the decode path's page start (-3.8 % replay instructions)
-            if free:
-                pid = free.pop()
-            elif self._fresh:  # a page never handed out
-                pid = self.num_pages - self._fresh
-                self._fresh -= 1
-                if pid == len(ref):
-                    self._grow_lists()
-            elif self._plain_lru and self._hit_memo is None:  # _evict_pages(1), inlined
-                pid = self._lru.popitem(False)[0]
-                hashes = self._hash
-                del self._table[hashes[pid]]
-                self._stored_ids[pid] = hashes[pid] = None
-            else:
-                pid = self._evict_pages(1)[0]
-            ref[pid] = 1
-            fill[pid] = 1
-            pages.append(pid)
+            pages.append(self._take_pages(1, 1)[0])
             self._token += 1
             seq.length = new_len
             cap = len(pages) * ps  # (_set_reserved: its new last page is its own)
@@ -693,25 +675,6 @@ class PagedStrategy(Strategy):
             seq.reserved = res
             if self._scheduled and new_len >= seq.hash_at:  # hittable as soon as scheduled (vLLM)
                 self._register_full_pages(seq)
-            return True
-        if self._solo:  # no page shared or hashed: the path below without its copy and registration checks
-            k = -(-new_len // ps) - len(pages)
-            if k > 0 and k > len(self._free) + self._fresh + len(self._lru):  # _available()
-                return False
-            fill = self._fill
-            if rem and new_len > pos:
-                more = ps - rem
-                fill[pages[-1]] += more if more < num_tokens else num_tokens
-            if k > 0:
-                got = self._take_pages(k, ps)
-                fill[got[-1]] = new_len - (len(pages) + k - 1) * ps
-                pages.extend(got)
-            self._token += num_tokens
-            seq.length = new_len
-            cap = len(pages) * ps
-            res = (cap if cap < kv_len else kv_len) - new_len
-            self._reserved += res - seq.reserved
-            seq.reserved = res
             return True
         cow = rem != 0 and ref[pages[-1]] > 1
         k = -(-new_len // ps) - len(pages)  # pages_for(new_len) - held
