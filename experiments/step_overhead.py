@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -96,16 +97,19 @@ def main() -> None:
     ap.add_argument("--graphs", default="0,1", help="engine.cuda_graphs settings to time (0, 1 or both)")
     ap.add_argument("--steps", default="", help="only these steps (comma-separated labels; default all)")
     ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
+    ap.add_argument("--graph-max-tokens", type=int, default=512,
+                    help="engine.graph_max_tokens: steps with more prefill tokens run eagerly")
     args = ap.parse_args()
     unknown = set(filter(None, args.steps.split(","))) - set(steps())
     if unknown:
         print(f"step_overhead: error: unknown --steps {sorted(unknown)}; known: {list(steps())}", file=sys.stderr)
         sys.exit(2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     out = dict(device=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, rows=[])
     for name in args.models.split(","):
-        eng = GPUEngine(model_cfg(name), attention="triton", gpu_memory_utilization=0.5)
+        eng = GPUEngine(model_cfg(name), attention="triton", gpu_memory_utilization=0.5,
+                        graph_max_tokens=args.graph_max_tokens)
         cap = eng.kv_capacity_tokens(None)
         eng.bind(PS, cap // PS)
         order = np.random.default_rng(1).permutation(cap // PS).astype(np.int32)
@@ -120,7 +124,7 @@ def main() -> None:
                 t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
                 g, n, top = gpu_ms(eng, batch)
                 row = dict(model=name, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
-                           kernels=n, ratio=round(t / g, 3), tokens=sum(p[1] for p in parts), top_kernels_ms=top)
+                           kernels=n, ratio=round(t / g, 3), graph_max_tokens=args.graph_max_tokens, tokens=sum(p[1] for p in parts), top_kernels_ms=top)
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 if label in args.profile.split(","):
