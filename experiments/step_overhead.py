@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--graphs", default="0,1", help="engine.cuda_graphs settings to time (0, 1 or both)")
     ap.add_argument("--steps", default="", help="only these steps (comma-separated labels; default all)")
     ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
-    ap.add_argument("--graph-max-tokens", type=int, default=512,
+    ap.add_argument("--graph-max-tokens", type=int, default=8192,
                     help="engine.graph_max_tokens: steps with more prefill tokens run eagerly")
     args = ap.parse_args()
     unknown = set(filter(None, args.steps.split(","))) - set(steps())

@@ -50,8 +50,12 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 def token_bucket(tokens: int) -> int:
     """Token count a step with prefill is padded to for its graph: a multiple of 16 up to 256
-    tokens, of 32 above (at most 1/8 of padding past 256)."""
-    return -(-tokens // 16) * 16 if tokens <= 256 else -(-tokens // 32) * 32
+    tokens; above, a multiple of 1/8 of the power of two below it (32 from 256, 64 from 512, ...,
+    512 from 4096), so padding stays under 1/8 with 8 buckets per doubling."""
+    if tokens <= 256:
+        return -(-tokens // 16) * 16
+    step = 1 << ((tokens - 1).bit_length() - 4)
+    return -(-tokens // step) * step
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
@@ -87,7 +91,7 @@ class GPUEngine(TorchEngine):
                  device: str = "cuda", keep_logits: bool = False, cuda_graphs: bool = False,
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
                  profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True,
-                 graph_max_tokens: int = 512):
+                 graph_max_tokens: int = 8192):
         if not torch.cuda.is_available():
             raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
         cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
