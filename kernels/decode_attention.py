@@ -405,21 +405,23 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         if out is None:
             pout, out_key = 0, None
         else:
-            pout, out_key = out.data_ptr(), (out.shape, out.stride(), out.dtype, out.device)
+            pout, out_key = out.data_ptr(), (out.shape, out.stride(), out.dtype, out.get_device())
         if sinks is None:
             psk, sink_key = psl, None
         else:
-            psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.device)
-        pts, qs = page_table.stride(), q.shape
+            psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.get_device())
+        qs, pts, ptsh = q.shape, page_table.stride(), page_table.shape
         try:   # (a stride a wrong-rank tensor lacks: no key, the checks below say what is wrong)
             ok = not (pq | pk | pv | ppt | psl | pout | psk) & 15 and pts[-1] == 1   # (a width-1 table may
-            # have any stride: it takes the checked path, correctly, every call)
-            key = (qs, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
-                   k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, page_table.dtype,
-                   len(pts), page_table.shape[0], page_table.device, seq_lens.dtype, seq_lens.shape, seq_lens.stride(),
-                   seq_lens.device, out_key, sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
-                   _common._pdl_mode, id(DECODE_CONFIG), MIN_SPLIT_TOKENS, NOSPLIT_PROGRAMS_PER_SM,
-                   TARGET_PROGRAMS_PER_SM)
+            # have any stride: it takes the checked path, correctly, every call). Devices as indices (q
+            # is on the GPU: an equal index is the same GPU); seq_lens' stride tuple has one item per
+            # dim, so with its numel it stands for its shape
+            key = (qs, q.stride(), q.dtype, q.get_device(), k_cache.shape, k_cache.stride(), k_cache.dtype,
+                   k_cache.get_device(), v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.get_device(),
+                   page_table.dtype, len(pts), ptsh[0], page_table.get_device(), seq_lens.dtype, seq_lens.numel(),
+                   seq_lens.stride(), seq_lens.get_device(), out_key, sink_key, page_size.__class__, page_size,
+                   sm_scale, not contiguous, _common._pdl_mode, id(DECODE_CONFIG), MIN_SPLIT_TOKENS,
+                   NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         except IndexError:
             ok = False
         entry = _PLANS.get(key) if ok else None
@@ -428,7 +430,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             o = torch.empty_like(q) if out is None else out
             if B == 0:
                 return o
-            call = (max_seq_len, page_table.shape[1] if max_seq_len is None else 0, num_splits, num_splits.__class__,
+            call = (max_seq_len, ptsh[1] if max_seq_len is None else 0, num_splits, num_splits.__class__,
                     window, chunk)
             hit = entry[0].get(call) or _resolve_splits(entry, call, B, k_cache.shape[1], page_size, q.device)
             if hit is not None:

@@ -528,57 +528,59 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         # and request counts (the entry's `calls` resolve them); data pointers go to the C launcher
         # as ints (no data_ptr call and pointer check there); only the pointers the kernels
         # specialize on need 16-byte alignment
-        qs, kcs = q.shape, k_cache.shape
+        qs, kcs, ptsh = q.shape, k_cache.shape, page_table.shape
         pq, pk, pv, ppt, pqsl, psl = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_table.data_ptr(), \
             query_start_loc.data_ptr(), seq_lens.data_ptr()
         new = k_new is not None and v_new is not None
         if new:
             pkn, pvn = k_new.data_ptr(), v_new.data_ptr()
-            new_key = (k_new.stride(), v_new.stride(), k_new.dtype, v_new.dtype, k_new.device, v_new.device)
+            new_key = (k_new.stride(), v_new.stride(), k_new.dtype, v_new.dtype, k_new.get_device(),
+                       v_new.get_device())
         else:
             pkn, pvn, new_key = pk, pv, (k_new is None, v_new is None)
         if out is None:
             pout, out_key = 0, None
         else:
-            pout, out_key = out.data_ptr(), (out.shape == qs, out.stride(), out.dtype, out.device)
+            pout, out_key = out.data_ptr(), (out.shape == qs, out.stride(), out.dtype, out.get_device())
         if sinks is None:
             psk, sink_key = psl, None
         else:
-            psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.device)
+            psk, sink_key = sinks.data_ptr(), (sinks.shape, sinks.stride(), sinks.dtype, sinks.get_device())
         pts, qsls, sls = page_table.stride(), query_start_loc.stride(), seq_lens.stride()
         try:   # (a size or stride a wrong-rank tensor lacks: no key, the checks below say what is wrong)
-            T, B = qs[0], seq_lens.shape[0]
+            T, Hq, D = qs
+            B = seq_lens.numel()   # (with its stride tuple's length, 1 dim, in the key: its length)
             ok = not (pq | pk | pv | pkn | pvn | pout) & 15 and pts[-1] == 1 and qsls[-1] == 1 and sls[-1] == 1
-            # (a one-element array may have any stride: it takes the checked path, correctly)
-            key = (qs[1:], q.stride(), q.dtype, q.device, kcs, k_cache.stride(), k_cache.dtype, k_cache.device,
-                   v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, page_table.dtype, len(pts),
-                   page_table.shape[0] == B, page_table.device, query_start_loc.dtype, len(qsls),
-                   query_start_loc.shape[0] == B + 1, query_start_loc.device, seq_lens.dtype, len(sls),
-                   seq_lens.device, new_key, new and k_new.shape == (T, kcs[1], qs[2]) == v_new.shape, out_key,
-                   sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
+            # (a one-element array may have any stride: it takes the checked path, correctly). Devices
+            # as indices (q is on the GPU: an equal index is the same GPU)
+            key = (Hq, D, q.stride(), q.dtype, q.get_device(), kcs, k_cache.stride(), k_cache.dtype,
+                   k_cache.get_device(), v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.get_device(),
+                   page_table.dtype, len(pts), ptsh[0] == B, page_table.get_device(), query_start_loc.dtype,
+                   len(qsls), query_start_loc.numel() == B + 1, query_start_loc.get_device(), seq_lens.dtype,
+                   len(sls), seq_lens.get_device(), new_key, new and k_new.shape == (T, kcs[1], D) == v_new.shape,
+                   out_key, sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
                    64 if B <= 64 else next_pow2(B), T <= EXTEND_SHORT_TOKENS * B,
                    id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), EXTEND_MIN_SPLIT_TOKENS,
                    EXTEND_MAX_SPLITS, EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
-        except IndexError:
+        except (IndexError, ValueError):
             ok = False
         entry = _PLANS.get(key) if ok else None
         if entry is not None:
             o = torch.empty_like(q) if out is None else out
             if not (T and B):
                 return o
-            call = (T, B, max_seq_len, page_table.shape[1] if max_seq_len is None else 0, prefix_splits,
-                    window, chunk)
-            hit = entry[3].get(call) or _resolve_splits(entry, call, qs[1], qs[2], page_size, q.device)
+            call = (T, B, max_seq_len, ptsh[1] if max_seq_len is None else 0, prefix_splits, window, chunk)
+            hit = entry[3].get(call) or _resolve_splits(entry, call, Hq, D, page_size, q.device)
             if hit is not None:
                 run, merge, head, o_strides, S, split_tokens, ppo, pplse, blocks = hit
                 if out is None:
                     pout = o.data_ptr()
                 if ppo is None:          # one split: the partial buffers are unused, the output stands in
                     ppo = pplse = pout
-                run(qs[1], blocks, S, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk, *head, pts[0],
+                run(Hq, blocks, S, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk, *head, pts[0],
                     *o_strides, page_size, B, window, chunk, split_tokens, S)
                 if merge is not None:
-                    merge(T, qs[1], 1, ppo, pplse, pout, pqsl, B, psk, *o_strides, S)
+                    merge(T, Hq, 1, ppo, pplse, pout, pqsl, B, psk, *o_strides, S)
                 return o
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)

@@ -15,6 +15,7 @@ from ._common import (INDEX_DTYPES, cdiv, check, check_backend, check_tensor, ke
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)
 KV_WRITE_CONFIG = dict(BLOCK_T=4, num_warps=4)
+_BLOCK_T, _NUM_WARPS = KV_WRITE_CONFIG["BLOCK_T"], KV_WRITE_CONFIG["num_warps"]   # (read once: the hit path's key)
 
 
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
@@ -88,21 +89,27 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
     key, ok = None, False
     if config is None and backend == "triton" and k.is_cuda:
         # the hit path: a key of everything the checks and the compiled code depend on but the
-        # token count; data pointers go to the C launcher as ints (no data_ptr call and pointer
+        # token count (each tensor's device as its index: k is on the GPU, so an equal index is
+        # the same GPU); data pointers go to the C launcher as ints (no data_ptr call and pointer
         # check there)
         ks = k.shape
         pk, pv, pkc, pvc, pslot = k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), \
             slot_mapping.data_ptr()
         ok = not (pk | pv | pkc | pvc | pslot) & 15          # all 16-byte aligned (Triton specializes on it)
-        key = (k.dtype, v.dtype, k_cache.dtype, v_cache.dtype, slot_mapping.dtype, ks[1:], v.shape == ks,
-               slot_mapping.shape == ks[:1], k_cache.shape, v_cache.shape, k.stride(), v.stride(), k_cache.stride(),
-               v_cache.stride(), slot_mapping.stride(), k.device, v.device, k_cache.device, v_cache.device,
-               slot_mapping.device, _common._pdl_mode, KV_WRITE_CONFIG["BLOCK_T"], KV_WRITE_CONFIG["num_warps"])
+        try:   # (k not 3-D: no key, the checks below say what is wrong)
+            T, H, D = ks
+            # (slot_mapping's stride tuple has one item for each dim: its numel is its length)
+            key = (H, D, k.stride(), k.dtype, k.get_device(), v.shape == ks, v.stride(), v.dtype, v.get_device(),
+                   k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.get_device(), v_cache.shape,
+                   v_cache.stride(), v_cache.dtype, v_cache.get_device(), slot_mapping.numel() == T,
+                   slot_mapping.stride(), slot_mapping.dtype, slot_mapping.get_device(), _common._pdl_mode,
+                   _BLOCK_T, _NUM_WARPS)
+        except ValueError:
+            ok = False
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
-            T = ks[0]
             if T:
-                hit(cdiv(T, KV_WRITE_CONFIG["BLOCK_T"]), 1, 1, pk, pv, pkc, pvc, pslot, T)
+                hit(-(-T // _BLOCK_T), 1, 1, pk, pv, pkc, pvc, pslot, T)
             return
     check_backend(backend)
     _check(k, v, k_cache, v_cache, slot_mapping)
@@ -119,7 +126,7 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
     kwargs = dict(H=H, D=D, BLOCK_T=BT, BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(D),
                   num_warps=cfg["num_warps"], **pdl_args(k.device))
     kernel = kernel_for(_kv_write_kernel, k.device)[(cdiv(T, BT),)](*args, **kwargs)
-    if ok:
+    if ok and BT == _BLOCK_T and cfg["num_warps"] == _NUM_WARPS:   # (a changed KV_WRITE_CONFIG: no plans)
         plan = make_plan(kernel, _kv_write_kernel, args, kwargs, 6, k.device)
         if plan is not None:
             _PLANS[key] = plan
