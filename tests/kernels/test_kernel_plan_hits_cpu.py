@@ -7,6 +7,8 @@ checks refuse. (tests/kernels/test_kernel_launch_plans.py runs the real plans on
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -237,3 +239,105 @@ def test_wrong_input_refused_after_a_plan_exists():
         with pytest.raises(ValueError, match="page_size"):
             dmod.decode_attention(q, kc, kc, pt, sl, 16.0, num_splits=1)
         assert len(hits) == 5                                 # (the second calls: 2 above, kv_write, page_copy, decode)
+
+
+def test_rope_kv_write_view_cache_follows_the_buffer():
+    """The views rope_kv_write keeps for a qkv tensor passed twice in a row are its current views:
+    every call still launches (bit for bit what the same kernel computes on copies), and another
+    buffer, another tensor over the same memory, or the same tensor with other rows gets views of
+    its own."""
+    Hq, Hkv, D, T = 2, 1, 16, 4
+    g = _gen(5)
+    cs, sn = torch.randn(8, D, dtype=BF, generator=g), torch.randn(8, D, dtype=BF, generator=g)
+    slots = torch.arange(8, dtype=torch.int32)
+    kc, vc = torch.zeros(16, Hkv, D, dtype=BF), torch.zeros(16, Hkv, D, dtype=BF)
+
+    def fresh():
+        return torch.randn(T, (Hq + 2 * Hkv) * D, dtype=BF, generator=g)
+
+    def call(qkv):
+        """one launch, checked against the same kernel's on copies (num_warps=2: another plan,
+        with its own views); returns the views"""
+        n, want, kr, vr = qkv.shape[0], qkv.clone(), kc.clone(), vc.clone()
+        ropemod.rope_kv_write(want, cs[:n], sn[:n], kr, vr, slots[:n], Hq, Hkv, num_warps=2)
+        before = len(hits)
+        views = ropemod.rope_kv_write(qkv, cs[:n], sn[:n], kc, vc, slots[:n], Hq, Hkv)
+        assert len(hits) == before + 1                                   # launched through the plan
+        assert torch.equal(qkv, want) and torch.equal(kc, kr) and torch.equal(vc, vr)
+        for view, ref in zip(views, ropemod.split_qkv(qkv, Hq, Hkv)):
+            assert (view.shape, view.stride(), view.storage_offset(), view.data_ptr()) == \
+                (ref.shape, ref.stride(), ref.storage_offset(), ref.data_ptr())
+            assert view.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+        return views
+
+    with replay_plans() as hits:
+        ropemod.rope_kv_write(fresh(), cs[:T], sn[:T], kc, vc, slots[:T], Hq, Hkv)   # makes the plan
+        a = fresh()
+        first, second, third = call(a), call(a), call(a)
+        assert first[0] is not second[0] and all(x is y for x, y in zip(third, second))   # kept from the 2nd call
+        alias = a.detach()                                  # another tensor over the same memory and rows
+        assert all(view._base is alias for view in call(alias) + call(alias))
+        b = fresh()                                                       # same shape, another buffer
+        other = call(b)
+        assert other[0] is not third[0] and other[0].data_ptr() == b.data_ptr()
+        call(b)
+        kept = call(b)
+        b.resize_(T - 1, b.shape[1])                                      # same tensor, same pointer, fewer rows
+        fewer = call(b)
+        assert fewer[0] is not kept[0] and fewer[0].shape[0] == T - 1
+
+
+@contextlib.contextmanager
+def noop_plans():
+    """Launch plans that launch nothing (a launcher's hit path runs, no kernel), CPU tensors
+    reporting ``is_cuda``: for what a launcher keeps alive, which replay_plans' registry of every
+    tensor it saw would hide."""
+    def make_plan(kernel, jitfn, args, kwargs, front, device):
+        values = tuple(args) + tuple(kwargs[n] for n in jitfn.arg_names[len(args):])
+        return _common.Plan(lambda *a: None, (None,) * 9, 0, values[front:])
+
+    saved, stream = [(m, m.make_plan, m._PLANS) for m in MODS], _common._raw_stream
+    assert "is_cuda" not in vars(torch.Tensor)
+    torch.Tensor.is_cuda, _common._raw_stream = property(lambda self: True), lambda index: 0
+    for m in MODS:
+        m.make_plan, m._PLANS = make_plan, {}
+    try:
+        yield
+    finally:
+        del torch.Tensor.is_cuda
+        _common._raw_stream = stream
+        for m, mp, plans in saved:
+            m.make_plan, m._PLANS = mp, plans
+
+
+def test_rope_kv_write_keeps_no_buffer_alive_it_was_passed_once():
+    """The eager model passes a fresh projection output per layer: rope_kv_write must not keep one
+    alive after its call; a buffer passed twice (whose views it keeps) only until a call passes
+    another."""
+    Hq, Hkv, D, T = 2, 1, 16, 4
+    cs, slots = torch.randn(T, D, dtype=BF), torch.arange(T, dtype=torch.int32)
+    kc, vc = torch.zeros(16, Hkv, D, dtype=BF), torch.zeros(16, Hkv, D, dtype=BF)
+
+    def call(qkv):
+        return ropemod.rope_kv_write(qkv, cs, cs, kc, vc, slots, Hq, Hkv)
+
+    with noop_plans():
+        for _ in range(2):
+            call(torch.randn(T, (Hq + 2 * Hkv) * D, dtype=BF))      # a plan, then its hit path
+        assert len(ropemod._PLANS) == 1
+        once = torch.randn(T, (Hq + 2 * Hkv) * D, dtype=BF)
+        alive = weakref.ref(once)
+        views = call(once)
+        del once, views
+        gc.collect()
+        assert alive() is None
+        twice = torch.randn(T, (Hq + 2 * Hkv) * D, dtype=BF)
+        alive = weakref.ref(twice)
+        first, second = call(twice), call(twice)
+        assert all(x is y for x, y in zip(call(twice), second)) and first[0] is not second[0]   # kept
+        del twice, first, second
+        gc.collect()
+        assert alive() is not None                                    # (its views are kept)
+        call(torch.randn(T, (Hq + 2 * Hkv) * D, dtype=BF))           # another buffer: let go
+        gc.collect()
+        assert alive() is None
