@@ -21,7 +21,8 @@ returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the po
 stack and each request's private pages are int64 arrays, so an eviction, an insert or a prefill
 chunk moves its pages by buffer copies, not one Python int each. `decode_steps` makes whole quiet
 decode steps at page_size 1 (each decode takes a page) in bulk: a run of steps hands every request
-its column of pages in one numpy take, the same pages, in the same order, as the per-token grows.
+its column of pages by strided array slices, the same pages, in the same order, as the per-token
+grows.
 
 A request that waits for memory is matched once: when it is refused, its matched path (nodes
 and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
@@ -741,7 +742,7 @@ class RadixStrategy(Strategy):
         Python calls."""
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
-        seqs = [self._seqs[rid] for rid in rids]
+        seqs = list(map(self._seqs.__getitem__, rids))
         d, done, free, host = len(seqs), 0, self._free, self._host
         if not d:
             for col, v in zip(cols, self.slot_states(None)):
@@ -800,10 +801,14 @@ class RadixStrategy(Strategy):
     def _hand_out(self, seqs: list[_Seq], m: int) -> None:
         """m decode steps of `seqs` (each decoding, page_size 1) whose pages the free stack and
         fresh ids hold: step by step, each in order pops a page (the stack's top, then the next
-        fresh id), as `grow(rid, 1)` would. Mutates."""
+        fresh id), as `grow(rid, 1)` would. Mutates.
+
+        The m * len(seqs) pages in pop order are one array slice (the stack's top, reversed) and
+        a range of fresh ids; request i's pages are every len(seqs)-th from i, a strided array
+        slice. All C loops: numpy's fixed cost per call was most of a run this small."""
         d, free = len(seqs), self._free
         n = m * d
-        if m == 1 and d <= 24:  # a few pops: inline (numpy costs more below ~30)
+        if m == 1 and d <= 8:  # a few pops: inline
             for s in seqs:
                 if free:
                     s.private.append(free.pop())
@@ -812,25 +817,24 @@ class RadixStrategy(Strategy):
                     s.private.append(self.num_pages - self._fresh - 1)
                 s.length += 1
         else:
-            pages, stack = np.empty(n, dtype=np.int64), len(free)
+            stack = len(free)
             r = min(n, stack)
             if r:
-                top = np.frombuffer(free, dtype=np.int64)
-                pages[:r] = top[stack - 1: stack - r - 1 if stack > r else None: -1]
-                del top  # (the view holds the stack's buffer: it cannot shrink meanwhile)
+                pages = free[stack - 1: stack - r - 1: -1] if stack > r else free[::-1]
                 del free[stack - r:]
+            else:
+                pages = _page_array()
             if r < n:
                 first = self.num_pages - self._fresh
-                pages[r:] = np.arange(first, first + n - r, dtype=np.int64)
+                pages.extend(range(first, first + n - r))
                 self._fresh -= n - r
             if m == 1:
-                for s, pid in zip(seqs, pages.tolist()):
+                for s, pid in zip(seqs, pages):
                     s.private.append(pid)
                     s.length += 1
             else:
-                # row i: request i's pages, step by step (as bytes: frombytes reads a row's buffer)
-                for s, col in zip(seqs, pages.reshape(m, d).T.copy().view(np.uint8)):
-                    s.private.frombytes(col)
+                for i, s in enumerate(seqs):  # request i's pages, step by step
+                    s.private += pages[i::d]
                     s.length += m
         self._private_pages += n
         self._private_token += n
