@@ -12,17 +12,17 @@ pages; page_size 1 is SGLang's default.
 
 Costs: a match walks one node per edge and compares ids with numpy (O(prefix length)); an
 insert walks on from the request's deepest node, over the new positions only (O(new ids), so a
-prompt costs O(its length) whatever the chunk size; its path's page ids grow in a buffer that
-doubles); lock/unlock walk to the root (O(depth)) once per admission, fork and release, and an
+prompt costs O(its length) whatever the chunk size; its path's page ids grow in place, amortized
+O(added)); lock/unlock walk to the root (O(depth)) once per admission, fork and release, and an
 insert locks only the nodes it adds to the request's path; eviction pops a heap of (last access,
 node) with lazy deletion, O(log n) per evicted leaf; a private page comes from a stack of
 returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1)
 (a decode's page is taken inline by `grow`, with no further call). Page ids move in bulk: the
-stack and each request's private pages are int64 arrays, so an eviction, an insert or a prefill
-chunk moves its pages by buffer copies, not one Python int each. `decode_steps` makes whole quiet
-decode steps at page_size 1 (each decode takes a page) in bulk: a run of steps hands every request
-its column of pages by strided array slices, the same pages, in the same order, as the per-token
-grows.
+free stack, each node's pages and each request's path and private pages are int64 arrays, so an
+eviction, an insert or a prefill chunk moves its pages by buffer copies, not one Python int
+each. `decode_steps` makes whole quiet decode steps at page_size 1 (each decode takes a page) in
+bulk: a run of steps hands every request its column of pages by strided array slices, the same
+pages, in the same order, as the per-token grows.
 
 A request that waits for memory is matched once: when it is refused, its matched path (nodes
 and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
@@ -94,13 +94,6 @@ def _host_ids(pages: np.ndarray) -> array:
     return out
 
 
-def _gpu_ids(pages: np.ndarray) -> array:
-    """GPU page ids as a free-stack array("q") (iterating it gives Python ints, as a list would)."""
-    out = _page_array()
-    out.frombytes(pages.astype(np.int64).tobytes())
-    return out
-
-
 _new_states = tuple.__new__  # SlotStates from one tuple of its fields in order, without its keyword __new__
 
 
@@ -111,9 +104,9 @@ def _unlocked(node: _Node) -> bool:
 class _Node:
     __slots__ = ("key", "pages", "children", "parent", "lock", "access")
 
-    def __init__(self, key: np.ndarray, pages: np.ndarray, parent: _Node | None, access: int) -> None:
+    def __init__(self, key: np.ndarray, pages: array | None, parent: _Node | None, access: int) -> None:
         self.key = key  # [n] token ids, n a multiple of page_size
-        self.pages = pages  # [n // page_size] int32 page ids
+        self.pages = pages  # [n // page_size] page ids, an int64 array (None: on the host tier)
         self.children: dict[object, _Node] = {}
         self.parent = parent  # None for the root and for nodes removed from the tree
         self.lock = 0  # running requests whose prefix path passes through this node
@@ -126,12 +119,11 @@ class _Seq:
     kv_len: int
     num_prompt: int
     node: _Node  # deepest tree node of its prefix (locked)
-    path_pages: np.ndarray  # [tree_len // page_size] pages of the tree path (a view of path_buf)
+    path_pages: array  # [tree_len // page_size] pages of the tree path (its own: grows in place)
     tree_len: int  # leading positions stored in the tree
     private: array = field(default_factory=_page_array)  # pages for positions >= tree_len
     length: int = 0
     reserved: int = 0
-    path_buf: np.ndarray | None = None  # owned buffer behind path_pages (None: shared, copy to grow)
     cache_len: int = 1 << 62  # leading positions it may insert into the tree (admission options)
 
 
@@ -178,7 +170,7 @@ class RadixStrategy(Strategy):
         self.cache_outputs, self.min_cache_len = bool(cache_outputs), int(min_cache_len)
         self._admission = not self.cache_outputs or self.min_cache_len > 0
         self._clock = itertools.count(1)
-        self.root = _Node(_EMPTY, _EMPTY, None, 0)
+        self.root = _Node(_EMPTY, _page_array(), None, 0)
         self._free = _page_array()  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free)
         self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
@@ -323,12 +315,16 @@ class RadixStrategy(Strategy):
         """Split `node` so that a match ending `inside` it ends exactly at a node."""
         return self._split(node, inside) if node is not self.root and inside < len(node.key) else node
 
-    def _path_pages(self, node: _Node) -> np.ndarray:
+    def _path_pages(self, node: _Node) -> array:
+        """The page ids of the path from the root to `node`, a new array. Pure."""
         parts = []
         while node is not self.root:
             parts.append(node.pages)
             node = node.parent
-        return np.concatenate(parts[::-1]) if parts else _EMPTY
+        out = _page_array()
+        for p in reversed(parts):
+            out += p
+        return out
 
     def _lock(self, node: _Node) -> None:
         now = next(self._clock)
@@ -379,8 +375,7 @@ class RadixStrategy(Strategy):
             child = node.children.get(key)
             m = 0 if child is None else self._common(child.key, ids[pos:n])
             if m == 0:  # new leaf with the rest: adopt our pages
-                leaf = _Node(ids[pos:n].copy(), np.asarray(private[pos // ps - own_from: n // ps - own_from],
-                                                           dtype=np.int32), node, now)
+                leaf = _Node(ids[pos:n].copy(), private[pos // ps - own_from: n // ps - own_from], node, now)
                 node.children[key] = leaf
                 self._evictable += n - pos
                 added.append(leaf)
@@ -405,23 +400,11 @@ class RadixStrategy(Strategy):
                 self._leaves.remove(nd)
             nd.lock += 1
             nd.access = now
-        self._grow_path(seq, [nd.pages for nd in added])
+        path = seq.path_pages  # (an array grows in place, amortized O(added))
+        for nd in added:
+            path += nd.pages
         seq.node, seq.tree_len = node, n
         del private[:moved]
-
-    def _grow_path(self, seq: _Seq, parts: list[np.ndarray]) -> None:
-        """Append page ids to `seq.path_pages`, in a buffer that doubles (amortized O(added))."""
-        k = len(seq.path_pages)
-        end = k + (len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts))
-        buf = seq.path_buf
-        if buf is None or end > len(buf):
-            buf = np.empty(max(2 * end, 16), dtype=np.int32)
-            buf[:k] = seq.path_pages
-            seq.path_buf = buf
-        for p in parts:
-            buf[k:k + len(p)] = p
-            k += len(p)
-        seq.path_pages = buf[:end]
 
     # ---- memory -----------------------------------------------------------------------------
     def _take_pages(self, k: int) -> list[PageId] | array:
@@ -506,7 +489,7 @@ class RadixStrategy(Strategy):
         host = self._host
         host.policy.remove(node)
         host.give_many(_host_ids(self._host_pages.pop(node)))
-        node.pages = np.asarray(pages, dtype=np.int32)
+        node.pages = pages
         self._evictable += len(node.key)
 
     def _load_path(self, node: _Node) -> None:
@@ -538,7 +521,8 @@ class RadixStrategy(Strategy):
             at += len(hp)
             host.h2d_many(hp, got)
             host.give_many(hp)
-            nd.pages = np.asarray(got, dtype=np.int32)
+            nd.pages = _page_array()
+            nd.pages.extend(got)
             self._evictable += len(nd.key)
 
     def _host_room(self, k: int) -> bool:
@@ -590,7 +574,7 @@ class RadixStrategy(Strategy):
         freed, leaves, host = 0, self._leaves, self._host
         while freed < num_slots and leaves:
             node = leaves.victim()
-            parent, pages = node.parent, _gpu_ids(node.pages)
+            parent, pages = node.parent, node.pages
             self._free.extend(pages)
             self._evictable -= len(node.key)
             freed += len(node.key)
@@ -625,7 +609,7 @@ class RadixStrategy(Strategy):
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
         seq = self._seqs[rid]
-        return np.concatenate([seq.path_pages, np.asarray(seq.private, dtype=np.int32)])
+        return np.frombuffer(seq.path_pages + seq.private, dtype=np.int64).astype(np.int32)
 
     def cached_prefix_len(self, tokens, num_prompt) -> int:
         return self._match(tokens[:(num_prompt - 1) // self.page_size * self.page_size])[2]  # a walk: pure
@@ -864,7 +848,7 @@ class RadixStrategy(Strategy):
             self._insert(src, done)
         self._lock(src.node)
         seq = _Seq(tokens=child_tokens, kv_len=child_kv_len, num_prompt=src.num_prompt,
-                   node=src.node, path_pages=src.path_pages, tree_len=done, length=done)  # path_buf stays src's
+                   node=src.node, path_pages=src.path_pages[:], tree_len=done, length=done)
         self._seqs[child] = seq
         if tail:  # copy-on-write of the partly filled last page, at once
             self._extend(seq, src.length)
@@ -879,7 +863,7 @@ class RadixStrategy(Strategy):
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
             parent = node.parent
             self._detach(node)
-            self._free.frombytes(node.pages.astype(np.int64).tobytes())
+            self._free += node.pages
             self._evictable -= len(node.key)
             freed += len(node.key)
             if parent is not self.root and not parent.children and parent.lock == 0:
