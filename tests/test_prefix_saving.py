@@ -41,3 +41,18 @@ def test_only_chunks_over_a_prefix_are_compared_with_plain_prefills_of_the_same_
 def test_a_timeline_without_prefill_pairs_counts_every_prefill_step():
     tl = pd.DataFrame(dict(prefill_tokens=[0, 5, 600]))
     assert prefix_saving.over_prefix(tl).tolist() == [False, True, True]
+
+
+def test_the_marginal_cost_is_the_slope_of_prefill_cost_over_tokens_not_the_mean():
+    # steps cost 1 ms (decode, batch 1) + 0.5 ms fixed + 3 us per prefill token
+    def tl(ns):
+        rows = [dict(prefill_tokens=0, dt_s=0.001, running=1)] * 3
+        return pd.DataFrame(rows + [dict(prefill_tokens=n, dt_s=0.0015 + 3e-6 * n, running=1) for n in ns])
+    runs = {"a": ({}, tl([1000, 1000]), None), "b": ({}, tl([40, 100, 400]), None)}
+    fixed, slope = prefix_saving.marginal_cost(runs)
+    assert abs(slope - 3e-6) < 1e-12 and abs(fixed - 5e-4) < 1e-9
+    # the median cost per token of the 1,000-token prefills also holds the fixed part: 3.5 us
+    p = prefix_saving.prefill_cost(runs["a"][1])
+    assert abs((p.cost_s / p.prefill_tokens).median() - 3.5e-6) < 1e-12
+    # one prefill size only: no line
+    assert all(x != x for x in prefix_saving.marginal_cost({"a": runs["a"]}))
