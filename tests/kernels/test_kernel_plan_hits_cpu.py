@@ -341,3 +341,34 @@ def test_rope_kv_write_keeps_no_buffer_alive_it_was_passed_once():
         call(torch.randn(T, (Hq + 2 * Hkv) * D, dtype=BF))           # another buffer: let go
         gc.collect()
         assert alive() is None
+
+
+def _elsewhere(t: torch.Tensor) -> torch.Tensor:
+    """t, reporting another GPU's index from get_device() (what the hit paths key a device on)."""
+    t = t.detach()
+    t.get_device = lambda: 1
+    return t
+
+
+def test_an_input_on_another_device_refused_after_a_plan_exists():
+    """The hit paths key each tensor's device by its index: a plan made with every input on one
+    device is not taken by a call with one of them elsewhere, which the checks then refuse."""
+    kc = torch.zeros(32, 1, 16, dtype=BF)
+    slots = torch.arange(4, dtype=torch.int32)
+    k, qkv, cs = torch.randn(4, 1, 16, dtype=BF), torch.randn(4, 4 * 16, dtype=BF), torch.randn(4, 16, dtype=BF)
+    q, pt, sl = torch.randn(2, 2, 16, dtype=BF), torch.zeros(2, 2, dtype=torch.int32), torch.tensor([3, 4])
+    qe, qsl = torch.randn(5, 2, 16, dtype=BF), torch.tensor([0, 2, 5], dtype=torch.int32)
+    calls = {
+        "kv_write": lambda kc_: kmod.kv_write(k, k, kc_, kc.clone(), slots),
+        "rope": lambda kc_: ropemod.rope_kv_write(qkv, cs, cs, kc_, kc.clone(), slots, 2, 1),
+        "decode": lambda kc_: dmod.decode_attention(q, kc_, kc, pt, sl, 16, num_splits=1),
+        "extend": lambda kc_: emod.extend_attention(qe, kc_, kc, pt, qsl, sl + 3, 16, prefix_splits=1),
+    }
+    with replay_plans() as hits:
+        for name, call in calls.items():
+            call(kc)
+            n = len(hits)
+            call(kc)
+            assert len(hits) > n, name                               # the plan is taken
+            with pytest.raises(ValueError, match="k_cache is on"):
+                call(_elsewhere(kc))
