@@ -415,13 +415,15 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             ok = not (pq | pk | pv | ppt | psl | pout | psk) & 15 and pts[-1] == 1   # (a width-1 table may
             # have any stride: it takes the checked path, correctly, every call). Devices as indices (q
             # is on the GPU: an equal index is the same GPU); seq_lens' stride tuple has one item per
-            # dim, so with its numel it stands for its shape
-            key = (qs, q.stride(), q.dtype, q.get_device(), k_cache.shape, k_cache.stride(), k_cache.dtype,
-                   k_cache.get_device(), v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.get_device(),
-                   page_table.dtype, len(pts), ptsh[0], page_table.get_device(), seq_lens.dtype, seq_lens.numel(),
-                   seq_lens.stride(), seq_lens.get_device(), out_key, sink_key, page_size.__class__, page_size,
-                   sm_scale, not contiguous, _common._pdl_mode, id(DECODE_CONFIG), MIN_SPLIT_TOKENS,
-                   NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
+            # dim, so with its numel it stands for its shape; the caches (whole shapes in the key) are
+            # keyed on their strides only when not contiguous (a contiguous one's are the shape's, but
+            # on dims of size 1, whose stride reads nothing)
+            key = (qs, q.stride(), q.dtype, q.get_device(), k_cache.shape, k_cache.is_contiguous() or k_cache.stride(),
+                   k_cache.dtype, k_cache.get_device(), v_cache.shape, v_cache.is_contiguous() or v_cache.stride(),
+                   v_cache.dtype, v_cache.get_device(), page_table.dtype, len(pts), ptsh[0], page_table.get_device(),
+                   seq_lens.dtype, seq_lens.numel(), seq_lens.stride(), seq_lens.get_device(), out_key, sink_key,
+                   page_size.__class__, page_size, sm_scale, not contiguous, _common._pdl_mode, id(DECODE_CONFIG),
+                   MIN_SPLIT_TOKENS, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         except IndexError:
             ok = False
         entry = _PLANS.get(key) if ok else None

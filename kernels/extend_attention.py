@@ -552,14 +552,16 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
             B = seq_lens.numel()   # (with its stride tuple's length, 1 dim, in the key: its length)
             ok = not (pq | pk | pv | pkn | pvn | pout) & 15 and pts[-1] == 1 and qsls[-1] == 1 and sls[-1] == 1
             # (a one-element array may have any stride: it takes the checked path, correctly). Devices
-            # as indices (q is on the GPU: an equal index is the same GPU)
-            key = (Hq, D, q.stride(), q.dtype, q.get_device(), kcs, k_cache.stride(), k_cache.dtype,
-                   k_cache.get_device(), v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.get_device(),
-                   page_table.dtype, len(pts), ptsh[0] == B, page_table.get_device(), query_start_loc.dtype,
-                   len(qsls), query_start_loc.numel() == B + 1, query_start_loc.get_device(), seq_lens.dtype,
-                   len(sls), seq_lens.get_device(), new_key, new and k_new.shape == (T, kcs[1], D) == v_new.shape,
-                   out_key, sink_key, page_size.__class__, page_size, sm_scale, not contiguous,
-                   64 if B <= 64 else next_pow2(B), T <= EXTEND_SHORT_TOKENS * B,
+            # as indices (q is on the GPU: an equal index is the same GPU); the caches (whole shapes in
+            # the key) keyed on their strides only when not contiguous (a contiguous one's are the
+            # shape's, but on dims of size 1, whose stride reads nothing)
+            key = (Hq, D, q.stride(), q.dtype, q.get_device(), kcs, k_cache.is_contiguous() or k_cache.stride(),
+                   k_cache.dtype, k_cache.get_device(), v_cache.shape, v_cache.is_contiguous() or v_cache.stride(),
+                   v_cache.dtype, v_cache.get_device(), page_table.dtype, len(pts), ptsh[0] == B,
+                   page_table.get_device(), query_start_loc.dtype, len(qsls), query_start_loc.numel() == B + 1,
+                   query_start_loc.get_device(), seq_lens.dtype, len(sls), seq_lens.get_device(), new_key,
+                   new and k_new.shape == (T, kcs[1], D) == v_new.shape, out_key, sink_key, page_size.__class__,
+                   page_size, sm_scale, not contiguous, 64 if B <= 64 else next_pow2(B), T <= EXTEND_SHORT_TOKENS * B,
                    id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), EXTEND_MIN_SPLIT_TOKENS,
                    EXTEND_MAX_SPLITS, EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         except (IndexError, ValueError):

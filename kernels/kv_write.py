@@ -98,12 +98,14 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
         ok = not (pk | pv | pkc | pvc | pslot) & 15          # all 16-byte aligned (Triton specializes on it)
         try:   # (k not 3-D: no key, the checks below say what is wrong)
             T, H, D = ks
-            # (slot_mapping's stride tuple has one item for each dim: its numel is its length)
+            # (slot_mapping's stride tuple has one item for each dim: its numel is its length; a
+            # cache whose whole shape is in the key is keyed on its strides only when not contiguous:
+            # a contiguous one's are the shape's, but on dims of size 1, whose stride reads nothing)
             key = (H, D, k.stride(), k.dtype, k.get_device(), v.shape == ks, v.stride(), v.dtype, v.get_device(),
-                   k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.get_device(), v_cache.shape,
-                   v_cache.stride(), v_cache.dtype, v_cache.get_device(), slot_mapping.numel() == T,
-                   slot_mapping.stride(), slot_mapping.dtype, slot_mapping.get_device(), _common._pdl_mode,
-                   _BLOCK_T, _NUM_WARPS)
+                   k_cache.shape, k_cache.is_contiguous() or k_cache.stride(), k_cache.dtype, k_cache.get_device(),
+                   v_cache.shape, v_cache.is_contiguous() or v_cache.stride(), v_cache.dtype, v_cache.get_device(),
+                   slot_mapping.numel() == T, slot_mapping.stride(), slot_mapping.dtype, slot_mapping.get_device(),
+                   _common._pdl_mode, _BLOCK_T, _NUM_WARPS)
         except ValueError:
             ok = False
         hit = _PLANS.get(key) if ok else None

@@ -119,13 +119,15 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
             T, W = qs
             Tc, C = cos.shape
             Ts, Sn = sin.shape
-            # (slot_mapping's stride tuple has one item per dim: with one, its numel is its length)
+            # (slot_mapping's stride tuple has one item per dim: with one, its numel is its length; the
+            # caches, whole shapes in the key, are keyed on their strides only when not contiguous: a
+            # contiguous one's are the shape's, but on dims of size 1, whose stride reads nothing)
             key = (W, qkv.stride(), qkv.dtype, qkv.get_device(), C, cos.stride(), cos.dtype, cos.get_device(), Sn,
                    sin.stride(), sin.dtype, sin.get_device(), T == Tc == Ts == slot_mapping.numel(), k_cache.shape,
-                   k_cache.stride(), k_cache.dtype, k_cache.get_device(), v_cache.shape, v_cache.stride(),
-                   v_cache.dtype, v_cache.get_device(), slot_mapping.stride(), slot_mapping.dtype,
-                   slot_mapping.get_device(), num_heads.__class__, num_heads, num_kv_heads.__class__, num_kv_heads,
-                   num_warps, _common._pdl_mode)
+                   k_cache.is_contiguous() or k_cache.stride(), k_cache.dtype, k_cache.get_device(), v_cache.shape,
+                   v_cache.is_contiguous() or v_cache.stride(), v_cache.dtype, v_cache.get_device(),
+                   slot_mapping.stride(), slot_mapping.dtype, slot_mapping.get_device(), num_heads.__class__,
+                   num_heads, num_kv_heads.__class__, num_kv_heads, num_warps, _common._pdl_mode)
         except ValueError:
             ok = False
         hit = _PLANS.get(key) if ok else None

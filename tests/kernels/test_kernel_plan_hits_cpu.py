@@ -372,3 +372,33 @@ def test_an_input_on_another_device_refused_after_a_plan_exists():
             assert len(hits) > n, name                               # the plan is taken
             with pytest.raises(ValueError, match="k_cache is on"):
                 call(_elsewhere(kc))
+
+
+def test_contiguous_caches_share_a_plan_whatever_their_size_one_strides():
+    """A contiguous cache is keyed as contiguous, not on its strides: torch calls [S, 1, D] with
+    any head stride contiguous. A plan made with an odd head stride and taken by a cache of the
+    usual strides (or the other way round) must compute what the checked path computes."""
+    g = _gen(9)
+    k, slots = torch.randn(3, 1, 16, dtype=BF, generator=g), torch.tensor([5, 0, 17], dtype=torch.int32)
+    q, pt, sl = torch.randn(2, 2, 16, dtype=BF, generator=g), torch.tensor([[0, 1], [1, 0]], dtype=torch.int32), \
+        torch.tensor([20, 9], dtype=torch.int32)
+    data = torch.randn(32 * 16, dtype=BF, generator=g)
+
+    def cache(head_stride):
+        c = data.clone().as_strided((32, 1, 16), (16, head_stride, 1))
+        assert c.is_contiguous()
+        return c
+
+    def run(head_stride):
+        kc, vc = cache(head_stride), cache(head_stride)
+        kmod.kv_write(k, k, kc, vc, slots)
+        return kc, vc, dmod.decode_attention(q, kc, vc, pt, sl, 16, num_splits=1)
+
+    for first, then in ((7, 16), (16, 7)):
+        with replay_plans() as hits:
+            want = run(then)                                  # checked
+        with replay_plans() as hits:
+            run(first)                                        # makes the plans
+            got = run(then)
+            assert len(hits) == 2                             # both took them
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
