@@ -13,8 +13,9 @@ before it is used.
 Costs: allocate and free are O(1) (a stack of returned pages, then the next fresh id: pages are
 handed out 0, 1, 2, … as a full stack would; a grow takes its k new pages in one bulk, a slice
 of the stack, a range of fresh ids and one eviction loop, in the order k single takes give); a
-cached page is revived or evicted in O(1) (an OrderedDict as LRU: a plain dict's first item is
-O(deleted entries) to find); a prefix lookup is
+cached page is revived or evicted in O(1) (LRU: `PageLRU`, a list in LRU order with lazy
+deletion, so a prefill's victims are one slice and a release's cached pages one extend; the
+other policies: their own structures); a prefix lookup is
 one dict probe per page plus a token comparison of the hit (a hash is never trusted alone). A
 prompt's page hashes are computed lazily, up to its first miss; a full page is hashed once, in
 bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefix caching off,
@@ -63,14 +64,13 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
-from itertools import islice
 
 import numpy as np
 
 from kvbench.strategies.base import (Admission, HostStates, InvariantError, PageId, RequestId, SlotStates,
                                      Strategy)
 from kvbench.strategies.eviction import EvictionPolicy, make_policy
-from kvbench.strategies.eviction.lru import LRU
+from kvbench.strategies.eviction.lru import LRU, PageLRU
 from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
@@ -172,9 +172,11 @@ class PagedStrategy(Strategy):
         self._table: dict[int, PageId] = {}  # chained hash → page holding those ids
         # cached pages (ref 0, hashed), in the eviction policy's order (content: the page hash)
         self._lru: EvictionPolicy = make_policy(eviction)
+        if type(self._lru) is LRU and not len(self._lru) and not isinstance(eviction, EvictionPolicy):
+            self._lru = PageLRU()  # the same order, taken and added a slice at a time
         self._lru.bind(self.num_pages)
         self.eviction = self._lru.name
-        self._plain_lru = type(self._lru) is LRU and self._host is None  # evictions: no policy or host frames
+        self._plain_lru = type(self._lru) is PageLRU and self._host is None  # evictions: no policy or host frames
         self._tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
@@ -216,7 +218,13 @@ class PagedStrategy(Strategy):
                 if pid == len(ref):
                     self._grow_lists()
             elif self._plain_lru and self._hit_memo is None:  # _evict_pages(1), inlined
-                pid = self._lru.popitem(False)[0]
+                lru = self._lru
+                if lru.dead:
+                    pid = lru.take(1)[0]
+                else:  # PageLRU.take(1), inlined
+                    pid = lru.q[lru.head]
+                    lru.head += 1
+                    lru.n -= 1
                 hashes = self._hash
                 del self._table[hashes[pid]]
                 self._stored_ids[pid] = hashes[pid] = None
@@ -247,9 +255,8 @@ class PagedStrategy(Strategy):
                 ref[pid] = 1
                 fill[pid] = fill_to
             lru, table, hashes, stored = self._lru, self._table, self._hash, self._stored_ids
-            victims = list(islice(lru, e))  # the first e keys: the pages e popitem(last=False) give
+            victims = lru.take(e)  # the first e keys: the pages e victim() calls give
             for pid in victims:
-                del lru[pid]
                 del table[hashes[pid]]
                 stored[pid] = hashes[pid] = None
                 ref[pid] = 1
@@ -292,6 +299,21 @@ class PagedStrategy(Strategy):
         ref, fill, hashes, lru, free, memo = self._ref, self._fill, self._hash, self._lru, self._free, self._hit_memo
         index = memo.index if memo is not None else None
         token = 0
+        if type(lru) is PageLRU and index is None:  # the pages that turn cached join the LRU in one extend
+            cached = []
+            for pid in pids:
+                r = ref[pid] - 1
+                ref[pid] = r
+                if r:
+                    continue
+                token += fill[pid]
+                if hashes[pid] is not None:
+                    cached.append(pid)
+                else:
+                    free.append(pid)
+            lru.extend(cached)
+            self._token -= token
+            return
         for pid in pids:
             r = ref[pid] - 1
             ref[pid] = r
@@ -341,11 +363,10 @@ class PagedStrategy(Strategy):
         """`_evict_one` k times, in one loop (the policy's victims, in its order). (`_take_pages`
         inlines it for LRU with no host tier and no waiting match.)"""
         lru, table, hashes, stored, memo = self._lru, self._table, self._hash, self._stored_ids, self._hit_memo
-        pop = lru.popitem if type(lru) is LRU else None  # LRU.victim without its Python frame
         host = self._host
         out, demoted = [], []
         for _ in range(k):
-            pid = pop(False)[0] if pop is not None else lru.victim()
+            pid = lru.victim()
             del table[hashes[pid]]
             if host is not None:
                 demoted.append((pid, hashes[pid], stored[pid]))
@@ -549,8 +570,8 @@ class PagedStrategy(Strategy):
             self._unref(pid)
             if i >= nh or self._ref[pid] or self._hash[pid] is not None:
                 continue  # not full, still held by a fork, or cached itself
-            orig = table.get(seq.hashes[i])
-            if orig in lru and stored[orig] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
+            orig = table.get(seq.hashes[i])  # (cached: evictable, in the policy)
+            if orig is not None and not self._ref[orig] and stored[orig] == seq.tokens[i * ps:(i + 1) * ps].tobytes():
                 lru.touch(orig)
 
     # ---- contract ---------------------------------------------------------------------------

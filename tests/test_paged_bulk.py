@@ -74,3 +74,38 @@ def test_bulk_eviction_takes_the_lru_front_in_order():
     assert got[n:] == order[:5]  # least recently used first
     assert list(s._lru) == order[5:]
     assert all(s._hash[p] is None and s._stored_ids[p] is None and s._ref[p] == 1 for p in got)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_page_lru_keeps_the_ordered_dict_order(seed):
+    """PageLRU (a list with lazy deletion) gives the victims, order and size the OrderedDict LRU
+    gives, under inserts, bulk extends, removes, touches, single and bulk takes (paged's use:
+    only evictable keys are removed or touched, only others inserted)."""
+    from kvbench.strategies.eviction.lru import LRU, PageLRU
+
+    rng = np.random.default_rng(seed)
+    ref, fast, out = LRU(), PageLRU(), set(range(40))  # out: keys not evictable
+    fast.cut_at = 8  # (cut the list's dead front often)
+    for _ in range(3000):
+        op = rng.integers(6)
+        if op <= 1 and out:  # insert one, or extend by several (paged's release)
+            keys = [int(k) for k in rng.permutation(sorted(out))[:1 if op == 0 else rng.integers(1, 6)]]
+            for k in keys:
+                ref[k] = None
+            fast.extend(keys) if op == 1 else fast.insert(keys[0])
+            out -= set(keys)
+        elif op == 2 and len(ref):  # a hit revives one
+            k = int(rng.choice(list(ref)))
+            del ref[k], fast[k]
+            out.add(k)
+        elif op == 3 and len(ref):
+            k = int(rng.choice(list(ref)))
+            ref.move_to_end(k), fast.touch(k)
+        elif op >= 4 and len(ref):  # evict one, or several at once
+            n = 1 if op == 4 else int(rng.integers(1, len(ref) + 1))
+            want = [ref.popitem(last=False)[0] for _ in range(n)]
+            assert (fast.take(n) if n > 1 else [fast.victim()]) == want
+            out |= set(want)
+        assert len(fast) == len(ref)
+    assert list(fast) == list(ref)
+    fast.check()

@@ -6,6 +6,9 @@ was touched last is most recent. Its verbs are OrderedDict's own C methods where
 `TimedLRU` (radix): recency by the strategy's logical time `t` (a parent that turns into a leaf
 keeps its old last-use time, so it is not most recent), a heap with lazy deletion (O(log n));
 ties by insertion order.
+`PageLRU` (paged, plain LRU): the same order as `LRU`, kept as a FIFO list of keys with lazy
+deletion, so that a strategy can take or add many keys in one C-level list operation (a slice,
+an extend) instead of one dict operation each.
 """
 from __future__ import annotations
 
@@ -41,6 +44,104 @@ class LRU(OrderedDict, EvictionPolicy):
 
     def __reduce__(self):  # (pickled by the content model's fingerprints: the order is the state)
         return LRU, (), None, None, iter(self.items())
+
+
+class PageLRU(EvictionPolicy):
+    """Evictable keys, least recently used first, in the order `LRU` gives: a list `q` of keys
+    in insertion order from `head` on, with lazy deletion. `remove` and `touch` leave the key's
+    entry in place and count it in `dead` (key → its stale entries at or after `head`; a key's
+    stale entries always come before its live one, so the first ones met are the stale ones).
+    While `dead` is empty (no key removed or touched since the scan passed its entries), the
+    first k evictable keys are `q[head:head + k]`. O(1) amortized per event; the list is cut
+    when its dead front is more than half of it.
+
+    The caller keeps one promise the OrderedDict does not need: `remove` and `touch` are called
+    only for evictable keys, and `insert` only for keys that are not (paged: a page is evictable
+    exactly while it is cached, ref 0 and hashed). `in` and iteration walk the list: O(n), for
+    checks and tests. Mutating verbs: insert, extend, remove, touch, victim, take."""
+
+    name = "lru"
+    offline = False
+    __slots__ = ("q", "head", "n", "dead", "cut_at")
+
+    def __init__(self) -> None:
+        self.q: list = []  # keys in insertion order; q[:head] are gone (evicted, or skipped stale)
+        self.head = 0
+        self.n = 0  # evictable keys
+        self.dead: dict = {}  # key → its stale entries in q[head:]
+        self.cut_at = 4096  # the dead front is cut once it is this long and half the list
+
+    def insert(self, key, t=None, content=None) -> None:
+        self.extend((key,))
+
+    def __setitem__(self, key, content) -> None:
+        self.extend((key,))
+
+    def extend(self, keys) -> None:
+        """Each key of `keys` became evictable, in this order (most recent last). Mutates."""
+        q, head = self.q, self.head
+        if head > self.cut_at and head > len(q) >> 1:  # cut the dead front: O(1) amortized per entry
+            del q[:head]
+            self.head = 0
+        n = len(q)
+        q.extend(keys)
+        self.n += len(q) - n
+
+    def remove(self, key) -> None:
+        self.dead[key] = self.dead.get(key, 0) + 1
+        self.n -= 1
+
+    def touch(self, key) -> None:
+        self.dead[key] = self.dead.get(key, 0) + 1
+        self.q.append(key)
+
+    def victim(self):
+        return self.take(1)[0]
+
+    def take(self, k: int) -> list:
+        """Remove and return the k least recently used keys (k <= len), first first. Mutates."""
+        q, head, dead = self.q, self.head, self.dead
+        self.n -= k
+        if not dead:
+            self.head = head + k
+            return q[head:head + k]
+        out = []
+        while len(out) < k:
+            key = q[head]
+            head += 1
+            c = dead.get(key)
+            if c is None:
+                out.append(key)
+            elif c == 1:
+                del dead[key]
+            else:
+                dead[key] = c - 1
+        self.head = head
+        return out
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        dead, out = dict(self.dead), []
+        for key in self.q[self.head:]:
+            c = dead.get(key)
+            if c is None:
+                out.append(key)
+            elif c == 1:
+                del dead[key]
+            else:
+                dead[key] = c - 1
+        return iter(out)
+
+    def __contains__(self, key) -> bool:
+        return key in set(self)
+
+    def check(self) -> None:
+        live = list(self)
+        assert len(live) == self.n == len(set(live)), f"{self.n} evictable keys counted, {len(live)} live entries"
+        q = self.q[self.head:]
+        assert all(q.count(k) >= c for k, c in self.dead.items()) and all(self.dead.values()), "stale counts"
 
 
 class TimedLRU(HeapPolicy):
