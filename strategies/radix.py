@@ -734,16 +734,40 @@ class RadixStrategy(Strategy):
             return k
         decoding = all(s.num_prompt < s.length for s in seqs)  # (else a grow may insert: per token)
         kv_left = min(s.kv_len - s.length for s in seqs)  # steps before one would pass its final length
+        c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         while done < k:
             avail = len(free) + self._fresh
             if avail + self._evictable < d:
                 break  # free + cached cannot give each a page: the step is not run
+            if decoding and kv_left > 0 and host is None:
+                # m whole steps, evicting a leaf wherever a page is wanted and none is free: free +
+                # cached falls by d a step (an eviction moves slots from cached to free)
+                m = min(k - done, (avail + self._evictable) // d, kv_left)
+                cached0, evicted = self._evictable, []
+                self._hand_out(seqs, m, evicted)
+                kv_left -= m
+                token, reserved, internal, external, _, _ = self.slot_states(None)
+                c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
+                c_reserved += [reserved] * m
+                c_internal += [internal] * m
+                c_external += [external] * m
+                t, gone = 1, 0  # steps t.. have `gone` slots evicted so far
+                for at, got in evicted:  # an eviction at take `at` counts from step at // d + 1 on
+                    step = at // d + 1
+                    if step > t:
+                        c_cached += [cached0 - gone] * (step - t)
+                        c_free.extend(range(avail + gone - t * d, avail + gone - step * d, -d))
+                        t = step
+                    gone += got
+                c_cached += [cached0 - gone] * (m + 1 - t)
+                c_free.extend(range(avail + gone - t * d, avail + gone - (m + 1) * d, -d))
+                done += m
+                continue
             m = min(k - done, avail // d, kv_left) if decoding else 0
             if m:  # m whole steps from the stack and fresh ids: no eviction
                 self._hand_out(seqs, m)
                 kv_left -= m
                 token, reserved, internal, external, cached, left = self.slot_states(None)
-                c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
                 c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens, d fewer free
                 c_free.extend(range(left + (m - 1) * d, left - 1, -d))
                 c_reserved += [reserved] * m
@@ -782,17 +806,16 @@ class RadixStrategy(Strategy):
                 break
         return done
 
-    def _hand_out(self, seqs: list[_Seq], m: int) -> None:
-        """m decode steps of `seqs` (each decoding, page_size 1) whose pages the free stack and
-        fresh ids hold: step by step, each in order pops a page (the stack's top, then the next
-        fresh id), as `grow(rid, 1)` would. Mutates.
+    def _hand_out(self, seqs: list[_Seq], m: int, evicted: list[tuple[int, int]] | None = None) -> None:
+        """m decode steps of `seqs` (each decoding, page_size 1): step by step, each in order takes a
+        page as `grow(rid, 1)` would (`_pop_run`; the free stack and fresh ids hold them unless
+        `evicted` collects the evictions). Mutates.
 
-        The m * len(seqs) pages in pop order are one array slice (the stack's top, reversed) and
-        a range of fresh ids; request i's pages are every len(seqs)-th from i, a strided array
-        slice. All C loops: numpy's fixed cost per call was most of a run this small."""
+        Request i's pages are every len(seqs)-th of the run's pages from i: a strided array slice
+        (C loops: numpy's fixed cost per call was most of a run this small)."""
         d, free = len(seqs), self._free
         n = m * d
-        if m == 1 and d <= 8:  # a few pops: inline
+        if m == 1 and d <= 8 and len(free) + self._fresh >= d:  # a few pops: inline
             for s in seqs:
                 if free:
                     s.private.append(free.pop())
@@ -801,17 +824,7 @@ class RadixStrategy(Strategy):
                     s.private.append(self.num_pages - self._fresh - 1)
                 s.length += 1
         else:
-            stack = len(free)
-            r = min(n, stack)
-            if r:
-                pages = free[stack - 1: stack - r - 1: -1] if stack > r else free[::-1]
-                del free[stack - r:]
-            else:
-                pages = _page_array()
-            if r < n:
-                first = self.num_pages - self._fresh
-                pages.extend(range(first, first + n - r))
-                self._fresh -= n - r
+            pages = self._pop_run(n, evicted)
             if m == 1:
                 for s, pid in zip(seqs, pages):
                     s.private.append(pid)
@@ -822,6 +835,37 @@ class RadixStrategy(Strategy):
                     s.length += m
         self._private_pages += n
         self._private_token += n
+
+    def _pop_run(self, n: int, evicted: list[tuple[int, int]] | None) -> array:
+        """The next n pages in the order n one-page takes give them: the free stack's top (most
+        recent first), then fresh ids in order, then (no host tier) as each one-page take does
+        when both are empty: `evict(1)` (one leaf, its pages pushed on the stack) and the stack's
+        top again. Each eviction is appended to `evicted` as (pages taken before it, slots it
+        freed). Mutates the stack, fresh ids and tree; the caller gives the pages out."""
+        free = self._free
+        stack = len(free)
+        r = min(n, stack)
+        if r:
+            pages = free[stack - 1: stack - r - 1: -1] if stack > r else free[::-1]
+            del free[stack - r:]
+        else:
+            pages = _page_array()
+        f = min(n - r, self._fresh)
+        if f:
+            first = self.num_pages - self._fresh
+            pages.extend(range(first, first + f))
+            self._fresh -= f
+        while len(pages) < n:  # nothing free: a one-page take evicts (one leaf, page_size 1)
+            at = len(pages)
+            got = self.evict(1)
+            if not got:
+                raise RuntimeError(f"radix: {n - at} more pages wanted, nothing left to evict")
+            evicted.append((at, got))
+            stack = len(free)
+            r = min(n - at, stack)
+            pages += free[stack - 1: stack - r - 1: -1] if stack > r else free[::-1]
+            del free[stack - r:]
+        return pages
 
     def release(self, rid) -> None:
         seq, ps = self._seqs[rid], self.page_size
