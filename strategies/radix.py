@@ -812,7 +812,8 @@ class RadixStrategy(Strategy):
         `evicted` collects the evictions). Mutates.
 
         Request i's pages are every len(seqs)-th of the run's pages from i: a strided array slice
-        (C loops: numpy's fixed cost per call was most of a run this small)."""
+        (C loops: numpy's fixed cost per call was most of a run this small), or a row of numpy's
+        transpose in a large run."""
         d, free = len(seqs), self._free
         n = m * d
         if m == 1 and d <= 8 and len(free) + self._fresh >= d:  # a few pops: inline
@@ -829,9 +830,14 @@ class RadixStrategy(Strategy):
                 for s, pid in zip(seqs, pages):
                     s.private.append(pid)
                     s.length += 1
-            else:
+            elif n < 2048:
                 for i, s in enumerate(seqs):  # request i's pages, step by step
                     s.private += pages[i::d]
+                    s.length += m
+            else:  # (a strided slice copies item by item: numpy's transpose is cheaper from ~2k pages)
+                cols, w = np.frombuffer(pages, dtype=np.int64).reshape(m, d).T.tobytes(), 8 * m
+                for i, s in enumerate(seqs):
+                    s.private.frombytes(cols[i * w: i * w + w])
                     s.length += m
         self._private_pages += n
         self._private_token += n
@@ -902,16 +908,20 @@ class RadixStrategy(Strategy):
     def evict(self, num_slots) -> int:
         if self._host is not None:
             return self._evict_to_host(num_slots)
-        freed, leaves = 0, self._leaves
+        freed, leaves, free, root, ps = 0, self._leaves, self._free, self.root, self.page_size
         while freed < num_slots and leaves:
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
-            parent = node.parent
-            self._detach(node)
-            self._free += node.pages
-            self._evictable -= len(node.key)
-            freed += len(node.key)
-            if parent is not self.root and not parent.children and parent.lock == 0:
-                self._push(parent)
+            parent, key = node.parent, node.key
+            if self._match_memo is None:  # `_detach`, inlined
+                del parent.children[int(key[0]) if ps == 1 else key[:ps].tobytes()]
+                node.parent = None
+            else:
+                self._detach(node)
+            free += node.pages
+            self._evictable -= len(key)
+            freed += len(key)
+            if parent is not root and not parent.children and parent.lock == 0:
+                leaves.insert(parent, parent.access)  # `_push`: an unlocked leaf now
         return freed
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
