@@ -426,7 +426,14 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                    MIN_SPLIT_TOKENS, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         except IndexError:
             ok = False
-        entry = _PLANS.get(key) if ok else None
+        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
+        last = _PLANS.get(None)
+        if ok and last is not None and last[0] == key:
+            entry = last[1]
+        else:
+            entry = _PLANS.get(key) if ok else None
+            if entry is not None:
+                _PLANS[None] = (key, entry)
         if entry is not None:
             B = qs[0]
             o = torch.empty_like(q) if out is None else out
