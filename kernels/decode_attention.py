@@ -554,5 +554,6 @@ def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device
 
 
 # key -> ({call: resolved launch (_resolve_splits)}, {num_splits: (plan, merge plan, split-buffer and lock
-# pointers, fixed args, output strides, H_kv, H_q, the buffers)}) (see _common.Plan)
+# pointers, fixed args, output strides, H_kv, H_q, the buffers)}) (see _common.Plan); None -> (the last key
+# taken, its entry)
 _PLANS: dict = {}

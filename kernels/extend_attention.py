@@ -684,7 +684,7 @@ def _resolve_splits(entry, call: tuple, Hq: int, D: int, page_size: int, device)
 
 
 # key -> (BLOCK_M, BLOCK_N, {splits: (plan, merge plan, fixed arguments, output strides)},
-#         {call: resolved launch (_resolve_splits)})
+#         {call: resolved launch (_resolve_splits)}); None -> (the last key taken, its entry)
 _PLANS: dict = {}
 
 _SPLIT_BUFS: dict = {}

@@ -141,4 +141,4 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
             _PLANS[key] = plan
 
 
-_PLANS: dict = {}  # launch plans by key (see _common.Plan)
+_PLANS: dict = {}  # launch plans by key (see _common.Plan); None -> (the last key taken, its plan)

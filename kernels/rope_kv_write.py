@@ -190,5 +190,6 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
 
 
 # key -> (plan, qkv's heads and head dim, the heads of q, k, v, [weak reference to the last call's qkv, its
-# token count, its data pointer, its views (q, k, v) once it came twice in a row, else None])
+# token count, its data pointer, its views (q, k, v) once it came twice in a row, else None]); None -> (the
+# last key taken, its entry)
 _PLANS: dict = {}
