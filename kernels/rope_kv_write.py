@@ -105,9 +105,9 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
     cos, sin:        [T, D] (HF layout: the two halves equal; only the first D/2 are read)
     k_cache/v_cache: [num_slots, H_kv, D]
     slot_mapping:    [T] int32/int64, slot < 0 skips the token's write (it is still rotated)
-    returns          split_qkv's views. A GPU call (plan hit) with the same qkv tensor as the call
-                     before it returns the same view objects as that call: change their data, not
-                     their shape or strides in place. Those views, and so qkv, stay referenced
+    returns          split_qkv's views. GPU calls (plan hits) passing one qkv tensor several times
+                     in a row return the same view objects from the second on: change their data,
+                     not their shape or strides in place. Those views, and so qkv, stay referenced
                      until a call of the same shapes passes another qkv; a qkv passed once is not.
     """
     key, ok = None, False
