@@ -12,17 +12,17 @@ pages; page_size 1 is SGLang's default.
 
 Costs: a match walks one node per edge and compares ids with numpy (O(prefix length)); an
 insert walks on from the request's deepest node, over the new positions only (O(new ids), so a
-prompt costs O(its length) whatever the chunk size; its path's page ids grow in place, amortized
-O(added)); lock/unlock walk to the root (O(depth)) once per admission, fork and release, and an
-insert locks only the nodes it adds to the request's path; eviction pops a heap of (last access,
-node) with lazy deletion, O(log n) per evicted leaf; a private page comes from a stack of
-returned pages, then the next fresh id (0, 1, 2, …: nothing is sized by the pool up front), O(1)
-(a decode's page is taken inline by `grow`, with no further call). Page ids move in bulk: the
-free stack, each node's pages and each request's path and private pages are int64 arrays, so an
-eviction, an insert or a prefill chunk moves its pages by buffer copies, not one Python int
-each. `decode_steps` makes whole quiet decode steps at page_size 1 (each decode takes a page) in
-bulk: a run of steps hands every request its column of pages by strided array slices, the same
-pages, in the same order, as the per-token grows.
+prompt costs O(its length) whatever the chunk size; a request's page table is not kept: the
+engines that read one get it from its path's nodes, O(depth + length)); lock/unlock walk to the
+root (O(depth)) once per admission, fork and release, and an insert locks only the nodes it adds
+to the request's path; eviction pops a heap of (last access, node) with lazy deletion, O(log n)
+per evicted leaf; a private page comes from a stack of returned pages, then the next fresh id
+(0, 1, 2, …: nothing is sized by the pool up front), O(1) (a decode's page is taken inline by
+`grow`, with no further call). Page ids move in bulk: the free stack, each node's pages and each
+request's private pages are int64 arrays, so an eviction, an insert or a prefill chunk moves its
+pages by buffer copies, not one Python int each. `decode_steps` makes whole quiet decode steps at
+page_size 1 (each decode takes a page) in bulk: a run of steps hands every request its column of
+pages by strided array slices, the same pages, in the same order, as the per-token grows.
 
 A request that waits for memory is matched once: when it is refused, its matched path (nodes
 and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
@@ -119,7 +119,6 @@ class _Seq:
     kv_len: int
     num_prompt: int
     node: _Node  # deepest tree node of its prefix (locked)
-    path_pages: array  # [tree_len // page_size] pages of the tree path (its own: grows in place)
     tree_len: int  # leading positions stored in the tree
     private: array = field(default_factory=_page_array)  # pages for positions >= tree_len
     length: int = 0
@@ -400,9 +399,6 @@ class RadixStrategy(Strategy):
                 self._leaves.remove(nd)
             nd.lock += 1
             nd.access = now
-        path = seq.path_pages  # (an array grows in place, amortized O(added))
-        for nd in added:
-            path += nd.pages
         seq.node, seq.tree_len = node, n
         del private[:moved]
 
@@ -609,7 +605,7 @@ class RadixStrategy(Strategy):
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
         seq = self._seqs[rid]
-        return np.frombuffer(seq.path_pages + seq.private, dtype=np.int64).astype(np.int32)
+        return np.frombuffer(self._path_pages(seq.node) + seq.private, dtype=np.int64).astype(np.int32)
 
     def cached_prefix_len(self, tokens, num_prompt) -> int:
         return self._match(tokens[:(num_prompt - 1) // self.page_size * self.page_size])[2]  # a walk: pure
@@ -639,7 +635,7 @@ class RadixStrategy(Strategy):
             self._load_path(node)
         self._lock(node)
         seq = _Seq(tokens=tokens, kv_len=kv_len, num_prompt=num_prompt, node=node,
-                   path_pages=self._path_pages(node), tree_len=cached, length=cached)
+                   tree_len=cached, length=cached)
         if self._admission:  # insert only the prompt, or nothing of a short request
             seq.cache_len = 0 if num_prompt < self.min_cache_len else (kv_len if self.cache_outputs else num_prompt)
         self._seqs[rid] = seq
@@ -898,7 +894,7 @@ class RadixStrategy(Strategy):
             self._insert(src, done)
         self._lock(src.node)
         seq = _Seq(tokens=child_tokens, kv_len=child_kv_len, num_prompt=src.num_prompt,
-                   node=src.node, path_pages=src.path_pages[:], tree_len=done, length=done)
+                   node=src.node, tree_len=done, length=done)
         self._seqs[child] = seq
         if tail:  # copy-on-write of the partly filled last page, at once
             self._extend(seq, src.length)
@@ -943,9 +939,7 @@ class RadixStrategy(Strategy):
                 if pid in owner:
                     raise InvariantError(f"page {pid} owned by {owner[pid]} and request {rid}")
                 owner[pid] = f"request {rid}"
-            if not np.array_equal(self._path_pages(seq.node), seq.path_pages):
-                raise InvariantError(f"request {rid}: stale path pages")
-            if len(seq.path_pages) * ps != seq.tree_len or not np.array_equal(
+            if len(self._path_pages(seq.node)) * ps != seq.tree_len or not np.array_equal(
                     self._path_ids(seq.node), seq.tokens[: seq.tree_len]):
                 raise InvariantError(f"request {rid}: tree path does not hold its first ids")
             if seq.tree_len // ps + len(seq.private) != self.pages_for(seq.length):
