@@ -13,12 +13,13 @@ read by the scheduler, outside the step; `table_read_s` in the summary).
 
 CUDA graphs (`cuda_graphs=true`): every step of at most 512 requests replays a full-model graph
 captured on first use of its (token bucket, batch bucket, context bucket, contiguous,
-decode-only) shape, except steps with more than `graph_max_tokens` tokens of prefill, which are
-GPU-bound and run eagerly (measured on an H200: an 8B step with a 512-token chunk and 63 decodes
-costs 1.04x its kernels' time eagerly). Padded tokens write nowhere (slot -1), padded requests
+decode-only) shape, except steps with more than `graph_max_tokens` (8,192) tokens of prefill,
+which run eagerly. Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs,
+a 1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
+05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1), padded requests
 have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped. Decode graphs
 size their split-KV for the context bucket (a power of two of pages), not the exact max length.
-Steps with prefill are padded to a multiple of 16 tokens (32 above 256): the extend kernel takes
+Steps with prefill are padded to a token bucket (`token_bucket`: under 1/8 of padding): the extend kernel takes
 its request boundaries from `query_start_loc`, so one graph serves any mix of chunks.
 
 Hybrid pool designs (issue 16; `bind(..., strategy=)`, torch_engine.HybridKV): the pool is the
