@@ -48,7 +48,11 @@ class DecodeRun(NamedTuple):
     nothing arrives or is preempted and nobody finishes before the last step (kvbench/quiet.py).
 
     Step j (0-based) starts at `t[j]`, lasts `dt[j]`, reads `kv_read0 + j * len(seqs)` K/V
-    positions and runs with slot states `[column[j] for column in states]`.
+    positions and runs with the slot states of row j of `states` and `stretches` together:
+    a stretch `(e, m, token, reserved, d, internal, external, cached, free)` stands for m rows
+    (token + i d, reserved - i d, internal, external, cached, free), i = 0..m-1, that come
+    after the first e rows of `states`; rows of `states` that no stretch follows come last.
+    (Steps without a page taken are one stretch: no per-step Python object.)
     """
 
     seqs: list[Request]  # [D] the requests, in the order they run
@@ -58,6 +62,7 @@ class DecodeRun(NamedTuple):
     running: int
     waiting: int | Sequence[int]  # requests waiting in every step, or in each ([k]: some joined a refused head's queue)
     preemptions: int
-    states: list[list[int]]  # [6][k] the SlotStates fields (columns) of each step
+    states: list[list[int]]  # [6][e] the SlotStates fields (columns) of the steps no stretch gives
     moved: tuple[int, int] = (0, 0)  # (d2h, h2d) token slots the strategy moved in the run (a host tier)
     done: Sequence[Request] = ()  # those of `seqs` whose last token is the last step's (they leave after it)
+    stretches: Sequence[tuple[int, ...]] = ()  # the other steps' slot states, in stretches (above)

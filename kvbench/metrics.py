@@ -7,7 +7,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from dataclasses import dataclass
-from operator import add, sub
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +31,8 @@ REQUEST_COLUMNS = ["id", "arrival_s", "prompt_len", "output_len", "status", "rea
                    "preemptions", "first_token_s", "finish_s", "ttft_s", "e2e_s", "tpot_s"]
 _FIN_INTS = 5  # a finished request's id, prompt_len, output_len, cached_tokens, preemptions (int64)
 _FIN_FLOATS = 3  # its arrival_s, first_token_s, finish_s (float64)
-_SHORT_RUN = 32  # a DecodeRun of at most this many steps is recorded in plain Python (cheaper than numpy's calls)
+_BUFFER_ROWS = 1 << 14  # rows held as lists and segments before `Recorder._settle` moves them to the arrays
+_I32_MAX = (1 << 31) - 1
 
 
 @dataclass(slots=True, eq=False)
@@ -65,9 +66,21 @@ class Recorder:
         self._pairs = array("q")  # prefill_pairs of every step (not yet in the sink)
         self._sink, self._flushed, self._last_ints = sink, 0, None  # rows in the sink, the last one's ints
         self._flush_at = 2 * chunk_rows if sink is not None else 1 << 62  # len(self._floats) that flushes
+        # the latest rows, not yet in the arrays above (`_settle` moves them there in numpy, a block at a time):
+        self._bt, self._bdt = [], []  # t_s, dt_s of each row
+        self._bs = ([], [], [], [], [], [])  # the slot states' columns of the rows no stretch gives (runs')
+        self._bst: list[tuple] = []  # the other rows' states as stretches (events.DecodeRun), in row order
+        self._bgrp: list[tuple[int, int]] = []  # (stretches, rows of _bs before them) per run or step: the
+        # stretches' first fields count the rows of _bs from there
+        self._seg: list[tuple] = []  # (k, running, waiting, prefill, decode, kv_read0, preemptions, pairs) per
+        # stepped step (k = 1) or DecodeRun (k steps; step j reads kv_read0 + j * decode)
+        self._bwait: list[tuple[int, list[int]]] = []  # (first row, waiting per step) of runs whose waiting varies
+        self._gfill: list[tuple[int, int, int, int]] = []  # (gaps before, first row, k - 1, d): a run's first k - 1 gaps
+        self._settle_at = min(_BUFFER_ROWS, self._flush_at)
         self._times: dict[int, _Times] = {}  # requests admitted and not finished
         self._fin_ints, self._fin_floats = array("q"), array("d")  # finished requests, in finish order
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
+        self._bg, self._bc = [], []  # the latest closed runs of gaps, not yet in the arrays (but runs': _gfill)
         self._gap, self._gap_count = 0.0, 0  # the open run
         self.rejected: list[tuple[Request, str]] = []
         self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
@@ -76,10 +89,18 @@ class Recorder:
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
         """One step [t, t + dt): its timeline row, and the output tokens it produced at t + dt."""
         b = ev.batch
-        self._floats.fromlist([t, dt])  # (fromlist: a list converts in C, 2-4x faster than extend or array())
-        self._ints.fromlist([ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
-                             ev.preemptions, *ev.states])
-        self._pairs.append(b.prefill_pairs)
+        self._bt.append(t)
+        self._bdt.append(dt)
+        s0, s1, s2, s3, s4, s5 = self._bs
+        token, reserved, internal, external, cached, free = ev.states
+        s0.append(token)
+        s1.append(reserved)
+        s2.append(internal)
+        s3.append(external)
+        s4.append(cached)
+        s5.append(free)
+        self._seg.append((1, ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
+                          ev.preemptions, b.prefill_pairs))
         times = self._times
         for req, cached in ev.admitted:
             times[req.id] = _Times(req, cached)
@@ -107,15 +128,15 @@ class Recorder:
                     count += 1
                 else:
                     if count:
-                        self._gaps.append(gap)
-                        self._gap_counts.append(count)
+                        self._bg.append(gap)
+                        self._bc.append(count)
                     gap, count = g, 1
             tm.last_token_s = end
             if pos == r.kv_len:
                 self._finish(tm, end)
         self._gap, self._gap_count = gap, count
-        if len(self._floats) >= self._flush_at:
-            self._flush()
+        if len(self._bt) >= self._settle_at:
+            self._settle()
 
     def _finish(self, tm: _Times, end: float) -> None:
         """Its last token came out at `end`: its numbers into the flat arrays, its `_Times` dropped."""
@@ -126,64 +147,131 @@ class Recorder:
 
     def decode_run(self, run: DecodeRun) -> None:
         """k quiet decode steps at once: the same rows and token times as k calls of `step`.
-        Short runs (most end at an arrival within a few steps) in plain Python, long ones in
-        numpy: the same floats (one IEEE add or subtract each) and the same rows either way."""
-        k, d = len(run.t), len(run.seqs)
-        self._pairs.frombytes(bytes(8 * k))  # quiet decode steps: no prefill pairs
+        Held as one segment (its times and states as lists); its rows and its first k - 1 gaps
+        are made with the rest of the block, in numpy (`_settle`: the same floats, one IEEE add
+        or subtract each); its last gap, the open run, here."""
+        t, dt = run.t, run.dt
+        if isinstance(t, np.ndarray):
+            t, dt = t.tolist(), dt.tolist()
+        k, d = len(t), len(run.seqs)
+        row = len(self._bt)
+        self._bt += t
+        self._bdt += dt
+        s0, s1, s2, s3, s4, s5 = self._bs
+        if run.stretches:
+            self._bgrp.append((len(run.stretches), len(s0)))
+            self._bst += run.stretches
+        c0, c1, c2, c3, c4, c5 = run.states
+        if c0:
+            s0 += c0
+            s1 += c1
+            s2 += c2
+            s3 += c3
+            s4 += c4
+            s5 += c5
+        waiting = run.waiting
+        if not isinstance(waiting, int):
+            self._bwait.append((row, waiting))
+            waiting = 0
+        self._seg.append((k, run.running, waiting, 0, d, run.kv_read0, run.preemptions, 0))
         if run.moved != (0, 0):  # a host tier's evictions in the run's page-taking steps
             self.moved[2] += run.moved[0]
             self.moved[3] += run.moved[1]
+        bg = self._bg
         if self._gap_count:
-            self._gaps.append(self._gap)
-            self._gap_counts.append(self._gap_count)
-        if k <= _SHORT_RUN:
-            t, dt = run.t, run.dt
-            if isinstance(t, np.ndarray):
-                t, dt = t.tolist(), dt.tolist()
-            floats = [0.0] * (2 * k)  # interleaved t, dt
-            floats[0::2], floats[1::2] = t, dt
-            self._floats.fromlist(floats)
-            n, waiting = _INT_COLUMNS, run.waiting
-            flat = [0] * (n * k)  # the rows, column by column (column 2, prefill tokens, stays 0)
-            flat[0::n] = [run.running] * k
-            flat[1::n] = [waiting] * k if isinstance(waiting, int) else waiting
-            flat[3::n] = [d] * k
-            flat[4::n] = range(run.kv_read0, run.kv_read0 + d * k, d)
-            flat[5::n] = [run.preemptions] * k
-            for c, column in enumerate(run.states, 6):
-                flat[c::n] = column
-            self._ints.fromlist(flat)
-            # every request's token j comes out at ends[j], the one before at ends[j - 1] (t[0] for j = 0)
-            ends = list(map(add, t, dt))
-            self._gaps.append(ends[0] - t[0])
-            self._gaps.fromlist(list(map(sub, ends[1:], ends)))
-            self._gap_counts.fromlist([d] * k)
-            self._gap, self._gap_count = self._gaps.pop(), self._gap_counts.pop()  # the last gap's run stays open
-            last = ends[-1]
+            bg.append(self._gap)
+            self._bc.append(self._gap_count)
+        # every request's token j comes out at t[j] + dt[j], the one before at the end of step j - 1
+        # (t[0] for j = 0): gap j = end j - end j - 1; the first k - 1 are filled in by `_settle`
+        last = t[-1] + dt[-1]
+        if k > 1:
+            self._gfill.append((len(bg), row, k - 1, d))
+            self._gap = last - (t[-2] + dt[-2])
         else:
-            f = np.array((run.t, run.dt), np.float64)  # [2, k]: t, dt
-            self._floats.frombytes(f.T.tobytes())  # (row by row: t, dt interleaved)
-            rows = np.empty((k, _INT_COLUMNS), np.int32)
-            rows[:, :6] = (run.running, 0, 0, d, 0, run.preemptions)
-            rows[:, 1] = run.waiting
-            rows[:, 4] = np.arange(run.kv_read0, run.kv_read0 + d * k, d)
-            rows[:, 6:] = np.array(run.states, np.int64).T
-            self._ints.frombytes(rows.tobytes())
-            t, ends = f[0], f[0] + f[1]  # every request's token j comes out at ends[j], the one before at ends[j - 1]
-            gaps = np.empty(k)
-            gaps[0] = ends[0] - t[0]  # (t[0]: the step before the run ended then)
-            np.subtract(ends[1:], ends[:-1], out=gaps[1:])
-            self._gaps.frombytes(gaps[:-1].tobytes())
-            self._gap_counts.frombytes(np.full(k - 1, d, np.int64).tobytes())
-            self._gap, self._gap_count = float(gaps[-1]), d
-            last = float(ends[-1])
+            self._gap = last - t[0]
+        self._gap_count = d
         times = self._times
         for r in run.seqs:
             times[r.id].last_token_s = last
         for r in run.done:
             self._finish(times[r.id], last)
+        if len(self._bt) >= self._settle_at:
+            self._settle()
+
+    def _settle(self) -> None:
+        """The rows and gaps held as lists and segments into the flat arrays, in numpy (then, at
+        `_flush_at` rows, into the sink)."""
+        n = len(self._bt)
+        if n:
+            seg = _ints_of(self._seg, 8)  # [S, 8]
+            k = seg[:, 0]
+            rep = np.repeat(seg[:, 1:], k, axis=0)  # [n, 7]: running, waiting, prefill, decode, kv_read0, preemptions, pairs
+            j = np.arange(n, dtype=np.int64)
+            j -= np.repeat(np.cumsum(k) - k, k)  # each row's step in its segment
+            rep[:, 4] += rep[:, 3] * j  # kv_read: kv_read0 + j * decode
+            for row, waiting in self._bwait:
+                rep[row:row + len(waiting), 1] = waiting
+            ints = np.empty((n, _INT_COLUMNS), np.int64)
+            ints[:, :6] = rep[:, :6]
+            self._settle_states(ints[:, 6:])
+            if len(ints) and (ints.max() > _I32_MAX or ints.min() < -_I32_MAX - 1):
+                raise OverflowError("a timeline value does not fit the recorder's int32 columns")
+            self._ints.frombytes(ints.astype(np.int32).tobytes())
+            self._pairs.frombytes(rep[:, 6].tobytes())
+            f = np.empty((2, n))
+            f[0], f[1] = np.fromiter(self._bt, np.float64, n), np.fromiter(self._bdt, np.float64, n)
+            self._floats.frombytes(f.T.tobytes())  # (row by row: t, dt interleaved)
+            if self._gfill:  # a run's gaps j = end j - end j - 1 (end -1: t[0]), j < k - 1, among the others
+                fill = _ints_of(self._gfill, 4)  # [R, 4]: gaps before, first row, k - 1, d
+                m = fill[:, 2]
+                before = np.cumsum(m) - m  # run gaps before each
+                step = np.arange(int(m.sum()), dtype=np.int64) - np.repeat(before, m)
+                rows = np.repeat(fill[:, 1], m) + step
+                ends = f[0] + f[1]
+                prev = np.empty(n)
+                prev[1:] = ends[:-1]
+                prev[fill[:, 1]] = f[0, fill[:, 1]]
+                at = np.repeat(fill[:, 0] + before, m) + step  # their places among all gaps
+                g = np.empty(len(self._bg) + len(at))
+                c = np.empty(len(g), np.int64)
+                g[at] = ends[rows] - prev[rows]
+                c[at] = np.repeat(fill[:, 3], m)
+                others = np.ones(len(g), bool)
+                others[at] = False
+                g[others] = self._bg
+                c[others] = self._bc
+                self._gaps.frombytes(g.tobytes())
+                self._gap_counts.frombytes(c.tobytes())
+            else:
+                self._gaps.fromlist(self._bg)
+                self._gap_counts.fromlist(self._bc)
+            self._bt, self._bdt, self._bs, self._bst, self._bgrp = [], [], ([], [], [], [], [], []), [], []
+            self._seg, self._bwait, self._gfill, self._bg, self._bc = [], [], [], [], []
+        elif self._bg:
+            self._gaps.fromlist(self._bg)
+            self._gap_counts.fromlist(self._bc)
+            self._bg, self._bc = [], []
         if len(self._floats) >= self._flush_at:
             self._flush()
+
+    def _settle_states(self, out: np.ndarray) -> None:
+        """The slot states of the rows held, [n, 6], into `out`: the stretches' rows, then the others'."""
+        st = _ints_of(self._bst, 9)
+        grp = _ints_of(self._bgrp, 2)
+        m = st[:, 1]
+        before = np.cumsum(m) - m  # stretch rows before each
+        first = st[:, 0] + np.repeat(grp[:, 1], grp[:, 0]) + before  # each stretch's first row
+        i = np.arange(int(m.sum()), dtype=np.int64) - np.repeat(before, m)  # each stretch row's place in it
+        rows = np.repeat(first, m) + i
+        d = np.repeat(st[:, 4], m) * i
+        out[rows, 0] = np.repeat(st[:, 2], m) + d
+        out[rows, 1] = np.repeat(st[:, 3], m) - d
+        out[rows, 2:] = np.repeat(st[:, 5:], m, axis=0)
+        if self._bs[0]:
+            mask = np.ones(len(out), bool)
+            mask[rows] = False
+            e = len(self._bs[0])
+            out[mask] = np.fromiter(chain.from_iterable(self._bs), np.int64, 6 * e).reshape(6, e).T
 
     def _flush(self) -> None:
         """The rows held so far into the sink (one row group), then forgotten."""
@@ -201,6 +289,7 @@ class Recorder:
 
     def close(self) -> None:
         """No more steps: the rows still held go to the sink, which is closed (no-op without one)."""
+        self._settle()
         if self._sink is not None:
             self._flush()
             self._sink.close()
@@ -218,10 +307,12 @@ class Recorder:
     # ---- tables -----------------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
-        return self._flushed + len(self._floats) // 2
+        return self._flushed + len(self._floats) // 2 + len(self._bt)
 
     def last_states(self) -> SlotStates | None:
         """The slot states of the last step recorded."""
+        if self._bt:
+            self._settle()
         if not self._floats:
             return None if self._last_ints is None else SlotStates(*self._last_ints[-len(STATES):])
         return SlotStates(*self._ints[len(self._ints) - len(STATES):])
@@ -231,6 +322,7 @@ class Recorder:
         recorder's arrays, no copy (16 bytes a step: 2.7 GB for 10^7 requests): the open run is
         closed first (a later equal gap starts a new run; the gaps are the same). While the views
         live the arrays cannot grow: call it when the steps are over."""
+        self._settle()
         if self._gap_count:
             self._gaps.append(self._gap)
             self._gap_counts.append(self._gap_count)
@@ -255,6 +347,7 @@ class Recorder:
         if self._sink is not None:
             self.close()
             return self._sink.frame()
+        self._settle()
         f = np.frombuffer(self._floats).reshape(-1, 2)
         i = np.frombuffer(self._ints, np.int32).reshape(-1, _INT_COLUMNS)
         # one column at a time into one 2-D block per dtype: no int64 copy of all the rows at once
@@ -300,6 +393,11 @@ class Recorder:
                              "tpot_s": tpot}, columns=REQUEST_COLUMNS)
 
 
+def _ints_of(rows: list[tuple], width: int) -> np.ndarray:
+    """[len(rows), width] int64 of a list of int tuples (np.fromiter over them: 2x np.array's speed)."""
+    return np.fromiter(chain.from_iterable(rows), np.int64, len(rows) * width).reshape(-1, width)
+
+
 class ItlRuns(NamedTuple):
     """Inter-token gaps as runs: gap values[k] repeated counts[k] times, in token order."""
 
@@ -311,6 +409,7 @@ class _Columns:
     """The rows a Recorder holds (no sink), column by column: what `summarize` reads."""
 
     def __init__(self, rec: Recorder) -> None:
+        rec._settle()
         self._f = np.frombuffer(rec._floats).reshape(-1, 2)
         self._i = np.frombuffer(rec._ints, np.int32).reshape(-1, _INT_COLUMNS)
         self._p = np.frombuffer(rec._pairs, np.int64)

@@ -135,52 +135,34 @@ class QuietRun:
         self._fin_steps = sorted(set(self.fin), reverse=True)  # the steps in which requests finish, next last
         self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
 
-    def run(self, k: int, cols: list[list[int]]) -> int:
+    def run(self, k: int, cols: list[list[int]], stretches: list[tuple]) -> int:
         """Make the grows of up to k next quiet steps; the slot states of each step that ran are
-        appended to `cols` (6 lists: token, reserved, internal, external, cached, free); returns
-        how many ran (fewer than k where the run ends, where requests would need pages that are
-        not free, after a step that moved pages to host: `moved` says so, or after a step in
-        which requests emitted their last token: `finishing` says which; `retire` or `end`
-        lets them leave). Steps where nobody takes a page go as a stretch, O(1) in Python."""
+        appended as stretches (events.DecodeRun: m steps whose token and reserved slots move by
+        d a step) to `stretches`, except those of steps that take pages, appended to `cols` as
+        rows (6 lists: token, reserved, internal, external, cached, free; a stretch says how
+        many of those come before it); returns how many ran (fewer than k where the run ends,
+        where requests would need pages that are not free, after a step that moved pages to
+        host: `moved` says so, or after a step in which requests emitted their last token:
+        `finishing` says which; `retire` or `end` lets them leave). Steps where nobody takes a
+        page go as one stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
         grow, room, merge, moves = st.grow, self._room, self._merge, self._moves
         ps, wkv = st.page_size, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
-        c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
+        explicit, c_reserved, c_internal, c_external, c_cached, c_free = cols  # (len(explicit): rows in `cols`)
         self.moved = None
         bulk = self._bulk
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
             self.grown = False
-            c_token.append(token)
-            c_reserved.append(reserved)
-            c_internal.append(internal)
-            c_external.append(external)
-            c_cached.append(cached)
-            c_free.append(free)
+            stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
             j += 1
         while j < stop:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
                 m = min(nxt, stop) - j
-                if m == 1:  # (between two page-taking steps: the common case of a page per ~page_size / d steps)
-                    token, reserved, deferred = token + d, reserved - d, deferred + d
-                    c_token.append(token)
-                    c_reserved.append(reserved)
-                    c_internal.append(internal)
-                    c_external.append(external)
-                    c_cached.append(cached)
-                    c_free.append(free)
-                    j += 1
-                    continue
-                c_token.extend(range(token + d, token + d * m + 1, d))
-                c_reserved.extend(range(reserved - d, reserved - d * m - 1, -d))
-                same = [internal] * m
-                c_internal += same
-                c_external += [external] * m if external != internal else same
-                c_cached += [cached] * m
-                c_free += [free] * m
+                stretches.append((len(explicit), m, token + d, reserved - d, d, internal, external, cached, free))
                 token, reserved, deferred = token + d * m, reserved - d * m, deferred + d * m
                 j += m
                 continue
@@ -232,7 +214,7 @@ class QuietRun:
             deferred += d - len(takers)
             token, reserved, internal, external, cached, free = st.slot_states(wkv)
             token, reserved = token + deferred, reserved - deferred
-            c_token.append(token)
+            explicit.append(token)  # (a row of `cols`: cheaper to convert than a stretch of 1)
             c_reserved.append(reserved)
             c_internal.append(internal)
             c_external.append(external)

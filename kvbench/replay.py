@@ -207,7 +207,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             want = bisect_left(starts, until, i0, k)  # the steps that start before `until`
             if want == i0:
                 break
-            got = run.run(want - i0, c.cols)
+            got = run.run(want - i0, c.cols, c.stretches)
             c.waiting += [run.waiting] * got
             c.i = i = i0 + got
             if run.moved is not None:
@@ -265,11 +265,12 @@ class _Chunk:
     """Up to k quiet steps of one `QuietRun` priced at once (the same live requests), those run
     so far (`i`) not yet recorded."""
 
-    __slots__ = ("starts", "dts", "kv_read", "d", "i", "cols", "waiting", "moved")
+    __slots__ = ("starts", "dts", "kv_read", "d", "i", "cols", "stretches", "waiting", "moved")
 
     def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
         self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
-        self.i, self.cols, self.waiting, self.moved = 0, [[], [], [], [], [], []], [], [0, 0]  # cols: slot states
+        self.i, self.waiting, self.moved = 0, [], [0, 0]
+        self.cols, self.stretches = [[], [], [], [], [], []], []  # slot states: rows, stretches (QuietRun.run)
 
 
 def _record(run: QuietRun, c: _Chunk, rec: Recorder) -> None:
@@ -280,7 +281,7 @@ def _record(run: QuietRun, c: _Chunk, rec: Recorder) -> None:
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
     w = c.waiting
     rec.decode_run(DecodeRun(run.requests, c.starts[:i], c.dts[:i], c.kv_read, c.d, w[0] if w[0] == w[-1] else w,
-                             run.preemptions, c.cols, (c.moved[0], c.moved[1]), done))
+                             run.preemptions, c.cols, (c.moved[0], c.moved[1]), done, c.stretches))
 
 
 _CHUNK = 4096  # quiet steps priced at once, at most
