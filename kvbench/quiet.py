@@ -111,8 +111,8 @@ class QuietRun:
         elif self.may_take_pages:
             fresh, pages_at, fin, room_of, ps = steady.fresh, self.pages_at, self.fin, self._room, st.page_size
             for i, s in enumerate(seqs):  # the step in which it takes its next page
-                if g or i not in fresh:
-                    room = g + _room_at(room_of, ps, s.id, s.computed + g)
+                if g or i not in fresh:  # (its `room`, or the rest of its last page where the strategy has none)
+                    room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
                 else:
                     room = 0
                 if room <= fin[i]:
@@ -125,7 +125,7 @@ class QuietRun:
             limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
             room_of, ps = self._room, st.page_size
             for s in seqs:  # none takes a page (after step 0)
-                room = g + _room_at(room_of, ps, s.id, s.computed + g)
+                room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
                 if room < limit:
                     limit = room
                     if limit <= 0:
@@ -161,7 +161,7 @@ class QuietRun:
         while j < stop:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
-                m = min(nxt, stop) - j
+                m = (nxt if nxt < stop else stop) - j
                 stretches.append((len(explicit), m, token + d, reserved - d, d, internal, external, cached, free))
                 token, reserved, deferred = token + d * m, reserved - d * m, deferred + d * m
                 j += m
@@ -238,7 +238,8 @@ class QuietRun:
     def left(self) -> int:
         """Steps the live requests may still run together: up to the end of the run, or to (and
         with) the next step in which some emit their last token."""
-        return min(self.limit, self._next_fin + 1) - self.j
+        end = self._next_fin + 1
+        return (end if end < self.limit else self.limit) - self.j
 
     @property
     def paused(self) -> bool:
@@ -308,13 +309,6 @@ class QuietRun:
     def _failed(s, n: int) -> None:
         raise RuntimeError(f"fast-forward: request {s.id}: grow({n}) failed in a quiet step (the "
                            f"strategy's `room`, or its free + cached slots, promised more than it holds)")
-
-
-def _room_at(room_of, ps: int, rid, pos: int) -> int:
-    """Steps before request `rid`, holding `pos` positions, takes a page: the strategy's `room`
-    (`room_of`), or the contract's default where that is None (the rest of its last page).
-    (QuietRun.run inlines the same expression in its per-page loop.)"""
-    return room_of(rid, pos) if room_of is not None else -pos % ps
 
 
 def _calls(scheduler: Scheduler) -> tuple:

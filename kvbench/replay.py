@@ -60,6 +60,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     # running request's last token came out at `now` (`fresh`) and quiet steps may follow it
     plan_runs = engine.fast_forward and not engine.needs_layout and quiet_plans(scheduler)
     fresh = True
+    fifo = scheduler.fifo_admission  # (fixed for a scheduler)
 
     def leave(done: list[Seq]) -> None:  # finished requests are out of the scheduler
         if keep_finished:
@@ -69,7 +70,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
             for s in done:
                 s.request.forget()
 
-    while head is not None or scheduler.has_work():
+    while head is not None or scheduler.waiting or scheduler.running:
         while head is not None and head.arrival_s <= now:  # arrivals up to now
             req, head = head, next(arrivals, None)
             reason = scheduler.rejection(req)
@@ -79,7 +80,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
                     req.forget()
                 bar.update(1)
                 continue
-            if scheduler.waiting and scheduler.fifo_admission:  # behind the refused head: the next steps
+            if scheduler.waiting and fifo:  # behind the refused head: the next steps
                 if run is not None:  # are as quiet as they were, with one more waiting
                     run.waiting += 1
                 elif steady is not None:
@@ -91,7 +92,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
                     run = None
                 steady = None
             scheduler.add(Seq(req))
-        if not scheduler.has_work():
+        if not (scheduler.waiting or scheduler.running):
             if head is not None:
                 now = head.arrival_s  # idle: jump to the next arrival
             continue  # (or nothing left at all: the loop ends)
@@ -196,8 +197,10 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             if left <= 0:
                 break
             d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
-            k = min(left, run.chunk_size)
-            run.chunk_size = min(4 * run.chunk_size, _CHUNK)
+            size = run.chunk_size
+            k = left if left < size else size
+            if size < _CHUNK:
+                run.chunk_size = 4 * size if 4 * size < _CHUNK else _CHUNK
             dts = (prices(d, kv_read, k) if prices is not None else
                    engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist())
             c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
@@ -234,8 +237,10 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             left = run.left
             if left > 0:  # the chunk is done and the run goes on with the same requests: it grows
                 d, kv_read = c.d, run.kv_read  # (one DecodeRun for the run up to its next leave)
-                k = min(left, run.chunk_size)
-                run.chunk_size = min(4 * run.chunk_size, _CHUNK)
+                size = run.chunk_size
+                k = left if left < size else size
+                if size < _CHUNK:
+                    run.chunk_size = 4 * size if 4 * size < _CHUNK else _CHUNK
                 dts = (prices(d, kv_read, k) if prices is not None else
                        engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist())
                 c.dts += dts

@@ -24,7 +24,7 @@ class Request:
     Rejection reads only ``prompt_len``, ``output_len`` and ``kv_len``.
     """
 
-    __slots__ = ("id", "arrival_s", "session", "source", "meta", "prompt_len", "output_len",
+    __slots__ = ("id", "arrival_s", "session", "source", "meta", "prompt_len", "output_len", "kv_len",
                  "_tokens", "_build", "_rebuild", "_drawn", "__weakref__")  # (a LazyTrace's weak cache)
 
     def __init__(self, id: int, arrival_s: float, prompt: np.ndarray, output: np.ndarray,
@@ -58,6 +58,8 @@ class Request:
         self.id, self.arrival_s, self.session, self.source = id, arrival_s, session, source
         self.meta = {} if meta is None else meta
         self.prompt_len, self.output_len = prompt_len, output_len
+        # slots the request occupies once its last token is produced (a plain field: read every step)
+        self.kv_len = prompt_len + output_len - 1
 
     @property
     def built(self) -> bool:
@@ -93,11 +95,6 @@ class Request:
     def output(self) -> np.ndarray:
         """[output_len] int32, a view of `tokens` (an engine that samples writes here)."""
         return self.tokens[self.prompt_len:]
-
-    @property
-    def kv_len(self) -> int:
-        """Slots the request occupies once its last token is produced."""
-        return self.prompt_len + self.output_len - 1
 
     def token_ids(self) -> np.ndarray:
         """prompt ++ output: the ids of every token the request will ever hold (no copy)."""

@@ -461,7 +461,10 @@ class Scheduler:
 
     def retire(self, done: list[Seq]) -> None:
         """Finished requests leave: out of `running`, their memory released, in `done`'s order."""
-        finished = set(map(id, done))
-        self.running = [s for s in self.running if id(s) not in finished]
+        if len(done) == 1:
+            self.running.remove(done[0])  # (Seq compares by identity)
+        else:
+            finished = set(map(id, done))
+            self.running = [s for s in self.running if id(s) not in finished]
         for seq in done:
             self.strategy.release(seq.id)
