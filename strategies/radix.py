@@ -19,10 +19,11 @@ to the request's path; eviction pops a heap of (last access, node) with lazy del
 per evicted leaf; a private page comes from a stack of returned pages, then the next fresh id
 (0, 1, 2, …: nothing is sized by the pool up front), O(1) (a decode's page is taken inline by
 `grow`, with no further call). Page ids move in bulk: the free stack, each node's pages and each
-request's private pages are int64 arrays, so an eviction, an insert or a prefill chunk moves its
-pages by buffer copies, not one Python int each. `decode_steps` makes whole quiet decode steps at
-page_size 1 (each decode takes a page) in bulk: a run of steps hands every request its column of
-pages by strided array slices, the same pages, in the same order, as the per-token grows.
+request's private pages are int32 arrays (int64 past 2^31 pages), so an eviction, an insert or a
+prefill chunk moves its pages by buffer copies, not one Python int each. `decode_steps` makes
+whole quiet decode steps at page_size 1 (each decode takes a page) in bulk: a run of steps hands
+every request its column of pages by strided array slices, the same pages, in the same order, as
+the per-token grows.
 
 A request that waits for memory is matched once: when it is refused, its matched path (nodes
 and where each ends, read from the matched node's parents in O(depth)) is kept in a memo and
@@ -77,12 +78,12 @@ from kvbench.strategies.host_tier import HostPool, host_pages_for
 _EMPTY = np.zeros(0, dtype=np.int32)
 
 
-def _page_array() -> array:
-    """A list of page ids as an int64 array: bulk moves to and from the free stack and numpy are
-    buffer copies, not one Python int per page."""
-    return array("q")
-
-
+def _page_type(num_pages: int) -> tuple[str, np.dtype]:
+    """The array typecode of a pool's lists of page ids, and numpy's dtype for their items: int32
+    where every id fits (half the bytes of int64 to copy per page), else int64. Bulk moves to and
+    from the free stack and numpy are buffer copies, not one Python int per page."""
+    code = "i" if array("i").itemsize == 4 and num_pages <= 2 ** 31 else "q"
+    return code, np.dtype(f"i{array(code).itemsize}")
 _HOST_IDS = np.dtype(f"i{array('l').itemsize}")  # the host pool's free stack is an array("l")
 
 
@@ -106,7 +107,7 @@ class _Node:
 
     def __init__(self, key: np.ndarray, pages: array | None, parent: _Node | None, access: int) -> None:
         self.key = key  # [n] token ids, n a multiple of page_size
-        self.pages = pages  # [n // page_size] page ids, an int64 array (None: on the host tier)
+        self.pages = pages  # [n // page_size] page ids, an int32/int64 array (None: on the host tier)
         self.children: dict[object, _Node] = {}
         self.parent = parent  # None for the root and for nodes removed from the tree
         self.lock = 0  # running requests whose prefix path passes through this node
@@ -120,7 +121,7 @@ class _Seq:
     num_prompt: int
     node: _Node  # deepest tree node of its prefix (locked)
     tree_len: int  # leading positions stored in the tree
-    private: array = field(default_factory=_page_array)  # pages for positions >= tree_len
+    private: array  # pages for positions >= tree_len
     length: int = 0
     reserved: int = 0
     cache_len: int = 1 << 62  # leading positions it may insert into the tree (admission options)
@@ -150,6 +151,7 @@ class RadixStrategy(Strategy):
                  cache_outputs: bool = True, min_cache_len: int = 0, host_tier_tokens: int = 0,
                  host_tier_eviction: str = "lru") -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
+        self._tc, self._dt = _page_type(self.num_pages)  # page id arrays: typecode, numpy dtype
         host_pages = host_pages_for(host_tier_tokens, self.page_size, "radix")
         self._host = None  # off; else the host pool (its lru: by last access, as the GPU's)
         if host_pages:
@@ -169,8 +171,8 @@ class RadixStrategy(Strategy):
         self.cache_outputs, self.min_cache_len = bool(cache_outputs), int(min_cache_len)
         self._admission = not self.cache_outputs or self.min_cache_len > 0
         self._clock = itertools.count(1)
-        self.root = _Node(_EMPTY, _page_array(), None, 0)
-        self._free = _page_array()  # a stack of returned page ids (most recent on top)
+        self.root = _Node(_EMPTY, array(self._tc), None, 0)
+        self._free = array(self._tc)  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free)
         self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
         # the unlocked leaves (the only evictable nodes, whatever the policy), in the policy's order;
@@ -320,7 +322,7 @@ class RadixStrategy(Strategy):
         while node is not self.root:
             parts.append(node.pages)
             node = node.parent
-        out = _page_array()
+        out = array(self._tc)
         for p in reversed(parts):
             out += p
         return out
@@ -407,7 +409,7 @@ class RadixStrategy(Strategy):
         """k pages: returned ones first (most recent first), then fresh ids in order; appended to
         `into` (default: a new array), which is returned."""
         free = self._free
-        pages = _page_array() if into is None else into
+        pages = array(self._tc) if into is None else into
         if k == 1 and (free or self._fresh):  # the decode path
             self._private_pages += 1
             if free:
@@ -426,11 +428,11 @@ class RadixStrategy(Strategy):
             if r:
                 pages += free[n - 1:n - r - 1:-1] if n > r else free[::-1]
         else:  # (reversed by numpy: fewer instructions per page, a fixed cost per call)
-            pages.frombytes(np.frombuffer(free, dtype=np.int64)[n - 1:n - r - 1 if n > r else None:-1].tobytes())
+            pages.frombytes(np.frombuffer(free, dtype=self._dt)[n - 1:n - r - 1 if n > r else None:-1].tobytes())
         del free[n - r:]
         if r < k:
             first = self.num_pages - self._fresh
-            pages.frombytes(np.arange(first, first + k - r, dtype=np.int64).tobytes())
+            pages.frombytes(np.arange(first, first + k - r, dtype=self._dt).tobytes())
             self._fresh -= k - r
         return pages
 
@@ -518,7 +520,7 @@ class RadixStrategy(Strategy):
             at += len(hp)
             host.h2d_many(hp, got)
             host.give_many(hp)
-            nd.pages = _page_array()
+            nd.pages = array(self._tc)
             nd.pages.extend(got)
             self._evictable += len(nd.key)
 
@@ -606,7 +608,7 @@ class RadixStrategy(Strategy):
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
         seq = self._seqs[rid]
-        return np.frombuffer(self._path_pages(seq.node) + seq.private, dtype=np.int64).astype(np.int32)
+        return np.frombuffer(self._path_pages(seq.node) + seq.private, dtype=self._dt).astype(np.int32)
 
     def cached_prefix_len(self, tokens, num_prompt) -> int:
         return self._match(tokens[:(num_prompt - 1) // self.page_size * self.page_size])[2]  # a walk: pure
@@ -636,7 +638,7 @@ class RadixStrategy(Strategy):
             self._load_path(node)
         self._lock(node)
         seq = _Seq(tokens=tokens, kv_len=kv_len, num_prompt=num_prompt, node=node,
-                   tree_len=cached, length=cached)
+                   tree_len=cached, private=array(self._tc), length=cached)
         if self._admission:  # insert only the prompt, or nothing of a short request
             seq.cache_len = 0 if num_prompt < self.min_cache_len else (kv_len if self.cache_outputs else num_prompt)
         self._seqs[rid] = seq
@@ -832,7 +834,7 @@ class RadixStrategy(Strategy):
                     s.private += pages[i::d]
                     s.length += m
             else:  # (a strided slice copies item by item: numpy's transpose is cheaper from ~2k pages)
-                cols, w = np.frombuffer(pages, dtype=np.int64).reshape(m, d).T.tobytes(), 8 * m
+                cols, w = np.frombuffer(pages, dtype=self._dt).reshape(m, d).T.tobytes(), self._dt.itemsize * m
                 for i, s in enumerate(seqs):
                     s.private.frombytes(cols[i * w: i * w + w])
                     s.length += m
@@ -852,7 +854,7 @@ class RadixStrategy(Strategy):
             pages = free[stack - 1: stack - r - 1: -1] if stack > r else free[::-1]
             del free[stack - r:]
         else:
-            pages = _page_array()
+            pages = array(self._tc)
         f = min(n - r, self._fresh)
         if f:
             first = self.num_pages - self._fresh
@@ -895,7 +897,7 @@ class RadixStrategy(Strategy):
             self._insert(src, done)
         self._lock(src.node)
         seq = _Seq(tokens=child_tokens, kv_len=child_kv_len, num_prompt=src.num_prompt,
-                   node=src.node, tree_len=done, length=done)
+                   node=src.node, tree_len=done, private=array(self._tc), length=done)
         self._seqs[child] = seq
         if tail:  # copy-on-write of the partly filled last page, at once
             self._extend(seq, src.length)
