@@ -745,11 +745,16 @@ class RadixStrategy(Strategy):
                 cached0, evicted = self._evictable, []
                 self._hand_out(seqs, m, evicted)
                 kv_left -= m
-                token, reserved, internal, external, _, _ = self.slot_states(None)
+                token, reserved = self._protected + self._private_token, self._reserved  # (slot_states, page_size 1)
                 c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
                 c_reserved += [reserved] * m
-                c_internal += [internal] * m
-                c_external += [external] * m
+                c_internal += [self._private_pages - self._private_token - reserved] * m
+                c_external += [0] * m
+                if not evicted:  # (the common case)
+                    c_cached += [cached0] * m
+                    c_free.extend(range(avail - d, avail - (m + 1) * d, -d))
+                    done += m
+                    continue
                 t, gone = 1, 0  # steps t.. have `gone` slots evicted so far
                 for at, got in evicted:  # an eviction at take `at` counts from step at // d + 1 on
                     step = at // d + 1
