@@ -166,13 +166,14 @@ class QuietRun:
                 token, reserved, deferred = token + d * m, reserved - d * m, deferred + d * m
                 j += m
                 continue
-            takers = pages_at[j]
-            if free + cached < len(takers) * ps:
+            takers = pages_at.pop(j)
+            nt = len(takers)
+            if free + cached < nt * ps:
+                pages_at[j] = takers  # (left as they were)
                 self.blocked = True
                 break
             heappop(takes)
-            del pages_at[j]
-            if bulk is not None and deferred == 0 and len(takers) == d:  # every live request takes a page
+            if bulk is not None and deferred == 0 and nt == d:  # every live request takes a page
                 order = sorted(takers)  # running order
                 n = bulk([seqs[i].id for i in order], stop - j, cols)  # >= 1 step (free + cached suffice)
                 j += n
@@ -189,7 +190,7 @@ class QuietRun:
                         self.moved = moved
                         break
                 continue
-            if len(takers) > 1:
+            if nt > 1:
                 takers.sort()  # running order
             for i in takers:
                 s, was = seqs[i], held[i]
@@ -206,12 +207,13 @@ class QuietRun:
                 deferred -= pos - was
                 nxt = j + 1 + (room(rid, pos + 1) if room is not None else -(pos + 1) % ps)
                 if nxt <= fin[i]:
-                    if nxt in pages_at:
-                        pages_at[nxt].append(i)
-                    else:
+                    at = pages_at.get(nxt)
+                    if at is None:
                         pages_at[nxt] = [i]
                         heappush(takes, nxt)
-            deferred += d - len(takers)
+                    else:
+                        at.append(i)
+            deferred += d - nt
             token, reserved, internal, external, cached, free = st.slot_states(wkv)
             token, reserved = token + deferred, reserved - deferred
             explicit.append(token)  # (a row of `cols`: cheaper to convert than a stretch of 1)
