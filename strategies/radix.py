@@ -375,11 +375,11 @@ class RadixStrategy(Strategy):
             key = int(ids[pos]) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:n])
             child = node.children.get(key)
             m = 0 if child is None else self._common(child.key, ids[pos:n])
-            if m == 0:  # new leaf with the rest: adopt our pages
+            if m == 0:  # new leaf with the rest: adopt our pages (locked by us; never in the policy)
                 leaf = _Node(ids[pos:n].copy(), private[pos // ps - own_from: n // ps - own_from], node, now)
+                leaf.lock = 1
                 node.children[key] = leaf
-                self._evictable += n - pos
-                added.append(leaf)
+                self._protected += n - pos
                 node, pos = leaf, n
                 break
             if m < len(child.key):
