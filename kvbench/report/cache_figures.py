@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.report.collect import Collection
-from kvbench.report.figures import HIT_MIN, Figure, _ordered, _save, plt, representative
+from kvbench.report.figures import HIT_MIN, Figure, _ordered, _save, log2_axis, representative, subplots
 from kvbench.report.style import colour, label_order, line_style
 
 
@@ -41,7 +41,7 @@ def prefix_hits(col: Collection, out: Path, bounds: pd.DataFrame | None = None) 
     groups = list(reps.groupby(keys, sort=True))
     labels = label_order(reps.label)
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 3, 0.3 * len(labels) * len(groups) + 3), 4))
+    fig, ax = subplots(figsize=(max(6, 1.6 * len(groups) + 3, 0.3 * len(labels) * len(groups) + 3), 4))
     for i, lab in enumerate(labels):
         for k, (_, g) in enumerate(groups):
             v = g[g.label == lab].prefix_hit_rate
@@ -112,7 +112,7 @@ def vs_page_size(col: Collection, out: Path, kernel_times: pd.DataFrame | None =
               "internal fragmentation [% of held]", 100), ("prefix_hit_rate", "prefix hit rate [%]", 100),
               ("output_throughput", "output throughput [tok/s]", 1)]
     extra = kernel_times is not None and len(kernel_times)
-    fig, axes = plt.subplots(1, len(panels) + bool(extra), figsize=(3.6 * (len(panels) + bool(extra)), 3.6))
+    fig, axes = subplots(1, len(panels) + bool(extra), figsize=(3.6 * (len(panels) + bool(extra)), 3.6))
     for trace, style in zip(sorted(t.trace.unique()), ("o-", "s--", "^:", "d-.")):
         for (strategy, caching), d in t[t.trace == trace].groupby(["strategy", t.prefix_caching.fillna(True)]):
             d = d.sort_values("page_size")
@@ -133,7 +133,7 @@ def vs_page_size(col: Collection, out: Path, kernel_times: pd.DataFrame | None =
         ax.set_title(f"{str(kernel_times.get('device', pd.Series(['GPU'])).iloc[0])[:24]}\n{shape}", fontsize=7)
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes:
-        ax.set_xscale("log", base=2)
+        log2_axis(ax.xaxis)
         ax.set_xlabel("page size [tokens]")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

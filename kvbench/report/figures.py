@@ -1,19 +1,22 @@
 """The report's figures. Each function draws one PNG from a Collection and returns a Figure
-(file name and a one-sentence caption), or None when the runs hold nothing to draw for it."""
+(file name and a one-sentence caption), or None when the runs hold nothing to draw for it.
+
+Figures are matplotlib `Figure`s on an Agg canvas (`subplots` below), not pyplot's: no figure
+manager, nothing to close, and pyplot (~0.15 s) is not imported. Each is laid out once
+(`tight_layout`) and drawn once, straight into PIL (`_save`)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure as _MplFigure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from kvbench.report.collect import Collection  # noqa: E402
-from kvbench.report.style import HELD, STATE_COLOURS, STATE_NAMES, STATES, colour, label_order, line_kw  # noqa: E402
+from kvbench.report.collect import Collection
+from kvbench.report.style import HELD, STATE_COLOURS, STATE_NAMES, STATES, colour, label_order, line_kw
 
 DPI = 80
 HIT_MIN = 1e-3  # prefix hit rates below this are chance matches of random ids: no hit figure
@@ -28,6 +31,35 @@ class Figure(NamedTuple):
     file: str
     title: str
     caption: str
+
+
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple = (6.4, 4.8), squeeze: bool = True):
+    """pyplot.subplots' (fig, axes) for a Figure of its own on an Agg canvas, at the PNG's DPI."""
+    fig = _MplFigure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def _power_of_two(v: float, _pos=None) -> str:
+    """A base-2 log axis' tick as a plain number (1, 2, 4, 0.5, 1024), 2 with a superscript
+    power far from 1 (2\u207b\u00b9\u2070): the ticks matplotlib's default formatter writes in mathtext,
+    whose parse cost ~0.1 s a figure."""
+    if v <= 0 or not np.isfinite(v):
+        return ""
+    k = np.log2(v)
+    if k != round(k) or -6 <= k < 20:
+        return f"{v:g}"
+    return "2" + str(int(round(k))).translate(_SUPERSCRIPT)
+
+
+def log2_axis(axis) -> None:
+    """A base-2 log scale on `axis` (ax.xaxis / ax.yaxis), its ticks labelled by _power_of_two."""
+    (axis.axes.set_xscale if axis.axis_name == "x" else axis.axes.set_yscale)("log", base=2)
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(_power_of_two))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def varying(table: pd.DataFrame, cols=SWEPT) -> list[str]:
@@ -119,19 +151,17 @@ def _latency_axis(ax) -> None:
 
 
 def _save(fig, out: Path, file: str) -> None:
-    """The figure as a 256-colour PNG (a third of the bytes, no visible change). Matplotlib's
-    RGBA image goes to PIL through memory, uncompressed: the same pixels as through a
-    compressed file (the PNG written is the same), without zlib's work on a file read once."""
-    from io import BytesIO
-
+    """The figure (laid out by its tight_layout) as a 256-colour PNG (a third of the bytes, no
+    visible change): drawn once on its Agg canvas, whose RGBA buffer PIL reads in place. (Was:
+    savefig with bbox_inches="tight", which drew the figure twice and laid out every tick label
+    again to crop it, then a PNG encoded and decoded on the way: ~40 % of a figure's time.)"""
     from PIL import Image  # matplotlib's own dependency
 
-    rgba = BytesIO()
-    fig.savefig(rgba, format="png", dpi=DPI, bbox_inches="tight", pil_kwargs={"compress_level": 0})
-    plt.close(fig)
-    rgba.seek(0)
-    with Image.open(rgba) as im:
-        im.convert("RGB").quantize(colors=256).save(out / file, optimize=True)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = canvas.buffer_rgba()
+    im = Image.frombuffer("RGBA", (rgba.shape[1], rgba.shape[0]), rgba, "raw", "RGBA", 0, 1)
+    im.convert("RGB").quantize(colors=256).save(out / file, optimize=True)
 
 
 def _where(r) -> str:
@@ -161,7 +191,7 @@ def memory_breakdown(col: Collection, out: Path) -> Figure | None:
     t = t.assign(name_=names)
     groups = list(t.groupby("where_", sort=False))
     width = max(len(g) for _, g in groups)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(max(9, 0.5 * width * 2 + 3), 3.4 * len(groups) + 0.6),
+    fig, axes = subplots(len(groups), 2, figsize=(max(9, 0.5 * width * 2 + 3), 3.4 * len(groups) + 0.6),
                              squeeze=False)
     for row, (where, g) in zip(axes, groups):
         x = np.arange(len(g))
@@ -183,8 +213,9 @@ def memory_breakdown(col: Collection, out: Path) -> Figure | None:
         row[0].set_title(f"{where}: the KV pool", fontsize=10)
         row[1].set_title(f"{where}: memory held by requests", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=6, fontsize=8, bbox_to_anchor=(0.5, 1.0), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    ncol = 6 if fig.get_figwidth() >= 10.5 else 3  # (the figure is not cropped: the legend fits inside it)
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=8, bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 if ncol == 6 else 0.7) / fig.get_figheight()))
     _save(fig, out, "memory_breakdown.png")
     return Figure("memory_breakdown.png", "Memory breakdown per strategy",
                   "Where the KV pool's slots went, time-weighted over each run: left as shares of the "
@@ -205,7 +236,7 @@ def slot_states(col: Collection, out: Path, run: str | None = None) -> Figure | 
     if not runs:
         return None
     names = dict(zip(t.run, run_names(t)))
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 1.9 * len(runs) + 0.8), squeeze=False)
+    fig, axes = subplots(len(runs), 1, figsize=(9, 1.9 * len(runs) + 0.8), squeeze=False)
     for ax, r in zip(axes[:, 0], runs):
         tl = _coarse(col.timelines[r])
         ax.stackplot(tl.t_s, *[tl[s] * 100 for s in STATES], colors=[STATE_COLOURS[s] for s in STATES],
@@ -235,7 +266,7 @@ def vs_rate(col: Collection, out: Path) -> Figure | None:
     if t.groupby(["trace", "label"])[rate].nunique().max() < 3:  # a line needs a few rates
         return None
     traces = sorted(t.trace.unique())
-    fig, axes = plt.subplots(len(traces), 3, figsize=(13, 3.6 * len(traces)), squeeze=False)
+    fig, axes = subplots(len(traces), 3, figsize=(13, 3.6 * len(traces)), squeeze=False)
     for row, trace in zip(axes, traces):
         g = t[t.trace == trace]
         ttft_k = 1.0 if g.ttft_p99_s.max() > 10 else 1e3  # past saturation TTFT runs to minutes: seconds
@@ -249,12 +280,12 @@ def vs_rate(col: Collection, out: Path) -> Figure | None:
                         **{**kw, "marker": "x"})
         xs = np.sort(g[rate].dropna().unique())
         row[0].plot(xs, xs, ":", color="grey", label="served = offered")
-        row[0].set_yscale("log", base=2)
+        log2_axis(row[0].yaxis)
         row[0].set_ylabel("request throughput [req/s]")
         row[1].set_ylabel("TTFT [ms]" if ttft_k == 1e3 else "TTFT [s]")
         row[2].set_ylabel("TPOT [ms/token]")
         for ax, what in zip(row, ("throughput", "time to first token", "time per output token")):
-            ax.set_xscale("log", base=2)
+            log2_axis(ax.xaxis)
             ax.set_xlabel("request rate offered [req/s]")
             ax.set_title(f"{trace}: {what}", fontsize=10)
             ax.grid(alpha=0.3)
@@ -282,7 +313,7 @@ def latency_cdf(col: Collection, out: Path) -> Figure | None:
     if not len(reps):
         return None
     traces = sorted(reps.trace.unique())
-    fig, axes = plt.subplots(len(traces), 3, figsize=(13, 3.4 * len(traces)), squeeze=False)
+    fig, axes = subplots(len(traces), 3, figsize=(13, 3.4 * len(traces)), squeeze=False)
     for row, trace in zip(axes, traces):
         g = reps[reps.trace == trace]
         for _, r in g.iterrows():
@@ -314,7 +345,7 @@ def batch_size(col: Collection, out: Path) -> Figure | None:
     if not len(reps):
         return None
     traces = sorted(reps.trace.unique())
-    fig, axes = plt.subplots(len(traces), 1, figsize=(9, 3.0 * len(traces)), squeeze=False)
+    fig, axes = subplots(len(traces), 1, figsize=(9, 3.0 * len(traces)), squeeze=False)
     for ax, trace in zip(axes[:, 0], traces):
         for _, r in reps[reps.trace == trace].iterrows():
             tl = _coarse(col.timelines[r.run])

@@ -109,7 +109,6 @@ def _draw(draw, col: Collection, out: Path, args: tuple) -> tuple:
     try:
         return draw(col, out, *args), None
     except Exception as err:  # noqa: BLE001
-        F.plt.close("all")
         return None, f"figure {draw.__name__} not drawn: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
