@@ -28,7 +28,12 @@ grammar (~0.3 ms) every time the value is read, resolved, copied or dumped, ~12 
 tree is only read by its visitor afterwards, so one tree serves every read (a string that does not
 parse raises as before and is not kept).
 
-`install()` mutates ConfigLoaderImpl, OverridesParser.parse_overrides,
+Also, in a sweep's process: Hydra composes the whole config twice before the sweep starts, once
+to read `hydra.mode` (`Hydra.get_mode`, which drops the config) and once more for the sweep with
+the same overrides (`Hydra.multirun`); the second takes the first's config (its sweep overrides
+checked then, as Hydra's own compose checks them): ~0.1 s of the sweep's serial start.
+
+`install()` mutates ConfigLoaderImpl, Hydra.get_mode, OverridesParser.parse_overrides,
 config_loader_impl.create_defaults_list and the `parse` that omegaconf.base and omegaconf._utils
 call, once per process.
 """
@@ -48,6 +53,8 @@ _SOURCES: dict[tuple, Any] = {}  # search path -> the repository (sources) a job
 _TEMPLATES: dict[tuple, tuple[Any, bytes | None]] = {}  # (id(defaults), name, cwd, sources) -> (defaults, the job-independent compose pickled)
 _LOADED: "weakref.WeakKeyDictionary[Any, dict[str, bytes]]" = weakref.WeakKeyDictionary()  # repository -> file -> ConfigResult pickled
 _PLAIN: set[tuple] = set()  # (search path, config name) whose primary config sets no hydra.searchpath
+_IN_GET_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("kvbench_get_mode", default=False)
+_MODE_COMPOSE: dict[str, tuple[tuple, Any]] = {}  # "last" -> (the load's key, the config get_mode composed and dropped)
 _MAX = 256  # memo entries of each kind (a sweep picks few group combinations)
 _TREES: dict[tuple[str, str, str], Any] = {}  # (interpolation string, rule, lexer mode) -> its parse tree
 _MAX_TREES = 4096
@@ -288,9 +295,42 @@ def install() -> None:
         except Exception:
             return None
 
+    from hydra._internal.hydra import Hydra
+
+    whole_get_mode, whole_load = Hydra.get_mode, ConfigLoaderImpl.load_configuration
+
+    def get_mode(self, config_name, overrides):
+        token = _IN_GET_MODE.set(True)
+        try:
+            return whole_get_mode(self, config_name, overrides)
+        finally:
+            _IN_GET_MODE.reset(token)
+
+    def load_configuration(self, config_name, overrides, run_mode, from_shell=True, validate_sweep_overrides=True):
+        """Hydra's, but the multirun compose right after get_mode's (same loader, config name,
+        overrides, mode, cwd) takes get_mode's config, which nothing else read or kept."""
+        key = (id(self), config_name, tuple(overrides), run_mode, from_shell, os.getcwd())
+        kept = _MODE_COMPOSE.pop("last", None)
+        mode_line = f"hydra.mode={run_mode.name}"  # (what _run_app appends when the config sets no mode)
+        if (kept is not None and not _IN_GET_MODE.get() and run_mode == RunMode.MULTIRUN
+                and key == kept[0][:2] + (kept[0][2] + (mode_line,),) + kept[0][3:]):
+            parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+            if validate_sweep_overrides:  # (get_mode's compose skipped this check)
+                self.validate_sweep_overrides_legal(overrides=parsed, run_mode=run_mode, from_shell=from_shell)
+            cfg = kept[1]  # Hydra's last steps for the one override more: its value, then its line
+            ConfigLoaderImpl._apply_overrides_to_config(parsed[-1:], cfg)
+            cfg.hydra.overrides.hydra.append(mode_line)
+            return cfg
+        cfg = whole_load(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+        if _IN_GET_MODE.get() and run_mode == RunMode.MULTIRUN:
+            _MODE_COMPOSE["last"] = (key, cfg)
+        return cfg
+
     for fn in (load_sweep_config, parse_overrides, create_defaults_list, compose_config_from_defaults_list,
-               parse_overrides_and_create_caching_repo, load_configuration_impl):
+               parse_overrides_and_create_caching_repo, load_configuration_impl, get_mode, load_configuration):
         fn._kvbench = True
+    Hydra.get_mode = get_mode
+    ConfigLoaderImpl.load_configuration = load_configuration
     ConfigLoaderImpl._load_configuration_impl = load_configuration_impl
     ConfigLoaderImpl._parse_overrides_and_create_caching_repo = parse_overrides_and_create_caching_repo
     ConfigLoaderImpl.load_sweep_config = load_sweep_config

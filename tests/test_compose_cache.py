@@ -90,3 +90,28 @@ def test_a_job_that_adds_a_search_path_changes_no_other_job(tmp_path):
     assert loader.load_sweep_config(master, extra).strategy.page_size == 32
     with pytest.raises(ConfigCompositionException):  # the search path stayed with the job that set it
         loader.load_sweep_config(master, ["strategy=paged_extra"])
+
+
+@pytest.mark.parametrize("overrides", [SWEEP + ["experiment=throughput_vs_rate"], SWEEP + ["strategy=paged,radix", "hydra.mode=MULTIRUN"]])
+def test_the_sweep_compose_after_get_mode_equals_a_fresh_one(overrides):
+    """Hydra.get_mode's compose serves the multirun compose right after it (one override more:
+    the hydra.mode line _run_app appends when the config sets no mode); the config is a fresh one's."""
+    from hydra._internal.hydra import Hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    compose_cache.install()
+    GlobalHydra.instance().clear()
+    hydra = Hydra.create_main_hydra2(task_name="kvbench", config_search_path=create_config_search_path(CONFIG_DIR))
+    fresh = hydra.config_loader.load_configuration("config", overrides + ["hydra.mode=MULTIRUN"], RunMode.MULTIRUN)
+    hydra.get_mode("config", list(overrides))
+    assert "last" in compose_cache._MODE_COMPOSE
+    reused = hydra.config_loader.load_configuration("config", overrides + ["hydra.mode=MULTIRUN"], RunMode.MULTIRUN)
+    assert _view(reused) == _view(fresh)
+    assert OmegaConf.to_yaml(reused.hydra, resolve=False) == OmegaConf.to_yaml(fresh.hydra, resolve=False)
+    assert compose_cache._MODE_COMPOSE == {}
+    hydra.get_mode("config", ["hydra.job.chdir=true,false"])  # a sweep over Hydra's config: still refused
+    with pytest.raises(ConfigCompositionException, match="Sweeping over Hydra's configuration"):
+        hydra.config_loader.load_configuration("config", ["hydra.job.chdir=true,false", "hydra.mode=MULTIRUN"],
+                                               RunMode.MULTIRUN)
+    GlobalHydra.instance().clear()
