@@ -119,6 +119,18 @@ class _Match:
 
 _VISIBILITY = ("computed", "scheduled")
 _NEVER = 1 << 62  # hash_at of a request that hashes no more pages (admission options)
+_BULK_IDS = 8  # registering this many pages or more: their ids as bytes from one numpy call (its
+# fixed cost is about 8 bytes slices'), not a slice each
+_VOIDS: dict[int, np.dtype] = {}
+
+
+def _void(nb: int) -> np.dtype:
+    """The numpy dtype of one page's ids as one opaque item of `nb` bytes (its `tolist()` gives
+    `bytes`, equal to the slice of the same bytes). Cached per size."""
+    dt = _VOIDS.get(nb)
+    if dt is None:
+        dt = _VOIDS[nb] = np.dtype((np.void, nb))
+    return dt
 
 
 class _Scratch:
@@ -545,7 +557,16 @@ class PagedStrategy(Strategy):
                 table[h] = pid
                 page_hashes[pid] = h
                 stored[pid] = ids
-        else:  # a chunk's pages (one loop: comprehensions for the ids and hashes cost more)
+        elif full - first >= _BULK_IDS:  # a prefill chunk's pages: their ids cut in one numpy call
+            setdefault = table.setdefault  # (one probe: inserts where the hash is new)
+            pieces = np.frombuffer(data, _void(nb), full - first, first * nb).tolist()
+            for pid, ids in zip(seq.pages[first:full], pieces):
+                h = hash((h, ids))
+                hashes.append(h)
+                if page_hashes[pid] is None and setdefault(h, pid) == pid:  # (table[h] == pid means hashed)
+                    page_hashes[pid] = h
+                    stored[pid] = ids
+        else:  # a few pages
             for pid, at in zip(seq.pages[first:full], range(first * nb, full * nb, nb)):
                 ids = data[at:at + nb]
                 h = hash((h, ids))
