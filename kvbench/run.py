@@ -108,14 +108,15 @@ def build(node: DictConfig, plain: object = None, **kwargs: object) -> object:
     return instantiate(node, **kwargs)
 
 
-def finished_before(cfg: DictConfig, out_dir: Path) -> dict | None:
+def finished_before(cfg: DictConfig, out_dir: Path, plain: dict | None = None) -> dict | None:
     """The summary of a finished run of this same config in `out_dir`, if any: its marker parses,
-    names this config's hash, and its tables are readable parquet files."""
+    names this config's hash, and its tables are readable parquet files. `plain`: cfg resolved,
+    when the caller has it (as config_hash)."""
     import pyarrow.parquet as pq
 
     try:
         summary = json.loads((out_dir / MARKER).read_text())
-        if not isinstance(summary, dict) or summary.get("config_hash") != config_hash(cfg):
+        if not isinstance(summary, dict) or summary.get("config_hash") != config_hash(cfg, plain):
             return None
         for table in TABLES:
             pq.read_metadata(out_dir / table)
@@ -252,16 +253,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     Raises ConfigError (a value out of range, an empty trace) before anything is written, and
     OutputError when out_dir cannot be written. Unless cfg.redo, a run dir that already holds the
     finished results of this same config is not run again (an interrupted sweep resumes)."""
-    validate(cfg)
+    try:  # resolved once: validate, the resume check, the builds, the hash and config.yaml read it
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # (validate and the run raise their own errors, as before)
+        plain = None
+    validate(cfg, plain)
     out_dir = Path(out_dir)
     with locked(out_dir):
-        if not cfg.get("redo", False) and (earlier := finished_before(cfg, out_dir)) is not None:
+        if not cfg.get("redo", False) and (earlier := finished_before(cfg, out_dir, plain)) is not None:
             (out_dir / ERROR).unlink(missing_ok=True)
             print(f"kvbench: kept the earlier results of this config in {out_dir} (redo=true runs it again)")
             return earlier
         _clear(out_dir)
         try:
-            return _replay_and_write(cfg, out_dir)
+            return _replay_and_write(cfg, out_dir, plain)
         finally:  # a failed run leaves no temporary file of its own (the streamed timeline's)
             for tmp in out_dir.glob(f".*.tmp{os.getpid()}*"):
                 tmp.unlink(missing_ok=True)
@@ -325,9 +330,10 @@ def strategy_sizes(cfg: DictConfig, capacity: int) -> dict:
     return {"geometry": PoolGeometry.of(cfg.model, ps, capacity // ps)}
 
 
-def _replay_and_write(cfg: DictConfig, out_dir: Path) -> dict:
+def _replay_and_write(cfg: DictConfig, out_dir: Path, plain: dict | None = None) -> dict:
     wall0 = time.perf_counter()
-    plain = OmegaConf.to_container(cfg, resolve=True)  # read once: the builds, the hash, config.yaml
+    if plain is None:  # read once: the builds, the hash, config.yaml
+        plain = OmegaConf.to_container(cfg, resolve=True)
     bpt = kv_bytes_per_token(cfg.model)  # validate() checked model.dtype
     logger = build(cfg.logger, plain.get("logger")) if cfg.get("logger") is not None else None  # fails early
     requests = load_trace(cfg, plain.get("trace"))

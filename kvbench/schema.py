@@ -210,20 +210,65 @@ def validate_node(key: str, node: DictConfig, target: object = None) -> None:
         raise ConfigError(f"{key}: min={lo} > max={hi}: min must be <= max")
 
 
-def validate(cfg: DictConfig) -> None:
+_PASSED: dict[str, None] = {}  # the resolved nodes (as JSON, with where they are) that passed their checks
+_MAX_PASSED = 1024
+
+
+def _once(what: str, plain: object, check) -> None:
+    """check(), unless the same node, resolved to `plain` (to_container(resolve=True)), passed it
+    before in this process: a node's checks read only its resolved values (and the signature of
+    its `_target_`, fixed in a process), so they pass again. A sweep's jobs repeat every node
+    but the ones their overrides change (~3 ms a job). Only passes are kept: a bad value raises
+    every time. Without `plain`, or a node JSON cannot write: check() every time."""
+    import json
+
+    if plain is None:
+        return check()
+    try:
+        key = json.dumps([what, plain], sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError):
+        return check()
+    if key in _PASSED:
+        return None
+    check()
+    if len(_PASSED) >= _MAX_PASSED:
+        _PASSED.clear()
+    _PASSED[key] = None
+
+
+def validate(cfg: DictConfig, plain: dict | None = None) -> None:
     """Raise one ConfigError for the first value of `cfg` outside its allowed range (see the
-    module docstring). Reads cfg only; resolves interpolations."""
+    module docstring). Reads cfg only; resolves interpolations. `plain`: cfg resolved
+    (`OmegaConf.to_container(cfg, resolve=True)`), when the caller has it: each node whose
+    resolved values passed before in this process is not checked again (`_once`)."""
     from kvbench.scheduler import Scheduler
 
+    if not isinstance(plain, dict):
+        plain = None
+
     known = {f.name for f in RunSchema.__dataclass_fields__.values()}
-    for key in cfg:
+    for key in (plain if plain is not None else cfg):
         if key not in known:
             raise ConfigError(f"{key}: not a key of the config (keys: {', '.join(sorted(known))})")
-    for key, rng in TOP.items():
-        check_value(key, cfg.get(key), rng)
+    for key, rng in TOP.items():  # (a resolved value as cfg.get gives it; a missing one '???' from cfg itself)
+        value = plain.get(key) if plain is not None else None
+        check_value(key, value if value is not None and value != "???" else cfg.get(key), rng)
     model = cfg.get("model")
     if not isinstance(model, DictConfig):
         raise ConfigError(f"model={model!r}: must be a model config (model=llama3_1_8b, ...)")
+    _once("model", plain and plain.get("model"), lambda: _validate_model(model))
+    _once("scheduler", plain and plain.get("scheduler"), lambda: validate_node("scheduler", cfg.scheduler, Scheduler))
+    for group in ("strategy", "engine", "trace", "logger"):
+        node = cfg.get(group)
+        if node is None and group == "logger":
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{group}={node!r}: must be a config with a _target_ ({group}=NAME)")
+        _once(group, plain and plain.get(group), lambda: validate_node(group, node))
+
+
+def _validate_model(model: DictConfig) -> None:
+    """The model node's shape, dtype, arch and layer groups (validate's part for cfg.model)."""
     present = set(model.keys())  # (`in` a struct config raises and catches a KeyError for an absent key: ~0.2 ms)
     for name, rng in MODEL.items():
         if name in present and name in model:
@@ -236,14 +281,6 @@ def validate(cfg: DictConfig) -> None:
         layer_groups(model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    validate_node("scheduler", cfg.scheduler, Scheduler)
-    for group in ("strategy", "engine", "trace", "logger"):
-        node = cfg.get(group)
-        if node is None and group == "logger":
-            continue
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ConfigError(f"{group}={node!r}: must be a config with a _target_ ({group}=NAME)")
-        validate_node(group, node)
 
 
 def check_pool(capacity_tokens: int, page_size: int) -> None:
