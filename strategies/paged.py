@@ -189,6 +189,7 @@ class PagedStrategy(Strategy):
         self._lru.bind(self.num_pages)
         self.eviction = self._lru.name
         self._plain_lru = type(self._lru) is PageLRU and self._host is None  # evictions: no policy or host frames
+        self._page_lru = type(self._lru) is PageLRU  # its size is `.n` (len() would run a Python __len__)
         self._tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
@@ -199,7 +200,7 @@ class PagedStrategy(Strategy):
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
-        return len(self._free) + self._fresh + len(self._lru)
+        return len(self._free) + self._fresh + (self._lru.n if self._page_lru else len(self._lru))
 
     def _take_page(self) -> PageId:
         if self._free:
@@ -314,15 +315,15 @@ class PagedStrategy(Strategy):
         if type(lru) is PageLRU and index is None:  # the pages that turn cached join the LRU in one extend
             cached = []
             for pid in pids:
-                r = ref[pid] - 1
-                ref[pid] = r
-                if r:
+                if ref[pid] != 1:  # still held by another request (a fork, a hit)
+                    ref[pid] -= 1
                     continue
+                ref[pid] = 0
                 token += fill[pid]
-                if hashes[pid] is not None:
-                    cached.append(pid)
-                else:
+                if hashes[pid] is None:
                     free.append(pid)
+                else:
+                    cached.append(pid)
             lru.extend(cached)
             self._token -= token
             return
@@ -689,7 +690,7 @@ class PagedStrategy(Strategy):
         if num_tokens == 1 and not rem and pages:
             # a decode that starts a new page (every held page is full: none copied): the general
             # path below for one page
-            if not self._free and not self._fresh and not self._lru:  # _available() == 0
+            if not self._free and not self._fresh and not (self._lru.n if self._page_lru else self._lru):  # none left
                 return False
             if pos >= seq.hash_at:  # (never without prefix caching)
                 hashes, data = seq.hashes, seq.data
@@ -721,7 +722,7 @@ class PagedStrategy(Strategy):
         cow = rem != 0 and ref[pages[-1]] > 1
         k = -(-new_len // ps) - len(pages)  # pages_for(new_len) - held
         need = k + 1 if cow else k
-        if need > 0 and need > len(self._free) + self._fresh + len(self._lru):  # _available()
+        if need > 0 and need > len(self._free) + self._fresh + (self._lru.n if self._page_lru else len(self._lru)):
             return False  # before registering pages: a grow that answers no changes nothing
         if pos >= seq.hash_at:  # (never without prefix caching)
             self._register_full_pages(seq)
@@ -802,7 +803,7 @@ class PagedStrategy(Strategy):
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
         ps, token, reserved = self.page_size, self._token, self._reserved
-        cached = len(self._lru) * ps
+        cached = (self._lru.n if self._page_lru else len(self._lru)) * ps
         free = (len(self._free) + self._fresh) * ps
         # SlotStates(token, reserved, internal, external, cached, free) without its Python __new__
         return _new_tuple(SlotStates, (token, reserved, self._capacity - cached - free - token - reserved, 0,
