@@ -13,7 +13,8 @@ defaults list and the merged yaml depend on the group choices only. So, inside
 - the config merged from that defaults list, pickled (a copy, unpickled, is handed out each time:
   Hydra then sets its flags and applies the value overrides to the copy, as it does to a fresh
   compose; unpickling is ~6x faster than the deep copy it replaces);
-- the parsed form of each override string (Hydra's parser makes immutable Override records);
+- the parsed form of each override string (Hydra's parser makes immutable Override records),
+  one override parser, and whether a name is a config group (per search path);
 - one copy of the config repository's sources per search path (Hydra deep-copies them, with the
   ConfigStore, for every compose; a compose that changes the search path gets its own copy).
 The yaml files are thus read once per process for a sweep's jobs (as the ConfigStore already was).
@@ -55,6 +56,8 @@ _LOADED: "weakref.WeakKeyDictionary[Any, dict[str, bytes]]" = weakref.WeakKeyDic
 _PLAIN: set[tuple] = set()  # (search path, config name) whose primary config sets no hydra.searchpath
 _IN_GET_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("kvbench_get_mode", default=False)
 _MODE_COMPOSE: dict[str, tuple[tuple, Any]] = {}  # "last" -> (the load's key, the config get_mode composed and dropped)
+_GROUPS: dict[tuple, bool] = {}  # (search path, name) -> whether a config group of that name exists
+_PARSER: dict[str, Any] = {}  # "parser" -> one OverridesParser (no config loader) for the process
 _MAX = 256  # memo entries of each kind (a sweep picks few group combinations)
 _TREES: dict[tuple[str, str, str], Any] = {}  # (interpolation string, rule, lexer mode) -> its parse tree
 _MAX_TREES = 4096
@@ -104,6 +107,17 @@ def _load_kept(repo: Any, config_path: str) -> Any:
 def _job_state(key: str) -> bool:
     """Whether a value override sets what Hydra fills in after the overrides (hydra.runtime, hydra.job)."""
     return key in ("hydra", "hydra.job", "hydra.runtime") or key.startswith(("hydra.runtime.", "hydra.job."))
+
+
+def _group_exists(repo: Any, sources: tuple, name: str) -> bool:
+    """repo.group_exists(name), kept per search path and name for the process: each job asked it
+    of every value override (`trace.rate` is no group), a walk of every config source's folders."""
+    key = (sources, name)
+    if key not in _GROUPS:
+        if len(_GROUPS) >= 4 * _MAX:
+            _GROUPS.clear()
+        _GROUPS[key] = bool(repo.group_exists(name))
+    return _GROUPS[key]
 
 
 def _source_key(repo: Any) -> tuple:
@@ -156,14 +170,15 @@ def install() -> None:
         if not _ACTIVE.get():
             return whole_defaults(repo, config_name, overrides_list, prepend_hydra, skip_missing)
         values, groups = [], []
+        sources = _source_key(repo)
         for o in overrides_list:  # Hydra's split (defaults_list.Overrides.__init__)
             if o.is_sweep_override():
                 groups.append(o)
-            elif isinstance(o.value(), dict) or not repo.group_exists(o.key_or_group):
+            elif isinstance(o.value(), dict) or not _group_exists(repo, sources, o.key_or_group):
                 values.append(o)
             else:
                 groups.append(o)
-        key = (config_name, prepend_hydra, skip_missing, _source_key(repo), tuple(o.input_line for o in groups))
+        key = (config_name, prepend_hydra, skip_missing, sources, tuple(o.input_line for o in groups))
         if key not in _DEFAULTS:
             if len(_DEFAULTS) >= _MAX:
                 _DEFAULTS.clear()
@@ -211,7 +226,9 @@ def install() -> None:
     def parse_overrides_and_create_caching_repo(self, config_name, overrides):
         if not _ACTIVE.get():
             return whole_repo(self, config_name, overrides)
-        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+        if "parser" not in _PARSER:  # (create() registers the grammar's functions by signature: ~1 ms)
+            _PARSER["parser"] = OverridesParser.create()
+        parsed = _PARSER["parser"].parse_overrides(overrides=overrides)
         key = _source_key(self.repository)
         if key not in _SOURCES:
             if len(_SOURCES) >= _MAX:
