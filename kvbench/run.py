@@ -275,15 +275,33 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 _TRACE_CACHE: dict[str, list] = {}  # the last trace this process loaded for an engine that forgets ids
 
 
+_CLASSES: dict[str, tuple[type, object]] = {}  # `_target_` -> (its class, its signature's parameters)
+
+
+def _class_params(target: object) -> tuple[type, object]:
+    """(get_class(target), inspect.signature(it).parameters or None), kept per target string for the
+    process (a sweep's jobs ask for the same few classes; each lookup walked the module path and
+    built the signature again). Raises as get_class / inspect.signature do (nothing kept)."""
+    key = str(target)
+    if key not in _CLASSES:
+        from hydra.utils import get_class
+
+        cls = get_class(key)
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # (no signature: the callers treat it as they treat a bad target)
+            params = None
+        _CLASSES[key] = (cls, params)
+    return _CLASSES[key]
+
+
 def load_trace(cfg: DictConfig, plain: dict | None = None) -> list:
     """cfg.trace's requests. For an engine that never writes into a request's ids
     (`Engine.forgets_ids`: the sim), the last trace is kept for the next run of the same process
     with the same resolved trace config, trace folder and cwd (a sweep's worker replays one trace
     under many strategies and rates: the file is parsed once); such a run changes no request."""
-    from hydra.utils import get_class
-
     try:
-        shareable = bool(getattr(get_class(cfg.engine._target_), "forgets_ids", False))
+        shareable = bool(getattr(_class_params(cfg.engine._target_)[0], "forgets_ids", False))
     except Exception:  # (instantiate below reports a bad engine)
         shareable = False
     if plain is None:  # (the resolved trace node, when the caller has it)
@@ -300,15 +318,11 @@ def load_trace(cfg: DictConfig, plain: dict | None = None) -> list:
 def engine_sizes(node: DictConfig, bytes_per_token: int) -> dict:
     """The model's K/V bytes per token for an engine that prices host moves by it (the sim's
     `kv_bytes_per_token`), unless the engine config sets it."""
-    import inspect
-
-    from hydra.utils import get_class
-
     try:
-        params = inspect.signature(get_class(node._target_)).parameters
+        params = _class_params(node._target_)[1]
     except Exception:  # (instantiate reports a bad engine)
         return {}
-    if "kv_bytes_per_token" not in params or node.get("kv_bytes_per_token") is not None:
+    if params is None or "kv_bytes_per_token" not in params or node.get("kv_bytes_per_token") is not None:
         return {}
     return {"kv_bytes_per_token": int(bytes_per_token)}
 
@@ -316,15 +330,11 @@ def engine_sizes(node: DictConfig, bytes_per_token: int) -> dict:
 def strategy_sizes(cfg: DictConfig, capacity: int) -> dict:
     """`geometry=` (the run's PoolGeometry) for a strategy whose constructor takes it: the hybrid
     pool designs of issue 16 (strategies/hybrid/); nothing for the others."""
-    import inspect
-
-    from hydra.utils import get_class
-
     try:
-        params = inspect.signature(get_class(cfg.strategy._target_)).parameters
+        params = _class_params(cfg.strategy._target_)[1]
     except Exception:  # (instantiate reports a bad strategy)
         return {}
-    if "geometry" not in params:
+    if params is None or "geometry" not in params:
         return {}
     ps = int(cfg.strategy.get("page_size", params["page_size"].default if "page_size" in params else 1))
     return {"geometry": PoolGeometry.of(cfg.model, ps, capacity // ps)}
