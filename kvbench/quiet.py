@@ -156,8 +156,15 @@ class QuietRun:
         bulk = self._bulk
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
             self.grown = False
-            stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
             j += 1
+            nxt = takes[0] if takes else stop
+            if nxt > j < stop:  # it heads the stretch of the steps after it (as the loop below makes it)
+                m = (nxt if nxt < stop else stop) - j
+                stretches.append((len(explicit), m + 1, token, reserved, d, internal, external, cached, free))
+                token, reserved, deferred = token + d * m, reserved - d * m, deferred + d * m
+                j += m
+            else:
+                stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
         while j < stop:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
