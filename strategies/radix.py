@@ -716,13 +716,15 @@ class RadixStrategy(Strategy):
         appended to `cols` (6 lists: token, reserved, internal, external, cached, free, as
         QuietRun.run keeps them); returns how many steps ran. Mutates as those grows do.
 
-        Bulk: while the free stack and fresh ids can give every request its pages, a run of m
-        steps takes its m * len(rids) pages at once (the stack's top reversed, then fresh ids in
-        order: the order the one-page pops give) and hands each request its column; in a step
+        Bulk: when every request is decoding (no host tier), a run of m steps takes its
+        m * len(rids) pages at once in the order the one-page takes give them (the stack's top
+        reversed, fresh ids in order, and where both are empty `evict(1)` and the stack's top
+        again: `_pop_run`) and hands each request its column; the cached and free columns step
+        at each eviction. With a host tier, only runs that need no eviction go in bulk; in a step
         that must evict (or where a request is not decoding yet), the others pop their pages
         inline and only the one that evicts (or inserts) takes the per-token path (`grow`).
-        O(m * requests) in numpy plus O(requests) in Python per run, against O(m * requests)
-        Python calls."""
+        O(m * requests) in C loops plus O(requests + evictions) in Python per run, against
+        O(m * requests) Python calls."""
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
         seqs = list(map(self._seqs.__getitem__, rids))
