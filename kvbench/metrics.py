@@ -53,7 +53,10 @@ class Recorder:
     Storage per step: one timeline row in three flat arrays (2 float64 + 12 int32 + the step's
     prefill query-key pairs in one int64 = 72 bytes; they overflow int32 in long prefills);
     with a `sink` (a `TimelineFile`) the rows go to disk every `chunk_rows` steps, so only one
-    chunk is held. Per request: one `_Times` while it runs; when it finishes, 64 bytes in two
+    chunk is held. The latest rows (up to `_BUFFER_ROWS`) wait as Python lists: a stepped step as
+    its values, a `DecodeRun` as one segment with its times and its slot-state stretches, its
+    gaps as a placeholder; `_settle` makes their rows and gaps in numpy (so a quiet step costs no
+    Python work of its own here). Per request: one `_Times` while it runs; when it finishes, 64 bytes in two
     flat arrays (`_FIN_INTS`, `_FIN_FLOATS`), the `_Times` (and its Request) dropped.
     Inter-token latencies as runs of equal gaps (value, count), in the order the tokens were
     produced (a decode step's requests share one gap): about one run (16 bytes) per step.
