@@ -312,7 +312,7 @@ class PagedStrategy(Strategy):
         ref, fill, hashes, lru, free, memo = self._ref, self._fill, self._hash, self._lru, self._free, self._hit_memo
         index = memo.index if memo is not None else None
         token = 0
-        if type(lru) is PageLRU and index is None:  # the pages that turn cached join the LRU in one extend
+        if type(lru) is PageLRU:  # the pages that turn cached join the LRU in one extend
             cached = []
             for pid in pids:
                 if ref[pid] != 1:  # still held by another request (a fork, a hit)
@@ -326,6 +326,8 @@ class PagedStrategy(Strategy):
                     cached.append(pid)
             lru.extend(cached)
             self._token -= token
+            if index is not None:  # the waiting match's hits among them are evictable now
+                memo.cached += len(index.keys() & cached)
             return
         for pid in pids:
             r = ref[pid] - 1
@@ -633,11 +635,20 @@ class PagedStrategy(Strategy):
                 self._index(memo)
             return Admission(False)
         self._hit_memo = None
-        for pid in hits:
-            if self._ref[pid] == 0:
-                del self._lru[pid]
-                self._token += self._fill[pid]
-            self._ref[pid] += 1
+        if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each)
+            lru, dead, ref = self._lru, self._lru.dead, self._ref
+            for pid in hits:
+                if ref[pid] == 0:
+                    dead[pid] = dead.get(pid, 0) + 1
+                    lru.n -= 1
+                    self._token += self._fill[pid]
+                ref[pid] += 1
+        else:
+            for pid in hits:
+                if self._ref[pid] == 0:
+                    del self._lru[pid]
+                    self._token += self._fill[pid]
+                self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached,
                    data=memo.data if self.prefix_caching else None)
         if tail:
