@@ -109,3 +109,27 @@ def test_page_lru_keeps_the_ordered_dict_order(seed):
         assert len(fast) == len(ref)
     assert list(fast) == list(ref)
     fast.check()
+
+
+def test_page_lru_stays_small_when_hits_revive_pages_and_nothing_is_evicted():
+    """Revived and released again, over and over with no eviction, a key leaves a stale entry
+    each time: the list is rebuilt from its live keys, in order, before it grows past about
+    twice the evictable keys plus `cut_at`."""
+    from kvbench.strategies.eviction.lru import LRU, PageLRU
+
+    rng = np.random.default_rng(7)
+    ref, fast = LRU(), PageLRU()
+    fast.cut_at = 8
+    fast.extend(range(10))
+    ref.update((k, None) for k in range(10))
+    longest = 0
+    for _ in range(500):
+        k = int(rng.choice(list(ref)))
+        del ref[k], fast[k]  # a hit revives it
+        ref[k] = None  # its request lets go of it
+        fast.insert(k)
+        longest = max(longest, len(fast.q) - fast.head)
+        assert len(fast) == len(ref) == 10
+    assert longest <= 2 * 10 + 8 + 1
+    assert list(fast) == list(ref) and fast.take(10) == list(ref)
+    fast.check()

@@ -1,8 +1,9 @@
 """LRU: evict the key least recently used (kvbench's original behaviour, bit for bit).
 
-`LRU` (paged): an OrderedDict in event order, O(1) per event; the key that became evictable or
-was touched last is most recent. Its verbs are OrderedDict's own C methods where they can be
-(`lru[key] = t` is the dict subscript), so the hot path pays no Python call for them.
+`LRU` (the host tier's default; paged's plain LRU is `PageLRU` below): an OrderedDict in event
+order, O(1) per event; the key that became evictable or was touched last is most recent. Its
+verbs are OrderedDict's own C methods where they can be (`lru[key] = t` is the dict subscript),
+so the hot path pays no Python call for them.
 `TimedLRU` (radix): recency by the strategy's logical time `t` (a parent that turns into a leaf
 keeps its old last-use time, so it is not most recent), a heap with lazy deletion (O(log n));
 ties by insertion order.
@@ -53,7 +54,9 @@ class PageLRU(EvictionPolicy):
     stale entries always come before its live one, so the first ones met are the stale ones).
     While `dead` is empty (no key removed or touched since the scan passed its entries), the
     first k evictable keys are `q[head:head + k]`. O(1) amortized per event; the list is cut
-    when its dead front is more than half of it.
+    when its dead front is more than half of it, and rebuilt from its live keys when stale
+    entries are more than half of the rest (hits that revive pages while nothing is evicted), so
+    it never holds more than about twice the evictable keys plus `cut_at`.
 
     The caller keeps one promise the OrderedDict does not need: `remove` and `touch` are called
     only for evictable keys, and `insert` only for keys that are not (paged: a page is evictable
@@ -82,7 +85,11 @@ class PageLRU(EvictionPolicy):
         q, head = self.q, self.head
         if head > self.cut_at and head > len(q) >> 1:  # cut the dead front: O(1) amortized per entry
             del q[:head]
+            self.head = head = 0
+        if len(q) - head > 2 * self.n + self.cut_at:  # mostly stale entries: keep the live ones, in order
+            q[:] = list(self)
             self.head = 0
+            self.dead.clear()
         n = len(q)
         q.extend(keys)
         self.n += len(q) - n
