@@ -103,7 +103,10 @@ def test_ctrl_c_stops_the_sweep_and_each_running_job_records_it(tmp_path):
            "strategy=slab,paged,radix", "trace=synthetic", "trace.num_requests=20000", "progress=false",
            f"hydra.sweep.dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # a shell's background job (e.g. `.ci/run &`) ignores SIGINT and a child
+                            # inherits that (test_cli_errors' Ctrl-C test does the same)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("*/.hydra/config.yaml"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)  # both workers are in a job
