@@ -197,12 +197,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             if left <= 0:
                 break
             d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
-            size = run.chunk_size
-            k = left if left < size else size
-            if size < _CHUNK:
-                run.chunk_size = 4 * size if 4 * size < _CHUNK else _CHUNK
-            dts = (prices(d, kv_read, k) if prices is not None else
-                   engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist())
+            dts = _next_prices(run, engine, prices, left, d, kv_read)
             c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
         starts, k, over = c.starts, len(c.dts), False
         while c.i < k:
@@ -236,13 +231,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
                 break  # paused at `until`, the chunk kept
             left = run.left
             if left > 0:  # the chunk is done and the run goes on with the same requests: it grows
-                d, kv_read = c.d, run.kv_read  # (one DecodeRun for the run up to its next leave)
-                size = run.chunk_size
-                k = left if left < size else size
-                if size < _CHUNK:
-                    run.chunk_size = 4 * size if 4 * size < _CHUNK else _CHUNK
-                dts = (prices(d, kv_read, k) if prices is not None else
-                       engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist())
+                dts = _next_prices(run, engine, prices, left, c.d, run.kv_read)  # (one DecodeRun for the run up to its next leave)
                 c.dts += dts
                 starts.pop()  # (the end of the last step: the first start of the sum that follows)
                 starts += accumulate(dts, initial=now)
@@ -256,6 +245,19 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             break
     run.chunk = c
     return now
+
+
+def _next_prices(run: QuietRun, engine: Engine, prices, left: int, d: int, kv_read: int) -> list[float]:
+    """The step times of the next chunk of `run`: min(left, its chunk size) steps of d decodes, the
+    first reading kv_read positions, each d more (`prices`: the engine's decode_cost_list, or None:
+    decode_costs). The chunk size grows 4x a chunk, up to _CHUNK. Mutates run.chunk_size."""
+    size = run.chunk_size
+    k = left if left < size else size
+    if size < _CHUNK:
+        run.chunk_size = 4 * size if 4 * size < _CHUNK else _CHUNK
+    if prices is not None:
+        return prices(d, kv_read, k)
+    return engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist()
 
 
 def end_run(run: QuietRun, rec: Recorder) -> None:

@@ -130,16 +130,9 @@ class PageLRU(EvictionPolicy):
         return self.n
 
     def __iter__(self):
-        dead, out = dict(self.dead), []
-        for key in self.q[self.head:]:
-            c = dead.get(key)
-            if c is None:
-                out.append(key)
-            elif c == 1:
-                del dead[key]
-            else:
-                dead[key] = c - 1
-        return iter(out)
+        view = PageLRU()  # (take on a copy of the scan state: the list itself is only read)
+        view.q, view.head, view.n, view.dead = self.q, self.head, self.n, dict(self.dead)
+        return iter(view.take(self.n))
 
     def __contains__(self, key) -> bool:
         return key in set(self)
