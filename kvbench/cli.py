@@ -271,8 +271,13 @@ def register_launcher() -> None:
 
     name = "hydra_plugins.kvbench_launcher"
     if name not in sys.modules:
-        import hydra_plugins  # noqa: F401  (the namespace package, for the submodule below)
+        try:
+            import hydra_plugins  # noqa: F401  (the namespace package, for the submodule below)
+        except ModuleNotFoundError:  # no Hydra plugin installed (`pip install -e .` alone): ours only
+            import types
 
+            sys.modules["hydra_plugins"] = types.ModuleType("hydra_plugins")
+            sys.modules["hydra_plugins"].__path__ = [str(Path(CONFIG_DIR).parent / "hydra_plugins")]
         folder = Path(CONFIG_DIR).parent / "hydra_plugins" / "kvbench_launcher"
         spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
                                                       submodule_search_locations=[str(folder)])

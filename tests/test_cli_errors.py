@@ -188,3 +188,20 @@ def test_ctrl_c_exits_130_quietly_and_leaves_no_partial_output(tmp_path):
     left = sorted(p.name for p in run_dir.iterdir())
     assert left == [".hydra", ".lock", "error.txt", "run.log"], left  # no table, no marker, no temporary file
     assert (run_dir / "error.txt").read_text().startswith("kvbench: interrupted")
+
+
+def test_the_cli_runs_where_no_hydra_plugin_is_installed(tmp_path):
+    """`pip install -e .` alone installs no `hydra_plugins` package (hydra-joblib-launcher, in the
+    test extras, does): the README's run command from another folder must still work, the
+    repository's own launcher included."""
+    code = ("import sys; sys.modules['hydra_plugins'] = None  # as if no Hydra plugin were installed\n"
+            "from kvbench.cli import main; main()")
+    for args in (["trace.limit=5", f"hydra.run.dir={tmp_path / 'one'}"],
+                 ["-m", "hydra/launcher=parallel", "strategy=slab,paged", "trace.limit=5",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "one" / "summary.json").exists()
+    assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json")) == ["0_slab-max_synthetic",
+                                                                                         "1_paged-16_synthetic"]
