@@ -74,11 +74,11 @@ def bench(fn, rep=200):
 
 
 # Issue 3 shapes; --smoke shrinks them so the script itself can be checked on a CPU.
-SZ = dict(copy_gib=2.0, dec_B=64, dec_L=4096, long_L=32768, pre_T=8192, ext_new=4096, ext_prefix=4096,
+SZ = dict(copy_gib=2.0, dec_B=64, dec_L=4096, wide_B=256, wide_L=1024, long_L=32768, pre_T=8192, ext_new=4096, ext_prefix=4096,
           kvw_T=8192, kvw_S=64 * 4096, pc_L=32, pc_P=4096, pc_n=1024, Hq=32, Hkv=8, D=128,
           rot_dec=3, rot_long=6, rot_kvw=8, lin_H=4096, lin_I=14336, lin_rot_bytes=256 << 20)
 if SMOKE:
-    SZ.update(copy_gib=0.01, dec_B=4, dec_L=256, long_L=1024, pre_T=256, ext_new=128, ext_prefix=128,
+    SZ.update(copy_gib=0.01, dec_B=4, dec_L=256, wide_B=8, wide_L=128, long_L=1024, pre_T=256, ext_new=128, ext_prefix=128,
               kvw_T=256, kvw_S=4096, pc_L=2, pc_P=64, pc_n=8, Hq=8, Hkv=2, D=64, rot_dec=2, rot_long=2, rot_kvw=2,
               lin_H=128, lin_I=256, lin_rot_bytes=1 << 16)
 
@@ -356,6 +356,18 @@ def bench_flex_decode(q, k_cache, v_cache, sl, B, L, Hkv, D, copy_gbps, nbytes, 
             last = e
             log(f"  flex decode page {ps}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     raise last
+
+
+def bench_decode_wide(copy_gbps, args, gen):
+    """Decode of 256 requests x 1k context (issue 12 §3: >= 0.95 of copy): bench_decode's rows
+    at that shape."""
+    saved = dict(SZ)
+    SZ.update(dec_B=SZ["wide_B"], dec_L=SZ["wide_L"])
+    try:
+        bench_decode(copy_gbps, args, gen)
+    finally:
+        SZ.clear()
+        SZ.update(saved)
 
 
 def bench_decode_long(copy_gbps, args, gen):
@@ -718,7 +730,7 @@ def main():
     ap.add_argument("--sweep-extend", action="store_true", help="also sweep extend/prefill configs (slow)")
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--sweep-limit", type=int, default=1000, help=argparse.SUPPRESS)
-    ap.add_argument("--only", default="", help="comma list of: decode,long,extend,kvwrite,linear,pagecopy")
+    ap.add_argument("--only", default="", help="comma list of: decode,wide,long,extend,kvwrite,linear,pagecopy")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args()
     if SMOKE:
@@ -732,8 +744,10 @@ def main():
     ms, COPY_GBPS, nb = copy_bandwidth(SZ["copy_gib"])
     add_row(kernel="copy", impl="torch-copy_", shape=f"{nb / 2 ** 31:.2f} GiB buffer ({nb / 2 ** 30:.2f} GiB read+written)",
             dtype="bf16", median_ms=fmt(ms, 4), gbps=fmt(COPY_GBPS, 1), ratio_to_copy="1.000")
-    only = set(args.only.split(",")) if args.only else {"decode", "long", "extend", "kvwrite", "linear", "pagecopy"}
-    steps = [("kvwrite", bench_kv_write), ("linear", bench_linear), ("decode", bench_decode), ("long", bench_decode_long),
+    only = set(args.only.split(",")) if args.only else {"decode", "wide", "long", "extend", "kvwrite", "linear",
+                                                         "pagecopy"}
+    steps = [("kvwrite", bench_kv_write), ("linear", bench_linear), ("decode", bench_decode),
+             ("wide", bench_decode_wide), ("long", bench_decode_long),
              ("extend", bench_extend), ("pagecopy", bench_page_copy)]
     for name, fn in steps:
         if name not in only:
