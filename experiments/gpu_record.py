@@ -39,6 +39,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -98,6 +99,8 @@ def read_model_json(path: Path) -> dict:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (+uncommitted when tracked files differ), or $KVBENCH_COMMIT where
+    there is no git repository (a `git archive` of the commit copied to the GPU machine)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=REPO, timeout=10)
@@ -106,7 +109,7 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     if rev.returncode:
-        return None
+        return os.environ.get("KVBENCH_COMMIT") or None
     return rev.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
