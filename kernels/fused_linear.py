@@ -1,0 +1,261 @@
+"""Decode-size projections fused with the elementwise kernel before them (issue 12 §3).
+
+A Llama decode layer launches about nine kernels; inside a CUDA graph each small one costs 2-3 us
+whatever its bytes (H200), so at batch 1 the small kernels are ~0.8 of a 4.6 ms step. Two of
+them disappear into the projection that reads their output:
+
+    silu_mul_linear(gate_up, W)            = linear(silu_mul(gate_up), W)
+    rms_norm_linear(x, g, eps, W, b, res)  = linear(rms_norm(x, g, eps, res), W, b), and the new res
+
+Both are `linear`'s gemv (kernels/linear.py: BLOCK_N output columns per program over the whole
+K, x padded to one 16-row tile) whose x tile is computed while it is loaded, in exactly the
+rounding of the kernel it replaces, so the outputs are bit-identical to the unfused path:
+
+- silu: from the gate|up rows [M, 2I], s = silu(g) in fp32 rounded to the dtype, x = s * u rounded
+  (kernels/silu_mul.py).
+- rms: a first pass over K computes each row's inverse RMS (the row as one vector of
+  next_pow2(K) elements and num_warps of `rms_norm`'s launch, so the sum of squares is reduced in
+  the same order), then x = g * (row * inv) with the roundings of kernels/rms_norm.py. With a
+  residual the row is x + residual rounded to the dtype; program 0 writes it to a new tensor
+  (returned), every program reads only the inputs, so nothing is read after another program wrote
+  it, and repeated launches (autotuning) compute the same thing.
+
+Each program re-reads the M rows it normalizes from L2 (twice: the first pass and the tiles),
+8*M*K bytes against BLOCK_N*K*2 bytes of weights: the rms fusion only pays for small M
+(``NORM_MAX_M``). The fused path runs for 1 <= M <= its limit (and <= ``linear.MAX_M``) on the
+"triton" backend; otherwise, and for backend="torch", these are the unfused ops.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from . import linear as _lin
+from . import rms_norm as _rms
+from . import silu_mul as _silu
+from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision, kernel_for,
+                      make_plan, next_pow2, pdl_args, pdl_begin, pdl_late, use_interpreter)
+
+SILU_MAX_M = 16     # silu_mul fused into the down projection for M <= this (its x tile costs what silu_mul's output read did, twice)
+NORM_MAX_M = 4      # rms_norm fused into qkv / gate_up for M <= this: the extra L2 reads grow with M (module doc)
+TILE_M = 16         # x padded to one 16-row tile, as in `linear`: no limit above this
+INTERPRET_CONFIG = _lin.INTERPRET_CONFIG
+MODE_SILU, MODE_RMS = 1, 2
+
+
+@triton.jit
+def _fused_gemv_kernel(
+    x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, ro_ptr,   # see the launchers; unused pointers alias w
+    M, N, K,
+    stride_xm, stride_rm, stride_wn, stride_ym, stride_om,
+    eps,
+    MODE: tl.constexpr, ADD: tl.constexpr, NORM_N: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[M, N] = xt @ W[N, K]^T (+ b), xt computed from x while loading:
+    MODE 1: x [M, 2K] (gate | up): xt = silu(gate) * up.
+    MODE 2: xt = g * rmsnorm(x (+ r)); with ADD program 0 stores x + r to ro [M, K]."""
+    dt = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    pdl_begin(PDL)
+    inv = tl.zeros([BLOCK_M], tl.float32)
+    if MODE == 2:
+        # first pass: each row's inverse RMS, as kernels/rms_norm.py computes it for one row
+        offs = tl.arange(0, NORM_BLOCK)
+        mask = offs < NORM_N
+        for m in range(0, M):
+            row = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0)
+            if ADD:
+                row = (row.to(tl.float32) + tl.load(r_ptr + m * stride_rm + offs, mask=mask, other=0.0).to(tl.float32))
+                row = row.to(dt)
+                if pid == 0:
+                    tl.store(ro_ptr + m * stride_om + offs, row, mask=mask)
+            rf = row.to(tl.float32)
+            inv = tl.where(offs_m == m, tl.rsqrt(tl.sum(rf * rf, 0) / NORM_N + eps), inv)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    r_rows = r_ptr + offs_m[:, None] * stride_rm
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xm = m_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
+        if MODE == 1:   # kernels/silu_mul.py's rounding
+            gate = tl.load(x_rows + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)
+            s = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+            x = (s * up).to(dt)                                                                  # [BM, BK]
+        else:           # kernels/rms_norm.py's rounding
+            x = tl.load(x_rows + offs_k[None, :], mask=xm, other=0.0)
+            if ADD:
+                x = (x.to(tl.float32) + tl.load(r_rows + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)).to(dt)
+            h = (x.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
+            g = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = (g[None, :] * h).to(dt)                                                          # [BM, BK]
+        if DOT_F32:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)                             # [BM, BN]
+    pdl_late(PDL)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _norm_warps() -> int:
+    """num_warps of `rms_norm`'s launch as the model calls it (its default): the first pass must
+    reduce with the same layout to give the same sum of squares bit for bit."""
+    return inspect.signature(_rms.rms_norm).parameters["num_warps"].default
+
+
+# The dot accumulates K in order in every config (mma k-steps in sequence), so any config gives
+# linear's bits; the rms configs run with rms_norm's warps (see _norm_warps).
+_silu_tuned = triton.autotune(configs=_lin._CONFIGS, key=["N", "K", "HAS_BIAS"])(_fused_gemv_kernel)
+_NORM_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=_norm_warps(), num_stages=s)
+                 for bn, bk, s in [(16, 256, 4), (16, 512, 3), (32, 256, 4), (32, 512, 3), (64, 128, 4),
+                                   (64, 256, 3), (128, 128, 3), (16, 1024, 2)]]
+_rms_tuned = triton.autotune(configs=_NORM_CONFIGS, key=["N", "K", "HAS_BIAS", "ADD"])(_fused_gemv_kernel)
+
+
+def _launch(mode, key, ok, x, r, g, weight, bias, y, ro, M, N, K, strides, eps, add):
+    """Compile / autotune / interpret one fused launch and make its plan (GPU, aligned inputs)."""
+    w = weight
+    args = (x, r if r is not None else w, g if g is not None else w, w, bias if bias is not None else w, y,
+            ro if ro is not None else w, M, N, K, *strides, float(eps))
+    meta = dict(MODE=mode, ADD=add, NORM_N=K if mode == MODE_RMS else 0,
+                NORM_BLOCK=next_pow2(K) if mode == MODE_RMS else 1, HAS_BIAS=bias is not None,
+                DOT_F32=dot_in_f32(x.dtype, x.device), DOT_PREC=dot_precision(x.dtype), BLOCK_M=TILE_M,
+                **pdl_args(x.device))
+    if use_interpreter(x.device):
+        kernel_for(_fused_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
+            *args, **meta, **INTERPRET_CONFIG, num_warps=_norm_warps() if mode == MODE_RMS else 4)
+        return
+    tuned = _rms_tuned if mode == MODE_RMS else _silu_tuned
+    kernel = tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+    best = getattr(tuned, "best_config", None)
+    if ok and best is not None:
+        plan = make_plan(kernel, _fused_gemv_kernel, args, dict(meta, **best.all_kwargs()), 7, x.device)
+        if plan is not None:
+            _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]))
+
+
+def silu_mul_linear(gate_up, weight, bias=None, *, backend: str = "triton"):
+    """linear(silu_mul(gate_up), weight, bias), bit for bit, in one launch for decode-sized inputs.
+
+    gate_up: [M, 2I] (gate | up), last dim contiguous; weight [N, I] rows contiguous; bias [N] or
+    None; all one dtype. Returns y [M, N] (new). Nothing is mutated. Fused for
+    1 <= M <= min(SILU_MAX_M, linear.MAX_M) on backend "triton"; otherwise the two unfused ops."""
+    key, ok = None, False
+    if backend == "triton" and gate_up.is_cuda and gate_up.dim() == 2:
+        M = gate_up.shape[0]
+        px, pw = gate_up.data_ptr(), weight.data_ptr()
+        pb = pw if bias is None else bias.data_ptr()
+        ok = not (px | pw | pb) & 15
+        key = (MODE_SILU, gate_up.shape, gate_up.stride(), gate_up.dtype, gate_up.device, weight.shape,
+               weight.stride(), weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+               _common._pdl_mode, _limit(SILU_MAX_M))
+        hit = _PLANS.get(key) if ok else None
+        if hit is not None:
+            plan, grid = hit
+            y = gate_up.new_empty((M, weight.shape[0]))
+            plan(grid, 1, 1, px, pw, pw, pw, pb, y.data_ptr(), pw)
+            return y
+    check_backend(backend)
+    M = gate_up.shape[0] if gate_up.dim() == 2 else 0
+    if backend == "torch" or not 1 <= M <= _limit(SILU_MAX_M):
+        return _lin.linear(_silu.silu_mul(gate_up, backend=backend), weight, bias, backend=backend)
+    check_tensor("gate_up", gate_up, ndim=2, dtypes=ATTN_DTYPES)
+    check(gate_up.shape[1] % 2 == 0, lambda: f"gate_up must be [M, 2I] (gate | up), got {tuple(gate_up.shape)}")
+    K = gate_up.shape[1] // 2
+    N = _check_weights(gate_up, K, weight, bias)
+    y = torch.empty((M, N), dtype=gate_up.dtype, device=gate_up.device)
+    strides = (gate_up.stride(0), 0, weight.stride(0), y.stride(0), 0)
+    _launch(MODE_SILU, key, ok, gate_up, None, None, weight, bias,
+            y, None, M, N, K, strides, 0.0, False)
+    return y
+
+
+def rms_norm_linear(x, norm_weight, eps: float, weight, bias=None, residual=None, *, backend: str = "triton"):
+    """linear(rms_norm(x, norm_weight, eps, residual), weight, bias), bit for bit, in one launch
+    for decode-sized inputs; returns (y [M, N], the residual stream after the add).
+
+    x: [M, K] last dim contiguous; norm_weight [K]; weight [N, K] rows contiguous; bias [N] or None;
+    residual [M, K] or None; all one dtype. Without a residual the stream is x itself (returned).
+    With one, the returned stream is x + residual: a new tensor on the fused path (``residual``
+    untouched), ``residual`` itself updated in place on the unfused path (as `rms_norm` does).
+    Callers use the returned tensor and rely on neither. Fused for 1 <= M <=
+    min(NORM_MAX_M, linear.MAX_M) on backend "triton"; otherwise the two unfused ops."""
+    key, ok = None, False
+    if backend == "triton" and x.is_cuda and x.dim() == 2:
+        M = x.shape[0]
+        px, pg, pw = x.data_ptr(), norm_weight.data_ptr(), weight.data_ptr()
+        pb = pw if bias is None else bias.data_ptr()
+        pr = pw if residual is None else residual.data_ptr()
+        ok = not (px | pg | pw | pb | pr) & 15
+        key = (MODE_RMS, x.shape, x.stride(), x.dtype, x.device, norm_weight.shape, norm_weight.stride(),
+               norm_weight.dtype, norm_weight.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+               eps, _common._pdl_mode, _limit(NORM_MAX_M))
+        hit = _PLANS.get(key) if ok else None
+        if hit is not None:
+            plan, grid = hit
+            y = x.new_empty((M, weight.shape[0]))
+            if residual is None:
+                plan(grid, 1, 1, px, pw, pg, pw, pb, y.data_ptr(), pw)
+                return y, x
+            ro = x.new_empty(x.shape)
+            plan(grid, 1, 1, px, pr, pg, pw, pb, y.data_ptr(), ro.data_ptr())
+            return y, ro
+    check_backend(backend)
+    M = x.shape[0] if x.dim() == 2 else 0
+    if backend == "torch" or not 1 <= M <= _limit(NORM_MAX_M):
+        h = _rms.rms_norm(x, norm_weight, eps, residual, backend=backend)
+        return _lin.linear(h, weight, bias, backend=backend), (x if residual is None else residual)
+    check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
+    K = x.shape[1]
+    check_tensor("norm_weight", norm_weight, ndim=1, dtypes=(x.dtype,), device=x)
+    check(norm_weight.shape[0] == K, lambda: f"norm_weight is [{norm_weight.shape[0]}], x rows are [{K}]")
+    if residual is not None:
+        check_tensor("residual", residual, ndim=2, dtypes=(x.dtype,), device=x)
+        check(residual.shape == x.shape, lambda: f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+    N = _check_weights(x, K, weight, bias)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    ro = None if residual is None else torch.empty((M, K), dtype=x.dtype, device=x.device)
+    strides = (x.stride(0), 0 if residual is None else residual.stride(0), weight.stride(0), y.stride(0),
+               0 if ro is None else ro.stride(0))
+    _launch(MODE_RMS, key, ok, x, residual, norm_weight, weight, bias, y, ro,
+            M, N, K, strides, eps, residual is not None)
+    return y, (x if ro is None else ro)
+
+
+def _limit(fused_max_m: int) -> int:
+    """The largest M the fused kernel takes: its own limit, `linear`'s (read per call: an A/B run
+    sets linear.MAX_M = 0 for cuBLAS) and the one row tile."""
+    return min(fused_max_m, _lin.MAX_M, TILE_M)
+
+
+def _check_weights(x, K, weight, bias) -> int:
+    """Check weight [N, K] and bias [N] against x; returns N."""
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x)
+    check(weight.shape[1] == K, lambda: f"weight is {tuple(weight.shape)}, x rows have K={K}")
+    N = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x)
+        check(bias.shape[0] == N, lambda: f"bias is [{bias.shape[0]}], expected [{N}]")
+    return N
+
+
+_PLANS: dict = {}  # key -> (plan, grid) (see _common.Plan)
