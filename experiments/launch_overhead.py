@@ -2,11 +2,22 @@
 against a torch elementwise op timed in the same process (the yardstick of issue 12: <= 15 us).
 
     python experiments/launch_overhead.py --out DIR [--profile] [--cpu] [--kernels DIR] [--compare DIR]
+        [--rounds 7] [--calls 2000] [--gpu-calls 200]
 
 Each row: median (and minimum) over --rounds (7) rounds of (wall time of N back-to-back calls) / N, the GPU
 synchronised only before and after a round, so the figure is what the host pays to issue one
-call. With --profile, a cProfile of each launcher's calls: its top functions by own time, in us
-per launcher call. Writes DIR/launch_overhead.csv and .json; needs CUDA, except with --cpu.
+call -- as long as the host is the slower side. Where the GPU takes longer per call than the host,
+the launch queue fills and the host waits for the GPU, so the same wall time is the GPU's: timing
+CUDA events around such a round cannot tell which (the stream's span is the round's either way).
+So each row also has ``gpu_us``: the GPU's own time per call, from events around --gpu-calls (200)
+calls issued while the stream is held by a spin kernel (``torch.cuda._sleep``, long enough that
+the host has issued every call before the GPU starts the first: checked, and the calls halved
+until it holds), i.e. the calls run back to back with no host gap; median over the rounds.
+``bound`` says which side the host figure is: "host" where host_us > gpu_us, else "GPU" (the
+host figure is then the GPU's time, not the launcher's cost).
+With --profile, a cProfile of each launcher's calls: its top functions by own time, in us
+per launcher call. Writes DIR/launch_overhead.csv and .json; needs CUDA, except with --cpu
+(no GPU column there).
 
 --cpu (no GPU needed): the launchers' host-side Python alone, on CPU tensors. CPU tensors report
 ``is_cuda`` (a Python property: a few tens of ns more than the real attribute), each launcher's
@@ -101,6 +112,52 @@ def host_us(fns, n: int = 2000, rounds: int = 7) -> list[tuple[float, float]]:
             times.append((time.perf_counter() - t) / n * 1e6)
             _sync()
     return [(statistics.median(times), min(times)) for times in per]
+
+
+def _spin_cycles_per_us() -> float:
+    """Clock cycles of ``torch.cuda._sleep`` per us on this GPU (measured: boost clocks vary)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)   # (warm)
+    start.record()
+    torch.cuda._sleep(2_000_000)
+    end.record()
+    end.synchronize()
+    return 2_000_000 / (start.elapsed_time(end) * 1e3)
+
+
+def _queued_us(fn, n: int, spin_cycles: int) -> float | None:
+    """GPU us per call of fn: n calls issued behind a spin kernel, timed by events around them;
+    None unless the GPU was still spinning when the host had issued the last call (then the GPU
+    ran them back to back, without waiting for the host)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(spin_cycles)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    queued = not start.query()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / n if queued else None
+
+
+def gpu_us(fns, host: list[float], n: int = 200, rounds: int = 7) -> list[float | None]:
+    """Median over `rounds` of the GPU's own time per call of each of `fns` (`_queued_us`), the
+    spin sized from `host` (their host us per call); the calls per round are halved (down to 10)
+    where the host could not issue them all before the spin ended (a full launch queue blocks
+    it). None where it never could. Taking turns round by round, as `host_us`."""
+    rate = _spin_cycles_per_us()
+    per = [[] for _ in fns]
+    calls = [n] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            while calls[i] >= 10:
+                # 3x the host's time for the calls (a slower round than the timed ones) + 1 ms
+                t = _queued_us(fn, calls[i], int(rate * (3 * calls[i] * host[i] + 1000)))
+                if t is not None:
+                    per[i].append(t)
+                    break
+                calls[i] //= 2
+    return [statistics.median(times) if times else None for times in per]
 
 
 def cases(dev, k: SimpleNamespace):
@@ -228,6 +285,7 @@ def main() -> None:
                          "in turn with this checkout's")
     ap.add_argument("--calls", type=int, default=2000, help="calls per round")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--gpu-calls", type=int, default=200, help="calls per round of the GPU-time measurement")
     args = ap.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         print("launch_overhead: no CUDA device (use --cpu to time the launchers' Python alone)", file=sys.stderr)
@@ -252,10 +310,16 @@ def main() -> None:
             if args.cpu and "yardstick" not in name and max(_first_call_s(fn) for fn in fns) > 0.01:
                 print(f"{name:28s} skipped: no plan on the CPU (interpreted every call)", flush=True)
                 continue
-            for (folder, _), (med, low) in zip(versions, host_us(fns, n=args.calls, rounds=args.rounds)):
+            host = host_us(fns, n=args.calls, rounds=args.rounds)
+            gpu = [None] * len(fns) if args.cpu else gpu_us(fns, [m for m, _ in host], n=args.gpu_calls,
+                                                            rounds=args.rounds)
+            for (folder, _), (med, low), g in zip(versions, host, gpu):
+                bound = "" if g is None else "host" if med > g else "GPU"
                 rows.append(dict(device=machine, commit=commit, kernels=folder, launcher=name,
-                                 host_us=round(med, 2), host_us_min=round(low, 2)))
-                print(f"{name:28s} {med:8.2f} us  (min {low:6.2f})  {folder}", flush=True)
+                                 host_us=round(med, 2), host_us_min=round(low, 2),
+                                 gpu_us=None if g is None else round(g, 2), bound=bound))
+                gtxt = "" if g is None else f"  GPU {g:6.2f} us ({bound}-bound)"
+                print(f"{name:28s} {med:8.2f} us  (min {low:6.2f}){gtxt}  {folder}", flush=True)
             if args.profile and "yardstick" not in name:
                 profiles[name] = profile(fns[0], n=args.calls)
     base = {r["kernels"]: r["host_us"] for r in rows if "yardstick" in r["launcher"]}
