@@ -70,13 +70,14 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
     """
     key, ok = None, False
     if config is None and backend == "triton" and kv_pool.is_cuda:
-        # the hit path (data pointers go to the C launcher as ints)
+        # the hit path (data pointers go to the C launcher as ints; devices as indices: kv_pool's
+        # type is the GPU, so an equal index is the same GPU)
         pp, ps, pd = kv_pool.data_ptr(), src_pages.data_ptr(), dst_pages.data_ptr()
         ok = not (pp | ps | pd) & 15                         # all 16-byte aligned (Triton specializes on it)
         ss = src_pages.shape
-        key = (kv_pool.shape, kv_pool.stride(), kv_pool.dtype, kv_pool.device, src_pages.dtype, src_pages.stride(),
-               src_pages.device, dst_pages.dtype, dst_pages.stride(), dst_pages.device, ss == dst_pages.shape,
-               page_size.__class__, page_size, id(PAGE_COPY_CONFIG))
+        key = (kv_pool.shape, kv_pool.stride(), kv_pool.dtype, kv_pool.get_device(), src_pages.dtype,
+               src_pages.stride(), src_pages.get_device(), dst_pages.dtype, dst_pages.stride(), dst_pages.get_device(),
+               ss == dst_pages.shape, page_size.__class__, page_size, id(PAGE_COPY_CONFIG))
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, g1, g2 = hit

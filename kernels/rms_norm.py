@@ -68,16 +68,16 @@ def rms_norm(x, weight, eps: float, residual=None, *, backend: str = "triton", n
         px, pw = x.data_ptr(), weight.data_ptr()
         if residual is None:
             pr, rkey = px, None
-        else:
+        else:   # (devices as indices: x's type is the GPU)
             pr = residual.data_ptr()
-            rkey = (residual.shape == (T, N), residual.stride(), residual.dtype, residual.device)
+            rkey = (residual.shape == (T, N), residual.stride(), residual.dtype, residual.get_device())
         ok = not (px | pw | pr) & 15            # every pointer 16-byte aligned (Triton specializes on it)
-        key = (x.dtype, N, x.stride(), x.device, weight.dtype, weight.shape, weight.stride(), weight.device, rkey,
-               eps, num_warps, _common._pdl_mode)
+        key = (x.dtype, N, x.stride(), x.get_device(), weight.dtype, weight.shape, weight.stride(),
+               weight.get_device(), rkey, eps, num_warps, _common._pdl_mode)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, like_x = hit
-            out = torch.empty_like(x) if like_x else x.new_empty((T, N))
+            out = torch.empty_like(x) if like_x else x.new_empty(T, N)   # (sizes as arguments: cheaper)
             if T:
                 plan(T, 1, 1, px, pr, pw, out.data_ptr())
             return out
