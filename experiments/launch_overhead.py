@@ -14,7 +14,10 @@ calls issued while the stream is held by a spin kernel (``torch.cuda._sleep``, l
 the host has issued every call before the GPU starts the first: checked, and the calls halved
 until it holds), i.e. the calls run back to back with no host gap; median over the rounds.
 ``bound`` says which side the host figure is: "host" where host_us > gpu_us, else "GPU" (the
-host figure is then the GPU's time, not the launcher's cost).
+host figure is then the GPU's time, not the launcher's cost). ``torch_op_us``: the yardstick (a torch
+``add_`` on a 256-element tensor) timed in the same rounds, taking its turn in each, and
+``x_torch_op`` = host_us / torch_op_us (the host's speed drifts within a run and differs between
+processes by up to ~1.5x: a yardstick timed once at the start is no baseline for a row timed later).
 With --profile, a cProfile of each launcher's calls: its top functions by own time, in us
 per launcher call. Writes DIR/launch_overhead.csv and .json; needs CUDA, except with --cpu
 (no GPU column there).
@@ -303,6 +306,7 @@ def main() -> None:
     rows = []
     profiles = {}
     by_version = [cases(dev, launchers(p)) for _, p in versions]
+    yardstick = by_version[0][0][1]
     with stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
         for group in zip(*by_version):
             name = group[0][0]
@@ -310,21 +314,23 @@ def main() -> None:
             if args.cpu and "yardstick" not in name and max(_first_call_s(fn) for fn in fns) > 0.01:
                 print(f"{name:28s} skipped: no plan on the CPU (interpreted every call)", flush=True)
                 continue
-            host = host_us(fns, n=args.calls, rounds=args.rounds)
+            # the yardstick takes its turn in every launcher's rounds: the host's speed drifts over a
+            # run (and differs between processes by up to ~1.5x), so each row's ratio is to the torch
+            # op timed in the same rounds
+            *host, (yard, _) = host_us(fns + [yardstick], n=args.calls, rounds=args.rounds)
             gpu = [None] * len(fns) if args.cpu else gpu_us(fns, [m for m, _ in host], n=args.gpu_calls,
                                                             rounds=args.rounds)
             for (folder, _), (med, low), g in zip(versions, host, gpu):
                 bound = "" if g is None else "host" if med > g else "GPU"
                 rows.append(dict(device=machine, commit=commit, kernels=folder, launcher=name,
                                  host_us=round(med, 2), host_us_min=round(low, 2),
-                                 gpu_us=None if g is None else round(g, 2), bound=bound))
+                                 gpu_us=None if g is None else round(g, 2), bound=bound,
+                                 torch_op_us=round(yard, 2), x_torch_op=round(med / yard, 2)))
                 gtxt = "" if g is None else f"  GPU {g:6.2f} us ({bound}-bound)"
-                print(f"{name:28s} {med:8.2f} us  (min {low:6.2f}){gtxt}  {folder}", flush=True)
+                print(f"{name:28s} {med:8.2f} us  (min {low:6.2f}){gtxt}  x{med / yard:5.2f} torch op ({yard:.2f} us)  "
+                      f"{folder}", flush=True)
             if args.profile and "yardstick" not in name:
                 profiles[name] = profile(fns[0], n=args.calls)
-    base = {r["kernels"]: r["host_us"] for r in rows if "yardstick" in r["launcher"]}
-    for r in rows:
-        r["x_torch_op"] = round(r["host_us"] / base[r["kernels"]], 2)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "launch_overhead.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
