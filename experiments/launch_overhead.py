@@ -2,7 +2,7 @@
 against a torch elementwise op timed in the same process (the yardstick of issue 12: <= 15 us).
 
     python experiments/launch_overhead.py --out DIR [--profile] [--cpu] [--kernels DIR] [--compare DIR]
-        [--rounds 7] [--calls 2000] [--gpu-calls 200]
+        [--rounds 7] [--calls 2000] [--gpu-calls 200] [--processes N]
 
 Each row: median (and minimum) over --rounds (7) rounds of (wall time of N back-to-back calls) / N, the GPU
 synchronised only before and after a round, so the figure is what the host pays to issue one
@@ -28,6 +28,10 @@ first call runs the kernel in Triton's interpreter and makes a plan whose launch
 so later calls time the hit path (key, outputs, views) without Triton's C launcher (whose
 per-tensor ``data_ptr()`` call and pointer check a hit path that passes ints avoids: not counted).
 For before/after comparisons of launcher code, not a GPU figure.
+--processes N: the whole measurement in N fresh processes, one after another (DIR/process<k>/); the
+rows of all in DIR/launch_overhead.csv (column ``process``) and per row the median and the worst
+over them in DIR/launch_overhead_summary.csv (printed). The host's speed, and which launcher is
+slow, differ between processes.
 --kernels DIR: import ``kvbench.kernels`` from DIR (e.g. an exported older kernels/ folder) to
 time another version of the launchers with this script.
 --compare DIR: time the launchers of DIR (``git archive OLD kernels | tar -x -C /tmp/old`` gives
@@ -277,6 +281,46 @@ def format_profile(name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _child_argv(argv: list[str], out: pathlib.Path) -> list[str]:
+    """argv without --processes and --out (either spelling), with --out `out`."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--processes", "--out"):
+            skip = True
+        elif not a.startswith(("--processes=", "--out=")):
+            rest.append(a)
+    return rest + ["--out", str(out)]
+
+
+def in_processes(args) -> None:
+    """--processes N: the measurement in N fresh processes (the host's speed, and which launcher
+    is slow, differ between processes), rows gathered into DIR/launch_overhead.csv with a
+    `process` column, and per row the median and the worst over the processes in
+    DIR/launch_overhead_summary.csv (printed)."""
+    import pandas as pd
+    frames = []
+    for k in range(args.processes):
+        out = args.out / f"process{k}"
+        print(f"---- process {k + 1}/{args.processes}", flush=True)
+        rc = subprocess.run([sys.executable, __file__, *_child_argv(sys.argv[1:], out)]).returncode
+        if rc:
+            print(f"launch_overhead: process {k} exited with {rc}", file=sys.stderr)
+            sys.exit(rc)
+        frames.append(pd.read_csv(out / "launch_overhead.csv").assign(process=k))
+    rows = pd.concat(frames, ignore_index=True)
+    rows.to_csv(args.out / "launch_overhead.csv", index=False)
+    g = rows.groupby(["kernels", "launcher"], sort=False)
+    summary = pd.DataFrame(dict(host_us_median=g.host_us.median(), host_us_worst=g.host_us.max(),
+                                gpu_us_median=g.gpu_us.median(), x_torch_op_median=g.x_torch_op.median(),
+                                x_torch_op_worst=g.x_torch_op.max(), torch_op_us_median=g.torch_op_us.median(),
+                                processes=g.size())).reset_index()
+    summary.to_csv(args.out / "launch_overhead_summary.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.round(2).to_string(index=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=pathlib.Path, required=True)
@@ -289,7 +333,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000, help="calls per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gpu-calls", type=int, default=200, help="calls per round of the GPU-time measurement")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the whole measurement in this many fresh processes, one after another (DIR/process<k>/), "
+                         "and summarize each row over them (median and worst)")
     args = ap.parse_args()
+    if args.processes > 1:
+        return in_processes(args)
     if not args.cpu and not torch.cuda.is_available():
         print("launch_overhead: no CUDA device (use --cpu to time the launchers' Python alone)", file=sys.stderr)
         sys.exit(2)
