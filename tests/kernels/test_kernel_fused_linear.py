@@ -157,3 +157,37 @@ def test_fused_bit_identical_on_gpu_at_8b_shapes(graph, monkeypatch):
         torch.cuda.synchronize()
         y0, y1, r, s1, d0, d1 = outs
         assert torch.equal(y0, y1) and torch.equal(r, s1) and torch.equal(d0, d1), f"M={M}"
+
+
+# ------------------------------------------------------------------------------- the model
+def test_model_logits_unchanged_by_the_fusions(monkeypatch):
+    """A tiny bf16 Llama with a qkv bias (Qwen2-style) on the Triton backend, driven through
+    prefill chunks, a mixed step and decodes: the same logits bit for bit with every fusion on
+    (norms up to 16 rows) as with none (the unfused ops: the model before fused_linear)."""
+    from kvbench.engines.torch_engine import TorchEngine
+    from kvbench.model import ModelConfig
+    from model_drive import drive, request
+
+    cfg = ModelConfig.from_dict(dict(name="tiny", num_layers=2, hidden_size=48, intermediate_size=80, num_heads=4,
+                                     num_kv_heads=2, head_dim=12, vocab_size=96, dtype="bfloat16",
+                                     attention_bias=True))
+    launches = []
+    launch = fl._launch
+    monkeypatch.setattr(fl, "_launch", lambda mode, *a: launches.append(mode) or launch(mode, *a))
+
+    def run(silu_max, norm_max):
+        monkeypatch.setattr(fl, "SILU_MAX_M", silu_max)
+        monkeypatch.setattr(fl, "NORM_MAX_M", norm_max)
+        eng = TorchEngine(model=cfg, attention="triton", keep_logits=True)
+        for layer in eng.model.layers:          # init_random zeroes biases: make them matter
+            layer.qkv.bias.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        reqs = [request(i, n, 2, seed=i, vocab=cfg.vocab_size) for i, n in enumerate((6, 3))]
+        return drive(eng, reqs, chunk=4)
+
+    fused = run(fl.TILE_M, fl.TILE_M)
+    assert launches.count(fl.MODE_SILU) > 0 and launches.count(fl.MODE_RMS) == 2 * launches.count(fl.MODE_SILU)
+    launches.clear()
+    unfused = run(0, 0)
+    assert not launches and fused.keys() == unfused.keys() == {0, 1}
+    for rid in fused:
+        assert torch.isfinite(fused[rid].float()).all() and torch.equal(fused[rid], unfused[rid]), rid
