@@ -27,7 +27,11 @@ per launcher call. Writes DIR/launch_overhead.csv and .json; needs CUDA, except 
 first call runs the kernel in Triton's interpreter and makes a plan whose launch does nothing,
 so later calls time the hit path (key, outputs, views) without Triton's C launcher (whose
 per-tensor ``data_ptr()`` call and pointer check a hit path that passes ints avoids: not counted).
+Timed in this thread's CPU time (wall time on a loaded machine swings with other processes).
 For before/after comparisons of launcher code, not a GPU figure.
+Calls run under ``torch.inference_mode()`` with inputs made there, as the engine runs its steps
+(views and allocations cost less than under grad mode); --grad-mode times them under grad mode
+(as runs before this option did).
 --processes N: the whole measurement in N fresh processes, one after another (DIR/process<k>/); the
 rows of all in DIR/launch_overhead.csv (column ``process``) and per row the median and the worst
 over them in DIR/launch_overhead_summary.csv (printed). The host's speed, and which launcher is
@@ -103,9 +107,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def host_us(fns, n: int = 2000, rounds: int = 7) -> list[tuple[float, float]]:
+def host_us(fns, n: int = 2000, rounds: int = 7, clock=time.perf_counter) -> list[tuple[float, float]]:
     """(median, minimum) over `rounds` of the host time per call of each of `fns`, in us; the
-    functions take turns round by round, so a change of machine load hits them alike."""
+    functions take turns round by round, so a change of machine load hits them alike. `clock`:
+    wall time (a GPU's launches: the host may wait for the GPU), or --cpu's thread CPU time (time
+    sliced away to other processes of a loaded machine is not counted)."""
     for fn in fns:
         for _ in range(20):
             fn()
@@ -113,10 +119,10 @@ def host_us(fns, n: int = 2000, rounds: int = 7) -> list[tuple[float, float]]:
     per = [[] for _ in fns]
     for _ in range(rounds):
         for fn, times in zip(fns, per):
-            t = time.perf_counter()
+            t = clock()
             for _ in range(n):
                 fn()
-            times.append((time.perf_counter() - t) / n * 1e6)
+            times.append((clock() - t) / n * 1e6)
             _sync()
     return [(statistics.median(times), min(times)) for times in per]
 
@@ -333,6 +339,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000, help="calls per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gpu-calls", type=int, default=200, help="calls per round of the GPU-time measurement")
+    ap.add_argument("--grad-mode", action="store_true",
+                    help="time under grad mode (as earlier runs of this script did), not torch.inference_mode (the engine's)")
     ap.add_argument("--processes", type=int, default=1,
                     help="run the whole measurement in this many fresh processes, one after another (DIR/process<k>/), "
                          "and summarize each row over them (median and worst)")
@@ -354,9 +362,13 @@ def main() -> None:
         versions.append((str(args.compare), load_kernels(args.compare.resolve())))
     rows = []
     profiles = {}
-    by_version = [cases(dev, launchers(p)) for _, p in versions]
-    yardstick = by_version[0][0][1]
-    with stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
+    # the engine steps under torch.inference_mode (activations are inference tensors): views and
+    # outputs cost less there than under grad mode (CPU: a view ~0.55 against ~1.1 us)
+    mode = contextlib.nullcontext() if args.grad_mode else torch.inference_mode()
+    kits = [launchers(p) for _, p in versions]   # (imported before stub_launches looks for them)
+    with mode, stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
+        by_version = [cases(dev, k) for k in kits]
+        yardstick = by_version[0][0][1]
         for group in zip(*by_version):
             name = group[0][0]
             fns = [fn for _, fn in group]
@@ -366,7 +378,8 @@ def main() -> None:
             # the yardstick takes its turn in every launcher's rounds: the host's speed drifts over a
             # run (and differs between processes by up to ~1.5x), so each row's ratio is to the torch
             # op timed in the same rounds
-            *host, (yard, _) = host_us(fns + [yardstick], n=args.calls, rounds=args.rounds)
+            *host, (yard, _) = host_us(fns + [yardstick], n=args.calls, rounds=args.rounds,
+                                       clock=time.thread_time if args.cpu else time.perf_counter)
             gpu = [None] * len(fns) if args.cpu else gpu_us(fns, [m for m, _ in host], n=args.gpu_calls,
                                                             rounds=args.rounds)
             for (folder, _), (med, low), g in zip(versions, host, gpu):
