@@ -78,7 +78,14 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
         key = (kv_pool.shape, kv_pool.stride(), kv_pool.dtype, kv_pool.get_device(), src_pages.dtype,
                src_pages.stride(), src_pages.get_device(), dst_pages.dtype, dst_pages.stride(), dst_pages.get_device(),
                ss == dst_pages.shape, page_size.__class__, page_size, id(PAGE_COPY_CONFIG))
-        hit = _PLANS.get(key) if ok else None
+        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
+        last = _PLANS.get(None)
+        if ok and last is not None and last[0] == key:
+            hit = last[1]
+        else:
+            hit = _PLANS.get(key) if ok else None
+            if hit is not None:
+                _PLANS[None] = (key, hit)
         if hit is not None:
             plan, g1, g2 = hit
             if ss[0]:
@@ -105,7 +112,7 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
             _PLANS[key] = (plan, grid[1], grid[2])
 
 
-_PLANS: dict = {}  # key -> (plan, grid y, grid z) (see _common.Plan)
+_PLANS: dict = {}  # key -> (plan, grid y, grid z) (see _common.Plan); None -> (the last key taken, its entry)
 
 
 @triton.jit

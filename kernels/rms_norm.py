@@ -74,7 +74,14 @@ def rms_norm(x, weight, eps: float, residual=None, *, backend: str = "triton", n
         ok = not (px | pw | pr) & 15            # every pointer 16-byte aligned (Triton specializes on it)
         key = (x.dtype, N, x.stride(), x.get_device(), weight.dtype, weight.shape, weight.stride(),
                weight.get_device(), rkey, eps, num_warps, _common._pdl_mode)
-        hit = _PLANS.get(key) if ok else None
+        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
+        last = _PLANS.get(None)
+        if ok and last is not None and last[0] == key:
+            hit = last[1]
+        else:
+            hit = _PLANS.get(key) if ok else None
+            if hit is not None:
+                _PLANS[None] = (key, hit)
         if hit is not None:
             plan, like_x = hit
             out = torch.empty_like(x) if like_x else x.new_empty(T, N)   # (sizes as arguments: cheaper)
@@ -105,4 +112,4 @@ def rms_norm(x, weight, eps: float, residual=None, *, backend: str = "triton", n
     return out
 
 
-_PLANS: dict = {}  # key -> (plan, out allocated like x) (see _common.Plan)
+_PLANS: dict = {}  # key -> (plan, out allocated like x) (see _common.Plan); None -> (the last key taken, its entry)

@@ -46,7 +46,14 @@ def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
         px = x.data_ptr()
         ok = not px & 15                                     # 16-byte aligned (Triton specializes on it)
         key = (x.dtype, W, x.stride(), x.get_device(), num_warps, _common._pdl_mode)
-        hit = _PLANS.get(key) if ok else None
+        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
+        last = _PLANS.get(None)
+        if ok and last is not None and last[0] == key:
+            hit = last[1]
+        else:
+            hit = _PLANS.get(key) if ok else None
+            if hit is not None:
+                _PLANS[None] = (key, hit)
         if hit is not None:
             plan, I, blocks = hit
             out = x.new_empty(T, I)   # (sizes as arguments: a tuple costs new_empty ~0.8 us more to parse)
@@ -71,4 +78,4 @@ def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
     return out
 
 
-_PLANS: dict = {}  # key -> (plan, I, column blocks) (see _common.Plan)
+_PLANS: dict = {}  # key -> (plan, I, column blocks) (see _common.Plan); None -> (the last key taken, its entry)
