@@ -88,7 +88,14 @@ def launchers(package: str = "kvbench.kernels") -> SimpleNamespace:
     """The launcher functions of a kernels package (this checkout's, or one `load_kernels` made)."""
     names = ("decode_attention", "extend_attention", "kv_write", "linear", "page_copy", "rms_norm",
              "rope_kv_write", "silu_mul")
-    return SimpleNamespace(**{n: getattr(importlib.import_module(f"{package}.{n}"), n) for n in names})
+    k = SimpleNamespace(**{n: getattr(importlib.import_module(f"{package}.{n}"), n) for n in names})
+    try:   # (newer: an older kernels/ folder has none; its rows are left out for that folder)
+        fused = importlib.import_module(f"{package}.fused_linear")
+    except ModuleNotFoundError:
+        fused = None
+    for n in ("silu_mul_linear", "rms_norm_linear"):
+        setattr(k, n, getattr(fused, n, None))
+    return k
 
 
 def load_kernels(folder: pathlib.Path, package: str = "kvbench_base_kernels") -> str:
@@ -198,6 +205,8 @@ def cases(dev, k: SimpleNamespace):
     src = torch.tensor([1], device=dev, dtype=torch.int32)
     dst = torch.tensor([2], device=dev, dtype=torch.int32)
     small = torch.randn(256, device=dev)
+    wd = torch.randn(256, 128, device=dev, dtype=bf)
+    x2 = torch.randn(2, 256, device=dev, dtype=bf)
     return [
         ("torch add_ (yardstick)", lambda: small.add_(1.0)),
         ("decode_attention 1 split", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=1, out=out)),
@@ -211,7 +220,10 @@ def cases(dev, k: SimpleNamespace):
         ("silu_mul", lambda: k.silu_mul(x)),
         ("linear (gemv)", lambda: k.linear(x, wl)),
         ("page_copy", lambda: k.page_copy(pool, src, dst, ps)),
-    ]
+    ] + ([] if k.silu_mul_linear is None else [   # (last: launch_host_cpu pairs rows by position)
+        ("silu_mul + linear (fused)", lambda: k.silu_mul_linear(x, wd)),
+        ("rms_norm + linear (fused)", lambda: k.rms_norm_linear(x, w, 1e-5, wl, residual=x2)),
+    ])
 
 
 def _first_call_s(fn) -> float:
@@ -369,9 +381,10 @@ def main() -> None:
     with mode, stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
         by_version = [cases(dev, k) for k in kits]
         yardstick = by_version[0][0][1]
-        for group in zip(*by_version):
-            name = group[0][0]
-            fns = [fn for _, fn in group]
+        for name, _ in by_version[0]:
+            # (a launcher an older kernels/ folder lacks: its row only for the versions that have it)
+            have = [(v, dict(cs)[name]) for v, cs in zip(versions, by_version) if name in dict(cs)]
+            fns = [fn for _, fn in have]
             if args.cpu and "yardstick" not in name and max(_first_call_s(fn) for fn in fns) > 0.01:
                 print(f"{name:28s} skipped: no plan on the CPU (interpreted every call)", flush=True)
                 continue
@@ -382,7 +395,7 @@ def main() -> None:
                                        clock=time.thread_time if args.cpu else time.perf_counter)
             gpu = [None] * len(fns) if args.cpu else gpu_us(fns, [m for m, _ in host], n=args.gpu_calls,
                                                             rounds=args.rounds)
-            for (folder, _), (med, low), g in zip(versions, host, gpu):
+            for ((folder, _), _), (med, low), g in zip(have, host, gpu):
                 bound = "" if g is None else "host" if med > g else "GPU"
                 rows.append(dict(device=machine, commit=commit, kernels=folder, launcher=name,
                                  host_us=round(med, 2), host_us_min=round(low, 2),
