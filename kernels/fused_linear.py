@@ -40,7 +40,7 @@ from . import silu_mul as _silu
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision, kernel_for,
                       make_plan, next_pow2, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
-SILU_MAX_M = 16     # silu_mul fused into the down projection for M <= this (its x tile costs what silu_mul's output read did, twice)
+SILU_MAX_M = 16     # silu_mul fused into the down projection for M <= this (x: 2 reads of [M, I] for 1)
 NORM_MAX_M = 4      # rms_norm fused into qkv / gate_up for M <= this: the extra L2 reads grow with M (module doc)
 TILE_M = 16         # x padded to one 16-row tile, as in `linear`: no limit above this
 INTERPRET_CONFIG = _lin.INTERPRET_CONFIG
@@ -138,16 +138,20 @@ def _launch(mode, key, ok, x, r, g, weight, bias, y, ro, M, N, K, strides, eps, 
                 DOT_F32=dot_in_f32(x.dtype, x.device), DOT_PREC=dot_precision(x.dtype), BLOCK_M=TILE_M,
                 **pdl_args(x.device))
     if use_interpreter(x.device):
-        kernel_for(_fused_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
-            *args, **meta, **INTERPRET_CONFIG, num_warps=_norm_warps() if mode == MODE_RMS else 4)
-        return
-    tuned = _rms_tuned if mode == MODE_RMS else _silu_tuned
-    kernel = tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
-    best = getattr(tuned, "best_config", None)
-    if ok and best is not None:
-        plan = make_plan(kernel, _fused_gemv_kernel, args, dict(meta, **best.all_kwargs()), 7, x.device)
+        kernel = kernel_for(_fused_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
+            *args, **meta, **INTERPRET_CONFIG)
+        kwargs, block_n = dict(meta, **INTERPRET_CONFIG), INTERPRET_CONFIG["BLOCK_N"]
+    else:
+        tuned = _rms_tuned if mode == MODE_RMS else _silu_tuned
+        kernel = tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        best = getattr(tuned, "best_config", None)
+        if best is None:
+            return
+        kwargs, block_n = dict(meta, **best.all_kwargs()), best.kwargs["BLOCK_N"]
+    if ok:  # (make_plan: None on the CPU; the CPU plan tests replace it)
+        plan = make_plan(kernel, _fused_gemv_kernel, args, kwargs, 7, x.device)
         if plan is not None:
-            _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]))
+            _PLANS[key] = (plan, cdiv(N, block_n))
 
 
 def silu_mul_linear(gate_up, weight, bias=None, *, backend: str = "triton"):
@@ -162,14 +166,14 @@ def silu_mul_linear(gate_up, weight, bias=None, *, backend: str = "triton"):
         px, pw = gate_up.data_ptr(), weight.data_ptr()
         pb = pw if bias is None else bias.data_ptr()
         ok = not (px | pw | pb) & 15
-        key = (MODE_SILU, gate_up.shape, gate_up.stride(), gate_up.dtype, gate_up.device, weight.shape,
-               weight.stride(), weight.dtype, weight.device,
-               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+        key = (MODE_SILU, gate_up.shape, gate_up.stride(), gate_up.dtype, gate_up.get_device(), weight.shape,
+               weight.stride(), weight.dtype, weight.get_device(),
+               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.get_device()),
                _common._pdl_mode, _limit(SILU_MAX_M))
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, grid = hit
-            y = gate_up.new_empty((M, weight.shape[0]))
+            y = gate_up.new_empty(M, weight.shape[0])
             plan(grid, 1, 1, px, pw, pw, pw, pb, y.data_ptr(), pw)
             return y
     check_backend(backend)
@@ -204,19 +208,20 @@ def rms_norm_linear(x, norm_weight, eps: float, weight, bias=None, residual=None
         pb = pw if bias is None else bias.data_ptr()
         pr = pw if residual is None else residual.data_ptr()
         ok = not (px | pg | pw | pb | pr) & 15
-        key = (MODE_RMS, x.shape, x.stride(), x.dtype, x.device, norm_weight.shape, norm_weight.stride(),
-               norm_weight.dtype, norm_weight.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+        key = (MODE_RMS, x.shape, x.stride(), x.dtype, x.get_device(), norm_weight.shape, norm_weight.stride(),
+               norm_weight.dtype, norm_weight.get_device(), weight.shape, weight.stride(), weight.dtype,
+               weight.get_device(),
+               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.get_device()),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.get_device()),
                eps, _common._pdl_mode, _limit(NORM_MAX_M))
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, grid = hit
-            y = x.new_empty((M, weight.shape[0]))
+            y = x.new_empty(M, weight.shape[0])
             if residual is None:
                 plan(grid, 1, 1, px, pw, pg, pw, pb, y.data_ptr(), pw)
                 return y, x
-            ro = x.new_empty(x.shape)
+            ro = x.new_empty(M, x.shape[1])
             plan(grid, 1, 1, px, pr, pg, pw, pb, y.data_ptr(), ro.data_ptr())
             return y, ro
     check_backend(backend)

@@ -125,6 +125,31 @@ def test_bad_shapes_are_named(fuse_all):
         fl.silu_mul_linear(torch.ones(2, 2 * K + 1, device=dev, dtype=dt), w)
 
 
+@pytest.mark.parametrize("op", ["silu", "rms", "rms+residual"])
+def test_plan_hit_computes_what_the_checked_call_does(op, fuse_all, monkeypatch):
+    """The launcher's plan hit path (pointers as ints in the kernel's argument order, the residual
+    stream's new tensor) replayed on the CPU (test_kernel_plan_hits_cpu.replay_plans): bit for bit
+    the checked first call's result, at each M (a plan per M)."""
+    import test_kernel_plan_hits_cpu as hits_cpu
+    monkeypatch.setattr(hits_cpu, "MODS", hits_cpu.MODS + (fl,))
+    BF = torch.bfloat16
+
+    def inputs(M):
+        g = torch.Generator().manual_seed(M)
+        x = torch.randn(M, 3 * K, dtype=BF, generator=g)[:, :2 * K if op == "silu" else K]
+        w, b = torch.randn(N, K, dtype=BF, generator=g) * 0.1, torch.randn(N, dtype=BF, generator=g)
+        return x, w, b, torch.randn(K, dtype=BF, generator=g), torch.randn(M, K, dtype=BF, generator=g)
+
+    def call(x, w, b, g, r):
+        if op == "silu":
+            return (fl.silu_mul_linear(x, w, b),)
+        r_in = r.clone()
+        y, stream = fl.rms_norm_linear(x, g, EPS, w, b, r if op == "rms+residual" else None)
+        assert torch.equal(r, r_in) and (stream is x) == (op == "rms")
+        return y, stream
+    hits_cpu._miss_then_hit(call, inputs, [3, 1, 16])
+
+
 # ------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -148,7 +173,8 @@ def test_fused_bit_identical_on_gpu_at_8b_shapes(graph, monkeypatch):
             y1, s1 = fl.rms_norm_linear(x, g, 1e-5, w_qkv, None, res)
             return y0, y1, r, s1, lin.linear(silu_mul(gu), w_down), fl.silu_mul_linear(gu, w_down)
 
-        outs = both()                           # autotune / compile outside any graph
+        first = both()                          # autotune / compile outside any graph
+        outs = both()                           # the launch plans
         if graph:
             cg = torch.cuda.CUDAGraph()
             with torch.cuda.graph(cg):
@@ -156,6 +182,7 @@ def test_fused_bit_identical_on_gpu_at_8b_shapes(graph, monkeypatch):
             cg.replay()
         torch.cuda.synchronize()
         y0, y1, r, s1, d0, d1 = outs
+        assert all(torch.equal(a, b) for a, b in zip(first, outs)), f"M={M}: a plan's launch differs"
         assert torch.equal(y0, y1) and torch.equal(r, s1) and torch.equal(d0, d1), f"M={M}"
 
 
