@@ -13,8 +13,8 @@ So each row also has ``gpu_us``: the GPU's own time per call, from events around
 calls issued while the stream is held by a spin kernel (``torch.cuda._sleep``, long enough that
 the host has issued every call before the GPU starts the first: checked, and the calls halved
 until it holds), i.e. the calls run back to back with no host gap; median over the rounds.
-``bound`` says which side the host figure is: "host" where host_us > gpu_us, else "GPU" (the
-host figure is then the GPU's time, not the launcher's cost). ``torch_op_us``: the yardstick (a torch
+``bound`` says which side the host figure is: "host" where gpu_us < 0.9 host_us, else "GPU" (the
+host figure is then, or may be, the GPU's time, not the launcher's cost). ``torch_op_us``: the yardstick (a torch
 ``add_`` on a 256-element tensor) timed in the same rounds, taking its turn in each, and
 ``x_torch_op`` = host_us / torch_op_us (the host's speed drifts within a run and differs between
 processes by up to ~1.5x: a yardstick timed once at the start is no baseline for a row timed later).
@@ -396,7 +396,7 @@ def main() -> None:
             gpu = [None] * len(fns) if args.cpu else gpu_us(fns, [m for m, _ in host], n=args.gpu_calls,
                                                             rounds=args.rounds)
             for ((folder, _), _), (med, low), g in zip(have, host, gpu):
-                bound = "" if g is None else "host" if med > g else "GPU"
+                bound = "" if g is None else "host" if g < 0.9 * med else "GPU"
                 rows.append(dict(device=machine, commit=commit, kernels=folder, launcher=name,
                                  host_us=round(med, 2), host_us_min=round(low, 2),
                                  gpu_us=None if g is None else round(g, 2), bound=bound,
