@@ -96,3 +96,29 @@ def test_wrong_input_still_refused_after_a_plan_exists():
         dmod.decode_attention(q, kc, vc, pt, sl[:1], 16)
     with pytest.raises(ValueError, match="page_size"):
         dmod.decode_attention(q, kc, vc, pt, sl, 16.0)
+
+
+def test_rms_norm_residual_and_page_copy_plans_match_the_checked_call():
+    """First call checked (no plans), the second through the plan dict, the third through the
+    last-key memo: the same output and the same in-place updates, bit for bit."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(5, 256, device="cuda", dtype=BF, generator=g)
+    w = torch.randn(256, device="cuda", dtype=BF, generator=g)
+    r0 = torch.randn(5, 256, device="cuda", dtype=BF, generator=g)
+    pool0 = torch.randn(2, 2, 64, 2, 64, device="cuda", dtype=BF, generator=g)
+    src = torch.tensor([0, 2], device="cuda", dtype=torch.int32)
+    dst = torch.tensor([1, 3], device="cuda", dtype=torch.int32)
+    rmod._PLANS.clear()
+    pmod._PLANS.clear()
+    got = []
+    for _ in range(3):
+        r, pool = r0.clone(), pool0.clone()
+        out = rmod.rms_norm(x, w, 1e-5, residual=r)
+        pmod.page_copy(pool, src, dst, 16)
+        got.append((out, r, pool))
+    assert rmod._PLANS.get(None) is not None and pmod._PLANS.get(None) is not None   # (the memo was taken)
+    for later in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got[0], later))
+    want = pool0.clone()
+    pmod.page_copy_ref(want, src, dst, 16)
+    assert torch.equal(got[0][2], want)
