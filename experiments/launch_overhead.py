@@ -14,10 +14,13 @@ calls issued while the stream is held by a spin kernel (``torch.cuda._sleep``, l
 the host has issued every call before the GPU starts the first: checked, and the calls halved
 until it holds), i.e. the calls run back to back with no host gap; median over the rounds.
 ``bound`` says which side the host figure is: "host" where gpu_us < 0.9 host_us, else "GPU" (the
-host figure is then, or may be, the GPU's time, not the launcher's cost). ``torch_op_us``: the yardstick (a torch
-``add_`` on a 256-element tensor) timed in the same rounds, taking its turn in each, and
-``x_torch_op`` = host_us / torch_op_us (the host's speed drifts within a run and differs between
-processes by up to ~1.5x: a yardstick timed once at the start is no baseline for a row timed later).
+host figure is then, or may be, the GPU's time, not the launcher's cost). ``torch_op_us``: the
+yardstick (a torch ``add_`` on a 256-element tensor) timed in the same rounds, taking its turn in
+each, and ``x_torch_op`` = host_us / torch_op_us (the host's speed drifts within a run and differs
+between processes by up to ~1.5x: a yardstick timed once at the start is no baseline for a row
+timed later). Calls run under ``torch.inference_mode()`` with inputs made there, as the engine
+runs its steps (views and allocations cost less than under grad mode); --grad-mode times them
+under grad mode (as runs before this option did).
 With --profile, a cProfile of each launcher's calls: its top functions by own time, in us
 per launcher call. Writes DIR/launch_overhead.csv and .json; needs CUDA, except with --cpu
 (no GPU column there).
@@ -29,9 +32,6 @@ so later calls time the hit path (key, outputs, views) without Triton's C launch
 per-tensor ``data_ptr()`` call and pointer check a hit path that passes ints avoids: not counted).
 Timed in this thread's CPU time (wall time on a loaded machine swings with other processes).
 For before/after comparisons of launcher code, not a GPU figure.
-Calls run under ``torch.inference_mode()`` with inputs made there, as the engine runs its steps
-(views and allocations cost less than under grad mode); --grad-mode times them under grad mode
-(as runs before this option did).
 --processes N: the whole measurement in N fresh processes, one after another (DIR/process<k>/); the
 rows of all in DIR/launch_overhead.csv (column ``process``) and per row the median and the worst
 over them in DIR/launch_overhead_summary.csv (printed). The host's speed, and which launcher is
