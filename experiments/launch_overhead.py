@@ -352,7 +352,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gpu-calls", type=int, default=200, help="calls per round of the GPU-time measurement")
     ap.add_argument("--grad-mode", action="store_true",
-                    help="time under grad mode (as earlier runs of this script did), not torch.inference_mode (the engine's)")
+                    help="time under grad mode (as earlier runs of this script did), not torch.inference_mode "
+                         "(the engine's)")
     ap.add_argument("--processes", type=int, default=1,
                     help="run the whole measurement in this many fresh processes, one after another (DIR/process<k>/), "
                          "and summarize each row over them (median and worst)")
