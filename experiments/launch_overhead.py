@@ -205,8 +205,6 @@ def cases(dev, k: SimpleNamespace):
     src = torch.tensor([1], device=dev, dtype=torch.int32)
     dst = torch.tensor([2], device=dev, dtype=torch.int32)
     small = torch.randn(256, device=dev)
-    wd = torch.randn(256, 128, device=dev, dtype=bf)
-    x2 = torch.randn(2, 256, device=dev, dtype=bf)
     return [
         ("torch add_ (yardstick)", lambda: small.add_(1.0)),
         ("decode_attention 1 split", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=1, out=out)),
@@ -220,10 +218,22 @@ def cases(dev, k: SimpleNamespace):
         ("silu_mul", lambda: k.silu_mul(x)),
         ("linear (gemv)", lambda: k.linear(x, wl)),
         ("page_copy", lambda: k.page_copy(pool, src, dst, ps)),
-    ] + ([] if k.silu_mul_linear is None else [   # (last: launch_host_cpu pairs rows by position)
+    ]
+
+
+def fused_cases(dev, k: SimpleNamespace):
+    """The fused_linear launchers' rows (none where the package has no fused_linear). Apart from
+    `cases`: experiments/launch_host_cpu.py pairs `cases`' rows of two versions by position."""
+    if k.silu_mul_linear is None:
+        return []
+    bf = torch.bfloat16
+    x, x2 = torch.randn(2, 256, device=dev, dtype=bf), torch.randn(2, 256, device=dev, dtype=bf)
+    w = torch.randn(256, device=dev, dtype=bf)
+    wl, wd = torch.randn(128, 256, device=dev, dtype=bf), torch.randn(256, 128, device=dev, dtype=bf)
+    return [
         ("silu_mul + linear (fused)", lambda: k.silu_mul_linear(x, wd)),
         ("rms_norm + linear (fused)", lambda: k.rms_norm_linear(x, w, 1e-5, wl, residual=x2)),
-    ])
+    ]
 
 
 def _first_call_s(fn) -> float:
@@ -380,7 +390,7 @@ def main() -> None:
     mode = contextlib.nullcontext() if args.grad_mode else torch.inference_mode()
     kits = [launchers(p) for _, p in versions]   # (imported before stub_launches looks for them)
     with mode, stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
-        by_version = [cases(dev, k) for k in kits]
+        by_version = [cases(dev, k) + fused_cases(dev, k) for k in kits]
         yardstick = by_version[0][0][1]
         for name, _ in by_version[0]:
             # (a launcher an older kernels/ folder lacks: its row only for the versions that have it)
