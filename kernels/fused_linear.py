@@ -43,7 +43,9 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot
 SILU_MAX_M = 16     # silu_mul fused into the down projection for M <= this (x: 2 reads of [M, I] for 1)
 NORM_MAX_M = 4      # rms_norm fused into qkv / gate_up for M <= this: the extra L2 reads grow with M (module doc)
 TILE_M = 16         # x padded to one 16-row tile, as in `linear`: no limit above this
-INTERPRET_CONFIG = _lin.INTERPRET_CONFIG
+# interpreter: linear's BLOCK_K (the dot's K order; in numpy a tile is one matmul), wider N tiles
+# (columns are independent: fewer programs for the interpreter to run)
+INTERPRET_CONFIG = dict(BLOCK_N=64, BLOCK_K=_lin.INTERPRET_CONFIG["BLOCK_K"])
 MODE_SILU, MODE_RMS = 1, 2
 
 
@@ -53,22 +55,28 @@ def _fused_gemv_kernel(
     M, N, K,
     stride_xm, stride_rm, stride_wn, stride_ym, stride_om,
     eps,
-    MODE: tl.constexpr, ADD: tl.constexpr, NORM_N: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    MODE: tl.constexpr, ADD: tl.constexpr, NORM_N: tl.constexpr, NORM_BLOCK: tl.constexpr, ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[M, N] = xt @ W[N, K]^T (+ b), xt computed from x while loading:
     MODE 1: x [M, 2K] (gate | up): xt = silu(gate) * up.
-    MODE 2: xt = g * rmsnorm(x (+ r)); with ADD program 0 stores x + r to ro [M, K]."""
+    MODE 2: xt = g * rmsnorm(x (+ r)); with ADD program 0 stores x + r to ro [M, K].
+    The activation math runs on ROWS = next_pow2(M) rows in the loads' layout (spread over the
+    threads), then the tile is padded to BLOCK_M rows for the dot: computed on the dot operand's
+    layout it would run on all 16 rows in every warp. Its loads are issued one K tile ahead (they
+    are too small for the pipeliner's async copies)."""
     dt = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, ROWS)
+    offs_kk = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    m_mask = offs_m < M
+    r_mask = offs_r < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     pdl_begin(PDL)
-    inv = tl.zeros([BLOCK_M], tl.float32)
+    inv = tl.zeros([ROWS], tl.float32)
     if MODE == 2:
         # first pass: each row's inverse RMS, as kernels/rms_norm.py computes it for one row
         offs = tl.arange(0, NORM_BLOCK)
@@ -81,27 +89,43 @@ def _fused_gemv_kernel(
                 if pid == 0:
                     tl.store(ro_ptr + m * stride_om + offs, row, mask=mask)
             rf = row.to(tl.float32)
-            inv = tl.where(offs_m == m, tl.rsqrt(tl.sum(rf * rf, 0) / NORM_N + eps), inv)
+            inv = tl.where(offs_r == m, tl.rsqrt(tl.sum(rf * rf, 0) / NORM_N + eps), inv)
+    # a: gate (silu) or x (rms); b: up (silu) or the residual (rms with ADD); gv: the norm's weight
+    a_ptrs = x_ptr + offs_r[:, None] * stride_xm + offs_kk[None, :]                             # [R, BK]
+    if MODE == 1:
+        b_ptrs = a_ptrs + K
+    else:
+        b_ptrs = r_ptr + offs_r[:, None] * stride_rm + offs_kk[None, :]
+    xm = r_mask[:, None] & (offs_kk < K)[None, :]
+    a = tl.load(a_ptrs, mask=xm, other=0.0)
+    b = a
+    if MODE == 1 or ADD:
+        b = tl.load(b_ptrs, mask=xm, other=0.0)
+    gv = tl.load(g_ptr + offs_kk, mask=(offs_kk < K) & (MODE == 2), other=0.0)                  # [BK]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    r_rows = r_ptr + offs_m[:, None] * stride_rm
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + offs_kk
         k_mask = offs_k < K
-        xm = m_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
+        ca, cb, cg = a, b, gv
+        nxt = offs_k + BLOCK_K < K                                                              # the next tile
+        a = tl.load(a_ptrs + (k0 + BLOCK_K), mask=r_mask[:, None] & nxt[None, :], other=0.0)
+        if MODE == 1 or ADD:
+            b = tl.load(b_ptrs + (k0 + BLOCK_K), mask=r_mask[:, None] & nxt[None, :], other=0.0)
         if MODE == 1:   # kernels/silu_mul.py's rounding
-            gate = tl.load(x_rows + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)
-            s = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-            x = (s * up).to(dt)                                                                  # [BM, BK]
+            gf = ca.to(tl.float32)
+            s = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
+            x = (s * cb.to(tl.float32)).to(dt)                                                   # [R, BK]
         else:           # kernels/rms_norm.py's rounding
-            x = tl.load(x_rows + offs_k[None, :], mask=xm, other=0.0)
+            gv = tl.load(g_ptr + (offs_k + BLOCK_K), mask=nxt, other=0.0)
+            x = ca
             if ADD:
-                x = (x.to(tl.float32) + tl.load(r_rows + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)).to(dt)
+                x = (ca.to(tl.float32) + cb.to(tl.float32)).to(dt)
             h = (x.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
-            g = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = (g[None, :] * h).to(dt)                                                          # [BM, BK]
+            x = (cg.to(tl.float32)[None, :] * h).to(dt)                                         # [R, BK]
+        if ROWS < BLOCK_M:  # pad to the dot's rows: the R rows repeated, all but the first copy zeroed
+            x = tl.reshape(tl.broadcast_to(x[None, :, :], (BLOCK_M // ROWS, ROWS, BLOCK_K)), (BLOCK_M, BLOCK_K))
+            x = tl.where(offs_m[:, None] < ROWS, x, 0.0)                                       # [BM, BK]
         if DOT_F32:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -110,7 +134,7 @@ def _fused_gemv_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+             mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
 def _norm_warps() -> int:
@@ -134,7 +158,7 @@ def _launch(mode, key, ok, x, r, g, weight, bias, y, ro, M, N, K, strides, eps, 
     args = (x, r if r is not None else w, g if g is not None else w, w, bias if bias is not None else w, y,
             ro if ro is not None else w, M, N, K, *strides, float(eps))
     meta = dict(MODE=mode, ADD=add, NORM_N=K if mode == MODE_RMS else 0,
-                NORM_BLOCK=next_pow2(K) if mode == MODE_RMS else 1, HAS_BIAS=bias is not None,
+                NORM_BLOCK=next_pow2(K) if mode == MODE_RMS else 1, ROWS=next_pow2(M), HAS_BIAS=bias is not None,
                 DOT_F32=dot_in_f32(x.dtype, x.device), DOT_PREC=dot_precision(x.dtype), BLOCK_M=TILE_M,
                 **pdl_args(x.device))
     if use_interpreter(x.device):
