@@ -364,6 +364,8 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path, plain: dict | None = None)
     elif hybrid and len(strategy.tables) > 1:
         raise ConfigError(f"strategy={strategy.name}: engine={engine.name} reads one page table per request, this "
                           f"design keeps {len(strategy.tables)} (per layer group); run it with engine=sim")
+    elif getattr(engine, "binds_strategy", False):  # (the gpu engine warms up the strategy's layout)
+        engine.bind(pool.page_size, pool.num_pages, strategy=strategy)
     else:
         engine.bind(pool.page_size, pool.num_pages)
     read_groups = KVReadGroups.of(pool.groups)  # None unless a layer group reads a window or chunk only

@@ -1,47 +1,220 @@
-"""CUDA graphs of steps with prefill (gpu engine): a graph replay of a mixed step (prefill
-chunks beside decodes, padded to its token bucket) computes what the eager step computes.
-GPU only; CI tests the eager path on the CPU."""
+"""CUDA graphs of the gpu engine.
+
+CPU (the graph path with an eager stand-in for the graph, as in test_hybrid_engine: buckets,
+shared staging buffers, the packed page table of steps with prefill, padding):
+  - the warm-up's key set (`graph_keys`) is exactly the set of keys the steps within the limits
+    map to (every composition of decode rows and prefill chunks, enumerated apart), per mode;
+  - a replay after the warm-up ("all") captures nothing; without it ("none") it captures;
+  - a replay's logits are identical with and without the warm-up, and match the eager path;
+  - the sizing subtracts the graphs' memory (`kv_budget_bytes`).
+GPU: a graph replay of a mixed step (prefill chunks beside decodes, padded to its token bucket)
+computes what the eager step computes. ~5 s of CPU time."""
 from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from kvbench.batch import ScheduledSeq, StepBatch
+from kvbench.engines.gpu_engine import (GRAPH_BATCH_SIZES, GPUEngine, batch_bucket, context_pages, graph_keys,
+                                        token_bucket)
+from kvbench.engines.torch_engine import TorchEngine
 from kvbench.request import Request
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TINY = dict(name="tiny-bf16", num_layers=2, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2,
             head_dim=64, vocab_size=32000, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
             attention_bias=False, attention_out_bias=False, dtype="bfloat16", checkpoint=None)
+CPU_MODEL = dict(TINY, name="tiny-f32", hidden_size=64, intermediate_size=128, head_dim=16, vocab_size=512,
+                 tie_embeddings=False, dtype="float32")
+PS, SEQS, TOKENS, MAX_LEN = 16, 4, 64, 160  # page size, max_num_seqs, max_num_batched_tokens, max_model_len
 
 
-def _drive(eng, reqs, chunk, graphs):
-    """Toy schedule: request i joins at step i, prefill chunks of `chunk`, then decodes; returns
-    every emitted row of logits (fp32) and the keys of the graphs used."""
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared by several processes: torch's thread pool spinning costs ~40x here."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
+def _drive(eng, reqs, chunk, graphs, seqs=None, tokens=None):
+    """Toy schedule: request i joins at step i (at most `seqs` requests and `tokens` tokens a
+    step), prefill chunks of up to `chunk` tokens, then decodes; returns every emitted row of
+    logits (fp32)."""
     eng.cuda_graphs = graphs
     ps, pos, got, step = 16, {r.id: 0 for r in reqs}, [], 0
     tables = {r.id: np.arange(r.id * 64, r.id * 64 + 64, dtype=np.int32)[::-1].copy() for r in reqs}
     while any(pos[r.id] < r.kv_len for r in reqs):
-        seqs = []
+        batch, left = [], tokens or 1 << 30
         for i, r in enumerate(reqs):
             s = pos[r.id]
-            if step < i or s >= r.kv_len:
+            if step < i or s >= r.kv_len or (seqs is not None and len(batch) == seqs) or not left:
                 continue
-            n = min(chunk, r.prompt_len - s) if s < r.prompt_len else 1
-            seqs.append(ScheduledSeq(r, s, n, tables[r.id][:-(-(s + n) // ps)]))
-        eng.step(StepBatch(seqs, ps, eng.kv_pool.shape[2] // ps, False, []))
-        got += [eng.last_logits[s.request.id].float().cpu() for s in seqs if s.emits_token]
-        for s in seqs:
+            n = min(chunk, r.prompt_len - s, left) if s < r.prompt_len else 1
+            left -= n
+            batch.append(ScheduledSeq(r, s, n, tables[r.id][:-(-(s + n) // ps)]))
+        eng.step(StepBatch(batch, ps, eng.kv_pool.shape[2] // ps, False, []))
+        got += [eng.last_logits[s.request.id].float().cpu() for s in batch if s.emits_token]
+        for s in batch:
             pos[s.request.id] += s.num_new
         step += 1
     return got
 
 
-def test_mixed_step_graphs_match_eager():
-    from kvbench.engines.gpu_engine import GPUEngine
-    eng = GPUEngine(TINY, kv_cache_gb=0.05, keep_logits=True, warmup=False, profile_tokens=256)
+# ---- CPU: the stand-in -------------------------------------------------------------------------
+class StandIn(GPUEngine):
+    """The gpu engine's graph path on the CPU: `_capture` builds the static inputs and replays by
+    running the graph body eagerly over them (no CUDA here)."""
+
+    def __init__(self, graph_warmup: str):
+        TorchEngine.__init__(self, CPU_MODEL, keep_logits=True)
+        self.cuda_graphs, self.graph_max_tokens, self.warmup, self.graph_warmup = True, TOKENS, False, graph_warmup
+        self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len = SEQS, TOKENS, MAX_LEN
+        self._graphs, self._graph_pool, self.graph_capture_s = {}, None, 0.0
+
+    step = TorchEngine.step
+    forwards = replays = 0
+
+    def _forward(self, h):
+        self.forwards += 1
+        return super()._forward(h)
+
+    def _replay(self, g):
+        self.replays += 1
+        self._graph_body(g)
+
+    def _capture(self, key, page_size):
+        g = self._graph_inputs(key, page_size)
+        g.graph = SimpleNamespace(replay=lambda: self._replay(g))
+        self._graphs[key] = g
+        return g
+
+
+def _requests():
+    rng = np.random.default_rng(0)
+    # 25 = 24 + 1: a prompt's last chunk of one token (a one-token row that is not a decode)
+    return [Request(i, 0.0, rng.integers(0, 512, n).astype(np.int32), np.zeros(4, np.int32))
+            for i, n in enumerate([70, 5, 33, 140, 25, 2])]
+
+
+def _step_keys(mode_pages: int, page_size: int, max_context: int, seqs: int, tokens: int, graph_max: int) -> set:
+    """Every key `GPUEngine._forward` maps a step within the limits to, from the step's rows: nd
+    one-token rows (decodes, or prompts' last tokens), npf prefill chunks of >= 2 tokens each (tp
+    in all), the longest request's length (any, up to max_context); decode-only steps too.
+    Enumerated from the compositions, apart from `graph_keys`."""
+    keys = set()
+    widths = {context_pages(n, page_size) for n in range(1, max_context + 1)}
+    for b in range(1, seqs + 1):  # decode-only: b requests
+        keys |= {(batch_bucket(b), batch_bucket(b), w, False, True, batch_bucket(b)) for w in widths}
+    for nd, npf in itertools.product(range(seqs + 1), range(seqs + 1)):
+        if not 0 < nd + npf <= seqs:
+            continue
+        for tp in range(2 * npf, min(tokens - nd, graph_max) + 1):
+            if npf == 0 and tp:
+                break
+            if npf == 0 and nd == 0:
+                continue
+            dp = next(x for x in (0, *GRAPH_BATCH_SIZES) if x >= nd)
+            keys.add((dp + token_bucket(tp), dp + batch_bucket(npf), mode_pages, False, False, dp))
+    return keys
+
+
+def test_graph_keys_are_the_keys_of_the_steps_within_the_limits():
+    """"all": exactly the keys of every step composition (decode-only: every batch bucket x every
+    context bucket; with prefill: one table width); "decode": the decode-only ones; "none": none.
+    Largest first. And the sizes the report gives for the experiments' configs."""
+    lim = dict(max_num_seqs=SEQS, max_num_batched_tokens=TOKENS, graph_max_tokens=TOKENS, max_context=MAX_LEN,
+               page_size=PS, contiguous=False)
+    width = context_pages(MAX_LEN, PS)
+    assert width == 16
+    want = _step_keys(width, PS, MAX_LEN, SEQS, TOKENS, TOKENS)
+    got = graph_keys("all", **lim)
+    assert set(got) == want and len(got) == len(want) == 42
+    assert got == sorted(got, key=lambda k: (k[0], k[1], k[2], k[4]), reverse=True)
+    decode = {k for k in want if k[4]}
+    assert set(graph_keys("decode", **lim)) == decode == {(b, b, 16, False, True, b) for b in (1, 2, 4)}
+    assert graph_keys("none", **lim) == []
+    # context buckets of decode keys: a page size of 4 gives 40 pages -> 16, 32, 64
+    small = dict(lim, page_size=4)
+    assert {k[2] for k in graph_keys("decode", **small)} == {16, 32, 64}
+    assert set(graph_keys("all", **small)) == _step_keys(64, 4, MAX_LEN, SEQS, TOKENS, TOKENS)
+    # graph_max_tokens bounds the prefill tokens (steps past it run eagerly), not the decode rows
+    capped = graph_keys("all", **dict(lim, graph_max_tokens=32))
+    assert set(capped) == _step_keys(width, PS, MAX_LEN, SEQS, TOKENS, 32)
+    # the experiments' configs (1B and 8B alike: max_num_seqs 256, 8,192 tokens, max_model_len 16,384)
+    exp = dict(max_num_seqs=256, max_num_batched_tokens=8192, graph_max_tokens=8192, max_context=16384,
+               contiguous=False)
+    assert len(graph_keys("decode", page_size=16, **exp)) == 9 * 7
+    assert len(graph_keys("decode", page_size=1, **exp)) == 9 * 11
+    assert len(graph_keys("all", page_size=16, **exp)) == 4762
+    with pytest.raises(ValueError, match="graph_warmup='some'"):
+        graph_keys("some", **lim)
+
+
+def _run(mode: str, graphs: bool = True):
+    eng = StandIn(mode)
+    eng.bind(PS, 512)
+    warm = dict(eng._graphs)
+    got = _drive(eng, _requests(), chunk=24, graphs=graphs, seqs=SEQS, tokens=TOKENS)
+    return eng, warm, got
+
+
+def test_a_replay_after_the_warm_up_captures_nothing():
+    """After bind with graph_warmup=all, a replay whose steps stay within the limits (mixed,
+    prefill-only, decode-only and one-token-rows steps) finds every graph; with "none" the same
+    replay captures on first use, and each capture is counted."""
+    eng, warm, _ = _run("all")
+    assert eng.graph_warmup_captures == len(warm) == 42
+    assert eng.graph_captures_in_replay == 0 and eng._graphs.keys() == warm.keys()
+    assert eng.graph_summary()["cuda_graph_captures_in_replay"] == 0
+    assert eng.replays == eng.forwards > 10  # every step went through a graph: none ran eagerly
+    used = set(_run("none")[0]._graphs)  # the keys the replay met
+    assert {(k[4], k[5] > 0) for k in used} == {(True, True), (False, True), (False, False)}  # decode, mixed, prefill
+    lazy, warm_none, _ = _run("none")
+    assert not warm_none and lazy.graph_warmup_captures == 0
+    assert lazy.graph_captures_in_replay == len(lazy._graphs) > 5
+    assert set(lazy._graphs) <= set(warm)  # what the replay met is in the warm-up's set
+    decode, _, _ = _run("decode")
+    assert 0 < decode.graph_captures_in_replay == len({k for k in lazy._graphs if not k[4]})
+
+
+def test_outputs_are_identical_with_and_without_the_warm_up():
+    """The same replay through warmed-up graphs, graphs captured on first use, and eagerly: the
+    graph paths give identical logits, the eager path the same within fp32 rounding."""
+    _, _, warmed = _run("all")
+    _, _, lazy = _run("none")
+    _, _, eager = _run("none", graphs=False)
+    assert len(warmed) == len(lazy) == len(eager) == sum(r.output_len for r in _requests())
+    for a, b, c in zip(warmed, lazy, eager):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sizing_subtracts_the_graphs_memory(monkeypatch):
+    """kv_budget = total x utilization - weights - activation peak - graph memory - outside torch."""
+    gib = 1 << 30
+    eng = SimpleNamespace(device="cuda:0", utilization=0.9, activation_peak=2 * gib, graph_pool_bytes=3 * gib,
+                          model=SimpleNamespace(weight_bytes=lambda: 16 * gib))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    budget = GPUEngine.kv_budget_bytes(eng)
+    assert budget == int(140 * gib * 0.9) - 16 * gib - 2 * gib - 3 * gib - (140 - 100 - 30) * gib
+    eng.graph_pool_bytes = 0
+    assert GPUEngine.kv_budget_bytes(eng) - budget == 3 * gib
+
+
+# ---- GPU --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("warmup", ["none", "all"])
+def test_mixed_step_graphs_match_eager(warmup):
+    eng = GPUEngine(TINY, kv_cache_gb=0.05, keep_logits=True, warmup=False, profile_tokens=256,
+                    cuda_graphs=warmup != "none", graph_warmup=warmup, max_num_seqs=4,
+                    max_num_batched_tokens=256, max_model_len=512)
     eng.bind(16, eng.kv_capacity_tokens(None) // 16)
     rng = np.random.default_rng(0)
     reqs = [Request(i, 0.0, rng.integers(0, 32000, n).astype(np.int32), np.zeros(4, np.int32))
@@ -50,6 +223,8 @@ def test_mixed_step_graphs_match_eager():
     graphed = _drive(eng, reqs, chunk=24, graphs=True)
     mixed = [k for k in eng._graphs if not k[4]]
     assert mixed, "no mixed-step graph was captured"
+    if warmup == "all":
+        assert eng.graph_captures_in_replay == 0 and eng.graph_pool_bytes > 0
     assert len(eager) == len(graphed)
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(b, a, atol=3e-2, rtol=3e-2)

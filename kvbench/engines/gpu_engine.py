@@ -36,8 +36,10 @@ in extend; split, 19.6 ms). In a graph the decode rows are padded to a batch buc
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import torch
@@ -57,6 +59,100 @@ def token_bucket(tokens: int) -> int:
         return -(-tokens // 16) * 16
     step = 1 << ((tokens - 1).bit_length() - 4)
     return -(-tokens // step) * step
+
+
+def batch_bucket(n: int) -> int:
+    """Rows a graph pads `n` requests to (the first of GRAPH_BATCH_SIZES >= n)."""
+    return next(x for x in GRAPH_BATCH_SIZES if x >= n)
+
+
+def context_pages(seq_len: int, page_size: int) -> int:
+    """Page-table width of a graph whose longest request holds `seq_len` tokens: a power of two
+    of pages, at least 16."""
+    return 1 << max(4, (-(-int(seq_len) // page_size) - 1).bit_length())
+
+
+GRAPH_WARMUP = ("all", "decode", "none")
+
+
+def graph_keys(mode: str, *, max_num_seqs: int, max_num_batched_tokens: int, graph_max_tokens: int,
+               max_context: int, page_size: int, contiguous: bool) -> list[tuple]:
+    """The graph keys (token bucket, batch bucket, pages, contiguous, decode_only, decode rows) a
+    replay within these limits can meet, largest first (captures then reuse the shared pool's
+    blocks). Pure.
+
+    - decode-only steps ("decode" and "all"): every batch bucket up to max_num_seqs' x every
+      context bucket (16, 32, ... pages) up to `max_context` tokens' (one request's longest
+      context). These keep the context bucket: their page table is copied whole at each replay,
+      and a decode step's host time is what the roofline goal is about.
+    - steps with prefill ("all"): (prefill token bucket `token_bucket`, prefill-request bucket,
+      decode-row bucket: 0 or a batch bucket), every combination a step can have: at most
+      max_num_seqs requests, max_num_batched_tokens tokens and graph_max_tokens prefill tokens,
+      each prefill chunk at least 2 tokens (a 1-token chunk goes with the decode rows); plus the
+      steps whose rows are all one token but not all decodes (a prompt's last token alone). No
+      context bucket: the page-table block is `context_pages(max_context)` wide and only the
+      step's used rows x columns cross the bus (`_forward`); the kernels size their split-KV
+      pieces by the actual lengths, so the wide table costs empty splits only.
+    """
+    if mode not in GRAPH_WARMUP:
+        raise ValueError(f"graph_warmup={mode!r}: must be one of {', '.join(GRAPH_WARMUP)}")
+    if mode == "none":
+        return []
+    seqs = min(max_num_seqs, GRAPH_BATCH_SIZES[-1])
+    batch = GRAPH_BATCH_SIZES[:GRAPH_BATCH_SIZES.index(batch_bucket(seqs)) + 1]
+    width = context_pages(max_context, page_size)
+    keys = [(b, b, p, contiguous, True, b) for b in batch for p in (1 << k for k in range(4, width.bit_length()))]
+    if mode == "all":
+        budget = min(max_num_batched_tokens, graph_max_tokens)  # prefill tokens a graph step can hold
+        tokens = sorted({token_bucket(t) for t in range(2, budget + 1)})
+        lower = dict(zip(tokens, [0, *tokens[:-1]]))  # a bucket holds (lower, bucket] tokens
+        rows = dict(zip(batch, [0, *batch[:-1]]))
+        for dp in (0, *batch):
+            nd = rows[dp] + 1 if dp else 0  # fewest decode rows in this bucket
+            if 0 < dp and nd < seqs:  # one-token rows only, one of them a prompt's last token
+                keys.append((dp, dp + 1, width, contiguous, False, dp))
+            for pb in batch:
+                npf = rows[pb] + 1  # fewest prefill chunks in this bucket
+                for ts in tokens:
+                    lo = max(lower[ts] + 1, 2 * npf)  # fewest prefill tokens
+                    if nd + npf <= seqs and lo <= min(ts, max_num_batched_tokens - nd, graph_max_tokens):
+                        keys.append((dp + ts, dp + pb, width, contiguous, False, dp))
+    return sorted(set(keys), key=lambda k: (k[0], k[1], k[2], k[4]), reverse=True)
+
+
+def _unowned(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor viewing `t`'s memory without owning it (vLLM's weak_ref_tensor, through the
+    CUDA array interface): once `t` is dropped, a graph output's block goes back to the graph
+    pool, and later captures reuse it. The view is valid until the next replay of any graph of
+    the pool (each step reads its logits before the next). CPU tensors come back as they are."""
+    if t.device.type != "cuda":
+        return t
+    code = {1: "|i1", 2: "<i2", 4: "<i4", 8: "<i8"}[t.element_size()]
+    mem = SimpleNamespace(__cuda_array_interface__={
+        "shape": tuple(t.shape), "typestr": code, "data": (t.data_ptr(), False), "version": 2,
+        "strides": tuple(s * t.element_size() for s in t.stride())})
+    return torch.as_tensor(mem, device=t.device).view(t.dtype)
+
+
+@contextlib.contextmanager
+def _no_cache_release():
+    """`torch.cuda.graph` synchronizes, may collect garbage and empties the caching allocator at
+    each capture; in a loop of captures that releases and re-mallocs every capture's eager
+    blocks. vLLM's capture loop turns both off after its first graph; so does this, for the
+    captures in it."""
+    with mock.patch("gc.collect", lambda *a: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
+        yield
+
+
+def _pool_bytes(pool) -> int | None:
+    """Bytes of the caching allocator's segments in graph pool `pool` (memory snapshot), or None
+    when this torch's snapshot does not name pools."""
+    try:
+        want = tuple(pool)
+        segs = torch.cuda.memory._snapshot()["segments"]
+        return int(sum(x["total_size"] for x in segs if tuple(x.get("segment_pool_id", ())) == want))
+    except Exception:  # noqa: BLE001 (a measurement only)
+        return None
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
@@ -84,15 +180,35 @@ class GPUEngine(TorchEngine):
         warmup: before the replay, run the mixed-batch shapes the Triton kernels specialize on
             (batch-size buckets, page size, contiguous or not), so that no step is timed with a
             just-in-time compile in it (each costs about a second, seen on an H200).
+        graph_warmup: with cuda_graphs, which graphs `bind` captures before the replay
+            (`graph_keys`): "all" (every key a step within the limits can meet), "decode"
+            (decode-only steps), "none" (each on first use, as before). A key the warm-up missed
+            is still captured on first use and counted (`cuda_graph_captures_in_replay`).
+        max_num_seqs, max_num_batched_tokens: the scheduler's limits, which bound the warm-up's
+            keys (default: 512 requests, `profile_tokens` tokens).
     """
 
     name = "gpu"
+    binds_strategy = True  # kvbench.run passes every strategy to bind (slab's contiguous layout)
+    # (class defaults: the CPU tests' stand-in builds the engine without __init__)
+    graph_warmup = "none"
+    max_model_len = None
+    graph_captures_in_replay = 0
+    graph_warmup_captures = 0
+    graph_warmup_s = 0.0
+    graph_pool_bytes = 0
+    graph_mem_measured = None
+    graph_profile = None
+    _prefill_pages = 0
+    _stage = None
+    _side = None
 
     def __init__(self, model, attention: str = "triton", seed: int = 0, sample: bool = False,
                  device: str = "cuda", keep_logits: bool = False, cuda_graphs: bool = False,
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
                  profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True,
-                 graph_max_tokens: int = 8192):
+                 graph_max_tokens: int = 8192, graph_warmup: str = "none", max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None):
         if not torch.cuda.is_available():
             raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
         cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
@@ -115,8 +231,15 @@ class GPUEngine(TorchEngine):
         self._graphs: dict[tuple[int, int, int, bool, bool, int], SimpleNamespace] = {}
         self._graph_pool = None
         self.graph_capture_s = 0.0
+        if graph_warmup not in GRAPH_WARMUP:
+            raise ValueError(f"graph_warmup={graph_warmup!r}: must be one of {', '.join(GRAPH_WARMUP)}")
+        self.graph_warmup = graph_warmup
+        self.max_num_seqs = max_num_seqs or GRAPH_BATCH_SIZES[-1]
+        self.max_num_batched_tokens = max_num_batched_tokens or profile_tokens
         self.profile_tokens = profile_tokens
         self.activation_peak = self._profile(profile_tokens)
+        # what the graphs will hold, measured now (before the pool is sized) on a scratch pool
+        self.graph_pool_bytes = self._profile_graphs() if cuda_graphs and graph_warmup != "none" else 0
         torch.cuda.reset_peak_memory_stats(dev)
 
     # ---- sizing ---------------------------------------------------------------------------
@@ -152,16 +275,78 @@ class GPUEngine(TorchEngine):
         torch.cuda.empty_cache()
         return int(peak)
 
+    def _warm_keys(self, page_size: int, max_context: int, contiguous: bool) -> list[tuple]:
+        return graph_keys(self.graph_warmup, max_num_seqs=self.max_num_seqs,
+                          max_num_batched_tokens=self.max_num_batched_tokens, graph_max_tokens=self.graph_max_tokens,
+                          max_context=max_context, page_size=page_size, contiguous=contiguous)
+
+    @torch.inference_mode()
+    def _profile_graphs(self) -> int:
+        """Bytes of GPU memory the warm-up's graphs will take, measured as vLLM V1's
+        `profile_cudagraph_memory` does (free memory before and after capturing the largest
+        graphs on a scratch KV pool, then a per-graph cost times the rest), then released:
+          - the shared graph pool: the largest step with prefill (most tokens, most rows) and
+            the largest decode step (most rows, widest table), captured first into a fresh pool;
+            every later graph reuses its blocks (outputs are unowned, `_unowned`), so the pool
+            holds about one largest graph's activations;
+          - each graph's own cost (its executable, plans' buffers): 8 small decode graphs more,
+            their mean times the other keys `graph_keys` gives (page size 1: the most keys);
+          - the shared staging buffers (`_graph_inputs`) for those keys, computed.
+        Each probe first runs once eagerly on the capture stream, so the caching allocator's
+        blocks for its activations (counted in the activation peak) are not counted again."""
+        ps, ctx = 16, self.max_model_len or 1 << 17
+        n_keys = len(self._warm_keys(1, ctx, False))  # (page size 1: the most context buckets)
+        widest = graph_keys("all", max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                            graph_max_tokens=self.graph_max_tokens, max_context=ctx, page_size=ps, contiguous=False)
+        big = [k for k in widest if not k[4]][:1]  # the most prefill tokens (then rows): every mode may meet it
+        big += [max((k for k in widest if k[4]), key=lambda k: (k[1], k[2]))]  # the most rows, the widest table
+        small = [(b, b, p, False, True, b) for b in (1, 2, 4, 8) for p in (16, 32)]
+        c = self.cfg
+        self.page_size = ps
+        self.kv_pool = torch.zeros(c.num_layers, 2, 2 * ps, c.num_kv_heads, c.head_dim, dtype=DTYPES[c.dtype],
+                                   device=self.device)  # (slots -1, lengths 0: nothing is read or written)
+        self._stage = self._staging(big + small)
+        try:
+            side = self._capture_stream()
+            with _no_cache_release():
+                with torch.cuda.stream(side):  # compile, and let the allocator cache the eager blocks
+                    for key in big + small:
+                        self._graph_body(self._graph_inputs(key, ps))
+                torch.cuda.synchronize()
+                free0 = torch.cuda.mem_get_info(self.device)[0]
+                for key in big:
+                    self._capture(key, ps)
+                torch.cuda.synchronize()
+                free1 = torch.cuda.mem_get_info(self.device)[0]
+                for key in small:
+                    self._capture(key, ps)
+                torch.cuda.synchronize()
+                free2 = torch.cuda.mem_get_info(self.device)[0]
+        finally:
+            for g in self._graphs.values():
+                g.graph.reset()
+            self._graphs.clear()
+            self._graph_pool, self._stage, self.kv_pool, self.page_size = None, None, None, 0
+            self.graph_capture_s = 0.0
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        per_graph = max(free1 - free2, 0) / len(small)
+        staging = self._staging_bytes(self._warm_keys(1, ctx, False) + big)
+        self.graph_profile = {"pool_and_largest_bytes": int(free0 - free1), "per_graph_bytes": int(per_graph),
+                              "keys": n_keys, "staging_bytes": int(staging)}
+        return int(max(free0 - free1, 0) + per_graph * max(n_keys - len(big), 0) + staging)
+
     def kv_budget_bytes(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
         return int(total * self.utilization - self.model.weight_bytes() - self.activation_peak
-                   - outside_torch)
+                   - self.graph_pool_bytes - outside_torch)
 
     def kv_capacity_tokens(self, requested: int | None) -> int:
         bpt, budget = kv_bytes_per_token(self.cfg), self.kv_budget_bytes()
         sizes = (f"GPU {_gb(self.total_mem)} x utilization {self.utilization}; weights "
-                 f"{_gb(self.model.weight_bytes())}, activation peak {_gb(self.activation_peak)} "
+                 f"{_gb(self.model.weight_bytes())}, activation peak {_gb(self.activation_peak)}, "
+                 f"CUDA graphs {_gb(self.graph_pool_bytes)} (graph_warmup={self.graph_warmup}) "
                  f"-> KV budget {_gb(budget)} at {bpt} B/token")
         if requested is not None:
             tokens, why = int(requested), f"kv_capacity_tokens={requested}"
@@ -170,10 +355,10 @@ class GPUEngine(TorchEngine):
         else:
             tokens, why = max(budget, 0) // bpt, "gpu_memory_utilization"
         if requested is not None or self.kv_cache_gb is not None:
-            free = torch.cuda.mem_get_info(self.device)[0]
+            free = torch.cuda.mem_get_info(self.device)[0] - self.graph_pool_bytes  # (the graphs come after the pool)
             if tokens * bpt > free:
                 raise ValueError(f"{why} asks for {_gb(tokens * bpt)} of KV pool, but only "
-                                   f"{_gb(free)} of GPU memory is free ({sizes})")
+                                   f"{_gb(free)} of GPU memory is free beside the CUDA graphs ({sizes})")
         need = self.max_model_len or 1
         if tokens < need:
             raise ValueError(f"KV pool of {tokens} tokens (from {why}) cannot hold one request "
@@ -187,8 +372,40 @@ class GPUEngine(TorchEngine):
             need = num_pages * page_size * kv_bytes_per_token(self.cfg)
             raise ValueError(f"KV pool of {num_pages} pages x {page_size} tokens = {_gb(need)} "
                              f"does not fit: {_gb(torch.cuda.mem_get_info()[0])} free") from e
+        hybrid = self.hybrid
+        pool_tokens = (num_pages if hybrid is None else hybrid.min_pages) * page_size
+        max_context = min(self.max_model_len or pool_tokens, pool_tokens)
+        self._prefill_pages = context_pages(max_context, page_size)  # steps with prefill: this wide a table
         if self.warmup:
             self._warm_up(page_size, num_pages)
+        if self.cuda_graphs and self.graph_warmup != "none":
+            contiguous = bool(getattr(strategy, "contiguous", False)) and hybrid is None
+            self._warm_up_graphs(self._warm_keys(page_size, max_context, contiguous), page_size)
+
+    def _warm_up_graphs(self, keys: list[tuple], page_size: int) -> None:
+        """Capture the graphs of `keys` (largest first) before the replay; the GPU memory they
+        took is `graph_mem_measured` (free memory before and after: pool, executables, staging),
+        to hold against the sizing's `graph_pool_bytes`."""
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            free0, reserved0 = torch.cuda.mem_get_info(self.device)[0], torch.cuda.memory_reserved(self.device)
+        self._stage = self._staging([*keys, *(g.key for g in self._graphs.values())])
+        with _no_cache_release() if cuda else contextlib.nullcontext():
+            for key in keys:
+                if key not in self._graphs:
+                    self._capture(key, page_size)
+        self.graph_warmup_captures = len(self._graphs)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            free1, reserved1 = torch.cuda.mem_get_info(self.device)[0], torch.cuda.memory_reserved(self.device)
+            pool = _pool_bytes(self._graph_pool) if self._graphs else 0
+            st = self._stage
+            staging = 0 if st is None else st.dev.numel() + 4 * st.table.numel()  # (GPU bytes)
+            outside = (free0 - free1) - (reserved1 - reserved0)  # executables, modules: outside torch
+            self.graph_mem_measured = None if pool is None else int(pool + staging + outside)
+        self.graph_warmup_s = time.perf_counter() - t0
 
     @torch.inference_mode()
     def _warm_up(self, page_size: int, num_pages: int) -> None:
@@ -284,9 +501,14 @@ class GPUEngine(TorchEngine):
             dp = next(x for x in (0, *GRAPH_BATCH_SIZES) if x >= nd)
             bs = dp + next(x for x in GRAPH_BATCH_SIZES if x >= b - nd)
             ts = dp + token_bucket(t - nd)
-        pages = 1 << max(4, int(-(-int(h.seq_lens.max()) // h.page_size) - 1).bit_length())
+        pages = context_pages(int(h.seq_lens.max()), h.page_size)
+        if not h.decode_only:  # steps with prefill: one table width (`graph_keys`)
+            pages = max(pages, self._prefill_pages)
         key = (ts, bs, pages, h.contiguous, h.decode_only, dp)
-        g = self._graphs.get(key) or self._capture(key, h.page_size)
+        g = self._graphs.get(key)
+        if g is None:  # not warmed up: captured now (its time is taken out of the step's)
+            self.graph_captures_in_replay += 1
+            g = self._capture(key, h.page_size)
         # the step's inputs: written into the graph's pinned staging buffer, then one copy;
         # padded tokens write nowhere (slot -1), padded requests attend to nothing (seq_len 0)
         # (a hybrid design: one slot row and one page-table block per table; uniform: one)
@@ -305,53 +527,110 @@ class GPUEngine(TorchEngine):
         g.h32_lens[dp:dp + b - nd], g.h32_lens[dp + b - nd:] = h.seq_lens[nd:], 0
         w = min(h.page_table.shape[-1], pages)  # (pages past the longest request's length are never read)
         tables = h.page_table.reshape(-1, b, h.page_table.shape[-1])[..., :w]  # [num_tables, B, w]
-        g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
         # (entries past a request's length are never read; the buffer is rewritten only after
         # `step` has synchronized, so the copy is done by then)
-        g.dev.copy_(g.host, non_blocking=True)
+        if g.table is None:  # decode: the table block [nt, bs, pages] is part of the one copy
+            g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
+            g.dev.copy_(g.host, non_blocking=True)
+        else:  # with prefill: the used rows x columns, packed, then spread into the wide table
+            rows = dp + b - nd
+            packed = g.h32_area[:g.nt * rows * w].reshape(g.nt, rows, w)
+            packed[:, :nd], packed[:, dp:] = tables[:, :nd], tables[:, nd:]
+            used = g.fixed + 4 * packed.size
+            g.dev[:used].copy_(g.host[:used], non_blocking=True)
+            g.table[:, :rows, :w].copy_(g.area[:packed.size].view(g.nt, rows, w))
         g.graph.replay()
         return g.logits[:e].clone() if self.keep_logits else g.logits[:e]  # [B_emit, vocab]
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        """The one side stream every capture runs on (the caching allocator keeps blocks per
+        stream: one stream lets each capture's eager run reuse the last one's)."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
 
     def _capture(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
         t0 = time.perf_counter()
         g = self._graph_inputs(key, page_size)
-        side = torch.cuda.Stream()
+        side = self._capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles the kernels; writes nothing (slot -1)
             self._graph_body(g)
         torch.cuda.current_stream().wait_stream(side)
         self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._graph_pool):
+        with torch.cuda.graph(g.graph, pool=self._graph_pool, stream=side):
             self._graph_body(g)
+        g.logits = _unowned(g.logits)  # (its block goes back to the pool: the next capture reuses it)
         self._graphs[key] = g
         self.graph_capture_s += time.perf_counter() - t0
         return g
 
+    @staticmethod
+    def _staging_size(key: tuple, nt: int = 1) -> tuple[int, int]:
+        """(staging bytes, wide-table int32 entries) of a graph of shape `key` with `nt` page tables
+        (`_graph_inputs`' layout). Pure."""
+        ts, bs, pages, _, decode_only, _ = key
+        nbytes = 8 * ((2 + nt) * ts + bs) + 4 * ((bs + 1) + bs + nt * bs * pages)
+        return nbytes, 0 if decode_only else nt * bs * pages
+
+    def _staging_bytes(self, keys: list[tuple], nt: int = 1) -> int:
+        """GPU bytes of the shared staging buffers for `keys` (the largest of each part). Pure."""
+        if not keys:
+            return 0
+        sizes = [self._staging_size(k, nt) for k in keys]
+        return max(x for x, _ in sizes) + 4 * max(t for _, t in sizes)
+
+    def _staging(self, keys: list[tuple]) -> SimpleNamespace | None:
+        """One staging buffer (pinned host, its device copy) and one wide page table for every
+        graph of `keys`: a step fills only its own graph's part before its replay, and steps run
+        one at a time, so graphs can share them (a key that needs more gets its own). None when
+        `keys` is empty."""
+        if not keys:
+            return None
+        nt = 1 if self.hybrid is None else len(self.hybrid.tables)
+        sizes = [self._staging_size(k, nt) for k in keys]
+        nbytes, table = max(x for x, _ in sizes), max(t for _, t in sizes)
+        host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        return SimpleNamespace(host=host, dev=host.to(self.device),
+                               table=torch.zeros(max(table, 1), dtype=torch.int32, device=self.device))
+
     def _graph_inputs(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
         """The static inputs of a graph of shape `key`: one (pinned on CUDA) host staging buffer,
         its device copy, and the AttnMetadata (per page table too, for a hybrid design) viewing
-        that copy; `_forward` fills the staging buffer at each replay. No CUDA call but the copy
-        (the CPU tests run this with an eager stand-in for the graph)."""
+        that copy; `_forward` fills the staging buffer at each replay. A step with prefill reads
+        its page tables from a separate wide block [nt, bs, pages] that `_forward` fills from the
+        packed rows in the staging buffer. Both are parts of the shared `_staging` buffers when
+        they fit. No CUDA call but the copies (the CPU tests run this with an eager stand-in for
+        the graph)."""
         ts, bs, pages, contiguous, decode_only, dp = key
         hybrid = self.hybrid
         nt = 1 if hybrid is None else len(hybrid.tables)  # page tables (a hybrid design: one per TableSpec)
         # inputs: one pinned host buffer and its device copy; the graph reads views of the latter
         # (int64: ids, positions, nt slot rows [ts] and logits rows [bs]; int32: query_start_loc
-        # [bs+1], seq_lens [bs], nt page tables [bs, pages] and the prefill part's start locations)
+        # [bs+1], seq_lens [bs], nt page tables [bs, pages] (decode) or their packed rows (prefill))
         n64, n32 = (2 + nt) * ts + bs, (bs + 1) + bs + nt * bs * pages
-        g = SimpleNamespace(host=torch.zeros(8 * n64 + 4 * n32, dtype=torch.uint8,
-                                             pin_memory=self.device.type == "cuda"))
+        nbytes, wide = self._staging_size(key, nt)
+        st = self._stage
+        if st is None or st.host.numel() < nbytes or st.table.numel() < wide:
+            st = SimpleNamespace(host=torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda"),
+                                 table=torch.zeros(max(wide, 1), dtype=torch.int32, device=self.device))
+            st.dev = st.host.to(self.device)
+        g = SimpleNamespace(host=st.host[:nbytes], dev=st.dev[:nbytes], key=key, nt=nt, fixed=8 * n64 + 4 * (2 * bs + 1))
+        g.host.zero_()
         v64, v32 = g.host.numpy()[:8 * n64].view(np.int64), g.host.numpy()[8 * n64:].view(np.int32)
         g.h64, g.h64_idx = v64[:(2 + nt) * ts].reshape(2 + nt, ts), v64[(2 + nt) * ts:]
         g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:2 * bs + 1]
-        g.h32_table = v32[2 * bs + 1:].reshape(nt, bs, pages)
+        g.h32_area = v32[2 * bs + 1:]
+        g.h32_table = g.h32_area.reshape(nt, bs, pages)
         g.h64[2:] = -1
-        g.dev = g.host.to(self.device)
+        g.dev.copy_(g.host)  # (blocking: the shared host buffer is rewritten by the next key's inputs)
         d64, d32 = g.dev[:8 * n64].view(torch.int64), g.dev[8 * n64:].view(torch.int32)
         g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
         slots = d64[2 * ts:(2 + nt) * ts].view(nt, ts)
-        tables = d32[2 * bs + 1:].view(nt, bs, pages)
+        g.area = d32[2 * bs + 1:]
+        g.table = None if decode_only else st.table[:wide].view(nt, bs, pages)
+        tables = g.area.view(nt, bs, pages) if decode_only else g.table
         g.qsl, g.dp = d32[:bs + 1], dp
         g.split = 0 < dp and not decode_only
         g.meta = AttnMetadata(slots[0], tables[0], g.qsl,
@@ -375,6 +654,7 @@ class GPUEngine(TorchEngine):
         anew, into a new memory pool."""
         self._graphs.clear()
         self._graph_pool = None
+        self._stage = None
 
     def summary(self) -> dict:
         props = torch.cuda.get_device_properties(self.device)
@@ -384,5 +664,15 @@ class GPUEngine(TorchEngine):
                 "gpu_memory_utilization": self.utilization,
                 "activation_peak_bytes": self.activation_peak,
                 "cuda_graphs": self.cuda_graphs, "cuda_graph_captures": len(self._graphs),
-                "cuda_graph_capture_s": self.graph_capture_s, "warmup_s": self.warmup_s}
+                "cuda_graph_capture_s": self.graph_capture_s, "warmup_s": self.warmup_s, **self.graph_summary()}
+
+    def graph_summary(self) -> dict:
+        """The graphs' part of summary(): the warm-up mode, graphs captured by it and in the replay
+        (keys it missed), its time, the memory the sizing gave the graphs (`graph_pool_bytes`,
+        with its profile's parts) and what the warm-up's graphs took (`graph_mem_measured_bytes`)."""
+        return {"graph_warmup": self.graph_warmup, "cuda_graph_captures_warmup": self.graph_warmup_captures,
+                "cuda_graph_captures_in_replay": self.graph_captures_in_replay,
+                "graph_warmup_s": self.graph_warmup_s, "graph_pool_bytes": self.graph_pool_bytes,
+                "graph_mem_measured_bytes": self.graph_mem_measured,
+                **{f"graph_profile_{k}": v for k, v in (self.graph_profile or {}).items()}}
 
