@@ -79,13 +79,22 @@ def _fused_gemv_kernel(
     inv = tl.zeros([ROWS], tl.float32)
     if MODE == 2:
         # first pass: each row's inverse RMS, as kernels/rms_norm.py computes it for one row
+        # (row m + 1 loaded while row m is reduced, under a branch: the mask stays the constant one
+        # rms_norm's has, so the loads vectorize and lay out alike)
         offs = tl.arange(0, NORM_BLOCK)
         mask = offs < NORM_N
+        nx = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        nr = nx
+        if ADD:
+            nr = tl.load(r_ptr + offs, mask=mask, other=0.0)
         for m in range(0, M):
-            row = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0)
+            row, res = nx, nr
+            if m + 1 < M:
+                nx = tl.load(x_ptr + (m + 1) * stride_xm + offs, mask=mask, other=0.0)
+                if ADD:
+                    nr = tl.load(r_ptr + (m + 1) * stride_rm + offs, mask=mask, other=0.0)
             if ADD:
-                row = (row.to(tl.float32) + tl.load(r_ptr + m * stride_rm + offs, mask=mask, other=0.0).to(tl.float32))
-                row = row.to(dt)
+                row = (row.to(tl.float32) + res.to(tl.float32)).to(dt)
                 if pid == 0:
                     tl.store(ro_ptr + m * stride_om + offs, row, mask=mask)
             rf = row.to(tl.float32)
