@@ -4,17 +4,32 @@ Sizing, as vLLM does it: load the weights, run one profiling forward of `profile
 tokens, and give the pool
 
     kv_budget = total_gpu_mem * gpu_memory_utilization
-                - weights - activation peak (profiled) - memory outside torch (CUDA context)
+                - weights - activation peak (profiled) - CUDA graphs (profiled)
+                - memory outside torch (CUDA context)
 
-unless `kv_cache_gb` names the pool size. Step time = CUDA events around the whole step
+unless `kv_cache_gb` names the pool size. The graphs' share (`graph_pool_bytes`, cuda_graphs
+with graph_warmup != none) is measured as vLLM V1's `profile_cudagraph_memory` does: capture the
+largest graphs the run can meet on a scratch pool (free memory before and after), a per-graph
+cost from 8 small ones times the warm-up's keys, plus the shared staging buffers; then release
+them. (vLLM: `available_kv = requested - non_kv - cudagraph_memory_estimate`, its estimate from
+the first captures' free-memory deltas plus a per-graph floor of 1 MiB, profiled into the pool the
+real capture then uses.) Step time = CUDA events around the whole step
 (host-side batch building included), minus the capture time of any CUDA graph made in it and
 the time a hybrid design's `strategy.table()` calls take (a one-table strategy's page tables are
 read by the scheduler, outside the step; `table_read_s` in the summary).
 
 CUDA graphs (`cuda_graphs=true`): every step of at most 512 requests replays a full-model graph
-captured on first use of its (token bucket, batch bucket, context bucket, contiguous,
-decode-only) shape, except steps with more than `graph_max_tokens` (8,192) tokens of prefill,
-which run eagerly. Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs,
+of its (token bucket, batch bucket, context bucket, contiguous, decode-only, decode-row bucket)
+shape, except steps with more than `graph_max_tokens` (8,192) tokens of prefill, which run
+eagerly. `bind` captures the graphs a replay within the scheduler's limits can meet
+(`graph_warmup`: `graph_keys` says which), largest first, into one shared pool (graph outputs are
+unowned, so later captures reuse their blocks) with one shared staging buffer; a key it missed is
+captured on first use (its time taken out of the step's) and counted in
+`cuda_graph_captures_in_replay`. Steps with prefill have one context bucket, the widest
+(`max_model_len`): their page tables cross the bus packed (used rows x columns) and are spread
+into the wide block on the device, so the key space is (token bucket x prefill-request bucket x
+decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
+16, 99 at page 1). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs,
 a 1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
 05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1), padded requests
 have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped. Decode graphs
