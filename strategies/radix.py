@@ -20,7 +20,9 @@ per evicted leaf; a private page comes from a stack of returned pages, then the 
 (0, 1, 2, …: nothing is sized by the pool up front), O(1) (a decode's page is taken inline by
 `grow`, with no further call). Page ids move in bulk: the free stack, each node's pages and each
 request's private pages are int32 arrays (int64 past 2^31 pages), so an eviction, an insert or a
-prefill chunk moves its pages by buffer copies, not one Python int each. `decode_steps` makes
+prefill chunk moves its pages by buffer copies, not one Python int each (an insert that stores
+all of a request's private pages takes its array as the node's; a key is a view of the request's
+ids where it is at least half of them). `decode_steps` makes
 whole quiet decode steps at page_size 1 (each decode takes a page) in bulk: a run of steps hands
 every request its column of pages by strided array slices, the same pages, in the same order, as
 the per-token grows.
@@ -31,7 +33,9 @@ kept exact incrementally. An eviction of its last node cuts it; a split of
 one of its nodes puts the new upper node into it; a retry only looks for a child after its last
 node (insertions extend it), and counts the evictable part of the path by bisection (locks are
 monotone along a path: a locked node's ancestors are locked). So a retry is O(log depth) plus the
-new part, not O(prefix).
+new part, not O(prefix). A retry before anything that could change its answer (the tree's
+generation `_gen`, bumped by every insert, lock, unlock, split and eviction; the free pages,
+which only shrink in between; its own token budget) is refused in O(1).
 
 `prefix_visibility` (when computed prompt ids become hittable): `computed` (default; SGLang
 inserts a prefill chunk into the tree after the chunk has run) or `scheduled` (as vLLM v1: in
@@ -95,7 +99,17 @@ def _host_ids(pages: np.ndarray) -> array:
     return out
 
 
+_REFUSED, _ADMITTED = Admission(False), Admission(True)  # (immutable answers, made once)
 _new_states = tuple.__new__  # SlotStates from one tuple of its fields in order, without its keyword __new__
+
+
+def _key(ids: np.ndarray, a: int, b: int) -> np.ndarray:
+    """ids[a:b] as a tree node's key: a view where it is at least half of the array that it views
+    (token arrays are never written after admission), else a copy (a short key does not keep a long
+    request's ids alive: what keys hold stays under twice their own size)."""
+    key = ids[a:b]
+    base = ids if ids.base is None else ids.base
+    return key if isinstance(base, np.ndarray) and 2 * key.nbytes >= base.nbytes else key.copy()
 
 
 def _unlocked(node: _Node) -> bool:
@@ -138,6 +152,13 @@ class _Match:
     ends: list[int] = field(default_factory=list)  # ends[i]: ids matched through nodes[i]
     partial: bool = False  # the last node matches only in part: nothing below it can match
     members: set[int] = field(default_factory=set)  # id() of the nodes
+    # the refusal it was kept for: the tree's generation, the pages obtainable then, and its
+    # num_prompt and max_new (while none of the tree, the locks or a larger room has changed, a
+    # retry with the same or more new tokens is refused again)
+    gen: int = -1
+    room: int = 0
+    num_prompt: int = 0
+    max_new: int = 0
 
 
 _VISIBILITY = ("computed", "scheduled")
@@ -175,6 +196,9 @@ class RadixStrategy(Strategy):
         self._free = array(self._tc)  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free)
         self._match_memo: _Match | None = None  # the waiting request's match (a memo: not state)
+        # bumped by every change of the tree, its locks or its evictable part (insert, lock, unlock,
+        # evict); between two bumps the free pages only shrink (a memo, not state)
+        self._gen = 0
         # the unlocked leaves (the only evictable nodes, whatever the policy), in the policy's order;
         # lru: by last access (a heap: a parent that turns into a leaf keeps its old access time)
         policy = make_policy(eviction)
@@ -228,6 +252,7 @@ class RadixStrategy(Strategy):
         """Cut `node` after `at` tokens; returns the new upper part (the object `node` stays the
         lower part: a path that ends at it still ends there). Accounting is unchanged."""
         ps = self.page_size
+        self._gen += 1
         if node.pages is None:  # a host node: its host pages split the same way
             hp = self._host_pages[node]
             upper = _Node(node.key[:at], None, node.parent, node.access)
@@ -329,6 +354,7 @@ class RadixStrategy(Strategy):
 
     def _lock(self, node: _Node) -> None:
         now = next(self._clock)
+        self._gen += 1
         while node is not self.root:
             if node.lock == 0:
                 self._evictable -= len(node.key)
@@ -340,6 +366,7 @@ class RadixStrategy(Strategy):
 
     def _unlock(self, node: _Node) -> None:
         now = next(self._clock)
+        self._gen += 1
         while node is not self.root:
             node.lock -= 1
             node.access = now
@@ -370,13 +397,20 @@ class RadixStrategy(Strategy):
         ps, own_from, private = self.page_size, seq.tree_len // self.page_size, seq.private
         ids, node, pos = seq.tokens, seq.node, seq.tree_len
         now = next(self._clock)
+        self._gen += 1
         added: list[_Node] = []
+        moved = n // ps - own_from
         while pos < n:
             key = int(ids[pos]) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:n])
             child = node.children.get(key)
             m = 0 if child is None else self._common(child.key, ids[pos:n])
             if m == 0:  # new leaf with the rest: adopt our pages (locked by us; never in the policy)
-                leaf = _Node(ids[pos:n].copy(), private[pos // ps - own_from: n // ps - own_from], node, now)
+                if pos == seq.tree_len and moved == len(private):  # all of them: the array itself
+                    pages, seq.private = private, array(self._tc)
+                    moved = -1  # (nothing left to delete from the old array)
+                else:
+                    pages = private[pos // ps - own_from: moved]
+                leaf = _Node(_key(ids, pos, n), pages, node, now)
                 leaf.lock = 1
                 node.children[key] = leaf
                 self._protected += n - pos
@@ -391,7 +425,10 @@ class RadixStrategy(Strategy):
                 self._free.extend(private[pos // ps - own_from: (pos + m) // ps - own_from])  # the tree had these
             added.append(child)
             node, pos = child, pos + m
-        moved = n // ps - own_from
+        if moved < 0:
+            moved = len(pages)
+        else:
+            del private[:moved]
         self._private_pages -= moved
         self._private_token -= moved * ps
         for nd in added:  # lock the new part of the path (the older part is ours already)
@@ -402,7 +439,6 @@ class RadixStrategy(Strategy):
             nd.lock += 1
             nd.access = now
         seq.node, seq.tree_len = node, n
-        del private[:moved]
 
     # ---- memory -----------------------------------------------------------------------------
     def _take_pages(self, k: int, into: array | None = None) -> array:
@@ -497,6 +533,7 @@ class RadixStrategy(Strategy):
         both policies), a host → device copy per page, host pages freed. They end as unlocked
         device nodes (the caller locks the path)."""
         host, ps, chain = self._host, self.page_size, []
+        self._gen += 1
         while node is not self.root and node.pages is None:
             chain.append(node)
             node = node.parent
@@ -571,6 +608,7 @@ class RadixStrategy(Strategy):
         by the host policy) and the node stays in the tree; a node larger than the whole host
         pool is dropped. Its parent may turn into a device leaf. Returns the slots freed."""
         freed, leaves, host = 0, self._leaves, self._host
+        self._gen += 1
         while freed < num_slots and leaves:
             node = leaves.victim()
             parent, pages = node.parent, node.pages
@@ -614,35 +652,57 @@ class RadixStrategy(Strategy):
         return self._match(tokens[:(num_prompt - 1) // self.page_size * self.page_size])[2]  # a walk: pure
 
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
-        ps = self.page_size
+        ps, root = self.page_size, self.root
         limit = (num_prompt - 1) // ps * ps  # leave at least one position to compute
         memo = self._match_memo
         if memo is not None and memo.rid == rid and memo.tokens is tokens and memo.limit == limit:
+            if (memo.gen == self._gen and memo.num_prompt == num_prompt and max_new >= memo.max_new
+                    and len(self._free) + self._fresh <= memo.room):
+                return _REFUSED  # nothing it could hit or evict has changed and no page was freed
             node, inside, cached, path_evictable = self._match_kept(memo)
         else:
-            node, inside, cached, path_evictable = self._match(tokens[:limit])
             memo = None
+            if limit and root.children.get(int(tokens[0]) if ps == 1 else tokens[:ps].tobytes()) is not None:
+                node, inside, cached, path_evictable = self._match(tokens[:limit])
+            else:  # no cached prefix starts with its first page: a miss (`_match`, without the walk)
+                node, inside, cached, path_evictable = root, 0, 0, 0
         host_tokens = 0
         if self._host is not None:  # the match's host part needs GPU pages and is not evictable
             host_tokens = self._host_len(node, inside)
             path_evictable -= host_tokens
         length = cached + min(max_new, num_prompt - cached)
-        need = self.pages_for(length) - (cached - host_tokens) // ps
-        if need > self._room() - path_evictable // ps:
+        need = -(-length // ps) - (cached - host_tokens) // ps
+        free = len(self._free) + self._fresh
+        if need > free + self._evictable // ps - path_evictable // ps:  # _room(), less the path it would lock
             if memo is None:  # refused: keep the match for the retry
-                self._match_memo = self._kept(rid, tokens, limit, node, inside)
-            return Admission(False)
+                memo = self._match_memo = self._kept(rid, tokens, limit, node, inside)
+            memo.gen, memo.room, memo.num_prompt, memo.max_new = self._gen, free, num_prompt, max_new
+            return _REFUSED
         self._match_memo = None
-        node = self._settle(node, inside)
-        if host_tokens:
-            self._load_path(node)
-        self._lock(node)
-        seq = _Seq(tokens=tokens, kv_len=kv_len, num_prompt=num_prompt, node=node,
-                   tree_len=cached, private=array(self._tc), length=cached)
+        if node is root:
+            next(self._clock)  # (`_lock` of the root: nothing to lock)
+            self._gen += 1
+        else:
+            if inside < len(node.key):
+                node = self._split(node, inside)
+            if host_tokens:
+                self._load_path(node)
+            self._lock(node)
+        private = array(self._tc)
+        seq = _Seq(tokens, kv_len, num_prompt, node, cached, private, cached)
         if self._admission:  # insert only the prompt, or nothing of a short request
             seq.cache_len = 0 if num_prompt < self.min_cache_len else (kv_len if self.cache_outputs else num_prompt)
         self._seqs[rid] = seq
-        self._extend(seq, length)
+        if host_tokens:
+            self._extend(seq, length)
+        else:  # (`_extend` with `need`, inlined: it holds no page yet)
+            if need > 0:
+                self._take_pages(need, private)
+            self._private_token += length - cached
+            seq.length = length
+            res = min(kv_len, (cached // ps + len(private)) * ps) - length
+            self._reserved += res
+            seq.reserved = res
         if self._scheduled:
             self._insert_scheduled(seq)
         if self._tracks:
@@ -651,7 +711,7 @@ class RadixStrategy(Strategy):
         if host_tokens:
             self._hits_host += host_tokens
             return Admission(True, cached, host_tokens)
-        return Admission(True, cached)
+        return Admission(True, cached) if cached else _ADMITTED
 
     def _insert_scheduled(self, seq: _Seq) -> None:
         """prefix_visibility=scheduled: the prompt's full pages are hittable once scheduled."""
@@ -727,26 +787,55 @@ class RadixStrategy(Strategy):
         O(m * requests) Python calls."""
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
-        seqs = list(map(self._seqs.__getitem__, rids))
+        sq = self._seqs
+        seqs = [sq[r] for r in rids]
         d, done, free, host = len(seqs), 0, self._free, self._host
         if not d:
             for col, v in zip(cols, self.slot_states(None)):
                 col += [v] * k
             return k
-        decoding = all(s.num_prompt < s.length for s in seqs)  # (else a grow may insert: per token)
-        kv_left = min(s.kv_len - s.length for s in seqs)  # steps before one would pass its final length
+        decoding, kv_left = True, 1 << 62  # (else a grow may insert: per token); steps before one passes its final length
+        for s in seqs:
+            n = s.length
+            if n <= s.num_prompt:
+                decoding = False
+            if s.kv_len - n < kv_left:
+                kv_left = s.kv_len - n
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         while done < k:
             avail = len(free) + self._fresh
-            if avail + self._evictable < d:
+            cached0 = self._evictable
+            if avail + cached0 < d:
                 break  # free + cached cannot give each a page: the step is not run
             if decoding and kv_left > 0 and host is None:
                 # m whole steps, evicting a leaf wherever a page is wanted and none is free: free +
                 # cached falls by d a step (an eviction moves slots from cached to free)
-                m = min(k - done, (avail + self._evictable) // d, kv_left)
-                cached0, evicted = self._evictable, []
-                self._hand_out(seqs, m, evicted)
+                m = min(k - done, (avail + cached0) // d, kv_left)
+                n = m * d
+                stack = len(free)
+                if n <= stack:  # the stack's top, in the order n pops give it (`_pop_run`, inlined)
+                    evicted = None
+                    pages = free[stack - 1: stack - n - 1: -1] if stack > n else free[::-1]
+                    del free[stack - n:]
+                else:
+                    evicted = [] if n > avail else None
+                    pages = self._pop_run(n, evicted)
+                if m == 1:  # each its page (`_hand_out`, inlined)
+                    for s, pid in zip(seqs, pages):
+                        s.private.append(pid)
+                        s.length += 1
+                elif n < 2048:  # request i's pages, step by step: a strided slice
+                    i = 0
+                    for s in seqs:
+                        s.private += pages[i::d]
+                        s.length += m
+                        i += 1
+                else:
+                    self._deal(seqs, pages, m)
+                self._private_pages += n
+                self._private_token += n
                 kv_left -= m
+                done += m
                 token, reserved = self._protected + self._private_token, self._reserved  # (slot_states, page_size 1)
                 c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
                 c_reserved += [reserved] * m
@@ -755,7 +844,6 @@ class RadixStrategy(Strategy):
                 if not evicted:  # (the common case)
                     c_cached += [cached0] * m
                     c_free.extend(range(avail - d, avail - (m + 1) * d, -d))
-                    done += m
                     continue
                 t, gone = 1, 0  # steps t.. have `gone` slots evicted so far
                 for at, got in evicted:  # an eviction at take `at` counts from step at // d + 1 on
@@ -767,7 +855,6 @@ class RadixStrategy(Strategy):
                     gone += got
                 c_cached += [cached0 - gone] * (m + 1 - t)
                 c_free.extend(range(avail + gone - t * d, avail + gone - (m + 1) * d, -d))
-                done += m
                 continue
             m = min(k - done, avail // d, kv_left) if decoding else 0
             if m:  # m whole steps from the stack and fresh ids: no eviction
@@ -840,13 +927,19 @@ class RadixStrategy(Strategy):
                 for i, s in enumerate(seqs):  # request i's pages, step by step
                     s.private += pages[i::d]
                     s.length += m
-            else:  # (a strided slice copies item by item: numpy's transpose is cheaper from ~2k pages)
-                cols, w = np.frombuffer(pages, dtype=self._dt).reshape(m, d).T.tobytes(), self._dt.itemsize * m
-                for i, s in enumerate(seqs):
-                    s.private.frombytes(cols[i * w: i * w + w])
-                    s.length += m
+            else:
+                self._deal(seqs, pages, m)
         self._private_pages += n
         self._private_token += n
+
+    def _deal(self, seqs: list[_Seq], pages: array, m: int) -> None:
+        """m steps' pages (`pages`: step by step, request by request) dealt out: request i gets
+        every len(seqs)-th from i, and m more positions. Mutates the requests. (A strided slice
+        copies item by item: numpy's transpose is cheaper from ~2k pages.)"""
+        cols, w = np.frombuffer(pages, dtype=self._dt).reshape(m, len(seqs)).T.tobytes(), self._dt.itemsize * m
+        for i, s in enumerate(seqs):
+            s.private.frombytes(cols[i * w: i * w + w])
+            s.length += m
 
     def _pop_run(self, n: int, evicted: list[tuple[int, int]] | None) -> array:
         """The next n pages in the order n one-page takes give them: the free stack's top (most
@@ -915,8 +1008,11 @@ class RadixStrategy(Strategy):
         if self._host is not None:
             return self._evict_to_host(num_slots)
         freed, leaves, free, root, ps = 0, self._leaves, self._free, self.root, self.page_size
-        while freed < num_slots and leaves:
+        self._gen += 1
+        left = len(leaves)  # (kept here: a victim leaves the policy, a parent pushed joins it)
+        while freed < num_slots and left:
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
+            left -= 1
             parent, key = node.parent, node.key
             if self._match_memo is None:  # `_detach`, inlined
                 del parent.children[int(key[0]) if ps == 1 else key[:ps].tobytes()]
@@ -928,6 +1024,7 @@ class RadixStrategy(Strategy):
             freed += len(key)
             if parent is not root and not parent.children and parent.lock == 0:
                 leaves.insert(parent, parent.access)  # `_push`: an unlocked leaf now
+                left += 1
         return freed
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
