@@ -21,6 +21,22 @@ prompt's page hashes are computed lazily, up to its first miss; a full page is h
 bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefix caching off,
 `grow` pays one boolean test.
 
+Lazy registration (prefix caching with plain LRU, no host tier, no dedup_touch, before any
+fork): hashing a page costs ~1 us and most chains are never matched (the Azure traces: no hit at
+all), so a request whose first page starts a chain nobody else matched or registered *owns* it:
+its first page is registered as always, its pages 1.. are registered without a hash (`_hash[pid]`
+holds the owner; `_owners` maps the first page's hash to it). That is exact: a page of the chain
+past the first can only be reached through a lookup that hit the first page, and no other
+request holds one, so each such page would have been registered (its hash new) and a lookup
+finds it at the owner's same position (its ids compared as a hit's are). The first other request
+that matches or registers the chain (or the first fork) makes it shared (`_shared`): the owner's
+pages are hashed then, and every page of the chain from then on. A page registered lazily is
+evicted like any other (its owner counts them: an owner that left with none is forgotten); an
+owner's release moves its pages by slices (they are its own: a request that hits them shares
+the chain first). Every answer equals registering every page hashed (tests/test_paged_lazy.py
+compares the two call by call), up to collisions of Python's 64-bit hash, which every result
+here already assumes (the hash is seeded per process).
+
 A request that waits for memory is matched once: the match (its hit pages, their page hashes,
 and how many of them are cached) is kept in a memo and kept exact incrementally. An eviction of
 one of its pages cuts it there (one dict probe per eviction); a page of it that turns cached
@@ -88,14 +104,16 @@ def page_hash(parent: int, ids: bytes) -> int:
 _PAGE_HASH = page_hash  # (the module's own: `_cached_prefix` inlines it unless a test patched it)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Seq:
     tokens: np.ndarray  # all ids the request will hold
     kv_len: int
     pages: list[PageId] = field(default_factory=list)
     length: int = 0  # positions with room (computed between steps)
-    hashes: list[int] = field(default_factory=list)  # chained hashes of its first full pages
-    hash_at: int = 0  # length at which its next unhashed page is full: (len(hashes) + 1) * page_size
+    hashes: list[int] = field(default_factory=list)  # chained hashes of its first full pages (lazy: its first only)
+    hash_at: int = 0  # length at which its next unhashed page is full: (registered pages + 1) * page_size
+    lazy: bool = False  # it owns its chain: its pages 1.. are registered without their hash (module docstring)
+    ndef: int = 0  # of those, how many are still registered (not evicted)
     reserved: int = 0  # this request's share of the pool's reserved slots
     cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
     data: bytes | None = None  # `tokens` as bytes, made at its first page registration (a page's ids
@@ -133,11 +151,20 @@ def _void(nb: int) -> np.dtype:
     return dt
 
 
+def _page_ids(seq: _Seq, i: int, ps: int) -> bytes:
+    """Page i of `seq`'s ids as bytes (what its registration stores). Pure."""
+    if seq.data is not None:
+        nb = ps * seq.tokens.itemsize
+        return seq.data[i * nb:(i + 1) * nb]
+    return seq.tokens[i * ps:(i + 1) * ps].tobytes()
+
+
 class _Scratch:
     """A strategy's view with no memo: `_cached_prefix` on it matches from scratch (invariants)."""
 
     def __init__(self, s: PagedStrategy) -> None:
         self.page_size, self._table, self._stored_ids, self._ref = s.page_size, s._table, s._stored_ids, s._ref
+        self._owners, self._hash = s._owners, s._hash
         self._host_table, self._host_ids = s._host_table, s._host_ids
         self._hit_memo = None
 
@@ -197,6 +224,12 @@ class PagedStrategy(Strategy):
         self._token = 0  # slots of in-use pages holding tokens
         self._reserved = 0
         self._hit_memo: _Match | None = None  # the waiting request's match (a memo: not state)
+        # lazy registration (module docstring): first page hash → the request that owns that chain
+        # (its pages 1.. registered unhashed: `_hash[pid]` is the owner), and the first page hashes
+        # whose chains are hashed in full (another request matched or registered them)
+        self._lazy = prefix_caching and self._plain_lru and not self.dedup_touch
+        self._owners: dict[int, _Seq] = {}
+        self._shared: set[int] = set()
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
@@ -239,8 +272,13 @@ class PagedStrategy(Strategy):
                     lru.head += 1
                     lru.n -= 1
                 hashes = self._hash
-                del self._table[hashes[pid]]
-                self._stored_ids[pid] = hashes[pid] = None
+                h = hashes[pid]
+                if h.__class__ is int:
+                    del self._table[h]
+                    self._stored_ids[pid] = None
+                else:  # registered lazily: its owner has one page less
+                    self._drop_lazy(h)
+                hashes[pid] = None
             else:
                 pid = self._evict_pages(1)[0]
             ref[pid] = 1
@@ -270,8 +308,15 @@ class PagedStrategy(Strategy):
             lru, table, hashes, stored = self._lru, self._table, self._hash, self._stored_ids
             victims = lru.take(e)  # the first e keys: the pages e victim() calls give
             for pid in victims:
-                del table[hashes[pid]]
-                stored[pid] = hashes[pid] = None
+                h = hashes[pid]
+                if h.__class__ is int:
+                    del table[h]
+                    stored[pid] = None
+                else:  # registered lazily: its owner has one page less
+                    h.ndef -= 1
+                    if not h.ndef:
+                        self._drop_lazy(h, 0)
+                hashes[pid] = None
                 ref[pid] = 1
                 fill[pid] = fill_to
             got += victims
@@ -364,7 +409,11 @@ class PagedStrategy(Strategy):
     def _evict_one(self) -> PageId:
         """Take the eviction policy's victim out of the hash table; the caller owns the page."""
         pid = self._lru.victim()
-        del self._table[self._hash[pid]]
+        h = self._hash[pid]
+        if h.__class__ is int:
+            del self._table[h]
+        else:
+            self._drop_lazy(h)
         if self._host is not None:
             self._to_host_many([(pid, self._hash[pid], self._stored_ids[pid])])
         self._stored_ids[pid] = None
@@ -382,7 +431,11 @@ class PagedStrategy(Strategy):
         out, demoted = [], []
         for _ in range(k):
             pid = lru.victim()
-            del table[hashes[pid]]
+            h = hashes[pid]
+            if h.__class__ is int:
+                del table[h]
+            else:
+                self._drop_lazy(h)
             if host is not None:
                 demoted.append((pid, hashes[pid], stored[pid]))
             stored[pid] = None
@@ -393,6 +446,16 @@ class PagedStrategy(Strategy):
         if demoted:
             self._to_host_many(demoted)
         return out
+
+    def _drop_lazy(self, owner: _Seq, left: int = -1) -> None:
+        """A page that `owner` registered lazily is evicted (`left`: the count already taken
+        down, or -1: take it down here). An owner with none left (it is released: only cached
+        pages are evicted) leaves `_owners`: its chain is in no table, hashed or not."""
+        if left < 0:
+            owner.ndef -= 1
+            left = owner.ndef
+        if not left:
+            del self._owners[owner.hashes[0]]
 
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""
@@ -507,8 +570,8 @@ class PagedStrategy(Strategy):
         elif memo.num_full != num_full:
             self._cut(memo, 0)
             memo.num_full = num_full
-        ps, hashes, hits, table, stored, ref = (self.page_size, memo.hashes, memo.hits, self._table,
-                                                self._stored_ids, self._ref)
+        ps, hashes, hits, table, stored, ref, owners = (self.page_size, memo.hashes, memo.hits, self._table,
+                                                        self._stored_ids, self._ref, self._owners)
         data, nb = memo.data, ps * tokens.itemsize  # (ids from `data` once the match is a few pages long)
         inline = page_hash is _PAGE_HASH  # (tests patch `page_hash`: then it is called per page)
         for i in range(len(hits), num_full):
@@ -518,11 +581,16 @@ class PagedStrategy(Strategy):
                 parent = hashes[-1] if i else _ROOT_HASH
                 hashes.append(hash((parent, ids)) if inline else page_hash(parent, ids))
             pid = table.get(hashes[i])
-            if pid is None:
-                break
+            if pid is not None:
+                want = stored[pid]
+            else:  # not hashed: page i of the chain's owner, where it registered that page lazily
+                owner = owners.get(hashes[0]) if i and owners else None
+                if owner is None or i >= len(owner.pages) or self._hash[owner.pages[i]] is not owner:
+                    break
+                pid, want = owner.pages[i], _page_ids(owner, i, ps)
             if ids is None:
                 ids = tokens[i * ps:(i + 1) * ps].tobytes() if data is None else data[i * nb:(i + 1) * nb]
-            if stored[pid] != ids:  # a hash is only a hint: verify the ids
+            if want != ids:  # a hash is only a hint: verify the ids
                 break
             hits.append(pid)
             if ref[pid] == 0:
@@ -546,6 +614,15 @@ class PagedStrategy(Strategy):
         if full > seq.cache_pages:
             full = seq.cache_pages
         table, page_hashes, stored = self._table, self._hash, self._stored_ids  # (hashes.append: 3.11 specializes it)
+        if seq.lazy:  # the chain's owner: its pages registered unhashed
+            first = seq.hash_at // ps - 1
+            for pid in seq.pages[first:full]:
+                page_hashes[pid] = seq
+            seq.ndef += full - first
+            seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
+            return
+        if not first and self._lazy and self._own(seq, full):
+            return
         h = hashes[-1] if first else _ROOT_HASH
         data = seq.data  # ids are final once their K/V exist
         if data is None:
@@ -582,6 +659,65 @@ class PagedStrategy(Strategy):
         # (a page whose content another page already caches stays unhashed: freed on release)
         if self._host is not None:
             self._drop_host_copies(hashes[first:full])
+
+    def _own(self, seq: _Seq, full: int) -> bool:
+        """Lazy registration of a request's first `full` pages (>= 1; none registered before, no
+        hit): its first page is registered as always; if no request matched or registered this
+        first page's chain before (none holds a page of it past the first, hashed or not), the
+        request owns the chain: its pages 1.. are registered with the owner for hash
+        (`_hash[pid] = seq`), else the chain is shared from now on (an owner's pages are hashed)
+        and False is returned (the caller registers them hashed). Mutates."""
+        ps = self.page_size
+        ids = seq.tokens[:ps].tobytes() if seq.data is None else seq.data[:ps * seq.tokens.itemsize]
+        h = hash((_ROOT_HASH, ids))
+        if h in self._shared or h in self._owners:
+            self._share(h)
+            return False
+        seq.hashes.append(h)
+        pid = seq.pages[0]
+        if h not in self._table and self._hash[pid] is None:
+            self._table[h] = pid
+            self._hash[pid] = h
+            self._stored_ids[pid] = ids
+        page_hashes = self._hash
+        for pid in seq.pages[1:full]:
+            page_hashes[pid] = seq
+        seq.lazy, seq.ndef = True, full - 1
+        self._owners[h] = seq
+        seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
+        return True
+
+    def _share(self, h: int) -> None:
+        """Chain `h` (a first page's hash) is shared: its owner, if any, registers its lazily
+        registered pages hashed, and the chain's pages are hashed from now on. Mutates."""
+        owner = self._owners.pop(h, None)
+        if owner is not None:
+            self._hash_owned(owner)
+        self._shared.add(h)
+
+    def _hash_owned(self, owner: _Seq) -> None:
+        """The pages `owner` registered lazily and still has registered get their hashes, as if
+        registered hashed (none of those hashes is in the table: the owner is the only request
+        that registered pages of its chain past the first). Mutates."""
+        ps, table, page_hashes, stored = self.page_size, self._table, self._hash, self._stored_ids
+        done = owner.cache_pages if owner.hash_at == _NEVER else owner.hash_at // ps - 1  # pages registered
+        data = owner.data
+        if data is None:
+            data = owner.data = owner.tokens.tobytes()
+        nb = ps * owner.tokens.itemsize
+        h = owner.hashes[0]
+        hashes = [h]
+        for i in range(1, done):
+            ids = data[i * nb:(i + 1) * nb]
+            h = hash((h, ids))
+            hashes.append(h)
+            pid = owner.pages[i]
+            if page_hashes[pid] is owner:
+                if table.setdefault(h, pid) != pid:
+                    raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes to cached page {table[h]}")
+                page_hashes[pid] = h
+                stored[pid] = ids
+        owner.hashes, owner.lazy, owner.ndef = hashes, False, 0
 
     def _unref_touching(self, seq: _Seq) -> None:
         """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate
@@ -635,6 +771,8 @@ class PagedStrategy(Strategy):
                 self._index(memo)
             return Admission(False)
         self._hit_memo = None
+        if hits and self._lazy and memo.hashes[0] not in self._shared:  # it will hash pages of this chain
+            self._share(memo.hashes[0])
         if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each)
             lru, dead, ref = self._lru, self._lru.dead, self._ref
             for pid in hits:
@@ -706,7 +844,14 @@ class PagedStrategy(Strategy):
             if pos >= seq.hash_at:  # (never without prefix caching)
                 hashes, data = seq.hashes, seq.data
                 first = len(hashes)
-                if pos // ps == first + 1 and first < seq.cache_pages and data is not None and self._host is None:
+                if seq.lazy:  # the chain's owner
+                    if pos == seq.hash_at:  # the one page it filled, registered unhashed
+                        self._hash[pages[-1]] = seq
+                        seq.ndef += 1
+                        seq.hash_at = pos + ps if pos // ps < seq.cache_pages else _NEVER
+                    else:
+                        self._register_full_pages(seq)
+                elif pos // ps == first + 1 and first < seq.cache_pages and data is not None and self._host is None:
                     # `_register_full_pages` of the one page it filled, inline (its decode path)
                     nb = ps * seq.tokens.itemsize
                     ids = data[first * nb:(first + 1) * nb]
@@ -780,12 +925,38 @@ class PagedStrategy(Strategy):
                 ref[pid] = 0
             self._token -= sum(map(self._fill.__getitem__, pages))
             self._free.fromlist(pages[::-1])
+        elif seq.lazy:
+            self._release_owner(seq)
         elif self.dedup_touch:
             self._unref_touching(seq)
         else:
             self._unref_pages(reversed(seq.pages))  # the tail first: it is the least likely to be reused
         if seq.length % self.page_size:
             self._after_unshare(seq.pages[-1])
+
+    def _release_owner(self, seq: _Seq) -> None:
+        """`_unref_pages(reversed(seq.pages))` for a chain's owner, by slices: its pages are its
+        own (ref 1: a request that hits them shares the chain first), registered up to `done`
+        (the first as always, the others lazily), so its pages past `done` go to the free stack,
+        then its pages 1.. below `done` and its first page (if registered, else it is freed last)
+        to the LRU, tail first. Mutates."""
+        pages, ref = seq.pages, self._ref
+        for pid in pages:
+            ref[pid] = 0
+        self._token -= seq.length  # (each page holds its share of the request's positions)
+        done = seq.cache_pages if seq.hash_at == _NEVER else seq.hash_at // self.page_size - 1
+        self._free.fromlist(pages[:done - 1:-1])
+        cached = pages[done - 1:0:-1]
+        if self._hash[pages[0]] is None:  # its ids were cached by another page when it registered
+            self._free.append(pages[0])
+        else:
+            cached.append(pages[0])
+        self._lru.extend(cached)
+        memo = self._hit_memo
+        if memo is not None and memo.index:  # the waiting match's hits among them are evictable now
+            memo.cached += len(memo.index.keys() & cached)
+        if not seq.ndef:  # no page registered lazily: the chain needs no owner
+            del self._owners[seq.hashes[0]]
 
     @property
     def grows_merge(self) -> bool:
@@ -796,6 +967,10 @@ class PagedStrategy(Strategy):
     def fork(self, parent, child, child_tokens, child_kv_len) -> bool:
         src = self._seqs[parent]
         self._solo = False  # pages are shared from now on: releases go page by page
+        if self._lazy:  # shared pages: every chain hashed from now on (an owner's pages are its own)
+            for h in list(self._owners):
+                self._share(h)
+            self._lazy = False
         for pid in src.pages:
             self._ref[pid] += 1
         self._seqs[child] = _Seq(tokens=child_tokens, kv_len=child_kv_len, pages=list(src.pages),
@@ -854,7 +1029,8 @@ class PagedStrategy(Strategy):
                 raise InvariantError(f"cached page {pid} has no hash")
             if pid in free and self._hash[pid] is not None:
                 raise InvariantError(f"free page {pid} still hashed")
-            if (self._hash[pid] is None) != (self._stored_ids[pid] is None):
+            h = self._hash[pid]
+            if (h is None or h.__class__ is _Seq) != (self._stored_ids[pid] is None):
                 raise InvariantError(f"page {pid}: hash and stored ids disagree")
         for h, pid in self._table.items():
             if self._hash[pid] != h:
@@ -875,9 +1051,11 @@ class PagedStrategy(Strategy):
                 expect = min(ps, seq.length - i * ps)
                 if self._fill[pid] != expect:
                     raise InvariantError(f"page {pid} fill {self._fill[pid]}, request wrote {expect}")
-            expect_at = (len(seq.hashes) + 1) * ps if len(seq.hashes) < seq.cache_pages else _NEVER
-            if seq.hash_at != expect_at or len(seq.hashes) > seq.length // ps:
-                raise InvariantError(f"request: {len(seq.hashes)} page hashes, hash_at {seq.hash_at}")
+            done = len(seq.hashes) if not seq.lazy else (
+                seq.cache_pages if seq.hash_at == _NEVER else seq.hash_at // ps - 1)  # pages registered
+            expect_at = (done + 1) * ps if done < seq.cache_pages else _NEVER
+            if seq.hash_at != expect_at or done > seq.length // ps:
+                raise InvariantError(f"request: {done} pages registered, hash_at {seq.hash_at}")
             last_shared = seq.length % ps and self._ref[seq.pages[-1]] > 1
             expect = 0 if last_shared else min(seq.kv_len, len(seq.pages) * ps) - seq.length
             if seq.reserved != expect:  # (grow's decode path relies on each request's share being exact)
@@ -889,7 +1067,44 @@ class PagedStrategy(Strategy):
         states = self.slot_states(None)
         if states.total != self.capacity or min(states) < 0:
             raise InvariantError(f"slot states {states} do not sum to capacity {self.capacity}")
+        self._check_lazy(n)
         self._check_host()
+
+    def _check_lazy(self, n: int) -> None:
+        """Lazy registration: every owner is in `_owners` under its first page's hash (never
+        shared), live or with pages registered lazily (`ndef` of them, at positions 1.. below
+        the pages it registered), its pages its own while it runs; and the hashes of those pages
+        (computed here) are distinct and none is in the table: hashing them all gives the table
+        that registering every page hashed gives."""
+        ps, live = self.page_size, {id(seq) for seq in self._seqs.values()}
+        if self._owners.keys() & self._shared or (self._owners or self._shared) and not self.prefix_caching:
+            raise InvariantError("a chain both owned and shared, or lazy registration without prefix caching")
+        held: dict[int, int] = {}
+        for pid in range(n):
+            o = self._hash[pid]
+            if o.__class__ is _Seq:
+                held[id(o)] = held.get(id(o), 0) + 1
+        seen = set(self._table)
+        for h, o in self._owners.items():
+            if not o.lazy or o.hashes[:1] != [h] or held.get(id(o), 0) != o.ndef or not (o.ndef or id(o) in live):
+                raise InvariantError(f"owner of chain {h}: lazy {o.lazy}, {o.ndef} pages counted, "
+                                     f"{held.get(id(o), 0)} registered lazily")
+            if id(o) in live and any(self._ref[p] != 1 for p in o.pages):
+                raise InvariantError("a chain's owner shares a page")
+            done = o.cache_pages if o.hash_at == _NEVER else o.hash_at // ps - 1
+            x, nb = h, ps * o.tokens.itemsize
+            data = o.tokens.tobytes()
+            for i in range(1, done):
+                x = hash((x, data[i * nb:(i + 1) * nb]))
+                if self._hash[o.pages[i]] is o:
+                    if x in seen:
+                        raise InvariantError(f"page {i} of chain {h}'s owner, registered lazily, hashes as a cached page")
+                    seen.add(x)
+        if sum(held.values()) != sum(o.ndef for o in self._owners.values()):
+            raise InvariantError("a page is registered lazily by a request that owns no chain")
+        for seq in self._seqs.values():
+            if seq.lazy and self._owners.get(seq.hashes[0]) is not seq:
+                raise InvariantError("a lazy request does not own its chain")
 
     def _check_host(self) -> None:
         """Host tier: its maps agree, every host page is free or holds one hash, the policy holds
