@@ -11,9 +11,9 @@ unfused pair (rms_norm + linear, or silu_mul + linear: two launches) and the fus
 timed as in bench_kernels.bench_rot: a CUDA graph of calls over weight copies that together exceed
 L2, replayed, divided by the calls. Rows give GPU ms per call, weight GB/s and the fraction of a
 device-to-device copy measured first in the same run, fused/unfused, and whether the fused outputs
-(and the residual stream) equal the unfused ones bit for bit. The norm fusion is timed at every M,
-above its default limit too (fused_linear.NORM_MAX_M, named in the output): the rows say where it
-stops paying. A last row per M: the per-layer saving (the three cases) and per 32-layer step.
+(and the residual stream) equal the unfused ones bit for bit. Both fusions are timed at every M,
+above their default limits too (fused_linear.SILU_MAX_M / NORM_MAX_M, named in the output): the
+rows say where each stops paying. A last row per M: the per-layer saving (the three cases) and per 32-layer step.
 Writes OUT/fused_decode_<device>.csv. Needs CUDA (but --smoke).
 """
 from __future__ import annotations
@@ -110,12 +110,12 @@ def main() -> None:
         dev, device = torch.device("cuda"), torch.cuda.get_device_name()
     bk.DEV = dev
     _, copy_gbps, _ = bk.copy_bandwidth(0.01 if args.smoke else 2.0)
-    default_norm_max = fl.NORM_MAX_M
+    limits = {"silu": fl.SILU_MAX_M, "rms": fl.NORM_MAX_M}
     print(f"device={device} torch={torch.__version__} triton={triton.__version__} copy {copy_gbps:.1f} GB/s; "
-          f"defaults: silu fused for M <= {fl.SILU_MAX_M}, norm for M <= {default_norm_max} "
+          f"defaults: silu fused for M <= {limits['silu']}, norm for M <= {limits['rms']} "
           f"(timed fused at every M here)", flush=True)
     rows: list[dict] = []
-    fl.NORM_MAX_M = fl.TILE_M                   # time the norm fusion above its default limit too
+    fl.SILU_MAX_M = fl.NORM_MAX_M = fl.TILE_M   # time the fusions above their default limits too
     try:
         for M in ms_list:
             saved = 0.0
@@ -129,12 +129,14 @@ def main() -> None:
                                                            f"{saved * LAYERS:.3f} ms per 8B step"))
             print(f"  M={M}: fused saves {saved * 1e3:.2f} us per layer, {saved * LAYERS:.3f} ms per step", flush=True)
     finally:
-        fl.NORM_MAX_M = default_norm_max
+        fl.SILU_MAX_M, fl.NORM_MAX_M = limits["silu"], limits["rms"]
     for r in rows:
         r.update(device=device, commit=args.commit,
                  **{k: r.get(k, "") for k in FIELDS if k not in ("device", "commit")})
-        if r["impl"] == "fused" and r["case"].startswith(("qkv", "gate_up")) and int(r["M"]) > default_norm_max:
-            r["note"] += f"; above the default NORM_MAX_M={default_norm_max} (the model runs unfused here)"
+        kind = "silu" if r["case"].startswith("down") else "rms"
+        if r["impl"] == "fused" and int(r["M"]) > limits[kind]:
+            r["note"] += (f"; above the default {'SILU' if kind == 'silu' else 'NORM'}_MAX_M={limits[kind]} "
+                          "(the model runs unfused here)")
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="fused_decode_")) if args.smoke
                        else bk.REPO / "results" / "kernels")
     out.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,24 @@ rounding of the kernel it replaces, so the outputs are bit-identical to the unfu
   (returned), every program reads only the inputs, so nothing is read after another program wrote
   it, and repeated launches (autotuning) compute the same thing.
 
-Each program re-reads the M rows it normalizes from L2 (twice: the first pass and the tiles),
-8*M*K bytes against BLOCK_N*K*2 bytes of weights: the rms fusion only pays for small M
-(``NORM_MAX_M``). The fused path runs for 1 <= M <= its limit (and <= ``linear.MAX_M``) on the
-"triton" backend; otherwise, and for backend="torch", these are the unfused ops.
+What a fused launch adds, per program (checked by compiling for sm_90 with this Triton and
+counting the SASS of the K loop: 4 warps, BLOCK_N 16, BLOCK_K 256; `linear`'s loop is 117
+instructions):
+
+- silu: the activation math of its M rows (computed on next_pow2(M) rows in the loads' layout,
+  not on the dot operand's, where every warp would compute all 16): 183 / 270 / 585 instructions
+  at M = 1 / 4 / 16. At 16 the issue slots of ~2 programs an SM exceed the time their weight
+  tiles take at the copy rate, hence ``SILU_MAX_M`` = 8.
+- rms: 8*M*K bytes from L2 (the first pass and the tiles read x and the residual) against
+  2*BLOCK_N*K of weights, and the first pass's latency before the weights stream (per row an L2
+  round trip and a block reduction; the next row's loads overlap the reduction): that grows with
+  M while the launch it saves does not, hence ``NORM_MAX_M`` = 4. The K loop is 129 / 156
+  instructions at M = 1 / 4 (8 warps).
+
+Both limits are estimates: experiments/fused_decode_bench.py times each fused op against the
+unfused pair at M = 1..16 on the GPU. The fused path runs for 1 <= M <= its limit (and <=
+``linear.MAX_M``) on the "triton" backend; otherwise, and for backend="torch", these are the
+unfused ops.
 """
 from __future__ import annotations
 
@@ -40,8 +54,8 @@ from . import silu_mul as _silu
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision, kernel_for,
                       make_plan, next_pow2, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
-SILU_MAX_M = 16     # silu_mul fused into the down projection for M <= this (x: 2 reads of [M, I] for 1)
-NORM_MAX_M = 4      # rms_norm fused into qkv / gate_up for M <= this: the extra L2 reads grow with M (module doc)
+SILU_MAX_M = 8      # silu_mul fused into the down projection for M <= this (module doc)
+NORM_MAX_M = 4      # rms_norm fused into qkv / gate_up for M <= this (module doc)
 TILE_M = 16         # x padded to one 16-row tile, as in `linear`: no limit above this
 # interpreter: linear's BLOCK_K (the dot's K order; in numpy a tile is one matmul), wider N tiles
 # (columns are independent: fewer programs for the interpreter to run)

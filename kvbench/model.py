@@ -6,7 +6,7 @@ pool through `slot_mapping` -> attention over each request's page table -> o pro
 add +) RMSNorm -> gate|up proj -> SiLU * up -> down proj. Elementwise steps are fused kernels
 (`rms_norm`, `rope_kv_write`, `silu_mul`), so a layer is about nine launches; the projections
 of batches of up to 16 tokens use the `linear` kernel, larger ones cuBLAS. For decode-sized
-batches (kernels/fused_linear.py: silu up to 16 rows, the norms up to NORM_MAX_M) the Llama
+batches (kernels/fused_linear.py: up to SILU_MAX_M / NORM_MAX_M rows) the Llama
 layer's norms and SiLU * up are computed inside the projection after them: about six launches.
 
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size

@@ -21,8 +21,9 @@ EPS = 1e-5
 
 @pytest.fixture
 def fuse_all(monkeypatch):
-    """Fuse the norm up to the full tile (its default limit is lower) so M = 3, 16 take the kernel."""
+    """Fuse up to the full tile (the default limits are lower) so M = 3, 16 take the kernels."""
     monkeypatch.setattr(fl, "NORM_MAX_M", fl.TILE_M)
+    monkeypatch.setattr(fl, "SILU_MAX_M", fl.TILE_M)
 
 
 def weights(dtype, bias, gen, n=N, k=K):
@@ -34,7 +35,7 @@ def weights(dtype, bias, gen, n=N, k=K):
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=dtype_ids)
 @pytest.mark.parametrize("M", [1, 3, 16])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_silu_mul_linear_is_silu_mul_then_linear(dtype, M, bias):
+def test_silu_mul_linear_is_silu_mul_then_linear(dtype, M, bias, fuse_all):
     gen = torch.Generator().manual_seed(M)
     big = randn(M, 3 * K, dtype=dtype, device=device(), gen=gen) * 2
     gate_up = big[:, :2 * K]                    # strided rows
@@ -98,8 +99,9 @@ def test_default_limits_and_fallbacks(monkeypatch):
         y, stream = fl.rms_norm_linear(x, g, EPS, w, None, res)
         assert stream is res and torch.equal(y, lin.linear(rms_norm(x, g, EPS, res_ref), w))
         assert torch.equal(res, res_ref)
-    gu = randn(lin.MAX_M + 1, 2 * K, dtype=dt, device=dev, gen=gen)
-    assert torch.equal(fl.silu_mul_linear(gu, w), F.linear(silu_mul(gu), w))
+    for M in (fl.SILU_MAX_M + 1, lin.MAX_M + 1):
+        gu = randn(M, 2 * K, dtype=dt, device=dev, gen=gen)
+        assert torch.equal(fl.silu_mul_linear(gu, w), lin.linear(silu_mul(gu), w))
     gu1 = gu[:1]
     assert torch.equal(fl.silu_mul_linear(gu1, w, backend="torch"), F.linear(silu_mul_ref(gu1), w))
     calls = []
@@ -158,6 +160,7 @@ def test_fused_bit_identical_on_gpu_at_8b_shapes(graph, monkeypatch):
     """Autotuned fused kernels (their own configs) against the unfused autotuned pair at Llama-3.1-8B
     shapes, M = 1..16, eagerly and replayed from a CUDA graph: the same bits."""
     monkeypatch.setattr(fl, "NORM_MAX_M", fl.TILE_M)
+    monkeypatch.setattr(fl, "SILU_MAX_M", fl.TILE_M)
     dev, dt, gen = torch.device("cuda"), torch.bfloat16, torch.Generator().manual_seed(0)
     H, I = 4096, 14336
     w_qkv = randn(6144, H, dtype=dt, device=dev, gen=gen) * 0.02
