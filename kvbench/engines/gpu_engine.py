@@ -152,10 +152,14 @@ def _unowned(t: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _no_cache_release():
     """`torch.cuda.graph` synchronizes, may collect garbage and empties the caching allocator at
-    each capture; in a loop of captures that releases and re-mallocs every capture's eager
-    blocks. vLLM's capture loop turns both off after its first graph; so does this, for the
-    captures in it."""
-    with mock.patch("gc.collect", lambda *a: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
+    each capture: in a loop of captures that releases and re-mallocs every capture's eager
+    blocks, and in a replay it gives back the blocks the eager steps keep. vLLM's capture loop
+    turns both off after its first graph; `_capture` turns them off for every graph."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("gc.collect", lambda *a: 0))
+        stack.enter_context(mock.patch("torch.cuda.empty_cache", lambda: None))
+        if hasattr(torch._C, "_host_emptyCache"):  # (newer torch also empties the pinned host cache)
+            stack.enter_context(mock.patch("torch._C._host_emptyCache", lambda: None))
         yield
 
 
@@ -323,20 +327,19 @@ class GPUEngine(TorchEngine):
         self._stage = self._staging(big + small)
         try:
             side = self._capture_stream()
-            with _no_cache_release():
-                with torch.cuda.stream(side):  # compile, and let the allocator cache the eager blocks
-                    for key in big + small:
-                        self._graph_body(self._graph_inputs(key, ps))
-                torch.cuda.synchronize()
-                free0 = torch.cuda.mem_get_info(self.device)[0]
-                for key in big:
-                    self._capture(key, ps)
-                torch.cuda.synchronize()
-                free1 = torch.cuda.mem_get_info(self.device)[0]
-                for key in small:
-                    self._capture(key, ps)
-                torch.cuda.synchronize()
-                free2 = torch.cuda.mem_get_info(self.device)[0]
+            with torch.cuda.stream(side):  # compile, and let the allocator cache the eager blocks
+                for key in big + small:
+                    self._graph_body(self._graph_inputs(key, ps))
+            torch.cuda.synchronize()
+            free0 = torch.cuda.mem_get_info(self.device)[0]
+            for key in big:
+                self._capture(key, ps)
+            torch.cuda.synchronize()
+            free1 = torch.cuda.mem_get_info(self.device)[0]
+            for key in small:
+                self._capture(key, ps)
+            torch.cuda.synchronize()
+            free2 = torch.cuda.mem_get_info(self.device)[0]
         finally:
             for g in self._graphs.values():
                 g.graph.reset()
@@ -397,6 +400,7 @@ class GPUEngine(TorchEngine):
             contiguous = bool(getattr(strategy, "contiguous", False)) and hybrid is None
             self._warm_up_graphs(self._warm_keys(page_size, max_context, contiguous), page_size)
 
+    @torch.inference_mode()
     def _warm_up_graphs(self, keys: list[tuple], page_size: int) -> None:
         """Capture the graphs of `keys` (largest first) before the replay; the GPU memory they
         took is `graph_mem_measured` (free memory before and after: pool, executables, staging),
@@ -407,10 +411,9 @@ class GPUEngine(TorchEngine):
             torch.cuda.synchronize(self.device)
             free0, reserved0 = torch.cuda.mem_get_info(self.device)[0], torch.cuda.memory_reserved(self.device)
         self._stage = self._staging([*keys, *(g.key for g in self._graphs.values())])
-        with _no_cache_release() if cuda else contextlib.nullcontext():
-            for key in keys:
-                if key not in self._graphs:
-                    self._capture(key, page_size)
+        for key in keys:
+            if key not in self._graphs:
+                self._capture(key, page_size)
         self.graph_warmup_captures = len(self._graphs)
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -574,7 +577,9 @@ class GPUEngine(TorchEngine):
         torch.cuda.current_stream().wait_stream(side)
         self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._graph_pool, stream=side):
+        # (not emptying the caching allocator: a capture inside the replay left the next eager
+        # steps to cudaMalloc their blocks again, the cost 94a3240's warm-up prefill removed)
+        with _no_cache_release(), torch.cuda.graph(g.graph, pool=self._graph_pool, stream=side):
             self._graph_body(g)
         g.logits = _unowned(g.logits)  # (its block goes back to the pool: the next capture reuses it)
         self._graphs[key] = g
