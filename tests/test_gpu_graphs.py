@@ -145,6 +145,10 @@ def test_graph_keys_are_the_keys_of_the_steps_within_the_limits():
     # graph_max_tokens bounds the prefill tokens (steps past it run eagerly), not the decode rows
     capped = graph_keys("all", **dict(lim, graph_max_tokens=32))
     assert set(capped) == _step_keys(width, PS, MAX_LEN, SEQS, TOKENS, 32)
+    # limits off the buckets' edges (3 and 1 requests, 40 tokens): the buckets' fullest steps too
+    for seqs in (1, 3):
+        odd = dict(lim, max_num_seqs=seqs, max_num_batched_tokens=40, graph_max_tokens=40)
+        assert set(graph_keys("all", **odd)) == _step_keys(width, PS, MAX_LEN, seqs, 40, 40)
     # the experiments' configs (1B and 8B alike: max_num_seqs 256, 8,192 tokens, max_model_len 16,384)
     exp = dict(max_num_seqs=256, max_num_batched_tokens=8192, graph_max_tokens=8192, max_context=16384,
                contiguous=False)

@@ -124,7 +124,7 @@ def graph_keys(mode: str, *, max_num_seqs: int, max_num_batched_tokens: int, gra
         rows = dict(zip(batch, [0, *batch[:-1]]))
         for dp in (0, *batch):
             nd = rows[dp] + 1 if dp else 0  # fewest decode rows in this bucket
-            if 0 < dp and nd < seqs:  # one-token rows only, one of them a prompt's last token
+            if 0 < dp and nd <= seqs:  # one-token rows only, one of them a prompt's last token
                 keys.append((dp, dp + 1, width, contiguous, False, dp))
             for pb in batch:
                 npf = rows[pb] + 1  # fewest prefill chunks in this bucket
