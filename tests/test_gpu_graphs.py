@@ -11,6 +11,7 @@ GPU: a graph replay of a mixed step (prefill chunks beside decodes, padded to it
 computes what the eager step computes. ~5 s of CPU time."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from types import SimpleNamespace
 
@@ -209,6 +210,69 @@ def test_the_sizing_subtracts_the_graphs_memory(monkeypatch):
     assert budget == int(140 * gib * 0.9) - 16 * gib - 2 * gib - 3 * gib - (140 - 100 - 30) * gib
     eng.graph_pool_bytes = 0
     assert GPUEngine.kv_budget_bytes(eng) - budget == 3 * gib
+
+
+class FakeCuda:
+    """torch.cuda's calls in the engine's capture and sizing paths, on the CPU: streams and graphs
+    that run their body eagerly, free memory that drops by `per_capture(n)` at the n-th capture,
+    and a count of the caching allocator's releases."""
+
+    def __init__(self, per_capture):
+        self.free, self.per_capture, self.captures, self.resets, self.emptied = 100 << 30, per_capture, [], 0, 0
+
+    def install(self, mp):
+        cuda = self
+        stream = SimpleNamespace(wait_stream=lambda other: None)
+
+        class Graph:
+            def replay(self):
+                pass
+
+            def reset(self):
+                cuda.resets += 1
+
+        class capture:  # torch.cuda.graph(g, pool=, stream=)
+            def __init__(self, graph, pool=None, stream=None):
+                self.pool = pool
+
+            def __enter__(self):
+                torch.cuda.empty_cache()  # (as torch's does)
+
+            def __exit__(self, *exc):
+                cuda.captures.append(self.pool)
+                cuda.free -= cuda.per_capture(len(cuda.captures))
+
+        def empty_cache():
+            cuda.emptied += 1
+
+        for name, value in dict(Stream=lambda *a: stream, stream=lambda s: contextlib.nullcontext(),
+                                current_stream=lambda *a: stream, graph_pool_handle=lambda: (0, 7),
+                                CUDAGraph=Graph, graph=capture, synchronize=lambda *a: None, empty_cache=empty_cache,
+                                mem_get_info=lambda *a: (cuda.free, 140 << 30)).items():
+            mp.setattr(torch.cuda, name, value)
+
+
+def test_graph_memory_profile_through_a_fake_cuda(monkeypatch):
+    """The sizing's probe (`_profile_graphs`, through GPUEngine's own `_capture`) on a fake CUDA:
+    the two largest graphs take 150 MiB of pool + 2 MiB each, the small ones 2 MiB each ->
+    graph_pool_bytes = 304 MiB + 2 MiB x (the warm-up's keys - 2) + the staging bytes; every probe
+    graph is reset and the scratch pool dropped; no capture emptied the caching allocator (only
+    the cleanup, once)."""
+    mib = 1 << 20
+    fake = FakeCuda(lambda n: (150 if n <= 2 else 0) * mib + 2 * mib)
+    fake.install(monkeypatch)
+    monkeypatch.setattr(StandIn, "_capture", GPUEngine._capture)
+    eng = StandIn("all")
+    got = GPUEngine._profile_graphs(eng)
+    keys = graph_keys("all", max_num_seqs=SEQS, max_num_batched_tokens=TOKENS, graph_max_tokens=TOKENS,
+                      max_context=MAX_LEN, page_size=1, contiguous=False)
+    probe = eng.graph_profile
+    assert fake.captures == [(0, 7)] * fake.resets and 8 <= fake.resets <= 10 and fake.emptied == 1  # (one key a duplicate)
+    assert not eng._graphs and eng.kv_pool is None and eng._stage is None and eng.graph_capture_s == 0
+    assert probe["pool_and_largest_bytes"] == 304 * mib and probe["per_graph_bytes"] == 2 * mib
+    assert probe["keys"] == len(keys) and probe["staging_bytes"] == eng._staging_bytes(keys + [
+        max((k for k in keys if not k[4]), key=lambda k: (k[0], k[1]))])
+    assert got == 304 * mib + 2 * mib * (len(keys) - 2) + probe["staging_bytes"]
 
 
 # ---- GPU --------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ class GPUEngine(TorchEngine):
                             graph_max_tokens=self.graph_max_tokens, max_context=ctx, page_size=ps, contiguous=False)
         big = [k for k in widest if not k[4]][:1]  # the most prefill tokens (then rows): every mode may meet it
         big += [max((k for k in widest if k[4]), key=lambda k: (k[1], k[2]))]  # the most rows, the widest table
-        small = [(b, b, p, False, True, b) for b in (1, 2, 4, 8) for p in (16, 32)]
+        small = [k for k in ((b, b, p, False, True, b) for b in (1, 2, 4, 8) for p in (16, 32)) if k not in big]
         c = self.cfg
         self.page_size = ps
         self.kv_pool = torch.zeros(c.num_layers, 2, 2 * ps, c.num_kv_heads, c.head_dim, dtype=DTYPES[c.dtype],
