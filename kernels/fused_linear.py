@@ -171,8 +171,8 @@ def _norm_warps() -> int:
 _silu_tuned = triton.autotune(configs=_lin._CONFIGS, key=["N", "K", "HAS_BIAS"])(_fused_gemv_kernel)
 _NORM_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=_norm_warps(), num_stages=s)
                  for bn, bk, s in [(16, 256, 4), (16, 512, 3), (32, 256, 4), (32, 512, 3), (64, 128, 4),
-                                   (64, 256, 3), (128, 128, 3), (16, 1024, 2)]]
-_rms_tuned = triton.autotune(configs=_NORM_CONFIGS, key=["N", "K", "HAS_BIAS", "ADD"])(_fused_gemv_kernel)
+                                   (64, 256, 3), (16, 1024, 2)]]
+_rms_tuned = triton.autotune(configs=_NORM_CONFIGS, key=["N", "K", "HAS_BIAS"])(_fused_gemv_kernel)
 
 
 def _launch(mode, key, ok, x, r, g, weight, bias, y, ro, M, N, K, strides, eps, add):
