@@ -11,7 +11,9 @@ unfused pair (rms_norm + linear, or silu_mul + linear: two launches) and the fus
 timed as in bench_kernels.bench_rot: a CUDA graph of calls over weight copies that together exceed
 L2, replayed, divided by the calls. Rows give GPU ms per call, weight GB/s and the fraction of a
 device-to-device copy measured first in the same run, fused/unfused, and whether the fused outputs
-(and the residual stream) equal the unfused ones bit for bit. Both fusions are timed at every M,
+(and the residual stream) equal the unfused ones bit for bit; a third row per case times the
+option fused_linear.PREFETCH_TILES = 2 (off by default: W's first tiles asked of L2 before the
+kernel waits on the one before it). Both fusions are timed at every M,
 above their default limits too (fused_linear.SILU_MAX_M / NORM_MAX_M, named in the output): the
 rows say where each stops paying. A last row per M: the per-layer saving (the three cases) and per 32-layer step.
 Writes OUT/fused_decode_<device>.csv. Needs CUDA (but --smoke).
@@ -37,6 +39,8 @@ from kvbench.kernels.silu_mul import silu_mul  # noqa: E402
 
 H, I, QKV, LAYERS = 4096, 14336, 6144, 32          # Llama-3.1-8B
 ROT_BYTES = 256 << 20                               # weight copies per case: together at least this
+PREFETCH = 2                                        # the option's row: W tiles prefetched into L2 first
+PREFETCH_IMPL = f"fused, L2 prefetch of {PREFETCH} tiles"
 FIELDS = ["device", "commit", "case", "M", "impl", "launches", "median_ms", "weight_gbps", "ratio_to_copy",
           "fused_over_unfused", "bit_identical", "note"]
 
@@ -68,21 +72,31 @@ def bench_case(name, N, K, kind, M, dev, copy_gbps, rows, rot_bytes):
         fused = [lambda i=i: fl.silu_mul_linear(gus[i], ws[i]) for i in range(R)]
         same = torch.equal(lin.linear(silu_mul(gus[0]), ws[0]), fl.silu_mul_linear(gus[0], ws[0]))
     out = []
-    for impl, fns, launches in (("unfused", unfused, 2), ("fused", fused, 1)):
-        ms = bk.bench_rot(fns, rep=100)
+    for impl, fns, launches in (("unfused", unfused, 2), ("fused", fused, 1), (PREFETCH_IMPL, fused, 1)):
+        if impl == PREFETCH_IMPL:      # an option (fused_linear.PREFETCH_TILES, default 0): timed, not relied on
+            try:
+                fl.PREFETCH_TILES = PREFETCH
+                ms = bk.bench_rot(fns, rep=100)
+            except Exception as e:     # (an option: its failure does not cost the other rows)
+                print(f"  {name} M={M} {impl}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                continue
+            finally:
+                fl.PREFETCH_TILES = 0
+        else:
+            ms = bk.bench_rot(fns, rep=100)
         gbps = N * K * 2 / ms / 1e6
         out.append(ms)
         rows.append(dict(case=f"{name} (+{'rms_norm' if kind == 'rms' else 'silu_mul'})", M=M, impl=impl,
                          launches=launches, median_ms=f"{ms:.5f}", weight_gbps=f"{gbps:.1f}",
                          ratio_to_copy=f"{gbps / copy_gbps:.3f}",
-                         fused_over_unfused=f"{ms / out[0]:.3f}" if impl == "fused" else "",
+                         fused_over_unfused=f"{ms / out[0]:.3f}" if impl != "unfused" else "",
                          bit_identical=("yes" if same else "NO") if impl == "fused" else "",
                          note=f"N={N} K={K} bf16, {R} weight copies"))
         print("  " + " | ".join(str(rows[-1][k]) for k in ("case", "M", "impl", "median_ms", "weight_gbps",
                                                             "ratio_to_copy", "fused_over_unfused", "bit_identical")),
               flush=True)
     del ws, unfused, fused
-    return tuple(out)
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -134,7 +148,7 @@ def main() -> None:
         r.update(device=device, commit=args.commit,
                  **{k: r.get(k, "") for k in FIELDS if k not in ("device", "commit")})
         kind = "silu" if r["case"].startswith("down") else "rms"
-        if r["impl"] == "fused" and int(r["M"]) > limits[kind]:
+        if r["impl"].startswith("fused") and int(r["M"]) > limits[kind]:
             r["note"] += (f"; above the default {'SILU' if kind == 'silu' else 'NORM'}_MAX_M={limits[kind]} "
                           "(the model runs unfused here)")
     out = args.out or (pathlib.Path(tempfile.mkdtemp(prefix="fused_decode_")) if args.smoke

@@ -57,10 +57,23 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot
 SILU_MAX_M = 8      # silu_mul fused into the down projection for M <= this (module doc)
 NORM_MAX_M = 4      # rms_norm fused into qkv / gate_up for M <= this (module doc)
 TILE_M = 16         # x padded to one 16-row tile, as in `linear`: no limit above this
+PREFETCH_TILES = 0  # 1, 2, 4: each program prefetches its first tiles of W into L2 before it waits on
+                    # the kernel before it (PDL) and runs the norm's first pass (0: off, until measured)
 # interpreter: linear's BLOCK_K (the dot's K order; in numpy a tile is one matmul), wider N tiles
 # (columns are independent: fewer programs for the interpreter to run)
 INTERPRET_CONFIG = dict(BLOCK_N=64, BLOCK_K=_lin.INTERPRET_CONFIG["BLOCK_K"])
 MODE_SILU, MODE_RMS = 1, 2
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, SPAN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`prefetch.global.L2` of the first SPAN elements of W's rows offs_n, one per 128-byte line
+    (addresses clamped into W: the instruction takes no mask). GPU only."""
+    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth                   # elements a line
+    lines = tl.minimum(tl.arange(0, SPAN // LINE) * LINE, K - 1)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    ptrs = w_ptr + rows[:, None] * stride_wn + lines[None, :]                                    # [BN, lines]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -70,7 +83,7 @@ def _fused_gemv_kernel(
     stride_xm, stride_rm, stride_wn, stride_ym, stride_om,
     eps,
     MODE: tl.constexpr, ADD: tl.constexpr, NORM_N: tl.constexpr, NORM_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[M, N] = xt @ W[N, K]^T (+ b), xt computed from x while loading:
@@ -89,6 +102,8 @@ def _fused_gemv_kernel(
     n_mask = offs_n < N
     r_mask = offs_r < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PREFETCH > 0:   # W is no kernel's output: ask L2 for the first tiles before waiting on the last kernel
+        _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, PREFETCH * BLOCK_K, BLOCK_N)
     pdl_begin(PDL)
     inv = tl.zeros([ROWS], tl.float32)
     if MODE == 2:
@@ -183,7 +198,7 @@ def _launch(mode, key, ok, x, r, g, weight, bias, y, ro, M, N, K, strides, eps, 
     meta = dict(MODE=mode, ADD=add, NORM_N=K if mode == MODE_RMS else 0,
                 NORM_BLOCK=next_pow2(K) if mode == MODE_RMS else 1, ROWS=next_pow2(M), HAS_BIAS=bias is not None,
                 DOT_F32=dot_in_f32(x.dtype, x.device), DOT_PREC=dot_precision(x.dtype), BLOCK_M=TILE_M,
-                **pdl_args(x.device))
+                PREFETCH=0 if use_interpreter(x.device) else PREFETCH_TILES, **pdl_args(x.device))
     if use_interpreter(x.device):
         kernel = kernel_for(_fused_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
             *args, **meta, **INTERPRET_CONFIG)
@@ -216,7 +231,7 @@ def silu_mul_linear(gate_up, weight, bias=None, *, backend: str = "triton"):
         key = (MODE_SILU, gate_up.shape, gate_up.stride(), gate_up.dtype, gate_up.get_device(), weight.shape,
                weight.stride(), weight.dtype, weight.get_device(),
                None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.get_device()),
-               _common._pdl_mode, _limit(SILU_MAX_M))
+               _common._pdl_mode, _limit(SILU_MAX_M), PREFETCH_TILES)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, grid = hit
@@ -260,7 +275,7 @@ def rms_norm_linear(x, norm_weight, eps: float, weight, bias=None, residual=None
                weight.get_device(),
                None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.get_device()),
                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.get_device()),
-               eps, _common._pdl_mode, _limit(NORM_MAX_M))
+               eps, _common._pdl_mode, _limit(NORM_MAX_M), PREFETCH_TILES)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, grid = hit

@@ -156,9 +156,12 @@ def test_plan_hit_computes_what_the_checked_call_does(op, fuse_all, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
-def test_fused_bit_identical_on_gpu_at_8b_shapes(graph, monkeypatch):
+@pytest.mark.parametrize("prefetch", [0, 2], ids=["no-prefetch", "prefetch-2"])
+def test_fused_bit_identical_on_gpu_at_8b_shapes(graph, prefetch, monkeypatch):
     """Autotuned fused kernels (their own configs) against the unfused autotuned pair at Llama-3.1-8B
-    shapes, M = 1..16, eagerly and replayed from a CUDA graph: the same bits."""
+    shapes, M = 1..16, eagerly and replayed from a CUDA graph, with and without the L2 prefetch
+    option: the same bits (and a second call, through the launch plan, the same as the first)."""
+    monkeypatch.setattr(fl, "PREFETCH_TILES", prefetch)
     monkeypatch.setattr(fl, "NORM_MAX_M", fl.TILE_M)
     monkeypatch.setattr(fl, "SILU_MAX_M", fl.TILE_M)
     dev, dt, gen = torch.device("cuda"), torch.bfloat16, torch.Generator().manual_seed(0)
