@@ -11,8 +11,8 @@ unfused pair (rms_norm + linear, or silu_mul + linear: two launches) and the fus
 timed as in bench_kernels.bench_rot: a CUDA graph of calls over weight copies that together exceed
 L2, replayed, divided by the calls. Rows give GPU ms per call, weight GB/s and the fraction of a
 device-to-device copy measured first in the same run, fused/unfused, and whether the fused outputs
-(and the residual stream) equal the unfused ones bit for bit; a third row per case times the
-option fused_linear.PREFETCH_TILES = 2 (off by default: W's first tiles asked of L2 before the
+(and the residual stream) equal the unfused ones bit for bit; at M = 1 and 4 a third row per case
+times the option fused_linear.PREFETCH_TILES = 2 (off by default: W's first tiles asked of L2 before the
 kernel waits on the one before it). Both fusions are timed at every M,
 above their default limits too (fused_linear.SILU_MAX_M / NORM_MAX_M, named in the output): the
 rows say where each stops paying. A last row per M: the per-layer saving (the three cases) and per 32-layer step.
@@ -41,6 +41,7 @@ H, I, QKV, LAYERS = 4096, 14336, 6144, 32          # Llama-3.1-8B
 ROT_BYTES = 256 << 20                               # weight copies per case: together at least this
 PREFETCH = 2                                        # the option's row: W tiles prefetched into L2 first
 PREFETCH_IMPL = f"fused, L2 prefetch of {PREFETCH} tiles"
+PREFETCH_M = (1, 4)                                 # its rows at these M only (each M compiles variants)
 FIELDS = ["device", "commit", "case", "M", "impl", "launches", "median_ms", "weight_gbps", "ratio_to_copy",
           "fused_over_unfused", "bit_identical", "note"]
 
@@ -74,6 +75,8 @@ def bench_case(name, N, K, kind, M, dev, copy_gbps, rows, rot_bytes):
     out = []
     for impl, fns, launches in (("unfused", unfused, 2), ("fused", fused, 1), (PREFETCH_IMPL, fused, 1)):
         if impl == PREFETCH_IMPL:      # an option (fused_linear.PREFETCH_TILES, default 0): timed, not relied on
+            if M not in PREFETCH_M:
+                continue
             try:
                 fl.PREFETCH_TILES = PREFETCH
                 ms = bk.bench_rot(fns, rep=100)
