@@ -70,6 +70,7 @@ import bisect
 import itertools
 from array import array
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -164,6 +165,17 @@ class _Match:
 _VISIBILITY = ("computed", "scheduled")
 
 
+class _Options(NamedTuple):
+    """A radix pool's options, as the config gave them (eviction: the policy's name)."""
+
+    prefix_visibility: str
+    eviction: str
+    cache_outputs: bool
+    min_cache_len: int
+    host_tier_tokens: int
+    host_tier_eviction: str
+
+
 class RadixStrategy(Strategy):
     caches_prefixes = True
 
@@ -178,19 +190,15 @@ class RadixStrategy(Strategy):
         if host_pages:
             self._host = HostPool(host_pages, self.page_size, host_tier_eviction,
                                   TimedLRU() if host_tier_eviction == "lru" else None)
-        self.host_tier_tokens = host_pages * self.page_size
-        self.host_tier_eviction = self._host.eviction if self._host else str(host_tier_eviction)
         self._host_pages: dict[_Node, np.ndarray] = {}  # host-resident node → its host page ids
         self._loading: set[_Node] = set()  # host nodes an admission is loading (held out of the host policy)
         self._hits_gpu = self._hits_host = 0  # prompt tokens served from each tier, every admission
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"radix prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
-        self.prefix_visibility = prefix_visibility
         self._scheduled = prefix_visibility == "scheduled"
         if int(min_cache_len) < 0:
             raise ValueError(f"radix min_cache_len must be >= 0, got {min_cache_len}")
-        self.cache_outputs, self.min_cache_len = bool(cache_outputs), int(min_cache_len)
-        self._admission = not self.cache_outputs or self.min_cache_len > 0
+        self._admission = not cache_outputs or int(min_cache_len) > 0
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, array(self._tc), None, 0)
         self._free = array(self._tc)  # a stack of returned page ids (most recent on top)
@@ -206,7 +214,9 @@ class RadixStrategy(Strategy):
         if self._leaves.offline:
             raise ValueError(f"radix eviction {self._leaves.name!r} is not supported (its keys are page hashes: paged only)")
         self._leaves.bind(self.num_pages)
-        self.eviction = self._leaves.name
+        self._opts = _Options(prefix_visibility, self._leaves.name, bool(cache_outputs), int(min_cache_len),
+                              host_pages * self.page_size,
+                              self._host.eviction if self._host else str(host_tier_eviction))
         self._tracks = self._leaves.tracks_requests  # priority: told each admitted / released request
         self._seqs: dict[RequestId, _Seq] = {}
         self._protected = 0  # tokens in locked tree nodes
@@ -214,6 +224,16 @@ class RadixStrategy(Strategy):
         self._private_pages = 0
         self._private_token = 0
         self._reserved = 0
+
+    # options, read-only (kept in one object: CPython 3.11 keeps an instance's attributes in the
+    # class's shared keys, where `self.x` is an indexed load, only up to 29 of them; a 30th turns
+    # every attribute access on the hot paths into a dict lookup, ~100 instructions more each)
+    prefix_visibility = property(lambda self: self._opts.prefix_visibility)
+    eviction = property(lambda self: self._opts.eviction)
+    cache_outputs = property(lambda self: self._opts.cache_outputs)
+    min_cache_len = property(lambda self: self._opts.min_cache_len)
+    host_tier_tokens = property(lambda self: self._opts.host_tier_tokens)
+    host_tier_eviction = property(lambda self: self._opts.host_tier_eviction)
 
     # ---- tree -------------------------------------------------------------------------------
     def _child_key(self, ids: np.ndarray) -> object:
