@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-replay", action="store_true", help="whole-process times only (no replay_cpu_s)")
     ap.add_argument("--profile", choices=STRATEGIES, default=None,
                     help="instead: where that strategy's replay CPU goes on each work (cProfile, by file)")
+    ap.add_argument("--table", action="store_true", help="instead: print --out's rows as markdown tables")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--append", action="store_true", help="add rows to --out instead of replacing it")
     args = ap.parse_args(argv)
@@ -408,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--rounds: {args.rounds}: must be in [1, 20]")
     if not 0 <= args.warmup <= 5:
         fail(f"--warmup: {args.warmup}: must be in [0, 5]")
+    if args.table:
+        if not args.out.is_file():
+            fail(f"--table: no CSV at {args.out}")
+        print(markdown(args.out))
+        return 0
     from kvbench.traces import traces_dir
 
     traces = traces_dir().resolve()
@@ -485,6 +491,47 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown(path: Path) -> str:
+    """The CSV as two markdown tables: CPU s (whole process / replay alone) and prefix hit rates."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    order = ["mocker", "mocker_blocks512", *STRATEGIES, *VARIANTS]
+    tools = sorted({r["tool"] if r["tool"] != "kvbench" else r["strategy"] for r in rows},
+                   key=lambda t: order.index(t) if t in order else len(order))
+    works = list(dict.fromkeys(r["work"] for r in rows))
+    cell: dict[tuple, dict] = {}
+    for r in rows:
+        cell.setdefault((r["work"], r["tool"] if r["tool"] != "kvbench" else r["strategy"]), {})[r["measure"]] = r
+    loads = [float(x) for r in rows for x in r["load_1m"].split()]
+    head = " | ".join(tools)
+    out = [f"CPU s, whole process / replay alone; medians of {len(rows[0]['runs_s'].split())} interleaved rounds; "
+           f"kvbench {rows[0]['kvbench_commit']}, {rows[0]['mocker'] or 'mocker'}, {rows[0]['date_utc']}, "
+           f"load {min(loads):.1f}-{max(loads):.1f}", "",
+           f"| work | requests | pool | blocks of 16 | {head} |", "| --- | ---: | ---: | ---: |" + " ---: |" * len(tools)]
+    for w in works:
+        first = next(r for r in rows if r["work"] == w)
+        cells = []
+        for t in tools:
+            got = cell.get((w, t), {})
+            whole, rep = got.get("whole_process_cpu_s"), got.get("replay_cpu_s")
+            cells.append(" / ".join(f"{float(x['median_s']):.2f}" for x in (whole, rep) if x) or "–")
+        out.append(f"| {w} | {first['requests']} | {first['pool_slots']} | {first['kv_blocks16']} | {' | '.join(cells)} |")
+    out += ["", "prefix hit rate (cached prompt tokens at first admission / prompt tokens; the mocker's "
+            "first_admission_prefix_cache_reused_ratio / prefix_cache_reused_ratio)", "",
+            f"| work | {head} |", "| --- |" + " ---: |" * len(tools)]
+    for w in works:
+        cells = []
+        for t in tools:
+            r = cell.get((w, t), {}).get("whole_process_cpu_s")
+            if not r or not r["hit_rate"]:
+                cells.append("–")
+            else:
+                extra = f" / {float(r['hit_rate_all_admissions']):.6f}" if r["hit_rate_all_admissions"] else ""
+                cells.append(f"{float(r['hit_rate']):.6f}{extra}")
+        out.append(f"| {w} | {' | '.join(cells)} |")
+    return "\n".join(out)
 
 
 def write_csv(path: Path, rows: list[dict], append: bool) -> None:
