@@ -139,7 +139,9 @@ def _fused_gemv_kernel(
     b = a
     if MODE == 1 or ADD:
         b = tl.load(b_ptrs, mask=xm, other=0.0)
-    gv = tl.load(g_ptr + offs_kk, mask=(offs_kk < K) & (MODE == 2), other=0.0)                  # [BK]
+    gv = tl.zeros([BLOCK_K], dt)                                                                 # [BK]
+    if MODE == 2:
+        gv = tl.load(g_ptr + offs_kk, mask=offs_kk < K, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kk
