@@ -15,13 +15,15 @@ rounding of the kernel it replaces, so the outputs are bit-identical to the unfu
   (kernels/silu_mul.py).
 - rms: a first pass over K computes each row's inverse RMS (the row as one vector of
   next_pow2(K) elements and num_warps of `rms_norm`'s launch, so the sum of squares is reduced in
-  the same order), then x = g * (row * inv) with the roundings of kernels/rms_norm.py. With a
+  the same order: for sm_90 with Triton 3.6 and 3.9 the same PTX as rms_norm's, element for
+  element), then x = g * (row * inv) with the roundings of kernels/rms_norm.py. With a
   residual the row is x + residual rounded to the dtype; program 0 writes it to a new tensor
   (returned), every program reads only the inputs, so nothing is read after another program wrote
   it, and repeated launches (autotuning) compute the same thing.
 
-What a fused launch adds, per program (checked by compiling for sm_90 with this Triton and
-counting the SASS of the K loop: 4 warps, BLOCK_N 16, BLOCK_K 256; `linear`'s loop is 117
+The GPU test in tests/kernels/test_kernel_fused_linear.py checks the bits at 8B shapes.
+What a fused launch adds, per program (compiled for sm_90 with Triton 3.9, counting the SASS of
+the K loop: 4 warps, BLOCK_N 16, BLOCK_K 256; `linear`'s loop is 117
 instructions):
 
 - silu: the activation math of its M rows (computed on next_pow2(M) rows in the loads' layout,
