@@ -108,9 +108,10 @@ def _key(ids: np.ndarray, a: int, b: int) -> np.ndarray:
     """ids[a:b] as a tree node's key: a view where it is at least half of the array that it views
     (token arrays are never written after admission), else a copy (a short key does not keep a long
     request's ids alive: what keys hold stays under twice their own size)."""
-    key = ids[a:b]
-    base = ids if ids.base is None else ids.base
-    return key if isinstance(base, np.ndarray) and 2 * key.nbytes >= base.nbytes else key.copy()
+    key, base = ids[a:b], ids.base
+    if base is None:
+        return key if 2 * (b - a) >= len(ids) else key.copy()
+    return key if type(base) is np.ndarray and 2 * key.nbytes >= base.nbytes else key.copy()
 
 
 def _unlocked(node: _Node) -> bool:
@@ -375,27 +376,33 @@ class RadixStrategy(Strategy):
     def _lock(self, node: _Node) -> None:
         now = next(self._clock)
         self._gen += 1
-        while node is not self.root:
+        root, taken = self.root, 0
+        while node is not root:
             if node.lock == 0:
-                self._evictable -= len(node.key)
-                self._protected += len(node.key)
+                taken += len(node.key)
                 self._leaves.remove(node)  # (a no-op unless it was an unlocked leaf)
             node.lock += 1
             node.access = now
             node = node.parent
+        if taken:
+            self._evictable -= taken
+            self._protected += taken
 
     def _unlock(self, node: _Node) -> None:
         now = next(self._clock)
         self._gen += 1
-        while node is not self.root:
-            node.lock -= 1
+        root, host, freed = self.root, self._host, 0
+        while node is not root:
+            lock = node.lock = node.lock - 1
             node.access = now
-            if node.lock == 0:
-                self._protected -= len(node.key)
-                self._evictable += len(node.key)
-                if not node.children or (self._host is not None and self._no_device_child(node)):
-                    self._push(node)
+            if lock == 0:
+                freed += len(node.key)
+                if not node.children or (host is not None and self._no_device_child(node)):
+                    self._leaves.insert(node, now)  # `_push`: an unlocked leaf
             node = node.parent
+        if freed:
+            self._protected -= freed
+            self._evictable += freed
 
     @staticmethod
     def _no_device_child(node: _Node) -> bool:
@@ -814,13 +821,19 @@ class RadixStrategy(Strategy):
             for col, v in zip(cols, self.slot_states(None)):
                 col += [v] * k
             return k
-        decoding, kv_left = True, 1 << 62  # (else a grow may insert: per token); steps before one passes its final length
+        kv_left, fresh = 1 << 62, None  # steps before one passes its final length; requests not decoding yet
+        i = 0
         for s in seqs:
             n = s.length
-            if n <= s.num_prompt:
-                decoding = False
+            if n <= s.num_prompt:  # (its next grow may insert: per token)
+                if fresh is None:
+                    fresh = [i]
+                else:
+                    fresh.append(i)
             if s.kv_len - n < kv_left:
                 kv_left = s.kv_len - n
+            i += 1
+        decoding = fresh is None
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         while done < k:
             avail = len(free) + self._fresh
@@ -891,11 +904,17 @@ class RadixStrategy(Strategy):
                 continue
             moved = host.d2h_tokens if host is not None else 0
             every = decoding and kv_left > 0  # (else some grow may insert, or pass its final length)
+            ahead = iter(fresh or ())  # (kv_left > 0: the requests not decoding are the only per-token ones)
+            nxt = next(ahead, d)
             i = 0  # one step: runs of decoding requests pop their pages inline (while the stack and fresh
             while i < d:  # ids last); one that must evict, or is not decoding, takes the per-token path
                 j, end = i, min(d, i + len(free) + self._fresh)
                 if every:
                     j = end
+                elif kv_left > 0:
+                    while nxt < i:
+                        nxt = next(ahead, d)
+                    j = min(end, nxt)
                 else:
                     while j < end and seqs[j].num_prompt < seqs[j].length < seqs[j].kv_len:
                         j += 1
@@ -907,11 +926,10 @@ class RadixStrategy(Strategy):
                 else:
                     raise RuntimeError(f"radix decode_steps: request {rids[i]} found no page although free + "
                                        f"cached slots could give each of {d} requests one")
-            if every:
-                kv_left -= 1
-            else:
-                decoding = all(s.num_prompt < s.length for s in seqs)
-                kv_left = min(s.kv_len - s.length for s in seqs)
+            kv_left -= 1  # (each grew by one)
+            if fresh is not None:
+                fresh = [i for i in fresh if seqs[i].length <= seqs[i].num_prompt] or None
+                decoding = fresh is None
             for col, v in zip(cols, self.slot_states(None)):
                 col.append(v)
             done += 1
