@@ -9,7 +9,10 @@ made (no package index), the mocker's rows are left out with one line on stderr 
 side still runs.
 
 The same work on both sides: one pool of 131,072 slots (8,192 blocks of 16 tokens), 256
-sequences, 8,192 tokens a step, prefix caching on, LRU.
+sequences, 8,192 tokens a step, prefix caching on, LRU: kvbench's defaults, and the mocker's
+`extra_engine_args={"engine": {"num_gpu_blocks": 8192, "block_size": 16, "max_num_seqs": 256,
+"max_num_batched_tokens": 8192, "enable_prefix_caching": True}}` (its other engine settings at
+their defaults: vLLM-like scheduler, chunked prefill, LRU, its polynomial timing model).
 - `azure_conv:N`: the first N rows of the Azure conversation trace (`all`: the whole file), as
   kvbench reads them (`kvbench.traces.azure.read_azure_rows`: times relative to the first row,
   exact to the ns), written as the mocker's Mooncake JSONL: timestamp in ms, input_length,
@@ -49,8 +52,9 @@ output) / 16)) with the CPU time per block.
 
     python tests/bench/peer_mocker.py --install                     # make /tmp/dynamo-venv once
     python tests/bench/peer_mocker.py --works azure_conv:200 --rounds 1 --out /tmp/peer.csv
-    python tests/bench/peer_mocker.py --works azure_conv:2000 azure_conv:10000 azure_conv:all \\
-        mooncake:all mooncake_1m:3000 --rounds 3 --at HEAD
+    python tests/bench/peer_mocker.py --works azure_conv:1 azure_conv:2000 azure_conv:10000 \\
+        azure_conv:all mooncake:all mooncake_fit:500 --rounds 3 --at HEAD   # docs/benchmarks.md's run
+    python tests/bench/peer_mocker.py --table                       # the CSV as markdown tables
     python tests/bench/peer_mocker.py --profile paged --works azure_conv:10000   # where paged's time goes
 
 `--at COMMIT` runs kvbench from `git archive COMMIT` in a temporary folder (this venv, with
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--works", nargs="+", default=["azure_conv:2000"],
-                    help="azure_conv:N, mooncake:N, mooncake_1m:N (N a count or 'all'); default azure_conv:2000")
+                    help="azure_conv:N, mooncake:N, mooncake_1m:N, mooncake_fit:N (N a count or 'all'); default azure_conv:2000")
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the CSV keeps the median (default 3)")
     ap.add_argument("--warmup", type=int, default=0, help="replays before the timed one in the replay_cpu_s child")
