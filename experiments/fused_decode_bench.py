@@ -13,7 +13,8 @@ L2, replayed, divided by the calls. Rows give GPU ms per call, weight GB/s and t
 device-to-device copy measured first in the same run, fused/unfused, and whether the fused outputs
 (and the residual stream) equal the unfused ones bit for bit; at M = 1 and 4 a third row per case
 times the option fused_linear.PREFETCH_TILES = 2 (off by default: W's first tiles asked of L2 before the
-kernel waits on the one before it). Both fusions are timed at every M,
+kernel waits on the one before it); and the plain `linear` on the o and qkv projections at M = 1
+with and without the same option (linear.PREFETCH_TILES). Both fusions are timed at every M,
 above their default limits too (fused_linear.SILU_MAX_M / NORM_MAX_M, named in the output): the
 rows say where each stops paying. A last row per M: the per-layer saving (the three cases) and per 32-layer step.
 Writes OUT/fused_decode_<device>.csv. Needs CUDA (but --smoke).
@@ -102,6 +103,35 @@ def bench_case(name, N, K, kind, M, dev, copy_gbps, rows, rot_bytes):
     return out[0], out[1]
 
 
+def bench_plain_prefetch(dev, copy_gbps, rows, rot_bytes, smoke):
+    """The plain `linear` at M = 1 on the o and qkv projections, with and without the L2 prefetch
+    option (linear.PREFETCH_TILES): the ramp of a kernel's first loads (issue 12 §3)."""
+    h, q = (64, 80) if smoke else (H, QKV)
+    for name, N, K in (("o", h, h), ("qkv", q, h)):
+        R = max(2, -(-rot_bytes // (N * K * 2)))
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(R)]
+        xs = [torch.randn(1, K, device=dev, dtype=torch.bfloat16) for _ in range(R)]
+        fns = [lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]
+        base = None
+        for impl, tiles in (("linear", 0), (f"linear, L2 prefetch of {PREFETCH} tiles", PREFETCH)):
+            try:
+                lin.PREFETCH_TILES = tiles
+                ms = bk.bench_rot(fns, rep=100)
+            except Exception as e:     # (an option: its failure does not cost the other rows)
+                print(f"  {name} {impl}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                continue
+            finally:
+                lin.PREFETCH_TILES = 0
+            base = base or ms
+            gbps = N * K * 2 / ms / 1e6
+            rows.append(dict(case=f"{name} (plain linear)", M=1, impl=impl, launches=1, median_ms=f"{ms:.5f}",
+                             weight_gbps=f"{gbps:.1f}", ratio_to_copy=f"{gbps / copy_gbps:.3f}",
+                             fused_over_unfused=f"{ms / base:.3f}" if tiles else "",
+                             note=f"N={N} K={K} bf16, {R} weight copies; ratio column: against no prefetch"))
+            print(f"  {name} (plain linear) | 1 | {impl} | {ms:.5f} | {gbps:.1f} | {gbps / copy_gbps:.3f}", flush=True)
+        del ws, xs, fns
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,2,4,8,16", help="rows of x (comma list, each 1..16)")
@@ -147,6 +177,7 @@ def main() -> None:
             print(f"  M={M}: fused saves {saved * 1e3:.2f} us per layer, {saved * LAYERS:.3f} ms per step", flush=True)
     finally:
         fl.SILU_MAX_M, fl.NORM_MAX_M = limits["silu"], limits["rms"]
+    bench_plain_prefetch(dev, copy_gbps, rows, 1 << 12 if args.smoke else ROT_BYTES, args.smoke)
     for r in rows:
         r.update(device=device, commit=args.commit,
                  **{k: r.get(k, "") for k in FIELDS if k not in ("device", "commit")})

@@ -53,6 +53,7 @@ from . import _common
 from . import linear as _lin
 from . import rms_norm as _rms
 from . import silu_mul as _silu
+from .linear import _prefetch_l2
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision, kernel_for,
                       make_plan, next_pow2, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
@@ -65,17 +66,6 @@ PREFETCH_TILES = 0  # 1, 2, 4: each program prefetches its first tiles of W into
 # (columns are independent: fewer programs for the interpreter to run)
 INTERPRET_CONFIG = dict(BLOCK_N=64, BLOCK_K=_lin.INTERPRET_CONFIG["BLOCK_K"])
 MODE_SILU, MODE_RMS = 1, 2
-
-
-@triton.jit
-def _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, SPAN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`prefetch.global.L2` of the first SPAN elements of W's rows offs_n, one per 128-byte line
-    (addresses clamped into W: the instruction takes no mask). GPU only."""
-    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth                   # elements a line
-    lines = tl.minimum(tl.arange(0, SPAN // LINE) * LINE, K - 1)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    ptrs = w_ptr + rows[:, None] * stride_wn + lines[None, :]                                    # [BN, lines]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -105,7 +95,7 @@ def _fused_gemv_kernel(
     r_mask = offs_r < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if PREFETCH > 0:   # W is no kernel's output: ask L2 for the first tiles before waiting on the last kernel
-        _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, PREFETCH * BLOCK_K, BLOCK_N)
+        _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, PREFETCH * BLOCK_K)
     pdl_begin(PDL)
     inv = tl.zeros([ROWS], tl.float32)
     if MODE == 2:
