@@ -393,7 +393,7 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
 
 
 AB_VARIANTS = ("no PDL", "PDL early", "cublas", "decode splits >= 128 tokens", "decode splits >= 256 tokens",
-               "decode fused merge", "unfused projections")
+               "decode fused merge", "unfused projections", "L2 prefetch 2 tiles")
 
 
 @contextlib.contextmanager
@@ -408,9 +408,11 @@ def ab_variant(name: str):
     mode = {"no PDL": "off", "PDL early": "early"}.get(name)
     was = _common.set_pdl(mode) if mode else None
     saved = linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG
-    fused = fmod.SILU_MAX_M, fmod.NORM_MAX_M
+    fused = fmod.SILU_MAX_M, fmod.NORM_MAX_M, fmod.PREFETCH_TILES, linmod.PREFETCH_TILES
     if name == "unfused projections":   # rms_norm and silu_mul as their own kernels (fused_linear off)
         fmod.SILU_MAX_M = fmod.NORM_MAX_M = 0
+    if name == "L2 prefetch 2 tiles":   # the projections ask L2 for their first W tiles before the PDL wait
+        fmod.PREFETCH_TILES = linmod.PREFETCH_TILES = 2
     if name == "cublas":
         linmod.MAX_M = 0
     if name.startswith("decode splits"):
@@ -423,7 +425,7 @@ def ab_variant(name: str):
         if mode:
             _common.set_pdl(was)
         linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG = saved
-        fmod.SILU_MAX_M, fmod.NORM_MAX_M = fused
+        fmod.SILU_MAX_M, fmod.NORM_MAX_M, fmod.PREFETCH_TILES, linmod.PREFETCH_TILES = fused
 
 
 def time_decode(res: dict, bw: float) -> None:
