@@ -22,20 +22,24 @@ bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefi
 `grow` pays one boolean test.
 
 Lazy registration (prefix caching with plain LRU, no host tier, no dedup_touch, before any
-fork): hashing a page costs ~1 us and most chains are never matched (the Azure traces: no hit at
-all), so a request whose first page starts a chain nobody else matched or registered *owns* it:
-its first page is registered as always, its pages 1.. are registered without a hash (`_hash[pid]`
-holds the owner; `_owners` maps the first page's hash to it). That is exact: a page of the chain
-past the first can only be reached through a lookup that hit the first page, and no other
-request holds one, so each such page would have been registered (its hash new) and a lookup
-finds it at the owner's same position (its ids compared as a hit's are). The first other request
-that matches or registers the chain (or the first fork) makes it shared (`_shared`): the owner's
-pages are hashed then, and every page of the chain from then on. A page registered lazily is
-evicted like any other (its owner counts them: an owner that left with none is forgotten); an
-owner's release moves its pages by slices (they are its own: a request that hits them shares
-the chain first). Every answer equals registering every page hashed (tests/test_paged_lazy.py
-compares the two call by call), up to collisions of Python's 64-bit hash, which every result
-here already assumes (the hash is seeded per process).
+fork): hashing a page costs ~1 us and most pages are never matched (the Azure traces: no hit at
+all; Mooncake: a shared head, then each request's own pages), so a request that registers a
+page below which nothing is registered *owns* the chain from there: that page (its node) is
+registered as always, its later pages are registered without a hash (`_hash[pid]` holds the
+owner; `_owners` maps the node's hash to it). The table's chains form a tree of nodes: hashed
+pages, and ghosts (a chain hash whose page was evicted while pages below it stay registered, as
+vLLM keeps them); `_kids` counts the nodes (and the owner) right below each node, so "nothing
+registered below" is one probe. That is exact: a page below an owner's node can only be reached
+through a lookup that hit that node, and nothing else is below it, so each of its pages would
+have been registered (its hash new) and a lookup finds it at the owner's same position (its ids
+compared as a hit's are). The first request that hits such a page, or registers a page below
+the owner's node (or the first fork), makes the owner hash its pages (`_share`: then they are
+nodes like any other). A page registered lazily is evicted like any other (its owner counts
+them: an owner that left with none is forgotten); an owner's release moves its lazy pages by
+slices (they are its own: a request that hits them has them hashed first). Every answer equals
+registering every page hashed (tests/test_paged_lazy.py compares the two call by call), up to
+collisions of Python's 64-bit hash, which every result here already assumes (the hash is seeded
+per process).
 
 A request that waits for memory is matched once: the match (its hit pages, their page hashes,
 and how many of them are cached) is kept in a memo and kept exact incrementally. An eviction of
@@ -229,7 +233,9 @@ class PagedStrategy(Strategy):
         # whose chains are hashed in full (another request matched or registered them)
         self._lazy = prefix_caching and self._plain_lru and not self.dedup_touch
         self._owners: dict[int, _Seq] = {}
-        self._shared: set[int] = set()
+        self._kids: dict[int, int] = {}  # chain hash → nodes right below it (hashed pages, ghosts, an owner)
+        self._ghosts: dict[int, int] = {}  # chain hash not in the table with nodes below it → its parent hash
+        self._parent: list[int | None] = []  # a hashed page's parent hash (lazy registration only)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
@@ -274,7 +280,7 @@ class PagedStrategy(Strategy):
                 hashes = self._hash
                 h = hashes[pid]
                 if h.__class__ is int:
-                    del self._table[h]
+                    self._unhash(pid, h)
                     self._stored_ids[pid] = None
                 else:  # registered lazily: its owner has one page less
                     self._drop_lazy(h)
@@ -307,11 +313,24 @@ class PagedStrategy(Strategy):
                 fill[pid] = fill_to
             lru, table, hashes, stored = self._lru, self._table, self._hash, self._stored_ids
             victims = lru.take(e)  # the first e keys: the pages e victim() calls give
+            if not self._lazy:
+                for pid in victims:
+                    del table[hashes[pid]]
+                    stored[pid] = hashes[pid] = None
+                    ref[pid] = 1
+                    fill[pid] = fill_to
+                got += victims
+                return got
+            kids, ghosts, parent = self._kids, self._ghosts, self._parent
             for pid in victims:
                 h = hashes[pid]
-                if h.__class__ is int:
+                if h.__class__ is int:  # `_unhash`, inlined
                     del table[h]
                     stored[pid] = None
+                    if h in kids:
+                        ghosts[h] = parent[pid]
+                    else:
+                        self._unkid(parent[pid])
                 else:  # registered lazily: its owner has one page less
                     h.ndef -= 1
                     if not h.ndef:
@@ -337,6 +356,7 @@ class PagedStrategy(Strategy):
         self._fill.extend([0] * k)
         self._hash.extend([None] * k)
         self._stored_ids.extend([None] * k)
+        self._parent.extend([None] * k)
 
     def _unref(self, pid: PageId) -> None:
         self._ref[pid] -= 1
@@ -411,7 +431,7 @@ class PagedStrategy(Strategy):
         pid = self._lru.victim()
         h = self._hash[pid]
         if h.__class__ is int:
-            del self._table[h]
+            self._unhash(pid, h)
         else:
             self._drop_lazy(h)
         if self._host is not None:
@@ -433,7 +453,7 @@ class PagedStrategy(Strategy):
             pid = lru.victim()
             h = hashes[pid]
             if h.__class__ is int:
-                del table[h]
+                self._unhash(pid, h)
             else:
                 self._drop_lazy(h)
             if host is not None:
@@ -447,15 +467,40 @@ class PagedStrategy(Strategy):
             self._to_host_many(demoted)
         return out
 
+    def _unhash(self, pid: PageId, h: int) -> None:
+        """Hashed page `pid` (hash `h`) leaves the table (evicted). Lazy registration: its node
+        stays as a ghost where nodes are below it, else leaves its parent's count. Mutates."""
+        del self._table[h]
+        if self._lazy:
+            if h in self._kids:
+                self._ghosts[h] = self._parent[pid]
+            else:
+                self._unkid(self._parent[pid])
+
+    def _unkid(self, h: int) -> None:
+        """Node `h` has one node less right below it; a ghost left with none goes, and so on up."""
+        kids, ghosts = self._kids, self._ghosts
+        while True:
+            left = kids[h] - 1
+            if left:
+                kids[h] = left
+                return
+            del kids[h]
+            h = ghosts.pop(h, None)
+            if h is None:
+                return
+
     def _drop_lazy(self, owner: _Seq, left: int = -1) -> None:
         """A page that `owner` registered lazily is evicted (`left`: the count already taken
         down, or -1: take it down here). An owner with none left (it is released: only cached
-        pages are evicted) leaves `_owners`: its chain is in no table, hashed or not."""
+        pages are evicted) leaves `_owners` and its node's count. Mutates."""
         if left < 0:
             owner.ndef -= 1
             left = owner.ndef
         if not left:
-            del self._owners[owner.hashes[0]]
+            key = owner.hashes[-1]
+            del self._owners[key]
+            self._unkid(key)
 
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""
@@ -583,8 +628,12 @@ class PagedStrategy(Strategy):
             pid = table.get(hashes[i])
             if pid is not None:
                 want = stored[pid]
-            else:  # not hashed: page i of the chain's owner, where it registered that page lazily
-                owner = owners.get(hashes[0]) if i and owners else None
+            else:  # not hashed: page i of the owner of the chain below the last hit, registered lazily
+                if not (i and owners):
+                    break
+                owner = self._hash[hits[-1]]
+                if owner.__class__ is not _Seq:
+                    owner = owners.get(hashes[i - 1])
                 if owner is None or i >= len(owner.pages) or self._hash[owner.pages[i]] is not owner:
                     break
                 pid, want = owner.pages[i], _page_ids(owner, i, ps)
@@ -621,7 +670,8 @@ class PagedStrategy(Strategy):
             seq.ndef += full - first
             seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
             return
-        if not first and self._lazy and self._own(seq, full):
+        if self._lazy:
+            self._register_watched(seq, first, full)
             return
         h = hashes[-1] if first else _ROOT_HASH
         data = seq.data  # ids are final once their K/V exist
@@ -660,64 +710,123 @@ class PagedStrategy(Strategy):
         if self._host is not None:
             self._drop_host_copies(hashes[first:full])
 
-    def _own(self, seq: _Seq, full: int) -> bool:
-        """Lazy registration of a request's first `full` pages (>= 1; none registered before, no
-        hit): its first page is registered as always; if no request matched or registered this
-        first page's chain before (none holds a page of it past the first, hashed or not), the
-        request owns the chain: its pages 1.. are registered with the owner for hash
-        (`_hash[pid] = seq`), else the chain is shared from now on (an owner's pages are hashed)
-        and False is returned (the caller registers them hashed). Mutates."""
-        ps = self.page_size
-        ids = seq.tokens[:ps].tobytes() if seq.data is None else seq.data[:ps * seq.tokens.itemsize]
-        h = hash((_ROOT_HASH, ids))
-        if h in self._shared or h in self._owners:
-            self._share(h)
-            return False
-        seq.hashes.append(h)
-        pid = seq.pages[0]
-        if h not in self._table and self._hash[pid] is None:
-            self._table[h] = pid
-            self._hash[pid] = h
-            self._stored_ids[pid] = ids
-        page_hashes = self._hash
-        for pid in seq.pages[1:full]:
-            page_hashes[pid] = seq
-        seq.lazy, seq.ndef = True, full - 1
-        self._owners[h] = seq
+    def _register_watched(self, seq: _Seq, first: int, full: int) -> None:
+        """Lazy registration of pages first..full-1 of a request that owns no chain: each page
+        hashed and registered as always (its node counted under its parent's; a parent whose
+        nodes below are an owner's, hashed first: the owner may hold these ids), until a page
+        below which nothing is registered: the request owns its chain from there, its later
+        pages registered lazily. Mutates."""
+        ps, hashes, pages = self.page_size, seq.hashes, seq.pages
+        table, page_hashes, stored, parent = self._table, self._hash, self._stored_ids, self._parent
+        kids, ghosts, owners = self._kids, self._ghosts, self._owners
+        h = hashes[-1] if first else _ROOT_HASH
+        for i in range(first, full):
+            if h in owners:  # an owner's lazily registered page may hold these ids
+                self._share(h)
+            elif i and h not in kids and h not in table:  # its parent is no node: look further up
+                self._above(hashes, i)
+            ids = _page_ids(seq, i, ps)
+            x = hash((h, ids))
+            hashes.append(x)
+            pid = pages[i]
+            if x not in table and page_hashes[pid] is None:
+                table[x] = pid
+                page_hashes[pid] = x
+                stored[pid] = ids
+                parent[pid] = h
+                if ghosts.pop(x, None) is None:  # (a ghost is counted under its parent already)
+                    c = kids.get(h)
+                    if c is not None:
+                        kids[h] = c + 1
+                    elif not i or h in table:
+                        kids[h] = 1
+                    else:  # its parent left the table with nothing below it: a ghost again
+                        self._attach(hashes, i)
+            h = x
+            if x not in kids:  # nothing registered below it: the request owns its chain from here
+                owners[x] = seq
+                kids[x] = 1
+                rest = pages[i + 1:full]
+                for pid in rest:
+                    page_hashes[pid] = seq
+                seq.lazy, seq.ndef = True, len(rest)
+                break
         seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
-        return True
 
-    def _share(self, h: int) -> None:
-        """Chain `h` (a first page's hash) is shared: its owner, if any, registers its lazily
-        registered pages hashed, and the chain's pages are hashed from now on. Mutates."""
-        owner = self._owners.pop(h, None)
-        if owner is not None:
-            self._hash_owned(owner)
-        self._shared.add(h)
+    def _above(self, hashes: list[int], i: int) -> None:
+        """Page i of a chain is registered below a parent that is no node: the first node above
+        it (or the root) is looked up, and if it is an owner's, the owner's pages are hashed
+        (nothing is registered below an owner's node but its lazy pages, which these pages may
+        duplicate). Mutates."""
+        kids, table = self._kids, self._table
+        for j in range(i - 2, -1, -1):
+            h = hashes[j]
+            if h in kids or h in table:
+                if h in self._owners:
+                    self._share(h)
+                return
+
+    def _attach(self, hashes: list[int], i: int) -> None:
+        """Node `hashes[i]` was registered below a parent that is no node (its page left the
+        table with nothing below it, as pages stay registered when their parent is evicted):
+        the parent becomes a ghost, counted under its own parent, and so on up. Mutates."""
+        kids, ghosts, table = self._kids, self._ghosts, self._table
+        while True:
+            i -= 1
+            h = hashes[i]
+            up = hashes[i - 1] if i else _ROOT_HASH
+            kids[h] = 1
+            ghosts[h] = up
+            c = kids.get(up)
+            if c is not None:
+                kids[up] = c + 1
+                return
+            if not i or up in table:
+                kids[up] = 1
+                return
+
+    def _share(self, key: int) -> None:
+        """The owner of the chain below node `key` hashes the pages it registered lazily (another
+        request matched them, or registers a page below `key`). Mutates."""
+        owner = self._owners.pop(key)
+        self._hash_owned(owner)
+        self._unkid(key)  # (the owner's count: its hashed pages are counted now)
 
     def _hash_owned(self, owner: _Seq) -> None:
         """The pages `owner` registered lazily and still has registered get their hashes, as if
-        registered hashed (none of those hashes is in the table: the owner is the only request
-        that registered pages of its chain past the first). Mutates."""
+        registered hashed: none of those hashes is in the table or a ghost (nothing else is
+        below the owner's node); an evicted one with a registered page below it is a ghost, as
+        evicting it hashed would have left it. Mutates."""
         ps, table, page_hashes, stored = self.page_size, self._table, self._hash, self._stored_ids
+        parent, kids, ghosts = self._parent, self._kids, self._ghosts
         done = owner.cache_pages if owner.hash_at == _NEVER else owner.hash_at // ps - 1  # pages registered
         data = owner.data
         if data is None:
             data = owner.data = owner.tokens.tobytes()
         nb = ps * owner.tokens.itemsize
-        h = owner.hashes[0]
-        hashes = [h]
-        for i in range(1, done):
-            ids = data[i * nb:(i + 1) * nb]
-            h = hash((h, ids))
+        hashes, start = owner.hashes, len(owner.hashes)  # (its pages from `start` on: registered lazily)
+        h = hashes[-1]
+        for i in range(start, done):
+            h = hash((h, data[i * nb:(i + 1) * nb]))
             hashes.append(h)
-            pid = owner.pages[i]
-            if page_hashes[pid] is owner:
-                if table.setdefault(h, pid) != pid:
-                    raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes to cached page {table[h]}")
+        below = False  # whether node i + 1 exists (hashed or a ghost)
+        for i in range(done - 1, start - 1, -1):
+            pid, h, up = owner.pages[i], hashes[i], hashes[i - 1]
+            mine = page_hashes[pid] is owner
+            if mine:
+                if table.setdefault(h, pid) != pid or h in kids:
+                    raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes as a registered page")
                 page_hashes[pid] = h
-                stored[pid] = ids
-        owner.hashes, owner.lazy, owner.ndef = hashes, False, 0
+                stored[pid] = data[i * nb:(i + 1) * nb]
+                parent[pid] = up
+            if below:
+                kids[h] = 1
+                if not mine:
+                    ghosts[h] = up
+            below = below or mine
+        if below:
+            kids[hashes[start - 1]] += 1
+        owner.lazy, owner.ndef = False, 0
 
     def _unref_touching(self, seq: _Seq) -> None:
         """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate
@@ -771,8 +880,8 @@ class PagedStrategy(Strategy):
                 self._index(memo)
             return Admission(False)
         self._hit_memo = None
-        if hits and self._lazy and memo.hashes[0] not in self._shared:  # it will hash pages of this chain
-            self._share(memo.hashes[0])
+        if hits and self._hash[hits[-1]].__class__ is _Seq:  # it hit pages registered lazily: hash them
+            self._share(self._hash[hits[-1]].hashes[-1])
         if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each)
             lru, dead, ref = self._lru, self._lru.dead, self._ref
             for pid in hits:
@@ -851,6 +960,8 @@ class PagedStrategy(Strategy):
                         seq.hash_at = pos + ps if pos // ps < seq.cache_pages else _NEVER
                     else:
                         self._register_full_pages(seq)
+                elif self._lazy:
+                    self._register_full_pages(seq)
                 elif pos // ps == first + 1 and first < seq.cache_pages and data is not None and self._host is None:
                     # `_register_full_pages` of the one page it filled, inline (its decode path)
                     nb = ps * seq.tokens.itemsize
@@ -935,28 +1046,38 @@ class PagedStrategy(Strategy):
             self._after_unshare(seq.pages[-1])
 
     def _release_owner(self, seq: _Seq) -> None:
-        """`_unref_pages(reversed(seq.pages))` for a chain's owner, by slices: its pages are its
-        own (ref 1: a request that hits them shares the chain first), registered up to `done`
-        (the first as always, the others lazily), so its pages past `done` go to the free stack,
-        then its pages 1.. below `done` and its first page (if registered, else it is freed last)
-        to the LRU, tail first. Mutates."""
-        pages, ref = seq.pages, self._ref
-        for pid in pages:
+        """`_unref_pages(reversed(seq.pages))` for a chain's owner, its lazy pages by slices: its
+        pages past `done` (none registered: its own) go to the free stack, its pages from its
+        node's on, up to `done` (registered lazily: its own, as a request that hits them hashes
+        them first) to the LRU, tail first, then its first pages (hits or hashed) page by page.
+        Mutates."""
+        pages, ref, ps = seq.pages, self._ref, self.page_size
+        done = seq.cache_pages if seq.hash_at == _NEVER else seq.hash_at // ps - 1
+        start = len(seq.hashes)  # (its pages from `start` on are its own)
+        for pid in pages[start:]:
             ref[pid] = 0
-        self._token -= seq.length  # (each page holds its share of the request's positions)
-        done = seq.cache_pages if seq.hash_at == _NEVER else seq.hash_at // self.page_size - 1
+        self._token -= seq.length - start * ps
         self._free.fromlist(pages[:done - 1:-1])
-        cached = pages[done - 1:0:-1]
-        if self._hash[pages[0]] is None:  # its ids were cached by another page when it registered
-            self._free.append(pages[0])
-        else:
-            cached.append(pages[0])
+        cached = pages[done - 1:start - 1:-1]
+        fill, hashes, free = self._fill, self._hash, self._free
+        token = 0
+        for pid in pages[start - 1::-1]:
+            if ref[pid] != 1:  # still held by another request (a hit)
+                ref[pid] -= 1
+                continue
+            ref[pid] = 0
+            token += fill[pid]
+            if hashes[pid] is None:
+                free.append(pid)
+            else:
+                cached.append(pid)
+        self._token -= token
         self._lru.extend(cached)
         memo = self._hit_memo
         if memo is not None and memo.index:  # the waiting match's hits among them are evictable now
             memo.cached += len(memo.index.keys() & cached)
-        if not seq.ndef:  # no page registered lazily: the chain needs no owner
-            del self._owners[seq.hashes[0]]
+        if not seq.ndef:  # no page registered lazily: its node needs no owner
+            self._drop_lazy(seq, 0)
 
     @property
     def grows_merge(self) -> bool:
@@ -967,10 +1088,12 @@ class PagedStrategy(Strategy):
     def fork(self, parent, child, child_tokens, child_kv_len) -> bool:
         src = self._seqs[parent]
         self._solo = False  # pages are shared from now on: releases go page by page
-        if self._lazy:  # shared pages: every chain hashed from now on (an owner's pages are its own)
+        if self._lazy:  # shared pages: every page hashed from now on (an owner's pages are its own)
             for h in list(self._owners):
                 self._share(h)
             self._lazy = False
+            self._kids.clear()
+            self._ghosts.clear()
         for pid in src.pages:
             self._ref[pid] += 1
         self._seqs[child] = _Seq(tokens=child_tokens, kv_len=child_kv_len, pages=list(src.pages),
@@ -1071,39 +1194,60 @@ class PagedStrategy(Strategy):
         self._check_host()
 
     def _check_lazy(self, n: int) -> None:
-        """Lazy registration: every owner is in `_owners` under its first page's hash (never
-        shared), live or with pages registered lazily (`ndef` of them, at positions 1.. below
-        the pages it registered), its pages its own while it runs; and the hashes of those pages
-        (computed here) are distinct and none is in the table: hashing them all gives the table
+        """Lazy registration: the node counts (`_kids`) recounted from the hashed pages (each
+        counted under its parent, whose hash with its ids gives its own), the ghosts and the
+        owners; ghosts are not in the table and have nodes below them; every owner is its node's
+        owner, live or with `ndef` pages registered lazily (its pages from its node's on, below
+        the pages it registered; its own while it runs); and the hashes of those pages (computed
+        here) are distinct and none is in the table or a ghost: hashing them all gives the table
         that registering every page hashed gives."""
+        if not self._lazy:
+            if self._owners or self._kids or self._ghosts:
+                raise InvariantError("lazy registration off, but owners, node counts or ghosts are kept")
+            return
         ps, live = self.page_size, {id(seq) for seq in self._seqs.values()}
-        if self._owners.keys() & self._shared or (self._owners or self._shared) and not self.prefix_caching:
-            raise InvariantError("a chain both owned and shared, or lazy registration without prefix caching")
+        kids: dict[int, int] = {}
+        for h, pid in self._table.items():
+            up = self._parent[pid]
+            if hash((up, self._stored_ids[pid])) != h:
+                raise InvariantError(f"page {pid}: its parent hash and ids do not give its hash")
+            kids[up] = kids.get(up, 0) + 1
+        for h, up in self._ghosts.items():
+            if h in self._table or not self._kids.get(h):
+                raise InvariantError(f"ghost {h} is in the table or has nothing below it")
+            kids[up] = kids.get(up, 0) + 1
+        for h in self._owners:
+            kids[h] = kids.get(h, 0) + 1
+        if any(h != _ROOT_HASH and h not in self._table and h not in self._ghosts for h in kids):
+            raise InvariantError("a node counted as a parent is neither in the table nor a ghost")
+        if kids != self._kids:
+            raise InvariantError(f"node counts {len(self._kids)} kept, {len(kids)} recounted, differ")
         held: dict[int, int] = {}
         for pid in range(n):
             o = self._hash[pid]
             if o.__class__ is _Seq:
                 held[id(o)] = held.get(id(o), 0) + 1
-        seen = set(self._table)
+        seen = set(self._table) | set(self._ghosts)
         for h, o in self._owners.items():
-            if not o.lazy or o.hashes[:1] != [h] or held.get(id(o), 0) != o.ndef or not (o.ndef or id(o) in live):
-                raise InvariantError(f"owner of chain {h}: lazy {o.lazy}, {o.ndef} pages counted, "
+            if not o.lazy or o.hashes[-1] != h or held.get(id(o), 0) != o.ndef or not (o.ndef or id(o) in live):
+                raise InvariantError(f"owner of node {h}: lazy {o.lazy}, {o.ndef} pages counted, "
                                      f"{held.get(id(o), 0)} registered lazily")
-            if id(o) in live and any(self._ref[p] != 1 for p in o.pages):
-                raise InvariantError("a chain's owner shares a page")
+            if id(o) in live and any(self._ref[p] != 1 for p in o.pages[len(o.hashes):]):
+                raise InvariantError("an owner shares a page it registered lazily")
             done = o.cache_pages if o.hash_at == _NEVER else o.hash_at // ps - 1
             x, nb = h, ps * o.tokens.itemsize
             data = o.tokens.tobytes()
-            for i in range(1, done):
+            for i in range(len(o.hashes), done):
                 x = hash((x, data[i * nb:(i + 1) * nb]))
                 if self._hash[o.pages[i]] is o:
                     if x in seen:
-                        raise InvariantError(f"page {i} of chain {h}'s owner, registered lazily, hashes as a cached page")
+                        raise InvariantError(f"page {i} of node {h}'s owner, registered lazily, hashes as a "
+                                             "registered page or a ghost")
                     seen.add(x)
         if sum(held.values()) != sum(o.ndef for o in self._owners.values()):
             raise InvariantError("a page is registered lazily by a request that owns no chain")
         for seq in self._seqs.values():
-            if seq.lazy and self._owners.get(seq.hashes[0]) is not seq:
+            if seq.lazy and self._owners.get(seq.hashes[-1]) is not seq:
                 raise InvariantError("a lazy request does not own its chain")
 
     def _check_host(self) -> None:

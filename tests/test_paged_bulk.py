@@ -43,10 +43,10 @@ def _pool(policy: str, seed: int, waiting: bool) -> PagedStrategy:
 def _state(s: PagedStrategy):
     memo = s._hit_memo
     # a page registered lazily holds its chain's owner (a request: compared by its chain and count)
-    hashes = [h if h is None or isinstance(h, int) else ("owner", h.hashes[0]) for h in s._hash]
+    hashes = [h if h is None or isinstance(h, int) else ("owner", h.hashes[-1]) for h in s._hash]
     owners = {h: (o.ndef, o.hash_at, list(o.pages)) for h, o in s._owners.items()}
     return (list(s._free), s._fresh, list(s._lru), dict(s._table), list(s._ref), list(s._fill), hashes,
-            list(s._stored_ids), owners, set(s._shared),
+            list(s._stored_ids), owners, dict(s._kids), dict(s._ghosts),
             None if memo is None else (list(memo.hits), memo.cached, dict(memo.index)))
 
 

@@ -24,11 +24,13 @@ def virtual(s: PagedStrategy) -> tuple[dict, list, list]:
     """The pool's table, page hashes and stored ids with every page registered lazily hashed
     (what registering it hashed gives). Pure."""
     table, hashes, stored = dict(s._table), list(s._hash), list(s._stored_ids)
-    for h0, o in s._owners.items():
+    for key, o in s._owners.items():
         done = o.cache_pages if o.hash_at == _NEVER else o.hash_at // PS - 1
-        data, nb, h = o.tokens.tobytes(), PS * o.tokens.itemsize, h0
-        assert h0 == hash((_ROOT_HASH, data[:nb]))
-        for i in range(1, done):
+        data, nb, h = o.tokens.tobytes(), PS * o.tokens.itemsize, _ROOT_HASH
+        for i in range(len(o.hashes)):  # its hashed pages' hashes: the chain of its ids
+            h = hash((h, data[i * nb:(i + 1) * nb]))
+        assert h == key == o.hashes[-1]
+        for i in range(len(o.hashes), done):
             ids = data[i * nb:(i + 1) * nb]
             h = hash((h, ids))
             pid = o.pages[i]
@@ -44,8 +46,9 @@ def observe(s: PagedStrategy, live) -> tuple:
             {rid: s.page_table(rid).tolist() for rid in live})
 
 
-def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int]:
-    """Random calls on a lazy and a hashed pool; returns (hit tokens, chains owned at some point)."""
+def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int, int]:
+    """Random calls on a lazy and a hashed pool; returns (hit tokens, most owners at once, most
+    owners at once whose node is not a first page)."""
     rng = np.random.default_rng(seed)
     lazy = PagedStrategy(40 * PS, 1 << 12, page_size=PS, **opts)
     ref = PagedStrategy(40 * PS, 1 << 12, page_size=PS, **opts)
@@ -53,7 +56,7 @@ def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int]:
     families = [rng.integers(0, 50, 12 * PS, dtype=np.int32) for _ in range(3)]
     live: dict[int, list] = {}  # rid → [tokens, kv_len, length]
     waiting = None  # a refused request, retried until admitted (its match kept)
-    hits = owned = 0
+    hits = owned = deep = 0
     for step in range(steps):
         op = rng.random()
         if waiting is not None and op < 0.3 or waiting is None and op < 0.35:
@@ -100,18 +103,19 @@ def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int]:
             k = int(rng.integers(1, 4)) * PS
             assert lazy.evict(k) == ref.evict(k)
         owned = max(owned, len(lazy._owners))
+        deep = max(deep, sum(len(o.hashes) > 1 for o in lazy._owners.values()))
         assert observe(lazy, live) == observe(ref, live), (seed, step)
         if step % 7 == 0:
             lazy.check_invariants()
             ref.check_invariants()
     lazy.check_invariants()
-    return hits, owned
+    return hits, owned, deep
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_lazy_registration_equals_hashing_every_page(seed):
-    hits, owned = run(seed, 400)
-    assert hits and owned  # both kinds of chain were in play
+    hits, owned, deep = run(seed, 400)
+    assert hits and owned and deep  # hits, and owners of chains from a first page and from deeper pages
 
 
 @pytest.mark.parametrize("opts", [{"prefix_visibility": "scheduled"}, {"cache_outputs": False},
@@ -145,8 +149,9 @@ def test_a_hit_on_an_owned_chain_hashes_it():
     assert s.admit(0, a, len(a), len(a), 64).admitted
     s.release(0)
     assert s.cached_prefix_len(a, len(a)) == 3 * PS  # page 0 hashed, 1 and 2 found through their owner
-    assert s._owners and not s._shared  # (a query changes nothing)
+    owners = dict(s._owners)
+    assert owners and s._hash[1] is owners[s._hash[0]]  # (a query changes nothing)
     assert s.admit(1, a, len(a), len(a), 64) == (True, 3 * PS)
-    assert not s._owners and s._shared == {s._hash[0]}
+    assert not s._owners and s._kids == {_ROOT_HASH: 1, s._hash[0]: 1, s._hash[1]: 1}  # the chain 0 → 1 → 2
     assert all(isinstance(s._hash[p], int) for p in (0, 1, 2)) and len(s._table) == 3
     s.check_invariants()
