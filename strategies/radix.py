@@ -750,14 +750,20 @@ class RadixStrategy(Strategy):
         seq, ps = self._seqs[rid], self.page_size
         length = seq.length
         if num_tokens == 1 and seq.num_prompt < length < seq.kv_len:  # a decode: nothing to insert
+            free = self._free
+            if ps == 1 and free:  # (page_size 1: every decode takes a page; the stack's top)
+                seq.private.append(free.pop())
+                seq.length = length + 1
+                self._private_pages += 1
+                self._private_token += 1
+                return True
             if length % ps:  # inside its last page: a reserved slot becomes a token
                 seq.length = length + 1
                 seq.reserved -= 1
                 self._reserved -= 1
                 self._private_token += 1
                 return True
-            free = self._free  # one page, from the free stack or fresh (else the general path evicts)
-            if free:
+            if free:  # one page, from the free stack or fresh (else the general path evicts)
                 pid = free.pop()
             elif self._fresh:
                 self._fresh -= 1
