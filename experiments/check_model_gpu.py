@@ -393,7 +393,7 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
 
 
 AB_VARIANTS = ("no PDL", "PDL early", "cublas", "decode splits >= 128 tokens", "decode splits >= 256 tokens",
-               "decode fused merge", "unfused projections", "L2 prefetch 2 tiles")
+               "decode fused merge")
 
 
 @contextlib.contextmanager
@@ -403,16 +403,10 @@ def ab_variant(name: str):
     tokens and a merge kernel)."""
     from kvbench.kernels import _common
     from kvbench.kernels import decode_attention as dmod
-    from kvbench.kernels import fused_linear as fmod
     from kvbench.kernels import linear as linmod
     mode = {"no PDL": "off", "PDL early": "early"}.get(name)
     was = _common.set_pdl(mode) if mode else None
     saved = linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG
-    fused = fmod.SILU_MAX_M, fmod.NORM_MAX_M, fmod.PREFETCH_TILES, linmod.PREFETCH_TILES
-    if name == "unfused projections":   # rms_norm and silu_mul as their own kernels (fused_linear off)
-        fmod.SILU_MAX_M = fmod.NORM_MAX_M = 0
-    if name == "L2 prefetch 2 tiles":   # the projections ask L2 for their first W tiles before the PDL wait
-        fmod.PREFETCH_TILES = linmod.PREFETCH_TILES = 2
     if name == "cublas":
         linmod.MAX_M = 0
     if name.startswith("decode splits"):
@@ -425,7 +419,6 @@ def ab_variant(name: str):
         if mode:
             _common.set_pdl(was)
         linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG = saved
-        fmod.SILU_MAX_M, fmod.NORM_MAX_M, fmod.PREFETCH_TILES, linmod.PREFETCH_TILES = fused
 
 
 def time_decode(res: dict, bw: float) -> None:

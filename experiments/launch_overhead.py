@@ -88,14 +88,7 @@ def launchers(package: str = "kvbench.kernels") -> SimpleNamespace:
     """The launcher functions of a kernels package (this checkout's, or one `load_kernels` made)."""
     names = ("decode_attention", "extend_attention", "kv_write", "linear", "page_copy", "rms_norm",
              "rope_kv_write", "silu_mul")
-    k = SimpleNamespace(**{n: getattr(importlib.import_module(f"{package}.{n}"), n) for n in names})
-    try:   # (newer: an older kernels/ folder has none; its rows are left out for that folder)
-        fused = importlib.import_module(f"{package}.fused_linear")
-    except ModuleNotFoundError:
-        fused = None
-    for n in ("silu_mul_linear", "rms_norm_linear"):
-        setattr(k, n, getattr(fused, n, None))
-    return k
+    return SimpleNamespace(**{n: getattr(importlib.import_module(f"{package}.{n}"), n) for n in names})
 
 
 def load_kernels(folder: pathlib.Path, package: str = "kvbench_base_kernels") -> str:
@@ -218,21 +211,6 @@ def cases(dev, k: SimpleNamespace):
         ("silu_mul", lambda: k.silu_mul(x)),
         ("linear (gemv)", lambda: k.linear(x, wl)),
         ("page_copy", lambda: k.page_copy(pool, src, dst, ps)),
-    ]
-
-
-def fused_cases(dev, k: SimpleNamespace):
-    """The fused_linear launchers' rows (none where the package has no fused_linear). Apart from
-    `cases`: experiments/launch_host_cpu.py pairs `cases`' rows of two versions by position."""
-    if k.silu_mul_linear is None:
-        return []
-    bf = torch.bfloat16
-    x, x2 = torch.randn(2, 256, device=dev, dtype=bf), torch.randn(2, 256, device=dev, dtype=bf)
-    w = torch.randn(256, device=dev, dtype=bf)
-    wl, wd = torch.randn(128, 256, device=dev, dtype=bf), torch.randn(256, 128, device=dev, dtype=bf)
-    return [
-        ("silu_mul + linear (fused)", lambda: k.silu_mul_linear(x, wd)),
-        ("rms_norm + linear (fused)", lambda: k.rms_norm_linear(x, w, 1e-5, wl, residual=x2)),
     ]
 
 
@@ -394,7 +372,7 @@ def main() -> None:
     mode = contextlib.nullcontext() if args.grad_mode else torch.inference_mode()
     kits = [launchers(p) for _, p in versions]   # (imported before stub_launches looks for them)
     with mode, stub_launches(tuple(f"{p}." for _, p in versions)) if args.cpu else contextlib.nullcontext():
-        by_version = [cases(dev, k) + fused_cases(dev, k) for k in kits]
+        by_version = [cases(dev, k) for k in kits]
         yardstick = by_version[0][0][1]
         for name, _ in by_version[0]:
             # (a launcher an older kernels/ folder lacks: its row only for the versions that have it)

@@ -20,20 +20,6 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
-PREFETCH_TILES = 0  # 1, 2, 4: each program prefetches its first tiles of W into L2 before it waits on
-                    # the kernel before it (PDL): the ramp of a kernel's first loads (0: off, until measured)
-
-
-@triton.jit
-def _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, SPAN: tl.constexpr):
-    """`prefetch.global.L2` of the first SPAN elements of W's rows offs_n, one per 128-byte line
-    (addresses clamped into W: the instruction takes no mask). GPU only; W is no kernel's output,
-    so this may run before `pdl_wait`."""
-    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth                   # elements a line
-    lines = tl.minimum(tl.arange(0, SPAN // LINE) * LINE, K - 1)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    ptrs = w_ptr + rows[:, None] * stride_wn + lines[None, :]                                    # [BN, lines]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -43,15 +29,13 @@ def _gemv_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if PREFETCH > 0:
-        _prefetch_l2(w_ptr, offs_n, N, K, stride_wn, PREFETCH * BLOCK_K)
     pdl_begin(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
@@ -96,7 +80,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
         # everything the checks and the compiled code (autotuned per N, K) depend on
         key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-               bias_key, _common._pdl_mode, MAX_M, PREFETCH_TILES)
+               bias_key, _common._pdl_mode, MAX_M)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             plan, grid, shape = hit
@@ -118,8 +102,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     args = (x, weight, bias if bias is not None else weight, y, M, N, K,
             x.stride(0), weight.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
-                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M,
-                PREFETCH=0 if use_interpreter(x.device) else PREFETCH_TILES, **pdl_args(x.device))
+                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
     if use_interpreter(x.device):
         kernel_for(_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
             *args, **meta, **INTERPRET_CONFIG)

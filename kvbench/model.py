@@ -4,10 +4,8 @@ One forward runs a mixed step: prefill chunks and decode tokens of B requests, f
 T tokens. Per layer: (residual add +) RMSNorm -> qkv proj -> rope + write the new K/V into the
 pool through `slot_mapping` -> attention over each request's page table -> o proj -> (residual
 add +) RMSNorm -> gate|up proj -> SiLU * up -> down proj. Elementwise steps are fused kernels
-(`rms_norm`, `rope_kv_write`, `silu_mul`), so a layer is about nine launches; the projections
-of batches of up to 16 tokens use the `linear` kernel, larger ones cuBLAS. For decode-sized
-batches (kernels/fused_linear.py: up to SILU_MAX_M / NORM_MAX_M rows) the Llama
-layer's norms and SiLU * up are computed inside the projection after them: about six launches.
+(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches; the
+projections of batches of up to 16 tokens use the `linear` kernel, larger ones cuBLAS.
 
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
     token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
@@ -376,12 +374,9 @@ def attention_ops(backend: str) -> SimpleNamespace:
         raise ValueError(f"attention backend '{backend}' is not 'reference' or 'triton'")
     names = ("linear", "rms_norm", "rope_kv_write", "silu_mul", "kv_write", "decode_attention",
              "extend_attention", "page_copy")
-    # op -> module: an op named like its module, and the decode projections fused with the
-    # elementwise op before them (the unfused pair above their row limits and on "reference")
-    where = {**{n: n for n in names}, "rms_norm_linear": "fused_linear", "silu_mul_linear": "fused_linear"}
     kernel_backend = "torch" if backend == "reference" else "triton"
-    fns = {n: partial(getattr(importlib.import_module(f"kvbench.kernels.{m}"), n),
-                      backend=kernel_backend) for n, m in where.items()}
+    fns = {n: partial(getattr(importlib.import_module(f"kvbench.kernels.{n}"), n),
+                      backend=kernel_backend) for n in names}
     return SimpleNamespace(**fns, backend=backend)
 
 
@@ -443,19 +438,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, cos, sin, meta: AttnMetadata, k_cache, v_cache, ops):
         """x [T, hidden]: the previous layer's MLP output, or the embeddings (residual None);
-        residual [T, hidden]: the stream before x is added (updated in place, or replaced by a
-        new tensor where a fused op computes the add: use the returned one).
+        residual [T, hidden]: the stream before x is added (updated in place).
         cos/sin [T, D]; k_cache/v_cache [num_slots, H_kv, D]. Returns (MLP output, residual)."""
         c, t = self.cfg, x.shape[0]
-        if c.arch == "llama":  # residual += x; qkv = norm(residual) @ W (one launch for decode sizes)
-            n = self.input_norm
-            qkv, residual = ops.rms_norm_linear(x, n.weight, n.eps, self.qkv.weight, self.qkv.bias, residual)
-        else:
-            if residual is None:
-                residual, h = x, self.input_norm(x, ops)
-            else:  # residual += x; h = norm(residual)
-                h = self.input_norm(x, ops, residual)
-            qkv = ops.linear(h, self.qkv.weight, self.qkv.bias)  # [T, (H_q + 2 H_kv) D]
+        if residual is None:
+            residual, h = x, self.input_norm(x, ops)
+        else:  # residual += x; h = norm(residual)
+            h = self.input_norm(x, ops, residual)
+        qkv = ops.linear(h, self.qkv.weight, self.qkv.bias)  # [T, (H_q + 2 H_kv) D]
         if self.q_norm is not None:  # Gemma-3: q and k normed per head before rope, in place in qkv
             qn, kn = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             for part, norm in ((qkv[:, :qn], self.q_norm), (qkv[:, qn:qn + kn], self.k_norm)):
@@ -491,10 +481,6 @@ class DecoderLayer(nn.Module):
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         if self.attn_out_norm is not None:  # Gemma-3
             a = self.attn_out_norm(a, ops)
-        if c.arch == "llama":  # residual += a; gate_up = norm(residual) @ W; down(silu(gate) * up)
-            n = self.post_norm
-            gate_up, residual = ops.rms_norm_linear(a, n.weight, n.eps, self.gate_up.weight, None, residual)
-            return ops.silu_mul_linear(gate_up, self.down.weight), residual  # gate_up [T, 2 intermediate]
         h = self.post_norm(a, ops, residual)  # residual += a
         return self.feed_forward(h, ops), residual
 
@@ -505,7 +491,7 @@ class DecoderLayer(nn.Module):
             return self.moe(h)
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
         if self.cfg.arch == "llama":
-            return ops.silu_mul_linear(gate_up, self.down.weight)
+            return ops.linear(ops.silu_mul(gate_up), self.down.weight)
         gate, up = gate_up.chunk(2, dim=-1)  # Gemma-3: gelu(gate, tanh) * up (torch ops, HF's rounding)
         return self.mlp_out_norm(ops.linear(F.gelu(gate, approximate="tanh") * up, self.down.weight), ops)
 
