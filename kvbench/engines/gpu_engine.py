@@ -63,6 +63,7 @@ from kvbench.engines.torch_engine import HostBatch, TorchEngine, _plain, with_ta
 from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config
 from kvbench.sizes import GIB, dtype_bytes, kv_bytes_per_token, tokens_in_gib
 
+PER_GRAPH_FLOOR = 1 << 20  # bytes the sizing gives each warm-up graph at least (`_profile_graphs`)
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -348,7 +349,10 @@ class GPUEngine(TorchEngine):
             self.graph_capture_s = 0.0
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-        per_graph = max(free1 - free2, 0) / len(small)
+        # at least 1 MiB a graph, vLLM's floor: the probes are small decode graphs, and a step with
+        # prefill has more kernels (H200, 6b77b47: probes gave 512 KiB a graph, 324 warm-up graphs
+        # of a 1B run took 241 MB against an estimate of 200 MB without the floor)
+        per_graph = max(max(free1 - free2, 0) / len(small), PER_GRAPH_FLOOR)
         staging = self._staging_bytes(self._warm_keys(1, ctx, False) + big)
         self.graph_profile = {"pool_and_largest_bytes": int(free0 - free1), "per_graph_bytes": int(per_graph),
                               "keys": n_keys, "staging_bytes": int(staging)}
