@@ -118,6 +118,7 @@ class _Seq:
     hash_at: int = 0  # length at which its next unhashed page is full: (registered pages + 1) * page_size
     lazy: bool = False  # it owns its chain: its pages 1.. are registered without their hash (module docstring)
     ndef: int = 0  # of those, how many are still registered (not evicted)
+    gone: bool = False  # released
     reserved: int = 0  # this request's share of the pool's reserved slots
     cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
     data: bytes | None = None  # `tokens` as bytes, made at its first page registration (a page's ids
@@ -128,7 +129,7 @@ class _Match:
     """The prefix match of one waiting request, kept exact between its retries (see the module
     docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
 
-    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached", "data")
+    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached", "data", "owner", "odata")
 
     def __init__(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> None:
         self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
@@ -137,6 +138,8 @@ class _Match:
         self.index: dict[PageId, int] = {}  # hit page → its position (filled when the request is refused)
         self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
         self.data: bytes | None = None  # `tokens` as bytes, made once the match is a few pages long
+        self.owner: _Seq | None = None  # the owner whose lazily registered pages it last compared
+        self.odata: bytes = b""  # that owner's ids as bytes
 
 
 _VISIBILITY = ("computed", "scheduled")
@@ -329,8 +332,13 @@ class PagedStrategy(Strategy):
                     stored[pid] = None
                     if h in kids:
                         ghosts[h] = parent[pid]
-                    else:
-                        self._unkid(parent[pid])
+                    else:  # (`_unkid`, its first step inlined)
+                        up = parent[pid]
+                        c = kids[up]
+                        if c > 1:
+                            kids[up] = c - 1
+                        else:
+                            self._unkid(up)
                 else:  # registered lazily: its owner has one page less
                     h.ndef -= 1
                     if not h.ndef:
@@ -636,7 +644,10 @@ class PagedStrategy(Strategy):
                     owner = owners.get(hashes[i - 1])
                 if owner is None or i >= len(owner.pages) or self._hash[owner.pages[i]] is not owner:
                     break
-                pid, want = owner.pages[i], _page_ids(owner, i, ps)
+                if owner is not memo.owner:  # (its ids as bytes, kept by the match: the owner is not changed)
+                    memo.owner, memo.odata = owner, owner.data if owner.data is not None else owner.tokens.tobytes()
+                onb = ps * owner.tokens.itemsize
+                pid, want = owner.pages[i], memo.odata[i * onb:(i + 1) * onb]
             if ids is None:
                 ids = tokens[i * ps:(i + 1) * ps].tobytes() if data is None else data[i * nb:(i + 1) * nb]
             if want != ids:  # a hash is only a hint: verify the ids
@@ -785,6 +796,28 @@ class PagedStrategy(Strategy):
                 kids[up] = 1
                 return
 
+    def _may_take_over(self, owner: _Seq, nhit: int) -> bool:
+        """Whether a request that hits the pages `owner` registered lazily up to its `nhit`-th
+        page may own them in its place: the owner left, and has no page registered lazily
+        past them (a preempted request that comes back hits all it had registered). Pure."""
+        if not owner.gone or self._admission:
+            return False
+        done = owner.hash_at // self.page_size - 1 if owner.hash_at != _NEVER else owner.cache_pages
+        page_hashes = self._hash
+        return not any(page_hashes[pid] is owner for pid in owner.pages[nhit:done])
+
+    def _take_over(self, owner: _Seq, seq: _Seq, nhit: int) -> None:
+        """`seq` (just admitted, its first `nhit` pages hits) owns in `owner`'s place the pages
+        that owner registered lazily (all among its hits: `_may_take_over`). Mutates."""
+        start = len(owner.hashes)
+        page_hashes = self._hash
+        for pid in seq.pages[start:nhit]:
+            page_hashes[pid] = seq
+        del seq.hashes[start:]
+        seq.lazy, seq.ndef = True, nhit - start
+        owner.lazy, owner.ndef = False, 0
+        self._owners[owner.hashes[-1]] = seq
+
     def _share(self, key: int) -> None:
         """The owner of the chain below node `key` hashes the pages it registered lazily (another
         request matched them, or registers a page below `key`). Mutates."""
@@ -805,9 +838,10 @@ class PagedStrategy(Strategy):
             data = owner.data = owner.tokens.tobytes()
         nb = ps * owner.tokens.itemsize
         hashes, start = owner.hashes, len(owner.hashes)  # (its pages from `start` on: registered lazily)
+        pieces = np.frombuffer(data, _void(nb), done - start, start * nb).tolist()  # (their ids, one call)
         h = hashes[-1]
-        for i in range(start, done):
-            h = hash((h, data[i * nb:(i + 1) * nb]))
+        for ids in pieces:
+            h = hash((h, ids))
             hashes.append(h)
         below = False  # whether node i + 1 exists (hashed or a ghost)
         for i in range(done - 1, start - 1, -1):
@@ -817,7 +851,7 @@ class PagedStrategy(Strategy):
                 if table.setdefault(h, pid) != pid or h in kids:
                     raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes as a registered page")
                 page_hashes[pid] = h
-                stored[pid] = data[i * nb:(i + 1) * nb]
+                stored[pid] = pieces[i - start]
                 parent[pid] = up
             if below:
                 kids[h] = 1
@@ -880,8 +914,12 @@ class PagedStrategy(Strategy):
                 self._index(memo)
             return Admission(False)
         self._hit_memo = None
-        if hits and self._hash[hits[-1]].__class__ is _Seq:  # it hit pages registered lazily: hash them
-            self._share(self._hash[hits[-1]].hashes[-1])
+        owner = self._hash[hits[-1]] if hits else None
+        take_over = False
+        if owner.__class__ is _Seq:  # it hit pages registered lazily: it takes them over, or they are hashed
+            take_over = self._may_take_over(owner, len(hits))
+            if not take_over:
+                self._share(owner.hashes[-1])
         if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each)
             lru, dead, ref = self._lru, self._lru.dead, self._ref
             for pid in hits:
@@ -903,6 +941,8 @@ class PagedStrategy(Strategy):
         nhit = len(seq.pages)
         seq.hashes = memo.hashes[:nhit] if nhit else []
         seq.hash_at = (nhit + 1) * ps
+        if take_over:
+            self._take_over(owner, seq, nhit)
         if not self.prefix_caching:  # hashes nothing: grow's registration test is one compare
             seq.cache_pages, seq.hash_at = 0, _NEVER
         elif self._admission:  # cache only the prompt, or nothing of a short request
@@ -1025,6 +1065,7 @@ class PagedStrategy(Strategy):
 
     def release(self, rid) -> None:
         seq = self._seqs.pop(rid)
+        seq.gone = True
         if self._tracks:
             self._lru.releasing(rid)
         if self.prefix_caching and seq.length >= seq.hash_at:

@@ -55,12 +55,16 @@ def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int, in
     ref._lazy = False
     families = [rng.integers(0, 50, 12 * PS, dtype=np.int32) for _ in range(3)]
     live: dict[int, list] = {}  # rid → [tokens, kv_len, length]
+    gone: list = []  # released requests' ids (one comes back as a preempted request would)
     waiting = None  # a refused request, retried until admitted (its match kept)
     hits = owned = deep = 0
     for step in range(steps):
         op = rng.random()
         if waiting is not None and op < 0.3 or waiting is None and op < 0.35:
-            if waiting is None:
+            if waiting is None and gone and rng.random() < 0.2:  # a released request comes back
+                tokens, kv_len, length = gone.pop(int(rng.integers(len(gone))))
+                waiting = (step, tokens, kv_len, min(length + 1, kv_len), int(rng.integers(1, 40)))
+            elif waiting is None:
                 rid = step
                 if rng.random() < 0.7:  # a family's prefix (whole pages or not), then its own ids
                     fam = families[rng.integers(len(families))]
@@ -92,7 +96,7 @@ def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int, in
             rid = list(live)[rng.integers(len(live))]
             lazy.release(rid)
             ref.release(rid)
-            del live[rid]
+            gone.append(live.pop(rid))
         elif fork and live and op < 0.97:
             parent = list(live)[rng.integers(len(live))]
             tokens, kv_len, length = live[parent]
@@ -143,15 +147,27 @@ def test_an_owner_left_with_no_page_registered_lazily_is_forgotten():
     s.check_invariants()
 
 
-def test_a_hit_on_an_owned_chain_hashes_it():
+def test_a_request_that_hits_a_gone_owners_pages_takes_them_over():
     s = PagedStrategy(16 * PS, 64, page_size=PS)
     a = np.arange(3 * PS + 1, dtype=np.int32)
     assert s.admit(0, a, len(a), len(a), 64).admitted
-    s.release(0)
-    assert s.cached_prefix_len(a, len(a)) == 3 * PS  # page 0 hashed, 1 and 2 found through their owner
+    s.release(0)  # page 0 hashed, 1 and 2 registered by their owner
+    assert s.cached_prefix_len(a, len(a)) == 3 * PS  # found through their owner
     owners = dict(s._owners)
     assert owners and s._hash[1] is owners[s._hash[0]]  # (a query changes nothing)
-    assert s.admit(1, a, len(a), len(a), 64) == (True, 3 * PS)
+    assert s.admit(1, a, len(a), len(a), 64) == (True, 3 * PS)  # a preempted request back: its pages
+    (key, owner), = s._owners.items()
+    assert owner is s._seqs[1] and s._hash[1] is owner and s._hash[2] is owner and len(s._table) == 1
+    s.check_invariants()
+
+
+def test_a_hit_on_a_running_owners_pages_hashes_them():
+    s = PagedStrategy(16 * PS, 64, page_size=PS)
+    a = np.arange(5 * PS, dtype=np.int32)
+    assert s.admit(0, a, len(a), 3 * PS + 1, 64).admitted
+    assert s.grow(0, 1)  # pages 0..2 registered: 0 hashed, 1 and 2 by their owner, which runs on
+    assert s._hash[1] is s._seqs[0]
+    assert s.admit(1, a[:3 * PS + 1], 3 * PS + 1, 3 * PS + 1, 64) == (True, 3 * PS)
     assert not s._owners and s._kids == {_ROOT_HASH: 1, s._hash[0]: 1, s._hash[1]: 1}  # the chain 0 → 1 → 2
     assert all(isinstance(s._hash[p], int) for p in (0, 1, 2)) and len(s._table) == 3
     s.check_invariants()
