@@ -627,6 +627,11 @@ class PagedStrategy(Strategy):
                                                         self._stored_ids, self._ref, self._owners)
         data, nb = memo.data, ps * tokens.itemsize  # (ids from `data` once the match is a few pages long)
         inline = page_hash is _PAGE_HASH  # (tests patch `page_hash`: then it is called per page)
+        if len(hashes) < len(hits):  # (a retry past an owner's node)
+            if self._hash[hits[-1]].__class__ is _Seq:  # still within its lazy pages
+                return PagedStrategy._lazy_walk(self, memo, self._hash[hits[-1]], len(hits))
+            PagedStrategy._match_hashes(memo, len(hits), ps)  # they were hashed since: probe the table again
+            data = memo.data
         for i in range(len(hits), num_full):
             ids = None
             if i == len(hashes):
@@ -642,12 +647,9 @@ class PagedStrategy(Strategy):
                 owner = self._hash[hits[-1]]
                 if owner.__class__ is not _Seq:
                     owner = owners.get(hashes[i - 1])
-                if owner is None or i >= len(owner.pages) or self._hash[owner.pages[i]] is not owner:
+                if owner is None:
                     break
-                if owner is not memo.owner:  # (its ids as bytes, kept by the match: the owner is not changed)
-                    memo.owner, memo.odata = owner, owner.data if owner.data is not None else owner.tokens.tobytes()
-                onb = ps * owner.tokens.itemsize
-                pid, want = owner.pages[i], memo.odata[i * onb:(i + 1) * onb]
+                return PagedStrategy._lazy_walk(self, memo, owner, i)
             if ids is None:
                 ids = tokens[i * ps:(i + 1) * ps].tobytes() if data is None else data[i * nb:(i + 1) * nb]
             if want != ids:  # a hash is only a hint: verify the ids
@@ -658,6 +660,45 @@ class PagedStrategy(Strategy):
             if data is None and len(hits) >= 4:  # a long match: slices of one bytes copy (~10x cheaper
                 data = memo.data = tokens.tobytes()  # than a numpy slice's tobytes each)
         return memo
+
+    def _lazy_walk(self, memo: _Match, owner: _Seq, i: int) -> _Match:
+        """`_cached_prefix` from page i on, within the pages `owner` registered lazily (page i - 1
+        is a hit: the owner's node or one of those pages): each hits where the owner has it
+        registered and its ids are the request's; nothing else is below them, so the match ends
+        at the first that does not. Not hashed: the match's hashes stop at the owner's first such
+        page (`_match_hashes` makes the rest where needed). Mutates only the memo."""
+        ps, tokens, hits, ref, page_hashes = self.page_size, memo.tokens, memo.hits, self._ref, self._hash
+        if owner is not memo.owner:  # (its ids as bytes, kept by the match: the owner is not changed)
+            memo.owner, memo.odata = owner, owner.data if owner.data is not None else owner.tokens.tobytes()
+        odata, onb, pages = memo.odata, ps * owner.tokens.itemsize, owner.pages
+        data = memo.data
+        if data is None:
+            data = memo.data = tokens.tobytes()
+        nb = ps * tokens.itemsize
+        end = min(memo.num_full, len(pages))
+        while i < end:
+            pid = pages[i]
+            if page_hashes[pid] is not owner or odata[i * onb:(i + 1) * onb] != data[i * nb:(i + 1) * nb]:
+                break
+            hits.append(pid)
+            if ref[pid] == 0:
+                memo.cached += 1
+            i += 1
+        return memo
+
+    @staticmethod
+    def _match_hashes(memo: _Match, n: int, ps: int) -> list[int]:
+        """The chained hashes of the match's first n pages (computed past its last computed one). Mutates only the memo."""
+        hashes = memo.hashes
+        if len(hashes) < n:
+            data, nb = memo.data, ps * memo.tokens.itemsize
+            if data is None:
+                data = memo.data = memo.tokens.tobytes()
+            h = hashes[-1] if hashes else _ROOT_HASH
+            for i in range(len(hashes), n):
+                h = hash((h, data[i * nb:(i + 1) * nb]))
+                hashes.append(h)
+        return hashes[:n]
 
     @staticmethod
     def _index(memo: _Match) -> None:
@@ -939,7 +980,8 @@ class PagedStrategy(Strategy):
         if tail:
             seq.pages += self._load_tail(tail)
         nhit = len(seq.pages)
-        seq.hashes = memo.hashes[:nhit] if nhit else []
+        seq.hashes = (memo.hashes[:nhit] if take_over or len(memo.hashes) >= nhit else
+                      self._match_hashes(memo, nhit, ps)) if nhit else []
         seq.hash_at = (nhit + 1) * ps
         if take_over:
             self._take_over(owner, seq, nhit)

@@ -131,6 +131,7 @@ def test_paged_dedup_touch_skips_an_original_in_use():
 def test_paged_retry_probes_only_past_its_last_hit():
     s = PagedStrategy(capacity_tokens=10 * 4, max_model_len=64, page_size=4)
     s._table = table = _CountingDict()
+    s._lazy = False  # every page hashed (lazy registration's retries: tests/test_paged_lazy.py)
     s.admit(0, ids((0, 16), (900, 901)), kv_len=17, num_prompt=16, max_new=8)  # pages 0, 1
     assert s.grow(0, 8)  # pages 0, 1 hashed (computed); 2, 3 taken
     s.admit(1, ids((300, 324)), kv_len=24, num_prompt=24, max_new=64)  # pages 4..9: the pool is full
