@@ -676,6 +676,14 @@ class PagedStrategy(Strategy):
             data = memo.data = tokens.tobytes()
         nb = ps * tokens.itemsize
         end = min(memo.num_full, len(pages))
+        if owner.tokens is tokens or onb == nb and odata[i * nb:end * nb] == data[i * nb:end * nb]:
+            k = i  # the same ids all along (a preempted request back): only its registered pages hit
+            while k < end and page_hashes[pages[k]] is owner:
+                k += 1
+            new = pages[i:k]
+            hits += new
+            memo.cached += len(new) - sum(map(bool, map(ref.__getitem__, new)))
+            return memo
         while i < end:
             pid = pages[i]
             if page_hashes[pid] is not owner or odata[i * onb:(i + 1) * onb] != data[i * nb:(i + 1) * nb]:
