@@ -1,15 +1,17 @@
 """paged's lazy registration (issue 13) answers exactly as registering every page hashed.
 
-A request whose first page's chain no other request matched or registered owns that chain: its
-pages 1.. are registered without their hash (`_hash[pid]` is the owner) until another request
-matches or registers the chain (then they are hashed, as they would have been). Here two copies
-of a pool see the same random calls, one with lazy registration (the default) and one that
-hashes every page at once (`_lazy = False`, the reference): every answer, page table and slot
-state must agree, and after every call the lazy pool's table with its lazily registered pages
-hashed must equal the reference's table page for page (same page, same hash, same stored ids).
-Requests share prefixes of a few families (hits, duplicates of evicted first pages, chains that
-turn shared while their owner runs or after it left), the pool is small (evictions of pages
-registered lazily), and some requests are refused (the waiting match)."""
+A request that registers a page below which nothing is registered owns its chain from there:
+its later pages are registered without their hash (`_hash[pid]` is the owner) until another
+request hits them or registers below the owner's node (then they are hashed, as they would have
+been), or a preempted request comes back and takes them over. Here two copies of a pool see the
+same random calls, one with lazy registration (the default) and one that hashes every page at
+once (`_lazy = False`, the reference): every answer, page table and slot state must agree, and
+after every call the lazy pool's table with its lazily registered pages hashed must equal the
+reference's table page for page (same page, same hash, same stored ids). Requests share prefixes
+of a few families (hits, duplicates of evicted pages, owners from a first page and from deeper
+pages, owners that turn shared while they run or after they left), released requests come back
+(take-overs), the pool is small (evictions of pages registered lazily, ghosts), and some
+requests are refused (the waiting match)."""
 from __future__ import annotations
 
 import numpy as np
