@@ -3,7 +3,10 @@
 After a steady step (every running request decoded one token; nobody came, left or was
 preempted) the next steps repeat it until a request arrives or, with requests waiting, until a
 request finishes or would take a new page (so none can be preempted, and the waiting head,
-refused in the steady step, stays refused). With nobody waiting, steps may take pages while free
+refused in the steady step, stays refused), except where the strategy and the queue make the
+head's refusal last through a take (`head_need`: nobody is tried; or paged without prefix
+caching and radix, no host tier, while the takes need no eviction: free pages only, so the
+run's steps take pages with requests waiting too). With nobody waiting, steps may take pages while free
 + cached slots could give each request that needs one a page, and a request that emits its last
 token leaves after that step (released, in running order, as `Scheduler.complete` releases it):
 the run goes on with the others, as stepping would (with nobody waiting the next step admits
@@ -38,11 +41,15 @@ from __future__ import annotations
 from heapq import heappop, heappush
 from typing import NamedTuple
 
+
 from kvbench.events import StepEvent
 from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.base import SlotStates, Strategy
+from kvbench.strategies.paged import PagedStrategy
+from kvbench.strategies.radix import RadixStrategy
 
 _new_tuple = tuple.__new__
+_MONOTONE = (PagedStrategy, RadixStrategy)  # strategies whose refused head stays refused (`head_need`)
 
 
 class Quiet(NamedTuple):
@@ -83,7 +90,10 @@ class QuietRun:
         self.states = steady.states
         self.kv_read = steady.kv_read + len(seqs)  # K/V positions step j reads (every live request decodes)
         self.waiting, self.preemptions = steady.waiting, steady.preemptions
-        self.may_take_pages = not scheduler.waiting
+        # with requests waiting, which page-taking steps may run (`head_need`): 0 any, 1 those
+        # that take free pages only, None none; with nobody waiting 0
+        self.head_need = head_need(scheduler, len(seqs)) if scheduler.waiting and seqs else 0
+        self.may_take_pages = self.head_need is not None
         st = self.st
         # (host moves asked after each take, `room`, bulk decode steps: the strategy's, looked up once)
         self._moves, self._room, self._bulk = scheduler.quiet_calls or _calls(scheduler)
@@ -120,7 +130,9 @@ class QuietRun:
                         pages_at[room].append(i)
                     else:
                         pages_at[room] = [i]
-            limit = max(fin) + 1  # the run may go on until the last one leaves
+            # nobody waiting: the run may go on until the last one leaves; else the first to
+            # finish ends it (the next step admits)
+            limit = min(fin) + 1 if scheduler.waiting else max(fin) + 1
         else:
             limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
             room_of, ps = self._room, st.page_size
@@ -153,7 +165,7 @@ class QuietRun:
         token, reserved, internal, external, cached, free = self.states
         explicit, c_reserved, c_internal, c_external, c_cached, c_free = cols  # (len(explicit): rows in `cols`)
         self.moved = None
-        bulk = self._bulk
+        bulk, free_only = self._bulk, self.head_need == 1
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
             self.grown = False
             j += 1
@@ -175,14 +187,16 @@ class QuietRun:
                 continue
             takers = pages_at.pop(j)
             nt = len(takers)
-            if free + cached < nt * ps:
+            if free + cached < nt * ps or (free_only and free < nt * ps):
+                # (some would be preempted; or, with requests waiting, the head might fit after it)
                 pages_at[j] = takers  # (left as they were)
                 self.blocked = True
                 break
             heappop(takes)
             if bulk is not None and deferred == 0 and nt == d:  # every live request takes a page
                 order = sorted(takers)  # running order
-                n = bulk([seqs[i].id for i in order], stop - j, cols)  # >= 1 step (free + cached suffice)
+                most = stop - j if not free_only else min(stop - j, free // (nt * ps))  # (free pages only)
+                n = bulk([seqs[i].id for i in order], most, cols)  # >= 1 step (free + cached suffice)
                 j += n
                 for i in order:
                     held[i] += n
@@ -318,6 +332,52 @@ class QuietRun:
     def _failed(s, n: int) -> None:
         raise RuntimeError(f"fast-forward: request {s.id}: grow({n}) failed in a quiet step (the "
                            f"strategy's `room`, or its free + cached slots, promised more than it holds)")
+
+
+def head_need(scheduler: Scheduler, d: int) -> int | None:
+    """With requests waiting and `d` requests running, all decoding (a quiet run: nobody is
+    admitted, preempted or leaves before its end), which page-taking steps may be fast-forwarded
+    (`QuietRun.run` checks each). Pure.
+
+    0: any that leaves nobody short of a page: the scheduler tries nobody (`max_num_seqs`
+    running, no token budget left, or a whole prompt over the budget without chunked prefill:
+    all fixed while the same requests run).
+
+    1: those whose requests take only free pages (none evicted): then the first request the
+    scheduler tries, refused in the step before the run, is refused after the step too. That
+    request is fixed while the run lasts (fcfs: the queue's head, nobody joining in front; lpm,
+    dfs_weight or dedup_prefix: the first urgent one, as passed-over counts change only when
+    someone is admitted; with nobody in a prefill dedup_prefix defers nobody). Its refusal
+    stays: a refused admission changes nothing (the contract); paged without prefix caching
+    refuses while it needs more pages than are free, and taking free pages only lowers that;
+    radix refuses while it needs more than free + evictable pages less the evictable ones on its
+    own path, and a decode's grow inserts nothing (radix inserts at prefill and release) and,
+    taking a free page, evicts nothing: its match and path stay, the free pages drop.
+
+    None: otherwise (the run stops before a page-taking step, as before): another strategy (slab
+    takes no page in a decode; a hybrid pool or a windowed model never fast-forwards); a host
+    tier; paged with prefix caching (a decode registers its full pages, which may extend the
+    head's match); lpm or dfs_weight without an urgent request (the order is the cached
+    prefixes'); a swapped head."""
+    st, waiting = scheduler.strategy, scheduler.waiting
+    budget = scheduler.max_num_batched_tokens - d
+    if budget <= 0 or d >= scheduler.max_num_seqs:
+        return 0
+    if scheduler.fifo_admission:
+        head = waiting[0]
+    else:
+        bound = scheduler.max_wait_steps
+        head = next((s for s in waiting if s.passed >= bound or s.preemptions), None)
+        if head is None:
+            if scheduler.policy != "fcfs":
+                return None
+            head = waiting[0]  # (fcfs with dedup_prefix, nobody urgent: queue order)
+    if not scheduler.chunked_prefill and budget < head.prefill_target - head.swapped <= scheduler.max_num_batched_tokens:
+        return 0
+    if head.swapped or getattr(st, "host_tier_tokens", 0) or type(st) not in _MONOTONE \
+            or (type(st) is PagedStrategy and st.prefix_caching):
+        return None
+    return 1
 
 
 def _calls(scheduler: Scheduler) -> tuple:

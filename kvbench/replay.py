@@ -4,7 +4,8 @@ or rejected.
 Fast-forward (engines with a cost model, `engine.fast_forward`): after a steady step (every
 running request decoded one token; nobody came, left or was preempted) the next steps repeat it
 (kvbench/quiet.py) until a request arrives that may change the next step, or, with requests
-waiting, until a request finishes or would take a page. With nobody waiting, a request that
+waiting, until a request finishes or would take a page (unless the head stays refused through
+it: `kvbench.quiet.head_need`). With nobody waiting, a request that
 finishes leaves after its last step and the others go on; a request that joins a queue whose
 head was refused (fcfs admission) or that is rejected changes no step, so the run goes on. Those
 quiet steps skip planning and batching; the strategy ends up exactly as stepping leaves it; the

@@ -1,5 +1,6 @@
 """Exact fast-forward: every strategy yaml on every generator gives the same summary, timeline
-and requests table, to the last bit, with and without `engine.fast_forward`."""
+and requests table, to the last bit, with and without `engine.fast_forward`; so do overloaded
+pools with a steady queue, whose quiet runs take pages while requests wait (`head_need`)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import kvbench.quiet
 from kvbench.engines.sim import SimEngine
 from kvbench.metrics import summarize
 from kvbench.replay import replay
@@ -28,10 +30,15 @@ OVERRIDES = ["kv_capacity_tokens=32768", "max_model_len=8192"]
 
 
 def run_case(strategy: str, trace: str, fast: bool):
+    return run_config([f"strategy={strategy}", f"trace={trace}", *OVERRIDES, *GENERATORS[trace]], fast)
+
+
+def run_config(overrides: list[str], fast: bool, planned: list | None = None):
+    """The replay of the config with `overrides`: (summary, timeline, requests, steps the engine
+    ran); `planned` gets a 1 for each step the scheduler planned."""
     register()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["progress=false", f"strategy={strategy}", f"trace={trace}", *OVERRIDES,
-                                            *GENERATORS[trace]])
+        cfg = compose("config", overrides=["progress=false", *overrides])
     engine = instantiate(cfg.engine, fast_forward=fast)
     executed = []
     step = engine.step
@@ -39,7 +46,11 @@ def run_case(strategy: str, trace: str, fast: bool):
     sizes = strategy_sizes(cfg, cfg.kv_capacity_tokens)  # (geometry= for a hybrid pool design)
     st = instantiate(cfg.strategy, _partial_=True)(capacity_tokens=cfg.kv_capacity_tokens,
                                                    max_model_len=cfg.max_model_len, **sizes)
-    result = replay(instantiate(cfg.trace), Scheduler(st, **cfg.scheduler), engine, progress=False)
+    scheduler = Scheduler(st, **cfg.scheduler)
+    if planned is not None:
+        schedule = scheduler.schedule
+        scheduler.schedule = lambda: planned.append(1) or schedule()
+    result = replay(instantiate(cfg.trace), scheduler, engine, progress=False)
     st.check_invariants()
     requests, timeline = result.recorder.requests(), result.recorder.timeline()
     return summarize(requests, timeline, st.capacity, result.itl), timeline, requests, len(executed)
@@ -62,6 +73,66 @@ def test_fast_forward_changes_no_metric_row_or_request(strategy, trace):
     assert steps1 <= steps0
     if strategy.startswith("slab"):  # a reservation never takes a page: most steps are quiet
         assert steps1 < 0.6 * steps0, f"only {steps0 - steps1} of {steps0} steps fast-forwarded"
+
+
+# Overloaded: 144 requests in 12 groups sharing a 1024-token system prompt, arriving at 40/s, in a
+# pool of 12,288 slots (a few requests' worth) with a 512-token step budget: the queue is never
+# empty for long (70-85 % of steps have requests waiting), ~60-400 preemptions, pages of 16 (and
+# radix's 1), the shared prompts evicted and hit again. `head_need`: the run's new path (steps that
+# take pages while requests wait) runs for radix and paged_nocache; paged with prefix caching and
+# slab keep the stop.
+OVERLOADED_TRACE = ["trace=shared_prefix", "trace.num_groups=12", "trace.questions_per_group=12", "trace.rate=40",
+                    "kv_capacity_tokens=12288", "max_model_len=4096", "scheduler.max_num_batched_tokens=512"]
+OVERLOADED = {  # case → (overrides, whether quiet runs take pages with requests waiting)
+    "radix-lfu": (["strategy=radix", "strategy.eviction=lfu"], True),
+    "radix16-s3fifo": (["strategy=radix", "strategy.page_size=16", "strategy.eviction=s3fifo"], True),
+    "radix-slru-lpm": (["strategy=radix", "strategy.eviction=slru", "scheduler.policy=lpm",
+                        "scheduler.max_wait_steps=2"], True),
+    "radix16-dedup": (["strategy=radix", "strategy.page_size=16", "scheduler.dedup_prefix=true",
+                       "scheduler.max_wait_steps=4"], True),
+    "radix-dfs": (["strategy=radix", "scheduler.policy=dfs_weight", "scheduler.max_wait_steps=0"], True),
+    "radix-fifo-swap": (["strategy=radix", "strategy.eviction=fifo", "scheduler.preemption=swap",
+                         "+engine.kv_bytes_per_token=1000"], True),
+    "paged_nocache": (["strategy=paged_nocache"], True),
+    "paged-lfu": (["strategy=paged", "strategy.eviction=lfu"], False),
+    "slab_pow2": (["strategy=slab_pow2"], False),
+}
+
+
+def _old_stop(monkeypatch):
+    """The stop before this path: a quiet run with requests waiting takes no page."""
+    monkeypatch.setattr(kvbench.quiet, "head_need", lambda scheduler, d: None)
+
+
+@pytest.mark.parametrize("case", OVERLOADED)
+def test_overloaded_pools_fast_forward_exactly(case, monkeypatch):
+    overrides, takes = OVERLOADED[case]
+    overrides = OVERLOADED_TRACE + overrides
+    s0, t0, r0, steps0 = run_config(overrides, fast=False)
+    planned: list = []
+    s1, t1, r1, _ = run_config(overrides, fast=True, planned=planned)
+    assert (t0.waiting > 0).mean() > 0.6  # (overloaded, a steady queue; a slab reserves, never preempts)
+    assert s0["preemptions"] > 20 or case.startswith("slab")
+    assert {k: v for k, v in s1.items() if not same(v, s0.get(k))} == {}
+    assert t1.equals(t0), "the timeline differs"
+    assert r1.equals(r0), "the requests table differs"
+    old: list = []
+    _old_stop(monkeypatch)
+    run_config(overrides, fast=True, planned=old)
+    if takes:  # fewer steps planned than with the old stop
+        assert len(planned) < 0.85 * len(old), (len(planned), len(old))
+    else:
+        assert len(planned) == len(old)
+
+
+def test_the_overloaded_case_catches_a_head_that_may_fit(monkeypatch):
+    """Runs that take pages whatever the head (head_need 0: (a) still checked, not (b)) change the
+    replay: a decode that evicts a page of the head's cached path can let the head in."""
+    overrides = OVERLOADED_TRACE + OVERLOADED["radix-lfu"][0]
+    _, t0, r0, _ = run_config(overrides, fast=False)
+    monkeypatch.setattr(kvbench.quiet, "head_need", lambda scheduler, d: 0)
+    _, t1, r1, _ = run_config(overrides, fast=True)
+    assert not (t1.equals(t0) and r1.equals(r0))
 
 
 def test_the_run_is_checked_against_the_strategys_own_counts():
