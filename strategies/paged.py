@@ -676,17 +676,17 @@ class PagedStrategy(Strategy):
             data = memo.data = tokens.tobytes()
         nb = ps * tokens.itemsize
         end = min(memo.num_full, len(pages))
-        if owner.tokens is tokens or onb == nb and odata[i * nb:end * nb] == data[i * nb:end * nb]:
-            k = i  # the same ids all along (a preempted request back): only its registered pages hit
-            while k < end and page_hashes[pages[k]] is owner:
-                k += 1
-            new = pages[i:k]
+        k = i  # its pages i..k-1 are registered: the ones that may hit
+        while k < end and page_hashes[pages[k]] is owner:
+            k += 1
+        if k > i and (owner.tokens is tokens or onb == nb and odata[i * nb:k * nb] == data[i * nb:k * nb]):
+            new = pages[i:k]  # the same ids all along (a preempted request back): all hit
             hits += new
             memo.cached += len(new) - sum(map(bool, map(ref.__getitem__, new)))
             return memo
-        while i < end:
+        while i < k:
             pid = pages[i]
-            if page_hashes[pid] is not owner or odata[i * onb:(i + 1) * onb] != data[i * nb:(i + 1) * nb]:
+            if odata[i * onb:(i + 1) * onb] != data[i * nb:(i + 1) * nb]:
                 break
             hits.append(pid)
             if ref[pid] == 0:
