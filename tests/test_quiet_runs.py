@@ -1,9 +1,12 @@
 """Which steps a quiet run goes through (kvbench/quiet.py, kvbench/replay.py): finishes with
-nobody waiting, and arrivals behind a refused head of an fcfs queue, are fast-forwarded, not
-stepped; the tables stay those of stepping."""
+nobody waiting, arrivals behind a refused head of an fcfs queue, and page takes from free pages
+behind a head they cannot let in, are fast-forwarded, not stepped; the tables stay those of
+stepping."""
 from __future__ import annotations
 
 import numpy as np
+
+import kvbench.quiet
 
 from kvbench.engines.sim import SimEngine
 from kvbench.replay import replay
@@ -27,9 +30,13 @@ def _replay(make_strategy, specs, fast: bool, **scheduler):
     step = engine.step
     engine.step = lambda batch: stepped.append(len(batch.seqs)) or step(batch)
     st = make_strategy()
-    result = replay(_requests(specs), Scheduler(st, **scheduler), engine, progress=False)
+    sched = Scheduler(st, **scheduler)
+    plan = sched.schedule
+    sched.schedule = lambda: stepped.append("planned") or plan()  # (a planned steady step starts a run)
+    result = replay(_requests(specs), sched, engine, progress=False)
     st.check_invariants()
-    return result.recorder.timeline(), result.recorder.requests(), result.itl, stepped
+    return (result.recorder.timeline(), result.recorder.requests(), result.itl, [n for n in stepped if n != "planned"],
+            stepped.count("planned"))
 
 
 def test_finishes_with_nobody_waiting_are_fast_forwarded():
@@ -39,8 +46,8 @@ def test_finishes_with_nobody_waiting_are_fast_forwarded():
     def paged():
         return PagedStrategy(1024, 512, page_size=16)
 
-    t0, r0, itl0, stepped0 = _replay(paged, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
-    t1, r1, itl1, stepped1 = _replay(paged, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
+    t0, r0, itl0, stepped0, _ = _replay(paged, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    t1, r1, itl1, stepped1, _ = _replay(paged, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
     assert len(stepped0) == 30 and stepped0[:6] == [3, 3, 3, 3, 3, 2]  # request 0 left after step 5
     assert stepped1 == [3]  # only the step that admits all three: the finishes are inside the run
     assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
@@ -55,11 +62,32 @@ def test_arrivals_behind_a_refused_head_are_fast_forwarded():
     def slab():
         return SlabStrategy(100, 64, reservation="max")
 
-    t0, r0, itl0, stepped0 = _replay(slab, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
-    t1, r1, itl1, stepped1 = _replay(slab, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
+    t0, r0, itl0, stepped0, _ = _replay(slab, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    t1, r1, itl1, stepped1, _ = _replay(slab, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
     assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
     assert list(t0.waiting[:15]) == [1] * 5 + [2] * 5 + [3] * 5  # (steps of ~10 ms: 2 joins at 0.05 s, 3 at 0.1 s)
     # request 0: its admission, then one run through both arrivals to its last step (the steady
     # step after the admission, planned, is the run's step 0); then each of 1, 2, 3 likewise
     assert stepped1 == [1, 1, 1, 1]
     assert len(stepped0) == 40 + 3 * 5
+
+
+def test_page_takes_behind_a_head_that_free_pages_cannot_hold_are_fast_forwarded(monkeypatch):
+    # paged without prefix caching, 20 pages: request 0 (20 + 100 positions) runs and takes a
+    # page every 16 steps; request 1 (300 prompt positions: 19 pages) waits while 18 or fewer
+    # are free, and taking free pages keeps it waiting: one run to request 0's last step
+    specs = [(0.0, 20, 100), (0.001, 300, 5)]
+
+    def paged():
+        return PagedStrategy(320, 512, page_size=16, prefix_caching=False)
+
+    t0, r0, itl0, stepped0, planned0 = _replay(paged, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=512)
+    t1, r1, itl1, _, planned1 = _replay(paged, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=512)
+    assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    assert list(t0.waiting[:100]) == [0] + [1] * 99 and len(stepped0) == planned0 == 105
+    # request 0's admission, the planned step 0 of the run (it lasts to request 0's last step),
+    # request 1's admission (then nobody waits: its decodes are a run at once)
+    assert planned1 == 3
+    monkeypatch.setattr(kvbench.quiet, "head_need", lambda scheduler, d: None)  # the stop before a take
+    t2, r2, _, _, planned2 = _replay(paged, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=512)
+    assert t2.equals(t0) and r2.equals(r0) and planned2 == 3 + 6  # (a run stopped before each take: 6)
