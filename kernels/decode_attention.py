@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late)
+                      kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late, plan_hit)
 
 LOG2E = 1.4426950408889634
 
@@ -426,14 +426,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                    MIN_SPLIT_TOKENS, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         except IndexError:
             ok = False
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            entry = last[1]
-        else:
-            entry = _PLANS.get(key) if ok else None
-            if entry is not None:
-                _PLANS[None] = (key, entry)
+        entry = plan_hit(_PLANS, key) if ok else None
         if entry is not None:
             B = qs[0]
             o = torch.empty_like(q) if out is None else out

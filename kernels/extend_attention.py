@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, make_plan, next_pow2, num_sms)
+                      dot_precision, kernel_for, make_plan, next_pow2, num_sms, plan_hit)
 from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _add_sink, _gather_kv,
                                bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
@@ -566,14 +566,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                    EXTEND_MAX_SPLITS, EXTEND_NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM)
         except (IndexError, ValueError):
             ok = False
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            entry = last[1]
-        else:
-            entry = _PLANS.get(key) if ok else None
-            if entry is not None:
-                _PLANS[None] = (key, entry)
+        entry = plan_hit(_PLANS, key) if ok else None
         if entry is not None:
             o = torch.empty_like(q) if out is None else out
             if not (T and B):

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, make_plan,
-                      next_pow2, pdl_args, pdl_begin, pdl_late)
+                      next_pow2, pdl_args, pdl_begin, pdl_late, plan_hit)
 
 # Default launch config (tuned on H100 for H_kv*D = 1024 bf16 rows).
 # (Evict-first loads with streaming stores measured 76 % of copy against 81 %: docs/kernels.md.)
@@ -108,14 +108,7 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "triton", c
                    _common._pdl_mode, _BLOCK_T, _NUM_WARPS)
         except ValueError:
             ok = False
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            hit = last[1]
-        else:
-            hit = _PLANS.get(key) if ok else None
-            if hit is not None:
-                _PLANS[None] = (key, hit)
+        hit = plan_hit(_PLANS, key) if ok else None
         if hit is not None:
             if T:
                 hit(-(-T // _BLOCK_T), 1, 1, pk, pv, pkc, pvc, pslot, T)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, make_plan
+from ._common import INDEX_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, make_plan, plan_hit
 
 PAGE_COPY_CONFIG = dict(BLOCK=4096, num_warps=4)
 
@@ -78,14 +78,7 @@ def page_copy(kv_pool, src_pages, dst_pages, page_size: int, *, backend: str = "
         key = (kv_pool.shape, kv_pool.stride(), kv_pool.dtype, kv_pool.get_device(), src_pages.dtype,
                src_pages.stride(), src_pages.get_device(), dst_pages.dtype, dst_pages.stride(), dst_pages.get_device(),
                ss == dst_pages.shape, page_size.__class__, page_size, id(PAGE_COPY_CONFIG))
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            hit = last[1]
-        else:
-            hit = _PLANS.get(key) if ok else None
-            if hit is not None:
-                _PLANS[None] = (key, hit)
+        hit = plan_hit(_PLANS, key) if ok else None
         if hit is not None:
             plan, g1, g2 = hit
             if ss[0]:

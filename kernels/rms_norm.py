@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (ATTN_DTYPES, check, check_backend, check_tensor, kernel_for, make_plan, next_pow2, pdl_args,
-                      pdl_begin, pdl_late)
+                      pdl_begin, pdl_late, plan_hit)
 
 
 @triton.jit
@@ -74,14 +74,7 @@ def rms_norm(x, weight, eps: float, residual=None, *, backend: str = "triton", n
         ok = not (px | pw | pr) & 15            # every pointer 16-byte aligned (Triton specializes on it)
         key = (x.dtype, N, x.stride(), x.get_device(), weight.dtype, weight.shape, weight.stride(),
                weight.get_device(), rkey, eps, num_warps, _common._pdl_mode)
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            hit = last[1]
-        else:
-            hit = _PLANS.get(key) if ok else None
-            if hit is not None:
-                _PLANS[None] = (key, hit)
+        hit = plan_hit(_PLANS, key) if ok else None
         if hit is not None:
             plan, like_x = hit
             out = torch.empty_like(x) if like_x else x.new_empty(T, N)   # (sizes as arguments: cheaper)

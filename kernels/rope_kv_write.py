@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, check, check_backend, check_tensor, kernel_for, make_plan, next_pow2,
-                      pdl_args, pdl_begin, pdl_late)
+                      pdl_args, pdl_begin, pdl_late, plan_hit)
 from .kv_write import kv_write_ref
 
 
@@ -134,14 +134,7 @@ def rope_kv_write(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads: int,
                    num_heads, num_kv_heads.__class__, num_kv_heads, num_warps, _common._pdl_mode)
         except ValueError:
             ok = False
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            hit = last[1]
-        else:
-            hit = _PLANS.get(key) if ok else None
-            if hit is not None:
-                _PLANS[None] = (key, hit)
+        hit = plan_hit(_PLANS, key) if ok else None
         if hit is not None:
             plan, heads, D, sizes, views = hit
             if T:

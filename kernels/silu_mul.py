@@ -12,7 +12,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, kernel_for, make_plan,
-                      pdl_args, pdl_begin, pdl_late)
+                      pdl_args, pdl_begin, pdl_late, plan_hit)
 
 BLOCK = 1024
 
@@ -46,14 +46,7 @@ def silu_mul(x, *, backend: str = "triton", num_warps: int = 4):
         px = x.data_ptr()
         ok = not px & 15                                     # 16-byte aligned (Triton specializes on it)
         key = (x.dtype, W, x.stride(), x.get_device(), num_warps, _common._pdl_mode)
-        # the last key taken and its entry, under None (cleared with the plans): compared, not hashed
-        last = _PLANS.get(None)
-        if ok and last is not None and last[0] == key:
-            hit = last[1]
-        else:
-            hit = _PLANS.get(key) if ok else None
-            if hit is not None:
-                _PLANS[None] = (key, hit)
+        hit = plan_hit(_PLANS, key) if ok else None
         if hit is not None:
             plan, I, blocks = hit
             out = x.new_empty(T, I)   # (sizes as arguments: a tuple costs new_empty ~0.8 us more to parse)
