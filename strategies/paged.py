@@ -380,13 +380,14 @@ class PagedStrategy(Strategy):
         else:
             self._free.append(pid)
 
-    def _unref_pages(self, pids) -> None:
-        """`_unref` of each page of `pids`, in order, in one loop."""
+    def _unref_pages(self, pids, cached: list | None = None) -> None:
+        """`_unref` of each page of `pids`, in order, in one loop. `cached` (a PageLRU only): pages
+        already unreferenced that turn cached before them (in that order)."""
         ref, fill, hashes, lru, free, memo = self._ref, self._fill, self._hash, self._lru, self._free, self._hit_memo
         index = memo.index if memo is not None else None
         token = 0
         if type(lru) is PageLRU:  # the pages that turn cached join the LRU in one extend
-            cached = []
+            cached = [] if cached is None else cached
             for pid in pids:
                 if ref[pid] != 1:  # still held by another request (a fork, a hit)
                     ref[pid] -= 1
@@ -1149,24 +1150,7 @@ class PagedStrategy(Strategy):
             ref[pid] = 0
         self._token -= seq.length - start * ps
         self._free.fromlist(pages[:done - 1:-1])
-        cached = pages[done - 1:start - 1:-1]
-        fill, hashes, free = self._fill, self._hash, self._free
-        token = 0
-        for pid in pages[start - 1::-1]:
-            if ref[pid] != 1:  # still held by another request (a hit)
-                ref[pid] -= 1
-                continue
-            ref[pid] = 0
-            token += fill[pid]
-            if hashes[pid] is None:
-                free.append(pid)
-            else:
-                cached.append(pid)
-        self._token -= token
-        self._lru.extend(cached)
-        memo = self._hit_memo
-        if memo is not None and memo.index:  # the waiting match's hits among them are evictable now
-            memo.cached += len(memo.index.keys() & cached)
+        self._unref_pages(pages[start - 1::-1], cached=pages[done - 1:start - 1:-1])
         if not seq.ndef:  # no page registered lazily: its node needs no owner
             self._drop_lazy(seq, 0)
 
