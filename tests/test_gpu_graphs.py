@@ -33,13 +33,7 @@ CPU_MODEL = dict(TINY, name="tiny-f32", hidden_size=64, intermediate_size=128, h
 PS, SEQS, TOKENS, MAX_LEN = 16, 4, 64, 160  # page size, max_num_seqs, max_num_batched_tokens, max_model_len
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by several processes: torch's thread pool spinning costs ~40x here."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _drive(eng, reqs, chunk, graphs, seqs=None, tokens=None):

@@ -39,13 +39,7 @@ DESIGNS = ("hybrid_separate", "hybrid_unified", "hybrid_jenga", "hybrid_radix")
 CAPACITY, MAX_LEN = 1024, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by several processes: torch's thread pool spinning costs ~40x here."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def trace(n_groups=2, per_group=3, system=48, question=12, output=10):
