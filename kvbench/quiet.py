@@ -41,15 +41,11 @@ from __future__ import annotations
 from heapq import heappop, heappush
 from typing import NamedTuple
 
-
 from kvbench.events import StepEvent
 from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.base import SlotStates, Strategy
-from kvbench.strategies.paged import PagedStrategy
-from kvbench.strategies.radix import RadixStrategy
 
 _new_tuple = tuple.__new__
-_MONOTONE = (PagedStrategy, RadixStrategy)  # strategies whose refused head stays refused (`head_need`)
 
 
 class Quiet(NamedTuple):
@@ -343,7 +339,8 @@ def head_need(scheduler: Scheduler, d: int) -> int | None:
     running, no token budget left, or a whole prompt over the budget without chunked prefill:
     all fixed while the same requests run).
 
-    1: those whose requests take only free pages (none evicted): then the first request the
+    1: those whose requests take only free pages (none evicted), on a strategy whose refusal
+    outlasts such takes (`Strategy.refusal_outlasts_free_takes`): then the first request the
     scheduler tries, refused in the step before the run, is refused after the step too. That
     request is fixed while the run lasts (fcfs: the queue's head, nobody joining in front; lpm,
     dfs_weight or dedup_prefix: the first urgent one, as passed-over counts change only when
@@ -374,8 +371,7 @@ def head_need(scheduler: Scheduler, d: int) -> int | None:
             head = waiting[0]  # (fcfs with dedup_prefix, nobody urgent: queue order)
     if not scheduler.chunked_prefill and budget < head.prefill_target - head.swapped <= scheduler.max_num_batched_tokens:
         return 0
-    if head.swapped or getattr(st, "host_tier_tokens", 0) or type(st) not in _MONOTONE \
-            or (type(st) is PagedStrategy and st.prefix_caching):
+    if head.swapped or not st.refusal_outlasts_free_takes:
         return None
     return 1
 

@@ -89,6 +89,10 @@ class Strategy(ABC):
     contiguous: bool = False
     #: True when a request's computed prefix can serve a later request (admit may answer cached > 0).
     caches_prefixes: bool = False
+    #: True when a request `admit` refused stays refused while running requests' decodes take free
+    #: pages (no eviction, no host copy): its need and its match do not change and free memory only
+    #: drops. Lets a sim quiet run go on through such steps while requests wait (kvbench.quiet).
+    refusal_outlasts_free_takes: bool = False
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int, name: str) -> None:
         if page_size < 1:

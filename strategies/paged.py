@@ -1155,6 +1155,13 @@ class PagedStrategy(Strategy):
             self._drop_lazy(seq, 0)
 
     @property
+    def refusal_outlasts_free_takes(self) -> bool:
+        """Without prefix caching (a decode registers no page that could lengthen a waiting
+        request's match) and a host tier, a refused request needs more pages than are free, and a
+        free page taken only lowers that. Pure."""
+        return not self.prefix_caching and self._host is None
+
+    @property
     def grows_merge(self) -> bool:
         """Whether grow(a) then grow(b) leaves the pool as grow(a + b) does: without prefix
         caching (no page registered at a grow) and before any fork (no shared page to copy). Pure."""

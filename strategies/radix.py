@@ -235,6 +235,9 @@ class RadixStrategy(Strategy):
     min_cache_len = property(lambda self: self._opts.min_cache_len)
     host_tier_tokens = property(lambda self: self._opts.host_tier_tokens)
     host_tier_eviction = property(lambda self: self._opts.host_tier_eviction)
+    # a decode's grow inserts nothing (radix inserts at prefill and release), and a free page
+    # taken evicts nothing: a refused request's match and path stay (without a host tier)
+    refusal_outlasts_free_takes = property(lambda self: not self._opts.host_tier_tokens)
 
     # ---- tree -------------------------------------------------------------------------------
     def _child_key(self, ids: np.ndarray) -> object:
