@@ -80,3 +80,56 @@ def test_dependent_kernel_chain_same_with_and_without_pdl(graph):
         _common.set_pdl(was)
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("M", [1, 5])
+def test_split_k_partials_summed_by_the_last_program_and_counts_reset(split, M):
+    """Split-K (the GPU autotuner's choice on wide K): each program of a column block leaves a
+    partial over its run of K tiles, the last to arrive adds them in split order, writes y and sets
+    the block's arrival count back to 0 so that the next call (or graph replay) starts clean."""
+    from kvbench.kernels._common import kernel_for
+    dev, gen = device(), torch.Generator().manual_seed(split * 10 + M)
+    N, K = 40, 200                                    # 3 column blocks, the last masked; K tiles 64,64,64,8
+    x = randn(M, K, dtype=torch.float32, device=dev, gen=gen)
+    w = randn(N, K, dtype=torch.float32, device=dev, gen=gen) * 0.1
+    b = randn(N, dtype=torch.float32, device=dev, gen=gen)
+    ws = torch.full((split, lin.MAX_M, N), float("nan"), device=dev)
+    cnt = torch.zeros(3, dtype=torch.int32, device=dev)
+    for call in range(2):
+        y = torch.full((M, N), float("nan"), device=dev)
+        kernel_for(lin._gemv_kernel, dev)[(3, split)](
+            x, w, b, y, ws, cnt, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+            HAS_BIAS=True, DOT_F32=True, DOT_PREC="ieee", PDL=0, BLOCK_M=lin.MAX_M, BLOCK_N=16, BLOCK_K=64,
+            SPLIT_K=split)
+        assert cnt.tolist() == [0, 0, 0]
+        k_per = -(-(-(-K // split)) // 64) * 64
+        parts = [x[:, s * k_per:(s + 1) * k_per] @ w[:, s * k_per:(s + 1) * k_per].T for s in range(split)]
+        torch.testing.assert_close(ws[:, :M], torch.stack(parts))   # the partials, one per run of K tiles
+        assert_close(y, F.linear(x, w, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cfg", [c for c in lin._CONFIGS if c.kwargs["SPLIT_K"] > 1], ids=str)
+def test_split_k_configs_exact_and_repeatable_on_the_gpu(cfg):
+    """Every split-K config the autotuner may pick: close to F.linear, the same bits on every call
+    (the last program sums the partials in split order, whichever program is last) and the
+    arrival counts back at zero after each call."""
+    dev, gen = torch.device("cuda"), torch.Generator().manual_seed(1)
+    N, K = 4096 + 48, 14336
+    x = randn(3, K, dtype=torch.bfloat16, device=dev, gen=gen)
+    w = randn(N, K, dtype=torch.bfloat16, device=dev, gen=gen) * 0.02
+    scratch, counts = lin.split_scratch(N, dev)
+    outs = []
+    for _ in range(5):
+        y = torch.empty(3, N, dtype=torch.bfloat16, device=dev)
+        lin._gemv_kernel[(lin.cdiv(N, cfg.kwargs["BLOCK_N"]), cfg.kwargs["SPLIT_K"])](
+            x, w, w, y, scratch, counts, 3, N, K, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False,
+            DOT_F32=False, DOT_PREC="tf32", PDL=0, BLOCK_M=lin.MAX_M, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **cfg.kwargs)
+        torch.cuda.synchronize()
+        assert not counts.any()
+        outs.append(y)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert_close(outs[0], F.linear(x.float(), w.float()))
