@@ -22,24 +22,9 @@ bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefi
 `grow` pays one boolean test.
 
 Lazy registration (prefix caching with plain LRU, no host tier, no dedup_touch, before any
-fork): hashing a page costs ~1 us and most pages are never matched (the Azure traces: no hit at
-all; Mooncake: a shared head, then each request's own pages), so a request that registers a
-page below which nothing is registered *owns* the chain from there: that page (its node) is
-registered as always, its later pages are registered without a hash (`_hash[pid]` holds the
-owner; `_owners` maps the node's hash to it). The table's chains form a tree of nodes: hashed
-pages, and ghosts (a chain hash whose page was evicted while pages below it stay registered, as
-vLLM keeps them); `_kids` counts the nodes (and the owner) right below each node, so "nothing
-registered below" is one probe. That is exact: a page below an owner's node can only be reached
-through a lookup that hit that node, and nothing else is below it, so each of its pages would
-have been registered (its hash new) and a lookup finds it at the owner's same position (its ids
-compared as a hit's are). The first request that hits such a page, or registers a page below
-the owner's node (or the first fork), makes the owner hash its pages (`_share`: then they are
-nodes like any other). A page registered lazily is evicted like any other (its owner counts
-them: an owner that left with none is forgotten); an owner's release moves its lazy pages by
-slices (they are its own: a request that hits them has them hashed first). Every answer equals
-registering every page hashed (tests/test_paged_lazy.py compares the two call by call), up to
-collisions of Python's 64-bit hash, which every result here already assumes (the hash is seeded
-per process).
+fork; strategies/_paged_lazy.py): a request that registers a page below which nothing is
+registered owns its chain from there, its later pages registered without a hash until another
+request hits them; every answer equals registering every page hashed.
 
 A request that waits for memory is matched once: the match (its hit pages, their page hashes,
 and how many of them are cached) is kept in a memo and kept exact incrementally. An eviction of
@@ -83,7 +68,6 @@ its history). Off (0): the eviction paths test one attribute per evicted page, n
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -93,7 +77,9 @@ from kvbench.strategies.eviction import EvictionPolicy, make_policy
 from kvbench.strategies.eviction.lru import LRU, PageLRU
 from kvbench.strategies.host_tier import HostPool, host_pages_for
 
-_ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
+from ._paged_lazy import LazyRegistration
+from ._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _void
+
 _new_tuple = tuple.__new__
 _NO_TAIL: tuple = ()
 
@@ -106,64 +92,9 @@ def page_hash(parent: int, ids: bytes) -> int:
 
 
 _PAGE_HASH = page_hash  # (the module's own: `_cached_prefix` inlines it unless a test patched it)
-
-
-@dataclass(slots=True, eq=False)
-class _Seq:
-    tokens: np.ndarray  # all ids the request will hold
-    kv_len: int
-    pages: list[PageId] = field(default_factory=list)
-    length: int = 0  # positions with room (computed between steps)
-    hashes: list[int] = field(default_factory=list)  # chained hashes of its first full pages (lazy: its first only)
-    hash_at: int = 0  # length at which its next unhashed page is full: (registered pages + 1) * page_size
-    lazy: bool = False  # it owns its chain: its pages 1.. are registered without their hash (module docstring)
-    ndef: int = 0  # of those, how many are still registered (not evicted)
-    gone: bool = False  # released
-    reserved: int = 0  # this request's share of the pool's reserved slots
-    cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
-    data: bytes | None = None  # `tokens` as bytes, made at its first page registration (a page's ids
-    # are a slice of it: ~10x cheaper than a numpy slice's tobytes)
-
-
-class _Match:
-    """The prefix match of one waiting request, kept exact between its retries (see the module
-    docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
-
-    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached", "data", "owner", "odata")
-
-    def __init__(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> None:
-        self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
-        self.hashes: list[int] = []  # chained hashes of its first pages, computed up to the first miss
-        self.hits: list[PageId] = []
-        self.index: dict[PageId, int] = {}  # hit page → its position (filled when the request is refused)
-        self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
-        self.data: bytes | None = None  # `tokens` as bytes, made once the match is a few pages long
-        self.owner: _Seq | None = None  # the owner whose lazily registered pages it last compared
-        self.odata: bytes = b""  # that owner's ids as bytes
-
-
 _VISIBILITY = ("computed", "scheduled")
-_NEVER = 1 << 62  # hash_at of a request that hashes no more pages (admission options)
 _BULK_IDS = 8  # registering this many pages or more: their ids as bytes from one numpy call (its
 # fixed cost is about 8 bytes slices'), not a slice each
-_VOIDS: dict[int, np.dtype] = {}
-
-
-def _void(nb: int) -> np.dtype:
-    """The numpy dtype of one page's ids as one opaque item of `nb` bytes (its `tolist()` gives
-    `bytes`, equal to the slice of the same bytes). Cached per size."""
-    dt = _VOIDS.get(nb)
-    if dt is None:
-        dt = _VOIDS[nb] = np.dtype((np.void, nb))
-    return dt
-
-
-def _page_ids(seq: _Seq, i: int, ps: int) -> bytes:
-    """Page i of `seq`'s ids as bytes (what its registration stores). Pure."""
-    if seq.data is not None:
-        nb = ps * seq.tokens.itemsize
-        return seq.data[i * nb:(i + 1) * nb]
-    return seq.tokens[i * ps:(i + 1) * ps].tobytes()
 
 
 class _Scratch:
@@ -176,7 +107,7 @@ class _Scratch:
         self._hit_memo = None
 
 
-class PagedStrategy(Strategy):
+class PagedStrategy(LazyRegistration, Strategy):
     """vLLM-style paging. `prefix_caching` turns automatic prefix caching on;
     `prefix_visibility`, `dedup_touch`, the admission options and the host tier
     (`host_tier_tokens`, `host_tier_eviction`): see the module docstring."""
@@ -231,14 +162,7 @@ class PagedStrategy(Strategy):
         self._token = 0  # slots of in-use pages holding tokens
         self._reserved = 0
         self._hit_memo: _Match | None = None  # the waiting request's match (a memo: not state)
-        # lazy registration (module docstring): first page hash → the request that owns that chain
-        # (its pages 1.. registered unhashed: `_hash[pid]` is the owner), and the first page hashes
-        # whose chains are hashed in full (another request matched or registered them)
-        self._lazy = prefix_caching and self._plain_lru and not self.dedup_touch
-        self._owners: dict[int, _Seq] = {}
-        self._kids: dict[int, int] = {}  # chain hash → nodes right below it (hashed pages, ghosts, an owner)
-        self._ghosts: dict[int, int] = {}  # chain hash not in the table with nodes below it → its parent hash
-        self._parent: list[int | None] = []  # a hashed page's parent hash (lazy registration only)
+        self._init_lazy(prefix_caching and self._plain_lru and not self.dedup_touch)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
@@ -486,31 +410,6 @@ class PagedStrategy(Strategy):
             else:
                 self._unkid(self._parent[pid])
 
-    def _unkid(self, h: int) -> None:
-        """Node `h` has one node less right below it; a ghost left with none goes, and so on up."""
-        kids, ghosts = self._kids, self._ghosts
-        while True:
-            left = kids[h] - 1
-            if left:
-                kids[h] = left
-                return
-            del kids[h]
-            h = ghosts.pop(h, None)
-            if h is None:
-                return
-
-    def _drop_lazy(self, owner: _Seq, left: int = -1) -> None:
-        """A page that `owner` registered lazily is evicted (`left`: the count already taken
-        down, or -1: take it down here). An owner with none left (it is released: only cached
-        pages are evicted) leaves `_owners` and its node's count. Mutates."""
-        if left < 0:
-            owner.ndef -= 1
-            left = owner.ndef
-        if not left:
-            key = owner.hashes[-1]
-            del self._owners[key]
-            self._unkid(key)
-
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""
         ref, index = self._ref, memo.index
@@ -662,53 +561,6 @@ class PagedStrategy(Strategy):
                 data = memo.data = tokens.tobytes()  # than a numpy slice's tobytes each)
         return memo
 
-    def _lazy_walk(self, memo: _Match, owner: _Seq, i: int) -> _Match:
-        """`_cached_prefix` from page i on, within the pages `owner` registered lazily (page i - 1
-        is a hit: the owner's node or one of those pages): each hits where the owner has it
-        registered and its ids are the request's; nothing else is below them, so the match ends
-        at the first that does not. Not hashed: the match's hashes stop at the owner's first such
-        page (`_match_hashes` makes the rest where needed). Mutates only the memo."""
-        ps, tokens, hits, ref, page_hashes = self.page_size, memo.tokens, memo.hits, self._ref, self._hash
-        if owner is not memo.owner:  # (its ids as bytes, kept by the match: the owner is not changed)
-            memo.owner, memo.odata = owner, owner.data if owner.data is not None else owner.tokens.tobytes()
-        odata, onb, pages = memo.odata, ps * owner.tokens.itemsize, owner.pages
-        data = memo.data
-        if data is None:
-            data = memo.data = tokens.tobytes()
-        nb = ps * tokens.itemsize
-        end = min(memo.num_full, len(pages))
-        k = i  # its pages i..k-1 are registered: the ones that may hit
-        while k < end and page_hashes[pages[k]] is owner:
-            k += 1
-        if k > i and (owner.tokens is tokens or onb == nb and odata[i * nb:k * nb] == data[i * nb:k * nb]):
-            new = pages[i:k]  # the same ids all along (a preempted request back): all hit
-            hits += new
-            memo.cached += len(new) - sum(map(bool, map(ref.__getitem__, new)))
-            return memo
-        while i < k:
-            pid = pages[i]
-            if odata[i * onb:(i + 1) * onb] != data[i * nb:(i + 1) * nb]:
-                break
-            hits.append(pid)
-            if ref[pid] == 0:
-                memo.cached += 1
-            i += 1
-        return memo
-
-    @staticmethod
-    def _match_hashes(memo: _Match, n: int, ps: int) -> list[int]:
-        """The chained hashes of the match's first n pages (computed past its last computed one). Mutates only the memo."""
-        hashes = memo.hashes
-        if len(hashes) < n:
-            data, nb = memo.data, ps * memo.tokens.itemsize
-            if data is None:
-                data = memo.data = memo.tokens.tobytes()
-            h = hashes[-1] if hashes else _ROOT_HASH
-            for i in range(len(hashes), n):
-                h = hash((h, data[i * nb:(i + 1) * nb]))
-                hashes.append(h)
-        return hashes[:n]
-
     @staticmethod
     def _index(memo: _Match) -> None:
         """The request is refused: index its hits, so that evictions and frees find them."""
@@ -770,147 +622,6 @@ class PagedStrategy(Strategy):
         # (a page whose content another page already caches stays unhashed: freed on release)
         if self._host is not None:
             self._drop_host_copies(hashes[first:full])
-
-    def _register_watched(self, seq: _Seq, first: int, full: int) -> None:
-        """Lazy registration of pages first..full-1 of a request that owns no chain: each page
-        hashed and registered as always (its node counted under its parent's; a parent whose
-        nodes below are an owner's, hashed first: the owner may hold these ids), until a page
-        below which nothing is registered: the request owns its chain from there, its later
-        pages registered lazily. Mutates."""
-        ps, hashes, pages = self.page_size, seq.hashes, seq.pages
-        table, page_hashes, stored, parent = self._table, self._hash, self._stored_ids, self._parent
-        kids, ghosts, owners = self._kids, self._ghosts, self._owners
-        h = hashes[-1] if first else _ROOT_HASH
-        for i in range(first, full):
-            if h in owners:  # an owner's lazily registered page may hold these ids
-                self._share(h)
-            elif i and h not in kids and h not in table:  # its parent is no node: look further up
-                self._above(hashes, i)
-            ids = _page_ids(seq, i, ps)
-            x = hash((h, ids))
-            hashes.append(x)
-            pid = pages[i]
-            if x not in table and page_hashes[pid] is None:
-                table[x] = pid
-                page_hashes[pid] = x
-                stored[pid] = ids
-                parent[pid] = h
-                if ghosts.pop(x, None) is None:  # (a ghost is counted under its parent already)
-                    c = kids.get(h)
-                    if c is not None:
-                        kids[h] = c + 1
-                    elif not i or h in table:
-                        kids[h] = 1
-                    else:  # its parent left the table with nothing below it: a ghost again
-                        self._attach(hashes, i)
-            h = x
-            if x not in kids:  # nothing registered below it: the request owns its chain from here
-                owners[x] = seq
-                kids[x] = 1
-                rest = pages[i + 1:full]
-                for pid in rest:
-                    page_hashes[pid] = seq
-                seq.lazy, seq.ndef = True, len(rest)
-                break
-        seq.hash_at = (full + 1) * ps if full < seq.cache_pages else _NEVER
-
-    def _above(self, hashes: list[int], i: int) -> None:
-        """Page i of a chain is registered below a parent that is no node: the first node above
-        it (or the root) is looked up, and if it is an owner's, the owner's pages are hashed
-        (nothing is registered below an owner's node but its lazy pages, which these pages may
-        duplicate). Mutates."""
-        kids, table = self._kids, self._table
-        for j in range(i - 2, -1, -1):
-            h = hashes[j]
-            if h in kids or h in table:
-                if h in self._owners:
-                    self._share(h)
-                return
-
-    def _attach(self, hashes: list[int], i: int) -> None:
-        """Node `hashes[i]` was registered below a parent that is no node (its page left the
-        table with nothing below it, as pages stay registered when their parent is evicted):
-        the parent becomes a ghost, counted under its own parent, and so on up. Mutates."""
-        kids, ghosts, table = self._kids, self._ghosts, self._table
-        while True:
-            i -= 1
-            h = hashes[i]
-            up = hashes[i - 1] if i else _ROOT_HASH
-            kids[h] = 1
-            ghosts[h] = up
-            c = kids.get(up)
-            if c is not None:
-                kids[up] = c + 1
-                return
-            if not i or up in table:
-                kids[up] = 1
-                return
-
-    def _may_take_over(self, owner: _Seq, nhit: int) -> bool:
-        """Whether a request that hits the pages `owner` registered lazily up to its `nhit`-th
-        page may own them in its place: the owner left, and has no page registered lazily
-        past them (a preempted request that comes back hits all it had registered). Pure."""
-        if not owner.gone or self._admission:
-            return False
-        done = owner.hash_at // self.page_size - 1 if owner.hash_at != _NEVER else owner.cache_pages
-        page_hashes = self._hash
-        return not any(page_hashes[pid] is owner for pid in owner.pages[nhit:done])
-
-    def _take_over(self, owner: _Seq, seq: _Seq, nhit: int) -> None:
-        """`seq` (just admitted, its first `nhit` pages hits) owns in `owner`'s place the pages
-        that owner registered lazily (all among its hits: `_may_take_over`). Mutates."""
-        start = len(owner.hashes)
-        page_hashes = self._hash
-        for pid in seq.pages[start:nhit]:
-            page_hashes[pid] = seq
-        del seq.hashes[start:]
-        seq.lazy, seq.ndef = True, nhit - start
-        owner.lazy, owner.ndef = False, 0
-        self._owners[owner.hashes[-1]] = seq
-
-    def _share(self, key: int) -> None:
-        """The owner of the chain below node `key` hashes the pages it registered lazily (another
-        request matched them, or registers a page below `key`). Mutates."""
-        owner = self._owners.pop(key)
-        self._hash_owned(owner)
-        self._unkid(key)  # (the owner's count: its hashed pages are counted now)
-
-    def _hash_owned(self, owner: _Seq) -> None:
-        """The pages `owner` registered lazily and still has registered get their hashes, as if
-        registered hashed: none of those hashes is in the table or a ghost (nothing else is
-        below the owner's node); an evicted one with a registered page below it is a ghost, as
-        evicting it hashed would have left it. Mutates."""
-        ps, table, page_hashes, stored = self.page_size, self._table, self._hash, self._stored_ids
-        parent, kids, ghosts = self._parent, self._kids, self._ghosts
-        done = owner.cache_pages if owner.hash_at == _NEVER else owner.hash_at // ps - 1  # pages registered
-        data = owner.data
-        if data is None:
-            data = owner.data = owner.tokens.tobytes()
-        nb = ps * owner.tokens.itemsize
-        hashes, start = owner.hashes, len(owner.hashes)  # (its pages from `start` on: registered lazily)
-        pieces = np.frombuffer(data, _void(nb), done - start, start * nb).tolist()  # (their ids, one call)
-        h = hashes[-1]
-        for ids in pieces:
-            h = hash((h, ids))
-            hashes.append(h)
-        below = False  # whether node i + 1 exists (hashed or a ghost)
-        for i in range(done - 1, start - 1, -1):
-            pid, h, up = owner.pages[i], hashes[i], hashes[i - 1]
-            mine = page_hashes[pid] is owner
-            if mine:
-                if table.setdefault(h, pid) != pid or h in kids:
-                    raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes as a registered page")
-                page_hashes[pid] = h
-                stored[pid] = pieces[i - start]
-                parent[pid] = up
-            if below:
-                kids[h] = 1
-                if not mine:
-                    ghosts[h] = up
-            below = below or mine
-        if below:
-            kids[hashes[start - 1]] += 1
-        owner.lazy, owner.ndef = False, 0
 
     def _unref_touching(self, seq: _Seq) -> None:
         """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate
@@ -1137,23 +848,6 @@ class PagedStrategy(Strategy):
         if seq.length % self.page_size:
             self._after_unshare(seq.pages[-1])
 
-    def _release_owner(self, seq: _Seq) -> None:
-        """`_unref_pages(reversed(seq.pages))` for a chain's owner, its lazy pages by slices: its
-        pages past `done` (none registered: its own) go to the free stack, its pages from its
-        node's on, up to `done` (registered lazily: its own, as a request that hits them hashes
-        them first) to the LRU, tail first, then its first pages (hits or hashed) page by page.
-        Mutates."""
-        pages, ref, ps = seq.pages, self._ref, self.page_size
-        done = seq.cache_pages if seq.hash_at == _NEVER else seq.hash_at // ps - 1
-        start = len(seq.hashes)  # (its pages from `start` on are its own)
-        for pid in pages[start:]:
-            ref[pid] = 0
-        self._token -= seq.length - start * ps
-        self._free.fromlist(pages[:done - 1:-1])
-        self._unref_pages(pages[start - 1::-1], cached=pages[done - 1:start - 1:-1])
-        if not seq.ndef:  # no page registered lazily: its node needs no owner
-            self._drop_lazy(seq, 0)
-
     @property
     def refusal_outlasts_free_takes(self) -> bool:
         """Without prefix caching (a decode registers no page that could lengthen a waiting
@@ -1171,11 +865,7 @@ class PagedStrategy(Strategy):
         src = self._seqs[parent]
         self._solo = False  # pages are shared from now on: releases go page by page
         if self._lazy:  # shared pages: every page hashed from now on (an owner's pages are its own)
-            for h in list(self._owners):
-                self._share(h)
-            self._lazy = False
-            self._kids.clear()
-            self._ghosts.clear()
+            self._end_lazy()
         for pid in src.pages:
             self._ref[pid] += 1
         self._seqs[child] = _Seq(tokens=child_tokens, kv_len=child_kv_len, pages=list(src.pages),
@@ -1274,63 +964,6 @@ class PagedStrategy(Strategy):
             raise InvariantError(f"slot states {states} do not sum to capacity {self.capacity}")
         self._check_lazy(n)
         self._check_host()
-
-    def _check_lazy(self, n: int) -> None:
-        """Lazy registration: the node counts (`_kids`) recounted from the hashed pages (each
-        counted under its parent, whose hash with its ids gives its own), the ghosts and the
-        owners; ghosts are not in the table and have nodes below them; every owner is its node's
-        owner, live or with `ndef` pages registered lazily (its pages from its node's on, below
-        the pages it registered; its own while it runs); and the hashes of those pages (computed
-        here) are distinct and none is in the table or a ghost: hashing them all gives the table
-        that registering every page hashed gives."""
-        if not self._lazy:
-            if self._owners or self._kids or self._ghosts:
-                raise InvariantError("lazy registration off, but owners, node counts or ghosts are kept")
-            return
-        ps, live = self.page_size, {id(seq) for seq in self._seqs.values()}
-        kids: dict[int, int] = {}
-        for h, pid in self._table.items():
-            up = self._parent[pid]
-            if hash((up, self._stored_ids[pid])) != h:
-                raise InvariantError(f"page {pid}: its parent hash and ids do not give its hash")
-            kids[up] = kids.get(up, 0) + 1
-        for h, up in self._ghosts.items():
-            if h in self._table or not self._kids.get(h):
-                raise InvariantError(f"ghost {h} is in the table or has nothing below it")
-            kids[up] = kids.get(up, 0) + 1
-        for h in self._owners:
-            kids[h] = kids.get(h, 0) + 1
-        if any(h != _ROOT_HASH and h not in self._table and h not in self._ghosts for h in kids):
-            raise InvariantError("a node counted as a parent is neither in the table nor a ghost")
-        if kids != self._kids:
-            raise InvariantError(f"node counts {len(self._kids)} kept, {len(kids)} recounted, differ")
-        held: dict[int, int] = {}
-        for pid in range(n):
-            o = self._hash[pid]
-            if o.__class__ is _Seq:
-                held[id(o)] = held.get(id(o), 0) + 1
-        seen = set(self._table) | set(self._ghosts)
-        for h, o in self._owners.items():
-            if not o.lazy or o.hashes[-1] != h or held.get(id(o), 0) != o.ndef or not (o.ndef or id(o) in live):
-                raise InvariantError(f"owner of node {h}: lazy {o.lazy}, {o.ndef} pages counted, "
-                                     f"{held.get(id(o), 0)} registered lazily")
-            if id(o) in live and any(self._ref[p] != 1 for p in o.pages[len(o.hashes):]):
-                raise InvariantError("an owner shares a page it registered lazily")
-            done = o.cache_pages if o.hash_at == _NEVER else o.hash_at // ps - 1
-            x, nb = h, ps * o.tokens.itemsize
-            data = o.tokens.tobytes()
-            for i in range(len(o.hashes), done):
-                x = hash((x, data[i * nb:(i + 1) * nb]))
-                if self._hash[o.pages[i]] is o:
-                    if x in seen:
-                        raise InvariantError(f"page {i} of node {h}'s owner, registered lazily, hashes as a "
-                                             "registered page or a ghost")
-                    seen.add(x)
-        if sum(held.values()) != sum(o.ndef for o in self._owners.values()):
-            raise InvariantError("a page is registered lazily by a request that owns no chain")
-        for seq in self._seqs.values():
-            if seq.lazy and self._owners.get(seq.hashes[-1]) is not seq:
-                raise InvariantError("a lazy request does not own its chain")
 
     def _check_host(self) -> None:
         """Host tier: its maps agree, every host page is free or holds one hash, the policy holds

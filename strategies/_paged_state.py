@@ -1,0 +1,67 @@
+"""The records of strategies/paged.py: a request's pages and hashes (`_Seq`), the kept match of a
+waiting request (`_Match`), and how a page's ids are cut from a request's tokens as bytes. Shared
+by paged.py and its lazy registration (_paged_lazy.py); not a strategy (no yaml registers it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvbench.strategies.base import PageId, RequestId
+
+_ROOT_HASH = 0x6B7662656E6368  # any fixed seed for the first page's parent hash
+_NEVER = 1 << 62  # hash_at of a request that hashes no more pages (admission options)
+
+
+@dataclass(slots=True, eq=False)
+class _Seq:
+    tokens: np.ndarray  # all ids the request will hold
+    kv_len: int
+    pages: list[PageId] = field(default_factory=list)
+    length: int = 0  # positions with room (computed between steps)
+    hashes: list[int] = field(default_factory=list)  # chained hashes of its first full pages (lazy: its first only)
+    hash_at: int = 0  # length at which its next unhashed page is full: (registered pages + 1) * page_size
+    lazy: bool = False  # it owns its chain: its pages 1.. are registered without their hash (strategies/_paged_lazy.py)
+    ndef: int = 0  # of those, how many are still registered (not evicted)
+    gone: bool = False  # released
+    reserved: int = 0  # this request's share of the pool's reserved slots
+    cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
+    data: bytes | None = None  # `tokens` as bytes, made at its first page registration (a page's ids
+    # are a slice of it: ~10x cheaper than a numpy slice's tobytes)
+
+
+class _Match:
+    """The prefix match of one waiting request, kept exact between its retries (see strategies/paged.py's
+    docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
+
+    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached", "data", "owner", "odata")
+
+    def __init__(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> None:
+        self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
+        self.hashes: list[int] = []  # chained hashes of its first pages, computed up to the first miss
+        self.hits: list[PageId] = []
+        self.index: dict[PageId, int] = {}  # hit page → its position (filled when the request is refused)
+        self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
+        self.data: bytes | None = None  # `tokens` as bytes, made once the match is a few pages long
+        self.owner: _Seq | None = None  # the owner whose lazily registered pages it last compared
+        self.odata: bytes = b""  # that owner's ids as bytes
+
+
+_VOIDS: dict[int, np.dtype] = {}
+
+
+def _void(nb: int) -> np.dtype:
+    """The numpy dtype of one page's ids as one opaque item of `nb` bytes (its `tolist()` gives
+    `bytes`, equal to the slice of the same bytes). Cached per size."""
+    dt = _VOIDS.get(nb)
+    if dt is None:
+        dt = _VOIDS[nb] = np.dtype((np.void, nb))
+    return dt
+
+
+def _page_ids(seq: _Seq, i: int, ps: int) -> bytes:
+    """Page i of `seq`'s ids as bytes (what its registration stores). Pure."""
+    if seq.data is not None:
+        nb = ps * seq.tokens.itemsize
+        return seq.data[i * nb:(i + 1) * nb]
+    return seq.tokens[i * ps:(i + 1) * ps].tobytes()
