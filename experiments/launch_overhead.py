@@ -175,7 +175,9 @@ def gpu_us(fns, host: list[float], n: int = 200, rounds: int = 7) -> list[float 
 
 def cases(dev, k: SimpleNamespace):
     """(name, zero-argument call) of the launchers in `k` at tiny shapes: a 2-request batch, 1 KV
-    head group, D=64."""
+    head group, D=64. The "as model" rows call attention as kvbench/model.py does (q, and extend's
+    k_new/v_new, strided views of one qkv output; sm_scale, contiguous, max_seq_len and the bounds
+    passed by keyword; no preallocated output)."""
     bf = torch.bfloat16
     Hq, Hkv, D, ps = 4, 1, 64, 16
     q = torch.randn(2, Hq, D, device=dev, dtype=bf)
@@ -198,12 +200,20 @@ def cases(dev, k: SimpleNamespace):
     src = torch.tensor([1], device=dev, dtype=torch.int32)
     dst = torch.tensor([2], device=dev, dtype=torch.int32)
     small = torch.randn(256, device=dev)
+    # as the model calls attention: q, k, v strided views of one projection output, bounds passed
+    qkv_d = torch.randn(2, Hq + 2 * Hkv, D, device=dev, dtype=bf)
+    qkv_e = torch.randn(6, Hq + 2 * Hkv, D, device=dev, dtype=bf)
+    qd, qm, km, vm = qkv_d[:, :Hq], qkv_e[:, :Hq], qkv_e[:, Hq:Hq + Hkv], qkv_e[:, Hq + Hkv:]
+    model = dict(sm_scale=D ** -0.5, contiguous=False, max_seq_len=64, window=0, chunk=0)
     return [
         ("torch add_ (yardstick)", lambda: small.add_(1.0)),
         ("decode_attention 1 split", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=1, out=out)),
         ("decode_attention 4 splits", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=4, out=out)),
         ("decode_attention auto", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, max_seq_len=64)),
         ("extend_attention", lambda: k.extend_attention(qe, kc, vc, pt, qsl, sl, ps)),
+        ("decode_attention as model", lambda: k.decode_attention(qd, kc, vc, pt, sl, ps, **model)),
+        ("extend_attention as model", lambda: k.extend_attention(qm, kc, vc, pt, qsl, sl, ps, k_new=km, v_new=vm,
+                                                                 **model)),
         ("kv_write", lambda: k.kv_write(kn, kn, kc, vc, slots)),
         ("rope_kv_write", lambda: k.rope_kv_write(qkv, cos, sin, kc, vc, slots, Hq, Hkv)),
         ("rms_norm", lambda: k.rms_norm(x, w, 1e-5)),

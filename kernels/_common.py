@@ -200,6 +200,22 @@ class Plan:
         self._launch(g0, g1, g2, _raw_stream(self._device), *self._head, *front, *self._tail)
 
 
+def direct(plan) -> tuple:
+    """`plan` unwrapped for a launcher's hit path: (launch, stream, device, head, tail) with
+    ``launch(g0, g1, g2, stream(device), *head, *front, *tail)`` doing what ``plan(g0, g1, g2, *front)``
+    does, one Python call (and one argument tuple) fewer per launch. A launch plan that is not a
+    `Plan` (a test's stand-in) is called through as it is (head and tail empty). The stream
+    function is the one in use now: a CPU stand-in that replaces `_raw_stream` before its plans are
+    made gets its own."""
+    if plan.__class__ is Plan:
+        return plan._launch, _raw_stream, plan._device, plan._head, plan._tail
+    return (lambda g0, g1, g2, stream, *front: plan(g0, g1, g2, *front)), _no_stream, 0, (), ()
+
+
+def _no_stream(device: int) -> None:
+    return None
+
+
 def _no_hooks(hook) -> bool:
     return hook is None or not getattr(hook, "calls", True)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late, plan_hit)
+                      direct, kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late, plan_hit)
 
 LOG2E = 1.4426950408889634
 
@@ -393,9 +393,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
-    if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
-        check_bounds(window, chunk)
-    if config is None and backend == "triton" and q.is_cuda:
+    if config is None and backend == "triton" and q.is_cuda and window.__class__ is int and chunk.__class__ is int \
+            and window >= 0 and chunk >= 0:
         # the hit path: a key of everything the checks and the compiled code depend on but the
         # page-table width and the context length (they only size the split-KV: the entry's
         # `calls` resolve them); data pointers go to the C launcher as ints (no data_ptr call and
@@ -429,23 +428,29 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         entry = plan_hit(_PLANS, key) if ok else None
         if entry is not None:
             B = qs[0]
-            o = torch.empty_like(q) if out is None else out
             if B == 0:
-                return o
+                return torch.empty_like(q) if out is None else out
             call = (max_seq_len, ptsh[1] if max_seq_len is None else 0, num_splits, num_splits.__class__,
                     window, chunk)
             hit = entry[0].get(call) or _resolve_splits(entry, call, B, k_cache.shape[1], page_size, q.device)
             if hit is not None:
-                run, merge, ppo, pplse, plock, head, o_strides, S, split_tokens, Hkv, Hq = hit
+                # (the launches unwrapped, `_common.direct`: one Python call each; `post` holds the
+                # call's sizes, bounds and the plan's constexprs)
+                launch, stream, dev, pre, mid, post, ppo, pplse, plock, Hkv, S, merge = hit
                 if out is None:
+                    o = torch.empty_like(q)
                     pout = o.data_ptr()
+                else:
+                    o = out
                 if ppo is None:          # one split: the partial buffers are unused, the output stands in
                     ppo = pplse = pout
-                run(B, Hkv, S, pq, pk, pv, ppt, psl, pout, ppo, pplse, psl if plock is None else plock, psk, *head,
-                    pts[0], *o_strides, page_size, split_tokens, S, window, chunk)
+                launch(B, Hkv, S, stream(dev), *pre, pq, pk, pv, ppt, psl, pout, ppo, pplse,
+                       psl if plock is None else plock, psk, *mid, pts[0], *post)
                 if merge is not None:
-                    merge(B, Hq, 1, ppo, pplse, pout, psk, *o_strides, S)
+                    launch, stream, dev, pre, post, Hq = merge
+                    launch(B, Hq, 1, stream(dev), *pre, ppo, pplse, pout, psk, *post)
                 return o
+    check_bounds(window, chunk)
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, seq_lens, page_size)
     check_sinks(sinks, q)
@@ -512,9 +517,9 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             # run concurrently on different streams
             split = num_splits > 1
             _PLANS.setdefault(key, ({}, {}))[1][num_splits] = (
-                run, merge, po.data_ptr() if split else None, plse.data_ptr() if split else None,
-                lock.data_ptr() if fused else None, head, (o.stride(0), o.stride(1)), Hkv, Hq,
-                (po, plse, lock) if split else None)   # (the buffers, kept alive)
+                direct(run), None if merge is None else direct(merge), po.data_ptr() if split else None,
+                plse.data_ptr() if split else None, lock.data_ptr() if fused else None, head,
+                (o.stride(0), o.stride(1)), Hkv, Hq, (po, plse, lock) if split else None)   # (the buffers, kept alive)
     return o
 
 
@@ -536,9 +541,13 @@ def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device
     plan = entry[1].get(S)
     if plan is None:
         return None
-    run, merge, ppo, pplse, plock, head, o_strides, hkv, hq, _ = plan
-    hit = (run, merge, ppo, pplse, plock, head, o_strides, S,
-           bn if explicit else cdiv(MIN_SPLIT_TOKENS, bn) * bn, hkv, hq)
+    (launch, stream, dev, pre, tail), merge, ppo, pplse, plock, head, o_strides, hkv, hq, _ = plan
+    split_tokens = bn if explicit else cdiv(MIN_SPLIT_TOKENS, bn) * bn
+    if merge is not None:
+        mlaunch, mstream, mdev, mpre, mtail = merge
+        merge = (mlaunch, mstream, mdev, mpre, (*o_strides, S, *mtail), hq)
+    hit = (launch, stream, dev, pre, head, (*o_strides, page_size, split_tokens, S, window, chunk, *tail), ppo, pplse,
+           plock, hkv, S, merge)
     calls = entry[0]
     if len(calls) >= 4096:   # (every context length of a long eager run: forget them now and then)
         calls.clear()
@@ -546,7 +555,7 @@ def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device
     return hit
 
 
-# key -> ({call: resolved launch (_resolve_splits)}, {num_splits: (plan, merge plan, split-buffer and lock
-# pointers, fixed args, output strides, H_kv, H_q, the buffers)}) (see _common.Plan); None -> (the last key
-# taken, its entry)
+# key -> ({call: resolved launch (_resolve_splits)}, {num_splits: (plan, merge plan (both `_common.direct`'s
+# unwrapped form), split-buffer and lock pointers, fixed args, output strides, H_kv, H_q, the buffers)});
+# None -> (the last key taken, its entry)
 _PLANS: dict = {}

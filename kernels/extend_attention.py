@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      dot_precision, kernel_for, make_plan, next_pow2, num_sms, plan_hit)
+                      direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, plan_hit)
 from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _add_sink, _gather_kv,
                                bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
@@ -519,11 +519,9 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
     """
     key, ok = None, False
-    if not (window.__class__ is int and chunk.__class__ is int and window >= 0 and chunk >= 0):
-        check_bounds(window, chunk)
-    if prefix_splits is not None and not (prefix_splits.__class__ is int and prefix_splits >= 1):
-        check(False, f"prefix_splits must be a positive int or None, got {prefix_splits!r}")
-    if config is None and backend == "triton" and q.is_cuda:
+    if config is None and backend == "triton" and q.is_cuda and window.__class__ is int and chunk.__class__ is int \
+            and window >= 0 and chunk >= 0 and (prefix_splits is None or prefix_splits.__class__ is int
+                                                and prefix_splits >= 1):
         # the hit path: a key of everything the checks and the compiled code depend on but the token
         # and request counts (the entry's `calls` resolve them); data pointers go to the C launcher
         # as ints (no data_ptr call and pointer check there); only the pointers the kernels
@@ -568,22 +566,30 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
             ok = False
         entry = plan_hit(_PLANS, key) if ok else None
         if entry is not None:
-            o = torch.empty_like(q) if out is None else out
             if not (T and B):
-                return o
+                return torch.empty_like(q) if out is None else out
             call = (T, B, max_seq_len, ptsh[1] if max_seq_len is None else 0, prefix_splits, window, chunk)
             hit = entry[3].get(call) or _resolve_splits(entry, call, Hq, D, page_size, q.device)
             if hit is not None:
-                run, merge, head, o_strides, S, split_tokens, ppo, pplse, blocks = hit
+                # (the launches unwrapped, `_common.direct`: one Python call each; `post` holds the
+                # call's sizes, bounds and the plan's constexprs)
+                launch, stream, dev, pre, mid, post, ppo, pplse, blocks, S, merge = hit
                 if out is None:
+                    o = torch.empty_like(q)
                     pout = o.data_ptr()
+                else:
+                    o = out
                 if ppo is None:          # one split: the partial buffers are unused, the output stands in
                     ppo = pplse = pout
-                run(Hq, blocks, S, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk, *head, pts[0],
-                    *o_strides, page_size, B, window, chunk, split_tokens, S)
+                launch(Hq, blocks, S, stream(dev), *pre, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk,
+                       *mid, pts[0], *post)
                 if merge is not None:
-                    merge(T, Hq, 1, ppo, pplse, pout, pqsl, B, psk, *o_strides, S)
+                    launch, stream, dev, pre, post = merge
+                    launch(T, Hq, 1, stream(dev), *pre, ppo, pplse, pout, pqsl, B, psk, *post)
                 return o
+    check_bounds(window, chunk)
+    check(prefix_splits is None or prefix_splits.__class__ is int and prefix_splits >= 1,
+          lambda: f"prefix_splits must be a positive int or None, got {prefix_splits!r}")
     check_backend(backend)
     _check(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, page_size)
     _check_new(q, k_cache, k_new, v_new)
@@ -646,7 +652,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     if ok:
         run = make_plan(kernel, _extend_kernel, args, kwargs, len(args), dev)
         if run is not None and (S == 1 or merge is not None):
-            _PLANS.setdefault(key, (BM, BN, {}, {}))[2][S] = (run, merge, head, (o.stride(0), o.stride(1)))
+            _PLANS.setdefault(key, (BM, BN, {}, {}))[2][S] = (direct(run), None if merge is None else direct(merge),
+                                                             head, (o.stride(0), o.stride(1)))
     return o
 
 
@@ -665,18 +672,22 @@ def _resolve_splits(entry, call: tuple, Hq: int, D: int, page_size: int, device)
     plan = plans.get(S)
     if plan is None:
         return None
-    run, merge, head, o_strides = plan
+    (launch, stream, dev, pre, tail), merge, head, o_strides = plan
     # (the buffers stay allocated when they grow: a remembered pointer stays valid)
     po, plse = _split_buffers(T * Hq * S, D, device) if S > 1 else (None, None)
-    hit = (run, merge, head, o_strides, S, split_tokens, None if po is None else po.data_ptr(),
-           None if plse is None else plse.data_ptr(), T // BM + B)
+    if merge is not None:
+        mlaunch, mstream, mdev, mpre, mtail = merge
+        merge = (mlaunch, mstream, mdev, mpre, (*o_strides, S, *mtail))
+    hit = (launch, stream, dev, pre, head, (*o_strides, page_size, B, window, chunk, split_tokens, S, *tail),
+           None if po is None else po.data_ptr(), None if plse is None else plse.data_ptr(), T // BM + B, S, merge)
     if len(calls) >= 4096:   # (every batch shape of a long eager run: forget them now and then)
         calls.clear()
     calls[call] = hit
     return hit
 
 
-# key -> (BLOCK_M, BLOCK_N, {splits: (plan, merge plan, fixed arguments, output strides)},
+# key -> (BLOCK_M, BLOCK_N, {splits: (plan, merge plan (both `_common.direct`'s unwrapped form), fixed
+#         arguments, output strides)},
 #         {call: resolved launch (_resolve_splits)}); None -> (the last key taken, its entry)
 _PLANS: dict = {}
 
