@@ -404,7 +404,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         if out is None:
             pout, out_key = 0, None
         else:
-            pout, out_key = out.data_ptr(), (out.shape, out.stride(), out.dtype, out.get_device())
+            pout, out_key = out.data_ptr(), (out.shape, out.is_contiguous() or out.stride(), out.dtype, out.get_device())
         if sinks is None:
             psk, sink_key = psl, None
         else:
@@ -414,7 +414,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             ok = not (pq | pk | pv | ppt | psl | pout | psk) & 15 and pts[-1] == 1   # (a width-1 table may
             # have any stride: it takes the checked path, correctly, every call). Devices as indices (q
             # is on the GPU: an equal index is the same GPU); seq_lens' stride tuple has one item per
-            # dim, so with its numel it stands for its shape; the caches (whole shapes in the key) are
+            # dim, so with its numel it stands for its shape; the caches and out (whole shapes in the key) are
             # keyed on their strides only when not contiguous (a contiguous one's are the shape's, but
             # on dims of size 1, whose stride reads nothing)
             key = (qs, q.stride(), q.dtype, q.get_device(), k_cache.shape, k_cache.is_contiguous() or k_cache.stride(),
