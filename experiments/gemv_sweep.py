@@ -33,6 +33,13 @@ SHAPES = {"8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 40
 GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
         for bn, bkk, w, s in itertools.product((16, 32, 64), (64, 128, 256, 512, 1024), (2, 4, 8), (2, 3, 4, 6))
         if bn * bkk * s * 2 <= 200_000 and not (w == 8 and bn * bkk < 8192)]
+# x of 17-128 rows (a decode batch plus a short prefill chunk): x padded to 32, 64 or 128 rows
+SKINNY_GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
+               for bn, bkk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4))]
+
+
+def block_m(M: int) -> int:
+    return max(lin.MAX_M, triton.next_power_of_2(M))
 
 
 def main() -> None:
@@ -40,10 +47,14 @@ def main() -> None:
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--m", default="1", help="rows of x (comma list)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--grid", choices=("full", "skinny"), default="full",
+                    help=f"full: {len(GRID)} configs (x padded to {lin.MAX_M} rows); skinny: {len(SKINNY_GRID)} "
+                         "configs for x of more rows (padded to a power of 2)")
     args = ap.parse_args()
+    grid = GRID if args.grid == "full" else SKINNY_GRID
     bk.DEV = dev = torch.device("cuda")
     _, copy_gbps, _ = bk.copy_bandwidth(2.0)
-    print(f"device {torch.cuda.get_device_name()} copy {copy_gbps:.1f} GB/s; {len(GRID)} configs", flush=True)
+    print(f"device {torch.cuda.get_device_name()} copy {copy_gbps:.1f} GB/s; {len(grid)} configs", flush=True)
     rows = []
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
@@ -62,9 +73,12 @@ def main() -> None:
                                  ratio_to_copy=round(gbps / copy_gbps, 3), correct=ok))
 
             add("cublas", bk.bench_rot([lambda i=i: F.linear(xs[i], ws[i]) for i in range(R)]))
-            add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]))
-            for cfg in GRID:
-                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=lin.MAX_M, PDL=0, **cfg)
+            if M <= lin.MAX_M:
+                add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]))
+            for cfg in grid:
+                if (block_m(M) + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] > 220_000:
+                    continue                                  # more shared memory than an SM has
+                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=block_m(M), PDL=0, **cfg)
 
                 def call(i, meta=meta):
                     lin._gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
@@ -80,20 +94,25 @@ def main() -> None:
                 add(";".join(f"{k}={v}" for k, v in cfg.items()), ms, ok)
             best = sorted(res)[:5]
             base = dict((impl, ms) for ms, impl in res)
-            print(f"{name} M={M}: cublas {base['cublas'] * 1e3:.1f} us, autotuned {base['linear (autotuned)'] * 1e3:.1f} us "
-                  f"({N * K * 2 / base['linear (autotuned)'] / 1e6 / copy_gbps:.3f} of copy)", flush=True)
+            tuned = base.get("linear (autotuned)", float("nan"))
+            print(f"{name} M={M}: cublas {base['cublas'] * 1e3:.1f} us ({N * K * 2 / base['cublas'] / 1e6 / copy_gbps:.3f}"
+                  f" of copy), autotuned {tuned * 1e3:.1f} us ({N * K * 2 / tuned / 1e6 / copy_gbps:.3f})", flush=True)
             for ms, impl in best:
                 print(f"   {ms * 1e3:7.1f} us {N * K * 2 / ms / 1e6 / copy_gbps:.3f} of copy  {impl}", flush=True)
             del xs, ys
         del ws
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "gemv_sweep.csv.tmp"
+        write(args.out, rows)              # after every shape: a run cut short keeps what it measured
+
+
+def write(out: pathlib.Path, rows: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "gemv_sweep.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, args.out / "gemv_sweep.csv")
+    os.replace(tmp, out / "gemv_sweep.csv")
 
 
 if __name__ == "__main__":
