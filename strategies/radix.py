@@ -849,6 +849,9 @@ class RadixStrategy(Strategy):
             cached0 = self._evictable
             if avail + cached0 < d:
                 break  # free + cached cannot give each a page: the step is not run
+            if not decoding and kv_left > 0 and host is None:  # their inserts now, where the order holds
+                fresh = self._settle_first_decodes(seqs, fresh)
+                decoding = fresh is None
             if decoding and kv_left > 0 and host is None:
                 # m whole steps, evicting a leaf wherever a page is wanted and none is free: free +
                 # cached falls by d a step (an eviction moves slots from cached to free)
@@ -945,6 +948,31 @@ class RadixStrategy(Strategy):
             if host is not None and host.d2h_tokens != moved:
                 break
         return done
+
+    def _settle_first_decodes(self, seqs: list[_Seq], fresh: list[int]) -> list[int] | None:
+        """Make now the insert that the first decode `grow` of each request in `fresh` (indices
+        into `seqs`, in running order; each holds its whole prompt) would make (its last prefill
+        chunk, into the tree), in that order, while the insert only adds a leaf below the
+        request's own node (no child there starts with its first new id: nothing split, no page
+        of ours freed as a duplicate). Such an insert commutes with the other requests' page
+        takes of the step and with its evictions (the leaf is locked, no other node changes), and
+        the grow that follows takes one page as a decode does, so the request joins the bulk
+        steps. Returns the requests left to the per-token path (the first that fails the test and
+        every one after it; None when none is left). Mutates the tree as those grows would."""
+        ps, scheduled, admission = self.page_size, self._scheduled, self._admission
+        for at, i in enumerate(fresh):
+            seq = seqs[i]
+            length = seq.length
+            if length != seq.num_prompt:
+                return fresh[at:]
+            done = 0 if scheduled else length // ps * ps  # (as `grow`)
+            if admission:
+                done = min(seq.cache_len, done) // ps * ps
+            if done > seq.tree_len:
+                if seq.node.children.get(self._child_key(seq.tokens[seq.tree_len:])) is not None:
+                    return fresh[at:]
+                self._insert(seq, done)
+        return None
 
     def _hand_out(self, seqs: list[_Seq], m: int, evicted: list[tuple[int, int]] | None = None) -> None:
         """m decode steps of `seqs` (each decoding, page_size 1): step by step, each in order takes a

@@ -10,10 +10,12 @@ from kvbench.strategies.base import SlotStates
 from kvbench.strategies.radix import RadixStrategy
 
 
-def build(seed: int, capacity: int, running: int = 4, **kw) -> tuple[RadixStrategy, list[int]]:
+def build(seed: int, capacity: int, running: int = 4, just_prefilled: bool = False,
+          **kw) -> tuple[RadixStrategy, list[int]]:
     """A pool with cached leaves (finished requests sharing prefixes), returned pages on the
-    free stack, and `running` requests mid-decode, some just past their prefill. Made the
-    same way each call (seeded), so two calls give equal strategies."""
+    free stack, and `running` requests mid-decode, some just past their prefill (all of them
+    with `just_prefilled`: their first decode inserts their prompt). Made the same way each
+    call (seeded), so two calls give equal strategies."""
     rng = np.random.default_rng(seed)
     st = RadixStrategy(capacity_tokens=capacity, max_model_len=capacity, page_size=1, **kw)
     prefixes = [rng.integers(0, 50, int(rng.integers(4, 20))).astype(np.int32) for _ in range(3)]
@@ -24,7 +26,7 @@ def build(seed: int, capacity: int, running: int = 4, **kw) -> tuple[RadixStrate
         tokens = np.concatenate([prompt, rng.integers(0, 50, out).astype(np.int32)])
         if not st.admit(rid, tokens, len(tokens), len(prompt), len(prompt)).admitted:
             break
-        decoded = int(rng.integers(0, 6)) if turn >= 10 else int(rng.integers(0, out // 2))
+        decoded = (0 if just_prefilled else int(rng.integers(0, 6))) if turn >= 10 else int(rng.integers(0, out // 2))
         for _ in range(decoded):
             assert st.grow(rid, 1)
         if turn < 10:
@@ -169,3 +171,39 @@ def test_decode_steps_long_run_equals_per_token_grows(capacity):
     same(bulk, ref, rids)
     if capacity == 3000:
         assert not bulk.root.children or bulk.slot_states(None).cached < 900  # it evicted
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_steps_first_decodes_equal_per_token_grows(seed):
+    """Every request just past its prefill: the first step's grows insert the prompts. Where
+    such an insert only adds a leaf below the request's node, `decode_steps` makes it first and
+    the request joins the bulk steps; where the tree already holds its first new id (a
+    duplicate freed, a node split), it and every later one take the per-token path. Either way
+    the same rows, pages, free stack and tree as per-token grows (seeds with both kinds)."""
+    bulk, rids = build(seed, 2000, running=6, just_prefilled=True)
+    ref, _ = build(seed, 2000, running=6, just_prefilled=True)
+    assert all(bulk._seqs[r].length == bulk._seqs[r].num_prompt for r in rids)
+    assert bulk_rows(bulk, rids, 5) == per_token(ref, rids, 5)
+    bulk.check_invariants()
+    same(bulk, ref, rids)
+
+
+def test_decode_steps_first_decodes_settle_in_order():
+    """Two requests whose prompts start alike, just past their prefill: the first one's insert
+    adds a leaf (made before the step); the second one's then meets that leaf (a split and a
+    freed duplicate), so it stays on the per-token path, after the first in running order."""
+    def make():
+        st = RadixStrategy(capacity_tokens=64, max_model_len=64, page_size=1)
+        a = np.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=np.int32)
+        b = np.array([1, 2, 3, 9, 9, 6, 7, 8], dtype=np.int32)
+        assert st.admit(0, a, 8, 5, 5).admitted and st.admit(1, b, 8, 5, 5).admitted
+        return st
+    st, ref = make(), make()
+    assert st._settle_first_decodes([st._seqs[0], st._seqs[1]], [0, 1]) == [1]
+    assert [ch.key.tolist() for ch in st.root.children.values()] == [[1, 2, 3, 4, 5]]
+    st = make()
+    assert bulk_rows(st, [0, 1], 3) == per_token(ref, [0, 1], 3)
+    same(st, ref, [0, 1])
+    assert tree(st) == [((), [1, 2, 3], [0, 1, 2], 2), ((1, 2, 3), [4, 5], [3, 4], 1),
+                        ((1, 2, 3), [9, 9], [8, 9], 1)]
+    st.check_invariants()
