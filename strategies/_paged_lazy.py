@@ -90,31 +90,37 @@ class LazyRegistration:
         registered and its ids are the request's; nothing else is below them, so the match ends
         at the first that does not. Not hashed: the match's hashes stop at the owner's first such
         page (`_match_hashes` makes the rest where needed). Mutates only the memo."""
-        ps, tokens, hits, ref, page_hashes = self.page_size, memo.tokens, memo.hits, self._ref, self._hash
-        if owner is not memo.owner:  # (its ids as bytes, kept by the match: the owner is not changed)
-            memo.owner, memo.odata = owner, owner.data if owner.data is not None else owner.tokens.tobytes()
-        odata, onb, pages = memo.odata, ps * owner.tokens.itemsize, owner.pages
-        data = memo.data
-        if data is None:
-            data = memo.data = tokens.tobytes()
-        nb = ps * tokens.itemsize
+        ps, tokens, hits, page_hashes, pages = self.page_size, memo.tokens, memo.hits, self._hash, owner.pages
         end = min(memo.num_full, len(pages))
         k = i  # its pages i..k-1 are registered: the ones that may hit
         while k < end and page_hashes[pages[k]] is owner:
             k += 1
-        if k > i and (owner.tokens is tokens or onb == nb and odata[i * nb:k * nb] == data[i * nb:k * nb]):
-            new = pages[i:k]  # the same ids all along (a preempted request back): all hit
-            hits += new
-            memo.cached += len(new) - sum(map(bool, map(ref.__getitem__, new)))
+        if k == i:
             return memo
-        while i < k:
-            pid = pages[i]
-            if odata[i * onb:(i + 1) * onb] != data[i * nb:(i + 1) * nb]:
-                break
-            hits.append(pid)
-            if ref[pid] == 0:
-                memo.cached += 1
-            i += 1
+        mine = owner.tokens
+        if mine is tokens:  # the same ids all along (a preempted request back): all hit
+            same = k
+        elif mine.dtype == tokens.dtype:  # the first page whose ids differ, by one numpy compare (a bytes
+            # slice of a long prompt costs ~1 us per KiB: a fresh buffer each)
+            a, b = mine[i * ps:k * ps], tokens[i * ps:k * ps]
+            if np.array_equal(a, b):
+                same = k
+            else:
+                same = i + int(np.flatnonzero(a != b)[0]) // ps
+        else:  # ids of another width: page by page, as bytes
+            if owner is not memo.owner:  # (its ids as bytes, kept by the match: the owner is not changed)
+                memo.owner, memo.odata = owner, owner.data if owner.data is not None else mine.tobytes()
+            odata, onb, nb = memo.odata, ps * mine.itemsize, ps * tokens.itemsize
+            data = memo.data
+            if data is None:
+                data = memo.data = tokens.tobytes()
+            same = i
+            while same < k and odata[same * onb:(same + 1) * onb] == data[same * nb:(same + 1) * nb]:
+                same += 1
+        new = pages[i:same]
+        hits += new
+        if owner.gone:  # (an owner's lazily registered pages are its own: ref 1 while it runs, 0 after)
+            memo.cached += len(new)
         return memo
 
     @staticmethod

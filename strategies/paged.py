@@ -68,6 +68,8 @@ its history). Off (0): the eviction paths test one attribute per evicted page, n
 from __future__ import annotations
 
 from array import array
+from collections import Counter
+from operator import itemgetter
 
 import numpy as np
 
@@ -249,27 +251,31 @@ class PagedStrategy(LazyRegistration, Strategy):
                 got += victims
                 return got
             kids, ghosts, parent = self._kids, self._ghosts, self._parent
+            olds = itemgetter(*victims)(hashes) if e > 1 else (hashes[victims[0]],)
             for pid in victims:
-                h = hashes[pid]
-                if h.__class__ is int:  # `_unhash`, inlined
-                    del table[h]
+                hashes[pid] = None
+                ref[pid] = 1
+                fill[pid] = fill_to
+            # each victim's hash, an owner's once with its count (the counts and the node tree end
+            # the same whatever the order: each victim takes one count down)
+            for h, c in Counter(olds).items():
+                if h.__class__ is int:  # `_unhash`, inlined (a hash is one page's)
+                    pid = table.pop(h)
                     stored[pid] = None
                     if h in kids:
                         ghosts[h] = parent[pid]
                     else:  # (`_unkid`, its first step inlined)
                         up = parent[pid]
-                        c = kids[up]
-                        if c > 1:
-                            kids[up] = c - 1
+                        left = kids[up]
+                        if left > 1:
+                            kids[up] = left - 1
                         else:
                             self._unkid(up)
-                else:  # registered lazily: its owner has one page less
-                    h.ndef -= 1
-                    if not h.ndef:
+                else:  # registered lazily: its owner has c pages less
+                    c = h.ndef - c
+                    h.ndef = c
+                    if not c:
                         self._drop_lazy(h, 0)
-                hashes[pid] = None
-                ref[pid] = 1
-                fill[pid] = fill_to
             got += victims
             return got
         if e:
@@ -564,9 +570,10 @@ class PagedStrategy(LazyRegistration, Strategy):
     @staticmethod
     def _index(memo: _Match) -> None:
         """The request is refused: index its hits, so that evictions and frees find them."""
-        index = memo.index
-        for i in range(len(index), len(memo.hits)):
-            index[memo.hits[i]] = i
+        index, hits = memo.index, memo.hits
+        n = len(index)
+        if n < len(hits):
+            index.update(zip(hits[n:], range(n, len(hits))))
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Put the request's newly completed pages into the hash table (they hold computed K/V).
@@ -683,7 +690,17 @@ class PagedStrategy(LazyRegistration, Strategy):
                 self._share(owner.hashes[-1])
         if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each)
             lru, dead, ref = self._lru, self._lru.dead, self._ref
-            for pid in hits:
+            n = len(hits)
+            if n > 1 and memo.cached == n:  # every hit cached (a preempted request back): in bulk
+                for pid in hits:
+                    ref[pid] = 1
+                self._token += sum(itemgetter(*hits)(self._fill))
+                lru.n -= n
+                more = [(pid, dead[pid] + 1) for pid in dead.keys() & hits] if dead else None
+                dead.update(dict.fromkeys(hits, 1))
+                if more:
+                    dead.update(more)
+            for pid in (hits if n < 2 or memo.cached != n else ()):
                 if ref[pid] == 0:
                     dead[pid] = dead.get(pid, 0) + 1
                     lru.n -= 1
