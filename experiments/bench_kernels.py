@@ -248,14 +248,15 @@ def bench_decode(copy_gbps, args, gen):
                 except Exception as e:
                     log(f"    sweep decode {cfg} splits={ns}: {type(e).__name__} {str(e)[:100]}")
                     continue
-                SWEEP.append(dict(device=DEVICE, kernel="decode_b64_4k_p16", config=cfg_str(cfg), splits=ns,
+                SWEEP.append(dict(device=DEVICE, kernel=f"decode_b{B}_{L // 1024}k_p16", config=cfg_str(cfg), splits=ns,
                                   median_ms=ms, gbps=nbytes(16, False) / ms / 1e6))
-        top = sorted([r for r in SWEEP if r["kernel"] == "decode_b64_4k_p16"], key=lambda r: r["median_ms"])[:5]
+        name = f"decode_b{B}_{L // 1024}k_p16"
+        top = sorted([r for r in SWEEP if r["kernel"] == name], key=lambda r: r["median_ms"])[:5]
         for (ps, contiguous), pt in tables.items():
             for r in top:
                 cfg = {k: int(v) for k, v in (kv.split("=") for kv in r["config"].split(";"))}
                 ms = bench_rot(fns_for(pt, ps, contiguous, num_splits=r["splits"], config=cfg), rep=100)
-                SWEEP.append(dict(device=DEVICE, kernel=f"decode_b64_4k_{'slab' if contiguous else f'p{ps}'}",
+                SWEEP.append(dict(device=DEVICE, kernel=f"decode_b{B}_{L // 1024}k_{'slab' if contiguous else f'p{ps}'}",
                                   config=r["config"], splits=r["splits"], median_ms=ms,
                                   gbps=nbytes(ps, contiguous) / ms / 1e6))
 
