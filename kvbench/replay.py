@@ -7,7 +7,10 @@ running request decoded one token; nobody came, left or was preempted) the next 
 waiting, until a request finishes or would take a page (unless the head stays refused through
 it: `kvbench.quiet.head_need`). With nobody waiting, a request that
 finishes leaves after its last step and the others go on; a request that joins a queue whose
-head was refused (fcfs admission) or that is rejected changes no step, so the run goes on. Those
+head was refused (fcfs admission) or that is rejected changes no step, so the run goes on (with
+requests waiting and fcfs every arrival is such: the run is not paused at each, its arrivals are
+taken in when its steps are recorded, each counted as waiting from the first step that starts at
+or after its arrival, as pausing would count it). Those
 quiet steps skip planning and batching; the strategy ends up exactly as stepping leaves it; the
 clock advances step by step by the cost model; the recorder gets the same rows and token times.
 Results are identical to stepping (tests/test_fast_forward.py).
@@ -15,7 +18,7 @@ Results are identical to stepping (tests/test_fast_forward.py).
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 import numpy as np
@@ -63,6 +66,25 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     fresh = True
     fifo = scheduler.fifo_admission  # (fixed for a scheduler)
 
+    def intake(t: float) -> list[float]:
+        """The arrivals up to `t` while a quiet run goes on behind a refused head (fcfs): each
+        is rejected or joins the queue (neither changes a step); returns the arrival times of
+        those that joined. Mutates the queue and the recorder (rejections)."""
+        nonlocal head
+        joined = []
+        while head is not None and head.arrival_s <= t:
+            req, head = head, next(arrivals, None)
+            reason = scheduler.rejection(req)
+            if reason is not None:
+                rec.reject(req, reason)
+                if forget:
+                    req.forget()
+                bar.update(1)
+                continue
+            joined.append(req.arrival_s)
+            scheduler.add(Seq(req))
+        return joined
+
     def leave(done: list[Seq]) -> None:  # finished requests are out of the scheduler
         if keep_finished:
             finished.extend(done)
@@ -100,8 +122,13 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         if steady is not None:
             run, steady = QuietRun(scheduler, steady), None
         if run is not None:
-            until = head.arrival_s if head is not None else float("inf")
-            now = fast_forward(run, engine, rec, now, until)
+            if fifo and scheduler.waiting and run.chunk is None:
+                # every arrival joins behind the refused head (or is rejected) and changes no step:
+                # the run goes on to its end, the arrivals taken in as its steps are recorded
+                now = fast_forward(run, engine, rec, now, _INF, intake)
+            else:
+                until = head.arrival_s if head is not None else _INF
+                now = fast_forward(run, engine, rec, now, until)
             if not run.paused:  # (paused: it stopped at the arrival `until` only)
                 if run.j:
                     fresh = True  # every live request emitted at the run's last step
@@ -177,7 +204,8 @@ def quiet_after(scheduler: Scheduler, ev: StepEvent, done: list[Seq]) -> Quiet |
                  tuple(fresh))
 
 
-def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until: float) -> float:
+def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until: float,
+                 intake: Callable[[float], list[float]] | None = None) -> float:
     """The quiet steps of `run` (none if it has none), stopping before a step that would start
     at or after `until` (an arrival); returns the clock after them. Priced in chunks: step j
     reads d more K/V positions than step j - 1, and starts where j - 1 ended (a sequential sum,
@@ -189,7 +217,12 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     ends the run (`end_run`) unless it is `paused` at `until`: then the chunk in progress is kept
     (`run.chunk`: an arrival behind a refused head changes neither the steps nor their prices,
     only the waiting count of the rows) and recorded when it is done. Mutates (through `run`)
-    the strategy, the scheduler's running requests and their progress, and the recorder."""
+    the strategy, the scheduler's running requests and their progress, and the recorder.
+
+    `intake` (with `until` infinite: requests wait, fcfs): before a chunk is recorded, the
+    arrivals up to its end are taken in (`intake(t)` returns the arrival times of those that
+    joined the queue); a step counts those that arrived at or before its start as waiting, as
+    pausing at each arrival (`until`) would count them."""
     c = run.chunk
     prices = getattr(engine, "decode_cost_list", None)  # (the same floats as decode_costs, as a list)
     while True:
@@ -207,7 +240,8 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             if want == i0:
                 break
             got = run.run(want - i0, c.cols, c.stretches)
-            c.waiting += [run.waiting] * got
+            if intake is None:
+                c.waiting += [run.waiting] * got
             c.i = i = i0 + got
             if run.moved is not None:
                 # step i - 1 moved pages to host: it takes the copy time longer, as stepping charges
@@ -237,7 +271,13 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
                 starts.pop()  # (the end of the last step: the first start of the sum that follows)
                 starts += accumulate(dts, initial=now)
                 continue
-        _record(run, c, rec)
+        if intake is None:
+            w = c.waiting
+            _record(run, c, rec, w[0] if w and w[0] == w[-1] else w)
+        elif c.i:
+            joined = intake(now)
+            _record(run, c, rec, _waiting_rows(run.waiting, joined, starts, c.i))
+            run.waiting += len(joined)
         c = run.chunk = None
         if run.finishing is not None and run.j < run.limit and now < until:
             run.retire()  # they leave; the others go on (nobody waits)
@@ -263,8 +303,10 @@ def _next_prices(run: QuietRun, engine: Engine, prices, left: int, d: int, kv_re
 
 def end_run(run: QuietRun, rec: Recorder) -> None:
     """Record the chunk in progress, then end the run (`QuietRun.end`)."""
-    if run.chunk is not None:
-        _record(run, run.chunk, rec)
+    c = run.chunk
+    if c is not None:
+        w = c.waiting
+        _record(run, c, rec, w[0] if w and w[0] == w[-1] else w)
         run.chunk = None
     run.end()
 
@@ -281,15 +323,33 @@ class _Chunk:
         self.cols, self.stretches = [[], [], [], [], [], []], []  # slot states: rows, stretches (QuietRun.run)
 
 
-def _record(run: QuietRun, c: _Chunk, rec: Recorder) -> None:
-    """The chunk's steps run so far, as one `DecodeRun` (its requests that finished in the last one leave)."""
+def _record(run: QuietRun, c: _Chunk, rec: Recorder, waiting: int | list[int]) -> None:
+    """The chunk's steps run so far, as one `DecodeRun` (its requests that finished in the last
+    one leave); `waiting`: the requests waiting in every step, or in each."""
     i = c.i
     if not i:
         return
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-    w = c.waiting
-    rec.decode_run(DecodeRun(run.requests, c.starts[:i], c.dts[:i], c.kv_read, c.d, w[0] if w[0] == w[-1] else w,
-                             run.preemptions, c.cols, (c.moved[0], c.moved[1]), done, c.stretches))
+    rec.decode_run(_new_tuple(DecodeRun, (run.requests, c.starts[:i], c.dts[:i], c.kv_read, c.d, waiting,
+                                          run.preemptions, c.cols, (c.moved[0], c.moved[1]), done, c.stretches)))
+
+
+def _waiting_rows(base: int, joined: list[float], starts: list[float], i: int) -> int | list[int]:
+    """The requests waiting in each of the first i steps starting at `starts`: `base`, plus those
+    of `joined` (sorted arrival times) at or before the step's start; an int where all are equal."""
+    if not joined or joined[0] > starts[i - 1]:
+        return base
+    w: list[int] = []
+    x = 0
+    for n, a in enumerate(joined):
+        y = bisect_left(starts, a, x, i)  # the first step that starts at or after the arrival
+        if y > x:
+            w += [base + n] * (y - x)
+            x = y
+    w += [base + len(joined)] * (i - x)
+    return w
 
 
 _CHUNK = 4096  # quiet steps priced at once, at most
+_INF = float("inf")
+_new_tuple = tuple.__new__  # (a NamedTuple without its Python __new__)
