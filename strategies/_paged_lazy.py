@@ -31,6 +31,8 @@ first fork) hashes every owner's pages and turns it off for good.
 """
 from __future__ import annotations
 
+from operator import itemgetter
+
 import numpy as np
 
 from kvbench.strategies.base import InvariantError
@@ -92,11 +94,17 @@ class LazyRegistration:
         page (`_match_hashes` makes the rest where needed). Mutates only the memo."""
         ps, tokens, hits, page_hashes, pages = self.page_size, memo.tokens, memo.hits, self._hash, owner.pages
         end = min(memo.num_full, len(pages))
-        k = i  # its pages i..k-1 are registered: the ones that may hit
-        while k < end and page_hashes[pages[k]] is owner:
-            k += 1
-        if k == i:
+        if i >= end or page_hashes[pages[i]] is not owner:
             return memo
+        # its pages i..k-1 are registered: the ones that may hit. A guess checked at once: those
+        # it registered and still has, its first after its node (a released owner's pages join
+        # the LRU tail first, so they leave it tail first); else page by page
+        k = min(len(owner.hashes) + owner.ndef, end)
+        if k - i < 2 or itemgetter(*pages[i:k])(page_hashes).count(owner) != k - i or (
+                k < end and page_hashes[pages[k]] is owner):
+            k = i + 1
+            while k < end and page_hashes[pages[k]] is owner:
+                k += 1
         mine = owner.tokens
         if mine is tokens:  # the same ids all along (a preempted request back): all hit
             same = k

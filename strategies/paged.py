@@ -257,8 +257,11 @@ class PagedStrategy(LazyRegistration, Strategy):
                 ref[pid] = 1
                 fill[pid] = fill_to
             # each victim's hash, an owner's once with its count (the counts and the node tree end
-            # the same whatever the order: each victim takes one count down)
-            for h, c in Counter(olds).items():
+            # the same whatever the order: each victim takes one count down); a few owners: counted
+            # by tuple.count (~3 ns a victim each), else a Counter (~30 ns)
+            seen = dict.fromkeys(olds)
+            counts = Counter(olds) if len(seen) > 8 else dict(zip(seen, map(olds.count, seen)))
+            for h, c in counts.items():
                 if h.__class__ is int:  # `_unhash`, inlined (a hash is one page's)
                     pid = table.pop(h)
                     stored[pid] = None
