@@ -244,10 +244,18 @@ class RadixStrategy(Strategy):
         return int(ids[0]) if self.page_size == 1 else ids[: self.page_size].tobytes()
 
     def _common(self, a: np.ndarray, b: np.ndarray) -> int:
-        """Length of the common prefix of a and b, rounded down to whole pages."""
+        """Length of the common prefix of a and b, rounded down to whole pages. Pure. (Up to 4k
+        ids, equal prefixes, the usual hit, are told by one byte compare; else numpy's argmax of
+        the differences stops at the first: no index array as flatnonzero makes.)"""
         n = min(len(a), len(b))
-        diff = np.flatnonzero(a[:n] != b[:n])
-        common = int(diff[0]) if len(diff) else n
+        a, b = a[:n], b[:n]
+        if n <= 4096 and a.tobytes() == b.tobytes():
+            common = n
+        else:
+            neq = a != b
+            common = int(neq.argmax())
+            if not neq[common]:
+                common = n
         return common - common % self.page_size
 
     def _match(self, ids: np.ndarray, node: _Node | None = None, pos: int = 0) -> tuple[_Node, int, int, int]:

@@ -4,6 +4,8 @@
   copy of the strategy without the memo (matched from scratch) answers;
 - a node's key is a view of the request's ids where it is at least half of the array it views,
   else a copy; the tree holds the same ids either way;
+- the common prefix of two keys (`_common`: a byte compare up to 4k ids, else the first
+  difference by argmax) equals the first difference found id by id, in whole pages;
 - the instance keeps at most 29 attributes (CPython's shared keys: a 30th makes every
   `self.x` on the hot paths a dict lookup)."""
 from __future__ import annotations
@@ -118,3 +120,23 @@ def test_attributes_stay_in_cpythons_shared_keys(kw):
                      f"keep rarely read ones in _Options")
     for key, value in kw.items():
         assert getattr(st, key) == value
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_common_prefix_is_the_first_difference_in_whole_pages(page_size):
+    """Lengths on both sides of the byte-compare bound (4,096 ids), equal and unequal lengths,
+    a difference at the first id, inside, at the last id, or none."""
+    st = RadixStrategy(capacity_tokens=1 << 16, max_model_len=1 << 16, page_size=page_size)
+    rng = np.random.default_rng(page_size)
+    for n in (0, 1, 15, 16, 17, 4095, 4096, 4097, 9000):
+        a = rng.integers(0, 1000, n).astype(np.int32)
+        for extra in (0, 5):
+            b = np.concatenate([a, rng.integers(0, 1000, extra).astype(np.int32)])
+            for at in sorted({0, n // 2, n - 1}) if n else [None]:
+                c = b.copy()
+                if at is not None:
+                    c[at] = -1
+                want = next((i for i in range(n) if a[i] != c[i]), n)
+                want -= want % page_size
+                assert st._common(a, c) == want == st._common(c, a), (n, extra, at)
+            assert st._common(a, b) == n - n % page_size
