@@ -145,8 +145,10 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
             if held is not None:  # the step is a steady one: step 0 of a quiet run (its grows are made)
                 st = scheduler.strategy
                 st.take_copies()  # (handed over as `Scheduler.batch` would)
-                run = QuietRun(scheduler, Quiet(len(planned), held, len(scheduler.waiting), scheduler.num_preemptions,
-                                                st.slot_states(scheduler.waiting_kv_len())), grown=True)
+                run = QuietRun(scheduler, _new_tuple(Quiet, (len(planned), held, len(scheduler.waiting),
+                                                             scheduler.num_preemptions,
+                                                             st.slot_states(scheduler.waiting_kv_len()), ())),
+                               grown=True)
                 continue
         ev = scheduler.event(planned, engine.needs_layout)
         dt = engine.step(ev.batch)

@@ -82,10 +82,11 @@ class Seq:
     swapped: int = 0  # preemption by swap: positions [0, swapped) wait in host memory
 
     def __post_init__(self) -> None:
-        self.id = RequestId(self.request.id)
+        self.id = self.request.id  # (RequestId is a NewType of int: the same value, without its call)
 
 
 POLICIES = ("fcfs", "lpm", "dfs_weight")
+_new_tuple = tuple.__new__
 PREEMPTIONS = ("recompute", "swap")
 
 
@@ -400,12 +401,13 @@ class Scheduler:
         strategy's host moves are handed over (`take_copies`, `take_host_moves`, and with the
         layout `take_host_copies` where the strategy has it)."""
         st = self.strategy
+        new = ScheduledSeq
         if with_layout:
-            seqs = [ScheduledSeq(s.request, s.computed, n, st.page_table(s.id), s.computed + n >= s.prefill_target,
-                                 s.computed >= s.prefill_target) for s, n in planned]
+            seqs = [new(s.request, c, n, st.page_table(s.id), c + n >= (t := s.prefill_target), c >= t)
+                    for s, n in planned if (c := s.computed) is not None]
         else:
-            seqs = [ScheduledSeq(s.request, s.computed, n, None, s.computed + n >= s.prefill_target,
-                                 s.computed >= s.prefill_target) for s, n in planned]
+            seqs = [new(s.request, c, n, None, c + n >= (t := s.prefill_target), c >= t)
+                    for s, n in planned if (c := s.computed) is not None]
         host_copies = self._take_host_copies() if with_layout and self._take_host_copies else None
         d2h, h2d = st.take_host_moves()
         batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h,
@@ -423,9 +425,11 @@ class Scheduler:
     def event(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepEvent:
         """The planned step as an event: its batch, the queue lengths and the slot states it
         runs with, who was admitted (first admissions only) and who preempted. Pure, as `batch`."""
-        return StepEvent(self.batch(planned, with_layout), len(self.running), len(self.waiting),
-                         self.num_preemptions, self.strategy.slot_states(self.waiting_kv_len()),
-                         self._admitted, self._preempted)
+        waiting = self.waiting
+        return _new_tuple(StepEvent, (self.batch(planned, with_layout), len(self.running), len(waiting),
+                                      self.num_preemptions,
+                                      self.strategy.slot_states(waiting[0].request.kv_len if waiting else None),
+                                      self._admitted, self._preempted))  # (without StepEvent's Python __new__)
 
     def steady_plan(self, planned: list[tuple[Seq, int]]) -> int | None:
         """Whether the planned step is steady (every running request decodes one token, nobody
