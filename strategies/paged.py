@@ -633,6 +633,35 @@ class PagedStrategy(LazyRegistration, Strategy):
         if self._host is not None:
             self._drop_host_copies(hashes[first:full])
 
+    def _revive_all(self, hits: list[PageId]) -> None:
+        """Admit hits that are all cached (a preempted request back), out of the PageLRU in bulk:
+        those that are its first entries, last hit first (its pages joined the LRU tail first, and
+        evictions stopped at them), leave by its front; the others leave a stale entry each, as
+        `PageLRU.remove` does. Mutates."""
+        lru, dead, ref, n = self._lru, self._lru.dead, self._ref, len(hits)
+        for pid in hits:
+            ref[pid] = 1
+        self._token += sum(itemgetter(*hits)(self._fill))
+        lru.n -= n
+        q, head, back = lru.q, lru.head, hits[::-1]
+        m = 0
+        if head < len(q) and q[head] == back[0]:  # the longest run of them at its front (binary search)
+            lo, hi = 1, min(n, len(q) - head)
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                if q[head:head + mid] == back[:mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            m = lo if not dead or dead.keys().isdisjoint(back[:lo]) else 0  # (live entries only)
+            lru.head = head + m
+        rest = back[m:] if m else hits
+        if rest:
+            more = [(pid, dead[pid] + 1) for pid in dead.keys() & rest] if dead else None
+            dead.update(dict.fromkeys(rest, 1))
+            if more:
+                dead.update(more)
+
     def _unref_touching(self, seq: _Seq) -> None:
         """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate
         page it frees (full, hashed by the request, not in the table: another page holds its
@@ -692,23 +721,16 @@ class PagedStrategy(LazyRegistration, Strategy):
             if not take_over:
                 self._share(owner.hashes[-1])
         if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each)
-            lru, dead, ref = self._lru, self._lru.dead, self._ref
-            n = len(hits)
-            if n > 1 and memo.cached == n:  # every hit cached (a preempted request back): in bulk
+            if len(hits) > 1 and memo.cached == len(hits):
+                self._revive_all(hits)
+            else:
+                lru, dead, ref = self._lru, self._lru.dead, self._ref
                 for pid in hits:
-                    ref[pid] = 1
-                self._token += sum(itemgetter(*hits)(self._fill))
-                lru.n -= n
-                more = [(pid, dead[pid] + 1) for pid in dead.keys() & hits] if dead else None
-                dead.update(dict.fromkeys(hits, 1))
-                if more:
-                    dead.update(more)
-            for pid in (hits if n < 2 or memo.cached != n else ()):
-                if ref[pid] == 0:
-                    dead[pid] = dead.get(pid, 0) + 1
-                    lru.n -= 1
-                    self._token += self._fill[pid]
-                ref[pid] += 1
+                    if ref[pid] == 0:
+                        dead[pid] = dead.get(pid, 0) + 1
+                        lru.n -= 1
+                        self._token += self._fill[pid]
+                    ref[pid] += 1
         else:
             for pid in hits:
                 if self._ref[pid] == 0:

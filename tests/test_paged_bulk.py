@@ -137,3 +137,46 @@ def test_page_lru_stays_small_when_hits_revive_pages_and_nothing_is_evicted():
     assert longest <= 2 * 10 + 8 + 1
     assert list(fast) == list(ref) and fast.take(10) == list(ref)
     fast.check()
+
+
+
+@pytest.mark.parametrize("a_first,evicted,again", [(True, 0, False), (True, 2, False), (True, 5, False),
+                                                   (False, 0, False), (False, 0, True)])
+def test_a_returning_requests_hits_leave_the_page_lru_by_its_front(a_first, evicted, again):
+    """A released request's pages join the LRU tail first; where they are the LRU's first
+    entries when it comes back (nothing before them, or evictions stopped inside them), its hits
+    leave by moving the front (no stale entry), else as a stale entry each. `again`: it came back
+    once (stale entries), left again, and the pages before its stale entries were evicted: the
+    front holds its stale entries, in the same order, and must not move. Same page tables, LRU
+    order and slot states as the OrderedDict LRU in every case."""
+    from kvbench.strategies.eviction.lru import LRU
+
+    rng = np.random.default_rng(evicted)
+    a = rng.integers(0, 1000, 8 * PS + 1, dtype=np.int32)  # 8 full pages and one token
+    b = rng.integers(0, 1000, 12 * PS, dtype=np.int32)
+    pools = [PagedStrategy(15 * PS, 1 << 20, page_size=PS), PagedStrategy(15 * PS, 1 << 20, page_size=PS, eviction=LRU())]
+    for s in pools:
+        assert s.admit(0, a, len(a), len(a), len(a)).admitted  # pages 0-8
+        assert s.admit(1, b, len(b), 4 * PS, 4 * PS).admitted  # pages 9-12; 13, 14 fresh
+        if not a_first:
+            s.release(1)  # b's 4 pages cached before a's
+        s.release(0)  # a's pages cached tail first (7, 6, .., 0); page 8 free
+        if a_first:
+            assert s.grow(1, (3 + evicted) * PS)  # pages 8, 13, 14, then a's last `evicted` pages
+            s.release(1)  # b's pages cached after a's
+        if again:
+            assert s.admit(3, a, len(a), len(a), len(a)).cached_tokens == 8 * PS  # behind b's: stale entries
+            s.release(3)
+            assert s.evict(4 * PS) == 4 * PS  # b's pages: the front is a's stale entries now
+    page_lru, ordered = pools
+    assert list(page_lru._lru) == list(ordered._lru)
+    for s in pools:
+        got = s.admit(2, a, len(a), len(a), len(a))
+        assert got.admitted and got.cached_tokens == (8 - evicted) * PS
+        s.check_invariants()
+    assert page_lru.page_table(2).tolist() == ordered.page_table(2).tolist()
+    assert page_lru.page_table(2).tolist()[:8 - evicted] == list(range(8 - evicted))
+    assert list(page_lru._lru) == list(ordered._lru)
+    assert page_lru.slot_states(None) == ordered.slot_states(None)
+    # stale entries only where its hits were not the LRU's first entries
+    assert sum(page_lru._lru.dead.values()) == (0 if a_first else 16 if again else 8)

@@ -48,12 +48,12 @@ def observe(s: PagedStrategy, live) -> tuple:
             {rid: s.page_table(rid).tolist() for rid in live})
 
 
-def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int, int]:
-    """Random calls on a lazy and a hashed pool; returns (hit tokens, most owners at once, most
-    owners at once whose node is not a first page)."""
+def run(seed: int, steps: int, fork: bool = False, ref_opts: dict | None = None, **opts) -> tuple[int, int, int]:
+    """Random calls on a lazy and a hashed pool (`ref_opts`: the hashed pool's own options on top);
+    returns (hit tokens, most owners at once, most owners at once whose node is not a first page)."""
     rng = np.random.default_rng(seed)
     lazy = PagedStrategy(40 * PS, 1 << 12, page_size=PS, **opts)
-    ref = PagedStrategy(40 * PS, 1 << 12, page_size=PS, **opts)
+    ref = PagedStrategy(40 * PS, 1 << 12, page_size=PS, **{**opts, **(ref_opts or {})})
     ref._lazy = False
     families = [rng.integers(0, 50, 12 * PS, dtype=np.int32) for _ in range(3)]
     live: dict[int, list] = {}  # rid → [tokens, kv_len, length]
@@ -122,6 +122,17 @@ def run(seed: int, steps: int, fork: bool = False, **opts) -> tuple[int, int, in
 def test_lazy_registration_equals_hashing_every_page(seed):
     hits, owned, deep = run(seed, 400)
     assert hits and owned and deep  # hits, and owners of chains from a first page and from deeper pages
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_registration_on_the_page_lru_equals_the_ordered_dict_lru(seed):
+    """The reference pool on the OrderedDict LRU (an instance: kept as given): the PageLRU's
+    bulk paths (victims taken a slice at a time, a returning request's hits taken off its front
+    or left as stale entries) give the same victims and order, call by call."""
+    from kvbench.strategies.eviction.lru import LRU
+
+    hits, owned, _ = run(300 + seed, 400, ref_opts={"eviction": LRU()})
+    assert hits and owned
 
 
 @pytest.mark.parametrize("opts", [{"prefix_visibility": "scheduled"}, {"cache_outputs": False},
