@@ -635,32 +635,31 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     def _revive_all(self, hits: list[PageId]) -> None:
         """Admit hits that are all cached (a preempted request back), out of the PageLRU in bulk:
-        those that are its first entries, last hit first (its pages joined the LRU tail first, and
-        evictions stopped at them), leave by its front; the others leave a stale entry each, as
-        `PageLRU.remove` does. Mutates."""
+        where they are one run of its entries, last hit first (a released request's pages join
+        the LRU in one extend, tail first; Mooncake: every return), that run leaves the list (by
+        moving the front where it is first, else one `del` of a slice near the tail); else each
+        leaves a stale entry, as `PageLRU.remove` does. Mutates."""
         lru, dead, ref, n = self._lru, self._lru.dead, self._ref, len(hits)
         for pid in hits:
             ref[pid] = 1
         self._token += sum(itemgetter(*hits)(self._fill))
         lru.n -= n
         q, head, back = lru.q, lru.head, hits[::-1]
-        m = 0
-        if head < len(q) and q[head] == back[0]:  # the longest run of them at its front (binary search)
-            lo, hi = 1, min(n, len(q) - head)
-            while lo < hi:
-                mid = (lo + hi + 1) >> 1
-                if q[head:head + mid] == back[:mid]:
-                    lo = mid
+        if not dead or dead.keys().isdisjoint(hits):  # (then each has one entry, its live one)
+            try:
+                at = q.index(back[0], head)
+            except ValueError:
+                at = -1
+            if at >= 0 and q[at:at + n] == back:
+                if at == head:
+                    lru.head = head + n
                 else:
-                    hi = mid - 1
-            m = lo if not dead or dead.keys().isdisjoint(back[:lo]) else 0  # (live entries only)
-            lru.head = head + m
-        rest = back[m:] if m else hits
-        if rest:
-            more = [(pid, dead[pid] + 1) for pid in dead.keys() & rest] if dead else None
-            dead.update(dict.fromkeys(rest, 1))
-            if more:
-                dead.update(more)
+                    del q[at:at + n]
+                return
+        more = [(pid, dead[pid] + 1) for pid in dead.keys() & hits] if dead else None
+        dead.update(dict.fromkeys(hits, 1))
+        if more:
+            dead.update(more)
 
     def _unref_touching(self, seq: _Seq) -> None:
         """Release `seq`'s pages, tail first, as `release` does; with dedup_touch, a duplicate

@@ -140,15 +140,15 @@ def test_page_lru_stays_small_when_hits_revive_pages_and_nothing_is_evicted():
 
 
 
-@pytest.mark.parametrize("a_first,evicted,again", [(True, 0, False), (True, 2, False), (True, 5, False),
-                                                   (False, 0, False), (False, 0, True)])
-def test_a_returning_requests_hits_leave_the_page_lru_by_its_front(a_first, evicted, again):
-    """A released request's pages join the LRU tail first; where they are the LRU's first
-    entries when it comes back (nothing before them, or evictions stopped inside them), its hits
-    leave by moving the front (no stale entry), else as a stale entry each. `again`: it came back
-    once (stale entries), left again, and the pages before its stale entries were evicted: the
-    front holds its stale entries, in the same order, and must not move. Same page tables, LRU
-    order and slot states as the OrderedDict LRU in every case."""
+@pytest.mark.parametrize("case,evicted", [("front", 0), ("front", 2), ("front", 5), ("behind", 0), ("split", 0)])
+def test_a_returning_requests_hits_leave_the_page_lru_as_one_run(case, evicted):
+    """A released request's pages join the LRU in one extend, tail first. When it comes back with
+    them all cached, they are one run of the LRU's entries, last hit first, and leave it at once:
+    by moving the front where they are its first entries (`front`: nothing before them, or
+    evictions stopped inside them), else cut out of the list (`behind` another request's pages);
+    where they are not one run (`split`: a shorter request took its first pages out and put them
+    back after another request's), each leaves a stale entry. Same page tables, LRU order and
+    slot states as the OrderedDict LRU in every case."""
     from kvbench.strategies.eviction.lru import LRU
 
     rng = np.random.default_rng(evicted)
@@ -158,16 +158,17 @@ def test_a_returning_requests_hits_leave_the_page_lru_by_its_front(a_first, evic
     for s in pools:
         assert s.admit(0, a, len(a), len(a), len(a)).admitted  # pages 0-8
         assert s.admit(1, b, len(b), 4 * PS, 4 * PS).admitted  # pages 9-12; 13, 14 fresh
-        if not a_first:
+        if case == "behind":
             s.release(1)  # b's 4 pages cached before a's
         s.release(0)  # a's pages cached tail first (7, 6, .., 0); page 8 free
-        if a_first:
+        if case == "front":
             assert s.grow(1, (3 + evicted) * PS)  # pages 8, 13, 14, then a's last `evicted` pages
             s.release(1)  # b's pages cached after a's
-        if again:
-            assert s.admit(3, a, len(a), len(a), len(a)).cached_tokens == 8 * PS  # behind b's: stale entries
-            s.release(3)
-            assert s.evict(4 * PS) == 4 * PS  # b's pages: the front is a's stale entries now
+        if case == "split":
+            short = a[:4 * PS + 1]
+            assert s.admit(3, short, len(short), len(short), len(short)).cached_tokens == 4 * PS  # pages 0-3 out
+            s.release(1)  # b's pages after a's 7, 6, 5, 4
+            s.release(3)  # then 3, 2, 1, 0
     page_lru, ordered = pools
     assert list(page_lru._lru) == list(ordered._lru)
     for s in pools:
@@ -178,5 +179,8 @@ def test_a_returning_requests_hits_leave_the_page_lru_by_its_front(a_first, evic
     assert page_lru.page_table(2).tolist()[:8 - evicted] == list(range(8 - evicted))
     assert list(page_lru._lru) == list(ordered._lru)
     assert page_lru.slot_states(None) == ordered.slot_states(None)
-    # stale entries only where its hits were not the LRU's first entries
-    assert sum(page_lru._lru.dead.values()) == (0 if a_first else 16 if again else 8)
+    lru = page_lru._lru
+    if case == "split":
+        assert sorted(lru.dead) == list(range(8))  # a stale entry each
+    else:
+        assert not lru.dead and lru.q[lru.head:] == list(ordered._lru)  # their entries gone, none stale
