@@ -391,8 +391,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     sinks:      optional [H_q] attention sinks (gpt-oss): per head, a logit added to the softmax's
                 denominator only (in the scaled-score domain, not multiplied by sm_scale).
                 None: the kernel is compiled without them (HAS_SINK=False)
-    returns o:  [B, H_q, D] in q's dtype; without `out`, possibly over the memory of an earlier output
-                that nothing holds any more (`_common.recycled`, as the caching allocator would)
+    returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
     if config is None and backend == "triton" and q.is_cuda and window.__class__ is int and chunk.__class__ is int \

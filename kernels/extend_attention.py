@@ -517,9 +517,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                      the paged path although k_new/v_new are given)
     sinks:           optional [H_q] attention sinks (gpt-oss), as decode_attention's; None: the
                      kernel is compiled without them
-    returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten); without
-                     `out`, possibly over the memory of an earlier output that nothing holds any more
-                     (`_common.recycled`, as the caching allocator would)
+    returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
     """
     key, ok = None, False
     if config is None and backend == "triton" and q.is_cuda and window.__class__ is int and chunk.__class__ is int \
