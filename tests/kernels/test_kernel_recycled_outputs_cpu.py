@@ -207,34 +207,3 @@ def test_extend_output_memory_recycled_only_once_dropped(ragged):
         c = emod.extend_attention(q, kc, vc, pt, qsl, sl, ps, **kw)
         assert c.data_ptr() == pb and len(launched) == 3
         torch.testing.assert_close(c.float(), ref.float(), **tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not _common.RECYCLE_OUTPUTS or _common._FREE is None,
-                    reason="needs a CUDA device (and recycling on)")
-def test_recycling_on_the_gpu_around_a_graph_capture():
-    """The real plans: a recycled output is bit for bit the first call's; an output made while a
-    CUDA graph is captured is graph memory, never kept, and the eager output kept before the
-    capture is neither handed to the capture nor written by the graph's replays."""
-    x = tuple(t.cuda() for t in decode_inputs())
-    dmod._PLANS.clear()
-    with torch.inference_mode():
-        ref = decode(x)                              # checked: makes the plan
-        a = decode(x)                                # a hit: kept
-        pa = a.data_ptr()
-        del a
-        b = decode(x)
-        assert b.data_ptr() == pa and torch.equal(b, ref)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = decode(x)
-        assert captured.data_ptr() != pa and dmod._SLOT[1].data_ptr() == pa   # (b held: not handed out)
-        del b
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            again = decode(x)                        # b dropped, but a capture never takes it
-        assert again.data_ptr() != pa and dmod._SLOT[1].data_ptr() == pa
-        c = decode(x)                                # eager again: b's memory
-        assert c.data_ptr() == pa
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(c, ref) and torch.equal(captured, ref)
