@@ -241,9 +241,8 @@ def _launch_stand_in(*args) -> None:
 def stub_launches(packages: tuple[str, ...]):
     """CPU stand-in for the GPU launch plans (--cpu): tensors report ``is_cuda``, every launcher
     module of `packages` (names ending in ".") makes plans with `_launch_stand_in` as their launch,
-    so a launcher's second call of a key runs its whole hit path but Triton's C launcher; no CUDA
-    graph is being captured (`_common._capturing`: outputs are recycled as on a GPU, unless
-    KVBENCH_RECYCLE_OUTPUTS=0). Undone on exit."""
+    so a launcher's second call of a key runs its whole hit path but Triton's C launcher. Undone
+    on exit."""
     from kvbench.kernels import _common
 
     def fake_plan(kernel, jitfn, args, kwargs, front, device):
@@ -258,11 +257,9 @@ def stub_launches(packages: tuple[str, ...]):
     commons = [sys.modules[f"{p}_common"] for p in packages]
     saved = [(m, m.make_plan) for m in mods]
     streams = [c._raw_stream for c in commons]
-    capturing = [getattr(c, "_capturing", None) for c in commons]
     torch.Tensor.is_cuda = property(lambda self: True)
     for c in commons:
         c._raw_stream = lambda index: 0
-        c._capturing = lambda: False   # (no capture on the CPU: recycled outputs work as on a GPU)
     for m, _ in saved:
         m.make_plan = fake_plan
     try:
@@ -270,8 +267,8 @@ def stub_launches(packages: tuple[str, ...]):
     finally:
         for m, f in saved:
             m.make_plan = f
-        for c, st, cap in zip(commons, streams, capturing):
-            c._raw_stream, c._capturing = st, cap
+        for c, st in zip(commons, streams):
+            c._raw_stream = st
         del torch.Tensor.is_cuda
 
 

@@ -1,14 +1,11 @@
 """Small helpers shared by the kernel launchers: dtype/shape checks and interpreter dispatch.
 
-Nothing here runs at import time except plain definitions, reading KVBENCH_PDL and
-KVBENCH_RECYCLE_OUTPUTS, asking torch whether CUDA is available, and `_free_counts` (one small CPU
-tensor).
+Nothing here runs at import time except plain definitions and reading KVBENCH_PDL.
 """
 from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import torch
 import triton
@@ -244,83 +241,6 @@ def make_plan(kernel, jitfn, args: tuple, kwargs: dict, front: int, device: torc
             None, None, None)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return Plan(launch, head, index, values[front:])
-
-
-# ---------------------------------------------------------------------------- recycled outputs
-# An output the launcher allocates costs `torch.empty_like` on the call and the caching allocator's
-# free when the caller drops it: on the H200 host at least 4.4 us of the 20.1 a decode_attention
-# call took (without `out=` against with it, launch_overhead at 85ab967). The caching
-# allocator hands a freed block to the next allocation on the same stream at once; a launcher does
-# the same with its last output (its slot, one per launcher): a later call of the same resolved
-# launch on the same stream gets a new tensor (`detach`, of the slot's own alias) over that memory
-# when nothing else holds it any more -- no tensor, view, alias, storage object or DLPack capsule
-# (the storage's use count: the slot's alias and the storage object only), storage not resized.
-# Only under `torch.inference_mode` (the engine's steps; outputs stay inference tensors), never
-# while a CUDA graph is being captured (nor is an output made in one kept: graph memory must not
-# be handed to eager calls, nor eager memory be written by replays), and for outputs of at most
-# RECYCLE_MAX_BYTES (a slot keeps at most that much alive). As with the caching allocator, a
-# caller that reads an output on another stream must keep it (or pass `out=`): `record_stream` is
-# not seen here; and a capture is seen on the current device only (one GPU per process).
-# KVBENCH_RECYCLE_OUTPUTS=0 turns it off (A/B runs); so does a torch without CUDA (CPU tests stub
-# `_capturing`).
-RECYCLE_OUTPUTS = os.environ.get("KVBENCH_RECYCLE_OUTPUTS", "1").lower() not in ("0", "false", "off", "no")
-RECYCLE_MAX_BYTES = 4 << 20
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) if torch.cuda.is_available() else None
-_refs, _inference = sys.getrefcount, torch.is_inference_mode_enabled
-_storage_refs = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _storage_counts(t) -> tuple:
-    """(Python references to t's storage object seen from a function's local, the storage's use
-    count): what `recycled` reads, in the same shape."""
-    st = t.untyped_storage()
-    return _refs(st), _storage_refs(st._cdata)
-
-
-def _free_counts():
-    """`_storage_counts` of an alias whose memory nothing else holds (taken from this torch, not
-    assumed: whether a storage's Python object is kept by its C++ storage differs between
-    versions), or None where holding a storage object or a second tensor over it would not change
-    them (then nothing is recycled)."""
-    alias = torch.empty(4).detach()
-    free = _storage_counts(alias)
-    st = alias.untyped_storage()
-    held = _storage_counts(alias)
-    del st
-    other = alias.detach()
-    shared = _storage_counts(alias)
-    del other
-    return free if held != free and shared != free and _storage_counts(alias) == free else None
-
-
-_FREE = _free_counts() if _storage_refs is not None else None
-_FREE_REFS, _FREE_USES = _FREE if _FREE is not None else (-1, -1)
-
-
-def new_slot() -> list:
-    """A launcher's recycling slot: [resolved launch, alias of its output, stream, storage bytes]."""
-    return [None, None, None, 0]
-
-
-def recycled(slot: list, hit, stream):
-    """A new tensor over the memory of the output `slot` keeps for the resolved launch `hit` on
-    `stream`, when nothing else holds that memory any more; else None."""
-    if slot[0] is not hit:
-        return None
-    st = slot[1].untyped_storage()
-    if not RECYCLE_OUTPUTS or _refs(st) != _FREE_REFS or _storage_refs(st._cdata) != _FREE_USES or \
-            slot[2] != stream or st.nbytes() != slot[3] or not _inference() or _capturing is None or _capturing():
-        return None
-    return slot[1].detach()
-
-
-def keep_for_recycling(slot: list, hit, out, stream) -> None:
-    """Let later calls of `hit` on `stream` reuse the memory of `out` (just allocated, to be
-    returned) once the caller has dropped it (`recycled`)."""
-    if RECYCLE_OUTPUTS and _FREE is not None and _capturing is not None and _inference() and not _capturing():
-        n = out.untyped_storage().nbytes()
-        if n <= RECYCLE_MAX_BYTES:
-            slot[:] = hit, out.detach(), stream, n
 
 
 def aligned(*tensors) -> bool:

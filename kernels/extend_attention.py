@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      direct, dot_precision, keep_for_recycling, kernel_for, make_plan, new_slot, next_pow2,
-                      num_sms, plan_hit, recycled)
+                      direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, plan_hit)
 from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _add_sink, _gather_kv,
                                bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
@@ -575,22 +574,18 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                 # (the launches unwrapped, `_common.direct`: one Python call each; `post` holds the
                 # call's sizes, bounds and the plan's constexprs)
                 launch, stream, dev, pre, mid, post, ppo, pplse, blocks, S, merge = hit
-                s = stream(dev)
-                if out is None:   # (the memory of an earlier output of this launch, once its caller dropped it)
-                    o = recycled(_SLOT, hit, s) if _SLOT[0] is hit else None
-                    if o is None:
-                        o = torch.empty_like(q)
-                        keep_for_recycling(_SLOT, hit, o, s)
+                if out is None:
+                    o = torch.empty_like(q)
                     pout = o.data_ptr()
                 else:
                     o = out
                 if ppo is None:          # one split: the partial buffers are unused, the output stands in
                     ppo = pplse = pout
-                launch(Hq, blocks, S, s, *pre, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk, *mid,
-                       pts[0], *post)
+                launch(Hq, blocks, S, stream(dev), *pre, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk,
+                       *mid, pts[0], *post)
                 if merge is not None:
-                    launch, pre, post = merge
-                    launch(T, Hq, 1, s, *pre, ppo, pplse, pout, pqsl, B, psk, *post)
+                    launch, stream, dev, pre, post = merge
+                    launch(T, Hq, 1, stream(dev), *pre, ppo, pplse, pout, pqsl, B, psk, *post)
                 return o
     check_bounds(window, chunk)
     check(prefix_splits is None or prefix_splits.__class__ is int and prefix_splits >= 1,
@@ -681,8 +676,8 @@ def _resolve_splits(entry, call: tuple, Hq: int, D: int, page_size: int, device)
     # (the buffers stay allocated when they grow: a remembered pointer stays valid)
     po, plse = _split_buffers(T * Hq * S, D, device) if S > 1 else (None, None)
     if merge is not None:
-        mlaunch, _, _, mpre, mtail = merge   # (launched on the same stream)
-        merge = (mlaunch, mpre, (*o_strides, S, *mtail))
+        mlaunch, mstream, mdev, mpre, mtail = merge
+        merge = (mlaunch, mstream, mdev, mpre, (*o_strides, S, *mtail))
     hit = (launch, stream, dev, pre, head, (*o_strides, page_size, B, window, chunk, split_tokens, S, *tail),
            None if po is None else po.data_ptr(), None if plse is None else plse.data_ptr(), T // BM + B, S, merge)
     if len(calls) >= 4096:   # (every batch shape of a long eager run: forget them now and then)
@@ -695,8 +690,6 @@ def _resolve_splits(entry, call: tuple, Hq: int, D: int, page_size: int, device)
 #         arguments, output strides)},
 #         {call: resolved launch (_resolve_splits)}); None -> (the last key taken, its entry)
 _PLANS: dict = {}
-
-_SLOT = new_slot()   # the last output, for recycling (_common.recycled)
 
 _SPLIT_BUFS: dict = {}
 _OLD_SPLIT_BUFS: list = []   # never freed: a captured CUDA graph may still point at an old buffer
