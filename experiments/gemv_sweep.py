@@ -8,7 +8,7 @@ its 4.5 GPU ms).
 Each config: GPU time per call from a CUDA graph of calls over weight copies that together
 exceed L2 (bench_kernels.bench_rot), as weight GB/s and as a fraction of a device copy measured
 first. Writes DIR/gemv_sweep.csv (every config) and prints the best five per shape beside the
-launcher's picked config and cuBLAS. Needs CUDA.
+autotuned choice and cuBLAS. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def main() -> None:
 
             add("cublas", bk.bench_rot([lambda i=i: F.linear(xs[i], ws[i]) for i in range(R)]))
             if M <= lin.MAX_M:
-                add("linear (picked)", bk.bench_rot([lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]))
+                add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]))
             for cfg in grid:
                 if (block_m(M) + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] > 220_000:
                     continue                                  # more shared memory than an SM has
@@ -94,9 +94,9 @@ def main() -> None:
                 add(";".join(f"{k}={v}" for k, v in cfg.items()), ms, ok)
             best = sorted(res)[:5]
             base = dict((impl, ms) for ms, impl in res)
-            tuned = base.get("linear (picked)", float("nan"))
+            tuned = base.get("linear (autotuned)", float("nan"))
             print(f"{name} M={M}: cublas {base['cublas'] * 1e3:.1f} us ({N * K * 2 / base['cublas'] / 1e6 / copy_gbps:.3f}"
-                  f" of copy), picked {tuned * 1e3:.1f} us ({N * K * 2 / tuned / 1e6 / copy_gbps:.3f})", flush=True)
+                  f" of copy), autotuned {tuned * 1e3:.1f} us ({N * K * 2 / tuned / 1e6 / copy_gbps:.3f})", flush=True)
             for ms, impl in best:
                 print(f"   {ms * 1e3:7.1f} us {N * K * 2 / ms / 1e6 / copy_gbps:.3f} of copy  {impl}", flush=True)
             del xs, ys

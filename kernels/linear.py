@@ -4,8 +4,8 @@ A decode step of a small batch reads every weight once and does almost no arithm
 matmuls should stream W at the copy bandwidth. Measured on an H200 (docs/model.md), cuBLAS
 picks split-K kernels for the 4096-wide projections of Llama-3.1-8B at batch 1 that reach ~3.1
 TB/s (plus a separate reduction kernel); this kernel gives each program BLOCK_N output columns
-over the whole K, pads x to 16 rows for one tensor-core dot per K tile, and its launch config is
-timed per (N, K) on the GPU (`_pick_config`). Larger batches (and the lm_head) use ``F.linear``.
+over the whole K, pads x to 16 rows for one tensor-core dot per K tile, and is autotuned per
+(N, K) on the GPU. Larger batches (and the lm_head) use ``F.linear``.
 """
 from __future__ import annotations
 
@@ -59,57 +59,9 @@ _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=
             for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 4),
                                  (32, 512, 4, 3), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3),
                                  (16, 1024, 8, 2), (16, 128, 2, 8)]]
-# GPU: the configs are timed on the first call of each (N, K, bias, dtype, device) (the engine's
-# warm-up makes that call before any timed step or CUDA-graph capture) and the fastest is kept.
-# Not by triton.autotune: it times eager launches of one weight over an L2 it has just filled with
-# dirty lines, and a 12-18 us GEMV then measures the host's launch and the write-back more than
-# its reads (on an H200 it picked a qkv config 15 % behind the best; docs/kernels.md).
-_PICKED: dict = {}
-
-
-def _time_config(cfg, args, meta, grid, copies, reps=10):
-    """GPU ms per call of `cfg`: a CUDA graph of one call per weight copy (together larger than L2,
-    so every call reads its weight from memory, as in a decode step), replayed `reps` times."""
-    launch = _gemv_kernel[grid]
-    kw = dict(meta, **cfg.all_kwargs())
-    launch(*args, **kw)                                    # compile outside the capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for w in copies:
-            launch(args[0], w, *args[2:], **kw)
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (reps * len(copies))
-
-
-def _pick_config(args, meta, N, K, weight):
-    """(config, picked): the fastest of _CONFIGS for this shape, timed once (see _PICKED). During
-    a CUDA-graph capture nothing can be timed: the first config then serves that call, unpicked
-    (no plan is made from it)."""
-    key = (N, K, meta["HAS_BIAS"], weight.dtype, weight.device)
-    cfg = _PICKED.get(key)
-    if cfg is not None:
-        return cfg, True
-    if torch.cuda.is_current_stream_capturing():
-        return _CONFIGS[0], False
-    nbytes = weight.numel() * weight.element_size()
-    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 50 << 20)
-    copies = [weight] + [torch.empty_like(weight) for _ in range(cdiv(3 * l2, nbytes) - 1)]
-    times = []
-    for cfg in _CONFIGS:
-        grid = (cdiv(N, cfg.kwargs["BLOCK_N"]),)
-        try:
-            times.append((min(_time_config(cfg, args, meta, grid, copies) for _ in range(3)), cfg))
-        except Exception:   # this config does not fit the device (shared memory, registers)
-            continue
-    del copies
-    cfg = _PICKED[key] = min(times, key=lambda t: t[0])[1]
-    return cfg, True
+# GPU: benchmark the configs on the first call of each (N, K) (the engine's warm-up makes that
+# call before any timed step or CUDA-graph capture) and keep the fastest
+_gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
 
 
 def linear(x, weight, bias=None, *, backend: str = "triton"):
@@ -155,10 +107,10 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         kernel_for(_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
             *args, **meta, **INTERPRET_CONFIG)
     else:
-        best, picked = _pick_config(args, meta, N, K, weight)
-        kwargs = dict(meta, **best.all_kwargs())
-        kernel = _gemv_kernel[(cdiv(N, best.kwargs["BLOCK_N"]),)](*args, **kwargs)
-        if ok and picked:
+        kernel = _gemv_tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        best = getattr(_gemv_tuned, "best_config", None)
+        if ok and best is not None:
+            kwargs = dict(meta, **best.all_kwargs())
             plan = make_plan(kernel, _gemv_kernel, args, kwargs, 4, x.device)
             if plan is not None:
                 _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]), (M, N))

@@ -80,31 +80,3 @@ def test_dependent_kernel_chain_same_with_and_without_pdl(graph):
         _common.set_pdl(was)
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_launch_config_timed_once_per_shape_and_never_inside_a_capture():
-    """The first call of a shape times every config (a CUDA graph over weight copies larger than
-    L2) and keeps the fastest; later calls, eager or captured, reuse it. A shape first met inside
-    a capture runs the first config without remembering it."""
-    dev, gen = torch.device("cuda"), torch.Generator().manual_seed(2)
-    N, K = 1024 + 16, 2048
-    w = randn(N, K, dtype=torch.bfloat16, device=dev, gen=gen) * 0.02
-    x = randn(2, K, dtype=torch.bfloat16, device=dev, gen=gen)
-    lin._PICKED.clear()
-    lin._PLANS.clear()
-    lin.linear(x, randn(2 * N, K, dtype=torch.bfloat16, device=dev, gen=gen))   # compiles every config
-    lin._PICKED.clear()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y_cap = lin.linear(x, w)
-    g.replay()
-    assert not lin._PICKED
-    y = lin.linear(x, w)
-    picked = dict(lin._PICKED)
-    assert len(picked) == 1 and next(iter(picked.values())) in lin._CONFIGS
-    assert torch.equal(lin.linear(x, w), y) and lin._PICKED == picked
-    ref = F.linear(x.float(), w.float())
-    assert_close(y, ref)
-    assert_close(y_cap, ref)
