@@ -211,8 +211,11 @@ class PagedStrategy(LazyRegistration, Strategy):
                 if h.__class__ is int:
                     self._unhash(pid, h)
                     self._stored_ids[pid] = None
-                else:  # registered lazily: its owner has one page less
-                    self._drop_lazy(h)
+                else:  # registered lazily: its owner has one page less (`_drop_lazy`, its first step inlined)
+                    left = h.ndef - 1
+                    h.ndef = left
+                    if not left:
+                        self._drop_lazy(h, 0)
                 hashes[pid] = None
             else:
                 pid = self._evict_pages(1)[0]
@@ -257,10 +260,14 @@ class PagedStrategy(LazyRegistration, Strategy):
                 ref[pid] = 1
                 fill[pid] = fill_to
             # each victim's hash, an owner's once with its count (the counts and the node tree end
-            # the same whatever the order: each victim takes one count down); a few owners: counted
-            # by tuple.count (~3 ns a victim each), else a Counter (~30 ns)
-            seen = dict.fromkeys(olds)
-            counts = Counter(olds) if len(seen) > 8 else dict(zip(seen, map(olds.count, seen)))
+            # the same whatever the order: each victim takes one count down); one or a few owners:
+            # counted by tuple.count (~3 ns a victim each), else a Counter (~30 ns)
+            first = olds[0]
+            if olds.count(first) == e:  # one owner's pages (its pages are one run of the LRU)
+                counts = {first: e}
+            else:
+                seen = dict.fromkeys(olds)
+                counts = Counter(olds) if len(seen) > 8 else dict(zip(seen, map(olds.count, seen)))
             for h, c in counts.items():
                 if h.__class__ is int:  # `_unhash`, inlined (a hash is one page's)
                     pid = table.pop(h)
