@@ -824,9 +824,12 @@ class RadixStrategy(Strategy):
         m * len(rids) pages at once in the order the one-page takes give them (the stack's top
         reversed, fresh ids in order, and where both are empty `evict(1)` and the stack's top
         again: `_pop_run`) and hands each request its column; the cached and free columns step
-        at each eviction. With a host tier, only runs that need no eviction go in bulk; in a step
-        that must evict (or where a request is not decoding yet), the others pop their pages
-        inline and only the one that evicts (or inserts) takes the per-token path (`grow`).
+        at each eviction. A request just past its prefill (its first decode inserts its last
+        chunk) joins the bulk steps where that insert only adds a leaf below its node: the insert
+        is made first (`_settle_first_decodes`; no host tier). With a host tier, only runs that
+        need no eviction go in bulk; in a step that must evict (or where a request is not
+        decoding yet), the others pop their pages inline and only the one that evicts (or
+        inserts) takes the per-token path (`grow`).
         O(m * requests) in C loops plus O(requests + evictions) in Python per run, against
         O(m * requests) Python calls."""
         if self.page_size != 1:
