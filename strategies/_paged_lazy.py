@@ -35,9 +35,8 @@ from operator import itemgetter
 
 import numpy as np
 
+from kvbench.strategies._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _page_ids, _void
 from kvbench.strategies.base import InvariantError
-
-from ._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _page_ids, _void
 
 
 class LazyRegistration:

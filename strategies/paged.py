@@ -74,14 +74,13 @@ from operator import itemgetter
 
 import numpy as np
 
+from kvbench.strategies._paged_lazy import LazyRegistration
+from kvbench.strategies._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _void
 from kvbench.strategies.base import (Admission, HostStates, InvariantError, PageId, RequestId, SlotStates,
                                      Strategy)
 from kvbench.strategies.eviction import EvictionPolicy, make_policy
 from kvbench.strategies.eviction.lru import LRU, PageLRU
 from kvbench.strategies.host_tier import HostPool, host_pages_for
-
-from ._paged_lazy import LazyRegistration
-from ._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _void
 
 _new_tuple = tuple.__new__
 _NO_TAIL: tuple = ()
