@@ -340,8 +340,8 @@ class PagedStrategy(LazyRegistration, Strategy):
                     cached.append(pid)
             lru.extend(cached)
             self._token -= token
-            if index is not None:  # the waiting match's hits among them are evictable now
-                memo.cached += len(index.keys() & cached)
+            if index is not None and memo.cached != len(memo.hits):  # the waiting match's hits among them
+                memo.cached += len(index.keys() & cached)  # are evictable now (none where all were already)
             return
         for pid in pids:
             r = ref[pid] - 1
