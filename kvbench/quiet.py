@@ -78,6 +78,12 @@ class QuietRun:
     step 0's own (the strategy's, read after planning), `steady.kv_read` what the step before
     would read, and the run's steps from 1 on are quiet as after a steady step."""
 
+    # (slots: over 29 attributes an instance's would sit in a plain dict, slower to read)
+    __slots__ = ("sched", "st", "seqs", "live", "requests", "states", "kv_read", "waiting", "preemptions",
+                 "head_need", "may_take_pages", "_moves", "_room", "_bulk", "_merge", "moved", "j", "grown",
+                 "held", "deferred", "pages_at", "fin", "finishing", "done", "blocked", "chunk", "chunk_size",
+                 "limit", "_takes", "_fin_steps", "_next_fin")
+
     def __init__(self, scheduler: Scheduler, steady: Quiet, grown: bool = False) -> None:
         self.sched, self.st = scheduler, scheduler.strategy
         self.seqs = seqs = list(scheduler.running)
@@ -116,16 +122,22 @@ class QuietRun:
             # kv_read_groups: a windowed model, whose decode steps do not read d more positions each)
         elif self.may_take_pages:
             fresh, pages_at, fin, room_of, ps = steady.fresh, self.pages_at, self.fin, self._room, st.page_size
-            for i, s in enumerate(seqs):  # the step in which it takes its next page
-                if g or i not in fresh:  # (its `room`, or the rest of its last page where the strategy has none)
-                    room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
-                else:
-                    room = 0
+            # the step in which each takes its next page: its `room`, or the rest of its last page
+            # where the strategy has none; 0 for a fresh one (unless step 0 was planned)
+            if room_of is not None:
+                rooms = [0 if not g and i in fresh else g + room_of(s.id, s.computed + g) for i, s in enumerate(seqs)]
+            else:
+                rooms = [g + -(s.computed + g) % ps for s in seqs]
+                if fresh and not g:
+                    for i in fresh:
+                        rooms[i] = 0
+            for i, room in enumerate(rooms):
                 if room <= fin[i]:
-                    if room in pages_at:
-                        pages_at[room].append(i)
-                    else:
+                    at = pages_at.get(room)
+                    if at is None:
                         pages_at[room] = [i]
+                    else:
+                        at.append(i)
             # nobody waiting: the run may go on until the last one leaves; else the first to
             # finish ends it (the next step admits)
             limit = min(fin) + 1 if scheduler.waiting else max(fin) + 1
@@ -200,7 +212,8 @@ class QuietRun:
                 if nxt:
                     pages_at[j] = nxt
                     heappush(takes, j)
-                token, reserved, internal, external, cached, free = (c[-1] for c in cols)
+                token, reserved, internal, external, cached, free = (cols[0][-1], cols[1][-1], cols[2][-1],
+                                                                     cols[3][-1], cols[4][-1], cols[5][-1])
                 if moves is not None:
                     moved = moves()
                     if moved != (0, 0):

@@ -158,7 +158,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         fresh = scheduler.emitted_all
         steady = None
         if engine.fast_forward:
-            steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev, done)
+            steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev)
         if done:
             leave(done)
     bar.close()
@@ -177,7 +177,7 @@ def quiet_plans(scheduler: Scheduler) -> bool:
             and (moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0))
 
 
-def quiet_after(scheduler: Scheduler, ev: StepEvent, done: list[Seq]) -> Quiet | None:
+def quiet_after(scheduler: Scheduler, ev: StepEvent) -> Quiet | None:
     """After a step `ev` that was not steady, whether the next steps are quiet all the same:
     nobody waits, nobody was preempted, every running request ran in the step, emitted a token
     and has only decodes left (its prefill, or its last chunk, finished there). Then the next
@@ -186,24 +186,13 @@ def quiet_after(scheduler: Scheduler, ev: StepEvent, done: list[Seq]) -> Quiet |
     not a decode make their first quiet grow at its own step, in running order (a strategy may
     do more than move a slot on that grow: paged registers the prompt's full pages). Pure."""
     running = scheduler.running
-    seqs = ev.batch.seqs
-    if scheduler.waiting or ev.preempted or not running or len(seqs) - len(done) != len(running):
+    # (every running request emitted in the step: it ran in it, and `complete` counted what they
+    # hold and which were not decodes, in running order)
+    if scheduler.waiting or ev.preempted or not running or not scheduler.emitted_all:
         return None
-    kv_read, fresh = 0, []
-    gone = {s.id for s in done}
-    i = 0
-    for b in seqs:
-        if done and b.request.id in gone:
-            continue
-        s = running[i]
-        if s.computed < s.prefill_target or s.request is not b.request:
-            return None
-        if not b.is_decode:
-            fresh.append(i)
-        kv_read += s.computed
-        i += 1
-    return Quiet(len(running), kv_read, 0, scheduler.num_preemptions, scheduler.strategy.slot_states(None),
-                 tuple(fresh))
+    held, fresh = scheduler.held_after
+    return _new_tuple(Quiet, (len(running), held, 0, scheduler.num_preemptions, scheduler.strategy.slot_states(None),
+                              tuple(fresh)))
 
 
 def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until: float,

@@ -151,6 +151,10 @@ class Scheduler:
         self.host_tokens = self.peak_host_tokens = 0  # positions held in host memory by swapped requests
         self.deferred = 0  # admissions deferred by dedup_prefix (request-steps)
         self.emitted_all = True  # every running request emitted a token in the last step (`complete`)
+        # (`complete`, nobody waiting: positions the running requests hold after the step, and the
+        # indices of those whose step was not a decode; one attribute: an instance of over 29 keeps
+        # its attributes in a plain dict, slower to read)
+        self.held_after: tuple[int, list[int]] = (0, [])
         self.quiet_calls: tuple | None = None  # the strategy's calls a quiet run makes (kvbench/quiet.py)
         # the host tier's page copies, for engines that make them (before take_host_moves, which drops them)
         self._take_host_copies = getattr(strategy, "take_host_copies", None)
@@ -447,20 +451,45 @@ class Scheduler:
 
     def complete(self, planned: list[tuple[Seq, int]]) -> list[Seq]:
         """The step ran: advance every request; release the finished ones (returned).
-        `emitted_all`: whether every request still running emitted a token in the step."""
+        `emitted_all`: whether every request still running emitted a token in the step; then,
+        with nobody waiting (every running request ran in it, in running order), `held_after` is
+        (the K/V positions they hold, the indices in running order of those whose step was not a
+        decode), for `kvbench.replay.quiet_after`."""
         done = []
-        emitted = 0
+        emitted = held = i = 0
+        fresh = []
+        if self.waiting:  # (no quiet run follows: nothing counted for it)
+            for seq, n in planned:
+                seq.computed += n
+                if seq.computed < seq.prefill_target:
+                    continue  # a prefill chunk that emits nothing yet
+                seq.emitted += 1
+                emitted += 1
+                if seq.emitted == seq.request.output_len:
+                    done.append(seq)
+            if done:
+                self.retire(done)
+            self.emitted_all = emitted - len(done) == len(self.running)
+            return done
         for seq, n in planned:
-            seq.computed += n
-            if seq.computed < seq.prefill_target:
-                continue  # a prefill chunk that emits nothing yet
+            c = seq.computed + n
+            seq.computed = c
+            t = seq.prefill_target
+            if c < t:
+                continue  # a prefill chunk that emits nothing yet (then not all emitted)
             seq.emitted += 1
             emitted += 1
             if seq.emitted == seq.request.output_len:
                 done.append(seq)
+                continue
+            if c - n < t:  # a prefill's last chunk, not a decode
+                fresh.append(i)
+            held += c
+            i += 1
         if done:
             self.retire(done)
         self.emitted_all = emitted - len(done) == len(self.running)
+        self.held_after = (held, fresh)
         return done
 
     def retire(self, done: list[Seq]) -> None:
