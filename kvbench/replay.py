@@ -222,7 +222,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             if left <= 0:
                 break
             d, kv_read = len(run.live), run.kv_read  # every decode reads one position more each step
-            dts = _next_prices(run, engine, prices, left, d, kv_read)
+            dts = _next_prices(run, engine, prices, left, d, kv_read, until - now)
             c = _Chunk(list(accumulate(dts, initial=now)), dts, kv_read, d)  # starts [k + 1]: a sequential sum
         starts, k, over = c.starts, len(c.dts), False
         while c.i < k:
@@ -257,7 +257,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
                 break  # paused at `until`, the chunk kept
             left = run.left
             if left > 0:  # the chunk is done and the run goes on with the same requests: it grows
-                dts = _next_prices(run, engine, prices, left, c.d, run.kv_read)  # (one DecodeRun for the run up to its next leave)
+                dts = _next_prices(run, engine, prices, left, c.d, run.kv_read, until - now)  # (one DecodeRun for the run up to its next leave)
                 c.dts += dts
                 starts.pop()  # (the end of the last step: the first start of the sum that follows)
                 starts += accumulate(dts, initial=now)
@@ -279,14 +279,24 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     return now
 
 
-def _next_prices(run: QuietRun, engine: Engine, prices, left: int, d: int, kv_read: int) -> list[float]:
+def _next_prices(run: QuietRun, engine: Engine, prices, left: int, d: int, kv_read: int,
+                 horizon: float = float("inf")) -> list[float]:
     """The step times of the next chunk of `run`: min(left, its chunk size) steps of d decodes, the
     first reading kv_read positions, each d more (`prices`: the engine's decode_cost_list, or None:
-    decode_costs). The chunk size grows 4x a chunk, up to _CHUNK. Mutates run.chunk_size."""
+    decode_costs). The chunk size grows 4x a chunk, up to _CHUNK. Past the first chunk, no more
+    steps than may start within `horizon` seconds (the arrival that pauses the run): a step
+    reads more than the one before, so it takes no less time than the first, and at most
+    horizon / first + 1 steps start within it (+ 1 for rounding; a chunk that falls short grows
+    by the next one, as a chunk does). Any chunking prices every step the same. Mutates
+    run.chunk_size."""
     size = run.chunk_size
     k = left if left < size else size
     if size < _CHUNK:
         run.chunk_size = 4 * size if 4 * size < _CHUNK else _CHUNK
+    if size > _FIRST_CHUNK and horizon < _INF and k > _FIRST_CHUNK:
+        first = prices(d, kv_read, 1)[0] if prices is not None else float(engine.decode_costs(d, np.array([kv_read]))[0])
+        if first > 0 and horizon / first + 2 < k:
+            k = max(int(horizon / first) + 2, 1)
     if prices is not None:
         return prices(d, kv_read, k)
     return engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist()
@@ -342,5 +352,6 @@ def _waiting_rows(base: int, joined: list[float], starts: list[float], i: int) -
 
 
 _CHUNK = 4096  # quiet steps priced at once, at most
+_FIRST_CHUNK = 32  # quiet steps priced first (QuietRun.chunk_size: most runs end at an arrival within a few dozen)
 _INF = float("inf")
 _new_tuple = tuple.__new__  # (a NamedTuple without its Python __new__)
