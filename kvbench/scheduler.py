@@ -193,9 +193,45 @@ class Scheduler:
         self._admitted, self._preempted = [], []
         if self._swap_out or self._swap_in:
             self._swap_out, self._swap_in = [], []
-        preempted = False
         running, grow = self.running, self.strategy.grow  # (the same list all along: pop and append)
-        i = 0
+        skipped, failed = 0, None
+        for seq in running:  # while every grow succeeds (nobody preempted: the list stays)
+            if budget <= 0:
+                break
+            if seq.computed >= seq.prefill_target:
+                n = 1  # a decode
+            else:
+                n = self._tokens_for(seq, budget)
+                if n == 0:
+                    skipped += 1
+                    continue
+            if not grow(seq.id, n):
+                failed = n
+                break
+            planned.append((seq, n))
+            budget -= n
+        if failed is None:
+            self._admit(planned, budget)
+        else:  # the request after those planned or skipped got no room: preempt, then go on as before
+            self._plan_preempting(planned, budget, len(planned) + skipped, failed)
+        return planned
+
+    def _plan_preempting(self, planned: list[tuple[Seq, int]], budget: int, i: int, n: int) -> None:
+        """`schedule` from running request i on, whose grow by n just failed: the most recently
+        admitted request is preempted until it fits (or is itself preempted), and so on for the
+        rest; nobody is admitted in this step. Mutates the strategy, `running` and the queue."""
+        running, grow = self.running, self.strategy.grow
+        seq = running[i]
+        while True:  # (its grow failed)
+            victim = running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                break
+            if grow(seq.id, n):
+                planned.append((seq, n))
+                budget -= n
+                i += 1
+                break
         while i < len(running) and budget > 0:
             seq = running[i]
             n = 1 if seq.computed >= seq.prefill_target else self._tokens_for(seq, budget)  # (1: a decode)
@@ -205,16 +241,12 @@ class Scheduler:
             while not grow(seq.id, n):
                 victim = running.pop()
                 self._preempt(victim)
-                preempted = True
                 if victim is seq:
                     break
             else:
                 planned.append((seq, n))
                 budget -= n
                 i += 1
-        if not preempted:
-            self._admit(planned, budget)
-        return planned
 
     def _tokens_for(self, seq: Seq, budget: int) -> int:
         left = seq.prefill_target - seq.computed
