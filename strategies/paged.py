@@ -69,7 +69,6 @@ its history). Off (0): the eviction paths test one attribute per evicted page, n
 from __future__ import annotations
 
 from array import array
-from collections import Counter
 from operator import itemgetter
 
 import numpy as np
@@ -254,38 +253,27 @@ class PagedStrategy(LazyRegistration, Strategy):
                 got += victims
                 return got
             kids, ghosts, parent = self._kids, self._ghosts, self._parent
-            olds = itemgetter(*victims)(hashes) if e > 1 else (hashes[victims[0]],)
             for pid in victims:
-                hashes[pid] = None
-                ref[pid] = 1
-                fill[pid] = fill_to
-            # each victim's hash, an owner's once with its count (the counts and the node tree end
-            # the same whatever the order: each victim takes one count down); one or a few owners:
-            # counted by tuple.count (~3 ns a victim each), else a Counter (~30 ns)
-            first = olds[0]
-            if olds.count(first) == e:  # one owner's pages (its pages are one run of the LRU)
-                counts = {first: e}
-            else:
-                seen = dict.fromkeys(olds)
-                counts = Counter(olds) if len(seen) > 8 else dict(zip(seen, map(olds.count, seen)))
-            for h, c in counts.items():
-                if h.__class__ is int:  # `_unhash`, inlined (a hash is one page's)
-                    pid = table.pop(h)
+                h = hashes[pid]
+                if h.__class__ is int:  # `_unhash`, inlined
+                    del table[h]
                     stored[pid] = None
                     if h in kids:
                         ghosts[h] = parent[pid]
                     else:  # (`_unkid`, its first step inlined)
                         up = parent[pid]
-                        left = kids[up]
-                        if left > 1:
-                            kids[up] = left - 1
+                        c = kids[up]
+                        if c > 1:
+                            kids[up] = c - 1
                         else:
                             self._unkid(up)
-                else:  # registered lazily: its owner has c pages less
-                    c = h.ndef - c
-                    h.ndef = c
-                    if not c:
+                else:  # registered lazily: its owner has one page less
+                    h.ndef -= 1
+                    if not h.ndef:
                         self._drop_lazy(h, 0)
+                hashes[pid] = None
+                ref[pid] = 1
+                fill[pid] = fill_to
             got += victims
             return got
         if e:
