@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 import kvbench.quiet
+import kvbench.replay
 
 from kvbench.engines.sim import SimEngine
 from kvbench.replay import replay
@@ -91,3 +92,25 @@ def test_page_takes_behind_a_head_that_free_pages_cannot_hold_are_fast_forwarded
     monkeypatch.setattr(kvbench.quiet, "head_need", lambda scheduler, d: None)  # the stop before a take
     t2, r2, _, _, planned2 = _replay(paged, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=512)
     assert t2.equals(t0) and r2.equals(r0) and planned2 == 3 + 6  # (a run stopped before each take: 6)
+
+
+def test_a_run_behind_a_refused_head_goes_on_through_arrivals_and_rejections(monkeypatch):
+    # as above, plus a request too long for max_model_len (rejected) and one that arrives exactly
+    # when a step starts (it counts as waiting in that step, as stepping counts it)
+    specs = [(0.0, 10, 40), (0.0, 10, 5), (0.05, 10, 5), (0.06, 70, 5), (0.1, 10, 5)]
+
+    def slab():
+        return SlabStrategy(100, 64, reservation="max")
+
+    t0, _, _, _, _ = _replay(slab, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    at = float(t0.t_s[12])  # a step's start, inside request 0's run
+    specs = [*specs, (at, 10, 5)]  # (the last to arrive)
+    t0, r0, itl0, _, _ = _replay(slab, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    assert list(t0.waiting[11:14]) == [3, 4, 4] and float(t0.t_s[12]) == at  # (the arrival changed no step)
+    runs = []
+    forward = kvbench.replay.fast_forward
+    monkeypatch.setattr(kvbench.replay, "fast_forward", lambda run, *a: runs.append(run) or forward(run, *a))
+    t1, r1, itl1, stepped1, _ = _replay(slab, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
+    assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    assert list(r1.status).count("rejected") == 1 and stepped1 == [1] * 5
+    assert len(runs) == len(set(map(id, runs))) == 5  # no run was paused at an arrival: one call each
