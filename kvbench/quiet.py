@@ -329,8 +329,11 @@ class QuietRun:
             raise RuntimeError(f"fast-forward: strategy '{self.st.label}' reports {now} after {k} quiet "
                                f"decode steps of {len(self.seqs)} requests, but {self.states} was expected "
                                f"(a decode inside a request's `room` moves one slot from reserved to token)")
-        if self.finishing:
-            self._leave([seqs[i] for i in self.finishing])
+        if self.finishing:  # they leave (`live` and `requests` stay: the run is over)
+            done = [seqs[i] for i in self.finishing]
+            self.finishing = None
+            self.sched.retire(done)
+            self.done += done
         return k
 
     def _grow(self, s, n: int) -> None:
