@@ -16,9 +16,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, direct, dot_in_f32,
-                      dot_precision, keep_for_recycling, kernel_for, make_plan, new_slot, next_pow2, num_sms, pdl_args,
-                      pdl_begin, pdl_late, plan_hit, recycled)
+from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
+                      direct, kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late, plan_hit)
 
 LOG2E = 1.4426950408889634
 
@@ -405,8 +404,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
         if out is None:
             pout, out_key = 0, None
         else:
-            pout, out_key = out.data_ptr(), (out.shape, out.is_contiguous() or out.stride(), out.dtype,
-                                             out.get_device())
+            pout, out_key = out.data_ptr(), (out.shape, out.is_contiguous() or out.stride(), out.dtype, out.get_device())
         if sinks is None:
             psk, sink_key = psl, None
         else:
@@ -439,22 +437,18 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                 # (the launches unwrapped, `_common.direct`: one Python call each; `post` holds the
                 # call's sizes, bounds and the plan's constexprs)
                 launch, stream, dev, pre, mid, post, ppo, pplse, plock, Hkv, S, merge = hit
-                s = stream(dev)
-                if out is None:   # (the memory of an earlier output of this launch, once its caller dropped it)
-                    o = recycled(_SLOT, hit, s) if _SLOT[0] is hit else None
-                    if o is None:
-                        o = torch.empty_like(q)
-                        keep_for_recycling(_SLOT, hit, o, s)
+                if out is None:
+                    o = torch.empty_like(q)
                     pout = o.data_ptr()
                 else:
                     o = out
                 if ppo is None:          # one split: the partial buffers are unused, the output stands in
                     ppo = pplse = pout
-                launch(B, Hkv, S, s, *pre, pq, pk, pv, ppt, psl, pout, ppo, pplse, psl if plock is None else plock,
-                       psk, *mid, pts[0], *post)
+                launch(B, Hkv, S, stream(dev), *pre, pq, pk, pv, ppt, psl, pout, ppo, pplse,
+                       psl if plock is None else plock, psk, *mid, pts[0], *post)
                 if merge is not None:
-                    launch, pre, post, Hq = merge
-                    launch(B, Hq, 1, s, *pre, ppo, pplse, pout, psk, *post)
+                    launch, stream, dev, pre, post, Hq = merge
+                    launch(B, Hq, 1, stream(dev), *pre, ppo, pplse, pout, psk, *post)
                 return o
     check_bounds(window, chunk)
     check_backend(backend)
@@ -550,8 +544,8 @@ def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device
     (launch, stream, dev, pre, tail), merge, ppo, pplse, plock, head, o_strides, hkv, hq, _ = plan
     split_tokens = bn if explicit else cdiv(MIN_SPLIT_TOKENS, bn) * bn
     if merge is not None:
-        mlaunch, _, _, mpre, mtail = merge   # (launched on the same stream)
-        merge = (mlaunch, mpre, (*o_strides, S, *mtail), hq)
+        mlaunch, mstream, mdev, mpre, mtail = merge
+        merge = (mlaunch, mstream, mdev, mpre, (*o_strides, S, *mtail), hq)
     hit = (launch, stream, dev, pre, head, (*o_strides, page_size, split_tokens, S, window, chunk, *tail), ppo, pplse,
            plock, hkv, S, merge)
     calls = entry[0]
@@ -560,8 +554,6 @@ def _resolve_splits(entry, call: tuple, B: int, Hkv: int, page_size: int, device
     calls[call] = hit
     return hit
 
-
-_SLOT = new_slot()   # the last output, for recycling (_common.recycled)
 
 # key -> ({call: resolved launch (_resolve_splits)}, {num_splits: (plan, merge plan (both `_common.direct`'s
 # unwrapped form), split-buffer and lock pointers, fixed args, output strides, H_kv, H_q, the buffers)});
