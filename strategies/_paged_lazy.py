@@ -223,7 +223,7 @@ class LazyRegistration:
         """Whether a request that hits the pages `owner` registered lazily up to its `nhit`-th
         page may own them in its place: the owner left, and has no page registered lazily
         past them (a preempted request that comes back hits all it had registered). Pure."""
-        if not owner.gone or self._admission:
+        if not owner.gone or self._rare.admission:
             return False
         done = owner.hash_at // self.page_size - 1 if owner.hash_at != _NEVER else owner.cache_pages
         page_hashes = self._hash

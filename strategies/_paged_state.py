@@ -47,6 +47,33 @@ class _Match:
         self.odata: bytes = b""  # that owner's ids as bytes
 
 
+class _Rare:
+    """A paged strategy's options and its rarely touched state, in one attribute of it (CPython
+    3.11 keeps at most 29 instance attributes in a shared-keys dict: past that every `self.x` of
+    the hot paths is a dict lookup and no method load is specialized; tests/test_paged_bulk.py
+    holds the count). Options (fixed at construction): see strategies/paged.py's docstring;
+    `admission`: cache_outputs false or min_cache_len > 0; `tracks`: the eviction policy is told
+    each admitted / released request. State: the host tier's maps (chained hash → host page,
+    host page → its hash, host page → its ids as bytes; empty with the tier off) and the prompt
+    tokens served from each tier (every admission)."""
+
+    __slots__ = ("prefix_caching", "prefix_visibility", "dedup_touch", "eviction", "cache_outputs",
+                 "min_cache_len", "admission", "tracks", "host_tier_tokens", "host_tier_eviction",
+                 "host_table", "host_hash", "host_ids", "hits_gpu", "hits_host")
+
+    def __init__(self, prefix_caching: bool, prefix_visibility: str, dedup_touch: bool, cache_outputs: bool,
+                 min_cache_len: int, host_tier_tokens: int, host_tier_eviction: str) -> None:
+        self.prefix_caching, self.prefix_visibility, self.dedup_touch = prefix_caching, prefix_visibility, dedup_touch
+        self.cache_outputs, self.min_cache_len = cache_outputs, min_cache_len
+        self.admission = not cache_outputs or min_cache_len > 0
+        self.host_tier_tokens, self.host_tier_eviction = host_tier_tokens, host_tier_eviction
+        self.eviction, self.tracks = "", False  # (set once the eviction policy is made)
+        self.host_table: dict[int, int] = {}
+        self.host_hash: dict[int, int] = {}
+        self.host_ids: dict[int, bytes] = {}
+        self.hits_gpu = self.hits_host = 0
+
+
 _VOIDS: dict[int, np.dtype] = {}
 
 

@@ -74,7 +74,7 @@ from operator import itemgetter
 import numpy as np
 
 from kvbench.strategies._paged_lazy import LazyRegistration
-from kvbench.strategies._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _void
+from kvbench.strategies._paged_state import _NEVER, _ROOT_HASH, _Match, _Rare, _Seq, _void
 from kvbench.strategies.base import (Admission, HostStates, InvariantError, PageId, RequestId, SlotStates,
                                      Strategy)
 from kvbench.strategies.eviction import EvictionPolicy, make_policy
@@ -104,7 +104,7 @@ class _Scratch:
     def __init__(self, s: PagedStrategy) -> None:
         self.page_size, self._table, self._stored_ids, self._ref = s.page_size, s._table, s._stored_ids, s._ref
         self._owners, self._hash = s._owners, s._hash
-        self._host_table, self._host_ids = s._host_table, s._host_ids
+        self._rare = s._rare
         self._hit_memo = None
 
 
@@ -112,8 +112,6 @@ class PagedStrategy(LazyRegistration, Strategy):
     """vLLM-style paging. `prefix_caching` turns automatic prefix caching on;
     `prefix_visibility`, `dedup_touch`, the admission options and the host tier
     (`host_tier_tokens`, `host_tier_eviction`): see the module docstring."""
-
-    reads_tokens = True  # admit reads the ids only to hash pages: without prefix caching, not (see __init__)
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
@@ -123,24 +121,17 @@ class PagedStrategy(LazyRegistration, Strategy):
         host_pages = host_pages_for(host_tier_tokens, self.page_size, "paged")
         if host_pages and not prefix_caching:
             raise ValueError("paged host_tier_tokens > 0 needs prefix_caching: true (the host tier holds cached pages)")
-        # the host tier (None: off): its pages' chained hash ↔ host page, and their ids
+        # the host tier (None: off): its pages' chained hash ↔ host page, and their ids (in `_rare`)
         self._host = HostPool(host_pages, self.page_size, host_tier_eviction) if host_pages else None
-        self.host_tier_tokens = host_pages * self.page_size
-        self.host_tier_eviction = self._host.eviction if self._host else str(host_tier_eviction)
-        self._host_table: dict[int, int] = {}  # chained hash → host page holding those ids
-        self._host_hash: dict[int, int] = {}  # host page → its chained hash
-        self._host_ids: dict[int, bytes] = {}  # host page → its ids (as bytes), to verify hits
-        self._hits_gpu = self._hits_host = 0  # prompt tokens served from each tier, every admission
         if prefix_visibility not in _VISIBILITY:
             raise ValueError(f"paged prefix_visibility must be computed or scheduled, got {prefix_visibility!r}")
-        self.prefix_caching = self.caches_prefixes = self.reads_tokens = prefix_caching
-        self._solo = not prefix_caching  # no page is shared or hashed (until a fork shares some)
-        self.prefix_visibility, self.dedup_touch = prefix_visibility, bool(dedup_touch)
-        self._scheduled = prefix_caching and prefix_visibility == "scheduled"
         if int(min_cache_len) < 0:
             raise ValueError(f"paged min_cache_len must be >= 0, got {min_cache_len}")
-        self.cache_outputs, self.min_cache_len = bool(cache_outputs), int(min_cache_len)
-        self._admission = not self.cache_outputs or self.min_cache_len > 0
+        rare = self._rare = _Rare(prefix_caching, prefix_visibility, bool(dedup_touch), bool(cache_outputs),
+                                  int(min_cache_len), host_pages * self.page_size,
+                                  self._host.eviction if self._host else str(host_tier_eviction))
+        self._solo = not prefix_caching  # no page is shared or hashed (until a fork shares some)
+        self._scheduled = prefix_caching and prefix_visibility == "scheduled"
         self._free = array("l")  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free); the
         # per-page lists below cover the pages handed out so far and grow by half when they run out
@@ -153,17 +144,26 @@ class PagedStrategy(LazyRegistration, Strategy):
         if type(self._lru) is LRU and not len(self._lru) and not isinstance(eviction, EvictionPolicy):
             self._lru = PageLRU()  # the same order, taken and added a slice at a time
         self._lru.bind(self.num_pages)
-        self.eviction = self._lru.name
+        rare.eviction = self._lru.name
         self._plain_lru = type(self._lru) is PageLRU and self._host is None  # evictions: no policy or host frames
         self._page_lru = type(self._lru) is PageLRU  # its size is `.n` (len() would run a Python __len__)
-        self._tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
+        rare.tracks = self._lru.tracks_requests  # Belady, priority: told each admitted / released request
         self._stored_ids: list[bytes | None] = []  # ids (as bytes) of each hashed page, to verify hits
         self._seqs: dict[RequestId, _Seq] = {}
-        self._capacity = self.capacity  # (the property, read once: slot_states is on the hot path)
         self._token = 0  # slots of in-use pages holding tokens
         self._reserved = 0
         self._hit_memo: _Match | None = None  # the waiting request's match (a memo: not state)
-        self._init_lazy(prefix_caching and self._plain_lru and not self.dedup_touch)
+        self._init_lazy(prefix_caching and self._plain_lru and not rare.dedup_touch)
+
+    # the options, read-only (kept in `_rare`: see there)
+    prefix_caching = caches_prefixes = reads_tokens = property(lambda self: self._rare.prefix_caching)
+    prefix_visibility = property(lambda self: self._rare.prefix_visibility)
+    dedup_touch = property(lambda self: self._rare.dedup_touch)
+    eviction = property(lambda self: self._rare.eviction)
+    cache_outputs = property(lambda self: self._rare.cache_outputs)
+    min_cache_len = property(lambda self: self._rare.min_cache_len)
+    host_tier_tokens = property(lambda self: self._rare.host_tier_tokens)
+    host_tier_eviction = property(lambda self: self._rare.host_tier_eviction)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
@@ -429,7 +429,8 @@ class PagedStrategy(LazyRegistration, Strategy):
         room made by the host policy (a full host reuses its victim's page at once); dropped if
         every host page is pinned (an admission loading them)."""
         host = self._host
-        policy, table, hashes, stored = host.policy, self._host_table, self._host_hash, self._host_ids
+        rare = self._rare
+        policy, table, hashes, stored = host.policy, rare.host_table, rare.host_hash, rare.host_ids
         pop = policy.popitem if type(policy) is LRU else None  # LRU.victim without its Python frame
         gpu, dst = [], []
         for pid, h, ids in demoted:
@@ -451,13 +452,14 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     def _drop_host(self, hp: int) -> None:
         """Host page `hp` no longer holds its content (evicted, loaded back, or superseded)."""
-        del self._host_table[self._host_hash.pop(hp)]
-        del self._host_ids[hp]
+        rare = self._rare
+        del rare.host_table[rare.host_hash.pop(hp)]
+        del rare.host_ids[hp]
         self._host.give(hp)
 
     def _drop_host_copies(self, hashes) -> None:
         """Pages with these hashes are now cached on the GPU: the host drops its copies (one tier)."""
-        host_table, policy = self._host_table, self._host.policy
+        host_table, policy = self._rare.host_table, self._host.policy
         for h in hashes:
             hp = host_table.get(h)
             if hp is not None:
@@ -469,7 +471,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         neither holds: (True, host page) or (False, GPU page) each. Mutates only the memo's
         hash list (extended). Works on a `_Scratch` view too."""
         ps, hashes, tokens, hits = self.page_size, memo.hashes, memo.tokens, memo.hits
-        table, stored, host_table, host_ids = self._table, self._stored_ids, self._host_table, self._host_ids
+        table, stored, host_table, host_ids = self._table, self._stored_ids, self._rare.host_table, self._rare.host_ids
         tail: list[tuple[bool, int]] = []
         for i in range(len(hits), num_full):
             ids = tokens[i * ps:(i + 1) * ps].tobytes()
@@ -490,10 +492,10 @@ class PagedStrategy(LazyRegistration, Strategy):
         """Admit the tail of a match: revive its GPU hits, pin its host hits, take GPU pages for
         them (may evict other cached pages to the host), copy host → device, free the host
         copies and register the new pages. Returns the pages in position order. Mutates."""
-        host, ref, ps = self._host, self._ref, self.page_size
+        host, ref, ps, rare = self._host, self._ref, self.page_size, self._rare
         for on_host, key in tail:
             if on_host:
-                host.policy.remove(self._host_hash[key])  # pinned: never the host's victim while it loads
+                host.policy.remove(rare.host_hash[key])  # pinned: never the host's victim while it loads
             else:
                 if ref[key] == 0:
                     del self._lru[key]
@@ -507,7 +509,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                 continue
             pid = next(new)
             host.h2d(key, pid)
-            h, ids = self._host_hash[key], self._host_ids[key]
+            h, ids = rare.host_hash[key], rare.host_ids[key]
             self._drop_host(key)
             self._table[h] = pid
             self._hash[pid] = h
@@ -679,7 +681,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         return np.asarray(self._seqs[rid].pages, dtype=np.int32)
 
     def cached_prefix_len(self, tokens, num_prompt) -> int:
-        if not self.prefix_caching:
+        if not self._rare.prefix_caching:
             return 0
         ps = self.page_size  # matched from scratch on a memo-less view: the real memo is untouched
         view, num_full = _Scratch(self), (num_prompt - 1) // ps
@@ -692,7 +694,9 @@ class PagedStrategy(LazyRegistration, Strategy):
         hits: list[PageId] = []
         revived = 0  # hits now cached: admitting takes them out of the evictable set
         tail = _NO_TAIL  # the match beyond the leading GPU hits, over both tiers (host tier only)
-        if self.prefix_caching:
+        rare = self._rare
+        caching = rare.prefix_caching
+        if caching:
             num_full = (num_prompt - 1) // ps  # leave >= 1 to compute
             memo = self._cached_prefix(rid, tokens, num_full)
             hits, revived = memo.hits, memo.cached
@@ -707,7 +711,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             need -= len(tail) - host_tokens // ps  # GPU hits in the tail need no page
             revived += sum(1 for on_host, pid in tail if not on_host and self._ref[pid] == 0)
         if need > self._available() - revived:
-            if self.prefix_caching:
+            if caching:
                 self._index(memo)
             return Admission(False)
         self._hit_memo = None
@@ -735,7 +739,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     self._token += self._fill[pid]
                 self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached,
-                   data=memo.data if self.prefix_caching else None)
+                   data=memo.data if caching else None)
         if tail:
             seq.pages += self._load_tail(tail)
         nhit = len(seq.pages)
@@ -744,21 +748,21 @@ class PagedStrategy(LazyRegistration, Strategy):
         seq.hash_at = (nhit + 1) * ps
         if take_over:
             self._take_over(owner, seq, nhit)
-        if not self.prefix_caching:  # hashes nothing: grow's registration test is one compare
+        if not caching:  # hashes nothing: grow's registration test is one compare
             seq.cache_pages, seq.hash_at = 0, _NEVER
-        elif self._admission:  # cache only the prompt, or nothing of a short request
-            seq.cache_pages = (0 if num_prompt < self.min_cache_len
-                               else (num_prompt if not self.cache_outputs else kv_len) // ps)
+        elif rare.admission:  # cache only the prompt, or nothing of a short request
+            seq.cache_pages = (0 if num_prompt < rare.min_cache_len
+                               else (num_prompt if not rare.cache_outputs else kv_len) // ps)
             if nhit >= seq.cache_pages:
                 seq.hash_at = _NEVER
         self._seqs[rid] = seq
         ok = self.grow(rid, length - cached)
         assert ok, "room was checked above"
-        if self._tracks:
+        if rare.tracks:
             self._lru.request(rid)
-        self._hits_gpu += cached - host_tokens
+        rare.hits_gpu += cached - host_tokens
         if host_tokens:
-            self._hits_host += host_tokens
+            rare.hits_host += host_tokens
             return Admission(True, cached, host_tokens)
         return Admission(True, cached)
 
@@ -867,9 +871,10 @@ class PagedStrategy(LazyRegistration, Strategy):
     def release(self, rid) -> None:
         seq = self._seqs.pop(rid)
         seq.gone = True
-        if self._tracks:
+        rare = self._rare
+        if rare.tracks:
             self._lru.releasing(rid)
-        if self.prefix_caching and seq.length >= seq.hash_at:
+        if rare.prefix_caching and seq.length >= seq.hash_at:
             self._register_full_pages(seq)
         self._reserved -= seq.reserved
         if self._solo:  # every page is the request's own, never hashed: all free, in _unref_pages' order
@@ -880,7 +885,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._free.fromlist(pages[::-1])
         elif seq.lazy:
             self._release_owner(seq)
-        elif self.dedup_touch:
+        elif rare.dedup_touch:
             self._unref_touching(seq)
         else:
             self._unref_pages(reversed(seq.pages))  # the tail first: it is the least likely to be reused
@@ -892,7 +897,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         """Without prefix caching (a decode registers no page that could lengthen a waiting
         request's match) and a host tier, a refused request needs more pages than are free, and a
         free page taken only lowers that. Pure."""
-        return not self.prefix_caching and self._host is None
+        return not self._rare.prefix_caching and self._host is None
 
     @property
     def grows_merge(self) -> bool:
@@ -926,7 +931,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         cached = (self._lru.n if self._page_lru else len(self._lru)) * ps
         free = (len(self._free) + self._fresh) * ps
         # SlotStates(token, reserved, internal, external, cached, free) without its Python __new__
-        return _new_tuple(SlotStates, (token, reserved, self._capacity - cached - free - token - reserved, 0,
+        return _new_tuple(SlotStates, (token, reserved, self.num_pages * ps - cached - free - token - reserved, 0,
                                        cached, free))
 
     def check_invariants(self) -> None:
@@ -1008,20 +1013,20 @@ class PagedStrategy(LazyRegistration, Strategy):
         """Host tier: its maps agree, every host page is free or holds one hash, the policy holds
         exactly the host pages with content (none pinned between calls), and no hash is cached in
         both tiers (a page has one owner tier)."""
-        host, hosted = self._host, self._host_hash
+        host, hosted, host_table = self._host, self._rare.host_hash, self._rare.host_table
         if host is None:
-            if self._host_table or hosted or self._host_ids:
+            if host_table or hosted or self._rare.host_ids:
                 raise InvariantError("host tier off but its tables hold pages")
             return
-        if {hp: h for h, hp in self._host_table.items()} != hosted or hosted.keys() != self._host_ids.keys():
+        if {hp: h for h, hp in host_table.items()} != hosted or hosted.keys() != self._rare.host_ids.keys():
             raise InvariantError("host tier: hash table, page hashes and stored ids disagree")
         try:
             host.check(set(hosted))
         except AssertionError as e:
             raise InvariantError(f"host tier: {e}") from None
-        if set(host.policy) != set(self._host_table) or len(host.policy) != len(hosted):
+        if set(host.policy) != set(host_table) or len(host.policy) != len(hosted):
             raise InvariantError(f"host policy holds {len(host.policy)} pages, the host tier {len(hosted)}")
-        both = self._table.keys() & self._host_table.keys()
+        both = self._table.keys() & host_table.keys()
         if both:
             raise InvariantError(f"{len(both)} page hashes cached in both the GPU pool and the host tier")
         states = self.host_states()
@@ -1032,7 +1037,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         if self._host is None:
             return HostStates(0, 0)
         ps = self.page_size
-        return HostStates(cached=len(self._host_hash) * ps, free=self._host.free_pages() * ps)
+        return HostStates(cached=len(self._rare.host_hash) * ps, free=self._host.free_pages() * ps)
 
     def take_host_moves(self) -> tuple[int, int]:
         return (0, 0) if self._host is None else self._host.take_moves()
@@ -1058,6 +1063,6 @@ class PagedStrategy(LazyRegistration, Strategy):
                 "prefix_visibility": self.prefix_visibility, "dedup_touch": self.dedup_touch,
                 "eviction": self.eviction, "host_tier_tokens": self.host_tier_tokens,
                 "host_tier_eviction": self.host_tier_eviction,
-                "prefix_hit_tokens_gpu": self._hits_gpu, "prefix_hit_tokens_host": self._hits_host,
+                "prefix_hit_tokens_gpu": self._rare.hits_gpu, "prefix_hit_tokens_host": self._rare.hits_host,
                 "host_d2h_tokens": host.d2h_tokens if host else 0, "host_h2d_tokens": host.h2d_tokens if host else 0,
                 "host_evicted_tokens": host.evicted_pages * self.page_size if host else 0}

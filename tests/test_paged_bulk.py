@@ -5,7 +5,8 @@ fresh ids, and, for LRU without a host tier or a waiting match, one loop that po
 takes the LRU's first pages). `_take_page()` is the one-page reference (free stack, then fresh,
 then `_evict_one`, the policy's victim). On two copies of the same pool both must give the same
 page ids in the same order and leave the same free stack, LRU order, hash table, per-page lists
-and waiting match (its hits cut at the first evicted one).
+and waiting match (its hits cut at the first evicted one). Also: the strategy stays within CPython
+3.11's 29 shared-key instance attributes (its hot paths' `self.x` reads stay specialized).
 """
 from __future__ import annotations
 
@@ -184,3 +185,22 @@ def test_a_returning_requests_hits_leave_the_page_lru_as_one_run(case, evicted):
         assert sorted(lru.dead) == list(range(8))  # a stale entry each
     else:
         assert not lru.dead and lru.q[lru.head:] == list(ordered._lru)  # their entries gone, none stale
+
+
+@pytest.mark.parametrize("kw", [{}, {"prefix_caching": False},
+                                {"host_tier_tokens": 256, "host_tier_eviction": "fifo", "eviction": "lfu",
+                                 "cache_outputs": False, "min_cache_len": 4, "prefix_visibility": "scheduled",
+                                 "dedup_touch": True, "page_size": 4}])
+def test_attributes_stay_in_cpythons_shared_keys(kw):
+    """At most 29 instance attributes (CPython 3.11's shared-keys limit: past it the instance dict
+    is a plain dict, every `self.x` of grow / _take_pages a lookup and no `self.m()` specialized);
+    the options read back as given (they live in `_rare`)."""
+    s = PagedStrategy(capacity_tokens=1024, max_model_len=1024, **kw)
+    n = len(vars(s))
+    assert n <= 29, (f"PagedStrategy has {n} instance attributes: past 29 CPython 3.11 keeps them in a "
+                     f"plain dict; keep rarely read ones in _Rare (strategies/_paged_state.py)")
+    for key, value in kw.items():
+        assert getattr(s, key) == value
+    caching = kw.get("prefix_caching", True)
+    assert s.caches_prefixes is s.reads_tokens is s.prefix_caching is caching
+    assert s.summary()["eviction"] == kw.get("eviction", "lru") and s.label.startswith("paged-")
