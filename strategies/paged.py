@@ -111,7 +111,10 @@ class _Scratch:
 class PagedStrategy(LazyRegistration, Strategy):
     """vLLM-style paging. `prefix_caching` turns automatic prefix caching on;
     `prefix_visibility`, `dedup_touch`, the admission options and the host tier
-    (`host_tier_tokens`, `host_tier_eviction`): see the module docstring."""
+    (`host_tier_tokens`, `host_tier_eviction`): see the module docstring. Those options, the host
+    tier's maps and the hit counters are one attribute, `_rare` (strategies/_paged_state.py), so
+    that an instance keeps at most 29 attributes (CPython 3.11's shared keys: the hot paths'
+    `self.x` and `self.m()` stay specialized; tests/test_paged_bulk.py holds the count)."""
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 16,
                  prefix_caching: bool = True, name: str = "paged", prefix_visibility: str = "computed",
