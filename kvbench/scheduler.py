@@ -483,26 +483,13 @@ class Scheduler:
 
     def complete(self, planned: list[tuple[Seq, int]]) -> list[Seq]:
         """The step ran: advance every request; release the finished ones (returned).
-        `emitted_all`: whether every request still running emitted a token in the step; then,
-        with nobody waiting (every running request ran in it, in running order), `held_after` is
-        (the K/V positions they hold, the indices in running order of those whose step was not a
-        decode), for `kvbench.replay.quiet_after`."""
+        `emitted_all`: whether every request still running emitted a token in the step;
+        `held_after`: (the K/V positions the requests that ran and emitted hold, the indices in
+        planned order of those whose step was not a decode), which `kvbench.replay.quiet_after`
+        reads when nobody waits (every running request then ran in it, in running order)."""
         done = []
         emitted = held = i = 0
         fresh = []
-        if self.waiting:  # (no quiet run follows: nothing counted for it)
-            for seq, n in planned:
-                seq.computed += n
-                if seq.computed < seq.prefill_target:
-                    continue  # a prefill chunk that emits nothing yet
-                seq.emitted += 1
-                emitted += 1
-                if seq.emitted == seq.request.output_len:
-                    done.append(seq)
-            if done:
-                self.retire(done)
-            self.emitted_all = emitted - len(done) == len(self.running)
-            return done
         for seq, n in planned:
             c = seq.computed + n
             seq.computed = c
