@@ -66,6 +66,18 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     fresh = True
     fifo = scheduler.fifo_admission  # (fixed for a scheduler)
 
+    def rejected(req: Request) -> bool:
+        """Whether the arriving `req` is rejected (recorded with its reason; it changes nothing
+        the next steps see). Mutates the recorder."""
+        reason = scheduler.rejection(req)
+        if reason is None:
+            return False
+        rec.reject(req, reason)
+        if forget:
+            req.forget()
+        bar.update(1)
+        return True
+
     def intake(t: float) -> list[float]:
         """The arrivals up to `t` while a quiet run goes on behind a refused head (fcfs): each
         is rejected or joins the queue (neither changes a step); returns the arrival times of
@@ -74,12 +86,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         joined = []
         while head is not None and head.arrival_s <= t:
             req, head = head, next(arrivals, None)
-            reason = scheduler.rejection(req)
-            if reason is not None:
-                rec.reject(req, reason)
-                if forget:
-                    req.forget()
-                bar.update(1)
+            if rejected(req):
                 continue
             joined.append(req.arrival_s)
             scheduler.add(Seq(req))
@@ -96,12 +103,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     while head is not None or scheduler.waiting or scheduler.running:
         while head is not None and head.arrival_s <= now:  # arrivals up to now
             req, head = head, next(arrivals, None)
-            reason = scheduler.rejection(req)
-            if reason is not None:  # (changes nothing the next steps see)
-                rec.reject(req, reason)
-                if forget:
-                    req.forget()
-                bar.update(1)
+            if rejected(req):
                 continue
             if scheduler.waiting and fifo:  # behind the refused head: the next steps
                 if run is not None:  # are as quiet as they were, with one more waiting
