@@ -41,8 +41,9 @@ PS = 16
 _RIDS = itertools.count()
 
 
-def gpu_ms(eng, batch) -> tuple[float, int]:
-    """Sum of kernel durations of one step, and the kernel count."""
+def gpu_ms(eng, batch, top: int = 6) -> tuple[float, int]:
+    """Sum of kernel durations of one step, the kernel count, and the `top` kernel names by time
+    (ms summed over the step)."""
     from torch.profiler import ProfilerActivity, profile
     eng.step(batch)
     torch.cuda.synchronize()
@@ -53,7 +54,7 @@ def gpu_ms(eng, batch) -> tuple[float, int]:
     by: dict[str, float] = {}
     for e in evs:
         by[e.name[:50]] = by.get(e.name[:50], 0.0) + e.device_time_total / 1e3
-    top = sorted(by.items(), key=lambda kv: -kv[1])[:6]
+    top = sorted(by.items(), key=lambda kv: -kv[1])[:top]
     return sum(e.device_time_total for e in evs) / 1e3, len(evs), {k: round(v, 3) for k, v in top}
 
 
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--graphs", default="0,1", help="engine.cuda_graphs settings to time (0, 1 or both)")
     ap.add_argument("--steps", default="", help="only these steps (comma-separated labels; default all)")
     ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
+    ap.add_argument("--top", type=int, default=6, help="kernel names (by summed time) each row lists")
     ap.add_argument("--graph-max-tokens", type=int, default=8192,
                     help="engine.graph_max_tokens: steps with more prefill tokens run eagerly")
     args = ap.parse_args()
@@ -122,7 +124,7 @@ def main() -> None:
                 for _ in range(3):
                     eng.step(batch)
                 t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
-                g, n, top = gpu_ms(eng, batch)
+                g, n, top = gpu_ms(eng, batch, args.top)
                 row = dict(model=name, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
                            kernels=n, ratio=round(t / g, 3), graph_max_tokens=args.graph_max_tokens, tokens=sum(p[1] for p in parts), top_kernels_ms=top)
                 out["rows"].append(row)

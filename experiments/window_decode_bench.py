@@ -206,15 +206,18 @@ def parse_config(text: str) -> dict:
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
 
-def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",), head_dim=64):
+def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",), head_dim=64, max_len=0):
     """Issue 12 §4: a 64-token (and a 512-token) extend chunk per request over a 1k / 4k cached prefix, Llama-3.2-1B attention
     (32 q heads, 8 KV heads, head dim 64), the ragged path the model uses, against a decode step of
     the same batch over the same context. `splits_modes`: the extend kernel's prefix-split settings
-    to time ("off" = no split, "auto" = the launcher's heuristic)."""
+    to time ("off" = no split, "auto" = the launcher's heuristic). `max_len`: the launch's
+    max_seq_len (0: the context; a CUDA graph of a mixed step passes the model's length, which
+    sizes the split count for it while the kernel spreads the actual prefix over the splits)."""
     Hq, Hkv, D, ps, dt = (32, 8, head_dim, 16, torch.bfloat16) if not SMOKE else (4, 2, 32, 16, torch.bfloat16)
     for B in SZ["ext_batches"]:
         for n_new, prefix in SZ["ext_cases"]:
             ctx = prefix + n_new
+            bound = max(max_len, ctx)
             P = -(-ctx // ps)
             num_pages = B * P * 4
             kc = torch.randn(num_pages * ps, Hkv, D, device=dev, dtype=dt)
@@ -242,19 +245,20 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
                     kw["prefix_splits"] = 1
                 try:
                     o = extend_attention(qkv[0][:, :Hq], kc, vc, tables[0], qsl, sl, ps, k_new=kn[0], v_new=vn[0],
-                                         max_seq_len=ctx, **kw)
+                                         max_seq_len=bound, **kw)
                 except TypeError:   # a checkout without prefix splits: only "off" exists
                     kw.pop("prefix_splits")
                     if mode != "off":
                         continue
                     o = extend_attention(qkv[0][:, :Hq], kc, vc, tables[0], qsl, sl, ps, k_new=kn[0], v_new=vn[0], **kw)
                 ok, msg = compare(o, ref)
-                extra = dict(max_seq_len=ctx) if "prefix_splits" in kw else {}
+                extra = dict(max_seq_len=bound) if "prefix_splits" in kw else {}
                 fns = [lambda i=i: extend_attention(qkv[i][:, :Hq], kc, vc, tables[i], qsl, sl, ps, k_new=kn[i],
                                                     v_new=vn[i], out=outs[i], **kw, **extra) for i in range(R)]
                 ms = bk.bench_rot(fns)
-                used = splits_used(T, B, Hq, D, ctx, kw.get("prefix_splits", 1), dev)
+                used = splits_used(T, B, Hq, D, bound, kw.get("prefix_splits", 1), dev)
                 out_rows.append(dict(kernel=f"extend{n_new}-prefix-split-{mode}", batch=B, context=ctx, splits=used,
+                                     max_seq_len=bound,
                                      config=cfg_text, head_dim=D,
                                      rotations=R, bytes=nbytes, median_us=round(ms * 1e3, 2),
                                      gbps=round(nbytes / ms / 1e6, 1), frac_copy=round(nbytes / ms / 1e6 / copy_gbps, 3),
@@ -317,11 +321,18 @@ def main() -> int:
                     help="comma list of NEWxPREFIX extend cases (default: 64x1024,64x4096,512x1024,512x4096)")
     ap.add_argument("--extend-batches", default="", help="comma list of batch sizes for --extend (default 1,8)")
     ap.add_argument("--extend-head-dims", default="64", help="comma list of head dims for --extend (64: 1B, 128: 8B)")
+    ap.add_argument("--extend-max-lens", default="0",
+                    help="comma list of the extend launches' max_seq_len (0: the context; e.g. 16384 as a "
+                         "mixed step's CUDA graph passes it)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the interpreter")
     args = ap.parse_args()
     for text in args.extend_configs.split(","):  # bad input: one line and exit 2, before any work
         parse_config(text)
+    if not re.fullmatch(r"\d+(,\d+)*", args.extend_max_lens):
+        print(f"window_decode_bench: error: --extend-max-lens wants non-negative ints, got {args.extend_max_lens!r}",
+              file=sys.stderr)
+        sys.exit(2)
     if SMOKE:
         dev, device = torch.device("cpu"), "cpu-smoke"
     else:
@@ -357,7 +368,9 @@ def main() -> int:
         if args.extend_batches and not SMOKE:
             SZ["ext_batches"] = tuple(map(int, args.extend_batches.split(",")))
         for d in map(int, args.extend_head_dims.split(",")):
-            extend_rows(copy_gbps, gen, dev, ext, args.extend_splits.split(","), args.extend_configs.split(","), d)
+            for ml in map(int, args.extend_max_lens.split(",")):  # (checked above)
+                extend_rows(copy_gbps, gen, dev, ext, args.extend_splits.split(","), args.extend_configs.split(","), d,
+                            max_len=ml)
         write_csv(args.out / "extend_prefix.csv", ext, device, rev)
         rows += ext[1:]
     write_csv(args.out / "window_decode.csv", rows, device, rev)

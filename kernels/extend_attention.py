@@ -238,6 +238,7 @@ def _extend_merge_kernel(
         d_mask = offs_d < D
         row0 = (t64 * H_Q + h) * num_splits
         lse = tl.load(plse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))          # [BS]
+        s_mask = s_mask & (lse > float("-inf"))   # (a split with no key wrote no partial output)
         m = tl.max(lse, 0)
         if HAS_SINK:
             sk = tl.load(sink_ptr + h).to(tl.float32) * LOG2E_C
@@ -318,10 +319,6 @@ def _extend_kernel(
         m_mask = offs_m < q_len
         d_mask = offs_d < D
         rows = (q_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)      # [BM, BD]
-        if DOT_F32:
-            q = q.to(tl.float32)
         pos_m = prefix + offs_m                                               # [BM] positions
         m0 = mblk * BLOCK_M
         last = tl.minimum(q_len, m0 + BLOCK_M) - 1                            # the block's last row
@@ -330,6 +327,25 @@ def _extend_kernel(
         lo_m = key_lo(pos_m, window, chunk)                                   # [BM]
         lo_b = key_lo(prefix + m0, window, chunk)                             # first row's (smallest)
         lo_u = key_lo(prefix + last, window, chunk)                           # last row's (largest)
+        if SPLIT:
+            # split-KV over the cached prefix (short chunks over long prefixes: more programs):
+            # this request's prefix keys [lo_b, prefix) in num_splits pieces of whole tiles, at
+            # least split_tokens each (sized by the actual prefix, not the launch's upper bound:
+            # a graph captured for a wide table still spreads a short prefix over every split);
+            # split s reads [s_lo, s_hi); the last split also every key from the prefix on
+            piece = tl.cdiv(tl.cdiv(tl.maximum(prefix - lo_b, 0), num_splits), BLOCK_N) * BLOCK_N
+            piece = tl.maximum(piece, split_tokens)
+            s_lo = lo_b + split * piece
+            s_hi = tl.minimum(prefix, s_lo + piece)
+            # a split with no key (a launch sized for a longer prefix than this request's) loads
+            # no query and leaves only its log-sum-exp, -inf: the merge reads no partial output there
+            live_m = offs_m < tl.where((s_lo < s_hi) | (split == num_splits - 1), q_len, 0)   # [BM]
+        else:
+            live_m = m_mask
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=live_m[:, None] & d_mask[None, :], other=0.0)      # [BM, BD]
+        if DOT_F32:
+            q = q.to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -343,15 +359,6 @@ def _extend_kernel(
             slot0 = tl.load(pt_row).to(tl.int64) * page_size
 
         if SPLIT:
-            # split-KV over the cached prefix (short chunks over long prefixes: more programs):
-            # this request's prefix keys [lo_b, prefix) in num_splits pieces of whole tiles, at
-            # least split_tokens each (sized by the actual prefix, not the launch's upper bound:
-            # a graph captured for a wide table still spreads a short prefix over every split);
-            # split s reads [s_lo, s_hi); the last split also every key from the prefix on
-            piece = tl.cdiv(tl.cdiv(tl.maximum(prefix - lo_b, 0), num_splits), BLOCK_N) * BLOCK_N
-            piece = tl.maximum(piece, split_tokens)
-            s_lo = lo_b + split * piece
-            s_hi = tl.minimum(prefix, s_lo + piece)
             c0, c1, c2 = _regions(s_lo, lo_u, s_hi, s_hi, BLOCK_N)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
@@ -408,7 +415,7 @@ def _extend_kernel(
         out = acc / l_safe[:, None]
         if SPLIT:   # partials [T, H_q, S, D] / [T, H_q, S]: normalised output and log2-sum-exp
             prow = (rows * tl.num_programs(0) + h) * num_splits + split                 # [BM]
-            tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
+            tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], out, mask=live_m[:, None] & d_mask[None, :])
             tl.store(plse_ptr + prow, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=m_mask)
         else:
             tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
