@@ -358,3 +358,18 @@ class LazyRegistration:
         for seq in self._seqs.values():
             if seq.lazy and self._owners.get(seq.hashes[-1]) is not seq:
                 raise InvariantError("a lazy request does not own its chain")
+        # a released owner's pages registered lazily are its pages from its node's on, `ndef` of
+        # them (they leave tail first), and one run of the LRU's order (its eviction loop takes
+        # them by runs: `PagedStrategy._take_pages`)
+        order = {pid: at for at, pid in enumerate(self._lru)}
+        for o in self._owners.values():
+            if id(o) in live or not o.ndef:
+                continue
+            start = len(o.hashes)
+            mine = o.pages[start:start + o.ndef]
+            if any(self._hash[pid] is not o for pid in mine):
+                raise InvariantError(f"a released owner's {o.ndef} pages registered lazily are not its pages "
+                                     f"{start}..{start + o.ndef - 1}")
+            at = sorted(order[pid] for pid in mine)
+            if at[-1] - at[0] != len(at) - 1:
+                raise InvariantError("a released owner's pages registered lazily are not one run of the LRU")

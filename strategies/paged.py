@@ -252,31 +252,40 @@ class PagedStrategy(LazyRegistration, Strategy):
                     del table[hashes[pid]]
                     stored[pid] = hashes[pid] = None
                     ref[pid] = 1
-                    fill[pid] = fill_to
+                if fill_to != self.page_size:  # (a cached page is full: its fill is ps already)
+                    for pid in victims:
+                        fill[pid] = fill_to
                 got += victims
                 return got
-            kids, ghosts, parent = self._kids, self._ghosts, self._parent
-            for pid in victims:
+            # the victims' registrations, in order; a run of one owner's pages registered lazily in one
+            # step: a released owner's such pages (all of them: `ndef`) joined the LRU in one extend,
+            # and none of them is marked by its owner any more once one is revived (a hit takes them
+            # over or hashes them all), so its victims are one run of ndef or fewer (`_check_lazy`)
+            i = 0
+            while i < e:
+                pid = victims[i]
                 h = hashes[pid]
-                if h.__class__ is int:  # `_unhash`, inlined
-                    del table[h]
-                    stored[pid] = None
-                    if h in kids:
-                        ghosts[h] = parent[pid]
-                    else:  # (`_unkid`, its first step inlined)
-                        up = parent[pid]
-                        c = kids[up]
-                        if c > 1:
-                            kids[up] = c - 1
-                        else:
-                            self._unkid(up)
-                else:  # registered lazily: its owner has one page less
-                    h.ndef -= 1
-                    if not h.ndef:
+                if h.__class__ is _Seq:  # registered lazily: its owner has n pages less
+                    n = h.ndef
+                    if n > e - i:
+                        n = e - i
+                    left = h.ndef - n
+                    h.ndef = left
+                    if not left:
                         self._drop_lazy(h, 0)
-                hashes[pid] = None
-                ref[pid] = 1
-                fill[pid] = fill_to
+                    i += n
+                    continue
+                self._unhash_lazy(pid, h)
+                i += 1
+            if fill_to == self.page_size:  # (a cached page is full: its fill is ps already)
+                for pid in victims:
+                    hashes[pid] = None
+                    ref[pid] = 1
+            else:
+                for pid in victims:
+                    hashes[pid] = None
+                    ref[pid] = 1
+                    fill[pid] = fill_to
             got += victims
             return got
         if e:
@@ -406,6 +415,22 @@ class PagedStrategy(LazyRegistration, Strategy):
         if demoted:
             self._to_host_many(demoted)
         return out
+
+    def _unhash_lazy(self, pid: PageId, h: int) -> None:
+        """`_unhash` with lazy registration on, and the page's stored ids dropped (the caller
+        clears its hash). Mutates."""
+        del self._table[h]
+        self._stored_ids[pid] = None
+        kids = self._kids
+        if h in kids:
+            self._ghosts[h] = self._parent[pid]
+        else:  # (`_unkid`, its first step inlined)
+            up = self._parent[pid]
+            c = kids[up]
+            if c > 1:
+                kids[up] = c - 1
+            else:
+                self._unkid(up)
 
     def _unhash(self, pid: PageId, h: int) -> None:
         """Hashed page `pid` (hash `h`) leaves the table (evicted). Lazy registration: its node
@@ -967,8 +992,8 @@ class PagedStrategy(LazyRegistration, Strategy):
             state = (pid in free) + (pid in lru) + (owners[pid] > 0)
             if state != 1:
                 raise InvariantError(f"page {pid} is in {state} states")
-            if (pid in lru) and self._hash[pid] is None:
-                raise InvariantError(f"cached page {pid} has no hash")
+            if (pid in lru) and (self._hash[pid] is None or self._fill[pid] != ps):
+                raise InvariantError(f"cached page {pid} has no hash or is not full")  # (`_take_pages` relies on it)
             if pid in free and self._hash[pid] is not None:
                 raise InvariantError(f"free page {pid} still hashed")
             h = self._hash[pid]
