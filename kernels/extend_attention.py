@@ -297,7 +297,11 @@ def _extend_kernel(
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
-    split = tl.program_id(2)             # SPLIT: which piece of the cached prefix (the last also takes the new keys)
+    # SPLIT: which piece of the cached prefix (the last also takes the new keys), counted from the
+    # grid's last: the GPU dispatches programs in grid order, so the heaviest (the new keys' split)
+    # starts in the first wave, not after it (H200, a 64-token chunk over 1k in a launch sized
+    # for 16k: 17 splits, 1,088 programs, more than one wave)
+    split = tl.num_programs(2) - 1 - tl.program_id(2)
 
     # ---- decode pid -> (request b, query block) from query_start_loc
     offs_b = tl.arange(0, BLOCK_B)
