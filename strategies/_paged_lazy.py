@@ -85,6 +85,18 @@ class LazyRegistration:
             del self._owners[key]
             self._unkid(key)
 
+    def _true_refs(self) -> list[int]:
+        """Each page's reference count: `_ref`, but 0 for a free page and for a page registered
+        lazily by an owner that left (`_release_owner` leaves their `_ref` at 1). Pure; O(pages),
+        for checks and tests."""
+        refs = list(self._ref)
+        for pid in self._free:
+            refs[pid] = 0
+        for pid, h in enumerate(self._hash):
+            if h.__class__ is _Seq and h.gone:
+                refs[pid] = 0
+        return refs
+
     def _lazy_walk(self, memo: _Match, owner: _Seq, i: int) -> _Match:
         """`_cached_prefix` from page i on, within the pages `owner` registered lazily (page i - 1
         is a hit: the owner's node or one of those pages): each hits where the owner has it
@@ -254,7 +266,7 @@ class LazyRegistration:
         below the owner's node); an evicted one with a registered page below it is a ghost, as
         evicting it hashed would have left it. Mutates."""
         ps, table, page_hashes, stored = self.page_size, self._table, self._hash, self._stored_ids
-        parent, kids, ghosts = self._parent, self._kids, self._ghosts
+        parent, kids, ghosts, ref, gone = self._parent, self._kids, self._ghosts, self._ref, owner.gone
         done = owner.cache_pages if owner.hash_at == _NEVER else owner.hash_at // ps - 1  # pages registered
         data = owner.data
         if data is None:
@@ -274,6 +286,8 @@ class LazyRegistration:
                 if table.setdefault(h, pid) != pid or h in kids:
                     raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes as a registered page")
                 page_hashes[pid] = h
+                if gone:  # (its ref 0, implied while it was registered lazily: written now)
+                    ref[pid] = 0
                 stored[pid] = pieces[i - start]
                 parent[pid] = up
             if below:
@@ -290,12 +304,13 @@ class LazyRegistration:
         pages past `done` (none registered: its own) go to the free stack, its pages from its
         node's on, up to `done` (registered lazily: its own, as a request that hits them hashes
         them first) to the LRU, tail first, then its first pages (hits or hashed) page by page.
-        Mutates."""
-        pages, ref, ps = seq.pages, self._ref, self.page_size
+        Its own pages keep `_ref` 1, not written (a free page's is not read; a page registered
+        lazily by an owner that left has ref 0: `_true_refs`, and the few readers that meet one,
+        `admit`, `_cut` and `_hash_owned`, say so). Mutates."""
+        pages, ps = seq.pages, self.page_size
         done = seq.cache_pages if seq.hash_at == _NEVER else seq.hash_at // ps - 1
-        start = len(seq.hashes)  # (its pages from `start` on are its own)
-        for pid in pages[start:]:
-            ref[pid] = 0
+        start = len(seq.hashes)  # (its pages from `start` on are its own: their `_ref` stays 1, read as 0
+        # from now on: see `_true_refs`)
         self._token -= seq.length - start * ps
         self._free.fromlist(pages[:done - 1:-1])
         self._unref_pages(pages[start - 1::-1], cached=pages[done - 1:start - 1:-1])

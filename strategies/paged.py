@@ -383,6 +383,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._unhash(pid, h)
         else:
             self._drop_lazy(h)
+            self._ref[pid] = 0  # (its `_ref` read 1: `_release_owner`)
         if self._host is not None:
             self._to_host_many([(pid, self._hash[pid], self._stored_ids[pid])])
         self._stored_ids[pid] = None
@@ -405,6 +406,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                 self._unhash(pid, h)
             else:
                 self._drop_lazy(h)
+                self._ref[pid] = 0  # (its `_ref` read 1: `_release_owner`)
             if host is not None:
                 demoted.append((pid, hashes[pid], stored[pid]))
             stored[pid] = None
@@ -444,11 +446,15 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""
-        ref, index = self._ref, memo.index
+        ref, index, hashes = self._ref, memo.index, self._hash
         for pid in memo.hits[i:]:
             index.pop(pid, None)
             if ref[pid] == 0:
                 memo.cached -= 1
+            else:  # (registered lazily by an owner that left: ref 0, its `_ref` reads 1)
+                h = hashes[pid]
+                if h.__class__ is _Seq and h.gone:
+                    memo.cached -= 1
         del memo.hits[i:]
 
     # ---- host tier ----------------------------------------------------------------------------
@@ -754,12 +760,20 @@ class PagedStrategy(LazyRegistration, Strategy):
                 self._revive_all(hits)
             else:
                 lru, dead, ref = self._lru, self._lru.dead, self._ref
-                for pid in hits:
+                # (hits taken over: the owner's pages registered lazily, from its node's on, are
+                # cached; their `_ref` reads 1: `_release_owner`)
+                mine = len(owner.hashes) if take_over else len(hits)
+                for pid in hits[:mine]:
                     if ref[pid] == 0:
                         dead[pid] = dead.get(pid, 0) + 1
                         lru.n -= 1
                         self._token += self._fill[pid]
                     ref[pid] += 1
+                for pid in hits[mine:]:
+                    dead[pid] = dead.get(pid, 0) + 1
+                    ref[pid] = 1
+                lru.n -= len(hits) - mine
+                self._token += (len(hits) - mine) * ps  # (cached pages are full)
         else:
             for pid in hits:
                 if self._ref[pid] == 0:
@@ -911,8 +925,9 @@ class PagedStrategy(LazyRegistration, Strategy):
                 ref[pid] = 0
             self._token -= sum(map(self._fill.__getitem__, pages))
             self._free.fromlist(pages[::-1])
-        elif seq.lazy:
+        elif seq.lazy:  # (no page of it is shared: no `_after_unshare`; its own pages keep `_ref` 1)
             self._release_owner(seq)
+            return
         elif rare.dedup_touch:
             self._unref_touching(seq)
         else:
@@ -986,9 +1001,10 @@ class PagedStrategy(LazyRegistration, Strategy):
             raise InvariantError(f"eviction policy {self.eviction}: {e}") from None
         if len(free) != len(self._free) or free & lru or any(p >= n for p in free | lru):
             raise InvariantError("a page is twice in the free list, both free and cached, or fresh")
+        refs = self._true_refs()
         for pid in range(n):
-            if owners[pid] != self._ref[pid]:
-                raise InvariantError(f"page {pid}: ref {self._ref[pid]} but {owners[pid]} owners")
+            if owners[pid] != refs[pid]:
+                raise InvariantError(f"page {pid}: ref {refs[pid]} but {owners[pid]} owners")
             state = (pid in free) + (pid in lru) + (owners[pid] > 0)
             if state != 1:
                 raise InvariantError(f"page {pid} is in {state} states")
@@ -1006,7 +1022,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         if memo is not None:  # the kept match, brought up to date as a retry would, equals a match from scratch
             self._index(self._cached_prefix(memo.rid, memo.tokens, memo.num_full))
             fresh = self._cached_prefix.__func__(_Scratch(self), memo.rid, memo.tokens, memo.num_full)
-            cached = sum(1 for p in memo.hits if self._ref[p] == 0)
+            cached = sum(1 for p in memo.hits if refs[p] == 0)
             if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != {
                     p: i for i, p in enumerate(memo.hits)}:
                 raise InvariantError(f"kept match of request {memo.rid}: {len(memo.hits)} hits, {memo.cached} "

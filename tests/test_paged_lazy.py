@@ -44,7 +44,7 @@ def virtual(s: PagedStrategy) -> tuple[dict, list, list]:
 
 
 def observe(s: PagedStrategy, live) -> tuple:
-    return (virtual(s), s.slot_states(None), list(s._free), s._fresh, list(s._lru), list(s._ref), list(s._fill),
+    return (virtual(s), s.slot_states(None), list(s._free), s._fresh, list(s._lru), s._true_refs(), list(s._fill),
             {rid: s.page_table(rid).tolist() for rid in live})
 
 
