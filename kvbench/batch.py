@@ -8,6 +8,8 @@ import numpy as np
 
 from kvbench.request import Request
 
+_new_object = object.__new__
+
 
 class KVReadGroups(NamedTuple):
     """What a step's K/V read count needs of a model whose layers do not all read the whole
@@ -185,6 +187,20 @@ class StepBatch:
             if pairs:
                 self.prefill_pairs = self.kv_read_groups.pairs([(s.start, s.num_new) for s in self.seqs
                                                                 if not s.is_decode])
+
+    @classmethod
+    def counted(cls, seqs: list[ScheduledSeq], page_size: int, num_pages: int, contiguous: bool,
+                copies: list[tuple[int, int]], h2d_tokens: int, d2h_tokens: int, num_tokens: int,
+                decode_tokens: int, kv_read_tokens: int, prefill_pairs: int) -> StepBatch:
+        """The batch the constructor makes of `seqs` (their flags set, no `kv_read_groups`), with the
+        counts the caller made as the constructor makes them (`Scheduler.batch`, from its plan),
+        without a pass over the seqs."""
+        b = _new_object(cls)
+        b.seqs, b.page_size, b.num_pages, b.contiguous, b.copies = seqs, page_size, num_pages, contiguous, copies
+        b.h2d_tokens, b.d2h_tokens, b.swap_out, b.swap_in, b.host_copies = h2d_tokens, d2h_tokens, [], [], []
+        b.kv_read_groups, b.num_tokens, b.decode_tokens = None, num_tokens, decode_tokens
+        b.prefill_tokens, b.kv_read_tokens, b.prefill_pairs = num_tokens - decode_tokens, kv_read_tokens, prefill_pairs
+        return b
 
     @property
     def moves(self) -> bool:

@@ -55,7 +55,7 @@ class DecodeRun(NamedTuple):
     (Steps without a page taken are one stretch: no per-step Python object.)
     """
 
-    seqs: list[Request]  # [D] the requests, in the order they run
+    seqs: Sequence[Request]  # [D] the requests (or their scheduler `Seq`s: only `.id` is read), in the order they run
     t: Sequence[float]  # [k] step start times (a list or a float64 array)
     dt: Sequence[float]  # [k] step durations
     kv_read0: int

@@ -33,8 +33,10 @@ min(context, window) positions in those layers, so quiet steps do not read d mor
 never fast-forward (limit 0 when the scheduler has `kv_read_groups`; kvbench.run also turns the
 engine's fast_forward off), exactly as a hybrid pool's.
 
-Costs: O(d) `room` calls at the start; per step O(1) plus O(requests taking a page there),
-plus one `slot_states` where a page is taken or a request leaves.
+Costs: O(d) `room` calls at the start (with requests waiting and no page-taking step, fewer: they
+stop at the first request that takes a page right after step 0); per step O(1) plus O(requests
+taking a page there), plus one `slot_states` where a page is taken or a request leaves. What a
+run keeps per request is built once (`fin`) or only for those that make a grow in it (`held`).
 """
 from __future__ import annotations
 
@@ -82,46 +84,51 @@ class QuietRun:
     __slots__ = ("sched", "st", "seqs", "live", "requests", "states", "kv_read", "waiting", "preemptions",
                  "head_need", "may_take_pages", "_moves", "_room", "_bulk", "_merge", "moved", "j", "grown",
                  "held", "deferred", "pages_at", "fin", "finishing", "done", "blocked", "chunk", "chunk_size",
-                 "limit", "_takes", "_fin_steps", "_next_fin")
+                 "limit", "_takes", "_fin_steps", "_next_fin", "g0")
 
     def __init__(self, scheduler: Scheduler, steady: Quiet, grown: bool = False) -> None:
-        self.sched, self.st = scheduler, scheduler.strategy
+        self.sched = scheduler
+        self.st = st = scheduler.strategy
         self.seqs = seqs = list(scheduler.running)
-        self.live = list(range(len(seqs)))  # indices of the requests still running, in running order
-        self.requests = [s.request for s in seqs]  # the live ones' requests
+        n = len(seqs)
+        self.live = range(n)  # indices of the requests still running, in running order (a list once some left)
+        self.requests = seqs  # the live ones (the recorder reads their ids: `DecodeRun.seqs`)
         self.states = steady.states
-        self.kv_read = steady.kv_read + len(seqs)  # K/V positions step j reads (every live request decodes)
+        self.kv_read = steady.kv_read + n  # K/V positions step j reads (every live request decodes)
         self.waiting, self.preemptions = steady.waiting, steady.preemptions
         # with requests waiting, which page-taking steps may run (`head_need`): 0 any, 1 those
         # that take free pages only, None none; with nobody waiting 0
-        self.head_need = head_need(scheduler, len(seqs)) if scheduler.waiting and seqs else 0
-        self.may_take_pages = self.head_need is not None
-        st = self.st
-        # (host moves asked after each take, `room`, bulk decode steps: the strategy's, looked up once)
-        self._moves, self._room, self._bulk = scheduler.quiet_calls or _calls(scheduler)
+        waits = bool(scheduler.waiting)
+        self.head_need = need = head_need(scheduler, n) if waits and n else 0
+        self.may_take_pages = need is not None
+        # (host moves asked after each take, `room`, bulk decode steps, whether no run may go on:
+        # the strategy's and the scheduler's, looked up once)
+        self._moves, room_of, self._bulk, never = scheduler.quiet_calls or _calls(scheduler)
+        self._room = room_of
         # grow(a) then grow(b) leaves the strategy as grow(a + b) does (slab; paged without prefix
         # caching or forks): a taker's deferred grows and its page-taking one are one call
         self._merge = getattr(st, "grows_merge", False)
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
         self.grown = grown  # step 0's grows are made, its states are `states` (it is recorded first)
-        g = 1 if grown else 0  # (the positions step 0 took)
-        self.held = [s.computed + g for s in seqs]  # positions each holds in the strategy
+        self.g0 = g = 1 if grown else 0  # (the positions step 0 took)
+        # positions a request holds in the strategy, where it differs from computed + g0 (it made a
+        # grow in the run)
+        self.held: dict[int, int] = {}
         self.deferred = 0  # decoded positions of live requests not yet grown in the strategy
         self.pages_at: dict[int, list[int]] = {}  # step → requests (indices) taking a page in it
-        self.fin = [s.request.output_len - s.emitted - 1 for s in seqs]  # the step in which each emits its last token
+        self.fin = fin = [s.request.output_len - s.emitted - 1 for s in seqs]  # the step in which each emits its last token
         self.finishing: list[int] | None = None  # requests (indices) that emitted their last token in step j - 1
         self.done: list[Seq] = []  # requests that left, in the order they left
         self.blocked = False  # a step's requests needed pages that were not free: the run is over
         self.chunk = None  # the caller's steps priced and not yet recorded (kvbench.replay)
         self.chunk_size = 32  # steps the caller prices next (most runs end at an arrival within a few dozen)
-        limit = 1 << 62
-        if len(seqs) > scheduler.max_num_batched_tokens or not getattr(st, "fast_forward", True) \
-                or getattr(scheduler, "kv_read_groups", None) is not None or not seqs:
-            limit = 0  # (fast_forward False: a strategy whose decodes may free pages, e.g. a hybrid pool;
-            # kv_read_groups: a windowed model, whose decode steps do not read d more positions each)
-        elif self.may_take_pages:
-            fresh, pages_at, fin, room_of, ps = steady.fresh, self.pages_at, self.fin, self._room, st.page_size
+        first = min(fin) if n else 0  # (the first step in which some emit their last token)
+        if not n or n > scheduler.max_num_batched_tokens or never:
+            limit = 0  # (no fast-forward for the strategy: one whose decodes may free pages, e.g. a hybrid pool;
+            # or a windowed model, whose decode steps do not read d more positions each)
+        elif need is not None:
+            fresh, pages_at, ps = steady.fresh, self.pages_at, st.page_size
             # the step in which each takes its next page: its `room`, or the rest of its last page
             # where the strategy has none; 0 for a fresh one (unless step 0 was planned)
             if room_of is not None:
@@ -140,20 +147,27 @@ class QuietRun:
                         at.append(i)
             # nobody waiting: the run may go on until the last one leaves; else the first to
             # finish ends it (the next step admits)
-            limit = min(fin) + 1 if scheduler.waiting else max(fin) + 1
+            limit = first + 1 if waits else max(fin) + 1
         else:
-            limit = min(self.fin) + 1  # the first to finish ends the run: the next step admits
-            room_of, ps = self._room, st.page_size
+            limit = first + 1  # the first to finish ends the run: the next step admits
+            ps = st.page_size
             for s in seqs:  # none takes a page (after step 0)
                 room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
                 if room < limit:
                     limit = room
-                    if limit <= 0:
+                    if limit <= g:  # (no lower: a room is >= 0)
                         break
-        self.limit = max(limit, 0)
-        self._takes = sorted(self.pages_at)  # the keys of pages_at, a heap
-        self._fin_steps = sorted(set(self.fin), reverse=True)  # the steps in which requests finish, next last
-        self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
+        self.limit = limit if limit > 0 else 0
+        if self.pages_at:
+            self._takes = sorted(self.pages_at)  # the keys of pages_at, a heap
+        else:
+            self._takes = []
+        if limit > first + 1:  # (the run may go on past the first to finish: nobody waits)
+            self._fin_steps = sorted(set(fin), reverse=True)  # the steps in which requests finish, next last
+            self._next_fin = self._fin_steps.pop()
+        else:
+            self._fin_steps = []
+            self._next_fin = first if n else 1 << 62
 
     def run(self, k: int, cols: list[list[int]], stretches: list[tuple]) -> int:
         """Make the grows of up to k next quiet steps; the slot states of each step that ran are
@@ -166,6 +180,7 @@ class QuietRun:
         `finishing` says which; `retire` or `end` lets them leave). Steps where nobody takes a
         page go as one stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
+        g0 = self.g0
         grow, room, merge, moves = st.grow, self._room, self._merge, self._moves
         ps, wkv = st.page_size, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
         j0 = j = self.j
@@ -207,7 +222,7 @@ class QuietRun:
                 n = bulk([seqs[i].id for i in order], most, cols)  # >= 1 step (free + cached suffice)
                 j += n
                 for i in order:
-                    held[i] += n
+                    held[i] = (held.get(i) or seqs[i].computed + g0) + n
                 nxt = [i for i in order if j <= fin[i]]
                 if nxt:
                     pages_at[j] = nxt
@@ -223,7 +238,8 @@ class QuietRun:
             if nt > 1:
                 takers.sort()  # running order
             for i in takers:
-                s, was = seqs[i], held[i]
+                s = seqs[i]
+                was = held.get(i) or s.computed + g0  # (held >= computed + g0 >= 0)
                 rid, pos = s.id, s.computed + j  # the position this step writes: it needs a page
                 if merge:  # its deferred decodes and this step's position in one grow
                     if not grow(rid, pos + 1 - was):
@@ -282,14 +298,15 @@ class QuietRun:
         """The `finishing` requests leave (their deferred grows made, their progress advanced,
         released in running order by the scheduler); the next step's states are the strategy's
         own (corrected by the others' deferred tokens)."""
-        j, seqs, held = self.j, self.seqs, self.held
+        j, seqs, held, g0 = self.j, self.seqs, self.held, self.g0
         done = []
         for i in self.finishing:
             s = seqs[i]
             pos = s.computed + j
-            if pos > held[i]:
-                self._grow(s, pos - held[i])
-                self.deferred -= pos - held[i]
+            was = held.get(i) or s.computed + g0
+            if pos > was:
+                self._grow(s, pos - was)
+                self.deferred -= pos - was
             held[i] = pos
             s.computed, s.emitted = pos, s.emitted + j
             self.kv_read -= pos + 1  # what it would have read in step j
@@ -302,7 +319,7 @@ class QuietRun:
     def _leave(self, done: list[Seq]) -> None:
         gone = set(self.finishing)
         self.live = [i for i in self.live if i not in gone]
-        self.requests = [self.seqs[i].request for i in self.live]
+        self.requests = [self.seqs[i] for i in self.live]
         self.finishing = None
         self.sched.retire(done)
         self.done += done
@@ -317,13 +334,29 @@ class QuietRun:
                 raise RuntimeError("fast-forward: a run whose step 0 was planned ended before it (its grows are made)")
             return 0
         seqs, held, grow = self.seqs, self.held, self.st.grow
-        for i in self.live:
-            s = seqs[i]
-            n = s.computed + k - held[i]
-            if n > 0 and not grow(s.id, n):
-                self._failed(s, n)
-            s.computed += k
-            s.emitted += k
+        n = k - self.g0  # the deferred grows of a request that made none in the run
+        if not held:
+            if n > 0:
+                for i in self.live:
+                    s = seqs[i]
+                    if not grow(s.id, n):
+                        self._failed(s, n)
+                    s.computed += k
+                    s.emitted += k
+            else:
+                for i in self.live:
+                    s = seqs[i]
+                    s.computed += k
+                    s.emitted += k
+        else:
+            for i in self.live:
+                s = seqs[i]
+                was = held.get(i)
+                m = n if was is None else s.computed + k - was
+                if m > 0 and not grow(s.id, m):
+                    self._failed(s, m)
+                s.computed += k
+                s.emitted += k
         now = self.st.slot_states(self.sched.waiting_kv_len())
         if now != self.states:
             raise RuntimeError(f"fast-forward: strategy '{self.st.label}' reports {now} after {k} quiet "
@@ -400,11 +433,14 @@ def _calls(scheduler: Scheduler) -> tuple:
       by the run, without a call per page-taking request and step);
     - `decode_steps` of a strategy whose every decode takes a page (radix, page_size 1: such
       steps in bulk; its class's method: a wrapper that forwards other names, e.g. a checker,
-      grows per token), else None."""
+      grows per token), else None;
+    - whether no run may fast-forward (a strategy whose decodes may free pages, e.g. a hybrid
+      pool, `fast_forward` false; or a windowed model: the scheduler has `kv_read_groups`)."""
     st = scheduler.strategy
     moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
     moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 else st.take_host_moves
     room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
     bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
-    scheduler.quiet_calls = calls = (moves, room, bulk)
+    never = not getattr(st, "fast_forward", True) or getattr(scheduler, "kv_read_groups", None) is not None
+    scheduler.quiet_calls = calls = (moves, room, bulk, never)
     return calls

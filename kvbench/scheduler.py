@@ -156,8 +156,11 @@ class Scheduler:
         # its attributes in a plain dict, slower to read)
         self.held_after: tuple[int, list[int]] = (0, [])
         self.quiet_calls: tuple | None = None  # the strategy's calls a quiet run makes (kvbench/quiet.py)
-        # the host tier's page copies, for engines that make them (before take_host_moves, which drops them)
-        self._take_host_copies = getattr(strategy, "take_host_copies", None)
+        # (the last step `schedule` planned, and the K/V positions its requests held before it where
+        # it is steady, else None: `steady_plan`)
+        # and the counts of the rows it planned before admitting: (rows, decodes, the decodes' positions
+        # held, the other rows' tokens, K/V reads and query-key pairs), for `batch`)
+        self._steady: tuple = (None, None, None)
 
     # ---- intake -----------------------------------------------------------------------------
     def rejection(self, request: Request) -> str | None:
@@ -194,26 +197,39 @@ class Scheduler:
         if self._swap_out or self._swap_in:
             self._swap_out, self._swap_in = [], []
         running, grow = self.running, self.strategy.grow  # (the same list all along: pop and append)
-        skipped, failed = 0, None
+        skipped, failed, held, decodes = 0, None, 0, 0
+        chunk_tokens = chunk_kv = pairs = 0  # the prefill chunks' tokens, K/V reads and query-key pairs
         for seq in running:  # while every grow succeeds (nobody preempted: the list stays)
             if budget <= 0:
                 break
-            if seq.computed >= seq.prefill_target:
+            c = seq.computed
+            if c >= seq.prefill_target:
                 n = 1  # a decode
+                held += c
+                decodes += 1
             else:
                 n = self._tokens_for(seq, budget)
                 if n == 0:
                     skipped += 1
                     continue
+                chunk_tokens += n  # (counted as StepBatch counts a row that is not a decode)
+                chunk_kv += c + n
+                pairs += n * c + n * (n + 1) // 2
             if not grow(seq.id, n):
                 failed = n
                 break
             planned.append((seq, n))
             budget -= n
         if failed is None:
+            m = len(planned)
             self._admit(planned, budget)
+            # (`steady_plan`: every request planned decodes, nobody was admitted or preempted; `batch`:
+            # the counts of the first m rows)
+            self._steady = (planned, held if decodes == len(planned) == len(running) else None,
+                            (m, decodes, held, chunk_tokens, chunk_kv, pairs))
         else:  # the request after those planned or skipped got no room: preempt, then go on as before
             self._plan_preempting(planned, budget, len(planned) + skipped, failed)
+            self._steady = (None, None, None)
         return planned
 
     def _plan_preempting(self, planned: list[tuple[Seq, int]], budget: int, i: int, n: int) -> None:
@@ -444,10 +460,30 @@ class Scheduler:
         else:
             seqs = [new(s.request, c, n, None, c + n >= (t := s.prefill_target), c >= t)
                     for s, n in planned if (c := s.computed) is not None]
-        host_copies = self._take_host_copies() if with_layout and self._take_host_copies else None
+        # the host tier's page copies, for engines that make them (before take_host_moves, which drops them)
+        take = getattr(st, "take_host_copies", None) if with_layout else None
+        host_copies = take() if take is not None else None
         d2h, h2d = st.take_host_moves()
-        batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h,
-                           kv_read_groups=self.kv_read_groups)
+        last, _, counts = self._steady
+        if planned is last and self.kv_read_groups is None:
+            # `schedule` counted its first m rows: the rows admitted after them are counted here, as
+            # StepBatch counts a row (the same sums, in integers)
+            m, decode, held, tokens, kv_read, pairs = counts
+            tokens += decode
+            kv_read += held + decode
+            for s, n in planned[m:]:
+                c = s.computed
+                tokens += n
+                kv_read += c + n
+                if c >= s.prefill_target:
+                    decode += 1
+                else:
+                    pairs += n * c + n * (n + 1) // 2
+            batch = StepBatch.counted(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h,
+                                      tokens, decode, kv_read, pairs)
+        else:
+            batch = StepBatch(seqs, st.page_size, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h,
+                              kv_read_groups=self.kv_read_groups)
         if host_copies:
             batch.host_copies = host_copies
         if self._swap_out or self._swap_in:
@@ -471,15 +507,18 @@ class Scheduler:
         """Whether the planned step is steady (every running request decodes one token, nobody
         was admitted or preempted: `StepEvent.steady`); if so, the K/V positions its requests
         hold before it (the step reads that plus one per request), else None. Pure."""
-        if len(planned) != len(self.running) or self._preempted or self._admitted:
-            return None
-        held = 0
-        for seq, _ in planned:
-            c = seq.computed
-            if c < seq.prefill_target:  # (a chunk of a prefill or of a recompute, also a re-admitted one)
+        last, held, _ = self._steady
+        if planned is not last:  # (not the last one `schedule` made: counted here)
+            if len(planned) != len(self.running) or self._preempted or self._admitted:
                 return None
-            held += c
-        return held
+            held = 0
+            for seq, _ in planned:
+                c = seq.computed
+                if c < seq.prefill_target:  # (a chunk of a prefill or of a recompute, also a re-admitted one)
+                    return None
+                held += c
+            return held
+        return held  # (counted by `schedule`, which made it: any admission makes it longer)
 
     def complete(self, planned: list[tuple[Seq, int]]) -> list[Seq]:
         """The step ran: advance every request; release the finished ones (returned).
