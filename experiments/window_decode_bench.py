@@ -26,6 +26,7 @@ import argparse
 import csv
 import math
 import re
+import os
 import pathlib
 import subprocess
 import sys
@@ -56,6 +57,8 @@ FIELDS = ["device", "commit", "kernel", "batch", "context", "window", "chunk", "
 
 
 def commit() -> str:
+    if os.environ.get("KVBENCH_COMMIT"):  # (a run from an archive of a commit, without .git)
+        return os.environ["KVBENCH_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bk.REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -196,17 +199,14 @@ def check_rows(dev, gen, out_rows) -> bool:
 
 # ---------------------------------------------------------------------------------------- --extend
 def parse_config(text: str) -> dict:
-    """'64x32w4s2' -> dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2), with a trailing 'f'
-    also FUSED_MERGE=1 (the last split program merges); '' -> {} (the default)."""
+    """'64x32w4s2' -> dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2); '' -> {} (the default)."""
     if not text or text == "default":
         return {}
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(f?)", text)
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
     if not m:
-        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2 or 64x32w4s2f)",
-              file=sys.stderr)
+        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2)", file=sys.stderr)
         sys.exit(2)
-    cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups()[:4])))
-    return dict(cfg, FUSED_MERGE=1) if m.group(5) else cfg
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
 
 def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",), head_dim=64, max_len=0):

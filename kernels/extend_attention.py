@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
                       direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, plan_hit)
-from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, _add_sink, _gather_kv,
-                               _lock_buffer, bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
+from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, _add_sink, _gather_kv,
+                               bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
 # BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
@@ -54,8 +54,11 @@ EXTEND_MAX_SPLITS = 32
 # 66.8 us; the 8B step with a 512-token chunk over 1k (128 programs): extend 1.5 -> 2.8 ms plus a
 # 1.6 ms merge. Decode's threshold (2 per SM) split all three.
 EXTEND_NOSPLIT_PROGRAMS_PER_SM = 0.5
-# ... and then into enough pieces for this many programs per SM (decode's target)
-EXTEND_TARGET_PROGRAMS_PER_SM = TARGET_PROGRAMS_PER_SM
+# ... and then into enough pieces for this many programs per SM. H200, 1B heads, a 64-token chunk
+# over a 1k / 4k prefix in a launch sized for 16k (a mixed step's graph), extend + merge:
+# 9 splits (this target) 172.7 / 344.6 GB/s, 17 (decode's target, 4) 135.4 / 309.4 GB/s
+# (results/kernels/extend_splits_h200_2fffd6c.csv)
+EXTEND_TARGET_PROGRAMS_PER_SM = 2
 
 
 # Short chunks on the ragged path (at most EXTEND_SHORT_TOKENS new tokens per request on average:
@@ -64,8 +67,8 @@ EXTEND_TARGET_PROGRAMS_PER_SM = TARGET_PROGRAMS_PER_SM
 # d=128 42.8 -> 24.3 us at batch 1, 81.4 -> 48.5 us at batch 8; d=64 20.1 -> 17.5 and 40.7 -> 34.6 us.
 EXTEND_SHORT_TOKENS = 128
 EXTEND_SHORT_CONFIG = {
-    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0),
-    128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0),
+    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
 }
 
 
@@ -278,7 +281,6 @@ def _extend_kernel(
     seqlen_ptr,              # [B]
     o_ptr,                   # [T, H_q, D]            (not SPLIT)
     po_ptr, plse_ptr,        # [T, H_q, S, D], [T, H_q, S] fp32 partials (SPLIT: S = num_splits)
-    lock_ptr,                # [>= query blocks x H_q] int32 zeros (FUSED_MERGE ticket counters; else unused)
     sink_ptr,                # [H_q] attention sinks (HAS_SINK; else unused)
     qk_scale,                # sm_scale * log2(e)
     stride_qt, stride_qh,
@@ -293,7 +295,6 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, HAS_SINK: tl.constexpr = False,
-    FUSED_MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
@@ -425,38 +426,6 @@ def _extend_kernel(
             prow = (rows * tl.num_programs(0) + h) * num_splits + split                 # [BM]
             tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], out, mask=live_m[:, None] & d_mask[None, :])
             tl.store(plse_ptr + prow, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=m_mask)
-            if FUSED_MERGE:
-                # The last split program of (query block, head) to finish merges every split's
-                # partials, so no second launch is needed (decode_attention's ticket counter: the
-                # partial stores happen-before the atomic's release; the winner reads through L2)
-                tl.debug_barrier()
-                lock = lock_ptr + pid * tl.num_programs(0) + h
-                ticket = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-                if ticket == num_splits - 1:
-                    tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")          # reset for the next launch
-                    row0 = (rows * tl.num_programs(0) + h) * num_splits          # [BM]
-                    offs_s = tl.arange(0, BLOCK_S)
-                    lse_all = tl.load(plse_ptr + row0[:, None] + offs_s[None, :],
-                                      mask=m_mask[:, None] & (offs_s < num_splits)[None, :],
-                                      other=float("-inf"), cache_modifier=".cg")   # [BM, BS]
-                    m_all = tl.max(lse_all, 1)
-                    if HAS_SINK:
-                        sk = tl.load(sink_ptr + h).to(tl.float32) * LOG2E_C
-                        m_all = tl.maximum(m_all, sk)
-                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-                    den = tl.sum(tl.exp2(lse_all - m_all[:, None]), 1)
-                    if HAS_SINK:
-                        den += tl.exp2(sk - m_all)
-                    den = tl.where(den > 0, den, 1.0)
-                    acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                    for sp in range(0, num_splits):
-                        lc = tl.load(plse_ptr + row0 + sp, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
-                        has = m_mask & (lc > float("-inf"))                    # (a keyless split wrote none)
-                        part = tl.load(po_ptr + (row0 + sp)[:, None] * D + offs_d[None, :],
-                                       mask=has[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-                        acc2 += part * tl.exp2(lc - m_all)[:, None]
-                    tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                             (acc2 / den[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
         else:
             tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -620,7 +589,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
             if hit is not None:
                 # (the launches unwrapped, `_common.direct`: one Python call each; `post` holds the
                 # call's sizes, bounds and the plan's constexprs)
-                launch, stream, dev, pre, mid, post, ppo, pplse, plock, blocks, S, merge = hit
+                launch, stream, dev, pre, mid, post, ppo, pplse, blocks, S, merge = hit
                 if out is None:
                     o = torch.empty_like(q)
                     pout = o.data_ptr()
@@ -628,8 +597,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                     o = out
                 if ppo is None:          # one split: the partial buffers are unused, the output stands in
                     ppo = pplse = pout
-                launch(Hq, blocks, S, stream(dev), *pre, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse,
-                       psl if plock is None else plock, psk, *mid, pts[0], *post)
+                launch(Hq, blocks, S, stream(dev), *pre, pq, pk, pv, pkn, pvn, ppt, pqsl, psl, pout, ppo, pplse, psk,
+                       *mid, pts[0], *post)
                 if merge is not None:
                     launch, stream, dev, pre, post = merge
                     launch(T, Hq, 1, stream(dev), *pre, ppo, pplse, pout, pqsl, B, psk, *post)
@@ -678,22 +647,19 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     S = min(S, cdiv(span, split_tokens))             # drop splits that would always be empty
     po, plse = _split_buffers(T * Hq * S, D, dev) if S > 1 else (o, o)   # (unused without a split)
     max_blocks = T // BM + B                      # >= sum_b cdiv(len_b, BM), no host sync needed
-    fused = S > 1 and bool(cfg.get("FUSED_MERGE", 0))
-    lock = _lock_buffer(max_blocks * Hq, dev) if fused else seq_lens        # unused unless fused
     head = (scale * LOG2E, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *kn_strides)
     sk = seq_lens if sinks is None else sinks                               # unused without sinks
-    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, po, plse, lock, sk, *head,
+    args = (q, k_cache, v_cache, kn, vn, page_table, query_start_loc, seq_lens, o, po, plse, sk, *head,
             page_table.stride(0), o.stride(0), o.stride(1), page_size, B, window, chunk, split_tokens, S)
     kwargs = dict(G=Hq // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BM, BLOCK_N=BN,
                   BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
                   CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
                   DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype), SPLIT=S > 1,
-                  HAS_SINK=sinks is not None, FUSED_MERGE=fused, BLOCK_S=max(2, next_pow2(S)),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  HAS_SINK=sinks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks, S)](*args, **kwargs)
     merge = None
-    if S > 1 and not fused:
+    if S > 1:
         margs = (po, plse, o, query_start_loc, B, sk, o.stride(0), o.stride(1), S)
         mkwargs = dict(H_Q=Hq, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_S=max(2, next_pow2(S)),
                        HAS_SINK=sinks is not None, num_warps=4)
@@ -701,9 +667,9 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
         merge = make_plan(mkernel, _extend_merge_kernel, margs, mkwargs, len(margs), dev)
     if ok:
         run = make_plan(kernel, _extend_kernel, args, kwargs, len(args), dev)
-        if run is not None and (S == 1 or fused or merge is not None):
+        if run is not None and (S == 1 or merge is not None):
             _PLANS.setdefault(key, (BM, BN, {}, {}))[2][S] = (direct(run), None if merge is None else direct(merge),
-                                                             head, (o.stride(0), o.stride(1)), fused)
+                                                             head, (o.stride(0), o.stride(1)))
     return o
 
 
@@ -722,15 +688,14 @@ def _resolve_splits(entry, call: tuple, Hq: int, D: int, page_size: int, device)
     plan = plans.get(S)
     if plan is None:
         return None
-    (launch, stream, dev, pre, tail), merge, head, o_strides, fused = plan
+    (launch, stream, dev, pre, tail), merge, head, o_strides = plan
     # (the buffers stay allocated when they grow: a remembered pointer stays valid)
     po, plse = _split_buffers(T * Hq * S, D, device) if S > 1 else (None, None)
-    lock = _lock_buffer((T // BM + B) * Hq, device).data_ptr() if fused else None
     if merge is not None:
         mlaunch, mstream, mdev, mpre, mtail = merge
         merge = (mlaunch, mstream, mdev, mpre, (*o_strides, S, *mtail))
     hit = (launch, stream, dev, pre, head, (*o_strides, page_size, B, window, chunk, split_tokens, S, *tail),
-           None if po is None else po.data_ptr(), None if plse is None else plse.data_ptr(), lock, T // BM + B, S, merge)
+           None if po is None else po.data_ptr(), None if plse is None else plse.data_ptr(), T // BM + B, S, merge)
     if len(calls) >= 4096:   # (every batch shape of a long eager run: forget them now and then)
         calls.clear()
     calls[call] = hit
