@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
