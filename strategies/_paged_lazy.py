@@ -382,6 +382,8 @@ class LazyRegistration:
                 continue
             start = len(o.hashes)
             mine = o.pages[start:start + o.ndef]
+            if any(self._ref[pid] != 1 for pid in mine):  # (`_take_pages` relies on it)
+                raise InvariantError("a page registered lazily by an owner that left: its `_ref` does not read 1")
             if any(self._hash[pid] is not o for pid in mine):
                 raise InvariantError(f"a released owner's {o.ndef} pages registered lazily are not its pages "
                                      f"{start}..{start + o.ndef - 1}")

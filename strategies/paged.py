@@ -69,7 +69,6 @@ its history). Off (0): the eviction paths test one attribute per evicted page, n
 from __future__ import annotations
 
 from array import array
-from operator import itemgetter
 
 import numpy as np
 
@@ -260,7 +259,8 @@ class PagedStrategy(LazyRegistration, Strategy):
             # the victims' registrations, in order; a run of one owner's pages registered lazily in one
             # step: a released owner's such pages (all of them: `ndef`) joined the LRU in one extend,
             # and none of them is marked by its owner any more once one is revived (a hit takes them
-            # over or hashes them all), so its victims are one run of ndef or fewer (`_check_lazy`)
+            # over or hashes them all), so its victims are one run of ndef or fewer (`_check_lazy`);
+            # their `_ref` reads 1 already (`_release_owner`), a hashed victim's is written here
             i = 0
             while i < e:
                 pid = victims[i]
@@ -276,15 +276,12 @@ class PagedStrategy(LazyRegistration, Strategy):
                     i += n
                     continue
                 self._unhash_lazy(pid, h)
+                ref[pid] = 1
                 i += 1
-            if fill_to == self.page_size:  # (a cached page is full: its fill is ps already)
+            for pid in victims:
+                hashes[pid] = None
+            if fill_to != self.page_size:  # (a cached page is full: its fill is ps already)
                 for pid in victims:
-                    hashes[pid] = None
-                    ref[pid] = 1
-            else:
-                for pid in victims:
-                    hashes[pid] = None
-                    ref[pid] = 1
                     fill[pid] = fill_to
             got += victims
             return got
@@ -664,17 +661,18 @@ class PagedStrategy(LazyRegistration, Strategy):
         if self._host is not None:
             self._drop_host_copies(hashes[first:full])
 
-    def _revive_all(self, hits: list[PageId]) -> None:
+    def _revive_all(self, hits: list[PageId], mine: int) -> None:
         """Admit hits that are all cached (a preempted request back), out of the PageLRU in bulk:
         where they are one run of its entries, last hit first (a released request's pages join
         the LRU in one extend, tail first; Mooncake: every return), that run leaves the list (by
         moving the front where it is first, else one `del` of a slice near the tail, looked for
         among the last 8n + 8192 entries); else each leaves a stale entry, as `PageLRU.remove`
-        does. Mutates."""
+        does. Hits from `mine` on are pages registered lazily by an owner that left (taken over:
+        their `_ref` reads 1 already). Mutates."""
         lru, dead, ref, n = self._lru, self._lru.dead, self._ref, len(hits)
-        for pid in hits:
+        for pid in hits[:mine]:
             ref[pid] = 1
-        self._token += sum(itemgetter(*hits)(self._fill))
+        self._token += n * self.page_size  # (cached pages are full)
         lru.n -= n
         q, head, back = lru.q, lru.head, hits[::-1]
         if not dead or dead.keys().isdisjoint(hits):  # (then each has one entry, its live one)
@@ -756,13 +754,13 @@ class PagedStrategy(LazyRegistration, Strategy):
             if not take_over:
                 self._share(owner.hashes[-1])
         if self._page_lru:  # PageLRU.remove of each cached hit, inlined (a stale entry each; all cached: in bulk)
+            # (hits taken over: the owner's pages registered lazily, from its node's on, are cached;
+            # their `_ref` reads 1: `_release_owner`)
+            mine = len(owner.hashes) if take_over else len(hits)
             if len(hits) > 1 and memo.cached == len(hits):
-                self._revive_all(hits)
+                self._revive_all(hits, mine)
             else:
                 lru, dead, ref = self._lru, self._lru.dead, self._ref
-                # (hits taken over: the owner's pages registered lazily, from its node's on, are
-                # cached; their `_ref` reads 1: `_release_owner`)
-                mine = len(owner.hashes) if take_over else len(hits)
                 for pid in hits[:mine]:
                     if ref[pid] == 0:
                         dead[pid] = dead.get(pid, 0) + 1
