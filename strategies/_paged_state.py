@@ -40,7 +40,7 @@ class _Match:
         self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
         self.hashes: list[int] = []  # chained hashes of its first pages, computed up to the first miss
         self.hits: list[PageId] = []
-        self.index: dict[PageId, int] = {}  # hit page → its position (filled when the request is refused)
+        self.index: set[PageId] = set()  # the hit pages (filled when the request is refused)
         self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
         self.data: bytes | None = None  # `tokens` as bytes, made once the match is a few pages long
         self.owner: _Seq | None = None  # the owner whose lazily registered pages it last compared

@@ -29,7 +29,7 @@ request hits them; every answer equals registering every page hashed.
 
 A request that waits for memory is matched once: the match (its hit pages, their page hashes,
 and how many of them are cached) is kept in a memo and kept exact incrementally. An eviction of
-one of its pages cuts it there (one dict probe per eviction); a page of it that turns cached
+one of its pages cuts it there (one set probe per eviction); a page of it that turns cached
 counts there (one probe per freed hashed page); a retry only probes the page after its last hit
 (pages registered since extend it). So a retry is O(1) plus the new hits, not O(prefix). (The
 hits are indexed for those probes only when the request is refused: an admission that succeeds
@@ -338,7 +338,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             lru.extend(cached)
             self._token -= token
             if index is not None and memo.cached != len(memo.hits):  # the waiting match's hits among them
-                memo.cached += len(index.keys() & cached)  # are evictable now (none where all were already)
+                memo.cached += len(index.intersection(cached))  # are evictable now (none where all were already)
             return
         for pid in pids:
             r = ref[pid] - 1
@@ -387,7 +387,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         self._hash[pid] = None
         memo = self._hit_memo
         if memo is not None and pid in memo.index:
-            self._cut(memo, memo.index[pid])
+            self._cut(memo, memo.hits.index(pid))
         return pid
 
     def _evict_pages(self, k: int) -> list[PageId]:
@@ -409,7 +409,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             stored[pid] = None
             hashes[pid] = None
             if memo is not None and pid in memo.index:
-                self._cut(memo, memo.index[pid])
+                self._cut(memo, memo.hits.index(pid))
             out.append(pid)
         if demoted:
             self._to_host_many(demoted)
@@ -445,7 +445,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         """The waiting request's hit i is gone: it hits only its first i pages now."""
         ref, index, hashes = self._ref, memo.index, self._hash
         for pid in memo.hits[i:]:
-            index.pop(pid, None)
+            index.discard(pid)
             if ref[pid] == 0:
                 memo.cached -= 1
             else:  # (registered lazily by an owner that left: ref 0, its `_ref` reads 1)
@@ -600,11 +600,12 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     @staticmethod
     def _index(memo: _Match) -> None:
-        """The request is refused: index its hits, so that evictions and frees find them."""
+        """The request is refused: index its hits (a set: a hit's position is looked up in `hits`
+        where one is cut, rarely), so that evictions and frees find them."""
         index, hits = memo.index, memo.hits
-        n = len(index)
+        n = len(index)  # (the set of hits[:n]: a cut drops a suffix from both)
         if n < len(hits):
-            index.update(zip(hits[n:], range(n, len(hits))))
+            index.update(hits[n:])
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Put the request's newly completed pages into the hash table (they hold computed K/V).
@@ -1021,8 +1022,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._index(self._cached_prefix(memo.rid, memo.tokens, memo.num_full))
             fresh = self._cached_prefix.__func__(_Scratch(self), memo.rid, memo.tokens, memo.num_full)
             cached = sum(1 for p in memo.hits if refs[p] == 0)
-            if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != {
-                    p: i for i, p in enumerate(memo.hits)}:
+            if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != set(memo.hits):
                 raise InvariantError(f"kept match of request {memo.rid}: {len(memo.hits)} hits, {memo.cached} "
                                      f"cached; from scratch {len(fresh.hits)} hits, {cached} cached")
         token = sum(self._fill[p] for p in range(n) if owners[p])

@@ -48,7 +48,7 @@ def _state(s: PagedStrategy):
     owners = {h: (o.ndef, o.hash_at, list(o.pages)) for h, o in s._owners.items()}
     return (list(s._free), s._fresh, list(s._lru), dict(s._table), list(s._ref), list(s._fill), hashes,
             list(s._stored_ids), owners, dict(s._kids), dict(s._ghosts),
-            None if memo is None else (list(memo.hits), memo.cached, dict(memo.index)))
+            None if memo is None else (list(memo.hits), memo.cached, set(memo.index)))
 
 
 @pytest.mark.parametrize("policy", ["lru", "fifo", "slru", "arc", "s3fifo"])
