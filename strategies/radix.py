@@ -869,38 +869,62 @@ class RadixStrategy(Strategy):
                 m = min(k - done, (avail + cached0) // d, kv_left)
                 n = m * d
                 stack = len(free)
-                if n <= stack:  # the stack's top, in the order n pops give it (`_pop_run`, inlined)
-                    evicted = None
-                    pages = free[stack - 1: stack - n - 1: -1] if stack > n else free[::-1]
-                    del free[stack - n:]
+                evicted = None
+                if n <= stack and n < 2048:  # from the stack's top, as n pops give it (no `pages` array made)
+                    if m == 1:  # each its page (`_hand_out`, inlined)
+                        pop = free.pop
+                        for s in seqs:
+                            s.private.append(pop())
+                            s.length += 1
+                    else:  # request i's pages, step by step: a strided slice of the stack, from its i-th page down
+                        top, stop = stack - 1, stack - n - 1 if stack > n else None
+                        for s in seqs:
+                            s.private += free[top:stop:-d]
+                            s.length += m
+                            top -= 1
+                        del free[stack - n:]
                 else:
-                    evicted = [] if n > avail else None
-                    pages = self._pop_run(n, evicted)
-                if m == 1:  # each its page (`_hand_out`, inlined)
-                    for s, pid in zip(seqs, pages):
-                        s.private.append(pid)
-                        s.length += 1
-                elif n < 2048:  # request i's pages, step by step: a strided slice
-                    i = 0
-                    for s in seqs:
-                        s.private += pages[i::d]
-                        s.length += m
-                        i += 1
-                else:
-                    self._deal(seqs, pages, m)
-                self._private_pages += n
-                self._private_token += n
+                    if n <= stack:  # the stack's top, in the order n pops give it (`_pop_run`, inlined)
+                        pages = free[stack - 1: stack - n - 1: -1] if stack > n else free[::-1]
+                        del free[stack - n:]
+                    else:
+                        evicted = [] if n > avail else None
+                        pages = self._pop_run(n, evicted)
+                    if m == 1:  # each its page (`_hand_out`, inlined)
+                        for s, pid in zip(seqs, pages):
+                            s.private.append(pid)
+                            s.length += 1
+                    elif n < 2048:  # request i's pages, step by step: a strided slice
+                        i = 0
+                        for s in seqs:
+                            s.private += pages[i::d]
+                            s.length += m
+                            i += 1
+                    else:
+                        self._deal(seqs, pages, m)
+                private_token = self._private_token = self._private_token + n
+                private_pages = self._private_pages = self._private_pages + n
                 kv_left -= m
                 done += m
-                token, reserved = self._protected + self._private_token, self._reserved  # (slot_states, page_size 1)
-                c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
-                c_reserved += [reserved] * m
-                c_internal += [self._private_pages - self._private_token - reserved] * m
-                c_external += [0] * m
-                if not evicted:  # (the common case)
-                    c_cached += [cached0] * m
-                    c_free.extend(range(avail - d, avail - (m + 1) * d, -d))
-                    continue
+                token, reserved = self._protected + private_token, self._reserved  # (slot_states, page_size 1)
+                if m == 1:
+                    c_token.append(token)
+                    c_reserved.append(reserved)
+                    c_internal.append(private_pages - private_token - reserved)
+                    c_external.append(0)
+                    if not evicted:
+                        c_cached.append(cached0)
+                        c_free.append(avail - d)
+                        continue
+                else:
+                    c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
+                    c_reserved += [reserved] * m
+                    c_internal += [private_pages - private_token - reserved] * m
+                    c_external += [0] * m
+                    if not evicted:  # (the common case)
+                        c_cached += [cached0] * m
+                        c_free.extend(range(avail - d, avail - (m + 1) * d, -d))
+                        continue
                 t, gone = 1, 0  # steps t.. have `gone` slots evicted so far
                 for at, got in evicted:  # an eviction at take `at` counts from step at // d + 1 on
                     step = at // d + 1
