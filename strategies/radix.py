@@ -1120,21 +1120,22 @@ class RadixStrategy(Strategy):
         freed, leaves, free, root, ps = 0, self._leaves, self._free, self.root, self.page_size
         self._gen += 1
         left = len(leaves)  # (kept here: a victim leaves the policy, a parent pushed joins it)
+        inline = self._match_memo is None  # (no waiting match to cut: `_detach`, inlined)
         while freed < num_slots and left:
             node = leaves.victim()  # an unlocked leaf (check_invariants: the policy holds exactly those)
             left -= 1
             parent, key = node.parent, node.key
-            if self._match_memo is None:  # `_detach`, inlined
+            if inline:
                 del parent.children[int(key[0]) if ps == 1 else key[:ps].tobytes()]
                 node.parent = None
             else:
                 self._detach(node)
             free += node.pages
-            self._evictable -= len(key)
             freed += len(key)
             if parent is not root and not parent.children and parent.lock == 0:
                 leaves.insert(parent, parent.access)  # `_push`: an unlocked leaf now
                 left += 1
+        self._evictable -= freed  # (every victim's ids were evictable)
         return freed
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
