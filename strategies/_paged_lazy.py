@@ -31,7 +31,6 @@ first fork) hashes every owner's pages and turns it off for good.
 """
 from __future__ import annotations
 
-from operator import itemgetter
 
 import numpy as np
 
@@ -107,15 +106,10 @@ class LazyRegistration:
         end = min(memo.num_full, len(pages))
         if i >= end or page_hashes[pages[i]] is not owner:
             return memo
-        # its pages i..k-1 are registered: the ones that may hit. A guess checked at once: those
-        # it registered and still has, its first after its node (a released owner's pages join
-        # the LRU tail first, so they leave it tail first); else page by page
+        # its pages i..k-1 are registered: the ones that may hit. Those it registered lazily and
+        # still has are its `ndef` pages after its node (a released owner's pages join the LRU tail
+        # first, so they leave it tail first; a hit of one hashes or takes over them all: `_check_lazy`)
         k = min(len(owner.hashes) + owner.ndef, end)
-        if k - i < 2 or itemgetter(*pages[i:k])(page_hashes).count(owner) != k - i or (
-                k < end and page_hashes[pages[k]] is owner):
-            k = i + 1
-            while k < end and page_hashes[pages[k]] is owner:
-                k += 1
         mine = owner.tokens
         if mine is tokens:  # the same ids all along (a preempted request back): all hit
             same = k
@@ -376,17 +370,18 @@ class LazyRegistration:
         # a released owner's pages registered lazily are its pages from its node's on, `ndef` of
         # them (they leave tail first), and one run of the LRU's order (its eviction loop takes
         # them by runs: `PagedStrategy._take_pages`)
+        # (and so are a running owner's: `_lazy_walk` relies on it)
         order = {pid: at for at, pid in enumerate(self._lru)}
         for o in self._owners.values():
-            if id(o) in live or not o.ndef:
-                continue
             start = len(o.hashes)
             mine = o.pages[start:start + o.ndef]
+            if any(self._hash[pid] is not o for pid in mine):
+                raise InvariantError(f"an owner's {o.ndef} pages registered lazily are not its pages "
+                                     f"{start}..{start + o.ndef - 1}")
+            if id(o) in live or not o.ndef:
+                continue
             if any(self._ref[pid] != 1 for pid in mine):  # (`_take_pages` relies on it)
                 raise InvariantError("a page registered lazily by an owner that left: its `_ref` does not read 1")
-            if any(self._hash[pid] is not o for pid in mine):
-                raise InvariantError(f"a released owner's {o.ndef} pages registered lazily are not its pages "
-                                     f"{start}..{start + o.ndef - 1}")
             at = sorted(order[pid] for pid in mine)
             if at[-1] - at[0] != len(at) - 1:
                 raise InvariantError("a released owner's pages registered lazily are not one run of the LRU")

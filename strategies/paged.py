@@ -386,8 +386,8 @@ class PagedStrategy(LazyRegistration, Strategy):
         self._stored_ids[pid] = None
         self._hash[pid] = None
         memo = self._hit_memo
-        if memo is not None and pid in memo.index:
-            self._cut(memo, memo.hits.index(pid))
+        if memo is not None and pid in memo.index:  # (mostly its last hit: a released request's pages leave tail first)
+            self._cut(memo, len(memo.hits) - 1 if memo.hits[-1] == pid else memo.hits.index(pid))
         return pid
 
     def _evict_pages(self, k: int) -> list[PageId]:
@@ -409,7 +409,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             stored[pid] = None
             hashes[pid] = None
             if memo is not None and pid in memo.index:
-                self._cut(memo, memo.hits.index(pid))
+                self._cut(memo, len(memo.hits) - 1 if memo.hits[-1] == pid else memo.hits.index(pid))
             out.append(pid)
         if demoted:
             self._to_host_many(demoted)
