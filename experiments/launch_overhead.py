@@ -237,37 +237,63 @@ def _launch_stand_in(*args) -> None:
     for each tensor it gets, which a hit path that passes pointers as ints saves: not counted here.)"""
 
 
+class _InterpretedTuner:
+    """--cpu's stand-in for linear's autotuner (``_gemv_tuned``: Triton's autotuner benchmarks on a
+    GPU): launches the module's plain kernel in the interpreter with its INTERPRET_CONFIG, and
+    reports that config as the best, so linear's GPU branch (and its plan) runs on CPU tensors."""
+
+    def __init__(self, module) -> None:
+        import triton
+        self._module = module
+        self.best_config = triton.Config(dict(module.INTERPRET_CONFIG))
+
+    def __getitem__(self, grid):
+        cfg = self._module.INTERPRET_CONFIG
+
+        def launch(*args, **kwargs):
+            g = grid(cfg) if callable(grid) else grid
+            return self._module._gemv_kernel[g](*args, **kwargs, **cfg)
+        return launch
+
+
 @contextlib.contextmanager
 def stub_launches(packages: tuple[str, ...]):
     """CPU stand-in for the GPU launch plans (--cpu): tensors report ``is_cuda``, every launcher
-    module of `packages` (names ending in ".") makes plans with `_launch_stand_in` as their launch,
-    so a launcher's second call of a key runs its whole hit path but Triton's C launcher. Undone
-    on exit."""
-    from kvbench.kernels import _common
+    module of `packages` (names ending in ".") makes plans with `_launch_stand_in` as their launch
+    (a `Plan` of the module's own package, as its hit path expects), linear's autotuner runs its
+    interpreter config (`_InterpretedTuner`), so a launcher's second call of a key runs its whole
+    hit path but Triton's C launcher. Undone on exit."""
 
-    def fake_plan(kernel, jitfn, args, kwargs, front, device):
-        names = jitfn.arg_names
-        if any(n not in kwargs for n in names[len(args):]):
-            return None
-        values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
-        return _common.Plan(_launch_stand_in, (None,) * 9, 0, values[front:])
+    def fake_plan_for(common):
+        def fake_plan(kernel, jitfn, args, kwargs, front, device):
+            names = jitfn.arg_names
+            if any(n not in kwargs for n in names[len(args):]):
+                return None
+            values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
+            return common.Plan(_launch_stand_in, (None,) * 9, 0, values[front:])
+        return fake_plan
 
     mods = [sys.modules[m] for m in list(sys.modules)
             if m.startswith(packages) and hasattr(sys.modules[m], "make_plan")]
-    commons = [sys.modules[f"{p}_common"] for p in packages]
-    saved = [(m, m.make_plan) for m in mods]
-    streams = [c._raw_stream for c in commons]
+    commons = {p: sys.modules[f"{p}_common"] for p in packages}
+    saved = [(m, {n: getattr(m, n) for n in ("make_plan", "_gemv_tuned", "use_interpreter") if hasattr(m, n)})
+             for m in mods]
+    streams = [(c, c._raw_stream) for c in commons.values()]
     torch.Tensor.is_cuda = property(lambda self: True)
-    for c in commons:
+    for c in commons.values():
         c._raw_stream = lambda index: 0
     for m, _ in saved:
-        m.make_plan = fake_plan
+        m.make_plan = fake_plan_for(next(c for p, c in commons.items() if m.__name__.startswith(p)))
+        if hasattr(m, "_gemv_tuned"):
+            m._gemv_tuned = _InterpretedTuner(m)
+            m.use_interpreter = lambda device: False
     try:
         yield
     finally:
-        for m, f in saved:
-            m.make_plan = f
-        for c, st in zip(commons, streams):
+        for m, old in saved:
+            for n, f in old.items():
+                setattr(m, n, f)
+        for c, st in streams:
             c._raw_stream = st
         del torch.Tensor.is_cuda
 
