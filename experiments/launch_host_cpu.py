@@ -1,6 +1,6 @@
 """The launchers' host Python on a plan hit, before/after, on a loaded CPU (no GPU needed).
 
-    python experiments/launch_host_cpu.py --base DIR [--rounds 201] [--calls 200] [--only NAME ...]
+    python experiments/launch_host_cpu.py --base DIR [--rounds 201] [--calls 200] [--only NAME ...] [--grad-mode]
 
 Times the same tiny-shape calls as ``experiments/launch_overhead.py --cpu`` (its `cases`, with its
 stubbed launches: CPU tensors report ``is_cuda``, a plan's launch does nothing, so a call times
@@ -11,11 +11,14 @@ taking turns within each round, so a change in machine load hits them alike; CPU
 thread, not wall time (time sliced away to other processes is not counted). Prints per launcher
 the median us per call of each version, the median of the per-round ratio after/before, and
 each median against the yardstick's. A figure for comparing launcher code on one machine, not
-a GPU figure (the GPU adds Triton's C launcher, ~4 us on an H200 host).
+a GPU figure (the GPU adds Triton's C launcher, ~4 us on an H200 host). Inputs are made and calls
+run under ``torch.inference_mode()``, as the engine steps (--grad-mode: under grad mode, as this
+script did before 2026-11-30; allocations and views cost more there).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import statistics
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=201)
     ap.add_argument("--calls", type=int, default=200, help="calls per round and version")
     ap.add_argument("--only", nargs="*", help="launcher rows whose name starts with one of these")
+    ap.add_argument("--grad-mode", action="store_true", help="time under grad mode, not torch.inference_mode")
     args = ap.parse_args()
     if not (args.base / "__init__.py").is_file():
         print(f"launch_host_cpu: --base {args.base}: no kernels package there (__init__.py)", file=sys.stderr)
@@ -71,6 +75,8 @@ def main() -> None:
     base = lo.load_kernels(args.base.resolve())
     dev = torch.device("cpu")
     kn, kb = lo.launchers(), lo.launchers(base)
+    mode = contextlib.nullcontext() if args.grad_mode else torch.inference_mode()
+    mode.__enter__()   # (kept for the whole run: inputs are inference tensors, as the engine's)
     new = lo.cases(dev, kn) + [alternating_rope(dev, kn)]
     old = lo.cases(dev, kb) + [alternating_rope(dev, kb)]
     yard = new[0][1]
@@ -95,6 +101,7 @@ def main() -> None:
             ma, mb, my = statistics.median(ta), statistics.median(tb), statistics.median(ty)
             print(f"{name:28s} {ma:8.2f} {mb:8.2f} {statistics.median(ratio):13.3f} {ma / my:5.2f}/{mb / my:<5.2f}"
                   f"  (torch add_ {my:.2f})", flush=True)
+    mode.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

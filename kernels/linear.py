@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision, kernel_for,
-                      make_plan, pdl_args, pdl_begin, pdl_late, use_interpreter)
+from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, direct, dot_in_f32, dot_precision,
+                      kernel_for, make_plan, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
@@ -71,21 +71,26 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     key, ok = None, False
     if backend == "triton" and x.is_cuda:
         # the hit path (data pointers go to the C launcher as ints: no data_ptr call and pointer
-        # check there)
+        # check there). The key: everything the checks and the compiled code (autotuned per N, K)
+        # depend on. Devices as indices (x is on the GPU: an equal index is the same GPU); x and
+        # weight (whole shapes in the key) keyed as contiguous when they are (a contiguous one's
+        # strides are the shape's, but on dims of size 1, whose stride reads nothing)
         px, pw = x.data_ptr(), weight.data_ptr()
         if bias is None:
             pb, bias_key = pw, None
         else:
-            pb, bias_key = bias.data_ptr(), (bias.shape, bias.stride(), bias.dtype, bias.device)
+            pb, bias_key = bias.data_ptr(), (bias.shape, bias.stride(), bias.dtype, bias.get_device())
         ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
-        # everything the checks and the compiled code (autotuned per N, K) depend on
-        key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-               bias_key, _common._pdl_mode, MAX_M)
+        key = (x.shape, x.is_contiguous() or x.stride(), x.dtype, x.get_device(), weight.shape,
+               weight.is_contiguous() or weight.stride(), weight.dtype, weight.get_device(), bias_key,
+               _common._pdl_mode, MAX_M)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
-            plan, grid, shape = hit
-            y = x.new_empty(shape)
-            plan(grid, 1, 1, px, pw, pb, y.data_ptr())
+            # (the launch unwrapped, `_common.direct`: one Python call; sizes as arguments to
+            # new_empty: a shape tuple costs ~1 us more to parse)
+            launch, stream, dev, head, tail, grid, M, N = hit
+            y = x.new_empty(M, N)
+            launch(grid, 1, 1, stream(dev), *head, px, pw, pb, y.data_ptr(), *tail)
             return y
     check_backend(backend)
     if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
@@ -104,17 +109,18 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
                 DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
     if use_interpreter(x.device):
-        kernel_for(_gemv_kernel, x.device)[(cdiv(N, INTERPRET_CONFIG["BLOCK_N"]),)](
-            *args, **meta, **INTERPRET_CONFIG)
+        config = INTERPRET_CONFIG
+        kernel = kernel_for(_gemv_kernel, x.device)[(cdiv(N, config["BLOCK_N"]),)](*args, **meta, **config)
     else:
         kernel = _gemv_tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
         best = getattr(_gemv_tuned, "best_config", None)
-        if ok and best is not None:
-            kwargs = dict(meta, **best.all_kwargs())
-            plan = make_plan(kernel, _gemv_kernel, args, kwargs, 4, x.device)
-            if plan is not None:
-                _PLANS[key] = (plan, cdiv(N, best.kwargs["BLOCK_N"]), (M, N))
+        config = None if best is None else best.all_kwargs()
+    if ok and config is not None:   # (make_plan: None in the interpreter)
+        plan = make_plan(kernel, _gemv_kernel, args, dict(meta, **config), 4, x.device)
+        if plan is not None:
+            _PLANS[key] = (*direct(plan), cdiv(N, config["BLOCK_N"]), M, N)
     return y
 
 
-_PLANS: dict = {}  # key -> (plan, grid, output shape) (see _common.Plan)
+# key -> (the launch (`_common.direct`'s unwrapped plan: launch, stream, device, head, tail), grid, M, N)
+_PLANS: dict = {}

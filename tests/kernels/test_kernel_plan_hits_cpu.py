@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from kvbench.kernels import (_common, decode_attention as dmod, extend_attention as emod, kv_write as kmod,
-                             page_copy as pmod, rms_norm as rmod, rope_kv_write as ropemod, silu_mul as smod)
+                             linear as lmod, page_copy as pmod, rms_norm as rmod, rope_kv_write as ropemod,
+                             silu_mul as smod)
 
-MODS = (dmod, emod, kmod, pmod, rmod, ropemod, smod)
+MODS = (dmod, emod, kmod, lmod, pmod, rmod, ropemod, smod)
 BF = torch.bfloat16
 
 
@@ -105,6 +106,64 @@ def test_rms_norm_hit(residual, row_stride):
         out = rmod.rms_norm(x, w, 1e-5, r)
         return (out,) if r is None else (out, r)
     _miss_then_hit(call, inputs, [3, 1, 5])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("row_stride", [40, 64])
+def test_linear_hit(bias, row_stride):
+    def inputs(M):
+        g = _gen(M)
+        x = torch.randn(M, row_stride, dtype=BF, generator=g)[:, :40]
+        w = torch.randn(24, 40, dtype=BF, generator=g)
+        return x, w, torch.randn(24, dtype=BF, generator=g) if bias else None
+
+    def call(x, w, b):
+        return (lmod.linear(x, w, b),)
+    _miss_then_hit(call, inputs, [3, 1, 16])
+
+
+def test_linear_wrong_input_refused_after_a_plan_exists():
+    """linear's key stands for every check: a call that differs from a planned one in what a check
+    reads (shape, stride, dtype, device of x, weight or bias) is refused as on a first call, or
+    (where it is valid) computes what the checked path computes."""
+    g = _gen(3)
+    x, w, b = torch.randn(4, 32, dtype=BF, generator=g), torch.randn(16, 32, dtype=BF, generator=g), \
+        torch.randn(16, dtype=BF, generator=g)
+    with replay_plans() as hits:
+        for _ in range(2):
+            lmod.linear(x, w, b)
+            lmod.linear(x, w)
+        assert len(hits) == 2
+        with pytest.raises(ValueError, match="K=32"):
+            lmod.linear(x, torch.randn(16, 48, dtype=BF))
+        with pytest.raises(ValueError, match="weight dtype"):
+            lmod.linear(x, w.float())
+        with pytest.raises(ValueError, match="x dtype"):
+            lmod.linear(x.to(torch.int32), w)
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            lmod.linear(x, torch.randn(32, 32, dtype=BF).as_strided((16, 32), (1, 16)))
+        with pytest.raises(ValueError, match="bias is"):
+            lmod.linear(x, w, torch.randn(32, dtype=BF)[:8])
+        with pytest.raises(ValueError, match="bias dtype"):
+            lmod.linear(x, w, b.float())
+        with pytest.raises(ValueError, match="weight is on"):
+            lmod.linear(x, _elsewhere(w))
+        with pytest.raises(ValueError, match="bias is on"):
+            lmod.linear(x, w, _elsewhere(b))
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            lmod.linear(torch.randn(32, 4, dtype=BF).t(), w)
+        square = torch.randn(32, 32, dtype=BF, generator=g)
+        for _ in range(2):
+            lmod.linear(x, square)
+        n = len(hits)
+        assert n == 3
+        flipped = square.t()                              # same pointer and shape, other strides
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            lmod.linear(x, flipped)
+        square.t_()                                       # the same tensor, transposed in place
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            lmod.linear(x, square)
+        assert len(hits) == n
 
 
 def test_rope_kv_write_hit_returns_split_views():
