@@ -28,6 +28,14 @@ node registered unhashed: `_hash[pid]` is the owner); `_kids` counts the nodes r
 node (hashed pages, ghosts, an owner); `_ghosts` maps a chain hash not in the table with nodes
 below it to its parent hash; `_parent[pid]` is a hashed page's parent hash. `_end_lazy` (the
 first fork) hashes every owner's pages and turns it off for good.
+
+Written only where read (issue 13: overloaded Mooncake evicts 3.6M pages registered lazily):
+an owner's pages registered lazily are exactly its `ndef` pages after its node (they leave the
+LRU tail first, and one hit takes them all over or hashes them all), so a `_Seq` in `_hash` counts
+only there; an evicted one keeps its mark, a leftover that means none (readers that meet a page
+that may hold one, a running request's own or a free page, test for an int hash). A released
+owner's own pages keep `_ref` 1 (a free page's is never read; its lazily registered ones read as
+0 where met: `_true_refs`). `_marks` and `_true_refs` give the plain values, for checks and tests.
 """
 from __future__ import annotations
 
@@ -55,6 +63,10 @@ class LazyRegistration:
         pages are shared, an owner's pages would not be its own). Mutates."""
         for h in list(self._owners):
             self._share(h)
+        page_hashes = self._hash  # (none left registered lazily: every `_Seq` left is a leftover)
+        for pid, h in enumerate(page_hashes):
+            if h.__class__ is _Seq:
+                page_hashes[pid] = None
         self._lazy = False
         self._kids.clear()
         self._ghosts.clear()
@@ -91,10 +103,20 @@ class LazyRegistration:
         refs = list(self._ref)
         for pid in self._free:
             refs[pid] = 0
-        for pid, h in enumerate(self._hash):
-            if h.__class__ is _Seq and h.gone:
-                refs[pid] = 0
+        for o in self._owners.values():
+            if o.gone:
+                for pid in o.pages[len(o.hashes):len(o.hashes) + o.ndef]:
+                    refs[pid] = 0
         return refs
+
+    def _marks(self) -> list:
+        """`_hash` with leftover marks (a `_Seq` on a page it does not hold registered lazily: a
+        victim's mark is not cleared) read as None. Pure; O(pages), for checks and tests."""
+        marks = [None if h.__class__ is _Seq else h for h in self._hash]
+        for o in self._owners.values():
+            for pid in o.pages[len(o.hashes):len(o.hashes) + o.ndef]:
+                marks[pid] = o
+        return marks
 
     def _lazy_walk(self, memo: _Match, owner: _Seq, i: int) -> _Match:
         """`_cached_prefix` from page i on, within the pages `owner` registered lazily (page i - 1
@@ -104,7 +126,7 @@ class LazyRegistration:
         page (`_match_hashes` makes the rest where needed). Mutates only the memo."""
         ps, tokens, hits, page_hashes, pages = self.page_size, memo.tokens, memo.hits, self._hash, owner.pages
         end = min(memo.num_full, len(pages))
-        if i >= end or page_hashes[pages[i]] is not owner:
+        if i >= end or i >= len(owner.hashes) + owner.ndef:  # (its page i is not registered lazily)
             return memo
         # its pages i..k-1 are registered: the ones that may hit. Those it registered lazily and
         # still has are its `ndef` pages after its node (a released owner's pages join the LRU tail
@@ -169,7 +191,7 @@ class LazyRegistration:
             x = hash((h, ids))
             hashes.append(x)
             pid = pages[i]
-            if x not in table and page_hashes[pid] is None:
+            if x not in table and page_hashes[pid].__class__ is not int:  # (a `_Seq` here is a leftover: none)
                 table[x] = pid
                 page_hashes[pid] = x
                 stored[pid] = ids
@@ -231,9 +253,7 @@ class LazyRegistration:
         past them (a preempted request that comes back hits all it had registered). Pure."""
         if not owner.gone or self._rare.admission:
             return False
-        done = owner.hash_at // self.page_size - 1 if owner.hash_at != _NEVER else owner.cache_pages
-        page_hashes = self._hash
-        return not any(page_hashes[pid] is owner for pid in owner.pages[nhit:done])
+        return len(owner.hashes) + owner.ndef <= nhit  # (its pages registered lazily: `_check_lazy`)
 
     def _take_over(self, owner: _Seq, seq: _Seq, nhit: int) -> None:
         """`seq` (just admitted, its first `nhit` pages hits) owns in `owner`'s place the pages
@@ -275,7 +295,7 @@ class LazyRegistration:
         below = False  # whether node i + 1 exists (hashed or a ghost)
         for i in range(done - 1, start - 1, -1):
             pid, h, up = owner.pages[i], hashes[i], hashes[i - 1]
-            mine = page_hashes[pid] is owner
+            mine = i < start + owner.ndef  # (its pages registered lazily and still registered: `_check_lazy`)
             if mine:
                 if table.setdefault(h, pid) != pid or h in kids:
                     raise InvariantError(f"lazy registration: page {i} of a chain's owner hashes as a registered page")
@@ -340,16 +360,10 @@ class LazyRegistration:
             raise InvariantError("a node counted as a parent is neither in the table nor a ghost")
         if kids != self._kids:
             raise InvariantError(f"node counts {len(self._kids)} kept, {len(kids)} recounted, differ")
-        held: dict[int, int] = {}
-        for pid in range(n):
-            o = self._hash[pid]
-            if o.__class__ is _Seq:
-                held[id(o)] = held.get(id(o), 0) + 1
         seen = set(self._table) | set(self._ghosts)
         for h, o in self._owners.items():
-            if not o.lazy or o.hashes[-1] != h or held.get(id(o), 0) != o.ndef or not (o.ndef or id(o) in live):
-                raise InvariantError(f"owner of node {h}: lazy {o.lazy}, {o.ndef} pages counted, "
-                                     f"{held.get(id(o), 0)} registered lazily")
+            if not o.lazy or o.hashes[-1] != h or not (o.ndef or id(o) in live):
+                raise InvariantError(f"owner of node {h}: lazy {o.lazy}, {o.ndef} pages registered lazily")
             if id(o) in live and any(self._ref[p] != 1 for p in o.pages[len(o.hashes):]):
                 raise InvariantError("an owner shares a page it registered lazily")
             done = o.cache_pages if o.hash_at == _NEVER else o.hash_at // ps - 1
@@ -357,13 +371,11 @@ class LazyRegistration:
             data = o.tokens.tobytes()
             for i in range(len(o.hashes), done):
                 x = hash((x, data[i * nb:(i + 1) * nb]))
-                if self._hash[o.pages[i]] is o:
+                if i < len(o.hashes) + o.ndef:
                     if x in seen:
                         raise InvariantError(f"page {i} of node {h}'s owner, registered lazily, hashes as a "
                                              "registered page or a ghost")
                     seen.add(x)
-        if sum(held.values()) != sum(o.ndef for o in self._owners.values()):
-            raise InvariantError("a page is registered lazily by a request that owns no chain")
         for seq in self._seqs.values():
             if seq.lazy and self._owners.get(seq.hashes[-1]) is not seq:
                 raise InvariantError("a lazy request does not own its chain")
@@ -385,3 +397,9 @@ class LazyRegistration:
             at = sorted(order[pid] for pid in mine)
             if at[-1] - at[0] != len(at) - 1:
                 raise InvariantError("a released owner's pages registered lazily are not one run of the LRU")
+        # any other `_Seq` in `_hash` is a leftover (a victim's mark is not cleared: it means none), on
+        # a page that is free or held and not registered (a page in the table holds its hash: checked
+        # by check_invariants), never on a cached one
+        valid = {pid for o in self._owners.values() for pid in o.pages[len(o.hashes):len(o.hashes) + o.ndef]}
+        if any(self._hash[pid].__class__ is _Seq and pid not in valid for pid in order):
+            raise InvariantError("a cached page holds a leftover mark")

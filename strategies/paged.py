@@ -260,7 +260,9 @@ class PagedStrategy(LazyRegistration, Strategy):
             # step: a released owner's such pages (all of them: `ndef`) joined the LRU in one extend,
             # and none of them is marked by its owner any more once one is revived (a hit takes them
             # over or hashes them all), so its victims are one run of ndef or fewer (`_check_lazy`);
-            # their `_ref` reads 1 already (`_release_owner`), a hashed victim's is written here
+            # their `_ref` reads 1 already (`_release_owner`) and their mark stays, a leftover that means
+            # none (`_check_lazy`: a mark counts only on an owner's ndef pages after its node); a
+            # hashed victim's `_ref` and hash are written here
             i = 0
             while i < e:
                 pid = victims[i]
@@ -276,10 +278,9 @@ class PagedStrategy(LazyRegistration, Strategy):
                     i += n
                     continue
                 self._unhash_lazy(pid, h)
+                hashes[pid] = None
                 ref[pid] = 1
                 i += 1
-            for pid in victims:
-                hashes[pid] = None
             if fill_to != self.page_size:  # (a cached page is full: its fill is ps already)
                 for pid in victims:
                     fill[pid] = fill_to
@@ -331,10 +332,10 @@ class PagedStrategy(LazyRegistration, Strategy):
                     continue
                 ref[pid] = 0
                 token += fill[pid]
-                if hashes[pid] is None:
-                    free.append(pid)
-                else:
+                if hashes[pid].__class__ is int:
                     cached.append(pid)
+                else:  # not registered (a `_Seq` here is a leftover: `_take_pages`)
+                    free.append(pid)
             lru.extend(cached)
             self._token -= token
             if index is not None and memo.cached != len(memo.hits):  # the waiting match's hits among them
@@ -1000,7 +1001,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             raise InvariantError(f"eviction policy {self.eviction}: {e}") from None
         if len(free) != len(self._free) or free & lru or any(p >= n for p in free | lru):
             raise InvariantError("a page is twice in the free list, both free and cached, or fresh")
-        refs = self._true_refs()
+        refs, marks = self._true_refs(), self._marks()
         for pid in range(n):
             if owners[pid] != refs[pid]:
                 raise InvariantError(f"page {pid}: ref {refs[pid]} but {owners[pid]} owners")
@@ -1009,7 +1010,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                 raise InvariantError(f"page {pid} is in {state} states")
             if (pid in lru) and (self._hash[pid] is None or self._fill[pid] != ps):
                 raise InvariantError(f"cached page {pid} has no hash or is not full")  # (`_take_pages` relies on it)
-            if pid in free and self._hash[pid] is not None:
+            if pid in free and marks[pid] is not None:
                 raise InvariantError(f"free page {pid} still hashed")
             h = self._hash[pid]
             if (h is None or h.__class__ is _Seq) != (self._stored_ids[pid] is None):

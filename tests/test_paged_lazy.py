@@ -25,7 +25,7 @@ PS = 4
 def virtual(s: PagedStrategy) -> tuple[dict, list, list]:
     """The pool's table, page hashes and stored ids with every page registered lazily hashed
     (what registering it hashed gives). Pure."""
-    table, hashes, stored = dict(s._table), list(s._hash), list(s._stored_ids)
+    table, hashes, stored = dict(s._table), s._marks(), list(s._stored_ids)  # (leftover marks read as None)
     for key, o in s._owners.items():
         done = o.cache_pages if o.hash_at == _NEVER else o.hash_at // PS - 1
         data, nb, h = o.tokens.tobytes(), PS * o.tokens.itemsize, _ROOT_HASH
