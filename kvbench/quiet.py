@@ -36,7 +36,7 @@ engine's fast_forward off), exactly as a hybrid pool's.
 Costs: O(d) `room` calls at the start (with requests waiting and no page-taking step, fewer: they
 stop at the first request that takes a page right after step 0); per step O(1) plus O(requests
 taking a page there), plus one `slot_states` where a page is taken or a request leaves. What a
-run keeps per request is built once (`fin`) or only for those that make a grow in it (`held`).
+run keeps per request is built once (`fin`), or at its first page-taking step or leave (`held`).
 """
 from __future__ import annotations
 
@@ -112,9 +112,8 @@ class QuietRun:
         self.j = 0  # steps run
         self.grown = grown  # step 0's grows are made, its states are `states` (it is recorded first)
         self.g0 = g = 1 if grown else 0  # (the positions step 0 took)
-        # positions a request holds in the strategy, where it differs from computed + g0 (it made a
-        # grow in the run)
-        self.held: dict[int, int] = {}
+        # positions each holds in the strategy (None: computed + g0 for all, until a grow in the run)
+        self.held: list[int] | None = None
         self.deferred = 0  # decoded positions of live requests not yet grown in the strategy
         self.pages_at: dict[int, list[int]] = {}  # step → requests (indices) taking a page in it
         self.fin = fin = [s.request.output_len - s.emitted - 1 for s in seqs]  # the step in which each emits its last token
@@ -180,7 +179,9 @@ class QuietRun:
         `finishing` says which; `retire` or `end` lets them leave). Steps where nobody takes a
         page go as one stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
-        g0 = self.g0
+        if held is None and takes:
+            g0 = self.g0
+            held = self.held = [s.computed + g0 for s in seqs]
         grow, room, merge, moves = st.grow, self._room, self._merge, self._moves
         ps, wkv = st.page_size, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
         j0 = j = self.j
@@ -222,7 +223,7 @@ class QuietRun:
                 n = bulk([seqs[i].id for i in order], most, cols)  # >= 1 step (free + cached suffice)
                 j += n
                 for i in order:
-                    held[i] = (held.get(i) or seqs[i].computed + g0) + n
+                    held[i] += n
                 nxt = [i for i in order if j <= fin[i]]
                 if nxt:
                     pages_at[j] = nxt
@@ -238,8 +239,7 @@ class QuietRun:
             if nt > 1:
                 takers.sort()  # running order
             for i in takers:
-                s = seqs[i]
-                was = held.get(i) or s.computed + g0  # (held >= computed + g0 >= 0)
+                s, was = seqs[i], held[i]
                 rid, pos = s.id, s.computed + j  # the position this step writes: it needs a page
                 if merge:  # its deferred decodes and this step's position in one grow
                     if not grow(rid, pos + 1 - was):
@@ -298,12 +298,15 @@ class QuietRun:
         """The `finishing` requests leave (their deferred grows made, their progress advanced,
         released in running order by the scheduler); the next step's states are the strategy's
         own (corrected by the others' deferred tokens)."""
-        j, seqs, held, g0 = self.j, self.seqs, self.held, self.g0
+        j, seqs, held = self.j, self.seqs, self.held
+        if held is None:
+            g0 = self.g0
+            held = self.held = [s.computed + g0 for s in seqs]
         done = []
         for i in self.finishing:
             s = seqs[i]
             pos = s.computed + j
-            was = held.get(i) or s.computed + g0
+            was = held[i]
             if pos > was:
                 self._grow(s, pos - was)
                 self.deferred -= pos - was
@@ -335,24 +338,22 @@ class QuietRun:
             return 0
         seqs, held, grow = self.seqs, self.held, self.st.grow
         n = k - self.g0  # the deferred grows of a request that made none in the run
-        if not held:
+        if held is None:
+            live = seqs if type(self.live) is range else [seqs[i] for i in self.live]  # (range: nobody left)
             if n > 0:
-                for i in self.live:
-                    s = seqs[i]
+                for s in live:
                     if not grow(s.id, n):
                         self._failed(s, n)
                     s.computed += k
                     s.emitted += k
             else:
-                for i in self.live:
-                    s = seqs[i]
+                for s in live:
                     s.computed += k
                     s.emitted += k
         else:
             for i in self.live:
                 s = seqs[i]
-                was = held.get(i)
-                m = n if was is None else s.computed + k - was
+                m = s.computed + k - held[i]
                 if m > 0 and not grow(s.id, m):
                     self._failed(s, m)
                 s.computed += k

@@ -124,7 +124,9 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         if steady is not None:
             run, steady = QuietRun(scheduler, steady), None
         if run is not None:
-            if fifo and scheduler.waiting and run.chunk is None:
+            if run.limit == 1 and run.grown:  # step 0 only (the planned one): recorded at once
+                now = _step_zero(run, engine, rec, now, intake if fifo and scheduler.waiting else None)
+            elif fifo and scheduler.waiting and run.chunk is None:
                 # every arrival joins behind the refused head (or is rejected) and changes no step:
                 # the run goes on to its end, the arrivals taken in as its steps are recorded
                 now = fast_forward(run, engine, rec, now, _INF, intake)
@@ -304,6 +306,30 @@ def _next_prices(run: QuietRun, engine: Engine, prices, left: int, d: int, kv_re
     return engine.decode_costs(d, np.arange(kv_read, kv_read + d * k, d, dtype=np.int64)).tolist()
 
 
+def _step_zero(run: QuietRun, engine: Engine, rec: Recorder, now: float,
+               intake: Callable[[float], list[float]] | None) -> float:
+    """`fast_forward` of a run that is its planned step 0 only (`limit` 1): that step, priced and
+    recorded as fast_forward prices and records it (a chunk of one step), without a chunk;
+    returns the clock after it. The caller's arrivals are all later than `now`, so the step
+    runs. Mutates as fast_forward does."""
+    d, kv_read = len(run.live), run.kv_read
+    prices = getattr(engine, "decode_cost_list", None)
+    dts = prices(d, kv_read, 1) if prices is not None else \
+        engine.decode_costs(d, np.arange(kv_read, kv_read + d, d, dtype=np.int64)).tolist()
+    end = now + dts[0]  # (accumulate's sum)
+    stretches: list[tuple] = []
+    run.run(1, [[], [], [], [], [], []], stretches)  # (step 0's grows are made: it appends one stretch)
+    waiting = run.waiting
+    if intake is not None:
+        joined = intake(end)
+        waiting = _waiting_rows(waiting, joined, [now, end], 1)
+        run.waiting += len(joined)
+    done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
+    rec.decode_run(_new_tuple(DecodeRun, (run.requests, [now], dts, kv_read, d, waiting, run.preemptions,
+                                          _NO_ROWS, (0, 0), done, stretches)))
+    return end
+
+
 def end_run(run: QuietRun, rec: Recorder) -> None:
     """Record the chunk in progress, then end the run (`QuietRun.end`)."""
     c = run.chunk
@@ -356,4 +382,5 @@ def _waiting_rows(base: int, joined: list[float], starts: list[float], i: int) -
 _CHUNK = 4096  # quiet steps priced at once, at most
 _FIRST_CHUNK = 32  # quiet steps priced first (QuietRun.chunk_size: most runs end at an arrival within a few dozen)
 _INF = float("inf")
+_NO_ROWS = ((), (), (), (), (), ())  # a DecodeRun's states where no step took a page (read, never appended to)
 _new_tuple = tuple.__new__  # (a NamedTuple without its Python __new__)

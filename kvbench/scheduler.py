@@ -197,31 +197,37 @@ class Scheduler:
         if self._swap_out or self._swap_in:
             self._swap_out, self._swap_in = [], []
         running, grow = self.running, self.strategy.grow  # (the same list all along: pop and append)
-        skipped, failed, held, decodes = 0, None, 0, 0
+        plan = planned.append
+        skipped, failed, held, chunks = 0, None, 0, 0
         chunk_tokens = chunk_kv = pairs = 0  # the prefill chunks' tokens, K/V reads and query-key pairs
         for seq in running:  # while every grow succeeds (nobody preempted: the list stays)
             if budget <= 0:
                 break
             c = seq.computed
-            if c >= seq.prefill_target:
-                n = 1  # a decode
+            if c >= seq.prefill_target:  # a decode
+                if not grow(seq.id, 1):
+                    failed = 1
+                    break
+                plan((seq, 1))
+                budget -= 1
                 held += c
-                decodes += 1
-            else:
-                n = self._tokens_for(seq, budget)
-                if n == 0:
-                    skipped += 1
-                    continue
-                chunk_tokens += n  # (counted as StepBatch counts a row that is not a decode)
-                chunk_kv += c + n
-                pairs += n * c + n * (n + 1) // 2
+                continue
+            n = self._tokens_for(seq, budget)
+            if n == 0:
+                skipped += 1
+                continue
             if not grow(seq.id, n):
                 failed = n
                 break
-            planned.append((seq, n))
+            plan((seq, n))
             budget -= n
+            chunks += 1
+            chunk_tokens += n  # (counted as StepBatch counts a row that is not a decode)
+            chunk_kv += c + n
+            pairs += n * c + n * (n + 1) // 2
         if failed is None:
             m = len(planned)
+            decodes = m - chunks
             self._admit(planned, budget)
             # (`steady_plan`: every request planned decodes, nobody was admitted or preempted; `batch`:
             # the counts of the first m rows)
