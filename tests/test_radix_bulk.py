@@ -207,3 +207,36 @@ def test_decode_steps_first_decodes_settle_in_order():
     assert tree(st) == [((), [1, 2, 3], [0, 1, 2], 2), ((1, 2, 3), [4, 5], [3, 4], 1),
                         ((1, 2, 3), [9, 9], [8, 9], 1)]
     st.check_invariants()
+
+
+@pytest.mark.parametrize("k, exact", [(1, False), (6, False), (1, True), (6, True)])
+def test_decode_steps_from_a_deep_free_stack(k, exact):
+    """Runs whose pages all come from the free stack's top (returned pages: no fresh id, no
+    eviction), dealt straight from the stack: one step (a pop each) or several (request i gets
+    the top's i-th page and every len(rids)-th below it), the stack holding more pages than the
+    run takes or exactly as many. The same rows, pages, free stack and tree as per-token grows."""
+    def make():
+        rng = np.random.default_rng(3)
+        st = RadixStrategy(capacity_tokens=1200, max_model_len=1200, page_size=1)
+        for rid in range(5):  # cached leaves, then all evicted: their 750 pages on the free stack
+            toks = rng.integers(0, 50, 150).astype(np.int32)
+            assert st.admit(rid, toks, 150, 150, 150).admitted
+            st.release(rid)
+        st.evict(1200)
+        rids = list(range(10, 17))
+        for rid in rids:
+            toks = rng.integers(0, 50, 60).astype(np.int32)
+            assert st.admit(rid, toks, 60, 20, 20).admitted
+            assert st.grow(rid, 1)  # decoding
+        if exact:  # a request that leaves exactly the run's pages on the stack (ids no one else has)
+            n = len(st._free) - k * len(rids)
+            assert st.admit(99, np.arange(100, 100 + n, dtype=np.int32), n, n, n).admitted
+        return st, rids
+    bulk, rids = make()
+    ref, _ = make()
+    stack, fresh = len(bulk._free), bulk._fresh
+    assert stack >= k * len(rids) and (stack == k * len(rids)) == exact
+    assert bulk_rows(bulk, rids, k) == per_token(ref, rids, k)
+    assert bulk._fresh == fresh and len(bulk._free) == stack - k * len(rids)  # the stack's pages only
+    bulk.check_invariants()
+    same(bulk, ref, rids)
