@@ -39,7 +39,6 @@ owner's own pages keep `_ref` 1 (a free page's is never read; its lazily registe
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from kvbench.strategies._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _page_ids, _void
@@ -124,7 +123,7 @@ class LazyRegistration:
         registered and its ids are the request's; nothing else is below them, so the match ends
         at the first that does not. Not hashed: the match's hashes stop at the owner's first such
         page (`_match_hashes` makes the rest where needed). Mutates only the memo."""
-        ps, tokens, hits, page_hashes, pages = self.page_size, memo.tokens, memo.hits, self._hash, owner.pages
+        ps, tokens, hits, pages = self.page_size, memo.tokens, memo.hits, owner.pages
         end = min(memo.num_full, len(pages))
         if i >= end or i >= len(owner.hashes) + owner.ndef:  # (its page i is not registered lazily)
             return memo
