@@ -177,7 +177,7 @@ def cases(dev, k: SimpleNamespace):
     """(name, zero-argument call) of the launchers in `k` at tiny shapes: a 2-request batch, 1 KV
     head group, D=64. The "as model" rows call attention as kvbench/model.py does (q, and extend's
     k_new/v_new, strided views of one qkv output; sm_scale, contiguous, max_seq_len and the bounds
-    passed by keyword; no preallocated output)."""
+    passed by keyword; the output written over q, out=q, as the model does since 2026-11-30)."""
     bf = torch.bfloat16
     Hq, Hkv, D, ps = 4, 1, 64, 16
     q = torch.randn(2, Hq, D, device=dev, dtype=bf)
@@ -211,9 +211,12 @@ def cases(dev, k: SimpleNamespace):
         ("decode_attention 4 splits", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, num_splits=4, out=out)),
         ("decode_attention auto", lambda: k.decode_attention(q, kc, vc, pt, sl, ps, max_seq_len=64)),
         ("extend_attention", lambda: k.extend_attention(qe, kc, vc, pt, qsl, sl, ps)),
-        ("decode_attention as model", lambda: k.decode_attention(qd, kc, vc, pt, sl, ps, **model)),
+        ("decode_attention as model", lambda: k.decode_attention(qd, kc, vc, pt, sl, ps, out=qd, **model)),
         ("extend_attention as model", lambda: k.extend_attention(qm, kc, vc, pt, qsl, sl, ps, k_new=km, v_new=vm,
-                                                                 **model)),
+                                                                 out=qm, **model)),
+        ("decode_attention as model, own out", lambda: k.decode_attention(qd, kc, vc, pt, sl, ps, **model)),
+        ("extend_attention as model, own out", lambda: k.extend_attention(qm, kc, vc, pt, qsl, sl, ps, k_new=km,
+                                                                          v_new=vm, **model)),
         ("kv_write", lambda: k.kv_write(kn, kn, kc, vc, slots)),
         ("rope_kv_write", lambda: k.rope_kv_write(qkv, cos, sin, kc, vc, slots, Hq, Hkv)),
         ("rms_norm", lambda: k.rms_norm(x, w, 1e-5)),

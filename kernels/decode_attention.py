@@ -386,7 +386,10 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     num_splits: split-KV count; None picks one from the shape
     max_seq_len: upper bound on seq_lens used to size splits (default max_pages * page_size;
                  no device sync either way)
-    out:        optional preallocated [B, H_q, D] output (q's dtype), e.g. for CUDA graphs
+    out:        optional preallocated [B, H_q, D] output (q's dtype), e.g. for CUDA graphs; may be
+                q itself (the output written over q, no allocation: each program reads its rows
+                of q before it writes the same rows of out, and no program reads rows another
+                writes; split-KV partials are merged after every split read q); no other overlap
     sinks:      optional [H_q] attention sinks (gpt-oss): per head, a logit added to the softmax's
                 denominator only (in the scaled-score domain, not multiplied by sm_scale).
                 None: the kernel is compiled without them (HAS_SINK=False)
@@ -403,6 +406,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
             seq_lens.data_ptr()
         if out is None:
             pout, out_key = 0, None
+        elif out is q:           # written over q (q's shape, strides, dtype and device are in the key)
+            pout, out_key = pq, True
         else:
             pout, out_key = out.data_ptr(), (out.shape, out.is_contiguous() or out.stride(), out.dtype, out.get_device())
         if sinks is None:

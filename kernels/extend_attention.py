@@ -522,7 +522,11 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                      "ragged" path reads the new keys from here and only the prefix through the
                      page table. They must equal what kv_write stored in the cache: the torch
                      backend (the reference) ignores them and reads everything from the cache.
-    out:             optional preallocated [T, H_q, D] output (q's dtype)
+    out:             optional preallocated [T, H_q, D] output (q's dtype); may be q itself (the
+                     output written over q, no allocation: each program reads its query block of
+                     q before it writes the same rows of out, and no program reads rows another
+                     writes; prefix-split partials are merged after every split read q); no
+                     other overlap
     prefix_splits:   split the cached prefix's keys into this many pieces, one program each, merged
                      by a second kernel (None: `choose_prefix_splits` from the program count and
                      the SMs; 1: no split). Short chunks over long prefixes fill the GPU this way
@@ -554,6 +558,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
             pkn, pvn, new_key = pk, pv, (k_new is None, v_new is None)
         if out is None:
             pout, out_key = 0, None
+        elif out is q:           # written over q (q's shape, strides, dtype and device are in the key)
+            pout, out_key = pq, True
         else:
             pout, out_key = out.data_ptr(), (out.shape == qs, out.stride(), out.dtype, out.get_device())
         if sinks is None:

@@ -458,25 +458,27 @@ class DecoderLayer(nn.Module):
         bound = dict(window=self.window, chunk=self.chunk)
         if self.sinks is not None:  # gpt-oss
             bound["sinks"] = self.sinks
+        # the attention output is written over q (dead after attention; out=q: no allocation),
+        # so o is a strided view of qkv, its heads of a token adjacent: reshape is a view
         if meta.decode_only:  # T == B: one query per request
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens,
                                      meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
-                                     max_seq_len=meta.max_seq_len, **bound)
+                                     max_seq_len=meta.max_seq_len, out=q, **bound)
         elif meta.num_decode == 0:
             # the prefix through the page table, the new tokens' K/V straight from qkv
             o = ops.extend_attention(q, k_cache, v_cache, meta.page_table, meta.query_start_loc,
                                      meta.seq_lens, meta.page_size, sm_scale=scale,
-                                     contiguous=meta.contiguous, k_new=k, v_new=v,
+                                     contiguous=meta.contiguous, k_new=k, v_new=v, out=q,
                                      max_seq_len=meta.max_seq_len, **bound)
         else:  # a mixed step: its one-token rows (first) by the decode kernel, the chunks by extend
             d = meta.num_decode
-            o = torch.empty((t, c.num_heads, c.head_dim), dtype=q.dtype, device=q.device)
-            ops.decode_attention(q[:d], k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d],
+            qd, qe, o = q[:d], q[d:], q
+            ops.decode_attention(qd, k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d],
                                  meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
-                                 max_seq_len=meta.max_seq_len, out=o[:d], **bound)
-            ops.extend_attention(q[d:], k_cache, v_cache, meta.page_table[d:], meta.extend_start_loc,
+                                 max_seq_len=meta.max_seq_len, out=qd, **bound)
+            ops.extend_attention(qe, k_cache, v_cache, meta.page_table[d:], meta.extend_start_loc,
                                  meta.seq_lens[d:], meta.page_size, sm_scale=scale,
-                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=o[d:],
+                                 contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=qe,
                                  max_seq_len=meta.max_seq_len, **bound)
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         if self.attn_out_norm is not None:  # Gemma-3

@@ -188,7 +188,7 @@ def test_rope_kv_write_hit_returns_split_views():
 
 
 @pytest.mark.parametrize("kw", [dict(num_splits=1), dict(num_splits=3, out=True), dict(max_seq_len=130),
-                                dict(num_splits=2, window=40, sinks=True)])
+                                dict(num_splits=2, window=40, sinks=True), dict(max_seq_len=130, out="q")])
 def test_decode_hit(kw):
     Hq, Hkv, D, ps = 4, 2, 32, 16
 
@@ -204,8 +204,9 @@ def test_decode_hit(kw):
         extra = dict(kw)
         if extra.pop("sinks", False):
             extra["sinks"] = torch.linspace(-1, 1, Hq, dtype=BF)
-        if extra.pop("out", False):
-            extra["out"] = torch.full_like(q, 7.0)
+        out = extra.pop("out", False)
+        if out:
+            extra["out"] = q if out == "q" else torch.full_like(q, 7.0)
         o = dmod.decode_attention(q, kc, vc, pt, sl, ps, **extra)
         assert "out" not in extra or o is extra["out"]
         return (o,)
@@ -235,6 +236,51 @@ def test_extend_hit(ragged, splits):
             kw.update(k_new=kc[slots], v_new=vc[slots])
         return (emod.extend_attention(q, kc, vc, pt, qsl, sl, ps, **kw),)
     _miss_then_hit(call, inputs, [[24, 10], [50, 5, 20]])
+
+
+@pytest.mark.parametrize("which, kw", [
+    ("decode", dict(num_splits=1)), ("decode", dict(num_splits=3)), ("decode", dict(max_seq_len=130, window=40)),
+    ("decode", dict(num_splits=3, config=dict(FUSED_MERGE=1))), ("extend", dict(prefix_splits=1)),
+    ("extend", dict(prefix_splits=2, ragged=True)), ("extend", dict(ragged=True, max_seq_len=64))])
+def test_output_written_over_q(which, kw):
+    """out=q (the model's call: q a strided view of its qkv buffer, dead after attention) writes
+    the output over q: bit for bit what a separate output gets, on the checked path and on a plan
+    hit, and the rest of the qkv buffer (k_new / v_new's columns) untouched."""
+    Hq, Hkv, D, ps = 4, 2, 32, 16
+    g = _gen(11)
+    kc, vc = torch.randn(512, Hkv, D, dtype=BF, generator=g), torch.randn(512, Hkv, D, dtype=BF, generator=g)
+    kw = dict(kw)
+    ragged = kw.pop("ragged", False)
+    if which == "decode":
+        B = 3
+        T, pt = B, torch.randperm(32, generator=g)[:B * 4].view(B, 4).to(torch.int32)
+        sl = torch.randint(1, 4 * ps, (B,), generator=g, dtype=torch.int32)
+    else:
+        lens, new = [40, 9, 30], [13, 9, 4]
+        T, pt = sum(new), torch.arange(24, dtype=torch.int32).view(3, 8)
+        qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+        sl = torch.tensor(lens, dtype=torch.int32)
+    qkv0 = torch.randn(T, Hq + 2 * Hkv, D, dtype=BF, generator=g)
+    if ragged:   # the new tokens' K/V as the cache holds them
+        slots = torch.cat([pt[b, 0] * ps + torch.arange(lens[b] - new[b], lens[b]) for b in range(3)])
+        qkv0[:, Hq:Hq + Hkv], qkv0[:, Hq + Hkv:] = kc[slots], vc[slots]
+
+    def call(qkv, over_q):
+        q = qkv[:, :Hq]
+        out = dict(out=q) if over_q else {}
+        if which == "decode":
+            return dmod.decode_attention(q, kc, vc, pt, sl, ps, **kw, **out)
+        extra = dict(k_new=qkv[:, Hq:Hq + Hkv], v_new=qkv[:, Hq + Hkv:]) if ragged else {}
+        return emod.extend_attention(q, kc, vc, pt, qsl, sl, ps, **kw, **extra, **out)
+
+    want = call(qkv0.clone(), False)
+    with replay_plans() as hits:
+        for n in range(3):   # checked, then (without config=) twice through the plan
+            qkv = qkv0.clone()
+            o = call(qkv, True)
+            assert o.data_ptr() == qkv.data_ptr() and o.shape == want.shape
+            assert torch.equal(o, want) and torch.equal(qkv[:, Hq:], qkv0[:, Hq:])
+        assert bool(hits) == ("config" not in kw)
 
 
 def test_small_launchers_hit():
