@@ -80,14 +80,14 @@ def main() -> None:
     new = lo.cases(dev, kn) + [alternating_rope(dev, kn)]
     old = lo.cases(dev, kb) + [alternating_rope(dev, kb)]
     yard = new[0][1]
-    print(f"{'launcher':28s} {'after':>8s} {'before':>8s} {'after/before':>13s} {'x torch op':>11s}  (us, medians of "
+    print(f"{'launcher':34s} {'after':>8s} {'before':>8s} {'after/before':>13s} {'x torch op':>11s}  (us, medians of "
           f"{args.rounds} rounds x {args.calls} calls)")
     with lo.stub_launches(("kvbench.kernels.", f"{base}.")):
         for (name, fa), (_, fb) in zip(new[1:], old[1:]):
             if args.only and not name.startswith(tuple(args.only)):
                 continue
             if max(lo._first_call_s(fa), lo._first_call_s(fb)) > 0.01:
-                print(f"{name:28s} skipped: no plan on the CPU (interpreted every call)")
+                print(f"{name:34s} skipped: no plan on the CPU (interpreted every call)")
                 continue
             for fn in (fa, fb, yard):
                 _round(fn, 20)
@@ -99,7 +99,7 @@ def main() -> None:
                 ty.append(_round(yard, args.calls))
                 ratio.append(ta[-1] / tb[-1])
             ma, mb, my = statistics.median(ta), statistics.median(tb), statistics.median(ty)
-            print(f"{name:28s} {ma:8.2f} {mb:8.2f} {statistics.median(ratio):13.3f} {ma / my:5.2f}/{mb / my:<5.2f}"
+            print(f"{name:34s} {ma:8.2f} {mb:8.2f} {statistics.median(ratio):13.3f} {ma / my:5.2f}/{mb / my:<5.2f}"
                   f"  (torch add_ {my:.2f})", flush=True)
     mode.__exit__(None, None, None)
 

@@ -420,11 +420,11 @@ def main() -> None:
             try:
                 first = max(_first_call_s(fn) for fn in fns)
             except Exception as e:   # (reported; the other rows are still timed, the exit status is 1)
-                print(f"{name:28s} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(f"{name:34s} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 failed.append(name)
                 continue
             if args.cpu and "yardstick" not in name and first > 0.01:
-                print(f"{name:28s} skipped: no plan on the CPU (interpreted every call)", flush=True)
+                print(f"{name:34s} skipped: no plan on the CPU (interpreted every call)", flush=True)
                 continue
             # the yardstick takes its turn in every launcher's rounds: the host's speed drifts over a
             # run (and differs between processes by up to ~1.5x), so each row's ratio is to the torch
@@ -440,7 +440,7 @@ def main() -> None:
                                  gpu_us=None if g is None else round(g, 2), bound=bound,
                                  torch_op_us=round(yard, 2), x_torch_op=round(med / yard, 2)))
                 gtxt = "" if g is None else f"  GPU {g:6.2f} us ({bound}-bound)"
-                print(f"{name:28s} {med:8.2f} us  (min {low:6.2f}){gtxt}  x{med / yard:5.2f} torch op ({yard:.2f} us)  "
+                print(f"{name:34s} {med:8.2f} us  (min {low:6.2f}){gtxt}  x{med / yard:5.2f} torch op ({yard:.2f} us)  "
                       f"{folder}", flush=True)
             if args.profile and "yardstick" not in name:
                 profiles[name] = profile(fns[0], n=args.calls)
