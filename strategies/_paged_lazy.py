@@ -280,6 +280,10 @@ class LazyRegistration:
         evicting it hashed would have left it. Mutates."""
         ps, table, page_hashes, stored = self.page_size, self._table, self._hash, self._stored_ids
         parent, kids, ghosts, ref, gone = self._parent, self._kids, self._ghosts, self._ref, owner.gone
+        memo = self._hit_memo
+        if memo is not None and memo.hits and page_hashes[memo.hits[-1]] is owner:  # the waiting match's hits
+            memo.index.update(memo.hits[memo.nidx:])  # past its hashed ones are these pages: indexed (`_index`)
+            memo.nidx = len(memo.hits)
         done = owner.cache_pages if owner.hash_at == _NEVER else owner.hash_at // ps - 1  # pages registered
         data = owner.data
         if data is None:
@@ -325,6 +329,9 @@ class LazyRegistration:
         start = len(seq.hashes)  # (its pages from `start` on are its own: their `_ref` stays 1, read as 0
         # from now on: see `_true_refs`)
         self._token -= seq.length - start * ps
+        memo = self._hit_memo
+        if memo is not None and memo.hits and self._hash[memo.hits[-1]] is seq:  # the waiting match's hits
+            memo.cached += len(memo.hits) - start  # from `start` on are its lazy pages (`_index`): cached now
         self._free.fromlist(pages[:done - 1:-1])
         self._unref_pages(pages[start - 1::-1], cached=pages[done - 1:start - 1:-1])
         if not seq.ndef:  # no page registered lazily: its node needs no owner

@@ -34,13 +34,14 @@ class _Match:
     """The prefix match of one waiting request, kept exact between its retries (see strategies/paged.py's
     docstring). `hits[i]` holds page i's ids, under hash `hashes[i]`."""
 
-    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "cached", "data", "owner", "odata")
+    __slots__ = ("rid", "tokens", "num_full", "hashes", "hits", "index", "nidx", "cached", "data", "owner", "odata")
 
     def __init__(self, rid: RequestId, tokens: np.ndarray, num_full: int) -> None:
         self.rid, self.tokens, self.num_full = rid, tokens, num_full  # num_full: pages it may hit
         self.hashes: list[int] = []  # chained hashes of its first pages, computed up to the first miss
         self.hits: list[PageId] = []
-        self.index: set[PageId] = set()  # the hit pages (filled when the request is refused)
+        self.index: set[PageId] = set()  # the hit pages (filled when the request is refused), hits[:nidx]
+        self.nidx = 0  # (hits from nidx on are one owner's pages registered lazily: not indexed)
         self.cached = 0  # hits with ref 0 (in the LRU): admitting takes them out of the evictable set
         self.data: bytes | None = None  # `tokens` as bytes, made once the match is a few pages long
         self.owner: _Seq | None = None  # the owner whose lazily registered pages it last compared

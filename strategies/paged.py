@@ -377,16 +377,18 @@ class PagedStrategy(LazyRegistration, Strategy):
         """Take the eviction policy's victim out of the hash table; the caller owns the page."""
         pid = self._lru.victim()
         h = self._hash[pid]
+        memo = self._hit_memo
         if h.__class__ is int:
             self._unhash(pid, h)
-        else:
+        else:  # (registered lazily: the owner's last such page, its position len(hashes) + ndef - 1)
+            if memo is not None:
+                self._cut_lazy(memo, pid, len(h.hashes) + h.ndef - 1)
             self._drop_lazy(h)
             self._ref[pid] = 0  # (its `_ref` read 1: `_release_owner`)
         if self._host is not None:
             self._to_host_many([(pid, self._hash[pid], self._stored_ids[pid])])
         self._stored_ids[pid] = None
         self._hash[pid] = None
-        memo = self._hit_memo
         if memo is not None and pid in memo.index:  # (mostly its last hit: a released request's pages leave tail first)
             self._cut(memo, len(memo.hits) - 1 if memo.hits[-1] == pid else memo.hits.index(pid))
         return pid
@@ -402,7 +404,9 @@ class PagedStrategy(LazyRegistration, Strategy):
             h = hashes[pid]
             if h.__class__ is int:
                 self._unhash(pid, h)
-            else:
+            else:  # (registered lazily: the owner's last such page, its position len(hashes) + ndef - 1)
+                if memo is not None:
+                    self._cut_lazy(memo, pid, len(h.hashes) + h.ndef - 1)
                 self._drop_lazy(h)
                 self._ref[pid] = 0  # (its `_ref` read 1: `_release_owner`)
             if host is not None:
@@ -442,8 +446,18 @@ class PagedStrategy(LazyRegistration, Strategy):
             else:
                 self._unkid(self._parent[pid])
 
+    def _cut_lazy(self, memo: _Match, pid: PageId, at: int) -> None:
+        """Page `pid`, registered lazily at position `at` of its owner's pages, is evicted: where
+        the waiting match hits it (there: its hits past its hashed ones are that owner's pages, at
+        their positions), it is cut there (those hits are not in its index: `_index`). Mutates."""
+        hits = memo.hits
+        if at < len(hits) and hits[at] == pid:
+            self._cut(memo, at)
+
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""
+        if memo.nidx > i:
+            memo.nidx = i
         ref, index, hashes = self._ref, memo.index, self._hash
         for pid in memo.hits[i:]:
             index.discard(pid)
@@ -599,14 +613,20 @@ class PagedStrategy(LazyRegistration, Strategy):
                 data = memo.data = tokens.tobytes()  # than a numpy slice's tobytes each)
         return memo
 
-    @staticmethod
-    def _index(memo: _Match) -> None:
+    def _index(self, memo: _Match) -> None:
         """The request is refused: index its hits (a set: a hit's position is looked up in `hits`
-        where one is cut, rarely), so that evictions and frees find them."""
-        index, hits = memo.index, memo.hits
-        n = len(index)  # (the set of hits[:n]: a cut drops a suffix from both)
+        where one is cut, rarely), so that evictions and frees find them; all but those registered
+        lazily (its hits past its hashed ones, where its last hit is such a page: one owner's pages
+        at their own positions, found by position where evicted or released: `_cut_lazy`,
+        `_release_owner`; indexed if hashed meanwhile: `_hash_owned`). Mutates only the memo."""
+        hits = memo.hits
+        n = memo.nidx  # (the index is the set of hits[:n]: a cut drops a suffix from both)
         if n < len(hits):
-            index.update(hits[n:])
+            owner = self._hash[hits[-1]]
+            k = len(owner.hashes) if owner.__class__ is _Seq else len(hits)
+            if n < k:
+                memo.index.update(hits[n:k])
+                memo.nidx = k
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Put the request's newly completed pages into the hash table (they hold computed K/V).
@@ -1021,9 +1041,12 @@ class PagedStrategy(LazyRegistration, Strategy):
         memo = self._hit_memo
         if memo is not None:  # the kept match, brought up to date as a retry would, equals a match from scratch
             self._index(self._cached_prefix(memo.rid, memo.tokens, memo.num_full))
+            owner = marks[memo.hits[-1]] if memo.hits else None
+            lazy_from = len(owner.hashes) if owner.__class__ is _Seq else len(memo.hits)
             fresh = self._cached_prefix.__func__(_Scratch(self), memo.rid, memo.tokens, memo.num_full)
             cached = sum(1 for p in memo.hits if refs[p] == 0)
-            if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != set(memo.hits):
+            if (fresh.hits, fresh.cached) != (memo.hits, memo.cached) or memo.index != set(
+                    memo.hits[:lazy_from]) or memo.nidx != lazy_from:
                 raise InvariantError(f"kept match of request {memo.rid}: {len(memo.hits)} hits, {memo.cached} "
                                      f"cached; from scratch {len(fresh.hits)} hits, {cached} cached")
         token = sum(self._fill[p] for p in range(n) if owners[p])
