@@ -238,20 +238,21 @@ class QuietRun:
                 continue
             if nt > 1:
                 takers.sort()  # running order
+            deferred += d - nt
             for i in takers:
-                s, was = seqs[i], held[i]
-                rid, pos = s.id, s.computed + j  # the position this step writes: it needs a page
-                if merge:  # its deferred decodes and this step's position in one grow
-                    if not grow(rid, pos + 1 - was):
-                        self._failed(s, pos + 1 - was)
-                else:
-                    if pos > was and not grow(rid, pos - was):  # its deferred decodes, inside its room
-                        self._failed(s, pos - was)
-                    if not grow(rid, 1):
-                        self._failed(s, 1)
-                held[i] = pos + 1
+                s = seqs[i]
+                was, pos = held[i], s.computed + j  # (pos: the position this step writes: it needs a page)
+                held[i] = nxt = pos + 1
                 deferred -= pos - was
-                nxt = j + 1 + (room(rid, pos + 1) if room is not None else -(pos + 1) % ps)
+                if merge:  # its deferred decodes and this step's position in one grow
+                    if not grow(s.id, nxt - was):
+                        self._failed(s, nxt - was)
+                else:
+                    if pos > was and not grow(s.id, pos - was):  # its deferred decodes, inside its room
+                        self._failed(s, pos - was)
+                    if not grow(s.id, 1):
+                        self._failed(s, 1)
+                nxt = j + 1 + (room(s.id, nxt) if room is not None else -nxt % ps)
                 if nxt <= fin[i]:
                     at = pages_at.get(nxt)
                     if at is None:
@@ -259,7 +260,6 @@ class QuietRun:
                         heappush(takes, nxt)
                     else:
                         at.append(i)
-            deferred += d - nt
             token, reserved, internal, external, cached, free = st.slot_states(wkv)
             token, reserved = token + deferred, reserved - deferred
             explicit.append(token)  # (a row of `cols`: cheaper to convert than a stretch of 1)
@@ -358,7 +358,8 @@ class QuietRun:
                     self._failed(s, m)
                 s.computed += k
                 s.emitted += k
-        now = self.st.slot_states(self.sched.waiting_kv_len())
+        # (a run that is its planned step 0 only made no call since it read the strategy's states)
+        now = self.states if n == 0 and held is None else self.st.slot_states(self.sched.waiting_kv_len())
         if now != self.states:
             raise RuntimeError(f"fast-forward: strategy '{self.st.label}' reports {now} after {k} quiet "
                                f"decode steps of {len(self.seqs)} requests, but {self.states} was expected "
