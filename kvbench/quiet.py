@@ -103,7 +103,7 @@ class QuietRun:
         self.may_take_pages = need is not None
         # (host moves asked after each take, `room`, bulk decode steps, whether no run may go on:
         # the strategy's and the scheduler's, looked up once)
-        self._moves, room_of, self._bulk, never = scheduler.quiet_calls or _calls(scheduler)
+        self._moves, room_of, self._bulk, never, whole = scheduler.quiet_calls or _calls(scheduler)
         self._room = room_of
         # grow(a) then grow(b) leaves the strategy as grow(a + b) does (slab; paged without prefix
         # caching or forks): a taker's deferred grows and its page-taking one are one call
@@ -130,7 +130,9 @@ class QuietRun:
             fresh, pages_at, ps = steady.fresh, self.pages_at, st.page_size
             # the step in which each takes its next page: its `room`, or the rest of its last page
             # where the strategy has none; 0 for a fresh one (unless step 0 was planned)
-            if room_of is not None:
+            if whole:  # (a room that holds the final length: none but a fresh one takes a page)
+                rooms = [0 if not g and i in fresh else 1 << 62 for i in range(n)] if fresh else ()
+            elif room_of is not None:
                 rooms = [0 if not g and i in fresh else g + room_of(s.id, s.computed + g) for i, s in enumerate(seqs)]
             else:
                 rooms = [g + -(s.computed + g) % ps for s in seqs]
@@ -150,7 +152,7 @@ class QuietRun:
         else:
             limit = first + 1  # the first to finish ends the run: the next step admits
             ps = st.page_size
-            for s in seqs:  # none takes a page (after step 0)
+            for s in () if whole else seqs:  # none takes a page (after step 0)
                 room = g + (room_of(s.id, s.computed + g) if room_of is not None else -(s.computed + g) % ps)
                 if room < limit:
                     limit = room
@@ -437,12 +439,16 @@ def _calls(scheduler: Scheduler) -> tuple:
       steps in bulk; its class's method: a wrapper that forwards other names, e.g. a checker,
       grows per token), else None;
     - whether no run may fast-forward (a strategy whose decodes may free pages, e.g. a hybrid
-      pool, `fast_forward` false; or a windowed model: the scheduler has `kv_read_groups`)."""
+      pool, `fast_forward` false; or a windowed model: the scheduler has `kv_read_groups`);
+    - whether the strategy's class says its `room` holds every request's final length
+      (`room_holds_final_length`: slab's reservation; room(rid, n) = kv_len - n, so a room
+      never ends a run before its request's last step and is not asked)."""
     st = scheduler.strategy
     moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
     moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 else st.take_host_moves
     room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
     bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
     never = not getattr(st, "fast_forward", True) or getattr(scheduler, "kv_read_groups", None) is not None
-    scheduler.quiet_calls = calls = (moves, room, bulk, never)
+    whole = getattr(type(st), "room_holds_final_length", False) and room is not None
+    scheduler.quiet_calls = calls = (moves, room, bulk, never, whole)
     return calls

@@ -37,6 +37,7 @@ class SlabStrategy(Strategy):
     contiguous = True
     reads_tokens = False  # admit never reads the ids (the scheduler passes None: kvbench/scheduler.py)
     grows_merge = True  # grow(a) then grow(b) leaves the pool as grow(a + b) does (kvbench/quiet.py)
+    room_holds_final_length = True  # room(rid, n) = kv_len - n: no decode takes a page (kvbench/quiet.py)
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
                  reservation: str = "max", placement: str = "first_fit", name: str = "slab") -> None:
