@@ -173,8 +173,9 @@ class QuietRun:
     def run(self, k: int, cols: list[list[int]], stretches: list[tuple]) -> int:
         """Make the grows of up to k next quiet steps; the slot states of each step that ran are
         appended as stretches (events.DecodeRun: m steps whose token and reserved slots move by
-        d a step) to `stretches`, except those of steps that take pages, appended to `cols` as
-        rows (6 lists: token, reserved, internal, external, cached, free; a stretch says how
+        d a step) to `stretches` (a page-taking step's own states head the stretch of the steps
+        after it), except those of the strategy's bulk steps (`decode_steps`), appended to `cols`
+        as rows (6 lists: token, reserved, internal, external, cached, free; a stretch says how
         many of those come before it); returns how many ran (fewer than k where the run ends,
         where requests would need pages that are not free, after a step that moved pages to
         host: `moved` says so, or after a step in which requests emitted their last token:
@@ -189,7 +190,7 @@ class QuietRun:
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
-        explicit, c_reserved, c_internal, c_external, c_cached, c_free = cols  # (len(explicit): rows in `cols`)
+        explicit = cols[0]  # (len(explicit): rows in `cols`)
         self.moved = None
         bulk, free_only = self._bulk, self.head_need == 1
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
@@ -203,14 +204,22 @@ class QuietRun:
                 j += m
             else:
                 stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
+        head = False  # the last step took pages: its states (the strategy's) head the stretch that follows
         while j < stop:
             nxt = takes[0] if takes else stop
             if nxt > j:  # nobody takes a page up to step nxt: each step moves d slots from reserved to token
                 m = (nxt if nxt < stop else stop) - j
-                stretches.append((len(explicit), m, token + d, reserved - d, d, internal, external, cached, free))
+                if head:  # (the page-taking step and the m after it: one stretch)
+                    stretches.append((len(explicit), m + 1, token, reserved, d, internal, external, cached, free))
+                    head = False
+                else:
+                    stretches.append((len(explicit), m, token + d, reserved - d, d, internal, external, cached, free))
                 token, reserved, deferred = token + d * m, reserved - d * m, deferred + d * m
                 j += m
                 continue
+            if head:  # (a page-taking step right after another: a stretch of one)
+                stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
+                head = False
             takers = pages_at.pop(j)
             nt = len(takers)
             if free + cached < nt * ps or (free_only and free < nt * ps):
@@ -264,18 +273,15 @@ class QuietRun:
                         at.append(i)
             token, reserved, internal, external, cached, free = st.slot_states(wkv)
             token, reserved = token + deferred, reserved - deferred
-            explicit.append(token)  # (a row of `cols`: cheaper to convert than a stretch of 1)
-            c_reserved.append(reserved)
-            c_internal.append(internal)
-            c_external.append(external)
-            c_cached.append(cached)
-            c_free.append(free)
+            head = True
             j += 1
             if moves is not None:
                 moved = moves()
                 if moved != (0, 0):
                     self.moved = moved
                     break
+        if head:
+            stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
         self.states = _new_tuple(SlotStates, (token, reserved, internal, external, cached, free))  # (no Python __new__)
         self.kv_read += (j - j0) * d
         self.j, self.deferred = j, deferred
