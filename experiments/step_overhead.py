@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--graph-max-tokens", type=int, default=8192,
                     help="engine.graph_max_tokens: steps with more prefill tokens run eagerly")
     args = ap.parse_args()
+    if args.top < 1:
+        print(f"step_overhead: error: --top must be >= 1, got {args.top}", file=sys.stderr)
+        sys.exit(2)
     unknown = set(filter(None, args.steps.split(","))) - set(steps())
     if unknown:
         print(f"step_overhead: error: unknown --steps {sorted(unknown)}; known: {list(steps())}", file=sys.stderr)
