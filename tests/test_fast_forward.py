@@ -153,3 +153,25 @@ def test_the_run_is_checked_against_the_strategys_own_counts():
         replay(reqs, Scheduler(Overpromising(1024, 512, page_size=16), 3, 256), engine, progress=False)
     assert replay(reqs, Scheduler(PagedStrategy(1024, 512, page_size=16), 3, 256), engine,
                   progress=False).recorder.requests().finish_s.notna().all()
+
+
+@pytest.mark.parametrize("case", ["paged", "radix16-dedup"])
+def test_counted_batches_equal_the_constructors(case, monkeypatch):
+    """`StepBatch.counted` (the scheduler's counts, no pass over the seqs) gives the batch the
+    constructor gives: every slot equal, on an overloaded replay (waiting requests, preemptions,
+    mixed steps)."""
+    from kvbench.batch import StepBatch
+    made, counted = [], StepBatch.counted.__func__
+
+    def check(cls, seqs, page_size, num_pages, contiguous, copies, h2d, d2h, *counts):
+        b = counted(cls, seqs, page_size, num_pages, contiguous, copies, h2d, d2h, *counts)
+        flags = [(s.is_decode, s.emits) for s in seqs]
+        ref = StepBatch(list(seqs), page_size, num_pages, contiguous, list(copies), h2d, d2h)
+        assert [(s.is_decode, s.emits) for s in seqs] == flags   # (the constructor keeps set flags)
+        assert {k: getattr(b, k) for k in StepBatch.__slots__} == {k: getattr(ref, k) for k in StepBatch.__slots__}
+        made.append(1)
+        return b
+    monkeypatch.setattr(StepBatch, "counted", classmethod(check))
+    overrides = OVERLOADED[case][0] if case in OVERLOADED else [f"strategy={case}"]
+    run_config(OVERLOADED_TRACE + overrides, fast=True)
+    assert made, "no batch was made by StepBatch.counted"
