@@ -192,12 +192,12 @@ def test_a_refused_admission_leaves_reference_counts_unchanged():
     assert d.s.slot_states(None).cached == 3 * PS
     prompt_only(d, 2, np.full(32, 7, dtype=np.int32))
     assert d.s.slot_states(None).free + d.s.slot_states(None).cached == 4 * PS  # vLLM: 5
-    refs = [d.s._ref[p] for p in part1]  # (private, read only) as vLLM's ref_cnt
+    refs = [d.s._true_refs()[p] for p in part1]  # (private, read only) as vLLM's ref_cnt
     assert refs == [1, 1, 1, 0, 0, 0]
     # hits 6 pages (3 of them cached, revived), needs 3 more: 4 - 3 = 1 left → refused; the
     # driver also checks that nothing at all changed (page tables, slot states, private fields)
     assert prompt_only(d, 3, ids(COMMON, COMMON, COMMON)) == (False, 0)
-    assert [d.s._ref[p] for p in part1] == refs
+    assert [d.s._true_refs()[p] for p in part1] == refs
     assert d.s.slot_states(None).cached == 3 * PS
 
 
@@ -240,9 +240,9 @@ def test_scheduled_visibility_refused_admission_with_vllms_numbers():
     d.release(1)
     prompt_only(d, 2, np.full(32, 7, dtype=np.int32))
     assert d.s.slot_states(None).free + d.s.slot_states(None).cached == 5 * PS  # vLLM: 5 free
-    assert [d.s._ref[p] for p in part1] == [1, 1, 1, 0, 0, 0]
+    assert [d.s._true_refs()[p] for p in part1] == [1, 1, 1, 0, 0, 0]
     assert prompt_only(d, 3, ids(COMMON, COMMON, COMMON)) == (False, 0)  # 5 - 3 revived < 3
-    assert [d.s._ref[p] for p in part1] == [1, 1, 1, 0, 0, 0]
+    assert [d.s._true_refs()[p] for p in part1] == [1, 1, 1, 0, 0, 0]
 
 
 def _duplicate_then_release(**options) -> Driver:
