@@ -8,11 +8,13 @@ Each run dir keeps run.log: what ran, what came out, or why it failed.
 """
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -299,6 +301,25 @@ def sweep_gc() -> None:
     gc.set_threshold(SWEEP_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def _ctrl_c_in_a_callback(unraisable) -> None:
+    """`sys.unraisablehook`: a Ctrl-C that lands in a callback CPython cannot raise from (a
+    weakref's, a finalizer's) would be printed as "Exception ignored ... Traceback" and dropped,
+    and the process would run on. Instead nothing is printed and the main thread is interrupted
+    again a moment later, from another thread, once the callback has returned (interrupting it from
+    here would land in this hook and be dropped too; should it land in another callback, this
+    hook runs again). Anything else is reported as CPython does. (Set in `main`, so a sweep's
+    forked workers have it too.)"""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        _thread.start_new_thread(_interrupt_main_soon, ())
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def _interrupt_main_soon() -> None:
+    time.sleep(0.001)
+    _thread.interrupt_main()
+
+
 def main() -> None:
     from kvbench.schema import register
 
@@ -317,6 +338,7 @@ def main() -> None:
     register()
     check_each_value_once()
     register_launcher()
+    sys.unraisablehook = _ctrl_c_in_a_callback
     try:
         _app()
     except KeyboardInterrupt:

@@ -205,3 +205,42 @@ def test_the_cli_runs_where_no_hydra_plugin_is_installed(tmp_path):
     assert (tmp_path / "one" / "summary.json").exists()
     assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json")) == ["0_slab-max_synthetic",
                                                                                          "1_paged-16_synthetic"]
+
+
+def test_a_ctrl_c_inside_a_weakref_callback_is_raised_again_not_printed(monkeypatch, capsys):
+    """CPython drops an exception raised in a weakref callback ("Exception ignored", a traceback
+    on stderr) and runs on: a Ctrl-C there was lost (a flaky sweep Ctrl-C test). With the CLI's
+    unraisable hook the same KeyboardInterrupt reaches the main thread, and nothing is printed."""
+    import weakref
+
+    from kvbench.cli import _ctrl_c_in_a_callback
+
+    class Obj:
+        pass
+
+    def ctrl_c(_ref):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "unraisablehook", _ctrl_c_in_a_callback)
+    # (as in a terminal: a background job, e.g. `.ci/run &`, starts with SIGINT ignored, and then
+    # nothing can interrupt the main thread)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    obj = Obj()
+    ref = weakref.ref(obj, ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            del obj  # the callback runs here; the interrupt comes a moment later
+            for _ in range(2000):
+                time.sleep(0.001)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert ref() is None
+    err = capsys.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err
+    # anything else is still reported as CPython does
+    def boom(_ref):
+        raise ValueError("in a callback")
+    obj = Obj()
+    ref = weakref.ref(obj, boom)
+    del obj
+    assert "ValueError: in a callback" in capsys.readouterr().err
