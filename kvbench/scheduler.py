@@ -156,10 +156,10 @@ class Scheduler:
         # its attributes in a plain dict, slower to read)
         self.held_after: tuple[int, list[int]] = (0, [])
         self.quiet_calls: tuple | None = None  # the strategy's calls a quiet run makes (kvbench/quiet.py)
-        # (the last step `schedule` planned, and the K/V positions its requests held before it where
-        # it is steady, else None: `steady_plan`)
-        # and the counts of the rows it planned before admitting: (rows, decodes, the decodes' positions
-        # held, the other rows' tokens, K/V reads and query-key pairs), for `batch`)
+        # (the last step `schedule` planned; the K/V positions its requests held before it where it
+        # is steady, else None, for `steady_plan`; the counts of the rows it planned before admitting
+        # (rows, decodes, the decodes' positions held, the other rows' tokens, K/V reads and query-key
+        # pairs), for `batch`)
         self._steady: tuple = (None, None, None)
 
     # ---- intake -----------------------------------------------------------------------------
@@ -514,17 +514,17 @@ class Scheduler:
         was admitted or preempted: `StepEvent.steady`); if so, the K/V positions its requests
         hold before it (the step reads that plus one per request), else None. Pure."""
         last, held, _ = self._steady
-        if planned is not last:  # (not the last one `schedule` made: counted here)
-            if len(planned) != len(self.running) or self._preempted or self._admitted:
-                return None
-            held = 0
-            for seq, _ in planned:
-                c = seq.computed
-                if c < seq.prefill_target:  # (a chunk of a prefill or of a recompute, also a re-admitted one)
-                    return None
-                held += c
+        if planned is last:  # (counted by `schedule`, which made it: any admission makes it longer)
             return held
-        return held  # (counted by `schedule`, which made it: any admission makes it longer)
+        if len(planned) != len(self.running) or self._preempted or self._admitted:
+            return None
+        held = 0
+        for seq, _ in planned:
+            c = seq.computed
+            if c < seq.prefill_target:  # (a chunk of a prefill or of a recompute, also a re-admitted one)
+                return None
+            held += c
+        return held
 
     def complete(self, planned: list[tuple[Seq, int]]) -> list[Seq]:
         """The step ran: advance every request; release the finished ones (returned).

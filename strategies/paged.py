@@ -69,6 +69,7 @@ its history). Off (0): the eviction paths test one attribute per evicted page, n
 from __future__ import annotations
 
 from array import array
+from operator import attrgetter
 
 import numpy as np
 
@@ -158,14 +159,14 @@ class PagedStrategy(LazyRegistration, Strategy):
         self._init_lazy(prefix_caching and self._plain_lru and not rare.dedup_touch)
 
     # the options, read-only (kept in `_rare`: see there)
-    prefix_caching = caches_prefixes = reads_tokens = property(lambda self: self._rare.prefix_caching)
-    prefix_visibility = property(lambda self: self._rare.prefix_visibility)
-    dedup_touch = property(lambda self: self._rare.dedup_touch)
-    eviction = property(lambda self: self._rare.eviction)
-    cache_outputs = property(lambda self: self._rare.cache_outputs)
-    min_cache_len = property(lambda self: self._rare.min_cache_len)
-    host_tier_tokens = property(lambda self: self._rare.host_tier_tokens)
-    host_tier_eviction = property(lambda self: self._rare.host_tier_eviction)
+    prefix_caching = caches_prefixes = reads_tokens = property(attrgetter("_rare.prefix_caching"))
+    prefix_visibility = property(attrgetter("_rare.prefix_visibility"))
+    dedup_touch = property(attrgetter("_rare.dedup_touch"))
+    eviction = property(attrgetter("_rare.eviction"))
+    cache_outputs = property(attrgetter("_rare.cache_outputs"))
+    min_cache_len = property(attrgetter("_rare.min_cache_len"))
+    host_tier_tokens = property(attrgetter("_rare.host_tier_tokens"))
+    host_tier_eviction = property(attrgetter("_rare.host_tier_eviction"))
 
     # ---- helpers ----------------------------------------------------------------------------
     def _available(self) -> int:
@@ -389,8 +390,8 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._to_host_many([(pid, self._hash[pid], self._stored_ids[pid])])
         self._stored_ids[pid] = None
         self._hash[pid] = None
-        if memo is not None and pid in memo.index:  # (mostly its last hit: a released request's pages leave tail first)
-            self._cut(memo, len(memo.hits) - 1 if memo.hits[-1] == pid else memo.hits.index(pid))
+        if memo is not None and pid in memo.index:
+            self._cut_hit(memo, pid)
         return pid
 
     def _evict_pages(self, k: int) -> list[PageId]:
@@ -414,7 +415,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             stored[pid] = None
             hashes[pid] = None
             if memo is not None and pid in memo.index:
-                self._cut(memo, len(memo.hits) - 1 if memo.hits[-1] == pid else memo.hits.index(pid))
+                self._cut_hit(memo, pid)
             out.append(pid)
         if demoted:
             self._to_host_many(demoted)
@@ -453,6 +454,12 @@ class PagedStrategy(LazyRegistration, Strategy):
         hits = memo.hits
         if at < len(hits) and hits[at] == pid:
             self._cut(memo, at)
+
+    def _cut_hit(self, memo: _Match, pid: PageId) -> None:
+        """Page `pid`, an indexed hit of the waiting match, is evicted: the match is cut there
+        (mostly at its last hit: a released request's pages leave tail first). Mutates."""
+        hits = memo.hits
+        self._cut(memo, len(hits) - 1 if hits[-1] == pid else hits.index(pid))
 
     def _cut(self, memo: _Match, i: int) -> None:
         """The waiting request's hit i is gone: it hits only its first i pages now."""

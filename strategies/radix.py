@@ -70,6 +70,7 @@ import bisect
 import itertools
 from array import array
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -229,12 +230,12 @@ class RadixStrategy(Strategy):
     # options, read-only (kept in one object: CPython 3.11 keeps an instance's attributes in the
     # class's shared keys, where `self.x` is an indexed load, only up to 29 of them; a 30th turns
     # every attribute access on the hot paths into a dict lookup, ~100 instructions more each)
-    prefix_visibility = property(lambda self: self._opts.prefix_visibility)
-    eviction = property(lambda self: self._opts.eviction)
-    cache_outputs = property(lambda self: self._opts.cache_outputs)
-    min_cache_len = property(lambda self: self._opts.min_cache_len)
-    host_tier_tokens = property(lambda self: self._opts.host_tier_tokens)
-    host_tier_eviction = property(lambda self: self._opts.host_tier_eviction)
+    prefix_visibility = property(attrgetter("_opts.prefix_visibility"))
+    eviction = property(attrgetter("_opts.eviction"))
+    cache_outputs = property(attrgetter("_opts.cache_outputs"))
+    min_cache_len = property(attrgetter("_opts.min_cache_len"))
+    host_tier_tokens = property(attrgetter("_opts.host_tier_tokens"))
+    host_tier_eviction = property(attrgetter("_opts.host_tier_eviction"))
     # a decode's grow inserts nothing (radix inserts at prefill and release), and a free page
     # taken evicts nothing: a refused request's match and path stay (without a host tier)
     refusal_outlasts_free_takes = property(lambda self: not self._opts.host_tier_tokens)
