@@ -78,7 +78,7 @@ def main() -> None:
             for cfg in grid:
                 if (block_m(M) + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] > 220_000:
                     continue                                  # more shared memory than an SM has
-                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=block_m(M), PDL=0, PRELOAD=lin.PRELOAD, **cfg)
+                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=block_m(M), PDL=0, **cfg)
 
                 def call(i, meta=meta):
                     lin._gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](

@@ -9,8 +9,6 @@ over the whole K, pads x to 16 rows for one tensor-core dot per K tile, and is a
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -21,8 +19,6 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dir
                       kernel_for, make_plan, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
-# the first W tile loaded before the PDL wait (KVBENCH_GEMV_PRELOAD=0 turns it off, for A/B runs)
-PRELOAD = os.environ.get("KVBENCH_GEMV_PRELOAD", "1") != "0"
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
 
 
@@ -32,7 +28,7 @@ def _gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, PRELOAD: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,26 +36,10 @@ def _gemv_kernel(
     n_mask = offs_n < N
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    pdl_begin(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    k_start = 0
-    if PRELOAD:
-        # the first W tile is no other kernel's output: loaded before `pdl_wait`, so under PDL
-        # its latency overlaps the previous kernel's tail (the same arithmetic as the loop's
-        # first iteration)
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        pdl_begin(PDL)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_F32:
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-        k_start = BLOCK_K
-    else:
-        pdl_begin(PDL)
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
@@ -103,7 +83,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
         key = (x.shape, x.is_contiguous() or x.stride(), x.dtype, x.get_device(), weight.shape,
                weight.is_contiguous() or weight.stride(), weight.dtype, weight.get_device(), bias_key,
-               _common._pdl_mode, MAX_M, PRELOAD)
+               _common._pdl_mode, MAX_M)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             # (the launch unwrapped, `_common.direct`: one Python call; sizes as arguments to
@@ -127,7 +107,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     args = (x, weight, bias if bias is not None else weight, y, M, N, K,
             x.stride(0), weight.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
-                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, PRELOAD=PRELOAD, **pdl_args(x.device))
+                DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
     if use_interpreter(x.device):
         config = INTERPRET_CONFIG
         kernel = kernel_for(_gemv_kernel, x.device)[(cdiv(N, config["BLOCK_N"]),)](*args, **meta, **config)

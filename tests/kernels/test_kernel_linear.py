@@ -26,25 +26,6 @@ def test_linear_small_batch(dtype, M, bias):
     assert_close(y, ref)
 
 
-@pytest.mark.parametrize("K", [40, 64, 200])
-def test_gemv_preload_gives_the_same_bits(K):
-    """The first W tile loaded before the PDL wait (PRELOAD) is the loop's first iteration peeled:
-    the same products in the same order, so bit-identical outputs; K below, at and above one
-    tile (BLOCK_K 64 in the interpreter, masked edges)."""
-    dev, gen = device(), torch.Generator().manual_seed(K)
-    M, N = 3, 40
-    x = randn(M, K, dtype=torch.float32, device=dev, gen=gen)
-    w = randn(N, K, dtype=torch.float32, device=dev, gen=gen)
-    outs = []
-    for preload in (False, True):
-        y = torch.full((M, N), float("nan"), device=dev)
-        lin._gemv_kernel[(-(-N // lin.INTERPRET_CONFIG["BLOCK_N"]),)](
-            x, w, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, DOT_F32=True,
-            DOT_PREC="ieee", PDL=0, PRELOAD=preload, BLOCK_M=lin.MAX_M, **lin.INTERPRET_CONFIG)
-        outs.append(y)
-    assert torch.equal(outs[0], outs[1])
-    assert_close(outs[1], F.linear(x, w))
-
 def test_linear_falls_back_to_torch_for_big_batches_and_checks_shapes():
     dev = device()
     x, w = torch.randn(lin.MAX_M + 1, 8, device=dev), torch.randn(4, 8, device=dev)
