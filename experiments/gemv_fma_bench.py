@@ -33,6 +33,10 @@ SHAPES = {"8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 40
 GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
         for bn, bkk, w, s in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8), (1, 2, 3))
         if 8 <= bn * bkk // (32 * w) <= 64]
+# the corner the first sweep's best configs sat in (blocks of 1-4 rows, 2k-8k columns)
+GRID_SMALL_N = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
+                for bn, bkk, w, s in itertools.product((1, 2, 4), (1024, 2048, 4096, 8192), (1, 2, 4, 8), (1, 2))
+                if 8 <= bn * bkk // (32 * w) <= 128]
 
 
 @triton.jit
@@ -54,11 +58,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--grid", choices=("full", "small-n"), default="full")
     args = ap.parse_args()
+    grid = GRID if args.grid == "full" else GRID_SMALL_N
     bk.DEV = dev = torch.device("cuda")
     _, copy_gbps, _ = bk.copy_bandwidth(2.0)
     name_dev = torch.cuda.get_device_name()
-    print(f"device {name_dev} copy {copy_gbps:.1f} GB/s; {len(GRID)} configs", flush=True)
+    print(f"device {name_dev} copy {copy_gbps:.1f} GB/s; {len(grid)} configs", flush=True)
     rows = []
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
@@ -77,7 +83,7 @@ def main() -> None:
 
         add("cublas", bk.bench_rot([lambda i=i: F.linear(x, ws[i]) for i in range(R)]))
         add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(x, ws[i]) for i in range(R)]))
-        for cfg in GRID:
+        for cfg in grid:
             def call(i, cfg=cfg):
                 _gemv_m1[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, ws[i], ys[i], N, K, ws[i].stride(0), **cfg)
             impl = "fma " + ";".join(f"{k}={v}" for k, v in cfg.items())

@@ -5,9 +5,12 @@ matmuls should stream W at the copy bandwidth. Measured on an H200 (docs/model.m
 picks split-K kernels for the 4096-wide projections of Llama-3.1-8B at batch 1 that reach ~3.1
 TB/s (plus a separate reduction kernel); this kernel gives each program BLOCK_N output columns
 over the whole K, pads x to 16 rows for one tensor-core dot per K tile, and is autotuned per
-(N, K) on the GPU. Larger batches (and the lm_head) use ``F.linear``.
+(N, K) on the GPU. One row of x (batch 1) has its own kernel on the CUDA cores
+(`_gemv_m1_kernel`). Larger batches (and the lm_head) use ``F.linear``.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,8 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dir
                       kernel_for, make_plan, pdl_args, pdl_begin, pdl_late, use_interpreter)
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
+# one row of x: `_gemv_m1_kernel` (KVBENCH_GEMV_M1=0: the padded tensor-core kernel, for A/B runs)
+M1 = os.environ.get("KVBENCH_GEMV_M1", "1") != "0"
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
 
 
@@ -55,6 +60,37 @@ def _gemv_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _gemv_m1_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,          # x [1, K], W [N, K], b [N], y [1, N]
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One row of x (a batch-1 decode step), on the CUDA cores: each thread adds its products of a
+    [BLOCK_N, BLOCK_K] weight tile and x into a tile-shaped fp32 accumulator, reduced across
+    threads once after the loop (no padding to 16 rows, no trip through shared memory). Blocks
+    of a few rows give many programs. (The same signature as `_gemv_kernel`: one plan path.)"""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    pdl_begin(PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)                                         # [BK]
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    pdl_late(PDL)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
             for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 4),
                                  (32, 512, 4, 3), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3),
@@ -62,6 +98,12 @@ _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=
 # GPU: benchmark the configs on the first call of each (N, K) (the engine's warm-up makes that
 # call before any timed step or CUDA-graph capture) and keep the fastest
 _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_kernel)
+# batch 1: blocks of 1-4 rows over 1k-4k columns (experiments/gemv_fma_bench.py, H200: the best
+# configs of a 111-config sweep all sat there)
+_M1_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
+               for bn, bk, w, s in [(2, 2048, 2, 2), (2, 2048, 2, 3), (4, 2048, 4, 1), (4, 2048, 4, 3),
+                                    (2, 1024, 4, 2), (1, 4096, 2, 1), (1, 2048, 1, 2), (2, 4096, 4, 1)]]
+_gemv_m1_tuned = triton.autotune(configs=_M1_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_m1_kernel)
 
 
 def linear(x, weight, bias=None, *, backend: str = "triton"):
@@ -83,7 +125,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
         key = (x.shape, x.is_contiguous() or x.stride(), x.dtype, x.get_device(), weight.shape,
                weight.is_contiguous() or weight.stride(), weight.dtype, weight.get_device(), bias_key,
-               _common._pdl_mode, MAX_M)
+               _common._pdl_mode, MAX_M, M1)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             # (the launch unwrapped, `_common.direct`: one Python call; sizes as arguments to
@@ -108,15 +150,16 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
             x.stride(0), weight.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
                 DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
+    jitfn, tuned = (_gemv_m1_kernel, _gemv_m1_tuned) if M == 1 and M1 else (_gemv_kernel, _gemv_tuned)
     if use_interpreter(x.device):
         config = INTERPRET_CONFIG
-        kernel = kernel_for(_gemv_kernel, x.device)[(cdiv(N, config["BLOCK_N"]),)](*args, **meta, **config)
+        kernel = kernel_for(jitfn, x.device)[(cdiv(N, config["BLOCK_N"]),)](*args, **meta, **config)
     else:
-        kernel = _gemv_tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
-        best = getattr(_gemv_tuned, "best_config", None)
+        kernel = tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        best = getattr(tuned, "best_config", None)
         config = None if best is None else best.all_kwargs()
     if ok and config is not None:   # (make_plan: None in the interpreter)
-        plan = make_plan(kernel, _gemv_kernel, args, dict(meta, **config), 4, x.device)
+        plan = make_plan(kernel, jitfn, args, dict(meta, **config), 4, x.device)
         if plan is not None:
             _PLANS[key] = (*direct(plan), cdiv(N, config["BLOCK_N"]), M, N)
     return y
