@@ -84,7 +84,7 @@ class QuietRun:
     __slots__ = ("sched", "st", "seqs", "live", "requests", "states", "kv_read", "waiting", "preemptions",
                  "head_need", "may_take_pages", "_moves", "_room", "_bulk", "_merge", "moved", "j", "grown",
                  "held", "deferred", "pages_at", "fin", "finishing", "done", "blocked", "chunk", "chunk_size",
-                 "limit", "_takes", "_fin_steps", "_next_fin", "g0")
+                 "limit", "_takes", "_fin_steps", "_next_fin", "g0", "_pages", "_rids", "_comp")
 
     def __init__(self, scheduler: Scheduler, steady: Quiet, grown: bool = False) -> None:
         self.sched = scheduler
@@ -103,7 +103,8 @@ class QuietRun:
         self.may_take_pages = need is not None
         # (host moves asked after each take, `room`, bulk decode steps, whether no run may go on:
         # the strategy's and the scheduler's, looked up once)
-        self._moves, room_of, self._bulk, never, whole = scheduler.quiet_calls or _calls(scheduler)
+        self._moves, room_of, self._bulk, never, whole, self._pages = scheduler.quiet_calls or _calls(scheduler)
+        self._rids = self._comp = None  # (the requests' ids and computed positions, for `_pages`: made at its first call)
         self._room = room_of
         # grow(a) then grow(b) leaves the strategy as grow(a + b) does (slab; paged without prefix
         # caching or forks): a taker's deferred grows and its page-taking one are one call
@@ -192,7 +193,7 @@ class QuietRun:
         token, reserved, internal, external, cached, free = self.states
         explicit = cols[0]  # (len(explicit): rows in `cols`)
         self.moved = None
-        bulk, free_only = self._bulk, self.head_need == 1
+        bulk, free_only, pbulk = self._bulk, self.head_need == 1, self._pages
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
             self.grown = False
             j += 1
@@ -220,6 +221,24 @@ class QuietRun:
             if head:  # (a page-taking step right after another: a stretch of one)
                 stretches.append((len(explicit), 1, token, reserved, 0, internal, external, cached, free))
                 head = False
+            if pbulk is not None:  # the strategy's page-taking steps in one call (paged)
+                rids = self._rids
+                if rids is None:
+                    rids = self._rids = [s.id for s in seqs]
+                    self._comp = [s.computed for s in seqs]
+                got = pbulk(rids, self._comp, held, pages_at, j, stop, free_only, d, deferred, cols, stretches)
+                if got is not None:
+                    n, token, reserved, internal, cached, free, deferred = got
+                    external = 0
+                    j += n
+                    for at in [at for at in pages_at if at >= stop]:  # (past the run's end: those that take no more)
+                        keep = [i for i in pages_at[at] if at <= fin[i]]
+                        if keep:
+                            pages_at[at] = keep
+                        else:
+                            del pages_at[at]
+                    takes[:] = sorted(pages_at)
+                    continue
             takers = pages_at.pop(j)
             nt = len(takers)
             if free + cached < nt * ps or (free_only and free < nt * ps):
@@ -454,7 +473,8 @@ def _calls(scheduler: Scheduler) -> tuple:
     moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 else st.take_host_moves
     room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
     bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
+    pages = st.quiet_pages if hasattr(type(st), "quiet_pages") else None
     never = not getattr(st, "fast_forward", True) or getattr(scheduler, "kv_read_groups", None) is not None
     whole = getattr(type(st), "room_holds_final_length", False) and room is not None
-    scheduler.quiet_calls = calls = (moves, room, bulk, never, whole)
+    scheduler.quiet_calls = calls = (moves, room, bulk, never, whole, pages)
     return calls

@@ -937,6 +937,152 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._register_full_pages(seq)
         return True
 
+    def quiet_pages(self, rids: list, comp: list[int], held: list[int], at: dict[int, list[int]], j: int,
+                    stop: int, free_only: bool, d: int, deferred: int, cols: list[list[int]],
+                    stretches: list[tuple]) -> tuple | None:
+        """The page-taking steps of a quiet run (kvbench/quiet.py, `QuietRun.run`) from step j,
+        a page-taking one, up to `stop`, in one call: each exactly as the run's per-step grows
+        make it (a taker's deferred decodes, then its decode, takers in running order), without
+        a call per grow or a `slot_states` per step. Request i (`rids[i]`, the run's indices)
+        writes position comp[i] + t in step t and holds held[i] positions in the strategy; `at`
+        maps a step to the requests (indices, in running order) that take a page in it (a
+        request at a page start takes one every page_size steps: it moves to step t +
+        page_size; one that is not, a request's first quiet grow, grows as `grow` does and moves
+        to its next page start). `d` requests decode each step, `deferred` of their decodes are
+        not grown yet. A page-taking step's states (the strategy's, with the deferred decodes
+        counted) are appended to `cols` as a row, the steps between them as one stretch
+        (`stretches`), as the run makes them. Stops before a step whose takers free + cached
+        pages (free only: `free_only`) cannot serve, leaving its entry in `at`. Returns (steps
+        run, token, reserved, internal, cached, free, deferred) after the last; None (nothing
+        changed) where this strategy's grows have more to do than these (a host tier,
+        `scheduled` visibility, a fork with prefix caching) or step j's takers cannot be
+        served. Mutates the strategy, `held` and `at`."""
+        if self._host is not None or self._scheduled or not (self._solo or self._lazy):
+            return None
+        ps, seqs, num_pages = self.page_size, self._seqs, self.num_pages
+        free, ref, fill, marks, lru, page_lru = self._free, self._ref, self._fill, self._hash, self._lru, self._page_lru
+        plain = self._plain_lru
+        capacity = num_pages * ps
+        c0, c1, c2, c3, c4, c5 = cols
+        t = j
+        token = reserved = internal = cached = nfree = 0
+        while True:
+            takers = at.get(t)
+            if takers is None:  # no take up to the next page-taking step: one stretch
+                n = t + 1
+                end = t + ps if t + ps < stop else stop
+                while n < end and n not in at:
+                    n += 1
+                m = n - t
+                stretches.append((len(c0), m, token + d, reserved - d, d, internal, 0, cached, nfree))
+                deferred += d * m
+                token += d * m
+                reserved -= d * m
+                t = n
+                if t >= stop:
+                    break
+                continue
+            nt = len(takers)
+            avail = len(free) + self._fresh
+            if avail + (lru.n if page_lru else len(lru)) < nt or (free_only and avail < nt):
+                break  # (left to the run: it stops there)
+            del at[t]
+            odd = None  # takers not at a page start (their first quiet grow)
+            for i in takers:
+                s = seqs[rids[i]]
+                pages = s.pages
+                was, pos = held[i], comp[i] + t
+                held[i] = pos + 1
+                deferred -= pos - was
+                if len(pages) * ps != pos:  # not at a page start: `grow` (as the run makes it), then its next one
+                    if pos > was and not self.grow(rids[i], pos - was) or not self.grow(rids[i], 1):
+                        raise RuntimeError(f"quiet_pages: request {rids[i]}: a grow failed although free + "
+                                           "cached pages could serve it")
+                    if odd is None:
+                        odd = [i]
+                    else:
+                        odd.append(i)
+                    continue
+                if pos > was:  # its deferred decodes: `grow`'s decode path (its last page is its own)
+                    if was >= s.hash_at:
+                        self._register_full_pages(s)
+                    fill[pages[-1]] = ps
+                    self._token += pos - was
+                if pos >= s.hash_at:  # `grow`'s page-start path: the page it filled is registered
+                    s.length = pos
+                    if s.lazy and pos == s.hash_at:  # (the chain's owner: unhashed)
+                        marks[pages[-1]] = s
+                        s.ndef += 1
+                        s.hash_at = pos + ps if pos // ps < s.cache_pages else _NEVER
+                    else:
+                        self._register_full_pages(s)
+                if free:  # `_take_pages(1, 1)`: the stack's top, a fresh id, or the policy's victim
+                    pid = free.pop()
+                elif self._fresh:
+                    pid = num_pages - self._fresh
+                    self._fresh -= 1
+                    if pid == len(ref):
+                        self._grow_lists()
+                elif plain and self._hit_memo is None and not lru.dead:  # `_take_pages(1, 1)`'s eviction, inlined
+                    pid = lru.q[lru.head]
+                    lru.head += 1
+                    lru.n -= 1
+                    h = marks[pid]
+                    if h.__class__ is int:
+                        self._unhash(pid, h)
+                        self._stored_ids[pid] = None
+                    else:  # registered lazily: its owner has one page less
+                        left = h.ndef - 1
+                        h.ndef = left
+                        if not left:
+                            self._drop_lazy(h, 0)
+                    marks[pid] = None
+                else:
+                    pid = self._take_pages(1, 1)[0]
+                ref[pid] = 1
+                fill[pid] = 1
+                pages.append(pid)
+                s.length = pos + 1
+                res = ps - 1 if pos + ps < s.kv_len else s.kv_len - pos - 1  # (_set_reserved)
+                self._reserved += res - s.reserved
+                s.reserved = res
+                self._token += 1
+            if odd is not None:  # (their next page starts, within page_size steps)
+                gone = set(odd)
+                takers = [i for i in takers if i not in gone]
+                for i in odd:
+                    n = t + 1 + (-held[i] % ps)
+                    lst = at.get(n)
+                    if lst is None:
+                        at[n] = [i]
+                    else:
+                        lst.append(i)
+                        lst.sort()
+            if takers:
+                lst = at.get(t + ps)
+                if lst is None:
+                    at[t + ps] = takers
+                else:
+                    lst += takers
+                    lst.sort()
+            deferred += d - nt
+            token, reserved = self._token + deferred, self._reserved - deferred
+            cached = (lru.n if page_lru else len(lru)) * ps
+            nfree = (len(free) + self._fresh) * ps
+            internal = capacity - cached - nfree - token - reserved
+            c0.append(token)
+            c1.append(reserved)
+            c2.append(internal)
+            c3.append(0)
+            c4.append(cached)
+            c5.append(nfree)
+            t += 1
+            if t >= stop:
+                break
+        if t == j:  # (step j's takers could not be served: nothing changed)
+            return None
+        return t - j, token, reserved, internal, cached, nfree, deferred
+
     def release(self, rid) -> None:
         seq = self._seqs.pop(rid)
         seq.gone = True
