@@ -241,13 +241,13 @@ def _launch_stand_in(*args) -> None:
 
 
 class _InterpretedTuner:
-    """--cpu's stand-in for linear's autotuner (``_gemv_tuned``: Triton's autotuner benchmarks on a
+    """--cpu's stand-in for linear's autotuner (``_gemv_tuned``, ``_gemv_m1_tuned``: Triton's autotuner benchmarks on a
     GPU): launches the module's plain kernel in the interpreter with its INTERPRET_CONFIG, and
     reports that config as the best, so linear's GPU branch (and its plan) runs on CPU tensors."""
 
-    def __init__(self, module) -> None:
+    def __init__(self, module, jitfn) -> None:
         import triton
-        self._module = module
+        self._module, self._jitfn = module, jitfn
         self.best_config = triton.Config(dict(module.INTERPRET_CONFIG))
 
     def __getitem__(self, grid):
@@ -255,7 +255,7 @@ class _InterpretedTuner:
 
         def launch(*args, **kwargs):
             g = grid(cfg) if callable(grid) else grid
-            return self._module._gemv_kernel[g](*args, **kwargs, **cfg)
+            return self._jitfn[g](*args, **kwargs, **cfg)
         return launch
 
 
@@ -279,7 +279,8 @@ def stub_launches(packages: tuple[str, ...]):
     mods = [sys.modules[m] for m in list(sys.modules)
             if m.startswith(packages) and hasattr(sys.modules[m], "make_plan")]
     commons = {p: sys.modules[f"{p}_common"] for p in packages}
-    saved = [(m, {n: getattr(m, n) for n in ("make_plan", "_gemv_tuned", "use_interpreter") if hasattr(m, n)})
+    saved = [(m, {n: getattr(m, n) for n in ("make_plan", "_gemv_tuned", "_gemv_m1_tuned", "use_interpreter")
+                           if hasattr(m, n)})
              for m in mods]
     streams = [(c, c._raw_stream) for c in commons.values()]
     torch.Tensor.is_cuda = property(lambda self: True)
@@ -288,7 +289,9 @@ def stub_launches(packages: tuple[str, ...]):
     for m, _ in saved:
         m.make_plan = fake_plan_for(next(c for p, c in commons.items() if m.__name__.startswith(p)))
         if hasattr(m, "_gemv_tuned"):
-            m._gemv_tuned = _InterpretedTuner(m)
+            m._gemv_tuned = _InterpretedTuner(m, m._gemv_kernel)
+            if hasattr(m, "_gemv_m1_tuned"):
+                m._gemv_m1_tuned = _InterpretedTuner(m, m._gemv_m1_kernel)
             m.use_interpreter = lambda device: False
     try:
         yield
