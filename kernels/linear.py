@@ -24,8 +24,6 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dir
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 # one row of x: `_gemv_m1_kernel` (KVBENCH_GEMV_M1=0: the padded tensor-core kernel, for A/B runs)
 M1 = os.environ.get("KVBENCH_GEMV_M1", "1") != "0"
-# its first weight tile loaded before the PDL wait (KVBENCH_GEMV_PRELOAD=0: after, for A/B runs)
-PRELOAD = os.environ.get("KVBENCH_GEMV_PRELOAD", "1") != "0"
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
 
 
@@ -69,7 +67,7 @@ def _gemv_m1_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRELOAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One row of x (a batch-1 decode step), on the CUDA cores: each thread adds its products of a
     [BLOCK_N, BLOCK_K] weight tile and x into a tile-shaped fp32 accumulator, reduced across
@@ -78,23 +76,9 @@ def _gemv_m1_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    pdl_begin(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    k_start = 0
-    if PRELOAD:
-        # the first weight tile (often a program's whole share: BLOCK_K of 2k-4k) is no other
-        # kernel's output: loaded before `pdl_wait`, so under PDL it streams while the previous
-        # kernel (a norm, the attention merge, silu_mul: HBM mostly idle) finishes. The same
-        # arithmetic as the loop's first iteration.
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        pdl_begin(PDL)
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        k_start = BLOCK_K
-    else:
-        pdl_begin(PDL)
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
@@ -141,7 +125,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
         key = (x.shape, x.is_contiguous() or x.stride(), x.dtype, x.get_device(), weight.shape,
                weight.is_contiguous() or weight.stride(), weight.dtype, weight.get_device(), bias_key,
-               _common._pdl_mode, MAX_M, M1, PRELOAD)
+               _common._pdl_mode, MAX_M, M1)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             # (the launch unwrapped, `_common.direct`: one Python call; sizes as arguments to
@@ -167,8 +151,6 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
                 DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
     jitfn, tuned = (_gemv_m1_kernel, _gemv_m1_tuned) if M == 1 and M1 else (_gemv_kernel, _gemv_tuned)
-    if jitfn is _gemv_m1_kernel:
-        meta["PRELOAD"] = PRELOAD
     if use_interpreter(x.device):
         config = INTERPRET_CONFIG
         kernel = kernel_for(jitfn, x.device)[(cdiv(N, config["BLOCK_N"]),)](*args, **meta, **config)

@@ -26,28 +26,6 @@ def test_linear_small_batch(dtype, M, bias):
     assert_close(y, ref)
 
 
-
-@pytest.mark.parametrize("K", [40, 64, 200])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_batch1_kernel_preload_gives_the_same_bits(K, bias):
-    """The batch-1 kernel's first weight tile loaded before the PDL wait (PRELOAD) is its loop's
-    first iteration peeled: the same products added in the same order, so the same bits; K
-    below, at and above one tile (BLOCK_K 64 in the interpreter), masked edges."""
-    dev, gen = device(), torch.Generator().manual_seed(K)
-    N = 40
-    x = randn(1, K, dtype=torch.float32, device=dev, gen=gen)
-    w = randn(N, K, dtype=torch.float32, device=dev, gen=gen)
-    b = randn(N, dtype=torch.float32, device=dev, gen=gen)
-    outs = []
-    for preload in (False, True):
-        y = torch.full((1, N), float("nan"), device=dev)
-        lin._gemv_m1_kernel[(-(-N // lin.INTERPRET_CONFIG["BLOCK_N"]),)](
-            x, w, b, y, 1, N, K, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=bias, DOT_F32=True,
-            DOT_PREC="ieee", PDL=0, PRELOAD=preload, BLOCK_M=lin.MAX_M, **lin.INTERPRET_CONFIG)
-        outs.append(y)
-    assert torch.equal(outs[0], outs[1])
-    assert_close(outs[1], F.linear(x, w, b if bias else None))
-
 def test_linear_falls_back_to_torch_for_big_batches_and_checks_shapes():
     dev = device()
     x, w = torch.randn(lin.MAX_M + 1, 8, device=dev), torch.randn(4, 8, device=dev)
