@@ -242,7 +242,7 @@ class RadixStrategy(Strategy):
 
     # ---- tree -------------------------------------------------------------------------------
     def _child_key(self, ids: np.ndarray) -> object:
-        return int(ids[0]) if self.page_size == 1 else ids[: self.page_size].tobytes()
+        return ids.item(0) if self.page_size == 1 else ids[: self.page_size].tobytes()
 
     def _common(self, a: np.ndarray, b: np.ndarray) -> int:
         """Length of the common prefix of a and b, rounded down to whole pages. Pure. (Up to 4k
@@ -433,14 +433,30 @@ class RadixStrategy(Strategy):
         only the new positions; the nodes it adds to the request's path are locked. (The
         request's older path stays locked by it: a locked node's access time is rewritten when
         it is unlocked, so the walk from the root that this replaces changed no decision.)"""
-        ps, own_from, private = self.page_size, seq.tree_len // self.page_size, seq.private
-        ids, node, pos = seq.tokens, seq.node, seq.tree_len
+        ps, private, ids, node, pos = self.page_size, seq.private, seq.tokens, seq.node, seq.tree_len
+        key = ids.item(pos) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:n])
+        children = node.children
+        if key not in children and (n - pos) // ps == len(private):
+            # (the usual insert: a new leaf below its node, holding all of its private pages: the
+            # array itself; the loop below, in one step)
+            leaf = _Node(_key(ids, pos, n), private, node, next(self._clock))
+            self._gen += 1
+            leaf.lock = 1
+            children[key] = leaf
+            seq.private = array(self._tc)
+            moved = len(private)
+            self._protected += n - pos
+            self._private_pages -= moved
+            self._private_token -= moved * ps
+            seq.node, seq.tree_len = leaf, n
+            return
+        own_from = pos // ps
         now = next(self._clock)
         self._gen += 1
         added: list[_Node] = []
         moved = n // ps - own_from
         while pos < n:
-            key = int(ids[pos]) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:n])
+            key = ids.item(pos) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:n])
             child = node.children.get(key)
             m = 0 if child is None else self._common(child.key, ids[pos:n])
             if m == 0:  # new leaf with the rest: adopt our pages (locked by us; never in the policy)
@@ -701,7 +717,7 @@ class RadixStrategy(Strategy):
             node, inside, cached, path_evictable = self._match_kept(memo)
         else:
             memo = None
-            if limit and root.children.get(int(tokens[0]) if ps == 1 else tokens[:ps].tobytes()) is not None:
+            if limit and root.children.get(tokens.item(0) if ps == 1 else tokens[:ps].tobytes()) is not None:
                 node, inside, cached, path_evictable = self._match(tokens[:limit])
             else:  # no cached prefix starts with its first page: a miss (`_match`, without the walk)
                 node, inside, cached, path_evictable = root, 0, 0, 0
@@ -836,24 +852,23 @@ class RadixStrategy(Strategy):
         if self.page_size != 1:
             raise ValueError(f"decode_steps needs page_size 1 (each decode takes a page), not {self.page_size}")
         sq = self._seqs
-        seqs = [sq[r] for r in rids]
+        seqs = list(map(sq.__getitem__, rids))
         d, done, free, host = len(seqs), 0, self._free, self._host
         if not d:
             for col, v in zip(cols, self.slot_states(None)):
                 col += [v] * k
             return k
         kv_left, fresh = 1 << 62, None  # steps before one passes its final length; requests not decoding yet
-        i = 0
-        for s in seqs:
+        for i, s in enumerate(seqs):
             n = s.length
             if n <= s.num_prompt:  # (its next grow may insert: per token)
                 if fresh is None:
                     fresh = [i]
                 else:
                     fresh.append(i)
-            if s.kv_len - n < kv_left:
-                kv_left = s.kv_len - n
-            i += 1
+            n = s.kv_len - n
+            if n < kv_left:
+                kv_left = n
         decoding = fresh is None
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         while done < k:
@@ -1005,7 +1020,8 @@ class RadixStrategy(Strategy):
             if admission:
                 done = min(seq.cache_len, done) // ps * ps
             if done > seq.tree_len:
-                if seq.node.children.get(self._child_key(seq.tokens[seq.tree_len:])) is not None:
+                ids, start = seq.tokens, seq.tree_len
+                if (ids.item(start) if ps == 1 else ids[start:start + ps].tobytes()) in seq.node.children:  # (_child_key)
                     return fresh[at:]
                 self._insert(seq, done)
         return None
@@ -1127,7 +1143,7 @@ class RadixStrategy(Strategy):
             left -= 1
             parent, key = node.parent, node.key
             if inline:
-                del parent.children[int(key[0]) if ps == 1 else key[:ps].tobytes()]
+                del parent.children[key.item(0) if ps == 1 else key[:ps].tobytes()]
                 node.parent = None
             else:
                 self._detach(node)
