@@ -223,8 +223,7 @@ class RadixStrategy(Strategy):
         self._seqs: dict[RequestId, _Seq] = {}
         self._protected = 0  # tokens in locked tree nodes
         self._evictable = 0  # tokens in unlocked tree nodes
-        self._private_pages = 0
-        self._private_token = 0
+        self._private_token = 0  # positions of requests outside the tree (their pages: `_private_page_count`)
         self._reserved = 0
 
     # options, read-only (kept in one object: CPython 3.11 keeps an instance's attributes in the
@@ -446,7 +445,6 @@ class RadixStrategy(Strategy):
             seq.private = array(self._tc)
             moved = len(private)
             self._protected += n - pos
-            self._private_pages -= moved
             self._private_token -= moved * ps
             seq.node, seq.tree_len = leaf, n
             return
@@ -484,7 +482,6 @@ class RadixStrategy(Strategy):
             moved = len(pages)
         else:
             del private[:moved]
-        self._private_pages -= moved
         self._private_token -= moved * ps
         for nd in added:  # lock the new part of the path (the older part is ours already)
             if nd.lock == 0:
@@ -502,7 +499,6 @@ class RadixStrategy(Strategy):
         free = self._free
         pages = array(self._tc) if into is None else into
         if k == 1 and (free or self._fresh):  # the decode path
-            self._private_pages += 1
             if free:
                 pages.append(free.pop())
             else:
@@ -512,7 +508,6 @@ class RadixStrategy(Strategy):
         have = len(free) + self._fresh
         if have < k:
             self.evict((k - have) * self.page_size)
-        self._private_pages += k
         n = len(free)
         r = min(k, n)
         if r < 128:  # the order r pops would give: a reversed slice (it copies item by item)
@@ -538,7 +533,6 @@ class RadixStrategy(Strategy):
             else:
                 self._fresh -= 1
                 pid = self.num_pages - self._fresh - 1
-            self._private_pages += 1
             seq.private.append(pid)
         elif need > 0:
             self._take_pages(need, seq.private)
@@ -548,6 +542,12 @@ class RadixStrategy(Strategy):
         new_res = min(seq.kv_len, cap) - new_len
         self._reserved += new_res - seq.reserved
         seq.reserved = new_res
+
+    def _private_page_count(self) -> int:
+        """Pages held by requests outside the tree. Pure, O(1): every page is free (returned or
+        fresh), a device node's (protected + evictable ids, whole pages) or a request's, so no
+        counter is kept (a decode's grow updates one counter less)."""
+        return self.num_pages - self._fresh - len(self._free) - (self._protected + self._evictable) // self.page_size
 
     def _room(self) -> int:
         """Pages obtainable now: free (returned and fresh) plus evictable."""
@@ -600,8 +600,7 @@ class RadixStrategy(Strategy):
         self._loading = set(chain)
         for nd in chain:
             host.policy.remove(nd)
-        pages = self._take_pages(sum(len(nd.key) for nd in chain) // ps)
-        self._private_pages -= len(pages)  # (they go to the tree, not to a request)
+        pages = self._take_pages(sum(len(nd.key) for nd in chain) // ps)  # (they go to the tree)
         self._loading = set()
         if end is not self.root:
             end.lock -= 1
@@ -782,7 +781,6 @@ class RadixStrategy(Strategy):
             if ps == 1 and free:  # (page_size 1: every decode takes a page; the stack's top)
                 seq.private.append(free.pop())
                 seq.length = length + 1
-                self._private_pages += 1
                 self._private_token += 1
                 return True
             if length % ps:  # inside its last page: a reserved slot becomes a token
@@ -801,7 +799,6 @@ class RadixStrategy(Strategy):
             if pid >= 0:
                 seq.private.append(pid)
                 seq.length = length + 1
-                self._private_pages += 1
                 self._private_token += 1
                 if ps != 1:
                     res = min(seq.kv_len, length + ps) - length - 1
@@ -919,14 +916,14 @@ class RadixStrategy(Strategy):
                     else:
                         self._deal(seqs, pages, m)
                 private_token = self._private_token = self._private_token + n
-                private_pages = self._private_pages = self._private_pages + n
                 kv_left -= m
                 done += m
                 token, reserved = self._protected + private_token, self._reserved  # (slot_states, page_size 1)
+                internal = self.num_pages - len(free) - self._fresh - token - self._evictable - reserved
                 if m == 1:
                     c_token.append(token)
                     c_reserved.append(reserved)
-                    c_internal.append(private_pages - private_token - reserved)
+                    c_internal.append(internal)
                     c_external.append(0)
                     if not evicted:
                         c_cached.append(cached0)
@@ -935,7 +932,7 @@ class RadixStrategy(Strategy):
                 else:
                     c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
                     c_reserved += [reserved] * m
-                    c_internal += [private_pages - private_token - reserved] * m
+                    c_internal += [internal] * m
                     c_external += [0] * m
                     if not evicted:  # (the common case)
                         c_cached += [cached0] * m
@@ -1056,7 +1053,6 @@ class RadixStrategy(Strategy):
                     s.length += m
             else:
                 self._deal(seqs, pages, m)
-        self._private_pages += n
         self._private_token += n
 
     def _deal(self, seqs: list[_Seq], pages: array, m: int) -> None:
@@ -1109,7 +1105,6 @@ class RadixStrategy(Strategy):
         del self._seqs[rid]
         tail = seq.private  # at most one partly filled page remains
         self._free.extend(tail)
-        self._private_pages -= len(tail)
         self._private_token -= seq.length - seq.tree_len
         self._reserved -= seq.reserved
         self._unlock(seq.node)
@@ -1156,11 +1151,12 @@ class RadixStrategy(Strategy):
         return freed
 
     def slot_states(self, waiting_kv_len: int | None) -> SlotStates:
-        ps = self.page_size
-        private_token, reserved = self._private_token, self._reserved
-        return _new_states(SlotStates, (self._protected + private_token, reserved,
-                                        self._private_pages * ps - private_token - reserved, 0,
-                                        self._evictable, (len(self._free) + self._fresh) * ps))
+        ps, protected, evictable = self.page_size, self._protected, self._evictable
+        private_token, reserved, free = self._private_token, self._reserved, len(self._free) + self._fresh
+        # (private pages * ps: the slots neither free nor in the tree; `_private_page_count`)
+        return _new_states(SlotStates, (protected + private_token, reserved,
+                                        (self.num_pages - free) * ps - protected - evictable - private_token - reserved,
+                                        0, evictable, free * ps))
 
     def check_invariants(self) -> None:
         ps, owner = self.page_size, {}
@@ -1242,7 +1238,7 @@ class RadixStrategy(Strategy):
         private_pages = sum(len(s.private) for s in self._seqs.values())
         reserved = sum(min(s.kv_len, self.pages_for(s.length) * ps) - s.length for s in self._seqs.values())
         recount = (protected, evictable, private_pages, private_token, reserved)
-        counters = (self._protected, self._evictable, self._private_pages, self._private_token, self._reserved)
+        counters = (self._protected, self._evictable, self._private_page_count(), self._private_token, self._reserved)
         if recount != counters:
             raise InvariantError(f"counters {counters} != recount {recount}")
         states = self.slot_states(None)
