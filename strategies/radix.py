@@ -1100,7 +1100,32 @@ class RadixStrategy(Strategy):
         if self._tracks:
             self._leaves.releasing(rid)
         done = min(seq.length, seq.cache_len) // ps * ps
-        if done > seq.tree_len:
+        pos = seq.tree_len
+        if done > pos:
+            ids, node, private = seq.tokens, seq.node, seq.private
+            key = ids.item(pos) if ps == 1 else ids[pos:pos + ps].tobytes()  # _child_key(ids[pos:done])
+            if key not in node.children and (done - pos) // ps == len(private):
+                # the usual release: `_insert` adds a leaf with all of its pages (locked by it) and
+                # `_unlock` unlocks it at once (the leaf's ids go straight to evictable), in one walk
+                del self._seqs[rid]
+                next(self._clock)  # (`_insert`'s tick)
+                now = next(self._clock)
+                self._gen += 2
+                leaf = _Node(_key(ids, pos, done), private, node, now)
+                node.children[key] = leaf
+                self._leaves.insert(leaf, now)  # `_push`: an unlocked leaf
+                self._private_token -= seq.length - pos
+                self._reserved -= seq.reserved
+                root, freed = self.root, 0
+                while node is not root:  # `_unlock` of its older path (none of it turns into a leaf)
+                    lock = node.lock = node.lock - 1
+                    node.access = now
+                    if lock == 0:
+                        freed += len(node.key)
+                    node = node.parent
+                self._protected -= freed
+                self._evictable += freed + done - pos
+                return
             self._insert(seq, done)
         del self._seqs[rid]
         tail = seq.private  # at most one partly filled page remains
