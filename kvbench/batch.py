@@ -94,6 +94,54 @@ class ScheduledSeq:
         return self.emits
 
 
+class PlannedSeqs:
+    """A planned step's `ScheduledSeq`s, made only where read (`StepBatch.seqs` of the batches
+    the replay hands a sim engine: no engine and no recorder reads them there, so a step costs no
+    object per request). `rows` is the scheduler's plan: (request's progress, positions to
+    compute) pairs, the progress read as it stands before the step runs (`.request`, `.computed`:
+    the row's start, `.prefill_target`: the row emits where start + positions reach it, and is a
+    decode where start does). `seal` (the replay, before the scheduler advances the progress):
+    the rows are no longer read; a read of the seqs after it that was not made before raises
+    (it would read the progress after the step); its length stays. A read-only sequence: len,
+    iteration, index, == (as a list)."""
+
+    __slots__ = ("rows", "made", "n")
+
+    def __init__(self, rows: list) -> None:
+        self.rows, self.made, self.n = rows, None, len(rows)  # made: the ScheduledSeqs, once read
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _make(self) -> list[ScheduledSeq]:
+        made = self.made
+        if made is None:
+            if self.rows is None:
+                raise RuntimeError("a step's seqs read after the step ran (PlannedSeqs.seal): read them before")
+            new = ScheduledSeq
+            made = self.made = [new(s.request, c, n, None, c + n >= (t := s.prefill_target), c >= t)
+                                for s, n in self.rows if (c := s.computed) is not None]
+        return made
+
+    def __iter__(self):
+        return iter(self._make())
+
+    def __getitem__(self, i):
+        return self._make()[i]
+
+    def __eq__(self, other) -> bool:  # (as the list of its seqs)
+        if isinstance(other, PlannedSeqs):
+            other = other._make()
+        return self._make() == other if isinstance(other, list) else NotImplemented
+
+    __hash__ = None
+
+    def seal(self) -> None:
+        """The step ran: its rows' progress moves on (later reads raise unless made before)."""
+        if self.made is None:
+            self.rows = None
+
+
 @dataclass(slots=True, frozen=True)
 class SwapOut:
     """Preemption by swap: the victim's positions [0, tokens) leave the pool for host memory.

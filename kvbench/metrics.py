@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from kvbench.batch import PlannedSeqs
 from kvbench.events import DecodeRun, StepEvent
 from kvbench.request import Request
 from kvbench.runstats import runs_mean, runs_percentiles
@@ -117,7 +118,30 @@ class Recorder:
             m[3] += b.h2d_tokens
         end = t + dt
         gap, count = self._gap, self._gap_count
-        for s in b.seqs:
+        seqs = b.seqs
+        if seqs.__class__ is PlannedSeqs and seqs.made is None:  # (the scheduler's plan, read as it stands)
+            for q, n in seqs.rows:
+                pos = q.computed + n  # output token number pos - prompt_len is out (where it emits)
+                if pos < q.prefill_target:
+                    continue
+                r = q.request
+                tm = times[r.id]
+                if pos == r.prompt_len:
+                    tm.first_token_s = end
+                else:
+                    g = end - tm.last_token_s
+                    if g == gap:
+                        count += 1
+                    else:
+                        if count:
+                            self._bg.append(gap)
+                            self._bc.append(count)
+                        gap, count = g, 1
+                tm.last_token_s = end
+                if pos == r.kv_len:
+                    self._finish(tm, end)
+            seqs = ()
+        for s in seqs:
             if not s.emits:
                 continue
             r = s.request

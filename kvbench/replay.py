@@ -65,6 +65,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     plan_runs = engine.fast_forward and not engine.needs_layout and quiet_plans(scheduler)
     fresh = True
     fifo = scheduler.fifo_admission  # (fixed for a scheduler)
+    layout = engine.needs_layout
 
     def rejected(req: Request) -> bool:
         """Whether the arriving `req` is rejected (recorded with its reason; it changes nothing
@@ -154,9 +155,11 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
                                                              st.slot_states(scheduler.waiting_kv_len()), ())),
                                grown=True)
                 continue
-        ev = scheduler.event(planned, engine.needs_layout)
+        ev = scheduler.event(planned, layout, not layout)  # (no layout: seqs made only where read)
         dt = engine.step(ev.batch)
         rec.step(ev, now, dt)
+        if not layout:
+            ev.batch.seqs.seal()  # (`complete` moves the progress they would be made of)
         now += dt
         done = scheduler.complete(planned)
         fresh = scheduler.emitted_all

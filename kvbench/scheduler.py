@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvbench.batch import KVReadGroups, ScheduledSeq, StepBatch, SwapIn, SwapOut
+from kvbench.batch import KVReadGroups, PlannedSeqs, ScheduledSeq, StepBatch, SwapIn, SwapOut
 from kvbench.events import StepEvent
 from kvbench.request import Request
 from kvbench.strategies.base import Admission, RequestId, Strategy
@@ -454,15 +454,19 @@ class Scheduler:
         seq.computed = 0
         self.waiting.appendleft(seq)
 
-    def batch(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepBatch:
+    def batch(self, planned: list[tuple[Seq, int]], with_layout: bool, lazy: bool = False) -> StepBatch:
         """The engine's view of a planned step. Pure, except that pending page copies and the
         strategy's host moves are handed over (`take_copies`, `take_host_moves`, and with the
-        layout `take_host_copies` where the strategy has it)."""
+        layout `take_host_copies` where the strategy has it). `lazy` (without the layout): its
+        seqs are a `PlannedSeqs` of `planned`, made where read (the caller seals it before
+        `complete`)."""
         st = self.strategy
         new = ScheduledSeq
         if with_layout:
             seqs = [new(s.request, c, n, st.page_table(s.id), c + n >= (t := s.prefill_target), c >= t)
                     for s, n in planned if (c := s.computed) is not None]
+        elif lazy:
+            seqs = PlannedSeqs(planned)
         else:
             seqs = [new(s.request, c, n, None, c + n >= (t := s.prefill_target), c >= t)
                     for s, n in planned if (c := s.computed) is not None]
@@ -500,11 +504,12 @@ class Scheduler:
             batch.h2d_tokens += sum(i.tokens for i in batch.swap_in)
         return batch
 
-    def event(self, planned: list[tuple[Seq, int]], with_layout: bool) -> StepEvent:
+    def event(self, planned: list[tuple[Seq, int]], with_layout: bool, lazy: bool = False) -> StepEvent:
         """The planned step as an event: its batch, the queue lengths and the slot states it
-        runs with, who was admitted (first admissions only) and who preempted. Pure, as `batch`."""
+        runs with, who was admitted (first admissions only) and who preempted. Pure, as `batch`
+        (`lazy`: see there)."""
         waiting = self.waiting
-        return _new_tuple(StepEvent, (self.batch(planned, with_layout), len(self.running), len(waiting),
+        return _new_tuple(StepEvent, (self.batch(planned, with_layout, lazy), len(self.running), len(waiting),
                                       self.num_preemptions,
                                       self.strategy.slot_states(waiting[0].request.kv_len if waiting else None),
                                       self._admitted, self._preempted))  # (without StepEvent's Python __new__)

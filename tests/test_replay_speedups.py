@@ -3,6 +3,7 @@
 - a strategy that declares `reads_tokens` false is admitted with no ids, so a lazy request's ids
   are never built (slab; paged without prefix caching); a checker wrapper still gets them;
 - `SimEngine.decode_cost_list` gives `decode_costs`' floats, bit for bit;
+- the replay's batches make their ScheduledSeqs only where read (`PlannedSeqs`);
 - `grows_merge`: grow(a) then grow(b) leaves the pool as grow(a + b) (slab; paged without
   prefix caching), and paged's one-pass release frees the pages the page-by-page path frees,
   onto the free stack in the same order.
@@ -14,7 +15,7 @@ import pytest
 
 from kvbench.engines.sim import SimEngine
 from kvbench.replay import replay
-from kvbench.scheduler import Scheduler
+from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.paged import PagedStrategy
 from kvbench.strategies.slab import SlabStrategy
 from kvbench.traces.synthetic import synthetic
@@ -53,6 +54,50 @@ def test_decode_cost_list_gives_decode_costs_floats():
             got = e.decode_cost_list(d, kv, k)
             assert got == e.decode_costs(d, np.arange(kv, kv + d * k, d, dtype=np.int64)).tolist()
             assert got[0] == e.cost(0, d, kv) and got[-1] == e.cost(0, d, kv + d * (k - 1))
+
+
+def test_planned_seqs_are_the_scheduler_seqs_made_where_read():
+    """The replay's batches make their seqs only where read (`PlannedSeqs`): they equal the
+    scheduler's ScheduledSeqs, a replay whose engine reads every batch's seqs gives the same
+    timeline and requests as one that reads none (the recorder reads the plan then), and a read
+    after the step ran (the progress moved on) raises instead of answering wrong."""
+    from kvbench.batch import PlannedSeqs
+
+    def run(read: bool):
+        st = PagedStrategy(3000, 2048, page_size=16, prefix_caching=True)
+        sched = Scheduler(st, max_num_seqs=16, max_num_batched_tokens=512)
+        engine = _engine()
+        step, seen = engine.step, []
+        if read:
+            def check(batch):
+                seqs = batch.seqs
+                assert isinstance(seqs, PlannedSeqs) and len(seqs) == len(list(seqs))
+                seen.append([(s.request.id, s.start, s.num_new, s.emits, s.is_decode) for s in seqs])
+                return step(batch)
+            engine.step = check
+        reqs = list(synthetic(num_requests=40, seed=7, max_model_len=2048))
+        rec = replay(reqs, sched, engine, progress=False).recorder
+        return rec.timeline(), rec.requests(), seen
+
+    t0, r0, _ = run(False)
+    t1, r1, seen = run(True)
+    assert seen and t0.equals(t1) and r0.equals(r1)
+    assert any(len(rows) > 1 and not all(x[4] for x in rows) for rows in seen)  # mixed steps were read
+
+    st = PagedStrategy(3000, 2048, page_size=16, prefix_caching=False)
+    sched = Scheduler(st, max_num_seqs=8, max_num_batched_tokens=64)
+    for r in list(synthetic(num_requests=6, seed=3, max_model_len=2048)):
+        sched.add(Seq(r))
+    planned = sched.schedule()
+    ref = sched.batch(planned, False).seqs  # (the scheduler's list)
+    lazy = sched.batch(planned, False, lazy=True).seqs
+    sealed = sched.batch(planned, False, lazy=True).seqs
+    assert lazy == ref and len(sealed) == len(ref)
+    sealed.seal()
+    sched.complete(planned)
+    assert len(sealed) == len(ref) and list(lazy) == ref  # (made before the step ran: kept)
+    with pytest.raises(RuntimeError, match="after the step ran"):
+        list(sealed)
 
 
 def _state(st):
