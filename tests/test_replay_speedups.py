@@ -2,7 +2,8 @@
 
 - a strategy that declares `reads_tokens` false is admitted with no ids, so a lazy request's ids
   are never built (slab; paged without prefix caching); a checker wrapper still gets them;
-- `SimEngine.decode_cost_list` gives `decode_costs`' floats, bit for bit;
+- `SimEngine.decode_cost_list` gives `decode_costs`' floats, and `SimEngine.step` `cost`'s, bit
+  for bit;
 - the replay's batches make their ScheduledSeqs only where read (`PlannedSeqs`);
 - `grows_merge`: grow(a) then grow(b) leaves the pool as grow(a + b) (slab; paged without
   prefix caching), and paged's one-pass release frees the pages the page-by-page path frees,
@@ -54,6 +55,25 @@ def test_decode_cost_list_gives_decode_costs_floats():
             got = e.decode_cost_list(d, kv, k)
             assert got == e.decode_costs(d, np.arange(kv, kv + d * k, d, dtype=np.int64)).tolist()
             assert got[0] == e.cost(0, d, kv) and got[-1] == e.cost(0, d, kv + d * (k - 1))
+
+
+def test_sim_step_gives_step_time_floats():
+    """`SimEngine.step` (its coefficients read once) gives `cost`'s float (step_time) bit for bit:
+    decode-only steps, graph-replayed steps with prefill (with and without a pair term) and eager
+    ones (floor, eager coefficients, pairs)."""
+    from kvbench.batch import StepBatch
+    rng = np.random.default_rng(1)
+    for coef in (dict(overhead_s=0.006, prefill_token_s=3e-5, decode_token_s=5e-5, kv_read_token_s=4.4e-8),
+                 dict(overhead_s=0.0011, prefill_token_s=1.3e-5, decode_token_s=7.7e-5, kv_read_token_s=1.23e-8,
+                      prefill_step_s=3.3e-4, eager_floor_s=0.009, eager_decode_token_s=9.1e-5,
+                      eager_kv_read_token_s=2.9e-8, graph_prefill_tokens=256, graph_prefill_step_s=2.1e-4,
+                      graph_prefill_token_s=4.4e-6, prefill_pair_s=3.7e-11, graph_prefill_pair_s=1.9e-11)):
+        e = SimEngine(**coef)
+        for _ in range(2000):
+            p = int(rng.choice([0, rng.integers(1, 300), rng.integers(1, 9000)]))
+            d, kv, pairs = int(rng.integers(0, 600)), int(rng.integers(0, 10**8)), int(rng.integers(0, 10**10))
+            b = StepBatch.counted([], 16, 64, False, [], 0, 0, p + d, d, kv, pairs if p else 0)
+            assert e.step(b) == e.cost(p, d, kv, pairs if p else 0)
 
 
 def test_planned_seqs_are_the_scheduler_seqs_made_where_read():

@@ -109,9 +109,31 @@ class SimEngine(Engine):
             raise ValueError(f"engine.kv_bytes_per_token must be an integer >= 1 or null, got {kv_bytes_per_token!r}")
         self.h2d_bytes_per_s, self.d2h_bytes_per_s = float(h2d_bytes_per_s), float(d2h_bytes_per_s)
         self.kv_bytes_per_token = kv_bytes_per_token
+        c = self.coefficients  # (`step`'s operands, read once: step_time's values, in its order)
+        self._step_terms = (c["overhead_s"], c["decode_token_s"], c["kv_read_token_s"],
+                            c.get("graph_prefill_tokens") or 0, c.get("graph_prefill_pair_s") or 0.0,
+                            c["graph_prefill_step_s"], c["graph_prefill_token_s"], c["prefill_token_s"],
+                            c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"],
+                            c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"],
+                            c.get("prefill_pair_s") or 0.0, c["prefill_step_s"], c.get("eager_floor_s") or 0.0)
 
     def step(self, batch: StepBatch) -> float:
-        dt = self.cost(batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens, batch.prefill_pairs)
+        """`cost` of the batch's counts (step_time's one-step floats: the same IEEE operations in
+        the same order), plus `move_time` of its host moves."""
+        (overhead, decode_s, kv_s, graph_max, graph_pair, graph_step, graph_token, prefill_s, eager_decode,
+         eager_kv, pair_s, prefill_step, floor) = self._step_terms
+        prefill, decode, kv_read = batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens
+        dt = overhead + decode * decode_s + kv_read * kv_s  # (a graph replay)
+        if prefill:
+            if prefill <= graph_max:
+                dt = dt + graph_step + prefill * graph_token
+                if graph_pair:
+                    dt = dt + batch.prefill_pairs * graph_pair
+            else:
+                work = prefill * prefill_s + decode * eager_decode + kv_read * eager_kv
+                if pair_s:
+                    work = work + batch.prefill_pairs * pair_s
+                dt = overhead + prefill_step + max(floor, work)
         if batch.h2d_tokens or batch.d2h_tokens:
             dt += self.move_time(batch.d2h_tokens, batch.h2d_tokens)
         return dt
