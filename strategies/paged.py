@@ -964,8 +964,9 @@ class PagedStrategy(LazyRegistration, Strategy):
         plain = self._plain_lru
         capacity = num_pages * ps
         c0, c1, c2, c3, c4, c5 = cols
-        t = j
+        t, rows = j, 0
         token = reserved = internal = cached = nfree = 0
+        tok, rsv = self._token, self._reserved  # (the counters, written back where `grow` runs and at the end)
         while True:
             takers = at.get(t)
             if takers is None:  # no take up to the next page-taking step: one stretch
@@ -995,9 +996,11 @@ class PagedStrategy(LazyRegistration, Strategy):
                 held[i] = pos + 1
                 deferred -= pos - was
                 if len(pages) * ps != pos:  # not at a page start: `grow` (as the run makes it), then its next one
+                    self._token, self._reserved = tok, rsv
                     if pos > was and not self.grow(rids[i], pos - was) or not self.grow(rids[i], 1):
                         raise RuntimeError(f"quiet_pages: request {rids[i]}: a grow failed although free + "
                                            "cached pages could serve it")
+                    tok, rsv = self._token, self._reserved
                     if odd is None:
                         odd = [i]
                     else:
@@ -1007,7 +1010,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     if was >= s.hash_at:
                         self._register_full_pages(s)
                     fill[pages[-1]] = ps
-                    self._token += pos - was
+                    tok += pos - was
                 if pos >= s.hash_at:  # `grow`'s page-start path: the page it filled is registered
                     s.length = pos
                     if s.lazy and pos == s.hash_at:  # (the chain's owner: unhashed)
@@ -1044,9 +1047,9 @@ class PagedStrategy(LazyRegistration, Strategy):
                 pages.append(pid)
                 s.length = pos + 1
                 res = ps - 1 if pos + ps < s.kv_len else s.kv_len - pos - 1  # (_set_reserved)
-                self._reserved += res - s.reserved
+                rsv += res - s.reserved
                 s.reserved = res
-                self._token += 1
+                tok += 1
             if odd is not None:  # (their next page starts, within page_size steps)
                 gone = set(odd)
                 takers = [i for i in takers if i not in gone]
@@ -1066,21 +1069,23 @@ class PagedStrategy(LazyRegistration, Strategy):
                     lst += takers
                     lst.sort()
             deferred += d - nt
-            token, reserved = self._token + deferred, self._reserved - deferred
+            token, reserved = tok + deferred, rsv - deferred
             cached = (lru.n if page_lru else len(lru)) * ps
             nfree = (len(free) + self._fresh) * ps
             internal = capacity - cached - nfree - token - reserved
             c0.append(token)
             c1.append(reserved)
             c2.append(internal)
-            c3.append(0)
             c4.append(cached)
             c5.append(nfree)
+            rows += 1
             t += 1
             if t >= stop:
                 break
+        self._token, self._reserved = tok, rsv
         if t == j:  # (step j's takers could not be served: nothing changed)
             return None
+        c3 += [0] * rows  # (external fragmentation: none in a paged pool)
         return t - j, token, reserved, internal, cached, nfree, deferred
 
     def release(self, rid) -> None:
