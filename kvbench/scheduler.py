@@ -200,7 +200,24 @@ class Scheduler:
         plan = planned.append
         skipped, failed, held, chunks = 0, None, 0, 0
         chunk_tokens = chunk_kv = pairs = 0  # the prefill chunks' tokens, K/V reads and query-key pairs
-        for seq in running:  # while every grow succeeds (nobody preempted: the list stays)
+        rest = running
+        if len(running) < budget:  # the leading decodes (they cannot use the budget up): one token each
+            for seq in running:
+                c = seq.computed
+                if c < seq.prefill_target:
+                    break
+                if not grow(seq.id, 1):
+                    failed = 1
+                    break
+                plan((seq, 1))
+                held += c
+            m = len(planned)
+            budget -= m
+            if failed is not None or m == len(running):
+                rest = ()
+            elif m:
+                rest = running[m:]
+        for seq in rest:  # while every grow succeeds (nobody preempted: the list stays)
             if budget <= 0:
                 break
             c = seq.computed
@@ -475,13 +492,17 @@ class Scheduler:
         host_copies = take() if take is not None else None
         d2h, h2d = st.take_host_moves()
         last, _, counts = self._steady
-        if planned is last and self.kv_read_groups is None:
-            # `schedule` counted its first m rows: the rows admitted after them are counted here, as
-            # StepBatch counts a row (the same sums, in integers)
-            m, decode, held, tokens, kv_read, pairs = counts
-            tokens += decode
-            kv_read += held + decode
-            for s, n in planned[m:]:
+        if self.kv_read_groups is None:
+            # the rows counted here as StepBatch counts a row (the same sums, in integers): those
+            # after the first m, which `schedule` counted where it planned the step without a
+            # preemption (the rows admitted after them), else all
+            if planned is last:
+                m, decode, held, tokens, kv_read, pairs = counts
+                tokens += decode
+                kv_read += held + decode
+            else:
+                m = decode = tokens = kv_read = pairs = 0
+            for s, n in planned[m:] if m else planned:
                 c = s.computed
                 tokens += n
                 kv_read += c + n

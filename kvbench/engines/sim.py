@@ -160,8 +160,8 @@ class SimEngine(Engine):
         if k > _LIST_STEPS:
             kv_read = np.arange(kv_read0, kv_read0 + decode * k, decode, dtype=np.int64)
             return self.decode_costs(decode, kv_read).tolist()
-        c = self.coefficients
-        base, per = c["overhead_s"] + decode * c["decode_token_s"], c["kv_read_token_s"]
+        terms = self._step_terms
+        base, per = terms[0] + decode * terms[1], terms[2]
         return [base + x * per for x in range(kv_read0, kv_read0 + decode * k, decode)]
 
     def summary(self) -> dict:
