@@ -437,7 +437,7 @@ class RadixStrategy(Strategy):
         children = node.children
         if key not in children and (n - pos) // ps == len(private):
             # (the usual insert: a new leaf below its node, holding all of its private pages: the
-            # array itself; the loop below, in one step)
+            # array itself; `_insert_walk`'s first step, which would be its last)
             leaf = _Node(_key(ids, pos, n), private, node, next(self._clock))
             self._gen += 1
             leaf.lock = 1
@@ -448,6 +448,12 @@ class RadixStrategy(Strategy):
             self._private_token -= moved * ps
             seq.node, seq.tree_len = leaf, n
             return
+        self._insert_walk(seq, n)
+
+    def _insert_walk(self, seq: _Seq, n: int) -> None:
+        """`_insert` the long way: node by node from the request's deepest node (splitting,
+        deduplicating, adopting). Mutates."""
+        ps, private, ids, node, pos = self.page_size, seq.private, seq.tokens, seq.node, seq.tree_len
         own_from = pos // ps
         now = next(self._clock)
         self._gen += 1

@@ -7,7 +7,10 @@
 - the common prefix of two keys (`_common`: a byte compare up to 4k ids, else the first
   difference by argmax) equals the first difference found id by id, in whole pages;
 - the instance keeps at most 29 attributes (CPython's shared keys: a 30th makes every
-  `self.x` on the hot paths a dict lookup)."""
+  `self.x` on the hot paths a dict lookup);
+- an insert that only adds a leaf (in one step) and a release's insert + unlock (in one walk)
+  leave the pool, page for page and in eviction order, as the node-by-node walk and a release
+  that inserts, then unlocks."""
 from __future__ import annotations
 
 import copy
@@ -140,3 +143,96 @@ def test_common_prefix_is_the_first_difference_in_whole_pages(page_size):
                 want -= want % page_size
                 assert st._common(a, c) == want == st._common(c, a), (n, extra, at)
             assert st._common(a, b) == n - n % page_size
+
+
+def pool_state(st: RadixStrategy) -> tuple:
+    """Everything of a radix pool that a later call could observe: the tree (each node's ids,
+    pages, lock and access time, by its path), the requests (lengths, pages, deepest node), the
+    eviction order (a copy of the policy emptied victim by victim), the free stack, fresh ids,
+    counters, generation, clock and slot states. Pure."""
+    nodes, stack = [], [(st.root, ())]
+    while stack:
+        node, path = stack.pop()
+        pages = None if node.pages is None else node.pages.tolist()
+        host = st._host_pages[node].tolist() if node in st._host_pages else None
+        nodes.append((path, node.key.tolist(), pages, host, node.lock, node.access))
+        stack += [(node.children[k], path + (k,)) for k in sorted(node.children, key=repr)]
+    seqs = sorted((rid, s.length, s.tree_len, s.reserved, s.private.tolist(), s.node.key.tolist(), s.node.access)
+                  for rid, s in st._seqs.items())
+    policy, order = copy.deepcopy(st._leaves), []
+    while len(policy):
+        victim = policy.victim()
+        order.append((victim.key.tolist(), victim.access))
+    return (sorted(nodes), seqs, order, st._free.tolist(), st._fresh, st._protected, st._evictable,
+            st._private_token, st._reserved, st._gen, repr(st._clock), st.slot_states(None), st.host_states())
+
+
+def release_long_way(st: RadixStrategy, rid) -> None:
+    """`release` as insert-then-unlock, the insert walked node by node (`_insert_walk`)."""
+    seq, ps = st._seqs[rid], st.page_size
+    if st._tracks:
+        st._leaves.releasing(rid)
+    done = min(seq.length, seq.cache_len) // ps * ps
+    if done > seq.tree_len:
+        st._insert_walk(seq, done)
+    del st._seqs[rid]
+    st._free.extend(seq.private)
+    st._private_token -= seq.length - seq.tree_len
+    st._reserved -= seq.reserved
+    st._unlock(seq.node)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("kw", [{"page_size": 1}, {"page_size": 4}, {"page_size": 1, "host_tier_tokens": 64},
+                                {"page_size": 2, "cache_outputs": False}])
+def test_one_step_inserts_and_releases_leave_the_pool_as_the_walk(seed, kw):
+    """`_insert`'s one-step leaf and `release`'s one-walk insert + unlock against the long way
+    (a copy of the pool whose inserts walk node by node and whose releases insert, then unlock):
+    after every step of a random run (prompts sharing prefixes, so some inserts split and
+    deduplicate, in a pool small enough to evict), both pools are the same, page for page and in
+    eviction order; both paths are taken."""
+    rng = np.random.default_rng(seed)
+    st = RadixStrategy(capacity_tokens=192, max_model_len=192, **kw)
+    ref = copy.deepcopy(st)
+    ref._insert = ref._insert_walk  # (an instance attribute: every insert of the copy walks)
+    calls = {"insert": 0, "walk": 0}  # st's inserts, and those that walked
+    insert, walk = st._insert, st._insert_walk
+
+    def counted(name, f):
+        def call(seq, n):
+            calls[name] += 1
+            f(seq, n)
+        return call
+    st._insert, st._insert_walk = counted("insert", insert), counted("walk", walk)
+    prefixes = [rng.integers(0, 9, int(rng.integers(4, 30))).astype(np.int32) for _ in range(3)]
+    queue, running, rid, one_walk = [], {}, 0, 0
+    for step in range(150):
+        if len(queue) < 3:
+            prompt = np.concatenate([prefixes[rid % 3], rng.integers(0, 9, int(rng.integers(2, 20))).astype(np.int32)])
+            queue.append((rid, np.concatenate([prompt, rng.integers(0, 9, int(rng.integers(2, 30))).astype(np.int32)]),
+                          len(prompt)))
+            rid += 1
+        r, tokens, num_prompt = queue[0]
+        args = (r, tokens, len(tokens) - 1, num_prompt, int(rng.choice([num_prompt, 8])))
+        got = st.admit(*args)
+        assert ref.admit(*args) == got
+        if got.admitted:
+            queue.pop(0)
+            running[r] = (tokens, num_prompt)
+        for q, (toks, n) in list(running.items()):
+            seq = st._seqs[q]
+            grow = min(len(toks) - 1 - seq.length, 1 if seq.length >= n else 8)
+            if seq.length < len(toks) - 1 and rng.random() >= 0.05:
+                ok = st.grow(q, grow)
+                assert ref.grow(q, grow) == ok
+                if ok:
+                    continue
+                queue.append((q, toks, n))  # preempted: it waits again
+            pending, before = min(seq.length, seq.cache_len) // st.page_size * st.page_size > seq.tree_len, dict(calls)
+            st.release(q)
+            release_long_way(ref, q)
+            del running[q]
+            one_walk += pending and calls == before
+        assert pool_state(st) == pool_state(ref), f"step {step}"
+        st.check_invariants()
+    assert calls["walk"] > 0 and calls["insert"] > calls["walk"] and one_walk > 0, (calls, one_walk)
