@@ -16,10 +16,11 @@ What the strategy sees is exactly what stepping gives it. A decode inside a requ
 (no page taken) only moves one of its slots from reserved to token; those grows are deferred
 and made as one `grow` per request, just before the request takes its next page, before it
 leaves, and at the end of the run. The grows that take pages are made at their own step, in
-running order, after the request's deferred ones. A step's slot states are the strategy's own
-where a page was taken or a request left (corrected by the deferred tokens), else the last
-step's with d more slots moved from reserved to token; at the end the strategy's states must
-equal the last step's (`end` checks).
+running order, after the request's deferred ones (paged: a run's page-taking steps in one
+call, `PagedStrategy.quiet_pages`: the same grows without a call each). A step's slot states
+are the strategy's own where a page was taken or a request left (corrected by the deferred
+tokens), else the last step's with d more slots moved from reserved to token; at the end the
+strategy's states must equal the last step's (`end` checks).
 
 Host moves: swaps happen only in steps that preempt or admit (never quiet). A strategy with a
 host tier copies a page to host when it evicts one: a quiet step that takes pages asks the
@@ -165,8 +166,10 @@ class QuietRun:
         else:
             self._takes = []
         if limit > first + 1:  # (the run may go on past the first to finish: nobody waits)
-            self._fin_steps = sorted(set(fin), reverse=True)  # the steps in which requests finish, next last
-            self._next_fin = self._fin_steps.pop()
+            # the steps in which requests finish, next last: sorted at the first finish (most runs end at an
+            # arrival before it)
+            self._fin_steps = None
+            self._next_fin = first
         else:
             self._fin_steps = []
             self._next_fin = first if n else 1 << 62
@@ -306,7 +309,11 @@ class QuietRun:
         self.j, self.deferred = j, deferred
         if j == self._next_fin + 1:
             self.finishing = [i for i in self.live if fin[i] == j - 1]
-            self._next_fin = self._fin_steps.pop() if self._fin_steps else 1 << 62
+            steps = self._fin_steps
+            if steps is None:
+                steps = self._fin_steps = sorted(set(fin), reverse=True)
+                steps.pop()  # (the first, just run)
+            self._next_fin = steps.pop() if steps else 1 << 62
         return j - j0
 
     @property
@@ -467,7 +474,10 @@ def _calls(scheduler: Scheduler) -> tuple:
       pool, `fast_forward` false; or a windowed model: the scheduler has `kv_read_groups`);
     - whether the strategy's class says its `room` holds every request's final length
       (`room_holds_final_length`: slab's reservation; room(rid, n) = kv_len - n, so a room
-      never ends a run before its request's last step and is not asked)."""
+      never ends a run before its request's last step and is not asked);
+    - `quiet_pages` of a strategy whose class has it (paged: a run's page-taking steps in one
+      call; it answers None where its grows have more to do, then the run grows per taker),
+      else None."""
     st = scheduler.strategy
     moves = getattr(getattr(st, "take_host_moves", None), "__func__", Strategy.take_host_moves)
     moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 else st.take_host_moves

@@ -20,7 +20,8 @@ other policies: their own structures); a prefix lookup is
 one dict probe per page plus a token comparison of the hit (a hash is never trusted alone). A
 prompt's page hashes are computed lazily, up to its first miss; a full page is hashed once, in
 bytes (a numpy slice compare costs ~1.5 us, a bytes compare ~0.1 us). With prefix caching off,
-`grow` pays one boolean test.
+`grow` pays one boolean test. A quiet run's page-taking steps (kvbench/quiet.py) are one
+`quiet_pages` call: the grows per taker and step it replaces, inline.
 
 Lazy registration (prefix caching with plain LRU, no host tier, no dedup_touch, before any
 fork; strategies/_paged_lazy.py): a request that registers a page below which nothing is
