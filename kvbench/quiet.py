@@ -190,7 +190,7 @@ class QuietRun:
             g0 = self.g0
             held = self.held = [s.computed + g0 for s in seqs]
         grow, room, merge, moves = st.grow, self._room, self._merge, self._moves
-        ps, wkv = st.page_size, self.sched.waiting_kv_len()  # (nobody joins the queue meanwhile)
+        ps = st.page_size
         j0 = j = self.j
         d, stop, deferred = len(self.live), min(self.j + k, self.limit, self._next_fin + 1), self.deferred
         token, reserved, internal, external, cached, free = self.states
@@ -234,12 +234,14 @@ class QuietRun:
                     n, token, reserved, internal, cached, free, deferred = got
                     external = 0
                     j += n
-                    for at in [at for at in pages_at if at >= stop]:  # (past the run's end: those that take no more)
-                        keep = [i for i in pages_at[at] if at <= fin[i]]
-                        if keep:
-                            pages_at[at] = keep
-                        else:
-                            del pages_at[at]
+                    nf = self._next_fin  # (no live request finishes before it: a take up to it is theirs)
+                    if j + ps > nf + 1:  # (its next takes, within page_size steps, may be past some's last step)
+                        for at in [at for at in pages_at if at > nf]:
+                            keep = [i for i in pages_at[at] if at <= fin[i]]
+                            if keep:
+                                pages_at[at] = keep
+                            else:
+                                del pages_at[at]
                     takes[:] = sorted(pages_at)
                     continue
             takers = pages_at.pop(j)
@@ -293,7 +295,7 @@ class QuietRun:
                         heappush(takes, nxt)
                     else:
                         at.append(i)
-            token, reserved, internal, external, cached, free = st.slot_states(wkv)
+            token, reserved, internal, external, cached, free = st.slot_states(self.sched.waiting_kv_len())
             token, reserved = token + deferred, reserved - deferred
             head = True
             j += 1
