@@ -120,33 +120,11 @@ class Recorder:
         gap, count = self._gap, self._gap_count
         seqs = b.seqs
         if seqs.__class__ is PlannedSeqs and seqs.made is None:  # (the scheduler's plan, read as it stands)
-            for q, n in seqs.rows:
-                pos = q.computed + n  # output token number pos - prompt_len is out (where it emits)
-                if pos < q.prefill_target:
-                    continue
-                r = q.request
-                tm = times[r.id]
-                if pos == r.prompt_len:
-                    tm.first_token_s = end
-                else:
-                    g = end - tm.last_token_s
-                    if g == gap:
-                        count += 1
-                    else:
-                        if count:
-                            self._bg.append(gap)
-                            self._bc.append(count)
-                        gap, count = g, 1
-                tm.last_token_s = end
-                if pos == r.kv_len:
-                    self._finish(tm, end)
-            seqs = ()
-        for s in seqs:
-            if not s.emits:
-                continue
-            r = s.request
+            emitted = [(q.request, pos) for q, n in seqs.rows if (pos := q.computed + n) >= q.prefill_target]
+        else:
+            emitted = [(s.request, s.start + s.num_new) for s in seqs if s.emits]
+        for r, pos in emitted:  # output token number pos - prompt_len is out
             tm = times[r.id]
-            pos = s.start + s.num_new  # output token number pos - prompt_len is out
             if pos == r.prompt_len:
                 tm.first_token_s = end
             else:

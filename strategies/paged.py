@@ -209,17 +209,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     pid = lru.q[lru.head]
                     lru.head += 1
                     lru.n -= 1
-                hashes = self._hash
-                h = hashes[pid]
-                if h.__class__ is int:
-                    self._unhash(pid, h)
-                    self._stored_ids[pid] = None
-                else:  # registered lazily: its owner has one page less (`_drop_lazy`, its first step inlined)
-                    left = h.ndef - 1
-                    h.ndef = left
-                    if not left:
-                        self._drop_lazy(h, 0)
-                hashes[pid] = None
+                self._drop_victim(pid)
             else:
                 pid = self._evict_pages(1)[0]
             ref[pid] = 1
@@ -394,6 +384,23 @@ class PagedStrategy(LazyRegistration, Strategy):
         if memo is not None and pid in memo.index:
             self._cut_hit(memo, pid)
         return pid
+
+    def _drop_victim(self, pid: PageId) -> None:
+        """A plain-LRU victim's bookkeeping (no host tier, no waiting match; the caller took `pid`
+        off the LRU and owns it): its hash leaves the table and its stored ids are dropped, or,
+        registered lazily, its owner has one page less (`_drop_lazy`, its first step inlined).
+        Mutates."""
+        hashes = self._hash
+        h = hashes[pid]
+        if h.__class__ is int:
+            self._unhash(pid, h)
+            self._stored_ids[pid] = None
+        else:
+            left = h.ndef - 1
+            h.ndef = left
+            if not left:
+                self._drop_lazy(h, 0)
+        hashes[pid] = None
 
     def _evict_pages(self, k: int) -> list[PageId]:
         """`_evict_one` k times, in one loop (the policy's victims, in its order). (`_take_pages`
@@ -1031,16 +1038,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     pid = lru.q[lru.head]
                     lru.head += 1
                     lru.n -= 1
-                    h = marks[pid]
-                    if h.__class__ is int:
-                        self._unhash(pid, h)
-                        self._stored_ids[pid] = None
-                    else:  # registered lazily: its owner has one page less
-                        left = h.ndef - 1
-                        h.ndef = left
-                        if not left:
-                            self._drop_lazy(h, 0)
-                    marks[pid] = None
+                    self._drop_victim(pid)
                 else:
                     pid = self._take_pages(1, 1)[0]
                 ref[pid] = 1
