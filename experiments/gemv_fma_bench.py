@@ -39,6 +39,39 @@ GRID_SMALL_N = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
                 if 8 <= bn * bkk // (32 * w) <= 128]
 
 
+def shape_inputs(name: str, dev: torch.device) -> tuple:
+    """One projection shape's inputs: N, K, R weight copies (together >= 3x L2, so every call
+    reads from HBM), the R weights, x [1, K], R outputs and the fp32 reference of x @ W[0]^T."""
+    N, K = SHAPES[name]
+    R = max(2, -(-3 * 50 * 2**20 // (N * K * 2)))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(R)]
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=gen)
+    ys = [torch.empty(1, N, device=dev, dtype=torch.bfloat16) for _ in range(R)]
+    return N, K, R, ws, x, ys, F.linear(x.float(), ws[0].float())
+
+
+def recorder(rows: list, name: str, weight_bytes: int, copy_gbps: float):
+    """add(impl, ms, ok=""): one row of `rows` for shape `name` (weight GB/s, fraction of copy), printed."""
+    def add(impl, ms, ok=""):
+        gbps = weight_bytes / ms / 1e6
+        rows.append(dict(shape=name, impl=impl, median_ms=round(ms, 5), gbps=round(gbps, 1),
+                         ratio_to_copy=round(gbps / copy_gbps, 3), correct=ok))
+        print(f"  {name:10s} {impl:60s} {ms * 1e3:7.2f} us {gbps / copy_gbps:.3f}", flush=True)
+    return add
+
+
+def write_rows(path: pathlib.Path, rows: list, device: str, copy_gbps: float) -> None:
+    """The rows as CSV at `path` (its folder made), with the device and the copy bandwidth."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["shape", "impl", "median_ms", "gbps", "ratio_to_copy", "correct"]
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys + ["device", "copy_gbps"])
+        wr.writeheader()
+        for r in rows:
+            wr.writerow(dict({k: r[k] for k in keys}, device=device, copy_gbps=round(copy_gbps, 1)))
+
+
 @triton.jit
 def _gemv_m1(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,20 +100,8 @@ def main() -> None:
     print(f"device {name_dev} copy {copy_gbps:.1f} GB/s; {len(grid)} configs", flush=True)
     rows = []
     for name in args.shapes.split(","):
-        N, K = SHAPES[name]
-        R = max(2, -(-3 * 50 * 2**20 // (N * K * 2)))            # weight copies together >= 3x L2
-        gen = torch.Generator(device=dev).manual_seed(0)
-        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(R)]
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=gen)
-        ys = [torch.empty(1, N, device=dev, dtype=torch.bfloat16) for _ in range(R)]
-        ref = F.linear(x.float(), ws[0].float())
-
-        def add(impl, ms, ok=""):
-            gbps = N * K * 2 / ms / 1e6
-            rows.append(dict(shape=name, impl=impl, median_ms=round(ms, 5), gbps=round(gbps, 1),
-                             ratio_to_copy=round(gbps / copy_gbps, 3), correct=ok))
-            print(f"  {name:10s} {impl:60s} {ms * 1e3:7.2f} us {gbps / copy_gbps:.3f}", flush=True)
-
+        N, K, R, ws, x, ys, ref = shape_inputs(name, dev)
+        add = recorder(rows, name, N * K * 2, copy_gbps)
         add("cublas", bk.bench_rot([lambda i=i: F.linear(x, ws[i]) for i in range(R)]))
         add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(x, ws[i]) for i in range(R)]))
         for cfg in grid:
@@ -104,13 +125,7 @@ def main() -> None:
             add(best[0]["impl"] + " (L2-hot)", bk.bench_rot(
                 [lambda: _gemv_m1[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, ws[0], ys[0], N, K, ws[0].stride(0), **cfg)
                  for _ in range(R)]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    keys = ["shape", "impl", "median_ms", "gbps", "ratio_to_copy", "correct"]
-    with open(args.out / "gemv_fma.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys + ["device", "copy_gbps"])
-        wr.writeheader()
-        for r in rows:
-            wr.writerow(dict({k: r[k] for k in keys}, device=name_dev, copy_gbps=round(copy_gbps, 1)))
+    write_rows(args.out / "gemv_fma.csv", rows, name_dev, copy_gbps)
 
 
 if __name__ == "__main__":

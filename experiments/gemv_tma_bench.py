@@ -13,7 +13,6 @@ o shape: how fast the kernel streams when HBM is not the limit. Writes DIR/gemv_
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import pathlib
 import sys
@@ -27,9 +26,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (use_checkout done there)
 
+from gemv_fma_bench import SHAPES, recorder, shape_inputs, write_rows  # noqa: E402
 from kvbench.kernels import linear as lin  # noqa: E402
 
-SHAPES = {"8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336)}
 GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
         for bn, bkk, w, s in itertools.product((16, 32, 64), (128, 256), (4,), (3, 4, 6, 8))
         if bn * bkk * s * 2 <= 200_000]
@@ -72,20 +71,8 @@ def main() -> None:
     print(f"device {name_dev} copy {copy_gbps:.1f} GB/s; {len(GRID)} configs x 2 kernels", flush=True)
     rows = []
     for name in args.shapes.split(","):
-        N, K = SHAPES[name]
-        R = max(2, -(-3 * 50 * 2**20 // (N * K * 2)))            # weight copies together >= 3x L2
-        gen = torch.Generator(device=dev).manual_seed(0)
-        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(R)]
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=gen)
-        ys = [torch.empty(1, N, device=dev, dtype=torch.bfloat16) for _ in range(R)]
-        ref = F.linear(x.float(), ws[0].float())
-
-        def add(impl, ms, ok="", **kw):
-            gbps = N * K * 2 / ms / 1e6
-            rows.append(dict(shape=name, impl=impl, median_ms=round(ms, 5), gbps=round(gbps, 1),
-                             ratio_to_copy=round(gbps / copy_gbps, 3), correct=ok, **kw))
-            print(f"  {name:10s} {impl:60s} {ms * 1e3:7.2f} us {gbps / copy_gbps:.3f}", flush=True)
-
+        N, K, R, ws, x, ys, ref = shape_inputs(name, dev)
+        add = recorder(rows, name, N * K * 2, copy_gbps)
         add("cublas", bk.bench_rot([lambda i=i: F.linear(x, ws[i]) for i in range(R)]))
         add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(x, ws[i]) for i in range(R)]))
         for fma, cfg in itertools.product((False, True), GRID):
@@ -111,14 +98,7 @@ def main() -> None:
                       key=lambda r: r["median_ms"])[:4]
         for r in mine:
             print(f"  best {name}: {r['impl']} {r['ratio_to_copy']}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    keys = ["shape", "impl", "median_ms", "gbps", "ratio_to_copy", "correct"]
-    with open(args.out / "gemv_tma.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys + ["device", "copy_gbps"])
-        wr.writeheader()
-        for r in rows:
-            wr.writerow(dict({k: r[k] for k in keys}, device=name_dev, copy_gbps=round(copy_gbps, 1)))
-
+    write_rows(args.out / "gemv_tma.csv", rows, name_dev, copy_gbps)
 
 if __name__ == "__main__":
     main()
