@@ -23,7 +23,10 @@ from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, dir
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 # one row of x: `_gemv_m1_kernel` (KVBENCH_GEMV_M1=0: the padded tensor-core kernel, for A/B runs)
-M1 = os.environ.get("KVBENCH_GEMV_M1", "1") != "0"
+M1 = os.environ.get("KVBENCH_GEMV_M1", "1")
+if M1 not in ("0", "1"):
+    raise ValueError(f"KVBENCH_GEMV_M1={M1!r}: expected 0 or 1")
+M1 = M1 == "1"
 INTERPRET_CONFIG = dict(BLOCK_N=16, BLOCK_K=64)
 
 
