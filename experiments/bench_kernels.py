@@ -371,6 +371,10 @@ def bench_decode_wide(copy_gbps, args, gen):
         SZ.update(saved)
 
 
+SPLIT_SWEEP = [32, 48, 64, 66, 96, 128, 132, 264]
+SPLIT_SWEEP_SHORT = [2, 4, 8, 12, 16, 24, 32, 48, 64, 128]  # (a context under 16k: e.g. the 8B batch-1 step's 2k)
+
+
 def bench_decode_long(copy_gbps, args, gen):
     dev = DEV
     B, L, Hq, Hkv, D, dt = 1, SZ["long_L"], SZ["Hq"], SZ["Hkv"], SZ["D"], torch.bfloat16
@@ -389,18 +393,21 @@ def bench_decode_long(copy_gbps, args, gen):
     def fns_for(**kw):
         return [lambda i=i: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, **kw) for i in range(R)]
     if args.sweep:
+        short = L < 16384
         cfgs = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0)
-                for bn, w, st in itertools.product([32, 64, 128], [4, 8], [2, 3, 4, 5])]
+                for bn, w, st in itertools.product([16, 32, 64, 128] if short else [32, 64, 128],
+                                                   [2, 4, 8] if short else [4, 8],
+                                                   [1, 2, 3] if short else [2, 3, 4, 5])]
         cfgs += [dict(BLOCK_N=bn, num_warps=4, num_stages=3, FUSED_MERGE=1, MERGE_CHUNK=mc)
                  for bn, mc in itertools.product([32, 64], [4, 16])]
         for cfg in cfgs:
-            for ns in [32, 48, 64, 66, 96, 128, 132, 264]:
+            for ns in SPLIT_SWEEP if L >= 16384 else [s for s in SPLIT_SWEEP_SHORT if s * cfg["BLOCK_N"] <= L]:
                 try:
                     ms = bench_rot(fns_for(num_splits=ns, config=cfg), rep=100)
                 except Exception as e:  # e.g. out of shared memory for this tile
                     log(f"    sweep {cfg} splits={ns}: {type(e).__name__} {str(e)[:100]}")
                     break
-                SWEEP.append(dict(device=DEVICE, kernel="decode_b1_32k_p16", config=cfg_str(cfg), splits=ns,
+                SWEEP.append(dict(device=DEVICE, kernel=f"decode_b1_{L // 1024}k_p16", config=cfg_str(cfg), splits=ns,
                                   median_ms=ms, gbps=nbytes / ms / 1e6))
     rows = []
     fused_default = int(dmod.DECODE_CONFIG.get("FUSED_MERGE", 0))
@@ -732,8 +739,14 @@ def main():
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--sweep-limit", type=int, default=1000, help=argparse.SUPPRESS)
     ap.add_argument("--only", default="", help="comma list of: decode,wide,long,extend,kvwrite,linear,pagecopy")
+    ap.add_argument("--long-ctx", type=int, default=None,
+                    help="context of the batch-1 decode rows (`long`; default 32768): 2048 is the 8B batch-1 step's")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args()
+    if args.long_ctx is not None:
+        if args.long_ctx < 64:
+            ap.error(f"--long-ctx must be >= 64, got {args.long_ctx}")
+        SZ["long_L"] = args.long_ctx
     if SMOKE:
         DEV, DEVICE = torch.device("cpu"), "cpu-smoke"
     else:
