@@ -629,6 +629,7 @@ def bench_linear(copy_gbps, args, gen):
     import torch.nn.functional as F
 
     from kvbench.kernels import linear as lin
+    from kvbench.kernels.silu_mul import silu_mul
     dev, dt, M = DEV, torch.bfloat16, 1
     H, I = SZ["lin_H"], SZ["lin_I"]
     for name, N, K in (("qkv", H * 3 // 2, H), ("o", H, H), ("gate_up", 2 * I, H), ("down", H, I)):
@@ -638,7 +639,10 @@ def bench_linear(copy_gbps, args, gen):
         nbytes = N * K * 2
         ok, msg = compare(lin.linear(xs[0], ws[0]), F.linear(xs[0].float(), ws[0].float()))
         shape = f"M={M} N={N} K={K}"
-        for (mode, tag), f in [*((m, lambda i: lin.linear(xs[i], ws[i])) for m in PDL_AB),
+        glu = [] if name != "gate_up" else [   # SwiGLU's silu_mul: its own launch, or in the gate_up kernel
+            ((None, " + silu_mul (2 launches)"), lambda i: silu_mul(lin.linear(xs[i], ws[i]))),
+            ((None, ", silu_mul fused"), lambda i: lin.linear(xs[i], ws[i], silu_mul=True))]
+        for (mode, tag), f in [*((m, lambda i: lin.linear(xs[i], ws[i])) for m in PDL_AB), *glu,
                                ((None, "cublas (F.linear)"), lambda i: F.linear(xs[i], ws[i]))]:
             with pdl_mode(mode):
                 ms = bench_rot([lambda i=i, f=f: f(i) for i in range(R)], rep=200)

@@ -6,7 +6,8 @@ picks split-K kernels for the 4096-wide projections of Llama-3.1-8B at batch 1 t
 TB/s (plus a separate reduction kernel); this kernel gives each program BLOCK_N output columns
 over the whole K, pads x to 16 rows for one tensor-core dot per K tile, and is autotuned per
 (N, K) on the GPU. One row of x (batch 1) has its own kernel on the CUDA cores
-(`_gemv_m1_kernel`). Larger batches (and the lm_head) use ``F.linear``.
+(`_gemv_m1_kernel`; with SwiGLU's silu_mul fused in, `_gemv_m1_glu_kernel`). Larger batches (and
+the lm_head) use ``F.linear``.
 """
 from __future__ import annotations
 
@@ -94,6 +95,49 @@ def _gemv_m1_kernel(
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _gemv_m1_glu_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,          # x [1, K], W [2I, K] (gate rows, then up rows), b [2I], y [1, I]
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """SwiGLU's gate and up projections and silu(gate) * up for one row of x, as
+    `_gemv_m1_kernel` then `silu_mul` would give them (no separate launch, no [1, 2I] round trip):
+    a program makes outputs [n, n + BLOCK_N) from gate rows n.. and up rows I + n.. (two tiles a
+    step, two accumulators), rounds each sum to y's dtype as the stored projection would be, and
+    applies silu_mul's rounding (silu rounded, then the product)."""
+    I = N // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    g_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    u_rows = g_rows + I.to(tl.int64) * stride_wn
+    pdl_begin(PDL)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        mask = n_mask[:, None] & k_mask[None, :]
+        wg = tl.load(g_rows + offs_k[None, :], mask=mask, other=0.0)                               # [BN, BK]
+        wu = tl.load(u_rows + offs_k[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]                 # [1, BK]
+        acc_g += wg.to(tl.float32) * x
+        acc_u += wu.to(tl.float32) * x
+    pdl_late(PDL)
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if HAS_BIAS:
+        g += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + I + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    g = g.to(y_ptr.dtype.element_ty).to(tl.float32)
+    u = u.to(y_ptr.dtype.element_ty).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + offs_n, (s * u).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
             for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (16, 512, 4, 4), (32, 256, 4, 4),
                                  (32, 512, 4, 3), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3),
@@ -107,12 +151,17 @@ _M1_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stag
                for bn, bk, w, s in [(2, 2048, 2, 2), (2, 2048, 2, 3), (4, 2048, 4, 1), (4, 2048, 4, 3),
                                     (2, 1024, 4, 2), (1, 4096, 2, 1), (1, 2048, 1, 2), (2, 4096, 4, 1)]]
 _gemv_m1_tuned = triton.autotune(configs=_M1_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_m1_kernel)
+_gemv_m1_glu_tuned = triton.autotune(configs=_M1_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_m1_glu_kernel)
 
 
-def linear(x, weight, bias=None, *, backend: str = "triton"):
+def linear(x, weight, bias=None, *, silu_mul: bool = False, backend: str = "triton"):
     """y = x @ weight.T + bias. x [M, K], weight [N, K] (rows contiguous), bias [N] or None.
     The kernel runs for M <= MAX_M with backend="triton"; otherwise (and for backend="torch")
-    this is ``F.linear``."""
+    this is ``F.linear``.
+
+    silu_mul=True: SwiGLU's first half, ``silu_mul(x @ weight.T + bias)`` (weight = gate rows, then
+    up rows; y [M, N / 2]), with the same rounding. One row of x takes one kernel
+    (`_gemv_m1_glu_kernel`); otherwise it is those two launchers."""
     key, ok = None, False
     if backend == "triton" and x.is_cuda:
         # the hit path (data pointers go to the C launcher as ints: no data_ptr call and pointer
@@ -128,7 +177,7 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
         ok = not (px | pw | pb) & 15                          # all 16-byte aligned (Triton specializes on it)
         key = (x.shape, x.is_contiguous() or x.stride(), x.dtype, x.get_device(), weight.shape,
                weight.is_contiguous() or weight.stride(), weight.dtype, weight.get_device(), bias_key,
-               _common._pdl_mode, MAX_M, M1)
+               _common._pdl_mode, MAX_M, M1, silu_mul)
         hit = _PLANS.get(key) if ok else None
         if hit is not None:
             # (the launch unwrapped, `_common.direct`: one Python call; sizes as arguments to
@@ -138,6 +187,10 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
             launch(grid, 1, 1, stream(dev), *head, px, pw, pb, y.data_ptr(), *tail)
             return y
     check_backend(backend)
+    glu = silu_mul and backend == "triton" and M1 and x.dim() == 2 and x.shape[0] == 1
+    if silu_mul and not glu:
+        from .silu_mul import silu_mul as _silu_mul
+        return _silu_mul(linear(x, weight, bias, backend=backend), backend=backend)
     if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
         return F.linear(x, weight, bias)
     check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
@@ -148,23 +201,27 @@ def linear(x, weight, bias=None, *, backend: str = "triton"):
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x)
         check(bias.shape[0] == N, lambda: f"bias is [{bias.shape[0]}], expected [{N}]")
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if glu:
+        check(N % 2 == 0, lambda: f"silu_mul=True needs an even number of weight rows (gate, up), got {N}")
+    n_out = N // 2 if glu else N
+    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, M, N, K,
             x.stride(0), weight.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, DOT_F32=dot_in_f32(x.dtype, x.device),
                 DOT_PREC=dot_precision(x.dtype), BLOCK_M=MAX_M, **pdl_args(x.device))
-    jitfn, tuned = (_gemv_m1_kernel, _gemv_m1_tuned) if M == 1 and M1 else (_gemv_kernel, _gemv_tuned)
+    jitfn, tuned = ((_gemv_m1_glu_kernel, _gemv_m1_glu_tuned) if glu else
+                    (_gemv_m1_kernel, _gemv_m1_tuned) if M == 1 and M1 else (_gemv_kernel, _gemv_tuned))
     if use_interpreter(x.device):
         config = INTERPRET_CONFIG
-        kernel = kernel_for(jitfn, x.device)[(cdiv(N, config["BLOCK_N"]),)](*args, **meta, **config)
+        kernel = kernel_for(jitfn, x.device)[(cdiv(n_out, config["BLOCK_N"]),)](*args, **meta, **config)
     else:
-        kernel = tuned[lambda c: (cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        kernel = tuned[lambda c: (cdiv(n_out, c["BLOCK_N"]),)](*args, **meta)
         best = getattr(tuned, "best_config", None)
         config = None if best is None else best.all_kwargs()
     if ok and config is not None:   # (make_plan: None in the interpreter)
         plan = make_plan(kernel, jitfn, args, dict(meta, **config), 4, x.device)
         if plan is not None:
-            _PLANS[key] = (*direct(plan), cdiv(N, config["BLOCK_N"]), M, N)
+            _PLANS[key] = (*direct(plan), cdiv(n_out, config["BLOCK_N"]), M, n_out)
     return y
 
 

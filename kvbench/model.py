@@ -4,8 +4,9 @@ One forward runs a mixed step: prefill chunks and decode tokens of B requests, f
 T tokens. Per layer: (residual add +) RMSNorm -> qkv proj -> rope + write the new K/V into the
 pool through `slot_mapping` -> attention over each request's page table -> o proj -> (residual
 add +) RMSNorm -> gate|up proj -> SiLU * up -> down proj. Elementwise steps are fused kernels
-(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches; the
-projections of batches of up to 16 tokens use the `linear` kernel, larger ones cuBLAS.
+(`rms_norm`, `rope_kv_write`, `silu_mul`), so a decode layer is about nine launches (eight at
+batch 1, where the gate|up kernel applies SiLU * up itself); the projections of batches of up to
+16 tokens use the `linear` kernel, larger ones cuBLAS.
 
     kv_pool: [num_layers, 2 (K, V), num_slots, H_kv, D]      num_slots = num_pages * page_size
     token i of request b lives in slot page_table[b, i // page_size] * page_size + i % page_size
@@ -491,9 +492,9 @@ class DecoderLayer(nn.Module):
         the MoE (gpt_oss)."""
         if self.cfg.arch == "gpt_oss":
             return self.moe(h)
+        if self.cfg.arch == "llama":  # silu(gate) * up: at batch 1 in the gate_up kernel, else its own launch
+            return ops.linear(ops.linear(h, self.gate_up.weight, silu_mul=True), self.down.weight)
         gate_up = ops.linear(h, self.gate_up.weight)  # [T, 2 intermediate]
-        if self.cfg.arch == "llama":
-            return ops.linear(ops.silu_mul(gate_up), self.down.weight)
         gate, up = gate_up.chunk(2, dim=-1)  # Gemma-3: gelu(gate, tanh) * up (torch ops, HF's rounding)
         return self.mlp_out_norm(ops.linear(F.gelu(gate, approximate="tanh") * up, self.down.weight), ops)
 

@@ -26,6 +26,30 @@ def test_linear_small_batch(dtype, M, bias):
     assert_close(y, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_silu_mul_is_the_two_launchers(dtype, M, bias):
+    """silu_mul=True (at M = 1 one fused kernel: gate and up tiles, silu_mul's rounding in its
+    epilogue) gives the bits of `linear` then `silu_mul`, and matches fp32 F.linear + F.silu."""
+    from kvbench.kernels.silu_mul import silu_mul
+    dev, gen = device(), torch.Generator().manual_seed(10 + M)
+    I, K = 40, 200                                    # masked edges: neither a multiple of the tiles
+    x = randn(M, 2 * K, dtype=dtype, device=dev, gen=gen)[:, :K]
+    w = randn(2 * I, K, dtype=dtype, device=dev, gen=gen) * 0.1
+    b = randn(2 * I, dtype=dtype, device=dev, gen=gen) if bias else None
+    y = lin.linear(x, w, b, silu_mul=True)
+    assert y.shape == (M, I) and y.dtype == dtype
+    assert torch.equal(y, silu_mul(lin.linear(x, w, b)))
+    gu = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert_close(y, F.silu(gu[:, :I]) * gu[:, I:])
+    assert torch.equal(lin.linear(x, w, b, silu_mul=True, backend="torch"),
+                       silu_mul(F.linear(x, w, b), backend="torch"))
+    if M == 1:
+        with pytest.raises(ValueError, match="even number of weight rows"):
+            lin.linear(x, w[:-1], silu_mul=True)
+
+
 def test_linear_falls_back_to_torch_for_big_batches_and_checks_shapes():
     dev = device()
     x, w = torch.randn(lin.MAX_M + 1, 8, device=dev), torch.randn(4, 8, device=dev)
@@ -58,7 +82,7 @@ def test_dependent_kernel_chain_same_with_and_without_pdl(graph):
         x, res = x0.clone(), torch.zeros_like(x0)
         for _ in range(8):
             h = rms_norm(x, g, 1e-5, res)
-            x = lin.linear(silu_mul(lin.linear(h, w_in)), w_out)
+            x = lin.linear(silu_mul(lin.linear(h, w_in)), w_out) + lin.linear(h[:1], w_in, silu_mul=True) @ w_out.T
         return torch.cat([x, res])
 
     x0 = randn(2, H, dtype=torch.bfloat16, device=dev, gen=gen)
