@@ -106,36 +106,32 @@ def _gemv_m1_glu_kernel(
 ):
     """SwiGLU's gate and up projections and silu(gate) * up for one row of x, as
     `_gemv_m1_kernel` then `silu_mul` would give them (no separate launch, no [1, 2I] round trip):
-    a program makes outputs [n, n + BLOCK_N) from gate rows n.. and up rows I + n.. (two tiles a
-    step, two accumulators), rounds each sum to y's dtype as the stored projection would be, and
-    applies silu_mul's rounding (silu rounded, then the product)."""
+    a program makes outputs [n, n + BLOCK_N) from one [2 BLOCK_N, BLOCK_K] tile a step whose rows
+    are gate row n, up row I + n, gate row n + 1, ... (the loop of `_gemv_m1_kernel` with twice
+    the rows), rounds each sum to y's dtype as the stored projection would be, and applies
+    silu_mul's rounding (silu rounded, then the product)."""
     I = N // 2
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.arange(0, 2 * BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + r // 2                    # [2BN]: n, n, n + 1, n + 1, ...
     n_mask = offs_n < I
-    g_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    u_rows = g_rows + I.to(tl.int64) * stride_wn
+    rows = offs_n.to(tl.int64) + (r % 2).to(tl.int64) * I           # gate row, up row, ...
+    w_rows = w_ptr + rows[:, None] * stride_wn
     pdl_begin(PDL)
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([2 * BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        mask = n_mask[:, None] & k_mask[None, :]
-        wg = tl.load(g_rows + offs_k[None, :], mask=mask, other=0.0)                               # [BN, BK]
-        wu = tl.load(u_rows + offs_k[None, :], mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]                 # [1, BK]
-        acc_g += wg.to(tl.float32) * x
-        acc_u += wu.to(tl.float32) * x
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [2BN, BK]
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)                                         # [BK]
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     pdl_late(PDL)
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
+    y = tl.sum(acc, axis=1)                                                                         # [2BN]
     if HAS_BIAS:
-        g += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        u += tl.load(b_ptr + I + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    g = g.to(y_ptr.dtype.element_ty).to(tl.float32)
-    u = u.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y += tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+    g, u = tl.split(tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), [BLOCK_N, 2]))         # [BN] each
     s = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + offs_n, (s * u).to(y_ptr.dtype.element_ty), mask=n_mask)
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + offs, (s * u).to(y_ptr.dtype.element_ty), mask=offs < I)
 
 
 _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
@@ -151,7 +147,11 @@ _M1_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stag
                for bn, bk, w, s in [(2, 2048, 2, 2), (2, 2048, 2, 3), (4, 2048, 4, 1), (4, 2048, 4, 3),
                                     (2, 1024, 4, 2), (1, 4096, 2, 1), (1, 2048, 1, 2), (2, 4096, 4, 1)]]
 _gemv_m1_tuned = triton.autotune(configs=_M1_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_m1_kernel)
-_gemv_m1_glu_tuned = triton.autotune(configs=_M1_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_m1_glu_kernel)
+# SwiGLU at batch 1: a program's tile has 2 BLOCK_N rows (gate and up), so half of the row counts above
+_M1_GLU_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
+                   for bn, bk, w, s in [(1, 2048, 2, 2), (1, 2048, 2, 3), (2, 2048, 4, 1), (2, 2048, 4, 3),
+                                        (1, 1024, 4, 2), (1, 4096, 4, 1), (2, 1024, 4, 2), (4, 1024, 4, 2)]]
+_gemv_m1_glu_tuned = triton.autotune(configs=_M1_GLU_CONFIGS, key=["N", "K", "HAS_BIAS"])(_gemv_m1_glu_kernel)
 
 
 def linear(x, weight, bias=None, *, silu_mul: bool = False, backend: str = "triton"):
@@ -187,7 +187,7 @@ def linear(x, weight, bias=None, *, silu_mul: bool = False, backend: str = "trit
             launch(grid, 1, 1, stream(dev), *head, px, pw, pb, y.data_ptr(), *tail)
             return y
     check_backend(backend)
-    glu = silu_mul and backend == "triton" and M1 and x.dim() == 2 and x.shape[0] == 1
+    glu = silu_mul and backend == "triton" and M1 and x.dim() == 2 and x.shape[0] == 1 <= MAX_M
     if silu_mul and not glu:
         from .silu_mul import silu_mul as _silu_mul
         return _silu_mul(linear(x, weight, bias, backend=backend), backend=backend)
