@@ -1,11 +1,20 @@
 """Without a GPU, Triton kernels run in its interpreter: set before anything imports triton."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import kvbench.kernels  # noqa: F401
+except ImportError:  # a bare checkout (a GPU machine without `pip install -e .`): kernels/ and strategies/ as kvbench's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments.checkout import use_checkout
+    use_checkout()
 
 
 @pytest.fixture(scope="module")
