@@ -21,6 +21,7 @@ import triton.language as tl
 from . import _common
 from ._common import (ATTN_DTYPES, cdiv, check, check_backend, check_tensor, direct, dot_in_f32, dot_precision,
                       kernel_for, make_plan, pdl_args, pdl_begin, pdl_late, use_interpreter)
+from .silu_mul import silu_mul as _silu_mul
 
 MAX_M = 16          # rows handled by the kernel (x padded to one 16-row tile); more -> F.linear
 # one row of x: `_gemv_m1_kernel` (KVBENCH_GEMV_M1=0: the padded tensor-core kernel, for A/B runs)
@@ -162,6 +163,8 @@ def linear(x, weight, bias=None, *, silu_mul: bool = False, backend: str = "trit
     silu_mul=True: SwiGLU's first half, ``silu_mul(x @ weight.T + bias)`` (weight = gate rows, then
     up rows; y [M, N / 2]), with the same rounding. One row of x takes one kernel
     (`_gemv_m1_glu_kernel`); otherwise it is those two launchers."""
+    if silu_mul and not (backend == "triton" and M1 and x.dim() == 2 and x.shape[0] == 1 <= MAX_M):
+        return _silu_mul(linear(x, weight, bias, backend=backend), backend=backend)   # (two launchers)
     key, ok = None, False
     if backend == "triton" and x.is_cuda:
         # the hit path (data pointers go to the C launcher as ints: no data_ptr call and pointer
@@ -187,10 +190,7 @@ def linear(x, weight, bias=None, *, silu_mul: bool = False, backend: str = "trit
             launch(grid, 1, 1, stream(dev), *head, px, pw, pb, y.data_ptr(), *tail)
             return y
     check_backend(backend)
-    glu = silu_mul and backend == "triton" and M1 and x.dim() == 2 and x.shape[0] == 1 <= MAX_M
-    if silu_mul and not glu:
-        from .silu_mul import silu_mul as _silu_mul
-        return _silu_mul(linear(x, weight, bias, backend=backend), backend=backend)
+    glu = silu_mul  # (one row of x on the triton backend: others took the two launchers above)
     if backend == "torch" or x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0:
         return F.linear(x, weight, bias)
     check_tensor("x", x, ndim=2, dtypes=ATTN_DTYPES)
