@@ -85,7 +85,7 @@ class QuietRun:
     __slots__ = ("sched", "st", "seqs", "live", "requests", "states", "kv_read", "waiting", "preemptions",
                  "head_need", "may_take_pages", "_moves", "_room", "_bulk", "_merge", "moved", "j", "grown",
                  "held", "deferred", "pages_at", "fin", "finishing", "done", "blocked", "chunk", "chunk_size",
-                 "limit", "_takes", "_fin_steps", "_next_fin", "g0", "_pages", "_rids", "_comp")
+                 "limit", "_takes", "_fin_steps", "_next_fin", "g0", "_pages", "_rids", "_comp", "_guard")
 
     def __init__(self, scheduler: Scheduler, steady: Quiet, grown: bool = False) -> None:
         self.sched = scheduler
@@ -102,6 +102,9 @@ class QuietRun:
         waits = bool(scheduler.waiting)
         self.head_need = need = head_need(scheduler, n) if waits and n else 0
         self.may_take_pages = need is not None
+        # (head_need 2: the id of the request the scheduler tries first, whose refusal the
+        # strategy's `quiet_pages` checks before each page-taking step; else None)
+        self._guard = _first_tried(scheduler).id if need == 2 else None
         # (host moves asked after each take, `room`, bulk decode steps, whether no run may go on:
         # the strategy's and the scheduler's, looked up once)
         self._moves, room_of, self._bulk, never, whole, self._pages = scheduler.quiet_calls or _calls(scheduler)
@@ -196,7 +199,7 @@ class QuietRun:
         token, reserved, internal, external, cached, free = self.states
         explicit = cols[0]  # (len(explicit): rows in `cols`)
         self.moved = None
-        bulk, free_only, pbulk = self._bulk, self.head_need == 1, self._pages
+        bulk, free_only, pbulk, guard = self._bulk, self.head_need == 1, self._pages, self._guard
         if self.grown and j < stop:  # step 0, planned by the scheduler: its states are the strategy's own
             self.grown = False
             j += 1
@@ -229,7 +232,8 @@ class QuietRun:
                 if rids is None:
                     rids = self._rids = [s.id for s in seqs]
                     self._comp = [s.computed for s in seqs]
-                got = pbulk(rids, self._comp, held, pages_at, j, stop, free_only, d, deferred, cols, stretches)
+                got = pbulk(rids, self._comp, held, pages_at, j, stop, free_only, d, deferred, cols, stretches,
+                            guard)
                 if got is not None:
                     n, token, reserved, internal, cached, free, deferred = got
                     external = 0
@@ -246,8 +250,9 @@ class QuietRun:
                     continue
             takers = pages_at.pop(j)
             nt = len(takers)
-            if free + cached < nt * ps or (free_only and free < nt * ps):
-                # (some would be preempted; or, with requests waiting, the head might fit after it)
+            if free + cached < nt * ps or (free_only and free < nt * ps) or guard is not None:
+                # (some would be preempted; or, with requests waiting, the head might fit after it;
+                # or the strategy's guard, `pbulk`, did not show that it stays refused)
                 pages_at[j] = takers  # (left as they were)
                 self.blocked = True
                 break
@@ -443,24 +448,33 @@ def head_need(scheduler: Scheduler, d: int) -> int | None:
     tier; paged with prefix caching (a decode registers its full pages, which may extend the
     head's match); lpm or dfs_weight without an urgent request (the order is the cached
     prefixes'); a swapped head."""
-    st, waiting = scheduler.strategy, scheduler.waiting
+    st = scheduler.strategy
     budget = scheduler.max_num_batched_tokens - d
     if budget <= 0 or d >= scheduler.max_num_seqs:
         return 0
-    if scheduler.fifo_admission:
-        head = waiting[0]
-    else:
-        bound = scheduler.max_wait_steps
-        head = next((s for s in waiting if s.passed >= bound or s.preemptions), None)
-        if head is None:
-            if scheduler.policy != "fcfs":
-                return None
-            head = waiting[0]  # (fcfs with dedup_prefix, nobody urgent: queue order)
+    head = _first_tried(scheduler)
+    if head is None:
+        return None
     if not scheduler.chunked_prefill and budget < head.prefill_target - head.swapped <= scheduler.max_num_batched_tokens:
         return 0
-    if head.swapped or not st.refusal_outlasts_free_takes:
+    if head.swapped:
         return None
-    return 1
+    if st.refusal_outlasts_free_takes:
+        return 1
+    return 2 if getattr(st, "guards_refusal", False) else None
+
+
+def _first_tried(scheduler: Scheduler) -> Seq | None:
+    """The waiting request that admission tries first while nobody is admitted (see
+    `head_need`), or None where that is the policy's order of cached prefixes. Pure."""
+    waiting = scheduler.waiting
+    if scheduler.fifo_admission:
+        return waiting[0]
+    bound = scheduler.max_wait_steps
+    head = next((s for s in waiting if s.passed >= bound or s.preemptions), None)
+    if head is None and scheduler.policy == "fcfs":
+        head = waiting[0]  # (fcfs with dedup_prefix, nobody urgent: queue order)
+    return head
 
 
 def _calls(scheduler: Scheduler) -> tuple:

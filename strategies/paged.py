@@ -947,7 +947,7 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     def quiet_pages(self, rids: list, comp: list[int], held: list[int], at: dict[int, list[int]], j: int,
                     stop: int, free_only: bool, d: int, deferred: int, cols: list[list[int]],
-                    stretches: list[tuple]) -> tuple | None:
+                    stretches: list[tuple], head: RequestId | None = None) -> tuple | None:
         """The page-taking steps of a quiet run (kvbench/quiet.py, `QuietRun.run`) from step j,
         a page-taking one, up to `stop`, in one call: each exactly as the run's per-step grows
         make it (a taker's deferred decodes, then its decode, takers in running order), without
@@ -964,7 +964,33 @@ class PagedStrategy(LazyRegistration, Strategy):
         run, token, reserved, internal, cached, free, deferred) after the last; None (nothing
         changed) where this strategy's grows have more to do than these (a host tier,
         `scheduled` visibility, a fork with prefix caching) or step j's takers cannot be
-        served. Mutates the strategy, `held` and `at`."""
+        served. Mutates the strategy, `held` and `at`.
+
+        `head` (prefix caching, requests waiting; kvbench.quiet.head_need 2): the id of the
+        waiting request the scheduler tries first, refused in the step before step j (the run's
+        steps before j took no page, or took them here under this guard). A step's takes may
+        then take free pages or evict, where its refusal provably lasts through them (else
+        it stops before the step: the scheduler plans it). Why (admit's decision): the head is
+        refused while need > available - revived, with H = its hits (the kept match, `_Match`:
+        exact, retried at the last refusal), revived = its hits that are cached, need =
+        min(ceil(budget / ps), pages_for(prompt) - H) (budget: the step's tokens left after the
+        d decodes, fixed while they run). A quiet step's grows change the pool only where a
+        request takes a page: each take lowers available by one (a free page taken, or a cached
+        one evicted: nt takes, nt less), and besides that the match changes in two ways only:
+        (1) a victim is one of its hits (cached): the match is cut there, revived falls by the
+        cached hits cut and need may rise; the margin may grow, so the head may fit; (2) a taker
+        registers the page the match missed first (page H, by hash or lazily as an owner's):
+        a retry extends the match from H (it probes nothing before), H and revived may grow.
+        Registration of page H happens in the grow where a request with hash_at <= (H + 1) * ps
+        writes position (H + 1) * ps or later (a take, in a quiet run); the victims are the
+        LRU's first live entries. A step with neither leaves H, revived and need as they were
+        and available lower: refused again, and its retry finds what the last one found (the
+        memo is as stepping leaves it: it is retried only where it is refused, `_index` adds
+        nothing). So a step is run here only when (a) its evictions (takers beyond the free
+        pages) take none of the head's cached hits (`_safe_victims`), and (b) no taker may
+        register page H. Nothing else runs in a quiet step (no admission, release or
+        preemption: the run stops before a finish and before takes that free + cached pages
+        cannot serve)."""
         if self._host is not None or self._scheduled or not (self._solo or self._lazy):
             return None
         ps, seqs, num_pages = self.page_size, self._seqs, self.num_pages
@@ -975,6 +1001,16 @@ class PagedStrategy(LazyRegistration, Strategy):
         t, rows = j, 0
         token = reserved = internal = cached = nfree = 0
         tok, rsv = self._token, self._reserved  # (the counters, written back where `grow` runs and at the end)
+        guard = head is not None and not free_only
+        evict = plain and self._hit_memo is None  # (a take's eviction inlined: no waiting match to cut)
+        if guard:  # the head's kept match: its first miss (page H) and the evictions known to spare its hits
+            memo = self._hit_memo
+            if memo is None or memo.rid != head:
+                reg, safe, sure = -1, 0, True  # (not its match: no step that takes a page runs)
+            else:
+                reg = (len(memo.hits) + 1) * ps if len(memo.hits) < memo.num_full else _NEVER
+                safe, sure = (1 << 62, True) if not memo.cached else (0, False)
+                evict = plain  # (inlined only where the victims are known to spare the match: below)
         while True:
             takers = at.get(t)
             if takers is None:  # no take up to the next page-taking step: one stretch
@@ -995,6 +1031,19 @@ class PagedStrategy(LazyRegistration, Strategy):
             avail = len(free) + self._fresh
             if avail + (lru.n if page_lru else len(lru)) < nt or (free_only and avail < nt):
                 break  # (left to the run: it stops there)
+            if guard:  # (b) then (a): the head stays refused after the step, or it is left to the scheduler
+                if reg < 0 or any(seqs[rids[i]].hash_at <= reg <= comp[i] + t or len(seqs[rids[i]].pages) * ps
+                                  != comp[i] + t for i in takers):  # (or a taker not at a page start: `grow`)
+                    break
+                e = nt - avail
+                if e > safe:
+                    if sure:
+                        break
+                    safe, sure = self._safe_victims(memo, max(e, 2 * safe, 64))
+                    if e > safe:
+                        break
+                if e > 0:
+                    safe -= e
             del at[t]
             odd = None  # takers not at a page start (their first quiet grow)
             for i in takers:
@@ -1034,7 +1083,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     self._fresh -= 1
                     if pid == len(ref):
                         self._grow_lists()
-                elif plain and self._hit_memo is None and not lru.dead:  # `_take_pages(1, 1)`'s eviction, inlined
+                elif evict and not lru.dead:  # `_take_pages(1, 1)`'s eviction, inlined
                     pid = lru.q[lru.head]
                     lru.head += 1
                     lru.n -= 1
@@ -1087,6 +1136,32 @@ class PagedStrategy(LazyRegistration, Strategy):
         c3 += [0] * rows  # (external fragmentation: none in a paged pool)
         return t - j, token, reserved, internal, cached, nfree, deferred
 
+    def _safe_victims(self, memo: _Match, cap: int) -> tuple[int, bool]:
+        """How many of the next evictions (plain LRU: its first live entries, in order) take
+        none of the waiting match's cached hits: (n, True) where that is exact (the entry after
+        them is a hit, or every evictable page is spared: then n is huge), else (cap, False)
+        (the first cap spare them; more were not looked at). O(entries walked). Pure."""
+        hits, index = memo.hits, memo.index  # (the hits: `index`, and those past it, one owner's: `_index`)
+        rest = set(hits[memo.nidx:]) if memo.nidx < len(hits) else ()
+        lru = self._lru
+        q, x, dead, end = lru.q, lru.head, lru.dead, len(lru.q)
+        used: dict = {}  # stale entries met so far, per key (`PageLRU.take` skips them as it meets them)
+        n = 0
+        while n < cap:
+            if x == end:
+                return 1 << 62, True
+            key = q[x]
+            x += 1
+            if dead:
+                c = dead.get(key)
+                if c is not None and used.get(key, 0) < c:
+                    used[key] = used.get(key, 0) + 1
+                    continue
+            if key in index or key in rest:
+                return n, True
+            n += 1
+        return n, False
+
     def release(self, rid) -> None:
         seq = self._seqs.pop(rid)
         seq.gone = True
@@ -1118,6 +1193,14 @@ class PagedStrategy(LazyRegistration, Strategy):
         request's match) and a host tier, a refused request needs more pages than are free, and a
         free page taken only lowers that. Pure."""
         return not self._rare.prefix_caching and self._host is None
+
+    @property
+    def guards_refusal(self) -> bool:
+        """Whether `quiet_pages` may run page-taking steps behind a refused waiting request
+        with prefix caching (its `head`: it checks before each step that the refusal lasts):
+        lazy registration (plain LRU, no host tier, no dedup_touch, no fork) and `computed`
+        visibility. Pure."""
+        return self._lazy and not self._scheduled
 
     @property
     def grows_merge(self) -> bool:

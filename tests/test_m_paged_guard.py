@@ -1,0 +1,127 @@
+"""paged with prefix caching: a quiet run behind a refused waiting request goes on through
+page-taking steps, evicting ones too, where `PagedStrategy.quiet_pages` shows that the refusal
+lasts (its `head` guard: no victim is one of the head's cached hits, no taker registers the page
+its match missed first; kvbench.quiet.head_need 2). Compared with stepping every step (no
+fast-forward): the pool (page ids, free stack, LRU order, hash table, lazy owners, the waiting
+match) and the scheduler's decisions (planned rows, admitted, preempted, queue) after every step
+the fast path plans, at the same step of stepping, and the same tables. Overloaded, Mooncake-like
+load: long prompts that share prefixes (and follow-up turns that extend an earlier prompt and
+its output), a pool smaller than the working set, a queue that waits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvbench.engines.sim import SimEngine
+from kvbench.replay import replay
+from kvbench.request import Request
+from kvbench.scheduler import Scheduler
+from kvbench.strategies.eviction.base import POLICIES
+from kvbench.strategies.paged import PagedStrategy
+from tests.test_paged_quiet import _state
+
+
+def _requests(n: int, seed: int, ps: int) -> list[Request]:
+    """n requests in bursts: long prompts, most on one of 5 shared heads (tens of pages), some a
+    follow-up turn (an earlier request's prompt and output, then a few new ids)."""
+    rng = np.random.default_rng(seed)
+    heads = [rng.integers(0, 30000, int(rng.integers(4, 40)) * ps, dtype=np.int32) for _ in range(5)]
+    out, t = [], 0.0
+    for i in range(n):
+        t += float(rng.exponential(0.05)) if i % 5 else 0.4
+        own = rng.integers(0, 30000, int(rng.integers(1, 30)) * ps + int(rng.integers(0, ps)), dtype=np.int32)
+        if i >= 3 and i % 4 == 1:  # a follow-up turn
+            prev = out[int(rng.integers(max(0, i - 8), i))]
+            prompt = np.concatenate([prev.tokens, own[:int(rng.integers(1, 3 * ps))]])
+        elif i % 6:
+            prompt = np.concatenate([heads[int(rng.integers(0, 5))], own])
+        else:
+            prompt = own
+        output = rng.integers(0, 30000, int(rng.integers(5, 160)), dtype=np.int32)
+        out.append(Request(i, t, prompt, output))
+    return out
+
+
+def _run(kw: dict, sched_kw: dict, requests: list[Request], fast: bool, guard: bool = True):
+    """The replay; after every `schedule`: (the requests' progress before it, the pool and the
+    scheduler's decisions after it); the pool's steps run under the guard with evictions."""
+    engine = SimEngine(overhead_s=0.01, prefill_token_s=1e-4, decode_token_s=1e-4, kv_read_token_s=1e-6,
+                       fast_forward=fast, kv_bytes_per_token=1024)
+    st = PagedStrategy(**kw)
+    if not guard:
+        st.__class__ = type("Unguarded", (PagedStrategy,), {"guards_refusal": False})
+    sched = Scheduler(st, **sched_kw)
+    plans = []
+    plan = sched.schedule
+
+    def schedule():
+        key = tuple((s.id, s.computed, s.emitted) for s in (*sched.running, *sched.waiting))
+        planned = plan()
+        plans.append((key, (_state(st), [(s.id, n) for s, n in planned], [r.id for r, _ in sched._admitted],
+                            list(sched._preempted), [s.id for s in sched.waiting], [s.id for s in sched.running])))
+        return planned
+    sched.schedule = schedule
+    evicted = [0]
+    quiet = st.quiet_pages
+
+    def counted(*a, **k):
+        n = st._lru.n if st._page_lru else len(st._lru)
+        got = quiet(*a, **k)
+        if got is not None and (a[11] if len(a) > 11 else k.get("head")) is not None:
+            evicted[0] += n - (st._lru.n if st._page_lru else len(st._lru))
+        return got
+    st.quiet_pages = counted
+    result = replay(requests, sched, engine, progress=False)
+    st.check_invariants()
+    return result.recorder.timeline(), result.recorder.requests(), plans, evicted[0]
+
+
+def _compare(kw, sched_kw, requests, check_guard: bool):
+    t0, r0, p0, _ = _run(kw, sched_kw, requests, fast=False)
+    t1, r1, p1, evicted = _run(kw, sched_kw, requests, fast=True)
+    assert t1.equals(t0) and r1.equals(r0)
+    steps = {key: i for i, (key, _) in enumerate(p0)}
+    assert len(steps) == len(p0)  # (each step's progress key is its own)
+    last = -1
+    for key, got in p1:  # every step the fast path plans is a step of stepping, in order, with equal results
+        i = steps[key]
+        assert i > last
+        last = i
+        assert got == p0[i][1], f"pool or decisions differ after planned step {i}"
+    if check_guard:
+        assert evicted > 0  # (the guard let runs evict)
+        _, _, p2, _ = _run(kw, sched_kw, requests, fast=True, guard=False)
+        assert len(p1) < len(p2)  # (fewer planned steps than stopping before every take)
+    return len(p0), len(p1)
+
+
+CASES = {  # strategy options, scheduler options
+    "ps16": (dict(capacity_tokens=6400, page_size=16), dict(max_num_seqs=16, max_num_batched_tokens=1024)),
+    "ps16-small-budget": (dict(capacity_tokens=4800, page_size=16), dict(max_num_seqs=16, max_num_batched_tokens=256)),
+    "ps4": (dict(capacity_tokens=1600, page_size=4), dict(max_num_seqs=12, max_num_batched_tokens=512)),
+    "ps1": (dict(capacity_tokens=500, page_size=1), dict(max_num_seqs=8, max_num_batched_tokens=128)),
+    "admission": (dict(capacity_tokens=6400, page_size=16, cache_outputs=False, min_cache_len=64),
+                  dict(max_num_seqs=16, max_num_batched_tokens=1024)),
+    "lpm-urgent": (dict(capacity_tokens=6400, page_size=16),
+                   dict(max_num_seqs=16, max_num_batched_tokens=1024, policy="lpm", max_wait_steps=4)),
+    "recompute-swap": (dict(capacity_tokens=6400, page_size=16),
+                       dict(max_num_seqs=16, max_num_batched_tokens=1024, preemption="swap")),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_guarded_runs_equal_stepping(case, seed):
+    kw, sched_kw = CASES[case]
+    ps = kw["page_size"]
+    requests = _requests(60, seed, max(ps, 4))
+    _compare({**kw, "max_model_len": 4096}, sched_kw, requests, check_guard=case != "lpm-urgent")
+
+
+@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"lru", "belady"}))
+def test_other_policies_stop_before_takes_as_before(policy):
+    # the guard is plain LRU's (its victims are the LRU's first live entries); the other policies
+    # keep stopping before a page-taking step behind a refused head: still equal to stepping
+    kw, sched_kw = CASES["ps16"]
+    assert not PagedStrategy(6400, 4096, eviction=policy).guards_refusal
+    _compare({**kw, "max_model_len": 4096, "eviction": policy}, sched_kw, _requests(60, 0, 16), check_guard=False)
