@@ -52,7 +52,9 @@ class DecodeRun(NamedTuple):
     a stretch `(e, m, token, reserved, d, internal, external, cached, free)` stands for m rows
     (token + i d, reserved - i d, internal, external, cached, free), i = 0..m-1, that come
     after the first e rows of `states`; rows of `states` that no stretch follows come last.
-    (Steps without a page taken are one stretch: no per-step Python object.)
+    (Steps without a page taken are one stretch: no per-step Python object.) A stretch with m < 0
+    is a free-slope one: -m rows (token + i d, reserved, internal, external, cached, free - i d),
+    steps in which each of d requests took a free page (radix's bulk decode steps, page_size 1).
     """
 
     seqs: Sequence[Request]  # [D] the requests (or their scheduler `Seq`s: only `.id` is read), in the order they run
@@ -66,3 +68,18 @@ class DecodeRun(NamedTuple):
     moved: tuple[int, int] = (0, 0)  # (d2h, h2d) token slots the strategy moved in the run (a host tier)
     done: Sequence[Request] = ()  # those of `seqs` whose last token is the last step's (they leave after it)
     stretches: Sequence[tuple[int, ...]] = ()  # the other steps' slot states, in stretches (above)
+
+
+class StateColumns(list):
+    """A `DecodeRun`'s `states` while its steps run: 6 lists (token, reserved, internal, external,
+    cached, free) that `QuietRun.run` and a strategy's bulk steps append rows to, carrying the
+    run's `stretches` list: a strategy's `decode_steps` may give m > 1 steps that took free pages
+    there as one free-slope stretch of the first m - 1 and the last as a row (its caller reads a
+    step's states from the columns' last row; the stretch's e counts the rows before it, so the
+    order of rows and stretches is kept)."""
+
+    __slots__ = ("stretches",)
+
+    def __init__(self, stretches: list[tuple]) -> None:
+        super().__init__(([], [], [], [], [], []))
+        self.stretches = stretches

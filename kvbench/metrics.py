@@ -264,14 +264,23 @@ class Recorder:
         st = _ints_of(self._bst, 9)
         grp = _ints_of(self._bgrp, 2)
         m = st[:, 1]
+        slope = m < 0  # free-slope stretches (events.DecodeRun): free, not reserved, falls by d a row
+        sloped = bool(slope.any())
+        if sloped:
+            m = np.abs(m)
         before = np.cumsum(m) - m  # stretch rows before each
         first = st[:, 0] + np.repeat(grp[:, 1], grp[:, 0]) + before  # each stretch's first row
         i = np.arange(int(m.sum()), dtype=np.int64) - np.repeat(before, m)  # each stretch row's place in it
         rows = np.repeat(first, m) + i
         d = np.repeat(st[:, 4], m) * i
         out[rows, 0] = np.repeat(st[:, 2], m) + d
-        out[rows, 1] = np.repeat(st[:, 3], m) - d
         out[rows, 2:] = np.repeat(st[:, 5:], m, axis=0)
+        if sloped:
+            fs = np.repeat(slope, m)
+            out[rows, 1] = np.repeat(st[:, 3], m) - np.where(fs, 0, d)
+            out[rows, 5] -= np.where(fs, d, 0)
+        else:
+            out[rows, 1] = np.repeat(st[:, 3], m) - d
         if self._bs[0]:
             mask = np.ones(len(out), bool)
             mask[rows] = False

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvbench.engines.base import Engine
-from kvbench.events import DecodeRun, StepEvent
+from kvbench.events import DecodeRun, StateColumns, StepEvent
 from kvbench.metrics import Recorder
 from kvbench.quiet import Quiet, QuietRun
 from kvbench.request import Request
@@ -352,7 +352,8 @@ class _Chunk:
     def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
         self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
         self.i, self.waiting, self.moved = 0, [], [0, 0]
-        self.cols, self.stretches = [[], [], [], [], [], []], []  # slot states: rows, stretches (QuietRun.run)
+        self.stretches = []  # slot states: stretches and rows (QuietRun.run)
+        self.cols = StateColumns(self.stretches)
 
 
 def _record(run: QuietRun, c: _Chunk, rec: Recorder, waiting: int | list[int]) -> None:

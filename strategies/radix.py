@@ -838,7 +838,9 @@ class RadixStrategy(Strategy):
         kvbench/quiet.py); with a host tier the steps end after one that moved pages to the
         host (the caller asks `take_host_moves`). The slot states after each step run are
         appended to `cols` (6 lists: token, reserved, internal, external, cached, free, as
-        QuietRun.run keeps them); returns how many steps ran. Mutates as those grows do.
+        QuietRun.run keeps them; where `cols` is an `events.StateColumns`, m > 1 bulk steps that
+        evict nothing go as one free-slope stretch of the first m - 1 into `cols.stretches` and a
+        row of the last: no row per step); returns how many steps ran. Mutates as those grows do.
 
         Bulk: when every request is decoding (no host tier), a run of m steps takes its
         m * len(rids) pages at once in the order the one-page takes give them (the stack's top
@@ -874,6 +876,7 @@ class RadixStrategy(Strategy):
                 kv_left = n
         decoding = fresh is None
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
+        slopes = getattr(cols, "stretches", None)  # (events.StateColumns: steps as free-slope stretches)
         while done < k:
             avail = len(free) + self._fresh
             cached0 = self._evictable
@@ -935,6 +938,16 @@ class RadixStrategy(Strategy):
                         c_cached.append(cached0)
                         c_free.append(avail - d)
                         continue
+                elif not evicted and slopes is not None:  # (the common case) the first m - 1 as one stretch
+                    slopes.append((len(c_token), 1 - m, token - (m - 1) * d, reserved, d, internal, 0, cached0,
+                                   avail - d))
+                    c_token.append(token)
+                    c_reserved.append(reserved)
+                    c_internal.append(internal)
+                    c_external.append(0)
+                    c_cached.append(cached0)
+                    c_free.append(avail - m * d)
+                    continue
                 else:
                     c_token.extend(range(token - (m - 1) * d, token + 1, d))  # each step: d more tokens
                     c_reserved += [reserved] * m
