@@ -102,9 +102,13 @@ class QuietRun:
         waits = bool(scheduler.waiting)
         self.head_need = need = head_need(scheduler, n) if waits and n else 0
         self.may_take_pages = need is not None
-        # (head_need 2: the id of the request the scheduler tries first, whose refusal the
-        # strategy's `quiet_pages` checks before each page-taking step; else None)
-        self._guard = _first_tried(scheduler).id if need == 2 else None
+        # (head_need 2: the request the scheduler tries first, whose refusal the strategy's
+        # `quiet_pages` checks before each page-taking step; else None)
+        if need == 2:  # (its id, num_prompt and the budget admission gives it while these n decode)
+            h = _first_tried(scheduler)
+            self._guard = (h.id, h.prefill_target, scheduler.max_num_batched_tokens - n)
+        else:
+            self._guard = None
         # (host moves asked after each take, `room`, bulk decode steps, whether no run may go on:
         # the strategy's and the scheduler's, looked up once)
         self._moves, room_of, self._bulk, never, whole, self._pages = scheduler.quiet_calls or _calls(scheduler)

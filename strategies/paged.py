@@ -987,10 +987,16 @@ class PagedStrategy(LazyRegistration, Strategy):
         and available lower: refused again, and its retry finds what the last one found (the
         memo is as stepping leaves it: it is retried only where it is refused, `_index` adds
         nothing). So a step is run here only when (a) its evictions (takers beyond the free
-        pages) take none of the head's cached hits (`_safe_victims`), and (b) no taker may
-        register page H. Nothing else runs in a quiet step (no admission, release or
-        preemption: the run stops before a finish and before takes that free + cached pages
-        cannot serve)."""
+        pages) take none of the head's cached hits (`_safe_victims`), or they do and admit's
+        decision with the match cut at the first of them is still a refusal (`_cut_refused`:
+        its retry then misses there, the page evicted, as stepping's does), and (b) no taker
+        may register the page the match misses first after the step (page H, or the cut's).
+        A cut at the match's last hit lowers available and revived by one each and raises need
+        by at most one: the head stays out (overloaded Mooncake: all 1.7k cuts); a cut below
+        other cached hits may let it in (hits out of the LRU's order: a prefix computed twice
+        in one step, tests/test_m_paged_guard.py). Nothing else runs in a quiet step (no
+        admission, release or preemption: the run stops before a finish and before takes that
+        free + cached pages cannot serve)."""
         if self._host is not None or self._scheduled or not (self._solo or self._lazy):
             return None
         ps, seqs, num_pages = self.page_size, self._seqs, self.num_pages
@@ -1002,9 +1008,11 @@ class PagedStrategy(LazyRegistration, Strategy):
         token = reserved = internal = cached = nfree = 0
         tok, rsv = self._token, self._reserved  # (the counters, written back where `grow` runs and at the end)
         guard = head is not None and not free_only
+        recut = False  # (guard: a step cut the waiting match; its first miss and spared victims are looked up again)
         evict = plain and self._hit_memo is None  # (a take's eviction inlined: no waiting match to cut)
         if guard:  # the head's kept match: its first miss (page H) and the evictions known to spare its hits
             memo = self._hit_memo
+            head, prompt, budget = head
             if memo is None or memo.rid != head:
                 reg, safe, sure = -1, 0, True  # (not its match: no step that takes a page runs)
             else:
@@ -1031,18 +1039,23 @@ class PagedStrategy(LazyRegistration, Strategy):
             avail = len(free) + self._fresh
             if avail + (lru.n if page_lru else len(lru)) < nt or (free_only and avail < nt):
                 break  # (left to the run: it stops there)
-            if guard:  # (b) then (a): the head stays refused after the step, or it is left to the scheduler
-                if reg < 0 or any(seqs[rids[i]].hash_at <= reg <= comp[i] + t or len(seqs[rids[i]].pages) * ps
-                                  != comp[i] + t for i in takers):  # (or a taker not at a page start: `grow`)
-                    break
+            if guard:  # the head stays refused after the step (see above), or it is left to the scheduler
                 e = nt - avail
+                miss = reg  # (the end of the page the match misses first after the step: page H's, or a cut's)
                 if e > safe:
-                    if sure:
-                        break
-                    safe, sure = self._safe_victims(memo, max(e, 2 * safe, 64))
-                    if e > safe:
-                        break
-                if e > 0:
+                    if not sure:
+                        safe, sure = self._safe_victims(memo, max(e, 4 * safe, 256))
+                    if e > safe:  # (a) its evictions cut the match: the head's margin after the step, exactly
+                        cut = self._cut_refused(memo, e, nt, prompt, budget) if reg >= 0 else None
+                        if cut is None:
+                            break
+                        miss = (cut + 1) * ps
+                if reg < 0 or any(seqs[rids[i]].hash_at <= miss <= comp[i] + t or len(seqs[rids[i]].pages) * ps
+                                  != comp[i] + t for i in takers):  # (b) (or a taker not at a page start: `grow`)
+                    break
+                if miss != reg:  # (after the step: the match's first miss and the victims that spare it, again)
+                    recut, evict = True, False  # (its victims cut the match: `_evict_pages`)
+                elif e > 0:
                     safe -= e
             del at[t]
             odd = None  # takers not at a page start (their first quiet grow)
@@ -1117,6 +1130,10 @@ class PagedStrategy(LazyRegistration, Strategy):
                     lst += takers
                     lst.sort()
             deferred += d - nt
+            if recut:  # (the step cut the waiting match, as `_cut_refused` said: the head is refused)
+                recut, evict = False, plain
+                reg = (len(memo.hits) + 1) * ps
+                safe, sure = (1 << 62, True) if not memo.cached else (0, False)
             token, reserved = tok + deferred, rsv - deferred
             cached = (lru.n if page_lru else len(lru)) * ps
             nfree = (len(free) + self._fresh) * ps
@@ -1142,9 +1159,25 @@ class PagedStrategy(LazyRegistration, Strategy):
         them is a hit, or every evictable page is spared: then n is huge), else (cap, False)
         (the first cap spare them; more were not looked at). O(entries walked). Pure."""
         hits, index = memo.hits, memo.index  # (the hits: `index`, and those past it, one owner's: `_index`)
-        rest = set(hits[memo.nidx:]) if memo.nidx < len(hits) else ()
+        lazy = memo.nidx < len(hits) and self._hash[hits[-1]].gone  # (those past it are cached: its owner left)
         lru = self._lru
         q, x, dead, end = lru.q, lru.head, lru.dead, len(lru.q)
+        if not dead:  # (no stale entry: the victims are q[head:], looked at by one slice)
+            window = q[x:x + cap]
+            n = len(window)
+            if not index.isdisjoint(window):
+                n = min(map(window.index, index.intersection(window)))
+            if lazy:  # (an owner that left has its pages registered lazily in one run of the LRU, tail
+                try:  # first: the first of the match's hits among them is its last hit)
+                    at = window.index(hits[-1])
+                    if at < n:
+                        n = at
+                except ValueError:
+                    pass
+            if n < len(window):
+                return n, True
+            return (cap, False) if n == cap else (1 << 62, True)
+        rest = set(hits[memo.nidx:]) if lazy else ()
         used: dict = {}  # stale entries met so far, per key (`PageLRU.take` skips them as it meets them)
         n = 0
         while n < cap:
@@ -1161,6 +1194,54 @@ class PagedStrategy(LazyRegistration, Strategy):
                 return n, True
             n += 1
         return n, False
+
+    def _cut_refused(self, memo: _Match, e: int, nt: int, prompt: int, budget: int) -> int | None:
+        """A quiet step takes nt pages, the last e by eviction (plain LRU: its first e live
+        entries), and some of those are the waiting match's hits: where the request is still
+        refused after the step (admit's decision, with the match cut at the first hit evicted:
+        `_cut`), the number of hits left, else None. `prompt`: its num_prompt; `budget`: the
+        step's tokens left for it. O(e + hits). Pure."""
+        hits, ps, ref, marks, lru = memo.hits, self.page_size, self._ref, self._hash, self._lru
+        index, nidx = memo.index, memo.nidx  # (the hits: `index`, and those past it, one owner's: `_index`)
+        owner = marks[hits[-1]] if nidx < len(hits) else None
+        q, x, dead, used = lru.q, lru.head, lru.dead, {}
+        cut, n = len(hits), 0
+        while n < e:  # the e victims (`PageLRU.take`'s walk, without taking)
+            key = q[x]
+            x += 1
+            if dead:
+                c = dead.get(key)
+                if c is not None and used.get(key, 0) < c:
+                    used[key] = used.get(key, 0) + 1
+                    continue
+            n += 1
+            if key in index:
+                i = len(hits) - 1 if hits[-1] == key else hits.index(key)  # (mostly its last: `_cut_hit`)
+            elif owner is not None and marks[key] is owner:  # (one of the owner's pages: a hit if the match has it)
+                try:
+                    i = hits.index(key, nidx)
+                except ValueError:
+                    continue
+            else:
+                continue
+            if i < cut:
+                cut = i
+        if cut == len(hits):
+            return None  # (none is a hit: the caller looked wrong)
+        gone = 0  # its cached hits cut (`_cut`: ref 0, or registered lazily by an owner that left)
+        for pid in hits[cut:]:
+            if ref[pid] == 0:
+                gone += 1
+            else:
+                h = marks[pid]
+                if h.__class__ is _Seq and h.gone:
+                    gone += 1
+        need = -(-budget // ps)  # admit's need with `cut` hits: pages_for(cut * ps + min(budget, prompt - cut * ps)) - cut
+        rest = -(-prompt // ps) - cut
+        if rest < need:
+            need = rest
+        available = len(self._free) + self._fresh + lru.n - nt
+        return cut if need > available - (memo.cached - gone) else None
 
     def release(self, rid) -> None:
         seq = self._seqs.pop(rid)

@@ -125,3 +125,55 @@ def test_other_policies_stop_before_takes_as_before(policy):
     kw, sched_kw = CASES["ps16"]
     assert not PagedStrategy(6400, 4096, eviction=policy).guards_refusal
     _compare({**kw, "max_model_len": 4096, "eviction": policy}, sched_kw, _requests(60, 0, 16), check_guard=False)
+
+
+def test_cut_refused_is_admissions_decision():
+    # the guard's two answers against admission itself: before each page a running request takes
+    # (free pages first, then the LRU's victims), `_safe_victims` / `_cut_refused` say whether the
+    # waiting head is still refused after the take; a copy of the pool then admits it or not.
+    # Prefixes computed twice in one step (X and Y admitted together: Y's copy of P0 stays
+    # unhashed) leave the head's hits in the LRU out of their order, so that one eviction may cut
+    # many cached hits and let it in (a flip), besides the tail-first cuts that keep it out.
+    import copy
+    rng = np.random.default_rng(7)
+    flips = kept = cuts = 0
+    for trial in range(300):
+        ps = 4
+        st = PagedStrategy(ps * int(rng.integers(40, 70)), 4096, page_size=ps)
+        rnd = lambda n: rng.integers(0, 30000, n, dtype=np.int32)  # noqa: E731
+        p0, p1 = rnd(ps * int(rng.integers(2, 6))), rnd(ps * int(rng.integers(3, 9)))
+        x = np.concatenate([p0, rnd(ps * int(rng.integers(0, 3)) + 1)])
+        y = np.concatenate([p0, p1, rnd(int(rng.integers(1, 2 * ps)))])
+        for rid, tok in ((0, x), (1, y)):  # admitted in one step: both compute p0
+            full = np.concatenate([tok, rnd(2)])
+            assert st.admit(rid, full, len(full), len(tok), len(tok)).admitted
+        for rid in rng.permutation(2):
+            st.grow(int(rid), 1)  # (registers their full pages)
+        for rid in rng.permutation(2):
+            st.release(int(rid))
+        z = rnd(4000)
+        free = len(st._free) + st._fresh
+        assert st.admit(9, z, 4000, free * ps, free * ps).admitted  # (takes every free page: the rest is cached)
+        head = np.concatenate([p0, p1, rnd(ps * int(rng.integers(1, 20))), rnd(1)])  # (its last id: an output)
+        budget = ps * int(rng.integers(1, 12))
+        if st.admit(5, head, len(head), len(head) - 1, budget).admitted:
+            continue
+        while st._lru.n:
+            memo = st._hit_memo
+            e = 1 - len(st._free) - st._fresh
+            safe, sure = st._safe_victims(memo, 1 << 20)
+            refused = True
+            if e > 0 and e > safe:
+                cuts += 1
+                refused = st._cut_refused(memo, e, 1, len(head) - 1, budget) is not None
+            n = -st._seqs[9].length % ps or ps
+            assert st.grow(9, n)  # (its next page's first position: one take)
+            probe = copy.deepcopy(st)
+            assert probe.admit(5, head, len(head) + 1, len(head), budget).admitted != refused
+            if not refused:
+                flips += 1
+                break
+            kept += 1
+            st.admit(5, head, len(head), len(head) - 1, budget)  # (the refused retry: the memo as stepping keeps it)
+        st.check_invariants()
+    assert flips and kept and cuts > flips
