@@ -151,22 +151,35 @@ class Recorder:
         del self._times[r.id]
 
     def decode_run(self, run: DecodeRun) -> None:
-        """k quiet decode steps at once: the same rows and token times as k calls of `step`.
-        Held as one segment (its times and states as lists); its rows and its first k - 1 gaps
-        are made with the rest of the block, in numpy (`_settle`: the same floats, one IEEE add
-        or subtract each); its last gap, the open run, here."""
+        """k quiet decode steps at once: the same rows and token times as k calls of `step`
+        (`quiet_steps` of its fields)."""
         t, dt = run.t, run.dt
         if isinstance(t, np.ndarray):
             t, dt = t.tolist(), dt.tolist()
-        k, d = len(t), len(run.seqs)
-        row = len(self._bt)
-        self._bt += t
-        self._bdt += dt
+        self.quiet_steps(run.seqs, t, dt, len(t), run.kv_read0, run.running, run.waiting, run.preemptions,
+                         run.states, run.moved if run.moved != (0, 0) else None, run.done, run.stretches)
+
+    def quiet_steps(self, seqs, t: list[float], dt: list[float], k: int, kv_read0: int, running: int,
+                    waiting: int | list[int], preemptions: int, states: list[list[int]],
+                    moved: tuple[int, int] | list[int] | None, done, stretches) -> None:
+        """`decode_run` of `DecodeRun(seqs, t[:k], dt[:k], kv_read0, running, waiting, preemptions,
+        states, moved or (0, 0), done, stretches)` without the event (the replay's chunks: t and dt
+        may hold more than k; k >= 1). Held as one segment (its times and states as lists); its rows
+        and its first k - 1 gaps are made with the rest of the block, in numpy (`_settle`: the same
+        floats, one IEEE add or subtract each); its last gap, the open run, here."""
+        bt, bdt = self._bt, self._bdt
+        row = len(bt)
+        bt += t
+        bdt += dt
+        if len(t) > k:
+            del bt[row + k:]
+        if len(dt) > k:
+            del bdt[row + k:]
         s0, s1, s2, s3, s4, s5 = self._bs
-        if run.stretches:
-            self._bgrp.append((len(run.stretches), len(s0)))
-            self._bst += run.stretches
-        c0, c1, c2, c3, c4, c5 = run.states
+        if stretches:
+            self._bgrp.append((len(stretches), len(s0)))
+            self._bst += stretches
+        c0, c1, c2, c3, c4, c5 = states
         if c0:
             s0 += c0
             s1 += c1
@@ -174,33 +187,32 @@ class Recorder:
             s3 += c3
             s4 += c4
             s5 += c5
-        waiting = run.waiting
         if not isinstance(waiting, int):
             self._bwait.append((row, waiting))
             waiting = 0
-        self._seg.append((k, run.running, waiting, 0, d, run.kv_read0, run.preemptions, 0))
-        if run.moved != (0, 0):  # a host tier's evictions in the run's page-taking steps
-            self.moved[2] += run.moved[0]
-            self.moved[3] += run.moved[1]
-        bg = self._bg
+        d = len(seqs)
+        self._seg.append((k, running, waiting, 0, d, kv_read0, preemptions, 0))
+        if moved:  # a host tier's evictions in the run's page-taking steps
+            self.moved[2] += moved[0]
+            self.moved[3] += moved[1]
         if self._gap_count:
-            bg.append(self._gap)
+            self._bg.append(self._gap)
             self._bc.append(self._gap_count)
         # every request's token j comes out at t[j] + dt[j], the one before at the end of step j - 1
         # (t[0] for j = 0): gap j = end j - end j - 1; the first k - 1 are filled in by `_settle`
-        last = t[-1] + dt[-1]
+        last = bt[-1] + bdt[-1]
         if k > 1:
-            self._gfill.append((len(bg), row, k - 1, d))
-            self._gap = last - (t[-2] + dt[-2])
+            self._gfill.append((len(self._bg), row, k - 1, d))
+            self._gap = last - (bt[-2] + bdt[-2])
         else:
-            self._gap = last - t[0]
+            self._gap = last - bt[-1]
         self._gap_count = d
         times = self._times
-        for r in run.seqs:
+        for r in seqs:
             times[r.id].last_token_s = last
-        for r in run.done:
+        for r in done:
             self._finish(times[r.id], last)
-        if len(self._bt) >= self._settle_at:
+        if len(bt) >= self._settle_at:
             self._settle()
 
     def _settle(self) -> None:

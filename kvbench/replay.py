@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvbench.engines.base import Engine
-from kvbench.events import DecodeRun, StateColumns, StepEvent
+from kvbench.events import StateColumns, StepEvent
 from kvbench.metrics import Recorder
 from kvbench.quiet import Quiet, QuietRun
 from kvbench.request import Request
@@ -238,14 +238,16 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
             if want == i0:
                 break
             got = run.run(want - i0, c.cols, c.stretches)
-            if intake is None:
-                c.waiting += [run.waiting] * got
+            if intake is None and got:
+                c.wait(run.waiting, got)
             c.i = i = i0 + got
             if run.moved is not None:
                 # step i - 1 moved pages to host: it takes the copy time longer, as stepping charges
                 # it, and every later step of the chunk starts that much later (then `until` again)
                 dts = c.dts
                 dts[i - 1] += engine.move_time(*run.moved)
+                if c.moved is None:
+                    c.moved = [0, 0]
                 c.moved[0] += run.moved[0]
                 c.moved[1] += run.moved[1]
                 t = starts[i - 1] + dts[i - 1]
@@ -270,8 +272,7 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
                 starts += accumulate(dts, initial=now)
                 continue
         if intake is None:
-            w = c.waiting
-            _record(run, c, rec, w[0] if w and w[0] == w[-1] else w)
+            _record(run, c, rec, c.waiting)
         elif c.i:
             joined = intake(now)
             _record(run, c, rec, _waiting_rows(run.waiting, joined, starts, c.i))
@@ -328,8 +329,7 @@ def _step_zero(run: QuietRun, engine: Engine, rec: Recorder, now: float,
         waiting = _waiting_rows(waiting, joined, [now, end], 1)
         run.waiting += len(joined)
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-    rec.decode_run(_new_tuple(DecodeRun, (run.requests, [now], dts, kv_read, d, waiting, run.preemptions,
-                                          _NO_ROWS, (0, 0), done, stretches)))
+    rec.quiet_steps(run.requests, [now], dts, 1, kv_read, d, waiting, run.preemptions, _NO_ROWS, None, done, stretches)
     return end
 
 
@@ -337,8 +337,7 @@ def end_run(run: QuietRun, rec: Recorder) -> None:
     """Record the chunk in progress, then end the run (`QuietRun.end`)."""
     c = run.chunk
     if c is not None:
-        w = c.waiting
-        _record(run, c, rec, w[0] if w and w[0] == w[-1] else w)
+        _record(run, c, rec, c.waiting)
         run.chunk = None
     run.end()
 
@@ -351,20 +350,32 @@ class _Chunk:
 
     def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
         self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
-        self.i, self.waiting, self.moved = 0, [], [0, 0]
+        self.i, self.waiting, self.moved = 0, None, None  # moved: [d2h, h2d] once a step moved pages
         self.stretches = []  # slot states: stretches and rows (QuietRun.run)
         self.cols = StateColumns(self.stretches)
 
+    def wait(self, waiting: int, n: int) -> None:
+        """n more steps run with `waiting` requests waiting: `waiting` stays the one count of every
+        step run so far (None before the first), or becomes a list of each step's where it
+        changes (an arrival joined a refused head's queue while the run was paused)."""
+        w = self.waiting
+        if w is None or w.__class__ is int and w == waiting:
+            self.waiting = waiting
+        else:
+            if w.__class__ is int:
+                w = self.waiting = [w] * (self.i)
+            w += [waiting] * n
+
 
 def _record(run: QuietRun, c: _Chunk, rec: Recorder, waiting: int | list[int]) -> None:
-    """The chunk's steps run so far, as one `DecodeRun` (its requests that finished in the last
-    one leave); `waiting`: the requests waiting in every step, or in each."""
+    """The chunk's steps run so far, as one `DecodeRun` (`Recorder.quiet_steps`: its requests
+    that finished in the last one leave); `waiting`: the requests waiting in every step, or in each."""
     i = c.i
     if not i:
         return
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-    rec.decode_run(_new_tuple(DecodeRun, (run.requests, c.starts[:i], c.dts[:i], c.kv_read, c.d, waiting,
-                                          run.preemptions, c.cols, (c.moved[0], c.moved[1]), done, c.stretches)))
+    rec.quiet_steps(run.requests, c.starts, c.dts, i, c.kv_read, c.d, waiting, run.preemptions, c.cols, c.moved,
+                    done, c.stretches)
 
 
 def _waiting_rows(base: int, joined: list[float], starts: list[float], i: int) -> int | list[int]:
