@@ -77,17 +77,22 @@ class RandomRows:
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Row i's ids, [lengths[i]] int32 (a view of its block's ids)."""
-        b = i // self.block
-        ids = self._cache.get(b)
-        if ids is None:
+        b, r = divmod(i, self.block)
+        got = self._cache.get(b)
+        if got is None:
             rng = np.random.default_rng()
             rng.bit_generator.state = self.states[b]
             ids = rng.integers(0, self.vocab_size, size=self._span(b), dtype=np.int32)
             if len(self._cache) >= self.cache_size:
                 del self._cache[next(iter(self._cache))]  # the oldest
-            self._cache[b] = ids
-        end = int(self.ends[i]) - self._start(b)
-        return ids[end - int(self.lengths[i]):end]
+            # with the block's row ends within it, as ints: [0, end of its first row, ...] (a row is
+            # then two list reads, not numpy scalars)
+            lo = b * self.block
+            ends = (self.ends[lo:lo + self.block] - self._start(b)).tolist()
+            ends.insert(0, 0)
+            got = self._cache[b] = (ids, ends)
+        ids, ends = got
+        return ids[ends[r]:ends[r + 1]]
 
 
 def late_ids(seed: int, row: int, vocab_size: int, prompt_len: int, output_len: int,
