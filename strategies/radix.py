@@ -863,17 +863,9 @@ class RadixStrategy(Strategy):
             for col, v in zip(cols, self.slot_states(None)):
                 col += [v] * k
             return k
-        kv_left, fresh = 1 << 62, None  # steps before one passes its final length; requests not decoding yet
-        for i, s in enumerate(seqs):
-            n = s.length
-            if n <= s.num_prompt:  # (its next grow may insert: per token)
-                if fresh is None:
-                    fresh = [i]
-                else:
-                    fresh.append(i)
-            n = s.kv_len - n
-            if n < kv_left:
-                kv_left = n
+        kv_left = min([s.kv_len - s.length for s in seqs])  # steps before one passes its final length
+        # requests not decoding yet (their next grow may insert: per token)
+        fresh = [i for i, s in enumerate(seqs) if s.length <= s.num_prompt] or None
         decoding = fresh is None
         c_token, c_reserved, c_internal, c_external, c_cached, c_free = cols
         slopes = getattr(cols, "stretches", None)  # (events.StateColumns: steps as free-slope stretches)
