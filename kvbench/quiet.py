@@ -156,8 +156,9 @@ class QuietRun:
                     else:
                         at.append(i)
             # nobody waiting: the run may go on until the last one leaves; else the first to
-            # finish ends it (the next step admits)
-            limit = first + 1 if waits else max(fin) + 1
+            # finish ends it (the next step admits), unless the strategy guards the head's refusal
+            # (head_need 2: `retire` asks it whether the head is still refused after they leave)
+            limit = first + 1 if waits and need != 2 else max(fin) + 1
         else:
             limit = first + 1  # the first to finish ends the run: the next step admits
             ps = st.page_size
@@ -363,6 +364,32 @@ class QuietRun:
         token, reserved, internal, external, cached, free = self.st.slot_states(self.sched.waiting_kv_len())
         self.states = _new_tuple(SlotStates, (token + self.deferred, reserved - self.deferred, internal, external,
                                               cached, free))
+        if self._guard is not None:  # requests wait: the run goes on only while the head stays refused
+            self._refused()
+
+    def _refused(self) -> None:
+        """After some left (head_need 2): whether the scheduler would refuse the head in the next
+        step j, asked of the strategy now (`still_refused`: admit's decision, its match retried
+        as admit retries it); if not, or if the head is no longer one whose refusal the strategy
+        guards, the run ends here (`limit`: step j is planned). Exact where step j takes no page:
+        the pool admission sees after step j's grows is the one now (the others' decodes fill
+        their own pages), and a retry finds what this one found. Where step j takes pages,
+        `quiet_pages` guards them from this retry's match (the page it misses first, its cached
+        hits), as it guards a step after a planned one. Mutates the strategy's waiting match only
+        (as the scheduler's refused retry does)."""
+        sched, n = self.sched, len(self.live)
+        if not n or head_need(sched, n) != 2:
+            self.limit = self.j
+            self._guard = None
+            return
+        h = _first_tried(sched)
+        budget = sched.max_num_batched_tokens - n
+        req = h.request
+        if self.st.still_refused(h.id, req.tokens, h.prefill_target, budget):
+            self._guard = (h.id, h.prefill_target, budget)
+        else:
+            self.limit = self.j
+            self._guard = None
 
     def _leave(self, done: list[Seq]) -> None:
         gone = set(self.finishing)

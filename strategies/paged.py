@@ -1153,6 +1153,20 @@ class PagedStrategy(LazyRegistration, Strategy):
         c3 += [0] * rows  # (external fragmentation: none in a paged pool)
         return t - j, token, reserved, internal, cached, nfree, deferred
 
+    def still_refused(self, rid: RequestId, tokens, num_prompt: int, max_new: int) -> bool:
+        """Whether `admit(rid, tokens, _, num_prompt, max_new)` would refuse now: its decision
+        (no host tier: `guards_refusal`), the match retried and, where refused, indexed, as
+        admit does; nothing else changes. Mutates only the waiting match."""
+        ps = self.page_size
+        memo = self._cached_prefix(rid, tokens, (num_prompt - 1) // ps)
+        cached = len(memo.hits) * ps
+        rest = num_prompt - cached
+        need = -(-(cached + (max_new if max_new < rest else rest)) // ps) - len(memo.hits)
+        if need > self._available() - memo.cached:
+            self._index(memo)
+            return True
+        return False
+
     def _safe_victims(self, memo: _Match, cap: int) -> tuple[int, bool]:
         """How many of the next evictions (plain LRU: its first live entries, in order) take
         none of the waiting match's cached hits: (n, True) where that is exact (the entry after

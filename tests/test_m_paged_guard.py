@@ -128,9 +128,10 @@ def test_other_policies_stop_before_takes_as_before(policy):
 
 
 def test_cut_refused_is_admissions_decision():
-    # the guard's two answers against admission itself: before each page a running request takes
+    # the guard's answers against admission itself: before each page a running request takes
     # (free pages first, then the LRU's victims), `_safe_victims` / `_cut_refused` say whether the
-    # waiting head is still refused after the take; a copy of the pool then admits it or not.
+    # waiting head is still refused after the take; after it `still_refused` says so, and a copy
+    # of the pool then admits it or not.
     # Prefixes computed twice in one step (X and Y admitted together: Y's copy of P0 stays
     # unhashed) leave the head's hits in the LRU out of their order, so that one eviction may cut
     # many cached hits and let it in (a flip), besides the tail-first cuts that keep it out.
@@ -168,8 +169,9 @@ def test_cut_refused_is_admissions_decision():
                 refused = st._cut_refused(memo, e, 1, len(head) - 1, budget) is not None
             n = -st._seqs[9].length % ps or ps
             assert st.grow(9, n)  # (its next page's first position: one take)
+            assert copy.deepcopy(st).still_refused(5, head, len(head) - 1, budget) == refused
             probe = copy.deepcopy(st)
-            assert probe.admit(5, head, len(head) + 1, len(head), budget).admitted != refused
+            assert probe.admit(5, head, len(head), len(head) - 1, budget).admitted != refused
             if not refused:
                 flips += 1
                 break
