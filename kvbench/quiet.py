@@ -6,7 +6,10 @@ request finishes or would take a new page (so none can be preempted, and the wai
 refused in the steady step, stays refused), except where the strategy and the queue make the
 head's refusal last through a take (`head_need`: nobody is tried; or paged without prefix
 caching and radix, no host tier, while the takes need no eviction: free pages only, so the
-run's steps take pages with requests waiting too). With nobody waiting, steps may take pages while free
+run's steps take pages with requests waiting too; or paged with prefix caching and plain LRU,
+whose `quiet_pages` runs a take, evicting or not, only where it shows the head's refusal lasts
+through it, and which, after some leave, says whether the head is still refused in the next
+step: the run then goes on past the finish). With nobody waiting, steps may take pages while free
 + cached slots could give each request that needs one a page, and a request that emits its last
 token leaves after that step (released, in running order, as `Scheduler.complete` releases it):
 the run goes on with the others, as stepping would (with nobody waiting the next step admits
@@ -474,11 +477,17 @@ def head_need(scheduler: Scheduler, d: int) -> int | None:
     own path, and a decode's grow inserts nothing (radix inserts at prefill and release) and,
     taking a free page, evicts nothing: its match and path stay, the free pages drop.
 
+    2: those the strategy shows keep that request refused (`guards_refusal`: paged with prefix
+    caching and plain LRU, where a take may evict one of its cached hits and a decode registers
+    its full pages, which may extend its match): `QuietRun` passes the request (id, num_prompt,
+    the budget admission gives it) to `quiet_pages`, which checks each page-taking step before
+    it runs it (see there), and after a finish asks `still_refused` (`QuietRun.retire`).
+
     None: otherwise (the run stops before a page-taking step, as before): another strategy (slab
     takes no page in a decode; a hybrid pool or a windowed model never fast-forwards); a host
-    tier; paged with prefix caching (a decode registers its full pages, which may extend the
-    head's match); lpm or dfs_weight without an urgent request (the order is the cached
-    prefixes'); a swapped head."""
+    tier; paged with prefix caching and another eviction policy (a decode registers its full
+    pages, which may extend the head's match; a take may evict its hits); lpm or dfs_weight
+    without an urgent request (the order is the cached prefixes'); a swapped head."""
     st = scheduler.strategy
     budget = scheduler.max_num_batched_tokens - d
     if budget <= 0 or d >= scheduler.max_num_seqs:
