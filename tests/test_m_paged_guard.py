@@ -152,6 +152,9 @@ def test_cut_refused_is_admissions_decision():
             st.grow(int(rid), 1)  # (registers their full pages)
         for rid in rng.permutation(2):
             st.release(int(rid))
+        if trial % 2:  # a request that hits x's cached pages and runs (its hits leave stale LRU entries)
+            w = np.concatenate([x[:len(x) // ps * ps], rnd(3)])
+            assert st.admit(3, w, len(w), len(w) - 1, len(w)).admitted
         z = rnd(4000)
         free = len(st._free) + st._fresh
         assert st.admit(9, z, 4000, free * ps, free * ps).admitted  # (takes every free page: the rest is cached)
@@ -163,6 +166,9 @@ def test_cut_refused_is_admissions_decision():
             memo = st._hit_memo
             e = 1 - len(st._free) - st._fresh
             safe, sure = st._safe_victims(memo, 1 << 20)
+            order, hit = list(st._lru), set(memo.hits)  # (the victims in order; the match's hits)
+            assert sure and not hit.intersection(order[:safe])
+            assert (safe < len(order) and order[safe] in hit) or (safe == 1 << 62 and not hit.intersection(order))
             refused = True
             if e > 0 and e > safe:
                 cuts += 1
