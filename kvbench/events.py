@@ -78,8 +78,4 @@ class StateColumns(list):
     step's states from the columns' last row; the stretch's e counts the rows before it, so the
     order of rows and stretches is kept)."""
 
-    __slots__ = ("stretches",)
-
-    def __init__(self, stretches: list[tuple]) -> None:
-        super().__init__(([], [], [], [], [], []))
-        self.stretches = stretches
+    __slots__ = ("stretches",)  # (set by the maker: StateColumns(([], [], [], [], [], [])), no Python __init__)

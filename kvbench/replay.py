@@ -165,7 +165,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
         fresh = scheduler.emitted_all
         steady = None
         if engine.fast_forward:
-            steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev)
+            steady = Quiet.of(ev) if ev.steady and not done else quiet_after(scheduler, ev, bool(done))
         if done:
             leave(done)
     bar.close()
@@ -184,22 +184,24 @@ def quiet_plans(scheduler: Scheduler) -> bool:
             and (moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0))
 
 
-def quiet_after(scheduler: Scheduler, ev: StepEvent) -> Quiet | None:
+def quiet_after(scheduler: Scheduler, ev: StepEvent, left: bool = True) -> Quiet | None:
     """After a step `ev` that was not steady, whether the next steps are quiet all the same:
     nobody waits, nobody was preempted, every running request ran in the step, emitted a token
     and has only decodes left (its prefill, or its last chunk, finished there). Then the next
     step decodes every running request once, as a steady step would have, and fast-forward may
     start at once, from the slot states the strategy reports now. The requests whose step was
     not a decode make their first quiet grow at its own step, in running order (a strategy may
-    do more than move a slot on that grow: paged registers the prompt's full pages). Pure."""
+    do more than move a slot on that grow: paged registers the prompt's full pages). `left`: some
+    requests finished in the step and were released; else the strategy is as the step's event
+    read it, and its states are the event's (nobody waits: read without a waiting head). Pure."""
     running = scheduler.running
     # (every running request emitted in the step: it ran in it, and `complete` counted what they
     # hold and which were not decodes, in running order)
     if scheduler.waiting or ev.preempted or not running or not scheduler.emitted_all:
         return None
     held, fresh = scheduler.held_after
-    return _new_tuple(Quiet, (len(running), held, 0, scheduler.num_preemptions, scheduler.strategy.slot_states(None),
-                              tuple(fresh)))
+    states = scheduler.strategy.slot_states(None) if left else ev.states
+    return _new_tuple(Quiet, (len(running), held, 0, scheduler.num_preemptions, states, tuple(fresh)))
 
 
 def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until: float,
@@ -351,8 +353,8 @@ class _Chunk:
     def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
         self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
         self.i, self.waiting, self.moved = 0, None, None  # moved: [d2h, h2d] once a step moved pages
-        self.stretches = []  # slot states: stretches and rows (QuietRun.run)
-        self.cols = StateColumns(self.stretches)
+        cols = self.cols = StateColumns(([], [], [], [], [], []))  # slot states: rows and stretches (QuietRun.run)
+        cols.stretches = self.stretches = []
 
     def wait(self, waiting: int, n: int) -> None:
         """n more steps run with `waiting` requests waiting: `waiting` stays the one count of every

@@ -36,7 +36,8 @@ def test_decode_steps_stretches_equal_rows(seed, capacity, eviction, host, runni
     sloped = 0
     while k > 0:  # in chunks, as a quiet run asks
         stretches: list[tuple] = []
-        cols = StateColumns(stretches)
+        cols = StateColumns(([], [], [], [], [], []))
+        cols.stretches = stretches
         plain = [[] for _ in range(6)]
         n = a.decode_steps(rids, min(k, 9), cols)
         assert b.decode_steps(rids, min(k, 9), plain) == n
