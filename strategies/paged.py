@@ -966,8 +966,9 @@ class PagedStrategy(LazyRegistration, Strategy):
         `scheduled` visibility, a fork with prefix caching) or step j's takers cannot be
         served. Mutates the strategy, `held` and `at`.
 
-        `head` (prefix caching, requests waiting; kvbench.quiet.head_need 2): the id of the
-        waiting request the scheduler tries first, refused in the step before step j (the run's
+        `head` (prefix caching, requests waiting; kvbench.quiet.head_need 2): (id, num_prompt,
+        budget) of the waiting request the scheduler tries first, with the tokens admission
+        would give it, refused in the step before step j (the run's
         steps before j took no page, or took them here under this guard). A step's takes may
         then take free pages or evict, where its refusal provably lasts through them (else
         it stops before the step: the scheduler plans it). Why (admit's decision): the head is
@@ -995,8 +996,9 @@ class PagedStrategy(LazyRegistration, Strategy):
         by at most one: the head stays out (overloaded Mooncake: all 1.7k cuts); a cut below
         other cached hits may let it in (hits out of the LRU's order: a prefix computed twice
         in one step, tests/test_m_paged_guard.py). Nothing else runs in a quiet step (no
-        admission, release or preemption: the run stops before a finish and before takes that
-        free + cached pages cannot serve)."""
+        admission, release or preemption: a call stops at the run's next finish, after which
+        `QuietRun.retire` asks `still_refused`, and before takes that free + cached pages cannot
+        serve). The checks: `_HeadGuard.take`."""
         if self._host is not None or self._scheduled or not (self._solo or self._lazy):
             return None
         ps, seqs, num_pages = self.page_size, self._seqs, self.num_pages
@@ -1007,18 +1009,10 @@ class PagedStrategy(LazyRegistration, Strategy):
         t, rows = j, 0
         token = reserved = internal = cached = nfree = 0
         tok, rsv = self._token, self._reserved  # (the counters, written back where `grow` runs and at the end)
-        guard = head is not None and not free_only
-        recut = False  # (guard: a step cut the waiting match; its first miss and spared victims are looked up again)
-        evict = plain and self._hit_memo is None  # (a take's eviction inlined: no waiting match to cut)
-        if guard:  # the head's kept match: its first miss (page H) and the evictions known to spare its hits
-            memo = self._hit_memo
-            head, prompt, budget = head
-            if memo is None or memo.rid != head:
-                reg, safe, sure = -1, 0, True  # (not its match: no step that takes a page runs)
-            else:
-                reg = (len(memo.hits) + 1) * ps if len(memo.hits) < memo.num_full else _NEVER
-                safe, sure = (1 << 62, True) if not memo.cached else (0, False)
-                evict = plain  # (inlined only where the victims are known to spare the match: below)
+        # (a refused head's guard, kvbench.quiet.head_need 2: `_HeadGuard`; evictions inlined where no
+        # waiting match may be cut, or where the guard knows the victims spare it)
+        guard = _HeadGuard(self, head) if head is not None and not free_only else None
+        evict = plain and (self._hit_memo is None or guard is not None)
         while True:
             takers = at.get(t)
             if takers is None:  # no take up to the next page-taking step: one stretch
@@ -1039,24 +1033,12 @@ class PagedStrategy(LazyRegistration, Strategy):
             avail = len(free) + self._fresh
             if avail + (lru.n if page_lru else len(lru)) < nt or (free_only and avail < nt):
                 break  # (left to the run: it stops there)
-            if guard:  # the head stays refused after the step (see above), or it is left to the scheduler
-                e = nt - avail
-                miss = reg  # (the end of the page the match misses first after the step: page H's, or a cut's)
-                if e > safe:
-                    if not sure:
-                        safe, sure = self._safe_victims(memo, max(e, 4 * safe, 256))
-                    if e > safe:  # (a) its evictions cut the match: the head's margin after the step, exactly
-                        cut = self._cut_refused(memo, e, nt, prompt, budget) if reg >= 0 else None
-                        if cut is None:
-                            break
-                        miss = (cut + 1) * ps
-                if reg < 0 or any(seqs[rids[i]].hash_at <= miss <= comp[i] + t or len(seqs[rids[i]].pages) * ps
-                                  != comp[i] + t for i in takers):  # (b) (or a taker not at a page start: `grow`)
+            if guard is not None:  # the head stays refused after the step (see above), or it is left to the scheduler
+                cut = guard.take(takers, t, nt, avail, rids, comp)
+                if cut is None:
                     break
-                if miss != reg:  # (after the step: the match's first miss and the victims that spare it, again)
-                    recut, evict = True, False  # (its victims cut the match: `_evict_pages`)
-                elif e > 0:
-                    safe -= e
+                if cut:
+                    evict = False  # (its victims cut the match: `_evict_pages`)
             del at[t]
             odd = None  # takers not at a page start (their first quiet grow)
             for i in takers:
@@ -1130,10 +1112,9 @@ class PagedStrategy(LazyRegistration, Strategy):
                     lst += takers
                     lst.sort()
             deferred += d - nt
-            if recut:  # (the step cut the waiting match, as `_cut_refused` said: the head is refused)
-                recut, evict = False, plain
-                reg = (len(memo.hits) + 1) * ps
-                safe, sure = (1 << 62, True) if not memo.cached else (0, False)
+            if not evict and guard is not None:  # (the step cut the waiting match, as the guard said)
+                guard.look()
+                evict = plain
             token, reserved = tok + deferred, rsv - deferred
             cached = (lru.n if page_lru else len(lru)) * ps
             nfree = (len(free) + self._fresh) * ps
@@ -1467,3 +1448,58 @@ class PagedStrategy(LazyRegistration, Strategy):
                 "prefix_hit_tokens_gpu": self._rare.hits_gpu, "prefix_hit_tokens_host": self._rare.hits_host,
                 "host_d2h_tokens": host.d2h_tokens if host else 0, "host_h2d_tokens": host.h2d_tokens if host else 0,
                 "host_evicted_tokens": host.evicted_pages * self.page_size if host else 0}
+
+
+class _HeadGuard:
+    """`PagedStrategy.quiet_pages`' guard of a refused head (its docstring says why each check is
+    exact): the head's kept match, the end of the page it misses first (`reg`; -1: the match is
+    not the head's, so no step that takes a page runs) and how many of the next evictions are
+    known to spare its cached hits (`safe`; `sure`: exactly, else at least)."""
+
+    __slots__ = ("st", "memo", "prompt", "budget", "reg", "safe", "sure")
+
+    def __init__(self, st: PagedStrategy, head: tuple[RequestId, int, int]) -> None:
+        rid, self.prompt, self.budget = head
+        self.st, self.memo = st, st._hit_memo
+        if self.memo is None or self.memo.rid != rid:
+            self.reg, self.safe, self.sure = -1, 0, True
+        else:
+            self.look()
+
+    def look(self) -> None:
+        """The match's first miss and the victims that spare its cached hits, looked up (again:
+        after a step that cut it)."""
+        memo, ps = self.memo, self.st.page_size
+        self.reg = (len(memo.hits) + 1) * ps if len(memo.hits) < memo.num_full else _NEVER
+        self.safe, self.sure = (1 << 62, True) if not memo.cached else (0, False)
+
+    def take(self, takers: list[int], t: int, nt: int, avail: int, rids: list, comp: list[int]) -> bool | None:
+        """Whether step t, whose nt takers (indices; request i writes position comp[i] + t) take
+        `avail` free pages first and evict the rest, keeps the head refused: None if it may not
+        (the step is left to the scheduler), True if it does and its evictions cut the match
+        (they must go through `_evict_pages`; `look` after the step), False if it does and they
+        spare it. Mutates only the guard."""
+        st, ps, reg = self.st, self.st.page_size, self.reg
+        if reg < 0:
+            return None
+        e = nt - avail
+        miss = reg  # (the end of the page the match misses first after the step: page H's, or a cut's)
+        if e > self.safe:
+            if not self.sure:
+                self.safe, self.sure = st._safe_victims(self.memo, max(e, 4 * self.safe, 256))
+            if e > self.safe:  # (a) its evictions cut the match: the head's margin after the step, exactly
+                cut = st._cut_refused(self.memo, e, nt, self.prompt, self.budget)
+                if cut is None:
+                    return None
+                miss = (cut + 1) * ps
+        seqs = st._seqs
+        for i in takers:  # (b) no taker may register the page the match misses first (nor is one not at a
+            s = seqs[rids[i]]  # page start: `grow`)
+            pos = comp[i] + t
+            if s.hash_at <= miss <= pos or len(s.pages) * ps != pos:
+                return None
+        if miss != reg:
+            return True
+        if e > 0:
+            self.safe -= e
+        return False
