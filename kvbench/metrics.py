@@ -82,6 +82,10 @@ class Recorder:
         self._gfill: list[tuple[int, int, int, int]] = []  # (gaps before, first row, k - 1, d): a run's first k - 1 gaps
         self._settle_at = min(_BUFFER_ROWS, self._flush_at)
         self._times: dict[int, _Times] = {}  # requests admitted and not finished
+        # (requests, time) per quiet run (`quiet_steps`) whose requests' last token time is not yet
+        # in their `_Times` (`_write_held`: before `step` reads them); a run's next segment replaces
+        # its last one (`follows`)
+        self._held: list[tuple] = []
         self._fin_ints, self._fin_floats = array("q"), array("d")  # finished requests, in finish order
         self._gaps, self._gap_counts = array("d"), array("q")  # closed runs of equal ITL gaps
         self._bg, self._bc = [], []  # the latest closed runs of gaps, not yet in the arrays (but runs': _gfill)
@@ -93,6 +97,8 @@ class Recorder:
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
         """One step [t, t + dt): its timeline row, and the output tokens it produced at t + dt."""
         b = ev.batch
+        if self._held:
+            self._write_held()
         self._bt.append(t)
         self._bdt.append(dt)
         s0, s1, s2, s3, s4, s5 = self._bs
@@ -143,6 +149,17 @@ class Recorder:
         if len(self._bt) >= self._settle_at:
             self._settle()
 
+    def _write_held(self) -> None:
+        """The last token times held from quiet runs into the `_Times` of their requests still in
+        flight, in the runs' order."""
+        times = self._times
+        for seqs, last in self._held:
+            for r in seqs:
+                tm = times.get(r.id)
+                if tm is not None:
+                    tm.last_token_s = last
+        self._held = []
+
     def _finish(self, tm: _Times, end: float) -> None:
         """Its last token came out at `end`: its numbers into the flat arrays, its `_Times` dropped."""
         r = tm.request
@@ -158,15 +175,19 @@ class Recorder:
             t, dt = t.tolist(), dt.tolist()
         self.quiet_steps(run.seqs, t, dt, len(t), run.kv_read0, run.running, run.waiting, run.preemptions,
                          run.states, run.moved if run.moved != (0, 0) else None, run.done, run.stretches)
+        self._write_held()  # (the caller's seqs may change after)
 
     def quiet_steps(self, seqs, t: list[float], dt: list[float], k: int, kv_read0: int, running: int,
                     waiting: int | list[int], preemptions: int, states: list[list[int]],
-                    moved: tuple[int, int] | list[int] | None, done, stretches) -> None:
+                    moved: tuple[int, int] | list[int] | None, done, stretches, follows: bool = False) -> None:
         """`decode_run` of `DecodeRun(seqs, t[:k], dt[:k], kv_read0, running, waiting, preemptions,
         states, moved or (0, 0), done, stretches)` without the event (the replay's chunks: t and dt
         may hold more than k; k >= 1). Held as one segment (its times and states as lists); its rows
         and its first k - 1 gaps are made with the rest of the block, in numpy (`_settle`: the same
-        floats, one IEEE add or subtract each); its last gap, the open run, here."""
+        floats, one IEEE add or subtract each); its last gap, the open run, here. The requests' last
+        token time is held with `seqs` (not changed after) until a `step` reads it; `follows`: no
+        `step` came since the previous call, whose `seqs` less its `done` are these (a quiet run's
+        next segment): its held time is superseded, so this call's replaces it."""
         bt, bdt = self._bt, self._bdt
         row = len(bt)
         bt += t
@@ -207,9 +228,12 @@ class Recorder:
         else:
             self._gap = last - bt[-1]
         self._gap_count = d
+        held = self._held
+        if follows and held:
+            held[-1] = (seqs, last)
+        else:
+            held.append((seqs, last))
         times = self._times
-        for r in seqs:
-            times[r.id].last_token_s = last
         for r in done:
             self._finish(times[r.id], last)
         if len(bt) >= self._settle_at:

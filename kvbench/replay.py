@@ -377,7 +377,7 @@ def _record(run: QuietRun, c: _Chunk, rec: Recorder, waiting: int | list[int]) -
         return
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
     rec.quiet_steps(run.requests, c.starts, c.dts, i, c.kv_read, c.d, waiting, run.preemptions, c.cols, c.moved,
-                    done, c.stretches)
+                    done, c.stretches, run.j > i)  # (follows: the run's steps before the chunk's were recorded)
 
 
 def _waiting_rows(base: int, joined: list[float], starts: list[float], i: int) -> int | list[int]:
