@@ -104,6 +104,8 @@ CASES = {  # strategy options, scheduler options
                   dict(max_num_seqs=16, max_num_batched_tokens=1024)),
     "lpm-urgent": (dict(capacity_tokens=6400, page_size=16),
                    dict(max_num_seqs=16, max_num_batched_tokens=1024, policy="lpm", max_wait_steps=4)),
+    "dedup": (dict(capacity_tokens=6400, page_size=16),
+              dict(max_num_seqs=16, max_num_batched_tokens=1024, dedup_prefix=True, max_wait_steps=8)),
     "recompute-swap": (dict(capacity_tokens=6400, page_size=16),
                        dict(max_num_seqs=16, max_num_batched_tokens=1024, preemption="swap")),
 }
