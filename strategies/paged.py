@@ -70,6 +70,7 @@ its history). Off (0): the eviction paths test one attribute per evicted page, n
 from __future__ import annotations
 
 from array import array
+from itertools import islice
 from operator import attrgetter
 
 import numpy as np
@@ -1156,7 +1157,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         hits, index = memo.hits, memo.index  # (the hits: `index`, and those past it, one owner's: `_index`)
         lazy = memo.nidx < len(hits) and self._hash[hits[-1]].gone  # (those past it are cached: its owner left)
         lru = self._lru
-        q, x, dead, end = lru.q, lru.head, lru.dead, len(lru.q)
+        q, x, dead = lru.q, lru.head, lru.dead
         if not dead:  # (no stale entry: the victims are q[head:], looked at by one slice)
             window = q[x:x + cap]
             n = len(window)
@@ -1173,22 +1174,12 @@ class PagedStrategy(LazyRegistration, Strategy):
                 return n, True
             return (cap, False) if n == cap else (1 << 62, True)
         rest = set(hits[memo.nidx:]) if lazy else ()
-        used: dict = {}  # stale entries met so far, per key (`PageLRU.take` skips them as it meets them)
         n = 0
-        while n < cap:
-            if x == end:
-                return 1 << 62, True
-            key = q[x]
-            x += 1
-            if dead:
-                c = dead.get(key)
-                if c is not None and used.get(key, 0) < c:
-                    used[key] = used.get(key, 0) + 1
-                    continue
+        for key in islice(lru.live(), cap):
             if key in index or key in rest:
                 return n, True
             n += 1
-        return n, False
+        return (cap, False) if n == cap else (1 << 62, True)
 
     def _cut_refused(self, memo: _Match, e: int, nt: int, prompt: int, budget: int) -> int | None:
         """A quiet step takes nt pages, the last e by eviction (plain LRU: its first e live
@@ -1199,17 +1190,8 @@ class PagedStrategy(LazyRegistration, Strategy):
         hits, ps, ref, marks, lru = memo.hits, self.page_size, self._ref, self._hash, self._lru
         index, nidx = memo.index, memo.nidx  # (the hits: `index`, and those past it, one owner's: `_index`)
         owner = marks[hits[-1]] if nidx < len(hits) else None
-        q, x, dead, used = lru.q, lru.head, lru.dead, {}
-        cut, n = len(hits), 0
-        while n < e:  # the e victims (`PageLRU.take`'s walk, without taking)
-            key = q[x]
-            x += 1
-            if dead:
-                c = dead.get(key)
-                if c is not None and used.get(key, 0) < c:
-                    used[key] = used.get(key, 0) + 1
-                    continue
-            n += 1
+        cut = len(hits)
+        for key in islice(lru.live(), e):  # the e victims
             if key in index:
                 i = len(hits) - 1 if hits[-1] == key else hits.index(key)  # (mostly its last: `_cut_hit`)
             elif owner is not None and marks[key] is owner:  # (one of the owner's pages: a hit if the match has it)

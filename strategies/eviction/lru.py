@@ -126,6 +126,19 @@ class PageLRU(EvictionPolicy):
         self.head = head
         return out
 
+    def live(self):
+        """The keys in the order `take` would give them, without taking: a generator over the
+        list (only read), to be stopped where enough were seen."""
+        q, dead, used = self.q, self.dead, {}
+        for x in range(self.head, len(q)):
+            key = q[x]
+            if dead:
+                c = dead.get(key)
+                if c is not None and used.get(key, 0) < c:  # (a stale entry: `take` skips it)
+                    used[key] = used.get(key, 0) + 1
+                    continue
+            yield key
+
     def __len__(self) -> int:
         return self.n
 
