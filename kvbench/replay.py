@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kvbench.engines.base import Engine
 from kvbench.events import StateColumns, StepEvent
 from kvbench.metrics import Recorder
-from kvbench.quiet import Quiet, QuietRun
+from kvbench.quiet import Quiet, QuietRun, _first_tried, head_need
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
 from kvbench.strategies.base import Strategy
@@ -197,11 +197,71 @@ def quiet_after(scheduler: Scheduler, ev: StepEvent, left: bool = True) -> Quiet
     running = scheduler.running
     # (every running request emitted in the step: it ran in it, and `complete` counted what they
     # hold and which were not decodes, in running order)
-    if scheduler.waiting or ev.preempted or not running or not scheduler.emitted_all:
+    if not running or not scheduler.emitted_all:
+        return None
+    waiting = scheduler.waiting
+    if waiting:
+        return _quiet_behind(scheduler, ev, left)
+    if ev.preempted:
         return None
     held, fresh = scheduler.held_after
     states = scheduler.strategy.slot_states(None) if left else ev.states
     return _new_tuple(Quiet, (len(running), held, 0, scheduler.num_preemptions, states, tuple(fresh)))
+
+
+def _quiet_behind(scheduler: Scheduler, ev: StepEvent, left: bool) -> Quiet | None:
+    """`quiet_after` with requests waiting (the step may have preempted some: they wait in
+    front): the next steps are quiet too where every running request emitted in the step and
+    has only decodes left (none whose step was not a decode: its first grow, not at a page
+    start, is one the head's guard does not check), and the request the scheduler tries first
+    in the next step is refused there, or nobody is tried (`kvbench.quiet.head_need` 0). The
+    next step decodes every running request once (d = len(running): the budget left to the
+    head is max_num_batched_tokens - d, as in every step of the run), then tries the head. Why
+    its refusal is known now: head_need 1 (paged without prefix caching, no host tier): the
+    strategy refuses it now (`still_refused`, admit's decision with that budget), and the
+    step's grows take free pages only or none (the run stops before any other), which leaves
+    it refused (see head_need). head_need 2 (paged, prefix caching, plain LRU): refused now
+    (`still_refused`: admit's decision, its match retried as admit retries it), and from here
+    the run is the one `QuietRun.retire` goes on with after a finish (`_refused`): step 0's
+    takes run only where `quiet_pages`' guard shows the refusal lasts through them, a step
+    taking no page leaves the pool admission sees as it is now. A later step is as in any run
+    behind a refused head. Everything else the run needs is what a run after a steady step
+    has: the queue's head stays while it lasts (fcfs: arrivals join behind it; another policy:
+    an arrival ends the run before it starts, `replay`), and nobody is admitted, preempted or
+    passed over in its steps. Mutates only the strategy's waiting match (still_refused, as the
+    scheduler's refused retry would in the next step)."""
+    held, fresh = scheduler.held_after
+    if fresh:
+        return None
+    d = len(scheduler.running)
+    need = head_need(scheduler, d)
+    st = scheduler.strategy
+    waiting = scheduler.waiting  # (not left: the event's states, read with the same head, as now)
+    states = st.slot_states(waiting[0].request.kv_len) if left else ev.states
+    if need == 1 or need == 2:
+        refused = getattr(st, "still_refused", None)
+        if refused is None:
+            return None
+        if need == 2:
+            # the next step's grows succeed (it preempts nobody: it tries the head, as asked here;
+            # else stepping would leave the strategy's waiting match as it is, not retried): its
+            # takers, the requests whose last page is full (paged: a request holds its computed
+            # positions), take free or cached pages, one each
+            ps = st.page_size
+            nt = 0
+            for s in scheduler.running:
+                if not s.computed % ps:
+                    nt += 1
+            if nt * ps > states.free + states.cached:
+                return None
+        h = _first_tried(scheduler)
+        req = h.request
+        if not refused(h.id, req.tokens if scheduler._ids else None, h.prefill_target,
+                       scheduler.max_num_batched_tokens - d):
+            return None
+    elif need != 0:
+        return None
+    return _new_tuple(Quiet, (d, held, len(waiting), scheduler.num_preemptions, states, ()))
 
 
 def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until: float,

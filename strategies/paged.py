@@ -1138,8 +1138,11 @@ class PagedStrategy(LazyRegistration, Strategy):
     def still_refused(self, rid: RequestId, tokens, num_prompt: int, max_new: int) -> bool:
         """Whether `admit(rid, tokens, _, num_prompt, max_new)` would refuse now: its decision
         (no host tier: `guards_refusal`), the match retried and, where refused, indexed, as
-        admit does; nothing else changes. Mutates only the waiting match."""
+        admit does; nothing else changes. Mutates only the waiting match. Without prefix caching
+        (no host tier: `refusal_outlasts_free_takes`): admit's decision, no match. Pure then."""
         ps = self.page_size
+        if not self._rare.prefix_caching:  # (admit: no hits, length min(max_new, num_prompt))
+            return -(-(max_new if max_new < num_prompt else num_prompt) // ps) > self._available()
         memo = self._cached_prefix(rid, tokens, (num_prompt - 1) // ps)
         cached = len(memo.hits) * ps
         rest = num_prompt - cached
