@@ -44,6 +44,8 @@ import numpy as np
 from kvbench.strategies._paged_state import _NEVER, _ROOT_HASH, _Match, _Seq, _page_ids, _void
 from kvbench.strategies.base import InvariantError
 
+_SEQ_FIELDS = tuple(_Seq.__dataclass_fields__)  # (a request record's fields: `_take_over` gives them to the owner's)
+
 
 class LazyRegistration:
     """The lazy-registration methods of `PagedStrategy` (see the module docstring). Each says
@@ -254,10 +256,27 @@ class LazyRegistration:
             return False
         return len(owner.hashes) + owner.ndef <= nhit  # (its pages registered lazily: `_check_lazy`)
 
-    def _take_over(self, owner: _Seq, seq: _Seq, nhit: int) -> None:
+    def _take_over(self, owner: _Seq, seq: _Seq, nhit: int) -> _Seq:
         """`seq` (just admitted, its first `nhit` pages hits) owns in `owner`'s place the pages
-        that owner registered lazily (all among its hits: `_may_take_over`). Mutates."""
+        that owner registered lazily (all among its hits: `_may_take_over`); returns the record
+        the admitted request runs with. Where its hits past the owner's node are exactly the
+        owner's pages registered lazily (nhit = len(owner.hashes) + owner.ndef: a preempted
+        request back, Mooncake: all of them), that record is `owner` itself, given `seq`'s
+        fields: its pages are marked with it already, so none is marked again (O(1), not
+        O(pages)). Exact: what marking each with `seq` gives, but for which object the marks
+        and `_owners` name, and no reader tells them apart: the owner that left is read nowhere
+        after (its node's owner is the new record; the waiting match, the one thing that keeps
+        an owner, `_Match.owner`, was dropped by this admission); a leftover mark of it (on a
+        free or held page it no longer registers) is read by none but as a leftover, by class
+        or by position (`_marks`, `_check_lazy`), never compared with a live request's record.
+        Mutates."""
         start = len(owner.hashes)
+        if nhit == start + owner.ndef and owner.lazy:
+            del seq.hashes[start:]
+            for name in _SEQ_FIELDS:
+                setattr(owner, name, getattr(seq, name))
+            owner.lazy, owner.ndef = True, nhit - start
+            return owner
         page_hashes = self._hash
         for pid in seq.pages[start:nhit]:
             page_hashes[pid] = seq
@@ -265,6 +284,7 @@ class LazyRegistration:
         seq.lazy, seq.ndef = True, nhit - start
         owner.lazy, owner.ndef = False, 0
         self._owners[owner.hashes[-1]] = seq
+        return seq
 
     def _share(self, key: int) -> None:
         """The owner of the chain below node `key` hashes the pages it registered lazily (another

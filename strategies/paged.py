@@ -825,7 +825,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                       self._match_hashes(memo, nhit, ps)) if nhit else []
         seq.hash_at = (nhit + 1) * ps
         if take_over:
-            self._take_over(owner, seq, nhit)
+            seq = self._take_over(owner, seq, nhit)
         if not caching:  # hashes nothing: grow's registration test is one compare
             seq.cache_pages, seq.hash_at = 0, _NEVER
         elif rare.admission:  # cache only the prompt, or nothing of a short request
