@@ -1194,14 +1194,25 @@ class PagedStrategy(LazyRegistration, Strategy):
         index, nidx = memo.index, memo.nidx  # (the hits: `index`, and those past it, one owner's: `_index`)
         owner = marks[hits[-1]] if nidx < len(hits) else None
         cut = len(hits)
+        # (the owner's pages among the victims: its pages registered lazily, one run of the LRU, tail
+        # first, so the k-th is mostly its page top - k; a hit where the match reaches it, at that
+        # position: the match's hits from nidx on are the owner's pages at their own positions, those
+        # before it are indexed; a guess that is not its page there is looked up, as before)
+        if owner is not None:
+            opages, k = owner.pages, len(owner.hashes) + owner.ndef - 1
         for key in islice(lru.live(), e):  # the e victims
             if key in index:
                 i = len(hits) - 1 if hits[-1] == key else hits.index(key)  # (mostly its last: `_cut_hit`)
             elif owner is not None and marks[key] is owner:  # (one of the owner's pages: a hit if the match has it)
-                try:
-                    i = hits.index(key, nidx)
-                except ValueError:
-                    continue
+                if nidx <= k < len(opages) and opages[k] == key and (k >= len(hits) or hits[k] == key):
+                    i, k = k, k - 1
+                    if i >= len(hits):
+                        continue
+                else:
+                    try:
+                        i = hits.index(key, nidx)
+                    except ValueError:
+                        continue
             else:
                 continue
             if i < cut:
