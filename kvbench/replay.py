@@ -220,12 +220,11 @@ def _quiet_behind(scheduler: Scheduler, ev: StepEvent, left: bool) -> Quiet | No
     its refusal is known now: head_need 1 (paged without prefix caching, no host tier): the
     strategy refuses it now (`still_refused`, admit's decision with that budget), and the
     step's grows take free pages only or none (the run stops before any other), which leaves
-    it refused (see head_need). head_need 2 (paged, prefix caching, plain LRU): refused now
-    (`still_refused`: admit's decision, its match retried as admit retries it), and from here
-    the run is the one `QuietRun.retire` goes on with after a finish (`_refused`): step 0's
-    takes run only where `quiet_pages`' guard shows the refusal lasts through them, a step
-    taking no page leaves the pool admission sees as it is now. A later step is as in any run
-    behind a refused head. Everything else the run needs is what a run after a steady step
+    it refused (see head_need). head_need 2 (paged, prefix caching, plain LRU): the next step
+    takes no page (see below), so its grows leave the pool admission sees as it is now, and the
+    head is refused now (`still_refused`: admit's decision, its match retried as admit retries
+    it): the match the run keeps is the one stepping's refusal in step 0 leaves, and from step
+    1 on the run is one behind a head refused in the step before (`quiet_pages`' guard). Everything else the run needs is what a run after a steady step
     has: the queue's head stays while it lasts (fcfs: arrivals join behind it; another policy:
     an arrival ends the run before it starts, `replay`), and nobody is admitted, preempted or
     passed over in its steps. Mutates only the strategy's waiting match (still_refused, as the
@@ -243,17 +242,19 @@ def _quiet_behind(scheduler: Scheduler, ev: StepEvent, left: bool) -> Quiet | No
         if refused is None:
             return None
         if need == 2:
-            # the next step's grows succeed (it preempts nobody: it tries the head, as asked here;
-            # else stepping would leave the strategy's waiting match as it is, not retried): its
-            # takers, the requests whose last page is full (paged: a request holds its computed
-            # positions), take free or cached pages, one each
+            # the next step takes no page: no request's last page is full (paged: a request holds
+            # its computed positions). Then its grows only move slots from reserved to token in the
+            # requests' own pages: they take, evict, register and release nothing, so the pool the
+            # head's admission sees in it is the one now, whatever the waiting match was before
+            # (asked here, the match is the head's before those grows: stepping makes it after them,
+            # the same). Where the step takes pages, stepping runs its grows with the match it kept
+            # (another request's, or this one's as last retried), not one retried now: the guard's
+            # argument covers the steps after a refusal in the step before, not this (checked on
+            # results/baselines' paged-shared_prefix, whose numbers moved when it was allowed)
             ps = st.page_size
-            nt = 0
             for s in scheduler.running:
                 if not s.computed % ps:
-                    nt += 1
-            if nt * ps > states.free + states.cached:
-                return None
+                    return None
         h = _first_tried(scheduler)
         req = h.request
         if not refused(h.id, req.tokens if scheduler._ids else None, h.prefill_target,

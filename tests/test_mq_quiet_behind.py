@@ -1,7 +1,8 @@
 """A quiet run may start right after a step that was not steady while requests wait
 (`kvbench.replay._quiet_behind`: after a step that preempted, or one whose requests all emitted
 and have only decodes left), where the strategy shows the head is refused in the next step
-(paged: `still_refused`, with and without prefix caching) or nobody is tried. Compared with
+(paged: `still_refused`, with and without prefix caching; with it, where that step takes no
+page) or nobody is tried. Compared with
 stepping every step (no fast-forward): the pool (page ids, free stack, LRU order, hash table,
 lazy owners, the waiting match) and the scheduler's decisions after every step the fast path
 plans, at the same step of stepping, and the same tables (tests/test_m_paged_guard.py's check);
@@ -43,5 +44,5 @@ def test_runs_behind_after_unsteady_steps_equal_stepping(case, caching, monkeypa
         assert planned <= before
         total[0] += started[0]
         total[1] += before - planned
-    if case not in ("lpm-urgent",):
+    if case != "lpm-urgent" and not (caching and ps == 1):  # (page size 1: every decode takes a page)
         assert total[0] > 0 and total[1] > 0  # (runs started there, and planned steps went)
