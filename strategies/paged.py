@@ -1244,10 +1244,12 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._register_full_pages(seq)
         self._reserved -= seq.reserved
         if self._solo:  # every page is the request's own, never hashed: all free, in _unref_pages' order
+            # (their fills sum to its length: each of its positions written once into its own pages,
+            # none shared or copied)
             pages, ref = seq.pages, self._ref
             for pid in pages:
                 ref[pid] = 0
-            self._token -= sum(map(self._fill.__getitem__, pages))
+            self._token -= seq.length
             self._free.fromlist(pages[::-1])
         elif seq.lazy:  # (no page of it is shared: no `_after_unshare`; its own pages keep `_ref` 1)
             self._release_owner(seq)
