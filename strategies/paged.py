@@ -996,7 +996,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         A cut at the match's last hit lowers available and revived by one each and raises need
         by at most one: the head stays out (overloaded Mooncake: all 1.7k cuts); a cut below
         other cached hits may let it in (hits out of the LRU's order: a prefix computed twice
-        in one step, tests/test_m_paged_guard.py). Nothing else runs in a quiet step (no
+        in one step, tests/test_paged_refused_head.py). Nothing else runs in a quiet step (no
         admission, release or preemption: a call stops at the run's next finish, after which
         `QuietRun.retire` asks `still_refused`, and before takes that free + cached pages cannot
         serve). The checks: `_HeadGuard.take`."""

@@ -5,14 +5,14 @@ tests/test_paged_lazy.py's random calls compare the lazy pool with one that hash
 (every answer, page table, slot state and the hashed view of the table after every call); here
 the same runs must take the reusing path and still agree; and a
 replay with preemptions (fast path against stepping, the pool after every planned step:
-tests/test_m_paged_guard.py) takes it too."""
+tests/test_paged_refused_head.py) takes it too."""
 from __future__ import annotations
 
 import pytest
 
 from kvbench.strategies.paged import PagedStrategy
 from tests import test_paged_lazy as L
-from tests.test_m_paged_guard import CASES, _compare, _requests
+from tests.test_paged_refused_head import CASES, _compare, _requests
 
 
 def _counting(monkeypatch):

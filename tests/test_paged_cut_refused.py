@@ -1,6 +1,6 @@
 """`PagedStrategy._cut_refused` finds the position of an owner's page among the waiting match's
 hits from its place in the owner's run of the LRU (a guess, verified, else looked up as before):
-here every call of it in guarded replays (tests/test_m_paged_guard.py's, fast path against
+here every call of it in guarded replays (tests/test_paged_refused_head.py's, fast path against
 stepping) is compared with the lookup it replaces (each victim's position by `list.index`), and
 the guess must be taken."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 
 from kvbench.strategies.paged import PagedStrategy, _Seq
-from tests.test_m_paged_guard import CASES, _compare, _requests
+from tests.test_paged_refused_head import CASES, _compare, _requests
 
 
 def _reference(self, memo, e, nt, prompt, budget):

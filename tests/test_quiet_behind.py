@@ -5,14 +5,14 @@ and have only decodes left), where the strategy shows the head is refused in the
 page) or nobody is tried. Compared with
 stepping every step (no fast-forward): the pool (page ids, free stack, LRU order, hash table,
 lazy owners, the waiting match) and the scheduler's decisions after every step the fast path
-plans, at the same step of stepping, and the same tables (tests/test_m_paged_guard.py's check);
+plans, at the same step of stepping, and the same tables (tests/test_paged_refused_head.py's check);
 and the path is taken: runs start there, and fewer steps are planned than without it."""
 from __future__ import annotations
 
 import pytest
 
 import kvbench.replay as R
-from tests.test_m_paged_guard import CASES, _compare, _requests
+from tests.test_paged_refused_head import CASES, _compare, _requests
 
 
 def _counting(monkeypatch):
