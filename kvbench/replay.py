@@ -224,10 +224,10 @@ def _quiet_behind(scheduler: Scheduler, ev: StepEvent, left: bool) -> Quiet | No
     takes no page (see below), so its grows leave the pool admission sees as it is now, and the
     head is refused now (`still_refused`: admit's decision, its match retried as admit retries
     it): the match the run keeps is the one stepping's refusal in step 0 leaves, and from step
-    1 on the run is one behind a head refused in the step before (`quiet_pages`' guard). Everything else the run needs is what a run after a steady step
-    has: the queue's head stays while it lasts (fcfs: arrivals join behind it; another policy:
-    an arrival ends the run before it starts, `replay`), and nobody is admitted, preempted or
-    passed over in its steps. Mutates only the strategy's waiting match (still_refused, as the
+    1 on the run is one behind a head refused in the step before (`quiet_pages`' guard).
+    Everything else the run needs is what a run after a steady step has: the queue's head stays
+    while it lasts (fcfs: arrivals join behind it; another policy: an arrival ends the run
+    before it starts, `replay`), and nobody is admitted, preempted or passed over in its steps. Mutates only the strategy's waiting match (still_refused, as the
     scheduler's refused retry would in the next step)."""
     held, fresh = scheduler.held_after
     if fresh:
