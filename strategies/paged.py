@@ -1190,7 +1190,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         refused after the step (admit's decision, with the match cut at the first hit evicted:
         `_cut`), the number of hits left, else None. `prompt`: its num_prompt; `budget`: the
         step's tokens left for it. O(e + hits). Pure."""
-        hits, ps, ref, marks, lru = memo.hits, self.page_size, self._ref, self._hash, self._lru
+        hits, marks, lru = memo.hits, self._hash, self._lru
         index, nidx = memo.index, memo.nidx  # (the hits: `index`, and those past it, one owner's: `_index`)
         owner = marks[hits[-1]] if nidx < len(hits) else None
         cut = len(hits)
@@ -1219,6 +1219,13 @@ class PagedStrategy(LazyRegistration, Strategy):
                 cut = i
         if cut == len(hits):
             return None  # (none is a hit: the caller looked wrong)
+        return self._refused_cut(memo, cut, nt, prompt, budget)
+
+    def _refused_cut(self, memo: _Match, cut: int, nt: int, prompt: int, budget: int) -> int | None:
+        """`_cut_refused`'s decision once the first hit evicted is known: `cut` where admit would
+        still refuse the waiting match cut there (after a step that takes nt pages), else None.
+        O(hits). Pure."""
+        hits, ps, ref, marks = memo.hits, self.page_size, self._ref, self._hash
         gone = 0  # its cached hits cut (`_cut`: ref 0, or registered lazily by an owner that left)
         for pid in hits[cut:]:
             if ref[pid] == 0:
@@ -1231,7 +1238,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         rest = -(-prompt // ps) - cut
         if rest < need:
             need = rest
-        available = len(self._free) + self._fresh + lru.n - nt
+        available = len(self._free) + self._fresh + self._lru.n - nt
         return cut if need > available - (memo.cached - gone) else None
 
     def release(self, rid) -> None:

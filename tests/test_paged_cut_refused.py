@@ -9,13 +9,13 @@ from itertools import islice
 
 import pytest
 
-from kvbench.strategies.paged import PagedStrategy, _Seq
+from kvbench.strategies.paged import PagedStrategy
 from tests.test_paged_refused_head import CASES, _compare, _requests
 
 
 def _reference(self, memo, e, nt, prompt, budget):
-    """The lookup before: each victim's position in the match by `list.index`."""
-    hits, ps, ref, marks, lru = memo.hits, self.page_size, self._ref, self._hash, self._lru
+    """The lookup before: each victim's position in the match by `list.index` (then the same decision)."""
+    hits, marks, lru = memo.hits, self._hash, self._lru
     index, nidx = memo.index, memo.nidx
     owner = marks[hits[-1]] if nidx < len(hits) else None
     cut = len(hits)
@@ -31,22 +31,7 @@ def _reference(self, memo, e, nt, prompt, budget):
             continue
         if i < cut:
             cut = i
-    if cut == len(hits):
-        return None
-    gone = 0
-    for pid in hits[cut:]:
-        if ref[pid] == 0:
-            gone += 1
-        else:
-            h = marks[pid]
-            if h.__class__ is _Seq and h.gone:
-                gone += 1
-    need = -(-budget // ps)
-    rest = -(-prompt // ps) - cut
-    if rest < need:
-        need = rest
-    available = len(self._free) + self._fresh + lru.n - nt
-    return cut if need > available - (memo.cached - gone) else None
+    return None if cut == len(hits) else self._refused_cut(memo, cut, nt, prompt, budget)
 
 
 @pytest.mark.parametrize("case", ["ps16", "ps16-small-budget", "ps4", "ps1"])
