@@ -239,8 +239,8 @@ def bench_decode(copy_gbps, args, gen):
     layouts = [(1, False), (16, False), (64, False), (256, False), (L, True)]
     tables = {lay: (pt16 if lay == (16, False) else paged_table(B, L, lay[0], dev, gen, lay[1])) for lay in layouts}
     if args.sweep:
-        grid = [dict(BLOCK_N=bn, num_warps=4, num_stages=st) for bn, st in
-                [(32, 3), (32, 4), (64, 2), (64, 3), (64, 4), (128, 2), (32, 2)]]
+        grid = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, st in
+                [(32, 3), (32, 4), (64, 2), (64, 3), (64, 4), (128, 2), (32, 2), (64, 1), (128, 1)] for w in (4, 8)]
         for cfg in grid[: args.sweep_limit]:
             for ns in [1, 2]:
                 try:
@@ -745,8 +745,14 @@ def main():
     ap.add_argument("--only", default="", help="comma list of: decode,wide,long,extend,kvwrite,linear,pagecopy")
     ap.add_argument("--long-ctx", type=int, default=None,
                     help="context of the batch-1 decode rows (`long`; default 32768): 2048 is the 8B batch-1 step's")
+    ap.add_argument("--decode-ctx", type=int, default=None,
+                    help="context of the batch-64 decode rows (`decode`; default 4096): 2048 is the 8B batch-64 step's")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args()
+    if args.decode_ctx is not None:
+        if args.decode_ctx < 256 or args.decode_ctx % 256:
+            ap.error(f"--decode-ctx must be a multiple of 256, got {args.decode_ctx}")
+        SZ["dec_L"] = args.decode_ctx
     if args.long_ctx is not None:
         if args.long_ctx < 64:
             ap.error(f"--long-ctx must be >= 64, got {args.long_ctx}")
