@@ -36,6 +36,16 @@ GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
 # x of 17-128 rows (a decode batch plus a short prefill chunk): x padded to 32, 64 or 128 rows
 SKINNY_GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, num_warps=w, num_stages=s)
                for bn, bkk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4))]
+# the split-K kernel for x of 17-64 rows (`_gemm_splitk_kernel`): wide column blocks, K split so
+# that the grid has 64-512 programs (chosen per shape in `splitk_grid`)
+SPLITK_GRID = [dict(BLOCK_N=bn, BLOCK_K=bkk, SPLIT=sp, num_warps=w, num_stages=s)
+               for (bn, w), bkk, sp, s in itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (64, 128),
+                                                            (1, 2, 3, 4, 6, 8, 16), (3, 5))]
+
+
+def splitk_grid(N: int, K: int) -> list[dict]:
+    return [c for c in SPLITK_GRID if 96 <= triton.cdiv(N, c["BLOCK_N"]) * c["SPLIT"] <= 400
+            and K // c["SPLIT"] >= 2 * c["BLOCK_K"]]
 
 
 def block_m(M: int) -> int:
@@ -47,11 +57,11 @@ def main() -> None:
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--m", default="1", help="rows of x (comma list)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--grid", choices=("full", "skinny"), default="full",
+    ap.add_argument("--grid", choices=("full", "skinny", "splitk"), default="full",
                     help=f"full: {len(GRID)} configs (x padded to {lin.MAX_M} rows); skinny: {len(SKINNY_GRID)} "
                          "configs for x of more rows (padded to a power of 2)")
     args = ap.parse_args()
-    grid = GRID if args.grid == "full" else SKINNY_GRID
+    grid = GRID if args.grid == "full" else SKINNY_GRID if args.grid == "skinny" else None
     bk.DEV = dev = torch.device("cuda")
     _, copy_gbps, _ = bk.copy_bandwidth(2.0)
     print(f"device {torch.cuda.get_device_name()} copy {copy_gbps:.1f} GB/s; {len(grid)} configs", flush=True)
@@ -75,18 +85,30 @@ def main() -> None:
             add("cublas", bk.bench_rot([lambda i=i: F.linear(xs[i], ws[i]) for i in range(R)]))
             if M <= lin.MAX_M:
                 add("linear (autotuned)", bk.bench_rot([lambda i=i: lin.linear(xs[i], ws[i]) for i in range(R)]))
-            for cfg in grid:
-                if (block_m(M) + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] > 220_000:
+            part = torch.empty(16 * 64 * N, device=dev, dtype=torch.float32)
+            lock = torch.zeros(4096, device=dev, dtype=torch.int32)
+            for cfg in grid or splitk_grid(N, K):
+                bm = block_m(M) if grid else 64
+                if (bm + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2 * cfg["num_stages"] > 220_000:
                     continue                                  # more shared memory than an SM has
-                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=block_m(M), PDL=0, **cfg)
+                meta = dict(HAS_BIAS=False, DOT_F32=False, DOT_PREC="tf32", BLOCK_M=bm, PDL=0, **cfg)
 
                 def call(i, meta=meta):
-                    lin._gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
-                        xs[i], ws[i], ws[i], ys[i], M, N, K, xs[i].stride(0), ws[i].stride(0), ys[i].stride(0),
-                        **meta)
+                    if grid:
+                        lin._gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+                            xs[i], ws[i], ws[i], ys[i], M, N, K, xs[i].stride(0), ws[i].stride(0), ys[i].stride(0),
+                            **meta)
+                    else:
+                        lin._gemm_splitk_kernel[(triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])](
+                            xs[i], ws[i], ws[i], ys[i], part, lock, M, N, K, xs[i].stride(0), ws[i].stride(0),
+                            ys[i].stride(0), **meta)
                 try:
                     call(0)
                     ok = bool(torch.allclose(ys[0].float(), ref, atol=2e-2, rtol=2e-2))
+                    if not grid:       # the same bits again (the merge is in split order)
+                        first = ys[0].clone()
+                        call(0)
+                        ok = ok and bool(torch.equal(first, ys[0]))
                     ms = bk.bench_rot([lambda i=i: call(i) for i in range(R)], rep=50)
                 except Exception as e:  # out of resources for this config
                     print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
