@@ -8,7 +8,9 @@ its 4.5 GPU ms).
 Each config: GPU time per call from a CUDA graph of calls over weight copies that together
 exceed L2 (bench_kernels.bench_rot), as weight GB/s and as a fraction of a device copy measured
 first. Writes DIR/gemv_sweep.csv (every config) and prints the best five per shape beside the
-autotuned choice and cuBLAS. Needs CUDA.
+autotuned choice and cuBLAS. `--grid splitk --m 64` sweeps `_gemm_splitk_kernel` below (x of up
+to 64 rows, a batch-64 decode step's projections, K split and merged in split order) against
+cuBLAS: not kept in kernels/ (docs/kernels.md, "Batch 64"). Needs CUDA.
 """
 from __future__ import annotations
 
@@ -22,11 +24,76 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (use_checkout done there)
 
 from kvbench.kernels import linear as lin  # noqa: E402
+from kvbench.kernels._common import pdl_begin, pdl_late  # noqa: E402
+
+
+@triton.jit
+def _gemm_splitk_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,          # x [M, K], W [N, K], b [N], y [M, N]
+    ws_ptr, lock_ptr,                    # SPLIT > 1: fp32 partials [SPLIT, BLOCK_M, N], int32 tickets [>= n blocks]
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """x of up to BLOCK_M rows (a decode batch of 17-64) on the tensor cores, K split SPLIT ways:
+    program (n, s) computes the [BLOCK_M, BLOCK_N] tile of columns n over the s-th run of K tiles.
+    Wide column blocks keep x's re-reads from L2 few (each program reads x's [BLOCK_M, K / SPLIT]);
+    the split fills the GPU. With SPLIT > 1 each program stores its fp32 partial and takes a
+    ticket; the last of a column block to arrive adds the SPLIT partials in split order (so the
+    result does not depend on arrival: graph and eager give the same bits), writes y and resets
+    the ticket."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k_lo = split * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    pdl_begin(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)   # [BN, BK]
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        if DOT_F32:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)                             # [BM, BN]
+    pdl_late(PDL)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT > 1:
+        tile = offs_m[:, None] * N + offs_n[None, :]                                               # [BM, BN]
+        tl.store(ws_ptr + split * (BLOCK_M * N) + tile, acc, mask=out_mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT - 1:
+            tl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            acc = tl.load(ws_ptr + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT):
+                acc += tl.load(ws_ptr + s * (BLOCK_M * N) + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=out_mask)
+
 
 SHAPES = {"8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336),
           "1b qkv": (3072, 2048), "1b o": (2048, 2048), "1b gate_up": (16384, 2048), "1b down": (2048, 8192)}
@@ -64,7 +131,7 @@ def main() -> None:
     grid = GRID if args.grid == "full" else SKINNY_GRID if args.grid == "skinny" else None
     bk.DEV = dev = torch.device("cuda")
     _, copy_gbps, _ = bk.copy_bandwidth(2.0)
-    print(f"device {torch.cuda.get_device_name()} copy {copy_gbps:.1f} GB/s; {len(grid)} configs", flush=True)
+    print(f"device {torch.cuda.get_device_name()} copy {copy_gbps:.1f} GB/s; {len(grid) if grid else 'per-shape split-K'} configs", flush=True)
     rows = []
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
@@ -99,7 +166,7 @@ def main() -> None:
                             xs[i], ws[i], ws[i], ys[i], M, N, K, xs[i].stride(0), ws[i].stride(0), ys[i].stride(0),
                             **meta)
                     else:
-                        lin._gemm_splitk_kernel[(triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])](
+                        _gemm_splitk_kernel[(triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])](
                             xs[i], ws[i], ws[i], ys[i], part, lock, M, N, K, xs[i].stride(0), ws[i].stride(0),
                             ys[i].stride(0), **meta)
                 try:
