@@ -105,6 +105,54 @@ def kernel_table(graph) -> tuple[list[dict], float]:
 
 
 @contextlib.contextmanager
+def blas(lib: str | None = None, bf16_reduction: bool | None = None):
+    """cuBLAS settings for the projections of more than 16 rows (F.linear)."""
+    m = torch.backends.cuda.matmul
+    saved = torch.backends.cuda.preferred_blas_library(), m.allow_bf16_reduced_precision_reduction
+    if lib:
+        torch.backends.cuda.preferred_blas_library(lib)
+    if bf16_reduction is not None:
+        m.allow_bf16_reduced_precision_reduction = bf16_reduction
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(saved[0])
+        m.allow_bf16_reduced_precision_reduction = saved[1]
+
+
+@contextlib.contextmanager
+def splitk_down(cfg: dict):
+    """The down projection (K = 14336) of 17-64 rows on gemv_sweep's split-K kernel instead of cuBLAS."""
+    import types
+
+    import torch.nn.functional as F
+    import triton
+
+    from gemv_sweep import _gemm_splitk_kernel
+    from kvbench.kernels import _common
+    from kvbench.kernels import linear as lin
+    part = torch.empty(cfg["SPLIT"] * 64 * 4096, device="cuda", dtype=torch.float32)
+    lock = torch.zeros(4096, device="cuda", dtype=torch.int32)
+
+    def linear(x, w, b=None):
+        M, K = x.shape
+        N = w.shape[0]
+        if not (16 < M <= 64 and K == 14336 and b is None):
+            return F.linear(x, w, b)
+        y = x.new_empty(M, N)
+        _gemm_splitk_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT"])](
+            x, w, w, y, part, lock, M, N, K, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, DOT_F32=False,
+            DOT_PREC="tf32", BLOCK_M=64, **cfg, **_common.pdl_args(x.device))
+        return y
+    saved = lin.F
+    lin.F = types.SimpleNamespace(linear=linear)
+    try:
+        yield
+    finally:
+        lin.F = saved
+
+
+@contextlib.contextmanager
 def variant(decode: dict | None, rms_warps: int | None):
     from kvbench.kernels import decode_attention as dmod
     from kvbench.kernels import rms_norm as rmod
@@ -131,6 +179,12 @@ def main() -> None:
     ap.add_argument("--decode-config", action="append", default=[],
                     help="a decode attention config to A/B (repeatable), e.g. BLOCK_N=128,num_warps=8,num_stages=1")
     ap.add_argument("--rms-warps", type=int, action="append", default=[], help="RMSNorm num_warps to A/B (repeatable)")
+    ap.add_argument("--blas", action="append", default=[], help="preferred BLAS library to A/B (cublas, cublaslt)")
+    ap.add_argument("--bf16-reduction-off", action="store_true",
+                    help="A/B cuBLAS without bf16 reduced-precision reductions")
+    ap.add_argument("--splitk-down", default="",
+                    help="A/B the down projection on gemv_sweep's split-K kernel, e.g. "
+                         "BLOCK_N=64,BLOCK_K=128,SPLIT=2,num_warps=4,num_stages=5")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the A/B")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -149,13 +203,19 @@ def main() -> None:
     print(f"{'kernel':70s} {'n':>4s} {'dur µs':>9s} {'path µs':>9s} {'path %':>7s}")
     for r in rows:
         print(f"{r['name']:70s} {r['count']:4d} {r['dur_us']:9.1f} {r['path_us']:9.1f} {r['path_us'] / span:7.1%}")
-    variants = [("default", None, None)] + [(f"decode {c}", parse_cfg(c), None) for c in args.decode_config] + \
-               [(f"rms_norm num_warps={w}", None, w) for w in args.rms_warps]
-    ab: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    variants = [("default", contextlib.nullcontext)]
+    variants += [(f"decode {c}", lambda c=c: variant(parse_cfg(c), None)) for c in args.decode_config]
+    variants += [(f"rms_norm num_warps={w}", lambda w=w: variant(None, w)) for w in args.rms_warps]
+    variants += [(f"BLAS {lib}", lambda lib=lib: blas(lib)) for lib in args.blas]
+    if args.bf16_reduction_off:
+        variants.append(("cuBLAS, no bf16 reduced-precision reduction", lambda: blas(bf16_reduction=False)))
+    if args.splitk_down:
+        variants.append((f"down on split-K {args.splitk_down}", lambda: splitk_down(parse_cfg(args.splitk_down))))
+    ab: dict[str, list[float]] = {name: [] for name, _ in variants}
     if len(variants) > 1:
         for _ in range(args.rounds):
-            for name, dcfg, rw in variants:
-                with variant(dcfg, rw):
+            for name, make in variants:
+                with make():
                     ab[name].append(replay_ms(captured(eng, batch)))
         print("A/B (graph replay, median of 20 per round; rounds interleaved):")
         for name, t in ab.items():
