@@ -393,19 +393,22 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
 
 
 AB_VARIANTS = ("no PDL", "PDL early", "cublas", "decode splits >= 128 tokens", "decode splits >= 256 tokens",
-               "decode fused merge")
+               "decode fused merge", "cuBLAS API (torch's default)")
 
 
 @contextlib.contextmanager
 def ab_variant(name: str):
     """Run the engine with one change against the default (kernels with programmatic dependent
-    launch in mode "late"; `linear` for batches <= 16; split-KV decode with splits of >= 64
-    tokens and a merge kernel)."""
+    launch in mode "late"; `linear` for batches <= 16, cuBLASLt above; split-KV decode with splits
+    of >= 64 tokens and a merge kernel)."""
     from kvbench.kernels import _common
     from kvbench.kernels import decode_attention as dmod
     from kvbench.kernels import linear as linmod
     mode = {"no PDL": "off", "PDL early": "early"}.get(name)
     was = _common.set_pdl(mode) if mode else None
+    blas = torch.backends.cuda.preferred_blas_library()
+    if name.startswith("cuBLAS API"):       # the engine's default is cuBLASLt (engine.blas)
+        torch.backends.cuda.preferred_blas_library("cublas")
     saved = linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG
     if name == "cublas":
         linmod.MAX_M = 0
@@ -418,6 +421,7 @@ def ab_variant(name: str):
     finally:
         if mode:
             _common.set_pdl(was)
+        torch.backends.cuda.preferred_blas_library(blas)
         linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG = saved
 
 
@@ -451,7 +455,7 @@ def time_decode(res: dict, bw: float) -> None:
             for graphs in (False, True):
                 rows.append(time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw))
             for variant in AB_VARIANTS if layout == "paged" else ():   # A/B, same run, graphs
-                if batch_size > 1 and variant not in ("no PDL", "PDL early"):
+                if batch_size > 1 and variant not in ("no PDL", "PDL early", "cuBLAS API (torch's default)"):
                     continue                         # batch 64: cuBLAS anyway, no split-KV
                 with ab_variant(variant):
                     eng.drop_graphs()

@@ -88,6 +88,7 @@ RANGE_CASES = [
     (["engine.overhead_s=nan"], "engine.overhead_s=nan: must be a finite number >= 0"),
     (["engine.overhead_s=inf"], "engine.overhead_s=inf: must be a finite number >= 0"),
     (["engine.decode_token_s=-1e-5"], "engine.decode_token_s=-1e-05: must be a finite number >= 0"),
+    (["engine=gpu", "engine.blas=cublasLt"], "engine.blas='cublasLt': must be one of cublaslt, cublas, default"),
     (["strategy.page_size=1.5"], "strategy.page_size=1.5: must be an integer >= 1"),
     (["strategy.page_size=0"], "strategy.page_size=0: must be an integer >= 1"),
     (["strategy.prefix_caching=abc"], "strategy.prefix_caching='abc': must be true or false"),

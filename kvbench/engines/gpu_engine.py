@@ -89,6 +89,10 @@ def context_pages(seq_len: int, page_size: int) -> int:
 
 
 GRAPH_WARMUP = ("all", "decode", "none")
+# the cuBLAS API of projections of more than 16 rows (F.linear; torch.backends.cuda.preferred_blas_library):
+# an 8B batch-64 decode step replays in 8.55 ms with cuBLASLt against 8.76 ms with torch's default
+# (cuBLAS) on an H200 (docs/model.md); "default" leaves torch's choice
+BLAS_LIBRARIES = ("cublaslt", "cublas", "default")
 
 
 def graph_keys(mode: str, *, max_num_seqs: int, max_num_batched_tokens: int, graph_max_tokens: int,
@@ -200,6 +204,9 @@ class GPUEngine(TorchEngine):
         warmup: before the replay, run the mixed-batch shapes the Triton kernels specialize on
             (batch-size buckets, page size, contiguous or not), so that no step is timed with a
             just-in-time compile in it (each costs about a second, seen on an H200).
+        blas: the cuBLAS API for projections of more than 16 rows, set for the process
+            (`BLAS_LIBRARIES`): "cublaslt" (default: its heuristics pick faster kernels for a
+            decode batch's skinny GEMMs), "cublas" (torch's own default), "default" (unchanged).
         graph_warmup: with cuda_graphs, which graphs `bind` captures before the replay
             (`graph_keys`): "all" (every key a step within the limits can meet), "decode"
             (decode-only steps), "none" (each on first use, as before). A key the warm-up missed
@@ -212,6 +219,7 @@ class GPUEngine(TorchEngine):
     binds_strategy = True  # kvbench.run passes every strategy to bind (slab's contiguous layout)
     # (class defaults: the CPU tests' stand-in builds the engine without __init__)
     graph_warmup = "none"
+    blas = "default"
     max_model_len = None
     graph_captures_in_replay = 0
     graph_warmup_captures = 0
@@ -228,9 +236,14 @@ class GPUEngine(TorchEngine):
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
                  profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True,
                  graph_max_tokens: int = 8192, graph_warmup: str = "none", max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, blas: str = "cublaslt"):
+        if blas not in BLAS_LIBRARIES:
+            raise ValueError(f"blas={blas!r}: must be one of {', '.join(BLAS_LIBRARIES)}")
         if not torch.cuda.is_available():
             raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
+        if blas != "default":
+            torch.backends.cuda.preferred_blas_library(blas)
+        self.blas = blas
         cfg = as_model_config(model if isinstance(model, ModelConfig) else _plain(model))
         dev = torch.device(device)
         if dev.index is None:
@@ -687,7 +700,7 @@ class GPUEngine(TorchEngine):
                 "gpu_total_mem_bytes": int(self.total_mem),
                 "gpu_memory_utilization": self.utilization,
                 "activation_peak_bytes": self.activation_peak,
-                "cuda_graphs": self.cuda_graphs, "cuda_graph_captures": len(self._graphs),
+                "blas": self.blas, "cuda_graphs": self.cuda_graphs, "cuda_graph_captures": len(self._graphs),
                 "cuda_graph_capture_s": self.graph_capture_s, "warmup_s": self.warmup_s, **self.graph_summary()}
 
     def graph_summary(self) -> dict:
