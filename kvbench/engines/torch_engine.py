@@ -478,38 +478,58 @@ class TorchEngine(Engine):
         """StepBatch -> the flat batch as numpy arrays (one host->device copy each later). The
         requests with one new token come first (`num_decode` of them, for the decode kernel);
         logits rows stay in the order of the batch's emitting requests."""
-        ps, order, num_decode = batch.page_size, list(range(len(batch.seqs))), 0
+        ps, seqs, num_decode = batch.page_size, list(batch.seqs), 0
         if not batch.decode_only:
-            order.sort(key=lambda i: batch.seqs[i].num_new != 1)  # stable: one-token rows first
-            num_decode = sum(1 for s in batch.seqs if s.num_new == 1)
-        seqs = [batch.seqs[i] for i in order]
-        n_new = np.fromiter((s.num_new for s in seqs), np.int64, len(seqs))
-        starts = np.fromiter((s.start for s in seqs), np.int64, len(seqs))
-        qsl = np.zeros(len(seqs) + 1, np.int64)
-        np.cumsum(n_new, out=qsl[1:])
+            order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_new != 1)  # stable: one-token rows first
+            seqs = [seqs[i] for i in order]
+            num_decode = sum(1 for s in seqs if s.num_new == 1)
+        b = len(seqs)
+        starts = np.fromiter([s.start for s in seqs], np.int64, b)
+        if batch.decode_only:  # one new token each (a decode batch: the step the graphs replay most)
+            n_new = np.ones(b, np.int64)
+            qsl = np.arange(b + 1, dtype=np.int64)
+            tid = self._token_ids
+            ids = np.fromiter([tid(s.request)[s.start] for s in seqs], np.int64, b)
+        else:
+            n_new = np.fromiter([s.num_new for s in seqs], np.int64, b)
+            qsl = np.zeros(b + 1, np.int64)
+            np.cumsum(n_new, out=qsl[1:])
+            ids = np.concatenate([self._token_ids(s.request)[s.start:s.start + s.num_new] for s in seqs])
         seq_lens = starts + n_new
         if self.hybrid is None:
-            table = np.zeros((len(seqs), max(len(s.page_table) for s in seqs)), np.int32)
-            for b, s in enumerate(seqs):
-                table[b, :len(s.page_table)] = s.page_table  # rows padded with page 0, never read
+            pts = [s.page_table for s in seqs]
+            lens = np.fromiter(map(len, pts), np.int64, b)
+            width = int(lens.max())
+            if int(lens.min()) == width:  # (one concatenate: np.stack costs 3x more at 64 rows)
+                table = np.concatenate(pts).astype(np.int32, copy=False).reshape(b, width)
+            else:  # rows padded with page 0, never read
+                table = np.zeros((b, width), np.int32)
+                table[np.arange(width) < lens[:, None]] = np.concatenate(pts)
         else:  # [num_tables, B, pages]: each table from the strategy, NULL entries proven unread
             t0 = time.perf_counter()
             table = self.hybrid.host_tables(self.strategy, seqs, starts, seq_lens)
             self.table_build_s += time.perf_counter() - t0
         # token i of the flat batch: request rows[i], position pos[i] (vectorized: host time is
         # step time, and a 64-request decode step is only a few ms on the GPU)
-        rows = np.repeat(np.arange(len(seqs)), n_new)
-        pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
+        if batch.decode_only:
+            rows, pos = np.arange(b), starts
+        else:
+            rows = np.repeat(np.arange(b), n_new)
+            pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
         # [T] or [num_tables, T] (C order: numpy's fancy indexing may return it transposed, and the
         # kernels read a slot mapping as contiguous)
-        slots = np.ascontiguousarray(table[..., rows, pos // ps].astype(np.int64) * ps + pos % ps)
-        ids = [self._token_ids(s.request)[s.start:s.start + s.num_new] for s in seqs]
-        row = np.empty(len(order), np.int64)
-        row[order] = np.arange(len(order))  # the batch's request i is row row[i]
-        emit = row[[i for i, s in enumerate(batch.seqs) if s.emits_token]]  # in the batch's order
-        return HostBatch(np.concatenate(ids), pos, slots, table,
-                         qsl, seq_lens, qsl[1:][emit] - 1, ps, batch.contiguous and self.hybrid is None,
-                         batch.decode_only, num_decode, None if self.hybrid is None else self.hybrid.layer_table)
+        slots = (table[rows, pos // ps] if table.ndim == 2 else np.ascontiguousarray(table[:, rows, pos // ps]))
+        slots = slots.astype(np.int64) * ps + pos % ps
+        emitting = [i for i, s in enumerate(batch.seqs) if s.emits_token]  # in the batch's order
+        if batch.decode_only:
+            emit = np.array(emitting, np.int64)
+        else:
+            row = np.empty(b, np.int64)
+            row[order] = np.arange(b)  # the batch's request i is row row[i]
+            emit = row[emitting]
+        return HostBatch(ids, pos, slots, table, qsl, seq_lens, qsl[1:][emit] - 1, ps,
+                         batch.contiguous and self.hybrid is None, batch.decode_only, num_decode,
+                         None if self.hybrid is None else self.hybrid.layer_table)
 
     def _token_ids(self, req) -> np.ndarray:
         ids = self._ids.get(req.id)
