@@ -88,7 +88,8 @@ class QuietRun:
     __slots__ = ("sched", "st", "seqs", "live", "requests", "states", "kv_read", "waiting", "preemptions",
                  "head_need", "may_take_pages", "_moves", "_room", "_bulk", "_merge", "moved", "j", "grown",
                  "held", "deferred", "pages_at", "fin", "finishing", "done", "blocked", "chunk", "chunk_size",
-                 "limit", "_takes", "_fin_steps", "_next_fin", "g0", "_pages", "_rids", "_comp", "_guard")
+                 "limit", "_takes", "_fin_steps", "_next_fin", "g0", "_pages", "_rids", "_comp", "_guard",
+                 "_live_ids")
 
     def __init__(self, scheduler: Scheduler, steady: Quiet, grown: bool = False) -> None:
         self.sched = scheduler
@@ -116,6 +117,7 @@ class QuietRun:
         # the strategy's and the scheduler's, looked up once)
         self._moves, room_of, self._bulk, never, whole, self._pages = scheduler.quiet_calls or _calls(scheduler)
         self._rids = self._comp = None  # (the requests' ids and computed positions, for `_pages`: made at its first call)
+        self._live_ids = None  # (the live requests' ids, for `_bulk`: made at its first call, again after a leave)
         self._room = room_of
         # grow(a) then grow(b) leaves the strategy as grow(a + b) does (slab; paged without prefix
         # caching or forks): a taker's deferred grows and its page-taking one are one call
@@ -146,6 +148,11 @@ class QuietRun:
                 rooms = [0 if not g and i in fresh else 1 << 62 for i in range(n)] if fresh else ()
             elif room_of is not None:
                 rooms = [0 if not g and i in fresh else g + room_of(s.id, s.computed + g) for i, s in enumerate(seqs)]
+            elif ps == 1:  # (every room is 0: each takes a page in step g, a fresh one too)
+                rooms = ()
+                at = [i for i in range(n) if g <= fin[i]]
+                if at:
+                    pages_at[g] = at
             else:
                 rooms = [g + -(s.computed + g) % ps for s in seqs]
                 if fresh and not g:
@@ -266,13 +273,17 @@ class QuietRun:
                 break
             heappop(takes)
             if bulk is not None and deferred == 0 and nt == d:  # every live request takes a page
-                order = sorted(takers)  # running order
+                # (the takers are the live requests; each holds computed + j positions: deferred is 0)
+                ids = self._live_ids
+                if ids is None:
+                    ids = self._live_ids = [s.id for s in self.requests]  # running order
                 most = stop - j if not free_only else min(stop - j, free // (nt * ps))  # (free pages only)
-                n = bulk([seqs[i].id for i in order], most, cols)  # >= 1 step (free + cached suffice)
+                n = bulk(ids, most, cols)  # >= 1 step (free + cached suffice)
                 j += n
-                for i in order:
-                    held[i] += n
-                nxt = [i for i in order if j <= fin[i]]
+                # each holds n more (the entries of requests that left are never read again)
+                held = self.held = [h + n for h in held]
+                # (nobody emits its last token before step _next_fin: up to it, every live one takes again)
+                nxt = list(self.live) if j <= self._next_fin else [i for i in self.live if j <= fin[i]]
                 if nxt:
                     pages_at[j] = nxt
                     heappush(takes, j)
@@ -398,6 +409,7 @@ class QuietRun:
         gone = set(self.finishing)
         self.live = [i for i in self.live if i not in gone]
         self.requests = [self.seqs[i] for i in self.live]
+        self._live_ids = None
         self.finishing = None
         self.sched.retire(done)
         self.done += done
