@@ -437,6 +437,11 @@ class QuietRun:
                 for s in live:
                     s.computed += k
                     s.emitted += k
+        elif not self.deferred:  # (each live request holds computed + k: nothing to grow)
+            for i in self.live:
+                s = seqs[i]
+                s.computed += k
+                s.emitted += k
         else:
             for i in self.live:
                 s = seqs[i]
