@@ -5,6 +5,7 @@ stepping."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import kvbench.quiet
 import kvbench.replay
@@ -14,6 +15,7 @@ from kvbench.replay import replay
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler
 from kvbench.strategies.paged import PagedStrategy
+from kvbench.strategies.radix import RadixStrategy
 from kvbench.strategies.slab import SlabStrategy
 
 
@@ -114,3 +116,22 @@ def test_a_run_behind_a_refused_head_goes_on_through_arrivals_and_rejections(mon
     assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
     assert list(r1.status).count("rejected") == 1 and stepped1 == [1] * 5
     assert len(runs) == len(set(map(id, runs))) == 5  # no run was paused at an arrival: one call each
+
+
+@pytest.mark.parametrize("capacity", [1024, 96])
+def test_radix_page_size_1_runs_are_its_bulk_steps_through_finishes_waits_and_preemptions(capacity):
+    # radix at page_size 1: every decode takes a page, so every request takes one in every step of
+    # a run (radix's bulk steps, `decode_steps`). 1024 slots: nobody waits; requests finish inside
+    # runs (the others go on) and arrivals end runs. 96 slots: requests wait and are preempted, and
+    # runs start at a planned step 0 (then one whose last token is in step 0 takes no page after it)
+    specs = [(0.0, 20, 5), (0.0, 20, 9), (0.0, 33, 30), (0.01, 30, 20), (0.05, 12, 20), (0.07, 7, 3),
+             (0.3, 40, 12)]
+
+    def radix():
+        return RadixStrategy(capacity, 512)
+
+    t0, r0, itl0, stepped0, _ = _replay(radix, specs, fast=False, max_num_seqs=8, max_num_batched_tokens=256)
+    t1, r1, itl1, stepped1, _ = _replay(radix, specs, fast=True, max_num_seqs=8, max_num_batched_tokens=256)
+    assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    assert (t0.waiting.max(), t0.preemptions.max()) == ((0, 0) if capacity == 1024 else (4, 4))
+    assert len(stepped0) == len(t0) and len(stepped1) < len(t0) / 4  # the others are quiet
