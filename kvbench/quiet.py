@@ -253,15 +253,7 @@ class QuietRun:
                     n, token, reserved, internal, cached, free, deferred = got
                     external = 0
                     j += n
-                    nf = self._next_fin  # (no live request finishes before it: a take up to it is theirs)
-                    if j + ps > nf + 1:  # (its next takes, within page_size steps, may be past some's last step)
-                        for at in [at for at in pages_at if at > nf]:
-                            keep = [i for i in pages_at[at] if at <= fin[i]]
-                            if keep:
-                                pages_at[at] = keep
-                            else:
-                                del pages_at[at]
-                    takes[:] = sorted(pages_at)
+                    takes[:] = sorted(pages_at)  # (takes past a request's last step go when it leaves: `retire`)
                     continue
             takers = pages_at.pop(j)
             nt = len(takers)
@@ -374,6 +366,8 @@ class QuietRun:
             s.computed, s.emitted = pos, s.emitted + j
             self.kv_read -= pos + 1  # what it would have read in step j
             done.append(s)
+        if self._rids is not None:  # (`_pages` puts a taker's next take page_size steps on, past its last step too)
+            self._drop_takes()
         self._leave(done)
         token, reserved, internal, external, cached, free = self.st.slot_states(self.sched.waiting_kv_len())
         self.states = _new_tuple(SlotStates, (token + self.deferred, reserved - self.deferred, internal, external,
@@ -404,6 +398,17 @@ class QuietRun:
         else:
             self.limit = self.j
             self._guard = None
+
+    def _drop_takes(self) -> None:
+        """The `finishing` requests' next takes leave `pages_at` (and `_takes`). Mutates."""
+        gone, pages_at = set(self.finishing), self.pages_at
+        for at in [at for at, takers in pages_at.items() if not gone.isdisjoint(takers)]:
+            keep = [i for i in pages_at[at] if i not in gone]
+            if keep:
+                pages_at[at] = keep
+            else:
+                del pages_at[at]
+        self._takes[:] = sorted(pages_at)
 
     def _leave(self, done: list[Seq]) -> None:
         gone = set(self.finishing)
