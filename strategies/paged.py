@@ -1059,18 +1059,20 @@ class PagedStrategy(LazyRegistration, Strategy):
                     else:
                         odd.append(i)
                     continue
+                last, hash_at = pages[-1], s.hash_at
                 if pos > was:  # its deferred decodes: `grow`'s decode path (its last page is its own)
-                    if was >= s.hash_at:
+                    if was >= hash_at:
                         self._register_full_pages(s)
-                    fill[pages[-1]] = ps
+                        hash_at = s.hash_at
+                    fill[last] = ps
                     tok += pos - was
-                if pos >= s.hash_at:  # `grow`'s page-start path: the page it filled is registered
-                    s.length = pos
-                    if s.lazy and pos == s.hash_at:  # (the chain's owner: unhashed)
-                        marks[pages[-1]] = s
+                if pos >= hash_at:  # `grow`'s page-start path: the page it filled is registered
+                    if s.lazy and pos == hash_at:  # (the chain's owner: unhashed)
+                        marks[last] = s
                         s.ndef += 1
                         s.hash_at = pos + ps if pos // ps < s.cache_pages else _NEVER
                     else:
+                        s.length = pos
                         self._register_full_pages(s)
                 if free:  # `_take_pages(1, 1)`: the stack's top, a fresh id, or the policy's victim
                     pid = free.pop()
@@ -1083,7 +1085,15 @@ class PagedStrategy(LazyRegistration, Strategy):
                     pid = lru.q[lru.head]
                     lru.head += 1
                     lru.n -= 1
-                    self._drop_victim(pid)
+                    h = marks[pid]
+                    if h.__class__ is _Seq:  # (`_drop_victim` of a page registered lazily, inlined)
+                        left = h.ndef - 1
+                        h.ndef = left
+                        if not left:
+                            self._drop_lazy(h, 0)
+                        marks[pid] = None
+                    else:
+                        self._drop_victim(pid)
                 else:
                     pid = self._take_pages(1, 1)[0]
                 ref[pid] = 1
