@@ -959,13 +959,13 @@ class PagedStrategy(LazyRegistration, Strategy):
         page_size; one that is not, a request's first quiet grow, grows as `grow` does and moves
         to its next page start). `d` requests decode each step, `deferred` of their decodes are
         not grown yet. A page-taking step's states (the strategy's, with the deferred decodes
-        counted) are appended to `cols` as a row, the steps between them as one stretch
-        (`stretches`), as the run makes them. Stops before a step whose takers free + cached
-        pages (free only: `free_only`) cannot serve, leaving its entry in `at`. Returns (steps
-        run, token, reserved, internal, cached, free, deferred) after the last; None (nothing
-        changed) where this strategy's grows have more to do than these (a host tier,
-        `scheduled` visibility, a fork with prefix caching) or step j's takers cannot be
-        served. Mutates the strategy, `held` and `at`.
+        counted) head the stretch of the steps after it (`stretches`, as the run makes them;
+        `cols`, the run's rows, only says how many come before). Stops before a step whose
+        takers free + cached pages (free only: `free_only`) cannot serve, leaving its entry in
+        `at`. Returns (steps run, token, reserved, internal, cached, free, deferred) after the
+        last; None (nothing changed) where this strategy's grows have more to do than these (a
+        host tier, `scheduled` visibility, a fork with prefix caching) or step j's takers cannot
+        be served. Mutates the strategy, `held` and `at`.
 
         `head` (prefix caching, requests waiting; kvbench.quiet.head_need 2): (id, num_prompt,
         budget) of the waiting request the scheduler tries first, with the tokens admission
@@ -1006,8 +1006,9 @@ class PagedStrategy(LazyRegistration, Strategy):
         free, ref, fill, marks, lru, page_lru = self._free, self._ref, self._fill, self._hash, self._lru, self._page_lru
         plain = self._plain_lru
         capacity = num_pages * ps
-        c0, c1, c2, c3, c4, c5 = cols
-        t, rows = j, 0
+        k0 = len(cols[0])  # (the run's rows before: a page-taking step's states head the stretch of the
+        # steps after it, as `QuietRun.run` makes them; this call appends no row)
+        t, took = j, False  # took: step t - 1 took pages (its states head the next stretch)
         token = reserved = internal = cached = nfree = 0
         tok, rsv = self._token, self._reserved  # (the counters, written back where `grow` runs and at the end)
         # (a refused head's guard, kvbench.quiet.head_need 2: `_HeadGuard`; evictions inlined where no
@@ -1022,7 +1023,11 @@ class PagedStrategy(LazyRegistration, Strategy):
                 while n < end and n not in at:
                     n += 1
                 m = n - t
-                stretches.append((len(c0), m, token + d, reserved - d, d, internal, 0, cached, nfree))
+                if took:  # (the page-taking step and the m after it)
+                    stretches.append((k0, m + 1, token, reserved, d, internal, 0, cached, nfree))
+                    took = False
+                else:
+                    stretches.append((k0, m, token + d, reserved - d, d, internal, 0, cached, nfree))
                 deferred += d * m
                 token += d * m
                 reserved -= d * m
@@ -1126,23 +1131,21 @@ class PagedStrategy(LazyRegistration, Strategy):
             if not evict and guard is not None:  # (the step cut the waiting match, as the guard said)
                 guard.look()
                 evict = plain
+            if took:  # (a page-taking step right after another: a stretch of one)
+                stretches.append((k0, 1, token, reserved, 0, internal, 0, cached, nfree))
             token, reserved = tok + deferred, rsv - deferred
             cached = (lru.n if page_lru else len(lru)) * ps
             nfree = (len(free) + self._fresh) * ps
-            internal = capacity - cached - nfree - token - reserved
-            c0.append(token)
-            c1.append(reserved)
-            c2.append(internal)
-            c4.append(cached)
-            c5.append(nfree)
-            rows += 1
+            internal = capacity - cached - nfree - token - reserved  # (external fragmentation: none in a paged pool)
+            took = True
             t += 1
             if t >= stop:
                 break
+        if took:
+            stretches.append((k0, 1, token, reserved, 0, internal, 0, cached, nfree))
         self._token, self._reserved = tok, rsv
         if t == j:  # (step j's takers could not be served: nothing changed)
             return None
-        c3 += [0] * rows  # (external fragmentation: none in a paged pool)
         return t - j, token, reserved, internal, cached, nfree, deferred
 
     def still_refused(self, rid: RequestId, tokens, num_prompt: int, max_new: int) -> bool:
