@@ -400,15 +400,23 @@ class QuietRun:
             self._guard = None
 
     def _drop_takes(self) -> None:
-        """The `finishing` requests' next takes leave `pages_at` (and `_takes`). Mutates."""
-        gone, pages_at = set(self.finishing), self.pages_at
-        for at in [at for at, takers in pages_at.items() if not gone.isdisjoint(takers)]:
-            keep = [i for i in pages_at[at] if i not in gone]
-            if keep:
-                pages_at[at] = keep
-            else:
-                del pages_at[at]
-        self._takes[:] = sorted(pages_at)
+        """The `finishing` requests' next takes leave `pages_at` (and `_takes`): each has at most
+        one, at its next page start from step j on (the strategy's `room` is the contract's
+        default: `_pages` and the run put every take at a page start, but a fresh request's
+        step 0). Mutates."""
+        j, pages_at, comp, ps = self.j, self.pages_at, self._comp, self.st.page_size
+        keys = False  # (whether a step's takers are all gone)
+        for i in self.finishing:
+            at = j + -(comp[i] + j) % ps  # (comp[i] + t: the position it writes in step t)
+            takers = pages_at.get(at)
+            if takers is not None and i in takers:
+                if len(takers) > 1:
+                    takers.remove(i)
+                else:
+                    del pages_at[at]
+                    keys = True
+        if keys:
+            self._takes[:] = sorted(pages_at)
 
     def _leave(self, done: list[Seq]) -> None:
         gone = set(self.finishing)
