@@ -1110,9 +1110,8 @@ class PagedStrategy(LazyRegistration, Strategy):
                 s.reserved = res
                 tok += 1
             if odd is not None:  # (their next page starts, within page_size steps)
-                gone = set(odd)
-                takers = [i for i in takers if i not in gone]
                 for i in odd:
+                    takers.remove(i)  # (the step's list, out of `at`: it moves on with the others)
                     n = t + 1 + (-held[i] % ps)
                     lst = at.get(n)
                     if lst is None:
