@@ -1264,13 +1264,12 @@ class PagedStrategy(LazyRegistration, Strategy):
         self._reserved -= seq.reserved
         if self._solo:  # every page is the request's own, never hashed: all free, in _unref_pages' order
             # (their fills sum to its length: each of its positions written once into its own pages,
-            # none shared or copied)
-            pages, ref = seq.pages, self._ref
-            for pid in pages:
-                ref[pid] = 0
+            # none shared or copied; their `_ref` is not written: a free page's is not read, `_true_refs`;
+            # none is shared: no `_after_unshare`)
             self._token -= seq.length
-            self._free.fromlist(pages[::-1])
-        elif seq.lazy:  # (no page of it is shared: no `_after_unshare`; its own pages keep `_ref` 1)
+            self._free.fromlist(seq.pages[::-1])
+            return
+        if seq.lazy:  # (no page of it is shared: no `_after_unshare`; its own pages keep `_ref` 1)
             self._release_owner(seq)
             return
         elif rare.dedup_touch:

@@ -1,9 +1,10 @@
 """paged without prefix caching (a solo pool: every page its request's own): `release` takes
 the request's length off the token count instead of summing its pages' fills (each position is
 written once into its own pages: they sum to it). Against a pool that checks that sum at every
-release (and writes every `_ref` at release and take, as before), under the same random admits,
-grows and releases with a small pool: every answer, page table, the free stack, reference
-counts, fills, counters and slot states agree after every call."""
+release (and writes every `_ref` at release and take, as before; the pool leaves a freed page's
+`_ref` unwritten: a free page's is not read), under the same random admits, grows and releases
+with a small pool: every answer, page table, the free stack, reference counts (`_true_refs`: a
+free page's reads 0), fills, counters and slot states agree after every call."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ class _Writing(PagedStrategy):
 
 
 def _state(s: PagedStrategy, live) -> tuple:
-    return (s.slot_states(None), list(s._free), s._fresh, list(s._ref), list(s._fill), s._token, s._reserved,
+    return (s.slot_states(None), list(s._free), s._fresh, s._true_refs(), list(s._fill), s._token, s._reserved,
             {rid: s.page_table(rid).tolist() for rid in live})
 
 

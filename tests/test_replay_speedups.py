@@ -124,7 +124,8 @@ def _state(st):
     if isinstance(st, SlabStrategy):
         return (st.slot_states(None), list(st._starts), list(st._sizes),
                 {r: (e.start, e.pages, e.kv_len, e.length) for r, e in st._ext.items()})
-    return (st.slot_states(None), st._free.tolist(), st._fresh, st._ref[:], st._fill[:],
+    # (reference counts as `_true_refs`: a free page's `_ref` is not read, the solo release leaves it unwritten)
+    return (st.slot_states(None), st._free.tolist(), st._fresh, st._true_refs(), st._fill[:],
             {r: (list(s.pages), s.length, s.reserved) for r, s in st._seqs.items()})
 
 
