@@ -120,8 +120,9 @@ class QuietRun:
         self._live_ids = None  # (the live requests' ids, for `_bulk`: made at its first call, again after a leave)
         self._room = room_of
         # grow(a) then grow(b) leaves the strategy as grow(a + b) does (slab; paged without prefix
-        # caching or forks): a taker's deferred grows and its page-taking one are one call
-        self._merge = getattr(st, "grows_merge", False)
+        # caching or forks): a taker's deferred grows and its page-taking one are one call (asked
+        # where a step's takers grow one by one; None: not yet)
+        self._merge = None
         self.moved: tuple[int, int] | None = None  # (d2h, h2d) of the last step run, where it moved any
         self.j = 0  # steps run
         self.grown = grown  # step 0's grows are made, its states are `states` (it is recorded first)
@@ -204,6 +205,8 @@ class QuietRun:
         `finishing` says which; `retire` or `end` lets them leave). Steps where nobody takes a
         page go as one stretch, O(1) in Python."""
         st, seqs, held, pages_at, fin, takes = self.st, self.seqs, self.held, self.pages_at, self.fin, self._takes
+        if takes is None:  # (sorted after `_pages`' last call, where the run went on)
+            takes = self._takes = sorted(pages_at)
         if held is None and takes:
             g0 = self.g0
             held = self.held = [s.computed + g0 for s in seqs]
@@ -253,7 +256,11 @@ class QuietRun:
                     n, token, reserved, internal, cached, free, deferred = got
                     external = 0
                     j += n
-                    takes[:] = sorted(pages_at)  # (takes past a request's last step go when it leaves: `retire`)
+                    # (takes past a request's last step go when it leaves: `retire`)
+                    if j < stop:
+                        takes[:] = sorted(pages_at)
+                    else:  # (sorted at the next call, if the run goes on)
+                        self._takes = None
                     continue
             takers = pages_at.pop(j)
             nt = len(takers)
@@ -289,6 +296,8 @@ class QuietRun:
                 continue
             if nt > 1:
                 takers.sort()  # running order
+            if merge is None:
+                merge = self._merge = getattr(st, "grows_merge", False)
             deferred += d - nt
             for i in takers:
                 s = seqs[i]
@@ -415,7 +424,7 @@ class QuietRun:
                 else:
                     del pages_at[at]
                     keys = True
-        if keys:
+        if keys and self._takes is not None:  # (else sorted at the next `run`)
             self._takes[:] = sorted(pages_at)
 
     def _leave(self, done: list[Seq]) -> None:

@@ -853,19 +853,19 @@ class PagedStrategy(LazyRegistration, Strategy):
             raise ValueError(f"request {rid} grows past its final length {kv_len}")
         ps, pages, ref = self.page_size, seq.pages, self._ref
         rem = pos % ps
-        if rem and rem + num_tokens <= ps and ref[pages[-1]] == 1:
+        if rem and rem + num_tokens <= ps and ref[last := pages[-1]] == 1:
             # the decode path: the tokens fit the request's own last page (no page taken, none
             # copied, room never short); the general path below gives the same, step by step
             if pos >= seq.hash_at:  # (never without prefix caching)
                 self._register_full_pages(seq)
-            self._fill[pages[-1]] += num_tokens
+            self._fill[last] += num_tokens
             self._token += num_tokens
             seq.length = new_len
             # _set_reserved: its last page is its own and partly filled before and after, so
             # min(kv_len, held slots) - length drops by num_tokens
             seq.reserved -= num_tokens
             self._reserved -= num_tokens
-            if new_len >= seq.hash_at and self._scheduled:
+            if self._scheduled and new_len >= seq.hash_at:
                 self._register_full_pages(seq)
             return True
         if num_tokens == 1 and not rem and pages:
