@@ -766,12 +766,19 @@ class PagedStrategy(LazyRegistration, Strategy):
         tail = _NO_TAIL  # the match beyond the leading GPU hits, over both tiers (host tier only)
         rare = self._rare
         caching = rare.prefix_caching
+        memo = None  # (with prefix caching: the match, made where it may hit, else where refused)
         if caching:
             num_full = (num_prompt - 1) // ps  # leave >= 1 to compute
-            memo = self._cached_prefix(rid, tokens, num_full)
-            hits, revived = memo.hits, memo.cached
-            if self._host is not None:
-                tail = self._tail(memo, num_full)
+            old = self._hit_memo
+            if (old is not None and old.rid == rid and old.tokens is tokens or self._host is not None
+                    or page_hash is not _PAGE_HASH
+                    or num_full and hash((_ROOT_HASH, tokens[:ps].tobytes())) in self._table):
+                memo = self._cached_prefix(rid, tokens, num_full)
+                hits, revived = memo.hits, memo.cached
+                if self._host is not None:
+                    tail = self._tail(memo, num_full)
+            # (else a match made now would miss its first page: no hit, as `_cached_prefix` finds; the
+            # Azure traces' every first admission)
         cached = (len(hits) + len(tail)) * ps
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - len(hits)
@@ -782,7 +789,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             revived += sum(1 for on_host, pid in tail if not on_host and self._ref[pid] == 0)
         if need > self._available() - revived:
             if caching:
-                self._index(memo)
+                self._index(memo if memo is not None else self._cached_prefix(rid, tokens, num_full))
             return Admission(False)
         self._hit_memo = None
         owner = self._hash[hits[-1]] if hits else None
@@ -817,7 +824,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     self._token += self._fill[pid]
                 self._ref[pid] += 1
         seq = _Seq(tokens=tokens, kv_len=kv_len, pages=list(hits), length=cached,
-                   data=memo.data if caching else None)
+                   data=memo.data if memo is not None else None)
         if tail:
             seq.pages += self._load_tail(tail)
         nhit = len(seq.pages)
