@@ -428,10 +428,20 @@ class QuietRun:
             self._takes[:] = sorted(pages_at)
 
     def _leave(self, done: list[Seq]) -> None:
-        gone = set(self.finishing)
-        self.live = [i for i in self.live if i not in gone]
-        self.requests = [self.seqs[i] for i in self.live]
-        self._live_ids = None
+        finishing, live = self.finishing, self.live
+        if len(finishing) == 1:  # (most often one leaves: the lists less its place, new lists, as the
+            x = live.index(finishing[0])  # recorder may hold the old `requests`)
+            self.live = [*live[:x], *live[x + 1:]]
+            r = self.requests
+            self.requests = r[:x] + r[x + 1:]
+            ids = self._live_ids
+            if ids is not None:
+                self._live_ids = ids[:x] + ids[x + 1:]
+        else:
+            gone = set(finishing)
+            self.live = [i for i in live if i not in gone]
+            self.requests = [self.seqs[i] for i in self.live]
+            self._live_ids = None
         self.finishing = None
         self.sched.retire(done)
         self.done += done
