@@ -179,7 +179,8 @@ class Recorder:
 
     def quiet_steps(self, seqs, t: list[float], dt: list[float], k: int, kv_read0: int, running: int,
                     waiting: int | list[int], preemptions: int, states: list[list[int]],
-                    moved: tuple[int, int] | list[int] | None, done, stretches, follows: bool = False) -> None:
+                    moved: tuple[int, int] | list[int] | None, done, stretches, follows: bool = False,
+                    before: tuple | list = ()) -> None:
         """`decode_run` of `DecodeRun(seqs, t[:k], dt[:k], kv_read0, running, waiting, preemptions,
         states, moved or (0, 0), done, stretches)` without the event (the replay's chunks: t and dt
         may hold more than k; k >= 1). Held as one segment (its times and states as lists); its rows
@@ -187,7 +188,12 @@ class Recorder:
         floats, one IEEE add or subtract each); its last gap, the open run, here. The requests' last
         token time is held with `seqs` (not changed after) until a `step` reads it; `follows`: no
         `step` came since the previous call, whose `seqs` less its `done` are these (a quiet run's
-        next segment): its held time is superseded, so this call's replaces it."""
+        next segment): its held time is superseded, so this call's replaces it.
+
+        `before`: the run's segments that came first in these k steps, each (m, kv_read0, seqs, done)
+        (m >= 1 steps of len(seqs) decodes, its `done` leaving after its last): the same rows,
+        gaps, finishes and held time as a call per segment (the first with `follows`, each next
+        one following it), and the states, `waiting` and `moved` of all k steps given here once."""
         bt, bdt = self._bt, self._bdt
         row = len(bt)
         bt += t
@@ -212,10 +218,12 @@ class Recorder:
             self._bwait.append((row, waiting))
             waiting = 0
         d = len(seqs)
-        self._seg.append((k, running, waiting, 0, d, kv_read0, preemptions, 0))
         if moved:  # a host tier's evictions in the run's page-taking steps
             self.moved[2] += moved[0]
             self.moved[3] += moved[1]
+        if before:
+            row, k = self._segments(before, row, k, waiting, preemptions)
+        self._seg.append((k, running, waiting, 0, d, kv_read0, preemptions, 0))
         if self._gap_count:
             self._bg.append(self._gap)
             self._bc.append(self._gap_count)
@@ -238,6 +246,31 @@ class Recorder:
             self._finish(times[r.id], last)
         if len(bt) >= self._settle_at:
             self._settle()
+
+    def _segments(self, before, row: int, k: int, waiting: int, preemptions: int) -> tuple[int, int]:
+        """`quiet_steps`' segments `before`, from `row` (their rows are held): each its segment, its
+        gaps (as `quiet_steps` makes them) and its finishes; returns the last segment's first row
+        and steps."""
+        bt, bdt, times = self._bt, self._bdt, self._times
+        for m, kv_read0, seqs, done in before:
+            d = len(seqs)
+            self._seg.append((m, d, waiting, 0, d, kv_read0, preemptions, 0))
+            if self._gap_count:
+                self._bg.append(self._gap)
+                self._bc.append(self._gap_count)
+            e = row + m - 1  # its last step
+            last = bt[e] + bdt[e]
+            if m > 1:
+                self._gfill.append((len(self._bg), row, m - 1, d))
+                self._gap = last - (bt[e - 1] + bdt[e - 1])
+            else:
+                self._gap = last - bt[e]
+            self._gap_count = d
+            for r in done:
+                self._finish(times[r.id], last)
+            row += m
+            k -= m
+        return row, k
 
     def _settle(self) -> None:
         """The rows and gaps held as lists and segments into the flat arrays, in numpy (then, at

@@ -274,7 +274,9 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
     growing by the next while the same requests run (recorded once, as one DecodeRun). A step that moved
     pages to host (a host tier's evictions) takes the copy time longer and the chunk's later steps
     start that much later, as stepping gives them. After a step in which requests emitted their
-    last token they leave (`run.retire`) and the rest is priced again for the others. The caller
+    last token they leave (`run.retire`) and the chunk goes on, its rest priced again for the
+    others (with nobody taken in: its steps up to the leave are a segment of the chunk's
+    DecodeRun, `_Chunk.segs`, recorded with it). The caller
     ends the run (`end_run`) unless it is `paused` at `until`: then the chunk in progress is kept
     (`run.chunk`: an arrival behind a refused head changes neither the steps nor their prices,
     only the waiting count of the rows) and recorded when it is done. Mutates (through `run`)
@@ -334,6 +336,22 @@ def fast_forward(run: QuietRun, engine: Engine, rec: Recorder, now: float, until
                 starts.pop()  # (the end of the last step: the first start of the sum that follows)
                 starts += accumulate(dts, initial=now)
                 continue
+        if intake is None and run.finishing is not None and run.j < run.limit and now < until:
+            # they leave (`run.retire`) and the others go on in the same chunk, a segment of its
+            # DecodeRun each (recorded with it), its steps from now priced again for the others
+            c.leave(run)
+            run.retire()
+            left = run.left
+            if left <= 0:  # (the head is no longer refused: the run ends here)
+                break
+            d, kv_read = len(run.live), run.kv_read
+            dts = _next_prices(run, engine, prices, left, d, kv_read, until - now)
+            i = c.i
+            del c.dts[i:], starts[i:]  # (the steps priced for those who left; starts[i] is now)
+            c.dts += dts
+            starts += accumulate(dts, initial=now)
+            c.kv_read, c.d = kv_read, d
+            continue
         if intake is None:
             _record(run, c, rec, c.waiting)
         elif c.i:
@@ -409,13 +427,26 @@ class _Chunk:
     """Up to k quiet steps of one `QuietRun` priced at once (the same live requests), those run
     so far (`i`) not yet recorded."""
 
-    __slots__ = ("starts", "dts", "kv_read", "d", "i", "cols", "stretches", "waiting", "moved")
+    __slots__ = ("starts", "dts", "kv_read", "d", "i", "cols", "stretches", "waiting", "moved", "segs", "i0")
 
     def __init__(self, starts: list[float], dts: list[float], kv_read: int, d: int) -> None:
-        self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]
+        self.starts, self.dts, self.kv_read, self.d = starts, dts, kv_read, d  # [k + 1], [k]: of the live requests
         self.i, self.waiting, self.moved = 0, None, None  # moved: [d2h, h2d] once a step moved pages
+        # segs: (steps, kv_read, requests, those that left after its last step) of each segment that
+        # ended where requests left (None: none did), the steps before i0 (the last one's first)
+        self.segs, self.i0 = None, 0
         cols = self.cols = StateColumns(([], [], [], [], [], []))  # slot states: rows and stretches (QuietRun.run)
         cols.stretches = self.stretches = []
+
+    def leave(self, run: QuietRun) -> None:
+        """The `finishing` requests of `run` leave after step i - 1: the segment up to it ends."""
+        done = [run.seqs[x].request for x in run.finishing]
+        seg = (self.i - self.i0, self.kv_read, run.requests, done)
+        if self.segs is None:
+            self.segs = [seg]
+        else:
+            self.segs.append(seg)
+        self.i0 = self.i
 
     def wait(self, waiting: int, n: int) -> None:
         """n more steps run with `waiting` requests waiting: `waiting` stays the one count of every
@@ -432,13 +463,24 @@ class _Chunk:
 
 def _record(run: QuietRun, c: _Chunk, rec: Recorder, waiting: int | list[int]) -> None:
     """The chunk's steps run so far, as one `DecodeRun` (`Recorder.quiet_steps`: its requests
-    that finished in the last one leave); `waiting`: the requests waiting in every step, or in each."""
+    that finished in the last one leave; its segments before, `c.segs`, where some left before);
+    `waiting`: the requests waiting in every step, or in each."""
     i = c.i
     if not i:
         return
-    done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-    rec.quiet_steps(run.requests, c.starts, c.dts, i, c.kv_read, c.d, waiting, run.preemptions, c.cols, c.moved,
-                    done, c.stretches, run.j > i)  # (follows: the run's steps before the chunk's were recorded)
+    segs = c.segs
+    if segs is None:
+        segs, seqs, kv_read, d = (), run.requests, c.kv_read, c.d
+        done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
+    elif i > c.i0:
+        seqs, kv_read, d = run.requests, c.kv_read, c.d
+        done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
+    else:  # (no step after the last leave: that segment is the last)
+        segs = segs[:-1]
+        _, kv_read, seqs, done = c.segs[-1]
+        d = len(seqs)
+    rec.quiet_steps(seqs, c.starts, c.dts, i, kv_read, d, waiting, run.preemptions, c.cols, c.moved,
+                    done, c.stretches, run.j > i, segs)  # (follows: the run's steps before the chunk's were recorded)
 
 
 def _waiting_rows(base: int, joined: list[float], starts: list[float], i: int) -> int | list[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import kvbench.metrics
 import kvbench.quiet
 import kvbench.replay
 
@@ -135,3 +136,30 @@ def test_radix_page_size_1_runs_are_its_bulk_steps_through_finishes_waits_and_pr
     assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
     assert (t0.waiting.max(), t0.preemptions.max()) == ((0, 0) if capacity == 1024 else (4, 4))
     assert len(stepped0) == len(t0) and len(stepped1) < len(t0) / 4  # the others are quiet
+
+
+@pytest.mark.parametrize("strategy", ["paged", "radix", "slab"])
+def test_finishes_inside_a_chunk_are_segments_of_one_recorded_run(strategy, monkeypatch):
+    # nobody waits: requests leave at steps 4, 8 (two at once) and 14 of one run, inside one
+    # priced chunk; an arrival at 0.3 s pauses and ends it (its later steps are after 0.3 s).
+    # The chunk goes on past each finish, priced again for the others, and is recorded once, its
+    # segments before the last given as `before`: the tables are stepping's
+    specs = [(0.0, 20, 5), (0.0, 20, 9), (0.0, 20, 9), (0.0, 20, 15), (0.0, 20, 60), (0.3, 10, 5)]
+    makers = {"paged": lambda: PagedStrategy(1024, 512, page_size=16), "radix": lambda: RadixStrategy(1024, 512),
+              "slab": lambda: SlabStrategy(4096, 512, reservation="max")}
+    calls = []
+    quiet_steps = kvbench.metrics.Recorder.quiet_steps
+
+    def counted(self, *args):  # (seqs, t, dt, k, ..., follows, before: as `_record` passes them)
+        calls.append((args[3], [m for m, *_ in args[13]]))
+        return quiet_steps(self, *args)
+
+    t0, r0, itl0, stepped0, _ = _replay(makers[strategy], specs, fast=False, max_num_seqs=8,
+                                        max_num_batched_tokens=256)
+    monkeypatch.setattr(kvbench.metrics.Recorder, "quiet_steps", counted)
+    t1, r1, itl1, stepped1, _ = _replay(makers[strategy], specs, fast=True, max_num_seqs=8,
+                                        max_num_batched_tokens=256)
+    assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    assert list(t0.running[:16]) == [5] * 5 + [4] * 4 + [2] * 6 + [1]  # (the last request alone after step 14)
+    assert stepped1[0] == 5  # the admission; then one run (its finishes inside), recorded in one call
+    assert calls[0][1] == [4, 4, 6]  # steps 0-3 (4 of them after the admission), 4-7, 8-13: then the last one's
