@@ -468,16 +468,12 @@ def _record(run: QuietRun, c: _Chunk, rec: Recorder, waiting: int | list[int]) -
     i = c.i
     if not i:
         return
-    segs = c.segs
-    if segs is None:
-        segs, seqs, kv_read, d = (), run.requests, c.kv_read, c.d
-        done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-    elif i > c.i0:
+    segs = c.segs or ()
+    if i > c.i0:
         seqs, kv_read, d = run.requests, c.kv_read, c.d
         done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
-    else:  # (no step after the last leave: that segment is the last)
-        segs = segs[:-1]
-        _, kv_read, seqs, done = c.segs[-1]
+    else:  # (no step after the last leave: its segment is the last)
+        segs, (_, kv_read, seqs, done) = segs[:-1], segs[-1]
         d = len(seqs)
     rec.quiet_steps(seqs, c.starts, c.dts, i, kv_read, d, waiting, run.preemptions, c.cols, c.moved,
                     done, c.stretches, run.j > i, segs)  # (follows: the run's steps before the chunk's were recorded)
