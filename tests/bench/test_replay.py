@@ -48,7 +48,9 @@ SLICES = {
 AZURE_10K_GOAL_S = 1.0  # CPU seconds per strategy (issue 13)
 AZURE_ALL_GOAL_S = 3.0  # the whole Azure conversation trace (19,366 requests), per strategy (issue 13)
 # issue 13: at least 20x faster than "today"; today = commit e449c43 on this box, CPU s, one run
-# each (docs/benchmarks.md, "Issue 13")
+# each in a pytest process (docs/benchmarks.md, "Issue 13"). The ratio to these recorded figures
+# overstates: side by side in one session (bare processes, 2026-12-01) e449c43 took 8.6 / 6.8 s,
+# so quote the side-by-side ratio (docs/benchmarks.md, "Session 28")
 MOONCAKE_BEFORE_S = {"paged": 10.70, "radix": 8.36}
 MOONCAKE = "mooncake-fast25/synthetic_trace.jsonl"
 
@@ -127,4 +129,5 @@ def test_replay_azure_conv_all(benchmark, strategy):
 def test_replay_mooncake_overloaded(benchmark, strategy):
     bench_replay(benchmark, strategy, "mooncake_overloaded", rounds=1)
     speedup = MOONCAKE_BEFORE_S[strategy] / benchmark.stats.stats.median
-    benchmark.extra_info.update(before_s=MOONCAKE_BEFORE_S[strategy], speedup=speedup, goal_met=speedup >= 20)
+    benchmark.extra_info.update(before_s=MOONCAKE_BEFORE_S[strategy], speedup_vs_recorded=speedup,
+                                goal_met=speedup >= 20)
