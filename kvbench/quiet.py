@@ -431,7 +431,7 @@ class QuietRun:
         finishing, live = self.finishing, self.live
         if len(finishing) == 1:  # (most often one leaves: the lists less its place, new lists, as the
             x = live.index(finishing[0])  # recorder may hold the old `requests`)
-            self.live = [*live[:x], *live[x + 1:]]
+            self.live = [*live[:x], *live[x + 1:]]  # (live may be a range)
             r = self.requests
             self.requests = r[:x] + r[x + 1:]
             ids = self._live_ids
@@ -457,21 +457,14 @@ class QuietRun:
             return 0
         seqs, held, grow = self.seqs, self.held, self.st.grow
         n = k - self.g0  # the deferred grows of a request that made none in the run
-        if held is None:
-            live = seqs if type(self.live) is range else [seqs[i] for i in self.live]  # (range: nobody left)
-            if n > 0:
-                for s in live:
-                    if not grow(s.id, n):
-                        self._failed(s, n)
-                    s.computed += k
-                    s.emitted += k
-            else:
-                for s in live:
-                    s.computed += k
-                    s.emitted += k
-        elif not self.deferred:  # (each live request holds computed + k: nothing to grow)
-            for i in self.live:
-                s = seqs[i]
+        if held is None and n > 0:
+            for s in seqs if type(self.live) is range else [seqs[i] for i in self.live]:  # (range: nobody left)
+                if not grow(s.id, n):
+                    self._failed(s, n)
+                s.computed += k
+                s.emitted += k
+        elif held is None or not self.deferred:  # nothing deferred (each holds computed + k): they only advance
+            for s in seqs if type(self.live) is range else [seqs[i] for i in self.live]:
                 s.computed += k
                 s.emitted += k
         else:

@@ -485,16 +485,21 @@ class TorchEngine(Engine):
             num_decode = sum(1 for s in seqs if s.num_new == 1)
         b = len(seqs)
         starts = np.fromiter([s.start for s in seqs], np.int64, b)
+        # token i of the flat batch: request rows[i], position pos[i] (vectorized: host time is
+        # step time, and a 64-request decode step is only a few ms on the GPU)
         if batch.decode_only:  # one new token each (a decode batch: the step the graphs replay most)
             n_new = np.ones(b, np.int64)
             qsl = np.arange(b + 1, dtype=np.int64)
             tid = self._token_ids
             ids = np.fromiter([tid(s.request)[s.start] for s in seqs], np.int64, b)
+            rows, pos = np.arange(b), starts
         else:
             n_new = np.fromiter([s.num_new for s in seqs], np.int64, b)
             qsl = np.zeros(b + 1, np.int64)
             np.cumsum(n_new, out=qsl[1:])
             ids = np.concatenate([self._token_ids(s.request)[s.start:s.start + s.num_new] for s in seqs])
+            rows = np.repeat(np.arange(b), n_new)
+            pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
         seq_lens = starts + n_new
         if self.hybrid is None:
             pts = [s.page_table for s in seqs]
@@ -509,24 +514,15 @@ class TorchEngine(Engine):
             t0 = time.perf_counter()
             table = self.hybrid.host_tables(self.strategy, seqs, starts, seq_lens)
             self.table_build_s += time.perf_counter() - t0
-        # token i of the flat batch: request rows[i], position pos[i] (vectorized: host time is
-        # step time, and a 64-request decode step is only a few ms on the GPU)
-        if batch.decode_only:
-            rows, pos = np.arange(b), starts
-        else:
-            rows = np.repeat(np.arange(b), n_new)
-            pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
         # [T] or [num_tables, T] (C order: numpy's fancy indexing may return it transposed, and the
         # kernels read a slot mapping as contiguous)
         slots = (table[rows, pos // ps] if table.ndim == 2 else np.ascontiguousarray(table[:, rows, pos // ps]))
         slots = slots.astype(np.int64) * ps + pos % ps
-        emitting = [i for i, s in enumerate(batch.seqs) if s.emits_token]  # in the batch's order
-        if batch.decode_only:
-            emit = np.array(emitting, np.int64)
-        else:
+        emit = np.array([i for i, s in enumerate(batch.seqs) if s.emits_token], np.int64)  # in the batch's order
+        if not batch.decode_only:
             row = np.empty(b, np.int64)
             row[order] = np.arange(b)  # the batch's request i is row row[i]
-            emit = row[emitting]
+            emit = row[emit]
         return HostBatch(ids, pos, slots, table, qsl, seq_lens, qsl[1:][emit] - 1, ps,
                          batch.contiguous and self.hybrid is None, batch.decode_only, num_decode,
                          None if self.hybrid is None else self.hybrid.layer_table)
