@@ -853,6 +853,26 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     def grow(self, rid, num_tokens) -> bool:
         seq = self._seqs[rid]
+        res = seq.reserved
+        if 0 < num_tokens <= res:
+            # the decode path: the tokens fit the request's own last page (no page taken, none
+            # copied, room never short). Its reserved share is exact (`_set_reserved`): positive
+            # only where its last page is its own (not shared), partly filled, with room below
+            # kv_len, so num_tokens <= it says they fit. The general path below gives the same,
+            # step by step
+            pos = seq.length
+            if pos >= seq.hash_at:  # (never without prefix caching)
+                self._register_full_pages(seq)
+            self._fill[seq.pages[-1]] += num_tokens
+            self._token += num_tokens
+            seq.length = pos + num_tokens
+            # _set_reserved: its last page is its own and partly filled before and after, so
+            # min(kv_len, held slots) - length drops by num_tokens
+            seq.reserved = res - num_tokens
+            self._reserved -= num_tokens
+            if self._scheduled and pos + num_tokens >= seq.hash_at:
+                self._register_full_pages(seq)
+            return True
         pos = seq.length
         new_len = pos + num_tokens
         kv_len = seq.kv_len
@@ -860,21 +880,6 @@ class PagedStrategy(LazyRegistration, Strategy):
             raise ValueError(f"request {rid} grows past its final length {kv_len}")
         ps, pages, ref = self.page_size, seq.pages, self._ref
         rem = pos % ps
-        if rem and rem + num_tokens <= ps and ref[last := pages[-1]] == 1:
-            # the decode path: the tokens fit the request's own last page (no page taken, none
-            # copied, room never short); the general path below gives the same, step by step
-            if pos >= seq.hash_at:  # (never without prefix caching)
-                self._register_full_pages(seq)
-            self._fill[last] += num_tokens
-            self._token += num_tokens
-            seq.length = new_len
-            # _set_reserved: its last page is its own and partly filled before and after, so
-            # min(kv_len, held slots) - length drops by num_tokens
-            seq.reserved -= num_tokens
-            self._reserved -= num_tokens
-            if self._scheduled and new_len >= seq.hash_at:
-                self._register_full_pages(seq)
-            return True
         if num_tokens == 1 and not rem and pages:
             # a decode that starts a new page (every held page is full: none copied): the general
             # path below for one page
