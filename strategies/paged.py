@@ -779,6 +779,8 @@ class PagedStrategy(LazyRegistration, Strategy):
                     tail = self._tail(memo, num_full)
             # (else a match made now would miss its first page: no hit, as `_cached_prefix` finds; the
             # Azure traces' every first admission)
+        if memo is None:  # no hit (no match made; without prefix caching every admission)
+            return self._admit_cold(rid, tokens, kv_len, num_prompt, max_new)
         cached = (len(hits) + len(tail)) * ps
         length = cached + min(max_new, num_prompt - cached)
         need = self.pages_for(length) - len(hits)
@@ -850,6 +852,43 @@ class PagedStrategy(LazyRegistration, Strategy):
             rare.hits_host += host_tokens
             return Admission(True, cached, host_tokens)
         return Admission(True, cached)
+
+    def _admit_cold(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
+        """`admit` of a request that hits nothing (made no match: its first page's hash is not
+        in the table, or prefix caching is off), as admit's general path and its `grow` make it:
+        the room test, then its min(max_new, num_prompt) positions in pages_for(them) pages
+        (`_take_pages`), nothing registered (its first page is not full before that grow ends,
+        but with `scheduled` visibility), nothing revived. Mutates."""
+        rare, ps = self._rare, self.page_size
+        length = max_new if max_new < num_prompt else num_prompt
+        if length > kv_len:
+            raise ValueError(f"request {rid} grows past its final length {kv_len}")
+        k = -(-length // ps)
+        if k > len(self._free) + self._fresh + (self._lru.n if self._page_lru else len(self._lru)):
+            if rare.prefix_caching:
+                self._index(self._cached_prefix(rid, tokens, (num_prompt - 1) // ps))
+            return Admission(False)
+        self._hit_memo = None
+        pages = self._take_pages(k, ps)
+        self._fill[pages[-1]] = length - (k - 1) * ps
+        seq = _Seq(tokens=tokens, kv_len=kv_len, pages=pages, length=length, hash_at=ps)
+        if not rare.prefix_caching:  # hashes nothing: grow's registration test is one compare
+            seq.cache_pages, seq.hash_at = 0, _NEVER
+        elif rare.admission:  # cache only the prompt, or nothing of a short request
+            seq.cache_pages = (0 if num_prompt < rare.min_cache_len
+                               else (num_prompt if not rare.cache_outputs else kv_len) // ps)
+            if not seq.cache_pages:
+                seq.hash_at = _NEVER
+        cap = k * ps  # (_set_reserved: its last page is its own)
+        seq.reserved = res = (cap if cap < kv_len else kv_len) - length
+        self._reserved += res
+        self._token += length
+        self._seqs[rid] = seq
+        if self._scheduled and length >= seq.hash_at:  # hittable as soon as scheduled (vLLM)
+            self._register_full_pages(seq)
+        if rare.tracks:
+            self._lru.request(rid)
+        return Admission(True, 0)
 
     def grow(self, rid, num_tokens) -> bool:
         seq = self._seqs[rid]
