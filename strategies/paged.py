@@ -1056,6 +1056,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         ps, seqs, num_pages = self.page_size, self._seqs, self.num_pages
         free, ref, fill, marks, lru, page_lru = self._free, self._ref, self._fill, self._hash, self._lru, self._page_lru
         plain = self._plain_lru
+        uncapped = not self._rare.admission  # (every request may hash all its pages: no cache_pages test)
         capacity = num_pages * ps
         k0 = len(cols[0])  # (the run's rows before: a page-taking step's states head the stretch of the
         # steps after it, as `QuietRun.run` makes them; this call appends no row)
@@ -1126,7 +1127,7 @@ class PagedStrategy(LazyRegistration, Strategy):
                     if s.lazy and pos == hash_at:  # (the chain's owner: unhashed)
                         marks[last] = s
                         s.ndef += 1
-                        s.hash_at = pos + ps if pos // ps < s.cache_pages else _NEVER
+                        s.hash_at = pos + ps if uncapped or pos // ps < s.cache_pages else _NEVER
                     else:
                         s.length = pos
                         self._register_full_pages(s)
@@ -1142,12 +1143,11 @@ class PagedStrategy(LazyRegistration, Strategy):
                     lru.head += 1
                     lru.n -= 1
                     h = marks[pid]
-                    if h.__class__ is _Seq:  # (`_drop_victim` of a page registered lazily, inlined)
-                        left = h.ndef - 1
+                    if h.__class__ is _Seq:  # (`_drop_victim` of a page registered lazily, inlined; its
+                        left = h.ndef - 1  # mark stays, a leftover that means none: `_take_pages`)
                         h.ndef = left
                         if not left:
                             self._drop_lazy(h, 0)
-                        marks[pid] = None
                     else:
                         self._drop_victim(pid)
                 else:
