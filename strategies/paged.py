@@ -85,6 +85,7 @@ from kvbench.strategies.host_tier import HostPool, host_pages_for
 
 _new_tuple = tuple.__new__
 _NO_TAIL: tuple = ()
+_REFUSED, _ADMITTED = Admission(False), Admission(True, 0)  # (answers without a hit: one tuple each, made once)
 
 
 def page_hash(parent: int, ids: bytes) -> int:
@@ -792,7 +793,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         if need > self._available() - revived:
             if caching:
                 self._index(memo if memo is not None else self._cached_prefix(rid, tokens, num_full))
-            return Admission(False)
+            return _REFUSED
         self._hit_memo = None
         owner = self._hash[hits[-1]] if hits else None
         take_over = False
@@ -867,7 +868,7 @@ class PagedStrategy(LazyRegistration, Strategy):
         if k > len(self._free) + self._fresh + (self._lru.n if self._page_lru else len(self._lru)):
             if rare.prefix_caching:
                 self._index(self._cached_prefix(rid, tokens, (num_prompt - 1) // ps))
-            return Admission(False)
+            return _REFUSED
         self._hit_memo = None
         pages = self._take_pages(k, ps)
         self._fill[pages[-1]] = length - (k - 1) * ps
@@ -888,7 +889,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._register_full_pages(seq)
         if rare.tracks:
             self._lru.request(rid)
-        return Admission(True, 0)
+        return _ADMITTED
 
     def grow(self, rid, num_tokens) -> bool:
         seq = self._seqs[rid]
