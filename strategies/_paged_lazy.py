@@ -354,10 +354,10 @@ class LazyRegistration:
             memo.cached += len(memo.hits) - start  # from `start` on are its lazy pages (`_index`): cached now
         self._free.fromlist(pages[:done - 1:-1])
         ref, first = self._ref, pages[0]
-        if start == 1 and memo is None and ref[first] == 1 and self._page_lru and self._hash[first].__class__ is int:
+        if start == 1 and memo is None and ref[first] == 1 and self._hash[first].__class__ is int:
             # (its node is its own first page, hashed, and no request waits: `_unref_pages` of it,
-            # inlined; the Azure traces' every release) it turns cached after its pages registered
-            # lazily, all in one extend
+            # inlined, the LRU a PageLRU as lazy registration needs; the Azure traces' every release)
+            # it turns cached after its pages registered lazily, all in one extend
             ref[first] = 0
             self._token -= self._fill[first]
             self._lru.extend(pages[done - 1::-1])
