@@ -1068,6 +1068,8 @@ class PagedStrategy(LazyRegistration, Strategy):
         # waiting match may be cut, or where the guard knows the victims spare it)
         guard = _HeadGuard(self, head) if head is not None and not free_only else None
         evict = plain and (self._hit_memo is None or guard is not None)
+        navail, nlru = len(free) + self._fresh, lru.n if page_lru else len(lru)  # (free and fresh pages, cached
+        # ones: as after the last page-taking step, read again after each)
         while True:
             takers = at.get(t)
             if takers is None:  # no take up to the next page-taking step: one stretch
@@ -1089,8 +1091,8 @@ class PagedStrategy(LazyRegistration, Strategy):
                     break
                 continue
             nt = len(takers)
-            avail = len(free) + self._fresh
-            if avail + (lru.n if page_lru else len(lru)) < nt or (free_only and avail < nt):
+            avail = navail
+            if avail + nlru < nt or (free_only and avail < nt):
                 break  # (left to the run: it stops there)
             if guard is not None:  # the head stays refused after the step (see above), or it is left to the scheduler
                 cut = guard.take(takers, t, nt, avail, rids, comp)
@@ -1185,8 +1187,9 @@ class PagedStrategy(LazyRegistration, Strategy):
             if took:  # (a page-taking step right after another: a stretch of one)
                 stretches.append((k0, 1, token, reserved, 0, internal, 0, cached, nfree))
             token, reserved = tok + deferred, rsv - deferred
-            cached = (lru.n if page_lru else len(lru)) * ps
-            nfree = (len(free) + self._fresh) * ps
+            nlru = lru.n if page_lru else len(lru)
+            navail = len(free) + self._fresh
+            cached, nfree = nlru * ps, navail * ps
             internal = capacity - cached - nfree - token - reserved  # (external fragmentation: none in a paged pool)
             took = True
             t += 1
