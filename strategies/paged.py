@@ -857,9 +857,10 @@ class PagedStrategy(LazyRegistration, Strategy):
     def _admit_cold(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         """`admit` of a request that hits nothing (made no match: its first page's hash is not
         in the table, or prefix caching is off), as admit's general path and its `grow` make it:
-        the room test, then its min(max_new, num_prompt) positions in pages_for(them) pages
-        (`_take_pages`), nothing registered (its first page is not full before that grow ends,
-        but with `scheduled` visibility), nothing revived. Mutates."""
+        the room test (refused: the match made and indexed, as there), then its min(max_new,
+        num_prompt) positions in pages_for(them) pages (`_take_pages`), nothing revived, nothing
+        registered but with `scheduled` visibility (its full pages, as grow's last step).
+        tests/test_paged_grow_paths.py compares the two. Mutates."""
         rare, ps = self._rare, self.page_size
         length = max_new if max_new < num_prompt else num_prompt
         if length > kv_len:
