@@ -384,6 +384,51 @@ class QuietRun:
         if self._guard is not None:  # requests wait: the run goes on only while the head stays refused
             self._refused()
 
+    def join(self, seq: Seq) -> None:
+        """`seq`, whose prompt was computed whole in the step before step j (admitted there with
+        nobody else waiting, `kvbench.replay.admit_step`; it emitted its first token there and has
+        more to come), runs from step j on with the others. Its progress is kept as the run keeps
+        every request's (s.computed + t: the position it writes in step t; emitted + k after k
+        steps, set as offsets from the run's start); its first grow is made at step j as a fresh
+        request's (a page-taking one, in running order: it joins last). Nobody waits (the run's
+        limit is the last finish). Mutates the run and `seq`'s progress."""
+        j, i = self.j, len(self.seqs)
+        prompt = seq.computed
+        seq.computed, seq.emitted = prompt - j, seq.emitted - j  # (offsets: position and count at step j)
+        self.requests = [*self.requests, seq]  # (new lists: the recorder may hold the old ones)
+        self.seqs = [*self.seqs, seq]
+        self.live = [*self.live, i]
+        held = self.held
+        if held is None:
+            g0 = self.g0
+            held = self.held = [s.computed + g0 for s in self.seqs[:i]]
+        held.append(prompt)
+        f = seq.request.output_len - seq.emitted - 1  # the step in which it emits its last token
+        self.fin.append(f)
+        self.kv_read += prompt + 1
+        at = self.pages_at.get(j)
+        if at is None:
+            self.pages_at[j] = [i]
+            if self._takes is not None:
+                heappush(self._takes, j)
+        else:
+            at.append(i)
+        if self._rids is not None:
+            self._rids.append(seq.id)
+            self._comp.append(seq.computed)
+        if self._live_ids is not None:
+            self._live_ids.append(seq.id)
+        if f >= self.limit:
+            self.limit = f + 1
+        nxt, steps = self._next_fin, self._fin_steps
+        if f < nxt:
+            if steps is not None and nxt < 1 << 62:
+                steps.append(nxt)  # (the smallest of those left: the list is in descending order)
+            self._next_fin = f
+        elif f > nxt and steps is not None and f not in steps:
+            steps.append(f)
+            steps.sort(reverse=True)
+
     def _refused(self) -> None:
         """After some left (head_need 2): whether the scheduler would refuse the head in the next
         step j, asked of the strategy now (`still_refused`: admit's decision, its match retried

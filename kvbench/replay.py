@@ -24,13 +24,14 @@ from itertools import accumulate
 import numpy as np
 from tqdm import tqdm
 
+from kvbench.batch import ScheduledSeq, StepBatch
 from kvbench.engines.base import Engine
 from kvbench.events import StateColumns, StepEvent
 from kvbench.metrics import Recorder
 from kvbench.quiet import Quiet, QuietRun, _first_tried, head_need
 from kvbench.request import Request
 from kvbench.scheduler import Scheduler, Seq
-from kvbench.strategies.base import Strategy
+from kvbench.strategies.base import SlotStates, Strategy
 
 
 @dataclass
@@ -65,6 +66,7 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
     plan_runs = engine.fast_forward and not engine.needs_layout and quiet_plans(scheduler)
     fresh = True
     fifo = scheduler.fifo_admission  # (fixed for a scheduler)
+    mix = fifo and not engine.needs_layout  # an arrival with nobody waiting is admitted inside a run (`admit_step`)
     layout = engine.needs_layout
 
     def rejected(req: Request) -> bool:
@@ -113,6 +115,16 @@ def replay(requests: Sequence[Request], scheduler: Scheduler, engine: Engine, pr
                     steady = steady._replace(waiting=steady.waiting + 1)
             else:
                 if run is not None:
+                    if mix and not scheduler.waiting and (head is None or head.arrival_s > now) \
+                            and _mixes(run, req):
+                        # it alone arrives with nobody waiting: the run's next step admits it (or tries)
+                        got = admit_step(run, Seq(req), scheduler, engine, rec, now)
+                        if got is not None:  # (None: step j is not quiet; it is planned)
+                            now, ended = got
+                            if ended is not None:  # (not admitted whole: the run ended after the step)
+                                leave(run.done)
+                                run, steady, fresh = None, None, ended
+                            continue
                     end_run(run, rec)
                     leave(run.done)
                     run = None
@@ -412,6 +424,90 @@ def _step_zero(run: QuietRun, engine: Engine, rec: Recorder, now: float,
     done = [run.seqs[x].request for x in run.finishing] if run.finishing is not None else ()
     rec.quiet_steps(run.requests, [now], dts, 1, kv_read, d, waiting, run.preemptions, _NO_ROWS, None, done, stretches)
     return end
+
+
+def _mixes(run: QuietRun, req: Request) -> bool:
+    """Whether the next step of `run` (paused at the arrival of `req`, nobody waiting) may be
+    taken inside it with `req`'s admission (`admit_step`): the run may go on (nobody waits, no
+    host moves, its step 0 run) and `req` emits more than one token. Pure."""
+    return (run.waiting == 0 and run._guard is None and run._moves is None and not run.grown
+            and run.left > 0 and req.output_len > 1)
+
+
+def admit_step(run: QuietRun, seq: Seq, scheduler: Scheduler, engine: Engine, rec: Recorder,
+               now: float) -> tuple[float, bool | None] | None:
+    """Step j of `run` with the arrival `seq` admitted in it, as `Scheduler.schedule` plans it
+    (nobody waits: every running request decodes, in running order, then fcfs admission tries
+    `seq` with the budget they leave): the run's step j (its page takes, in running order; the
+    other decodes stay deferred: they move slots from reserved to token, registering nothing
+    admission could see, except where a decode fills a page, which a strategy that caches
+    prefixes may register at that grow: those are made first), then the admission, priced and
+    recorded as the step (`Recorder.step`: the same row, first token and gaps). Admitted with its
+    whole prompt, `seq` joins the run (`QuietRun.join`), which goes on (returns (clock, None));
+    else (refused, or its prompt chunked) the run ends after the step (returns (clock, whether
+    every running request emitted in it)), and the next step is planned. None where step j is
+    not quiet (its takes need pages that are not free: nothing done but the chunk recorded).
+    Mutates the run, the strategy, the scheduler's queue and running requests, the recorder."""
+    c = run.chunk
+    if c is not None:
+        _record(run, c, rec, c.waiting)
+        run.chunk = None
+    st, j, d, kv_read = run.st, run.j, len(run.live), run.kv_read
+    if not run.run(1, [[], [], [], [], [], []], []):
+        return None
+    seqs, ps = run.seqs, st.page_size
+    if ps > 1 and st.caches_prefixes:  # decodes that filled a page in step j: grown (as stepping grows them)
+        held, e = run.held, j + 1
+        for i in run.live:
+            s = seqs[i]
+            pos = s.computed + e
+            if not pos % ps:
+                if held is None:
+                    g0 = run.g0
+                    held = run.held = [x.computed + g0 for x in seqs]
+                if held[i] < pos:
+                    run._grow(s, pos - held[i])
+                    run.deferred -= pos - held[i]
+                    held[i] = pos
+    scheduler.add(seq)
+    scheduler._admitted = []
+    planned: list[tuple[Seq, int]] = []
+    scheduler._admit(planned, scheduler.max_num_batched_tokens - d)
+    new = ScheduledSeq
+    rows = [new(s.request, s.computed + j, 1, None, True, True) for s in run.requests]
+    tokens, decode, pairs = d, d, 0
+    if planned:
+        _, n = planned[0]
+        c0, t = seq.computed, seq.prefill_target
+        rows.append(new(seq.request, c0, n, None, c0 + n >= t, c0 >= t))
+        tokens += n
+        kv_read += c0 + n
+        if c0 >= t:
+            decode += 1
+        else:
+            pairs = n * c0 + n * (n + 1) // 2
+    d2h, h2d = st.take_host_moves()
+    batch = StepBatch.counted(rows, ps, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h, tokens, decode,
+                              kv_read, pairs)
+    waiting = scheduler.waiting
+    token, reserved, internal, external, cached, free = st.slot_states(waiting[0].request.kv_len if waiting else None)
+    dfr = run.deferred
+    run.states = states = _new_tuple(SlotStates, (token + dfr, reserved - dfr, internal, external, cached, free))
+    ev = _new_tuple(StepEvent, (batch, len(scheduler.running), len(waiting), scheduler.num_preemptions, states,
+                                scheduler._admitted, []))
+    dt = engine.step(batch)
+    rec.step(ev, now, dt)
+    now += dt
+    if planned:
+        seq.computed += planned[0][1]
+        if seq.computed >= seq.prefill_target:  # its prompt is done: it emitted its first token
+            seq.emitted += 1
+            if run.finishing is not None:
+                run.retire()
+            run.join(seq)
+            return now, None
+    end_run(run, rec)
+    return now, not planned
 
 
 def end_run(run: QuietRun, rec: Recorder) -> None:
