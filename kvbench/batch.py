@@ -142,6 +142,30 @@ class PlannedSeqs:
             self.rows = None
 
 
+class RunSeqs(PlannedSeqs):
+    """`PlannedSeqs` of a step a quiet run takes with an admission (kvbench.replay `admit_step`):
+    `rows` is (the run's live requests, each decoding the position computed + j, j, the
+    scheduler's plan of the admitted requests), made only where read, sealed as PlannedSeqs is."""
+
+    __slots__ = ()
+
+    def __init__(self, seqs: list, j: int, planned: list) -> None:
+        self.rows, self.made, self.n = (seqs, j, planned), None, len(seqs) + len(planned)
+
+    def _make(self) -> list[ScheduledSeq]:
+        made = self.made
+        if made is None:
+            if self.rows is None:
+                raise RuntimeError("a step's seqs read after the step ran (PlannedSeqs.seal): read them before")
+            seqs, j, planned = self.rows
+            new = ScheduledSeq
+            made = [new(s.request, s.computed + j, 1, None, True, True) for s in seqs]
+            made += [new(s.request, c, n, None, c + n >= (t := s.prefill_target), c >= t) for s, n in planned
+                     if (c := s.computed) is not None]
+            self.made = made
+        return made
+
+
 @dataclass(slots=True, frozen=True)
 class SwapOut:
     """Preemption by swap: the victim's positions [0, tokens) leave the pool for host memory.

@@ -149,6 +149,47 @@ class Recorder:
         if len(self._bt) >= self._settle_at:
             self._settle()
 
+    def mixed_step(self, t: float, dt: float, seqs, done, running: int, waiting: int, prefill: int, decode: int,
+                   kv_read: int, preemptions: int, pairs: int, states, admitted: list, first) -> None:
+        """`step` of a step a quiet run takes with an arrival's admission (kvbench.replay
+        `admit_step`), without its event: `seqs` (a run's requests, each decoding one token, all
+        of whose last tokens came out at t: every live request of a run emits in every step) and
+        `done` (those of them that emitted their last token), `admitted` (the (request, cached)
+        first admitted in it) and `first` (the admitted request that emitted its first token, or
+        None). The same row, gaps, first token and finishes as `step`; the requests' last token
+        time is held with `seqs` (as `quiet_steps` holds it)."""
+        self._bt.append(t)
+        self._bdt.append(dt)
+        s0, s1, s2, s3, s4, s5 = self._bs
+        token, reserved, internal, external, cached, free = states
+        s0.append(token)
+        s1.append(reserved)
+        s2.append(internal)
+        s3.append(external)
+        s4.append(cached)
+        s5.append(free)
+        self._seg.append((1, running, waiting, prefill, decode, kv_read, preemptions, pairs))
+        times = self._times
+        for req, hit in admitted:
+            times[req.id] = _Times(req, hit)
+        end = t + dt
+        g = end - t  # (each request's gap: its last token came out at t)
+        if g == self._gap:
+            self._gap_count += len(seqs)
+        else:
+            if self._gap_count:
+                self._bg.append(self._gap)
+                self._bc.append(self._gap_count)
+            self._gap, self._gap_count = g, len(seqs)
+        self._held.append((seqs, end))
+        for r in done:
+            self._finish(times[r.id], end)
+        if first is not None:
+            tm = times[first.id]
+            tm.first_token_s = tm.last_token_s = end
+        if len(self._bt) >= self._settle_at:
+            self._settle()
+
     def _write_held(self) -> None:
         """The last token times held from quiet runs into the `_Times` of their requests still in
         flight, in the runs' order."""

@@ -24,7 +24,7 @@ from itertools import accumulate
 import numpy as np
 from tqdm import tqdm
 
-from kvbench.batch import ScheduledSeq, StepBatch
+from kvbench.batch import RunSeqs, StepBatch
 from kvbench.engines.base import Engine
 from kvbench.events import StateColumns, StepEvent
 from kvbench.metrics import Recorder
@@ -473,30 +473,39 @@ def admit_step(run: QuietRun, seq: Seq, scheduler: Scheduler, engine: Engine, re
     scheduler._admitted = []
     planned: list[tuple[Seq, int]] = []
     scheduler._admit(planned, scheduler.max_num_batched_tokens - d)
-    new = ScheduledSeq
-    rows = [new(s.request, s.computed + j, 1, None, True, True) for s in run.requests]
-    tokens, decode, pairs = d, d, 0
+    tokens, decode, pairs, first = d, d, 0, None
     if planned:
         _, n = planned[0]
         c0, t = seq.computed, seq.prefill_target
-        rows.append(new(seq.request, c0, n, None, c0 + n >= t, c0 >= t))
         tokens += n
         kv_read += c0 + n
         if c0 >= t:
             decode += 1
         else:
             pairs = n * c0 + n * (n + 1) // 2
+        if c0 + n >= t:
+            first = seq.request
     d2h, h2d = st.take_host_moves()
-    batch = StepBatch.counted(rows, ps, st.num_pages, st.contiguous, st.take_copies(), h2d, d2h, tokens, decode,
-                              kv_read, pairs)
+    copies = st.take_copies()
     waiting = scheduler.waiting
     token, reserved, internal, external, cached, free = st.slot_states(waiting[0].request.kv_len if waiting else None)
     dfr = run.deferred
     run.states = states = _new_tuple(SlotStates, (token + dfr, reserved - dfr, internal, external, cached, free))
-    ev = _new_tuple(StepEvent, (batch, len(scheduler.running), len(waiting), scheduler.num_preemptions, states,
-                                scheduler._admitted, []))
-    dt = engine.step(batch)
-    rec.step(ev, now, dt)
+    if d2h or h2d or copies or decode > d:  # (moves, copies: recorded by `Recorder.step`, as stepping records them)
+        batch = StepBatch.counted(RunSeqs(run.requests, j, planned), ps, st.num_pages, st.contiguous, copies, h2d, d2h, tokens, decode, kv_read,
+                                  pairs)
+        ev = _new_tuple(StepEvent, (batch, len(scheduler.running), len(waiting), scheduler.num_preemptions, states,
+                                    scheduler._admitted, []))
+        dt = engine.step(batch)
+        rec.step(ev, now, dt)
+    else:
+        rows = RunSeqs(run.requests, j, planned)
+        dt = engine.step(StepBatch.counted(rows, ps, st.num_pages, st.contiguous, copies, 0, 0, tokens, decode, kv_read,
+                                           pairs))
+        rows.seal()  # (the run's progress moves on)
+        rec.mixed_step(now, dt, run.requests, [seqs[i] for i in run.finishing] if run.finishing is not None else (),
+                       len(scheduler.running), len(waiting), tokens - decode, decode, kv_read,
+                       scheduler.num_preemptions, pairs, states, scheduler._admitted, first)
     now += dt
     if planned:
         seq.computed += planned[0][1]

@@ -91,8 +91,7 @@ def test_planned_seqs_are_the_scheduler_seqs_made_where_read():
         if read:
             def check(batch):
                 seqs = batch.seqs
-                # (a step a quiet run takes with an arrival's admission lists its seqs: `admit_step`)
-                assert isinstance(seqs, (PlannedSeqs, list)) and len(seqs) == len(list(seqs))
+                assert isinstance(seqs, PlannedSeqs) and len(seqs) == len(list(seqs))
                 seen.append([(s.request.id, s.start, s.num_new, s.emits, s.is_decode) for s in seqs])
                 return step(batch)
             engine.step = check
