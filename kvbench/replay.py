@@ -10,7 +10,9 @@ finishes leaves after its last step and the others go on; a request that joins a
 head was refused (fcfs admission) or that is rejected changes no step, so the run goes on (with
 requests waiting and fcfs every arrival is such: the run is not paused at each, its arrivals are
 taken in when its steps are recorded, each counted as waiting from the first step that starts at
-or after its arrival, as pausing would count it). Those
+or after its arrival, as pausing would count it); a request that arrives alone with nobody
+waiting is admitted in the run's next step, taken inside the run (`admit_step`: the run's
+decodes, then fcfs admission), and joins it when its prompt is done there. Those
 quiet steps skip planning and batching; the strategy ends up exactly as stepping leaves it; the
 clock advances step by step by the cost model; the recorder gets the same rows and token times.
 Results are identical to stepping (tests/test_fast_forward.py).
