@@ -58,11 +58,11 @@ def _requests(seed: int, n: int = 60) -> list[Request]:
     return reqs
 
 
-def _replay(strategy: str, cap: int, seed: int, fast: bool):
+def _replay(strategy: str, cap: int, seed: int, fast: bool, **options):
     engine = SimEngine(overhead_s=0.01, prefill_token_s=1e-5, decode_token_s=1e-4, kv_read_token_s=1e-6,
-                       fast_forward=fast)
+                       fast_forward=fast, kv_bytes_per_token=4096)
     st = MAKERS[strategy](cap)
-    sched = Scheduler(st, max_num_seqs=32, max_num_batched_tokens=1024)
+    sched = Scheduler(st, **{"max_num_seqs": 32, "max_num_batched_tokens": 1024, **options})
     planned = [0]
     plan = sched.schedule
     sched.schedule = lambda: planned.__setitem__(0, planned[0] + 1) or plan()
@@ -88,3 +88,27 @@ def test_arrivals_admitted_inside_runs_are_stepping(strategy, cap, seed, monkeyp
     if cap == 8192:  # (nobody waits: every arrival with a run going was taken inside it, or chunked)
         assert (t0.waiting.max(), t0.preemptions.max()) == (0, 0)
         assert planned1 < planned0 / 5
+
+
+@pytest.mark.parametrize("strategy", ["paged", "paged_nocache", "radix", "slab"])
+@pytest.mark.parametrize("options", [dict(max_num_seqs=8), dict(chunked_prefill=False),
+                                     dict(preemption="swap"), dict(max_num_batched_tokens=40)])
+def test_admissions_inside_runs_under_scheduler_limits_are_stepping(strategy, options, monkeypatch):
+    # a full batch (arrivals refused for max_num_seqs), whole prompts only (those over the budget
+    # rejected), preemption by swap in the small pool, and a budget the decodes nearly use up
+    # (prompts chunked): steps that admit nobody, or a prompt in part, end the run after them
+    ends = []
+    admit = kvbench.replay.admit_step
+
+    def counted(*args):
+        got = admit(*args)
+        ends.append(got is not None and got[1] is not None)
+        return got
+
+    monkeypatch.setattr(kvbench.replay, "admit_step", counted)
+    for cap in (8192, 2500):
+        t0, r0, itl0, _ = _replay(strategy, cap, 3, fast=False, **options)
+        t1, r1, itl1, _ = _replay(strategy, cap, 3, fast=True, **options)
+        assert t1.equals(t0) and r1.equals(r0) and np.array_equal(itl1, itl0)
+    if "max_num_seqs" in options or "max_num_batched_tokens" in options:
+        assert any(ends)
