@@ -444,7 +444,8 @@ def admit_step(run: QuietRun, seq: Seq, scheduler: Scheduler, engine: Engine, re
     other decodes stay deferred: they move slots from reserved to token, registering nothing
     admission could see, except where a decode fills a page, which a strategy that caches
     prefixes may register at that grow: those are made first), then the admission, priced and
-    recorded as the step (`Recorder.step`: the same row, first token and gaps). Admitted with its
+    recorded as the step (`Recorder.mixed_step`: the same row, first token and gaps as
+    `Recorder.step`, which records a step that moves pages or copies them). Admitted with its
     whole prompt, `seq` joins the run (`QuietRun.join`), which goes on (returns (clock, None));
     else (refused, or its prompt chunked) the run ends after the step (returns (clock, whether
     every running request emitted in it)), and the next step is planned. None where step j is
