@@ -94,21 +94,19 @@ class Recorder:
         self.moved = [0, 0, 0, 0]  # token slots moved: swap-outs, swap-ins, all d2h, all h2d (issue 14)
 
     # ---- events -----------------------------------------------------------------------------
+    def _row(self, t: float, dt: float, states) -> None:
+        """A step's start, length and slot states (the timeline row's first columns)."""
+        self._bt.append(t)
+        self._bdt.append(dt)
+        for col, x in zip(self._bs, states):
+            col.append(x)
+
     def step(self, ev: StepEvent, t: float, dt: float) -> None:
         """One step [t, t + dt): its timeline row, and the output tokens it produced at t + dt."""
         b = ev.batch
         if self._held:
             self._write_held()
-        self._bt.append(t)
-        self._bdt.append(dt)
-        s0, s1, s2, s3, s4, s5 = self._bs
-        token, reserved, internal, external, cached, free = ev.states
-        s0.append(token)
-        s1.append(reserved)
-        s2.append(internal)
-        s3.append(external)
-        s4.append(cached)
-        s5.append(free)
+        self._row(t, dt, ev.states)
         self._seg.append((1, ev.running, ev.waiting, b.prefill_tokens, b.decode_tokens, b.kv_read_tokens,
                           ev.preemptions, b.prefill_pairs))
         times = self._times
@@ -158,16 +156,7 @@ class Recorder:
         first admitted in it) and `first` (the admitted request that emitted its first token, or
         None). The same row, gaps, first token and finishes as `step`; the requests' last token
         time is held with `seqs` (as `quiet_steps` holds it)."""
-        self._bt.append(t)
-        self._bdt.append(dt)
-        s0, s1, s2, s3, s4, s5 = self._bs
-        token, reserved, internal, external, cached, free = states
-        s0.append(token)
-        s1.append(reserved)
-        s2.append(internal)
-        s3.append(external)
-        s4.append(cached)
-        s5.append(free)
+        self._row(t, dt, states)
         self._seg.append((1, running, waiting, prefill, decode, kv_read, preemptions, pairs))
         times = self._times
         for req, hit in admitted:
