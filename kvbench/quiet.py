@@ -626,7 +626,9 @@ def _calls(scheduler: Scheduler) -> tuple:
     moves = None if moves is Strategy.take_host_moves or getattr(st, "host_tier_tokens", 1) == 0 else st.take_host_moves
     room = None if getattr(st.room, "__func__", None) is Strategy.room else st.room
     bulk = st.decode_steps if st.page_size == 1 and hasattr(type(st), "decode_steps") else None
-    pages = st.quiet_pages if hasattr(type(st), "quiet_pages") else None
+    # (`quiet_pages` and the run's `_drop_takes` put every take at a page start: not with a room of the
+    # strategy's own, e.g. paged with `scheduled` visibility)
+    pages = st.quiet_pages if hasattr(type(st), "quiet_pages") and room is None else None
     never = not getattr(st, "fast_forward", True) or getattr(scheduler, "kv_read_groups", None) is not None
     whole = getattr(type(st), "room_holds_final_length", False) and room is not None
     scheduler.quiet_calls = calls = (moves, room, bulk, never, whole, pages)

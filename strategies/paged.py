@@ -138,6 +138,8 @@ class PagedStrategy(LazyRegistration, Strategy):
                                   self._host.eviction if self._host else str(host_tier_eviction))
         self._solo = not prefix_caching  # no page is shared or hashed (until a fork shares some)
         self._scheduled = prefix_caching and prefix_visibility == "scheduled"
+        if self._scheduled:  # (an instance attribute: the others keep the contract's default `room`)
+            self.room = self._room_scheduled
         self._free = array("l")  # a stack of returned page ids (most recent on top)
         self._fresh = self.num_pages  # the last _fresh page ids were never handed out (free); the
         # per-page lists below cover the pages handed out so far and grow by half when they run out
@@ -1334,6 +1336,18 @@ class PagedStrategy(LazyRegistration, Strategy):
             self._unref_pages(reversed(seq.pages))  # the tail first: it is the least likely to be reused
         if seq.length % self.page_size:
             self._after_unshare(seq.pages[-1])
+
+    def _room_scheduled(self, rid, length: int) -> int:
+        """`room` with `scheduled` visibility: a grow that completes a page registers it (it
+        becomes hittable in that very step), so a request's room ends before the decode that
+        writes its page's last slot as well as at a page start: a quiet run makes that decode's
+        grow in its own step, in running order, as stepping does, and the order in which
+        requests register equal pages (which of them the table keeps, and so which is cached
+        or freed when they leave) stays stepping's. Pure. O(1)."""
+        rem = length % self.page_size
+        if not rem or self._seqs[rid].hash_at is _NEVER:
+            return -length % self.page_size
+        return -(length + 1) % self.page_size
 
     @property
     def refusal_outlasts_free_takes(self) -> bool:

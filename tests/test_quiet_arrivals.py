@@ -75,9 +75,6 @@ def _replay(strategy: str, cap: int, seed: int, fast: bool, **options):
 @pytest.mark.parametrize("cap", [8192, 2500])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_arrivals_admitted_inside_runs_are_stepping(strategy, cap, seed, monkeypatch):
-    if strategy == "paged_sched" and cap == 2500:
-        pytest.skip("paged with scheduled visibility, requests waiting: fast-forward already differs from "
-                    "stepping at main 7853b5f without arrivals taken inside runs (seed 1)")
     t0, r0, itl0, planned0 = _replay(strategy, cap, seed, fast=False)
     steps = []
     admit = kvbench.replay.admit_step
