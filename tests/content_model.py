@@ -66,7 +66,10 @@ def _dump(value) -> bytes:
 
 
 def _state(strategy) -> dict:
-    return {k: v for k, v in vars(strategy).items() if k not in MEMO_FIELDS and "memo" not in k}
+    """Private fields, less memos and the strategy's own methods bound as fields (code, not state:
+    paged binds `room` at construction; pickling one would pickle the whole strategy, memos too)."""
+    return {k: v for k, v in vars(strategy).items() if k not in MEMO_FIELDS and "memo" not in k
+            and getattr(v, "__self__", None) is not strategy}
 
 
 def fingerprint(strategy, live: dict[int, Live]) -> tuple:
