@@ -81,7 +81,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
-    HAS_SINK: tl.constexpr = False,
+    PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -94,7 +94,7 @@ def _decode_kernel(
     # splits cover [lo, seq_len) only, in pieces sized by this request's own length (whole
     # tiles, at least split_tokens): a launch sized for a longer bound (a CUDA graph's bucket)
     # still spreads a shorter context over every split
-    piece = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N, split_tokens)
+    piece = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo, num_splits), PIECE_ALIGN) * PIECE_ALIGN, split_tokens)
     start = lo + split * piece
     end = tl.minimum(seq_len, start + piece)
 
@@ -483,9 +483,10 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     if not explicit:
         num_splits = choose_num_splits(B, Hkv, max_len, dev)
     check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
-    num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N)   # drop always-empty splits
+    align = cfg.get("PIECE_ALIGN") or BLOCK_N
+    num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), align) * align)   # drop always-empty splits
     # each request's range is cut in-kernel into num_splits pieces of whole tiles, at least this long
-    split_tokens = BLOCK_N if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N
+    split_tokens = align if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
     fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1
@@ -505,7 +506,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_SINK=sinks is not None,
-                  **pdl_args(dev))
+                  PIECE_ALIGN=align, **pdl_args(dev))
     kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
     merge = None
     if num_splits > 1 and not fused:
