@@ -91,9 +91,9 @@ def _decode_kernel(
 
     seq_len = tl.load(seqlen_ptr + b)
     lo = key_lo(seq_len - 1, window, chunk)                               # first visible key
-    # splits cover [lo, seq_len) only, in pieces sized by this request's own length (whole
-    # tiles, at least split_tokens): a launch sized for a longer bound (a CUDA graph's bucket)
-    # still spreads a shorter context over every split
+    # splits cover [lo, seq_len) only, in pieces sized by this request's own length (multiples of
+    # PIECE_ALIGN tokens, whole tiles by default; at least split_tokens): a launch sized for a
+    # longer bound (a CUDA graph's bucket) still spreads a shorter context over every split
     piece = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo, num_splits), PIECE_ALIGN) * PIECE_ALIGN, split_tokens)
     start = lo + split * piece
     end = tl.minimum(seq_len, start + piece)
@@ -393,6 +393,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     sinks:      optional [H_q] attention sinks (gpt-oss): per head, a logit added to the softmax's
                 denominator only (in the scaled-score domain, not multiplied by sm_scale).
                 None: the kernel is compiled without them (HAS_SINK=False)
+    config:     launch overrides (BLOCK_N, num_warps, num_stages, FUSED_MERGE, MERGE_CHUNK;
+                PIECE_ALIGN: a split's tokens are a multiple of it, default BLOCK_N)
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False

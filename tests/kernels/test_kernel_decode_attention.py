@@ -50,6 +50,16 @@ def test_decode_split_kv(num_splits):
     _run([5, 200, 64], 16, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits,align", [(3, 16), (7, 16), (13, 1)])
+def test_decode_split_kv_piece_align(num_splits, align):
+    """Splits cut in multiples of `PIECE_ALIGN` tokens rather than of a tile: pieces then start
+    mid-tile and mid-page (200 tokens in 13 splits of 16: the last piece holds 8)."""
+    o = _run([5, 200, 64], 16, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=num_splits,
+             config=dict(BLOCK_N=32, num_warps=4, num_stages=2, PIECE_ALIGN=align))
+    whole = _run([5, 200, 64], 16, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=1)
+    assert_close(o, whole, torch.float16)
+
+
 @pytest.mark.parametrize("num_splits", [2, 5, 40])
 def test_decode_split_kv_fused_merge(num_splits):
     """Split-KV with the in-kernel merge (last split program merges); run twice: the ticket
