@@ -398,18 +398,22 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
 
 
 AB_VARIANTS = ("no PDL", "PDL early", "cublas", "decode splits >= 128 tokens", "decode splits >= 256 tokens",
-               "decode fused merge", "cuBLAS API (torch's default)")
+               "decode fused merge", "cuBLAS API (torch's default)", "general decode host path")
 
 
 @contextlib.contextmanager
 def ab_variant(name: str):
     """Run the engine with one change against the default (kernels with programmatic dependent
     launch in mode "late"; `linear` for batches <= 16, cuBLASLt above; split-KV decode with splits
-    of >= 64 tokens and a merge kernel)."""
+    of >= 64 tokens and a merge kernel; a decode step's short host path)."""
+    from kvbench.engines import torch_engine
     from kvbench.kernels import _common
     from kvbench.kernels import decode_attention as dmod
     from kvbench.kernels import linear as linmod
     mode = {"no PDL": "off", "PDL early": "early"}.get(name)
+    fast_host = torch_engine.FAST_DECODE_HOST
+    if name == "general decode host path":   # the step's host part without `_flatten_decode` / short fills
+        torch_engine.FAST_DECODE_HOST = False
     was = _common.set_pdl(mode) if mode else None
     blas = torch.backends.cuda.preferred_blas_library()
     if name.startswith("cuBLAS API"):       # the engine's default is cuBLASLt (engine.blas)
@@ -428,6 +432,7 @@ def ab_variant(name: str):
             _common.set_pdl(was)
         torch.backends.cuda.preferred_blas_library(blas)
         linmod.MAX_M, dmod.MIN_SPLIT_TOKENS, dmod.DECODE_CONFIG = saved
+        torch_engine.FAST_DECODE_HOST = fast_host
 
 
 def time_decode(res: dict, bw: float) -> None:
@@ -460,7 +465,8 @@ def time_decode(res: dict, bw: float) -> None:
             for graphs in (False, True):
                 rows.append(time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw))
             for variant in AB_VARIANTS if layout == "paged" else ():   # A/B, same run, graphs
-                if batch_size > 1 and variant not in ("no PDL", "PDL early", "cuBLAS API (torch's default)"):
+                if batch_size > 1 and variant not in ("no PDL", "PDL early", "cuBLAS API (torch's default)",
+                                                      "general decode host path"):
                     continue                         # batch 64: cuBLAS anyway, no split-KV
                 with ab_variant(variant):
                     eng.drop_graphs()

@@ -193,6 +193,50 @@ def test_outputs_are_identical_with_and_without_the_warm_up():
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+def test_a_steady_decode_rewrites_only_its_rows(monkeypatch):
+    """A decode step with the graph and batch size of the last fill writes only its rows' ids,
+    positions, slots, lengths and page tables into the shared staging buffer: the same logits as
+    writing the whole layout every step, also where mixed steps of other graphs rewrote the
+    buffer in between (the replay below alternates them), and the short path is taken."""
+    import kvbench.engines.torch_engine as te
+
+    got, short = {}, {}
+    for fast in (False, True):
+        monkeypatch.setattr(te, "FAST_DECODE_HOST", fast)
+        eng = StandIn("all")
+        eng.bind(PS, 512)
+        rng = np.random.default_rng(1)  # a long prompt joins late: its chunks interleave with decodes
+        reqs = [Request(i, 0.0, rng.integers(0, 512, n).astype(np.int32), np.zeros(20, np.int32))
+                for i, n in enumerate([9, 30, 3, 100])]
+        got[fast] = _drive(eng, reqs, chunk=24, graphs=True, seqs=SEQS, tokens=TOKENS)
+        short[fast] = eng.short_fills
+    assert short[False] == 0 and 10 <= short[True] < eng.replays
+    assert len(got[True]) == len(got[False]) == 80
+    for a, b in zip(got[True], got[False]):
+        assert torch.equal(a, b)
+
+
+def test_a_decode_batch_flattens_to_its_rows():
+    """`_flatten_decode`: ids, positions, slots, lengths and tables of a decode batch, rows in the
+    batch's order, page tables of different lengths padded with page 0."""
+    eng = StandIn("none")
+    eng.bind(PS, 512)
+    reqs = [Request(i, 0.0, np.zeros(n, np.int32), np.zeros(8, np.int32)) for i, n in enumerate([40, 10, 30])]
+    tables = [np.array([7, 3, 9], np.int32), np.array([5, 2], np.int32), np.array([11, 4, 6], np.int32)]
+    starts = [40, 17, 33]  # positions: page 2 slot 8, page 1 slot 1, page 2 slot 1
+    batch = StepBatch([ScheduledSeq(r, p, 1, t) for r, p, t in zip(reqs, starts, tables)], PS, 32, False, [])
+    for r in reqs:  # (the engine's copy of each request's ids: position p holds 1000 * id + p)
+        ids = eng._token_ids(r)
+        ids[:] = np.arange(len(ids)) + 1000 * r.id
+    h = eng._flatten(batch)
+    assert h.decode_only and h.num_decode == 0
+    assert h.ids.tolist() == [40, 1017, 2033] and h.positions.tolist() == starts
+    assert h.slot_mapping.tolist() == [9 * PS + 8, 2 * PS + 1, 6 * PS + 1]
+    assert h.seq_lens.tolist() == [41, 18, 34] and h.query_start_loc.tolist() == [0, 1, 2, 3]
+    assert h.logits_idx.tolist() == [0, 1, 2]
+    assert h.page_table.tolist() == [[7, 3, 9], [5, 2, 0], [11, 4, 6]]
+
+
 def test_the_sizing_subtracts_the_graphs_memory(monkeypatch):
     """kv_budget = total x utilization - weights - activation peak - graph memory - outside torch."""
     gib = 1 << 30

@@ -36,6 +36,12 @@ from kvbench.sizes import dtype_bytes
 NULL_PAGE = -1  # (kvbench.strategies.hybrid.base.NULL_PAGE: a table entry for a page the request does not hold)
 
 
+# A decode-only step's host part on its short path: `TorchEngine._flatten_decode`, and in the gpu
+# engine a staging fill of only the rows' values when the graph and batch size are the last fill's
+# (`GPUEngine._forward`). False: the general path (an A/B of experiments/check_model_gpu.py)
+FAST_DECODE_HOST = True
+
+
 @dataclass(slots=True)
 class HostBatch:
     """One step's flat batch on the host (numpy), before it becomes tensors + AttnMetadata."""
@@ -311,6 +317,7 @@ class TorchEngine(Engine):
         self.page_size = 0
         self.last_logits: dict[int, torch.Tensor] = {}
         self._ids: dict[int, np.ndarray] = {}  # request id -> prompt ++ output (int64, mod vocab)
+        self._decode_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # b -> `_flatten_decode`'s fixed arrays
         self._swapped: dict[int, torch.Tensor] = {}  # request id -> its pages [P, L, 2, page_size, H_kv, D] on the host
         self._host_tier: torch.Tensor | None = None  # [host pages so far, L, 2, page_size, H_kv, D], row = host page id
         self.steps = 0
@@ -478,6 +485,8 @@ class TorchEngine(Engine):
         """StepBatch -> the flat batch as numpy arrays (one host->device copy each later). The
         requests with one new token come first (`num_decode` of them, for the decode kernel);
         logits rows stay in the order of the batch's emitting requests."""
+        if batch.decode_only and self.hybrid is None and FAST_DECODE_HOST:
+            return self._flatten_decode(batch)
         ps, seqs, num_decode = batch.page_size, list(batch.seqs), 0
         if not batch.decode_only:
             order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_new != 1)  # stable: one-token rows first
@@ -526,6 +535,31 @@ class TorchEngine(Engine):
         return HostBatch(ids, pos, slots, table, qsl, seq_lens, qsl[1:][emit] - 1, ps,
                          batch.contiguous and self.hybrid is None, batch.decode_only, num_decode,
                          None if self.hybrid is None else self.hybrid.layer_table)
+
+    def _flatten_decode(self, batch: StepBatch) -> HostBatch:
+        """`_flatten` of a decode-only batch (one table): one token a request, every request
+        emits, rows in the batch's order; fewer numpy calls (the step the graphs replay most,
+        whose host part is step time)."""
+        ps, seqs = batch.page_size, batch.seqs
+        b = len(seqs)
+        fixed = self._decode_rows.get(b)
+        if fixed is None:  # [b + 1] query starts, [b] rows (= the logits rows): never written
+            fixed = self._decode_rows[b] = (np.arange(b + 1, dtype=np.int64), np.arange(b, dtype=np.int64))
+        qsl, rows = fixed
+        tid = self._token_ids
+        pos = np.fromiter([s.start for s in seqs], np.int64, b)
+        ids = np.fromiter([tid(s.request)[s.start] for s in seqs], np.int64, b)
+        pts = [s.page_table for s in seqs]
+        width = len(pts[0])
+        if all(len(p) == width for p in pts):
+            table = np.concatenate(pts).astype(np.int32, copy=False).reshape(b, width)
+        else:  # rows padded with page 0, never read
+            lens = np.fromiter(map(len, pts), np.int64, b)
+            table = np.zeros((b, int(lens.max())), np.int32)
+            table[np.arange(table.shape[1]) < lens[:, None]] = np.concatenate(pts)
+        page, off = np.divmod(pos, ps)
+        slots = table[rows, page].astype(np.int64) * ps + off
+        return HostBatch(ids, pos, slots, table, qsl, pos + 1, rows, ps, batch.contiguous, True, 0)
 
     def _token_ids(self, req) -> np.ndarray:
         ids = self._ids.get(req.id)
