@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""A decode step's host part, short path against general, interleaved (issue 12 §3: the step goals).
+
+The 8B shape, paged, 2k context, CUDA graphs, batch 1 and 64: `check_model_gpu.time_step` with
+`torch_engine.FAST_DECODE_HOST` on and off, alternating which goes first each round (in
+check_model_gpu's A/B the default is always timed first). Prints and writes every row (step and
+graph replay ms, fraction of the roofline against a copy measured first) to --out.
+
+    python experiments/host_path_ab.py --out results/gpu/host_path_ab.json --rounds 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_model_gpu as cm  # noqa: E402  (experiments/check_model_gpu.py: time_step, model_cfg, copy_bandwidth)
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
+
+use_checkout()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    from kvbench.batch import ScheduledSeq, StepBatch
+    from kvbench.engines import torch_engine
+    from kvbench.engines.gpu_engine import GPUEngine
+    from kvbench.model import kv_bytes_per_token
+    from kvbench.request import Request
+    dev = torch.device("cuda")
+    bw = cm.copy_bandwidth(dev)
+    cfg = cm.model_cfg("llama3_1_8b")
+    eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
+    cap, ps, ctx = eng.kv_capacity_tokens(None), 16, 2048
+    eng.bind(ps, cap // ps)
+    wbytes, bpt = eng.model.step_weight_bytes(), kv_bytes_per_token(cfg)
+    order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
+    n = -(-(ctx + 1) // ps)
+    rows = []
+    for b in (1, 64):
+        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, 32000, ctx).astype(np.int32),
+                        np.zeros(3, np.int32)) for i in range(b)]
+        batch = StepBatch([ScheduledSeq(r, ctx, 1, order[i * n:(i + 1) * n]) for i, r in enumerate(reqs)], ps,
+                          cap // ps, False, [])
+        for rnd in range(args.rounds):
+            for fast in ((True, False) if rnd % 2 == 0 else (False, True)):
+                torch_engine.FAST_DECODE_HOST = fast
+                eng.drop_graphs()
+                row = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw,
+                                   variant="short host path" if fast else "general host path")
+                rows.append(dict(row, round=rnd))
+                print(f"b={b:2d} round {rnd} {row['variant']:17s} step {row['step_ms']:.3f} ms "
+                      f"({row['frac_of_roofline']:.1%})  graph {row['gpu_ms']:.3f} ms "
+                      f"({row['gpu_frac_of_roofline']:.1%})", flush=True)
+        torch_engine.FAST_DECODE_HOST = True
+        for fast in (True, False):
+            sel = [r for r in rows if r["batch"] == b and (r["variant"] == "short host path") == fast]
+            print(f"b={b:2d} {'short' if fast else 'general'}: median step {np.median([r['step_ms'] for r in sel]):.3f} ms"
+                  f" ({np.median([r['frac_of_roofline'] for r in sel]):.1%}), host part "
+                  f"{np.median([r['step_ms'] - r['gpu_ms'] for r in sel]) * 1e3:.0f} us", flush=True)
+    # (the GPU machine's copy of the tree may carry stale git metadata: pass KVBENCH_COMMIT there)
+    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                capture_output=True, text=True).stdout.strip()
+    out = dict(device=torch.cuda.get_device_name(), commit=commit, copy_gbps=bw / 1e9, rows=rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
