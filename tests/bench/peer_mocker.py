@@ -394,13 +394,14 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--works", nargs="+", default=["azure_conv:2000"],
+    ap.add_argument("--works", nargs="+", default=None,
                     help="azure_conv:N, mooncake:N, mooncake_1m:N, mooncake_fit:N (N a count or 'all'); default azure_conv:2000")
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the CSV keeps the median (default 3)")
     ap.add_argument("--warmup", type=int, default=0, help="replays before the timed one in the replay_cpu_s child")
     ap.add_argument("--at", default=None, help="run kvbench from `git archive COMMIT` (default: this checkout)")
-    ap.add_argument("--install", action="store_true", help=f"make the mocker's venv ({VENV}) if it is missing")
+    ap.add_argument("--install", action="store_true",
+                    help=f"make the mocker's venv ({VENV}) if it is missing; alone (no --works), only that")
     ap.add_argument("--no-mocker", action="store_true", help="kvbench's side only")
     ap.add_argument("--no-replay", action="store_true", help="whole-process times only (no replay_cpu_s)")
     ap.add_argument("--profile", choices=STRATEGIES, default=None,
@@ -418,6 +419,14 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--table: no CSV at {args.out}")
         print(markdown(args.out))
         return 0
+    if args.works is None:
+        if args.install and not args.profile:  # (the set-up step: nothing timed, --out untouched)
+            py = mocker_python() or install()
+            if py is None:
+                fail(f"--install: the mocker's venv at {VENV} could not be made (the line above says why)")
+            print(f"peer_mocker: the mocker's venv: {py}")
+            return 0
+        args.works = ["azure_conv:2000"]
     from kvbench.traces import traces_dir
 
     traces = traces_dir().resolve()
