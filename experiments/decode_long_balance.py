@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: bench_rot, copy_bandwidth, gather_contig)
+from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
 from kvbench.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kvbench.kernels.tolerances import compare  # noqa: E402
 
@@ -55,8 +55,7 @@ def main() -> None:
     vc = [bk.gather_contig(vcs[i], pt, ps, L) for i in range(R)]
     variants = [bk.sdpa_variants(qs[i][:, :, None, :], kc[i], vc[i], causal=False) for i in range(R)]
     # (the GPU machine's copy of the tree may carry stale git metadata: pass KVBENCH_COMMIT there)
-    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("KVBENCH_COMMIT") or git_commit()
     name = torch.cuda.get_device_name()
     t0 = time.time()
     while time.time() - t0 < 0.3:  # clocks up before the copy

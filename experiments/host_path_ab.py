@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_model_gpu as cm  # noqa: E402  (experiments/check_model_gpu.py: time_step, model_cfg, copy_bandwidth)
 from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
+from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
 
 use_checkout()
 
@@ -69,8 +69,7 @@ def main() -> None:
                   f" ({np.median([r['frac_of_roofline'] for r in sel]):.1%}), host part "
                   f"{np.median([r['step_ms'] - r['gpu_ms'] for r in sel]) * 1e3:.0f} us", flush=True)
     # (the GPU machine's copy of the tree may carry stale git metadata: pass KVBENCH_COMMIT there)
-    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("KVBENCH_COMMIT") or git_commit()
     out = dict(device=torch.cuda.get_device_name(), commit=commit, copy_gbps=bw / 1e9, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(f".tmp{os.getpid()}")

@@ -42,6 +42,17 @@ NULL_PAGE = -1  # (kvbench.strategies.hybrid.base.NULL_PAGE: a table entry for a
 FAST_DECODE_HOST = True
 
 
+def _stack_tables(pts: list) -> np.ndarray:
+    """[B, widest] int32 of B page-table rows; shorter rows padded with page 0 (never read)."""
+    width = len(pts[0])
+    if all(len(p) == width for p in pts):  # (one concatenate: np.stack costs 3x more at 64 rows)
+        return np.concatenate(pts).astype(np.int32, copy=False).reshape(len(pts), width)
+    lens = np.fromiter(map(len, pts), np.int64, len(pts))
+    table = np.zeros((len(pts), int(lens.max())), np.int32)
+    table[np.arange(table.shape[1]) < lens[:, None]] = np.concatenate(pts)
+    return table
+
+
 @dataclass(slots=True)
 class HostBatch:
     """One step's flat batch on the host (numpy), before it becomes tensors + AttnMetadata."""
@@ -511,14 +522,7 @@ class TorchEngine(Engine):
             pos = np.arange(int(qsl[-1]), dtype=np.int64) + np.repeat(starts - qsl[:-1], n_new)
         seq_lens = starts + n_new
         if self.hybrid is None:
-            pts = [s.page_table for s in seqs]
-            lens = np.fromiter(map(len, pts), np.int64, b)
-            width = int(lens.max())
-            if int(lens.min()) == width:  # (one concatenate: np.stack costs 3x more at 64 rows)
-                table = np.concatenate(pts).astype(np.int32, copy=False).reshape(b, width)
-            else:  # rows padded with page 0, never read
-                table = np.zeros((b, width), np.int32)
-                table[np.arange(width) < lens[:, None]] = np.concatenate(pts)
+            table = _stack_tables([s.page_table for s in seqs])
         else:  # [num_tables, B, pages]: each table from the strategy, NULL entries proven unread
             t0 = time.perf_counter()
             table = self.hybrid.host_tables(self.strategy, seqs, starts, seq_lens)
@@ -549,14 +553,7 @@ class TorchEngine(Engine):
         tid = self._token_ids
         pos = np.fromiter([s.start for s in seqs], np.int64, b)
         ids = np.fromiter([tid(s.request)[s.start] for s in seqs], np.int64, b)
-        pts = [s.page_table for s in seqs]
-        width = len(pts[0])
-        if all(len(p) == width for p in pts):
-            table = np.concatenate(pts).astype(np.int32, copy=False).reshape(b, width)
-        else:  # rows padded with page 0, never read
-            lens = np.fromiter(map(len, pts), np.int64, b)
-            table = np.zeros((b, int(lens.max())), np.int32)
-            table[np.arange(table.shape[1]) < lens[:, None]] = np.concatenate(pts)
+        table = _stack_tables([s.page_table for s in seqs])
         page, off = np.divmod(pos, ps)
         slots = table[rows, page].astype(np.int64) * ps + off
         return HostBatch(ids, pos, slots, table, qsl, pos + 1, rows, ps, batch.contiguous, True, 0)
