@@ -485,7 +485,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     if not explicit:
         num_splits = choose_num_splits(B, Hkv, max_len, dev)
     check(isinstance(num_splits, int) and num_splits >= 1, lambda: f"num_splits must be a positive int, got {num_splits!r}")
-    align = cfg.get("PIECE_ALIGN") or BLOCK_N
+    align = cfg.get("PIECE_ALIGN", BLOCK_N)
+    check(align.__class__ is int and align >= 1, lambda: f"config PIECE_ALIGN must be an int >= 1, got {align!r}")
     num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), align) * align)   # drop always-empty splits
     # each request's range is cut in-kernel into num_splits pieces of whole tiles, at least this long
     split_tokens = align if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N

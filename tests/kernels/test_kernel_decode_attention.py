@@ -123,6 +123,9 @@ def test_decode_input_errors():
         decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), kc, kc, pt, sl, 16)
     with pytest.raises(ValueError, match="backend"):
         decode_attention(q, kc, kc, pt, sl, 16, backend="cuda")
+    for align in (0, -16, 2.5):
+        with pytest.raises(ValueError, match="PIECE_ALIGN must be an int >= 1"):
+            decode_attention(q, kc, kc, pt, sl, 16, num_splits=2, config=dict(PIECE_ALIGN=align))
 
 
 # ------------------------------------------------------------------------------- GPU, real shapes
