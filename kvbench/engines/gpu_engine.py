@@ -68,6 +68,13 @@ PER_GRAPH_FLOOR = 1 << 20  # bytes the sizing gives each warm-up graph at least 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+# A decode graph copies its inputs from the pinned staging buffer itself: the copy is a node of the
+# graph, so a step makes one host call (the replay) instead of two (a copy_, 17-49 us of host time on
+# an H200's host, then the replay). False: `_forward` copies before the replay (an A/B of
+# experiments/step_host_profile.py); graphs captured before a change keep what they were captured with
+GRAPH_COPIES_INPUTS = True
+
+
 def token_bucket(tokens: int) -> int:
     """Token count a step with prefill is padded to for its graph: a multiple of 16 up to 256
     tokens; above, a multiple of 1/8 of the power of two below it (32 from 256, 64 from 512, ...,
@@ -556,7 +563,8 @@ class GPUEngine(TorchEngine):
             g.h64[0, :b], g.h64[1, :b], g.h64[2:, :b] = h.ids, h.positions, h.slot_mapping.reshape(-1, b)
             g.h32_lens[:b] = h.seq_lens
             g.h32_table[:, :b, :w] = tables
-            g.dev.copy_(g.host, non_blocking=True)
+            if not g.copy_in:
+                g.dev.copy_(g.host, non_blocking=True)
             self.short_fills += 1
             g.graph.replay()
             return g.logits[:b].clone() if self.keep_logits else g.logits[:b]
@@ -581,7 +589,8 @@ class GPUEngine(TorchEngine):
         # `step` has synchronized, so the copy is done by then)
         if g.table is None:  # decode: the table block [nt, bs, pages] is part of the one copy
             g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
-            g.dev.copy_(g.host, non_blocking=True)
+            if not g.copy_in:
+                g.dev.copy_(g.host, non_blocking=True)
         else:  # with prefill: the used rows x columns, packed, then spread into the wide table
             rows = dp + b - nd
             packed = g.h32_area[:g.nt * rows * w].reshape(g.nt, rows, w)
@@ -686,6 +695,7 @@ class GPUEngine(TorchEngine):
         tables = g.area.view(nt, bs, pages) if decode_only else g.table
         g.qsl, g.dp = d32[:bs + 1], dp
         g.split = 0 < dp and not decode_only
+        g.copy_in = decode_only and GRAPH_COPIES_INPUTS
         g.meta = AttnMetadata(slots[0], tables[0], g.qsl,
                               d32[bs + 1:2 * bs + 1], d64[(2 + nt) * ts:], page_size, contiguous, decode_only,
                               pages * page_size, dp if g.split else 0, None)
@@ -694,8 +704,11 @@ class GPUEngine(TorchEngine):
         return g
 
     def _graph_body(self, g: SimpleNamespace) -> None:
-        """What a graph runs: (a split step) the prefill part's query_start_loc, recomputed from
-        the input at each replay, into every table's metadata; the model, into g.logits [bs, vocab]."""
+        """What a graph runs: (a decode graph) the copy of its staging buffer to the device; (a
+        split step) the prefill part's query_start_loc, recomputed from the input at each replay,
+        into every table's metadata; the model, into g.logits [bs, vocab]."""
+        if g.copy_in:  # (captured from pinned memory: the replay reads what the host wrote before it)
+            g.dev.copy_(g.host, non_blocking=True)
         if g.split:
             g.meta.extend_start_loc = g.qsl[g.dp:] - g.dp
             for m in g.meta.table_metas or ():

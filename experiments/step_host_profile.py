@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Where a decode step's host part goes (issue 12 §3: the per-step goals): cProfile of the gpu
+engine's `step` at batch 1 and 64, the 8B shape, paged, 2k context, CUDA graphs, beside the step
+and graph-replay times of `check_model_gpu.time_step` in the same process.
+
+    python experiments/step_host_profile.py --out results/gpu/step_host_profile.json [--calls 300]
+
+Then an interleaved A/B of `gpu_engine.GRAPH_COPIES_INPUTS` (--rounds). Prints, per batch size, the functions with the most own time in µs per step (cProfile inflates
+Python calls; read the C calls -- copies, replays, event records -- and the ranking, not the sum).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_model_gpu as cm  # noqa: E402  (experiments/check_model_gpu.py: time_step, model_cfg, copy_bandwidth)
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
+from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
+
+use_checkout()
+
+
+def _gpu_us(fn, n: int = 50) -> float:
+    """Median µs from an event before `fn()` to one after it, the GPU idle before each call."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s0.record()
+        fn()
+        s1.record()
+        s1.synchronize()
+        times.append(s0.elapsed_time(s1) * 1e3)
+    return float(np.median(times))
+
+
+def phases(eng, batch, n: int = 200) -> dict:
+    """The host part in pieces: `_flatten` alone (host µs, no GPU), and on the GPU's clock the graph
+    replay alone, the staging copy plus replay, and `_forward` (staging fill, copy and replay)."""
+    import time
+    t = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        eng._flatten(batch)
+        t.append(time.perf_counter() - t0)
+    with torch.inference_mode():  # (as `_run`: the staging buffers are inference tensors)
+        h = eng._flatten(batch)
+        eng._forward(h)  # (the graph of this batch, staged)
+        g = next(reversed(eng._graphs.values()))
+        rt = []
+        for _ in range(20):  # the replay call's own host time (a launch returns before the GPU is done)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            g.graph.replay()
+            rt.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # what one replay runs on the GPU
+            g.graph.replay()
+            torch.cuda.synchronize()
+        kinds: dict = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                kinds[e.name[:60]] = kinds.get(e.name[:60], 0) + 1
+        print(f"  one replay: {sum(kinds.values())} GPU ops; " + "; ".join(
+            f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]), flush=True)
+        return dict(gpu_ops=sum(kinds.values()), gpu_op_kinds=kinds, flatten_host_us=float(np.median(t)) * 1e6, replay_call_host_us=float(np.median(rt)) * 1e6,
+                    run_us=_gpu_us(lambda: eng._run(batch)),
+                    flatten_forward_us=_gpu_us(lambda: eng._forward(eng._flatten(batch))),
+                    replay_us=_gpu_us(g.graph.replay),
+                    copy_replay_us=_gpu_us(lambda: (g.dev.copy_(g.host, non_blocking=True), g.graph.replay())),
+                    forward_us=_gpu_us(lambda: eng._forward(h)), step_us=_gpu_us(lambda: eng.step(batch)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the A/B of GRAPH_COPIES_INPUTS")
+    args = ap.parse_args()
+    from kvbench.batch import ScheduledSeq, StepBatch
+    from kvbench.engines import gpu_engine
+    from kvbench.engines.gpu_engine import GPUEngine
+    from kvbench.model import kv_bytes_per_token
+    from kvbench.request import Request
+    dev = torch.device("cuda")
+    bw = cm.copy_bandwidth(dev)
+    cfg = cm.model_cfg("llama3_1_8b")
+    eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
+    cap, ps, ctx = eng.kv_capacity_tokens(None), 16, 2048
+    eng.bind(ps, cap // ps)
+    wbytes, bpt = eng.model.step_weight_bytes(), kv_bytes_per_token(cfg)
+    order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
+    n = -(-(ctx + 1) // ps)
+    out = dict(device=torch.cuda.get_device_name(), commit=os.environ.get("KVBENCH_COMMIT") or git_commit(),
+               copy_gbps=bw / 1e9, batches=[], ab=[])
+    for b in (1, 64):
+        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, 32000, ctx).astype(np.int32),
+                        np.zeros(3, np.int32)) for i in range(b)]
+        batch = StepBatch([ScheduledSeq(r, ctx, 1, order[i * n:(i + 1) * n]) for i, r in enumerate(reqs)], ps,
+                          cap // ps, False, [])
+        row = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw)
+        row.update(phases(eng, batch))
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.calls):
+            eng.step(batch)
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        top = sorted(((tt, nc, f"{Path(f).name}:{line}({name})") for (f, line, name), (cc, nc, tt, ct, _) in stats.items()),
+                     reverse=True)[:args.top]
+        print(f"b={b}: step {row['step_ms']:.3f} ms ({row['frac_of_roofline']:.1%}), graph {row['gpu_ms']:.3f} ms "
+              f"({row['gpu_frac_of_roofline']:.1%}), host part {(row['step_ms'] - row['gpu_ms']) * 1e3:.0f} us; "
+              f"flatten {row['flatten_host_us']:.0f} us (host); GPU clock: replay {row['replay_us']:.0f}, copy + replay "
+              f"{row['copy_replay_us']:.0f}, _forward {row['forward_us']:.0f}, flatten + _forward "
+              f"{row['flatten_forward_us']:.0f}, _run {row['run_us']:.0f}, step {row['step_us']:.0f} us; "
+              f"replay call {row['replay_call_host_us']:.0f} us (host); "
+              f"own time per step under cProfile:", flush=True)
+        for tt, nc, name in top:
+            print(f"  {tt / args.calls * 1e6:8.1f} us  {nc / args.calls:5.1f} calls  {name}", flush=True)
+        out["batches"].append(dict(row, profile=[dict(us=tt / args.calls * 1e6, calls=nc / args.calls, name=name)
+                                                 for tt, nc, name in top]))
+        # A/B: the decode graph copies its own inputs (default) or `_forward` copies them before the
+        # replay; interleaved, which goes first alternating; graphs recaptured for each
+        for rnd in range(args.rounds):
+            for inside in ((True, False) if rnd % 2 == 0 else (False, True)):
+                gpu_engine.GRAPH_COPIES_INPUTS = inside
+                eng.drop_graphs()
+                r = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw,
+                                 variant="copy in graph" if inside else "copy before replay")
+                out["ab"].append(dict(r, round=rnd))
+                print(f"b={b:2d} round {rnd} {r['variant']:18s} step {r['step_ms']:.3f} ms ({r['frac_of_roofline']:.1%})"
+                      f"  graph {r['gpu_ms']:.3f} ms ({r['gpu_frac_of_roofline']:.1%})", flush=True)
+        gpu_engine.GRAPH_COPIES_INPUTS = True
+        for v in ("copy in graph", "copy before replay"):
+            sel = [r for r in out["ab"] if r["batch"] == b and r["variant"] == v]
+            print(f"b={b:2d} {v}: median step {np.median([r['frac_of_roofline'] for r in sel]):.1%}, graph "
+                  f"{np.median([r['gpu_frac_of_roofline'] for r in sel]):.1%}, host part "
+                  f"{np.median([r['step_ms'] - r['gpu_ms'] for r in sel]) * 1e3:.0f} us", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
