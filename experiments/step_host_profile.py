@@ -86,7 +86,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--rounds", type=int, default=4, help="rounds of the A/B of GRAPH_COPIES_INPUTS")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the A/B")
+    ap.add_argument("--ab", choices=("copy", "spin"), default="copy",
+                    help="copy: GRAPH_COPIES_INPUTS on/off; spin: SPIN_WAIT on/off (the step's wait for the GPU)")
+    ap.add_argument("--no-phases", action="store_true", help="skip the profile and the phases (the A/B only)")
     args = ap.parse_args()
     from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines import gpu_engine
@@ -109,40 +112,42 @@ def main() -> None:
                         np.zeros(3, np.int32)) for i in range(b)]
         batch = StepBatch([ScheduledSeq(r, ctx, 1, order[i * n:(i + 1) * n]) for i, r in enumerate(reqs)], ps,
                           cap // ps, False, [])
-        row = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw)
-        row.update(phases(eng, batch))
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.calls):
-            eng.step(batch)
-        prof.disable()
-        stats = pstats.Stats(prof).stats
-        top = sorted(((tt, nc, f"{Path(f).name}:{line}({name})") for (f, line, name), (cc, nc, tt, ct, _) in stats.items()),
-                     reverse=True)[:args.top]
-        print(f"b={b}: step {row['step_ms']:.3f} ms ({row['frac_of_roofline']:.1%}), graph {row['gpu_ms']:.3f} ms "
-              f"({row['gpu_frac_of_roofline']:.1%}), host part {(row['step_ms'] - row['gpu_ms']) * 1e3:.0f} us; "
-              f"flatten {row['flatten_host_us']:.0f} us (host); GPU clock: replay {row['replay_us']:.0f}, copy + replay "
-              f"{row['copy_replay_us']:.0f}, _forward {row['forward_us']:.0f}, flatten + _forward "
-              f"{row['flatten_forward_us']:.0f}, _run {row['run_us']:.0f}, step {row['step_us']:.0f} us; "
-              f"replay call {row['replay_call_host_us']:.0f} us (host); "
-              f"own time per step under cProfile:", flush=True)
-        for tt, nc, name in top:
-            print(f"  {tt / args.calls * 1e6:8.1f} us  {nc / args.calls:5.1f} calls  {name}", flush=True)
-        out["batches"].append(dict(row, profile=[dict(us=tt / args.calls * 1e6, calls=nc / args.calls, name=name)
-                                                 for tt, nc, name in top]))
-        # A/B: the decode graph copies its own inputs (default) or `_forward` copies them before the
-        # replay; interleaved, which goes first alternating; graphs recaptured for each
+        if not args.no_phases:
+            row = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw)
+            row.update(phases(eng, batch))
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                eng.step(batch)
+            prof.disable()
+            stats = pstats.Stats(prof).stats
+            top = sorted(((tt, nc, f"{Path(f).name}:{line}({name})") for (f, line, name), (cc, nc, tt, ct, _) in stats.items()),
+                         reverse=True)[:args.top]
+            print(f"b={b}: step {row['step_ms']:.3f} ms ({row['frac_of_roofline']:.1%}), graph {row['gpu_ms']:.3f} ms "
+                  f"({row['gpu_frac_of_roofline']:.1%}), host part {(row['step_ms'] - row['gpu_ms']) * 1e3:.0f} us; "
+                  f"flatten {row['flatten_host_us']:.0f} us (host); GPU clock: replay {row['replay_us']:.0f}, copy + replay "
+                  f"{row['copy_replay_us']:.0f}, _forward {row['forward_us']:.0f}, flatten + _forward "
+                  f"{row['flatten_forward_us']:.0f}, _run {row['run_us']:.0f}, step {row['step_us']:.0f} us; "
+                  f"replay call {row['replay_call_host_us']:.0f} us (host); "
+                  f"own time per step under cProfile:", flush=True)
+            for tt, nc, name in top:
+                print(f"  {tt / args.calls * 1e6:8.1f} us  {nc / args.calls:5.1f} calls  {name}", flush=True)
+            out["batches"].append(dict(row, profile=[dict(us=tt / args.calls * 1e6, calls=nc / args.calls, name=name)
+                                                     for tt, nc, name in top]))
+        # A/B of one engine flag (--ab), interleaved, which goes first alternating; graphs recaptured for each
+        flag, names = {"copy": ("GRAPH_COPIES_INPUTS", ("copy in graph", "copy before replay")),
+                       "spin": ("SPIN_WAIT", ("spin wait", "blocking wait"))}[args.ab]
+        default = getattr(gpu_engine, flag)
         for rnd in range(args.rounds):
-            for inside in ((True, False) if rnd % 2 == 0 else (False, True)):
-                gpu_engine.GRAPH_COPIES_INPUTS = inside
+            for on in ((True, False) if rnd % 2 == 0 else (False, True)):
+                setattr(gpu_engine, flag, on)
                 eng.drop_graphs()
-                r = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw,
-                                 variant="copy in graph" if inside else "copy before replay")
+                r = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw, variant=names[not on])
                 out["ab"].append(dict(r, round=rnd))
                 print(f"b={b:2d} round {rnd} {r['variant']:18s} step {r['step_ms']:.3f} ms ({r['frac_of_roofline']:.1%})"
                       f"  graph {r['gpu_ms']:.3f} ms ({r['gpu_frac_of_roofline']:.1%})", flush=True)
-        gpu_engine.GRAPH_COPIES_INPUTS = True
-        for v in ("copy in graph", "copy before replay"):
+        setattr(gpu_engine, flag, default)
+        for v in names if args.rounds else ():
             sel = [r for r in out["ab"] if r["batch"] == b and r["variant"] == v]
             print(f"b={b:2d} {v}: median step {np.median([r['frac_of_roofline'] for r in sel]):.1%}, graph "
                   f"{np.median([r['gpu_frac_of_roofline'] for r in sel]):.1%}, host part "

@@ -73,6 +73,11 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # an H200's host, then the replay). False: `_forward` copies before the replay (an A/B of
 # experiments/step_host_profile.py); graphs captured before a change keep what they were captured with
 GRAPH_COPIES_INPUTS = True
+# `step` waits for the GPU by polling its end event, not in a blocking cudaEventSynchronize: after a
+# blocking wait the host built the next batch about 3x slower (H200, 8B decode at batch 64, 4
+# interleaved rounds: host part 304 against 87 us, step 85.1 against 87.3 % of the roofline; batch 1
+# unchanged; results/gpu/step_host_profile_h200_*_spin_ab.json). False: the blocking wait (the A/B)
+SPIN_WAIT = True
 
 
 def token_bucket(tokens: int) -> int:
@@ -529,7 +534,11 @@ class GPUEngine(TorchEngine):
         start.record()
         self._run(batch)
         end.record()
-        end.synchronize()
+        if SPIN_WAIT:  # (the host polls the step's end: its thread stays on a core, warm, for the next step)
+            while not end.query():
+                pass
+        else:
+            end.synchronize()
         # (less a hybrid design's strategy.table() calls: torch_engine.TorchEngine.step says why)
         return start.elapsed_time(end) / 1e3 - (self.graph_capture_s - capture0) - (self._table_read_s() - read0)
 
