@@ -230,6 +230,7 @@ class GPUEngine(TorchEngine):
 
     _staged: tuple | None = None  # (graph key, batch size) of the last decode fill of the staging buffer
     short_fills = 0  # decode steps whose staging fill wrote only their rows' values (`_forward`)
+    _tokens_host: torch.Tensor | None = None  # pinned: the sampled tokens' copy (`_host_list`)
 
     name = "gpu"
     binds_strategy = True  # kvbench.run passes every strategy to bind (slab's contiguous layout)
@@ -541,6 +542,22 @@ class GPUEngine(TorchEngine):
             end.synchronize()
         # (less a hybrid design's strategy.table() calls: torch_engine.TorchEngine.step says why)
         return start.elapsed_time(end) / 1e3 - (self.graph_capture_s - capture0) - (self._table_read_s() - read0)
+
+    def _host_list(self, t: torch.Tensor) -> list:
+        """`t.tolist()` of a small int64 GPU tensor (the sampled tokens), the wait polled as in `step`:
+        a blocking copy would leave the host cold for the step's emit and the next step's batch."""
+        if not SPIN_WAIT or t.device.type != "cuda":
+            return t.tolist()
+        n = t.numel()
+        if self._tokens_host is None or self._tokens_host.numel() < n:
+            self._tokens_host = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+            self._tokens_ready = torch.cuda.Event()
+        host = self._tokens_host[:n]
+        host.copy_(t.reshape(-1), non_blocking=True)
+        self._tokens_ready.record()
+        while not self._tokens_ready.query():
+            pass
+        return host.view(t.shape).tolist()
 
     def _forward(self, h: HostBatch) -> torch.Tensor:
         b, t = len(h.seq_lens), len(h.ids)
