@@ -69,9 +69,10 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 # A decode graph copies its inputs from the pinned staging buffer itself: the copy is a node of the
-# graph, so a step makes one host call (the replay) instead of two (a copy_, 17-49 us of host time on
-# an H200's host, then the replay). False: `_forward` copies before the replay (an A/B of
-# experiments/step_host_profile.py); graphs captured before a change keep what they were captured with
+# graph, so a step makes one host call (the replay) instead of two (a copy_, then the replay; on an
+# H200 the step's host part was 37 us shorter at batch 1 and 57 us at batch 64). False: `_forward`
+# copies before the replay (an A/B of experiments/step_host_profile.py); graphs captured before a
+# change keep what they were captured with
 GRAPH_COPIES_INPUTS = True
 # `step` waits for the GPU by polling its end event, not in a blocking cudaEventSynchronize: after a
 # blocking wait the host built the next batch about 3x slower (H200, 8B decode at batch 64, 4
@@ -231,6 +232,7 @@ class GPUEngine(TorchEngine):
     _staged: tuple | None = None  # (graph key, batch size) of the last decode fill of the staging buffer
     short_fills = 0  # decode steps whose staging fill wrote only their rows' values (`_forward`)
     _tokens_host: torch.Tensor | None = None  # pinned: the sampled tokens' copy (`_host_list`)
+    _tokens_ready: torch.cuda.Event | None = None  # recorded after that copy
 
     name = "gpu"
     binds_strategy = True  # kvbench.run passes every strategy to bind (slab's contiguous layout)
