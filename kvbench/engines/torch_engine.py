@@ -604,8 +604,8 @@ class TorchEngine(Engine):
             tokens = self._host_list(logits.argmax(dim=-1))
         for i, s in enumerate(emitting):
             r, end = s.request, s.start + s.num_new
-            if self.sample:  # the token at position `end` (prompt_len + k) is output[k]
-                r.output[end - r.prompt_len] = tokens[i]
+            if self.sample:  # the token at position `end` (prompt_len + k) is output[k], a view of tokens
+                r.tokens[end] = tokens[i]
                 self._token_ids(r)[end] = tokens[i]
             if end >= r.kv_len:  # its last token: the request is done with this engine
                 self._ids.pop(r.id, None)
