@@ -597,15 +597,16 @@ class TorchEngine(Engine):
         return t.tolist()
 
     def _emit(self, batch: StepBatch, logits: torch.Tensor) -> None:
-        emitting = [s for s in batch.seqs if s.emits_token]
+        emitting = batch.seqs if batch.decode_only else [s for s in batch.seqs if s.emits_token]
         if self.keep_logits:
             self.last_logits = LastLogits([s.request.id for s in emitting], logits)
-        if self.sample:
-            tokens = self._host_list(logits.argmax(dim=-1))
-        for i, s in enumerate(emitting):
-            r, end = s.request, s.start + s.num_new
-            if self.sample:  # the token at position `end` (prompt_len + k) is output[k], a view of tokens
-                r.tokens[end] = tokens[i]
-                self._token_ids(r)[end] = tokens[i]
-            if end >= r.kv_len:  # its last token: the request is done with this engine
-                self._ids.pop(r.id, None)
+        known = self._ids
+        if self.sample:  # the token at position `end` (prompt_len + k) is output[k], a view of tokens
+            for s, tok in zip(emitting, self._host_list(logits.argmax(dim=-1))):
+                r, end = s.request, s.start + s.num_new
+                r.tokens[end] = tok
+                ids = known.get(r.id)
+                (self._token_ids(r) if ids is None else ids)[end] = tok
+        for s in emitting:
+            if s.start + s.num_new >= s.request.kv_len:  # its last token: the request is done with this engine
+                known.pop(s.request.id, None)
