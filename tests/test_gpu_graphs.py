@@ -338,3 +338,36 @@ def test_mixed_step_graphs_match_eager(warmup):
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(b, a, atol=3e-2, rtol=3e-2)
         assert a.argmax() == b.argmax()
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spin", [True, False])
+def test_sampled_tokens_are_the_argmax_of_the_kept_logits(monkeypatch, spin):
+    """Greedy sampling on the GPU engine (graph replays; the step's waits polled or blocking):
+    each emitted token, written into the request's output, is the argmax of the logits kept for
+    that request at that step."""
+    import kvbench.engines.gpu_engine as ge
+
+    monkeypatch.setattr(ge, "SPIN_WAIT", spin)
+    eng = GPUEngine(TINY, kv_cache_gb=0.05, keep_logits=True, sample=True, warmup=False, profile_tokens=256,
+                    cuda_graphs=True, graph_warmup="decode", max_num_seqs=4, max_num_batched_tokens=256,
+                    max_model_len=512)
+    eng.bind(16, eng.kv_capacity_tokens(None) // 16)
+    rng = np.random.default_rng(2)
+    reqs = [Request(i, 0.0, rng.integers(0, 32000, n).astype(np.int32), np.zeros(5, np.int32))
+            for i, n in enumerate([70, 5, 33])]
+    emit, checked = eng._emit, []
+
+    def checked_emit(batch, logits):
+        emit(batch, logits)
+        for s in batch.seqs:
+            if s.emits_token:
+                r, end = s.request, s.start + s.num_new
+                assert int(r.output[end - r.prompt_len]) == int(eng.last_logits[r.id].argmax())
+                checked.append(r.id)
+
+    eng._emit = checked_emit
+    _drive(eng, reqs, chunk=24, graphs=True)
+    assert sorted(checked) == sorted(r.id for r in reqs for _ in range(r.output_len))
