@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Where a decode step's host part goes (issue 12 §3: the per-step goals): cProfile of the gpu
-engine's `step` at batch 1 and 64, the 8B shape, paged, 2k context, CUDA graphs, beside the step
-and graph-replay times of `check_model_gpu.time_step` in the same process.
+"""Where a decode step's host part goes (issue 12 §3: the per-step goals), the 8B shape, paged, 2k
+context, CUDA graphs, batch 1 and 64, in one process:
 
-    python experiments/step_host_profile.py --out results/gpu/step_host_profile.json [--calls 300]
+- the step and graph-replay times of `check_model_gpu.time_step`;
+- the host part in pieces on the GPU's clock (`phases`), the replay call's host time, and the GPU
+  operations of one replay (torch profiler);
+- a cProfile of `step`: the functions with the most own time, µs per step (cProfile inflates
+  Python calls; read the C calls -- copies, replays, event records -- and the ranking, not the sum);
+- an interleaved A/B of one engine flag (--ab copy: `gpu_engine.GRAPH_COPIES_INPUTS`; --ab spin:
+  `gpu_engine.SPIN_WAIT`), --rounds rounds, which variant goes first alternating.
 
-Then an interleaved A/B of `gpu_engine.GRAPH_COPIES_INPUTS` (--rounds). Prints, per batch size, the functions with the most own time in µs per step (cProfile inflates
-Python calls; read the C calls -- copies, replays, event records -- and the ranking, not the sum).
+    python experiments/step_host_profile.py --out results/gpu/step_host_profile.json [--ab spin] [--no-phases]
 """
 from __future__ import annotations
 
@@ -44,8 +48,9 @@ def _gpu_us(fn, n: int = 50) -> float:
 
 
 def phases(eng, batch, n: int = 200) -> dict:
-    """The host part in pieces: `_flatten` alone (host µs, no GPU), and on the GPU's clock the graph
-    replay alone, the staging copy plus replay, and `_forward` (staging fill, copy and replay)."""
+    """The host part in pieces: `_flatten` alone (host µs, no GPU); on the GPU's clock the graph
+    replay alone, an extra staging copy plus the replay, `_forward` (fill and replay), `_flatten` +
+    `_forward`, `_run` and `step`; the replay call's own host time; one replay's GPU operations."""
     import time
     t = []
     for _ in range(n):
