@@ -435,6 +435,31 @@ def ab_variant(name: str):
         torch_engine.FAST_DECODE_HOST = fast_host
 
 
+def decode_setup(batch_sizes=(1, 64), ctx: int = 2048, ps: int = 16):
+    """What the host-path scripts time (experiments/host_path_ab.py, step_host_profile.py): the 8B
+    gpu engine bound to the pool `gpu_memory_utilization=0.9` sizes (pages of `ps`), the roofline's
+    bytes (weights a step reads, K/V bytes a token), and per batch size the decode of token `ctx`
+    after a `ctx`-token context, paged, pages in a fixed random order (as `time_decode`'s).
+    -> (eng, wbytes, bpt, {batch size: StepBatch})"""
+    from kvbench.batch import ScheduledSeq, StepBatch
+    from kvbench.engines.gpu_engine import GPUEngine
+    from kvbench.model import kv_bytes_per_token
+    from kvbench.request import Request
+    cfg = model_cfg("llama3_1_8b")
+    eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
+    cap = eng.kv_capacity_tokens(None)
+    eng.bind(ps, cap // ps)
+    order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
+    n = -(-(ctx + 1) // ps)
+    batches = {}
+    for b in batch_sizes:
+        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, 32000, ctx).astype(np.int32),
+                        np.zeros(3, np.int32)) for i in range(b)]
+        batches[b] = StepBatch([ScheduledSeq(r, ctx, 1, order[i * n:(i + 1) * n]) for i, r in enumerate(reqs)], ps,
+                               cap // ps, False, [])
+    return eng, eng.model.step_weight_bytes(), kv_bytes_per_token(cfg), batches
+
+
 def time_decode(res: dict, bw: float) -> None:
     from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines.gpu_engine import GPUEngine

@@ -32,26 +32,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines import torch_engine
-    from kvbench.engines.gpu_engine import GPUEngine
-    from kvbench.model import kv_bytes_per_token
-    from kvbench.request import Request
-    dev = torch.device("cuda")
-    bw = cm.copy_bandwidth(dev)
-    cfg = cm.model_cfg("llama3_1_8b")
-    eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
-    cap, ps, ctx = eng.kv_capacity_tokens(None), 16, 2048
-    eng.bind(ps, cap // ps)
-    wbytes, bpt = eng.model.step_weight_bytes(), kv_bytes_per_token(cfg)
-    order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
-    n = -(-(ctx + 1) // ps)
-    rows = []
-    for b in (1, 64):
-        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, 32000, ctx).astype(np.int32),
-                        np.zeros(3, np.int32)) for i in range(b)]
-        batch = StepBatch([ScheduledSeq(r, ctx, 1, order[i * n:(i + 1) * n]) for i, r in enumerate(reqs)], ps,
-                          cap // ps, False, [])
+    bw = cm.copy_bandwidth(torch.device("cuda"))
+    eng, wbytes, bpt, batches = cm.decode_setup()
+    ctx, rows = 2048, []
+    for b, batch in batches.items():
         for rnd in range(args.rounds):
             for fast in ((True, False) if rnd % 2 == 0 else (False, True)):
                 torch_engine.FAST_DECODE_HOST = fast

@@ -96,27 +96,14 @@ def main() -> None:
                     help="copy: GRAPH_COPIES_INPUTS on/off; spin: SPIN_WAIT on/off (the step's wait for the GPU)")
     ap.add_argument("--no-phases", action="store_true", help="skip the profile and the phases (the A/B only)")
     args = ap.parse_args()
-    from kvbench.batch import ScheduledSeq, StepBatch
     from kvbench.engines import gpu_engine
-    from kvbench.engines.gpu_engine import GPUEngine
-    from kvbench.model import kv_bytes_per_token
-    from kvbench.request import Request
     dev = torch.device("cuda")
     bw = cm.copy_bandwidth(dev)
-    cfg = cm.model_cfg("llama3_1_8b")
-    eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
-    cap, ps, ctx = eng.kv_capacity_tokens(None), 16, 2048
-    eng.bind(ps, cap // ps)
-    wbytes, bpt = eng.model.step_weight_bytes(), kv_bytes_per_token(cfg)
-    order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
-    n = -(-(ctx + 1) // ps)
+    eng, wbytes, bpt, batches = cm.decode_setup()
+    ctx = 2048
     out = dict(device=torch.cuda.get_device_name(), commit=os.environ.get("KVBENCH_COMMIT") or git_commit(),
                copy_gbps=bw / 1e9, batches=[], ab=[])
-    for b in (1, 64):
-        reqs = [Request(i, 0.0, np.random.default_rng(i).integers(0, 32000, ctx).astype(np.int32),
-                        np.zeros(3, np.int32)) for i in range(b)]
-        batch = StepBatch([ScheduledSeq(r, ctx, 1, order[i * n:(i + 1) * n]) for i, r in enumerate(reqs)], ps,
-                          cap // ps, False, [])
+    for b, batch in batches.items():
         if not args.no_phases:
             row = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw)
             row.update(phases(eng, batch))
