@@ -157,13 +157,16 @@ def main() -> None:
                     help="also replay each GPU run on its own clock counting prefill query-key pairs, and fit its eager "
                          "steps with and without them (DIR/attention_check.md)")
     ap.add_argument("--commit", default=None, help="commit of the GPU runs, for the reports (default: the summaries')")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more overrides of the GPU runs, e.g. engine.graph_warmup=decode (graphs of steps with prefill "
+                         "captured on first use, their capture time taken out of the step's: minutes less start-up)")
     args = ap.parse_args()
     register()
     common = [f"trace={args.trace}", f"model={args.model}", f"kv_capacity_tokens={args.capacity}"]
     todo = cases(args.limit, args.rate_limit, "limit" if args.trace not in ("synthetic",) else "num_requests")
 
     gpu, repeat = {}, []
-    real = ["engine=gpu", "engine.cuda_graphs=true"] if args.engine == "gpu" else [f"engine={args.engine}"]
+    real = ["engine=gpu", "engine.cuda_graphs=true", *args.set] if args.engine == "gpu" else [f"engine={args.engine}"]
     for name, ov in todo.items():
         cfg = compose_cfg([*common, *ov, *real])
         gpu[name] = run(cfg, args.out / "runs" / name / "gpu")

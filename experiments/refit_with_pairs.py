@@ -108,7 +108,8 @@ def main() -> None:
         sweeps[name] = Path(path)
     register()
     R = args.gpu_dir
-    dirs = {f"gs/{c}": R / "gs" / "runs" / c / "gpu" for c in sorted(p.name for p in (R / "gs" / "runs").iterdir())}
+    # (gs/runs also holds gpu_strategies' sim replays of the sweeps' runs: runs/ps_*/<run>/sim_*, no gpu/)
+    dirs = {f"gs/{d.parent.name}": d for d in sorted(p.parent for p in (R / "gs" / "runs").glob("*/gpu/summary.json"))}
     for sweep, folder in sweeps.items():  # run dirs that finished (a summary.json)
         dirs |= {f"{sweep}/{d.name}": d for d in sorted(folder.glob("*/summary.json")) for d in [d.parent]}
     out = args.out / "runs"

@@ -72,7 +72,7 @@ class StandIn(GPUEngine):
         self._graphs, self._graph_pool, self.graph_capture_s = {}, None, 0.0
 
     step = TorchEngine.step
-    forwards = replays = 0
+    forwards = replays = launches = 0
 
     def _forward(self, h):
         self.forwards += 1
@@ -82,10 +82,13 @@ class StandIn(GPUEngine):
         self.replays += 1
         self._graph_body(g)
 
-    def _capture(self, key, page_size):
+    def _capture(self, key, page_size, launch=False):
         g = self._graph_inputs(key, page_size)
         g.graph = SimpleNamespace(replay=lambda: self._replay(g))
         self._graphs[key] = g
+        if launch:  # (GPUEngine's launch on the capture inputs: the graph-vs-eager tests check it writes nothing)
+            self.launches += 1
+            self._graph_body(g)
         return g
 
 
@@ -175,15 +178,17 @@ def test_a_replay_after_the_warm_up_captures_nothing():
     assert {(k[4], k[5] > 0) for k in used} == {(True, True), (False, True), (False, False)}  # decode, mixed, prefill
     lazy, warm_none, _ = _run("none")
     assert not warm_none and lazy.graph_warmup_captures == 0
-    assert lazy.graph_captures_in_replay == len(lazy._graphs) > 5
+    assert lazy.graph_captures_in_replay == len(lazy._graphs) == lazy.launches > 5  # each launched once on capture
+    assert eng.launches == 0  # (the warm-up's graphs are not)
     assert set(lazy._graphs) <= set(warm)  # what the replay met is in the warm-up's set
     decode, _, _ = _run("decode")
     assert 0 < decode.graph_captures_in_replay == len({k for k in lazy._graphs if not k[4]})
 
 
 def test_outputs_are_identical_with_and_without_the_warm_up():
-    """The same replay through warmed-up graphs, graphs captured on first use, and eagerly: the
-    graph paths give identical logits, the eager path the same within fp32 rounding."""
+    """The same replay through warmed-up graphs, graphs captured on first use (and launched once
+    on their capture inputs: that launch writes nothing), and eagerly: the graph paths give
+    identical logits, the eager path the same within fp32 rounding."""
     _, _, warmed = _run("all")
     _, _, lazy = _run("none")
     _, _, eager = _run("none", graphs=False)

@@ -582,7 +582,7 @@ class GPUEngine(TorchEngine):
         g = self._graphs.get(key)
         if g is None:  # not warmed up: captured now (its time is taken out of the step's)
             self.graph_captures_in_replay += 1
-            g = self._capture(key, h.page_size)
+            g = self._capture(key, h.page_size, launch=True)
         w = min(h.page_table.shape[-1], pages)  # (pages past the longest request's length are never read)
         tables = h.page_table.reshape(-1, b, h.page_table.shape[-1])[..., :w]  # [num_tables, B, w]
         if h.decode_only and self._staged == (key, b) and torch_engine.FAST_DECODE_HOST:
@@ -636,7 +636,12 @@ class GPUEngine(TorchEngine):
             self._side = torch.cuda.Stream(self.device)
         return self._side
 
-    def _capture(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
+    def _capture(self, key: tuple[int, int, int, bool, bool, int], page_size: int, launch: bool = False) -> SimpleNamespace:
+        """Capture the graph of `key`; with `launch`, also launch it once on its capture inputs
+        (no request, slots -1: it writes nothing). A graph's first launch also uploads it, 0.3-0.7
+        ms more than later ones for the 1B shape on the H200 (5444c26, first uses of graphs
+        captured in the replay): with `launch` that cost is in the capture's time, which `step`
+        takes out, not in the step that first replays it."""
         t0 = time.perf_counter()
         g = self._graph_inputs(key, page_size)
         side = self._capture_stream()
@@ -652,6 +657,9 @@ class GPUEngine(TorchEngine):
             self._graph_body(g)
         g.logits = _unowned(g.logits)  # (its block goes back to the pool: the next capture reuses it)
         self._graphs[key] = g
+        if launch:
+            g.graph.replay()
+            torch.cuda.current_stream().synchronize()
         self.graph_capture_s += time.perf_counter() - t0
         return g
 
