@@ -24,8 +24,8 @@ shape, except steps with more than `graph_max_tokens` (8,192) tokens of prefill,
 eagerly. `bind` captures the graphs a replay within the scheduler's limits can meet
 (`graph_warmup`: `graph_keys` says which), largest first, into one shared pool (graph outputs are
 unowned, so later captures reuse their blocks) with one shared staging buffer; a key it missed is
-captured on first use (its time taken out of the step's) and counted in
-`cuda_graph_captures_in_replay`. Steps with prefill have one context bucket, the widest
+captured on first use, launched once on its capture inputs (a graph's first launch also uploads
+it), both taken out of the step's time, and counted in `cuda_graph_captures_in_replay`. Steps with prefill have one context bucket, the widest
 (`max_model_len`): their page tables cross the bus packed (used rows x columns) and are spread
 into the wide block on the device, so the key space is (token bucket x prefill-request bucket x
 decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
