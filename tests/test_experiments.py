@@ -168,3 +168,27 @@ def test_trace_stats_script_writes_its_table_and_figure(tmp_path):
     table = (tmp_path / "hit_rate_bounds.csv").read_text().splitlines()
     assert len(table) == 1 + 1 + 2 * 2  # header, unbounded, (belady, lru) x 2 capacities
     assert (tmp_path / "hit_rate_vs_capacity.png").stat().st_size > 5000
+
+
+def test_first_launch_splits_each_graph_shapes_first_step_from_later_ones(tmp_path):
+    """experiments/first_launch.py: a step with prefill is "first" when no earlier step had its
+    (token bucket, decode-row bucket); medians of first and later steps, and each over the median
+    decode-only step of the same batch size."""
+    import json
+
+    import pandas as pd
+    spec = importlib.util.spec_from_file_location("first_launch", REPO / "experiments" / "first_launch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # decode-only steps of 4 rows take 1 ms; 40-token prefills beside 4 decodes 3 ms the first
+    # time and 2 ms after; 41 tokens is the same token bucket (a later step), 200 tokens another
+    prefill = [(40, 3e-3), (40, 2e-3), (41, 2e-3), (200, 5e-3), (200, 4e-3)]
+    t = pd.DataFrame({"prefill_tokens": [0, 0, *(p for p, _ in prefill)], "decode_tokens": 4,
+                      "dt_s": [1e-3, 1e-3, *(d for _, d in prefill)]})
+    t.to_parquet(tmp_path / "timeline.parquet")
+    (tmp_path / "summary.json").write_text(json.dumps({"graph_warmup": "decode", "cuda_graph_captures_in_replay": 2}))
+    got = {r["prefill tokens"]: r for r in mod.rows(tmp_path)}
+    assert set(got) == {"1-64", "65-256"}
+    assert got["1-64"]["steps first / later"] == "1 / 2" and got["1-64"]["ms first / later"] == "3.00 / 2.00"
+    assert got["1-64"]["x decode step first / later"] == "3.00 / 2.00"
+    assert got["65-256"]["steps first / later"] == "1 / 1" and got["65-256"]["ms first / later"] == "5.00 / 4.00"
