@@ -27,8 +27,8 @@ unowned, so later captures reuse their blocks) with one shared staging buffer; a
 captured on first use, launched once on its capture inputs (a graph's first launch also uploads
 it), both taken out of the step's time, and counted in `cuda_graph_captures_in_replay`. Steps
 with prefill have one context bucket, the widest (`max_model_len`): their page tables cross the
-bus packed (used rows x columns) and are spread into the wide block on the device, so the key space is (token bucket x prefill-request bucket x
-decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
+bus packed (used rows x columns) and are spread into the wide block on the device, so the key
+space is (token bucket x prefill-request bucket x decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
 16, 99 at page 1). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs,
 a 1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
 05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1), padded requests
