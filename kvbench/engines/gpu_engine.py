@@ -18,24 +18,25 @@ real capture then uses.) Step time = CUDA events around the whole step
 the time a hybrid design's `strategy.table()` calls take (a one-table strategy's page tables are
 read by the scheduler, outside the step; `table_read_s` in the summary).
 
-CUDA graphs (`cuda_graphs=true`): every step of at most 512 requests replays a full-model graph
-of its (token bucket, batch bucket, context bucket, contiguous, decode-only, decode-row bucket)
-shape, except steps with more than `graph_max_tokens` (8,192) tokens of prefill, which run
-eagerly. `bind` captures the graphs a replay within the scheduler's limits can meet
-(`graph_warmup`: `graph_keys` says which), largest first, into one shared pool (graph outputs are
-unowned, so later captures reuse their blocks) with one shared staging buffer; a key it missed is
-captured on first use, launched once on its capture inputs (a graph's first launch also uploads
-it), both taken out of the step's time, and counted in `cuda_graph_captures_in_replay`. Steps
-with prefill have one context bucket, the widest (`max_model_len`): their page tables cross the
-bus packed (used rows x columns) and are spread into the wide block on the device, so the key
-space is (token bucket x prefill-request bucket x decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
-16, 99 at page 1). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs,
-a 1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
-05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1), padded requests
-have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped. Decode graphs
-size their split-KV for the context bucket (a power of two of pages), not the exact max length.
-Steps with prefill are padded to a token bucket (`token_bucket`: under 1/8 of padding): the extend kernel takes
-its request boundaries from `query_start_loc`, so one graph serves any mix of chunks.
+CUDA graphs (`cuda_graphs=true`): every step of at most 512 requests replays a full-model graph of
+its (token bucket, batch bucket, context bucket, contiguous, decode-only, decode-row bucket) shape,
+except steps with more than `graph_max_tokens` (8,192) tokens of prefill, which run eagerly. `bind`
+captures the graphs a replay within the scheduler's limits can meet (`graph_warmup`: `graph_keys`
+says which), largest first, into one shared pool (graph outputs are unowned, so later captures reuse
+their blocks) with one shared staging buffer; a key it missed is captured on first use, launched
+once on its capture inputs (a graph's first launch also uploads it), both taken out of the step's
+time, and counted in `cuda_graph_captures_in_replay`. Steps with prefill have one context bucket,
+the widest (`max_model_len`): their page tables cross the bus packed (used rows x columns) and are
+spread into the wide block on the device, so the key space is (token bucket x prefill-request bucket
+x decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
+16, 99 at page 1). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs, a
+1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
+05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1),
+padded requests have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped.
+Decode graphs size their split-KV for the context bucket (a power of two of pages), not the exact
+max length. Steps with prefill are padded to a token bucket (`token_bucket`: under 1/8 of padding):
+the extend kernel takes its request boundaries from `query_start_loc`, so one graph serves any mix
+of chunks.
 
 Hybrid pool designs (issue 16; `bind(..., strategy=)`, torch_engine.HybridKV): the pool is the
 design's own memory, at most its `pool_bytes` (= kv_capacity_tokens x bytes per token, the
