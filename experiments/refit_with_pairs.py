@@ -17,7 +17,8 @@ Fits (kvbench.calibrate, stalls dropped: steps over STALL x the model):
   - one_run_weighted: one model, each run counting equally (`fit(..., runs=)`: a step's squared
     error weighted by its run's n / T**2);
   - one_unweighted: one model, every step weighing the same (Mooncake's long steps dominate);
-  - per_trace: one model per trace, unweighted (the comparison of before).
+  - per_trace: one model per trace, unweighted (the comparison of before);
+  - per_trace_metrics: one model per trace, fitted as one_metrics is.
 Each run is replayed in the sim with each fit; with the one_metrics fit also with the GPU
 run's stalls injected (`StallInjectedSim`: the excess of each GPU step over STALL x the model is
 added to the sim step that starts at or after the GPU step's start), since a stall at the start
@@ -72,7 +73,8 @@ def summary_table(df: pd.DataFrame) -> str:
         by = {r.fit: r for r in g.itertuples()}
         first = g.iloc[0]
         row = {"case": case, "fitted": bool(first.fitted_on_it), "stalls": int(first.stall_steps)}
-        for fit_name in ("one_metrics", "one_run_weighted", "one_unweighted", "per_trace", "one_metrics+stalls"):
+        for fit_name in ("one_metrics", "one_run_weighted", "one_unweighted", "per_trace", "per_trace_metrics",
+                         "one_metrics+stalls"):
             row[fit_name] = pct(by[fit_name]._asdict()) if fit_name in by else ""
         if "ttft_mean_err_unheld" in g and not np.isnan(by["one_metrics"].ttft_mean_err_unheld):
             r = by["one_metrics"]
@@ -143,6 +145,8 @@ def main() -> None:
         names = [k for k in fitted if trace[k] == tr]
         coefs[f"trace_{tr}"] = fit(pd.concat([tls[k] for k in names], ignore_index=True), stall=STALL,
                                    graph_prefill_tokens=gm)
+        coefs[f"trace_metrics_{tr}"] = fit_metrics([tls[k] for k in names], [reqs[k] for k in names], stall=STALL,
+                                                   graph_prefill_tokens=gm)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, coef in coefs.items():
         write_text_atomic(args.out / f"coef_{name}.json", json.dumps(coef, indent=1) + "\n")
@@ -160,7 +164,8 @@ def main() -> None:
         runs = [("one_metrics", chosen, False), ("one_run_weighted", coefs["one_run_weighted"], False),
                 ("one_unweighted", coefs["one_unweighted"], False)]
         if f"trace_{trace[k]}" in coefs:
-            runs.append(("per_trace", coefs[f"trace_{trace[k]}"], False))
+            runs += [("per_trace", coefs[f"trace_{trace[k]}"], False),
+                     ("per_trace_metrics", coefs[f"trace_metrics_{trace[k]}"], False)]
         if stall.any():
             runs.append(("one_metrics+stalls", chosen, True))
         for fit_name, coef, inject in runs:
