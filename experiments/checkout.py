@@ -1,10 +1,9 @@
-"""For scripts run on a bare checkout (a GPU machine without `pip install -e .`): make the
-package-dir mappings of pyproject.toml importable (`kvbench.kernels` = kernels/,
-`kvbench.strategies` = strategies/)."""
+"""For scripts run on a bare checkout (a GPU machine without `pip install -e .`): put the
+checkout's root on sys.path, so that `import kvbench` finds it (kvbench/__init__.py then maps
+`kvbench.kernels` and `kvbench.strategies` to kernels/ and strategies/, as pyproject.toml's
+package-dir does for an install)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,20 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def use_checkout() -> None:
-    """Alias kernels/ and strategies/ as subpackages of kvbench when it is not installed."""
+    """The checkout's root first on sys.path, unless it is there already."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import kvbench
-
-    for name, folder in (("kernels", "kernels"), ("strategies", "strategies")):
-        try:
-            importlib.import_module(f"kvbench.{name}")
-            continue
-        except ImportError:
-            pass
-        spec = importlib.util.spec_from_file_location(f"kvbench.{name}", REPO / folder / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"kvbench.{name}"] = module
-        setattr(kvbench, name, module)
-        spec.loader.exec_module(module)

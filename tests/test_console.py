@@ -112,3 +112,19 @@ def test_version_help_and_a_sweep_print_what_a_user_expects(tmp_path):
     assert "Latency (ms)" not in out.stdout  # no per-run tables in a sweep
     finished = json.loads((tmp_path / "3_radix-1_synthetic" / "summary.json").read_text())["finished"]
     assert table[4].split()[3] == str(finished)
+
+
+def test_a_bare_checkout_maps_the_package_dirs():
+    """Without an install (the GPU machine runs the working tree with PYTHONPATH=.), the path
+    search of kvbench's subpackages finds strategies/ and kernels/ at the checkout's root, as
+    pyproject.toml's package-dir maps them for an install."""
+    from importlib.machinery import PathFinder
+
+    import kvbench
+
+    root = Path(kvbench.__file__).resolve().parents[1]
+    if not (root / "strategies").is_dir():
+        pytest.skip("kvbench is installed, not run from a checkout")
+    for name, folder in (("strategies", "strategies"), ("kernels", "kernels"), ("engines", "kvbench/engines")):
+        spec = PathFinder.find_spec(f"kvbench.{name}", kvbench.__path__)
+        assert spec is not None and Path(spec.origin) == root / folder / "__init__.py"
