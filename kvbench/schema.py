@@ -117,7 +117,8 @@ CHOICES = {("strategy", "reservation"): ("max", "pow2", "oracle"),
            ("scheduler", "policy"): ("fcfs", "lpm", "dfs_weight"),  # kvbench.scheduler.POLICIES
            ("scheduler", "preemption"): ("recompute", "swap"),  # kvbench.scheduler.PREEMPTIONS
            ("engine", "graph_warmup"): ("all", "decode", "none"),  # kvbench.engines.gpu_engine.GRAPH_WARMUP
-           ("engine", "blas"): ("cublaslt", "cublas", "default")}  # kvbench.engines.gpu_engine.BLAS_LIBRARIES
+           ("engine", "blas"): ("cublaslt", "cublas", "default"),  # kvbench.engines.gpu_engine.BLAS_LIBRARIES
+           ("engine", "decode_buckets"): ("pow2", "fine")}  # kvbench.engines.gpu_engine.DECODE_BUCKETS
 # host tier (paged, radix): kvbench.strategies.host_tier.HOST_POLICIES; host_tier_tokens is an int >= 0
 CHOICES[("strategy", "host_tier_eviction")] = ("lru", "fifo", "lfu", "slru", "arc", "s3fifo")
 

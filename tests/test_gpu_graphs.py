@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from kvbench.batch import ScheduledSeq, StepBatch
-from kvbench.engines.gpu_engine import (GRAPH_BATCH_SIZES, GPUEngine, batch_bucket, context_pages, graph_keys,
-                                        token_bucket)
+from kvbench.engines.gpu_engine import (DECODE_BUCKETS, GRAPH_BATCH_SIZES, GPUEngine, batch_bucket, context_pages,
+                                        graph_keys, token_bucket)
 from kvbench.engines.torch_engine import TorchEngine
 from kvbench.request import Request
 
@@ -196,6 +196,33 @@ def test_outputs_are_identical_with_and_without_the_warm_up():
     for a, b, c in zip(warmed, lazy, eager):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_fine_decode_buckets_pad_decode_graphs_less_with_the_same_outputs():
+    """decode_buckets="fine": decode-only keys for every fine size up to max_num_seqs' bucket, the
+    keys of steps with prefill unchanged; a replay whose decode steps have 17-20 rows replays
+    24-row graphs where "pow2" replays 32-row ones, and every emitted row's logits match."""
+    exp = dict(max_num_seqs=256, max_num_batched_tokens=8192, graph_max_tokens=8192, max_context=16384,
+               page_size=16, contiguous=False)
+    fine = DECODE_BUCKETS["fine"]
+    pow2 = graph_keys("all", **exp)
+    keys = graph_keys("all", decode_sizes=fine, **exp)
+    assert {k for k in keys if not k[4]} == {k for k in pow2 if not k[4]}
+    assert sorted({k[1] for k in keys if k[4]}) == [b for b in fine if b <= 256] and len(fine[:fine.index(256) + 1]) == 19
+    assert len([k for k in keys if k[4]]) == 19 * 7
+    rng = np.random.default_rng(3)
+    reqs = [Request(i, 0.0, rng.integers(0, 512, 3).astype(np.int32), np.zeros(30, np.int32)) for i in range(20)]
+    got, rows = {}, {}
+    for name in ("pow2", "fine"):
+        eng = StandIn("none")
+        eng.decode_sizes = DECODE_BUCKETS[name]
+        eng.bind(PS, 20 * 64)
+        got[name] = _drive(eng, reqs, chunk=24, graphs=True)
+        rows[name] = {k[1] for k in eng._graphs if k[4]}
+    assert max(rows["pow2"]) == 32 and max(rows["fine"]) == 24
+    assert len(got["fine"]) == len(got["pow2"]) == 20 * 30
+    for a, b in zip(got["fine"], got["pow2"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_a_steady_decode_rewrites_only_its_rows(monkeypatch):

@@ -67,6 +67,15 @@ from kvbench.sizes import GIB, dtype_bytes, kv_bytes_per_token, tokens_in_gib
 
 PER_GRAPH_FLOOR = 1 << 20  # bytes the sizing gives each warm-up graph at least (`_profile_graphs`)
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# the batch buckets of decode-only graphs (`decode_buckets`): "pow2" those of every graph; "fine"
+# pads a decode step by at most 8 rows up to 64, 16 up to 128, 32 up to 256 and 64 above (vLLM
+# captures decode batch sizes in steps of 8). A 1B decode step of 129-256 rows replays the 256-row
+# graph at 4.14 ms where 65-128 rows took 2.86 ms for the same K/V read (H200, 5444c26,
+# results/gpu_strategies/README.md): at that shape 256 rows of projections are compute-bound.
+# Steps with prefill keep GRAPH_BATCH_SIZES (their keys multiply with each bucket)
+DECODE_BUCKETS = {"pow2": GRAPH_BATCH_SIZES,
+                  "fine": (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+                           320, 384, 448, 512)}
 
 
 # A decode graph copies its inputs from the pinned staging buffer itself: the copy is a node of the
@@ -111,12 +120,13 @@ BLAS_LIBRARIES = ("cublaslt", "cublas", "default")
 
 
 def graph_keys(mode: str, *, max_num_seqs: int, max_num_batched_tokens: int, graph_max_tokens: int,
-               max_context: int, page_size: int, contiguous: bool) -> list[tuple]:
+               max_context: int, page_size: int, contiguous: bool,
+               decode_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES) -> list[tuple]:
     """The graph keys (token bucket, batch bucket, pages, contiguous, decode_only, decode rows) a
     replay within these limits can meet, largest first (captures then reuse the shared pool's
     blocks). Pure.
 
-    - decode-only steps ("decode" and "all"): every batch bucket up to max_num_seqs' x every
+    - decode-only steps ("decode" and "all"): every batch bucket of `decode_sizes` up to max_num_seqs' x every
       context bucket (16, 32, ... pages) up to `max_context` tokens' (one request's longest
       context). These keep the context bucket: their page table is copied whole at each replay,
       and a decode step's host time is what the roofline goal is about.
@@ -136,7 +146,9 @@ def graph_keys(mode: str, *, max_num_seqs: int, max_num_batched_tokens: int, gra
     seqs = min(max_num_seqs, GRAPH_BATCH_SIZES[-1])
     batch = GRAPH_BATCH_SIZES[:GRAPH_BATCH_SIZES.index(batch_bucket(seqs)) + 1]
     width = context_pages(max_context, page_size)
-    keys = [(b, b, p, contiguous, True, b) for b in batch for p in (1 << k for k in range(4, width.bit_length()))]
+    top = next(x for x in decode_sizes if x >= seqs)
+    keys = [(b, b, p, contiguous, True, b) for b in decode_sizes if b <= top
+            for p in (1 << k for k in range(4, width.bit_length()))]
     if mode == "all":
         budget = min(max_num_batched_tokens, graph_max_tokens)  # prefill tokens a graph step can hold
         tokens = sorted({token_bucket(t) for t in range(2, budget + 1)})
@@ -228,6 +240,8 @@ class GPUEngine(TorchEngine):
             is still captured on first use and counted (`cuda_graph_captures_in_replay`).
         max_num_seqs, max_num_batched_tokens: the scheduler's limits, which bound the warm-up's
             keys (default: 512 requests, `profile_tokens` tokens).
+        decode_buckets: the batch buckets of decode-only graphs (`DECODE_BUCKETS`): "pow2"
+            (powers of two, as every graph) or "fine" (at most 8-64 rows of padding).
     """
 
     _staged: tuple | None = None  # (graph key, batch size) of the last decode fill of the staging buffer
@@ -239,6 +253,7 @@ class GPUEngine(TorchEngine):
     binds_strategy = True  # kvbench.run passes every strategy to bind (slab's contiguous layout)
     # (class defaults: the CPU tests' stand-in builds the engine without __init__)
     graph_warmup = "none"
+    decode_sizes = GRAPH_BATCH_SIZES
     blas = "default"
     max_model_len = None
     graph_captures_in_replay = 0
@@ -256,9 +271,11 @@ class GPUEngine(TorchEngine):
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
                  profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True,
                  graph_max_tokens: int = 8192, graph_warmup: str = "none", max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None, blas: str = "cublaslt"):
+                 max_num_batched_tokens: int | None = None, blas: str = "cublaslt", decode_buckets: str = "pow2"):
         if blas not in BLAS_LIBRARIES:
             raise ValueError(f"blas={blas!r}: must be one of {', '.join(BLAS_LIBRARIES)}")
+        if decode_buckets not in DECODE_BUCKETS:
+            raise ValueError(f"decode_buckets={decode_buckets!r}: must be one of {', '.join(DECODE_BUCKETS)}")
         if not torch.cuda.is_available():
             raise ValueError("engine 'gpu' needs CUDA, and torch sees no GPU; use engine=torch")
         if blas != "default":
@@ -287,6 +304,7 @@ class GPUEngine(TorchEngine):
         if graph_warmup not in GRAPH_WARMUP:
             raise ValueError(f"graph_warmup={graph_warmup!r}: must be one of {', '.join(GRAPH_WARMUP)}")
         self.graph_warmup = graph_warmup
+        self.decode_sizes = DECODE_BUCKETS[decode_buckets]
         self.max_num_seqs = max_num_seqs or GRAPH_BATCH_SIZES[-1]
         self.max_num_batched_tokens = max_num_batched_tokens or profile_tokens
         self.profile_tokens = profile_tokens
@@ -331,7 +349,8 @@ class GPUEngine(TorchEngine):
     def _warm_keys(self, page_size: int, max_context: int, contiguous: bool) -> list[tuple]:
         return graph_keys(self.graph_warmup, max_num_seqs=self.max_num_seqs,
                           max_num_batched_tokens=self.max_num_batched_tokens, graph_max_tokens=self.graph_max_tokens,
-                          max_context=max_context, page_size=page_size, contiguous=contiguous)
+                          max_context=max_context, page_size=page_size, contiguous=contiguous,
+                          decode_sizes=self.decode_sizes)
 
     @torch.inference_mode()
     def _profile_graphs(self) -> int:
@@ -350,7 +369,8 @@ class GPUEngine(TorchEngine):
         ps, ctx = 16, self.max_model_len or 1 << 17
         n_keys = len(self._warm_keys(1, ctx, False))  # (page size 1: the most context buckets)
         widest = graph_keys("all", max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                            graph_max_tokens=self.graph_max_tokens, max_context=ctx, page_size=ps, contiguous=False)
+                            graph_max_tokens=self.graph_max_tokens, max_context=ctx, page_size=ps, contiguous=False,
+                            decode_sizes=self.decode_sizes)
         big = [k for k in widest if not k[4]][:1]  # the most prefill tokens (then rows): every mode may meet it
         big += [max((k for k in widest if k[4]), key=lambda k: (k[1], k[2]))]  # the most rows, the widest table
         small = [k for k in ((b, b, p, False, True, b) for b in (1, 2, 4, 8) for p in (16, 32)) if k not in big]
@@ -570,7 +590,7 @@ class GPUEngine(TorchEngine):
         # graph layout: [nd decode rows | padding to dp] [prefill requests' tokens | padding];
         # requests: nd decodes, dp - nd dummies of one token, b - nd prefills, dummies of none
         if h.decode_only:
-            dp = bs = next(x for x in GRAPH_BATCH_SIZES if x >= b)
+            dp = bs = next(x for x in self.decode_sizes if x >= b)
             ts = bs
         else:
             dp = next(x for x in (0, *GRAPH_BATCH_SIZES) if x >= nd)
