@@ -435,9 +435,10 @@ def ab_variant(name: str):
         torch_engine.FAST_DECODE_HOST = fast_host
 
 
-def decode_setup(batch_sizes=(1, 64), ctx: int = 2048, ps: int = 16):
-    """What the host-path scripts time (experiments/host_path_ab.py, step_host_profile.py): the 8B
-    gpu engine bound to the pool `gpu_memory_utilization=0.9` sizes (pages of `ps`), the roofline's
+def decode_setup(batch_sizes=(1, 64), ctx: int = 2048, ps: int = 16, model: str = "llama3_1_8b"):
+    """What the host-path scripts time (experiments/host_path_ab.py, step_host_profile.py,
+    decode_bucket_ab.py): the gpu engine of `model` (default the 8B) bound to the pool
+    `gpu_memory_utilization=0.9` sizes (pages of `ps`), the roofline's
     bytes (weights a step reads, K/V bytes a token), and per batch size the decode of token `ctx`
     after a `ctx`-token context, paged, pages in a fixed random order (as `time_decode`'s).
     -> (eng, wbytes, bpt, {batch size: StepBatch})"""
@@ -445,7 +446,7 @@ def decode_setup(batch_sizes=(1, 64), ctx: int = 2048, ps: int = 16):
     from kvbench.engines.gpu_engine import GPUEngine
     from kvbench.model import kv_bytes_per_token
     from kvbench.request import Request
-    cfg = model_cfg("llama3_1_8b")
+    cfg = model_cfg(model)
     eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
     cap = eng.kv_capacity_tokens(None)
     eng.bind(ps, cap // ps)
@@ -465,7 +466,7 @@ def time_decode(res: dict, bw: float) -> None:
     from kvbench.engines.gpu_engine import GPUEngine
     from kvbench.model import kv_bytes_per_token
     from kvbench.request import Request
-    cfg = model_cfg("llama3_1_8b")
+    cfg = model_cfg(model)
     eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
     cap = eng.kv_capacity_tokens(None)
     ps = 16
