@@ -5,6 +5,6 @@ import os as _os
 # PYTHONPATH=.): pyproject's package-dir maps kvbench.strategies and kvbench.kernels to the
 # top-level strategies/ and kernels/, and searching the checkout's root after kvbench/ gives
 # the same names (`python -m kvbench.cli` works there). An installed kvbench finds them first.
-_root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if all(_os.path.isfile(_os.path.join(_root, d, "__init__.py")) for d in ("strategies", "kernels")):
     __path__.append(_root)
