@@ -126,9 +126,9 @@ def graph_keys(mode: str, *, max_num_seqs: int, max_num_batched_tokens: int, gra
     replay within these limits can meet, largest first (captures then reuse the shared pool's
     blocks). Pure.
 
-    - decode-only steps ("decode" and "all"): every batch bucket of `decode_sizes` up to max_num_seqs' x every
-      context bucket (16, 32, ... pages) up to `max_context` tokens' (one request's longest
-      context). These keep the context bucket: their page table is copied whole at each replay,
+    - decode-only steps ("decode" and "all"): every batch bucket of `decode_sizes` up to
+      max_num_seqs' x every context bucket (16, 32, ... pages) up to `max_context` tokens' (one
+      request's longest context). These keep the context bucket: their page table is copied whole at each replay,
       and a decode step's host time is what the roofline goal is about.
     - steps with prefill ("all"): (prefill token bucket `token_bucket`, prefill-request bucket,
       decode-row bucket: 0 or a batch bucket), every combination a step can have: at most
