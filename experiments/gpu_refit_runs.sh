@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU runs behind the H200 cost models (results/gpu_strategies/README.md, 5444c26 section), in
+# one call of a lent GPU machine: gpu_strategies' six Azure configs (GS=1; run it twice into the
+# same OUT, the second with REPEAT=1, for the GPU's own run-to-run spread) and the prefix-saving
+# sweeps (PS="sp mt mc": shared prefix, multi-turn, Mooncake), 1B shape, graphs of steps with
+# prefill captured on first use (engine.graph_warmup=decode: ~8 s of start-up a run, not 90-200).
+# Each stage ends before BUDGET seconds (default 570) and is tarred into OUT (run folders nest too
+# deep for a device's copy-back). Then, on any machine, with the tars unpacked into DIR, gs_gpu
+# renamed DIR/gs and each DIR/gs_gpu_repeat/runs/<case>/gpu moved to DIR/gs/runs/<case>/gpu_repeat:
+#   python experiments/gpu_strategies.py --out DIR/gs --limit 300 --set engine.graph_warmup=decode \
+#       --prefix-runs DIR/ps_sp DIR/ps_mt DIR/ps_mc
+#   python experiments/refit_with_pairs.py DIR --out DIR/one --sweep ps_sp=DIR/ps_sp
+#   python experiments/prefix_saving.py DIR/ps_sp DIR/ps_mt DIR/ps_mc --out results/gpu_prefix_saving/h200_<commit>
+#
+#   GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT    (PYTHONPATH: the checkout, hydra's wheels)
+set -u
+out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
+mkdir -p "$out"
+end=$(( $(date +%s) + ${BUDGET:-570} ))
+left() { echo $(( end - $(date +%s) )); }
+W=engine.graph_warmup=decode
+if [ -n "${GS:-}" ]; then
+  sub=gpu; [ -n "${REPEAT:-}" ] && sub=gpu_repeat
+  timeout $(( $(left) - 20 )) python experiments/gpu_strategies.py --out "$out/gs_$sub" --limit 300 --no-repeat \
+      --set $W > "$out/gs_$sub.log" 2>&1
+  echo "gs ($sub) rc=$? left $(left) s"
+  tar czf "$out/gs_$sub.tgz" -C "$out" "gs_$sub" && rm -rf "${out:?}/gs_$sub"
+fi
+for spec in ${PS:-}; do
+  case $spec in
+    sp) a="trace=shared_prefix";;
+    mt) a="trace=multi_turn trace.num_chats=48 trace.think_time_s=1.0 trace.rate=4";;
+    mc) a="trace=mooncake trace.limit=120 trace.rate=inf max_model_len=65536";;
+    *) echo "unknown sweep $spec (sp, mt, mc)"; continue;;
+  esac
+  [ "$(left)" -lt 40 ] && { echo "no time left for $spec"; continue; }
+  timeout $(( $(left) - 15 )) python -m kvbench.cli -m experiment=gpu_prefix_saving model=llama3_2_1b $a $W \
+      hydra.sweep.dir="$out/ps_$spec" > "$out/ps_$spec.log" 2>&1
+  echo "ps_$spec rc=$? left $(left) s"
+  tar czf "$out/ps_$spec.tgz" -C "$out" "ps_$spec" && rm -rf "${out:?}/ps_$spec"
+done
