@@ -435,6 +435,15 @@ def ab_variant(name: str):
         torch_engine.FAST_DECODE_HOST = fast_host
 
 
+def ab_medians(rows: list[dict]) -> dict:
+    """Medians over `time_step` rows of one variant (an A/B's rounds): step and graph-replay ms,
+    their fractions of the roofline, and the host part (step - graph replay) in µs."""
+    med = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
+    return dict(step_ms=med("step_ms"), gpu_ms=med("gpu_ms"), frac=med("frac_of_roofline"),
+                gpu_frac=med("gpu_frac_of_roofline"),
+                host_us=float(np.median([r["step_ms"] - r["gpu_ms"] for r in rows])) * 1e3)
+
+
 def decode_setup(batch_sizes=(1, 64), ctx: int = 2048, ps: int = 16, model: str = "llama3_1_8b"):
     """What the host-path scripts time (experiments/host_path_ab.py, step_host_profile.py,
     decode_bucket_ab.py): the gpu engine of `model` (default the 8B) bound to the pool
@@ -466,7 +475,7 @@ def time_decode(res: dict, bw: float) -> None:
     from kvbench.engines.gpu_engine import GPUEngine
     from kvbench.model import kv_bytes_per_token
     from kvbench.request import Request
-    cfg = model_cfg(model)
+    cfg = model_cfg("llama3_1_8b")
     eng = GPUEngine(cfg, attention="triton", gpu_memory_utilization=0.9)
     cap = eng.kv_capacity_tokens(None)
     ps = 16

@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,22 +28,32 @@ from kvbench.calibrate import write_text_atomic  # noqa: E402
 from kvbench.engines.gpu_engine import DECODE_BUCKETS  # noqa: E402
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """A comma list of positive ints (argparse: a bad one is one line and exit 2)."""
+    try:
+        got = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of ints") from None
+    if not got or min(got) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="llama3_2_1b")
-    ap.add_argument("--batches", default="96,128,150,192,256", help="decode rows, comma list")
+    ap.add_argument("--batches", type=int_list, default="96,128,150,192,256", help="decode rows, comma list")
     ap.add_argument("--context", type=int, default=900, help="each request's context (the Azure runs': ~900)")
-    ap.add_argument("--pages", default="16,1", help="page sizes, comma list")
+    ap.add_argument("--pages", type=int_list, default="16,1", help="page sizes, comma list")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     bw = cm.copy_bandwidth(torch.device("cuda"))
     rows = []
-    for ps in map(int, args.pages.split(",")):
-        batches = tuple(map(int, args.batches.split(",")))
-        eng, wbytes, bpt, steps = cm.decode_setup(batches, args.context, ps, args.model)
+    for ps in args.pages:
+        eng, wbytes, bpt, steps = cm.decode_setup(args.batches, args.context, ps, args.model)
         for r in range(args.rounds):
-            for b in batches:
+            for b in args.batches:
                 for name in (("pow2", "fine") if r % 2 == 0 else ("fine", "pow2")):
                     eng.decode_sizes = DECODE_BUCKETS[name]
                     eng.drop_graphs()  # (time_step times the graph captured last: this batch's)
@@ -54,20 +63,15 @@ def main() -> None:
                           f"graph {row['gpu_ms']:.3f} ms", flush=True)
         del eng, steps
         torch.cuda.empty_cache()
-    summary = []
-    for (ps, b, name), g in _groups(rows):
-        summary.append(dict(page_size=ps, batch=b, decode_buckets=name, step_ms=float(np.median([x["step_ms"] for x in g])),
-                            gpu_ms=float(np.median([x["gpu_ms"] for x in g]))))
+    keys = sorted({(r["page_size"], r["batch"], r["variant"]) for r in rows}, key=lambda k: (-k[0], k[1], k[2]))
+    summary = [dict(page_size=ps, batch=b, decode_buckets=name, **cm.ab_medians(
+        [r for r in rows if (r["page_size"], r["batch"], r["variant"]) == (ps, b, name)])) for ps, b, name in keys]
     out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), model=args.model, context=args.context,
                copy_bytes_per_s=bw, summary=summary, rows=rows)
     write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
     for s in summary:
         print(s)
 
-
-def _groups(rows: list[dict]):
-    keys = sorted({(r["page_size"], r["batch"], r["variant"]) for r in rows}, key=lambda k: (-k[0], k[1], k[2]))
-    return [(k, [r for r in rows if (r["page_size"], r["batch"], r["variant"]) == k]) for k in keys]
 
 
 if __name__ == "__main__":

@@ -54,8 +54,7 @@ def main() -> None:
     kc = [bk.gather_contig(kcs[i], pt, ps, L) for i in range(R)]
     vc = [bk.gather_contig(vcs[i], pt, ps, L) for i in range(R)]
     variants = [bk.sdpa_variants(qs[i][:, :, None, :], kc[i], vc[i], causal=False) for i in range(R)]
-    # (the GPU machine's copy of the tree may carry stale git metadata: pass KVBENCH_COMMIT there)
-    commit = os.environ.get("KVBENCH_COMMIT") or git_commit()
+    commit = git_commit()
     name = torch.cuda.get_device_name()
     t0 = time.time()
     while time.time() - t0 < 0.3:  # clocks up before the copy

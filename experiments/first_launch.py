@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--title", default="", help="a line over the table (device, commits)")
     args = ap.parse_args()
+    for run in args.runs:
+        if not ((run / "timeline.parquet").is_file() and (run / "summary.json").is_file()):
+            ap.error(f"{run} is not a finished run dir (timeline.parquet and summary.json)")
     df = pd.DataFrame([r for run in args.runs for r in rows(run)])
     text = (args.title + "\n\n" if args.title else "") + md_table(df)
     print(text)

@@ -99,8 +99,10 @@ def read_model_json(path: Path) -> dict:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (+uncommitted when tracked files differ), or $KVBENCH_COMMIT where
-    there is no git repository (a `git archive` of the commit copied to the GPU machine)."""
+    """$KVBENCH_COMMIT where set (the GPU machine's copy of the tree has no git repository, or a
+    stale one), else the checkout's commit (+uncommitted when tracked files differ)."""
+    if os.environ.get("KVBENCH_COMMIT"):
+        return os.environ["KVBENCH_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=REPO, timeout=10)
@@ -109,7 +111,7 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     if rev.returncode:
-        return os.environ.get("KVBENCH_COMMIT") or None
+        return None
     return rev.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_model_gpu as cm  # noqa: E402  (experiments/check_model_gpu.py: time_step, model_cfg, copy_bandwidth)
 from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
+from kvbench.calibrate import write_text_atomic  # noqa: E402
 
 use_checkout()
 
@@ -49,17 +48,12 @@ def main() -> None:
                       f"({row['gpu_frac_of_roofline']:.1%})", flush=True)
         torch_engine.FAST_DECODE_HOST = True
         for fast in (True, False):
-            sel = [r for r in rows if r["batch"] == b and (r["variant"] == "short host path") == fast]
-            print(f"b={b:2d} {'short' if fast else 'general'}: median step {np.median([r['step_ms'] for r in sel]):.3f} ms"
-                  f" ({np.median([r['frac_of_roofline'] for r in sel]):.1%}), host part "
-                  f"{np.median([r['step_ms'] - r['gpu_ms'] for r in sel]) * 1e3:.0f} us", flush=True)
-    # (the GPU machine's copy of the tree may carry stale git metadata: pass KVBENCH_COMMIT there)
-    commit = os.environ.get("KVBENCH_COMMIT") or git_commit()
-    out = dict(device=torch.cuda.get_device_name(), commit=commit, copy_gbps=bw / 1e9, rows=rows)
+            m = cm.ab_medians([r for r in rows if r["batch"] == b and (r["variant"] == "short host path") == fast])
+            print(f"b={b:2d} {'short' if fast else 'general'}: median step {m['step_ms']:.3f} ms ({m['frac']:.1%}), "
+                  f"host part {m['host_us']:.0f} us", flush=True)
+    out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), copy_gbps=bw / 1e9, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_model_gpu as cm  # noqa: E402  (experiments/check_model_gpu.py: time_step, model_cfg, copy_bandwidth)
 from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
+from kvbench.calibrate import write_text_atomic  # noqa: E402
 
 use_checkout()
 
@@ -101,7 +101,7 @@ def main() -> None:
     bw = cm.copy_bandwidth(dev)
     eng, wbytes, bpt, batches = cm.decode_setup()
     ctx = 2048
-    out = dict(device=torch.cuda.get_device_name(), commit=os.environ.get("KVBENCH_COMMIT") or git_commit(),
+    out = dict(device=torch.cuda.get_device_name(), commit=git_commit(),
                copy_gbps=bw / 1e9, batches=[], ab=[])
     for b, batch in batches.items():
         if not args.no_phases:
@@ -140,14 +140,11 @@ def main() -> None:
                       f"  graph {r['gpu_ms']:.3f} ms ({r['gpu_frac_of_roofline']:.1%})", flush=True)
         setattr(gpu_engine, flag, default)
         for v in names if args.rounds else ():
-            sel = [r for r in out["ab"] if r["batch"] == b and r["variant"] == v]
-            print(f"b={b:2d} {v}: median step {np.median([r['frac_of_roofline'] for r in sel]):.1%}, graph "
-                  f"{np.median([r['gpu_frac_of_roofline'] for r in sel]):.1%}, host part "
-                  f"{np.median([r['step_ms'] - r['gpu_ms'] for r in sel]) * 1e3:.0f} us", flush=True)
+            m = cm.ab_medians([r for r in out["ab"] if r["batch"] == b and r["variant"] == v])
+            print(f"b={b:2d} {v}: median step {m['frac']:.1%}, graph {m['gpu_frac']:.1%}, host part "
+                  f"{m['host_us']:.0f} us", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
