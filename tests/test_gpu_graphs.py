@@ -375,6 +375,31 @@ def test_mixed_step_graphs_match_eager(warmup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_steps_on_parallel_branches_give_the_serial_graphs_logits(monkeypatch):
+    """kvbench.model.PARALLEL_MIXED: a captured mixed step forks its decode attention onto a side
+    stream beside the extend attention; the same kernels on the same inputs, writing disjoint
+    rows, so every logit equals the serial graph's exactly."""
+    from kvbench import model
+    eng = GPUEngine(TINY, kv_cache_gb=0.05, keep_logits=True, warmup=False, profile_tokens=256,
+                    cuda_graphs=True, graph_warmup="none", max_num_seqs=4, max_num_batched_tokens=256,
+                    max_model_len=512)
+    eng.bind(16, eng.kv_capacity_tokens(None) // 16)
+    rng = np.random.default_rng(1)
+    reqs = [Request(i, 0.0, rng.integers(0, 32000, n).astype(np.int32), np.zeros(4, np.int32))
+            for i, n in enumerate([70, 5, 33, 140])]
+    got = {}
+    for parallel in (False, True):
+        monkeypatch.setattr(model, "PARALLEL_MIXED", parallel)
+        eng.drop_graphs()
+        got[parallel] = _drive(eng, reqs, chunk=24, graphs=True)
+        assert any(k[5] > 0 and not k[4] for k in eng._graphs), "no mixed-step graph was captured"
+    assert len(got[False]) == len(got[True])
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("spin", [True, False])
 def test_sampled_tokens_are_the_argmax_of_the_kept_logits(monkeypatch, spin):
     """Greedy sampling on the GPU engine (graph replays; the step's waits polled or blocking):

@@ -62,7 +62,7 @@ import torch
 
 from kvbench.engines import torch_engine
 from kvbench.engines.torch_engine import HostBatch, TorchEngine, _plain, with_tables
-from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config
+from kvbench.model import DTYPES, AttnMetadata, ModelConfig, as_model_config, side_stream
 from kvbench.sizes import GIB, dtype_bytes, kv_bytes_per_token, tokens_in_gib
 
 PER_GRAPH_FLOOR = 1 << 20  # bytes the sizing gives each warm-up graph at least (`_profile_graphs`)
@@ -671,6 +671,8 @@ class GPUEngine(TorchEngine):
             self._graph_body(g)
         torch.cuda.current_stream().wait_stream(side)
         self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
+        if self.device.type == "cuda":
+            side_stream(self.device)  # (made outside the capture: the model forks mixed steps onto it)
         g.graph = torch.cuda.CUDAGraph()
         # (not emptying the caching allocator: a capture inside the replay left the next eager
         # steps to cudaMalloc their blocks again, the cost 94a3240's warm-up prefill removed)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""A mixed step's decode and extend attention as parallel branches of its CUDA graph
+(`kvbench.model.PARALLEL_MIXED`) against the serial graph, on a GPU (issue 12 §4: a step with a
+<=64-token prefill at most 1.5x a decode step of the same batch).
+
+Both attention kernels of a hit step are a few programs per SM and latency-bound (1B shape, H200,
+05c9e0e: extend 20 us a layer, decode of 15 rows 15 us), so run side by side the shorter one
+hides under the other. Per model shape (random bf16 weights, pages of 16 in shuffled order),
+interleaved over --rounds rounds (which goes first alternating), graphs recaptured per variant:
+the engine step (median of 15) and the graph replay alone (CUDA events, median of 20), for the
+hit steps and decode steps of the same batch, and a 512-token chunk beside 63 decodes.
+
+    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_overhead as so  # noqa: E402  (make_batch, model_cfg, PS)
+from gpu_record import git_commit  # noqa: E402
+
+from kvbench import model as kvmodel  # noqa: E402
+from kvbench.calibrate import write_text_atomic  # noqa: E402
+from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+
+STEPS = {
+    "hit: 64 new over 1k + 15 decodes": [(1024, 64)] + [(1100, 1)] * 15,
+    "decode b16 ctx1.1k": [(1100, 1)] * 16,
+    "hit: 64 new over 1k + 31 decodes": [(1024, 64)] + [(1100, 1)] * 31,
+    "decode b32 ctx1.1k": [(1100, 1)] * 32,
+    "prefill 512 over 1k + 63 decodes": [(1024, 512)] + [(2048, 1)] * 63,
+}
+
+
+def replay_ms(eng, n: int = 20) -> float:
+    """Median of `n` replays of the engine's one captured graph (CUDA events)."""
+    (g,) = eng._graphs.values()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.graph.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return float(np.median(ts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    rows = []
+    for name in args.models.split(","):
+        eng = GPUEngine(so.model_cfg(name), attention="triton", gpu_memory_utilization=0.5)
+        cap = eng.kv_capacity_tokens(None)
+        eng.bind(so.PS, cap // so.PS)
+        order = np.random.default_rng(1).permutation(cap // so.PS).astype(np.int32)
+        for r in range(args.rounds):
+            for label, parts in STEPS.items():
+                batch = so.make_batch(order, parts, cap // so.PS)
+                for parallel in ((False, True) if r % 2 == 0 else (True, False)):
+                    kvmodel.PARALLEL_MIXED = parallel
+                    eng.drop_graphs()
+                    for _ in range(3):
+                        eng.step(batch)
+                    step = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
+                    row = dict(model=name, step=label, parallel=parallel, round=r, step_ms=step,
+                               graph_ms=replay_ms(eng))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        del eng
+        torch.cuda.empty_cache()
+    summary = []
+    for name in args.models.split(","):
+        for label in STEPS:
+            for parallel in (False, True):
+                got = [x for x in rows if (x["model"], x["step"], x["parallel"]) == (name, label, parallel)]
+                summary.append(dict(model=name, step=label, parallel=parallel,
+                                    step_ms=float(np.median([x["step_ms"] for x in got])),
+                                    graph_ms=float(np.median([x["graph_ms"] for x in got]))))
+    med = {(s["model"], s["step"], s["parallel"]): s for s in summary}
+    ratios = [dict(model=m, hit=h, decode=d, parallel=p,
+                   step_ratio=med[m, h, p]["step_ms"] / med[m, d, p]["step_ms"],
+                   graph_ratio=med[m, h, p]["graph_ms"] / med[m, d, p]["graph_ms"])
+              for m in args.models.split(",") for p in (False, True)
+              for h, d in (("hit: 64 new over 1k + 15 decodes", "decode b16 ctx1.1k"),
+                           ("hit: 64 new over 1k + 31 decodes", "decode b32 ctx1.1k"))]
+    out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
+               rounds=args.rounds, summary=summary, hit_over_decode=ratios, rows=rows)
+    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
+    for s in summary + ratios:
+        print(s)
+
+
+if __name__ == "__main__":
+    main()
