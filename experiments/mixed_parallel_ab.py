@@ -63,7 +63,7 @@ def main() -> None:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []
     for name in args.models.split(","):
-        eng = GPUEngine(so.model_cfg(name), attention="triton", gpu_memory_utilization=0.5)
+        eng = GPUEngine(so.model_cfg(name), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True)
         cap = eng.kv_capacity_tokens(None)
         eng.bind(so.PS, cap // so.PS)
         order = np.random.default_rng(1).permutation(cap // so.PS).astype(np.int32)
