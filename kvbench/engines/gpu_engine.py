@@ -29,7 +29,7 @@ time, and counted in `cuda_graph_captures_in_replay`. Steps with prefill have on
 the widest (`max_model_len`): their page tables cross the bus packed (used rows x columns) and are
 spread into the wide block on the device, so the key space is (token bucket x prefill-request bucket
 x decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
-16, 99 at page 1). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs, a
+16, 99 at page 1 with pow2 decode buckets; about twice as many with the default fine ones). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs, a
 1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
 05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1),
 padded requests have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped.
@@ -48,7 +48,8 @@ rest), and every table's AttnMetadata views them; eager steps share the torch en
 A mixed step's one-token rows go first (`HostBatch.num_decode`) and through the decode kernel;
 only the prefill chunks go through extend, whose 128-query tiles would otherwise be spent on one
 query each (measured, H200, 8B: a 512-token chunk beside 63 decodes took 42.3 ms, 28.8 of them
-in extend; split, 19.6 ms). In a graph the decode rows are padded to a batch bucket of their own.
+in extend; split, 19.6 ms). In a graph the decode rows are padded to a batch bucket of their own,
+and the two attention kernels run as parallel branches (`kvbench.model.PARALLEL_MIXED`).
 """
 from __future__ import annotations
 
@@ -72,7 +73,10 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # captures decode batch sizes in steps of 8). A 1B decode step of 129-256 rows replays the 256-row
 # graph at 4.14 ms where 65-128 rows took 2.86 ms for the same K/V read (H200, 5444c26,
 # results/gpu_strategies/README.md): at that shape 256 rows of projections are compute-bound.
-# Steps with prefill keep GRAPH_BATCH_SIZES (their keys multiply with each bucket)
+# "fine" is the default since 7c1288a: 1B decode at ~900 positions, H200, interleaved A/B
+# (results/gpu/decode_bucket_ab_h200_067e8ca.json): graph replay 3-6 % faster at 96, 150 and 192 rows
+# (pages of 16 and 1), the same at 128 and 256 (the same graph). Steps with prefill keep
+# GRAPH_BATCH_SIZES (their keys multiply with each bucket)
 DECODE_BUCKETS = {"pow2": GRAPH_BATCH_SIZES,
                   "fine": (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                            320, 384, 448, 512)}
@@ -240,8 +244,8 @@ class GPUEngine(TorchEngine):
             is still captured on first use and counted (`cuda_graph_captures_in_replay`).
         max_num_seqs, max_num_batched_tokens: the scheduler's limits, which bound the warm-up's
             keys (default: 512 requests, `profile_tokens` tokens).
-        decode_buckets: the batch buckets of decode-only graphs (`DECODE_BUCKETS`): "pow2"
-            (powers of two, as every graph) or "fine" (at most 8-64 rows of padding).
+        decode_buckets: the batch buckets of decode-only graphs (`DECODE_BUCKETS`): "fine" (at
+            most 8-64 rows of padding; the default) or "pow2" (powers of two, as every graph).
     """
 
     _staged: tuple | None = None  # (graph key, batch size) of the last decode fill of the staging buffer
@@ -271,7 +275,7 @@ class GPUEngine(TorchEngine):
                  gpu_memory_utilization: float = 0.9, kv_cache_gb: float | None = None,
                  profile_tokens: int = 8192, max_model_len: int | None = None, warmup: bool = True,
                  graph_max_tokens: int = 8192, graph_warmup: str = "none", max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None, blas: str = "cublaslt", decode_buckets: str = "pow2"):
+                 max_num_batched_tokens: int | None = None, blas: str = "cublaslt", decode_buckets: str = "fine"):
         if blas not in BLAS_LIBRARIES:
             raise ValueError(f"blas={blas!r}: must be one of {', '.join(BLAS_LIBRARIES)}")
         if decode_buckets not in DECODE_BUCKETS:
