@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_overhead as so  # noqa: E402  (make_batch, model_cfg, PS)
+import step_overhead as so  # noqa: E402  (make_batch, model_cfg, replay_ms, PS)
 from gpu_record import git_commit  # noqa: E402
 
 from kvbench import model as kvmodel  # noqa: E402
@@ -37,20 +37,6 @@ STEPS = {
     "decode b32 ctx1.1k": [(1100, 1)] * 32,
     "prefill 512 over 1k + 63 decodes": [(1024, 512)] + [(2048, 1)] * 63,
 }
-
-
-def replay_ms(eng, n: int = 20) -> float:
-    """Median of `n` replays of the engine's one captured graph (CUDA events)."""
-    (g,) = eng._graphs.values()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
 
 
 def main() -> None:
@@ -77,7 +63,7 @@ def main() -> None:
                         eng.step(batch)
                     step = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
                     row = dict(model=name, step=label, parallel=parallel, round=r, step_ms=step,
-                               graph_ms=replay_ms(eng))
+                               graph_ms=so.replay_ms(eng))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         del eng

@@ -7,6 +7,8 @@ Per model shape (random bf16 weights, paged pages of 16 in shuffled order) and s
   step_ms  median engine step (CUDA events around batch building + forward), what a replay pays
   gpu_ms   the sum of the step's kernel durations (torch profiler), i.e. launch gaps excluded
   ratio    step_ms / gpu_ms (the goal for prefill and mixed steps: <= 1.15)
+  replay_ms (graphs) the graph replay alone, CUDA events around it: step_ms - replay_ms is the
+           host's part, replay_ms - gpu_ms the gaps between the graph's kernels
 Steps: decode (batch 1 and 64, 2k context); one 512-token prefill chunk (over a 1k prefix)
 with 63 decodes; a 2,048-token prefill; the shared-prefix hit (64 new tokens over a cached
 1,024-token prefix, with 15 decodes) against a decode step of the same batch; and extends of 64,
@@ -56,6 +58,22 @@ def gpu_ms(eng, batch, top: int = 6) -> tuple[float, int]:
         by[e.name[:50]] = by.get(e.name[:50], 0.0) + e.device_time_total / 1e3
     top = sorted(by.items(), key=lambda kv: -kv[1])[:top]
     return sum(e.device_time_total for e in evs) / 1e3, len(evs), {k: round(v, 3) for k, v in top}
+
+
+def replay_ms(eng, n: int = 20) -> float:
+    """Median of `n` replays of the engine's one captured graph (CUDA events around each, the GPU
+    idle before it)."""
+    (g,) = eng._graphs.values()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        g.graph.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return float(np.median(ts))
 
 
 def make_batch(order, parts, cap_pages) -> StepBatch:
@@ -124,12 +142,18 @@ def main() -> None:
                 if args.steps and label not in args.steps.split(","):
                     continue
                 batch = make_batch(order, parts, cap // PS)
+                if graphs:
+                    eng.drop_graphs()  # (this step's graph the only one: `replay_ms`)
                 for _ in range(3):
                     eng.step(batch)
                 t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
                 g, n, top = gpu_ms(eng, batch, args.top)
                 row = dict(model=name, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
                            kernels=n, ratio=round(t / g, 3), graph_max_tokens=args.graph_max_tokens, tokens=sum(p[1] for p in parts), top_kernels_ms=top)
+                if graphs and len(eng._graphs) == 1:
+                    # the replay alone (CUDA events around it, the GPU idle before): step - replay is
+                    # the host's part, replay - gpu_ms the gaps between the graph's kernels
+                    row["replay_ms"] = round(replay_ms(eng), 3)
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 if label in args.profile.split(","):
