@@ -11,6 +11,10 @@ context, CUDA graphs, batch 1 and 64, in one process:
   `gpu_engine.SPIN_WAIT`), --rounds rounds, which variant goes first alternating.
 
     python experiments/step_host_profile.py --out results/gpu/step_host_profile.json [--ab spin] [--no-phases]
+
+--prefill: the same phases and profile for steps with prefill instead (1B shape, graphs, pages of
+16; step_overhead's batches: a 64-token extend over a cached 1k alone and beside 15 decodes, a
+64-token prefill, and a 16-row decode), no A/B.
 """
 from __future__ import annotations
 
@@ -86,6 +90,49 @@ def phases(eng, batch, n: int = 200) -> dict:
                     forward_us=_gpu_us(lambda: eng._forward(h)), step_us=_gpu_us(lambda: eng.step(batch)))
 
 
+def _profile_steps(eng, batch, calls: int, top: int) -> list[dict]:
+    """cProfile of `calls` steps: the `top` functions by own time, µs and calls per step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        eng.step(batch)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((tt, nc, f"{Path(f).name}:{line}({name})") for (f, line, name), (cc, nc, tt, ct, _) in stats.items()),
+                  reverse=True)[:top]
+    return [dict(us=tt / calls * 1e6, calls=nc / calls, name=name) for tt, nc, name in rows]
+
+
+def prefill_main(args) -> None:
+    """--prefill: phases and profile of steps with prefill (step_overhead's batches, 1B)."""
+    import step_overhead as so
+    from kvbench.engines.gpu_engine import GPUEngine
+    eng = GPUEngine(so.model_cfg("llama3_2_1b"), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
+                    max_model_len=16384)
+    cap = eng.kv_capacity_tokens(None)
+    eng.bind(so.PS, cap // so.PS)
+    order = np.random.default_rng(1).permutation(cap // so.PS).astype(np.int32)
+    out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), model="llama3_2_1b", steps=[])
+    for label in ("extend 64 over 1k", "hit: 64 new over 1k cached + 15 decodes", "prefill 64", "decode b16 ctx1.1k"):
+        batch = so.make_batch(order, so.steps()[label], cap // so.PS)
+        eng.drop_graphs()
+        for _ in range(3):
+            eng.step(batch)
+        step_ms = float(np.median([eng.step(batch) for _ in range(30)])) * 1e3
+        row = dict(step=label, step_ms=step_ms, replay_ms=so.replay_ms(eng), **phases(eng, batch))
+        row["profile"] = _profile_steps(eng, batch, args.calls, args.top)
+        out["steps"].append(row)
+        print(f"{label}: step {step_ms * 1e3:.0f} us, replay {row['replay_ms'] * 1e3:.0f} us; flatten "
+              f"{row['flatten_host_us']:.0f} us (host); GPU clock: replay {row['replay_us']:.0f}, _forward "
+              f"{row['forward_us']:.0f}, flatten + _forward {row['flatten_forward_us']:.0f}, _run {row['run_us']:.0f}, "
+              f"step {row['step_us']:.0f} us; replay call {row['replay_call_host_us']:.0f} us (host); own time per "
+              f"step under cProfile:", flush=True)
+        for r in row["profile"]:
+            print(f"  {r['us']:8.1f} us  {r['calls']:5.1f} calls  {r['name']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -95,7 +142,10 @@ def main() -> None:
     ap.add_argument("--ab", choices=("copy", "spin"), default="copy",
                     help="copy: GRAPH_COPIES_INPUTS on/off; spin: SPIN_WAIT on/off (the step's wait for the GPU)")
     ap.add_argument("--no-phases", action="store_true", help="skip the profile and the phases (the A/B only)")
+    ap.add_argument("--prefill", action="store_true", help="steps with prefill (1B), not the 8B decode")
     args = ap.parse_args()
+    if args.prefill:
+        return prefill_main(args)
     from kvbench.engines import gpu_engine
     dev = torch.device("cuda")
     bw = cm.copy_bandwidth(dev)
