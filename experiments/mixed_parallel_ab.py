@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""A mixed step's decode and extend attention as parallel branches of its CUDA graph
-(`kvbench.model.PARALLEL_MIXED`) against the serial graph, on a GPU (issue 12 §4: a step with a
-<=64-token prefill at most 1.5x a decode step of the same batch).
+"""Graphs of steps with prefill, one engine setting A/B on a GPU (issue 12 §4: a step with a
+<=64-token prefill at most 1.5x a decode step of the same batch):
+
+- --flag parallel: a mixed step's decode and extend attention as parallel branches of its CUDA
+  graph (`kvbench.model.PARALLEL_MIXED`) against the serial graph;
+- --flag copyin: a small step with prefill copying its page tables inside the graph
+  (`gpu_engine.PREFILL_COPY_IN_BYTES`) against packing them and spreading them before the replay.
 
 Both attention kernels of a hit step are a few programs per SM and latency-bound (1B shape, H200,
 05c9e0e: extend 20 us a layer, decode of 15 rows 15 us), so run side by side the shorter one
 hides under the other. Per model shape (random bf16 weights, pages of 16 in shuffled order),
 interleaved over --rounds rounds (which goes first alternating), graphs recaptured per variant:
 the engine step (median of 15) and the graph replay alone (CUDA events, median of 20), for the
-hit steps and decode steps of the same batch, and a 512-token chunk beside 63 decodes.
+hit steps (a 64-token extend over a cached 1k alone, beside 15 and beside 31 decodes), decode
+steps of the same batch, and a 512-token chunk beside 63 decodes; max_model_len 16,384 (the
+prefix-saving sweeps': the width of a step with prefill's page table).
 
-    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json
+    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json [--flag copyin]
 """
 from __future__ import annotations
 
@@ -28,9 +34,12 @@ from gpu_record import git_commit  # noqa: E402
 
 from kvbench import model as kvmodel  # noqa: E402
 from kvbench.calibrate import write_text_atomic  # noqa: E402
+from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
 
 STEPS = {
+    "hit: 64 new over 1k alone": [(1024, 64)],
+    "decode b1 ctx1.1k": [(1100, 1)],
     "hit: 64 new over 1k + 15 decodes": [(1024, 64)] + [(1100, 1)] * 15,
     "decode b16 ctx1.1k": [(1100, 1)] * 16,
     "hit: 64 new over 1k + 31 decodes": [(1024, 64)] + [(1100, 1)] * 31,
@@ -44,47 +53,54 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--flag", choices=("parallel", "copyin"), default="parallel")
     args = ap.parse_args()
+    # (module, name, off value, on value)
+    mod, flag, off, on = {"parallel": (kvmodel, "PARALLEL_MIXED", False, True),
+                          "copyin": (gpu_engine, "PREFILL_COPY_IN_BYTES", 0, gpu_engine.PREFILL_COPY_IN_BYTES)}[args.flag]
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []
     for name in args.models.split(","):
-        eng = GPUEngine(so.model_cfg(name), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True)
+        eng = GPUEngine(so.model_cfg(name), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
+                        max_model_len=16384)
         cap = eng.kv_capacity_tokens(None)
         eng.bind(so.PS, cap // so.PS)
         order = np.random.default_rng(1).permutation(cap // so.PS).astype(np.int32)
         for r in range(args.rounds):
             for label, parts in STEPS.items():
                 batch = so.make_batch(order, parts, cap // so.PS)
-                for parallel in ((False, True) if r % 2 == 0 else (True, False)):
-                    kvmodel.PARALLEL_MIXED = parallel
+                for is_on in ((False, True) if r % 2 == 0 else (True, False)):
+                    setattr(mod, flag, on if is_on else off)
                     eng.drop_graphs()
                     for _ in range(3):
                         eng.step(batch)
                     step = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
-                    row = dict(model=name, step=label, parallel=parallel, round=r, step_ms=step,
+                    row = dict(model=name, step=label, on=is_on, round=r, step_ms=step,
                                graph_ms=so.replay_ms(eng))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+        setattr(mod, flag, on)
         del eng
         torch.cuda.empty_cache()
     summary = []
     for name in args.models.split(","):
         for label in STEPS:
-            for parallel in (False, True):
-                got = [x for x in rows if (x["model"], x["step"], x["parallel"]) == (name, label, parallel)]
-                summary.append(dict(model=name, step=label, parallel=parallel,
+            for is_on in (False, True):
+                got = [x for x in rows if (x["model"], x["step"], x["on"]) == (name, label, is_on)]
+                summary.append(dict(model=name, step=label, on=is_on,
                                     step_ms=float(np.median([x["step_ms"] for x in got])),
                                     graph_ms=float(np.median([x["graph_ms"] for x in got]))))
-    med = {(s["model"], s["step"], s["parallel"]): s for s in summary}
-    ratios = [dict(model=m, hit=h, decode=d, parallel=p,
+    med = {(s["model"], s["step"], s["on"]): s for s in summary}
+    ratios = [dict(model=m, hit=h, decode=d, on=p,
                    step_ratio=med[m, h, p]["step_ms"] / med[m, d, p]["step_ms"],
                    graph_ratio=med[m, h, p]["graph_ms"] / med[m, d, p]["graph_ms"])
               for m in args.models.split(",") for p in (False, True)
-              for h, d in (("hit: 64 new over 1k + 15 decodes", "decode b16 ctx1.1k"),
+              for h, d in (("hit: 64 new over 1k alone", "decode b1 ctx1.1k"),
+                           ("hit: 64 new over 1k + 15 decodes", "decode b16 ctx1.1k"),
                            ("hit: 64 new over 1k + 31 decodes", "decode b32 ctx1.1k"))]
     out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
-               rounds=args.rounds, summary=summary, hit_over_decode=ratios, rows=rows)
+               rounds=args.rounds, flag=f"{mod.__name__}.{flag}", off=off, on=on, summary=summary, hit_over_decode=ratios, rows=rows)
     write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
     for s in summary + ratios:
         print(s)

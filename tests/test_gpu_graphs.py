@@ -198,6 +198,24 @@ def test_outputs_are_identical_with_and_without_the_warm_up():
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
+def test_steps_with_prefill_copy_their_tables_whole_or_packed_with_the_same_outputs(monkeypatch):
+    """gpu_engine.PREFILL_COPY_IN_BYTES: a graph of a step with prefill whose staging buffer is at
+    most that takes its page-table block in the one copy, inside the graph (no wide table); with 0
+    every one packs its used rows and spreads them into the wide block. Each path is taken, and the
+    logits are identical."""
+    from kvbench.engines import gpu_engine
+    got, wide, copy_in, default = {}, {}, {}, gpu_engine.PREFILL_COPY_IN_BYTES
+    for limit in (default, 0):
+        monkeypatch.setattr(gpu_engine, "PREFILL_COPY_IN_BYTES", limit)
+        eng, _, got[limit] = _run("none")
+        prefill = [g for k, g in eng._graphs.items() if not k[4]]
+        wide[limit] = {g.table is not None for g in prefill}
+        copy_in[limit] = {g.copy_in for g in prefill}
+    assert wide == {default: {False}, 0: {True}} and copy_in == {default: {True}, 0: {False}}
+    assert len(got[0]) == sum(r.output_len for r in _requests())
+    for a, b in zip(got[0], got[default]):
+        assert torch.equal(a, b)
+
 def test_fine_decode_buckets_pad_decode_graphs_less_with_the_same_outputs():
     """decode_buckets="fine": decode-only keys for every fine size up to max_num_seqs' bucket, the
     keys of steps with prefill unchanged; a replay whose decode steps have 17-20 rows replays

@@ -88,6 +88,12 @@ DECODE_BUCKETS = {"pow2": GRAPH_BATCH_SIZES,
 # copies before the replay (an A/B of experiments/step_host_profile.py); graphs captured before a
 # change keep what they were captured with
 GRAPH_COPIES_INPUTS = True
+# ... and so does a graph of a step with prefill whose whole staging buffer, its page-table block
+# [nt, bs, pages] included, is at most this many bytes (a copy of 256 KiB is a few µs, about what
+# a launch costs the host): its table goes in the one copy as a decode graph's, not packed and then
+# spread by a second copy on the device. Larger ones (long tables, many requests) keep the packed
+# copy. 0: every step with prefill packs (an A/B of experiments/mixed_parallel_ab.py)
+PREFILL_COPY_IN_BYTES = 256 << 10
 # `step` waits for the GPU by polling its end event, not in a blocking cudaEventSynchronize: after a
 # blocking wait the host built the next batch about 3x slower (H200, 8B decode at batch 64, 4
 # interleaved rounds: host part 304 against 87 us, step 85.1 against 87.3 % of the roofline; batch 1
@@ -640,7 +646,7 @@ class GPUEngine(TorchEngine):
         g.h32_lens[dp:dp + b - nd], g.h32_lens[dp + b - nd:] = h.seq_lens[nd:], 0
         # (entries past a request's length are never read; the buffer is rewritten only after
         # `step` has synchronized, so the copy is done by then)
-        if g.table is None:  # decode: the table block [nt, bs, pages] is part of the one copy
+        if g.table is None:  # decode, small prefill: the table block [nt, bs, pages] is part of the one copy
             g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
             if not g.copy_in:
                 g.dev.copy_(g.host, non_blocking=True)
@@ -696,7 +702,7 @@ class GPUEngine(TorchEngine):
         (`_graph_inputs`' layout). Pure."""
         ts, bs, pages, _, decode_only, _ = key
         nbytes = 8 * ((2 + nt) * ts + bs) + 4 * ((bs + 1) + bs + nt * bs * pages)
-        return nbytes, 0 if decode_only else nt * bs * pages
+        return nbytes, 0 if decode_only or nbytes <= PREFILL_COPY_IN_BYTES else nt * bs * pages
 
     def _staging_bytes(self, keys: list[tuple], nt: int = 1) -> int:
         """GPU bytes of the shared staging buffers for `keys` (the largest of each part). Pure."""
@@ -722,9 +728,9 @@ class GPUEngine(TorchEngine):
     def _graph_inputs(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
         """The static inputs of a graph of shape `key`: one (pinned on CUDA) host staging buffer,
         its device copy, and the AttnMetadata (per page table too, for a hybrid design) viewing
-        that copy; `_forward` fills the staging buffer at each replay. A step with prefill reads
-        its page tables from a separate wide block [nt, bs, pages] that `_forward` fills from the
-        packed rows in the staging buffer. Both are parts of the shared `_staging` buffers when
+        that copy; `_forward` fills the staging buffer at each replay. A step with prefill whose
+        staging buffer is over `PREFILL_COPY_IN_BYTES` reads its page tables from a separate wide
+        block [nt, bs, pages] that `_forward` fills from the packed rows in the staging buffer. Both are parts of the shared `_staging` buffers when
         they fit. No CUDA call but the copies (the CPU tests run this with an eager stand-in for
         the graph)."""
         self._staged = None  # (the shared staging buffer is rewritten below)
@@ -754,11 +760,12 @@ class GPUEngine(TorchEngine):
         g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
         slots = d64[2 * ts:(2 + nt) * ts].view(nt, ts)
         g.area = d32[2 * bs + 1:]
-        g.table = None if decode_only else st.table[:wide].view(nt, bs, pages)
-        tables = g.area.view(nt, bs, pages) if decode_only else g.table
+        whole = decode_only or not wide  # the table block in the staging buffer (`PREFILL_COPY_IN_BYTES`)
+        g.table = None if whole else st.table[:wide].view(nt, bs, pages)
+        tables = g.area.view(nt, bs, pages) if whole else g.table
         g.qsl, g.dp = d32[:bs + 1], dp
         g.split = 0 < dp and not decode_only
-        g.copy_in = decode_only and GRAPH_COPIES_INPUTS
+        g.copy_in = whole and GRAPH_COPIES_INPUTS
         g.meta = AttnMetadata(slots[0], tables[0], g.qsl,
                               d32[bs + 1:2 * bs + 1], d64[(2 + nt) * ts:], page_size, contiguous, decode_only,
                               pages * page_size, dp if g.split else 0, None)
@@ -767,7 +774,7 @@ class GPUEngine(TorchEngine):
         return g
 
     def _graph_body(self, g: SimpleNamespace) -> None:
-        """What a graph runs: (a decode graph) the copy of its staging buffer to the device; (a
+        """What a graph runs: (a decode graph, a small one with prefill) the copy of its staging buffer to the device; (a
         split step) the prefill part's query_start_loc, recomputed from the input at each replay,
         into every table's metadata; the model, into g.logits [bs, vocab]."""
         if g.copy_in:  # (captured from pinned memory: the replay reads what the host wrote before it)
