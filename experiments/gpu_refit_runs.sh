@@ -13,6 +13,10 @@
 #   python experiments/prefix_saving.py DIR/ps_sp DIR/ps_mt DIR/ps_mc --out results/gpu_prefix_saving/h200_<commit>
 #
 #   GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT    (PYTHONPATH: the checkout, hydra's wheels)
+#
+# Timings on an H200 (314933d-985786e, fine decode buckets): GS=1 took 112 s, and one shared-prefix
+# run about 117 s (three runs a sweep). So the whole set needs two calls, e.g. GS=1 PS=sp, then
+# GS=1 REPEAT=1 PS="mt mc".
 set -u
 out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"
