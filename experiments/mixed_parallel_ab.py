@@ -57,7 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     # (module, name, off value, on value)
     mod, flag, off, on = {"parallel": (kvmodel, "PARALLEL_MIXED", False, True),
-                          "copyin": (gpu_engine, "PREFILL_COPY_IN_BYTES", 0, gpu_engine.PREFILL_COPY_IN_BYTES)}[args.flag]
+                          "copyin": (gpu_engine, "PREFILL_COPY_IN_BYTES", 0,
+                                     gpu_engine.PREFILL_COPY_IN_BYTES)}[args.flag]
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []
@@ -100,7 +101,8 @@ def main() -> None:
                            ("hit: 64 new over 1k + 15 decodes", "decode b16 ctx1.1k"),
                            ("hit: 64 new over 1k + 31 decodes", "decode b32 ctx1.1k"))]
     out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
-               rounds=args.rounds, flag=f"{mod.__name__}.{flag}", off=off, on=on, summary=summary, hit_over_decode=ratios, rows=rows)
+               rounds=args.rounds, flag=f"{mod.__name__}.{flag}", off=off, on=on, summary=summary,
+               hit_over_decode=ratios, rows=rows)
     write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
     for s in summary + ratios:
         print(s)

@@ -26,13 +26,15 @@ says which), largest first, into one shared pool (graph outputs are unowned, so 
 their blocks) with one shared staging buffer; a key it missed is captured on first use, launched
 once on its capture inputs (a graph's first launch also uploads it), both taken out of the step's
 time, and counted in `cuda_graph_captures_in_replay`. Steps with prefill have one context bucket,
-the widest (`max_model_len`): their page tables cross the bus packed (used rows x columns) and are
-spread into the wide block on the device, so the key space is (token bucket x prefill-request bucket
-x decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
-16, 99 at page 1 with pow2 decode buckets; about twice as many with the default fine ones). Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs, a
-1B 1,024-token prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before
-05c9e0e) it took 2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1),
-padded requests have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped.
+the widest (`max_model_len`): their page tables cross the bus in the graph's one copy where its
+staging buffer is small (`PREFILL_COPY_IN_BYTES`), else packed (used rows x columns) and spread into
+the wide block on the device, so the key space is (token bucket x prefill-request bucket x
+decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
+16, 99 at page 1 with pow2 decode buckets; about twice as many with the default fine ones).
+Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs, a 1B 1,024-token
+prefill takes 1.04x its kernels' time, where eagerly (the limit was 512 before 05c9e0e) it took
+2.3x; an 8B 2,048-token prefill 1.08x. Padded tokens write nowhere (slot -1), padded requests
+have no tokens and attend to nothing (seq_len 0), padded logits rows are dropped.
 Decode graphs size their split-KV for the context bucket (a power of two of pages), not the exact
 max length. Steps with prefill are padded to a token bucket (`token_bucket`: under 1/8 of padding):
 the extend kernel takes its request boundaries from `query_start_loc`, so one graph serves any mix
@@ -730,8 +732,8 @@ class GPUEngine(TorchEngine):
         its device copy, and the AttnMetadata (per page table too, for a hybrid design) viewing
         that copy; `_forward` fills the staging buffer at each replay. A step with prefill whose
         staging buffer is over `PREFILL_COPY_IN_BYTES` reads its page tables from a separate wide
-        block [nt, bs, pages] that `_forward` fills from the packed rows in the staging buffer. Both are parts of the shared `_staging` buffers when
-        they fit. No CUDA call but the copies (the CPU tests run this with an eager stand-in for
+        block [nt, bs, pages] that `_forward` fills from the packed rows in the staging buffer.
+        Both are parts of the shared `_staging` buffers when they fit. No CUDA call but the copies (the CPU tests run this with an eager stand-in for
         the graph)."""
         self._staged = None  # (the shared staging buffer is rewritten below)
         ts, bs, pages, contiguous, decode_only, dp = key
@@ -774,8 +776,8 @@ class GPUEngine(TorchEngine):
         return g
 
     def _graph_body(self, g: SimpleNamespace) -> None:
-        """What a graph runs: (a decode graph, a small one with prefill) the copy of its staging buffer to the device; (a
-        split step) the prefill part's query_start_loc, recomputed from the input at each replay,
+        """What a graph runs: (a decode graph, a small one with prefill) the copy of its staging
+        buffer to the device; (a split step) the prefill part's query_start_loc, recomputed from the input at each replay,
         into every table's metadata; the model, into g.logits [bs, vocab]."""
         if g.copy_in:  # (captured from pinned memory: the replay reads what the host wrote before it)
             g.dev.copy_(g.host, non_blocking=True)
