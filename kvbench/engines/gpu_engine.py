@@ -733,8 +733,8 @@ class GPUEngine(TorchEngine):
         that copy; `_forward` fills the staging buffer at each replay. A step with prefill whose
         staging buffer is over `PREFILL_COPY_IN_BYTES` reads its page tables from a separate wide
         block [nt, bs, pages] that `_forward` fills from the packed rows in the staging buffer.
-        Both are parts of the shared `_staging` buffers when they fit. No CUDA call but the copies (the CPU tests run this with an eager stand-in for
-        the graph)."""
+        Both are parts of the shared `_staging` buffers when they fit. No CUDA call but the
+        copies (the CPU tests run this with an eager stand-in for the graph)."""
         self._staged = None  # (the shared staging buffer is rewritten below)
         ts, bs, pages, contiguous, decode_only, dp = key
         hybrid = self.hybrid
@@ -777,8 +777,8 @@ class GPUEngine(TorchEngine):
 
     def _graph_body(self, g: SimpleNamespace) -> None:
         """What a graph runs: (a decode graph, a small one with prefill) the copy of its staging
-        buffer to the device; (a split step) the prefill part's query_start_loc, recomputed from the input at each replay,
-        into every table's metadata; the model, into g.logits [bs, vocab]."""
+        buffer to the device; (a split step) the prefill part's query_start_loc, recomputed from
+        the input at each replay, into every table's metadata; the model, into g.logits [bs, vocab]."""
         if g.copy_in:  # (captured from pinned memory: the replay reads what the host wrote before it)
             g.dev.copy_(g.host, non_blocking=True)
         if g.split:
