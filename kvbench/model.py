@@ -381,15 +381,14 @@ def attention_ops(backend: str) -> SimpleNamespace:
     return SimpleNamespace(**fns, backend=backend)
 
 
-#: RMSNorm rounding per architecture (RMSNorm.style)
 #: a mixed step's decode rows and prefill chunks as parallel branches of a CUDA graph (`side_stream`)
 PARALLEL_MIXED = True
 _SIDE_STREAMS: dict = {}
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream a captured mixed step's decode attention forks onto, one per device (made before
-    a capture: `GPUEngine` calls this when it binds)."""
+    """The stream a captured mixed step's decode attention forks onto, one per device (made
+    outside any capture: `GPUEngine._capture` calls this before it captures)."""
     k = device.index if device.index is not None else torch.cuda.current_device()
     st = _SIDE_STREAMS.get(k)
     if st is None:
@@ -397,6 +396,7 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return st
 
 
+#: RMSNorm rounding per architecture (RMSNorm.style)
 NORM_STYLES = {"llama": "llama", "gemma3": "gemma", "gpt_oss": "gpt_oss"}
 
 
@@ -492,22 +492,21 @@ class DecoderLayer(nn.Module):
             # in a CUDA graph the two run as parallel branches (`side_stream`): each is a few
             # programs per SM and latency-bound, so the shorter one hides under the other. They
             # read the caches and write disjoint rows of q (and their own split scratch).
-            main = side_stream(q.device) if PARALLEL_MIXED and q.is_cuda and torch.cuda.is_current_stream_capturing() \
-                else None
-            if main is not None:
-                main, side = torch.cuda.current_stream(q.device), main
+            fork = PARALLEL_MIXED and q.is_cuda and torch.cuda.is_current_stream_capturing()
+            if fork:
+                main, side = torch.cuda.current_stream(q.device), side_stream(q.device)
                 side.wait_stream(main)
                 torch.cuda.set_stream(side)
             ops.decode_attention(qd, k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d],
                                  meta.page_size, sm_scale=scale, contiguous=meta.contiguous,
                                  max_seq_len=meta.max_seq_len, out=qd, **bound)
-            if main is not None:
+            if fork:
                 torch.cuda.set_stream(main)
             ops.extend_attention(qe, k_cache, v_cache, meta.page_table[d:], meta.extend_start_loc,
                                  meta.seq_lens[d:], meta.page_size, sm_scale=scale,
                                  contiguous=meta.contiguous, k_new=k[d:], v_new=v[d:], out=qe,
                                  max_seq_len=meta.max_seq_len, **bound)
-            if main is not None:
+            if fork:
                 main.wait_stream(side)
         a = ops.linear(o.reshape(t, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         if self.attn_out_norm is not None:  # Gemma-3
