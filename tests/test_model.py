@@ -276,3 +276,16 @@ def test_engine_configs_instantiate_on_tiny():
     eng.step(StepBatch([ScheduledSeq(r, 0, 6, np.array([2], np.int32))], 16, 4, True, []))
     gpu = OmegaConf.load(CONFIGS / "engine" / "gpu.yaml")
     assert gpu._target_ == "kvbench.engines.gpu_engine.GPUEngine" and gpu.attention == "triton"
+
+
+@pytest.mark.parametrize("widths", [[5, 5, 5], [3, 7, 1], [130, 200, 129], [300, 1, 128], [1]])
+def test_page_tables_stack_into_rows_padded_with_page_0(widths):
+    """torch_engine._stack_tables: row i holds table i, then zeros to the widest (the ragged wide
+    rows of pages of 1 are copied a row at a time, narrow ones through a mask: both exact)."""
+    from kvbench.engines.torch_engine import _stack_tables
+    rng = np.random.default_rng(len(widths))
+    pts = [rng.integers(1, 1 << 20, n).astype(np.int32) for n in widths]
+    table = _stack_tables(pts)
+    assert table.dtype == np.int32 and table.shape == (len(widths), max(widths))
+    for row, pt in zip(table, pts):
+        assert (row[:len(pt)] == pt).all() and not row[len(pt):].any()
