@@ -157,14 +157,7 @@ def main() -> None:
         if not args.no_phases:
             row = cm.time_step(eng, batch, True, b, ctx, "paged", wbytes, bpt, bw)
             row.update(phases(eng, batch))
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.calls):
-                eng.step(batch)
-            prof.disable()
-            stats = pstats.Stats(prof).stats
-            top = sorted(((tt, nc, f"{Path(f).name}:{line}({name})") for (f, line, name), (cc, nc, tt, ct, _) in stats.items()),
-                         reverse=True)[:args.top]
+            profile = _profile_steps(eng, batch, args.calls, args.top)
             print(f"b={b}: step {row['step_ms']:.3f} ms ({row['frac_of_roofline']:.1%}), graph {row['gpu_ms']:.3f} ms "
                   f"({row['gpu_frac_of_roofline']:.1%}), host part {(row['step_ms'] - row['gpu_ms']) * 1e3:.0f} us; "
                   f"flatten {row['flatten_host_us']:.0f} us (host); GPU clock: replay {row['replay_us']:.0f}, copy + replay "
@@ -172,10 +165,9 @@ def main() -> None:
                   f"{row['flatten_forward_us']:.0f}, _run {row['run_us']:.0f}, step {row['step_us']:.0f} us; "
                   f"replay call {row['replay_call_host_us']:.0f} us (host); "
                   f"own time per step under cProfile:", flush=True)
-            for tt, nc, name in top:
-                print(f"  {tt / args.calls * 1e6:8.1f} us  {nc / args.calls:5.1f} calls  {name}", flush=True)
-            out["batches"].append(dict(row, profile=[dict(us=tt / args.calls * 1e6, calls=nc / args.calls, name=name)
-                                                     for tt, nc, name in top]))
+            for r in profile:
+                print(f"  {r['us']:8.1f} us  {r['calls']:5.1f} calls  {r['name']}", flush=True)
+            out["batches"].append(dict(row, profile=profile))
         # A/B of one engine flag (--ab), interleaved, which goes first alternating; graphs recaptured for each
         flag, names = {"copy": ("GRAPH_COPIES_INPUTS", ("copy in graph", "copy before replay")),
                        "spin": ("SPIN_WAIT", ("spin wait", "blocking wait"))}[args.ab]

@@ -60,20 +60,11 @@ def gpu_ms(eng, batch, top: int = 6) -> tuple[float, int]:
     return sum(e.device_time_total for e in evs) / 1e3, len(evs), {k: round(v, 3) for k, v in top}
 
 
-def replay_ms(eng, n: int = 20) -> float:
-    """Median of `n` replays of the engine's one captured graph (CUDA events around each, the GPU
-    idle before it)."""
+def replay_ms(eng) -> float:
+    """Median ms of the engine's one captured graph replayed alone (`graph_kernels.replay_ms`)."""
+    from graph_kernels import replay_ms as graph_replay_ms
     (g,) = eng._graphs.values()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        g.graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
+    return graph_replay_ms(g.graph)
 
 
 def make_batch(order, parts, cap_pages) -> StepBatch:

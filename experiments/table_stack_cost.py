@@ -72,6 +72,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategies", default="radix,paged")
     args = ap.parse_args()
+    known = sorted(f.stem for f in (REPO / "configs" / "strategy").glob("*.yaml"))
+    bad = sorted(set(args.strategies.split(",")) - set(known))
+    if bad:
+        ap.error(f"unknown --strategies {bad}; known: {', '.join(known)}")
     register()
     for strategy in args.strategies.split(","):
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
