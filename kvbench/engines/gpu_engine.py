@@ -56,6 +56,7 @@ and the two attention kernels run as parallel branches (`kvbench.model.PARALLEL_
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from types import SimpleNamespace
 from unittest import mock
@@ -298,6 +299,13 @@ class GPUEngine(TorchEngine):
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
+        # A sweep's jobs share the process: an earlier run's engine may still sit in reference
+        # cycles, and its freed blocks in the caching allocator. Collect and release both before
+        # sizing: reserved blocks count as free below, but a graph capture cannot release them (a
+        # release mid-capture invalidates it: radix-1 Mooncake after two paged runs, c438584).
+        gc.collect()
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
         self.total_mem = torch.cuda.get_device_properties(dev).total_memory
         self.utilization, self.kv_cache_gb = gpu_memory_utilization, kv_cache_gb
         self.max_model_len = max_model_len
