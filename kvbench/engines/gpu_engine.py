@@ -750,7 +750,7 @@ class GPUEngine(TorchEngine):
         # inputs: one pinned host buffer and its device copy; the graph reads views of the latter
         # (int64: ids, positions, nt slot rows [ts] and logits rows [bs]; int32: query_start_loc
         # [bs+1], seq_lens [bs], nt page tables [bs, pages] (decode) or their packed rows (prefill))
-        n64, n32 = (2 + nt) * ts + bs, (bs + 1) + bs + nt * bs * pages
+        n64 = (2 + nt) * ts + bs
         nbytes, wide = self._staging_size(key, nt)
         st = self._stage
         if st is None or st.host.numel() < nbytes or st.table.numel() < wide:
