@@ -26,7 +26,8 @@ Each RUN_DIR is a sweep folder of that experiment (one run per strategy, same mo
     of the same length": per bin of prefill tokens, the median step time per prefill token of the
     run's steps over a prefix against the run without caching's plain prefills (`over_prefix`);
     a bin fails when it is over TOLERANCE more expensive with at least MIN_STEPS steps on both
-    sides.
+    sides; and the same steps at equal work: their prefill cost against a fit of the run without
+    caching's (per step, prefill token and query-key pair; `extend_at_equal_work`).
 
 Writes OUT/prefix_saving.{json,md,png} (each through a temporary file and a rename): one section
 per sweep (model and trace).
@@ -42,6 +43,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvbench.calibrate import _nnls  # noqa: E402
 
 BINS = [0, 1, 65, 257, 513, 1025, 2049, 8193]
 LABELS = ["decode only", "1-64", "65-256", "257-512", "513-1024", "1025-2048", "2049-8192"]
@@ -118,6 +122,38 @@ def extend_vs_prefill(run_bins: dict, base_bins: dict) -> dict:
     return out
 
 
+def work_model(base_tl: pd.DataFrame) -> dict | None:
+    """A fit of the prefill cost (`prefill_cost`) of the run without caching's steps with prefill,
+    plain or over its own earlier chunks: s per step, per prefill token and per query-key pair
+    (non-negative least squares on relative errors), and the range of prefill tokens it saw. None
+    without a `prefill_pairs` column or with fewer than 3 distinct sizes."""
+    base = prefill_cost(base_tl)
+    if "prefill_pairs" not in base or base.prefill_tokens.nunique() < 3:
+        return None
+    x = np.c_[np.ones(len(base)), base.prefill_tokens.to_numpy(float), base.prefill_pairs.to_numpy(float)]
+    y = base.cost_s.to_numpy(float)
+    coef = _nnls(x, y, 1 / np.maximum(np.abs(y), 1e-4) ** 2)
+    return dict(step_ms=coef[0] * 1e3, token_us=coef[1] * 1e6, pair_ns=coef[2] * 1e9,
+                tokens_min=int(base.prefill_tokens.min()), tokens_max=int(base.prefill_tokens.max()))
+
+
+def extend_at_equal_work(tl: pd.DataFrame, work: dict) -> dict:
+    """Per bin of prefill tokens: the run's steps over a prefix within the fit's range of prefill
+    tokens, their prefill cost against what the run without caching pays for the same prefill
+    tokens and query-key pairs (`work_model`); median ratio, pass within TOLERANCE. An extend
+    attends to its whole history, so at equal new tokens it does more work than a plain prefill
+    (`extend_vs_prefill`); this asks whether it pays more than that work costs."""
+    p = prefill_cost(tl)
+    p = p[over_prefix(p) & p.prefill_tokens.between(work["tokens_min"], work["tokens_max"])]
+    pred = (work["step_ms"] * 1e-3 + work["token_us"] * 1e-6 * p.prefill_tokens.to_numpy(float)
+            + work["pair_ns"] * 1e-9 * p.prefill_pairs.to_numpy(float))
+    ratio = pd.Series(p.cost_s.to_numpy(float) / pred, index=p.index)
+    g = ratio.groupby(pd.cut(p.prefill_tokens, BINS, right=False, labels=LABELS), observed=True)
+    return {str(k): dict(steps=int(n), ratio=float(m), verdict=("pass" if m <= 1 + TOLERANCE else "FAIL")
+                         if n >= MIN_STEPS else "too few steps")
+            for k, n, m in zip(g.median().index, g.size(), g.median())}
+
+
 def marginal_cost(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> tuple[float, float]:
     """(intercept s, slope s per token) of a least-squares line through the prefill cost of every
     run's steps with prefill against their prefill tokens (nan, nan with fewer than two sizes)."""
@@ -137,10 +173,12 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
     base_computed = int(nocache[1].prefill_tokens.sum())
     plain = nocache[1][~over_prefix(nocache[1])]
     base_bins = by_prefill_bin(plain)  # the check's baseline: plain prefills only
+    work = work_model(nocache[1])
     out = dict(model=nocache[0].get("model"), trace=nocache[0].get("trace"), device=nocache[0].get("device"),
                commit=commit or nocache[0].get("commit"), prefill_cost_per_token_us=b * 1e6,
                prefill_cost_per_token_mean_us=b_mean * 1e6, prefill_marginal_cost_per_token_us=slope * 1e6,
-               prefill_step_fixed_cost_ms=fixed * 1e3, runs={})
+               prefill_step_fixed_cost_ms=fixed * 1e3, runs={},
+               work_model=work)
     base_prefill_s = base.cost_s.sum()
     for name, (summary, tl, req) in runs.items():
         fin = req[req.status == "finished"]
@@ -167,6 +205,8 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
         row["ttft_by_cached_tokens"] = ttft_by_cached(req)
         if tl is not nocache[1]:
             row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base_bins)
+            if work is not None:
+                row["extend_at_equal_work"] = extend_at_equal_work(tl, work)
         out["runs"][name] = row
     return out
 
@@ -244,6 +284,15 @@ def markdown(reports: list[dict]) -> str:
                 for name, r in rep["runs"].items() for k, v in r.get("extend_vs_prefill", {}).items()]
         out += rows or ["| (no bin of prefill tokens has steps over a prefix with caching and plain prefills "
                         "without) | | | | | |"]
+        w = rep.get("work_model")
+        rows = [f"| {name} | {k} | {v['steps']} | {v['ratio']:.2f} | {v['verdict']} |"
+                for name, r in rep["runs"].items() for k, v in r.get("extend_at_equal_work", {}).items()]
+        if w is not None and rows:
+            out += ["", f"The same steps at equal work: their prefill cost against the run without caching's for the "
+                    f"same prefill tokens and query-key pairs (its steps with prefill, {w['tokens_min']}-{w['tokens_max']} tokens, "
+                    f"fitted: {w['step_ms']:.3f} ms a step + {w['token_us']:.2f} us a token + {w['pair_ns']:.4f} ns a pair; "
+                    f"steps in that range; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}):", "",
+                    "| run | prefill tokens | steps | measured / at equal work | verdict |", "|---|---|---:|---:|---|", *rows]
         out += ["", "TTFT against cached tokens per request (finished requests, binned by the prompt tokens their "
                 "admission found cached; new tokens = prompt - cached):", "",
                 "| run | cached tokens | requests | TTFT mean ms | TTFT p50 ms | prompt mean | new tokens mean |",

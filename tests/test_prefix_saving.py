@@ -56,3 +56,34 @@ def test_the_marginal_cost_is_the_slope_of_prefill_cost_over_tokens_not_the_mean
     assert abs((p.cost_s / p.prefill_tokens).median() - 3.5e-6) < 1e-12
     # one prefill size only: no line
     assert all(x != x for x in prefix_saving.marginal_cost({"a": runs["a"]}))
+
+
+def test_an_extend_is_judged_against_the_cost_of_its_own_work_not_only_its_new_tokens():
+    # the run without caching: steps cost 1 ms (decode, batch 1) + 0.3 ms + 2 us a token + 1 ns a
+    # query-key pair, plain prefills and chunks over their own earlier chunks
+    def dt(chunks):
+        return 0.001 + 3e-4 + 2e-6 * sum(n for _, n in chunks) + 1e-9 * _pairs(chunks)
+    dec = [dict(prefill_tokens=0, prefill_pairs=0, dt_s=0.001, running=1)] * 3
+    plain = [[(0, n)] for n in (100, 300, 400, 500, 1000, 2000)] + [[(2000, 500)], [(4000, 1000)]]
+    nocache = pd.DataFrame(dec + [dict(_step(c, dt(c)), running=1) for c in plain])
+    work = prefix_saving.work_model(nocache)
+    assert abs(work["step_ms"] - 0.3) < 1e-6 and abs(work["token_us"] - 2) < 1e-6 and abs(work["pair_ns"] - 1) < 1e-6
+    assert (work["tokens_min"], work["tokens_max"]) == (100, 2000)
+    # with caching: 500-token extends over 8k cached (3 at the work's cost: 1.5x a plain 500 per
+    # token), 3 over 1k at 1.3x it, and one outside the fitted range of prefill tokens
+    ext, slow = [(8192, 500)], [(1024, 500)]
+    cached = pd.DataFrame(dec + [dict(_step(ext, dt(ext)), running=1)] * 3
+                          + [dict(_step(slow, 1.3 * (dt(slow) - 0.001) + 0.001), running=1)] * 3
+                          + [dict(_step([(1024, 50)], 0.5), running=1)])
+    fast = cached[cached.prefill_pairs != _pairs(slow)]
+    # per new token, the extends over 8k fail against plain prefills of their size (more work) ...
+    per_token = prefix_saving.extend_vs_prefill(
+        prefix_saving.by_prefill_bin(fast[prefix_saving.over_prefix(fast)]),
+        prefix_saving.by_prefill_bin(nocache[~prefix_saving.over_prefix(nocache)]))
+    assert per_token["257-512"]["ratio_per_token"] > 2 and per_token["257-512"]["verdict"] == "FAIL"
+    # ... and at equal work they cost exactly what the run without caching pays for it
+    got = prefix_saving.extend_at_equal_work(fast, work)
+    assert list(got) == ["257-512"] and got["257-512"]["steps"] == 3
+    assert abs(got["257-512"]["ratio"] - 1) < 1e-9 and got["257-512"]["verdict"] == "pass"
+    got = prefix_saving.extend_at_equal_work(cached[cached.prefill_pairs != _pairs(ext)], work)
+    assert abs(got["257-512"]["ratio"] - 1.3) < 1e-9 and got["257-512"]["verdict"] == "FAIL"
