@@ -15,7 +15,7 @@
 #   GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT    (PYTHONPATH: the checkout, hydra's wheels)
 #
 # Timings on an H200 (c438584, 2026-12-02): GS=1 130 s, PS=sp 130 s (its three runs), PS=mt 90 s,
-# PS=mc 110 s. So the whole set needs two calls, e.g. GS=1 PS="sp mt", then GS=1 REPEAT=1 PS=mc.
+# PS=mc 110-210 s (on a fresh machine the kernels compile first). So the whole set needs two calls, e.g. GS=1 PS="sp mt", then GS=1 REPEAT=1 PS=mc.
 set -u
 out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"
