@@ -69,8 +69,8 @@ def test_an_extend_is_judged_against_the_cost_of_its_own_work_not_only_its_new_t
     work = prefix_saving.work_model(nocache)
     assert abs(work["step_ms"] - 0.3) < 1e-6 and abs(work["token_us"] - 2) < 1e-6 and abs(work["pair_ns"] - 1) < 1e-6
     assert (work["tokens_min"], work["tokens_max"]) == (100, 2000)
-    # with caching: 500-token extends over 8k cached (3 at the work's cost: 1.5x a plain 500 per
-    # token), 3 over 1k at 1.3x it, and one outside the fitted range of prefill tokens
+    # with caching: 3 extends of 500 tokens over 8k cached at their work's cost (over twice a plain
+    # 500's per token), 3 over 1k at 1.3x theirs, and one outside the fitted range of prefill tokens
     ext, slow = [(8192, 500)], [(1024, 500)]
     cached = pd.DataFrame(dec + [dict(_step(ext, dt(ext)), running=1)] * 3
                           + [dict(_step(slow, 1.3 * (dt(slow) - 0.001) + 0.001), running=1)] * 3
