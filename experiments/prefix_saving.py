@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvbench.calibrate import _nnls  # noqa: E402
+from kvbench.calibrate import _nnls, write_text_atomic  # noqa: E402
 
 BINS = [0, 1, 65, 257, 513, 1025, 2049, 8193]
 LABELS = ["decode only", "1-64", "65-256", "257-512", "513-1024", "1025-2048", "2049-8192"]
@@ -305,13 +305,6 @@ def markdown(reports: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _fail(msg: str) -> None:
     print(f"prefix_saving: error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -335,8 +328,8 @@ def main() -> None:
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(reports, data, args.out / "prefix_saving.png", args.note)
-    _write_atomic(args.out / "prefix_saving.json", json.dumps(reports, indent=1, default=float) + "\n")
-    _write_atomic(args.out / "prefix_saving.md", markdown(reports))
+    write_text_atomic(args.out / "prefix_saving.json", json.dumps(reports, indent=1, default=float) + "\n")
+    write_text_atomic(args.out / "prefix_saving.md", markdown(reports))
     for rep in reports:
         print(f"\n{rep['model']} / {rep['trace']} on {rep['device']}: prefill {rep['prefill_cost_per_token_us']:.2f} us/token")
         for name, r in rep["runs"].items():
