@@ -13,6 +13,7 @@
 #   python experiments/prefix_saving.py DIR/ps_sp DIR/ps_mt DIR/ps_mc --out results/gpu_prefix_saving/h200_<commit>
 #
 #   GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT    (PYTHONPATH: the checkout, hydra's wheels)
+#   MODEL=llama3_1_8b MC_LIMIT=40 PS="sp mt" bash experiments/gpu_refit_runs.sh OUT   (the 8B shape; gs: --model)
 #
 # Timings on an H200 (c438584, 2026-12-02): GS=1 130 s, PS=sp 130 s (its three runs), PS=mt 90 s,
 # PS=mc 110-210 s (on a fresh machine the kernels compile first). So the whole set needs two calls, e.g. GS=1 PS="sp mt", then GS=1 REPEAT=1 PS=mc.
@@ -22,10 +23,11 @@ mkdir -p "$out"
 end=$(( $(date +%s) + ${BUDGET:-570} ))
 left() { echo $(( end - $(date +%s) )); }
 W=engine.graph_warmup=decode
+M=${MODEL:-llama3_2_1b}
 if [ -n "${GS:-}" ]; then
   sub=gpu; [ -n "${REPEAT:-}" ] && sub=gpu_repeat
   timeout $(( $(left) - 20 )) python experiments/gpu_strategies.py --out "$out/gs_$sub" --limit 300 --no-repeat \
-      --set $W > "$out/gs_$sub.log" 2>&1
+      --model "$M" --set $W > "$out/gs_$sub.log" 2>&1
   echo "gs ($sub) rc=$? left $(left) s"
   tar czf "$out/gs_$sub.tgz" -C "$out" "gs_$sub" && rm -rf "${out:?}/gs_$sub"
 fi
@@ -33,11 +35,11 @@ for spec in ${PS:-}; do
   case $spec in
     sp) a="trace=shared_prefix";;
     mt) a="trace=multi_turn trace.num_chats=48 trace.think_time_s=1.0 trace.rate=4";;
-    mc) a="trace=mooncake trace.limit=120 trace.rate=inf max_model_len=65536";;
+    mc) a="trace=mooncake trace.limit=${MC_LIMIT:-120} trace.rate=inf max_model_len=65536";;
     *) echo "unknown sweep $spec (sp, mt, mc)"; continue;;
   esac
   [ "$(left)" -lt 40 ] && { echo "no time left for $spec"; continue; }
-  timeout $(( $(left) - 15 )) python -m kvbench.cli -m experiment=gpu_prefix_saving model=llama3_2_1b $a $W \
+  timeout $(( $(left) - 15 )) python -m kvbench.cli -m experiment=gpu_prefix_saving model="$M" $a $W \
       hydra.sweep.dir="$out/ps_$spec" > "$out/ps_$spec.log" 2>&1
   echo "ps_$spec rc=$? left $(left) s"
   tar czf "$out/ps_$spec.tgz" -C "$out" "ps_$spec" && rm -rf "${out:?}/ps_$spec"
