@@ -4,10 +4,10 @@ steps, replay the sim with that model, and compare throughput, mean TTFT and mea
 
     python experiments/refit_with_pairs.py GPU_DIR --out DIR [--sweep NAME=DIR ...] [--fit-apart NAME ...]
 
-GPU_DIR holds `gs/runs/<case>/gpu` (experiments/gpu_strategies.py) and the prefix-saving sweeps
-`ps_mt/<run>`, `ps_mc/<run>` (`kvbench -m experiment=gpu_prefix_saving ...`); --sweep adds more
-sweep folders of GPU run dirs (their cases are NAME/<run>; a timeline that already has the
-prefill_pairs column is used as it is). Runs whose case starts with a --fit-apart prefix are
+GPU_DIR holds `gs/runs/<case>/gpu` (experiments/gpu_strategies.py; optional: the 8B shape's
+prefix-saving runs are fitted alone) and the prefix-saving sweeps `ps_mt/<run>`, `ps_mc/<run>`
+(`kvbench -m experiment=gpu_prefix_saving ...`); --sweep adds more sweep folders of GPU run dirs
+(their cases are NAME/<run>; a timeline that already has the prefill_pairs column is used as it is). Runs whose case starts with a --fit-apart prefix are
 replayed but left out of the fits (e.g. a sweep measured on a kernel build since reverted).
 
 Fits (kvbench.calibrate, stalls dropped: steps over STALL x the model):
@@ -98,9 +98,6 @@ def main() -> None:
                     help="also fit one_metrics without each fitted run in turn and replay that run with it "
                          "(DIR/leave_one_out.csv: the one model's error on a run it was not fitted on)")
     args = ap.parse_args()
-    if not (args.gpu_dir / "gs" / "runs").is_dir():
-        print(f"refit_with_pairs: error: {args.gpu_dir} has no gs/runs (a gpu_strategies --out folder)", file=sys.stderr)
-        sys.exit(2)
     sweeps = {"ps_mt": args.gpu_dir / "ps_mt", "ps_mc": args.gpu_dir / "ps_mc"}
     for item in args.sweep:
         name, _, path = item.partition("=")
@@ -114,6 +111,10 @@ def main() -> None:
     dirs = {f"gs/{d.parent.name}": d for d in sorted(p.parent for p in (R / "gs" / "runs").glob("*/gpu/summary.json"))}
     for sweep, folder in sweeps.items():  # run dirs that finished (a summary.json)
         dirs |= {f"{sweep}/{d.name}": d for d in sorted(folder.glob("*/summary.json")) for d in [d.parent]}
+    if not dirs:
+        print(f"refit_with_pairs: error: no finished GPU run under {args.gpu_dir} (gs/runs/*/gpu, ps_mt, ps_mc) "
+              "or the --sweep folders", file=sys.stderr)
+        sys.exit(2)
     out = args.out / "runs"
     tls, base, gpu, rep, trace, reqs = {}, {}, {}, {}, {}, {}
     for k, d in dirs.items():
