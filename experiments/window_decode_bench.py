@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import os
 import pathlib
@@ -209,14 +210,18 @@ def parse_config(text: str) -> dict:
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
 
-def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",), head_dim=64, max_len=0):
+def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",), head_dim=64, max_len=0,
+                page="16"):
     """Issue 12 §4: a 64-token (and a 512-token) extend chunk per request over a 1k / 4k cached prefix, Llama-3.2-1B attention
     (32 q heads, 8 KV heads, head dim 64), the ragged path the model uses, against a decode step of
     the same batch over the same context. `splits_modes`: the extend kernel's prefix-split settings
     to time ("off" = no split, "auto" = the launcher's heuristic). `max_len`: the launch's
     max_seq_len (0: the context; a CUDA graph of a mixed step passes the model's length, which
-    sizes the split count for it while the kernel spreads the actual prefix over the splits)."""
-    Hq, Hkv, D, ps, dt = (32, 8, head_dim, 16, torch.bfloat16) if not SMOKE else (4, 2, 32, 16, torch.bfloat16)
+    sizes the split count for it while the kernel spreads the actual prefix over the splits).
+    `page`: the page size, its pages in a random order (a fragmented pool), or "<n>seq": in order
+    (a fresh pool; "1seq": radix-1's slots as an empty pool hands them out)."""
+    Hq, Hkv, D, dt = (32, 8, head_dim, torch.bfloat16) if not SMOKE else (4, 2, 32, torch.bfloat16)
+    ps, in_order = int(page.removesuffix("seq")), page.endswith("seq")
     for B in SZ["ext_batches"]:
         for n_new, prefix in SZ["ext_cases"]:
             ctx = prefix + n_new
@@ -226,8 +231,9 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
             kc = torch.randn(num_pages * ps, Hkv, D, device=dev, dtype=dt)
             vc = torch.randn(num_pages * ps, Hkv, D, device=dev, dtype=dt)
             R = 4
-            tables = [torch.randperm(num_pages, generator=gen)[: B * P].view(B, P).to(torch.int32).to(dev)
-                      for _ in range(R)]
+            tables = [(torch.arange(i * B * P, (i + 1) * B * P) if in_order else
+                       torch.randperm(num_pages, generator=gen)[: B * P]).view(B, P).to(torch.int32).to(dev)
+                      for i in range(R)]
             T = B * n_new
             qkv = [torch.randn(T, Hq + 2 * Hkv, D, generator=gen).to(dev, dt) for _ in range(R)]
             qsl = torch.arange(0, T + 1, n_new, dtype=torch.int32, device=dev)
@@ -261,7 +267,7 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
                 ms = bk.bench_rot(fns)
                 used = splits_used(T, B, Hq, D, bound, kw.get("prefix_splits", 1), dev)
                 out_rows.append(dict(kernel=f"extend{n_new}-prefix-split-{mode}", batch=B, context=ctx, splits=used,
-                                     max_seq_len=bound,
+                                     max_seq_len=bound, page=page,
                                      config=cfg_text, head_dim=D,
                                      rotations=R, bytes=nbytes, median_us=round(ms * 1e3, 2),
                                      gbps=round(nbytes / ms / 1e6, 1), frac_copy=round(nbytes / ms / 1e6 / copy_gbps, 3),
@@ -274,12 +280,13 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
                    for i in range(R)]
             ms = bk.bench_rot(fns)
             dbytes = B * ctx * 2 * Hkv * D * dt.itemsize
-            out_rows.append(dict(kernel="decode-same-context", batch=B, context=ctx, rotations=R, bytes=dbytes,
+            out_rows.append(dict(kernel="decode-same-context", batch=B, context=ctx, page=page, rotations=R, bytes=dbytes,
                                  median_us=round(ms * 1e3, 2), gbps=round(dbytes / ms / 1e6, 1),
                                  frac_copy=round(dbytes / ms / 1e6 / copy_gbps, 3)))
             bk.log("  " + " ".join(f"{k}={v}" for k, v in out_rows[-1].items() if v != ""))
             for r in out_rows:   # extend time over the decode's of the same batch and context
-                if r["kernel"].startswith(f"extend{n_new}-") and r.get("batch") == B and r.get("context") == ctx:
+                if r["kernel"].startswith(f"extend{n_new}-") and r.get("batch") == B and r.get("context") == ctx \
+                        and r.get("page") == page:
                     r["x_decode"] = round(r["median_us"] / out_rows[-1]["median_us"], 2)
             del kc, vc, tables, qkv, outs
             bk._empty_cache()
@@ -327,11 +334,18 @@ def main() -> int:
     ap.add_argument("--extend-max-lens", default="0",
                     help="comma list of the extend launches' max_seq_len (0: the context; e.g. 16384 as a "
                          "mixed step's CUDA graph passes it)")
+    ap.add_argument("--extend-pages", default="16",
+                    help="comma list of the --extend rows' page sizes, pages in a random order; <n>seq: in order "
+                         "(e.g. 16,1,1seq: paged, radix-1 fragmented, radix-1 from an empty pool)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the interpreter")
     args = ap.parse_args()
     for text in args.extend_configs.split(","):  # bad input: one line and exit 2, before any work
         parse_config(text)
+    if not re.fullmatch(r"[1-9]\d*(seq)?(,[1-9]\d*(seq)?)*", args.extend_pages):
+        print(f"window_decode_bench: error: --extend-pages wants page sizes (e.g. 16,1,1seq), got {args.extend_pages!r}",
+              file=sys.stderr)
+        sys.exit(2)
     if not re.fullmatch(r"\d+(,\d+)*", args.extend_max_lens):
         print(f"window_decode_bench: error: --extend-max-lens wants non-negative ints, got {args.extend_max_lens!r}",
               file=sys.stderr)
@@ -371,16 +385,18 @@ def main() -> int:
         if args.extend_batches and not SMOKE:
             SZ["ext_batches"] = tuple(map(int, args.extend_batches.split(",")))
         for d in map(int, args.extend_head_dims.split(",")):
-            for ml in map(int, args.extend_max_lens.split(",")):  # (checked above)
+            for ml, page in itertools.product(map(int, args.extend_max_lens.split(",")),  # (checked above)
+                                              args.extend_pages.split(",")):
                 extend_rows(copy_gbps, gen, dev, ext, args.extend_splits.split(","), args.extend_configs.split(","), d,
-                            max_len=ml)
+                            max_len=ml, page=page)
         write_csv(args.out / "extend_prefix.csv", ext, device, rev)
         rows += ext[1:]
     write_csv(args.out / "window_decode.csv", rows, device, rev)
-    bk.log(f"\n{'kernel':34s} {'B':>3s} {'ctx':>6s} {'win':>5s} {'chunk':>5s} {'splits':>6s} {'MB':>8s} "
+    bk.log(f"\n{'kernel':34s} {'B':>3s} {'ctx':>6s} {'page':>5s} {'win':>5s} {'chunk':>5s} {'splits':>6s} {'MB':>8s} "
            f"{'us':>9s} {'GB/s':>8s} {'/copy':>6s} {'x win ctx':>9s} {'x decode':>8s} ok")
     for r in rows:
-        bk.log(f"{r['kernel']:34s} {r.get('batch', ''):>3} {r.get('context', ''):>6} {r.get('window', ''):>5} "
+        bk.log(f"{r['kernel']:34s} {r.get('batch', ''):>3} {r.get('context', ''):>6} {r.get('page', ''):>5} "
+               f"{r.get('window', ''):>5} "
                f"{r.get('chunk', ''):>5} {r.get('splits', ''):>6} {r.get('bytes', 0) / 1e6:8.2f} {r['median_us']:9.2f} "
                f"{r['gbps']:8.1f} {r['frac_copy']:6.3f} {r.get('x_window_ctx', ''):>9} {r.get('x_decode', ''):>8} "
                f"{r.get('correct', '')}")
