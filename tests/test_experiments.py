@@ -192,3 +192,20 @@ def test_first_launch_splits_each_graph_shapes_first_step_from_later_ones(tmp_pa
     assert got["1-64"]["steps first / later"] == "1 / 2" and got["1-64"]["ms first / later"] == "3.00 / 2.00"
     assert got["1-64"]["x decode step first / later"] == "3.00 / 2.00"
     assert got["65-256"]["steps first / later"] == "1 / 1" and got["65-256"]["ms first / later"] == "5.00 / 4.00"
+
+
+def test_window_decode_bench_extend_rows_per_page_layout(tmp_path):
+    """experiments/window_decode_bench.py --extend-pages (the interpreter's tiny shapes): one extend
+    and one decode row per page layout (16 shuffled, 1 shuffled, 1 in order), each extend checked
+    against the torch reference over the same K/V; a layout it cannot parse is one line, exit 2."""
+    import pandas as pd
+    script = [sys.executable, str(REPO / "experiments" / "window_decode_bench.py"), "--out", str(tmp_path), "--smoke",
+              "--extend", "--no-decode", "--extend-splits", "auto"]
+    out = subprocess.run(script + ["--extend-pages", "16,1,1seq"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "extend_prefix.csv", dtype={"page": str})
+    ext = rows[rows.kernel.str.startswith("extend")]
+    assert ext.page.tolist() == ["16", "1", "1seq"] and (ext.correct == "ok").all()
+    assert rows[rows.kernel == "decode-same-context"].page.tolist() == ["16", "1", "1seq"]
+    bad = subprocess.run(script + ["--extend-pages", "16,0"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--extend-pages" in bad.stderr
