@@ -28,6 +28,8 @@ class _Seq:
     cache_pages: int = 1 << 62  # its leading pages that may be hashed (admission options)
     data: bytes | None = None  # `tokens` as bytes, made at its first page registration (a page's ids
     # are a slice of it: ~10x cheaper than a numpy slice's tobytes)
+    table: tuple | None = None  # (pages held, last page, `page_table`'s array of them): `pages` only
+    # grows at its end or has its last page replaced (copy-on-write), so the two say whether it changed
 
 
 class _Match:

@@ -751,7 +751,16 @@ class PagedStrategy(LazyRegistration, Strategy):
 
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
-        return np.asarray(self._seqs[rid].pages, dtype=np.int32)
+        # (made again only where its pages changed: a decode step takes a page every page_size
+        # steps, and the gpu engine asks for every row's table every step)
+        seq = self._seqs[rid]
+        pages, kept = seq.pages, seq.table
+        if kept is not None and kept[0] == len(pages) and kept[1] == pages[-1]:
+            return kept[2]
+        table = np.asarray(pages, dtype=np.int32)
+        if pages:
+            seq.table = (len(pages), pages[-1], table)
+        return table
 
     def cached_prefix_len(self, tokens, num_prompt) -> int:
         if not self._rare.prefix_caching:

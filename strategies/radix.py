@@ -142,6 +142,7 @@ class _Seq:
     length: int = 0
     reserved: int = 0
     cache_len: int = 1 << 62  # leading positions it may insert into the tree (admission options)
+    path: tuple | None = None  # (node, its path's pages, an array): `page_table`'s part from the tree
 
 
 @dataclass(slots=True)
@@ -705,8 +706,22 @@ class RadixStrategy(Strategy):
 
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
+        # (the path's pages are kept (an array, as the nodes hold them) with the request's deepest
+        # node; when that moves down the tree (an insert: below the old node, or at it after a
+        # split, whose pages keep their order) only the nodes below the old one are read; a
+        # locked path's pages do not change)
         seq = self._seqs[rid]
-        return np.frombuffer(self._path_pages(seq.node) + seq.private, dtype=self._dt).astype(np.int32)
+        node, kept = seq.node, seq.path
+        if kept is None or kept[0] is not node:
+            old, root, parts, n = (None if kept is None else kept[0]), self.root, [], node
+            while n is not old and n is not root:
+                parts.append(n.pages)
+                n = n.parent
+            path = kept[1] if n is old and kept is not None else array(self._tc)
+            path = path + array(self._tc, b"".join(reversed(parts)))  # (a new array: the kept one is read-only)
+            kept = seq.path = (node, path)
+        table = np.frombuffer(kept[1] + seq.private, dtype=self._dt)  # (a view of a new array: its own)
+        return table if self._tc == "i" else table.astype(np.int32)
 
     def cached_prefix_len(self, tokens, num_prompt) -> int:
         return self._match(tokens[:(num_prompt - 1) // self.page_size * self.page_size])[2]  # a walk: pure
