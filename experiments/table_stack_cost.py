@@ -105,7 +105,7 @@ def main() -> None:
         t = {k: np.array(v) for k, v in engine.times.items()}
         print(f"{strategy} (pages of {st.page_size}): {len(t['batch'])} decode steps, median {np.median(t['batch']):.0f} "
               f"rows; page_table calls median {np.median(t['tables']) * 1e6:.0f} us; stacking median masked "
-              f"{np.median(t['masked']) * 1e6:.0f} us, by rows {np.median(t['rows']) * 1e6:.0f} us")
+              f"{np.median(t['masked']) * 1e6:.0f} us, _stack_tables {np.median(t['rows']) * 1e6:.0f} us")
 
 
 if __name__ == "__main__":

@@ -280,12 +280,15 @@ def test_engine_configs_instantiate_on_tiny():
 
 @pytest.mark.parametrize("widths", [[5, 5, 5], [3, 7, 1], [130, 200, 129], [300, 1, 128], [1]])
 def test_page_tables_stack_into_rows_padded_with_page_0(widths):
-    """torch_engine._stack_tables: row i holds table i, then zeros to the widest (the ragged wide
-    rows of pages of 1 are copied a row at a time, narrow ones through a mask: both exact)."""
+    """torch_engine._stack_tables: row i holds table i, then zeros to the widest, writable (ragged
+    rows are joined as bytes; a row that is not a contiguous int32 array, which the join cannot
+    take, is copied a row at a time: the same table)."""
     from kvbench.engines.torch_engine import _stack_tables
     rng = np.random.default_rng(len(widths))
     pts = [rng.integers(1, 1 << 20, n).astype(np.int32) for n in widths]
-    table = _stack_tables(pts)
-    assert table.dtype == np.int32 and table.shape == (len(widths), max(widths))
-    for row, pt in zip(table, pts):
-        assert (row[:len(pt)] == pt).all() and not row[len(pt):].any()
+    odd = [pts[0].astype(np.int64), *pts[1:]], [np.repeat(pts[0], 2)[::2], *pts[1:]]  # int64; strided
+    for rows in (pts, *odd):
+        table = _stack_tables(rows)
+        assert table.dtype == np.int32 and table.shape == (len(widths), max(widths)) and table.flags.writeable
+        for row, pt in zip(table, pts):
+            assert (row[:len(pt)] == pt).all() and not row[len(pt):].any()
