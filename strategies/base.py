@@ -137,7 +137,9 @@ class Strategy(ABC):
 
     @abstractmethod
     def page_table(self, rid: RequestId) -> np.ndarray:
-        """The request's pages in token order, int32 (the layout kernels read). Pure."""
+        """The request's pages in token order, int32 (the layout kernels read). Pure. Read-only to the
+        caller: a strategy may hand the same array out again while the request's pages are the
+        same (paged, radix: engines that need the layout ask for every row's table every step)."""
 
     def room(self, rid: RequestId, length: int) -> int:
         """How many positions request `rid`, now holding `length`, can still grow by without

@@ -759,6 +759,7 @@ class PagedStrategy(LazyRegistration, Strategy):
             return kept[2]
         table = np.asarray(pages, dtype=np.int32)
         if pages:
+            table.flags.writeable = False  # (handed out again: see the contract)
             seq.table = (len(pages), pages[-1], table)
         return table
 
