@@ -426,6 +426,17 @@ def bench_decode_long(copy_gbps, args, gen):
                             correct="ok" if ok else "FAIL", note=msg if not ok else ""))
     kcs_c = [gather_contig(kcs[i], pt, ps, L) for i in range(R)]
     vcs_c = [gather_contig(vcs[i], pt, ps, L) for i in range(R)]
+    # what this size allows (issue 12 §3's 0.80 of a 2 GiB copy): the same K/V bytes, contiguous,
+    # read by a torch reduction and copied by copy_ (bytes read + written), cold as the rows above
+    kv_bytes = 2 * L * Hkv * D * dt.itemsize
+    dk, dv = torch.empty_like(kcs_c[0]), torch.empty_like(vcs_c[0])
+    for impl, fn, by in (("torch-sum", lambda i: (kcs_c[i].sum(dtype=torch.float32), vcs_c[i].sum(dtype=torch.float32)),
+                          kv_bytes),
+                         ("torch-copy_", lambda i: (dk.copy_(kcs_c[i]), dv.copy_(vcs_c[i])), 2 * kv_bytes)):
+        ms = bench_rot([lambda i=i: fn(i) for i in range(R)])
+        add_row(kernel="read-same-bytes", impl=impl, shape=shape, dtype="bf16", page_size="contiguous",
+                median_ms=fmt(ms, 4), gbps=fmt(by / ms / 1e6, 1), ratio_to_copy=fmt(by / ms / 1e6 / copy_gbps))
+    del dk, dv
     variants = [sdpa_variants(qs[i][:, :, None, :], kcs_c[i], vcs_c[i], causal=False) for i in range(R)]
     sd = {}
     for name in variants[0]:
