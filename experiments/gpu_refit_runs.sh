@@ -16,7 +16,8 @@
 #   MODEL=llama3_1_8b MC_LIMIT=40 PS="sp mt" bash experiments/gpu_refit_runs.sh OUT   (the 8B shape; gs: --model)
 #
 # Timings on an H200 (c438584, 2026-12-02): GS=1 130 s, PS=sp 130 s (its three runs), PS=mt 90 s,
-# PS=mc 110-210 s (on a fresh machine the kernels compile first). So the whole set needs two calls, e.g. GS=1 PS="sp mt", then GS=1 REPEAT=1 PS=mc.
+# PS=mc 110-210 s (on a fresh machine the kernels compile first); GS=1 on a fresh machine over 170 s (47e4085);
+# the 8B (MODEL=llama3_1_8b): PS=sp 235 s, PS=mt 125 s (47e4085). So the whole set needs two calls, e.g. GS=1 PS="sp mt", then GS=1 REPEAT=1 PS=mc.
 set -u
 out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"
