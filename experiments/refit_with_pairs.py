@@ -7,8 +7,9 @@ steps, replay the sim with that model, and compare throughput, mean TTFT and mea
 GPU_DIR holds `gs/runs/<case>/gpu` (experiments/gpu_strategies.py; optional: the 8B shape's
 prefix-saving runs are fitted alone) and the prefix-saving sweeps `ps_mt/<run>`, `ps_mc/<run>`
 (`kvbench -m experiment=gpu_prefix_saving ...`); --sweep adds more sweep folders of GPU run dirs
-(their cases are NAME/<run>; a timeline that already has the prefill_pairs column is used as it is). Runs whose case starts with a --fit-apart prefix are
-replayed but left out of the fits (e.g. a sweep measured on a kernel build since reverted).
+(their cases are NAME/<run>; a timeline that already has the prefill_pairs column is used as it is).
+Runs whose case starts with a --fit-apart prefix are replayed but left out of the fits (e.g. a
+sweep measured on a kernel build since reverted).
 
 Fits (kvbench.calibrate, stalls dropped: steps over STALL x the model):
   - one_metrics: one model fitted to each run's mean TTFT, mean TPOT and (runs at t=0) duration

@@ -374,10 +374,12 @@ class RadixStrategy(Strategy):
         """Split `node` so that a match ending `inside` it ends exactly at a node."""
         return self._split(node, inside) if node is not self.root and inside < len(node.key) else node
 
-    def _path_pages(self, node: _Node) -> array:
-        """The page ids of the path from the root to `node`, a new array. Pure."""
+    def _path_pages(self, node: _Node, above: _Node | None = None) -> array:
+        """The page ids of the path from `above` (the root by default; an ancestor of `node`, its
+        own pages left out) down to `node`, a new array. Pure."""
+        above = self.root if above is None else above
         parts = []
-        while node is not self.root:
+        while node is not above:
             parts.append(node.pages)
             node = node.parent
         out = array(self._tc)
@@ -706,20 +708,15 @@ class RadixStrategy(Strategy):
 
     # ---- contract ---------------------------------------------------------------------------
     def page_table(self, rid: RequestId) -> np.ndarray:
-        # (the path's pages are kept (an array, as the nodes hold them) with the request's deepest
-        # node; when that moves down the tree (an insert: below the old node, or at it after a
-        # split, whose pages keep their order) only the nodes below the old one are read; a
-        # locked path's pages do not change)
+        # (the path's pages are kept with the request's deepest node, which only moves down the
+        # tree (`_insert`): then only the nodes below the old one are read. A locked path's pages
+        # do not change, and a split keeps the lower part as the same object)
         seq = self._seqs[rid]
         node, kept = seq.node, seq.path
-        if kept is None or kept[0] is not node:
-            old, root, parts, n = (None if kept is None else kept[0]), self.root, [], node
-            while n is not old and n is not root:
-                parts.append(n.pages)
-                n = n.parent
-            path = kept[1] if n is old and kept is not None else array(self._tc)
-            path = path + array(self._tc, b"".join(reversed(parts)))  # (a new array: the kept one is read-only)
-            kept = seq.path = (node, path)
+        if kept is None:
+            kept = seq.path = (node, self._path_pages(node))
+        elif kept[0] is not node:
+            kept = seq.path = (node, kept[1] + self._path_pages(node, kept[0]))
         table = np.frombuffer(kept[1] + seq.private, dtype=self._dt)  # (a view of a new array: its own)
         return table if self._tc == "i" else table.astype(np.int32)
 
