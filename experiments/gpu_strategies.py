@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=131072, help="kv_capacity_tokens")
     ap.add_argument("--engine", default="gpu", help="gpu, or torch for a CPU smoke test (model=tiny)")
     ap.add_argument("--no-repeat", action="store_true", help="skip the second GPU run of each config")
+    ap.add_argument("--cases", default=None, metavar="TEXT",
+                    help="only the configs whose name contains TEXT (e.g. rate: paged-16_rate4 and _rate8)")
     ap.add_argument("--prefix-runs", nargs="*", type=Path, default=[],
                     help="sweep folders of +experiment=gpu_prefix_saving (GPU run dirs inside, each with "
                          "config.yaml, summary.json, timeline.parquet): fitted and replayed too")
@@ -164,6 +167,11 @@ def main() -> None:
     register()
     common = [f"trace={args.trace}", f"model={args.model}", f"kv_capacity_tokens={args.capacity}"]
     todo = cases(args.limit, args.rate_limit, "limit" if args.trace not in ("synthetic",) else "num_requests")
+    if args.cases is not None:
+        todo = {n: ov for n, ov in todo.items() if args.cases in n}
+        if not todo:
+            print(f"gpu_strategies: --cases {args.cases!r} matches none of {sorted(cases(1, 1))}", file=sys.stderr)
+            sys.exit(2)
 
     gpu, repeat = {}, []
     real = ["engine=gpu", "engine.cuda_graphs=true", *args.set] if args.engine == "gpu" else [f"engine={args.engine}"]
