@@ -182,6 +182,22 @@ def test_gpu_strategies_experiment_runs_end_to_end_on_the_cpu(tmp_path, engine):
     assert again.stdout.count("kept the earlier results") == 6 + 6 + 6 + 12  # gpu, repeat, recorded, sims
 
 
+def test_gpu_strategies_cases_runs_only_the_configs_named(tmp_path):
+    """--cases TEXT keeps the configs whose name contains TEXT (a repeat of the finite-rate runs
+    alone); a TEXT that names none is one line on stderr and exit 2, with nothing written."""
+    script = CONFIGS.parent / "experiments" / "gpu_strategies.py"
+    args = [sys.executable, str(script), "--engine", "sim", "--model", "tiny", "--limit", "4", "--rate-limit", "3",
+            "--capacity", "40000", "--trace", "synthetic", "--no-repeat"]
+    bad = subprocess.run([*args, "--out", str(tmp_path / "none"), "--cases", "rate16"], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "rate16" in bad.stderr
+    assert not (tmp_path / "none").exists()
+    subprocess.run([*args, "--out", str(tmp_path), "--cases", "rate"], check=True, capture_output=True, timeout=600)
+    assert sorted(d.name for d in (tmp_path / "runs").iterdir()) == ["paged-16_rate4", "paged-16_rate8"]
+    cases = {r["case"] for r in json.loads((tmp_path / "gpu_strategies.json").read_text())["fidelity"]}
+    assert cases == {"paged-16_rate4", "paged-16_rate8"}
+
+
 DECISIONS = ["running", "waiting", "prefill_tokens", "decode_tokens", "kv_read_tokens", "preemptions"]
 
 
