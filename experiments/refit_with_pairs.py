@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sweep", nargs="*", default=[], help="NAME=DIR: more gpu_prefix_saving sweep folders")
     ap.add_argument("--fit-apart", nargs="*", default=[], help="case prefixes replayed but not fitted")
+    ap.add_argument("--mixed-own", action="store_true",
+                    help="graph-replayed steps with prefill get their own fixed cost and price per decode row "
+                         "(kvbench.calibrate.fit's mixed_own)")
     ap.add_argument("--leave-one-out", action="store_true",
                     help="also fit one_metrics without each fitted run in turn and replay that run with it "
                          "(DIR/leave_one_out.csv: the one model's error on a run it was not fitted on)")
@@ -140,15 +143,15 @@ def main() -> None:
     steps = pd.concat([tls[k] for k in fitted], ignore_index=True)
     labels = np.concatenate([[k] * len(tls[k]) for k in fitted])
     coefs = {"one_metrics": fit_metrics([tls[k] for k in fitted], [reqs[k] for k in fitted], stall=STALL,
-                                        graph_prefill_tokens=gm),
-             "one_run_weighted": fit(steps, stall=STALL, graph_prefill_tokens=gm, runs=labels),
-             "one_unweighted": fit(steps, stall=STALL, graph_prefill_tokens=gm)}
+                                        graph_prefill_tokens=gm, mixed_own=args.mixed_own),
+             "one_run_weighted": fit(steps, stall=STALL, graph_prefill_tokens=gm, runs=labels, mixed_own=args.mixed_own),
+             "one_unweighted": fit(steps, stall=STALL, graph_prefill_tokens=gm, mixed_own=args.mixed_own)}
     for tr in sorted({trace[k] for k in fitted}):
         names = [k for k in fitted if trace[k] == tr]
         coefs[f"trace_{tr}"] = fit(pd.concat([tls[k] for k in names], ignore_index=True), stall=STALL,
-                                   graph_prefill_tokens=gm)
+                                   graph_prefill_tokens=gm, mixed_own=args.mixed_own)
         coefs[f"trace_metrics_{tr}"] = fit_metrics([tls[k] for k in names], [reqs[k] for k in names], stall=STALL,
-                                                   graph_prefill_tokens=gm)
+                                                   graph_prefill_tokens=gm, mixed_own=args.mixed_own)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, coef in coefs.items():
         write_text_atomic(args.out / f"coef_{name}.json", json.dumps(coef, indent=1) + "\n")
@@ -204,7 +207,7 @@ def main() -> None:
         loo = []
         for k in fitted:
             rest = [n for n in fitted if n != k]
-            coef = fit_metrics([tls[n] for n in rest], [reqs[n] for n in rest], stall=STALL, graph_prefill_tokens=gm)
+            coef = fit_metrics([tls[n] for n in rest], [reqs[n] for n in rest], stall=STALL, graph_prefill_tokens=gm, mixed_own=args.mixed_own)
             s = run(with_engine(base[k], ["engine=sim"], coef), out / k.replace("/", "_") / "sim_leave_one_out")
             g = gpu[k]
             loo.append(dict(case=k, throughput_err=rel_err(s["request_throughput"], g["request_throughput"]),

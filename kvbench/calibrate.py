@@ -22,6 +22,11 @@ on many runs. `--weights metrics` (fit_metrics): one model fitted to what the si
 by, each run's mean TTFT, mean TPOT and duration (relative squared errors, on the run's own
 decisions to first order), with the run-weighted step error as a smaller second term
 (configs/engine/sim_h200_llama3_2_1b_all.yaml). Default: every step weighs the same.
+`--mixed-own` (fit(..., mixed_own=True)): the graph-replayed steps with prefill get their own fixed
+cost and price per decode row, floored at the decode-only step of their rows, in place of the
+decode-only model plus graph_prefill_step_s: beside few decodes a prefill is compute-bound and hides
+the weight reads a decode step pays (on the 8B H200 runs at 586c9e7 the plain model overpriced those
+steps by 10-17 % at 4 req/s and underpriced them at t=0; results/gpu_strategies/README.md).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ COEFFICIENTS = ("overhead_s", "prefill_token_s", "decode_token_s", "kv_read_toke
                 "eager_floor_s", "eager_decode_token_s", "eager_kv_read_token_s",
                 "graph_prefill_tokens", "graph_prefill_step_s", "graph_prefill_token_s")
 PAIR_COEFFICIENTS = ("prefill_pair_s", "graph_prefill_pair_s")  # fitted when the timeline has prefill_pairs
+MIXED_COEFFICIENTS = ("graph_mixed_step_s", "graph_mixed_decode_token_s")  # fitted with mixed_own=True
 
 
 def predict(timeline: pd.DataFrame, coef: dict[str, float]) -> np.ndarray:
@@ -65,7 +71,7 @@ def graph_prefill_tokens(run_dir: Path) -> int:
 
 
 def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 0,
-        runs: np.ndarray | None = None) -> dict[str, float]:
+        runs: np.ndarray | None = None, mixed_own: bool = False) -> dict[str, float]:
     """The coefficients minimising the squared error of every step's time (see the module doc);
     steps with 1..graph_prefill_tokens prefill tokens are graph replays (0: every step with
     prefill is eager). A timeline with a `prefill_pairs` column (the step's prefill query-key
@@ -79,17 +85,21 @@ def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 
 
     Steps that took more than `stall` times what a first fit predicts (a just-in-time compile,
     a graph capture, a hiccup of the host) are dropped and the fit is repeated, twice at most
-    (with `runs`, the weights are recomputed on the steps kept)."""
+    (with `runs`, the weights are recomputed on the steps kept).
+
+    `mixed_own`: graph-replayed steps with prefill get their own fixed cost and price per decode
+    row (`graph_mixed_step_s`, `graph_mixed_decode_token_s`; see `step_time`), fitted on what
+    K/V reads leave of them, in place of graph_prefill_step_s over the decode-only model."""
     y = timeline.dt_s.to_numpy(float)
     labels = None if runs is None else np.asarray(runs)
     keep = np.ones(len(y), bool)
-    coef = _fit(timeline, graph_prefill_tokens, None if labels is None else run_weights(labels, y))
+    coef = _fit(timeline, graph_prefill_tokens, None if labels is None else run_weights(labels, y), mixed_own)
     for _ in range(2):
         keep = y <= stall * predict(timeline, coef)
         if keep.all():
             break
         w = None if labels is None else run_weights(labels[keep], y[keep])
-        coef = _fit(timeline[keep], graph_prefill_tokens, w)
+        coef = _fit(timeline[keep], graph_prefill_tokens, w, mixed_own)
     return coef
 
 
@@ -102,7 +112,7 @@ def run_weights(runs: np.ndarray, dt: np.ndarray) -> np.ndarray:
     return (counts / totals**2)[inverse]
 
 
-def _fit(t: pd.DataFrame, graph_max: int, w: np.ndarray | None = None) -> dict[str, float]:
+def _fit(t: pd.DataFrame, graph_max: int, w: np.ndarray | None = None, mixed_own: bool = False) -> dict[str, float]:
     """One pass of `fit` on the steps of `t`; `w`: a weight per step (None: all 1)."""
     p, d, k = (t[c].to_numpy(float) for c in ("prefill_tokens", "decode_tokens", "kv_read_tokens"))
     has_pairs = "prefill_pairs" in t
@@ -117,8 +127,24 @@ def _fit(t: pd.DataFrame, graph_max: int, w: np.ndarray | None = None) -> dict[s
     coef = dict(overhead_s=overhead, decode_token_s=dec, kv_read_token_s=kv, prefill_step_s=0.0,
                 prefill_token_s=0.0, eager_floor_s=0.0, eager_decode_token_s=dec, eager_kv_read_token_s=kv,
                 graph_prefill_tokens=graph_max if mixed.any() else 0, graph_prefill_step_s=0.0,
-                graph_prefill_token_s=0.0, prefill_pair_s=0.0, graph_prefill_pair_s=0.0)
-    if mixed.any():  # what the decode-only model leaves: a fixed cost and one per prefill token (and pair)
+                graph_prefill_token_s=0.0, prefill_pair_s=0.0, graph_prefill_pair_s=0.0,
+                graph_mixed_step_s=0.0, graph_mixed_decode_token_s=dec)
+    if mixed.any() and mixed_own:  # their own fixed cost, per decode row, per prefill token (and pair), fitted on
+        # the steps above the decode-only step of their rows (the floor), alternating until that choice is stable
+        work = np.column_stack([np.ones(mixed.sum()), p[mixed], d[mixed]] + ([a[mixed]] if has_pairs else []))
+        rest, base = y[mixed] - k[mixed] * kv, overhead + d[mixed] * dec    # (base: the floor, less K/V reads)
+        wm = None if w is None else w[mixed]
+        above = np.ones(mixed.sum(), bool)
+        for _ in range(20):
+            c = _nnls(work[above], rest[above], None if wm is None else wm[above])
+            new = work @ c >= base
+            if (new == above).all() or not new.any():
+                break
+            above = new
+        coef["graph_mixed_step_s"], coef["graph_prefill_token_s"], coef["graph_mixed_decode_token_s"] = c[:3]
+        if has_pairs:
+            coef["graph_prefill_pair_s"] = c[3]
+    elif mixed.any():  # what the decode-only model leaves: a fixed cost and one per prefill token (and pair)
         rest = y[mixed] - (overhead + d[mixed] * dec + k[mixed] * kv)
         cols = [np.ones(mixed.sum()), p[mixed]] + ([a[mixed]] if has_pairs else [])
         c = _nnls(np.column_stack(cols), rest, None if w is None else w[mixed])
@@ -135,7 +161,7 @@ def _fit(t: pd.DataFrame, graph_max: int, w: np.ndarray | None = None) -> dict[s
     elif mixed.any():  # no eager step observed: the graph-replayed mixed steps' model, extended
         coef.update(prefill_step_s=coef["graph_prefill_step_s"], prefill_token_s=coef["graph_prefill_token_s"],
                     prefill_pair_s=coef["graph_prefill_pair_s"])
-    keys = COEFFICIENTS + (PAIR_COEFFICIENTS if has_pairs else ())
+    keys = COEFFICIENTS + (PAIR_COEFFICIENTS if has_pairs else ()) + (MIXED_COEFFICIENTS if mixed_own else ())
     return {key: int(coef[key]) if key == "graph_prefill_tokens" else float(coef[key]) for key in keys}
 
 
@@ -190,11 +216,16 @@ def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarr
 JOINT = ("overhead_s", "decode_token_s", "kv_read_token_s", "graph_prefill_step_s", "graph_prefill_token_s",
          "prefill_step_s", "prefill_token_s", "eager_decode_token_s", "eager_kv_read_token_s", "eager_floor_s")
 JOINT_PAIRS = ("graph_prefill_pair_s", "prefill_pair_s")
+# with mixed_own: graph-replayed steps with prefill have their own fixed cost (graph_prefill_step_s's column) and
+# price per decode row (a last column); overhead_s and decode_token_s are then the other steps' only
+JOINT_MIXED = tuple("graph_mixed_step_s" if k == "graph_prefill_step_s" else k for k in JOINT) + \
+    ("graph_mixed_decode_token_s",)
 
 
-def _design(t: pd.DataFrame, coef: dict, pairs: bool) -> np.ndarray:
-    """Each step's row of the joint linear model (columns JOINT [+ JOINT_PAIRS]): step_time(coef)
-    equals this @ coef's values; which eager steps sit on the floor is taken from `coef`."""
+def _design(t: pd.DataFrame, coef: dict, pairs: bool, mixed_own: bool = False) -> np.ndarray:
+    """Each step's row of the joint linear model (columns JOINT, or JOINT_MIXED with `mixed_own`,
+    [+ JOINT_PAIRS]): step_time(coef) equals this @ coef's values; which eager steps sit on the
+    floor is taken from `coef`."""
     p, d, k = (t[c].to_numpy(float) for c in ("prefill_tokens", "decode_tokens", "kv_read_tokens"))
     a = t.prefill_pairs.to_numpy(float) if pairs else np.zeros(len(t))
     gm = int(coef.get("graph_prefill_tokens") or 0)
@@ -203,9 +234,18 @@ def _design(t: pd.DataFrame, coef: dict, pairs: bool) -> np.ndarray:
             + a * (coef.get("prefill_pair_s") or 0.0))
     floor = eager & (work < coef["eager_floor_s"])
     above, graph = eager & ~floor, ~eager
-    cols = [np.ones(len(t)), d * graph, k * graph, mixed * 1.0, p * mixed, eager * 1.0, p * above, d * above,
-            k * above, floor * 1.0]
-    return np.column_stack(cols + ([a * mixed, a * above] if pairs else []))
+    if mixed_own:   # graph-replayed steps with prefill priced on their own, those below the decode-only step of
+        # their rows on that step (step_time's max)
+        base = coef["overhead_s"] + d * coef["decode_token_s"]
+        own_cost = (coef["graph_mixed_step_s"] + d * coef["graph_mixed_decode_token_s"] + p * coef["graph_prefill_token_s"]
+                    + a * (coef.get("graph_prefill_pair_s") or 0.0))
+        own = mixed & (own_cost > base)
+        rows = own
+    else:
+        own, rows = np.zeros(len(t), bool), mixed
+    cols = [(~own) * 1.0, d * (graph & ~own), k * graph, rows * 1.0, p * rows, eager * 1.0, p * above, d * above,
+            k * above, floor * 1.0] + ([d * own] if mixed_own else [])
+    return np.column_stack(cols + ([a * rows, a * above] if pairs else []))
 
 
 def held_by_stalls(timeline: pd.DataFrame, requests: pd.DataFrame, stalls: np.ndarray) -> np.ndarray:
@@ -258,7 +298,8 @@ def metric_weights(timeline: pd.DataFrame, requests: pd.DataFrame,
 
 
 def fit_metrics(timelines: list[pd.DataFrame], requests: list[pd.DataFrame], stall: float = 3.0,
-                graph_prefill_tokens: int = 0, step_weight: float = 0.3, rounds: int = 3) -> dict[str, float]:
+                graph_prefill_tokens: int = 0, step_weight: float = 0.3, rounds: int = 3,
+                mixed_own: bool = False) -> dict[str, float]:
     """One model for several runs fitted to what a simulation is judged by: the coefficients
     (non-negative) minimising, over runs, the squared relative error of each run's mean TTFT,
     mean TPOT and (runs with every request at t=0) duration, each predicted to first order on
@@ -267,16 +308,16 @@ def fit_metrics(timelines: list[pd.DataFrame], requests: list[pd.DataFrame], sta
     `stall` x the model) weigh nothing in either: the metrics fitted are the run's with its
     stalls given (a simulation cannot predict them; `held_by_stalls` names the requests they
     held); which eager steps sit on the floor, and which steps are stalls, come from the model of
-    the round before (`rounds` rounds)."""
+    the round before (`rounds` rounds). `mixed_own`: as `fit`'s."""
     pairs = all("prefill_pairs" in t for t in timelines)
     runs = np.concatenate([np.full(len(t), i) for i, t in enumerate(timelines)])
-    coef = fit(pd.concat(timelines, ignore_index=True), stall, graph_prefill_tokens, runs=runs)
-    names = JOINT + (JOINT_PAIRS if pairs else ())
+    coef = fit(pd.concat(timelines, ignore_index=True), stall, graph_prefill_tokens, runs=runs, mixed_own=mixed_own)
+    names = (JOINT_MIXED if mixed_own else JOINT) + (JOINT_PAIRS if pairs else ())
     for _ in range(rounds):
         rows, target, xs, ys, labels = [], [], [], [], []
         for i, (t, req) in enumerate(zip(timelines, requests)):
             dt = t.dt_s.to_numpy(float)
-            x = _design(t, coef, pairs)
+            x = _design(t, coef, pairs, mixed_own)
             keep = dt <= stall * predict(t, coef)
             xs.append(x[keep]), ys.append(dt[keep]), labels.append(np.full(keep.sum(), i))
             for v, value in metric_weights(t, req, ~keep).values():  # relative error: v @ (model - measured) / value
@@ -334,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-weight", type=float, default=0.3,
                     help="with --weights metrics: weight of the run-weighted per-step error beside the metrics' "
                          "(> 0, default 0.3)")
+    ap.add_argument("--mixed-own", action="store_true",
+                    help="graph-replayed steps with prefill get their own fixed cost and price per decode row, "
+                         "never below the decode-only step of their rows (graph_mixed_step_s, "
+                         "graph_mixed_decode_token_s)")
     args = ap.parse_args(argv)
     if not 0 < args.step_weight < float("inf"):
         _fail(f"--step-weight must be a number > 0, got {args.step_weight}")
@@ -357,9 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     timeline = pd.concat(frames, ignore_index=True)
     runs = np.concatenate([np.full(len(f), i) for i, f in enumerate(frames)]) if args.weights == "run" else None
     if args.weights == "metrics":
-        coef = fit_metrics(frames, requests, graph_prefill_tokens=graph_max.pop(), step_weight=args.step_weight)
+        coef = fit_metrics(frames, requests, graph_prefill_tokens=graph_max.pop(), step_weight=args.step_weight,
+                           mixed_own=args.mixed_own)
     else:
-        coef = fit(timeline, graph_prefill_tokens=graph_max.pop(), runs=runs)
+        coef = fit(timeline, graph_prefill_tokens=graph_max.pop(), runs=runs, mixed_own=args.mixed_own)
     how = {"step": "", "run": " (each run counting equally: --weights run)",
            "metrics": f" (to each run's mean TTFT, mean TPOT, duration: --weights metrics --step-weight {args.step_weight})"}
     lines = [f"# Fitted by kvbench-calibrate from {len(timeline)} steps of {len(args.runs)} runs on {', '.join(sorted(devices))}"

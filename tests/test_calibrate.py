@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -440,3 +441,76 @@ def test_fitting_the_metrics_gets_every_runs_metrics_where_an_unweighted_fit_doe
     unweighted = _metrics(short.assign(dt_s=predict(short, plain)), spans[id(short)])
     assert (unweighted / _metrics(short, spans[id(short)]) - 1).min() > 0.5
     assert list(got) == list(COEFFICIENTS) and min(got.values()) >= 0
+
+
+MIXED_OWN = dict(overhead_s=0.0045, prefill_token_s=2.2e-5, decode_token_s=6e-5, kv_read_token_s=1e-8,
+                 prefill_step_s=0.0, eager_floor_s=0.0, eager_decode_token_s=6e-5, eager_kv_read_token_s=1e-8,
+                 graph_prefill_tokens=8192, graph_prefill_step_s=0.0, graph_prefill_token_s=2.0e-5,
+                 prefill_pair_s=5e-10, graph_prefill_pair_s=5e-10, graph_mixed_step_s=0.004,
+                 graph_mixed_decode_token_s=9e-5)
+
+
+def test_a_mixed_step_with_its_own_fixed_cost_and_decode_price_and_none_is_the_old_step_time():
+    """graph_mixed_step_s set: a graph-replayed step with prefill costs its own fixed cost, its decode
+    rows at graph_mixed_decode_token_s, plus K/V reads, prefill tokens and pairs (no overhead_s, no
+    decode_token_s); the sim's step, its cost and the vectorised step_time agree to the bit; absent
+    or None it is the model of before, bit for bit; decode-only and eager steps never change."""
+    old = {k: v for k, v in MIXED_OWN.items() if not k.startswith("graph_mixed")}
+    p, d, k, a = 300, 7, 90000, 300 * 4000 + 300 * 301 // 2
+    own = 0.004 + d * 9e-5 + k * 1e-8 + p * 2.0e-5 + a * 5e-10
+    assert step_time(MIXED_OWN, p, d, k, a) == pytest.approx(own, rel=1e-15)
+    assert step_time(MIXED_OWN, p, d, k, a) < step_time(old, p, d, k, a)   # 7 decodes: cheaper than the sum
+    assert step_time(MIXED_OWN, p, 200, k, a) > step_time(old, p, 200, k, a)   # 200: dearer
+    for q in (0, 9000):  # decode-only and eager (past graph_prefill_tokens) steps: as before
+        assert step_time(MIXED_OWN, q, d, k, a) == step_time(old, q, d, k, a)
+    # never below the decode-only step of the same rows (one prefill token: 4.02 ms of its own, 4.5 + K/V)
+    assert step_time(MIXED_OWN, 1, 0, 1000, 1) == step_time(MIXED_OWN, 0, 0, 1000) > 0.004 + 1000 * 1e-8 + 2e-5
+    assert step_time(dict(old, graph_mixed_step_s=None, graph_mixed_decode_token_s=0.0), p, d, k, a) == \
+        step_time(old, p, d, k, a)
+    sim = SimEngine(**MIXED_OWN)
+    batch = SimpleNamespace(prefill_tokens=p, decode_tokens=d, kv_read_tokens=k, prefill_pairs=a, h2d_tokens=0,
+                            d2h_tokens=0)
+    assert sim.step(batch) == sim.cost(p, d, k, a) == step_time(MIXED_OWN, p, d, k, a)
+    tiny = SimpleNamespace(prefill_tokens=1, decode_tokens=0, kv_read_tokens=1000, prefill_pairs=1, h2d_tokens=0,
+                           d2h_tokens=0)
+    assert sim.step(tiny) == step_time(MIXED_OWN, 0, 0, 1000)
+    assert SimEngine(**old).step(batch) == step_time(old, p, d, k, a)
+    arr = step_time(MIXED_OWN, np.array([0.0, p, 9000.0]), np.array([d] * 3, float), np.array([k] * 3, float),
+                    np.array([0.0, a, a], float))
+    assert list(arr) == [step_time(MIXED_OWN, 0, d, k), step_time(MIXED_OWN, p, d, k, a),
+                         step_time(MIXED_OWN, 9000, d, k, a)]
+    with pytest.raises(ValueError, match="graph_mixed_step_s"):
+        SimEngine(**dict(MIXED_OWN, graph_mixed_step_s=-1.0))
+
+
+def test_fit_with_mixed_own_recovers_the_mixed_steps_own_costs_and_fit_metrics_keeps_them():
+    """Steps made by the mixed-own model: fit(..., mixed_own=True) gives back every coefficient of
+    the graph-replayed steps with prefill (their own fixed cost and decode price) beside the
+    decode-only model's; the plain fit cannot (its mixed steps pay the decode step's fixed cost);
+    fit_metrics with mixed_own keeps the keys and fits both runs' metrics within 1e-6."""
+    rng = np.random.default_rng(11)
+    n = 900
+    small = rng.random(n) < 0.1   # a few tokens beside a few decodes: below the decode-only step of their rows
+    p = np.where(rng.random(n) < 0.5, 0, np.where(small, rng.integers(1, 20, n), rng.integers(1, 8193, n)))
+    tl = pd.DataFrame({"prefill_tokens": p, "decode_tokens": np.where(small, rng.integers(0, 8, n), rng.integers(0, 256, n)),
+                       "kv_read_tokens": rng.integers(0, 300000, n),
+                       "prefill_pairs": p * np.where(small, rng.integers(0, 100, n), rng.integers(0, 60000, n))
+                       + p * (p + 1) // 2})
+    tl["dt_s"] = predict(tl, MIXED_OWN)
+    c0 = {key: v for key, v in MIXED_OWN.items() if not key.startswith("graph_mixed")}
+    assert ((tl.prefill_tokens > 0) & (tl.dt_s == predict(tl.assign(prefill_tokens=0), c0))).sum() > 5  # on the floor
+    got = fit(tl, graph_prefill_tokens=8192, mixed_own=True)
+    assert list(got) == [*COEFFICIENTS, "prefill_pair_s", "graph_prefill_pair_s", "graph_mixed_step_s",
+                         "graph_mixed_decode_token_s"]
+    for key in ("overhead_s", "decode_token_s", "kv_read_token_s", "graph_prefill_token_s", "graph_prefill_pair_s",
+                "graph_mixed_step_s", "graph_mixed_decode_token_s"):
+        assert got[key] == pytest.approx(MIXED_OWN[key], rel=1e-6, abs=1e-13), key
+    plain = fit(tl, graph_prefill_tokens=8192)
+    assert np.abs(predict(tl, plain) / tl.dt_s - 1).max() > 0.05
+    assert np.abs(predict(tl, got) / tl.dt_s - 1).max() < 1e-9
+    runs = [tl.iloc[:450].reset_index(drop=True), tl.iloc[450:].reset_index(drop=True)]
+    runs = [r.assign(t_s=r.dt_s.cumsum() - r.dt_s) for r in runs]
+    reqs = [_requests(r, [(0, len(r) - 1), (10, 200), (300, len(r) - 1)]) for r in runs]
+    joint = fit_metrics(runs, reqs, graph_prefill_tokens=8192, mixed_own=True)
+    assert set(joint) == set(got) and min(joint.values()) >= 0
+    assert np.abs(predict(tl, joint) / tl.dt_s - 1).max() < 1e-6

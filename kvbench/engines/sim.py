@@ -23,6 +23,13 @@ def step_time(c: dict, prefill, decode, kv_read, pairs=0):
     The prefill chunks' attention over their own cached prefix: + A prefill_pair_s in the eager
     work (inside the max), + A graph_prefill_pair_s in a graph-replayed step with prefill. Either
     key absent or 0: no such term, the same floating-point operations as without it (bit for bit).
+    graph_mixed_step_s (absent or None: off, the model above) gives a graph-replayed step with
+    prefill its own fixed cost and price per decode row in place of the decode-only step's, never
+    less than the decode-only step of the same rows:
+                       max(the decode-only step's time, graph_mixed_step_s + D graph_mixed_decode_token_s
+                           + K kv_read_token_s + P graph_prefill_token_s (+ A graph_prefill_pair_s))
+    (a prefill beside few decodes is compute-bound and hides weight reads a decode step pays for;
+    beside many, each decode row costs about what a prefill token does).
     """
     graph = c["overhead_s"] + decode * c["decode_token_s"] + kv_read * c["kv_read_token_s"]
     one_step = isinstance(prefill, int)  # the sim's hot path: plain floats, the same IEEE operations
@@ -30,7 +37,14 @@ def step_time(c: dict, prefill, decode, kv_read, pairs=0):
         return graph
     graph_max = c.get("graph_prefill_tokens") or 0
     graph_pair = c.get("graph_prefill_pair_s") or 0.0
+    mixed_step = c.get("graph_mixed_step_s")
     if one_step and prefill <= graph_max:
+        if mixed_step is not None:
+            own = mixed_step + decode * c["graph_mixed_decode_token_s"] + kv_read * c["kv_read_token_s"] \
+                + prefill * c["graph_prefill_token_s"]
+            if graph_pair:
+                own = own + pairs * graph_pair
+            return own if own > graph else graph
         if graph_pair:
             return graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"] + pairs * graph_pair
         return graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
@@ -46,9 +60,15 @@ def step_time(c: dict, prefill, decode, kv_read, pairs=0):
     out = np.where(np.asarray(prefill) > 0, eager, graph)
     if graph_max:
         p = np.asarray(prefill)
-        mixed = graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
+        if mixed_step is None:
+            mixed = graph + c["graph_prefill_step_s"] + prefill * c["graph_prefill_token_s"]
+        else:
+            mixed = mixed_step + decode * c["graph_mixed_decode_token_s"] + kv_read * c["kv_read_token_s"] \
+                + prefill * c["graph_prefill_token_s"]
         if graph_pair:
             mixed = mixed + pairs * graph_pair
+        if mixed_step is not None:
+            mixed = np.where(mixed > graph, mixed, graph)
         out = np.where((p > 0) & (p <= graph_max), mixed, out)
     return out
 
@@ -81,8 +101,9 @@ class SimEngine(Engine):
                  kv_read_token_s: float, prefill_step_s: float = 0.0, eager_floor_s: float = 0.0,
                  eager_decode_token_s: float | None = None, eager_kv_read_token_s: float | None = None,
                  graph_prefill_tokens: int = 0, graph_prefill_step_s: float = 0.0, graph_prefill_token_s: float = 0.0,
-                 prefill_pair_s: float = 0.0, graph_prefill_pair_s: float = 0.0, device: str = "modelled", fast_forward: bool = True, h2d_bytes_per_s: float = 50e9,
-                 d2h_bytes_per_s: float = 50e9, kv_bytes_per_token: int | None = None) -> None:
+                 prefill_pair_s: float = 0.0, graph_prefill_pair_s: float = 0.0, graph_mixed_step_s: float | None = None,
+                 graph_mixed_decode_token_s: float = 0.0, device: str = "modelled", fast_forward: bool = True,
+                 h2d_bytes_per_s: float = 50e9, d2h_bytes_per_s: float = 50e9, kv_bytes_per_token: int | None = None) -> None:
         self.coefficients = {"overhead_s": overhead_s, "prefill_token_s": prefill_token_s,
                              "decode_token_s": decode_token_s, "kv_read_token_s": kv_read_token_s,
                              "prefill_step_s": prefill_step_s, "eager_floor_s": eager_floor_s,
@@ -90,9 +111,10 @@ class SimEngine(Engine):
                              "eager_kv_read_token_s": eager_kv_read_token_s,
                              "graph_prefill_tokens": graph_prefill_tokens, "graph_prefill_step_s": graph_prefill_step_s,
                              "graph_prefill_token_s": graph_prefill_token_s, "prefill_pair_s": prefill_pair_s,
-                             "graph_prefill_pair_s": graph_prefill_pair_s}
+                             "graph_prefill_pair_s": graph_prefill_pair_s, "graph_mixed_step_s": graph_mixed_step_s,
+                             "graph_mixed_decode_token_s": graph_mixed_decode_token_s}
         for key, value in self.coefficients.items():
-            if value is None and key.startswith("eager_") and key != "eager_floor_s":
+            if value is None and (key.startswith("eager_") and key != "eager_floor_s" or key == "graph_mixed_step_s"):
                 continue
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"engine.{key} must be a number >= 0, got {value!r}")
@@ -115,20 +137,28 @@ class SimEngine(Engine):
                             c["graph_prefill_step_s"], c["graph_prefill_token_s"], c["prefill_token_s"],
                             c["decode_token_s"] if c.get("eager_decode_token_s") is None else c["eager_decode_token_s"],
                             c["kv_read_token_s"] if c.get("eager_kv_read_token_s") is None else c["eager_kv_read_token_s"],
-                            c.get("prefill_pair_s") or 0.0, c["prefill_step_s"], c.get("eager_floor_s") or 0.0)
+                            c.get("prefill_pair_s") or 0.0, c["prefill_step_s"], c.get("eager_floor_s") or 0.0,
+                            c["graph_mixed_step_s"], c["graph_mixed_decode_token_s"])
 
     def step(self, batch: StepBatch) -> float:
         """`cost` of the batch's counts (step_time's one-step floats: the same IEEE operations in
         the same order), plus `move_time` of its host moves."""
         (overhead, decode_s, kv_s, graph_max, graph_pair, graph_step, graph_token, prefill_s, eager_decode,
-         eager_kv, pair_s, prefill_step, floor) = self._step_terms
+         eager_kv, pair_s, prefill_step, floor, mixed_step, mixed_decode) = self._step_terms
         prefill, decode, kv_read = batch.prefill_tokens, batch.decode_tokens, batch.kv_read_tokens
         dt = overhead + decode * decode_s + kv_read * kv_s  # (a graph replay)
         if prefill:
             if prefill <= graph_max:
-                dt = dt + graph_step + prefill * graph_token
-                if graph_pair:
-                    dt = dt + batch.prefill_pairs * graph_pair
+                if mixed_step is None:
+                    dt = dt + graph_step + prefill * graph_token
+                    if graph_pair:
+                        dt = dt + batch.prefill_pairs * graph_pair
+                else:  # (its own costs, never below the decode-only step of the same rows)
+                    own = mixed_step + decode * mixed_decode + kv_read * kv_s + prefill * graph_token
+                    if graph_pair:
+                        own = own + batch.prefill_pairs * graph_pair
+                    if own > dt:
+                        dt = own
             else:
                 work = prefill * prefill_s + decode * eager_decode + kv_read * eager_kv
                 if pair_s:
