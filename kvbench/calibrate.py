@@ -26,7 +26,7 @@ decisions to first order), with the run-weighted step error as a smaller second 
 cost and price per decode row, floored at the decode-only step of their rows, in place of the
 decode-only model plus graph_prefill_step_s: beside few decodes a prefill is compute-bound and hides
 the weight reads a decode step pays (on the 8B H200 runs at 586c9e7 the plain model overpriced those
-steps by 10-17 % at 4 req/s and underpriced them at t=0; results/gpu_strategies/README.md).
+steps by 10-20 % at 4 req/s and underpriced them at t=0; results/gpu_strategies/README.md).
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def fit(timeline: pd.DataFrame, stall: float = 3.0, graph_prefill_tokens: int = 
 
     `mixed_own`: graph-replayed steps with prefill get their own fixed cost and price per decode
     row (`graph_mixed_step_s`, `graph_mixed_decode_token_s`; see `step_time`), fitted on what
-    K/V reads leave of them, in place of graph_prefill_step_s over the decode-only model."""
+    K/V reads leave of those above the decode-only step of their rows (which those are, alternated
+    with the fit until stable), in place of graph_prefill_step_s over the decode-only model."""
     y = timeline.dt_s.to_numpy(float)
     labels = None if runs is None else np.asarray(runs)
     keep = np.ones(len(y), bool)
