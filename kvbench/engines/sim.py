@@ -68,7 +68,7 @@ def step_time(c: dict, prefill, decode, kv_read, pairs=0):
         if graph_pair:
             mixed = mixed + pairs * graph_pair
         if mixed_step is not None:
-            mixed = np.where(mixed > graph, mixed, graph)
+            mixed = np.maximum(mixed, graph)  # (never below the decode-only step of the same rows)
         out = np.where((p > 0) & (p <= graph_max), mixed, out)
     return out
 
