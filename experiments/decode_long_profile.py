@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Decode 1 x 32k (issue 12 §3, 0.80 of copy): where does the time beyond the bytes go? Each
+config's CUDA graph of 6 calls on rotated inputs (as `decode_long_balance.py` and `bench_kernels`
+time the 32k row) is replayed under torch.profiler after an L2 flush; per call, the split kernel,
+the merge kernel and the idle time between kernels, from CUPTI's kernel records; beside it the
+whole replay timed by do_bench (as those scripts do) and a device copy measured just before.
+
+    PYTHONPATH=. python3 experiments/decode_long_profile.py --out results/kernels/decode_long_profile.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: copy_bandwidth, gather_contig, sdpa_variants)
+from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
+from kvbench.kernels.decode_attention import decode_attention  # noqa: E402
+
+CONFIGS = [  # (label, decode_attention kwargs)
+    ("default (BN64 w4 s2, auto splits)", {}),
+    ("BN32 w4 s3, 66 splits", dict(num_splits=66, config=dict(BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0,
+                                                                PIECE_ALIGN=16))),
+    ("BN64 w4 s2, 64 splits, fused merge", dict(num_splits=64, config=dict(BLOCK_N=64, num_warps=4, num_stages=2,
+                                                                             FUSED_MERGE=1))),
+]
+
+
+def graph_of(fns):
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def kernel_records(g, flush, replays: int) -> list[list[dict]]:
+    """Per replay (after a flush), the graph's kernel records {name, ts, dur} (µs), in order."""
+    acts = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(replays):
+            flush()
+            torch.cuda.synchronize()
+            g.replay()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.load(open(path))["traceEvents"]
+    ks = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    out, cur = [], None
+    for e in ks:
+        if "fill" in e["name"].lower() or "zero" in e["name"].lower():  # the flush: a new replay follows
+            cur = []
+            out.append(cur)
+        elif cur is not None:
+            cur.append(dict(name=e["name"], ts=float(e["ts"]), dur=float(e["dur"])))
+    return [r for r in out if r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--replays", type=int, default=30)
+    args = ap.parse_args()
+    bk.DEV = dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    B, L, Hq, Hkv, D, dt, ps, R = 1, 32768, 32, 8, 128, torch.bfloat16, 16, 6
+    S = 2 * L
+    kcs = [torch.randn(S, Hkv, D, device=dev, dtype=dt) for _ in range(R)]
+    vcs = [torch.randn(S, Hkv, D, device=dev, dtype=dt) for _ in range(R)]
+    qs = [torch.randn(B, Hq, D, device=dev, dtype=dt) for _ in range(R)]
+    outs = [torch.empty_like(q) for q in qs]
+    sl = torch.full((B,), L, dtype=torch.int32, device=dev)
+    pt = torch.randperm(S // ps, generator=gen)[: L // ps].to(torch.int32).view(1, -1).to(dev)
+    nbytes = 2 * L * Hkv * D * dt.itemsize + 2 * qs[0].numel() * dt.itemsize + (L // ps) * 4
+    kc = [bk.gather_contig(kcs[i], pt, ps, L) for i in range(R)]
+    vc = [bk.gather_contig(vcs[i], pt, ps, L) for i in range(R)]
+    cudnn = [bk.sdpa_variants(qs[i][:, :, None, :], kc[i], vc[i], causal=False).get("cudnn/native") for i in range(R)]
+    cache = torch.empty(256 << 20, dtype=torch.int8, device=dev)
+    _, copy, _ = bk.copy_bandwidth(2.0)
+    cases = [(label, [lambda i=i, kw=kw: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, out=outs[i], **kw)
+                      for i in range(R)]) for label, kw in CONFIGS]
+    if all(f is not None for f in cudnn):
+        cases.append(("sdpa cudnn/native, contiguous K/V", cudnn))
+    rows = []
+    for label, fns in cases:
+        g = graph_of(fns)
+        ms = bk.bench(g.replay) / R
+        reps = kernel_records(g, cache.zero_, args.replays)
+        per_name: dict[str, list[float]] = {}
+        spans, busy = [], []
+        for r in reps:
+            spans.append((r[-1]["ts"] + r[-1]["dur"] - r[0]["ts"]) / R)
+            busy.append(sum(k["dur"] for k in r) / R)
+            for k in r:
+                per_name.setdefault(k["name"][:60], []).append(k["dur"])
+        span, on = statistics.median(spans), statistics.median(busy)
+        row = dict(device=torch.cuda.get_device_name(), commit=git_commit(), impl=label, do_bench_us=ms * 1e3,
+                   ratio_do_bench=nbytes / ms / 1e6 / copy, profiled_us_per_call=span, kernel_busy_us_per_call=on,
+                   idle_us_per_call=span - on, bytes_at_copy_us=nbytes / copy / 1e3, copy_gbps=copy,
+                   kernels=" | ".join(f"{n}: {statistics.median(d):.2f} us x{len(d) // max(len(reps), 1)}"
+                                      for n, d in per_name.items()))
+        rows.append(row)
+        print(f"{label:40s} do_bench {row['do_bench_us']:6.2f} us ({row['ratio_do_bench']:.3f} of copy) "
+              f"profiled {span:6.2f} us/call, kernels busy {on:6.2f}, idle {span - on:5.2f}; at copy rate "
+              f"{row['bytes_at_copy_us']:.2f} us\n    {row['kernels']}", flush=True)
+        del g
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        wr = csv.DictWriter(f, list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
