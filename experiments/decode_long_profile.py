@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: copy_bandwidth, gather_contig, sdpa_variants)
 from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
-from kvbench.kernels.decode_attention import decode_attention  # noqa: E402
+from kvbench.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from kvbench.kernels.tolerances import compare  # noqa: E402
 
 CONFIGS = [  # (label, decode_attention kwargs)
     ("default (BN64 w4 s2, auto splits)", {}),
@@ -94,11 +95,34 @@ def main() -> None:
     _, copy, _ = bk.copy_bandwidth(2.0)
     cases = [(label, [lambda i=i, kw=kw: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, out=outs[i], **kw)
                       for i in range(R)]) for label, kw in CONFIGS]
+    # the same keys in a head-major pool ([H_kv, S, D] storage viewed as [S, H_kv, D]: a page's 16
+    # keys of one head are 4 KiB in a row, as FlashInfer's HND layout, where the token-major pool
+    # gives 256 B per token 2 KiB apart); the kernel is unchanged (it addresses by strides)
+    khm = [kcs[i].transpose(0, 1).contiguous().transpose(0, 1) for i in range(R)]
+    vhm = [vcs[i].transpose(0, 1).contiguous().transpose(0, 1) for i in range(R)]
+    slab_pt = torch.zeros((1, L // ps), dtype=torch.int32, device=dev)
+    ksl = [kc[i][0].transpose(0, 1) for i in range(R)]   # [L, H_kv, D] views of [H_kv, L, D]: slab, head-major
+    vsl = [vc[i][0].transpose(0, 1) for i in range(R)]
+    ktm = [kc[i][0].transpose(0, 1).contiguous() for i in range(R)]   # slab, token-major
+    vtm = [vc[i][0].transpose(0, 1).contiguous() for i in range(R)]
+    cases += [
+        ("default, head-major pool (paged p16)",
+         [lambda i=i: decode_attention(qs[i], khm[i], vhm[i], pt, sl, ps, out=outs[i]) for i in range(R)]),
+        ("default, slab token-major",
+         [lambda i=i: decode_attention(qs[i], ktm[i], vtm[i], slab_pt, sl, ps, contiguous=True, out=outs[i])
+          for i in range(R)]),
+        ("default, slab head-major",
+         [lambda i=i: decode_attention(qs[i], ksl[i], vsl[i], slab_pt, sl, ps, contiguous=True, out=outs[i])
+          for i in range(R)]),
+    ]
     if all(f is not None for f in cudnn):
         cases.append(("sdpa cudnn/native, contiguous K/V", cudnn))
+    ref = decode_attention_ref(qs[0], kcs[0], vcs[0], pt, sl, ps)
     rows = []
     for label, fns in cases:
+        outs[0].zero_()
         g = graph_of(fns)
+        ok = "" if label.startswith("sdpa") else ("ok" if compare(outs[0], ref)[0] else "FAIL")
         ms = bk.bench(g.replay) / R
         reps = kernel_records(g, cache.zero_, args.replays)
         per_name: dict[str, list[float]] = {}
@@ -109,13 +133,13 @@ def main() -> None:
             for k in r:
                 per_name.setdefault(k["name"][:60], []).append(k["dur"])
         span, on = statistics.median(spans), statistics.median(busy)
-        row = dict(device=torch.cuda.get_device_name(), commit=git_commit(), impl=label, do_bench_us=ms * 1e3,
+        row = dict(device=torch.cuda.get_device_name(), commit=git_commit(), impl=label, ok=ok, do_bench_us=ms * 1e3,
                    ratio_do_bench=nbytes / ms / 1e6 / copy, profiled_us_per_call=span, kernel_busy_us_per_call=on,
                    idle_us_per_call=span - on, bytes_at_copy_us=nbytes / copy / 1e3, copy_gbps=copy,
                    kernels=" | ".join(f"{n}: {statistics.median(d):.2f} us x{len(d) // max(len(reps), 1)}"
                                       for n, d in per_name.items()))
         rows.append(row)
-        print(f"{label:40s} do_bench {row['do_bench_us']:6.2f} us ({row['ratio_do_bench']:.3f} of copy) "
+        print(f"{label:40s} {ok:4s} do_bench {row['do_bench_us']:6.2f} us ({row['ratio_do_bench']:.3f} of copy) "
               f"profiled {span:6.2f} us/call, kernels busy {on:6.2f}, idle {span - on:5.2f}; at copy rate "
               f"{row['bytes_at_copy_us']:.2f} us\n    {row['kernels']}", flush=True)
         del g
