@@ -130,7 +130,7 @@ def test_the_gate_plugin_brackets_every_round_of_a_process_time_benchmark(tmp_pa
         "def test_wall(benchmark):\n"
         "    benchmark.pedantic(lambda: None, rounds=3)\n")
     out = tmp_path / "run.json"
-    env = {**gate.os.environ, gate.ENV: str(tmp_path / "calib.json"), "PYTHONPATH": str(Path(gate.__file__).parent)}
+    env = {**gate.bench_env(), gate.ENV: str(tmp_path / "calib.json"), "PYTHONPATH": str(Path(gate.__file__).parent)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "gate", "-p", "no:cacheprovider", "-c", "/dev/null",
            f"--benchmark-json={out}", str(tmp_path / "test_b.py")]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)

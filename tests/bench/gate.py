@@ -195,6 +195,13 @@ def compare(now: dict[str, dict], reference: dict[str, dict], limit: float = LIM
     return failures, notes
 
 
+def bench_env() -> dict[str, str]:
+    """This process's environment without pytest-xdist's worker variables: a pytest started from
+    a test that runs under `-n` would otherwise take itself for a worker and time nothing
+    (pytest-benchmark disables benchmarks under xdist)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+
+
 def run_pass(targets: list[str], json_path: Path) -> int:
     """Run the benchmarks `targets` with pytest; their JSON, with the calibration samples taken
     before each benchmark (tests/bench/conftest.py), into json_path."""
@@ -202,7 +209,7 @@ def run_pass(targets: list[str], json_path: Path) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "bench", "-p", "no:cacheprovider", "-p", "gate",
            f"--benchmark-json={json_path}", "--benchmark-columns=min,median,rounds", *targets]
     path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
-    rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, ENV: str(samples), "PYTHONPATH": path}).returncode
+    rc = subprocess.run(cmd, cwd=REPO, env={**bench_env(), ENV: str(samples), "PYTHONPATH": path}).returncode
     if rc == 0:
         run = json.loads(json_path.read_text())
         run["calibration"] = json.loads(samples.read_text())
