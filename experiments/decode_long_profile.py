@@ -23,15 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: copy_bandwidth, gather_contig, sdpa_variants)
 from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
-from kvbench.kernels.decode_attention import DECODE_CONFIG, decode_attention, decode_attention_ref  # noqa: E402
+from kvbench.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kvbench.kernels.tolerances import compare  # noqa: E402
 
 CONFIGS = [  # (label, decode_attention kwargs)
     ("default (BN64 w4 s2, auto splits)", {}),
     ("BN32 w4 s3, 66 splits", dict(num_splits=66, config=dict(BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0,
                                                                 PIECE_ALIGN=16))),
-    ("default, page-table walk two tiles ahead", dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=2,
-                                                                    FUSED_MERGE=0, PT_AHEAD=2))),
     ("BN64 w4 s2, 64 splits, fused merge", dict(num_splits=64, config=dict(BLOCK_N=64, num_warps=4, num_stages=2,
                                                                              FUSED_MERGE=1))),
 ]
@@ -123,11 +121,9 @@ def main() -> None:
                                   ("one page of 32k (p32768)", L, False)):
         tab = (torch.randperm(S // page, generator=gen)[: L // page] if shuffled else torch.arange(L // page))
         tab = tab.to(torch.int32).view(1, -1).to(dev)
-        refs[f"default, {label}"] = refs[f"walk two ahead, {label}"] = decode_attention_ref(
-            qs[0], kcs[0], vcs[0], tab, sl, page)
-        for name, kw in (("default", {}), ("walk two ahead", dict(config=dict(DECODE_CONFIG, PT_AHEAD=2)))):
-            cases.append((f"{name}, {label}", [lambda i=i, tab=tab, page=page, kw=kw: decode_attention(
-                qs[i], kcs[i], vcs[i], tab, sl, page, out=outs[i], **kw) for i in range(R)]))
+        cases.append((f"default, {label}", [lambda i=i, tab=tab, page=page: decode_attention(
+            qs[i], kcs[i], vcs[i], tab, sl, page, out=outs[i]) for i in range(R)]))
+        refs[cases[-1][0]] = decode_attention_ref(qs[0], kcs[0], vcs[0], tab, sl, page)
     if all(f is not None for f in cudnn):
         cases.append(("sdpa cudnn/native, contiguous K/V", cudnn))
     ref = decode_attention_ref(qs[0], kcs[0], vcs[0], pt, sl, ps)
