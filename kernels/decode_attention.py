@@ -81,7 +81,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
-    PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False, PT_AHEAD: tl.constexpr = 1,
+    PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -124,10 +124,6 @@ def _decode_kernel(
         offs_nx = start + tl.arange(0, BLOCK_N)
         page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
         slot_nx = page_nx * page_size + offs_nx % page_size                # [BN]
-        if PT_AHEAD == 2:  # (config key: the walk two tiles ahead, its load's latency hidden longer)
-            offs_nx2 = offs_nx + BLOCK_N
-            page_nx2 = tl.load(pt_row + offs_nx2 // page_size, mask=offs_nx2 < end, other=0).to(tl.int64)
-            slot_nx2 = page_nx2 * page_size + offs_nx2 % page_size
 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
@@ -136,15 +132,9 @@ def _decode_kernel(
             slot = slot0 + offs_n
         else:
             slot = slot_nx
-            if PT_AHEAD == 2:
-                slot_nx = slot_nx2
-                offs_nx2 = offs_n + 2 * BLOCK_N
-                page_nx2 = tl.load(pt_row + offs_nx2 // page_size, mask=offs_nx2 < end, other=0).to(tl.int64)
-                slot_nx2 = page_nx2 * page_size + offs_nx2 % page_size
-            else:
-                offs_nx = offs_n + BLOCK_N
-                page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
-                slot_nx = page_nx * page_size + offs_nx % page_size
+            offs_nx = offs_n + BLOCK_N
+            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
+            slot_nx = page_nx * page_size + offs_nx % page_size
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
         v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
@@ -404,8 +394,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                 denominator only (in the scaled-score domain, not multiplied by sm_scale).
                 None: the kernel is compiled without them (HAS_SINK=False)
     config:     launch overrides (BLOCK_N, num_warps, num_stages, FUSED_MERGE, MERGE_CHUNK;
-                PIECE_ALIGN: a split's tokens are a multiple of it, default BLOCK_N; PT_AHEAD: how many
-                tiles ahead the page-table walk runs, 1 (default) or 2)
+                PIECE_ALIGN: a split's tokens are a multiple of it, default BLOCK_N)
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
@@ -520,7 +509,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_SINK=sinks is not None,
-                  PIECE_ALIGN=align, PT_AHEAD=cfg.get("PT_AHEAD", 1), **pdl_args(dev))
+                  PIECE_ALIGN=align, **pdl_args(dev))
     kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
     merge = None
     if num_splits > 1 and not fused:
