@@ -23,13 +23,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: copy_bandwidth, gather_contig, sdpa_variants)
 from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
-from kvbench.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from kvbench.kernels.decode_attention import DECODE_CONFIG, decode_attention, decode_attention_ref  # noqa: E402
 from kvbench.kernels.tolerances import compare  # noqa: E402
 
 CONFIGS = [  # (label, decode_attention kwargs)
     ("default (BN64 w4 s2, auto splits)", {}),
     ("BN32 w4 s3, 66 splits", dict(num_splits=66, config=dict(BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0,
                                                                 PIECE_ALIGN=16))),
+    ("default, walk by shift (p16)", dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0,
+                                                        PAGE_LOG2=4))),
     ("BN64 w4 s2, 64 splits, fused merge", dict(num_splits=64, config=dict(BLOCK_N=64, num_warps=4, num_stages=2,
                                                                              FUSED_MERGE=1))),
 ]
@@ -121,9 +123,11 @@ def main() -> None:
                                   ("one page of 32k (p32768)", L, False)):
         tab = (torch.randperm(S // page, generator=gen)[: L // page] if shuffled else torch.arange(L // page))
         tab = tab.to(torch.int32).view(1, -1).to(dev)
-        cases.append((f"default, {label}", [lambda i=i, tab=tab, page=page: decode_attention(
-            qs[i], kcs[i], vcs[i], tab, sl, page, out=outs[i]) for i in range(R)]))
-        refs[cases[-1][0]] = decode_attention_ref(qs[0], kcs[0], vcs[0], tab, sl, page)
+        refs[f"default, {label}"] = refs[f"walk by shift, {label}"] = decode_attention_ref(
+            qs[0], kcs[0], vcs[0], tab, sl, page)
+        for name, kw in (("default", {}), ("walk by shift", dict(config=dict(DECODE_CONFIG, PAGE_LOG2=page.bit_length() - 1)))):
+            cases.append((f"{name}, {label}", [lambda i=i, tab=tab, page=page, kw=kw: decode_attention(
+                qs[i], kcs[i], vcs[i], tab, sl, page, out=outs[i], **kw) for i in range(R)]))
     if all(f is not None for f in cudnn):
         cases.append(("sdpa cudnn/native, contiguous K/V", cudnn))
     ref = decode_attention_ref(qs[0], kcs[0], vcs[0], pt, sl, ps)

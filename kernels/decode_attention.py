@@ -58,6 +58,18 @@ def _add_sink(m_i, l_i, acc, sink_ptr, heads, h_mask):
     return m_f, l_i * alpha + tl.exp2(sk - m_f), acc * alpha[:, None]
 
 
+@triton.jit
+def _walk(pt_row, offs, end, page_size, PAGE_LOG2: tl.constexpr):
+    """Slots of token positions `offs` [BN] (< end; others 0) through a page-table row: with
+    PAGE_LOG2 >= 0 (config key; page_size == 2 ** PAGE_LOG2) by shift and mask, else by division."""
+    if PAGE_LOG2 >= 0:
+        page = tl.load(pt_row + (offs >> PAGE_LOG2), mask=offs < end, other=0).to(tl.int64)
+        return (page << PAGE_LOG2) + (offs & ((1 << PAGE_LOG2) - 1))
+    else:
+        page = tl.load(pt_row + offs // page_size, mask=offs < end, other=0).to(tl.int64)
+        return page * page_size + offs % page_size
+
+
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
 # just-in-time compile in the middle of a timed serving step
 @triton.jit(do_not_specialize=["stride_ptb", "page_size", "split_tokens", "num_splits", "window", "chunk"])
@@ -81,7 +93,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CONTIGUOUS: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
-    PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False,
+    PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False, PAGE_LOG2: tl.constexpr = -1,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -121,9 +133,7 @@ def _decode_kernel(
         # The page-table walk runs one block ahead of the K/V loads (slots carried through the
         # loop): a K/V address that depends on a load of the same iteration stops Triton's
         # software pipeliner from keeping several K/V tiles in flight.
-        offs_nx = start + tl.arange(0, BLOCK_N)
-        page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
-        slot_nx = page_nx * page_size + offs_nx % page_size                # [BN]
+        slot_nx = _walk(pt_row, start + tl.arange(0, BLOCK_N), end, page_size, PAGE_LOG2)   # [BN]
 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
@@ -132,9 +142,7 @@ def _decode_kernel(
             slot = slot0 + offs_n
         else:
             slot = slot_nx
-            offs_nx = offs_n + BLOCK_N
-            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < end, other=0).to(tl.int64)
-            slot_nx = page_nx * page_size + offs_nx % page_size
+            slot_nx = _walk(pt_row, offs_n + BLOCK_N, end, page_size, PAGE_LOG2)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
         v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
@@ -509,7 +517,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_SINK=sinks is not None,
-                  PIECE_ALIGN=align, **pdl_args(dev))
+                  PIECE_ALIGN=align, PAGE_LOG2=cfg.get("PAGE_LOG2", -1), **pdl_args(dev))
     kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
     merge = None
     if num_splits > 1 and not fused:
