@@ -30,8 +30,8 @@ CONFIGS = [  # (label, decode_attention kwargs)
     ("default (BN64 w4 s2, auto splits)", {}),
     ("BN32 w4 s3, 66 splits", dict(num_splits=66, config=dict(BLOCK_N=32, num_warps=4, num_stages=3, FUSED_MERGE=0,
                                                                 PIECE_ALIGN=16))),
-    ("default, walk by shift (p16)", dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0,
-                                                        PAGE_LOG2=4))),
+    ("default, walk by division (p16)", dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0,
+                                                           PAGE_LOG2=-1))),
     ("BN64 w4 s2, 64 splits, fused merge", dict(num_splits=64, config=dict(BLOCK_N=64, num_warps=4, num_stages=2,
                                                                              FUSED_MERGE=1))),
 ]
@@ -123,9 +123,9 @@ def main() -> None:
                                   ("one page of 32k (p32768)", L, False)):
         tab = (torch.randperm(S // page, generator=gen)[: L // page] if shuffled else torch.arange(L // page))
         tab = tab.to(torch.int32).view(1, -1).to(dev)
-        refs[f"default, {label}"] = refs[f"walk by shift, {label}"] = decode_attention_ref(
+        refs[f"default, {label}"] = refs[f"walk by division, {label}"] = decode_attention_ref(
             qs[0], kcs[0], vcs[0], tab, sl, page)
-        for name, kw in (("default", {}), ("walk by shift", dict(config=dict(DECODE_CONFIG, PAGE_LOG2=page.bit_length() - 1)))):
+        for name, kw in (("default", {}), ("walk by division", dict(config=dict(DECODE_CONFIG, PAGE_LOG2=-1)))):
             cases.append((f"{name}, {label}", [lambda i=i, tab=tab, page=page, kw=kw: decode_attention(
                 qs[i], kcs[i], vcs[i], tab, sl, page, out=outs[i], **kw) for i in range(R)]))
     if all(f is not None for f in cudnn):

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from . import _common
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
-                      direct, kernel_for, make_plan, next_pow2, num_sms, pdl_args, pdl_begin, pdl_late, plan_hit)
+                      direct, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk, pdl_args, pdl_begin,
+                      pdl_late, plan_hit)
 
 LOG2E = 1.4426950408889634
 
@@ -56,18 +57,6 @@ def _add_sink(m_i, l_i, acc, sink_ptr, heads, h_mask):
     m_f = tl.maximum(m_i, sk)
     alpha = tl.exp2(m_i - m_f)
     return m_f, l_i * alpha + tl.exp2(sk - m_f), acc * alpha[:, None]
-
-
-@triton.jit
-def _walk(pt_row, offs, end, page_size, PAGE_LOG2: tl.constexpr):
-    """Slots of token positions `offs` [BN] (< end; others 0) through a page-table row: with
-    PAGE_LOG2 >= 0 (config key; page_size == 2 ** PAGE_LOG2) by shift and mask, else by division."""
-    if PAGE_LOG2 >= 0:
-        page = tl.load(pt_row + (offs >> PAGE_LOG2), mask=offs < end, other=0).to(tl.int64)
-        return (page << PAGE_LOG2) + (offs & ((1 << PAGE_LOG2) - 1))
-    else:
-        page = tl.load(pt_row + offs // page_size, mask=offs < end, other=0).to(tl.int64)
-        return page * page_size + offs % page_size
 
 
 # run-time sizes are not specialized on (==1, %16): each new value class would be a ~1 s
@@ -133,7 +122,7 @@ def _decode_kernel(
         # The page-table walk runs one block ahead of the K/V loads (slots carried through the
         # loop): a K/V address that depends on a load of the same iteration stops Triton's
         # software pipeliner from keeping several K/V tiles in flight.
-        slot_nx = _walk(pt_row, start + tl.arange(0, BLOCK_N), end, page_size, PAGE_LOG2)   # [BN]
+        slot_nx = page_walk(pt_row, start + tl.arange(0, BLOCK_N), end, page_size, PAGE_LOG2)   # [BN]
 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
@@ -142,7 +131,7 @@ def _decode_kernel(
             slot = slot0 + offs_n
         else:
             slot = slot_nx
-            slot_nx = _walk(pt_row, offs_n + BLOCK_N, end, page_size, PAGE_LOG2)
+            slot_nx = page_walk(pt_row, offs_n + BLOCK_N, end, page_size, PAGE_LOG2)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(kc_base + slot[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
         v = tl.load(vc_base + slot[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
@@ -402,7 +391,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                 denominator only (in the scaled-score domain, not multiplied by sm_scale).
                 None: the kernel is compiled without them (HAS_SINK=False)
     config:     launch overrides (BLOCK_N, num_warps, num_stages, FUSED_MERGE, MERGE_CHUNK;
-                PIECE_ALIGN: a split's tokens are a multiple of it, default BLOCK_N)
+                PIECE_ALIGN: a split's tokens are a multiple of it, default BLOCK_N; PAGE_LOG2: -1
+                walks the page table by division, default: by shift for a power-of-two page)
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
@@ -517,7 +507,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_SINK=sinks is not None,
-                  PIECE_ALIGN=align, PAGE_LOG2=cfg.get("PAGE_LOG2", -1), **pdl_args(dev))
+                  PIECE_ALIGN=align, PAGE_LOG2=cfg.get("PAGE_LOG2", page_log2(page_size)), **pdl_args(dev))
     kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
     merge = None
     if num_splits > 1 and not fused:

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
-                      direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, plan_hit)
+                      direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk,
+                      plan_hit)
 from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, _add_sink, _gather_kv,
                                bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
@@ -110,25 +111,21 @@ def _attend(q, k, v, m_i, l_i, acc, qk_scale, vis,
 def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, lo, hi,
                 kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size, offs_d, d_mask,
                 BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, MASKED: tl.constexpr,
-                DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+                DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PAGE_LOG2: tl.constexpr):
     """Keys at positions [lo, hi) through the page table (or slab: slot0 + position).
     MASKED: key < hi, causal (key <= pos_m) and in the row's bound (key >= lo_m); else every row
     sees every key. Nothing outside [lo, hi) is loaded."""
     if not CONTIGUOUS:
         # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps the
         # K/V loads software-pipelined)
-        offs_nx = lo + tl.arange(0, BLOCK_N)
-        page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < hi, other=0).to(tl.int64)
-        slot_nx = page_nx * page_size + offs_nx % page_size
+        slot_nx = page_walk(pt_row, lo + tl.arange(0, BLOCK_N), hi, page_size, PAGE_LOG2)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if CONTIGUOUS:
             slot = slot0 + offs_n
         else:
             slot = slot_nx
-            offs_nx = offs_n + BLOCK_N
-            page_nx = tl.load(pt_row + offs_nx // page_size, mask=offs_nx < hi, other=0).to(tl.int64)
-            slot_nx = page_nx * page_size + offs_nx % page_size
+            slot_nx = page_walk(pt_row, offs_n + BLOCK_N, hi, page_size, PAGE_LOG2)
         if MASKED:
             n_mask = offs_n < hi
             kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -185,7 +182,7 @@ def _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
               kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
               kn_ptr, vn_ptr, stride_knt_a, stride_knh, stride_vnt_a, stride_vnh, offs_d, d_mask,
               BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
-              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PAGE_LOG2: tl.constexpr):
     """The keys at positions >= prefix (the new tokens', up to the block's last row): from
     k_new/v_new (RAGGED) or through the page table."""
     if RAGGED:
@@ -213,13 +210,13 @@ def _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
         r0, r1, r2 = _regions(tl.maximum(lo_b, prefix), lo_u, prefix + m0, diag_end, BLOCK_N)
         m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1,
                                     kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
         m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2,
                                     kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
         m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end,
                                     kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
     return m_i, l_i, acc
 
 
@@ -295,6 +292,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, HAS_SINK: tl.constexpr = False,
+    PAGE_LOG2: tl.constexpr = -1,
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
@@ -371,38 +369,38 @@ def _extend_kernel(
             c0, c1, c2 = _regions(s_lo, lo_u, s_hi, s_hi, BLOCK_N)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, s_hi,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
             if split == num_splits - 1:
                 m_i, l_i, acc = _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
                                           lo_b, lo_u, q_start, kvh, kc_base, vc_base, stride_kcs, stride_vcs,
                                           pt_row, slot0, page_size, kn_ptr, vn_ptr, stride_knt_a, stride_knh,
                                           stride_vnt_a, stride_vnh, offs_d, d_mask, BLOCK_N, CONTIGUOUS, RAGGED,
-                                          NEW_ALIGN, DOT_F32, DOT_PREC)
+                                          NEW_ALIGN, DOT_F32, DOT_PREC, PAGE_LOG2)
         elif RAGGED:
             # 1. prefix [lo_b, prefix) through the page table: every prefix key is causally
             #    visible; masked where some row's bound is above it, and in the tail (key < prefix)
             c0, c1, c2 = _regions(lo_b, lo_u, prefix, prefix, BLOCK_N)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, prefix,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
             # 2. the new keys
             m_i, l_i, acc = _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
                                       lo_b, lo_u, q_start, kvh, kc_base, vc_base, stride_kcs, stride_vcs,
                                       pt_row, slot0, page_size, kn_ptr, vn_ptr, stride_knt_a, stride_knh,
                                       stride_vnt_a, stride_vnh, offs_d, d_mask, BLOCK_N, CONTIGUOUS, RAGGED,
-                                      NEW_ALIGN, DOT_F32, DOT_PREC)
+                                      NEW_ALIGN, DOT_F32, DOT_PREC, PAGE_LOG2)
         else:
             # keys [lo_b, prefix + last]: masked below the largest row bound, then whole blocks
             # below the first row's position (visible to every row, no mask), then the diagonal
@@ -410,13 +408,13 @@ def _extend_kernel(
             r0, r1, r2 = _regions(lo_b, lo_u, prefix + m0, diag_end, BLOCK_N)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
             m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
 
         if HAS_SINK and not SPLIT:  # the sink: one more logit in the denominator (split: in the merge)
             m_i, l_i, acc = _add_sink(m_i, l_i, acc, sink_ptr, tl.zeros([BLOCK_M], tl.int32) + h, m_mask)
@@ -533,7 +531,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     max_seq_len:     upper bound on seq_lens, sizes the prefix split (default max_pages * page_size;
                      no device sync either way)
     config:          launch overrides (BLOCK_M, BLOCK_N, num_warps, num_stages; RAGGED=0 forces
-                     the paged path although k_new/v_new are given)
+                     the paged path although k_new/v_new are given; PAGE_LOG2=-1 walks the page
+                     table by division, default: by shift for a power-of-two page)
     sinks:           optional [H_q] attention sinks (gpt-oss), as decode_attention's; None: the
                      kernel is compiled without them
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
@@ -662,7 +661,8 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                   BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
                   CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
                   DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype), SPLIT=S > 1,
-                  HAS_SINK=sinks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  HAS_SINK=sinks is not None, PAGE_LOG2=cfg.get("PAGE_LOG2", page_log2(page_size)),
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks, S)](*args, **kwargs)
     merge = None
     if S > 1:

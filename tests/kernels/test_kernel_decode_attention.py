@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.kernels.decode_attention import decode_attention, decode_attention_ref
+from kvbench.kernels._common import page_log2
+from kvbench.kernels.decode_attention import DECODE_CONFIG, decode_attention, decode_attention_ref
 from kvbench.kernels.tolerances import assert_close
 from kv_testlib import DTYPES_CPU, device, make_cache, nan_like, randn
 
@@ -42,6 +43,18 @@ def test_decode_gqa_ragged(dtype, layout):
     page_size, contiguous = layout
     # ragged, includes 1 token, lengths not a multiple of the page size, one full slab
     _run([1, 37, 128, 90], page_size, contiguous, Hq=8, Hkv=2, D=64, dtype=dtype)
+
+
+@pytest.mark.parametrize("page_size", [12, 16, 64])
+def test_decode_page_walk_by_shift_equals_by_division(page_size):
+    """A power-of-two page is walked by shift and mask (PAGE_LOG2 = log2), any other by division
+    (-1): both match the reference, and a power of two gives the division's bits (the same slots)."""
+    assert page_log2(page_size) == {12: -1, 16: 4, 64: 6}[page_size]
+    lens = [1, 37, 200, 90]
+    o = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=3)
+    div = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=3,
+               config=dict(DECODE_CONFIG, PAGE_LOG2=-1))
+    assert torch.equal(o, div)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40])

@@ -39,6 +39,17 @@ def _run(new_lens, prefix_lens, page_size, contiguous, Hq, Hkv, D, dtype, config
     ref = extend_attention_ref(q, k_cache, v_cache, page_table, qsl, sl, page_size, sm_scale=sm_scale,
                                contiguous=contiguous)
     assert_close(o, ref, dtype)
+    return o
+
+
+@pytest.mark.parametrize("page_size", [12, 16])
+def test_extend_page_walk_by_shift_equals_by_division(page_size):
+    """The prefix's page-table walk: by shift and mask for a power-of-two page, by division
+    (PAGE_LOG2=-1) otherwise; both match the reference, and the same bits for a power of two."""
+    o = _run([37, 1, 20], [0, 50, 33], page_size, False, Hq=4, Hkv=2, D=64, dtype=torch.float16, config=SMALL)
+    div = _run([37, 1, 20], [0, 50, 33], page_size, False, Hq=4, Hkv=2, D=64, dtype=torch.float16,
+               config=dict(SMALL, PAGE_LOG2=-1))
+    assert torch.equal(o, div)
 
 
 @pytest.mark.parametrize("dtype", DTYPES_CPU, ids=lambda d: str(d).split(".")[-1])
