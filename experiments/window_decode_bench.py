@@ -200,12 +200,15 @@ def check_rows(dev, gen, out_rows) -> bool:
 
 # ---------------------------------------------------------------------------------------- --extend
 def parse_config(text: str) -> dict:
-    """'64x32w4s2' -> dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2); '' -> {} (the default)."""
+    """'64x32w4s2' -> dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2); '' -> {} (the default);
+    'division' -> the default with the page table walked by division (PAGE_LOG2=-1)."""
     if not text or text == "default":
         return {}
+    if text == "division":
+        return {"PAGE_LOG2": -1}
     m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
     if not m:
-        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2)", file=sys.stderr)
+        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2, default or division)", file=sys.stderr)
         sys.exit(2)
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
@@ -326,7 +329,7 @@ def main() -> int:
                     help="comma list of the extend prefix-split settings to time: off, auto, or a count")
     ap.add_argument("--extend-configs", default="default",
                     help="comma list of extend launch configs to time, BLOCK_MxBLOCK_Nw<warps>s<stages> (e.g. "
-                         "64x32w4s2) or 'default'")
+                         "64x32w4s2), 'default', or 'division' (the default walking pages by division)")
     ap.add_argument("--extend-cases", default="",
                     help="comma list of NEWxPREFIX extend cases (default: 64x1024,64x4096,512x1024,512x4096)")
     ap.add_argument("--extend-batches", default="", help="comma list of batch sizes for --extend (default 1,8)")
