@@ -183,6 +183,19 @@ PDL_AB = ((None, ""), ("off", " (no PDL)"), ("early", " (PDL early)"))   # defau
 
 
 # --------------------------------------------------------------------------------- decode
+def kernel_records(prof) -> list[dict]:
+    """The kernel records (chrome-trace events: name, ts, dur in µs) of a torch.profiler run, in
+    start order."""
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+
+
 def bench_rot(fns, rep=200):
     """GPU time of one call: the calls in ``fns`` (each on its own inputs, together larger than L2)
     are captured once in a CUDA graph and the graph's replays are timed by do_bench, divided by

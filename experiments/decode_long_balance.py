@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,14 +36,13 @@ CONFIGS = [  # (BLOCK_N, warps, stages, splits or None = the launcher's choice, 
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=3, help="passes over the configs (medians quoted)")
-    args = ap.parse_args()
-    bk.DEV = dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
-    B, L, Hq, Hkv, D, dt, ps, R = 1, 32768, 32, 8, 128, torch.bfloat16, 16, 6
+def long_case(R: int = 6) -> SimpleNamespace:
+    """The 1 x 32k row's inputs on bk.DEV (Llama-3-8B heads, bf16, pages of 16 in a random order
+    in a pool twice the context), R rotated copies: kcs, vcs [S, H_kv, D], qs [1, H_q, D], sl, pt,
+    the same keys gathered contiguous (kc, vc [1, H_kv, L, D]), the bytes a call reads (nbytes)
+    and the shapes; `gen` is the generator the table came from."""
+    dev, gen = bk.DEV, torch.Generator().manual_seed(0)
+    B, L, Hq, Hkv, D, dt, ps = 1, 32768, 32, 8, 128, torch.bfloat16, 16
     S = 2 * L
     kcs = [torch.randn(S, Hkv, D, device=dev, dtype=dt) for _ in range(R)]
     vcs = [torch.randn(S, Hkv, D, device=dev, dtype=dt) for _ in range(R)]
@@ -50,9 +50,22 @@ def main() -> None:
     sl = torch.full((B,), L, dtype=torch.int32, device=dev)
     pt = torch.randperm(S // ps, generator=gen)[: L // ps].to(torch.int32).view(1, -1).to(dev)
     nbytes = 2 * L * Hkv * D * dt.itemsize + 2 * qs[0].numel() * dt.itemsize + (L // ps) * 4
-    ref = decode_attention_ref(qs[0], kcs[0], vcs[0], pt, sl, ps)
     kc = [bk.gather_contig(kcs[i], pt, ps, L) for i in range(R)]
     vc = [bk.gather_contig(vcs[i], pt, ps, L) for i in range(R)]
+    return SimpleNamespace(B=B, L=L, Hq=Hq, Hkv=Hkv, D=D, dt=dt, ps=ps, S=S, R=R, kcs=kcs, vcs=vcs, qs=qs, sl=sl,
+                           pt=pt, nbytes=nbytes, kc=kc, vc=vc, gen=gen)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3, help="passes over the configs (medians quoted)")
+    args = ap.parse_args()
+    bk.DEV = torch.device("cuda")
+    c = long_case()
+    kcs, vcs, qs, sl, pt, ps, R, nbytes = c.kcs, c.vcs, c.qs, c.sl, c.pt, c.ps, c.R, c.nbytes
+    ref = decode_attention_ref(qs[0], kcs[0], vcs[0], pt, sl, ps)
+    kc, vc = c.kc, c.vc
     variants = [bk.sdpa_variants(qs[i][:, :, None, :], kc[i], vc[i], causal=False) for i in range(R)]
     commit = git_commit()
     name = torch.cuda.get_device_name()
@@ -66,7 +79,7 @@ def main() -> None:
             fns = [v[peer] for v in variants if peer in v]
             if len(fns) == R:
                 ms = bk.bench_rot(fns)
-                by = nbytes * (Hq // Hkv if peer.endswith("expanded") else 1)
+                by = nbytes * (c.Hq // c.Hkv if peer.endswith("expanded") else 1)
                 rows.append(dict(round=rnd, impl=f"sdpa {peer} contiguous", config="", ms=ms, copy_gbps=copy,
                                  ratio=by / ms / 1e6 / copy, ok=""))
                 print(f"round {rnd} sdpa {peer:30s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} copy {copy:.0f} GB/s",

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: copy_bandwidth, gather_contig, sdpa_variants)
+import bench_kernels as bk  # noqa: E402  (experiments/bench_kernels.py: copy_bandwidth, kernel_records, sdpa_variants)
+from decode_long_balance import long_case  # noqa: E402  (the 1 x 32k inputs)
 from gpu_record import git_commit  # noqa: E402  (experiments/gpu_record.py)
 from kvbench.kernels.decode_attention import DECODE_CONFIG, decode_attention, decode_attention_ref  # noqa: E402
 from kvbench.kernels.tolerances import compare  # noqa: E402
@@ -59,13 +58,8 @@ def kernel_records(g, flush, replays: int) -> list[list[dict]]:
             torch.cuda.synchronize()
             g.replay()
             torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        events = json.load(open(path))["traceEvents"]
-    ks = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     out, cur = [], None
-    for e in ks:
+    for e in bk.kernel_records(prof):
         if "fill" in e["name"].lower() or "zero" in e["name"].lower():  # the flush: a new replay follows
             cur = []
             out.append(cur)
@@ -80,18 +74,10 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=30)
     args = ap.parse_args()
     bk.DEV = dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
-    B, L, Hq, Hkv, D, dt, ps, R = 1, 32768, 32, 8, 128, torch.bfloat16, 16, 6
-    S = 2 * L
-    kcs = [torch.randn(S, Hkv, D, device=dev, dtype=dt) for _ in range(R)]
-    vcs = [torch.randn(S, Hkv, D, device=dev, dtype=dt) for _ in range(R)]
-    qs = [torch.randn(B, Hq, D, device=dev, dtype=dt) for _ in range(R)]
+    c = long_case()
+    L, ps, S, R, gen, kcs, vcs, qs, sl, pt, nbytes, kc, vc = (c.L, c.ps, c.S, c.R, c.gen, c.kcs, c.vcs, c.qs, c.sl,
+                                                              c.pt, c.nbytes, c.kc, c.vc)
     outs = [torch.empty_like(q) for q in qs]
-    sl = torch.full((B,), L, dtype=torch.int32, device=dev)
-    pt = torch.randperm(S // ps, generator=gen)[: L // ps].to(torch.int32).view(1, -1).to(dev)
-    nbytes = 2 * L * Hkv * D * dt.itemsize + 2 * qs[0].numel() * dt.itemsize + (L // ps) * 4
-    kc = [bk.gather_contig(kcs[i], pt, ps, L) for i in range(R)]
-    vc = [bk.gather_contig(vcs[i], pt, ps, L) for i in range(R)]
     cudnn = [bk.sdpa_variants(qs[i][:, :, None, :], kc[i], vc[i], causal=False).get("cudnn/native") for i in range(R)]
     cache = torch.empty(256 << 20, dtype=torch.int8, device=dev)
     _, copy, _ = bk.copy_bandwidth(2.0)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 from check_model_gpu import copy_bandwidth, model_cfg  # noqa: E402
 from checkout import use_checkout  # noqa: E402
+from bench_kernels import kernel_records  # noqa: E402  (experiments/bench_kernels.py)
 
 
 def build(batch_size: int, ctx: int):
@@ -84,11 +83,7 @@ def kernel_table(graph) -> tuple[list[dict], float]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        events = json.load(open(path))["traceEvents"]
-    ks = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    ks = kernel_records(prof)
     by: dict[str, list[float]] = {}
     frontier = ks[0]["ts"]
     for e in ks:
