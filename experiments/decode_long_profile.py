@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--replays", type=int, default=30)
     args = ap.parse_args()
+    if args.replays < 1:
+        print(f"decode_long_profile: error: --replays must be >= 1, got {args.replays}", file=sys.stderr)
+        sys.exit(2)
     bk.DEV = dev = torch.device("cuda")
     c = long_case()
     L, ps, S, R, gen, kcs, vcs, qs, sl, pt, nbytes, kc, vc = (c.L, c.ps, c.S, c.R, c.gen, c.kcs, c.vcs, c.qs, c.sl,
