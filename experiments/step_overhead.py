@@ -108,11 +108,22 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="only these steps (comma-separated labels; default all)")
     ap.add_argument("--profile", default="", help="cProfile the host side of these steps (comma-separated labels)")
     ap.add_argument("--top", type=int, default=6, help="kernel names (by summed time) each row lists")
+    ap.add_argument("--page-sizes", default="16",
+                    help="page sizes to time, comma-separated (1: radix's token-level table; 16: paged's)")
+    ap.add_argument("--order", choices=("shuffled", "in"), default="shuffled",
+                    help="pages of the pool in shuffled order (a pool after churn) or in order (a fresh one)")
     ap.add_argument("--graph-max-tokens", type=int, default=8192,
                     help="engine.graph_max_tokens: steps with more prefill tokens run eagerly")
     args = ap.parse_args()
     if args.top < 1:
         print(f"step_overhead: error: --top must be >= 1, got {args.top}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        page_sizes = [int(x) for x in args.page_sizes.split(",")]
+    except ValueError:
+        page_sizes = [0]
+    if min(page_sizes) < 1:
+        print(f"step_overhead: error: --page-sizes must be positive ints, got {args.page_sizes!r}", file=sys.stderr)
         sys.exit(2)
     unknown = set(filter(None, args.steps.split(","))) - set(steps())
     if unknown:
@@ -121,12 +132,15 @@ def main() -> None:
     commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     out = dict(device=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, rows=[])
-    for name in args.models.split(","):
+    global PS
+    for name, PS in itertools.product(args.models.split(","), page_sizes):
         eng = GPUEngine(model_cfg(name), attention="triton", gpu_memory_utilization=0.5,
-                        graph_max_tokens=args.graph_max_tokens)
+                        graph_max_tokens=args.graph_max_tokens, max_model_len=16384)
         cap = eng.kv_capacity_tokens(None)
         eng.bind(PS, cap // PS)
-        order = np.random.default_rng(1).permutation(cap // PS).astype(np.int32)
+        order = np.arange(cap // PS, dtype=np.int32)
+        if args.order == "shuffled":
+            order = np.random.default_rng(1).permutation(order)
         for graphs in [bool(int(g)) for g in args.graphs.split(",")]:
             eng.cuda_graphs = graphs
             for label, parts in steps().items():
@@ -139,7 +153,7 @@ def main() -> None:
                     eng.step(batch)
                 t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
                 g, n, top = gpu_ms(eng, batch, args.top)
-                row = dict(model=name, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
+                row = dict(model=name, page_size=PS, order=args.order, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
                            kernels=n, ratio=round(t / g, 3), graph_max_tokens=args.graph_max_tokens, tokens=sum(p[1] for p in parts), top_kernels_ms=top)
                 if graphs and len(eng._graphs) == 1:
                     # the replay alone (CUDA events around it, the GPU idle before): step - replay is
