@@ -198,23 +198,30 @@ def test_outputs_are_identical_with_and_without_the_warm_up():
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-def test_steps_with_prefill_copy_their_tables_whole_or_packed_with_the_same_outputs(monkeypatch):
+def test_steps_with_prefill_copy_their_tables_whole_in_part_or_packed_with_the_same_outputs(monkeypatch):
     """gpu_engine.PREFILL_COPY_IN_BYTES: a graph of a step with prefill whose staging buffer is at
-    most that takes its page-table block in the one copy, inside the graph (no wide table); with 0
-    every one packs its used rows and spreads them into the wide block. Each path is taken, and the
-    logits are identical."""
+    most that takes its page-table block in its own copy (no wide table); a larger one copies the
+    first columns that fit in that many bytes and spreads them into its wide table, and a step whose
+    tables are wider packs the rest and spreads it before the replay; with 0 every step packs all
+    its columns. Every path is taken (1,100 bytes: graphs of each kind, some with 7 and 13 columns in
+    their copy for tables of up to 10 pages), and the logits are identical."""
     from kvbench.engines import gpu_engine
-    got, wide, copy_in, default = {}, {}, {}, gpu_engine.PREFILL_COPY_IN_BYTES
-    for limit in (default, 0):
+    default = gpu_engine.PREFILL_COPY_IN_BYTES
+    got, kinds, packed = {}, {}, {}
+    for limit in (default, 1100, 0):
         monkeypatch.setattr(gpu_engine, "PREFILL_COPY_IN_BYTES", limit)
         eng, _, got[limit] = _run("none")
         prefill = [g for k, g in eng._graphs.items() if not k[4]]
-        wide[limit] = {g.table is not None for g in prefill}
-        copy_in[limit] = {g.copy_in for g in prefill}
-    assert wide == {default: {False}, 0: {True}} and copy_in == {default: {True}, 0: {False}}
+        assert all(g.copy_in for g in prefill)
+        kinds[limit] = {"whole" if g.table is None else g.wb for g in prefill}
+        packed[limit] = eng.packed_fills
+    assert kinds == {default: {"whole"}, 1100: {"whole", 0, 7, 13}, 0: {0}}
+    assert packed[default] == 0 and packed[0] > packed[1100] > 0
     assert len(got[0]) == sum(r.output_len for r in _requests())
-    for a, b in zip(got[0], got[default]):
-        assert torch.equal(a, b)
+    for limit in (1100, 0):
+        for a, b in zip(got[limit], got[default]):
+            assert torch.equal(a, b)
+
 
 def test_fine_decode_buckets_pad_decode_graphs_less_with_the_same_outputs():
     """decode_buckets="fine": decode-only keys for every fine size up to max_num_seqs' bucket, the

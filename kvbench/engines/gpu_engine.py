@@ -27,8 +27,10 @@ their blocks) with one shared staging buffer; a key it missed is captured on fir
 once on its capture inputs (a graph's first launch also uploads it), both taken out of the step's
 time, and counted in `cuda_graph_captures_in_replay`. Steps with prefill have one context bucket,
 the widest (`max_model_len`): their page tables cross the bus in the graph's one copy where its
-staging buffer is small (`PREFILL_COPY_IN_BYTES`), else packed (used rows x columns) and spread into
-the wide block on the device, so the key space is (token bucket x prefill-request bucket x
+staging buffer is small (`PREFILL_COPY_IN_BYTES`); else the graph copies their first columns (as
+many as fit in that many bytes) and spreads them into the wide block on the device, and only a step
+whose requests' tables are wider packs the rest (used rows x columns) and copies and spreads it
+before the replay, so the key space is (token bucket x prefill-request bucket x
 decode-row bucket), 4,699 keys for max_num_seqs 256 and 8,192 tokens (plus 63 decode keys at page
 16, 99 at page 1 with pow2 decode buckets; about twice as many with the default fine ones).
 Measured on an H200 (results/gpu/step_overhead_h200_05c9e0e.json): from graphs, a 1B 1,024-token
@@ -94,8 +96,11 @@ GRAPH_COPIES_INPUTS = True
 # ... and so does a graph of a step with prefill whose whole staging buffer, its page-table block
 # [nt, bs, pages] included, is at most this many bytes (a copy of 256 KiB is a few µs, about what
 # a launch costs the host): its table goes in the one copy as a decode graph's, not packed and then
-# spread by a second copy on the device. Larger ones (long tables, many requests) keep the packed
-# copy. 0: every step with prefill packs (an A/B of experiments/mixed_parallel_ab.py)
+# spread by a second copy on the device. A larger one (long tables, many requests) copies this many
+# bytes itself, its tables' first columns among them, and spreads those into its wide table; only
+# a step with wider tables packs the rest and copies it before the replay (two more stream
+# operations: radix's tables of one token a page at max_model_len 16384 paid 0.13-0.3 ms a step
+# for them on an H200). 0: every step with prefill packs (an A/B of experiments/mixed_parallel_ab.py)
 PREFILL_COPY_IN_BYTES = 256 << 10
 # `step` waits for the GPU by polling its end event, not in a blocking cudaEventSynchronize: after a
 # blocking wait the host built the next batch about 3x slower (H200, 8B decode at batch 64, 4
@@ -259,6 +264,7 @@ class GPUEngine(TorchEngine):
 
     _staged: tuple | None = None  # (graph key, batch size) of the last decode fill of the staging buffer
     short_fills = 0  # decode steps whose staging fill wrote only their rows' values (`_forward`)
+    packed_fills = 0  # steps with prefill whose tables were wider than their graph's head copy holds
     _tokens_host: torch.Tensor | None = None  # pinned: the sampled tokens' copy (`_host_list`)
     _tokens_ready: torch.cuda.Event | None = None  # recorded after that copy
 
@@ -633,7 +639,7 @@ class GPUEngine(TorchEngine):
             g.h32_lens[:b] = h.seq_lens
             g.h32_table[:, :b, :w] = tables
             if not g.copy_in:
-                g.dev.copy_(g.host, non_blocking=True)
+                g.dev[:g.head].copy_(g.host[:g.head], non_blocking=True)
             self.short_fills += 1
             g.graph.replay()
             return g.logits[:b].clone() if self.keep_logits else g.logits[:b]
@@ -656,17 +662,20 @@ class GPUEngine(TorchEngine):
         g.h32_lens[dp:dp + b - nd], g.h32_lens[dp + b - nd:] = h.seq_lens[nd:], 0
         # (entries past a request's length are never read; the buffer is rewritten only after
         # `step` has synchronized, so the copy is done by then)
-        if g.table is None:  # decode, small prefill: the table block [nt, bs, pages] is part of the one copy
-            g.h32_table[:, :nd, :w], g.h32_table[:, dp:dp + b - nd, :w] = tables[:, :nd], tables[:, nd:]
-            if not g.copy_in:
-                g.dev.copy_(g.host, non_blocking=True)
-        else:  # with prefill: the used rows x columns, packed, then spread into the wide table
+        # the table block: [nt, bs, pages] (decode, small prefill), or a wide table's first g.wb
+        # columns, part of the head copy; a wide table's columns past g.wb: the used rows x columns,
+        # packed, copied and spread into the wide table before the replay
+        c = min(w, g.wb)
+        g.h32_table[:, :nd, :c], g.h32_table[:, dp:dp + b - nd, :c] = tables[:, :nd, :c], tables[:, nd:, :c]
+        if w > c:
             rows = dp + b - nd
-            packed = g.h32_area[:g.nt * rows * w].reshape(g.nt, rows, w)
-            packed[:, :nd], packed[:, dp:] = tables[:, :nd], tables[:, nd:]
-            used = g.fixed + 4 * packed.size
-            g.dev[:used].copy_(g.host[:used], non_blocking=True)
-            g.table[:, :rows, :w].copy_(g.area[:packed.size].view(g.nt, rows, w))
+            packed = g.h32_over[:g.nt * rows * (w - c)].reshape(g.nt, rows, w - c)
+            packed[:, :nd], packed[:, dp:] = tables[:, :nd, c:], tables[:, nd:, c:]
+            g.dev[g.head:g.head + 4 * packed.size].copy_(g.host[g.head:g.head + 4 * packed.size], non_blocking=True)
+            g.table[:, :rows, c:w].copy_(g.over[:packed.size].view(g.nt, rows, w - c))
+            self.packed_fills += 1
+        if not g.copy_in:
+            g.dev[:g.head].copy_(g.host[:g.head], non_blocking=True)
         g.graph.replay()
         return g.logits[:e].clone() if self.keep_logits else g.logits[:e]  # [B_emit, vocab]
 
@@ -740,7 +749,8 @@ class GPUEngine(TorchEngine):
         its device copy, and the AttnMetadata (per page table too, for a hybrid design) viewing
         that copy; `_forward` fills the staging buffer at each replay. A step with prefill whose
         staging buffer is over `PREFILL_COPY_IN_BYTES` reads its page tables from a separate wide
-        block [nt, bs, pages] that `_forward` fills from the packed rows in the staging buffer.
+        block [nt, bs, pages]: the graph fills its first `wb` columns from the head of the staging
+        buffer (the part it copies), `_forward` the rest, where used, from packed rows after it.
         Both are parts of the shared `_staging` buffers when they fit. No CUDA call but the
         copies (the CPU tests run this with an eager stand-in for the graph)."""
         self._staged = None  # (the shared staging buffer is rewritten below)
@@ -752,30 +762,38 @@ class GPUEngine(TorchEngine):
         # [bs+1], seq_lens [bs], nt page tables [bs, pages] (decode) or their packed rows (prefill))
         n64 = (2 + nt) * ts + bs
         nbytes, wide = self._staging_size(key, nt)
+        fixed = 8 * n64 + 4 * (2 * bs + 1)
+        # a wide table's first `wb` columns go in the graph's own copy (the head of the staging
+        # buffer, at most PREFILL_COPY_IN_BYTES with the fixed part) and are spread by the graph;
+        # the rest (a step with a longer context) is packed and copied before the replay
+        wb = pages if not wide else min(pages, max(0, PREFILL_COPY_IN_BYTES - fixed) // (4 * nt * bs))
         st = self._stage
         if st is None or st.host.numel() < nbytes or st.table.numel() < wide:
             st = SimpleNamespace(host=torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda"),
                                  table=torch.zeros(max(wide, 1), dtype=torch.int32, device=self.device))
             st.dev = st.host.to(self.device)
-        g = SimpleNamespace(host=st.host[:nbytes], dev=st.dev[:nbytes], key=key, nt=nt, fixed=8 * n64 + 4 * (2 * bs + 1))
+        g = SimpleNamespace(host=st.host[:nbytes], dev=st.dev[:nbytes], key=key, nt=nt, wb=wb,
+                            head=fixed + 4 * nt * bs * wb)
         g.host.zero_()
         v64, v32 = g.host.numpy()[:8 * n64].view(np.int64), g.host.numpy()[8 * n64:].view(np.int32)
         g.h64, g.h64_idx = v64[:(2 + nt) * ts].reshape(2 + nt, ts), v64[(2 + nt) * ts:]
         g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:2 * bs + 1]
-        g.h32_area = v32[2 * bs + 1:]
-        g.h32_table = g.h32_area.reshape(nt, bs, pages)
+        g.h32_table = v32[2 * bs + 1:2 * bs + 1 + nt * bs * wb].reshape(nt, bs, wb)
+        g.h32_over = v32[2 * bs + 1 + nt * bs * wb:]
         g.h64[2:] = -1
         g.dev.copy_(g.host)  # (blocking: the shared host buffer is rewritten by the next key's inputs)
         d64, d32 = g.dev[:8 * n64].view(torch.int64), g.dev[8 * n64:].view(torch.int32)
         g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
         slots = d64[2 * ts:(2 + nt) * ts].view(nt, ts)
-        g.area = d32[2 * bs + 1:]
+        block = d32[2 * bs + 1:2 * bs + 1 + nt * bs * wb].view(nt, bs, wb)
+        g.over = d32[2 * bs + 1 + nt * bs * wb:]
         whole = decode_only or not wide  # the table block in the staging buffer (`PREFILL_COPY_IN_BYTES`)
         g.table = None if whole else st.table[:wide].view(nt, bs, pages)
-        tables = g.area.view(nt, bs, pages) if whole else g.table
+        g.block = None if whole or not wb else block
+        tables = block if whole else g.table
         g.qsl, g.dp = d32[:bs + 1], dp
         g.split = 0 < dp and not decode_only
-        g.copy_in = whole and GRAPH_COPIES_INPUTS
+        g.copy_in = GRAPH_COPIES_INPUTS
         g.meta = AttnMetadata(slots[0], tables[0], g.qsl,
                               d32[bs + 1:2 * bs + 1], d64[(2 + nt) * ts:], page_size, contiguous, decode_only,
                               pages * page_size, dp if g.split else 0, None)
@@ -784,11 +802,13 @@ class GPUEngine(TorchEngine):
         return g
 
     def _graph_body(self, g: SimpleNamespace) -> None:
-        """What a graph runs: (a decode graph, a small one with prefill) the copy of its staging
-        buffer to the device; (a split step) the prefill part's query_start_loc, recomputed from
+        """What a graph runs: the copy of its staging buffer's head to the device (a graph with a
+        wide table: and the spread of its first columns); (a split step) the prefill part's query_start_loc, recomputed from
         the input at each replay, into every table's metadata; the model, into g.logits [bs, vocab]."""
         if g.copy_in:  # (captured from pinned memory: the replay reads what the host wrote before it)
-            g.dev.copy_(g.host, non_blocking=True)
+            g.dev[:g.head].copy_(g.host[:g.head], non_blocking=True)
+        if g.block is not None:  # a wide table's first columns, from the copy into the wide table
+            g.table[:, :, :g.wb].copy_(g.block)
         if g.split:
             g.meta.extend_start_loc = g.qsl[g.dp:] - g.dp
             for m in g.meta.table_metas or ():
