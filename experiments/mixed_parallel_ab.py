@@ -5,7 +5,9 @@
 - --flag parallel: a mixed step's decode and extend attention as parallel branches of its CUDA
   graph (`kvbench.model.PARALLEL_MIXED`) against the serial graph;
 - --flag copyin: a small step with prefill copying its page tables inside the graph
-  (`gpu_engine.PREFILL_COPY_IN_BYTES`) against packing them and spreading them before the replay.
+  (`gpu_engine.PREFILL_COPY_IN_BYTES`) against packing them and spreading them before the replay
+  (with --page-size 1, radix's wide tables: their first columns in the graph's copy against all
+  packed).
 
 Both attention kernels of a hit step are a few programs per SM and latency-bound (1B shape, H200,
 05c9e0e: extend 20 us a layer, decode of 15 rows 15 us), so run side by side the shorter one
@@ -54,7 +56,13 @@ def main() -> None:
     ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--flag", choices=("parallel", "copyin"), default="parallel")
+    ap.add_argument("--page-size", type=int, default=16,
+                    help="pages of the pool (1: radix's token-level tables, 16,384 columns wide in a step with "
+                         "prefill: copyin then A/Bs their first columns in the graph's copy against all packed)")
     args = ap.parse_args()
+    if args.page_size < 1:
+        ap.error(f"--page-size must be >= 1, got {args.page_size}")
+    so.PS = args.page_size
     # (module, name, off value, on value)
     mod, flag, off, on = {"parallel": (kvmodel, "PARALLEL_MIXED", False, True),
                           "copyin": (gpu_engine, "PREFILL_COPY_IN_BYTES", 0,
@@ -77,7 +85,7 @@ def main() -> None:
                     for _ in range(3):
                         eng.step(batch)
                     step = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
-                    row = dict(model=name, step=label, on=is_on, round=r, step_ms=step,
+                    row = dict(model=name, page_size=so.PS, step=label, on=is_on, round=r, step_ms=step,
                                graph_ms=so.replay_ms(eng))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
