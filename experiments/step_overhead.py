@@ -36,6 +36,7 @@ use_checkout()
 from check_model_gpu import model_cfg  # noqa: E402
 
 from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
+from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
 from kvbench.request import Request  # noqa: E402
 
@@ -112,6 +113,9 @@ def main() -> None:
                     help="page sizes to time, comma-separated (1: radix's token-level table; 16: paged's)")
     ap.add_argument("--order", choices=("shuffled", "in"), default="shuffled",
                     help="pages of the pool in shuffled order (a pool after churn) or in order (a fresh one)")
+    ap.add_argument("--copy-in-bytes", type=int, default=None,
+                    help="gpu_engine.PREFILL_COPY_IN_BYTES (default: the engine's): a larger value copies "
+                         "wide page tables whole inside the graph")
     ap.add_argument("--graph-max-tokens", type=int, default=8192,
                     help="engine.graph_max_tokens: steps with more prefill tokens run eagerly")
     args = ap.parse_args()
@@ -125,6 +129,11 @@ def main() -> None:
     if min(page_sizes) < 1:
         print(f"step_overhead: error: --page-sizes must be positive ints, got {args.page_sizes!r}", file=sys.stderr)
         sys.exit(2)
+    if args.copy_in_bytes is not None:
+        if args.copy_in_bytes < 0:
+            print(f"step_overhead: error: --copy-in-bytes must be >= 0, got {args.copy_in_bytes}", file=sys.stderr)
+            sys.exit(2)
+        gpu_engine.PREFILL_COPY_IN_BYTES = args.copy_in_bytes
     unknown = set(filter(None, args.steps.split(","))) - set(steps())
     if unknown:
         print(f"step_overhead: error: unknown --steps {sorted(unknown)}; known: {list(steps())}", file=sys.stderr)
@@ -153,7 +162,7 @@ def main() -> None:
                     eng.step(batch)
                 t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
                 g, n, top = gpu_ms(eng, batch, args.top)
-                row = dict(model=name, page_size=PS, order=args.order, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
+                row = dict(model=name, page_size=PS, order=args.order, copy_in_bytes=gpu_engine.PREFILL_COPY_IN_BYTES, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
                            kernels=n, ratio=round(t / g, 3), graph_max_tokens=args.graph_max_tokens, tokens=sum(p[1] for p in parts), top_kernels_ms=top)
                 if graphs and len(eng._graphs) == 1:
                     # the replay alone (CUDA events around it, the GPU idle before): step - replay is

@@ -99,8 +99,9 @@ GRAPH_COPIES_INPUTS = True
 # spread by a second copy on the device. A larger one (long tables, many requests) copies this many
 # bytes itself, its tables' first columns among them, and spreads those into its wide table; only
 # a step with wider tables packs the rest and copies it before the replay (two more stream
-# operations: radix's tables of one token a page at max_model_len 16384 paid 0.13-0.3 ms a step
-# for them on an H200). 0: every step with prefill packs (an A/B of experiments/mixed_parallel_ab.py)
+# operations and host calls, as the small graphs' copy removed in 985786e; radix's tables of one
+# token a page are 16,384 columns wide at max_model_len 16,384). 0: every step with prefill packs
+# (an A/B of experiments/mixed_parallel_ab.py, --page-size 1 for radix's tables)
 PREFILL_COPY_IN_BYTES = 256 << 10
 # `step` waits for the GPU by polling its end event, not in a blocking cudaEventSynchronize: after a
 # blocking wait the host built the next batch about 3x slower (H200, 8B decode at batch 64, 4
