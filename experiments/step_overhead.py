@@ -3,7 +3,8 @@ above the GPU's work, for the steps issue 12 names.
 
     python experiments/step_overhead.py --out DIR [--models llama3_2_1b,llama3_1_8b]
 
-Per model shape (random bf16 weights, paged pages of 16 in shuffled order) and step:
+Per model shape (random bf16 weights, pages of 16 in shuffled order unless --page-sizes / --order
+say otherwise, max_model_len 16,384 as the prefix-saving sweeps: a step with prefill's table width) and step:
   step_ms  median engine step (CUDA events around batch building + forward), what a replay pays
   gpu_ms   the sum of the step's kernel durations (torch profiler), i.e. launch gaps excluded
   ratio    step_ms / gpu_ms (the goal for prefill and mixed steps: <= 1.15)

@@ -804,8 +804,9 @@ class GPUEngine(TorchEngine):
 
     def _graph_body(self, g: SimpleNamespace) -> None:
         """What a graph runs: the copy of its staging buffer's head to the device (a graph with a
-        wide table: and the spread of its first columns); (a split step) the prefill part's query_start_loc, recomputed from
-        the input at each replay, into every table's metadata; the model, into g.logits [bs, vocab]."""
+        wide table: and the spread of its first columns into it); (a split step) the prefill part's
+        query_start_loc, recomputed from the input at each replay, into every table's metadata; the
+        model, into g.logits [bs, vocab]."""
         if g.copy_in:  # (captured from pinned memory: the replay reads what the host wrote before it)
             g.dev[:g.head].copy_(g.host[:g.head], non_blocking=True)
         if g.block is not None:  # a wide table's first columns, from the copy into the wide table
