@@ -60,7 +60,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3, help="passes over the configs (medians quoted)")
+    ap.add_argument("--configs", default="",
+                    help="configs to time instead of CONFIGS, ';'-separated BLOCK_N,warps,stages[,splits[,PIECE_ALIGN]] "
+                         "(splits and PIECE_ALIGN empty or absent: the launcher's), e.g. '64,4,2;64,4,3;32,4,4'")
     args = ap.parse_args()
+    try:
+        configs = [tuple(int(x) if x else None for x in (c.split(",") + [""] * 5)[:5]) for c in args.configs.split(";")
+                   if c.strip()] or CONFIGS
+        bad = [c for c in configs if None in c[:3] or min(c[:3]) < 1]
+    except ValueError:
+        bad = [args.configs]
+    if bad or args.rounds < 1:
+        ap.error(f"--configs: BLOCK_N,warps,stages must be positive ints, got {bad}" if bad
+                 else f"--rounds must be >= 1, got {args.rounds}")
     bk.DEV = torch.device("cuda")
     c = long_case()
     kcs, vcs, qs, sl, pt, ps, R, nbytes = c.kcs, c.vcs, c.qs, c.sl, c.pt, c.ps, c.R, c.nbytes
@@ -84,7 +96,7 @@ def main() -> None:
                                  ratio=by / ms / 1e6 / copy, ok=""))
                 print(f"round {rnd} sdpa {peer:30s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} copy {copy:.0f} GB/s",
                       flush=True)
-        for bn, w, st, ns, al in CONFIGS:
+        for bn, w, st, ns, al in configs:
             cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0)
             if al:
                 cfg["PIECE_ALIGN"] = al
