@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_overhead as so  # noqa: E402  (make_batch, model_cfg, replay_ms, PS)
+import step_overhead as so  # noqa: E402  (make_batch, model_cfg, replay_ms)
 from gpu_record import git_commit  # noqa: E402
 
 from kvbench import model as kvmodel  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.page_size < 1:
         ap.error(f"--page-size must be >= 1, got {args.page_size}")
-    so.PS = args.page_size
+    ps = args.page_size
     # (module, name, off value, on value)
     mod, flag, off, on = {"parallel": (kvmodel, "PARALLEL_MIXED", False, True),
                           "copyin": (gpu_engine, "PREFILL_COPY_IN_BYTES", 0,
@@ -74,18 +74,18 @@ def main() -> None:
         eng = GPUEngine(so.model_cfg(name), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
                         max_model_len=16384)
         cap = eng.kv_capacity_tokens(None)
-        eng.bind(so.PS, cap // so.PS)
-        order = np.random.default_rng(1).permutation(cap // so.PS).astype(np.int32)
+        eng.bind(ps, cap // ps)
+        order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
         for r in range(args.rounds):
             for label, parts in STEPS.items():
-                batch = so.make_batch(order, parts, cap // so.PS)
+                batch = so.make_batch(order, parts, cap // ps, ps)
                 for is_on in ((False, True) if r % 2 == 0 else (True, False)):
                     setattr(mod, flag, on if is_on else off)
                     eng.drop_graphs()
                     for _ in range(3):
                         eng.step(batch)
                     step = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
-                    row = dict(model=name, page_size=so.PS, step=label, on=is_on, round=r, step_ms=step,
+                    row = dict(model=name, page_size=ps, step=label, on=is_on, round=r, step_ms=step,
                                graph_ms=so.replay_ms(eng))
                     rows.append(row)
                     print(json.dumps(row), flush=True)

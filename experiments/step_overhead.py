@@ -69,18 +69,18 @@ def replay_ms(eng) -> float:
     return graph_replay_ms(g.graph)
 
 
-def make_batch(order, parts, cap_pages) -> StepBatch:
+def make_batch(order, parts, cap_pages, ps: int = PS) -> StepBatch:
     """parts: [(computed, new tokens)] per request (new == 1: a decode after a `computed`-token
     prompt; else a prefill chunk); request i gets its own run of shuffled pages."""
     seqs, at = [], 0
     for i, (done, new) in enumerate(parts):
         total = done + new
-        n = -(-total // PS)
+        n = -(-total // ps)
         ids = np.random.default_rng(i).integers(0, 32000, done if new == 1 else total).astype(np.int32)
         # a fresh request id per batch: the engine keeps each request id's token ids
         seqs.append(ScheduledSeq(Request(next(_RIDS), 0.0, ids, np.zeros(3, np.int32)), done, new, order[at:at + n]))
         at += n
-    return StepBatch(seqs, PS, cap_pages, False, [])
+    return StepBatch(seqs, ps, cap_pages, False, [])
 
 
 def steps():
@@ -142,13 +142,12 @@ def main() -> None:
     commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     out = dict(device=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, rows=[])
-    global PS
-    for name, PS in itertools.product(args.models.split(","), page_sizes):
+    for name, ps in itertools.product(args.models.split(","), page_sizes):
         eng = GPUEngine(model_cfg(name), attention="triton", gpu_memory_utilization=0.5,
                         graph_max_tokens=args.graph_max_tokens, max_model_len=16384)
         cap = eng.kv_capacity_tokens(None)
-        eng.bind(PS, cap // PS)
-        order = np.arange(cap // PS, dtype=np.int32)
+        eng.bind(ps, cap // ps)
+        order = np.arange(cap // ps, dtype=np.int32)
         if args.order == "shuffled":
             order = np.random.default_rng(1).permutation(order)
         for graphs in [bool(int(g)) for g in args.graphs.split(",")]:
@@ -156,14 +155,14 @@ def main() -> None:
             for label, parts in steps().items():
                 if args.steps and label not in args.steps.split(","):
                     continue
-                batch = make_batch(order, parts, cap // PS)
+                batch = make_batch(order, parts, cap // ps, ps)
                 if graphs:
                     eng.drop_graphs()  # (this step's graph the only one: `replay_ms`)
                 for _ in range(3):
                     eng.step(batch)
                 t = float(np.median([eng.step(batch) for _ in range(15)])) * 1e3
                 g, n, top = gpu_ms(eng, batch, args.top)
-                row = dict(model=name, page_size=PS, order=args.order, copy_in_bytes=gpu_engine.PREFILL_COPY_IN_BYTES, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
+                row = dict(model=name, page_size=ps, order=args.order, copy_in_bytes=gpu_engine.PREFILL_COPY_IN_BYTES, step=label, cuda_graphs=graphs, step_ms=round(t, 3), gpu_ms=round(g, 3),
                            kernels=n, ratio=round(t / g, 3), graph_max_tokens=args.graph_max_tokens, tokens=sum(p[1] for p in parts), top_kernels_ms=top)
                 if graphs and len(eng._graphs) == 1:
                     # the replay alone (CUDA events around it, the GPU idle before): step - replay is

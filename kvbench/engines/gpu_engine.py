@@ -778,16 +778,15 @@ class GPUEngine(TorchEngine):
         g.host.zero_()
         v64, v32 = g.host.numpy()[:8 * n64].view(np.int64), g.host.numpy()[8 * n64:].view(np.int32)
         g.h64, g.h64_idx = v64[:(2 + nt) * ts].reshape(2 + nt, ts), v64[(2 + nt) * ts:]
-        g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:2 * bs + 1]
-        g.h32_table = v32[2 * bs + 1:2 * bs + 1 + nt * bs * wb].reshape(nt, bs, wb)
-        g.h32_over = v32[2 * bs + 1 + nt * bs * wb:]
+        t0, t1 = 2 * bs + 1, 2 * bs + 1 + nt * bs * wb  # the int32 part: [t0, t1) table block, then the overflow
+        g.h32_qsl, g.h32_lens = v32[:bs + 1], v32[bs + 1:t0]
+        g.h32_table, g.h32_over = v32[t0:t1].reshape(nt, bs, wb), v32[t1:]
         g.h64[2:] = -1
         g.dev.copy_(g.host)  # (blocking: the shared host buffer is rewritten by the next key's inputs)
         d64, d32 = g.dev[:8 * n64].view(torch.int64), g.dev[8 * n64:].view(torch.int32)
         g.ids, g.positions = d64[:ts], d64[ts:2 * ts]
         slots = d64[2 * ts:(2 + nt) * ts].view(nt, ts)
-        block = d32[2 * bs + 1:2 * bs + 1 + nt * bs * wb].view(nt, bs, wb)
-        g.over = d32[2 * bs + 1 + nt * bs * wb:]
+        block, g.over = d32[t0:t1].view(nt, bs, wb), d32[t1:]
         whole = decode_only or not wide  # the table block in the staging buffer (`PREFILL_COPY_IN_BYTES`)
         g.table = None if whole else st.table[:wide].view(nt, bs, pages)
         g.block = None if whole or not wb else block
