@@ -164,27 +164,42 @@ def marginal_cost(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> t
     return float(intercept), float(slope)
 
 
+def baseline(tl: pd.DataFrame) -> dict:
+    """What a run without caching gives the runs compared with it: its prefill cost per step
+    (`prefill_cost`), the median and mean per-token cost, the prefill tokens it computed, its
+    plain prefills by bin and its `work_model`."""
+    base = prefill_cost(tl)
+    return dict(cost=base, b=float((base.cost_s / base.prefill_tokens).median()),
+                b_mean=float(base.cost_s.sum() / base.prefill_tokens.sum()), computed=int(tl.prefill_tokens.sum()),
+                bins=by_prefill_bin(tl[~over_prefix(tl)]), work=work_model(tl))
+
+
+def baseline_of(name: str, bases: dict) -> str:
+    """The run without caching a run is compared with: itself, its own strategy's (`X_nocache`
+    for run X: radix against radix without caching, at its own page size and allocator), else
+    the sweep's first (paged_nocache in the sweeps before radix_nocache existed)."""
+    return name if name in bases else name + "_nocache" if name + "_nocache" in bases else next(iter(bases))
+
+
 def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commit: str | None = None) -> dict:
-    nocache = next(v for k, v in runs.items() if k.endswith("nocache"))
-    base = prefill_cost(nocache[1])
+    bases = {k: baseline(v[1]) for k, v in runs.items() if k.endswith("nocache")}
+    first = next(iter(bases))
+    nocache = runs[first]
     fixed, slope = marginal_cost(runs)
-    b = float((base.cost_s / base.prefill_tokens).median())
-    b_mean = float(base.cost_s.sum() / base.prefill_tokens.sum())
-    base_computed = int(nocache[1].prefill_tokens.sum())
-    plain = nocache[1][~over_prefix(nocache[1])]
-    base_bins = by_prefill_bin(plain)  # the check's baseline: plain prefills only
-    work = work_model(nocache[1])
     out = dict(model=nocache[0].get("model"), trace=nocache[0].get("trace"), device=nocache[0].get("device"),
-               commit=commit or nocache[0].get("commit"), prefill_cost_per_token_us=b * 1e6,
-               prefill_cost_per_token_mean_us=b_mean * 1e6, prefill_marginal_cost_per_token_us=slope * 1e6,
-               prefill_step_fixed_cost_ms=fixed * 1e3, runs={},
-               work_model=work)
-    base_prefill_s = base.cost_s.sum()
+               commit=commit or nocache[0].get("commit"), prefill_marginal_cost_per_token_us=slope * 1e6,
+               prefill_step_fixed_cost_ms=fixed * 1e3, baselines={
+                   k: dict(prefill_cost_per_token_us=v["b"] * 1e6, prefill_cost_per_token_mean_us=v["b_mean"] * 1e6,
+                           work_model=v["work"]) for k, v in bases.items()}, runs={})
+    out.update(out["baselines"][first])  # (the first baseline's figures at the top, as before radix_nocache)
     for name, (summary, tl, req) in runs.items():
+        base = bases[baseline_of(name, bases)]
+        b, b_mean, work = base["b"], base["b_mean"], base["work"]
+        base_prefill_s = base["cost"].cost_s.sum()
         fin = req[req.status == "finished"]
         cached = int(fin.cached_tokens.sum())
         prefill_s = prefill_cost(tl).cost_s.sum()
-        row = dict(prefix_hit_rate=summary.get("prefix_hit_rate"), cached_tokens=cached,
+        row = dict(baseline=baseline_of(name, bases), prefix_hit_rate=summary.get("prefix_hit_rate"), cached_tokens=cached,
                    ttft_mean_ms=fin.ttft_s.mean() * 1e3, ttft_p50_ms=fin.ttft_s.median() * 1e3,
                    ttft_p99_ms=fin.ttft_s.quantile(0.99) * 1e3, tpot_mean_ms=fin.tpot_s.mean() * 1e3,
                    request_throughput=summary.get("request_throughput"),
@@ -192,7 +207,7 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
                    slowest_step_ms=float(tl.dt_s.max()) * 1e3, preemptions=summary.get("preemptions"),
                    prefix_hit_tokens=int(summary.get("prefix_hit_tokens_gpu", 0) + summary.get("prefix_hit_tokens_host", 0)),
                    prefill_tokens_computed=int(tl.prefill_tokens.sum()),
-                   tokens_skipped=base_computed - int(tl.prefill_tokens.sum()))
+                   tokens_skipped=base["computed"] - int(tl.prefill_tokens.sum()))
         if cached:
             row["saving_per_cached_token_us"] = (base_prefill_s - prefill_s) / cached * 1e6
             row["saving_vs_prefill_cost"] = row["saving_per_cached_token_us"] / (b * 1e6)
@@ -203,8 +218,8 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
             row["saving_per_skipped_vs_mean_cost"] = row["saving_per_skipped_token_us"] / (b_mean * 1e6)
         row["step_ms_by_prefill_tokens"] = by_prefill_bin(tl)
         row["ttft_by_cached_tokens"] = ttft_by_cached(req)
-        if tl is not nocache[1]:
-            row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base_bins)
+        if name not in bases:
+            row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base["bins"])
             if work is not None:
                 row["extend_at_equal_work"] = extend_at_equal_work(tl, work)
         out["runs"][name] = row
@@ -216,11 +231,11 @@ def figure(reports: list[dict], data: list[dict], path: Path, note: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(reports), figsize=(6 * len(reports), 8), squeeze=False)
-    styles = {"paged": ("C0", "o"), "paged_nocache": ("C3", "x"), "radix": ("C2", "^")}
+    styles = {"paged": ("C0", "o"), "paged_nocache": ("C3", "x"), "radix": ("C2", "^"), "radix_nocache": ("C1", "v")}
     for j, (rep, runs) in enumerate(zip(reports, data)):
         ax, cdf = axes[0, j], axes[1, j]
         for name, (_, tl, req) in runs.items():
-            kind = next((k for k in ("paged_nocache", "radix", "paged") if name.endswith(k)), None)
+            kind = next((k for k in ("paged_nocache", "radix_nocache", "radix", "paged") if name.endswith(k)), None)
             colour, marker = styles.get(kind, ("C7", "."))
             p = tl[tl.prefill_tokens > 0]
             ax.scatter(p.prefill_tokens, p.dt_s * 1e3, s=6, alpha=0.4, color=colour, marker=marker, label=name)
@@ -249,11 +264,15 @@ def markdown(reports: list[dict]) -> str:
     TTFT against cached tokens per request, the saving per cached / skipped token."""
     out = []
     for rep in reports:
+        bases = rep.get("baselines") or {"the run without caching": rep}
         out += [f"## {rep['model']}, trace {rep['trace']} ({rep['device']}, commit {rep['commit']})", "",
-                f"Prefill cost in the run without caching: median {rep['prefill_cost_per_token_us']:.2f} us per token "
-                f"(mean: total cost / tokens, {rep['prefill_cost_per_token_mean_us']:.2f} us). Marginal cost, "
-                f"the slope of a line through every run's steps with prefill: {_f(rep.get('prefill_marginal_cost_per_token_us'))} "
-                f"us per token, plus {_f(rep.get('prefill_step_fixed_cost_ms'), '.3f')} ms per step.", "",
+                *[f"Prefill cost in {k}: median {v['prefill_cost_per_token_us']:.2f} us per token (mean: total cost / "
+                  f"tokens, {v['prefill_cost_per_token_mean_us']:.2f} us)." for k, v in bases.items()],
+                *(["Each run with caching is compared with the run without caching of its own strategy (same page "
+                   "size and allocator) where the sweep has one (the runs' `baseline`)."] if len(bases) > 1 else []),
+                f"Marginal cost, the slope of a line through every run's steps with prefill: "
+                f"{_f(rep.get('prefill_marginal_cost_per_token_us'))} us per token, plus "
+                f"{_f(rep.get('prefill_step_fixed_cost_ms'), '.3f')} ms per step.", "",
                 "| run | hit rate | preemptions | prefill tokens computed | cached tokens (admissions) | tokens skipped "
                 "| TTFT mean / p50 / p99 ms | TPOT mean ms | req/s | saving per cached token (x median / x marginal cost) "
                 "| saving per skipped token (x median / x mean cost) | <=64-token prefill step / decode step |",
@@ -277,22 +296,24 @@ def markdown(reports: list[dict]) -> str:
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out += ["", f"Extend over a cached prefix against a plain prefill of the same length (median step time per "
                 f"prefill token of steps over a prefix with caching / of plain prefills without; FAIL above {1 + TOLERANCE:.2f} with at least {MIN_STEPS} steps "
-                "on both sides):", "", "| run | prefill tokens | steps (cache / no cache) | median step ms (cache / no cache) "
-                "| ratio per token | verdict |", "|---|---|---|---|---:|---|"]
-        rows = [f"| {name} | {k} | {v['steps']} / {v['steps_nocache']} | {v['median_ms']:.2f} / "
+                "on both sides):", "", "| run | against | prefill tokens | steps (cache / no cache) | median step ms (cache / no cache) "
+                "| ratio per token | verdict |", "|---|---|---|---|---|---:|---|"]
+        rows = [f"| {name} | {r.get('baseline', '')} | {k} | {v['steps']} / {v['steps_nocache']} | {v['median_ms']:.2f} / "
                 f"{v['median_ms_nocache']:.2f} | {v['ratio_per_token']:.2f} | {v['verdict']} |"
                 for name, r in rep["runs"].items() for k, v in r.get("extend_vs_prefill", {}).items()]
         out += rows or ["| (no bin of prefill tokens has steps over a prefix with caching and plain prefills "
-                        "without) | | | | | |"]
-        w = rep.get("work_model")
-        rows = [f"| {name} | {k} | {v['steps']} | {v['ratio']:.2f} | {v['verdict']} |"
+                        "without) | | | | | | |"]
+        fits = {k: v["work_model"] for k, v in bases.items() if v.get("work_model") is not None}
+        rows = [f"| {name} | {r.get('baseline', '')} | {k} | {v['steps']} | {v['ratio']:.2f} | {v['verdict']} |"
                 for name, r in rep["runs"].items() for k, v in r.get("extend_at_equal_work", {}).items()]
-        if w is not None and rows:
-            out += ["", f"The same steps at equal work: their prefill cost against the run without caching's for the "
-                    f"same prefill tokens and query-key pairs (its steps with prefill, {w['tokens_min']}-{w['tokens_max']} tokens, "
-                    f"fitted: {w['step_ms']:.3f} ms a step + {w['token_us']:.2f} us a token + {w['pair_ns']:.4f} ns a pair; "
-                    f"steps in that range; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}):", "",
-                    "| run | prefill tokens | steps | measured / at equal work | verdict |", "|---|---|---:|---:|---|", *rows]
+        if fits and rows:
+            out += ["", "The same steps at equal work: their prefill cost against what the run without caching pays for "
+                    "the same prefill tokens and query-key pairs (its steps with prefill, fitted per step, token and pair: "
+                    + "; ".join(f"{k}: {w['tokens_min']}-{w['tokens_max']} tokens, {w['step_ms']:.3f} ms a step + "
+                                f"{w['token_us']:.2f} us a token + {w['pair_ns']:.4f} ns a pair" for k, w in fits.items())
+                    + f"; steps in that range; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}):", "",
+                    "| run | against | prefill tokens | steps | measured / at equal work | verdict |",
+                    "|---|---|---|---:|---:|---|", *rows]
         out += ["", "TTFT against cached tokens per request (finished requests, binned by the prompt tokens their "
                 "admission found cached; new tokens = prompt - cached):", "",
                 "| run | cached tokens | requests | TTFT mean ms | TTFT p50 ms | prompt mean | new tokens mean |",

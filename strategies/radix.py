@@ -47,7 +47,10 @@ by the request and gets its access time at unlock: the "touch" that paged's `ded
 by last access, SGLang's). Admission (both change what a later request can hit):
 `cache_outputs` false inserts only the prompt the request was admitted with; `min_cache_len` > 0
 inserts nothing of a request whose prompt is shorter (its pages stay private and are freed at
-release). A fork still shares its parent's computed positions through the tree.
+release). A fork still shares its parent's computed positions through the tree. `prefix_caching`
+false (SGLang's `--disable-radix-cache`): no admission matches the tree and no request inserts
+into it, so the pool is radix's token-level allocator alone (the baseline of a hit's saving at
+radix's own page size).
 
 Host tier (`host_tier_tokens` > 0, `host_tier_eviction`; strategies/host_tier.py), SGLang
 HiCache's layout: an evicted leaf stays in the tree, its pages copied device → host (`pages` is
@@ -177,19 +180,21 @@ class _Options(NamedTuple):
     min_cache_len: int
     host_tier_tokens: int
     host_tier_eviction: str
+    prefix_caching: bool
 
 
 class RadixStrategy(Strategy):
-    caches_prefixes = True
 
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
                  name: str = "radix", prefix_visibility: str = "computed", eviction="lru",
                  cache_outputs: bool = True, min_cache_len: int = 0, host_tier_tokens: int = 0,
-                 host_tier_eviction: str = "lru") -> None:
+                 host_tier_eviction: str = "lru", prefix_caching: bool = True) -> None:
         super().__init__(capacity_tokens, max_model_len, page_size, name)
         self._tc, self._dt = _page_type(self.num_pages)  # page id arrays: typecode, numpy dtype
         host_pages = host_pages_for(host_tier_tokens, self.page_size, "radix")
         self._host = None  # off; else the host pool (its lru: by last access, as the GPU's)
+        if host_pages and not prefix_caching:
+            raise ValueError("radix host_tier_tokens > 0 needs prefix_caching: true (the host tier holds cached nodes)")
         if host_pages:
             self._host = HostPool(host_pages, self.page_size, host_tier_eviction,
                                   TimedLRU() if host_tier_eviction == "lru" else None)
@@ -201,7 +206,7 @@ class RadixStrategy(Strategy):
         self._scheduled = prefix_visibility == "scheduled"
         if int(min_cache_len) < 0:
             raise ValueError(f"radix min_cache_len must be >= 0, got {min_cache_len}")
-        self._admission = not cache_outputs or int(min_cache_len) > 0
+        self._admission = not cache_outputs or int(min_cache_len) > 0 or not prefix_caching
         self._clock = itertools.count(1)
         self.root = _Node(_EMPTY, array(self._tc), None, 0)
         self._free = array(self._tc)  # a stack of returned page ids (most recent on top)
@@ -219,7 +224,7 @@ class RadixStrategy(Strategy):
         self._leaves.bind(self.num_pages)
         self._opts = _Options(prefix_visibility, self._leaves.name, bool(cache_outputs), int(min_cache_len),
                               host_pages * self.page_size,
-                              self._host.eviction if self._host else str(host_tier_eviction))
+                              self._host.eviction if self._host else str(host_tier_eviction), bool(prefix_caching))
         self._tracks = self._leaves.tracks_requests  # priority: told each admitted / released request
         self._seqs: dict[RequestId, _Seq] = {}
         self._protected = 0  # tokens in locked tree nodes
@@ -236,6 +241,7 @@ class RadixStrategy(Strategy):
     min_cache_len = property(attrgetter("_opts.min_cache_len"))
     host_tier_tokens = property(attrgetter("_opts.host_tier_tokens"))
     host_tier_eviction = property(attrgetter("_opts.host_tier_eviction"))
+    prefix_caching = caches_prefixes = property(attrgetter("_opts.prefix_caching"))
     # a decode's grow inserts nothing (radix inserts at prefill and release), and a free page
     # taken evicts nothing: a refused request's match and path stay (without a host tier)
     refusal_outlasts_free_takes = property(lambda self: not self._opts.host_tier_tokens)
@@ -725,7 +731,8 @@ class RadixStrategy(Strategy):
 
     def admit(self, rid, tokens, kv_len, num_prompt, max_new) -> Admission:
         ps, root = self.page_size, self.root
-        limit = (num_prompt - 1) // ps * ps  # leave at least one position to compute
+        # leave at least one position to compute (without prefix caching: match nothing)
+        limit = (num_prompt - 1) // ps * ps if self._opts.prefix_caching else 0
         memo = self._match_memo
         if memo is not None and memo.rid == rid and memo.tokens is tokens and memo.limit == limit:
             if (memo.gen == self._gen and memo.num_prompt == num_prompt and max_new >= memo.max_new
@@ -763,7 +770,8 @@ class RadixStrategy(Strategy):
         private = array(self._tc)
         seq = _Seq(tokens, kv_len, num_prompt, node, cached, private, cached)
         if self._admission:  # insert only the prompt, or nothing of a short request
-            seq.cache_len = 0 if num_prompt < self.min_cache_len else (kv_len if self.cache_outputs else num_prompt)
+            seq.cache_len = (0 if num_prompt < self.min_cache_len or not self._opts.prefix_caching
+                             else kv_len if self.cache_outputs else num_prompt)
         self._seqs[rid] = seq
         if host_tokens:
             self._extend(seq, length)
@@ -1330,7 +1338,8 @@ class RadixStrategy(Strategy):
 
     @property
     def label(self) -> str:
-        return (f"{self.name}-{self.page_size}" + ("-sched" if self._scheduled else "")
+        return (f"{self.name}-{self.page_size}" + ("" if self.prefix_caching else "-nocache")
+                + ("-sched" if self._scheduled else "")
                 + ("" if self.eviction == "lru" else f"-{self.eviction}")
                 + ("" if self.cache_outputs else "-noout") + (f"-min{self.min_cache_len}" if self.min_cache_len else "")
                 + (f"-host{self.host_tier_tokens}" if self._host else "")
@@ -1339,7 +1348,8 @@ class RadixStrategy(Strategy):
     def summary(self) -> dict:
         host = self._host
         return {**super().summary(), "prefix_visibility": self.prefix_visibility, "eviction": self.eviction,
-                "cache_outputs": self.cache_outputs, "min_cache_len": self.min_cache_len,
+                "prefix_caching": self.prefix_caching, "cache_outputs": self.cache_outputs,
+                "min_cache_len": self.min_cache_len,
                 "host_tier_tokens": self.host_tier_tokens, "host_tier_eviction": self.host_tier_eviction,
                 "prefix_hit_tokens_gpu": self._hits_gpu, "prefix_hit_tokens_host": self._hits_host,
                 "host_d2h_tokens": host.d2h_tokens if host else 0, "host_h2d_tokens": host.h2d_tokens if host else 0,

@@ -98,7 +98,7 @@ def test_version_help_and_a_sweep_print_what_a_user_expects(tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("kvbench 0.") and "Hydra 1.3" in version.stdout
     helped = kvbench("--help")
     assert helped.returncode == 0 and "powered by Hydra" not in helped.stdout
-    assert "kvbench -m experiment=memory_waste" in helped.stdout and "paged, paged_nocache, radix, slab" in helped.stdout
+    assert "kvbench -m experiment=memory_waste" in helped.stdout and "paged, paged_nocache, radix, radix_nocache, slab" in helped.stdout
     out = kvbench("-m", "strategy=slab_oracle,radix", "trace.rate=4,16", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.parent.name for p in tmp_path.glob("*/summary.json")) == [

@@ -36,15 +36,21 @@ def test_what_a_later_request_hits(cls, ps, everything, prompt_only):
     assert _later_hit(cls, ps, min_cache_len=10) == 0  # a 9-id prompt is too short to cache
     assert _later_hit(cls, ps, min_cache_len=9) == everything
     assert _later_hit(cls, ps, cache_outputs=False, min_cache_len=9) == prompt_only
+    assert _later_hit(cls, ps, prefix_caching=False) == 0  # (radix: SGLang's --disable-radix-cache)
 
 
 @pytest.mark.parametrize("cls", [PagedStrategy, RadixStrategy])
-def test_uncached_pages_are_free_after_release(cls):
-    s = cls(64, 64, page_size=4, min_cache_len=100)
+@pytest.mark.parametrize("opts", [dict(min_cache_len=100), dict(prefix_caching=False)])
+def test_uncached_pages_are_free_after_release(cls, opts):
+    s = cls(64, 64, page_size=4, **opts)
     assert s.admit(0, T, 16, 9, 9).admitted and s.grow(0, 7)
     s.release(0)
     st = s.slot_states(None)
     assert st.cached == 0 and st.free == 64
+    assert not s.caches_prefixes if "prefix_caching" in opts else s.caches_prefixes
+    assert cls(64, 64, page_size=4).label + "-nocache" == cls(64, 64, page_size=4, prefix_caching=False).label
+    with pytest.raises(ValueError, match="host_tier_tokens > 0 needs prefix_caching: true"):
+        cls(64, 64, page_size=4, prefix_caching=False, host_tier_tokens=16)
     assert cls(64, 64, page_size=4).label + "-noout-min5" == cls(64, 64, page_size=4, cache_outputs=False,
                                                                 min_cache_len=5).label
     with pytest.raises(ValueError, match="min_cache_len must be >= 0"):

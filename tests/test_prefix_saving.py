@@ -87,3 +87,37 @@ def test_an_extend_is_judged_against_the_cost_of_its_own_work_not_only_its_new_t
     assert abs(got["257-512"]["ratio"] - 1) < 1e-9 and got["257-512"]["verdict"] == "pass"
     got = prefix_saving.extend_at_equal_work(cached[cached.prefill_pairs != _pairs(ext)], work)
     assert abs(got["257-512"]["ratio"] - 1.3) < 1e-9 and got["257-512"]["verdict"] == "FAIL"
+
+
+def test_each_run_is_judged_against_its_own_strategy_without_caching():
+    # paged and radix, each with and without caching; radix's layout makes every step 1.2x slower
+    # (its own cost, not its cache's): radix's extends cost what radix without caching pays for
+    # that work, and 1.2x what paged without caching does
+    def dt(chunks, slow):
+        return slow * (0.001 + 3e-4 + 2e-6 * sum(n for _, n in chunks) + 1e-9 * _pairs(chunks))
+
+    def run(slow, chunks):
+        dec = [dict(prefill_tokens=0, prefill_pairs=0, dt_s=slow * 0.001, running=1)] * 3
+        tl = pd.DataFrame(dec + [dict(_step(c, dt(c, slow)), running=1) for c in chunks])
+        cached = [p for c in chunks for p, _ in c[:1]]
+        req = pd.DataFrame(dict(status="finished", cached_tokens=cached, ttft_s=0.01, tpot_s=0.001, prompt_len=2048))
+        return {"prefix_hit_rate": 0.5}, tl, req
+
+    plain = [[(0, n)] for n in (100, 300, 400, 500, 1000, 2000)] + [[(2000, 500)]]
+    hits = [[(1024, 300)]] * 3
+    runs = {"m_paged": run(1.0, hits), "m_paged_nocache": run(1.0, plain),
+            "m_radix": run(1.2, hits), "m_radix_nocache": run(1.2, plain)}
+    rep = prefix_saving.model_report(runs)
+    assert {k: r["baseline"] for k, r in rep["runs"].items()} == {
+        "m_paged": "m_paged_nocache", "m_paged_nocache": "m_paged_nocache",
+        "m_radix": "m_radix_nocache", "m_radix_nocache": "m_radix_nocache"}
+    for name in ("m_paged", "m_radix"):
+        got = rep["runs"][name]["extend_at_equal_work"]["257-512"]
+        assert abs(got["ratio"] - 1) < 1e-6 and got["verdict"] == "pass", name
+    assert set(rep["baselines"]) == {"m_paged_nocache", "m_radix_nocache"}
+    # a sweep with paged_nocache only (before radix_nocache): radix is judged against it
+    del runs["m_radix_nocache"]
+    got = prefix_saving.model_report(runs)["runs"]["m_radix"]
+    assert got["baseline"] == "m_paged_nocache"
+    assert abs(got["extend_at_equal_work"]["257-512"]["ratio"] - 1.2) < 1e-6 and got["extend_at_equal_work"]["257-512"]["verdict"] == "FAIL"
+    assert "against" in prefix_saving.markdown([prefix_saving.model_report(runs)])
