@@ -137,21 +137,46 @@ def work_model(base_tl: pd.DataFrame) -> dict | None:
                 tokens_min=int(base.prefill_tokens.min()), tokens_max=int(base.prefill_tokens.max()))
 
 
-def extend_at_equal_work(tl: pd.DataFrame, work: dict) -> dict:
+def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | None = None, rounds: int = 200,
+                         seed: int = 0) -> dict:
     """Per bin of prefill tokens: the run's steps over a prefix within the fit's range of prefill
     tokens, their prefill cost against what the run without caching pays for the same prefill
     tokens and query-key pairs (`work_model`); median ratio, pass within TOLERANCE. An extend
     attends to its whole history, so at equal new tokens it does more work than a plain prefill
-    (`extend_vs_prefill`); this asks whether it pays more than that work costs."""
+    (`extend_vs_prefill`); this asks whether it pays more than that work costs.
+
+    With `base_tl` (the run the fit came from) each bin also gets `interval`: the 5th and 95th
+    percentiles of the median ratio over `rounds` bootstrap rounds, each resampling the baseline's
+    steps with prefill (the fit redone) and the bin's steps. A verdict whose interval straddles
+    1 + TOLERANCE is within the noise of one pair of runs."""
     p = prefill_cost(tl)
     p = p[over_prefix(p) & p.prefill_tokens.between(work["tokens_min"], work["tokens_max"])]
-    pred = (work["step_ms"] * 1e-3 + work["token_us"] * 1e-6 * p.prefill_tokens.to_numpy(float)
-            + work["pair_ns"] * 1e-9 * p.prefill_pairs.to_numpy(float))
-    ratio = pd.Series(p.cost_s.to_numpy(float) / pred, index=p.index)
-    g = ratio.groupby(pd.cut(p.prefill_tokens, BINS, right=False, labels=LABELS), observed=True)
-    return {str(k): dict(steps=int(n), ratio=float(m), verdict=("pass" if m <= 1 + TOLERANCE else "FAIL")
-                         if n >= MIN_STEPS else "too few steps")
-            for k, n, m in zip(g.median().index, g.size(), g.median())}
+    tokens, pairs, cost = (p[c].to_numpy(float) for c in ("prefill_tokens", "prefill_pairs", "cost_s"))
+    pred = work["step_ms"] * 1e-3 + work["token_us"] * 1e-6 * tokens + work["pair_ns"] * 1e-9 * pairs
+    ratio = pd.Series(cost / pred, index=p.index)
+    bins = pd.cut(p.prefill_tokens, BINS, right=False, labels=LABELS)
+    g = ratio.groupby(bins, observed=True)
+    out = {str(k): dict(steps=int(n), ratio=float(m), verdict=("pass" if m <= 1 + TOLERANCE else "FAIL")
+                        if n >= MIN_STEPS else "too few steps")
+           for k, n, m in zip(g.median().index, g.size(), g.median())}
+    if base_tl is None or not out:
+        return out
+    base = prefill_cost(base_tl)
+    x = np.c_[np.ones(len(base)), base.prefill_tokens.to_numpy(float), base.prefill_pairs.to_numpy(float)]
+    y = base.cost_s.to_numpy(float)
+    w = 1 / np.maximum(np.abs(y), 1e-4) ** 2
+    rng = np.random.default_rng(seed)
+    at = {k: np.flatnonzero((bins == k).to_numpy()) for k in out}
+    meds = {k: [] for k in out}
+    for _ in range(rounds):
+        i = rng.integers(0, len(y), len(y))
+        coef = _nnls(x[i], y[i], w[i])
+        r = cost / (coef[0] + coef[1] * tokens + coef[2] * pairs)
+        for k, rows in at.items():
+            meds[k].append(np.median(r[rng.choice(rows, len(rows))]))
+    for k, m in meds.items():
+        out[k]["interval"] = [float(np.quantile(m, 0.05)), float(np.quantile(m, 0.95))]
+    return out
 
 
 def marginal_cost(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> tuple[float, float]:
@@ -221,7 +246,7 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
         if name not in bases:
             row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base["bins"])
             if work is not None:
-                row["extend_at_equal_work"] = extend_at_equal_work(tl, work)
+                row["extend_at_equal_work"] = extend_at_equal_work(tl, work, runs[row["baseline"]][1])
         out["runs"][name] = row
     return out
 
@@ -304,16 +329,18 @@ def markdown(reports: list[dict]) -> str:
         out += rows or ["| (no bin of prefill tokens has steps over a prefix with caching and plain prefills "
                         "without) | | | | | | |"]
         fits = {k: v["work_model"] for k, v in bases.items() if v.get("work_model") is not None}
-        rows = [f"| {name} | {r.get('baseline', '')} | {k} | {v['steps']} | {v['ratio']:.2f} | {v['verdict']} |"
+        rows = [f"| {name} | {r.get('baseline', '')} | {k} | {v['steps']} | {v['ratio']:.2f} | "
+                + ("-" if "interval" not in v else "{:.2f}-{:.2f}".format(*v["interval"])) + f" | {v['verdict']} |"
                 for name, r in rep["runs"].items() for k, v in r.get("extend_at_equal_work", {}).items()]
         if fits and rows:
             out += ["", "The same steps at equal work: their prefill cost against what the run without caching pays for "
                     "the same prefill tokens and query-key pairs (its steps with prefill, fitted per step, token and pair: "
                     + "; ".join(f"{k}: {w['tokens_min']}-{w['tokens_max']} tokens, {w['step_ms']:.3f} ms a step + "
                                 f"{w['token_us']:.2f} us a token + {w['pair_ns']:.4f} ns a pair" for k, w in fits.items())
-                    + f"; steps in that range; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}):", "",
-                    "| run | against | prefill tokens | steps | measured / at equal work | verdict |",
-                    "|---|---|---|---:|---:|---|", *rows]
+                    + f"; steps in that range; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}; the 90 % "
+                    "interval: bootstrap over both runs' steps, the fit redone each round):", "",
+                    "| run | against | prefill tokens | steps | measured / at equal work | 90 % interval | verdict |",
+                    "|---|---|---|---:|---:|---|---|", *rows]
         out += ["", "TTFT against cached tokens per request (finished requests, binned by the prompt tokens their "
                 "admission found cached; new tokens = prompt - cached):", "",
                 "| run | cached tokens | requests | TTFT mean ms | TTFT p50 ms | prompt mean | new tokens mean |",
