@@ -2,6 +2,9 @@
 
     python experiments/prefix_saving.py RUN_DIR [RUN_DIR ...] --out results/gpu_prefix_saving
 
+Sweeps of the same model and trace given more than once (repeats) get a section more: every run with
+caching against every repeat of its baseline (`across_repeats`), the spread between processes.
+
 Each RUN_DIR is a sweep folder of that experiment (one run per strategy, same model). Per model:
   - step time against prefill tokens computed (median per bin; decode-only steps as their own row),
   - a step's prefill cost: its time minus the median decode-only step of the same batch size
@@ -280,6 +283,47 @@ def figure(reports: list[dict], data: list[dict], path: Path, note: str) -> None
     os.replace(tmp, path)
 
 
+def across_repeats(data: list[dict]) -> dict:
+    """Sweeps of the same runs repeated (`data`: each sweep's runs by name, same model and trace):
+    per run with caching and bin of prefill tokens, `extend_at_equal_work`'s ratio of each of its
+    repeats against each repeat of its baseline (every pair: how far the verdict moves between
+    processes, which a bootstrap within one pair of runs does not see). {run: {bin: [ratios]}}."""
+    out: dict = {}
+    bases = {k: None for runs in data for k in runs if k.endswith("nocache")}
+    for cached in data:
+        for name, (_, tl, _) in cached.items():
+            if name.endswith("nocache"):
+                continue
+            bname = baseline_of(name, bases)  # (the same for every repeat: a sweep without it is left out as a base)
+            for base in data:
+                work = work_model(base[bname][1]) if bname in base else None
+                if work is None:
+                    continue
+                for k, v in extend_at_equal_work(tl, work).items():
+                    if v["steps"] >= MIN_STEPS:
+                        out.setdefault(name, {}).setdefault(k, []).append(v["ratio"])
+    return out
+
+
+def repeats_markdown(reports: list[dict], data: list[dict]) -> str:
+    """A section per (model, trace) swept more than once: `across_repeats`."""
+    groups: dict = {}
+    for rep, runs in zip(reports, data):
+        groups.setdefault((rep["model"], rep["trace"]), []).append(runs)
+    out = []
+    for (model, trace), sweeps in groups.items():
+        rows = [f"| {name} | {k} | {len(r)} | {np.median(r):.2f} | {min(r):.2f}-{max(r):.2f} | "
+                f"{sum(x <= 1 + TOLERANCE for x in r)} of {len(r)} |"
+                for name, bins in across_repeats(sweeps).items() for k, r in bins.items()]
+        if len(sweeps) > 1 and rows:
+            out += [f"## {model}, trace {trace}: {len(sweeps)} repeats", "",
+                    "Extend at equal work, each repeat of a run with caching against each repeat of its run without "
+                    "caching (every pair):", "",
+                    "| run | prefill tokens | pairs | median ratio | range | pairs passing |", "|---|---|---:|---:|---|---|",
+                    *rows, ""]
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def _f(x, fmt=".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
 
@@ -377,7 +421,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     figure(reports, data, args.out / "prefix_saving.png", args.note)
     write_text_atomic(args.out / "prefix_saving.json", json.dumps(reports, indent=1, default=float) + "\n")
-    write_text_atomic(args.out / "prefix_saving.md", markdown(reports))
+    write_text_atomic(args.out / "prefix_saving.md", markdown(reports) + repeats_markdown(reports, data))
     for rep in reports:
         print(f"\n{rep['model']} / {rep['trace']} on {rep['device']}: prefill {rep['prefill_cost_per_token_us']:.2f} us/token")
         for name, r in rep["runs"].items():

@@ -121,3 +121,23 @@ def test_each_run_is_judged_against_its_own_strategy_without_caching():
     assert got["baseline"] == "m_paged_nocache"
     assert abs(got["extend_at_equal_work"]["257-512"]["ratio"] - 1.2) < 1e-6 and got["extend_at_equal_work"]["257-512"]["verdict"] == "FAIL"
     assert "against" in prefix_saving.markdown([prefix_saving.model_report(runs)])
+
+
+def test_repeats_judge_every_pair_of_a_run_and_its_baseline():
+    # two repeats of paged and paged without caching; the second repeat's run without caching is
+    # 1.1x slower in every step with prefill (a slower process): the pairs give ratios 1 and 1/1.1
+    def tl(chunks, slow):
+        dec = [dict(prefill_tokens=0, prefill_pairs=0, dt_s=0.001, running=1)] * 3
+        return pd.DataFrame(dec + [dict(_step(c, 0.001 + slow * (3e-4 + 2e-6 * sum(n for _, n in c) + 1e-9 * _pairs(c))),
+                                        running=1) for c in chunks])
+    plain = [[(0, n)] for n in (100, 300, 400, 500, 1000, 2000)] + [[(2000, 500)]]
+    hits = [[(1024, 300)]] * 3
+    sweeps = [{"m_paged": ({}, tl(hits, 1.0), None), "m_paged_nocache": ({}, tl(plain, slow), None)}
+              for slow in (1.0, 1.1)]
+    got = prefix_saving.across_repeats(sweeps)
+    assert list(got) == ["m_paged"] and list(got["m_paged"]) == ["257-512"]
+    assert sorted(round(x, 6) for x in got["m_paged"]["257-512"]) == [round(1 / 1.1, 6)] * 2 + [1.0] * 2
+    reports = [dict(model="m", trace="t")] * 2
+    md = prefix_saving.repeats_markdown(reports, sweeps)
+    assert "## m, trace t: 2 repeats" in md and "| m_paged | 257-512 | 4 | 0.95 | 0.91-1.00 | 4 of 4 |" in md
+    assert prefix_saving.repeats_markdown(reports[:1], sweeps[:1]) == ""  # one sweep: no section
