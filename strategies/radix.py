@@ -184,7 +184,6 @@ class _Options(NamedTuple):
 
 
 class RadixStrategy(Strategy):
-
     def __init__(self, capacity_tokens: int, max_model_len: int, page_size: int = 1,
                  name: str = "radix", prefix_visibility: str = "computed", eviction="lru",
                  cache_outputs: bool = True, min_cache_len: int = 0, host_tier_tokens: int = 0,
