@@ -125,6 +125,14 @@ def extend_vs_prefill(run_bins: dict, base_bins: dict) -> dict:
     return out
 
 
+def _work_rows(base: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`work_model`'s least-squares problem over a run's `prefill_cost` rows: [1, prefill tokens,
+    query-key pairs] per step, its cost, and the weights of relative errors."""
+    y = base.cost_s.to_numpy(float)
+    return (np.c_[np.ones(len(base)), base.prefill_tokens.to_numpy(float), base.prefill_pairs.to_numpy(float)], y,
+            1 / np.maximum(np.abs(y), 1e-4) ** 2)
+
+
 def work_model(base_tl: pd.DataFrame) -> dict | None:
     """A fit of the prefill cost (`prefill_cost`) of the run without caching's steps with prefill,
     plain or over its own earlier chunks: s per step, per prefill token and per query-key pair
@@ -133,9 +141,7 @@ def work_model(base_tl: pd.DataFrame) -> dict | None:
     base = prefill_cost(base_tl)
     if "prefill_pairs" not in base or base.prefill_tokens.nunique() < 3:
         return None
-    x = np.c_[np.ones(len(base)), base.prefill_tokens.to_numpy(float), base.prefill_pairs.to_numpy(float)]
-    y = base.cost_s.to_numpy(float)
-    coef = _nnls(x, y, 1 / np.maximum(np.abs(y), 1e-4) ** 2)
+    coef = _nnls(*_work_rows(base))
     return dict(step_ms=coef[0] * 1e3, token_us=coef[1] * 1e6, pair_ns=coef[2] * 1e9,
                 tokens_min=int(base.prefill_tokens.min()), tokens_max=int(base.prefill_tokens.max()))
 
@@ -164,10 +170,7 @@ def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | N
            for k, n, m in zip(g.median().index, g.size(), g.median())}
     if base_tl is None or not out:
         return out
-    base = prefill_cost(base_tl)
-    x = np.c_[np.ones(len(base)), base.prefill_tokens.to_numpy(float), base.prefill_pairs.to_numpy(float)]
-    y = base.cost_s.to_numpy(float)
-    w = 1 / np.maximum(np.abs(y), 1e-4) ** 2
+    x, y, w = _work_rows(prefill_cost(base_tl))
     rng = np.random.default_rng(seed)
     at = {k: np.flatnonzero((bins == k).to_numpy()) for k in out}
     meds = {k: [] for k in out}
@@ -221,13 +224,14 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
                            work_model=v["work"]) for k, v in bases.items()}, runs={})
     out.update(out["baselines"][first])  # (the first baseline's figures at the top, as before radix_nocache)
     for name, (summary, tl, req) in runs.items():
-        base = bases[baseline_of(name, bases)]
+        against = baseline_of(name, bases)
+        base = bases[against]
         b, b_mean, work = base["b"], base["b_mean"], base["work"]
         base_prefill_s = base["cost"].cost_s.sum()
         fin = req[req.status == "finished"]
         cached = int(fin.cached_tokens.sum())
         prefill_s = prefill_cost(tl).cost_s.sum()
-        row = dict(baseline=baseline_of(name, bases), prefix_hit_rate=summary.get("prefix_hit_rate"), cached_tokens=cached,
+        row = dict(baseline=against, prefix_hit_rate=summary.get("prefix_hit_rate"), cached_tokens=cached,
                    ttft_mean_ms=fin.ttft_s.mean() * 1e3, ttft_p50_ms=fin.ttft_s.median() * 1e3,
                    ttft_p99_ms=fin.ttft_s.quantile(0.99) * 1e3, tpot_mean_ms=fin.tpot_s.mean() * 1e3,
                    request_throughput=summary.get("request_throughput"),
@@ -249,7 +253,7 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
         if name not in bases:
             row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base["bins"])
             if work is not None:
-                row["extend_at_equal_work"] = extend_at_equal_work(tl, work, runs[row["baseline"]][1])
+                row["extend_at_equal_work"] = extend_at_equal_work(tl, work, runs[against][1])
         out["runs"][name] = row
     return out
 
@@ -289,14 +293,15 @@ def across_repeats(data: list[dict]) -> dict:
     repeats against each repeat of its baseline (every pair: how far the verdict moves between
     processes, which a bootstrap within one pair of runs does not see). {run: {bin: [ratios]}}."""
     out: dict = {}
-    bases = {k: None for runs in data for k in runs if k.endswith("nocache")}
+    fits = [{k: work_model(tl) for k, (_, tl, _) in runs.items() if k.endswith("nocache")} for runs in data]
+    bases = {k: None for f in fits for k in f}
     for cached in data:
         for name, (_, tl, _) in cached.items():
             if name.endswith("nocache"):
                 continue
             bname = baseline_of(name, bases)  # (the same for every repeat: a sweep without it is left out as a base)
-            for base in data:
-                work = work_model(base[bname][1]) if bname in base else None
+            for f in fits:
+                work = f.get(bname)
                 if work is None:
                     continue
                 for k, v in extend_at_equal_work(tl, work).items():
