@@ -33,14 +33,20 @@ if [ -n "${GS:-}" ]; then
   tar czf "$out/gs_$sub.tgz" -C "$out" "gs_$sub" && rm -rf "${out:?}/gs_$sub"
 fi
 for spec in ${PS:-}; do
-  case $spec in
+  # spNN / mtNN / mcNN: the runs without caching only, in prefill chunks of NN tokens a step
+  # (scheduler.max_num_batched_tokens=NN): their chunks attend over long prefixes of their own, so
+  # the fit of what the runs with caching are judged against measures the query-key pair term
+  # (prefix_saving.py --chunked) instead of extrapolating it
+  chunk=${spec:2}; s=
+  [ -n "$chunk" ] && s="strategy=paged_nocache,radix_nocache scheduler.max_num_batched_tokens=$chunk"
+  case ${spec:0:2} in
     sp) a="trace=shared_prefix";;
     mt) a="trace=multi_turn trace.num_chats=48 trace.think_time_s=1.0 trace.rate=4";;
     mc) a="trace=mooncake trace.limit=${MC_LIMIT:-120} trace.rate=inf max_model_len=65536";;
-    *) echo "unknown sweep $spec (sp, mt, mc)"; continue;;
+    *) echo "unknown sweep $spec (sp, mt, mc, each optionally with a chunk size: mt64)"; continue;;
   esac
   [ "$(left)" -lt 40 ] && { echo "no time left for $spec"; continue; }
-  timeout $(( $(left) - 15 )) python -m kvbench.cli -m experiment=gpu_prefix_saving model="$M" $a $W \
+  timeout $(( $(left) - 15 )) python -m kvbench.cli -m experiment=gpu_prefix_saving model="$M" $a $s $W \
       hydra.sweep.dir="$out/ps_$spec" > "$out/ps_$spec.log" 2>&1
   echo "ps_$spec rc=$? left $(left) s"
   tar czf "$out/ps_$spec.tgz" -C "$out" "ps_$spec" && rm -rf "${out:?}/ps_$spec"
