@@ -5,6 +5,14 @@
 Sweeps of the same model and trace given more than once (repeats) get a section more: every run with
 caching against every repeat of its baseline (`across_repeats`), the spread between processes.
 
+    python experiments/prefix_saving.py RUN_DIR --chunked CHUNK_DIR [CHUNK_DIR ...] --out OUT
+
+`--chunked`: sweeps of the runs without caching in small prefill chunks (`gpu_refit_runs.sh PS=mt64`). A run
+without caching prefills whole prompts, so few of its steps attend over a long prefix, and its fit's pair term,
+which an extend over a cached prefix depends on, is an extrapolation; the chunked runs' steps (few new tokens
+over long prefixes of their own, as an extend's) join its fit, and each run with caching is judged against
+that pooled fit too.
+
 Each RUN_DIR is a sweep folder of that experiment (one run per strategy, same model). Per model:
   - step time against prefill tokens computed (median per bin; decode-only steps as their own row),
   - a step's prefill cost: its time minus the median decode-only step of the same batch size
@@ -125,36 +133,44 @@ def extend_vs_prefill(run_bins: dict, base_bins: dict) -> dict:
     return out
 
 
+def pooled_cost(*tls: pd.DataFrame) -> pd.DataFrame:
+    """`prefill_cost` of several runs' timelines as one table (each step priced against the
+    decode-only steps of its own run)."""
+    return pd.concat([prefill_cost(tl) for tl in tls], ignore_index=True)
+
+
 def _work_rows(base: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`work_model`'s least-squares problem over a run's `prefill_cost` rows: [1, prefill tokens,
+    """`work_model`'s least-squares problem over `prefill_cost` rows: [1, prefill tokens,
     query-key pairs] per step, its cost, and the weights of relative errors."""
     y = base.cost_s.to_numpy(float)
     return (np.c_[np.ones(len(base)), base.prefill_tokens.to_numpy(float), base.prefill_pairs.to_numpy(float)], y,
             1 / np.maximum(np.abs(y), 1e-4) ** 2)
 
 
-def work_model(base_tl: pd.DataFrame) -> dict | None:
+def work_model(*base_tls: pd.DataFrame) -> dict | None:
     """A fit of the prefill cost (`prefill_cost`) of the run without caching's steps with prefill,
     plain or over its own earlier chunks: s per step, per prefill token and per query-key pair
     (non-negative least squares on relative errors), and the range of prefill tokens it saw. None
-    without a `prefill_pairs` column or with fewer than 3 distinct sizes."""
-    base = prefill_cost(base_tl)
+    without a `prefill_pairs` column or with fewer than 3 distinct sizes. Several timelines (the
+    run and its repeats in small prefill chunks, `--chunked`) are fitted as one."""
+    base = pooled_cost(*base_tls)
     if "prefill_pairs" not in base or base.prefill_tokens.nunique() < 3:
         return None
     coef = _nnls(*_work_rows(base))
     return dict(step_ms=coef[0] * 1e3, token_us=coef[1] * 1e6, pair_ns=coef[2] * 1e9,
-                tokens_min=int(base.prefill_tokens.min()), tokens_max=int(base.prefill_tokens.max()))
+                tokens_min=int(base.prefill_tokens.min()), tokens_max=int(base.prefill_tokens.max()),
+                attended_max=float((base.prefill_pairs / base.prefill_tokens).max()))
 
 
-def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | None = None, rounds: int = 200,
-                         seed: int = 0) -> dict:
+def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | list | None = None,
+                         rounds: int = 200, seed: int = 0) -> dict:
     """Per bin of prefill tokens: the run's steps over a prefix within the fit's range of prefill
     tokens, their prefill cost against what the run without caching pays for the same prefill
     tokens and query-key pairs (`work_model`); median ratio, pass within TOLERANCE. An extend
     attends to its whole history, so at equal new tokens it does more work than a plain prefill
     (`extend_vs_prefill`); this asks whether it pays more than that work costs.
 
-    With `base_tl` (the run the fit came from) each bin also gets `interval`: the 5th and 95th
+    With `base_tl` (the run the fit came from, or a list of the runs fitted as one) each bin also gets `interval`: the 5th and 95th
     percentiles of the median ratio over `rounds` bootstrap rounds, each resampling the baseline's
     steps with prefill (the fit redone) and the bin's steps. A verdict whose interval straddles
     1 + TOLERANCE is within the noise of one pair of runs."""
@@ -170,7 +186,7 @@ def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | N
            for k, n, m in zip(g.median().index, g.size(), g.median())}
     if base_tl is None or not out:
         return out
-    x, y, w = _work_rows(prefill_cost(base_tl))
+    x, y, w = _work_rows(pooled_cost(*(base_tl if isinstance(base_tl, list) else [base_tl])))
     rng = np.random.default_rng(seed)
     at = {k: np.flatnonzero((bins == k).to_numpy()) for k in out}
     meds = {k: [] for k in out}
@@ -212,7 +228,14 @@ def baseline_of(name: str, bases: dict) -> str:
     return name if name in bases else name + "_nocache" if name + "_nocache" in bases else next(iter(bases))
 
 
-def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commit: str | None = None) -> dict:
+def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commit: str | None = None,
+                 chunked: dict[str, list[pd.DataFrame]] | None = None) -> dict:
+    """The sweep's report (see the module doc). `chunked`: per run without caching, the timelines of
+    its runs in small prefill chunks (same model and trace, `--chunked`); each run with caching is
+    then also judged at equal work against the fit of its baseline pooled with those
+    (`extend_at_equal_work_pooled`), whose chunks over long prefixes of their own measure the pair
+    term an extend over a cached prefix depends on."""
+    chunked = chunked or {}
     bases = {k: baseline(v[1]) for k, v in runs.items() if k.endswith("nocache")}
     first = next(iter(bases))
     nocache = runs[first]
@@ -221,7 +244,9 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
                commit=commit or nocache[0].get("commit"), prefill_marginal_cost_per_token_us=slope * 1e6,
                prefill_step_fixed_cost_ms=fixed * 1e3, baselines={
                    k: dict(prefill_cost_per_token_us=v["b"] * 1e6, prefill_cost_per_token_mean_us=v["b_mean"] * 1e6,
-                           work_model=v["work"]) for k, v in bases.items()}, runs={})
+                           work_model=v["work"], **({} if k not in chunked else dict(
+                               chunked_runs=len(chunked[k]), work_model_pooled=work_model(runs[k][1], *chunked[k]))))
+                   for k, v in bases.items()}, runs={})
     out.update(out["baselines"][first])  # (the first baseline's figures at the top, as before radix_nocache)
     for name, (summary, tl, req) in runs.items():
         against = baseline_of(name, bases)
@@ -254,6 +279,9 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
             row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base["bins"])
             if work is not None:
                 row["extend_at_equal_work"] = extend_at_equal_work(tl, work, runs[against][1])
+            pooled = out["baselines"][against].get("work_model_pooled")
+            if pooled is not None:
+                row["extend_at_equal_work_pooled"] = extend_at_equal_work(tl, pooled, [runs[against][1], *chunked[against]])
         out["runs"][name] = row
     return out
 
@@ -377,19 +405,24 @@ def markdown(reports: list[dict]) -> str:
                 for name, r in rep["runs"].items() for k, v in r.get("extend_vs_prefill", {}).items()]
         out += rows or ["| (no bin of prefill tokens has steps over a prefix with caching and plain prefills "
                         "without) | | | | | | |"]
-        fits = {k: v["work_model"] for k, v in bases.items() if v.get("work_model") is not None}
-        rows = [f"| {name} | {r.get('baseline', '')} | {k} | {v['steps']} | {v['ratio']:.2f} | "
-                + ("-" if "interval" not in v else "{:.2f}-{:.2f}".format(*v["interval"])) + f" | {v['verdict']} |"
-                for name, r in rep["runs"].items() for k, v in r.get("extend_at_equal_work", {}).items()]
-        if fits and rows:
-            out += ["", "The same steps at equal work: their prefill cost against what the run without caching pays for "
-                    "the same prefill tokens and query-key pairs (its steps with prefill, fitted per step, token and pair: "
-                    + "; ".join(f"{k}: {w['tokens_min']}-{w['tokens_max']} tokens, {w['step_ms']:.3f} ms a step + "
-                                f"{w['token_us']:.2f} us a token + {w['pair_ns']:.4f} ns a pair" for k, w in fits.items())
-                    + f"; steps in that range; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}; the 90 % "
-                    "interval: bootstrap over both runs' steps, the fit redone each round):", "",
-                    "| run | against | prefill tokens | steps | measured / at equal work | 90 % interval | verdict |",
-                    "|---|---|---|---:|---:|---|---|", *rows]
+        for key, fit_key, what in (("extend_at_equal_work", "work_model", "the run without caching pays"),
+                                   ("extend_at_equal_work_pooled", "work_model_pooled",
+                                    "the run without caching and its runs in small prefill chunks (`--chunked`, "
+                                    "fitted as one) pay")):
+            fits = {k: v[fit_key] for k, v in bases.items() if v.get(fit_key) is not None}
+            rows = [f"| {name} | {r.get('baseline', '')} | {k} | {v['steps']} | {v['ratio']:.2f} | "
+                    + ("-" if "interval" not in v else "{:.2f}-{:.2f}".format(*v["interval"])) + f" | {v['verdict']} |"
+                    for name, r in rep["runs"].items() for k, v in r.get(key, {}).items()]
+            if fits and rows:
+                out += ["", f"The same steps at equal work: their prefill cost against what {what} for the same "
+                        "prefill tokens and query-key pairs (steps with prefill, fitted per step, token and pair: "
+                        + "; ".join(f"{k}: {w['tokens_min']}-{w['tokens_max']} tokens, up to "
+                                    f"{_f(w.get('attended_max'), ',.0f')} pairs a token, {w['step_ms']:.3f} ms a step + "
+                                    f"{w['token_us']:.2f} us a token + {w['pair_ns']:.4f} ns a pair" for k, w in fits.items())
+                        + f"; steps in that range of tokens; median of measured / fitted; FAIL above {1 + TOLERANCE:.2f}; "
+                        "the 90 % interval: bootstrap over the runs' steps, the fit redone each round):", "",
+                        "| run | against | prefill tokens | steps | measured / at equal work | 90 % interval | verdict |",
+                        "|---|---|---|---:|---:|---|---|", *rows]
         out += ["", "TTFT against cached tokens per request (finished requests, binned by the prompt tokens their "
                 "admission found cached; new tokens = prompt - cached):", "",
                 "| run | cached tokens | requests | TTFT mean ms | TTFT p50 ms | prompt mean | new tokens mean |",
@@ -413,7 +446,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/gpu_prefix_saving"))
     ap.add_argument("--note", default="", help="a line over the figure (commit, date, copy bandwidth)")
     ap.add_argument("--commit", default=None, help="commit of the runs, for the report (default: the summaries')")
+    ap.add_argument("--chunked", nargs="+", type=Path, default=[], metavar="SWEEP",
+                    help="sweeps of runs without caching in small prefill chunks (gpu_refit_runs.sh PS=mt64): each "
+                    "joins the fit of the run of the same name, model and trace")
     args = ap.parse_args()
+    chunked: dict = {}  # (model, trace, run name) -> timelines
+    for sweep in args.chunked:
+        if not sweep.is_dir():
+            _fail(f"--chunked {sweep} is not a sweep folder")
+        for d in sorted(sweep.iterdir()):
+            if (d / "summary.json").exists() and d.name.endswith("nocache"):
+                summary, tl, _ = load(d)
+                chunked.setdefault((summary.get("model"), summary.get("trace"), d.name), []).append(tl)
     reports, data = [], []
     for sweep in args.runs:
         if not sweep.is_dir():
@@ -421,7 +465,10 @@ def main() -> None:
         runs = {d.name: load(d) for d in sorted(sweep.iterdir()) if (d / "summary.json").exists()}
         if not any(k.endswith("nocache") for k in runs):
             _fail(f"{sweep} has no finished run without caching (*nocache)")
-        reports.append(model_report(runs, args.commit))
+        first = next(iter(runs.values()))[0]
+        reports.append(model_report(runs, args.commit, {
+            k: chunked[first.get("model"), first.get("trace"), k] for k in runs
+            if (first.get("model"), first.get("trace"), k) in chunked}))
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(reports, data, args.out / "prefix_saving.png", args.note)

@@ -141,3 +141,36 @@ def test_repeats_judge_every_pair_of_a_run_and_its_baseline():
     md = prefix_saving.repeats_markdown(reports, sweeps)
     assert "## m, trace t: 2 repeats" in md and "| m_paged | 257-512 | 4 | 0.95 | 0.91-1.00 | 4 of 4 |" in md
     assert prefix_saving.repeats_markdown(reports[:1], sweeps[:1]) == ""  # one sweep: no section
+
+
+def test_runs_in_small_chunks_join_the_fit_and_measure_the_pair_term():
+    # the GPU's cost: 1 ms a decode step (batch 1) + 0.3 ms a step + 2 us a token + 1 ns a pair
+    def dt(chunks, noise=1.0):
+        return 0.001 + noise * (3e-4 + 2e-6 * sum(n for _, n in chunks) + 1e-9 * _pairs(chunks))
+
+    def tl(steps):
+        dec = [dict(prefill_tokens=0, prefill_pairs=0, dt_s=0.001, running=1)] * 3
+        return pd.DataFrame(dec + [dict(_step(c, dt(c, x)), running=1) for c, x in steps])
+    # the run without caching prefills whole prompts (from 100 tokens), plain but for two steps
+    plain = tl([([(0, n)], 1.0) for n in (100, 300, 400, 500, 1000, 2000)] + [([(1000, 500)], 1.0), ([(2000, 500)], 1.0)])
+    # the same prompts in chunks of 64 tokens, each over up to 2,816 of its own
+    chunks = tl([([(p, 64)], 1.0) for p in range(0, 3072, 256)])
+    cached = tl([([(p, 64)], 1.0) for p in (1024, 1536, 2048, 2560)])  # extends over a cached prefix, at the GPU's cost
+    # 64 new tokens: outside the range of prefill tokens the plain run saw, so not judged against it
+    assert prefix_saving.extend_at_equal_work(cached, prefix_saving.work_model(plain)) == {}
+    pooled = prefix_saving.work_model(plain, chunks)
+    assert (pooled["tokens_min"], pooled["tokens_max"]) == (64, 2000)
+    assert abs(pooled["attended_max"] - (2816 + 32.5)) < 1e-9  # the last chunk's pairs per token
+    assert abs(pooled["pair_ns"] - 1) < 1e-6 and abs(pooled["token_us"] - 2) < 1e-6
+    got = prefix_saving.extend_at_equal_work(cached, pooled, [plain, chunks])["1-64"]
+    assert got["steps"] == 4 and abs(got["ratio"] - 1) < 1e-6 and got["verdict"] == "pass"
+    assert got["interval"][0] <= got["ratio"] <= got["interval"][1]
+    # model_report: the runs of the same name in small chunks join the baseline's fit
+    req = pd.DataFrame(dict(status="finished", cached_tokens=[1024], ttft_s=0.01, tpot_s=0.001, prompt_len=1100))
+    runs = {"m_paged": ({}, cached, req), "m_paged_nocache": ({}, plain, req.assign(cached_tokens=0))}
+    rep = prefix_saving.model_report(runs, chunked={"m_paged_nocache": [chunks]})
+    assert rep["baselines"]["m_paged_nocache"]["chunked_runs"] == 1
+    assert rep["baselines"]["m_paged_nocache"]["work_model_pooled"] == pooled
+    assert rep["runs"]["m_paged"]["extend_at_equal_work_pooled"]["1-64"]["verdict"] == "pass"
+    assert "small prefill chunks" in prefix_saving.markdown([rep])
+    assert "extend_at_equal_work_pooled" not in prefix_saving.model_report(runs)["runs"]["m_paged"]
