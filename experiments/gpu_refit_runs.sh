@@ -23,7 +23,7 @@ out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"
 end=$(( $(date +%s) + ${BUDGET:-570} ))
 left() { echo $(( end - $(date +%s) )); }
-W=engine.graph_warmup=decode
+W=${WARMUP:-engine.graph_warmup=decode}  # (WARMUP="engine.graph_warmup=all engine.max_num_seqs=16": no capture in a replay)
 M=${MODEL:-llama3_2_1b}
 if [ -n "${GS:-}" ]; then
   sub=gpu; [ -n "${REPEAT:-}" ] && sub=gpu_repeat
@@ -37,7 +37,7 @@ for spec in ${PS:-}; do
   # (scheduler.max_num_batched_tokens=NN): their chunks attend over long prefixes of their own, so
   # the fit of what the runs with caching are judged against measures the query-key pair term
   # (prefix_saving.py --chunked) instead of extrapolating it
-  chunk=${spec:2}; s=
+  chunk=${spec:2}; s=${STRATEGIES:+strategy=$STRATEGIES}  # (STRATEGIES=paged,radix: a subset of the sweep's)
   [ -n "$chunk" ] && s="strategy=paged_nocache,radix_nocache scheduler.max_num_batched_tokens=$chunk"
   case ${spec:0:2} in
     sp) a="trace=shared_prefix";;

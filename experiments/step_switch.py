@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""What a small step with prefill costs after decode-only steps, against the same step after one
+like it (issue 12 §4).
+
+In the prefix-saving sweeps a hit (a few new tokens over a cached prefix) is a lone step with
+prefill between decode-only steps, while the runs without caching in small chunks
+(`gpu_refit_runs.sh PS=mt64`) have their chunks over a prefix back to back. This replays, on one
+engine with CUDA graphs (1B shape, random bf16 weights, pages in shuffled order), the same hit
+step H (48 new tokens over a 1.5k prefix beside 3 decodes, the sweeps' median hit) in patterns:
+
+- `H H H ...`: after itself (the same batch, its request known to the engine);
+- `H H H ...` with a fresh request each time (its token ids made on first sight, as a hit's);
+- `D^k H` for k = 1, 4, 16: after k decode-only steps D (batch 4, 1.5k context).
+
+and D itself after D and after H. Per pattern: the engine step (CUDA events around batch building
+and forward, what a replay records) and the host's wall time of `step`, medians over --repeats.
+Every graph is captured before timing. Writes OUT (json). Needs CUDA.
+
+    python experiments/step_switch.py --out results/gpu/step_switch_h200_<commit>.json [--page-sizes 16,1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_overhead as so  # noqa: E402  (make_batch, model_cfg)
+from gpu_record import git_commit  # noqa: E402
+
+from kvbench.calibrate import write_text_atomic  # noqa: E402
+from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+
+HIT = [(1536, 48)] + [(1536, 1)] * 3
+DECODE = [(1536, 1)] * 4
+
+
+def timed(eng, batch) -> tuple[float, float]:
+    t = time.perf_counter()
+    dt = eng.step(batch)
+    return dt * 1e3, (time.perf_counter() - t) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="llama3_2_1b")
+    ap.add_argument("--page-sizes", default="16,1")
+    ap.add_argument("--repeats", type=int, default=40)
+    args = ap.parse_args()
+    if args.repeats < 3:
+        ap.error(f"--repeats must be >= 3, got {args.repeats}")
+    rows = []
+    for ps in map(int, args.page_sizes.split(",")):
+        eng = GPUEngine(so.model_cfg(args.model), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
+                        max_model_len=16384)
+        cap = eng.kv_capacity_tokens(None)
+        eng.bind(ps, cap // ps)
+        order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
+        hit, dec = so.make_batch(order, HIT, cap // ps, ps), so.make_batch(order, DECODE, cap // ps, ps)
+        for b in (hit, dec, hit, dec):  # every graph captured (and launched once) before timing
+            eng.step(b)
+        got: dict[str, list] = {}
+
+        def rec(name, batch, eng=eng):
+            got.setdefault(name, []).append(timed(eng, batch))
+        for _ in range(args.repeats):
+            eng.step(hit)
+            rec("H after H", hit)
+            rec("H after H, fresh request", so.make_batch(order, HIT, cap // ps, ps))
+            for k in (1, 4, 16):
+                for _ in range(k):
+                    eng.step(dec)
+                rec(f"H after {k} D", hit)
+            rec("D after H", dec)
+            rec("D after D", dec)
+        for name, xs in got.items():
+            step, host = np.median(np.array(xs), axis=0)
+            rows.append(dict(model=args.model, page_size=ps, pattern=name, step_ms=float(step), host_ms=float(host),
+                             n=len(xs)))
+            print(json.dumps(rows[-1]), flush=True)
+        del eng
+        torch.cuda.empty_cache()
+    out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
+               hit=HIT, decode=DECODE, rows=rows)
+    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
