@@ -448,27 +448,32 @@ def main() -> None:
     ap.add_argument("--commit", default=None, help="commit of the runs, for the report (default: the summaries')")
     ap.add_argument("--chunked", nargs="+", type=Path, default=[], metavar="SWEEP",
                     help="sweeps of runs without caching in small prefill chunks (gpu_refit_runs.sh PS=mt64): each "
-                    "joins the fit of the run of the same name, model and trace")
+                    "joins the fit of the run of the same name, model and trace; a sweep without runs without caching "
+                    "takes the first such run as its own")
     args = ap.parse_args()
-    chunked: dict = {}  # (model, trace, run name) -> timelines
+    chunked: dict = {}  # (model, trace, run name) -> runs (summary, timeline, requests)
     for sweep in args.chunked:
         if not sweep.is_dir():
             _fail(f"--chunked {sweep} is not a sweep folder")
         for d in sorted(sweep.iterdir()):
             if (d / "summary.json").exists() and d.name.endswith("nocache"):
-                summary, tl, _ = load(d)
-                chunked.setdefault((summary.get("model"), summary.get("trace"), d.name), []).append(tl)
+                run = load(d)
+                chunked.setdefault((run[0].get("model"), run[0].get("trace"), d.name), []).append(run)
     reports, data = [], []
     for sweep in args.runs:
         if not sweep.is_dir():
             _fail(f"{sweep} is not a sweep folder")
         runs = {d.name: load(d) for d in sorted(sweep.iterdir()) if (d / "summary.json").exists()}
-        if not any(k.endswith("nocache") for k in runs):
-            _fail(f"{sweep} has no finished run without caching (*nocache)")
+        if not runs:
+            _fail(f"{sweep} has no finished run")
         first = next(iter(runs.values()))[0]
-        reports.append(model_report(runs, args.commit, {
-            k: chunked[first.get("model"), first.get("trace"), k] for k in runs
-            if (first.get("model"), first.get("trace"), k) in chunked}))
+        mine = {k[2]: list(v) for k, v in chunked.items() if k[:2] == (first.get("model"), first.get("trace"))}
+        if not any(k.endswith("nocache") for k in runs):  # the runs in small chunks are the baselines
+            runs.update({k: v.pop(0) for k, v in mine.items()})
+        if not any(k.endswith("nocache") for k in runs):
+            _fail(f"{sweep} has no finished run without caching (*nocache), nor has --chunked one of its model and trace")
+        reports.append(model_report(runs, args.commit, {k: [tl for _, tl, _ in v] for k, v in mine.items()
+                                                        if v and k in runs}))
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(reports, data, args.out / "prefix_saving.png", args.note)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("prefix_saving", REPO / "experiments" / "prefix_saving.py")
@@ -174,3 +176,31 @@ def test_runs_in_small_chunks_join_the_fit_and_measure_the_pair_term():
     assert rep["runs"]["m_paged"]["extend_at_equal_work_pooled"]["1-64"]["verdict"] == "pass"
     assert "small prefill chunks" in prefix_saving.markdown([rep])
     assert "extend_at_equal_work_pooled" not in prefix_saving.model_report(runs)["runs"]["m_paged"]
+
+
+def test_a_sweep_without_runs_without_caching_takes_the_chunked_ones(tmp_path, monkeypatch):
+    def dt(chunks):
+        return 0.001 + 3e-4 + 2e-6 * sum(n for _, n in chunks) + 1e-9 * _pairs(chunks)
+
+    def write(folder, name, chunks, cached):
+        d = tmp_path / folder / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text('{"model": "m", "trace": "t", "prefix_hit_rate": 0.5}')
+        dec = [dict(prefill_tokens=0, prefill_pairs=0, dt_s=0.001, running=1)] * 3
+        pd.DataFrame(dec + [dict(_step(c, dt(c)), running=1) for c in chunks]).to_parquet(d / "timeline.parquet")
+        pd.DataFrame(dict(status="finished", cached_tokens=[cached], ttft_s=0.01, tpot_s=0.001,
+                          prompt_len=2048)).to_parquet(d / "requests.parquet")
+    write("cached", "m_paged", [[(p, 48)] for p in (1024, 1536, 2048)], 1024)
+    write("chunked", "m_paged_nocache", [[(p, (64, 40, 20)[i % 3])] for i, p in enumerate(range(0, 3072, 256))], 0)
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["prefix_saving", str(tmp_path / "cached"), "--out", str(out)])
+    with pytest.raises(SystemExit) as e:  # no baseline at all: one line, exit 2
+        prefix_saving.main()
+    assert e.value.code == 2 and not out.exists()
+    monkeypatch.setattr("sys.argv", ["prefix_saving", str(tmp_path / "cached"), "--chunked", str(tmp_path / "chunked"),
+                                     "--out", str(out)])
+    prefix_saving.main()
+    rep = json.loads((out / "prefix_saving.json").read_text())[0]
+    got = rep["runs"]["m_paged"]
+    assert got["baseline"] == "m_paged_nocache" and "extend_at_equal_work_pooled" not in got
+    assert got["extend_at_equal_work"]["1-64"]["steps"] == 3 and abs(got["extend_at_equal_work"]["1-64"]["ratio"] - 1) < 1e-6
