@@ -14,17 +14,23 @@ step H (48 new tokens over a 1.5k prefix beside 3 decodes, the sweeps' median hi
 
 and D itself after D and after H. Per pattern: the engine step (CUDA events around batch building
 and forward, what a replay records) and the host's wall time of `step`, medians over --repeats.
-Every graph is captured before timing. Writes OUT (json). Needs CUDA.
+Every graph is captured before timing. Writes OUT (json). Needs CUDA, but for --host-only: the
+same patterns on any machine through the engine's host path alone (batch building, the graph's
+staging buffer, sampling's bookkeeping; each graph replaced by a no-op and the model by a tiny one
+of the same vocabulary), so the host's share of a pattern's cost can be told from the GPU's.
 
     python experiments/step_switch.py --out results/gpu/step_switch_h200_<commit>.json [--page-sizes 16,1]
+    python experiments/step_switch.py --out /tmp/host.json --host-only
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,9 +41,33 @@ from gpu_record import git_commit  # noqa: E402
 
 from kvbench.calibrate import write_text_atomic  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+from kvbench.engines.torch_engine import TorchEngine  # noqa: E402
 
 HIT = [(1536, 48)] + [(1536, 1)] * 3
 DECODE = [(1536, 1)] * 4
+
+
+class HostOnly(GPUEngine):
+    """The gpu engine's step without a GPU: graphs whose replay does nothing (`--host-only`)."""
+
+    def __init__(self, cfg) -> None:
+        TorchEngine.__init__(self, dataclasses.replace(cfg, num_layers=1, hidden_size=64, intermediate_size=128,
+                                                       num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32",
+                                                       checkpoint=None))
+        self.cuda_graphs, self.graph_max_tokens, self.warmup, self.graph_warmup = True, 8192, False, "decode"
+        self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len = 16, 8192, 16384
+        self._graphs, self._graph_pool, self.graph_capture_s = {}, None, 0.0
+
+    step = TorchEngine.step
+
+    def kv_capacity_tokens(self, requested):
+        return 131072
+
+    def _capture(self, key, page_size, launch=False):
+        g = self._graph_inputs(key, page_size)
+        g.logits, g.graph = torch.zeros(key[1], self.cfg.vocab_size), SimpleNamespace(replay=lambda: None)
+        self._graphs[key] = g
+        return g
 
 
 def timed(eng, batch) -> tuple[float, float]:
@@ -52,13 +82,15 @@ def main() -> None:
     ap.add_argument("--model", default="llama3_2_1b")
     ap.add_argument("--page-sizes", default="16,1")
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--host-only", action="store_true", help="the host path alone, no GPU (see above)")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error(f"--repeats must be >= 3, got {args.repeats}")
     rows = []
     for ps in map(int, args.page_sizes.split(",")):
-        eng = GPUEngine(so.model_cfg(args.model), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
-                        max_model_len=16384)
+        eng = HostOnly(so.model_cfg(args.model)) if args.host_only else GPUEngine(
+            so.model_cfg(args.model), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
+            max_model_len=16384)
         cap = eng.kv_capacity_tokens(None)
         eng.bind(ps, cap // ps)
         order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
@@ -86,7 +118,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         del eng
         torch.cuda.empty_cache()
-    out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
+    out = dict(device="host path only (no GPU)" if args.host_only else torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
                hit=HIT, decode=DECODE, rows=rows)
     write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
 

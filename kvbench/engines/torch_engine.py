@@ -601,8 +601,10 @@ class TorchEngine(Engine):
 
     def _token_ids(self, req) -> np.ndarray:
         ids = self._ids.get(req.id)
-        if ids is None:
-            ids = self._ids[req.id] = req.token_ids().astype(np.int64) % self.cfg.vocab_size
+        if ids is None:  # (made once a request; `%` only where an id is out of range: a division an id costs)
+            ids = self._ids[req.id] = req.token_ids().astype(np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+                ids %= self.cfg.vocab_size
         return ids
 
     def _host_list(self, t: torch.Tensor) -> list:
