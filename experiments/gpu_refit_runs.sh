@@ -37,7 +37,7 @@ for spec in ${PS:-}; do
   # (scheduler.max_num_batched_tokens=NN): their chunks attend over long prefixes of their own, so
   # the fit of what the runs with caching are judged against measures the query-key pair term
   # (prefix_saving.py --chunked) instead of extrapolating it
-  chunk=${spec:2}; s=${STRATEGIES:+strategy=$STRATEGIES}  # (STRATEGIES=paged,radix: a subset of the sweep's)
+  chunk=${spec:2}; s=${STRATEGIES:+strategy=$STRATEGIES}  # (STRATEGIES=paged,radix: a subset of the sweep's; not for spNN)
   [ -n "$chunk" ] && s="strategy=paged_nocache,radix_nocache scheduler.max_num_batched_tokens=$chunk"
   case ${spec:0:2} in
     sp) a="trace=shared_prefix";;

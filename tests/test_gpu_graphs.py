@@ -179,7 +179,7 @@ def test_a_replay_after_the_warm_up_captures_nothing():
     lazy, warm_none, _ = _run("none")
     assert not warm_none and lazy.graph_warmup_captures == 0
     assert lazy.graph_captures_in_replay == len(lazy._graphs) == lazy.launches > 5  # each launched once on capture
-    assert eng.launches == 0  # (the warm-up's graphs are not)
+    assert eng.launches == len(warm)  # (the warm-up's too: a graph's first launch uploads it)
     assert set(lazy._graphs) <= set(warm)  # what the replay met is in the warm-up's set
     decode, _, _ = _run("decode")
     assert 0 < decode.graph_captures_in_replay == len({k for k in lazy._graphs if not k[4]})
