@@ -22,10 +22,12 @@ of the same vocabulary), so the host's share of a pattern's cost can be told fro
     python experiments/step_switch.py --out results/gpu/step_switch_h200_<commit>.json [--page-sizes 16,1]
     python experiments/step_switch.py --out /tmp/host.json --host-only
 
---first-use: instead, steps whose graph is captured inside them (as with engine.graph_warmup=decode):
-for --relaunches 0 and N (`gpu_engine.CAPTURE_RELAUNCHES`, interleaved), hit steps of 10 token counts
-each in a graph of its own, each timed at its first replay and at its second; and H after the host
-slept 20 ms (the GPU idle, as during a capture) against H right after H.
+--first-use: instead, steps whose graph is captured inside them (as with engine.graph_warmup=decode, the
+capture and the graph's first launch taken out of the step's time): hit steps of 10 token counts, each
+in a graph of its own, each timed at its first replay and at its second; and H after the host slept
+20 ms (the GPU idle, as during a capture) against H right after H. (At 155dbe6 this also A/B'd
+launching a new graph 3 times more in the capture's time: no change, 1.796 against 1.790 ms, so
+that knob was removed; results/gpu/step_switch_first_use_h200_155dbe6.json.)
 """
 from __future__ import annotations
 
@@ -45,7 +47,6 @@ import step_overhead as so  # noqa: E402  (make_batch, model_cfg)
 from gpu_record import git_commit  # noqa: E402
 
 from kvbench.calibrate import write_text_atomic  # noqa: E402
-from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
 from kvbench.engines.torch_engine import TorchEngine  # noqa: E402
 
@@ -90,7 +91,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--host-only", action="store_true", help="the host path alone, no GPU (see above)")
     ap.add_argument("--first-use", action="store_true", help="steps that capture their graph (see above)")
-    ap.add_argument("--relaunches", type=int, default=3, help="--first-use: the A/B's CAPTURE_RELAUNCHES")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error(f"--repeats must be >= 3, got {args.repeats}")
@@ -109,23 +109,20 @@ def main() -> None:
 
         def rec(name, batch, eng=eng):
             got.setdefault(name, []).append(timed(eng, batch))
-        for r in range(args.repeats if args.first_use else 0):
-            for n in ((0, args.relaunches) if r % 2 == 0 else (args.relaunches, 0)):
-                gpu_engine.CAPTURE_RELAUNCHES = n
-                eng.drop_graphs()
-                for b in (hit, dec, hit, dec):
-                    eng.step(b)
-                for t in range(20, 180, 16):  # 10 token buckets: a graph each, captured in its first step
-                    b = so.make_batch(order, [(1536, t)] + [(1536, 1)] * 3, cap // ps, ps)
-                    eng.step(dec)
-                    rec(f"first replay, {n} relaunches", b)
-                    eng.step(dec)
-                    rec(f"second replay, {n} relaunches", b)
+        for _ in range(args.repeats if args.first_use else 0):
+            eng.drop_graphs()
+            for b in (hit, dec, hit, dec):
+                eng.step(b)
+            for t in range(20, 180, 16):  # 10 token buckets: a graph each, captured in its first step
+                b = so.make_batch(order, [(1536, t)] + [(1536, 1)] * 3, cap // ps, ps)
+                eng.step(dec)
+                rec("first replay", b)
+                eng.step(dec)
+                rec("second replay", b)
             eng.step(hit)
             rec("H after H", hit)
             time.sleep(0.02)
             rec("H after 20 ms idle", hit)
-        gpu_engine.CAPTURE_RELAUNCHES = 0
         for _ in range(0 if args.first_use else args.repeats):
             eng.step(hit)
             rec("H after H", hit)

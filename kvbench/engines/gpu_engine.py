@@ -108,12 +108,6 @@ PREFILL_COPY_IN_BYTES = 256 << 10
 # interleaved rounds: host part 304 against 87 us, step 85.1 against 87.3 % of the roofline; batch 1
 # unchanged; results/gpu/step_host_profile_h200_*_spin_ab.json). False: the blocking wait (the A/B)
 SPIN_WAIT = True
-# A graph captured inside the replay (`engine.graph_warmup` other than all) is launched once on its
-# capture inputs in the capture's time (its upload), then this many times more: a capture keeps the
-# GPU idle for tens of ms, and the step that first replayed a graph still cost more than its later
-# replays (session 41: 65-256 prefill tokens 0.84 against 0.59 ms of prefill cost; first_launch.py).
-# An A/B of experiments/step_switch.py --first-use
-CAPTURE_RELAUNCHES = 0
 
 
 def token_bucket(tokens: int) -> int:
@@ -720,8 +714,7 @@ class GPUEngine(TorchEngine):
         g.logits = _unowned(g.logits)  # (its block goes back to the pool: the next capture reuses it)
         self._graphs[key] = g
         if launch:
-            for _ in range(1 + CAPTURE_RELAUNCHES):
-                g.graph.replay()
+            g.graph.replay()
             torch.cuda.current_stream().synchronize()
         self.graph_capture_s += time.perf_counter() - t0
         return g
