@@ -89,19 +89,27 @@ def main() -> None:
     ap.add_argument("--model", default="llama3_2_1b")
     ap.add_argument("--page-sizes", default="16,1")
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--pool-tokens", type=int, default=0,
+                    help="K/V pool size in tokens (default: what half the GPU's memory holds, millions of slots)")
+    ap.add_argument("--order", choices=("shuffled", "sequential"), default="shuffled",
+                    help="the pages the requests get: a random permutation of the pool's, or its first in order")
     ap.add_argument("--host-only", action="store_true", help="the host path alone, no GPU (see above)")
     ap.add_argument("--first-use", action="store_true", help="steps that capture their graph (see above)")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error(f"--repeats must be >= 3, got {args.repeats}")
+    if args.pool_tokens < 0 or 0 < args.pool_tokens < 8192:
+        ap.error(f"--pool-tokens must be 0 (default) or at least 8192 (the steps' pages), got {args.pool_tokens}")
     rows = []
     for ps in map(int, args.page_sizes.split(",")):
         eng = HostOnly(so.model_cfg(args.model)) if args.host_only else GPUEngine(
             so.model_cfg(args.model), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
             max_model_len=16384)
-        cap = eng.kv_capacity_tokens(None)
+        cap = args.pool_tokens or eng.kv_capacity_tokens(None)
         eng.bind(ps, cap // ps)
-        order = np.random.default_rng(1).permutation(cap // ps).astype(np.int32)
+        order = np.arange(cap // ps, dtype=np.int32)
+        if args.order == "shuffled":
+            order = np.random.default_rng(1).permutation(order)
         hit, dec = so.make_batch(order, HIT, cap // ps, ps), so.make_batch(order, DECODE, cap // ps, ps)
         for b in (hit, dec, hit, dec):  # every graph captured (and launched once) before timing
             eng.step(b)
@@ -135,7 +143,7 @@ def main() -> None:
             rec("D after D", dec)
         for name, xs in got.items():
             step, host = np.median(np.array(xs), axis=0)
-            rows.append(dict(model=args.model, page_size=ps, pattern=name, step_ms=float(step), host_ms=float(host),
+            rows.append(dict(model=args.model, page_size=ps, pool_tokens=cap, order=args.order, pattern=name, step_ms=float(step), host_ms=float(host),
                              n=len(xs)))
             print(json.dumps(rows[-1]), flush=True)
         del eng
