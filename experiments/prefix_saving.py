@@ -61,6 +61,8 @@ from kvbench.calibrate import _nnls, write_text_atomic  # noqa: E402
 BINS = [0, 1, 65, 257, 513, 1025, 2049, 8193]
 LABELS = ["decode only", "1-64", "65-256", "257-512", "513-1024", "1025-2048", "2049-8192"]
 CACHED_BINS = [0, 1, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 40]
+ATTENDED_BINS = [0, 500, 1000, 2000, 4000, 1 << 40]  # query-key pairs per prefill token (the prefix a token attends over)
+ATTENDED_LABELS = ["<500", "500-999", "1000-1999", "2000-3999", ">=4000"]
 CACHED_LABELS = ["0", "1-255", "256-511", "512-1023", "1024-2047", "2048-4095", "4096-8191", "8192-16383", ">=16384"]
 TOLERANCE = 0.10  # an extend may cost this much more per token than a plain prefill before the check fails
 MIN_STEPS = 3     # steps a bin needs on both sides for the check to judge it
@@ -201,6 +203,27 @@ def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | l
     return out
 
 
+def side_by_side(tl: pd.DataFrame, chunked: list[pd.DataFrame]) -> dict:
+    """A run's steps over a prefix beside the runs in small chunks' (`--chunked`), cell by cell:
+    per bin of prefill tokens (up to 256) and of pairs per prefill token (the prefix attended
+    over), each side's steps, median prefill cost (`prefill_cost`, against its own run's decode
+    steps) and median prefill tokens. No fit: what the same kind of step costs in both."""
+    def cells(p):
+        p = p[over_prefix(p) & (p.prefill_tokens <= 256)]
+        keys = [pd.cut(p.prefill_tokens, BINS, right=False, labels=LABELS),
+                pd.cut(p.prefill_pairs / p.prefill_tokens, ATTENDED_BINS, right=False, labels=ATTENDED_LABELS)]
+        g = p.groupby(keys, observed=True)
+        return {(str(a), str(b)): (int(n), float(c), float(t)) for (a, b), n, c, t in
+                zip(g.size().index, g.size(), g.cost_s.median(), g.prefill_tokens.median())}
+    mine, theirs = cells(prefill_cost(tl)), cells(pooled_cost(*chunked))
+    out: dict = {}
+    for (tokens, attended), (n, c, t) in mine.items():
+        m, cc, tc = theirs.get((tokens, attended), (0, float("nan"), float("nan")))
+        out.setdefault(tokens, {})[attended] = dict(steps=n, cost_ms=c * 1e3, tokens=t, steps_chunked=m,
+                                                    cost_ms_chunked=cc * 1e3, tokens_chunked=tc)
+    return out
+
+
 def marginal_cost(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]]) -> tuple[float, float]:
     """(intercept s, slope s per token) of a least-squares line through the prefill cost of every
     run's steps with prefill against their prefill tokens (nan, nan with fewer than two sizes)."""
@@ -229,12 +252,13 @@ def baseline_of(name: str, bases: dict) -> str:
 
 
 def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commit: str | None = None,
-                 chunked: dict[str, list[pd.DataFrame]] | None = None) -> dict:
+                 chunked: dict[str, list[pd.DataFrame]] | None = None, chunked_baselines: frozenset = frozenset()) -> dict:
     """The sweep's report (see the module doc). `chunked`: per run without caching, the timelines of
     its runs in small prefill chunks (same model and trace, `--chunked`); each run with caching is
     then also judged at equal work against the fit of its baseline pooled with those
     (`extend_at_equal_work_pooled`), whose chunks over long prefixes of their own measure the pair
-    term an extend over a cached prefix depends on."""
+    term an extend over a cached prefix depends on, and is set beside them (`side_by_side`).
+    `chunked_baselines`: the runs without caching that are themselves runs in small chunks."""
     chunked = chunked or {}
     bases = {k: baseline(v[1]) for k, v in runs.items() if k.endswith("nocache")}
     first = next(iter(bases))
@@ -282,6 +306,9 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
             pooled = out["baselines"][against].get("work_model_pooled")
             if pooled is not None:
                 row["extend_at_equal_work_pooled"] = extend_at_equal_work(tl, pooled, [runs[against][1], *chunked[against]])
+            small = ([runs[against][1]] if against in chunked_baselines else []) + chunked.get(against, [])
+            if small:
+                row["side_by_side_chunked"] = side_by_side(tl, small)
         out["runs"][name] = row
     return out
 
@@ -423,6 +450,16 @@ def markdown(reports: list[dict]) -> str:
                         "the 90 % interval: bootstrap over the runs' steps, the fit redone each round):", "",
                         "| run | against | prefill tokens | steps | measured / at equal work | 90 % interval | verdict |",
                         "|---|---|---|---:|---:|---|---|", *rows]
+        rows = [f"| {name} | {k} | {a} | {v['steps']} / {v['steps_chunked']} | {v['tokens']:.0f} / {_f(v['tokens_chunked'], '.0f')} "
+                f"| {v['cost_ms']:.3f} / {_f(v['cost_ms_chunked'], '.3f')} | {_f(v['cost_ms'] / v['cost_ms_chunked'])} |"
+                for name, r in rep["runs"].items() for k, cells in r.get("side_by_side_chunked", {}).items()
+                for a, v in cells.items()]
+        if rows:
+            out += ["", "The same steps beside the runs without caching in small chunks, no fit: steps over a prefix "
+                    "by prefill tokens and by query-key pairs per prefill token (the prefix attended over); median "
+                    "prefill cost (step time minus its own run's decode step of the same batch):", "",
+                    "| run | prefill tokens | pairs a token | steps (cache / chunks) | median prefill tokens "
+                    "| median cost ms | ratio |", "|---|---|---|---|---|---|---:|", *rows]
         out += ["", "TTFT against cached tokens per request (finished requests, binned by the prompt tokens their "
                 "admission found cached; new tokens = prompt - cached):", "",
                 "| run | cached tokens | requests | TTFT mean ms | TTFT p50 ms | prompt mean | new tokens mean |",
@@ -468,12 +505,14 @@ def main() -> None:
             _fail(f"{sweep} has no finished run")
         first = next(iter(runs.values()))[0]
         mine = {k[2]: list(v) for k, v in chunked.items() if k[:2] == (first.get("model"), first.get("trace"))}
+        bases = frozenset()
         if not any(k.endswith("nocache") for k in runs):  # the runs in small chunks are the baselines
             runs.update({k: v.pop(0) for k, v in mine.items()})
+            bases = frozenset(mine)
         if not any(k.endswith("nocache") for k in runs):
             _fail(f"{sweep} has no finished run without caching (*nocache), nor has --chunked one of its model and trace")
         reports.append(model_report(runs, args.commit, {k: [tl for _, tl, _ in v] for k, v in mine.items()
-                                                        if v and k in runs}))
+                                                        if v and k in runs}, bases))
         data.append(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(reports, data, args.out / "prefix_saving.png", args.note)

@@ -176,6 +176,14 @@ def test_runs_in_small_chunks_join_the_fit_and_measure_the_pair_term():
     assert rep["runs"]["m_paged"]["extend_at_equal_work_pooled"]["1-64"]["verdict"] == "pass"
     assert "small prefill chunks" in prefix_saving.markdown([rep])
     assert "extend_at_equal_work_pooled" not in prefix_saving.model_report(runs)["runs"]["m_paged"]
+    # beside the chunks, no fit: cell by cell of prefill tokens and pairs a token (the prefix attended over)
+    side = rep["runs"]["m_paged"]["side_by_side_chunked"]
+    assert list(side) == ["1-64"] and list(side["1-64"]) == ["1000-1999", "2000-3999"]
+    cell = side["1-64"]["1000-1999"]  # hits over 1,024 and 1,536; chunks over 1,024, 1,280, 1,536 and 1,792
+    assert (cell["steps"], cell["steps_chunked"], cell["tokens"], cell["tokens_chunked"]) == (2, 4, 64, 64)
+    assert abs(cell["cost_ms"] - (dt([(1280, 64)]) - 0.001) * 1e3) < 1e-9
+    assert abs(cell["cost_ms_chunked"] - (dt([(1408, 64)]) - 0.001) * 1e3) < 1e-9
+    assert "no fit" in prefix_saving.markdown([rep])
 
 
 def test_a_sweep_without_runs_without_caching_takes_the_chunked_ones(tmp_path, monkeypatch):
@@ -203,4 +211,5 @@ def test_a_sweep_without_runs_without_caching_takes_the_chunked_ones(tmp_path, m
     rep = json.loads((out / "prefix_saving.json").read_text())[0]
     got = rep["runs"]["m_paged"]
     assert got["baseline"] == "m_paged_nocache" and "extend_at_equal_work_pooled" not in got
+    assert got["side_by_side_chunked"]["1-64"]["1000-1999"]["steps"] == 2  # (beside the chunked baseline itself)
     assert got["extend_at_equal_work"]["1-64"]["steps"] == 3 and abs(got["extend_at_equal_work"]["1-64"]["ratio"] - 1) < 1e-6
