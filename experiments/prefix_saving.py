@@ -11,7 +11,8 @@ caching against every repeat of its baseline (`across_repeats`), the spread betw
 without caching prefills whole prompts, so few of its steps attend over a long prefix, and its fit's pair term,
 which an extend over a cached prefix depends on, is an extrapolation; the chunked runs' steps (few new tokens
 over long prefixes of their own, as an extend's) join its fit, and each run with caching is judged against
-that pooled fit too.
+that pooled fit too, and set beside the chunked steps cell by cell, without a fit (`side_by_side`). A sweep
+without runs without caching takes the chunked ones as its baselines.
 
 Each RUN_DIR is a sweep folder of that experiment (one run per strategy, same model). Per model:
   - step time against prefill tokens computed (median per bin; decode-only steps as their own row),
@@ -61,9 +62,9 @@ from kvbench.calibrate import _nnls, write_text_atomic  # noqa: E402
 BINS = [0, 1, 65, 257, 513, 1025, 2049, 8193]
 LABELS = ["decode only", "1-64", "65-256", "257-512", "513-1024", "1025-2048", "2049-8192"]
 CACHED_BINS = [0, 1, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 40]
+CACHED_LABELS = ["0", "1-255", "256-511", "512-1023", "1024-2047", "2048-4095", "4096-8191", "8192-16383", ">=16384"]
 ATTENDED_BINS = [0, 500, 1000, 2000, 4000, 1 << 40]  # query-key pairs per prefill token (the prefix a token attends over)
 ATTENDED_LABELS = ["<500", "500-999", "1000-1999", "2000-3999", ">=4000"]
-CACHED_LABELS = ["0", "1-255", "256-511", "512-1023", "1024-2047", "2048-4095", "4096-8191", "8192-16383", ">=16384"]
 TOLERANCE = 0.10  # an extend may cost this much more per token than a plain prefill before the check fails
 MIN_STEPS = 3     # steps a bin needs on both sides for the check to judge it
 
@@ -172,9 +173,9 @@ def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | l
     attends to its whole history, so at equal new tokens it does more work than a plain prefill
     (`extend_vs_prefill`); this asks whether it pays more than that work costs.
 
-    With `base_tl` (the run the fit came from, or a list of the runs fitted as one) each bin also gets `interval`: the 5th and 95th
-    percentiles of the median ratio over `rounds` bootstrap rounds, each resampling the baseline's
-    steps with prefill (the fit redone) and the bin's steps. A verdict whose interval straddles
+    With `base_tl` (the run the fit came from, or a list of the runs fitted as one) each bin also
+    gets `interval`: the 5th and 95th percentiles of the median ratio over `rounds` bootstrap
+    rounds, each resampling the baseline's steps with prefill (the fit redone) and the bin's steps. A verdict whose interval straddles
     1 + TOLERANCE is within the noise of one pair of runs."""
     p = prefill_cost(tl)
     p = p[over_prefix(p) & p.prefill_tokens.between(work["tokens_min"], work["tokens_max"])]
