@@ -22,6 +22,12 @@ of the same vocabulary), so the host's share of a pattern's cost can be told fro
     python experiments/step_switch.py --out results/gpu/step_switch_h200_<commit>.json [--page-sizes 16,1]
     python experiments/step_switch.py --out /tmp/host.json --host-only
 
+--kernels: instead, H after H and H after 16 decode steps under the torch profiler (CUPTI records each kernel
+node of a graph replay), --repeats rounds each: per kernel name its median summed duration in the step, and the
+step's GPU span (first kernel start to last kernel end) against the kernels' summed time. Which kernels a
+step after decode steps loses its 0.035-0.064 ms in (the GPU's side, not the host's). (Written when session
+41 had no device time left: run on the CPU only, where it records no kernel.)
+
 --first-use: instead, steps whose graph is captured inside them (as with engine.graph_warmup=decode, the
 capture and the graph's first launch taken out of the step's time): hit steps of 10 token counts, each
 in a graph of its own, each timed at its first replay and at its second; and H after the host slept
@@ -77,6 +83,29 @@ class HostOnly(GPUEngine):
         return g
 
 
+def kernel_times(eng, batch) -> dict[str, float]:
+    """One profiled step: its GPU span and summed kernel time (ms), and each kernel name's summed
+    duration (ms; the name cut at 60 characters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_kernels import kernel_records
+    cuda = torch.cuda.is_available()  # (--host-only runs it on the CPU: no kernel records)
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        eng.step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    ks = kernel_records(prof)
+    if not ks:  # (--host-only: no kernel ran)
+        return {}
+    out = {"GPU span": (max(k["ts"] + k["dur"] for k in ks) - ks[0]["ts"]) / 1e3,
+           "kernels summed": sum(k["dur"] for k in ks) / 1e3}
+    for k in ks:
+        out[k["name"][:60]] = out.get(k["name"][:60], 0.0) + k["dur"] / 1e3
+    return out
+
+
 def timed(eng, batch) -> tuple[float, float]:
     t = time.perf_counter()
     dt = eng.step(batch)
@@ -95,6 +124,7 @@ def main() -> None:
                     help="the pages the requests get: a random permutation of the pool's, or its first in order")
     ap.add_argument("--host-only", action="store_true", help="the host path alone, no GPU (see above)")
     ap.add_argument("--first-use", action="store_true", help="steps that capture their graph (see above)")
+    ap.add_argument("--kernels", action="store_true", help="kernel durations of H after H / after decodes (see above)")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error(f"--repeats must be >= 3, got {args.repeats}")
@@ -131,7 +161,13 @@ def main() -> None:
             rec("H after H", hit)
             time.sleep(0.02)
             rec("H after 20 ms idle", hit)
-        for _ in range(0 if args.first_use else args.repeats):
+        for _ in range(args.repeats if args.kernels else 0):
+            for name, before in (("H after H", [hit]), ("H after 16 D", [dec] * 16)):
+                for b in before:
+                    eng.step(b)
+                for key, value in kernel_times(eng, hit).items():
+                    got.setdefault(f"{name}: {key}", []).append((value, value))
+        for _ in range(0 if args.first_use or args.kernels else args.repeats):
             eng.step(hit)
             rec("H after H", hit)
             rec("H after H, fresh request", so.make_batch(order, HIT, cap // ps, ps))
