@@ -17,8 +17,9 @@
 #
 # Timings on an H200 (c438584, 2026-12-02): GS=1 130 s, PS=sp 130 s (its three runs), PS=mt 90 s,
 # PS=mc 110-210 s (on a fresh machine the kernels compile first); GS=1 on a fresh machine over 170 s (47e4085);
-# the 8B (MODEL=llama3_1_8b): PS=sp 235 s, PS=mt 125 s (47e4085); PS="mt mt64 mt256" 237 + 142 + 64 s on a fresh
-# machine (115bde3); WARMUP=...all... STRATEGIES=paged PS=mt about 80 s (155dbe6: 1,659 graphs, 54 s of warm-up). So the whole set needs two calls, e.g. GS=1 PS="sp mt", then GS=1 REPEAT=1 PS=mc.
+# the 8B (MODEL=llama3_1_8b): PS=sp 235 s, PS=mt 125 s (47e4085). So the whole set needs two calls, e.g. GS=1
+# PS="sp mt", then GS=1 REPEAT=1 PS=mc. PS="mt mt64 mt256": 237 + 142 + 64 s on a fresh machine (115bde3);
+# WARMUP="engine.graph_warmup=all engine.max_num_seqs=16" STRATEGIES=paged PS=mt: about 80 s (155dbe6, 54 s warm-up).
 set -u
 out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"

@@ -165,7 +165,7 @@ def work_model(*base_tls: pd.DataFrame) -> dict | None:
                 attended_max=float((base.prefill_pairs / base.prefill_tokens).max()))
 
 
-def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | list | None = None,
+def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tls: list[pd.DataFrame] | None = None,
                          rounds: int = 200, seed: int = 0) -> dict:
     """Per bin of prefill tokens: the run's steps over a prefix within the fit's range of prefill
     tokens, their prefill cost against what the run without caching pays for the same prefill
@@ -173,10 +173,10 @@ def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | l
     attends to its whole history, so at equal new tokens it does more work than a plain prefill
     (`extend_vs_prefill`); this asks whether it pays more than that work costs.
 
-    With `base_tl` (the run the fit came from, or a list of the runs fitted as one) each bin also
-    gets `interval`: the 5th and 95th percentiles of the median ratio over `rounds` bootstrap
-    rounds, each resampling the baseline's steps with prefill (the fit redone) and the bin's steps. A verdict whose interval straddles
-    1 + TOLERANCE is within the noise of one pair of runs."""
+    With `base_tls` (the runs the fit came from, fitted as one) each bin also gets `interval`: the
+    5th and 95th percentiles of the median ratio over `rounds` bootstrap rounds, each resampling
+    the baseline's steps with prefill (the fit redone) and the bin's steps. A verdict whose
+    interval straddles 1 + TOLERANCE is within the noise of one pair of runs."""
     p = prefill_cost(tl)
     p = p[over_prefix(p) & p.prefill_tokens.between(work["tokens_min"], work["tokens_max"])]
     tokens, pairs, cost = (p[c].to_numpy(float) for c in ("prefill_tokens", "prefill_pairs", "cost_s"))
@@ -187,9 +187,9 @@ def extend_at_equal_work(tl: pd.DataFrame, work: dict, base_tl: pd.DataFrame | l
     out = {str(k): dict(steps=int(n), ratio=float(m), verdict=("pass" if m <= 1 + TOLERANCE else "FAIL")
                         if n >= MIN_STEPS else "too few steps")
            for k, n, m in zip(g.median().index, g.size(), g.median())}
-    if base_tl is None or not out:
+    if base_tls is None or not out:
         return out
-    x, y, w = _work_rows(pooled_cost(*(base_tl if isinstance(base_tl, list) else [base_tl])))
+    x, y, w = _work_rows(pooled_cost(*base_tls))
     rng = np.random.default_rng(seed)
     at = {k: np.flatnonzero((bins == k).to_numpy()) for k in out}
     meds = {k: [] for k in out}
@@ -262,6 +262,7 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
     `chunked_baselines`: the runs without caching that are themselves runs in small chunks."""
     chunked = chunked or {}
     bases = {k: baseline(v[1]) for k, v in runs.items() if k.endswith("nocache")}
+    pools = {k: [runs[k][1], *v] for k, v in chunked.items() if k in bases}  # each baseline's run and its chunked runs
     first = next(iter(bases))
     nocache = runs[first]
     fixed, slope = marginal_cost(runs)
@@ -269,8 +270,8 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
                commit=commit or nocache[0].get("commit"), prefill_marginal_cost_per_token_us=slope * 1e6,
                prefill_step_fixed_cost_ms=fixed * 1e3, baselines={
                    k: dict(prefill_cost_per_token_us=v["b"] * 1e6, prefill_cost_per_token_mean_us=v["b_mean"] * 1e6,
-                           work_model=v["work"], **({} if k not in chunked else dict(
-                               chunked_runs=len(chunked[k]), work_model_pooled=work_model(runs[k][1], *chunked[k]))))
+                           work_model=v["work"], **({} if k not in pools else dict(
+                               chunked_runs=len(chunked[k]), work_model_pooled=work_model(*pools[k]))))
                    for k, v in bases.items()}, runs={})
     out.update(out["baselines"][first])  # (the first baseline's figures at the top, as before radix_nocache)
     for name, (summary, tl, req) in runs.items():
@@ -303,10 +304,10 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
         if name not in bases:
             row["extend_vs_prefill"] = extend_vs_prefill(by_prefill_bin(tl[over_prefix(tl)]), base["bins"])
             if work is not None:
-                row["extend_at_equal_work"] = extend_at_equal_work(tl, work, runs[against][1])
+                row["extend_at_equal_work"] = extend_at_equal_work(tl, work, [runs[against][1]])
             pooled = out["baselines"][against].get("work_model_pooled")
             if pooled is not None:
-                row["extend_at_equal_work_pooled"] = extend_at_equal_work(tl, pooled, [runs[against][1], *chunked[against]])
+                row["extend_at_equal_work_pooled"] = extend_at_equal_work(tl, pooled, pools[against])
             small = ([runs[against][1]] if against in chunked_baselines else []) + chunked.get(against, [])
             if small:
                 row["side_by_side_chunked"] = side_by_side(tl, small)

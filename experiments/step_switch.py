@@ -123,8 +123,9 @@ def main() -> None:
     ap.add_argument("--order", choices=("shuffled", "sequential"), default="shuffled",
                     help="the pages the requests get: a random permutation of the pool's, or its first in order")
     ap.add_argument("--host-only", action="store_true", help="the host path alone, no GPU (see above)")
-    ap.add_argument("--first-use", action="store_true", help="steps that capture their graph (see above)")
-    ap.add_argument("--kernels", action="store_true", help="kernel durations of H after H / after decodes (see above)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--first-use", action="store_true", help="steps that capture their graph (see above)")
+    mode.add_argument("--kernels", action="store_true", help="kernel durations of H after H / after decodes (see above)")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error(f"--repeats must be >= 3, got {args.repeats}")

@@ -487,9 +487,8 @@ class GPUEngine(TorchEngine):
     @torch.inference_mode()
     def _warm_up_graphs(self, keys: list[tuple], page_size: int) -> None:
         """Capture the graphs of `keys` (largest first) before the replay, each launched once on
-        its capture inputs (`_capture`'s launch: the upload a graph's first launch makes, 0.3-0.7
-        ms for the 1B shape on the H200, stays out of the replay's steps; before session 41 the
-        warm-up's graphs paid it in the first step that replayed each); the GPU memory they
+        its capture inputs (`_capture`'s launch: the upload of a graph's first launch stays out of
+        the replay's steps; docs/model.md, "graph_warmup"); the GPU memory they
         took is `graph_mem_measured` (free memory before and after: pool, executables, staging),
         to hold against the sizing's `graph_pool_bytes`."""
         t0 = time.perf_counter()
