@@ -273,6 +273,41 @@ def test_a_steady_decode_rewrites_only_its_rows(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_a_step_with_prefill_keeps_the_decode_fill():
+    """Decode graphs and graphs of steps with prefill have staging buffers of their own: a decode
+    step after a mixed step of another graph takes the short fill when its graph and batch size
+    are the last decode fill's, and its logits are those of a whole fill."""
+    import kvbench.engines.torch_engine as te
+
+    rng = np.random.default_rng(3)
+    reqs = [Request(i, 0.0, rng.integers(0, 512, 20).astype(np.int32), np.zeros(8, np.int32)) for i in range(2)]
+    newcomer = Request(2, 0.0, rng.integers(0, 512, 5).astype(np.int32), np.zeros(2, np.int32))
+    tables = {r.id: np.arange(r.id * 8, r.id * 8 + 8, dtype=np.int32) for r in (*reqs, newcomer)}
+
+    def decode(pos):
+        return StepBatch([ScheduledSeq(r, pos, 1, tables[r.id][:-(-(pos + 1) // PS)]) for r in reqs], PS, 64, False, [])
+    got, short = {}, {}
+    for fast in (False, True):
+        te.FAST_DECODE_HOST, saved = fast, te.FAST_DECODE_HOST
+        try:
+            eng = StandIn("all")
+            eng.bind(PS, 64)
+            eng.step(StepBatch([ScheduledSeq(r, 0, 20, tables[r.id][:2]) for r in reqs], PS, 64, False, []))
+            eng.step(decode(20))
+            before = eng.short_fills
+            # a mixed step: both decodes and the newcomer's whole prompt (another graph, same buffer kind before)
+            eng.step(StepBatch([ScheduledSeq(r, 21, 1, tables[r.id][:2]) for r in reqs]
+                               + [ScheduledSeq(newcomer, 0, 5, tables[2][:1])], PS, 64, False, []))
+            eng.step(decode(22))
+            short[fast] = eng.short_fills - before
+            got[fast] = [eng.last_logits[r.id].float() for r in reqs]
+        finally:
+            te.FAST_DECODE_HOST = saved
+    assert short == {False: 0, True: 1}
+    for a, b in zip(got[True], got[False]):
+        assert torch.equal(a, b)
+
+
 def test_a_decode_batch_flattens_to_its_rows():
     """`_flatten_decode`: ids, positions, slots, lengths and tables of a decode batch, rows in the
     batch's order, page tables of different lengths padded with page 0."""
@@ -349,25 +384,39 @@ class FakeCuda:
 
 def test_graph_memory_profile_through_a_fake_cuda(monkeypatch):
     """The sizing's probe (`_profile_graphs`, through GPUEngine's own `_capture`) on a fake CUDA:
-    the two largest graphs take 150 MiB of pool + 2 MiB each, the small ones 2 MiB each ->
-    graph_pool_bytes = 304 MiB + 2 MiB x (the warm-up's keys - 2) + the staging bytes; every probe
-    graph is reset and the scratch pool dropped; no capture emptied the caching allocator (only
-    the cleanup, once)."""
+    the two largest graphs take 150 MiB of pool + 2 MiB each, the 7 small decode ones 2 MiB each,
+    the 8 graphs with prefill spread over their keys 5 MiB each -> graph_pool_bytes = 304 MiB +
+    2 MiB x (the warm-up's decode keys - 1) + 5 MiB x (its keys with prefill - 1) + the staging
+    bytes; every probe graph is reset and the scratch pool dropped; no capture emptied the caching
+    allocator (only the cleanup, once). With graph_warmup=decode, no graph with prefill is probed
+    but the largest."""
     mib = 1 << 20
-    fake = FakeCuda(lambda n: (150 if n <= 2 else 0) * mib + 2 * mib)
+    fake = FakeCuda(lambda n: (150 if n <= 2 else 0) * mib + (5 if n > 9 else 2) * mib)
     fake.install(monkeypatch)
     monkeypatch.setattr(StandIn, "_capture", GPUEngine._capture)
-    eng = StandIn("all")
-    got = GPUEngine._profile_graphs(eng)
-    keys = graph_keys("all", max_num_seqs=SEQS, max_num_batched_tokens=TOKENS, graph_max_tokens=TOKENS,
-                      max_context=MAX_LEN, page_size=1, contiguous=False)
-    probe = eng.graph_profile
-    assert fake.captures == [(0, 7)] * fake.resets and 8 <= fake.resets <= 10 and fake.emptied == 1  # (one key a duplicate)
-    assert not eng._graphs and eng.kv_pool is None and eng._stage is None and eng.graph_capture_s == 0
-    assert probe["pool_and_largest_bytes"] == 304 * mib and probe["per_graph_bytes"] == 2 * mib
-    assert probe["keys"] == len(keys) and probe["staging_bytes"] == eng._staging_bytes(keys + [
-        max((k for k in keys if not k[4]), key=lambda k: (k[0], k[1]))])
-    assert got == 304 * mib + 2 * mib * (len(keys) - 2) + probe["staging_bytes"]
+    for mode in ("all", "decode"):
+        eng = StandIn(mode)
+        fake.resets, fake.captures = 0, []
+        got = GPUEngine._profile_graphs(eng)
+        keys = graph_keys(mode, max_num_seqs=SEQS, max_num_batched_tokens=TOKENS, graph_max_tokens=TOKENS,
+                          max_context=MAX_LEN, page_size=1, contiguous=False)
+        n_prefill = sum(not k[4] for k in keys)
+        probe = eng.graph_profile
+        assert fake.resets == (17 if mode == "all" else 9)  # (one small decode key is the largest's)
+        assert fake.captures == [(0, 7)] * fake.resets
+        assert not eng._graphs and eng.kv_pool is None and eng._stage is None and eng.graph_capture_s == 0
+        assert probe["pool_and_largest_bytes"] == 304 * mib and probe["per_graph_bytes"] == 2 * mib
+        assert probe["per_prefill_graph_bytes"] == (5 * mib if mode == "all" else 0)
+        assert probe["keys"] == len(keys) and probe["prefill_keys"] == n_prefill and (n_prefill > 0) == (mode == "all")
+        widest = graph_keys("all", max_num_seqs=SEQS, max_num_batched_tokens=TOKENS, graph_max_tokens=TOKENS,
+                            max_context=MAX_LEN, page_size=16, contiguous=False)  # (the probes' page size)
+        big = [max((k for k in widest if not k[4]), key=lambda k: (k[0], k[1])),
+               max((k for k in widest if k[4]), key=lambda k: (k[1], k[2]))]
+        assert probe["staging_bytes"] == eng._staging_bytes(keys + big)
+        assert (probe["staging_bytes"] > eng._staging_bytes(keys)) == (mode == "decode")  # (+ the prefill buffer)
+        assert got == (304 * mib + 2 * mib * (len(keys) - n_prefill - 1) + 5 * mib * max(n_prefill - 1, 0)
+                       + probe["staging_bytes"])
+    assert fake.emptied == 2
 
 
 # ---- GPU --------------------------------------------------------------------------------------

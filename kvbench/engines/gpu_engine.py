@@ -10,7 +10,8 @@ tokens, and give the pool
 unless `kv_cache_gb` names the pool size. The graphs' share (`graph_pool_bytes`, cuda_graphs
 with graph_warmup != none) is measured as vLLM V1's `profile_cudagraph_memory` does: capture the
 largest graphs the run can meet on a scratch pool (free memory before and after), a per-graph
-cost from 8 small ones times the warm-up's keys, plus the shared staging buffers; then release
+cost of each kind (decode, with prefill) from 8 small ones times the warm-up's keys of that kind,
+plus the staging buffers; then release
 them. (vLLM: `available_kv = requested - non_kv - cudagraph_memory_estimate`, its estimate from
 the first captures' free-memory deltas plus a per-graph floor of 1 MiB, profiled into the pool the
 real capture then uses.) Step time = CUDA events around the whole step
@@ -23,7 +24,7 @@ its (token bucket, batch bucket, context bucket, contiguous, decode-only, decode
 except steps with more than `graph_max_tokens` (8,192) tokens of prefill, which run eagerly. `bind`
 captures the graphs a replay within the scheduler's limits can meet (`graph_warmup`: `graph_keys`
 says which), largest first, into one shared pool (graph outputs are unowned, so later captures reuse
-their blocks) with one shared staging buffer; a key it missed is captured on first use, launched
+their blocks) with one staging buffer per kind (decode-only, with prefill); a key it missed is captured on first use, launched
 once on its capture inputs (a graph's first launch also uploads it), both taken out of the step's
 time, and counted in `cuda_graph_captures_in_replay`. Steps with prefill have one context bucket,
 the widest (`max_model_len`): their page tables cross the bus in the graph's one copy where its
@@ -388,39 +389,45 @@ class GPUEngine(TorchEngine):
             the largest decode step (most rows, widest table), captured first into a fresh pool;
             every later graph reuses its blocks (outputs are unowned, `_unowned`), so the pool
             holds about one largest graph's activations;
-          - each graph's own cost (its executable, plans' buffers): 8 small decode graphs more,
-            their mean times the other keys `graph_keys` gives (page size 1: the most keys);
-          - the shared staging buffers (`_graph_inputs`) for those keys, computed.
+          - each graph's own cost (its executable, plans' buffers, what its activations add to
+            the pool): 8 small decode graphs more, their mean times the other decode keys
+            `graph_keys` gives (page size 1: the most keys), and (`graph_warmup=all`) 8 graphs
+            with prefill spread over their keys, their mean times the other keys with prefill
+            (a step with prefill has more kernels and other activation sizes than a decode step:
+            1,659 mostly prefill graphs took 2.6 MiB each on the H200, against the decode probes'
+            0.5; docs/model.md);
+          - the staging buffers (`_graph_inputs`) for those keys, computed.
         Each probe first runs once eagerly on the capture stream, so the caching allocator's
         blocks for its activations (counted in the activation peak) are not counted again."""
         ps, ctx = 16, self.max_model_len or 1 << 17
-        n_keys = len(self._warm_keys(1, ctx, False))  # (page size 1: the most context buckets)
+        warm = self._warm_keys(1, ctx, False)  # (page size 1: the most context buckets)
+        n_keys, n_prefill = len(warm), sum(not k[4] for k in warm)
         widest = graph_keys("all", max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                             graph_max_tokens=self.graph_max_tokens, max_context=ctx, page_size=ps, contiguous=False,
                             decode_sizes=self.decode_sizes)
-        big = [k for k in widest if not k[4]][:1]  # the most prefill tokens (then rows): every mode may meet it
+        prefill = [k for k in widest if not k[4]]  # (largest first)
+        big = prefill[:1]  # the most prefill tokens (then rows): every mode may meet it
         big += [max((k for k in widest if k[4]), key=lambda k: (k[1], k[2]))]  # the most rows, the widest table
         small = [k for k in ((b, b, p, False, True, b) for b in (1, 2, 4, 8) for p in (16, 32)) if k not in big]
+        rest = prefill[1:] if n_prefill > 1 else []
+        small_prefill = list(dict.fromkeys(rest[i * len(rest) // 8] for i in range(8))) if rest else []
         c = self.cfg
         self.page_size = ps
         self.kv_pool = torch.zeros(c.num_layers, 2, 2 * ps, c.num_kv_heads, c.head_dim, dtype=DTYPES[c.dtype],
                                    device=self.device)  # (slots -1, lengths 0: nothing is read or written)
-        self._stage = self._staging(big + small)
+        self._stage = self._staging(big + small + small_prefill)
         try:
             side = self._capture_stream()
             with torch.cuda.stream(side):  # compile, and let the allocator cache the eager blocks
-                for key in big + small:
+                for key in big + small + small_prefill:
                     self._graph_body(self._graph_inputs(key, ps))
             torch.cuda.synchronize()
-            free0 = torch.cuda.mem_get_info(self.device)[0]
-            for key in big:
-                self._capture(key, ps)
-            torch.cuda.synchronize()
-            free1 = torch.cuda.mem_get_info(self.device)[0]
-            for key in small:
-                self._capture(key, ps)
-            torch.cuda.synchronize()
-            free2 = torch.cuda.mem_get_info(self.device)[0]
+            free = [torch.cuda.mem_get_info(self.device)[0]]
+            for group in (big, small, small_prefill):
+                for key in group:
+                    self._capture(key, ps)
+                torch.cuda.synchronize()
+                free.append(torch.cuda.mem_get_info(self.device)[0])
         finally:
             for g in self._graphs.values():
                 g.graph.reset()
@@ -432,11 +439,15 @@ class GPUEngine(TorchEngine):
         # at least 1 MiB a graph, vLLM's floor: the probes are small decode graphs, and a step with
         # prefill has more kernels (H200, 6b77b47: probes gave 512 KiB a graph, 324 warm-up graphs
         # of a 1B run took 241 MB against an estimate of 200 MB without the floor)
-        per_graph = max(max(free1 - free2, 0) / len(small), PER_GRAPH_FLOOR)
-        staging = self._staging_bytes(self._warm_keys(1, ctx, False) + big)
-        self.graph_profile = {"pool_and_largest_bytes": int(free0 - free1), "per_graph_bytes": int(per_graph),
-                              "keys": n_keys, "staging_bytes": int(staging)}
-        return int(max(free0 - free1, 0) + per_graph * max(n_keys - len(big), 0) + staging)
+        per_graph = max(max(free[1] - free[2], 0) / len(small), PER_GRAPH_FLOOR)
+        per_prefill = max(max(free[2] - free[3], 0) / len(small_prefill), PER_GRAPH_FLOOR) if small_prefill else 0
+        staging = self._staging_bytes(warm + big)
+        n_decode = n_keys - n_prefill
+        self.graph_profile = {"pool_and_largest_bytes": int(free[0] - free[1]), "per_graph_bytes": int(per_graph),
+                              "per_prefill_graph_bytes": int(per_prefill), "keys": n_keys,
+                              "prefill_keys": n_prefill, "staging_bytes": int(staging)}
+        return int(max(free[0] - free[1], 0) + per_graph * max(n_decode - 1, 0)
+                   + per_prefill * max(n_prefill - 1, 0) + staging)
 
     def kv_budget_bytes(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
@@ -505,8 +516,7 @@ class GPUEngine(TorchEngine):
             torch.cuda.synchronize(self.device)
             free1, reserved1 = torch.cuda.mem_get_info(self.device)[0], torch.cuda.memory_reserved(self.device)
             pool = _pool_bytes(self._graph_pool) if self._graphs else 0
-            st = self._stage
-            staging = 0 if st is None else st.dev.numel() + 4 * st.table.numel()  # (GPU bytes)
+            staging = sum(st.dev.numel() + 4 * st.table.numel() for st in (self._stage or {}).values())  # (GPU bytes)
             outside = (free0 - free1) - (reserved1 - reserved0)  # executables, modules: outside torch
             self.graph_mem_measured = None if pool is None else int(pool + staging + outside)
         self.graph_warmup_s = time.perf_counter() - t0
@@ -649,7 +659,8 @@ class GPUEngine(TorchEngine):
         # the step's inputs: written into the graph's pinned staging buffer, then one copy;
         # padded tokens write nowhere (slot -1), padded requests attend to nothing (seq_len 0)
         # (a hybrid design: one slot row and one page-table block per table; uniform: one)
-        self._staged = (key, b) if h.decode_only else None  # (the staging buffer is shared by the graphs)
+        if h.decode_only:  # (the decode graphs share a staging buffer; steps with prefill have their own)
+            self._staged = (key, b)
         shift, e, tp = dp - nd, len(h.logits_idx), t - nd
         for r, col in enumerate((h.ids, h.positions, *h.slot_mapping.reshape(-1, t))):
             g.h64[r, :nd], g.h64[r, dp:dp + tp] = col[:nd], col[nd:]
@@ -727,25 +738,35 @@ class GPUEngine(TorchEngine):
         return nbytes, 0 if decode_only or nbytes <= PREFILL_COPY_IN_BYTES else nt * bs * pages
 
     def _staging_bytes(self, keys: list[tuple], nt: int = 1) -> int:
-        """GPU bytes of the shared staging buffers for `keys` (the largest of each part). Pure."""
-        if not keys:
-            return 0
-        sizes = [self._staging_size(k, nt) for k in keys]
-        return max(x for x, _ in sizes) + 4 * max(t for _, t in sizes)
+        """GPU bytes of the staging buffers for `keys` (`_staging`: per kind, the largest of each
+        part). Pure."""
+        total = 0
+        for decode_only in (True, False):
+            sizes = [self._staging_size(k, nt) for k in keys if k[4] == decode_only]
+            if sizes:
+                total += max(x for x, _ in sizes) + 4 * max(t for _, t in sizes)
+        return total
 
-    def _staging(self, keys: list[tuple]) -> SimpleNamespace | None:
-        """One staging buffer (pinned host, its device copy) and one wide page table for every
-        graph of `keys`: a step fills only its own graph's part before its replay, and steps run
-        one at a time, so graphs can share them (a key that needs more gets its own). None when
-        `keys` is empty."""
+    def _staging(self, keys: list[tuple]) -> dict[bool, SimpleNamespace] | None:
+        """Per kind of graph (decode-only: True, with prefill: False), one staging buffer (pinned
+        host, its device copy) and one wide page table for every graph of `keys` of that kind: a
+        step fills only its own graph's part before its replay, and steps run one at a time, so
+        graphs can share them (a key that needs more gets its own). Two kinds, so a step with
+        prefill leaves the decode graphs' buffer as the last decode step filled it, and the decode
+        step after it keeps the short fill (`_forward`; it had cost that step 16 µs more of host time,
+        experiments/step_switch.py --host-only). None when `keys` is empty."""
         if not keys:
             return None
         nt = 1 if self.hybrid is None else len(self.hybrid.tables)
-        sizes = [self._staging_size(k, nt) for k in keys]
-        nbytes, table = max(x for x, _ in sizes), max(t for _, t in sizes)
-        host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        return SimpleNamespace(host=host, dev=host.to(self.device),
-                               table=torch.zeros(max(table, 1), dtype=torch.int32, device=self.device))
+        out = {}
+        for decode_only in (True, False):
+            sizes = [self._staging_size(k, nt) for k in keys if k[4] == decode_only]
+            if sizes:
+                nbytes, table = max(x for x, _ in sizes), max(t for _, t in sizes)
+                host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                out[decode_only] = SimpleNamespace(host=host, dev=host.to(self.device), table=torch.zeros(
+                    max(table, 1), dtype=torch.int32, device=self.device))
+        return out
 
     def _graph_inputs(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
         """The static inputs of a graph of shape `key`: one (pinned on CUDA) host staging buffer,
@@ -754,10 +775,11 @@ class GPUEngine(TorchEngine):
         staging buffer is over `PREFILL_COPY_IN_BYTES` reads its page tables from a separate wide
         block [nt, bs, pages]: the graph fills its first `wb` columns from the head of the staging
         buffer (the part it copies), `_forward` the rest, where used, from packed rows after it.
-        Both are parts of the shared `_staging` buffers when they fit. No CUDA call but the
-        copies (the CPU tests run this with an eager stand-in for the graph)."""
-        self._staged = None  # (the shared staging buffer is rewritten below)
+        Both are parts of the shared `_staging` buffers of its kind when they fit. No CUDA call but
+        the copies (the CPU tests run this with an eager stand-in for the graph)."""
         ts, bs, pages, contiguous, decode_only, dp = key
+        if decode_only:
+            self._staged = None  # (the decode graphs' staging buffer is rewritten below)
         hybrid = self.hybrid
         nt = 1 if hybrid is None else len(hybrid.tables)  # page tables (a hybrid design: one per TableSpec)
         # inputs: one pinned host buffer and its device copy; the graph reads views of the latter
@@ -770,11 +792,14 @@ class GPUEngine(TorchEngine):
         # buffer, at most PREFILL_COPY_IN_BYTES with the fixed part) and are spread by the graph;
         # the rest (a step with a longer context) is packed and copied before the replay
         wb = pages if not wide else min(pages, max(0, PREFILL_COPY_IN_BYTES - fixed) // (4 * nt * bs))
-        st = self._stage
+        st = (self._stage or {}).get(decode_only)
         if st is None or st.host.numel() < nbytes or st.table.numel() < wide:
-            st = SimpleNamespace(host=torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda"),
-                                 table=torch.zeros(max(wide, 1), dtype=torch.int32, device=self.device))
+            # a larger one, shared by this kind's later graphs (earlier ones keep their views of the old)
+            nbytes_, wide_ = (nbytes, wide) if st is None else (max(nbytes, st.host.numel()), max(wide, st.table.numel()))
+            st = SimpleNamespace(host=torch.zeros(nbytes_, dtype=torch.uint8, pin_memory=self.device.type == "cuda"),
+                                 table=torch.zeros(max(wide_, 1), dtype=torch.int32, device=self.device))
             st.dev = st.host.to(self.device)
+            self._stage = {**(self._stage or {}), decode_only: st}
         g = SimpleNamespace(host=st.host[:nbytes], dev=st.dev[:nbytes], key=key, nt=nt, wb=wb,
                             head=fixed + 4 * nt * bs * wb)
         g.host.zero_()
