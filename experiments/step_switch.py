@@ -24,9 +24,11 @@ of the same vocabulary), so the host's share of a pattern's cost can be told fro
 
 --kernels: instead, H after H and H after 16 decode steps under the torch profiler (CUPTI records each kernel
 node of a graph replay), --repeats rounds each: per kernel name its median summed duration in the step, and the
-step's GPU span (first kernel start to last kernel end) against the kernels' summed time. Which kernels a
-step after decode steps loses its 0.035-0.064 ms in (the GPU's side, not the host's). (Written when session
-41 had no device time left: run on the CPU only, where it records no kernel.)
+step's GPU span (first kernel start to last kernel end) against the kernels' summed time, and the last
+H after H's records (kernels, copies; stream, start, duration) per page size. At feab757 (H200, pool of
+131,072 slots in order, results/gpu/step_switch_kernels_h200_feab757.json) the step after 16 decode steps
+showed no difference under the profiler (each profiled step starts on an idle GPU), and page 1's H spanned
+0.06 ms more than page 16's with the same summed kernel time.
 
 --first-use: instead, steps whose graph is captured inside them (as with engine.graph_warmup=decode, the
 capture and the graph's first launch taken out of the step's time): hit steps of 10 token counts, each
@@ -83,12 +85,15 @@ class HostOnly(GPUEngine):
         return g
 
 
-def kernel_times(eng, batch) -> dict[str, float]:
+def kernel_times(eng, batch, timeline: list | None = None) -> dict[str, float]:
     """One profiled step: its GPU span and summed kernel time (ms), and each kernel name's summed
-    duration (ms; the name cut at 60 characters)."""
-    from torch.profiler import ProfilerActivity, profile
+    duration (ms; the name cut at 60 characters). `timeline`: cleared and filled with the step's
+    kernel, copy and set records in start order (name, stream, start and duration in µs from the
+    first record's start)."""
+    import os
+    import tempfile
 
-    from bench_kernels import kernel_records
+    from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()  # (--host-only runs it on the CPU: no kernel records)
     if cuda:
         torch.cuda.synchronize()
@@ -96,9 +101,16 @@ def kernel_times(eng, batch) -> dict[str, float]:
         eng.step(batch)
         if cuda:
             torch.cuda.synchronize()
-    ks = kernel_records(prof)
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(os.path.join(d, "trace.json"))
+        events = json.loads(Path(d, "trace.json").read_text())["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    ks = [e for e in gpu if e["cat"] == "kernel"]
     if not ks:  # (--host-only: no kernel ran)
         return {}
+    if timeline is not None:
+        timeline[:] = [dict(name=e["name"][:60], stream=e.get("tid"), start_us=round(e["ts"] - gpu[0]["ts"], 3),
+                            dur_us=round(e["dur"], 3)) for e in gpu]
     out = {"GPU span": (max(k["ts"] + k["dur"] for k in ks) - ks[0]["ts"]) / 1e3,
            "kernels summed": sum(k["dur"] for k in ks) / 1e3}
     for k in ks:
@@ -131,7 +143,7 @@ def main() -> None:
         ap.error(f"--repeats must be >= 3, got {args.repeats}")
     if args.pool_tokens < 0 or 0 < args.pool_tokens < 8192:
         ap.error(f"--pool-tokens must be 0 (default) or at least 8192 (the steps' pages), got {args.pool_tokens}")
-    rows = []
+    rows, timelines = [], {}
     for ps in map(int, args.page_sizes.split(",")):
         eng = HostOnly(so.model_cfg(args.model)) if args.host_only else GPUEngine(
             so.model_cfg(args.model), attention="triton", gpu_memory_utilization=0.5, cuda_graphs=True,
@@ -162,12 +174,15 @@ def main() -> None:
             rec("H after H", hit)
             time.sleep(0.02)
             rec("H after 20 ms idle", hit)
+        timeline: list = []
         for _ in range(args.repeats if args.kernels else 0):
             for name, before in (("H after H", [hit]), ("H after 16 D", [dec] * 16)):
                 for b in before:
                     eng.step(b)
-                for key, value in kernel_times(eng, hit).items():
+                for key, value in kernel_times(eng, hit, timeline if name == "H after H" else None).items():
                     got.setdefault(f"{name}: {key}", []).append((value, value))
+        if timeline:
+            timelines[ps] = timeline
         for _ in range(0 if args.first_use or args.kernels else args.repeats):
             eng.step(hit)
             rec("H after H", hit)
@@ -186,7 +201,7 @@ def main() -> None:
         del eng
         torch.cuda.empty_cache()
     out = dict(device="host path only (no GPU)" if args.host_only else torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
-               hit=HIT, decode=DECODE, rows=rows)
+               hit=HIT, decode=DECODE, rows=rows, **({"timeline_of_last_H_after_H": timelines} if timelines else {}))
     write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
 
 
