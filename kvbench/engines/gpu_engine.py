@@ -393,9 +393,10 @@ class GPUEngine(TorchEngine):
             the pool): 8 small decode graphs more, their mean times the other decode keys
             `graph_keys` gives (page size 1: the most keys), and (`graph_warmup=all`) 8 graphs
             with prefill spread over their keys, their mean times the other keys with prefill
-            (a step with prefill has more kernels and other activation sizes than a decode step:
-            1,659 mostly prefill graphs took 2.6 MiB each on the H200, against the decode probes'
-            0.5; docs/model.md);
+            (their kernels and activation sizes are not a decode step's, and in a process's first
+            engine their captures load kernel modules the decode probes do not: on the H200 the
+            warm-up of 1,659 mostly prefill graphs measured 4.3 GB where the decode probes set
+            2.5 GB aside; docs/model.md);
           - the staging buffers (`_graph_inputs`) for those keys, computed.
         Each probe first runs once eagerly on the capture stream, so the caching allocator's
         blocks for its activations (counted in the activation peak) are not counted again."""
@@ -436,9 +437,8 @@ class GPUEngine(TorchEngine):
             self.graph_capture_s = 0.0
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-        # at least 1 MiB a graph, vLLM's floor: the probes are small decode graphs, and a step with
-        # prefill has more kernels (H200, 6b77b47: probes gave 512 KiB a graph, 324 warm-up graphs
-        # of a 1B run took 241 MB against an estimate of 200 MB without the floor)
+        # at least 1 MiB a graph, vLLM's floor (H200, 6b77b47: the decode probes gave 512 KiB a
+        # graph, 324 warm-up graphs of a 1B run took 241 MB against an estimate of 200 MB without it)
         per_graph = max(max(free[1] - free[2], 0) / len(small), PER_GRAPH_FLOOR)
         per_prefill = max(max(free[2] - free[3], 0) / len(small_prefill), PER_GRAPH_FLOOR) if small_prefill else 0
         staging = self._staging_bytes(warm + big)
@@ -751,7 +751,7 @@ class GPUEngine(TorchEngine):
         """Per kind of graph (decode-only: True, with prefill: False), one staging buffer (pinned
         host, its device copy) and one wide page table for every graph of `keys` of that kind: a
         step fills only its own graph's part before its replay, and steps run one at a time, so
-        graphs can share them (a key that needs more gets its own). Two kinds, so a step with
+        graphs can share them (a key that needs more makes a larger one, `_graph_inputs`). Two kinds, so a step with
         prefill leaves the decode graphs' buffer as the last decode step filled it, and the decode
         step after it keeps the short fill (`_forward`; it had cost that step 16 µs more of host time,
         experiments/step_switch.py --host-only). None when `keys` is empty."""
