@@ -3,13 +3,16 @@ each on its own clock (engine=recorded: the timeline then records prefill_pairs)
 steps, replay the sim with that model, and compare throughput, mean TTFT and mean TPOT with the GPU.
 
     python experiments/refit_with_pairs.py GPU_DIR --out DIR [--sweep NAME=DIR ...] [--fit-apart NAME ...]
+        [--models ENGINE ...]
 
 GPU_DIR holds `gs/runs/<case>/gpu` (experiments/gpu_strategies.py; optional: the 8B shape's
 prefix-saving runs are fitted alone) and the prefix-saving sweeps `ps_mt/<run>`, `ps_mc/<run>`
 (`kvbench -m experiment=gpu_prefix_saving ...`); --sweep adds more sweep folders of GPU run dirs
 (their cases are NAME/<run>; a timeline that already has the prefill_pairs column is used as it is).
 Runs whose case starts with a --fit-apart prefix are replayed but left out of the fits (e.g. a
-sweep measured on a kernel build since reverted).
+sweep measured on a kernel build since reverted). --models names engine configs fitted before
+(e.g. sim_h200_llama3_2_1b_multi_turn): each run is also replayed with each, a held-out check of
+a shipped model on runs it was not fitted on (fit "model <name>").
 
 Fits (kvbench.calibrate, stalls dropped: steps over STALL x the model):
   - one_metrics: one model fitted to each run's mean TTFT, mean TPOT and (runs at t=0) duration
@@ -37,7 +40,7 @@ import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_strategies import STALL, md_table, register, rel_err, same, with_engine  # noqa: E402
+from gpu_strategies import STALL, compose_cfg, md_table, register, rel_err, same, with_engine  # noqa: E402
 
 from kvbench.calibrate import fit, fit_metrics, graph_prefill_tokens, held_by_stalls, predict, write_text_atomic  # noqa: E402
 from kvbench.engines.sim import SimEngine  # noqa: E402
@@ -75,7 +78,7 @@ def summary_table(df: pd.DataFrame) -> str:
         first = g.iloc[0]
         row = {"case": case, "fitted": bool(first.fitted_on_it), "stalls": int(first.stall_steps)}
         for fit_name in ("one_metrics", "one_run_weighted", "one_unweighted", "per_trace", "per_trace_metrics",
-                         "one_metrics+stalls"):
+                         "one_metrics+stalls", *sorted(f for f in by if f.startswith("model "))):
             row[fit_name] = pct(by[fit_name]._asdict()) if fit_name in by else ""
         if "ttft_mean_err_unheld" in g and not np.isnan(by["one_metrics"].ttft_mean_err_unheld):
             r = by["one_metrics"]
@@ -98,6 +101,8 @@ def main() -> None:
     ap.add_argument("--mixed-own", action="store_true",
                     help="graph-replayed steps with prefill get their own fixed cost and price per decode row "
                          "(kvbench.calibrate.fit's mixed_own)")
+    ap.add_argument("--models", nargs="*", default=[], metavar="ENGINE",
+                    help="engine configs (configs/engine/<name>.yaml) fitted before, replayed on every run too")
     ap.add_argument("--leave-one-out", action="store_true",
                     help="also fit one_metrics without each fitted run in turn and replay that run with it "
                          "(DIR/leave_one_out.csv: the one model's error on a run it was not fitted on)")
@@ -110,6 +115,13 @@ def main() -> None:
             sys.exit(2)
         sweeps[name] = Path(path)
     register()
+    shipped = {}
+    for m in args.models:
+        if not (Path(__file__).resolve().parents[1] / "configs" / "engine" / f"{m}.yaml").exists():
+            print(f"refit_with_pairs: error: --models {m!r}: no configs/engine/{m}.yaml", file=sys.stderr)
+            sys.exit(2)
+        shipped[m] = {k: v for k, v in OmegaConf.to_container(compose_cfg([f"engine={m}"]).engine).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
     R = args.gpu_dir
     # (gs/runs also holds gpu_strategies' sim replays of the sweeps' runs: runs/ps_*/<run>/sim_*, no gpu/)
     dirs = {f"gs/{d.parent.name}": d for d in sorted(p.parent for p in (R / "gs" / "runs").glob("*/gpu/summary.json"))}
@@ -173,6 +185,7 @@ def main() -> None:
                      ("per_trace_metrics", coefs[f"trace_metrics_{trace[k]}"], False)]
         if stall.any():
             runs.append(("one_metrics+stalls", chosen, True))
+        runs += [(f"model {m}", coef, False) for m, coef in shipped.items()]
         for fit_name, coef, inject in runs:
             o = out / k.replace("/", "_") / f"sim_{fit_name.replace('+', '_')}"
             cfg = with_engine(base[k], ["engine=sim"], coef)
@@ -194,7 +207,7 @@ def main() -> None:
                 unheld = dict(unheld_requests=len(rg),
                               ttft_mean_err_unheld=rel_err(rs.ttft_s.mean(), rg.ttft_s.mean()),
                               tpot_mean_err_unheld=rel_err(rs.tpot_s.mean(), rg.tpot_s.mean()))
-            rows.append(dict(case=k, trace=trace[k], fit=fit_name, fitted_on_it=k in fitted,
+            rows.append(dict(case=k, trace=trace[k], fit=fit_name, fitted_on_it=k in fitted and not fit_name.startswith("model "),
                              same_decisions=same(t, ts), stall_steps=int(stall.sum()),
                              stall_excess_s=float((dt - pred)[stall].sum()),
                              step_err_p50=float(np.median(abs(p - dt) / dt)),
