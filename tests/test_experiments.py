@@ -209,3 +209,30 @@ def test_window_decode_bench_extend_rows_per_page_layout(tmp_path):
     assert rows[rows.kernel == "decode-same-context"].page.tolist() == ["16", "1", "1seq"]
     bad = subprocess.run(script + ["--extend-pages", "16,0"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--extend-pages" in bad.stderr
+
+
+def test_refit_with_pairs_replays_a_shipped_model_on_runs_it_did_not_fit(tmp_path):
+    """experiments/refit_with_pairs.py --models: each run is also replayed with a named engine
+    config. Replayed with the engine the runs were made with, every decision and metric comes
+    back exactly (errors 0), and the rows say the model was not fitted on them; a name with no
+    yaml gives one line and exit 2."""
+    import pandas as pd
+    sweep = tmp_path / "ps_mt"
+    out = kvbench("-m", "strategy=paged,radix", "engine=sim_h200_llama3_2_1b_multi_turn", "model=llama3_2_1b",
+                  "trace=multi_turn", "trace.num_chats=6", "trace.rate=4", "progress=false", f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    script = [sys.executable, str(REPO / "experiments" / "refit_with_pairs.py"), str(tmp_path)]
+    got = subprocess.run([*script, "--out", str(tmp_path / "fit"), "--mixed-own", "--models",
+                          "sim_h200_llama3_2_1b_multi_turn"], capture_output=True, text=True, cwd=REPO)
+    assert got.returncode == 0, got.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "fit" / "fidelity_one_model.csv")
+    mine = df[df.fit == "model sim_h200_llama3_2_1b_multi_turn"]
+    assert len(mine) == 2 and mine.same_decisions.all() and not mine.fitted_on_it.any()
+    assert (mine[["throughput_err", "ttft_mean_err", "tpot_mean_err"]].to_numpy() == 0).all()
+    assert df[df.fit == "one_metrics"].fitted_on_it.all()
+    assert "model sim_h200_llama3_2_1b_multi_turn" in (tmp_path / "fit" / "fidelity_one_model.md").read_text()
+    bad = subprocess.run([*script, "--out", str(tmp_path / "bad"), "--models", "no_such_engine"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "refit_with_pairs: error: --models 'no_such_engine': no configs/engine/no_such_engine.yaml"]
+    assert not (tmp_path / "bad").exists()
