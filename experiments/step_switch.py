@@ -28,7 +28,9 @@ step's GPU span (first kernel start to last kernel end) against the kernels' sum
 H after H's records (kernels, copies; stream, start, duration) per page size. At feab757 (H200, pool of
 131,072 slots in order, results/gpu/step_switch_kernels_h200_feab757.json) the step after 16 decode steps
 showed no difference under the profiler (each profiled step starts on an idle GPU), and page 1's H spanned
-0.06 ms more than page 16's with the same summed kernel time.
+0.06 ms more than page 16's with the same summed kernel time; at 7800f2d every page-1 layer's kernels, the
+GEMMs included, ran 3-5 µs longer: the GPU's state in the process's second half, not the page size
+(results/gpu_prefix_saving/README.md, session 42).
 
 --first-use: instead, steps whose graph is captured inside them (as with engine.graph_warmup=decode, the
 capture and the graph's first launch taken out of the step's time): hit steps of 10 token counts, each

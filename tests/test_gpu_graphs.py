@@ -273,7 +273,7 @@ def test_a_steady_decode_rewrites_only_its_rows(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_a_step_with_prefill_keeps_the_decode_fill():
+def test_a_step_with_prefill_keeps_the_decode_fill(monkeypatch):
     """Decode graphs and graphs of steps with prefill have staging buffers of their own: a decode
     step after a mixed step of another graph takes the short fill when its graph and batch size
     are the last decode fill's, and its logits are those of a whole fill."""
@@ -288,21 +288,18 @@ def test_a_step_with_prefill_keeps_the_decode_fill():
         return StepBatch([ScheduledSeq(r, pos, 1, tables[r.id][:-(-(pos + 1) // PS)]) for r in reqs], PS, 64, False, [])
     got, short = {}, {}
     for fast in (False, True):
-        te.FAST_DECODE_HOST, saved = fast, te.FAST_DECODE_HOST
-        try:
-            eng = StandIn("all")
-            eng.bind(PS, 64)
-            eng.step(StepBatch([ScheduledSeq(r, 0, 20, tables[r.id][:2]) for r in reqs], PS, 64, False, []))
-            eng.step(decode(20))
-            before = eng.short_fills
-            # a mixed step: both decodes and the newcomer's whole prompt (another graph, same buffer kind before)
-            eng.step(StepBatch([ScheduledSeq(r, 21, 1, tables[r.id][:2]) for r in reqs]
-                               + [ScheduledSeq(newcomer, 0, 5, tables[2][:1])], PS, 64, False, []))
-            eng.step(decode(22))
-            short[fast] = eng.short_fills - before
-            got[fast] = [eng.last_logits[r.id].float() for r in reqs]
-        finally:
-            te.FAST_DECODE_HOST = saved
+        monkeypatch.setattr(te, "FAST_DECODE_HOST", fast)
+        eng = StandIn("all")
+        eng.bind(PS, 64)
+        eng.step(StepBatch([ScheduledSeq(r, 0, 20, tables[r.id][:2]) for r in reqs], PS, 64, False, []))
+        eng.step(decode(20))
+        before = eng.short_fills
+        # a mixed step (another graph): both decodes and the newcomer's whole prompt
+        eng.step(StepBatch([ScheduledSeq(r, 21, 1, tables[r.id][:2]) for r in reqs]
+                           + [ScheduledSeq(newcomer, 0, 5, tables[2][:1])], PS, 64, False, []))
+        eng.step(decode(22))
+        short[fast] = eng.short_fills - before
+        got[fast] = [eng.last_logits[r.id].float() for r in reqs]
     assert short == {False: 0, True: 1}
     for a, b in zip(got[True], got[False]):
         assert torch.equal(a, b)
