@@ -39,7 +39,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -49,6 +48,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from kvbench.provenance import git_commit  # noqa: E402  (the experiments import it from here)
 SCHEMA = "kvbench-gpu-record/1"
 BEGIN, END = "<!-- gpu-table:begin -->", "<!-- gpu-table:end -->"
 MISSING = "–"
@@ -96,23 +97,6 @@ def read_model_json(path: Path) -> dict:
     if not isinstance(model, dict) or not isinstance(model.get("device"), str):
         raise RecordError(f"{path}: expected a JSON object with a 'device' string")
     return model
-
-
-def git_commit() -> str | None:
-    """$KVBENCH_COMMIT where set (the GPU machine's copy of the tree has no git repository, or a
-    stale one), else the checkout's commit (+uncommitted when tracked files differ)."""
-    if os.environ.get("KVBENCH_COMMIT"):
-        return os.environ["KVBENCH_COMMIT"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=REPO, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode:
-        return None
-    return rev.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 def make_record(kernels: list[dict], model: dict | None, runs: list[dict], now: datetime.datetime,

@@ -12,7 +12,8 @@
 #   python experiments/refit_with_pairs.py DIR --out DIR/one --sweep ps_sp=DIR/ps_sp
 #   python experiments/prefix_saving.py DIR/ps_sp DIR/ps_mt DIR/ps_mc --out results/gpu_prefix_saving/h200_<commit>
 #
-#   GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT    (PYTHONPATH: the checkout, hydra's wheels)
+#   GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT    (PYTHONPATH: the checkout, hydra's wheels;
+#   KVBENCH_COMMIT=<commit> on a device's copy of the tree: each run's summary.json names it)
 #   MODEL=llama3_1_8b MC_LIMIT=40 PS="sp mt" bash experiments/gpu_refit_runs.sh OUT   (the 8B shape; gs: --model)
 #
 # Timings on an H200 (c438584, 2026-12-02): GS=1 130 s, PS=sp 130 s (its three runs), PS=mt 90 s,

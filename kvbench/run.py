@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from kvbench.batch import KVReadGroups
 from kvbench.loggers import NullLogger
 from kvbench.metrics import TIMELINE_DTYPES, Recorder, summarize
+from kvbench.provenance import git_commit
 from kvbench.replay import replay
 from kvbench.scheduler import Scheduler
 from kvbench.schema import ConfigError, check_pool, validate
@@ -386,7 +387,8 @@ def _replay_and_write(cfg: DictConfig, out_dir: Path, plain: dict | None = None)
                **result.recorder.moves(pool.bytes_per_token),
                "kv_bytes_per_token": pool.bytes_per_token, "kv_capacity_bytes": pool.capacity_bytes,
                "model": cfg.model.get("name"), **strategy.summary(), **engine.summary(),
-               "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg, plain)}
+               "wall_time_s": time.perf_counter() - wall0, "config_hash": config_hash(cfg, plain),
+               "commit": git_commit()}
     files = [(out_dir / "requests.parquet", lambda p: requests_df.to_parquet(p, index=False)),
              (out_dir / "timeline.parquet", sink.move_to)]
     if driven is not strategy:  # groups_timeline.parquet and per-group summary keys (strategies/hybrid/timeline.py)

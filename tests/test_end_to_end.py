@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
+from kvbench.provenance import git_commit
 from kvbench.run import run
 from kvbench.schema import register
 from kvbench.traces import mooncake, prefix_reuse, traces_dir
@@ -43,7 +45,7 @@ def test_default_trace_runs_and_writes_every_output(tmp_path, strategy):
     assert sum(fracs) == pytest.approx(1.0)
     assert s["kv_bytes_per_token"] == 2 * 32 * 8 * 128 * 2  # llama3_1_8b, bf16
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["finished"] == s["finished"]
+    assert on_disk["finished"] == s["finished"] and on_disk["commit"] == git_commit()
     tl = pd.read_parquet(tmp_path / "timeline.parquet")
     assert (tl[["token", "reserved", "internal", "external", "cached", "free"]].sum(axis=1)
             == s["kv_capacity_tokens"]).all()
@@ -85,12 +87,15 @@ def test_radix_and_paged_reuse_the_prefixes_of_the_mooncake_trace(tmp_path):
 
 
 def test_cli_sweep_prints_a_comparison_and_errors_are_one_line(tmp_path):
+    # (KVBENCH_COMMIT: the commit a run's summary names where the tree has no git, a GPU machine's copy)
     out = subprocess.run([sys.executable, "-m", "kvbench.cli", "-m", "strategy=slab,radix",
                           "trace.num_requests=30", "progress=false", f"hydra.sweep.dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "KVBENCH_COMMIT": "abc1234"})
     assert out.returncode == 0, out.stderr
     assert "2 runs under" in out.stdout and "slab-max" in out.stdout and "radix-1" in out.stdout
-    assert len(list(tmp_path.glob("*/summary.json"))) == 2
+    summaries = list(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 2 and {json.loads(p.read_text())["commit"] for p in summaries} == {"abc1234"}
     bad = subprocess.run([sys.executable, "-m", "kvbench.cli", "strategy=slab", "kv_capacity_tokens=1000",
                           f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
