@@ -393,10 +393,10 @@ class GPUEngine(TorchEngine):
             the pool): 8 small decode graphs more, their mean times the other decode keys
             `graph_keys` gives (page size 1: the most keys), and (`graph_warmup=all`) 8 graphs
             with prefill spread over their keys, their mean times the other keys with prefill
-            (their kernels and activation sizes are not a decode step's, and in a process's first
-            engine their captures load kernel modules the decode probes do not: on the H200 the
-            warm-up of 1,659 mostly prefill graphs measured 4.3 GB where the decode probes set
-            2.5 GB aside; docs/model.md);
+            (their kernels and activation sizes are not a decode step's: on the H200 the warm-up
+            of 1,659 mostly prefill graphs measured 4.3 GB in a process's first engine where the
+            decode probes set 2.5 GB aside; with these probes 6.4 GB, and in the process's second
+            engine, which measured 0.8 GB, the floor; docs/model.md);
           - the staging buffers (`_graph_inputs`) for those keys, computed.
         Each probe first runs once eagerly on the capture stream, so the caching allocator's
         blocks for its activations (counted in the activation peak) are not counted again."""
