@@ -183,9 +183,9 @@ PDL_AB = ((None, ""), ("off", " (no PDL)"), ("early", " (PDL early)"))   # defau
 
 
 # --------------------------------------------------------------------------------- decode
-def kernel_records(prof) -> list[dict]:
+def kernel_records(prof, cats: tuple[str, ...] = ("kernel",)) -> list[dict]:
     """The kernel records (chrome-trace events: name, ts, dur in µs) of a torch.profiler run, in
-    start order."""
+    start order (`cats`: the event categories kept, e.g. also "gpu_memcpy", "gpu_memset")."""
     import json
     import tempfile
     with tempfile.TemporaryDirectory() as d:
@@ -193,7 +193,7 @@ def kernel_records(prof) -> list[dict]:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    return sorted((e for e in events if e.get("cat") in cats), key=lambda e: e["ts"])
 
 
 def bench_rot(fns, rep=200):

@@ -92,10 +92,9 @@ def kernel_times(eng, batch, timeline: list | None = None) -> dict[str, float]:
     duration (ms; the name cut at 60 characters). `timeline`: cleared and filled with the step's
     kernel, copy and set records in start order (name, stream, start and duration in µs from the
     first record's start)."""
-    import os
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
+
+    from bench_kernels import kernel_records
     cuda = torch.cuda.is_available()  # (--host-only runs it on the CPU: no kernel records)
     if cuda:
         torch.cuda.synchronize()
@@ -103,10 +102,7 @@ def kernel_times(eng, batch, timeline: list | None = None) -> dict[str, float]:
         eng.step(batch)
         if cuda:
             torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as d:
-        prof.export_chrome_trace(os.path.join(d, "trace.json"))
-        events = json.loads(Path(d, "trace.json").read_text())["traceEvents"]
-    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    gpu = kernel_records(prof, ("kernel", "gpu_memcpy", "gpu_memset"))
     ks = [e for e in gpu if e["cat"] == "kernel"]
     if not ks:  # (--host-only: no kernel ran)
         return {}

@@ -737,15 +737,19 @@ class GPUEngine(TorchEngine):
         nbytes = 8 * ((2 + nt) * ts + bs) + 4 * ((bs + 1) + bs + nt * bs * pages)
         return nbytes, 0 if decode_only or nbytes <= PREFILL_COPY_IN_BYTES else nt * bs * pages
 
+    def _staging_sizes(self, keys: list[tuple], nt: int = 1) -> dict[bool, tuple[int, int]]:
+        """Per kind of graph among `keys` (decode-only: True, with prefill: False), the largest
+        staging bytes and wide-table entries of its keys (`_staging_size`). Pure."""
+        out: dict[bool, tuple[int, int]] = {}
+        for k in keys:
+            nbytes, table = self._staging_size(k, nt)
+            b, t = out.get(k[4], (0, 0))
+            out[k[4]] = (max(b, nbytes), max(t, table))
+        return out
+
     def _staging_bytes(self, keys: list[tuple], nt: int = 1) -> int:
-        """GPU bytes of the staging buffers for `keys` (`_staging`: per kind, the largest of each
-        part). Pure."""
-        total = 0
-        for decode_only in (True, False):
-            sizes = [self._staging_size(k, nt) for k in keys if k[4] == decode_only]
-            if sizes:
-                total += max(x for x, _ in sizes) + 4 * max(t for _, t in sizes)
-        return total
+        """GPU bytes of the staging buffers for `keys` (`_staging`). Pure."""
+        return sum(nbytes + 4 * table for nbytes, table in self._staging_sizes(keys, nt).values())
 
     def _staging(self, keys: list[tuple]) -> dict[bool, SimpleNamespace] | None:
         """Per kind of graph (decode-only: True, with prefill: False), one staging buffer (pinned
@@ -759,13 +763,10 @@ class GPUEngine(TorchEngine):
             return None
         nt = 1 if self.hybrid is None else len(self.hybrid.tables)
         out = {}
-        for decode_only in (True, False):
-            sizes = [self._staging_size(k, nt) for k in keys if k[4] == decode_only]
-            if sizes:
-                nbytes, table = max(x for x, _ in sizes), max(t for _, t in sizes)
-                host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                out[decode_only] = SimpleNamespace(host=host, dev=host.to(self.device), table=torch.zeros(
-                    max(table, 1), dtype=torch.int32, device=self.device))
+        for decode_only, (nbytes, table) in self._staging_sizes(keys, nt).items():
+            host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            out[decode_only] = SimpleNamespace(host=host, dev=host.to(self.device), table=torch.zeros(
+                max(table, 1), dtype=torch.int32, device=self.device))
         return out
 
     def _graph_inputs(self, key: tuple[int, int, int, bool, bool, int], page_size: int) -> SimpleNamespace:
