@@ -62,15 +62,30 @@ EXTEND_NOSPLIT_PROGRAMS_PER_SM = 0.5
 EXTEND_TARGET_PROGRAMS_PER_SM = 2
 
 
-# Short chunks on the ragged path (at most EXTEND_SHORT_TOKENS new tokens per request on average:
-# a prefix hit computing only the question, a multi-turn follow-up): smaller query tiles. H200, bf16,
-# 32/8 heads, a 64-token chunk over a 1k prefix, auto split (results/kernels/extend_config_sweep_h200.csv):
-# d=128 42.8 -> 24.3 us at batch 1, 81.4 -> 48.5 us at batch 8; d=64 20.1 -> 17.5 and 40.7 -> 34.6 us.
+# Short chunks on the ragged path: smaller query tiles (more programs) where the launch would
+# otherwise leave SMs idle. Short: at most EXTEND_SHORT_TOKENS new tokens per request on average (a
+# prefix hit computing only the question, a multi-turn follow-up), or at most EXTEND_SHORT_TOTAL[d]
+# new tokens in all (`short_chunks`). H200, bf16, 32/8 heads, a 64-token chunk over a 1k prefix, auto
+# split (results/kernels/extend_config_sweep_h200.csv): d=128 42.8 -> 24.3 us at batch 1, 81.4 ->
+# 48.5 us at batch 8; d=64 20.1 -> 17.5 and 40.7 -> 34.6 us. d=64, 48-400 new tokens over a 1.5k
+# prefix in a launch sized for 16k, batch 1 and 2 (results/kernels/extend_short_h200_635be03.csv):
+# three stages instead of two take unsplit launches from 39.6 to 27.4 us (96 tokens, batch 2) and
+# cost at most 1 us on split ones; 64-row tiles up to 512 tokens in all take 160 / 240 / 400 new
+# tokens at batch 1 from 37.8 / 43.2 / 44.0 to 27.3 / 28.1 / 33.9 us, a plain 160-token prefill
+# from 23.1 to 9.6 us (no split: its programs fill the GPU), 240 x 2 from 43.3 to 33.5 us; at
+# 400 x 2 the 128-row tiles stay faster (54.5 against 60.8 us)
 EXTEND_SHORT_TOKENS = 128
+EXTEND_SHORT_TOTAL = {64: 512}
 EXTEND_SHORT_CONFIG = {
-    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
 }
+
+
+def short_chunks(num_tokens: int, batch: int, head_dim: int) -> bool:
+    """Whether a ragged launch of `num_tokens` new tokens of `batch` requests takes the short-chunk
+    config (EXTEND_SHORT_CONFIG)."""
+    return num_tokens <= EXTEND_SHORT_TOKENS * batch or num_tokens <= EXTEND_SHORT_TOTAL.get(head_dim, 0)
 
 
 def extend_config(head_dim: int, ragged: bool = False, config: dict | None = None, short: bool = False) -> dict:
@@ -580,8 +595,10 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                    page_table.get_device(), query_start_loc.dtype, len(qsls), query_start_loc.numel() == B + 1,
                    query_start_loc.get_device(), seq_lens.dtype, len(sls), seq_lens.get_device(), new_key,
                    new and k_new.shape == (T, kcs[1], D) == v_new.shape, out_key, sink_key, page_size.__class__,
-                   page_size, sm_scale, not contiguous, 64 if B <= 64 else next_pow2(B), T <= EXTEND_SHORT_TOKENS * B,
-                   id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), EXTEND_MIN_SPLIT_TOKENS,
+                   page_size, sm_scale, not contiguous, 64 if B <= 64 else next_pow2(B),
+                   T <= EXTEND_SHORT_TOKENS * B or T <= EXTEND_SHORT_TOTAL.get(D, 0),   # (`short_chunks`)
+                   id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), id(EXTEND_SHORT_TOTAL),
+                   EXTEND_MIN_SPLIT_TOKENS,
                    EXTEND_MAX_SPLITS, EXTEND_NOSPLIT_PROGRAMS_PER_SM, EXTEND_TARGET_PROGRAMS_PER_SM)
         except (IndexError, ValueError):
             ok = False
@@ -632,7 +649,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     check(scale > 0, lambda: f"sm_scale must be > 0, got {scale}")
     ragged = k_new is not None and bool((config or {}).get("RAGGED", 1))
-    cfg = extend_config(D, ragged, config, short=T <= EXTEND_SHORT_TOKENS * B)
+    cfg = extend_config(D, ragged, config, short=short_chunks(T, B, D))
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if ragged:
         check(BM % BN == 0, lambda: f"the ragged path (k_new/v_new) needs BLOCK_M % BLOCK_N == 0, got "

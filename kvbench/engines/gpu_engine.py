@@ -531,7 +531,7 @@ class GPUEngine(TorchEngine):
         (H200, f30b769: 14 s over the first six steps of a paged run).
         Writes garbage into pool pages that the replay has not used yet (a hybrid design: the same
         page ids in every table, so within its smallest space)."""
-        from kvbench.kernels.extend_attention import EXTEND_SHORT_TOKENS
+        from kvbench.kernels.extend_attention import EXTEND_SHORT_TOKENS, EXTEND_SHORT_TOTAL
 
         t0 = time.perf_counter()
         hybrid = getattr(self, "hybrid", None)
@@ -557,12 +557,13 @@ class GPUEngine(TorchEngine):
                               np.array([0, 1]), one * n, np.zeros(1, np.int64), page_size, contiguous, True)
                 ids, positions, meta = self._as_layout(h).to_device(self.device)
                 self.model(ids, positions, meta, self._kv())
-            # prefill and extend: chunks of a few and of more than EXTEND_SHORT_TOKENS new tokens
-            # (the two launch configs), over no prefix and over cached prefixes of 256 … 8k tokens
+            # prefill and extend: chunks of a few and of more than the short-chunk bounds' new tokens
+            # (the two launch configs, `short_chunks`), over no prefix and over cached prefixes of 256 … 8k tokens
             # (every prefix-split class, so every merge width), and many short extends at once
             # (the request-count buckets); reads page 0, writes nothing
             for n_new, b, prefixes in ((2, 1, (0, *(256 << k for k in range(6)))),
-                                       (EXTEND_SHORT_TOKENS + 1, 1, (0, *(256 << k for k in range(6)))),
+                                       (max(EXTEND_SHORT_TOKENS, *EXTEND_SHORT_TOTAL.values()) + 1, 1,
+                                        (0, *(256 << k for k in range(6)))),
                                        *((2, (64 << k) + 1, (0,)) for k in range(3))):
                 for prefix in prefixes:
                     if prefix + n_new > longest:
