@@ -7,7 +7,10 @@
 - --flag copyin: a small step with prefill copying its page tables inside the graph
   (`gpu_engine.PREFILL_COPY_IN_BYTES`) against packing them and spreading them before the replay
   (with --page-size 1, radix's wide tables: their first columns in the graph's copy against all
-  packed).
+  packed);
+- --flag short_tiles: extend's short-chunk tiles as since 236432b (three stages; also launches of at most
+  `EXTEND_SHORT_TOTAL` new tokens in all) against session 42's (two stages, at most 128 new tokens a
+  request only); with --page-size 1 for radix's hit steps.
 
 Both attention kernels of a hit step are a few programs per SM and latency-bound (1B shape, H200,
 05c9e0e: extend 20 us a layer, decode of 15 rows 15 us), so run side by side the shorter one
@@ -18,7 +21,7 @@ hit steps (a 64-token extend over a cached 1k alone, beside 15 and beside 31 dec
 steps of the same batch, and a 512-token chunk beside 63 decodes; max_model_len 16,384 (the
 prefix-saving sweeps': the width of a step with prefill's page table).
 
-    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json [--flag copyin]
+    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json [--flag copyin|short_tiles]
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from kvbench import model as kvmodel  # noqa: E402
 from kvbench.calibrate import write_text_atomic  # noqa: E402
 from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+from kvbench.kernels import extend_attention as ext  # noqa: E402
 
 STEPS = {
     "hit: 64 new over 1k alone": [(1024, 64)],
@@ -55,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--flag", choices=("parallel", "copyin"), default="parallel")
+    ap.add_argument("--flag", choices=("parallel", "copyin", "short_tiles"), default="parallel")
     ap.add_argument("--page-size", type=int, default=16,
                     help="pages of the pool (1: radix's token-level tables, 16,384 columns wide in a step with "
                          "prefill: copyin then A/Bs their first columns in the graph's copy against all packed)")
@@ -63,10 +67,13 @@ def main() -> None:
     if args.page_size < 1:
         ap.error(f"--page-size must be >= 1, got {args.page_size}")
     ps = args.page_size
-    # (module, name, off value, on value)
-    mod, flag, off, on = {"parallel": (kvmodel, "PARALLEL_MIXED", False, True),
-                          "copyin": (gpu_engine, "PREFILL_COPY_IN_BYTES", 0,
-                                     gpu_engine.PREFILL_COPY_IN_BYTES)}[args.flag]
+    # (module, name, off value, on value) per setting the flag switches (a launcher keys its plans
+    # on its config tables' identities: swapped tables make new plans)
+    short = {**ext.EXTEND_SHORT_CONFIG, 64: dict(ext.EXTEND_SHORT_CONFIG[64], num_stages=2)}
+    settings = {"parallel": [(kvmodel, "PARALLEL_MIXED", False, True)],
+                "copyin": [(gpu_engine, "PREFILL_COPY_IN_BYTES", 0, gpu_engine.PREFILL_COPY_IN_BYTES)],
+                "short_tiles": [(ext, "EXTEND_SHORT_CONFIG", short, ext.EXTEND_SHORT_CONFIG),
+                                (ext, "EXTEND_SHORT_TOTAL", {}, ext.EXTEND_SHORT_TOTAL)]}[args.flag]
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []
@@ -80,7 +87,8 @@ def main() -> None:
             for label, parts in STEPS.items():
                 batch = so.make_batch(order, parts, cap // ps, ps)
                 for is_on in ((False, True) if r % 2 == 0 else (True, False)):
-                    setattr(mod, flag, on if is_on else off)
+                    for mod, flag, off, on in settings:
+                        setattr(mod, flag, on if is_on else off)
                     eng.drop_graphs()
                     for _ in range(3):
                         eng.step(batch)
@@ -89,7 +97,8 @@ def main() -> None:
                                graph_ms=so.replay_ms(eng))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        setattr(mod, flag, on)
+        for mod, flag, off, on in settings:
+            setattr(mod, flag, on)
         del eng
         torch.cuda.empty_cache()
     summary = []
@@ -109,7 +118,9 @@ def main() -> None:
                            ("hit: 64 new over 1k + 15 decodes", "decode b16 ctx1.1k"),
                            ("hit: 64 new over 1k + 31 decodes", "decode b32 ctx1.1k"))]
     out = dict(device=torch.cuda.get_device_name(), commit=git_commit(), torch=torch.__version__,
-               rounds=args.rounds, flag=f"{mod.__name__}.{flag}", off=off, on=on, summary=summary,
+               rounds=args.rounds, flag=args.flag,
+               settings=[dict(name=f"{m.__name__}.{n}", off=repr(a), on=repr(b)) for m, n, a, b in settings],
+               summary=summary,
                hit_over_decode=ratios, rows=rows)
     write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
     for s in summary + ratios:
