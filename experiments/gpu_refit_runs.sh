@@ -20,7 +20,8 @@
 # PS=mc 110-210 s (on a fresh machine the kernels compile first); GS=1 on a fresh machine over 170 s (47e4085);
 # the 8B (MODEL=llama3_1_8b): PS=sp 235 s, PS=mt 125 s (47e4085). So the whole set needs two calls, e.g. GS=1
 # PS="sp mt", then GS=1 REPEAT=1 PS=mc. PS="mt mt64 mt256": 237 + 142 + 64 s on a fresh machine (115bde3);
-# WARMUP="engine.graph_warmup=all engine.max_num_seqs=16" STRATEGIES=paged PS=mt: about 80 s (155dbe6, 54 s warm-up).
+# WARMUP="engine.graph_warmup=all engine.max_num_seqs=16" STRATEGIES=paged PS=mt: about 80 s (155dbe6, 54 s warm-up);
+# the same with all four strategies 406 s on a fresh machine, STRATEGIES=radix,radix_nocache,paged 358 s (95fa220).
 set -u
 out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"
