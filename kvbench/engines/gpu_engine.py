@@ -557,10 +557,10 @@ class GPUEngine(TorchEngine):
                               np.array([0, 1]), one * n, np.zeros(1, np.int64), page_size, contiguous, True)
                 ids, positions, meta = self._as_layout(h).to_device(self.device)
                 self.model(ids, positions, meta, self._kv())
-            # prefill and extend: chunks of a few and of more than the short-chunk bounds' new tokens
-            # (the two launch configs, `short_chunks`), over no prefix and over cached prefixes of 256 … 8k tokens
-            # (every prefix-split class, so every merge width), and many short extends at once
-            # (the request-count buckets); reads page 0, writes nothing
+            # prefill and extend: chunks of a few new tokens and of more than the short-chunk bounds
+            # (the two launch configs, `short_chunks`), over no prefix and over cached prefixes of
+            # 256 … 8k tokens (every prefix-split class, so every merge width), and many short
+            # extends at once (the request-count buckets); reads page 0, writes nothing
             for n_new, b, prefixes in ((2, 1, (0, *(256 << k for k in range(6)))),
                                        (max(EXTEND_SHORT_TOKENS, *EXTEND_SHORT_TOTAL.values()) + 1, 1,
                                         (0, *(256 << k for k in range(6)))),
