@@ -268,7 +268,7 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
                 fns = [lambda i=i: extend_attention(qkv[i][:, :Hq], kc, vc, tables[i], qsl, sl, ps, k_new=kn[i],
                                                     v_new=vn[i], out=outs[i], **kw, **extra) for i in range(R)]
                 ms = bk.bench_rot(fns)
-                used = splits_used(T, B, Hq, D, bound, kw.get("prefix_splits", 1), dev)
+                used = splits_used(T, B, Hq, D, bound, kw.get("prefix_splits", 1), dev, kw.get("config"))
                 out_rows.append(dict(kernel=f"extend{n_new}-prefix-split-{mode}", batch=B, context=ctx, splits=used,
                                      max_seq_len=bound, page=page,
                                      config=cfg_text, head_dim=D,
@@ -295,8 +295,9 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
             bk._empty_cache()
 
 
-def splits_used(T, B, Hq, D, max_len, prefix_splits, dev) -> int:
-    """The prefix split count the extend launcher picks (as its code: heuristic, then the cap)."""
+def splits_used(T, B, Hq, D, max_len, prefix_splits, dev, config=None) -> int:
+    """The prefix split count the extend launcher picks (as its code: heuristic, then the cap), with
+    the launch overrides `config` (their BLOCK_M sizes the heuristic's program count)."""
     if not hasattr(emod, "choose_prefix_splits"):
         return 1
     if hasattr(emod, "short_chunks"):
@@ -304,7 +305,7 @@ def splits_used(T, B, Hq, D, max_len, prefix_splits, dev) -> int:
     else:   # (older kernels/ folders)
         n = getattr(emod, "EXTEND_SHORT_TOKENS", 0)
         short = {"short": T <= n * B} if n else {}
-    cfg = emod.extend_config(D, ragged=True, **short)
+    cfg = emod.extend_config(D, ragged=True, config=config, **short)
     S = prefix_splits or emod.choose_prefix_splits(T, B, Hq, cfg["BLOCK_M"], max_len, dev)
     bn = cfg["BLOCK_N"]
     piece = -(-(emod.EXTEND_MIN_SPLIT_TOKENS if not prefix_splits else 1) // bn) * bn
