@@ -298,14 +298,7 @@ def extend_rows(copy_gbps, gen, dev, out_rows, splits_modes, configs=("default",
 def splits_used(T, B, Hq, D, max_len, prefix_splits, dev, config=None) -> int:
     """The prefix split count the extend launcher picks (as its code: heuristic, then the cap), with
     the launch overrides `config` (their BLOCK_M sizes the heuristic's program count)."""
-    if not hasattr(emod, "choose_prefix_splits"):
-        return 1
-    if hasattr(emod, "short_chunks"):
-        short = {"short": emod.short_chunks(T, B, D)}
-    else:   # (older kernels/ folders)
-        n = getattr(emod, "EXTEND_SHORT_TOKENS", 0)
-        short = {"short": T <= n * B} if n else {}
-    cfg = emod.extend_config(D, ragged=True, config=config, **short)
+    cfg = emod.extend_config(D, ragged=True, config=config, short=emod.short_chunks(T, B, D))
     S = prefix_splits or emod.choose_prefix_splits(T, B, Hq, cfg["BLOCK_M"], max_len, dev)
     bn = cfg["BLOCK_N"]
     piece = -(-(emod.EXTEND_MIN_SPLIT_TOKENS if not prefix_splits else 1) // bn) * bn

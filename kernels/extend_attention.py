@@ -597,8 +597,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                    new and k_new.shape == (T, kcs[1], D) == v_new.shape, out_key, sink_key, page_size.__class__,
                    page_size, sm_scale, not contiguous, 64 if B <= 64 else next_pow2(B),
                    T <= EXTEND_SHORT_TOKENS * B or T <= EXTEND_SHORT_TOTAL.get(D, 0),   # (`short_chunks`)
-                   id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), id(EXTEND_SHORT_TOTAL),
-                   EXTEND_MIN_SPLIT_TOKENS,
+                   id(EXTEND_CONFIG), id(EXTEND_RAGGED_CONFIG), id(EXTEND_SHORT_CONFIG), EXTEND_MIN_SPLIT_TOKENS,
                    EXTEND_MAX_SPLITS, EXTEND_NOSPLIT_PROGRAMS_PER_SM, EXTEND_TARGET_PROGRAMS_PER_SM)
         except (IndexError, ValueError):
             ok = False

@@ -797,9 +797,9 @@ class GPUEngine(TorchEngine):
         st = (self._stage or {}).get(decode_only)
         if st is None or st.host.numel() < nbytes or st.table.numel() < wide:
             # a larger one, shared by this kind's later graphs (earlier ones keep their views of the old)
-            nbytes_, wide_ = (nbytes, wide) if st is None else (max(nbytes, st.host.numel()), max(wide, st.table.numel()))
-            st = SimpleNamespace(host=torch.zeros(nbytes_, dtype=torch.uint8, pin_memory=self.device.type == "cuda"),
-                                 table=torch.zeros(max(wide_, 1), dtype=torch.int32, device=self.device))
+            size, width = (nbytes, wide) if st is None else (max(nbytes, st.host.numel()), max(wide, st.table.numel()))
+            st = SimpleNamespace(host=torch.zeros(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda"),
+                                 table=torch.zeros(max(width, 1), dtype=torch.int32, device=self.device))
             st.dev = st.host.to(self.device)
             self._stage = {**(self._stage or {}), decode_only: st}
         g = SimpleNamespace(host=st.host[:nbytes], dev=st.dev[:nbytes], key=key, nt=nt, wb=wb,
