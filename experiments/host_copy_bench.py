@@ -20,17 +20,17 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from checkout import REPO, use_checkout  # noqa: E402  (experiments/checkout.py)
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 
 use_checkout()
 
 from kvbench.kernels.page_copy import page_move  # noqa: E402
+from kvbench.provenance import git_commit  # noqa: E402
 
 SHAPES = {"llama3_1_8b": dict(L=32, H=8, D=128), "llama3_2_1b": dict(L=16, H=8, D=64)}
 PAGE_SIZES = (1, 16, 64)
@@ -53,21 +53,13 @@ def timed_ms(fn, reps: int = 10) -> float:
     return statistics.median(out)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--commit", default=None, help="commit to record (default: git HEAD of the checkout)")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    name, sha = torch.cuda.get_device_name(dev), args.commit or commit()
+    name, sha = torch.cuda.get_device_name(dev), args.commit or git_commit() or "unknown"
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = []
     for shape, s in SHAPES.items():

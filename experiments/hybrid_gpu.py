@@ -41,6 +41,7 @@ from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 import kvbench.run as kvrun
+from kvbench.provenance import git_commit
 from kvbench.run import run, write_atomic
 from kvbench.schema import ConfigError, register
 
@@ -221,21 +222,6 @@ def _free_device() -> None:
         torch.cuda.empty_cache()
 
 
-def _commit() -> str:
-    """git's short HEAD, or $KVBENCH_COMMIT where the tree is a copy without git (the GPU machine)."""
-    import os
-    import subprocess
-
-    if os.environ.get("KVBENCH_COMMIT"):
-        return os.environ["KVBENCH_COMMIT"]
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=CONFIGS.parent, timeout=10).stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     register()
@@ -263,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = {"model": args.model, "engine": args.engine, "device": device, "trace": args.trace, "limit": args.limit,
                "rate": args.rate, "kv_capacity_tokens": args.capacity or MODELS[args.model]["capacity"],
                "dtype": args.dtype, "overrides": args.set, "cuda_graphs": args.engine == "gpu" and not args.eager,
-               "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "designs": out}
+               "commit": git_commit() or "?", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "designs": out}
         args.out.mkdir(parents=True, exist_ok=True)   # after each design: a time limit keeps what ran
         write_atomic(args.out / "hybrid_gpu.json", lambda p: p.write_text(json.dumps(res, indent=2, default=str) + "\n"))
         write_atomic(args.out / "hybrid_gpu.md", lambda p: p.write_text(markdown(res)))

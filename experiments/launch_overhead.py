@@ -64,7 +64,7 @@ if "--cpu" in sys.argv:   # CPU tensors run only in Triton's interpreter, chosen
 import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from checkout import REPO, use_checkout  # noqa: E402  (experiments/checkout.py)
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 
 
 def use_kernels(folder: pathlib.Path) -> None:
@@ -81,6 +81,7 @@ def use_kernels(folder: pathlib.Path) -> None:
 use_checkout()
 if "--kernels" in sys.argv:
     use_kernels(pathlib.Path(sys.argv[sys.argv.index("--kernels") + 1]).resolve())
+from kvbench.provenance import git_commit  # noqa: E402
 
 
 
@@ -401,8 +402,7 @@ def main() -> None:
         print(f"launch_overhead: --compare {args.compare}: no kernels package there (__init__.py)", file=sys.stderr)
         sys.exit(2)
     dev = torch.device("cpu" if args.cpu else "cuda")
-    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(  # (a GPU machine's copy may lack git)
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = git_commit() or "unknown"
     machine = "CPU (launches stubbed)" if args.cpu else torch.cuda.get_device_name()
     versions = [(str(args.kernels) if args.kernels else "kernels/", "kvbench.kernels")]
     if args.compare is not None:

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from checkout import REPO, use_checkout  # noqa: E402  (experiments/checkout.py)
+from checkout import use_checkout  # noqa: E402  (experiments/checkout.py)
 
 use_checkout()
 
@@ -39,6 +37,7 @@ from check_model_gpu import model_cfg  # noqa: E402
 from kvbench.batch import ScheduledSeq, StepBatch  # noqa: E402
 from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+from kvbench.provenance import git_commit  # noqa: E402
 from kvbench.request import Request  # noqa: E402
 
 PS = 16
@@ -139,8 +138,7 @@ def main() -> None:
     if unknown:
         print(f"step_overhead: error: unknown --steps {sorted(unknown)}; known: {list(steps())}", file=sys.stderr)
         sys.exit(2)
-    commit = os.environ.get("KVBENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git_commit() or "unknown"
     out = dict(device=torch.cuda.get_device_name(), commit=commit, torch=torch.__version__, rows=[])
     for name, ps in itertools.product(args.models.split(","), page_sizes):
         eng = GPUEngine(model_cfg(name), attention="triton", gpu_memory_utilization=0.5,

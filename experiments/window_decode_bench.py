@@ -26,10 +26,8 @@ import argparse
 import csv
 import itertools
 import math
-import os
 import pathlib
 import re
-import subprocess
 import sys
 import time
 
@@ -45,6 +43,7 @@ from kvbench.kernels.decode_attention import (bounded_span, decode_attention, de
                                               key_lo_host)
 from kvbench.kernels.extend_attention import extend_attention, extend_attention_ref  # noqa: E402
 from kvbench.kernels.tolerances import compare  # noqa: E402
+from kvbench.provenance import git_commit  # noqa: E402
 
 SMOKE = bk.SMOKE
 SZ = dict(L=32768, window=512, chunk=8192, batches=(1, 32), Hq=32, Hkv=8, D=128, ps=16, copy_gib=2.0,
@@ -55,19 +54,6 @@ if SMOKE:
               max_rot=2, ext_cases=((16, 64),), ext_batches=(1,))
 FIELDS = ["device", "commit", "kernel", "batch", "context", "window", "chunk", "splits", "rotations", "bytes",
           "median_us", "gbps", "frac_copy", "x_window_ctx", "x_decode", "correct", "note"]
-
-
-def commit() -> str:
-    if os.environ.get("KVBENCH_COMMIT"):  # (a run from an archive of a commit, without .git)
-        return os.environ["KVBENCH_COMMIT"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bk.REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "experiments"], cwd=bk.REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev or "unknown") + ("+uncommitted" if rev and dirty else "")
 
 
 def needed_bytes(seq_lens, window, chunk, Hq, Hkv, D, ps, elt=2) -> int:
@@ -360,7 +346,7 @@ def main() -> int:
         dev, device = torch.device("cuda"), torch.cuda.get_device_name()
     bk.DEV, bk.DEVICE = dev, device
     args.out.mkdir(parents=True, exist_ok=True)
-    rev = commit()
+    rev = git_commit() or "unknown"
     bk.log(f"device={device} commit={rev} torch={torch.__version__} triton={triton.__version__}")
     t0 = time.time()
     gen = torch.Generator().manual_seed(0)
