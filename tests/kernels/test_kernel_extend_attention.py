@@ -156,19 +156,23 @@ def test_extend_ragged_default_config_mha():
 
 
 def test_extend_short_chunks_by_total_tokens():
-    """d=64: a launch of at most EXTEND_SHORT_TOTAL new tokens takes the short-chunk tiles
-    whatever its request count; more takes them only at <= EXTEND_SHORT_TOKENS a request; d=128
-    only by the per-request bound. The default config then gives the reference's output on a
-    chunk short by its total alone (300 tokens over a prefix, 64-row tiles, 5 query blocks)."""
+    """A launch of at most EXTEND_SHORT_TOTAL[d] new tokens (512 at d=64, 320 at d=128) takes the
+    short-chunk tiles whatever its request count; more takes them only at <= EXTEND_SHORT_TOKENS a
+    request. The default config then gives the reference's output on chunks short by their total
+    alone (300 tokens over a prefix: 64-row tiles, 5 query blocks; at d=128, 64x32 tiles)."""
     from kvbench.kernels import extend_attention as ea
-    assert ea.EXTEND_SHORT_TOTAL[64] == 512 and ea.EXTEND_SHORT_TOKENS == 128
+    assert ea.EXTEND_SHORT_TOTAL == {64: 512, 128: 320} and ea.EXTEND_SHORT_TOKENS == 128
     assert [ea.short_chunks(t, b, 64) for t, b in ((400, 1), (512, 1), (513, 1), (800, 2), (1024, 8))] == \
         [True, True, False, False, True]
-    assert [ea.short_chunks(t, b, 128) for t, b in ((128, 1), (129, 1), (400, 1), (256, 2))] == \
-        [True, False, False, True]
-    assert ea.extend_config(64, ragged=True, short=True)["BLOCK_M"] == 64
-    assert ea.extend_config(64, ragged=True, short=False)["BLOCK_M"] == 128
+    assert [ea.short_chunks(t, b, 128) for t, b in ((128, 1), (320, 1), (321, 1), (400, 1), (480, 2), (512, 4))] == \
+        [True, True, False, False, False, True]
+    assert ea.short_chunks(300, 1, 96) is False   # (a head dim without a total bound: per request only)
+    for d, (bm, bn) in ((64, (64, 64)), (128, (64, 32))):
+        assert (ea.extend_config(d, ragged=True, short=True)["BLOCK_M"],
+                ea.extend_config(d, ragged=True, short=True)["BLOCK_N"]) == (bm, bn)
+        assert ea.extend_config(d, ragged=True, short=False)["BLOCK_M"] == 128
     _run_ragged([300], [45], 16, False, Hq=2, Hkv=1, D=64, dtype=torch.float32, config=None)
+    _run_ragged([300], [45], 16, False, Hq=2, Hkv=1, D=128, dtype=torch.float32, config=None)
 
 
 def test_extend_ragged_paged_override_matches():
