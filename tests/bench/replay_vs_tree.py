@@ -61,8 +61,10 @@ print(json.dumps(dict(cpu_s=cpu, finished=len(result.finished), strategies=strat
 def one_run(tree: Path, overrides: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-c", ONE_RUN, json.dumps(overrides)], cwd=tree, env=tree_env(tree),
                          capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"replay_vs_tree: {tree}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    if out.returncode:  # (one line: the run's last error line)
+        print(f"replay_vs_tree: {tree}: {(out.stderr.strip().splitlines() or [f'exit {out.returncode}'])[-1]}",
+              file=sys.stderr)
+        sys.exit(2)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -74,8 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strategies", default="paged,radix")
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
-    trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in a.tree] or [("this", REPO)]
+    trees = []
+    for t in a.tree:
+        label, _, path = t.partition("=")
+        if not label or not path or not (Path(path) / "kvbench" / "replay.py").is_file():
+            p.error(f"--tree {t!r}: not LABEL=PATH of a kvbench checkout")
+        trees.append((label, Path(path).resolve()))
+    trees = trees or [("this", REPO)]
     names = a.strategies.split(",")
+    unknown = [s for s in names if not (REPO / "configs" / "strategy" / f"{s}.yaml").is_file()]
+    if unknown or a.rounds < 1:
+        p.error(f"unknown strategies {unknown}" if unknown else f"--rounds must be >= 1, got {a.rounds}")
     cpu: dict[tuple[str, str], list[float]] = {(s, label): [] for s in names for label, _ in trees}
     work: dict[str, set] = {s: set() for s in names}
     for r in range(a.rounds):
@@ -91,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         base = meds[trees[0][0]]
         print(f"median {s:>8}: " + ", ".join(f"{label} {m:.2f} s ({base / m:.1f}x)" for label, m in meds.items()))
         if len(work[s]) != 1:
-            sys.exit(f"replay_vs_tree: {s}: the trees did different work: {sorted(work[s])}")
+            print(f"replay_vs_tree: {s}: the trees did different work (finished, hit tokens): {sorted(work[s])}",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
