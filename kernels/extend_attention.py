@@ -75,9 +75,9 @@ EXTEND_TARGET_PROGRAMS_PER_SM = 2
 # from 23.1 to 9.6 us (no split: its programs fill the GPU), 240 x 2 from 43.3 to 33.5 us; at
 # 400 x 2 the 128-row tiles stay faster (54.5 against 60.8 us). d=128 (8B heads, same launches,
 # results/kernels/extend_short_d128_h200_5c3dbe1.csv): the short tiles (64x32) take 160 / 240 new
-# tokens over 1.7k / 2.0k at batch 1 from 63.3 / 72.2 to 45.5 / 53.3 us and a plain 160-token prefill
-# from 41.7 to 11.3 us (batch 2: 19.5 to 13.0), 160 x 2 within 3 % (53.2 against 51.8); from 400 tokens
-# in all the 128x128 tiles are faster (400 x 1: 63.2 against 66.4, 240 x 2: 58.7 against 64.7)
+# tokens over 1.5k / 1.8k prefixes at batch 1 from 63.3 / 72.2 to 45.5 / 53.3 us, a plain 160-token
+# prefill from 41.7 to 11.3 us (batch 2: 19.5 to 13.0), 160 x 2 within 3 % (53.2 against 51.8); from
+# 400 tokens in all the 128x128 tiles are faster (400 x 1: 63.2 against 66.4, 240 x 2: 58.7 against 64.7)
 EXTEND_SHORT_TOKENS = 128
 EXTEND_SHORT_TOTAL = {64: 512, 128: 320}
 EXTEND_SHORT_CONFIG = {
