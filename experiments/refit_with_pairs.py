@@ -40,7 +40,7 @@ import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_strategies import STALL, compose_cfg, md_table, register, rel_err, same, with_engine  # noqa: E402
+from gpu_strategies import CONFIGS, STALL, compose_cfg, md_table, register, rel_err, same, with_engine  # noqa: E402
 
 from kvbench.calibrate import fit, fit_metrics, graph_prefill_tokens, held_by_stalls, predict, write_text_atomic  # noqa: E402
 from kvbench.engines.sim import SimEngine  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     register()
     shipped = {}
     for m in args.models:
-        if not (Path(__file__).resolve().parents[1] / "configs" / "engine" / f"{m}.yaml").exists():
+        if not (CONFIGS / "engine" / f"{m}.yaml").exists():
             print(f"refit_with_pairs: error: --models {m!r}: no configs/engine/{m}.yaml", file=sys.stderr)
             sys.exit(2)
         shipped[m] = {k: v for k, v in OmegaConf.to_container(compose_cfg([f"engine={m}"]).engine).items()

@@ -168,8 +168,8 @@ def test_extend_short_chunks_by_total_tokens():
         [True, True, False, False, False, True]
     assert ea.short_chunks(300, 1, 96) is False   # (a head dim without a total bound: per request only)
     for d, (bm, bn) in ((64, (64, 64)), (128, (64, 32))):
-        assert (ea.extend_config(d, ragged=True, short=True)["BLOCK_M"],
-                ea.extend_config(d, ragged=True, short=True)["BLOCK_N"]) == (bm, bn)
+        short = ea.extend_config(d, ragged=True, short=True)
+        assert (short["BLOCK_M"], short["BLOCK_N"]) == (bm, bn)
         assert ea.extend_config(d, ragged=True, short=False)["BLOCK_M"] == 128
     _run_ragged([300], [45], 16, False, Hq=2, Hkv=1, D=64, dtype=torch.float32, config=None)
     _run_ragged([300], [45], 16, False, Hq=2, Hkv=1, D=128, dtype=torch.float32, config=None)
