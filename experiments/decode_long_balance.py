@@ -61,12 +61,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3, help="passes over the configs (medians quoted)")
     ap.add_argument("--configs", default="",
-                    help="configs to time instead of CONFIGS, ';'-separated BLOCK_N,warps,stages[,splits[,PIECE_ALIGN]] "
-                         "(splits and PIECE_ALIGN empty or absent: the launcher's), e.g. '64,4,2;64,4,3;32,4,4'")
+                    help="configs to time instead of CONFIGS, ';'-separated BLOCK_N,warps,stages[,splits[,PIECE_ALIGN"
+                         "[,TILE_WALK]]] (splits and PIECE_ALIGN empty or absent: the launcher's; TILE_WALK 1: "
+                         "the page table walked a tile's pages at a time), e.g. '64,4,2;64,4,3;64,4,2,,,1'")
     args = ap.parse_args()
     try:
-        configs = [tuple(int(x) if x else None for x in (c.split(",") + [""] * 5)[:5]) for c in args.configs.split(";")
-                   if c.strip()] or CONFIGS
+        configs = [tuple(int(x) if x else None for x in (c.split(",") + [""] * 6)[:6]) for c in args.configs.split(";")
+                   if c.strip()] or [(*c, None) for c in CONFIGS]
         bad = [c for c in configs if None in c[:3] or min(c[:3]) < 1]
     except ValueError:
         bad = [args.configs]
@@ -96,14 +97,14 @@ def main() -> None:
                                  ratio=by / ms / 1e6 / copy, ok=""))
                 print(f"round {rnd} sdpa {peer:30s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} copy {copy:.0f} GB/s",
                       flush=True)
-        for bn, w, st, ns, al in configs:
-            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0)
+        for bn, w, st, ns, al, tw in configs:
+            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0, TILE_WALK=bool(tw))
             if al:
                 cfg["PIECE_ALIGN"] = al
             ok, _ = compare(decode_attention(qs[0], kcs[0], vcs[0], pt, sl, ps, num_splits=ns, config=cfg), ref)
             ms = bk.bench_rot([lambda i=i: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, num_splits=ns,
                                                             config=cfg) for i in range(R)])
-            rows.append(dict(round=rnd, impl="triton paged p16", config=f"BN{bn} w{w} s{st} splits={ns} align={al}",
+            rows.append(dict(round=rnd, impl="triton paged p16", config=f"BN{bn} w{w} s{st} splits={ns} align={al}" + (" tile_walk" if tw else ""),
                              ms=ms, copy_gbps=copy, ratio=nbytes / ms / 1e6 / copy, ok="ok" if ok else "FAIL"))
             print(f"round {rnd} {rows[-1]['config']:36s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} {rows[-1]['ok']}",
                   flush=True)

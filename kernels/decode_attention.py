@@ -25,13 +25,30 @@ LOG2E = 1.4426950408889634
 # Default launch config, tuned on H200 (see docs/kernels.md). BLOCK_N = KV tokens per iteration;
 # MERGE_CHUNK (default 4) = splits merged per step by the fused merge.
 # FUSED_MERGE=1: split-KV partials are merged by the last split program (no second launch).
-DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0)
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0, TILE_WALK=0)
 # Split-KV heuristic: no split when B * H_kv already gives NOSPLIT_PROGRAMS_PER_SM programs per SM;
 # otherwise split up to TARGET_PROGRAMS_PER_SM, keeping >= MIN_SPLIT_TOKENS per split.
 NOSPLIT_PROGRAMS_PER_SM = 2
 TARGET_PROGRAMS_PER_SM = 4
 MIN_SPLIT_TOKENS = 64   # 256 left a 2k-context batch-1 decode at 72 programs: 11 us a layer on an H200
 MAX_SPLITS = 128
+
+
+@triton.jit
+def tile_pages(pt_row, n0, end, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
+    """The BLOCK_N >> PAGE_LOG2 page ids of the tile [n0, n0 + BLOCK_N), n0 a multiple of the
+    page (pages past `end` read page 0): one load per page, not per token."""
+    NP: tl.constexpr = BLOCK_N >> PAGE_LOG2
+    pidx = (n0 >> PAGE_LOG2) + tl.arange(0, NP)
+    return tl.load(pt_row + pidx, mask=(pidx << PAGE_LOG2) < end, other=0)
+
+
+@triton.jit
+def tile_slots(page, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
+    """A tile's [BLOCK_N] slots from its `tile_pages`, by broadcast and reshape (Triton 3.9 lays
+    the reshape out straight in the K/V load's row layout: no convert_layout, no shared memory)."""
+    PS: tl.constexpr = 1 << PAGE_LOG2
+    return tl.reshape((page.to(tl.int64)[:, None] << PAGE_LOG2) + tl.arange(0, PS)[None, :].to(tl.int64), [BLOCK_N])
 
 
 @triton.jit
@@ -83,6 +100,7 @@ def _decode_kernel(
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
     PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False, PAGE_LOG2: tl.constexpr = -1,
+    TILE_WALK: tl.constexpr = False,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -92,11 +110,18 @@ def _decode_kernel(
 
     seq_len = tl.load(seqlen_ptr + b)
     lo = key_lo(seq_len - 1, window, chunk)                               # first visible key
+    # TILE_WALK (the launcher sets it only for a power-of-two page <= BLOCK_N dividing PIECE_ALIGN):
+    # tiles start on a page boundary, so a tile's BLOCK_N >> PAGE_LOG2 page ids are loaded once each
+    # (not once per token) and the table walk runs two tiles ahead; the splits then cover [lo rounded
+    # down to a page, seq_len) and the keys before lo are masked off
+    lo_w = lo
+    if TILE_WALK:
+        lo_w = lo & -(1 << PAGE_LOG2)
     # splits cover [lo, seq_len) only, in pieces sized by this request's own length (multiples of
     # PIECE_ALIGN tokens, whole tiles by default; at least split_tokens): a launch sized for a
     # longer bound (a CUDA graph's bucket) still spreads a shorter context over every split
-    piece = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo, num_splits), PIECE_ALIGN) * PIECE_ALIGN, split_tokens)
-    start = lo + split * piece
+    piece = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo_w, num_splits), PIECE_ALIGN) * PIECE_ALIGN, split_tokens)
+    start = lo_w + split * piece
     end = tl.minimum(seq_len, start + piece)
 
     offs_g = tl.arange(0, BLOCK_H)
@@ -118,6 +143,12 @@ def _decode_kernel(
     pt_row = pt_ptr + b64 * stride_ptb
     if CONTIGUOUS:
         slot0 = tl.load(pt_row).to(tl.int64) * page_size
+    elif TILE_WALK:
+        # Slots of this tile, page ids of the next: the pipeliner issues tile i + 1's K/V copies in
+        # iteration i, so their page ids must come from a load of iteration i - 1 (a load in the
+        # same iteration puts its latency before the copies, every iteration).
+        slot_nx = tile_slots(tile_pages(pt_row, start, end, BLOCK_N, PAGE_LOG2), BLOCK_N, PAGE_LOG2)   # [BN]
+        page_nx = tile_pages(pt_row, start + BLOCK_N, end, BLOCK_N, PAGE_LOG2)   # [BN >> PAGE_LOG2]
     else:
         # The page-table walk runs one block ahead of the K/V loads (slots carried through the
         # loop): a K/V address that depends on a load of the same iteration stops Triton's
@@ -126,9 +157,16 @@ def _decode_kernel(
 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
-        n_mask = offs_n < end
+        if TILE_WALK:   # lo <= offs_n < end in one unsigned compare (end > lo wherever the loop runs)
+            n_mask = (offs_n - lo).to(tl.uint32, bitcast=True) < (end - lo).to(tl.uint32, bitcast=True)
+        else:
+            n_mask = offs_n < end
         if CONTIGUOUS:
             slot = slot0 + offs_n
+        elif TILE_WALK:
+            slot = slot_nx
+            slot_nx = tile_slots(page_nx, BLOCK_N, PAGE_LOG2)
+            page_nx = tile_pages(pt_row, n0 + 2 * BLOCK_N, end, BLOCK_N, PAGE_LOG2)
         else:
             slot = slot_nx
             slot_nx = page_walk(pt_row, offs_n + BLOCK_N, end, page_size, PAGE_LOG2)
@@ -490,6 +528,9 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     split_tokens = align if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
+    plog = cfg.get("PAGE_LOG2", page_log2(page_size))
+    tile_walk = bool(cfg.get("TILE_WALK")) and not contiguous and plog >= 0 and page_size <= BLOCK_N \
+        and align % page_size == 0
     fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1
     BLOCK_S = max(2, next_pow2(num_splits))
     if num_splits > 1:
@@ -507,7 +548,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                   CONTIGUOUS=bool(contiguous), DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype),
                   FUSED_MERGE=fused, BLOCK_S=BLOCK_S, MERGE_CHUNK=cfg.get("MERGE_CHUNK", 4),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_SINK=sinks is not None,
-                  PIECE_ALIGN=align, PAGE_LOG2=cfg.get("PAGE_LOG2", page_log2(page_size)), **pdl_args(dev))
+                  PIECE_ALIGN=align, PAGE_LOG2=plog, TILE_WALK=tile_walk, **pdl_args(dev))
     kernel = kernel_for(_decode_kernel, dev)[(B, Hkv, num_splits)](*args, **kwargs)
     merge = None
     if num_splits > 1 and not fused:
