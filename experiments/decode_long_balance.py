@@ -98,13 +98,15 @@ def main() -> None:
                 print(f"round {rnd} sdpa {peer:30s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} copy {copy:.0f} GB/s",
                       flush=True)
         for bn, w, st, ns, al, tw in configs:
-            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0, TILE_WALK=bool(tw))
+            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, FUSED_MERGE=0)
             if al:
                 cfg["PIECE_ALIGN"] = al
+            if tw is not None:
+                cfg["TILE_WALK"] = tw
             ok, _ = compare(decode_attention(qs[0], kcs[0], vcs[0], pt, sl, ps, num_splits=ns, config=cfg), ref)
             ms = bk.bench_rot([lambda i=i: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, num_splits=ns,
                                                             config=cfg) for i in range(R)])
-            rows.append(dict(round=rnd, impl="triton paged p16", config=f"BN{bn} w{w} s{st} splits={ns} align={al}" + (" tile_walk" if tw else ""),
+            rows.append(dict(round=rnd, impl="triton paged p16", config=f"BN{bn} w{w} s{st} splits={ns} align={al}" + (f" tile_walk={tw}" if tw is not None else ""),
                              ms=ms, copy_gbps=copy, ratio=nbytes / ms / 1e6 / copy, ok="ok" if ok else "FAIL"))
             print(f"round {rnd} {rows[-1]['config']:36s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} {rows[-1]['ok']}",
                   flush=True)

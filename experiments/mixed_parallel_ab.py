@@ -10,7 +10,9 @@
   packed);
 - --flag short_tiles: extend's short-chunk tiles as since 236432b (three stages; also launches of at most
   `EXTEND_SHORT_TOTAL` new tokens in all) against session 42's (two stages, at most 128 new tokens a
-  request only); with --page-size 1 for radix's hit steps.
+  request only); with --page-size 1 for radix's hit steps;
+- --flag tile_walk: decode's page-table walk a tile's pages at a time, two tiles ahead (`TILE_WALK=1`),
+  against the walk a token at a time one tile ahead.
 
 Both attention kernels of a hit step are a few programs per SM and latency-bound (1B shape, H200,
 05c9e0e: extend 20 us a layer, decode of 15 rows 15 us), so run side by side the shorter one
@@ -41,6 +43,7 @@ from kvbench import model as kvmodel  # noqa: E402
 from kvbench.calibrate import write_text_atomic  # noqa: E402
 from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
+from kvbench.kernels import decode_attention as dec  # noqa: E402
 from kvbench.kernels import extend_attention as ext  # noqa: E402
 
 STEPS = {
@@ -59,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", default="llama3_2_1b,llama3_1_8b")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--flag", choices=("parallel", "copyin", "short_tiles"), default="parallel")
+    ap.add_argument("--flag", choices=("parallel", "copyin", "short_tiles", "tile_walk"), default="parallel")
     ap.add_argument("--page-size", type=int, default=16,
                     help="pages of the pool (1: radix's token-level tables, 16,384 columns wide in a step with "
                          "prefill: copyin then A/Bs their first columns in the graph's copy against all packed)")
@@ -73,7 +76,9 @@ def main() -> None:
     settings = {"parallel": [(kvmodel, "PARALLEL_MIXED", False, True)],
                 "copyin": [(gpu_engine, "PREFILL_COPY_IN_BYTES", 0, gpu_engine.PREFILL_COPY_IN_BYTES)],
                 "short_tiles": [(ext, "EXTEND_SHORT_CONFIG", short, ext.EXTEND_SHORT_CONFIG),
-                                (ext, "EXTEND_SHORT_TOTAL", {}, ext.EXTEND_SHORT_TOTAL)]}[args.flag]
+                                (ext, "EXTEND_SHORT_TOTAL", {}, ext.EXTEND_SHORT_TOTAL)],
+                "tile_walk": [(dec, "DECODE_CONFIG", dict(dec.DECODE_CONFIG, TILE_WALK=0),
+                               dict(dec.DECODE_CONFIG, TILE_WALK=1))]}[args.flag]
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []

@@ -100,7 +100,7 @@ def _decode_kernel(
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
     PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False, PAGE_LOG2: tl.constexpr = -1,
-    TILE_WALK: tl.constexpr = False,
+    TILE_WALK: tl.constexpr = 0,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -148,7 +148,8 @@ def _decode_kernel(
         # iteration i, so their page ids must come from a load of iteration i - 1 (a load in the
         # same iteration puts its latency before the copies, every iteration).
         slot_nx = tile_slots(tile_pages(pt_row, start, end, BLOCK_N, PAGE_LOG2), BLOCK_N, PAGE_LOG2)   # [BN]
-        page_nx = tile_pages(pt_row, start + BLOCK_N, end, BLOCK_N, PAGE_LOG2)   # [BN >> PAGE_LOG2]
+        if TILE_WALK == 1:
+            page_nx = tile_pages(pt_row, start + BLOCK_N, end, BLOCK_N, PAGE_LOG2)   # [BN >> PAGE_LOG2]
     else:
         # The page-table walk runs one block ahead of the K/V loads (slots carried through the
         # loop): a K/V address that depends on a load of the same iteration stops Triton's
@@ -163,6 +164,9 @@ def _decode_kernel(
             n_mask = offs_n < end
         if CONTIGUOUS:
             slot = slot0 + offs_n
+        elif TILE_WALK == 2:
+            slot = slot_nx
+            slot_nx = tile_slots(tile_pages(pt_row, n0 + BLOCK_N, end, BLOCK_N, PAGE_LOG2), BLOCK_N, PAGE_LOG2)
         elif TILE_WALK:
             slot = slot_nx
             slot_nx = tile_slots(page_nx, BLOCK_N, PAGE_LOG2)
@@ -529,8 +533,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
     plog = cfg.get("PAGE_LOG2", page_log2(page_size))
-    tile_walk = bool(cfg.get("TILE_WALK")) and not contiguous and plog >= 0 and page_size <= BLOCK_N \
-        and align % page_size == 0
+    tile_walk = int(cfg.get("TILE_WALK", 0)) if not contiguous and plog >= 0 and page_size <= BLOCK_N \
+        and align % page_size == 0 else 0
     fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1
     BLOCK_S = max(2, next_pow2(num_splits))
     if num_splits > 1:
