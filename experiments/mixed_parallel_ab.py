@@ -11,8 +11,8 @@
 - --flag short_tiles: extend's short-chunk tiles as since 236432b (three stages; also launches of at most
   `EXTEND_SHORT_TOTAL` new tokens in all) against session 42's (two stages, at most 128 new tokens a
   request only); with --page-size 1 for radix's hit steps;
-- --flag tile_walk: decode's page-table walk a tile's pages at a time, two tiles ahead (`TILE_WALK=1`),
-  against the walk a token at a time one tile ahead.
+- --flag tile_walk: decode's page-table walk as the launcher picks it (a tile's pages at a time for split
+  launches and pages of 1, else by division) against session 38's (a token at a time, by shift).
 
 Both attention kernels of a hit step are a few programs per SM and latency-bound (1B shape, H200,
 05c9e0e: extend 20 us a layer, decode of 15 rows 15 us), so run side by side the shorter one
@@ -44,6 +44,7 @@ from kvbench.calibrate import write_text_atomic  # noqa: E402
 from kvbench.engines import gpu_engine  # noqa: E402
 from kvbench.engines.gpu_engine import GPUEngine  # noqa: E402
 from kvbench.kernels import decode_attention as dec  # noqa: E402
+from kvbench.kernels._common import page_log2  # noqa: E402
 from kvbench.kernels import extend_attention as ext  # noqa: E402
 
 STEPS = {
@@ -77,8 +78,8 @@ def main() -> None:
                 "copyin": [(gpu_engine, "PREFILL_COPY_IN_BYTES", 0, gpu_engine.PREFILL_COPY_IN_BYTES)],
                 "short_tiles": [(ext, "EXTEND_SHORT_CONFIG", short, ext.EXTEND_SHORT_CONFIG),
                                 (ext, "EXTEND_SHORT_TOTAL", {}, ext.EXTEND_SHORT_TOTAL)],
-                "tile_walk": [(dec, "DECODE_CONFIG", dict(dec.DECODE_CONFIG, TILE_WALK=0),
-                               dict(dec.DECODE_CONFIG, TILE_WALK=1))]}[args.flag]
+                "tile_walk": [(dec, "DECODE_CONFIG", dict(dec.DECODE_CONFIG, TILE_WALK=False, PAGE_LOG2=page_log2(ps)),
+                               dec.DECODE_CONFIG)]}[args.flag]
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     rows = []

@@ -25,7 +25,7 @@ LOG2E = 1.4426950408889634
 # Default launch config, tuned on H200 (see docs/kernels.md). BLOCK_N = KV tokens per iteration;
 # MERGE_CHUNK (default 4) = splits merged per step by the fused merge.
 # FUSED_MERGE=1: split-KV partials are merged by the last split program (no second launch).
-DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0, TILE_WALK=0)
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2, FUSED_MERGE=0)
 # Split-KV heuristic: no split when B * H_kv already gives NOSPLIT_PROGRAMS_PER_SM programs per SM;
 # otherwise split up to TARGET_PROGRAMS_PER_SM, keeping >= MIN_SPLIT_TOKENS per split.
 NOSPLIT_PROGRAMS_PER_SM = 2
@@ -100,7 +100,7 @@ def _decode_kernel(
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr,
     PIECE_ALIGN: tl.constexpr, HAS_SINK: tl.constexpr = False, PAGE_LOG2: tl.constexpr = -1,
-    TILE_WALK: tl.constexpr = 0,
+    TILE_WALK: tl.constexpr = False,
 ):
     pdl_begin(PDL)
     b = tl.program_id(0)
@@ -148,8 +148,7 @@ def _decode_kernel(
         # iteration i, so their page ids must come from a load of iteration i - 1 (a load in the
         # same iteration puts its latency before the copies, every iteration).
         slot_nx = tile_slots(tile_pages(pt_row, start, end, BLOCK_N, PAGE_LOG2), BLOCK_N, PAGE_LOG2)   # [BN]
-        if TILE_WALK == 1:
-            page_nx = tile_pages(pt_row, start + BLOCK_N, end, BLOCK_N, PAGE_LOG2)   # [BN >> PAGE_LOG2]
+        page_nx = tile_pages(pt_row, start + BLOCK_N, end, BLOCK_N, PAGE_LOG2)   # [BN >> PAGE_LOG2]
     else:
         # The page-table walk runs one block ahead of the K/V loads (slots carried through the
         # loop): a K/V address that depends on a load of the same iteration stops Triton's
@@ -164,9 +163,6 @@ def _decode_kernel(
             n_mask = offs_n < end
         if CONTIGUOUS:
             slot = slot0 + offs_n
-        elif TILE_WALK == 2:
-            slot = slot_nx
-            slot_nx = tile_slots(tile_pages(pt_row, n0 + BLOCK_N, end, BLOCK_N, PAGE_LOG2), BLOCK_N, PAGE_LOG2)
         elif TILE_WALK:
             slot = slot_nx
             slot_nx = tile_slots(page_nx, BLOCK_N, PAGE_LOG2)
@@ -532,9 +528,19 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     split_tokens = align if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
-    plog = cfg.get("PAGE_LOG2", page_log2(page_size))
-    tile_walk = int(cfg.get("TILE_WALK", 0)) if not contiguous and plog >= 0 and page_size <= BLOCK_N \
-        and align % page_size == 0 else 0
+    # the page-table walk (H200, bench_kernels at af38a86, fraction of copy): split launches and pages of
+    # 1 walk a tile's pages at a time (1 x 32k p16 0.777 -> 0.785; 256 x 1k p1 0.766 -> 0.992); launches
+    # without splits over larger pages by division (256 x 1k p16 / p64 / p256: 0.985 / 0.986 / 0.97,
+    # by shift 0.914 / 0.928 / 0.931, by tiles 0.946 / 0.951 / 0.929)
+    pow2 = page_log2(page_size)
+    tile_walk = cfg.get("TILE_WALK")
+    if tile_walk is None:
+        tile_walk = num_splits > 1 or page_size == 1
+    plog = cfg.get("PAGE_LOG2")
+    tile_walk = bool(tile_walk) and not contiguous and pow2 >= 0 and plog in (None, pow2) and page_size <= BLOCK_N \
+        and align % page_size == 0
+    if plog is None:
+        plog = pow2 if tile_walk or num_splits > 1 else -1
     fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1
     BLOCK_S = max(2, next_pow2(num_splits))
     if num_splits > 1:

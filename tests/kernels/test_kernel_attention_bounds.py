@@ -94,6 +94,8 @@ def test_decode_window_split_kv_covers_only_the_window(num_splits):
     # splits partition [n - window, n): with 5 splits of a 37-token window some splits are empty
     _decode([300, 37, 5], 16, False, 37, 0, num_splits=num_splits)
     _decode([300, 37, 5], 16, False, 37, 0, num_splits=num_splits, config=dict(FUSED_MERGE=1), seed=1)
+    for tile_walk in (False, True):   # (the walk a tile's pages at a time starts a page before the window)
+        _decode([300, 37, 5], 16, False, 37, 0, num_splits=num_splits, config=dict(TILE_WALK=tile_walk), seed=2)
 
 
 @pytest.mark.parametrize("num_splits", [None, 6])

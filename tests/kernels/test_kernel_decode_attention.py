@@ -51,10 +51,26 @@ def test_decode_page_walk_by_shift_equals_by_division(page_size):
     (-1): both match the reference, and a power of two gives the division's bits (the same slots)."""
     assert page_log2(page_size) == {12: -1, 16: 4, 64: 6}[page_size]
     lens = [1, 37, 200, 90]
-    o = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=3)
+    o = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=3,
+             config=dict(DECODE_CONFIG, TILE_WALK=False))
     div = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=3,
-               config=dict(DECODE_CONFIG, PAGE_LOG2=-1))
+               config=dict(DECODE_CONFIG, TILE_WALK=False, PAGE_LOG2=-1))
     assert torch.equal(o, div)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 32, 64])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_tile_walk_reads_the_token_walks_slots(page_size, num_splits):
+    """The walk a tile's pages at a time, two tiles ahead (TILE_WALK: the launcher's choice for split
+    launches and pages of 1) matches the reference and gives the walk a token at a time's bits: the same
+    slots, in the same tiles, for lengths that end mid-page and mid-tile (a window's first key mid-page:
+    test_kernel_attention_bounds)."""
+    lens = [1, 37, 200, 90]
+    tile = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=num_splits,
+                config=dict(DECODE_CONFIG, TILE_WALK=True))
+    token = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=num_splits,
+                 config=dict(DECODE_CONFIG, TILE_WALK=False))
+    assert torch.equal(tile, token)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40])
