@@ -402,6 +402,27 @@ def decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, s
     return out
 
 
+def page_walk_choice(page_size: int, num_splits: int, contiguous: bool, block_n: int, align: int,
+                     cfg: dict) -> tuple[bool, int]:
+    """The page-table walk of a launch, as (TILE_WALK, PAGE_LOG2); the config keys, where given,
+    override. Measured on an H200 (bench_kernels, 303c827 against a92b9d4's tree, fraction of copy;
+    docs/kernels.md, session 45): split launches and pages of 1 walk a tile's pages at a time (1 x 32k
+    p16: 0.78-0.79 against 0.777 by shift; 256 x 1k p1: 0.99 against 0.77 by shift); launches without
+    splits over larger pages walk by division (256 x 1k p16 / p64: 0.985 / 0.985, by shift 0.914 /
+    0.928, by tiles 0.946-0.968 / 0.951-0.981). A tile walk needs a power-of-two page of at most a
+    tile that divides PIECE_ALIGN; a split launch that cannot take it walks by shift."""
+    pow2 = page_log2(page_size)
+    plog = cfg.get("PAGE_LOG2")
+    tile_walk = cfg.get("TILE_WALK")
+    if tile_walk is None:
+        tile_walk = num_splits > 1 or page_size == 1
+    tile_walk = bool(tile_walk) and not contiguous and pow2 >= 0 and plog in (None, pow2) and page_size <= block_n \
+        and align % page_size == 0
+    if plog is None:
+        plog = pow2 if tile_walk or num_splits > 1 else -1
+    return tile_walk, plog
+
+
 def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale=None,
                      contiguous=False, num_splits=None, *, window: int = 0, chunk: int = 0,
                      max_seq_len: int | None = None, out=None, backend: str = "triton",
@@ -430,7 +451,8 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
                 None: the kernel is compiled without them (HAS_SINK=False)
     config:     launch overrides (BLOCK_N, num_warps, num_stages, FUSED_MERGE, MERGE_CHUNK;
                 PIECE_ALIGN: a split's tokens are a multiple of it, default BLOCK_N; PAGE_LOG2: -1
-                walks the page table by division, default: by shift for a power-of-two page)
+                walks the page table by division, log2 of the page by shift; TILE_WALK: a tile's
+                pages at a time; the defaults: `page_walk_choice`)
     returns o:  [B, H_q, D] in q's dtype
     """
     key, ok = None, False
@@ -528,19 +550,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_sc
     split_tokens = align if explicit else cdiv(MIN_SPLIT_TOKENS, BLOCK_N) * BLOCK_N
     BLOCK_H = max(16, next_pow2(G))
     BLOCK_D = max(16, next_pow2(D))
-    # the page-table walk (H200, bench_kernels at af38a86, fraction of copy): split launches and pages of
-    # 1 walk a tile's pages at a time (1 x 32k p16 0.777 -> 0.785; 256 x 1k p1 0.766 -> 0.992); launches
-    # without splits over larger pages by division (256 x 1k p16 / p64 / p256: 0.985 / 0.986 / 0.97,
-    # by shift 0.914 / 0.928 / 0.931, by tiles 0.946 / 0.951 / 0.929)
-    pow2 = page_log2(page_size)
-    tile_walk = cfg.get("TILE_WALK")
-    if tile_walk is None:
-        tile_walk = num_splits > 1 or page_size == 1
-    plog = cfg.get("PAGE_LOG2")
-    tile_walk = bool(tile_walk) and not contiguous and pow2 >= 0 and plog in (None, pow2) and page_size <= BLOCK_N \
-        and align % page_size == 0
-    if plog is None:
-        plog = pow2 if tile_walk or num_splits > 1 else -1
+    tile_walk, plog = page_walk_choice(page_size, num_splits, contiguous, BLOCK_N, align, cfg)
     fused = bool(cfg.get("FUSED_MERGE", 0)) and num_splits > 1
     BLOCK_S = max(2, next_pow2(num_splits))
     if num_splits > 1:

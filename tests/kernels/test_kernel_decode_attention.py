@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvbench.kernels._common import page_log2
-from kvbench.kernels.decode_attention import DECODE_CONFIG, decode_attention, decode_attention_ref
+from kvbench.kernels.decode_attention import DECODE_CONFIG, decode_attention, decode_attention_ref, page_walk_choice
 from kvbench.kernels.tolerances import assert_close
 from kv_testlib import DTYPES_CPU, device, make_cache, nan_like, randn
 
@@ -56,6 +56,22 @@ def test_decode_page_walk_by_shift_equals_by_division(page_size):
     div = _run(lens, page_size, False, Hq=8, Hkv=2, D=64, dtype=torch.float16, num_splits=3,
                config=dict(DECODE_CONFIG, TILE_WALK=False, PAGE_LOG2=-1))
     assert torch.equal(o, div)
+
+
+def test_decode_page_walk_choice():
+    """Which walk a launch takes, (TILE_WALK, PAGE_LOG2): tiles for split launches and pages of 1, division
+    for unsplit launches over larger pages, shift for a split launch the tile walk cannot take; config
+    keys override, and a walk they make impossible is not taken."""
+    assert page_walk_choice(16, 64, False, 64, 64, {}) == (True, 4)
+    assert page_walk_choice(1, 1, False, 64, 64, {}) == (True, 0)
+    assert page_walk_choice(16, 1, False, 64, 64, {}) == (False, -1)
+    assert page_walk_choice(12, 3, False, 64, 64, {}) == (False, -1)
+    assert page_walk_choice(128, 3, False, 64, 64, {}) == (False, 7)     # a page over a tile
+    assert page_walk_choice(16, 3, False, 64, 8, {}) == (False, 4)       # splits not on page boundaries
+    assert page_walk_choice(16, 3, True, 64, 64, {}) == (False, 4)       # a slab walks no table
+    assert page_walk_choice(16, 1, False, 64, 64, {"TILE_WALK": True}) == (True, 4)
+    assert page_walk_choice(16, 3, False, 64, 64, {"TILE_WALK": False}) == (False, 4)
+    assert page_walk_choice(16, 3, False, 64, 64, {"PAGE_LOG2": -1}) == (False, -1)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 32, 64])
