@@ -62,8 +62,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="passes over the configs (medians quoted)")
     ap.add_argument("--configs", default="",
                     help="configs to time instead of CONFIGS, ';'-separated BLOCK_N,warps,stages[,splits[,PIECE_ALIGN"
-                         "[,TILE_WALK]]] (splits and PIECE_ALIGN empty or absent: the launcher's; TILE_WALK 1: "
-                         "the page table walked a tile's pages at a time), e.g. '64,4,2;64,4,3;64,4,2,,,1'")
+                         "[,TILE_WALK]]] (splits, PIECE_ALIGN and TILE_WALK empty or absent: the launcher's; "
+                         "TILE_WALK 1 / 0: the page table walked a tile's pages / a token at a time), "
+                         "e.g. '64,4,2;64,4,3;64,4,2,,,0'")
     args = ap.parse_args()
     try:
         configs = [tuple(int(x) if x else None for x in (c.split(",") + [""] * 6)[:6]) for c in args.configs.split(";")
@@ -106,7 +107,8 @@ def main() -> None:
             ok, _ = compare(decode_attention(qs[0], kcs[0], vcs[0], pt, sl, ps, num_splits=ns, config=cfg), ref)
             ms = bk.bench_rot([lambda i=i: decode_attention(qs[i], kcs[i], vcs[i], pt, sl, ps, num_splits=ns,
                                                             config=cfg) for i in range(R)])
-            rows.append(dict(round=rnd, impl="triton paged p16", config=f"BN{bn} w{w} s{st} splits={ns} align={al}" + (f" tile_walk={tw}" if tw is not None else ""),
+            label = f"BN{bn} w{w} s{st} splits={ns} align={al}" + (f" tile_walk={tw}" if tw is not None else "")
+            rows.append(dict(round=rnd, impl="triton paged p16", config=label,
                              ms=ms, copy_gbps=copy, ratio=nbytes / ms / 1e6 / copy, ok="ok" if ok else "FAIL"))
             print(f"round {rnd} {rows[-1]['config']:36s} {ms * 1e3:7.2f} us {rows[-1]['ratio']:.3f} {rows[-1]['ok']}",
                   flush=True)

@@ -23,7 +23,7 @@ hit steps (a 64-token extend over a cached 1k alone, beside 15 and beside 31 dec
 steps of the same batch, and a 512-token chunk beside 63 decodes; max_model_len 16,384 (the
 prefix-saving sweeps': the width of a step with prefill's page table).
 
-    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json [--flag copyin|short_tiles]
+    python experiments/mixed_parallel_ab.py --out results/gpu/mixed_parallel_ab_h200_<commit>.json [--flag copyin|short_tiles|tile_walk]
 """
 from __future__ import annotations
 
