@@ -45,8 +45,8 @@ def tile_pages(pt_row, n0, end, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
 
 @triton.jit
 def tile_slots(page, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
-    """A tile's [BLOCK_N] slots from its `tile_pages`, by broadcast and reshape (Triton 3.9 lays
-    the reshape out straight in the K/V load's row layout: no convert_layout, no shared memory)."""
+    """A tile's [BLOCK_N] slots from its `tile_pages`, by broadcast and reshape (compiled offline for
+    sm_90, the reshape lands straight in the K/V load's row layout: no convert_layout, no shared memory)."""
     PS: tl.constexpr = 1 << PAGE_LOG2
     return tl.reshape((page.to(tl.int64)[:, None] << PAGE_LOG2) + tl.arange(0, PS)[None, :].to(tl.int64), [BLOCK_N])
 
