@@ -153,6 +153,23 @@ def page_walk(pt_row, offs, end, page_size, PAGE_LOG2: tl.constexpr):
 
 
 @triton.jit
+def tile_pages(pt_row, n0, end, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
+    """The BLOCK_N >> PAGE_LOG2 page ids of the tile [n0, n0 + BLOCK_N), n0 a multiple of the
+    page (pages past `end` read page 0): one load per page, not per token."""
+    NP: tl.constexpr = BLOCK_N >> PAGE_LOG2
+    pidx = (n0 >> PAGE_LOG2) + tl.arange(0, NP)
+    return tl.load(pt_row + pidx, mask=(pidx << PAGE_LOG2) < end, other=0)
+
+
+@triton.jit
+def tile_slots(page, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
+    """A tile's [BLOCK_N] slots from its `tile_pages`, by broadcast and reshape (compiled offline for
+    sm_90, the reshape lands straight in the K/V load's row layout: no convert_layout, no shared memory)."""
+    PS: tl.constexpr = 1 << PAGE_LOG2
+    return tl.reshape((page.to(tl.int64)[:, None] << PAGE_LOG2) + tl.arange(0, PS)[None, :].to(tl.int64), [BLOCK_N])
+
+
+@triton.jit
 def pdl_begin(PDL: tl.constexpr):
     """A kernel's prologue: `pdl_early`, then `pdl_wait`."""
     pdl_early(PDL)

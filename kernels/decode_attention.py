@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _common
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
                       direct, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk, pdl_args, pdl_begin,
-                      pdl_late, plan_hit)
+                      pdl_late, plan_hit, tile_pages, tile_slots)
 
 LOG2E = 1.4426950408889634
 
@@ -32,23 +32,6 @@ NOSPLIT_PROGRAMS_PER_SM = 2
 TARGET_PROGRAMS_PER_SM = 4
 MIN_SPLIT_TOKENS = 64   # 256 left a 2k-context batch-1 decode at 72 programs: 11 us a layer on an H200
 MAX_SPLITS = 128
-
-
-@triton.jit
-def tile_pages(pt_row, n0, end, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
-    """The BLOCK_N >> PAGE_LOG2 page ids of the tile [n0, n0 + BLOCK_N), n0 a multiple of the
-    page (pages past `end` read page 0): one load per page, not per token."""
-    NP: tl.constexpr = BLOCK_N >> PAGE_LOG2
-    pidx = (n0 >> PAGE_LOG2) + tl.arange(0, NP)
-    return tl.load(pt_row + pidx, mask=(pidx << PAGE_LOG2) < end, other=0)
-
-
-@triton.jit
-def tile_slots(page, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
-    """A tile's [BLOCK_N] slots from its `tile_pages`, by broadcast and reshape (compiled offline for
-    sm_90, the reshape lands straight in the K/V load's row layout: no convert_layout, no shared memory)."""
-    PS: tl.constexpr = 1 << PAGE_LOG2
-    return tl.reshape((page.to(tl.int64)[:, None] << PAGE_LOG2) + tl.arange(0, PS)[None, :].to(tl.int64), [BLOCK_N])
 
 
 @triton.jit
