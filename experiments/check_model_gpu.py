@@ -398,7 +398,8 @@ def time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw, vari
 
 
 AB_VARIANTS = ("no PDL", "PDL early", "cublas", "decode splits >= 128 tokens", "decode splits >= 256 tokens",
-               "decode fused merge", "cuBLAS API (torch's default)", "general decode host path")
+               "decode fused merge", "cuBLAS API (torch's default)", "general decode host path",
+               "decode walk by shift", "decode walk by tiles", "decode walk by division")
 
 
 @contextlib.contextmanager
@@ -425,6 +426,9 @@ def ab_variant(name: str):
         dmod.MIN_SPLIT_TOKENS = int(name.split()[3])
     if name == "decode fused merge":
         dmod.DECODE_CONFIG = dict(saved[2], FUSED_MERGE=1)
+    if name.startswith("decode walk by"):   # the page-table walk forced (`page_walk_choice` picks per launch)
+        dmod.DECODE_CONFIG = dict(saved[2], **{"shift": dict(TILE_WALK=0, PAGE_LOG2=4), "tiles": dict(TILE_WALK=1),
+                                               "division": dict(TILE_WALK=0, PAGE_LOG2=-1)}[name.split()[-1]])
     try:
         yield
     finally:
@@ -501,7 +505,8 @@ def time_decode(res: dict, bw: float) -> None:
                 rows.append(time_step(eng, batch, graphs, batch_size, ctx, layout, wbytes, bpt, bw))
             for variant in AB_VARIANTS if layout == "paged" else ():   # A/B, same run, graphs
                 if batch_size > 1 and variant not in ("no PDL", "PDL early", "cuBLAS API (torch's default)",
-                                                      "general decode host path"):
+                                                      "general decode host path", "decode walk by shift",
+                                                      "decode walk by tiles"):
                     continue                         # batch 64: cuBLAS anyway, no split-KV
                 with ab_variant(variant):
                     eng.drop_graphs()
