@@ -187,14 +187,17 @@ def check_rows(dev, gen, out_rows) -> bool:
 # ---------------------------------------------------------------------------------------- --extend
 def parse_config(text: str) -> dict:
     """'64x32w4s2' -> dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2); '' -> {} (the default);
-    'division' -> the default with the page table walked by division (PAGE_LOG2=-1)."""
+    'division' -> the default with the page table walked by division (PAGE_LOG2=-1); 'tokens' -> a
+    token's page id at a time (TILE_WALK=0; the default walks a tile's pages where the page allows)."""
     if not text or text == "default":
         return {}
     if text == "division":
         return {"PAGE_LOG2": -1}
+    if text == "tokens":
+        return {"TILE_WALK": 0}
     m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
     if not m:
-        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2, default or division)", file=sys.stderr)
+        print(f"window_decode_bench: error: bad --extend-configs entry {text!r} (want e.g. 64x32w4s2, default, division or tokens)", file=sys.stderr)
         sys.exit(2)
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
@@ -313,7 +316,8 @@ def main() -> int:
                     help="comma list of the extend prefix-split settings to time: off, auto, or a count")
     ap.add_argument("--extend-configs", default="default",
                     help="comma list of extend launch configs to time, BLOCK_MxBLOCK_Nw<warps>s<stages> (e.g. "
-                         "64x32w4s2), 'default', or 'division' (the default walking pages by division)")
+                         "64x32w4s2), 'default', 'division' (the default walking pages by division) or 'tokens' (a token's page id at a "
+                         "time, not a tile's)")
     ap.add_argument("--extend-cases", default="",
                     help="comma list of NEWxPREFIX extend cases (default: 64x1024,64x4096,512x1024,512x4096)")
     ap.add_argument("--extend-batches", default="", help="comma list of batch sizes for --extend (default 1,8)")

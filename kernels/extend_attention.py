@@ -29,11 +29,13 @@ from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, che
                       direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk,
                       plan_hit)
 from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, _add_sink, _gather_kv,
-                               bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
+                               bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks,
+                               tile_pages, tile_slots)
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
 # BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
 # given: an A/B knob for benchmark sweeps). The ragged path needs BLOCK_M % BLOCK_N == 0.
+# TILE_WALK (default on where it applies): the page table walked a tile's pages at a time (`_cache_keys`).
 EXTEND_CONFIG = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -127,26 +129,43 @@ def _attend(q, k, v, m_i, l_i, acc, qk_scale, vis,
 
 
 @triton.jit
-def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, lo, hi,
+def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, lo, hi, klo,
                 kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size, offs_d, d_mask,
                 BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, MASKED: tl.constexpr,
-                DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PAGE_LOG2: tl.constexpr):
+                DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PAGE_LOG2: tl.constexpr,
+                TILE_WALK: tl.constexpr = False):
     """Keys at positions [lo, hi) through the page table (or slab: slot0 + position).
     MASKED: key < hi, causal (key <= pos_m) and in the row's bound (key >= lo_m); else every row
-    sees every key. Nothing outside [lo, hi) is loaded."""
+    sees every key. Nothing outside [lo, hi) is loaded.
+    TILE_WALK (a power-of-two page <= BLOCK_N, not CONTIGUOUS): lo is a page boundary (`_walk_lo`),
+    a tile's BLOCK_N >> PAGE_LOG2 page ids are loaded once each, two tiles ahead (as decode's walk);
+    keys before klo (the range's true start, lo <= klo) are masked too, so a range that starts
+    mid-page must be MASKED up to klo (the callers' `_regions` see to it); unused otherwise."""
     if not CONTIGUOUS:
-        # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps the
-        # K/V loads software-pipelined)
-        slot_nx = page_walk(pt_row, lo + tl.arange(0, BLOCK_N), hi, page_size, PAGE_LOG2)
+        if TILE_WALK:
+            slot_nx = tile_slots(tile_pages(pt_row, lo, hi, BLOCK_N, PAGE_LOG2), BLOCK_N, PAGE_LOG2)   # [BN]
+            page_nx = tile_pages(pt_row, lo + BLOCK_N, hi, BLOCK_N, PAGE_LOG2)   # [BN >> PAGE_LOG2]
+        else:
+            # page-table walk one block ahead of the K/V loads (see decode_attention.py: keeps the
+            # K/V loads software-pipelined)
+            slot_nx = page_walk(pt_row, lo + tl.arange(0, BLOCK_N), hi, page_size, PAGE_LOG2)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if CONTIGUOUS:
             slot = slot0 + offs_n
+        elif TILE_WALK:
+            slot = slot_nx
+            slot_nx = tile_slots(page_nx, BLOCK_N, PAGE_LOG2)
+            page_nx = tile_pages(pt_row, n0 + 2 * BLOCK_N, hi, BLOCK_N, PAGE_LOG2)
         else:
             slot = slot_nx
             slot_nx = page_walk(pt_row, offs_n + BLOCK_N, hi, page_size, PAGE_LOG2)
         if MASKED:
-            n_mask = offs_n < hi
+            if TILE_WALK:   # klo <= offs_n < hi in one unsigned compare (hi > klo wherever the loop runs)
+                n_mask = (offs_n - klo).to(tl.int32).to(tl.uint32, bitcast=True) < \
+                    (hi - klo).to(tl.int32).to(tl.uint32, bitcast=True)   # int64 where seq_lens are
+            else:
+                n_mask = offs_n < hi
             kv_mask = n_mask[:, None] & d_mask[None, :]
             vis = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] >= lo_m[:, None]) & n_mask[None, :]
         else:
@@ -197,11 +216,22 @@ def _regions(lo, lo_max, vis_end, hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _walk_lo(lo, hi, PAGE_LOG2: tl.constexpr, TILE_WALK: tl.constexpr):
+    """Where a TILE_WALK range of keys [lo, hi) starts: lo rounded down to a page boundary while
+    the range is not empty (its tiles then start on pages; the keys before lo are masked), else lo."""
+    if TILE_WALK:
+        return tl.where(lo < hi, lo & -(1 << PAGE_LOG2), lo)
+    else:
+        return lo
+
+
+@triton.jit
 def _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix, lo_b, lo_u, q_start, kvh,
               kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
               kn_ptr, vn_ptr, stride_knt_a, stride_knh, stride_vnt_a, stride_vnh, offs_d, d_mask,
               BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
-              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PAGE_LOG2: tl.constexpr):
+              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, PAGE_LOG2: tl.constexpr,
+              TILE_WALK: tl.constexpr = False):
     """The keys at positions >= prefix (the new tokens', up to the block's last row): from
     k_new/v_new (RAGGED) or through the page table."""
     if RAGGED:
@@ -226,16 +256,20 @@ def _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
                                   BLOCK_N, True, DOT_F32, DOT_PREC)
     else:
         diag_end = prefix + last + 1
-        r0, r1, r2 = _regions(tl.maximum(lo_b, prefix), lo_u, prefix + m0, diag_end, BLOCK_N)
-        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1,
+        klo = tl.maximum(lo_b, prefix)
+        lo_max = lo_u
+        if TILE_WALK:   # from the page of klo on: the keys before klo (the prefix's) in the masked run
+            lo_max = tl.maximum(lo_u, klo)
+        r0, r1, r2 = _regions(_walk_lo(klo, diag_end, PAGE_LOG2, TILE_WALK), lo_max, prefix + m0, diag_end, BLOCK_N)
+        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1, klo,
                                     kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
-        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2,
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2, TILE_WALK)
+        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2, klo,
                                     kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
-        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end,
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2, TILE_WALK)
+        m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end, klo,
                                     kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
+                                    offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2, TILE_WALK)
     return m_i, l_i, acc
 
 
@@ -311,7 +345,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     CONTIGUOUS: tl.constexpr, RAGGED: tl.constexpr, NEW_ALIGN: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, HAS_SINK: tl.constexpr = False,
-    PAGE_LOG2: tl.constexpr = -1,
+    PAGE_LOG2: tl.constexpr = -1, TILE_WALK: tl.constexpr = False,
 ):
     h = tl.program_id(0)                 # query head (fastest: heads of one KV group share K/V in L2)
     pid = tl.program_id(1)               # flattened (request, query block)
@@ -359,9 +393,12 @@ def _extend_kernel(
             # least split_tokens each (sized by the actual prefix, not the launch's upper bound:
             # a graph captured for a wide table still spreads a short prefix over every split);
             # split s reads [s_lo, s_hi); the last split also every key from the prefix on
-            piece = tl.cdiv(tl.cdiv(tl.maximum(prefix - lo_b, 0), num_splits), BLOCK_N) * BLOCK_N
+            # (TILE_WALK: from lo_b's page on, so every piece starts on a page; keys below lo_b
+            # are in split 0's masked run, below every row's bound)
+            lo_s = _walk_lo(lo_b, prefix, PAGE_LOG2, TILE_WALK)
+            piece = tl.cdiv(tl.cdiv(tl.maximum(prefix - lo_s, 0), num_splits), BLOCK_N) * BLOCK_N
             piece = tl.maximum(piece, split_tokens)
-            s_lo = lo_b + split * piece
+            s_lo = lo_s + split * piece
             s_hi = tl.minimum(prefix, s_lo + piece)
             # a split with no key (a launch sized for a longer prefix than this request's) loads
             # no query and leaves only its log-sum-exp, -inf: the merge reads no partial output there
@@ -386,54 +423,64 @@ def _extend_kernel(
 
         if SPLIT:
             c0, c1, c2 = _regions(s_lo, lo_u, s_hi, s_hi, BLOCK_N)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, s_hi,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, s_hi, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
             if split == num_splits - 1:
                 m_i, l_i, acc = _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
                                           lo_b, lo_u, q_start, kvh, kc_base, vc_base, stride_kcs, stride_vcs,
                                           pt_row, slot0, page_size, kn_ptr, vn_ptr, stride_knt_a, stride_knh,
                                           stride_vnt_a, stride_vnh, offs_d, d_mask, BLOCK_N, CONTIGUOUS, RAGGED,
-                                          NEW_ALIGN, DOT_F32, DOT_PREC, PAGE_LOG2)
+                                          NEW_ALIGN, DOT_F32, DOT_PREC, PAGE_LOG2, TILE_WALK)
         elif RAGGED:
             # 1. prefix [lo_b, prefix) through the page table: every prefix key is causally
             #    visible; masked where some row's bound is above it, and in the tail (key < prefix)
-            c0, c1, c2 = _regions(lo_b, lo_u, prefix, prefix, BLOCK_N)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1,
+            c0, c1, c2 = _regions(_walk_lo(lo_b, prefix, PAGE_LOG2, TILE_WALK), lo_u, prefix, prefix, BLOCK_N)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c0, c1, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c1, c2, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, prefix,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, c2, prefix, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
             # 2. the new keys
             m_i, l_i, acc = _new_part(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, offs_m, m0, last, prefix,
                                       lo_b, lo_u, q_start, kvh, kc_base, vc_base, stride_kcs, stride_vcs,
                                       pt_row, slot0, page_size, kn_ptr, vn_ptr, stride_knt_a, stride_knh,
                                       stride_vnt_a, stride_vnh, offs_d, d_mask, BLOCK_N, CONTIGUOUS, RAGGED,
-                                      NEW_ALIGN, DOT_F32, DOT_PREC, PAGE_LOG2)
+                                      NEW_ALIGN, DOT_F32, DOT_PREC, PAGE_LOG2, TILE_WALK)
         else:
             # keys [lo_b, prefix + last]: masked below the largest row bound, then whole blocks
             # below the first row's position (visible to every row, no mask), then the diagonal
             diag_end = prefix + last + 1
-            r0, r1, r2 = _regions(lo_b, lo_u, prefix + m0, diag_end, BLOCK_N)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1,
+            r0, r1, r2 = _regions(_walk_lo(lo_b, diag_end, PAGE_LOG2, TILE_WALK), lo_u, prefix + m0, diag_end,
+                                  BLOCK_N)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r0, r1, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r1, r2, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC, PAGE_LOG2)
-            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end,
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, False, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
+            m_i, l_i, acc = _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, r2, diag_end, lo_b,
                                         kc_base, vc_base, stride_kcs, stride_vcs, pt_row, slot0, page_size,
-                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC, PAGE_LOG2)
+                                        offs_d, d_mask, BLOCK_N, CONTIGUOUS, True, DOT_F32, DOT_PREC,
+                                        PAGE_LOG2, TILE_WALK)
 
         if HAS_SINK and not SPLIT:  # the sink: one more logit in the denominator (split: in the merge)
             m_i, l_i, acc = _add_sink(m_i, l_i, acc, sink_ptr, tl.zeros([BLOCK_M], tl.int32) + h, m_mask)
@@ -551,7 +598,9 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                      no device sync either way)
     config:          launch overrides (BLOCK_M, BLOCK_N, num_warps, num_stages; RAGGED=0 forces
                      the paged path although k_new/v_new are given; PAGE_LOG2=-1 walks the page
-                     table by division, default: by shift for a power-of-two page)
+                     table by division, default: by shift for a power-of-two page; TILE_WALK=0: a
+                     token's page id at a time; default: a tile's page ids at a time wherever the
+                     page is a power of two of at most BLOCK_N)
     sinks:           optional [H_q] attention sinks (gpt-oss), as decode_attention's; None: the
                      kernel is compiled without them
     returns o:       [T, H_q, D] in q's dtype (rows past query_start_loc[-1] are left unwritten)
@@ -654,6 +703,11 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     ragged = k_new is not None and bool((config or {}).get("RAGGED", 1))
     cfg = extend_config(D, ragged, config, short=short_chunks(T, B, D))
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    plog = cfg.get("PAGE_LOG2", page_log2(page_size))
+    # TILE_WALK (default on): a tile's pages at a time (`_cache_keys`), for a power-of-two page of at
+    # most a tile walked by shift; H200, same call, 28 of 32 extend launches faster, up to 1.34x (docs/kernels.md, session 46)
+    tile_walk = bool(cfg.get("TILE_WALK", True)) and not contiguous and plog >= 0 and \
+        plog == page_log2(page_size) and page_size <= BN
     if ragged:
         check(BM % BN == 0, lambda: f"the ragged path (k_new/v_new) needs BLOCK_M % BLOCK_N == 0, got "
                                     f"BLOCK_M={BM}, BLOCK_N={BN}")
@@ -681,7 +735,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
                   BLOCK_B=max(64, next_pow2(B)),  # few buckets: few compiles
                   CONTIGUOUS=bool(contiguous), RAGGED=ragged, NEW_ALIGN=align,
                   DOT_F32=dot_in_f32(q.dtype, dev), DOT_PREC=dot_precision(q.dtype), SPLIT=S > 1,
-                  HAS_SINK=sinks is not None, PAGE_LOG2=cfg.get("PAGE_LOG2", page_log2(page_size)),
+                  HAS_SINK=sinks is not None, PAGE_LOG2=plog, TILE_WALK=tile_walk,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     kernel = kernel_for(_extend_kernel, dev)[(Hq, max_blocks, S)](*args, **kwargs)
     merge = None

@@ -208,6 +208,19 @@ def test_extend_prefix_splits_chunk_bf16():
     _extend([20, 5], [60, 40], 4, False, 0, 48, ragged=True, dtype=torch.bfloat16, prefix_splits=3, Hq=1)
 
 
+@pytest.mark.parametrize("tile_walk", [1, 0], ids=["tiles", "tokens"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["paged", "ragged"])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_extend_tile_walk(page_size, ragged, tile_walk):
+    """TILE_WALK=1 (the default: a tile's page ids at a time from a page boundary): ranges that start
+    mid-page (windows, chunks, the new keys of a split's last piece on the paged path) mask the keys
+    before their start, which are poisoned here; TILE_WALK=0 walks a token's page id at a time."""
+    tw = dict(BLOCK_M=32 if ragged else 16, BLOCK_N=16, num_warps=4, num_stages=2, TILE_WALK=tile_walk)
+    _extend([16, 1, 20, 0, 7], [70, 45, 0, 9, 19], page_size, False, 13, 0, ragged=ragged, config=tw)
+    _extend([20, 5], [61, 37], page_size, False, 0, 24, ragged=ragged, config=tw, prefix_splits=3, seed=1)
+    _extend([16, 3], [70, 21], page_size, False, 37, 0, ragged=ragged, config=tw, prefix_splits=5, seed=2)
+
+
 def test_extend_prefix_split_heuristic():
     """One short chunk over a long prefix is split by default (the interpreter counts 4 SMs); a
     launch with programs for half the SMs or more is not; the split never makes pieces under the minimum."""
