@@ -267,7 +267,8 @@ def model_report(runs: dict[str, tuple[dict, pd.DataFrame, pd.DataFrame]], commi
     nocache = runs[first]
     fixed, slope = marginal_cost(runs)
     out = dict(model=nocache[0].get("model"), trace=nocache[0].get("trace"), device=nocache[0].get("device"),
-               commit=commit or ", ".join(dict.fromkeys(str(r[0].get("commit")) for r in runs.values())),  # every run's prefill_marginal_cost_per_token_us=slope * 1e6,
+               commit=commit or ", ".join(dict.fromkeys(r[0]["commit"] for r in runs.values() if r[0].get("commit"))) or None,
+               prefill_marginal_cost_per_token_us=slope * 1e6,
                prefill_step_fixed_cost_ms=fixed * 1e3, baselines={
                    k: dict(prefill_cost_per_token_us=v["b"] * 1e6, prefill_cost_per_token_mean_us=v["b_mean"] * 1e6,
                            work_model=v["work"], **({} if k not in pools else dict(

@@ -117,6 +117,9 @@ def test_each_run_is_judged_against_its_own_strategy_without_caching():
         got = rep["runs"][name]["extend_at_equal_work"]["257-512"]
         assert abs(got["ratio"] - 1) < 1e-6 and got["verdict"] == "pass", name
     assert set(rep["baselines"]) == {"m_paged_nocache", "m_radix_nocache"}
+    assert rep["commit"] is None and rep["prefill_marginal_cost_per_token_us"] > 0
+    runs["m_paged"][0]["commit"], runs["m_radix"][0]["commit"] = "aa7b354", "edff341"   # runs of two commits: both named
+    assert prefix_saving.model_report(runs)["commit"] == "aa7b354, edff341"
     # a sweep with paged_nocache only (before radix_nocache): radix is judged against it
     del runs["m_radix_nocache"]
     got = prefix_saving.model_report(runs)["runs"]["m_radix"]
