@@ -27,10 +27,9 @@ import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
                       direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk,
-                      plan_hit)
-from .decode_attention import (LOG2E, LOG2E_C, NOSPLIT_PROGRAMS_PER_SM, _add_sink, _gather_kv,
-                               bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks,
-                               tile_pages, tile_slots)
+                      plan_hit, tile_pages, tile_slots)
+from .decode_attention import (LOG2E, LOG2E_C, _add_sink, _gather_kv,
+                               bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
 # Default launch config per head dim (tuned on H200, see docs/kernels.md). Config keys: BLOCK_M,
 # BLOCK_N, num_warps, num_stages, and RAGGED (0 forces the paged path even when k_new/v_new are
