@@ -22,12 +22,15 @@
 # PS="sp mt", then GS=1 REPEAT=1 PS=mc. PS="mt mt64 mt256": 237 + 142 + 64 s on a fresh machine (115bde3);
 # WARMUP="engine.graph_warmup=all engine.max_num_seqs=16" STRATEGIES=paged PS=mt: about 80 s (155dbe6, 54 s warm-up);
 # the same with all four strategies 406 s on a fresh machine, STRATEGIES=radix,radix_nocache,paged 358 s (95fa220).
+# The 8B with that warm-up: STRATEGIES=paged,radix PS=mt 536 s on a fresh machine (aa7b354; a run 246-277 s, 159-176 s
+# of it capturing 1,659-1,679 graphs), so the 8B's four multi-turn runs need two calls.
 set -u
 out=${1:?usage: GS=1 PS="sp mt mc" bash experiments/gpu_refit_runs.sh OUT}
 mkdir -p "$out"
 end=$(( $(date +%s) + ${BUDGET:-570} ))
 left() { echo $(( end - $(date +%s) )); }
-W=${WARMUP:-engine.graph_warmup=decode}  # (WARMUP="engine.graph_warmup=all engine.max_num_seqs=16": no capture in a replay)
+W=${WARMUP:-engine.graph_warmup=decode}  # (WARMUP="engine.graph_warmup=all engine.max_num_seqs=16":
+#   no capture in a 1B replay; the 8B runs, up to 34 running, captured 39-84 graphs of > 16 requests in theirs)
 M=${MODEL:-llama3_2_1b}
 if [ -n "${GS:-}" ]; then
   sub=gpu; [ -n "${REPEAT:-}" ] && sub=gpu_repeat

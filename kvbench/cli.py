@@ -79,6 +79,20 @@ def _input_errors() -> tuple[type[BaseException], ...]:
             OmegaConfBaseException, OutputError)
 
 
+def warmup_gap(cfg: DictConfig) -> str | None:
+    """A line when the gpu engine's graph warm-up is bounded below the scheduler's batch
+    (engine.max_num_seqs < scheduler.max_num_seqs, as gpu_refit_runs.sh sets it to keep the
+    warm-up short): a step of more requests then captures its graph inside the replay (the 8B
+    multi-turn runs of session 46, peak 34 running, captured 39-84 graphs there). Else None."""
+    eng, sched = cfg.get("engine") or {}, cfg.get("scheduler") or {}
+    warm, mine, seqs = eng.get("graph_warmup"), eng.get("max_num_seqs"), sched.get("max_num_seqs")
+    if not eng.get("cuda_graphs") or warm in (None, "none") or not mine or not seqs or mine >= seqs:
+        return None
+    return (f"engine.max_num_seqs={mine} < scheduler.max_num_seqs={seqs}: graph_warmup={warm} captures the graphs of "
+            f"steps of at most {mine} requests; a step of more captures its graph in the replay "
+            "(the summary's cuda_graph_captures_in_replay)")
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
     """One job. A single run exits 2 on bad input; in a sweep a failed job is recorded in its
@@ -90,6 +104,8 @@ def _app(cfg: DictConfig) -> None:
     sweep = hc.mode is not None and hc.mode.name == "MULTIRUN"
     job = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): " if sweep else ""
     log.info("kvbench %s", " ".join(hc.overrides.task))
+    if gap := warmup_gap(cfg):
+        log.warning(gap)
     try:
         summary = run(cfg, out_dir)
     except KeyboardInterrupt:

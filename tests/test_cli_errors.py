@@ -245,3 +245,18 @@ def test_a_ctrl_c_inside_a_weakref_callback_is_raised_again_not_printed(monkeypa
     ref = weakref.ref(obj, boom)
     del obj
     assert "ValueError: in a callback" in capsys.readouterr().err
+
+
+def test_a_graph_warmup_bounded_below_the_schedulers_batch_is_named():
+    """engine.max_num_seqs under the scheduler's (gpu_refit_runs.sh's short warm-up) gets a warning
+    line naming both limits; the default (the engine's limit is the scheduler's) and a warm-up of
+    none get none."""
+    from kvbench.cli import warmup_gap
+    gap = warmup_gap(composed("engine=gpu", "engine.cuda_graphs=true", "engine.graph_warmup=all", "engine.max_num_seqs=16"))
+    assert gap is not None and "engine.max_num_seqs=16 < scheduler.max_num_seqs=256" in gap
+    assert warmup_gap(composed("engine=gpu", "engine.cuda_graphs=true", "engine.graph_warmup=all")) is None
+    assert warmup_gap(composed("engine=gpu", "engine.cuda_graphs=true", "engine.graph_warmup=none", "engine.max_num_seqs=16")) is None
+    assert warmup_gap(composed("engine=gpu", "engine.cuda_graphs=true", "engine.graph_warmup=all", "engine.max_num_seqs=16",
+                               "scheduler.max_num_seqs=16")) is None
+    assert warmup_gap(composed("engine=gpu", "engine.max_num_seqs=16")) is None   # no graphs
+    assert warmup_gap(composed()) is None   # the sim
