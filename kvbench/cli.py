@@ -9,7 +9,6 @@ Each run dir keeps run.log: what ran, what came out, or why it failed.
 from __future__ import annotations
 
 import _thread
-import json
 import logging
 import os
 import re
