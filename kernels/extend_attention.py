@@ -704,7 +704,7 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     plog = cfg.get("PAGE_LOG2", page_log2(page_size))
     # TILE_WALK (default on): a tile's pages at a time (`_cache_keys`), for a power-of-two page of at
-    # most a tile walked by shift; H200, same call, 28 of 32 extend launches faster, up to 1.34x (docs/kernels.md, session 46)
+    # most a tile walked by shift; H200, two calls: 29 of 32 launches faster, up to 1.35x (docs/kernels.md)
     tile_walk = bool(cfg.get("TILE_WALK", True)) and not contiguous and plog >= 0 and \
         plog == page_log2(page_size) and page_size <= BN
     if ragged:
