@@ -162,6 +162,13 @@ def tile_pages(pt_row, n0, end, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
 
 
 @triton.jit
+def in_range(offs, lo, hi):
+    """lo <= offs < hi in one unsigned compare, for hi > lo (the tile walks' key mask: a tile that
+    starts on a page boundary below lo); through int32, since int64 `seq_lens` reach lo and hi."""
+    return (offs - lo).to(tl.int32).to(tl.uint32, bitcast=True) < (hi - lo).to(tl.int32).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def tile_slots(page, BLOCK_N: tl.constexpr, PAGE_LOG2: tl.constexpr):
     """A tile's [BLOCK_N] slots from its `tile_pages`, by broadcast and reshape (compiled offline for
     sm_90, the reshape lands straight in the K/V load's row layout: no convert_layout, no shared memory)."""

@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _common
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32, dot_precision,
                       direct, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk, pdl_args, pdl_begin,
-                      pdl_late, plan_hit, tile_pages, tile_slots)
+                      in_range, pdl_late, plan_hit, tile_pages, tile_slots)
 
 LOG2E = 1.4426950408889634
 
@@ -140,8 +140,8 @@ def _decode_kernel(
 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                               # [BN] token positions
-        if TILE_WALK:   # lo <= offs_n < end in one unsigned compare (end > lo wherever the loop runs)
-            n_mask = (offs_n - lo).to(tl.uint32, bitcast=True) < (end - lo).to(tl.uint32, bitcast=True)
+        if TILE_WALK:   # lo <= offs_n < end (end > lo wherever the loop runs)
+            n_mask = in_range(offs_n, lo, end)
         else:
             n_mask = offs_n < end
         if CONTIGUOUS:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._common import (ATTN_DTYPES, INDEX_DTYPES, cdiv, check, check_backend, check_tensor, dot_in_f32,
                       direct, dot_precision, kernel_for, make_plan, next_pow2, num_sms, page_log2, page_walk,
-                      plan_hit, tile_pages, tile_slots)
+                      in_range, plan_hit, tile_pages, tile_slots)
 from .decode_attention import (LOG2E, LOG2E_C, _add_sink, _gather_kv,
                                bounded_span, check_bounds, check_sinks, key_lo, key_lo_host, softmax_with_sinks)
 
@@ -160,9 +160,8 @@ def _cache_keys(q, m_i, l_i, acc, qk_scale, pos_m, lo_m, lo, hi, klo,
             slot = slot_nx
             slot_nx = page_walk(pt_row, offs_n + BLOCK_N, hi, page_size, PAGE_LOG2)
         if MASKED:
-            if TILE_WALK:   # klo <= offs_n < hi in one unsigned compare (hi > klo wherever the loop runs)
-                n_mask = (offs_n - klo).to(tl.int32).to(tl.uint32, bitcast=True) < \
-                    (hi - klo).to(tl.int32).to(tl.uint32, bitcast=True)   # int64 where seq_lens are
+            if TILE_WALK:   # klo <= offs_n < hi (hi > klo wherever the loop runs)
+                n_mask = in_range(offs_n, klo, hi)
             else:
                 n_mask = offs_n < hi
             kv_mask = n_mask[:, None] & d_mask[None, :]

@@ -89,6 +89,18 @@ def test_decode_tile_walk_reads_the_token_walks_slots(page_size, num_splits):
     assert torch.equal(tile, token)
 
 
+@pytest.mark.parametrize("page_size,num_splits", [(1, 1), (16, 3)])
+def test_decode_tile_walk_takes_int64_seq_lens(page_size, num_splits):
+    """The tile walk's key mask with int64 seq_lens (the launcher takes them): the int32 lengths' bits."""
+    gen = torch.Generator().manual_seed(3)
+    lens = [1, 37, 200, 90]
+    k_cache, v_cache, pt = make_cache(lens, page_size, 2, 64, torch.float16, device(), gen=gen)
+    q = randn(4, 8, 64, dtype=torch.float16, device=device(), gen=gen)
+    o32, o64 = (decode_attention(q, k_cache, v_cache, pt, torch.tensor(lens, dtype=dt, device=device()), page_size,
+                                 num_splits=num_splits) for dt in (torch.int32, torch.int64))
+    assert torch.equal(o32, o64)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40])
 def test_decode_split_kv(num_splits):
     # 40 splits > tokens of the short requests: empty splits must merge away
