@@ -701,11 +701,11 @@ def extend_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens,
     ragged = k_new is not None and bool((config or {}).get("RAGGED", 1))
     cfg = extend_config(D, ragged, config, short=short_chunks(T, B, D))
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    plog = cfg.get("PAGE_LOG2", page_log2(page_size))
+    pow2 = page_log2(page_size)
+    plog = cfg.get("PAGE_LOG2", pow2)
     # TILE_WALK (default on): a tile's pages at a time (`_cache_keys`), for a power-of-two page of at
     # most a tile walked by shift; H200, two calls: 29 of 32 launches faster, up to 1.35x (docs/kernels.md)
-    tile_walk = bool(cfg.get("TILE_WALK", True)) and not contiguous and plog >= 0 and \
-        plog == page_log2(page_size) and page_size <= BN
+    tile_walk = bool(cfg.get("TILE_WALK", True)) and not contiguous and plog == pow2 >= 0 and page_size <= BN
     if ragged:
         check(BM % BN == 0, lambda: f"the ragged path (k_new/v_new) needs BLOCK_M % BLOCK_N == 0, got "
                                     f"BLOCK_M={BM}, BLOCK_N={BN}")
